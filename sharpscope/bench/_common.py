@@ -1,0 +1,99 @@
+"""Shared machinery for ``sharpscope bench``: rows, interleaved timing, output.
+
+Speed is always reported as a ratio against a reference run in the same process,
+on the same model and data, with the candidates' repeats interleaved so that a
+slow moment of the machine hits both equally; the median of the repeats is used.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..results import atomic_write_bytes, to_jsonable
+
+
+@dataclass
+class BenchRow:
+    """One benchmark comparison: ``variant`` against ``reference`` on ``case``."""
+
+    case: str
+    variant: str
+    seconds: float
+    reference: str
+    reference_seconds: float
+    ratio: float
+    accuracy_measure: str = ""
+    accuracy: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON dict of the row."""
+        return to_jsonable(asdict(self))
+
+
+def interleaved_median(
+    fns: dict[str, Callable[[], Any]], repeats: int = 7, warmup: int = 1
+) -> dict[str, float]:
+    """Median wall time of each callable, with the repeats of all callables interleaved.
+
+    Args:
+        fns: name -> zero-argument callable to time.
+        repeats: timed calls of each callable.
+        warmup: untimed calls of each callable first.
+
+    >>> t = interleaved_median({"a": lambda: None, "b": lambda: None}, repeats=3)
+    >>> sorted(t) == ["a", "b"] and all(v >= 0 for v in t.values())
+    True
+    """
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def write_rows(rows: list[BenchRow], path: str | Path) -> Path:
+    """Write rows as a JSON list (interface.md: ``bench ... --json``)."""
+    path = Path(path)
+    atomic_write_bytes(path, (json.dumps([r.to_dict() for r in rows], indent=2) + "\n").encode())
+    return path
+
+
+def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:
+    """Print rows as a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title)
+    for column in ("case", "variant", "seconds", "reference", "ref seconds", "ratio", "accuracy"):
+        table.add_column(column, justify="right" if column not in ("case", "variant") else "left")
+    for r in rows:
+        accuracy = "" if r.accuracy is None else f"{r.accuracy_measure}={r.accuracy:.3g}"
+        table.add_row(
+            r.case,
+            r.variant,
+            f"{r.seconds:.4g}",
+            r.reference,
+            f"{r.reference_seconds:.4g}",
+            f"{r.ratio:.3g}",
+            accuracy,
+        )
+    Console().print(table)

@@ -1,0 +1,186 @@
+"""Pieces every command shares: one-line errors, spec flags, loading analysis inputs.
+
+Commands decorate their function with :func:`guarded`, which turns a
+:class:`~sharpscope.errors.SharpscopeError` into one line on stderr and exit code 2
+(``sharpscope --debug ...`` shows the traceback instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+import typer
+from rich.console import Console
+from torch import nn
+
+from ..data import DataSplit, load_data
+from ..data.batches import Batch, as_batches
+from ..errors import SharpscopeError
+from ..registry import LossFn, get_loss, is_factory_path
+from ..results import RunMeta, atomic_write_bytes, to_jsonable
+
+console = Console(stderr=True)
+DEBUG = {"enabled": False}
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print ``error: message`` on stderr and exit with ``code``."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: F) -> F:
+    """Run a command so that user errors end in one line and a non-zero exit."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SharpscopeError as exc:
+            if DEBUG["enabled"]:
+                raise
+            fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except FileNotFoundError as exc:
+            if DEBUG["enabled"]:
+                raise
+            fail(f"file not found: {exc.filename or exc}")
+        except KeyboardInterrupt:
+            fail("interrupted", code=130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def parse_value(text: str) -> Any:
+    """A command-line option value as int, float, bool, None, list or string.
+
+    >>> [parse_value(v) for v in ("3", "0.5", "true", "none", "[1, 2]", "batch")]
+    [3, 0.5, True, None, [1, 2], 'batch']
+    """
+    lowered = text.strip().lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered in ("none", "null"):
+        return None
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.strip().startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            pass
+    return text
+
+
+def parse_options(pairs: list[str] | None, flag: str) -> dict[str, Any]:
+    """``["width=16", "norm=batch"]`` -> ``{"width": 16, "norm": "batch"}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise SharpscopeError(f"{flag} takes KEY=VALUE, got '{pair}'")
+        options[key.strip().replace("-", "_")] = parse_value(value)
+    return options
+
+
+def spec_from_flag(
+    name: str | None, options: dict[str, Any] | None = None
+) -> dict[str, Any] | None:
+    """A spec dict from a ``--model``/``--data``/``--loss`` value and its options."""
+    if name is None:
+        return None
+    spec: dict[str, Any] = {"factory": name} if is_factory_path(name) else {"name": name}
+    spec.update(options or {})
+    return spec
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    """Atomically write ``obj`` (tensors and dataclasses allowed) as JSON."""
+    path = Path(path)
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
+    return path
+
+
+@dataclass
+class AnalysisInputs:
+    """What an analysis command needs: the model, fixed batches, the loss and metadata."""
+
+    model: nn.Module
+    batches: list[Batch]
+    loss_fn: LossFn
+    meta: RunMeta
+    checkpoint: Any
+    split: DataSplit
+    device: torch.device
+
+
+def load_analysis_inputs(
+    ckpt: str | Path,
+    model: str | None = None,
+    data: str | None = None,
+    loss: str | None = None,
+    *,
+    split: str = "train",
+    samples: int | None = None,
+    batch_size: int | None = None,
+    device: str | None = "auto",
+    seed: int = 0,
+    data_root: str | None = None,
+    model_options: dict[str, Any] | None = None,
+    data_options: dict[str, Any] | None = None,
+    dtype: str = "float32",
+) -> AnalysisInputs:
+    """Load a checkpoint (or bare state_dict), its data and loss for an analysis.
+
+    The data defaults to the checkpoint's training data spec; ``--data`` and
+    ``--model`` override it (and are required for a bare state_dict).
+    """
+    from ..distributed import pick_device
+    from ..io import load_checkpoint
+
+    model_spec = spec_from_flag(model, model_options)
+    data_spec = spec_from_flag(data, data_options)
+    checkpoint = load_checkpoint(ckpt, model_spec=model_spec, data_spec=data_spec)
+    spec = data_spec or checkpoint.data_spec
+    if spec is None:
+        raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
+    chosen = pick_device(device)
+    split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
+    torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
+    if torch_dtype is None:
+        raise SharpscopeError(f"unknown dtype '{dtype}'; choose float32 or float64")
+    net = checkpoint.model.to(chosen, torch_dtype)
+    inputs = (
+        split_data.inputs.to(torch_dtype)
+        if split_data.inputs.is_floating_point()
+        else split_data.inputs
+    )
+    batches = as_batches((inputs, split_data.targets), batch_size, chosen)
+    loss_spec = loss or checkpoint.raw.get("loss") or "cross_entropy"
+    meta = RunMeta(
+        checkpoint=str(ckpt),
+        checkpoint_sha256=checkpoint.sha256,
+        data={**spec, "split": split, "samples": samples},
+        num_samples=len(split_data),
+        seed=seed,
+        dtype=dtype,
+        device=str(chosen),
+        num_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
+    )
+    return AnalysisInputs(net, batches, get_loss(loss_spec), meta, checkpoint, split_data, chosen)
+
+
+def print_error_and_exit(message: str) -> None:  # pragma: no cover - thin wrapper
+    """For code outside commands: one line and exit 2."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)

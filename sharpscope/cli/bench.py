@@ -1,0 +1,45 @@
+"""``sharpscope bench NAME``: speed against a reference, in the same run, as ratios."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import SharpscopeError
+from ._common import console, guarded
+
+BENCHMARKS = ("optimizers", "spectrum", "msharpness", "landscape")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sharpscope bench``."""
+
+    @app.command("bench")
+    @guarded
+    def bench_command(
+        name: str = typer.Argument(..., help="optimizers, spectrum, msharpness or landscape."),
+        json_out: Optional[Path] = typer.Option(
+            None, "--json", help="Write the rows as a JSON list."
+        ),
+        quick: bool = typer.Option(False, "--quick", help="Fewer repeats (for smoke tests)."),
+    ) -> None:
+        """Time sharpscope against its reference on the same model and data; print ratios."""
+        from ..bench._common import print_rows, write_rows
+
+        if name not in BENCHMARKS:
+            raise SharpscopeError(
+                f"unknown benchmark '{name}'; choose one of: {', '.join(BENCHMARKS)}"
+            )
+        module_name = f"sharpscope.bench.{name}"
+        if importlib.util.find_spec(module_name) is None:
+            raise SharpscopeError(f"benchmark '{name}' is not built yet in this version")
+        console.print(f"running benchmark '{name}'{' (quick)' if quick else ''} ...")
+        rows = importlib.import_module(module_name).run(quick=quick)
+        print_rows(rows, title=f"sharpscope bench {name}")
+        if json_out is not None:
+            write_rows(rows, json_out)
+            console.print(f"wrote {json_out}")

@@ -1,0 +1,316 @@
+"""``sharpscope train``: one training run from flags or a TOML config."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ._common import console, guarded, parse_options, spec_from_flag
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Optimizer hyperparameters exposed as flags: flag name -> spec key (optimizers.md).
+OPTIMIZER_FLAGS = {
+    "rho": "rho",
+    "eta": "eta",
+    "theta": "theta",
+    "m": "m",
+    "adaptive_form": "form",
+    "normalize_bias": "normalize_bias",
+    "bn_policy": "bn_policy",
+    "perturbation": "perturbation",
+    "same_noise": "same_noise",
+    "max_grad_norm": "max_grad_norm",
+    "rho_lr": "rho_lr",
+    "rho_min": "rho_min",
+    "rho_max": "rho_max",
+    "hypergrad": "hypergrad",
+    "inner": "inner",
+    "exclude_norm": "exclude_norm",
+    "fast_first_pass": "fast_first_pass",
+    "prior_precision": "prior_precision",
+    "damping": "damping",
+    "s_init": "s_init",
+    "splits": "splits",
+    "data_aug_factor": "data_aug_factor",
+}
+BASE_NAMES = ("sgd", "adam", "adamw")
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    from ..errors import SharpscopeError
+
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise SharpscopeError(f"config file not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SharpscopeError(f"{path} is not valid TOML: {exc}") from exc
+
+
+def build_config(values: dict[str, Any], config_file: Path | None) -> Any:  # returns TrainConfig
+    """Merge a TOML config with the flags the user gave (flags win)."""
+    from ..errors import SharpscopeError
+    from ..train import TrainConfig
+
+    base: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    base = {k.replace("-", "_"): v for k, v in base.items()}
+    config = TrainConfig.from_dict(base) if base else TrainConfig()
+
+    if values["dataset"] is not None or values["data_opts"]:
+        dataset = spec_from_flag(values["dataset"], None) or dict(config.dataset)
+        config.dataset = {**dataset, **values["data_opts"]}
+    for key in ("label_noise", "val_fraction", "samples"):
+        if values[key] is not None:
+            config.dataset = {**config.dataset, key: values[key]}
+    if values["model"] is not None or values["model_opts"]:
+        model = spec_from_flag(values["model"], None) or dict(config.model)
+        config.model = {**model, **values["model_opts"]}
+
+    optimizer = dict(config.optimizer)
+    if values["optimizer"] is not None and values["optimizer"] != optimizer.get("name"):
+        optimizer = {"name": values["optimizer"]}
+    name = optimizer.get("name", "sgd")
+    base_keys = {
+        "lr": values["lr"],
+        "momentum": values["momentum"],
+        "weight_decay": values["weight_decay"],
+        "nesterov": values["nesterov"],
+    }
+    if name in BASE_NAMES:
+        optimizer.update({k: v for k, v in base_keys.items() if v is not None})
+        optimizer.setdefault("lr", 0.1 if name == "sgd" else 1e-3)
+        if name == "sgd":
+            optimizer.setdefault("momentum", 0.9)
+            optimizer.setdefault("weight_decay", 5e-4)
+    elif name == "bsam":
+        if values["lr"] is not None:
+            optimizer["lr"] = values["lr"]
+    else:
+        base_spec = dict(optimizer.get("base") or {"name": "sgd"})
+        if values["base"] is not None:
+            base_spec["name"] = values["base"]
+        if base_spec["name"] not in BASE_NAMES:
+            raise SharpscopeError(
+                f"unknown base optimizer '{base_spec['name']}'; choose one of: {', '.join(BASE_NAMES)}"
+            )
+        base_spec.update({k: v for k, v in base_keys.items() if v is not None})
+        base_spec.setdefault("lr", 0.1 if base_spec["name"] == "sgd" else 1e-3)
+        if base_spec["name"] == "sgd":
+            base_spec.setdefault("momentum", 0.9)
+            base_spec.setdefault("weight_decay", 5e-4)
+        optimizer["base"] = base_spec
+    for flag, key in OPTIMIZER_FLAGS.items():
+        if values[flag] is not None:
+            optimizer[key] = values[flag]
+    optimizer.update(values["opt"])
+    config.optimizer = optimizer
+
+    for key in (
+        "epochs",
+        "batch_size",
+        "seed",
+        "save_every",
+        "device",
+        "precision",
+        "data_root",
+        "loss",
+        "augment",
+    ):
+        if values[key] is not None:
+            setattr(config, key, values[key])
+    if values["out"] is not None:
+        config.out = str(values["out"])
+    if values["schedule"] is not None or values["warmup_epochs"] is not None:
+        schedule = dict(config.schedule)
+        if values["schedule"] is not None and values["schedule"] != schedule.get("name"):
+            schedule = {"name": values["schedule"]}
+        if values["warmup_epochs"] is not None:
+            schedule["warmup_epochs"] = values["warmup_epochs"]
+        config.schedule = schedule
+    if values["no_progress"]:
+        config.progress = False
+    config.validate()
+    return config
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sharpscope train``."""
+
+    @app.command("train")
+    @guarded
+    def train_command(
+        dataset: Optional[str] = typer.Option(
+            None,
+            "--dataset",
+            "--data",
+            help="mnist1d, digits, cifar10, cifar100 or module:function.",
+        ),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="mlp, cnn1d, cnn, resnet20/32/56, wrn, vit or module:function."
+        ),
+        optimizer: Optional[str] = typer.Option(
+            None, "--optimizer", help="sgd, adam, adamw, sam, asam, vasso, lets, samon, bsam."
+        ),
+        rho: Optional[float] = typer.Option(
+            None, help="Perturbation radius (initial rho for LETS)."
+        ),
+        epochs: Optional[int] = typer.Option(None, help="Training epochs [default: 10]."),
+        batch_size: Optional[int] = typer.Option(
+            None, "--batch-size", help="Global batch size [default: 128]."
+        ),
+        lr: Optional[float] = typer.Option(None, help="Learning rate of the (base) optimizer."),
+        seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
+        out: Optional[Path] = typer.Option(
+            None, "--out", help="Output folder for checkpoints and metrics.jsonl."
+        ),
+        resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
+        config: Optional[Path] = typer.Option(
+            None, "--config", help="TOML file with TrainConfig keys."
+        ),
+        save_every: Optional[int] = typer.Option(
+            None, "--save-every", help="Also keep OUT/epoch_NNN.pt every N epochs."
+        ),
+        model_opt: Optional[list[str]] = typer.Option(
+            None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
+        ),
+        data_opt: Optional[list[str]] = typer.Option(
+            None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
+        ),
+        opt: Optional[list[str]] = typer.Option(
+            None, "--opt", help="Any optimizer hyperparameter KEY=VALUE (repeatable)."
+        ),
+        base: Optional[str] = typer.Option(
+            None, "--base", help="Base optimizer of a SAM variant: sgd, adam, adamw."
+        ),
+        momentum: Optional[float] = typer.Option(None, help="SGD momentum [default: 0.9]."),
+        weight_decay: Optional[float] = typer.Option(
+            None,
+            "--weight-decay",
+            help="Weight decay, in the base optimizer [default: 5e-4 for SGD].",
+        ),
+        nesterov: Optional[bool] = typer.Option(
+            None, "--nesterov/--no-nesterov", help="Nesterov momentum."
+        ),
+        schedule: Optional[str] = typer.Option(
+            None, help="cosine, step or constant [default: cosine]."
+        ),
+        warmup_epochs: Optional[float] = typer.Option(
+            None, "--warmup-epochs", help="Linear warm-up length in epochs."
+        ),
+        label_noise: Optional[float] = typer.Option(
+            None, "--label-noise", help="Fraction of training labels flipped (symmetric)."
+        ),
+        val_fraction: Optional[float] = typer.Option(
+            None, "--val-fraction", help="Hold-out fraction of the training split (LETS: 0.1)."
+        ),
+        samples: Optional[int] = typer.Option(
+            None, "--samples", help="Train on the first N examples after a seeded shuffle."
+        ),
+        augment: Optional[bool] = typer.Option(
+            None, "--augment/--no-augment", help="Random crop + flip [default: on for CIFAR]."
+        ),
+        loss: Optional[str] = typer.Option(
+            None, "--loss", help="cross_entropy, mse or module:function."
+        ),
+        device: Optional[str] = typer.Option(
+            None, "--device", help="auto, cpu, cuda [default: auto]."
+        ),
+        precision: Optional[str] = typer.Option(
+            None, "--precision", help="fp32, bf16 or fp16 [default: fp32]."
+        ),
+        data_root: Optional[str] = typer.Option(
+            None, "--data-root", help="Folder holding the CIFAR python-pickle files."
+        ),
+        eta: Optional[float] = typer.Option(None, help="ASAM/SAM-ON: eta of T = |w| + eta."),
+        theta: Optional[float] = typer.Option(
+            None, help="VaSSO: weight of the new gradient in the EMA, in (0, 1]."
+        ),
+        m: Optional[int] = typer.Option(
+            None, "--m", help="SAM family: compute the perturbation per sub-batch of m examples."
+        ),
+        adaptive_form: Optional[str] = typer.Option(
+            None,
+            "--form",
+            help="ASAM/SAM-ON form: elementwise, layerwise, linf (SAM-ON: also sam).",
+        ),
+        normalize_bias: Optional[bool] = typer.Option(
+            None, "--normalize-bias/--no-normalize-bias", help="ASAM/SAM-ON: scale biases too."
+        ),
+        bn_policy: Optional[str] = typer.Option(
+            None, "--bn-policy", help="first (default) or both: passes that update BN statistics."
+        ),
+        perturbation: Optional[str] = typer.Option(
+            None, "--perturbation", help="DDP: local (per-rank) or global perturbation."
+        ),
+        same_noise: Optional[bool] = typer.Option(
+            None, "--same-noise/--fresh-noise", help="Same dropout masks in both passes."
+        ),
+        max_grad_norm: Optional[float] = typer.Option(
+            None, "--max-grad-norm", help="Clip the second-pass gradient to this norm."
+        ),
+        rho_lr: Optional[float] = typer.Option(
+            None, "--rho-lr", help="LETS: learning rate of rho."
+        ),
+        rho_min: Optional[float] = typer.Option(
+            None, "--rho-min", help="LETS: lower bound of rho."
+        ),
+        rho_max: Optional[float] = typer.Option(
+            None, "--rho-max", help="LETS: upper bound of rho."
+        ),
+        hypergrad: Optional[str] = typer.Option(
+            None, "--hypergrad", help="LETS: diag, hvp, fd or identity."
+        ),
+        inner: Optional[str] = typer.Option(
+            None, "--inner", help="LETS: inner variant sam, asam, vasso or samon."
+        ),
+        exclude_norm: Optional[bool] = typer.Option(
+            None,
+            "--exclude-norm/--include-norm",
+            help="SAM-ON ablation: perturb all but norm params.",
+        ),
+        fast_first_pass: Optional[bool] = typer.Option(
+            None,
+            "--fast-first-pass/--full-first-pass",
+            help="SAM-ON: pass 1 computes only norm gradients.",
+        ),
+        prior_precision: Optional[float] = typer.Option(
+            None, "--prior-precision", help="bSAM: prior precision delta."
+        ),
+        damping: Optional[float] = typer.Option(None, "--damping", help="bSAM: damping gamma."),
+        s_init: Optional[float] = typer.Option(
+            None, "--s-init", help="bSAM: initial precision s0."
+        ),
+        splits: Optional[int] = typer.Option(
+            None, "--splits", help="bSAM: number of chunks M per batch."
+        ),
+        data_aug_factor: Optional[float] = typer.Option(
+            None, "--data-aug-factor", help="bSAM: N = num_data x this factor."
+        ),
+        no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+    ) -> None:
+        """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
+        from ..train import train
+
+        values = dict(locals())
+        values["model_opts"] = parse_options(model_opt, "--model-opt")
+        values["data_opts"] = parse_options(data_opt, "--data-opt")
+        values["opt"] = parse_options(opt, "--opt")
+        cfg = build_config(values, config)
+        summary = train(cfg, resume=resume)
+        metrics = summary.metrics
+        typer.echo(
+            f"{cfg.optimizer['name']} on {cfg.dataset.get('name', cfg.dataset.get('factory'))} "
+            f"({cfg.model.get('name', cfg.model.get('factory'))}), {summary.epochs} epochs: "
+            f"test accuracy {metrics.get('test_acc', float('nan')):.4f}, "
+            f"train accuracy {metrics.get('train_acc', float('nan')):.4f}, "
+            f"test loss {metrics.get('test_loss', float('nan')):.4f}"
+        )
+        if summary.out is not None:
+            console.print(f"wrote {summary.out / 'last.pt'} and {summary.out / 'metrics.jsonl'}")

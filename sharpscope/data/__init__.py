@@ -1,0 +1,213 @@
+"""Data sets by name, offline, as tensors (interface.md, "Specifying ... data").
+
+Built-ins: ``mnist1d`` (generated locally, standard 4000/1000 split, cached),
+``digits`` (scikit-learn, fixed seeded 1437/360 split), ``cifar10`` and ``cifar100``
+(read from ``data_root`` in the standard python-pickle layout, never downloaded).
+A ``module:function`` factory returning ``(inputs, targets)`` or a Dataset also works.
+
+Options of every spec: ``label_noise`` (symmetric, fraction of training labels),
+``noise_seed``, ``val_fraction`` (seeded hold-out of the training split, served as
+split ``"val"``), ``samples`` (first N after a seeded shuffle), ``data_root``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from ..errors import SharpscopeError
+from ..registry import normalize_spec, resolve_factory, unknown_name
+from .batches import as_batches, as_tensors, num_examples
+from .noise import symmetric_label_noise
+from .sources import SOURCES, RawData
+
+SPLITS = ("train", "val", "test", "all")
+SPEC_OPTIONS = ("label_noise", "noise_seed", "val_fraction", "samples", "seed", "data_root")
+
+__all__ = [
+    "DataSplit",
+    "load_data",
+    "dataset_names",
+    "as_batches",
+    "as_tensors",
+    "num_examples",
+    "SPLITS",
+]
+
+
+class DataSplit(TensorDataset):
+    """One split of a data set, held as two tensors.
+
+    It is a ``TensorDataset`` (so it works anywhere a Dataset does) with the facts a
+    model and a report need: ``num_classes``, ``input_shape``, the ``spec`` that made
+    it, and under label noise the ``clean_targets`` and the ``noisy_mask``.
+    """
+
+    def __init__(
+        self,
+        inputs: Tensor,
+        targets: Tensor,
+        *,
+        num_classes: int,
+        spec: dict[str, Any],
+        split: str,
+        clean_targets: Tensor | None = None,
+    ) -> None:
+        super().__init__(inputs, targets)
+        self.inputs = inputs
+        self.targets = targets
+        self.num_classes = int(num_classes)
+        self.input_shape = tuple(inputs.shape[1:])
+        self.spec = dict(spec)
+        self.split = split
+        self.clean_targets = clean_targets
+
+    @property
+    def noisy_mask(self) -> Tensor | None:
+        """Boolean mask of the examples whose label was flipped (None without noise)."""
+        if self.clean_targets is None:
+            return None
+        return self.clean_targets != self.targets
+
+    def pair(self) -> tuple[Tensor, Tensor]:
+        """``(inputs, targets)``."""
+        return self.inputs, self.targets
+
+    def to(self, device: torch.device | str) -> DataSplit:
+        """A copy living on ``device``."""
+        return DataSplit(
+            self.inputs.to(device),
+            self.targets.to(device),
+            num_classes=self.num_classes,
+            spec=self.spec,
+            split=self.split,
+            clean_targets=None if self.clean_targets is None else self.clean_targets.to(device),
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"DataSplit({self.spec.get('name', self.spec.get('factory'))!r}, split={self.split!r}, "
+            f"n={len(self)}, input_shape={self.input_shape}, num_classes={self.num_classes})"
+        )
+
+
+def dataset_names() -> list[str]:
+    """Names of the built-in data sets."""
+    return sorted(SOURCES)
+
+
+def _check_fraction(name: str, value: Any, upper_open: bool = True) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as exc:
+        raise SharpscopeError(f"{name} must be a number in [0, 1), got {value!r}") from exc
+    if not 0.0 <= value < 1.0:
+        raise SharpscopeError(f"{name} must be in [0, 1), got {value}")
+    return value
+
+
+def _seeded_permutation(n: int, seed: int) -> Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def _raw_from_factory(path: str) -> RawData:
+    produced = resolve_factory(path)()
+    try:
+        inputs, targets = as_tensors(produced)
+    except SharpscopeError as exc:
+        raise SharpscopeError(f"data factory '{path}': {exc}") from exc
+    targets = targets.long() if not targets.is_floating_point() else targets
+    num_classes = int(targets.max().item()) + 1 if not targets.is_floating_point() else 1
+    # A user factory gives one data set: it serves as train, test and all.
+    return RawData(inputs, targets, inputs, targets, num_classes)
+
+
+def load_data(
+    spec: str | Mapping[str, Any],
+    split: str = "train",
+    *,
+    samples: int | None = None,
+    seed: int = 0,
+    data_root: str | None = None,
+    device: torch.device | str | None = None,
+) -> DataSplit:
+    """Load ``split`` of the data set named by ``spec``.
+
+    Args:
+        spec: ``"mnist1d"``, ``{"name": "cifar10", "label_noise": 0.4}``, or a
+            ``module:function`` factory path.
+        split: ``train`` (minus the validation hold-out), ``val`` (the hold-out),
+            ``test``, or ``all`` (train and test together, no noise).
+        samples: keep the first N examples after a shuffle seeded by ``seed``.
+        seed: seed of that shuffle (a spec's own ``seed`` key wins).
+        data_root: folder holding CIFAR files (a spec's ``data_root`` wins).
+        device: move the tensors there once.
+
+    Raises:
+        SharpscopeError: unknown name, option or split, missing files, bad fractions.
+    """
+    spec = normalize_spec(spec, "data set")
+    if split not in SPLITS:
+        raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    unknown = sorted(set(spec) - set(SPEC_OPTIONS) - {"name", "factory"})
+    if unknown:
+        raise SharpscopeError(
+            f"unknown data option '{unknown[0]}'; valid options: {', '.join(SPEC_OPTIONS)}"
+        )
+    root = spec.get("data_root", data_root)
+    if "factory" in spec:
+        raw = _raw_from_factory(spec["factory"])
+    else:
+        name = spec["name"]
+        if name not in SOURCES:
+            raise unknown_name("data set", name, list(SOURCES))
+        raw = SOURCES[name](root)
+
+    noise = _check_fraction("label_noise", spec.get("label_noise", 0.0))
+    val_fraction = _check_fraction("val_fraction", spec.get("val_fraction", 0.0))
+    if split == "val" and val_fraction == 0.0:
+        raise SharpscopeError("split 'val' needs a data option val_fraction > 0 (e.g. 0.1)")
+
+    clean = None
+    if split == "test":
+        inputs, targets = raw.test_inputs, raw.test_targets
+    elif split == "all":
+        inputs = torch.cat([raw.train_inputs, raw.test_inputs])
+        targets = torch.cat([raw.train_targets, raw.test_targets])
+    else:
+        inputs, targets = raw.train_inputs, raw.train_targets
+        if noise > 0:
+            clean = targets
+            targets = symmetric_label_noise(
+                targets, noise, raw.num_classes, seed=int(spec.get("noise_seed", 0))
+            )
+        if val_fraction > 0:
+            order = _seeded_permutation(len(targets), 12345)
+            num_val = max(1, round(val_fraction * len(targets)))
+            keep = order[:num_val] if split == "val" else order[num_val:]
+            keep = keep.sort().values
+            inputs, targets = inputs[keep], targets[keep]
+            clean = None if clean is None else clean[keep]
+
+    n = samples if samples is not None else spec.get("samples")
+    if n is not None:
+        n = int(n)
+        if n < 1:
+            raise SharpscopeError(f"samples must be >= 1, got {n}")
+        if n < len(targets):
+            keep = _seeded_permutation(len(targets), int(spec.get("seed", seed)))[:n]
+            inputs, targets = inputs[keep], targets[keep]
+            clean = None if clean is None else clean[keep]
+    out = DataSplit(
+        inputs.contiguous(),
+        targets.contiguous(),
+        num_classes=raw.num_classes,
+        spec=spec,
+        split=split,
+        clean_targets=clean,
+    )
+    return out.to(device) if device is not None else out

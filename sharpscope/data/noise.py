@@ -1,0 +1,31 @@
+"""Symmetric label noise (e.g. Zhang et al. 2017; SAM paper Section 3.3).
+
+Exactly ``round(fraction·N)`` examples, chosen by a seeded permutation, get a label
+drawn uniformly from the *other* C − 1 classes, so the realised noise rate equals
+the requested one (up to rounding) instead of fraction·(C − 1)/C.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def symmetric_label_noise(
+    targets: Tensor, fraction: float, num_classes: int, seed: int = 0
+) -> Tensor:
+    """A copy of ``targets`` with ``fraction`` of the labels flipped to another class.
+
+    >>> y = torch.zeros(10, dtype=torch.long)
+    >>> noisy = symmetric_label_noise(y, 0.3, num_classes=4, seed=0)
+    >>> int((noisy != y).sum())
+    3
+    """
+    generator = torch.Generator().manual_seed(int(seed))
+    n = len(targets)
+    num_noisy = round(fraction * n)
+    chosen = torch.randperm(n, generator=generator)[:num_noisy]
+    shift = torch.randint(1, num_classes, (num_noisy,), generator=generator)
+    noisy = targets.clone()
+    noisy[chosen] = (targets[chosen] + shift) % num_classes
+    return noisy

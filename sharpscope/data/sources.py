@@ -1,0 +1,194 @@
+"""The built-in data sets, read or generated offline.
+
+* ``mnist1d``: Greydanus (2020), generated with ``mnist1d.data.make_dataset`` and its
+  default arguments (5000 examples, the standard 4000/1000 split), cached as NPZ in
+  ``$SHARPSCOPE_CACHE`` (default ``~/.cache/sharpscope``).
+* ``digits``: scikit-learn's 8×8 digits (1797 images, pixel values / 16), split
+  1437/360 by a fixed seeded permutation.
+* ``cifar10``/``cifar100``: the python-pickle releases, read from a folder the user
+  gives; the pickles are read with an unpickler that admits only the numpy array
+  types they contain, so no code runs. Inputs are normalised with the usual
+  per-channel means and standard deviations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import SharpscopeError
+from ..results import atomic_write_bytes
+
+
+@dataclass(frozen=True)
+class RawData:
+    """Train and test tensors of one data set, before any option is applied."""
+
+    train_inputs: Tensor
+    train_targets: Tensor
+    test_inputs: Tensor
+    test_targets: Tensor
+    num_classes: int
+
+
+def cache_dir() -> Path:
+    """Where generated data sets are cached."""
+    return Path(os.environ.get("SHARPSCOPE_CACHE", Path.home() / ".cache" / "sharpscope"))
+
+
+def load_mnist1d(_root: str | None = None) -> RawData:
+    """MNIST-1D with the package's default arguments (4000 train / 1000 test, (40,) inputs)."""
+    from mnist1d.data import get_dataset_args
+
+    args = get_dataset_args()
+    key = hashlib.sha256(repr(sorted(vars(args).items())).encode()).hexdigest()[:12]
+    path = cache_dir() / f"mnist1d-{key}.npz"
+    arrays = None
+    if path.exists():
+        try:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {k: archive[k] for k in ("x", "y", "x_test", "y_test")}
+        except (OSError, ValueError, KeyError):
+            arrays = None  # a damaged cache is rebuilt
+    if arrays is None:
+        from mnist1d.data import make_dataset
+
+        data = make_dataset(args)
+        arrays = {k: np.asarray(data[k]) for k in ("x", "y", "x_test", "y_test")}
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        try:
+            atomic_write_bytes(path, buffer.getvalue())
+        except OSError:
+            pass  # read-only home: generate again next time
+    return RawData(
+        torch.as_tensor(arrays["x"], dtype=torch.float32),
+        torch.as_tensor(arrays["y"], dtype=torch.long),
+        torch.as_tensor(arrays["x_test"], dtype=torch.float32),
+        torch.as_tensor(arrays["y_test"], dtype=torch.long),
+        10,
+    )
+
+
+def load_digits(_root: str | None = None) -> RawData:
+    """scikit-learn digits as (N, 1, 8, 8) images in [0, 1], split 1437/360 (seed 0)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    bunch = sklearn_digits()
+    inputs = torch.as_tensor(bunch.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    targets = torch.as_tensor(bunch.target, dtype=torch.long)
+    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(0))
+    num_test = 360
+    test, train = order[:num_test].sort().values, order[num_test:].sort().values
+    return RawData(inputs[train], targets[train], inputs[test], targets[test], 10)
+
+
+class _ArrayOnlyUnpickler(pickle.Unpickler):
+    """Unpickler for the CIFAR files: numpy arrays, dicts, lists, bytes; nothing else."""
+
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str):  # noqa: D102
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _read_pickle(path: Path) -> dict:
+    try:
+        with path.open("rb") as handle:
+            data = _ArrayOnlyUnpickler(handle, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError) as exc:
+        raise SharpscopeError(f"{path} is not a readable CIFAR pickle file: {exc}") from exc
+    if not isinstance(data, dict):
+        raise SharpscopeError(f"{path} does not hold a CIFAR batch dictionary")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}
+
+
+CIFAR_LAYOUT = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)],
+        ["test_batch"],
+        "labels",
+        10,
+    ),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], "fine_labels", 100),
+}
+CIFAR_STATS = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+
+
+def _cifar_folder(name: str, root: str | None) -> Path:
+    folder_name, train_files, test_files, _, _ = CIFAR_LAYOUT[name]
+    expected = ", ".join(train_files + test_files)
+    if root is None:
+        raise SharpscopeError(
+            f"{name} is read from a local folder: pass --data-root DIR holding {folder_name}/ "
+            f"({expected}); sharpscope never downloads data"
+        )
+    root_path = Path(root).expanduser()
+    for candidate in (root_path / folder_name, root_path):
+        if all((candidate / f).is_file() for f in train_files + test_files):
+            return candidate
+    raise SharpscopeError(
+        f"{name} files not found in {root_path}: expected {folder_name}/ with {expected}"
+    )
+
+
+def _cifar_arrays(folder: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+    inputs, labels = [], []
+    for file in files:
+        batch = _read_pickle(folder / file)
+        if "data" not in batch or label_key not in batch:
+            raise SharpscopeError(f"{folder / file} lacks the 'data' or '{label_key}' entry")
+        inputs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+    return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(labels))
+
+
+def _normalise(images: Tensor, name: str) -> Tensor:
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in CIFAR_STATS[name])
+    return (images.float() / 255.0 - mean) / std
+
+
+def load_cifar(name: str) -> Callable[[str | None], RawData]:
+    """A loader of CIFAR-10 or CIFAR-100 from the python-pickle files under a root."""
+
+    def loader(root: str | None) -> RawData:
+        folder = _cifar_folder(name, root)
+        _, train_files, test_files, label_key, num_classes = CIFAR_LAYOUT[name]
+        x_train, y_train = _cifar_arrays(folder, train_files, label_key)
+        x_test, y_test = _cifar_arrays(folder, test_files, label_key)
+        return RawData(
+            _normalise(x_train, name), y_train, _normalise(x_test, name), y_test, num_classes
+        )
+
+    return loader
+
+
+SOURCES: dict[str, Callable[[str | None], RawData]] = {
+    "mnist1d": load_mnist1d,
+    "digits": load_digits,
+    "cifar10": load_cifar("cifar10"),
+    "cifar100": load_cifar("cifar100"),
+}

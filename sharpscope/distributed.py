@@ -1,0 +1,80 @@
+"""torch.distributed set-up for ``torchrun`` (one process per device).
+
+``torchrun --nproc_per_node N sharpscope ...`` sets ``WORLD_SIZE``, ``RANK`` and
+``LOCAL_RANK``; :func:`init_from_env` turns them into an initialised process group
+(NCCL on CUDA, gloo on CPU). A single process needs none of it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Rank, world size and the device of this process."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the process that prints and writes files."""
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        """Whether more than one process takes part."""
+        return self.world_size > 1
+
+
+def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"``: CUDA (this process's GPU) when present, else CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
+        return torch.device("cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        from .errors import SharpscopeError
+
+        raise SharpscopeError(
+            "device 'cuda' requested but no CUDA GPU is available; use --device cpu"
+        )
+    return device
+
+
+def init_from_env(device: str | torch.device | None = "auto") -> DistInfo:
+    """Initialise the process group when launched by torchrun; else a single process."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = pick_device(device, local_rank)
+    if world_size <= 1:
+        return DistInfo(device=chosen)
+    if not dist.is_initialized():
+        backend = "nccl" if chosen.type == "cuda" else "gloo"
+        if chosen.type == "cuda":
+            torch.cuda.set_device(chosen)
+        dist.init_process_group(backend=backend)
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, chosen)
+
+
+def current() -> DistInfo:
+    """Rank and world size of an already initialised group (or a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return DistInfo(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+        )
+    return DistInfo()
+
+
+def barrier() -> None:
+    """A barrier when distributed; nothing otherwise."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()

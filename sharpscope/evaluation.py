@@ -1,0 +1,122 @@
+"""Evaluate a classifier on a data split: loss, accuracy, NLL and calibration.
+
+Evaluation runs in eval mode (BatchNorm running statistics, no dropout), restores the
+model's previous mode, and under ``torch.distributed`` each rank evaluates a
+contiguous shard and the sums are all-reduced so every rank returns the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from .metrics import predictive_metrics
+
+
+def _shard(num: int) -> slice:
+    if not (dist.is_available() and dist.is_initialized()):
+        return slice(0, num)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    per = -(-num // world)
+    return slice(min(rank * per, num), min((rank + 1) * per, num))
+
+
+@torch.no_grad()
+def predict_probs(
+    model: nn.Module, inputs: Tensor, batch_size: int = 1000, autocast_dtype=None
+) -> Tensor:
+    """Softmax probabilities of ``model`` on ``inputs`` (eval mode, mode restored)."""
+    was_training = model.training
+    model.eval()
+    try:
+        chunks = []
+        for x in inputs.split(batch_size):
+            with torch.autocast(
+                x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                logits = model(x)
+            chunks.append(torch.softmax(logits.float(), dim=1))
+        return torch.cat(chunks)
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    *,
+    batch_size: int = 1000,
+    autocast_dtype: torch.dtype | None = None,
+    probs_fn: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Mean loss, accuracy, NLL and 15-bin ECE on ``(inputs, targets)``.
+
+    Args:
+        model: the classifier; evaluated in eval mode.
+        inputs, targets: the split (targets are class indices).
+        loss_fn: the training loss, averaged with weights n_b/N over batches.
+        batch_size: evaluation batch size.
+        autocast_dtype: optional autocast dtype (bf16 on GPU).
+        probs_fn: replaces the model's softmax (bSAM's Bayesian model average).
+
+    Returns:
+        ``{"loss", "acc", "nll", "ece"}`` as floats.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        part = _shard(len(targets))
+        x_all, y_all = inputs[part], targets[part]
+        loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
+        probs_chunks = []
+        for x, y in zip(x_all.split(batch_size), y_all.split(batch_size)):
+            with torch.autocast(
+                x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+            ):
+                logits = model(x)
+            loss_sum += loss_fn(logits.float(), y).double() * len(y)
+            probs_chunks.append(
+                probs_fn(x) if probs_fn is not None else torch.softmax(logits.float(), dim=1)
+            )
+        probs = torch.cat(probs_chunks) if probs_chunks else inputs.new_zeros((0, 1))
+    finally:
+        model.train(was_training)
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        return _reduce_metrics(loss_sum, probs, y_all, len(targets))
+    metrics = predictive_metrics(probs, y_all)
+    metrics["loss"] = float(loss_sum / len(targets))
+    return metrics
+
+
+def _reduce_metrics(
+    loss_sum: Tensor, probs: Tensor, targets: Tensor, total: int
+) -> dict[str, float]:
+    """All-gather the per-rank probabilities so that ECE is computed over all examples."""
+    world = dist.get_world_size()
+    counts = [torch.zeros(1, dtype=torch.long, device=probs.device) for _ in range(world)]
+    dist.all_gather(counts, torch.tensor([len(targets)], device=probs.device))
+    width = probs.shape[1] if probs.dim() == 2 and len(probs) else 0
+    widths = [torch.zeros(1, dtype=torch.long, device=probs.device) for _ in range(world)]
+    dist.all_gather(widths, torch.tensor([width], device=probs.device))
+    num_classes = int(max(w.item() for w in widths))
+    longest = int(max(c.item() for c in counts))
+    padded_p = probs.new_zeros((longest, num_classes))
+    padded_y = targets.new_zeros((longest,))
+    padded_p[: len(targets)] = probs
+    padded_y[: len(targets)] = targets
+    gathered_p = [torch.zeros_like(padded_p) for _ in range(world)]
+    gathered_y = [torch.zeros_like(padded_y) for _ in range(world)]
+    dist.all_gather(gathered_p, padded_p)
+    dist.all_gather(gathered_y, padded_y)
+    dist.all_reduce(loss_sum)
+    all_p = torch.cat([p[: int(c.item())] for p, c in zip(gathered_p, counts)])
+    all_y = torch.cat([y[: int(c.item())] for y, c in zip(gathered_y, counts)])
+    metrics = predictive_metrics(all_p, all_y)
+    metrics["loss"] = float(loss_sum / total)
+    return metrics

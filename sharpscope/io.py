@@ -1,0 +1,236 @@
+"""Checkpoints: weights + specs + metadata, safe to load.
+
+A sharpscope checkpoint (interface.md, "Checkpoints") is a ``torch.save``d dict of
+tensors and plain Python values only, so it loads with
+``torch.load(path, weights_only=True)``; nothing is ever unpickled with code
+execution. Files are written atomically (temporary file, fsync, rename), so an
+interrupted save leaves the previous checkpoint intact.
+
+Beside the keys of interface.md we store ``input_shape`` and ``num_classes`` so the
+model can be rebuilt without loading the data.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import SharpscopeError
+from .registry import build_model, normalize_spec
+from .results import atomic_write_bytes
+
+FORMAT = "sharpscope-checkpoint"
+VERSION = 1
+
+
+def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
+    """Atomically write ``payload`` (tensors and plain values) to ``path``."""
+    buffer = io.BytesIO()
+    torch.save(dict(payload), buffer)
+    path = Path(path)
+    atomic_write_bytes(path, buffer.getvalue())
+    return path
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)`` with one-line errors.
+
+    Raises:
+        SharpscopeError: missing file, a truncated or corrupt file, or a file that
+            would need code execution to unpickle (it is refused, never run).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SharpscopeError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+            raise SharpscopeError(
+                f"refusing to load {path}: it holds Python objects that weights_only=True "
+                "loading does not allow (it could run code); save plain tensors/state_dicts"
+            ) from exc
+        raise SharpscopeError(f"cannot read {path}: {first}") from exc
+    except (EOFError, RuntimeError, ValueError, OSError, KeyError) as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SharpscopeError(f"{path} is truncated or not a torch checkpoint ({text})") from exc
+
+
+def strip_ddp_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """Remove the ``module.`` prefix that DistributedDataParallel adds."""
+    if state_dict and all(k.startswith("module.") for k in state_dict):
+        return {k[len("module.") :]: v for k, v in state_dict.items()}
+    return dict(state_dict)
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str = "") -> None:
+    """Load ``state_dict`` strictly; on mismatch raise one line naming the keys.
+
+    Raises:
+        SharpscopeError: missing, unexpected or wrongly shaped entries.
+    """
+    state_dict = strip_ddp_prefix(state_dict)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [
+        f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in state_dict
+        and isinstance(state_dict[k], torch.Tensor)
+        and tuple(state_dict[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+
+        def show(items: list[str]) -> str:
+            return ", ".join(items[:6]) + (f" (+{len(items) - 6} more)" if len(items) > 6 else "")
+
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {show(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {show(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatches: {show(shapes)}")
+        where = f" {source}" if source else ""
+        raise SharpscopeError(
+            f"weights{where} do not fit the model (wrong architecture?): " + "; ".join(parts)
+        )
+    model.load_state_dict(state_dict, strict=True)
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the model with its weights, and what made it."""
+
+    path: Path
+    model: nn.Module
+    spec: dict[str, Any]
+    data_spec: dict[str, Any] | None
+    optimizer_spec: dict[str, Any] | None
+    metrics: dict[str, float]
+    epoch: int | None
+    step: int | None
+    sha256: str
+    input_shape: tuple[int, ...] | None
+    num_classes: int | None
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def is_bare(self) -> bool:
+        """Whether the file was a bare state_dict rather than a sharpscope checkpoint."""
+        return self.raw.get("format") != FORMAT
+
+
+def is_sharpscope_checkpoint(obj: Any) -> bool:
+    """Whether a loaded object is a sharpscope checkpoint dict."""
+    return isinstance(obj, dict) and obj.get("format") == FORMAT
+
+
+def _shapes_from_data(data_spec: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int]:
+    if data_spec is None:
+        raise SharpscopeError(
+            "a bare state_dict of a registry model needs --data to know the input shape and "
+            "number of classes (or give --model as a module:function factory)"
+        )
+    from .data import load_data
+
+    split = load_data(data_spec, "test" if "name" in data_spec else "train")
+    return split.input_shape, split.num_classes
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model_spec: str | Mapping[str, Any] | None = None,
+    data_spec: str | Mapping[str, Any] | None = None,
+    map_location: str | torch.device = "cpu",
+) -> Checkpoint:
+    """Load a sharpscope checkpoint or a bare state_dict into a model.
+
+    Args:
+        path: the ``.pt`` file.
+        model_spec: required for a bare state_dict; overrides a checkpoint's spec.
+        data_spec: for a bare state_dict of a registry model, to infer input shape
+            and class count.
+        map_location: where tensors are loaded.
+
+    Raises:
+        SharpscopeError: unreadable or unsafe file, missing spec, wrong architecture.
+    """
+    path = Path(path)
+    raw = safe_load(path, map_location)
+    sha = file_sha256(path)
+    if is_sharpscope_checkpoint(raw):
+        version = raw.get("version")
+        if not isinstance(version, int) or version > VERSION:
+            raise SharpscopeError(
+                f"{path} has checkpoint version {version}; this sharpscope reads versions "
+                f"1..{VERSION} (upgrade sharpscope)"
+            )
+        spec = normalize_spec(model_spec if model_spec is not None else raw["model"], "model")
+        data = raw.get("data")
+        data = normalize_spec(data_spec, "data set") if data_spec is not None else data
+        input_shape = tuple(raw["input_shape"]) if raw.get("input_shape") else None
+        num_classes = raw.get("num_classes")
+        if "factory" not in spec and (input_shape is None or num_classes is None):
+            input_shape, num_classes = _shapes_from_data(data)
+        state_dict = raw.get("state_dict")
+        if not isinstance(state_dict, Mapping):
+            raise SharpscopeError(f"{path} has no state_dict entry")
+        metrics = dict(raw.get("metrics") or {})
+        optimizer_spec = raw.get("optimizer")
+        epoch, step = raw.get("epoch"), raw.get("step")
+    else:
+        state_dict = raw.get("state_dict", raw) if isinstance(raw, Mapping) else None
+        if not isinstance(state_dict, Mapping) or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()
+        ):
+            raise SharpscopeError(
+                f"{path} is neither a sharpscope checkpoint nor a state_dict of tensors"
+            )
+        if model_spec is None:
+            raise SharpscopeError(
+                f"{path} is a bare state_dict: say which model it belongs to with --model "
+                "(a registry name or module:function)"
+            )
+        spec = normalize_spec(model_spec, "model")
+        data = normalize_spec(data_spec, "data set") if data_spec is not None else None
+        input_shape, num_classes = (None, None)
+        if "factory" not in spec:
+            input_shape, num_classes = _shapes_from_data(data)
+        metrics, optimizer_spec, epoch, step = {}, None, None, None
+    model = build_model(spec, input_shape or (), num_classes or 0)
+    load_weights(model, state_dict, source=f"in {path.name}")
+    return Checkpoint(
+        path=path,
+        model=model,
+        spec=spec,
+        data_spec=data,
+        optimizer_spec=optimizer_spec,
+        metrics=metrics,
+        epoch=epoch,
+        step=step,
+        sha256=sha,
+        input_shape=input_shape,
+        num_classes=num_classes,
+        raw=dict(raw) if isinstance(raw, Mapping) else {},
+    )

@@ -1,0 +1,186 @@
+"""Models, losses and user factories by name.
+
+A model or loss is named in one of two forms (interface.md):
+
+* a registry name with keyword options, ``{"name": "cnn1d", "norm": "batch"}``;
+* an import path ``"module:function"`` or ``"path/to/file.py:function"`` naming a
+  zero-argument factory, stored as ``{"factory": "module:function"}``.
+
+Data sets live in :mod:`sharpscope.data` and optimizers in :mod:`sharpscope.optim`;
+both use :func:`resolve_factory` for user factories too.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import SharpscopeError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+def is_factory_path(name: str) -> bool:
+    """Whether ``name`` is a ``module:function`` / ``file.py:function`` path.
+
+    >>> is_factory_path("cnn1d"), is_factory_path("my_models:build")
+    (False, True)
+    """
+    return ":" in name and not name.startswith(":") and not name.endswith(":")
+
+
+def resolve_factory(path: str) -> Callable[..., Any]:
+    """Import the callable named by ``module:function`` or ``path/to/file.py:function``.
+
+    Raises:
+        SharpscopeError: when the module or function cannot be found.
+    """
+    if not is_factory_path(path):
+        raise SharpscopeError(f"'{path}' is not of the form module:function or file.py:function")
+    module_name, _, attr = path.rpartition(":")
+    try:
+        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+            file = Path(module_name).expanduser().resolve()
+            if not file.is_file():
+                raise SharpscopeError(f"factory file not found: {file}")
+            key = f"_sharpscope_user_{abs(hash(str(file)))}"
+            module = sys.modules.get(key)
+            if module is None:
+                spec = importlib.util.spec_from_file_location(key, file)
+                if spec is None or spec.loader is None:
+                    raise SharpscopeError(f"cannot import {file}")
+                module = importlib.util.module_from_spec(spec)
+                sys.modules[key] = module
+                spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(module_name)
+    except SharpscopeError:
+        raise
+    except ImportError as exc:
+        raise SharpscopeError(f"cannot import module '{module_name}' for '{path}': {exc}") from exc
+    except Exception as exc:  # the user's module raised while importing
+        raise SharpscopeError(
+            f"importing '{module_name}' failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    factory = getattr(module, attr, None)
+    if factory is None or not callable(factory):
+        raise SharpscopeError(f"'{module_name}' has no callable named '{attr}'")
+    return factory
+
+
+def normalize_spec(spec: str | Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
+    """Turn ``"name"``, ``"module:fn"`` or a dict into a spec dict.
+
+    >>> normalize_spec("cnn1d", "model")
+    {'name': 'cnn1d'}
+    >>> normalize_spec("pkg.mod:make", "model")
+    {'factory': 'pkg.mod:make'}
+    """
+    if spec is None:
+        raise SharpscopeError(f"no {kind} given")
+    if isinstance(spec, str):
+        return {"factory": spec} if is_factory_path(spec) else {"name": spec}
+    if isinstance(spec, Mapping):
+        out = dict(spec)
+        if "name" not in out and "factory" not in out:
+            raise SharpscopeError(f"{kind} spec needs a 'name' or a 'factory': {out}")
+        if "name" in out and is_factory_path(str(out["name"])):
+            out["factory"] = out.pop("name")
+        return out
+    raise SharpscopeError(f"cannot read {kind} spec {spec!r}")
+
+
+def unknown_name(kind: str, name: str, choices: list[str]) -> SharpscopeError:
+    """The error for an unknown registry name, listing the valid ones."""
+    return SharpscopeError(
+        f"unknown {kind} '{name}'; choose one of: {', '.join(sorted(choices))} "
+        "(or a module:function factory)"
+    )
+
+
+def model_names() -> list[str]:
+    """Registered model names."""
+    from .models import MODELS
+
+    return sorted(MODELS)
+
+
+def build_model(
+    spec: str | Mapping[str, Any], input_shape: tuple[int, ...], num_classes: int
+) -> nn.Module:
+    """Build the model named by ``spec`` for the given input shape and class count.
+
+    A ``factory`` spec calls the user's zero-argument function and must return an
+    ``nn.Module``; a ``name`` spec looks up :data:`sharpscope.models.MODELS` and
+    passes the remaining keys as options.
+    """
+    from .models import MODELS
+
+    spec = normalize_spec(spec, "model")
+    if "factory" in spec:
+        options = {k: v for k, v in spec.items() if k != "factory"}
+        try:
+            model = resolve_factory(spec["factory"])(**options)
+        except SharpscopeError:
+            raise
+        except Exception as exc:
+            raise SharpscopeError(
+                f"model factory '{spec['factory']}' failed: {type(exc).__name__}: {exc}"
+            ) from exc
+        if not isinstance(model, nn.Module):
+            raise SharpscopeError(
+                f"model factory '{spec['factory']}' returned {type(model).__name__}, "
+                "not an nn.Module"
+            )
+        return model
+    name = spec["name"]
+    if name not in MODELS:
+        raise unknown_name("model", name, list(MODELS))
+    options = {k: v for k, v in spec.items() if k != "name"}
+    return MODELS[name](tuple(input_shape), int(num_classes), **options)
+
+
+def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Mean squared error; integer targets are one-hot encoded to the output width."""
+    if targets.dtype in (torch.int64, torch.int32) and outputs.dim() == 2:
+        targets = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+    return F.mse_loss(outputs, targets.to(outputs.dtype))
+
+
+def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(outputs, targets)
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
+
+
+def get_loss(spec: str | Mapping[str, Any] | LossFn | None = "cross_entropy") -> LossFn:
+    """The loss named by ``spec``: a built-in name, a factory path or a callable.
+
+    Built-ins: ``cross_entropy`` (default) and ``mse``. A ``module:function`` factory
+    returns a callable ``loss(outputs, targets) -> scalar mean``.
+
+    >>> get_loss("mse")(torch.zeros(2, 3), torch.tensor([0, 1])).item()
+    0.3333333432674408
+    """
+    if spec is None:
+        spec = "cross_entropy"
+    if callable(spec) and not isinstance(spec, (str, Mapping)):
+        return spec
+    spec = normalize_spec(spec, "loss")
+    if "factory" in spec:
+        loss = resolve_factory(spec["factory"])()
+        if not callable(loss):
+            raise SharpscopeError(f"loss factory '{spec['factory']}' did not return a callable")
+        return loss
+    if spec["name"] not in LOSSES:
+        raise unknown_name("loss", spec["name"], list(LOSSES))
+    return LOSSES[spec["name"]]

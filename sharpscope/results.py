@@ -1,0 +1,167 @@
+"""Typed, saveable results.
+
+Every analysis returns a frozen dataclass derived from :class:`Result`. A result
+knows how to turn itself into plain JSON (``to_dict``/``to_json``) and how to save
+and load itself (``.json`` keeps everything as lists; ``.npz`` keeps arrays as
+arrays). Metadata lives inside the file, in :class:`RunMeta`, never in its name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from . import __version__
+
+
+@dataclass(frozen=True)
+class RunMeta:
+    """Where a result came from: enough to reproduce it."""
+
+    checkpoint: str | None = None
+    checkpoint_sha256: str | None = None
+    data: dict[str, Any] | None = None
+    num_samples: int | None = None
+    seed: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    mode: str = "eval"
+    num_params: int | None = None
+    version: str = __version__
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def to_jsonable(value: Any) -> Any:
+    """Convert tensors, arrays, dataclasses and numpy scalars to plain JSON values.
+
+    >>> to_jsonable({"a": torch.tensor([1.5, 2.0]), "b": np.float64(3.0)})
+    {'a': [1.5, 2.0], 'b': 3.0}
+    """
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().numpy())
+    if isinstance(value, np.ndarray):
+        return [to_jsonable(v) for v in value.tolist()] if value.ndim else value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, float) and not np.isfinite(value):
+        return None if np.isnan(value) else (1e308 if value > 0 else -1e308)
+    if isinstance(value, dict):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file and a rename.
+
+    A reader never sees a half-written file, and an interrupted write leaves the
+    previous file in place.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@dataclass(frozen=True)
+class Result:
+    """Base class of analysis results.
+
+    Subclasses are frozen dataclasses; their fields may be tensors, arrays, numbers,
+    strings, dicts, lists or a :class:`RunMeta` named ``meta``.
+    """
+
+    kind: ClassVar[str] = "result"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-JSON dictionary of every field (tensors become lists)."""
+        out = to_jsonable(self)
+        out["kind"] = self.kind
+        return out
+
+    def to_json(self, indent: int | None = 2) -> str:
+        """The result as a JSON string."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Save to ``.json`` (default) or ``.npz`` (arrays stay binary)."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            arrays: dict[str, np.ndarray] = {}
+            scalars: dict[str, Any] = {}
+            for f in dataclasses.fields(self):
+                value = getattr(self, f.name)
+                if isinstance(value, (torch.Tensor, np.ndarray)):
+                    arrays[f.name] = np.asarray(to_numpy(value))
+                else:
+                    scalars[f.name] = to_jsonable(value)
+            scalars["kind"] = self.kind
+            arrays["__json__"] = np.array(json.dumps(scalars))
+            import io
+
+            buffer = io.BytesIO()
+            np.savez_compressed(buffer, **arrays)
+            atomic_write_bytes(path, buffer.getvalue())
+        else:
+            atomic_write_bytes(path, (self.to_json() + "\n").encode())
+        return path
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Result:
+        """Rebuild a result from :meth:`to_dict` output (lists become tensors)."""
+        kwargs: dict[str, Any] = {}
+        hints = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in hints.items():
+            if name not in data:
+                continue
+            value = data[name]
+            type_name = str(f.type)
+            if name == "meta" and isinstance(value, dict):
+                value = RunMeta(**value)
+            elif "Tensor" in type_name and value is not None:
+                value = torch.as_tensor(np.asarray(value, dtype=np.float64))
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Result:
+        """Load a result saved with :meth:`save`."""
+        path = Path(path)
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                data = json.loads(str(archive["__json__"]))
+                for key in archive.files:
+                    if key != "__json__":
+                        data[key] = archive[key]
+        else:
+            data = json.loads(path.read_text())
+        return cls.from_dict(data)
+
+
+def to_numpy(value: Any) -> np.ndarray:
+    """A tensor or array as a CPU numpy array."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)

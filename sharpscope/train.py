@@ -1,0 +1,507 @@
+"""The training loop: the sole caller of ``optimizer.step``.
+
+``train(TrainConfig(...))`` trains one model and writes ``OUT/last.pt``,
+``OUT/epoch_NNN.pt`` (every ``save_every`` epochs) and ``OUT/metrics.jsonl`` (one
+JSON object per evaluation; optimizers with per-step state such as LETS' learned ρ
+add one ``"kind": "step"`` object per step).
+
+Exact resumption: the data order and the augmentation of epoch ``e`` are drawn from
+generators seeded by ``(seed, e)``, and checkpoints (written atomically at the end of
+each epoch) hold the model, optimizer, scheduler and RNG states, so a resumed run
+ends with the same weights as an uninterrupted one on the CPU. The last incomplete
+batch of an epoch is dropped, so every step sees ``batch_size`` examples (and under
+``torchrun`` each of the W ranks sees ``batch_size / W`` of them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from . import __version__
+from .data import DataSplit, load_data
+from .data.augment import random_crop_flip
+from .distributed import DistInfo, barrier, init_from_env
+from .errors import SharpscopeError
+from .evaluation import evaluate
+from .io import FORMAT, VERSION, load_weights, safe_load, save_checkpoint
+from .registry import build_model, get_loss, normalize_spec
+
+SCHEDULES = ("cosine", "step", "constant")
+PRECISIONS = ("fp32", "bf16", "fp16")
+AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100")
+
+
+class TrainingDiverged(SharpscopeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (also the ``--config`` TOML keys).
+
+    Attributes:
+        dataset: data spec, e.g. ``{"name": "mnist1d", "label_noise": 0.4}``.
+        model: model spec, e.g. ``{"name": "cnn1d", "norm": "batch"}``.
+        optimizer: optimizer spec, e.g. ``{"name": "sam", "rho": 0.05,
+            "base": {"name": "sgd", "lr": 0.1, "momentum": 0.9}}``.
+        loss: ``cross_entropy``, ``mse`` or ``module:function``.
+        epochs: passes over the training split.
+        batch_size: global batch size (split over ranks under torchrun).
+        seed: seeds the model initialisation, data order, augmentation and noise.
+        out: output folder (``None``: nothing written).
+        save_every: also keep ``epoch_NNN.pt`` every this many epochs (0: never).
+        schedule: ``{"name": "cosine"|"step"|"constant", "warmup_epochs": 0,
+            "milestones": [...], "gamma": 0.1}`` (step: epochs at which lr *= gamma).
+        augment: random crop + flip; ``None`` means on for CIFAR, off otherwise.
+        device: ``auto`` (CUDA when present), ``cpu``, ``cuda``, ``cuda:1``.
+        precision: ``fp32``, ``bf16`` (autocast) or ``fp16`` (autocast + GradScaler, CUDA).
+        data_root: folder of the CIFAR files.
+        eval_batch_size: batch size of evaluation.
+        bsam_samples: Monte-Carlo samples of bSAM's Bayesian model average at evaluation.
+        sync_bn: under torchrun, convert BatchNorm to SyncBatchNorm.
+        progress: show a progress bar.
+    """
+
+    dataset: dict[str, Any] = field(default_factory=lambda: {"name": "mnist1d"})
+    model: dict[str, Any] = field(default_factory=lambda: {"name": "cnn1d"})
+    optimizer: dict[str, Any] = field(
+        default_factory=lambda: {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    )
+    loss: str = "cross_entropy"
+    epochs: int = 10
+    batch_size: int = 128
+    seed: int = 0
+    out: str | None = None
+    save_every: int = 0
+    schedule: dict[str, Any] = field(default_factory=lambda: {"name": "cosine", "warmup_epochs": 0})
+    augment: bool | None = None
+    device: str = "auto"
+    precision: str = "fp32"
+    data_root: str | None = None
+    eval_batch_size: int = 1000
+    bsam_samples: int = 32
+    sync_bn: bool = False
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
+        """Build a config from a dict (e.g. a TOML file), refusing unknown keys."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in values:
+            if key not in names:
+                raise SharpscopeError(
+                    f"unknown training config key '{key}'; valid keys: {', '.join(names)}"
+                )
+        config = cls(**dict(values))
+        config.validate()
+        return config
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of the config."""
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        """Check the values; raise one clear line for the first bad one."""
+        self.dataset = normalize_spec(self.dataset, "data set")
+        self.model = normalize_spec(self.model, "model")
+        self.optimizer = normalize_spec(self.optimizer, "optimizer")
+        self.schedule = dict(self.schedule)
+        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
+            if not isinstance(value, int) or value < 1:
+                raise SharpscopeError(f"{name} must be a positive integer, got {value!r}")
+        if self.save_every < 0:
+            raise SharpscopeError(f"save_every must be >= 0, got {self.save_every}")
+        if self.schedule.get("name", "cosine") not in SCHEDULES:
+            raise SharpscopeError(
+                f"unknown schedule '{self.schedule.get('name')}'; choose one of: {', '.join(SCHEDULES)}"
+            )
+        if self.precision not in PRECISIONS:
+            raise SharpscopeError(
+                f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}"
+            )
+
+
+@dataclass
+class TrainSummary:
+    """What a finished run returns."""
+
+    out: Path | None
+    metrics: dict[str, float]
+    history: list[dict[str, Any]]
+    epochs: int
+    steps: int
+    model: nn.Module
+
+
+def lr_factor(schedule: Mapping[str, Any], step: int, steps_per_epoch: int, epochs: int) -> float:
+    """Multiplier of the base learning rate at optimizer step ``step``.
+
+    Linear warm-up over ``warmup_epochs``, then cosine to 0 (Loshchilov & Hutter
+    2017), step decay at ``milestones`` (epochs) by ``gamma``, or constant.
+
+    >>> s = {"name": "cosine", "warmup_epochs": 1}
+    >>> [round(lr_factor(s, k, 10, 3), 3) for k in (0, 9, 10, 20, 29)]
+    [0.1, 1.0, 1.0, 0.5, 0.006]
+    """
+    name = schedule.get("name", "cosine")
+    warmup_steps = int(round(float(schedule.get("warmup_epochs", 0)) * steps_per_epoch))
+    total = epochs * steps_per_epoch
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if name == "constant":
+        return 1.0
+    if name == "step":
+        epoch = step // max(steps_per_epoch, 1)
+        milestones = schedule.get("milestones", [int(epochs * 0.5), int(epochs * 0.75)])
+        gamma = float(schedule.get("gamma", 0.1))
+        return gamma ** sum(epoch >= m for m in milestones)
+    progress = (step - warmup_steps) / max(total - warmup_steps, 1)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    return torch.Generator().manual_seed(((seed * 1_000_003) + epoch) * 7 + stream)
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state: dict[str, Any] = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return (
+        model.module
+        if hasattr(model, "module") and isinstance(model, nn.parallel.DistributedDataParallel)
+        else model
+    )
+
+
+def _read_history(path: Path, last_step: int) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            if row.get("step", 0) <= last_step:
+                rows.append(row)
+    return rows
+
+
+def _prepare_data(
+    config: TrainConfig, info: DistInfo
+) -> tuple[DataSplit, DataSplit, DataSplit | None]:
+    dataset = dict(config.dataset)
+    needs_val = config.optimizer.get("name") == "lets"
+    if needs_val and not dataset.get("val_fraction"):
+        dataset["val_fraction"] = 0.1
+        config.dataset = dataset
+    train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
+    test = load_data(dataset, "test", data_root=config.data_root, device=info.device)
+    val = (
+        load_data(dataset, "val", data_root=config.data_root, device=info.device)
+        if needs_val
+        else None
+    )
+    return train, test, val
+
+
+def _cycling_batches(split: DataSplit, batch_size: int, seed: int):
+    """Endless seeded batches of a split (LETS' validation stream)."""
+    epoch = 0
+    while True:
+        order = torch.randperm(len(split), generator=_generator(seed, epoch, 3)).to(
+            split.inputs.device
+        )
+        for start in range(0, len(split) - batch_size + 1, batch_size):
+            idx = order[start : start + batch_size]
+            yield split.inputs[idx], split.targets[idx]
+        epoch += 1
+
+
+def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
+    """Train one model as ``config`` says; see the module docstring for the files written.
+
+    Raises:
+        SharpscopeError: bad configuration or data; :class:`TrainingDiverged` when the
+            loss becomes non-finite (the last good checkpoint is kept).
+    """
+    from .optim.closure import BatchClosure
+    from .optim.factory import build_optimizer, optimizer_metrics
+
+    config.validate()
+    info = init_from_env(config.device)
+    device = info.device
+    if config.precision == "fp16" and device.type != "cuda":
+        raise SharpscopeError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if config.batch_size % info.world_size:
+        raise SharpscopeError(
+            f"batch size {config.batch_size} is not divisible by the {info.world_size} processes"
+        )
+    out = Path(config.out) if config.out else None
+    torch.manual_seed(config.seed)
+    train_split, test_split, val_split = _prepare_data(config, info)
+    num_train = len(train_split)
+    steps_per_epoch = num_train // config.batch_size
+    if steps_per_epoch == 0:
+        raise SharpscopeError(
+            f"batch size {config.batch_size} is larger than the {num_train} training examples"
+        )
+    loss_fn = get_loss(config.loss)
+    model = build_model(config.model, train_split.input_shape, train_split.num_classes).to(device)
+    if info.enabled:
+        if config.sync_bn:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        wrapped: nn.Module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    else:
+        wrapped = model
+    val_batches = (
+        _cycling_batches(val_split, min(config.batch_size, len(val_split)), config.seed)
+        if val_split is not None
+        else None
+    )
+    optimizer = build_optimizer(
+        config.optimizer,
+        wrapped,
+        num_data=num_train,
+        val_batches=val_batches,
+        steps_per_epoch=steps_per_epoch,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: lr_factor(config.schedule, step, steps_per_epoch, config.epochs),
+    )
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler("cuda") if config.precision == "fp16" else None
+    augment = (
+        config.augment
+        if config.augment is not None
+        else config.dataset.get("name") in AUGMENTED_BY_DEFAULT
+    )
+
+    start_epoch, step, history = 0, 0, []
+    last_path = out / "last.pt" if out else None
+    if resume:
+        if last_path is None or not last_path.exists():
+            raise SharpscopeError(
+                f"--resume needs {last_path or 'OUT/last.pt'} from an earlier run; none found"
+            )
+        state = safe_load(last_path, map_location=device)
+        load_weights(model, state["state_dict"], source=f"in {last_path}")
+        optimizer.load_state_dict(state["optimizer_state"])
+        scheduler.load_state_dict(state["scheduler_state"])
+        if scaler is not None and state.get("scaler_state"):
+            scaler.load_state_dict(state["scaler_state"])
+        _set_rng_state(state["rng_state"], device)
+        start_epoch, step = int(state["epoch"]), int(state["step"])
+        history = _read_history(out / "metrics.jsonl", step)
+    if out and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.json").write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+        if resume:  # drop rows logged after the checkpoint we resume from
+            (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
+        else:
+            (out / "metrics.jsonl").write_text("")
+
+    per_rank = config.batch_size // info.world_size
+    lo, hi = info.rank * per_rank, (info.rank + 1) * per_rank
+    is_bsam = config.optimizer.get("name") == "bsam"
+    metrics: dict[str, Any] = history[-1] if history else {}
+    progress = None
+    if config.progress and info.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(
+            total=config.epochs * steps_per_epoch,
+            initial=start_epoch * steps_per_epoch,
+            desc=f"train {config.optimizer.get('name')}",
+            unit="step",
+            leave=False,
+            dynamic_ncols=True,
+        )
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            wrapped.train()
+            order = torch.randperm(num_train, generator=_generator(config.seed, epoch, 1))
+            augment_gen = _generator(config.seed, epoch, 2)
+            running = torch.zeros((), dtype=torch.float64, device=device)
+            for batch in range(steps_per_epoch):
+                idx = order[batch * config.batch_size : (batch + 1) * config.batch_size][lo:hi]
+                idx = idx.to(device)
+                inputs, targets = train_split.inputs[idx], train_split.targets[idx]
+                if augment:
+                    inputs = random_crop_flip(inputs, augment_gen)
+                closure = BatchClosure(
+                    wrapped, loss_fn, inputs, targets, autocast_dtype=autocast_dtype, scaler=scaler
+                )
+                loss = optimizer.step(closure)
+                scheduler.step()
+                step += 1
+                loss_value = float(loss) if loss is not None else float("nan")
+                if not math.isfinite(loss_value):
+                    kept = (
+                        f"; last good checkpoint {last_path} kept"
+                        if last_path and last_path.exists()
+                        else ""
+                    )
+                    raise TrainingDiverged(
+                        f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step {step}"
+                        f"{kept}; lower the learning rate or rho"
+                    )
+                running += loss_value
+                step_metrics = optimizer_metrics(optimizer)
+                if step_metrics and out and info.is_main:
+                    row = {"kind": "step", "epoch": epoch + 1, "step": step, **step_metrics}
+                    with (out / "metrics.jsonl").open("a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                if progress is not None:
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+
+            metrics = _evaluate_epoch(
+                model,
+                optimizer if is_bsam else None,
+                train_split,
+                test_split,
+                loss_fn,
+                config,
+                autocast_dtype,
+            )
+            metrics.update(
+                kind="eval",
+                epoch=epoch + 1,
+                step=step,
+                lr=float(scheduler.get_last_lr()[0]),
+                train_loss_running=float(running / steps_per_epoch),
+                seconds=time.perf_counter() - started,
+                **optimizer_metrics(optimizer),
+            )
+            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+                raise TrainingDiverged(
+                    f"training diverged: non-finite evaluation metrics at epoch {epoch + 1}; "
+                    "lower the learning rate or rho"
+                )
+            history.append(metrics)
+            if progress is not None:
+                progress.write(
+                    f"epoch {epoch + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
+                    f"acc {metrics['train_acc']:.4f}  test loss {metrics['test_loss']:.4f} "
+                    f"acc {metrics['test_acc']:.4f}"
+                )
+            if out is not None:
+                if info.is_main:
+                    payload = _checkpoint_payload(
+                        config,
+                        model,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        train_split,
+                        epoch + 1,
+                        step,
+                        metrics,
+                        device,
+                    )
+                    save_checkpoint(out / "last.pt", payload)
+                    if config.save_every and (epoch + 1) % config.save_every == 0:
+                        save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
+                    with (out / "metrics.jsonl").open("a") as handle:
+                        handle.write(json.dumps(metrics) + "\n")
+                barrier()
+    finally:
+        if progress is not None:
+            progress.close()
+    return TrainSummary(out, metrics, history, config.epochs, step, model)
+
+
+def _evaluate_epoch(
+    model: nn.Module,
+    bsam: torch.optim.Optimizer | None,
+    train_split: DataSplit,
+    test_split: DataSplit,
+    loss_fn,
+    config: TrainConfig,
+    autocast_dtype: torch.dtype | None,
+) -> dict[str, Any]:
+    """Train and test metrics; clean-label train accuracy under noise; bSAM's model average."""
+    kwargs = {"batch_size": config.eval_batch_size, "autocast_dtype": autocast_dtype}
+    train_m = evaluate(model, train_split.inputs, train_split.targets, loss_fn, **kwargs)
+    test_m = evaluate(model, test_split.inputs, test_split.targets, loss_fn, **kwargs)
+    metrics: dict[str, Any] = {f"train_{k}": v for k, v in train_m.items()}
+    metrics.update({f"test_{k}": v for k, v in test_m.items()})
+    if train_split.clean_targets is not None:
+        clean = evaluate(model, train_split.inputs, train_split.clean_targets, loss_fn, **kwargs)
+        metrics["train_clean_acc"] = clean["acc"]
+        metrics["train_clean_loss"] = clean["loss"]
+    if bsam is not None:
+        generator = torch.Generator(device=test_split.inputs.device).manual_seed(config.seed + 17)
+
+        def average(x: Tensor) -> Tensor:
+            return bsam.predict(model, x, num_samples=config.bsam_samples, generator=generator)
+
+        bma = evaluate(
+            model, test_split.inputs, test_split.targets, loss_fn, probs_fn=average, **kwargs
+        )
+        metrics.update({f"test_{k}_bma": v for k, v in bma.items() if k != "loss"})
+    metrics["gen_gap"] = metrics["test_loss"] - metrics["train_loss"]
+    metrics["error_gap"] = metrics["train_acc"] - metrics["test_acc"]
+    return metrics
+
+
+def _checkpoint_payload(
+    config: TrainConfig,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    train_split: DataSplit,
+    epoch: int,
+    step: int,
+    metrics: Mapping[str, Any],
+    device: torch.device,
+) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "sharpscope_version": __version__,
+        "model": dict(config.model),
+        "data": dict(config.dataset),
+        "loss": config.loss,
+        "optimizer": dict(config.optimizer),
+        "config": config.to_dict(),
+        "epoch": epoch,
+        "step": step,
+        "metrics": {
+            k: float(v)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and k not in ("epoch", "step")
+        },
+        "input_shape": list(train_split.input_shape),
+        "num_classes": train_split.num_classes,
+        "state_dict": {k: v.detach().cpu() for k, v in _unwrap(model).state_dict().items()},
+        "optimizer_state": optimizer.state_dict(),
+        "scheduler_state": scheduler.state_dict(),
+        "scaler_state": scaler.state_dict() if scaler is not None else None,
+        "rng_state": _rng_state(device),
+    }
