@@ -1,0 +1,89 @@
+"""The model zoo: factories by registry name.
+
+Every factory has the signature ``factory(input_shape, num_classes, **options) ->
+nn.Module``: ``input_shape`` is the per-example shape and ``num_classes`` the output
+width, both taken from the data; options are checked (an unknown option or bad value
+raises :class:`~sharpscope.errors.SharpscopeError` listing the valid ones). Weights are
+drawn from torch's global generator, so ``torch.manual_seed`` makes a build
+reproducible. Normalization layers are stock ``nn`` modules (see
+:mod:`sharpscope.models.norm`).
+
+========== ===================== =============================================
+name       inputs                options (defaults)
+========== ===================== =============================================
+mlp        any (flattened)       width=256, depth=2, activation=relu, norm=none
+cnn1d      (L,) or (C, L)        width=32, depth=3, norm=batch
+cnn        (C, H, W)             width=8, depth=2, norm=batch
+resnet20   (C, H, W)             width=16, norm=batch, shortcut=B
+resnet32   (C, H, W)             as resnet20
+resnet56   (C, H, W)             as resnet20
+wrn        (C, H, W)             depth=16, width=4, dropout=0.0, norm=batch
+vit        (C, H, W), (C, L), (L,)  patch=4, dim=64, depth=4, heads=4, mlp_ratio=2, dropout=0
+========== ===================== =============================================
+
+>>> import torch
+>>> model_names()
+['cnn', 'cnn1d', 'mlp', 'resnet20', 'resnet32', 'resnet56', 'vit', 'wrn']
+>>> MODELS["cnn1d"]((40,), 10, norm="layer")(torch.zeros(3, 40)).shape
+torch.Size([3, 10])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from torch import nn
+
+from .cnn import cnn, cnn1d
+from .mlp import mlp
+from .norm import NORM_TYPES, is_norm_layer, norm_layer
+from .resnet import resnet, resnet20, resnet32, resnet56
+from .vit import vit
+from .wrn import wrn
+
+ModelFactory = Callable[..., nn.Module]
+
+MODELS: dict[str, ModelFactory] = {
+    "mlp": mlp,
+    "cnn1d": cnn1d,
+    "cnn": cnn,
+    "resnet20": resnet20,
+    "resnet32": resnet32,
+    "resnet56": resnet56,
+    "wrn": wrn,
+    "vit": vit,
+}
+
+
+def model_names() -> list[str]:
+    """Registered model names, sorted."""
+    return sorted(MODELS)
+
+
+def num_parameters(model: nn.Module) -> int:
+    """Number of trainable scalars in ``model``.
+
+    >>> num_parameters(nn.Linear(3, 2))
+    8
+    """
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+__all__ = [
+    "MODELS",
+    "NORM_TYPES",
+    "ModelFactory",
+    "cnn",
+    "cnn1d",
+    "is_norm_layer",
+    "mlp",
+    "model_names",
+    "norm_layer",
+    "num_parameters",
+    "resnet",
+    "resnet20",
+    "resnet32",
+    "resnet56",
+    "vit",
+    "wrn",
+]

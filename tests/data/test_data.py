@@ -1,0 +1,194 @@
+"""Data registry: shapes, splits, noise, subsets, CIFAR files in the real pickle format."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from sharpscope.data import dataset_names, load_data
+from sharpscope.data.augment import random_crop_flip
+from sharpscope.data.batches import as_batches, num_examples
+from sharpscope.errors import SharpscopeError
+
+
+def test_registry_lists_builtins():
+    assert dataset_names() == ["cifar10", "cifar100", "digits", "mnist1d"]
+
+
+def test_mnist1d_standard_split_and_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    train = load_data("mnist1d")
+    test = load_data("mnist1d", "test")
+    assert (len(train), len(test)) == (4000, 1000)
+    assert train.input_shape == (40,) and train.num_classes == 10
+    assert train.inputs.dtype == torch.float32 and train.targets.dtype == torch.int64
+    assert sorted(train.targets.unique().tolist()) == list(range(10))
+    cached = list(tmp_path.glob("mnist1d-*.npz"))
+    assert len(cached) == 1
+    again = load_data("mnist1d")
+    assert torch.equal(again.inputs, train.inputs)
+
+
+def test_digits_split_is_fixed_and_disjoint():
+    train, test, everything = (load_data("digits", s) for s in ("train", "test", "all"))
+    assert (len(train), len(test), len(everything)) == (1437, 360, 1797)
+    assert train.input_shape == (1, 8, 8)
+    assert float(train.inputs.max()) <= 1.0
+    rows = {tuple(x.flatten().tolist()) for x in train.inputs}
+    overlap = sum(tuple(x.flatten().tolist()) in rows for x in test.inputs)
+    # digits has a handful of exact duplicate images; a real leak would be hundreds
+    assert overlap < 10
+    assert torch.equal(load_data("digits").inputs, train.inputs)
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.4, 0.6])
+def test_label_noise_rate_is_exact_and_clean_labels_kept(fraction):
+    clean = load_data("mnist1d")
+    noisy = load_data({"name": "mnist1d", "label_noise": fraction, "noise_seed": 3})
+    assert torch.equal(noisy.clean_targets, clean.targets)
+    rate = (noisy.targets != clean.targets).float().mean().item()
+    assert rate == pytest.approx(fraction, abs=1 / len(clean))
+    assert torch.equal(noisy.noisy_mask, noisy.targets != clean.targets)
+    # flipped labels are spread over the other classes (symmetric noise)
+    flipped = noisy.targets[noisy.noisy_mask]
+    counts = torch.bincount(flipped, minlength=10).float()
+    assert counts.min() > 0.5 * counts.mean()
+    # the test split is never noisy
+    assert torch.equal(
+        load_data({"name": "mnist1d", "label_noise": fraction}, "test").targets,
+        load_data("mnist1d", "test").targets,
+    )
+
+
+def test_label_noise_is_seeded():
+    a = load_data({"name": "mnist1d", "label_noise": 0.3, "noise_seed": 1}).targets
+    b = load_data({"name": "mnist1d", "label_noise": 0.3, "noise_seed": 1}).targets
+    c = load_data({"name": "mnist1d", "label_noise": 0.3, "noise_seed": 2}).targets
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_validation_split_is_a_disjoint_holdout():
+    spec = {"name": "mnist1d", "val_fraction": 0.1}
+    train, val, full = load_data(spec), load_data(spec, "val"), load_data("mnist1d")
+    assert (len(train), len(val)) == (3600, 400)
+    merged = torch.cat([train.inputs, val.inputs])
+    assert torch.equal(merged.sum(0), full.inputs.sum(0)) or torch.allclose(
+        merged.sum(0), full.inputs.sum(0), atol=1e-3
+    )
+    assert len({tuple(r) for r in torch.cat([train.inputs, val.inputs]).tolist()}) == 4000
+
+
+def test_samples_subset_is_seeded_shuffle():
+    a = load_data("mnist1d", samples=100, seed=0)
+    b = load_data("mnist1d", samples=100, seed=0)
+    c = load_data("mnist1d", samples=100, seed=1)
+    assert len(a) == 100 and torch.equal(a.inputs, b.inputs) and not torch.equal(a.inputs, c.inputs)
+    assert not torch.equal(a.inputs, load_data("mnist1d").inputs[:100])
+
+
+@pytest.mark.parametrize(
+    "spec, split, message",
+    [
+        ("imagenet", "train", "unknown data set 'imagenet'; choose one of: cifar10"),
+        ({"name": "mnist1d", "label_noise": 1.5}, "train", "label_noise must be in [0, 1)"),
+        ({"name": "mnist1d", "colour": 1}, "train", "unknown data option 'colour'"),
+        ("mnist1d", "validation", "unknown split 'validation'"),
+        ("mnist1d", "val", "split 'val' needs a data option val_fraction"),
+    ],
+)
+def test_bad_data_specs_give_one_line(spec, split, message):
+    with pytest.raises(SharpscopeError) as info:
+        load_data(spec, split)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def _write_cifar(folder, name, n_train_per_file=6, n_test=5, seed=0):
+    rng = np.random.default_rng(seed)
+    if name == "cifar10":
+        sub = folder / "cifar-10-batches-py"
+        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
+        key, classes = b"labels", 10
+    else:
+        sub = folder / "cifar-100-python"
+        files = ["train", "test"]
+        key, classes = b"fine_labels", 100
+    sub.mkdir(parents=True)
+    for file in files:
+        n = n_test if "test" in file else n_train_per_file
+        batch = {
+            b"batch_label": file.encode(),
+            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            key: rng.integers(0, classes, size=n).tolist(),
+            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+        }
+        with (sub / file).open("wb") as handle:
+            pickle.dump(batch, handle, protocol=2)  # the original files are python2 pickles
+    return sub
+
+
+@pytest.mark.parametrize("name, n_train, classes", [("cifar10", 30, 10), ("cifar100", 6, 100)])
+def test_cifar_loader_reads_real_pickle_layout(tmp_path, name, n_train, classes):
+    sub = _write_cifar(tmp_path, name)
+    train = load_data(name, data_root=str(tmp_path))
+    test = load_data(name, "test", data_root=str(tmp_path))
+    assert len(train) == n_train and len(test) == 5
+    assert train.input_shape == (3, 32, 32) and train.num_classes == classes
+    # pixel (c, h, w) of image 0 comes from row-major data[0, c*1024 + h*32 + w]
+    with (sub / ("data_batch_1" if name == "cifar10" else "train")).open("rb") as handle:
+        raw = pickle.load(handle, encoding="bytes")
+    value = raw[b"data"][0, 1 * 1024 + 2 * 32 + 3] / 255.0
+    mean, std = {"cifar10": (0.4822, 0.2435), "cifar100": (0.4865, 0.2564)}[name]
+    assert train.inputs[0, 1, 2, 3].item() == pytest.approx((value - mean) / std, abs=1e-5)
+    # the folder itself also works as data_root
+    assert len(load_data(name, data_root=str(sub))) == n_train
+
+
+def test_cifar_missing_files_name_folder_and_files(tmp_path):
+    with pytest.raises(SharpscopeError, match="expected cifar-10-batches-py/ with data_batch_1"):
+        load_data("cifar10", data_root=str(tmp_path))
+    with pytest.raises(SharpscopeError, match="--data-root"):
+        load_data("cifar100")
+
+
+def test_cifar_pickle_with_code_is_refused(tmp_path):
+    sub = _write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with (sub / "data_batch_1").open("wb") as handle:
+        pickle.dump({b"data": Evil(), b"labels": [0]}, handle)
+    with pytest.raises(SharpscopeError, match="refusing to load"):
+        load_data("cifar10", data_root=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_random_crop_flip_matches_a_per_image_reference():
+    images = torch.randn(6, 3, 8, 8)
+    out = random_crop_flip(images, torch.Generator().manual_seed(5), padding=2)
+    gen = torch.Generator().manual_seed(5)
+    top = torch.randint(0, 5, (6,), generator=gen)
+    left = torch.randint(0, 5, (6,), generator=gen)
+    flip = torch.rand(6, generator=gen) < 0.5
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    for i in range(6):
+        crop = padded[i, :, top[i] : top[i] + 8, left[i] : left[i] + 8]
+        expected = crop.flip(-1) if flip[i] else crop
+        assert torch.equal(out[i], expected)
+
+
+def test_as_batches_accepts_the_three_forms():
+    x, y = torch.randn(10, 3), torch.arange(10)
+    from_pair = as_batches((x, y), batch_size=4)
+    from_dataset = as_batches(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    from_iterable = as_batches([(x[:4], y[:4]), (x[4:], y[4:])])
+    assert [len(b[1]) for b in from_pair] == [4, 4, 2]
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(from_pair, from_dataset))
+    assert num_examples(from_iterable) == 10
+    with pytest.raises(SharpscopeError, match="cannot use int as data"):
+        as_batches(3)

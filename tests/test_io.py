@@ -1,0 +1,150 @@
+"""Checkpoints: round trip, atomic writes, safe loading, bare state_dicts, wrong architectures."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.io import FORMAT, VERSION, load_checkpoint, safe_load, save_checkpoint
+from sharpscope.registry import build_model
+
+
+def _payload(model, spec):
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": spec,
+        "data": {"name": "mnist1d"},
+        "optimizer": {"name": "sgd", "lr": 0.1},
+        "epoch": 3,
+        "step": 90,
+        "metrics": {"train_loss": 0.5, "train_acc": 0.8, "test_loss": 0.6, "test_acc": 0.7},
+        "input_shape": [40],
+        "num_classes": 10,
+        "state_dict": model.state_dict(),
+        "optimizer_state": {},
+        "scheduler_state": {},
+        "rng_state": {"cpu": torch.get_rng_state()},
+    }
+
+
+@pytest.fixture
+def mlp_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    spec = {"name": "mlp", "width": 16, "depth": 1}
+    model = build_model(spec, (40,), 10)
+    path = save_checkpoint(tmp_path / "ckpt.pt", _payload(model, spec))
+    return path, model, spec
+
+
+def test_round_trip_restores_weights_and_metadata(mlp_checkpoint):
+    path, model, spec = mlp_checkpoint
+    raw = torch.load(path, weights_only=True)  # the format promise of interface.md
+    assert raw["format"] == "sharpscope-checkpoint" and raw["version"] == 1
+    ckpt = load_checkpoint(path)
+    for (k, a), (_, b) in zip(model.state_dict().items(), ckpt.model.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert ckpt.spec == spec and ckpt.metrics["test_acc"] == 0.7
+    assert ckpt.epoch == 3 and ckpt.step == 90 and len(ckpt.sha256) == 64
+    assert not ckpt.is_bare
+
+
+def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, mlp_checkpoint, monkeypatch):
+    path, model, spec = mlp_checkpoint
+    before = path.read_bytes()
+
+    def broken_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", broken_replace)
+    with pytest.raises(OSError):
+        save_checkpoint(path, _payload(model, spec) | {"epoch": 4})
+    monkeypatch.undo()
+    assert path.read_bytes() == before
+    assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
+
+
+def test_bare_state_dict_loads_with_model_and_data(tmp_path, mlp_checkpoint):
+    _, model, spec = mlp_checkpoint
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    ckpt = load_checkpoint(bare, model_spec=spec, data_spec="mnist1d")
+    assert ckpt.is_bare
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), ckpt.model.state_dict().values())
+    )
+    with pytest.raises(SharpscopeError, match="bare state_dict: say which model"):
+        load_checkpoint(bare)
+    with pytest.raises(SharpscopeError, match="needs --data"):
+        load_checkpoint(bare, model_spec=spec)
+
+
+def test_user_factory_model_from_file(tmp_path):
+    source = tmp_path / "my_models.py"
+    source.write_text(
+        "import torch\n"
+        "def tiny():\n"
+        "    torch.manual_seed(1)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10))\n"
+    )
+    namespace: dict = {}
+    exec(source.read_text(), namespace)
+    model = namespace["tiny"]()
+    torch.save(model.state_dict(), tmp_path / "w.pt")
+    ckpt = load_checkpoint(tmp_path / "w.pt", model_spec=f"{source}:tiny")
+    assert torch.equal(ckpt.model[1].weight, model[1].weight)
+
+
+def test_wrong_architecture_lists_keys_in_one_line(tmp_path, mlp_checkpoint):
+    path, _, _ = mlp_checkpoint
+    with pytest.raises(SharpscopeError) as info:
+        load_checkpoint(path, model_spec={"name": "mlp", "width": 16, "depth": 2})
+    message = str(info.value)
+    assert "do not fit the model" in message and "missing keys" in message
+    assert "\n" not in message
+    with pytest.raises(SharpscopeError, match="shape mismatches"):
+        load_checkpoint(path, model_spec={"name": "mlp", "width": 8, "depth": 1})
+
+
+def test_pickle_that_would_run_code_is_refused_and_code_does_not_run(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"state_dict": Exploit()}, path)
+    with pytest.raises(SharpscopeError, match="refusing to load"):
+        load_checkpoint(path, model_spec="mlp")
+    assert not marker.exists()
+    # the plain pickle format is refused too
+    with path.open("wb") as handle:
+        pickle.dump(Exploit(), handle)
+    with pytest.raises(SharpscopeError):
+        safe_load(path)
+    assert not marker.exists()
+
+
+def test_truncated_file_gives_one_line(tmp_path, mlp_checkpoint):
+    path, _, _ = mlp_checkpoint
+    data = path.read_bytes()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SharpscopeError) as info:
+        load_checkpoint(broken)
+    assert "truncated" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_missing_file_and_newer_version(tmp_path, mlp_checkpoint):
+    with pytest.raises(SharpscopeError, match="checkpoint not found"):
+        load_checkpoint(tmp_path / "nope.pt")
+    path, model, spec = mlp_checkpoint
+    save_checkpoint(tmp_path / "future.pt", _payload(model, spec) | {"version": 99})
+    with pytest.raises(SharpscopeError, match="checkpoint version 99"):
+        load_checkpoint(tmp_path / "future.pt")
