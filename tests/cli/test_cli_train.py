@@ -1,0 +1,126 @@
+"""End-to-end CLI: `sharpscope --help`, `train`, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sharpscope.cli import COMMANDS, app
+
+runner = CliRunner()
+TINY = [
+    "--dataset",
+    "mnist1d",
+    "--samples",
+    "256",
+    "--model",
+    "mlp",
+    "--model-opt",
+    "width=16",
+    "--model-opt",
+    "depth=1",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
+
+
+def test_help_lists_every_command_of_the_interface():
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for name in ("train", "spectrum", "msharpness", "landscape", "study", "figures", "bench"):
+        assert name in result.output
+    assert set(COMMANDS) == {
+        "train",
+        "spectrum",
+        "msharpness",
+        "landscape",
+        "study",
+        "figures",
+        "bench",
+    }
+
+
+def test_train_prints_accuracy_and_writes_checkpoint(tmp_path):
+    result = runner.invoke(
+        app, ["train", *TINY, "--optimizer", "sgd", "--lr", "0.05", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "test accuracy" in result.output
+    raw = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert raw["optimizer"] == {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    assert raw["model"] == {"name": "mlp", "width": 16, "depth": 1}
+
+
+def test_train_sam_flags_reach_the_optimizer_spec(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            *TINY,
+            "--optimizer",
+            "sam",
+            "--rho",
+            "0.1",
+            "--lr",
+            "0.05",
+            "--bn-policy",
+            "both",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    spec = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
+    assert spec["name"] == "sam" and spec["rho"] == 0.1 and spec["bn_policy"] == "both"
+    assert spec["base"] == {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+
+
+def test_train_from_toml_config(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'epochs = 1\nbatch_size = 64\ndevice = "cpu"\nprogress = false\n'
+        'dataset = {name = "mnist1d", samples = 256}\n'
+        'model = {name = "mlp", width = 16, depth = 1}\n'
+        'optimizer = {name = "adam", lr = 0.001}\n'
+    )
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(rows[-1])["epoch"] == 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--optimizer", "sgdm"], "unknown optimizer 'sgdm'"),
+        (["--model", "resnet18"], "unknown model 'resnet18'; choose one of:"),
+        (["--dataset", "imagenet"], "unknown data set 'imagenet'; choose one of:"),
+        (["--optimizer", "sam", "--rho", "-0.1"], "rho"),
+        (["--optimizer", "vasso", "--theta", "1.5"], "theta"),
+        (["--model-opt", "width"], "--model-opt takes KEY=VALUE"),
+        (["--resume"], "--resume needs"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
+    base = [a for a in TINY]
+    result = runner.invoke(app, ["train", *base, *args, "--out", str(tmp_path / "x")])
+    assert result.exit_code != 0
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_config_with_unknown_key(tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text("epochz = 3\n")
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2 and "unknown training config key 'epochz'" in result.output
