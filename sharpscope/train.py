@@ -481,6 +481,8 @@ def _checkpoint_payload(
     metrics: Mapping[str, Any],
     device: torch.device,
 ) -> dict[str, Any]:
+    from .optim.factory import resolve_optimizer_spec
+
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -488,7 +490,7 @@ def _checkpoint_payload(
         "model": dict(config.model),
         "data": dict(config.dataset),
         "loss": config.loss,
-        "optimizer": dict(config.optimizer),
+        "optimizer": resolve_optimizer_spec(config.optimizer),
         "config": config.to_dict(),
         "epoch": epoch,
         "step": step,

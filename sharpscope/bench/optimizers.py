@@ -1,0 +1,201 @@
+"""``sharpscope bench optimizers``: step time of each optimizer against SGD.
+
+Case: the registry's ``cnn1d`` with BatchNorm on MNIST-1D inputs ``(40,)``, one fixed
+batch of 128 training examples, cross-entropy, base SGD (lr 0.05, momentum 0.9, weight
+decay 5e-4). Every variant gets its own copy of the same initial model; the repeats of
+all variants are interleaved and the median step time is reported as a ratio to SGD's
+(two passes are the floor of a two-pass variant: 2.0).
+
+Targets (issue 3, CPU): SAM <= 2.2, ASAM <= 2.3, VaSSO <= 2.3, SAM-ON <= 2.2,
+bSAM <= 2.4, LETS <= 3.2 (default diagonal hypergradient).
+
+Each row's ``extra`` carries ``closure_calls_per_step`` (measured by counting the
+closure's calls), ``gradient_passes_per_step`` (closure calls plus the optimizer's own
+passes, e.g. LETS's validation pass), ``target`` and ``meets_target``. The accuracy
+column is a correctness check run on the same case: for the two-pass variants, the
+largest weight difference after 3 steps between the variant at ``rho = 0`` (LETS also
+``rho_lr = 0``) and plain SGD, which must be exactly 0; for bSAM, the largest deviation
+of its Monte-Carlo predictive probabilities from summing to 1.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..optim import BatchClosure, build_optimizer
+from ._common import BenchRow, interleaved_median
+
+__all__ = ["run", "TARGETS"]
+
+#: ratio to SGD that each variant must stay under (issue 3).
+TARGETS: dict[str, float] = {
+    "sam": 2.2,
+    "asam": 2.3,
+    "vasso": 2.3,
+    "samon": 2.2,
+    "bsam": 2.4,
+    "lets": 3.2,
+}
+BATCH_SIZE = 128
+#: intra-op threads during the benchmark
+THREADS = 1
+_BASE = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+CASE = "cnn1d(norm=batch) mnist1d batch=128"
+
+
+def _case() -> tuple[nn.Module, Tensor, Tensor, list[tuple[Tensor, Tensor]], int]:
+    """Model, one training batch, validation batches, training-set size."""
+    from ..data import load_data
+    from ..registry import build_model
+
+    torch.manual_seed(0)
+    data = load_data("mnist1d", "train")
+    model = build_model({"name": "cnn1d", "norm": "batch"}, (40,), 10)
+    x, y = data.inputs[:BATCH_SIZE], data.targets[:BATCH_SIZE]
+    val = [
+        (data.inputs[i : i + BATCH_SIZE], data.targets[i : i + BATCH_SIZE])
+        for i in range(BATCH_SIZE, 5 * BATCH_SIZE, BATCH_SIZE)
+    ]
+    return model, x, y, val, len(data.targets)
+
+
+def _specs() -> dict[str, dict[str, Any]]:
+    return {
+        "sgd": dict(_BASE),
+        "sam": {"name": "sam", "rho": 0.05, "base": _BASE},
+        "asam": {"name": "asam", "rho": 0.5, "base": _BASE},
+        "vasso": {"name": "vasso", "rho": 0.05, "theta": 0.9, "base": _BASE},
+        "samon": {"name": "samon", "rho": 0.5, "base": _BASE},
+        "bsam": {"name": "bsam", "lr": 0.05, "rho": 0.01},
+        "lets": {"name": "lets", "rho": 0.05, "hypergrad": "diag", "base": _BASE},
+    }
+
+
+class _CountingClosure(BatchClosure):
+    calls = 0.0
+
+    def __call__(self, chunk_index: int | None = None, num_chunks: int | None = None) -> Tensor:
+        type(self).calls += 1.0 if chunk_index is None else 1.0 / float(num_chunks or 1)
+        return super().__call__(chunk_index, num_chunks)
+
+
+def _max_weight_difference(a: nn.Module, b: nn.Module) -> float:
+    return max(
+        float((p.detach() - q.detach()).abs().max()) for p, q in zip(a.parameters(), b.parameters())
+    )
+
+
+def _rho_zero_check(name: str, spec: dict[str, Any], model, x, y, val, num_data) -> float:
+    """max |w| difference after 3 steps between ``name`` at rho = 0 and plain SGD."""
+    loss_fn = nn.functional.cross_entropy
+    ref, test = copy.deepcopy(model), copy.deepcopy(model)
+    sgd = build_optimizer(dict(_BASE), ref, num_data=num_data)
+    zero = dict(spec, rho=0.0)
+    if name == "lets":
+        zero["rho_lr"] = 0.0
+    opt = build_optimizer(zero, test, num_data=num_data, val_batches=val)
+    for _ in range(3):
+        sgd.step(BatchClosure(ref, loss_fn, x, y))
+        opt.step(BatchClosure(test, loss_fn, x, y))
+    return _max_weight_difference(ref, test)
+
+
+def run(quick: bool = False) -> list[BenchRow]:
+    """Time one step of every optimizer against SGD; see the module docstring.
+
+    Runs with ``torch.set_num_threads(THREADS)`` (restored afterwards): the model is
+    tiny, so intra-op threads add only scheduling noise on a shared machine (the same
+    setting applies to SGD and to every variant).
+
+    Args:
+        quick: fewer repeats (for CI and tests).
+
+    Returns:
+        One :class:`BenchRow` per sharpness-aware variant (reference ``sgd``).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        return _run(quick)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(quick: bool) -> list[BenchRow]:
+    model, x, y, val, num_data = _case()
+    loss_fn = nn.functional.cross_entropy
+    specs = _specs()
+    models = {name: copy.deepcopy(model) for name in specs}
+    opts = {
+        name: build_optimizer(spec, models[name], num_data=num_data, val_batches=val)
+        for name, spec in specs.items()
+    }
+
+    def stepper(name: str, steps: int) -> Callable[[], None]:
+        net, opt = models[name], opts[name]
+
+        def fn() -> None:
+            for _ in range(steps):
+                opt.step(BatchClosure(net, loss_fn, x, y))
+
+        return fn
+
+    # many short interleaved samples: a burst of load from other processes then lands
+    # on every variant alike and the median ignores it
+    steps = 1
+    repeats = 15 if quick else 151
+    seconds = interleaved_median(
+        {name: stepper(name, steps) for name in specs}, repeats=repeats, warmup=3
+    )
+    per_step = {name: t / steps for name, t in seconds.items()}
+
+    # passes per step, counted on separate (untimed) steps
+    passes: dict[str, tuple[float, float]] = {}
+    for name in specs:
+        net, opt = models[name], opts[name]
+        _CountingClosure.calls = 0.0
+        before = opt.gradient_passes
+        for _ in range(3):
+            opt.step(_CountingClosure(net, loss_fn, x, y))
+        passes[name] = (_CountingClosure.calls / 3, (opt.gradient_passes - before) / 3)
+
+    rows = []
+    for name in specs:
+        if name == "sgd":
+            continue
+        if name == "bsam":
+            probs = opts[name].predict(models[name], x, num_samples=4)
+            measure, accuracy = "max|sum(p)-1| of BMA", float((probs.sum(-1) - 1).abs().max())
+        else:
+            measure = "max|w_rho0 - w_sgd|"
+            accuracy = _rho_zero_check(name, specs[name], model, x, y, val, num_data)
+        ratio = per_step[name] / per_step["sgd"]
+        rows.append(
+            BenchRow(
+                case=CASE,
+                variant=name,
+                seconds=per_step[name],
+                reference="sgd",
+                reference_seconds=per_step["sgd"],
+                ratio=ratio,
+                accuracy_measure=measure,
+                accuracy=accuracy,
+                extra={
+                    "closure_calls_per_step": round(passes[name][0], 3),
+                    "gradient_passes_per_step": round(passes[name][1], 3),
+                    "reference_passes_per_step": round(passes["sgd"][1], 3),
+                    "target": TARGETS[name],
+                    "meets_target": ratio <= TARGETS[name],
+                    "repeats": repeats,
+                    "steps_per_repeat": steps,
+                    "threads": torch.get_num_threads(),
+                    "spec": specs[name],
+                },
+            )
+        )
+    return rows

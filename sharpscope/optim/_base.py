@@ -1,0 +1,683 @@
+"""The two-pass step every sharpness-aware optimizer shares (optimizers.md section 0).
+
+One call per batch, ``loss = opt.step(closure)``:
+
+1. pass 1 at ``w``: ``g = grad L_B(w)`` (BatchNorm running statistics are updated here);
+2. ``eps = self.perturbation(params, grads)`` under ``no_grad``;
+3. back up the tensors that move (a copy), ``w <- w + eps``;
+4. pass 2 on the same batch at ``w + eps``: ``g~ = grad L_B(w + eps)``;
+5. restore ``w`` by copying the backup back (never ``w - eps``: subtraction is not
+   exact in floating point and would break "rho = 0 gives the base optimizer exactly");
+6. optional clipping of ``g~`` (``max_grad_norm``), then ``base.step()`` with ``g~``.
+
+The pass-1 loss is returned. With ``rho == 0`` passes 2-5 are skipped and the step is
+exactly the base optimizer's.
+
+Shared options (every variant takes them as keywords):
+
+* ``bn_policy``: ``"first"`` (default) saves the running mean/var/``num_batches_tracked``
+  of every ``_BatchNorm`` (and any module with ``running_mean``/``running_var`` buffers)
+  before pass 2 and copies them back after it, so only pass 1 updates them; pass 2 still
+  normalises with batch statistics (train mode). ``"both"`` lets both passes update
+  them, as the VaSSO, SAM-ON and bSAM reference code does.
+* ``same_noise`` (default ``True``): the global RNG state is restored before pass 2 so
+  dropout/drop-path masks equal pass 1's (the JAX SAM reference reuses its PRNG key).
+* ``perturbation``: under ``DistributedDataParallel``, ``"local"`` runs pass 1 (forward
+  and backward) inside ``model.no_sync()`` so each rank perturbs with its own sub-batch
+  gradient (the SAM paper's m-sharpness with m = per-rank batch); ``"global"`` lets DDP
+  all-reduce ``g`` before ``eps`` is computed. Pass 2 is always all-reduced by DDP.
+* ``max_grad_norm``: global-norm clipping of ``g~`` after the all-reduce (clipping
+  pass 1 is pointless for SAM: its direction is normalised).
+* ``m``: m-sharpness training (SAM paper, Section 5.1), see :mod:`sharpscope.optim.msam`.
+* ``model``: the network, needed to find BatchNorm layers and ``no_sync`` when the
+  closure is a plain function (a :class:`~sharpscope.optim.closure.BatchClosure`
+  carries it). Passing the module itself as ``params`` also works.
+* ``scaler``: an fp16 ``torch.amp.GradScaler`` used by a plain closure (a
+  ``BatchClosure`` carries its own). Each pass's backward is scaled by the closure;
+  the optimizer unscales ``g`` before computing ``eps`` and ``g~`` before the base step,
+  skips the base step (weights restored) when either pass overflowed, and calls
+  ``scaler.update()``. Do not call ``scaler.step``/``scaler.update`` yourself.
+
+The base optimizer is built on the wrapper's parameter groups and the wrapper then
+*shares* its ``param_groups`` list, so an LR scheduler attached to either moves the LR
+the base uses. ``state_dict()`` is ``{"base": base.state_dict(), "variant": <the
+variant's persistent tensors>, "rho": ..., "rng": <the optimizer's own generator state
+or None>}``; backups are transient and never saved.
+
+A variant overrides :meth:`SharpnessAware.perturbation` (returning ``None`` for tensors
+it does not move) and, where it mixes gradients differently, :meth:`combine`.
+"""
+
+from __future__ import annotations
+
+import warnings
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from ..errors import SharpscopeError
+from ._ops import NORM_EPS, as_scalar, global_norm, scaled
+from .closure import BatchClosure, unwrap_model
+
+__all__ = [
+    "SharpnessAware",
+    "SinglePass",
+    "BNPolicy",
+    "PerturbationMode",
+    "batchnorm_buffers",
+    "frozen_bn",
+]
+
+BNPolicy = Literal["first", "both"]
+PerturbationMode = Literal["local", "global"]
+_BN_POLICIES = ("first", "both")
+_PERTURBATION_MODES = ("local", "global")
+
+
+# --------------------------------------------------------------------------- BatchNorm
+
+
+def batchnorm_modules(model: nn.Module) -> list[nn.Module]:
+    """Modules whose running statistics a forward pass in train mode updates.
+
+    ``_BatchNorm`` (BatchNorm1d/2d/3d, SyncBatchNorm, LazyBatchNorm) and any other module
+    carrying ``running_mean``/``running_var`` tensors (custom BN classes escape an
+    ``isinstance`` check: mlcommons/algorithmic-efficiency PR #325).
+    """
+    found = []
+    for module in unwrap_model(model).modules():
+        if isinstance(module, _BatchNorm) or any(
+            isinstance(getattr(module, name, None), Tensor)
+            for name in ("running_mean", "running_var")
+        ):
+            found.append(module)
+    return found
+
+
+def _module_stat_buffers(modules: Iterable[nn.Module]) -> list[Tensor]:
+    out = []
+    for module in modules:
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            value = getattr(module, name, None)
+            if isinstance(value, Tensor):
+                out.append(value)
+    return out
+
+
+def batchnorm_buffers(model: nn.Module) -> list[Tensor]:
+    """Running mean, running var and ``num_batches_tracked`` of every BN-like module."""
+    return _module_stat_buffers(batchnorm_modules(model))
+
+
+@contextmanager
+def frozen_bn(model: nn.Module) -> Iterator[None]:
+    """Run the body with BatchNorm running statistics restored afterwards.
+
+    The body still normalises with batch statistics when the model is in train mode
+    (never switch BN to eval for the second pass: davda54/sam #30). The buffers are
+    copied back, not recomputed, so they are bit-identical to before.
+
+    >>> bn = nn.BatchNorm1d(2)
+    >>> with frozen_bn(bn):
+    ...     _ = bn(torch.randn(4, 2))
+    >>> bn.running_mean.tolist(), int(bn.num_batches_tracked)
+    ([0.0, 0.0], 0)
+    """
+    buffers = batchnorm_buffers(model)
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        if buffers:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, saved)
+
+
+class _BatchNormCache:
+    """Finds a model's BN modules once and saves/restores their buffers without allocating."""
+
+    def __init__(self) -> None:
+        self._model: weakref.ref | None = None
+        self._modules: list[nn.Module] = []
+        self._saved: list[Tensor] = []
+
+    def buffers(self, model: nn.Module) -> list[Tensor]:
+        if self._model is None or self._model() is not model:
+            self._modules = batchnorm_modules(model)
+            self._model = weakref.ref(model)
+        return _module_stat_buffers(self._modules)
+
+    @contextmanager
+    def frozen(self, model: nn.Module | None) -> Iterator[None]:
+        buffers = self.buffers(model) if model is not None else []
+        if not buffers:
+            yield
+            return
+        if len(self._saved) != len(buffers) or any(
+            s.shape != b.shape or s.dtype != b.dtype or s.device != b.device
+            for s, b in zip(self._saved, buffers)
+        ):
+            self._saved = [torch.empty_like(b) for b in buffers]
+        with torch.no_grad():
+            torch._foreach_copy_(self._saved, buffers)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(buffers, self._saved)
+
+
+# --------------------------------------------------------------------------- RNG
+
+
+def rng_snapshot(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    """The global CPU RNG state and, on CUDA, that device's RNG state."""
+    cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda
+
+
+def rng_restore(snapshot: tuple[Tensor, Tensor | None], device: torch.device) -> None:
+    """Undo the draws made since :func:`rng_snapshot`."""
+    torch.set_rng_state(snapshot[0])
+    if snapshot[1] is not None:
+        torch.cuda.set_rng_state(snapshot[1], device)
+
+
+# --------------------------------------------------------------------------- step context
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class StepContext:
+    """What one ``step(closure)`` knows: the closure, the model, the scaler, DDP."""
+
+    def __init__(self, opt: SharpnessAware, closure: Callable[..., Any]) -> None:
+        self.opt = opt
+        self.closure = closure
+        self.batch = closure if isinstance(closure, BatchClosure) else None
+        self.model: nn.Module | None = self.batch.model if self.batch is not None else opt.model
+        self.scaler = self.batch.scaler if self.batch is not None else opt.scaler
+        if self.scaler is not None and not self.scaler.is_enabled():
+            self.scaler = None
+        self.ddp = self.model if self.model is not None and _is_ddp(self.model) else None
+        self.loss_fn = (
+            self.batch.loss_fn if self.batch is not None else getattr(opt, "loss_fn", None)
+        )
+        self.autocast = self.batch.autocast if self.batch is not None else nullcontext
+        self.device = opt._device()
+
+    def call(self, chunk_index: int | None = None, num_chunks: int | None = None) -> Tensor:
+        """Run the closure once (one forward+backward pass) and return its loss."""
+        with torch.enable_grad():
+            if chunk_index is None:
+                loss = self.closure()
+                self.opt.gradient_passes += 1
+            else:
+                try:
+                    loss = self.closure(chunk_index, num_chunks)
+                except TypeError as exc:
+                    raise SharpscopeError(
+                        f"splitting the batch needs a closure that accepts (chunk_index, "
+                        f"num_chunks), e.g. sharpscope.optim.BatchClosure: {exc}"
+                    ) from exc
+                self.opt.gradient_passes += 1.0 / float(num_chunks or 1)
+        if loss is None:
+            raise SharpscopeError("the closure returned None; return the loss from the closure")
+        return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
+
+    def local_sync(self) -> AbstractContextManager:
+        """``model.no_sync()`` under DDP with ``perturbation="local"``, else a no-op."""
+        if self.ddp is not None and self.opt.perturbation_mode == "local":
+            return self.ddp.no_sync()
+        return nullcontext()
+
+    def unscale_(self, grads: Sequence[Tensor]) -> bool:
+        """Divide scaled pass-1 gradients by the loss scale; ``False`` on inf/NaN."""
+        if self.scaler is None or not grads:
+            return True
+        torch._foreach_mul_(list(grads), 1.0 / float(self.scaler.get_scale()))
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads)))).all())
+
+
+def _is_ddp(model: nn.Module) -> bool:
+    return isinstance(model, nn.parallel.DistributedDataParallel) or (
+        hasattr(model, "no_sync") and isinstance(getattr(model, "module", None), nn.Module)
+    )
+
+
+def _check_rho(rho: float, name: str = "rho") -> float:
+    try:
+        value = float(rho)
+    except (TypeError, ValueError) as exc:
+        raise SharpscopeError(f"{name} must be a number >= 0, got {rho!r}") from exc
+    if not value >= 0 or value == float("inf"):
+        raise SharpscopeError(f"{name} must be a finite number >= 0, got {rho!r}")
+    return value
+
+
+# --------------------------------------------------------------------------- base class
+
+
+class SharpnessAware(torch.optim.Optimizer):
+    """Base class of the two-pass optimizers; see the module docstring for the step.
+
+    Args:
+        params: parameters or parameter groups, or the model itself (then also used as
+            ``model``).
+        base: the base optimizer *class* (``torch.optim.SGD``, ``Adam``, ``AdamW``, ...);
+            it receives ``g~`` and ``**base_kwargs``.
+        rho: radius of the perturbation (>= 0).
+        bn_policy: ``"first"`` or ``"both"`` (which passes update BN running statistics).
+        same_noise: restore the global RNG before pass 2 (same dropout masks).
+        perturbation: ``"local"`` or ``"global"`` perturbation under DDP (default: the
+            variant's, ``"local"`` except VaSSO).
+        max_grad_norm: clip ``g~`` to this global norm before the base step.
+        m: m-sharpness group size (SAM, ASAM, SAM-ON only; needs a ``BatchClosure``).
+        model: the network (BN layers, ``no_sync``), if ``params`` is not the model.
+        scaler: fp16 ``GradScaler`` for plain closures.
+        **base_kwargs: the base optimizer's options (``lr``, ``momentum``, ...).
+
+    Raises:
+        SharpscopeError: on a negative rho, an unknown choice, a non-optimizer base.
+    """
+
+    #: variants whose perturbation is a pure function of (params, grads) support ``m``.
+    supports_m: ClassVar[bool] = True
+    default_perturbation: ClassVar[PerturbationMode] = "local"
+    #: the spec name (``build_optimizer`` key).
+    name: ClassVar[str] = "sam"
+
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module,
+        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        rho: float = 0.05,
+        bn_policy: BNPolicy = "first",
+        same_noise: bool = True,
+        perturbation: PerturbationMode | None = None,
+        max_grad_norm: float | None = None,
+        m: int | None = None,
+        model: nn.Module | None = None,
+        scaler: Any = None,
+        **base_kwargs: Any,
+    ) -> None:
+        if isinstance(params, nn.Module):
+            model = params if model is None else model
+            params = params.parameters()
+        self.model = model
+        self.scaler = scaler
+        self.rho = _check_rho(rho)
+        if bn_policy not in _BN_POLICIES:
+            raise SharpscopeError(f"bn_policy must be one of {_BN_POLICIES}, got {bn_policy!r}")
+        self.bn_policy = bn_policy
+        self.same_noise = bool(same_noise)
+        perturbation = self.default_perturbation if perturbation is None else perturbation
+        if perturbation not in _PERTURBATION_MODES:
+            raise SharpscopeError(
+                f"perturbation must be one of {_PERTURBATION_MODES}, got {perturbation!r}"
+            )
+        self.perturbation_mode = perturbation
+        if max_grad_norm is not None and not float(max_grad_norm) > 0:
+            raise SharpscopeError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
+        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        if m is not None:
+            if not self.supports_m:
+                raise SharpscopeError(
+                    f"m-sharpness training (m={m}) is supported by sam, asam and samon, "
+                    f"not by {self.name}; leave m unset"
+                )
+            if isinstance(m, bool) or int(m) != m or int(m) < 1:
+                raise SharpscopeError(f"m must be a positive integer group size, got {m!r}")
+            if perturbation == "global":
+                raise SharpscopeError(
+                    "m-sharpness perturbs per group of m examples; it cannot be combined with "
+                    "perturbation='global' (use 'local')"
+                )
+            m = int(m)
+        self.m = m
+        if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+            raise SharpscopeError(
+                f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}"
+            )
+        super().__init__(params, {})
+        try:
+            self.base = base(self.param_groups, **base_kwargs)
+        except (TypeError, ValueError) as exc:
+            raise SharpscopeError(
+                f"the base optimizer {base.__name__} rejected its options {sorted(base_kwargs)}: {exc}"
+            ) from exc
+        self.param_groups = self.base.param_groups
+        self.defaults.update(self.base.defaults)
+        self.base.register_step_post_hook(self._mark_base_stepped)
+        self._base_stepped = False
+        self._bn = _BatchNormCache()
+        self._backups: dict[int, Tensor] = {}
+        self._warned_no_model = False
+        #: forward+backward passes this optimizer has run (closure calls, validation and
+        #: HVP passes); not saved in ``state_dict``. Used by the benchmark.
+        self.gradient_passes = 0.0
+
+    # ------------------------------------------------------------------ plumbing
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (so its defaults fill the group: sam PR #65)."""
+        base = self.__dict__.get("base")
+        if base is None:
+            super().add_param_group(param_group)
+        else:
+            base.add_param_group(param_group)
+            self.param_groups = base.param_groups
+
+    def _mark_base_stepped(self, *_: Any) -> None:
+        self._base_stepped = True
+
+    def _device(self) -> torch.device:
+        for group in self.param_groups:
+            for p in group["params"]:
+                return p.device
+        return torch.device("cpu")
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    def _params_with_grads(self) -> tuple[list[Tensor], list[Tensor]]:
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for p in params:
+            if p.grad.is_sparse:
+                raise SharpscopeError(
+                    "sparse gradients are not supported by sharpness-aware optimizers; "
+                    "use dense embeddings (sparse=False)"
+                )
+        return params, [p.grad for p in params]
+
+    def _backup(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """Copies of ``tensors`` in buffers reused from step to step."""
+        out = []
+        for t in tensors:
+            buf = self._backups.get(id(t))
+            if (
+                buf is None
+                or buf.shape != t.shape
+                or buf.dtype != t.dtype
+                or buf.device != t.device
+            ):
+                buf = torch.empty_like(t, memory_format=torch.preserve_format)
+                self._backups[id(t)] = buf
+            out.append(buf)
+        if out:
+            torch._foreach_copy_(out, list(tensors))
+        return out
+
+    def _context(self, closure: Callable[..., Any] | None) -> StepContext:
+        if closure is None:
+            raise SharpscopeError(
+                f"{type(self).__name__}.step needs a closure that zeroes the gradients, runs "
+                "forward and backward and returns the loss: opt.step(closure)"
+            )
+        ctx = StepContext(self, closure)
+        if ctx.model is None:
+            if self.bn_policy == "first" and not self._warned_no_model:
+                warnings.warn(
+                    f"{type(self).__name__} does not know the model, so BatchNorm running "
+                    "statistics cannot be frozen in the second pass; pass model=... (or the "
+                    "module as params) or use sharpscope.optim.BatchClosure",
+                    stacklevel=4,
+                )
+                self._warned_no_model = True
+            if self.perturbation_mode == "local" and _world_size() > 1:
+                raise SharpscopeError(
+                    "distributed training with perturbation='local' needs the DDP model to "
+                    "call no_sync(): pass model=<the DDP module> or use BatchClosure"
+                )
+        return ctx
+
+    def bn_frozen(self, ctx: StepContext) -> AbstractContextManager:
+        """Freeze BN running statistics for a pass that must not update them."""
+        return self._bn.frozen(ctx.model)
+
+    def _second_pass_bn(self, ctx: StepContext) -> AbstractContextManager:
+        return self.bn_frozen(ctx) if self.bn_policy == "first" else nullcontext()
+
+    # ------------------------------------------------------------------ hooks
+
+    def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        """The ascent step ``eps`` for each tensor (``None``: the tensor does not move)."""
+        raise NotImplementedError
+
+    def combine(self, clean: list[Tensor], perturbed: list[Tensor]) -> list[Tensor]:
+        """Gradients handed to the base optimizer; SAM-style variants use ``perturbed``."""
+        return perturbed
+
+    def clip_gradients(self) -> None:
+        """Clip the gradients the base step will use (``max_grad_norm``) to a global norm."""
+        if self.max_grad_norm is None:
+            return
+        params = [p for p in self._all_params() if p.grad is not None]
+        if params:
+            torch.nn.utils.clip_grad_norm_(params, self.max_grad_norm, foreach=True)
+
+    def _skip_second_pass(self) -> bool:
+        return self.rho == 0.0
+
+    def _first_pass_context(self, ctx: StepContext) -> AbstractContextManager:
+        return ctx.local_sync()
+
+    def _before_perturbation(
+        self, ctx: StepContext, loss: Tensor, params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        """Called after pass 1 (unscaled ``grads``), before ``eps`` (LETS updates rho here)."""
+
+    def _after_second_pass(
+        self, ctx: StepContext, params: list[Tensor], moved: list[Tensor], eps: list[Tensor]
+    ) -> None:
+        """Called while the weights are still at ``w + eps`` (LETS's HVP modes)."""
+
+    def _after_base_step(self, ctx: StepContext) -> None:
+        """Called after a base step that actually ran (not after an fp16 skip)."""
+
+    # ------------------------------------------------------------------ state
+
+    def _variant_state(self) -> dict[str, Any]:
+        return {}
+
+    def _load_variant_state(self, state: dict[str, Any]) -> None:
+        if state:
+            raise SharpscopeError(
+                f"{type(self).__name__} has no variant state but the checkpoint has {sorted(state)}"
+            )
+
+    def _rho_state(self) -> Any:
+        return self.rho
+
+    def _load_rho_state(self, value: Any) -> None:
+        self.rho = _check_rho(value)
+
+    def _rng_state(self) -> Tensor | None:
+        return None
+
+    def _load_rng_state(self, state: Tensor | None) -> None:
+        pass
+
+    def _per_param_state(self, key: str) -> dict[int, Tensor]:
+        return {
+            i: self.state[p][key]
+            for i, p in enumerate(self._all_params())
+            if p in self.state and key in self.state[p]
+        }
+
+    def _load_per_param_state(self, key: str, values: dict[int, Tensor]) -> None:
+        params = self._all_params()
+        for p in params:
+            if p in self.state:
+                self.state[p].pop(key, None)
+        for i, value in values.items():
+            i = int(i)
+            if not 0 <= i < len(params):
+                raise SharpscopeError(
+                    f"optimizer state refers to parameter {i} but there are {len(params)}; "
+                    "load it into the same model"
+                )
+            self.state[params[i]][key] = value.detach().clone().to(params[i].device)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"base", "variant", "rho", "rng"}``: everything exact resumption needs."""
+        return {
+            "base": self.base.state_dict(),
+            "variant": self._variant_state(),
+            "rho": self._rho_state(),
+            "rng": self._rng_state(),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a :meth:`state_dict` and share the base's (new) ``param_groups`` again."""
+        missing = {"base", "variant", "rho", "rng"} - set(state_dict)
+        if missing:
+            raise SharpscopeError(
+                f"not a {type(self).__name__} state dict (missing {sorted(missing)}); it needs "
+                "the keys base, variant, rho, rng"
+            )
+        self.base.load_state_dict(state_dict["base"])
+        self.param_groups = self.base.param_groups
+        self._load_variant_state(state_dict["variant"])
+        self._load_rho_state(state_dict["rho"])
+        self._load_rng_state(state_dict["rng"])
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self, closure: Callable[..., Any] | None = None) -> Tensor:  # type: ignore[override]
+        """One optimisation step on the batch the closure evaluates; returns the pass-1 loss.
+
+        Raises:
+            SharpscopeError: without a closure, or with ``m`` and a plain closure.
+        """
+        ctx = self._context(closure)
+        if self.m is not None and not self._skip_second_pass():
+            from .msam import m_sharpness_step
+
+            return m_sharpness_step(self, ctx)
+        if self._skip_second_pass():
+            loss = ctx.call()
+            self._finish(ctx)
+            return loss
+        return self._two_pass_step(ctx)
+
+    def _two_pass_step(self, ctx: StepContext) -> Tensor:
+        rng = rng_snapshot(ctx.device) if self.same_noise else None
+        self._step_rng = rng  # extra passes of a variant (LETS fd/hvp) reuse pass 1's noise
+        with self._first_pass_context(ctx):
+            loss = ctx.call()
+        params, grads = self._params_with_grads()
+        if not ctx.unscale_(grads):
+            self._finish(ctx)  # the scaler sees the overflow, skips and backs off
+            return loss
+        with torch.no_grad():
+            self._before_perturbation(ctx, loss, params, grads)
+            eps = self.perturbation(params, grads)
+        moved = [p for p, e in zip(params, eps) if e is not None]
+        eps = [e for e in eps if e is not None]
+        if moved:
+            with torch.no_grad():
+                backup = self._backup(moved)
+                torch._foreach_add_(moved, eps)
+            try:
+                with self._second_pass_bn(ctx):
+                    if rng is not None:
+                        rng_restore(rng, ctx.device)
+                    ctx.call()
+                    with torch.no_grad():
+                        self._after_second_pass(ctx, params, moved, eps)
+            finally:
+                with torch.no_grad():
+                    torch._foreach_copy_(moved, backup)
+            perturbed = [p.grad for p in params]
+            combined = self.combine(grads, perturbed)
+            if combined is not perturbed:
+                for p, g in zip(params, combined):
+                    p.grad = g
+        self._finish(ctx)
+        return loss
+
+    def _finish(self, ctx: StepContext) -> None:
+        """Clip and take the base step (through the scaler when there is one)."""
+        self._base_stepped = False
+        if ctx.scaler is not None:
+            ctx.scaler.unscale_(self.base)
+            self.clip_gradients()
+            ctx.scaler.step(self.base)
+            ctx.scaler.update()
+        else:
+            self.clip_gradients()
+            self.base.step()
+        if self._base_stepped:
+            with torch.no_grad():
+                self._after_base_step(ctx)
+
+
+def normalised(tensors: list[Tensor], rho: Tensor | float) -> list[Tensor]:
+    """``rho * t / ||t||`` with one global norm; zero (never NaN) when the norm is 0.
+
+    >>> [e.tolist() for e in normalised([torch.tensor([3.0, 4.0])], 0.5)]
+    [[0.30000001192092896, 0.4000000059604645]]
+    """
+    norm = global_norm(tensors)
+    return scaled(tensors, as_scalar(rho, norm) / (norm + NORM_EPS))
+
+
+class SinglePass(SharpnessAware):
+    """The base optimizer alone (one pass per step) behind the same interface.
+
+    ``build_optimizer({"name": "sgd"|"adam"|"adamw", ...})`` returns this, so the trainer
+    treats every optimizer alike: ``opt.step(closure)``, fp16 ``GradScaler`` handling,
+    ``max_grad_norm`` clipping and the ``{"base", "variant", "rho", "rng"}`` state layout.
+    Its steps are exactly the base optimizer's.
+
+    >>> w = nn.Parameter(torch.tensor([1.0]))
+    >>> opt = SinglePass([w], base=torch.optim.SGD, lr=0.5)
+    >>> def closure():
+    ...     opt.zero_grad()
+    ...     loss = (w**2).sum()
+    ...     loss.backward()
+    ...     return loss
+    >>> _ = opt.step(closure); w.item()
+    0.0
+    """
+
+    supports_m: ClassVar[bool] = False
+    name: ClassVar[str] = "sgd"
+
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module,
+        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        max_grad_norm: float | None = None,
+        model: nn.Module | None = None,
+        scaler: Any = None,
+        **base_kwargs: Any,
+    ) -> None:
+        super().__init__(
+            params,
+            base,
+            rho=0.0,
+            bn_policy="both",
+            same_noise=False,
+            max_grad_norm=max_grad_norm,
+            model=model,
+            scaler=scaler,
+            **base_kwargs,
+        )
+
+    def _skip_second_pass(self) -> bool:
+        return True
+
+    def _load_rho_state(self, value: Any) -> None:
+        pass

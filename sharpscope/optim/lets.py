@@ -1,0 +1,578 @@
+"""LETS: learning the perturbation radius (Wang, Jiang, Fu, Zhang, ECML-PKDD 2024,
+arXiv:2408.08222).
+
+Bilevel problem (from the paper's abstract)::
+
+    min_{rho >= 0} F(rho) = 1/2 (L(D_val; w*(rho)) - L(D_tr; w*(rho)))^2
+    s.t. w*(rho) in argmin_w L_tr(w + rho u(w))      u = the inner variant's direction
+
+solved by alternating one SAM step (lower level) with one gradient step on rho (upper
+level). No public code was found; what follows is sharpscope's design (optimizers.md
+section 3), with the hypergradient through one lower-level step::
+
+    w_{t+1} = w_t - P_t * g~_t,   g~_t = grad L_tr(w_t + rho u_t)
+    d w_{t+1} / d rho = -P_t * (H~_t u_t) =: -v_t,       H~_t = Hessian at w_t + eps_t
+    h = dF/drho = (L_val - L_tr)(w_{t+1}) * <grad L_val - grad L_tr, -v_t>
+    rho <- clamp(rho - rho_lr * h, rho_min, rho_max)
+
+``P_t`` is the base optimizer's coefficient on the current gradient: SGD ``lr``
+(``lr (1 - dampening)`` once momentum exists, Nesterov ``lr (1 + mu c)``); Adam/AdamW
+``lr (1 - beta1) / ((1 - beta1^t)(sqrt(v_hat) + eps))`` (v's dependence on rho ignored);
+any other base ``lr`` (an approximation). ``H~ u`` by ``hypergrad``:
+
+* ``"diag"`` (default): ``H~ ~ diag(g~ * g~)``, free (the diagonal approximation of the
+  method summary; which diagonal the paper uses is unverified);
+* ``"hvp"``: exact ``H~ u`` on the same batch by forward-over-reverse ``torch.func``
+  (about two more passes; needs a ``BatchClosure``);
+* ``"fd"``: ``(grad L(w + eps + r u) - g~) / r`` with ``r = fd_step`` (one more pass);
+* ``"identity"``: ``H~ ~ I``, free.
+
+Lagged schedule: ``v_t`` is stored at step t; at step t+1 pass 1 already gives
+``L_tr, grad L_tr`` at ``w_{t+1}`` (on the new batch), one validation pass gives
+``L_val, grad L_val`` there, rho is updated, and the step perturbs with the new rho.
+Cost: SAM + 1 pass. The validation pass runs in train mode with BN running statistics
+frozen, its own reproducible dropout noise (the training RNG stream is left untouched),
+and ``autograd.grad`` (training ``.grad`` untouched). Validation batches come from
+``val_batches`` in a seeded order that is reshuffled every cycle. Under DDP, ``h`` is
+averaged over ranks so rho stays identical.
+
+``F`` and ``rho`` of every step are available through
+:func:`sharpscope.optim.optimizer_metrics` (the trainer logs them to metrics.jsonl).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import nullcontext
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..data.batches import as_batches, as_tensors
+from ..errors import SharpscopeError
+from ._base import (
+    SharpnessAware,
+    StepContext,
+    _check_rho,
+    frozen_bn,
+    rng_restore,
+    rng_snapshot,
+)
+from ._ops import dot, products
+from .asam import ASAM
+from .closure import unwrap_model
+from .sam import SAM
+from .samon import SAMON
+from .vasso import VaSSO
+
+__all__ = ["LETS", "HYPERGRAD_MODES", "INNER_OPTIONS"]
+
+Hypergrad = Literal["diag", "hvp", "fd", "identity"]
+HYPERGRAD_MODES: tuple[str, ...] = ("diag", "hvp", "fd", "identity")
+
+#: options each inner variant accepts (and their defaults), besides rho.
+INNER_OPTIONS: dict[str, dict[str, Any]] = {
+    "sam": {},
+    "asam": {"eta": 0.01, "adaptive": "elementwise", "normalize_bias": True},
+    "vasso": {"theta": 0.9},
+    "samon": {"adaptive": "none", "eta": 0.01, "normalize_bias": False, "exclude_norm": False},
+}
+
+
+class _NoStep(torch.optim.Optimizer):
+    """Placeholder base of the inner variant: LETS only uses its perturbation."""
+
+    def __init__(self, params: Iterable[Any]) -> None:
+        super().__init__(params, {})
+
+    def step(self, closure: Callable[[], Any] | None = None) -> None:  # type: ignore[override]
+        return None
+
+
+class _ValidationStream:
+    """Draws validation batches reproducibly.
+
+    * An *iterator* (e.g. the trainer's endless seeded generator) is consumed in order;
+      after a resume (``count`` restored) the first draw skips the batches consumed before.
+    * Anything re-iterable (a pair of tensors, a ``DataSplit``, a ``Dataset``, a list of
+      batches) becomes a list of batches, visited in a seeded order reshuffled every cycle.
+    """
+
+    def __init__(self, data: Any, batch_size: int | None, seed: int) -> None:
+        if hasattr(data, "inputs") and hasattr(data, "targets"):
+            data = (data.inputs, data.targets)
+        self._iterator = data if isinstance(data, Iterator) else None
+        self._data = data
+        self._batch_size = batch_size
+        self._batches: list[tuple[Tensor, Tensor]] | None = None
+        self.seed = int(seed)
+        self.count = 0
+        self._consumed = 0
+        self._cycle = -1
+        self._order: list[int] = []
+
+    def _materialise(self, default_batch_size: int) -> list[tuple[Tensor, Tensor]]:
+        if self._batches is None:
+            data = self._data
+            is_pair = (
+                isinstance(data, (tuple, list))
+                and len(data) == 2
+                and all(isinstance(t, Tensor) for t in data)
+            )
+            if is_pair or isinstance(data, torch.utils.data.Dataset):
+                inputs, targets = as_tensors(data)
+                self._batches = as_batches(
+                    (inputs, targets), batch_size=self._batch_size or default_batch_size
+                )
+            else:
+                self._batches = as_batches(data)
+        return self._batches
+
+    def _from_iterator(self) -> tuple[Tensor, Tensor]:
+        assert self._iterator is not None
+        try:
+            while self._consumed < self.count:  # resume: skip what was drawn before
+                next(self._iterator)
+                self._consumed += 1
+            batch = next(self._iterator)
+        except StopIteration as exc:
+            raise SharpscopeError(
+                "LETS ran out of validation batches; pass an endless iterator or a re-iterable "
+                "(a list of batches or a pair of tensors), which LETS cycles through"
+            ) from exc
+        self._consumed += 1
+        self.count += 1
+        return batch[0], batch[1]
+
+    def next(self, default_batch_size: int) -> tuple[Tensor, Tensor]:
+        if self._iterator is not None:
+            return self._from_iterator()
+        batches = self._materialise(default_batch_size)
+        cycle, position = divmod(self.count, len(batches))
+        if cycle != self._cycle:
+            gen = torch.Generator().manual_seed(self.seed + cycle)
+            self._order = torch.randperm(len(batches), generator=gen).tolist()
+            self._cycle = cycle
+        self.count += 1
+        return batches[self._order[position]]
+
+
+class LETS(SharpnessAware):
+    """A SAM-family step whose radius rho is learned to close the train/validation gap.
+
+    Args:
+        params: parameters, parameter groups, or the model.
+        base: base optimizer class (default ``torch.optim.SGD``).
+        inner: the lower-level variant supplying the direction ``u``: ``"sam"`` (default),
+            ``"asam"``, ``"vasso"`` or ``"samon"``.
+        rho: initial radius; default 0.05 (project default).
+        rho_lr: step size beta of the rho update; default 1e-4 (project default; the
+            paper's value is unverified).
+        rho_min, rho_max: clamp of rho (``rho_max=None``: no upper bound).
+        hypergrad: ``"diag"`` (default), ``"hvp"``, ``"fd"`` or ``"identity"``.
+        per_group: learn one rho per parameter group (``"diag"``/``"identity"`` only).
+        fd_step: ``r`` of the finite-difference mode; default 1e-3.
+        val_batches: validation data: an iterable of ``(inputs, targets)`` batches, a
+            pair of tensors, a ``Dataset`` or a ``DataSplit``; a held-out part of the
+            training split (never the test split). Required.
+        val_batch_size: batch size when ``val_batches`` is not already batched
+            (default: the training batch size of the closure, or 128).
+        val_seed: seed of the validation batch order and of its dropout noise.
+        loss_fn: the loss for the validation pass when the closure is a plain function
+            (a ``BatchClosure`` carries it).
+        inner_options: options of the inner variant (see ``INNER_OPTIONS``).
+        **kwargs: shared options and base optimizer options (see :class:`SAM`).
+
+    Raises:
+        SharpscopeError: without validation data, or on an invalid option.
+    """
+
+    name: ClassVar[str] = "lets"
+    supports_m: ClassVar[bool] = False
+
+    def __init__(
+        self,
+        params: Iterable[Any] | nn.Module,
+        base: type[torch.optim.Optimizer] = torch.optim.SGD,
+        *,
+        inner: str = "sam",
+        rho: float = 0.05,
+        rho_lr: float = 1e-4,
+        rho_min: float = 0.0,
+        rho_max: float | None = None,
+        hypergrad: Hypergrad = "diag",
+        per_group: bool = False,
+        fd_step: float = 1e-3,
+        val_batches: Any = None,
+        val_batch_size: int | None = None,
+        val_seed: int = 0,
+        loss_fn: Callable[[Any, Tensor], Tensor] | None = None,
+        inner_options: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if val_batches is None:
+            raise SharpscopeError(
+                "LETS needs validation data to learn rho: pass val_batches= (a held-out part "
+                "of the training split, e.g. 10%; never the test split)"
+            )
+        if inner not in INNER_OPTIONS:
+            raise SharpscopeError(f"inner must be one of {sorted(INNER_OPTIONS)}, got {inner!r}")
+        if hypergrad not in HYPERGRAD_MODES:
+            raise SharpscopeError(f"hypergrad must be one of {HYPERGRAD_MODES}, got {hypergrad!r}")
+        if per_group and hypergrad not in ("diag", "identity"):
+            raise SharpscopeError(
+                "per_group=True needs hypergrad='diag' or 'identity' (one HVP per group is not "
+                "implemented)"
+            )
+        if not float(rho_lr) >= 0:
+            raise SharpscopeError(f"rho_lr must be >= 0, got {rho_lr!r}")
+        rho_min = _check_rho(rho_min, "rho_min")
+        if rho_max is not None and not float(rho_max) >= rho_min:
+            raise SharpscopeError(f"rho_max must be >= rho_min ({rho_min}), got {rho_max!r}")
+        if not float(fd_step) > 0:
+            raise SharpscopeError(f"fd_step must be > 0, got {fd_step!r}")
+        options = dict(inner_options or {})
+        unknown = set(options) - set(INNER_OPTIONS[inner])
+        if unknown:
+            raise SharpscopeError(
+                f"unknown option(s) {sorted(unknown)} for inner={inner!r}; valid: "
+                f"{sorted(INNER_OPTIONS[inner]) or 'none'}"
+            )
+        if kwargs.get("m") is not None:
+            raise SharpscopeError("LETS does not support m-sharpness training; leave m unset")
+        super().__init__(params, base, rho=rho, **kwargs)
+        self.inner_name = inner
+        self.hypergrad = hypergrad
+        self.per_group = bool(per_group)
+        self.rho_lr = float(rho_lr)
+        self.rho_min = rho_min
+        self.rho_max = None if rho_max is None else float(rho_max)
+        self.fd_step = float(fd_step)
+        self.loss_fn = loss_fn
+        self._val = _ValidationStream(val_batches, val_batch_size, val_seed)
+        self.inner = self._build_inner(inner, options)
+        device = self._device()
+        # rho and the hypergradient scalars in float64 (MPS has none): rho moves by
+        # rho_lr * h, far below float32 resolution of rho for small rho_lr
+        self._scalar_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._rho_t = torch.full(
+            (len(self.param_groups),) if self.per_group else (),
+            float(self.rho),
+            device=device,
+            dtype=self._scalar_dtype,
+        )
+        self.last_F = torch.full((), float("nan"))
+        self.last_h = torch.zeros_like(self._rho_t)
+        self._hu: dict[int, Tensor] = {}
+        self._sgd_first: dict[int, bool] = {}
+
+    def _build_inner(self, inner: str, options: dict[str, Any]) -> SharpnessAware:
+        common: dict[str, Any] = {"rho": 1.0, "bn_policy": "both"}
+        if inner == "samon":
+            if self.model is None:
+                raise SharpscopeError(
+                    "LETS with inner='samon' needs the model: pass model= (or the module as params)"
+                )
+            return SAMON(self.model, _NoStep, params=self._all_params(), **common, **options)
+        if inner == "asam":
+            normalize_bias = options.pop("normalize_bias", True)
+            if self.model is not None:
+                return ASAM.from_model(
+                    self.model, _NoStep, normalize_bias=normalize_bias, **common, **options
+                )
+            if not normalize_bias:
+                raise SharpscopeError(
+                    "inner='asam' with normalize_bias=False needs the model (parameter names): "
+                    "pass model="
+                )
+            return ASAM(self._all_params(), _NoStep, **common, **options)
+        cls = {"sam": SAM, "vasso": VaSSO}[inner]
+        return cls(self._all_params(), _NoStep, **common, **options)
+
+    # ------------------------------------------------------------------ rho
+
+    @property
+    def rho(self) -> float:  # type: ignore[override]
+        """Current radius (the mean over groups with ``per_group``)."""
+        rho_t = self.__dict__.get("_rho_t")
+        if rho_t is None:
+            return self.__dict__["_rho_init"]
+        return float(rho_t.mean())
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        if "_rho_t" in self.__dict__:
+            self._rho_t.fill_(float(value))
+        else:
+            self.__dict__["_rho_init"] = float(value)
+
+    def rho_values(self) -> list[float]:
+        """rho per parameter group (one value without ``per_group``)."""
+        return [float(v) for v in self._rho_t.reshape(-1)]
+
+    def _skip_second_pass(self) -> bool:
+        return False
+
+    def _group_of(self) -> dict[int, int]:
+        return {id(p): i for i, g in enumerate(self.param_groups) for p in g["params"]}
+
+    # ------------------------------------------------------------------ hooks
+
+    def _validation(
+        self, ctx: StepContext, params: list[Tensor]
+    ) -> tuple[Tensor, tuple[Tensor | None, ...]]:
+        model = ctx.model
+        loss_fn = ctx.loss_fn
+        if model is None or loss_fn is None:
+            raise SharpscopeError(
+                "LETS's validation pass needs the model and the loss: use BatchClosure or pass "
+                "model= and loss_fn= to LETS"
+            )
+        default_size = ctx.batch.batch_size if ctx.batch is not None else 128
+        x, y = self._val.next(default_size)
+        x = x.to(ctx.device, non_blocking=True)
+        y = y.to(ctx.device, non_blocking=True)
+        module = unwrap_model(model)
+        state = rng_snapshot(ctx.device)
+        seed = (self._val.seed * 1_000_003 + self._val.count) % (2**63 - 1)
+        torch.default_generator.manual_seed(seed)
+        if ctx.device.type == "cuda":
+            index = (
+                ctx.device.index if ctx.device.index is not None else torch.cuda.current_device()
+            )
+            torch.cuda.default_generators[index].manual_seed(seed)
+        try:
+            with self.bn_frozen(ctx), torch.enable_grad():
+                with ctx.autocast():
+                    loss = loss_fn(module(x), y)
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+        finally:
+            rng_restore(state, ctx.device)
+        self.gradient_passes += 1
+        return loss.detach().to(self._scalar_dtype), grads
+
+    def _before_perturbation(
+        self, ctx: StepContext, loss: Tensor, params: list[Tensor], grads: list[Tensor]
+    ) -> None:
+        val_loss, val_grads = self._validation(ctx, params)
+        gap = val_loss - loss.to(val_loss)
+        self.last_F = 0.5 * gap * gap
+        have = [
+            (i, self.state[p]["v"])
+            for i, p in enumerate(params)
+            if "v" in self.state[p] and val_grads[i] is not None
+        ]
+        for p in params:
+            self.state[p].pop("v", None)  # consumed: v describes the previous step only
+        if not have or self.rho_lr == 0.0:
+            self.last_h = torch.zeros_like(self._rho_t)
+            return
+        diff = torch._foreach_sub([val_grads[i] for i, _ in have], [grads[i] for i, _ in have])
+        vs = [v for _, v in have]
+        if self.per_group:
+            group_of = self._group_of()
+            h = torch.zeros_like(self._rho_t)
+            for k in range(len(self.param_groups)):
+                sel = [j for j, (i, _) in enumerate(have) if group_of[id(params[i])] == k]
+                if sel:
+                    h[k] = -gap * dot([diff[j] for j in sel], [vs[j] for j in sel]).to(gap)
+        else:
+            h = -gap * dot(diff, vs).to(gap)
+        if ctx.ddp is not None and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(h)
+            h /= dist.get_world_size()
+        self.last_h = h
+        new = self._rho_t - self.rho_lr * h.to(self._rho_t)
+        self._rho_t.copy_(torch.clamp(new, min=self.rho_min, max=self.rho_max))
+
+    def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        dtype = grads[0].dtype if grads else torch.float32
+        if self.per_group:
+            # u from the inner rule at radius 1, then eps = rho_group * u
+            self.inner.rho = 1.0
+            u = self.inner.perturbation(params, grads)
+            group_of = self._group_of()
+            rho = self._rho_t.to(dtype)
+            eps = [None if e is None else e * rho[group_of[id(p)]] for p, e in zip(params, u)]
+            self._u = u
+            return eps
+        # The inner rule runs at the current radius itself, so that rho_lr = 0 gives the
+        # inner variant bit for bit; u = eps / rho. At rho = 0 it runs at radius 1 for u
+        # (so rho can grow from 0) and eps is masked to 0. No host synchronisation.
+        rho = self._rho_t.to(dtype)
+        positive = rho > 0
+        self.inner.rho = torch.where(positive, rho, torch.ones_like(rho))
+        raw = self.inner.perturbation(params, grads)
+        index = [i for i, e in enumerate(raw) if e is not None]
+        kept = [raw[i] for i in index]
+        u_kept = torch._foreach_div(kept, self.inner.rho) if kept else []
+        eps_kept = torch._foreach_mul(kept, positive.to(dtype)) if kept else []
+        u: list[Tensor | None] = [None] * len(params)
+        eps: list[Tensor | None] = [None] * len(params)
+        for i, ui, ei in zip(index, u_kept, eps_kept):
+            u[i], eps[i] = ui, ei
+        self._u = u
+        return eps
+
+    def _after_second_pass(
+        self, ctx: StepContext, params: list[Tensor], moved: list[Tensor], eps: list[Tensor]
+    ) -> None:
+        inv = 1.0 / float(ctx.scaler.get_scale()) if ctx.scaler is not None else None
+        u = self._u
+        self._hu = {}
+        if isinstance(self.base, torch.optim.SGD):
+            self._sgd_first = {
+                id(p): self.base.state.get(p, {}).get("momentum_buffer") is None for p in params
+            }
+        pairs = [(p, e) for p, e in zip(params, u) if e is not None]
+        if self.hypergrad == "identity":
+            self._hu = {id(p): e for p, e in pairs}
+        elif self.hypergrad == "diag":
+            g2 = [p.grad for p, _ in pairs if p.grad is not None]
+            kept = [(p, e) for p, e in pairs if p.grad is not None]
+            sq = products(g2, g2)
+            if inv is not None:
+                torch._foreach_mul_(sq, inv * inv)
+            for (p, _), hu in zip(kept, products(sq, [e for _, e in kept])):
+                self._hu[id(p)] = hu
+        elif self.hypergrad == "fd":
+            self._hu = self._finite_difference(ctx, params, pairs, inv)
+        else:
+            self._hu = self._exact_hvp(ctx, params, pairs)
+
+    def _finite_difference(
+        self,
+        ctx: StepContext,
+        params: list[Tensor],
+        pairs: list[tuple[Tensor, Tensor]],
+        inv: float | None,
+    ) -> dict[int, Tensor]:
+        r = self.fd_step
+        perturbed_grads = [p.grad.clone() if p.grad is not None else None for p in params]
+        torch._foreach_add_([p for p, _ in pairs], [e * r for _, e in pairs])
+        if self._step_rng is not None:
+            rng_restore(self._step_rng, ctx.device)
+        with ctx.local_sync(), frozen_bn(ctx.model) if ctx.model is not None else nullcontext():
+            ctx.call()
+        out = {}
+        for p, g in zip(params, perturbed_grads):
+            if g is not None and p.grad is not None:
+                diff = (p.grad - g) / r
+                out[id(p)] = diff * inv if inv is not None else diff
+            p.grad = g
+        return out
+
+    def _exact_hvp(
+        self, ctx: StepContext, params: list[Tensor], pairs: list[tuple[Tensor, Tensor]]
+    ) -> dict[int, Tensor]:
+        batch = ctx.batch
+        if batch is None:
+            raise SharpscopeError(
+                "LETS hypergrad='hvp' needs a sharpscope.optim.BatchClosure (it re-evaluates the "
+                "batch with a double backward); use hypergrad='diag' or 'fd' with a plain closure"
+            )
+        module = unwrap_model(batch.model)
+        tangent_of = {id(p): e for p, e in pairs}
+        tangents = [tangent_of.get(id(p), torch.zeros_like(p)) for p in params]
+        if self._step_rng is not None:
+            rng_restore(self._step_rng, ctx.device)
+        # reverse-over-reverse HVP at w + eps, BN statistics untouched
+        with frozen_bn(module), torch.enable_grad():
+            with batch.autocast():
+                loss = batch.loss_fn(module(batch.inputs), batch.targets)
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+            hvps = torch.autograd.grad(
+                [grads[i] for i in used],
+                [params[i] for i in used],
+                grad_outputs=[tangents[i] for i in used],
+                allow_unused=True,
+            )
+        self.gradient_passes += 2
+        return {
+            id(params[i]): (h if h is not None else torch.zeros_like(params[i])).detach()
+            for i, h in zip(used, hvps)
+        }
+
+    def _coefficients(self) -> dict[int, Tensor | float]:
+        base = self.base
+        out: dict[int, Tensor | float] = {}
+        if isinstance(base, torch.optim.Adam):
+            for group in base.param_groups:
+                beta1, beta2 = group["betas"]
+                lr, eps = float(group["lr"]), float(group["eps"])
+                for p in group["params"]:
+                    if id(p) not in self._hu:
+                        continue
+                    st = base.state[p]
+                    step = float(st["step"])
+                    v = st["max_exp_avg_sq"] if group.get("amsgrad") else st["exp_avg_sq"]
+                    denom = v.sqrt() / (1 - beta2**step) ** 0.5 + eps
+                    out[id(p)] = (lr * (1 - beta1) / (1 - beta1**step)) / denom
+        elif isinstance(base, torch.optim.SGD):
+            for group in base.param_groups:
+                lr, mu = float(group["lr"]), float(group["momentum"])
+                damp, nesterov = float(group["dampening"]), bool(group["nesterov"])
+                for p in group["params"]:
+                    first = self._sgd_first.get(id(p), True)
+                    c = 1.0 if (mu == 0 or first) else 1.0 - damp
+                    out[id(p)] = lr * (1.0 + mu * c if nesterov else c)
+        else:
+            for group in base.param_groups:
+                for p in group["params"]:
+                    out[id(p)] = float(group["lr"])
+        return out
+
+    def _after_base_step(self, ctx: StepContext) -> None:
+        coef = self._coefficients()
+        params = [p for g in self.param_groups for p in g["params"] if id(p) in self._hu]
+        scalar: dict[float, list[Tensor]] = {}  # SGD: one coefficient for many tensors
+        for p in params:
+            c = coef[id(p)]
+            if isinstance(c, Tensor):
+                self.state[p]["v"] = self._hu[id(p)] * c
+            else:
+                scalar.setdefault(c, []).append(p)
+        for c, group in scalar.items():
+            for p, v in zip(group, torch._foreach_mul([self._hu[id(q)] for q in group], c)):
+                self.state[p]["v"] = v
+        self._hu = {}
+
+    # ------------------------------------------------------------------ state
+
+    def _variant_state(self) -> dict[str, Any]:
+        return {
+            "v": self._per_param_state("v"),
+            "val_count": self._val.count,
+            "inner": self.inner._variant_state(),
+        }
+
+    def _load_variant_state(self, state: dict[str, Any]) -> None:
+        self._load_per_param_state("v", state.get("v", {}))
+        self._val.count = int(state.get("val_count", 0))
+        self.inner._load_variant_state(state.get("inner", {}))
+
+    def _rho_state(self) -> Tensor:
+        return self._rho_t.clone()
+
+    def _load_rho_state(self, value: Any) -> None:
+        value = torch.as_tensor(value, dtype=self._rho_t.dtype)
+        if value.shape != self._rho_t.shape:
+            raise SharpscopeError(
+                f"checkpoint rho has shape {tuple(value.shape)}, this LETS expects "
+                f"{tuple(self._rho_t.shape)} (per_group must match)"
+            )
+        self._rho_t.copy_(value)
+
+    def metrics(self) -> dict[str, float | str]:
+        """Per-step values to log: rho (and rho_k per group), F, h and the hypergrad mode."""
+        out: dict[str, float | str] = {"rho": self.rho}
+        if self.per_group:
+            for k, v in enumerate(self.rho_values()):
+                out[f"rho_{k}"] = v
+        out["lets_F"] = float(self.last_F)
+        out["lets_h"] = float(self.last_h.mean())
+        out["hypergrad"] = self.hypergrad
+        return out

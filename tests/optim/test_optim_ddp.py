@@ -1,0 +1,157 @@
+"""DistributedDataParallel with 2 CPU processes (gloo) equals one process with the same
+per-rank sub-batches: local perturbation is m-sharpness with m = per-rank batch."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from optim_helpers import CE, mlp, mlp_batches, through_file
+
+from sharpscope.optim import BSAM, LETS, SAM, BatchClosure, VaSSO
+
+WORLD = 2
+STEPS = 3
+PER_RANK = 4
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run_scenarios(rank: int) -> dict:
+    lo, hi = rank * PER_RANK, (rank + 1) * PER_RANK
+    batches = mlp_batches(STEPS, size=WORLD * PER_RANK)
+    results = {}
+    scenarios = {
+        "sam-local": lambda net, ddp: SAM(
+            net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, model=ddp
+        ),
+        "sam-global": lambda net, ddp: SAM(
+            net.parameters(),
+            torch.optim.SGD,
+            rho=0.1,
+            lr=0.1,
+            momentum=0.9,
+            model=ddp,
+            perturbation="global",
+        ),
+        "vasso-global": lambda net, ddp: VaSSO(
+            net.parameters(), torch.optim.SGD, rho=0.1, theta=0.5, lr=0.1, model=ddp
+        ),
+        "bsam-local": lambda net, ddp: BSAM(net.parameters(), num_data=50, lr=0.1, model=ddp),
+        "lets-local": lambda net, ddp: LETS(
+            net.parameters(),
+            torch.optim.SGD,
+            rho_lr=1.0,
+            lr=0.1,
+            model=ddp,
+            val_batches=mlp_batches(2, seed=rank + 10),
+        ),
+    }
+    for name, make in scenarios.items():
+        net = mlp()
+        ddp = torch.nn.parallel.DistributedDataParallel(net)
+        opt = make(net, ddp)
+        for x, y in batches:
+            opt.step(BatchClosure(ddp, CE, x[lo:hi], y[lo:hi]))
+        results[name] = {
+            "params": [p.detach().clone() for p in net.parameters()],
+            "state": through_file(opt.state_dict()),
+        }
+    return results
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        torch.save(_run_scenarios(rank), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("ddp") / "result")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+
+
+def _per_rank_reference():
+    """SAM where rank r perturbs with its own sub-batch gradient; g~ averaged (by hand)."""
+    net = mlp()
+    params = list(net.parameters())
+    buffers = None
+    for x, y in mlp_batches(STEPS, size=WORLD * PER_RANK):
+        mean = [torch.zeros_like(p) for p in params]
+        for r in range(WORLD):
+            xs, ys = x[r * PER_RANK : (r + 1) * PER_RANK], y[r * PER_RANK : (r + 1) * PER_RANK]
+            local = copy.deepcopy(net)
+            lp = list(local.parameters())
+            g = torch.autograd.grad(CE(local(xs), ys), lp)
+            norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in g]))
+            with torch.no_grad():
+                for p, t in zip(lp, g):
+                    p.add_(t * (0.1 / (norm + 1e-12)))
+            gt = torch.autograd.grad(CE(local(xs), ys), lp)
+            for acc, t in zip(mean, gt):
+                acc += t / WORLD
+        with torch.no_grad():
+            buffers = mean if buffers is None else [0.9 * b + m for b, m in zip(buffers, mean)]
+            for p, b in zip(params, buffers):
+                p.sub_(0.1 * b)
+    return params
+
+
+def test_local_perturbation_equals_per_rank_sub_batches(ddp_results):
+    want = _per_rank_reference()
+    for rank in range(WORLD):
+        for got, ref in zip(ddp_results[rank]["sam-local"]["params"], want):
+            torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+    # and equals single-process m-sharpness with m = per-rank batch
+    net = mlp()
+    opt = SAM(net, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9, m=PER_RANK)
+    for x, y in mlp_batches(STEPS, size=WORLD * PER_RANK):
+        opt.step(BatchClosure(net, CE, x, y))
+    for got, ref in zip(ddp_results[0]["sam-local"]["params"], net.parameters()):
+        torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sam-global", "vasso-global"])
+def test_global_perturbation_equals_the_full_batch_step(ddp_results, name):
+    net = mlp()
+    if name == "sam-global":
+        opt = SAM(net, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    else:
+        opt = VaSSO(net, torch.optim.SGD, rho=0.1, theta=0.5, lr=0.1)
+    for x, y in mlp_batches(STEPS, size=WORLD * PER_RANK):
+        opt.step(BatchClosure(net, CE, x, y))
+    for rank in range(WORLD):
+        for got, ref in zip(ddp_results[rank][name]["params"], net.parameters()):
+            torch.testing.assert_close(got, ref.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["bsam-local", "lets-local"])
+def test_ranks_keep_identical_weights_and_optimizer_state(ddp_results, name):
+    a, b = ddp_results[0][name], ddp_results[1][name]
+    for p, q in zip(a["params"], b["params"]):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    if name == "bsam-local":  # h is all-reduced by hand, so s agrees although noise differs
+        for sa, sb in zip(
+            a["state"]["base"]["state"].values(), b["state"]["base"]["state"].values()
+        ):
+            torch.testing.assert_close(sa["s"], sb["s"], rtol=1e-6, atol=1e-7)
+        assert not torch.equal(a["state"]["rng"], b["state"]["rng"])
+    else:  # h is averaged over ranks, so rho agrees although validation batches differ
+        assert torch.equal(a["state"]["rho"], b["state"]["rho"])
+        assert float(a["state"]["rho"]) != 0.05

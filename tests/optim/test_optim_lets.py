@@ -1,0 +1,248 @@
+"""LETS: the hypergradient against closed forms on a quadratic train/validation problem."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_helpers import CE, bn_batches, bn_net, params_equal, run, through_file
+from torch import nn
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.optim import ASAM, LETS, SAM, BatchClosure, optimizer_metrics
+
+DT = torch.float64
+A_TR = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=DT)
+A_VAL = torch.tensor([[1.0, 0.0, 0.4], [0.0, 3.0, 0.0], [0.4, 0.0, 1.5]], dtype=DT)
+W0 = torch.tensor([1.0, -1.0, 2.0], dtype=DT)
+CENTER_TR = torch.tensor([0.5, 0.2, -0.3], dtype=DT)
+CENTER_VAL = torch.tensor([-0.4, 0.6, 0.1], dtype=DT)
+RHO, ETA, BETA = 0.3, 0.1, 0.2
+
+
+class Shift(nn.Module):
+    """Output w - c per example; with quad_loss, L_B(w) = mean 1/2 (w - c)^T A_y (w - c)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(W0.clone())
+
+    def forward(self, c):
+        return self.w - c
+
+
+def quad_loss(out, y):
+    mats = torch.stack([A_TR, A_VAL])[y]
+    return 0.5 * torch.einsum("ni,nij,nj->n", out, mats, out).mean()
+
+
+TRAIN = (CENTER_TR[None], torch.tensor([0]))
+VAL = [(CENTER_VAL[None], torch.tensor([1]))]
+
+
+def losses(w):
+    l_tr = 0.5 * (w - CENTER_TR) @ A_TR @ (w - CENTER_TR)
+    l_val = 0.5 * (w - CENTER_VAL) @ A_VAL @ (w - CENTER_VAL)
+    return l_tr, l_val, A_TR @ (w - CENTER_TR), A_VAL @ (w - CENTER_VAL)
+
+
+def first_step(rho):
+    """w2(rho) after one LETS/SAM step with plain SGD from W0, and what it used."""
+    g1 = A_TR @ (W0 - CENTER_TR)
+    u1 = g1 / (g1.norm() + 1e-12)
+    g_tilde = A_TR @ (W0 + rho * u1 - CENTER_TR)
+    return W0 - ETA * g_tilde, u1, g_tilde
+
+
+def F(rho):
+    l_tr, l_val, _, _ = losses(first_step(rho)[0])
+    return 0.5 * (l_val - l_tr) ** 2
+
+
+def two_lets_steps(hypergrad, **kwargs):
+    model = Shift()
+    opt = LETS(
+        model,
+        torch.optim.SGD,
+        rho=RHO,
+        rho_lr=BETA,
+        hypergrad=hypergrad,
+        lr=ETA,
+        val_batches=VAL,
+        bn_policy="both",
+        **kwargs,
+    )
+    for _ in range(2):
+        opt.step(BatchClosure(model, quad_loss, *TRAIN))
+    return model, opt
+
+
+def closed_form_h(v1):
+    w2, _, _ = first_step(RHO)
+    l_tr, l_val, g_tr, g_val = losses(w2)
+    return -(l_val - l_tr) * (g_val - g_tr) @ v1
+
+
+def test_hvp_hypergradient_is_the_exact_derivative_of_F():
+    _, opt = two_lets_steps("hvp")
+    _, u1, _ = first_step(RHO)
+    h = closed_form_h(ETA * A_TR @ u1)
+    assert float(opt.last_h) == pytest.approx(h.item(), rel=1e-12)
+    delta = 1e-5
+    numeric = (F(RHO + delta) - F(RHO - delta)) / (2 * delta)
+    assert float(opt.last_h) == pytest.approx(numeric.item(), rel=1e-6)
+    assert opt.rho == pytest.approx(RHO - BETA * h.item(), rel=1e-12)
+
+
+def test_diag_and_identity_hypergradients_equal_their_closed_forms():
+    _, u1, g_tilde = first_step(RHO)
+    _, opt = two_lets_steps("diag")
+    assert float(opt.last_h) == pytest.approx(
+        closed_form_h(ETA * g_tilde**2 * u1).item(), rel=1e-12
+    )
+    _, opt = two_lets_steps("identity")
+    assert float(opt.last_h) == pytest.approx(closed_form_h(ETA * u1).item(), rel=1e-12)
+
+
+def test_fd_hypergradient_approximates_the_hvp_one():
+    _, hvp = two_lets_steps("hvp")
+    _, fd = two_lets_steps("fd", fd_step=1e-4)
+    assert float(fd.last_h) == pytest.approx(float(hvp.last_h), rel=1e-7)
+
+
+@pytest.mark.parametrize("hypergrad", ["hvp", "diag"])
+def test_rho_moves_in_the_direction_that_reduces_the_gap(hypergrad):
+    _, opt = two_lets_steps(hypergrad)
+    new_rho = opt.rho
+    assert new_rho != RHO
+    # F as a function of the radius of step 1: the update went downhill
+    assert F(new_rho) < F(RHO)
+    assert (new_rho - RHO) * (F(RHO + 1e-6) - F(RHO - 1e-6)) < 0
+    metrics = optimizer_metrics(opt)
+    assert metrics["hypergrad"] == hypergrad and metrics["rho"] == pytest.approx(new_rho)
+    l_tr, l_val, _, _ = losses(first_step(RHO)[0])
+    assert metrics["lets_F"] == pytest.approx((0.5 * (l_val - l_tr) ** 2).item(), rel=1e-12)
+
+
+def test_adam_coefficient_enters_v():
+    model = Shift()
+    opt = LETS(
+        model,
+        torch.optim.Adam,
+        rho=RHO,
+        rho_lr=BETA,
+        hypergrad="hvp",
+        lr=ETA,
+        val_batches=VAL,
+        bn_policy="both",
+    )
+    opt.step(BatchClosure(model, quad_loss, *TRAIN))
+    _, u1, g_tilde = first_step(RHO)
+    # Adam's first step: coefficient lr (1 - b1) / ((1 - b1)(sqrt(v_hat) + eps)), v_hat = g~^2
+    want = ETA / (g_tilde.abs() + 1e-8) * (A_TR @ u1)
+    torch.testing.assert_close(opt.state[model.w]["v"], want, rtol=1e-12, atol=1e-15)
+
+
+def test_per_group_rho_updates_each_group_with_its_own_hypergradient():
+    class TwoPart(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Parameter(W0[:2].clone())
+            self.b = nn.Parameter(W0[2:].clone())
+
+        def forward(self, c):
+            return torch.cat([self.a, self.b]) - c
+
+    model = TwoPart()
+    opt = LETS(
+        [{"params": [model.a]}, {"params": [model.b]}],
+        torch.optim.SGD,
+        rho=RHO,
+        rho_lr=BETA,
+        hypergrad="diag",
+        per_group=True,
+        lr=ETA,
+        val_batches=VAL,
+        model=model,
+        bn_policy="both",
+    )
+    for _ in range(2):
+        opt.step(BatchClosure(model, quad_loss, *TRAIN))
+    w2, u1, g_tilde = first_step(RHO)
+    l_tr, l_val, g_tr, g_val = losses(w2)
+    v = ETA * g_tilde**2 * u1
+    prods = (g_val - g_tr) * v
+    h = torch.stack([-(l_val - l_tr) * prods[:2].sum(), -(l_val - l_tr) * prods[2:].sum()])
+    torch.testing.assert_close(
+        torch.tensor(opt.rho_values(), dtype=DT), RHO - BETA * h, rtol=1e-12, atol=0
+    )
+
+
+@pytest.mark.parametrize("inner", ["sam", "asam"])
+def test_rho_lr_zero_equals_the_inner_variant_exactly(inner):
+    a, b = bn_net(dropout=0.2), bn_net(dropout=0.2)
+    batches = bn_batches(3)
+    lets = LETS(
+        a,
+        torch.optim.SGD,
+        inner=inner,
+        rho=0.2,
+        rho_lr=0.0,
+        lr=0.1,
+        momentum=0.9,
+        val_batches=bn_batches(2, seed=5),
+    )
+    ref = (SAM if inner == "sam" else ASAM)(b, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    torch.manual_seed(0)
+    run(lets, a, batches)
+    torch.manual_seed(0)
+    run(ref, b, batches)
+    assert params_equal(a, b)
+    assert lets.rho == pytest.approx(0.2)
+
+
+def test_resume_with_an_endless_validation_iterator():
+    batches = bn_batches(4)
+    val = bn_batches(3, seed=5)
+
+    def endless():
+        while True:
+            yield from val
+
+    a = bn_net()
+    opt = LETS(a, torch.optim.SGD, rho_lr=1.0, lr=0.1, val_batches=endless())
+    run(opt, a, batches[:2])
+    saved = through_file(opt.state_dict())
+    weights = through_file(a.state_dict())
+    run(opt, a, batches[2:])
+    b = bn_net(seed=3)
+    b.load_state_dict(weights)
+    opt2 = LETS(b, torch.optim.SGD, rho_lr=1.0, lr=0.1, val_batches=endless())
+    opt2.load_state_dict(saved)
+    run(opt2, b, batches[2:])
+    assert params_equal(a, b)
+    assert opt2.rho_values() == opt.rho_values()
+
+
+def test_bad_lets_input_gives_one_clear_error():
+    model = bn_net()
+    with pytest.raises(SharpscopeError, match="LETS needs validation data"):
+        LETS(model, torch.optim.SGD, lr=0.1)
+    with pytest.raises(SharpscopeError, match="hypergrad must be one of"):
+        LETS(model, lr=0.1, val_batches=VAL, hypergrad="exact")
+    with pytest.raises(SharpscopeError, match="inner must be one of"):
+        LETS(model, lr=0.1, val_batches=VAL, inner="gsam")
+    with pytest.raises(SharpscopeError, match="per_group"):
+        LETS(model, lr=0.1, val_batches=VAL, per_group=True, hypergrad="hvp")
+    with pytest.raises(SharpscopeError, match="theta"):
+        LETS(model, lr=0.1, val_batches=VAL, inner="sam", inner_options={"theta": 0.5})
+    x, y = bn_batches(1)[0]
+    opt = LETS(model, lr=0.1, val_batches=bn_batches(1), hypergrad="hvp", loss_fn=CE)
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(SharpscopeError, match="BatchClosure"):
+        opt.step(closure)

@@ -1,0 +1,329 @@
+"""SAM and the shared two-pass machinery against exact answers."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, params_equal
+from torch import nn
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.optim import ASAM, SAM, SAMON, BatchClosure, VaSSO, batchnorm_buffers
+
+A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
+
+
+class Quadratic(nn.Module):
+    """L(w) = 1/2 w^T A w as a "model" whose forward is the loss."""
+
+    def __init__(self, w0):
+        super().__init__()
+        self.w = nn.Parameter(torch.as_tensor(w0, dtype=torch.float64).clone())
+
+    def forward(self, _x=None):
+        return 0.5 * self.w @ A @ self.w
+
+
+def quad_closure(opt, model):
+    def closure():
+        opt.zero_grad()
+        loss = model()
+        loss.backward()
+        return loss
+
+    return closure
+
+
+def sam_closed_form(w, rho, lr):
+    g = A @ w
+    return w - lr * A @ (w + rho * g / g.norm())
+
+
+def test_one_sam_step_on_a_quadratic_equals_the_closed_form():
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    model = Quadratic(w0)
+    opt = SAM(model.parameters(), torch.optim.SGD, rho=0.3, lr=0.1, bn_policy="both")
+    loss = opt.step(quad_closure(opt, model))
+    assert loss.item() == pytest.approx((0.5 * w0 @ A @ w0).item())
+    torch.testing.assert_close(
+        model.w.detach(), sam_closed_form(w0, 0.3, 0.1), rtol=1e-14, atol=1e-14
+    )
+
+
+def test_two_sam_steps_with_momentum_equal_the_closed_form():
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    model = Quadratic(w0)
+    opt = SAM(model, torch.optim.SGD, rho=0.2, lr=0.05, momentum=0.9)
+    for _ in range(2):
+        opt.step(quad_closure(opt, model))
+    w, buf = w0.clone(), None
+    for _ in range(2):
+        g = A @ w
+        gt = A @ (w + 0.2 * g / g.norm())
+        buf = gt if buf is None else 0.9 * buf + gt
+        w = w - 0.05 * buf
+    torch.testing.assert_close(model.w.detach(), w, rtol=1e-14, atol=1e-14)
+
+
+def test_zero_gradient_gives_zero_perturbation_not_nan():
+    model = Quadratic(torch.zeros(3))
+    opt = SAM(model, torch.optim.SGD, rho=0.5, lr=0.1)
+    opt.step(quad_closure(opt, model))
+    assert torch.equal(model.w.detach(), torch.zeros(3, dtype=torch.float64))
+
+
+def test_max_grad_norm_clips_the_perturbed_gradient():
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    model = Quadratic(w0)
+    opt = SAM(model, torch.optim.SGD, rho=0.3, lr=0.1, max_grad_norm=0.5)
+    opt.step(quad_closure(opt, model))
+    g = A @ w0
+    gt = A @ (w0 + 0.3 * g / g.norm())
+    gt = gt * min(1.0, 0.5 / (gt.norm().item() + 1e-6))  # torch's clip_grad_norm_ rule
+    torch.testing.assert_close(model.w.detach(), w0 - 0.1 * gt, rtol=1e-12, atol=1e-12)
+
+
+def test_weights_are_restored_by_copy_not_subtraction():
+    # rho huge relative to w: w + eps - eps != w in floating point, a copy is exact
+    model = mlp()
+    ref = copy.deepcopy(model)
+    x, y = mlp_batches(1)[0]
+    opt = SAM(model, torch.optim.SGD, rho=1e6, lr=0.0)
+    opt.step(BatchClosure(model, CE, x, y))
+    assert params_equal(model, ref)
+
+
+class MaskRecorder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(5, 3)
+        self.masks = []
+
+    def forward(self, x):
+        mask = torch.rand_like(x) > 0.5
+        self.masks.append(mask)
+        return self.lin(x * mask)
+
+
+@pytest.mark.parametrize("same_noise", [True, False])
+def test_same_noise_reuses_the_dropout_masks_of_pass_one(same_noise):
+    torch.manual_seed(0)
+    model = MaskRecorder()
+    x, y = mlp_batches(1)[0]
+    opt = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1, same_noise=same_noise)
+    state = torch.get_rng_state()
+    opt.step(BatchClosure(model, CE, x, y))
+    assert len(model.masks) == 2
+    assert torch.equal(model.masks[0], model.masks[1]) == same_noise
+    torch.set_rng_state(state)
+    assert torch.equal(torch.rand_like(x) > 0.5, model.masks[0])
+
+
+# --------------------------------------------------------------------------- m-sharpness
+
+
+def _per_group_reference(model, make, x, y, m, lr):
+    """Loop over groups of m (last group smaller) with deep copies: the definition."""
+    size = len(y)
+    starts = list(range(0, size, m))
+    grads, buffers, weights = [], [], []
+    for s in starts:
+        xs, ys = x[s : s + m], y[s : s + m]
+        local = copy.deepcopy(model)
+        params = list(local.parameters())
+        loss = CE(local(xs), ys)
+        g = torch.autograd.grad(loss, params)
+        buffers.append([b.clone() for b in batchnorm_buffers(local)])
+        eps = make(local, lr=lr).perturbation(params, list(g))  # the variant's rule
+        with torch.no_grad():
+            for p, e in zip(params, eps):
+                if e is not None:
+                    p.add_(e)
+        loss2 = CE(local(xs), ys)
+        grads.append(torch.autograd.grad(loss2, params))
+        weights.append(len(ys) / size)
+    mean = [sum(w * g[i] for w, g in zip(weights, grads)) for i in range(len(grads[0]))]
+    with torch.no_grad():
+        new = [p - lr * g for p, g in zip(model.parameters(), mean)]
+    bn = []
+    for i, b in enumerate(batchnorm_buffers(model)):
+        if b.is_floating_point():
+            bn.append(sum(w * bufs[i] for w, bufs in zip(weights, buffers)))
+        else:
+            bn.append(b + 1)
+    return new, bn
+
+
+@pytest.mark.parametrize("variant", ["sam", "asam", "samon"])
+@pytest.mark.parametrize("m", [4, 5])
+def test_m_sharpness_equals_a_loop_over_groups(variant, m):
+    model = bn_net(dtype=torch.float64)
+    x, y = bn_batches(1, size=12, dtype=torch.float64)[0]
+    make = {
+        "sam": lambda net, **kw: SAM(net, torch.optim.SGD, rho=0.1, **kw),
+        "asam": lambda net, **kw: ASAM.from_model(net, torch.optim.SGD, rho=0.5, **kw),
+        "samon": lambda net, **kw: SAMON(
+            net, torch.optim.SGD, rho=0.5, adaptive="elementwise", **kw
+        ),
+    }[variant]
+    want_params, want_bn = _per_group_reference(model, make, x, y, m, 0.1)
+    opt = make(model, lr=0.1, m=m)
+    loss = opt.step(BatchClosure(model, CE, x, y))
+    assert loss.shape == ()
+    for got, want in zip(model.parameters(), want_params):
+        torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
+    for got, want in zip(batchnorm_buffers(model), want_bn):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_m_sharpness_needs_a_batch_closure_and_a_stateless_variant():
+    model = mlp()
+    x, y = mlp_batches(1)[0]
+    opt = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1, m=4)
+    with pytest.raises(SharpscopeError, match="BatchClosure"):
+        opt.step(lambda: CE(model(x), y))
+    with pytest.raises(SharpscopeError, match="not by vasso"):
+        VaSSO(model, torch.optim.SGD, lr=0.1, m=4)
+    with pytest.raises(SharpscopeError, match="global"):
+        SAM(model, torch.optim.SGD, lr=0.1, m=4, perturbation="global")
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_bf16_autocast_step_equals_the_manual_two_pass_step():
+    model = mlp()
+    ref = copy.deepcopy(model)
+    x, y = mlp_batches(1)[0]
+    opt = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1)
+    opt.step(BatchClosure(model, CE, x, y, autocast_dtype=torch.bfloat16))
+
+    params = list(ref.parameters())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CE(ref(x), y)
+    g = torch.autograd.grad(loss, params)
+    norm = torch.linalg.vector_norm(torch.stack([t.norm() for t in g]))
+    with torch.no_grad():
+        for p, t in zip(params, g):
+            p.add_(t * (0.1 / (norm + 1e-12)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = CE(ref(x), y)
+    gt = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, t, q in zip(params, gt, mlp().parameters()):
+            p.copy_(q - 0.1 * t)
+    for got, want in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+
+
+def _scaler(scale=2.0**8):
+    return torch.amp.GradScaler("cpu", init_scale=scale)
+
+
+@pytest.mark.parametrize("name", ["sam", "vasso", "bsam", "lets"])
+def test_a_grad_scaler_gives_the_unscaled_step_exactly(name):
+    from optim_helpers import build
+
+    a, b = mlp(), mlp()
+    val = mlp_batches(2, seed=9)
+    spec = {"name": name, "lr": 0.1, "rho": 0.05}
+    if name == "lets":
+        spec["rho_lr"] = 0.5
+    opt_a = build(spec, a, val=val)
+    opt_b = build(spec, b, val=val)
+    scaler = _scaler()
+    for x, y in mlp_batches(3):
+        opt_a.step(BatchClosure(a, CE, x, y, scaler=scaler))
+        opt_b.step(BatchClosure(b, CE, x, y))
+    assert params_equal(a, b)
+    assert scaler.get_scale() == 2.0**8  # no overflow, no growth yet
+
+
+@pytest.mark.parametrize("bad_call", [1, 2])
+def test_an_overflow_in_either_pass_skips_the_step_and_backs_off(bad_call):
+    model = mlp()
+    ref = copy.deepcopy(model)
+    x, y = mlp_batches(1)[0]
+    calls = []
+
+    def loss_fn(out, target):
+        calls.append(1)
+        loss = CE(out, target)
+        return loss * float("inf") if len(calls) == bad_call else loss
+
+    opt = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1, momentum=0.9)
+    scaler = _scaler()
+    opt.step(BatchClosure(model, loss_fn, x, y, scaler=scaler))
+    assert params_equal(model, ref)
+    assert opt.base.state == {} or all("momentum_buffer" not in s for s in opt.base.state.values())
+    assert scaler.get_scale() == 2.0**7
+
+
+# --------------------------------------------------------------------------- misc
+
+
+def test_negative_rho_is_one_clear_error():
+    with pytest.raises(SharpscopeError, match="rho must be a finite number >= 0"):
+        SAM(mlp(), torch.optim.SGD, rho=-0.1, lr=0.1)
+
+
+def test_a_base_instance_instead_of_a_class_is_refused():
+    model = mlp()
+    with pytest.raises(SharpscopeError, match="Optimizer class"):
+        SAM(model, torch.optim.SGD(model.parameters(), lr=0.1))
+
+
+def test_step_without_closure_is_refused():
+    with pytest.raises(SharpscopeError, match="closure"):
+        SAM(mlp(), lr=0.1).step()
+
+
+def test_unknown_model_warns_once_about_batchnorm():
+    model = bn_net()
+    x, y = bn_batches(1)[0]
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.warns(UserWarning, match="BatchNorm"):
+        opt.step(closure)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step(closure)  # only once
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SAM(model.parameters(), torch.optim.SGD, lr=0.1, model=model).step(
+            BatchClosure(model, CE, x, y)
+        )
+
+
+def test_m_sharpness_group_loop_equals_vmap(monkeypatch):
+    import sharpscope.optim.msam as msam
+
+    x, y = bn_batches(1, size=12, dtype=torch.float64)[0]
+    a, b = bn_net(dtype=torch.float64), bn_net(dtype=torch.float64)
+    SAM(a, torch.optim.SGD, rho=0.1, lr=0.1, m=5).step(BatchClosure(a, CE, x, y))
+    monkeypatch.setattr(msam, "_vectorizable", lambda module, dtype: False)
+    SAM(b, torch.optim.SGD, rho=0.1, lr=0.1, m=5).step(BatchClosure(b, CE, x, y))
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+
+
+def test_m_sharpness_with_bf16_autocast_and_batchnorm_runs_group_by_group():
+    x, y = bn_batches(1, size=12)[0]
+    a, b = bn_net(), bn_net()
+    SAM(a, torch.optim.SGD, rho=0.1, lr=0.1, m=4).step(BatchClosure(a, CE, x, y))
+    SAM(b, torch.optim.SGD, rho=0.1, lr=0.1, m=4).step(
+        BatchClosure(b, CE, x, y, autocast_dtype=torch.bfloat16)
+    )
+    # bf16 rounding (8 bits of mantissa) only
+    for p, q in zip(a.state_dict().values(), b.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-2)
+    assert int(b.bn.num_batches_tracked) == 1

@@ -1,0 +1,87 @@
+"""SAM-ON: only normalization layers move in the ascent step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from optim_helpers import CE, bn_batches, bn_net, mlp, params_equal, run
+from torch import nn
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.optim import SAMON, BatchClosure, SinglePass
+from sharpscope.optim.samon import normalization_parameters
+
+
+class SpyClosure(BatchClosure):
+    """Records the parameters each pass sees."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = []
+        self.grads = []
+
+    def __call__(self, *args):
+        self.seen.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        loss = super().__call__(*args)
+        self.grads.append(
+            {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+        )
+        return loss
+
+
+@pytest.mark.parametrize("exclude_norm", [False, True])
+def test_the_ascent_moves_only_normalization_parameters(exclude_norm):
+    model = bn_net()
+    x, y = bn_batches(1)[0]
+    opt = SAMON(model, torch.optim.SGD, rho=0.5, lr=0.1, exclude_norm=exclude_norm)
+    closure = SpyClosure(model, CE, x, y)
+    opt.step(closure)
+    first, second = closure.seen
+    norm_names = {"bn.weight", "bn.bias"}
+    moved = {n for n in first if not torch.equal(first[n], second[n])}
+    perturbed = (set(first) - norm_names) if exclude_norm else norm_names
+    assert moved == perturbed
+    eps = torch.cat([(second[n] - first[n]).reshape(-1) for n in sorted(perturbed)])
+    g = torch.cat([closure.grads[0][n].reshape(-1) for n in sorted(perturbed)])
+    assert eps.norm().item() == pytest.approx(0.5, rel=1e-5)  # ||eps||_N = rho
+    torch.testing.assert_close(eps, 0.5 * g / g.norm(), rtol=1e-4, atol=1e-6)
+
+
+def test_samon_on_a_model_without_normalization_layers_is_one_clear_error():
+    with pytest.raises(SharpscopeError, match="has none"):
+        SAMON(mlp(), torch.optim.SGD, lr=0.1)
+    with pytest.raises(SharpscopeError, match="needs the model"):
+        SAMON(bn_net().parameters(), torch.optim.SGD, lr=0.1)
+
+
+def test_normalization_layers_are_found_by_type_not_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 8))
+    model.add_module("odd", nn.GroupNorm(2, 8))
+    names = [n for n, _ in normalization_parameters(model)]
+    assert names == ["1.weight", "1.bias", "odd.weight", "odd.bias"]
+
+
+def test_fast_first_pass_gives_the_same_step():
+    a, b = bn_net(), bn_net()
+    batches = bn_batches(3)
+    run(SAMON(a, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9), a, batches)
+    run(SAMON(b, torch.optim.SGD, rho=0.5, lr=0.1, momentum=0.9, fast_first_pass=True), b, batches)
+    assert params_equal(a, b)
+    assert all(p.requires_grad for p in b.parameters())
+
+
+def test_sam_epochs_take_plain_base_steps_outside_the_window():
+    a, b = bn_net(), bn_net()
+    batches = bn_batches(4)
+    opt = SAMON(a, torch.optim.SGD, rho=0.5, lr=0.1, sam_epochs=(2, 3), steps_per_epoch=2)
+    sgd = SinglePass(b, torch.optim.SGD, lr=0.1)
+    run(opt, a, batches[:2])
+    run(sgd, b, batches[:2])
+    assert params_equal(a, b)  # epoch 0, 1: outside the window (steps 0..3 -> epochs 0, 1)
+    run(opt, a, batches[2:])
+    run(sgd, b, batches[2:])
+    assert params_equal(a, b)
+    run(opt, a, batches[:2])  # epoch 2: sharpness-aware
+    run(sgd, b, batches[:2])
+    assert not params_equal(a, b)
+    assert opt.state_dict()["variant"] == {"num_steps": 6}
