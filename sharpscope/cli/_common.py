@@ -26,7 +26,7 @@ from ..errors import SharpscopeError
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta, atomic_write_bytes, to_jsonable
 
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)
 DEBUG = {"enabled": False}
 F = TypeVar("F", bound=Callable[..., Any])
 

@@ -313,4 +313,7 @@ def register(app: typer.Typer) -> None:
             f"test loss {metrics.get('test_loss', float('nan')):.4f}"
         )
         if summary.out is not None:
-            console.print(f"wrote {summary.out / 'last.pt'} and {summary.out / 'metrics.jsonl'}")
+            console.print(
+                f"wrote {summary.out / 'last.pt'} and {summary.out / 'metrics.jsonl'}",
+                soft_wrap=True,
+            )
