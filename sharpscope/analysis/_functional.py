@@ -1,0 +1,289 @@
+"""Shared helpers of the sharpness and landscape analyses: flat parameter vectors,
+model calls with many parameter sets at once, analysis mode, chunking.
+
+The m-sharpness maximizations (one per data subset) and the landscape grid points
+(one per parameter set) are independent problems of the same shape. They run several
+at a time with :func:`torch.func.vmap` over ``functional_call`` with a leading "copy"
+axis on the parameters, in chunks that bound the memory (analysis.md §5, §6).
+
+Parameters are handled as one flat vector θ ∈ R^P over the trainable parameters in
+``model.named_parameters()`` order (the order of ``model.parameters()`` and of the
+eigenvectors of :func:`sharpscope.analysis.spectrum.top_eigenvalues`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..errors import SharpscopeError
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class ParamLayout:
+    """Names and shapes of the trainable parameters, and their place in the flat vector.
+
+    >>> layout = ParamLayout.of(nn.Linear(3, 2))
+    >>> layout.names, layout.size
+    (('weight', 'bias'), 8)
+    >>> flat = layout.flatten(dict(nn.Linear(3, 2).named_parameters()))
+    >>> {k: tuple(v.shape) for k, v in layout.unflatten(flat.expand(4, -1)).items()}
+    {'weight': (4, 2, 3), 'bias': (4, 2)}
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[torch.Size, ...]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ParamLayout:
+        """The layout of ``model``'s trainable parameters (tied weights counted once)."""
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise SharpscopeError("the model has no trainable parameters to analyse")
+        return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
+
+    @property
+    def numels(self) -> tuple[int, ...]:
+        """Number of entries of each tensor."""
+        return tuple(int(np.prod(s)) for s in self.shapes)
+
+    @property
+    def size(self) -> int:
+        """P, the length of the flat vector."""
+        return sum(self.numels)
+
+    def slices(self) -> Iterator[tuple[str, torch.Size, slice]]:
+        """``(name, shape, slice into the flat vector)`` of each tensor."""
+        start = 0
+        for name, shape, numel in zip(self.names, self.shapes, self.numels):
+            yield name, shape, slice(start, start + numel)
+            start += numel
+
+    def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
+        """Concatenate the named tensors (each with optional leading axes) into ``(..., P)``."""
+        parts = []
+        for name, shape in zip(self.names, self.shapes):
+            if name not in tensors:
+                raise SharpscopeError(f"parameter '{name}' is missing")
+            t = tensors[name]
+            lead = t.shape[: t.dim() - len(shape)]
+            if tuple(t.shape[len(lead) :]) != tuple(shape):
+                raise SharpscopeError(
+                    f"parameter '{name}' has shape {tuple(t.shape[len(lead) :])}, "
+                    f"expected {tuple(shape)}"
+                )
+            parts.append(t.reshape(*lead, -1))
+        return torch.cat(parts, dim=-1)
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Views of a ``(..., P)`` vector as the named tensors ``(..., *shape)``."""
+        lead = flat.shape[:-1]
+        return {name: flat[..., sl].view(*lead, *shape) for name, shape, sl in self.slices()}
+
+    def matrix_mask(self, device: torch.device | None = None) -> Tensor:
+        """Boolean ``(P,)``: True on the entries of tensors with two or more dimensions."""
+        mask = torch.zeros(self.size, dtype=torch.bool, device=device)
+        for _, shape, sl in self.slices():
+            mask[sl] = len(shape) >= 2
+        return mask
+
+
+def flat_parameters(model: nn.Module, layout: ParamLayout | None = None) -> Tensor:
+    """θ as one detached ``(P,)`` vector (a copy)."""
+    layout = layout or ParamLayout.of(model)
+    params = dict(model.named_parameters())
+    return layout.flatten({n: params[n].detach() for n in layout.names}).clone()
+
+
+def float_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The floating-point buffers (BatchNorm running statistics and the like)."""
+    return {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+
+
+def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """dtype and device of the first trainable parameter."""
+    p = next((p for p in model.parameters() if p.requires_grad), None)
+    if p is None:
+        raise SharpscopeError("the model has no trainable parameters to analyse")
+    return p.dtype, p.device
+
+
+@contextlib.contextmanager
+def analysis_mode(model: nn.Module) -> Iterator[str]:
+    """Put every module in eval mode, and restore each module's own mode afterwards.
+
+    Yields the mode the analysis records ("eval"). Buffers are never updated in eval
+    mode (analysis.md §0).
+    """
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield "eval"
+    finally:
+        for module, training in modes:
+            module.training = training
+
+
+def resolve_loss(loss: Any) -> LossFn:
+    """A loss callable from a name ("cross_entropy", "mse"), a factory path or a callable."""
+    from ..registry import get_loss
+
+    return get_loss(loss)
+
+
+def loss_name(loss: Any) -> str:
+    """A printable name for the loss (recorded in results)."""
+    if isinstance(loss, str):
+        return loss
+    if isinstance(loss, Mapping):
+        return str(loss.get("name") or loss.get("factory"))
+    return getattr(loss, "__name__", type(loss).__name__)
+
+
+def normalize_logits(outputs: Tensor, eps: float = 1e-12) -> Tensor:
+    """Subtract each row's mean logit and divide by the row's L2 norm.
+
+    This removes the freedom to scale the logits (analysis.md §5, "logit
+    normalization").
+
+    >>> z = normalize_logits(torch.tensor([[1.0, 3.0], [5.0, 5.0]]))
+    >>> z[0].tolist(), z[1].tolist()
+    ([-0.7071067690849304, 0.7071067690849304], [0.0, 0.0])
+    """
+    centered = outputs - outputs.mean(dim=-1, keepdim=True)
+    return centered / (centered.norm(dim=-1, keepdim=True) + eps)
+
+
+def is_classification(targets: Tensor) -> bool:
+    """Integer class labels of shape ``(N,)``: 0-1 error and accuracy are defined."""
+    return targets.dim() == 1 and not targets.is_floating_point() and not targets.is_complex()
+
+
+def num_correct(outputs: Tensor, targets: Tensor) -> Tensor:
+    """Number of examples whose argmax output equals the label (a 0-dim tensor)."""
+    return (outputs.argmax(dim=-1) == targets).sum()
+
+
+def chunk_slices(total: int, size: int) -> list[slice]:
+    """Consecutive slices of at most ``size`` covering ``range(total)``.
+
+    >>> chunk_slices(5, 2)
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    size = max(1, int(size))
+    return [slice(i, min(i + size, total)) for i in range(0, total, size)]
+
+
+def fingerprint(*tensors: Tensor) -> str:
+    """A short SHA-256 of tensors' values (to check that a resumed run is the same run)."""
+    digest = hashlib.sha256()
+    for t in tensors:
+        array = t.detach().cpu().contiguous()
+        if array.dtype == torch.bfloat16:
+            array = array.float()
+        digest.update(str(tuple(array.shape)).encode())
+        digest.update(str(array.dtype).encode())
+        digest.update(array.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def seeded_generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from a tuple of integers (seed, restart, subset, ...)."""
+    state = np.random.SeedSequence([int(k) & 0xFFFFFFFF for k in keys]).generate_state(2)
+    seed = int(state[0]) << 32 | int(state[1])
+    return torch.Generator().manual_seed(seed & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def split_constant_columns(
+    layout: ParamLayout, flat: Tensor
+) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Split ``(K, P)`` parameter rows into per-row tensors and tensors equal in every row.
+
+    Tensors that no row changes (biases and BatchNorm parameters under
+    ``bias="ignore"``, say) go to the shared dict without the K axis, so the vectorized
+    call does not carry K copies of them.
+    """
+    stacked: dict[str, Tensor] = {}
+    shared: dict[str, Tensor] = {}
+    for name, shape, sl in layout.slices():
+        block = flat[:, sl]
+        if bool((block == block[:1]).all()):
+            shared[name] = block[0].view(shape)
+        else:
+            stacked[name] = block.view(len(flat), *shape)
+    return stacked, shared
+
+
+def evaluate_parameter_sets(
+    model: nn.Module,
+    layout: ParamLayout,
+    flat: Tensor,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    loss_fn: LossFn,
+    *,
+    classification: bool,
+    buffers: Mapping[str, Tensor] | None = None,
+    vectorize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Mean loss and accuracy over all batches for each of K parameter sets.
+
+    Args:
+        model: the network (in the mode the caller chose; nothing is changed).
+        layout: where each trainable tensor sits in a row of ``flat``.
+        flat: ``(K, P)`` parameter rows.
+        batches: the data, each batch weighted n_b/N.
+        loss_fn: mean loss of a batch.
+        classification: whether to count correct argmax predictions.
+        buffers: optional ``(K, ...)`` buffers, one per parameter set (BatchNorm running
+            statistics moved along with the weights: landscape "states" mode).
+        vectorize: evaluate the K sets with one ``vmap(functional_call)`` per batch
+            (False: a Python loop over the sets, the reference).
+
+    Returns:
+        ``(loss, accuracy)``, two float64 ``(K,)`` CPU tensors (accuracy NaN when not
+        ``classification``).
+    """
+    total = sum(len(y) for _, y in batches)
+    k = len(flat)
+    loss = torch.zeros(k, dtype=torch.float64)
+    correct = torch.zeros(k, dtype=torch.float64)
+    buffers = dict(buffers or {})
+    with torch.no_grad():
+        if vectorize:
+            stacked, shared = split_constant_columns(layout, flat)
+            stacked.update(buffers)
+
+            def one(params: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+                out = functional_call(model, (params, shared), (x,))
+                hits = num_correct(out, y) if classification else out.sum() * 0
+                return loss_fn(out, y), hits
+
+            batched = torch.func.vmap(one, in_dims=(0, None, None))
+            for x, y in batches:
+                if stacked:
+                    values, hits = batched(stacked, x, y)
+                else:  # every row is the same parameter set
+                    values, hits = (v.expand(k) for v in one({}, x, y))
+                loss += values.double().cpu() * (len(y) / total)
+                correct += hits.double().cpu()
+        else:
+            for row in range(k):
+                params = layout.unflatten(flat[row])
+                params.update({name: b[row] for name, b in buffers.items()})
+                for x, y in batches:
+                    out = functional_call(model, params, (x,))
+                    loss[row] += float(loss_fn(out, y)) * (len(y) / total)
+                    if classification:
+                        correct[row] += float(num_correct(out, y))
+    accuracy = correct / total if classification else torch.full_like(loss, float("nan"))
+    return loss, accuracy

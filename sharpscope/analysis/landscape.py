@@ -1,0 +1,743 @@
+"""Loss-landscape slices (Li et al., 2018, arXiv:1712.09913; analysis.md §6).
+
+1-D: f(α) = L(θ* + αd); 2-D: f(α, β) = L(θ* + αδ + βη); interpolation between two
+models: f(α) = L((1−α)θ_A + αθ_B); PCA of a training trajectory: the plane of the
+first two principal components of θ_t − θ_final.
+
+Directions:
+
+* ``"random"``: i.i.d. N(0, 1) entries (seeded), then normalized per filter: for every
+  tensor with ≥ 2 dimensions and every slice along its first axis (a conv output
+  channel, a linear output row), d_slice ← d_slice·‖θ_slice‖/(‖d_slice‖ + 1e-10).
+  Other norms: per layer (tensor), per element (d ⊙ |θ|), none. Tensors with ≤ 1
+  dimension (biases, BatchNorm scale and shift): "ignore" sets them to zero (the
+  published setting), "keep" copies θ (the reference code's non-ignore behaviour),
+  "normalize" normalizes them like a single filter.
+* ``"eigen"``: the top Hessian eigenvectors from :func:`~sharpscope.analysis.spectrum.
+  top_eigenvalues` (unit norm; the axes are then in parameter-norm units).
+* another model or ``state_dict``: linear interpolation (α-axis [−span/2, 1 + span/2],
+  [−0.5, 1.5] by default, the reference scripts' range); BatchNorm running statistics
+  are interpolated too ("states" mode) by default when the model has float buffers.
+* a list of models or ``state_dict``\\ s (a trajectory, the last one usually the model
+  itself): centered PCA of θ_t − θ_final, the first components as directions, the
+  checkpoints projected by least squares onto them.
+
+Every point reports the mean loss and the accuracy over the data, in eval mode
+(running BatchNorm statistics; never recomputed per point). Points are evaluated
+several at a time with ``vmap(functional_call)`` over stacked parameter sets, split
+across processes under ``torchrun``, and written incrementally (NaN = not yet
+computed) so an interrupted run resumes where it stopped. ``loss[i, j]`` is the value
+at ``(x[i], y[j])``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..data.batches import as_batches
+from ..errors import SharpscopeError, check
+from ..results import Result, RunMeta
+from ._functional import (
+    ParamLayout,
+    analysis_mode,
+    evaluate_parameter_sets,
+    fingerprint,
+    flat_parameters,
+    float_buffers,
+    is_classification,
+    loss_name,
+    model_dtype_device,
+    resolve_loss,
+    seeded_generator,
+)
+
+DirectionNorm = Literal["filter", "layer", "element", "none"]
+BiasMode = Literal["ignore", "keep", "normalize"]
+NORMS = ("filter", "layer", "element", "none")
+BIAS_MODES = ("ignore", "keep", "normalize")
+FILTER_EPS = 1e-10  # Li et al.'s guard in d·‖θ‖/(‖d‖ + ε)
+
+
+@dataclass(frozen=True)
+class LandscapeResult(Result):
+    """A 1-D or 2-D loss-landscape slice.
+
+    Attributes:
+        x: ``(n_x,)`` coordinates α along the first direction.
+        y: ``(n_y,)`` coordinates β along the second direction (None in 1-D).
+        loss: ``(n_x,)`` or ``(n_x, n_y)`` mean loss, ``loss[i, j]`` at ``(x[i], y[j])``;
+            NaN where not yet computed.
+        accuracy: the same for the accuracy (NaN without class labels).
+        computed: 1 where the point has been evaluated (a diverged point may have a
+            NaN loss and still be computed), else 0.
+        directions: ``(dims, P)`` the directions, flattened over the trainable
+            parameters in ``model.parameters()`` order.
+        direction_kind: "random", "eigen", "interpolation" or "pca".
+        norm, bias, states: direction normalization, handling of tensors with ≤ 1
+            dimension, and whether BatchNorm running statistics move with the weights.
+        cosine: cosine between the two directions (None in 1-D).
+        direction_norms: ‖d‖ of each direction.
+        eigenvalues: Hessian eigenvalues of the eigen directions, else None.
+        explained_variance_ratio: PCA ratios of the directions, else None.
+        trajectory: ``(T, dims)`` PCA coordinates of the checkpoints, else None.
+        complete: every point computed.
+        settings: what a resumed run must match (shapes, options, hashes of θ and data).
+        loss_name: the loss used.
+        seconds: wall time (of this call; a resumed run adds its own).
+        meta: provenance.
+    """
+
+    kind: ClassVar[str] = "landscape"
+
+    x: Tensor
+    y: Tensor | None
+    loss: Tensor
+    accuracy: Tensor
+    computed: Tensor
+    directions: Tensor
+    direction_kind: str
+    norm: str
+    bias: str
+    states: bool
+    cosine: float | None
+    direction_norms: list
+    eigenvalues: Tensor | None
+    explained_variance_ratio: Tensor | None
+    trajectory: Tensor | None
+    complete: bool
+    settings: dict
+    loss_name: str
+    seconds: float
+    meta: RunMeta
+
+    @property
+    def axes(self) -> tuple[Tensor, ...]:
+        """``(x,)`` in 1-D, ``(x, y)`` in 2-D."""
+        return (self.x,) if self.y is None else (self.x, self.y)
+
+    @property
+    def dims(self) -> int:
+        """1 or 2."""
+        return len(self.axes)
+
+    def plot(self, kind: str = "auto", metric: str = "loss", ax: Any = None, **options: Any) -> Any:
+        """A matplotlib Figure: 1-D curve, 2-D "contour" (default) or "surface".
+
+        See :func:`sharpscope.plotting.landscape.plot_landscape`.
+        """
+        from ..plotting.landscape import plot_landscape
+
+        return plot_landscape(self, kind=kind, metric=metric, ax=ax, **options)
+
+
+# --- directions ---------------------------------------------------------------------------
+
+
+def normalize_direction(
+    direction: Tensor, theta: Tensor, layout: ParamLayout, norm: str, bias: str
+) -> Tensor:
+    """Scale a flat direction like the weights (Li et al. 2018, §4; analysis.md §6).
+
+    Args:
+        direction: ``(P,)`` raw direction.
+        theta: ``(P,)`` the weights it is normalized against.
+        layout: the tensors of the flat vector.
+        norm: "filter" (each slice along the first axis gets its weight slice's norm),
+            "layer" (each tensor gets its tensor's norm), "element" (d ⊙ |θ|), "none".
+        bias: tensors with ≤ 1 dimension: "ignore" (zero), "keep" (copy θ), "normalize"
+            (normalized like one filter).
+
+    Returns:
+        The normalized ``(P,)`` direction.
+
+    >>> layout = ParamLayout.of(nn.Linear(2, 2))
+    >>> theta = torch.tensor([3.0, 4.0, 0.0, 1.0, 5.0, 6.0])
+    >>> d = normalize_direction(torch.ones(6), theta, layout, "filter", "ignore")
+    >>> [round(v, 4) for v in d.tolist()]  # rows get the norms 5 and 1; the bias is zero
+    [3.5355, 3.5355, 0.7071, 0.7071, 0.0, 0.0]
+    """
+    out = torch.empty_like(direction)
+    for _, shape, sl in layout.slices():
+        d, w = direction[sl].view(shape), theta[sl].view(shape)
+        if len(shape) <= 1:
+            if bias == "ignore":
+                out[sl] = 0
+                continue
+            if bias == "keep":
+                out[sl] = w.reshape(-1)
+                continue
+            d, w = d.reshape(1, -1), w.reshape(1, -1)
+        if norm == "filter":
+            rows_d, rows_w = d.reshape(d.shape[0], -1), w.reshape(w.shape[0], -1)
+            scale = rows_w.norm(dim=1, keepdim=True) / (
+                rows_d.norm(dim=1, keepdim=True) + FILTER_EPS
+            )
+            out[sl] = (rows_d * scale).reshape(-1)
+        elif norm == "layer":
+            out[sl] = (d * (w.norm() / (d.norm() + FILTER_EPS))).reshape(-1)
+        elif norm == "element":
+            out[sl] = (d * w.abs()).reshape(-1)
+        else:
+            out[sl] = d.reshape(-1)
+    return out
+
+
+def random_direction(
+    theta: Tensor, layout: ParamLayout, *, seed: int, index: int, norm: str, bias: str
+) -> Tensor:
+    """A seeded N(0, 1) direction, normalized by :func:`normalize_direction` (float64, CPU).
+
+    Direction ``index`` of a given ``seed`` is the same on every device and in every run.
+    """
+    raw = torch.randn(layout.size, generator=seeded_generator(seed, index), dtype=torch.float64)
+    return normalize_direction(raw, theta.double().cpu(), layout, norm, bias)
+
+
+def _params_of(source: Any, layout: ParamLayout, what: str) -> tuple[Tensor, dict[str, Tensor]]:
+    """Flat trainable parameters and float buffers of a model, state_dict or checkpoint."""
+    if hasattr(source, "model") and isinstance(source.model, nn.Module):
+        source = source.model  # a sharpscope Checkpoint
+    if isinstance(source, nn.Module):
+        tensors = dict(source.state_dict(keep_vars=False))
+    elif isinstance(source, Mapping):
+        tensors = dict(source.get("state_dict", source))
+    else:
+        raise SharpscopeError(
+            f"{what} must be a model, a state_dict or a checkpoint, got {type(source).__name__}"
+        )
+    for name, shape in zip(layout.names, layout.shapes):
+        if name not in tensors:
+            raise SharpscopeError(
+                f"{what} has a different architecture: it has no parameter '{name}'; "
+                "interpolation and PCA need checkpoints of the same model"
+            )
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise SharpscopeError(
+                f"{what} has a different architecture: parameter '{name}' has shape "
+                f"{tuple(tensors[name].shape)}, expected {tuple(shape)}; interpolation and "
+                "PCA need checkpoints of the same model"
+            )
+    flat = layout.flatten({n: tensors[n].detach() for n in layout.names})
+    buffers = {n: t.detach() for n, t in tensors.items() if n not in layout.names}
+    return flat.double().cpu(), buffers
+
+
+@dataclass
+class _Plan:
+    kind: str
+    origin: Tensor  # (P,) float64
+    directions: Tensor  # (dims, P) float64
+    states: bool = False
+    buffer_origin: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    buffer_direction: dict[str, Tensor] = dataclasses.field(default_factory=dict)
+    eigenvalues: Tensor | None = None
+    explained: Tensor | None = None
+    trajectory: Tensor | None = None
+
+
+def _pca_plan(
+    model_theta: Tensor, trajectory: Sequence[Any], layout: ParamLayout, dims: int, bias: str
+) -> _Plan:
+    check(len(trajectory) >= dims, f"a PCA trajectory needs at least {dims} checkpoints")
+    rows = torch.stack(
+        [_params_of(t, layout, f"trajectory checkpoint {i}")[0] for i, t in enumerate(trajectory)]
+    )
+    rows = rows - model_theta.double().cpu()
+    if bias == "ignore":  # Li et al.'s "ignore biasbn": 1-D tensors take no part
+        rows = rows * layout.matrix_mask().double()
+    centered = rows - rows.mean(dim=0, keepdim=True)
+    _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
+    check(
+        len(singular) >= dims and float(singular[dims - 1]) > 0,
+        f"the trajectory spans fewer than {dims} dimensions; PCA needs more distinct checkpoints",
+    )
+    variance = singular.pow(2)
+    directions = vh[:dims]
+    coords = torch.linalg.lstsq(directions.T, rows.T).solution.T  # (T, dims)
+    return _Plan(
+        "pca",
+        model_theta.double().cpu(),
+        directions,
+        explained=variance[:dims] / variance.sum(),
+        trajectory=coords,
+    )
+
+
+def _plan(
+    model: nn.Module,
+    batches: list[tuple[Tensor, Tensor]],
+    layout: ParamLayout,
+    theta: Tensor,
+    directions: Any,
+    dims: int,
+    *,
+    norm: str,
+    bias: str,
+    states: bool | None,
+    seed: int,
+    loss: Any,
+) -> _Plan:
+    theta64 = theta.double().cpu()
+    if isinstance(directions, str) and directions == "random":
+        check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")
+        dirs = [
+            random_direction(theta, layout, seed=seed, index=i, norm=norm, bias=bias)
+            for i in range(dims)
+        ]
+        return _Plan("random", theta64, torch.stack(dirs))
+    if isinstance(directions, str) and directions == "eigen":
+        check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")
+        from .spectrum import top_eigenvalues
+
+        eig = top_eigenvalues(
+            model, batches, k=dims, loss=loss, seed=seed, return_eigenvectors=True
+        )
+        vectors = eig.eigenvectors.double().cpu()
+        vectors = vectors / vectors.norm(dim=1, keepdim=True)
+        return _Plan("eigen", theta64, vectors, eigenvalues=eig.eigenvalues.double().cpu())
+    if isinstance(directions, str):
+        raise SharpscopeError(
+            f"unknown directions '{directions}': use 'random', 'eigen', another model or "
+            "state_dict (interpolation) or a list of them (PCA of a trajectory)"
+        )
+    if isinstance(directions, (list, tuple)):
+        check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")
+        return _pca_plan(theta, directions, layout, dims, bias)
+    other, other_buffers = _params_of(directions, layout, "the second model")
+    own_buffers = float_buffers(model)
+    if states is None:
+        states = bool(own_buffers)
+    plan = _Plan("interpolation", theta64, (other - theta64).unsqueeze(0), states=bool(states))
+    if states:
+        for name, value in own_buffers.items():
+            if name not in other_buffers or other_buffers[name].shape != value.shape:
+                raise SharpscopeError(
+                    f"the second model has a different architecture: buffer '{name}' differs; "
+                    "interpolation needs checkpoints of the same model"
+                )
+            plan.buffer_origin[name] = value.detach().double()
+            plan.buffer_direction[name] = (
+                other_buffers[name].to(value.device).double() - value.double()
+            )
+    if dims == 2:
+        second = random_direction(theta, layout, seed=seed, index=1, norm=norm, bias=bias)
+        plan.directions = torch.cat([plan.directions, second.unsqueeze(0)])
+    return plan
+
+
+def _axis(values: Any, name: str) -> Tensor:
+    axis = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    check(len(axis) >= 1 and bool(torch.isfinite(axis).all()), f"{name} must be finite numbers")
+    return axis
+
+
+def _default_axes(plan: _Plan, dims: int, grid: int, span: float) -> list[Tensor]:
+    if plan.kind == "interpolation":
+        axes = [torch.linspace(-span / 2, 1 + span / 2, grid, dtype=torch.float64)]
+    elif plan.kind == "pca":
+        axes = []
+        for i in range(dims):
+            c = plan.trajectory[:, i]
+            lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
+            margin = 0.1 * (hi - lo) if hi > lo else 1.0
+            axes.append(torch.linspace(lo - margin, hi + margin, grid, dtype=torch.float64))
+        return axes
+    else:
+        axes = [torch.linspace(-span, span, grid, dtype=torch.float64)]
+    if dims == 2:
+        axes.append(torch.linspace(-span, span, grid, dtype=torch.float64))
+    return axes
+
+
+# --- the driver ---------------------------------------------------------------------------
+
+
+def _dist_info(distributed: bool | None) -> tuple[int, int]:
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _peek(path: Path | None) -> LandscapeResult | None:
+    """The stored partial result at ``path`` if it is a readable landscape, else None."""
+    if path is None or not path.exists():
+        return None
+    try:
+        previous = LandscapeResult.load(path)
+    except Exception:  # noqa: BLE001 - _load_partial reports it
+        return None
+    return previous if previous.directions is not None else None
+
+
+def _load_partial(path: Path, settings: dict) -> LandscapeResult | None:
+    if not path.exists():
+        return None
+    try:
+        previous = LandscapeResult.load(path)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        raise SharpscopeError(
+            f"{path} exists but is not a landscape result ({type(exc).__name__}); "
+            "delete it or choose another output"
+        ) from exc
+    old = previous.settings or {}
+    differing = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differing:
+        raise SharpscopeError(
+            f"{path} holds a landscape with different settings ({', '.join(differing)}); "
+            "delete it or choose another output to start a new one"
+        )
+    return previous
+
+
+def landscape(
+    model: nn.Module,
+    data: Any,
+    dims: int = 2,
+    *,
+    grid: int = 41,
+    span: float = 1.0,
+    directions: Any = "random",
+    norm: DirectionNorm = "filter",
+    bias: BiasMode = "ignore",
+    states: bool | None = None,
+    x: Any = None,
+    y: Any = None,
+    loss: Any = "cross_entropy",
+    seed: int = 0,
+    batch_size: int | None = None,
+    chunk_size: int | None = None,
+    out: str | Path | None = None,
+    save_every: float = 30.0,
+    max_points: int | None = None,
+    vectorize: bool | None = None,
+    distributed: bool | None = None,
+    meta: RunMeta | None = None,
+) -> LandscapeResult:
+    """Loss and accuracy on a 1-D or 2-D slice through the model's weights.
+
+    Args:
+        model: the network θ* (left as found; eval mode). For interpolation it is θ_A;
+            for PCA the final point θ_final.
+        data: a pair of tensors, a Dataset, or an iterable of batches (the analysis set;
+            the training split by default in the CLI).
+        dims: 1 or 2.
+        grid: points per axis, ≥ 3 (41; the reference scripts used 51, and 401 for
+            interpolation).
+        span: random/eigen axes are [−span, span]; interpolation's α-axis is
+            [−span/2, 1 + span/2] (so [−0.5, 1.5] by default) and its β-axis
+            [−span, span]; PCA axes cover the projected trajectory with a 10% margin.
+        directions: "random", "eigen", another model / state_dict / checkpoint
+            (interpolation), or a list of them (PCA of a trajectory).
+        norm: "filter" (Li et al.), "layer", "element" or "none" (random directions, and
+            the second direction of a 2-D interpolation).
+        bias: tensors with ≤ 1 dimension: "ignore" (zero direction; for PCA: left out),
+            "keep" (direction = θ), "normalize".
+        states: move BatchNorm running statistics along the slice (interpolation only;
+            default: on when the model has float buffers).
+        x, y: explicit axis values (override ``grid``/``span``).
+        loss: loss name, factory path or callable (mean loss).
+        seed: seed of the random directions (and of the eigen solver).
+        batch_size: examples per forward pass (None: all at once).
+        chunk_size: grid points per vectorized call (default :func:`default_point_chunk`).
+        out: a ``.npz`` (or ``.json``) file written incrementally; if it exists with the
+            same settings, the run resumes and only computes the missing points.
+        save_every: seconds between incremental writes (0: after every chunk).
+        max_points: compute about this many new points (rounded up to whole chunks),
+            then return (``complete`` is then False; call again to continue).
+        vectorize: evaluate several points per ``vmap(functional_call)``; False: a
+            Python loop over points (the reference). None (default): vmap on a GPU, the
+            loop on CPU, where PyTorch's batching rules for convolutions (grouped
+            convolutions) and BatchNorm (strided affine) made vmap 1.3-4x slower than
+            the loop in ``sharpscope bench landscape`` (cnn1d and mlp on MNIST-1D).
+        distributed: split the points across the processes of an initialized
+            ``torch.distributed`` group (default: whenever one is initialized); rank 0
+            writes ``out``, every rank returns the full result.
+        meta: provenance to extend.
+
+    Returns:
+        :class:`LandscapeResult`.
+
+    Raises:
+        SharpscopeError: dims not 1 or 2, grid < 3, span ≤ 0, an unknown norm, bias or
+            direction, checkpoints of a different architecture, or an ``out`` file from
+            a different run.
+    """
+    start = time.perf_counter()
+    check(dims in (1, 2), f"dims must be 1 or 2, got {dims}")
+    check(
+        isinstance(grid, int) and grid >= 3,
+        f"grid must be at least 3 points per axis, got {grid}",
+    )
+    check(span > 0, f"span must be > 0, got {span}")
+    check(norm in NORMS, f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
+    check(bias in BIAS_MODES, f"unknown bias mode '{bias}'; choose one of {', '.join(BIAS_MODES)}")
+    check(max_points is None or max_points >= 1, f"max_points must be >= 1, got {max_points}")
+    loss_fn = resolve_loss(loss)
+    dtype, device = model_dtype_device(model)
+    batches = as_batches(data, batch_size, device)
+    batches = [(b.to(dtype) if b.is_floating_point() else b, t) for b, t in batches]
+    classification = is_classification(batches[0][1])
+    layout = ParamLayout.of(model)
+    theta = flat_parameters(model, layout)
+    rank, world = _dist_info(distributed)
+    path = Path(out) if out is not None else None
+
+    with analysis_mode(model) as mode:
+        resumable = _peek(path)
+        if isinstance(directions, str) and directions == "eigen" and resumable is not None:
+            # resuming: reuse the stored eigenvectors instead of solving again
+            plan = _Plan(
+                "eigen",
+                theta.double().cpu(),
+                resumable.directions.double(),
+                eigenvalues=resumable.eigenvalues,
+            )
+        else:
+            plan = _plan(
+                model,
+                batches,
+                layout,
+                theta,
+                directions,
+                dims,
+                norm=norm,
+                bias=bias,
+                states=states,
+                seed=seed,
+                loss=loss,
+            )
+        axes = _default_axes(plan, dims, grid, span)
+        if x is not None:
+            axes[0] = _axis(x, "x")
+        if y is not None:
+            check(dims == 2, "y values were given for a 1-D landscape")
+            axes[1] = _axis(y, "y")
+        shape = tuple(len(a) for a in axes)
+        settings = {
+            "dims": dims,
+            "shape": list(shape),
+            "axes": fingerprint(*axes),
+            "direction_kind": plan.kind,
+            "norm": norm,
+            "bias": bias,
+            "states": plan.states,
+            "seed": seed,
+            "loss": loss_name(loss),
+            "params": fingerprint(theta),
+            "data": fingerprint(*(t for b in batches for t in b)),
+            "num_samples": sum(len(t) for _, t in batches),
+        }
+        previous = _load_partial(path, settings) if path is not None else None
+        if previous is not None:
+            plan.directions = previous.directions.double()
+            loss_grid = previous.loss.double().reshape(-1).clone()
+            acc_grid = previous.accuracy.double().reshape(-1).clone()
+            computed = previous.computed.reshape(-1) > 0.5
+        else:
+            loss_grid = torch.full(
+                (int(torch.tensor(shape).prod()),), float("nan"), dtype=torch.float64
+            )
+            acc_grid = loss_grid.clone()
+            computed = torch.zeros(len(loss_grid), dtype=torch.bool)
+        mesh = torch.cartesian_prod(*axes).reshape(-1, dims) if dims == 2 else axes[0].unsqueeze(-1)
+        if vectorize is None:
+            vectorize = device.type == "cuda"
+        if chunk_size is None:
+            largest = max(len(t) for _, t in batches)
+            chunk_size = default_point_chunk(layout.size, device, examples_per_call=largest)
+        if not vectorize:
+            chunk_size = 1
+        # Work comes in fixed blocks of consecutive grid indices, so every point is
+        # evaluated in the same company whether the run is fresh, resumed or split
+        # across processes (identical values, not just close ones).
+        blocks = [
+            idx[~computed[idx]]
+            for idx in torch.arange(len(computed)).split(chunk_size)
+            if not bool(computed[idx].all())
+        ]
+        if max_points is not None:
+            counts = torch.tensor([len(b) for b in blocks]).cumsum(0)
+            blocks = blocks[: int((counts < max_points).sum()) + 1]
+        directions_dev = plan.directions.to(device, dtype)
+        origin_dev = plan.origin.to(device, dtype)
+
+        def snapshot(complete: bool) -> LandscapeResult:
+            return _result(
+                plan,
+                axes,
+                shape,
+                loss_grid,
+                acc_grid,
+                computed,
+                complete,
+                settings,
+                norm,
+                bias,
+                loss,
+                time.perf_counter() - start,
+                meta,
+                seed,
+                dtype,
+                device,
+                mode,
+                layout,
+                vectorize,
+                world,
+                chunk_size,
+            )
+
+        last_save = time.perf_counter()
+        for round_start in range(0, len(blocks), world):
+            round_blocks = blocks[round_start : round_start + world]
+            mine = (
+                round_blocks[rank] if rank < len(round_blocks) else torch.zeros(0, dtype=torch.long)
+            )
+            if len(mine):
+                coords = mesh[mine].to(device, dtype)
+                flat = origin_dev + coords @ directions_dev
+                buffers = {
+                    name: (
+                        plan.buffer_origin[name]
+                        + coords[:, :1].double().reshape(-1, *[1] * value.dim()) * value
+                    ).to(dtype)
+                    for name, value in plan.buffer_direction.items()
+                }
+                values, accs = evaluate_parameter_sets(
+                    model,
+                    layout,
+                    flat,
+                    batches,
+                    loss_fn,
+                    classification=classification,
+                    buffers=buffers,
+                    vectorize=vectorize,
+                )
+            else:
+                values = accs = torch.zeros(0, dtype=torch.float64)
+            parts = [(mine.tolist(), values.tolist(), accs.tolist())]
+            if world > 1:
+                gathered: list[Any] = [None] * world
+                dist.all_gather_object(gathered, parts[0])
+                parts = gathered
+            for idx, vals, acc in parts:
+                index = torch.as_tensor(idx, dtype=torch.long)
+                loss_grid[index] = torch.as_tensor(vals, dtype=torch.float64)
+                acc_grid[index] = torch.as_tensor(acc, dtype=torch.float64)
+                computed[index] = True
+            now = time.perf_counter()
+            if path is not None and rank == 0 and now - last_save >= save_every:
+                snapshot(bool(computed.all())).save(path)
+                last_save = now
+        result = snapshot(bool(computed.all()))
+    if path is not None and rank == 0:
+        result.save(path)
+    return result
+
+
+def default_point_chunk(
+    num_params: int, device: torch.device | None = None, *, examples_per_call: int = 1
+) -> int:
+    """Grid points per vectorized call: 8 on CPU, 64 on a GPU, with at most 2^24
+    parameter entries and 2^16 examples (points × batch) per call."""
+    cap = 8 if device is None or torch.device(device).type == "cpu" else 64
+    by_params = 2**24 // max(1, num_params)
+    by_examples = 2**16 // max(1, examples_per_call)
+    return int(max(1, min(cap, by_params, by_examples)))
+
+
+def _result(
+    plan: _Plan,
+    axes: list[Tensor],
+    shape: tuple[int, ...],
+    loss_grid: Tensor,
+    acc_grid: Tensor,
+    computed: Tensor,
+    complete: bool,
+    settings: dict,
+    norm: str,
+    bias: str,
+    loss: Any,
+    seconds: float,
+    meta: RunMeta | None,
+    seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    mode: str,
+    layout: ParamLayout,
+    vectorize: bool,
+    world: int,
+    chunk_size: int,
+) -> LandscapeResult:
+    dirs = plan.directions
+    cosine = None
+    if len(dirs) == 2:
+        cosine = float(dirs[0] @ dirs[1] / (dirs[0].norm() * dirs[1].norm()).clamp_min(1e-300))
+    base = meta or RunMeta()
+    return LandscapeResult(
+        x=axes[0].clone(),
+        y=axes[1].clone() if len(axes) == 2 else None,
+        loss=loss_grid.reshape(shape).clone(),
+        accuracy=acc_grid.reshape(shape).clone(),
+        computed=computed.reshape(shape).double(),
+        directions=dirs.to(dtype).cpu(),
+        direction_kind=plan.kind,
+        norm=norm,
+        bias=bias,
+        states=plan.states,
+        cosine=cosine,
+        direction_norms=[float(d.norm()) for d in dirs],
+        eigenvalues=plan.eigenvalues,
+        explained_variance_ratio=plan.explained,
+        trajectory=plan.trajectory,
+        complete=complete,
+        settings=settings,
+        loss_name=loss_name(loss),
+        seconds=seconds,
+        meta=dataclasses.replace(
+            base,
+            num_samples=settings["num_samples"],
+            seed=seed,
+            dtype=str(dtype).replace("torch.", ""),
+            device=str(device),
+            mode=mode,
+            num_params=layout.size,
+            extra={
+                **base.extra,
+                "vectorized": vectorize,
+                "chunk_size": chunk_size,
+                "processes": world,
+                "bn": "running statistics (eval mode)"
+                + ("; moved with the weights (states)" if plan.states else ""),
+            },
+        ),
+    )
+
+
+def landscape_slice_1d(model: nn.Module, data: Any, **options: Any) -> LandscapeResult:
+    """:func:`landscape` with ``dims=1``."""
+    return landscape(model, data, 1, **options)
+
+
+def landscape_slice_2d(model: nn.Module, data: Any, **options: Any) -> LandscapeResult:
+    """:func:`landscape` with ``dims=2``."""
+    return landscape(model, data, 2, **options)
+
+
+__all__ = [
+    "LandscapeResult",
+    "default_point_chunk",
+    "landscape",
+    "landscape_slice_1d",
+    "landscape_slice_2d",
+    "normalize_direction",
+    "random_direction",
+]

@@ -1,0 +1,104 @@
+"""``sharpscope bench landscape``: grid points several at a time against a per-point loop.
+
+Same model, data, directions and grid in the same run; the only difference is how the
+points are evaluated: ``vmap(functional_call)`` over stacked parameter sets (chunks
+of points per call), or a Python loop over points. ``ratio`` is vectorized time /
+loop time; ``extra.speedup`` its inverse; ``accuracy`` the largest relative
+difference between the two loss grids (they must agree to 1e-5). Target (issue 5):
+the 2-D landscape at least 2x faster than the loop on CPU.
+
+Cases: the registry's ``cnn1d`` with BatchNorm on MNIST-1D (the target case) and, for
+contrast, the registry's ``mlp``; a 2-D filter-normalized random slice, 11 x 11 points
+over 1024 training examples (5 x 5 over 256 with ``quick``), float32. CPU timings use
+one thread (recorded). On CPU PyTorch turns a vmapped convolution into a grouped
+convolution and applies BatchNorm's affine on strided views, which is slower than the
+per-point loop; that is why :func:`sharpscope.analysis.landscape.landscape` defaults
+to the loop on CPU and to vmap on a GPU (``extra.default_path``). GPU rows are added
+when CUDA is available.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..analysis.landscape import landscape
+from ._common import BenchRow, interleaved_median
+from .msharpness import _timed, bench_data, bench_model
+
+TARGET_SPEEDUP = 2.0
+
+
+def _mlp(device: str) -> Any:
+    from ..registry import build_model
+
+    torch.manual_seed(0)
+    return build_model({"name": "mlp"}, (40,), 10).to(device).eval()
+
+
+def run(quick: bool = False) -> list[BenchRow]:
+    """Rows: cnn1d-bn and mlp, vectorized against the loop, on each available device."""
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    samples, grid = (256, 5) if quick else (1024, 11)
+    repeats = 2 if quick else 3
+    threads = torch.get_num_threads()
+    rows: list[BenchRow] = []
+    try:
+        for device in devices:
+            if device == "cpu":
+                torch.set_num_threads(1)
+            data = bench_data(samples, torch.float32, device)
+            models = {
+                "cnn1d-bn": bench_model(torch.float32, device),
+                "mlp": _mlp(device),
+            }
+            for name, model in models.items():
+                kwargs = {"grid": grid, "seed": 0}
+                fns = {
+                    "vmap": _timed(
+                        lambda m=model, d=data, kw=kwargs: landscape(m, d, 2, vectorize=True, **kw),
+                        device,
+                    ),
+                    "loop": _timed(
+                        lambda m=model, d=data, kw=kwargs: landscape(
+                            m, d, 2, vectorize=False, **kw
+                        ),
+                        device,
+                    ),
+                }
+                times = interleaved_median(fns, repeats=repeats)
+                fast, slow = fns["vmap"](), fns["loop"]()
+                diff = float(
+                    ((fast.loss - slow.loss).abs() / slow.loss.abs().clamp_min(1e-300)).max()
+                )
+                speedup = times["loop"] / times["vmap"]
+                targeted = name == "cnn1d-bn"
+                rows.append(
+                    BenchRow(
+                        case=f"2-D landscape {grid}x{grid}, {name} mnist1d n={samples} {device}",
+                        variant="vmap over grid points",
+                        seconds=times["vmap"],
+                        reference="per-point loop",
+                        reference_seconds=times["loop"],
+                        ratio=times["vmap"] / times["loop"],
+                        accuracy_measure="max relative difference of the loss grid",
+                        accuracy=diff,
+                        extra={
+                            "speedup": speedup,
+                            "values_agree_1e-5": diff <= 1e-5,
+                            "target_speedup": TARGET_SPEEDUP if targeted else None,
+                            "meets_target": (speedup >= TARGET_SPEEDUP)
+                            if targeted and device == "cpu"
+                            else None,
+                            "default_path": "vmap" if device == "cuda" else "loop",
+                            "points_per_call": fast.meta.extra.get("chunk_size"),
+                            "dtype": "float32",
+                            "threads": torch.get_num_threads(),
+                            "repeats": repeats,
+                        },
+                    )
+                )
+    finally:
+        torch.set_num_threads(threads)
+    return rows

@@ -1,0 +1,235 @@
+"""``sharpscope landscape CKPT``: loss-landscape slices around a checkpoint (Li et al. 2018).
+
+``--directions`` is ``random`` (filter-normalized), ``eigen`` (top Hessian
+eigenvectors), a second checkpoint (linear interpolation) or a folder of checkpoints
+(PCA of the training trajectory). Writes ``OUT/landscape.npz`` incrementally (an
+interrupted run resumes when started again with the same settings) and the plots
+``OUT/landscape_1d`` or ``OUT/landscape_contour`` and ``OUT/landscape_surface`` as PDF
+and PNG. Under ``torchrun --nproc_per_node N`` the grid points are split across the
+processes; rank 0 writes the files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+
+from ..errors import SharpscopeError
+from ._common import console, guarded, parse_options, spec_from_flag
+
+RESULT_FILE = "landscape.npz"
+
+
+def resolve_directions(
+    directions: str, ckpt: Path, inputs: Any, model_spec: dict | None, data_spec: dict | None
+) -> Any:
+    """``random``/``eigen`` as they are; a file -> its model; a folder -> its checkpoints."""
+    from ..io import is_sharpscope_checkpoint, load_checkpoint, safe_load
+
+    if directions in ("random", "eigen"):
+        return directions
+    path = Path(directions)
+
+    def load(file: Path) -> Any:
+        # A sharpscope checkpoint is built from its own spec, so that a different
+        # architecture is reported as such; a bare state_dict takes the main model's spec.
+        if model_spec is None and is_sharpscope_checkpoint(safe_load(file)):
+            return load_checkpoint(file, data_spec=data_spec)
+        return load_checkpoint(
+            file,
+            model_spec=model_spec or inputs.checkpoint.spec,
+            data_spec=data_spec or inputs.checkpoint.data_spec,
+        )
+
+    if path.is_file():
+        return load(path).model
+    if path.is_dir():
+        own = ckpt.resolve()
+        files = [p for p in sorted(path.glob("*.pt")) if p.resolve() != own]
+        if not files:
+            raise SharpscopeError(f"--directions folder {path} holds no .pt checkpoints")
+        loaded = [load(p) for p in files]
+        loaded.sort(key=lambda c: (c.epoch is None, c.epoch or 0, str(c.path)))
+        console.print(f"PCA of a trajectory of {len(loaded)} checkpoints from {path}")
+        return [c.model for c in loaded]
+    raise SharpscopeError(
+        f"--directions must be random, eigen, a checkpoint file or a folder of checkpoints; "
+        f"'{directions}' is none of these"
+    )
+
+
+def summary_lines(result: Any) -> list[str]:
+    """What ``sharpscope landscape`` prints on stdout."""
+    import torch
+
+    shape = "x".join(str(n) for n in result.loss.shape)
+    lines = [f"{result.direction_kind} {result.dims}-D landscape, grid {shape}"]
+    finite = torch.isfinite(result.loss)
+    if bool(finite.any()):
+        flat = torch.where(finite, result.loss, torch.inf).argmin()
+        index = tuple(int(i) for i in torch.unravel_index(flat, result.loss.shape))
+        where = ", ".join(f"{float(a[i]):.4g}" for a, i in zip(result.axes, index))
+        lines.append(f"min loss {float(result.loss[index]):.6g} at ({where})")
+    if result.cosine is not None:
+        lines.append(f"cosine between the directions: {result.cosine:.3g}")
+    done = int(result.computed.sum())
+    lines.append(
+        f"{done}/{result.computed.numel()} points computed"
+        + ("" if result.complete else " (incomplete: run again to resume)")
+        + f" in {result.seconds:.2f} s"
+    )
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sharpscope landscape``."""
+
+    @app.command("landscape")
+    @guarded
+    def landscape_command(
+        ckpt: Path = typer.Argument(..., help="Checkpoint (.pt) or bare state_dict file."),
+        dims: int = typer.Option(2, "--dims", help="1 or 2."),
+        grid: int = typer.Option(41, "--grid", help="Points per axis (≥ 3)."),
+        span: float = typer.Option(
+            1.0, "--span", help="Axes [-span, span]; interpolation [-span/2, 1+span/2]."
+        ),
+        directions: str = typer.Option(
+            "random",
+            "--directions",
+            help="random, eigen, CKPT2 (interpolation) or a folder of checkpoints (PCA).",
+        ),
+        norm: str = typer.Option(
+            "filter", "--norm", help="Direction normalization: filter, layer, element, none."
+        ),
+        bias: str = typer.Option(
+            "ignore", "--bias", help="Biases and BN parameters: ignore, keep, normalize."
+        ),
+        states: Optional[bool] = typer.Option(
+            None,
+            "--states/--no-states",
+            help="Interpolate BN running statistics too [default: yes when the model has them].",
+        ),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="Registry name or module:function (needed for a state_dict)."
+        ),
+        data: Optional[str] = typer.Option(
+            None, "--data", help="Registry name or module:function [default: the checkpoint's]."
+        ),
+        loss: Optional[str] = typer.Option(
+            None, "--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."
+        ),
+        samples: Optional[int] = typer.Option(
+            None, "--samples", help="Use the first N examples after a seeded shuffle."
+        ),
+        batch_size: Optional[int] = typer.Option(
+            None, "--batch-size", help="Examples per forward pass [default: all at once]."
+        ),
+        split: str = typer.Option("train", "--split", help="train or test."),
+        data_root: Optional[str] = typer.Option(
+            None, "--data-root", help="Folder holding the CIFAR files."
+        ),
+        model_opt: Optional[list[str]] = typer.Option(
+            None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
+        ),
+        data_opt: Optional[list[str]] = typer.Option(
+            None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
+        ),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the subset and the directions."),
+        chunk_size: Optional[int] = typer.Option(
+            None, "--chunk-size", help="Grid points per vectorized call [default: automatic]."
+        ),
+        vectorize: Optional[bool] = typer.Option(
+            None,
+            "--vectorize/--no-vectorize",
+            help="vmap over grid points, or a loop [default: vmap on GPU, loop on CPU].",
+        ),
+        save_every: float = typer.Option(
+            30.0, "--save-every", help="Seconds between incremental writes of landscape.npz."
+        ),
+        max_points: Optional[int] = typer.Option(
+            None, "--max-points", help="Stop after about N new points (resume later)."
+        ),
+        out: Path = typer.Option(
+            Path("landscape"), "--out", help="Output folder (landscape.npz and plots)."
+        ),
+        plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PDF and PNG plots."),
+    ) -> None:
+        """Loss and accuracy on 1-D or 2-D slices around a checkpoint."""
+        from ..analysis.landscape import BIAS_MODES, NORMS, landscape
+        from ..distributed import init_from_env
+        from ._common import load_analysis_inputs
+
+        if norm not in NORMS:
+            raise SharpscopeError(f"--norm must be one of {', '.join(NORMS)}, got '{norm}'")
+        if bias not in BIAS_MODES:
+            raise SharpscopeError(f"--bias must be one of {', '.join(BIAS_MODES)}, got '{bias}'")
+        if dims not in (1, 2):
+            raise SharpscopeError(f"--dims must be 1 or 2, got {dims}")
+        if grid < 3:
+            raise SharpscopeError(f"--grid must be at least 3 points per axis, got {grid}")
+        dist = init_from_env(device)
+        model_options = parse_options(model_opt, "--model-opt")
+        data_options = parse_options(data_opt, "--data-opt")
+        inputs = load_analysis_inputs(
+            ckpt,
+            model,
+            data,
+            loss,
+            split=split,
+            samples=samples,
+            batch_size=batch_size,
+            device=str(dist.device),
+            seed=seed,
+            data_root=data_root,
+            model_options=model_options,
+            data_options=data_options,
+            dtype=dtype,
+        )
+        chosen = resolve_directions(
+            directions,
+            ckpt,
+            inputs,
+            spec_from_flag(model, model_options),
+            spec_from_flag(data, data_options),
+        )
+        loss_spec = loss or inputs.checkpoint.raw.get("loss") or "cross_entropy"
+        path = out / RESULT_FILE
+        if dist.is_main:
+            resuming = " (resuming)" if path.exists() else ""
+            console.print(
+                f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
+                f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{resuming}"
+            )
+        result = landscape(
+            inputs.model,
+            inputs.batches,
+            dims,
+            grid=grid,
+            span=span,
+            directions=chosen,
+            norm=norm,  # type: ignore[arg-type]
+            bias=bias,  # type: ignore[arg-type]
+            states=states,
+            loss=loss_spec,
+            seed=seed,
+            chunk_size=chunk_size,
+            out=path,
+            save_every=save_every,
+            max_points=max_points,
+            vectorize=vectorize,
+            meta=inputs.meta,
+        )
+        if not dist.is_main:
+            return
+        for line in summary_lines(result):
+            typer.echo(line)
+        console.print(f"wrote {path}")
+        if plots:
+            from ..plotting.landscape import save_landscape_plots
+
+            written = save_landscape_plots(result, out)
+            console.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -1,0 +1,193 @@
+"""Figures of loss-landscape slices: 1-D curves, 2-D contours with labelled levels,
+3-D surfaces (Li et al., 2018). Each takes a
+:class:`~sharpscope.analysis.landscape.LandscapeResult` and returns a Figure; nothing
+here touches a model.
+
+Every figure states what it shows (analysis.md §8): the kind of directions, their
+normalization, the data, the mode (eval, BatchNorm running statistics) and the dtype.
+Points not yet computed (NaN) are left blank.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SharpscopeError
+from ..results import to_numpy
+from .style import PALETTE, new_figure, save_figure
+
+METRICS = ("loss", "accuracy")
+KINDS = ("auto", "curve", "contour", "surface")
+
+
+def describe(result: Any) -> str:
+    """One line naming directions, normalization, data, mode and dtype of a landscape."""
+    meta = result.meta
+    data = meta.data or {}
+    data_name = data.get("name") or data.get("factory") or "data"
+    split = data.get("split")
+    parts = [result.direction_kind]
+    kind, two_d = result.direction_kind, len(result.axes) == 2
+    if kind == "random" or (kind == "interpolation" and two_d):
+        parts.append(f"norm={result.norm}, bias={result.bias}")
+    elif kind == "pca":
+        parts.append(f"bias={result.bias}")
+    parts.append(f"{data_name}{'/' + split if split else ''} n={meta.num_samples}")
+    parts.append(f"{meta.mode} mode{', BN stats moved' if result.states else ''}, {meta.dtype}")
+    return "; ".join(parts)
+
+
+def _values(result: Any, metric: str) -> np.ndarray:
+    if metric not in METRICS:
+        raise SharpscopeError(f"unknown metric '{metric}'; choose loss or accuracy")
+    values = to_numpy(getattr(result, metric)).astype(float)
+    if metric == "accuracy" and np.isnan(values).all():
+        raise SharpscopeError("this landscape has no accuracy (the targets are not class labels)")
+    return values
+
+
+def _axis_labels(result: Any) -> tuple[str, str]:
+    if result.direction_kind == "interpolation":
+        return "α (0: model A, 1: model B)", "β (random direction)"
+    if result.direction_kind == "pca":
+        ratios = to_numpy(result.explained_variance_ratio)
+        labels = [f"PC{i + 1} ({100 * r:.1f}% var.)" for i, r in enumerate(ratios)]
+        return labels[0], labels[1] if len(labels) > 1 else ""
+    if result.direction_kind == "eigen":
+        eig = to_numpy(result.eigenvalues)
+        labels = [f"v{i + 1} (λ={e:.3g})" for i, e in enumerate(eig)]
+        return labels[0], labels[1] if len(labels) > 1 else ""
+    return "α", "β"
+
+
+def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
+    """The 1-D curve f(α) (the accuracy on a second axis when ``metric="loss"``)."""
+    if result.y is not None:
+        raise SharpscopeError("plot_landscape_1d needs a 1-D landscape; use a contour for 2-D")
+    values = _values(result, metric)
+    x = to_numpy(result.x)
+    fig, ax = (ax.figure, ax) if ax is not None else new_figure(1)
+    ax.plot(x, values, color=PALETTE[0], marker="o" if len(x) <= 25 else None, label=metric)
+    ax.set_xlabel(_axis_labels(result)[0])
+    ax.set_ylabel(metric)
+    if metric == "loss" and not np.isnan(to_numpy(result.accuracy)).all():
+        twin = ax.twinx()
+        twin.plot(x, to_numpy(result.accuracy), color=PALETTE[1], linestyle="--", label="accuracy")
+        twin.set_ylabel("accuracy", color=PALETTE[1])
+        twin.grid(False)
+    if result.direction_kind == "interpolation":
+        for at, name in ((0.0, "A"), (1.0, "B")):
+            ax.axvline(at, color=PALETTE[7], linewidth=0.6, alpha=0.5)
+            ax.annotate(
+                name, (at, 0.02), xycoords=("data", "axes fraction"), ha="left", va="bottom"
+            )
+    ax.set_title(describe(result), fontsize=6)
+    return fig
+
+
+def contour_levels(values: np.ndarray, count: int = 12) -> np.ndarray:
+    """Evenly spaced levels from the minimum to the 95th percentile of the finite values.
+
+    Cutting at a percentile keeps the lines readable near the minimum when the loss
+    explodes at the edges of the grid.
+
+    >>> contour_levels(np.array([[0.0, 1.0], [2.0, np.nan]]), count=3).tolist()
+    [0.0, 0.95, 1.9]
+    """
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        raise SharpscopeError("the landscape has no computed finite values to plot")
+    lo, hi = float(finite.min()), float(np.percentile(finite, 95))
+    if hi <= lo:
+        hi = lo + 1e-6 if lo == 0 else lo + abs(lo) * 1e-3
+    return np.linspace(lo, hi, count)
+
+
+def plot_landscape_contour(
+    result: Any, metric: str = "loss", ax: Any = None, levels: Any = None
+) -> Any:
+    """Contour lines of f(α, β) with labelled levels (the trajectory for PCA)."""
+    if result.y is None:
+        raise SharpscopeError("a contour needs a 2-D landscape; use the 1-D curve")
+    values = _values(result, metric)
+    x, y = to_numpy(result.x), to_numpy(result.y)
+    levels = contour_levels(values) if levels is None else levels
+    fig, ax = (ax.figure, ax) if ax is not None else new_figure(1, aspect=0.9)
+    # loss[i, j] is at (x[i], y[j]); matplotlib wants Z[row = y, column = x]
+    lines = ax.contour(x, y, np.ma.masked_invalid(values).T, levels=levels, cmap="viridis")
+    ax.clabel(lines, inline=True, fontsize=5, fmt="%.3g")
+    ax.plot([0], [0], marker="*", color=PALETTE[1], markersize=6, linestyle="none")
+    if result.trajectory is not None and to_numpy(result.trajectory).shape[1] >= 2:
+        path = to_numpy(result.trajectory)
+        ax.plot(path[:, 0], path[:, 1], color=PALETTE[7], marker=".", linewidth=0.8)
+    labels = _axis_labels(result)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_title(describe(result), fontsize=6)
+    return fig
+
+
+def plot_landscape_surface(result: Any, metric: str = "loss", ax: Any = None) -> Any:
+    """The 3-D surface of f(α, β)."""
+    if result.y is None:
+        raise SharpscopeError("a surface needs a 2-D landscape; use the 1-D curve")
+    values = _values(result, metric)
+    x, y = to_numpy(result.x), to_numpy(result.y)
+    if ax is None:
+        fig, _ = new_figure(1, aspect=0.9)
+        fig.clear()
+        ax = fig.add_subplot(projection="3d")
+    fig = ax.figure
+    grid_x, grid_y = np.meshgrid(x, y, indexing="ij")
+    ax.plot_surface(grid_x, grid_y, np.ma.masked_invalid(values), cmap="viridis", linewidth=0)
+    labels = _axis_labels(result)
+    ax.set_xlabel(labels[0])
+    ax.set_ylabel(labels[1])
+    ax.set_zlabel(metric)
+    ax.set_title(describe(result), fontsize=6)
+    return fig
+
+
+def plot_landscape(
+    result: Any, kind: str = "auto", metric: str = "loss", ax: Any = None, **options: Any
+) -> Any:
+    """Dispatch: "curve" (1-D), "contour" (2-D default) or "surface"."""
+    if kind not in KINDS:
+        raise SharpscopeError(f"unknown plot kind '{kind}'; choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        kind = "curve" if result.y is None else "contour"
+    if kind == "curve":
+        return plot_landscape_1d(result, metric=metric, ax=ax)
+    if kind == "contour":
+        return plot_landscape_contour(result, metric=metric, ax=ax, **options)
+    return plot_landscape_surface(result, metric=metric, ax=ax)
+
+
+def save_landscape_plots(result: Any, out_dir: str | Path, stem: str = "landscape") -> list[Path]:
+    """Write the standard figures as PDF and PNG: ``stem_1d`` (1-D), or ``stem_contour``
+    and ``stem_surface`` (2-D); returns the files written."""
+    import matplotlib.pyplot as plt
+
+    out_dir = Path(out_dir)
+    kinds = ["curve"] if result.y is None else ["contour", "surface"]
+    written: list[Path] = []
+    for kind in kinds:
+        fig = plot_landscape(result, kind=kind)
+        name = f"{stem}_1d" if kind == "curve" else f"{stem}_{kind}"
+        written += save_figure(fig, out_dir / name)
+        plt.close(fig)
+    return written
+
+
+__all__ = [
+    "contour_levels",
+    "describe",
+    "plot_landscape",
+    "plot_landscape_1d",
+    "plot_landscape_contour",
+    "plot_landscape_surface",
+    "save_landscape_plots",
+]

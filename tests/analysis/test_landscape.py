@@ -1,0 +1,363 @@
+"""Loss-landscape slices against exact answers (analysis.md §6, "Validation")."""
+
+from __future__ import annotations
+
+import copy
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from sharpscope.analysis._functional import ParamLayout, flat_parameters
+from sharpscope.analysis.landscape import (
+    LandscapeResult,
+    landscape,
+    normalize_direction,
+    random_direction,
+)
+from sharpscope.errors import SharpscopeError
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def half_mse(out, t):
+    return 0.5 * (out.squeeze(-1) - t).pow(2).mean()
+
+
+def regression(n=20, d=4, seed=0, at_minimum=False):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
+    x = torch.randn(n, d, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
+    y = (x @ model.weight.detach()[0]) + (
+        0 if at_minimum else torch.randn(n, generator=g, dtype=F64)
+    )
+    return model, x, y
+
+
+def mlp(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 6), nn.ReLU(), nn.Linear(6, 3)
+    ).to(F64)
+
+
+def bn_cnn(seed=0, width=4):
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Unflatten(1, (1, 10)),
+        nn.Conv1d(1, width, 3, stride=2, padding=1),
+        nn.BatchNorm1d(width),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(5 * width, 3),
+    ).to(F64)
+    with torch.no_grad():
+        net[2].running_mean.uniform_(-0.5, 0.5)
+        net[2].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def class_data(n=24, d=5, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+
+
+# --- closed forms ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_quadratic_slices_match_taylor_expansion(vectorize):
+    """L(θ + αδ + βη) = L* + αgᵀδ + βgᵀη + ½(α²δᵀHδ + 2αβδᵀHη + β²ηᵀHη) exactly."""
+    model, x, y = regression()
+    w = model.weight.detach()[0]
+    g, h = x.T @ (x @ w - y) / len(y), x.T @ x / len(y)
+    l0 = float(half_mse(x @ w, y))
+    r = landscape(
+        model, (x, y), 2, grid=5, span=0.7, loss=half_mse, vectorize=vectorize, chunk_size=6
+    )
+    d1, d2 = r.directions.double()
+    assert r.loss.shape == (5, 5) and r.complete
+    for i, a in enumerate(r.x.tolist()):
+        for j, b in enumerate(r.y.tolist()):
+            v = a * d1 + b * d2
+            assert r.loss[i, j].item() == pytest.approx(
+                l0 + float(g @ v + 0.5 * v @ h @ v), rel=1e-10
+            )
+    assert torch.isnan(r.accuracy).all()  # regression targets
+    one = landscape(model, (x, y), 1, grid=7, loss=half_mse, vectorize=vectorize)
+    d = one.directions[0].double()
+    expected = [l0 + a * float(g @ d) + 0.5 * a * a * float(d @ h @ d) for a in one.x.tolist()]
+    np.testing.assert_allclose(one.loss.numpy(), expected, rtol=1e-10)
+    torch.testing.assert_close(one.x, torch.linspace(-1, 1, 7, dtype=F64))
+
+
+def test_eigen_directions_give_half_lambda_alpha_squared():
+    pytest.importorskip("sharpscope.analysis.spectrum")
+    model, x, y = regression(n=30, d=4, seed=2, at_minimum=True)  # g = 0, L* = 0
+    r = landscape(model, (x, y), 2, grid=5, span=0.5, directions="eigen", loss=half_mse)
+    lam = torch.linalg.eigvalsh(x.T @ x / len(y)).flip(0)
+    torch.testing.assert_close(r.eigenvalues, lam[:2], rtol=1e-6, atol=1e-9)
+    assert r.direction_kind == "eigen" and abs(r.cosine) < 1e-6
+    expected = 0.5 * (lam[0] * r.x[:, None] ** 2 + lam[1] * r.y[None, :] ** 2)
+    torch.testing.assert_close(r.loss, expected, rtol=1e-6, atol=1e-12)
+
+
+# --- directions -----------------------------------------------------------------------------
+
+
+def test_filter_normalized_direction_has_the_weight_filter_norms():
+    net = bn_cnn(width=5)
+    layout = ParamLayout.of(net)
+    theta = flat_parameters(net, layout)
+    params = layout.unflatten(theta)
+    for bias in ("ignore", "keep", "normalize"):
+        d = layout.unflatten(
+            random_direction(theta, layout, seed=3, index=0, norm="filter", bias=bias)
+        )
+        for name, w in params.items():
+            if w.dim() >= 2:
+                torch.testing.assert_close(
+                    d[name].flatten(1).norm(dim=1), w.flatten(1).norm(dim=1), rtol=1e-8, atol=0
+                )
+            elif bias == "ignore":
+                assert (d[name] == 0).all()
+            elif bias == "keep":
+                torch.testing.assert_close(d[name], w)
+            else:
+                assert d[name].norm().item() == pytest.approx(w.norm().item(), rel=1e-8)
+    raw = torch.randn(layout.size, dtype=F64)
+    layer = layout.unflatten(normalize_direction(raw, theta, layout, "layer", "ignore"))
+    element = normalize_direction(raw, theta, layout, "element", "keep")
+    for name, w in params.items():
+        if w.dim() >= 2:
+            assert layer[name].norm().item() == pytest.approx(w.norm().item(), rel=1e-8)
+    mask = layout.matrix_mask()
+    torch.testing.assert_close(element[mask], (raw * theta.abs())[mask])
+
+
+def test_filter_normalized_slice_invariant_under_relu_rescaling():
+    net = mlp()
+    x, y = class_data()
+    other = copy.deepcopy(net)
+    with torch.no_grad():
+        other[0].weight.mul_(10)
+        other[0].bias.mul_(10)
+        other[2].weight.div_(10)
+    torch.testing.assert_close(other(x), net(x))
+    kw = {"grid": 9, "span": 1.0, "seed": 4}
+    a = landscape(net, (x, y), 1, **kw)
+    b = landscape(other, (x, y), 1, **kw)
+    torch.testing.assert_close(b.loss, a.loss, rtol=1e-6, atol=0)
+    torch.testing.assert_close(b.accuracy, a.accuracy)
+    raw_a = landscape(net, (x, y), 1, norm="none", **kw)
+    raw_b = landscape(other, (x, y), 1, norm="none", **kw)
+    assert (raw_a.loss - raw_b.loss).abs().max() > 1e-2
+
+
+# --- interpolation and PCA ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_interpolation_endpoints_reproduce_both_models(vectorize):
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    x, y = class_data(n=30, d=10)
+    r = landscape(a, (x, y), 1, directions=b, grid=41, vectorize=vectorize)
+    assert r.direction_kind == "interpolation" and r.states
+    torch.testing.assert_close(r.x, torch.linspace(-0.5, 1.5, 41, dtype=F64))
+    for net, index in ((a, 10), (b, 30)):
+        net.eval()
+        with torch.no_grad():
+            out = net(x)
+        assert r.loss[index].item() == pytest.approx(
+            nn.functional.cross_entropy(out, y).item(), rel=1e-9
+        )
+        assert r.accuracy[index].item() == pytest.approx(
+            (out.argmax(1) == y).double().mean().item()
+        )
+    # weights-only interpolation keeps A's BatchNorm statistics at α = 1
+    w = landscape(a, (x, y), 1, directions=b.state_dict(), x=[1.0], states=False)
+    mixed = copy.deepcopy(b)
+    mixed[2].load_state_dict(
+        {
+            **mixed[2].state_dict(),
+            "running_mean": a[2].running_mean,
+            "running_var": a[2].running_var,
+        }
+    )
+    with torch.no_grad():
+        assert w.loss[0].item() == pytest.approx(
+            nn.functional.cross_entropy(mixed.eval()(x), y).item(), rel=1e-9
+        )
+
+
+def test_interpolation_2d_and_architecture_mismatch():
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    x, y = class_data(n=12, d=10)
+    r = landscape(a, (x, y), 2, directions=b, grid=3)
+    assert r.loss.shape == (3, 3) and r.directions.shape[0] == 2
+    with pytest.raises(SharpscopeError, match="different architecture"):
+        landscape(a, (x, y), 1, directions=bn_cnn(seed=1, width=6), grid=3)
+
+
+def test_pca_recovers_a_planted_trajectory():
+    net = mlp(seed=5)
+    layout = ParamLayout.of(net)
+    theta = flat_parameters(net, layout)
+    g = torch.Generator().manual_seed(0)
+    basis, _ = torch.linalg.qr(torch.randn(layout.size, 2, generator=g, dtype=F64))
+    t = torch.linspace(0, 1, 8, dtype=F64)
+    coefs = torch.stack([3 * (1 - t) ** 2 + 0.2, 2 * torch.sin(3 * t)], dim=1)  # (T, 2)
+    trajectory = []
+    for c in coefs:
+        sd = dict(net.state_dict())
+        sd.update(layout.unflatten(theta + basis @ c))
+        trajectory.append(sd)
+    x, y = class_data()
+    r = landscape(net, (x, y), 2, directions=trajectory, grid=3, bias="keep")
+    assert r.direction_kind == "pca"
+    assert float(r.explained_variance_ratio.sum()) == pytest.approx(1.0, abs=1e-10)
+    dirs = r.directions.double()
+    # the planted plane is the span of the two directions
+    residual = basis - dirs.T @ (dirs @ basis)
+    assert residual.norm() < 1e-10
+    # each checkpoint is reproduced from its projected coordinates
+    torch.testing.assert_close(r.trajectory @ dirs, coefs @ basis.T, rtol=0, atol=1e-10)
+    lo, hi = r.trajectory.min(0).values, r.trajectory.max(0).values
+    assert (r.x[0] < lo[0]) and (r.x[-1] > hi[0]) and (r.y[0] < lo[1]) and (r.y[-1] > hi[1])
+
+
+# --- resuming, processes --------------------------------------------------------------------
+
+
+class FlakyLoss:
+    """Cross-entropy that raises after a number of calls (a run killed half-way)."""
+
+    __name__ = "cross_entropy"
+
+    def __init__(self):
+        self.calls_left = None
+
+    def __call__(self, out, t):
+        if self.calls_left is not None:
+            if self.calls_left == 0:
+                raise KeyboardInterrupt("simulated interruption")
+            self.calls_left -= 1
+        return nn.functional.cross_entropy(out, t)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_resume_after_interruption_gives_the_same_grid(tmp_path, vectorize):
+    net = bn_cnn()
+    x, y = class_data(n=20, d=10)
+    kw = {"grid": 5, "chunk_size": 4, "vectorize": vectorize, "seed": 2}
+    full = landscape(net, (x, y), 2, out=tmp_path / "full.npz", **kw)
+    flaky = FlakyLoss()
+    flaky.calls_left = 3 if vectorize else 11  # vmap: one call per chunk; loop: per point
+    path = tmp_path / "run.npz"
+    with pytest.raises(KeyboardInterrupt):
+        landscape(net, (x, y), 2, out=path, loss=flaky, save_every=0, **kw)
+    partial = LandscapeResult.load(path)
+    done = partial.computed > 0.5
+    assert not partial.complete and 0 < int(done.sum()) < 25
+    assert torch.isnan(partial.loss[~done]).all()
+    flaky.calls_left = None
+    resumed = landscape(net, (x, y), 2, out=path, loss=flaky, **kw)
+    assert resumed.complete
+    torch.testing.assert_close(resumed.loss, full.loss, rtol=0, atol=0)
+    torch.testing.assert_close(LandscapeResult.load(path).loss, full.loss, rtol=0, atol=0)
+    # a budget of points, then the rest
+    step = landscape(net, (x, y), 2, out=tmp_path / "steps.npz", max_points=7, **kw)
+    # whole chunks: two of 4 points when vectorized, 7 single points in the loop
+    assert int(step.computed.sum()) == (8 if vectorize else 7) and not step.complete
+    rest = landscape(net, (x, y), 2, out=tmp_path / "steps.npz", **kw)
+    torch.testing.assert_close(rest.loss, full.loss, rtol=0, atol=0)
+    with pytest.raises(SharpscopeError, match="different settings"):
+        landscape(net, (x, y), 2, out=path, **{**kw, "seed": 3})
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        net = bn_cnn()
+        x, y = class_data(n=20, d=10)
+        r = landscape(net, (x, y), 2, grid=5, chunk_size=3, out=f"{out_dir}/grid.npz", save_every=0)
+        torch.save(
+            {"loss": r.loss, "acc": r.accuracy, "n": r.meta.extra["processes"]},
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_split_the_grid_and_agree_with_one(tmp_path):
+    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    net = bn_cnn()
+    x, y = class_data(n=20, d=10)
+    single = landscape(net, (x, y), 2, grid=5)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["n"] == 2
+        torch.testing.assert_close(got["loss"], single.loss, rtol=0, atol=0)
+        torch.testing.assert_close(got["acc"], single.accuracy, rtol=0, atol=0)
+    written = LandscapeResult.load(tmp_path / "grid.npz")
+    assert written.complete
+    torch.testing.assert_close(written.loss, single.loss, rtol=0, atol=0)
+
+
+# --- modes, files, errors -------------------------------------------------------------------
+
+
+def test_eval_mode_used_and_restored_and_npz_roundtrip(tmp_path):
+    net = bn_cnn()
+    x, y = class_data(n=16, d=10)
+    state = {k: v.clone() for k, v in net.state_dict().items()}
+    net.train()
+    r = landscape(net, (x, y), 1, grid=3)
+    assert net.training and r.meta.mode == "eval"
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(v, state[k])
+    net.eval()
+    with torch.no_grad():
+        center = nn.functional.cross_entropy(net(x), y).item()
+    assert r.loss[1].item() == pytest.approx(center, rel=1e-12)
+    loaded = LandscapeResult.load(r.save(tmp_path / "l.npz"))
+    torch.testing.assert_close(loaded.loss, r.loss)
+    assert loaded.y is None and loaded.axes[0].shape == (3,) and loaded.dims == 1
+    with np.load(tmp_path / "l.npz") as archive:
+        assert {"x", "loss", "accuracy"} <= set(archive.files)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grid": 2}, "at least 3 points"),
+        ({"dims": 3}, "dims must be 1 or 2"),
+        ({"span": 0.0}, "span must be > 0"),
+        ({"norm": "unit"}, "unknown norm"),
+        ({"bias": "drop"}, "unknown bias mode"),
+        ({"directions": "pca"}, "unknown directions"),
+        ({"directions": "random", "states": True}, "interpolation only"),
+    ],
+)
+def test_bad_input_raises_one_clear_error(kwargs, message):
+    net = mlp()
+    x, y = class_data()
+    kwargs = {"dims": 1, **kwargs}
+    with pytest.raises(SharpscopeError, match=message):
+        landscape(net, (x, y), **kwargs)

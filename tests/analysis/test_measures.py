@@ -1,0 +1,250 @@
+"""Average-case sharpness, Keskar ε-sharpness and PAC-Bayes flatness against exact answers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import norm as normal
+from torch import nn
+
+from sharpscope.analysis.measures import (
+    AverageSharpness,
+    PacBayesFlatness,
+    average_sharpness,
+    epsilon_sharpness,
+    keskar_subspace,
+    pac_bayes_flatness,
+)
+from sharpscope.errors import SharpscopeError
+
+torch.set_num_threads(1)
+F64 = torch.float64
+
+
+def half_mse(out, t):
+    return 0.5 * (out.squeeze(-1) - t).pow(2).mean()
+
+
+def mean_output(out, t):
+    return out.mean()
+
+
+def linear_regression(n=24, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    y = torch.randn(n, generator=g, dtype=F64)
+    return model, x, y
+
+
+def bn_net():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).to(F64)
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-0.3, 0.3)
+        net[1].running_var.uniform_(0.5, 2.0)
+    return net
+
+
+def class_data(n=30, d=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, d, generator=g, dtype=F64), torch.randint(0, 3, (n,), generator=g)
+
+
+# --- average-case sharpness -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_average_sharpness_matches_gaussian_expectation(adaptive):
+    """E[gᵀδ + ½δᵀAδ] = ½ρ² tr(T A T); Var = ρ²‖Tg‖² + ½ρ⁴ tr((TAT)²) per draw."""
+    model, x, y = linear_regression()
+    m, rho, draws = 6, 0.3, 400
+    r = average_sharpness(
+        model, (x, y), rho=rho, m=m, num_draws=draws, adaptive=adaptive, loss=half_mse, seed=3
+    )
+    w = model.weight.detach()[0]
+    t = torch.diag(w.abs() if adaptive else torch.ones_like(w))
+    means, variances = [], []
+    for j in range(len(y) // m):
+        xj, yj = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
+        g, a = xj.T @ (xj @ w - yj) / m, xj.T @ xj / m
+        tat = t @ a @ t
+        means.append(0.5 * rho**2 * torch.trace(tat))
+        variances.append(rho**2 * (t @ g).pow(2).sum() + 0.5 * rho**4 * torch.trace(tat @ tat))
+    exact = float(torch.stack(means).mean())
+    exact_stderr = math.sqrt(float(torch.stack(variances).sum()) / draws) / len(means)
+    assert abs(r.sharpness - exact) <= 4 * exact_stderr
+    assert r.stderr == pytest.approx(exact_stderr, rel=0.3)
+    assert r.num_subsets == 4 and r.num_draws == draws
+
+
+def test_average_sharpness_vectorized_equals_loop_and_saves(tmp_path):
+    net = bn_net()
+    x, y = class_data()
+    kw = {"rho": 0.2, "m": 5, "num_draws": 3, "adaptive": True, "chunk_size": 4, "seed": 1}
+    a = average_sharpness(net, (x, y), **kw)
+    b = average_sharpness(net, (x, y), vectorize=False, **kw)
+    torch.testing.assert_close(a.per_subset, b.per_subset, rtol=1e-10, atol=1e-12)
+    assert a.error_increase == pytest.approx(b.error_increase, abs=1e-12)
+    assert math.isfinite(a.sharpness) and a.sharpness != 0
+    loaded = AverageSharpness.load(a.save(tmp_path / "avg.json"))
+    assert loaded.sharpness == a.sharpness
+
+
+def test_average_sharpness_bad_input():
+    model, x, y = linear_regression()
+    with pytest.raises(SharpscopeError, match="rho must be > 0"):
+        average_sharpness(model, (x, y), rho=0.0, loss=half_mse)
+    with pytest.raises(SharpscopeError, match="larger than the 24 examples"):
+        average_sharpness(model, (x, y), rho=0.1, m=25, loss=half_mse)
+
+
+# --- Keskar ε-sharpness ---------------------------------------------------------------------
+
+
+class SeparableQuadratic(nn.Module):
+    """L(w) = ½ Σ a_i (w_i − c_i)², the same for every example."""
+
+    def __init__(self, a, c, w):
+        super().__init__()
+        self.register_buffer("a", a)
+        self.register_buffer("c", c)
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x):
+        return (0.5 * (self.a * (self.w - self.c) ** 2).sum()).expand(len(x))
+
+
+def test_epsilon_sharpness_linear_loss_is_the_box_vertex():
+    model, x, _ = linear_regression(n=16, d=5, seed=2)
+    with torch.no_grad():
+        model.weight.abs_()
+    x = x.abs()  # L(w) = x̄ᵀw > 0
+    eps = 1e-3
+    r = epsilon_sharpness(model, (x, torch.zeros(16)), eps, loss=mean_output)
+    w, gbar = model.weight.detach()[0], x.mean(0)
+    clean = float(gbar @ w)
+    exact_max = clean + float((gbar.abs() * eps * (w.abs() + 1)).sum())
+    assert r.clean_loss == pytest.approx(clean, rel=1e-12)
+    assert r.max_loss == pytest.approx(exact_max, rel=1e-10)
+    assert r.sharpness == pytest.approx(100 * (exact_max - clean) / (1 + clean), rel=1e-8)
+
+
+def test_epsilon_sharpness_separable_quadratic():
+    g = torch.Generator().manual_seed(0)
+    d = 6
+    a = torch.rand(d, generator=g, dtype=F64) + 0.5
+    c = torch.randn(d, generator=g, dtype=F64)
+    w = c + torch.randn(d, generator=g, dtype=F64)
+    model = SeparableQuadratic(a, c, w)
+    eps = 5e-4
+    r = epsilon_sharpness(
+        model, (torch.zeros(4, 1, dtype=F64), torch.zeros(4)), eps, loss=mean_output
+    )
+    box = eps * (w.abs() + 1)
+    per_coord = torch.maximum(0.5 * a * (w + box - c) ** 2, 0.5 * a * (w - box - c) ** 2)
+    clean = float((0.5 * a * (w - c) ** 2).sum())
+    assert r.max_loss == pytest.approx(float(per_coord.sum()), rel=1e-10)
+    assert r.sharpness == pytest.approx(100 * (r.max_loss - clean) / (1 + clean), rel=1e-12)
+
+
+def test_epsilon_sharpness_random_subspace_linear_loss():
+    model, x, _ = linear_regression(n=12, d=8, seed=4)
+    x = x.abs()
+    with torch.no_grad():
+        model.weight.abs_()
+    eps, p = 1e-3, 3
+    r = epsilon_sharpness(
+        model, (x, torch.zeros(12)), eps, subspace_dim=p, seed=5, loss=mean_output
+    )
+    basis = keskar_subspace(8, p, 5)
+    w, gbar = model.weight.detach()[0], x.mean(0)
+    bound = eps * (torch.linalg.pinv(basis) @ w).abs() + eps
+    exact_gain = float(((basis.T @ gbar).abs() * bound).sum())
+    assert r.max_loss - r.clean_loss == pytest.approx(exact_gain, rel=1e-8)
+    full = epsilon_sharpness(model, (x, torch.zeros(12)), eps, loss=mean_output)
+    assert r.subspace_dim == p and 0 < r.sharpness < full.sharpness
+
+
+def test_epsilon_sharpness_bad_input():
+    model, x, y = linear_regression()
+    with pytest.raises(SharpscopeError, match="epsilon must be > 0"):
+        epsilon_sharpness(model, (x, y), 0.0, loss=half_mse)
+
+
+# --- PAC-Bayes flatness ---------------------------------------------------------------------
+
+
+def linear_classifier(n=1000, d=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 2, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(2, d, generator=g, dtype=F64))
+    x = torch.randn(n, d, generator=g, dtype=F64)
+    diff = model.weight.detach()[1] - model.weight.detach()[0]
+    y = ((x @ diff + 0.5 * torch.randn(n, generator=g, dtype=F64)) > 0).long()
+    return model, x, y
+
+
+def noise_std(model, sigma, magnitude_aware, eps=1e-3):
+    w = model.weight.detach()
+    return (sigma**2 * w**2 + eps**2).sqrt() if magnitude_aware else torch.full_like(w, sigma)
+
+
+def expected_drop(model, x, y, sigma, magnitude_aware):
+    """acc(w) − E acc(w + ξ): the logit gap (w1 − w0 + ξ1 − ξ0)ᵀx is Gaussian."""
+    w = model.weight.detach()
+    sign = 2.0 * y.double() - 1
+    margin = sign * (x @ (w[1] - w[0]))
+    var = noise_std(model, sigma, magnitude_aware).pow(2).sum(0)  # v1k + v0k
+    tau = (x.pow(2) @ var).sqrt()
+    clean = (margin > 0).double().mean()
+    return float(clean - torch.as_tensor(normal.cdf((margin / tau).numpy())).mean())
+
+
+def drop_std_per_draw(model, x, y, sigma, magnitude_aware, draws=400):
+    g = torch.Generator().manual_seed(99)
+    w = model.weight.detach()
+    std = noise_std(model, sigma, magnitude_aware)
+    accs = []
+    for _ in range(draws):
+        wn = w + std * torch.randn(w.shape, generator=g, dtype=F64)
+        accs.append(float(((x @ wn.T).argmax(1) == y).double().mean()))
+    return float(np.std(accs))
+
+
+@pytest.mark.parametrize("magnitude_aware", [False, True])
+def test_pac_bayes_sigma_hits_the_target_drop(magnitude_aware):
+    model, x, y = linear_classifier()
+    draws = 50
+    r = pac_bayes_flatness(model, (x, y), magnitude_aware=magnitude_aware, num_draws=draws)
+    assert r.converged and abs(r.accuracy_drop - 0.1) <= 0.01
+    assert r.flatness == pytest.approx(1 / r.sigma**2)
+    exact = expected_drop(model, x, y, r.sigma, magnitude_aware)
+    slack = 4 * drop_std_per_draw(model, x, y, r.sigma, magnitude_aware) / math.sqrt(draws)
+    assert abs(exact - 0.1) <= 0.01 + slack
+    assert r.num_halvings_used == len(r.search) <= 15
+    assert r.search[0][0] == 1.0  # the first midpoint of [0, 2]
+
+
+def test_pac_bayes_vectorized_equals_loop_and_roundtrip(tmp_path):
+    net = bn_net()
+    x, y = class_data(n=60)
+    kw = {"num_draws": 4, "num_halvings": 3, "chunk_size": 3, "seed": 2}
+    a = pac_bayes_flatness(net, (x, y), **kw)
+    b = pac_bayes_flatness(net, (x, y), vectorize=False, **kw)
+    np.testing.assert_allclose(np.array(a.search), np.array(b.search), rtol=0, atol=1e-12)
+    assert a.sigma == b.sigma
+    loaded = PacBayesFlatness.load(a.save(tmp_path / "pb.json"))
+    assert loaded.flatness == a.flatness
+
+
+def test_pac_bayes_needs_class_labels():
+    model, x, y = linear_regression()
+    with pytest.raises(SharpscopeError, match="class labels"):
+        pac_bayes_flatness(model, (x, y), loss=half_mse)

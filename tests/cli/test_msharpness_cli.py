@@ -1,0 +1,88 @@
+"""``sharpscope msharpness`` on a tiny checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sharpscope.analysis.msharpness import m_sharpness
+from sharpscope.cli import app
+from sharpscope.data import load_data
+from sharpscope.io import FORMAT, VERSION, load_checkpoint, save_checkpoint
+from sharpscope.registry import build_model
+
+runner = CliRunner()
+SPEC = {"name": "cnn1d", "norm": "batch", "width": 4, "depth": 2}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    net = build_model(SPEC, (40,), 10)
+    for module in net.modules():
+        if isinstance(module, torch.nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(
+        path,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": SPEC,
+            "data": {"name": "mnist1d"},
+            "input_shape": [40],
+            "num_classes": 10,
+            "epoch": 1,
+            "step": 1,
+            "metrics": {},
+            "state_dict": net.state_dict(),
+        },
+    )
+    return path
+
+
+def test_msharpness_prints_and_writes_json_equal_to_the_api(checkpoint, tmp_path):
+    out = tmp_path / "ms.json"
+    args = ["msharpness", str(checkpoint), "--m", "16", "--rho", "0.1", "--samples", "64"]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "m-sharpness (m=16, rho=0.1, l2, 1 step)" in result.output
+    saved = json.loads(out.read_text())
+    for key in ("m", "rho", "adaptive", "steps", "sharpness", "meta"):
+        assert key in saved
+    assert saved["m"] == 16 and saved["steps"] == 1 and saved["adaptive"] is False
+    assert saved["meta"]["checkpoint"] == str(checkpoint) and saved["num_subsets"] == 4
+    split = load_data("mnist1d", "train", samples=64, seed=0)
+    direct = m_sharpness(load_checkpoint(checkpoint).model, split.pair(), m=16, rho=0.1)
+    assert saved["sharpness"] == pytest.approx(direct.sharpness, rel=1e-6)
+
+
+def test_msharpness_adaptive_linf_multistep(checkpoint, tmp_path):
+    args = ["msharpness", str(checkpoint), "--m", "32", "--rho", "0.01", "--samples", "64"]
+    args += ["--adaptive", "--norm", "linf", "--steps", "3", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--json", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "a.json").read_text())
+    assert saved["adaptive"] is True and saved["norm"] == "linf" and saved["steps"] == 3
+    assert saved["sharpness"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--m", "1000"], "m = 1000 is larger than the 64 examples"),
+        (["--rho", "0"], "--rho must be > 0"),
+        (["--norm", "l3"], "--norm must be one of l2, linf"),
+    ],
+)
+def test_msharpness_bad_input_is_one_line(checkpoint, extra, message):
+    args = ["msharpness", str(checkpoint), "--samples", "64", "--device", "cpu", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0]
+    assert "Traceback" not in result.output
