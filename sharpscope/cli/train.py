@@ -21,7 +21,7 @@ OPTIMIZER_FLAGS = {
     "eta": "eta",
     "theta": "theta",
     "m": "m",
-    "adaptive_form": "form",
+    "adaptive_form": "adaptive",
     "normalize_bias": "normalize_bias",
     "bn_policy": "bn_policy",
     "perturbation": "perturbation",
@@ -238,7 +238,7 @@ def register(app: typer.Typer) -> None:
         adaptive_form: Optional[str] = typer.Option(
             None,
             "--form",
-            help="ASAM/SAM-ON form: elementwise, layerwise, linf (SAM-ON: also sam).",
+            help="ASAM/SAM-ON adaptive form: elementwise, layerwise, linf (SAM-ON also none = plain SAM-ON).",
         ),
         normalize_bias: Optional[bool] = typer.Option(
             None, "--normalize-bias/--no-normalize-bias", help="ASAM/SAM-ON: scale biases too."

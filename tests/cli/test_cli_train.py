@@ -127,3 +127,22 @@ def test_config_with_unknown_key(tmp_path):
     config.write_text("epochz = 3\n")
     result = runner.invoke(app, ["train", "--config", str(config)])
     assert result.exit_code == 2 and "unknown training config key 'epochz'" in result.output
+
+
+def test_every_optimizer_flag_maps_to_a_real_optimizer_option():
+    """A flag whose spec key no optimizer accepts would be refused at run time (bug: --form)."""
+    from sharpscope.cli.train import OPTIMIZER_FLAGS
+    from sharpscope.optim.factory import optimizer_options
+
+    known = set()
+    for name in ("sam", "asam", "vasso", "lets", "samon", "bsam"):
+        known |= set(optimizer_options(name))
+    assert set(OPTIMIZER_FLAGS.values()) <= known
+
+
+def test_asam_form_flag(tmp_path):
+    result = runner.invoke(
+        app, ["train", *TINY, "--optimizer", "asam", "--form", "layerwise", "--out", str(tmp_path)]
+    )
+    assert result.exit_code == 0, result.output
+    assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["adaptive"] == "layerwise"
