@@ -1,0 +1,227 @@
+"""``sharpscope spectrum CKPT``: top eigenvalues, trace and density of a checkpoint's Hessian.
+
+Load (checkpoint or bare state_dict + ``--model``/``--data``/``--loss``), call
+:func:`sharpscope.analysis.spectrum`, print and save. Under ``torchrun
+--nproc_per_node N`` every rank takes a shard of the data and the products are
+all-reduced; only rank 0 prints and writes files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import SharpscopeError
+from ._common import console, guarded, parse_options
+
+CHOICES = {
+    "backend": ("sharpscope", "pyhessian"),
+    "which": ("LA", "SA", "LM"),
+    "dtype": ("float32", "float64"),
+    "trace_method": ("hutchpp", "hutchinson"),
+    "kernel": ("ghorbani", "papyan", "log"),
+    "hvp_mode": ("auto", "forward", "reverse"),
+    "bn_mode": ("eval", "batch"),
+}
+
+
+def _check_choice(flag: str, value: str) -> None:
+    choices = CHOICES[flag]
+    if value not in choices:
+        raise SharpscopeError(
+            f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'"
+        )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.6g}"
+
+
+def summary_lines(result) -> list[str]:
+    """The lines ``sharpscope spectrum`` prints on stdout."""
+    lines = []
+    eigs = ", ".join(f"{v:.6g}" for v in result.eigenvalues.tolist())
+    label = {"LA": "top", "SA": "most negative", "LM": "largest |λ|"}[result.top.which]
+    lines.append(f"{label} {result.top.k} eigenvalues: {eigs}")
+    if result.top.which == "LA":
+        lines.append(f"lambda_max: {_fmt(result.lambda_max)}")
+        lines.append(f"lambda_5: {_fmt(result.lambda_5)}")
+        lines.append(f"lambda_max/lambda_5: {_fmt(result.ratio)}")
+    lines.append(
+        f"trace: {result.trace:.6g} +- {_fmt(result.trace_stderr)} ({result.trace_estimate.method})"
+    )
+    lines.append(f"hvp_count: {result.hvp_count:g} full passes ({result.seconds:.2f} s)")
+    if not all(result.top.converged):
+        bad = [i + 1 for i, c in enumerate(result.top.converged) if not c]
+        advice = (
+            "PyHessian's power iteration stops on a 1e-3 relative change"
+            if result.top.backend == "pyhessian"
+            else "raise --max-steps or --tol"
+        )
+        lines.append(
+            f"warning: eigenvalue(s) {bad} have residuals above tol {result.top.tol:g} ({advice})"
+        )
+    return lines
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sharpscope spectrum``."""
+
+    @app.command("spectrum")
+    @guarded
+    def spectrum_command(
+        ckpt: Path = typer.Argument(..., help="Checkpoint (.pt) or bare state_dict file."),
+        model: Optional[str] = typer.Option(
+            None, "--model", help="Registry name or module:function (needed for a state_dict)."
+        ),
+        data: Optional[str] = typer.Option(
+            None, "--data", help="Registry name or module:function [default: the checkpoint's]."
+        ),
+        loss: Optional[str] = typer.Option(
+            None, "--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."
+        ),
+        k: int = typer.Option(5, "--k", help="Number of top eigenvalues."),
+        probes: int = typer.Option(10, "--probes", help="SLQ probes n_v for the density."),
+        lanczos_steps: int = typer.Option(
+            90, "--lanczos-steps", help="Lanczos steps m per SLQ probe."
+        ),
+        samples: Optional[int] = typer.Option(
+            None, "--samples", help="Use the first N examples after a seeded shuffle."
+        ),
+        batch_size: Optional[int] = typer.Option(
+            None, "--batch-size", help="Examples per forward pass [default: all at once]."
+        ),
+        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the subset and of the probes."),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON."),
+        plot: Optional[Path] = typer.Option(
+            None, "--plot", help="Write the density plot (PDF and PNG)."
+        ),
+        backend: str = typer.Option(
+            "sharpscope", "--backend", help="sharpscope or pyhessian (top-k and trace)."
+        ),
+        which: str = typer.Option("LA", "--which", help="LA (largest), SA (most negative), LM."),
+        dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+        eigenvectors: Optional[Path] = typer.Option(
+            None, "--eigenvectors", help="Save the top-k eigenvectors to OUT.npz."
+        ),
+        tol: float = typer.Option(1e-5, "--tol", help="Relative Ritz-residual tolerance."),
+        max_steps: int = typer.Option(100, "--max-steps", help="Most Lanczos steps for top-k."),
+        trace_method: str = typer.Option(
+            "hutchpp", "--trace-method", help="hutchpp or hutchinson."
+        ),
+        trace_probes: Optional[int] = typer.Option(
+            None, "--trace-probes", help="Trace budget [default: 99 Hutch++, 100 Hutchinson]."
+        ),
+        kernel: str = typer.Option(
+            "ghorbani", "--kernel", help="Density smoothing: ghorbani, papyan or log."
+        ),
+        deflate: int = typer.Option(0, "--deflate", help="Deflate the top-N before SLQ."),
+        split: str = typer.Option("train", "--split", help="train or test."),
+        data_root: Optional[str] = typer.Option(
+            None, "--data-root", help="Folder holding the CIFAR files."
+        ),
+        model_opt: Optional[list[str]] = typer.Option(
+            None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
+        ),
+        data_opt: Optional[list[str]] = typer.Option(
+            None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
+        ),
+        hvp_mode: str = typer.Option(
+            "auto", "--hvp-mode", help="auto (time both), forward or reverse."
+        ),
+        bn_mode: str = typer.Option(
+            "eval", "--bn-mode", help="eval (running statistics) or batch (opt-in)."
+        ),
+        weight_decay: float = typer.Option(
+            0.0, "--weight-decay", help="Add (wd/2)|θ|² to the loss (shifts λ by wd)."
+        ),
+        basis_device: Optional[str] = typer.Option(
+            None, "--basis-device", help="Keep the Lanczos basis there (e.g. cpu)."
+        ),
+    ) -> None:
+        """Top-k Hessian eigenvalues, trace and spectral density of a checkpoint."""
+        from ..analysis.spectrum import spectrum
+        from ..distributed import init_from_env
+        from ._common import load_analysis_inputs
+
+        for flag, value in (
+            ("backend", backend),
+            ("which", which),
+            ("dtype", dtype),
+            ("trace_method", trace_method),
+            ("kernel", kernel),
+            ("hvp_mode", hvp_mode),
+            ("bn_mode", bn_mode),
+        ):
+            _check_choice(flag, value)
+        if eigenvectors is not None and eigenvectors.suffix != ".npz":
+            raise SharpscopeError(f"--eigenvectors must name a .npz file, got '{eigenvectors}'")
+        if k < 1:
+            raise SharpscopeError(f"--k must be >= 1, got {k}")
+
+        dist = init_from_env(device)
+        # Data stays on the CPU here: each rank moves only its own shard to its device.
+        inputs = load_analysis_inputs(
+            ckpt,
+            model,
+            data,
+            loss,
+            split=split,
+            samples=samples,
+            batch_size=batch_size,
+            device="cpu",
+            seed=seed,
+            data_root=data_root,
+            model_options=parse_options(model_opt, "--model-opt"),
+            data_options=parse_options(data_opt, "--data-opt"),
+            dtype=dtype,
+        )
+        net = inputs.model.to(dist.device)
+        loss_spec = loss or inputs.checkpoint.raw.get("loss") or "cross_entropy"
+        if dist.is_main:
+            console.print(
+                f"spectrum of {ckpt} on {inputs.meta.num_samples} examples "
+                f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}, {dist.device})"
+            )
+        result = spectrum(
+            net,
+            inputs.batches,
+            k,
+            loss_spec,
+            which=which,  # type: ignore[arg-type]
+            tol=tol,
+            max_steps=max_steps,
+            trace_method=trace_method,
+            trace_probes=trace_probes,
+            num_probes=probes,
+            num_lanczos_steps=lanczos_steps,
+            kernel=kernel,  # type: ignore[arg-type]
+            deflate=deflate,
+            return_eigenvectors=eigenvectors is not None,
+            seed=seed,
+            device=dist.device,
+            basis_device=basis_device,
+            backend=backend,
+            meta=inputs.meta,
+            hvp_mode=hvp_mode,
+            bn_mode=bn_mode,
+            weight_decay=weight_decay,
+        )
+        if not dist.is_main:
+            return
+        for line in summary_lines(result):
+            typer.echo(line)
+        if json_out is not None:
+            result.save(json_out)
+            console.print(f"wrote {json_out}")
+        if plot is not None:
+            from ..plotting.spectrum import save_spectrum_plot
+
+            written = save_spectrum_plot(result, plot)
+            console.print(f"wrote {', '.join(str(p) for p in written[:2])}")
+        if eigenvectors is not None:
+            result.top.save(eigenvectors)
+            console.print(f"wrote {eigenvectors}")

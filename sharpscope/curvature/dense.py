@@ -1,0 +1,85 @@
+"""The exact dense Hessian of a small model, the reference every estimate is tested against.
+
+``torch.func.hessian`` of the mean loss as a function of the flattened trainable
+parameters, in float64 on a copy of the model (analysis.md §1, Validation). This is
+an independent path from :class:`~sharpscope.curvature.HessianOperator` (no HVP, no
+batching): it forms the P x P matrix, so it is only for P up to a few thousand.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from ..data.batches import as_tensors
+from ..errors import SharpscopeError
+from .operator import resolve_loss
+
+F64 = torch.float64
+
+
+def dense_hessian(
+    model: nn.Module,
+    data: Any,
+    loss: Any = "cross_entropy",
+    *,
+    bn_mode: str = "eval",
+    max_params: int = 20_000,
+) -> Tensor:
+    r"""The float64 Hessian :math:`\nabla^2_\theta L` of the mean loss over all of ``data``.
+
+    Args:
+        model: the network (not modified: a float64 copy is used).
+        data: anything :func:`sharpscope.data.batches.as_tensors` accepts.
+        loss: loss name, factory path or callable.
+        bn_mode: "eval" (running statistics) or "batch" (batch statistics over all of
+            ``data`` as one batch).
+        max_params: refuse larger models (the matrix has P² entries).
+
+    Returns:
+        ``(P, P)`` float64, parameters in ``model.parameters()`` order (trainable only).
+
+    >>> m = nn.Linear(2, 1, bias=False)
+    >>> x, y = torch.eye(2), torch.zeros(2, 1)
+    >>> dense_hessian(m, (x, y), "mse").tolist()  # (2/N) X^T X with N = 2
+    [[1.0, 0.0], [0.0, 1.0]]
+    """
+    loss_fn = resolve_loss(loss)
+    module = copy.deepcopy(model).to(F64)
+    if bn_mode == "batch":
+        torch.func.replace_all_batch_norm_modules_(module)
+        module.eval()
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+    else:
+        module.eval()
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    shapes = [p.shape for n, p in module.named_parameters() if p.requires_grad]
+    consts = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    consts.update(dict(module.named_buffers()))
+    theta = torch.cat([p.detach().reshape(-1) for n, p in module.named_parameters() if n in names])
+    if theta.numel() > max_params:
+        raise SharpscopeError(
+            f"dense Hessian of {theta.numel()} parameters refused (> {max_params})"
+        )
+    x, y = as_tensors(data)
+    x = x.to(F64) if x.is_floating_point() else x
+    y = y.to(F64) if y.is_floating_point() else y
+
+    def mean_loss(flat: Tensor) -> Tensor:
+        params, start = {}, 0
+        for name, shape in zip(names, shapes):
+            params[name] = flat[start : start + shape.numel()].reshape(shape)
+            start += shape.numel()
+        return loss_fn(functional_call(module, (params, consts), (x,)), y)
+
+    if bn_mode == "batch":
+        # torch.func.hessian (vmap over the primal) returns a non-symmetric, wrong matrix
+        # for batch-statistics BatchNorm (torch 2.x); the unvectorized autograd one is right.
+        return torch.autograd.functional.hessian(mean_loss, theta)
+    return torch.func.hessian(mean_loss)(theta)

@@ -1,0 +1,496 @@
+"""Lanczos with full reorthogonalization, and top-k eigenpairs from it.
+
+Spec: analysis.md section 2. The kernel :func:`lanczos` builds the tridiagonal
+``T_m = Q_m^T A Q_m`` of a symmetric operator; :func:`lanczos_top_k` stops it when the
+wanted Ritz pairs have converged; :func:`block_lanczos_top_k` is the block variant
+used to check repeated eigenvalues, which a single start vector cannot see twice.
+
+References:
+    C. Lanczos (1950), J. Res. Nat. Bur. Standards 45, 255-282.
+    B. N. Parlett, *The Symmetric Eigenvalue Problem* (1998), ch. 13 (full
+    reorthogonalization, Ritz residuals ``beta_j |s_{j,i}|``).
+    G. H. Golub and R. Underwood (1977), block Lanczos.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import scipy.linalg
+import torch
+from torch import Tensor
+
+from ..errors import SharpscopeError
+from ._linear import (
+    F64,
+    as_operator,
+    basis_combine_rows,
+    orthogonalize,
+    random_vector,
+)
+
+Which = Literal["LA", "SA", "LM"]
+WHICH = ("LA", "SA", "LM")
+
+# beta_j below this fraction of |theta_1| means the Krylov space is exhausted (spec §2).
+BREAKDOWN = 1e-10
+
+
+def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal (alpha, beta).
+
+    A symmetric solver (LAPACK stemr through scipy), never a general one.
+
+    >>> theta, S = tridiagonal_eigh(np.array([2.0, 2.0]), np.array([1.0]))
+    >>> theta.round(12).tolist()
+    [1.0, 3.0]
+    """
+    alpha = np.asarray(alpha, dtype=np.float64)
+    beta = np.asarray(beta, dtype=np.float64)
+    if alpha.size == 1:
+        return alpha.copy(), np.ones((1, 1))
+    try:
+        return scipy.linalg.eigh_tridiagonal(alpha, beta)
+    except (np.linalg.LinAlgError, ValueError):
+        T = np.diag(alpha) + np.diag(beta, 1) + np.diag(beta, -1)
+        return np.linalg.eigh(T)
+
+
+def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` wanted values of ``theta``, in descending algebraic order.
+
+    >>> select(np.array([-7.0, 1.0, 3.0, 5.0]), 2, "LM").tolist()
+    [3, 0]
+    """
+    if which == "LA":
+        idx = np.argsort(-theta, kind="stable")[:k]
+    elif which == "SA":
+        idx = np.argsort(theta, kind="stable")[:k]
+    elif which == "LM":
+        idx = np.argsort(-np.abs(theta), kind="stable")[:k]
+    else:
+        raise SharpscopeError(f"unknown which='{which}'; choose one of {', '.join(WHICH)}")
+    return idx[np.argsort(-theta[idx], kind="stable")]
+
+
+@dataclass(frozen=True)
+class LanczosRun:
+    """The output of :func:`lanczos`.
+
+    Attributes:
+        alpha: diagonal of T, ``(m,)``.
+        beta: off-diagonal of T, ``(m-1,)``; zero where the run restarted.
+        residual_norm: ``beta_m``, the norm of the last residual vector.
+        basis: the Lanczos vectors as rows, ``(m, dim)``, or None.
+        num_matvecs: operator applications.
+        restarts: how often the Krylov space was exhausted and a fresh vector taken.
+        exhausted: the run stopped because the Krylov space was exhausted.
+    """
+
+    alpha: np.ndarray
+    beta: np.ndarray
+    residual_norm: float
+    basis: Tensor | None
+    num_matvecs: int
+    restarts: int = 0
+    exhausted: bool = False
+
+    @property
+    def num_steps(self) -> int:
+        """m, the size of T."""
+        return int(self.alpha.size)
+
+    def tridiagonal(self) -> np.ndarray:
+        """T as a dense ``(m, m)`` array."""
+        return np.diag(self.alpha) + np.diag(self.beta, 1) + np.diag(self.beta, -1)
+
+    def ritz(self) -> tuple[np.ndarray, np.ndarray]:
+        """Ritz values (ascending) and the eigenvectors ``S`` of T (columns)."""
+        return tridiagonal_eigh(self.alpha, self.beta)
+
+
+StopRule = Callable[[np.ndarray, np.ndarray, float], bool]
+
+
+def lanczos(
+    A: Any,
+    num_steps: int,
+    *,
+    dim: int | None = None,
+    start: Tensor | None = None,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    restart: bool = True,
+    locked: Tensor | None = None,
+    stop: StopRule | None = None,
+    return_basis: bool = True,
+) -> LanczosRun:
+    r"""Run the Lanczos process with full reorthogonalization.
+
+    Step j: :math:`w = A q_j - \beta_{j-1} q_{j-1}`, :math:`\alpha_j = q_j^T w`,
+    :math:`w \mathrel{-}= \alpha_j q_j`, then :math:`w` is reorthogonalized against all
+    previous :math:`q`'s twice (classical Gram-Schmidt, float64 coefficients),
+    :math:`\beta_j = \|w\|`, :math:`q_{j+1} = w/\beta_j`. Without the reorthogonalization
+    converged Ritz values come back as "ghost" copies (analysis.md §2, Pitfalls).
+
+    If :math:`\beta_j < 10^{-10} |\theta_1|` the Krylov space is exhausted: with
+    ``restart`` a fresh random vector orthogonal to the basis continues the run
+    (T becomes block diagonal); without, the run stops (exact Gauss quadrature for SLQ).
+
+    Args:
+        A: symmetric operator (see :func:`~sharpscope.curvature._linear.as_operator`).
+        num_steps: the most steps m (capped at the dimension).
+        dim: vector length when ``A`` is a callable.
+        start: start vector (normalized here); default a seeded Gaussian.
+        seed: seed of the start and restart vectors (own generator).
+        generator: use this generator instead of ``seed``.
+        basis_dtype: storage dtype of the basis (default: the operator's). Scalars are
+            float64 regardless.
+        basis_device: where the basis lives (``"cpu"`` for models whose
+            ``m x P`` basis does not fit on the accelerator).
+        restart: restart on an exhausted Krylov space instead of stopping.
+        locked: rows (orthonormal) to stay orthogonal to, e.g. deflated eigenvectors.
+        stop: ``stop(alpha, beta, beta_j) -> bool`` called after every step.
+        return_basis: keep the basis in the result.
+
+    Returns:
+        A :class:`LanczosRun`.
+
+    >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    >>> run = lanczos(A, 5)
+    >>> np.round(run.ritz()[0], 10).tolist()
+    [1.0, 2.0, 3.0, 4.0, 5.0]
+    """
+    op = as_operator(A, dim)
+    n = op.dim
+    gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
+    if locked is not None:
+        locked = locked.to(op.device, F64)
+    free = n - (0 if locked is None else locked.shape[0])
+    m = min(int(num_steps), free)
+    if m < 1:
+        raise SharpscopeError(f"Lanczos needs at least one step, got num_steps={num_steps}")
+    bdtype = basis_dtype if basis_dtype is not None else op.dtype
+    bdev = torch.device(basis_device) if basis_device is not None else op.device
+    Q = torch.empty((m, n), dtype=bdtype, device=bdev)
+
+    q = random_vector(n, gen) if start is None else start.detach().to("cpu", F64).reshape(-1)
+    q = q.to(op.device)
+    if locked is not None:
+        q = orthogonalize(q, locked)
+    q = q / torch.linalg.vector_norm(q)
+
+    alpha: list[float] = []
+    beta: list[float] = []
+    beta_last = 0.0
+    restarts = 0
+    exhausted = False
+    matvecs = 0
+    for j in range(m):
+        Q[j] = q.to(bdev, bdtype)
+        qj = Q[j].to(op.device, F64)  # the stored (possibly rounded) vector defines T
+        w = op.mv(qj)
+        matvecs += 1
+        a = float(qj @ w)
+        w = w - a * qj
+        if j > 0 and beta[-1] != 0.0:
+            w = w - beta[-1] * Q[j - 1].to(op.device, F64)
+        w = orthogonalize(w, Q[: j + 1], locked)
+        b = float(torch.linalg.vector_norm(w))
+        alpha.append(a)
+        beta_last = b
+        if stop is not None and stop(np.asarray(alpha), np.asarray(beta), b):
+            break
+        if j == m - 1:
+            break
+        if _exhausted(alpha, beta, b):
+            if not restart:
+                exhausted = True
+                break
+            fresh = orthogonalize(random_vector(n, gen).to(op.device), Q[: j + 1], locked)
+            norm = float(torch.linalg.vector_norm(fresh))
+            if norm < 1e-8 * np.sqrt(n):  # nothing left to explore
+                exhausted = True
+                break
+            restarts += 1
+            beta.append(0.0)
+            q = fresh / norm
+        else:
+            beta.append(b)
+            q = w / b
+    used = len(alpha)
+    return LanczosRun(
+        alpha=np.asarray(alpha),
+        beta=np.asarray(beta[: used - 1]),
+        residual_norm=beta_last,
+        basis=Q[:used] if return_basis else None,
+        num_matvecs=matvecs,
+        restarts=restarts,
+        exhausted=exhausted,
+    )
+
+
+def _exhausted(alpha: list[float], beta: list[float], b: float) -> bool:
+    """Whether ``b`` is below 1e-10 |theta_1| of the current T."""
+    a = np.abs(np.asarray(alpha))
+    bound = float(a.max() + 2 * (max(beta) if beta else 0.0))  # Gershgorin >= |theta_1|
+    if b > BREAKDOWN * bound:
+        return False
+    theta, _ = tridiagonal_eigh(np.asarray(alpha), np.asarray(beta))
+    return b <= BREAKDOWN * max(float(np.abs(theta).max()), np.finfo(float).tiny)
+
+
+@dataclass(frozen=True)
+class EigenPairs:
+    """Wanted eigenpairs of a symmetric operator (descending eigenvalues).
+
+    Attributes:
+        eigenvalues: ``(k,)`` float64, descending.
+        residuals: Ritz residual estimates ``beta_m |s_{m,i}|`` (``||B_m S_i||`` for blocks).
+        converged: residual <= tol * max |theta|.
+        num_matvecs: operator applications, including the true-residual checks.
+        num_steps: Lanczos steps taken.
+        eigenvectors: ``(k, dim)`` float64 Ritz vectors, or None.
+        true_residuals: ``||A y - theta y||`` of the Ritz vectors, or None.
+        restarts: Krylov restarts.
+    """
+
+    eigenvalues: Tensor
+    residuals: Tensor
+    converged: list[bool]
+    num_matvecs: int
+    num_steps: int
+    eigenvectors: Tensor | None = None
+    true_residuals: Tensor | None = None
+    restarts: int = 0
+
+
+def _check_k(k: int, n: int, max_steps: int) -> None:
+    if k < 1:
+        raise SharpscopeError(f"k must be >= 1, got {k}")
+    if k > n:
+        raise SharpscopeError(f"k={k} is larger than the number of parameters ({n}); use k <= {n}")
+    if max_steps < k:
+        raise SharpscopeError(f"max_steps={max_steps} must be >= k={k}")
+
+
+def lanczos_top_k(
+    A: Any,
+    k: int = 5,
+    *,
+    which: Which = "LA",
+    tol: float = 1e-5,
+    max_steps: int = 100,
+    seed: int = 0,
+    dim: int | None = None,
+    return_eigenvectors: bool = False,
+    true_residuals: bool | None = None,
+    basis_dtype: torch.dtype | None = None,
+    basis_device: torch.device | str | None = None,
+    start: Tensor | None = None,
+) -> EigenPairs:
+    r"""The ``k`` wanted eigenvalues of a symmetric operator by Lanczos (analysis.md §2).
+
+    After every step :math:`j \ge k` the tridiagonal :math:`T_j = S \Theta S^T` gives Ritz
+    values :math:`\theta_i` with residuals :math:`\beta_j |s_{j,i}|`; the run stops when the
+    ``k`` wanted residuals are :math:`\le` ``tol`` :math:`\cdot \max_i |\theta_i|`, or at
+    ``max_steps`` (capped at the dimension; a full run is exact). Unconverged pairs are
+    flagged, never hidden. A single start vector finds one copy of an exactly repeated
+    eigenvalue; use :func:`block_lanczos_top_k` to check multiplicities.
+
+    Args:
+        A: dense symmetric matrix, HessianOperator, or callable (with ``dim``).
+        k: number of eigenpairs (default 5: λ1..λ5 for the SAM paper's λmax/λ5).
+        which: "LA" largest algebraic (default), "SA" most negative, "LM" largest |λ|.
+        tol: relative residual tolerance; 1e-5 default (fp32 HVPs have a noise floor
+            near 1e-6 λ1), 1e-8 for float64 validation.
+        max_steps: the most Lanczos steps m_max (default 100).
+        seed: seed of the Gaussian start vector.
+        dim: vector length when ``A`` is a callable.
+        return_eigenvectors: also return the Ritz vectors ``Q^T s_i``.
+        true_residuals: compute ``||A y - θ y||`` (k extra products; default: with
+            eigenvectors).
+        basis_dtype, basis_device: storage of the basis (see :func:`lanczos`).
+        start: start vector instead of a seeded Gaussian.
+
+    Returns:
+        :class:`EigenPairs` with eigenvalues in descending order.
+
+    Raises:
+        SharpscopeError: k < 1, k > dim, max_steps < k or an unknown ``which``.
+
+    >>> A = torch.diag(torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64))
+    >>> round(lanczos_top_k(A, k=1).eigenvalues.item(), 8)
+    3.0
+    """
+    if which not in WHICH:
+        raise SharpscopeError(f"unknown which='{which}'; choose one of {', '.join(WHICH)}")
+    op = as_operator(A, dim)
+    _check_k(k, op.dim, max_steps)
+
+    def stop(alpha: np.ndarray, beta: np.ndarray, b: float) -> bool:
+        if alpha.size < k:
+            return False
+        theta, S = tridiagonal_eigh(alpha, beta)
+        idx = select(theta, k, which)
+        scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
+        return bool(np.all(b * np.abs(S[-1, idx]) <= tol * scale))
+
+    run = lanczos(
+        op,
+        max_steps,
+        seed=seed,
+        basis_dtype=basis_dtype,
+        basis_device=basis_device,
+        stop=stop,
+        start=start,
+        return_basis=return_eigenvectors,
+    )
+    theta, S = run.ritz()
+    idx = select(theta, k, which)
+    scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
+    residuals = run.residual_norm * np.abs(S[-1, idx])
+    matvecs = run.num_matvecs
+    vectors = true_res = None
+    if return_eigenvectors:
+        assert run.basis is not None
+        coeffs = torch.from_numpy(np.ascontiguousarray(S[:, idx].T))
+        vectors = basis_combine_rows(run.basis, coeffs, torch.device("cpu"))
+        if true_residuals is None or true_residuals:
+            AY = op.mm(vectors.to(op.dtype)).cpu()
+            matvecs += len(idx)
+            lam = torch.from_numpy(theta[idx]).unsqueeze(1)
+            true_res = torch.linalg.vector_norm(AY - lam * vectors, dim=1)
+    return EigenPairs(
+        eigenvalues=torch.from_numpy(theta[idx].copy()),
+        residuals=torch.from_numpy(residuals),
+        converged=[bool(r <= tol * scale) for r in residuals],
+        num_matvecs=matvecs,
+        num_steps=run.num_steps,
+        eigenvectors=vectors,
+        true_residuals=true_res,
+        restarts=run.restarts,
+    )
+
+
+def _orthonormal_rows(W: Tensor, *bases: Tensor | None, gen: torch.Generator) -> Tensor:
+    """Orthonormalize the rows of ``W`` against ``bases`` and each other.
+
+    Rows that vanish (rank deficiency) are replaced by fresh random directions.
+    """
+    W = torch.stack([orthogonalize(w, *bases) for w in W])
+    Qt, R = torch.linalg.qr(W.T)
+    rows = Qt.T.contiguous()
+    scale = max(float(torch.abs(torch.diagonal(R)).max()), 1e-300)
+    for i in range(rows.shape[0]):
+        if abs(float(R[i, i])) < 1e-10 * scale:
+            fresh = random_vector(W.shape[1], gen).to(W.device)
+            fresh = orthogonalize(fresh, *bases, rows[:i])
+            rows[i] = fresh / torch.linalg.vector_norm(fresh)
+    return rows
+
+
+def block_lanczos_top_k(
+    A: Any,
+    k: int = 5,
+    *,
+    block_size: int = 2,
+    which: Which = "LA",
+    tol: float = 1e-5,
+    max_steps: int = 100,
+    seed: int = 0,
+    dim: int | None = None,
+) -> EigenPairs:
+    r"""Block Lanczos with full reorthogonalization (Golub and Underwood, 1977).
+
+    With a block of ``b`` start vectors the Krylov space holds ``b`` directions of every
+    eigenspace, so an eigenvalue of multiplicity up to ``b`` is found with its
+    multiplicity. :math:`A V_j = V_{j-1} B_{j-1}^T + V_j A_j + V_{j+1} B_j`; the band
+    matrix T is solved densely; the residual of Ritz pair i is :math:`\|B_j S_{j,i}\|`.
+    Products go through the operator's block (vmapped) path. Meant for checks.
+
+    Args:
+        A: dense symmetric matrix, HessianOperator, or callable (with ``dim``).
+        k: number of eigenpairs.
+        block_size: vectors per block ``b``.
+        which, tol, seed, dim: as in :func:`lanczos_top_k`.
+        max_steps: the most operator applications (blocks * b).
+
+    Returns:
+        :class:`EigenPairs` (no eigenvectors).
+
+    >>> A = torch.diag(torch.tensor([5.0, 5.0, 3.0, 1.0, 0.5, 0.2], dtype=torch.float64))
+    >>> block_lanczos_top_k(A, k=3, block_size=2).eigenvalues.round(decimals=8).tolist()
+    [5.0, 5.0, 3.0]
+    """
+    op = as_operator(A, dim)
+    n = op.dim
+    _check_k(k, n, max_steps)
+    b = int(block_size)
+    if b < 1:
+        raise SharpscopeError(f"block_size must be >= 1, got {block_size}")
+    gen = torch.Generator().manual_seed(int(seed))
+    num_blocks = max(1, min(max_steps, n) // b)
+    blocks: list[Tensor] = [_orthonormal_rows(random_vector(n, gen, rows=b).to(op.device), gen=gen)]
+    diag: list[np.ndarray] = []
+    off: list[np.ndarray] = []
+    theta = np.zeros(0)
+    residuals = np.zeros(0)
+    idx = np.zeros(0, dtype=int)
+    scale = 1.0
+    matvecs = 0
+    for j in range(num_blocks):
+        V = blocks[j]
+        W = op.mm(V)
+        matvecs += b
+        Aj = V @ W.T
+        Aj = 0.5 * (Aj + Aj.T)
+        W = W - Aj @ V
+        if j > 0:
+            W = W - torch.from_numpy(off[-1]).to(W.device) @ blocks[j - 1]
+        basis = torch.cat(blocks)
+        W = torch.stack([orthogonalize(w, basis) for w in W])
+        Qt, R = torch.linalg.qr(W.T)  # W^T = V_{j+1}^T B_j  ->  B_j = R
+        diag.append(Aj.cpu().numpy())
+        size = (j + 1) * b
+        T = np.zeros((size, size))
+        for i, D in enumerate(diag):
+            T[i * b : (i + 1) * b, i * b : (i + 1) * b] = D
+        for i, B in enumerate(off):
+            T[(i + 1) * b : (i + 2) * b, i * b : (i + 1) * b] = B
+            T[i * b : (i + 1) * b, (i + 1) * b : (i + 2) * b] = B.T
+        theta, S = np.linalg.eigh(T)
+        Bj = R.cpu().numpy()
+        idx = select(theta, min(k, size), which)
+        residuals = np.linalg.norm(Bj @ S[-b:, idx], axis=0)
+        scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
+        if size >= k and np.all(residuals <= tol * scale):
+            break
+        if size + b > min(max_steps, n):
+            break
+        Vnext = Qt.T.contiguous()
+        rdiag = np.abs(np.diag(Bj))
+        deficient = np.flatnonzero(rdiag < BREAKDOWN * scale)
+        if deficient.size:  # exhausted directions: fresh ones, coupled by 0
+            Bj = Bj.copy()
+            keep = [i for i in range(b) if i not in set(deficient.tolist())]
+            for i in deficient:
+                fresh = random_vector(n, gen).to(W.device)
+                fresh = orthogonalize(fresh, basis, Vnext[keep])
+                Vnext[i] = fresh / torch.linalg.vector_norm(fresh)
+                keep.append(int(i))
+                Bj[i, :] = 0.0
+        off.append(Bj)
+        blocks.append(Vnext)
+    return EigenPairs(
+        eigenvalues=torch.from_numpy(theta[idx].copy()),
+        residuals=torch.from_numpy(residuals),
+        converged=[bool(r <= tol * scale) for r in residuals],
+        num_matvecs=matvecs,
+        num_steps=len(diag) * b,
+    )

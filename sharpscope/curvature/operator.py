@@ -1,0 +1,791 @@
+r"""The Hessian of a model's mean loss over a data set, as a matrix-free operator.
+
+analysis.md §0-1. The objective is :math:`L(\theta) = \frac1N\sum_i \ell(f_\theta(x_i), y_i)`
+over the analysis set (N examples) and the trainable parameters θ ∈ R^P, and
+
+.. math:: Hv = \nabla_\theta(\nabla_\theta L \cdot v) = \sum_b \frac{n_b}{N} H_b v,
+
+with :math:`H_b` the Hessian of batch b's mean loss, accumulated in float64. The model
+runs in ``eval()`` mode (BatchNorm on running statistics, dropout off), so H does not
+depend on the batching; the model's own modes are restored after every call and no
+buffer is ever updated.
+
+Two ways of computing one product, both through ``torch.func.functional_call`` on
+detached parameters (the model's ``.grad`` is never touched):
+
+* ``"forward"``: forward-over-reverse, a JVP of the gradient function
+  (``torch.func.jvp(torch.func.grad(f))``); several vectors at once through ``vmap``.
+* ``"reverse"``: reverse-over-reverse, the gradient with its graph kept, then a second
+  backward against v (plain autograd, so it works where forward mode does not);
+  several vectors through ``is_grads_batched``. With a single (local) batch the
+  gradient graph is built once and reused by every product.
+
+``hvp_mode="auto"`` times both once, briefly, on the first batch and keeps the faster;
+the choice and the timings are in :meth:`HessianOperator.describe`. The choice is
+remembered for the process, per model type, parameter and input shapes, dtype, device
+and loss, so later analyses of the same configuration do not time again
+(:func:`clear_mode_cache` forgets). The pre-flight check's second gradient pass keeps its
+graph, so with a single batch the reverse-mode products cost no extra graph build.
+
+Multi-process: when ``torch.distributed`` is initialised (or ``WORLD_SIZE`` > 1 under
+torchrun, in which case gloo/NCCL is initialised here), every rank reads the same data,
+keeps a contiguous shard of the batches, and the weighted sums of products, gradients
+and losses are all-reduced: every rank gets the single-process answer.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from ..data.batches import as_batches, num_examples
+from ..errors import SharpscopeError
+
+F64 = torch.float64
+HVPMode = Literal["auto", "forward", "reverse"]
+BNMode = Literal["eval", "batch"]
+HVP_MODES = ("auto", "forward", "reverse")
+BN_MODES = ("eval", "batch")
+
+# Pre-flight agreement of two passes (analysis.md §0).
+PREFLIGHT_RTOL = 5e-5
+PREFLIGHT_ATOL = 1e-6
+
+LossSpec = str | Callable[[Tensor, Tensor], Tensor]
+
+
+def resolve_loss(loss: Any) -> Callable[[Tensor, Tensor], Tensor]:
+    """A loss callable from a name ("cross_entropy", "mse"), a factory path or a callable."""
+    from ..registry import get_loss
+
+    return get_loss(loss)
+
+
+def loss_name(loss: Any) -> str:
+    """A printable name of a loss spec."""
+    if isinstance(loss, str):
+        return loss
+    return getattr(loss, "__qualname__", None) or getattr(loss, "__name__", type(loss).__name__)
+
+
+def resolve_dtype(dtype: Any) -> torch.dtype | None:
+    """``None``, a torch dtype, or "float32"/"float64"/"fp32"/"fp64"."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float": torch.float32,
+        "float64": torch.float64,
+        "fp64": torch.float64,
+        "double": torch.float64,
+    }
+    if str(dtype) not in names:
+        raise SharpscopeError(f"unknown dtype '{dtype}'; use float32 or float64")
+    return names[str(dtype)]
+
+
+def resolve_device(device: Any, local_rank: int = 0) -> torch.device:
+    """``"auto"``: CUDA (this process's GPU) when present, else CPU; else as given."""
+    from ..distributed import pick_device
+
+    return pick_device(device, local_rank)
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    tensors = list(model.parameters()) + list(model.buffers())
+    device = tensors[0].device if tensors else torch.device("cpu")
+    floats = [t.dtype for t in tensors if t.is_floating_point()]
+    return device, (floats[0] if floats else torch.get_default_dtype())
+
+
+def _world() -> tuple[int, int]:
+    """(rank, world size), initialising the process group under torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def ensure_distributed(device: torch.device) -> tuple[int, int]:
+    """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1.
+
+    NCCL on CUDA, gloo on the CPU. Returns (rank, world size).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
+        if not dist.is_initialized():
+            from ..distributed import init_from_env
+
+            init_from_env(device)
+    return _world()
+
+
+class HessianOperator:
+    r"""Matrix-free Hessian of the mean loss of ``model`` over ``data``.
+
+    Args:
+        model: the network; it is left as found (modes restored, buffers untouched;
+            copied when a dtype, device or BatchNorm mode change is needed).
+        data: a pair of tensors, a Dataset, or an iterable of ``(inputs, targets)``
+            batches (fixed order, nothing dropped). Moved to the device once.
+        loss: "cross_entropy" (default), "mse", a factory path, or a callable
+            ``loss(outputs, targets) -> mean``.
+        batch_size: split tensors/datasets into batches of this size (None: one batch,
+            or one per rank when distributed).
+        device: "auto" (CUDA when present), a device, or None for the model's device.
+        dtype: None (the model's), or float64 for the validation mode (a float64 copy).
+        hvp_mode: "auto" (time both once, keep the faster), "forward" or "reverse".
+        bn_mode: "eval" (default: running statistics) or "batch" (opt-in: batch
+            statistics, so H depends on the batch partition, which is recorded).
+        weight_decay: adds (wd/2)·||θ||² to L (every eigenvalue shifts by wd).
+        param_filter: regular expression on parameter names selecting θ (default: all
+            trainable parameters).
+        check: run the pre-flight check (two passes over the data must agree; finite
+            loss and gradient) and check that the data itself reads the same twice.
+        reuse_graph: with a single local batch, build the gradient graph once and
+            reuse it for every reverse-mode product (costs its memory).
+        max_block_size: the most vectors per vmapped block product (default 16 on CUDA,
+            1 on the CPU, where vmapped blocks measured no faster per vector).
+        distributed: None (auto-detect), True or False.
+
+    Attributes:
+        dim: P, the number of parameters in θ.
+        num_examples: N over all ranks.
+        hvp_count: products so far, in full passes over the data.
+        grad_count: gradient passes so far.
+        param_names, param_shapes: the layout of θ (``model.parameters()`` order).
+
+    Raises:
+        SharpscopeError: no trainable parameters, empty data, a model or loss that fails
+            on the data, non-finite loss/gradient, or two passes that disagree.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        data: Any,
+        loss: LossSpec = "cross_entropy",
+        *,
+        batch_size: int | None = None,
+        device: Any = None,
+        dtype: Any = None,
+        hvp_mode: HVPMode = "auto",
+        bn_mode: BNMode = "eval",
+        weight_decay: float = 0.0,
+        param_filter: str | None = None,
+        check: bool = True,
+        reuse_graph: bool = True,
+        max_block_size: int | None = None,
+        distributed: bool | None = None,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise SharpscopeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if hvp_mode not in HVP_MODES:
+            raise SharpscopeError(
+                f"unknown hvp_mode '{hvp_mode}'; choose one of {', '.join(HVP_MODES)}"
+            )
+        if bn_mode not in BN_MODES:
+            raise SharpscopeError(
+                f"unknown bn_mode '{bn_mode}'; choose one of {', '.join(BN_MODES)}"
+            )
+        model_device, model_dtype = _model_device_dtype(model)
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        self.device = model_device if device is None else resolve_device(device, local_rank)
+        requested = resolve_dtype(dtype)
+        self.dtype = model_dtype if requested is None else requested
+        self.loss_fn = resolve_loss(loss)
+        self.loss_name = loss_name(loss)
+        self.bn_mode = bn_mode
+        self.weight_decay = float(weight_decay)
+
+        if distributed is None or distributed:
+            self.rank, self.world_size = ensure_distributed(self.device)
+        else:
+            self.rank, self.world_size = 0, 1
+        if distributed and self.world_size == 1 and not dist.is_initialized():
+            raise SharpscopeError(
+                "distributed=True but torch.distributed is not initialised; run under torchrun"
+            )
+
+        # The module actually run: the model itself, or a copy when something must change.
+        needs_copy = self.device != model_device or self.dtype != model_dtype or bn_mode == "batch"
+        module = copy.deepcopy(model) if needs_copy else model
+        if needs_copy:
+            module = module.to(device=self.device, dtype=self.dtype)
+        if bn_mode == "batch":
+            torch.func.replace_all_batch_norm_modules_(module)  # stats never updated
+        self.module = module
+        # vmapped blocks pay off on accelerators; on the CPU they measured slower per vector
+        # than one product at a time (bench spectrum) and multiply the memory.
+        default_block = 16 if self.device.type == "cuda" else 1
+        self.max_block_size = max(1, int(max_block_size or default_block))
+
+        selected: dict[str, Tensor] = {}
+        consts: dict[str, Tensor] = {}
+        pattern = re.compile(param_filter) if param_filter else None
+        for name, p in module.named_parameters():
+            if p.requires_grad and (pattern is None or pattern.search(name)):
+                selected[name] = p.detach()
+            else:
+                consts[name] = p.detach()
+        for name, b in module.named_buffers():
+            consts[name] = b
+        if not selected:
+            why = f" matching '{param_filter}'" if param_filter else ""
+            raise SharpscopeError(
+                f"the model has no trainable parameters{why} (all requires_grad=False?): "
+                "there is no Hessian to analyse"
+            )
+        self._params = selected
+        self._consts = consts
+        self.param_names = list(selected)
+        self.param_shapes = [tuple(p.shape) for p in selected.values()]
+        self._numels = [p.numel() for p in selected.values()]
+        self._dtypes = [p.dtype for p in selected.values()]
+        self.dim = sum(self._numels)
+
+        all_batches = self._read_data(data, batch_size, check)
+        self.num_examples = num_examples(all_batches)
+        self.num_batches = len(all_batches)
+        self.batch_sizes = [len(b[1]) for b in all_batches]
+        lo, hi = self._shard(len(all_batches))
+        cast = requested is not None and requested != model_dtype
+        self._batches = [
+            (self._to_device(x, cast), self._to_device(y, cast)) for x, y in all_batches[lo:hi]
+        ]
+        self._weights = [len(y) / self.num_examples for _, y in self._batches]
+
+        self.hvp_count = 0.0
+        self.grad_count = 0.0
+        self.seconds_in_products = 0.0
+        self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
+        self._reuse_graph = bool(reuse_graph) and len(self._batches) == 1
+        self.grad_seconds = math.nan
+        self.preflight: dict[str, float] = {}
+        self.mode_timings: dict[str, float] = {}
+        self.mode_errors: dict[str, str] = {}
+        self.hvp_mode_requested = hvp_mode
+        self.hvp_mode_cached = False
+        key = self._mode_key() if hvp_mode == "auto" and self.world_size == 1 else None
+        cached = _MODE_CACHE.get(key) if key is not None else None
+        if check:
+            self._preflight(keep_graph=(cached or (hvp_mode,))[0] in ("auto", "reverse"))
+        if cached is not None:
+            self.hvp_mode, self.mode_timings, self.mode_errors = cached[0], *cached[1:]
+            self.hvp_mode_cached = True
+        elif hvp_mode == "auto":
+            self.hvp_mode = self._choose_mode()
+            if key is not None:
+                _remember(key, (self.hvp_mode, dict(self.mode_timings), dict(self.mode_errors)))
+        else:
+            self.hvp_mode = hvp_mode
+        if self.hvp_mode != "reverse":
+            self._graph = None
+
+    # ------------------------------------------------------------------ data
+    def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:
+        batches = as_batches(data, batch_size)
+        if check and _rereadable(data):
+            again = as_batches(data, batch_size)
+            if not _same_batches(batches, again):
+                raise SharpscopeError(
+                    "the data changed between two reads (shuffling or random augmentation); "
+                    "pass fixed tensors, or a DataLoader with shuffle=False and no random "
+                    "transforms"
+                )
+        if self.world_size > 1 and batch_size is None and len(batches) == 1:
+            x, y = batches[0]
+            size = math.ceil(len(y) / self.world_size)
+            batches = list(zip(x.split(size), y.split(size)))
+        for x, y in batches:
+            if len(x) != len(y):
+                raise SharpscopeError(
+                    f"a batch has {len(x)} inputs but {len(y)} targets; they must match"
+                )
+        return batches
+
+    def _shard(self, count: int) -> tuple[int, int]:
+        """This rank's contiguous range of batches (as even as possible)."""
+        base, extra = divmod(count, self.world_size)
+        lo = self.rank * base + min(self.rank, extra)
+        return lo, lo + base + (1 if self.rank < extra else 0)
+
+    def _to_device(self, t: Tensor, cast: bool) -> Tensor:
+        if cast and t.is_floating_point():
+            return t.to(device=self.device, dtype=self.dtype)
+        return t.to(self.device)
+
+    # ------------------------------------------------------------- plumbing
+    @contextmanager
+    def _analysis_mode(self) -> Iterator[None]:
+        """eval() (BatchNorm in train mode for bn_mode="batch"), restored afterwards."""
+        saved = [(m, m.training) for m in self.module.modules()]
+        for m, _ in saved:
+            m.training = False
+        if self.bn_mode == "batch":
+            for m, _ in saved:
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.training = True
+        try:
+            yield
+        finally:
+            for m, mode in saved:
+                m.training = mode
+
+    def unflatten(self, v: Tensor) -> dict[str, Tensor]:
+        """A flat vector (..., P) as a dict of parameter-shaped tensors (model dtype)."""
+        lead = v.shape[:-1]
+        return {
+            name: part.reshape(*lead, *shape).to(dt)
+            for name, part, shape, dt in zip(
+                self.param_names, v.split(self._numels, dim=-1), self.param_shapes, self._dtypes
+            )
+        }
+
+    def flatten(self, tensors: Sequence[Tensor | None], lead: tuple[int, ...] = ()) -> Tensor:
+        """Parameter-shaped tensors (None = zero) as one flat float64 vector (..., P)."""
+        parts = []
+        for t, numel in zip(tensors, self._numels):
+            if t is None:
+                parts.append(torch.zeros(*lead, numel, dtype=F64, device=self.device))
+            else:
+                parts.append(t.reshape(*lead, numel).to(F64))
+        return torch.cat(parts, dim=-1)
+
+    def parameters_vector(self) -> Tensor:
+        """θ as a flat float64 vector."""
+        return self.flatten(list(self._params.values()))
+
+    def _forward_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
+        out = functional_call(self.module, (params, self._consts), (x,))
+        return self.loss_fn(out, y)
+
+    def _all_reduce(self, t: Tensor) -> Tensor:
+        if self.world_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    # ------------------------------------------------------ loss / gradient
+    def loss_and_gradient(self, keep_graph: bool = False) -> tuple[float, Tensor]:
+        """L(θ) and ∇L(θ) (float64) with one gradient pass over the data.
+
+        With ``keep_graph`` and a single local batch, the gradient is computed with its
+        graph, which is then kept for the reverse-mode products (saving one pass).
+        """
+        total = torch.zeros(self.dim + 1, dtype=F64, device=self.device)
+        keep = keep_graph and self._reuse_graph
+        with self._analysis_mode(), torch.enable_grad():
+            for (x, y), w in zip(self._batches, self._weights):
+                if keep:
+                    value, leaves, grads = self._gradient_graph(x, y)
+                    self._graph = _live_graph(leaves, grads)
+                else:
+                    params = {n: p.detach().requires_grad_() for n, p in self._params.items()}
+                    value = self._forward_loss(params, x, y)
+                    grads = torch.autograd.grad(value, list(params.values()), allow_unused=True)
+                total[0] += w * value.detach().to(F64)
+                total[1:] += w * self.flatten([None if g is None else g.detach() for g in grads])
+        self._all_reduce(total)
+        loss, gradient = float(total[0]), total[1:]
+        if self.weight_decay:
+            theta = self.parameters_vector()
+            loss += 0.5 * self.weight_decay * float(theta @ theta)
+            gradient = gradient + self.weight_decay * theta
+        self.grad_count += 1
+        return loss, gradient
+
+    def finite_difference_hvp(self, v: Tensor, eps: float | None = None) -> Tensor:
+        r"""Hv by central differences :math:`[\nabla L(\theta+\epsilon v) - \nabla L(\theta-\epsilon v)]/(2\epsilon)`.
+
+        For tests only (analysis.md §1): ε ≈ 1e-5 in float64, 1e-3 in float32 by
+        default. Two gradient passes; not counted as HVPs.
+        """
+        if eps is None:
+            eps = 1e-5 if self.dtype == F64 else 1e-3
+        step = self.unflatten(v.to(self.device, F64) * eps)
+        plus = {n: p + step[n] for n, p in self._params.items()}
+        minus = {n: p - step[n] for n, p in self._params.items()}
+        diff = self._gradient_at(plus) - self._gradient_at(minus)
+        if self.weight_decay:
+            diff = diff + 2 * eps * self.weight_decay * v.to(self.device, F64)
+        return diff / (2 * eps)
+
+    def _gradient_at(self, params: dict[str, Tensor]) -> Tensor:
+        total = torch.zeros(self.dim, dtype=F64, device=self.device)
+        with self._analysis_mode(), torch.enable_grad():
+            for (x, y), w in zip(self._batches, self._weights):
+                leaves = {n: p.detach().requires_grad_() for n, p in params.items()}
+                value = self._forward_loss(leaves, x, y)
+                grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+                total += w * self.flatten(grads)
+        return self._all_reduce(total)
+
+    def loss(self) -> float:
+        """L(θ) with one forward pass (float64 accumulation)."""
+        total = torch.zeros(1, dtype=F64, device=self.device)
+        with self._analysis_mode(), torch.no_grad():
+            for (x, y), w in zip(self._batches, self._weights):
+                total += w * self._forward_loss(self._params, x, y).to(F64)
+        self._all_reduce(total)
+        value = float(total)
+        if self.weight_decay:
+            theta = self.parameters_vector()
+            value += 0.5 * self.weight_decay * float(theta @ theta)
+        return value
+
+    def _preflight(self, keep_graph: bool = False) -> None:
+        """Two passes over D must agree (rtol 5e-5, atol 1e-6) and be finite.
+
+        The second pass may keep its gradient graph for the reverse-mode products.
+        """
+        try:
+            start = time.perf_counter()
+            loss1, grad1 = self.loss_and_gradient()
+            self.grad_seconds = time.perf_counter() - start
+            loss2, grad2 = self.loss_and_gradient(keep_graph=keep_graph)
+        except SharpscopeError:
+            raise
+        except Exception as exc:  # the user's model or loss does not run on this data
+            raise SharpscopeError(
+                f"the model or loss failed on the data: {type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from exc
+        if not math.isfinite(loss1):
+            raise SharpscopeError(
+                f"the loss at these weights is not finite ({loss1}); the checkpoint or data "
+                "holds non-finite values or the model diverged"
+            )
+        if not bool(torch.isfinite(grad1).all()):
+            raise SharpscopeError(
+                "the gradient at these weights is not finite; the checkpoint or data holds "
+                "non-finite values or the model diverged"
+            )
+        loss_ok = abs(loss1 - loss2) <= PREFLIGHT_ATOL + PREFLIGHT_RTOL * abs(loss1)
+        grad_ok = torch.allclose(grad1, grad2, rtol=PREFLIGHT_RTOL, atol=PREFLIGHT_ATOL)
+        if not (loss_ok and grad_ok):
+            diff = float(torch.linalg.vector_norm(grad1 - grad2) / torch.linalg.vector_norm(grad1))
+            raise SharpscopeError(
+                f"two passes over the data gave different losses ({loss1:.8g} vs {loss2:.8g}, "
+                f"gradient rel. diff {diff:.2g}): the model or data is random (dropout on, "
+                "BatchNorm in train mode with shuffling, random augmentation, drop_last); "
+                "use eval mode and fixed data"
+            )
+        self.preflight = {
+            "loss": loss1,
+            "grad_norm": float(torch.linalg.vector_norm(grad1)),
+            "grad_seconds": self.grad_seconds,
+        }
+
+    # ------------------------------------------------------------- products
+    def hvp(self, v: Tensor) -> Tensor:
+        """Hv (float64, on the device) for a flat vector v of length P; one full pass."""
+        if v.shape != (self.dim,):
+            raise SharpscopeError(f"expected a vector of length {self.dim}, got {tuple(v.shape)}")
+        return self._products(v.reshape(1, -1), single=True)[0]
+
+    def hvp_block(self, V: Tensor) -> Tensor:
+        """H applied to every row of V ``(s, P)`` (float64); vmapped; s full passes."""
+        if V.dim() != 2 or V.shape[1] != self.dim:
+            raise SharpscopeError(f"expected a (s, {self.dim}) block, got {tuple(V.shape)}")
+        return self._products(V, single=False)
+
+    __matmul__ = hvp
+
+    def _products(self, V: Tensor, single: bool) -> Tensor:
+        start = time.perf_counter()
+        s = V.shape[0]
+        V = V.to(self.device)
+        out = torch.zeros(s, self.dim, dtype=F64, device=self.device)
+        step = self.max_block_size
+        with self._analysis_mode():
+            for index, ((x, y), w) in enumerate(zip(self._batches, self._weights)):
+                graph = None
+                if self.hvp_mode == "reverse" and not self._reuse_graph and s > step:
+                    graph = _live_graph(*self._gradient_graph(x, y)[1:])  # shared by blocks
+                for lo in range(0, s, step):
+                    block = V[lo : lo + step]
+                    out[lo : lo + len(block)] += w * self._batch_products(
+                        self.hvp_mode,
+                        index,
+                        x,
+                        y,
+                        block,
+                        single or len(block) == 1,
+                        graph=graph,
+                        keep=lo + step < s,
+                    )
+        self._all_reduce(out)
+        if self.weight_decay:
+            out += self.weight_decay * V.to(F64)
+        self.hvp_count += s
+        self.seconds_in_products += time.perf_counter() - start
+        return out
+
+    def _batch_products(
+        self,
+        mode: str,
+        index: int,
+        x: Tensor,
+        y: Tensor,
+        V: Tensor,
+        single: bool,
+        graph: tuple | None = None,
+        keep: bool = False,
+    ) -> Tensor:
+        """H_b V for one batch: ``(s, P)`` float64.
+
+        ``graph``/``keep``: a gradient graph shared by several blocks (reverse mode) and
+        whether to keep it after this block.
+        """
+        if mode == "forward":
+            return self._forward_products(x, y, V, single)
+        return self._reverse_products(index, x, y, V, single, graph, keep)
+
+    def _forward_products(self, x: Tensor, y: Tensor, V: Tensor, single: bool) -> Tensor:
+        params = self._params
+        grad_fn = grad(self._forward_loss)
+
+        def hvp_one(v: dict[str, Tensor]) -> dict[str, Tensor]:
+            return jvp(lambda p: grad_fn(p, x, y), (params,), (v,))[1]
+
+        tangents = self.unflatten(V)
+        if single:
+            out = hvp_one({n: t[0] for n, t in tangents.items()})
+            return self.flatten([out[n] for n in self.param_names]).unsqueeze(0)
+        out = vmap(hvp_one)(tangents)
+        return self.flatten([out[n] for n in self.param_names], lead=(V.shape[0],))
+
+    def _gradient_graph(self, x: Tensor, y: Tensor) -> tuple[Tensor, list[Tensor], Sequence]:
+        """Loss, leaves and gradients with their graph (for reverse-mode products)."""
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in self._params.values()]
+            value = self._forward_loss(dict(zip(self.param_names, leaves)), x, y)
+            grads = torch.autograd.grad(value, leaves, create_graph=True, allow_unused=True)
+        return value, leaves, grads
+
+    def _reverse_products(
+        self,
+        index: int,
+        x: Tensor,
+        y: Tensor,
+        V: Tensor,
+        single: bool,
+        graph: tuple | None = None,
+        keep: bool = False,
+    ) -> Tensor:
+        if self._reuse_graph:
+            if self._graph is None:
+                self._graph = _live_graph(*self._gradient_graph(x, y)[1:])
+            leaves, grads, live = self._graph
+            keep = True
+        elif graph is not None:
+            leaves, grads, live = graph
+        else:
+            leaves, grads, live = _live_graph(*self._gradient_graph(x, y)[1:])
+            keep = False
+        s = V.shape[0]
+        if not live:  # the loss is linear in θ
+            return torch.zeros(s, self.dim, dtype=F64, device=self.device)
+        tangents = list(self.unflatten(V).values())
+        tangents = [tangents[i] for i in live]
+        with torch.enable_grad():
+            if single:
+                hv = torch.autograd.grad(
+                    grads, leaves, [t[0] for t in tangents], retain_graph=keep, allow_unused=True
+                )
+                return self._scatter([hv], 1)
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    hv = torch.autograd.grad(
+                        grads,
+                        leaves,
+                        tangents,
+                        retain_graph=keep,
+                        allow_unused=True,
+                        is_grads_batched=True,
+                    )
+                return self._scatter([hv], s, batched=True)
+            except RuntimeError:
+                rows = []
+                for i in range(s):
+                    rows.append(
+                        torch.autograd.grad(
+                            grads,
+                            leaves,
+                            [t[i] for t in tangents],
+                            retain_graph=keep or i < s - 1,
+                            allow_unused=True,
+                        )
+                    )
+                return self._scatter(rows, s)
+
+    def _scatter(
+        self, results: list[Sequence[Tensor | None]], s: int, batched: bool = False
+    ) -> Tensor:
+        if batched:
+            return self.flatten(results[0], lead=(s,))
+        return torch.stack([self.flatten(r) for r in results])
+
+    # --------------------------------------------------------- mode choice
+    def _choose_mode(self) -> str:
+        """Time one product of each mode on the first batch; keep the faster.
+
+        Every rank takes part (timings are summed over ranks) so all ranks agree.
+        """
+        timings = torch.full((2,), math.inf, dtype=F64)
+        if self._batches:
+            x, y = self._batches[0]
+            gen = torch.Generator().manual_seed(12345)
+            v = torch.randn(1, self.dim, generator=gen, dtype=F64).to(self.device)
+            for i, mode in enumerate(("forward", "reverse")):
+                try:
+                    with self._analysis_mode():
+                        self._batch_products(mode, 0, x, y, v, True)  # warm-up (builds caches)
+                        self._sync()
+                        start = time.perf_counter()
+                        self._batch_products(mode, 0, x, y, v, True)
+                        self._sync()
+                        timings[i] = time.perf_counter() - start
+                except Exception as exc:  # a module without forward-mode support, say
+                    self.mode_errors[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        else:
+            timings.zero_()
+        if self.world_size > 1:
+            t = timings.clone().nan_to_num(posinf=1e30).to(self.device)
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            timings = t.cpu()
+        self.mode_timings = {
+            "forward": float(timings[0]),
+            "reverse": float(timings[1]),
+        }
+        if not bool(torch.isfinite(timings).any()) or float(timings.min()) >= 1e30:
+            raise SharpscopeError(
+                "cannot compute Hessian-vector products for this model and loss: "
+                + self.mode_errors.get("reverse", "unknown error")
+            )
+        chosen = "forward" if float(timings[0]) <= float(timings[1]) else "reverse"
+        if chosen == "forward":
+            self._graph = None  # built while timing reverse mode; not needed
+        return chosen
+
+    def _mode_key(self) -> tuple | None:
+        """What the fastest HVP mode depends on: model, shapes, dtype, device, loss."""
+        if not self._batches:
+            return None
+        x = self._batches[0][0]
+        try:
+            key = (
+                type(self.module),
+                tuple(self.param_shapes),
+                tuple((n, tuple(b.shape)) for n, b in self._consts.items()),
+                str(self.dtype),
+                str(self.device),
+                tuple(x.shape),
+                str(x.dtype),
+                self.loss_fn,
+                self.bn_mode,
+                self._reuse_graph,
+            )
+            hash(key)
+        except TypeError:  # an unhashable loss callable: no caching
+            return None
+        return key
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def release(self) -> None:
+        """Drop the cached gradient graph (reverse mode, single batch)."""
+        self._graph = None
+
+    def describe(self) -> dict[str, Any]:
+        """What a result's metadata should record about this operator."""
+        return {
+            "hvp_mode": self.hvp_mode,
+            "hvp_mode_requested": self.hvp_mode_requested,
+            "hvp_mode_seconds": self.mode_timings,
+            "hvp_mode_errors": self.mode_errors,
+            "num_params": self.dim,
+            "num_examples": self.num_examples,
+            "num_batches": self.num_batches,
+            "max_batch_size": max(self.batch_sizes),
+            "bn_mode": self.bn_mode,
+            "loss": self.loss_name,
+            "weight_decay": self.weight_decay,
+            "world_size": self.world_size,
+            "grad_seconds": self.grad_seconds,
+            "preflight": self.preflight,
+            "hvp_mode_cached": self.hvp_mode_cached,
+            "graph_reused": self._reuse_graph and self.hvp_mode == "reverse",
+        }
+
+
+# The HVP mode chosen per (model type, shapes, dtype, device, loss, ...): timed once per
+# process ("measure it once"); later operators on the same configuration reuse it.
+_MODE_CACHE: dict[tuple, tuple[str, dict[str, float], dict[str, str]]] = {}
+_MODE_CACHE_SIZE = 64
+
+
+def _remember(key: tuple, value: tuple[str, dict[str, float], dict[str, str]]) -> None:
+    if len(_MODE_CACHE) >= _MODE_CACHE_SIZE:
+        _MODE_CACHE.pop(next(iter(_MODE_CACHE)))
+    _MODE_CACHE[key] = value
+
+
+def clear_mode_cache() -> None:
+    """Forget the HVP modes timed so far (the next operator times them again)."""
+    _MODE_CACHE.clear()
+
+
+def _live_graph(
+    leaves: list[Tensor], grads: Sequence[Tensor | None]
+) -> tuple[list[Tensor], list[Tensor], list[int]]:
+    """Leaves, the gradients that depend on θ, and their indices."""
+    live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+    return leaves, [grads[i] for i in live], live  # type: ignore[misc]
+
+
+def _rereadable(data: Any) -> bool:
+    """Data whose second read could differ from the first (not plain tensors)."""
+    from torch.utils.data import TensorDataset
+
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
+        return False
+    if isinstance(data, TensorDataset) or hasattr(data, "tensors"):
+        return False
+    if isinstance(data, (list, tuple)):
+        return False  # a list of fixed batches
+    if isinstance(data, torch.utils.data.Dataset):
+        return True
+    try:
+        return iter(data) is not data  # a DataLoader re-iterates; a generator does not
+    except TypeError:
+        return False
+
+
+def _same_batches(a: list, b: list) -> bool:
+    if len(a) != len(b):
+        return False
+    for (x1, y1), (x2, y2) in zip(a, b):
+        if x1.shape != x2.shape or y1.shape != y2.shape:
+            return False
+        if not (torch.equal(x1, x2) and torch.equal(y1, y2)):
+            return False
+    return True

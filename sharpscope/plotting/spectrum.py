@@ -1,0 +1,108 @@
+"""Hessian spectral density on a log axis, with the top eigenvalues marked.
+
+analysis.md §4: plot on a log axis with a floor (1e-7) and say which kernel
+convention was used; an outlier carries mass 1/P, so its height reflects σ, not
+multiplicity. The figure states data, mode, dtype and kernel (§8).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..errors import SharpscopeError
+from .style import PALETTE, new_figure, save_figure
+
+FLOOR = 1e-7
+
+
+def _parts(result: Any) -> tuple[Any, np.ndarray, Any]:
+    """(density, top eigenvalues, meta) of a Spectrum or a Density."""
+    density = getattr(result, "density", None)
+    if density is not None and hasattr(density, "grid"):
+        return density, np.asarray(result.eigenvalues, dtype=float), result.meta
+    if hasattr(result, "grid") and hasattr(result, "values"):
+        deflated = getattr(result, "deflated", None)
+        top = np.asarray(deflated, dtype=float) if deflated is not None else np.zeros(0)
+        return result, top, getattr(result, "meta", None)
+    raise SharpscopeError(f"cannot plot a {type(result).__name__}: pass a Spectrum or a Density")
+
+
+def _caption(density: Any, meta: Any) -> str:
+    bits = []
+    if meta is not None:
+        data = (meta.data or {}) if hasattr(meta, "data") else {}
+        name = data.get("name") or data.get("factory")
+        if name:
+            bits.append(f"{name} ({data.get('split', 'train')}, N={meta.num_samples})")
+        elif getattr(meta, "num_samples", None):
+            bits.append(f"N={meta.num_samples}")
+        bits.append(f"{meta.mode} mode, {meta.dtype}")
+    bits.append(f"{density.kernel} kernel, σ={density.sigma:.2g}")
+    return "; ".join(bits)
+
+
+def plot_spectrum(result: Any, ax: Any = None, *, label: str | None = None) -> Any:
+    """Smoothed spectral density on a log axis (floor 1e-7), top eigenvalues marked.
+
+    Args:
+        result: a :class:`~sharpscope.analysis.Spectrum` (density and top-k) or a
+            :class:`~sharpscope.analysis.Density` (its deflated outliers are marked).
+        ax: draw into these axes; default a new one-column figure.
+        label: legend label of the density curve.
+
+    Returns:
+        The matplotlib Figure.
+    """
+    density, top, meta = _parts(result)
+    if ax is None:
+        fig, ax = new_figure(1, aspect=0.7)
+    else:
+        fig = ax.figure
+    grid = np.asarray(density.grid, dtype=float)
+    values = np.maximum(np.asarray(density.values, dtype=float), FLOOR)
+    ax.semilogy(grid, values, color=PALETTE[0], label=label or "density")
+    ax.set_ylim(bottom=FLOOR)
+    log_units = str(getattr(density, "units", "eigenvalue")).startswith("log")
+    for i, value in enumerate(top):
+        x = np.log(abs(value) + 1e-5) if log_units else value
+        ax.axvline(
+            x,
+            color=PALETTE[1],
+            linestyle="--",
+            linewidth=0.7,
+            label="top eigenvalues" if i == 0 else None,
+        )
+    if top.size:
+        ax.annotate(
+            f"λ1={top.max():.3g}",
+            xy=(np.log(abs(top.max()) + 1e-5) if log_units else top.max(), FLOOR),
+            xytext=(2, 12),
+            textcoords="offset points",
+            rotation=90,
+            fontsize=6,
+            color=PALETTE[1],
+        )
+    ax.set_xlabel("log(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
+    ax.set_ylabel("density")
+    ax.set_title(_caption(density, meta), fontsize=6)
+    ax.legend(loc="upper right")
+    return fig
+
+
+def save_spectrum_plot(result: Any, path: str | Path) -> list[Path]:
+    """Plot ``result`` and write ``PATH.pdf`` and ``PATH.png``.
+
+    ``path`` may carry a ``.pdf`` or ``.png`` suffix; both files are written. The plotted
+    numbers are not written beside them (``spectrum --json`` holds them, and a
+    ``PATH.json`` here would overwrite a ``--json`` file of the same stem).
+    """
+    import matplotlib.pyplot as plt
+
+    fig = plot_spectrum(result)
+    try:
+        return save_figure(fig, path)
+    finally:
+        plt.close(fig)

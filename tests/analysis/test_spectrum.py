@@ -1,0 +1,252 @@
+"""The spectrum analyses through the public API, against dense Hessians."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sharpscope.analysis import (
+    Density,
+    Spectrum,
+    TopEigs,
+    hessian_trace,
+    spectral_density,
+    spectrum,
+    top_eigenvalues,
+)
+from sharpscope.curvature import HessianOperator, dense_hessian
+from sharpscope.errors import SharpscopeError
+from sharpscope.registry import build_model
+from sharpscope.results import RunMeta
+
+INTERFACE_KEYS = {
+    "eigenvalues",
+    "lambda_max",
+    "lambda_5",
+    "ratio",
+    "trace",
+    "trace_stderr",
+    "density",
+    "hvp_count",
+    "seconds",
+    "meta",
+}
+
+
+def _fit(model, x, y, steps, lr):
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
+
+
+class Case:
+    def __init__(self, model, x, y):
+        self.model, self.data = model, (x, y)
+        self.H = dense_hessian(model, (x, y))
+        self.eigenvalues = torch.linalg.eigvalsh(self.H).flip(0)  # descending
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (50,), generator=gen)
+    x = torch.randn(3, 8, generator=gen)[y] * 2 + torch.randn(50, 8, generator=gen)
+    model = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 3))
+    return Case(_fit(model, x, y, 30, 0.1), x, y)
+
+
+@pytest.fixture(scope="module")
+def bn_cnn():
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(40, 1, 8, 8, generator=gen)
+    y = torch.randint(0, 10, (40,), generator=gen)
+    model = build_model({"name": "cnn", "width": 2, "norm": "batch"}, (1, 8, 8), 10).train()
+    _fit(model, x, y, 15, 0.05)
+    return Case(model.eval(), x, y)
+
+
+def snapshot(model):
+    return (
+        {n: m.training for n, m in model.named_modules()},
+        {k: v.clone() for k, v in model.state_dict().items()},
+        [None if p.grad is None else p.grad.clone() for p in model.parameters()],
+    )
+
+
+def assert_unchanged(model, snap):
+    modes, state, grads = snap
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key
+    for p, g in zip(model.parameters(), grads):
+        assert (p.grad is None and g is None) or torch.equal(p.grad, g)
+
+
+@pytest.mark.parametrize("name", ["mlp", "bn_cnn"])
+@pytest.mark.parametrize("dtype, tol, bound", [(None, 1e-5, 1e-3), ("float64", 1e-8, 1e-8)])
+def test_top5_matches_dense_eigvalsh(request, name, dtype, tol, bound):
+    case = request.getfixturevalue(name)
+    model = case.model.train() if name == "bn_cnn" else case.model  # eval() is applied inside
+    snap = snapshot(model)
+    result = top_eigenvalues(model, case.data, k=5, dtype=dtype, tol=tol)
+    assert_unchanged(model, snap)
+    exact = case.eigenvalues[:5]
+    assert float(((result.eigenvalues - exact).abs() / exact.abs()).max()) <= bound
+    assert all(result.converged)
+    assert result.hvp_count == result.num_lanczos_steps <= 100
+    assert result.meta.num_params == case.H.shape[0]
+    assert result.meta.num_samples == len(case.data[1])
+    assert result.meta.extra["hvp_mode"] in ("forward", "reverse")
+    assert result.meta.dtype == (dtype or "float32")
+    case.model.eval()
+
+
+def test_most_negative_eigenvalues(mlp):
+    result = top_eigenvalues(mlp.model, mlp.data, k=2, which="SA", dtype="float64", tol=1e-8)
+    exact = mlp.eigenvalues[-2:]  # descending order: the less negative first
+    assert exact[-1] < 0
+    torch.testing.assert_close(result.eigenvalues, exact, rtol=1e-8, atol=0)
+    assert result.lambda_max is None and result.ratio is None
+
+
+def test_eigenvectors_are_unit_ritz_vectors_in_parameter_order(mlp, tmp_path):
+    result = top_eigenvalues(mlp.model, mlp.data, k=3, dtype="float64", return_eigenvectors=True)
+    Y = result.eigenvectors
+    assert Y.shape == (3, mlp.H.shape[0])
+    residual = torch.linalg.vector_norm(Y @ mlp.H - result.eigenvalues[:, None] * Y, dim=1)
+    assert float(residual.max()) <= 1e-5 * float(result.eigenvalues[0])
+    assert result.meta.extra["param_names"] == [n for n, _ in mlp.model.named_parameters()]
+    loaded = TopEigs.load(result.save(tmp_path / "eig.npz"))
+    torch.testing.assert_close(loaded.eigenvectors, Y)
+
+
+def test_trace_methods_against_the_exact_trace(mlp):
+    exact = float(torch.trace(mlp.H))
+    for method in ("hutchpp", "hutchinson"):
+        est = hessian_trace(mlp.model, mlp.data, method=method, dtype="float64", seed=1)
+        assert abs(est.trace - exact) <= 4 * est.stderr, method
+    assert est.num_probes == 100 and est.hvp_count == 100
+
+
+def test_density_resmooths_without_hvps_and_deflates(mlp):
+    op = HessianOperator(mlp.model, mlp.data, dtype="float64")
+    density = spectral_density(op, num_probes=3, num_lanczos_steps=30, deflate=2)
+    count = op.hvp_count
+    again = density.resmooth("papyan", num_points=200)
+    assert op.hvp_count == count
+    assert again.kernel == "papyan" and again.grid.shape == (200,)
+    torch.testing.assert_close(again.nodes, density.nodes)
+    torch.testing.assert_close(density.deflated, mlp.eigenvalues[:2], rtol=1e-6, atol=0)
+    assert float(density.nodes.max()) < float(mlp.eigenvalues[2]) + 1e-6
+    assert density.bulk_fraction == pytest.approx((mlp.H.shape[0] - 2) / mlp.H.shape[0])
+
+
+def test_spectrum_json_has_the_interface_keys(bn_cnn, tmp_path):
+    result = spectrum(bn_cnn.model, bn_cnn.data, num_probes=2, num_lanczos_steps=15, seed=3)
+    data = json.loads(result.to_json())
+    assert INTERFACE_KEYS <= set(data)
+    assert {"grid", "values"} <= set(data["density"])
+    assert data["lambda_max"] == pytest.approx(float(bn_cnn.eigenvalues[0]), rel=1e-3)
+    assert data["ratio"] == pytest.approx(data["lambda_max"] / data["lambda_5"])
+    assert data["hvp_count"] == result.top.hvp_count + 99 + 2 * 15
+    assert data["meta"]["extra"]["seeds"] == {"top": 3, "trace": 4, "density": 5}
+    loaded = Spectrum.load(result.save(tmp_path / "s.json"))
+    torch.testing.assert_close(loaded.eigenvalues, result.eigenvalues)
+    assert loaded.trace == result.trace and loaded.meta == result.meta
+    assert isinstance(loaded.density, Density)
+
+
+def test_spectrum_traces_agree_within_error_bars(mlp):
+    result = spectrum(mlp.model, mlp.data, dtype="float64", num_probes=10, num_lanczos_steps=40)
+    exact = float(torch.trace(mlp.H))
+    combined = math.hypot(result.trace_stderr, result.density.trace_stderr)
+    assert abs(result.trace - result.density.trace) <= 4 * combined
+    assert abs(result.trace - exact) <= 4 * result.trace_stderr
+
+
+def test_lambda_5_is_null_below_five(mlp):
+    data = json.loads(
+        spectrum(mlp.model, mlp.data, k=3, num_probes=1, num_lanczos_steps=5).to_json()
+    )
+    assert data["lambda_5"] is None and data["ratio"] is None and len(data["eigenvalues"]) == 3
+
+
+def test_same_seed_same_answer(mlp):
+    a = spectrum(mlp.model, mlp.data, num_probes=2, num_lanczos_steps=10, trace_probes=9)
+    b = spectrum(mlp.model, mlp.data, num_probes=2, num_lanczos_steps=10, trace_probes=9)
+    torch.testing.assert_close(a.eigenvalues, b.eigenvalues, rtol=0, atol=0)
+    assert a.trace == b.trace
+    np.testing.assert_array_equal(a.density.nodes.numpy(), b.density.nodes.numpy())
+
+
+def test_meta_is_extended_not_replaced(mlp):
+    meta = RunMeta(checkpoint="ck.pt", data={"name": "blobs"})
+    result = top_eigenvalues(mlp.model, mlp.data, k=1, meta=meta)
+    assert result.meta.checkpoint == "ck.pt" and result.meta.data == {"name": "blobs"}
+    assert result.meta.num_samples == 50 and result.meta.mode == "eval"
+
+
+def test_pyhessian_backend_through_the_api(mlp):
+    pytest.importorskip("pyhessian")
+    result = spectrum(
+        mlp.model, mlp.data, k=2, backend="pyhessian", num_probes=1, num_lanczos_steps=5
+    )
+    assert result.top.backend == "pyhessian" and result.trace_estimate.backend == "pyhessian"
+    assert result.lambda_max == pytest.approx(float(mlp.eigenvalues[0]), rel=1e-2)
+    assert result.meta.extra["pyhessian_hvps"] > 0
+    assert result.density.num_lanczos_steps == 5  # sharpscope's SLQ
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda m, d: top_eigenvalues(m, d, k=10_000), "larger than the number of parameters"),
+        (lambda m, d: top_eigenvalues(m, d, backend="torch"), "unknown backend"),
+        (lambda m, d: hessian_trace(m, d, method="exact"), "unknown trace method"),
+        (lambda m, d: top_eigenvalues(m, d, which="XX"), "which"),
+        (lambda m, d: top_eigenvalues(m, d, colour="red"), "unknown option"),
+        (lambda m, d: top_eigenvalues(m, None), "no data"),
+        (lambda m, d: top_eigenvalues(copy.deepcopy(m).requires_grad_(False), d), "trainable"),
+    ],
+)
+def test_bad_input_is_one_clear_line(mlp, call, message):
+    with pytest.raises(SharpscopeError, match=message) as info:
+        call(mlp.model, mlp.data)
+    assert "\n" not in str(info.value)
+
+
+def test_non_finite_loss_names_the_cause(mlp):
+    x, y = mlp.data
+    bad = x.clone()
+    bad[0, 0] = float("inf")
+    with pytest.raises(SharpscopeError, match="not finite"):
+        top_eigenvalues(mlp.model, (bad, y))
+
+
+def test_plot_has_a_log_axis_with_a_floor_and_marks_the_top_eigenvalues(mlp, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from sharpscope.plotting.spectrum import FLOOR, plot_spectrum, save_spectrum_plot
+
+    result = spectrum(mlp.model, mlp.data, k=3, num_probes=2, num_lanczos_steps=10)
+    fig = plot_spectrum(result)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log" and ax.get_ylim()[0] == pytest.approx(FLOOR)
+    marked = [line.get_xdata()[0] for line in ax.lines[1:]]
+    assert marked == pytest.approx(result.eigenvalues.tolist())
+    assert min(ax.lines[0].get_ydata()) >= FLOOR
+    assert "eval mode" in ax.get_title() and "ghorbani" in ax.get_title()
+    written = save_spectrum_plot(result, tmp_path / "density.pdf")
+    assert [p.suffix for p in written] == [".pdf", ".png"] and all(p.exists() for p in written)

@@ -1,0 +1,192 @@
+"""`sharpscope spectrum` end to end on tiny checkpoints (CliRunner)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from sharpscope.analysis import TopEigs, top_eigenvalues
+from sharpscope.cli import app
+from sharpscope.data import load_data
+from sharpscope.io import save_checkpoint
+from sharpscope.registry import build_model
+
+runner = CliRunner()
+SPEC = {"name": "mlp", "width": 8, "depth": 1}
+FAST = ["--samples", "64", "--probes", "2", "--lanczos-steps", "8", "--trace-probes", "9"]
+FAST += ["--device", "cpu"]
+INTERFACE_KEYS = {
+    "eigenvalues",
+    "lambda_max",
+    "lambda_5",
+    "ratio",
+    "trace",
+    "trace_stderr",
+    "density",
+    "hvp_count",
+    "seconds",
+    "meta",
+}
+
+
+def _model():
+    torch.manual_seed(0)
+    return build_model(SPEC, (1, 8, 8), 10)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ck") / "tiny.pt"
+    save_checkpoint(
+        path,
+        {
+            "format": "sharpscope-checkpoint",
+            "version": 1,
+            "model": SPEC,
+            "data": {"name": "digits"},
+            "optimizer": {"name": "sgd", "lr": 0.1},
+            "epoch": 1,
+            "step": 10,
+            "metrics": {},
+            "state_dict": _model().state_dict(),
+            "input_shape": [1, 8, 8],
+            "num_classes": 10,
+        },
+    )
+    return path
+
+
+def test_spectrum_prints_writes_json_plot_and_eigenvectors(checkpoint, tmp_path):
+    out, plot, vecs = tmp_path / "s.json", tmp_path / "s.pdf", tmp_path / "e.npz"
+    args = ["spectrum", str(checkpoint), *FAST, "--json", str(out), "--plot", str(plot)]
+    result = runner.invoke(app, [*args, "--eigenvectors", str(vecs)])
+    assert result.exit_code == 0, result.output
+    for label in ("lambda_max:", "lambda_5:", "lambda_max/lambda_5:", "trace:", "+-", "hvp_count"):
+        assert label in result.stdout
+    data = json.loads(out.read_text())
+    assert INTERFACE_KEYS <= set(data)
+    assert data["meta"]["checkpoint"] == str(checkpoint)
+    assert data["meta"]["data"]["name"] == "digits" and data["meta"]["num_samples"] == 64
+    assert plot.exists() and plot.with_suffix(".png").exists()
+    # The same numbers as the Python API on the same data.
+    split = load_data("digits", "train", samples=64, seed=0)
+    api = top_eigenvalues(_model(), (split.inputs, split.targets), k=5)
+    assert data["eigenvalues"] == pytest.approx(api.eigenvalues.tolist(), rel=1e-5)
+    assert data["lambda_max"] == pytest.approx(float(api.eigenvalues[0]), rel=1e-5)
+    saved = TopEigs.load(vecs)
+    assert saved.eigenvectors.shape == (5, sum(p.numel() for p in _model().parameters()))
+
+
+USER_CODE = """
+import torch
+from torch import nn
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+
+
+def data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(40, 6, generator=g), torch.randint(0, 3, (40,), generator=g)
+
+
+def loss():
+    return nn.CrossEntropyLoss()
+"""
+
+
+def test_bare_state_dict_with_the_users_own_model_data_and_loss(tmp_path):
+    code = tmp_path / "mine.py"
+    code.write_text(USER_CODE)
+    namespace: dict = {}
+    exec(compile(USER_CODE, str(code), "exec"), namespace)
+    torch.save(namespace["model"]().state_dict(), tmp_path / "weights.pt")
+    out = tmp_path / "s.json"
+    result = runner.invoke(
+        app,
+        [
+            "spectrum",
+            str(tmp_path / "weights.pt"),
+            "--model",
+            f"{code}:model",
+            "--data",
+            f"{code}:data",
+            "--loss",
+            f"{code}:loss",
+            "--k",
+            "3",
+            "--probes",
+            "1",
+            "--lanczos-steps",
+            "5",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["lambda_5"] is None and len(data["eigenvalues"]) == 3
+    assert data["meta"]["num_params"] == 6 * 5 + 5 + 5 * 3 + 3
+    assert data["meta"]["extra"]["loss"].endswith("mine.py:loss")
+
+
+def test_pyhessian_backend(checkpoint):
+    pytest.importorskip("pyhessian")
+    result = runner.invoke(
+        app, ["spectrum", str(checkpoint), *FAST, "--backend", "pyhessian", "--k", "2"]
+    )
+    assert result.exit_code == 0, result.output
+    assert "pyhessian-hutchinson" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--k", "100000"], "larger than the number of parameters"),
+        (["--which", "BIG"], "--which must be one of"),
+        (["--eigenvectors", "vectors.txt"], "must name a .npz file"),
+        (["--dtype", "float16"], "--dtype must be one of"),
+    ],
+)
+def test_bad_flags_are_one_line_errors(checkpoint, extra, message):
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, *extra])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_bare_state_dict_without_model_is_refused(tmp_path):
+    torch.save(_model().state_dict(), tmp_path / "bare.pt")
+    result = runner.invoke(app, ["spectrum", str(tmp_path / "bare.pt"), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert "--model" in result.output and "Traceback" not in result.output
+
+
+def test_non_finite_checkpoint_names_the_cause(tmp_path):
+    model = _model()
+    with torch.no_grad():
+        next(model.parameters())[0, 0] = float("nan")
+    torch.save(model.state_dict(), tmp_path / "nan.pt")
+    result = runner.invoke(
+        app,
+        ["spectrum", str(tmp_path / "nan.pt"), "--model", "mlp", "--data", "digits"]
+        + ["--model-opt", "width=8", "--model-opt", "depth=1", *FAST],
+    )
+    assert result.exit_code == 2
+    assert "not finite" in result.output and "Traceback" not in result.output
+
+
+def test_help_lists_the_interface_flags():
+    result = runner.invoke(app, ["spectrum", "--help"])
+    assert result.exit_code == 0
+    for flag in ("--k", "--probes", "--lanczos-steps", "--samples", "--batch-size", "--json"):
+        assert flag in result.output
+    for flag in ("--backend", "--which", "--dtype", "--eigenvectors", "--tol", "--trace-method"):
+        assert flag in result.output

@@ -1,0 +1,161 @@
+"""Lanczos top-k against dense eigendecompositions (analysis.md §2, Validation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.sparse.linalg
+import torch
+
+from sharpscope.curvature import (
+    HessianOperator,
+    block_lanczos_top_k,
+    lanczos,
+    lanczos_top_k,
+)
+from sharpscope.errors import SharpscopeError
+
+F64 = torch.float64
+
+
+def bulk(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=F64)
+
+
+def rel_err(found: torch.Tensor, exact: torch.Tensor) -> float:
+    return float(((found - exact).abs() / exact.abs()).max())
+
+
+@pytest.mark.parametrize(
+    "outliers",
+    [
+        pytest.param([50.0, 30.0, 20.0, 12.0, 8.0], id="separated"),
+        pytest.param([24.0, 22.0, 21.0, 20.5, 20.0], id="clustered"),
+    ],
+)
+def test_planted_outliers(planted_matrix, outliers):
+    eig = torch.cat([torch.tensor(outliers, dtype=F64), bulk(395, 0.0, 1.0, seed=1)])
+    A = planted_matrix(eig, seed=2)
+    result = lanczos_top_k(A, k=5, tol=1e-8)
+    assert all(result.converged)
+    assert rel_err(result.eigenvalues, torch.tensor(outliers, dtype=F64)) <= 1e-8
+    assert result.num_steps < 100
+
+
+def test_negative_eigenvalues_with_which_sa_and_lm(planted_matrix):
+    eig = torch.cat([torch.tensor([-9.0, -7.0, -4.0, 6.0, 5.0], dtype=F64), bulk(195, -1, 1, 3)])
+    A = planted_matrix(eig, seed=4)
+    exact = torch.linalg.eigvalsh(A)
+    sa = lanczos_top_k(A, k=3, which="SA", tol=1e-8)
+    assert rel_err(sa.eigenvalues, exact[:3].flip(0)) <= 1e-8  # descending: -4, -7, -9
+    la = lanczos_top_k(A, k=2, which="LA", tol=1e-8)
+    assert rel_err(la.eigenvalues, torch.tensor([6.0, 5.0], dtype=F64)) <= 1e-8
+    lm = lanczos_top_k(A, k=3, which="LM", tol=1e-8)
+    assert rel_err(lm.eigenvalues, torch.tensor([6.0, -7.0, -9.0], dtype=F64)) <= 1e-8
+
+
+def test_repeated_eigenvalue_needs_the_block_variant(planted_matrix):
+    eig = torch.cat([torch.tensor([10.0, 10.0, 8.0, 7.0, 6.0], dtype=F64), bulk(195, 0, 1, 5)])
+    A = planted_matrix(eig, seed=6)
+    block = block_lanczos_top_k(A, k=5, block_size=2, tol=1e-8)
+    assert all(block.converged)
+    assert rel_err(block.eigenvalues, eig[:5]) <= 1e-8
+    single = lanczos_top_k(A, k=5, tol=1e-8)
+    # One start vector sees one copy in exact arithmetic; whatever it returns is a set of
+    # true eigenvalues, and the top one is right.
+    assert abs(float(single.eigenvalues[0]) - 10.0) <= 1e-8
+    for value in single.eigenvalues:
+        assert float(torch.min((eig - value).abs())) <= 1e-6
+
+
+def test_rank_deficient_matrix_restarts_and_finds_the_zeros(planted_matrix):
+    eig = torch.cat([torch.tensor([3.0, 2.0, 1.0], dtype=F64), torch.zeros(97, dtype=F64)])
+    A = planted_matrix(eig, seed=7)
+    result = lanczos_top_k(A, k=5, tol=1e-8)
+    assert result.restarts >= 1  # the Krylov space of one vector has dimension 4
+    torch.testing.assert_close(
+        result.eigenvalues, torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0], dtype=F64), atol=1e-10, rtol=0
+    )
+
+
+def test_full_run_reproduces_eigvalsh_and_keeps_an_orthonormal_basis(planted_matrix):
+    A = planted_matrix(bulk(120, -2.0, 5.0, seed=8), seed=9)
+    run = lanczos(A, 120)
+    Q = run.basis
+    assert float((Q @ Q.T - torch.eye(120, dtype=F64)).abs().max()) <= 1e-12
+    np.testing.assert_allclose(run.ritz()[0], torch.linalg.eigvalsh(A).numpy(), atol=1e-11)
+
+
+def test_no_ghost_copies_of_a_converged_eigenvalue(planted_matrix):
+    # analysis.md §2 pitfall: without reorthogonalization λ1 = 24 reappears 3-15 times.
+    eig = torch.cat([torch.tensor([24.0], dtype=F64), bulk(2999, 0.0, 2.0, seed=10)])
+
+    def A(v):  # Lanczos is rotation invariant: a diagonal operator is as good a test
+        return eig * v
+
+    theta, _ = lanczos(A, 90, dim=3000).ritz()
+    assert int(np.sum(np.abs(theta - 24.0) < 1e-3)) == 1
+    top = lanczos_top_k(A, k=5, tol=1e-6, max_steps=200, dim=3000)
+    assert top.eigenvalues[1] < 2.0  # λ2 is in the bulk, not a ghost of λ1
+
+
+def test_agrees_with_scipy_eigsh(planted_matrix):
+    A = planted_matrix(torch.cat([torch.tensor([9.0, 7.0, 6.5]), bulk(197, 0, 3, 12)]), 13)
+    ours = lanczos_top_k(A, k=5, tol=1e-10).eigenvalues.numpy()
+    op = scipy.sparse.linalg.aslinearoperator(A.numpy())
+    ref = np.sort(scipy.sparse.linalg.eigsh(op, k=5, which="LA", tol=1e-12)[0])[::-1]
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+
+
+def test_unconverged_pairs_are_flagged(planted_matrix):
+    A = planted_matrix(bulk(300, 0.0, 1.0, seed=14), seed=15)  # no gap: slow
+    result = lanczos_top_k(A, k=5, tol=1e-12, max_steps=8)
+    assert result.num_steps == 8
+    assert not all(result.converged)
+
+
+def test_eigenvectors_and_true_residuals(planted_matrix):
+    eig = torch.cat([torch.tensor([5.0, 4.0], dtype=F64), bulk(98, 0, 1, 16)])
+    A = planted_matrix(eig, seed=17)
+    result = lanczos_top_k(A, k=2, tol=1e-10, return_eigenvectors=True)
+    Y = result.eigenvectors
+    assert Y.shape == (2, 100)
+    torch.testing.assert_close(Y @ Y.T, torch.eye(2, dtype=F64), atol=1e-10, rtol=0)
+    residual = torch.linalg.vector_norm(Y @ A - result.eigenvalues[:, None] * Y, dim=1)
+    torch.testing.assert_close(result.true_residuals, residual, atol=1e-12, rtol=0)
+    assert float(residual.max()) <= 1e-8
+
+
+def test_float32_basis_and_operator(planted_matrix):
+    eig = torch.cat([torch.tensor([5.0, 4.0, 3.0], dtype=F64), bulk(197, 0, 1, 18)])
+    A = planted_matrix(eig, seed=19).float()
+    result = lanczos_top_k(A, k=3, tol=1e-5)
+    assert rel_err(result.eigenvalues, eig[:3]) <= 1e-5
+
+
+def test_bad_arguments():
+    A = torch.eye(4, dtype=F64)
+    with pytest.raises(SharpscopeError, match="larger than the number of parameters"):
+        lanczos_top_k(A, k=5)
+    with pytest.raises(SharpscopeError, match="which"):
+        lanczos_top_k(A, k=1, which="BE")
+    with pytest.raises(SharpscopeError, match="max_steps"):
+        lanczos_top_k(A, k=3, max_steps=2)
+
+
+@pytest.mark.parametrize("dtype, tol, bound", [(None, 1e-5, 1e-3), ("float64", 1e-8, 1e-8)])
+def test_top5_of_network_hessians(case, dtype, tol, bound):
+    op = HessianOperator(case.model, case.data, dtype=dtype)
+    result = lanczos_top_k(op, k=5, tol=tol)
+    assert all(result.converged)
+    assert rel_err(result.eigenvalues, case.top(5)) <= bound
+    assert op.hvp_count == result.num_matvecs <= 100
+
+
+def test_most_negative_eigenvalues_of_a_network_hessian(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64")
+    exact = mlp_case.eigenvalues[:2].flip(0)
+    assert exact[-1] < 0  # the fixture sits at a point with negative curvature
+    result = lanczos_top_k(op, k=2, which="SA", tol=1e-8, max_steps=184)
+    assert rel_err(result.eigenvalues, exact) <= 1e-8

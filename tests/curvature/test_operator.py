@@ -1,0 +1,298 @@
+"""HessianOperator against exact answers (analysis.md §1, Validation (a)-(e))."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import Dataset
+
+from sharpscope.curvature import HessianOperator, dense_hessian
+from sharpscope.errors import SharpscopeError
+
+F64 = torch.float64
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(a - b) / torch.linalg.vector_norm(b))
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_hvp_matches_dense_hessian_fp64(case, mode):
+    op = HessianOperator(case.model, case.data, dtype="float64", hvp_mode=mode, max_block_size=2)
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(3, op.dim, generator=gen, dtype=F64)
+    assert rel(op.hvp(V[0]), case.H @ V[0]) <= 1e-10
+    assert rel(op.hvp_block(V), V @ case.H) <= 1e-10
+    assert op.hvp_count == 4
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_hvp_matches_dense_hessian_fp32(case, mode):
+    op = HessianOperator(case.model, case.data, hvp_mode=mode, batch_size=20, max_block_size=4)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+    assert op.dtype == torch.float32
+    assert rel(op.hvp(v), case.H @ v) <= 1e-4
+    assert rel(op.hvp_block(v.repeat(2, 1)), (case.H @ v).repeat(2, 1)) <= 1e-4
+
+
+def test_reverse_blocks_share_one_graph_per_batch(mlp_case):
+    # 5 vectors in blocks of 2 over 3 batches: each batch's gradient graph is built once
+    # and kept until its last block.
+    op = HessianOperator(
+        mlp_case.model,
+        mlp_case.data,
+        dtype="float64",
+        hvp_mode="reverse",
+        batch_size=25,
+        reuse_graph=False,
+        max_block_size=2,
+    )
+    V = torch.randn(5, op.dim, generator=torch.Generator().manual_seed(13), dtype=F64)
+    assert rel(op.hvp_block(V), V @ mlp_case.H) <= 1e-10
+    assert op.hvp_count == 5
+
+
+def test_hvp_is_symmetric(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64")
+    gen = torch.Generator().manual_seed(2)
+    u, v = torch.randn(2, op.dim, generator=gen, dtype=F64)
+    Hu, Hv = op.hvp(u), op.hvp(v)
+    assert abs(float(u @ Hv - v @ Hu)) <= 1e-10 * float(u.norm() * Hv.norm())
+
+
+def test_linear_regression_closed_form():
+    # Mean MSE over C outputs: H = (2/(NC)) I_C (x) X^T X  (row-major weight (C, d)).
+    gen = torch.Generator().manual_seed(3)
+    N, d, C = 25, 4, 3
+    X = torch.randn(N, d, generator=gen, dtype=F64)
+    Y = torch.randn(N, C, generator=gen, dtype=F64)
+    model = nn.Linear(d, C, bias=False).double()
+    op = HessianOperator(model, (X, Y), "mse", batch_size=7)
+    H = torch.kron(torch.eye(C, dtype=F64), X.T @ X) * 2 / (N * C)
+    V = torch.eye(op.dim, dtype=F64)
+    torch.testing.assert_close(op.hvp_block(V), H, rtol=1e-12, atol=1e-12)
+
+
+def test_logistic_regression_closed_form():
+    # Binary logistic regression: H = (1/N) X^T diag(p(1-p)) X.
+    gen = torch.Generator().manual_seed(4)
+    N, d = 30, 5
+    X = torch.randn(N, d, generator=gen, dtype=F64)
+    y = (torch.rand(N, generator=gen) < 0.5).to(F64)
+    model = nn.Linear(d, 1, bias=False).double()
+
+    def bce(out, target):
+        return F.binary_cross_entropy_with_logits(out.squeeze(1), target)
+
+    op = HessianOperator(model, (X, y), bce)
+    p = torch.sigmoid(X @ model.weight.detach().reshape(-1))
+    H = X.T @ (X * (p * (1 - p)).unsqueeze(1)) / N
+    torch.testing.assert_close(op.hvp_block(torch.eye(d, dtype=F64)), H, rtol=1e-12, atol=1e-13)
+
+
+def test_finite_differences_agree(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(5), dtype=F64)
+    v = v / v.norm()
+    assert rel(op.finite_difference_hvp(v), op.hvp(v)) <= 1e-7
+
+
+def test_batch_sizes_give_the_same_hvp(mlp_case):
+    x, y = mlp_case.x[:21], mlp_case.y[:21]
+    v = torch.randn(mlp_case.H.shape[0], generator=torch.Generator().manual_seed(6), dtype=F64)
+    results = [
+        HessianOperator(mlp_case.model, (x, y), dtype="float64", batch_size=b, check=False).hvp(v)
+        for b in (1, 7, 21)
+    ]
+    for other in results[1:]:
+        assert rel(other, results[0]) <= 1e-12
+
+
+def test_unequal_last_batch_weighted_by_its_size(mlp_case):
+    # 60 examples in batches of 25, 25, 10: weights n_b/N, never 1/num_batches.
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", batch_size=25)
+    assert op.batch_sizes == [25, 25, 10]
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(7), dtype=F64)
+    assert rel(op.hvp(v), mlp_case.H @ v) <= 1e-10
+
+
+def test_model_left_as_found(cnn_case):
+    model = copy.deepcopy(cnn_case.model)
+    model.train()
+    model.head.eval()  # a mixed mode must come back exactly
+    modes = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    op = HessianOperator(model, cnn_case.data)
+    op.hvp(torch.ones(op.dim))
+    op.hvp_block(torch.ones(2, op.dim))
+    assert {n: m.training for n, m in model.named_modules()} == modes
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, state[key]), key  # BatchNorm buffers never updated
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_eval_mode_is_the_default_and_uses_running_statistics(cnn_case):
+    model = copy.deepcopy(cnn_case.model).train()
+    op = HessianOperator(model, cnn_case.data, dtype="float64")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(8), dtype=F64)
+    assert rel(op.hvp(v), cnn_case.H @ v) <= 1e-10  # cnn_case.H is the eval-mode Hessian
+
+
+def test_batch_statistics_mode_is_opt_in(cnn_case):
+    op = HessianOperator(
+        cnn_case.model, cnn_case.data, dtype="float64", bn_mode="batch", max_block_size=2
+    )
+    H_batch = dense_hessian(cnn_case.model, cnn_case.data, bn_mode="batch")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(9), dtype=F64)
+    assert rel(op.hvp(v), H_batch @ v) <= 1e-10
+    assert torch.allclose(H_batch, H_batch.T, atol=1e-12)
+    assert rel(H_batch @ v, cnn_case.H @ v) > 1e-3  # really another function
+    assert rel(op.finite_difference_hvp(v), op.hvp(v)) <= 1e-7
+    V = torch.stack([v, 2 * v])
+    assert rel(op.hvp_block(V), V @ H_batch) <= 1e-10
+    assert op.describe()["bn_mode"] == "batch"
+    assert not cnn_case.model.training
+
+
+def test_weight_decay_shifts_every_eigenvalue(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", weight_decay=0.1)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(10), dtype=F64)
+    assert rel(op.hvp(v), mlp_case.H @ v + 0.1 * v) <= 1e-10
+    assert rel(op.finite_difference_hvp(v), op.hvp(v)) <= 1e-6
+
+
+def test_param_filter_selects_a_block_of_the_hessian(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", param_filter=r"^2\.")
+    assert op.param_names == ["2.weight", "2.bias"]
+    n = op.dim
+    block = mlp_case.H[-n:, -n:]
+    torch.testing.assert_close(op.hvp_block(torch.eye(n, dtype=F64)), block, rtol=1e-10, atol=1e-12)
+
+
+def test_frozen_parameters_leave_theta(mlp_case):
+    model = copy.deepcopy(mlp_case.model)
+    model[0].weight.requires_grad_(False)
+    op = HessianOperator(model, mlp_case.data, dtype="float64")
+    assert op.dim == mlp_case.H.shape[0] - model[0].weight.numel()
+
+
+def test_auto_mode_records_its_choice(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data)
+    info = op.describe()
+    assert info["hvp_mode"] in ("forward", "reverse")
+    assert set(info["hvp_mode_seconds"]) == {"forward", "reverse"}
+    assert all(t > 0 for t in info["hvp_mode_seconds"].values())
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """tanh with a custom backward and no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return grad * (1 - out * out)
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        return self.b(_NoForwardAD.apply(self.a(x)))
+
+
+def test_auto_mode_falls_back_to_reverse_without_forward_ad(mlp_case):
+    torch.manual_seed(0)
+    model = _Custom()
+    op = HessianOperator(model, mlp_case.data, dtype="float64", max_block_size=4)
+    assert op.hvp_mode == "reverse"
+    assert "forward" in op.describe()["hvp_mode_errors"]
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(11), dtype=F64)
+    twin = nn.Sequential(model.a, nn.Tanh(), model.b)  # same function, plain tanh
+    assert rel(op.hvp(v), dense_hessian(twin, mlp_case.data) @ v) <= 1e-10
+    assert rel(op.hvp_block(v.repeat(3, 1))[2], op.hvp(v)) <= 1e-12
+
+
+class _AlwaysDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(10, 4)
+
+    def forward(self, x):
+        return F.dropout(self.lin(x), 0.5, training=True)  # ignores eval()
+
+
+def test_preflight_catches_a_random_model(mlp_case):
+    with pytest.raises(SharpscopeError, match="two passes over the data gave different"):
+        HessianOperator(_AlwaysDropout(), mlp_case.data)
+
+
+class _Augmented(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.1 * torch.randn(self.x.shape[1:]), self.y[i]
+
+
+def test_preflight_catches_random_augmentation(mlp_case):
+    with pytest.raises(SharpscopeError, match="random augmentation"):
+        HessianOperator(mlp_case.model, _Augmented(mlp_case.x, mlp_case.y))
+
+
+def test_non_finite_loss_is_refused(mlp_case):
+    model = copy.deepcopy(mlp_case.model)
+    with torch.no_grad():
+        model[0].weight[0, 0] = float("nan")
+    with pytest.raises(SharpscopeError, match="not finite"):
+        HessianOperator(model, mlp_case.data)
+
+
+def test_no_trainable_parameters_is_refused(mlp_case):
+    model = copy.deepcopy(mlp_case.model).requires_grad_(False)
+    with pytest.raises(SharpscopeError, match="no trainable parameters"):
+        HessianOperator(model, mlp_case.data)
+
+
+def test_model_that_fails_on_the_data_is_one_line(mlp_case):
+    with pytest.raises(SharpscopeError, match="failed on the data") as info:
+        HessianOperator(nn.Linear(3, 2), mlp_case.data)
+    assert "\n" not in str(info.value)
+
+
+def test_unknown_options_are_refused(mlp_case):
+    with pytest.raises(SharpscopeError, match="hvp_mode"):
+        HessianOperator(mlp_case.model, mlp_case.data, hvp_mode="sideways")
+    with pytest.raises(SharpscopeError, match="dtype"):
+        HessianOperator(mlp_case.model, mlp_case.data, dtype="float16x")
+
+
+def test_float64_mode_does_not_touch_the_model(mlp_case):
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64")
+    assert op.module is not mlp_case.model
+    assert next(mlp_case.model.parameters()).dtype == torch.float32
+
+
+def test_iterable_of_batches_and_dataset_agree(mlp_case):
+    x, y = mlp_case.data
+    batches = [(x[:33], y[:33]), (x[33:], y[33:])]
+    v = torch.randn(mlp_case.H.shape[0], generator=torch.Generator().manual_seed(12), dtype=F64)
+    a = HessianOperator(mlp_case.model, batches, dtype="float64").hvp(v)
+    b = HessianOperator(
+        mlp_case.model, torch.utils.data.TensorDataset(x, y), dtype="float64", batch_size=16
+    ).hvp(v)
+    assert rel(a, b) <= 1e-12

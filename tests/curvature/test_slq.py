@@ -1,0 +1,133 @@
+"""Stochastic Lanczos quadrature against dense spectra (analysis.md §4, Validation)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from torch import nn
+
+from sharpscope.curvature import (
+    HessianOperator,
+    dense_hessian,
+    lanczos_top_k,
+    slq,
+    smooth_density,
+)
+from sharpscope.errors import SharpscopeError
+
+F64 = torch.float64
+
+
+def exact_density(grid: np.ndarray, eigenvalues: np.ndarray, sigma: float) -> np.ndarray:
+    """phi_sigma(t) = (1/P) sum_i g_sigma(t - lambda_i), directly from the eigenvalues."""
+    diff = grid[:, None] - eigenvalues[None, :]
+    return np.exp(-(diff**2) / (2 * sigma**2)).mean(1) / np.sqrt(2 * np.pi * sigma**2)
+
+
+def l1(grid: np.ndarray, a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.sum(np.abs(a - b)) * (grid[1] - grid[0]))
+
+
+@pytest.fixture(scope="module")
+def digits_mlp():
+    """MLP 64-8-10 (P = 610) after 200 seeded full-batch steps on 300 digits."""
+    torch.manual_seed(0)
+    digits = load_digits()
+    x = torch.tensor(digits.data[:300], dtype=torch.float32) / 16
+    y = torch.tensor(digits.target[:300])
+    model = nn.Sequential(nn.Linear(64, 8), nn.Tanh(), nn.Linear(8, 10))
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    for _ in range(200):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    eigenvalues = torch.linalg.eigvalsh(dense_hessian(model, (x, y))).numpy()
+    return model, (x, y), eigenvalues
+
+
+def test_mlp_density_matches_the_exact_smoothed_density(digits_mlp):
+    model, data, eigenvalues = digits_mlp
+    op = HessianOperator(model, data, dtype="float64")
+    quad = slq(op, num_probes=10, num_steps=90, seed=0)
+    assert op.hvp_count == 900
+    grid, values, info = smooth_density(quad.nodes, quad.weights)  # Ghorbani's sigma
+    exact = exact_density(grid, eigenvalues, info["sigma"])
+    exact /= exact.sum() * (grid[1] - grid[0])  # same renormalization on the grid
+    assert l1(grid, values, exact) <= 0.05
+    # First moment: tr(H)/P within Monte-Carlo error.
+    assert abs(quad.trace - eigenvalues.sum()) <= 4 * quad.trace_stderr
+
+
+def test_papyan_outliers_beside_a_marchenko_pastur_bulk():
+    # diag(5, 4, 3, 0, ...) + Z Z^T / n, n = 2000: three outliers beside a bulk on [0, 4].
+    n = 2000
+    gen = torch.Generator().manual_seed(0)
+    Z = torch.randn(n, n, generator=gen, dtype=F64)
+    A = Z @ Z.T / n
+    A[0, 0] += 5
+    A[1, 1] += 4
+    A[2, 2] += 3
+    eigenvalues = torch.linalg.eigvalsh(A).numpy()
+    quad = slq(A, num_probes=10, num_steps=90, seed=1)
+    for nodes in quad.nodes:  # every probe resolves the outliers exactly
+        np.testing.assert_allclose(np.sort(nodes)[-3:], eigenvalues[-3:], rtol=1e-10)
+    # Their quadrature mass is (vᵀu)² per outlier: 1/P on average (std ~ sqrt(2/n_v)/P each).
+    outlier_mass = quad.weights[:, -3:].sum(1).mean()
+    assert abs(outlier_mass - 3 / n) <= 4 * np.sqrt(2 * 3 / 10) / n
+    grid, values, info = smooth_density(quad.nodes, quad.weights, kernel="papyan")
+    assert l1(grid, values, exact_density(grid, eigenvalues, info["sigma"])) <= 0.1
+    assert abs(quad.trace - eigenvalues.sum()) <= 4 * quad.trace_stderr
+
+
+def test_weights_of_every_probe_sum_to_one(planted_matrix):
+    A = planted_matrix(torch.linspace(-1, 3, 150, dtype=F64), seed=3)
+    quad = slq(A, num_probes=4, num_steps=40, seed=2)
+    np.testing.assert_allclose(quad.weights.sum(1), 1.0, atol=1e-12)
+    assert quad.nodes.shape == (4, 40)
+
+
+def test_few_distinct_eigenvalues_are_found_exactly():
+    # 3 distinct values < m: the Krylov space closes after 3 steps; a normalized
+    # Rademacher probe puts exactly multiplicity/P of its mass on each.
+    d = torch.tensor([1.0] * 10 + [2.5] * 6 + [-4.0] * 4, dtype=F64)
+    quad = slq(torch.diag(d), num_probes=3, num_steps=15, seed=4)
+    assert quad.num_steps == [3, 3, 3]
+    for nodes, weights in zip(quad.nodes, quad.weights):
+        np.testing.assert_allclose(nodes, [-4.0, 1.0, 2.5], atol=1e-12)
+        np.testing.assert_allclose(weights, [4 / 20, 10 / 20, 6 / 20], atol=1e-12)
+    assert quad.negative_mass == pytest.approx(0.2, abs=1e-12)
+    assert quad.trace == pytest.approx(float(d.sum()), abs=1e-10)
+
+
+def test_deflation_removes_the_outliers_and_keeps_the_trace(planted_matrix):
+    gen = torch.Generator().manual_seed(5)
+    eig = torch.cat([torch.tensor([30.0, 20.0, 10.0], dtype=F64), torch.rand(197, generator=gen)])
+    A = planted_matrix(eig, seed=6)
+    top = lanczos_top_k(A, k=3, tol=1e-10, return_eigenvectors=True)
+    quad = slq(A, num_probes=5, num_steps=60, seed=7, locked=top.eigenvectors)
+    assert quad.dim == 197
+    assert quad.nodes.max() < 1.0 + 1e-8 and quad.nodes.min() > -1e-8  # bulk only
+    trace = quad.trace + float(top.eigenvalues.sum())
+    assert abs(trace - float(eig.sum())) <= 4 * quad.trace_stderr
+
+
+def test_kernels_have_unit_mass_and_log_units(planted_matrix):
+    gen = torch.Generator().manual_seed(8)
+    bulk = torch.rand(98, generator=gen, dtype=F64) * 1e-2 + 1e-3
+    eig = torch.cat([torch.tensor([40.0, -0.5], dtype=F64), bulk])
+    quad = slq(planted_matrix(eig, seed=8), num_probes=3, num_steps=60, seed=9)
+    nodes, weights = quad.nodes, quad.weights
+    for kernel, tol in (("ghorbani", 1e-12), ("papyan", 1e-2), ("log", 1e-2)):
+        # Ghorbani's is renormalized on the grid; Papyan's leaks tails past its 5% margin.
+        grid, values, info = smooth_density(nodes, weights, kernel=kernel)
+        assert abs(np.sum(values) * (grid[1] - grid[0]) - 1) < tol, kernel
+    _, _, info = smooth_density(nodes, weights, kernel="log")
+    assert info["units"].startswith("log")
+    assert info["kappa"] == 1.04
+    grid, _, info = smooth_density(nodes, weights)
+    assert len(grid) == 10_000
+    assert info["sigma"] ** 2 == pytest.approx(1e-5 * (grid[-1] - grid[0]))
+    with pytest.raises(SharpscopeError, match="kernel"):
+        smooth_density(nodes, weights, kernel="parzen")

@@ -1,0 +1,102 @@
+"""Hutchinson and Hutch++ against exact traces (analysis.md §3, Validation)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sharpscope.curvature import HessianOperator, hutchinson, hutchpp
+from sharpscope.errors import SharpscopeError
+
+F64 = torch.float64
+SEEDS = range(24)
+
+
+@pytest.fixture(scope="module")
+def low_rank_plus_noise(planted_matrix):
+    """Ten dominant eigenvalues (10..50) over a small bulk: a trained network's shape."""
+    gen = torch.Generator().manual_seed(0)
+    eig = torch.cat(
+        [torch.linspace(50, 10, 10, dtype=F64), 0.05 * torch.rand(290, generator=gen, dtype=F64)]
+    )
+    return planted_matrix(eig, seed=1), float(eig.sum())
+
+
+def rademacher_variance(A: torch.Tensor) -> float:
+    return 2 * float((A**2).sum() - (torch.diagonal(A) ** 2).sum())
+
+
+def test_hutchpp_beats_hutchinson_at_equal_budget(low_rank_plus_noise):
+    A, exact = low_rank_plus_noise
+    err_h = [hutchinson(A, 99, seed=s).trace - exact for s in SEEDS]
+    err_pp = [hutchpp(A, 99, seed=s).trace - exact for s in SEEDS]
+    rms_h, rms_pp = np.sqrt(np.mean(np.square(err_h))), np.sqrt(np.mean(np.square(err_pp)))
+    assert rms_pp < rms_h / 10
+
+
+def test_averaged_hutchpp_converges_to_the_exact_trace(low_rank_plus_noise):
+    A, exact = low_rank_plus_noise
+    mean = np.mean([hutchpp(A, 99, seed=s).trace for s in SEEDS])
+    assert abs(mean - exact) / exact <= 1e-3
+
+
+def test_averaged_hutchinson_within_its_variance(low_rank_plus_noise):
+    A, exact = low_rank_plus_noise
+    s, runs = 100, len(SEEDS)
+    mean = np.mean([hutchinson(A, s, seed=seed).trace for seed in SEEDS])
+    assert abs(mean - exact) <= 4 * math.sqrt(rademacher_variance(A) / (s * runs))
+
+
+def test_standard_errors_are_calibrated(low_rank_plus_noise):
+    A, exact = low_rank_plus_noise
+    for method in (hutchinson, hutchpp):
+        z = [(e.trace - exact) / e.stderr for e in (method(A, 99, seed=s) for s in SEEDS)]
+        assert 0.5 < np.std(z) < 1.6, method.__name__
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
+def test_per_probe_variance_formula(low_rank_plus_noise, distribution):
+    A, _ = low_rank_plus_noise
+    est = hutchinson(A, 2000, distribution=distribution, seed=3, block_size=500)
+    expected = rademacher_variance(A) if distribution == "rademacher" else 2 * float((A**2).sum())
+    # Sample variance of 2000 draws: relative std ~ sqrt(2/2000)·(tail factor) < 5%.
+    assert abs(np.var(est.samples, ddof=1) / expected - 1) < 0.15
+    assert abs(est.frobenius_sq / float((A**2).sum()) - 1) < 0.05
+
+
+def test_rademacher_is_exact_on_a_diagonal_matrix():
+    d = torch.tensor([1.0, -2.0, 3.5, 4.0], dtype=F64)
+    est = hutchinson(torch.diag(d), 5, return_diagonal=True)
+    assert est.trace == pytest.approx(float(d.sum()), abs=1e-12)
+    assert est.stderr == pytest.approx(0.0, abs=1e-12)
+    torch.testing.assert_close(est.diagonal, d)
+
+
+def test_hutchpp_is_exact_when_the_sketch_holds_the_range(planted_matrix):
+    eig = torch.cat([torch.arange(1.0, 11.0, dtype=F64), torch.zeros(90, dtype=F64)])
+    est = hutchpp(planted_matrix(eig, seed=5), 33)
+    assert est.trace == pytest.approx(55.0, rel=1e-10)
+    assert est.num_matvecs == 33
+
+
+def test_adaptive_hutchinson_stops_on_its_relative_error(low_rank_plus_noise):
+    A, _ = low_rank_plus_noise
+    est = hutchinson(A, 1000, adaptive=True, rel_tol=0.05, seed=7)
+    assert 10 <= est.num_probes < 1000
+    assert est.stderr <= 0.05 * abs(est.trace)
+
+
+def test_budget_must_be_a_multiple_of_three():
+    with pytest.raises(SharpscopeError, match="multiple of 3"):
+        hutchpp(torch.eye(5, dtype=F64), 10)
+
+
+def test_network_trace_within_error_bars(case):
+    op = HessianOperator(case.model, case.data, dtype="float64")
+    exact = float(torch.trace(case.H))
+    est = hutchpp(op, 99, seed=0)
+    assert abs(est.trace - exact) <= 4 * est.stderr + 1e-9 * abs(exact)
+    assert op.hvp_count == 99
