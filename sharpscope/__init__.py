@@ -33,10 +33,21 @@ _EXPORTS = {
     "hessian_trace": "sharpscope.analysis.spectrum",
     "spectral_density": "sharpscope.analysis.spectrum",
     "spectrum": "sharpscope.analysis.spectrum",
+    "TopEigs": "sharpscope.analysis.spectrum",
+    "Trace": "sharpscope.analysis.spectrum",
+    "Density": "sharpscope.analysis.spectrum",
+    "Spectrum": "sharpscope.analysis.spectrum",
+    "HessianOperator": "sharpscope.curvature",
     "m_sharpness": "sharpscope.analysis.msharpness",
+    "MSharpness": "sharpscope.analysis.msharpness",
+    "average_sharpness": "sharpscope.analysis.measures",
+    "epsilon_sharpness": "sharpscope.analysis.measures",
+    "pac_bayes_flatness": "sharpscope.analysis.measures",
+    "LandscapeResult": "sharpscope.analysis.landscape",
     "landscape": "sharpscope.analysis.landscape",
     "kendall_tau": "sharpscope.analysis.correlation",
     "granulated_kendall": "sharpscope.analysis.correlation",
+    "correlate": "sharpscope.analysis.correlation",
 }
 _SUBMODULES = ("optim", "analysis", "curvature", "plotting", "data", "models", "study")
 

@@ -464,8 +464,9 @@ def _evaluate_epoch(
             model, test_split.inputs, test_split.targets, loss_fn, probs_fn=average, **kwargs
         )
         metrics.update({f"test_{k}_bma": v for k, v in bma.items() if k != "loss"})
-    metrics["gen_gap"] = metrics["test_loss"] - metrics["train_loss"]
-    metrics["error_gap"] = metrics["train_acc"] - metrics["test_acc"]
+    # gen_gap as in the studies (analysis.md section 7): test error - train error
+    metrics["gen_gap"] = metrics["train_acc"] - metrics["test_acc"]
+    metrics["loss_gap"] = metrics["test_loss"] - metrics["train_loss"]
     return metrics
 
 

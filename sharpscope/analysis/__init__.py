@@ -1,5 +1,16 @@
 """Analyses: pure functions from (model, data, loss) to typed, saveable results."""
 
+from .landscape import LandscapeResult, landscape
+from .measures import (
+    AverageSharpness,
+    EpsilonSharpness,
+    PacBayesFlatness,
+    average_sharpness,
+    epsilon_sharpness,
+    keskar_sharpness,
+    pac_bayes_flatness,
+)
+from .msharpness import MSharpness, m_sharpness
 from .spectrum import (
     Density,
     Spectrum,
@@ -12,6 +23,17 @@ from .spectrum import (
 )
 
 __all__ = [
+    "AverageSharpness",
+    "EpsilonSharpness",
+    "LandscapeResult",
+    "MSharpness",
+    "PacBayesFlatness",
+    "average_sharpness",
+    "epsilon_sharpness",
+    "keskar_sharpness",
+    "landscape",
+    "m_sharpness",
+    "pac_bayes_flatness",
     "Density",
     "Spectrum",
     "TopEigs",

@@ -83,7 +83,12 @@ def test_train_sam_flags_reach_the_optimizer_spec(tmp_path):
     spec = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
     assert spec["name"] == "sam" and spec["rho"] == 0.1 and spec["bn_policy"] == "both"
     base = spec["base"]
-    assert (base["name"], base["lr"], base["momentum"], base["weight_decay"]) == ("sgd", 0.05, 0.9, 5e-4)
+    assert (base["name"], base["lr"], base["momentum"], base["weight_decay"]) == (
+        "sgd",
+        0.05,
+        0.9,
+        5e-4,
+    )
 
 
 def test_train_from_toml_config(tmp_path):
@@ -145,4 +150,6 @@ def test_asam_form_flag(tmp_path):
         app, ["train", *TINY, "--optimizer", "asam", "--form", "layerwise", "--out", str(tmp_path)]
     )
     assert result.exit_code == 0, result.output
-    assert torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["adaptive"] == "layerwise"
+    assert (
+        torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["adaptive"] == "layerwise"
+    )

@@ -1,0 +1,46 @@
+"""``sharpscope figures``: regenerate every figure of figures/ from the quick studies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import console, guarded
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``sharpscope figures``."""
+
+    @app.command("figures")
+    @guarded
+    def figures_command(
+        out: Path = typer.Option(Path("figures"), "--out", help="Where the figures go."),
+        cache: Path = typer.Option(
+            Path("runs") / "studies",
+            "--cache",
+            help="Study folders of the quick reproductions (reused when present).",
+        ),
+        only: Optional[list[str]] = typer.Option(
+            None, "--only", help="Reproductions to make (a-f, quick); repeatable (default: all)."
+        ),
+        workers: Optional[int] = typer.Option(
+            None,
+            "--workers",
+            min=1,
+            help="Local worker processes (default: one per GPU, else one per CPU core).",
+        ),
+    ) -> None:
+        """Run the quick reproductions (cached) and write their figures, data beside each."""
+        from ..study.executors import default_workers
+        from ..study.reproductions import make_figures
+
+        if workers is None:
+            workers = default_workers()
+        written = make_figures(out, cache=cache, only=only, workers=workers, log=_log)
+        _log(f"{len(written)} figures written to {out}")

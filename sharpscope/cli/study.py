@@ -1,0 +1,109 @@
+"""``sharpscope study run`` and ``sharpscope study report``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ._common import console, guarded
+
+
+def _log(message: str) -> None:
+    console.print(message, highlight=False, markup=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``study`` sub-app with its ``run`` and ``report`` commands."""
+    study = typer.Typer(
+        name="study",
+        help="Run and report flatness-versus-generalization studies.",
+        no_args_is_help=True,
+        add_completion=False,
+        pretty_exceptions_enable=False,
+    )
+
+    @study.command("run")
+    @guarded
+    def run_command(
+        config: Optional[Path] = typer.Argument(
+            None, help="Study config (TOML). Omit with --quick, or give a built-in name."
+        ),
+        quick: bool = typer.Option(
+            False, "--quick", help="The built-in quick study: SGD vs SAM variants on MNIST-1D."
+        ),
+        out: Optional[Path] = typer.Option(
+            None, "--out", help="Study folder (default: runs/studies/NAME); reused to resume."
+        ),
+        workers: Optional[int] = typer.Option(
+            None,
+            "--workers",
+            min=1,
+            help="Local worker processes, 1 CPU thread or 1 GPU each "
+            "(default: one per GPU, else one per CPU core).",
+        ),
+        executor: str = typer.Option(
+            "local",
+            "--executor",
+            help="local, or slurm (submitit; parameters from the executor table of the config).",
+        ),
+        report: bool = typer.Option(
+            True, "--report/--no-report", help="Write report.md after the runs."
+        ),
+    ) -> None:
+        """Train and analyse every run of a sweep; write DIR/results.csv (and the report)."""
+        from ..errors import SharpscopeError
+        from ..study.config import builtin_config_names, load_builtin_config, load_study_config
+        from ..study.executors import default_workers
+        from ..study.report import write_report
+        from ..study.runner import run_study
+
+        if quick and config is not None:
+            raise SharpscopeError("give either CONFIG.toml or --quick, not both")
+        if quick:
+            study_config = load_builtin_config("quick")
+        elif config is None:
+            raise SharpscopeError(
+                "missing CONFIG.toml; give a study config, a built-in name "
+                f"({', '.join(builtin_config_names())}) or --quick"
+            )
+        elif not config.exists() and str(config) in builtin_config_names():
+            study_config = load_builtin_config(str(config))
+        else:
+            study_config = load_study_config(config)
+        if workers is None:
+            workers = default_workers() if executor == "local" else 1
+        summary = run_study(study_config, out, workers=workers, executor=executor, log=_log)
+        _log(
+            f"{len(summary.done)} runs done, {len(summary.skipped)} skipped, "
+            f"{len(summary.failed)} failed (diverged), {len(summary.errors)} errors "
+            f"in {summary.seconds:.0f} s"
+        )
+        _log(f"results: {summary.results}")
+        if report:
+            path = write_report(summary.out)
+            _log(f"report: {path}")
+        if summary.errors:
+            run_id, message = next(iter(summary.errors.items()))
+            raise SharpscopeError(
+                f"{len(summary.errors)} run(s) raised errors (rerun to retry them); "
+                f"first: {run_id}: {message}"
+            )
+
+    @study.command("report")
+    @guarded
+    def report_command(
+        folder: Path = typer.Argument(..., help="A study folder made by `sharpscope study run`."),
+        resamples: int = typer.Option(
+            1000, "--resamples", min=0, help="Bootstrap resamples for the intervals."
+        ),
+        figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the figures."),
+    ) -> None:
+        """Kendall tau and granulated Kendall of every measure; DIR/report.md with figures."""
+        from ..study.report import write_report
+
+        path = write_report(folder, resamples=resamples, figures=figures)
+        _log(f"report: {path}")
+
+    app.add_typer(study, name="study")

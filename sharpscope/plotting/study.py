@@ -1,0 +1,525 @@
+"""Figures of a study: measures against the generalization gap, correlations, sweeps.
+
+Inputs are the rows of ``results.csv`` (dicts, see :func:`sharpscope.study.read_results`)
+and :class:`~sharpscope.analysis.correlation.Correlation` results; every function
+returns a matplotlib Figure and touches no model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from ..errors import SharpscopeError
+from .style import MARKERS, PALETTE, new_figure, optimizer_color, optimizer_label
+
+Rows = Sequence[Mapping[str, Any]]
+
+LABELS = {
+    "gen_gap": "generalization gap (test − train error, %)",
+    "loss_gap": "loss gap (test − train loss)",
+    "lambda_max": r"$\lambda_{\max}$ of the Hessian",
+    "lambda_5": r"$\lambda_5$ of the Hessian",
+    "ratio": r"$\lambda_{\max}/\lambda_5$",
+    "trace": "Hessian trace",
+    "m_sharpness": "m-sharpness (loss increase)",
+    "adaptive_sharpness": "adaptive sharpness (loss increase)",
+    "weight_norm": r"$\|\theta\|_2$",
+    "test_acc": "test error (%)",
+    "train_acc": "train error (%)",
+    "test_loss": "test loss (cross-entropy)",
+    "train_loss": "train loss (cross-entropy)",
+    "test_ece": "test ECE (15 bins)",
+    "test_nll": "test NLL",
+    "rho": r"$\rho$",
+    "m": "m (examples per perturbation)",
+    "label_noise": "label noise (%)",
+    "lr": "learning rate",
+    "batch_size": "batch size",
+}
+PERCENT = ("gen_gap", "test_acc", "train_acc", "train_clean_acc", "test_acc_bma", "label_noise")
+ERROR_FROM_ACC = ("test_acc", "train_acc", "train_clean_acc", "test_acc_bma")
+
+
+def _tag(text: str) -> str:
+    """``"m16_rho0.05"`` -> ``"m=16, ρ=0.05"``."""
+    parts = []
+    for part in text.split("_"):
+        for key, shown in (("rho", "ρ"), ("eps", "ε"), ("m", "m")):
+            if part.startswith(key) and part[len(key) :][:1].isdigit():
+                parts.append(f"{shown}={part[len(key) :]}")
+                break
+        else:
+            parts.append(part)
+    return ", ".join(parts)
+
+
+def axis_label(column: str) -> str:
+    """Axis label with units for a results.csv column.
+
+    >>> axis_label("test_acc"), axis_label("msharp_m16_rho0.05")
+    ('test error (%)', 'm-sharpness (m=16, ρ=0.05)')
+    """
+    if column in LABELS:
+        return LABELS[column]
+    for prefix, name in (
+        ("msharp_err_", "m-sharpness, error increase"),
+        ("asharp_err_", "adaptive sharpness, error increase"),
+        ("msharp_", "m-sharpness"),
+        ("asharp_", "adaptive sharpness"),
+        ("avgsharp_ada_", "adaptive average sharpness"),
+        ("avgsharp_", "average sharpness"),
+        ("keskar_", "ε-sharpness (Keskar)"),
+    ):
+        if column.startswith(prefix):
+            return f"{name} ({_tag(column[len(prefix) :])})"
+    if column == "pac_bayes":
+        return r"PAC-Bayes flatness $1/\sigma^2$"
+    if column == "pac_bayes_mag":
+        return r"magnitude-aware PAC-Bayes $1/\sigma^2$"
+    return column.replace("_", " ")
+
+
+def display_value(column: str, value: Any) -> float | None:
+    """The plotted value: accuracies become error in percent, gaps percent."""
+    if value is None:
+        return None
+    value = float(value)
+    if not math.isfinite(value):
+        return None
+    if column in ERROR_FROM_ACC:
+        return 100.0 * (1.0 - value)
+    if column in PERCENT:
+        return 100.0 * value
+    return value
+
+
+def display_name(column: str) -> str:
+    """Name of the plotted quantity: ``test_acc`` -> ``test_error_pct``.
+
+    >>> display_name("test_acc"), display_name("gen_gap"), display_name("trace")
+    ('test_error_pct', 'gen_gap_pct', 'trace')
+    """
+    if column in ERROR_FROM_ACC:
+        return column.replace("_acc", "_error") + "_pct"
+    if column in PERCENT:
+        return f"{column}_pct"
+    return column
+
+
+def _finite_rows(rows: Rows, *columns: str) -> list[Mapping[str, Any]]:
+    return [r for r in rows if all(display_value(c, r.get(c)) is not None for c in columns)]
+
+
+def _labels_in_order(rows: Rows, key: str) -> list[Any]:
+    return list(dict.fromkeys(r.get(key) for r in rows))
+
+
+def _color(label: Any, index: int) -> str:
+    return optimizer_color(str(label), index)
+
+
+def plot_measure_vs_gap(
+    rows: Rows, measure: str, gap: str = "gen_gap", *, hue: str = "optimizer", ax: Any = None
+):
+    """Scatter of one measure against the gap, coloured by ``hue`` (one point per model)."""
+    if ax is None:
+        fig, ax = new_figure(1, aspect=0.8)
+    else:
+        fig = ax.figure
+    points = _finite_rows(rows, measure, gap)
+    for index, label in enumerate(_labels_in_order(points, hue)):
+        group = [r for r in points if r.get(hue) == label]
+        ax.scatter(
+            [display_value(measure, r[measure]) for r in group],
+            [display_value(gap, r[gap]) for r in group],
+            color=_color(label, index),
+            marker=MARKERS[index % len(MARKERS)],
+            s=14,
+            label=optimizer_label(label) if hue == "optimizer" else f"{hue}={label}",
+            edgecolors="none",
+        )
+    ax.set_xlabel(axis_label(measure))
+    ax.set_ylabel(axis_label(gap))
+    if _positive(points, measure) and _spread(points, measure) > 30:
+        ax.set_xscale("log")
+    return fig
+
+
+def _positive(rows: Rows, column: str) -> bool:
+    return bool(rows) and all(float(r[column]) > 0 for r in rows)
+
+
+def _spread(rows: Rows, column: str) -> float:
+    values = [float(r[column]) for r in rows]
+    return max(values) / max(min(values), 1e-300) if values else 1.0
+
+
+def plot_measures_vs_gap(
+    rows: Rows,
+    measures: Sequence[str],
+    gap: str = "gen_gap",
+    *,
+    hue: str = "optimizer",
+    taus: Mapping[str, float] | None = None,
+    ncols: int = 3,
+):
+    """A grid of :func:`plot_measure_vs_gap` panels, titled with Kendall τ if given."""
+    if not measures:
+        raise SharpscopeError("no measure columns to plot")
+    ncols = min(ncols, len(measures))
+    nrows = math.ceil(len(measures) / ncols)
+    fig, axes = new_figure(2, aspect=0.75, nrows=nrows, ncols=ncols, squeeze=False)
+    flat = list(axes.ravel())
+    for ax, measure in zip(flat, measures):
+        plot_measure_vs_gap(rows, measure, gap, hue=hue, ax=ax)
+        if taus and measure in taus and taus[measure] is not None:
+            ax.set_title(rf"Kendall $\tau$ = {taus[measure]:.2f}")
+        ax.set_ylabel("")
+    fig.supylabel(axis_label(gap), fontsize=8)
+    for ax in flat[len(measures) :]:
+        ax.set_visible(False)
+    flat[0].legend(loc="best")
+    return fig
+
+
+def plot_correlations(correlations: Sequence[Any], *, ax: Any = None, columns: int = 2):
+    """Kendall τ (with bootstrap interval) and granulated Ψ per measure, as a dot plot."""
+    if ax is None:
+        width = 3.35 if columns == 1 else 6.9
+        height = 0.9 + 0.24 * max(len(correlations), 1)  # inches: one row per measure
+        fig, ax = new_figure(columns, aspect=height / width)
+    else:
+        fig = ax.figure
+    names = [c.measure for c in correlations]
+    y = np.arange(len(names))
+    for offset, key, label, color in (
+        (-0.15, "tau", r"Kendall $\tau$", PALETTE[0]),
+        (0.15, "overall", r"granulated $\Psi$", PALETTE[1]),
+    ):
+        values = np.array([_nan(getattr(c, key)) for c in correlations])
+        intervals = [getattr(c, f"{key}_interval") for c in correlations]
+        low = np.array([_nan(i[0]) for i in intervals])
+        high = np.array([_nan(i[1]) for i in intervals])
+        err = np.vstack([np.clip(values - low, 0, None), np.clip(high - values, 0, None)])
+        err = np.where(np.isfinite(err), err, 0.0)
+        ax.errorbar(
+            values, y + offset, xerr=err, fmt="o", color=color, label=label, capsize=2, ms=3
+        )
+    ax.axvline(0.0, color="0.3", linewidth=0.6)
+    ax.set_yticks(y, [axis_label(n) for n in names])
+    ax.set_xlim(-1.05, 1.05)
+    ax.invert_yaxis()
+    target = correlations[0].target if correlations else "gen_gap"
+    ax.set_xlabel(f"rank correlation with the {axis_label(target).split(' (')[0]}")
+    ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2)
+    return fig
+
+
+def _nan(value: Any) -> float:
+    return math.nan if value is None else float(value)
+
+
+def mean_and_spread(rows: Rows, x: str, y: str, hue: str = "optimizer") -> list[dict[str, Any]]:
+    """Mean and sd over seeds of ``y`` (as plotted: error in %) at each (hue, x)."""
+    out = []
+    name = display_name(y)
+    points = _finite_rows(rows, y)
+    for label in _labels_in_order(points, hue):
+        group = [r for r in points if r.get(hue) == label]
+        for xv in _labels_in_order(group, x):
+            values = [display_value(y, r[y]) for r in group if r.get(x) == xv]
+            out.append(
+                {
+                    hue: label,
+                    x: xv,
+                    f"{name}_mean": float(np.mean(values)),
+                    f"{name}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                    "num_seeds": len(values),
+                }
+            )
+    return out
+
+
+def plot_metric_vs_axis(
+    rows: Rows,
+    x: str,
+    y: str = "test_acc",
+    *,
+    hue: str = "optimizer",
+    ax: Any = None,
+    columns: int = 1,
+    logx: bool = False,
+    reference: Mapping[str, float] | None = None,
+):
+    """``y`` (mean ± sd over seeds) against a swept hyperparameter, one line per ``hue``.
+
+    ``reference`` draws horizontal lines (label -> y value, in plotted units), e.g. the
+    SGD baseline in a plot of SAM's error against m.
+    """
+    if ax is None:
+        fig, ax = new_figure(columns, aspect=0.75)
+    else:
+        fig = ax.figure
+    summary = mean_and_spread([r for r in rows if r.get(x) is not None], x, y, hue)
+    for index, label in enumerate(_labels_in_order(summary, hue)):
+        group = sorted((s for s in summary if s[hue] == label), key=lambda s: s[x])
+        xs = [display_value(x, s[x]) if x in PERCENT else s[x] for s in group]
+        ax.errorbar(
+            xs,
+            [s[f"{display_name(y)}_mean"] for s in group],
+            yerr=[s[f"{display_name(y)}_std"] for s in group],
+            color=_color(label, index),
+            marker=MARKERS[index % len(MARKERS)],
+            capsize=2,
+            label=optimizer_label(label) if hue == "optimizer" else f"{hue}={label}",
+        )
+    for index, (label, value) in enumerate((reference or {}).items()):
+        ax.axhline(
+            value,
+            color=_color(label, index),
+            linestyle="--",
+            linewidth=0.9,
+            label=f"{optimizer_label(label)} (reference)",
+        )
+    if logx:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(axis_label(x))
+    ax.set_ylabel(axis_label(y))
+    ax.legend()
+    return fig
+
+
+def plot_tau_vs_m(points: Sequence[Mapping[str, Any]], *, ax: Any = None, columns: int = 1):
+    """Kendall τ of m-sharpness with the gap against m (SAM paper Fig. 3, right).
+
+    Args:
+        points: rows with ``m``, ``tau``, ``tau_low``, ``tau_high`` and optionally
+            ``rho`` (one line per ρ).
+    """
+    if ax is None:
+        fig, ax = new_figure(columns, aspect=0.75)
+    else:
+        fig = ax.figure
+    rhos = _labels_in_order(points, "rho")
+    for index, rho in enumerate(rhos):
+        group = sorted((p for p in points if p.get("rho") == rho), key=lambda p: p["m"])
+        dodge = 2 ** (0.08 * (index - (len(rhos) - 1) / 2))  # side by side on the log axis
+        tau = np.array([_nan(p["tau"]) for p in group])
+        low = np.array([_nan(p.get("tau_low")) for p in group])
+        high = np.array([_nan(p.get("tau_high")) for p in group])
+        err = np.vstack([np.clip(tau - low, 0, None), np.clip(high - tau, 0, None)])
+        ax.errorbar(
+            [p["m"] * dodge for p in group],
+            tau,
+            yerr=np.where(np.isfinite(err), err, 0.0),
+            color=PALETTE[index % len(PALETTE)],
+            marker=MARKERS[index % len(MARKERS)],
+            capsize=2,
+            label=rf"$\rho$ = {rho:g}" if rho is not None else None,
+        )
+    ax.axhline(0.0, color="0.3", linewidth=0.6)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("m used to measure sharpness")
+    ax.set_ylabel(r"Kendall $\tau$ with the gap")
+    ax.set_ylim(-1.05, 1.05)
+    if any(p.get("rho") is not None for p in points):
+        ax.legend()
+    return fig
+
+
+def plot_spectral_densities(
+    curves: Mapping[str, Sequence[tuple[int, Mapping[str, Any]]]],
+    *,
+    columns: int = 2,
+    lambda_max: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+):
+    """Hessian eigenvalue densities per optimizer (one panel each), one line per epoch.
+
+    Args:
+        curves: label -> [(epoch, density dict with ``grid`` and ``values``), ...].
+        columns: figure width.
+        lambda_max: label -> [(epoch, λmax)], written in the legend.
+
+    The y axis is logarithmic, as in the SAM paper's Figure 3 (left), so the bulk and
+    the outliers are visible at once.
+    """
+    labels = list(curves)
+    if not labels:
+        raise SharpscopeError("no spectral densities to plot")
+    fig, axes = new_figure(
+        columns, aspect=0.8, ncols=len(labels), sharex=True, sharey=True, squeeze=False
+    )
+    axes = list(axes.ravel())
+    for ax, label in zip(axes, labels):
+        entries = sorted(curves[label], key=lambda e: e[0])
+        tops = dict((lambda_max or {}).get(label, []))
+        for index, (epoch, density) in enumerate(entries):
+            grid = np.asarray(density["grid"], dtype=float)
+            values = np.asarray(density["values"], dtype=float)
+            shade = 0.35 + 0.65 * (index + 1) / len(entries)
+            color = _shade(optimizer_color(label.split("-")[0], 0), shade)
+            text = f"epoch {epoch}"
+            if tops.get(epoch) is not None:
+                text += rf" ($\lambda_{{\max}}$ = {tops[epoch]:.2g})"
+            ax.semilogy(grid, np.clip(values, 1e-6, None), color=color, label=text)
+        ax.set_ylim(bottom=1e-5)
+        ax.yaxis.set_minor_locator(_null_locator())
+        ax.set_title(optimizer_label(label.split("-")[0]) if "-" not in label else label)
+        ax.set_xlabel("eigenvalue")
+        ax.legend()
+    axes[0].set_ylabel("density (log scale)")
+    return fig
+
+
+def _max_locator(count: int):
+    import matplotlib.ticker as mticker
+
+    return mticker.MaxNLocator(count)
+
+
+def _null_locator():
+    import matplotlib.ticker as mticker
+
+    return mticker.NullLocator()
+
+
+def _shade(color: str, amount: float) -> tuple[float, float, float]:
+    import matplotlib.colors as mcolors
+
+    rgb = np.array(mcolors.to_rgb(color))
+    if np.allclose(rgb, 0):  # black: shade through greys
+        return tuple(float(v) for v in np.full(3, 0.75 * (1 - amount)))
+    white = np.ones(3)
+    return tuple(float(v) for v in white + (rgb - white) * amount)
+
+
+def plot_variants(
+    rows: Rows,
+    metrics: Sequence[str] = ("test_acc", "lambda_max", "trace", "m_sharpness"),
+    *,
+    hue: str = "optimizer",
+    columns: int = 2,
+):
+    """Optimizers side by side: one bar panel per metric, mean ± sd over seeds."""
+    metrics = [m for m in metrics if any(display_value(m, r.get(m)) is not None for r in rows)]
+    if not metrics:
+        raise SharpscopeError("none of the requested metrics is in the results")
+    fig, axes = new_figure(columns, aspect=0.85, ncols=len(metrics), squeeze=False)
+    axes = list(axes.ravel())
+    labels = _labels_in_order(rows, hue)
+    for ax, metric in zip(axes, metrics):
+        means, stds = [], []
+        for label in labels:
+            values = [display_value(metric, r.get(metric)) for r in rows if r.get(hue) == label]
+            values = [v for v in values if v is not None]
+            means.append(float(np.mean(values)) if values else math.nan)
+            stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+        x = np.arange(len(labels))
+        ax.bar(
+            x,
+            means,
+            yerr=stds,
+            color=[_color(label, i) for i, label in enumerate(labels)],
+            capsize=2,
+            width=0.7,
+        )
+        ax.set_xticks(x, [optimizer_label(label) for label in labels], rotation=45, ha="right")
+        ax.set_ylabel(axis_label(metric))
+        ax.grid(axis="x", visible=False)
+    return fig
+
+
+def plot_curves_1d(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    *,
+    xlabel: str = r"$\alpha$ (filter-normalized direction)",
+    ylabel: str = "train loss (cross-entropy)",
+    ax: Any = None,
+    columns: int = 1,
+    logy: bool = False,
+    marks: Mapping[str, float] | None = None,
+):
+    """Loss along one direction for several models (1-D landscapes, interpolations).
+
+    ``marks`` draws labelled vertical lines (e.g. ``{"SGD": 0, "SAM": 1}`` on an
+    interpolation).
+    """
+    if ax is None:
+        fig, ax = new_figure(columns, aspect=0.75)
+    else:
+        fig = ax.figure
+    for index, (label, (x, y)) in enumerate(curves.items()):
+        ax.plot(x, y, color=_color(label.split("-")[0], index), label=optimizer_label(label))
+    for name, position in (marks or {}).items():
+        ax.axvline(position, color="0.5", linewidth=0.6, linestyle=":")
+        ax.annotate(
+            name,
+            (position, 1.0),
+            xycoords=("data", "axes fraction"),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+        )
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.legend()
+    return fig
+
+
+def plot_contours(
+    surfaces: Mapping[str, tuple[Sequence[float], Sequence[float], Any]],
+    *,
+    columns: int = 2,
+    levels: int = 20,
+):
+    """2-D loss surfaces side by side with shared contour levels (log-spaced losses).
+
+    Args:
+        surfaces: label -> (alpha grid, beta grid, loss array of shape (n_alpha, n_beta),
+            index [i, j] <-> (alpha_i, beta_j)).
+    """
+    labels = list(surfaces)
+    if not labels:
+        raise SharpscopeError("no surfaces to plot")
+    fig, axes = new_figure(columns, aspect=0.9, ncols=len(labels), squeeze=False)
+    axes = list(axes.ravel())
+    finite = np.concatenate([np.asarray(s[2], float).ravel() for s in surfaces.values()])
+    finite = finite[np.isfinite(finite) & (finite > 0)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (1e-3, 1.0)
+    bounds = np.geomspace(max(low, 1e-6), max(high, low * 1.01), levels)
+    contour = None
+    for ax, label in zip(axes, labels):
+        alpha, beta, loss = surfaces[label]
+        loss = np.asarray(loss, float)
+        contour = ax.contourf(
+            np.asarray(alpha),
+            np.asarray(beta),
+            np.clip(loss.T, bounds[0], bounds[-1]),
+            levels=bounds,
+            cmap="viridis",
+            norm=_log_norm(bounds),
+        )
+        ax.set_title(optimizer_label(label.split("-")[0]) if "-" not in label else label)
+        ax.set_xlabel(r"$\alpha$")
+        ax.set_aspect("equal")
+        ax.xaxis.set_major_locator(_max_locator(5))
+        ax.yaxis.set_major_locator(_max_locator(5))
+    axes[0].set_ylabel(r"$\beta$")
+    if contour is not None:
+        bar = fig.colorbar(contour, ax=axes, label="train loss (log scale)", shrink=0.9, pad=0.02)
+        ticks = np.geomspace(bounds[0], bounds[-1], 5)
+        bar.set_ticks(ticks, labels=[f"{t:.2g}" for t in ticks])
+        bar.minorticks_off()
+    return fig
+
+
+def _log_norm(bounds: np.ndarray):
+    import matplotlib.colors as mcolors
+
+    return mcolors.LogNorm(vmin=bounds[0], vmax=bounds[-1])

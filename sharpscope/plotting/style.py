@@ -1,0 +1,213 @@
+"""One paper theme for every sharpscope figure.
+
+* A seaborn ``ticks`` theme with small serif-free fonts sized for print (8 pt labels).
+* The Okabe–Ito palette (Okabe & Ito 2008, "Color Universal Design"), distinguishable
+  under the common colour-vision deficiencies; each optimizer keeps its colour in
+  every figure (:func:`optimizer_color`).
+* Sizes for one column (3.35 in, the ICML/NeurIPS column width) and two columns
+  (6.9 in): :func:`figure_size`.
+* :func:`save_figure` writes a vector PDF and a 200-dpi PNG, and the data behind the
+  figure beside them (CSV for tables, JSON otherwise), so every number in a figure can
+  be checked without rerunning anything.
+
+Plotting functions take results and return a Figure; they never touch a model.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ..results import atomic_write_bytes, to_jsonable
+
+#: Okabe–Ito colour-blind-safe palette (black last, used for references).
+PALETTE = (
+    "#0072B2",  # blue
+    "#D55E00",  # vermillion
+    "#009E73",  # bluish green
+    "#CC79A7",  # reddish purple
+    "#E69F00",  # orange
+    "#56B4E9",  # sky blue
+    "#F0E442",  # yellow
+    "#000000",  # black
+)
+OPTIMIZER_COLORS = {
+    "sgd": PALETTE[7],
+    "adam": "#666666",
+    "adamw": "#666666",
+    "sam": PALETTE[0],
+    "asam": PALETTE[1],
+    "vasso": PALETTE[2],
+    "lets": PALETTE[3],
+    "samon": PALETTE[4],
+    "bsam": PALETTE[5],
+}
+OPTIMIZER_LABELS = {
+    "sgd": "SGD",
+    "adam": "Adam",
+    "adamw": "AdamW",
+    "sam": "SAM",
+    "asam": "ASAM",
+    "vasso": "VaSSO",
+    "lets": "LETS",
+    "samon": "SAM-ON",
+    "bsam": "bSAM",
+}
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+COLUMN_WIDTH = 3.35  # inches, one column of a two-column paper
+TEXT_WIDTH = 6.9  # inches, both columns
+RC = {
+    "font.size": 8,
+    "axes.titlesize": 8,
+    "axes.labelsize": 8,
+    "xtick.labelsize": 7,
+    "ytick.labelsize": 7,
+    "legend.fontsize": 7,
+    "legend.frameon": False,
+    "lines.linewidth": 1.2,
+    "lines.markersize": 4,
+    "axes.linewidth": 0.6,
+    "xtick.major.width": 0.6,
+    "ytick.major.width": 0.6,
+    "axes.grid": True,
+    "grid.linewidth": 0.4,
+    "grid.alpha": 0.4,
+    "savefig.bbox": "tight",
+    "savefig.pad_inches": 0.02,
+    "pdf.fonttype": 42,  # embed TrueType: editable text in the PDF
+    "ps.fonttype": 42,
+    "figure.dpi": 100,
+}
+
+
+def figure_size(
+    columns: int = 1, aspect: float = 0.75, rows: int = 1, ncols: int = 1
+) -> tuple[float, float]:
+    """(width, height) in inches for a figure spanning one or two columns.
+
+    Args:
+        columns: 1 (3.35 in) or 2 (6.9 in).
+        aspect: height / width of one panel.
+        rows: rows of panels.
+        ncols: panels per row (they share the width).
+
+    >>> figure_size(1)
+    (3.35, 2.5125)
+    >>> figure_size(2, aspect=1.0, rows=2, ncols=3)
+    (6.9, 4.6)
+    """
+    if columns not in (1, 2):
+        from ..errors import SharpscopeError
+
+        raise SharpscopeError(f"columns must be 1 or 2, got {columns}")
+    width = COLUMN_WIDTH if columns == 1 else TEXT_WIDTH
+    return (width, round(width / ncols * aspect * rows, 4))
+
+
+def apply_style() -> None:
+    """Install the sharpscope theme globally (seaborn ticks + :data:`RC` + palette)."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    sns.set_theme(style="ticks", palette=list(PALETTE), rc=RC)
+    mpl.rcParams.update(RC)
+
+
+@contextmanager
+def paper_style() -> Iterator[None]:
+    """Use the theme inside a ``with`` block, restoring the previous settings after."""
+    import matplotlib as mpl
+    import seaborn as sns
+
+    with mpl.rc_context():
+        sns.set_theme(style="ticks", palette=list(PALETTE), rc=RC)
+        mpl.rcParams.update(RC)
+        yield
+
+
+def optimizer_color(name: str, index: int = 0) -> str:
+    """The colour of an optimizer (the same in every figure); others cycle the palette."""
+    key = str(name).lower()
+    if key in OPTIMIZER_COLORS:
+        return OPTIMIZER_COLORS[key]
+    head = key.split(" ")[0].split("-")[0]
+    if head in OPTIMIZER_COLORS:  # "bsam (BMA)", "sam-rho0.1"
+        return OPTIMIZER_COLORS[head]
+    return PALETTE[index % (len(PALETTE) - 1)]
+
+
+def optimizer_label(name: str) -> str:
+    """Display name: ``"samon"`` -> ``"SAM-ON"``; unknown labels are kept.
+
+    >>> optimizer_label("samon"), optimizer_label("bsam (BMA)"), optimizer_label("mine")
+    ('SAM-ON', 'bSAM (BMA)', 'mine')
+    """
+    text = str(name)
+    head, sep, rest = text.partition(" ")
+    if head.lower() in OPTIMIZER_LABELS:
+        return OPTIMIZER_LABELS[head.lower()] + sep + rest
+    return text
+
+
+def new_figure(columns: int = 1, aspect: float = 0.75, nrows: int = 1, ncols: int = 1, **kwargs):
+    """A themed figure and its axes (``plt.subplots`` with a paper size)."""
+    import matplotlib.pyplot as plt
+
+    apply_style()
+    size = figure_size(columns, aspect, rows=nrows, ncols=ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=size, constrained_layout=True, **kwargs)
+    return fig, axes
+
+
+def _table_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
+    columns: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, None)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(columns))
+    for row in rows:
+        writer.writerow(["" if row.get(c) is None else to_jsonable(row.get(c)) for c in columns])
+    return buffer.getvalue().encode()
+
+
+def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> list[Path]:
+    """Write ``PATH.pdf`` (vector) and ``PATH.png`` (200 dpi), and the data beside them.
+
+    Args:
+        fig: a matplotlib Figure.
+        path_without_suffix: e.g. ``figures/spectra`` -> ``figures/spectra.pdf`` ...
+        data: what the figure shows: a list of row dicts goes to ``PATH.csv``, anything
+            else JSON-able (dicts, arrays, results) to ``PATH.json``. ``None``: nothing.
+
+    Returns:
+        The files written.
+    """
+    base = Path(path_without_suffix)
+    if base.suffix in (".pdf", ".png"):
+        base = base.with_suffix("")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for suffix, kwargs in ((".pdf", {}), (".png", {"dpi": 200})):
+        buffer = io.BytesIO()
+        # a fixed creation date keeps committed PDFs byte-stable across regenerations
+        metadata = {"CreationDate": None} if suffix == ".pdf" else {"Software": None}
+        fig.savefig(buffer, format=suffix[1:], metadata=metadata, **kwargs)
+        atomic_write_bytes(base.with_suffix(suffix), buffer.getvalue())
+        written.append(base.with_suffix(suffix))
+    if data is not None:
+        if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
+            atomic_write_bytes(base.with_suffix(".csv"), _table_bytes(data))
+            written.append(base.with_suffix(".csv"))
+        else:
+            payload = data.to_dict() if hasattr(data, "to_dict") else data
+            text = json.dumps(to_jsonable(payload), indent=1) + "\n"
+            atomic_write_bytes(base.with_suffix(".json"), text.encode())
+            written.append(base.with_suffix(".json"))
+    return written

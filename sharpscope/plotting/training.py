@@ -1,0 +1,171 @@
+"""Training curves from ``metrics.jsonl``: accuracy and loss per epoch, LETS' learned ρ.
+
+``train`` writes one ``"kind": "eval"`` object per epoch (train/test loss and
+accuracy, ...) and, for optimizers with per-step state, one ``"kind": "step"`` object
+per step (LETS: key ``"rho"``). These functions read those files and plot them; they
+never touch a model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SharpscopeError
+from .style import new_figure, optimizer_color, optimizer_label
+
+History = Sequence[Mapping[str, Any]]
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Every JSON object of a ``metrics.jsonl`` (or of ``RUN/metrics.jsonl``).
+
+    Raises:
+        SharpscopeError: missing file or a line that is not JSON.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    if not path.is_file():
+        raise SharpscopeError(f"metrics file not found: {path}")
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise SharpscopeError(f"{path}:{number} is not JSON ({exc.msg})") from exc
+    return rows
+
+
+def eval_rows(history: History) -> list[Mapping[str, Any]]:
+    """The per-epoch evaluation rows (``kind`` eval, or rows without ``kind``)."""
+    return [r for r in history if r.get("kind", "eval") == "eval" and "epoch" in r]
+
+
+def step_rows(history: History, key: str = "rho") -> list[Mapping[str, Any]]:
+    """The per-step rows that carry ``key``."""
+    return [r for r in history if r.get("kind") == "step" and key in r]
+
+
+def _as_history(source: History | str | Path) -> list[Mapping[str, Any]]:
+    if isinstance(source, (str, Path)):
+        return read_metrics(source)
+    return list(source)
+
+
+def plot_training_curves(
+    runs: Mapping[str, History | str | Path],
+    *,
+    metrics: Sequence[str] = ("test_acc", "train_loss"),
+    columns: int = 2,
+    axes: Any = None,
+):
+    """Per-epoch curves of several runs, one panel per metric.
+
+    Args:
+        runs: label -> history (list of rows), ``metrics.jsonl`` path or run folder.
+            Labels starting with an optimizer name (``"sam-rho0.1"``) take its colour.
+        metrics: keys of the eval rows; ``*_acc`` are drawn as error in percent.
+        columns: 1 or 2 (figure width).
+        axes: existing axes, one per metric (then no new figure is made).
+
+    Returns:
+        The matplotlib Figure.
+    """
+    if axes is None:
+        fig, axes = new_figure(columns, aspect=0.7, ncols=len(metrics))
+    else:
+        fig = axes[0].figure if isinstance(axes, (list, tuple)) else axes.figure
+    axes = list(axes) if hasattr(axes, "__len__") else [axes]
+    styles = ("-", "--", ":", "-.")
+    used: dict[str, int] = {}
+    for index, (label, source) in enumerate(runs.items()):
+        rows = eval_rows(_as_history(source))
+        name = str(label).split("-")[0]
+        color = optimizer_color(name, index)
+        style = styles[used.get(color, 0) % len(styles)]  # same optimizer: vary the dashes
+        used[color] = used.get(color, 0) + 1
+        for ax, metric in zip(axes, metrics):
+            points = [(r["epoch"], r[metric]) for r in rows if r.get(metric) is not None]
+            if not points:
+                continue
+            epochs, values = zip(*points)
+            if metric.endswith("_acc"):
+                values = [100.0 * (1.0 - v) for v in values]
+            ax.plot(
+                epochs,
+                values,
+                color=color,
+                linestyle=style,
+                label=optimizer_label(name) if name == label else optimizer_label(str(label)),
+                marker="o" if len(points) < 15 else None,
+            )
+    for ax, metric in zip(axes, metrics):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(_metric_label(metric))
+    axes[-1].legend()
+    return fig
+
+
+def _metric_label(metric: str) -> str:
+    split, _, kind = metric.partition("_")
+    if kind == "acc":
+        return f"{split} error (%)"
+    if kind == "loss":
+        return f"{split} loss (cross-entropy)"
+    return metric.replace("_", " ")
+
+
+def plot_learned_rho(
+    runs: Mapping[str, History | str | Path],
+    *,
+    key: str = "rho",
+    columns: int = 1,
+    ax: Any = None,
+):
+    """LETS' learned ρ over optimizer steps (``"kind": "step"`` rows of ``metrics.jsonl``).
+
+    Args:
+        runs: label -> history, ``metrics.jsonl`` path or run folder.
+        key: the step-row key to plot (``"rho"``).
+        columns: 1 or 2.
+        ax: an existing axis.
+
+    Returns:
+        The Figure.
+
+    Raises:
+        SharpscopeError: when no run logged ``key`` per step.
+    """
+    if ax is None:
+        fig, ax = new_figure(columns, aspect=0.7)
+    else:
+        fig = ax.figure
+    drawn = 0
+    styles = ("-", "--", ":", "-.")
+    for index, (label, source) in enumerate(runs.items()):
+        rows = step_rows(_as_history(source), key)
+        if not rows:
+            continue
+        name = str(label).split("-")[0]
+        ax.plot(
+            [r["step"] for r in rows],
+            [r[key] for r in rows],
+            color=optimizer_color(name, index),
+            linestyle=styles[drawn % len(styles)],
+            label=optimizer_label(name) if name == label else label,
+        )
+        drawn += 1
+    if not drawn:
+        raise SharpscopeError(
+            f"no per-step '{key}' rows in these runs; LETS logs them to metrics.jsonl"
+        )
+    ax.ticklabel_format(axis="y", useOffset=False)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(r"learned $\rho$" if key == "rho" else key)
+    ax.legend()
+    return fig

@@ -1,0 +1,583 @@
+"""Study configuration: the TOML schema, its validation, and the built-in configs.
+
+A study file has these sections (every key is optional unless marked)::
+
+    [study]
+    name = "quick"                 # default: the file's stem
+    description = "..."
+    keep_checkpoints = "all"       # "all" | "analysed": delete epoch_NNN.pt not analysed
+
+    [train]                        # TrainConfig keys shared by every run (not "out")
+    dataset = {name = "mnist1d"}
+    model = {name = "mlp", width = 128}
+    epochs = 10
+    batch_size = 128
+
+    [optimizers]                   # hyperparameters per optimizer name (or per label)
+    base = {name = "sgd", lr = 0.1, momentum = 0.9, weight_decay = 5e-4}
+    sam = {rho = 0.05}
+    asam = {rho = 0.5}
+    sam-adam = {name = "sam", rho = 0.05, base = {name = "adam", lr = 1e-3}}
+
+    [sweep]                        # axes; the runs are their cartesian product
+    optimizer = ["sgd", "sam"]
+    rho = [0.05, 0.1]              # or per optimizer: {sam = [0.05, 0.1], asam = [0.5, 1.0]}
+    seed = [0, 1]
+
+    [analysis]                     # what is measured on which checkpoints
+    epochs = ["last"]              # epoch numbers and/or "last"
+    samples = 1024                 # analysis subset of the training split
+    [analysis.spectrum]            # a measure runs when its table is present
+    k = 5
+    [analysis.m_sharpness]
+    m = [16, 128]
+    rho = [0.05, 0.1]
+
+    [executor]                     # submitit parameters for --executor slurm
+    timeout_min = 120
+    slurm_partition = "gpu"
+
+**Sweep semantics.** The runs are the cartesian product of the axes. The optimizer
+axis lists names (sgd, adam, adamw, sam, asam, vasso, lets, samon, bsam) or labels
+defined in ``[optimizers]``. Optimizer-specific axes apply only where they make sense:
+``rho`` to the sharpness-aware optimizers and bSAM, ``m`` (m-sharpness training,
+SAM paper §5.1) to SAM, ASAM and SAM-ON, ``momentum`` and ``weight_decay`` to
+optimizers with an SGD/Adam base. For an optimizer an axis does not apply to, the axis
+collapses to one run and the value is recorded as empty ("not applicable"): SGD is
+trained once per (seed, lr, ...), not once per ρ. An axis given as a table keyed by
+optimizer label (``rho = {sam = [...], asam = [...]}``) sweeps each optimizer over its
+own values (ASAM's ρ lives on another scale); optimizers missing from the table keep
+their configured value. ``lr``/``momentum``/``weight_decay`` set the base optimizer's
+values (bSAM: its own ``lr``); ``label_noise`` sets the data set's symmetric label
+noise; ``width``/``depth`` set model options; ``model`` lists whole model specs.
+
+**Measures** (one table each under ``[analysis]``; see
+:mod:`sharpscope.study.measures` for the columns they add): ``spectrum`` (options of
+:func:`sharpscope.analysis.spectrum.spectrum`: ``k``, ``tol``, ``max_steps``,
+``trace_probes``, ``num_probes``, ``num_lanczos_steps``, ...), ``m_sharpness`` and
+``adaptive_sharpness`` (``m``, ``rho`` lists, ``steps``, ``norm``), ``average_sharpness``
+(``rho``, ``adaptive``, ``adaptive_rho``, ``num_draws``, ``m``), ``keskar``
+(``epsilon``, ``iterations``, ``subspace_dim``), ``pac_bayes`` (``magnitude_aware``,
+``target_drop``, ``num_draws``, ...) and ``landscape`` (``dims``, ``grid``, ``span``,
+``directions``, ``norm``, ``bias``, ``interpolate = [["sgd", "sam"]]`` for the line
+between the final solutions of two optimizers that share every other hyperparameter).
+The weight norm is always recorded.
+
+**Unknown keys or values** raise :class:`~sharpscope.errors.SharpscopeError` with one
+line naming the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import math
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ..errors import SharpscopeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+SECTIONS = ("study", "train", "optimizers", "sweep", "analysis", "executor")
+STUDY_KEYS = ("name", "description", "keep_checkpoints", "reproduction")
+KEEP_CHECKPOINTS = ("all", "analysed")
+REPRODUCTIONS = ("a", "b", "c", "d", "e", "f")
+
+BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
+TWO_PASS = ("sam", "asam", "vasso", "lets", "samon")
+OPTIMIZER_NAMES = (*BASE_OPTIMIZERS, *TWO_PASS, "bsam")
+M_SUPPORTED = ("sam", "asam", "samon")
+BASE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    "adam": {"lr": 1e-3},
+    "adamw": {"lr": 1e-3, "weight_decay": 0.01},
+}
+
+# axis -> where it applies: "optimizer" axes depend on the optimizer
+OPTIMIZER_AXES = ("rho", "m", "lr", "momentum", "weight_decay")
+GLOBAL_AXES = ("seed", "batch_size", "epochs", "label_noise", "model", "width", "depth")
+AXES = ("optimizer", *OPTIMIZER_AXES, *GLOBAL_AXES)
+# short names used in run ids
+AXIS_SHORT = {
+    "rho": "rho",
+    "m": "m",
+    "lr": "lr",
+    "momentum": "mom",
+    "weight_decay": "wd",
+    "seed": "s",
+    "batch_size": "bs",
+    "epochs": "ep",
+    "label_noise": "noise",
+    "model": "",
+    "width": "w",
+    "depth": "d",
+}
+# axes coupled with the optimizer for granulated Kendall: they change with it
+OPTIMIZER_COUPLED = ("rho", "m")
+
+ANALYSIS_KEYS = ("epochs", "samples", "split", "batch_size", "seed", "device")
+MEASURES = (
+    "spectrum",
+    "m_sharpness",
+    "adaptive_sharpness",
+    "average_sharpness",
+    "keskar",
+    "pac_bayes",
+    "landscape",
+)
+MEASURE_KEYS: dict[str, tuple[str, ...]] = {
+    "m_sharpness": ("m", "rho", "steps", "norm", "seed"),
+    "adaptive_sharpness": ("m", "rho", "steps", "norm", "seed"),
+    "average_sharpness": ("rho", "adaptive", "adaptive_rho", "num_draws", "m", "seed"),
+    "keskar": ("epsilon", "iterations", "subspace_dim", "seed"),
+    "pac_bayes": (
+        "target_drop",
+        "magnitude_aware",
+        "num_draws",
+        "tolerance",
+        "num_halvings",
+        "seed",
+    ),
+    "landscape": ("dims", "grid", "span", "directions", "norm", "bias", "interpolate", "seed"),
+}
+SPLITS = ("train", "test")
+EXECUTOR_PREFIXES = ("slurm_", "local_")
+EXECUTOR_KEYS = (
+    "timeout_min",
+    "gpus_per_node",
+    "cpus_per_task",
+    "mem_gb",
+    "nodes",
+    "tasks_per_node",
+    "name",
+    "stderr_to_stdout",
+)
+
+
+def _fail(message: str) -> SharpscopeError:
+    return SharpscopeError(message)
+
+
+def _check_keys(where: str, values: Mapping[str, Any], valid: tuple[str, ...]) -> None:
+    for key in values:
+        if key not in valid:
+            raise _fail(f"unknown key '{key}' in {where}; valid keys: {', '.join(valid)}")
+
+
+def _as_list(where: str, value: Any) -> list[Any]:
+    if isinstance(value, list):
+        if not value:
+            raise _fail(f"{where} is an empty list; give at least one value")
+        return list(value)
+    return [value]
+
+
+def _positive_int(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _fail(f"{where} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(where: str, value: Any, *, low: float = -math.inf, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _fail(f"{where} must be a number, got {value!r}")
+    if not (low <= value <= high) or not math.isfinite(value):
+        raise _fail(f"{where} must be in [{low:g}, {high:g}], got {value!r}")
+    return value
+
+
+@dataclass
+class AnalysisPlan:
+    """What is measured on each run: checkpoints, data subset, measures and options."""
+
+    epochs: list[int | str] = field(default_factory=lambda: ["last"])
+    samples: int | None = 1024
+    split: str = "train"
+    batch_size: int | None = None
+    seed: int = 0
+    device: str | None = None
+    measures: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict (stored with every run, compared on resume)."""
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class StudyConfig:
+    """A validated study configuration (see the module docstring for the schema)."""
+
+    name: str
+    description: str = ""
+    keep_checkpoints: str = "all"
+    reproduction: str | None = None
+    train: dict[str, Any] = field(default_factory=dict)
+    optimizers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    sweep: dict[str, Any] = field(default_factory=dict)
+    analysis: AnalysisPlan = field(default_factory=AnalysisPlan)
+    executor: dict[str, Any] = field(default_factory=dict)
+    source: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as TOML-ready sections."""
+        analysis = self.analysis.to_dict()
+        measures = analysis.pop("measures")
+        analysis = {k: v for k, v in analysis.items() if v is not None}
+        analysis.update(measures)
+        study = {"name": self.name, "description": self.description}
+        study["keep_checkpoints"] = self.keep_checkpoints
+        if self.reproduction:
+            study["reproduction"] = self.reproduction
+        out: dict[str, Any] = {"study": study, "train": copy.deepcopy(self.train)}
+        for key in ("optimizers", "sweep", "executor"):
+            value = getattr(self, key)
+            if value:
+                out[key] = copy.deepcopy(value)
+        out["analysis"] = analysis
+        return out
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """Parse a TOML file, with one-line errors."""
+    path = Path(path)
+    try:
+        return tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise _fail(f"study config not found: {path}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise _fail(f"{path} is not valid TOML: {exc}") from exc
+
+
+def _validate_optimizers(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for label, spec in values.items():
+        if isinstance(spec, str):
+            spec = {"name": spec}
+        if not isinstance(spec, Mapping):
+            raise _fail(f"optimizers.{label} must be a table, got {spec!r}")
+        spec = dict(spec)
+        name = spec.get("name", "sgd" if label == "base" else label)
+        if name not in OPTIMIZER_NAMES:
+            raise _fail(
+                f"unknown optimizer '{name}' in optimizers.{label}; "
+                f"choose one of: {', '.join(OPTIMIZER_NAMES)}"
+            )
+        if label == "base" and name not in BASE_OPTIMIZERS:
+            raise _fail(
+                f"optimizers.base must be one of {', '.join(BASE_OPTIMIZERS)}, got '{name}'"
+            )
+        if "base" in spec:
+            base = spec["base"]
+            base = {"name": base} if isinstance(base, str) else dict(base)
+            if base.get("name", "sgd") not in BASE_OPTIMIZERS:
+                raise _fail(
+                    f"unknown base optimizer '{base.get('name')}' in optimizers.{label}; "
+                    f"choose one of: {', '.join(BASE_OPTIMIZERS)}"
+                )
+            spec["base"] = base
+        out[label] = spec
+    return out
+
+
+def optimizer_name(label: str, optimizers: Mapping[str, Mapping[str, Any]]) -> str:
+    """The registry name behind an optimizer label (``"sam-adam"`` -> ``"sam"``)."""
+    entry = optimizers.get(label, {})
+    return str(entry.get("name", label))
+
+
+def _validate_sweep(
+    values: Mapping[str, Any], optimizers: Mapping[str, Mapping[str, Any]]
+) -> dict[str, Any]:
+    _check_keys("[sweep]", values, AXES)
+    sweep: dict[str, Any] = {}
+    labels = _as_list("sweep.optimizer", values.get("optimizer", ["sgd"]))
+    valid_labels = sorted({*OPTIMIZER_NAMES, *(k for k in optimizers if k != "base")})
+    for label in labels:
+        if not isinstance(label, str) or (label not in OPTIMIZER_NAMES and label not in optimizers):
+            raise _fail(
+                f"unknown optimizer '{label}' in sweep.optimizer; choose one of: "
+                f"{', '.join(valid_labels)} (or define it in [optimizers])"
+            )
+        if label == "base":
+            raise _fail("'base' is the base optimizer's settings, not a sweep.optimizer entry")
+    if len(set(labels)) != len(labels):
+        raise _fail(f"sweep.optimizer lists an optimizer twice: {labels}")
+    sweep["optimizer"] = labels
+    for axis in AXES:
+        if axis == "optimizer" or axis not in values:
+            continue
+        value = values[axis]
+        where = f"sweep.{axis}"
+        if isinstance(value, Mapping):
+            if axis not in OPTIMIZER_AXES:
+                raise _fail(
+                    f"{where} is per-optimizer only for {', '.join(OPTIMIZER_AXES)}; give a list"
+                )
+            for label in value:
+                if label not in labels:
+                    raise _fail(
+                        f"{where} names optimizer '{label}', which is not in sweep.optimizer "
+                        f"({', '.join(labels)})"
+                    )
+            per = {
+                k: [_check_axis_value(f"{where}.{k}", axis, v) for v in _as_list(where, vs)]
+                for k, vs in value.items()
+            }
+            sweep[axis] = per
+        else:
+            sweep[axis] = [_check_axis_value(where, axis, v) for v in _as_list(where, value)]
+    return sweep
+
+
+def _check_axis_value(where: str, axis: str, value: Any) -> Any:
+    if axis in ("m", "seed", "batch_size", "epochs", "width", "depth"):
+        if axis == "seed":
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise _fail(f"{where} values must be integers >= 0, got {value!r}")
+            return value
+        return _positive_int(where, value)
+    if axis == "label_noise":
+        return _number(where, value, low=0.0, high=0.99)
+    if axis in ("rho", "weight_decay", "momentum"):
+        return _number(where, value, low=0.0)
+    if axis == "lr":
+        if _number(where, value, low=0.0) == 0:
+            raise _fail(f"{where} must be > 0, got {value!r}")
+        return value
+    if axis == "model":
+        from ..registry import normalize_spec
+
+        return normalize_spec(value, "model")
+    return value
+
+
+def _validate_train(values: Mapping[str, Any]) -> dict[str, Any]:
+    from ..train import TrainConfig
+
+    values = {k.replace("-", "_"): v for k, v in values.items()}
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    for key in values:
+        if key not in names:
+            raise _fail(f"unknown key '{key}' in [train]; valid keys: {', '.join(names)}")
+    if "out" in values:
+        raise _fail("train.out is set by the study (DIR/runs/<run_id>); remove it from [train]")
+    if "optimizer" in values:
+        raise _fail(
+            "[train] takes no optimizer: list optimizers in sweep.optimizer and their "
+            "settings in [optimizers]"
+        )
+    config = TrainConfig.from_dict({**values, "progress": False})
+    out = {k: v for k, v in values.items()}
+    out["dataset"] = config.dataset
+    out["model"] = config.model
+    return out
+
+
+def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
+    _check_keys("[analysis]", values, (*ANALYSIS_KEYS, *MEASURES))
+    plan = AnalysisPlan()
+    epochs = _as_list("analysis.epochs", values.get("epochs", ["last"]))
+    for epoch in epochs:
+        if epoch != "last":
+            _positive_int('analysis.epochs entries (integers or "last")', epoch)
+    plan.epochs = list(dict.fromkeys(epochs))
+    if "samples" in values:
+        plan.samples = (
+            None
+            if values["samples"] in (0, "all")
+            else _positive_int("analysis.samples", values["samples"])
+        )
+    split = values.get("split", "train")
+    if split not in SPLITS:
+        raise _fail(f"unknown analysis.split '{split}'; choose one of: {', '.join(SPLITS)}")
+    plan.split = split
+    if "batch_size" in values:
+        plan.batch_size = _positive_int("analysis.batch_size", values["batch_size"])
+    if "seed" in values:
+        plan.seed = int(values["seed"])
+    if "device" in values:
+        plan.device = str(values["device"])
+    for measure in MEASURES:
+        if measure in values:
+            options = values[measure]
+            if not isinstance(options, Mapping):
+                raise _fail(f"analysis.{measure} must be a table, got {options!r}")
+            plan.measures[measure] = _validate_measure(measure, dict(options))
+    return plan
+
+
+def _spectrum_keys() -> tuple[str, ...]:
+    from ..analysis.spectrum import spectrum
+
+    skip = {"model", "data", "loss", "meta", "return_eigenvectors", "device", "dtype"}
+    params = inspect.signature(spectrum).parameters
+    return tuple(
+        name
+        for name, p in params.items()
+        if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    )
+
+
+def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
+    where = f"[analysis.{measure}]"
+    if measure == "spectrum":
+        _check_keys(where, options, _spectrum_keys())
+        if "k" in options:
+            _positive_int("analysis.spectrum.k", options["k"])
+        return options
+    _check_keys(where, options, MEASURE_KEYS[measure])
+    if measure in ("m_sharpness", "adaptive_sharpness"):
+        default_rho = [0.05] if measure == "m_sharpness" else [0.5]
+        options["m"] = [
+            _positive_int(f"analysis.{measure}.m", v)
+            for v in _as_list(f"analysis.{measure}.m", options.get("m", [128]))
+        ]
+        options["rho"] = [
+            _number(f"analysis.{measure}.rho", v, low=0.0)
+            for v in _as_list(f"analysis.{measure}.rho", options.get("rho", default_rho))
+        ]
+        options["steps"] = _positive_int(f"analysis.{measure}.steps", options.get("steps", 1))
+        norm = options.get("norm", "l2")
+        if norm not in ("l2", "linf"):
+            raise _fail(f"unknown analysis.{measure}.norm '{norm}'; choose one of: l2, linf")
+        options["norm"] = norm
+    elif measure == "average_sharpness":
+        options["rho"] = [
+            _number("analysis.average_sharpness.rho", v, low=0.0)
+            for v in _as_list("analysis.average_sharpness.rho", options.get("rho", [0.05]))
+        ]
+        options["adaptive"] = [
+            bool(v)
+            for v in _as_list(
+                "analysis.average_sharpness.adaptive", options.get("adaptive", [False])
+            )
+        ]
+        options["adaptive_rho"] = [
+            _number("analysis.average_sharpness.adaptive_rho", v, low=0.0)
+            for v in _as_list(
+                "analysis.average_sharpness.adaptive_rho",
+                options.get("adaptive_rho", options["rho"]),
+            )
+        ]
+    elif measure == "pac_bayes":
+        options["magnitude_aware"] = [
+            bool(v)
+            for v in _as_list(
+                "analysis.pac_bayes.magnitude_aware", options.get("magnitude_aware", [False, True])
+            )
+        ]
+    elif measure == "keskar":
+        options["epsilon"] = [
+            _number("analysis.keskar.epsilon", v, low=0.0)
+            for v in _as_list("analysis.keskar.epsilon", options.get("epsilon", [1e-3]))
+        ]
+    elif measure == "landscape":
+        dims = _as_list("analysis.landscape.dims", options.get("dims", [1]))
+        for d in dims:
+            if d not in (1, 2):
+                raise _fail(f"analysis.landscape.dims must be 1 or 2, got {d!r}")
+        options["dims"] = dims
+        if "grid" in options:
+            _positive_int("analysis.landscape.grid", options["grid"])
+        directions = options.get("directions", "random")
+        if directions not in ("random", "eigen"):
+            raise _fail(
+                f"unknown analysis.landscape.directions '{directions}'; choose one of: random, eigen"
+            )
+        pairs = options.get("interpolate", [])
+        if pairs and not all(isinstance(p, list) and len(p) == 2 for p in pairs):
+            raise _fail(
+                "analysis.landscape.interpolate must be a list of optimizer pairs, "
+                'e.g. [["sgd", "sam"]]'
+            )
+    return options
+
+
+def _validate_executor(values: Mapping[str, Any]) -> dict[str, Any]:
+    for key in values:
+        if key not in EXECUTOR_KEYS and not key.startswith(EXECUTOR_PREFIXES):
+            raise _fail(
+                f"unknown key '{key}' in [executor]; valid keys: {', '.join(EXECUTOR_KEYS)} "
+                "or any slurm_* / local_* parameter of submitit"
+            )
+    return dict(values)
+
+
+def study_config_from_dict(values: Mapping[str, Any], *, name: str = "study") -> StudyConfig:
+    """Validate a parsed TOML document and build a :class:`StudyConfig`.
+
+    Raises:
+        SharpscopeError: the first unknown section, key or value, in one line.
+    """
+    _check_keys("the study config (top level)", values, SECTIONS)
+    for section in SECTIONS:
+        if section in values and not isinstance(values[section], Mapping):
+            raise _fail(f"[{section}] must be a table")
+    study = dict(values.get("study", {}))
+    _check_keys("[study]", study, STUDY_KEYS)
+    keep = study.get("keep_checkpoints", "all")
+    if keep not in KEEP_CHECKPOINTS:
+        raise _fail(
+            f"unknown study.keep_checkpoints '{keep}'; choose one of: {', '.join(KEEP_CHECKPOINTS)}"
+        )
+    reproduction = study.get("reproduction")
+    if reproduction is not None and reproduction not in REPRODUCTIONS:
+        raise _fail(
+            f"unknown study.reproduction '{reproduction}'; choose one of: {', '.join(REPRODUCTIONS)}"
+        )
+    train = _validate_train(values.get("train", {}))
+    optimizers = _validate_optimizers(values.get("optimizers", {}))
+    sweep = _validate_sweep(values.get("sweep", {}), optimizers)
+    analysis = _validate_analysis(values.get("analysis", {}))
+    executor = _validate_executor(values.get("executor", {}))
+    config = StudyConfig(
+        name=str(study.get("name", name)),
+        description=str(study.get("description", "")),
+        keep_checkpoints=keep,
+        reproduction=reproduction,
+        train=train,
+        optimizers=optimizers,
+        sweep=sweep,
+        analysis=analysis,
+        executor=executor,
+    )
+    from .sweep import expand_sweep
+
+    expand_sweep(config)  # validates the combination (epochs, labels, m) up front
+    return config
+
+
+def load_study_config(path: str | Path) -> StudyConfig:
+    """Read and validate a study TOML file."""
+    path = Path(path)
+    config = study_config_from_dict(read_toml(path), name=path.stem)
+    config.source = str(path)
+    return config
+
+
+def builtin_config_names() -> list[str]:
+    """Names of the configs shipped in ``sharpscope/study/configs``."""
+    folder = resources.files("sharpscope.study") / "configs"
+    return sorted(p.name[: -len(".toml")] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def builtin_config_path(name: str) -> Path:
+    """Path of a shipped config, e.g. ``"quick"`` or ``"a-spectra-quick"``."""
+    names = builtin_config_names()
+    if name not in names:
+        raise _fail(f"unknown built-in study '{name}'; choose one of: {', '.join(names)}")
+    return Path(str(resources.files("sharpscope.study") / "configs" / f"{name}.toml"))
+
+
+def load_builtin_config(name: str) -> StudyConfig:
+    """A shipped config by name."""
+    return load_study_config(builtin_config_path(name))

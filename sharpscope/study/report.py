@@ -1,0 +1,508 @@
+"""``sharpscope study report DIR``: correlations, tables, figures and ``report.md``.
+
+For every measure column of ``results.csv`` (oriented so that sharper is larger) and
+each generalization gap (``gen_gap`` = test error − train error, ``loss_gap`` = test
+loss − train loss) the report computes, over the final checkpoint of every finished
+run (analysis.md §7):
+
+* Kendall τ-b with its p-value and a bootstrap interval over models (and over seeds
+  when there are several);
+* granulated Kendall ψ_k for every swept hyperparameter (seeds define groups and are
+  not an axis; ρ and m move with the optimizer), Ψ, and their bootstrap intervals.
+
+It writes ``DIR/correlations.csv`` (one row per measure and gap), ``DIR/correlations.json``
+(the full results), figures under ``DIR/figures/`` (PDF + PNG with the data beside) and
+``DIR/report.md`` with the tables, the figures and the caveats of analysis.md §8.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import SharpscopeError
+from ..results import atomic_write_bytes
+from .config import OPTIMIZER_COUPLED
+from .measures import is_measure_column
+from .runner import (
+    load_study_config_from_dir,
+    read_results,
+    read_study_dir,
+    write_results,
+)
+from .sweep import expand_sweep
+
+GAPS = ("gen_gap", "loss_gap")
+NOT_AXES = ("optimizer_name", "base", "seed")
+CAVEATS = """\
+- **Not reparametrization invariant.** Rescaling the layers of a ReLU network keeps the
+  function but can make λ_max or ε-sharpness arbitrarily large or small (Dinh et al.
+  2017); only the adaptive measures remove node-wise rescaling, and not every symmetry.
+- **Adaptive sharpness is no guarantee either.** Andriushchenko et al. (2023) found that
+  even adaptive sharpness correlates poorly with generalization in modern settings: it
+  tracks the learning rate, and sometimes correlates negatively with out-of-distribution
+  error.
+- **Stopping criterion.** Models here stop after a fixed number of epochs, not at a common
+  training loss (Jiang et al. stop at cross-entropy 0.01), so training progress can drive
+  part of a correlation; compare the loss columns before reading a τ.
+- **Settings.** Measures use the model in eval mode (BatchNorm running statistics), float32
+  forward passes with float64 accumulation, filter-normalized directions for landscapes,
+  on the analysis subset stated above; a small study has wide intervals — read them."""
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            return "–"
+        if value != 0 and (abs(value) >= 1e4 or abs(value) < 1e-3):
+            return f"{value:.{digits - 1}e}"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _corr(value: Any) -> str:
+    if value is None or not math.isfinite(float(value)):
+        return "–"
+    return f"{float(value):.2f}"
+
+
+def _interval(pair: Sequence[Any]) -> str:
+    low, high = (None if v is None else float(v) for v in pair)
+    if low is None or high is None or not (math.isfinite(low) and math.isfinite(high)):
+        return ""
+    return f" [{low:.2f}, {high:.2f}]"
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A GitHub markdown table.
+
+    >>> print(markdown_table(["a", "b"], [[1, 0.5]]))
+    | a | b |
+    |---|---|
+    | 1 | 0.5 |
+    """
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for row in rows:
+        lines.append(
+            "| " + " | ".join(_fmt(v) if not isinstance(v, str) else v for v in row) + " |"
+        )
+    return "\n".join(lines)
+
+
+def final_rows(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The last analysed checkpoint of every finished run."""
+    last: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        if row.get("status") != "done":
+            continue
+        current = last.get(row["run_id"])
+        if current is None or int(row["epoch"]) > int(current["epoch"]):
+            last[row["run_id"]] = dict(row)
+    return list(last.values())
+
+
+def measure_columns(rows: Sequence[Mapping[str, Any]], minimum: int = 3) -> list[str]:
+    """Measure columns with at least ``minimum`` finite values, in table order."""
+    names: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            if is_measure_column(key):
+                names.setdefault(key, None)
+    out = []
+    for name in names:
+        values = [r.get(name) for r in rows]
+        finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+        if len(finite) >= minimum:
+            out.append(name)
+    # the aliases say the same as their first (m, rho) column, which names its settings
+    aliases = {"m_sharpness": "msharp_", "adaptive_sharpness": "asharp_"}
+    return [n for n in out if not (n in aliases and any(o.startswith(aliases[n]) for o in out))]
+
+
+def study_axes(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> list[str]:
+    """Swept hyperparameters that still vary among ``rows`` (seed excluded)."""
+    axes = []
+    for axis in swept:
+        if axis in NOT_AXES:
+            continue
+        values = {str(r.get(axis)) for r in rows}
+        if len(values) > 1:
+            axes.append(axis)
+    return axes
+
+
+def correlation_table(
+    rows: Sequence[Mapping[str, Any]],
+    swept: Sequence[str],
+    *,
+    measures: Sequence[str] | None = None,
+    gaps: Sequence[str] = GAPS,
+    resamples: int = 1000,
+    seed: int = 0,
+) -> list[Any]:
+    """:class:`~sharpscope.analysis.correlation.Correlation` per measure and gap."""
+    from ..analysis.correlation import correlate
+
+    measures = list(measures) if measures is not None else measure_columns(rows)
+    axes = study_axes(rows, swept)
+    factor_names = [*axes, *(["seed"] if any(r.get("seed") is not None for r in rows) else [])]
+    factors = {
+        name: ["n/a" if r.get(name) is None else str(r.get(name)) for r in rows]
+        for name in factor_names
+    }
+    coupled = {"optimizer": [a for a in OPTIMIZER_COUPLED if a in factors]}
+    seeds = [r.get("seed") for r in rows]
+    out = []
+    for gap in gaps:
+        gap_values = [_number(r.get(gap)) for r in rows]
+        if sum(math.isfinite(v) for v in gap_values) < 3:
+            continue
+        for measure in measures:
+            out.append(
+                correlate(
+                    [_number(r.get(measure)) for r in rows],
+                    gap_values,
+                    factors,
+                    axes=axes,
+                    coupled=coupled,
+                    seeds=seeds,
+                    resamples=resamples,
+                    seed=seed,
+                    measure_name=measure,
+                    target_name=gap,
+                )
+            )
+    return out
+
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _correlation_rows(correlations: Sequence[Any]) -> list[dict[str, Any]]:
+    rows = []
+    for c in correlations:
+        row: dict[str, Any] = {
+            "measure": c.measure,
+            "gap": c.target,
+            "num_models": c.num_models,
+            "tau": c.tau,
+            "tau_low": c.tau_interval[0],
+            "tau_high": c.tau_interval[1],
+            "p_value": c.p_value,
+            "psi_overall": c.overall,
+            "psi_low": c.overall_interval[0],
+            "psi_high": c.overall_interval[1],
+            "tau_low_seeds": c.tau_interval_seeds[0],
+            "tau_high_seeds": c.tau_interval_seeds[1],
+        }
+        for axis, value in c.psi.items():
+            row[f"psi_{axis}"] = value
+            row[f"groups_{axis}"] = c.num_groups[axis]
+            row[f"psi_{axis}_low"] = c.psi_interval[axis][0]
+            row[f"psi_{axis}_high"] = c.psi_interval[axis][1]
+        rows.append(row)
+    return rows
+
+
+def _correlation_markdown(correlations: Sequence[Any], gap: str) -> str:
+    chosen = [c for c in correlations if c.target == gap]
+    if not chosen:
+        return "_Not enough finished runs with this gap._"
+    axes = list(chosen[0].psi)
+    headers = ["measure", "τ [95% CI]", *[f"ψ {a} (groups)" for a in axes], "Ψ [95% CI]", "n"]
+    body = []
+    for c in chosen:
+        cells = [f"`{c.measure}`", f"{_corr(c.tau)}{_interval(c.tau_interval)}"]
+        for axis in axes:
+            cells.append(f"{_corr(c.psi[axis])} ({c.num_groups[axis]})")
+        cells.append(f"{_corr(c.overall)}{_interval(c.overall_interval)}")
+        cells.append(str(c.num_models))
+        body.append(cells)
+    return markdown_table(headers, body)
+
+
+def _runs_markdown(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> str:
+    params = ["optimizer", *[a for a in swept if a not in ("optimizer", "optimizer_name", "base")]]
+    shown = [
+        c
+        for c in ("test_acc", "gen_gap", "loss_gap", "lambda_max", "ratio", "trace", "m_sharpness")
+        if any(r.get(c) is not None for r in rows)
+    ]
+    headers = [*params, "epoch", *shown]
+    body = []
+    for row in rows:
+        cells: list[Any] = [row.get(p) if row.get(p) is not None else "–" for p in params]
+        cells.append(row.get("epoch"))
+        for c in shown:
+            value = row.get(c)
+            if c in ("test_acc", "gen_gap") and isinstance(value, (int, float)):
+                cells.append(f"{100 * value:.1f}%")
+            else:
+                cells.append(value)
+        body.append(cells)
+    return markdown_table(headers, body)
+
+
+def write_report(
+    study_dir: str | Path,
+    *,
+    resamples: int = 1000,
+    figures: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write ``DIR/report.md``, ``correlations.csv/json`` and ``DIR/figures/``.
+
+    Args:
+        study_dir: a study folder made by ``sharpscope study run``.
+        resamples: bootstrap resamples (0: no intervals).
+        figures: also draw the figures.
+        seed: seed of the bootstrap.
+
+    Returns:
+        The path of ``report.md``.
+
+    Raises:
+        SharpscopeError: not a study folder, or a folder from another format version.
+    """
+    import json
+
+    from ..plotting.style import save_figure
+
+    folder = Path(study_dir)
+    meta = read_study_dir(folder)
+    config = load_study_config_from_dir(folder)
+    runs = expand_sweep(config)
+    results_path = write_results(folder, runs)
+    rows = read_results(results_path)
+    finals = final_rows(rows)
+    swept = list(meta.get("swept", []))
+    correlations = (
+        correlation_table(finals, swept, resamples=resamples, seed=seed) if len(finals) >= 3 else []
+    )
+    corr_rows = _correlation_rows(correlations)
+    _write_csv(folder / "correlations.csv", corr_rows)
+    atomic_write_bytes(
+        folder / "correlations.json",
+        (json.dumps([c.to_dict() for c in correlations], indent=1) + "\n").encode(),
+    )
+
+    figure_lines: list[str] = []
+    if figures:
+        figure_lines = _report_figures(folder, rows, finals, correlations, runs, save_figure)
+
+    failed = [r for r in rows if r.get("status") in ("failed", "error")]
+    pending = {r["run_id"] for r in rows if r.get("status") not in ("done", "failed", "error")}
+    train = config.train
+    plan = config.analysis
+    lines = [
+        f"# Study `{config.name}`",
+        "",
+        config.description or "",
+        "",
+        "## Setup",
+        "",
+        f"- data: `{_spec(train.get('dataset', {'name': 'mnist1d'}))}`; model: "
+        f"`{_spec(train.get('model', {'name': 'cnn1d'}))}`; epochs: {train.get('epochs', 10)}; "
+        f"batch size: {train.get('batch_size', 128)}",
+        f"- runs: {len(runs)} ({len({r['run_id'] for r in finals})} finished, "
+        f"{len({r['run_id'] for r in failed})} failed, {len(pending)} pending); swept: "
+        f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
+        f"- measures on the {plan.split} split, {plan.samples or 'all'} examples, at epochs "
+        f"{', '.join(str(e) for e in plan.epochs)}; correlations use each run's last analysed "
+        f"checkpoint; bootstrap: {resamples} resamples (95% percentile intervals)",
+        "- gen_gap = test error − train error (= train_acc − test_acc); loss_gap = test loss − "
+        "train loss",
+        "",
+        "## Runs (last analysed checkpoint)",
+        "",
+        _runs_markdown(finals, swept) if finals else "_No finished runs yet._",
+        "",
+    ]
+    for gap in GAPS:
+        title = "generalization gap (error)" if gap == "gen_gap" else "loss gap"
+        lines += [
+            f"## Correlation with the {title}",
+            "",
+            "Kendall τ-b over all models and granulated Kendall ψ per swept axis (Jiang et al. "
+            "2020): τ within groups of models that differ only in that axis, averaged; Ψ is "
+            "the mean of the ψ. Positive: sharper goes with a larger gap.",
+            "",
+            _correlation_markdown(correlations, gap),
+            "",
+        ]
+    if figure_lines:
+        lines += ["## Figures", "", *figure_lines, ""]
+    if failed:
+        lines += ["## Failed runs", ""]
+        for row in {r["run_id"]: r for r in failed}.values():
+            lines.append(f"- `{row['run_id']}` ({row['status']}): {row.get('error', '')}")
+        lines.append("")
+    lines += ["## Caveats", "", CAVEATS, ""]
+    source = meta.get("builtin") or meta.get("source") or "CONFIG.toml"
+    lines += [
+        "## Reproduce",
+        "",
+        "```",
+        f"sharpscope study run {source} --out {folder}",
+        f"sharpscope study report {folder}",
+        "```",
+        "",
+    ]
+    path = folder / "report.md"
+    atomic_write_bytes(path, "\n".join(lines).encode())
+    return path
+
+
+def _spec(spec: Mapping[str, Any]) -> str:
+    name = spec.get("name", spec.get("factory", "?"))
+    options = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "factory"))
+    return f"{name}({options})" if options else str(name)
+
+
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    import csv
+    import io
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, None)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(columns))
+    for row in rows:
+        writer.writerow(
+            [
+                ""
+                if row.get(c) is None
+                or (isinstance(row.get(c), float) and not math.isfinite(row.get(c)))
+                else row.get(c)
+                for c in columns
+            ]
+        )
+    atomic_write_bytes(path, buffer.getvalue().encode())
+
+
+def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> list[str]:
+    import matplotlib.pyplot as plt
+
+    from ..plotting.study import (
+        plot_correlations,
+        plot_measures_vs_gap,
+        plot_spectral_densities,
+    )
+    from ..plotting.training import plot_learned_rho, plot_training_curves
+
+    out = folder / "figures"
+    lines = []
+
+    def keep(fig, name: str, caption: str, data: Any) -> None:
+        save_figure(fig, out / name, data=data)
+        plt.close(fig)
+        lines.append(f"![{caption}](figures/{name}.png)")
+        lines.append("")
+        lines.append(f"*{caption}* ([PDF](figures/{name}.pdf), data: `figures/{name}.*`)")
+        lines.append("")
+
+    gen = [c for c in correlations if c.target == "gen_gap"]
+    if gen:
+        keep(
+            plot_correlations(gen),
+            "correlations",
+            "Kendall τ and granulated Ψ of every measure with the generalization gap "
+            "(95% bootstrap intervals)",
+            _correlation_rows(gen),
+        )
+        measures = [c.measure for c in gen][:9]
+        taus = {c.measure: c.tau for c in gen}
+        keep(
+            plot_measures_vs_gap(finals, measures, "gen_gap", taus=taus),
+            "measures_vs_gap",
+            "Each measure against the generalization gap, one point per model",
+            [{k: r.get(k) for k in ("run_id", "optimizer", "gen_gap", *measures)} for r in finals],
+        )
+    histories = {}
+    for run in runs:
+        path = folder / "runs" / run.run_id / "metrics.jsonl"
+        if path.exists():
+            histories[run.run_id] = path
+    if histories:
+        shown = dict(list(histories.items())[:12])
+        fig = plot_training_curves(shown, metrics=("test_acc", "train_loss"))
+        keep(
+            fig,
+            "training_curves",
+            "Test error and training loss per epoch",
+            {k: str(v) for k, v in shown.items()},
+        )
+        lets = {k: v for k, v in histories.items() if k.startswith("lets")}
+        if lets:
+            try:
+                fig = plot_learned_rho(lets)
+                keep(
+                    fig,
+                    "lets_rho",
+                    "LETS: the learned ρ over optimizer steps",
+                    {k: str(v) for k, v in lets.items()},
+                )
+            except SharpscopeError:
+                pass
+    curves, lmax = _densities(folder, runs)
+    if curves:
+        keep(
+            plot_spectral_densities(curves, lambda_max=lmax),
+            "spectra",
+            "Hessian eigenvalue density (stochastic Lanczos quadrature, Papyan's kernel) of "
+            "the first run of each optimizer, per analysed epoch; λ_max in the legend",
+            {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
+        )
+    return lines
+
+
+def _densities(folder: Path, runs) -> tuple[dict, dict]:
+    """Spectral densities of the first seed of each optimizer, per analysed epoch."""
+    import json
+
+    from .reproductions import smoothed_density
+
+    curves: dict[str, list] = {}
+    lmax: dict[str, list] = {}
+    seen: set[str] = set()
+    for run in runs:
+        label = run.params["optimizer"]
+        if label in seen:
+            continue
+        entries, tops = [], []
+        for epoch in run.analysis_epochs:
+            path = (
+                folder / "runs" / run.run_id / "analysis" / f"epoch_{epoch:03d}" / "spectrum.json"
+            )
+            if not path.exists():
+                continue
+            result = json.loads(path.read_text()).get("result", {})
+            density = result.get("density") or {}
+            if density.get("grid") and density.get("values"):
+                entries.append((epoch, smoothed_density(density)))
+                if result.get("lambda_max") is not None:
+                    tops.append((epoch, result["lambda_max"]))
+        if entries:
+            seen.add(label)
+            curves[label] = entries
+            lmax[label] = tops
+        if len(curves) >= 4:
+            break
+    return curves, lmax

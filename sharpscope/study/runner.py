@@ -1,0 +1,734 @@
+"""Running a study: the study folder, one job per run, resumption, and the results table.
+
+Folder layout (format version :data:`VERSION`)::
+
+    DIR/study.json                 format, version, the validated config, run ids
+    DIR/config.toml                the config, for people
+    DIR/runs/<run_id>/run.json     hyperparameters, TrainConfig, analysis epochs
+    DIR/runs/<run_id>/last.pt, epoch_NNN.pt, metrics.jsonl, config.json   (from train)
+    DIR/runs/<run_id>/analysis/epoch_NNN/<measure>.json
+    DIR/runs/<run_id>/status.json  {"state": "trained" | "done" | "failed" | "error", ...}
+    DIR/pairs/<a>__<b>__<key>.npz  interpolations between two runs' final weights
+    DIR/results.csv                one row per run and analysed checkpoint
+
+**Resumption.** A run whose status is ``done`` with every analysis file present (and
+made with the same options) is skipped; a run interrupted during training resumes
+from its ``last.pt``; an analysis whose JSON exists with the same options is not
+recomputed. A run that diverges (:class:`~sharpscope.train.TrainingDiverged`) is
+recorded as ``failed`` (kept on resume: divergence is deterministic) and the study goes
+on; a run that raised another error is recorded as ``error`` and retried next time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .. import __version__
+from ..errors import SharpscopeError
+from ..results import atomic_write_bytes, to_jsonable
+from .config import StudyConfig, study_config_from_dict
+from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
+
+FORMAT = "sharpscope-study"
+VERSION = 1
+Log = Callable[[str], None]
+
+# Always present in results.csv, in this order after the hyperparameters.
+CORE_COLUMNS = (
+    "epoch",
+    "train_loss",
+    "train_acc",
+    "test_loss",
+    "test_acc",
+    "gen_gap",
+    "loss_gap",
+    "lambda_max",
+    "lambda_5",
+    "ratio",
+    "trace",
+    "m_sharpness",
+)
+METRIC_COLUMNS = (
+    "train_clean_acc",
+    "train_clean_loss",
+    "train_nll",
+    "train_ece",
+    "test_nll",
+    "test_ece",
+    "test_acc_bma",
+    "test_nll_bma",
+    "test_ece_bma",
+)
+LEADING = ("run_id", "status")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:
+        raise SharpscopeError(f"{path} is not valid JSON ({exc}); delete it to recompute") from exc
+
+
+# --------------------------------------------------------------------------- the folder
+def read_study_dir(out: str | Path) -> dict[str, Any]:
+    """Read ``DIR/study.json`` and check its format and version.
+
+    Raises:
+        SharpscopeError: not a study folder, or a folder from another format version.
+    """
+    out = Path(out)
+    path = out / "study.json"
+    if not out.is_dir():
+        raise SharpscopeError(f"study folder not found: {out}")
+    if not path.is_file():
+        raise SharpscopeError(
+            f"{out} is not a sharpscope study folder (no study.json); "
+            "run `sharpscope study run CONFIG.toml --out DIR` first"
+        )
+    meta = _read_json(path) or {}
+    if meta.get("format") != FORMAT:
+        raise SharpscopeError(
+            f"{path} is not a sharpscope study file (format {meta.get('format')!r})"
+        )
+    version = meta.get("version")
+    if version != VERSION:
+        if isinstance(version, int) and version > VERSION:
+            raise SharpscopeError(
+                f"{out} was written by a newer sharpscope (study format {version}); this "
+                f"version reads format {VERSION}: upgrade sharpscope"
+            )
+        raise SharpscopeError(
+            f"{out} has study format version {version!r}, from an older sharpscope; this "
+            f"version reads format {VERSION}: rerun the study into a new folder (--out)"
+        )
+    return meta
+
+
+def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec]) -> Path:
+    """Create (or reopen) a study folder and write ``study.json`` and every ``run.json``.
+
+    Raises:
+        SharpscopeError: the folder holds something else, another format version, or a
+            run of the same id made with a different configuration.
+    """
+    out = Path(out)
+    if out.exists() and not (out / "study.json").exists():
+        if not out.is_dir() or any(out.iterdir()):
+            raise SharpscopeError(
+                f"{out} exists and is not a sharpscope study folder; choose a new --out"
+            )
+    if (out / "study.json").exists():
+        read_study_dir(out)
+    for run in runs:
+        path = out / "runs" / run.run_id / "run.json"
+        existing = _read_json(path)
+        wanted = to_jsonable(run.to_dict())
+        if existing is not None:
+            _check_same_run(run.run_id, existing, wanted, out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(
+        out / "study.json",
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "name": config.name,
+            "sharpscope_version": __version__,
+            "config": config.to_dict(),
+            "runs": [r.run_id for r in runs],
+            "swept": swept_axes(runs, config.sweep),
+            "source": config.source,
+            "builtin": _builtin_name(config.source),
+        },
+    )
+    try:
+        import tomli_w
+
+        atomic_write_bytes(
+            out / "config.toml", tomli_w.dumps(to_jsonable(config.to_dict())).encode()
+        )
+    except (ImportError, TypeError):  # pragma: no cover - config.toml is for people only
+        pass
+    for run in runs:
+        path = out / "runs" / run.run_id / "run.json"
+        if not path.exists():
+            _write_json(path, run.to_dict())
+    return out
+
+
+def _builtin_name(source: str | None) -> str | None:
+    """The name of a shipped config (``quick``, ``a-spectra-quick``), else None."""
+    if not source:
+        return None
+    path = Path(source).resolve()
+    shipped = (Path(__file__).parent / "configs").resolve()
+    return path.stem if path.parent == shipped else None
+
+
+def _check_same_run(run_id: str, existing: dict, wanted: dict, out: Path) -> None:
+    for key in ("train", "params"):
+        old, new = existing.get(key, {}), wanted.get(key, {})
+        if old != new:
+            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            raise SharpscopeError(
+                f"run '{run_id}' in {out} was trained with a different configuration "
+                f"({key}: {', '.join(changed[:4])}); use a new --out or delete that run"
+            )
+
+
+def load_study_config_from_dir(out: str | Path) -> StudyConfig:
+    """The validated config stored in a study folder."""
+    meta = read_study_dir(out)
+    return study_config_from_dict(meta["config"], name=meta.get("name", "study"))
+
+
+# --------------------------------------------------------------------------- one run
+def _run_dir(study_dir: Path, run_id: str) -> Path:
+    return study_dir / "runs" / run_id
+
+
+def _status(run_dir: Path) -> dict[str, Any]:
+    return _read_json(run_dir / "status.json") or {"state": "pending"}
+
+
+def _analysis_params(measure: str, config: StudyConfig) -> dict[str, Any]:
+    plan = config.analysis
+    return {
+        "options": plan.measures[measure],
+        "samples": plan.samples,
+        "split": plan.split,
+        "seed": plan.seed,
+        "batch_size": plan.batch_size,
+    }
+
+
+def _analysis_path(run_dir: Path, epoch: int, measure: str) -> Path:
+    return run_dir / "analysis" / f"epoch_{epoch:03d}" / f"{measure}.json"
+
+
+def _pending_measures(run: RunSpec, run_dir: Path, config: StudyConfig) -> list[tuple[int, str]]:
+    pending = []
+    measures = [m for m in config.analysis.measures if m != "landscape"] + ["basic"]
+    if "landscape" in config.analysis.measures:
+        measures.append("landscape")
+    for epoch in run.analysis_epochs:
+        for measure in measures:
+            record = _read_json(_analysis_path(run_dir, epoch, measure))
+            wanted = (
+                {"basic": 1}
+                if measure == "basic"
+                else to_jsonable(_analysis_params(measure, config))
+            )
+            if record is None or record.get("params") != wanted:
+                pending.append((epoch, measure))
+    return pending
+
+
+def run_is_complete(study_dir: Path, run: RunSpec, config: StudyConfig) -> bool:
+    """Whether a run needs no work: failed for good, or done with every analysis."""
+    run_dir = _run_dir(study_dir, run.run_id)
+    state = _status(run_dir).get("state")
+    if state == "failed":
+        return True
+    return state == "done" and not _pending_measures(run, run_dir, config)
+
+
+def _checkpoint_for(run_dir: Path, epoch: int, total: int) -> Path:
+    path = run_dir / f"epoch_{epoch:03d}.pt"
+    if path.exists():
+        return path
+    if epoch == total and (run_dir / "last.pt").exists():
+        return run_dir / "last.pt"
+    raise SharpscopeError(
+        f"{run_dir} has no checkpoint for epoch {epoch} (deleted?); delete the run folder "
+        "to retrain it"
+    )
+
+
+def _train_run(run: RunSpec, run_dir: Path) -> dict[str, Any] | None:
+    """Train (or resume) one run; return a failure record when it diverges."""
+    from ..io import safe_load
+    from ..train import TrainConfig, TrainingDiverged, train
+
+    config = TrainConfig.from_dict({**run.train, "out": str(run_dir)})
+    resume = False
+    last = run_dir / "last.pt"
+    if last.exists():
+        done_epoch = int(safe_load(last).get("epoch", 0))
+        if done_epoch >= config.epochs:
+            return None
+        resume = True
+    try:
+        train(config, resume=resume)
+    except TrainingDiverged as exc:
+        return {"state": "failed", "error": str(exc).splitlines()[0], "reason": "diverged"}
+    return None
+
+
+def _analysis_data(run: RunSpec, config: StudyConfig, device: Any) -> tuple[Any, Any]:
+    from ..data import load_data
+
+    plan = config.analysis
+    split = load_data(
+        run.train["dataset"],
+        plan.split,
+        samples=plan.samples,
+        seed=plan.seed,
+        data_root=run.train.get("data_root"),
+    )
+    return split.inputs.to(device), split.targets.to(device)
+
+
+def _device(run: RunSpec, config: StudyConfig) -> Any:
+    from ..distributed import pick_device
+
+    return pick_device(config.analysis.device or run.train.get("device", "auto"))
+
+
+def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
+    import torch
+
+    from ..io import load_checkpoint
+    from .measures import run_measure, weight_norm
+
+    pending = _pending_measures(run, run_dir, config)
+    if not pending:
+        return
+    device = _device(run, config)
+    data = _analysis_data(run, config, device)
+    loss = run.train.get("loss", "cross_entropy")
+    common = {"seed": config.analysis.seed, "batch_size": config.analysis.batch_size}
+    total = int(run.params["epochs"])
+    for epoch in sorted({e for e, _ in pending}):
+        checkpoint = load_checkpoint(_checkpoint_for(run_dir, epoch, total))
+        model = checkpoint.model.to(device).eval()
+        for _, measure in [p for p in pending if p[0] == epoch]:
+            path = _analysis_path(run_dir, epoch, measure)
+            torch.manual_seed(config.analysis.seed)
+            if measure == "basic":
+                record = {
+                    "measure": "basic",
+                    "columns": {
+                        "weight_norm": weight_norm(model),
+                        "num_params": sum(p.numel() for p in model.parameters()),
+                    },
+                    "params": {"basic": 1},
+                }
+            elif measure == "landscape":
+                record = _landscape_record(model, data, loss, config, path)
+                record["params"] = to_jsonable(_analysis_params(measure, config))
+            else:
+                options = config.analysis.measures[measure]
+                record = run_measure(measure, model, data, loss, options, common)
+                record["params"] = to_jsonable(_analysis_params(measure, config))
+            record["checkpoint"] = str(checkpoint.path.name)
+            record["epoch"] = epoch
+            _write_json(path, record)
+
+
+def _landscape_record(model, data, loss, config: StudyConfig, path: Path) -> dict[str, Any]:
+    """1-D/2-D slices around a checkpoint, saved as ``.npz`` beside the record."""
+    from ..analysis.landscape import landscape
+
+    options = dict(config.analysis.measures["landscape"])
+    files = {}
+    started = time.perf_counter()
+    for dims in options.get("dims", [1]):
+        kwargs = {
+            k: options[k] for k in ("grid", "span", "directions", "norm", "bias") if k in options
+        }
+        result = landscape(
+            model,
+            data,
+            dims=int(dims),
+            loss=loss,
+            seed=int(options.get("seed", config.analysis.seed)),
+            batch_size=config.analysis.batch_size,
+            **kwargs,
+        )
+        target = path.with_name(f"landscape_{dims}d.npz")
+        result.save(target)
+        files[f"{dims}d"] = target.name
+    return {
+        "measure": "landscape",
+        "columns": {},
+        "result": {"files": files},
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def _prune_checkpoints(run: RunSpec, run_dir: Path) -> None:
+    keep = {f"epoch_{e:03d}.pt" for e in run.analysis_epochs}
+    for path in run_dir.glob("epoch_*.pt"):
+        if path.name not in keep:
+            path.unlink()
+
+
+def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
+    """Train and analyse one run of a study; the unit of work of every executor.
+
+    Takes only strings so that it pickles cheaply to worker processes and cluster jobs;
+    everything else is read from ``DIR/study.json`` and ``DIR/runs/<run_id>/run.json``.
+
+    Returns:
+        The run's status record (``state`` done, failed or error, ``seconds``).
+    """
+    started = time.perf_counter()
+    folder = Path(study_dir)
+    run_dir = _run_dir(folder, run_id)
+    status_path = run_dir / "status.json"
+    try:
+        config = load_study_config_from_dir(folder)
+        data = _read_json(run_dir / "run.json")
+        if data is None:
+            raise SharpscopeError(f"{run_dir / 'run.json'} is missing")
+        run = RunSpec(**data)
+        status = _status(run_dir)
+        if status.get("state") == "failed":
+            return status
+        if status.get("state") not in ("trained", "done"):
+            failure = _train_run(run, run_dir)
+            if failure is not None:
+                failure["seconds"] = time.perf_counter() - started
+                _write_json(status_path, failure)
+                return failure
+            _write_json(status_path, {"state": "trained"})
+            if config.keep_checkpoints == "analysed":
+                _prune_checkpoints(run, run_dir)
+        _analyse_run(run, run_dir, config)
+        status = {"state": "done", "seconds": time.perf_counter() - started}
+    except KeyboardInterrupt:
+        raise
+    except Exception as exc:  # recorded, retried on the next `study run`
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        status = {
+            "state": "error",
+            "error": f"{type(exc).__name__}: {message}",
+            "traceback": traceback.format_exc(),
+            "seconds": time.perf_counter() - started,
+        }
+    if run_dir.exists():
+        _write_json(status_path, status)
+    return status
+
+
+# --------------------------------------------------------------------------- pairs
+def _pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSpec, str]]:
+    """Runs of optimizers ``a`` and ``b`` that share every non-optimizer hyperparameter."""
+    shared = ("batch_size", "epochs", "label_noise", "seed", "model", "width", "depth")
+
+    def key(run: RunSpec) -> tuple:
+        return tuple(json.dumps(run.params.get(k)) for k in shared)
+
+    firsts: dict[tuple, dict[str, RunSpec]] = {}
+    for run in runs:
+        label = run.params["optimizer"]
+        if label in (a, b):
+            firsts.setdefault(key(run), {}).setdefault(label, run)
+    out = []
+    for group in firsts.values():
+        if a in group and b in group:
+            tag = f"s{group[a].params['seed']}"
+            out.append((group[a], group[b], tag))
+    return out
+
+
+def pair_path(study_dir: Path, a: str, b: str, tag: str) -> Path:
+    """Where the interpolation between optimizers ``a`` and ``b`` is saved."""
+    return study_dir / "pairs" / f"{a}__{b}__{tag}.npz"
+
+
+def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Log) -> None:
+    """Interpolations L((1−α)θ_a + αθ_b) between final solutions, as configured."""
+    options = config.analysis.measures.get("landscape") or {}
+    pairs = options.get("interpolate") or []
+    if not pairs:
+        return
+    from ..analysis.landscape import landscape
+    from ..io import load_checkpoint
+
+    for a, b in pairs:
+        for run_a, run_b, tag in _pair_runs(runs, a, b):
+            path = pair_path(study_dir, a, b, tag)
+            if path.exists():
+                continue
+            states = [_status(_run_dir(study_dir, r.run_id)).get("state") for r in (run_a, run_b)]
+            if any(s != "done" for s in states):
+                continue
+            device = _device(run_a, config)
+            data = _analysis_data(run_a, config, device)
+            first = load_checkpoint(_run_dir(study_dir, run_a.run_id) / "last.pt").model
+            second = load_checkpoint(_run_dir(study_dir, run_b.run_id) / "last.pt").model
+            kwargs = {k: options[k] for k in ("grid",) if k in options}
+            kwargs["batch_size"] = config.analysis.batch_size
+            result = landscape(
+                first.to(device).eval(),
+                data,
+                dims=1,
+                directions=second.to(device).eval(),
+                loss=run_a.train.get("loss", "cross_entropy"),
+                **kwargs,
+            )
+            result.save(path)
+            log(f"interpolation {a} -> {b} ({tag}) written to {path}")
+
+
+# --------------------------------------------------------------------------- the table
+def _eval_rows(run_dir: Path) -> dict[int, dict[str, Any]]:
+    rows: dict[int, dict[str, Any]] = {}
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return rows
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        if row.get("kind", "eval") == "eval" and "epoch" in row:
+            rows[int(row["epoch"])] = row
+    return rows
+
+
+def _gaps(row: dict[str, Any]) -> None:
+    """gen_gap = test error − train error = train_acc − test_acc; loss_gap likewise."""
+    if row.get("train_acc") is not None and row.get("test_acc") is not None:
+        row["gen_gap"] = float(row["train_acc"]) - float(row["test_acc"])
+    if row.get("train_loss") is not None and row.get("test_loss") is not None:
+        row["loss_gap"] = float(row["test_loss"]) - float(row["train_loss"])
+
+
+def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> list[dict[str, Any]]:
+    """One dict per run and analysed checkpoint (failed runs: one row, no measures)."""
+    folder = Path(study_dir)
+    config = load_study_config_from_dir(folder)
+    if runs is None:
+        runs = expand_sweep(config)
+    # only the measures of the current config (a removed measure's old files are ignored)
+    measures = [*config.analysis.measures, "basic"]
+    rows = []
+    for run in runs:
+        run_dir = _run_dir(folder, run.run_id)
+        status = _status(run_dir)
+        state = status.get("state", "pending")
+        base = {"run_id": run.run_id, "status": state, **run.params}
+        if state in ("failed", "error"):
+            base["error"] = status.get("error", "")
+        evals = _eval_rows(run_dir)
+        if state == "failed":
+            row = dict(base)
+            row["epoch"] = max(evals) if evals else 0
+            rows.append(row)
+            continue
+        for epoch in run.analysis_epochs:
+            row = dict(base)
+            row["epoch"] = epoch
+            metrics = evals.get(epoch, {})
+            for key in ("train_loss", "train_acc", "test_loss", "test_acc", *METRIC_COLUMNS):
+                if key in metrics:
+                    row[key] = metrics[key]
+            _gaps(row)
+            analysis_dir = run_dir / "analysis" / f"epoch_{epoch:03d}"
+            for measure in measures:
+                record = _read_json(analysis_dir / f"{measure}.json") or {}
+                row.update(record.get("columns", {}))
+            rows.append(row)
+    return rows
+
+
+def _column_order(rows: list[dict[str, Any]]) -> list[str]:
+    seen: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            seen.setdefault(key, None)
+    ordered = [*LEADING, *PARAM_COLUMNS, *CORE_COLUMNS]
+    metrics = [c for c in METRIC_COLUMNS if c in seen]
+    rest = sorted(c for c in seen if c not in ordered and c not in metrics and c != "error")
+    tail = ["error"] if "error" in seen else []
+    return [*ordered, *metrics, *rest, *tail]
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if not math.isfinite(value) else repr(value)
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def write_results(study_dir: str | Path, runs: list[RunSpec] | None = None) -> Path:
+    """Collect every run into ``DIR/results.csv`` (atomically); return its path."""
+    import csv
+    import io
+
+    folder = Path(study_dir)
+    rows = collect_rows(folder, runs)
+    columns = _column_order(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_cell(row.get(c)) for c in columns])
+    path = folder / "results.csv"
+    atomic_write_bytes(path, buffer.getvalue().encode())
+    return path
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """``results.csv`` as dicts; numbers parsed, empty cells become None."""
+    import csv
+
+    out = []
+    with Path(path).open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            parsed: dict[str, Any] = {}
+            for key, value in row.items():
+                parsed[key] = _parse_cell(value)
+            out.append(parsed)
+    return out
+
+
+def _parse_cell(value: str | None) -> Any:
+    if value is None or value == "":
+        return None
+    if value in ("true", "false"):
+        return value == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
+
+
+# --------------------------------------------------------------------------- the study
+@dataclass
+class StudySummary:
+    """What :func:`run_study` did."""
+
+    out: Path
+    results: Path
+    num_runs: int
+    done: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def default_out(config: StudyConfig) -> Path:
+    """``runs/studies/<name>`` (``runs/`` is git-ignored)."""
+    return Path("runs") / "studies" / config.name
+
+
+def run_study(
+    config: StudyConfig | str | Path,
+    out: str | Path | None = None,
+    *,
+    workers: int = 1,
+    executor: str = "local",
+    executor_options: dict[str, Any] | None = None,
+    log: Log | None = None,
+) -> StudySummary:
+    """Run every pending run of a study, then write ``results.csv``.
+
+    Args:
+        config: a :class:`StudyConfig` or the path of a study TOML file.
+        out: the study folder (default ``runs/studies/<name>``); reused to resume.
+        workers: local worker processes (``executor="local"``); each uses one CPU
+            thread, and on a machine with GPUs the workers take them round robin.
+        executor: ``local``, ``slurm`` (submitit), or for tests ``submitit-local``
+            (submitit's LocalExecutor) and ``submitit-debug`` (in-process).
+        executor_options: submitit parameters, merged over the config's ``[executor]``.
+        log: one-line progress messages (default: silent).
+
+    Returns:
+        :class:`StudySummary`; runs that diverged are in ``failed``, runs that raised
+        another error in ``errors`` (their message; they are retried next time).
+    """
+    from .config import load_study_config
+
+    started = time.perf_counter()
+    if not isinstance(config, StudyConfig):
+        config = load_study_config(config)
+    log = log or (lambda message: None)
+    runs = expand_sweep(config)
+    folder = Path(out) if out is not None else default_out(config)
+    prepare_study_dir(folder, config, runs)
+    with study_lock(folder):
+        return _run_locked(config, folder, runs, workers, executor, executor_options, log, started)
+
+
+def _run_locked(config, folder, runs, workers, executor, executor_options, log, started):
+    from .executors import execute
+
+    pending = [r for r in runs if not run_is_complete(folder, r, config)]
+    skipped = [r.run_id for r in runs if r not in pending]
+    if skipped:
+        log(f"{len(skipped)} of {len(runs)} runs already complete; skipping them")
+    options = {**config.executor, **(executor_options or {})}
+    outcomes = execute(
+        str(folder.resolve()),
+        [r.run_id for r in pending],
+        workers=workers,
+        executor=executor,
+        options=options,
+        log=log,
+    )
+    run_pairs(folder, config, runs, log)
+    results = write_results(folder, runs)
+    summary = StudySummary(out=folder, results=results, num_runs=len(runs), skipped=skipped)
+    for run_id, status in outcomes.items():
+        state = status.get("state")
+        if state == "done":
+            summary.done.append(run_id)
+        elif state == "failed":
+            summary.failed.append(run_id)
+        else:
+            summary.errors[run_id] = str(status.get("error", state))
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+@contextlib.contextmanager
+def study_lock(folder: Path) -> Iterator[None]:
+    """Hold ``DIR/study.lock`` so two ``study run`` never work on one folder at once.
+
+    Raises:
+        SharpscopeError: another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield
+        return
+    handle = (folder / "study.lock").open("a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise SharpscopeError(
+                f"another `sharpscope study run` is working in {folder}; wait for it to finish "
+                "or use another --out"
+            ) from exc
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
+    finally:
+        handle.close()

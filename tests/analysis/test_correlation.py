@@ -1,0 +1,188 @@
+"""Kendall τ, granulated Kendall and bootstrap intervals against exact answers (analysis.md §7)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from sharpscope.analysis.correlation import (
+    bootstrap_indices,
+    correlate,
+    granulated_kendall,
+    kendall_tau,
+    tau_b_grouped,
+)
+from sharpscope.errors import SharpscopeError
+
+
+def _brute_tau_b(x, y):
+    """τ-b from its definition, pair by pair."""
+    concordant = tied_x = tied_y = 0
+    pairs = 0
+    for i, j in itertools.combinations(range(len(x)), 2):
+        pairs += 1
+        sx, sy = np.sign(x[i] - x[j]), np.sign(y[i] - y[j])
+        concordant += sx * sy
+        tied_x += sx == 0
+        tied_y += sy == 0
+    return concordant / math.sqrt((pairs - tied_x) * (pairs - tied_y))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_kendall_tau_equals_scipy_on_random_tables_with_ties(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(5, 40))
+    x = rng.integers(0, 6, size=n).astype(float)  # many ties
+    y = x + rng.integers(-3, 4, size=n)
+    expected = stats.kendalltau(x, y, variant="b").statistic
+    assert kendall_tau(x, y) == pytest.approx(expected, abs=1e-12)
+    assert kendall_tau(x, y) == pytest.approx(_brute_tau_b(x, y), abs=1e-12)
+    vectorized = tau_b_grouped(x[None], y[None], np.zeros((1, n), dtype=int), 1)[0, 0]
+    assert vectorized == pytest.approx(expected, abs=1e-12)
+
+
+def test_grouped_tau_equals_scipy_per_group():
+    rng = np.random.default_rng(7)
+    n = 30
+    x, y = rng.normal(size=n), rng.normal(size=n)
+    groups = rng.integers(-1, 3, size=n)  # -1: left out
+    got = tau_b_grouped(x[None], y[None], groups[None], 3)[0]
+    for g in range(3):
+        member = groups == g
+        assert got[g] == pytest.approx(stats.kendalltau(x[member], y[member]).statistic)
+
+
+def test_tau_is_plus_one_minus_one_and_nan_when_undefined():
+    g = np.array([0.3, 0.1, 0.5, 0.2, 0.9])
+    assert kendall_tau(g, g) == pytest.approx(1.0)
+    assert kendall_tau(-g, g) == pytest.approx(-1.0)
+    assert math.isnan(kendall_tau([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    assert math.isnan(kendall_tau([1.0], [2.0]))
+    # NaN rows (failed runs) are dropped, not ranked
+    assert kendall_tau([1, 2, math.nan, 3], [1, 2, 0, 3]) == pytest.approx(1.0)
+    with pytest.raises(SharpscopeError, match="3 values but gap has 2"):
+        kendall_tau([1, 2, 3], [1, 2])
+
+
+def test_independent_measure_gives_tau_near_zero():
+    rng = np.random.default_rng(0)
+    n = 2000
+    tau = kendall_tau(rng.normal(size=n), rng.normal(size=n))
+    # under independence Var(tau) = 2(2n+5)/(9n(n-1)); 4 standard deviations
+    sd = math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1)))
+    assert abs(tau) < 4 * sd
+
+
+def _grid(values_per_axis):
+    names = list(values_per_axis)
+    rows = list(itertools.product(*values_per_axis.values()))
+    return {name: [r[i] for r in rows] for i, name in enumerate(names)}
+
+
+def test_granulated_kendall_is_one_and_minus_one_for_perfect_measures():
+    factors = _grid({"lr": [0.1, 0.2, 0.4], "bs": [32, 64], "width": [8, 16]})
+    rng = np.random.default_rng(1)
+    gap = rng.normal(size=len(factors["lr"]))
+    result = granulated_kendall(gap, gap, factors)
+    assert result.psi == {"lr": 1.0, "bs": 1.0, "width": 1.0}
+    assert result.overall == 1.0 and result.tau == pytest.approx(1.0)
+    assert result.num_groups == {"lr": 4, "bs": 6, "width": 6}
+    negative = granulated_kendall(-gap, gap, factors)
+    assert negative.overall == -1.0 and negative.tau == pytest.approx(-1.0)
+
+
+def test_granulated_kendall_single_axis_equals_tau():
+    rng = np.random.default_rng(2)
+    x, y = rng.normal(size=12), rng.normal(size=12)
+    result = granulated_kendall(x, y, {"lr": list(range(12))})
+    assert result.psi["lr"] == pytest.approx(stats.kendalltau(x, y).statistic)
+    assert result.overall == pytest.approx(result.tau)
+
+
+def test_granulated_kendall_hand_computed_eight_models():
+    # 2 x 2 x 2 design over (lr, bs, seed); seed only defines groups.
+    factors = _grid({"lr": [1, 2], "bs": [1, 2], "seed": [0, 1]})
+    # rows in product order: (lr, bs, seed)
+    # 0:(1,1,0) 1:(1,1,1) 2:(1,2,0) 3:(1,2,1) 4:(2,1,0) 5:(2,1,1) 6:(2,2,0) 7:(2,2,1)
+    gap = [1, 1, 2, 2, 3, 3, 4, 4]
+    measure = [1, 1, 2, 0, 3, 3, 4, 4]
+    # psi_lr: groups (bs, seed): (1,0): rows 0,4 +1; (1,1): 1,5 +1; (2,0): 2,6 +1; (2,1): 3,7 +1 -> 1
+    # psi_bs: groups (lr, seed): (1,0): 0,2 +1; (1,1): 1,3 -> measure 1 vs 0, gap 1 vs 2 -> -1;
+    #         (2,0): 4,6 +1; (2,1): 5,7 +1 -> (1 - 1 + 1 + 1)/4 = 0.5
+    result = granulated_kendall(measure, gap, factors, axes=["lr", "bs"])
+    assert result.psi == {"lr": 1.0, "bs": 0.5}
+    assert result.num_groups == {"lr": 4, "bs": 4}
+    assert result.overall == pytest.approx(0.75)
+    assert result.tau == pytest.approx(stats.kendalltau(measure, gap).statistic)
+
+
+def test_coupled_axes_compare_sgd_with_every_sam_rho():
+    # SGD has no rho ("n/a"); without coupling no group holds both optimizers.
+    factors = {
+        "optimizer": ["sgd", "sam", "sam", "sgd", "sam", "sam"],
+        "rho": ["n/a", 0.05, 0.1, "n/a", 0.05, 0.1],
+        "seed": [0, 0, 0, 1, 1, 1],
+    }
+    gap = [3.0, 2.0, 1.0, 3.5, 2.5, 1.5]
+    measure = [30.0, 20.0, 10.0, 35.0, 25.0, 15.0]
+    plain = granulated_kendall(measure, gap, factors, axes=["optimizer", "rho"])
+    assert plain.num_groups["optimizer"] == 0 and math.isnan(plain.psi["optimizer"])
+    coupled = granulated_kendall(
+        measure, gap, factors, axes=["optimizer", "rho"], coupled={"optimizer": ["rho"]}
+    )
+    assert coupled.psi == {"optimizer": 1.0, "rho": 1.0}
+    assert coupled.num_groups == {"optimizer": 2, "rho": 2}
+
+
+def test_granulated_kendall_rejects_unknown_axis_and_bad_lengths():
+    with pytest.raises(SharpscopeError, match="axis 'depth' is not one of the factors: lr"):
+        granulated_kendall([1, 2], [1, 2], {"lr": [1, 2]}, axes=["depth"])
+    with pytest.raises(SharpscopeError, match="factor 'lr' has 1 values, expected 2"):
+        granulated_kendall([1, 2], [1, 2], {"lr": [1]})
+
+
+def test_bootstrap_over_seeds_draws_whole_seeds():
+    index = bootstrap_indices(6, 50, seed=3, clusters=[0, 0, 1, 1, 2, 2])
+    for row in index:
+        members = row[row >= 0]
+        assert len(members) % 2 == 0
+        for a in members:  # the partner of each drawn model is in the resample as often
+            partner = a + 1 if a % 2 == 0 else a - 1
+            assert (members == a).sum() == (members == partner).sum()
+
+
+def test_bootstrap_interval_covers_the_true_tau():
+    # Bivariate normal with correlation r: population tau = (2/pi) arcsin(r).
+    rng = np.random.default_rng(4)
+    r, n = 0.6, 120
+    covariance = [[1.0, r], [r, 1.0]]
+    sample = rng.multivariate_normal([0.0, 0.0], covariance, size=n)
+    result = correlate(sample[:, 0], sample[:, 1], {}, resamples=500, seed=0)
+    low, high = result.tau_interval
+    assert low < result.tau < high
+    assert low < 2 / math.pi * math.asin(r) < high
+    # the width of a 95% interval is about 2 * 1.96 standard errors of tau (about 0.05 here)
+    assert 0.08 < high - low < 0.4
+    assert result.p_value < 1e-6
+
+
+def test_correlate_reports_psi_intervals_and_seed_bootstrap():
+    factors = _grid({"lr": [0.1, 0.2, 0.4], "bs": [32, 128], "seed": [0, 1, 2]})
+    rng = np.random.default_rng(5)
+    gap = np.array(factors["lr"]) * 10 + rng.normal(scale=0.1, size=18)
+    measure = gap + rng.normal(scale=0.5, size=18)
+    result = correlate(
+        measure, gap, factors, seeds=factors["seed"], resamples=200, measure_name="lambda_max"
+    )
+    assert set(result.psi) == {"lr", "bs"}  # seed defines groups, is not an axis
+    assert result.num_groups == {"lr": 6, "bs": 9}
+    for axis in ("lr", "bs"):
+        low, high = result.psi_interval[axis]
+        assert -1.0 <= low <= high <= 1.0
+    assert all(math.isfinite(v) for v in result.tau_interval_seeds)
+    payload = result.to_dict()
+    assert payload["measure"] == "lambda_max" and payload["kind"] == "correlation"

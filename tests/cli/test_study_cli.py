@@ -1,0 +1,124 @@
+"""`sharpscope study run|report` and `sharpscope figures` through the CLI."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from typer.testing import CliRunner
+
+from sharpscope.cli import app
+
+runner = CliRunner()
+
+TINY = """
+[study]
+name = "cli-tiny"
+
+[train]
+dataset = {name = "mnist1d", samples = 192}
+model = {name = "mlp", width = 8, depth = 1}
+epochs = 1
+batch_size = 64
+device = "cpu"
+
+[sweep]
+optimizer = ["sgd", "sam"]
+seed = [0, 1]
+
+[analysis]
+samples = 64
+
+[analysis.m_sharpness]
+m = [16, 64]
+rho = [0.05]
+"""
+
+
+def _one_line_error(result, *words):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_study_run_then_report(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "study"
+    args = ["study", "run", str(config), "--out", str(out), "--no-report", "--workers", "1"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [r["run_id"] for r in rows] == ["sgd-s0", "sgd-s1", "sam-s0", "sam-s1"]
+    assert all(r["status"] == "done" and r["msharp_m64_rho0.05"] for r in rows)
+    assert not (out / "report.md").exists()
+
+    result = runner.invoke(app, ["study", "report", str(out), "--resamples", "20"])
+    assert result.exit_code == 0, result.output
+    report = (out / "report.md").read_text()
+    assert "# Study `cli-tiny`" in report and "| `msharp_m16_rho0.05` |" in report
+    assert (out / "figures" / "correlations.pdf").exists()
+    assert json.loads((out / "correlations.json").read_text())[0]["kind"] == "correlation"
+
+    # a second run resumes: nothing left to do
+    result = runner.invoke(app, ["study", "run", str(config), "--out", str(out), "--no-report"])
+    assert result.exit_code == 0 and "4 of 4 runs already complete" in result.output
+
+
+def test_bad_inputs_give_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text(TINY.replace("[sweep]", "[sweep]\nrhoo = [0.1]"))
+    result = runner.invoke(app, ["study", "run", str(bad), "--out", str(tmp_path / "x")])
+    _one_line_error(result, "unknown key 'rhoo' in [sweep]", "valid keys: optimizer, rho")
+
+    result = runner.invoke(app, ["study", "run", str(tmp_path / "missing.toml")])
+    _one_line_error(result, "study config not found")
+
+    result = runner.invoke(app, ["study", "run", str(bad), "--quick"])
+    _one_line_error(result, "either CONFIG.toml or --quick")
+
+    result = runner.invoke(app, ["study", "run"])
+    _one_line_error(result, "missing CONFIG.toml", "quick")
+
+    result = runner.invoke(app, ["study", "report", str(tmp_path)])
+    _one_line_error(result, "not a sharpscope study folder")
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    result = runner.invoke(
+        app, ["study", "run", str(config), "--out", str(tmp_path / "y"), "--executor", "pbs"]
+    )
+    _one_line_error(result, "unknown executor 'pbs'", "local, slurm")
+
+
+def test_quick_and_builtin_names_select_the_shipped_configs(monkeypatch, tmp_path):
+    seen = []
+
+    def fake_run_study(config, out, **kwargs):
+        seen.append((config.name, kwargs["workers"], kwargs["executor"]))
+        raise SystemExit(0)
+
+    import sharpscope.study.runner as runner_module
+
+    monkeypatch.setattr(runner_module, "run_study", fake_run_study)
+    result = runner.invoke(app, ["study", "run", "--quick", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["study", "run", "a-spectra-quick", "--executor", "slurm"])
+    assert result.exit_code == 0, result.output
+    assert seen == [("quick", 2, "local"), ("a-spectra-quick", 1, "slurm")]
+
+
+def test_help_of_study_and_figures():
+    for args in (
+        ["study", "--help"],
+        ["study", "run", "--help"],
+        ["study", "report", "--help"],
+        ["figures", "--help"],
+    ):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["figures", "--only", "z"])
+    _one_line_error(result, "unknown reproduction 'z'", "quick, a, b")

@@ -1,0 +1,182 @@
+"""Study config validation and sweep expansion: semantics and one-line errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.study import (
+    builtin_config_names,
+    expand_sweep,
+    load_builtin_config,
+    load_study_config,
+    study_config_from_dict,
+)
+from sharpscope.study.sweep import resolve_epochs, swept_axes
+
+TRAIN = {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp", "width": 16}, "epochs": 4}
+
+
+def config(**sections):
+    return study_config_from_dict({"train": TRAIN, **sections})
+
+
+def test_rho_applies_only_to_sharpness_aware_optimizers():
+    runs = expand_sweep(
+        config(sweep={"optimizer": ["sgd", "sam", "asam"], "rho": [0.05, 0.1], "seed": [0, 1]})
+    )
+    by_optimizer = {}
+    for run in runs:
+        by_optimizer.setdefault(run.params["optimizer"], []).append(run)
+    assert len(by_optimizer["sgd"]) == 2  # once per seed
+    assert len(by_optimizer["sam"]) == len(by_optimizer["asam"]) == 4
+    assert {r.params["rho"] for r in by_optimizer["sgd"]} == {None}
+    assert {r.train["optimizer"]["rho"] for r in by_optimizer["sam"]} == {0.05, 0.1}
+    sam = by_optimizer["sam"][0].train["optimizer"]
+    assert sam["base"] == {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    assert len({r.run_id for r in runs}) == len(runs)
+
+
+def test_per_optimizer_axis_values_and_defaults():
+    runs = expand_sweep(
+        config(
+            optimizers={"asam": {"rho": 1.0}, "base": {"lr": 0.05}},
+            sweep={"optimizer": ["sam", "asam", "vasso"], "rho": {"sam": [0.02, 0.2]}},
+        )
+    )
+    rhos = {(r.params["optimizer"], r.params["rho"]) for r in runs}
+    # ASAM keeps its configured rho, VaSSO its documented default
+    assert rhos == {("sam", 0.02), ("sam", 0.2), ("asam", 1.0), ("vasso", 0.05)}
+    assert all(r.params["lr"] == 0.05 for r in runs)
+
+
+def test_m_lr_noise_batch_axes_reach_the_train_config():
+    runs = expand_sweep(
+        config(
+            sweep={
+                "optimizer": ["sgd", "sam", "bsam"],
+                "m": [16, 64],
+                "lr": [0.05, 0.1],
+                "label_noise": [0.0, 0.4],
+                "batch_size": [64],
+            }
+        )
+    )
+    sam = [r for r in runs if r.params["optimizer"] == "sam"]
+    assert len(sam) == 2 * 2 * 2
+    assert {r.train["optimizer"]["m"] for r in sam} == {16, 64}
+    assert {r.train["optimizer"]["base"]["lr"] for r in sam} == {0.05, 0.1}
+    assert {r.train["dataset"]["label_noise"] for r in sam} == {0.0, 0.4}
+    assert {r.train["batch_size"] for r in runs} == {64}
+    bsam = [r for r in runs if r.params["optimizer"] == "bsam"]
+    assert len(bsam) == 4  # m does not apply; lr sets bSAM's own lr
+    assert {r.train["optimizer"]["lr"] for r in bsam} == {0.05, 0.1}
+    assert all(r.params["m"] is None and r.params["momentum"] is None for r in bsam)
+    assert set(swept_axes(runs)) >= {"optimizer", "m", "lr", "label_noise"}
+    ids = [r.run_id for r in sam]
+    assert "sam-m16-lr0.05-noise0-s0" in ids and "sam-m64-lr0.1-noise0.4-s0" in ids
+
+
+def test_analysis_epochs_set_save_every():
+    runs = expand_sweep(config(analysis={"epochs": [2, "last"]}))
+    assert runs[0].analysis_epochs == [2, 4]
+    assert runs[0].train["save_every"] == 2
+    assert resolve_epochs(["last"], 7) == [7]
+    with pytest.raises(SharpscopeError, match="asks for epoch 9, but run 'sgd' trains only 4"):
+        expand_sweep(config(analysis={"epochs": [9]}))
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"sweeep": {}}, "unknown key 'sweeep' in the study config (top level); valid keys: study"),
+        (
+            {"sweep": {"optimiser": ["sgd"]}},
+            "unknown key 'optimiser' in [sweep]; valid keys: optimizer",
+        ),
+        (
+            {"sweep": {"optimizer": ["sgdd"]}},
+            "unknown optimizer 'sgdd' in sweep.optimizer; choose one of: adam",
+        ),
+        ({"sweep": {"rho": [-1.0]}}, "sweep.rho must be in [0, inf], got -1.0"),
+        ({"sweep": {"seed": ["a"]}}, "sweep.seed values must be integers >= 0"),
+        (
+            {"sweep": {"optimizer": ["sgd"], "rho": {"sam": [0.1]}}},
+            "names optimizer 'sam', which is not in sweep.optimizer",
+        ),
+        (
+            {"sweep": {"optimizer": ["sgd"], "momentum": {"sgd": [0.5]}, "rho": {"sgd": [0.1]}}},
+            "gives values for 'sgd', but rho does not apply to sgd",
+        ),
+        (
+            {"analysis": {"spectrum": {"kk": 5}}},
+            "unknown key 'kk' in [analysis.spectrum]; valid keys: k,",
+        ),
+        (
+            {"analysis": {"msharpness": {}}},
+            "unknown key 'msharpness' in [analysis]; valid keys: epochs",
+        ),
+        (
+            {"analysis": {"m_sharpness": {"norm": "l3"}}},
+            "unknown analysis.m_sharpness.norm 'l3'; choose one of: l2, linf",
+        ),
+        (
+            {"analysis": {"split": "val"}},
+            "unknown analysis.split 'val'; choose one of: train, test",
+        ),
+        (
+            {"study": {"keep_checkpoints": "some"}},
+            "unknown study.keep_checkpoints 'some'; choose one of: all, analysed",
+        ),
+        (
+            {"optimizers": {"sam": {"name": "sharp"}}},
+            "unknown optimizer 'sharp' in optimizers.sam; choose one of",
+        ),
+        ({"executor": {"partition": "gpu"}}, "unknown key 'partition' in [executor]"),
+    ],
+)
+def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, message):
+    with pytest.raises(SharpscopeError) as info:
+        config(**sections)
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_bad_train_section_names_the_key():
+    with pytest.raises(
+        SharpscopeError, match="unknown key 'epoch' in \\[train\\]; valid keys: dataset"
+    ):
+        study_config_from_dict({"train": {"epoch": 3}})
+    with pytest.raises(SharpscopeError, match="train.out is set by the study"):
+        study_config_from_dict({"train": {"out": "x"}})
+
+
+def test_toml_file_round_trip_and_errors(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        '[train]\nepochs = 2\nmodel = {name = "mlp", width = 8}\n'
+        '[sweep]\noptimizer = ["sgd", "sam"]\nseed = [0, 1]\n'
+    )
+    loaded = load_study_config(path)
+    assert loaded.name == "mine" and len(expand_sweep(loaded)) == 4
+    again = study_config_from_dict(loaded.to_dict())
+    assert [r.to_dict() for r in expand_sweep(again)] == [r.to_dict() for r in expand_sweep(loaded)]
+    (tmp_path / "bad.toml").write_text("[train\n")
+    with pytest.raises(SharpscopeError, match="is not valid TOML"):
+        load_study_config(tmp_path / "bad.toml")
+    with pytest.raises(SharpscopeError, match="study config not found"):
+        load_study_config(tmp_path / "missing.toml")
+
+
+def test_every_shipped_config_is_valid():
+    names = builtin_config_names()
+    assert "quick" in names
+    for letter in "abcdef":
+        assert any(n.startswith(f"{letter}-") and n.endswith("-quick") for n in names), letter
+        assert any(n.startswith(f"{letter}-") and n.endswith("-full") for n in names), letter
+    for name in names:
+        study = load_builtin_config(name)
+        assert expand_sweep(study), name
+    with pytest.raises(SharpscopeError, match="unknown built-in study 'nope'; choose one of"):
+        load_builtin_config("nope")

@@ -1,0 +1,174 @@
+"""Report helpers on synthetic tables, the paper theme and save_figure, the plot functions."""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from sharpscope.errors import SharpscopeError  # noqa: E402
+from sharpscope.plotting import study as study_plots  # noqa: E402
+from sharpscope.plotting.style import (  # noqa: E402
+    COLUMN_WIDTH,
+    PALETTE,
+    TEXT_WIDTH,
+    figure_size,
+    optimizer_color,
+    save_figure,
+)
+from sharpscope.plotting.training import (  # noqa: E402
+    plot_learned_rho,
+    plot_training_curves,
+    read_metrics,
+)
+from sharpscope.study.report import correlation_table, final_rows, measure_columns  # noqa: E402
+
+
+def synthetic_rows():
+    """SGD and SAM at two radii, three learning rates, two seeds; the gap grows with lr."""
+    rows = []
+    rng = np.random.default_rng(0)
+    configs = [("sgd", None), ("sam", 0.05), ("sam", 0.1)]
+    for (optimizer, rho), lr, seed in itertools.product(configs, (0.01, 0.1, 1.0), (0, 1)):
+        gap = 0.1 * math.log10(lr) + (0.05 if optimizer == "sgd" else 0.0) - (rho or 0) + 0.3
+        gap += 1e-3 * seed
+        rows.append(
+            {
+                "run_id": f"{optimizer}-{rho}-{lr}-{seed}",
+                "status": "done",
+                "epoch": 5,
+                "optimizer": optimizer,
+                "rho": rho,
+                "lr": lr,
+                "seed": seed,
+                "gen_gap": gap,
+                "loss_gap": 2 * gap,
+                "lambda_max": 10 * gap,  # a perfect measure
+                "trace": -gap,  # a perfectly wrong one
+                "m_sharpness": rng.normal(),  # unrelated
+                "msharp_m16_rho0.05": float("nan"),  # never computed: skipped
+            }
+        )
+    return rows
+
+
+def test_correlation_table_orients_and_groups_like_the_definition():
+    rows = synthetic_rows()
+    assert measure_columns(rows) == ["lambda_max", "trace", "m_sharpness"]
+    correlations = correlation_table(rows, ["optimizer", "rho", "lr", "seed"], resamples=100)
+    by = {(c.measure, c.target): c for c in correlations}
+    perfect = by[("lambda_max", "gen_gap")]
+    assert perfect.tau == pytest.approx(1.0) and perfect.overall == pytest.approx(1.0)
+    assert set(perfect.psi) == {"optimizer", "rho", "lr"}  # seed groups, is no axis
+    # optimizer axis: groups (lr, seed), each with SGD and both SAM radii (rho is coupled)
+    assert perfect.num_groups["optimizer"] == 6
+    # rho axis: groups (optimizer, lr, seed); only SAM's have two radii
+    assert perfect.num_groups["rho"] == 6
+    assert perfect.num_groups["lr"] == 6
+    assert by[("trace", "loss_gap")].overall == pytest.approx(-1.0)
+    noise = by[("m_sharpness", "gen_gap")]
+    assert abs(noise.tau) < 0.5
+
+
+def test_final_rows_keep_the_last_analysed_checkpoint_of_finished_runs():
+    rows = [
+        {"run_id": "a", "status": "done", "epoch": 1, "x": 1},
+        {"run_id": "a", "status": "done", "epoch": 3, "x": 3},
+        {"run_id": "b", "status": "failed", "epoch": 2, "x": 9},
+    ]
+    assert final_rows(rows) == [{"run_id": "a", "status": "done", "epoch": 3, "x": 3}]
+
+
+def test_figure_sizes_and_palette():
+    assert figure_size(1) == (COLUMN_WIDTH, pytest.approx(COLUMN_WIDTH * 0.75))
+    assert figure_size(2, aspect=0.5, ncols=2)[0] == TEXT_WIDTH
+    with pytest.raises(SharpscopeError, match="columns must be 1 or 2"):
+        figure_size(3)
+    assert optimizer_color("SAM") == optimizer_color("sam") == PALETTE[0]
+    assert len(set(PALETTE)) == len(PALETTE)
+
+
+def test_save_figure_writes_pdf_png_and_the_data(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    written = save_figure(fig, tmp_path / "sub" / "line", data=[{"x": 0, "y": 1}, {"x": 1, "y": 0}])
+    assert [p.suffix for p in written] == [".pdf", ".png", ".csv"]
+    assert (tmp_path / "sub" / "line.pdf").read_bytes().startswith(b"%PDF")
+    assert (tmp_path / "sub" / "line.png").read_bytes().startswith(b"\x89PNG")
+    assert list(csv.DictReader((tmp_path / "sub" / "line.csv").open())) == [
+        {"x": "0", "y": "1"},
+        {"x": "1", "y": "0"},
+    ]
+    save_figure(fig, tmp_path / "grid.pdf", data={"grid": np.arange(3.0)})
+    assert json.loads((tmp_path / "grid.json").read_text()) == {"grid": [0.0, 1.0, 2.0]}
+    assert not (tmp_path / "grid.pdf.pdf").exists()
+    plt.close(fig)
+
+
+def test_study_plots_draw_what_they_are_given():
+    rows = synthetic_rows()
+    correlations = correlation_table(rows, ["optimizer", "rho", "lr"], resamples=0)
+    figures = [
+        study_plots.plot_measures_vs_gap(rows, ["lambda_max", "trace"]),
+        study_plots.plot_correlations([c for c in correlations if c.target == "gen_gap"]),
+        study_plots.plot_metric_vs_axis(rows, "lr", "gen_gap", logx=True),
+        study_plots.plot_variants(rows, ("lambda_max", "trace")),
+        study_plots.plot_tau_vs_m(
+            [
+                {"m": 4, "rho": 0.05, "tau": 0.5, "tau_low": 0.2, "tau_high": 0.7},
+                {"m": 16, "rho": 0.05, "tau": 0.3},
+            ]
+        ),
+        study_plots.plot_spectral_densities(
+            {"sgd": [(1, {"grid": [0.0, 1.0, 2.0], "values": [0.1, 1.0, 0.1]})]}
+        ),
+        study_plots.plot_curves_1d({"sgd": ([-1.0, 0.0, 1.0], [2.0, 1.0, 2.0])}),
+        study_plots.plot_contours(
+            {"sam": (np.linspace(-1, 1, 5), np.linspace(-1, 1, 4), np.ones((5, 4)) + 0.1)}
+        ),
+    ]
+    scatter = figures[0].axes[0]
+    assert len(scatter.collections) == 2  # SGD and SAM
+    offsets = np.concatenate([c.get_offsets() for c in scatter.collections])
+    assert len(offsets) == len(rows)
+    # gaps are drawn in percent
+    assert max(offsets[:, 1]) == pytest.approx(100 * max(r["gen_gap"] for r in rows))
+    summary = study_plots.mean_and_spread(rows, "lr", "gen_gap")
+    first = next(s for s in summary if s["optimizer"] == "sgd" and s["lr"] == 0.01)
+    assert first["num_seeds"] == 2
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_training_plots_read_metrics_jsonl(tmp_path):
+    lines = [
+        {"kind": "step", "epoch": 1, "step": 1, "rho": 0.05},
+        {"kind": "step", "epoch": 1, "step": 2, "rho": 0.06},
+        {"kind": "eval", "epoch": 1, "step": 2, "test_acc": 0.5, "train_loss": 1.0},
+        {"kind": "eval", "epoch": 2, "step": 4, "test_acc": 0.6, "train_loss": 0.8},
+    ]
+    run = tmp_path / "lets-s0"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in lines) + "\n")
+    assert len(read_metrics(run)) == 4
+    fig = plot_training_curves({"lets-s0": run})
+    line = fig.axes[0].lines[0]
+    assert list(line.get_xdata()) == [1, 2]
+    assert list(line.get_ydata()) == pytest.approx([50.0, 40.0])  # error in percent
+    fig2 = plot_learned_rho({"lets": run / "metrics.jsonl"})
+    assert list(fig2.axes[0].lines[0].get_ydata()) == [0.05, 0.06]
+    with pytest.raises(SharpscopeError, match="no per-step 'rho' rows"):
+        plot_learned_rho({"sgd": lines[2:]})
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(SharpscopeError, match="bad.jsonl:1 is not JSON"):
+        read_metrics(tmp_path / "bad.jsonl")
+    plt.close("all")

@@ -1,0 +1,302 @@
+"""A tiny end-to-end study: training, analyses, results.csv, resumption, failures, formats."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+
+import pytest
+import torch
+
+import sharpscope as ss
+from sharpscope.analysis.msharpness import m_sharpness
+from sharpscope.data import load_data
+from sharpscope.errors import SharpscopeError
+from sharpscope.evaluation import evaluate
+from sharpscope.study import study_config_from_dict
+from sharpscope.study.report import write_report
+from sharpscope.study.runner import (
+    CORE_COLUMNS,
+    prepare_study_dir,
+    read_results,
+    read_study_dir,
+    run_study,
+)
+from sharpscope.study.sweep import expand_sweep
+
+DATA = {"name": "mnist1d", "samples": 256}
+TRAIN = {
+    "dataset": DATA,
+    "model": {"name": "mlp", "width": 16, "depth": 1},
+    "epochs": 2,
+    "batch_size": 64,
+    "device": "cpu",
+}
+ANALYSIS = {
+    "epochs": [1, "last"],
+    "samples": 128,
+    "spectrum": {
+        "k": 5,
+        "tol": 1e-3,
+        "max_steps": 40,
+        "trace_probes": 9,
+        "num_probes": 1,
+        "num_lanczos_steps": 15,
+    },
+    "m_sharpness": {"m": [16, 64], "rho": [0.05]},
+}
+
+
+def tiny_config(**overrides):
+    sections = {
+        "study": {"name": "tiny"},
+        "train": dict(TRAIN),
+        "sweep": {"optimizer": ["sgd", "sam"], "seed": [0, 1]},
+        "analysis": ANALYSIS,
+    }
+    sections.update(overrides)
+    return study_config_from_dict(sections)
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    summary = run_study(tiny_config(), out)
+    return out, summary
+
+
+def test_study_trains_analyses_and_tabulates_every_run(study):
+    out, summary = study
+    assert sorted(summary.done) == ["sam-s0", "sam-s1", "sgd-s0", "sgd-s1"]
+    assert not summary.failed and not summary.errors
+    rows = read_results(out / "results.csv")
+    assert len(rows) == 4 * 2  # runs x analysed checkpoints
+    header = next(csv.reader((out / "results.csv").open()))
+    for column in ("optimizer", "rho", "seed", *CORE_COLUMNS, "msharp_m16_rho0.05"):
+        assert column in header
+    for row in rows:
+        assert row["status"] == "done"
+        assert row["gen_gap"] == pytest.approx(row["train_acc"] - row["test_acc"])
+        assert row["loss_gap"] == pytest.approx(row["test_loss"] - row["train_loss"])
+        assert row["lambda_max"] >= row["lambda_5"] > 0
+        assert row["ratio"] == pytest.approx(row["lambda_max"] / row["lambda_5"])
+        assert row["m_sharpness"] == row["msharp_m16_rho0.05"]
+        assert (row["rho"] is None) == (row["optimizer"] == "sgd")
+    assert {r["epoch"] for r in rows} == {1, 2}
+
+
+def test_table_numbers_come_from_the_right_checkpoint_and_data(study):
+    out, _ = study
+    rows = {(r["run_id"], r["epoch"]): r for r in read_results(out / "results.csv")}
+    row = rows[("sam-s1", 1)]
+    checkpoint = ss.load_checkpoint(out / "runs" / "sam-s1" / "epoch_001.pt")
+    assert checkpoint.epoch == 1
+    # the analysis subset: 128 training examples, seed 0 shuffle, as configured
+    train = load_data(DATA, "train", samples=128, seed=0)
+    direct = m_sharpness(checkpoint.model, (train.inputs, train.targets), m=64, rho=0.05)
+    assert row["msharp_m64_rho0.05"] == pytest.approx(direct.sharpness, rel=1e-6)
+    test = load_data(DATA, "test")
+    metrics = evaluate(
+        checkpoint.model, test.inputs, test.targets, torch.nn.functional.cross_entropy
+    )
+    assert row["test_acc"] == pytest.approx(metrics["acc"])
+    assert row["test_loss"] == pytest.approx(metrics["loss"], rel=1e-5)
+
+
+def test_rerun_skips_finished_runs_and_analyses(study, tmp_path):
+    out, _ = study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    stamp = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    summary = run_study(tiny_config(), copy)
+    assert len(summary.skipped) == 4 and not summary.done
+    for path, mtime in stamp.items():
+        if path.name not in ("results.csv", "study.json", "study.lock", "config.toml"):
+            assert path.stat().st_mtime_ns == mtime, path
+    # a new m-sharpness setting recomputes only that analysis, without retraining
+    analysis = {**ANALYSIS, "m_sharpness": {"m": [32], "rho": [0.05]}}
+    summary = run_study(tiny_config(analysis=analysis), copy)
+    assert len(summary.done) == 4
+    last = copy / "runs" / "sgd-s0" / "last.pt"
+    assert last.stat().st_mtime_ns == stamp[last]
+    spectrum = copy / "runs" / "sgd-s0" / "analysis" / "epoch_002" / "spectrum.json"
+    assert spectrum.stat().st_mtime_ns == stamp[spectrum]
+    rows = read_results(copy / "results.csv")
+    assert all(r["msharp_m32_rho0.05"] is not None for r in rows)
+
+
+def test_interrupted_training_resumes_to_the_same_weights(study, tmp_path):
+    out, _ = study
+    copy = tmp_path / "resume"
+    shutil.copytree(out, copy)
+    run_dir = copy / "runs" / "sam-s0"
+    # pretend the job died after epoch 1: last.pt is the epoch-1 checkpoint
+    shutil.copy(run_dir / "epoch_001.pt", run_dir / "last.pt")
+    (run_dir / "status.json").unlink()
+    for path in (run_dir / "analysis").rglob("*.json"):
+        path.unlink()
+    summary = run_study(tiny_config(), copy)
+    assert summary.done == ["sam-s0"]
+    resumed = torch.load(run_dir / "last.pt", weights_only=True)
+    original = torch.load(out / "runs" / "sam-s0" / "last.pt", weights_only=True)
+    assert resumed["epoch"] == 2
+    for key, value in original["state_dict"].items():
+        assert torch.equal(resumed["state_dict"][key], value), key
+
+
+def test_diverged_run_is_recorded_as_failed_and_the_study_goes_on(tmp_path):
+    config = tiny_config(
+        sweep={"optimizer": ["sgd"], "lr": [0.05, 1e12]},
+        analysis={"epochs": ["last"], "samples": 64},
+    )
+    summary = run_study(config, tmp_path / "div")
+    assert summary.done == ["sgd-lr0.05-s0"]
+    assert summary.failed == ["sgd-lr1e+12-s0"]
+    rows = {r["run_id"]: r for r in read_results(tmp_path / "div" / "results.csv")}
+    failed = rows["sgd-lr1e+12-s0"]
+    assert failed["status"] == "failed" and "diverged" in failed["error"]
+    assert failed["test_acc"] is None and failed["lambda_max"] is None
+    assert rows["sgd-lr0.05-s0"]["status"] == "done"
+    # a rerun keeps the failure (divergence is deterministic) and does not retrain it
+    again = run_study(config, tmp_path / "div")
+    assert sorted(again.skipped) == ["sgd-lr0.05-s0", "sgd-lr1e+12-s0"]
+    report = write_report(tmp_path / "div", resamples=0).read_text()
+    assert "## Failed runs" in report and "sgd-lr1e+12-s0" in report
+
+
+def test_study_folder_format_and_reuse_errors(study, tmp_path):
+    out, _ = study
+    meta = read_study_dir(out)
+    assert meta["format"] == "sharpscope-study" and meta["version"] == 1
+    for version, words in ((0, "older sharpscope"), (99, "newer sharpscope"), (None, "older")):
+        folder = tmp_path / f"v{version}"
+        shutil.copytree(out, folder)
+        meta = json.loads((folder / "study.json").read_text())
+        meta["version"] = version
+        (folder / "study.json").write_text(json.dumps(meta))
+        with pytest.raises(SharpscopeError, match=words):
+            run_study(tiny_config(), folder)
+        with pytest.raises(SharpscopeError, match=words):
+            write_report(folder)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("x")
+    with pytest.raises(SharpscopeError, match="exists and is not a sharpscope study folder"):
+        run_study(tiny_config(), other)
+    with pytest.raises(SharpscopeError, match="is not a sharpscope study folder"):
+        write_report(other)
+    # two `study run` on one folder: the second is refused while the first holds the lock
+    from sharpscope.study.runner import study_lock
+
+    with study_lock(out):
+        with pytest.raises(SharpscopeError, match="another `sharpscope study run` is working"):
+            run_study(tiny_config(), out)
+    # same run id, different training settings: refused, not silently mixed
+    changed = tiny_config(train={**TRAIN, "batch_size": 32})
+    with pytest.raises(SharpscopeError, match="was trained with a different configuration"):
+        prepare_study_dir(out, changed, expand_sweep(changed))
+
+
+def test_report_tables_and_figures(study):
+    out, _ = study
+    path = write_report(out, resamples=50)
+    text = path.read_text()
+    assert "## Correlation with the generalization gap" in text
+    assert "| `lambda_max` |" in text and "ψ optimizer" in text
+    assert "Dinh et al." in text and "Andriushchenko" in text  # caveats, analysis.md §8
+    for name in ("correlations", "measures_vs_gap", "training_curves"):
+        for suffix in (".pdf", ".png"):
+            assert (out / "figures" / f"{name}{suffix}").stat().st_size > 0
+    rows = list(csv.DictReader((out / "correlations.csv").open()))
+    measures = {r["measure"] for r in rows}
+    assert {"lambda_max", "trace", "msharp_m16_rho0.05", "weight_norm"} <= measures
+    assert "m_sharpness" not in measures  # an alias of msharp_m16_rho0.05
+    for row in rows:
+        assert -1.0 <= float(row["tau"]) <= 1.0 or math.isnan(float(row["tau"] or "nan"))
+
+
+@pytest.mark.parametrize("executor", ["local-pool", "submitit-debug", "submitit-local"])
+def test_executors_give_the_same_results_as_in_process(study, tmp_path, executor):
+    out, _ = study
+    config = tiny_config(
+        sweep={"optimizer": ["sgd", "sam"], "seed": [0]},
+        analysis={"epochs": ["last"], "samples": 64, "m_sharpness": {"m": [32]}},
+    )
+    kwargs = {"workers": 2} if executor == "local-pool" else {"executor": executor}
+    if executor == "submitit-local":
+        kwargs["executor_options"] = {"timeout_min": 5}
+    env = dict(os.environ)
+    summary = run_study(config, tmp_path / executor, **kwargs)
+    assert dict(os.environ) == env  # the parent keeps its environment
+    assert sorted(summary.done) == ["sam-s0", "sgd-s0"], summary.errors
+    got = {r["run_id"]: r for r in read_results(tmp_path / executor / "results.csv")}
+    reference = {(r["run_id"], r["epoch"]): r for r in read_results(out / "results.csv")}
+    for run_id in ("sgd-s0", "sam-s0"):
+        # trained identically to the in-process study (same seed and data order)
+        assert got[run_id]["test_acc"] == reference[(run_id, 2)]["test_acc"]
+        assert got[run_id]["train_loss"] == pytest.approx(reference[(run_id, 2)]["train_loss"])
+        assert got[run_id]["msharp_m32_rho0.05"] > 0
+    if executor.startswith("submitit"):
+        assert (tmp_path / executor / "submitit").is_dir()
+
+
+def test_pool_workers_take_gpus_round_robin_and_one_cpu_thread(monkeypatch):
+    import multiprocessing
+
+    from sharpscope.study.executors import _worker_init, visible_gpus
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert visible_gpus() == ["3", "5"]
+    counter = multiprocessing.get_context("spawn").Value("i", 0)
+    seen = []
+    for _ in range(3):
+        _worker_init(counter, ["3", "5"])
+        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    assert seen == ["3", "5", "3"]
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
+    threads = torch.get_num_threads()
+    try:
+        _worker_init(counter, [])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_reproduction_figures_from_a_study_folder(study, tmp_path):
+    from sharpscope.study import reproductions
+
+    out, _ = study
+    figures = tmp_path / "figures"
+    files, numbers = reproductions.figures_a(out, figures)
+    table = {(t["optimizer"], t["epoch"]): t for t in numbers["table"]}
+    rows = [r for r in read_results(out / "results.csv") if r["optimizer"] == "sam"]
+    at_two = [r["lambda_max"] for r in rows if r["epoch"] == 2]
+    assert table[("sam", 2)]["lambda_max"] == pytest.approx(sum(at_two) / len(at_two))
+    assert table[("sam", 2)]["num_seeds"] == 2
+    assert (figures / "a_spectra.pdf").exists() and (figures / "a_spectra_table.md").exists()
+    files, numbers = reproductions.figures_c(out, figures)
+    assert [p["m"] for p in numbers["tau_vs_m"]] == [16, 64]
+    for function in (reproductions.figures_quick, reproductions.figures_e, reproductions.figures_f):
+        files, numbers = function(out, figures)
+        assert files and all(p.exists() for p in files)
+    assert (figures / "f_calibration.csv").exists() and (figures / "e_label_noise.png").exists()
+
+
+def test_make_figures_reuses_complete_studies(study, tmp_path, monkeypatch):
+    from sharpscope.study import config as config_module
+    from sharpscope.study import reproductions
+
+    out, _ = study
+    cache = tmp_path / "cache"
+    shutil.copytree(out, cache / "tiny")
+    monkeypatch.setattr(config_module, "load_builtin_config", lambda name: tiny_config())
+    written = reproductions.make_figures(tmp_path / "figs", cache=cache, only=["quick"])
+    names = {p.name for p in written}
+    assert {"quick_correlations.pdf", "quick_measures_vs_gap.png", "summary.json"} <= names
+    summary = json.loads((tmp_path / "figs" / "summary.json").read_text())
+    assert summary["quick"]["runs"] == 4 and summary["quick"]["run_seconds"] > 0
+    with pytest.raises(SharpscopeError, match="unknown reproduction 'g'"):
+        reproductions.make_figures(tmp_path / "figs", cache=cache, only=["g"])
