@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -96,4 +97,5 @@ def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:
             f"{r.ratio:.3g}",
             accuracy,
         )
-    Console().print(table)
+    # never squeeze the table into 80 columns when the output is a file or a pipe
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
