@@ -1,5 +1,9 @@
 """Pieces every command shares: one-line errors, spec flags, loading analysis inputs.
 
+The analysis commands (``spectrum``, ``msharpness``, ``landscape``) declare their
+data-loading flags with the ``*Opt`` aliases below and load through
+:func:`load_inputs_from_flags`, so the flags read the same in every command.
+
 Commands decorate their function with :func:`guarded`, which turns a
 :class:`~sharpscope.errors.SharpscopeError` into one line on stderr and exit code 2
 (``sharpscope --debug ...`` shows the traceback instead).
@@ -13,7 +17,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Optional, TypeVar
 
 import torch
 import typer
@@ -122,6 +126,7 @@ class AnalysisInputs:
     checkpoint: Any
     split: DataSplit
     device: torch.device
+    loss_spec: Any = "cross_entropy"
 
 
 def load_analysis_inputs(
@@ -177,7 +182,90 @@ def load_analysis_inputs(
         device=str(chosen),
         num_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
     )
-    return AnalysisInputs(net, batches, get_loss(loss_spec), meta, checkpoint, split_data, chosen)
+    return AnalysisInputs(
+        net, batches, get_loss(loss_spec), meta, checkpoint, split_data, chosen, loss_spec
+    )
+
+
+# The flags every analysis command shares; ``name: Alias = default`` in a signature.
+CkptArg = Annotated[Path, typer.Argument(help="Checkpoint (.pt) or bare state_dict file.")]
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option("--model", help="Registry name or module:function (needed for a state_dict)."),
+]
+DataOpt = Annotated[
+    Optional[str],
+    typer.Option("--data", help="Registry name or module:function [default: the checkpoint's]."),
+]
+LossOpt = Annotated[
+    Optional[str],
+    typer.Option("--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."),
+]
+SamplesOpt = Annotated[
+    Optional[int],
+    typer.Option("--samples", help="Use the first N examples after a seeded shuffle."),
+]
+BatchSizeOpt = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size", help="Examples per batch the data is read in [default: all at once]."
+    ),
+]
+SplitOpt = Annotated[str, typer.Option("--split", help="train or test.")]
+DataRootOpt = Annotated[
+    Optional[str], typer.Option("--data-root", help="Folder holding the CIFAR files.")
+]
+ModelOptOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--model-opt", help="Model option KEY=VALUE (repeatable)."),
+]
+DataOptOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--data-opt", help="Data option KEY=VALUE (repeatable)."),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed", help="Seed of the subset and of the random draws (probes, starts, directions)."
+    ),
+]
+JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON.")]
+
+
+def load_inputs_from_flags(
+    ckpt: str | Path,
+    *,
+    model: str | None,
+    data: str | None,
+    loss: str | None,
+    split: str,
+    samples: int | None,
+    batch_size: int | None,
+    device: str | None,
+    seed: int,
+    data_root: str | None,
+    model_opt: list[str] | None,
+    data_opt: list[str] | None,
+    dtype: str,
+) -> AnalysisInputs:
+    """:func:`load_analysis_inputs` from the raw flag values (``KEY=VALUE`` lists parsed)."""
+    return load_analysis_inputs(
+        ckpt,
+        model,
+        data,
+        loss,
+        split=split,
+        samples=samples,
+        batch_size=batch_size,
+        device=device,
+        seed=seed,
+        data_root=data_root,
+        model_options=parse_options(model_opt, "--model-opt"),
+        data_options=parse_options(data_opt, "--data-opt"),
+        dtype=dtype,
+    )
 
 
 def print_error_and_exit(message: str) -> None:  # pragma: no cover - thin wrapper

@@ -17,7 +17,26 @@ from typing import Any, Optional
 import typer
 
 from ..errors import SharpscopeError
-from ._common import console, guarded, parse_options, spec_from_flag
+from ._common import (
+    BatchSizeOpt,
+    CkptArg,
+    DataOpt,
+    DataOptOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LossOpt,
+    ModelOpt,
+    ModelOptOpt,
+    SamplesOpt,
+    SeedOpt,
+    SplitOpt,
+    console,
+    guarded,
+    load_inputs_from_flags,
+    parse_options,
+    spec_from_flag,
+)
 
 RESULT_FILE = "landscape.npz"
 
@@ -89,7 +108,7 @@ def register(app: typer.Typer) -> None:
     @app.command("landscape")
     @guarded
     def landscape_command(
-        ckpt: Path = typer.Argument(..., help="Checkpoint (.pt) or bare state_dict file."),
+        ckpt: CkptArg,
         dims: int = typer.Option(2, "--dims", help="1 or 2."),
         grid: int = typer.Option(41, "--grid", help="Points per axis (≥ 3)."),
         span: float = typer.Option(
@@ -111,34 +130,18 @@ def register(app: typer.Typer) -> None:
             "--states/--no-states",
             help="Interpolate BN running statistics too [default: yes when the model has them].",
         ),
-        model: Optional[str] = typer.Option(
-            None, "--model", help="Registry name or module:function (needed for a state_dict)."
-        ),
-        data: Optional[str] = typer.Option(
-            None, "--data", help="Registry name or module:function [default: the checkpoint's]."
-        ),
-        loss: Optional[str] = typer.Option(
-            None, "--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."
-        ),
-        samples: Optional[int] = typer.Option(
-            None, "--samples", help="Use the first N examples after a seeded shuffle."
-        ),
-        batch_size: Optional[int] = typer.Option(
-            None, "--batch-size", help="Examples per forward pass [default: all at once]."
-        ),
-        split: str = typer.Option("train", "--split", help="train or test."),
-        data_root: Optional[str] = typer.Option(
-            None, "--data-root", help="Folder holding the CIFAR files."
-        ),
-        model_opt: Optional[list[str]] = typer.Option(
-            None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
-        ),
-        data_opt: Optional[list[str]] = typer.Option(
-            None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
-        ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the subset and the directions."),
+        model: ModelOpt = None,
+        data: DataOpt = None,
+        loss: LossOpt = None,
+        samples: SamplesOpt = None,
+        batch_size: BatchSizeOpt = None,
+        split: SplitOpt = "train",
+        data_root: DataRootOpt = None,
+        model_opt: ModelOptOpt = None,
+        data_opt: DataOptOpt = None,
+        device: DeviceOpt = "auto",
+        dtype: DtypeOpt = "float32",
+        seed: SeedOpt = 0,
         chunk_size: Optional[int] = typer.Option(
             None, "--chunk-size", help="Grid points per vectorized call [default: automatic]."
         ),
@@ -161,7 +164,6 @@ def register(app: typer.Typer) -> None:
         """Loss and accuracy on 1-D or 2-D slices around a checkpoint."""
         from ..analysis.landscape import BIAS_MODES, NORMS, landscape
         from ..distributed import init_from_env
-        from ._common import load_analysis_inputs
 
         if norm not in NORMS:
             raise SharpscopeError(f"--norm must be one of {', '.join(NORMS)}, got '{norm}'")
@@ -174,19 +176,19 @@ def register(app: typer.Typer) -> None:
         dist = init_from_env(device)
         model_options = parse_options(model_opt, "--model-opt")
         data_options = parse_options(data_opt, "--data-opt")
-        inputs = load_analysis_inputs(
+        inputs = load_inputs_from_flags(
             ckpt,
-            model,
-            data,
-            loss,
+            model=model,
+            data=data,
+            loss=loss,
             split=split,
             samples=samples,
             batch_size=batch_size,
             device=str(dist.device),
             seed=seed,
             data_root=data_root,
-            model_options=model_options,
-            data_options=data_options,
+            model_opt=model_opt,
+            data_opt=data_opt,
             dtype=dtype,
         )
         chosen = resolve_directions(
@@ -196,7 +198,7 @@ def register(app: typer.Typer) -> None:
             spec_from_flag(model, model_options),
             spec_from_flag(data, data_options),
         )
-        loss_spec = loss or inputs.checkpoint.raw.get("loss") or "cross_entropy"
+        loss_spec = inputs.loss_spec
         path = out / RESULT_FILE
         if dist.is_main:
             resuming = " (resuming)" if path.exists() else ""

@@ -8,13 +8,30 @@ optionally write the result JSON (interface.md: ``m``, ``rho``, ``adaptive``,
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import SharpscopeError
-from ._common import console, guarded, parse_options
+from ._common import (
+    BatchSizeOpt,
+    CkptArg,
+    DataOpt,
+    DataOptOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LossOpt,
+    ModelOpt,
+    ModelOptOpt,
+    SamplesOpt,
+    SeedOpt,
+    SplitOpt,
+    console,
+    guarded,
+    load_inputs_from_flags,
+)
 
 
 def summary_line(result) -> str:
@@ -39,7 +56,7 @@ def register(app: typer.Typer) -> None:
     @app.command("msharpness")
     @guarded
     def msharpness_command(
-        ckpt: Path = typer.Argument(..., help="Checkpoint (.pt) or bare state_dict file."),
+        ckpt: CkptArg,
         m: int = typer.Option(128, "--m", help="Subset size m (SAM paper §4.1)."),
         rho: float = typer.Option(0.05, "--rho", help="Radius ρ > 0."),
         adaptive: bool = typer.Option(
@@ -62,45 +79,28 @@ def register(app: typer.Typer) -> None:
         projection: str = typer.Option(
             "exact", "--projection", help="Adaptive L2: exact (ellipsoid) or rescale."
         ),
-        model: Optional[str] = typer.Option(
-            None, "--model", help="Registry name or module:function (needed for a state_dict)."
-        ),
-        data: Optional[str] = typer.Option(
-            None, "--data", help="Registry name or module:function [default: the checkpoint's]."
-        ),
-        loss: Optional[str] = typer.Option(
-            None, "--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."
-        ),
-        samples: Optional[int] = typer.Option(
-            None, "--samples", help="Use the first N examples after a seeded shuffle."
-        ),
-        batch_size: Optional[int] = typer.Option(
-            None, "--batch-size", help="Batches the data is read in (subsets are of size m)."
-        ),
-        split: str = typer.Option("train", "--split", help="train or test."),
-        data_root: Optional[str] = typer.Option(
-            None, "--data-root", help="Folder holding the CIFAR files."
-        ),
-        model_opt: Optional[list[str]] = typer.Option(
-            None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
-        ),
-        data_opt: Optional[list[str]] = typer.Option(
-            None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
-        ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the subset and of random starts."),
+        model: ModelOpt = None,
+        data: DataOpt = None,
+        loss: LossOpt = None,
+        samples: SamplesOpt = None,
+        batch_size: BatchSizeOpt = None,
+        split: SplitOpt = "train",
+        data_root: DataRootOpt = None,
+        model_opt: ModelOptOpt = None,
+        data_opt: DataOptOpt = None,
+        device: DeviceOpt = "auto",
+        dtype: DtypeOpt = "float32",
+        seed: SeedOpt = 0,
         chunk_size: Optional[int] = typer.Option(
             None, "--chunk-size", help="Subsets per vectorized call [default: automatic]."
         ),
         vectorize: bool = typer.Option(
             True, "--vectorize/--no-vectorize", help="vmap over subsets, or a Python loop."
         ),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON."),
+        json_out: JsonOpt = None,
     ) -> None:
         """m-sharpness: mean over subsets of m examples of the worst loss increase within ρ."""
         from ..analysis.msharpness import NORMS, PROJECTIONS, m_sharpness
-        from ._common import load_analysis_inputs
 
         if norm not in NORMS:
             raise SharpscopeError(f"--norm must be one of {', '.join(NORMS)}, got '{norm}'")
@@ -110,22 +110,22 @@ def register(app: typer.Typer) -> None:
             )
         if rho <= 0:
             raise SharpscopeError(f"--rho must be > 0, got {rho}")
-        inputs = load_analysis_inputs(
+        inputs = load_inputs_from_flags(
             ckpt,
-            model,
-            data,
-            loss,
+            model=model,
+            data=data,
+            loss=loss,
             split=split,
             samples=samples,
             batch_size=batch_size,
             device=device,
             seed=seed,
             data_root=data_root,
-            model_options=parse_options(model_opt, "--model-opt"),
-            data_options=parse_options(data_opt, "--data-opt"),
+            model_opt=model_opt,
+            data_opt=data_opt,
             dtype=dtype,
         )
-        loss_spec = loss or inputs.checkpoint.raw.get("loss") or "cross_entropy"
+        loss_spec = inputs.loss_spec
         console.print(
             f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples ({inputs.device})"
         )

@@ -14,7 +14,25 @@ from typing import Optional
 import typer
 
 from ..errors import SharpscopeError
-from ._common import console, guarded, parse_options
+from ._common import (
+    BatchSizeOpt,
+    CkptArg,
+    DataOpt,
+    DataOptOpt,
+    DataRootOpt,
+    DeviceOpt,
+    DtypeOpt,
+    JsonOpt,
+    LossOpt,
+    ModelOpt,
+    ModelOptOpt,
+    SamplesOpt,
+    SeedOpt,
+    SplitOpt,
+    console,
+    guarded,
+    load_inputs_from_flags,
+)
 
 CHOICES = {
     "backend": ("sharpscope", "pyhessian"),
@@ -72,30 +90,20 @@ def register(app: typer.Typer) -> None:
     @app.command("spectrum")
     @guarded
     def spectrum_command(
-        ckpt: Path = typer.Argument(..., help="Checkpoint (.pt) or bare state_dict file."),
-        model: Optional[str] = typer.Option(
-            None, "--model", help="Registry name or module:function (needed for a state_dict)."
-        ),
-        data: Optional[str] = typer.Option(
-            None, "--data", help="Registry name or module:function [default: the checkpoint's]."
-        ),
-        loss: Optional[str] = typer.Option(
-            None, "--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."
-        ),
+        ckpt: CkptArg,
+        model: ModelOpt = None,
+        data: DataOpt = None,
+        loss: LossOpt = None,
         k: int = typer.Option(5, "--k", help="Number of top eigenvalues."),
         probes: int = typer.Option(10, "--probes", help="SLQ probes n_v for the density."),
         lanczos_steps: int = typer.Option(
             90, "--lanczos-steps", help="Lanczos steps m per SLQ probe."
         ),
-        samples: Optional[int] = typer.Option(
-            None, "--samples", help="Use the first N examples after a seeded shuffle."
-        ),
-        batch_size: Optional[int] = typer.Option(
-            None, "--batch-size", help="Examples per forward pass [default: all at once]."
-        ),
-        device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:1 ..."),
-        seed: int = typer.Option(0, "--seed", help="Seed of the subset and of the probes."),
-        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the result JSON."),
+        samples: SamplesOpt = None,
+        batch_size: BatchSizeOpt = None,
+        device: DeviceOpt = "auto",
+        seed: SeedOpt = 0,
+        json_out: JsonOpt = None,
         plot: Optional[Path] = typer.Option(
             None, "--plot", help="Write the density plot (PDF and PNG)."
         ),
@@ -103,7 +111,7 @@ def register(app: typer.Typer) -> None:
             "sharpscope", "--backend", help="sharpscope or pyhessian (top-k and trace)."
         ),
         which: str = typer.Option("LA", "--which", help="LA (largest), SA (most negative), LM."),
-        dtype: str = typer.Option("float32", "--dtype", help="float32 or float64."),
+        dtype: DtypeOpt = "float32",
         eigenvectors: Optional[Path] = typer.Option(
             None, "--eigenvectors", help="Save the top-k eigenvectors to OUT.npz."
         ),
@@ -119,16 +127,10 @@ def register(app: typer.Typer) -> None:
             "ghorbani", "--kernel", help="Density smoothing: ghorbani, papyan or log."
         ),
         deflate: int = typer.Option(0, "--deflate", help="Deflate the top-N before SLQ."),
-        split: str = typer.Option("train", "--split", help="train or test."),
-        data_root: Optional[str] = typer.Option(
-            None, "--data-root", help="Folder holding the CIFAR files."
-        ),
-        model_opt: Optional[list[str]] = typer.Option(
-            None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
-        ),
-        data_opt: Optional[list[str]] = typer.Option(
-            None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
-        ),
+        split: SplitOpt = "train",
+        data_root: DataRootOpt = None,
+        model_opt: ModelOptOpt = None,
+        data_opt: DataOptOpt = None,
         hvp_mode: str = typer.Option(
             "auto", "--hvp-mode", help="auto (time both), forward or reverse."
         ),
@@ -145,7 +147,6 @@ def register(app: typer.Typer) -> None:
         """Top-k Hessian eigenvalues, trace and spectral density of a checkpoint."""
         from ..analysis.spectrum import spectrum
         from ..distributed import init_from_env
-        from ._common import load_analysis_inputs
 
         for flag, value in (
             ("backend", backend),
@@ -164,23 +165,23 @@ def register(app: typer.Typer) -> None:
 
         dist = init_from_env(device)
         # Data stays on the CPU here: each rank moves only its own shard to its device.
-        inputs = load_analysis_inputs(
+        inputs = load_inputs_from_flags(
             ckpt,
-            model,
-            data,
-            loss,
+            model=model,
+            data=data,
+            loss=loss,
             split=split,
             samples=samples,
             batch_size=batch_size,
             device="cpu",
             seed=seed,
             data_root=data_root,
-            model_options=parse_options(model_opt, "--model-opt"),
-            data_options=parse_options(data_opt, "--data-opt"),
+            model_opt=model_opt,
+            data_opt=data_opt,
             dtype=dtype,
         )
         net = inputs.model.to(dist.device)
-        loss_spec = loss or inputs.checkpoint.raw.get("loss") or "cross_entropy"
+        loss_spec = inputs.loss_spec
         if dist.is_main:
             console.print(
                 f"spectrum of {ckpt} on {inputs.meta.num_samples} examples "
