@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from tqdm.auto import tqdm
 
 from ..errors import SharpscopeError
 from ._common import (
@@ -187,30 +188,46 @@ def register(app: typer.Typer) -> None:
                 f"spectrum of {ckpt} on {inputs.meta.num_samples} examples "
                 f"({dist.world_size} process{'es' if dist.world_size > 1 else ''}, {dist.device})"
             )
-        result = spectrum(
-            net,
-            inputs.batches,
-            k,
-            loss_spec,
-            which=which,  # type: ignore[arg-type]
-            tol=tol,
-            max_steps=max_steps,
-            trace_method=trace_method,
-            trace_probes=trace_probes,
-            num_probes=probes,
-            num_lanczos_steps=lanczos_steps,
-            kernel=kernel,  # type: ignore[arg-type]
-            deflate=deflate,
-            return_eigenvectors=eigenvectors is not None,
-            seed=seed,
-            device=dist.device,
-            basis_device=basis_device,
-            backend=backend,
-            meta=inputs.meta,
-            hvp_mode=hvp_mode,
-            bn_mode=bn_mode,
-            weight_decay=weight_decay,
+        # Progress in Hessian-vector products: top-k (≤ max_steps), trace, density.
+        expected = (
+            min(max_steps, inputs.meta.num_params or max_steps)
+            + (trace_probes or 99)
+            + probes * lanczos_steps
         )
+        bar = tqdm(
+            total=expected,
+            unit="hvp",
+            desc="spectrum",
+            disable=not dist.is_main,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        with bar:
+            result = spectrum(
+                net,
+                inputs.batches,
+                k,
+                loss_spec,
+                which=which,  # type: ignore[arg-type]
+                tol=tol,
+                max_steps=max_steps,
+                trace_method=trace_method,
+                trace_probes=trace_probes,
+                num_probes=probes,
+                num_lanczos_steps=lanczos_steps,
+                kernel=kernel,  # type: ignore[arg-type]
+                deflate=deflate,
+                return_eigenvectors=eigenvectors is not None,
+                seed=seed,
+                device=dist.device,
+                basis_device=basis_device,
+                backend=backend,
+                meta=inputs.meta,
+                hvp_mode=hvp_mode,
+                bn_mode=bn_mode,
+                weight_decay=weight_decay,
+                progress=bar.update,
+            )
         if not dist.is_main:
             return
         for line in summary_lines(result):

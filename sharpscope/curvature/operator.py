@@ -158,6 +158,8 @@ class HessianOperator:
         max_block_size: the most vectors per vmapped block product (default 16 on CUDA,
             1 on the CPU, where vmapped blocks measured no faster per vector).
         distributed: None (auto-detect), True or False.
+        progress: called with the number of products after each (block) product, e.g.
+            a progress bar's ``update``; the analyses themselves print nothing.
 
     Attributes:
         dim: P, the number of parameters in θ.
@@ -188,6 +190,7 @@ class HessianOperator:
         reuse_graph: bool = True,
         max_block_size: int | None = None,
         distributed: bool | None = None,
+        progress: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SharpscopeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -267,6 +270,7 @@ class HessianOperator:
         self._weights = [len(y) / self.num_examples for _, y in self._batches]
 
         self.hvp_count = 0.0
+        self.progress = progress  # called with the number of products after each call
         self.grad_count = 0.0
         self.seconds_in_products = 0.0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
@@ -530,6 +534,8 @@ class HessianOperator:
             out += self.weight_decay * V.to(F64)
         self.hvp_count += s
         self.seconds_in_products += time.perf_counter() - start
+        if self.progress is not None:
+            self.progress(s)
         return out
 
     def _batch_products(

@@ -250,3 +250,14 @@ def test_plot_has_a_log_axis_with_a_floor_and_marks_the_top_eigenvalues(mlp, tmp
     assert "eval mode" in ax.get_title() and "ghorbani" in ax.get_title()
     written = save_spectrum_plot(result, tmp_path / "density.pdf")
     assert [p.suffix for p in written] == [".pdf", ".png"] and all(p.exists() for p in written)
+
+
+def test_progress_hook_counts_every_hessian_vector_product():
+    from sharpscope.analysis.spectrum import top_eigenvalues
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    seen = []
+    result = top_eigenvalues(model, (x, y), k=2, progress=seen.append)
+    assert sum(seen) == result.hvp_count > 0
