@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -421,6 +421,7 @@ def landscape(
     vectorize: bool | None = None,
     distributed: bool | None = None,
     meta: RunMeta | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> LandscapeResult:
     """Loss and accuracy on a 1-D or 2-D slice through the model's weights.
 
@@ -462,6 +463,8 @@ def landscape(
             ``torch.distributed`` group (default: whenever one is initialized); rank 0
             writes ``out``, every rank returns the full result.
         meta: provenance to extend.
+        progress: called with the number of grid points finished (first with the points
+            a resumed run already has), e.g. a progress bar's ``update``.
 
     Returns:
         :class:`LandscapeResult`.
@@ -596,6 +599,8 @@ def landscape(
             )
 
         last_save = time.perf_counter()
+        if progress is not None:
+            progress(int(computed.sum()))
         for round_start in range(0, len(blocks), world):
             round_blocks = blocks[round_start : round_start + world]
             mine = (
@@ -633,6 +638,8 @@ def landscape(
                 loss_grid[index] = torch.as_tensor(vals, dtype=torch.float64)
                 acc_grid[index] = torch.as_tensor(acc, dtype=torch.float64)
                 computed[index] = True
+                if progress is not None:
+                    progress(len(idx))
             now = time.perf_counter()
             if path is not None and rank == 0 and now - last_save >= save_every:
                 snapshot(bool(computed.all())).save(path)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
+from tqdm.auto import tqdm
 
 from ..errors import SharpscopeError
 from ._common import (
@@ -206,25 +207,35 @@ def register(app: typer.Typer) -> None:
                 f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
                 f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{resuming}"
             )
-        result = landscape(
-            inputs.model,
-            inputs.batches,
-            dims,
-            grid=grid,
-            span=span,
-            directions=chosen,
-            norm=norm,  # type: ignore[arg-type]
-            bias=bias,  # type: ignore[arg-type]
-            states=states,
-            loss=loss_spec,
-            seed=seed,
-            chunk_size=chunk_size,
-            out=path,
-            save_every=save_every,
-            max_points=max_points,
-            vectorize=vectorize,
-            meta=inputs.meta,
+        bar = tqdm(
+            total=grid**dims,
+            unit="point",
+            desc="landscape",
+            disable=not dist.is_main,
+            leave=False,
+            dynamic_ncols=True,
         )
+        with bar:
+            result = landscape(
+                inputs.model,
+                inputs.batches,
+                dims,
+                grid=grid,
+                span=span,
+                directions=chosen,
+                norm=norm,  # type: ignore[arg-type]
+                bias=bias,  # type: ignore[arg-type]
+                states=states,
+                loss=loss_spec,
+                seed=seed,
+                chunk_size=chunk_size,
+                out=path,
+                save_every=save_every,
+                max_points=max_points,
+                vectorize=vectorize,
+                meta=inputs.meta,
+                progress=bar.update,
+            )
         if not dist.is_main:
             return
         for line in summary_lines(result):

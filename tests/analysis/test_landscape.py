@@ -361,3 +361,12 @@ def test_bad_input_raises_one_clear_error(kwargs, message):
     kwargs = {"dims": 1, **kwargs}
     with pytest.raises(SharpscopeError, match=message):
         landscape(net, (x, y), **kwargs)
+
+
+def test_progress_hook_counts_every_grid_point():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Tanh(), torch.nn.Linear(3, 2))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    seen = []
+    landscape(model, (x, y), dims=2, grid=5, progress=seen.append)
+    assert sum(seen) == 25
