@@ -64,6 +64,35 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
+    r"""Rows of dicts as CSV bytes: the union of keys as columns, in first-seen order.
+
+    Missing, ``None`` and non-finite values become empty cells; tensors and numpy
+    values become plain numbers.
+
+    >>> rows_to_csv_bytes([{"a": 1, "b": float("nan")}, {"a": 2, "c": "x"}]).decode()
+    'a,b,c\n1,,\n2,,x\n'
+    """
+    import csv
+    import io
+
+    columns: dict[str, None] = {}
+    for row in rows:
+        for key in row:
+            columns.setdefault(key, None)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(list(columns))
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = to_jsonable(row.get(column))
+            finite = not isinstance(value, float) or np.isfinite(value) and abs(value) < 1e308
+            cells.append("" if value is None or not finite else value)
+        writer.writerow(cells)
+    return buffer.getvalue().encode()
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename.
 

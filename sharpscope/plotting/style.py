@@ -15,15 +15,14 @@ Plotting functions take results and return a Figure; they never touch a model.
 
 from __future__ import annotations
 
-import csv
 import io
 import json
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..results import atomic_write_bytes, to_jsonable
+from ..results import atomic_write_bytes, rows_to_csv_bytes, to_jsonable
 
 #: Okabe–Ito colour-blind-safe palette (black last, used for references).
 PALETTE = (
@@ -164,19 +163,6 @@ def new_figure(columns: int = 1, aspect: float = 0.75, nrows: int = 1, ncols: in
     return fig, axes
 
 
-def _table_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    columns: dict[str, None] = {}
-    for row in rows:
-        for key in row:
-            columns.setdefault(key, None)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(list(columns))
-    for row in rows:
-        writer.writerow(["" if row.get(c) is None else to_jsonable(row.get(c)) for c in columns])
-    return buffer.getvalue().encode()
-
-
 def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> list[Path]:
     """Write ``PATH.pdf`` (vector) and ``PATH.png`` (200 dpi), and the data beside them.
 
@@ -203,7 +189,7 @@ def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> 
         written.append(base.with_suffix(suffix))
     if data is not None:
         if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
-            atomic_write_bytes(base.with_suffix(".csv"), _table_bytes(data))
+            atomic_write_bytes(base.with_suffix(".csv"), rows_to_csv_bytes(data))
             written.append(base.with_suffix(".csv"))
         else:
             payload = data.to_dict() if hasattr(data, "to_dict") else data

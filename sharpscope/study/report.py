@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SharpscopeError
-from ..results import atomic_write_bytes
+from ..results import atomic_write_bytes, rows_to_csv_bytes
 from .config import OPTIMIZER_COUPLED
 from .measures import is_measure_column
 from .runner import (
@@ -374,27 +374,7 @@ def _spec(spec: Mapping[str, Any]) -> str:
 
 
 def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    import csv
-    import io
-
-    columns: dict[str, None] = {}
-    for row in rows:
-        for key in row:
-            columns.setdefault(key, None)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(list(columns))
-    for row in rows:
-        writer.writerow(
-            [
-                ""
-                if row.get(c) is None
-                or (isinstance(row.get(c), float) and not math.isfinite(row.get(c)))
-                else row.get(c)
-                for c in columns
-            ]
-        )
-    atomic_write_bytes(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, rows_to_csv_bytes(rows))
 
 
 def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> list[str]:

@@ -255,9 +255,9 @@ def _group2(rows, a: str, b: str) -> dict[tuple, list]:
 
 
 def _write_table(base: Path, table: list[dict[str, Any]]) -> list[Path]:
-    from ..plotting.style import _table_bytes
+    from ..results import rows_to_csv_bytes
 
-    atomic_write_bytes(base.with_suffix(".csv"), _table_bytes(table))
+    atomic_write_bytes(base.with_suffix(".csv"), rows_to_csv_bytes(table))
     return [base.with_suffix(".csv")]
 
 
