@@ -31,7 +31,7 @@ from scipy.optimize import minimize
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..data.batches import as_batches, as_tensors
+from ..data.batches import as_batches
 from ..errors import SharpscopeError, check
 from ..results import Result, RunMeta
 from ._functional import (
@@ -46,7 +46,7 @@ from ._functional import (
     resolve_loss,
     seeded_generator,
 )
-from .msharpness import _subset_loss_fn
+from .msharpness import split_subsets
 
 
 def _meta(base: RunMeta | None, **fields: Any) -> RunMeta:
@@ -153,27 +153,11 @@ def average_sharpness(
     check(rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho}")
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
-    inputs, targets = as_tensors(data)
-    n_total = len(targets)
-    m = n_total if m is None else m
-    check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
-    check(
-        m <= n_total,
-        f"m = {m} is larger than the {n_total} examples of the data; choose m <= {n_total}",
-    )
-    loss_fn = resolve_loss(loss)
-    dtype, device = model_dtype_device(model)
-    num_subsets = n_total // m
-    n = num_subsets * m
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
-    xs = inputs[:n].to(device).reshape(num_subsets, m, *inputs.shape[1:])
-    ys = targets[:n].to(device).reshape(num_subsets, m, *targets.shape[1:])
-    classification = is_classification(targets)
-    layout = ParamLayout.of(model)
-    theta = flat_parameters(model, layout)
+    sub = split_subsets(model, data, m, loss, logit_normalize)
+    xs, ys, num_subsets, n, m = sub.xs, sub.ys, sub.num_subsets, sub.n, sub.n // sub.num_subsets
+    classification, layout, theta = sub.classification, sub.layout, sub.theta
+    subset_loss, dtype, device = sub.subset_loss, sub.dtype, sub.device
     scale = (theta.abs() + eta).double().cpu() if adaptive else None
-    subset_loss = _subset_loss_fn(model, layout, theta, loss_fn, logit_normalize, classification)
     values_only = vmap(subset_loss)
     if chunk_size is None:
         chunk_size = max(1, min(num_subsets, 4096 // (m * num_draws), 2**24 // layout.size))

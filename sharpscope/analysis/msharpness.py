@@ -418,6 +418,58 @@ def _subset_loss_fn(
     return subset_loss
 
 
+@dataclass
+class Subsets:
+    """The evaluation set cut into ``num_subsets`` disjoint subsets of ``m`` examples
+    (fixed order, the last ``n_total - n`` examples dropped), with the flat parameters
+    and the per-subset loss ``subset_loss(delta, x, y) -> (loss, (loss, wrong))``."""
+
+    xs: Tensor
+    ys: Tensor
+    num_subsets: int
+    n: int
+    n_total: int
+    classification: bool
+    layout: ParamLayout
+    theta: Tensor
+    subset_loss: Any
+    dtype: torch.dtype
+    device: torch.device
+
+
+def split_subsets(
+    model: nn.Module, data: Any, m: int | None, loss: Any, logit_normalize: bool
+) -> Subsets:
+    """Cut ``data`` into subsets of ``m`` examples (``None``: one subset of all).
+
+    Raises:
+        SharpscopeError: m < 1 or larger than the data.
+    """
+    inputs, targets = as_tensors(data)
+    n_total = len(targets)
+    m = n_total if m is None else m
+    check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
+    check(
+        m <= n_total,
+        f"m = {m} is larger than the {n_total} examples of the data; choose m <= {n_total}",
+    )
+    loss_fn = resolve_loss(loss)
+    dtype, device = model_dtype_device(model)
+    num_subsets = n_total // m
+    n = num_subsets * m
+    if inputs.is_floating_point():
+        inputs = inputs.to(dtype)
+    xs = inputs[:n].to(device).reshape(num_subsets, m, *inputs.shape[1:])
+    ys = targets[:n].to(device).reshape(num_subsets, m, *targets.shape[1:])
+    classification = is_classification(targets)
+    layout = ParamLayout.of(model)
+    theta = flat_parameters(model, layout)
+    subset_loss = _subset_loss_fn(model, layout, theta, loss_fn, logit_normalize, classification)
+    return Subsets(
+        xs, ys, num_subsets, n, n_total, classification, layout, theta, subset_loss, dtype, device
+    )
+
+
 def _vmap_oracle(subset_loss: Callable, xs: Tensor, ys: Tensor) -> Oracle:
     """All subsets of a chunk at once: vmap over (δ_j, x_j, y_j) of grad of f."""
     with_grad = vmap(grad(subset_loss, has_aux=True))
@@ -547,26 +599,12 @@ def m_sharpness(
     check(restarts >= 1, f"restarts must be >= 1, got {restarts}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
     check(chunk_size is None or chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
-    inputs, targets = as_tensors(data)
-    n_total = len(targets)
-    check(
-        m <= n_total,
-        f"m = {m} is larger than the {n_total} examples of the data; choose m <= {n_total}",
-    )
-    loss_fn = resolve_loss(loss)
-    dtype, device = model_dtype_device(model)
-    num_subsets = n_total // m
-    n = num_subsets * m
-    if inputs.is_floating_point():
-        inputs = inputs.to(dtype)
-    xs = inputs[:n].to(device).reshape(num_subsets, m, *inputs.shape[1:])
-    ys = targets[:n].to(device).reshape(num_subsets, m, *targets.shape[1:])
-    classification = is_classification(targets)
-    layout = ParamLayout.of(model)
-    theta = flat_parameters(model, layout)
+    sub = split_subsets(model, data, m, loss, logit_normalize)
+    xs, ys, num_subsets, n, n_total = sub.xs, sub.ys, sub.num_subsets, sub.n, sub.n_total
+    classification, layout, theta = sub.classification, sub.layout, sub.theta
+    subset_loss, dtype, device = sub.subset_loss, sub.dtype, sub.device
     scale = theta.abs() + eta if adaptive else None
     pset = PerturbationSet(norm, float(rho), scale, projection)
-    subset_loss = _subset_loss_fn(model, layout, theta, loss_fn, logit_normalize, classification)
     if chunk_size is None:
         chunk_size = default_subset_chunk(num_subsets, m, layout.size, device)
     if not vectorize:
