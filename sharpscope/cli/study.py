@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +13,39 @@ from ._common import console, guarded
 
 def _log(message: str) -> None:
     console.print(message, highlight=False, markup=False)
+
+
+def print_correlations(folder: Path) -> None:
+    """Print the report's headline table on stdout: Kendall tau and Psi of every measure."""
+    import csv
+
+    from rich.console import Console
+    from rich.table import Table
+
+    path = folder / "correlations.csv"
+    if not path.exists():
+        return
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    if not rows:
+        return
+
+    def number(row: dict, key: str) -> str:
+        value = row.get(key) or ""
+        try:
+            return f"{float(value):+.2f}"
+        except ValueError:
+            return "–"
+
+    models = rows[0].get("num_models")
+    table = Table(title=f"rank correlation of each measure with the gap ({models} models)")
+    for column in ("measure", "gap", "Kendall tau", "95% interval", "granulated Psi"):
+        table.add_column(column, justify="left" if column in ("measure", "gap") else "right")
+    for row in rows:
+        interval = f"[{number(row, 'tau_low')}, {number(row, 'tau_high')}]"
+        tau, psi = number(row, "tau"), number(row, "psi_overall")
+        table.add_row(row["measure"], row.get("gap", ""), tau, interval, psi)
+    Console(width=None if sys.stdout.isatty() else 100).print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -83,6 +117,7 @@ def register(app: typer.Typer) -> None:
         _log(f"results: {summary.results}")
         if report:
             path = write_report(summary.out)
+            print_correlations(Path(summary.out))
             _log(f"report: {path}")
         if summary.errors:
             run_id, message = next(iter(summary.errors.items()))
@@ -104,6 +139,7 @@ def register(app: typer.Typer) -> None:
         from ..study.report import write_report
 
         path = write_report(folder, resamples=resamples, figures=figures)
+        print_correlations(folder)
         _log(f"report: {path}")
 
     app.add_typer(study, name="study")

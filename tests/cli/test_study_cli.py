@@ -62,6 +62,9 @@ def test_study_run_then_report(tmp_path):
     assert "# Study `cli-tiny`" in report and "| `msharp_m16_rho0.05` |" in report
     assert (out / "figures" / "correlations.pdf").exists()
     assert json.loads((out / "correlations.json").read_text())[0]["kind"] == "correlation"
+    # the headline table also goes to the screen, one row per measure and gap
+    table_rows = [line for line in result.output.splitlines() if "msharp_m16_rho0.05" in line]
+    assert table_rows and "gen_gap" in table_rows[0]
 
     # a second run resumes: nothing left to do
     result = runner.invoke(app, ["study", "run", str(config), "--out", str(out), "--no-report"])
