@@ -40,7 +40,6 @@ OPTIMIZER_FLAGS = {
     "splits": "splits",
     "data_aug_factor": "data_aug_factor",
 }
-BASE_NAMES = ("sgd", "adam", "adamw")
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
@@ -57,6 +56,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def build_config(values: dict[str, Any], config_file: Path | None) -> Any:  # returns TrainConfig
     """Merge a TOML config with the flags the user gave (flags win)."""
     from ..errors import SharpscopeError
+    from ..optim.factory import BASE_NAMES
     from ..train import TrainConfig
 
     base: dict[str, Any] = _read_toml(config_file) if config_file else {}
@@ -83,12 +83,10 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> Any:  # re
         "weight_decay": values["weight_decay"],
         "nesterov": values["nesterov"],
     }
+    # Unset hyperparameters are filled by the optimizer factory (resolve_optimizer_spec),
+    # and the checkpoint stores that resolved spec.
     if name in BASE_NAMES:
         optimizer.update({k: v for k, v in base_keys.items() if v is not None})
-        optimizer.setdefault("lr", 0.1 if name == "sgd" else 1e-3)
-        if name == "sgd":
-            optimizer.setdefault("momentum", 0.9)
-            optimizer.setdefault("weight_decay", 5e-4)
     elif name == "bsam":
         if values["lr"] is not None:
             optimizer["lr"] = values["lr"]
@@ -101,10 +99,6 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> Any:  # re
                 f"unknown base optimizer '{base_spec['name']}'; choose one of: {', '.join(BASE_NAMES)}"
             )
         base_spec.update({k: v for k, v in base_keys.items() if v is not None})
-        base_spec.setdefault("lr", 0.1 if base_spec["name"] == "sgd" else 1e-3)
-        if base_spec["name"] == "sgd":
-            base_spec.setdefault("momentum", 0.9)
-            base_spec.setdefault("weight_decay", 5e-4)
         optimizer["base"] = base_spec
     for flag, key in OPTIMIZER_FLAGS.items():
         if values[flag] is not None:
