@@ -21,24 +21,10 @@ from sharpscope.analysis.landscape import (
 )
 from sharpscope.errors import SharpscopeError
 
+from cases import half_mse, linear_regression
+
 torch.set_num_threads(1)
 F64 = torch.float64
-
-
-def half_mse(out, t):
-    return 0.5 * (out.squeeze(-1) - t).pow(2).mean()
-
-
-def regression(n=20, d=4, seed=0, at_minimum=False):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Linear(d, 1, bias=False).to(F64)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
-    x = torch.randn(n, d, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
-    y = (x @ model.weight.detach()[0]) + (
-        0 if at_minimum else torch.randn(n, generator=g, dtype=F64)
-    )
-    return model, x, y
 
 
 def mlp(seed=0):
@@ -75,7 +61,7 @@ def class_data(n=24, d=5, seed=1):
 @pytest.mark.parametrize("vectorize", [True, False])
 def test_quadratic_slices_match_taylor_expansion(vectorize):
     """L(θ + αδ + βη) = L* + αgᵀδ + βgᵀη + ½(α²δᵀHδ + 2αβδᵀHη + β²ηᵀHη) exactly."""
-    model, x, y = regression()
+    model, x, y = linear_regression(20, 4)
     w = model.weight.detach()[0]
     g, h = x.T @ (x @ w - y) / len(y), x.T @ x / len(y)
     l0 = float(half_mse(x @ w, y))
@@ -100,7 +86,7 @@ def test_quadratic_slices_match_taylor_expansion(vectorize):
 
 def test_eigen_directions_give_half_lambda_alpha_squared():
     pytest.importorskip("sharpscope.analysis.spectrum")
-    model, x, y = regression(n=30, d=4, seed=2, at_minimum=True)  # g = 0, L* = 0
+    model, x, y = linear_regression(30, 4, seed=2, noise=False)  # g = 0, L* = 0
     r = landscape(model, (x, y), 2, grid=5, span=0.5, directions="eigen", loss=half_mse)
     lam = torch.linalg.eigvalsh(x.T @ x / len(y)).flip(0)
     torch.testing.assert_close(r.eigenvalues, lam[:2], rtol=1e-6, atol=1e-9)

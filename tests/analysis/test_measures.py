@@ -20,12 +20,10 @@ from sharpscope.analysis.measures import (
 )
 from sharpscope.errors import SharpscopeError
 
+from cases import half_mse
+
 torch.set_num_threads(1)
 F64 = torch.float64
-
-
-def half_mse(out, t):
-    return 0.5 * (out.squeeze(-1) - t).pow(2).mean()
 
 
 def mean_output(out, t):

@@ -20,25 +20,10 @@ from sharpscope.analysis.msharpness import (
 )
 from sharpscope.errors import SharpscopeError
 
+from cases import half_mse, linear_regression
+
 torch.set_num_threads(1)
 F64 = torch.float64
-
-
-def half_mse(out, t):
-    """ℓ = ½(f(x) − y)²: with a linear model L_j is exactly quadratic in w."""
-    return 0.5 * (out.squeeze(-1) - t).pow(2).mean()
-
-
-def linear_problem(n=24, d=5, seed=0, residual=True):
-    g = torch.Generator().manual_seed(seed)
-    model = nn.Linear(d, 1, bias=False).to(F64)
-    with torch.no_grad():
-        model.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
-    x = torch.randn(n, d, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
-    y = (x @ model.weight.detach().T).squeeze(-1)
-    if residual:
-        y = y + torch.randn(n, generator=g, dtype=F64)
-    return model, x, y
 
 
 def subset_quadratics(model, x, y, m):
@@ -103,7 +88,7 @@ def bn_cnn(dtype=F64):
 @pytest.mark.parametrize("norm", ["l2", "linf"])
 @pytest.mark.parametrize("adaptive", [False, True])
 def test_one_step_equals_sam_perturbation_closed_form(norm, adaptive):
-    model, x, y = linear_problem()
+    model, x, y = linear_regression(24, 5)
     m, rho = 6, 0.3
     r = m_sharpness(model, (x, y), m=m, rho=rho, adaptive=adaptive, norm=norm, loss=half_mse)
     w = model.weight.detach()[0]
@@ -129,7 +114,7 @@ def test_one_step_equals_sam_perturbation_closed_form(norm, adaptive):
 
 
 def test_multistep_reaches_trust_region_solution():
-    model, x, y = linear_problem(n=24, d=5, seed=3)
+    model, x, y = linear_regression(24, 5, seed=3)
     m, rho = 8, 0.5
     r = m_sharpness(model, (x, y), m=m, rho=rho, steps=20, loss=half_mse)
     exact = [trust_region_max(g, a, rho) for g, a in subset_quadratics(model, x, y, m)]
@@ -140,7 +125,7 @@ def test_multistep_reaches_trust_region_solution():
 
 
 def test_zero_gradient_worst_case_is_half_rho2_lambda_max():
-    model, x, y = linear_problem(n=16, d=4, seed=5, residual=False)  # every L_j at its minimum
+    model, x, y = linear_regression(16, 4, seed=5, noise=False)  # every L_j at its minimum
     m, rho = 8, 0.2
     r = m_sharpness(model, (x, y), m=m, rho=rho, steps=20, random_start=True, loss=half_mse, seed=1)
     for found, (g, a) in zip(r.per_subset.tolist(), subset_quadratics(model, x, y, m)):
@@ -151,7 +136,7 @@ def test_zero_gradient_worst_case_is_half_rho2_lambda_max():
 
 @pytest.mark.parametrize("steps", [1, 10])
 def test_sharpness_non_decreasing_in_rho(steps):
-    model, x, y = linear_problem(seed=2)
+    model, x, y = linear_regression(24, 5, seed=2)
     values = [
         m_sharpness(model, (x, y), m=6, rho=rho, steps=steps, loss=half_mse).sharpness
         for rho in (0.05, 0.1, 0.2, 0.4, 0.8)
@@ -379,7 +364,7 @@ def test_data_forms_remainder_and_result_file(tmp_path):
 
 
 def test_regression_targets_report_nan_error():
-    model, x, y = linear_problem()
+    model, x, y = linear_regression(24, 5)
     r = m_sharpness(model, (x, y), m=6, rho=0.1, loss=half_mse)
     assert np.isnan(r.error_increase) and np.isnan(r.clean_error)
 

@@ -25,27 +25,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.registry import build_model
 from sharpscope.results import RunMeta
 
-INTERFACE_KEYS = {
-    "eigenvalues",
-    "lambda_max",
-    "lambda_5",
-    "ratio",
-    "trace",
-    "trace_stderr",
-    "density",
-    "hvp_count",
-    "seconds",
-    "meta",
-}
-
-
-def _fit(model, x, y, steps, lr):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
+from cases import SPECTRUM_JSON_KEYS, fit_full_batch
 
 
 class Case:
@@ -62,7 +42,7 @@ def mlp():
     y = torch.randint(0, 3, (50,), generator=gen)
     x = torch.randn(3, 8, generator=gen)[y] * 2 + torch.randn(50, 8, generator=gen)
     model = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 3))
-    return Case(_fit(model, x, y, 30, 0.1), x, y)
+    return Case(fit_full_batch(model, x, y, 30, 0.1), x, y)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +52,7 @@ def bn_cnn():
     x = torch.rand(40, 1, 8, 8, generator=gen)
     y = torch.randint(0, 10, (40,), generator=gen)
     model = build_model({"name": "cnn", "width": 2, "norm": "batch"}, (1, 8, 8), 10).train()
-    _fit(model, x, y, 15, 0.05)
+    fit_full_batch(model, x, y, 15, 0.05)
     return Case(model.eval(), x, y)
 
 
@@ -155,7 +135,7 @@ def test_density_resmooths_without_hvps_and_deflates(mlp):
 def test_spectrum_json_has_the_interface_keys(bn_cnn, tmp_path):
     result = spectrum(bn_cnn.model, bn_cnn.data, num_probes=2, num_lanczos_steps=15, seed=3)
     data = json.loads(result.to_json())
-    assert INTERFACE_KEYS <= set(data)
+    assert SPECTRUM_JSON_KEYS <= set(data)
     assert {"grid", "values"} <= set(data["density"])
     assert data["lambda_max"] == pytest.approx(float(bn_cnn.eigenvalues[0]), rel=1e-3)
     assert data["ratio"] == pytest.approx(data["lambda_max"] / data["lambda_5"])

@@ -14,22 +14,12 @@ from sharpscope.data import load_data
 from sharpscope.io import save_checkpoint
 from sharpscope.registry import build_model
 
+from cases import SPECTRUM_JSON_KEYS
+
 runner = CliRunner()
 SPEC = {"name": "mlp", "width": 8, "depth": 1}
 FAST = ["--samples", "64", "--probes", "2", "--lanczos-steps", "8", "--trace-probes", "9"]
 FAST += ["--device", "cpu"]
-INTERFACE_KEYS = {
-    "eigenvalues",
-    "lambda_max",
-    "lambda_5",
-    "ratio",
-    "trace",
-    "trace_stderr",
-    "density",
-    "hvp_count",
-    "seconds",
-    "meta",
-}
 
 
 def _model():
@@ -67,7 +57,7 @@ def test_spectrum_prints_writes_json_plot_and_eigenvectors(checkpoint, tmp_path)
     for label in ("lambda_max:", "lambda_5:", "lambda_max/lambda_5:", "trace:", "+-", "hvp_count"):
         assert label in result.stdout
     data = json.loads(out.read_text())
-    assert INTERFACE_KEYS <= set(data)
+    assert SPECTRUM_JSON_KEYS <= set(data)
     assert data["meta"]["checkpoint"] == str(checkpoint)
     assert data["meta"]["data"]["name"] == "digits" and data["meta"]["num_samples"] == 64
     assert plot.exists() and plot.with_suffix(".png").exists()

@@ -9,15 +9,7 @@ from torch import nn
 from sharpscope.curvature import dense_hessian
 from sharpscope.registry import build_model
 
-
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float) -> nn.Module:
-    """A few seeded full-batch gradient steps, so the spectrum has trained-like outliers."""
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    for _ in range(steps):
-        opt.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        opt.step()
-    return model
+from cases import fit_full_batch
 
 
 def _blobs(n: int, dim: int, classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -49,7 +41,7 @@ def mlp_case() -> Case:
     torch.manual_seed(0)
     x, y = _blobs(60, 10, 4, seed=1)
     model = nn.Sequential(nn.Linear(10, 12), nn.Tanh(), nn.Linear(12, 4))
-    return Case("mlp", _fit(model, x, y, 30, 0.1), x, y)
+    return Case("mlp", fit_full_batch(model, x, y, 30, 0.1), x, y)
 
 
 @pytest.fixture(scope="session")
@@ -61,7 +53,7 @@ def cnn_case() -> Case:
     y = torch.randint(0, 10, (48,), generator=gen)
     model = build_model({"name": "cnn", "width": 2, "norm": "batch"}, (1, 8, 8), 10)
     model.train()
-    _fit(model, x, y, 20, 0.05)  # also moves the BatchNorm running statistics
+    fit_full_batch(model, x, y, 20, 0.05)  # also moves the BatchNorm running statistics
     model.eval()
     return Case("cnn-bn", model, x, y)
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, params_equal, run
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import ASAM, SAM, BatchClosure, VaSSO
+
+from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, params_equal, run
 
 
 def _tensors(seed):

@@ -7,11 +7,12 @@ import math
 
 import pytest
 import torch
-from optim_helpers import CE, mlp, mlp_batches, params_equal
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import BSAM, BatchClosure
+
+from optim_helpers import CE, mlp, mlp_batches, params_equal
 
 DT = torch.float64
 

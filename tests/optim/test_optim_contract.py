@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from sharpscope.optim import BatchClosure, batchnorm_buffers
+
 from optim_helpers import (
     ALL_SPECS,
     BASE_SGD,
@@ -21,8 +24,6 @@ from optim_helpers import (
     state_equal,
     through_file,
 )
-
-from sharpscope.optim import BatchClosure, batchnorm_buffers
 
 
 def _val():

@@ -11,9 +11,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from optim_helpers import CE, mlp, mlp_batches, through_file
 
 from sharpscope.optim import BSAM, LETS, SAM, BatchClosure, VaSSO
+
+from optim_helpers import CE, mlp, mlp_batches, through_file
 
 WORLD = 2
 STEPS = 3

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import BASE_SGD, bn_batches, bn_net, mlp, run
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import (
@@ -21,6 +20,8 @@ from sharpscope.optim import (
     optimizer_options,
     resolve_optimizer_spec,
 )
+
+from optim_helpers import BASE_SGD, bn_batches, bn_net, mlp, run
 
 CLASSES = {
     "sgd": SinglePass,

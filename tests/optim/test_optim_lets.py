@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import CE, bn_batches, bn_net, params_equal, run, through_file
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import ASAM, LETS, SAM, BatchClosure, optimizer_metrics
+
+from optim_helpers import CE, bn_batches, bn_net, params_equal, run, through_file
 
 DT = torch.float64
 A_TR = torch.tensor([[2.0, 0.3, 0.0], [0.3, 1.0, 0.2], [0.0, 0.2, 0.5]], dtype=DT)

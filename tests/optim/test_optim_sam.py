@@ -7,11 +7,12 @@ import warnings
 
 import pytest
 import torch
-from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, params_equal
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import ASAM, SAM, SAMON, BatchClosure, VaSSO, batchnorm_buffers
+
+from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, params_equal
 
 A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
 

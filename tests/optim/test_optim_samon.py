@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from optim_helpers import CE, bn_batches, bn_net, mlp, params_equal, run
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import SAMON, BatchClosure, SinglePass
 from sharpscope.optim.samon import normalization_parameters
+
+from optim_helpers import CE, bn_batches, bn_net, mlp, params_equal, run
 
 
 class SpyClosure(BatchClosure):

@@ -1,0 +1,57 @@
+"""Problems with exact answers, shared by the test modules (STYLE.md: tests/cases.py).
+
+pytest puts this folder on ``sys.path`` (it holds the root conftest), so test modules in
+sub-folders import it as ``from cases import ...``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+F64 = torch.float64
+
+# The keys interface.md promises in `spectrum --json` / Spectrum.to_json().
+SPECTRUM_JSON_KEYS = {
+    "eigenvalues",
+    "lambda_max",
+    "lambda_5",
+    "ratio",
+    "trace",
+    "trace_stderr",
+    "density",
+    "hvp_count",
+    "seconds",
+    "meta",
+}
+
+
+def half_mse(out, t):
+    """ℓ = ½(f(x) − y)²: with a linear model the loss is exactly quadratic in w."""
+    return 0.5 * (out.squeeze(-1) - t).pow(2).mean()
+
+
+def linear_regression(n: int, d: int, seed: int = 0, *, noise: bool = True):
+    """A float64 linear model and data (features scaled 0.5..2) with y = x·w (+ noise).
+
+    Without noise every subset loss is at its minimum (gradient 0, loss 0).
+    """
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
+    x = torch.randn(n, d, generator=g, dtype=F64) * torch.linspace(0.5, 2.0, d, dtype=F64)
+    y = x @ model.weight.detach()[0]
+    if noise:
+        y = y + torch.randn(n, generator=g, dtype=F64)
+    return model, x, y
+
+
+def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
+    """A few seeded full-batch SGD steps, so a spectrum has trained-like outliers."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for _ in range(steps):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model
