@@ -22,7 +22,9 @@ cross-entropy, the whole data set as one batch. In the same process:
   resident set size off glibc -- ``tracemalloc`` does not see tensor memory).
 * per HVP mode (forward-over-reverse, reverse-over-reverse with the graph reused,
   reverse with a fresh graph, and vmapped blocks of 8): time of one HVP over the data
-  divided by the time of one gradient pass.
+  divided by the time of one gradient pass. The operator folds eval-mode BatchNorm into
+  the convolutions inside the differentiated function (:mod:`sharpscope.curvature.fold`;
+  same Hessian); one more row gives the reused-graph product without folding.
 
 On a GPU the same comparison also runs on a ResNet-20 on CIFAR-sized random-label data
 (2,048 images 3 x 32 x 32, Gaussian inputs, uniform labels), without a dense check.
@@ -303,6 +305,7 @@ def _top5_rows(case: _Case, repeats: int, dense: bool) -> list[BenchRow]:
                     "exact_eigenvalues": None if exact is None else exact.tolist(),
                     "sharpscope_hvps": ours_result.hvp_count,
                     "sharpscope_hvp_mode": ours_result.meta.extra.get("hvp_mode"),
+                    "sharpscope_bn_folded": ours_result.meta.extra.get("bn_folded"),
                     "sharpscope_converged": ours_result.converged,
                     "repeats": repeats,
                     "threads": torch.get_num_threads(),
@@ -375,6 +378,9 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
         ),
         "reverse-over-reverse (fresh graph)": HessianOperator(
             case.model, data, hvp_mode="reverse", reuse_graph=False
+        ),
+        "reverse-over-reverse (graph reused), BatchNorm not folded": HessianOperator(
+            case.model, data, hvp_mode="reverse", fold_bn=False
         ),
     }
     dim = next(iter(ops.values())).dim

@@ -7,6 +7,7 @@ are tested against exact answers (analysis.md §1-4).
 
 from ._linear import LinearOperator, as_operator
 from .dense import dense_hessian
+from .fold import fold_batchnorm
 from .lanczos import (
     EigenPairs,
     LanczosRun,
@@ -31,6 +32,7 @@ __all__ = [
     "block_lanczos_top_k",
     "clear_mode_cache",
     "dense_hessian",
+    "fold_batchnorm",
     "hutchinson",
     "hutchpp",
     "lanczos",
