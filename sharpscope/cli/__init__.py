@@ -12,6 +12,7 @@ import importlib.util
 
 import typer
 
+from ..allocator import tune_cpu_allocator
 from ._common import DEBUG, fail
 
 COMMANDS = {
@@ -40,6 +41,7 @@ def _root(
 ) -> None:
     """Train with sharpness-aware optimizers and measure loss geometry."""
     DEBUG["enabled"] = debug
+    tune_cpu_allocator()  # keep freed CPU memory for reuse (SHARPSCOPE_MALLOC=default: off)
 
 
 def _not_built(name: str, help_text: str) -> None:
