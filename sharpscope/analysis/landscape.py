@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
 from ..errors import SharpscopeError, check
 from ..results import Result, RunMeta
@@ -419,6 +420,7 @@ def landscape(
     save_every: float = 30.0,
     max_points: int | None = None,
     vectorize: bool | None = None,
+    fold_bn: bool = True,
     distributed: bool | None = None,
     meta: RunMeta | None = None,
     progress: Callable[[int], None] | None = None,
@@ -459,6 +461,10 @@ def landscape(
             loop on CPU, where PyTorch's batching rules for convolutions (grouped
             convolutions) and BatchNorm (strided affine) made vmap 1.3-4x slower than
             the loop in ``sharpscope bench landscape`` (cnn1d and mlp on MNIST-1D).
+        fold_bn: evaluate a copy with each BatchNorm folded into the convolution or
+            linear layer before it (:func:`sharpscope.curvature.fold.fold_batchnorm`;
+            the same function in eval mode, checked on the first 64 examples; recorded
+            in ``settings["bn_folded"]``).
         distributed: split the points across the processes of an initialized
             ``torch.distributed`` group (default: whenever one is initialized); rank 0
             writes ``out``, every rank returns the full result.
@@ -539,6 +545,10 @@ def landscape(
             "data": fingerprint(*(t for b in batches for t in b)),
             "num_samples": sum(len(t) for _, t in batches),
         }
+        evaluator, pairs = (
+            fold_batchnorm(model, batches[0][0][:64], check=True) if fold_bn else (model, [])
+        )
+        settings["bn_folded"] = [norm_name for _, norm_name in pairs]
         previous = _load_partial(path, settings) if path is not None else None
         if previous is not None:
             plan.directions = previous.directions.double()
@@ -617,7 +627,7 @@ def landscape(
                     for name, value in plan.buffer_direction.items()
                 }
                 values, accs = evaluate_parameter_sets(
-                    model,
+                    evaluator,
                     layout,
                     flat,
                     batches,

@@ -100,13 +100,16 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
     return pairs
 
 
-def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, list[tuple[str, str]]]:
+def fold_batchnorm(
+    model: nn.Module, example: Tensor, *, check: bool = False
+) -> tuple[nn.Module, list[tuple[str, str]]]:
     """A copy of ``model`` with eval-mode BatchNorm folded into the preceding layers.
 
     The copy shares every parameter and buffer tensor with ``model`` (no memory is
     duplicated), keeps every parameter and buffer name, and computes the same function
     in eval mode (it must only be run in eval mode). Returns ``(model, [])`` unchanged
-    when nothing can be folded.
+    when nothing can be folded, or, with ``check``, when the two models' outputs on
+    ``example`` differ by more than 1e-4 relative (a layer output used elsewhere too).
 
     >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).eval()
     >>> _ = net[1].running_var.fill_(4.0)
@@ -128,7 +131,25 @@ def fold_batchnorm(model: nn.Module, example: Tensor) -> tuple[nn.Module, list[t
         # instance attributes shadow the class's forward: names and types stay the same
         layer.forward = functools.partial(_folded_forward, layer, norm)
         norm.forward = _pass_through
+    if check and not _same_outputs(model, folded, example):
+        return model, []
     return folded, pairs
+
+
+def _same_outputs(model: nn.Module, folded: nn.Module, example: Tensor) -> bool:
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        folded.eval()
+        with torch.no_grad():
+            expected, found = model(example), folded(example)
+    finally:
+        for module, mode in modes:
+            module.training = mode
+    if not (isinstance(expected, Tensor) and isinstance(found, Tensor)):
+        return False
+    scale = float(expected.abs().max()) if expected.numel() else 0.0
+    return bool(torch.allclose(found, expected, rtol=1e-4, atol=1e-4 * scale))
 
 
 def _tracks_stats(norm: nn.modules.batchnorm._BatchNorm) -> bool:

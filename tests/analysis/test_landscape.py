@@ -356,3 +356,16 @@ def test_progress_hook_counts_every_grid_point():
     seen = []
     landscape(model, (x, y), dims=2, grid=5, progress=seen.append)
     assert sum(seen) == 25
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_batchnorm_folding_changes_nothing_but_the_cost(vectorize):
+    net = bn_cnn()
+    x, y = class_data(n=16, d=10)
+    kwargs = {"grid": 5, "bias": "normalize", "vectorize": vectorize}  # BN params move too
+    folded = landscape(net, (x, y), 2, **kwargs)
+    plain = landscape(net, (x, y), 2, fold_bn=False, **kwargs)
+    assert folded.settings["bn_folded"] == ["2"] and plain.settings["bn_folded"] == []
+    torch.testing.assert_close(folded.loss, plain.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(folded.accuracy, plain.accuracy)
+    assert "forward" not in vars(net[1]) and "forward" not in vars(net[2])  # original intact

@@ -1,0 +1,50 @@
+"""``sharpscope bench spectrum|msharpness|landscape --quick``: the rows are real comparisons.
+
+Smoke runs of the benchmarks (no timing assertions: speed is reported as ratios by the
+benchmarks themselves, never asserted in unit tests); what is checked is that each row
+compares against its reference on the same data and that the answers agree.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from sharpscope.cli import app
+
+
+def bench(name: str, tmp_path) -> list[dict]:
+    out = tmp_path / f"{name}.json"
+    result = CliRunner().invoke(app, ["bench", name, "--quick", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())
+    assert rows and all(r["seconds"] > 0 and r["reference_seconds"] > 0 for r in rows)
+    return rows
+
+
+def test_bench_spectrum_is_exact_and_compares_with_pyhessian(tmp_path):
+    pytest.importorskip("pyhessian")
+    rows = bench("spectrum", tmp_path)
+    head = rows[0]
+    assert head["reference"].startswith("pyhessian")
+    assert head["accuracy"] <= 1e-4  # top-5 vs the dense float64 Hessian
+    assert head["accuracy"] <= head["extra"]["reference_accuracy"]
+    assert head["extra"]["sharpscope_bn_folded"]  # the BatchNorm CNN is folded
+    assert all(head["extra"]["sharpscope_converged"])
+    variants = {r["variant"] for r in rows}
+    assert "HVP reverse-over-reverse (graph reused), BatchNorm not folded" in variants
+
+
+def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
+    rows = bench("landscape", tmp_path)
+    assert all(r["extra"]["values_agree_1e-5"] for r in rows)
+    assert all(r["reference"] == "per-point loop over the model as given" for r in rows)
+    cnn = [r for r in rows if "cnn1d-bn" in r["case"]]
+    assert cnn and all(r["extra"]["bn_folded"] for r in cnn)
+
+
+def test_bench_msharpness_values_agree_with_the_loop(tmp_path):
+    rows = bench("msharpness", tmp_path)
+    assert all(r["extra"]["values_agree_1e-5"] for r in rows)
