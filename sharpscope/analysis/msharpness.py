@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors
 from ..errors import check
 from ..results import Result, RunMeta
@@ -435,12 +436,22 @@ class Subsets:
     subset_loss: Any
     dtype: torch.dtype
     device: torch.device
+    bn_folded: list[str]
 
 
 def split_subsets(
-    model: nn.Module, data: Any, m: int | None, loss: Any, logit_normalize: bool
+    model: nn.Module,
+    data: Any,
+    m: int | None,
+    loss: Any,
+    logit_normalize: bool,
+    fold_bn: bool = True,
 ) -> Subsets:
     """Cut ``data`` into subsets of ``m`` examples (``None``: one subset of all).
+
+    With ``fold_bn`` the subset loss runs a copy of the model with eval-mode BatchNorm
+    folded into the layer before it (the same function; analysis.md §5 allows it), checked
+    on the first 64 examples (:func:`sharpscope.curvature.fold.fold_batchnorm`).
 
     Raises:
         SharpscopeError: m < 1 or larger than the data.
@@ -464,9 +475,25 @@ def split_subsets(
     classification = is_classification(targets)
     layout = ParamLayout.of(model)
     theta = flat_parameters(model, layout)
-    subset_loss = _subset_loss_fn(model, layout, theta, loss_fn, logit_normalize, classification)
+    evaluator, pairs = (
+        fold_batchnorm(model, inputs[:64].to(device), check=True) if fold_bn else (model, [])
+    )
+    subset_loss = _subset_loss_fn(
+        evaluator, layout, theta, loss_fn, logit_normalize, classification
+    )
     return Subsets(
-        xs, ys, num_subsets, n, n_total, classification, layout, theta, subset_loss, dtype, device
+        xs,
+        ys,
+        num_subsets,
+        n,
+        n_total,
+        classification,
+        layout,
+        theta,
+        subset_loss,
+        dtype,
+        device,
+        [norm for _, norm in pairs],
     )
 
 
@@ -531,6 +558,7 @@ def m_sharpness(
     projection: Projection = "exact",
     chunk_size: int | None = None,
     vectorize: bool = True,
+    fold_bn: bool = True,
     meta: RunMeta | None = None,
 ) -> MSharpness:
     """m-sharpness (SAM paper §4.1), plain or adaptive, L2 or L∞ (analysis.md §5).
@@ -567,6 +595,8 @@ def m_sharpness(
         chunk_size: subsets per vectorized call (default: :func:`default_subset_chunk`).
         vectorize: False runs the same ascent in a Python loop over subsets (reference,
             or for models that ``torch.func.vmap`` cannot trace).
+        fold_bn: evaluate a copy with eval-mode BatchNorm folded into the layer before
+            it (same function, cheaper; the folded layers are in ``meta.extra``).
         meta: provenance to extend (the CLI passes the checkpoint and data spec).
 
     Returns:
@@ -599,7 +629,7 @@ def m_sharpness(
     check(restarts >= 1, f"restarts must be >= 1, got {restarts}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
     check(chunk_size is None or chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
-    sub = split_subsets(model, data, m, loss, logit_normalize)
+    sub = split_subsets(model, data, m, loss, logit_normalize, fold_bn)
     xs, ys, num_subsets, n, n_total = sub.xs, sub.ys, sub.num_subsets, sub.n, sub.n_total
     classification, layout, theta = sub.classification, sub.layout, sub.theta
     subset_loss, dtype, device = sub.subset_loss, sub.dtype, sub.device
@@ -650,7 +680,12 @@ def m_sharpness(
         device=str(device),
         mode=mode,
         num_params=layout.size,
-        extra={**base_meta.extra, "num_examples_given": n_total, "vectorized": vectorize},
+        extra={
+            **base_meta.extra,
+            "num_examples_given": n_total,
+            "vectorized": vectorize,
+            "bn_folded": sub.bn_folded,
+        },
     )
     return MSharpness(
         sharpness=float(per_subset.mean()),

@@ -124,7 +124,7 @@ def fold_batchnorm(
     if not pairs:
         return model, []
     shared = itertools.chain(model.parameters(), model.buffers())
-    folded = copy.deepcopy(model, memo={id(t): t for t in shared})
+    folded = copy.deepcopy(model, memo={id(t): t for t in shared}).eval()
     modules = dict(folded.named_modules())
     for layer_name, norm_name in pairs:
         layer, norm = modules[layer_name], modules[norm_name]

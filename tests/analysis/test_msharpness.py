@@ -385,3 +385,15 @@ def test_bad_input_raises_one_clear_error(kwargs, message):
     x, y = classification_data()
     with pytest.raises(SharpscopeError, match=message):
         m_sharpness(model, (x, y), **kwargs)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_batchnorm_folding_gives_the_same_sharpness(adaptive):
+    net = bn_cnn()
+    x, y = classification_data(n=24, d=12, seed=3)
+    kw = {"m": 4, "rho": 0.3, "steps": 3, "adaptive": adaptive}
+    folded = m_sharpness(net, (x, y), **kw)
+    plain = m_sharpness(net, (x, y), fold_bn=False, **kw)
+    assert folded.meta.extra["bn_folded"] == ["2"] and plain.meta.extra["bn_folded"] == []
+    torch.testing.assert_close(folded.per_subset, plain.per_subset, rtol=1e-10, atol=1e-13)
+    torch.testing.assert_close(folded.per_subset_error, plain.per_subset_error)
