@@ -144,6 +144,11 @@ def register(app: typer.Typer) -> None:
         basis_device: Optional[str] = typer.Option(
             None, "--basis-device", help="Keep the Lanczos basis there (e.g. cpu)."
         ),
+        restart_size: Optional[int] = typer.Option(
+            None,
+            "--restart-size",
+            help="Thick-restart Lanczos with at most N basis vectors (2k+10 suggested).",
+        ),
     ) -> None:
         """Top-k Hessian eigenvalues, trace and spectral density of a checkpoint."""
         from ..analysis.spectrum import spectrum
@@ -221,6 +226,7 @@ def register(app: typer.Typer) -> None:
                 seed=seed,
                 device=dist.device,
                 basis_device=basis_device,
+                restart_size=restart_size,
                 backend=backend,
                 meta=inputs.meta,
                 hvp_mode=hvp_mode,

@@ -127,6 +127,16 @@ def test_bare_state_dict_with_the_users_own_model_data_and_loss(tmp_path):
     assert data["meta"]["extra"]["loss"].endswith("mine.py:loss")
 
 
+def test_thick_restart_flag_bounds_the_basis_and_is_recorded(checkpoint, tmp_path):
+    out = tmp_path / "s.json"
+    args = ["spectrum", str(checkpoint), *FAST, "--restart-size", "12", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["extra"]["restart_size"] == 12
+    assert len(data["eigenvalues"]) == 5
+
+
 def test_pyhessian_backend(checkpoint):
     pytest.importorskip("pyhessian")
     result = runner.invoke(
@@ -143,6 +153,7 @@ def test_pyhessian_backend(checkpoint):
         (["--which", "BIG"], "--which must be one of"),
         (["--eigenvectors", "vectors.txt"], "must name a .npz file"),
         (["--dtype", "float16"], "--dtype must be one of"),
+        (["--restart-size", "3"], "k <= keep < restart_size"),
     ],
 )
 def test_bad_flags_are_one_line_errors(checkpoint, extra, message):
