@@ -167,72 +167,120 @@ def lanczos(
     [1.0, 2.0, 3.0, 4.0, 5.0]
     """
     op = as_operator(A, dim)
-    n = op.dim
     gen = generator if generator is not None else torch.Generator().manual_seed(int(seed))
-    if locked is not None:
-        locked = locked.to(op.device, F64)
-    free = n - (0 if locked is None else locked.shape[0])
-    m = min(int(num_steps), free)
-    if m < 1:
-        raise SharpscopeError(f"Lanczos needs at least one step, got num_steps={num_steps}")
-    bdtype = basis_dtype if basis_dtype is not None else op.dtype
-    bdev = torch.device(basis_device) if basis_device is not None else op.device
-    Q = torch.empty((m, n), dtype=bdtype, device=bdev)
+    process = LanczosProcess(
+        op,
+        num_steps,
+        start=start,
+        generator=gen,
+        basis_dtype=basis_dtype,
+        basis_device=basis_device,
+        restart=restart,
+        locked=locked,
+        stop=stop,
+    )
+    while not process.done:
+        process.advance(op.mv(process.vector()))
+    return process.result(return_basis)
 
-    q = random_vector(n, gen) if start is None else start.detach().to("cpu", F64).reshape(-1)
-    q = q.to(op.device)
-    if locked is not None:
-        q = orthogonalize(q, locked)
-    q = q / torch.linalg.vector_norm(q)
 
-    alpha: list[float] = []
-    beta: list[float] = []
-    beta_last = 0.0
-    restarts = 0
-    exhausted = False
-    matvecs = 0
-    for j in range(m):
-        Q[j] = q.to(bdev, bdtype)
-        qj = Q[j].to(op.device, F64)  # the stored (possibly rounded) vector defines T
-        w = op.mv(qj)
-        matvecs += 1
+class LanczosProcess:
+    """One Lanczos run, advanced one product at a time (the body of :func:`lanczos`).
+
+    ``vector()`` is the next basis vector :math:`q_j` (float64, on the operator's device);
+    ``advance(w)`` takes :math:`w = A q_j` and does the rest of step j. Several processes
+    can share block products (stochastic Lanczos quadrature runs its probes in lockstep).
+    """
+
+    def __init__(
+        self,
+        op: Any,
+        num_steps: int,
+        *,
+        start: Tensor | None,
+        generator: torch.Generator,
+        basis_dtype: torch.dtype | None = None,
+        basis_device: torch.device | str | None = None,
+        restart: bool = True,
+        locked: Tensor | None = None,
+        stop: StopRule | None = None,
+    ) -> None:
+        n = op.dim
+        self.n, self.device, self.gen = n, op.device, generator
+        self.locked = None if locked is None else locked.to(op.device, F64)
+        free = n - (0 if self.locked is None else self.locked.shape[0])
+        self.m = min(int(num_steps), free)
+        if self.m < 1:
+            raise SharpscopeError(f"Lanczos needs at least one step, got num_steps={num_steps}")
+        self.bdtype = basis_dtype if basis_dtype is not None else op.dtype
+        self.bdev = torch.device(basis_device) if basis_device is not None else op.device
+        self.Q = torch.empty((self.m, n), dtype=self.bdtype, device=self.bdev)
+        self.restart, self.stop = restart, stop
+        q = random_vector(n, generator) if start is None else start.detach().to("cpu", F64)
+        q = q.reshape(-1).to(op.device)
+        if self.locked is not None:
+            q = orthogonalize(q, self.locked)
+        self._store(0, q / torch.linalg.vector_norm(q))
+        self.alpha: list[float] = []
+        self.beta: list[float] = []
+        self.beta_last = 0.0
+        self.restarts = 0
+        self.exhausted = False
+        self.matvecs = 0
+        self.done = False
+
+    def _store(self, j: int, q: Tensor) -> None:
+        self.Q[j] = q.to(self.bdev, self.bdtype)
+
+    def vector(self) -> Tensor:
+        """q_j as stored (possibly rounded): the stored vector defines T."""
+        return self.Q[len(self.alpha)].to(self.device, F64)
+
+    def advance(self, w: Tensor) -> None:
+        """Step j given ``w = A q_j``: alpha_j, reorthogonalization, beta_j, q_{j+1}."""
+        j = len(self.alpha)
+        qj = self.vector()
+        self.matvecs += 1
         a = float(qj @ w)
         w = w - a * qj
-        if j > 0 and beta[-1] != 0.0:
-            w = w - beta[-1] * Q[j - 1].to(op.device, F64)
-        w = orthogonalize(w, Q[: j + 1], locked)
+        if j > 0 and self.beta[-1] != 0.0:
+            w = w - self.beta[-1] * self.Q[j - 1].to(self.device, F64)
+        w = orthogonalize(w, self.Q[: j + 1], self.locked)
         b = float(torch.linalg.vector_norm(w))
-        alpha.append(a)
-        beta_last = b
-        if stop is not None and stop(np.asarray(alpha), np.asarray(beta), b):
-            break
-        if j == m - 1:
-            break
-        if _exhausted(alpha, beta, b):
-            if not restart:
-                exhausted = True
-                break
-            fresh = orthogonalize(random_vector(n, gen).to(op.device), Q[: j + 1], locked)
+        self.alpha.append(a)
+        self.beta_last = b
+        if self.stop is not None and self.stop(np.asarray(self.alpha), np.asarray(self.beta), b):
+            self.done = True
+        elif j == self.m - 1:
+            self.done = True
+        elif _exhausted(self.alpha, self.beta, b):
+            if not self.restart:
+                self.exhausted = self.done = True
+                return
+            fresh = random_vector(self.n, self.gen).to(self.device)
+            fresh = orthogonalize(fresh, self.Q[: j + 1], self.locked)
             norm = float(torch.linalg.vector_norm(fresh))
-            if norm < 1e-8 * np.sqrt(n):  # nothing left to explore
-                exhausted = True
-                break
-            restarts += 1
-            beta.append(0.0)
-            q = fresh / norm
+            if norm < 1e-8 * np.sqrt(self.n):  # nothing left to explore
+                self.exhausted = self.done = True
+                return
+            self.restarts += 1
+            self.beta.append(0.0)
+            self._store(j + 1, fresh / norm)
         else:
-            beta.append(b)
-            q = w / b
-    used = len(alpha)
-    return LanczosRun(
-        alpha=np.asarray(alpha),
-        beta=np.asarray(beta[: used - 1]),
-        residual_norm=beta_last,
-        basis=Q[:used] if return_basis else None,
-        num_matvecs=matvecs,
-        restarts=restarts,
-        exhausted=exhausted,
-    )
+            self.beta.append(b)
+            self._store(j + 1, w / b)
+
+    def result(self, return_basis: bool = True) -> LanczosRun:
+        used = len(self.alpha)
+        return LanczosRun(
+            alpha=np.asarray(self.alpha),
+            beta=np.asarray(self.beta[: used - 1]),
+            residual_norm=self.beta_last,
+            basis=self.Q[:used] if return_basis else None,
+            num_matvecs=self.matvecs,
+            restarts=self.restarts,
+            exhausted=self.exhausted,
+        )
 
 
 def _exhausted(alpha: list[float], beta: list[float], b: float) -> bool:

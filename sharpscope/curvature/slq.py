@@ -29,12 +29,14 @@ import torch
 from torch import Tensor
 
 from ..errors import SharpscopeError
-from ._linear import F64, as_operator, orthogonalize, random_vector
-from .lanczos import lanczos
+from ._linear import F64, as_operator, random_vector
+from .lanczos import LanczosProcess
 
 Kernel = Literal["ghorbani", "papyan", "log"]
 KERNELS = ("ghorbani", "papyan", "log")
 LOG_EPS = 1e-5
+#: basis entries (probes x steps x P) that SLQ's lockstep probes may hold at once
+PROBE_BASIS_BUDGET = 2**27
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ def slq(
     locked: Tensor | None = None,
     dim: int | None = None,
     basis_device: torch.device | str | None = None,
+    probe_block: int | None = None,
 ) -> Quadrature:
     """Nodes and weights of stochastic Lanczos quadrature.
 
@@ -91,6 +94,12 @@ def slq(
     and (θ, τ²) kept. Defaults m = 90 steps (Ghorbani et al. used 80-90), n_v = 10 probes
     (their default; PyHessian's is 1): 900 products. An exhausted Krylov space ends a
     probe early: its quadrature is then exact.
+
+    The probes run in lockstep, ``probe_block`` at a time: each step applies the operator
+    to a block of vectors at once (a HessianOperator vmaps it; analysis.md §1), which is
+    where a GPU gains. Each probe keeps its own basis, so the default block is as many
+    probes as fit in 2^27 basis entries (all 10 for P up to ~150k at m = 90; one for a
+    ResNet-18). The answer does not depend on the block (same probes, same steps).
 
     Args:
         A: symmetric operator (dense, HessianOperator, or callable with ``dim``).
@@ -101,6 +110,7 @@ def slq(
             complement, so the density is that of the rest of the spectrum.
         dim: vector length when ``A`` is a callable.
         basis_device: where the Lanczos basis lives.
+        probe_block: probes run together (default: by the 2^27-entry basis budget).
 
     >>> A = torch.diag(torch.tensor([1.0, 1.0, 2.0, 4.0], dtype=torch.float64))
     >>> q = slq(A, num_probes=2, num_steps=10)
@@ -116,29 +126,38 @@ def slq(
     if locked is not None:
         locked = locked.to(op.device, F64)
     free = op.dim - (0 if locked is None else locked.shape[0])
+    starts = [random_vector(op.dim, gen, "rademacher") for _ in range(num_probes)]
+    if probe_block is None:
+        probe_block = PROBE_BASIS_BUDGET // max(1, min(num_steps, free) * op.dim)
+    probe_block = int(max(1, min(num_probes, probe_block)))
     nodes: list[np.ndarray] = []
     weights: list[np.ndarray] = []
     steps: list[int] = []
     matvecs = 0
-    for _ in range(num_probes):
-        v = random_vector(op.dim, gen, "rademacher").to(op.device)
-        if locked is not None:
-            v = orthogonalize(v, locked)
-        run = lanczos(
-            op,
-            num_steps,
-            start=v,
-            generator=gen,
-            restart=False,
-            locked=locked,
-            return_basis=False,
-            basis_device=basis_device,
-        )
-        theta, Y = run.ritz()
-        nodes.append(theta)
-        weights.append(Y[0, :] ** 2)
-        steps.append(run.num_steps)
-        matvecs += run.num_matvecs
+    for first in range(0, num_probes, probe_block):
+        runs = [
+            LanczosProcess(
+                op,
+                num_steps,
+                start=v,
+                generator=gen,
+                restart=False,
+                locked=locked,
+                basis_device=basis_device,
+            )
+            for v in starts[first : first + probe_block]
+        ]
+        while active := [run for run in runs if not run.done]:
+            products = op.mm(torch.stack([run.vector() for run in active]))
+            for run, w in zip(active, products):
+                run.advance(w)
+        for process in runs:
+            run = process.result(return_basis=False)
+            theta, Y = run.ritz()
+            nodes.append(theta)
+            weights.append(Y[0, :] ** 2)
+            steps.append(run.num_steps)
+            matvecs += run.num_matvecs
     width = max(len(t) for t in nodes)
     pad_nodes = np.array([np.pad(t, (0, width - len(t)), mode="edge") for t in nodes])
     pad_weights = np.array([np.pad(w, (0, width - len(w))) for w in weights])

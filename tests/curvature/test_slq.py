@@ -131,3 +131,28 @@ def test_kernels_have_unit_mass_and_log_units(planted_matrix):
     assert info["sigma"] ** 2 == pytest.approx(1e-5 * (grid[-1] - grid[0]))
     with pytest.raises(SharpscopeError, match="kernel"):
         smooth_density(nodes, weights, kernel="parzen")
+
+
+def test_lockstep_probes_give_the_same_quadrature_as_one_at_a_time(planted_matrix):
+    gen = torch.Generator().manual_seed(8)
+    A = planted_matrix(torch.cat([torch.tensor([12.0, 9.0]), torch.rand(148, generator=gen)]), 9)
+    one = slq(A, num_probes=5, num_steps=40, seed=3, probe_block=1)
+    together = slq(A, num_probes=5, num_steps=40, seed=3)  # default: all five at once
+    some = slq(A, num_probes=5, num_steps=40, seed=3, probe_block=2)
+    for quad in (together, some):
+        np.testing.assert_allclose(quad.nodes, one.nodes, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(quad.weights, one.weights, rtol=0, atol=1e-12)
+        assert quad.num_matvecs == one.num_matvecs == 200
+
+
+def test_lockstep_probes_use_the_operators_block_products(digits_mlp):
+    # with max_block_size 5 the five probes of a step go through one vmapped product
+    model, data, _ = digits_mlp
+    op = HessianOperator(model, data, dtype="float64", max_block_size=5)
+    calls = []
+    block = op.hvp_block
+    op.hvp_block = lambda V: calls.append(V.shape[0]) or block(V)
+    together = slq(op, num_probes=5, num_steps=12, seed=1)
+    alone = slq(op, num_probes=5, num_steps=12, seed=1, probe_block=1)
+    assert calls[:12] == [5] * 12 and op.hvp_count == 120
+    np.testing.assert_allclose(together.nodes, alone.nodes, rtol=1e-9, atol=1e-9)
