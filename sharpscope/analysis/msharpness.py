@@ -560,6 +560,7 @@ def m_sharpness(
     vectorize: bool = True,
     fold_bn: bool = True,
     meta: RunMeta | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> MSharpness:
     """m-sharpness (SAM paper §4.1), plain or adaptive, L2 or L∞ (analysis.md §5).
 
@@ -598,6 +599,8 @@ def m_sharpness(
         fold_bn: evaluate a copy with eval-mode BatchNorm folded into the layer before
             it (same function, cheaper; the folded layers are in ``meta.extra``).
         meta: provenance to extend (the CLI passes the checkpoint and data spec).
+        progress: called with the number of subsets finished after each chunk (e.g. a
+            progress bar's ``update``).
 
     Returns:
         :class:`MSharpness`.
@@ -668,6 +671,8 @@ def m_sharpness(
             best_wrong[sl] = result.best_wrong.cpu()
             grad_passes += result.grad_calls * rows / num_subsets
             value_passes += result.value_calls * rows / num_subsets
+            if progress is not None:
+                progress(rows)
     per_subset = best_loss - clean_loss
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan

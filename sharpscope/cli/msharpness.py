@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
+from tqdm.auto import tqdm
 
 from ..errors import SharpscopeError
 from ._common import (
@@ -129,25 +130,34 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples ({inputs.device})"
         )
-        result = m_sharpness(
-            inputs.model,
-            inputs.batches,
-            m,
-            rho,
-            adaptive,
-            steps,
-            norm=norm,  # type: ignore[arg-type]
-            loss=loss_spec,
-            seed=seed,
-            logit_normalize=logit_normalize,
-            eta=eta,
-            random_start=random_start,
-            restarts=restarts,
-            projection=projection,  # type: ignore[arg-type]
-            chunk_size=chunk_size,
-            vectorize=vectorize,
-            meta=inputs.meta,
+        bar = tqdm(
+            total=sum(len(y) for _, y in inputs.batches) // m if m >= 1 else None,
+            unit="subset",
+            desc="m-sharpness",
+            leave=False,
+            dynamic_ncols=True,
         )
+        with bar:
+            result = m_sharpness(
+                inputs.model,
+                inputs.batches,
+                m,
+                rho,
+                adaptive,
+                steps,
+                norm=norm,  # type: ignore[arg-type]
+                loss=loss_spec,
+                seed=seed,
+                logit_normalize=logit_normalize,
+                eta=eta,
+                random_start=random_start,
+                restarts=restarts,
+                projection=projection,  # type: ignore[arg-type]
+                chunk_size=chunk_size,
+                vectorize=vectorize,
+                meta=inputs.meta,
+                progress=bar.update,
+            )
         typer.echo(summary_line(result))
         if json_out is not None:
             result.save(json_out)

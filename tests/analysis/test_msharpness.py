@@ -397,3 +397,12 @@ def test_batchnorm_folding_gives_the_same_sharpness(adaptive):
     assert folded.meta.extra["bn_folded"] == ["2"] and plain.meta.extra["bn_folded"] == []
     torch.testing.assert_close(folded.per_subset, plain.per_subset, rtol=1e-10, atol=1e-13)
     torch.testing.assert_close(folded.per_subset_error, plain.per_subset_error)
+
+
+def test_progress_hook_counts_every_subset():
+    net = bn_cnn()
+    x, y = classification_data(n=30, d=12, seed=4)
+    seen = []
+    result = m_sharpness(net, (x, y), m=4, rho=0.1, chunk_size=3, progress=seen.append)
+    assert sum(seen) == 7 == len(result.per_subset)  # 30 // 4 subsets, in chunks of 3
+    assert seen == [3, 3, 1]
