@@ -18,7 +18,8 @@ deployment tool chains (e.g. ``torch.ao``'s ``fuse_conv_bn_eval``), done symboli
 the parameters stay separate.
 
 Pairs are found by running the model once on a couple of examples with hooks: a
-BatchNorm (tracking running statistics) is folded into a ``Conv1d/2d/3d`` or ``Linear``
+``BatchNorm1d/2d/3d`` or ``SyncBatchNorm`` (tracking running statistics) is folded into a
+``Conv1d/2d/3d`` or ``Linear`` (subclasses only if they keep the stock ``forward``)
 when it receives that layer's output tensor itself, unmodified (same object, same
 version counter, so an in-place ReLU in between prevents it), both run exactly once per
 forward, and the channel counts agree. A layer output that is also used elsewhere cannot
@@ -41,6 +42,12 @@ from torch import Tensor, nn
 __all__ = ["fold_batchnorm", "find_foldable_pairs"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+# forward methods whose eval-mode computation the fold reproduces (a subclass that
+# overrides forward, e.g. a weight-standardized conv, is left alone)
+_STOCK_FORWARDS = {cls.forward for cls in _LAYERS + _NORMS} | {
+    nn.modules.batchnorm._BatchNorm.forward
+}
 
 
 def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, str]]:
@@ -72,9 +79,11 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
 
     handles = []
     for module in names:
+        if type(module).forward not in _STOCK_FORWARDS:
+            continue
         if isinstance(module, _LAYERS):
             handles.append(module.register_forward_hook(after_layer))
-        elif isinstance(module, nn.modules.batchnorm._BatchNorm) and _tracks_stats(module):
+        elif isinstance(module, _NORMS) and _tracks_stats(module):
             handles.append(module.register_forward_pre_hook(before_norm))
     modes = [(m, m.training) for m in model.modules()]
     try:
