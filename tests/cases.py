@@ -55,3 +55,14 @@ def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: in
         nn.functional.cross_entropy(model(x), y).backward()
         opt.step()
     return model
+
+
+def bulk(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
+    """n seeded uniform float64 values in [lo, hi): the bulk of a planted spectrum."""
+    gen = torch.Generator().manual_seed(seed)
+    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=F64)
+
+
+def rel_err(found: torch.Tensor, exact: torch.Tensor) -> float:
+    """Largest relative error of ``found`` against ``exact`` (elementwise)."""
+    return float(((found - exact).abs() / exact.abs()).max())

@@ -400,29 +400,64 @@ def lanczos_top_k(
         return_basis=return_eigenvectors,
     )
     theta, S = run.ritz()
-    idx = select(theta, k, which)
+    return ritz_pairs(
+        op,
+        theta,
+        S,
+        select(theta, k, which),
+        residual_norm=run.residual_norm,
+        basis=run.basis,
+        tol=tol,
+        return_eigenvectors=return_eigenvectors,
+        true_residuals=true_residuals,
+        num_matvecs=run.num_matvecs,
+        num_steps=run.num_steps,
+        restarts=run.restarts,
+    )
+
+
+def ritz_pairs(
+    op: Any,
+    theta: np.ndarray,
+    S: np.ndarray,
+    idx: np.ndarray,
+    *,
+    residual_norm: float,
+    basis: Tensor | None,
+    tol: float,
+    return_eigenvectors: bool,
+    true_residuals: bool | None,
+    num_matvecs: int,
+    num_steps: int,
+    restarts: int,
+) -> EigenPairs:
+    """The wanted Ritz pairs ``idx`` of a projected matrix ``S diag(theta) S^T``.
+
+    Residual estimates ``residual_norm * |S[-1, i]|`` (only the last basis vector's image
+    leaves the basis); with ``return_eigenvectors`` the Ritz vectors ``basis^T S[:, i]``
+    and, unless ``true_residuals`` is False, ``||A y - theta y||`` (len(idx) products).
+    """
     scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
-    residuals = run.residual_norm * np.abs(S[-1, idx])
-    matvecs = run.num_matvecs
+    residuals = residual_norm * np.abs(S[-1, idx])
     vectors = true_res = None
     if return_eigenvectors:
-        assert run.basis is not None
+        assert basis is not None
         coeffs = torch.from_numpy(np.ascontiguousarray(S[:, idx].T))
-        vectors = basis_combine_rows(run.basis, coeffs, torch.device("cpu"))
+        vectors = basis_combine_rows(basis, coeffs, torch.device("cpu"))
         if true_residuals is None or true_residuals:
             AY = op.mm(vectors.to(op.dtype)).cpu()
-            matvecs += len(idx)
+            num_matvecs += len(idx)
             lam = torch.from_numpy(theta[idx]).unsqueeze(1)
             true_res = torch.linalg.vector_norm(AY - lam * vectors, dim=1)
     return EigenPairs(
         eigenvalues=torch.from_numpy(theta[idx].copy()),
         residuals=torch.from_numpy(residuals),
         converged=[bool(r <= tol * scale) for r in residuals],
-        num_matvecs=matvecs,
-        num_steps=run.num_steps,
+        num_matvecs=num_matvecs,
+        num_steps=num_steps,
         eigenvectors=vectors,
         true_residuals=true_res,
-        restarts=run.restarts,
+        restarts=restarts,
     )
 
 

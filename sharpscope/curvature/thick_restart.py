@@ -28,7 +28,7 @@ import torch
 
 from ..errors import SharpscopeError
 from ._linear import F64, as_operator, basis_combine_rows, basis_dot, orthogonalize, random_vector
-from .lanczos import BREAKDOWN, WHICH, EigenPairs, Which, _check_k, select
+from .lanczos import BREAKDOWN, WHICH, EigenPairs, Which, _check_k, ritz_pairs, select
 
 __all__ = ["thick_restart_lanczos_top_k", "default_restart_size"]
 
@@ -144,25 +144,17 @@ def thick_restart_lanczos_top_k(
             restarts += 1
 
     assert theta is not None and S is not None and idx is not None
-    scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
-    residuals = b * np.abs(S[j - 1, idx])
-    matvecs = steps
-    vectors = true_res = None
-    if return_eigenvectors:
-        coeffs = torch.from_numpy(np.ascontiguousarray(S[:, idx].T))
-        vectors = basis_combine_rows(V[:j], coeffs, torch.device("cpu"))
-        if true_residuals is None or true_residuals:
-            AY = op.mm(vectors.to(op.device, op.dtype)).cpu()
-            matvecs += len(idx)
-            lam = torch.from_numpy(theta[idx]).unsqueeze(1)
-            true_res = torch.linalg.vector_norm(AY - lam * vectors, dim=1)
-    return EigenPairs(
-        eigenvalues=torch.from_numpy(theta[idx].copy()),
-        residuals=torch.from_numpy(residuals),
-        converged=[bool(r <= tol * scale) for r in residuals],
-        num_matvecs=matvecs,
+    return ritz_pairs(
+        op,
+        theta,
+        S,
+        idx,
+        residual_norm=b,
+        basis=V[:j],
+        tol=tol,
+        return_eigenvectors=return_eigenvectors,
+        true_residuals=true_residuals,
+        num_matvecs=steps,
         num_steps=steps,
-        eigenvectors=vectors,
-        true_residuals=true_res,
         restarts=restarts,
     )

@@ -15,16 +15,9 @@ from sharpscope.curvature import (
 )
 from sharpscope.errors import SharpscopeError
 
+from cases import bulk, rel_err
+
 F64 = torch.float64
-
-
-def bulk(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(seed)
-    return lo + (hi - lo) * torch.rand(n, generator=gen, dtype=F64)
-
-
-def rel_err(found: torch.Tensor, exact: torch.Tensor) -> float:
-    return float(((found - exact).abs() / exact.abs()).max())
 
 
 @pytest.mark.parametrize(
