@@ -272,3 +272,12 @@ def print_error_and_exit(message: str) -> None:  # pragma: no cover - thin wrapp
     """For code outside commands: one line and exit 2."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(2)
+
+
+def progress_bar(total: int | None, unit: str, desc: str, enabled: bool = True) -> Any:
+    """The live progress bar of the long analyses (tqdm on stderr; gone when done)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, unit=unit, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True
+    )

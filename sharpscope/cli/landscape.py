@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Optional
 
 import typer
-from tqdm.auto import tqdm
 
 from ..errors import SharpscopeError
 from ._common import (
@@ -36,6 +35,7 @@ from ._common import (
     guarded,
     load_inputs_from_flags,
     parse_options,
+    progress_bar,
     spec_from_flag,
 )
 
@@ -207,14 +207,7 @@ def register(app: typer.Typer) -> None:
                 f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
                 f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{resuming}"
             )
-        bar = tqdm(
-            total=grid**dims,
-            unit="point",
-            desc="landscape",
-            disable=not dist.is_main,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(grid**dims, "point", "landscape", enabled=dist.is_main)
         with bar:
             result = landscape(
                 inputs.model,

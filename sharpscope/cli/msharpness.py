@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from tqdm.auto import tqdm
 
 from ..errors import SharpscopeError
 from ._common import (
@@ -32,6 +31,7 @@ from ._common import (
     console,
     guarded,
     load_inputs_from_flags,
+    progress_bar,
 )
 
 
@@ -130,13 +130,8 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples ({inputs.device})"
         )
-        bar = tqdm(
-            total=sum(len(y) for _, y in inputs.batches) // m if m >= 1 else None,
-            unit="subset",
-            desc="m-sharpness",
-            leave=False,
-            dynamic_ncols=True,
-        )
+        subsets = sum(len(y) for _, y in inputs.batches) // m if m >= 1 else None
+        bar = progress_bar(subsets, "subset", "m-sharpness")
         with bar:
             result = m_sharpness(
                 inputs.model,

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from tqdm.auto import tqdm
 
 from ..errors import SharpscopeError
 from ._common import (
@@ -33,6 +32,7 @@ from ._common import (
     console,
     guarded,
     load_inputs_from_flags,
+    progress_bar,
 )
 
 CHOICES = {
@@ -199,14 +199,7 @@ def register(app: typer.Typer) -> None:
             + (trace_probes or 99)
             + probes * lanczos_steps
         )
-        bar = tqdm(
-            total=expected,
-            unit="hvp",
-            desc="spectrum",
-            disable=not dist.is_main,
-            leave=False,
-            dynamic_ncols=True,
-        )
+        bar = progress_bar(expected, "hvp", "spectrum", enabled=dist.is_main)
         with bar:
             result = spectrum(
                 net,

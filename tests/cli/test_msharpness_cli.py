@@ -75,6 +75,7 @@ def test_msharpness_adaptive_linf_multistep(checkpoint, tmp_path):
     ("extra", "message"),
     [
         (["--m", "1000"], "m = 1000 is larger than the 64 examples"),
+        (["--m", "0"], "m must be a positive integer"),
         (["--rho", "0"], "--rho must be > 0"),
         (["--norm", "l3"], "--norm must be one of l2, linf"),
     ],
