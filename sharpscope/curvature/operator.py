@@ -30,7 +30,7 @@ graph, so with a single batch the reverse-mode products cost no extra graph buil
 In eval mode every BatchNorm that directly follows a convolution or linear layer is folded
 into it inside the differentiated function (:mod:`.fold`): the same L(θ) of the same
 parameters, so the same Hessian, but the products no longer differentiate twice through
-BatchNorm on activation-sized tensors (about 2x cheaper on the benchmark's BatchNorm
+BatchNorm on activation-sized tensors (1.3-2x cheaper on the benchmark's BatchNorm
 CNN). The pre-flight check runs the original model in its first pass and the folded one
 in its second, so a fold that changed the function is caught and undone.
 
