@@ -14,6 +14,7 @@ eigenvectors of :func:`sharpscope.analysis.spectrum.top_eigenvalues`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import SharpscopeError
+from ..results import RunMeta
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -132,6 +134,31 @@ def analysis_mode(model: nn.Module) -> Iterator[str]:
     finally:
         for module, training in modes:
             module.training = training
+
+
+def analysis_meta(
+    base: RunMeta | None,
+    *,
+    num_samples: int,
+    seed: int,
+    dtype: torch.dtype,
+    device: Any,
+    mode: str,
+    num_params: int,
+    extra: Mapping[str, Any] | None = None,
+) -> RunMeta:
+    """``base`` (or a fresh RunMeta) with what every analysis records, ``extra`` added."""
+    base = base or RunMeta()
+    return dataclasses.replace(
+        base,
+        num_samples=int(num_samples),
+        seed=int(seed),
+        dtype=str(dtype).replace("torch.", ""),
+        device=str(device),
+        mode=mode,
+        num_params=int(num_params),
+        extra={**base.extra, **(extra or {})},
+    )
 
 
 def resolve_loss(loss: Any) -> LossFn:

@@ -49,6 +49,7 @@ from ..errors import SharpscopeError, check
 from ..results import Result, RunMeta
 from ._functional import (
     ParamLayout,
+    analysis_meta,
     analysis_mode,
     evaluate_parameter_sets,
     fingerprint,
@@ -698,7 +699,6 @@ def _result(
     cosine = None
     if len(dirs) == 2:
         cosine = float(dirs[0] @ dirs[1] / (dirs[0].norm() * dirs[1].norm()).clamp_min(1e-300))
-    base = meta or RunMeta()
     return LandscapeResult(
         x=axes[0].clone(),
         y=axes[1].clone() if len(axes) == 2 else None,
@@ -719,16 +719,15 @@ def _result(
         settings=settings,
         loss_name=loss_name(loss),
         seconds=seconds,
-        meta=dataclasses.replace(
-            base,
+        meta=analysis_meta(
+            meta,
             num_samples=settings["num_samples"],
             seed=seed,
-            dtype=str(dtype).replace("torch.", ""),
-            device=str(device),
+            dtype=dtype,
+            device=device,
             mode=mode,
             num_params=layout.size,
             extra={
-                **base.extra,
                 "vectorized": vectorize,
                 "chunk_size": chunk_size,
                 "processes": world,

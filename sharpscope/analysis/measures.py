@@ -19,7 +19,6 @@ All evaluate the model in eval mode and restore its modes afterwards.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from ..errors import SharpscopeError, check
 from ..results import Result, RunMeta
 from ._functional import (
     ParamLayout,
+    analysis_meta,
     analysis_mode,
     chunk_slices,
     evaluate_parameter_sets,
@@ -47,17 +47,6 @@ from ._functional import (
     seeded_generator,
 )
 from .msharpness import split_subsets
-
-
-def _meta(base: RunMeta | None, **fields: Any) -> RunMeta:
-    base = base or RunMeta()
-    extra = {**base.extra, **fields.pop("extra", {})}
-    return dataclasses.replace(base, extra=extra, **fields)
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
 
 # --- average-case sharpness -------------------------------------------------------------
 
@@ -214,12 +203,12 @@ def average_sharpness(
         num_subsets=num_subsets,
         loss=loss_name(loss),
         seconds=time.perf_counter() - start,
-        meta=_meta(
+        meta=analysis_meta(
             meta,
             num_samples=n,
             seed=seed,
-            dtype=_dtype_name(dtype),
-            device=str(device),
+            dtype=dtype,
+            device=device,
             mode=mode,
             num_params=layout.size,
             extra={"vectorized": vectorize},
@@ -374,12 +363,12 @@ def epsilon_sharpness(
         num_samples=total,
         loss=loss_name(loss),
         seconds=time.perf_counter() - start,
-        meta=_meta(
+        meta=analysis_meta(
             meta,
             num_samples=total,
             seed=seed,
-            dtype=_dtype_name(dtype),
-            device=str(device),
+            dtype=dtype,
+            device=device,
             mode=mode,
             num_params=layout.size,
             extra={"optimizer_message": str(result.message)},
@@ -554,12 +543,12 @@ def pac_bayes_flatness(
         epsilon=float(epsilon),
         num_samples=total,
         seconds=time.perf_counter() - start,
-        meta=_meta(
+        meta=analysis_meta(
             meta,
             num_samples=total,
             seed=seed,
-            dtype=_dtype_name(dtype),
-            device=str(device),
+            dtype=dtype,
+            device=device,
             mode=mode,
             num_params=layout.size,
             extra={"vectorized": vectorize},

@@ -35,7 +35,6 @@ loss increase and the 0-1 error increase at that iterate are both reported.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -53,6 +52,7 @@ from ..results import Result, RunMeta
 from ._functional import (
     LossFn,
     ParamLayout,
+    analysis_meta,
     analysis_mode,
     chunk_slices,
     flat_parameters,
@@ -676,21 +676,15 @@ def m_sharpness(
     per_subset = best_loss - clean_loss
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan
-    base_meta = meta or RunMeta()
-    result_meta = dataclasses.replace(
-        base_meta,
+    result_meta = analysis_meta(
+        meta,
         num_samples=n,
         seed=seed,
-        dtype=str(dtype).replace("torch.", ""),
-        device=str(device),
+        dtype=dtype,
+        device=device,
         mode=mode,
         num_params=layout.size,
-        extra={
-            **base_meta.extra,
-            "num_examples_given": n_total,
-            "vectorized": vectorize,
-            "bn_folded": sub.bn_folded,
-        },
+        extra={"num_examples_given": n_total, "vectorized": vectorize, "bn_folded": sub.bn_folded},
     )
     return MSharpness(
         sharpness=float(per_subset.mean()),

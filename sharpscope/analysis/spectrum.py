@@ -32,6 +32,7 @@ from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
 from ..errors import SharpscopeError
 from ..results import Result, RunMeta
+from ._functional import analysis_meta
 
 BACKENDS = ("sharpscope", "pyhessian")
 TRACE_METHODS = ("hutchpp", "hutchinson")
@@ -397,17 +398,15 @@ def build_operator(
 
 
 def _meta(op: HessianOperator, meta: RunMeta | None, seed: int, **extra: Any) -> RunMeta:
-    base = meta or RunMeta()
-    return dataclasses.replace(
-        base,
+    return analysis_meta(
+        meta,
         num_samples=op.num_examples,
-        seed=int(seed),
-        dtype=str(op.dtype).replace("torch.", ""),
-        device=str(op.device),
+        seed=seed,
+        dtype=op.dtype,
+        device=op.device,
         mode=op.bn_mode,
         num_params=op.dim,
         extra={
-            **base.extra,
             **op.describe(),
             "param_names": op.param_names,
             "param_shapes": [list(s) for s in op.param_shapes],
