@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..analysis.landscape import landscape
-from ._common import BenchRow, interleaved_median
+from ._common import BenchRow, interleaved_median, torch_threads
 from .msharpness import _timed, bench_data, bench_model
 
 TARGET_SPEEDUP = 2.0
@@ -45,12 +45,10 @@ def run(quick: bool = False) -> list[BenchRow]:
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     samples, grid = (256, 5) if quick else (1024, 11)
     repeats = 2 if quick else 3
-    threads = torch.get_num_threads()
     rows: list[BenchRow] = []
-    try:
+    # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
+    with torch_threads(1):
         for device in devices:
-            if device == "cpu":
-                torch.set_num_threads(1)
             data = bench_data(samples, torch.float32, device)
             models = {
                 "cnn1d-bn": bench_model(torch.float32, device),
@@ -111,6 +109,4 @@ def run(quick: bool = False) -> list[BenchRow]:
                             },
                         )
                     )
-    finally:
-        torch.set_num_threads(threads)
     return rows

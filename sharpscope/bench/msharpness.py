@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from ..analysis.msharpness import m_sharpness
-from ._common import BenchRow, interleaved_median
+from ._common import BenchRow, interleaved_median, torch_threads
 
 TARGET_SPEEDUP_M8 = 3.0
 MODEL_SPEC = {"name": "cnn1d", "norm": "batch"}
@@ -86,12 +86,10 @@ def run(quick: bool = False) -> list[BenchRow]:
     cases: list[dict[str, Any]] = [{"m": m, "steps": 1} for m in (1, 8, 32, 128)]
     if not quick:
         cases.append({"m": 8, "steps": 5, "adaptive": True})
-    threads = torch.get_num_threads()
     rows: list[BenchRow] = []
-    try:
+    # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
+    with torch_threads(1):
         for device in devices:
-            if device == "cpu":
-                torch.set_num_threads(1)
             model = bench_model(torch.float32, device)
             data = bench_data(samples, torch.float32, device)
             model64 = bench_model(torch.float64, device)
@@ -136,6 +134,4 @@ def run(quick: bool = False) -> list[BenchRow]:
                         },
                     )
                 )
-    finally:
-        torch.set_num_threads(threads)
     return rows

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import BatchClosure, build_optimizer
-from ._common import BenchRow, interleaved_median
+from ._common import BenchRow, interleaved_median, torch_threads
 
 __all__ = ["run", "TARGETS"]
 
@@ -118,12 +118,8 @@ def run(quick: bool = False) -> list[BenchRow]:
     Returns:
         One :class:`BenchRow` per sharpness-aware variant (reference ``sgd``).
     """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         return _run(quick)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(quick: bool) -> list[BenchRow]:

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import BenchRow, interleaved_median
+from ._common import BenchRow, interleaved_median, torch_threads
 
 __all__ = ["run", "TARGET_RATIO"]
 
@@ -418,17 +418,13 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
 def run(quick: bool = False) -> list[BenchRow]:
     """Run the spectrum benchmark; rows as described in the module docstring."""
     rows: list[BenchRow] = []
-    threads = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
-    try:
+    with torch_threads(THREADS):
         case = _digits_case(quick)
         repeats = 1 if quick else 5
         rows += _top5_rows(case, repeats, dense=True)
         grad_seconds = _grad_seconds(case, 3 if quick else 7)
         rows += _cost_rows(case, grad_seconds, quick)
         rows += _mode_rows(case, grad_seconds, 3 if quick else 7)
-    finally:
-        torch.set_num_threads(threads)
     if torch.cuda.is_available():
         case = _resnet_case(quick)
         rows += _top5_rows(case, 1 if quick else 3, dense=False)
