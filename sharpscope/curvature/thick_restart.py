@@ -135,11 +135,9 @@ def thick_restart_lanczos_top_k(
             wanted = select(theta, keep, which)
             coeffs = torch.from_numpy(np.ascontiguousarray(S[:, wanted].T))
             V[:keep] = basis_combine_rows(V[:j], coeffs, bdev).to(bdtype)
-            couple = b * S[j - 1, wanted]
             T[:] = 0.0
             T[range(keep), range(keep)] = theta[wanted]
-            T[keep, :keep] = couple  # overwritten by the next column, same values
-            T[:keep, keep] = couple
+            # the next step's column V A q holds the coupling b * S[j - 1, wanted]
             j = keep
             restarts += 1
 
