@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -54,22 +55,27 @@ class ParamLayout:
             raise SharpscopeError("the model has no trainable parameters to analyse")
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
-    @property
+    @functools.cached_property
     def numels(self) -> tuple[int, ...]:
         """Number of entries of each tensor."""
         return tuple(int(np.prod(s)) for s in self.shapes)
 
-    @property
+    @functools.cached_property
     def size(self) -> int:
         """P, the length of the flat vector."""
         return sum(self.numels)
 
+    @functools.cached_property
+    def _slices(self) -> tuple[tuple[str, torch.Size, slice], ...]:
+        starts = np.cumsum((0, *self.numels))
+        return tuple(
+            (name, shape, slice(int(a), int(b)))
+            for name, shape, a, b in zip(self.names, self.shapes, starts[:-1], starts[1:])
+        )
+
     def slices(self) -> Iterator[tuple[str, torch.Size, slice]]:
         """``(name, shape, slice into the flat vector)`` of each tensor."""
-        start = 0
-        for name, shape, numel in zip(self.names, self.shapes, self.numels):
-            yield name, shape, slice(start, start + numel)
-            start += numel
+        return iter(self._slices)
 
     def flatten(self, tensors: Mapping[str, Tensor]) -> Tensor:
         """Concatenate the named tensors (each with optional leading axes) into ``(..., P)``."""
@@ -251,6 +257,48 @@ def split_constant_columns(
     return stacked, shared
 
 
+@contextlib.contextmanager
+def tensors_swapped(
+    model: nn.Module, names: Sequence[str]
+) -> Iterator[Callable[[Mapping[str, Tensor]], None]]:
+    """Let the named parameters and buffers of ``model`` hold other values, restored on exit.
+
+    Yields ``load(values)``, which points each named tensor at ``values[name]`` (same
+    shape, dtype and device) by rebinding its ``.data``: the model then computes with
+    those values, and the tensors it held are never written (their values, storage and
+    version counters are unchanged, so a graph built on them before still backpropagates).
+    This is the straightforward "set the weights, evaluate" loop of Li et al. (2018)
+    without ``functional_call``'s per-call cost of re-binding every module attribute.
+    Only for evaluation under ``torch.no_grad``.
+
+    >>> net = nn.Linear(2, 1, bias=False)
+    >>> before = net.weight.detach().clone()
+    >>> with tensors_swapped(net, ["weight"]) as load:
+    ...     load({"weight": torch.ones(1, 2)})
+    ...     net(torch.tensor([[1.0, 2.0]])).item()
+    3.0
+    >>> bool(torch.equal(net.weight, before))
+    True
+    """
+    named = dict(model.named_parameters())
+    named.update(model.named_buffers())
+    missing = [n for n in names if n not in named]
+    if missing:
+        raise SharpscopeError(f"the model has no parameter or buffer named {missing[0]!r}")
+    targets = {n: named[n] for n in names}
+    held = {n: t.data for n, t in targets.items()}
+
+    def load(values: Mapping[str, Tensor]) -> None:
+        for name, value in values.items():
+            targets[name].data = value
+
+    try:
+        yield load
+    finally:
+        for name, tensor in targets.items():
+            tensor.data = held[name]
+
+
 def evaluate_parameter_sets(
     model: nn.Module,
     layout: ParamLayout,
@@ -274,7 +322,8 @@ def evaluate_parameter_sets(
         buffers: optional ``(K, ...)`` buffers, one per parameter set (BatchNorm running
             statistics moved along with the weights: landscape "states" mode).
         vectorize: evaluate the K sets with one ``vmap(functional_call)`` per batch
-            (False: a Python loop over the sets, the reference).
+            (False: a Python loop over the sets that points the model's parameters at
+            each row in turn, see :func:`tensors_swapped`).
 
     Returns:
         ``(loss, accuracy)``, two float64 ``(K,)`` CPU tensors (accuracy NaN when not
@@ -304,13 +353,14 @@ def evaluate_parameter_sets(
                 loss += values.double().cpu() * (len(y) / total)
                 correct += hits.double().cpu()
         else:
-            for row in range(k):
-                params = layout.unflatten(flat[row])
-                params.update({name: b[row] for name, b in buffers.items()})
-                for x, y in batches:
-                    out = functional_call(model, params, (x,))
-                    loss[row] += float(loss_fn(out, y)) * (len(y) / total)
-                    if classification:
-                        correct[row] += float(num_correct(out, y))
+            with tensors_swapped(model, [*layout.names, *buffers]) as load:
+                for row in range(k):
+                    load(layout.unflatten(flat[row]))
+                    load({name: b[row] for name, b in buffers.items()})
+                    for x, y in batches:
+                        out = model(x)
+                        loss[row] += float(loss_fn(out, y)) * (len(y) / total)
+                        if classification:
+                            correct[row] += float(num_correct(out, y))
     accuracy = correct / total if classification else torch.full_like(loss, float("nan"))
     return loss, accuracy

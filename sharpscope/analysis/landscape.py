@@ -451,7 +451,8 @@ def landscape(
         loss: loss name, factory path or callable (mean loss).
         seed: seed of the random directions (and of the eigen solver).
         batch_size: examples per forward pass (None: all at once).
-        chunk_size: grid points per vectorized call (default :func:`default_point_chunk`).
+        chunk_size: grid points per block (default :func:`default_point_chunk`): one
+            vectorized call, or that many loop iterations between writes and progress.
         out: a ``.npz`` (or ``.json``) file written incrementally; if it exists with the
             same settings, the run resumes and only computes the missing points.
         save_every: seconds between incremental writes (0: after every chunk).
@@ -568,8 +569,6 @@ def landscape(
         if chunk_size is None:
             largest = max(len(t) for _, t in batches)
             chunk_size = default_point_chunk(layout.size, device, examples_per_call=largest)
-        if not vectorize:
-            chunk_size = 1
         # Work comes in fixed blocks of consecutive grid indices, so every point is
         # evaluated in the same company whether the run is fresh, resumed or split
         # across processes (identical values, not just close ones).

@@ -10,18 +10,25 @@ per-point loop over the model as given; both sharpscope paths (vmap, and its CPU
 the loop) evaluate a copy with BatchNorm folded into the convolutions
 (:func:`sharpscope.curvature.fold.fold_batchnorm`), which is reported as a second row.
 
+The reference loop is the straightforward one of Li et al. (2018): point the model's
+weights at the grid point, evaluate, next point (no ``functional_call``, see
+:func:`sharpscope.analysis._functional.tensors_swapped`); its cost per point is the
+model's forward pass over the data and little else.
+
 Cases: the registry's ``cnn1d`` with BatchNorm on MNIST-1D (the target case) and, for
 contrast, the registry's ``mlp``; a 2-D filter-normalized random slice, 11 x 11 points
-over 1024 training examples (5 x 5 over 256 with ``quick``), float32. CPU timings use
-one thread (recorded). On CPU PyTorch turns a vmapped convolution into a grouped
-convolution and applies BatchNorm's affine on strided views, which is slower than the
-per-point loop; that is why :func:`sharpscope.analysis.landscape.landscape` defaults
-to the loop on CPU and to vmap on a GPU (``extra.default_path``). GPU rows are added
-when CUDA is available.
+over 1024 and over 128 training examples (5 x 5 over 256 and 64 with ``quick``),
+float32. CPU timings use one thread (recorded). With 1024 examples the work per point is
+large convolutions running near the core's peak FLOP rate, which batching cannot
+shorten, and on CPU PyTorch turns a vmapped convolution into a slower grouped one; vmap
+only pays where the per-point work is small (128 examples). That is why
+:func:`sharpscope.analysis.landscape.landscape` defaults to the loop on CPU and to vmap
+on a GPU (``extra.default_path``). GPU rows are added when CUDA is available.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import torch
@@ -43,12 +50,12 @@ def _mlp(device: str) -> Any:
 def run(quick: bool = False) -> list[BenchRow]:
     """Rows: cnn1d-bn and mlp, vectorized against the loop, on each available device."""
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    samples, grid = (256, 5) if quick else (1024, 11)
+    sizes, grid = ((64, 256), 5) if quick else ((128, 1024), 11)
     repeats = 2 if quick else 3
     rows: list[BenchRow] = []
     # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
     with torch_threads(1):
-        for device in devices:
+        for device, samples in itertools.product(devices, sizes):
             data = bench_data(samples, torch.float32, device)
             models = {
                 "cnn1d-bn": bench_model(torch.float32, device),

@@ -260,8 +260,8 @@ def test_resume_after_interruption_gives_the_same_grid(tmp_path, vectorize):
     torch.testing.assert_close(LandscapeResult.load(path).loss, full.loss, rtol=0, atol=0)
     # a budget of points, then the rest
     step = landscape(net, (x, y), 2, out=tmp_path / "steps.npz", max_points=7, **kw)
-    # whole chunks: two of 4 points when vectorized, 7 single points in the loop
-    assert int(step.computed.sum()) == (8 if vectorize else 7) and not step.complete
+    # whole chunks of 4 points, vectorized or one after another in the loop
+    assert int(step.computed.sum()) == 8 and not step.complete
     rest = landscape(net, (x, y), 2, out=tmp_path / "steps.npz", **kw)
     torch.testing.assert_close(rest.loss, full.loss, rtol=0, atol=0)
     with pytest.raises(SharpscopeError, match="different settings"):
@@ -327,6 +327,26 @@ def test_eval_mode_used_and_restored_and_npz_roundtrip(tmp_path):
     assert loaded.y is None and loaded.axes[0].shape == (3,) and loaded.dims == 1
     with np.load(tmp_path / "l.npz") as archive:
         assert {"x", "loss", "accuracy"} <= set(archive.files)
+
+
+def test_loop_leaves_the_model_and_a_pending_graph_untouched_even_when_interrupted(tmp_path):
+    # the loop points the model's parameters (and, with states, buffers) at each grid
+    # point's values; the tensors the model held must never be written
+    net, other = bn_cnn(0), bn_cnn(1)
+    x, y = class_data(n=16, d=10)
+    pending = nn.functional.cross_entropy(net.train()(x), y)  # graph built before the analysis
+    held = {k: (v.data_ptr(), v.detach().clone()) for k, v in net.state_dict().items()}
+    landscape(net, (x, y), 2, grid=3, vectorize=False)
+    landscape(net, (x, y), 1, grid=3, vectorize=False, directions=other, states=True)
+    flaky = FlakyLoss()
+    flaky.calls_left = 2
+    with pytest.raises(KeyboardInterrupt):
+        landscape(net, (x, y), 1, grid=5, vectorize=False, loss=flaky)
+    for name, tensor in net.state_dict().items():
+        pointer, values = held[name]
+        assert tensor.data_ptr() == pointer and torch.equal(tensor, values), name
+    pending.backward()  # no "modified by an inplace operation"
+    assert all(p.grad is not None for p in net.parameters())
 
 
 @pytest.mark.parametrize(
