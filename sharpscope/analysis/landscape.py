@@ -460,9 +460,10 @@ def landscape(
             then return (``complete`` is then False; call again to continue).
         vectorize: evaluate several points per ``vmap(functional_call)``; False: a
             Python loop over points (the reference). None (default): vmap on a GPU, the
-            loop on CPU, where PyTorch's batching rules for convolutions (grouped
-            convolutions) and BatchNorm (strided affine) made vmap 1.3-4x slower than
-            the loop in ``sharpscope bench landscape`` (cnn1d and mlp on MNIST-1D).
+            loop on CPU, where the work per point is compute-bound and vmapped
+            convolutions become slower grouped ones: in ``sharpscope bench landscape``
+            (cnn1d and mlp on MNIST-1D) vmap ran at 0.74-0.87x the loop's speed, and
+            faster (1.3x, cnn1d) only with as few as 128 examples per point.
         fold_bn: evaluate a copy with each BatchNorm folded into the convolution or
             linear layer before it (:func:`sharpscope.curvature.fold.fold_batchnorm`;
             the same function in eval mode, checked on the first 64 examples; recorded
