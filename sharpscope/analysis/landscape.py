@@ -344,20 +344,33 @@ def _axis(values: Any, name: str) -> Tensor:
 
 def _default_axes(plan: _Plan, dims: int, grid: int, span: float) -> list[Tensor]:
     if plan.kind == "interpolation":
-        axes = [torch.linspace(-span / 2, 1 + span / 2, grid, dtype=torch.float64)]
+        axes = [_grid(-span / 2, 1 + span / 2, grid, anchors=(0.0, 1.0))]
     elif plan.kind == "pca":
         axes = []
         for i in range(dims):
             c = plan.trajectory[:, i]
             lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
             margin = 0.1 * (hi - lo) if hi > lo else 1.0
-            axes.append(torch.linspace(lo - margin, hi + margin, grid, dtype=torch.float64))
+            axes.append(_grid(lo - margin, hi + margin, grid))
         return axes
     else:
-        axes = [torch.linspace(-span, span, grid, dtype=torch.float64)]
+        axes = [_grid(-span, span, grid)]
     if dims == 2:
-        axes.append(torch.linspace(-span, span, grid, dtype=torch.float64))
+        axes.append(_grid(-span, span, grid))
     return axes
+
+
+def _grid(lo: float, hi: float, num: int, anchors: tuple[float, ...] = (0.0,)) -> Tensor:
+    """``num`` evenly spaced values from lo to hi; a value within rounding of an anchor
+    (the model itself at 0, the second model at 1) is that anchor exactly.
+
+    >>> _grid(-1.0, 1.0, 11)[5].item()
+    0.0
+    """
+    axis = torch.linspace(lo, hi, num, dtype=torch.float64)
+    for anchor in anchors:
+        axis[(axis - anchor).abs() <= 1e-9 * (hi - lo)] = anchor
+    return axis
 
 
 # --- the driver ---------------------------------------------------------------------------

@@ -157,6 +157,11 @@ def test_interpolation_endpoints_reproduce_both_models(vectorize):
     r = landscape(a, (x, y), 1, directions=b, grid=41, vectorize=vectorize)
     assert r.direction_kind == "interpolation" and r.states
     torch.testing.assert_close(r.x, torch.linspace(-0.5, 1.5, 41, dtype=F64))
+    assert r.x[10].item() == 0.0 and r.x[30].item() == 1.0  # exactly, not within rounding
+    odd = landscape(a, (x, y), 1, directions=b, grid=23, span=0.1)
+    assert odd.x[1].item() == 0.0 and odd.x[21].item() == 1.0
+    centered = landscape(a, (x, y), 2, grid=11, span=0.7)
+    assert centered.x[5].item() == 0.0 and centered.y[5].item() == 0.0
     for net, index in ((a, 10), (b, 30)):
         net.eval()
         with torch.no_grad():
