@@ -19,6 +19,7 @@ All evaluate the model in eval mode and restore its modes afterwards.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass
@@ -161,7 +162,8 @@ def average_sharpness(
         draws = rho * draws * (scale if scale is not None else 1.0)
         return draws.to(device, dtype)
 
-    with analysis_mode(model) as mode, torch.no_grad():
+    looped = contextlib.nullcontext() if vectorize else sub.looped()
+    with analysis_mode(model) as mode, torch.no_grad(), looped as at:
         for sl in chunk_slices(num_subsets, chunk_size if vectorize else 1):
             rows = sl.stop - sl.start
             deltas = torch.cat([noise(j) for j in range(sl.start, sl.stop)])
@@ -173,8 +175,8 @@ def average_sharpness(
                 _, (l1, w1) = values_only(deltas, x_rep, y_rep)
             else:
                 j = sl.start
-                _, (l0, w0) = subset_loss(zero[0], xs[j], ys[j])
-                pairs = [subset_loss(d, xs[j], ys[j])[1] for d in deltas]
+                l0, w0, _ = at(zero[0], xs[j], ys[j], False)
+                pairs = [at(d, xs[j], ys[j], False) for d in deltas]
                 l1 = torch.stack([p[0] for p in pairs])
                 w1 = torch.stack([p[1] for p in pairs])
             l0, w0 = l0.double().cpu().reshape(rows, 1), w0.double().cpu().reshape(rows, 1)

@@ -35,9 +35,10 @@ loss increase and the 0-1 error increase at that iterate are both reported.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -62,6 +63,7 @@ from ._functional import (
     normalize_logits,
     resolve_loss,
     seeded_generator,
+    tensors_swapped,
 )
 
 Norm = Literal["l2", "linf"]
@@ -398,22 +400,28 @@ def _apgd(
     return best_f, best_w, grad_calls, value_calls
 
 
+Score = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+
+
+def _scorer(loss_fn: LossFn, logit_normalize: bool, classification: bool) -> Score:
+    """(outputs, targets) -> (mean loss, number misclassified)."""
+
+    def score(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        if logit_normalize:
+            out = normalize_logits(out)
+        wrong = (out.argmax(dim=-1) != y).sum() if classification else out.sum() * 0
+        return loss_fn(out, y), wrong
+
+    return score
+
+
 def _subset_loss_fn(
-    model: nn.Module,
-    layout: ParamLayout,
-    theta: Tensor,
-    loss_fn: LossFn,
-    logit_normalize: bool,
-    classification: bool,
+    model: nn.Module, layout: ParamLayout, theta: Tensor, score: Score
 ) -> Callable[[Tensor, Tensor, Tensor], tuple[Tensor, tuple[Tensor, Tensor]]]:
     """f(δ, x, y) = L(θ + δ; x, y), with (loss, number misclassified) as auxiliary output."""
 
     def subset_loss(delta: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        out = functional_call(model, layout.unflatten(theta + delta), (x,))
-        if logit_normalize:
-            out = normalize_logits(out)
-        loss = loss_fn(out, y)
-        wrong = (out.argmax(dim=-1) != y).sum() if classification else out.sum() * 0
+        loss, wrong = score(functional_call(model, layout.unflatten(theta + delta), (x,)), y)
         return loss, (loss.detach(), wrong.detach())
 
     return subset_loss
@@ -423,7 +431,8 @@ def _subset_loss_fn(
 class Subsets:
     """The evaluation set cut into ``num_subsets`` disjoint subsets of ``m`` examples
     (fixed order, the last ``n_total - n`` examples dropped), with the flat parameters
-    and the per-subset loss ``subset_loss(delta, x, y) -> (loss, (loss, wrong))``."""
+    and the per-subset loss ``subset_loss(delta, x, y) -> (loss, (loss, wrong))`` (for
+    ``vmap``); :meth:`looped` gives the same values one subset at a time."""
 
     xs: Tensor
     ys: Tensor
@@ -437,6 +446,31 @@ class Subsets:
     dtype: torch.dtype
     device: torch.device
     bn_folded: list[str]
+    evaluator: nn.Module
+    score: Score
+
+    @contextlib.contextmanager
+    def looped(self) -> Iterator[Callable[..., tuple[Tensor, Tensor, Tensor | None]]]:
+        """The straightforward per-subset reference: yields ``at(delta, x, y, need_grad)
+        -> (loss, wrong, gradient or None)``, which sets the model's own parameters to
+        θ + δ (:func:`~sharpscope.analysis._functional.tensors_swapped`, restored on exit)
+        and differentiates with plain autograd, as a hand-written SAM loop would."""
+        named = dict(self.evaluator.named_parameters())
+        params = [named[name] for name in self.layout.names]
+        with tensors_swapped(self.evaluator, self.layout.names) as load:
+
+            def at(
+                delta: Tensor, x: Tensor, y: Tensor, need_grad: bool
+            ) -> tuple[Tensor, Tensor, Tensor | None]:
+                load(self.layout.unflatten((self.theta + delta).detach()))
+                with torch.set_grad_enabled(need_grad):
+                    loss, wrong = self.score(self.evaluator(x), y)
+                if not need_grad:
+                    return loss, wrong, None
+                grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+                return loss.detach(), wrong, torch.cat([g.reshape(-1) for g in grads])
+
+            yield at
 
 
 def split_subsets(
@@ -478,9 +512,8 @@ def split_subsets(
     evaluator, pairs = (
         fold_batchnorm(model, inputs[:64].to(device), check=True) if fold_bn else (model, [])
     )
-    subset_loss = _subset_loss_fn(
-        evaluator, layout, theta, loss_fn, logit_normalize, classification
-    )
+    score = _scorer(loss_fn, logit_normalize, classification)
+    subset_loss = _subset_loss_fn(evaluator, layout, theta, score)
     return Subsets(
         xs,
         ys,
@@ -494,6 +527,8 @@ def split_subsets(
         dtype,
         device,
         [norm for _, norm in pairs],
+        evaluator,
+        score,
     )
 
 
@@ -513,15 +548,13 @@ def _vmap_oracle(subset_loss: Callable, xs: Tensor, ys: Tensor) -> Oracle:
     return oracle
 
 
-def _loop_oracle(subset_loss: Callable, x: Tensor, y: Tensor) -> Oracle:
-    """One subset with plain autograd: the straightforward reference."""
+def _loop_oracle(at: Callable[..., Any], x: Tensor, y: Tensor) -> Oracle:
+    """One subset with plain autograd (:meth:`Subsets.looped`): the reference."""
 
     def oracle(delta: Tensor, need_grad: bool) -> tuple[Tensor, Tensor | None, Tensor]:
-        d = delta[0].detach().requires_grad_(need_grad)
-        with torch.set_grad_enabled(need_grad):
-            loss, (_, wrong) = subset_loss(d, x, y)
-        g = torch.autograd.grad(loss, d)[0].unsqueeze(0) if need_grad else None
-        return loss.detach().double().reshape(1), g, wrong.double().reshape(1)
+        loss, wrong, g = at(delta[0], x, y, need_grad)
+        g = g.unsqueeze(0) if g is not None else None
+        return loss.double().reshape(1), g, wrong.double().reshape(1)
 
     return oracle
 
@@ -647,13 +680,14 @@ def m_sharpness(
     best_loss = torch.empty(num_subsets, dtype=torch.float64)
     best_wrong = torch.empty(num_subsets, dtype=torch.float64)
     grad_passes = value_passes = 0.0
-    with analysis_mode(model) as mode:
+    looped = contextlib.nullcontext() if vectorize else sub.looped()
+    with analysis_mode(model) as mode, looped as at:
         for sl in chunk_slices(num_subsets, chunk_size):
             rows = sl.stop - sl.start
             if vectorize:
                 oracle = _vmap_oracle(subset_loss, xs[sl], ys[sl])
             else:
-                oracle = _loop_oracle(subset_loss, xs[sl.start], ys[sl.start])
+                oracle = _loop_oracle(at, xs[sl.start], ys[sl.start])
             result = _ascend(
                 oracle,
                 rows,

@@ -332,6 +332,21 @@ def test_vectorized_equals_per_subset_loop(options):
     torch.testing.assert_close(a.per_subset_error, b.per_subset_error)
 
 
+def test_loop_leaves_the_model_untouched_and_an_unused_parameter_gets_no_gradient():
+    net = bn_cnn()
+    net.spare = nn.Parameter(torch.ones(3, dtype=F64))  # not used by forward: gradient 0
+    x, y = classification_data(n=16, d=12, seed=3)
+    pending = nn.functional.cross_entropy(net.eval()(x), y)  # graph built before
+    held = {k: (v.data_ptr(), v.detach().clone()) for k, v in net.state_dict().items()}
+    kw = {"m": 4, "rho": 0.3, "steps": 3, "adaptive": True, "eta": 0.1}
+    looped = m_sharpness(net, (x, y), vectorize=False, **kw)
+    torch.testing.assert_close(looped.per_subset, m_sharpness(net, (x, y), **kw).per_subset)
+    for name, tensor in net.state_dict().items():
+        pointer, values = held[name]
+        assert tensor.data_ptr() == pointer and torch.equal(tensor, values), name
+    pending.backward()  # no "modified by an inplace operation"
+
+
 def test_eval_mode_is_used_and_restored():
     net = bn_cnn()
     x, y = classification_data(n=16, d=12, seed=2)
