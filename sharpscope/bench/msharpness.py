@@ -2,7 +2,8 @@
 
 Same model, data and settings in the same run; the only difference is how the
 per-subset maximizations are run: ``torch.func.vmap`` over subsets of ``grad`` of
-``functional_call`` (in chunks), or a Python loop over subsets with plain autograd.
+``functional_call`` (in chunks), or the straightforward Python loop over subsets: set
+the model's own parameters to θ + δ, plain autograd (:meth:`sharpscope.analysis.msharpness.Subsets.looped`).
 Both run the identical ascent on the same BatchNorm-folded copy of the model
 (:func:`sharpscope.curvature.fold.fold_batchnorm`), so the ratio is the effect of the
 vectorization alone. ``ratio`` is vectorized time / loop time;
