@@ -269,7 +269,8 @@ def tensors_swapped(
     version counters are unchanged, so a graph built on them before still backpropagates).
     This is the straightforward "set the weights, evaluate" loop of Li et al. (2018)
     without ``functional_call``'s per-call cost of re-binding every module attribute.
-    Only for evaluation under ``torch.no_grad``.
+    Autograd still sees the model's own parameters: ``torch.autograd.grad(loss,
+    params)`` is then the gradient at the loaded values.
 
     >>> net = nn.Linear(2, 1, bias=False)
     >>> before = net.weight.detach().clone()
