@@ -109,7 +109,10 @@ def run(quick: bool = False) -> list[BenchRow]:
                                 else None,
                                 "default_path": "vmap" if device == "cuda" else "loop",
                                 "bn_folded": results[key].settings.get("bn_folded"),
-                                "points_per_call": results[key].meta.extra.get("chunk_size"),
+                                # the loop takes points in blocks but evaluates one per call
+                                "points_per_call": results[key].meta.extra["chunk_size"]
+                                if results[key].meta.extra["vectorized"]
+                                else 1,
                                 "dtype": "float32",
                                 "threads": torch.get_num_threads(),
                                 "repeats": repeats,
