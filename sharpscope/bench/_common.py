@@ -20,7 +20,44 @@ from typing import Any
 
 import torch
 
+from ..errors import SharpscopeError
 from ..results import atomic_write_bytes, to_jsonable
+
+
+def bench_devices(device: str = "auto") -> list[str]:
+    """Devices a benchmark runs its rows on (``sharpscope bench NAME --device D``).
+
+    ``auto``: the CPU, then CUDA when it is available; ``cpu`` or ``cuda``: that one only.
+
+    >>> bench_devices("cpu")
+    ['cpu']
+    >>> bench_devices("auto")[0]
+    'cpu'
+    """
+    if device == "auto":
+        return ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if device not in ("cpu", "cuda"):
+        raise SharpscopeError(f"--device must be auto, cpu or cuda, not '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SharpscopeError("--device cuda: CUDA is not available on this machine")
+    return [device]
+
+
+def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
+    """``fn``, followed by a CUDA synchronization when ``device`` is a GPU.
+
+    Kernels run asynchronously, so a wall-clock timing of ``fn`` on a GPU must wait for
+    them; on the CPU ``fn`` is returned unchanged.
+    """
+    if not str(device).startswith("cuda"):
+        return fn
+
+    def fn_synced() -> Any:
+        out = fn()
+        torch.cuda.synchronize()
+        return out
+
+    return fn_synced
 
 
 @contextmanager

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 
 from ..analysis.landscape import landscape
-from ._common import BenchRow, interleaved_median, torch_threads
-from .msharpness import _timed, bench_data, bench_model
+from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
+from .msharpness import bench_data, bench_model
 
 TARGET_SPEEDUP = 2.0
 
@@ -47,9 +47,12 @@ def _mlp(device: str) -> Any:
     return build_model({"name": "mlp"}, (40,), 10).to(device).eval()
 
 
-def run(quick: bool = False) -> list[BenchRow]:
-    """Rows: cnn1d-bn and mlp, vectorized against the loop, on each available device."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+    """Rows: cnn1d-bn and mlp, vectorized against the loop, on each of ``devices``.
+
+    ``devices``: where to run (default :func:`bench_devices` ``("auto")``).
+    """
+    devices = bench_devices() if devices is None else devices
     sizes, grid = ((64, 256), 5) if quick else ((128, 1024), 11)
     repeats = 2 if quick else 3
     rows: list[BenchRow] = []
@@ -69,7 +72,7 @@ def run(quick: bool = False) -> list[BenchRow]:
                     "reference": {"vectorize": False, "fold_bn": False},
                 }
                 fns = {
-                    key: _timed(
+                    key: synced(
                         lambda m=model, d=data, kw={**kwargs, **options}: landscape(m, d, 2, **kw),
                         device,
                     )

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from ..analysis.msharpness import m_sharpness
-from ._common import BenchRow, interleaved_median, torch_threads
+from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
 
 TARGET_SPEEDUP_M8 = 3.0
 MODEL_SPEC = {"name": "cnn1d", "norm": "batch"}
@@ -56,22 +56,10 @@ def bench_data(samples: int, dtype: torch.dtype = torch.float64, device: str = "
     return split.inputs.to(device, dtype), split.targets.to(device)
 
 
-def _timed(fn: Any, device: str) -> Any:
-    if device.startswith("cuda"):
-
-        def synced() -> Any:
-            out = fn()
-            torch.cuda.synchronize()
-            return out
-
-        return synced
-    return fn
-
-
 def _pair(model: Any, data: Any, kwargs: dict, device: str) -> dict[str, Any]:
     return {
-        "vmap": _timed(lambda: m_sharpness(model, data, **kwargs), device),
-        "loop": _timed(lambda: m_sharpness(model, data, vectorize=False, **kwargs), device),
+        "vmap": synced(lambda: m_sharpness(model, data, **kwargs), device),
+        "loop": synced(lambda: m_sharpness(model, data, vectorize=False, **kwargs), device),
     }
 
 
@@ -79,9 +67,12 @@ def _relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
 
-def run(quick: bool = False) -> list[BenchRow]:
-    """Rows for m ∈ {1, 8, 32, 128} (steps = 1) and an adaptive Auto-PGD case."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+    """Rows for m ∈ {1, 8, 32, 128} (steps = 1) and an adaptive Auto-PGD case.
+
+    ``devices``: where to run (default :func:`bench_devices` ``("auto")``).
+    """
+    devices = bench_devices() if devices is None else devices
     samples = 256 if quick else 1024
     repeats = 2 if quick else 5
     cases: list[dict[str, Any]] = [{"m": m, "steps": 1} for m in (1, 8, 32, 128)]

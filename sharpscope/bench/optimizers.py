@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import BatchClosure, build_optimizer
-from ._common import BenchRow, interleaved_median, torch_threads
+from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
 
 __all__ = ["run", "TARGETS"]
 
@@ -48,20 +48,23 @@ _BASE = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
 CASE = "cnn1d(norm=batch) mnist1d batch=128"
 
 
-def _case() -> tuple[nn.Module, Tensor, Tensor, list[tuple[Tensor, Tensor]], int]:
-    """Model, one training batch, validation batches, training-set size."""
+def _case(
+    device: str = "cpu",
+) -> tuple[nn.Module, Tensor, Tensor, list[tuple[Tensor, Tensor]], int]:
+    """Model, one training batch, validation batches, training-set size, on ``device``."""
     from ..data import load_data
     from ..registry import build_model
 
     torch.manual_seed(0)
     data = load_data("mnist1d", "train")
     model = build_model({"name": "cnn1d", "norm": "batch"}, (40,), 10)
-    x, y = data.inputs[:BATCH_SIZE], data.targets[:BATCH_SIZE]
+    inputs, targets = data.inputs.to(device), data.targets.to(device)
+    x, y = inputs[:BATCH_SIZE], targets[:BATCH_SIZE]
     val = [
-        (data.inputs[i : i + BATCH_SIZE], data.targets[i : i + BATCH_SIZE])
+        (inputs[i : i + BATCH_SIZE], targets[i : i + BATCH_SIZE])
         for i in range(BATCH_SIZE, 5 * BATCH_SIZE, BATCH_SIZE)
     ]
-    return model, x, y, val, len(data.targets)
+    return model.to(device), x, y, val, len(data.targets)
 
 
 def _specs() -> dict[str, dict[str, Any]]:
@@ -105,7 +108,7 @@ def _rho_zero_check(name: str, spec: dict[str, Any], model, x, y, val, num_data)
     return _max_weight_difference(ref, test)
 
 
-def run(quick: bool = False) -> list[BenchRow]:
+def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
     """Time one step of every optimizer against SGD; see the module docstring.
 
     Runs with ``torch.set_num_threads(THREADS)`` (restored afterwards): the model is
@@ -114,16 +117,20 @@ def run(quick: bool = False) -> list[BenchRow]:
 
     Args:
         quick: fewer repeats (for CI and tests).
+        devices: where to run (default :func:`bench_devices` ``("auto")``: the CPU, and
+            CUDA when available). The targets are the CPU's; on a GPU a step of this
+            small model is bound by kernel launches, so its rows are reported without one.
 
     Returns:
-        One :class:`BenchRow` per sharpness-aware variant (reference ``sgd``).
+        One :class:`BenchRow` per sharpness-aware variant and device (reference ``sgd``).
     """
+    devices = bench_devices() if devices is None else devices
     with torch_threads(THREADS):
-        return _run(quick)
+        return [row for device in devices for row in _run(quick, device)]
 
 
-def _run(quick: bool) -> list[BenchRow]:
-    model, x, y, val, num_data = _case()
+def _run(quick: bool, device: str) -> list[BenchRow]:
+    model, x, y, val, num_data = _case(device)
     loss_fn = nn.functional.cross_entropy
     specs = _specs()
     models = {name: copy.deepcopy(model) for name in specs}
@@ -139,7 +146,7 @@ def _run(quick: bool) -> list[BenchRow]:
             for _ in range(steps):
                 opt.step(BatchClosure(net, loss_fn, x, y))
 
-        return fn
+        return synced(fn, device)
 
     # many short interleaved samples: a burst of load from other processes then lands
     # on every variant alike and the median ignores it
@@ -173,7 +180,7 @@ def _run(quick: bool) -> list[BenchRow]:
         ratio = per_step[name] / per_step["sgd"]
         rows.append(
             BenchRow(
-                case=CASE,
+                case=CASE if device == "cpu" else f"{CASE} {device}",
                 variant=name,
                 seconds=per_step[name],
                 reference="sgd",
@@ -185,8 +192,9 @@ def _run(quick: bool) -> list[BenchRow]:
                     "closure_calls_per_step": round(passes[name][0], 3),
                     "gradient_passes_per_step": round(passes[name][1], 3),
                     "reference_passes_per_step": round(passes["sgd"][1], 3),
-                    "target": TARGETS[name],
-                    "meets_target": ratio <= TARGETS[name],
+                    "target": TARGETS[name] if device == "cpu" else None,
+                    "meets_target": ratio <= TARGETS[name] if device == "cpu" else None,
+                    "device": device,
                     "repeats": repeats,
                     "steps_per_repeat": steps,
                     "threads": torch.get_num_threads(),

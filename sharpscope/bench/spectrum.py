@@ -47,7 +47,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ._common import BenchRow, interleaved_median, torch_threads
+from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
 
 __all__ = ["run", "TARGET_RATIO"]
 
@@ -320,7 +320,8 @@ def _grad_seconds(case: _Case, repeats: int) -> float:
     from ..curvature import HessianOperator
 
     op = HessianOperator(case.model, (case.x, case.y), check=False, hvp_mode="reverse")
-    return interleaved_median({"grad": op.loss_and_gradient}, repeats=repeats)["grad"]
+    grad = synced(op.loss_and_gradient, case.x.device.type)
+    return interleaved_median({"grad": grad}, repeats=repeats)["grad"]
 
 
 def _cost_rows(case: _Case, grad_seconds: float, quick: bool) -> list[BenchRow]:
@@ -340,7 +341,7 @@ def _cost_rows(case: _Case, grad_seconds: float, quick: bool) -> list[BenchRow]:
         memory = _PeakMemory(case.x.device)
         with memory.track():
             start = time.perf_counter()
-            result = call()
+            result = synced(call, case.x.device.type)()
             seconds = time.perf_counter() - start
         rows.append(
             BenchRow(
@@ -384,8 +385,8 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
         ),
     }
     dim = next(iter(ops.values())).dim
-    v = torch.randn(dim, generator=gen, dtype=torch.float64)
-    V = torch.randn(8, dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(dim, generator=gen, dtype=torch.float64).to(case.x.device)
+    V = torch.randn(8, dim, generator=gen, dtype=torch.float64).to(case.x.device)
     fns: dict[str, Callable[[], Any]] = {}
     for name, op in ops.items():
         fns[name] = lambda op=op: op.hvp(v)
@@ -395,6 +396,7 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
     fns["reverse-over-reverse (graph reused), batched block of 8 (per vector)"] = lambda: ops[
         "reverse-over-reverse (graph reused)"
     ].hvp_block(V)
+    fns = {name: synced(fn, case.x.device.type) for name, fn in fns.items()}
     times = interleaved_median(fns, repeats=repeats)
     rows = []
     for name, seconds in times.items():
@@ -415,17 +417,23 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
     return rows
 
 
-def run(quick: bool = False) -> list[BenchRow]:
-    """Run the spectrum benchmark; rows as described in the module docstring."""
+def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+    """Run the spectrum benchmark; rows as described in the module docstring.
+
+    ``devices``: ``"cpu"`` runs the digits case, ``"cuda"`` the ResNet-20 case
+    (default :func:`bench_devices` ``("auto")``: the CPU, and CUDA when available).
+    """
+    devices = bench_devices() if devices is None else devices
     rows: list[BenchRow] = []
-    with torch_threads(THREADS):
-        case = _digits_case(quick)
-        repeats = 1 if quick else 5
-        rows += _top5_rows(case, repeats, dense=True)
-        grad_seconds = _grad_seconds(case, 3 if quick else 7)
-        rows += _cost_rows(case, grad_seconds, quick)
-        rows += _mode_rows(case, grad_seconds, 3 if quick else 7)
-    if torch.cuda.is_available():
+    if "cpu" in devices:
+        with torch_threads(THREADS):
+            case = _digits_case(quick)
+            repeats = 1 if quick else 5
+            rows += _top5_rows(case, repeats, dense=True)
+            grad_seconds = _grad_seconds(case, 3 if quick else 7)
+            rows += _cost_rows(case, grad_seconds, quick)
+            rows += _mode_rows(case, grad_seconds, 3 if quick else 7)
+    if "cuda" in devices:
         case = _resnet_case(quick)
         rows += _top5_rows(case, 1 if quick else 3, dense=False)
         grad_seconds = _grad_seconds(case, 3 if quick else 7)

@@ -26,9 +26,12 @@ def register(app: typer.Typer) -> None:
             None, "--json", help="Write the rows as a JSON list."
         ),
         quick: bool = typer.Option(False, "--quick", help="Fewer repeats (for smoke tests)."),
+        device: str = typer.Option(
+            "auto", "--device", help="auto (the CPU, and CUDA when present), cpu or cuda."
+        ),
     ) -> None:
         """Time sharpscope against its reference on the same model and data; print ratios."""
-        from ..bench._common import print_rows, write_rows
+        from ..bench._common import bench_devices, print_rows, write_rows
 
         if name not in BENCHMARKS:
             raise SharpscopeError(
@@ -37,8 +40,11 @@ def register(app: typer.Typer) -> None:
         module_name = f"sharpscope.bench.{name}"
         if importlib.util.find_spec(module_name) is None:
             raise SharpscopeError(f"benchmark '{name}' is not built yet in this version")
-        console.print(f"running benchmark '{name}'{' (quick)' if quick else ''} ...")
-        rows = importlib.import_module(module_name).run(quick=quick)
+        devices = bench_devices(device)
+        console.print(
+            f"running benchmark '{name}'{' (quick)' if quick else ''} on {', '.join(devices)} ..."
+        )
+        rows = importlib.import_module(module_name).run(quick=quick, devices=devices)
         print_rows(rows, title=f"sharpscope bench {name}")
         if json_out is not None:
             write_rows(rows, json_out)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from sharpscope.cli import app
@@ -48,3 +49,15 @@ def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
 def test_bench_msharpness_values_agree_with_the_loop(tmp_path):
     rows = bench("msharpness", tmp_path)
     assert all(r["extra"]["values_agree_1e-5"] for r in rows)
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [("tpu", "--device must be auto, cpu or cuda"), ("cuda", "CUDA is not available")],
+)
+def test_bench_device_errors_are_one_line(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(app, ["bench", "landscape", "--device", device])
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output

@@ -9,7 +9,7 @@ from sharpscope.bench.optimizers import TARGETS, run
 
 @pytest.fixture(scope="module")
 def rows():
-    return run(quick=True)
+    return run(quick=True, devices=["cpu"])
 
 
 def test_one_row_per_variant_against_sgd(rows):

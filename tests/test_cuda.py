@@ -1,0 +1,172 @@
+"""The CUDA paths: exact answers on the GPU, and the same results as on the CPU.
+
+Skipped on machines without a CUDA GPU (CI has none); run on a GPU machine with
+``pytest tests/test_cuda.py``. Each test runs the code a user runs on a GPU (the
+analyses' GPU defaults included: vmap over grid points, blocks of HVPs) and checks it
+against a float64 answer computed independently of that path.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from sharpscope.analysis.landscape import landscape
+from sharpscope.analysis.msharpness import m_sharpness
+from sharpscope.analysis.spectrum import hessian_trace, spectral_density, top_eigenvalues
+from sharpscope.curvature import dense_hessian
+from sharpscope.optim import BatchClosure, build_optimizer
+from sharpscope.registry import build_model
+
+from cases import fit_full_batch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+F64 = torch.float64
+
+
+@pytest.fixture(scope="module")
+def bn_cnn():
+    """The registry's BatchNorm CNN (width 2) on 64 random 8x8 images, trained a little."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.rand(64, 1, 8, 8, generator=gen, dtype=F64)
+    y = torch.randint(0, 10, (64,), generator=gen)
+    model = build_model({"name": "cnn", "width": 2, "norm": "batch"}, (1, 8, 8), 10).to(F64)
+    model.train()
+    fit_full_batch(model, x, y, 20, 0.05)
+    return model.eval(), x, y
+
+
+def _on_cuda(model, x, y):
+    return copy.deepcopy(model).cuda(), x.cuda(), y.cuda()
+
+
+def test_spectrum_on_cuda_matches_the_dense_hessian(bn_cnn):
+    model, x, y = bn_cnn
+    H = dense_hessian(model, (x, y))
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    gpu = _on_cuda(model, x, y)
+
+    top = top_eigenvalues(gpu[0], gpu[1:], k=5, dtype="float64")
+    assert top.meta.device.startswith("cuda")
+    np.testing.assert_allclose(top.eigenvalues.cpu().numpy(), exact[:5].numpy(), rtol=1e-6)
+
+    trace = hessian_trace(gpu[0], gpu[1:], dtype="float64", seed=0)
+    assert abs(trace.trace - float(torch.trace(H))) <= 4 * trace.stderr + 1e-9 * abs(trace.trace)
+
+    options = {"num_probes": 4, "num_lanczos_steps": 40, "dtype": "float64", "seed": 0}
+    density = spectral_density(gpu[0], gpu[1:], **options)
+    on_cpu = spectral_density(model, (x, y), **options)  # the same probes (a CPU generator)
+    assert abs(density.trace - float(torch.trace(H))) <= 4 * density.trace_stderr + 1e-6
+    values, reference = density.values.cpu().numpy(), on_cpu.values.numpy()
+    np.testing.assert_allclose(values, reference, rtol=1e-6, atol=1e-9 * reference.max())
+
+
+def test_m_sharpness_on_cuda_vmap_equals_loop_and_cpu(bn_cnn):
+    model, x, y = bn_cnn
+    options = {"m": 8, "rho": 0.05, "adaptive": True, "steps": 3}
+    cpu = m_sharpness(model, (x, y), vectorize=False, **options)
+    gpu = _on_cuda(model, x, y)
+    fast = m_sharpness(gpu[0], gpu[1:], **options)
+    slow = m_sharpness(gpu[0], gpu[1:], vectorize=False, **options)
+    assert fast.sharpness == pytest.approx(slow.sharpness, rel=1e-10)
+    assert fast.sharpness == pytest.approx(cpu.sharpness, rel=1e-10)
+    assert fast.sharpness > 0
+
+
+def test_landscape_on_cuda_vectorizes_and_matches_the_cpu_loop(bn_cnn):
+    model, x, y = bn_cnn
+    options = {"grid": 5, "seed": 0}
+    cpu = landscape(model, (x, y), 2, vectorize=False, fold_bn=False, **options)
+    gpu = _on_cuda(model, x, y)
+    result = landscape(gpu[0], gpu[1:], 2, **options)  # the GPU default: vmap over points
+    assert result.meta.extra["vectorized"]
+    np.testing.assert_allclose(np.asarray(result.loss), np.asarray(cpu.loss), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(result.accuracy), np.asarray(cpu.accuracy))
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "sam", "rho": 0.05},
+        {"name": "asam", "rho": 0.5},
+        {"name": "vasso", "rho": 0.05, "theta": 0.9},
+        {"name": "samon", "rho": 0.5},
+    ],
+    ids=lambda s: s["name"],
+)
+def test_sharpness_aware_steps_on_cuda_equal_the_cpu_steps(bn_cnn, spec):
+    model, x, y = bn_cnn
+    base = {"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
+    nets = {"cpu": copy.deepcopy(model).train(), "cuda": copy.deepcopy(model).cuda().train()}
+    for device, net in nets.items():
+        opt = build_optimizer({**spec, "base": base}, net, num_data=len(y))
+        for _ in range(3):
+            opt.step(BatchClosure(net, nn.functional.cross_entropy, x.to(device), y.to(device)))
+    for a, b in zip(nets["cpu"].state_dict().values(), nets["cuda"].state_dict().values()):
+        torch.testing.assert_close(b.cpu(), a, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [{"name": "bsam", "lr": 0.05, "rho": 0.01}, {"name": "lets", "rho": 0.05}],
+    ids=["bsam", "lets"],
+)
+def test_stochastic_optimizers_step_on_cuda(bn_cnn, spec):
+    model, x, y = bn_cnn
+    net = copy.deepcopy(model).cuda().train()
+    before = [p.detach().clone() for p in net.parameters()]
+    val = [(x[:32].cuda(), y[:32].cuda())]
+    opt = build_optimizer(spec, net, num_data=len(y), val_batches=val)
+    for _ in range(3):
+        opt.step(BatchClosure(net, nn.functional.cross_entropy, x.cuda(), y.cuda()))
+    after = list(net.parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
+    import sharpscope.train as train_module
+    from sharpscope.io import load_checkpoint
+    from sharpscope.train import TrainConfig, train
+
+    def config(out):
+        return TrainConfig.from_dict(
+            dict(
+                dataset={"name": "mnist1d", "samples": 512},
+                model={"name": "cnn1d", "norm": "batch"},
+                optimizer={"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
+                epochs=3,
+                batch_size=64,
+                seed=0,
+                out=str(out),
+                progress=False,
+                device="cuda",
+            )
+        )
+
+    full = train(config(tmp_path / "full"))
+    original = train_module._evaluate_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash during epoch 2")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_evaluate_epoch", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
+    resumed = train(config(tmp_path / "cut"), resume=True)
+    for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    # the checkpoint written on the GPU loads on the CPU (weights_only)
+    ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
+    assert next(ckpt.model.parameters()).device.type == "cpu"
