@@ -181,9 +181,10 @@ def _rng_state(device: torch.device) -> dict[str, Any]:
 
 
 def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
+    # the checkpoint is loaded onto the training device; RNG states are CPU byte tensors
+    torch.set_rng_state(state["cpu"].cpu())
     if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+        torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

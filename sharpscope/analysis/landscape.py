@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
 from ..errors import SharpscopeError, check
+from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
     ParamLayout,
@@ -413,6 +414,7 @@ def _load_partial(path: Path, settings: dict) -> LandscapeResult | None:
     return previous
 
 
+@ieee_float32()
 def landscape(
     model: nn.Module,
     data: Any,

@@ -33,6 +33,7 @@ from torch.func import functional_call, vmap
 
 from ..data.batches import as_batches
 from ..errors import SharpscopeError, check
+from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
     ParamLayout,
@@ -86,6 +87,7 @@ class AverageSharpness(Result):
     meta: RunMeta
 
 
+@ieee_float32()
 def average_sharpness(
     model: nn.Module,
     data: Any,
@@ -258,6 +260,7 @@ def keskar_subspace(num_params: int, dim: int, seed: int) -> Tensor:
     return torch.randn(num_params, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
 
 
+@ieee_float32()
 def epsilon_sharpness(
     model: nn.Module,
     data: Any,
@@ -421,6 +424,7 @@ class PacBayesFlatness(Result):
     meta: RunMeta
 
 
+@ieee_float32()
 def pac_bayes_flatness(
     model: nn.Module,
     data: Any,

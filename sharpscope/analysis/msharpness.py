@@ -49,6 +49,7 @@ from torch.func import functional_call, grad, vmap
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors
 from ..errors import check
+from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
     LossFn,
@@ -573,6 +574,7 @@ def default_subset_chunk(
     return int(max(1, min(num_subsets, cap, 4096 // m, 2**24 // max(1, num_params))))
 
 
+@ieee_float32()
 def m_sharpness(
     model: nn.Module,
     data: Any,

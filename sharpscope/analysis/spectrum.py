@@ -31,6 +31,7 @@ from ..curvature.slq import Kernel, slq, smooth_density
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
 from ..errors import SharpscopeError
+from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import analysis_meta
 
@@ -520,6 +521,7 @@ def _top_result(
 
 
 # -------------------------------------------------------------------------- analyses
+@ieee_float32()
 def top_eigenvalues(
     model: nn.Module | HessianOperator,
     data: Any = None,
@@ -669,6 +671,7 @@ def _trace_result(
     )
 
 
+@ieee_float32()
 def hessian_trace(
     model: nn.Module | HessianOperator,
     data: Any = None,
@@ -759,6 +762,7 @@ def _density_from_op(
     )
 
 
+@ieee_float32()
 def spectral_density(
     model: nn.Module | HessianOperator,
     data: Any = None,
@@ -818,6 +822,7 @@ def spectral_density(
     )
 
 
+@ieee_float32()
 def spectrum(
     model: nn.Module | HessianOperator,
     data: Any = None,

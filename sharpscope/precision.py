@@ -1,0 +1,35 @@
+"""IEEE float32 inside the analyses: TensorFloat-32 off (analysis.md, "Precision").
+
+On Ampere and later NVIDIA GPUs PyTorch runs float32 convolutions in TensorFloat-32 by
+default (``torch.backends.cudnn.allow_tf32``): a 10-bit mantissa, about 1e-3 relative
+error per product, which is not the float32 that analysis.md asks the forward and
+backward passes to use. Hessian-vector products, m-sharpness and landscape values then
+differ from the CPU's by far more than float32 rounding. The analyses therefore run with
+TF32 off for convolutions and matrix products, and restore the caller's settings on
+exit; training keeps PyTorch's defaults. On the CPU nothing changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def ieee_float32() -> Iterator[None]:
+    """Run the block (or, as a decorator, the function) with TF32 off; restore on exit.
+
+    >>> with ieee_float32():
+    ...     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    (False, False)
+    """
+    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32 = cudnn
+        torch.backends.cuda.matmul.allow_tf32 = matmul
