@@ -165,8 +165,11 @@ def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
     resumed = train(config(tmp_path / "cut"), resume=True)
+    # cuDNN's weight-gradient kernels are not bitwise deterministic, so two uninterrupted GPU
+    # runs already differ in the last bits (an H200 gave 4.4e-7 at most after 3 epochs); a
+    # resume that lost the optimizer state, the data order or the RNG state differs by far more
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
-        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     # the checkpoint written on the GPU loads on the CPU (weights_only)
     ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert next(ckpt.model.parameters()).device.type == "cpu"

@@ -43,6 +43,11 @@ def bench_devices(device: str = "auto") -> list[str]:
     return [device]
 
 
+def progress_note(message: str) -> None:
+    """One line on stderr while a long benchmark runs, so a cut-off run shows how far it got."""
+    print(f"  {message}", file=sys.stderr, flush=True)
+
+
 def synced(fn: Callable[[], Any], device: str) -> Callable[[], Any]:
     """``fn``, followed by a CUDA synchronization when ``device`` is a GPU.
 

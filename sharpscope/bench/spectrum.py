@@ -49,7 +49,14 @@ import torch
 from torch import Tensor, nn
 
 from ..precision import ieee_float32
-from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
+from ._common import (
+    BenchRow,
+    bench_devices,
+    interleaved_median,
+    progress_note,
+    synced,
+    torch_threads,
+)
 
 __all__ = ["run", "TARGET_RATIO"]
 
@@ -429,19 +436,23 @@ def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]
     rows: list[BenchRow] = []
     if "cpu" in devices:
         with torch_threads(THREADS):
-            case = _digits_case(quick)
-            repeats = 1 if quick else 5
-            rows += _top5_rows(case, repeats, dense=True)
-            grad_seconds = _grad_seconds(case, 3 if quick else 7)
-            rows += _cost_rows(case, grad_seconds, quick)
-            rows += _mode_rows(case, grad_seconds, 3 if quick else 7)
+            rows += _case_rows(_digits_case(quick), 1 if quick else 5, quick, dense=True)
     if "cuda" in devices:
         # sharpscope's analyses run in IEEE float32 (sharpscope.precision); so does the
         # reference here, for the same arithmetic
         with ieee_float32():
-            case = _resnet_case(quick)
-            rows += _top5_rows(case, 1, dense=False)
-            grad_seconds = _grad_seconds(case, 3 if quick else 7)
-            rows += _cost_rows(case, grad_seconds, quick)
-            rows += _mode_rows(case, grad_seconds, 3 if quick else 5)
+            rows += _case_rows(_resnet_case(quick), 1, quick, dense=False)
+    return rows
+
+
+def _case_rows(case: _Case, top5_repeats: int, quick: bool, dense: bool) -> list[BenchRow]:
+    """Every row of one case: against PyHessian, costs, HVP modes (progress on stderr)."""
+    start = time.perf_counter()
+    rows = _top5_rows(case, top5_repeats, dense=dense)
+    progress_note(f"{case.name}: top-5 against PyHessian ({time.perf_counter() - start:.0f} s)")
+    grad_seconds = _grad_seconds(case, 3 if quick else 7)
+    rows += _cost_rows(case, grad_seconds, quick)
+    progress_note(f"{case.name}: costs ({time.perf_counter() - start:.0f} s)")
+    rows += _mode_rows(case, grad_seconds, 3 if quick else (7 if dense else 5))
+    progress_note(f"{case.name}: HVP modes ({time.perf_counter() - start:.0f} s)")
     return rows
