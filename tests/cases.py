@@ -66,3 +66,19 @@ def bulk(n: int, lo: float, hi: float, seed: int) -> torch.Tensor:
 def rel_err(found: torch.Tensor, exact: torch.Tensor) -> float:
     """Largest relative error of ``found`` against ``exact`` (elementwise)."""
     return float(((found - exact).abs() / exact.abs()).max())
+
+
+def interrupt_after_first_epoch(monkeypatch) -> None:
+    """Make the trainer crash (KeyboardInterrupt) in epoch 2, after epoch 1's checkpoint."""
+    import sharpscope.train as train_module
+
+    original = train_module._evaluate_epoch
+    calls = {"n": 0}
+
+    def flaky(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt("simulated crash during epoch 2")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(train_module, "_evaluate_epoch", flaky)

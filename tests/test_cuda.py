@@ -22,7 +22,7 @@ from sharpscope.curvature import dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
-from cases import fit_full_batch
+from cases import fit_full_batch, interrupt_after_first_epoch
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -130,7 +130,6 @@ def test_stochastic_optimizers_step_on_cuda(bn_cnn, spec):
 
 
 def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
-    import sharpscope.train as train_module
     from sharpscope.io import load_checkpoint
     from sharpscope.train import TrainConfig, train
 
@@ -150,16 +149,7 @@ def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
         )
 
     full = train(config(tmp_path / "full"))
-    original = train_module._evaluate_epoch
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash during epoch 2")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_evaluate_epoch", flaky)
+    interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(config(tmp_path / "cut"))
     monkeypatch.undo()

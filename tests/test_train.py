@@ -10,10 +10,11 @@ import sys
 import pytest
 import torch
 
-import sharpscope.train as train_module
 from sharpscope.errors import SharpscopeError
 from sharpscope.io import load_checkpoint
 from sharpscope.train import TrainConfig, TrainingDiverged, lr_factor, train
+
+from cases import interrupt_after_first_epoch
 
 
 def _config(tmp_path, **changes):
@@ -64,19 +65,6 @@ def test_train_writes_checkpoints_and_metrics(tmp_path):
     assert rows[-1]["train_loss"] < rows[0]["train_loss"] * 1.01
 
 
-def _interrupt_after_first_epoch(monkeypatch):
-    original = train_module._evaluate_epoch
-    calls = {"n": 0}
-
-    def flaky(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise KeyboardInterrupt("simulated crash during epoch 2")
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(train_module, "_evaluate_epoch", flaky)
-
-
 @pytest.mark.parametrize(
     "changes",
     [
@@ -93,7 +81,7 @@ def _interrupt_after_first_epoch(monkeypatch):
 )
 def test_resume_is_bit_identical(tmp_path, monkeypatch, changes):
     full = train(_config(tmp_path / "full", epochs=3, **changes))
-    _interrupt_after_first_epoch(monkeypatch)
+    interrupt_after_first_epoch(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         train(_config(tmp_path / "cut", epochs=3, **changes))
     monkeypatch.undo()
