@@ -84,9 +84,12 @@ def test_landscape_on_cuda_vectorizes_and_matches_the_cpu_loop(bn_cnn):
     cpu = landscape(model, (x, y), 2, vectorize=False, fold_bn=False, **options)
     gpu = _on_cuda(model, x, y)
     result = landscape(gpu[0], gpu[1:], 2, **options)  # the GPU default: vmap over points
-    assert result.meta.extra["vectorized"]
-    np.testing.assert_allclose(np.asarray(result.loss), np.asarray(cpu.loss), rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(result.accuracy), np.asarray(cpu.accuracy))
+    assert result.meta.extra["vectorized"] and result.settings["bn_folded"]
+    loop = landscape(gpu[0], gpu[1:], 2, vectorize=False, **options)  # not folded on CUDA
+    assert not loop.meta.extra["vectorized"] and loop.settings["bn_folded"] == []
+    for found in (result, loop):
+        np.testing.assert_allclose(np.asarray(found.loss), np.asarray(cpu.loss), rtol=1e-10)
+        np.testing.assert_allclose(np.asarray(found.accuracy), np.asarray(cpu.accuracy))
 
 
 @pytest.mark.parametrize(

@@ -68,7 +68,7 @@ def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]
                 kwargs = {"grid": grid, "seed": 0}
                 variants = {
                     "vmap": {"vectorize": True},
-                    "loop": {"vectorize": False},
+                    "loop": {"vectorize": False, "fold_bn": True},
                     "reference": {"vectorize": False, "fold_bn": False},
                 }
                 fns = {
