@@ -164,3 +164,39 @@ def test_no_folding_with_batch_statistics_or_without_the_check():
     assert HessianOperator(model, (x, y), bn_mode="batch").bn_folded == []
     assert HessianOperator(model, (x, y), check=False).bn_folded == []
     assert HessianOperator(model, (x, y)).bn_folded == ["features.1", "features.5"]
+
+
+def test_a_sharp_float32_resnet_keeps_its_fold():
+    """The fold's float32 rounding is compared norm-wise, not entry by entry.
+
+    On a barely trained ResNet-20 (loss 8.6, gradient norm 173) thousands of gradient
+    entries of the folded model differ from the original's by more than the pre-flight's
+    element-wise 5e-5 relative; norm-wise the difference is 1.3e-4, rounding. The fold must
+    be kept, and its products are those of the original model (up to float32 rounding).
+    """
+    torch.manual_seed(0)
+    x = torch.randn(256, 3, 16, 16)
+    y = torch.randint(0, 10, (256,))
+    model = build_model({"name": "resnet20", "width": 16}, (3, 16, 16), 10)
+    generator = torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(30):
+        idx = torch.randint(0, 256, (64,), generator=generator)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x[idx]), y[idx]).backward()
+        opt.step()
+    model.eval()
+    op = HessianOperator(model, (x, y), hvp_mode="reverse")
+    original = HessianOperator(model, (x, y), hvp_mode="reverse", fold_bn=False)
+    assert len(op.bn_folded) == 21 and not op.bn_fold_rejected
+    _, g_folded = op.loss_and_gradient()
+    _, g_original = original.loss_and_gradient()
+    entrywise = torch.isclose(g_folded, g_original, rtol=5e-5, atol=1e-6)
+    assert int((~entrywise).sum()) > 100  # an element-wise check would have undone the fold
+    assert rel(g_folded, g_original) < 1e-3
+    # the same Hessian: float32 products of the folded model against float64 ones of the
+    # original (in float32 either model's products can be the less accurate: 1e-6 to 3e-3
+    # here, depending on the convolution kernels oneDNN picks for the thread count)
+    exact = HessianOperator(model, (x, y), hvp_mode="reverse", dtype=F64, fold_bn=False)
+    v = torch.randn(op.dim, dtype=F64, generator=generator)
+    assert rel(op.hvp(v), exact.hvp(v)) < 1e-2
