@@ -7,6 +7,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .norm import Option, check_input_shape, kaiming_init_, norm_layer, resolve_options
+from .pool import GlobalAvgPool
 
 CONV_NORMS = ("batch", "layer", "none")
 
@@ -34,14 +35,14 @@ class CNN1d(nn.Module):
             channels = width
         layers = [m for m in layers if not isinstance(m, nn.Identity)]
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool1d(1)
+        self.pool = GlobalAvgPool()
         self.head = nn.Linear(width, num_classes)
         kaiming_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.unsqueeze:
             x = x.unsqueeze(1)
-        return self.head(self.pool(self.features(x)).flatten(1))
+        return self.head(self.pool(self.features(x)))
 
 
 def cnn1d(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> CNN1d:
@@ -111,14 +112,14 @@ class CNN(nn.Module):
             channels = out
         layers = [m for m in layers if not isinstance(m, nn.Identity)]
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.head = nn.Sequential(
             nn.Linear(channels, 4 * channels), nn.ReLU(), nn.Linear(4 * channels, num_classes)
         )
         kaiming_init_(self)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.head(self.pool(self.features(x)).flatten(1))
+        return self.head(self.pool(self.features(x)))
 
 
 def cnn(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> CNN:

@@ -20,6 +20,7 @@ from .norm import (
     norm_layer,
     resolve_options,
 )
+from .pool import GlobalAvgPool
 
 OPTIONS = {
     "width": Option(16, int, low=1),
@@ -110,7 +111,7 @@ class ResNet(nn.Module):
                 blocks.append(BasicBlock(channels, out, stride, norm, shortcut))
                 channels = out
         self.blocks = nn.Sequential(*blocks)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.head = nn.Linear(channels, num_classes)
         kaiming_init_(self)
         if norm == "none":
@@ -118,7 +119,7 @@ class ResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = F.relu(self.norm(self.conv(x)))
-        return self.head(self.pool(self.blocks(x)).flatten(1))
+        return self.head(self.pool(self.blocks(x)))
 
 
 def resnet(

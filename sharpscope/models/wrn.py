@@ -22,6 +22,7 @@ from .norm import (
     norm_layer,
     resolve_options,
 )
+from .pool import GlobalAvgPool
 from .resnet import scale_residual_branches_
 
 OPTIONS = {
@@ -89,7 +90,7 @@ class WideResNet(nn.Module):
                 channels = out
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm_layer(norm, channels, spatial_dims=2)
-        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.pool = GlobalAvgPool()
         self.head = nn.Linear(channels, num_classes)
         kaiming_init_(self)
         nn.init.zeros_(self.head.bias)  # as the reference code
@@ -98,7 +99,7 @@ class WideResNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.blocks(self.conv(x))
-        return self.head(self.pool(F.relu(self.norm(x))).flatten(1))
+        return self.head(self.pool(F.relu(self.norm(x))))
 
 
 def wrn(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> WideResNet:
