@@ -7,10 +7,11 @@ add one ``"kind": "step"`` object per step).
 
 Exact resumption: the data order and the augmentation of epoch ``e`` are drawn from
 generators seeded by ``(seed, e)``, and checkpoints (written atomically at the end of
-each epoch) hold the model, optimizer, scheduler and RNG states, so a resumed run
-ends with the same weights as an uninterrupted one on the CPU. The last incomplete
-batch of an epoch is dropped, so every step sees ``batch_size`` examples (and under
-``torchrun`` each of the W ranks sees ``batch_size / W`` of them).
+each epoch) hold the model, optimizer, scheduler and RNG states, so a resumed run ends
+with the same weights as an uninterrupted one on the CPU, and on a GPU with
+``deterministic`` (:mod:`sharpscope.determinism`). The last incomplete batch of an
+epoch is dropped, so every step sees ``batch_size`` examples (and under ``torchrun``
+each of the W ranks sees ``batch_size / W`` of them).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 from . import __version__
 from .data import DataSplit, load_data
 from .data.augment import random_crop_flip
+from .determinism import deterministic_algorithms
 from .distributed import DistInfo, barrier, init_from_env
 from .errors import SharpscopeError
 from .evaluation import evaluate
@@ -70,6 +72,8 @@ class TrainConfig:
         bsam_samples: Monte-Carlo samples of bSAM's Bayesian model average at evaluation.
         sync_bn: under torchrun, convert BatchNorm to SyncBatchNorm.
         progress: show a progress bar.
+        deterministic: deterministic kernels only (:mod:`sharpscope.determinism`):
+            bit-identical repeats and resumes on a GPU too, at some speed cost.
     """
 
     dataset: dict[str, Any] = field(default_factory=lambda: {"name": "mnist1d"})
@@ -92,6 +96,7 @@ class TrainConfig:
     bsam_samples: int = 32
     sync_bn: bool = False
     progress: bool = True
+    deterministic: bool = False
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> TrainConfig:
@@ -125,6 +130,9 @@ class TrainConfig:
             raise SharpscopeError(
                 f"unknown schedule '{self.schedule.get('name')}'; choose one of: {', '.join(SCHEDULES)}"
             )
+        for name in ("sync_bn", "progress", "deterministic"):
+            if not isinstance(getattr(self, name), bool):
+                raise SharpscopeError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.precision not in PRECISIONS:
             raise SharpscopeError(
                 f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}"
@@ -245,10 +253,15 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
         SharpscopeError: bad configuration or data; :class:`TrainingDiverged` when the
             loss becomes non-finite (the last good checkpoint is kept).
     """
+    config.validate()
+    with deterministic_algorithms(config.deterministic):
+        return _train(config, resume)
+
+
+def _train(config: TrainConfig, resume: bool) -> TrainSummary:
     from .optim.closure import BatchClosure
     from .optim.factory import build_optimizer, optimizer_metrics
 
-    config.validate()
     info = init_from_env(config.device)
     device = info.device
     if config.precision == "fp16" and device.type != "cuda":

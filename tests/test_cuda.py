@@ -166,3 +166,37 @@ def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
     # the checkpoint written on the GPU loads on the CPU (weights_only)
     ckpt = load_checkpoint(tmp_path / "cut" / "last.pt")
     assert next(ckpt.model.parameters()).device.type == "cpu"
+
+
+def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkeypatch):
+    """With --deterministic, a GPU run and its resume end with bitwise the same weights."""
+    from sharpscope.io import load_checkpoint
+    from sharpscope.train import TrainConfig, train
+
+    def config(out):
+        return TrainConfig.from_dict(
+            dict(
+                dataset={"name": "digits", "samples": 512},
+                model={"name": "resnet20", "width": 4},
+                optimizer={"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
+                epochs=3,
+                batch_size=64,
+                seed=0,
+                out=str(out),
+                progress=False,
+                device="cuda",
+                deterministic=True,
+                augment=False,
+            )
+        )
+
+    full = train(config(tmp_path / "full"))
+    interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
+    resumed = train(config(tmp_path / "cut"), resume=True)
+    for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.are_deterministic_algorithms_enabled()  # restored after training

@@ -76,8 +76,13 @@ def test_train_writes_checkpoints_and_metrics(tmp_path):
             "augment": True,
             "schedule": {"name": "cosine", "warmup_epochs": 1},
         },
+        {
+            "model": {"name": "cnn1d", "width": 8, "norm": "batch"},
+            "optimizer": {"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
+            "deterministic": True,
+        },
     ],
-    ids=["mlp-sgd", "bn-cnn-augment-warmup"],
+    ids=["mlp-sgd", "bn-cnn-augment-warmup", "cnn1d-sam-deterministic"],
 )
 def test_resume_is_bit_identical(tmp_path, monkeypatch, changes):
     full = train(_config(tmp_path / "full", epochs=3, **changes))

@@ -116,6 +116,7 @@ def build_config(values: dict[str, Any], config_file: Path | None) -> Any:  # re
         "data_root",
         "loss",
         "augment",
+        "deterministic",
     ):
         if values[key] is not None:
             setattr(config, key, values[key])
@@ -218,6 +219,12 @@ def register(app: typer.Typer) -> None:
         ),
         precision: Optional[str] = typer.Option(
             None, "--precision", help="fp32, bf16 or fp16 [default: fp32]."
+        ),
+        deterministic: Optional[bool] = typer.Option(
+            None,
+            "--deterministic/--no-deterministic",
+            help="Deterministic kernels only: bit-identical repeats and resumes on a GPU too "
+            "(slower) [default: off].",
         ),
         data_root: Optional[str] = typer.Option(
             None, "--data-root", help="Folder holding the CIFAR python-pickle files."
