@@ -82,3 +82,22 @@ def interrupt_after_first_epoch(monkeypatch) -> None:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(train_module, "_evaluate_epoch", flaky)
+
+
+def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
+    """Train once through, and once cut in epoch 2 then resumed; both summaries.
+
+    ``config_at(out)`` gives the TrainConfig writing to ``out``.
+    """
+    import pytest
+
+    from sharpscope.io import load_checkpoint
+    from sharpscope.train import train
+
+    full = train(config_at(tmp_path / "full"))
+    interrupt_after_first_epoch(monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config_at(tmp_path / "cut"))
+    monkeypatch.undo()
+    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
+    return full, train(config_at(tmp_path / "cut"), resume=True)

@@ -22,7 +22,7 @@ from sharpscope.curvature import dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
-from cases import fit_full_batch, interrupt_after_first_epoch
+from cases import fit_full_batch, full_and_resumed_runs
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -132,32 +132,27 @@ def test_stochastic_optimizers_step_on_cuda(bn_cnn, spec):
     assert any(not torch.equal(a, b) for a, b in zip(before, after))
 
 
+def _cuda_training(out, **changes):
+    from sharpscope.train import TrainConfig
+
+    values = dict(
+        dataset={"name": "mnist1d", "samples": 512},
+        model={"name": "cnn1d", "norm": "batch"},
+        optimizer={"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
+        epochs=3,
+        batch_size=64,
+        seed=0,
+        out=str(out),
+        progress=False,
+        device="cuda",
+    )
+    return TrainConfig.from_dict({**values, **changes})
+
+
 def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
     from sharpscope.io import load_checkpoint
-    from sharpscope.train import TrainConfig, train
 
-    def config(out):
-        return TrainConfig.from_dict(
-            dict(
-                dataset={"name": "mnist1d", "samples": 512},
-                model={"name": "cnn1d", "norm": "batch"},
-                optimizer={"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
-                epochs=3,
-                batch_size=64,
-                seed=0,
-                out=str(out),
-                progress=False,
-                device="cuda",
-            )
-        )
-
-    full = train(config(tmp_path / "full"))
-    interrupt_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path / "cut"))
-    monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
-    resumed = train(config(tmp_path / "cut"), resume=True)
+    full, resumed = full_and_resumed_runs(_cuda_training, tmp_path, monkeypatch)
     # cuDNN's weight-gradient kernels are not bitwise deterministic, so two uninterrupted GPU
     # runs already differ in the last bits (an H200 gave 4.4e-7 at most after 3 epochs); a
     # resume that lost the optimizer state, the data order or the RNG state differs by far more
@@ -170,33 +165,17 @@ def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
 
 def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkeypatch):
     """With --deterministic, a GPU run and its resume end with bitwise the same weights."""
-    from sharpscope.io import load_checkpoint
-    from sharpscope.train import TrainConfig, train
 
-    def config(out):
-        return TrainConfig.from_dict(
-            dict(
-                dataset={"name": "digits", "samples": 512},
-                model={"name": "resnet20", "width": 4},
-                optimizer={"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
-                epochs=3,
-                batch_size=64,
-                seed=0,
-                out=str(out),
-                progress=False,
-                device="cuda",
-                deterministic=True,
-                augment=False,
-            )
+    def config_at(out):
+        return _cuda_training(
+            out,
+            dataset={"name": "digits", "samples": 512},
+            model={"name": "resnet20", "width": 4},
+            deterministic=True,
+            augment=False,
         )
 
-    full = train(config(tmp_path / "full"))
-    interrupt_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(tmp_path / "cut"))
-    monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
-    resumed = train(config(tmp_path / "cut"), resume=True)
+    full, resumed = full_and_resumed_runs(config_at, tmp_path, monkeypatch)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training

@@ -14,7 +14,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.io import load_checkpoint
 from sharpscope.train import TrainConfig, TrainingDiverged, lr_factor, train
 
-from cases import interrupt_after_first_epoch
+from cases import full_and_resumed_runs
 
 
 def _config(tmp_path, **changes):
@@ -85,13 +85,9 @@ def test_train_writes_checkpoints_and_metrics(tmp_path):
     ids=["mlp-sgd", "bn-cnn-augment-warmup", "cnn1d-sam-deterministic"],
 )
 def test_resume_is_bit_identical(tmp_path, monkeypatch, changes):
-    full = train(_config(tmp_path / "full", epochs=3, **changes))
-    interrupt_after_first_epoch(monkeypatch)
-    with pytest.raises(KeyboardInterrupt):
-        train(_config(tmp_path / "cut", epochs=3, **changes))
-    monkeypatch.undo()
-    assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
-    resumed = train(_config(tmp_path / "cut", epochs=3, **changes), resume=True)
+    full, resumed = full_and_resumed_runs(
+        lambda out: _config(out, epochs=3, **changes), tmp_path, monkeypatch
+    )
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     rows_full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
