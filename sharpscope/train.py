@@ -149,6 +149,7 @@ class TrainSummary:
     epochs: int
     steps: int
     model: nn.Module
+    is_main: bool = True  # rank 0 (or a single process): the one that reports
 
 
 def lr_factor(schedule: Mapping[str, Any], step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -446,7 +447,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
     finally:
         if progress is not None:
             progress.close()
-    return TrainSummary(out, metrics, history, config.epochs, step, model)
+    return TrainSummary(out, metrics, history, config.epochs, step, model, info.is_main)
 
 
 def _evaluate_epoch(

@@ -204,6 +204,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
         timeout=300,
     )
     assert multi.returncode == 0, multi.stderr[-3000:]
+    assert (multi.stdout + multi.stderr).count("wrote ") == 1  # rank 0 alone reports
     one = json.loads((tmp_path / "one" / "metrics.jsonl").read_text().splitlines()[-1])
     two = json.loads((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()[-1])
     for key in ("train_loss", "train_acc", "test_loss", "test_acc"):

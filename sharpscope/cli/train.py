@@ -305,6 +305,8 @@ def register(app: typer.Typer) -> None:
         values["opt"] = parse_options(opt, "--opt")
         cfg = build_config(values, config)
         summary = train(cfg, resume=resume)
+        if not summary.is_main:  # under torchrun only rank 0 reports
+            return
         metrics = summary.metrics
         typer.echo(
             f"{cfg.optimizer['name']} on {cfg.dataset.get('name', cfg.dataset.get('factory'))} "
