@@ -74,6 +74,17 @@ def current() -> DistInfo:
     return DistInfo()
 
 
+def group_rank_and_size(distributed: bool | None = None) -> tuple[int, int]:
+    """(rank, world size) of the work split for an analysis.
+
+    ``distributed``: None takes part in an initialised group whenever there is one,
+    False stays a single process, True is the same as None.
+    """
+    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
 def barrier() -> None:
     """A barrier when distributed; nothing otherwise."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:

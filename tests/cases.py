@@ -101,3 +101,12 @@ def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
     return full, train(config_at(tmp_path / "cut"), resume=True)
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a gloo process group's rendezvous."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
+from ..distributed import group_rank_and_size
 from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -377,12 +378,6 @@ def _grid(lo: float, hi: float, num: int, anchors: tuple[float, ...] = (0.0,)) -
 # --- the driver ---------------------------------------------------------------------------
 
 
-def _dist_info(distributed: bool | None) -> tuple[int, int]:
-    if distributed is False or not (dist.is_available() and dist.is_initialized()):
-        return 0, 1
-    return dist.get_rank(), dist.get_world_size()
-
-
 def _peek(path: Path | None) -> LandscapeResult | None:
     """The stored partial result at ``path`` if it is a readable landscape, else None."""
     if path is None or not path.exists():
@@ -517,7 +512,7 @@ def landscape(
     classification = is_classification(batches[0][1])
     layout = ParamLayout.of(model)
     theta = flat_parameters(model, layout)
-    rank, world = _dist_info(distributed)
+    rank, world = group_rank_and_size(distributed)
     path = Path(out) if out is not None else None
 
     with analysis_mode(model) as mode:

@@ -43,11 +43,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors
+from ..distributed import group_rank_and_size
 from ..errors import check
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -594,6 +596,7 @@ def m_sharpness(
     chunk_size: int | None = None,
     vectorize: bool = True,
     fold_bn: bool = True,
+    distributed: bool | None = None,
     meta: RunMeta | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> MSharpness:
@@ -633,6 +636,10 @@ def m_sharpness(
             or for models that ``torch.func.vmap`` cannot trace).
         fold_bn: evaluate a copy with eval-mode BatchNorm folded into the layer before
             it (same function, cheaper; the folded layers are in ``meta.extra``).
+        distributed: split the subsets across the processes of an initialized
+            ``torch.distributed`` group (default: whenever one is initialized; every
+            rank passes the same data and returns the full result, equal to one
+            process's, since each subset's random start is seeded by its index).
         meta: provenance to extend (the CLI passes the checkpoint and data spec).
         progress: called with the number of subsets finished after each chunk (e.g. a
             progress bar's ``update``).
@@ -673,8 +680,10 @@ def m_sharpness(
     subset_loss, dtype, device = sub.subset_loss, sub.dtype, sub.device
     scale = theta.abs() + eta if adaptive else None
     pset = PerturbationSet(norm, float(rho), scale, projection)
+    rank, world = group_rank_and_size(distributed)
     if chunk_size is None:
         chunk_size = default_subset_chunk(num_subsets, m, layout.size, device)
+        chunk_size = min(chunk_size, -(-num_subsets // world))  # work for every rank
     if not vectorize:
         chunk_size = 1
     clean_loss = torch.empty(num_subsets, dtype=torch.float64)
@@ -682,9 +691,10 @@ def m_sharpness(
     best_loss = torch.empty(num_subsets, dtype=torch.float64)
     best_wrong = torch.empty(num_subsets, dtype=torch.float64)
     grad_passes = value_passes = 0.0
+    chunks = list(chunk_slices(num_subsets, chunk_size))[rank::world]  # round robin
     looped = contextlib.nullcontext() if vectorize else sub.looped()
     with analysis_mode(model) as mode, looped as at:
-        for sl in chunk_slices(num_subsets, chunk_size):
+        for sl in chunks:
             rows = sl.stop - sl.start
             if vectorize:
                 oracle = _vmap_oracle(subset_loss, xs[sl], ys[sl])
@@ -709,6 +719,21 @@ def m_sharpness(
             value_passes += result.value_calls * rows / num_subsets
             if progress is not None:
                 progress(rows)
+    if world > 1:
+        arrays = (clean_loss, clean_wrong, best_loss, best_wrong)
+        mine = torch.tensor(
+            [j for sl in chunks for j in range(sl.start, sl.stop)], dtype=torch.long
+        )
+        part = (mine, [a[mine] for a in arrays], grad_passes, value_passes)
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, part)
+        grad_passes = value_passes = 0.0
+        for other, (index, values, grads, evals) in enumerate(parts):
+            for array, value in zip(arrays, values):
+                array[index] = value
+            grad_passes, value_passes = grad_passes + grads, value_passes + evals
+            if progress is not None and other != rank:
+                progress(len(index))
     per_subset = best_loss - clean_loss
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan
@@ -720,7 +745,12 @@ def m_sharpness(
         device=device,
         mode=mode,
         num_params=layout.size,
-        extra={"num_examples_given": n_total, "vectorized": vectorize, "bn_folded": sub.bn_folded},
+        extra={
+            "num_examples_given": n_total,
+            "vectorized": vectorize,
+            "bn_folded": sub.bn_folded,
+            "processes": world,
+        },
     )
     return MSharpness(
         sharpness=float(per_subset.mean()),

@@ -58,7 +58,13 @@ def register(app: typer.Typer) -> None:
     @guarded
     def msharpness_command(
         ckpt: CkptArg,
-        m: int = typer.Option(128, "--m", help="Subset size m (SAM paper §4.1)."),
+        m: int = typer.Option(
+            128,
+            "--m",
+            "--subset-size",
+            help="Subset size m (SAM paper §4.1); --subset-size under torchrun, whose own "
+            "parser takes --m for its options.",
+        ),
         rho: float = typer.Option(0.05, "--rho", help="Radius ρ > 0."),
         adaptive: bool = typer.Option(
             False, "--adaptive", help="Adaptive (ASAM) constraint ‖ε/|w|‖ ≤ ρ."
@@ -102,6 +108,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """m-sharpness: mean over subsets of m examples of the worst loss increase within ρ."""
         from ..analysis.msharpness import NORMS, PROJECTIONS, m_sharpness
+        from ..distributed import init_from_env
 
         if norm not in NORMS:
             raise SharpscopeError(f"--norm must be one of {', '.join(NORMS)}, got '{norm}'")
@@ -111,6 +118,7 @@ def register(app: typer.Typer) -> None:
             )
         if rho <= 0:
             raise SharpscopeError(f"--rho must be > 0, got {rho}")
+        dist = init_from_env(device)  # under torchrun the subsets are split over the ranks
         inputs = load_inputs_from_flags(
             ckpt,
             model=model,
@@ -119,7 +127,7 @@ def register(app: typer.Typer) -> None:
             split=split,
             samples=samples,
             batch_size=batch_size,
-            device=device,
+            device=str(dist.device),
             seed=seed,
             data_root=data_root,
             model_opt=model_opt,
@@ -127,11 +135,14 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
         )
         loss_spec = inputs.loss_spec
-        console.print(
-            f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples ({inputs.device})"
-        )
+        if dist.is_main:
+            processes = f", {dist.world_size} processes" if dist.enabled else ""
+            console.print(
+                f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples "
+                f"({inputs.device}{processes})"
+            )
         subsets = sum(len(y) for _, y in inputs.batches) // m if m >= 1 else None
-        bar = progress_bar(subsets, "subset", "m-sharpness")
+        bar = progress_bar(subsets, "subset", "m-sharpness", enabled=dist.is_main)
         with bar:
             result = m_sharpness(
                 inputs.model,
@@ -153,6 +164,8 @@ def register(app: typer.Typer) -> None:
                 meta=inputs.meta,
                 progress=bar.update,
             )
+        if not dist.is_main:
+            return
         typer.echo(summary_line(result))
         if json_out is not None:
             result.save(json_out)

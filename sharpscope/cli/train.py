@@ -234,7 +234,11 @@ def register(app: typer.Typer) -> None:
             None, help="VaSSO: weight of the new gradient in the EMA, in (0, 1]."
         ),
         m: Optional[int] = typer.Option(
-            None, "--m", help="SAM family: compute the perturbation per sub-batch of m examples."
+            None,
+            "--m",
+            "--subset-size",
+            help="SAM family: compute the perturbation per sub-batch of m examples "
+            "(--subset-size under torchrun, whose own parser takes --m).",
         ),
         adaptive_form: Optional[str] = typer.Option(
             None,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import socket
 
 import numpy as np
 import pytest
@@ -21,7 +20,7 @@ from sharpscope.analysis.landscape import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import half_mse, linear_regression
+from cases import free_port, half_mse, linear_regression
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -273,12 +272,6 @@ def test_resume_after_interruption_gives_the_same_grid(tmp_path, vectorize):
         landscape(net, (x, y), 2, out=path, **{**kw, "seed": 3})
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, out_dir):
     torch.set_num_threads(1)
     dist.init_process_group(
@@ -297,7 +290,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_two_processes_split_the_grid_and_agree_with_one(tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     net = bn_cnn()
     x, y = class_data(n=20, d=10)
     single = landscape(net, (x, y), 2, grid=5)

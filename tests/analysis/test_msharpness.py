@@ -7,6 +7,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from scipy.optimize import brentq
 from torch import nn
 
@@ -20,7 +22,7 @@ from sharpscope.analysis.msharpness import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import half_mse, linear_regression
+from cases import free_port, half_mse, linear_regression
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -421,3 +423,45 @@ def test_progress_hook_counts_every_subset():
     result = m_sharpness(net, (x, y), m=4, rho=0.1, chunk_size=3, progress=seen.append)
     assert sum(seen) == 7 == len(result.per_subset)  # 30 // 4 subsets, in chunks of 3
     assert seen == [3, 3, 1]
+
+
+# the same adaptive, random-start, multi-step problem in one process and split over two
+SPLIT_OPTIONS = dict(m=4, rho=0.1, adaptive=True, steps=3, random_start=True, chunk_size=2)
+
+
+def _split_worker(rank, world, port, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        x, y = classification_data(n=30, d=12, seed=4)
+        seen = []
+        result = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS, progress=seen.append)
+        torch.save(
+            {
+                "per_subset": result.per_subset,
+                "per_subset_error": result.per_subset_error,
+                "sharpness": result.sharpness,
+                "passes": result.num_gradient_passes,
+                "processes": result.meta.extra["processes"],
+                "progress": sum(seen),
+            },
+            f"{out_dir}/rank{rank}.pt",
+        )
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_split_the_subsets_and_agree_with_one(tmp_path):
+    mp.spawn(_split_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    x, y = classification_data(n=30, d=12, seed=4)
+    single = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS)
+    assert len(single.per_subset) == 7  # 4 chunks: ranks take 2 and 2, of 4 and 3 subsets
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        assert got["processes"] == 2 and got["progress"] == 7
+        torch.testing.assert_close(got["per_subset"], single.per_subset, rtol=0, atol=0)
+        torch.testing.assert_close(got["per_subset_error"], single.per_subset_error, rtol=0, atol=0)
+        assert got["sharpness"] == single.sharpness
+        assert got["passes"] == pytest.approx(single.num_gradient_passes, rel=1e-12)

@@ -87,3 +87,29 @@ def test_msharpness_bad_input_is_one_line(checkpoint, extra, message):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in result.output
+
+
+def test_torchrun_splits_the_subsets_and_rank_zero_writes_the_same_result(checkpoint, tmp_path):
+    """Two gloo processes under the real launcher; --m is torchrun's own, --subset-size ours."""
+    import os
+    import subprocess
+    import sys
+
+    args = [str(checkpoint), "--rho", "0.1", "--samples", "64", "--steps", "3", "--device", "cpu"]
+    single = runner.invoke(
+        app, ["msharpness", *args, "--m", "8", "--json", str(tmp_path / "one.json")]
+    )
+    assert single.exit_code == 0, single.output
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "sharpscope", "msharpness", *args, "--subset-size", "8",
+         "--json", str(tmp_path / "two.json")],
+        capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300,
+    )  # fmt: skip
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert launched.stdout.count("m-sharpness (m=8") == 1  # rank 0 alone reports
+    one = json.loads((tmp_path / "one.json").read_text())
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["meta"]["extra"]["processes"] == 2 and two["num_subsets"] == 8
+    assert two["per_subset"] == pytest.approx(one["per_subset"], rel=1e-6, abs=1e-9)
+    assert two["sharpness"] == pytest.approx(one["sharpness"], rel=1e-6)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -13,13 +12,9 @@ import torch.multiprocessing as mp
 from sharpscope.analysis import hessian_trace, spectral_density, top_eigenvalues
 from sharpscope.curvature import HessianOperator
 
+from cases import free_port
+
 F64 = torch.float64
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _analyses(model, data, batch_size):
@@ -59,7 +54,7 @@ def two_ranks(mlp_case, tmp_path_factory):
     """Results of both ranks of one 2-process gloo run (spawned once: it is slow)."""
     out = tmp_path_factory.mktemp("dist")
     mp.spawn(
-        _worker, args=(_free_port(), mlp_case.model, mlp_case.data, str(out)), nprocs=2, join=True
+        _worker, args=(free_port(), mlp_case.model, mlp_case.data, str(out)), nprocs=2, join=True
     )
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 
 import pytest
 import torch
@@ -14,17 +13,12 @@ import torch.multiprocessing as mp
 
 from sharpscope.optim import BSAM, LETS, SAM, BatchClosure, VaSSO
 
+from cases import free_port
 from optim_helpers import CE, mlp, mlp_batches, through_file
 
 WORLD = 2
 STEPS = 3
 PER_RANK = 4
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _run_scenarios(rank: int) -> dict:
@@ -84,7 +78,7 @@ def _worker(rank: int, port: int, out: str) -> None:
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp") / "result")
-    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
 
 
