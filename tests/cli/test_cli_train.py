@@ -75,6 +75,8 @@ def test_train_sam_flags_reach_the_optimizer_spec(tmp_path):
             "0.05",
             "--bn-policy",
             "both",
+            "--subset-size",  # = --m, a spelling that passes through torchrun's parser
+            "16",
             "--out",
             str(tmp_path),
         ],
@@ -82,6 +84,7 @@ def test_train_sam_flags_reach_the_optimizer_spec(tmp_path):
     assert result.exit_code == 0, result.output
     spec = torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]
     assert spec["name"] == "sam" and spec["rho"] == 0.1 and spec["bn_policy"] == "both"
+    assert spec["m"] == 16
     base = spec["base"]
     assert (base["name"], base["lr"], base["momentum"], base["weight_decay"]) == (
         "sgd",
