@@ -16,8 +16,8 @@ cross-entropy, the whole data set as one batch. In the same process:
   must be at least as accurate. A second reference row gives PyHessian with tol 1e-6
   (closer to sharpscope's accuracy, at most 100 products per eigenvalue).
 * per analysis (top-5, trace by Hutch++ with 99 probes, SLQ density 10 x 90): wall time
-  in gradient-pass equivalents (``ratio`` = time / time of one full gradient pass), the
-  HVP count, and the peak memory (CUDA: ``max_memory_allocated``; CPU: the peak of glibc's
+  (the CPU case: median of 3 calls, SLQ one) in gradient-pass equivalents (``ratio`` =
+  time / time of one full gradient pass), the HVP count, and the peak memory (CUDA: ``max_memory_allocated``; CPU: the peak of glibc's
   bytes in use (``mallinfo2``) above the starting value, sampled every 5 ms, or of the
   resident set size off glibc -- ``tracemalloc`` does not see tensor memory).
 * per HVP mode (forward-over-reverse, reverse-over-reverse with the graph reused,
@@ -355,8 +355,10 @@ def _grad_seconds(case: _Case, repeats: int) -> float:
 
 
 def _cost_rows(
-    case: _Case, grad_seconds: float, quick: bool, slq_probes: int = 10
+    case: _Case, grad_seconds: float, quick: bool, slq_probes: int = 10, repeats: int = 1
 ) -> list[BenchRow]:
+    """Wall time of each analysis in gradient passes: the median of ``repeats`` calls
+    (SLQ: one), the peak memory of the first."""
     from ..analysis.spectrum import hessian_trace, spectral_density, top_eigenvalues
 
     data = (case.x, case.y)
@@ -371,10 +373,16 @@ def _cost_rows(
     rows = []
     for name, call in analyses.items():
         memory = _PeakMemory(case.x.device)
+        timed = synced(call, case.x.device.type)
         with memory.track():
             start = time.perf_counter()
-            result = synced(call, case.x.device.type)()
-            seconds = time.perf_counter() - start
+            result = timed()
+            times = [time.perf_counter() - start]
+        for _ in range(0 if name.startswith("spectral_density") else repeats - 1):
+            start = time.perf_counter()
+            timed()
+            times.append(time.perf_counter() - start)
+        seconds = float(np.median(times))
         rows.append(
             BenchRow(
                 case=case.name,
@@ -475,7 +483,9 @@ def _case_rows(case: _Case, top5_repeats: int, quick: bool, dense: bool) -> list
     progress_note(f"{case.name}: top-5 against PyHessian ({time.perf_counter() - start:.0f} s)")
     grad_seconds = _grad_seconds(case, 3 if quick else 7)
     # SLQ's cost is linear in the probes; on the GPU case 4 keep the run inside a short lease
-    rows += _cost_rows(case, grad_seconds, quick, slq_probes=10 if dense else 4)
+    rows += _cost_rows(
+        case, grad_seconds, quick, slq_probes=10 if dense else 4, repeats=3 if dense else 1
+    )
     progress_note(f"{case.name}: costs ({time.perf_counter() - start:.0f} s)")
     rows += _mode_rows(case, grad_seconds, 3 if quick or not dense else 7)
     progress_note(f"{case.name}: HVP modes ({time.perf_counter() - start:.0f} s)")
