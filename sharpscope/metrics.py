@@ -18,8 +18,10 @@ def expected_calibration_error(probs: Tensor, targets: Tensor, num_bins: int = 1
     >>> round(expected_calibration_error(p, torch.tensor([0, 1])), 6)
     0.4
     """
-    confidence, predicted = probs.max(dim=1)
-    correct = (predicted == targets).to(torch.float64)
+    # on the CPU: CUDA's weighted bincount adds with atomics (neither reproducible nor
+    # allowed under torch.use_deterministic_algorithms), and N x C numbers move in no time
+    confidence, predicted = probs.detach().cpu().max(dim=1)
+    correct = (predicted == targets.detach().cpu()).to(torch.float64)
     confidence = confidence.to(torch.float64)
     # bins (lo, hi]; confidence 0 falls in the first bin
     index = torch.clamp(torch.ceil(confidence * num_bins).long() - 1, 0, num_bins - 1)
