@@ -179,3 +179,37 @@ def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkey
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training
+
+
+def test_block_products_shrink_when_the_gpu_runs_out_of_memory():
+    """A real CUDA out-of-memory error (the allocator capped) halves the HVP block."""
+    from sharpscope.curvature import HessianOperator
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 3, 32, 32, generator=gen).cuda()
+    y = torch.randint(0, 10, (512,), generator=gen).cuda()
+    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).cuda().eval()
+    op = HessianOperator(model, (x, y), dtype="float64", hvp_mode="forward", max_block_size=64)
+    V = torch.randn(64, op.dim, generator=gen, dtype=F64).cuda()
+    expected = torch.stack([op.hvp(v) for v in V[:4]])  # single products: the reference
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    op.hvp_block(V[:2])
+    per_vector = (torch.cuda.max_memory_allocated() - base) / 2
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_reserved() + 8 * per_vector
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        with pytest.warns(RuntimeWarning, match="out of device memory"):
+            HV = op.hvp_block(V)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert 1 <= op.max_block_size <= 8
+    assert op.hvp_count == 4 + 2 + 64
+    error = torch.linalg.vector_norm(HV[:4] - expected) / torch.linalg.vector_norm(expected)
+    assert float(error) <= 1e-10  # float64: the blocks' rows are the single products

@@ -180,7 +180,9 @@ class HessianOperator:
             compares the folded model with the original and keeps the original when
             they differ).
         max_block_size: the most vectors per vmapped block product (default 16 on CUDA,
-            1 on the CPU, where vmapped blocks measured no faster per vector).
+            1 on the CPU, where vmapped blocks measured no faster per vector). A block
+            that runs out of device memory is redone in blocks half as large, down to
+            single products; the attribute keeps the size that fitted.
         distributed: None (auto-detect), True or False.
         progress: called with the number of products after each (block) product, e.g.
             a progress bar's ``update``; the analyses themselves print nothing.
@@ -514,8 +516,8 @@ class HessianOperator:
                 else:
                     self.module, self.bn_folded, self.bn_fold_rejected = self._unfolded, [], True
                 loss2, grad2 = self.loss_and_gradient(keep_graph=keep_graph)
-        except SharpscopeError:
-            raise
+        except (SharpscopeError, torch.OutOfMemoryError):
+            raise  # running out of memory is no fault of the model's
         except Exception as exc:  # the user's model or loss does not run on this data
             raise SharpscopeError(
                 f"the model or loss failed on the data: {type(exc).__name__}: "
@@ -571,18 +573,32 @@ class HessianOperator:
                 graph = None
                 if self.hvp_mode == "reverse" and not self._reuse_graph and s > step:
                     graph = _live_graph(*self._gradient_graph(x, y)[1:])  # shared by blocks
-                for lo in range(0, s, step):
+                lo = 0
+                while lo < s:
+                    step = self.max_block_size
                     block = V[lo : lo + step]
-                    out[lo : lo + len(block)] += w * self._batch_products(
-                        self.hvp_mode,
-                        index,
-                        x,
-                        y,
-                        block,
-                        single or len(block) == 1,
-                        graph=graph,
-                        keep=lo + step < s,
-                    )
+                    try:
+                        product = self._batch_products(
+                            self.hvp_mode,
+                            index,
+                            x,
+                            y,
+                            block,
+                            single or len(block) == 1,
+                            graph=graph,
+                            keep=lo + step < s,
+                        )
+                    except torch.OutOfMemoryError:
+                        if len(block) == 1:
+                            raise
+                        product = None  # halved below, once the exception has let go
+                    if product is None:
+                        self._halve_block_size()
+                        if graph is not None:  # a failed backward may have freed it
+                            graph = _live_graph(*self._gradient_graph(x, y)[1:])
+                        continue
+                    out[lo : lo + len(block)] += w * product
+                    lo += len(block)
         self._all_reduce(out)
         if self.weight_decay:
             out += self.weight_decay * V.to(F64)
@@ -591,6 +607,18 @@ class HessianOperator:
         if self.progress is not None:
             self.progress(s)
         return out
+
+    def _halve_block_size(self) -> None:
+        """A block product ran out of device memory: use blocks half as large from now on."""
+        self.max_block_size = max(1, self.max_block_size // 2)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(
+            f"out of device memory in a block of Hessian-vector products; blocks of "
+            f"{self.max_block_size} from now on",
+            RuntimeWarning,
+            stacklevel=4,  # the caller of hvp_block
+        )
 
     def _batch_products(
         self,
@@ -677,7 +705,9 @@ class HessianOperator:
                         is_grads_batched=True,
                     )
                 return self._scatter([hv], s, batched=True)
-            except RuntimeError:
+            except torch.OutOfMemoryError:
+                raise  # _products halves the block
+            except RuntimeError:  # an op without a batched backward: one vector at a time
                 rows = []
                 for i in range(s):
                     rows.append(
@@ -731,6 +761,8 @@ class HessianOperator:
             "reverse": float(timings[1]),
         }
         if not bool(torch.isfinite(timings).any()) or float(timings.min()) >= 1e30:
+            if all(e.startswith("OutOfMemoryError") for e in self.mode_errors.values()):
+                raise torch.OutOfMemoryError(self.mode_errors["reverse"])
             raise SharpscopeError(
                 "cannot compute Hessian-vector products for this model and loss: "
                 + self.mode_errors.get("reverse", "unknown error")

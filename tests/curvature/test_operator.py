@@ -296,3 +296,51 @@ def test_iterable_of_batches_and_dataset_agree(mlp_case):
         mlp_case.model, torch.utils.data.TensorDataset(x, y), dtype="float64", batch_size=16
     ).hvp(v)
     assert rel(a, b) <= 1e-12
+
+
+def _fail_blocks_larger_than(op: HessianOperator, limit: int) -> list[int]:
+    """Make ``op``'s block products run out of device memory above ``limit`` vectors.
+
+    The fault is injected (the CPU has no device memory to run out of); CUDA's real one is
+    tests/test_cuda.py::test_block_products_shrink_when_the_gpu_runs_out_of_memory.
+    """
+    tried: list[int] = []
+    products = op._batch_products
+
+    def limited(mode, index, x, y, V, *args, **kwargs):
+        tried.append(V.shape[0])
+        if V.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return products(mode, index, x, y, V, *args, **kwargs)
+
+    op._batch_products = limited
+    return tried
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+@pytest.mark.parametrize("batch_size", [None, 15])
+def test_block_products_halve_the_block_when_memory_runs_out(case, mode, batch_size):
+    op = HessianOperator(
+        case.model,
+        case.data,
+        dtype="float64",
+        hvp_mode=mode,
+        batch_size=batch_size,
+        max_block_size=8,
+    )
+    tried = _fail_blocks_larger_than(op, 2)
+    V = torch.randn(7, op.dim, generator=torch.Generator().manual_seed(3), dtype=F64)
+    with pytest.warns(RuntimeWarning, match="blocks of 2 from now on"):
+        HV = op.hvp_block(V)
+    assert rel(HV, V @ case.H) <= 1e-10
+    assert op.max_block_size == 2
+    assert tried[:3] == [7, 4, 2]  # 7 of 8 asked, then 4, then blocks of 2 (and the rest)
+    assert op.hvp_count == 7
+
+
+def test_a_single_product_that_runs_out_of_memory_is_not_retried(case):
+    op = HessianOperator(case.model, case.data, dtype="float64", max_block_size=4)
+    _fail_blocks_larger_than(op, 0)
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
+        op.hvp_block(torch.ones(3, op.dim, dtype=F64))
+    assert op.max_block_size == 1
