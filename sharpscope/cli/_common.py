@@ -5,8 +5,9 @@ data-loading flags with the ``*Opt`` aliases below and load through
 :func:`load_inputs_from_flags`, so the flags read the same in every command.
 
 Commands decorate their function with :func:`guarded`, which turns a
-:class:`~sharpscope.errors.SharpscopeError` into one line on stderr and exit code 2
-(``sharpscope --debug ...`` shows the traceback instead).
+:class:`~sharpscope.errors.SharpscopeError`, a missing file or running out of device
+memory into one line on stderr and exit code 2 (``sharpscope --debug ...`` shows the
+traceback instead).
 """
 
 from __future__ import annotations
@@ -35,6 +36,12 @@ DEBUG = {"enabled": False}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+OUT_OF_MEMORY = (
+    "out of device memory; try a smaller --batch-size N (the analyses read all examples "
+    "as one batch unless given one), fewer --samples N, or --device cpu"
+)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` on stderr and exit with ``code``."""
     typer.echo(f"error: {message}", err=True)
@@ -56,6 +63,10 @@ def guarded(fn: F) -> F:
             if DEBUG["enabled"]:
                 raise
             fail(f"file not found: {exc.filename or exc}")
+        except torch.OutOfMemoryError:
+            if DEBUG["enabled"]:
+                raise
+            fail(OUT_OF_MEMORY)
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from sharpscope.analysis import TopEigs, top_eigenvalues
 from sharpscope.cli import app
+from sharpscope.cli._common import OUT_OF_MEMORY
 from sharpscope.data import load_data
 from sharpscope.io import save_checkpoint
 from sharpscope.registry import build_model
@@ -191,3 +192,35 @@ def test_help_lists_the_interface_flags():
         assert flag in result.output
     for flag in ("--backend", "--which", "--dtype", "--eigenvectors", "--tol", "--trace-method"):
         assert flag in result.output
+
+
+SMALL_DEVICE_CODE = USER_CODE.replace(
+    "def model():",
+    '''class SmallDevice(nn.Sequential):
+    """Runs out of device memory on more than 16 examples at a time."""
+
+    def forward(self, x):
+        if x.shape[0] > 16:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return super().forward(x)
+
+
+def model():''',
+).replace("return nn.Sequential(", "return SmallDevice(")
+
+
+def test_running_out_of_device_memory_is_a_one_line_error_that_names_the_way_out(tmp_path):
+    code = tmp_path / "small.py"
+    code.write_text(SMALL_DEVICE_CODE)
+    namespace: dict = {}
+    exec(compile(SMALL_DEVICE_CODE, str(code), "exec"), namespace)
+    torch.save(namespace["model"]().state_dict(), tmp_path / "weights.pt")
+    args = ["spectrum", str(tmp_path / "weights.pt"), "--model", f"{code}:model"]
+    args += ["--data", f"{code}:data", "--k", "2", "--probes", "1", "--lanczos-steps", "4"]
+    args += ["--trace-probes", "6", "--device", "cpu"]
+    result = runner.invoke(app, args)  # all 40 examples as one batch
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines()[-1] == f"error: {OUT_OF_MEMORY}"
+    assert "Traceback" not in result.output
+    result = runner.invoke(app, [*args, "--batch-size", "16"])
+    assert result.exit_code == 0, result.output
