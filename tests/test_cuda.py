@@ -213,3 +213,38 @@ def test_block_products_shrink_when_the_gpu_runs_out_of_memory():
     assert op.hvp_count == 4 + 2 + 64
     error = torch.linalg.vector_norm(HV[:4] - expected) / torch.linalg.vector_norm(expected)
     assert float(error) <= 1e-10  # float64: the blocks' rows are the single products
+
+
+def test_a_batch_that_does_not_fit_on_the_gpu_is_halved():
+    """A real CUDA out-of-memory error in a single product halves the batches (eval mode)."""
+    from sharpscope.curvature import HessianOperator
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 3, 32, 32, generator=gen).cuda()
+    y = torch.randint(0, 10, (1024,), generator=gen).cuda()
+    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).cuda().eval()
+    kwargs = {"dtype": "float64", "hvp_mode": "forward", "max_block_size": 1}
+    whole = HessianOperator(model, (x, y), **kwargs)
+    v = torch.randn(whole.dim, generator=gen, dtype=F64).cuda()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    expected = whole.hvp(v)
+    one_product = torch.cuda.max_memory_allocated() - base
+    del whole
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_reserved() + 0.7 * one_product
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        with pytest.warns(RuntimeWarning, match="does not fit in device memory"):
+            op = HessianOperator(model, (x, y), **kwargs)
+            Hv = op.hvp(v)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert op.batches_halved >= 1
+    error = torch.linalg.vector_norm(Hv - expected) / torch.linalg.vector_norm(expected)
+    assert float(error) <= 1e-10

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import warnings
 
 import typer
 
 from ..allocator import tune_cpu_allocator
-from ._common import DEBUG, fail
+from ._common import DEBUG, fail, show_warning_in_one_line
 
 COMMANDS = {
     "train": "Train a model with SGD/Adam or a sharpness-aware optimizer.",
@@ -41,6 +42,8 @@ def _root(
 ) -> None:
     """Train with sharpness-aware optimizers and measure loss geometry."""
     DEBUG["enabled"] = debug
+    if not debug:  # "warning: ..." in one line, not the file, line and source of the warning
+        warnings.showwarning = show_warning_in_one_line
     tune_cpu_allocator()  # keep freed CPU memory for reuse (SHARPSCOPE_MALLOC=default: off)
 
 

@@ -42,6 +42,17 @@ OUT_OF_MEMORY = (
 )
 
 
+def show_warning_in_one_line(
+    message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
+) -> None:
+    """``warnings.showwarning`` for the command line: ``warning: message`` on stderr
+    (on a line of its own above a progress bar)."""
+    from tqdm import tqdm
+
+    text = str(message).splitlines()[0] if str(message) else category.__name__
+    tqdm.write(f"warning: {text}", file=sys.stderr)
+
+
 def fail(message: str, code: int = 2) -> None:
     """Print ``error: message`` on stderr and exit with ``code``."""
     typer.echo(f"error: {message}", err=True)

@@ -53,7 +53,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -67,6 +67,7 @@ from .fold import fold_batchnorm
 F64 = torch.float64
 HVPMode = Literal["auto", "forward", "reverse"]
 BNMode = Literal["eval", "batch"]
+_T = TypeVar("_T")
 HVP_MODES = ("auto", "forward", "reverse")
 BN_MODES = ("eval", "batch")
 
@@ -307,7 +308,9 @@ class HessianOperator:
         self.grad_count = 0.0
         self.seconds_in_products = 0.0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
-        self._reuse_graph = bool(reuse_graph) and len(self._batches) == 1
+        self._reuse_graph_allowed = bool(reuse_graph)
+        self._reuse_graph = self._reuse_graph_allowed and len(self._batches) == 1
+        self.batches_halved = 0
         self.grad_seconds = math.nan
         self.preflight: dict[str, float] = {}
         self.mode_timings: dict[str, float] = {}
@@ -318,14 +321,17 @@ class HessianOperator:
         cached = _MODE_CACHE.get(key) if key is not None else None
         if check:
             self._preflight(keep_graph=(cached or (hvp_mode,))[0] in ("auto", "reverse"))
-        if self.bn_fold_rejected:  # the key named the folded model
+        if self.bn_fold_rejected or self.batches_halved:  # the key named the model/batch
             key = self._mode_key() if key is not None else None
             cached = _MODE_CACHE.get(key) if key is not None else None
         if cached is not None:
             self.hvp_mode, self.mode_timings, self.mode_errors = cached[0], *cached[1:]
             self.hvp_mode_cached = True
         elif hvp_mode == "auto":
+            halved = self.batches_halved
             self.hvp_mode = self._choose_mode()
+            if key is not None and self.batches_halved != halved:
+                key = self._mode_key()  # timed on the halved batches
             if key is not None:
                 _remember(key, (self.hvp_mode, dict(self.mode_timings), dict(self.mode_errors)))
         else:
@@ -423,6 +429,9 @@ class HessianOperator:
         With ``keep_graph`` and a single local batch, the gradient is computed with its
         graph, which is then kept for the reverse-mode products (saving one pass).
         """
+        return self._fitting(lambda: self._loss_and_gradient(keep_graph))
+
+    def _loss_and_gradient(self, keep_graph: bool) -> tuple[float, Tensor]:
         total = torch.zeros(self.dim + 1, dtype=F64, device=self.device)
         keep = keep_graph and self._reuse_graph
         with self._analysis_mode(), torch.enable_grad():
@@ -473,6 +482,9 @@ class HessianOperator:
 
     def loss(self) -> float:
         """L(θ) with one forward pass (float64 accumulation)."""
+        return self._fitting(self._loss)
+
+    def _loss(self) -> float:
         total = torch.zeros(1, dtype=F64, device=self.device)
         with self._analysis_mode(), torch.no_grad():
             for (x, y), w in zip(self._batches, self._weights):
@@ -563,6 +575,9 @@ class HessianOperator:
     __matmul__ = hvp
 
     def _products(self, V: Tensor, single: bool) -> Tensor:
+        return self._fitting(lambda: self._products_once(V, single))
+
+    def _products_once(self, V: Tensor, single: bool) -> Tensor:
         start = time.perf_counter()
         s = V.shape[0]
         V = V.to(self.device)
@@ -608,6 +623,50 @@ class HessianOperator:
             self.progress(s)
         return out
 
+    # ------------------------------------------------------- device memory
+    def _fitting(self, compute: Callable[[], _T]) -> _T:
+        """``compute()``; when it runs out of device memory, halve the batches and rerun.
+
+        In eval mode the batches are only a way to read D: L, ∇L and Hv are the same
+        for any partition (weights n_b/N), so a batch that does not fit is split in two
+        (down to one example); in batch-statistics mode the partition is part of the
+        function and running out of memory is final.
+        """
+        while True:
+            try:
+                return compute()
+            except torch.OutOfMemoryError as exc:
+                message = str(exc).splitlines()[0] if str(exc) else "out of memory"
+            # here the failed attempt's tensors are free (the exception is gone)
+            if not self._halve_batches():
+                raise torch.OutOfMemoryError(message)
+
+    def _halve_batches(self) -> bool:
+        """Split every local batch in two; False when that cannot help or is not allowed."""
+        if self.bn_mode == "batch" or all(len(y) <= 1 for _, y in self._batches):
+            return False
+        largest = max(len(y) for _, y in self._batches)
+        batches = []
+        for x, y in self._batches:
+            if len(y) > 1:
+                batches += list(zip(x.tensor_split(2), y.tensor_split(2)))
+            else:
+                batches.append((x, y))
+        self._batches = batches
+        self._weights = [len(y) / self.num_examples for _, y in batches]
+        self._graph = None
+        self._reuse_graph = self._reuse_graph_allowed and len(batches) == 1
+        self.batches_halved += 1
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        warnings.warn(
+            f"a batch of {largest} examples does not fit in device memory; reading the data "
+            f"in batches of at most {-(-largest // 2)} (same results; --batch-size sets it)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return True
+
     def _halve_block_size(self) -> None:
         """A block product ran out of device memory: use blocks half as large from now on."""
         self.max_block_size = max(1, self.max_block_size // 2)
@@ -617,7 +676,7 @@ class HessianOperator:
             f"out of device memory in a block of Hessian-vector products; blocks of "
             f"{self.max_block_size} from now on",
             RuntimeWarning,
-            stacklevel=4,  # the caller of hvp_block
+            stacklevel=2,
         )
 
     def _batch_products(
@@ -734,24 +793,16 @@ class HessianOperator:
 
         Every rank takes part (timings are summed over ranks) so all ranks agree.
         """
-        timings = torch.full((2,), math.inf, dtype=F64)
-        if self._batches:
-            x, y = self._batches[0]
-            gen = torch.Generator().manual_seed(12345)
-            v = torch.randn(1, self.dim, generator=gen, dtype=F64).to(self.device)
-            for i, mode in enumerate(("forward", "reverse")):
-                try:
-                    with self._analysis_mode():
-                        self._batch_products(mode, 0, x, y, v, True)  # warm-up (builds caches)
-                        self._sync()
-                        start = time.perf_counter()
-                        self._batch_products(mode, 0, x, y, v, True)
-                        self._sync()
-                        timings[i] = time.perf_counter() - start
-                except Exception as exc:  # a module without forward-mode support, say
-                    self.mode_errors[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
-        else:
-            timings.zero_()
+        timings = self._time_modes()
+        # forward mode (usually the faster) or both ran out of memory: time on halved batches
+        while self._batches and (
+            _out_of_memory(self.mode_errors.get("forward"))
+            or (_out_of_memory(self.mode_errors.get("reverse")) and "forward" in self.mode_errors)
+        ):
+            if not self._halve_batches():
+                break
+            self.mode_errors = {}
+            timings = self._time_modes()
         if self.world_size > 1:
             t = timings.clone().nan_to_num(posinf=1e30).to(self.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -771,6 +822,29 @@ class HessianOperator:
         if chosen == "forward":
             self._graph = None  # built while timing reverse mode; not needed
         return chosen
+
+    def _time_modes(self) -> Tensor:
+        """Seconds of one product of each mode (forward, reverse) on the first batch."""
+        timings = torch.full((2,), math.inf, dtype=F64)
+        if not self._batches:
+            return timings.zero_()
+        x, y = self._batches[0]
+        gen = torch.Generator().manual_seed(12345)
+        v = torch.randn(1, self.dim, generator=gen, dtype=F64).to(self.device)
+        for i, mode in enumerate(("forward", "reverse")):
+            try:
+                with self._analysis_mode():
+                    self._batch_products(mode, 0, x, y, v, True)  # warm-up (builds caches)
+                    self._sync()
+                    start = time.perf_counter()
+                    self._batch_products(mode, 0, x, y, v, True)
+                    self._sync()
+                    timings[i] = time.perf_counter() - start
+            except Exception as exc:  # a module without forward-mode support, say
+                self.mode_errors[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+        return timings
 
     def _mode_key(self) -> tuple | None:
         """What the fastest HVP mode depends on: model, shapes, dtype, device, loss."""
@@ -815,6 +889,7 @@ class HessianOperator:
             "num_examples": self.num_examples,
             "num_batches": self.num_batches,
             "max_batch_size": max(self.batch_sizes),
+            "batches_halved": self.batches_halved,
             "bn_mode": self.bn_mode,
             "loss": self.loss_name,
             "weight_decay": self.weight_decay,
@@ -864,6 +939,10 @@ def _fold_agrees(
     loss_ok = abs(loss1 - loss2) <= PREFLIGHT_ATOL + loss_rtol * abs(loss1)
     diff = torch.linalg.vector_norm(grad1 - grad2)
     return loss_ok and bool(diff <= PREFLIGHT_ATOL + grad_rtol * torch.linalg.vector_norm(grad1))
+
+
+def _out_of_memory(error: str | None) -> bool:
+    return error is not None and error.startswith("OutOfMemoryError")
 
 
 def _live_graph(

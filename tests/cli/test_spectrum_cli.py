@@ -209,7 +209,7 @@ def model():''',
 ).replace("return nn.Sequential(", "return SmallDevice(")
 
 
-def test_running_out_of_device_memory_is_a_one_line_error_that_names_the_way_out(tmp_path):
+def test_data_that_does_not_fit_in_device_memory_is_read_in_smaller_batches(tmp_path):
     code = tmp_path / "small.py"
     code.write_text(SMALL_DEVICE_CODE)
     namespace: dict = {}
@@ -217,10 +217,23 @@ def test_running_out_of_device_memory_is_a_one_line_error_that_names_the_way_out
     torch.save(namespace["model"]().state_dict(), tmp_path / "weights.pt")
     args = ["spectrum", str(tmp_path / "weights.pt"), "--model", f"{code}:model"]
     args += ["--data", f"{code}:data", "--k", "2", "--probes", "1", "--lanczos-steps", "4"]
-    args += ["--trace-probes", "6", "--device", "cpu"]
-    result = runner.invoke(app, args)  # all 40 examples as one batch
+    args += ["--trace-probes", "6", "--device", "cpu", "--dtype", "float64"]
+    # all 40 examples as one batch (the default) do not fit: halved twice, in one line each
+    result = runner.invoke(app, [*args, "--json", str(tmp_path / "auto.json")])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    warnings = [line for line in lines if line.startswith("warning: a batch of")]
+    assert len(warnings) == 2 and "batches of at most 10" in warnings[1]
+    assert not any("RuntimeWarning" in line for line in lines)  # no file:line: lines
+    result = runner.invoke(app, [*args, "--batch-size", "10", "--json", str(tmp_path / "10.json")])
+    assert result.exit_code == 0, result.output
+    auto, fixed = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("auto", "10"))
+    assert auto["eigenvalues"] == pytest.approx(fixed["eigenvalues"], rel=1e-10)
+    assert auto["meta"]["extra"]["batches_halved"] == 2
+    # in batch-statistics mode the partition is fixed: a one-line error naming the way out
+    result = runner.invoke(app, [*args, "--bn-mode", "batch"])
     assert result.exit_code == 2
     assert result.output.strip().splitlines()[-1] == f"error: {OUT_OF_MEMORY}"
     assert "Traceback" not in result.output
-    result = runner.invoke(app, [*args, "--batch-size", "16"])
+    result = runner.invoke(app, [*args, "--bn-mode", "batch", "--batch-size", "16"])
     assert result.exit_code == 0, result.output

@@ -338,9 +338,50 @@ def test_block_products_halve_the_block_when_memory_runs_out(case, mode, batch_s
     assert op.hvp_count == 7
 
 
-def test_a_single_product_that_runs_out_of_memory_is_not_retried(case):
+def test_products_that_never_fit_raise_once_blocks_and_batches_are_down_to_one(case):
     op = HessianOperator(case.model, case.data, dtype="float64", max_block_size=4)
     _fail_blocks_larger_than(op, 0)
     with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
         op.hvp_block(torch.ones(3, op.dim, dtype=F64))
     assert op.max_block_size == 1
+    assert [len(y) for _, y in op._batches] == [1] * len(case.y)
+
+
+class SmallDevice(nn.Module):
+    """``model`` on a device whose memory holds at most ``limit`` examples at a time."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.net, self.limit = model, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] > self.limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return self.net(x)
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
+def test_batches_that_do_not_fit_in_device_memory_are_halved(case, mode):
+    n = len(case.y)
+    small = SmallDevice(case.model, limit=n // 3).eval()  # fits after two halvings
+    gen = torch.Generator().manual_seed(4)
+    V = torch.randn(3, case.H.shape[0], generator=gen, dtype=F64)
+    with pytest.warns(RuntimeWarning, match="does not fit in device memory"):
+        op = HessianOperator(small, case.data, dtype="float64", hvp_mode=mode)
+        HV = op.hvp_block(V)
+    assert op.batches_halved == 2 and op.describe()["batches_halved"] == 2
+    assert max(len(y) for _, y in op._batches) <= n // 3
+    assert rel(HV, V @ case.H) <= 1e-10
+    loss, gradient = op.loss_and_gradient()
+    whole = HessianOperator(case.model, case.data, dtype="float64")
+    expected_loss, expected_gradient = whole.loss_and_gradient()
+    assert loss == pytest.approx(expected_loss, rel=1e-13)
+    assert rel(gradient, expected_gradient) <= 1e-12
+
+
+def test_batch_statistics_mode_keeps_its_batches_when_memory_runs_out(cnn_case):
+    small = SmallDevice(cnn_case.model, limit=16)
+    with pytest.raises(torch.OutOfMemoryError):  # the partition is part of the function
+        HessianOperator(small, cnn_case.data, dtype="float64", bn_mode="batch")
+    op = HessianOperator(small, cnn_case.data, dtype="float64", bn_mode="batch", batch_size=16)
+    assert op.batches_halved == 0
