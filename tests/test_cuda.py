@@ -248,3 +248,31 @@ def test_a_batch_that_does_not_fit_on_the_gpu_is_halved():
     assert op.batches_halved >= 1
     error = torch.linalg.vector_norm(Hv - expected) / torch.linalg.vector_norm(expected)
     assert float(error) <= 1e-10
+
+
+def test_a_landscape_block_that_does_not_fit_on_the_gpu_is_split():
+    """A real CUDA out-of-memory error in a vmapped block of grid points splits the block."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1024, 3, 32, 32, generator=gen, dtype=F64).cuda()
+    y = torch.randint(0, 10, (1024,), generator=gen).cuda()
+    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).to(F64).cuda().eval()
+    options = {"grid": 5, "seed": 0}
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    whole = landscape(model, (x, y), 2, chunk_size=25, **options)  # all 25 points at once
+    block = torch.cuda.max_memory_allocated() - base
+    torch.cuda.empty_cache()
+    cap = torch.cuda.memory_reserved() + block / 4
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    try:
+        with pytest.warns(RuntimeWarning, match="grid points per call"):
+            split = landscape(model, (x, y), 2, chunk_size=25, **options)
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert split.complete
+    np.testing.assert_allclose(np.asarray(split.loss), np.asarray(whole.loss), rtol=1e-10)

@@ -33,6 +33,7 @@ at ``(x[i], y[j])``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from torch import Tensor, nn
 
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
+from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size
 from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
@@ -624,6 +626,22 @@ def landscape(
             )
 
         last_save = time.perf_counter()
+        fitting = FittingRows("grid points")  # a block that does not fit is split
+
+        def evaluate_rows(
+            flat: Tensor, buffers: dict[str, Tensor], rows: slice
+        ) -> tuple[Tensor, Tensor]:
+            return evaluate_parameter_sets(
+                evaluator,
+                layout,
+                flat[rows],
+                batches,
+                loss_fn,
+                classification=classification,
+                buffers={name: value[rows] for name, value in buffers.items()},
+                vectorize=vectorize,
+            )
+
         if progress is not None:
             progress(int(computed.sum()))
         for round_start in range(0, len(blocks), world):
@@ -641,16 +659,9 @@ def landscape(
                     ).to(dtype)
                     for name, value in plan.buffer_direction.items()
                 }
-                values, accs = evaluate_parameter_sets(
-                    evaluator,
-                    layout,
-                    flat,
-                    batches,
-                    loss_fn,
-                    classification=classification,
-                    buffers=buffers,
-                    vectorize=vectorize,
-                )
+                parts = fitting.run(functools.partial(evaluate_rows, flat, buffers), 0, len(mine))
+                values = torch.cat([result[0] for _, result in parts])
+                accs = torch.cat([result[1] for _, result in parts])
             else:
                 values = accs = torch.zeros(0, dtype=torch.float64)
             parts = [(mine.tolist(), values.tolist(), accs.tolist())]

@@ -49,6 +49,7 @@ from torch.func import functional_call, grad, vmap
 
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors
+from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size
 from ..errors import check
 from ..precision import ieee_float32
@@ -694,15 +695,16 @@ def m_sharpness(
     chunks = list(chunk_slices(num_subsets, chunk_size))[rank::world]  # round robin
     looped = contextlib.nullcontext() if vectorize else sub.looped()
     with analysis_mode(model) as mode, looped as at:
-        for sl in chunks:
-            rows = sl.stop - sl.start
+
+        def maximize(sl: slice) -> _Ascent:
+            """The maximizations of the subsets in ``sl``, vectorized (or one subset)."""
             if vectorize:
                 oracle = _vmap_oracle(subset_loss, xs[sl], ys[sl])
             else:
                 oracle = _loop_oracle(at, xs[sl.start], ys[sl.start])
-            result = _ascend(
+            return _ascend(
                 oracle,
-                rows,
+                sl.stop - sl.start,
                 layout.size,
                 theta,
                 pset,
@@ -711,14 +713,19 @@ def m_sharpness(
                 restarts=restarts,
                 seeds=[(seed, j) for j in range(sl.start, sl.stop)],
             )
-            clean_loss[sl] = result.clean_loss.cpu()
-            clean_wrong[sl] = result.clean_wrong.cpu()
-            best_loss[sl] = result.best_loss.cpu()
-            best_wrong[sl] = result.best_wrong.cpu()
-            grad_passes += result.grad_calls * rows / num_subsets
-            value_passes += result.value_calls * rows / num_subsets
-            if progress is not None:
-                progress(rows)
+
+        fitting = FittingRows("subsets")  # a chunk that does not fit is split
+        for chunk in chunks:
+            for sl, result in fitting.run(maximize, chunk.start, chunk.stop):
+                rows = sl.stop - sl.start
+                clean_loss[sl] = result.clean_loss.cpu()
+                clean_wrong[sl] = result.clean_wrong.cpu()
+                best_loss[sl] = result.best_loss.cpu()
+                best_wrong[sl] = result.best_wrong.cpu()
+                grad_passes += result.grad_calls * rows / num_subsets
+                value_passes += result.value_calls * rows / num_subsets
+                if progress is not None:
+                    progress(rows)
     if world > 1:
         arrays = (clean_loss, clean_wrong, best_loss, best_wrong)
         mine = torch.tensor(

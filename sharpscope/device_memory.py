@@ -1,0 +1,67 @@
+"""Vectorized work that adapts to device memory.
+
+The analyses evaluate many rows at once (grid points of a landscape, subsets of
+m-sharpness), one ``vmap`` call per chunk, and their default chunk sizes are guesses:
+what fits depends on the model, the batch and the device. :class:`FittingRows` runs a
+chunk whole and, when a call runs out of device memory (``torch.OutOfMemoryError``),
+halves the rows per call from then on and redoes the rows that failed.
+Each row's value is the same function of its own inputs in any company, so only the
+rounding of the vectorized kernels can differ. (HessianOperator does the same for its
+blocks of vectors and, in eval mode, for its batches.)
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import TypeVar
+
+import torch
+
+R = TypeVar("R")
+
+
+class FittingRows:
+    """The most rows one vectorized call may take: unbounded until a call runs out of
+    device memory, then halved each time that happens (down to one row, whose failure
+    is final).
+
+    >>> fit = FittingRows("points")
+    >>> [(s.start, s.stop, r) for s, r in fit.run(lambda s: s.stop - s.start, 2, 7)]
+    [(2, 7, 5)]
+    >>> fit.most is None
+    True
+    """
+
+    def __init__(self, what: str, most: int | None = None) -> None:
+        self.what = what
+        self.most = most
+        self.halvings = 0
+
+    def run(self, compute: Callable[[slice], R], start: int, stop: int) -> list[tuple[slice, R]]:
+        """``compute`` on consecutive slices covering ``range(start, stop)``, each as large
+        as fits; returns ``(slice, result)`` in order."""
+        parts: list[tuple[slice, R]] = []
+        while start < stop:
+            size = stop - start if self.most is None else min(self.most, stop - start)
+            part = slice(start, start + size)
+            try:
+                parts.append((part, compute(part)))
+            except torch.OutOfMemoryError:
+                if size <= 1:
+                    raise
+            else:
+                start += size
+                continue
+            # here the failed call's tensors are free (the exception is gone)
+            self.most = size // 2
+            self.halvings += 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            warnings.warn(
+                f"out of device memory with {size} {self.what} per call; "
+                f"{self.most} per call from now on",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return parts

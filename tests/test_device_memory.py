@@ -1,0 +1,106 @@
+"""Vectorized analyses that run out of device memory split their chunks and go on.
+
+The out-of-memory errors here are injected (the CPU has none to run out of) at the
+vectorized call; tests/test_cuda.py runs the real thing against a capped CUDA allocator.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+from torch import nn
+
+from sharpscope.analysis.landscape import landscape
+from sharpscope.analysis.msharpness import m_sharpness
+from sharpscope.device_memory import FittingRows
+
+F64 = torch.float64
+# the modules themselves (sharpscope.analysis exports functions of the same names)
+landscape_module = importlib.import_module("sharpscope.analysis.landscape")
+msharpness_module = importlib.import_module("sharpscope.analysis.msharpness")
+
+
+def out_of_memory() -> torch.OutOfMemoryError:
+    return torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+
+def test_fitting_rows_halve_until_a_call_fits_and_keep_that_size():
+    seen: list[tuple[int, int]] = []
+
+    def compute(rows: slice) -> int:
+        seen.append((rows.start, rows.stop))
+        if rows.stop - rows.start > 3:
+            raise out_of_memory()
+        return rows.stop - rows.start
+
+    fit = FittingRows("points")
+    with pytest.warns(RuntimeWarning) as record:
+        parts = fit.run(compute, 0, 10)
+    assert [str(w.message) for w in record] == [
+        "out of device memory with 10 points per call; 5 per call from now on",
+        "out of device memory with 5 points per call; 2 per call from now on",
+    ]
+    assert [(s.start, s.stop) for s, _ in parts] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
+    assert seen[:2] == [(0, 10), (0, 5)] and fit.most == 2 and fit.halvings == 2
+    assert [(s.start, s.stop) for s, _ in fit.run(compute, 10, 13)] == [(10, 12), (12, 13)]
+
+
+def test_a_single_row_that_does_not_fit_is_final():
+    def compute(rows: slice) -> None:
+        raise out_of_memory()
+
+    with pytest.raises(torch.OutOfMemoryError), pytest.warns(RuntimeWarning):
+        FittingRows("subsets").run(compute, 0, 4)
+
+
+def net_and_data():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(F64)
+    gen = torch.Generator().manual_seed(1)
+    return net, torch.randn(48, 5, generator=gen, dtype=F64), torch.randint(0, 3, (48,))
+
+
+def test_a_landscape_block_that_does_not_fit_is_split(monkeypatch):
+    net, x, y = net_and_data()
+    kwargs = {"grid": 5, "vectorize": True, "chunk_size": 25}
+    whole = landscape(net, (x, y), 2, **kwargs)
+    evaluate = landscape_module.evaluate_parameter_sets
+    calls: list[int] = []
+
+    def small_device(model, layout, flat, *args, **kw):
+        calls.append(len(flat))
+        if len(flat) > 6:
+            raise out_of_memory()
+        return evaluate(model, layout, flat, *args, **kw)
+
+    monkeypatch.setattr(landscape_module, "evaluate_parameter_sets", small_device)
+    with pytest.warns(RuntimeWarning, match="grid points per call"):
+        split = landscape(net, (x, y), 2, **kwargs)
+    assert calls[:3] == [25, 12, 6] and max(calls[3:]) <= 6
+    assert split.complete
+    torch.testing.assert_close(split.loss, whole.loss, rtol=1e-13, atol=0)
+    torch.testing.assert_close(split.accuracy, whole.accuracy, rtol=0, atol=0)
+
+
+def test_an_m_sharpness_chunk_that_does_not_fit_is_split(monkeypatch):
+    net, x, y = net_and_data()
+    kwargs = {"m": 4, "rho": 0.1, "steps": 3, "random_start": True, "chunk_size": 12}
+    whole = m_sharpness(net, (x, y), **kwargs)
+    ascend = msharpness_module._ascend
+    rows_per_call: list[int] = []
+
+    def small_device(oracle, rows, *args, **kw):
+        rows_per_call.append(rows)
+        if rows > 3:
+            raise out_of_memory()
+        return ascend(oracle, rows, *args, **kw)
+
+    monkeypatch.setattr(msharpness_module, "_ascend", small_device)
+    with pytest.warns(RuntimeWarning, match="subsets per call"):
+        split = m_sharpness(net, (x, y), **kwargs)
+    assert rows_per_call[:3] == [12, 6, 3] and max(rows_per_call[3:]) <= 3
+    torch.testing.assert_close(split.per_subset, whole.per_subset, rtol=1e-12, atol=1e-15)
+    assert split.sharpness == pytest.approx(whole.sharpness, rel=1e-12)
+    assert split.num_gradient_passes == pytest.approx(whole.num_gradient_passes, rel=1e-12)
