@@ -54,7 +54,7 @@ class FittingRows:
                 start += size
                 continue
             # here the failed call's tensors are free (the exception is gone)
-            self.most = size // 2
+            self.most = (size + 1) // 2
             self.halvings += 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()

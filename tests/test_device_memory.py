@@ -40,11 +40,11 @@ def test_fitting_rows_halve_until_a_call_fits_and_keep_that_size():
         parts = fit.run(compute, 0, 10)
     assert [str(w.message) for w in record] == [
         "out of device memory with 10 points per call; 5 per call from now on",
-        "out of device memory with 5 points per call; 2 per call from now on",
+        "out of device memory with 5 points per call; 3 per call from now on",
     ]
-    assert [(s.start, s.stop) for s, _ in parts] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10)]
-    assert seen[:2] == [(0, 10), (0, 5)] and fit.most == 2 and fit.halvings == 2
-    assert [(s.start, s.stop) for s, _ in fit.run(compute, 10, 13)] == [(10, 12), (12, 13)]
+    assert [(s.start, s.stop) for s, _ in parts] == [(0, 3), (3, 6), (6, 9), (9, 10)]
+    assert seen[:2] == [(0, 10), (0, 5)] and fit.most == 3 and fit.halvings == 2
+    assert [(s.start, s.stop) for s, _ in fit.run(compute, 10, 14)] == [(10, 13), (13, 14)]
 
 
 def test_a_single_row_that_does_not_fit_is_final():
@@ -78,7 +78,7 @@ def test_a_landscape_block_that_does_not_fit_is_split(monkeypatch):
     monkeypatch.setattr(landscape_module, "evaluate_parameter_sets", small_device)
     with pytest.warns(RuntimeWarning, match="grid points per call"):
         split = landscape(net, (x, y), 2, **kwargs)
-    assert calls[:3] == [25, 12, 6] and max(calls[3:]) <= 6
+    assert calls[:4] == [25, 13, 7, 4] and max(calls[4:]) <= 4
     assert split.complete
     torch.testing.assert_close(split.loss, whole.loss, rtol=1e-13, atol=0)
     torch.testing.assert_close(split.accuracy, whole.accuracy, rtol=0, atol=0)

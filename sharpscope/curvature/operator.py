@@ -46,6 +46,7 @@ and losses are all-reduced: every rank gets the single-process answer.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import re
@@ -61,6 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ..data.batches import as_batches, num_examples
+from ..device_memory import FittingRows
 from ..errors import SharpscopeError
 from .fold import fold_batchnorm
 
@@ -260,7 +262,9 @@ class HessianOperator:
         # vmapped blocks pay off on accelerators; on the CPU they measured slower per vector
         # than one product at a time (bench spectrum) and multiply the memory.
         default_block = 16 if self.device.type == "cuda" else 1
-        self.max_block_size = max(1, int(max_block_size or default_block))
+        self._blocks = FittingRows(
+            "Hessian-vector products", max(1, int(max_block_size or default_block))
+        )
 
         selected: dict[str, Tensor] = {}
         consts: dict[str, Tensor] = {}
@@ -560,6 +564,11 @@ class HessianOperator:
         }
 
     # ------------------------------------------------------------- products
+    @property
+    def max_block_size(self) -> int:
+        """The most vectors per vmapped block product (halved when a block did not fit)."""
+        return int(self._blocks.most or 1)
+
     def hvp(self, v: Tensor) -> Tensor:
         """Hv (float64, on the device) for a flat vector v of length P; one full pass."""
         if v.shape != (self.dim,):
@@ -582,38 +591,11 @@ class HessianOperator:
         s = V.shape[0]
         V = V.to(self.device)
         out = torch.zeros(s, self.dim, dtype=F64, device=self.device)
-        step = self.max_block_size
         with self._analysis_mode():
             for index, ((x, y), w) in enumerate(zip(self._batches, self._weights)):
-                graph = None
-                if self.hvp_mode == "reverse" and not self._reuse_graph and s > step:
-                    graph = _live_graph(*self._gradient_graph(x, y)[1:])  # shared by blocks
-                lo = 0
-                while lo < s:
-                    step = self.max_block_size
-                    block = V[lo : lo + step]
-                    try:
-                        product = self._batch_products(
-                            self.hvp_mode,
-                            index,
-                            x,
-                            y,
-                            block,
-                            single or len(block) == 1,
-                            graph=graph,
-                            keep=lo + step < s,
-                        )
-                    except torch.OutOfMemoryError:
-                        if len(block) == 1:
-                            raise
-                        product = None  # halved below, once the exception has let go
-                    if product is None:
-                        self._halve_block_size()
-                        if graph is not None:  # a failed backward may have freed it
-                            graph = _live_graph(*self._gradient_graph(x, y)[1:])
-                        continue
-                    out[lo : lo + len(block)] += w * product
-                    lo += len(block)
+                blocks = functools.partial(self._block_products, index, x, y, V, single, {})
+                for rows, product in self._blocks.run(blocks, 0, s):
+                    out[rows] += w * product
         self._all_reduce(out)
         if self.weight_decay:
             out += self.weight_decay * V.to(F64)
@@ -622,6 +604,40 @@ class HessianOperator:
         if self.progress is not None:
             self.progress(s)
         return out
+
+    def _block_products(
+        self,
+        index: int,
+        x: Tensor,
+        y: Tensor,
+        V: Tensor,
+        single: bool,
+        shared: dict[str, Any],
+        rows: slice,
+    ) -> Tensor:
+        """H_b V[rows] for batch ``index``; ``shared`` holds the gradient graph that the
+        blocks of one reverse-mode call share (rebuilt after a block that failed)."""
+        graph = None
+        s = V.shape[0]
+        if self.hvp_mode == "reverse" and not self._reuse_graph and s > 1:
+            if "graph" not in shared:
+                shared["graph"] = _live_graph(*self._gradient_graph(x, y)[1:])
+            graph = shared["graph"]
+        block = V[rows]
+        try:
+            return self._batch_products(
+                self.hvp_mode,
+                index,
+                x,
+                y,
+                block,
+                single or len(block) == 1,
+                graph=graph,
+                keep=rows.stop < s,
+            )
+        except torch.OutOfMemoryError:
+            shared.pop("graph", None)  # a failed backward may have freed it
+            raise
 
     # ------------------------------------------------------- device memory
     def _fitting(self, compute: Callable[[], _T]) -> _T:
@@ -666,18 +682,6 @@ class HessianOperator:
             stacklevel=2,
         )
         return True
-
-    def _halve_block_size(self) -> None:
-        """A block product ran out of device memory: use blocks half as large from now on."""
-        self.max_block_size = max(1, self.max_block_size // 2)
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        warnings.warn(
-            f"out of device memory in a block of Hessian-vector products; blocks of "
-            f"{self.max_block_size} from now on",
-            RuntimeWarning,
-            stacklevel=2,
-        )
 
     def _batch_products(
         self,
