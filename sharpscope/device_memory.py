@@ -1,13 +1,13 @@
 """Vectorized work that adapts to device memory.
 
 The analyses evaluate many rows at once (grid points of a landscape, subsets of
-m-sharpness), one ``vmap`` call per chunk, and their default chunk sizes are guesses:
-what fits depends on the model, the batch and the device. :class:`FittingRows` runs a
-chunk whole and, when a call runs out of device memory (``torch.OutOfMemoryError``),
-halves the rows per call from then on and redoes the rows that failed.
-Each row's value is the same function of its own inputs in any company, so only the
-rounding of the vectorized kernels can differ. (HessianOperator does the same for its
-blocks of vectors and, in eval mode, for its batches.)
+m-sharpness, vectors of a block of Hessian-vector products), one ``vmap`` call per
+chunk, and their default chunk sizes are guesses: what fits depends on the model, the
+batch and the device. :class:`FittingRows` runs a chunk whole and, when a call runs out
+of memory (:func:`is_out_of_memory`), halves the rows per call from then on and redoes
+the rows that failed. Each row's value is the same function of its own inputs in any
+company, so only the rounding of the vectorized kernels can differ. (HessianOperator
+also halves its batches, in eval mode, when a single product does not fit.)
 """
 
 from __future__ import annotations
@@ -19,6 +19,20 @@ from typing import TypeVar
 import torch
 
 R = TypeVar("R")
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the memory ran out: ``torch.OutOfMemoryError`` (CUDA), or the
+    CPU allocator refusing an allocation (a ``RuntimeError``, "can't allocate memory").
+
+    >>> is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory"))
+    True
+    >>> is_out_of_memory(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+    False
+    """
+    return isinstance(exc, torch.OutOfMemoryError) or (
+        isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
+    )
 
 
 class FittingRows:
@@ -47,8 +61,8 @@ class FittingRows:
             part = slice(start, start + size)
             try:
                 parts.append((part, compute(part)))
-            except torch.OutOfMemoryError:
-                if size <= 1:
+            except RuntimeError as exc:
+                if size <= 1 or not is_out_of_memory(exc):
                     raise
             else:
                 start += size

@@ -5,8 +5,8 @@ data-loading flags with the ``*Opt`` aliases below and load through
 :func:`load_inputs_from_flags`, so the flags read the same in every command.
 
 Commands decorate their function with :func:`guarded`, which turns a
-:class:`~sharpscope.errors.SharpscopeError`, a missing file or running out of device
-memory into one line on stderr and exit code 2 (``sharpscope --debug ...`` shows the
+:class:`~sharpscope.errors.SharpscopeError`, a missing file or running out of memory
+into one line on stderr and exit code 2 (``sharpscope --debug ...`` shows the
 traceback instead).
 """
 
@@ -27,6 +27,7 @@ from torch import nn
 
 from ..data import DataSplit, load_data
 from ..data.batches import Batch, as_batches
+from ..device_memory import is_out_of_memory
 from ..errors import SharpscopeError
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta, atomic_write_bytes, to_jsonable
@@ -37,7 +38,7 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 OUT_OF_MEMORY = (
-    "out of device memory; try a smaller --batch-size N (the analyses read all examples "
+    "out of memory; try a smaller --batch-size N (the analyses read all examples "
     "as one batch unless given one), fewer --samples N, or --device cpu"
 )
 
@@ -74,8 +75,8 @@ def guarded(fn: F) -> F:
             if DEBUG["enabled"]:
                 raise
             fail(f"file not found: {exc.filename or exc}")
-        except torch.OutOfMemoryError:
-            if DEBUG["enabled"]:
+        except RuntimeError as exc:
+            if DEBUG["enabled"] or not is_out_of_memory(exc):
                 raise
             fail(OUT_OF_MEMORY)
         except KeyboardInterrupt:

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ..data.batches import as_batches, num_examples
-from ..device_memory import FittingRows
+from ..device_memory import FittingRows, is_out_of_memory
 from ..errors import SharpscopeError
 from .fold import fold_batchnorm
 
@@ -532,9 +532,11 @@ class HessianOperator:
                 else:
                     self.module, self.bn_folded, self.bn_fold_rejected = self._unfolded, [], True
                 loss2, grad2 = self.loss_and_gradient(keep_graph=keep_graph)
-        except (SharpscopeError, torch.OutOfMemoryError):
-            raise  # running out of memory is no fault of the model's
+        except SharpscopeError:
+            raise
         except Exception as exc:  # the user's model or loss does not run on this data
+            if is_out_of_memory(exc):
+                raise  # no fault of the model's: _fitting reads smaller batches
             raise SharpscopeError(
                 f"the model or loss failed on the data: {type(exc).__name__}: "
                 f"{str(exc).splitlines()[0] if str(exc) else ''}"
@@ -635,7 +637,7 @@ class HessianOperator:
                 graph=graph,
                 keep=rows.stop < s,
             )
-        except torch.OutOfMemoryError:
+        except RuntimeError:
             shared.pop("graph", None)  # a failed backward may have freed it
             raise
 
@@ -651,7 +653,9 @@ class HessianOperator:
         while True:
             try:
                 return compute()
-            except torch.OutOfMemoryError as exc:
+            except RuntimeError as exc:
+                if not is_out_of_memory(exc):
+                    raise
                 message = str(exc).splitlines()[0] if str(exc) else "out of memory"
             # here the failed attempt's tensors are free (the exception is gone)
             if not self._halve_batches():
@@ -768,9 +772,9 @@ class HessianOperator:
                         is_grads_batched=True,
                     )
                 return self._scatter([hv], s, batched=True)
-            except torch.OutOfMemoryError:
-                raise  # _products halves the block
-            except RuntimeError:  # an op without a batched backward: one vector at a time
+            except RuntimeError as exc:  # an op without a batched backward: one at a time
+                if is_out_of_memory(exc):
+                    raise  # the block is halved instead
                 rows = []
                 for i in range(s):
                     rows.append(
@@ -816,7 +820,7 @@ class HessianOperator:
             "reverse": float(timings[1]),
         }
         if not bool(torch.isfinite(timings).any()) or float(timings.min()) >= 1e30:
-            if all(e.startswith("OutOfMemoryError") for e in self.mode_errors.values()):
+            if all(_out_of_memory(e) for e in self.mode_errors.values()):
                 raise torch.OutOfMemoryError(self.mode_errors["reverse"])
             raise SharpscopeError(
                 "cannot compute Hessian-vector products for this model and loss: "
@@ -946,7 +950,10 @@ def _fold_agrees(
 
 
 def _out_of_memory(error: str | None) -> bool:
-    return error is not None and error.startswith("OutOfMemoryError")
+    """Whether a recorded error message (``Type: message``) says the memory ran out."""
+    return error is not None and (
+        error.startswith("OutOfMemoryError") or "can't allocate memory" in error
+    )
 
 
 def _live_graph(

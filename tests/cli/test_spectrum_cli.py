@@ -197,11 +197,12 @@ def test_help_lists_the_interface_flags():
 SMALL_DEVICE_CODE = USER_CODE.replace(
     "def model():",
     '''class SmallDevice(nn.Sequential):
-    """Runs out of device memory on more than 16 examples at a time."""
+    """Runs out of memory on more than 16 examples at a time (a real allocation that fails:
+    2^50 bytes is more than any process can address)."""
 
     def forward(self, x):
         if x.shape[0] > 16:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+            torch.empty(2**50, dtype=torch.uint8)
         return super().forward(x)
 
 

@@ -348,22 +348,29 @@ def test_products_that_never_fit_raise_once_blocks_and_batches_are_down_to_one(c
 
 
 class SmallDevice(nn.Module):
-    """``model`` on a device whose memory holds at most ``limit`` examples at a time."""
+    """``model`` on a device whose memory holds at most ``limit`` examples at a time.
 
-    def __init__(self, model: nn.Module, limit: int) -> None:
+    Beyond that it runs out of memory: on "cuda" the error is injected; on "cpu" the
+    allocation is real and fails (2^50 bytes is more than any process can address).
+    """
+
+    def __init__(self, model: nn.Module, limit: int, device: str = "cuda") -> None:
         super().__init__()
-        self.net, self.limit = model, limit
+        self.net, self.limit, self.device = model, limit, device
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] > self.limit:
+            if self.device == "cpu":
+                torch.empty(2**50, dtype=torch.uint8)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
         return self.net(x)
 
 
+@pytest.mark.parametrize("device", ["cuda", "cpu"])
 @pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
-def test_batches_that_do_not_fit_in_device_memory_are_halved(case, mode):
+def test_batches_that_do_not_fit_in_device_memory_are_halved(case, mode, device):
     n = len(case.y)
-    small = SmallDevice(case.model, limit=n // 3).eval()  # fits after two halvings
+    small = SmallDevice(case.model, n // 3, device).eval()  # fits after two halvings
     gen = torch.Generator().manual_seed(4)
     V = torch.randn(3, case.H.shape[0], generator=gen, dtype=F64)
     with pytest.warns(RuntimeWarning, match="does not fit in device memory"):
