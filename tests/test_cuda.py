@@ -8,7 +8,9 @@ against a float64 answer computed independently of that path.
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import functools
 
 import numpy as np
 import pytest
@@ -18,7 +20,7 @@ from torch import nn
 from sharpscope.analysis.landscape import landscape
 from sharpscope.analysis.msharpness import m_sharpness
 from sharpscope.analysis.spectrum import hessian_trace, spectral_density, top_eigenvalues
-from sharpscope.curvature import dense_hessian
+from sharpscope.curvature import HessianOperator, dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
@@ -181,98 +183,85 @@ def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkey
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training
 
 
-def test_block_products_shrink_when_the_gpu_runs_out_of_memory():
-    """A real CUDA out-of-memory error (the allocator capped) halves the HVP block."""
-    from sharpscope.curvature import HessianOperator
-
+def _cifar_sized_cnn(n: int, dtype: torch.dtype = torch.float32):
+    """The registry's CNN (width 16, no BatchNorm) and n random 3x32x32 images, on CUDA."""
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(512, 3, 32, 32, generator=gen).cuda()
-    y = torch.randint(0, 10, (512,), generator=gen).cuda()
-    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).cuda().eval()
-    op = HessianOperator(model, (x, y), dtype="float64", hvp_mode="forward", max_block_size=64)
-    V = torch.randn(64, op.dim, generator=gen, dtype=F64).cuda()
-    expected = torch.stack([op.hvp(v) for v in V[:4]])  # single products: the reference
+    x = torch.randn(n, 3, 32, 32, generator=gen, dtype=dtype).cuda()
+    y = torch.randint(0, 10, (n,), generator=gen).cuda()
+    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).to(dtype).cuda().eval()
+    return model, x, y, gen
+
+
+def _peak_bytes(compute):
+    """``compute()`` and the most CUDA memory it allocated beyond what was allocated before."""
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
-    op.hvp_block(V[:2])
-    per_vector = (torch.cuda.max_memory_allocated() - base) / 2
+    result = compute()
+    return result, torch.cuda.max_memory_allocated() - base
+
+
+@contextlib.contextmanager
+def _gpu_memory_capped(extra_bytes: float):
+    """Let PyTorch's CUDA allocator hold only what it holds now plus ``extra_bytes``."""
     torch.cuda.empty_cache()
-    cap = torch.cuda.memory_reserved() + 8 * per_vector
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap / total)
+    cap = torch.cuda.memory_reserved() + extra_bytes
+    torch.cuda.set_per_process_memory_fraction(
+        cap / torch.cuda.get_device_properties(0).total_memory
+    )
     try:
-        with pytest.warns(RuntimeWarning, match="out of device memory"):
-            HV = op.hvp_block(V)
+        yield
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
+
+
+def _relative_error(found: torch.Tensor, expected: torch.Tensor) -> float:
+    return float(torch.linalg.vector_norm(found - expected) / torch.linalg.vector_norm(expected))
+
+
+def test_block_products_shrink_when_the_gpu_runs_out_of_memory():
+    """A real CUDA out-of-memory error (the allocator capped) halves the HVP block."""
+    model, x, y, gen = _cifar_sized_cnn(512)
+    op = HessianOperator(model, (x, y), dtype="float64", hvp_mode="forward", max_block_size=64)
+    V = torch.randn(64, op.dim, generator=gen, dtype=F64).cuda()
+    expected = torch.stack([op.hvp(v) for v in V[:4]])  # single products: the reference
+    _, two = _peak_bytes(lambda: op.hvp_block(V[:2]))
+    with (
+        _gpu_memory_capped(8 * two / 2),
+        pytest.warns(RuntimeWarning, match="Hessian-vector products per call"),
+    ):
+        HV = op.hvp_block(V)
     assert 1 <= op.max_block_size <= 8
     assert op.hvp_count == 4 + 2 + 64
-    error = torch.linalg.vector_norm(HV[:4] - expected) / torch.linalg.vector_norm(expected)
-    assert float(error) <= 1e-10  # float64: the blocks' rows are the single products
+    assert _relative_error(HV[:4], expected) <= 1e-10  # float64: rows are the single products
 
 
 def test_a_batch_that_does_not_fit_on_the_gpu_is_halved():
     """A real CUDA out-of-memory error in a single product halves the batches (eval mode)."""
-    from sharpscope.curvature import HessianOperator
-
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 3, 32, 32, generator=gen).cuda()
-    y = torch.randint(0, 10, (1024,), generator=gen).cuda()
-    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).cuda().eval()
+    model, x, y, gen = _cifar_sized_cnn(1024)
     kwargs = {"dtype": "float64", "hvp_mode": "forward", "max_block_size": 1}
     whole = HessianOperator(model, (x, y), **kwargs)
     v = torch.randn(whole.dim, generator=gen, dtype=F64).cuda()
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    expected = whole.hvp(v)
-    one_product = torch.cuda.max_memory_allocated() - base
+    expected, one_product = _peak_bytes(functools.partial(whole.hvp, v))
     del whole
-    torch.cuda.empty_cache()
-    cap = torch.cuda.memory_reserved() + 0.7 * one_product
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap / total)
-    try:
+    with _gpu_memory_capped(0.7 * one_product):
         with pytest.warns(RuntimeWarning, match="does not fit in device memory"):
             op = HessianOperator(model, (x, y), **kwargs)
             Hv = op.hvp(v)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
     assert op.batches_halved >= 1
-    error = torch.linalg.vector_norm(Hv - expected) / torch.linalg.vector_norm(expected)
-    assert float(error) <= 1e-10
+    assert _relative_error(Hv, expected) <= 1e-10
 
 
 def test_a_landscape_block_that_does_not_fit_on_the_gpu_is_split():
     """A real CUDA out-of-memory error in a vmapped block of grid points splits the block."""
-    torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(1024, 3, 32, 32, generator=gen, dtype=F64).cuda()
-    y = torch.randint(0, 10, (1024,), generator=gen).cuda()
-    model = build_model({"name": "cnn", "width": 16}, (3, 32, 32), 10).to(F64).cuda().eval()
-    options = {"grid": 5, "seed": 0}
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    whole = landscape(model, (x, y), 2, chunk_size=25, **options)  # all 25 points at once
-    block = torch.cuda.max_memory_allocated() - base
-    torch.cuda.empty_cache()
-    cap = torch.cuda.memory_reserved() + block / 4
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(cap / total)
-    try:
+    model, x, y, _ = _cifar_sized_cnn(1024, F64)
+    options = {"grid": 5, "seed": 0, "chunk_size": 25}  # all 25 points in one call
+    whole, block = _peak_bytes(lambda: landscape(model, (x, y), 2, **options))
+    with _gpu_memory_capped(block / 4):
         with pytest.warns(RuntimeWarning, match="grid points per call"):
-            split = landscape(model, (x, y), 2, chunk_size=25, **options)
-    finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        torch.cuda.empty_cache()
+            split = landscape(model, (x, y), 2, **options)
     assert split.complete
     np.testing.assert_allclose(np.asarray(split.loss), np.asarray(whole.loss), rtol=1e-10)
