@@ -91,12 +91,18 @@ def loss():
 """
 
 
-def test_bare_state_dict_with_the_users_own_model_data_and_loss(tmp_path):
-    code = tmp_path / "mine.py"
-    code.write_text(USER_CODE)
+def _users_code_and_weights(tmp_path, name: str, source: str):
+    """Write the user's module and the state_dict of its model(); return the module path."""
+    code = tmp_path / name
+    code.write_text(source)
     namespace: dict = {}
-    exec(compile(USER_CODE, str(code), "exec"), namespace)
+    exec(compile(source, str(code), "exec"), namespace)
     torch.save(namespace["model"]().state_dict(), tmp_path / "weights.pt")
+    return code
+
+
+def test_bare_state_dict_with_the_users_own_model_data_and_loss(tmp_path):
+    code = _users_code_and_weights(tmp_path, "mine.py", USER_CODE)
     out = tmp_path / "s.json"
     result = runner.invoke(
         app,
@@ -211,11 +217,7 @@ def model():''',
 
 
 def test_data_that_does_not_fit_in_device_memory_is_read_in_smaller_batches(tmp_path):
-    code = tmp_path / "small.py"
-    code.write_text(SMALL_DEVICE_CODE)
-    namespace: dict = {}
-    exec(compile(SMALL_DEVICE_CODE, str(code), "exec"), namespace)
-    torch.save(namespace["model"]().state_dict(), tmp_path / "weights.pt")
+    code = _users_code_and_weights(tmp_path, "small.py", SMALL_DEVICE_CODE)
     args = ["spectrum", str(tmp_path / "weights.pt"), "--model", f"{code}:model"]
     args += ["--data", f"{code}:data", "--k", "2", "--probes", "1", "--lanczos-steps", "4"]
     args += ["--trace-probes", "6", "--device", "cpu", "--dtype", "float64"]
