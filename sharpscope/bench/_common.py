@@ -12,7 +12,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -128,6 +128,41 @@ def interleaved_median(
         if gc_was_enabled:
             gc.enable()
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+class RowLog(list):
+    """A benchmark's rows, handed (all so far) to ``on_rows`` after each addition.
+
+    ``sharpscope bench --json`` writes them as they come, so a run stopped part-way (a
+    GPU lease that ends, Ctrl-C) keeps the rows it had measured.
+
+    >>> seen = []
+    >>> rows = RowLog(lambda rows: seen.append(len(rows)))
+    >>> rows += ["a", "b"]
+    >>> rows.append("c")
+    >>> seen
+    [2, 3]
+    """
+
+    def __init__(self, on_rows: Callable[[list[BenchRow]], None] | None = None) -> None:
+        super().__init__()
+        self._on_rows = on_rows
+
+    def append(self, row: BenchRow) -> None:
+        super().append(row)
+        self._added()
+
+    def extend(self, rows: Iterable[BenchRow]) -> None:
+        super().extend(rows)
+        self._added()
+
+    def __iadd__(self, rows: Iterable[BenchRow]) -> RowLog:  # type: ignore[override]
+        self.extend(rows)
+        return self
+
+    def _added(self) -> None:
+        if self._on_rows is not None:
+            self._on_rows(list(self))
 
 
 def write_rows(rows: list[BenchRow], path: str | Path) -> Path:

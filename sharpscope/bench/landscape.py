@@ -29,12 +29,20 @@ on a GPU (``extra.default_path``). GPU rows are added when CUDA is available.
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..analysis.landscape import landscape
-from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
+from ._common import (
+    BenchRow,
+    RowLog,
+    bench_devices,
+    interleaved_median,
+    synced,
+    torch_threads,
+)
 from .msharpness import bench_data, bench_model
 
 TARGET_SPEEDUP = 2.0
@@ -47,15 +55,20 @@ def _mlp(device: str) -> Any:
     return build_model({"name": "mlp"}, (40,), 10).to(device).eval()
 
 
-def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+def run(
+    quick: bool = False,
+    devices: list[str] | None = None,
+    on_rows: Callable[[list[BenchRow]], None] | None = None,
+) -> list[BenchRow]:
     """Rows: cnn1d-bn and mlp, vectorized against the loop, on each of ``devices``.
 
-    ``devices``: where to run (default :func:`bench_devices` ``("auto")``).
+    ``devices``: where to run (default :func:`bench_devices` ``("auto")``);
+    ``on_rows``: called with all rows so far after each new row.
     """
     devices = bench_devices() if devices is None else devices
     sizes, grid = ((64, 256), 5) if quick else ((128, 1024), 11)
     repeats = 2 if quick else 3
-    rows: list[BenchRow] = []
+    rows = RowLog(on_rows)
     # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
     with torch_threads(1):
         for device, samples in itertools.product(devices, sizes):

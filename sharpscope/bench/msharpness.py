@@ -23,12 +23,20 @@ recorded. GPU rows are added when CUDA is available.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ..analysis.msharpness import m_sharpness
-from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
+from ._common import (
+    BenchRow,
+    RowLog,
+    bench_devices,
+    interleaved_median,
+    synced,
+    torch_threads,
+)
 
 TARGET_SPEEDUP_M8 = 3.0
 MODEL_SPEC = {"name": "cnn1d", "norm": "batch"}
@@ -67,10 +75,15 @@ def _relative(a: float, b: float) -> float:
     return abs(a - b) / max(abs(b), 1e-300)
 
 
-def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+def run(
+    quick: bool = False,
+    devices: list[str] | None = None,
+    on_rows: Callable[[list[BenchRow]], None] | None = None,
+) -> list[BenchRow]:
     """Rows for m ∈ {1, 8, 32, 128} (steps = 1) and an adaptive Auto-PGD case.
 
-    ``devices``: where to run (default :func:`bench_devices` ``("auto")``).
+    ``devices``: where to run (default :func:`bench_devices` ``("auto")``);
+    ``on_rows``: called with all rows so far after each new row.
     """
     devices = bench_devices() if devices is None else devices
     samples = 256 if quick else 1024
@@ -78,7 +91,7 @@ def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]
     cases: list[dict[str, Any]] = [{"m": m, "steps": 1} for m in (1, 8, 32, 128)]
     if not quick:
         cases.append({"m": 8, "steps": 5, "adaptive": True})
-    rows: list[BenchRow] = []
+    rows = RowLog(on_rows)
     # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
     with torch_threads(1):
         for device in devices:

@@ -28,7 +28,14 @@ import torch
 from torch import Tensor, nn
 
 from ..optim import BatchClosure, build_optimizer
-from ._common import BenchRow, bench_devices, interleaved_median, synced, torch_threads
+from ._common import (
+    BenchRow,
+    RowLog,
+    bench_devices,
+    interleaved_median,
+    synced,
+    torch_threads,
+)
 
 __all__ = ["run", "TARGETS"]
 
@@ -108,7 +115,11 @@ def _rho_zero_check(name: str, spec: dict[str, Any], model, x, y, val, num_data)
     return _max_weight_difference(ref, test)
 
 
-def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+def run(
+    quick: bool = False,
+    devices: list[str] | None = None,
+    on_rows: Callable[[list[BenchRow]], None] | None = None,
+) -> list[BenchRow]:
     """Time one step of every optimizer against SGD; see the module docstring.
 
     Runs with ``torch.set_num_threads(THREADS)`` (restored afterwards): the model is
@@ -125,8 +136,11 @@ def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]
         One :class:`BenchRow` per sharpness-aware variant and device (reference ``sgd``).
     """
     devices = bench_devices() if devices is None else devices
+    rows = RowLog(on_rows)
     with torch_threads(THREADS):
-        return [row for device in devices for row in _run(quick, device)]
+        for device in devices:
+            rows += _run(quick, device)
+    return list(rows)
 
 
 def _run(quick: bool, device: str) -> list[BenchRow]:

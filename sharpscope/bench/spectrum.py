@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..precision import ieee_float32
 from ._common import (
     BenchRow,
+    RowLog,
     bench_devices,
     interleaved_median,
     progress_note,
@@ -457,29 +458,35 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
     return rows
 
 
-def run(quick: bool = False, devices: list[str] | None = None) -> list[BenchRow]:
+def run(
+    quick: bool = False,
+    devices: list[str] | None = None,
+    on_rows: Callable[[list[BenchRow]], None] | None = None,
+) -> list[BenchRow]:
     """Run the spectrum benchmark; rows as described in the module docstring.
 
     ``devices``: ``"cpu"`` runs the digits case, ``"cuda"`` the ResNet-20 case
-    (default :func:`bench_devices` ``("auto")``: the CPU, and CUDA when available).
+    (default :func:`bench_devices` ``("auto")``: the CPU, and CUDA when available);
+    ``on_rows``: called with all rows so far after each group of rows.
     """
     devices = bench_devices() if devices is None else devices
-    rows: list[BenchRow] = []
+    rows = RowLog(on_rows)
     if "cpu" in devices:
         with torch_threads(THREADS):
-            rows += _case_rows(_digits_case(quick), 1 if quick else 5, quick, dense=True)
+            _case_rows(rows, _digits_case(quick), 1 if quick else 5, quick, dense=True)
     if "cuda" in devices:
         # sharpscope's analyses run in IEEE float32 (sharpscope.precision); so does the
         # reference here, for the same arithmetic
         with ieee_float32():
-            rows += _case_rows(_resnet_case(quick), 1, quick, dense=False)
-    return rows
+            _case_rows(rows, _resnet_case(quick), 1, quick, dense=False)
+    return list(rows)
 
 
-def _case_rows(case: _Case, top5_repeats: int, quick: bool, dense: bool) -> list[BenchRow]:
-    """Every row of one case: against PyHessian, costs, HVP modes (progress on stderr)."""
+def _case_rows(rows: RowLog, case: _Case, top5_repeats: int, quick: bool, dense: bool) -> None:
+    """Every row of one case, added to ``rows``: against PyHessian, costs, HVP modes
+    (progress on stderr)."""
     start = time.perf_counter()
-    rows = _top5_rows(case, top5_repeats, dense=dense)
+    rows += _top5_rows(case, top5_repeats, dense=dense)
     progress_note(f"{case.name}: top-5 against PyHessian ({time.perf_counter() - start:.0f} s)")
     grad_seconds = _grad_seconds(case, 3 if quick else 7)
     # SLQ's cost is linear in the probes; on the GPU case 4 keep the run inside a short lease
@@ -489,4 +496,3 @@ def _case_rows(case: _Case, top5_repeats: int, quick: bool, dense: bool) -> list
     progress_note(f"{case.name}: costs ({time.perf_counter() - start:.0f} s)")
     rows += _mode_rows(case, grad_seconds, 3 if quick or not dense else 7)
     progress_note(f"{case.name}: HVP modes ({time.perf_counter() - start:.0f} s)")
-    return rows

@@ -61,3 +61,13 @@ def test_bench_device_errors_are_one_line(device, message):
     result = CliRunner().invoke(app, ["bench", "landscape", "--device", device])
     assert result.exit_code != 0
     assert message in result.output and "Traceback" not in result.output
+
+
+def test_bench_rows_are_handed_out_as_they_come():
+    """`--json` is rewritten after each row, so a run stopped part-way keeps its rows."""
+    from sharpscope.bench import landscape
+
+    snapshots: list[list] = []
+    rows = landscape.run(quick=True, devices=["cpu"], on_rows=snapshots.append)
+    assert [len(s) for s in snapshots] == list(range(1, len(rows) + 1))
+    assert snapshots[-1] == rows
