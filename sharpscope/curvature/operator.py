@@ -185,7 +185,7 @@ class HessianOperator:
         max_block_size: the most vectors per vmapped block product (default 16 on CUDA,
             1 on the CPU, where vmapped blocks measured no faster per vector). A block
             that runs out of device memory is redone in blocks half as large, down to
-            single products; the attribute keeps the size that fitted.
+            single products, which then halve the batches (eval mode).
         distributed: None (auto-detect), True or False.
         progress: called with the number of products after each (block) product, e.g.
             a progress bar's ``update``; the analyses themselves print nothing.
@@ -196,6 +196,10 @@ class HessianOperator:
         hvp_count: products so far, in full passes over the data.
         grad_count: gradient passes so far.
         param_names, param_shapes: the layout of θ (``model.parameters()`` order).
+        max_block_size: vectors per vmapped block product (smaller after a block that
+            did not fit in device memory).
+        batches_halved: how often the local batches were halved because a single
+            product or gradient pass did not fit (eval mode only; same L, ∇L and Hv).
 
     Raises:
         SharpscopeError: no trainable parameters, empty data, a model or loss that fails
