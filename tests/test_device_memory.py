@@ -1,4 +1,5 @@
-"""Vectorized analyses that run out of device memory split their chunks and go on.
+"""Vectorized analyses that run out of device memory split their chunks and go on
+(landscape, m-sharpness, average-case sharpness, PAC-Bayes flatness).
 
 The out-of-memory errors here are injected (the CPU has none to run out of) at the
 vectorized call; tests/test_cuda.py runs the real thing against a capped CUDA allocator.
@@ -13,6 +14,7 @@ import torch
 from torch import nn
 
 from sharpscope.analysis.landscape import landscape
+from sharpscope.analysis.measures import average_sharpness, pac_bayes_flatness
 from sharpscope.analysis.msharpness import m_sharpness
 from sharpscope.device_memory import FittingRows
 
@@ -20,6 +22,7 @@ F64 = torch.float64
 # the modules themselves (sharpscope.analysis exports functions of the same names)
 landscape_module = importlib.import_module("sharpscope.analysis.landscape")
 msharpness_module = importlib.import_module("sharpscope.analysis.msharpness")
+measures_module = importlib.import_module("sharpscope.analysis.measures")
 
 
 def out_of_memory() -> torch.OutOfMemoryError:
@@ -104,3 +107,49 @@ def test_an_m_sharpness_chunk_that_does_not_fit_is_split(monkeypatch):
     torch.testing.assert_close(split.per_subset, whole.per_subset, rtol=1e-12, atol=1e-15)
     assert split.sharpness == pytest.approx(whole.sharpness, rel=1e-12)
     assert split.num_gradient_passes == pytest.approx(whole.num_gradient_passes, rel=1e-12)
+
+
+def test_average_sharpness_chunks_that_do_not_fit_are_split(monkeypatch):
+    net, x, y = net_and_data()
+    kwargs = {"rho": 0.2, "m": 4, "num_draws": 3, "chunk_size": 12, "seed": 1}
+    whole = average_sharpness(net, (x, y), **kwargs)
+    vmap = measures_module.vmap
+    rows_per_call: list[int] = []
+
+    def small_device_vmap(fn):
+        vectorized = vmap(fn)
+
+        def call(deltas, xs, ys):
+            rows_per_call.append(len(deltas))
+            if len(deltas) > 9:  # 3 subsets x 3 draws
+                raise out_of_memory()
+            return vectorized(deltas, xs, ys)
+
+        return call
+
+    monkeypatch.setattr(measures_module, "vmap", small_device_vmap)
+    with pytest.warns(RuntimeWarning, match="subsets per call"):
+        split = average_sharpness(net, (x, y), **kwargs)
+    assert max(rows_per_call[-4:]) <= 9  # 12 subsets, then 6, then 3 at a time
+    torch.testing.assert_close(split.per_subset, whole.per_subset, rtol=1e-12, atol=1e-15)
+    assert split.error_increase == whole.error_increase
+
+
+def test_pac_bayes_draws_that_do_not_fit_are_split(monkeypatch):
+    net, x, y = net_and_data()
+    kwargs = {"num_draws": 8, "num_halvings": 4, "seed": 2}
+    whole = pac_bayes_flatness(net, (x, y), **kwargs)
+    evaluate = measures_module.evaluate_parameter_sets
+    calls: list[int] = []
+
+    def small_device(model, layout, flat, *args, **kw):
+        calls.append(len(flat))
+        if len(flat) > 3:
+            raise out_of_memory()
+        return evaluate(model, layout, flat, *args, **kw)
+
+    monkeypatch.setattr(measures_module, "evaluate_parameter_sets", small_device)
+    with pytest.warns(RuntimeWarning, match="draws per call"):
+        split = pac_bayes_flatness(net, (x, y), **kwargs)
+    assert calls[1:4] == [8, 4, 2] and max(calls[4:]) <= 2  # calls[0]: θ itself
+    assert split.search == whole.search and split.sigma == whole.sigma

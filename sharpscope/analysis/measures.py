@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
 from ..data.batches import as_batches
+from ..device_memory import FittingRows
 from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -39,7 +40,6 @@ from ._functional import (
     ParamLayout,
     analysis_meta,
     analysis_mode,
-    chunk_slices,
     evaluate_parameter_sets,
     flat_parameters,
     is_classification,
@@ -166,7 +166,9 @@ def average_sharpness(
 
     looped = contextlib.nullcontext() if vectorize else sub.looped()
     with analysis_mode(model) as mode, torch.no_grad(), looped as at:
-        for sl in chunk_slices(num_subsets, chunk_size if vectorize else 1):
+
+        def losses(sl: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """Clean and perturbed loss and errors of the subsets in ``sl`` (CPU, float64)."""
             rows = sl.stop - sl.start
             deltas = torch.cat([noise(j) for j in range(sl.start, sl.stop)])
             zero = torch.zeros(rows, layout.size, dtype=dtype, device=device)
@@ -181,9 +183,15 @@ def average_sharpness(
                 pairs = [at(d, xs[j], ys[j], False) for d in deltas]
                 l1 = torch.stack([p[0] for p in pairs])
                 w1 = torch.stack([p[1] for p in pairs])
-            l0, w0 = l0.double().cpu().reshape(rows, 1), w0.double().cpu().reshape(rows, 1)
-            l1 = l1.double().cpu().reshape(rows, num_draws)
-            w1 = w1.double().cpu().reshape(rows, num_draws)
+            return (
+                l0.double().cpu().reshape(rows, 1),
+                w0.double().cpu().reshape(rows, 1),
+                l1.double().cpu().reshape(rows, num_draws),
+                w1.double().cpu().reshape(rows, num_draws),
+            )
+
+        fitting = FittingRows("subsets", chunk_size if vectorize else 1)  # split if too big
+        for sl, (l0, w0, l1, w1) in fitting.run(losses, 0, num_subsets):
             clean[sl] = l0[:, 0]
             increases[sl] = l1 - l0
             err_increases[sl] = (w1 - w0) / m
@@ -497,9 +505,11 @@ def pac_bayes_flatness(
     w2 = theta.double().cpu().pow(2)
     chunk_size = chunk_size or num_draws
 
+    fitting = FittingRows("draws", chunk_size)  # a chunk that does not fit is split
+
     def accuracies(flat: Tensor) -> Tensor:
-        parts = [
-            evaluate_parameter_sets(
+        def chunk(sl: slice) -> Tensor:
+            return evaluate_parameter_sets(
                 model,
                 layout,
                 flat[sl],
@@ -508,9 +518,8 @@ def pac_bayes_flatness(
                 classification=True,
                 vectorize=vectorize,
             )[1]
-            for sl in chunk_slices(len(flat), chunk_size)
-        ]
-        return torch.cat(parts)
+
+        return torch.cat([part for _, part in fitting.run(chunk, 0, len(flat))])
 
     search: list[tuple[float, float]] = []
     with analysis_mode(model) as mode:
