@@ -805,16 +805,14 @@ class HessianOperator:
 
         Every rank takes part (timings are summed over ranks) so all ranks agree.
         """
-        timings = self._time_modes()
+        timings, out_of_memory = self._time_modes()
         # forward mode (usually the faster) or both ran out of memory: time on halved batches
-        while self._batches and (
-            _out_of_memory(self.mode_errors.get("forward"))
-            or (_out_of_memory(self.mode_errors.get("reverse")) and "forward" in self.mode_errors)
-        ):
-            if not self._halve_batches():
-                break
+        while (
+            "forward" in out_of_memory
+            or ("reverse" in out_of_memory and "forward" in self.mode_errors)
+        ) and self._halve_batches():
             self.mode_errors = {}
-            timings = self._time_modes()
+            timings, out_of_memory = self._time_modes()
         if self.world_size > 1:
             t = timings.clone().nan_to_num(posinf=1e30).to(self.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -824,8 +822,8 @@ class HessianOperator:
             "reverse": float(timings[1]),
         }
         if not bool(torch.isfinite(timings).any()) or float(timings.min()) >= 1e30:
-            if all(_out_of_memory(e) for e in self.mode_errors.values()):
-                raise torch.OutOfMemoryError(self.mode_errors["reverse"])
+            if "reverse" in out_of_memory and "forward" in self.mode_errors:
+                raise torch.OutOfMemoryError(self.mode_errors["reverse"])  # batches can't halve
             raise SharpscopeError(
                 "cannot compute Hessian-vector products for this model and loss: "
                 + self.mode_errors.get("reverse", "unknown error")
@@ -835,11 +833,13 @@ class HessianOperator:
             self._graph = None  # built while timing reverse mode; not needed
         return chosen
 
-    def _time_modes(self) -> Tensor:
-        """Seconds of one product of each mode (forward, reverse) on the first batch."""
+    def _time_modes(self) -> tuple[Tensor, set[str]]:
+        """Seconds of one product of each mode (forward, reverse) on the first batch, and
+        the modes that ran out of memory (each failure is in ``mode_errors``)."""
         timings = torch.full((2,), math.inf, dtype=F64)
+        out_of_memory: set[str] = set()
         if not self._batches:
-            return timings.zero_()
+            return timings.zero_(), out_of_memory
         x, y = self._batches[0]
         gen = torch.Generator().manual_seed(12345)
         v = torch.randn(1, self.dim, generator=gen, dtype=F64).to(self.device)
@@ -854,9 +854,11 @@ class HessianOperator:
                     timings[i] = time.perf_counter() - start
             except Exception as exc:  # a module without forward-mode support, say
                 self.mode_errors[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+                if is_out_of_memory(exc):
+                    out_of_memory.add(mode)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-        return timings
+        return timings, out_of_memory
 
     def _mode_key(self) -> tuple | None:
         """What the fastest HVP mode depends on: model, shapes, dtype, device, loss."""
@@ -951,13 +953,6 @@ def _fold_agrees(
     loss_ok = abs(loss1 - loss2) <= PREFLIGHT_ATOL + loss_rtol * abs(loss1)
     diff = torch.linalg.vector_norm(grad1 - grad2)
     return loss_ok and bool(diff <= PREFLIGHT_ATOL + grad_rtol * torch.linalg.vector_norm(grad1))
-
-
-def _out_of_memory(error: str | None) -> bool:
-    """Whether a recorded error message (``Type: message``) says the memory ran out."""
-    return error is not None and (
-        error.startswith("OutOfMemoryError") or "can't allocate memory" in error
-    )
 
 
 def _live_graph(
