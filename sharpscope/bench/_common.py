@@ -130,6 +130,10 @@ def interleaved_median(
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+#: called with all of a benchmark's rows so far, after each new row (``run(on_rows=...)``)
+OnRows = Callable[[list["BenchRow"]], None]
+
+
 class RowLog(list):
     """A benchmark's rows, handed (all so far) to ``on_rows`` after each addition.
 
@@ -144,7 +148,7 @@ class RowLog(list):
     [2, 3]
     """
 
-    def __init__(self, on_rows: Callable[[list[BenchRow]], None] | None = None) -> None:
+    def __init__(self, on_rows: OnRows | None = None) -> None:
         super().__init__()
         self._on_rows = on_rows
 

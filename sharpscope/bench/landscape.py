@@ -29,7 +29,6 @@ on a GPU (``extra.default_path``). GPU rows are added when CUDA is available.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,6 +36,7 @@ import torch
 from ..analysis.landscape import landscape
 from ._common import (
     BenchRow,
+    OnRows,
     RowLog,
     bench_devices,
     interleaved_median,
@@ -58,7 +58,7 @@ def _mlp(device: str) -> Any:
 def run(
     quick: bool = False,
     devices: list[str] | None = None,
-    on_rows: Callable[[list[BenchRow]], None] | None = None,
+    on_rows: OnRows | None = None,
 ) -> list[BenchRow]:
     """Rows: cnn1d-bn and mlp, vectorized against the loop, on each of ``devices``.
 

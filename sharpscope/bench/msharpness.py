@@ -23,7 +23,6 @@ recorded. GPU rows are added when CUDA is available.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,6 +30,7 @@ import torch
 from ..analysis.msharpness import m_sharpness
 from ._common import (
     BenchRow,
+    OnRows,
     RowLog,
     bench_devices,
     interleaved_median,
@@ -78,7 +78,7 @@ def _relative(a: float, b: float) -> float:
 def run(
     quick: bool = False,
     devices: list[str] | None = None,
-    on_rows: Callable[[list[BenchRow]], None] | None = None,
+    on_rows: OnRows | None = None,
 ) -> list[BenchRow]:
     """Rows for m ∈ {1, 8, 32, 128} (steps = 1) and an adaptive Auto-PGD case.
 

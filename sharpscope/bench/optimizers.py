@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from ..optim import BatchClosure, build_optimizer
 from ._common import (
     BenchRow,
+    OnRows,
     RowLog,
     bench_devices,
     interleaved_median,
@@ -118,7 +119,7 @@ def _rho_zero_check(name: str, spec: dict[str, Any], model, x, y, val, num_data)
 def run(
     quick: bool = False,
     devices: list[str] | None = None,
-    on_rows: Callable[[list[BenchRow]], None] | None = None,
+    on_rows: OnRows | None = None,
 ) -> list[BenchRow]:
     """Time one step of every optimizer against SGD; see the module docstring.
 

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from ..precision import ieee_float32
 from ._common import (
     BenchRow,
+    OnRows,
     RowLog,
     bench_devices,
     interleaved_median,
@@ -461,7 +462,7 @@ def _mode_rows(case: _Case, grad_seconds: float, repeats: int) -> list[BenchRow]
 def run(
     quick: bool = False,
     devices: list[str] | None = None,
-    on_rows: Callable[[list[BenchRow]], None] | None = None,
+    on_rows: OnRows | None = None,
 ) -> list[BenchRow]:
     """Run the spectrum benchmark; rows as described in the module docstring.
 

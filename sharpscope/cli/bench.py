@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 from pathlib import Path
@@ -46,16 +45,10 @@ def register(app: typer.Typer) -> None:
             f"running benchmark '{name}'{' (quick)' if quick else ''} on {', '.join(devices)} ..."
         )
         # --json is rewritten after each new row: a run stopped part-way keeps its rows
-        on_rows = None if json_out is None else functools.partial(_write_to, json_out)
+        on_rows = None if json_out is None else lambda rows: write_rows(rows, json_out)
         module = importlib.import_module(module_name)
         rows = module.run(quick=quick, devices=devices, on_rows=on_rows)
         print_rows(rows, title=f"sharpscope bench {name}")
         if json_out is not None:
             write_rows(rows, json_out)
             console.print(f"wrote {json_out}")
-
-
-def _write_to(path: Path, rows: list) -> None:
-    from ..bench._common import write_rows
-
-    write_rows(rows, path)
