@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from ..determinism import deterministic_algorithms
 from ..precision import ieee_float32
 from ._common import (
     BenchRow,
@@ -83,13 +84,14 @@ class _Case:
 def _train(model: nn.Module, x: Tensor, y: Tensor, steps: int, seed: int = 0) -> nn.Module:
     """Seeded SGD (lr 0.05, momentum 0.9, batch 64) so the spectrum is realistic.
 
-    cuDNN's deterministic kernels, so that the GPU case is the same network in every run
-    (two runs on an H200 with the default kernels gave lambda_max 5,499 and 2,016).
+    Deterministic kernels (:func:`~sharpscope.determinism.deterministic_algorithms`, as
+    ``train --deterministic``), so that the GPU case is the same network in every run (two
+    runs on an H200 with the default kernels gave lambda_max 5,499 and 2,016).
     """
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     model.train()
-    with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True):
+    with deterministic_algorithms():
         for _ in range(steps):
             idx = torch.randint(0, len(y), (min(64, len(y)),), generator=gen, device="cpu")
             idx = idx.to(x.device)
