@@ -904,6 +904,7 @@ class HessianOperator:
             "num_batches": self.num_batches,
             "max_batch_size": max(self.batch_sizes),
             "batches_halved": self.batches_halved,
+            "max_block_size": self.max_block_size,
             "bn_mode": self.bn_mode,
             "loss": self.loss_name,
             "weight_decay": self.weight_decay,

@@ -333,7 +333,7 @@ def test_block_products_halve_the_block_when_memory_runs_out(case, mode, batch_s
     with pytest.warns(RuntimeWarning, match="4 Hessian-vector products per call; 2 per call"):
         HV = op.hvp_block(V)
     assert rel(HV, V @ case.H) <= 1e-10
-    assert op.max_block_size == 2
+    assert op.max_block_size == 2 and op.describe()["max_block_size"] == 2
     assert tried[:3] == [7, 4, 2]  # 7 of 8 asked, then 4, then blocks of 2 (and the rest)
     assert op.hvp_count == 7
 
