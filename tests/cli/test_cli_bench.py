@@ -71,3 +71,29 @@ def test_bench_rows_are_handed_out_as_they_come():
     rows = landscape.run(quick=True, devices=["cpu"], on_rows=snapshots.append)
     assert [len(s) for s in snapshots] == list(range(1, len(rows) + 1))
     assert snapshots[-1] == rows
+
+
+def test_bench_spectrum_without_a_dense_answer_compares_largest_magnitudes_too():
+    """The GPU case's comparison (no dense Hessian), run on the CPU's quick case."""
+    pytest.importorskip("pyhessian")
+    import numpy as np
+
+    from sharpscope.bench.spectrum import (
+        _digits_case,
+        _rel_error,
+        _top5_rows,
+        exact_spectrum,
+        top_of,
+    )
+
+    case = _digits_case(quick=True)
+    (row,) = _top5_rows(case, repeats=1, dense=False)
+    extra = row.extra
+    exact = exact_spectrum(case)
+    assert _rel_error(extra["largest_magnitude_eigenvalues"], top_of(exact, 5, "LM"), "LM") <= 1e-4
+    assert extra["reference_accuracy_largest_magnitude"] == pytest.approx(
+        _rel_error(extra["reference_eigenvalues"], top_of(exact, 5, "LM"), "LM"), rel=0.1, abs=1e-4
+    )
+    # a set of largest magnitudes matches itself however the signs interleave
+    assert _rel_error([-5.0, 4.0, 3.0], np.array([4.0, -5.0, 3.0]), "LM") == 0.0
+    assert _rel_error([-5.0, 4.0, 3.0], np.array([4.0, 3.0, 1.0])) > 0.1
