@@ -13,13 +13,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .distributed import group_rank_and_size
 from .metrics import predictive_metrics
 
 
 def _shard(num: int) -> slice:
-    if not (dist.is_available() and dist.is_initialized()):
-        return slice(0, num)
-    rank, world = dist.get_rank(), dist.get_world_size()
+    """This rank's contiguous share of ``num`` examples (all of them in one process)."""
+    rank, world = group_rank_and_size()
     per = -(-num // world)
     return slice(min(rank * per, num), min((rank + 1) * per, num))
 
