@@ -93,11 +93,19 @@ def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
     return buffer.getvalue().encode()
 
 
+def _umask() -> int:
+    """The process's umask (read by setting it and setting it back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename.
 
     A reader never sees a half-written file, and an interrupted write leaves the
-    previous file in place.
+    previous file in place. The file gets the permissions ``open()`` would give it
+    (0666 less the umask), not :func:`tempfile.mkstemp`'s private 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,6 +115,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

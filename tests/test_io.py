@@ -68,6 +68,23 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, mlp_checkpoint, 
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
 
 
+def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
+    from sharpscope.results import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "a.json", b"{}")
+        (tmp_path / "b.json").write_bytes(b"{}")
+        os.umask(0o077)
+        atomic_write_bytes(tmp_path / "c.json", b"{}")
+    finally:
+        os.umask(old)
+    mode = {
+        name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.json", "c.json")
+    }
+    assert mode == {"a.json": 0o644, "b.json": 0o644, "c.json": 0o600}
+
+
 def test_bare_state_dict_loads_with_model_and_data(tmp_path, mlp_checkpoint):
     _, model, spec = mlp_checkpoint
     bare = tmp_path / "bare.pt"
