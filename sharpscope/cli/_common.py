@@ -75,6 +75,11 @@ def guarded(fn: F) -> F:
             if DEBUG["enabled"]:
                 raise
             fail(f"file not found: {exc.filename or exc}")
+        except OSError as exc:  # a folder where a file belongs, no permission, disk full, ...
+            if DEBUG["enabled"]:
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            fail(f"{exc.strerror or exc}{where}")
         except RuntimeError as exc:
             if DEBUG["enabled"] or not is_out_of_memory(exc):
                 raise

@@ -62,7 +62,9 @@ def register(app: typer.Typer) -> None:
     @guarded
     def run_command(
         config: Optional[Path] = typer.Argument(
-            None, help="Study config (TOML). Omit with --quick, or give a built-in name."
+            None,
+            help="Study config (TOML), or a built-in name such as a-spectra-quick "
+            "(run without CONFIG for the list). Omit with --quick.",
         ),
         quick: bool = typer.Option(
             False, "--quick", help="The built-in quick study: SGD vs SAM variants on MNIST-1D."
@@ -104,6 +106,11 @@ def register(app: typer.Typer) -> None:
             )
         elif not config.exists() and str(config) in builtin_config_names():
             study_config = load_builtin_config(str(config))
+        elif not config.exists():
+            raise SharpscopeError(
+                f"study config not found: {config}; give a TOML file or a built-in name "
+                f"({', '.join(builtin_config_names())})"
+            )
         else:
             study_config = load_study_config(config)
         if workers is None:

@@ -253,6 +253,10 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         return tomllib.loads(path.read_text())
     except FileNotFoundError as exc:
         raise _fail(f"study config not found: {path}") from exc
+    except IsADirectoryError as exc:
+        raise _fail(f"study config {path} is a folder, not a TOML file") from exc
+    except UnicodeDecodeError as exc:
+        raise _fail(f"{path} is not a TOML file (not UTF-8 text)") from exc
     except tomllib.TOMLDecodeError as exc:
         raise _fail(f"{path} is not valid TOML: {exc}") from exc
 

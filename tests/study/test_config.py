@@ -167,6 +167,11 @@ def test_toml_file_round_trip_and_errors(tmp_path):
         load_study_config(tmp_path / "bad.toml")
     with pytest.raises(SharpscopeError, match="study config not found"):
         load_study_config(tmp_path / "missing.toml")
+    with pytest.raises(SharpscopeError, match="is a folder, not a TOML file"):
+        load_study_config(tmp_path)
+    (tmp_path / "binary.toml").write_bytes(bytes(range(128, 256)))
+    with pytest.raises(SharpscopeError, match="not UTF-8 text"):
+        load_study_config(tmp_path / "binary.toml")
 
 
 def test_every_shipped_config_is_valid():
