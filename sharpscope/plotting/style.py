@@ -163,6 +163,12 @@ def new_figure(columns: int = 1, aspect: float = 0.75, nrows: int = 1, ncols: in
     return fig, axes
 
 
+def add_caption(fig: Any, text: str) -> None:
+    """A small grey line under the figure (saved with it: figures are saved with a tight box)."""
+    if text:
+        fig.text(0.5, 0.0, text, ha="center", va="top", fontsize="x-small", color="0.35", wrap=True)
+
+
 def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> list[Path]:
     """Write ``PATH.pdf`` (vector) and ``PATH.png`` (200 dpi), and the data beside them.
 

@@ -147,6 +147,16 @@ def _submitit(
     return outcomes
 
 
+def check_executor(executor: str, workers: int) -> None:
+    """Raise :class:`SharpscopeError` for an unknown executor or a bad worker count."""
+    if executor not in EXECUTORS:
+        raise SharpscopeError(
+            f"unknown executor '{executor}'; choose one of: {', '.join(EXECUTORS)}"
+        )
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise SharpscopeError(f"--workers must be a positive integer, got {workers!r}")
+
+
 def execute(
     study_dir: str,
     run_ids: list[str],
@@ -162,12 +172,7 @@ def execute(
         SharpscopeError: unknown executor or a bad worker count.
     """
     log = log or (lambda message: None)
-    if executor not in EXECUTORS:
-        raise SharpscopeError(
-            f"unknown executor '{executor}'; choose one of: {', '.join(EXECUTORS)}"
-        )
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise SharpscopeError(f"--workers must be a positive integer, got {workers!r}")
+    check_executor(executor, workers)
     if not run_ids:
         return {}
     if executor != "local":

@@ -36,6 +36,22 @@ from .sweep import expand_sweep
 
 GAPS = ("gen_gap", "loss_gap")
 NOT_AXES = ("optimizer_name", "base", "seed")
+MAX_CURVES = 12  # training curves drawn in the report
+# correlations.csv columns before the per-axis psi_* and groups_* ones
+CORRELATION_COLUMNS = (
+    "measure",
+    "gap",
+    "num_models",
+    "tau",
+    "tau_low",
+    "tau_high",
+    "p_value",
+    "psi_overall",
+    "psi_low",
+    "psi_high",
+    "tau_low_seeds",
+    "tau_high_seeds",
+)
 CAVEATS = """\
 - **Not reparametrization invariant.** Rescaling the layers of a ReLU network keeps the
   function but can make λ_max or ε-sharpness arbitrarily large or small (Dinh et al.
@@ -223,7 +239,8 @@ def _correlation_markdown(correlations: Sequence[Any], gap: str) -> str:
     if not chosen:
         return "_Not enough finished runs with this gap._"
     axes = list(chosen[0].psi)
-    headers = ["measure", "τ [95% CI]", *[f"ψ {a} (groups)" for a in axes], "Ψ [95% CI]", "n"]
+    ci = " [95% CI]" if any(_interval(c.tau_interval) for c in chosen) else ""
+    headers = ["measure", f"τ{ci}", *[f"ψ {a} (groups)" for a in axes], f"Ψ{ci}", "n"]
     body = []
     for c in chosen:
         cells = [f"`{c.measure}`", f"{_corr(c.tau)}{_interval(c.tau_interval)}"]
@@ -294,7 +311,7 @@ def write_report(
         correlation_table(finals, swept, resamples=resamples, seed=seed) if len(finals) >= 3 else []
     )
     corr_rows = _correlation_rows(correlations)
-    _write_csv(folder / "correlations.csv", corr_rows)
+    _write_csv(folder / "correlations.csv", corr_rows, CORRELATION_COLUMNS)
     atomic_write_bytes(
         folder / "correlations.json",
         (json.dumps([c.to_dict() for c in correlations], indent=1) + "\n").encode(),
@@ -302,7 +319,9 @@ def write_report(
 
     figure_lines: list[str] = []
     if figures:
-        figure_lines = _report_figures(folder, rows, finals, correlations, runs, save_figure)
+        figure_lines = _report_figures(
+            folder, rows, finals, correlations, runs, save_figure, resamples
+        )
 
     failed = [r for r in rows if r.get("status") in ("failed", "error")]
     pending = {r["run_id"] for r in rows if r.get("status") not in ("done", "failed", "error")}
@@ -323,7 +342,12 @@ def write_report(
         f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
         f"- measures on the {plan.split} split, {plan.samples or 'all'} examples, at epochs "
         f"{', '.join(str(e) for e in plan.epochs)}; correlations use each run's last analysed "
-        f"checkpoint; bootstrap: {resamples} resamples (95% percentile intervals)",
+        f"checkpoint; "
+        + (
+            f"bootstrap: {resamples} resamples (95% percentile intervals)"
+            if resamples
+            else "no bootstrap intervals (--resamples 0)"
+        ),
         "- gen_gap = test error − train error (= train_acc − test_acc); loss_gap = test loss − "
         "train loss",
         "",
@@ -367,17 +391,79 @@ def write_report(
     return path
 
 
+def measurement_caption(study_dir: str | Path) -> str:
+    """One line for a figure of a study's measurements (analysis.md §8: figures state data,
+    mode, dtype): dataset, split and size from the config, mode and dtype as recorded by
+    the first stored analysis result that has them.
+
+    e.g. ``"measured on mnist1d/train n=1024; eval mode; float32"``.
+    """
+    folder = Path(study_dir)
+    config = load_study_config_from_dir(folder)
+    plan = config.analysis
+    dataset = config.train.get("dataset", {"name": "mnist1d"})
+    name = dataset.get("name", "data") if isinstance(dataset, Mapping) else str(dataset)
+    parts = [f"measured on {name}/{plan.split} n={plan.samples or 'all'}"]
+    meta = _recorded_meta(folder)
+    if meta:
+        parts += [f"{meta['mode']} mode", str(meta["dtype"])]
+    return "; ".join(parts)
+
+
+def _recorded_meta(folder: Path) -> dict[str, Any] | None:
+    """The first analysis ``meta`` (with mode and dtype) stored under ``runs/*/analysis``."""
+    import json
+
+    import numpy as np
+
+    def find(value: Any, depth: int = 0) -> dict[str, Any] | None:
+        if isinstance(value, Mapping):
+            meta = value.get("meta")
+            if isinstance(meta, Mapping) and meta.get("mode") and meta.get("dtype"):
+                return dict(meta)
+            children = value.values()
+        elif isinstance(value, list):
+            children = value[:3]
+        else:
+            return None
+        for child in children if depth < 4 else ():
+            found = find(child, depth + 1)
+            if found:
+                return found
+        return None
+
+    for path in sorted(folder.glob("runs/*/analysis/*/*")):
+        try:
+            if path.suffix == ".json":
+                record = json.loads(path.read_text())
+            elif path.suffix == ".npz":
+                with np.load(path, allow_pickle=False) as archive:
+                    if "__json__" not in archive.files:
+                        continue
+                    record = json.loads(str(archive["__json__"]))
+            else:
+                continue
+        except (OSError, ValueError):
+            continue
+        found = find(record)
+        if found:
+            return found
+    return None
+
+
 def _spec(spec: Mapping[str, Any]) -> str:
     name = spec.get("name", spec.get("factory", "?"))
     options = ", ".join(f"{k}={v}" for k, v in spec.items() if k not in ("name", "factory"))
     return f"{name}({options})" if options else str(name)
 
 
-def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    atomic_write_bytes(path, rows_to_csv_bytes(rows))
+def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], header: Sequence[str] = ()) -> None:
+    """CSV of ``rows``; with no rows, the ``header`` line alone (still a valid table)."""
+    data = rows_to_csv_bytes(rows) if rows else (",".join(header) + "\n").encode()
+    atomic_write_bytes(path, data)
 
 
-def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> list[str]:
+def _report_figures(folder, rows, finals, correlations, runs, save_figure, resamples) -> list[str]:
     import matplotlib.pyplot as plt
 
     from ..plotting.study import (
@@ -385,12 +471,17 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> li
         plot_measures_vs_gap,
         plot_spectral_densities,
     )
+    from ..plotting.style import add_caption
     from ..plotting.training import plot_learned_rho, plot_training_curves
 
     out = folder / "figures"
     lines = []
+    settings = measurement_caption(folder)
 
-    def keep(fig, name: str, caption: str, data: Any) -> None:
+    def keep(fig, name: str, caption: str, data: Any, measured: bool = True) -> None:
+        if measured:
+            add_caption(fig, settings)
+            caption = f"{caption} ({settings})"
         save_figure(fig, out / name, data=data)
         plt.close(fig)
         lines.append(f"![{caption}](figures/{name}.png)")
@@ -403,8 +494,8 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> li
         keep(
             plot_correlations(gen),
             "correlations",
-            "Kendall τ and granulated Ψ of every measure with the generalization gap "
-            "(95% bootstrap intervals)",
+            "Kendall τ and granulated Ψ of every measure with the generalization gap"
+            + (" (95% bootstrap intervals)" if resamples else ""),
             _correlation_rows(gen),
         )
         measures = [c.measure for c in gen][:9]
@@ -420,14 +511,21 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> li
         path = folder / "runs" / run.run_id / "metrics.jsonl"
         if path.exists():
             histories[run.run_id] = path
-    if histories:
-        shown = dict(list(histories.items())[:12])
+    curves = _one_run_per_setting(runs, histories)
+    if curves:
+        shown = dict(list(curves.items())[:MAX_CURVES])
+        more = (
+            f" (the first {MAX_CURVES} of {len(curves)} settings)"
+            if len(curves) > len(shown)
+            else ""
+        )
         fig = plot_training_curves(shown, metrics=("test_acc", "train_loss"))
         keep(
             fig,
             "training_curves",
-            "Test error and training loss per epoch",
+            f"Test error and training loss per epoch, one run (the lowest seed) per setting{more}",
             {k: str(v) for k, v in shown.items()},
+            measured=False,
         )
         lets = {k: v for k, v in histories.items() if k.startswith("lets")}
         if lets:
@@ -438,6 +536,7 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> li
                     "lets_rho",
                     "LETS: the learned ρ over optimizer steps",
                     {k: str(v) for k, v in lets.items()},
+                    measured=False,
                 )
             except SharpscopeError:
                 pass
@@ -451,6 +550,19 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure) -> li
             {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
         )
     return lines
+
+
+def _one_run_per_setting(runs, histories: Mapping[str, Path]) -> dict[str, Path]:
+    """Label (the run id without its seed) -> history of the lowest-seed run of each setting."""
+    chosen: dict[str, tuple[Any, Path]] = {}
+    for run in runs:
+        if run.run_id not in histories:
+            continue
+        seed = run.params.get("seed")
+        label = run.run_id.replace(f"-s{seed}", "", 1) if seed is not None else run.run_id
+        if label not in chosen or (seed is not None and seed < chosen[label][0]):
+            chosen[label] = (seed, histories[run.run_id])
+    return {label: path for label, (_, path) in chosen.items()}
 
 
 def _densities(folder: Path, runs) -> tuple[dict, dict]:

@@ -70,11 +70,13 @@ def _std(values: Sequence[Any]) -> float:
     return float(np.std(finite, ddof=1)) if len(finite) > 1 else 0.0
 
 
-def _save(fig: Any, path: Path, data: Any) -> list[Path]:
+def _save(fig: Any, path: Path, data: Any, caption: str = "") -> list[Path]:
+    """Save a figure (PDF, PNG, data), with ``caption`` as a small line under it."""
     import matplotlib.pyplot as plt
 
-    from ..plotting.style import save_figure
+    from ..plotting.style import add_caption, save_figure
 
+    add_caption(fig, caption)
     written = save_figure(fig, path, data=data)
     plt.close(fig)
     return written
@@ -92,16 +94,18 @@ def figures_quick(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any
     """The quick study: correlations, measures against the gap, training curves."""
     from ..plotting.study import plot_correlations, plot_measures_vs_gap
     from ..plotting.training import plot_training_curves
-    from .report import correlation_table, measure_columns
+    from .report import correlation_table, measure_columns, measurement_caption
     from .runner import read_study_dir
 
     rows = _done_last(_rows(study_dir))
     swept = read_study_dir(study_dir).get("swept", [])
     correlations = [c for c in correlation_table(rows, swept) if c.target == "gen_gap"]
+    caption = measurement_caption(study_dir)
     written = _save(
         plot_correlations(correlations),
         out / "quick_correlations",
         [c.to_dict() for c in correlations],
+        caption,
     )
     measures = [m for m in measure_columns(rows) if not m.startswith(("lambda_5", "weight"))][:6]
     taus = {c.measure: c.tau for c in correlations}
@@ -112,6 +116,7 @@ def figures_quick(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any
             {k: r.get(k) for k in ("run_id", "optimizer", "rho", "seed", "gen_gap", *measures)}
             for r in rows
         ],
+        caption,
     )
     # one curve per optimizer setting: first seed, largest learning rate
     seed = min(r["seed"] for r in rows)
@@ -162,7 +167,7 @@ def _per_optimizer(
 def figures_a(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Hessian spectra per epoch (first seed) and the λmax, λmax/λ5 table (all seeds)."""
     from ..plotting.study import plot_spectral_densities
-    from .report import markdown_table
+    from .report import markdown_table, measurement_caption
     from .runner import load_study_config_from_dir
     from .sweep import expand_sweep
 
@@ -193,6 +198,7 @@ def figures_a(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         plot_spectral_densities(curves, lambda_max=lmax),
         out / "a_spectra",
         {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
+        measurement_caption(study_dir),
     )
     table = []
     for (label, epoch), group in sorted(
@@ -289,7 +295,7 @@ def figures_b(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
 def figures_c(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Kendall τ of m-sharpness with the gap against m, and the scatter for two m."""
     from ..plotting.study import plot_measures_vs_gap, plot_tau_vs_m
-    from .report import correlation_table
+    from .report import correlation_table, measurement_caption
     from .runner import read_study_dir
 
     rows = _done_last(_rows(study_dir))
@@ -314,7 +320,8 @@ def figures_c(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
                 "num_models": c.num_models,
             }
         )
-    written = _save(plot_tau_vs_m(points), out / "c_tau_vs_m", points)
+    caption = measurement_caption(study_dir)
+    written = _save(plot_tau_vs_m(points), out / "c_tau_vs_m", points, caption)
     first_rho = min(p["rho"] for p in points)
     ends = [p for p in points if p["rho"] == first_rho]
     shown = [min(ends, key=lambda p: p["m"])["measure"], max(ends, key=lambda p: p["m"])["measure"]]
@@ -329,6 +336,7 @@ def figures_c(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             }
             for r in rows
         ],
+        caption,
     )
     return written, {"tau_vs_m": points}
 
@@ -350,6 +358,14 @@ def _landscape_arrays(path: Path) -> dict[str, Any]:
         arrays = {k: archive[k] for k in archive.files if k != "__json__"}
         scalars = json.loads(str(archive["__json__"])) if "__json__" in archive.files else {}
     return {**scalars, **arrays}
+
+
+def _directions_caption(record: dict[str, Any]) -> str:
+    """How a stored random-direction landscape was made, e.g. "random directions,
+    filter-normalized, bias ignore" (empty for other kinds)."""
+    if record.get("direction_kind") != "random":
+        return ""
+    return f"random directions, {record.get('norm')}-normalized, bias {record.get('bias')}"
 
 
 def _axes_of(record: dict[str, Any]) -> list[np.ndarray]:
@@ -374,11 +390,13 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """1-D slices, 2-D contours (SGD and SAM side by side) and the interpolation."""
     from ..plotting.study import plot_contours, plot_curves_1d
     from ..plotting.style import optimizer_label
+    from .report import measurement_caption
     from .runner import load_study_config_from_dir
     from .sweep import expand_sweep
 
     runs = expand_sweep(load_study_config_from_dir(study_dir))
     one_d, two_d = {}, {}
+    directions = ""  # how the random directions were made, for the captions
     for run in runs:
         label = run.params["optimizer"]
         epoch = run.analysis_epochs[-1]
@@ -390,13 +408,17 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             record = _landscape_arrays(folder / "landscape_2d.npz")
             axes = _axes_of(record)
             two_d[label] = (axes[0], axes[1], np.asarray(record["loss"], float))
+            directions = directions or _directions_caption(record)
     written: list[Path] = []
     summary: dict[str, Any] = {}
+    caption = measurement_caption(study_dir)
+    sliced = "; ".join(p for p in (caption, directions) if p)
     if one_d:
         written += _save(
             plot_curves_1d(one_d),
             out / "d_landscape_1d",
             {k: {"alpha": a, "loss": loss} for k, (a, loss) in one_d.items()},
+            sliced,
         )
         summary["loss_at_edges"] = {
             k: {
@@ -410,6 +432,7 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             plot_contours(two_d),
             out / "d_landscape_2d",
             {k: {"alpha": a, "beta": b, "loss": loss} for k, (a, b, loss) in two_d.items()},
+            sliced,
         )
     pairs = sorted((study_dir / "pairs").glob("*.npz")) if (study_dir / "pairs").exists() else []
     if pairs:
@@ -432,6 +455,7 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             ),
             out / "d_interpolation",
             {k: {"alpha": a, "loss": loss} for k, (a, loss) in curves.items()},
+            caption,
         )
         summary["interpolation_max_loss"] = {k: float(np.nanmax(v[1])) for k, v in curves.items()}
     if not written:
@@ -587,7 +611,8 @@ def make_figures(
     """
     from .config import load_builtin_config
     from .report import write_report
-    from .runner import run_study
+    from .runner import check_study_dir, run_study
+    from .sweep import expand_sweep
 
     log = log or (lambda message: None)
     keys = list(only) if only else list(REPRODUCTIONS)
@@ -596,6 +621,8 @@ def make_figures(
             raise SharpscopeError(
                 f"unknown reproduction '{key}'; choose from: {', '.join(REPRODUCTIONS)}"
             )
+        config = load_builtin_config(REPRODUCTIONS[key].quick)
+        check_study_dir(Path(cache) / config.name, config, expand_sweep(config), flag="--cache")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []

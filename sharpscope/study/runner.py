@@ -40,6 +40,7 @@ from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
 
 FORMAT = "sharpscope-study"
 VERSION = 1
+LOCK_NAME = "study.lock"  # held by a running `study run`
 Log = Callable[[str], None]
 
 # Always present in results.csv, in this order after the hyperparameters.
@@ -119,27 +120,53 @@ def read_study_dir(out: str | Path) -> dict[str, Any]:
     return meta
 
 
+def check_study_dir(
+    out: str | Path, config: StudyConfig, runs: list[RunSpec], flag: str = "--out"
+) -> None:
+    """Raise unless ``out`` is new, empty, or a folder of this study that can take ``runs``.
+
+    A study folder holds one study: the same name, every run it lists still in the sweep
+    (a sweep may grow, e.g. by more seeds, but not lose runs), and each run's training
+    settings unchanged. ``flag`` is the option named in the errors.
+
+    Raises:
+        SharpscopeError: the folder holds something else, another format version,
+            another study, or a run of the same id made with a different configuration.
+    """
+    out = Path(out)
+    if out.exists() and not (out / "study.json").exists():
+        if not out.is_dir() or any(p.name != LOCK_NAME for p in out.iterdir()):
+            raise SharpscopeError(
+                f"{out} exists and is not a sharpscope study folder; choose a new {flag}"
+            )
+    if (out / "study.json").exists():
+        meta = read_study_dir(out)
+        if meta.get("name") != config.name:
+            raise SharpscopeError(
+                f"{out} holds the study '{meta.get('name')}', not '{config.name}'; "
+                f"choose a new {flag}"
+            )
+        dropped = sorted(set(meta.get("runs", [])) - {run.run_id for run in runs})
+        if dropped:
+            more = ", ..." if len(dropped) > 3 else ""
+            raise SharpscopeError(
+                f"{out} holds {len(dropped)} run(s) that this config does not have "
+                f"({', '.join(dropped[:3])}{more}); choose a new {flag}"
+            )
+    for run in runs:
+        existing = _read_json(out / "runs" / run.run_id / "run.json")
+        if existing is not None:
+            _check_same_run(run.run_id, existing, to_jsonable(run.to_dict()), out, flag)
+
+
 def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec]) -> Path:
     """Create (or reopen) a study folder and write ``study.json`` and every ``run.json``.
 
     Raises:
-        SharpscopeError: the folder holds something else, another format version, or a
-            run of the same id made with a different configuration.
+        SharpscopeError: as :func:`check_study_dir`.
     """
     out = Path(out)
-    if out.exists() and not (out / "study.json").exists():
-        if not out.is_dir() or any(out.iterdir()):
-            raise SharpscopeError(
-                f"{out} exists and is not a sharpscope study folder; choose a new --out"
-            )
-    if (out / "study.json").exists():
-        read_study_dir(out)
-    for run in runs:
-        path = out / "runs" / run.run_id / "run.json"
-        existing = _read_json(path)
-        wanted = to_jsonable(run.to_dict())
-        if existing is not None:
-            _check_same_run(run.run_id, existing, wanted, out)
+    check_study_dir(out, config, runs)
     out.mkdir(parents=True, exist_ok=True)
     _write_json(
         out / "study.json",
@@ -179,14 +206,16 @@ def _builtin_name(source: str | None) -> str | None:
     return path.stem if path.parent == shipped else None
 
 
-def _check_same_run(run_id: str, existing: dict, wanted: dict, out: Path) -> None:
+def _check_same_run(
+    run_id: str, existing: dict, wanted: dict, out: Path, flag: str = "--out"
+) -> None:
     for key in ("train", "params"):
         old, new = existing.get(key, {}), wanted.get(key, {})
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SharpscopeError(
                 f"run '{run_id}' in {out} was trained with a different configuration "
-                f"({key}: {', '.join(changed[:4])}); use a new --out or delete that run"
+                f"({key}: {', '.join(changed[:4])}); use a new {flag} or delete that run"
             )
 
 
@@ -415,9 +444,11 @@ def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
         raise
     except Exception as exc:  # recorded, retried on the next `study run`
         message = str(exc).splitlines()[0] if str(exc) else ""
+        if not isinstance(exc, SharpscopeError):  # a bug: name the exception
+            message = f"{type(exc).__name__}: {message}"
         status = {
             "state": "error",
-            "error": f"{type(exc).__name__}: {message}",
+            "error": message,
             "traceback": traceback.format_exc(),
             "seconds": time.perf_counter() - started,
         }
@@ -661,6 +692,7 @@ def run_study(
         another error in ``errors`` (their message; they are retried next time).
     """
     from .config import load_study_config
+    from .executors import check_executor
 
     started = time.perf_counter()
     if not isinstance(config, StudyConfig):
@@ -668,8 +700,11 @@ def run_study(
     log = log or (lambda message: None)
     runs = expand_sweep(config)
     folder = Path(out) if out is not None else default_out(config)
-    prepare_study_dir(folder, config, runs)
-    with study_lock(folder):
+    check_executor(executor, workers)
+    check_study_dir(folder, config, runs)  # before the lock creates the folder
+    folder.mkdir(parents=True, exist_ok=True)
+    with study_lock(folder):  # and write nothing before holding it
+        prepare_study_dir(folder, config, runs)
         return _run_locked(config, folder, runs, workers, executor, executor_options, log, started)
 
 
@@ -716,7 +751,7 @@ def study_lock(folder: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not POSIX: no locking
         yield
         return
-    handle = (folder / "study.lock").open("a+")
+    handle = (folder / LOCK_NAME).open("a+")
     try:
         try:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -20,6 +20,7 @@ from sharpscope.study import study_config_from_dict
 from sharpscope.study.report import write_report
 from sharpscope.study.runner import (
     CORE_COLUMNS,
+    check_study_dir,
     prepare_study_dir,
     read_results,
     read_study_dir,
@@ -198,6 +199,22 @@ def test_study_folder_format_and_reuse_errors(study, tmp_path):
     changed = tiny_config(train={**TRAIN, "batch_size": 32})
     with pytest.raises(SharpscopeError, match="was trained with a different configuration"):
         prepare_study_dir(out, changed, expand_sweep(changed))
+    # another study, or this one with runs left out: refused, and the folder is left as it was
+    before = {p: p.read_bytes() for p in (out / "study.json", out / "config.toml")}
+    other_study = tiny_config(study={"name": "other"})
+    with pytest.raises(SharpscopeError, match="holds the study 'tiny', not 'other'"):
+        run_study(other_study, out)
+    fewer = tiny_config(sweep={"optimizer": ["sgd"], "seed": [0, 1]})
+    with pytest.raises(SharpscopeError, match=r"holds 2 run\(s\) that this config does not have"):
+        run_study(fewer, out)
+    assert {p: p.read_bytes() for p in before} == before
+    # a sweep may grow (more seeds) in the same folder
+    more = tiny_config(sweep={"optimizer": ["sgd", "sam"], "seed": [0, 1, 2]})
+    check_study_dir(out, more, expand_sweep(more))
+    # an unknown executor is refused before anything is written
+    with pytest.raises(SharpscopeError, match="unknown executor 'foo'"):
+        run_study(tiny_config(), tmp_path / "never", executor="foo")
+    assert not (tmp_path / "never").exists()
 
 
 def test_report_tables_and_figures(study):
@@ -216,6 +233,37 @@ def test_report_tables_and_figures(study):
     assert "m_sharpness" not in measures  # an alias of msharp_m16_rho0.05
     for row in rows:
         assert -1.0 <= float(row["tau"]) <= 1.0 or math.isnan(float(row["tau"] or "nan"))
+    # one training curve per setting (its lowest seed), not the first runs in sweep order
+    curves = json.loads((out / "figures" / "training_curves.json").read_text())
+    assert curves == {
+        "sgd": str(out / "runs" / "sgd-s0" / "metrics.jsonl"),
+        "sam": str(out / "runs" / "sam-s0" / "metrics.jsonl"),
+    }
+    assert "one run (the lowest seed) per setting" in text
+    # measurement figures state data, mode and dtype (analysis.md §8)
+    from sharpscope.study.report import measurement_caption
+
+    assert measurement_caption(out) == "measured on mnist1d/train n=128; eval mode; float32"
+    assert "(measured on mnist1d/train n=128; eval mode; float32)" in text
+    assert "95% percentile intervals" in text and "τ [95% CI]" in text
+    # no resamples: no intervals, and the report does not claim any
+    text = write_report(out, resamples=0, figures=False).read_text()
+    assert "no bootstrap intervals" in text and "95%" not in text
+
+
+def test_report_with_too_few_runs_writes_a_correlation_table_with_a_header(study, tmp_path):
+    out, _ = study
+    folder = tmp_path / "few"
+    shutil.copytree(out, folder)
+    for run_id in ("sam-s0", "sam-s1", "sgd-s1"):
+        (folder / "runs" / run_id / "status.json").unlink()
+    text = write_report(folder, resamples=0, figures=False).read_text()
+    assert "_Not enough finished runs with this gap._" in text
+    with (folder / "correlations.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        assert list(reader) == [] and reader.fieldnames[:3] == ["measure", "gap", "num_models"]
+    full = next(csv.reader((out / "correlations.csv").open()))
+    assert reader.fieldnames == full[: len(reader.fieldnames)]
 
 
 @pytest.mark.parametrize("executor", ["local-pool", "submitit-debug", "submitit-local"])
