@@ -145,6 +145,46 @@ def is_sharpscope_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
+# what `train --resume` needs beside the weights
+TRAINING_STATE_KEYS = (
+    "state_dict",
+    "optimizer_state",
+    "scheduler_state",
+    "rng_state",
+    "epoch",
+    "step",
+    "config",
+)
+
+
+def load_training_state(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """A training checkpoint to resume from, checked: format, version and every key.
+
+    Raises:
+        SharpscopeError: unreadable or unsafe file, not a sharpscope checkpoint (e.g. a
+            bare state_dict), a newer version, or a checkpoint without training state.
+    """
+    path = Path(path)
+    raw = safe_load(path, map_location)
+    if not is_sharpscope_checkpoint(raw):
+        raise SharpscopeError(
+            f"{path} is not a sharpscope training checkpoint (a bare state_dict or another "
+            "file); --resume needs the last.pt that `sharpscope train` wrote"
+        )
+    version = raw.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise SharpscopeError(
+            f"{path} has checkpoint version {version!r}; this sharpscope resumes versions "
+            f"1..{VERSION} (upgrade sharpscope)"
+        )
+    missing = [key for key in TRAINING_STATE_KEYS if key not in raw]
+    if missing:
+        raise SharpscopeError(
+            f"{path} has no {', '.join(missing)}: it can be analysed but not resumed"
+        )
+    return raw
+
+
 def _shapes_from_data(data_spec: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int]:
     if data_spec is None:
         raise SharpscopeError(

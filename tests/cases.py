@@ -70,7 +70,7 @@ def rel_err(found: torch.Tensor, exact: torch.Tensor) -> float:
 
 def interrupt_after_first_epoch(monkeypatch) -> None:
     """Make the trainer crash (KeyboardInterrupt) in epoch 2, after epoch 1's checkpoint."""
-    import sharpscope.train as train_module
+    import sharpscope.trainer as train_module
 
     original = train_module._evaluate_epoch
     calls = {"n": 0}
@@ -92,7 +92,7 @@ def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
     import pytest
 
     from sharpscope.io import load_checkpoint
-    from sharpscope.train import train
+    from sharpscope.trainer import train
 
     full = train(config_at(tmp_path / "full"))
     interrupt_after_first_epoch(monkeypatch)

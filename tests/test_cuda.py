@@ -135,7 +135,7 @@ def test_stochastic_optimizers_step_on_cuda(bn_cnn, spec):
 
 
 def _cuda_training(out, **changes):
-    from sharpscope.train import TrainConfig
+    from sharpscope.trainer import TrainConfig
 
     values = dict(
         dataset={"name": "mnist1d", "samples": 512},

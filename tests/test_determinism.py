@@ -12,7 +12,7 @@ import torch
 
 from sharpscope.determinism import CUBLAS_WORKSPACE_CONFIG, deterministic_algorithms
 from sharpscope.errors import SharpscopeError
-from sharpscope.train import TrainConfig, train
+from sharpscope.trainer import TrainConfig, train
 
 # a model whose forward records the determinism setting, and one that needs put_, which has
 # no deterministic implementation on the CPU

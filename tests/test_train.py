@@ -12,7 +12,7 @@ import torch
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.io import load_checkpoint
-from sharpscope.train import TrainConfig, TrainingDiverged, lr_factor, train
+from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
 from cases import full_and_resumed_runs
 
@@ -99,6 +99,61 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, changes):
 def test_resume_without_checkpoint_is_one_line(tmp_path):
     with pytest.raises(SharpscopeError, match="--resume needs"):
         train(_config(tmp_path / "empty"), resume=True)
+
+
+def test_resume_refuses_other_settings_and_unresumable_checkpoints(tmp_path):
+    train(_config(tmp_path / "run", epochs=2))
+    last = tmp_path / "run" / "last.pt"
+    refused = [
+        (
+            {"optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.9}},
+            r"optimizer.lr 0.1 \(checkpoint: 0.05\)",
+        ),
+        ({"optimizer": {"name": "adam"}}, r'optimizer "adam" \(checkpoint: "sgd"\)'),
+        ({"batch_size": 32, "seed": 1}, r"batch_size 32 .*; seed 1 \(checkpoint: 0\)"),
+        ({"epochs": 4}, "its cosine schedule depends on the total"),
+        (
+            {"epochs": 1, "schedule": {"name": "constant"}},
+            r'schedule "constant" \(checkpoint: "cosine"\)',
+        ),
+    ]
+    before = last.read_bytes()
+    for changes, message in refused:
+        with pytest.raises(SharpscopeError, match=message):
+            train(_config(tmp_path / "run", **changes), resume=True)
+    assert last.read_bytes() == before  # nothing was trained or written
+    # a resume that only changes what does not matter (the device, the progress bar) is fine
+    summary = train(_config(tmp_path / "run", device="auto"), resume=True)
+    assert summary.start_epoch == summary.epochs == 2
+    # a constant schedule may be extended
+    train(_config(tmp_path / "flat", epochs=1, schedule={"name": "constant"}))
+    longer = train(_config(tmp_path / "flat", epochs=2, schedule={"name": "constant"}), resume=True)
+    assert longer.start_epoch == 1 and longer.history[-1]["epoch"] == 2
+    with pytest.raises(SharpscopeError, match="already at epoch 2"):
+        train(_config(tmp_path / "flat", epochs=1, schedule={"name": "constant"}), resume=True)
+
+    state = torch.load(last, weights_only=True)
+    cases = {
+        "bare": (state["state_dict"], "not a sharpscope training checkpoint"),
+        "norng": ({k: v for k, v in state.items() if k != "rng_state"}, "has no rng_state"),
+        "newer": ({**state, "version": 99}, "checkpoint version 99"),
+    }
+    for name, (payload, message) in cases.items():
+        (tmp_path / name).mkdir()
+        torch.save(payload, tmp_path / name / "last.pt")
+        with pytest.raises(SharpscopeError, match=message):
+            train(_config(tmp_path / name), resume=True)
+
+
+def test_resume_drops_a_cut_off_last_metrics_line(tmp_path):
+    config = _config(tmp_path, epochs=2, save_every=1)
+    train(config)
+    (tmp_path / "epoch_001.pt").replace(tmp_path / "last.pt")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-25])  # killed while appending the last row
+    summary = train(_config(tmp_path, epochs=2, save_every=1), resume=True)
+    assert [r["epoch"] for r in summary.history] == [1, 2]
+    assert len(metrics.read_text().splitlines()) == 2
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):

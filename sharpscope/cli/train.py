@@ -53,14 +53,19 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise SharpscopeError(f"{path} is not valid TOML: {exc}") from exc
 
 
-def build_config(values: dict[str, Any], config_file: Path | None) -> Any:  # returns TrainConfig
-    """Merge a TOML config with the flags the user gave (flags win)."""
+def build_config(
+    values: dict[str, Any], config_file: Path | None, resumed: dict[str, Any] | None = None
+) -> Any:  # returns TrainConfig
+    """Merge a TOML config (or, on ``--resume`` without one, the settings stored in the
+    checkpoint, ``resumed``) with the flags the user gave (flags win)."""
     from ..errors import SharpscopeError
     from ..optim.factory import BASE_NAMES
-    from ..train import TrainConfig
+    from ..trainer import TrainConfig
 
-    base: dict[str, Any] = _read_toml(config_file) if config_file else {}
+    base: dict[str, Any] = _read_toml(config_file) if config_file else dict(resumed or {})
     base = {k.replace("-", "_"): v for k, v in base.items()}
+    if resumed is not None and not config_file:
+        base["progress"] = True  # --no-progress applies to this call only
     config = TrainConfig.from_dict(base) if base else TrainConfig()
 
     if values["dataset"] is not None or values["data_opts"]:
@@ -301,20 +306,33 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
     ) -> None:
         """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
-        from ..train import train
+        from ..io import load_training_state
+        from ..trainer import train
 
         values = dict(locals())
         values["model_opts"] = parse_options(model_opt, "--model-opt")
         values["data_opts"] = parse_options(data_opt, "--data-opt")
         values["opt"] = parse_options(opt, "--opt")
-        cfg = build_config(values, config)
+        resumed = None
+        if resume and config is None and out is not None and (out / "last.pt").exists():
+            # continue the run as it was: its settings come from the checkpoint
+            resumed = load_training_state(out / "last.pt")["config"]
+        cfg = build_config(values, config, resumed)
         summary = train(cfg, resume=resume)
         if not summary.is_main:  # under torchrun only rank 0 reports
             return
         metrics = summary.metrics
+        if summary.start_epoch >= summary.epochs:
+            typer.echo(
+                f"nothing to do: {summary.out / 'last.pt'} is at epoch {summary.start_epoch} "
+                f"of {summary.epochs} already (give a larger --epochs to train on, where the "
+                "schedule allows)"
+            )
+            return
+        epochs = f"{summary.epochs} epoch{'s' if summary.epochs != 1 else ''}"
         typer.echo(
             f"{cfg.optimizer['name']} on {cfg.dataset.get('name', cfg.dataset.get('factory'))} "
-            f"({cfg.model.get('name', cfg.model.get('factory'))}), {summary.epochs} epochs: "
+            f"({cfg.model.get('name', cfg.model.get('factory'))}), {epochs}: "
             f"test accuracy {metrics.get('test_acc', float('nan')):.4f}, "
             f"train accuracy {metrics.get('train_acc', float('nan')):.4f}, "
             f"test loss {metrics.get('test_loss', float('nan')):.4f}"

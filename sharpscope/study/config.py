@@ -365,7 +365,7 @@ def _check_axis_value(where: str, axis: str, value: Any) -> Any:
 
 
 def _validate_train(values: Mapping[str, Any]) -> dict[str, Any]:
-    from ..train import TrainConfig
+    from ..trainer import TrainConfig
 
     values = {k.replace("-", "_"): v for k, v in values.items()}
     names = [f.name for f in dataclasses.fields(TrainConfig)]

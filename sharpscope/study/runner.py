@@ -14,7 +14,7 @@ Folder layout (format version :data:`VERSION`)::
 **Resumption.** A run whose status is ``done`` with every analysis file present (and
 made with the same options) is skipped; a run interrupted during training resumes
 from its ``last.pt``; an analysis whose JSON exists with the same options is not
-recomputed. A run that diverges (:class:`~sharpscope.train.TrainingDiverged`) is
+recomputed. A run that diverges (:class:`~sharpscope.trainer.TrainingDiverged`) is
 recorded as ``failed`` (kept on resume: divergence is deterministic) and the study goes
 on; a run that raised another error is recorded as ``error`` and retried next time.
 """
@@ -291,7 +291,7 @@ def _checkpoint_for(run_dir: Path, epoch: int, total: int) -> Path:
 def _train_run(run: RunSpec, run_dir: Path) -> dict[str, Any] | None:
     """Train (or resume) one run; return a failure record when it diverges."""
     from ..io import safe_load
-    from ..train import TrainConfig, TrainingDiverged, train
+    from ..trainer import TrainConfig, TrainingDiverged, train
 
     config = TrainConfig.from_dict({**run.train, "out": str(run_dir)})
     resume = False

@@ -196,7 +196,7 @@ def expand_sweep(config: StudyConfig) -> list[RunSpec]:
         SharpscopeError: a per-optimizer axis value for an optimizer it cannot apply to,
             analysis epochs beyond a run's training epochs, or duplicate runs.
     """
-    from ..train import TrainConfig
+    from ..trainer import TrainConfig
 
     train_base = dict(config.train)
     defaults = TrainConfig()

@@ -130,6 +130,41 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert "Traceback" not in result.output
 
 
+def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY[: TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("--batch-size") :]]
+    first = runner.invoke(
+        app,
+        [
+            "train",
+            *args,
+            "--optimizer",
+            "sam",
+            "--rho",
+            "0.1",
+            "--save-every",
+            "1",
+            "--out",
+            str(out),
+        ],
+    )
+    assert first.exit_code == 0, first.output
+    final = torch.load(out / "last.pt", weights_only=True)["state_dict"]
+    (out / "epoch_001.pt").replace(out / "last.pt")
+    # `--out DIR --resume` alone continues the SAM run, not a default SGD one
+    again = runner.invoke(app, ["train", "--out", str(out), "--resume", "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert again.output.startswith("sam on mnist1d (mlp), 2 epochs")
+    resumed = torch.load(out / "last.pt", weights_only=True)
+    assert resumed["optimizer"]["rho"] == 0.1
+    assert all(torch.equal(final[k], resumed["state_dict"][k]) for k in final)
+    # options that would change the run are refused, naming what differs
+    changed = runner.invoke(app, ["train", "--out", str(out), "--resume", "--rho", "0.5"])
+    assert changed.exit_code == 2 and "optimizer.rho 0.5 (checkpoint: 0.1)" in changed.output
+    done = runner.invoke(app, ["train", "--out", str(out), "--resume", "--no-progress"])
+    assert done.exit_code == 0 and done.output.startswith("nothing to do:")
+
+
 def test_config_with_unknown_key(tmp_path):
     config = tmp_path / "bad.toml"
     config.write_text("epochz = 3\n")

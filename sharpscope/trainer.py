@@ -35,10 +35,24 @@ from .determinism import deterministic_algorithms
 from .distributed import DistInfo, barrier, init_from_env
 from .errors import SharpscopeError
 from .evaluation import evaluate
-from .io import FORMAT, VERSION, load_weights, safe_load, save_checkpoint
+from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import build_model, get_loss, normalize_spec
 
 SCHEDULES = ("cosine", "step", "constant")
+# settings a resumed run must share with its checkpoint (the device, progress bar, output
+# folder, evaluation batch size and the like may change; epochs has its own rule)
+SAME_ON_RESUME = (
+    "dataset",
+    "model",
+    "optimizer",
+    "loss",
+    "batch_size",
+    "seed",
+    "schedule",
+    "augment",
+    "precision",
+    "sync_bn",
+)
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100")
 
@@ -150,6 +164,7 @@ class TrainSummary:
     steps: int
     model: nn.Module
     is_main: bool = True  # rank 0 (or a single process): the one that reports
+    start_epoch: int = 0  # epochs already done when this call began (resume)
 
 
 def lr_factor(schedule: Mapping[str, Any], step: int, steps_per_epoch: int, epochs: int) -> float:
@@ -205,15 +220,78 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _read_history(path: Path, last_step: int) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl`` up to ``last_step``; a cut-off last line is dropped."""
     if not path.exists():
         return []
     rows = []
-    for line in path.read_text().splitlines():
-        if line.strip():
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    for number, line in enumerate(lines, 1):
+        try:
             row = json.loads(line)
-            if row.get("step", 0) <= last_step:
-                rows.append(row)
+        except json.JSONDecodeError as exc:
+            if number == len(lines):  # killed while appending: the row is not needed
+                break
+            raise SharpscopeError(f"{path}, line {number}, is not JSON; cannot resume") from exc
+        if row.get("step", 0) <= last_step:
+            rows.append(row)
     return rows
+
+
+def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path: Path) -> None:
+    """Refuse to resume with settings that differ from the checkpoint's.
+
+    ``epochs`` may grow only when the schedule does not depend on it (constant, or step
+    decay with explicit milestones), and must exceed the checkpoint's epoch.
+
+    Raises:
+        SharpscopeError: one line naming the settings that differ.
+    """
+    from .optim.factory import resolve_optimizer_spec
+
+    now = config.to_dict()
+    changed = []
+    for key in SAME_ON_RESUME:
+        old, new = saved.get(key), now.get(key)
+        if key == "optimizer":
+            old, new = resolve_optimizer_spec(old), resolve_optimizer_spec(new)
+        changed += _differences(key, old, new)
+    if changed:
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise SharpscopeError(
+            f"cannot resume {path} with other settings: {'; '.join(changed[:4])}{more}; drop "
+            "those options to continue the run as it was, or train into a new --out"
+        )
+    old_epochs = saved.get("epochs")
+    if config.epochs != old_epochs:
+        schedule = config.schedule
+        fixed = schedule.get("name") == "constant" or (
+            schedule.get("name") == "step" and "milestones" in schedule
+        )
+        if not fixed:
+            raise SharpscopeError(
+                f"cannot resume {path} with epochs {config.epochs}: the run was started with "
+                f"epochs {old_epochs} and its {schedule.get('name', 'cosine')} schedule "
+                "depends on the total; resume with the same epochs"
+            )
+    if config.epochs < epoch:
+        raise SharpscopeError(
+            f"cannot resume {path} with epochs {config.epochs}: it is already at epoch {epoch}"
+        )
+
+
+def _differences(key: str, old: Any, new: Any) -> list[str]:
+    """``"optimizer.rho 0.5 (checkpoint: 0.05)"`` for every leaf where two settings differ."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping) and old.get("name") == new.get("name"):
+        return [
+            line
+            for name in sorted(set(old) | set(new), key=str)
+            for line in _differences(f"{key}.{name}", old.get(name), new.get(name))
+        ]
+    if old == new:
+        return []
+    if isinstance(old, Mapping) and isinstance(new, Mapping) and "name" in old and "name" in new:
+        old, new = old["name"], new["name"]  # another optimizer, model, ...: the names say it
+    return [f"{key} {json.dumps(new, default=str)} (checkpoint: {json.dumps(old, default=str)})"]
 
 
 def _prepare_data(
@@ -321,7 +399,8 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
             raise SharpscopeError(
                 f"--resume needs {last_path or 'OUT/last.pt'} from an earlier run; none found"
             )
-        state = safe_load(last_path, map_location=device)
+        state = load_training_state(last_path, map_location=device)
+        check_resume(config, state["config"], int(state["epoch"]), last_path)
         load_weights(model, state["state_dict"], source=f"in {last_path}")
         optimizer.load_state_dict(state["optimizer_state"])
         scheduler.load_state_dict(state["scheduler_state"])
@@ -343,7 +422,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
     is_bsam = config.optimizer.get("name") == "bsam"
     metrics: dict[str, Any] = history[-1] if history else {}
     progress = None
-    if config.progress and info.is_main:
+    if config.progress and info.is_main and start_epoch < config.epochs:
         from tqdm.auto import tqdm
 
         progress = tqdm(
@@ -447,7 +526,9 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
     finally:
         if progress is not None:
             progress.close()
-    return TrainSummary(out, metrics, history, config.epochs, step, model, info.is_main)
+    return TrainSummary(
+        out, metrics, history, config.epochs, step, model, info.is_main, start_epoch
+    )
 
 
 def _evaluate_epoch(
