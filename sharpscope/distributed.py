@@ -2,13 +2,16 @@
 
 ``torchrun --nproc_per_node N sharpscope ...`` sets ``WORLD_SIZE``, ``RANK`` and
 ``LOCAL_RANK``; :func:`init_from_env` turns them into an initialised process group
-(NCCL on CUDA, gloo on CPU). A single process needs none of it.
+(NCCL on CUDA, gloo on CPU), destroyed again when the process exits. A single process
+needs none of it.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,7 +65,36 @@ def init_from_env(device: str | torch.device | None = "auto") -> DistInfo:
         if chosen.type == "cuda":
             torch.cuda.set_device(chosen)
         dist.init_process_group(backend=backend)
+        atexit.register(shutdown)
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, chosen)
+
+
+def shutdown() -> None:
+    """Destroy the process group, if any (registered at exit by :func:`init_from_env`: without
+    it a rank can abort in the backend's teardown after its work is done)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def gather_to_main(value: Any) -> list[Any] | None:
+    """Every rank's ``value`` (plain objects, tensors moved to the CPU) on rank 0, in rank
+    order; ``None`` on the other ranks. A collective: all ranks must call it."""
+    value = _to_cpu(value)
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [value]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def _to_cpu(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().cpu()
+    if isinstance(value, dict):
+        return {k: _to_cpu(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_cpu(v) for v in value)
+    return value
 
 
 def current() -> DistInfo:

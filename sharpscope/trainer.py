@@ -20,6 +20,7 @@ import dataclasses
 import json
 import math
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,7 @@ from . import __version__
 from .data import DataSplit, load_data
 from .data.augment import random_crop_flip
 from .determinism import deterministic_algorithms
-from .distributed import DistInfo, barrier, init_from_env
+from .distributed import DistInfo, barrier, gather_to_main, init_from_env
 from .errors import SharpscopeError
 from .evaluation import evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
@@ -279,6 +280,23 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         )
 
 
+def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo, path: Path) -> None:
+    """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``)."""
+    if not info.enabled or optimizer.rank_state() is None:
+        return
+    if not isinstance(saved, list) or len(saved) != info.world_size:
+        if info.is_main:
+            had = f"{len(saved)} processes" if isinstance(saved, list) else "one process"
+            warnings.warn(
+                f"{path} was written by {had}, this run has {info.world_size}: every rank "
+                "starts from rank 0's per-rank optimizer state, so the resumed run is not "
+                "bit-identical to an uninterrupted one",
+                stacklevel=2,
+            )
+        return
+    optimizer.load_rank_state(saved[info.rank])
+
+
 def _differences(key: str, old: Any, new: Any) -> list[str]:
     """``"optimizer.rho 0.5 (checkpoint: 0.05)"`` for every leaf where two settings differ."""
     if isinstance(old, Mapping) and isinstance(new, Mapping) and old.get("name") == new.get("name"):
@@ -407,6 +425,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
         if scaler is not None and state.get("scaler_state"):
             scaler.load_state_dict(state["scaler_state"])
         _set_rng_state(state["rng_state"], device)
+        _load_rank_state(optimizer, state.get("rank_states"), info, last_path)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:
@@ -504,6 +523,9 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                     f"acc {metrics['test_acc']:.4f}"
                 )
             if out is not None:
+                # each rank's own optimizer state (bSAM noise, LETS/VaSSO per-rank tensors)
+                local = optimizer.rank_state() if info.enabled else None
+                rank_states = gather_to_main(local) if local is not None else None
                 if info.is_main:
                     payload = _checkpoint_payload(
                         config,
@@ -517,6 +539,8 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                         metrics,
                         device,
                     )
+                    if rank_states is not None:
+                        payload["rank_states"] = rank_states
                     save_checkpoint(out / "last.pt", payload)
                     if config.save_every and (epoch + 1) % config.save_every == 0:
                         save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -268,3 +269,50 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     b = load_checkpoint(tmp_path / "two" / "last.pt").model.state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=1e-5, atol=1e-6), key
+
+
+def test_the_top_level_train_is_the_function_after_its_module_is_imported():
+    import types
+
+    import sharpscope as ss
+    import sharpscope.trainer  # noqa: F401  (binds the submodule's name on the package)
+
+    assert ss.TrainConfig is TrainConfig
+    assert not isinstance(ss.train, types.ModuleType) and ss.train is train
+
+
+def _torchrun(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "sharpscope", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+@pytest.mark.parametrize("optimizer", ["bsam", "lets"])
+def test_torchrun_resume_is_bit_identical_with_per_rank_optimizer_state(tmp_path, optimizer):
+    """bSAM's noise (seed + rank) and LETS' v differ per rank: each rank resumes its own."""
+    args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", "mlp"]
+    args += ["--model-opt", "width=16", "--model-opt", "depth=1", "--optimizer", optimizer]
+    args += ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-progress"]
+    full = _torchrun(*args, "--save-every", "1", "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-2000:]
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
+    resumed = _torchrun("train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "warning" not in resumed.stderr
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    assert len(a["rank_states"]) == 2
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    assert torch.equal(
+        torch.as_tensor(a["optimizer_state"]["rho"]), torch.as_tensor(b["optimizer_state"]["rho"])
+    )
+    steps = [json.loads(r) for r in (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()]
+    again = [json.loads(r) for r in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in steps] == [
+        {k: v for k, v in r.items() if k not in drop} for r in again
+    ]

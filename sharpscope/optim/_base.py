@@ -507,6 +507,18 @@ class SharpnessAware(torch.optim.Optimizer):
     def _load_rng_state(self, state: Tensor | None) -> None:
         pass
 
+    def rank_state(self) -> dict[str, Any] | None:
+        """The part of the state that differs between DDP ranks (``None``: nothing does).
+
+        :meth:`state_dict` is one process's state; under torchrun the trainer also saves
+        each rank's :meth:`rank_state` and gives it back with :meth:`load_rank_state`, so
+        every rank resumes with its own (bSAM's noise generator, LETS' ``v``).
+        """
+        return None
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        """Load this rank's part saved by :meth:`rank_state`."""
+
     def _per_param_state(self, key: str) -> dict[int, Tensor]:
         return {
             i: self.state[p][key]

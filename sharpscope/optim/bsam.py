@@ -399,6 +399,13 @@ class BSAM(SharpnessAware):
     def _rng_state(self) -> Tensor:
         return self.generator.get_state()
 
+    def rank_state(self) -> dict[str, Any]:
+        """Each rank draws its own noise (``seed + rank``): its generator state."""
+        return {"rng": self._rng_state()}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self._load_rng_state(state.get("rng"))
+
     def _load_rng_state(self, state: Tensor | None) -> None:
         if state is None:
             raise SharpscopeError(

@@ -549,6 +549,15 @@ class LETS(SharpnessAware):
             "inner": self.inner._variant_state(),
         }
 
+    def rank_state(self) -> dict[str, Any]:
+        """``v`` comes from this rank's own batch; the inner variant's per-rank state too."""
+        return {"v": self._per_param_state("v"), "inner": self.inner.rank_state()}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self._load_per_param_state("v", state.get("v", {}))
+        if state.get("inner") is not None:
+            self.inner.load_rank_state(state["inner"])
+
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self._load_per_param_state("v", state.get("v", {}))
         self._val.count = int(state.get("val_count", 0))

@@ -87,3 +87,10 @@ class VaSSO(SharpnessAware):
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self._load_per_param_state("d", state.get("d", {}))
+
+    def rank_state(self) -> dict[str, Any]:
+        """Under DDP with local perturbations ``d`` averages this rank's own gradients."""
+        return {"d": self._per_param_state("d")}
+
+    def load_rank_state(self, state: dict[str, Any]) -> None:
+        self._load_per_param_state("d", state.get("d", {}))
