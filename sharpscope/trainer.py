@@ -2,8 +2,8 @@
 
 ``train(TrainConfig(...))`` trains one model and writes ``OUT/last.pt``,
 ``OUT/epoch_NNN.pt`` (every ``save_every`` epochs) and ``OUT/metrics.jsonl`` (one
-JSON object per evaluation; optimizers with per-step state such as LETS' learned ρ
-add one ``"kind": "step"`` object per step).
+JSON object per evaluation; LETS, whose ρ is learned, also one ``"kind": "step"`` object
+per step, written with the evaluation row that ends its epoch).
 
 Exact resumption: the data order and the augmentation of epoch ``e`` are drawn from
 generators seeded by ``(seed, e)``, and checkpoints (written atomically at the end of
@@ -135,12 +135,32 @@ class TrainConfig:
         self.dataset = normalize_spec(self.dataset, "data set")
         self.model = normalize_spec(self.model, "model")
         self.optimizer = normalize_spec(self.optimizer, "optimizer")
+        if not isinstance(self.schedule, Mapping):
+            raise SharpscopeError(
+                f'schedule must be a table such as {{name = "cosine", warmup_epochs = 0}}, '
+                f"got {self.schedule!r}"
+            )
         self.schedule = dict(self.schedule)
-        for name, value in (("epochs", self.epochs), ("batch_size", self.batch_size)):
-            if not isinstance(value, int) or value < 1:
+        for name in ("epochs", "batch_size", "eval_batch_size", "bsam_samples"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SharpscopeError(f"{name} must be a positive integer, got {value!r}")
-        if self.save_every < 0:
-            raise SharpscopeError(f"save_every must be >= 0, got {self.save_every}")
+        for name in ("seed", "save_every"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise SharpscopeError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("out", "data_root"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (str, Path)):
+                raise SharpscopeError(f"{name} must be a path, got {value!r}")
+        for name in ("loss", "device"):
+            if not isinstance(getattr(self, name), str):
+                raise SharpscopeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        if self.augment is not None and not isinstance(self.augment, bool):
+            raise SharpscopeError(f"augment must be true, false or unset, got {self.augment!r}")
+        warmup = self.schedule.get("warmup_epochs", 0)
+        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
+            raise SharpscopeError(f"warmup_epochs must be a number >= 0, got {warmup!r}")
         if self.schedule.get("name", "cosine") not in SCHEDULES:
             raise SharpscopeError(
                 f"unknown schedule '{self.schedule.get('name')}'; choose one of: {', '.join(SCHEDULES)}"
@@ -320,6 +340,12 @@ def _prepare_data(
     if needs_val and not dataset.get("val_fraction"):
         dataset["val_fraction"] = 0.1
         config.dataset = dataset
+    if "factory" in dataset and info.is_main:
+        warnings.warn(
+            f"data factory {dataset['factory']} gives one data set: it is also the test set, "
+            "so the test metrics are training metrics (gen_gap 0)",
+            stacklevel=2,
+        )
     train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
     test = load_data(dataset, "test", data_root=config.data_root, device=info.device)
     val = (
@@ -357,7 +383,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
 
 def _train(config: TrainConfig, resume: bool) -> TrainSummary:
     from .optim.closure import BatchClosure
-    from .optim.factory import build_optimizer, optimizer_metrics
+    from .optim.factory import build_optimizer, optimizer_metrics, step_metrics
 
     info = init_from_env(config.device)
     device = info.device
@@ -368,6 +394,11 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
             f"batch size {config.batch_size} is not divisible by the {info.world_size} processes"
         )
     out = Path(config.out) if config.out else None
+    if out is not None and not resume and (out / "last.pt").exists():  # nothing is lost
+        raise SharpscopeError(
+            f"{out} already holds a training run (last.pt); continue it with --resume, or "
+            "train into a new --out (or delete that folder)"
+        )
     torch.manual_seed(config.seed)
     train_split, test_split, val_split = _prepare_data(config, info)
     num_train = len(train_split)
@@ -459,6 +490,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
             order = torch.randperm(num_train, generator=_generator(config.seed, epoch, 1))
             augment_gen = _generator(config.seed, epoch, 2)
             running = torch.zeros((), dtype=torch.float64, device=device)
+            step_rows = []  # written with the epoch's evaluation row
             for batch in range(steps_per_epoch):
                 idx = order[batch * config.batch_size : (batch + 1) * config.batch_size][lo:hi]
                 idx = idx.to(device)
@@ -483,11 +515,9 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                         f"{kept}; lower the learning rate or rho"
                     )
                 running += loss_value
-                step_metrics = optimizer_metrics(optimizer)
-                if step_metrics and out and info.is_main:
-                    row = {"kind": "step", "epoch": epoch + 1, "step": step, **step_metrics}
-                    with (out / "metrics.jsonl").open("a") as handle:
-                        handle.write(json.dumps(row) + "\n")
+                logged = step_metrics(optimizer) if out and info.is_main else {}
+                if logged:
+                    step_rows.append({"kind": "step", "epoch": epoch + 1, "step": step, **logged})
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
@@ -545,13 +575,14 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                     if config.save_every and (epoch + 1) % config.save_every == 0:
                         save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
                     with (out / "metrics.jsonl").open("a") as handle:
-                        handle.write(json.dumps(metrics) + "\n")
+                        handle.write("".join(json.dumps(r) + "\n" for r in [*step_rows, metrics]))
                 barrier()
     finally:
         if progress is not None:
             progress.close()
+    evaluations = [r for r in history if r.get("kind") != "step"]
     return TrainSummary(
-        out, metrics, history, config.epochs, step, model, info.is_main, start_epoch
+        out, metrics, evaluations, config.epochs, step, model, info.is_main, start_epoch
     )
 
 

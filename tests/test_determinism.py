@@ -90,14 +90,14 @@ def test_training_runs_with_the_setting_and_records_it(tmp_path, models_file):
     assert not torch.are_deterministic_algorithms_enabled()
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["deterministic"] is True
-    seen = train(_config(tmp_path, f"{models_file}:recording")).model.seen
+    seen = train(_config(tmp_path, f"{models_file}:recording", out=str(tmp_path / "b"))).model.seen
     assert len(seen) > 4 and not any(seen)
 
 
 def test_an_operation_without_a_deterministic_kernel_is_one_clear_error(tmp_path, models_file):
     train(_config(tmp_path, f"{models_file}:uses_put"))  # fine without the flag
     with pytest.raises(SharpscopeError, match="--deterministic: the model uses put_"):
-        train(_config(tmp_path, f"{models_file}:uses_put", deterministic=True))
+        train(_config(tmp_path / "b", f"{models_file}:uses_put", deterministic=True))
     assert not torch.are_deterministic_algorithms_enabled()
     with pytest.raises(SharpscopeError, match="deterministic must be true or false"):
         _config(tmp_path, f"{models_file}:recording", deterministic="yes")

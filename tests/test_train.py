@@ -146,6 +146,40 @@ def test_resume_refuses_other_settings_and_unresumable_checkpoints(tmp_path):
             train(_config(tmp_path / name), resume=True)
 
 
+def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
+    train(_config(tmp_path, epochs=1))
+    before = (tmp_path / "last.pt").read_bytes()
+    with pytest.raises(SharpscopeError, match="already holds a training run"):
+        train(_config(tmp_path, epochs=1, optimizer={"name": "adam"}))
+    assert (tmp_path / "last.pt").read_bytes() == before
+
+
+def test_metrics_have_step_rows_only_for_a_learned_rho(tmp_path):
+    sam = {"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}}
+    summary = train(_config(tmp_path / "sam", epochs=1, optimizer=sam))
+    rows = [json.loads(r) for r in (tmp_path / "sam" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in rows] == ["eval"] and rows[0]["rho"] == 0.05
+    lets = {"name": "lets", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}}
+    summary = train(_config(tmp_path / "lets", epochs=1, optimizer=lets))
+    rows = [json.loads(r) for r in (tmp_path / "lets" / "metrics.jsonl").read_text().splitlines()]
+    kinds = [r["kind"] for r in rows]
+    assert kinds == ["step"] * (len(rows) - 1) + ["eval"] and len(rows) > 2
+    assert all("rho" in r and "lets_h" in r for r in rows[:-1])
+    assert [r["kind"] for r in summary.history] == ["eval"]
+
+
+def test_a_data_factory_warns_that_it_is_also_the_test_set(tmp_path):
+    module = tmp_path / "mydata.py"
+    module.write_text(
+        "import torch\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)\n"
+    )
+    with pytest.warns(UserWarning, match="it is also the test set"):
+        train(_config(tmp_path / "run", epochs=1, dataset={"factory": f"{module}:data"}))
+
+
 def test_resume_drops_a_cut_off_last_metrics_line(tmp_path):
     config = _config(tmp_path, epochs=2, save_every=1)
     train(config)
@@ -190,6 +224,16 @@ def test_lr_schedules():
 @pytest.mark.parametrize(
     "changes, message",
     [
+        ({"schedule": "cosine"}, "schedule must be a table"),
+        (
+            {"schedule": {"name": "cosine", "warmup_epochs": -1}},
+            "warmup_epochs must be a number >= 0",
+        ),
+        ({"save_every": "x"}, "save_every must be an integer >= 0"),
+        ({"eval_batch_size": 0}, "eval_batch_size must be a positive integer"),
+        ({"seed": "x"}, "seed must be an integer >= 0"),
+        ({"out": 5}, "out must be a path"),
+        ({"augment": "yes"}, "augment must be true, false or unset"),
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"schedule": {"name": "linear"}}, "unknown schedule 'linear'"),
         ({"precision": "fp8"}, "unknown precision 'fp8'"),

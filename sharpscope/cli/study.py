@@ -56,6 +56,7 @@ def register(app: typer.Typer) -> None:
         no_args_is_help=True,
         add_completion=False,
         pretty_exceptions_enable=False,
+        rich_markup_mode=None,
     )
 
     @study.command("run")

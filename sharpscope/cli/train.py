@@ -91,8 +91,22 @@ def build_config(
     # Unset hyperparameters are filled by the optimizer factory (resolve_optimizer_spec),
     # and the checkpoint stores that resolved spec.
     if name in BASE_NAMES:
+        if values["base"] is not None:
+            raise SharpscopeError(
+                f"--base is the base optimizer of a SAM variant; {name} is a base optimizer "
+                "itself (use --optimizer for it)"
+            )
         optimizer.update({k: v for k, v in base_keys.items() if v is not None})
     elif name == "bsam":
+        ignored = [
+            k for k in ("momentum", "weight_decay", "nesterov", "base") if values[k] is not None
+        ]
+        if ignored:
+            flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
+            raise SharpscopeError(
+                f"bsam has its own update (Adam-like moments, prior precision as weight decay): "
+                f"{flags} do not apply; use --prior-precision, --damping, --opt betas=..."
+            )
         if values["lr"] is not None:
             optimizer["lr"] = values["lr"]
     else:
@@ -211,7 +225,10 @@ def register(app: typer.Typer) -> None:
             None, "--val-fraction", help="Hold-out fraction of the training split (LETS: 0.1)."
         ),
         samples: Optional[int] = typer.Option(
-            None, "--samples", help="Train on the first N examples after a seeded shuffle."
+            None,
+            "--samples",
+            help="Use the first N examples of each split (training and test) after a seeded "
+            "shuffle.",
         ),
         augment: Optional[bool] = typer.Option(
             None, "--augment/--no-augment", help="Random crop + flip [default: on for CIFAR]."

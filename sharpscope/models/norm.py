@@ -126,6 +126,8 @@ class Option:
 def _coerce(value: Any, option: Option) -> Any:
     """``value`` as the option's type, or raise ``ValueError`` with the reason."""
     if option.kind is str:
+        if value is None and "none" in option.choices:
+            return "none"  # the command line reads `norm=none` as None
         if not isinstance(value, str):
             raise ValueError("expected a string")
         for choice in option.choices:
@@ -168,6 +170,8 @@ def resolve_options(
     >>> spec = {"width": Option(8, int, low=1), "norm": Option("batch", str, ("batch", "none"))}
     >>> resolve_options("cnn", {"width": "16", "norm": "None"}, spec)
     {'width': 16, 'norm': 'none'}
+    >>> resolve_options("cnn", {"norm": None}, spec)["norm"]
+    'none'
     >>> resolve_options("cnn", {"depht": 2}, spec)
     Traceback (most recent call last):
     ...

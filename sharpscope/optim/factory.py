@@ -320,6 +320,12 @@ def build_optimizer(
     return _CLASSES[name](model.parameters(), base_cls, model=model, **options, **base_spec)
 
 
+def step_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str]:
+    """Values that change every step and are logged per step: LETS' (its learned ρ, F, h);
+    nothing for the others, whose ρ is fixed (it is in every evaluation row)."""
+    return opt.metrics() if isinstance(opt, LETS) else {}
+
+
 def optimizer_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str]:
     """Per-step values worth logging: LETS ``rho, rho_k, lets_F, lets_h, hypergrad``;
     other sharpness-aware optimizers ``rho``; plain optimizers nothing.

@@ -118,6 +118,9 @@ def test_train_from_toml_config(tmp_path):
         (["--optimizer", "vasso", "--theta", "1.5"], "theta"),
         (["--model-opt", "width"], "--model-opt takes KEY=VALUE"),
         (["--resume"], "--resume needs"),
+        (["--optimizer", "sgd", "--base", "adam"], "--base is the base optimizer of a SAM variant"),
+        (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum do not apply"),
+        (["--warmup-epochs", "-1"], "warmup_epochs must be a number >= 0"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
@@ -163,6 +166,29 @@ def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
     assert changed.exit_code == 2 and "optimizer.rho 0.5 (checkpoint: 0.1)" in changed.output
     done = runner.invoke(app, ["train", "--out", str(out), "--resume", "--no-progress"])
     assert done.exit_code == 0 and done.output.startswith("nothing to do:")
+
+
+def test_model_option_none_and_help_defaults(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            *TINY,
+            "--model",
+            "cnn1d",
+            "--model-opt",
+            "norm=none",
+            "--out",
+            str(tmp_path / "n"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    from sharpscope.io import load_checkpoint
+
+    model = load_checkpoint(tmp_path / "n" / "last.pt").model
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in model.modules())
+    help_text = runner.invoke(app, ["train", "--help"]).output
+    assert "[default: 10]" in help_text and "[default: 128]" in help_text
 
 
 def test_config_with_unknown_key(tmp_path):
