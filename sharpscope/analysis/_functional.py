@@ -152,9 +152,17 @@ def analysis_meta(
     mode: str,
     num_params: int,
     extra: Mapping[str, Any] | None = None,
+    data: Any = None,
 ) -> RunMeta:
-    """``base`` (or a fresh RunMeta) with what every analysis records, ``extra`` added."""
+    """``base`` (or a fresh RunMeta) with what every analysis records, ``extra`` added.
+
+    When ``base`` names no data and ``data`` is a :class:`~sharpscope.data.DataSplit`
+    (``ss.load_data(...)``), its spec and split are recorded, so results computed from
+    the Python API keep their provenance too.
+    """
     base = base or RunMeta()
+    if base.data is None and hasattr(data, "spec") and hasattr(data, "split"):
+        base = dataclasses.replace(base, data={**data.spec, "split": data.split})
     return dataclasses.replace(
         base,
         num_samples=int(num_samples),

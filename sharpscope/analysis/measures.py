@@ -217,6 +217,7 @@ def average_sharpness(
         seconds=time.perf_counter() - start,
         meta=analysis_meta(
             meta,
+            data=data,
             num_samples=n,
             seed=seed,
             dtype=dtype,
@@ -378,6 +379,7 @@ def epsilon_sharpness(
         seconds=time.perf_counter() - start,
         meta=analysis_meta(
             meta,
+            data=data,
             num_samples=total,
             seed=seed,
             dtype=dtype,
@@ -560,6 +562,7 @@ def pac_bayes_flatness(
         seconds=time.perf_counter() - start,
         meta=analysis_meta(
             meta,
+            data=data,
             num_samples=total,
             seed=seed,
             dtype=dtype,

@@ -746,6 +746,7 @@ def m_sharpness(
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan
     result_meta = analysis_meta(
         meta,
+        data=data,
         num_samples=n,
         seed=seed,
         dtype=dtype,

@@ -398,9 +398,10 @@ def build_operator(
         raise
 
 
-def _meta(op: HessianOperator, meta: RunMeta | None, seed: int, **extra: Any) -> RunMeta:
+def _meta(op: HessianOperator, meta: RunMeta | None, seed: int, data: Any, **extra: Any) -> RunMeta:
     return analysis_meta(
         meta,
+        data=data,
         num_samples=op.num_examples,
         seed=seed,
         dtype=op.dtype,
@@ -614,7 +615,7 @@ def top_eigenvalues(
         hvps=hvps,
         seconds=time.perf_counter() - start,
         backend=backend,
-        meta=_meta(op, meta, seed),
+        meta=_meta(op, meta, seed, data),
     )
 
 
@@ -725,7 +726,7 @@ def hessian_trace(
         hvps=hvps,
         seconds=time.perf_counter() - start,
         backend=backend,
-        meta=_meta(op, meta, seed, trace_distribution=distribution),
+        meta=_meta(op, meta, seed, data, trace_distribution=distribution),
     )
 
 
@@ -818,7 +819,7 @@ def spectral_density(
         density,
         hvp_count=float(op.hvp_count - before),
         seconds=time.perf_counter() - start,
-        meta=_meta(op, meta, seed, deflate=int(deflate)),
+        meta=_meta(op, meta, seed, data, deflate=int(deflate)),
     )
 
 
@@ -877,7 +878,7 @@ def spectrum(
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
     )
-    meta = _meta(op, meta, seed, backend=backend)
+    meta = _meta(op, meta, seed, data, backend=backend)
     counts: dict[str, float] = {}
 
     t0, h0 = time.perf_counter(), op.hvp_count

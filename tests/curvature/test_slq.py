@@ -119,10 +119,15 @@ def test_kernels_have_unit_mass_and_log_units(planted_matrix):
     eig = torch.cat([torch.tensor([40.0, -0.5], dtype=F64), bulk])
     quad = slq(planted_matrix(eig, seed=8), num_probes=3, num_steps=60, seed=9)
     nodes, weights = quad.nodes, quad.weights
-    for kernel, tol in (("ghorbani", 1e-12), ("papyan", 1e-2), ("log", 1e-2)):
-        # Ghorbani's is renormalized on the grid; Papyan's leaks tails past its 5% margin.
+    for kernel, tol in (("ghorbani", 1e-12), ("papyan", 3e-3), ("log", 3e-3)):
+        # Ghorbani's is renormalized on the grid; the others' grids reach past their tails
         grid, values, info = smooth_density(nodes, weights, kernel=kernel)
         assert abs(np.sum(values) * (grid[1] - grid[0]) - 1) < tol, kernel
+    # few Lanczos steps make the kernel wide (κ = 1.04: width 2/(29·0.56) in [-1, 1] units)
+    short = slq(planted_matrix(eig, seed=8), num_probes=2, num_steps=30, seed=9)
+    for kernel in ("papyan", "log"):
+        grid, values, _ = smooth_density(short.nodes, short.weights, kernel=kernel)
+        assert abs(np.sum(values) * (grid[1] - grid[0]) - 1) < 3e-3, kernel
     _, _, info = smooth_density(nodes, weights, kernel="log")
     assert info["units"].startswith("log")
     assert info["kappa"] == 1.04

@@ -1,0 +1,23 @@
+"""Results computed from the Python API record the data they were computed on."""
+
+from __future__ import annotations
+
+import torch
+
+import sharpscope as ss
+from sharpscope.results import RunMeta
+
+
+def test_a_datasplit_is_recorded_in_the_metadata_unless_meta_names_data():
+    torch.manual_seed(0)
+    model = ss.build_model({"name": "mlp", "width": 8, "depth": 1}, (40,), 10)
+    data = ss.load_data("mnist1d", "test", samples=128)
+    recorded = {"name": "mnist1d", "split": "test"}
+    assert ss.top_eigenvalues(model, data, k=2).meta.data == recorded
+    assert ss.m_sharpness(model, data, m=64, rho=0.05).meta.data == recorded
+    assert ss.epsilon_sharpness(model, data, epsilon=1e-3).meta.data == recorded
+    given = RunMeta(data={"name": "mine"})
+    assert ss.m_sharpness(model, data, m=64, rho=0.05, meta=given).meta.data == {"name": "mine"}
+    # plain tensors carry no spec: nothing is invented
+    pair = (data.inputs, data.targets)
+    assert ss.m_sharpness(model, pair, m=64, rho=0.05).meta.data is None
