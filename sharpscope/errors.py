@@ -19,3 +19,13 @@ def check(condition: bool, message: str) -> None:
     """
     if not condition:
         raise SharpscopeError(message)
+
+
+def model_failure(exc: BaseException) -> SharpscopeError:
+    """The one-line error for a model or loss that raised on the user's data.
+
+    >>> str(model_failure(RuntimeError("shapes (2, 3) and (4,) do not match")))
+    'the model or loss failed on the data: RuntimeError: shapes (2, 3) and (4,) do not match'
+    """
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    return SharpscopeError(f"the model or loss failed on the data: {type(exc).__name__}: {first}")

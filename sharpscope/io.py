@@ -29,6 +29,10 @@ from .results import atomic_write_bytes
 
 FORMAT = "sharpscope-checkpoint"
 VERSION = 1
+# the first bytes of what torch.save writes: a zip archive, or (the legacy format,
+# _use_new_zipfile_serialization=False) a pickle stream of protocol >= 2
+ZIP_MAGIC = b"PK\x03\x04"
+PICKLE_MAGIC = b"\x80"
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
@@ -57,8 +61,15 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
             would need code execution to unpickle (it is refused, never run).
     """
     path = Path(path)
+    if path.is_dir():
+        raise SharpscopeError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise SharpscopeError(f"checkpoint not found: {path}")
+    with path.open("rb") as handle:
+        head = handle.read(len(ZIP_MAGIC))
+    if not head.startswith((ZIP_MAGIC, PICKLE_MAGIC)):
+        what = "empty" if not head else "not a torch checkpoint (torch.save writes a zip file)"
+        raise SharpscopeError(f"{path} is {what}; give a .pt file written by torch.save")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -165,3 +165,20 @@ def test_missing_file_and_newer_version(tmp_path, mlp_checkpoint):
     save_checkpoint(tmp_path / "future.pt", _payload(model, spec) | {"version": 99})
     with pytest.raises(SharpscopeError, match="checkpoint version 99"):
         load_checkpoint(tmp_path / "future.pt")
+
+
+def test_files_that_are_not_checkpoints_get_a_plain_message(tmp_path):
+    from sharpscope.io import safe_load
+
+    (tmp_path / "notes.txt").write_text("101 examples\n")
+    (tmp_path / "result.json").write_text('{"a": 1}\n')
+    (tmp_path / "empty.pt").write_bytes(b"")
+    for name, words in (
+        ("notes.txt", "is not a torch checkpoint"),
+        ("result.json", "is not a torch checkpoint"),
+        ("empty.pt", "is empty"),
+    ):
+        with pytest.raises(SharpscopeError, match=words):
+            safe_load(tmp_path / name)
+    with pytest.raises(SharpscopeError, match="is a folder, not a checkpoint file"):
+        safe_load(tmp_path)

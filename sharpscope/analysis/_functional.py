@@ -142,6 +142,14 @@ def analysis_mode(model: nn.Module) -> Iterator[str]:
             module.training = training
 
 
+def with_data(meta: RunMeta | None, data: Any) -> RunMeta | None:
+    """``meta`` with a :class:`~sharpscope.data.DataSplit`'s spec and split recorded, when
+    ``data`` is one and ``meta`` names no data."""
+    if (meta is None or meta.data is None) and hasattr(data, "spec") and hasattr(data, "split"):
+        return dataclasses.replace(meta or RunMeta(), data={**data.spec, "split": data.split})
+    return meta
+
+
 def analysis_meta(
     base: RunMeta | None,
     *,
@@ -160,9 +168,7 @@ def analysis_meta(
     (``ss.load_data(...)``), its spec and split are recorded, so results computed from
     the Python API keep their provenance too.
     """
-    base = base or RunMeta()
-    if base.data is None and hasattr(data, "spec") and hasattr(data, "split"):
-        base = dataclasses.replace(base, data={**data.spec, "split": data.split})
+    base = with_data(base, data) or RunMeta()
     return dataclasses.replace(
         base,
         num_samples=int(num_samples),

@@ -26,15 +26,19 @@ Every point reports the mean loss and the accuracy over the data, in eval mode
 (running BatchNorm statistics; never recomputed per point). Points are evaluated
 several at a time with ``vmap(functional_call)`` over stacked parameter sets, split
 across processes under ``torchrun``, and written incrementally (NaN = not yet
-computed) so an interrupted run resumes where it stopped. ``loss[i, j]`` is the value
-at ``(x[i], y[j])``.
+computed): after the first block, every ``save_every`` seconds, and with the points
+finished so far when an interrupt (Ctrl-C) or an error stops the run, which then
+resumes where it stopped. ``loss[i, j]`` is the value at ``(x[i], y[j])``. Default axes always
+contain the model (0) and, for interpolation, the second model (1).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +68,7 @@ from ._functional import (
     model_dtype_device,
     resolve_loss,
     seeded_generator,
+    with_data,
 )
 
 DirectionNorm = Literal["filter", "layer", "element", "none"]
@@ -88,8 +93,10 @@ class LandscapeResult(Result):
         directions: ``(dims, P)`` the directions, flattened over the trainable
             parameters in ``model.parameters()`` order.
         direction_kind: "random", "eigen", "interpolation" or "pca".
-        norm, bias, states: direction normalization, handling of tensors with ≤ 1
-            dimension, and whether BatchNorm running statistics move with the weights.
+        norm, bias, states: direction normalization ("unit" for eigen and PCA
+            directions, "none" for a 1-D interpolation's θ_B − θ_A), handling of
+            tensors with ≤ 1 dimension, and whether BatchNorm running statistics move
+            with the weights.
         cosine: cosine between the two directions (None in 1-D).
         direction_norms: ‖d‖ of each direction.
         eigenvalues: Hessian eigenvalues of the eigen directions, else None.
@@ -99,7 +106,9 @@ class LandscapeResult(Result):
         settings: what a resumed run must match (shapes, options, hashes of θ and data).
         loss_name: the loss used.
         seconds: wall time (of this call; a resumed run adds its own).
-        meta: provenance.
+        meta: provenance; ``meta.extra["points_evaluated"]`` counts the points
+            evaluated in this call, ``meta.extra["points_loaded"]`` those resumed from
+            ``out``.
     """
 
     kind: ClassVar[str] = "landscape"
@@ -347,20 +356,20 @@ def _axis(values: Any, name: str) -> Tensor:
 
 
 def _default_axes(plan: _Plan, dims: int, grid: int, span: float) -> list[Tensor]:
-    if plan.kind == "interpolation":
-        axes = [_grid(-span / 2, 1 + span / 2, grid, anchors=(0.0, 1.0))]
-    elif plan.kind == "pca":
+    if plan.kind == "pca":
         axes = []
         for i in range(dims):
             c = plan.trajectory[:, i]
             lo, hi = min(float(c.min()), 0.0), max(float(c.max()), 0.0)
             margin = 0.1 * (hi - lo) if hi > lo else 1.0
-            axes.append(_grid(lo - margin, hi + margin, grid))
+            axes.append(_covering_grid(lo - margin, hi + margin, grid))
         return axes
+    if plan.kind == "interpolation":
+        axes = [_interpolation_grid(span, grid)]
     else:
-        axes = [_grid(-span, span, grid)]
+        axes = [_centered_grid(span, grid)]
     if dims == 2:
-        axes.append(_grid(-span, span, grid))
+        axes.append(_centered_grid(span, grid))
     return axes
 
 
@@ -375,6 +384,45 @@ def _grid(lo: float, hi: float, num: int, anchors: tuple[float, ...] = (0.0,)) -
     for anchor in anchors:
         axis[(axis - anchor).abs() <= 1e-9 * (hi - lo)] = anchor
     return axis
+
+
+def _centered_grid(span: float, num: int) -> Tensor:
+    """``num`` evenly spaced values in [−span, span] with the model (0) among them:
+    ``linspace(−span, span, num)`` for odd ``num``; for even ``num`` the grid of
+    ``num + 1`` points without +span (step 2·span/num).
+
+    >>> _centered_grid(1.0, 4).tolist()
+    [-1.0, -0.5, 0.0, 0.5]
+    """
+    if num % 2:
+        return _grid(-span, span, num)
+    return _grid(-span, span, num + 1)[:-1]
+
+
+def _interpolation_grid(span: float, num: int) -> Tensor:
+    """``num`` evenly spaced α with both models (0 and 1) among them, close to
+    [−span/2, 1 + span/2]: the step is 1/m, with m (the steps from 0 to 1) nearest to
+    ``linspace``'s (num − 1)/(1 + span); the other points go half below 0 (the odd one)
+    and half above 1. For span 1 and num = 4k + 1 this is ``linspace(−0.5, 1.5, num)``.
+
+    >>> [round(a, 12) for a in _interpolation_grid(1.0, 11).tolist()]
+    [-0.6, -0.4, -0.2, 0.0, 0.2, 0.4, 0.6, 0.8, 1.0, 1.2, 1.4]
+    """
+    steps = min(max(1, math.floor((num - 1) / (1 + span) + 0.5)), num - 1)
+    below = (num - steps) // 2
+    above = num - 1 - steps - below
+    return _grid(-below / steps, 1 + above / steps, num, anchors=(0.0, 1.0))
+
+
+def _covering_grid(lo: float, hi: float, num: int) -> Tensor:
+    """``num`` evenly spaced values with 0 among them covering [lo, hi] (lo < 0 < hi),
+    with the smallest step that does.
+
+    >>> _covering_grid(-1.0, 3.0, 5).tolist()
+    [-1.0, 0.0, 1.0, 2.0, 3.0]
+    """
+    step, below = min((max(-lo / b, hi / (num - 1 - b)), b) for b in range(1, num - 1))
+    return _grid(-below * step, (num - 1 - below) * step, num)
 
 
 # --- the driver ---------------------------------------------------------------------------
@@ -447,10 +495,17 @@ def landscape(
             the training split by default in the CLI).
         dims: 1 or 2.
         grid: points per axis, ≥ 3 (41; the reference scripts used 51, and 401 for
-            interpolation).
-        span: random/eigen axes are [−span, span]; interpolation's α-axis is
-            [−span/2, 1 + span/2] (so [−0.5, 1.5] by default) and its β-axis
-            [−span, span]; PCA axes cover the projected trajectory with a 10% margin.
+            interpolation). Default axes are evenly spaced and always contain the
+            model (0) and, for interpolation, the second model (1), for any ``grid``.
+        span: random/eigen axes are [−span, span] (for even ``grid``: the grid of
+            ``grid + 1`` points without +span, e.g. −1, −0.5, 0, 0.5 for 4 points);
+            interpolation's α-axis is about [−span/2, 1 + span/2] with step 1/m, m
+            (the steps from 0 to 1) nearest to (grid − 1)/(1 + span), the other points
+            half below 0 (the odd one) and half above 1 (``linspace(−0.5, 1.5, grid)``
+            for span 1 and grid = 4k + 1, e.g. 41 or 401; −0.6 to 1.4 for 11), and its
+            β-axis [−span, span]. PCA axes come from the trajectory, not from
+            ``span``: the smallest uniform step through 0 (the final model) that
+            covers the projected checkpoints with a 10% margin.
         directions: "random", "eigen", another model / state_dict / checkpoint
             (interpolation), or a list of them (PCA of a trajectory).
         norm: "filter" (Li et al.), "layer", "element" or "none" (random directions, and
@@ -459,15 +514,19 @@ def landscape(
             "keep" (direction = θ), "normalize".
         states: move BatchNorm running statistics along the slice (interpolation only;
             default: on when the model has float buffers).
-        x, y: explicit axis values (override ``grid``/``span``).
+        x, y: explicit axis values (override ``grid``/``span``; used as given).
         loss: loss name, factory path or callable (mean loss).
         seed: seed of the random directions (and of the eigen solver).
         batch_size: examples per forward pass (None: all at once).
         chunk_size: grid points per block (default :func:`default_point_chunk`): one
             vectorized call, or that many loop iterations between writes and progress.
-        out: a ``.npz`` (or ``.json``) file written incrementally; if it exists with the
-            same settings, the run resumes and only computes the missing points.
-        save_every: seconds between incremental writes (0: after every chunk).
+        out: a ``.npz`` (or ``.json``) file written incrementally, and with all the
+            points finished when an exception (KeyboardInterrupt included) stops the
+            run (the loop on CPU records each point; vmap and the GPU, each block);
+            if it exists with the same settings, the run resumes and only computes
+            the missing points.
+        save_every: seconds between incremental writes after the first, which comes
+            after the first block (0: after every block).
         max_points: compute about this many new points (rounded up to whole chunks),
             then return (``complete`` is then False; call again to continue).
         vectorize: evaluate several points per ``vmap(functional_call)``; False: a
@@ -490,7 +549,8 @@ def landscape(
             a resumed run already has), e.g. a progress bar's ``update``.
 
     Returns:
-        :class:`LandscapeResult`.
+        :class:`LandscapeResult` (``meta.extra["points_evaluated"]``: points computed
+        by this call; ``meta.extra["points_loaded"]``: points resumed from ``out``).
 
     Raises:
         SharpscopeError: dims not 1 or 2, grid < 3, span ≤ 0, an unknown norm, bias or
@@ -548,12 +608,17 @@ def landscape(
             check(dims == 2, "y values were given for a 1-D landscape")
             axes[1] = _axis(y, "y")
         shape = tuple(len(a) for a in axes)
+        applied_norm: str = norm  # what was done to the directions, for the record
+        if plan.kind in ("eigen", "pca"):
+            applied_norm = "unit"  # eigenvectors, principal components: not scaled like θ
+        elif plan.kind == "interpolation" and dims == 1:
+            applied_norm = "none"  # θ_B − θ_A as it is
         settings = {
             "dims": dims,
             "shape": list(shape),
             "axes": fingerprint(*axes),
             "direction_kind": plan.kind,
-            "norm": norm,
+            "norm": applied_norm,
             "bias": bias,
             "states": plan.states,
             "seed": seed,
@@ -582,13 +647,15 @@ def landscape(
             )
             acc_grid = loss_grid.clone()
             computed = torch.zeros(len(loss_grid), dtype=torch.bool)
+        loaded = int(computed.sum())
         mesh = torch.cartesian_prod(*axes).reshape(-1, dims) if dims == 2 else axes[0].unsqueeze(-1)
         if chunk_size is None:
             largest = max(len(t) for _, t in batches)
             chunk_size = default_point_chunk(layout.size, device, examples_per_call=largest)
         # Work comes in fixed blocks of consecutive grid indices, so every point is
         # evaluated in the same company whether the run is fresh, resumed or split
-        # across processes (identical values, not just close ones).
+        # across processes (identical values, not just close ones; the loop's values
+        # never depend on the company, so it may also go one point at a time).
         blocks = [
             idx[~computed[idx]]
             for idx in torch.arange(len(computed)).split(chunk_size)
@@ -610,11 +677,12 @@ def landscape(
                 computed,
                 complete,
                 settings,
-                norm,
+                applied_norm,
                 bias,
                 loss,
                 time.perf_counter() - start,
-                meta,
+                loaded,
+                with_data(meta, data),
                 seed,
                 dtype,
                 device,
@@ -625,13 +693,17 @@ def landscape(
                 chunk_size,
             )
 
-        last_save = time.perf_counter()
-        fitting = FittingRows("grid points")  # a block that does not fit is split
+        # A block that does not fit is split. The loop on CPU goes one point per call,
+        # so that an interrupt keeps every finished point: a call costs ~0.1 ms, little
+        # next to a point on CPU; on a GPU it would be a quarter of one, and a block
+        # there takes milliseconds.
+        one_by_one = not vectorize and device.type != "cuda"
+        fitting = FittingRows("grid points", most=1 if one_by_one else None)
 
         def evaluate_rows(
-            flat: Tensor, buffers: dict[str, Tensor], rows: slice
+            flat: Tensor, buffers: dict[str, Tensor], mine: Tensor, rows: slice
         ) -> tuple[Tensor, Tensor]:
-            return evaluate_parameter_sets(
+            values, accs = evaluate_parameter_sets(
                 evaluator,
                 layout,
                 flat[rows],
@@ -641,45 +713,72 @@ def landscape(
                 buffers={name: value[rows] for name, value in buffers.items()},
                 vectorize=vectorize,
             )
+            index = mine[rows]  # recorded at once, for a snapshot on interrupt
+            loss_grid[index], acc_grid[index], computed[index] = values, accs, True
+            return values, accs
+
+        def save(to: Path) -> None:
+            nonlocal saved, last_save
+            snapshot(bool(computed.all())).save(to)
+            saved, last_save = int(computed.sum()), time.perf_counter()
+
+        saved, last_save = loaded, -math.inf  # the first write comes after the first round
 
         if progress is not None:
             progress(int(computed.sum()))
-        for round_start in range(0, len(blocks), world):
-            round_blocks = blocks[round_start : round_start + world]
-            mine = (
-                round_blocks[rank] if rank < len(round_blocks) else torch.zeros(0, dtype=torch.long)
-            )
-            if len(mine):
-                coords = mesh[mine].to(device, dtype)
-                flat = origin_dev + coords @ directions_dev
-                buffers = {
-                    name: (
-                        plan.buffer_origin[name]
-                        + coords[:, :1].double().reshape(-1, *[1] * value.dim()) * value
-                    ).to(dtype)
-                    for name, value in plan.buffer_direction.items()
-                }
-                parts = fitting.run(functools.partial(evaluate_rows, flat, buffers), 0, len(mine))
-                values = torch.cat([result[0] for _, result in parts])
-                accs = torch.cat([result[1] for _, result in parts])
-            else:
-                values = accs = torch.zeros(0, dtype=torch.float64)
-            parts = [(mine.tolist(), values.tolist(), accs.tolist())]
-            if world > 1:
-                gathered: list[Any] = [None] * world
-                dist.all_gather_object(gathered, parts[0])
-                parts = gathered
-            for idx, vals, acc in parts:
-                index = torch.as_tensor(idx, dtype=torch.long)
-                loss_grid[index] = torch.as_tensor(vals, dtype=torch.float64)
-                acc_grid[index] = torch.as_tensor(acc, dtype=torch.float64)
-                computed[index] = True
-                if progress is not None:
-                    progress(len(idx))
-            now = time.perf_counter()
-            if path is not None and rank == 0 and now - last_save >= save_every:
-                snapshot(bool(computed.all())).save(path)
-                last_save = now
+        try:
+            for round_start in range(0, len(blocks), world):
+                round_blocks = blocks[round_start : round_start + world]
+                mine = (
+                    round_blocks[rank]
+                    if rank < len(round_blocks)
+                    else torch.zeros(0, dtype=torch.long)
+                )
+                if len(mine):
+                    coords = mesh[mine].to(device, dtype)
+                    flat = origin_dev + coords @ directions_dev
+                    buffers = {
+                        name: (
+                            plan.buffer_origin[name]
+                            + coords[:, :1].double().reshape(-1, *[1] * value.dim()) * value
+                        ).to(dtype)
+                        for name, value in plan.buffer_direction.items()
+                    }
+                    parts = fitting.run(
+                        functools.partial(evaluate_rows, flat, buffers, mine), 0, len(mine)
+                    )
+                    values = torch.cat([result[0] for _, result in parts])
+                    accs = torch.cat([result[1] for _, result in parts])
+                else:
+                    values = accs = torch.zeros(0, dtype=torch.float64)
+                parts = [(mine.tolist(), values.tolist(), accs.tolist())]
+                if world > 1:
+                    gathered: list[Any] = [None] * world
+                    dist.all_gather_object(gathered, parts[0])
+                    parts = gathered
+                for idx, vals, acc in parts:
+                    index = torch.as_tensor(idx, dtype=torch.long)
+                    loss_grid[index] = torch.as_tensor(vals, dtype=torch.float64)
+                    acc_grid[index] = torch.as_tensor(acc, dtype=torch.float64)
+                    computed[index] = True
+                    if progress is not None:
+                        progress(len(idx))
+                last_round = round_start + world >= len(blocks)  # written below
+                due = time.perf_counter() - last_save >= save_every
+                if path is not None and rank == 0 and due and not last_round:
+                    save(path)
+        except BaseException:
+            # an interrupt (or any error) keeps every point finished: a rerun resumes there
+            if path is not None and rank == 0 and int(computed.sum()) > saved:
+                try:
+                    save(path)
+                except Exception as exc:  # noqa: BLE001 - the original error matters more
+                    warnings.warn(
+                        f"could not write the partial landscape to {path}: {exc}",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
+            raise
         result = snapshot(bool(computed.all()))
     if path is not None and rank == 0:
         result.save(path)
@@ -710,6 +809,7 @@ def _result(
     bias: str,
     loss: Any,
     seconds: float,
+    loaded: int,
     meta: RunMeta | None,
     seed: int,
     dtype: torch.dtype,
@@ -756,6 +856,8 @@ def _result(
                 "vectorized": vectorize,
                 "chunk_size": chunk_size,
                 "processes": world,
+                "points_loaded": loaded,
+                "points_evaluated": int(computed.sum()) - loaded,
                 "bn": "running statistics (eval mode)"
                 + ("; moved with the weights (states)" if plan.states else ""),
             },

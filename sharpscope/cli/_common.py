@@ -28,7 +28,7 @@ from torch import nn
 from ..data import DataSplit, load_data
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, model_failure
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta, atomic_write_bytes, to_jsonable
 
@@ -175,18 +175,31 @@ def load_analysis_inputs(
 ) -> AnalysisInputs:
     """Load a checkpoint (or bare state_dict), its data and loss for an analysis.
 
-    The data defaults to the checkpoint's training data spec; ``--data`` and
-    ``--model`` override it (and are required for a bare state_dict).
+    The model and data default to the checkpoint's specs; ``--model`` and ``--data``
+    replace them (and are required for a bare state_dict). Options without a name
+    (``--model-opt``/``--data-opt`` alone) override those keys of the checkpoint's
+    specs. The model is then run once on a few examples (:func:`check_model_on_data`),
+    so that data the model does not take fail here, in one line.
     """
     from ..distributed import pick_device
     from ..io import load_checkpoint
 
+    check_checkpoint_file(ckpt)
     model_spec = spec_from_flag(model, model_options)
     data_spec = spec_from_flag(data, data_options)
     checkpoint = load_checkpoint(ckpt, model_spec=model_spec, data_spec=data_spec)
+    if model_spec is None and model_options:
+        # A bare state_dict was refused above (it needs --model), so this is a checkpoint
+        # with its own spec: rebuild it with the options (wrong keys or weights that no
+        # longer fit are one-line errors of load_checkpoint).
+        checkpoint = load_checkpoint(
+            ckpt, model_spec={**checkpoint.spec, **model_options}, data_spec=data_spec
+        )
     spec = data_spec or checkpoint.data_spec
     if spec is None:
         raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
+    if data_spec is None and data_options:
+        spec = {**spec, **data_options}
     chosen = pick_device(device)
     split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
@@ -209,10 +222,62 @@ def load_analysis_inputs(
         dtype=dtype,
         device=str(chosen),
         num_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
+        extra={"model": checkpoint.spec},
     )
-    return AnalysisInputs(
-        net, batches, get_loss(loss_spec), meta, checkpoint, split_data, chosen, loss_spec
-    )
+    loss_fn = get_loss(loss_spec)
+    check_model_on_data(net, batches, loss_fn)
+    return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Refuse a folder given as the checkpoint, pointing at the ``last.pt`` inside it.
+
+    Raises:
+        SharpscopeError: ``path`` is a folder.
+    """
+    path = Path(path)
+    if path.is_dir():
+        last = path / "last.pt"
+        hint = (
+            f"; did you mean {last}?"
+            if last.is_file()
+            else " (sharpscope train --out DIR writes DIR/last.pt)"
+        )
+        raise SharpscopeError(f"{path} is a folder, not a checkpoint file{hint}")
+
+
+# Enough examples to run every layer and the loss; few enough to cost nothing.
+CHECK_EXAMPLES = 8
+
+
+def check_model_on_data(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> None:
+    """Run the model and the loss on the first few examples, in eval mode, without
+    gradients (the model's mode is restored).
+
+    Data that the model does not take (another input shape, targets the loss does not
+    accept) then fail before an analysis starts, in one line, for every analysis
+    command alike; ``spectrum``'s operator checks the full data again.
+
+    Raises:
+        SharpscopeError: the model or the loss raised; running out of memory is left to
+            the analyses, which read smaller batches.
+    """
+    if not batches:
+        return
+    inputs, targets = batches[0]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss_fn(model(inputs[:CHECK_EXAMPLES]), targets[:CHECK_EXAMPLES])
+    except SharpscopeError:
+        raise
+    except Exception as exc:  # the user's model or loss does not run on this data
+        if is_out_of_memory(exc):
+            return
+        raise model_failure(exc) from exc
+    finally:
+        model.train(was_training)
 
 
 # The flags every analysis command shares; ``name: Alias = default`` in a signature.
@@ -245,11 +310,19 @@ DataRootOpt = Annotated[
 ]
 ModelOptOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--model-opt", help="Model option KEY=VALUE (repeatable)."),
+    typer.Option(
+        "--model-opt",
+        help="Model option KEY=VALUE (repeatable); without --model it overrides that key "
+        "of the checkpoint's model spec.",
+    ),
 ]
 DataOptOpt = Annotated[
     Optional[list[str]],
-    typer.Option("--data-opt", help="Data option KEY=VALUE (repeatable)."),
+    typer.Option(
+        "--data-opt",
+        help="Data option KEY=VALUE (repeatable); without --data it overrides that key "
+        "of the checkpoint's data spec.",
+    ),
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
@@ -260,6 +333,9 @@ SeedOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON.")]
+NoProgressOpt = Annotated[
+    bool, typer.Option("--no-progress", help="Hide the progress bar (e.g. stderr to a file).")
+]
 
 
 def load_inputs_from_flags(

@@ -28,10 +28,12 @@ from ._common import (
     LossOpt,
     ModelOpt,
     ModelOptOpt,
+    NoProgressOpt,
     SamplesOpt,
     SeedOpt,
     SplitOpt,
     console,
+    fail,
     guarded,
     load_inputs_from_flags,
     parse_options,
@@ -80,6 +82,19 @@ def resolve_directions(
     )
 
 
+def interrupted_message(path: Path) -> str:
+    """What to say when a run is interrupted after it wrote ``path``: how far it got and
+    that the same command resumes it."""
+    try:
+        from ..analysis.landscape import LandscapeResult
+
+        saved = LandscapeResult.load(path).computed
+        kept = f"{int(saved.sum())}/{saved.numel()} points are saved in {path}"
+    except Exception:  # a file we cannot read says nothing about the run; still resumable
+        kept = f"the points computed so far are saved in {path}"
+    return f"interrupted; {kept}: run the same command again to resume"
+
+
 def summary_lines(result: Any) -> list[str]:
     """What ``sharpscope landscape`` prints on stdout."""
     import torch
@@ -95,11 +110,16 @@ def summary_lines(result: Any) -> list[str]:
     if result.cosine is not None:
         lines.append(f"cosine between the directions: {result.cosine:.3g}")
     done = int(result.computed.sum())
-    lines.append(
-        f"{done}/{result.computed.numel()} points computed"
-        + ("" if result.complete else " (incomplete: run again to resume)")
-        + f" in {result.seconds:.2f} s"
-    )
+    # a resumed run computes only the points its earlier file lacks
+    loaded = int(result.meta.extra.get("points_loaded", 0))
+    computed_now = int(result.meta.extra.get("points_evaluated", done - loaded))
+    counts = f"{done}/{result.computed.numel()} points"
+    if loaded:
+        counts += f": {computed_now} computed in {result.seconds:.2f} s, {loaded} loaded from "
+        counts += "the earlier run"
+    else:
+        counts += f" computed in {result.seconds:.2f} s"
+    lines.append(counts + ("" if result.complete else " (incomplete: run again to resume)"))
     return lines
 
 
@@ -161,6 +181,7 @@ def register(app: typer.Typer) -> None:
             Path("landscape"), "--out", help="Output folder (landscape.npz and plots)."
         ),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PDF and PNG plots."),
+        no_progress: NoProgressOpt = False,
     ) -> None:
         """Loss and accuracy on 1-D or 2-D slices around a checkpoint."""
         from ..analysis.landscape import BIAS_MODES, NORMS, landscape
@@ -207,28 +228,35 @@ def register(app: typer.Typer) -> None:
                 f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
                 f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{resuming}"
             )
-        bar = progress_bar(grid**dims, "point", "landscape", enabled=dist.is_main)
-        with bar:
-            result = landscape(
-                inputs.model,
-                inputs.batches,
-                dims,
-                grid=grid,
-                span=span,
-                directions=chosen,
-                norm=norm,  # type: ignore[arg-type]
-                bias=bias,  # type: ignore[arg-type]
-                states=states,
-                loss=loss_spec,
-                seed=seed,
-                chunk_size=chunk_size,
-                out=path,
-                save_every=save_every,
-                max_points=max_points,
-                vectorize=vectorize,
-                meta=inputs.meta,
-                progress=bar.update,
-            )
+        bar = progress_bar(
+            grid**dims, "point", "landscape", enabled=dist.is_main and not no_progress
+        )
+        try:
+            with bar:
+                result = landscape(
+                    inputs.model,
+                    inputs.batches,
+                    dims,
+                    grid=grid,
+                    span=span,
+                    directions=chosen,
+                    norm=norm,  # type: ignore[arg-type]
+                    bias=bias,  # type: ignore[arg-type]
+                    states=states,
+                    loss=loss_spec,
+                    seed=seed,
+                    chunk_size=chunk_size,
+                    out=path,
+                    save_every=save_every,
+                    max_points=max_points,
+                    vectorize=vectorize,
+                    meta=inputs.meta,
+                    progress=bar.update,
+                )
+        except KeyboardInterrupt:
+            if dist.is_main and path.is_file():
+                fail(interrupted_message(path), code=130)
+            raise
         if not dist.is_main:
             return
         for line in summary_lines(result):

@@ -25,6 +25,7 @@ from ._common import (
     LossOpt,
     ModelOpt,
     ModelOptOpt,
+    NoProgressOpt,
     SamplesOpt,
     SeedOpt,
     SplitOpt,
@@ -105,6 +106,7 @@ def register(app: typer.Typer) -> None:
             True, "--vectorize/--no-vectorize", help="vmap over subsets, or a Python loop."
         ),
         json_out: JsonOpt = None,
+        no_progress: NoProgressOpt = False,
     ) -> None:
         """m-sharpness: mean over subsets of m examples of the worst loss increase within ρ."""
         from ..analysis.msharpness import NORMS, PROJECTIONS, m_sharpness
@@ -142,7 +144,9 @@ def register(app: typer.Typer) -> None:
                 f"({inputs.device}{processes})"
             )
         subsets = sum(len(y) for _, y in inputs.batches) // m if m >= 1 else None
-        bar = progress_bar(subsets, "subset", "m-sharpness", enabled=dist.is_main)
+        bar = progress_bar(
+            subsets, "subset", "m-sharpness", enabled=dist.is_main and not no_progress
+        )
         with bar:
             result = m_sharpness(
                 inputs.model,

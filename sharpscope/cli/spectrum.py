@@ -26,6 +26,7 @@ from ._common import (
     LossOpt,
     ModelOpt,
     ModelOptOpt,
+    NoProgressOpt,
     SamplesOpt,
     SeedOpt,
     SplitOpt,
@@ -58,16 +59,41 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
 
+# Lanczos steps for the top k when --max-steps is not given: 100 (the library's default,
+# ample for k = 5), and for many eigenvalues 2k + 10, the basis the thick restarts keep.
+DEFAULT_MAX_STEPS = 100
+
+
+def default_max_steps(k: int) -> int:
+    """``--max-steps`` when not given: ``max(100, 2k + 10)``.
+
+    >>> default_max_steps(5), default_max_steps(150)
+    (100, 310)
+    """
+    return max(DEFAULT_MAX_STEPS, 2 * k + 10)
+
+
 def summary_lines(result) -> list[str]:
     """The lines ``sharpscope spectrum`` prints on stdout."""
     lines = []
+    which = result.top.which
     eigs = ", ".join(f"{v:.6g}" for v in result.eigenvalues.tolist())
-    label = {"LA": "top", "SA": "most negative", "LM": "largest |λ|"}[result.top.which]
-    lines.append(f"{label} {result.top.k} eigenvalues: {eigs}")
-    if result.top.which == "LA":
+    # Every `which` lists its eigenvalues in descending order, as the JSON does.
+    label = {
+        "LA": "top {k} eigenvalues",
+        "SA": "{k} most negative eigenvalues (descending: the most negative last)",
+        "LM": "{k} eigenvalues of largest |λ| (descending)",
+    }[which].format(k=result.top.k)
+    lines.append(f"{label}: {eigs}")
+    if which == "LA":
         lines.append(f"lambda_max: {_fmt(result.lambda_max)}")
         lines.append(f"lambda_5: {_fmt(result.lambda_5)}")
         lines.append(f"lambda_max/lambda_5: {_fmt(result.ratio)}")
+    else:
+        lines.append(
+            f"lambda_max, lambda_5, lambda_max/lambda_5: n/a with --which {which} "
+            "(they are defined from the largest eigenvalues, --which LA)"
+        )
     lines.append(
         f"trace: {result.trace:.6g} +- {_fmt(result.trace_stderr)} ({result.trace_estimate.method})"
     )
@@ -111,13 +137,23 @@ def register(app: typer.Typer) -> None:
         backend: str = typer.Option(
             "sharpscope", "--backend", help="sharpscope or pyhessian (top-k and trace)."
         ),
-        which: str = typer.Option("LA", "--which", help="LA (largest), SA (most negative), LM."),
+        which: str = typer.Option(
+            "LA",
+            "--which",
+            help="LA (largest), SA (most negative) or LM (largest |λ|); listed in descending "
+            "order. lambda_max, lambda_5 and ratio are defined from the largest (LA) and are "
+            "null with SA or LM.",
+        ),
         dtype: DtypeOpt = "float32",
         eigenvectors: Optional[Path] = typer.Option(
             None, "--eigenvectors", help="Save the top-k eigenvectors to OUT.npz."
         ),
         tol: float = typer.Option(1e-5, "--tol", help="Relative Ritz-residual tolerance."),
-        max_steps: int = typer.Option(100, "--max-steps", help="Most Lanczos steps for top-k."),
+        max_steps: Optional[int] = typer.Option(
+            None,
+            "--max-steps",
+            help="Most Lanczos steps for top-k (at least --k) [default: max(100, 2k + 10)].",
+        ),
         trace_method: str = typer.Option(
             "hutchpp", "--trace-method", help="hutchpp or hutchinson."
         ),
@@ -149,6 +185,7 @@ def register(app: typer.Typer) -> None:
             "--restart-size",
             help="Thick-restart Lanczos with at most N basis vectors (2k+10 suggested).",
         ),
+        no_progress: NoProgressOpt = False,
     ) -> None:
         """Top-k Hessian eigenvalues, trace and spectral density of a checkpoint."""
         from ..analysis.spectrum import spectrum
@@ -168,6 +205,13 @@ def register(app: typer.Typer) -> None:
             raise SharpscopeError(f"--eigenvectors must name a .npz file, got '{eigenvectors}'")
         if k < 1:
             raise SharpscopeError(f"--k must be >= 1, got {k}")
+        if max_steps is None:
+            max_steps = default_max_steps(k)
+        elif max_steps < k:
+            raise SharpscopeError(
+                f"--max-steps {max_steps} is fewer than --k {k}: Lanczos finds at most one "
+                f"eigenvalue per step; use --max-steps {default_max_steps(k)} or leave it out"
+            )
 
         dist = init_from_env(device)
         # Data stays on the CPU here: each rank moves only its own shard to its device.
@@ -199,7 +243,7 @@ def register(app: typer.Typer) -> None:
             + (trace_probes or 99)
             + probes * lanczos_steps
         )
-        bar = progress_bar(expected, "hvp", "spectrum", enabled=dist.is_main)
+        bar = progress_bar(expected, "hvp", "spectrum", enabled=dist.is_main and not no_progress)
         with bar:
             result = spectrum(
                 net,
@@ -227,6 +271,9 @@ def register(app: typer.Typer) -> None:
                 weight_decay=weight_decay,
                 progress=bar.update,
             )
+            # The total assumed every Lanczos step; converged early, it ends where it did.
+            bar.total = bar.n
+            bar.refresh()
         if not dist.is_main:
             return
         for line in summary_lines(result):

@@ -63,7 +63,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from ..data.batches import as_batches, num_examples
 from ..device_memory import FittingRows, is_out_of_memory
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, model_failure
 from .fold import fold_batchnorm
 
 F64 = torch.float64
@@ -541,10 +541,7 @@ class HessianOperator:
         except Exception as exc:  # the user's model or loss does not run on this data
             if is_out_of_memory(exc):
                 raise  # no fault of the model's: _fitting reads smaller batches
-            raise SharpscopeError(
-                f"the model or loss failed on the data: {type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}"
-            ) from exc
+            raise model_failure(exc) from exc
         if not math.isfinite(loss1):
             raise SharpscopeError(
                 f"the loss at these weights is not finite ({loss1}); the checkpoint or data "

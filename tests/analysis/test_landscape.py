@@ -196,7 +196,8 @@ def test_interpolation_2d_and_architecture_mismatch():
         landscape(a, (x, y), 1, directions=bn_cnn(seed=1, width=6), grid=3)
 
 
-def test_pca_recovers_a_planted_trajectory():
+@pytest.mark.parametrize("grid", [3, 6])
+def test_pca_recovers_a_planted_trajectory(grid):
     net = mlp(seed=5)
     layout = ParamLayout.of(net)
     theta = flat_parameters(net, layout)
@@ -210,8 +211,8 @@ def test_pca_recovers_a_planted_trajectory():
         sd.update(layout.unflatten(theta + basis @ c))
         trajectory.append(sd)
     x, y = class_data()
-    r = landscape(net, (x, y), 2, directions=trajectory, grid=3, bias="keep")
-    assert r.direction_kind == "pca"
+    r = landscape(net, (x, y), 2, directions=trajectory, grid=grid, bias="keep")
+    assert r.direction_kind == "pca" and r.loss.shape == (grid, grid)
     assert float(r.explained_variance_ratio.sum()) == pytest.approx(1.0, abs=1e-10)
     dirs = r.directions.double()
     # the planted plane is the span of the two directions
@@ -221,6 +222,97 @@ def test_pca_recovers_a_planted_trajectory():
     torch.testing.assert_close(r.trajectory @ dirs, coefs @ basis.T, rtol=0, atol=1e-10)
     lo, hi = r.trajectory.min(0).values, r.trajectory.max(0).values
     assert (r.x[0] < lo[0]) and (r.x[-1] > hi[0]) and (r.y[0] < lo[1]) and (r.y[-1] > hi[1])
+    # the final model (0, 0) is a grid point (span plays no part)
+    i, j = _index_of(r.x, 0.0), _index_of(r.y, 0.0)
+    assert r.loss[i, j].item() == pytest.approx(_loss_of(net, x, y), rel=1e-12)
+    assert all(_evenly_spaced(axis) for axis in r.axes)
+    again = landscape(net, (x, y), 2, directions=trajectory, grid=grid, bias="keep", span=0.1)
+    torch.testing.assert_close(again.x, r.x, rtol=1e-12, atol=1e-12)  # (SVD rounding)
+
+
+# --- default axes contain the reference points ----------------------------------------------
+
+
+def _index_of(axis, value):
+    hits = (axis == value).nonzero().flatten().tolist()
+    assert len(hits) == 1, f"{value} is not exactly once on the axis {axis.tolist()}"
+    return hits[0]
+
+
+def _evenly_spaced(axis):
+    steps = axis.diff()
+    return bool(torch.allclose(steps, steps[0].expand_as(steps), rtol=1e-9, atol=0))
+
+
+def _loss_of(net, x, y):
+    net.eval()
+    with torch.no_grad():
+        return nn.functional.cross_entropy(net(x), y).item()
+
+
+@pytest.mark.parametrize("grid", [3, 4, 10, 11])
+def test_even_grid_missed_the_centre(grid):
+    """grid=10 used to be linspace(-span, span, 10): the model itself was never evaluated."""
+    net = mlp()
+    x, y = class_data()
+    r = landscape(net, (x, y), 2, grid=grid, span=0.5)
+    for axis in r.axes:
+        assert len(axis) == grid and _evenly_spaced(axis)
+        assert axis.min().item() == -0.5 and axis.max().item() <= 0.5
+        assert axis.max().item() == pytest.approx(0.5 if grid % 2 else 0.5 - 1 / grid, abs=1e-12)
+    i, j = _index_of(r.x, 0.0), _index_of(r.y, 0.0)
+    assert r.loss[i, j].item() == pytest.approx(_loss_of(net, x, y), rel=1e-12)
+    if grid % 2:  # odd grids are linspace as before
+        torch.testing.assert_close(r.x, torch.linspace(-0.5, 0.5, grid, dtype=F64))
+
+
+@pytest.mark.parametrize("grid", [3, 4, 10, 11, 12])
+def test_interpolation_grid_missed_the_endpoints(grid):
+    """grid=11 used to be linspace(-0.5, 1.5, 11): neither α = 0 nor α = 1 was on it."""
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    x, y = class_data(n=16, d=10)
+    r = landscape(a, (x, y), 1, directions=b, grid=grid)
+    assert len(r.x) == grid and _evenly_spaced(r.x)
+    for net, alpha in ((a, 0.0), (b, 1.0)):
+        assert r.loss[_index_of(r.x, alpha)].item() == pytest.approx(_loss_of(net, x, y), rel=1e-9)
+    expected = {11: (-0.6, 1.4), 12: (-0.5, 1 + 1 / 3)}.get(grid)
+    if expected is not None:
+        assert (r.x[0].item(), r.x[-1].item()) == pytest.approx(expected, abs=1e-12)
+    for span in (0.1, 3.0):
+        wide = landscape(a, (x, y), 2, directions=b, grid=grid, span=span, max_points=1)
+        for axis, anchor in ((wide.x, 0.0), (wide.x, 1.0), (wide.y, 0.0)):
+            _index_of(axis, anchor)
+        assert _evenly_spaced(wide.x) and len(wide.x) == grid
+
+
+def test_explicit_axes_are_used_as_given():
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    x, y = class_data(n=8, d=10)
+    given = [0.1, 0.35, 0.7]
+    r = landscape(a, (x, y), 1, directions=b, x=given)
+    assert r.x.tolist() == given
+    r = landscape(a, (x, y), 2, x=given, y=[-0.3, 0.25])
+    assert r.x.tolist() == given and r.y.tolist() == [-0.3, 0.25]
+
+
+def test_norm_recorded_as_filter_for_unit_directions():
+    """eigen and PCA directions are unit vectors; they used to be recorded as "filter"."""
+    pytest.importorskip("sharpscope.analysis.spectrum")
+    model, x, y = linear_regression(30, 4, seed=2)
+    eig = landscape(model, (x, y), 2, grid=3, directions="eigen", loss=half_mse)
+    net = mlp(seed=5)
+    cx, cy = class_data()
+    trajectory = [mlp(seed=s).state_dict() for s in (6, 7, 8)]
+    pca = landscape(net, (cx, cy), 2, grid=3, directions=trajectory)
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    dx, dy = class_data(n=8, d=10)
+    line = landscape(a, (dx, dy), 1, directions=b, grid=3)
+    plane = landscape(a, (dx, dy), 2, directions=b, grid=3, norm="layer")
+    random = landscape(net, (cx, cy), 1, grid=3, norm="element")
+    for result, norm in ((eig, "unit"), (pca, "unit"), (line, "none"), (plane, "layer")):
+        assert result.norm == norm and result.settings["norm"] == norm, result.direction_kind
+    assert random.norm == "element" and random.settings["norm"] == "element"
+    torch.testing.assert_close(eig.directions.norm(dim=1), torch.ones(2, dtype=F64))
 
 
 # --- resuming, processes --------------------------------------------------------------------
@@ -270,6 +362,69 @@ def test_resume_after_interruption_gives_the_same_grid(tmp_path, vectorize):
     torch.testing.assert_close(rest.loss, full.loss, rtol=0, atol=0)
     with pytest.raises(SharpscopeError, match="different settings"):
         landscape(net, (x, y), 2, out=path, **{**kw, "seed": 3})
+
+
+class InterruptAfter:
+    """Cross-entropy that raises after ``calls`` calls, noting the points ``path`` holds at
+    each call (the loop makes one call per point, vmap one per block)."""
+
+    __name__ = "cross_entropy"
+
+    def __init__(self, calls, path, error=KeyboardInterrupt):
+        self.calls, self.path, self.error, self.held = calls, path, error, []
+
+    def __call__(self, out, t):
+        if self.calls is not None:
+            self.held.append(
+                int(LandscapeResult.load(self.path).computed.sum()) if self.path.exists() else 0
+            )
+            if len(self.held) > self.calls:
+                raise self.error("simulated interruption")
+        return nn.functional.cross_entropy(out, t)
+
+
+@pytest.mark.parametrize(
+    ("vectorize", "error", "calls", "points"),
+    [
+        (False, KeyboardInterrupt, 6, 6),  # the loop records every point
+        (True, KeyboardInterrupt, 3, 12),  # vmap: every block of 4
+        (False, RuntimeError, 9, 9),  # any error mid-grid
+    ],
+)
+def test_interrupt_lost_the_points_since_the_last_write(tmp_path, vectorize, error, calls, points):
+    """Ctrl-C used to keep only what the last timed write held (nothing in the first 30 s)."""
+    net = bn_cnn()
+    x, y = class_data(n=20, d=10)
+    kw = {"grid": 5, "chunk_size": 4, "vectorize": vectorize, "seed": 2, "save_every": 1e9}
+    full = landscape(net, (x, y), 2, **kw)
+    path = tmp_path / "run.npz"
+    loss = InterruptAfter(calls, path, error)
+    with pytest.raises(error, match="simulated"):
+        landscape(net, (x, y), 2, out=path, loss=loss, **kw)
+    # the first write comes after the first block, not after save_every seconds
+    first = 1 if vectorize else 4  # calls before the first block is done
+    assert loss.held[:first] == [0] * first and loss.held[first] == 4
+    partial = LandscapeResult.load(path)
+    done = partial.computed.reshape(-1) > 0.5
+    assert done.tolist() == [True] * points + [False] * (25 - points) and not partial.complete
+    flat_loss = partial.loss.reshape(-1)
+    torch.testing.assert_close(flat_loss[:points], full.loss.reshape(-1)[:points], rtol=0, atol=0)
+    assert torch.isnan(flat_loss[points:]).all()
+    assert partial.meta.extra["points_evaluated"] == points
+    assert partial.meta.extra["points_loaded"] == 0
+    loss.calls = None
+    resumed = landscape(net, (x, y), 2, out=path, loss=loss, **kw)
+    assert resumed.complete
+    assert resumed.meta.extra["points_loaded"] == points
+    assert resumed.meta.extra["points_evaluated"] == 25 - points
+    torch.testing.assert_close(resumed.loss, full.loss, rtol=0, atol=0)
+    torch.testing.assert_close(resumed.accuracy, full.accuracy, rtol=0, atol=0)
+    torch.testing.assert_close(LandscapeResult.load(path).loss, full.loss, rtol=0, atol=0)
+    # an interrupt before any point leaves no file
+    early = tmp_path / "early.npz"
+    with pytest.raises(error):
+        landscape(net, (x, y), 2, out=early, loss=InterruptAfter(0, early, error), **kw)
+    assert not early.exists()
 
 
 def _worker(rank, world, port, out_dir):

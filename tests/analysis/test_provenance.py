@@ -16,6 +16,7 @@ def test_a_datasplit_is_recorded_in_the_metadata_unless_meta_names_data():
     assert ss.top_eigenvalues(model, data, k=2).meta.data == recorded
     assert ss.m_sharpness(model, data, m=64, rho=0.05).meta.data == recorded
     assert ss.epsilon_sharpness(model, data, epsilon=1e-3).meta.data == recorded
+    assert ss.landscape(model, data, dims=1, grid=3).meta.data == recorded
     given = RunMeta(data={"name": "mine"})
     assert ss.m_sharpness(model, data, m=64, rho=0.05, meta=given).meta.data == {"name": "mine"}
     # plain tensors carry no spec: nothing is invented

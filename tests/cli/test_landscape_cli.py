@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib
+import re
+
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -76,8 +79,13 @@ def test_landscape_2d_resumes_to_the_same_grid(ckpts, tmp_path):
         assert (tmp_path / "fresh" / f"landscape_{name}.pdf").exists()
     part = runner.invoke(app, [*base, "--out", str(tmp_path / "part"), "--max-points", "4"])
     assert part.exit_code == 0 and "incomplete" in part.output
+    loaded = int(LandscapeResult.load(tmp_path / "part" / "landscape.npz").computed.sum())
+    assert 4 <= loaded < 9
     rest = runner.invoke(app, [*base, "--out", str(tmp_path / "part"), "--no-plots"])
-    assert rest.exit_code == 0 and "9/9 points" in rest.output
+    assert rest.exit_code == 0, rest.output
+    # counts of this call, not of the whole grid
+    assert f"9/9 points: {9 - loaded} computed in " in rest.output
+    assert f"s, {loaded} loaded from the earlier run" in rest.output
     a = LandscapeResult.load(tmp_path / "fresh" / "landscape.npz")
     b = LandscapeResult.load(tmp_path / "part" / "landscape.npz")
     torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=0)
@@ -132,3 +140,60 @@ def test_landscape_refuses_checkpoints_of_another_architecture(ckpts, tmp_path):
     result = runner.invoke(app, [*args, "--directions", str(ckpts["wide"]), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "different architecture" in result.output and "Traceback" not in result.output
+
+
+def test_data_the_model_does_not_take_is_a_one_line_error(ckpts, tmp_path):
+    """8x8 digits images into a cnn1d for MNIST-1D: spectrum's wording, exit 2."""
+    args = ["landscape", str(ckpts["a"]), "--dims", "1", "--grid", "3", *COMMON]
+    result = runner.invoke(app, [*args, "--data", "digits", "--out", str(tmp_path)])
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in result.output
+    assert errors[0].startswith("error: the model or loss failed on the data: RuntimeError:")
+
+
+def test_interrupted_run_says_how_to_resume(ckpts, tmp_path, monkeypatch):
+    """Ctrl-C: exit 130 and one line; with points saved it names the file and the rerun."""
+    # the module (``sharpscope.analysis.landscape`` as an attribute is the function)
+    module = importlib.import_module("sharpscope.analysis.landscape")
+    real = module.landscape
+
+    def interrupted_after_some_points(*args, **kwargs):
+        real(*args, **{**kwargs, "max_points": 3})
+        raise KeyboardInterrupt
+
+    def interrupted_at_once(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    args = ["landscape", str(ckpts["a"]), "--grid", "3", *COMMON, "--out", str(out)]
+    args += ["--no-plots", "--no-progress"]
+    monkeypatch.setattr(module, "landscape", interrupted_at_once)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == "error: interrupted"
+    monkeypatch.setattr(module, "landscape", interrupted_after_some_points)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 130 and "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1
+    match = re.fullmatch(
+        r"error: interrupted; (\d)/9 points are saved in (.*): run the same command again "
+        r"to resume",
+        errors[0],
+    )
+    assert match and match[2] == str(out / "landscape.npz")
+    monkeypatch.setattr(module, "landscape", real)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert f"s, {match[1]} loaded from the earlier run" in result.output
+
+
+def test_no_progress_hides_the_bar(ckpts, tmp_path):
+    args = ["landscape", str(ckpts["a"]), "--dims", "1", "--grid", "3", *COMMON, "--no-plots"]
+    shown = runner.invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert shown.exit_code == 0, shown.output
+    assert "point/s" in shown.stderr
+    hidden = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--no-progress"])
+    assert hidden.exit_code == 0, hidden.output
+    assert "point/s" not in hidden.stderr and "\r" not in hidden.stderr

@@ -113,3 +113,79 @@ def test_torchrun_splits_the_subsets_and_rank_zero_writes_the_same_result(checkp
     assert two["meta"]["extra"]["processes"] == 2 and two["num_subsets"] == 8
     assert two["per_subset"] == pytest.approx(one["per_subset"], rel=1e-6, abs=1e-9)
     assert two["sharpness"] == pytest.approx(one["sharpness"], rel=1e-6)
+
+
+def one_error_line(result) -> str:
+    """The single ``error:`` line of a failed command (and no traceback)."""
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_data_the_model_does_not_take_is_a_one_line_error(checkpoint):
+    """8x8 digits images into a cnn1d for 40-long MNIST-1D: spectrum's wording, exit 2."""
+    args = ["msharpness", str(checkpoint), "--data", "digits", "--samples", "64", "--m", "16"]
+    result = runner.invoke(app, [*args, "--device", "cpu"])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert line.startswith("error: the model or loss failed on the data: RuntimeError:")
+
+
+def test_model_and_data_options_override_the_checkpoints_specs(checkpoint, tmp_path):
+    """--model-opt/--data-opt without --model/--data apply to the checkpoint's own specs."""
+    args = ["msharpness", str(checkpoint), "--m", "16", "--samples", "64", "--device", "cpu"]
+    out = tmp_path / "ms.json"
+    result = runner.invoke(
+        app,
+        [*args, "--model-opt", "norm=batch", "--data-opt", "label_noise=0.5", "--json", str(out)],
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["data"]["name"] == "mnist1d" and meta["data"]["label_noise"] == 0.5
+    assert meta["extra"]["model"] == {**SPEC, "norm": "batch"}
+    clean = runner.invoke(app, [*args, "--json", str(tmp_path / "clean.json")])
+    assert clean.exit_code == 0, clean.output
+    # the noisy labels were used: a different loss at the same weights
+    noisy_loss = json.loads(out.read_text())["clean_loss"]
+    assert noisy_loss != json.loads((tmp_path / "clean.json").read_text())["clean_loss"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--model-opt", "foo=1"], "model 'cnn1d' has no option 'foo'"),
+        (["--data-opt", "bar=2"], "unknown data option 'bar'"),
+        (["--model-opt", "width=8"], "do not fit the model (wrong architecture?)"),
+        (["--model-opt", "width"], "--model-opt takes KEY=VALUE"),
+    ],
+)
+def test_bad_model_and_data_options_with_a_checkpoint_are_one_line(checkpoint, extra, message):
+    args = ["msharpness", str(checkpoint), "--samples", "64", "--device", "cpu", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert message in one_error_line(result)
+
+
+def test_a_folder_as_checkpoint_names_its_last_pt(checkpoint, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    result = runner.invoke(app, ["msharpness", str(run), "--device", "cpu"])
+    assert result.exit_code == 2
+    line = one_error_line(result)
+    assert "is a folder, not a checkpoint file" in line and "last.pt" in line
+    (run / "last.pt").write_bytes(checkpoint.read_bytes())
+    result = runner.invoke(app, ["msharpness", str(run), "--device", "cpu"])
+    assert result.exit_code == 2
+    assert one_error_line(result).endswith(f"did you mean {run / 'last.pt'}?")
+
+
+def test_no_progress_hides_the_bar(checkpoint):
+    args = ["msharpness", str(checkpoint), "--m", "16", "--samples", "64", "--device", "cpu"]
+    shown = runner.invoke(app, args)
+    assert shown.exit_code == 0, shown.output
+    assert "subset/s" in shown.stderr  # the bar is on by default
+    hidden = runner.invoke(app, [*args, "--no-progress"])
+    assert hidden.exit_code == 0, hidden.output
+    assert "subset/s" not in hidden.stderr and "\r" not in hidden.stderr
+    assert "m-sharpness (m=16" in hidden.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -240,3 +241,60 @@ def test_data_that_does_not_fit_in_device_memory_is_read_in_smaller_batches(tmp_
     assert "Traceback" not in result.output
     result = runner.invoke(app, [*args, "--bn-mode", "batch", "--batch-size", "16"])
     assert result.exit_code == 0, result.output
+
+
+def _one_error_line(result) -> str:
+    assert "Traceback" not in result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def test_data_the_model_does_not_take_fails_before_the_analysis(checkpoint):
+    """The shared check of msharpness and landscape: one line, and no progress bar yet."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--data", "mnist1d"])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert line.startswith("error: the model or loss failed on the data: RuntimeError:")
+    assert "hvp" not in result.stderr
+
+
+def test_k_above_max_steps_names_the_flags_and_the_default_grows_with_k(checkpoint, tmp_path):
+    args = ["spectrum", str(checkpoint), *FAST, "--k", "30", "--max-steps", "20"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "--max-steps 20 is fewer than --k 30" in line and "--max-steps 100" in line
+    # without --max-steps, k > 100 raises it to 2k + 10
+    out = tmp_path / "s.json"
+    args = ["spectrum", str(checkpoint), *FAST, "--k", "101", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(out.read_text())["eigenvalues"]) == 101
+
+
+def test_which_sa_says_the_order_and_why_lambda_max_is_null(checkpoint, tmp_path):
+    out = tmp_path / "s.json"
+    result = runner.invoke(
+        app, ["spectrum", str(checkpoint), *FAST, "--which", "SA", "--json", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert "5 most negative eigenvalues (descending: the most negative last):" in result.stdout
+    assert "n/a with --which SA" in result.stdout
+    data = json.loads(out.read_text())
+    assert data["lambda_max"] is None and data["lambda_5"] is None and data["ratio"] is None
+    assert data["eigenvalues"] == sorted(data["eigenvalues"], reverse=True)  # unchanged
+    help_text = " ".join(runner.invoke(app, ["spectrum", "--help"]).output.split())
+    assert "null" in help_text
+
+
+def test_progress_bar_ends_at_its_count_and_no_progress_hides_it(checkpoint):
+    """The total assumes every Lanczos step; converged early, the bar ends where it did."""
+    shown = runner.invoke(app, ["spectrum", str(checkpoint), *FAST])
+    assert shown.exit_code == 0, shown.output
+    counts = re.findall(r"(\d+)/(\d+) \[", shown.stderr)
+    assert counts and counts[-1][0] == counts[-1][1]
+    hidden = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--no-progress"])
+    assert hidden.exit_code == 0, hidden.output
+    assert "hvp/s" not in hidden.stderr and "\r" not in hidden.stderr
+    assert "lambda_max:" in hidden.stdout
