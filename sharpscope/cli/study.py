@@ -88,6 +88,12 @@ def register(app: typer.Typer) -> None:
         report: bool = typer.Option(
             True, "--report/--no-report", help="Write report.md after the runs."
         ),
+        data_root: Optional[Path] = typer.Option(
+            None,
+            "--data-root",
+            help="Folder holding the CIFAR files, for every run (overrides the config's "
+            "data_root; a study folder may be resumed with another).",
+        ),
     ) -> None:
         """Train and analyse every run of a sweep; write DIR/results.csv (and the report)."""
         from ..errors import SharpscopeError
@@ -114,6 +120,8 @@ def register(app: typer.Typer) -> None:
             )
         else:
             study_config = load_study_config(config)
+        if data_root is not None:
+            study_config.train["data_root"] = str(data_root)
         if workers is None:
             workers = default_workers() if executor == "local" else 1
         summary = run_study(study_config, out, workers=workers, executor=executor, log=_log)

@@ -41,6 +41,8 @@ from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
 FORMAT = "sharpscope-study"
 VERSION = 1
 LOCK_NAME = "study.lock"  # held by a running `study run`
+# training keys that may differ when a study is resumed on another machine
+MACHINE_KEYS = ("data_root", "device", "progress")
 Log = Callable[[str], None]
 
 # Always present in results.csv, in this order after the hyperparameters.
@@ -211,6 +213,8 @@ def _check_same_run(
 ) -> None:
     for key in ("train", "params"):
         old, new = existing.get(key, {}), wanted.get(key, {})
+        if key == "train":  # where the data live and which device: not the run's settings
+            old, new = ({k: v for k, v in d.items() if k not in MACHINE_KEYS} for d in (old, new))
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SharpscopeError(

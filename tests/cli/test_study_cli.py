@@ -66,9 +66,12 @@ def test_study_run_then_report(tmp_path):
     table_rows = [line for line in result.output.splitlines() if "msharp_m16_rho0.05" in line]
     assert table_rows and "gen_gap" in table_rows[0]
 
-    # a second run resumes: nothing left to do
-    result = runner.invoke(app, ["study", "run", str(config), "--out", str(out), "--no-report"])
-    assert result.exit_code == 0 and "4 of 4 runs already complete" in result.output
+    # a second run resumes: nothing left to do, also with the data somewhere else
+    again = ["study", "run", str(config), "--out", str(out), "--no-report"]
+    result = runner.invoke(app, [*again, "--data-root", str(tmp_path / "elsewhere")])
+    assert result.exit_code == 0 and "4 of 4 runs already complete" in result.output, result.output
+    stored = json.loads((out / "study.json").read_text())["config"]["train"]
+    assert stored["data_root"] == str(tmp_path / "elsewhere")
 
 
 def test_bad_inputs_give_one_line(tmp_path):
