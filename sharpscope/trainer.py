@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import time
 import warnings
@@ -39,6 +40,7 @@ from .evaluation import evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import build_model, get_loss, normalize_spec
 
+log = logging.getLogger(__name__)  # one line per epoch when there is no progress bar
 SCHEDULES = ("cosine", "step", "constant")
 # settings a resumed run must share with its checkpoint (the device, progress bar, output
 # folder, evaluation batch size and the like may change; epochs has its own rule)
@@ -546,12 +548,15 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                     "lower the learning rate or rho"
                 )
             history.append(metrics)
+            line = (
+                f"epoch {epoch + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.4f}  test loss {metrics['test_loss']:.4f} "
+                f"acc {metrics['test_acc']:.4f}"
+            )
             if progress is not None:
-                progress.write(
-                    f"epoch {epoch + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
-                    f"acc {metrics['train_acc']:.4f}  test loss {metrics['test_loss']:.4f} "
-                    f"acc {metrics['test_acc']:.4f}"
-                )
+                progress.write(line)
+            elif info.is_main:
+                log.info(line)  # shown by `train --no-progress` (batch logs); silent by default
             if out is not None:
                 # each rank's own optimizer state (bSAM noise, LETS/VaSSO per-rank tensors)
                 local = optimizer.rank_state() if info.enabled else None

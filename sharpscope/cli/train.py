@@ -154,6 +154,20 @@ def build_config(
     return config
 
 
+def _log_epochs() -> None:
+    """Send the trainer's per-epoch lines (logger ``sharpscope.trainer``) to stderr."""
+    import logging
+
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sys.stderr.write(self.format(record) + "\n")  # the stream of the moment
+
+    logger = logging.getLogger("sharpscope.trainer")
+    if not any(type(h).__name__ == "ToStderr" for h in logger.handlers):
+        logger.addHandler(ToStderr())
+    logger.setLevel(logging.INFO)
+
+
 def register(app: typer.Typer) -> None:
     """Add ``sharpscope train``."""
 
@@ -320,7 +334,9 @@ def register(app: typer.Typer) -> None:
         data_aug_factor: Optional[float] = typer.Option(
             None, "--data-aug-factor", help="bSAM: N = num_data x this factor."
         ),
-        no_progress: bool = typer.Option(False, "--no-progress", help="Hide the progress bar."),
+        no_progress: bool = typer.Option(
+            False, "--no-progress", help="No progress bar: one line per epoch on stderr instead."
+        ),
     ) -> None:
         """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
         from ..io import load_training_state
@@ -335,6 +351,8 @@ def register(app: typer.Typer) -> None:
             # continue the run as it was: its settings come from the checkpoint
             resumed = load_training_state(out / "last.pt")["config"]
         cfg = build_config(values, config, resumed)
+        if no_progress:  # a batch log still gets one line per epoch
+            _log_epochs()
         summary = train(cfg, resume=resume)
         if not summary.is_main:  # under torchrun only rank 0 reports
             return

@@ -48,6 +48,21 @@ def test_help_lists_every_command_of_the_interface():
     }
 
 
+def test_no_progress_logs_one_line_per_epoch(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "sharpscope", "train", *TINY, "--out", str(tmp_path / "o")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.startswith("epoch 1/1  train loss "), done.stderr
+    assert "\r" not in done.stderr  # no progress bar
+
+
 def test_train_prints_accuracy_and_writes_checkpoint(tmp_path):
     result = runner.invoke(
         app, ["train", *TINY, "--optimizer", "sgd", "--lr", "0.05", "--out", str(tmp_path)]
