@@ -158,4 +158,38 @@ def register(app: typer.Typer) -> None:
         print_correlations(folder)
         _log(f"report: {path}")
 
+    @study.command("status")
+    @guarded
+    def status_command(
+        folder: Path = typer.Argument(..., help="A study folder made by `sharpscope study run`."),
+    ) -> None:
+        """Where every run of a study stands: done, training (epoch), failed, ..."""
+        from collections import Counter
+
+        from rich.console import Console
+        from rich.table import Table
+
+        from ..study.runner import run_states
+
+        states = run_states(folder)
+        table = Table(title=f"{folder}: {len(states)} runs")
+        for column in ("run", "state", "epoch", "error"):
+            table.add_column(column, overflow="fold")
+        for row in states:
+            epoch = f"{row['epoch']}/{row['epochs']}" if row["epochs"] else str(row["epoch"])
+            table.add_row(row["run_id"], row["state"], epoch, row["error"])
+        Console(width=None if sys.stdout.isatty() else 120).print(table)
+        counts = Counter(row["state"] for row in states)
+        _log(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+
+    @study.command("list")
+    def list_command() -> None:
+        """The built-in study configs (give a name to `study run`)."""
+        from ..study.config import builtin_config_names, load_builtin_config
+
+        for name in builtin_config_names():
+            description = " ".join(load_builtin_config(name).description.split())
+            short = description if len(description) <= 90 else description[:87] + "..."
+            typer.echo(f"{name:32s} {short}")
+
     app.add_typer(study, name="study")

@@ -280,6 +280,40 @@ def run_is_complete(study_dir: Path, run: RunSpec, config: StudyConfig) -> bool:
     return state == "done" and not _pending_measures(run, run_dir, config)
 
 
+def run_states(study_dir: str | Path) -> list[dict[str, Any]]:
+    """Where every run of a study folder stands, for ``sharpscope study status``.
+
+    One dict per run, in sweep order: ``run_id``, ``state`` (``done``, ``failed``
+    (diverged), ``error`` (retried by the next ``study run``), ``analysing`` (trained,
+    analyses missing), ``training`` or ``pending``), ``epoch`` (last evaluated) and
+    ``epochs``, and ``error`` (the first line of a failure).
+    """
+    folder = Path(study_dir)
+    config = load_study_config_from_dir(folder)
+    out = []
+    for run in expand_sweep(config):
+        run_dir = _run_dir(folder, run.run_id)
+        status = _status(run_dir)
+        evaluated = _eval_rows(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+        state = status.get("state", "pending")
+        if state == "done" and not run_is_complete(folder, run, config):
+            state = "analysing"  # the analyses asked for changed since
+        elif state == "trained":
+            state = "analysing"
+        elif state == "pending" and evaluated:
+            state = "training"
+        out.append(
+            {
+                "run_id": run.run_id,
+                "state": state,
+                "epoch": max(evaluated, default=0),
+                "epochs": run.train.get("epochs"),
+                "error": status.get("error", ""),
+            }
+        )
+    return out
+
+
 def _checkpoint_for(run_dir: Path, epoch: int, total: int) -> Path:
     path = run_dir / f"epoch_{epoch:03d}.pt"
     if path.exists():
@@ -531,7 +565,10 @@ def _eval_rows(run_dir: Path) -> dict[int, dict[str, Any]]:
     for line in path.read_text().splitlines():
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line being written by a run in progress
+            continue
         if row.get("kind", "eval") == "eval" and "epoch" in row:
             rows[int(row["epoch"])] = row
     return rows

@@ -73,6 +73,21 @@ def test_study_run_then_report(tmp_path):
     stored = json.loads((out / "study.json").read_text())["config"]["train"]
     assert stored["data_root"] == str(tmp_path / "elsewhere")
 
+    # status: every run and where it stands; a run whose training stopped midway shows it
+    (out / "runs" / "sam-s1" / "status.json").unlink()
+    result = runner.invoke(app, ["study", "status", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "3 done, 1 training" in result.output and "sam-s1" in result.output
+
+
+def test_study_list_names_every_builtin_config():
+    from sharpscope.study.config import builtin_config_names
+
+    result = runner.invoke(app, ["study", "list"])
+    assert result.exit_code == 0
+    names = [line.split()[0] for line in result.output.splitlines() if line.strip()]
+    assert names == builtin_config_names()
+
 
 def test_bad_inputs_give_one_line(tmp_path):
     bad = tmp_path / "bad.toml"
