@@ -65,7 +65,7 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Argument(
             None,
             help="Study config (TOML), or a built-in name such as a-spectra-quick "
-            "(run without CONFIG for the list). Omit with --quick.",
+            "(`sharpscope study list` shows them). Omit with --quick.",
         ),
         quick: bool = typer.Option(
             False, "--quick", help="The built-in quick study: SGD vs SAM variants on MNIST-1D."
