@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,18 +95,34 @@ def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
 
 
 def _umask() -> int:
-    """The process's umask (read by setting it and setting it back)."""
+    """The process's umask: from ``/proc/self/status`` on Linux (no side effect), else by
+    setting it and setting it back."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def _mode_for(path: Path) -> int:
+    """What ``open(path, "w")`` would leave: an existing file keeps its mode, a new one
+    gets 0666 less the umask."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename.
 
     A reader never sees a half-written file, and an interrupted write leaves the
-    previous file in place. The file gets the permissions ``open()`` would give it
-    (0666 less the umask), not :func:`tempfile.mkstemp`'s private 0600.
+    previous file in place. The file gets the permissions ``open()`` would give it (an
+    existing file's own, else 0666 less the umask), not :func:`tempfile.mkstemp`'s 0600.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +132,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -252,7 +252,7 @@ def _read_history(path: Path, last_step: int) -> list[dict[str, Any]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            if number == len(lines):  # killed while appending: the row is not needed
+            if number == len(lines):  # killed while appending rows past the checkpoint
                 break
             raise SharpscopeError(f"{path}, line {number}, is not JSON; cannot resume") from exc
         if row.get("step", 0) <= last_step:
@@ -576,11 +576,13 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                     )
                     if rank_states is not None:
                         payload["rank_states"] = rank_states
+                    # rows first: a run killed in between resumes from the previous
+                    # checkpoint and drops rows past it, so no evaluation row is ever lost
+                    with (out / "metrics.jsonl").open("a") as handle:
+                        handle.write("".join(json.dumps(r) + "\n" for r in [*step_rows, metrics]))
                     save_checkpoint(out / "last.pt", payload)
                     if config.save_every and (epoch + 1) % config.save_every == 0:
                         save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
-                    with (out / "metrics.jsonl").open("a") as handle:
-                        handle.write("".join(json.dumps(r) + "\n" for r in [*step_rows, metrics]))
                 barrier()
     finally:
         if progress is not None:

@@ -264,11 +264,11 @@ def check_model_on_data(model: nn.Module, batches: list[Batch], loss_fn: LossFn)
     """
     if not batches:
         return
+    from ..analysis._functional import analysis_mode
+
     inputs, targets = batches[0]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad():
+        with analysis_mode(model), torch.no_grad():  # every module's own mode comes back
             loss_fn(model(inputs[:CHECK_EXAMPLES]), targets[:CHECK_EXAMPLES])
     except SharpscopeError:
         raise
@@ -276,8 +276,6 @@ def check_model_on_data(model: nn.Module, batches: list[Batch], loss_fn: LossFn)
         if is_out_of_memory(exc):
             return
         raise model_failure(exc) from exc
-    finally:
-        model.train(was_training)
 
 
 # The flags every analysis command shares; ``name: Alias = default`` in a signature.

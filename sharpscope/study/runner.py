@@ -96,6 +96,8 @@ def read_study_dir(out: str | Path) -> dict[str, Any]:
     """
     out = Path(out)
     path = out / "study.json"
+    if out.is_file():
+        raise SharpscopeError(f"{out} is a file, not a study folder (give the folder of --out)")
     if not out.is_dir():
         raise SharpscopeError(f"study folder not found: {out}")
     if not path.is_file():
@@ -194,8 +196,9 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
         pass
     for run in runs:
         path = out / "runs" / run.run_id / "run.json"
-        if not path.exists():
-            _write_json(path, run.to_dict())
+        wanted = to_jsonable(run.to_dict())
+        if _read_json(path) != wanted:  # new, or only MACHINE_KEYS changed (checked above)
+            _write_json(path, wanted)
     return out
 
 

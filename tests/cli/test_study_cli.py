@@ -72,6 +72,9 @@ def test_study_run_then_report(tmp_path):
     assert result.exit_code == 0 and "4 of 4 runs already complete" in result.output, result.output
     stored = json.loads((out / "study.json").read_text())["config"]["train"]
     assert stored["data_root"] == str(tmp_path / "elsewhere")
+    for run_id in ("sgd-s0", "sam-s1"):  # what the runs themselves read on a retry
+        run = json.loads((out / "runs" / run_id / "run.json").read_text())
+        assert run["train"]["data_root"] == str(tmp_path / "elsewhere")
 
     # status: every run and where it stands; a run whose training stopped midway shows it
     (out / "runs" / "sam-s1" / "status.json").unlink()
