@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+NOISE_STREAM = 7_919  # offsets the noise seed from the other seeded draws of the data
+
 
 def symmetric_label_noise(
     targets: Tensor, fraction: float, num_classes: int, seed: int = 0
@@ -21,7 +23,10 @@ def symmetric_label_noise(
     >>> int((noisy != y).sum())
     3
     """
-    generator = torch.Generator().manual_seed(int(seed))
+    # A stream of its own: seeded with ``seed`` alone, the choice of flipped examples was
+    # the permutation ``samples`` takes its subset from (same seed 0), so the first N
+    # examples were nearly all flipped ones.
+    generator = torch.Generator().manual_seed((int(seed) * 1_000_003 + NOISE_STREAM) % 2**63)
     n = len(targets)
     num_noisy = round(fraction * n)
     chosen = torch.randperm(n, generator=generator)[:num_noisy]

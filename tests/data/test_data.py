@@ -63,6 +63,15 @@ def test_label_noise_rate_is_exact_and_clean_labels_kept(fraction):
     )
 
 
+@pytest.mark.parametrize("samples, seed", [(1024, 0), (500, 0), (1024, 1), (256, 3)])
+def test_a_subset_of_noisy_data_has_the_noise_rate(samples, seed):
+    """The flipped examples are drawn apart from the subset's shuffle (they once coincided)."""
+    split = load_data({"name": "mnist1d", "label_noise": 0.4}, samples=samples, seed=seed)
+    flipped = float(split.noisy_mask.float().mean())
+    # binomial spread of the subset's rate: sd = sqrt(0.4 * 0.6 / n) <= 0.031
+    assert abs(flipped - 0.4) < 4 * (0.4 * 0.6 / samples) ** 0.5, flipped
+
+
 def test_label_noise_is_seeded():
     a = load_data({"name": "mnist1d", "label_noise": 0.3, "noise_seed": 1}).targets
     b = load_data({"name": "mnist1d", "label_noise": 0.3, "noise_seed": 1}).targets
