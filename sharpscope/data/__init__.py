@@ -110,6 +110,19 @@ def _check_fraction(name: str, value: Any, upper_open: bool = True) -> float:
     return value
 
 
+def _check_count(name: str, value: Any, low: int = 0) -> int:
+    """``value`` as an integer >= ``low`` (``"16"`` and ``16.0`` are fine), else one line."""
+    if isinstance(value, bool):
+        raise SharpscopeError(f"{name} must be an integer >= {low}, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise SharpscopeError(f"{name} must be an integer >= {low}, got {value!r}") from None
+    if not number.is_integer() or number < low:
+        raise SharpscopeError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(number)
+
+
 def _seeded_permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
 
@@ -183,11 +196,18 @@ def load_data(
         if noise > 0:
             clean = targets
             targets = symmetric_label_noise(
-                targets, noise, raw.num_classes, seed=int(spec.get("noise_seed", 0))
+                targets,
+                noise,
+                raw.num_classes,
+                seed=_check_count("noise_seed", spec.get("noise_seed", 0)),
             )
         if val_fraction > 0:
             order = _seeded_permutation(len(targets), 12345)
             num_val = max(1, round(val_fraction * len(targets)))
+            if num_val >= len(targets):
+                raise SharpscopeError(
+                    f"val_fraction {val_fraction} leaves no training examples of {len(targets)}"
+                )
             keep = order[:num_val] if split == "val" else order[num_val:]
             keep = keep.sort().values
             inputs, targets = inputs[keep], targets[keep]
@@ -195,11 +215,10 @@ def load_data(
 
     n = samples if samples is not None else spec.get("samples")
     if n is not None:
-        n = int(n)
-        if n < 1:
-            raise SharpscopeError(f"samples must be >= 1, got {n}")
+        n = _check_count("samples", n, low=1)
         if n < len(targets):
-            keep = _seeded_permutation(len(targets), int(spec.get("seed", seed)))[:n]
+            keep = _seeded_permutation(len(targets), _check_count("seed", spec.get("seed", seed)))
+            keep = keep[:n]
             inputs, targets = inputs[keep], targets[keep]
             clean = None if clean is None else clean[keep]
     out = DataSplit(

@@ -150,19 +150,40 @@ def _cifar_folder(name: str, root: str | None) -> Path:
     for candidate in (root_path / folder_name, root_path):
         if all((candidate / f).is_file() for f in train_files + test_files):
             return candidate
+    for candidate in (root_path / folder_name, root_path):
+        present = [f for f in train_files + test_files if (candidate / f).is_file()]
+        if present:  # a partial copy: say what is missing
+            missing = [f for f in train_files + test_files if f not in present]
+            raise SharpscopeError(f"{name} in {candidate} lacks {', '.join(missing)}")
     raise SharpscopeError(
         f"{name} files not found in {root_path}: expected {folder_name}/ with {expected}"
     )
 
 
-def _cifar_arrays(folder: Path, files: list[str], label_key: str) -> tuple[Tensor, Tensor]:
+def _cifar_arrays(
+    folder: Path, files: list[str], label_key: str, num_classes: int
+) -> tuple[Tensor, Tensor]:
     inputs, labels = [], []
     for file in files:
-        batch = _read_pickle(folder / file)
+        path = folder / file
+        batch = _read_pickle(path)
         if "data" not in batch or label_key not in batch:
-            raise SharpscopeError(f"{folder / file} lacks the 'data' or '{label_key}' entry")
-        inputs.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
+            raise SharpscopeError(f"{path} lacks the 'data' or '{label_key}' entry")
+        data = np.asarray(batch["data"])
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
+            raise SharpscopeError(
+                f"{path}: 'data' must be uint8 rows of 3072 values (3 x 32 x 32), got "
+                f"{data.dtype} of shape {data.shape}"
+            )
+        label = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        if len(label) != len(data):
+            raise SharpscopeError(f"{path}: {len(data)} images but {len(label)} labels")
+        if len(label) and (label.min() < 0 or label.max() >= num_classes):
+            raise SharpscopeError(
+                f"{path}: labels must lie in 0..{num_classes - 1}, got {label.min()}..{label.max()}"
+            )
+        inputs.append(data.reshape(-1, 3, 32, 32))
+        labels.append(label)
     return torch.from_numpy(np.concatenate(inputs)), torch.from_numpy(np.concatenate(labels))
 
 
@@ -177,8 +198,8 @@ def load_cifar(name: str) -> Callable[[str | None], RawData]:
     def loader(root: str | None) -> RawData:
         folder = _cifar_folder(name, root)
         _, train_files, test_files, label_key, num_classes = CIFAR_LAYOUT[name]
-        x_train, y_train = _cifar_arrays(folder, train_files, label_key)
-        x_test, y_test = _cifar_arrays(folder, test_files, label_key)
+        x_train, y_train = _cifar_arrays(folder, train_files, label_key, num_classes)
+        x_test, y_test = _cifar_arrays(folder, test_files, label_key, num_classes)
         return RawData(
             _normalise(x_train, name), y_train, _normalise(x_test, name), y_test, num_classes
         )

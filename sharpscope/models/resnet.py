@@ -160,16 +160,25 @@ def resnet(
     return ResNet(shape[0], num_classes, depth, **opts)
 
 
+def _without_depth(name: str, options: dict[str, Any]) -> dict[str, Any]:
+    if "depth" in options:
+        raise SharpscopeError(
+            f"model '{name}' has its depth in its name; for another depth use "
+            f'{{name = "resnet", depth = ...}} (6n + 2) or resnet20/32/56'
+        )
+    return options
+
+
 def resnet20(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ResNet:
     """ResNet-20 (n = 3); options as :func:`resnet`."""
-    return resnet(input_shape, num_classes, 20, **options)
+    return resnet(input_shape, num_classes, 20, **_without_depth("resnet20", options))
 
 
 def resnet32(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ResNet:
     """ResNet-32 (n = 5); options as :func:`resnet`."""
-    return resnet(input_shape, num_classes, 32, **options)
+    return resnet(input_shape, num_classes, 32, **_without_depth("resnet32", options))
 
 
 def resnet56(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ResNet:
     """ResNet-56 (n = 9); options as :func:`resnet`."""
-    return resnet(input_shape, num_classes, 56, **options)
+    return resnet(input_shape, num_classes, 56, **_without_depth("resnet56", options))

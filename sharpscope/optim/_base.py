@@ -50,6 +50,7 @@ it does not move) and, where it mixes gradients differently, :meth:`combine`.
 
 from __future__ import annotations
 
+import math
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -266,6 +267,33 @@ def _check_rho(rho: float, name: str = "rho") -> float:
 # --------------------------------------------------------------------------- base class
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def as_number(name: str, value: Any) -> float:
+    """``value`` as a float (``"0.1"`` is fine), or one line naming the option."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return float(value)
+    except (TypeError, ValueError):
+        raise SharpscopeError(f"{name} must be a number, got {value!r}") from None
+
+
+def _positive_or_none(name: str, value: Any) -> float | None:
+    """``value`` as a float > 0, or None; one line otherwise."""
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = math.nan
+    if isinstance(value, bool) or not number > 0:
+        raise SharpscopeError(f"{name} must be > 0 or None, got {value!r}")
+    return number
+
+
 class SharpnessAware(torch.optim.Optimizer):
     """Base class of the two-pass optimizers; see the module docstring for the step.
 
@@ -326,16 +354,14 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"perturbation must be one of {_PERTURBATION_MODES}, got {perturbation!r}"
             )
         self.perturbation_mode = perturbation
-        if max_grad_norm is not None and not float(max_grad_norm) > 0:
-            raise SharpscopeError(f"max_grad_norm must be > 0 or None, got {max_grad_norm!r}")
-        self.max_grad_norm = None if max_grad_norm is None else float(max_grad_norm)
+        self.max_grad_norm = _positive_or_none("max_grad_norm", max_grad_norm)
         if m is not None:
             if not self.supports_m:
                 raise SharpscopeError(
                     f"m-sharpness training (m={m}) is supported by sam, asam and samon, "
                     f"not by {self.name}; leave m unset"
                 )
-            if isinstance(m, bool) or int(m) != m or int(m) < 1:
+            if isinstance(m, bool) or not isinstance(m, (int, float)) or int(m) != m or m < 1:
                 raise SharpscopeError(f"m must be a positive integer group size, got {m!r}")
             if perturbation == "global":
                 raise SharpscopeError(
@@ -345,15 +371,24 @@ class SharpnessAware(torch.optim.Optimizer):
             m = int(m)
         self.m = m
         if not (isinstance(base, type) and issubclass(base, torch.optim.Optimizer)):
+            given = f"an instance of {type(base).__name__}" if not isinstance(base, type) else base
             raise SharpscopeError(
-                f"base must be a torch.optim.Optimizer class such as torch.optim.SGD, got {base!r}"
+                f"base must be a torch.optim.Optimizer class such as torch.optim.SGD (its options "
+                f"go to this optimizer as keywords), got {given}"
             )
-        super().__init__(params, {})
+        try:
+            super().__init__(params, {})
+        except (TypeError, ValueError) as exc:
+            raise SharpscopeError(
+                f"params must be the model or an iterable of parameters or parameter groups: "
+                f"{_first_line(exc)}"
+            ) from exc
         try:
             self.base = base(self.param_groups, **base_kwargs)
         except (TypeError, ValueError) as exc:
             raise SharpscopeError(
-                f"the base optimizer {base.__name__} rejected its options {sorted(base_kwargs)}: {exc}"
+                f"the base optimizer {base.__name__} rejected its options {sorted(base_kwargs)}: "
+                f"{_first_line(exc)}"
             ) from exc
         self.param_groups = self.base.param_groups
         self.defaults.update(self.base.defaults)
@@ -588,6 +623,11 @@ class SharpnessAware(torch.optim.Optimizer):
         with self._first_pass_context(ctx):
             loss = ctx.call()
         params, grads = self._params_with_grads()
+        if not params:
+            raise SharpscopeError(
+                f"{self.name}: the closure left no gradients; it must call loss.backward() "
+                "(or use sharpscope.optim.BatchClosure)"
+            )
         if not ctx.unscale_(grads):
             self._finish(ctx)  # the scaler sees the overflow, skips and backs off
             return loss

@@ -51,7 +51,14 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..errors import SharpscopeError
-from ._base import PerturbationMode, SharpnessAware, StepContext, rng_restore, rng_snapshot
+from ._base import (
+    PerturbationMode,
+    SharpnessAware,
+    StepContext,
+    as_number,
+    rng_restore,
+    rng_snapshot,
+)
 
 __all__ = ["BSAM"]
 
@@ -156,7 +163,7 @@ class BSAM(SharpnessAware):
         self,
         params: Iterable[Any] | nn.Module,
         *,
-        num_data: int,
+        num_data: int | None = None,
         lr: float = 0.5,
         betas: tuple[float, float] = (0.9, 0.999),
         rho: float = 0.01,
@@ -170,19 +177,22 @@ class BSAM(SharpnessAware):
     ) -> None:
         if "base" in kwargs:
             raise SharpscopeError("bSAM is a standalone optimizer; it takes no base=")
-        if num_data is None or not float(num_data) > 0:
+        if num_data is None or not as_number("num_data", num_data) > 0:
             raise SharpscopeError(f"bSAM needs num_data > 0 (training set size), got {num_data!r}")
-        if not float(data_aug_factor) > 0:
+        if not as_number("data_aug_factor", data_aug_factor) > 0:
             raise SharpscopeError(f"data_aug_factor must be > 0, got {data_aug_factor!r}")
-        if isinstance(splits, bool) or int(splits) != splits or int(splits) < 1:
+        if isinstance(splits, bool) or as_number("splits", splits) != int(splits) or splits < 1:
             raise SharpscopeError(f"splits must be a positive integer, got {splits!r}")
-        if not float(s_init) > 0:
+        if not as_number("s_init", s_init) > 0:
             raise SharpscopeError(f"s_init must be > 0, got {s_init!r}")
-        betas = tuple(float(b) for b in betas)  # type: ignore[assignment]
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise SharpscopeError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        if not float(prior_precision) >= 0 or not float(damping) >= 0 or not float(lr) >= 0:
-            raise SharpscopeError("prior_precision, damping and lr must be >= 0")
+        betas = tuple(as_number("betas", b) for b in betas)  # type: ignore[assignment]
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise SharpscopeError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        for name, value in (("prior_precision", prior_precision), ("damping", damping), ("lr", lr)):
+            if not as_number(name, value) >= 0:
+                raise SharpscopeError(f"{name} must be >= 0, got {value!r}")
         super().__init__(
             params,
             _BayesUpdate,

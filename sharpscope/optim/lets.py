@@ -231,6 +231,12 @@ class LETS(SharpnessAware):
         rho_min = _check_rho(rho_min, "rho_min")
         if rho_max is not None and not float(rho_max) >= rho_min:
             raise SharpscopeError(f"rho_max must be >= rho_min ({rho_min}), got {rho_max!r}")
+        initial = _check_rho(rho)
+        if initial < rho_min or (rho_max is not None and initial > float(rho_max)):
+            raise SharpscopeError(
+                f"the initial rho {initial} lies outside [rho_min, rho_max] = "
+                f"[{rho_min}, {rho_max}] (the clamp of optimizers.md §3)"
+            )
         if not float(fd_step) > 0:
             raise SharpscopeError(f"fd_step must be > 0, got {fd_step!r}")
         options = dict(inner_options or {})

@@ -106,6 +106,10 @@ def test_samples_subset_is_seeded_shuffle():
         ({"name": "mnist1d", "colour": 1}, "train", "unknown data option 'colour'"),
         ("mnist1d", "validation", "unknown split 'validation'"),
         ("mnist1d", "val", "split 'val' needs a data option val_fraction"),
+        ({"name": "mnist1d", "samples": "abc"}, "train", "samples must be an integer >= 1"),
+        ({"name": "mnist1d", "samples": 2.7}, "train", "samples must be an integer >= 1, got 2.7"),
+        ({"name": "mnist1d", "label_noise": 0.1, "noise_seed": "x"}, "train", "noise_seed must be"),
+        ({"name": "mnist1d", "val_fraction": 0.9999999}, "train", "leaves no training examples"),
     ],
 )
 def test_bad_data_specs_give_one_line(spec, split, message):
@@ -160,6 +164,26 @@ def test_cifar_missing_files_name_folder_and_files(tmp_path):
         load_data("cifar10", data_root=str(tmp_path))
     with pytest.raises(SharpscopeError, match="--data-root"):
         load_data("cifar100")
+
+
+def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):
+    sub = _write_cifar(tmp_path, "cifar10")
+    (sub / "data_batch_3").unlink()
+    with pytest.raises(SharpscopeError, match="lacks data_batch_3"):
+        load_data("cifar10", data_root=str(tmp_path))
+    cases = {
+        "rows": ({b"data": np.zeros((4, 3000), np.uint8), b"labels": [0] * 4}, "rows of 3072"),
+        "floats": ({b"data": np.zeros((4, 3072)), b"labels": [0] * 4}, "must be uint8"),
+        "labels": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "4 images but 3"),
+        "range": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 12]}, "0..9"),
+    }
+    for name, (batch, message) in cases.items():
+        root = tmp_path / name
+        folder = _write_cifar(root, "cifar10")
+        with (folder / "data_batch_1").open("wb") as handle:
+            pickle.dump(batch, handle, protocol=2)
+        with pytest.raises(SharpscopeError, match=message):
+            load_data("cifar10", data_root=str(root))
 
 
 def test_cifar_pickle_with_code_is_refused(tmp_path):

@@ -11,6 +11,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.models import MODELS, NORM_TYPES, model_names, num_parameters
 from sharpscope.models.norm import num_groups
 from sharpscope.models.resnet import resnet
+from sharpscope.registry import build_model
 
 torch.set_num_threads(1)
 
@@ -393,3 +394,8 @@ def test_hessian_vector_product_matches_finite_differences(name):
     minus = torch.cat([t.flatten() for t in grads()]).detach()
     fd = (plus - minus) / (2 * h)
     assert torch.linalg.vector_norm(hv - fd) <= 1e-6 * torch.linalg.vector_norm(hv)
+
+
+def test_a_fixed_depth_resnet_refuses_a_depth_option():
+    with pytest.raises(SharpscopeError, match="has its depth in its name"):
+        build_model({"name": "resnet20", "depth": 20}, (3, 32, 32), 10)

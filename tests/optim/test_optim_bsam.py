@@ -195,6 +195,10 @@ def test_sample_swaps_in_a_draw_and_restores_the_mean_exactly():
         ({"num_data": 10, "betas": (0.9, 1.0)}, "betas"),
         ({"num_data": 10, "rho": -1.0}, "rho"),
         ({"num_data": 10, "base": torch.optim.SGD}, "standalone"),
+        ({}, "bSAM needs num_data > 0"),
+        ({"num_data": "a"}, "num_data must be a number"),
+        ({"num_data": 10, "lr": "x"}, "lr must be a number"),
+        ({"num_data": 10, "betas": 0.9}, "betas must be two numbers"),
     ],
 )
 def test_bad_bsam_input_gives_one_clear_error(kwargs, match):

@@ -236,6 +236,8 @@ def test_bad_lets_input_gives_one_clear_error():
         LETS(model, lr=0.1, val_batches=VAL, per_group=True, hypergrad="hvp")
     with pytest.raises(SharpscopeError, match="theta"):
         LETS(model, lr=0.1, val_batches=VAL, inner="sam", inner_options={"theta": 0.5})
+    with pytest.raises(SharpscopeError, match=r"initial rho 1.0 lies outside \[rho_min, rho_max\]"):
+        LETS(model, lr=0.1, val_batches=VAL, rho=1.0, rho_max=0.1)
     x, y = bn_batches(1)[0]
     opt = LETS(model, lr=0.1, val_batches=bn_batches(1), hypergrad="hvp", loss_fn=CE)
 

@@ -273,8 +273,33 @@ def test_negative_rho_is_one_clear_error():
 
 def test_a_base_instance_instead_of_a_class_is_refused():
     model = mlp()
-    with pytest.raises(SharpscopeError, match="Optimizer class"):
+    with pytest.raises(SharpscopeError, match="Optimizer class") as info:
         SAM(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    assert "\n" not in str(info.value) and "an instance of SGD" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda m: SAM([], lr=0.1), "params must be the model or an iterable"),
+        (lambda m: SAM(torch.zeros(2), lr=0.1), "params must be the model or an iterable"),
+        (lambda m: SAM(m, lr=0.1, m="x"), "m must be a positive integer"),
+        (lambda m: SAM(m, lr=0.1, max_grad_norm="a"), "max_grad_norm must be > 0 or None"),
+        (lambda m: SAM(m, lr="fast"), "the base optimizer SGD rejected its options"),
+    ],
+)
+def test_bad_constructor_arguments_are_one_line(make, match):
+    with pytest.raises(SharpscopeError, match=match) as info:
+        make(mlp())
+    assert "\n" not in str(info.value)
+
+
+def test_a_closure_without_backward_is_one_clear_error():
+    model = mlp()
+    opt = SAM(model, lr=0.1)
+    x, _ = mlp_batches(1)[0]
+    with pytest.raises(SharpscopeError, match="the closure left no gradients"):
+        opt.step(lambda: model(x).sum())
 
 
 def test_step_without_closure_is_refused():
