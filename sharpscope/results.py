@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from . import __version__
+from .errors import SharpscopeError
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,8 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     existing file's own, else 0666 less the umask), not :func:`tempfile.mkstemp`'s 0600.
     """
     path = Path(path)
+    if path.is_dir():
+        raise SharpscopeError(f"{path} is a folder; give a file name to write to")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

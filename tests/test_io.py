@@ -83,6 +83,8 @@ def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
         name: (tmp_path / name).stat().st_mode & 0o777 for name in ("a.json", "b.json", "c.json")
     }
     assert mode == {"a.json": 0o644, "b.json": 0o644, "c.json": 0o600}
+    with pytest.raises(SharpscopeError, match="is a folder; give a file name"):
+        atomic_write_bytes(tmp_path, b"{}")
     # rewriting an existing file keeps its mode, as open(path, "w") would
     (tmp_path / "a.json").chmod(0o600)
     atomic_write_bytes(tmp_path / "a.json", b"[]")

@@ -654,15 +654,17 @@ def landscape(
             chunk_size = default_point_chunk(layout.size, device, examples_per_call=largest)
         # Work comes in fixed blocks of consecutive grid indices, so every point is
         # evaluated in the same company whether the run is fresh, resumed or split
-        # across processes (identical values, not just close ones; the loop's values
-        # never depend on the company, so it may also go one point at a time).
+        # across processes (identical values, not just close ones). A block's weights
+        # are always formed for all its rows together (a matmul over fewer rows rounds
+        # differently); the loop then evaluates only its unfinished points, vmap the
+        # whole block again.
         blocks = [
-            idx[~computed[idx]]
+            idx
             for idx in torch.arange(len(computed)).split(chunk_size)
             if not bool(computed[idx].all())
         ]
         if max_points is not None:
-            counts = torch.tensor([len(b) for b in blocks]).cumsum(0)
+            counts = torch.tensor([int((~computed[b]).sum()) for b in blocks]).cumsum(0)
             blocks = blocks[: int((counts < max_points).sum()) + 1]
         directions_dev = plan.directions.to(device, dtype)
         origin_dev = plan.origin.to(device, dtype)
@@ -729,19 +731,26 @@ def landscape(
         try:
             for round_start in range(0, len(blocks), world):
                 round_blocks = blocks[round_start : round_start + world]
-                mine = (
+                computed_before = computed.clone()  # this round's blocks, as they began
+                block = (
                     round_blocks[rank]
                     if rank < len(round_blocks)
                     else torch.zeros(0, dtype=torch.long)
                 )
+                rows = (
+                    (~computed[block]).nonzero().squeeze(1)
+                    if one_by_one
+                    else torch.arange(len(block))
+                )
+                mine = block[rows]
                 if len(mine):
-                    coords = mesh[mine].to(device, dtype)
-                    flat = origin_dev + coords @ directions_dev
+                    coords = mesh[block].to(device, dtype)
+                    flat = (origin_dev + coords @ directions_dev)[rows.to(device)]
                     buffers = {
                         name: (
                             plan.buffer_origin[name]
                             + coords[:, :1].double().reshape(-1, *[1] * value.dim()) * value
-                        ).to(dtype)
+                        ).to(dtype)[rows.to(device)]
                         for name, value in plan.buffer_direction.items()
                     }
                     parts = fitting.run(
@@ -758,11 +767,12 @@ def landscape(
                     parts = gathered
                 for idx, vals, acc in parts:
                     index = torch.as_tensor(idx, dtype=torch.long)
+                    new = len(idx) - int(computed_before[index].sum())  # vmap redoes a block
                     loss_grid[index] = torch.as_tensor(vals, dtype=torch.float64)
                     acc_grid[index] = torch.as_tensor(acc, dtype=torch.float64)
                     computed[index] = True
                     if progress is not None:
-                        progress(len(idx))
+                        progress(new)
                 last_round = round_start + world >= len(blocks)  # written below
                 due = time.perf_counter() - last_save >= save_every
                 if path is not None and rank == 0 and due and not last_round:
