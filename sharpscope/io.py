@@ -62,7 +62,13 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     """
     path = Path(path)
     if path.is_dir():
-        raise SharpscopeError(f"{path} is a folder, not a checkpoint file")
+        last = path / "last.pt"
+        hint = (
+            f"; did you mean {last}?"
+            if last.is_file()
+            else " (sharpscope train --out DIR writes DIR/last.pt)"
+        )
+        raise SharpscopeError(f"{path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise SharpscopeError(f"checkpoint not found: {path}")
     with path.open("rb") as handle:
@@ -156,6 +162,15 @@ def is_sharpscope_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
+def _check_version(raw: Mapping[str, Any], path: Path) -> None:
+    version = raw.get("version")
+    if not isinstance(version, int) or version > VERSION:
+        raise SharpscopeError(
+            f"{path} has checkpoint version {version}; this sharpscope reads versions "
+            f"1..{VERSION} (upgrade sharpscope)"
+        )
+
+
 # what `train --resume` needs beside the weights
 TRAINING_STATE_KEYS = (
     "state_dict",
@@ -182,12 +197,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
             f"{path} is not a sharpscope training checkpoint (a bare state_dict or another "
             "file); --resume needs the last.pt that `sharpscope train` wrote"
         )
-    version = raw.get("version")
-    if not isinstance(version, int) or version > VERSION:
-        raise SharpscopeError(
-            f"{path} has checkpoint version {version!r}; this sharpscope resumes versions "
-            f"1..{VERSION} (upgrade sharpscope)"
-        )
+    _check_version(raw, path)
     missing = [key for key in TRAINING_STATE_KEYS if key not in raw]
     if missing:
         raise SharpscopeError(
@@ -231,12 +241,7 @@ def load_checkpoint(
     raw = safe_load(path, map_location)
     sha = file_sha256(path)
     if is_sharpscope_checkpoint(raw):
-        version = raw.get("version")
-        if not isinstance(version, int) or version > VERSION:
-            raise SharpscopeError(
-                f"{path} has checkpoint version {version}; this sharpscope reads versions "
-                f"1..{VERSION} (upgrade sharpscope)"
-            )
+        _check_version(raw, path)
         spec = normalize_spec(model_spec if model_spec is not None else raw["model"], "model")
         data = raw.get("data")
         data = normalize_spec(data_spec, "data set") if data_spec is not None else data

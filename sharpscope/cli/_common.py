@@ -184,7 +184,6 @@ def load_analysis_inputs(
     from ..distributed import pick_device
     from ..io import load_checkpoint
 
-    check_checkpoint_file(ckpt)
     model_spec = spec_from_flag(model, model_options)
     data_spec = spec_from_flag(data, data_options)
     checkpoint = load_checkpoint(ckpt, model_spec=model_spec, data_spec=data_spec)
@@ -227,23 +226,6 @@ def load_analysis_inputs(
     loss_fn = get_loss(loss_spec)
     check_model_on_data(net, batches, loss_fn)
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
-
-
-def check_checkpoint_file(path: str | Path) -> None:
-    """Refuse a folder given as the checkpoint, pointing at the ``last.pt`` inside it.
-
-    Raises:
-        SharpscopeError: ``path`` is a folder.
-    """
-    path = Path(path)
-    if path.is_dir():
-        last = path / "last.pt"
-        hint = (
-            f"; did you mean {last}?"
-            if last.is_file()
-            else " (sharpscope train --out DIR writes DIR/last.pt)"
-        )
-        raise SharpscopeError(f"{path} is a folder, not a checkpoint file{hint}")
 
 
 # Enough examples to run every layer and the loss; few enough to cost nothing.

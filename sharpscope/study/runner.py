@@ -297,7 +297,7 @@ def run_states(study_dir: str | Path) -> list[dict[str, Any]]:
     for run in expand_sweep(config):
         run_dir = _run_dir(folder, run.run_id)
         status = _status(run_dir)
-        evaluated = _eval_rows(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+        evaluated = _eval_rows(run_dir)
         state = status.get("state", "pending")
         if state == "done" and not run_is_complete(folder, run, config):
             state = "analysing"  # the analyses asked for changed since
