@@ -206,16 +206,19 @@ class Result:
     @classmethod
     def load(cls, path: str | os.PathLike) -> Result:
         """Load a result saved with :meth:`save`."""
-        path = Path(path)
-        if path.suffix == ".npz":
-            with np.load(path, allow_pickle=False) as archive:
-                data = json.loads(str(archive["__json__"]))
-                for key in archive.files:
-                    if key != "__json__":
-                        data[key] = archive[key]
-        else:
-            data = json.loads(path.read_text())
-        return cls.from_dict(data)
+        return cls.from_dict(read_record(path))
+
+
+def read_record(path: str | os.PathLike) -> dict[str, Any]:
+    """The plain dict of a saved result: a ``.json`` file, or a ``.npz`` whose arrays
+    stand beside the scalars stored in its ``__json__`` entry."""
+    path = Path(path)
+    if path.suffix != ".npz":
+        return json.loads(path.read_text())
+    with np.load(path, allow_pickle=False) as archive:
+        data = json.loads(str(archive["__json__"])) if "__json__" in archive.files else {}
+        data.update({key: archive[key] for key in archive.files if key != "__json__"})
+    return data
 
 
 def to_numpy(value: Any) -> np.ndarray:

@@ -412,9 +412,7 @@ def measurement_caption(study_dir: str | Path) -> str:
 
 def _recorded_meta(folder: Path) -> dict[str, Any] | None:
     """The first analysis ``meta`` (with mode and dtype) stored under ``runs/*/analysis``."""
-    import json
-
-    import numpy as np
+    from ..results import read_record
 
     def find(value: Any, depth: int = 0) -> dict[str, Any] | None:
         if isinstance(value, Mapping):
@@ -433,16 +431,10 @@ def _recorded_meta(folder: Path) -> dict[str, Any] | None:
         return None
 
     for path in sorted(folder.glob("runs/*/analysis/*/*")):
+        if path.suffix not in (".json", ".npz"):
+            continue
         try:
-            if path.suffix == ".json":
-                record = json.loads(path.read_text())
-            elif path.suffix == ".npz":
-                with np.load(path, allow_pickle=False) as archive:
-                    if "__json__" not in archive.files:
-                        continue
-                    record = json.loads(str(archive["__json__"]))
-            else:
-                continue
+            record = read_record(path)
         except (OSError, ValueError):
             continue
         found = find(record)

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharpscopeError
-from ..results import atomic_write_bytes, to_jsonable
+from ..results import atomic_write_bytes, read_record, to_jsonable
 
 Log = Callable[[str], None]
 
@@ -353,13 +353,6 @@ def _m_rho(column: str) -> tuple[int, float]:
 
 
 # --------------------------------------------------------------------------- (d)
-def _landscape_arrays(path: Path) -> dict[str, Any]:
-    with np.load(path, allow_pickle=False) as archive:
-        arrays = {k: archive[k] for k in archive.files if k != "__json__"}
-        scalars = json.loads(str(archive["__json__"])) if "__json__" in archive.files else {}
-    return {**scalars, **arrays}
-
-
 def _directions_caption(record: dict[str, Any]) -> str:
     """How a stored random-direction landscape was made, e.g. "random directions,
     filter-normalized, bias ignore" (empty for other kinds)."""
@@ -402,10 +395,10 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         epoch = run.analysis_epochs[-1]
         folder = study_dir / "runs" / run.run_id / "analysis" / f"epoch_{epoch:03d}"
         if (folder / "landscape_1d.npz").exists() and label not in one_d:
-            record = _landscape_arrays(folder / "landscape_1d.npz")
+            record = read_record(folder / "landscape_1d.npz")
             one_d[label] = (_axes_of(record)[0], np.asarray(record["loss"], float).ravel())
         if (folder / "landscape_2d.npz").exists() and label not in two_d:
-            record = _landscape_arrays(folder / "landscape_2d.npz")
+            record = read_record(folder / "landscape_2d.npz")
             axes = _axes_of(record)
             two_d[label] = (axes[0], axes[1], np.asarray(record["loss"], float))
             directions = directions or _directions_caption(record)
@@ -438,7 +431,7 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     if pairs:
         curves = {}
         for path in pairs:
-            record = _landscape_arrays(path)
+            record = read_record(path)
             a, b, tag = path.stem.split("__")
             seed = tag[1:] if tag.startswith("s") else tag
             names = (optimizer_label(a), optimizer_label(b))
