@@ -731,7 +731,8 @@ def landscape(
         try:
             for round_start in range(0, len(blocks), world):
                 round_blocks = blocks[round_start : round_start + world]
-                computed_before = computed.clone()  # this round's blocks, as they began
+                # points of this round not done before it (vmap redoes a whole block)
+                new = sum(int((~computed[b]).sum()) for b in round_blocks)
                 block = (
                     round_blocks[rank]
                     if rank < len(round_blocks)
@@ -767,12 +768,11 @@ def landscape(
                     parts = gathered
                 for idx, vals, acc in parts:
                     index = torch.as_tensor(idx, dtype=torch.long)
-                    new = len(idx) - int(computed_before[index].sum())  # vmap redoes a block
                     loss_grid[index] = torch.as_tensor(vals, dtype=torch.float64)
                     acc_grid[index] = torch.as_tensor(acc, dtype=torch.float64)
                     computed[index] = True
-                    if progress is not None:
-                        progress(new)
+                if progress is not None:
+                    progress(new)
                 last_round = round_start + world >= len(blocks)  # written below
                 due = time.perf_counter() - last_save >= save_every
                 if path is not None and rank == 0 and due and not last_round:
