@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharpscopeError
-from .style import MARKERS, PALETTE, new_figure, optimizer_color, optimizer_label
+from .style import MARKERS, PALETTE, figure_legend, new_figure, optimizer_color, optimizer_label
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -182,7 +182,7 @@ def plot_measures_vs_gap(
     fig.supylabel(axis_label(gap), fontsize=8)
     for ax in flat[len(measures) :]:
         ax.set_visible(False)
-    flat[0].legend(loc="best")
+    figure_legend(fig, flat[: len(measures)])
     return fig
 
 

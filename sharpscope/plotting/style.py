@@ -163,6 +163,24 @@ def new_figure(columns: int = 1, aspect: float = 0.75, nrows: int = 1, ncols: in
     return fig, axes
 
 
+def figure_legend(fig: Any, axes: Any, max_columns: int = 7) -> None:
+    """One legend for all panels, above them (outside every axes, so it hides no data).
+
+    Entries are collected from every panel in order, each label once.
+    """
+    entries: dict[str, Any] = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            entries.setdefault(label, handle)
+    if entries:
+        fig.legend(
+            list(entries.values()),
+            list(entries),
+            loc="outside upper center",
+            ncol=min(len(entries), max_columns),
+        )
+
+
 def add_caption(fig: Any, text: str) -> None:
     """A small grey line under the figure (saved with it: figures are saved with a tight box)."""
     if text:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SharpscopeError
-from .style import new_figure, optimizer_color, optimizer_label
+from .style import figure_legend, new_figure, optimizer_color, optimizer_label
 
 History = Sequence[Mapping[str, Any]]
 
@@ -76,7 +76,8 @@ def plot_training_curves(
     Returns:
         The matplotlib Figure.
     """
-    if axes is None:
+    own_figure = axes is None
+    if own_figure:
         fig, axes = new_figure(columns, aspect=0.7, ncols=len(metrics))
     else:
         fig = axes[0].figure if isinstance(axes, (list, tuple)) else axes.figure
@@ -107,7 +108,10 @@ def plot_training_curves(
     for ax, metric in zip(axes, metrics):
         ax.set_xlabel("epoch")
         ax.set_ylabel(_metric_label(metric))
-    axes[-1].legend()
+    if own_figure and len(axes) > 1:
+        figure_legend(fig, axes)  # above the panels: curves cross every corner of a panel
+    else:
+        axes[-1].legend()
     return fig
 
 

@@ -149,6 +149,26 @@ def test_study_plots_draw_what_they_are_given():
         plt.close(fig)
 
 
+def test_multi_panel_legends_sit_above_the_panels_and_cover_no_data():
+    """One figure-level legend, each label once, whose box meets no panel (after layout)."""
+    rows = synthetic_rows()
+    history = [{"kind": "eval", "epoch": e, "test_acc": 0.5, "train_loss": 1.0} for e in (1, 2)]
+    for fig in (
+        study_plots.plot_measures_vs_gap(rows, ["lambda_max", "trace", "m_sharpness"]),
+        plot_training_curves({"sgd": history, "sam-rho0.1": history}),
+    ):
+        fig.canvas.draw()  # constrained layout places the legend
+        assert all(ax.get_legend() is None for ax in fig.axes)
+        (legend,) = fig.legends
+        labels = [t.get_text() for t in legend.get_texts()]
+        assert len(labels) == len(set(labels)) == 2
+        box = legend.get_window_extent()
+        for ax in fig.axes:
+            panel = ax.get_window_extent()
+            assert box.y0 >= panel.y1 or not box.overlaps(panel)
+        plt.close(fig)
+
+
 def test_training_plots_read_metrics_jsonl(tmp_path):
     lines = [
         {"kind": "step", "epoch": 1, "step": 1, "rho": 0.05},
