@@ -549,7 +549,9 @@ def top_eigenvalues(
     k wanted Ritz residuals are <= ``tol`` · max|θ| or after ``max_steps``; unconverged
     pairs are flagged. Typical cost 15-60 HVPs (+k for true residuals with
     eigenvectors). A single start vector finds one copy of an exactly repeated
-    eigenvalue (see :func:`sharpscope.curvature.block_lanczos_top_k`).
+    eigenvalue; fresh restarts find the others when its Krylov space runs out (few
+    distinct eigenvalues), not beside a bulk (see
+    :func:`sharpscope.curvature.block_lanczos_top_k`).
 
     Args:
         model: the network (left as found), or a prebuilt

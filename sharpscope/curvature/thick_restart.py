@@ -28,7 +28,18 @@ import torch
 
 from ..errors import SharpscopeError
 from ._linear import F64, as_operator, basis_combine_rows, basis_dot, orthogonalize, random_vector
-from .lanczos import BREAKDOWN, WHICH, EigenPairs, Which, _check_k, ritz_pairs, select
+from .lanczos import (
+    BREAKDOWN,
+    RESTART,
+    WHICH,
+    EigenPairs,
+    Which,
+    _check_k,
+    preference,
+    ritz_pairs,
+    select,
+    top_k_verdict,
+)
 
 __all__ = ["thick_restart_lanczos_top_k", "default_restart_size"]
 
@@ -94,12 +105,13 @@ def thick_restart_lanczos_top_k(
     bdev = torch.device(basis_device) if basis_device is not None else op.device
     V = torch.empty((size, n), dtype=bdtype, device=bdev)
     T = np.zeros((size, size))
+    dropped = np.zeros(size)  # residual norms left out of T by restarts, per row
 
     q = random_vector(n, gen) if start is None else start.detach().to("cpu", F64).reshape(-1)
     q = q.to(op.device)
     q = q / torch.linalg.vector_norm(q)
     j = 0  # vectors in the basis
-    steps = restarts = 0
+    steps = restarts = block_start = 0
     b = 0.0
     theta = S = idx = None
     while True:
@@ -120,25 +132,50 @@ def thick_restart_lanczos_top_k(
         theta, S = np.linalg.eigh(T[:j, :j])
         idx = select(theta, min(k, j), which)
         scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
-        done = j >= k and bool(np.all(b * np.abs(S[j - 1, idx]) <= tol * scale))
-        if done or steps >= max_steps or j >= n:
+        verdict = top_k_verdict(
+            theta,
+            S,
+            b,
+            k,
+            which,
+            tol,
+            dropped=dropped[:j],
+            block_start=block_start,
+            block_eigh=lambda lo, hi: np.linalg.eigh(T[lo:hi, lo:hi]),
+        )
+        if verdict is True or steps >= max_steps or j >= n:
             break
-        if b <= BREAKDOWN * scale:  # invariant subspace: continue with a fresh direction
+        if verdict == RESTART or b <= BREAKDOWN * scale:  # invariant: a fresh direction
             w = orthogonalize(random_vector(n, gen).to(op.device), V[:j])
             b_next = float(torch.linalg.vector_norm(w))
             if b_next < 1e-8 * np.sqrt(n):
                 break
+            dropped[j - 1] = b
             q, b = w / b_next, 0.0
+            block_start = j  # T is block diagonal from here (the subspace was invariant)
         else:
             q = w / b
         if j == size:  # thick restart: keep the wanted Ritz vectors and q
             wanted = select(theta, keep, which)
+            if block_start and b != 0.0:  # a later block: its leading Ritz vector stays too
+                in_block = (S[block_start:j] ** 2).sum(axis=0) > 0.5
+                lead = int(np.flatnonzero(in_block)[np.argmax(preference(theta[in_block], which))])
+                if lead not in wanted and len(wanted) + 1 < size:
+                    wanted = np.append(wanted, lead)
+            # each kept Ritz vector lies in one block (T is block diagonal): the earlier
+            # blocks' go first, so the current block stays the trailing one
+            current = (S[block_start:j, wanted] ** 2).sum(axis=0) > 0.5
+            wanted = np.concatenate([wanted[~current], wanted[current]])
+            kept = len(wanted)
+            block_start = kept if b == 0.0 else int((~current).sum()) if block_start else 0
             coeffs = torch.from_numpy(np.ascontiguousarray(S[:, wanted].T))
-            V[:keep] = basis_combine_rows(V[:j], coeffs, bdev).to(bdtype)
+            V[:kept] = basis_combine_rows(V[:j], coeffs, bdev).to(bdtype)
+            dropped[:kept] = dropped[:j] @ np.abs(S[:, wanted])  # their left-out residuals
+            dropped[kept:] = 0.0
             T[:] = 0.0
-            T[range(keep), range(keep)] = theta[wanted]
+            T[range(kept), range(kept)] = theta[wanted]
             # the next step's column V A q holds the coupling b * S[j - 1, wanted]
-            j = keep
+            j = kept
             restarts += 1
 
     assert theta is not None and S is not None and idx is not None
@@ -148,6 +185,7 @@ def thick_restart_lanczos_top_k(
         S,
         idx,
         residual_norm=b,
+        dropped=dropped[:j],
         basis=V[:j],
         tol=tol,
         return_eigenvectors=return_eigenvectors,

@@ -6,13 +6,16 @@ import numpy as np
 import pytest
 import scipy.sparse.linalg
 import torch
+from torch import nn
 
+from sharpscope.analysis.spectrum import top_eigenvalues
 from sharpscope.curvature import (
     HessianOperator,
     block_lanczos_top_k,
     lanczos,
     lanczos_top_k,
 )
+from sharpscope.curvature.thick_restart import thick_restart_lanczos_top_k
 from sharpscope.errors import SharpscopeError
 
 from cases import bulk, rel_err
@@ -70,6 +73,58 @@ def test_rank_deficient_matrix_restarts_and_finds_the_zeros(planted_matrix):
     torch.testing.assert_close(
         result.eigenvalues, torch.tensor([3.0, 2.0, 1.0, 0.0, 0.0], dtype=F64), atol=1e-10, rtol=0
     )
+
+
+MULTIPLICITY_CASES = [
+    pytest.param([5.0, 5.0, 5.0, 3.0, 1.0], 95, "LA", 5, [5, 5, 5, 3, 1], id="triple-top"),
+    pytest.param([5.0, 5.0, 4.0, 3.0, 2.0, 1.0], 94, "LA", 5, [5, 5, 4, 3, 2], id="double-top"),
+    pytest.param([-5.0, -5.0, -5.0, 3.0, 1.0], 95, "SA", 3, [-5, -5, -5], id="triple-bottom"),
+    pytest.param([-5.0, -5.0, -5.0, 3.0, 1.0], 95, "LM", 4, [3, -5, -5, -5], id="magnitude"),
+    pytest.param([], 60, "LA", 5, [0, 0, 0, 0, 0], id="zero"),
+]
+
+
+@pytest.mark.parametrize("method", ["plain", "thick"])
+@pytest.mark.parametrize(("values", "zeros", "which", "k", "expected"), MULTIPLICITY_CASES)
+def test_an_exhausted_krylov_space_restarts_until_every_wanted_copy_is_found(
+    planted_matrix, method, values, zeros, which, k, expected
+):
+    # analysis.md §2: few distinct eigenvalues exhaust the Krylov space of one vector in a
+    # few steps, where every residual is zero; the run must restart, not stop, and look
+    # for more copies until a fresh block adds nothing wanted.
+    eig = torch.cat([torch.tensor(values, dtype=F64), torch.zeros(zeros, dtype=F64)])
+    A = planted_matrix(eig, seed=11)
+    if method == "plain":
+        result = lanczos_top_k(A, k=k, which=which, tol=1e-10, return_eigenvectors=True)
+    else:
+        result = thick_restart_lanczos_top_k(
+            A, k=k, which=which, tol=1e-10, restart_size=2 * k + 2, return_eigenvectors=True
+        )
+    torch.testing.assert_close(
+        result.eigenvalues, torch.tensor(expected, dtype=F64), atol=1e-9, rtol=0
+    )
+    assert all(result.converged)
+    assert result.restarts >= 1 or method == "thick"  # (thick counts its thick restarts)
+    assert result.num_matvecs <= 20 + k  # a handful of short blocks, not a full run
+    # the reported residuals bound the true ones (restarts leave nothing out silently)
+    assert torch.all(result.true_residuals <= result.residuals + 1e-12)
+
+
+@pytest.mark.parametrize("restart_size", [None, 12])
+def test_mean_mse_over_outputs_reports_each_eigenvalue_with_its_multiplicity(restart_size):
+    # analysis.md §1(c): H = (2/(NC)) I_C (x) X^T X, every eigenvalue C times; nearly
+    # exhausted blocks (beta ~ 1e-8 |theta_1|, not 1e-10) must also restart.
+    gen = torch.Generator().manual_seed(3)
+    N, d, C = 40, 6, 3
+    X = torch.randn(N, d, generator=gen, dtype=F64) * torch.linspace(0.3, 2.0, d, dtype=F64)
+    Y = torch.randn(N, C, generator=gen, dtype=F64)
+    model = nn.Linear(d, C, bias=False).double()
+    H = torch.kron(torch.eye(C, dtype=F64), X.T @ X) * 2 / (N * C)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:5]  # e1, e1, e1, e2, e2
+    result = top_eigenvalues(model, (X, Y), k=5, loss="mse", tol=1e-8, restart_size=restart_size)
+    assert rel_err(result.eigenvalues, exact) <= 1e-7
+    assert result.ratio == pytest.approx(float(exact[0] / exact[4]), rel=1e-7)
+    assert all(result.converged)
 
 
 def test_full_run_reproduces_eigvalsh_and_keeps_an_orthonormal_basis(planted_matrix):
