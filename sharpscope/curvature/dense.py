@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from ..data.batches import as_tensors
 from ..errors import SharpscopeError
-from .operator import resolve_loss
+from .operator import effective_bn_mode, resolve_loss
 
 F64 = torch.float64
 
@@ -37,7 +37,7 @@ def dense_hessian(
         data: anything :func:`sharpscope.data.batches.as_tensors` accepts.
         loss: loss name, factory path or callable.
         bn_mode: "eval" (running statistics) or "batch" (batch statistics over all of
-            ``data`` as one batch).
+            ``data`` as one batch; also where a BatchNorm keeps no running statistics).
         max_params: refuse larger models (the matrix has P² entries).
 
     Returns:
@@ -49,6 +49,7 @@ def dense_hessian(
     [[1.0, 0.0], [0.0, 1.0]]
     """
     loss_fn = resolve_loss(loss)
+    bn_mode = effective_bn_mode(model, bn_mode)  # type: ignore[arg-type]
     module = copy.deepcopy(model).to(F64)
     if bn_mode == "batch":
         torch.func.replace_all_batch_norm_modules_(module)

@@ -153,6 +153,28 @@ def ensure_distributed(device: torch.device) -> tuple[int, int]:
     return _world()
 
 
+def effective_bn_mode(model: nn.Module, bn_mode: BNMode) -> BNMode:
+    """``bn_mode``, but "batch" where "eval" meets a BatchNorm without running statistics.
+
+    Such a layer (``track_running_stats=False``) normalizes with the statistics of each
+    batch even in eval mode, so the model's Hessian depends on the batch partition: it is
+    what ``bn_mode="batch"`` computes, and records.
+    """
+    if bn_mode != "eval":
+        return bn_mode
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            warnings.warn(
+                f"BatchNorm '{name}' keeps no running statistics (track_running_stats="
+                "False), so even in eval mode it uses each batch's: analysing in "
+                "bn_mode='batch' (the Hessian depends on the batch partition; recorded)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            return "batch"
+    return "eval"
+
+
 class HessianOperator:
     r"""Matrix-free Hessian of the mean loss of ``model`` over ``data``.
 
@@ -169,7 +191,9 @@ class HessianOperator:
         dtype: None (the model's), or float64 for the validation mode (a float64 copy).
         hvp_mode: "auto" (time both once, keep the faster), "forward" or "reverse".
         bn_mode: "eval" (default: running statistics) or "batch" (opt-in: batch
-            statistics, so H depends on the batch partition, which is recorded).
+            statistics, so H depends on the batch partition, which is recorded). A
+            model with a BatchNorm that keeps no running statistics is analysed in
+            "batch" mode (with a warning): that is what it computes in eval mode.
         weight_decay: adds (wd/2)·||θ||² to L (every eigenvalue shifts by wd).
         param_filter: regular expression on parameter names selecting θ (default: all
             trainable parameters).
@@ -236,6 +260,7 @@ class HessianOperator:
             raise SharpscopeError(
                 f"unknown bn_mode '{bn_mode}'; choose one of {', '.join(BN_MODES)}"
             )
+        bn_mode = effective_bn_mode(model, bn_mode)
         model_device, model_dtype = _model_device_dtype(model)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = model_device if device is None else resolve_device(device, local_rank)

@@ -94,6 +94,11 @@ def as_batches(
         size = len(inputs) if batch_size is None else batch_size
         batches = list(zip(inputs.split(size), targets.split(size)))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Tensor)):
+        if getattr(data, "drop_last", False) is True:  # a DataLoader that loses examples
+            raise SharpscopeError(
+                "the DataLoader has drop_last=True, which leaves out the last examples; "
+                "use drop_last=False (an analysis takes every example once)"
+            )
         batches = []
         for item in data:
             if not (isinstance(item, (tuple, list)) and len(item) >= 2):

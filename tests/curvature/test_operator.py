@@ -142,6 +142,25 @@ def test_eval_mode_is_the_default_and_uses_running_statistics(cnn_case):
     assert rel(op.hvp(v), cnn_case.H @ v) <= 1e-10  # cnn_case.H is the eval-mode Hessian
 
 
+def test_batchnorm_without_running_statistics_is_analysed_in_batch_mode():
+    # Such a layer normalizes with each batch's statistics even in eval mode: the Hessian
+    # depends on the partition, so "eval" would silently be the wrong label.
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(8, 12), nn.BatchNorm1d(12, track_running_stats=False), nn.Tanh(), nn.Linear(12, 3)
+    ).double()
+    x, y = torch.randn(48, 8, dtype=F64), torch.randint(0, 3, (48,))
+    with pytest.warns(RuntimeWarning, match="'1' keeps no running statistics"):
+        op = HessianOperator(model, (x, y), batch_size=12)
+    assert op.describe()["bn_mode"] == "batch"
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+    explicit = HessianOperator(model, (x, y), batch_size=12, bn_mode="batch")
+    assert rel(op.hvp(v), explicit.hvp(v)) <= 1e-12
+    # the model's own function, batch by batch: the mean of the four batches' Hessians
+    H = sum(dense_hessian(model, (x[i : i + 12], y[i : i + 12])) for i in range(0, 48, 12)) / 4
+    assert rel(op.hvp(v), H @ v) <= 1e-10
+
+
 def test_batch_statistics_mode_is_opt_in(cnn_case):
     op = HessianOperator(
         cnn_case.model, cnn_case.data, dtype="float64", bn_mode="batch", max_block_size=2

@@ -225,3 +225,10 @@ def test_as_batches_accepts_the_three_forms():
     assert num_examples(from_iterable) == 10
     with pytest.raises(SharpscopeError, match="cannot use int as data"):
         as_batches(3)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, y), batch_size=4, drop_last=True
+    )
+    with pytest.raises(SharpscopeError, match="drop_last=True"):  # would keep 8 of 10
+        as_batches(loader)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
+    assert num_examples(as_batches(loader)) == 10
