@@ -450,6 +450,7 @@ def _top_from_op(
     basis_device: Any,
     backend: str,
     restart_size: int | None = None,
+    true_residuals: bool | None = None,
 ) -> tuple[EigenPairs, dict[str, Any]]:
     if k > op.dim:
         raise SharpscopeError(
@@ -478,6 +479,7 @@ def _top_from_op(
             restart_size=restart_size,
             seed=seed,
             return_eigenvectors=return_eigenvectors,
+            true_residuals=true_residuals,
             basis_device=basis_device,
         )
         return pairs, {"restart_size": min(int(restart_size), op.dim)}
@@ -489,6 +491,7 @@ def _top_from_op(
         max_steps=min(max_steps, op.dim),
         seed=seed,
         return_eigenvectors=return_eigenvectors,
+        true_residuals=true_residuals,
         basis_device=basis_device,
     )
     return pairs, {}
@@ -749,7 +752,9 @@ def _density_from_op(
         else:
             if deflate >= op.dim:
                 raise SharpscopeError(f"deflate={deflate} must be < the number of parameters")
-            pairs = lanczos_top_k(op, int(deflate), seed=seed, return_eigenvectors=True)
+            pairs = lanczos_top_k(
+                op, int(deflate), seed=seed, return_eigenvectors=True, true_residuals=False
+            )
         assert pairs.eigenvectors is not None
         locked, deflated = pairs.eigenvectors, pairs.eigenvalues
     quad = slq(
@@ -896,6 +901,7 @@ def spectrum(
         basis_device=basis_device,
         backend=backend,
         restart_size=restart_size,
+        true_residuals=return_eigenvectors,  # not for vectors kept only to deflate
     )
     counts["top"] = op.hvp_count - h0 + info.get("pyhessian_hvps", 0)
     meta = dataclasses.replace(meta, extra={**meta.extra, **info})

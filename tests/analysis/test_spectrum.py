@@ -130,6 +130,14 @@ def test_density_resmooths_without_hvps_and_deflates(mlp):
     torch.testing.assert_close(density.deflated, mlp.eigenvalues[:2], rtol=1e-6, atol=0)
     assert float(density.nodes.max()) < float(mlp.eigenvalues[2]) + 1e-6
     assert density.bulk_fraction == pytest.approx((mlp.H.shape[0] - 2) / mlp.H.shape[0])
+    # deflation needs the vectors, not their true residuals (k products each)
+    lanczos_only = top_eigenvalues(mlp.model, mlp.data, k=2, dtype="float64", tol=1e-5)
+    assert count == lanczos_only.hvp_count + 3 * 30
+    full = spectrum(
+        mlp.model, mlp.data, k=5, deflate=3, num_probes=1, num_lanczos_steps=5, dtype="float64"
+    )
+    top = top_eigenvalues(mlp.model, mlp.data, k=5, dtype="float64")
+    assert full.meta.extra["hvp_count_parts"]["top"] == top.hvp_count  # the top-k reused
 
 
 def test_spectrum_json_has_the_interface_keys(bn_cnn, tmp_path):
