@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import SharpscopeError
-from ._linear import F64, as_operator, orthogonalize, random_vector
+from ._linear import F64, as_operator, random_vector
 from .lanczos import EigenPairs
 
 
@@ -34,7 +34,11 @@ def power_iteration_top_k(
     For each pair: :math:`v \leftarrow` Gaussian, normalized; repeat
     :math:`v \leftarrow (I - VV^T)v/\|\cdot\|`, :math:`\lambda = v^T A v`,
     :math:`v \leftarrow Av/\|Av\|` until
-    :math:`|\lambda - \lambda_{prev}| / (|\lambda_{prev}| + 10^{-6}) < tol`.
+    :math:`|\lambda - \lambda_{prev}| / (|\lambda_{prev}| + 10^{-6}) < tol`. Like
+    PyHessian 0.1 (whose normalization divides by :math:`\|v\| + 10^{-6}` and whose
+    deflation is one modified Gram-Schmidt pass) it then keeps :math:`\lambda_{prev}` and the new iterate
+    :math:`Av/\|Av\|` (deflating the next eigenvalues against that vector); after
+    ``max_iter`` products, the last quotient and the new iterate.
 
     Args:
         A: symmetric operator (dense, HessianOperator or callable with ``dim``).
@@ -46,9 +50,10 @@ def power_iteration_top_k(
 
     Returns:
         :class:`~sharpscope.curvature.lanczos.EigenPairs` in the order found (not
-        sorted: the order is part of what this baseline shows), with true residuals
-        ``||A v - λ v||`` of the returned vectors (no extra products: the last product
-        is reused) and ``converged`` meaning the stopping rule fired.
+        sorted: the order is part of what this baseline shows), residuals
+        ``||A v - θ v||`` of the last iterate and its quotient θ (no extra products:
+        the last product is reused; the returned vector is one step further) and
+        ``converged`` meaning the stopping rule fired.
 
     >>> A = torch.diag(torch.tensor([4.0, 1.0, 0.5], dtype=torch.float64))
     >>> round(power_iteration_top_k(A, k=1, tol=1e-10, max_iter=500).eigenvalues.item(), 6)
@@ -64,25 +69,23 @@ def power_iteration_top_k(
     converged: list[bool] = []
     matvecs = 0
     for _ in range(k):
-        v = random_vector(op.dim, gen).to(op.device)
-        v = v / torch.linalg.vector_norm(v)
-        basis = torch.stack(found) if found else None
+        v = _normalized(random_vector(op.dim, gen).to(op.device))
         lam = None
         stopped = False
         res = float("nan")
         for _ in range(max_iter):
-            v = orthogonalize(v, basis, passes=1)
-            v = v / torch.linalg.vector_norm(v)
+            for u in found:  # PyHessian's orthnormal: one modified Gram-Schmidt pass
+                v = v - (v @ u) * u
+            v = _normalized(v)
             Av = op.mv(v)
             matvecs += 1
             new = float(v @ Av)
             res = float(torch.linalg.vector_norm(Av - new * v))
-            previous, lam = lam, new
-            v_next = Av / torch.linalg.vector_norm(Av)
-            if previous is not None and abs(new - previous) / (abs(previous) + 1e-6) < tol:
-                stopped = True
+            v = _normalized(Av)
+            if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:
+                stopped = True  # PyHessian keeps the previous quotient
                 break
-            v = v_next
+            lam = new
         assert lam is not None
         values.append(lam)
         residuals.append(res)
@@ -96,3 +99,8 @@ def power_iteration_top_k(
         num_steps=matvecs,
         eigenvectors=torch.stack(found).cpu(),
     )
+
+
+def _normalized(v: torch.Tensor) -> torch.Tensor:
+    """PyHessian's ``normalization``: ``v / (||v|| + 1e-6)``."""
+    return v / (torch.linalg.vector_norm(v) + 1e-6)
