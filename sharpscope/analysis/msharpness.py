@@ -30,7 +30,11 @@ all subsets at once: ``torch.func.vmap`` over the subsets of ``grad`` of
   node-wise rescaling beyond one step (see :class:`PerturbationSet`).
 
 The best iterate of each subset is kept (ε = 0 is feasible, so every term is ≥ 0); the
-loss increase and the 0-1 error increase at that iterate are both reported.
+loss increase and the 0-1 error increase at that iterate are both reported. Auto-PGD's
+first iterate from 0 is SAM's ε̂ except for adaptive L2 with the exact projection, where
+ε̂ is evaluated as one more candidate (one forward pass), so ``steps ≥ 2`` never reports
+less than ``steps = 1``. A subset whose gradient at ε = 0 vanishes starts Auto-PGD from a
+random point of the boundary (there is no ascent direction; one step gives ε̂ = 0).
 """
 
 from __future__ import annotations
@@ -236,6 +240,11 @@ class PerturbationSet:
         unit = _unit_rows(tg)
         return unit * self.scale if self.scale is not None else unit
 
+    @property
+    def ascends_off_sam_direction(self) -> bool:
+        """Whether Auto-PGD's first step from 0 misses SAM's ε̂ (adaptive L2, "exact")."""
+        return self.norm == "l2" and self.scale is not None and self.projection == "exact"
+
     def direction(self, g: Tensor) -> Tensor:
         """The Auto-PGD ascent direction (unit budget: ρ·d is on the boundary)."""
         if self.norm == "l2" and self.scale is not None and self.projection == "exact":
@@ -327,6 +336,20 @@ def _ascend(
             grad_calls += 1
         else:
             x0, f0, g0, w0 = zeros, clean_loss, clean_grad, clean_wrong
+            assert g0 is not None
+            # at a critical point (∇ = 0) no ascent direction exists: such rows start
+            # from a random point of the boundary instead (steps = 1 stays SAM's ε̂ = 0)
+            critical = g0.double().norm(dim=-1) == 0
+            if steps > 1 and bool(critical.any()):
+                start = torch.stack(
+                    [
+                        pset.random_point(seeded_generator(*key, restart), size, like)
+                        for key in seeds
+                    ]
+                )
+                x0 = torch.where(critical.unsqueeze(-1), start, zeros)
+                f0, g0, w0 = oracle(x0, True)
+                grad_calls += 1
         assert g0 is not None
         run_loss, run_wrong = f0.clone(), w0.clone()
         if steps == 1:
@@ -341,6 +364,15 @@ def _ascend(
             run_loss, run_wrong, g_calls, v_calls = _apgd(oracle, x0, f0, g0, w0, pset, steps)
             grad_calls += g_calls
             value_calls += v_calls
+            if not random_start and pset.ascends_off_sam_direction:
+                # ASAM's own ε̂ is feasible but not on this ascent path: a candidate too,
+                # so more steps never report less than one
+                assert clean_grad is not None
+                f1, _, w1 = oracle(pset.rho * pset.sam_direction(clean_grad), False)
+                value_calls += 1
+                better = f1 > run_loss
+                run_loss = torch.where(better, f1, run_loss)
+                run_wrong = torch.where(better, w1, run_wrong)
         better = run_loss > best_loss
         best_loss = torch.where(better, run_loss, best_loss)
         best_wrong = torch.where(better, run_wrong, best_wrong)

@@ -129,11 +129,17 @@ def test_multistep_reaches_trust_region_solution():
 def test_zero_gradient_worst_case_is_half_rho2_lambda_max():
     model, x, y = linear_regression(16, 4, seed=5, noise=False)  # every L_j at its minimum
     m, rho = 8, 0.2
-    r = m_sharpness(model, (x, y), m=m, rho=rho, steps=20, random_start=True, loss=half_mse, seed=1)
-    for found, (g, a) in zip(r.per_subset.tolist(), subset_quadratics(model, x, y, m)):
-        assert g.norm() < 1e-12
-        exact = 0.5 * rho**2 * torch.linalg.eigvalsh(a)[-1].item()
-        assert exact * 0.99 <= found <= exact * (1 + 1e-9)
+    # from ε = 0 (the default) no gradient direction exists: the ascent starts randomly
+    for random_start in (True, False):
+        r = m_sharpness(
+            model, (x, y), m=m, rho=rho, steps=20, random_start=random_start, loss=half_mse, seed=1
+        )
+        for found, (g, a) in zip(r.per_subset.tolist(), subset_quadratics(model, x, y, m)):
+            assert g.norm() < 1e-12
+            exact = 0.5 * rho**2 * torch.linalg.eigvalsh(a)[-1].item()
+            assert exact * 0.99 <= found <= exact * (1 + 1e-9)
+    one_step = m_sharpness(model, (x, y), m=m, rho=rho, steps=1, loss=half_mse)
+    assert one_step.sharpness == 0.0  # SAM's own ε̂ = ρ∇/‖∇‖ is 0 at ∇ = 0
 
 
 @pytest.mark.parametrize("steps", [1, 10])
@@ -265,6 +271,20 @@ def test_adaptive_sharpness_invariant_under_relu_rescaling(norm, steps, projecti
     plain_a = m_sharpness(model, (x, y), adaptive=False, **{**kw, "rho": 0.05})
     plain_b = m_sharpness(other, (x, y), adaptive=False, **{**kw, "rho": 0.05})
     assert abs(plain_b.sharpness - plain_a.sharpness) > 0.01 * plain_a.sharpness
+
+
+@pytest.mark.parametrize("norm", ["l2", "linf"])
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_more_steps_never_report_less_than_one(norm, adaptive):
+    # Adaptive L2 with the exact projection ascends along T∇/‖∇‖ and never visits ASAM's
+    # own ε̂ = ρT²∇/‖T∇‖; on the rescaled network 20 steps found less than one step did.
+    model = rescaled(relu_mlp())
+    x, y = classification_data(n=64)
+    rho = (0.5 if adaptive else 0.05) if norm == "l2" else 0.01
+    kw = {"m": 16, "rho": rho, "norm": norm, "adaptive": adaptive}
+    one = m_sharpness(model, (x, y), steps=1, **kw)
+    many = m_sharpness(model, (x, y), steps=20, **kw)
+    assert (many.per_subset >= one.per_subset).all()
 
 
 def test_m_equals_n_is_the_full_set_sam_sharpness():
