@@ -148,10 +148,35 @@ def build_model(
     return MODELS[name](tuple(input_shape), int(num_classes), **options)
 
 
+def _is_transformed(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is wrapped by a ``torch.func`` transform (vmap, grad, ...)."""
+    try:
+        from torch._C._functorch import is_functorch_wrapped_tensor
+    except ImportError:  # pragma: no cover - an older or newer torch without it
+        return True
+    return bool(is_functorch_wrapped_tensor(tensor))
+
+
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Mean squared error; integer targets are one-hot encoded to the output width."""
+    """Mean squared error; integer targets are one-hot encoded to the output width.
+
+    The one-hot code compares the targets with ``arange(C)`` rather than calling
+    ``F.one_hot``, which reads the largest target with ``.item()`` and so fails under
+    ``torch.func.vmap`` (the vectorized m-sharpness). Targets outside ``0..C-1`` are
+    refused as ``F.one_hot`` refuses them: on the CPU, outside a ``torch.func``
+    transform (where reading a value is not allowed; there they get all-zero rows).
+    """
     if targets.dtype in (torch.int64, torch.int32) and outputs.dim() == 2:
-        targets = F.one_hot(targets, outputs.shape[1]).to(outputs.dtype)
+        num_classes = outputs.shape[1]
+        if targets.device.type == "cpu" and not _is_transformed(targets) and targets.numel():
+            low, high = int(targets.min()), int(targets.max())
+            if low < 0 or high >= num_classes:
+                raise ValueError(
+                    f"mse: target class {low if low < 0 else high} is outside 0..{num_classes - 1} "
+                    f"(the model has {num_classes} outputs)"
+                )
+        classes = torch.arange(num_classes, device=targets.device)
+        targets = (targets.unsqueeze(-1) == classes).to(outputs.dtype)
     return F.mse_loss(outputs, targets.to(outputs.dtype))
 
 

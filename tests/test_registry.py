@@ -53,3 +53,42 @@ def test_losses_match_torch():
         SharpscopeError, match="unknown loss 'hinge'; choose one of: cross_entropy, mse"
     ):
         get_loss("hinge")
+
+
+def test_mse_loss_works_under_vmap():
+    # F.one_hot reads the largest target with .item(), which vmap refuses: the vectorized
+    # m-sharpness crashed on every checkpoint trained with --loss mse.
+    mse = get_loss("mse")
+    g = torch.Generator().manual_seed(0)
+    outputs = torch.randn(6, 4, 3, generator=g, dtype=torch.float64)  # 6 subsets of 4
+    targets = torch.randint(0, 3, (6, 4), generator=g)
+    vectorized = torch.func.vmap(mse)(outputs, targets)
+    looped = torch.stack([mse(o, t) for o, t in zip(outputs, targets)])
+    torch.testing.assert_close(vectorized, looped, rtol=0, atol=0)
+    one_hot = torch.nn.functional.one_hot(targets[0], 3).to(torch.float64)
+    assert torch.equal(looped[0], torch.nn.functional.mse_loss(outputs[0], one_hot))
+    grads = torch.func.vmap(torch.func.grad(mse))(outputs, targets)
+    assert grads.shape == outputs.shape
+
+
+def test_mse_loss_refuses_targets_outside_the_classes():
+    with pytest.raises(ValueError, match=r"target class 3 is outside 0\.\.2"):
+        get_loss("mse")(torch.zeros(2, 3), torch.tensor([0, 3]))
+
+
+def test_vectorized_m_sharpness_with_the_mse_loss_equals_the_loop():
+    from sharpscope import m_sharpness
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
+    ).double()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(24, 5, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 3, (24,), generator=g)
+    for steps in (1, 3):
+        kw = {"m": 4, "rho": 0.5, "steps": steps, "loss": "mse", "chunk_size": 4}
+        vectorized = m_sharpness(model, (x, y), **kw)
+        looped = m_sharpness(model, (x, y), vectorize=False, **kw)
+        assert vectorized.sharpness > 0
+        torch.testing.assert_close(vectorized.per_subset, looped.per_subset, rtol=1e-9, atol=1e-12)
