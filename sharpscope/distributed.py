@@ -37,20 +37,48 @@ class DistInfo:
         return self.world_size > 1
 
 
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+
+
 def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0) -> torch.device:
-    """``"auto"``: CUDA (this process's GPU) when present, else CPU."""
-    if device is None or str(device) == "auto":
+    """The device named by ``device``: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+
+    ``"auto"``: CUDA (this process's GPU) when present, else CPU. Other device types
+    (``mps``, ``xla``, ``meta``, ...) are refused: the analyses and the training loop
+    run on CPUs and CUDA GPUs only.
+
+    Raises:
+        SharpscopeError: an unknown device, CUDA asked for where there is none, or a GPU
+            index beyond the GPUs present.
+
+    >>> pick_device("cpu")
+    device(type='cpu')
+    """
+    from .errors import SharpscopeError
+
+    if device is None or str(device).strip().lower() == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        from .errors import SharpscopeError
-
+    text = str(device).strip().lower()
+    kind, sep, index_text = text.partition(":")
+    if kind not in ("cpu", "cuda") or (sep and not index_text.isdigit()):
+        raise SharpscopeError(f"unknown device '{device}'; choose one of: {DEVICE_CHOICES}")
+    if kind == "cpu":
+        if sep and index_text != "0":
+            raise SharpscopeError(f"unknown device '{device}'; the CPU is 'cpu'")
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise SharpscopeError(
-            "device 'cuda' requested but no CUDA GPU is available; use --device cpu"
+            f"device '{device}' requested but no CUDA GPU is available; use --device cpu (or auto)"
         )
-    return device
+    count = torch.cuda.device_count()
+    if sep and int(index_text) >= count:
+        raise SharpscopeError(
+            f"device '{device}' does not exist: this machine has {count} CUDA "
+            f"GPU{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})"
+        )
+    return torch.device("cuda", int(index_text)) if sep else torch.device("cuda")
 
 
 def init_from_env(device: str | torch.device | None = "auto") -> DistInfo:

@@ -1,0 +1,46 @@
+"""Device choice (distributed.pick_device): auto, cpu, cuda, cuda:N and nothing else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharpscope.distributed import pick_device
+from sharpscope.errors import SharpscopeError
+
+
+@pytest.mark.parametrize("name", ["cpu", "CPU", "cpu:0", torch.device("cpu")])
+def test_cpu_names(name):
+    assert pick_device(name) == torch.device("cpu")
+
+
+def test_auto_without_cuda_is_the_cpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto") == torch.device("cpu")
+    assert pick_device(None) == torch.device("cpu")
+
+
+@pytest.mark.parametrize("name", ["foo", "mps", "xla", "meta", "cuda:x", "cuda:", "gpu", "cpu:1"])
+def test_unknown_device_is_one_line_not_a_torch_runtime_error(name):
+    # torch.device("foo") raised "RuntimeError: Expected one of cpu, cuda, ... device
+    # string: foo", a traceback on the command line; mps/meta failed later.
+    with pytest.raises(SharpscopeError, match=f"unknown device '{name}'") as info:
+        pick_device(name)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["cuda", "cuda:0", "cuda:3"])
+def test_cuda_without_a_gpu_says_so(monkeypatch, name):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SharpscopeError, match=f"device '{name}' requested but no CUDA GPU"):
+        pick_device(name)
+
+
+def test_cuda_index_is_checked_against_the_gpus_present(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    assert pick_device("cuda") == torch.device("cuda")
+    assert pick_device("auto", local_rank=3) == torch.device("cuda", 1)
+    with pytest.raises(SharpscopeError, match=r"'cuda:2' does not exist: .* 2 CUDA GPUs"):
+        pick_device("cuda:2")
