@@ -150,6 +150,14 @@ def _eval_history(path: Path) -> list[dict[str, Any]]:
     return [{k: r.get(k) for k in keys} for r in eval_rows(read_metrics(path))]
 
 
+def _step_history(path: Path, key: str) -> dict[str, list[Any]]:
+    """The per-step series of ``key`` in a run's ``metrics.jsonl`` (the plotted numbers)."""
+    from ..plotting.training import read_metrics, step_rows
+
+    rows = step_rows(read_metrics(path), key)
+    return {"step": [r.get("step") for r in rows], key: [r[key] for r in rows]}
+
+
 def _per_optimizer(
     rows: Sequence[dict[str, Any]], columns: Sequence[str], key: str = "optimizer"
 ) -> dict[str, dict[str, float]]:
@@ -518,7 +526,7 @@ def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             written += _save(
                 plot_learned_rho(lets),
                 out / "f_lets_rho",
-                {k: str(v.relative_to(study_dir)) for k, v in lets.items()},
+                {k: _step_history(v, "rho") for k, v in lets.items()},
             )
         except SharpscopeError:
             pass

@@ -188,6 +188,10 @@ def test_training_plots_read_metrics_jsonl(tmp_path):
     assert list(fig2.axes[0].lines[0].get_ydata()) == [0.05, 0.06]
     with pytest.raises(SharpscopeError, match="no per-step 'rho' rows"):
         plot_learned_rho({"sgd": lines[2:]})
+    from sharpscope.study.reproductions import _step_history
+
+    # the numbers behind f_lets_rho: the plotted series itself, not a path to it
+    assert _step_history(run / "metrics.jsonl", "rho") == {"step": [1, 2], "rho": [0.05, 0.06]}
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(SharpscopeError, match="bad.jsonl:1 is not JSON"):
         read_metrics(tmp_path / "bad.jsonl")
