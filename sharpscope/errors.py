@@ -27,5 +27,57 @@ def model_failure(exc: BaseException) -> SharpscopeError:
     >>> str(model_failure(RuntimeError("shapes (2, 3) and (4,) do not match")))
     'the model or loss failed on the data: RuntimeError: shapes (2, 3) and (4,) do not match'
     """
-    first = str(exc).splitlines()[0] if str(exc) else ""
-    return SharpscopeError(f"the model or loss failed on the data: {type(exc).__name__}: {first}")
+    return SharpscopeError(
+        f"the model or loss failed on the data: {type(exc).__name__}: {first_line(exc)}"
+    )
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (``""`` when it has none).
+
+    >>> first_line(ValueError("bad value\\nmore detail"))
+    'bad value'
+    """
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
+def loss_value_problem(value: object, *, finite: bool = True) -> str | None:
+    """What is wrong with a loss value, or ``None`` when it is a (finite) scalar tensor.
+
+    A loss must return the mean over the batch, a 0-dimensional tensor (interface.md:
+    ``loss(outputs, targets) -> scalar mean``). ``finite=False`` checks the shape only,
+    which reads no value (allowed under ``torch.func`` transforms, no GPU sync).
+
+    >>> import torch
+    >>> loss_value_problem(torch.tensor(0.5)) is None
+    True
+    >>> loss_value_problem(torch.ones(4))
+    'it returned a tensor of shape (4,), not a scalar (return the mean over the batch)'
+    >>> loss_value_problem(torch.tensor(float("nan")))
+    'it returned nan, not a finite number'
+    """
+    import torch
+
+    if not isinstance(value, torch.Tensor):
+        return f"it returned {type(value).__name__}, not a scalar tensor"
+    if value.dim() != 0:
+        return (
+            f"it returned a tensor of shape {tuple(value.shape)}, not a scalar "
+            "(return the mean over the batch)"
+        )
+    if finite and not bool(torch.isfinite(value.detach())):
+        return f"it returned {value.item()}, not a finite number"
+    return None
+
+
+def check_loss_value(value: object) -> None:
+    """Raise one line unless the loss ``value`` is a finite scalar tensor (the check
+    run on a few examples before an analysis starts).
+
+    Raises:
+        SharpscopeError: a non-tensor, a tensor with dimensions, or a NaN/infinite loss.
+    """
+    problem = loss_value_problem(value)
+    if problem is not None:
+        raise SharpscopeError(f"the loss on the data is not a finite scalar: {problem}")

@@ -12,6 +12,7 @@ both use :func:`resolve_factory` for user factories too.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import sys
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line, loss_value_problem
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -133,7 +134,7 @@ def build_model(
             raise
         except Exception as exc:
             raise SharpscopeError(
-                f"model factory '{spec['factory']}' failed: {type(exc).__name__}: {exc}"
+                f"model factory '{spec['factory']}' failed: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
         if not isinstance(model, nn.Module):
             raise SharpscopeError(
@@ -187,6 +188,30 @@ def _cross_entropy(outputs: Tensor, targets: Tensor) -> Tensor:
 LOSSES: dict[str, LossFn] = {"cross_entropy": _cross_entropy, "mse": _mse}
 
 
+class ScalarLoss:
+    """A user's loss (from a factory) that refuses a non-scalar value in one line.
+
+    Without it a loss returning one value per example ends in a traceback deep in
+    ``torch.func.grad`` or ``backward``. Only the shape is checked, which reads no
+    value: allowed under ``torch.func`` transforms, and no GPU synchronization.
+    """
+
+    def __init__(self, loss: LossFn, path: str) -> None:
+        self.loss = loss
+        self.path = path
+        functools.update_wrapper(self, loss, updated=())  # type: ignore[arg-type]
+
+    def __call__(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        value = self.loss(outputs, targets)
+        problem = loss_value_problem(value, finite=False)
+        if problem is not None:
+            raise SharpscopeError(f"loss factory '{self.path}': {problem}")
+        return value
+
+    def __repr__(self) -> str:
+        return f"ScalarLoss({self.path!r})"
+
+
 def get_loss(spec: str | Mapping[str, Any] | LossFn | None = "cross_entropy") -> LossFn:
     """The loss named by ``spec``: a built-in name, a factory path or a callable.
 
@@ -202,10 +227,22 @@ def get_loss(spec: str | Mapping[str, Any] | LossFn | None = "cross_entropy") ->
         return spec
     spec = normalize_spec(spec, "loss")
     if "factory" in spec:
-        loss = resolve_factory(spec["factory"])()
+        path = spec["factory"]
+        options = {k: v for k, v in spec.items() if k != "factory"}
+        try:
+            loss = resolve_factory(path)(**options)
+        except SharpscopeError:
+            raise
+        except Exception as exc:
+            raise SharpscopeError(
+                f"loss factory '{path}' failed: {type(exc).__name__}: {first_line(exc)}"
+            ) from exc
         if not callable(loss):
-            raise SharpscopeError(f"loss factory '{spec['factory']}' did not return a callable")
-        return loss
+            raise SharpscopeError(
+                f"loss factory '{path}' returned {type(loss).__name__}, not a callable "
+                "loss(outputs, targets) -> scalar mean"
+            )
+        return ScalarLoss(loss, path)
     if spec["name"] not in LOSSES:
         raise unknown_name("loss", spec["name"], list(LOSSES))
     return LOSSES[spec["name"]]

@@ -27,7 +27,10 @@ def test_factory_from_module_and_file(tmp_path):
     )
     model = build_model({"factory": f"{file}:net"}, (3,), 2)
     assert isinstance(model, torch.nn.Linear)
-    assert get_loss(f"{file}:loss") is torch.nn.functional.l1_loss
+    loss = get_loss(f"{file}:loss")
+    assert loss.loss is torch.nn.functional.l1_loss  # wrapped: a non-scalar is refused
+    out, y = torch.randn(4, 2), torch.randn(4, 2)
+    assert torch.equal(loss(out, y), torch.nn.functional.l1_loss(out, y))
     assert resolve_factory("math:sqrt")(9.0) == 3.0
 
 
@@ -92,3 +95,44 @@ def test_vectorized_m_sharpness_with_the_mse_loss_equals_the_loop():
         looped = m_sharpness(model, (x, y), vectorize=False, **kw)
         assert vectorized.sharpness > 0
         torch.testing.assert_close(vectorized.per_subset, looped.per_subset, rtol=1e-9, atol=1e-12)
+
+
+def test_a_failing_loss_factory_is_one_line_like_a_model_factory(tmp_path):
+    file = tmp_path / "factories.py"
+    file.write_text(
+        "def net():\n    raise ValueError('no net')\ndef loss():\n    raise ValueError('no loss\\nsecond line')\ndef number():\n    return 3\n"
+    )
+    with pytest.raises(SharpscopeError, match="model factory .*failed: ValueError: no net$"):
+        build_model(f"{file}:net", (3,), 2)
+    with pytest.raises(SharpscopeError, match="loss factory .*failed: ValueError: no loss$"):
+        get_loss(f"{file}:loss")
+    with pytest.raises(SharpscopeError, match="loss factory .*returned int, not a callable"):
+        get_loss(f"{file}:number")
+
+
+def test_a_loss_factory_returning_one_loss_per_example_is_one_line(tmp_path):
+    # grad_and_value (m-sharpness, spectrum) and backward (training) ended in a traceback
+    file = tmp_path / "losses.py"
+    file.write_text(
+        "import torch\n"
+        "def per_example():\n"
+        "    return lambda o, t: torch.nn.functional.cross_entropy(o, t, reduction='none')\n"
+    )
+    loss = get_loss(f"{file}:per_example")
+    out, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    with pytest.raises(SharpscopeError, match=r"returned a tensor of shape \(5,\), not a scalar"):
+        loss(out, y)
+    with pytest.raises(SharpscopeError, match="not a scalar"):
+        torch.func.grad(lambda o: loss(o, y))(out)
+
+
+def test_loss_value_problem_names_what_is_wrong():
+    from sharpscope.errors import check_loss_value, loss_value_problem
+
+    assert loss_value_problem(torch.tensor(1.0)) is None
+    assert "not a scalar tensor" in loss_value_problem([1.0])
+    assert "shape (2, 1)" in loss_value_problem(torch.zeros(2, 1))
+    assert "not a finite number" in loss_value_problem(torch.tensor(float("inf")))
+    assert loss_value_problem(torch.tensor(float("nan")), finite=False) is None
+    with pytest.raises(SharpscopeError, match="the loss on the data is not a finite scalar: .*nan"):
+        check_loss_value(torch.tensor(float("nan")))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line
 from ..registry import normalize_spec, resolve_factory, unknown_name
 from .batches import as_batches, as_tensors, num_examples
 from .noise import symmetric_label_noise
@@ -128,7 +128,15 @@ def _seeded_permutation(n: int, seed: int) -> Tensor:
 
 
 def _raw_from_factory(path: str) -> RawData:
-    produced = resolve_factory(path)()
+    factory = resolve_factory(path)
+    try:
+        produced = factory()
+    except SharpscopeError:
+        raise
+    except Exception as exc:  # the user's factory raised
+        raise SharpscopeError(
+            f"data factory '{path}' failed: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     try:
         inputs, targets = as_tensors(produced)
     except SharpscopeError as exc:

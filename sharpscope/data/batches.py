@@ -16,31 +16,84 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line
 
 Batch = tuple[Tensor, Tensor]
 
 
+FORMS = "(inputs, targets), a Dataset of (input, target) pairs or an iterable of (inputs, targets) batches"
+
+
 def _is_pair_of_tensors(data: Any) -> bool:
-    return (
+    """A pair ``(inputs, targets)`` of tensors with a batch dimension.
+
+    Raises:
+        SharpscopeError: a pair whose inputs and targets differ in length.
+    """
+    if not (
         isinstance(data, (tuple, list))
         and len(data) == 2
         and isinstance(data[0], Tensor)
         and isinstance(data[1], Tensor)
-        and data[0].shape[:1] == data[1].shape[:1]
         and data[0].dim() > 0
-    )
+        and data[1].dim() > 0
+    ):
+        return False
+    _check_lengths(data[0], data[1], "")
+    return True
+
+
+def _check_lengths(inputs: Tensor, targets: Tensor, where: str) -> None:
+    if inputs.shape[:1] != targets.shape[:1]:
+        raise SharpscopeError(
+            f"the inputs and targets{where} differ in length: {len(inputs)} inputs, "
+            f"{len(targets)} targets (each input needs one target)"
+        )
+
+
+def _describe(item: Any) -> str:
+    """``dict with keys 'x', 'y'``, ``tuple of 3``, ``Tensor of shape (3,)``, ``str``."""
+    if isinstance(item, dict):
+        keys = ", ".join(repr(k) for k in list(item)[:4]) + (", ..." if len(item) > 4 else "")
+        return f"a dict with keys {keys}"
+    if isinstance(item, (tuple, list)):
+        return f"a {type(item).__name__} of {len(item)}"
+    if isinstance(item, Tensor):
+        return f"a tensor of shape {tuple(item.shape)}"
+    return f"a {type(item).__name__}"
+
+
+def _tensor(value: Any, what: str) -> Tensor:
+    """``torch.as_tensor(value)``, or one line saying ``what`` could not be converted."""
+    try:
+        return torch.as_tensor(value)
+    except Exception as exc:  # strings, dicts, ragged lists, ...
+        raise SharpscopeError(
+            f"cannot turn {what} ({_describe(value)}) into a tensor: {first_line(exc)}; "
+            f"data must be {FORMS}"
+        ) from exc
 
 
 def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
     """Stack a map-style dataset of ``(input, target)`` pairs into two tensors.
 
     A ``TensorDataset`` is taken apart without a per-example loop.
+
+    Raises:
+        SharpscopeError: no length, empty, or items that are not ``(input, target)``
+            pairs of same-shaped inputs and class (or tensor) targets.
     """
     if isinstance(dataset, TensorDataset) and len(dataset.tensors) == 2:
-        return dataset.tensors[0], dataset.tensors[1]
+        inputs, targets = dataset.tensors
+        _check_lengths(inputs, targets, " of the TensorDataset")
+        return inputs, targets
     tensors = getattr(dataset, "tensors", None)
-    if isinstance(tensors, (tuple, list)) and len(tensors) == 2:
+    if (
+        isinstance(tensors, (tuple, list))
+        and len(tensors) == 2
+        and all(isinstance(t, Tensor) and t.dim() > 0 for t in tensors)
+    ):
+        _check_lengths(tensors[0], tensors[1], " of the Dataset")
         return tensors[0], tensors[1]
     try:
         length = len(dataset)  # type: ignore[arg-type]
@@ -48,20 +101,52 @@ def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
         raise SharpscopeError("the data set has no length; pass a map-style Dataset") from exc
     if length == 0:
         raise SharpscopeError("the data set is empty")
-    inputs, targets = zip(*(dataset[i] for i in range(length)))
-    return torch.stack([torch.as_tensor(x) for x in inputs]), torch.as_tensor(
-        [int(t) if not isinstance(t, Tensor) or t.dim() == 0 else t for t in targets]
-    )
+    items = [dataset[i] for i in range(length)]
+    for index, item in enumerate(items):
+        if not (isinstance(item, (tuple, list)) and len(item) == 2):
+            hint = " (return (x, y) instead of a dict)" if isinstance(item, dict) else ""
+            raise SharpscopeError(
+                f"item {index} of the Dataset is {_describe(item)}; each item must be an "
+                f"(input, target) pair{hint}"
+            )
+    inputs = [_tensor(x, f"the input of item {i}") for i, (x, _) in enumerate(items)]
+    try:
+        stacked = torch.stack(inputs)
+    except RuntimeError as exc:
+        raise SharpscopeError(
+            f"the Dataset's inputs cannot be stacked into one tensor: {first_line(exc)} "
+            "(every input must have the same shape)"
+        ) from exc
+    try:
+        stacked_targets = torch.as_tensor(
+            [int(t) if not isinstance(t, Tensor) or t.dim() == 0 else t for _, t in items]
+        )
+    except Exception as exc:  # a string label, a dict, a multi-element target, ...
+        raise SharpscopeError(
+            f"the Dataset's targets cannot be read as class labels: {first_line(exc)}; each "
+            "item must be an (input, target) pair with an integer class target"
+        ) from exc
+    return stacked, stacked_targets
 
 
 def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
-    """Inputs and targets of ``data`` as two tensors (concatenating batches)."""
+    """Inputs and targets of ``data`` as two tensors (concatenating batches).
+
+    Raises:
+        SharpscopeError: data of an unknown form, or batches that do not fit together.
+    """
     if _is_pair_of_tensors(data):
         return data[0], data[1]
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         return dataset_tensors(data)
     batches = as_batches(data)
-    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    try:
+        return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    except RuntimeError as exc:
+        raise SharpscopeError(
+            f"the batches cannot be joined into one tensor: {first_line(exc)} (every batch "
+            "must hold inputs of the same shape)"
+        ) from exc
 
 
 def as_batches(
@@ -100,13 +185,20 @@ def as_batches(
                 "use drop_last=False (an analysis takes every example once)"
             )
         batches = []
-        for item in data:
+        for index, item in enumerate(data):
             if not (isinstance(item, (tuple, list)) and len(item) >= 2):
                 raise SharpscopeError(
-                    "data must be (inputs, targets), a Dataset or an iterable of "
-                    "(inputs, targets) batches"
+                    f"batch {index} of the data is {_describe(item)}; data must be {FORMS}"
                 )
-            batches.append((torch.as_tensor(item[0]), torch.as_tensor(item[1])))
+            inputs = _tensor(item[0], f"the inputs of batch {index}")
+            targets = _tensor(item[1], f"the targets of batch {index}")
+            if inputs.dim() == 0 or targets.dim() == 0:
+                raise SharpscopeError(
+                    f"batch {index} of the data holds a single number, not a batch; data "
+                    f"must be {FORMS}"
+                )
+            _check_lengths(inputs, targets, f" of batch {index}")
+            batches.append((inputs, targets))
         if not batches:
             raise SharpscopeError("the data iterable produced no batches")
     else:

@@ -10,7 +10,7 @@ import torch
 
 from sharpscope.data import dataset_names, load_data
 from sharpscope.data.augment import random_crop_flip
-from sharpscope.data.batches import as_batches, num_examples
+from sharpscope.data.batches import as_batches, as_tensors, num_examples
 from sharpscope.errors import SharpscopeError
 
 
@@ -232,3 +232,85 @@ def test_as_batches_accepts_the_three_forms():
         as_batches(loader)
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=4)
     assert num_examples(as_batches(loader)) == 10
+
+
+class _Items(torch.utils.data.Dataset):
+    """A map-style dataset returning whatever ``item(i)`` gives."""
+
+    def __init__(self, item, n=4):
+        self.item, self.n = item, n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return self.item(i)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        # a Dataset of dicts ended in "TypeError: new(): invalid data type 'str'"
+        (
+            _Items(lambda i: {"x": torch.zeros(3), "y": 1}),
+            "item 0 of the Dataset is a dict with keys 'x', 'y'; each item must be an "
+            "(input, target) pair (return (x, y) instead of a dict)",
+        ),
+        (_Items(lambda i: torch.zeros(3)), "item 0 of the Dataset is a tensor of shape (3,)"),
+        (_Items(lambda i: ("abc", 1)), "cannot turn the input of item 0 (a str) into a tensor"),
+        (_Items(lambda i: (torch.zeros(3), "cat")), "targets cannot be read as class labels"),
+        (_Items(lambda i: (torch.zeros(i + 1), 1)), "inputs cannot be stacked into one tensor"),
+        (
+            (torch.zeros(5, 3), torch.zeros(4)),
+            "the inputs and targets differ in length: 5 inputs, 4 targets",
+        ),
+        (
+            [(torch.zeros(5, 3), torch.zeros(5)), (torch.zeros(3, 3), torch.zeros(2))],
+            "the inputs and targets of batch 1 differ in length: 3 inputs, 2 targets",
+        ),
+        ([{"x": torch.zeros(2, 3)}], "batch 0 of the data is a dict with keys 'x'; data must be"),
+        ([("a", "b")], "cannot turn the inputs of batch 0 (a str) into a tensor"),
+        ([[1, 2], [3, 4]], "batch 0 of the data holds a single number, not a batch"),
+    ],
+    ids=[
+        "dicts",
+        "bare-tensors",
+        "str-inputs",
+        "str-targets",
+        "ragged-inputs",
+        "pair-lengths",
+        "batch-lengths",
+        "batch-dicts",
+        "batch-strings",
+        "batch-scalars",
+    ],
+)
+def test_data_of_the_wrong_form_is_one_line_naming_the_expected_form(data, message):
+    for convert in (as_batches, as_tensors):
+        with pytest.raises(SharpscopeError) as info:
+            convert(data)
+        assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_batches_of_different_input_shapes_cannot_be_joined():
+    batches = [(torch.zeros(2, 3), torch.zeros(2)), (torch.zeros(2, 4), torch.zeros(2))]
+    assert len(as_batches(batches)) == 2
+    with pytest.raises(SharpscopeError, match="the batches cannot be joined into one tensor"):
+        as_tensors(batches)
+
+
+def test_a_failing_data_factory_is_one_line_like_a_model_factory(tmp_path):
+    file = tmp_path / "data.py"
+    file.write_text(
+        "import torch\n"
+        "def broken():\n    raise OSError('no such folder\\nmore')\n"
+        "def dicts():\n    return [{'x': torch.zeros(3), 'y': 1}] * 4\n"
+    )
+    with pytest.raises(
+        SharpscopeError, match=r"^data factory '.*:broken' failed: OSError: no such folder$"
+    ):
+        load_data(f"{file}:broken")
+    with pytest.raises(
+        SharpscopeError, match=r"^data factory '.*:dicts': batch 0 of the data is a dict"
+    ):
+        load_data(f"{file}:dicts")
