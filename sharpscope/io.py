@@ -163,11 +163,38 @@ def is_sharpscope_checkpoint(obj: Any) -> bool:
 
 
 def _check_version(raw: Mapping[str, Any], path: Path) -> None:
+    """One line for a version that is missing, not an integer, below 1 or newer than ours."""
     version = raw.get("version")
-    if not isinstance(version, int) or version > VERSION:
+    readable = f"an integer from 1 to {VERSION}"
+    if version is None:
+        raise SharpscopeError(
+            f"{path} records no checkpoint version (a sharpscope checkpoint holds {readable}); "
+            "the file was not written by sharpscope or was edited"
+        )
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise SharpscopeError(
+            f"{path} has checkpoint version {version!r} ({type(version).__name__}), not "
+            f"{readable}; the file was not written by sharpscope or was edited"
+        )
+    if version < 1:
+        raise SharpscopeError(
+            f"{path} has checkpoint version {version}; versions start at 1, so the file was "
+            "not written by sharpscope or was edited"
+        )
+    if version > VERSION:
         raise SharpscopeError(
             f"{path} has checkpoint version {version}; this sharpscope reads versions "
             f"1..{VERSION} (upgrade sharpscope)"
+        )
+
+
+def _check_format(raw: Any, path: Path) -> None:
+    """One line for a dict that names a ``format`` other than a sharpscope checkpoint's."""
+    if isinstance(raw, Mapping) and "format" in raw and raw["format"] != FORMAT:
+        raise SharpscopeError(
+            f"{path} has format {raw['format']!r}, not {FORMAT!r}: it is neither a sharpscope "
+            "checkpoint nor a bare state_dict (save the weights alone with "
+            "torch.save(model.state_dict(), path) and pass --model)"
         )
 
 
@@ -192,6 +219,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
     """
     path = Path(path)
     raw = safe_load(path, map_location)
+    _check_format(raw, path)
     if not is_sharpscope_checkpoint(raw):
         raise SharpscopeError(
             f"{path} is not a sharpscope training checkpoint (a bare state_dict or another "
@@ -240,8 +268,14 @@ def load_checkpoint(
     path = Path(path)
     raw = safe_load(path, map_location)
     sha = file_sha256(path)
+    _check_format(raw, path)
     if is_sharpscope_checkpoint(raw):
         _check_version(raw, path)
+        if model_spec is None and raw.get("model") is None:
+            raise SharpscopeError(
+                f"{path} records no model spec (its 'model' entry is missing); say which "
+                "model the weights belong to with --model (a registry name or module:function)"
+            )
         spec = normalize_spec(model_spec if model_spec is not None else raw["model"], "model")
         data = raw.get("data")
         data = normalize_spec(data_spec, "data set") if data_spec is not None else data

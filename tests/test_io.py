@@ -188,3 +188,60 @@ def test_files_that_are_not_checkpoints_get_a_plain_message(tmp_path):
             safe_load(tmp_path / name)
     with pytest.raises(SharpscopeError, match="is a folder, not a checkpoint file"):
         safe_load(tmp_path)
+
+
+def test_checkpoint_without_model_entry_says_to_pass_model(tmp_path, mlp_checkpoint):
+    # raw["model"] raised KeyError: 'model', a traceback on the command line
+    path, model, spec = mlp_checkpoint
+    payload = _payload(model, spec)
+    del payload["model"]
+    save_checkpoint(tmp_path / "nomodel.pt", payload)
+    with pytest.raises(SharpscopeError, match="records no model spec.*--model") as info:
+        load_checkpoint(tmp_path / "nomodel.pt")
+    assert "\n" not in str(info.value)
+    loaded = load_checkpoint(tmp_path / "nomodel.pt", model_spec=spec)
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values())
+    )
+
+
+@pytest.mark.parametrize(
+    "change, message, not_said",
+    [
+        # was "is a bare state_dict: say which model ... with --model"
+        (
+            {"format": "lightning-checkpoint"},
+            "has format 'lightning-checkpoint', not 'sharpscope-checkpoint'",
+            "bare state_dict:",
+        ),
+        # was "has checkpoint version 1; this sharpscope reads versions 1..1 (upgrade ...)"
+        ({"version": "1"}, "has checkpoint version '1' (str), not an integer from 1", "upgrade"),
+        ({"version": 1.0}, "has checkpoint version 1.0 (float), not an integer", "upgrade"),
+        ({"version": True}, "has checkpoint version True (bool)", "upgrade"),
+        # was "version None ... (upgrade sharpscope)"
+        ({"version": None}, "records no checkpoint version", "upgrade"),
+        # was accepted
+        ({"version": 0}, "has checkpoint version 0; versions start at 1", "upgrade"),
+        ({"version": -3}, "has checkpoint version -3; versions start at 1", "upgrade"),
+        (
+            {"version": VERSION + 1},
+            f"version {VERSION + 1}; this sharpscope reads versions 1..{VERSION} (upgrade sharpscope)",
+            "edited",
+        ),
+    ],
+    ids=["format", "str", "float", "bool", "missing", "zero", "negative", "newer"],
+)
+def test_malformed_checkpoints_get_a_specific_message(
+    tmp_path, mlp_checkpoint, change, message, not_said
+):
+    from sharpscope.io import load_training_state
+
+    path, model, spec = mlp_checkpoint
+    payload = {k: v for k, v in (_payload(model, spec) | change).items() if v is not None}
+    save_checkpoint(tmp_path / "odd.pt", payload)
+    for load in (load_checkpoint, load_training_state):
+        with pytest.raises(SharpscopeError) as info:
+            load(tmp_path / "odd.pt")
+        text = str(info.value)
+        assert message in text and not_said not in text and "\n" not in text, text
