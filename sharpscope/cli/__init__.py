@@ -9,12 +9,20 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 import warnings
+from typing import Any
 
 import typer
+from typer.core import TyperGroup
 
 from ..allocator import tune_cpu_allocator
 from ._common import DEBUG, fail, show_warning_in_one_line
+
+try:  # typer >= 0.22 carries its own copy of click
+    from typer._click.exceptions import ClickException, UsageError
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click.exceptions import ClickException, UsageError  # type: ignore[no-redef]
 
 COMMANDS = {
     "train": "Train a model with SGD/Adam or a sharpness-aware optimizer.",
@@ -26,8 +34,51 @@ COMMANDS = {
     "bench": "Benchmarks against reference implementations, as ratios.",
 }
 
+
+def usage_error_line(exc: UsageError) -> str:
+    """A usage error (bad option value, unknown option, missing argument) as one line,
+    ``error: <what was wrong>; see '<command> -h'``, instead of click's four (usage,
+    hint, blank line, message).
+
+    >>> usage_error_line(UsageError("No such option: --bogus"))
+    "error: No such option: --bogus; see 'sharpscope -h'"
+    """
+    message = " ".join(exc.format_message().split()).rstrip(".")
+    command = exc.ctx.command_path if exc.ctx is not None else "sharpscope"
+    return f"error: {message}; see '{command} -h'"
+
+
+class OneLineErrors(TyperGroup):
+    """The root command: usage errors end in one line on stderr and exit code 2 (like
+    every other error, interface.md), for every subcommand; ``-h``/``--help`` and the
+    help shown when no command is given are click's own."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            # Without standalone mode click raises usage errors instead of printing them;
+            # an Exit (help, typer.Exit from a command) comes back as its exit code.
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments: the help text
+                exc.show()
+            else:
+                typer.echo(usage_error_line(exc), err=True)
+            sys.exit(exc.exit_code)
+        except ClickException as exc:
+            typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        # Commands return None; an int is an exit code that an Exit carried.
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="sharpscope",
+    cls=OneLineErrors,
     help="Train with sharpness-aware optimizers and measure loss geometry.",
     no_args_is_help=True,
     add_completion=False,

@@ -1,0 +1,67 @@
+"""Usage errors (bad option values, unknown options, missing arguments) are one line."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from sharpscope.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    ("args", "message", "command"),
+    [
+        (["spectrum", "ck.pt", "--k", "abc"], "Invalid value for '--k'", "sharpscope spectrum"),
+        (["spectrum", "ck.pt", "--bogus"], "No such option: --bogus", "sharpscope spectrum"),
+        (["spectrum"], "Missing argument 'ckpt'", "sharpscope spectrum"),
+        (
+            ["study", "run", "--workers", "0"],
+            "Invalid value for '--workers'",
+            "sharpscope study run",
+        ),
+        (["nosuch"], "No such command 'nosuch'", "sharpscope"),
+        (["--bogus"], "No such option: --bogus", "sharpscope"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(args, message, command):
+    """They printed four lines (Usage, Try, blank, Error) like click's own."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: ") and message in lines[0]
+    assert lines[0].endswith(f"; see '{command} -h'")
+
+
+@pytest.mark.parametrize(
+    "args", [["--help"], ["-h"], ["spectrum", "-h"], ["study", "run", "--help"]]
+)
+def test_help_still_works(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith("Usage: sharpscope")
+
+
+@pytest.mark.parametrize("args", [[], ["study"]])
+def test_no_arguments_still_show_the_help(args):
+    result = runner.invoke(app, args)
+    assert "Usage: sharpscope" in result.output and "Commands:" in result.output
+    assert "error:" not in result.output
+
+
+def test_the_console_entry_point_prints_one_line_too():
+    done = subprocess.run(
+        [sys.executable, "-m", "sharpscope", "spectrum", "ck.pt", "--k", "abc"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert len(done.stderr.splitlines()) == 1, done.stderr
+    assert done.stderr.startswith("error: Invalid value for '--k'")
