@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import functools
 import json
+import math
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,8 +80,7 @@ def guarded(fn: F) -> F:
         except OSError as exc:  # a folder where a file belongs, no permission, disk full, ...
             if DEBUG["enabled"]:
                 raise
-            where = f": {exc.filename}" if exc.filename else ""
-            fail(f"{exc.strerror or exc}{where}")
+            fail(os_error_line(exc))
         except RuntimeError as exc:
             if DEBUG["enabled"] or not is_out_of_memory(exc):
                 raise
@@ -88,6 +89,111 @@ def guarded(fn: F) -> F:
             fail("interrupted", code=130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def os_error_line(exc: OSError) -> str:
+    """One line for an :class:`OSError`: what was wrong with the path and what is needed.
+
+    The commands check their output paths first (:func:`check_output_file`,
+    :func:`check_output_folder`); this covers the paths they could not foresee.
+    """
+    name = exc.filename
+    if isinstance(exc, FileExistsError) and name is not None and not Path(name).is_dir():
+        return f"{name} is a file, where a folder is needed; give a folder path (new or existing)"
+    if isinstance(exc, NotADirectoryError) and name is not None:
+        blocking = _nearest_existing(Path(name))
+        return (
+            f"{blocking} is a file, not a folder, so {name} cannot be made or read; "
+            "give a path whose folders are folders"
+        )
+    if isinstance(exc, IsADirectoryError) and name is not None:
+        return f"{name} is a folder, where a file is needed; give a file name"
+    where = f": {name}" if name else ""
+    return f"{exc.strerror or exc}{where}"
+
+
+def _nearest_existing(path: Path) -> Path:
+    """``path`` itself or the closest of its parents that exists."""
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            return candidate
+    return Path(".")
+
+
+def _check_writable_place(flag: str, path: Path) -> None:
+    """Refuse ``path`` when the closest existing folder above it is a file or not writable."""
+    above = _nearest_existing(path.parent)
+    if not above.is_dir():
+        raise SharpscopeError(
+            f"{flag} {path}: {above} is a file, not a folder, so nothing can be written "
+            "under it; give a path inside a folder"
+        )
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise SharpscopeError(
+            f"{flag} {path}: no permission to write in {above}; choose another place"
+        )
+
+
+def check_output_file(flag: str, path: Path | None, example: str = "result.json") -> None:
+    """Refuse an output file that could not be written, before any work is done: an
+    existing folder of that name, or a file where one of its folders should be.
+
+    >>> check_output_file("--json", None)  # not given: nothing to check
+    """
+    if path is None:
+        return
+    path = Path(path)
+    if path.is_dir():
+        raise SharpscopeError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
+    _check_writable_place(flag, path)
+
+
+def check_output_folder(flag: str, path: Path | None, holds: str) -> None:
+    """Refuse an output folder that could not be made or written, before any work is
+    done: an existing file of that name, or a file where one of its parents should be.
+    ``holds`` says what the folder is for."""
+    if path is None:
+        return
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise SharpscopeError(
+            f"{flag} {path} is a file; it must be a folder (new or existing) to hold {holds}"
+        )
+    if not path.exists():
+        _check_writable_place(flag, path)
+
+
+def check_number(
+    flag: str,
+    value: float | None,
+    *,
+    minimum: float,
+    inclusive: bool = True,
+    hint: str = "",
+) -> None:
+    """Refuse NaN, infinities and values below ``minimum`` (or at it, when not
+    ``inclusive``), in one line naming the flag; ``None`` (not given) passes.
+
+    >>> check_number("--probes", 2, minimum=1)
+    >>> check_number("--tol", float("nan"), minimum=0, inclusive=False)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: --tol must be a finite number > 0, got nan
+    """
+    if value is None:
+        return
+    above = value >= minimum if inclusive else value > minimum
+    if math.isfinite(value) and above:
+        return
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    bound = f"{'>=' if inclusive else '>'} {minimum:g}"
+    raise SharpscopeError(f"{flag} must be {kind} {bound}, got {value:g}{hint}")
+
+
+def check_counts(counts: dict[str, int | None], minimum: int = 1) -> None:
+    """:func:`check_number` for several integer flags with the same lower bound."""
+    for flag, value in counts.items():
+        check_number(flag, value, minimum=minimum)
 
 
 def parse_value(text: str) -> Any:

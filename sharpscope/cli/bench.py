@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ..errors import SharpscopeError
-from ._common import console, guarded
+from ._common import check_output_file, console, guarded
 
 BENCHMARKS = ("optimizers", "spectrum", "msharpness", "landscape")
 
@@ -40,6 +40,7 @@ def register(app: typer.Typer) -> None:
         module_name = f"sharpscope.bench.{name}"
         if importlib.util.find_spec(module_name) is None:
             raise SharpscopeError(f"benchmark '{name}' is not built yet in this version")
+        check_output_file("--json", json_out, example="bench.json")
         devices = bench_devices(device)
         console.print(
             f"running benchmark '{name}'{' (quick)' if quick else ''} on {', '.join(devices)} ..."

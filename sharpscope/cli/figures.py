@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, guarded
+from ._common import check_output_folder, console, guarded
 
 
 def _log(message: str) -> None:
@@ -40,6 +40,8 @@ def register(app: typer.Typer) -> None:
         from ..study.executors import default_workers
         from ..study.reproductions import make_figures
 
+        check_output_folder("--out", out, holds="the figures and their data")
+        check_output_folder("--cache", cache, holds="the study folders of the reproductions")
         if workers is None:
             workers = default_workers()
         written = make_figures(out, cache=cache, only=only, workers=workers, log=_log)

@@ -32,6 +32,10 @@ from ._common import (
     SamplesOpt,
     SeedOpt,
     SplitOpt,
+    check_counts,
+    check_number,
+    check_output_file,
+    check_output_folder,
     console,
     fail,
     guarded,
@@ -133,7 +137,11 @@ def register(app: typer.Typer) -> None:
         dims: int = typer.Option(2, "--dims", help="1 or 2."),
         grid: int = typer.Option(41, "--grid", help="Points per axis (≥ 3)."),
         span: float = typer.Option(
-            1.0, "--span", help="Axes [-span, span]; interpolation [-span/2, 1+span/2]."
+            1.0,
+            "--span",
+            help="Axes [-span, span], with 0 among the points: an even --grid drops +span "
+            "(span 1, grid 4: -1, -0.5, 0, 0.5). Interpolation: about [-span/2, 1+span/2], "
+            "with 0 and 1 among the points. PCA axes cover the trajectory instead.",
         ),
         directions: str = typer.Option(
             "random",
@@ -172,7 +180,10 @@ def register(app: typer.Typer) -> None:
             help="vmap over grid points, or a loop [default: vmap on GPU, loop on CPU].",
         ),
         save_every: float = typer.Option(
-            30.0, "--save-every", help="Seconds between incremental writes of landscape.npz."
+            30.0,
+            "--save-every",
+            help="Seconds (>= 0) between incremental writes of landscape.npz; 0: after every "
+            "block.",
         ),
         max_points: Optional[int] = typer.Option(
             None, "--max-points", help="Stop after about N new points (resume later)."
@@ -195,6 +206,19 @@ def register(app: typer.Typer) -> None:
             raise SharpscopeError(f"--dims must be 1 or 2, got {dims}")
         if grid < 3:
             raise SharpscopeError(f"--grid must be at least 3 points per axis, got {grid}")
+        # Every number and the output folder are checked before the checkpoint is loaded.
+        check_number("--span", span, minimum=0, inclusive=False)
+        check_number("--save-every", save_every, minimum=0, hint=" (seconds; 0: after every block)")
+        check_counts(
+            {
+                "--max-points": max_points,
+                "--chunk-size": chunk_size,
+                "--samples": samples,
+                "--batch-size": batch_size,
+            }
+        )
+        check_output_folder("--out", out, holds=f"{RESULT_FILE} and the plots")
+        check_output_file("--out", out / RESULT_FILE, example=RESULT_FILE)
         dist = init_from_env(device)
         model_options = parse_options(model_opt, "--model-opt")
         data_options = parse_options(data_opt, "--data-opt")

@@ -29,6 +29,9 @@ from ._common import (
     SamplesOpt,
     SeedOpt,
     SplitOpt,
+    check_counts,
+    check_number,
+    check_output_file,
     console,
     guarded,
     load_inputs_from_flags,
@@ -118,8 +121,20 @@ def register(app: typer.Typer) -> None:
             raise SharpscopeError(
                 f"--projection must be one of {', '.join(PROJECTIONS)}, got '{projection}'"
             )
-        if rho <= 0:
-            raise SharpscopeError(f"--rho must be > 0, got {rho}")
+        # Every number and the output path are checked before the checkpoint is loaded.
+        check_number("--rho", rho, minimum=0, inclusive=False)
+        check_number("--eta", eta, minimum=0)
+        check_counts(
+            {
+                "--m": m,
+                "--steps": steps,
+                "--restarts": restarts,
+                "--chunk-size": chunk_size,
+                "--samples": samples,
+                "--batch-size": batch_size,
+            }
+        )
+        check_output_file("--json", json_out)
         dist = init_from_env(device)  # under torchrun the subsets are split over the ranks
         inputs = load_inputs_from_flags(
             ckpt,

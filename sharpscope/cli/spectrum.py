@@ -30,6 +30,9 @@ from ._common import (
     SamplesOpt,
     SeedOpt,
     SplitOpt,
+    check_counts,
+    check_number,
+    check_output_file,
     console,
     guarded,
     load_inputs_from_flags,
@@ -53,6 +56,51 @@ def _check_choice(flag: str, value: str) -> None:
         raise SharpscopeError(
             f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'"
         )
+
+
+# What each trace method accepts as --trace-probes (sharpscope.curvature.trace).
+TRACE_PROBES = {
+    "hutchpp": "a multiple of 3, at least 6 (Hutch++ splits them in three; default 99)",
+    "hutchinson": "at least 2 (default 100)",
+}
+
+# --plot writes PATH.pdf and PATH.png; PATH may name either (plotting.style.save_figure).
+PLOT_SUFFIXES = ("", ".pdf", ".png")
+
+
+def check_trace_probes(method: str, probes: int | None) -> None:
+    """Refuse a ``--trace-probes`` count that ``method`` cannot use, before any work.
+
+    >>> check_trace_probes("hutchpp", 9), check_trace_probes("hutchinson", 2)
+    (None, None)
+    >>> check_trace_probes("hutchpp", 4)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: --trace-probes 4 does not suit --trace-method hutchpp: \
+give a multiple of 3, at least 6 (Hutch++ splits them in three; default 99)
+    """
+    if probes is None:
+        return
+    valid = probes >= 6 and probes % 3 == 0 if method == "hutchpp" else probes >= 2
+    if not valid:
+        raise SharpscopeError(
+            f"--trace-probes {probes} does not suit --trace-method {method}: "
+            f"give {TRACE_PROBES[method]}"
+        )
+
+
+def check_plot_path(plot: Path | None) -> None:
+    """``--plot PATH``: no suffix, ``.pdf`` or ``.png`` (both files are written), and
+    both files writable."""
+    if plot is None:
+        return
+    if plot.suffix not in PLOT_SUFFIXES:
+        raise SharpscopeError(
+            f"--plot {plot}: the plot is written as PATH.pdf and PATH.png, so give a path "
+            f"ending in .pdf, .png or no suffix, e.g. {plot.with_suffix('.pdf')}"
+        )
+    for suffix in (".pdf", ".png"):
+        check_output_file("--plot", plot.with_suffix(suffix), example="density.pdf")
 
 
 def _fmt(value: float | None) -> str:
@@ -132,7 +180,10 @@ def register(app: typer.Typer) -> None:
         seed: SeedOpt = 0,
         json_out: JsonOpt = None,
         plot: Optional[Path] = typer.Option(
-            None, "--plot", help="Write the density plot (PDF and PNG)."
+            None,
+            "--plot",
+            help="Write the density plot as PATH.pdf and PATH.png (PATH may end in .pdf or "
+            ".png; either way both are written).",
         ),
         backend: str = typer.Option(
             "sharpscope", "--backend", help="sharpscope or pyhessian (top-k and trace)."
@@ -148,7 +199,9 @@ def register(app: typer.Typer) -> None:
         eigenvectors: Optional[Path] = typer.Option(
             None, "--eigenvectors", help="Save the top-k eigenvectors to OUT.npz."
         ),
-        tol: float = typer.Option(1e-5, "--tol", help="Relative Ritz-residual tolerance."),
+        tol: float = typer.Option(
+            1e-5, "--tol", help="Relative Ritz-residual tolerance (> 0) of the top-k."
+        ),
         max_steps: Optional[int] = typer.Option(
             None,
             "--max-steps",
@@ -158,12 +211,17 @@ def register(app: typer.Typer) -> None:
             "hutchpp", "--trace-method", help="hutchpp or hutchinson."
         ),
         trace_probes: Optional[int] = typer.Option(
-            None, "--trace-probes", help="Trace budget [default: 99 Hutch++, 100 Hutchinson]."
+            None,
+            "--trace-probes",
+            help="Trace budget: Hutch++ a multiple of 3, >= 6; Hutchinson >= 2 "
+            "[default: 99 Hutch++, 100 Hutchinson].",
         ),
         kernel: str = typer.Option(
             "ghorbani", "--kernel", help="Density smoothing: ghorbani, papyan or log."
         ),
-        deflate: int = typer.Option(0, "--deflate", help="Deflate the top-N before SLQ."),
+        deflate: int = typer.Option(
+            0, "--deflate", help="Deflate the top-N (N >= 0) before SLQ; 0: none."
+        ),
         split: SplitOpt = "train",
         data_root: DataRootOpt = None,
         model_opt: ModelOptOpt = None,
@@ -175,7 +233,7 @@ def register(app: typer.Typer) -> None:
             "eval", "--bn-mode", help="eval (running statistics) or batch (opt-in)."
         ),
         weight_decay: float = typer.Option(
-            0.0, "--weight-decay", help="Add (wd/2)|θ|² to the loss (shifts λ by wd)."
+            0.0, "--weight-decay", help="Add (wd/2)|θ|² to the loss (shifts λ by wd; wd >= 0)."
         ),
         basis_device: Optional[str] = typer.Option(
             None, "--basis-device", help="Keep the Lanczos basis there (e.g. cpu)."
@@ -203,8 +261,22 @@ def register(app: typer.Typer) -> None:
             _check_choice(flag, value)
         if eigenvectors is not None and eigenvectors.suffix != ".npz":
             raise SharpscopeError(f"--eigenvectors must name a .npz file, got '{eigenvectors}'")
-        if k < 1:
-            raise SharpscopeError(f"--k must be >= 1, got {k}")
+        # Every count and output path is checked here, before the checkpoint is loaded:
+        # the analysis itself would find a bad one only after the parts before it ran.
+        check_counts(
+            {
+                "--k": k,
+                "--probes": probes,
+                "--lanczos-steps": lanczos_steps,
+                "--samples": samples,
+                "--batch-size": batch_size,
+            }
+        )
+        check_number("--deflate", deflate, minimum=0, hint=" (0: no deflation)")
+        check_number("--tol", tol, minimum=0, inclusive=False, hint=" (default 1e-05)")
+        check_number("--weight-decay", weight_decay, minimum=0)
+        if backend == "sharpscope":  # PyHessian's trace has its own budget
+            check_trace_probes(trace_method, trace_probes)
         if max_steps is None:
             max_steps = default_max_steps(k)
         elif max_steps < k:
@@ -212,6 +284,15 @@ def register(app: typer.Typer) -> None:
                 f"--max-steps {max_steps} is fewer than --k {k}: Lanczos finds at most one "
                 f"eigenvalue per step; use --max-steps {default_max_steps(k)} or leave it out"
             )
+        if restart_size is not None and restart_size <= k:
+            raise SharpscopeError(
+                f"--restart-size {restart_size} must be larger than --k {k}: the thick "
+                f"restarts keep the k wanted vectors and add new ones (2k + 10 = {2 * k + 10} "
+                "suggested)"
+            )
+        check_output_file("--json", json_out)
+        check_output_file("--eigenvectors", eigenvectors, example="eigenvectors.npz")
+        check_plot_path(plot)
 
         dist = init_from_env(device)
         # Data stays on the CPU here: each rank moves only its own shard to its device.
@@ -230,6 +311,11 @@ def register(app: typer.Typer) -> None:
             data_opt=data_opt,
             dtype=dtype,
         )
+        num_params = inputs.meta.num_params
+        if num_params is not None and deflate >= num_params:
+            raise SharpscopeError(
+                f"--deflate {deflate} must be fewer than the model's {num_params} parameters"
+            )
         net = inputs.model.to(dist.device)
         loss_spec = inputs.loss_spec
         if dist.is_main:

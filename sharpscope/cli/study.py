@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import console, guarded
+from ._common import check_output_folder, console, guarded
 
 
 def _log(message: str) -> None:
@@ -104,6 +104,7 @@ def register(app: typer.Typer) -> None:
 
         if quick and config is not None:
             raise SharpscopeError("give either CONFIG.toml or --quick, not both")
+        check_output_folder("--out", out, holds="the runs, results.csv and the report")
         if quick:
             study_config = load_builtin_config("quick")
         elif config is None:

@@ -8,7 +8,14 @@ from typing import Any, Optional
 
 import typer
 
-from ._common import console, guarded, parse_options, spec_from_flag
+from ._common import (
+    check_number,
+    check_output_folder,
+    console,
+    guarded,
+    parse_options,
+    spec_from_flag,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -152,6 +159,47 @@ def build_config(
         config.progress = False
     config.validate()
     return config
+
+
+# Number flags checked before anything is loaded: NaN is never a meaningful value (an
+# optimizer given one trains to a NaN loss and reports a divergence), and these have a
+# lower bound of their own.
+NUMBER_MINIMUMS = {"weight_decay": 0.0, "momentum": 0.0, "lr": 0.0}
+FLOAT_FLAGS = (
+    "rho",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "warmup_epochs",
+    "label_noise",
+    "val_fraction",
+    "eta",
+    "theta",
+    "max_grad_norm",
+    "rho_lr",
+    "rho_min",
+    "rho_max",
+    "prior_precision",
+    "damping",
+    "s_init",
+    "data_aug_factor",
+)
+
+
+def check_float_flags(values: dict[str, Any]) -> None:
+    """Refuse NaN in any number flag, and a negative (or infinite) weight decay,
+    momentum or learning rate, in one line naming the flag."""
+    from ..errors import SharpscopeError
+
+    for name in FLOAT_FLAGS:
+        value = values.get(name)
+        flag = "--" + name.replace("_", "-")
+        if value is None:
+            continue
+        if name in NUMBER_MINIMUMS:
+            check_number(flag, value, minimum=NUMBER_MINIMUMS[name])
+        elif value != value:
+            raise SharpscopeError(f"{flag} must be a number, got nan")
 
 
 def _log_epochs() -> None:
@@ -343,6 +391,9 @@ def register(app: typer.Typer) -> None:
         from ..trainer import train
 
         values = dict(locals())
+        check_float_flags(values)
+        holds = "last.pt, the epoch checkpoints and metrics.jsonl"
+        check_output_folder("--out", out, holds=holds)
         values["model_opts"] = parse_options(model_opt, "--model-opt")
         values["data_opts"] = parse_options(data_opt, "--data-opt")
         values["opt"] = parse_options(opt, "--opt")
@@ -351,6 +402,8 @@ def register(app: typer.Typer) -> None:
             # continue the run as it was: its settings come from the checkpoint
             resumed = load_training_state(out / "last.pt")["config"]
         cfg = build_config(values, config, resumed)
+        if out is None and cfg.out is not None:  # the TOML config's own out
+            check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
         summary = train(cfg, resume=resume)

@@ -97,3 +97,11 @@ def test_bench_spectrum_without_a_dense_answer_compares_largest_magnitudes_too()
     # a set of largest magnitudes matches itself however the signs interleave
     assert _rel_error([-5.0, 4.0, 3.0], np.array([4.0, -5.0, 3.0]), "LM") == 0.0
     assert _rel_error([-5.0, 4.0, 3.0], np.array([4.0, 3.0, 1.0])) > 0.1
+
+
+def test_json_to_a_folder_is_refused_before_the_benchmark_runs(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "landscape", "--json", str(tmp_path)])
+    assert result.exit_code == 2
+    assert result.output.strip() == (
+        f"error: --json {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'bench.json'}"
+    )

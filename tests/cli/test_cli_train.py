@@ -136,6 +136,11 @@ def test_train_from_toml_config(tmp_path):
         (["--optimizer", "sgd", "--base", "adam"], "--base is the base optimizer of a SAM variant"),
         (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum do not apply"),
         (["--warmup-epochs", "-1"], "warmup_epochs must be a number >= 0"),
+        # these trained to a NaN loss and blamed the learning rate ("training diverged")
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+        (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
+        (["--optimizer", "sam", "--rho", "nan"], "--rho must be a number, got nan"),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
@@ -232,3 +237,21 @@ def test_asam_form_flag(tmp_path):
     assert (
         torch.load(tmp_path / "last.pt", weights_only=True)["optimizer"]["adaptive"] == "layerwise"
     )
+
+
+def test_out_that_is_a_file_is_refused_before_training(tmp_path):
+    """It trained nothing and said "error: File exists: X" (or "Not a directory")."""
+    (tmp_path / "a-file").write_text("")
+    for out, message in (
+        ("a-file", "--out {t}/a-file is a file; it must be a folder (new or existing)"),
+        ("a-file/run", "{t}/a-file is a file, not a folder"),
+    ):
+        result = runner.invoke(app, ["train", *TINY, "--out", str(tmp_path / out)])
+        assert result.exit_code == 2
+        lines = [line for line in result.output.strip().splitlines() if line.strip()]
+        assert len(lines) == 1 and message.format(t=tmp_path) in lines[0], result.output
+    config = tmp_path / "c.toml"
+    config.write_text(f'out = "{tmp_path / "a-file"}"\n')
+    result = runner.invoke(app, ["train", *TINY, "--config", str(config)])
+    assert result.exit_code == 2
+    assert f"out (from {config}) {tmp_path / 'a-file'} is a file" in result.output

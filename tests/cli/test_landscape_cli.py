@@ -197,3 +197,35 @@ def test_no_progress_hides_the_bar(ckpts, tmp_path):
     hidden = runner.invoke(app, [*args, "--out", str(tmp_path / "b"), "--no-progress"])
     assert hidden.exit_code == 0, hidden.output
     assert "point/s" not in hidden.stderr and "\r" not in hidden.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--save-every", "-1"], "--save-every must be a finite number >= 0, got -1"),
+        (["--span", "nan"], "--span must be a finite number > 0, got nan"),
+        (["--max-points", "0"], "--max-points must be an integer >= 1, got 0"),
+        (["--chunk-size", "0"], "--chunk-size must be an integer >= 1, got 0"),
+        (["--out", "{file}"], "--out {file} is a file; it must be a folder"),
+        (["--out", "{file}/run"], "{file} is a file, not a folder"),
+        (["--out", "{folder}"], "--out {folder}/landscape.npz is a folder; give a file name"),
+    ],
+)
+def test_bad_numbers_and_output_paths_fail_before_any_work(ckpts, tmp_path, extra, message):
+    """--out FILE computed every point, then said "File exists"; --save-every -1 ran."""
+    (tmp_path / "a-folder" / "landscape.npz").mkdir(parents=True)
+    (tmp_path / "a-file").write_text("")
+    places = {"folder": str(tmp_path / "a-folder"), "file": str(tmp_path / "a-file")}
+    extra = [a.format(**places) for a in extra]
+    args = ["landscape", str(ckpts["a"]), "--dims", "1", "--grid", "3", *COMMON, *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message.format(**places) in errors[0], result.output
+    assert "landscape of" not in result.output and "Traceback" not in result.output
+
+
+def test_span_help_says_where_an_even_grid_puts_its_points():
+    """The help said "Axes [-span, span]"; --grid 4 gives -1, -0.5, 0, 0.5."""
+    help_text = " ".join(runner.invoke(app, ["landscape", "--help"]).output.split())
+    assert "an even --grid drops +span" in help_text and "-1, -0.5, 0, 0.5" in help_text

@@ -75,8 +75,8 @@ def test_msharpness_adaptive_linf_multistep(checkpoint, tmp_path):
     ("extra", "message"),
     [
         (["--m", "1000"], "m = 1000 is larger than the 64 examples"),
-        (["--m", "0"], "m must be a positive integer"),
-        (["--rho", "0"], "--rho must be > 0"),
+        (["--m", "0"], "--m must be an integer >= 1, got 0"),
+        (["--rho", "0"], "--rho must be a finite number > 0, got 0"),
         (["--norm", "l3"], "--norm must be one of l2, linf"),
     ],
 )
@@ -189,3 +189,31 @@ def test_no_progress_hides_the_bar(checkpoint):
     assert hidden.exit_code == 0, hidden.output
     assert "subset/s" not in hidden.stderr and "\r" not in hidden.stderr
     assert "m-sharpness (m=16" in hidden.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--rho", "nan"], "--rho must be a finite number > 0, got nan"),
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--restarts", "0"], "--restarts must be an integer >= 1, got 0"),
+        (["--chunk-size", "0"], "--chunk-size must be an integer >= 1, got 0"),
+        (["--eta", "-1"], "--eta must be a finite number >= 0, got -1"),
+        (["--json", "{folder}"], "--json {folder} is a folder; give a file name"),
+        (["--json", "{file}/ms.json"], "{file} is a file, not a folder"),
+    ],
+)
+def test_bad_numbers_and_output_paths_fail_before_the_checkpoint_is_loaded(
+    checkpoint, tmp_path, extra, message
+):
+    """--json to a folder printed the result and only then failed; --rho nan ran."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-file").write_text("")
+    places = {"folder": str(tmp_path / "a-folder"), "file": str(tmp_path / "a-file")}
+    extra = [a.format(**places) for a in extra]
+    args = ["msharpness", str(checkpoint), "--samples", "64", "--device", "cpu", *extra]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    errors = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message.format(**places) in errors[0], result.output
+    assert "m-sharpness" not in result.output and "Traceback" not in result.output

@@ -161,7 +161,7 @@ def test_pyhessian_backend(checkpoint):
         (["--which", "BIG"], "--which must be one of"),
         (["--eigenvectors", "vectors.txt"], "must name a .npz file"),
         (["--dtype", "float16"], "--dtype must be one of"),
-        (["--restart-size", "3"], "k <= keep < restart_size"),
+        (["--restart-size", "3"], "--restart-size 3 must be larger than --k 5"),
     ],
 )
 def test_bad_flags_are_one_line_errors(checkpoint, extra, message):
@@ -298,3 +298,80 @@ def test_progress_bar_ends_at_its_count_and_no_progress_hides_it(checkpoint):
     assert hidden.exit_code == 0, hidden.output
     assert "hvp/s" not in hidden.stderr and "\r" not in hidden.stderr
     assert "lambda_max:" in hidden.stdout
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--probes", "0"], "--probes must be an integer >= 1, got 0"),
+        (["--lanczos-steps", "0"], "--lanczos-steps must be an integer >= 1, got 0"),
+        (["--trace-probes", "4"], "--trace-probes 4 does not suit --trace-method hutchpp"),
+        (["--trace-probes", "10"], "give a multiple of 3, at least 6"),
+        (["--trace-method", "hutchinson", "--trace-probes", "1"], "give at least 2"),
+        (["--samples", "0"], "--samples must be an integer >= 1"),
+        (["--batch-size", "0"], "--batch-size must be an integer >= 1"),
+        (["--json", "{folder}"], "--json {folder} is a folder; give a file name"),
+        (["--json", "{file}/s.json"], "{file} is a file, not a folder"),
+        (["--eigenvectors", "{folder}/e.npz"], "is a folder; give a file name"),
+        (["--plot", "{folder}/d"], "--plot {folder}/d.pdf is a folder"),
+        (["--plot", "{file}/d.pdf"], "{file} is a file, not a folder"),
+    ],
+)
+def test_bad_counts_and_output_paths_fail_before_the_checkpoint_is_loaded(
+    checkpoint, tmp_path, extra, message
+):
+    """They failed only after the top-k (and the trace) had run, or after the results were
+    printed; "spectrum of ..." is printed once the checkpoint and data are loaded."""
+    (tmp_path / "a-folder").mkdir()
+    (tmp_path / "a-folder" / "d.pdf").mkdir()
+    (tmp_path / "a-folder" / "e.npz").mkdir()
+    (tmp_path / "a-file").write_text("")
+    places = {"folder": str(tmp_path / "a-folder"), "file": str(tmp_path / "a-file")}
+    extra = [a.format(**places) for a in extra]
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, *extra])
+    assert result.exit_code == 2
+    assert message.format(**places) in _one_error_line(result)
+    assert "spectrum of" not in result.output and "lambda_max" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--deflate", "-1"], "--deflate must be an integer >= 0, got -1"),
+        (["--tol", "nan"], "--tol must be a finite number > 0, got nan"),
+        (["--tol", "-1"], "--tol must be a finite number > 0, got -1"),
+        (["--tol", "0"], "--tol must be a finite number > 0, got 0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
+    ],
+)
+def test_out_of_range_numbers_are_refused(checkpoint, extra, message):
+    """--deflate -1 deflated k - 1 pairs, --tol nan/-1/0 ran every step and exited 0, and
+    --weight-decay nan blamed the checkpoint for a non-finite loss."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, *extra])
+    assert result.exit_code == 2
+    assert message in _one_error_line(result)
+    assert "spectrum of" not in result.output
+
+
+def test_deflate_of_every_parameter_fails_before_the_top_k(checkpoint):
+    """It failed in the density, after the top-k and the trace."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--deflate", "100000"])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "--deflate 100000 must be fewer than the model's 610 parameters" in line
+    assert "hvp" not in result.stderr
+
+
+def test_plot_suffix_other_than_pdf_or_png_is_refused_and_the_help_says_both_are_written(
+    checkpoint, tmp_path
+):
+    """--plot out.xyz silently wrote out.pdf and out.png."""
+    plot = tmp_path / "out.xyz"
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--plot", str(plot)])
+    assert result.exit_code == 2
+    line = _one_error_line(result)
+    assert "written as PATH.pdf and PATH.png" in line and str(plot.with_suffix(".pdf")) in line
+    assert not any(tmp_path.iterdir())
+    help_text = " ".join(runner.invoke(app, ["spectrum", "--help"]).output.split())
+    assert "PATH.pdf and PATH.png" in help_text

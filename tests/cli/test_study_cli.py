@@ -146,3 +146,14 @@ def test_help_of_study_and_figures():
         assert result.exit_code == 0, result.output
     result = runner.invoke(app, ["figures", "--only", "z"])
     _one_line_error(result, "unknown reproduction 'z'", "quick, a, b")
+
+
+def test_out_that_is_a_file_is_refused_before_any_run(tmp_path):
+    """study run and figures said "error: File exists: X" after setting out."""
+    (tmp_path / "a-file").write_text("")
+    result = runner.invoke(app, ["study", "run", "--quick", "--out", str(tmp_path / "a-file")])
+    _one_line_error(result, f"--out {tmp_path / 'a-file'} is a file; it must be a folder")
+    result = runner.invoke(app, ["figures", "--out", str(tmp_path / "a-file" / "figs")])
+    _one_line_error(result, f"{tmp_path / 'a-file'} is a file, not a folder")
+    result = runner.invoke(app, ["figures", "--cache", str(tmp_path / "a-file")])
+    _one_line_error(result, "--cache", "is a file; it must be a folder")
