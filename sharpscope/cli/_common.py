@@ -17,6 +17,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -321,7 +322,7 @@ def load_analysis_inputs(
     meta = RunMeta(
         checkpoint=str(ckpt),
         checkpoint_sha256=checkpoint.sha256,
-        data={**spec, "split": split, "samples": samples},
+        data={**spec, "split": split, "samples": samples_used(spec, samples, split_data)},
         num_samples=len(split_data),
         seed=seed,
         dtype=dtype,
@@ -332,6 +333,25 @@ def load_analysis_inputs(
     loss_fn = get_loss(loss_spec)
     check_model_on_data(net, batches, loss_fn)
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
+
+
+def samples_used(spec: dict[str, Any], samples: int | None, split_data: DataSplit) -> int | None:
+    """The ``samples`` to record in ``meta.data``: the one that reloads the same examples.
+
+    It is ``--samples``, or else the data spec's own ``samples`` (``None``: all). A count
+    larger than the split uses every example (``load_data`` caps it silently): the number
+    used is recorded instead, with a one-line warning.
+    """
+    wanted = samples if samples is not None else spec.get("samples")
+    if wanted is None or int(wanted) <= len(split_data):
+        return wanted
+    flag = "--samples" if samples is not None else "the data spec's samples"
+    warnings.warn(
+        f"{flag} {wanted} is more than the {len(split_data)} examples of the "
+        f"{split_data.split} split; using all {len(split_data)}",
+        stacklevel=2,
+    )
+    return len(split_data)
 
 
 # Enough examples to run every layer and the loss; few enough to cost nothing.

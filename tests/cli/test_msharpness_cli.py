@@ -217,3 +217,36 @@ def test_bad_numbers_and_output_paths_fail_before_the_checkpoint_is_loaded(
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message.format(**places) in errors[0], result.output
     assert "m-sharpness" not in result.output and "Traceback" not in result.output
+
+
+def test_meta_data_records_the_checkpoints_samples_when_none_is_given(checkpoint, tmp_path):
+    """meta.data["samples"] was --samples, so None here, though the checkpoint's data spec
+    chose 64 examples: reloading from the record gave all 4000."""
+    raw = torch.load(checkpoint, weights_only=True)
+    subset = tmp_path / "subset.pt"
+    save_checkpoint(subset, {**raw, "data": {"name": "mnist1d", "samples": 64}})
+    out = tmp_path / "ms.json"
+    args = ["msharpness", str(subset), "--m", "32", "--device", "cpu", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["num_samples"] == 64
+    assert meta["data"] == {"name": "mnist1d", "samples": 64, "split": "train"}
+    spec = {k: v for k, v in meta["data"].items() if k != "split"}
+    again = load_data(spec, meta["data"]["split"], seed=meta["seed"])
+    assert len(again) == 64
+
+
+def test_samples_above_the_data_warn_and_the_number_used_is_recorded(checkpoint, tmp_path):
+    """--samples 5000 of the 1000 test examples used 1000 silently and recorded 5000."""
+    out = tmp_path / "ms.json"
+    args = ["msharpness", str(checkpoint), "--samples", "5000", "--split", "test"]
+    args += ["--m", "500", "--device", "cpu", "--no-progress", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        "warning: --samples 5000 is more than the 1000 examples of the test split; using all 1000"
+    ]
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["num_samples"] == 1000 and meta["data"]["samples"] == 1000
