@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any, Optional
@@ -406,7 +407,11 @@ def register(app: typer.Typer) -> None:
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
-        summary = train(cfg, resume=resume)
+        # The per-epoch lines are progress, on stderr with the bar as without it (the
+        # trainer writes them through tqdm.write, which defaults to stdout); stdout holds
+        # the summary line below only.
+        with contextlib.redirect_stdout(sys.stderr):
+            summary = train(cfg, resume=resume)
         if not summary.is_main:  # under torchrun only rank 0 reports
             return
         metrics = summary.metrics

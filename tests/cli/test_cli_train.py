@@ -255,3 +255,14 @@ def test_out_that_is_a_file_is_refused_before_training(tmp_path):
     result = runner.invoke(app, ["train", *TINY, "--config", str(config)])
     assert result.exit_code == 2
     assert f"out (from {config}) {tmp_path / 'a-file'} is a file" in result.output
+
+
+def test_epoch_lines_go_to_stderr_with_the_progress_bar_too(tmp_path):
+    """With the bar on they went to stdout (tqdm.write's default), without it to stderr;
+    stdout holds the summary line only."""
+    args = [a for a in TINY if a != "--no-progress"]
+    result = runner.invoke(app, ["train", *args, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert "epoch 1/1  train loss " in result.stderr
+    [line] = result.stdout.splitlines()
+    assert "test accuracy" in line
