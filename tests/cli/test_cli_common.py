@@ -1,0 +1,43 @@
+"""The command line's shared pieces: one-line messages for paths that cannot be used."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+
+from sharpscope.cli._common import check_output_file, check_output_folder, os_error_line
+from sharpscope.errors import SharpscopeError
+
+
+def test_os_errors_say_whether_a_file_or_a_folder_is_needed(tmp_path):
+    """They were "File exists: X" and "Not a directory: X/run" (errno's own words)."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("")
+    exists = FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(a_file))
+    assert os_error_line(exists) == (
+        f"{a_file} is a file, where a folder is needed; give a folder path (new or existing)"
+    )
+    under = NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(a_file / "run"))
+    assert os_error_line(under).startswith(f"{a_file} is a file, not a folder, so {a_file}/run")
+    folder = IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(tmp_path))
+    assert (
+        os_error_line(folder) == f"{tmp_path} is a folder, where a file is needed; give a file name"
+    )
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(a_file))
+    assert os_error_line(full) == f"{os.strerror(errno.ENOSPC)}: {a_file}"
+
+
+def test_output_checks_pass_new_paths_and_refuse_the_wrong_kind(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    check_output_file("--json", tmp_path / "new" / "deeper" / "s.json")
+    check_output_file("--json", tmp_path / "a-file")  # overwritten, as before
+    check_output_folder("--out", tmp_path / "new" / "run", holds="the results")
+    check_output_folder("--out", tmp_path, holds="the results")
+    with pytest.raises(SharpscopeError, match="is a folder; give a file name"):
+        check_output_file("--json", tmp_path)
+    with pytest.raises(SharpscopeError, match="is a file; it must be a folder"):
+        check_output_folder("--out", tmp_path / "a-file", holds="the results")
+    with pytest.raises(SharpscopeError, match="a-file is a file, not a folder"):
+        check_output_folder("--out", tmp_path / "a-file" / "x" / "y", holds="the results")
