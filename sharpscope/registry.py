@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -38,8 +39,52 @@ def is_factory_path(name: str) -> bool:
     return ":" in name and not name.startswith(":") and not name.endswith(":")
 
 
-def resolve_factory(path: str) -> Callable[..., Any]:
+# the flag that names each kind of spec on the command line (train and the analyses)
+FLAGS = {"model": "--model", "data set": "--data", "loss": "--loss"}
+
+
+def _is_file_module(module_name: str) -> bool:
+    """Whether the part before ``:`` is a path to a ``.py`` file (else a module name)."""
+    return module_name.endswith(".py") or "/" in module_name or "\\" in module_name
+
+
+def absolute_factory(path: str) -> str:
+    """``path/to/file.py:function`` with the file made absolute; anything else unchanged.
+
+    Specs are recorded (checkpoints, ``config.json``, studies) with absolute file paths,
+    so that they resolve from any working directory. The path is made absolute from the
+    current folder, as :func:`resolve_factory` reads it.
+
+    >>> absolute_factory("pkg.mod:make"), absolute_factory("resnet20")
+    ('pkg.mod:make', 'resnet20')
+    >>> absolute_factory("/opt/f.py:net")
+    '/opt/f.py:net'
+    """
+    if not isinstance(path, str) or not is_factory_path(path):
+        return path
+    module_name, _, attr = path.rpartition(":")
+    if not _is_file_module(module_name) or Path(module_name).is_absolute():
+        return path
+    return f"{os.path.abspath(os.path.expanduser(module_name))}:{attr}"
+
+
+def absolute_spec(spec: Any) -> Any:
+    """A spec (dict or string) whose file-path factory is absolute (:func:`absolute_factory`)."""
+    if isinstance(spec, str):
+        return absolute_factory(spec)
+    if isinstance(spec, Mapping) and isinstance(spec.get("factory"), str):
+        return {**spec, "factory": absolute_factory(spec["factory"])}
+    return spec
+
+
+def resolve_factory(path: str, kind: str | None = None) -> Callable[..., Any]:
     """Import the callable named by ``module:function`` or ``path/to/file.py:function``.
+
+    Args:
+        path: the factory path; a relative file path is read from the current folder.
+        kind: ``"model"``, ``"data set"`` or ``"loss"``: the error for a missing file then
+            names the flag that gives that kind another way (for a checkpoint's recorded
+            path, relative to the folder it was trained in).
 
     Raises:
         SharpscopeError: when the module or function cannot be found.
@@ -47,11 +92,13 @@ def resolve_factory(path: str) -> Callable[..., Any]:
     if not is_factory_path(path):
         raise SharpscopeError(f"'{path}' is not of the form module:function or file.py:function")
     module_name, _, attr = path.rpartition(":")
+    what = f"{kind} factory" if kind else "factory"
+    flag = FLAGS.get(kind or "")
     try:
-        if module_name.endswith(".py") or "/" in module_name or "\\" in module_name:
+        if _is_file_module(module_name):
             file = Path(module_name).expanduser().resolve()
             if not file.is_file():
-                raise SharpscopeError(f"factory file not found: {file}")
+                raise SharpscopeError(_missing_file(what, module_name, file, kind, flag))
             key = f"_sharpscope_user_{abs(hash(str(file)))}"
             module = sys.modules.get(key)
             if module is None:
@@ -66,15 +113,39 @@ def resolve_factory(path: str) -> Callable[..., Any]:
     except SharpscopeError:
         raise
     except ImportError as exc:
-        raise SharpscopeError(f"cannot import module '{module_name}' for '{path}': {exc}") from exc
+        hint = ""
+        if exc.name and module_name.split(".")[0] == exc.name.split(".")[0]:
+            hint = (
+                "; put the folder holding it on PYTHONPATH, or name the file itself as "
+                f"path/to/{module_name.replace('.', '/')}.py:{attr}"
+            )
+        raise SharpscopeError(
+            f"cannot import module '{module_name}' for '{path}': {first_line(exc)}{hint}"
+        ) from exc
     except Exception as exc:  # the user's module raised while importing
         raise SharpscopeError(
-            f"importing '{module_name}' failed: {type(exc).__name__}: {exc}"
+            f"importing '{module_name}' failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
     factory = getattr(module, attr, None)
     if factory is None or not callable(factory):
         raise SharpscopeError(f"'{module_name}' has no callable named '{attr}'")
     return factory
+
+
+def _missing_file(
+    what: str, module_name: str, file: Path, kind: str | None, flag: str | None
+) -> str:
+    message = f"{what} file not found: {file}"
+    override = f"override it with {flag}" if flag else f"give the {kind or 'factory'} another way"
+    if not Path(module_name).expanduser().is_absolute():
+        return (
+            f"{message} ('{module_name}' is read from the current folder; a relative path "
+            f"recorded in a checkpoint is relative to the folder it was trained in: run from "
+            f"there, or {override})"
+        )
+    if flag:
+        return f"{message} (if a checkpoint recorded this path, {override})"
+    return message
 
 
 def normalize_spec(spec: str | Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
@@ -129,7 +200,7 @@ def build_model(
     if "factory" in spec:
         options = {k: v for k, v in spec.items() if k != "factory"}
         try:
-            model = resolve_factory(spec["factory"])(**options)
+            model = resolve_factory(spec["factory"], "model")(**options)
         except SharpscopeError:
             raise
         except Exception as exc:
@@ -230,7 +301,7 @@ def get_loss(spec: str | Mapping[str, Any] | LossFn | None = "cross_entropy") ->
         path = spec["factory"]
         options = {k: v for k, v in spec.items() if k != "factory"}
         try:
-            loss = resolve_factory(path)(**options)
+            loss = resolve_factory(path, "loss")(**options)
         except SharpscopeError:
             raise
         except Exception as exc:

@@ -38,7 +38,7 @@ from .distributed import DistInfo, barrier, gather_to_main, init_from_env
 from .errors import SharpscopeError
 from .evaluation import evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
-from .registry import build_model, get_loss, normalize_spec
+from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 
 log = logging.getLogger(__name__)  # one line per epoch when there is no progress bar
 SCHEDULES = ("cosine", "step", "constant")
@@ -134,8 +134,9 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check the values; raise one clear line for the first bad one."""
-        self.dataset = normalize_spec(self.dataset, "data set")
-        self.model = normalize_spec(self.model, "model")
+        # file-path factories are recorded absolute: the checkpoint then loads from any folder
+        self.dataset = absolute_spec(normalize_spec(self.dataset, "data set"))
+        self.model = absolute_spec(normalize_spec(self.model, "model"))
         self.optimizer = normalize_spec(self.optimizer, "optimizer")
         if not isinstance(self.schedule, Mapping):
             raise SharpscopeError(
@@ -158,6 +159,7 @@ class TrainConfig:
         for name in ("loss", "device"):
             if not isinstance(getattr(self, name), str):
                 raise SharpscopeError(f"{name} must be a string, got {getattr(self, name)!r}")
+        self.loss = absolute_factory(self.loss)
         if self.augment is not None and not isinstance(self.augment, bool):
             raise SharpscopeError(f"augment must be true, false or unset, got {self.augment!r}")
         warmup = self.schedule.get("warmup_epochs", 0)
@@ -277,6 +279,8 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         old, new = saved.get(key), now.get(key)
         if key == "optimizer":
             old, new = resolve_optimizer_spec(old), resolve_optimizer_spec(new)
+        elif key in ("dataset", "model", "loss"):
+            old = absolute_spec(old)  # recorded relative before paths were made absolute
         changed += _differences(key, old, new)
     if changed:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""

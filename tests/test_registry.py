@@ -136,3 +136,48 @@ def test_loss_value_problem_names_what_is_wrong():
     assert loss_value_problem(torch.tensor(float("nan")), finite=False) is None
     with pytest.raises(SharpscopeError, match="the loss on the data is not a finite scalar: .*nan"):
         check_loss_value(torch.tensor(float("nan")))
+
+
+def test_absolute_factory_makes_file_paths_absolute_only(tmp_path, monkeypatch):
+    from sharpscope.registry import absolute_factory, absolute_spec
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_factory("fac/f.py:net") == f"{tmp_path}/fac/f.py:net"
+    assert absolute_factory("f.py:net") == f"{tmp_path}/f.py:net"
+    assert absolute_factory("../up/f.py:net") == f"{tmp_path.parent}/up/f.py:net"
+    for unchanged in ("pkg.mod:net", "/abs/f.py:net", "mse", "cross_entropy"):
+        assert absolute_factory(unchanged) == unchanged
+    assert absolute_spec({"factory": "f.py:net", "width": 3}) == {
+        "factory": f"{tmp_path}/f.py:net",
+        "width": 3,
+    }
+    assert absolute_spec({"name": "mlp"}) == {"name": "mlp"}
+
+
+@pytest.mark.parametrize(
+    "call, flag",
+    [
+        (lambda: build_model("fac/gone.py:net", (3,), 2), "--model"),
+        (lambda: get_loss("fac/gone.py:loss"), "--loss"),
+        (lambda: __import__("sharpscope.data").data.load_data("fac/gone.py:data"), "--data"),
+    ],
+    ids=["model", "loss", "data"],
+)
+def test_a_missing_relative_factory_file_names_the_flag_that_overrides_it(
+    tmp_path, monkeypatch, call, flag
+):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SharpscopeError) as info:
+        call()
+    message = str(info.value)
+    assert f"factory file not found: {tmp_path}/fac/gone.py" in message
+    assert "'fac/gone.py' is read from the current folder" in message
+    assert f"override it with {flag}" in message and "\n" not in message
+
+
+def test_a_module_factory_that_cannot_be_imported_mentions_pythonpath_and_the_file_form():
+    with pytest.raises(SharpscopeError) as info:
+        resolve_factory("no_such_pkg_xyz.models:net")
+    message = str(info.value)
+    assert "cannot import module 'no_such_pkg_xyz.models'" in message
+    assert "PYTHONPATH" in message and "path/to/no_such_pkg_xyz/models.py:net" in message

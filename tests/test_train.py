@@ -360,3 +360,83 @@ def test_torchrun_resume_is_bit_identical_with_per_rank_optimizer_state(tmp_path
     assert [{k: v for k, v in r.items() if k not in drop} for r in steps] == [
         {k: v for k, v in r.items() if k not in drop} for r in again
     ]
+
+
+def _write_factories(folder):
+    (folder / "fac").mkdir()
+    (folder / "fac" / "parts.py").write_text(
+        "import torch\n"
+        "def net():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(40, 10))\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)\n"
+        "def loss():\n"
+        "    return torch.nn.functional.cross_entropy\n"
+    )
+
+
+@pytest.mark.filterwarnings("ignore:data factory")
+def test_relative_factory_paths_are_recorded_absolute(tmp_path, monkeypatch):
+    # {'factory': 'fac/myfac.py:model'} was stored as typed, so the checkpoint could not be
+    # analysed from another working directory ("factory file not found")
+    _write_factories(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    config = _config(
+        tmp_path / "run",
+        epochs=1,
+        batch_size=32,
+        model="fac/parts.py:net",
+        dataset={"factory": "fac/parts.py:data"},
+        loss="fac/parts.py:loss",
+    )
+    train(config)
+    where = str(tmp_path / "fac" / "parts.py")
+    raw = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert raw["model"] == {"factory": f"{where}:net"}
+    assert raw["data"] == {"factory": f"{where}:data"}
+    assert raw["loss"] == f"{where}:loss"
+    assert raw["config"]["model"] == raw["model"]
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["dataset"] == raw["data"] and saved["loss"] == raw["loss"]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert ckpt.spec == raw["model"] and isinstance(ckpt.model, torch.nn.Sequential)
+    # a module-form factory is recorded as given
+    assert TrainConfig.from_dict({"model": "pkg.mod:net"}).model == {"factory": "pkg.mod:net"}
+
+
+@pytest.mark.filterwarnings("ignore:data factory")
+def test_a_checkpoint_with_relative_factory_paths_resumes_and_names_the_flag(tmp_path, monkeypatch):
+    # checkpoints written before paths were recorded absolute hold them as typed
+    _write_factories(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    relative = {"model": "fac/parts.py:net", "dataset": "fac/parts.py:data", "epochs": 1}
+    train(_config(tmp_path / "run", batch_size=32, schedule={"name": "constant"}, **relative))
+    last = tmp_path / "run" / "last.pt"
+    raw = torch.load(last, weights_only=True)
+    raw["model"] = raw["config"]["model"] = {"factory": "fac/parts.py:net"}
+    raw["data"] = raw["config"]["dataset"] = {"factory": "fac/parts.py:data"}
+    torch.save(raw, last)
+    resumed = train(
+        _config(
+            tmp_path / "run",
+            batch_size=32,
+            schedule={"name": "constant"},
+            **{**relative, "epochs": 2},
+        ),
+        resume=True,
+    )
+    assert resumed.start_epoch == 1 and resumed.epochs == 2
+    raw = torch.load(last, weights_only=True)
+    raw["model"] = {"factory": "fac/parts.py:net"}
+    torch.save(raw, last)
+    monkeypatch.chdir(tmp_path / "run")
+    with pytest.raises(SharpscopeError) as info:
+        load_checkpoint(last)
+    message = str(info.value)
+    assert "model factory file not found" in message and "override it with --model" in message
+    assert "relative to the folder it was trained in" in message and "\n" not in message

@@ -128,7 +128,7 @@ def _seeded_permutation(n: int, seed: int) -> Tensor:
 
 
 def _raw_from_factory(path: str) -> RawData:
-    factory = resolve_factory(path)
+    factory = resolve_factory(path, "data set")
     try:
         produced = factory()
     except SharpscopeError:

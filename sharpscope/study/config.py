@@ -358,9 +358,9 @@ def _check_axis_value(where: str, axis: str, value: Any) -> Any:
             raise _fail(f"{where} must be > 0, got {value!r}")
         return value
     if axis == "model":
-        from ..registry import normalize_spec
+        from ..registry import absolute_spec, normalize_spec
 
-        return normalize_spec(value, "model")
+        return absolute_spec(normalize_spec(value, "model"))
     return value
 
 
@@ -383,6 +383,8 @@ def _validate_train(values: Mapping[str, Any]) -> dict[str, Any]:
     out = {k: v for k, v in values.items()}
     out["dataset"] = config.dataset
     out["model"] = config.model
+    if "loss" in out:
+        out["loss"] = config.loss
     return out
 
 

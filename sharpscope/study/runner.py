@@ -34,6 +34,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SharpscopeError
+from ..registry import absolute_spec
 from ..results import atomic_write_bytes, to_jsonable
 from .config import StudyConfig, study_config_from_dict
 from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
@@ -41,6 +42,8 @@ from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
 FORMAT = "sharpscope-study"
 VERSION = 1
 LOCK_NAME = "study.lock"  # held by a running `study run`
+# training keys that may name a user's factory file (recorded absolute)
+FACTORY_KEYS = ("dataset", "model", "loss")
 # training keys that may differ when a study is resumed on another machine
 MACHINE_KEYS = ("data_root", "device", "progress")
 Log = Callable[[str], None]
@@ -218,6 +221,8 @@ def _check_same_run(
         old, new = existing.get(key, {}), wanted.get(key, {})
         if key == "train":  # where the data live and which device: not the run's settings
             old, new = ({k: v for k, v in d.items() if k not in MACHINE_KEYS} for d in (old, new))
+            # factory file paths recorded relative by an older sharpscope
+            old = {k: absolute_spec(v) if k in FACTORY_KEYS else v for k, v in old.items()}
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             raise SharpscopeError(

@@ -348,3 +348,21 @@ def test_make_figures_reuses_complete_studies(study, tmp_path, monkeypatch):
     assert summary["quick"]["runs"] == 4 and summary["quick"]["run_seconds"] > 0
     with pytest.raises(SharpscopeError, match="unknown reproduction 'g'"):
         reproductions.make_figures(tmp_path / "figs", cache=cache, only=["g"])
+
+
+def test_a_run_recorded_with_relative_factory_paths_is_the_same_run(tmp_path, monkeypatch):
+    # study folders written before factory paths were recorded absolute
+    from sharpscope.study.runner import _check_same_run
+
+    monkeypatch.chdir(tmp_path)
+    old = {"train": {"model": {"factory": "fac/parts.py:net"}, "loss": "fac/parts.py:loss"}}
+    new = {
+        "train": {
+            "model": {"factory": f"{tmp_path}/fac/parts.py:net"},
+            "loss": f"{tmp_path}/fac/parts.py:loss",
+        }
+    }
+    _check_same_run("sgd-s0", old, new, tmp_path)
+    moved = {"train": {**new["train"], "loss": "/elsewhere/parts.py:loss"}}
+    with pytest.raises(SharpscopeError, match=r"different configuration \(train: loss\)"):
+        _check_same_run("sgd-s0", old, moved, tmp_path)
