@@ -148,6 +148,86 @@ def _missing_file(
     return message
 
 
+def check_factory(path: str, kind: str | None = None) -> None:
+    """Check, without importing anything, that a factory path can be found: a
+    ``file.py:function``'s file exists, a ``module:function``'s top-level package is on
+    the path. For checking a configuration before anything runs.
+
+    Raises:
+        SharpscopeError: the same line :func:`resolve_factory` would give.
+    """
+    if not is_factory_path(path):
+        raise SharpscopeError(f"'{path}' is not of the form module:function or file.py:function")
+    module_name, _, attr = path.rpartition(":")
+    if _is_file_module(module_name):
+        file = Path(module_name).expanduser().resolve()
+        if not file.is_file():
+            what = f"{kind} factory" if kind else "factory"
+            raise SharpscopeError(f"{what} file not found: {file}")
+        return
+    top = module_name.split(".")[0]
+    try:
+        found = top in sys.modules or importlib.util.find_spec(top) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise SharpscopeError(
+            f"cannot import module '{module_name}' for '{path}': no module named '{top}'; "
+            "put the folder holding it on PYTHONPATH, or name the file itself as "
+            f"path/to/{module_name.replace('.', '/')}.py:{attr}"
+        )
+
+
+def check_model_spec(
+    spec: str | Mapping[str, Any],
+    shapes: tuple[tuple[int, ...], int] | None = None,
+    *,
+    check_files: bool = True,
+) -> None:
+    """Check a model spec without building it for real: a registry name (and, when the
+    data's ``(input_shape, num_classes)`` are known, its options, by building it on the
+    ``meta`` device, which allocates nothing), or that a factory can be found.
+
+    Raises:
+        SharpscopeError: an unknown name, option or value, or a factory not found.
+    """
+    from .models import MODELS
+
+    spec = normalize_spec(spec, "model")
+    if "factory" in spec:
+        if check_files:
+            check_factory(spec["factory"], "model")
+        return
+    name = spec["name"]
+    if name not in MODELS:
+        raise unknown_name("model", name, list(MODELS))
+    if shapes is None:
+        return
+    options = {k: v for k, v in spec.items() if k != "name"}
+    try:
+        with torch.device("meta"):
+            MODELS[name](tuple(shapes[0]), int(shapes[1]), **options)
+    except SharpscopeError:
+        raise
+    except Exception:  # noqa: S110 - not an option problem; the real build will tell
+        pass
+
+
+def check_loss_spec(spec: str | Mapping[str, Any], *, check_files: bool = True) -> None:
+    """Check a loss spec: a built-in name, or a factory that can be found.
+
+    Raises:
+        SharpscopeError: an unknown name or a factory not found.
+    """
+    spec = normalize_spec(spec, "loss")
+    if "factory" in spec:
+        if check_files:
+            check_factory(spec["factory"], "loss")
+        return
+    if spec["name"] not in LOSSES:
+        raise unknown_name("loss", spec["name"], list(LOSSES))
+
+
 def normalize_spec(spec: str | Mapping[str, Any] | None, kind: str) -> dict[str, Any]:
     """Turn ``"name"``, ``"module:fn"`` or a dict into a spec dict.
 

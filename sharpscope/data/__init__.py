@@ -32,6 +32,7 @@ __all__ = [
     "DataSplit",
     "load_data",
     "dataset_names",
+    "check_data_spec",
     "as_batches",
     "as_tensors",
     "num_examples",
@@ -147,6 +148,64 @@ def _raw_from_factory(path: str) -> RawData:
     return RawData(inputs, targets, inputs, targets, num_classes)
 
 
+# input shape and class count of the built-in data sets, known without reading them
+SHAPES: dict[str, tuple[tuple[int, ...], int]] = {
+    "mnist1d": ((40,), 10),
+    "digits": ((1, 8, 8), 10),
+    "cifar10": ((3, 32, 32), 10),
+    "cifar100": ((3, 32, 32), 100),
+}
+
+
+def _check_option_names(spec: Mapping[str, Any]) -> None:
+    unknown = sorted(set(spec) - set(SPEC_OPTIONS) - {"name", "factory"})
+    if unknown:
+        raise SharpscopeError(
+            f"unknown data option '{unknown[0]}'; valid options: {', '.join(SPEC_OPTIONS)}"
+        )
+
+
+def check_data_spec(
+    spec: str | Mapping[str, Any], *, check_files: bool = True
+) -> tuple[tuple[int, ...], int] | None:
+    """Check a data spec without reading any data: the name (or that a factory file
+    exists), the option names and values. For checking a configuration up front.
+
+    Args:
+        spec: as for :func:`load_data`.
+        check_files: also check that a ``file.py:function`` factory's file exists and a
+            ``module:function`` factory's top-level package can be found.
+
+    Returns:
+        ``(input_shape, num_classes)`` of a built-in data set; ``None`` for a factory.
+
+    Raises:
+        SharpscopeError: what :func:`load_data` would refuse, except missing CIFAR files.
+
+    >>> check_data_spec({"name": "mnist1d", "label_noise": 0.2})
+    ((40,), 10)
+    """
+    from ..registry import check_factory
+
+    spec = normalize_spec(spec, "data set")
+    _check_option_names(spec)
+    if "factory" in spec:
+        if check_files:
+            check_factory(spec["factory"], "data set")
+        shapes = None
+    else:
+        if spec["name"] not in SOURCES:
+            raise unknown_name("data set", spec["name"], list(SOURCES))
+        shapes = SHAPES.get(spec["name"])
+    _check_fraction("label_noise", spec.get("label_noise", 0.0))
+    _check_fraction("val_fraction", spec.get("val_fraction", 0.0))
+    _check_count("noise_seed", spec.get("noise_seed", 0))
+    _check_count("seed", spec.get("seed", 0))
+    if spec.get("samples") is not None:
+        _check_count("samples", spec["samples"], low=1)
+    return shapes
+
+
 def load_data(
     spec: str | Mapping[str, Any],
     split: str = "train",
@@ -174,11 +233,7 @@ def load_data(
     spec = normalize_spec(spec, "data set")
     if split not in SPLITS:
         raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
-    unknown = sorted(set(spec) - set(SPEC_OPTIONS) - {"name", "factory"})
-    if unknown:
-        raise SharpscopeError(
-            f"unknown data option '{unknown[0]}'; valid options: {', '.join(SPEC_OPTIONS)}"
-        )
+    _check_option_names(spec)
     root = spec.get("data_root", data_root)
     if "factory" in spec:
         raw = _raw_from_factory(spec["factory"])

@@ -72,6 +72,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import json
 import math
 import sys
 from collections.abc import Mapping
@@ -518,8 +519,20 @@ def _validate_executor(values: Mapping[str, Any]) -> dict[str, Any]:
     return dict(values)
 
 
-def study_config_from_dict(values: Mapping[str, Any], *, name: str = "study") -> StudyConfig:
+def study_config_from_dict(
+    values: Mapping[str, Any], *, name: str = "study", check_files: bool = True
+) -> StudyConfig:
     """Validate a parsed TOML document and build a :class:`StudyConfig`.
+
+    Every run's data set, model and loss are resolved too (names, options, and with
+    ``check_files`` that factory files exist), so that a config naming something that
+    does not exist fails here, before a study folder is written or a run starts.
+
+    Args:
+        values: the parsed TOML sections.
+        name: the study's name when ``[study]`` gives none.
+        check_files: check that factory files exist (off when reading back a study
+            folder, whose report needs no factory).
 
     Raises:
         SharpscopeError: the first unknown section, key or value, in one line.
@@ -558,8 +571,28 @@ def study_config_from_dict(values: Mapping[str, Any], *, name: str = "study") ->
     )
     from .sweep import expand_sweep
 
-    expand_sweep(config)  # validates the combination (epochs, labels, m) up front
+    runs = expand_sweep(config)  # validates the combination (epochs, labels, m) up front
+    _check_run_specs(runs, check_files)
     return config
+
+
+def _check_run_specs(runs: list[Any], check_files: bool) -> None:
+    """Resolve the data set, model and loss of every distinct run (no data is read)."""
+    from ..data import check_data_spec
+    from ..registry import check_loss_spec, check_model_spec
+
+    seen: set[str] = set()
+    for run in runs:
+        specs = [run.train["dataset"], run.train["model"], run.train.get("loss")]
+        key = json.dumps(specs, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        dataset, model, loss = specs
+        shapes = check_data_spec(dataset, check_files=check_files)
+        if loss is not None:
+            check_loss_spec(loss, check_files=check_files)
+        check_model_spec(model, shapes, check_files=check_files)
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

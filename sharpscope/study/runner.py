@@ -234,7 +234,7 @@ def _check_same_run(
 def load_study_config_from_dir(out: str | Path) -> StudyConfig:
     """The validated config stored in a study folder."""
     meta = read_study_dir(out)
-    return study_config_from_dict(meta["config"], name=meta.get("name", "study"))
+    return study_config_from_dict(meta["config"], name=meta.get("name", "study"), check_files=False)
 
 
 # --------------------------------------------------------------------------- one run

@@ -185,3 +185,81 @@ def test_every_shipped_config_is_valid():
         assert expand_sweep(study), name
     with pytest.raises(SharpscopeError, match="unknown built-in study 'nope'; choose one of"):
         load_builtin_config("nope")
+
+
+@pytest.mark.parametrize(
+    "train, sweep, message",
+    [
+        # each of these created the study folder, failed every run and wrote an empty report
+        ({"dataset": {"name": "nosuch"}}, {}, "unknown data set 'nosuch'; choose one of: cifar10"),
+        ({"model": {"name": "nosuch"}}, {}, "unknown model 'nosuch'; choose one of: cnn, cnn1d"),
+        ({"model": {"name": "mlp", "widht": 3}}, {}, "model 'mlp' has no option 'widht'"),
+        ({"model": {"name": "mlp", "width": 0}}, {}, "model 'mlp': option width=0 is invalid"),
+        ({"model": {"name": "resnet20"}}, {}, "model 'resnet20' expects inputs of shape (C, H, W)"),
+        ({}, {"model": [{"name": "mlp"}, {"name": "nosuch"}]}, "unknown model 'nosuch'"),
+        ({"model": {"name": "vit"}}, {"width": [8, 16]}, "model 'vit' has no option 'width'"),
+        ({"dataset": {"name": "mnist1d", "colour": 1}}, {}, "unknown data option 'colour'"),
+        ({"dataset": {"name": "mnist1d", "samples": 0}}, {}, "samples must be an integer >= 1"),
+        ({"loss": "hinge"}, {}, "unknown loss 'hinge'; choose one of: cross_entropy, mse"),
+        ({"model": "no_such_pkg_q.models:net"}, {}, "put the folder holding it on PYTHONPATH"),
+    ],
+    ids=[
+        "dataset",
+        "model",
+        "model-option",
+        "model-value",
+        "model-for-other-data",
+        "sweep-model",
+        "sweep-width",
+        "data-option",
+        "data-value",
+        "loss",
+        "module-factory",
+    ],
+)
+def test_data_model_and_loss_are_resolved_when_the_config_is_loaded(train, sweep, message):
+    with pytest.raises(SharpscopeError) as info:
+        study_config_from_dict({"train": {**TRAIN, **train}, "sweep": sweep})
+    text = str(info.value)
+    assert message in text and "\n" not in text, text
+
+
+def test_factory_files_are_checked_and_recorded_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "fac").mkdir()
+    (tmp_path / "fac" / "parts.py").write_text("def net():\n    pass\ndef data():\n    pass\n")
+    for key, value, kind in (
+        ("model", "fac/gone.py:net", "model"),
+        ("dataset", "fac/gone.py:data", "data set"),
+        ("loss", "fac/gone.py:loss", "loss"),
+    ):
+        with pytest.raises(SharpscopeError, match=f"^{kind} factory file not found: {tmp_path}"):
+            study_config_from_dict({"train": {**TRAIN, key: value}})
+    loaded = study_config_from_dict(
+        {
+            "train": {**TRAIN, "model": "fac/parts.py:net", "loss": "mse"},
+            "sweep": {"model": [{"factory": "fac/parts.py:net"}, {"name": "mlp"}]},
+        }
+    )
+    where = f"{tmp_path}/fac/parts.py:net"
+    assert loaded.train["model"] == {"factory": where}
+    assert loaded.sweep["model"][0] == {"factory": where}
+    assert {r.train["model"].get("factory") for r in expand_sweep(loaded)} == {where, None}
+    # a finished study is read back (report, status) without its factories
+    (tmp_path / "fac" / "parts.py").unlink()
+    with pytest.raises(SharpscopeError, match="model factory file not found"):
+        study_config_from_dict(loaded.to_dict())
+    again = study_config_from_dict(loaded.to_dict(), check_files=False)
+    assert again.train["model"] == {"factory": where}
+
+
+def test_a_study_naming_an_unknown_data_set_writes_nothing(tmp_path):
+    from sharpscope.study.runner import run_study
+
+    path = tmp_path / "bad.toml"
+    path.write_text(
+        '[train]\nepochs = 1\ndataset = {name = "nosuch"}\n[sweep]\noptimizer = ["sgd"]\n'
+    )
+    with pytest.raises(SharpscopeError, match="unknown data set 'nosuch'"):
+        run_study(path, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
