@@ -60,25 +60,43 @@ def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0)
         if torch.cuda.is_available():
             return torch.device("cuda", local_rank % torch.cuda.device_count())
         return torch.device("cpu")
-    text = str(device).strip().lower()
-    kind, sep, index_text = text.partition(":")
-    if kind not in ("cpu", "cuda") or (sep and not index_text.isdigit()):
-        raise SharpscopeError(f"unknown device '{device}'; choose one of: {DEVICE_CHOICES}")
+    kind, index = check_device_name(device)
     if kind == "cpu":
-        if sep and index_text != "0":
-            raise SharpscopeError(f"unknown device '{device}'; the CPU is 'cpu'")
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SharpscopeError(
             f"device '{device}' requested but no CUDA GPU is available; use --device cpu (or auto)"
         )
     count = torch.cuda.device_count()
-    if sep and int(index_text) >= count:
+    if index is not None and index >= count:
         raise SharpscopeError(
             f"device '{device}' does not exist: this machine has {count} CUDA "
             f"GPU{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})"
         )
-    return torch.device("cuda", int(index_text)) if sep else torch.device("cuda")
+    return torch.device("cuda", index) if index is not None else torch.device("cuda")
+
+
+def check_device_name(device: str | torch.device) -> tuple[str, int | None]:
+    """``("cpu" | "cuda", index or None)`` of a device name, checking its form only (not
+    that the device exists here: a study may run its jobs on other machines).
+
+    Raises:
+        SharpscopeError: a name other than auto, cpu, cuda or cuda:N.
+
+    >>> check_device_name("cuda:1"), check_device_name("auto")
+    (('cuda', 1), ('auto', None))
+    """
+    from .errors import SharpscopeError
+
+    text = str(device).strip().lower()
+    kind, sep, index_text = text.partition(":")
+    if text == "auto":
+        return "auto", None
+    if kind not in ("cpu", "cuda") or (sep and not index_text.isdigit()):
+        raise SharpscopeError(f"unknown device '{device}'; choose one of: {DEVICE_CHOICES}")
+    if kind == "cpu" and sep and index_text != "0":
+        raise SharpscopeError(f"unknown device '{device}'; the CPU is 'cpu'")
+    return kind, int(index_text) if sep and kind == "cuda" else None
 
 
 def init_from_env(device: str | torch.device | None = "auto") -> DistInfo:

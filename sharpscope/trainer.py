@@ -34,7 +34,7 @@ from . import __version__
 from .data import DataSplit, load_data
 from .data.augment import random_crop_flip
 from .determinism import deterministic_algorithms
-from .distributed import DistInfo, barrier, gather_to_main, init_from_env
+from .distributed import DistInfo, barrier, check_device_name, gather_to_main, init_from_env
 from .errors import SharpscopeError
 from .evaluation import evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
@@ -160,6 +160,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str):
                 raise SharpscopeError(f"{name} must be a string, got {getattr(self, name)!r}")
         self.loss = absolute_factory(self.loss)
+        check_device_name(self.device)  # its form; whether it exists, when training starts
         if self.augment is not None and not isinstance(self.augment, bool):
             raise SharpscopeError(f"augment must be true, false or unset, got {self.augment!r}")
         warmup = self.schedule.get("warmup_epochs", 0)

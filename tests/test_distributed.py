@@ -44,3 +44,13 @@ def test_cuda_index_is_checked_against_the_gpus_present(monkeypatch):
     assert pick_device("auto", local_rank=3) == torch.device("cuda", 1)
     with pytest.raises(SharpscopeError, match=r"'cuda:2' does not exist: .* 2 CUDA GPUs"):
         pick_device("cuda:2")
+
+
+def test_device_names_are_checked_by_form_without_a_gpu(monkeypatch):
+    from sharpscope.distributed import check_device_name
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert check_device_name("cuda:3") == ("cuda", 3)  # a study's jobs may run elsewhere
+    assert check_device_name("CPU") == ("cpu", None)
+    with pytest.raises(SharpscopeError, match="unknown device 'xla'"):
+        check_device_name("xla")

@@ -237,6 +237,7 @@ def test_lr_schedules():
         ({"epochs": 0}, "epochs must be a positive integer"),
         ({"schedule": {"name": "linear"}}, "unknown schedule 'linear'"),
         ({"precision": "fp8"}, "unknown precision 'fp8'"),
+        ({"device": "mps"}, "unknown device 'mps'; choose one of: auto, cpu, cuda or cuda:N"),
     ],
 )
 def test_bad_config_values(tmp_path, changes, message):

@@ -412,7 +412,10 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
     if "seed" in values:
         plan.seed = int(values["seed"])
     if "device" in values:
+        from ..distributed import check_device_name
+
         plan.device = str(values["device"])
+        check_device_name(plan.device)  # its form only: the runs may go to other machines
     for measure in MEASURES:
         if measure in values:
             options = values[measure]

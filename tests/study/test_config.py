@@ -133,6 +133,7 @@ def test_analysis_epochs_set_save_every():
             "unknown optimizer 'sharp' in optimizers.sam; choose one of",
         ),
         ({"executor": {"partition": "gpu"}}, "unknown key 'partition' in [executor]"),
+        ({"analysis": {"device": "mps"}}, "unknown device 'mps'; choose one of: auto, cpu"),
     ],
 )
 def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, message):
@@ -201,6 +202,7 @@ def test_every_shipped_config_is_valid():
         ({"dataset": {"name": "mnist1d", "colour": 1}}, {}, "unknown data option 'colour'"),
         ({"dataset": {"name": "mnist1d", "samples": 0}}, {}, "samples must be an integer >= 1"),
         ({"loss": "hinge"}, {}, "unknown loss 'hinge'; choose one of: cross_entropy, mse"),
+        ({"device": "gpu"}, {}, "unknown device 'gpu'; choose one of: auto, cpu"),
         ({"model": "no_such_pkg_q.models:net"}, {}, "put the folder holding it on PYTHONPATH"),
     ],
     ids=[
@@ -214,6 +216,7 @@ def test_every_shipped_config_is_valid():
         "data-option",
         "data-value",
         "loss",
+        "device",
         "module-factory",
     ],
 )
