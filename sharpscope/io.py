@@ -165,7 +165,7 @@ def is_sharpscope_checkpoint(obj: Any) -> bool:
 def _check_version(raw: Mapping[str, Any], path: Path) -> None:
     """One line for a version that is missing, not an integer, below 1 or newer than ours."""
     version = raw.get("version")
-    readable = f"an integer from 1 to {VERSION}"
+    readable = f"an integer from 1 to {VERSION}" if VERSION > 1 else "the integer 1"
     if version is None:
         raise SharpscopeError(
             f"{path} records no checkpoint version (a sharpscope checkpoint holds {readable}); "

@@ -216,8 +216,8 @@ def test_checkpoint_without_model_entry_says_to_pass_model(tmp_path, mlp_checkpo
             "bare state_dict:",
         ),
         # was "has checkpoint version 1; this sharpscope reads versions 1..1 (upgrade ...)"
-        ({"version": "1"}, "has checkpoint version '1' (str), not an integer from 1", "upgrade"),
-        ({"version": 1.0}, "has checkpoint version 1.0 (float), not an integer", "upgrade"),
+        ({"version": "1"}, "has checkpoint version '1' (str), not ", "upgrade"),
+        ({"version": 1.0}, "has checkpoint version 1.0 (float), not ", "upgrade"),
         ({"version": True}, "has checkpoint version True (bool)", "upgrade"),
         # was "version None ... (upgrade sharpscope)"
         ({"version": None}, "records no checkpoint version", "upgrade"),
