@@ -285,7 +285,11 @@ def load_checkpoint(
             input_shape, num_classes = _shapes_from_data(data)
         state_dict = raw.get("state_dict")
         if not isinstance(state_dict, Mapping):
-            raise SharpscopeError(f"{path} has no state_dict entry")
+            raise SharpscopeError(
+                f"{path} is a sharpscope checkpoint without a 'state_dict' entry (the "
+                "model's weights, which every checkpoint holds); give one written by "
+                "sharpscope train, or a bare state_dict file with --model"
+            )
         metrics = dict(raw.get("metrics") or {})
         optimizer_spec = raw.get("optimizer")
         epoch, step = raw.get("epoch"), raw.get("step")

@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -559,7 +560,7 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
                 f"acc {metrics['test_acc']:.4f}"
             )
             if progress is not None:
-                progress.write(line)
+                progress.write(line, file=sys.stderr)  # progress, like the bar itself
             elif info.is_main:
                 log.info(line)  # shown by `train --no-progress` (batch logs); silent by default
             if out is not None:

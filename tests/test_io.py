@@ -245,3 +245,12 @@ def test_malformed_checkpoints_get_a_specific_message(
             load(tmp_path / "odd.pt")
         text = str(info.value)
         assert message in text and not_said not in text and "\n" not in text, text
+
+
+def test_checkpoint_without_weights_says_what_a_checkpoint_holds(tmp_path, mlp_checkpoint):
+    path, model, spec = mlp_checkpoint
+    payload = _payload(model, spec)
+    del payload["state_dict"]
+    save_checkpoint(tmp_path / "noweights.pt", payload)
+    with pytest.raises(SharpscopeError, match="without a 'state_dict' entry.*--model"):
+        load_checkpoint(tmp_path / "noweights.pt")

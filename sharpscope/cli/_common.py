@@ -31,7 +31,7 @@ from torch import nn
 from ..data import DataSplit, load_data
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
-from ..errors import SharpscopeError, model_failure
+from ..errors import SharpscopeError, check_loss_value, model_failure
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta, atomic_write_bytes, to_jsonable
 
@@ -377,13 +377,14 @@ def check_model_on_data(model: nn.Module, batches: list[Batch], loss_fn: LossFn)
     inputs, targets = batches[0]
     try:
         with analysis_mode(model), torch.no_grad():  # every module's own mode comes back
-            loss_fn(model(inputs[:CHECK_EXAMPLES]), targets[:CHECK_EXAMPLES])
+            value = loss_fn(model(inputs[:CHECK_EXAMPLES]), targets[:CHECK_EXAMPLES])
     except SharpscopeError:
         raise
     except Exception as exc:  # the user's model or loss does not run on this data
         if is_out_of_memory(exc):
             return
         raise model_failure(exc) from exc
+    check_loss_value(value)  # a NaN loss would make every analysis NaN
 
 
 # The flags every analysis command shares; ``name: Alias = default`` in a signature.

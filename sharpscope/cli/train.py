@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -407,11 +407,13 @@ def register(app: typer.Typer) -> None:
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
-        # The per-epoch lines are progress, on stderr with the bar as without it (the
-        # trainer writes them through tqdm.write, which defaults to stdout); stdout holds
-        # the summary line below only.
-        with contextlib.redirect_stdout(sys.stderr):
-            summary = train(cfg, resume=resume)
+        if cfg.out is None:
+            warnings.warn(
+                "no --out: the trained model and its metrics are not saved (give --out DIR "
+                "for last.pt, the epoch checkpoints and metrics.jsonl)",
+                stacklevel=1,
+            )
+        summary = train(cfg, resume=resume)  # epoch lines on stderr; the summary on stdout
         if not summary.is_main:  # under torchrun only rank 0 reports
             return
         metrics = summary.metrics

@@ -266,3 +266,11 @@ def test_epoch_lines_go_to_stderr_with_the_progress_bar_too(tmp_path):
     assert "epoch 1/1  train loss " in result.stderr
     [line] = result.stdout.splitlines()
     assert "test accuracy" in line
+
+
+def test_training_without_out_warns_that_nothing_is_saved(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", *TINY])
+    assert result.exit_code == 0, result.output
+    assert "warning: no --out: the trained model and its metrics are not saved" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # and indeed nothing was written

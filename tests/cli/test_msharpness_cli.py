@@ -250,3 +250,16 @@ def test_samples_above_the_data_warn_and_the_number_used_is_recorded(checkpoint,
     ]
     meta = json.loads(out.read_text())["meta"]
     assert meta["num_samples"] == 1000 and meta["data"]["samples"] == 1000
+
+
+def test_a_loss_that_is_not_finite_on_the_data_is_one_line(checkpoint, tmp_path):
+    losses = tmp_path / "losses.py"
+    losses.write_text(
+        "import torch\n"
+        "def nan_loss():\n"
+        "    return lambda out, y: torch.nn.functional.cross_entropy(out, y) * float('nan')\n"
+    )
+    result = runner.invoke(app, ["msharpness", str(checkpoint), "--loss", f"{losses}:nan_loss"])
+    assert result.exit_code == 2, result.output
+    assert "the loss on the data is not a finite scalar" in result.output
+    assert "Traceback" not in result.output
