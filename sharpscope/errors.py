@@ -54,8 +54,8 @@ def loss_value_problem(value: object, *, finite: bool = True) -> str | None:
     True
     >>> loss_value_problem(torch.ones(4))
     'it returned a tensor of shape (4,), not a scalar (return the mean over the batch)'
-    >>> loss_value_problem(torch.tensor(float("nan")))
-    'it returned nan, not a finite number'
+    >>> loss_value_problem(torch.tensor(float("nan")))[:33]
+    'it returned nan, not a finite num'
     """
     import torch
 
@@ -67,7 +67,10 @@ def loss_value_problem(value: object, *, finite: bool = True) -> str | None:
             "(return the mean over the batch)"
         )
     if finite and not bool(torch.isfinite(value.detach())):
-        return f"it returned {value.item()}, not a finite number"
+        return (
+            f"it returned {value.item()}, not a finite number (the checkpoint or data holds "
+            "non-finite values, the model diverged, or the loss itself is not finite)"
+        )
     return None
 
 
