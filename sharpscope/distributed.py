@@ -9,7 +9,9 @@ needs none of it.
 from __future__ import annotations
 
 import atexit
+import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,11 +117,35 @@ def init_from_env(device: str | torch.device | None = "auto") -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, chosen)
 
 
-def shutdown() -> None:
+def shutdown(synchronize: bool = False) -> None:
     """Destroy the process group, if any (registered at exit by :func:`init_from_env`: without
-    it a rank can abort in the backend's teardown after its work is done)."""
+    it a rank can abort in the backend's teardown after its work is done).
+
+    ``synchronize``: meet the other ranks at a barrier first, so that no rank tears its
+    connections down while another still uses them (gloo ranks aborted in teardown in
+    about 1 of 16 loaded runs without it); for a command that finished normally.
+    """
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
+
+
+def leave_process_group(code: int = 0) -> None:
+    """Under torchrun, end this rank's process after a command finished: meet the other
+    ranks, destroy the process group and exit at once with ``code``, without the
+    interpreter's teardown, in which a gloo rank could still abort ("terminate called
+    without an active exception", exit -6 after all its work was written; about 1 in 16
+    loaded runs, with or without the barrier). Every file is written and closed by then;
+    the standard streams and logs are flushed here. A single process returns.
+    """
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    shutdown(synchronize=True)
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(code)
 
 
 def gather_to_main(value: Any) -> list[Any] | None:

@@ -73,7 +73,12 @@ class OneLineErrors(TyperGroup):
             typer.echo("error: aborted", err=True)
             sys.exit(1)
         # Commands return None; an int is an exit code that an Exit carried.
-        sys.exit(code if isinstance(code, int) else 0)
+        code = code if isinstance(code, int) else 0
+        if code == 0:  # under torchrun: leave together (on errors, as fast as possible)
+            from ..distributed import leave_process_group
+
+            leave_process_group(code)
+        sys.exit(code)
 
 
 app = typer.Typer(
