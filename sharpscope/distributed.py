@@ -73,7 +73,8 @@ def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0)
     if index is not None and index >= count:
         raise SharpscopeError(
             f"device '{device}' does not exist: this machine has {count} CUDA "
-            f"GPU{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})"
+            f"GPU{'s' if count != 1 else ''} "
+            f"({'cuda:0' if count == 1 else f'cuda:0..cuda:{count - 1}'})"
         )
     return torch.device("cuda", index) if index is not None else torch.device("cuda")
 
