@@ -115,9 +115,9 @@ class LanczosRun:
         return tridiagonal_eigh(self.alpha, self.beta)
 
 
-#: ``stop(alpha, beta, beta_j, dropped)`` after every step: True to stop, False to go on,
+#: ``stop(alpha, beta, beta_j)`` after every step: True to stop, False to go on,
 #: :data:`RESTART` to continue from a fresh vector (the current block is invariant).
-StopRule = Callable[[np.ndarray, np.ndarray, float, np.ndarray], "bool | str"]
+StopRule = Callable[[np.ndarray, np.ndarray, float], "bool | str"]
 RESTART = "restart"
 
 
@@ -261,9 +261,7 @@ class LanczosProcess:
         self.beta_last = b
         verdict = False
         if self.stop is not None:
-            verdict = self.stop(
-                np.asarray(self.alpha), np.asarray(self.beta), b, self.dropped[: j + 1]
-            )
+            verdict = self.stop(np.asarray(self.alpha), np.asarray(self.beta), b)
         if verdict is True:
             self.done = True
         elif j == self.m - 1:
@@ -348,24 +346,23 @@ def top_k_verdict(
     which: str,
     tol: float,
     *,
-    dropped: np.ndarray | None = None,
     block_start: int = 0,
     block_eigh: Callable[[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> bool | str:
     r"""The stop rule of the top-k runs: True (stop), False (go on) or :data:`RESTART`.
 
     ``theta, S``: eigenpairs of the projected matrix (j x j); ``b``: the newest residual
-    norm; ``dropped``: residual norms left out at earlier restarts, per row; ``block_start``:
-    the first row of the current Krylov block (0 before any restart; the projected matrix
+    norm; ``block_start``: the first row of the current Krylov block (0 before any restart; the projected matrix
     is block diagonal across restarts); ``block_eigh(lo, hi)``: the eigenpairs of its
     diagonal block ``[lo, hi)``.
 
-    The k wanted Ritz residuals (:math:`b |s_{j,i}|`, plus the dropped parts) must be
-    :math:`\le` ``tol`` :math:`\max|\theta|` (analysis.md §2). But one Krylov block holds
-    one copy of each eigenvalue, and once it is invariant (:math:`b <` 1e-10
-    :math:`|\theta_1|`, or every Ritz pair of the block converged) its residuals prove
-    nothing about copies outside it, so the run restarts from a fresh vector (spec §2:
-    "restart"), and:
+    The k wanted Ritz residuals :math:`b |s_{j,i}|` must be :math:`\le` ``tol``
+    :math:`\max|\theta|` (analysis.md §2). But one Krylov block holds one copy of each
+    eigenvalue, and once it is invariant (:math:`b <` 1e-10 :math:`|\theta_1|`, or to the
+    tolerance: :math:`b \le` ``tol`` :math:`\max|\theta|`, so that every Ritz pair of the
+    block has converged) its residuals prove nothing about copies outside it, so the run
+    restarts from a fresh vector (spec §2: "restart"); the :math:`b` left out is then at
+    most the tolerance, and is kept in the reported residuals (:func:`ritz_pairs`). And:
 
     * a later block ends when it is invariant, or when the k wanted values and its own
       most wanted value have converged (the earlier blocks' values have no residual
@@ -380,11 +377,11 @@ def top_k_verdict(
     later = block_start > 0
     assert block_eigh is not None or not later
     current, vectors = block_eigh(block_start, j) if later else (theta, S)
-    invariant = b <= BREAKDOWN * scale or bool(np.all(b * np.abs(vectors[-1]) <= threshold))
+    invariant = b <= max(BREAKDOWN * scale, threshold)
     if j < k:
         return RESTART if invariant else False
     if not later:
-        return RESTART if invariant else _converged(theta, S, b, k, which, threshold, dropped)
+        return RESTART if invariant else _converged(theta, S, b, k, which, threshold)
     wanted_by = preference(current, which)
     kth = float(preference(theta[select(theta, k, which)], which).min())
     adds = bool(np.any(wanted_by > kth + threshold))  # another copy of a wanted value
@@ -393,7 +390,7 @@ def top_k_verdict(
     best = int(np.argmax(wanted_by))  # the earlier blocks' values have no residual here
     if b * abs(vectors[-1, best]) > threshold:
         return False
-    if not _converged(theta, S, b, k, which, threshold, dropped):
+    if not _converged(theta, S, b, k, which, threshold):
         return False
     return RESTART if adds else True
 
@@ -405,14 +402,9 @@ def _converged(
     k: int,
     which: str,
     threshold: float,
-    dropped: np.ndarray | None,
 ) -> bool:
-    """Whether the k wanted Ritz residuals are <= threshold."""
-    idx = select(theta, k, which)
-    residuals = b * np.abs(S[-1, idx])
-    if dropped is not None:
-        residuals = residuals + dropped @ np.abs(S[:, idx])
-    return bool(np.all(residuals <= threshold))
+    """Whether the k wanted Ritz residuals ``b |S[-1, i]|`` are <= threshold."""
+    return bool(np.all(b * np.abs(S[-1, select(theta, k, which)]) <= threshold))
 
 
 def _check_k(k: int, n: int, max_steps: int) -> None:
@@ -481,7 +473,7 @@ def lanczos_top_k(
     op = as_operator(A, dim)
     _check_k(k, op.dim, max_steps)
 
-    def stop(alpha: np.ndarray, beta: np.ndarray, b: float, dropped: np.ndarray) -> bool | str:
+    def stop(alpha: np.ndarray, beta: np.ndarray, b: float) -> bool | str:
         restarted = np.flatnonzero(beta == 0.0)  # a restart couples the blocks by 0
         return top_k_verdict(
             *tridiagonal_eigh(alpha, beta),
@@ -489,7 +481,6 @@ def lanczos_top_k(
             k,
             which,
             tol,
-            dropped=dropped,
             block_start=int(restarted[-1]) + 1 if restarted.size else 0,
             block_eigh=lambda lo, hi: tridiagonal_eigh(alpha[lo:hi], beta[lo : hi - 1]),
         )

@@ -139,7 +139,6 @@ def thick_restart_lanczos_top_k(
             k,
             which,
             tol,
-            dropped=dropped[:j],
             block_start=block_start,
             block_eigh=lambda lo, hi: np.linalg.eigh(T[lo:hi, lo:hi]),
         )
