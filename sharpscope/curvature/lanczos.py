@@ -65,14 +65,9 @@ def select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
     >>> select(np.array([-7.0, 1.0, 3.0, 5.0]), 2, "LM").tolist()
     [3, 0]
     """
-    if which == "LA":
-        idx = np.argsort(-theta, kind="stable")[:k]
-    elif which == "SA":
-        idx = np.argsort(theta, kind="stable")[:k]
-    elif which == "LM":
-        idx = np.argsort(-np.abs(theta), kind="stable")[:k]
-    else:
+    if which not in WHICH:
         raise SharpscopeError(f"unknown which='{which}'; choose one of {', '.join(WHICH)}")
+    idx = np.argsort(-preference(theta, which), kind="stable")[:k]
     return idx[np.argsort(-theta[idx], kind="stable")]
 
 
@@ -352,9 +347,9 @@ def top_k_verdict(
     r"""The stop rule of the top-k runs: True (stop), False (go on) or :data:`RESTART`.
 
     ``theta, S``: eigenpairs of the projected matrix (j x j); ``b``: the newest residual
-    norm; ``block_start``: the first row of the current Krylov block (0 before any restart; the projected matrix
-    is block diagonal across restarts); ``block_eigh(lo, hi)``: the eigenpairs of its
-    diagonal block ``[lo, hi)``.
+    norm; ``block_start``: the first row of the current Krylov block (0 before any
+    restart; the projected matrix is block diagonal across restarts); ``block_eigh(lo,
+    hi)``: the eigenpairs of its diagonal block ``[lo, hi)``.
 
     The k wanted Ritz residuals :math:`b |s_{j,i}|` must be :math:`\le` ``tol``
     :math:`\max|\theta|` (analysis.md §2). But one Krylov block holds one copy of each

@@ -29,7 +29,6 @@ import torch
 from ..errors import SharpscopeError
 from ._linear import F64, as_operator, basis_combine_rows, basis_dot, orthogonalize, random_vector
 from .lanczos import (
-    BREAKDOWN,
     RESTART,
     WHICH,
     EigenPairs,
@@ -131,7 +130,6 @@ def thick_restart_lanczos_top_k(
         j += 1
         theta, S = np.linalg.eigh(T[:j, :j])
         idx = select(theta, min(k, j), which)
-        scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
         verdict = top_k_verdict(
             theta,
             S,
@@ -144,7 +142,7 @@ def thick_restart_lanczos_top_k(
         )
         if verdict is True or steps >= max_steps or j >= n:
             break
-        if verdict == RESTART or b <= BREAKDOWN * scale:  # invariant: a fresh direction
+        if verdict == RESTART:  # the block is invariant: continue in a fresh direction
             w = orthogonalize(random_vector(n, gen).to(op.device), V[:j])
             b_next = float(torch.linalg.vector_norm(w))
             if b_next < 1e-8 * np.sqrt(n):
