@@ -355,6 +355,13 @@ def _prepare_data(
             stacklevel=2,
         )
     train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
+    samples = dataset.get("samples")
+    if samples is not None and int(samples) > len(train) and info.is_main:
+        warnings.warn(
+            f"samples {samples} is more than the {len(train)} examples of the train split; "
+            f"using all {len(train)}",
+            stacklevel=2,
+        )
     test = load_data(dataset, "test", data_root=config.data_root, device=info.device)
     val = (
         load_data(dataset, "val", data_root=config.data_root, device=info.device)

@@ -274,3 +274,15 @@ def test_training_without_out_warns_that_nothing_is_saved(tmp_path, monkeypatch)
     assert result.exit_code == 0, result.output
     assert "warning: no --out: the trained model and its metrics are not saved" in result.stderr
     assert list(tmp_path.iterdir()) == []  # and indeed nothing was written
+
+
+def test_samples_above_the_data_warn_once(tmp_path):
+    """--samples beyond the training split used every example without a word."""
+    at = TINY.index("--samples")
+    args = [*TINY[:at], "--samples", "100000", *TINY[at + 2 :], "--out", str(tmp_path)]
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    [warning] = warnings
+    assert warning.startswith("warning: samples 100000 is more than the ")
+    assert warning.endswith("examples of the train split; using all " + warning.split()[-1])
