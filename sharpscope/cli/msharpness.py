@@ -88,7 +88,11 @@ def register(app: typer.Typer) -> None:
         ),
         restarts: int = typer.Option(1, "--restarts", help="Ascents per subset (random start)."),
         projection: str = typer.Option(
-            "exact", "--projection", help="Adaptive L2: exact (ellipsoid) or rescale."
+            "exact",
+            "--projection",
+            help="Adaptive L2 with --steps >= 2: exact (Euclidean projection onto the "
+            "ellipsoid, as Andriushchenko et al.; not rescaling-invariant, can stall below "
+            "the maximum) or rescale (ascent in the coordinates delta/|w|: invariant).",
         ),
         model: ModelOpt = None,
         data: DataOpt = None,

@@ -55,7 +55,8 @@ noise; ``width``/``depth`` set model options; ``model`` lists whole model specs.
 :mod:`sharpscope.study.measures` for the columns they add): ``spectrum`` (options of
 :func:`sharpscope.analysis.spectrum.spectrum`: ``k``, ``tol``, ``max_steps``,
 ``trace_probes``, ``num_probes``, ``num_lanczos_steps``, ...), ``m_sharpness`` and
-``adaptive_sharpness`` (``m``, ``rho`` lists, ``steps``, ``norm``), ``average_sharpness``
+``adaptive_sharpness`` (``m``, ``rho`` lists, ``steps``, ``norm``; adaptive also
+``projection``, "exact" or "rescale", see :func:`~sharpscope.analysis.msharpness.m_sharpness`), ``average_sharpness``
 (``rho``, ``adaptive``, ``adaptive_rho``, ``num_draws``, ``m``), ``keskar``
 (``epsilon``, ``iterations``, ``subspace_dim``), ``pac_bayes`` (``magnitude_aware``,
 ``target_drop``, ``num_draws``, ...) and ``landscape`` (``dims``, ``grid``, ``span``,
@@ -137,7 +138,7 @@ MEASURES = (
 )
 MEASURE_KEYS: dict[str, tuple[str, ...]] = {
     "m_sharpness": ("m", "rho", "steps", "norm", "seed"),
-    "adaptive_sharpness": ("m", "rho", "steps", "norm", "seed"),
+    "adaptive_sharpness": ("m", "rho", "steps", "norm", "projection", "seed"),
     "average_sharpness": ("rho", "adaptive", "adaptive_rho", "num_draws", "m", "seed"),
     "keskar": ("epsilon", "iterations", "subspace_dim", "seed"),
     "pac_bayes": (
@@ -460,6 +461,13 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
         if norm not in ("l2", "linf"):
             raise _fail(f"unknown analysis.{measure}.norm '{norm}'; choose one of: l2, linf")
         options["norm"] = norm
+        # Checked, not filled in: a plan without it (default "exact") stays equal to
+        # the plans of studies written before the key existed, so they still resume.
+        if options.get("projection", "exact") not in ("exact", "rescale"):
+            raise _fail(
+                f"unknown analysis.{measure}.projection '{options['projection']}'; "
+                "choose one of: exact, rescale"
+            )
     elif measure == "average_sharpness":
         options["rho"] = [
             _number("analysis.average_sharpness.rho", v, low=0.0)

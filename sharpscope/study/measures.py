@@ -104,6 +104,7 @@ def _m_sharpness_grid(
                 adaptive=adaptive,
                 steps=int(options.get("steps", 1)),
                 norm=options.get("norm", "l2"),
+                projection=options.get("projection", "exact"),
                 loss=loss,
                 seed=int(options.get("seed", common["seed"])),
             )

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
+from sharpscope.analysis.msharpness import m_sharpness
 from sharpscope.errors import SharpscopeError
 from sharpscope.study import (
     builtin_config_names,
@@ -12,6 +14,7 @@ from sharpscope.study import (
     load_study_config,
     study_config_from_dict,
 )
+from sharpscope.study.measures import measure_adaptive_sharpness
 from sharpscope.study.sweep import resolve_epochs, swept_axes
 
 TRAIN = {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp", "width": 16}, "epochs": 4}
@@ -119,6 +122,14 @@ def test_analysis_epochs_set_save_every():
         (
             {"analysis": {"m_sharpness": {"norm": "l3"}}},
             "unknown analysis.m_sharpness.norm 'l3'; choose one of: l2, linf",
+        ),
+        (
+            {"analysis": {"adaptive_sharpness": {"projection": "ball"}}},
+            "unknown analysis.adaptive_sharpness.projection 'ball'; choose one of: exact, rescale",
+        ),
+        (
+            {"analysis": {"m_sharpness": {"projection": "rescale"}}},
+            "unknown key 'projection' in [analysis.m_sharpness]",
         ),
         (
             {"analysis": {"split": "val"}},
@@ -266,3 +277,23 @@ def test_a_study_naming_an_unknown_data_set_writes_nothing(tmp_path):
     with pytest.raises(SharpscopeError, match="unknown data set 'nosuch'"):
         run_study(path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("projection", ["exact", "rescale"])
+def test_adaptive_sharpness_projection_reaches_the_measurement(projection):
+    """The study's adaptive m-sharpness runs with the configured projection (default exact)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    data = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    options = {"m": [8], "rho": [0.5], "steps": 3}
+    if projection != "exact":
+        options["projection"] = projection
+    plan = config(analysis={"adaptive_sharpness": options}).analysis
+    options = plan.measures["adaptive_sharpness"]
+    columns, payload = measure_adaptive_sharpness(
+        model, data, "cross_entropy", options, {"seed": 0}
+    )
+    [result] = payload["results"]
+    assert result["projection"] == projection and result["steps"] == 3
+    want = m_sharpness(model, data, m=8, rho=0.5, adaptive=True, steps=3, projection=projection)
+    assert columns["adaptive_sharpness"] == pytest.approx(want.sharpness, rel=1e-12)
