@@ -99,7 +99,8 @@ def _map_groups(
         return vmap(fn, in_dims=in_dims, randomness="different")
 
     def looped(*args: Any) -> Any:
-        groups = next(_leading(a) for a, d in zip(args, in_dims) if d is not None)
+        sizes = (_leading(a) for a, d in zip(args, in_dims) if d is not None)
+        groups = next(size for size in sizes if size is not None)
         return _stack(
             [
                 fn(*[a if d is None else _index(a, k) for a, d in zip(args, in_dims)])
@@ -110,12 +111,13 @@ def _map_groups(
     return looped
 
 
-def _leading(tree: Any) -> int:
+def _leading(tree: Any) -> int | None:
+    """Size of the group dimension of ``tree``'s tensors; None for an empty tree (a model
+    without buffers)."""
     if isinstance(tree, Tensor):
         return tree.shape[0]
-    if isinstance(tree, dict):
-        return _leading(next(iter(tree.values())))
-    return _leading(tree[0])
+    leaves = tree.values() if isinstance(tree, dict) else tree
+    return next((size for size in map(_leading, leaves) if size is not None), None)
 
 
 def _expand(buffers: dict[str, Tensor], groups: int) -> dict[str, Tensor]:
