@@ -82,10 +82,16 @@ def test_train_writes_checkpoints_and_metrics(tmp_path):
             "optimizer": {"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
             "deterministic": True,
         },
+        {
+            "dataset": {"name": "mnist1d", "samples": 256},
+            "model": {"name": "vit", "dim": 8, "depth": 1, "heads": 1, "patch": 8, "dropout": 0.3},
+            "optimizer": {"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
+        },
     ],
-    ids=["mlp-sgd", "bn-cnn-augment-warmup", "cnn1d-sam-deterministic"],
+    ids=["mlp-sgd", "bn-cnn-augment-warmup", "cnn1d-sam-deterministic", "vit-dropout-sam"],
 )
 def test_resume_is_bit_identical(tmp_path, monkeypatch, changes):
+    """Cut in epoch 2 and resumed = one run through; dropout also needs the global RNG back."""
     full, resumed = full_and_resumed_runs(
         lambda out: _config(out, epochs=3, **changes), tmp_path, monkeypatch
     )
@@ -95,6 +101,25 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch, changes):
     rows_cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     strip = [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows_full]
     assert strip == [{k: v for k, v in json.loads(r).items() if k != "seconds"} for r in rows_cut]
+
+
+def test_the_checkpoint_holds_the_grad_scaler_state(tmp_path):
+    """An fp16 run (CUDA only) must resume its loss scale: the payload keeps scaler.state_dict()."""
+    from types import SimpleNamespace
+
+    from sharpscope.trainer import _checkpoint_payload
+
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**5)
+    split = SimpleNamespace(input_shape=(2,), num_classes=2)
+    payload = _checkpoint_payload(
+        _config(tmp_path), model, opt, scheduler, scaler, split, 1, 1, {}, torch.device("cpu")
+    )
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(payload["scaler_state"])
+    assert restored.get_scale() == 2.0**5
 
 
 def test_resume_without_checkpoint_is_one_line(tmp_path):

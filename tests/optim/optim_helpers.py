@@ -42,6 +42,19 @@ class TinyMLP(nn.Module):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+class TinyNormMLP(TinyMLP):
+    """TinyMLP with a LayerNorm or GroupNorm after fc1: a normalization layer, no buffers."""
+
+    def __init__(self, norm: str = "layer", dtype: torch.dtype = torch.float32) -> None:
+        super().__init__(dtype=dtype)
+        self.norm = (
+            nn.LayerNorm(6, dtype=dtype) if norm == "layer" else nn.GroupNorm(2, 6, dtype=dtype)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(torch.tanh(self.norm(self.fc1(x))))
+
+
 def bn_net(seed: int = 0, **kwargs: Any) -> TinyBNNet:
     torch.manual_seed(seed)
     return TinyBNNet(**kwargs)
@@ -50,6 +63,11 @@ def bn_net(seed: int = 0, **kwargs: Any) -> TinyBNNet:
 def mlp(seed: int = 0, **kwargs: Any) -> TinyMLP:
     torch.manual_seed(seed)
     return TinyMLP(**kwargs)
+
+
+def norm_mlp(seed: int = 0, **kwargs: Any) -> TinyNormMLP:
+    torch.manual_seed(seed)
+    return TinyNormMLP(**kwargs)
 
 
 def bn_batches(

@@ -77,6 +77,36 @@ def test_asam_layerwise_and_linf_forms():
     torch.testing.assert_close(_flat(linf.perturbation(ps, grads)), want, rtol=1e-13, atol=1e-15)
 
 
+def test_asam_linf_from_model_moves_biases_by_rho_sign_g():
+    """l-inf form, weight-only rule: eps_W = rho (|W| + eta) sign(g), eps_b = rho sign(g)."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2, dtype=torch.float64)
+    opt = ASAM.from_model(model, torch.optim.SGD, rho=0.4, eta=0.1, adaptive="linf", lr=0.1)
+    params = list(model.parameters())
+    grads = [torch.randn_like(p) for p in params]
+    eps = opt.perturbation(params, grads)
+    torch.testing.assert_close(eps[0], 0.4 * (params[0].detach().abs() + 0.1) * grads[0].sign())
+    torch.testing.assert_close(eps[1], 0.4 * grads[1].sign())
+
+
+def test_asam_weight_only_rule_reads_the_last_name_component():
+    """A bias inside a module named weightnet is a bias (T = 1): eps = rho t^2 g / ||t g||."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weightnet = nn.Linear(2, 2, dtype=torch.float64)
+
+    model = Net()
+    opt = ASAM.from_model(model, torch.optim.SGD, rho=0.5, eta=0.0, lr=0.1)
+    params = list(model.parameters())
+    grads = [torch.ones_like(p) for p in params]
+    t = torch.cat([params[0].detach().abs().reshape(-1), torch.ones(2, dtype=torch.float64)])
+    g = torch.ones(6, dtype=torch.float64)
+    want = 0.5 * t * t * g / (torch.linalg.norm(t * g) + 1e-12)
+    torch.testing.assert_close(_flat(opt.perturbation(params, grads)), want, rtol=1e-13, atol=1e-15)
+
+
 def test_asam_step_on_a_quadratic_equals_the_closed_form():
     A = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
     w0 = torch.tensor([1.0, -3.0], dtype=torch.float64)
@@ -129,6 +159,27 @@ def test_vasso_ema_matches_the_closed_form_on_a_fixed_gradient_sequence():
     eps = opt.perturbation([w], [cs[0]])
     d = (1 - theta) * d + theta * cs[0]
     torch.testing.assert_close(eps[0], rho * d / (d.norm() + 1e-12), rtol=1e-14, atol=1e-15)
+
+
+def test_vasso_d_of_a_parameter_first_seen_later_starts_at_its_gradient():
+    """b has no gradient in step 1; its d after step 2 is its first gradient c_b, not theta c_b."""
+    a = nn.Parameter(torch.tensor([1.0, 2.0], dtype=torch.float64))
+    b = nn.Parameter(torch.tensor([3.0], dtype=torch.float64))
+    opt = VaSSO([a, b], torch.optim.SGD, rho=0.1, theta=0.3, lr=0.1, bn_policy="both")
+    c_a = torch.tensor([0.5, -1.0], dtype=torch.float64)
+    c_b = torch.tensor([2.0], dtype=torch.float64)
+
+    def closure(with_b):
+        opt.zero_grad()
+        loss = c_a @ a + (c_b @ b if with_b else 0.0)
+        loss.backward()
+        return loss
+
+    opt.step(lambda: closure(False))
+    assert b.grad is None
+    opt.step(lambda: closure(True))
+    torch.testing.assert_close(opt.state[b]["d"], c_b, rtol=1e-14, atol=1e-15)
+    torch.testing.assert_close(opt.state[a]["d"], c_a, rtol=1e-14, atol=1e-15)  # EMA of c_a, c_a
 
 
 @pytest.mark.parametrize("theta", [0.0, -0.1, 1.5, "x"])

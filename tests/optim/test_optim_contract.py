@@ -44,6 +44,17 @@ def test_rho_zero_equals_base_exactly(name, base):
     assert state_equal(model, ref)
 
 
+@pytest.mark.parametrize("name", sorted(set(TWO_PASS) - {"lets"}))  # LETS never skips pass 2
+def test_rho_zero_takes_one_pass_even_with_bn_policy_both(name):
+    """rho = 0 skips pass 2: one gradient pass, BatchNorm statistics updated once, not twice."""
+    model = bn_net()
+    x, y = bn_batches(1)[0]
+    opt = build({**TWO_PASS[name], "rho": 0.0, "bn_policy": "both"}, model)
+    opt.step(BatchClosure(model, CE, x, y))
+    assert opt.gradient_passes == 1
+    assert int(model.bn.num_batches_tracked) == 1
+
+
 @pytest.mark.parametrize("name", sorted(ALL_SPECS))
 def test_state_dict_round_trip_resumes_bit_identically(name):
     spec = ALL_SPECS[name]

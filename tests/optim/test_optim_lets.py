@@ -59,19 +59,16 @@ def F(rho):
     return 0.5 * (l_val - l_tr) ** 2
 
 
-def two_lets_steps(hypergrad, **kwargs):
+def lets_on_shift(hypergrad, **kwargs):
+    """LETS with plain SGD on the Shift model; kwargs override rho, rho_lr, lr, val_batches."""
     model = Shift()
-    opt = LETS(
-        model,
-        torch.optim.SGD,
-        rho=RHO,
-        rho_lr=BETA,
-        hypergrad=hypergrad,
-        lr=ETA,
-        val_batches=VAL,
-        bn_policy="both",
-        **kwargs,
-    )
+    options = dict(rho=RHO, rho_lr=BETA, lr=ETA, val_batches=VAL, bn_policy="both")
+    opt = LETS(model, torch.optim.SGD, hypergrad=hypergrad, **{**options, **kwargs})
+    return model, opt
+
+
+def two_lets_steps(hypergrad, **kwargs):
+    model, opt = lets_on_shift(hypergrad, **kwargs)
     for _ in range(2):
         opt.step(BatchClosure(model, quad_loss, *TRAIN))
     return model, opt
@@ -143,6 +140,62 @@ def test_adam_coefficient_enters_v():
     torch.testing.assert_close(opt.state[model.w]["v"], want, rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize(
+    ("sgd_options", "coefficient"),
+    [({"momentum": 0.9}, ETA), ({"momentum": 0.9, "nesterov": True}, ETA * 1.9)],
+    ids=["momentum", "nesterov"],
+)
+def test_sgd_momentum_coefficient_enters_v(sgd_options, coefficient):
+    """First SGD step: v = P A u1 with P = lr under momentum and lr (1 + mu) under Nesterov."""
+    model, opt = lets_on_shift("hvp", rho_lr=0.0, **sgd_options)
+    opt.step(BatchClosure(model, quad_loss, *TRAIN))
+    _, u1, _ = first_step(RHO)
+    torch.testing.assert_close(
+        opt.state[model.w]["v"], coefficient * (A_TR @ u1), rtol=1e-12, atol=1e-15
+    )
+
+
+def test_sgd_dampening_enters_v_after_the_first_step():
+    """Second SGD step with dampening 0.5: the current gradient's coefficient is lr (1 - 0.5)."""
+    model, opt = lets_on_shift("hvp", rho_lr=0.0, momentum=0.9, dampening=0.5)
+    opt.step(BatchClosure(model, quad_loss, *TRAIN))
+    g = A_TR @ (model.w.detach() - CENTER_TR)
+    u2 = g / (g.norm() + 1e-12)
+    opt.step(BatchClosure(model, quad_loss, *TRAIN))
+    want = ETA * 0.5 * (A_TR @ u2)
+    torch.testing.assert_close(opt.state[model.w]["v"], want, rtol=1e-12, atol=1e-15)
+
+
+def quartic_loss(out, y):
+    """1/4 sum (w - c)^4: gradient z^3 and Hessian diag(3 z^2) with z = w - c."""
+    return 0.25 * (out**4).sum(-1).mean()
+
+
+def test_hvp_is_taken_at_the_perturbed_point():
+    """Quartic loss (Hessian not constant): v1 = lr H(w0 + rho u1) u1 = lr 3 (z + rho u1)^2 u1."""
+    model, opt = lets_on_shift("hvp", rho_lr=0.0)
+    opt.step(BatchClosure(model, quartic_loss, *TRAIN))
+    z = W0 - CENTER_TR
+    u1 = z**3 / ((z**3).norm() + 1e-12)
+    want = ETA * 3 * (z + RHO * u1) ** 2 * u1
+    torch.testing.assert_close(opt.state[model.w]["v"], want, rtol=1e-12, atol=1e-15)
+
+
+def test_rho_is_clamped_to_rho_max():
+    """h < 0 here, so rho would grow to 0.3 - 0.2 h = 0.64; rho_max = 0.35 caps it exactly."""
+    _, opt = two_lets_steps("hvp", rho_max=0.35)
+    assert float(opt.last_h) < 0
+    assert opt.rho == 0.35
+
+
+def test_rho_is_clamped_to_rho_min():
+    """h = +7e-3 at this validation centre, so rho_lr = 100 would give 0.3 - 0.7 < 0 = rho_min."""
+    val = [(torch.tensor([[0.6, -0.5, 1.5]], dtype=DT), torch.tensor([1]))]
+    _, opt = two_lets_steps("hvp", rho_lr=100.0, val_batches=val)
+    assert float(opt.last_h) > 0
+    assert opt.rho == 0.0
+
+
 def test_per_group_rho_updates_each_group_with_its_own_hypergradient():
     class TwoPart(nn.Module):
         def __init__(self):
@@ -178,21 +231,22 @@ def test_per_group_rho_updates_each_group_with_its_own_hypergradient():
     )
 
 
+@pytest.mark.parametrize("same_noise", [True, False])
 @pytest.mark.parametrize("inner", ["sam", "asam"])
-def test_rho_lr_zero_equals_the_inner_variant_exactly(inner):
+def test_rho_lr_zero_equals_the_inner_variant_exactly(inner, same_noise):
+    """Bit for bit with dropout; same_noise=False catches a validation pass that reseeds the RNG."""
     a, b = bn_net(dropout=0.2), bn_net(dropout=0.2)
     batches = bn_batches(3)
+    common = dict(rho=0.2, lr=0.1, momentum=0.9, same_noise=same_noise)
     lets = LETS(
         a,
         torch.optim.SGD,
         inner=inner,
-        rho=0.2,
         rho_lr=0.0,
-        lr=0.1,
-        momentum=0.9,
         val_batches=bn_batches(2, seed=5),
+        **common,
     )
-    ref = (SAM if inner == "sam" else ASAM)(b, torch.optim.SGD, rho=0.2, lr=0.1, momentum=0.9)
+    ref = (SAM if inner == "sam" else ASAM)(b, torch.optim.SGD, **common)
     torch.manual_seed(0)
     run(lets, a, batches)
     torch.manual_seed(0)

@@ -12,7 +12,7 @@ from torch import nn
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import ASAM, SAM, SAMON, BatchClosure, VaSSO, batchnorm_buffers
 
-from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, params_equal
+from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, norm_mlp, params_equal
 
 A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
 
@@ -67,6 +67,17 @@ def test_two_sam_steps_with_momentum_equal_the_closed_form():
         buf = gt if buf is None else 0.9 * buf + gt
         w = w - 0.05 * buf
     torch.testing.assert_close(model.w.detach(), w, rtol=1e-14, atol=1e-14)
+
+
+def test_weight_decay_enters_the_descent_but_not_the_ascent():
+    """SGD weight decay: w1 = w0 - lr (A(w0 + rho g/||g||) + wd w0) with g = A w0, no wd w in g."""
+    w0 = torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64)
+    model = Quadratic(w0)
+    opt = SAM(model, torch.optim.SGD, rho=0.3, lr=0.1, weight_decay=0.2)
+    opt.step(quad_closure(opt, model))
+    g = A @ w0  # the data-loss gradient only
+    want = w0 - 0.1 * (A @ (w0 + 0.3 * g / g.norm()) + 0.2 * w0)  # coupled, at the restored w
+    torch.testing.assert_close(model.w.detach(), want, rtol=1e-14, atol=1e-14)
 
 
 def test_zero_gradient_gives_zero_perturbation_not_nan():
@@ -178,6 +189,32 @@ def test_m_sharpness_equals_a_loop_over_groups(variant, m):
         torch.testing.assert_close(got.detach(), want, rtol=1e-10, atol=1e-12)
     for got, want in zip(batchnorm_buffers(model), want_bn):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_m_sharpness_returns_the_loss_of_the_whole_batch():
+    """Groups of 5, 5 and 2 weighted by size: the returned loss is CE over all 12 examples."""
+    model = mlp(dtype=torch.float64)
+    x, y = mlp_batches(1, size=12, dtype=torch.float64)[0]
+    want = CE(model(x), y).detach()
+    loss = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1, m=5).step(BatchClosure(model, CE, x, y))
+    torch.testing.assert_close(loss, want, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("same_noise", [True, False])
+def test_m_sharpness_same_noise_reuses_each_groups_dropout_masks(monkeypatch, same_noise):
+    """Group loop, m=4 on 8 examples: pass 2 of group k sees pass 1's mask of group k."""
+    import sharpscope.optim.msam as msam
+
+    monkeypatch.setattr(msam, "_vectorizable", lambda module, dtype: False)  # masks per group
+    torch.manual_seed(0)
+    model = MaskRecorder()
+    x, y = mlp_batches(1)[0]
+    opt = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1, m=4, same_noise=same_noise)
+    opt.step(BatchClosure(model, CE, x, y))
+    assert len(model.masks) == 4  # 2 groups x 2 passes
+    first, second = model.masks[:2], model.masks[2:]
+    assert not torch.equal(first[0], first[1])  # each group draws its own mask
+    assert [torch.equal(a, b) for a, b in zip(first, second)] == [same_noise] * 2
 
 
 def test_m_sharpness_needs_a_batch_closure_and_a_stateless_variant():
@@ -330,11 +367,21 @@ def test_unknown_model_warns_once_about_batchnorm():
         )
 
 
-def test_m_sharpness_group_loop_equals_vmap(monkeypatch):
+NETS = {
+    "batchnorm": (bn_net, bn_batches, {}),
+    "layernorm": (norm_mlp, mlp_batches, {"norm": "layer"}),
+    "groupnorm": (norm_mlp, mlp_batches, {"norm": "group"}),
+}
+
+
+@pytest.mark.parametrize("net", sorted(NETS))
+def test_m_sharpness_group_loop_equals_vmap(monkeypatch, net):
+    """fp64: the group loop gives vmap's step (on buffer-free norm nets it raised StopIteration)."""
     import sharpscope.optim.msam as msam
 
-    x, y = bn_batches(1, size=12, dtype=torch.float64)[0]
-    a, b = bn_net(dtype=torch.float64), bn_net(dtype=torch.float64)
+    make, batches, options = NETS[net]
+    x, y = batches(1, size=12, dtype=torch.float64)[0]
+    a, b = make(dtype=torch.float64, **options), make(dtype=torch.float64, **options)
     SAM(a, torch.optim.SGD, rho=0.1, lr=0.1, m=5).step(BatchClosure(a, CE, x, y))
     monkeypatch.setattr(msam, "_vectorizable", lambda module, dtype: False)
     SAM(b, torch.optim.SGD, rho=0.1, lr=0.1, m=5).step(BatchClosure(b, CE, x, y))
@@ -353,3 +400,17 @@ def test_m_sharpness_with_bf16_autocast_and_batchnorm_runs_group_by_group():
     for p, q in zip(a.state_dict().values(), b.state_dict().values()):
         torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-2)
     assert int(b.bn.num_batches_tracked) == 1
+
+
+@pytest.mark.parametrize("norm", ["layer", "group"])
+def test_m_sharpness_with_bf16_autocast_and_a_buffer_free_norm_layer(norm):
+    """Regression: bf16 + LayerNorm/GroupNorm without buffers crashed the group loop (StopIteration)."""
+    x, y = mlp_batches(1, size=12)[0]
+    a, b = norm_mlp(norm=norm), norm_mlp(norm=norm)
+    assert not list(b.buffers())
+    SAM(a, torch.optim.SGD, rho=0.1, lr=0.1, m=4).step(BatchClosure(a, CE, x, y))
+    SAM(b, torch.optim.SGD, rho=0.1, lr=0.1, m=4).step(
+        BatchClosure(b, CE, x, y, autocast_dtype=torch.bfloat16)
+    )
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-2)

@@ -10,7 +10,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.optim import SAMON, BatchClosure, SinglePass
 from sharpscope.optim.samon import normalization_parameters
 
-from optim_helpers import CE, bn_batches, bn_net, mlp, params_equal, run
+from optim_helpers import CE, bn_batches, bn_net, mlp, params_equal, run, through_file
 
 
 class SpyClosure(BatchClosure):
@@ -46,6 +46,33 @@ def test_the_ascent_moves_only_normalization_parameters(exclude_norm):
     g = torch.cat([closure.grads[0][n].reshape(-1) for n in sorted(perturbed)])
     assert eps.norm().item() == pytest.approx(0.5, rel=1e-5)  # ||eps||_N = rho
     torch.testing.assert_close(eps, 0.5 * g / g.norm(), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("normalize_bias", [False, True])
+def test_elementwise_form_scales_the_norm_weight_and_the_bias_only_if_asked(normalize_bias):
+    """eps on (bn.weight, bn.bias) = rho t^2 g / ||t g||, t = (|gamma| + eta, 1 or |beta| + eta)."""
+    model = bn_net(dtype=torch.float64)
+    opt = SAMON(
+        model,
+        torch.optim.SGD,
+        rho=0.5,
+        adaptive="elementwise",
+        eta=0.01,
+        normalize_bias=normalize_bias,
+        lr=0.1,
+    )
+    params = list(model.parameters())
+    grads = [torch.randn_like(p) for p in params]
+    eps = opt.perturbation(params, grads)
+    names = [n for n, _ in model.named_parameters()]
+    iw, ib = names.index("bn.weight"), names.index("bn.bias")
+    bias = params[ib].detach()
+    t_bias = bias.abs() + 0.01 if normalize_bias else torch.ones_like(bias)
+    t = torch.cat([params[iw].detach().abs() + 0.01, t_bias])
+    g = torch.cat([grads[iw], grads[ib]])
+    want = 0.5 * t * t * g / (torch.linalg.norm(t * g) + 1e-12)
+    torch.testing.assert_close(torch.cat([eps[iw], eps[ib]]), want, rtol=1e-13, atol=1e-15)
+    assert [i for i, e in enumerate(eps) if e is not None] == [iw, ib]
 
 
 def test_samon_on_a_model_without_normalization_layers_is_one_clear_error():
@@ -86,3 +113,34 @@ def test_sam_epochs_take_plain_base_steps_outside_the_window():
     run(sgd, b, batches[:2])
     assert not params_equal(a, b)
     assert opt.state_dict()["variant"] == {"num_steps": 6}
+
+
+def _passes_per_step(opt, model, batches):
+    passes = []
+    for x, y in batches:
+        before = opt.gradient_passes
+        opt.step(BatchClosure(model, CE, x, y))
+        passes.append(opt.gradient_passes - before)
+    return passes
+
+
+def test_sam_epochs_window_excludes_its_end():
+    """sam_epochs=(1, 2), one step per epoch: passes per step are 1, 2, 1 (epoch 2 is outside)."""
+    model = bn_net()
+    opt = SAMON(model, torch.optim.SGD, rho=0.5, lr=0.1, sam_epochs=(1, 2), steps_per_epoch=1)
+    assert _passes_per_step(opt, model, bn_batches(3)) == [1, 2, 1]
+
+
+def test_sam_epochs_window_survives_a_state_dict_round_trip():
+    """Resumed after step 0, step 1 is in epoch 1 and so sharpness-aware (2 passes)."""
+    model = bn_net()
+    batches = bn_batches(2)
+
+    def make():
+        return SAMON(model, torch.optim.SGD, rho=0.5, lr=0.1, sam_epochs=(1, 2), steps_per_epoch=1)
+
+    opt = make()
+    assert _passes_per_step(opt, model, batches[:1]) == [1]
+    resumed = make()
+    resumed.load_state_dict(through_file(opt.state_dict()))
+    assert _passes_per_step(resumed, model, batches[1:]) == [2]
