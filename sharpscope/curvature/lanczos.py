@@ -84,7 +84,8 @@ class LanczosRun:
         restarts: how often the Krylov space was exhausted and a fresh vector taken.
         exhausted: the run stopped because the Krylov space was exhausted.
         dropped: ``(m,)``, the residual norm left out of T at each row where a block
-            ended in a restart (0 elsewhere); it bounds that block's Ritz residuals.
+            ended in a restart (0 elsewhere); with it :func:`ritz_pairs` bounds the true
+            Ritz residuals of that block and of the blocks after it.
     """
 
     alpha: np.ndarray
@@ -527,13 +528,19 @@ def ritz_pairs(
     """The wanted Ritz pairs ``idx`` of a projected matrix ``S diag(theta) S^T``.
 
     Residual estimates ``residual_norm * |S[-1, i]|`` (only the last basis vector's image
-    leaves the basis) plus ``dropped @ |S[:, i]|`` (what restarts left out); with ``return_eigenvectors`` the Ritz vectors ``basis^T S[:, i]``
-    and, unless ``true_residuals`` is False, ``||A y - theta y||`` (len(idx) products).
+    leaves the basis) plus, for each row j where a block ended in a restart, ``dropped[j] *
+    ||S[j:, i]||``: the residual r = dropped[j]·q̃ left out there is orthogonal to q_j, and its
+    part inside the later blocks couples them to q_j (QᵀAQ - T has the entries
+    dropped[j]·(q̃ᵀq_l) in row j), so ``A Q s - θ Q s`` gains dropped[j]·(s_j q̃ + (q̃ᵀQ s) q_j),
+    of norm at most dropped[j]·||s[j:]||. With ``return_eigenvectors`` the Ritz vectors
+    ``basis^T S[:, i]`` and, unless ``true_residuals`` is False, ``||A y - theta y||``
+    (len(idx) products).
     """
     scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
     residuals = residual_norm * np.abs(S[-1, idx])
-    if dropped is not None:
-        residuals = residuals + dropped @ np.abs(S[:, idx])
+    if dropped is not None and dropped.any():
+        tails = np.sqrt(np.cumsum(S[::-1, idx] ** 2, axis=0)[::-1])  # ||S[j:, i]|| per row j
+        residuals = residuals + dropped @ tails
     vectors = true_res = None
     if return_eigenvectors:
         assert basis is not None
