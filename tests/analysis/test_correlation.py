@@ -64,6 +64,7 @@ def test_tau_is_plus_one_minus_one_and_nan_when_undefined():
     assert math.isnan(kendall_tau([1.0], [2.0]))
     # NaN rows (failed runs) are dropped, not ranked
     assert kendall_tau([1, 2, math.nan, 3], [1, 2, 0, 3]) == pytest.approx(1.0)
+    assert kendall_tau([1, 2, 3, 4], [1, 2, math.nan, 3]) == pytest.approx(1.0)  # NaN gap
     with pytest.raises(SharpscopeError, match="3 values but gap has 2"):
         kendall_tau([1, 2, 3], [1, 2])
 
@@ -120,6 +121,21 @@ def test_granulated_kendall_hand_computed_eight_models():
     assert result.tau == pytest.approx(stats.kendalltau(measure, gap).statistic)
 
 
+def test_overall_psi_is_the_plain_mean_of_psi_k_with_unequal_group_counts():
+    """Ψ = (ψ_lr + ψ_bs)/2 with 2 lr-groups and 3 bs-groups, by hand with scipy (pooling
+    the 5 groups would give another value)."""
+    factors = {"lr": [1, 2, 3, 1, 2, 3], "bs": [1, 1, 1, 2, 2, 2]}
+    gap = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
+    measure = [1.0, 2.0, 3.0, 0.0, 2.5, 2.0]
+    result = granulated_kendall(measure, gap, factors)
+    # psi_lr: groups bs = 1 (rows 0-2, tau 1) and bs = 2 (rows 3-5);
+    # psi_bs: groups lr = 1, 2, 3, each the pair (row i, row i + 3)
+    psi_lr = np.mean([1.0, stats.kendalltau([0, 2.5, 2], [4, 5, 6]).statistic])
+    psi_bs = np.mean([np.sign(0 - 1), np.sign(2.5 - 2), np.sign(2 - 3)])
+    assert result.psi["lr"] == pytest.approx(psi_lr) and result.psi["bs"] == pytest.approx(psi_bs)
+    assert result.overall == pytest.approx((psi_lr + psi_bs) / 2)
+
+
 def test_coupled_axes_compare_sgd_with_every_sam_rho():
     # SGD has no rho ("n/a"); without coupling no group holds both optimizers.
     factors = {
@@ -168,6 +184,26 @@ def test_bootstrap_interval_covers_the_true_tau():
     # the width of a 95% interval is about 2 * 1.96 standard errors of tau (about 0.05 here)
     assert 0.08 < high - low < 0.4
     assert result.p_value < 1e-6
+
+
+def test_bootstrap_interval_is_the_central_percentile_interval():
+    """tau_interval is the 2.5% and 97.5% quantiles of scipy's τ over bootstrap_indices."""
+    rng = np.random.default_rng(3)
+    x, y = rng.normal(size=40), rng.normal(size=40)
+    y = y + x
+    result = correlate(x, y, {}, resamples=300, seed=0)
+    taus = [stats.kendalltau(x[i], y[i]).statistic for i in bootstrap_indices(40, 300, seed=0)]
+    expected = tuple(np.quantile(taus, [0.025, 0.975]))
+    assert result.tau_interval == pytest.approx(expected, abs=1e-12)
+
+
+def test_perfect_measure_has_psi_interval_one():
+    """μ = g: every resample's ψ_k is 1 (groups a resample leaves undefined are not counted)."""
+    factors = _grid({"lr": [0.1, 0.2, 0.4], "bs": [32, 128], "seed": [0, 1, 2]})
+    gap = np.random.default_rng(0).normal(size=18)
+    result = correlate(gap, gap, factors, resamples=200)
+    for axis in ("lr", "bs"):
+        assert result.psi_interval[axis] == (1.0, 1.0)
 
 
 def test_correlate_reports_psi_intervals_and_seed_bootstrap():

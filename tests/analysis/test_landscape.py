@@ -127,6 +127,39 @@ def test_filter_normalized_direction_has_the_weight_filter_norms():
     torch.testing.assert_close(element[mask], (raw * theta.abs())[mask])
 
 
+def test_bias_normalize_keeps_the_raw_direction():
+    """bias="normalize" rescales a bias's raw direction as a whole: d_b = r_b·‖θ_b‖/‖r_b‖
+    (θ_b = (5, 6), r_b = (1, 2)), not element by element."""
+    layout = ParamLayout.of(nn.Linear(2, 2))
+    theta = torch.tensor([3.0, 4.0, 0.0, 1.0, 5.0, 6.0], dtype=F64)
+    raw = torch.tensor([1.0, 1.0, 1.0, 1.0, 1.0, 2.0], dtype=F64)
+    d = normalize_direction(raw, theta, layout, "filter", "normalize")
+    torch.testing.assert_close(d[4:], raw[4:] * (61 / 5) ** 0.5, rtol=1e-8, atol=0)
+
+
+def test_two_random_directions_are_independent_and_cosine_is_normalized():
+    """The 2-D random directions are drawn separately (|cos| < 0.5) and ``cosine`` is
+    d₀·d₁/(‖d₀‖‖d₁‖)."""
+    net = mlp()
+    x, y = class_data()
+    r = landscape(net, (x, y), 2, grid=3)
+    d0, d1 = r.directions.double()
+    assert abs(r.cosine) < 0.5
+    assert r.cosine == pytest.approx(float(d0 @ d1 / (d0.norm() * d1.norm())), rel=1e-12)
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_landscape_independent_of_batching(vectorize):
+    """Batches of 5, 5, 5, 5, 3 weigh n_b/N (§0): loss and accuracy equal one batch's (1e-12)."""
+    net = bn_cnn()
+    x, y = class_data(n=23, d=10)
+    kw = {"grid": 3, "seed": 2, "vectorize": vectorize}
+    whole = landscape(net, (x, y), 1, **kw)
+    batched = landscape(net, (x, y), 1, batch_size=5, **kw)
+    torch.testing.assert_close(batched.loss, whole.loss, rtol=1e-12, atol=0)
+    torch.testing.assert_close(batched.accuracy, whole.accuracy, rtol=1e-12, atol=0)
+
+
 def test_filter_normalized_slice_invariant_under_relu_rescaling():
     net = mlp()
     x, y = class_data()
@@ -187,6 +220,15 @@ def test_interpolation_endpoints_reproduce_both_models(vectorize):
         )
 
 
+def test_interpolation_2d_states_follow_alpha():
+    """2-D interpolation with states: at (α, β) = (1, 0) the model is B with B's BatchNorm
+    statistics (the buffers move with α, not β)."""
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    x, y = class_data(n=16, d=10)
+    r = landscape(a, (x, y), 2, directions=b, x=[0.0, 1.0], y=[0.0, 0.5])
+    assert r.loss[1, 0].item() == pytest.approx(_loss_of(b, x, y), rel=1e-9)
+
+
 def test_interpolation_2d_and_architecture_mismatch():
     a, b = bn_cnn(seed=0), bn_cnn(seed=1)
     x, y = class_data(n=12, d=10)
@@ -196,20 +238,27 @@ def test_interpolation_2d_and_architecture_mismatch():
         landscape(a, (x, y), 1, directions=bn_cnn(seed=1, width=6), grid=3)
 
 
-@pytest.mark.parametrize("grid", [3, 6])
-def test_pca_recovers_a_planted_trajectory(grid):
-    net = mlp(seed=5)
+def planted_trajectory(net, coefs):
+    """Checkpoints θ + B c_t for the rows c_t of ``coefs`` (T, k), B a seeded orthonormal
+    (P, k) basis: the state dicts and B."""
     layout = ParamLayout.of(net)
     theta = flat_parameters(net, layout)
     g = torch.Generator().manual_seed(0)
-    basis, _ = torch.linalg.qr(torch.randn(layout.size, 2, generator=g, dtype=F64))
-    t = torch.linspace(0, 1, 8, dtype=F64)
-    coefs = torch.stack([3 * (1 - t) ** 2 + 0.2, 2 * torch.sin(3 * t)], dim=1)  # (T, 2)
+    basis, _ = torch.linalg.qr(torch.randn(layout.size, coefs.shape[1], generator=g, dtype=F64))
     trajectory = []
     for c in coefs:
         sd = dict(net.state_dict())
         sd.update(layout.unflatten(theta + basis @ c))
         trajectory.append(sd)
+    return trajectory, basis
+
+
+@pytest.mark.parametrize("grid", [3, 6])
+def test_pca_recovers_a_planted_trajectory(grid):
+    net = mlp(seed=5)
+    t = torch.linspace(0, 1, 8, dtype=F64)
+    coefs = torch.stack([3 * (1 - t) ** 2 + 0.2, 2 * torch.sin(3 * t)], dim=1)  # (T, 2)
+    trajectory, basis = planted_trajectory(net, coefs)
     x, y = class_data()
     r = landscape(net, (x, y), 2, directions=trajectory, grid=grid, bias="keep")
     assert r.direction_kind == "pca" and r.loss.shape == (grid, grid)
@@ -228,6 +277,34 @@ def test_pca_recovers_a_planted_trajectory(grid):
     assert all(_evenly_spaced(axis) for axis in r.axes)
     again = landscape(net, (x, y), 2, directions=trajectory, grid=grid, bias="keep", span=0.1)
     torch.testing.assert_close(again.x, r.x, rtol=1e-12, atol=1e-12)  # (SVD rounding)
+
+
+def test_pca_matches_sklearn_on_a_three_dimensional_trajectory():
+    """Directions and explained-variance ratios equal sklearn's centered PCA (1e-8), on a
+    trajectory with a large offset along its third, low-variance axis."""
+    from sklearn.decomposition import PCA
+
+    net = mlp(seed=5)
+    t = torch.linspace(0, 1, 9, dtype=F64)
+    coefs = torch.stack([3 * t, 1.5 * torch.sin(6 * t), 5 + 0.3 * torch.cos(5 * t)], dim=1)
+    trajectory, basis = planted_trajectory(net, coefs)
+    x, y = class_data()
+    r = landscape(net, (x, y), 2, directions=trajectory, grid=3, bias="keep")
+    pca = PCA(n_components=2).fit((coefs @ basis.T).numpy())
+    np.testing.assert_allclose(
+        r.explained_variance_ratio.numpy(), pca.explained_variance_ratio_, rtol=1e-8
+    )
+    cosines = np.abs(r.directions.double().numpy() @ pca.components_.T)
+    np.testing.assert_allclose(np.diag(cosines), [1.0, 1.0], atol=1e-8)
+
+
+def test_pca_ignore_bias_leaves_one_dimensional_tensors_out():
+    """With the default bias="ignore" the PCA directions are exactly 0 on 1-D tensors."""
+    net = mlp(seed=5)
+    trajectory = [mlp(seed=s).state_dict() for s in (6, 7, 8)]
+    x, y = class_data()
+    r = landscape(net, (x, y), 2, directions=trajectory, grid=3)
+    assert (r.directions[:, ~ParamLayout.of(net).matrix_mask()] == 0).all()
 
 
 # --- default axes contain the reference points ----------------------------------------------

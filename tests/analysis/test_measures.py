@@ -10,6 +10,7 @@ import torch
 from scipy.stats import norm as normal
 from torch import nn
 
+from sharpscope.analysis._functional import seeded_generator
 from sharpscope.analysis.measures import (
     AverageSharpness,
     PacBayesFlatness,
@@ -57,16 +58,15 @@ def class_data(n=30, d=6, seed=1):
 # --- average-case sharpness -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_average_sharpness_matches_gaussian_expectation(adaptive):
+@pytest.mark.parametrize(("adaptive", "eta"), [(False, 0.0), (True, 0.0), (True, 1.0)])
+def test_average_sharpness_matches_gaussian_expectation(adaptive, eta):
     """E[gᵀδ + ½δᵀAδ] = ½ρ² tr(T A T); Var = ρ²‖Tg‖² + ½ρ⁴ tr((TAT)²) per draw."""
     model, x, y = linear_regression()
     m, rho, draws = 6, 0.3, 400
-    r = average_sharpness(
-        model, (x, y), rho=rho, m=m, num_draws=draws, adaptive=adaptive, loss=half_mse, seed=3
-    )
+    kw = {"adaptive": adaptive, "eta": eta, "loss": half_mse, "seed": 3}
+    r = average_sharpness(model, (x, y), rho=rho, m=m, num_draws=draws, **kw)
     w = model.weight.detach()[0]
-    t = torch.diag(w.abs() if adaptive else torch.ones_like(w))
+    t = torch.diag(w.abs() + eta if adaptive else torch.ones_like(w))
     means, variances = [], []
     for j in range(len(y) // m):
         xj, yj = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
@@ -79,6 +79,17 @@ def test_average_sharpness_matches_gaussian_expectation(adaptive):
     assert abs(r.sharpness - exact) <= 4 * exact_stderr
     assert r.stderr == pytest.approx(exact_stderr, rel=0.3)
     assert r.num_subsets == 4 and r.num_draws == draws
+
+
+def test_average_error_increase_matches_gaussian_expectation():
+    """Linear classifier, δ ~ N(0, ρ²I): E err(w + δ) − err(w) in closed form, as
+    :func:`expected_drop` (tolerance 0.005: 5 standard errors of 6 × 200 draws, 0.001)."""
+    model, x, y = linear_classifier(n=600)
+    rho = 0.5
+    r = average_sharpness(model, (x, y), rho=rho, m=100, num_draws=200, seed=1)
+    exact = expected_drop(model, x, y, rho, magnitude_aware=False)
+    assert exact > 0.05
+    assert r.error_increase == pytest.approx(exact, abs=0.005)
 
 
 def test_average_sharpness_vectorized_equals_loop_and_saves(tmp_path):
@@ -118,13 +129,14 @@ class SeparableQuadratic(nn.Module):
         return (0.5 * (self.a * (self.w - self.c) ** 2).sum()).expand(len(x))
 
 
-def test_epsilon_sharpness_linear_loss_is_the_box_vertex():
-    model, x, _ = linear_regression(n=16, d=5, seed=2)
+@pytest.mark.parametrize("batch_size", [None, 5])  # 5: batches of 5, 5, 5, 2 weigh n_b/N
+def test_epsilon_sharpness_linear_loss_is_the_box_vertex(batch_size):
+    model, x, _ = linear_regression(n=17, d=5, seed=2)
     with torch.no_grad():
         model.weight.abs_()
     x = x.abs()  # L(w) = x̄ᵀw > 0
     eps = 1e-3
-    r = epsilon_sharpness(model, (x, torch.zeros(16)), eps, loss=mean_output)
+    r = epsilon_sharpness(model, (x, torch.zeros(17)), eps, loss=mean_output, batch_size=batch_size)
     w, gbar = model.weight.detach()[0], x.mean(0)
     clean = float(gbar @ w)
     exact_max = clean + float((gbar.abs() * eps * (w.abs() + 1)).sum())
@@ -228,6 +240,22 @@ def test_pac_bayes_sigma_hits_the_target_drop(magnitude_aware):
     assert abs(exact - 0.1) <= 0.01 + slack
     assert r.num_halvings_used == len(r.search) <= 15
     assert r.search[0][0] == 1.0  # the first midpoint of [0, 2]
+
+
+def test_pac_bayes_first_step_reproduces_the_documented_draws():
+    """Step 0 (σ = 1): the drop of the draws ξ from seeded_generator(seed, 0) with
+    magnitude-aware std √(σ²w² + ε²), recomputed exactly (ε = 0.2, large enough to matter)."""
+    model, x, y = linear_classifier(n=300)
+    eps, draws, seed = 0.2, 6, 4
+    kw = {"magnitude_aware": True, "num_draws": draws, "epsilon": eps, "seed": seed}
+    r = pac_bayes_flatness(model, (x, y), num_halvings=1, **kw)
+    w = model.weight.detach()
+    xi = torch.randn(draws, *w.shape, generator=seeded_generator(seed, 0), dtype=F64)
+    noisy = w + xi * noise_std(model, 1.0, magnitude_aware=True, eps=eps)
+    accuracy = ((x @ w.T).argmax(1) == y).double().mean()
+    noisy_accuracy = ((x @ noisy.transpose(1, 2)).argmax(-1) == y).double().mean()
+    assert r.search[0][0] == 1.0
+    assert r.search[0][1] == pytest.approx(float(accuracy - noisy_accuracy), abs=1e-12)
 
 
 def test_pac_bayes_vectorized_equals_loop_and_roundtrip(tmp_path):

@@ -88,13 +88,15 @@ def bn_cnn(dtype=F64):
 
 
 @pytest.mark.parametrize("norm", ["l2", "linf"])
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_one_step_equals_sam_perturbation_closed_form(norm, adaptive):
+@pytest.mark.parametrize(("adaptive", "eta"), [(False, 0.0), (True, 0.0), (True, 0.25)])
+def test_one_step_equals_sam_perturbation_closed_form(norm, adaptive, eta):
     model, x, y = linear_regression(24, 5)
     m, rho = 6, 0.3
-    r = m_sharpness(model, (x, y), m=m, rho=rho, adaptive=adaptive, norm=norm, loss=half_mse)
+    r = m_sharpness(
+        model, (x, y), m=m, rho=rho, adaptive=adaptive, eta=eta, norm=norm, loss=half_mse
+    )
     w = model.weight.detach()[0]
-    t = w.abs() if adaptive else torch.ones_like(w)
+    t = w.abs() + eta if adaptive else torch.ones_like(w)
     expected = []
     for g, a in subset_quadratics(model, x, y, m):
         if norm == "l2":
@@ -124,6 +126,42 @@ def test_multistep_reaches_trust_region_solution():
         assert best * 0.99 <= found <= best * (1 + 1e-9)
     one_step = m_sharpness(model, (x, y), m=m, rho=rho, steps=1, loss=half_mse)
     assert (r.per_subset >= one_step.per_subset - 1e-12).all()
+
+
+def ellipsoid_maxima(model, x, y, m, rho):
+    """max_{‖ε/|w|‖ ≤ ρ} gᵀε + ½εᵀAε per subset: the trust region in u = ε/|w|, (Tg, TAT)."""
+    t = model.weight.detach()[0].abs()
+    return [
+        trust_region_max(t * g, t[:, None] * a * t[None], rho)
+        for g, a in subset_quadratics(model, x, y, m)
+    ]
+
+
+def test_adaptive_multistep_reaches_the_ellipsoid_trust_region_maximum():
+    """projection="rescale": 20 steps reach ≥ 99% of the exact ellipsoid maximum (§5)."""
+    model, x, y = linear_regression(24, 5, seed=3)
+    m, rho = 8, 0.5
+    r = m_sharpness(
+        model, (x, y), m=m, rho=rho, steps=20, adaptive=True, loss=half_mse, projection="rescale"
+    )
+    for found, best in zip(r.per_subset.tolist(), ellipsoid_maxima(model, x, y, m, rho)):
+        assert 0.99 * best <= found <= best * (1 + 1e-9)
+
+
+def test_adaptive_exact_projection_lies_between_one_step_and_the_maximum():
+    """projection="exact" can stall below the ellipsoid maximum (its fixed points have
+    ∇L ∝ T⁻³δ, not T⁻²δ; 96-99% of it here): what it reports is still feasible (≤ the
+    maximum) and at least the one-step value (35-84% here)."""
+    model, x, y = linear_regression(24, 5, seed=4)
+    m, rho = 8, 0.5
+    kw = {"m": m, "rho": rho, "adaptive": True, "loss": half_mse}
+    many = m_sharpness(model, (x, y), steps=20, **kw)
+    one = m_sharpness(model, (x, y), steps=1, **kw)
+    assert many.projection == "exact"
+    for found, first, best in zip(
+        many.per_subset.tolist(), one.per_subset.tolist(), ellipsoid_maxima(model, x, y, m, rho)
+    ):
+        assert first - 1e-12 <= found <= best * (1 + 1e-9)
 
 
 def test_zero_gradient_worst_case_is_half_rho2_lambda_max():
@@ -186,6 +224,25 @@ def test_ellipsoid_projection_is_exact():
         assert (cand - zi).norm(dim=-1).min() >= (di - zi).norm() - 1e-12
 
 
+def test_ellipsoid_projection_is_strictly_feasible():
+    """The final radial shrink makes ‖δ/s‖ ≤ ρ to rounding, as the docstring promises (not
+    only to the Newton tolerance)."""
+    g = torch.Generator().manual_seed(0)
+    s = torch.rand(50, generator=g, dtype=F64) * 2 + 0.01
+    z = torch.randn(200, 50, generator=g, dtype=F64) * 5
+    d = project_ellipsoid(z, s, 0.3)
+    assert ((d / s).norm(dim=-1) <= 0.3 * (1 + 1e-13)).all()
+
+
+def test_linf_random_point_is_uniform_in_the_box():
+    """A random L∞ start is uniform in [−ρ, ρ]: mean ≈ 0 (5 standard errors), both ends reached."""
+    u = PerturbationSet("linf", 0.5).random_point(
+        torch.Generator().manual_seed(0), 20000, torch.zeros(1, dtype=F64)
+    )
+    assert u.abs().max() <= 0.5
+    assert abs(u.mean().item()) < 0.01 and u.min() < -0.49 and u.max() > 0.49
+
+
 @pytest.mark.parametrize(
     ("norm", "adaptive", "projection"),
     [
@@ -234,6 +291,168 @@ def test_every_iterate_keeps_the_constraint(norm, adaptive, projection):
 def test_apgd_checkpoints_follow_the_schedule():
     assert apgd_checkpoints(100) == [22, 41, 57, 70, 80, 87, 93, 99, 100]
     assert apgd_checkpoints(2) == [1, 2]
+
+
+# --- Auto-PGD against a reference -----------------------------------------------------------
+
+
+def wavy_quadratics(rows, p, seed, freq=(1.0, 4.0)):
+    """Row r: f_r(δ) = Σ_i sin(a_ri δ_i) + b_rᵀδ + ½δᵀA_rδ (A_r indefinite), its gradient, and
+    an error count that changes with δ at every point (so that points can be told apart)."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, p, p, generator=g, dtype=F64)
+    a = a + a.transpose(1, 2)
+    b = torch.randn(rows, p, generator=g, dtype=F64)
+    lo, hi = freq
+    k = lo + (hi - lo) * torch.rand(rows, p, generator=g, dtype=F64)
+
+    def value_grad(delta):
+        quad = torch.einsum("rij,rj->ri", a, delta)
+        f = torch.sin(k * delta).sum(-1) + (b * delta).sum(-1) + 0.5 * (delta * quad).sum(-1)
+        wrong = torch.floor(delta.sum(-1) * 1e6) % 7
+        return f, k * torch.cos(k * delta) + b + quad, wrong
+
+    return value_grad
+
+
+def recording_oracle(value_grad):
+    """An oracle for ``_ascend`` and the list of every (δ, loss, error count) it was asked."""
+    log = []
+
+    def oracle(delta, need_grad):
+        f, g, wrong = value_grad(delta)
+        log.append((delta.clone(), f, wrong))
+        return f, g if need_grad else None, wrong
+
+    return oracle, log
+
+
+def ascend(oracle, rows, p, pset, steps, random_start=False, restarts=1):
+    """``_ascend`` on float64 rows of size p, row i seeded with (0, i)."""
+    kw = {
+        "random_start": random_start,
+        "restarts": restarts,
+        "seeds": [(0, i) for i in range(rows)],
+    }
+    return _ascend(oracle, rows, p, torch.zeros(p, dtype=F64), pset, steps, **kw)
+
+
+def reference_apgd(value_grad, rows, p, norm, rho, scale=None, steps=20):
+    """Auto-PGD from ε = 0 as §5 and Croce & Hein (2020, Alg. 1) state it, one row at a time:
+    step 2ρ along |w|⊙∇/‖∇‖ or |w|⊙sign(∇); momentum 0.75; at the checkpoints of 20 steps,
+    halve the step and go back to the best point when < 75% of the steps since the last
+    checkpoint increased f, or when it was not halved there and the best f did not improve.
+    Returns the queried points, (steps, rows, p)."""
+    checkpoints = [5, 9, 12, 14, 16, 18, 19, 20]  # apgd_checkpoints(20), from its doctest
+    s = torch.ones(p, dtype=F64) if scale is None else scale
+
+    def direction(g):
+        return s * (torch.sign(g) if norm == "linf" else g / g.norm())
+
+    def project(z):
+        if norm == "linf":
+            return torch.clamp(z, -rho * s, rho * s)
+        if scale is not None:
+            return project_ellipsoid(z[None], scale, rho)[0]
+        return z * min(1.0, rho / z.norm().item())
+
+    queried = []
+    for r in range(rows):
+
+        def f_and_grad(x, r=r):
+            full = torch.zeros(rows, p, dtype=F64)
+            full[r] = x
+            f, g, _ = value_grad(full)
+            return f[r].item(), g[r]
+
+        x = x_prev = best_x = torch.zeros(p, dtype=F64)
+        f, g = f_and_grad(x)
+        best_f, best_g, eta = f, g, 2 * rho
+        increases, halved, best_f_there, last = 0, False, f, 0
+        path = []
+        for k in range(1, steps + 1):
+            z = project(x + eta * direction(g))
+            if k > 1:
+                z = project(x + 0.75 * (z - x) + 0.25 * (x - x_prev))
+            x_prev, x = x, z
+            f_new, g = f_and_grad(x)
+            increases += f_new > f
+            f = f_new
+            path.append(x)
+            if f > best_f:
+                best_f, best_x, best_g = f, x, g
+            if k in checkpoints and k < steps:
+                stalled = not halved and best_f <= best_f_there
+                halved = increases < 0.75 * (k - last) or stalled
+                if halved:
+                    eta, x, x_prev, f, g = eta / 2, best_x, best_x, best_f, best_g
+                increases, best_f_there, last = 0, best_f, k
+        queried.append(torch.stack(path))
+    return torch.stack(queried, dim=1)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize(
+    ("norm", "adaptive"), [("l2", False), ("linf", False), ("l2", True), ("linf", True)]
+)
+def test_apgd_queries_the_points_of_a_reference_implementation(norm, adaptive, seed):
+    """All 20 points Auto-PGD queries on a non-convex problem are the reference's (1e-10)."""
+    rows, p, rho = 3, 4, 0.8
+    value_grad = wavy_quadratics(rows, p, seed)
+    scale = None
+    if adaptive:
+        scale = torch.rand(p, generator=torch.Generator().manual_seed(10 + seed), dtype=F64) + 0.3
+    oracle, log = recording_oracle(value_grad)
+    ascend(oracle, rows, p, PerturbationSet(norm, rho, scale), 20)
+    queried = torch.stack([delta for delta, _, _ in log[1:21]])  # log[0] is ε = 0
+    expected = reference_apgd(value_grad, rows, p, norm, rho, scale)
+    torch.testing.assert_close(queried, expected, rtol=0, atol=1e-10)
+
+
+def assert_the_best_point_is_kept(out, log):
+    """best_loss is the largest loss queried (log[0] is ε = 0), best_wrong the count there."""
+    losses = torch.stack([f for _, f, _ in log])
+    wrong = torch.stack([w for _, _, w in log])
+    best = losses.argmax(0)
+    assert torch.equal(out.best_loss, losses.max(0).values)
+    assert torch.equal(out.best_wrong, wrong[best, torch.arange(len(best))])
+
+
+@pytest.mark.parametrize(
+    ("steps", "norm", "rho"), [(1, "l2", 2.5), (1, "linf", 1.0), (20, "l2", 0.8), (20, "linf", 0.8)]
+)
+@pytest.mark.parametrize(("random_start", "restarts"), [(False, 1), (True, 3)])
+def test_best_point_and_its_error_are_kept_over_steps_and_restarts(
+    steps, norm, rho, random_start, restarts
+):
+    """The reported loss and error count are those of the best point queried, not the last
+    iterate's or the last restart's."""
+    rows, p = 8, 4
+    oracle, log = recording_oracle(wavy_quadratics(rows, p, seed=5))
+    pset = PerturbationSet(norm, rho)
+    out = ascend(oracle, rows, p, pset, steps, random_start=random_start, restarts=restarts)
+    assert_the_best_point_is_kept(out, log)
+
+
+def test_one_step_from_a_random_start_keeps_the_error_of_the_best_point():
+    """steps=1 from a random start: where the step lowers the loss, the start's error count is
+    reported, not the step's."""
+    rows, p = 16, 3
+    oracle, log = recording_oracle(wavy_quadratics(rows, p, seed=2, freq=(10.0, 20.0)))
+    out = ascend(oracle, rows, p, PerturbationSet("l2", 1.0), 1, random_start=True)
+    assert_the_best_point_is_kept(out, log)
+
+
+def test_linf_first_apgd_step_from_a_random_start_reaches_the_vertex_of_a_linear_loss():
+    """Linear loss bᵀδ: the L∞ maximum is ρ‖b‖₁ at the vertex ρ·sign(b), which the first
+    Auto-PGD step (2ρ) reaches exactly from any point of the box (a step of ρ does not)."""
+    rows, p, rho = 4, 6, 0.3
+    b = torch.randn(rows, p, generator=torch.Generator().manual_seed(0), dtype=F64)
+    oracle, log = recording_oracle(lambda d: ((b * d).sum(-1), b, torch.zeros(rows, dtype=F64)))
+    out = ascend(oracle, rows, p, PerturbationSet("linf", rho), 2, random_start=True)
+    first_step = log[2][0]  # log[0]: ε = 0, log[1]: the random start
+    torch.testing.assert_close(first_step, rho * torch.sign(b), rtol=0, atol=0)
+    torch.testing.assert_close(out.best_loss, rho * b.abs().sum(-1), rtol=1e-14, atol=0)
 
 
 # --- invariance, consistency ----------------------------------------------------------------
@@ -287,27 +506,52 @@ def test_more_steps_never_report_less_than_one(norm, adaptive):
     assert (many.per_subset >= one.per_subset).all()
 
 
-def test_m_equals_n_is_the_full_set_sam_sharpness():
-    model = relu_mlp(seed=3)
-    x, y = classification_data(n=20)
-    rho = 0.3
-    r = m_sharpness(model, (x, y), m=20, rho=rho)
-    params = list(model.parameters())
-    loss = nn.functional.cross_entropy(model(x), y)
-    grads = torch.autograd.grad(loss, params)
+def sam_perturbed(model, x, y, rho, loss=nn.functional.cross_entropy):
+    """A copy of ``model`` moved by SAM's ε̂ = ρ∇L/‖∇L‖ on (x, y), and L there before the move."""
+    clean = loss(model(x), y)
+    grads = torch.autograd.grad(clean, list(model.parameters()))
     gnorm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
     perturbed = copy.deepcopy(model)
     with torch.no_grad():
         for p, g in zip(perturbed.parameters(), grads):
             p.add_(rho * g / gnorm)
+    return perturbed, clean.detach()
+
+
+def test_m_equals_n_is_the_full_set_sam_sharpness():
+    model = relu_mlp(seed=3)
+    x, y = classification_data(n=20)
+    rho = 0.3
+    r = m_sharpness(model, (x, y), m=20, rho=rho)
+    perturbed, loss = sam_perturbed(model, x, y, rho)
+    with torch.no_grad():
         out = perturbed(x)
         clean_out = model(x)
-    expected = nn.functional.cross_entropy(out, y) - loss.detach()
+    expected = nn.functional.cross_entropy(out, y) - loss
     assert r.num_subsets == 1
     assert r.sharpness == pytest.approx(expected.item(), rel=1e-10)
     err = (out.argmax(1) != y).double().mean() - (clean_out.argmax(1) != y).double().mean()
     assert r.error_increase == pytest.approx(err.item(), abs=1e-12)
     assert r.clean_loss == pytest.approx(loss.item(), rel=1e-12)
+
+
+def test_per_subset_error_increase_is_a_fraction_of_m():
+    """Subset j's error increase is (errors at ε̂_j − errors at 0)/m where ε̂_j raised L_j, else 0."""
+    model = relu_mlp(seed=3)
+    x, y = classification_data(n=32)
+    m, rho = 8, 1.0
+    r = m_sharpness(model, (x, y), m=m, rho=rho)
+    expected = []
+    for j in range(4):
+        xj, yj = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
+        perturbed, loss = sam_perturbed(model, xj, yj, rho)
+        with torch.no_grad():
+            out, clean_out = perturbed(xj), model(xj)
+        rose = nn.functional.cross_entropy(out, yj) > loss
+        errors = (out.argmax(1) != yj).sum() - (clean_out.argmax(1) != yj).sum()
+        expected.append(errors.item() / m if rose else 0.0)
+    assert any(e != 0 for e in expected)
+    torch.testing.assert_close(r.per_subset_error, torch.tensor(expected, dtype=F64))
 
 
 def test_logit_normalization_matches_manual_computation():
@@ -398,6 +642,21 @@ def test_data_forms_remainder_and_result_file(tmp_path):
     loaded = MSharpness.load(r.save(tmp_path / "ms.json"))
     assert loaded.sharpness == r.sharpness and loaded.m == 4
     torch.testing.assert_close(loaded.per_subset, r.per_subset)
+
+
+def test_remainder_is_left_out_of_sharpness_and_clean_error():
+    """n = 26, m = 6: the sharpness is that of the first 24 examples, the mean of its subsets;
+    the clean error is the error on the examples used (8 of 10)."""
+    model, x, y = linear_regression(26, 5)
+    r = m_sharpness(model, (x, y), m=6, rho=0.3, loss=half_mse)
+    first = m_sharpness(model, (x[:24], y[:24]), m=6, rho=0.3, loss=half_mse)
+    assert r.sharpness == pytest.approx(first.sharpness, rel=1e-12)
+    assert r.sharpness == pytest.approx(float(r.per_subset.mean()), rel=1e-12)
+    net = relu_mlp()
+    cx, cy = classification_data(n=10)
+    with torch.no_grad():
+        wrong = (net(cx[:8]).argmax(1) != cy[:8]).double().mean().item()
+    assert m_sharpness(net, (cx, cy), m=4, rho=0.1).clean_error == pytest.approx(wrong, abs=1e-15)
 
 
 def test_regression_targets_report_nan_error():
