@@ -165,8 +165,11 @@ def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):
     assert next(ckpt.model.parameters()).device.type == "cpu"
 
 
-def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkeypatch):
-    """With --deterministic, a GPU run and its resume end with bitwise the same weights."""
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkeypatch, precision):
+    """With --deterministic, a GPU run and its resume end with bitwise the same weights;
+    in fp16 the GradScaler's scale and growth tracker come back from the checkpoint too."""
+    from sharpscope.io import load_checkpoint
 
     def config_at(out):
         return _cuda_training(
@@ -175,12 +178,21 @@ def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkey
             model={"name": "resnet20", "width": 4},
             deterministic=True,
             augment=False,
+            precision=precision,
         )
 
     full, resumed = full_and_resumed_runs(config_at, tmp_path, monkeypatch)
     for (name, a), b in zip(full.model.state_dict().items(), resumed.model.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.are_deterministic_algorithms_enabled()  # restored after training
+    states = [
+        load_checkpoint(tmp_path / run / "last.pt").raw.get("scaler_state")
+        for run in ("full", "cut")
+    ]
+    if precision == "fp16":
+        assert states[0] is not None and states[0] == states[1]
+    else:
+        assert states == [None, None]
 
 
 def _cifar_sized_cnn(n: int, dtype: torch.dtype = torch.float32):
