@@ -163,6 +163,50 @@ def test_spectrum_traces_agree_within_error_bars(mlp):
     assert abs(result.trace - exact) <= 4 * result.trace_stderr
 
 
+def test_top_eigs_keeps_the_signs_and_takes_the_fifth_value():
+    """Eigenvalues -1 ... -6: λmax is the signed λ1 = -1 (not max |λ| = 6), λ5 = -5 (not
+    the last value) and the ratio 0.2."""
+    top = TopEigs(
+        eigenvalues=-torch.arange(1.0, 7.0, dtype=torch.float64),
+        residuals=torch.zeros(6, dtype=torch.float64),
+        converged=[True] * 6,
+    )
+    assert top.lambda_max == -1.0 and top.lambda_5 == -5.0
+    assert top.ratio == pytest.approx(0.2, rel=1e-15)
+
+
+def test_density_trace_and_negative_mass_count_the_deflated_eigenvalues():
+    """A bulk of dim 4 with nodes (-1, 2) of weight 1/2, deflated (10, -3): trace
+    4·0.5 + 10 - 3 = 9 and negative mass (0.5·4 + 1)/6."""
+    density = Density.from_quadrature(
+        np.array([[-1.0, 2.0]]),
+        np.array([[0.5, 0.5]]),
+        dim=4,
+        deflated=torch.tensor([10.0, -3.0], dtype=torch.float64),
+    )
+    assert density.trace == pytest.approx(9.0, rel=1e-12)
+    assert density.negative_mass == pytest.approx(3 / 6, rel=1e-12)
+    assert density.bulk_fraction == pytest.approx(4 / 6)
+
+
+@pytest.mark.parametrize("which", ["LA", "SA"])
+def test_spectrum_deflates_the_requested_number_of_largest_eigenvalues(mlp, which):
+    """deflate=2 with k=5 removes the two largest (LA) eigenvalues of the dense Hessian,
+    whatever `which` the top-k used (not all five reused pairs, not the SA ones)."""
+    result = spectrum(
+        mlp.model,
+        mlp.data,
+        k=5,
+        which=which,
+        deflate=2,
+        num_probes=2,
+        num_lanczos_steps=10,
+        tol=1e-10,
+        dtype="float64",
+    )
+    torch.testing.assert_close(result.density.deflated, mlp.eigenvalues[:2], rtol=1e-6, atol=0)
+
+
 def test_lambda_5_is_null_below_five(mlp):
     data = json.loads(
         spectrum(mlp.model, mlp.data, k=3, num_probes=1, num_lanczos_steps=5).to_json()
@@ -194,6 +238,16 @@ def test_pyhessian_backend_through_the_api(mlp):
     assert result.lambda_max == pytest.approx(float(mlp.eigenvalues[0]), rel=1e-2)
     assert result.meta.extra["pyhessian_hvps"] > 0
     assert result.density.num_lanczos_steps == 5  # sharpscope's SLQ
+
+
+def test_pyhessian_pairs_are_flagged_by_their_residuals(mlp):
+    """PyHessian stops on a relative change of 1e-3: at tol 1e-12 its pairs must not be
+    flagged converged, and each flag is residual <= tol·max|λ|."""
+    pytest.importorskip("pyhessian")
+    result = top_eigenvalues(mlp.model, mlp.data, k=2, backend="pyhessian", tol=1e-12)
+    scale = float(result.eigenvalues.abs().max())
+    assert result.converged == [bool(r <= 1e-12 * scale) for r in result.residuals]
+    assert not any(result.converged)
 
 
 @pytest.mark.parametrize(

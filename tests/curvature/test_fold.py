@@ -59,6 +59,21 @@ def test_zoo_models_fold_to_the_same_function(spec, shape, expected):
         assert rel(folded(x), model(x)) <= 1e-5
 
 
+def test_the_fold_uses_the_batchnorm_layers_own_eps():
+    """BatchNorm2d(eps=0.1) with running variances 0.01-0.2: the folded network must equal
+    the eval-mode one (all zoo models use eps = 1e-5, which hides a hard-coded eps)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, eps=0.1), nn.ReLU()).eval()
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.01, 0.2)
+        net[1].running_mean.uniform_(-1, 1)
+    x = torch.randn(3, 1, 5, 5)
+    folded, pairs = fold_batchnorm(net, x[:2])
+    assert len(pairs) == 1
+    with torch.no_grad():
+        assert rel(folded(x), net(x)) <= 1e-5
+
+
 def test_folded_hessian_equals_the_original_in_float64():
     torch.manual_seed(0)
     x = torch.rand(40, 1, 8, 8)

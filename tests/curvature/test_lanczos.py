@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import scipy.sparse.linalg
@@ -11,6 +13,7 @@ from torch import nn
 from sharpscope.analysis.spectrum import top_eigenvalues
 from sharpscope.curvature import (
     HessianOperator,
+    _linear,
     block_lanczos_top_k,
     lanczos,
     lanczos_top_k,
@@ -135,6 +138,31 @@ def test_reported_residuals_bound_the_true_ones_after_restarts(
     assert torch.all(result.true_residuals <= result.residuals * (1 + 1e-9) + 1e-13)
 
 
+def test_a_later_block_is_judged_on_its_own_block_of_t(planted_matrix, monkeypatch):
+    """After a restart the stop rule's block_eigh(lo, hi) must be the eigensystem of
+    T[lo:hi, lo:hi] (one with beta shifted by one left the final eigenvalues unchanged)."""
+    module = importlib.import_module("sharpscope.curvature.lanczos")
+    verdict, checked = module.top_k_verdict, []
+
+    def checking_verdict(theta, S, *args, block_start=0, block_eigh=None, **kwargs):
+        if block_start:
+            T = (S * theta) @ S.T
+            np.testing.assert_allclose(
+                block_eigh(block_start, theta.size)[0],
+                np.linalg.eigvalsh(T[block_start:, block_start:]),
+                atol=1e-12,
+            )
+            checked.append(theta.size - block_start)
+        return verdict(theta, S, *args, block_start=block_start, block_eigh=block_eigh, **kwargs)
+
+    monkeypatch.setattr(module, "top_k_verdict", checking_verdict)
+    eig = torch.cat(
+        [torch.tensor([5.0, 5.0, 5.0, 4.0, 1.0], dtype=F64), torch.zeros(60, dtype=F64)]
+    )
+    lanczos_top_k(planted_matrix(eig, seed=3), k=4, tol=1e-10)
+    assert max(checked) >= 2  # a later block of more than one row was checked
+
+
 @pytest.mark.parametrize("method", ["plain", "thick"])
 def test_a_narrow_bulk_does_not_count_as_an_exhausted_krylov_space(planted_matrix, method):
     # Outliers beside a bulk of width 0.1 at tol 1e-3 (0.01 of |theta_1|): every Ritz pair
@@ -223,6 +251,19 @@ def test_float32_basis_and_operator(planted_matrix):
     A = planted_matrix(eig, seed=19).float()
     result = lanczos_top_k(A, k=3, tol=1e-5)
     assert rel_err(result.eigenvalues, eig[:3]) <= 1e-5
+
+
+def test_chunked_float32_basis_products_match_the_direct_ones(monkeypatch):
+    """A float32 basis is read in column chunks (rows x P > 2^24 elements); with 64-column
+    chunks basis_dot, basis_combine and basis_combine_rows must equal the float64 products."""
+    gen = torch.Generator().manual_seed(20)
+    Q = torch.randn(7, 1000, generator=gen)
+    w = torch.randn(1000, generator=gen, dtype=F64)
+    c = torch.randn(7, generator=gen, dtype=F64)
+    monkeypatch.setattr(_linear, "_CHUNK_ELEMENTS", 7 * 64)
+    torch.testing.assert_close(_linear.basis_dot(Q, w), Q.double() @ w)
+    torch.testing.assert_close(_linear.basis_combine(Q, c), c @ Q.double())
+    torch.testing.assert_close(_linear.basis_combine_rows(Q, c[None]), c[None] @ Q.double())
 
 
 def test_bad_arguments():

@@ -120,6 +120,26 @@ def test_unequal_last_batch_weighted_by_its_size(mlp_case):
     assert rel(op.hvp(v), mlp_case.H @ v) <= 1e-10
 
 
+def test_loss_gradient_and_finite_differences_with_unequal_batches_and_weight_decay(mlp_case):
+    """Batches 25/25/10 and weight decay 0.1: loss(), loss_and_gradient() and the
+    finite-difference HVP against float64 autograd on all the data plus 0.05·||θ||²."""
+    model = copy.deepcopy(mlp_case.model).double()
+    params = list(model.parameters())
+    exact_loss = F.cross_entropy(model(mlp_case.x.double()), mlp_case.y)
+    exact_loss = exact_loss + 0.05 * sum((p * p).sum() for p in params)
+    exact_gradient = torch.cat([g.reshape(-1) for g in torch.autograd.grad(exact_loss, params)])
+    op = HessianOperator(
+        mlp_case.model, mlp_case.data, dtype="float64", batch_size=25, weight_decay=0.1
+    )
+    assert op.batch_sizes == [25, 25, 10]
+    loss, gradient = op.loss_and_gradient()
+    assert loss == pytest.approx(float(exact_loss), rel=1e-12)
+    assert op.loss() == pytest.approx(float(exact_loss), rel=1e-12)
+    assert rel(gradient, exact_gradient) <= 1e-12
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(14), dtype=F64)
+    assert rel(op.finite_difference_hvp(v), mlp_case.H @ v + 0.1 * v) <= 1e-7
+
+
 def test_model_left_as_found(cnn_case):
     model = copy.deepcopy(cnn_case.model)
     model.train()

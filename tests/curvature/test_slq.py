@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -136,6 +138,26 @@ def test_kernels_have_unit_mass_and_log_units(planted_matrix):
     assert info["sigma"] ** 2 == pytest.approx(1e-5 * (grid[-1] - grid[0]))
     with pytest.raises(SharpscopeError, match="kernel"):
         smooth_density(nodes, weights, kernel="parzen")
+
+
+def test_papyan_width_and_grid_follow_the_closed_form():
+    """Nodes [0, 1, 2, 4] (m = 4), κ = 3: bounds widened by 5% to [-0.2, 4.2], half-width
+    2.2, σ = 2.2·2/(3√(8 ln 3)), and the grid starts 3σ below the widened bound."""
+    nodes, weights = np.array([[0.0, 1.0, 2.0, 4.0]]), np.full((1, 4), 0.25)
+    grid, _, info = smooth_density(nodes, weights, kernel="papyan")
+    width = 2.0 / (3 * math.sqrt(8 * math.log(3.0)))  # in units of the half-width
+    assert info["sigma"] == pytest.approx(2.2 * width, rel=1e-12)
+    assert grid[0] == pytest.approx(2.0 - 2.2 * (1 + 3 * width), rel=1e-12)
+    assert grid[-1] == pytest.approx(2.0 + 2.2 * (1 + 3 * width), rel=1e-12)
+
+
+def test_ghorbani_grid_spans_the_probe_averaged_extreme_nodes():
+    """Probes with nodes [0, 1, 3] and [-1, 1, 2]: the grid runs from the mean of the
+    minima - 0.01 = -0.51 to the mean of the maxima + 0.01 = 2.51 (not -1.01 to 3.01)."""
+    nodes, weights = np.array([[0.0, 1.0, 3.0], [-1.0, 1.0, 2.0]]), np.full((2, 3), 1 / 3)
+    grid, _, _ = smooth_density(nodes, weights)
+    assert grid[0] == pytest.approx(-0.51, rel=1e-12)
+    assert grid[-1] == pytest.approx(2.51, rel=1e-12)
 
 
 def test_lockstep_probes_give_the_same_quadrature_as_one_at_a_time(planted_matrix):

@@ -31,7 +31,28 @@ def test_planted_outliers_with_an_8_vector_basis(planted_matrix, outliers):
     assert result.restarts >= 1
 
 
-def test_the_basis_never_exceeds_the_restart_size(planted_matrix, monkeypatch):
+def test_many_thick_restarts_on_an_evenly_spaced_spectrum(planted_matrix):
+    """Eigenvalues 1..100 at tol 1e-10 with 8 vectors (~30 thick restarts): 100 and 99 to
+    1e-10; with one Gram-Schmidt pass (no three-term step precedes it here) the basis lost
+    orthogonality and the top value came out as 102.7."""
+    A = planted_matrix(torch.arange(1.0, 101.0, dtype=F64), seed=0)
+    result = thick_restart_lanczos_top_k(
+        A, k=2, restart_size=8, tol=1e-10, return_eigenvectors=True
+    )
+    assert result.restarts >= 10 and all(result.converged)
+    torch.testing.assert_close(
+        result.eigenvalues, torch.tensor([100.0, 99.0], dtype=F64), atol=1e-10, rtol=0
+    )
+    assert float(result.true_residuals.max()) <= 1e-10 * 100
+
+
+@pytest.mark.parametrize(
+    ("restart_size", "rows", "restarts"),
+    [(9, 9, 2), pytest.param(None, 16, 1, id="default-2k+10")],
+)
+def test_the_basis_never_exceeds_the_restart_size(
+    planted_matrix, monkeypatch, restart_size, rows, restarts
+):
     eig = torch.cat([torch.tensor([9.0, 8.0, 7.5], dtype=F64), bulk(297, 0.0, 5.0, seed=3)])
     A = planted_matrix(eig, seed=4)
     allocated = []
@@ -42,10 +63,10 @@ def test_the_basis_never_exceeds_the_restart_size(planted_matrix, monkeypatch):
         return empty(*shape, **kw)
 
     monkeypatch.setattr(torch, "empty", recording_empty)
-    result = thick_restart_lanczos_top_k(A, k=3, restart_size=9, tol=1e-9, max_steps=500)
+    result = thick_restart_lanczos_top_k(A, k=3, restart_size=restart_size, tol=1e-9, max_steps=500)
     monkeypatch.undo()
-    assert allocated == [(9, 300)]  # the only P-sized storage: 9 basis vectors
-    assert result.restarts >= 2 and all(result.converged)
+    assert allocated == [(rows, 300)]  # the only P-sized storage: the basis vectors
+    assert result.restarts >= restarts and all(result.converged)
     exact = torch.linalg.eigvalsh(A).flip(0)[:3]
     assert rel_err(result.eigenvalues, exact) <= 1e-8
 
@@ -60,6 +81,23 @@ def test_negative_eigenvalues_and_largest_magnitude(planted_matrix):
     assert rel_err(lm.eigenvalues, torch.tensor([6.0, -7.0, -9.0], dtype=F64)) <= 1e-8
 
 
+@pytest.mark.parametrize("method", ["plain", "thick"])
+def test_smallest_eigenvalues_are_the_largest_of_the_negated_matrix(planted_matrix, method):
+    """which="SA" on A must be exactly -(which="LA" on -A), at the same cost (a thick restart
+    that kept the LA Ritz vectors whatever `which` was still converged, in more steps)."""
+    eig = torch.cat([torch.tensor([-9.0, -7.0, -4.0, 6.0, 5.0], dtype=F64), bulk(195, -1, 1, 3)])
+    A = planted_matrix(eig, seed=4)
+
+    def top3(M, which):
+        if method == "plain":
+            return lanczos_top_k(M, k=3, which=which, tol=1e-9)
+        return thick_restart_lanczos_top_k(M, k=3, which=which, tol=1e-9, max_steps=300)
+
+    sa, la = top3(A, "SA"), top3(-A, "LA")  # -4, -7, -9 and 9, 7, 4
+    torch.testing.assert_close(sa.eigenvalues, -la.eigenvalues.flip(0), rtol=1e-10, atol=0)
+    assert sa.num_matvecs == la.num_matvecs
+
+
 def test_eigenvectors_and_true_residuals_agree_with_plain_lanczos(planted_matrix):
     eig = torch.cat([torch.tensor([12.0, 9.0, 7.0], dtype=F64), bulk(197, 0.0, 2.0, seed=5)])
     A = planted_matrix(eig, seed=6)
@@ -71,6 +109,33 @@ def test_eigenvectors_and_true_residuals_agree_with_plain_lanczos(planted_matrix
     assert float(thick.true_residuals.max()) <= 1e-7 * 12
     overlap = (thick.eigenvectors @ plain.eigenvectors.T).abs().diagonal()
     assert float(overlap.min()) >= 1 - 1e-10
+
+
+def test_unconverged_pairs_are_flagged(planted_matrix):
+    """The thick twin of test_lanczos's: a gapless bulk stopped at max_steps must report
+    nonzero residuals and unconverged pairs (not a final residual norm of 0)."""
+    A = planted_matrix(bulk(300, 0.0, 1.0, seed=14), seed=15)
+    result = thick_restart_lanczos_top_k(A, k=5, tol=1e-12, max_steps=20, restart_size=12)
+    assert result.num_steps == 20 and result.restarts >= 1
+    assert not all(result.converged)
+    assert float(result.residuals.min()) > 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_residuals_left_out_at_a_restart_are_kept_through_a_thick_restart(planted_matrix, seed):
+    """{5, 5+3e-6, 5+6e-6} beside 4.9 and 4.8 at tol 1e-6 with 7 vectors: a restart at the
+    tolerance, then a thick restart; the kept Ritz vectors must carry the beta left out, or
+    their residuals read 1e-12 against a true 1e-6 (test_lanczos has the restart alone)."""
+    values = [5.0, 5.0 + 3e-6, 5.0 + 6e-6, 4.9, 4.8, 3.0, 1.0]
+    A = planted_matrix(
+        torch.cat([torch.tensor(values, dtype=F64), torch.zeros(93, dtype=F64)]), seed=11 + seed
+    )
+    result = thick_restart_lanczos_top_k(A, k=3, tol=1e-6, restart_size=7, return_eigenvectors=True)
+    torch.testing.assert_close(
+        result.eigenvalues, torch.tensor(values[2::-1], dtype=F64), atol=1e-10, rtol=0
+    )
+    assert result.restarts >= 1
+    assert torch.all(result.true_residuals <= result.residuals * (1 + 1e-9) + 1e-13)
 
 
 def test_exhausted_krylov_space_continues_with_a_fresh_direction():

@@ -57,6 +57,31 @@ def test_standard_errors_are_calibrated(low_rank_plus_noise):
         assert 0.5 < np.std(z) < 1.6, method.__name__
 
 
+def test_standard_error_is_the_sample_std_over_the_root_of_the_probe_count(low_rank_plus_noise):
+    """stderr = std(samples, ddof=1) / sqrt(s) exactly, for Hutchinson and Hutch++."""
+    A, _ = low_rank_plus_noise
+    for est in (hutchinson(A, 30, seed=1), hutchpp(A, 30, seed=1)):
+        expected = np.std(est.samples, ddof=1) / math.sqrt(len(est.samples))
+        assert est.stderr == pytest.approx(expected, rel=1e-12), est.method
+
+
+def test_hutchpp_projects_its_probes_before_applying_the_matrix(low_rank_plus_noise):
+    """The last s/3 products must be of probes orthogonal to orth(A S), S the first s/3
+    (projecting only A G afterwards is still unbiased, so the statistical tests miss it)."""
+    A, _ = low_rank_plus_noise
+    applied = []
+
+    def recording(v):
+        applied.append(v.clone())
+        return A @ v
+
+    hutchpp(recording, 12, dim=A.shape[0], block_size=1)
+    assert len(applied) == 12
+    Q = torch.linalg.qr((torch.stack(applied[:4]) @ A).T).Q  # orth(A S), (P, 4)
+    G = torch.stack(applied[-4:])
+    assert float((G @ Q).abs().max()) <= 1e-10
+
+
 @pytest.mark.parametrize("distribution", ["rademacher", "gaussian"])
 def test_per_probe_variance_formula(low_rank_plus_noise, distribution):
     A, _ = low_rank_plus_noise
@@ -75,6 +100,17 @@ def test_rademacher_is_exact_on_a_diagonal_matrix():
     torch.testing.assert_close(est.diagonal, d)
 
 
+def test_adaptive_stop_waits_for_min_probes_and_averages_the_diagonal_over_them():
+    """Rademacher probes of a diagonal matrix give stderr 0 at once: the adaptive run must
+    still take exactly min_probes = 10 and return the exact diagonal (sum / 10, not / 50)."""
+    d = torch.tensor([1.0, -2.0, 3.5, 4.0], dtype=F64)
+    est = hutchinson(
+        torch.diag(d), 50, adaptive=True, block_size=1, min_probes=10, return_diagonal=True
+    )
+    assert est.num_probes == 10
+    torch.testing.assert_close(est.diagonal, d)
+
+
 def test_hutchpp_is_exact_when_the_sketch_holds_the_range(planted_matrix):
     eig = torch.cat([torch.arange(1.0, 11.0, dtype=F64), torch.zeros(90, dtype=F64)])
     est = hutchpp(planted_matrix(eig, seed=5), 33)
@@ -82,9 +118,11 @@ def test_hutchpp_is_exact_when_the_sketch_holds_the_range(planted_matrix):
     assert est.num_matvecs == 33
 
 
-def test_adaptive_hutchinson_stops_on_its_relative_error(low_rank_plus_noise):
+@pytest.mark.parametrize("sign", [1, -1])
+def test_adaptive_hutchinson_stops_on_its_relative_error(low_rank_plus_noise, sign):
+    # sign -1: a negative trace must stop on stderr <= rel_tol·|t| too (no abs(): never)
     A, _ = low_rank_plus_noise
-    est = hutchinson(A, 1000, adaptive=True, rel_tol=0.05, seed=7)
+    est = hutchinson(sign * A, 1000, adaptive=True, rel_tol=0.05, seed=7)
     assert 10 <= est.num_probes < 1000
     assert est.stderr <= 0.05 * abs(est.trace)
 
