@@ -322,7 +322,7 @@ def load_analysis_inputs(
     meta = RunMeta(
         checkpoint=str(ckpt),
         checkpoint_sha256=checkpoint.sha256,
-        data={**spec, "split": split, "samples": samples_used(spec, samples, split_data)},
+        data=recorded_data_spec(spec, split, samples, seed, split_data),
         num_samples=len(split_data),
         seed=seed,
         dtype=dtype,
@@ -335,23 +335,33 @@ def load_analysis_inputs(
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
 
 
-def samples_used(spec: dict[str, Any], samples: int | None, split_data: DataSplit) -> int | None:
-    """The ``samples`` to record in ``meta.data``: the one that reloads the same examples.
+def recorded_data_spec(
+    spec: dict[str, Any], split: str, samples: int | None, seed: int, split_data: DataSplit
+) -> dict[str, Any]:
+    """The data spec to record in ``meta.data``: one that reloads the same examples
+    (``load_data(recorded, recorded["split"])``).
 
-    It is ``--samples``, or else the data spec's own ``samples`` (``None``: all). A count
-    larger than the split uses every example (``load_data`` caps it silently): the number
-    used is recorded instead, with a one-line warning.
+    Its ``samples`` is ``--samples``, or else the spec's own (``None``: all), at most the
+    examples there are (``load_data`` caps it: the number used is recorded instead, with a
+    one-line warning), and with a subset its ``seed`` is the seed of that subset's shuffle.
     """
+    from ..data import subset_size_and_seed
+
     wanted = samples if samples is not None else spec.get("samples")
-    if wanted is None or int(wanted) <= len(split_data):
-        return wanted
-    flag = "--samples" if samples is not None else "the data spec's samples"
-    warnings.warn(
-        f"{flag} {wanted} is more than the {len(split_data)} examples of the "
-        f"{split_data.split} split; using all {len(split_data)}",
-        stacklevel=2,
-    )
-    return len(split_data)
+    used = wanted
+    if wanted is not None and int(wanted) > len(split_data):
+        own = spec.get("samples")
+        if samples is not None and own is not None and int(samples) > int(own):
+            why = f"more than the data set's own samples={own} (the examples the run used)"
+        else:
+            why = f"more than the {len(split_data)} examples of the {split_data.split} split"
+        flag = "--samples" if samples is not None else "the data spec's samples"
+        warnings.warn(f"{flag} {wanted} is {why}; using all {len(split_data)}", stacklevel=2)
+        used = len(split_data)
+    recorded = {**spec, "split": split, "samples": used}
+    if used is not None:
+        recorded["seed"] = subset_size_and_seed(spec, samples, seed)[1]
+    return recorded
 
 
 # Enough examples to run every layer and the loss; few enough to cost nothing.

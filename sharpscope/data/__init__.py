@@ -31,6 +31,7 @@ SPEC_OPTIONS = ("label_noise", "noise_seed", "val_fraction", "samples", "seed", 
 __all__ = [
     "DataSplit",
     "load_data",
+    "subset_size_and_seed",
     "dataset_names",
     "check_data_spec",
     "as_batches",
@@ -206,6 +207,33 @@ def check_data_spec(
     return shapes
 
 
+def subset_size_and_seed(
+    spec: Mapping[str, Any], samples: int | None, seed: int
+) -> tuple[int | None, int]:
+    """How many examples :func:`load_data` keeps (None: all) and the seed of its shuffle.
+
+    A spec's own ``samples`` belongs to the data set (a run trained on that subset): it is
+    shuffled with the spec's ``seed`` (0 when absent), never with the ``seed`` argument,
+    and ``samples`` takes a prefix of it, at most all of it, so an analysis of the train
+    split only sees examples the run trained on. Without it, ``samples`` takes the first
+    N after a shuffle seeded by the spec's ``seed`` or else by ``seed``.
+
+    >>> subset_size_and_seed({"name": "mnist1d", "samples": 256}, 1024, 3)
+    (256, 0)
+    >>> subset_size_and_seed({"name": "mnist1d"}, 1024, 3)
+    (1024, 3)
+    """
+    own = spec.get("samples")
+    if own is None:
+        n = None if samples is None else _check_count("samples", samples, low=1)
+        return n, _check_count("seed", spec.get("seed", seed))
+    own = _check_count("samples", own, low=1)
+    own_seed = _check_count("seed", spec.get("seed", 0))
+    if samples is None:
+        return own, own_seed
+    return min(_check_count("samples", samples, low=1), own), own_seed
+
+
 def load_data(
     spec: str | Mapping[str, Any],
     split: str = "train",
@@ -222,8 +250,11 @@ def load_data(
             ``module:function`` factory path.
         split: ``train`` (minus the validation hold-out), ``val`` (the hold-out),
             ``test``, or ``all`` (train and test together, no noise).
-        samples: keep the first N examples after a shuffle seeded by ``seed``.
-        seed: seed of that shuffle (a spec's own ``seed`` key wins).
+        samples: keep the first N examples after a shuffle seeded by ``seed``; within
+            a spec's own ``samples`` (the subset a run trained on), see
+            :func:`subset_size_and_seed`.
+        seed: seed of that shuffle (a spec's own ``seed`` key wins; unused when the
+            spec has its own ``samples``).
         data_root: folder holding CIFAR files (a spec's ``data_root`` wins).
         device: move the tensors there once.
 
@@ -276,12 +307,10 @@ def load_data(
             inputs, targets = inputs[keep], targets[keep]
             clean = None if clean is None else clean[keep]
 
-    n = samples if samples is not None else spec.get("samples")
+    n, shuffle_seed = subset_size_and_seed(spec, samples, seed)
     if n is not None:
-        n = _check_count("samples", n, low=1)
         if n < len(targets):
-            keep = _seeded_permutation(len(targets), _check_count("seed", spec.get("seed", seed)))
-            keep = keep[:n]
+            keep = _seeded_permutation(len(targets), shuffle_seed)[:n]
             inputs, targets = inputs[keep], targets[keep]
             clean = None if clean is None else clean[keep]
     out = DataSplit(

@@ -17,6 +17,8 @@ import hashlib
 import io
 import os
 import pickle
+import zipfile
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +59,8 @@ def load_mnist1d(_root: str | None = None) -> RawData:
         try:
             with np.load(path, allow_pickle=False) as archive:
                 arrays = {k: archive[k] for k in ("x", "y", "x_test", "y_test")}
-        except (OSError, ValueError, KeyError):
-            arrays = None  # a damaged cache is rebuilt
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+            arrays = None  # a damaged or truncated cache is rebuilt
     if arrays is None:
         from mnist1d.data import make_dataset
 

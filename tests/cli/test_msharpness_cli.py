@@ -231,10 +231,30 @@ def test_meta_data_records_the_checkpoints_samples_when_none_is_given(checkpoint
     assert result.exit_code == 0, result.output
     meta = json.loads(out.read_text())["meta"]
     assert meta["num_samples"] == 64
-    assert meta["data"] == {"name": "mnist1d", "samples": 64, "split": "train"}
+    assert meta["data"] == {"name": "mnist1d", "samples": 64, "split": "train", "seed": 0}
     spec = {k: v for k, v in meta["data"].items() if k != "split"}
     again = load_data(spec, meta["data"]["split"], seed=meta["seed"])
     assert len(again) == 64
+
+
+def test_samples_and_seed_stay_inside_the_examples_the_run_trained_on(checkpoint, tmp_path):
+    """A run trained on 64 examples: --samples 1024 --seed 3 analysed 1024 others drawn with
+    seed 3 from the whole split (mostly never trained on); now the 64 themselves, with a
+    warning, and the record reloads exactly them."""
+    raw = torch.load(checkpoint, weights_only=True)
+    subset = tmp_path / "subset.pt"
+    save_checkpoint(subset, {**raw, "data": {"name": "mnist1d", "samples": 64}})
+    out = tmp_path / "ms.json"
+    args = ["msharpness", str(subset), "--samples", "1024", "--seed", "3", "--m", "32"]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--no-progress", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    [warning] = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert "--samples 1024 is more than the data set's own samples=64" in warning
+    meta = json.loads(out.read_text())["meta"]
+    assert meta["num_samples"] == 64 and meta["data"]["samples"] == 64 and meta["data"]["seed"] == 0
+    trained = load_data({"name": "mnist1d", "samples": 64}, "train")  # as the trainer loads it
+    again = load_data({k: v for k, v in meta["data"].items() if k != "split"}, "train", seed=3)
+    assert torch.equal(again.inputs, trained.inputs)
 
 
 def test_samples_above_the_data_warn_and_the_number_used_is_recorded(checkpoint, tmp_path):

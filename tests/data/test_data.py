@@ -98,6 +98,18 @@ def test_samples_subset_is_seeded_shuffle():
     assert not torch.equal(a.inputs, load_data("mnist1d").inputs[:100])
 
 
+@pytest.mark.parametrize("samples, seed", [(None, 3), (1000, 0), (1000, 3), (50, 3)])
+def test_a_specs_own_samples_bound_every_analysis_subset(samples, seed):
+    """A run trained on {"samples": 200}: an analysis subset (any samples, any seed) is a
+    prefix of those 200, never examples the run did not train on."""
+    spec = {"name": "mnist1d", "samples": 200}
+    trained = load_data(spec, "train")  # as the trainer loads it (seed 0)
+    chosen = load_data(spec, "train", samples=samples, seed=seed)
+    n = min(samples or 200, 200)
+    assert torch.equal(chosen.inputs, trained.inputs[:n])
+    assert torch.equal(chosen.targets, trained.targets[:n])
+
+
 @pytest.mark.parametrize(
     "spec, split, message",
     [
