@@ -77,7 +77,10 @@ class TrainConfig:
         loss: ``cross_entropy``, ``mse`` or ``module:function``.
         epochs: passes over the training split.
         batch_size: global batch size (split over ranks under torchrun).
-        seed: seeds the model initialisation, data order, augmentation and noise.
+        seed: seeds the model initialisation, data order, augmentation and the
+            optimizers' own noise (bSAM, dropout). Not the data: label noise follows the
+            data spec's ``noise_seed`` and a ``samples`` subset its ``seed`` (both 0 by
+            default), so every seed of a study sees the same noisy labels and examples.
         out: output folder (``None``: nothing written).
         save_every: also keep ``epoch_NNN.pt`` every this many epochs (0: never).
         schedule: ``{"name": "cosine"|"step"|"constant", "warmup_epochs": 0,
