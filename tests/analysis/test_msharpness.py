@@ -559,18 +559,13 @@ def test_logit_normalization_matches_manual_computation():
     x, y = classification_data(n=12)
     rho = 0.2
 
-    def normalized_loss(net_out):
+    def normalized_loss(net_out, targets):
         z = net_out - net_out.mean(1, keepdim=True)
-        return nn.functional.cross_entropy(z / z.norm(dim=1, keepdim=True), y)
+        return nn.functional.cross_entropy(z / z.norm(dim=1, keepdim=True), targets)
 
-    loss = normalized_loss(model(x))
-    grads = torch.autograd.grad(loss, list(model.parameters()))
-    gnorm = torch.sqrt(sum(g.pow(2).sum() for g in grads))
-    perturbed = copy.deepcopy(model)
+    perturbed, loss = sam_perturbed(model, x, y, rho, loss=normalized_loss)
     with torch.no_grad():
-        for p, g in zip(perturbed.parameters(), grads):
-            p.add_(rho * g / gnorm)
-        expected = normalized_loss(perturbed(x)) - loss
+        expected = normalized_loss(perturbed(x), y) - loss
     r = m_sharpness(model, (x, y), m=12, rho=rho, logit_normalize=True)
     assert r.sharpness == pytest.approx(expected.item(), rel=1e-10)
 
