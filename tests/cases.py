@@ -110,3 +110,47 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+# name -> (folder, files in order (train..., test...), label key, number of classes)
+CIFAR_FILES = {
+    "cifar10": (
+        "cifar-10-batches-py",
+        [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"],
+        b"labels",
+        10,
+    ),
+    "cifar100": ("cifar-100-python", ["train", "test"], b"fine_labels", 100),
+}
+
+
+def write_cifar(folder, name, n_train_per_file=6, n_test=5, seed=0, *, labels=None, pixels=None):
+    """Tiny CIFAR-10/100 files in the originals' python-2 pickle layout; the folder holding them.
+
+    Random uint8 images and labels. ``labels``: one list per file, in file order, fixes the
+    labels (and each file's size); ``pixels(images, labels)`` returns the (n, 3072) uint8
+    rows to write instead of the random ``images``.
+    """
+    import pickle
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    sub_name, files, key, classes = CIFAR_FILES[name]
+    sub = folder / sub_name
+    sub.mkdir(parents=True)
+    for i, file in enumerate(files):
+        n = n_test if "test" in file else n_train_per_file
+        if labels is not None:
+            n = len(labels[i])
+        images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        targets = rng.integers(0, classes, size=n).tolist() if labels is None else list(labels[i])
+        batch = {
+            b"batch_label": file.encode(),
+            b"data": images if pixels is None else pixels(images, targets),
+            key: targets,
+            b"filenames": [f"img_{j}.png".encode() for j in range(n)],
+        }
+        with (sub / file).open("wb") as handle:
+            pickle.dump(batch, handle, protocol=2)  # the original files are python2 pickles
+    return sub

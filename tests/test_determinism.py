@@ -78,10 +78,24 @@ def test_settings_inside_and_restored_after(monkeypatch):
         monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")  # the user's own setting is kept
         with deterministic_algorithms():
             assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # and is still there after
         with deterministic_algorithms(enabled=False):
             assert not torch.are_deterministic_algorithms_enabled()
     finally:
         torch.backends.cudnn.benchmark = False
+
+
+def test_a_previous_warn_only_setting_is_restored_after():
+    """torch.use_deterministic_algorithms(True, warn_only=True) before the block is so after
+    it (restoring only the enabled flag turned warnings into errors)."""
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with deterministic_algorithms():
+            assert not torch.is_deterministic_algorithms_warn_only_enabled()
+        assert torch.are_deterministic_algorithms_enabled()
+        assert torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
 
 
 def test_training_runs_with_the_setting_and_records_it(tmp_path, models_file):

@@ -68,6 +68,27 @@ def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, mlp_checkpoint, 
     assert [p.name for p in path.parent.iterdir()] == ["ckpt.pt"]
 
 
+def test_atomic_write_fsyncs_the_data_before_the_rename(tmp_path, mlp_checkpoint, monkeypatch):
+    """'temporary file, fsync, rename': without the fsync a crash after the rename can leave
+    an empty checkpoint where the old one was."""
+    _, model, spec = mlp_checkpoint
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append("replace")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    save_checkpoint(tmp_path / "c.pt", _payload(model, spec))
+    assert events == ["fsync", "replace"]
+
+
 def test_atomic_writes_get_the_permissions_of_a_plain_write(tmp_path):
     from sharpscope.results import atomic_write_bytes
 
@@ -105,6 +126,26 @@ def test_bare_state_dict_loads_with_model_and_data(tmp_path, mlp_checkpoint):
         load_checkpoint(bare)
     with pytest.raises(SharpscopeError, match="needs --data"):
         load_checkpoint(bare, model_spec=spec)
+
+
+def test_legacy_torch_save_format_loads(tmp_path, mlp_checkpoint):
+    """torch.save's legacy (non-zip) format is accepted on purpose and loads with
+    weights_only=True, but no test loaded one."""
+    _, model, spec = mlp_checkpoint
+    path = tmp_path / "legacy.pt"
+    torch.save(model.state_dict(), path, _use_new_zipfile_serialization=False)
+    loaded = load_checkpoint(path, model_spec=spec, data_spec="mnist1d")
+    for a, b in zip(model.state_dict().values(), loaded.model.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_ddp_prefix_is_stripped_only_when_every_key_has_it():
+    """DistributedDataParallel's ``module.`` goes only when every key has it (``any`` passed)."""
+    from sharpscope.io import strip_ddp_prefix
+
+    weight = torch.zeros(1)
+    assert strip_ddp_prefix({"module.a": weight, "module.b": weight}).keys() == {"a", "b"}
+    assert strip_ddp_prefix({"module.a": weight, "b": weight}).keys() == {"module.a", "b"}
 
 
 def test_user_factory_model_from_file(tmp_path):
@@ -254,3 +295,21 @@ def test_checkpoint_without_weights_says_what_a_checkpoint_holds(tmp_path, mlp_c
     save_checkpoint(tmp_path / "noweights.pt", payload)
     with pytest.raises(SharpscopeError, match="without a 'state_dict' entry.*--model"):
         load_checkpoint(tmp_path / "noweights.pt")
+
+
+@pytest.mark.parametrize(
+    "key",
+    ["state_dict", "optimizer_state", "scheduler_state", "rng_state", "epoch", "step", "config"],
+)
+def test_resume_needs_every_training_state_key(tmp_path, mlp_checkpoint, key):
+    """A checkpoint without one key train --resume reads is refused in one line (without
+    rng_state in TRAINING_STATE_KEYS, resume ended in a KeyError traceback)."""
+    from sharpscope.io import load_training_state
+
+    _, model, spec = mlp_checkpoint
+    full = _payload(model, spec) | {"config": {}}
+    save_checkpoint(tmp_path / "full.pt", full)
+    assert load_training_state(tmp_path / "full.pt")["epoch"] == 3
+    save_checkpoint(tmp_path / "partial.pt", {k: v for k, v in full.items() if k != key})
+    with pytest.raises(SharpscopeError, match=f"has no {key}: it can be analysed but not resumed"):
+        load_training_state(tmp_path / "partial.pt")

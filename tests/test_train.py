@@ -15,7 +15,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.io import load_checkpoint
 from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
-from cases import full_and_resumed_runs
+from cases import full_and_resumed_runs, write_cifar
 
 
 def _config(tmp_path, **changes):
@@ -191,6 +191,43 @@ def test_metrics_have_step_rows_only_for_a_learned_rho(tmp_path):
     assert kinds == ["step"] * (len(rows) - 1) + ["eval"] and len(rows) > 2
     assert all("rho" in r and "lets_h" in r for r in rows[:-1])
     assert [r["kind"] for r in summary.history] == ["eval"]
+
+
+def test_augment_changes_training_but_never_the_evaluation(tmp_path):
+    """augment=True changes the trained weights, and the test metrics stay a plain evaluate of
+    the test inputs (augment ignored in training, or applied to the test inputs, passed)."""
+    from sharpscope.data import load_data
+    from sharpscope.evaluation import evaluate
+
+    digits = {"name": "digits", "samples": 128}
+    images = dict(dataset=digits, model={"name": "cnn", "width": 4}, epochs=1)
+    plain = train(_config(tmp_path / "plain", augment=False, **images))
+    augmented = train(_config(tmp_path / "augmented", augment=True, **images))
+    pairs = zip(plain.model.state_dict().values(), augmented.model.state_dict().values())
+    assert not all(torch.equal(a, b) for a, b in pairs)
+    test = load_data(digits, "test")
+    model = augmented.model.eval()
+    clean = evaluate(model, test.inputs, test.targets, torch.nn.functional.cross_entropy)
+    assert augmented.metrics["test_acc"] == pytest.approx(clean["acc"])
+    assert augmented.metrics["test_loss"] == pytest.approx(clean["loss"], rel=1e-5)
+
+
+def test_cifar_is_augmented_by_default(tmp_path):
+    """augment unset trains CIFAR exactly as augment=True ('None means on for CIFAR'), and
+    unlike augment=False."""
+    write_cifar(tmp_path / "data", "cifar10")  # 30 training images
+    cifar = {"name": "cifar10", "data_root": str(tmp_path / "data")}
+    images = dict(dataset=cifar, model={"name": "cnn", "width": 4}, epochs=1, batch_size=10)
+    default, on, off = (
+        train(_config(tmp_path / name, **images, **changes)).model.state_dict()
+        for name, changes in (
+            ("default", {}),
+            ("on", {"augment": True}),
+            ("off", {"augment": False}),
+        )
+    )
+    assert all(torch.equal(default[k], on[k]) for k in default)
+    assert not all(torch.equal(default[k], off[k]) for k in default)
 
 
 def test_a_data_factory_warns_that_it_is_also_the_test_set(tmp_path):

@@ -13,6 +13,8 @@ from sharpscope.data.augment import random_crop_flip
 from sharpscope.data.batches import as_batches, as_tensors, num_examples
 from sharpscope.errors import SharpscopeError
 
+from cases import write_cifar
+
 
 def test_registry_lists_builtins():
     assert dataset_names() == ["cifar10", "cifar100", "digits", "mnist1d"]
@@ -32,6 +34,47 @@ def test_mnist1d_standard_split_and_cache(tmp_path, monkeypatch):
     assert torch.equal(again.inputs, train.inputs)
 
 
+@pytest.fixture(scope="module")
+def mnist1d_reference():
+    """MNIST-1D as the mnist1d package itself makes it, with its default arguments."""
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    return make_dataset(get_dataset_args())
+
+
+def test_mnist1d_inputs_and_labels_are_mnist1ds_own_arrays(mnist1d_reference):
+    """Compares with mnist1d.make_dataset: labels shifted against their inputs were unnoticed."""
+    train, test = load_data("mnist1d"), load_data("mnist1d", "test")
+    for split, x, y in ((train, "x", "y"), (test, "x_test", "y_test")):
+        assert torch.equal(split.inputs, torch.as_tensor(mnist1d_reference[x], dtype=torch.float32))
+        assert torch.equal(split.targets, torch.as_tensor(mnist1d_reference[y], dtype=torch.long))
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_a_damaged_or_truncated_mnist1d_cache_is_rebuilt(
+    tmp_path, monkeypatch, mnist1d_reference, damage
+):
+    """A truncated cache ended in zipfile.BadZipFile; either damage is regenerated and rewritten."""
+    import mnist1d.data
+
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(
+        mnist1d.data, "make_dataset", lambda args: calls.append(args) or mnist1d_reference
+    )
+    load_data("mnist1d")
+    (cached,) = tmp_path.glob("mnist1d-*.npz")
+    data = cached.read_bytes()
+    cached.write_bytes(b"not an npz archive" if damage == "garbage" else data[: len(data) // 2])
+    again = load_data("mnist1d")
+    assert len(calls) == 2
+    assert torch.equal(again.targets, torch.as_tensor(mnist1d_reference["y"], dtype=torch.long))
+    with np.load(cached, allow_pickle=False) as archive:  # rewritten whole
+        assert np.array_equal(archive["y_test"], mnist1d_reference["y_test"])
+    load_data("mnist1d")
+    assert len(calls) == 2  # and read back next time
+
+
 def test_digits_split_is_fixed_and_disjoint():
     train, test, everything = (load_data("digits", s) for s in ("train", "test", "all"))
     assert (len(train), len(test), len(everything)) == (1437, 360, 1797)
@@ -42,6 +85,21 @@ def test_digits_split_is_fixed_and_disjoint():
     # digits has a handful of exact duplicate images; a real leak would be hundreds
     assert overlap < 10
     assert torch.equal(load_data("digits").inputs, train.inputs)
+
+
+def test_digits_split_is_the_documented_seed_0_permutation():
+    """Compares with sklearn's digits split by randperm(seed 0), as documented; a changed seed
+    (another split, results no longer comparable) was unnoticed."""
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    order = torch.randperm(len(bunch.target), generator=torch.Generator().manual_seed(0))
+    test_rows = order[:360].sort().values
+    test = load_data("digits", "test")
+    expected = torch.as_tensor(bunch.data, dtype=torch.float32)[test_rows].reshape(-1, 1, 8, 8)
+    assert torch.equal(test.inputs, expected / 16.0)
+    assert torch.equal(test.targets, torch.as_tensor(bunch.target)[test_rows])
+    assert test_rows[:10].tolist() == [10, 14, 21, 22, 26, 27, 33, 34, 39, 42]
 
 
 @pytest.mark.parametrize("fraction", [0.2, 0.4, 0.6])
@@ -79,6 +137,24 @@ def test_label_noise_is_seeded():
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_symmetric_noise_spreads_each_class_over_all_other_classes():
+    """Each clean class flips about uniformly to the C-1 others, never to itself: a pair flip
+    y -> y+1 is balanced in aggregate too, and passed the pooled check."""
+    from sharpscope.data.noise import symmetric_label_noise
+
+    classes = 10
+    clean = torch.arange(classes).repeat(1000)  # 1000 examples per class
+    noisy = symmetric_label_noise(clean, 0.5, classes, seed=0)
+    flipped = noisy != clean
+    pairs = torch.zeros(classes, classes, dtype=torch.long)
+    pairs.index_put_((clean[flipped], noisy[flipped]), torch.tensor(1), accumulate=True)
+    assert int(pairs.diagonal().sum()) == 0
+    for c in range(classes):
+        others = torch.cat([pairs[c, :c], pairs[c, c + 1 :]]).float()
+        expected = others.sum() / (classes - 1)  # about 55 per other class
+        assert others.min() > 0.5 * expected and others.max() < 1.6 * expected, (c, others)
+
+
 def test_validation_split_is_a_disjoint_holdout():
     spec = {"name": "mnist1d", "val_fraction": 0.1}
     train, val, full = load_data(spec), load_data(spec, "val"), load_data("mnist1d")
@@ -88,6 +164,52 @@ def test_validation_split_is_a_disjoint_holdout():
         merged.sum(0), full.inputs.sum(0), atol=1e-3
     )
     assert len({tuple(r) for r in torch.cat([train.inputs, val.inputs]).tolist()}) == 4000
+
+
+def _rows_in(full, part):
+    """Index in ``full`` of each example of ``part`` (MNIST-1D inputs are all distinct)."""
+    index = {tuple(x): i for i, x in enumerate(full.inputs.tolist())}
+    return torch.tensor([index[tuple(x)] for x in part.inputs.tolist()])
+
+
+def test_val_split_is_a_shuffled_holdout_not_the_first_examples():
+    """The hold-out is drawn from the whole training split (not its first 400), the same on
+    every call."""
+    spec = {"name": "mnist1d", "val_fraction": 0.1}
+    val = load_data(spec, "val")
+    rows = _rows_in(load_data("mnist1d"), val).sort().values
+    assert not torch.equal(rows, torch.arange(400))
+    assert int((rows < 2000).sum()) > 100 and int((rows >= 2000).sum()) > 100
+    assert torch.equal(load_data(spec, "val").inputs, val.inputs)
+
+
+def test_label_noise_and_val_fraction_combine_consistently():
+    """Train and val partition the noisy training split, clean_targets and noisy_mask aligned
+    (the e-label-noise studies combine both): clean_targets kept uncut, or a val split with
+    clean labels, were unnoticed."""
+    noisy_full = load_data({"name": "mnist1d", "label_noise": 0.4, "noise_seed": 2})
+    spec = {"name": "mnist1d", "label_noise": 0.4, "noise_seed": 2, "val_fraction": 0.1}
+    train, val = load_data(spec, "train"), load_data(spec, "val")
+    assert (len(train), len(val)) == (3600, 400)
+    for part in (train, val):
+        rows = _rows_in(noisy_full, part)
+        assert torch.equal(part.targets, noisy_full.targets[rows])
+        assert part.clean_targets is not None and len(part.clean_targets) == len(part)
+        assert torch.equal(part.clean_targets, noisy_full.clean_targets[rows])
+        assert torch.equal(part.noisy_mask, noisy_full.noisy_mask[rows])
+        assert abs(float(part.noisy_mask.float().mean()) - 0.4) < 0.1
+
+
+def test_the_val_holdout_does_not_move_with_the_subset_seed():
+    """The trainer loads train with seed 0, a study analyses it with analysis.seed: a hold-out
+    seeded by ``seed`` would put never-trained val examples in the analysed train split."""
+    spec = {"name": "mnist1d", "val_fraction": 0.1}
+    for split in ("train", "val"):
+        a, b = load_data(spec, split, seed=0), load_data(spec, split, seed=3)
+        assert torch.equal(a.inputs, b.inputs), split
+    trained = {tuple(x) for x in load_data(spec, "train").inputs.tolist()}
+    analysed = load_data(spec, "train", samples=200, seed=3)
+    assert all(tuple(x) in trained for x in analysed.inputs.tolist())
 
 
 def test_samples_subset_is_seeded_shuffle():
@@ -110,6 +232,19 @@ def test_a_specs_own_samples_bound_every_analysis_subset(samples, seed):
     assert torch.equal(chosen.targets, trained.targets[:n])
 
 
+def test_a_specs_own_seed_wins_over_the_seed_argument():
+    """load_data: a spec's own seed wins over ``seed=``; with the spec's own samples, that
+    subset is shuffled by the spec's seed whatever ``seed=`` says, ``samples=`` a prefix."""
+    reference = load_data("mnist1d", samples=100, seed=1).inputs
+    assert not torch.equal(load_data("mnist1d", samples=100, seed=0).inputs, reference)
+    seeded = {"name": "mnist1d", "seed": 1}
+    assert torch.equal(load_data(seeded, samples=100, seed=0).inputs, reference)
+    own = {"name": "mnist1d", "samples": 100, "seed": 1}
+    for seed in (0, 3):
+        assert torch.equal(load_data(own, seed=seed).inputs, reference)
+        assert torch.equal(load_data(own, samples=40, seed=seed).inputs, reference[:40])
+
+
 @pytest.mark.parametrize(
     "spec, split, message",
     [
@@ -130,33 +265,9 @@ def test_bad_data_specs_give_one_line(spec, split, message):
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
-def _write_cifar(folder, name, n_train_per_file=6, n_test=5, seed=0):
-    rng = np.random.default_rng(seed)
-    if name == "cifar10":
-        sub = folder / "cifar-10-batches-py"
-        files = [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]
-        key, classes = b"labels", 10
-    else:
-        sub = folder / "cifar-100-python"
-        files = ["train", "test"]
-        key, classes = b"fine_labels", 100
-    sub.mkdir(parents=True)
-    for file in files:
-        n = n_test if "test" in file else n_train_per_file
-        batch = {
-            b"batch_label": file.encode(),
-            b"data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-            key: rng.integers(0, classes, size=n).tolist(),
-            b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-        }
-        with (sub / file).open("wb") as handle:
-            pickle.dump(batch, handle, protocol=2)  # the original files are python2 pickles
-    return sub
-
-
 @pytest.mark.parametrize("name, n_train, classes", [("cifar10", 30, 10), ("cifar100", 6, 100)])
 def test_cifar_loader_reads_real_pickle_layout(tmp_path, name, n_train, classes):
-    sub = _write_cifar(tmp_path, name)
+    sub = write_cifar(tmp_path, name)
     train = load_data(name, data_root=str(tmp_path))
     test = load_data(name, "test", data_root=str(tmp_path))
     assert len(train) == n_train and len(test) == 5
@@ -171,6 +282,50 @@ def test_cifar_loader_reads_real_pickle_layout(tmp_path, name, n_train, classes)
     assert len(load_data(name, data_root=str(sub))) == n_train
 
 
+@pytest.mark.parametrize(
+    "name, mean, std",
+    [
+        ("cifar10", (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+        ("cifar100", (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    ],
+)
+def test_cifar_normalisation_uses_the_published_per_channel_statistics(tmp_path, name, mean, std):
+    """Every channel against the published mean/std (the layout test reads green only, so
+    statistics in BGR order or a typo in a red or blue one passed)."""
+    values = np.repeat(np.array([200, 100, 50], dtype=np.uint8), 1024)  # one value a channel
+    write_cifar(tmp_path, name, pixels=lambda images, labels: np.tile(values, (len(images), 1)))
+    inputs = load_data(name, data_root=str(tmp_path)).inputs
+    for c, value in enumerate((200, 100, 50)):
+        expected = (value / 255.0 - mean[c]) / std[c]
+        assert torch.allclose(inputs[:, c], torch.full_like(inputs[:, c], expected), atol=1e-5)
+
+
+def test_cifar_labels_stay_with_their_images_in_file_order(tmp_path):
+    """Each image carries its label in pixel (0, 0, 0): labels joined in another file order
+    than the images were unnoticed."""
+    labels = [[i, (i + 1) % 10, (i + 2) % 10] for i in range(6)]
+
+    def mark(images, targets):
+        images[:, 0] = np.asarray(targets, dtype=np.uint8) * 10
+        return images
+
+    write_cifar(tmp_path, "cifar10", labels=labels, pixels=mark)
+    train = load_data("cifar10", data_root=str(tmp_path))
+    test = load_data("cifar10", "test", data_root=str(tmp_path))
+    assert train.targets.tolist() == [y for file in labels[:5] for y in file]
+    assert test.targets.tolist() == labels[5]
+    for split in (train, test):
+        pixel = split.inputs[:, 0, 0, 0] * 0.2470 + 0.4914  # undo the normalisation
+        assert torch.allclose(pixel * 255.0, split.targets.float() * 10, atol=1e-3)
+
+
+def test_a_specs_data_root_wins_over_the_argument(tmp_path):
+    """load_data: 'a spec's data_root wins' over ``data_root=``."""
+    write_cifar(tmp_path / "real", "cifar10")
+    spec = {"name": "cifar10", "data_root": str(tmp_path / "real")}
+    assert len(load_data(spec, data_root=str(tmp_path / "missing"))) == 30
+
+
 def test_cifar_missing_files_name_folder_and_files(tmp_path):
     with pytest.raises(SharpscopeError, match="expected cifar-10-batches-py/ with data_batch_1"):
         load_data("cifar10", data_root=str(tmp_path))
@@ -179,7 +334,7 @@ def test_cifar_missing_files_name_folder_and_files(tmp_path):
 
 
 def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):
-    sub = _write_cifar(tmp_path, "cifar10")
+    sub = write_cifar(tmp_path, "cifar10")
     (sub / "data_batch_3").unlink()
     with pytest.raises(SharpscopeError, match="lacks data_batch_3"):
         load_data("cifar10", data_root=str(tmp_path))
@@ -191,7 +346,7 @@ def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):
     }
     for name, (batch, message) in cases.items():
         root = tmp_path / name
-        folder = _write_cifar(root, "cifar10")
+        folder = write_cifar(root, "cifar10")
         with (folder / "data_batch_1").open("wb") as handle:
             pickle.dump(batch, handle, protocol=2)
         with pytest.raises(SharpscopeError, match=message):
@@ -199,7 +354,7 @@ def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):
 
 
 def test_cifar_pickle_with_code_is_refused(tmp_path):
-    sub = _write_cifar(tmp_path, "cifar10")
+    sub = write_cifar(tmp_path, "cifar10")
     marker = tmp_path / "ran"
 
     class Evil:
@@ -209,6 +364,22 @@ def test_cifar_pickle_with_code_is_refused(tmp_path):
     with (sub / "data_batch_1").open("wb") as handle:
         pickle.dump({b"data": Evil(), b"labels": [0]}, handle)
     with pytest.raises(SharpscopeError, match="refusing to load"):
+        load_data("cifar10", data_root=str(tmp_path))
+    assert not marker.exists()
+
+
+def test_cifar_pickle_naming_builtins_open_is_refused(tmp_path):
+    """A pickle whose global is builtins.open is refused before anything runs (the test above
+    pickles ``open`` as io.open, so an allow-list admitting builtins passed)."""
+    sub = write_cifar(tmp_path, "cifar10")
+    marker = tmp_path / "ran"
+    # protocol 0: {"data": builtins.open(marker, "w"), "labels": [0]}
+    payload = (
+        b"(dp0\nVdata\np1\ncbuiltins\nopen\np2\n(V" + str(marker).encode() + b"\nVw\ntp3\nRp4\n"
+        b"sVlabels\np5\n(lp6\nI0\nas."
+    )
+    (sub / "data_batch_1").write_bytes(payload)
+    with pytest.raises(SharpscopeError, match="refusing to load builtins.open"):
         load_data("cifar10", data_root=str(tmp_path))
     assert not marker.exists()
 

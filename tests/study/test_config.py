@@ -80,6 +80,23 @@ def test_m_lr_noise_batch_axes_reach_the_train_config():
     assert "sam-m16-lr0.05-noise0-s0" in ids and "sam-m64-lr0.1-noise0.4-s0" in ids
 
 
+def test_width_depth_and_epochs_axes_reach_the_train_config():
+    """Every swept width, depth and epochs value is the one trained (depth and epochs could be
+    recorded in params without reaching train)."""
+    runs = expand_sweep(
+        config(sweep={"optimizer": ["sgd"], "width": [8, 16], "depth": [1, 2], "epochs": [2, 3]})
+    )
+    assert len(runs) == 8
+    for run in runs:
+        assert run.train["model"]["width"] == run.params["width"]
+        assert run.train["model"]["depth"] == run.params["depth"]
+        assert run.train["epochs"] == run.params["epochs"]
+    trained = {
+        (r.train["model"]["width"], r.train["model"]["depth"], r.train["epochs"]) for r in runs
+    }
+    assert len(trained) == 8
+
+
 def test_analysis_epochs_set_save_every():
     runs = expand_sweep(config(analysis={"epochs": [2, "last"]}))
     assert runs[0].analysis_epochs == [2, 4]
@@ -87,6 +104,14 @@ def test_analysis_epochs_set_save_every():
     assert resolve_epochs(["last"], 7) == [7]
     with pytest.raises(SharpscopeError, match="asks for epoch 9, but run 'sgd' trains only 4"):
         expand_sweep(config(analysis={"epochs": [9]}))
+
+
+def test_analysis_epochs_that_are_not_multiples_of_the_first_are_all_saved():
+    """save_every divides every analysed epoch (their gcd): epochs 2 and 3 need 1, else
+    epoch_003.pt is never written (the smallest epoch, 2, passed the [2, 4] test)."""
+    (run,) = expand_sweep(config(analysis={"epochs": [2, 3, "last"]}))
+    assert run.analysis_epochs == [2, 3, 4]
+    assert run.train["save_every"] == 1
 
 
 @pytest.mark.parametrize(
@@ -297,3 +322,44 @@ def test_adaptive_sharpness_projection_reaches_the_measurement(projection):
     assert result["projection"] == projection and result["steps"] == 3
     want = m_sharpness(model, data, m=8, rho=0.5, adaptive=True, steps=3, projection=projection)
     assert columns["adaptive_sharpness"] == pytest.approx(want.sharpness, rel=1e-12)
+
+
+def test_average_sharpness_uses_adaptive_rho_for_the_adaptive_variant():
+    """Each column equals average_sharpness at its own radius: rho for the plain variant,
+    adaptive_rho for the adaptive one (swapped radii passed)."""
+    from sharpscope.analysis.measures import average_sharpness
+    from sharpscope.study.measures import measure_average_sharpness
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 3))
+    data = (torch.randn(32, 6), torch.randint(0, 3, (32,)))
+    options = {"adaptive": [False, True], "rho": [0.01], "adaptive_rho": [0.5], "num_draws": 4}
+    options = config(analysis={"average_sharpness": options}).analysis.measures["average_sharpness"]
+    columns, _ = measure_average_sharpness(model, data, "cross_entropy", options, {"seed": 0})
+    assert set(columns) == {"avgsharp_rho0.01", "avgsharp_ada_rho0.5"}
+    for name, rho, adaptive in (
+        ("avgsharp_rho0.01", 0.01, False),
+        ("avgsharp_ada_rho0.5", 0.5, True),
+    ):
+        direct = average_sharpness(model, data, rho, adaptive=adaptive, num_draws=4, seed=0)
+        assert columns[name] == pytest.approx(direct.sharpness, rel=1e-6), name
+
+
+def test_lambda_5_is_the_fifth_eigenvalue_when_more_are_computed():
+    """lambda_5 and the ratio use the fifth eigenvalue with k = 7 (the last computed one passed,
+    as every other test uses k = 5)."""
+    from sharpscope.study.measures import measure_spectrum
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    data = (torch.randn(64, 8), torch.randint(0, 4, (64,)))
+    options = {"k": 7, "tol": 1e-4, "max_steps": 60, "trace_probes": 6, "num_probes": 1,
+               "num_lanczos_steps": 10}  # fmt: skip
+    options = config(analysis={"spectrum": options}).analysis.measures["spectrum"]
+    columns, payload = measure_spectrum(
+        model, data, "cross_entropy", options, {"seed": 0, "batch_size": None}
+    )
+    eigenvalues = payload["eigenvalues"]
+    assert len(eigenvalues) == 7 and eigenvalues[4] > eigenvalues[6]  # largest first
+    assert columns["lambda_5"] == pytest.approx(eigenvalues[4])
+    assert columns["ratio"] == pytest.approx(eigenvalues[0] / eigenvalues[4])

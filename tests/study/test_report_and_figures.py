@@ -79,6 +79,30 @@ def test_correlation_table_orients_and_groups_like_the_definition():
     assert abs(noise.tau) < 0.5
 
 
+def test_loss_gap_correlations_use_the_loss_gap():
+    """With the loss gap ordered against the error gap, their τ have opposite signs (loss_gap
+    correlated against gen_gap passed: synthetic_rows' loss_gap has gen_gap's ranks)."""
+    rows = [{**row, "loss_gap": -row["gen_gap"]} for row in synthetic_rows()]
+    correlations = correlation_table(rows, ["optimizer", "rho", "lr", "seed"], resamples=0)
+    by = {(c.measure, c.target): c for c in correlations}
+    assert by[("lambda_max", "gen_gap")].tau == pytest.approx(1.0)
+    assert by[("lambda_max", "loss_gap")].tau == pytest.approx(-1.0)
+
+
+def test_error_increase_and_stderr_columns_are_not_measures():
+    """measure_columns keeps the loss-increase columns, not the 0-1 error increases
+    (msharp_err_*, asharp_err_*) nor trace_stderr."""
+    names = ["msharp_m16_rho0.05", "msharp_err_m16_rho0.05", "asharp_m16_rho0.5",
+             "asharp_err_m16_rho0.5", "avgsharp_ada_rho0.5", "trace", "trace_stderr"]  # fmt: skip
+    rows = [{"run_id": str(i), **{name: float(i) for name in names}} for i in range(3)]
+    assert measure_columns(rows) == [
+        "msharp_m16_rho0.05",
+        "asharp_m16_rho0.5",
+        "avgsharp_ada_rho0.5",
+        "trace",
+    ]
+
+
 def test_final_rows_keep_the_last_analysed_checkpoint_of_finished_runs():
     rows = [
         {"run_id": "a", "status": "done", "epoch": 1, "x": 1},
@@ -86,6 +110,52 @@ def test_final_rows_keep_the_last_analysed_checkpoint_of_finished_runs():
         {"run_id": "b", "status": "failed", "epoch": 2, "x": 9},
     ]
     assert final_rows(rows) == [{"run_id": "a", "status": "done", "epoch": 3, "x": 3}]
+
+
+def _hand_written_study(folder, final_norms, first_norms, gaps):
+    """A study folder of 4 finished runs (seeds 0-3) analysed at epochs 1 and 2, written by
+    hand without training; weight_norm is the only measure, ``gaps`` the final gen_gaps."""
+    from sharpscope.study import expand_sweep, study_config_from_dict
+    from sharpscope.study.runner import prepare_study_dir
+
+    config = study_config_from_dict(
+        {
+            "study": {"name": "by-hand"},
+            "train": {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp"}, "epochs": 2},
+            "sweep": {"optimizer": ["sgd"], "seed": [0, 1, 2, 3]},
+            "analysis": {"epochs": [1, "last"]},
+        }
+    )
+    runs = expand_sweep(config)
+    prepare_study_dir(folder, config, runs)
+    for run, final, first, gap in zip(runs, final_norms, first_norms, gaps):
+        run_dir = folder / "runs" / run.run_id
+        (run_dir / "status.json").write_text('{"state": "done"}')
+        rows = [
+            {"kind": "eval", "epoch": e, "train_acc": 0.9, "test_acc": 0.9 - g,
+             "train_loss": 0.1, "test_loss": 0.1 + g}
+            for e, g in ((1, 0.5 - gap), (2, gap))
+        ]  # fmt: skip
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        for epoch, norm in ((1, first), (2, final)):
+            path = run_dir / "analysis" / f"epoch_{epoch:03d}" / "basic.json"
+            path.parent.mkdir(parents=True)
+            record = {"measure": "basic", "columns": {"weight_norm": norm}, "params": {"basic": 1}}
+            path.write_text(json.dumps(record))
+
+
+def test_report_correlates_the_last_checkpoint_of_each_run_once(tmp_path):
+    """4 runs are 4 models, with τ = 1 of their final checkpoints (the epoch-1 rows, ordered
+    the other way, entered the correlations too)."""
+    from sharpscope.study.report import write_report
+
+    folder = tmp_path / "by-hand"
+    _hand_written_study(folder, [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [0.1, 0.2, 0.3, 0.4])
+    write_report(folder, resamples=0, figures=False)
+    correlations = json.loads((folder / "correlations.json").read_text())
+    (gen,) = [c for c in correlations if (c["measure"], c["target"]) == ("weight_norm", "gen_gap")]
+    assert gen["num_models"] == 4
+    assert gen["tau"] == pytest.approx(1.0)
 
 
 def test_figure_sizes_and_palette():

@@ -107,6 +107,24 @@ def test_table_numbers_come_from_the_right_checkpoint_and_data(study):
     assert row["test_loss"] == pytest.approx(metrics["loss"], rel=1e-5)
 
 
+def test_weight_norm_column_is_the_l2_norm_of_the_trainable_weights(study):
+    """Each row's weight_norm is ‖θ‖₂ of its checkpoint (a squared norm, or one missing the
+    last parameter, passed); frozen parameters do not count."""
+    from sharpscope.study.measures import weight_norm
+
+    out, _ = study
+    for row in read_results(out / "results.csv"):
+        path = out / "runs" / row["run_id"] / f"epoch_{row['epoch']:03d}.pt"
+        params = list(ss.load_checkpoint(path).model.parameters())
+        flat = torch.cat([p.detach().double().flatten() for p in params])
+        assert row["weight_norm"] == pytest.approx(float(flat.norm()), rel=1e-12)
+    model = ss.load_checkpoint(path).model
+    params = list(model.parameters())
+    params[-1].requires_grad_(False)
+    flat = torch.cat([p.detach().double().flatten() for p in params[:-1]])
+    assert weight_norm(model) == pytest.approx(float(flat.norm()), rel=1e-12)
+
+
 def test_rerun_skips_finished_runs_and_analyses(study, tmp_path):
     out, _ = study
     copy = tmp_path / "copy"
@@ -166,6 +184,38 @@ def test_diverged_run_is_recorded_as_failed_and_the_study_goes_on(tmp_path):
     assert sorted(again.skipped) == ["sgd-lr0.05-s0", "sgd-lr1e+12-s0"]
     report = write_report(tmp_path / "div", resamples=0).read_text()
     assert "## Failed runs" in report and "sgd-lr1e+12-s0" in report
+
+
+def test_a_run_that_raised_is_retried_and_a_diverged_one_is_not(tmp_path):
+    """The runner's contract: state 'error' is retried by the next study run, 'failed'
+    (diverged) is kept (runs that raised could be counted complete, never retried)."""
+    from sharpscope.study.runner import run_is_complete
+
+    config = tiny_config(sweep={"optimizer": ["sgd"]})
+    run = expand_sweep(config)[0]
+    run_dir = tmp_path / "runs" / run.run_id
+    run_dir.mkdir(parents=True)
+    for state, complete in (("error", False), ("failed", True), ("trained", False)):
+        (run_dir / "status.json").write_text(json.dumps({"state": state, "error": "x"}))
+        assert run_is_complete(tmp_path, run, config) is complete, state
+
+
+def test_keep_checkpoints_analysed_keeps_every_analysed_epoch(tmp_path):
+    """With keep_checkpoints = "analysed" the pruning keeps epoch 1, analysed after it, and
+    drops epoch 2 (it kept only the last analysed epoch's checkpoint)."""
+    config = tiny_config(
+        study={"name": "prune", "keep_checkpoints": "analysed"},
+        train={**TRAIN, "epochs": 3},
+        sweep={"optimizer": ["sgd"]},
+        analysis={"epochs": [1, "last"], "samples": 32},
+    )
+    summary = run_study(config, tmp_path / "study")
+    assert summary.done == ["sgd-s0"], summary.errors
+    run_dir = tmp_path / "study" / "runs" / "sgd-s0"
+    assert (run_dir / "epoch_001.pt").exists() and not (run_dir / "epoch_002.pt").exists()
+    rows = read_results(tmp_path / "study" / "results.csv")
+    assert sorted(r["epoch"] for r in rows) == [1, 3]
+    assert all(r["weight_norm"] is not None for r in rows)
 
 
 def test_study_folder_format_and_reuse_errors(study, tmp_path):
