@@ -54,3 +54,26 @@ def test_device_names_are_checked_by_form_without_a_gpu(monkeypatch):
     assert check_device_name("CPU") == ("cpu", None)
     with pytest.raises(SharpscopeError, match="unknown device 'xla'"):
         check_device_name("xla")
+
+
+def test_group_rank_and_size_stays_single_only_when_asked(monkeypatch):
+    """Inside a (faked) 2-rank group: False gives (0, 1); None and True give (rank 1, size 2)."""
+    from sharpscope import distributed
+
+    monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    assert distributed.group_rank_and_size(False) == (0, 1)
+    assert distributed.group_rank_and_size(None) == (1, 2)
+    assert distributed.group_rank_and_size(True) == (1, 2)
+
+
+def test_gather_to_main_in_one_process_detaches_nested_tensors():
+    """One process: [value], with tensors in dicts and lists detached CPU copies of the same values."""
+    from sharpscope.distributed import gather_to_main
+
+    weight = torch.ones(3, requires_grad=True)
+    (out,) = gather_to_main({"w": weight * 2, "rest": [weight * 3, "label"]})
+    assert not out["w"].requires_grad and torch.equal(out["w"], torch.full((3,), 2.0))
+    assert not out["rest"][0].requires_grad and out["rest"][1] == "label"

@@ -61,3 +61,18 @@ def test_settings_are_restored_after_an_error(tf32_on):
     with pytest.raises(RuntimeError, match="boom"):
         fails()
     assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+
+
+@pytest.mark.parametrize("cudnn, matmul", [(True, False), (False, True)])
+def test_each_tf32_flag_gets_its_own_setting_back(cudnn, matmul):
+    """Different cudnn and matmul flags before: each is restored to its own value, not swapped."""
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+    try:
+        with ieee_float32():
+            assert not torch.backends.cudnn.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_tf32
+        after = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert after == (cudnn, matmul)

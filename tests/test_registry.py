@@ -58,6 +58,21 @@ def test_losses_match_torch():
         get_loss("hinge")
 
 
+def test_the_default_loss_is_cross_entropy():
+    """get_loss() and get_loss(None) give F.cross_entropy's value, not the MSE's."""
+    out, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    expected = torch.nn.functional.cross_entropy(out, y)
+    assert torch.equal(get_loss()(out, y), expected)
+    assert torch.equal(get_loss(None)(out, y), expected)
+
+
+def test_mse_loss_one_hot_encodes_int32_targets_like_int64():
+    """int32 class targets give the same MSE as int64 ones: against one_hot(y, 3)."""
+    out, y = torch.randn(5, 3), torch.tensor([0, 2, 1, 1, 0])
+    expected = torch.nn.functional.mse_loss(out, torch.nn.functional.one_hot(y, 3).float())
+    torch.testing.assert_close(get_loss("mse")(out, y.to(torch.int32)), expected)
+
+
 def test_mse_loss_works_under_vmap():
     # F.one_hot reads the largest target with .item(), which vmap refuses: the vectorized
     # m-sharpness crashed on every checkpoint trained with --loss mse.

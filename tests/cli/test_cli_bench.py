@@ -41,6 +41,9 @@ def test_bench_spectrum_is_exact_and_compares_with_pyhessian(tmp_path):
 def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
     rows = bench("landscape", tmp_path)
     assert all(r["extra"]["values_agree_1e-5"] for r in rows)
+    # the flag is the accuracy column against 1e-5; ratio is variant time / reference time
+    assert all(r["extra"]["values_agree_1e-5"] == (r["accuracy"] <= 1e-5) for r in rows)
+    assert all(r["ratio"] == pytest.approx(r["seconds"] / r["reference_seconds"]) for r in rows)
     assert all(r["reference"] == "per-point loop over the model as given" for r in rows)
     cnn = [r for r in rows if "cnn1d-bn" in r["case"]]
     assert cnn and all(r["extra"]["bn_folded"] for r in cnn)
@@ -49,6 +52,11 @@ def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
 def test_bench_msharpness_values_agree_with_the_loop(tmp_path):
     rows = bench("msharpness", tmp_path)
     assert all(r["extra"]["values_agree_1e-5"] for r in rows)
+    extras = [r["extra"] for r in rows]
+    assert all(e["values_agree_1e-5"] == (e["float64_relative_difference"] <= 1e-5) for e in extras)
+    for r in rows:  # ratio: vmap time / loop time; speedup: its inverse
+        assert r["ratio"] == pytest.approx(r["seconds"] / r["reference_seconds"])
+        assert r["extra"]["speedup"] == pytest.approx(1 / r["ratio"])
 
 
 @pytest.mark.parametrize(
@@ -105,3 +113,94 @@ def test_json_to_a_folder_is_refused_before_the_benchmark_runs(tmp_path):
     assert result.output.strip() == (
         f"error: --json {tmp_path} is a folder; give a file name, e.g. {tmp_path / 'bench.json'}"
     )
+
+
+def test_torch_threads_restores_the_thread_count_even_after_an_error():
+    """Inside: the count asked for (1); after, normally or by an exception: the 2 set before."""
+    from sharpscope.bench._common import torch_threads
+
+    original = torch.get_num_threads()
+    torch.set_num_threads(2)  # the suite may run with one thread already
+    try:
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"), torch_threads(1):
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(original)
+
+
+def test_interleaved_median_is_the_median_of_each_callables_repeats(monkeypatch):
+    """Fake clock: 'a' takes 5, 1, 3 and 'b' 2, 2, 9 units: medians 3 and 2; gc on again after."""
+    import gc
+    import types
+
+    from sharpscope.bench import _common
+
+    clock = [0.0]
+    durations = {"a": iter([0.0, 5.0, 1.0, 3.0]), "b": iter([0.0, 2.0, 2.0, 9.0])}
+
+    def tick(name):
+        def fn():
+            clock[0] += next(durations[name])
+
+        return fn
+
+    monkeypatch.setattr(_common, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert gc.isenabled()
+    times = _common.interleaved_median({"a": tick("a"), "b": tick("b")}, repeats=3, warmup=1)
+    assert times == {"a": 3.0, "b": 2.0}
+    assert gc.isenabled()
+
+
+def test_bench_msharpness_flags_disagreeing_values_and_reports_time_ratios(monkeypatch):
+    """Injected answers 1+2e-5 vs 1 and times 1 s vs 4 s: agree flag False, ratio 0.25, speedup 4."""
+    import types
+
+    from sharpscope.bench import msharpness
+
+    def fake_pair(model, data, kwargs, device):
+        return {
+            "vmap": lambda: types.SimpleNamespace(sharpness=1.0 + 2e-5, num_subsets=4),
+            "loop": lambda: types.SimpleNamespace(sharpness=1.0, num_subsets=4),
+        }
+
+    monkeypatch.setattr(msharpness, "_pair", fake_pair)
+    monkeypatch.setattr(
+        msharpness, "interleaved_median", lambda fns, repeats: {"vmap": 1.0, "loop": 4.0}
+    )
+    monkeypatch.setattr(msharpness, "bench_data", lambda *args, **kwargs: None)
+    rows = msharpness.run(quick=True, devices=["cpu"])
+    assert rows
+    for r in rows:
+        assert r.ratio == 0.25 and r.extra["speedup"] == 4.0
+        assert r.accuracy == pytest.approx(2e-5, rel=1e-6)
+        assert r.extra["values_agree_1e-5"] is False
+    assert [r.extra["meets_target"] for r in rows if "m=8 steps=1" in r.case] == [True]
+
+
+def test_bench_landscape_flags_disagreeing_values_and_reports_time_ratios(monkeypatch):
+    """Injected: vmap grid off by 2e-5 (flag False), loop exact (True); ratios 1/4 and 2/4 of 4 s."""
+    import types
+
+    from sharpscope.bench import landscape as bench_landscape
+
+    def fake_landscape(model, data, dims, *, vectorize, fold_bn=True, **kwargs):
+        loss = torch.full((5, 5), 2.0, dtype=torch.float64) * (1 + 2e-5 if vectorize else 1.0)
+        meta = types.SimpleNamespace(extra={"chunk_size": 25, "vectorized": vectorize})
+        return types.SimpleNamespace(loss=loss, settings={"bn_folded": fold_bn}, meta=meta)
+
+    times = {"vmap": 1.0, "loop": 2.0, "reference": 4.0}
+    monkeypatch.setattr(bench_landscape, "landscape", fake_landscape)
+    monkeypatch.setattr(bench_landscape, "interleaved_median", lambda fns, repeats: times)
+    monkeypatch.setattr(bench_landscape, "bench_data", lambda *args, **kwargs: None)
+    rows = bench_landscape.run(quick=True, devices=["cpu"])
+    assert rows
+    for r in rows:
+        vmap = r.variant.startswith("vmap")
+        assert r.ratio == (0.25 if vmap else 0.5)
+        assert r.extra["speedup"] == (4.0 if vmap else 2.0)
+        assert r.accuracy == (pytest.approx(2e-5, rel=1e-6) if vmap else 0.0)
+        assert r.extra["values_agree_1e-5"] is (not vmap)

@@ -1,0 +1,61 @@
+"""evaluation.evaluate: batch weights n_b/N, eval mode restored, disjoint per-rank shards."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sharpscope import evaluation
+from sharpscope.evaluation import evaluate, predict_probs
+
+
+def _classifier() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Dropout(0.5), nn.Linear(8, 3))
+
+
+def _split(n: int = 10):
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, generator=generator), torch.randint(0, 3, (n,), generator=generator)
+
+
+def test_evaluate_loss_weights_each_batch_by_its_size():
+    """Batches of 4, 4 and 2: the loss is the one-pass mean over all N examples (n_b/N)."""
+    model = _classifier().eval()
+    x, y = _split(10)
+    out = evaluate(model, x, y, F.cross_entropy, batch_size=4)
+    with torch.no_grad():
+        logits = model(x)
+    assert out["loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-6)
+    assert out["nll"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert out["acc"] == pytest.approx((logits.argmax(1) == y).double().mean().item())
+
+
+def test_evaluate_runs_in_eval_mode_and_restores_training_mode():
+    """A training-mode model (BatchNorm, dropout) is evaluated as model.eval() would; mode kept."""
+    model = _classifier()
+    model.train()
+    x, y = _split(10)
+    out = evaluate(model, x, y, F.cross_entropy, batch_size=3)
+    assert model.training and all(m.training for m in model.modules())
+    with torch.no_grad():
+        expected = F.cross_entropy(model.eval()(x), y).item()
+    model.train()
+    assert out["loss"] == pytest.approx(expected, rel=1e-6)
+    probs = predict_probs(model, x, batch_size=3)
+    assert model.training
+    with torch.no_grad():
+        torch.testing.assert_close(probs, torch.softmax(model.eval()(x), dim=1))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("num", [0, 1, 5, 10, 11])
+def test_rank_shards_cover_every_example_exactly_once(monkeypatch, world, num):
+    """The ranks' contiguous shards, in rank order, are exactly range(num): no gap, no overlap."""
+    covered: list[int] = []
+    for rank in range(world):
+        monkeypatch.setattr(evaluation, "group_rank_and_size", lambda r=rank: (r, world))
+        covered += list(range(num))[evaluation._shard(num)]
+    assert covered == list(range(num))

@@ -1,0 +1,68 @@
+"""results.Result: JSON/NPZ round trips, the "kind" key, non-finite values, atomic writes."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import pytest
+import torch
+from torch import Tensor
+
+from sharpscope import results
+from sharpscope.results import Result, RunMeta, read_record, rows_to_csv_bytes, to_jsonable
+
+
+@dataclass(frozen=True)
+class Toy(Result):
+    """A small result with a tensor, a scalar and run metadata."""
+
+    kind = "toy"
+    values: Tensor = field(default_factory=lambda: torch.tensor([1.5, -2.0, 3.25]))
+    score: float = 0.5
+    meta: RunMeta = field(default_factory=lambda: RunMeta(seed=7, num_samples=3))
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_saved_results_load_back_with_their_kind_arrays_and_meta(tmp_path, suffix):
+    """save then load gives the same values, the RunMeta back and the record's kind 'toy'."""
+    toy = Toy()
+    path = toy.save(tmp_path / f"toy{suffix}")
+    record = read_record(path)
+    assert record["kind"] == "toy"
+    np.testing.assert_array_equal(np.asarray(record["values"]), [1.5, -2.0, 3.25])
+    loaded = Toy.load(path)
+    assert isinstance(loaded.meta, RunMeta) and loaded.meta == toy.meta
+    torch.testing.assert_close(loaded.values, toy.values.double())
+    assert loaded.score == 0.5
+    assert toy.to_dict()["kind"] == "toy"
+
+
+def test_non_finite_values_become_json_safe():
+    """nan -> None, +inf -> 1e308, -inf -> -1e308 in JSON; empty cells in CSV."""
+    assert to_jsonable([float("nan"), float("inf"), float("-inf"), 2.0]) == [
+        None,
+        1e308,
+        -1e308,
+        2.0,
+    ]
+    csv = rows_to_csv_bytes([{"a": float("inf"), "b": 1.0}, {"a": float("-inf"), "b": None}])
+    assert csv.decode() == "a,b\n,1.0\n,\n"
+    json.loads(Toy(score=float("inf")).to_json())  # strict JSON, no Infinity token
+
+
+def test_an_interrupted_result_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    """A write that fails before the rename leaves the old file byte-for-byte and no temp file."""
+    path = Toy(score=1.0).save(tmp_path / "toy.json")
+    before = path.read_bytes()
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(results.os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        Toy(score=2.0).save(path)
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["toy.json"]
