@@ -65,7 +65,8 @@ TRACE_PROBES = {
 }
 
 # --plot writes PATH.pdf and PATH.png; PATH may name either (plotting.style.save_figure).
-PLOT_SUFFIXES = ("", ".pdf", ".png")
+# Any other suffix of letters (.jpg, .svg, ...) is refused, since it reads as a file format;
+# a dot followed by anything else is part of the name (runs/sam_rho0.05 -> sam_rho0.05.pdf).
 
 
 def check_trace_probes(method: str, probes: int | None) -> None:
@@ -90,17 +91,28 @@ give a multiple of 3, at least 6 (Hutch++ splits them in three; default 99)
 
 
 def check_plot_path(plot: Path | None) -> None:
-    """``--plot PATH``: no suffix, ``.pdf`` or ``.png`` (both files are written), and
-    both files writable."""
+    """``--plot PATH``: ``PATH``, ``PATH.pdf`` or ``PATH.png`` (both files are written),
+    and both files writable. A suffix of letters other than those reads as another file
+    format and is refused; other dots belong to the name.
+
+    >>> check_plot_path(Path("sam_rho0.05"))
+    >>> check_plot_path(Path("density.jpg"))
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: --plot density.jpg: the plot is written as PATH.pdf \
+and PATH.png, so give a path ending in .pdf, .png or no suffix, e.g. density.pdf
+    """
+    from ..plotting.style import FIGURE_SUFFIXES, beside, figure_base
+
     if plot is None:
         return
-    if plot.suffix not in PLOT_SUFFIXES:
+    if plot.suffix[1:].isalpha() and plot.suffix not in FIGURE_SUFFIXES:
         raise SharpscopeError(
             f"--plot {plot}: the plot is written as PATH.pdf and PATH.png, so give a path "
             f"ending in .pdf, .png or no suffix, e.g. {plot.with_suffix('.pdf')}"
         )
-    for suffix in (".pdf", ".png"):
-        check_output_file("--plot", plot.with_suffix(suffix), example="density.pdf")
+    for suffix in FIGURE_SUFFIXES:
+        check_output_file("--plot", beside(figure_base(plot), suffix), example="density.pdf")
 
 
 def _fmt(value: float | None) -> str:

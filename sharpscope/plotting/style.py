@@ -187,37 +187,61 @@ def add_caption(fig: Any, text: str) -> None:
         fig.text(0.5, 0.0, text, ha="center", va="top", fontsize="x-small", color="0.35", wrap=True)
 
 
+#: the two files every figure is written as
+FIGURE_SUFFIXES = (".pdf", ".png")
+
+
+def figure_base(path: str | Path) -> Path:
+    """``PATH`` without a ``.pdf``/``.png`` suffix; any other dot stays part of the name.
+
+    >>> figure_base("figs/sam_rho0.05.pdf"), figure_base("figs/sam_rho0.05")
+    (PosixPath('figs/sam_rho0.05'), PosixPath('figs/sam_rho0.05'))
+    """
+    base = Path(path)
+    return base.with_suffix("") if base.suffix in FIGURE_SUFFIXES else base
+
+
+def beside(base: Path, suffix: str) -> Path:
+    """``base`` + ``suffix`` (not :meth:`Path.with_suffix`, which would turn
+    ``sam_rho0.05`` into ``sam_rho0.pdf`` and let ``sam_rho0.1`` overwrite it).
+
+    >>> beside(Path("figs/sam_rho0.05"), ".pdf")
+    PosixPath('figs/sam_rho0.05.pdf')
+    """
+    return base.with_name(base.name + suffix)
+
+
 def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> list[Path]:
     """Write ``PATH.pdf`` (vector) and ``PATH.png`` (200 dpi), and the data beside them.
 
     Args:
         fig: a matplotlib Figure.
-        path_without_suffix: e.g. ``figures/spectra`` -> ``figures/spectra.pdf`` ...
+        path_without_suffix: e.g. ``figures/spectra`` -> ``figures/spectra.pdf`` ...; a
+            ``.pdf`` or ``.png`` ending is dropped, other dots are kept
+            (``sam_rho0.05`` -> ``sam_rho0.05.pdf``).
         data: what the figure shows: a list of row dicts goes to ``PATH.csv``, anything
             else JSON-able (dicts, arrays, results) to ``PATH.json``. ``None``: nothing.
 
     Returns:
         The files written.
     """
-    base = Path(path_without_suffix)
-    if base.suffix in (".pdf", ".png"):
-        base = base.with_suffix("")
+    base = figure_base(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     written = []
-    for suffix, kwargs in ((".pdf", {}), (".png", {"dpi": 200})):
+    for suffix, kwargs in zip(FIGURE_SUFFIXES, ({}, {"dpi": 200})):
         buffer = io.BytesIO()
         # a fixed creation date keeps committed PDFs byte-stable across regenerations
         metadata = {"CreationDate": None} if suffix == ".pdf" else {"Software": None}
         fig.savefig(buffer, format=suffix[1:], metadata=metadata, **kwargs)
-        atomic_write_bytes(base.with_suffix(suffix), buffer.getvalue())
-        written.append(base.with_suffix(suffix))
+        atomic_write_bytes(beside(base, suffix), buffer.getvalue())
+        written.append(beside(base, suffix))
     if data is not None:
         if isinstance(data, list) and all(isinstance(r, Mapping) for r in data):
-            atomic_write_bytes(base.with_suffix(".csv"), rows_to_csv_bytes(data))
-            written.append(base.with_suffix(".csv"))
+            atomic_write_bytes(beside(base, ".csv"), rows_to_csv_bytes(data))
+            written.append(beside(base, ".csv"))
         else:
             payload = data.to_dict() if hasattr(data, "to_dict") else data
             text = json.dumps(to_jsonable(payload), indent=1) + "\n"
-            atomic_write_bytes(base.with_suffix(".json"), text.encode())
-            written.append(base.with_suffix(".json"))
+            atomic_write_bytes(beside(base, ".json"), text.encode())
+            written.append(beside(base, ".json"))
     return written

@@ -269,10 +269,11 @@ def _group2(rows, a: str, b: str) -> dict[tuple, list]:
 
 
 def _write_table(base: Path, table: list[dict[str, Any]]) -> list[Path]:
+    from ..plotting.style import beside
     from ..results import rows_to_csv_bytes
 
-    atomic_write_bytes(base.with_suffix(".csv"), rows_to_csv_bytes(table))
-    return [base.with_suffix(".csv")]
+    atomic_write_bytes(beside(base, ".csv"), rows_to_csv_bytes(table))
+    return [beside(base, ".csv")]
 
 
 # --------------------------------------------------------------------------- (b)

@@ -366,8 +366,8 @@ def test_deflate_of_every_parameter_fails_before_the_top_k(checkpoint):
 def test_plot_suffix_other_than_pdf_or_png_is_refused_and_the_help_says_both_are_written(
     checkpoint, tmp_path
 ):
-    """--plot out.xyz silently wrote out.pdf and out.png."""
-    plot = tmp_path / "out.xyz"
+    """--plot out.jpg silently wrote out.pdf and out.png."""
+    plot = tmp_path / "out.jpg"
     result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--plot", str(plot)])
     assert result.exit_code == 2
     line = _one_error_line(result)
@@ -375,3 +375,14 @@ def test_plot_suffix_other_than_pdf_or_png_is_refused_and_the_help_says_both_are
     assert not any(tmp_path.iterdir())
     help_text = " ".join(runner.invoke(app, ["spectrum", "--help"]).output.split())
     assert "PATH.pdf and PATH.png" in help_text
+
+
+@pytest.mark.parametrize("given", ["sam_rho0.05", "sam_rho0.05.pdf", "sam_rho0.05.png"])
+def test_plot_named_after_a_hyperparameter_keeps_its_whole_name(checkpoint, tmp_path, given):
+    """--plot runs/sam_rho0.05 wrote runs/sam_rho0.pdf (Path.with_suffix), so a second run
+    with --plot runs/sam_rho0.1 silently overwrote it."""
+    result = runner.invoke(
+        app, ["spectrum", str(checkpoint), *FAST, "--plot", str(tmp_path / given)]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["sam_rho0.05.pdf", "sam_rho0.05.png"]
