@@ -1,0 +1,440 @@
+"""What the figures draw: data, axes, scales, labels and files (a mutation audit of
+sharpscope.plotting; each test kills a mutant the other tests let through).
+
+Every check reads the returned matplotlib objects (line data, collections, containers,
+labels, scales) or the written files, never just "it runs"."""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from sharpscope.analysis.correlation import Correlation  # noqa: E402
+from sharpscope.analysis.landscape import LandscapeResult  # noqa: E402
+from sharpscope.analysis.spectrum import Density  # noqa: E402
+from sharpscope.plotting import study as study_plots  # noqa: E402
+from sharpscope.plotting.landscape import (  # noqa: E402
+    contour_levels,
+    plot_landscape_1d,
+    plot_landscape_contour,
+    plot_landscape_surface,
+    save_landscape_plots,
+)
+from sharpscope.plotting.spectrum import FLOOR, plot_spectrum  # noqa: E402
+from sharpscope.plotting.style import PALETTE, optimizer_color, save_figure  # noqa: E402
+from sharpscope.plotting.training import plot_learned_rho, plot_training_curves  # noqa: E402
+from sharpscope.results import RunMeta  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def landscape(x, y, loss, accuracy=None, kind="random", **fields):
+    """A LandscapeResult holding the given grid (nothing computed from a model)."""
+    loss = torch.as_tensor(np.asarray(loss, dtype=float))
+    acc = torch.full_like(loss, math.nan) if accuracy is None else torch.as_tensor(accuracy)
+    dims = 1 if y is None else 2
+    values = {
+        "x": torch.as_tensor(np.asarray(x, dtype=float)),
+        "y": None if y is None else torch.as_tensor(np.asarray(y, dtype=float)),
+        "loss": loss,
+        "accuracy": acc,
+        "computed": torch.ones_like(loss),
+        "directions": torch.zeros(dims, 3),
+        "direction_kind": kind,
+        "norm": "filter",
+        "bias": "zero",
+        "states": False,
+        "cosine": None,
+        "direction_norms": [1.0] * dims,
+        "eigenvalues": None,
+        "explained_variance_ratio": None,
+        "trajectory": None,
+        "complete": True,
+        "settings": {},
+        "loss_name": "cross_entropy",
+        "seconds": 0.0,
+        "meta": RunMeta(data={"name": "digits", "split": "train"}, num_samples=64),
+    }
+    values.update(fields)
+    return LandscapeResult(**values)
+
+
+ALPHA = np.linspace(-1.0, 1.0, 9)
+BETA = np.linspace(-0.5, 0.5, 5)  # not square: a transposed grid cannot be drawn
+
+
+def alpha_only():
+    """f(α, β) = α: contour lines are vertical, at α = level."""
+    return landscape(ALPHA, BETA, np.repeat(ALPHA[:, None], len(BETA), axis=1))
+
+
+# ------------------------------------------------------------------ landscapes
+
+
+def test_contour_lines_sit_where_the_loss_has_their_level_and_are_labelled():
+    result = alpha_only()
+    fig = plot_landscape_contour(result)
+    ax = fig.axes[0]
+    (cs,) = [c for c in ax.collections if hasattr(c, "levels")]
+    levels = contour_levels(result.loss.numpy())
+    np.testing.assert_allclose(cs.levels, levels)
+    assert levels[-1] == pytest.approx(np.percentile(result.loss.numpy(), 95))
+    for level, path in zip(cs.levels, cs.get_paths()):
+        if len(path.vertices):
+            np.testing.assert_allclose(path.vertices[:, 0], level, atol=1e-9)  # x = α
+            assert path.vertices[:, 1].min() == pytest.approx(BETA.min())
+    labels = [float(t.get_text()) for t in ax.texts]
+    assert labels and set(labels) <= {float(f"{v:.3g}") for v in levels}
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("α", "β")
+    assert ax.get_title() == "random; norm=filter, bias=zero; digits/train n=64; eval mode, float32"
+    moved = landscape(ALPHA, BETA, result.loss, states=True)
+    assert (
+        plot_landscape_contour(moved)
+        .axes[0]
+        .get_title()
+        .endswith("eval mode, BN stats moved, float32")
+    )
+
+
+def test_pca_contour_labels_axes_with_explained_variance_and_draws_the_trajectory():
+    path = torch.tensor([[0.5, -0.25], [0.25, -0.1], [0.0, 0.0]])
+    result = alpha_only()
+    result = landscape(
+        ALPHA,
+        BETA,
+        result.loss,
+        kind="pca",
+        explained_variance_ratio=torch.tensor([0.625, 0.25]),
+        trajectory=path,
+    )
+    ax = plot_landscape_contour(result).axes[0]
+    assert ax.get_xlabel() == "PC1 (62.5% var.)" and ax.get_ylabel() == "PC2 (25.0% var.)"
+    (drawn,) = [line for line in ax.lines if len(line.get_xdata()) == 3]
+    np.testing.assert_allclose(drawn.get_xdata(), path[:, 0].numpy())
+    np.testing.assert_allclose(drawn.get_ydata(), path[:, 1].numpy())
+
+
+def test_surface_spans_the_grid_on_the_right_axes_and_labels_the_metric():
+    result = alpha_only()
+    ax = plot_landscape_surface(result).axes[0]
+    assert ax.name == "3d"
+    np.testing.assert_allclose(ax.xy_dataLim.intervalx, [-1.0, 1.0])  # α on x
+    np.testing.assert_allclose(ax.xy_dataLim.intervaly, [-0.5, 0.5])  # β on y
+    np.testing.assert_allclose(ax.zz_dataLim.intervalx, [-1.0, 1.0])
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_zlabel()) == ("α", "β", "loss")
+    acc = np.full((len(ALPHA), len(BETA)), 0.5)
+    with_accuracy = landscape(ALPHA, BETA, result.loss, accuracy=acc)
+    assert plot_landscape_surface(with_accuracy, metric="accuracy").axes[0].get_zlabel() == (
+        "accuracy"
+    )
+
+
+def test_1d_curve_draws_the_loss_and_the_accuracy_on_a_twin_axis():
+    x = np.linspace(-0.5, 1.5, 5)
+    loss, acc = [3.0, 1.0, 0.5, 1.0, 2.0], [0.2, 0.6, 0.9, 0.7, 0.4]
+    result = landscape(x, None, loss, accuracy=torch.tensor(acc), kind="interpolation")
+    fig = plot_landscape_1d(result)
+    main, twin = fig.axes
+    curve = main.lines[0]
+    np.testing.assert_allclose(curve.get_xdata(), x)
+    np.testing.assert_allclose(curve.get_ydata(), loss)
+    np.testing.assert_allclose(twin.lines[0].get_ydata(), acc)
+    assert twin.get_ylabel() == "accuracy" and main.get_ylabel() == "loss"
+    assert main.get_xlabel() == "α (0: model A, 1: model B)"
+    marks = sorted(line.get_xdata()[0] for line in main.lines[1:])
+    assert marks == [0.0, 1.0]
+    # no accuracy (e.g. a regression loss): no twin axis
+    alone = plot_landscape_1d(landscape(x, None, loss, kind="interpolation"))
+    assert len(alone.axes) == 1
+
+
+def test_save_landscape_plots_writes_contour_and_surface_as_pdf_and_png(tmp_path):
+    written = save_landscape_plots(alpha_only(), tmp_path, stem="ls")
+    assert sorted(p.name for p in written) == [
+        "ls_contour.pdf",
+        "ls_contour.png",
+        "ls_surface.pdf",
+        "ls_surface.png",
+    ]
+    assert all(p.stat().st_size > 0 for p in written)
+
+
+# ------------------------------------------------------------------ save_figure
+
+
+def test_png_is_written_at_200_dpi(tmp_path):
+    fig = plt.figure(figsize=(2.0, 1.0))
+    fig.add_subplot().plot([0, 1], [0, 1])
+    save_figure(fig, tmp_path / "line")
+    with Image.open(tmp_path / "line.png") as image:
+        assert image.info["dpi"] == pytest.approx((200, 200), abs=0.1)
+
+
+def test_a_png_suffix_also_names_both_files(tmp_path):
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    written = save_figure(fig, tmp_path / "curve.png")
+    assert written == [tmp_path / "curve.pdf", tmp_path / "curve.png"]
+    assert (tmp_path / "curve.pdf").read_bytes().startswith(b"%PDF")
+    assert not (tmp_path / "curve.png.pdf").exists()
+
+
+def test_a_dotted_stem_keeps_its_whole_name(tmp_path):
+    """Path.with_suffix made sam_rho0.05 and sam_rho0.1 both sam_rho0.pdf/.png."""
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [1, 0])
+    first = save_figure(fig, tmp_path / "sam_rho0.05.pdf")
+    second = save_figure(fig, tmp_path / "sam_rho0.1", data={"rho": 0.1})
+    assert [p.name for p in first] == ["sam_rho0.05.pdf", "sam_rho0.05.png"]
+    assert [p.name for p in second] == ["sam_rho0.1.pdf", "sam_rho0.1.png", "sam_rho0.1.json"]
+
+
+# ------------------------------------------------------------------ spectrum
+
+
+def log_density():
+    grid = torch.linspace(-10.0, 2.0, 50)
+    values = torch.exp(-((grid + 4.0) ** 2))  # underflows to 0 at the right edge
+    return Density(
+        grid=grid,
+        values=values,
+        nodes=torch.zeros(1, 2),
+        weights=torch.zeros(1, 2),
+        sigma=0.1,
+        units="log(|eigenvalue| + 1e-5)",
+        deflated=torch.tensor([5.0, 2.0]),
+    )
+
+
+def test_log_unit_density_marks_the_outliers_in_log_units():
+    density = log_density()
+    ax = plot_spectrum(density).axes[0]
+    curve = ax.lines[0]
+    np.testing.assert_allclose(curve.get_xdata(), density.grid.numpy())
+    expected = np.maximum(density.values.numpy(), FLOOR)
+    np.testing.assert_allclose(curve.get_ydata(), expected)
+    marked = [line.get_xdata()[0] for line in ax.lines[1:]]
+    np.testing.assert_allclose(marked, np.log(np.array([5.0, 2.0]) + 1e-5))
+    assert ax.get_xlabel() == "log(|eigenvalue| + 1e-5)"
+    assert [t.get_text() for t in ax.texts] == ["λ1=5"]
+    assert ax.get_yscale() == "log"
+
+
+# ------------------------------------------------------------------ training curves
+
+
+def test_rows_without_kind_are_epochs_and_runs_of_one_optimizer_get_different_dashes():
+    history = [{"epoch": 1, "test_acc": 0.5, "train_loss": 1.0}, {"epoch": 2, "test_acc": 0.75}]
+    fig = plot_training_curves(
+        {"sam-rho0.05": history, "sam-rho0.1": history, "sgd": history},
+        metrics=("test_acc", "train_loss"),
+    )
+    error, loss = fig.axes[:2]
+    assert [line.get_linestyle() for line in error.lines] == ["-", "--", "-"]
+    assert [line.get_color() for line in error.lines] == [PALETTE[0], PALETTE[0], PALETTE[7]]
+    np.testing.assert_allclose(error.lines[0].get_xdata(), [1, 2])
+    np.testing.assert_allclose(error.lines[0].get_ydata(), [50.0, 25.0])
+    np.testing.assert_allclose(loss.lines[0].get_xdata(), [1])  # epoch 2 has no train_loss
+    assert error.get_ylabel() == "test error (%)"
+    assert loss.get_ylabel() == "train loss (cross-entropy)"
+    assert all(ax.get_xlabel() == "epoch" for ax in (error, loss))
+
+
+def test_learned_rho_is_plotted_against_the_optimizer_step():
+    rows = [
+        {"kind": "step", "epoch": 1, "step": 10, "rho": 0.05},
+        {"kind": "step", "epoch": 1, "step": 20, "rho": 0.07},
+        {"kind": "step", "epoch": 2, "step": 30, "rho": 0.04},
+    ]
+    ax = plot_learned_rho({"lets": rows}).axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_xdata(), [10, 20, 30])
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.05, 0.07, 0.04])
+    assert ax.get_xlabel() == "optimizer step"
+
+
+# ------------------------------------------------------------------ study figures
+
+
+def rows_for(values, column="lambda_max", optimizers=("sgd", "sam")):
+    out = []
+    for index, value in enumerate(values):
+        optimizer = optimizers[index % len(optimizers)]
+        out.append({"optimizer": optimizer, column: value, "gen_gap": 0.01 * (index + 1)})
+    return out
+
+
+def test_measure_axis_is_logarithmic_only_for_a_wide_positive_spread():
+    narrow = study_plots.plot_measure_vs_gap(rows_for([1.0, 5.0, 20.0]), "lambda_max")
+    assert narrow.axes[0].get_xscale() == "linear"
+    wide = study_plots.plot_measure_vs_gap(rows_for([1.0, 5.0, 100.0]), "lambda_max")
+    assert wide.axes[0].get_xscale() == "log"
+
+
+def test_scatter_legend_uses_display_names_and_axes_name_the_columns():
+    ax = study_plots.plot_measure_vs_gap(rows_for([1.0, 2.0]), "lambda_max").axes[0]
+    assert ax.get_legend_handles_labels()[1] == ["SGD", "SAM"]
+    assert ax.get_xlabel() == r"$\lambda_{\max}$ of the Hessian"
+    assert ax.get_ylabel() == "generalization gap (test − train error, %)"
+    np.testing.assert_allclose(ax.collections[0].get_offsets(), [[1.0, 1.0]])
+
+
+def test_error_increase_columns_are_labelled_as_such():
+    assert study_plots.axis_label("msharp_err_m16_rho0.05") == (
+        "m-sharpness, error increase (m=16, ρ=0.05)"
+    )
+    assert study_plots.axis_label("asharp_err_m4_rho0.5") == (
+        "adaptive sharpness, error increase (m=4, ρ=0.5)"
+    )
+
+
+def sweep_rows():
+    """Two optimizers, three learning rates given out of order, three seeds."""
+    rows = []
+    for optimizer, lr, seed in [
+        (o, lr, s) for o in ("sgd", "sam") for lr in (0.1, 0.01, 1.0) for s in (0, 1, 2)
+    ]:
+        acc = 0.9 - 0.1 * seed - (0.05 if optimizer == "sgd" else 0.0) - lr / 10
+        rows.append({"optimizer": optimizer, "lr": lr, "seed": seed, "test_acc": acc})
+    return rows
+
+
+def test_metric_vs_axis_draws_mean_error_and_sample_sd_in_sorted_x_order():
+    fig = study_plots.plot_metric_vs_axis(sweep_rows(), "lr", "test_acc", logx=True)
+    ax = fig.axes[0]
+    sgd = ax.containers[0]
+    line = sgd.lines[0]
+    np.testing.assert_allclose(line.get_xdata().astype(float), [0.01, 0.1, 1.0])
+    # errors in percent: seeds give 0.85, 0.75, 0.65 minus lr/10 -> mean error 25 + 10 lr
+    np.testing.assert_allclose(line.get_ydata().astype(float), [25.1, 26.0, 35.0])
+    (bars,) = sgd.lines[2]
+    half = [seg[1, 1] - seg[0, 1] for seg in bars.get_segments()]
+    np.testing.assert_allclose(half, [2 * 10.0] * 3)  # sample sd (ddof=1) of 3 seeds: 10 %
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert ax.get_ylabel() == "test error (%)" and ax.get_xlabel() == "learning rate"
+    summary = study_plots.mean_and_spread(sweep_rows(), "lr", "test_acc")
+    assert summary[0]["test_error_pct_std"] == pytest.approx(10.0)
+
+
+def test_label_noise_axis_is_in_percent():
+    rows = [
+        {"optimizer": "sgd", "label_noise": noise, "test_acc": 0.8 - noise}
+        for noise in (0.0, 0.2, 0.4)
+    ]
+    ax = study_plots.plot_metric_vs_axis(rows, "label_noise").axes[0]
+    np.testing.assert_allclose(
+        ax.containers[0].lines[0].get_xdata().astype(float), [0.0, 20.0, 40.0]
+    )
+    assert ax.get_xscale() == "linear"
+
+
+def correlation(measure, tau, tau_interval, overall, overall_interval):
+    return Correlation(
+        measure=measure,
+        target="gen_gap",
+        num_models=8,
+        tau=tau,
+        p_value=0.01,
+        tau_interval=tau_interval,
+        psi={},
+        num_groups={},
+        psi_interval={},
+        overall=overall,
+        overall_interval=overall_interval,
+    )
+
+
+def test_correlation_dots_and_intervals_are_tau_and_psi_of_each_measure():
+    correlations = [
+        correlation("lambda_max", 0.5, (0.1, 0.6), -0.2, (-0.3, 0.4)),
+        correlation("trace", 0.3, (0.2, 0.9), 0.7, (0.65, 0.8)),
+    ]
+    ax = study_plots.plot_correlations(correlations).axes[0]
+    tau, psi = ax.containers
+    assert tau.get_label() == r"Kendall $\tau$" and psi.get_label() == r"granulated $\Psi$"
+    np.testing.assert_allclose(tau.lines[0].get_xdata(), [0.5, 0.3])
+    np.testing.assert_allclose(psi.lines[0].get_xdata(), [-0.2, 0.7])
+    np.testing.assert_allclose(tau.lines[0].get_ydata(), [-0.15, 0.85])
+    (bars,) = tau.lines[2]
+    np.testing.assert_allclose([s[:, 0] for s in bars.get_segments()], [[0.1, 0.6], [0.2, 0.9]])
+    (bars,) = psi.lines[2]
+    np.testing.assert_allclose([s[:, 0] for s in bars.get_segments()], [[-0.3, 0.4], [0.65, 0.8]])
+    assert ax.yaxis_inverted()  # the first measure on top
+    assert [t.get_text() for t in ax.get_yticklabels()] == [
+        r"$\lambda_{\max}$ of the Hessian",
+        "Hessian trace",
+    ]
+
+
+def test_tau_vs_m_intervals_reach_both_bounds():
+    points = [
+        {"m": 4, "rho": 0.05, "tau": 0.5, "tau_low": 0.2, "tau_high": 0.7},
+        {"m": 16, "rho": 0.05, "tau": 0.3, "tau_low": -0.1, "tau_high": 0.4},
+    ]
+    ax = study_plots.plot_tau_vs_m(points).axes[0]
+    (container,) = ax.containers
+    np.testing.assert_allclose(container.lines[0].get_xdata().astype(float), [4, 16])
+    (bars,) = container.lines[2]
+    np.testing.assert_allclose([s[:, 1] for s in bars.get_segments()], [[0.2, 0.7], [-0.1, 0.4]])
+    assert ax.get_xscale() == "log" and ax.get_ylim() == (-1.05, 1.05)
+
+
+def test_variant_bars_are_means_over_seeds_with_the_metric_label():
+    rows = [
+        {"optimizer": "sgd", "lambda_max": v, "test_acc": a}
+        for v, a in ((1.0, 0.9), (2.0, 0.8), (9.0, 0.7))
+    ] + [{"optimizer": "sam", "lambda_max": 0.5, "test_acc": 0.95}]
+    fig = study_plots.plot_variants(rows, ("test_acc", "lambda_max"))
+    error, top = fig.axes
+    np.testing.assert_allclose([p.get_height() for p in top.patches], [4.0, 0.5])
+    np.testing.assert_allclose([p.get_height() for p in error.patches], [20.0, 5.0])
+    assert error.get_ylabel() == "test error (%)"
+    assert top.get_ylabel() == r"$\lambda_{\max}$ of the Hessian"
+    assert [t.get_text() for t in top.get_xticklabels()] == ["SGD", "SAM"]
+
+
+def test_spectral_densities_are_log_scale_in_epoch_order():
+    curve = {"grid": [0.0, 1.0, 2.0], "values": [0.1, 1.0, 0.0]}
+    fig = study_plots.plot_spectral_densities({"sam": [(5, curve), (1, curve)]})
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    assert [line.get_label() for line in ax.lines] == ["epoch 1", "epoch 5"]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.1, 1.0, 1e-6])
+    # the later epoch is drawn in the stronger shade
+    first, last = (np.array(matplotlib.colors.to_rgb(line.get_color())) for line in ax.lines)
+    assert np.abs(last - np.array(matplotlib.colors.to_rgb(PALETTE[0]))).max() < 1e-9
+    assert first.sum() > last.sum()
+
+
+def test_curves_1d_log_axis():
+    fig = study_plots.plot_curves_1d({"sgd": ([0.0, 1.0], [1.0, 100.0])}, logy=True)
+    assert fig.axes[0].get_yscale() == "log"
+    assert study_plots.plot_curves_1d({"sgd": ([0.0], [1.0])}).axes[0].get_yscale() == "linear"
+
+
+def test_filled_contours_keep_beta_on_the_vertical_axis():
+    alpha, beta = np.linspace(-1, 1, 5), np.linspace(-1, 1, 5)
+    loss = np.exp(np.repeat(beta[None, :], 5, axis=0))  # low loss at low β
+    ax = study_plots.plot_contours({"sam": (alpha, beta, loss)}).axes[0]
+    (filled,) = [c for c in ax.collections if hasattr(c, "levels")]
+    lowest = filled.get_paths()[0].vertices
+    assert lowest[:, 1].max() < 0.0  # the lowest band lies at β < 0
+
+
+def test_optimizer_colours_for_variants_and_unknown_labels():
+    assert optimizer_color("sam-rho0.1", 3) == optimizer_color("SAM") == PALETTE[0]
+    assert optimizer_color("vasso-rho0.1") == PALETTE[2]
+    # unknown labels cycle the palette without black (kept for references)
+    assert [optimizer_color("mine", i) for i in range(8)] == [*PALETTE[:7], PALETTE[0]]
