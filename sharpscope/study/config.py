@@ -233,7 +233,10 @@ class StudyConfig:
         """The configuration as TOML-ready sections."""
         analysis = self.analysis.to_dict()
         measures = analysis.pop("measures")
+        all_examples = analysis["samples"] is None  # TOML has no null: "all" reads back as None
         analysis = {k: v for k, v in analysis.items() if v is not None}
+        if all_examples:
+            analysis["samples"] = "all"
         analysis.update(measures)
         study = {"name": self.name, "description": self.description}
         study["keep_checkpoints"] = self.keep_checkpoints
