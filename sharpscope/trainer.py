@@ -23,7 +23,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -387,8 +387,17 @@ def _cycling_batches(split: DataSplit, batch_size: int, seed: int):
         epoch += 1
 
 
-def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
+def train(
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    before_training: Callable[[], None] | None = None,
+) -> TrainSummary:
     """Train one model as ``config`` says; see the module docstring for the files written.
+
+    ``before_training`` is called once (on the main process) when the data, model and
+    optimizer are ready and their options checked, just before the first step: the command
+    line warns there that nothing will be saved, so bad input still gives one line only.
 
     Raises:
         SharpscopeError: bad configuration or data; :class:`TrainingDiverged` when the
@@ -396,10 +405,12 @@ def train(config: TrainConfig, *, resume: bool = False) -> TrainSummary:
     """
     config.validate()
     with deterministic_algorithms(config.deterministic):
-        return _train(config, resume)
+        return _train(config, resume, before_training)
 
 
-def _train(config: TrainConfig, resume: bool) -> TrainSummary:
+def _train(
+    config: TrainConfig, resume: bool, before_training: Callable[[], None] | None
+) -> TrainSummary:
     from .optim.closure import BatchClosure
     from .optim.factory import build_optimizer, optimizer_metrics, step_metrics
 
@@ -484,6 +495,8 @@ def _train(config: TrainConfig, resume: bool) -> TrainSummary:
             (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in history))
         else:
             (out / "metrics.jsonl").write_text("")
+    if before_training is not None and info.is_main:
+        before_training()
 
     per_rank = config.batch_size // info.world_size
     lo, hi = info.rank * per_rank, (info.rank + 1) * per_rank

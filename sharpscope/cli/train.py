@@ -407,13 +407,18 @@ def register(app: typer.Typer) -> None:
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
-        if cfg.out is None:
+
+        def warn_nothing_saved() -> None:  # once the options are checked: bad input stays one line
             warnings.warn(
                 "no --out: the trained model and its metrics are not saved (give --out DIR "
                 "for last.pt, the epoch checkpoints and metrics.jsonl)",
                 stacklevel=1,
             )
-        summary = train(cfg, resume=resume)  # epoch lines on stderr; the summary on stdout
+
+        # epoch lines on stderr; the summary on stdout
+        summary = train(
+            cfg, resume=resume, before_training=warn_nothing_saved if cfg.out is None else None
+        )
         if not summary.is_main:  # under torchrun only rank 0 reports
             return
         metrics = summary.metrics

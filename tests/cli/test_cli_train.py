@@ -270,9 +270,11 @@ def test_epoch_lines_go_to_stderr_with_the_progress_bar_too(tmp_path):
 
 def test_training_without_out_warns_that_nothing_is_saved(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = runner.invoke(app, ["train", *TINY])
+    result = runner.invoke(app, ["train", *TINY, "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "warning: no --out: the trained model and its metrics are not saved" in result.stderr
+    logged = result.stderr.splitlines()
+    assert "warning: no --out: the trained model and its metrics are not saved" in logged[0]
+    assert "epoch 1" in logged[1]  # before the training, not after it
     assert list(tmp_path.iterdir()) == []  # and indeed nothing was written
 
 
