@@ -345,13 +345,15 @@ class SharpnessAware(torch.optim.Optimizer):
         self.scaler = scaler
         self.rho = _check_rho(rho)
         if bn_policy not in _BN_POLICIES:
-            raise SharpscopeError(f"bn_policy must be one of {_BN_POLICIES}, got {bn_policy!r}")
+            raise SharpscopeError(
+                f"bn_policy must be one of {', '.join(_BN_POLICIES)}, got {bn_policy!r}"
+            )
         self.bn_policy = bn_policy
         self.same_noise = bool(same_noise)
         perturbation = self.default_perturbation if perturbation is None else perturbation
         if perturbation not in _PERTURBATION_MODES:
             raise SharpscopeError(
-                f"perturbation must be one of {_PERTURBATION_MODES}, got {perturbation!r}"
+                f"perturbation must be one of {', '.join(_PERTURBATION_MODES)}, got {perturbation!r}"
             )
         self.perturbation_mode = perturbation
         self.max_grad_norm = _positive_or_none("max_grad_norm", max_grad_norm)

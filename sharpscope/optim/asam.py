@@ -85,7 +85,9 @@ def adaptive_perturbation(
             eps_s = [t * tg * factor for t, tg in zip(t_s, tg_s)]
         eps_u = scaled(grads_u, factor) if grads_u else []
     else:
-        raise SharpscopeError(f"adaptive must be one of {ADAPTIVE_FORMS}, got {adaptive!r}")
+        raise SharpscopeError(
+            f"adaptive must be one of {', '.join(ADAPTIVE_FORMS)}, got {adaptive!r}"
+        )
     out: list[Tensor] = [None] * len(params)  # type: ignore[list-item]
     for i, e in zip(idx_s, eps_s):
         out[i] = e
@@ -98,7 +100,7 @@ def check_adaptive(adaptive: str, eta: float, *, allow_none: bool) -> None:
     """Raise a clear error for an unknown form or a negative ``eta``."""
     forms = ADAPTIVE_FORMS if allow_none else ADAPTIVE_FORMS[1:]
     if adaptive not in forms:
-        raise SharpscopeError(f"adaptive must be one of {forms}, got {adaptive!r}")
+        raise SharpscopeError(f"adaptive must be one of {', '.join(forms)}, got {adaptive!r}")
     if not float(eta) >= 0:
         raise SharpscopeError(f"eta must be >= 0, got {eta!r}")
 

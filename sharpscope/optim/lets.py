@@ -218,9 +218,13 @@ class LETS(SharpnessAware):
                 "of the training split, e.g. 10%; never the test split)"
             )
         if inner not in INNER_OPTIONS:
-            raise SharpscopeError(f"inner must be one of {sorted(INNER_OPTIONS)}, got {inner!r}")
+            raise SharpscopeError(
+                f"inner must be one of {', '.join(sorted(INNER_OPTIONS))}, got {inner!r}"
+            )
         if hypergrad not in HYPERGRAD_MODES:
-            raise SharpscopeError(f"hypergrad must be one of {HYPERGRAD_MODES}, got {hypergrad!r}")
+            raise SharpscopeError(
+                f"hypergrad must be one of {', '.join(HYPERGRAD_MODES)}, got {hypergrad!r}"
+            )
         if per_group and hypergrad not in ("diag", "identity"):
             raise SharpscopeError(
                 "per_group=True needs hypergrad='diag' or 'identity' (one HVP per group is not "
