@@ -594,7 +594,13 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"not a {type(self).__name__} state dict (missing {sorted(missing)}); it needs "
                 "the keys base, variant, rho, rng"
             )
-        self.base.load_state_dict(state_dict["base"])
+        try:
+            self.base.load_state_dict(state_dict["base"])
+        except ValueError as exc:  # torch: another number of groups or of parameters
+            raise SharpscopeError(
+                f"cannot load this {type(self).__name__} state: {_first_line(exc)}; load it "
+                "into an optimizer built from the same spec and model"
+            ) from exc
         self.param_groups = self.base.param_groups
         self._load_variant_state(state_dict["variant"])
         self._load_rho_state(state_dict["rho"])
