@@ -154,3 +154,34 @@ def write_cifar(folder, name, n_train_per_file=6, n_test=5, seed=0, *, labels=No
         with (sub / file).open("wb") as handle:
             pickle.dump(batch, handle, protocol=2)  # the original files are python2 pickles
     return sub
+
+
+def write_checkpoint(path, spec, input_shape, data, seed=0, epoch=1, **extra):
+    """A checkpoint in sharpscope's format for a freshly built ``spec`` (10 classes), with
+    BatchNorm running statistics moved off their defaults so eval mode matters."""
+    from sharpscope.io import FORMAT, VERSION, save_checkpoint
+    from sharpscope.registry import build_model
+
+    torch.manual_seed(seed)
+    net = build_model(spec, tuple(input_shape), 10)
+    for module in net.modules():
+        if isinstance(module, nn.BatchNorm1d):
+            module.running_mean.uniform_(-0.2, 0.2)
+            module.running_var.uniform_(0.5, 2.0)
+    save_checkpoint(
+        path,
+        {
+            "format": FORMAT,
+            "version": VERSION,
+            "model": spec,
+            "data": data,
+            "input_shape": list(input_shape),
+            "num_classes": 10,
+            "epoch": epoch,
+            "step": epoch,
+            "metrics": {},
+            "state_dict": net.state_dict(),
+            **extra,
+        },
+    )
+    return path

@@ -18,40 +18,15 @@ from sharpscope.analysis.landscape import LandscapeResult
 from sharpscope.analysis.msharpness import m_sharpness
 from sharpscope.cli import app
 from sharpscope.data import load_data
-from sharpscope.io import FORMAT, VERSION, load_checkpoint, save_checkpoint
-from sharpscope.registry import build_model
+from sharpscope.io import load_checkpoint
+
+from cases import write_checkpoint
 
 runner = CliRunner()
 MLP = {"name": "mlp", "width": 8, "depth": 1}  # digits, 610 parameters
 CNN = {"name": "cnn1d", "norm": "batch", "width": 4, "depth": 2}  # MNIST-1D
 FAST = ["--samples", "64", "--probes", "2", "--lanczos-steps", "8", "--trace-probes", "9"]
 FAST += ["--device", "cpu", "--no-progress"]
-
-
-def write_checkpoint(path, spec, input_shape, data, seed=0, epoch=1, **extra):
-    torch.manual_seed(seed)
-    net = build_model(spec, tuple(input_shape), 10)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm1d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    save_checkpoint(
-        path,
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": spec,
-            "data": data,
-            "input_shape": list(input_shape),
-            "num_classes": 10,
-            "epoch": epoch,
-            "step": epoch,
-            "metrics": {},
-            "state_dict": net.state_dict(),
-            **extra,
-        },
-    )
-    return path
 
 
 @pytest.fixture(scope="module")

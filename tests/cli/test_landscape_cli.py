@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from sharpscope.analysis.landscape import LandscapeResult
 from sharpscope.cli import app
-from sharpscope.io import FORMAT, VERSION, save_checkpoint
-from sharpscope.registry import build_model
+
+from cases import write_checkpoint as write_spec_checkpoint
 
 runner = CliRunner()
 SPEC = {"name": "cnn1d", "norm": "batch", "width": 4, "depth": 2}
@@ -20,28 +20,7 @@ COMMON = ["--samples", "32", "--device", "cpu"]
 
 
 def write_checkpoint(path, seed, spec=SPEC, epoch=1):
-    torch.manual_seed(seed)
-    net = build_model(spec, (40,), 10)
-    for module in net.modules():
-        if isinstance(module, torch.nn.BatchNorm1d):
-            module.running_mean.uniform_(-0.2, 0.2)
-            module.running_var.uniform_(0.5, 2.0)
-    save_checkpoint(
-        path,
-        {
-            "format": FORMAT,
-            "version": VERSION,
-            "model": spec,
-            "data": {"name": "mnist1d"},
-            "input_shape": [40],
-            "num_classes": 10,
-            "epoch": epoch,
-            "step": epoch,
-            "metrics": {},
-            "state_dict": net.state_dict(),
-        },
-    )
-    return path
+    return write_spec_checkpoint(path, spec, (40,), {"name": "mnist1d"}, seed=seed, epoch=epoch)
 
 
 @pytest.fixture(scope="module")
