@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line
 from .registry import build_model, normalize_spec
 from .results import atomic_write_bytes
 
@@ -79,7 +79,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        first = first_line(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
             raise SharpscopeError(
                 f"refusing to load {path}: it holds Python objects that weights_only=True "
@@ -87,7 +87,7 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
             ) from exc
         raise SharpscopeError(f"cannot read {path}: {first}") from exc
     except (EOFError, RuntimeError, ValueError, OSError, KeyError) as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = first_line(exc) or type(exc).__name__
         raise SharpscopeError(f"{path} is truncated or not a torch checkpoint ({text})") from exc
 
 

@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line
 from ._ops import NORM_EPS, as_scalar, global_norm, scaled
 from .closure import BatchClosure, unwrap_model
 
@@ -267,10 +267,6 @@ def _check_rho(rho: float, name: str = "rho") -> float:
 # --------------------------------------------------------------------------- base class
 
 
-def _first_line(exc: BaseException) -> str:
-    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-
-
 def as_number(name: str, value: Any) -> float:
     """``value`` as a float (``"0.1"`` is fine), or one line naming the option."""
     try:
@@ -383,14 +379,14 @@ class SharpnessAware(torch.optim.Optimizer):
         except (TypeError, ValueError) as exc:
             raise SharpscopeError(
                 f"params must be the model or an iterable of parameters or parameter groups: "
-                f"{_first_line(exc)}"
+                f"{first_line(exc) or type(exc).__name__}"
             ) from exc
         try:
             self.base = base(self.param_groups, **base_kwargs)
         except (TypeError, ValueError) as exc:
             raise SharpscopeError(
                 f"the base optimizer {base.__name__} rejected its options {sorted(base_kwargs)}: "
-                f"{_first_line(exc)}"
+                f"{first_line(exc) or type(exc).__name__}"
             ) from exc
         self.param_groups = self.base.param_groups
         self.defaults.update(self.base.defaults)
@@ -598,8 +594,9 @@ class SharpnessAware(torch.optim.Optimizer):
             self.base.load_state_dict(state_dict["base"])
         except ValueError as exc:  # torch: another number of groups or of parameters
             raise SharpscopeError(
-                f"cannot load this {type(self).__name__} state: {_first_line(exc)}; load it "
-                "into an optimizer built from the same spec and model"
+                f"cannot load this {type(self).__name__} state: "
+                f"{first_line(exc) or type(exc).__name__}; load it into an optimizer built "
+                "from the same spec and model"
             ) from exc
         self.param_groups = self.base.param_groups
         self._load_variant_state(state_dict["variant"])

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line
 
 EXECUTORS = ("local", "slurm", "submitit-local", "submitit-debug")
 Log = Callable[[str], None]
@@ -141,7 +141,7 @@ def _submitit(
         try:
             outcomes[run_id] = job.result()
         except Exception as exc:  # the job itself failed (timeout, preemption, killed)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first_line(exc) or type(exc).__name__
             outcomes[run_id] = {"state": "error", "error": f"submitit job failed: {first}"}
         log(f"[{number}/{len(run_ids)}] {run_id}: {_describe(outcomes[run_id])}")
     return outcomes
