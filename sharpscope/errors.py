@@ -7,6 +7,8 @@ right. The CLI prints that line to stderr and exits non-zero, without a tracebac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SharpscopeError(Exception):
     """An error caused by user input; its message is one complete line."""
@@ -19,6 +21,19 @@ def check(condition: bool, message: str) -> None:
     """
     if not condition:
         raise SharpscopeError(message)
+
+
+def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
+    """Raise :class:`SharpscopeError` unless ``value`` is one of ``choices``.
+
+    >>> check_choice("norm", "l3", ("l2", "linf"))
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: norm must be one of l2, linf, got 'l3'
+    """
+    choices = tuple(choices)
+    if value not in choices:
+        raise SharpscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 def model_failure(exc: BaseException) -> SharpscopeError:

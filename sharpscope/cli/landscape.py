@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_choice
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -198,10 +198,8 @@ def register(app: typer.Typer) -> None:
         from ..analysis.landscape import BIAS_MODES, NORMS, landscape
         from ..distributed import init_from_env
 
-        if norm not in NORMS:
-            raise SharpscopeError(f"--norm must be one of {', '.join(NORMS)}, got '{norm}'")
-        if bias not in BIAS_MODES:
-            raise SharpscopeError(f"--bias must be one of {', '.join(BIAS_MODES)}, got '{bias}'")
+        check_choice("--norm", norm, NORMS)
+        check_choice("--bias", bias, BIAS_MODES)
         if dims not in (1, 2):
             raise SharpscopeError(f"--dims must be 1 or 2, got {dims}")
         if grid < 3:

@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import SharpscopeError
+from ..errors import check_choice
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -119,12 +119,8 @@ def register(app: typer.Typer) -> None:
         from ..analysis.msharpness import NORMS, PROJECTIONS, m_sharpness
         from ..distributed import init_from_env
 
-        if norm not in NORMS:
-            raise SharpscopeError(f"--norm must be one of {', '.join(NORMS)}, got '{norm}'")
-        if projection not in PROJECTIONS:
-            raise SharpscopeError(
-                f"--projection must be one of {', '.join(PROJECTIONS)}, got '{projection}'"
-            )
+        check_choice("--norm", norm, NORMS)
+        check_choice("--projection", projection, PROJECTIONS)
         # Every number and the output path are checked before the checkpoint is loaded.
         check_number("--rho", rho, minimum=0, inclusive=False)
         check_number("--eta", eta, minimum=0)

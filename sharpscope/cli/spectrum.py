@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_choice
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -51,11 +51,7 @@ CHOICES = {
 
 
 def _check_choice(flag: str, value: str) -> None:
-    choices = CHOICES[flag]
-    if value not in choices:
-        raise SharpscopeError(
-            f"--{flag.replace('_', '-')} must be one of {', '.join(choices)}, got '{value}'"
-        )
+    check_choice(f"--{flag.replace('_', '-')}", value, CHOICES[flag])
 
 
 # What each trace method accepts as --trace-probes (sharpscope.curvature.trace).

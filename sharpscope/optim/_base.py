@@ -62,7 +62,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import SharpscopeError, first_line
+from ..errors import SharpscopeError, check_choice, first_line
 from ._ops import NORM_EPS, as_scalar, global_norm, scaled
 from .closure import BatchClosure, unwrap_model
 
@@ -340,17 +340,11 @@ class SharpnessAware(torch.optim.Optimizer):
         self.model = model
         self.scaler = scaler
         self.rho = _check_rho(rho)
-        if bn_policy not in _BN_POLICIES:
-            raise SharpscopeError(
-                f"bn_policy must be one of {', '.join(_BN_POLICIES)}, got {bn_policy!r}"
-            )
+        check_choice("bn_policy", bn_policy, _BN_POLICIES)
         self.bn_policy = bn_policy
         self.same_noise = bool(same_noise)
         perturbation = self.default_perturbation if perturbation is None else perturbation
-        if perturbation not in _PERTURBATION_MODES:
-            raise SharpscopeError(
-                f"perturbation must be one of {', '.join(_PERTURBATION_MODES)}, got {perturbation!r}"
-            )
+        check_choice("perturbation", perturbation, _PERTURBATION_MODES)
         self.perturbation_mode = perturbation
         self.max_grad_norm = _positive_or_none("max_grad_norm", max_grad_norm)
         if m is not None:

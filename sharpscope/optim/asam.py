@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_choice
 from ._base import SharpnessAware, normalised
 from ._ops import NORM_EPS, abs_plus, as_scalar, global_norm, products, scaled, signs
 from .closure import unwrap_model
@@ -99,8 +99,7 @@ def adaptive_perturbation(
 def check_adaptive(adaptive: str, eta: float, *, allow_none: bool) -> None:
     """Raise a clear error for an unknown form or a negative ``eta``."""
     forms = ADAPTIVE_FORMS if allow_none else ADAPTIVE_FORMS[1:]
-    if adaptive not in forms:
-        raise SharpscopeError(f"adaptive must be one of {', '.join(forms)}, got {adaptive!r}")
+    check_choice("adaptive", adaptive, forms)
     if not float(eta) >= 0:
         raise SharpscopeError(f"eta must be >= 0, got {eta!r}")
 

@@ -51,7 +51,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data.batches import as_batches, as_tensors
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_choice
 from ._base import (
     SharpnessAware,
     StepContext,
@@ -217,14 +217,8 @@ class LETS(SharpnessAware):
                 "LETS needs validation data to learn rho: pass val_batches= (a held-out part "
                 "of the training split, e.g. 10%; never the test split)"
             )
-        if inner not in INNER_OPTIONS:
-            raise SharpscopeError(
-                f"inner must be one of {', '.join(sorted(INNER_OPTIONS))}, got {inner!r}"
-            )
-        if hypergrad not in HYPERGRAD_MODES:
-            raise SharpscopeError(
-                f"hypergrad must be one of {', '.join(HYPERGRAD_MODES)}, got {hypergrad!r}"
-            )
+        check_choice("inner", inner, sorted(INNER_OPTIONS))
+        check_choice("hypergrad", hypergrad, HYPERGRAD_MODES)
         if per_group and hypergrad not in ("diag", "identity"):
             raise SharpscopeError(
                 "per_group=True needs hypergrad='diag' or 'identity' (one HVP per group is not "
