@@ -185,3 +185,30 @@ def write_checkpoint(path, spec, input_shape, data, seed=0, epoch=1, **extra):
         },
     )
     return path
+
+
+def tiny_study_toml(name: str, m: list[int]) -> str:
+    """A study config of four one-epoch runs (SGD and SAM, two seeds) of a width-8 MLP on
+    192 MNIST-1D examples, analysed for m-sharpness (these m, rho 0.05) on 64 of them."""
+    return f"""
+[study]
+name = "{name}"
+
+[train]
+dataset = {{name = "mnist1d", samples = 192}}
+model = {{name = "mlp", width = 8, depth = 1}}
+epochs = 1
+batch_size = 64
+device = "cpu"
+
+[sweep]
+optimizer = ["sgd", "sam"]
+seed = [0, 1]
+
+[analysis]
+samples = 64
+
+[analysis.m_sharpness]
+m = {m}
+rho = [0.05]
+"""

@@ -20,7 +20,7 @@ from sharpscope.cli import app
 from sharpscope.data import load_data
 from sharpscope.io import load_checkpoint
 
-from cases import write_checkpoint
+from cases import tiny_study_toml, write_checkpoint
 
 runner = CliRunner()
 MLP = {"name": "mlp", "width": 8, "depth": 1}  # digits, 610 parameters
@@ -472,28 +472,7 @@ def test_train_summary_names_the_test_accuracy_and_the_files_written(tmp_path):
 
 # ---------------------------------------------------------------- study, figures, bench
 
-STUDY = """
-[study]
-name = "cli-gaps"
-
-[train]
-dataset = {name = "mnist1d", samples = 192}
-model = {name = "mlp", width = 8, depth = 1}
-epochs = 1
-batch_size = 64
-device = "cpu"
-
-[sweep]
-optimizer = ["sgd", "sam"]
-seed = [0, 1]
-
-[analysis]
-samples = 64
-
-[analysis.m_sharpness]
-m = [16]
-rho = [0.05]
-"""
+STUDY = tiny_study_toml("cli-gaps", m=[16])
 
 
 @pytest.fixture(scope="module")

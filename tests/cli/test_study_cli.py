@@ -9,30 +9,11 @@ from typer.testing import CliRunner
 
 from sharpscope.cli import app
 
+from cases import tiny_study_toml
+
 runner = CliRunner()
 
-TINY = """
-[study]
-name = "cli-tiny"
-
-[train]
-dataset = {name = "mnist1d", samples = 192}
-model = {name = "mlp", width = 8, depth = 1}
-epochs = 1
-batch_size = 64
-device = "cpu"
-
-[sweep]
-optimizer = ["sgd", "sam"]
-seed = [0, 1]
-
-[analysis]
-samples = 64
-
-[analysis.m_sharpness]
-m = [16, 64]
-rho = [0.05]
-"""
+TINY = tiny_study_toml("cli-tiny", m=[16, 64])
 
 
 def _one_line_error(result, *words):
