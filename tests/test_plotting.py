@@ -438,3 +438,19 @@ def test_optimizer_colours_for_variants_and_unknown_labels():
     assert optimizer_color("vasso-rho0.1") == PALETTE[2]
     # unknown labels cycle the palette without black (kept for references)
     assert [optimizer_color("mine", i) for i in range(8)] == [*PALETTE[:7], PALETTE[0]]
+
+
+def test_overlaid_spectra_get_their_own_colours_and_legend_entries():
+    """Two densities drawn into one axes (SGD against SAM, as the notebooks do) must be told
+    apart: each curve and its eigenvalue marks share a colour, different from the other's."""
+    density = log_density()
+    ax = plot_spectrum(density, label="SGD").axes[0]
+    plot_spectrum(density, ax=ax, label="SAM")
+    curves = [line for line in ax.lines if line.get_linestyle() == "-"]
+    marks = [line for line in ax.lines if line.get_linestyle() == "--"]
+    assert [c.get_color() for c in curves] == [PALETTE[0], PALETTE[1]]
+    assert [m.get_color() for m in marks] == [PALETTE[0]] * 2 + [PALETTE[1]] * 2
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == ["SGD", "top eigenvalues (SGD)", "SAM", "top eigenvalues (SAM)"]
+    ax = plot_spectrum(density, label="SAM", color=optimizer_color("sam")).axes[0]
+    assert {line.get_color() for line in ax.lines} == {optimizer_color("sam")}

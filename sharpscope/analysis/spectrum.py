@@ -422,10 +422,10 @@ def _check_backend(backend: str) -> None:
         raise SharpscopeError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
 
 
-def _check_choices(
+def check_spectrum_choices(
     *, which: str | None = None, trace_method: str | None = None, kernel: str | None = None
 ) -> None:
-    """Refuse unknown choices before any product is spent."""
+    """Refuse an unknown ``which``, trace method or density kernel before any product is spent."""
     from ..curvature.lanczos import WHICH
     from ..curvature.slq import KERNELS
 
@@ -591,7 +591,7 @@ def top_eigenvalues(
             gradient, or data/model randomness caught by the pre-flight check.
     """
     _check_backend(backend)
-    _check_choices(which=which)
+    check_spectrum_choices(which=which)
     if backend == "pyhessian" and which != "LA":
         raise SharpscopeError("the pyhessian backend finds the largest |λ| only; use which=LA")
     start = time.perf_counter()
@@ -711,7 +711,7 @@ def hessian_trace(
     """
     _check_backend(backend)
     if backend == "sharpscope":
-        _check_choices(trace_method=method)
+        check_spectrum_choices(trace_method=method)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -807,7 +807,7 @@ def spectral_density(
     Returns:
         :class:`Density`.
     """
-    _check_choices(kernel=kernel)
+    check_spectrum_choices(kernel=kernel)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -878,7 +878,7 @@ def spectrum(
         :class:`Spectrum`; ``.to_json()`` has the interface.md keys.
     """
     _check_backend(backend)
-    _check_choices(which=which, trace_method=trace_method, kernel=kernel)
+    check_spectrum_choices(which=which, trace_method=trace_method, kernel=kernel)
     if backend == "pyhessian" and which != "LA":
         raise SharpscopeError("the pyhessian backend finds the largest |λ| only; use which=LA")
     start = time.perf_counter()

@@ -45,4 +45,5 @@ def register(app: typer.Typer) -> None:
         if workers is None:
             workers = default_workers()
         written = make_figures(out, cache=cache, only=only, workers=workers, log=_log)
-        _log(f"{len(written)} figures written to {out}")
+        figures = {Path(p).stem for p in written if Path(p).suffix == ".pdf"}
+        _log(f"{len(figures)} figures ({len(written)} files) written to {out}")

@@ -182,6 +182,14 @@ def register(app: typer.Typer) -> None:
         Console(width=None if sys.stdout.isatty() else 120).print(table)
         counts = Counter(row["state"] for row in states)
         _log(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+        from ..study.runner import study_running
+
+        if counts.get("training") or counts.get("analysing"):
+            if not study_running(folder):
+                _log(
+                    "no `sharpscope study run` is working in this folder: the runs shown as "
+                    "training/analysing were interrupted; run the same command again to resume them"
+                )
 
     @study.command("list")
     def list_command() -> None:

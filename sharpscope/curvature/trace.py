@@ -50,6 +50,20 @@ class TraceEstimate:
     diagonal: Tensor | None = None
 
 
+def check_trace_budget(method: str, num_probes: int) -> None:
+    """Refuse a probe budget the estimator cannot use, before any product is spent.
+
+    Hutchinson needs at least 2 probes (for a standard error); Hutch++ splits its budget
+    s into three equal parts, so s must be a multiple of 3, at least 6.
+
+    >>> check_trace_budget("hutchpp", 99)
+    """
+    if method == "hutchinson" and num_probes < 2:
+        raise SharpscopeError(f"Hutchinson needs at least 2 probes, got {num_probes}")
+    if method == "hutchpp" and (num_probes < 6 or num_probes % 3):
+        raise SharpscopeError(f"Hutch++ needs a multiple of 3 probes (>= 6), got {num_probes}")
+
+
 def _probes(op: LinearOperator, gen: torch.Generator, rows: int, distribution: str) -> Tensor:
     return random_vector(op.dim, gen, distribution, rows=rows).to(op.device)
 
@@ -97,9 +111,8 @@ def hutchinson(
     >>> hutchinson(A, 10).trace  # Rademacher probes are exact on a diagonal matrix
     6.0
     """
+    check_trace_budget("hutchinson", num_probes)
     op = as_operator(A, dim)
-    if num_probes < 2:
-        raise SharpscopeError(f"Hutchinson needs at least 2 probes, got {num_probes}")
     gen = torch.Generator().manual_seed(int(seed))
     samples: list[float] = []
     norms_sq: list[float] = []
@@ -170,9 +183,8 @@ def hutchpp(
     >>> round(hutchpp(A, 6).trace, 8)  # rank 2 <= s/3: the sketch captures it exactly
     10.0
     """
+    check_trace_budget("hutchpp", num_probes)
     op = as_operator(A, dim)
-    if num_probes < 6 or num_probes % 3:
-        raise SharpscopeError(f"Hutch++ needs a multiple of 3 probes (>= 6), got {num_probes}")
     r = num_probes // 3
     gen = torch.Generator().manual_seed(int(seed))
     S = _probes(op, gen, r, distribution)

@@ -44,7 +44,9 @@ def _caption(density: Any, meta: Any) -> str:
     return "; ".join(bits)
 
 
-def plot_spectrum(result: Any, ax: Any = None, *, label: str | None = None) -> Any:
+def plot_spectrum(
+    result: Any, ax: Any = None, *, label: str | None = None, color: str | None = None
+) -> Any:
     """Smoothed spectral density on a log axis (floor 1e-7), top eigenvalues marked.
 
     Args:
@@ -52,6 +54,8 @@ def plot_spectrum(result: Any, ax: Any = None, *, label: str | None = None) -> A
             :class:`~sharpscope.analysis.Density` (its deflated outliers are marked).
         ax: draw into these axes; default a new one-column figure.
         label: legend label of the density curve.
+        color: colour of the curve and its eigenvalue marks; default: the next palette
+            colour not yet used by a curve in ``ax`` (so overlays stay distinguishable).
 
     Returns:
         The matplotlib Figure.
@@ -61,19 +65,24 @@ def plot_spectrum(result: Any, ax: Any = None, *, label: str | None = None) -> A
         fig, ax = new_figure(1, aspect=0.7)
     else:
         fig = ax.figure
+    if color is None:
+        curves = sum(1 for line in ax.get_lines() if line.get_linestyle() == "-")
+        color = PALETTE[curves % len(PALETTE)]
     grid = np.asarray(density.grid, dtype=float)
     values = np.maximum(np.asarray(density.values, dtype=float), FLOOR)
-    ax.semilogy(grid, values, color=PALETTE[0], label=label or "density")
+    ax.semilogy(grid, values, color=color, label=label or "density")
     ax.set_ylim(bottom=FLOOR)
     log_units = str(getattr(density, "units", "eigenvalue")).startswith("log")
     for i, value in enumerate(top):
         x = np.log(abs(value) + 1e-5) if log_units else value
         ax.axvline(
             x,
-            color=PALETTE[1],
+            color=color,
             linestyle="--",
             linewidth=0.7,
-            label="top eigenvalues" if i == 0 else None,
+            label=(f"top eigenvalues ({label})" if label else "top eigenvalues")
+            if i == 0
+            else None,
         )
     if top.size:
         ax.annotate(
@@ -83,7 +92,7 @@ def plot_spectrum(result: Any, ax: Any = None, *, label: str | None = None) -> A
             textcoords="offset points",
             rotation=90,
             fontsize=6,
-            color=PALETTE[1],
+            color=color,
         )
     ax.set_xlabel("log(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
     ax.set_ylabel("density")

@@ -441,12 +441,33 @@ def _spectrum_keys() -> tuple[str, ...]:
     )
 
 
+def _spectrum_default(name: str) -> Any:
+    from ..analysis.spectrum import spectrum
+
+    return inspect.signature(spectrum).parameters[name].default
+
+
 def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     where = f"[analysis.{measure}]"
     if measure == "spectrum":
         _check_keys(where, options, _spectrum_keys())
-        if "k" in options:
-            _positive_int("analysis.spectrum.k", options["k"])
+        for key in ("k", "max_steps", "num_probes", "num_lanczos_steps", "trace_probes"):
+            if options.get(key) is not None:
+                _positive_int(f"analysis.spectrum.{key}", options[key])
+        from ..analysis.spectrum import check_spectrum_choices
+        from ..curvature.trace import check_trace_budget
+
+        try:
+            check_spectrum_choices(
+                which=options.get("which"),
+                trace_method=options.get("trace_method"),
+                kernel=options.get("kernel"),
+            )
+            if options.get("trace_probes") is not None:
+                method = options.get("trace_method") or _spectrum_default("trace_method")
+                check_trace_budget(method, options["trace_probes"])
+        except SharpscopeError as exc:
+            raise _fail(f"[analysis.spectrum]: {exc}") from None
         return options
     _check_keys(where, options, MEASURE_KEYS[measure])
     if measure in ("m_sharpness", "adaptive_sharpness"):
@@ -612,7 +633,13 @@ def _check_run_specs(runs: list[Any], check_files: bool) -> None:
 def load_study_config(path: str | Path) -> StudyConfig:
     """Read and validate a study TOML file."""
     path = Path(path)
-    config = study_config_from_dict(read_toml(path), name=path.stem)
+    values = read_toml(path)
+    if not any(values.get(section) for section in ("train", "sweep")):
+        raise _fail(
+            f"{path} has no [train] or [sweep] table; a study config names at least what to "
+            "train (see `sharpscope study list` for examples)"
+        )
+    config = study_config_from_dict(values, name=path.stem)
     config.source = str(path)
     return config
 

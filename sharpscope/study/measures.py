@@ -7,7 +7,8 @@ table, ``payload`` the full JSON result saved beside it. Column names
 
 ==================== ==========================================================
 spectrum             ``lambda_max``, ``lambda_5``, ``ratio`` (λ1/λ5), ``trace``,
-                     ``trace_stderr``
+                     ``trace_stderr``; ``spectrum_unconverged`` (top-k values above
+                     the residual tolerance; not a measure)
 m_sharpness          ``msharp_m{m}_rho{ρ}`` (loss increase), ``msharp_err_m{m}_rho{ρ}``
                      (0-1 error increase); ``m_sharpness`` = the first (m, ρ)
 adaptive_sharpness   ``asharp_m{m}_rho{ρ}``, ``asharp_err_m{m}_rho{ρ}``;
@@ -74,6 +75,11 @@ def measure_spectrum(
         "ratio": _finite(result.ratio),
         "trace": _finite(result.trace),
         "trace_stderr": _finite(result.trace_stderr),
+        # Ritz values above the residual tolerance (0: every top-k eigenvalue converged);
+        # the CLI warns about them, a study records them so the report can say so
+        "spectrum_unconverged": float(
+            sum(not c for c in (getattr(result.top, "converged", None) or []))
+        ),
     }
     return columns, _to_payload(result)
 

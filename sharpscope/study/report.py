@@ -370,6 +370,20 @@ def write_report(
         ]
     if figure_lines:
         lines += ["## Figures", "", *figure_lines, ""]
+    unconverged = [
+        r["run_id"]
+        for r in finals
+        if isinstance(r.get("spectrum_unconverged"), (int, float)) and r["spectrum_unconverged"] > 0
+    ]
+    if unconverged:
+        lines += [
+            f"**Warning:** {len(unconverged)} run(s) have top-k Hessian eigenvalues above the "
+            "Ritz-residual tolerance (column `spectrum_unconverged`), so their `lambda_5` and "
+            "`ratio` are not converged: raise `max_steps` (or `tol`) in `[analysis.spectrum]`: "
+            + ", ".join(f"`{r}`" for r in unconverged[:10])
+            + (" ..." if len(unconverged) > 10 else ""),
+            "",
+        ]
     if failed:
         lines += ["## Failed runs", ""]
         for row in {r["run_id"]: r for r in failed}.values():

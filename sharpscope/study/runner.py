@@ -788,6 +788,24 @@ def _run_locked(config, folder, runs, workers, executor, executor_options, log, 
     return summary
 
 
+def study_running(folder: Path) -> bool:
+    """Whether a ``study run`` holds ``DIR/study.lock`` now (False where locks do not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    path = Path(folder) / LOCK_NAME
+    if not path.exists():
+        return False
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return True
+        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+        return False
+
+
 @contextlib.contextmanager
 def study_lock(folder: Path) -> Iterator[None]:
     """Hold ``DIR/study.lock`` so two ``study run`` never work on one folder at once.

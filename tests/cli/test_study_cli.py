@@ -62,6 +62,13 @@ def test_study_run_then_report(tmp_path):
     result = runner.invoke(app, ["study", "status", str(out)])
     assert result.exit_code == 0, result.output
     assert "3 done, 1 training" in result.output and "sam-s1" in result.output
+    # no `study run` holds the folder's lock, so that run was interrupted: say how to resume
+    assert "were interrupted; run the same command again" in result.output
+    from sharpscope.study.runner import study_lock
+
+    with study_lock(out):  # a `study run` working in the folder: its runs are not stale
+        result = runner.invoke(app, ["study", "status", str(out)])
+    assert result.exit_code == 0 and "interrupted" not in result.output, result.output
 
 
 def test_study_list_names_every_builtin_config():

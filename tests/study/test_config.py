@@ -363,3 +363,58 @@ def test_lambda_5_is_the_fifth_eigenvalue_when_more_are_computed():
     assert len(eigenvalues) == 7 and eigenvalues[4] > eigenvalues[6]  # largest first
     assert columns["lambda_5"] == pytest.approx(eigenvalues[4])
     assert columns["ratio"] == pytest.approx(eigenvalues[0] / eigenvalues[4])
+
+
+@pytest.mark.parametrize(
+    ("spectrum", "words"),
+    [
+        ({"trace_probes": 10}, ["Hutch++", "multiple of 3", "10"]),
+        ({"trace_probes": 1, "trace_method": "hutchinson"}, ["Hutchinson", "at least 2"]),
+        ({"num_probes": 0}, ["analysis.spectrum.num_probes", "positive integer"]),
+        ({"max_steps": -1}, ["analysis.spectrum.max_steps"]),
+        ({"kernel": "gauss"}, ["kernel", "papyan"]),
+        ({"which": "SM"}, ["which", "LA"]),
+    ],
+)
+def test_spectrum_options_are_checked_before_any_run_trains(spectrum, words):
+    """A study would otherwise train every run, then fail each one's analysis."""
+    with pytest.raises(SharpscopeError) as error:
+        config(analysis={"spectrum": spectrum})
+    message = str(error.value)
+    assert "\n" not in message
+    for word in words:
+        assert word in message, message
+
+
+def test_spectrum_options_a_run_can_use_pass_the_check():
+    options = {"trace_probes": 4, "trace_method": "hutchinson", "kernel": "papyan", "k": 3}
+    assert config(analysis={"spectrum": options}).analysis.measures["spectrum"]["k"] == 3
+    assert config(analysis={"spectrum": {"trace_probes": 9}}).analysis.measures["spectrum"]
+
+
+@pytest.mark.parametrize("text", ["", "[study]\nname = 'x'\n", "[train]\n"])
+def test_a_config_file_that_names_nothing_to_train_is_refused(tmp_path, text):
+    path = tmp_path / "empty.toml"
+    path.write_text(text)
+    with pytest.raises(SharpscopeError, match=r"no \[train\] or \[sweep\] table"):
+        load_study_config(path)
+
+
+def test_unconverged_top_eigenvalues_are_counted_in_their_own_column():
+    """With two Lanczos steps the top 3 cannot all converge: the column says how many did
+    not (the report names such runs); it is not a measure, so it is never correlated."""
+    from sharpscope.study.measures import is_measure_column, measure_spectrum
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    data = (torch.randn(64, 8), torch.randint(0, 4, (64,)))
+    common = {"seed": 0, "batch_size": None}
+    base = {"k": 3, "trace_probes": 6, "num_probes": 1, "num_lanczos_steps": 6}
+    few = config(analysis={"spectrum": {**base, "max_steps": 3}}).analysis.measures["spectrum"]
+    columns, payload = measure_spectrum(model, data, "cross_entropy", few, common)
+    unconverged = sum(not c for c in payload["converged"])
+    assert unconverged > 0 and columns["spectrum_unconverged"] == unconverged
+    many = config(analysis={"spectrum": {**base, "max_steps": 80}}).analysis.measures["spectrum"]
+    columns, _ = measure_spectrum(model, data, "cross_entropy", many, common)
+    assert columns["spectrum_unconverged"] == 0
+    assert not is_measure_column("spectrum_unconverged")

@@ -266,3 +266,24 @@ def test_training_plots_read_metrics_jsonl(tmp_path):
     with pytest.raises(SharpscopeError, match="bad.jsonl:1 is not JSON"):
         read_metrics(tmp_path / "bad.jsonl")
     plt.close("all")
+
+
+def test_report_names_the_runs_whose_top_eigenvalues_did_not_converge(tmp_path):
+    from sharpscope.study.report import write_report
+
+    folder = tmp_path / "by-hand"
+    _hand_written_study(folder, [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [0.1, 0.2, 0.3, 0.4])
+    write_report(folder, resamples=0, figures=False)
+    assert "Warning" not in (folder / "report.md").read_text()
+
+    final = folder / "runs" / "sgd-s1" / "analysis" / "epoch_002" / "basic.json"
+    record = json.loads(final.read_text())
+    record["columns"]["spectrum_unconverged"] = 2.0
+    final.write_text(json.dumps(record))
+    write_report(folder, resamples=0, figures=False)
+    (warning,) = [
+        line for line in (folder / "report.md").read_text().splitlines() if "Warn" in line
+    ]
+    assert "1 run(s)" in warning and "`sgd-s1`" in warning and "max_steps" in warning
+    correlations = json.loads((folder / "correlations.json").read_text())
+    assert {c["measure"] for c in correlations} == {"weight_norm"}
