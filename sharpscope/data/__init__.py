@@ -23,7 +23,7 @@ from ..errors import SharpscopeError, first_line
 from ..registry import normalize_spec, resolve_factory, unknown_name
 from .batches import as_batches, as_tensors, num_examples
 from .noise import symmetric_label_noise
-from .sources import SOURCES, RawData
+from .sources import CIFAR_LAYOUT, SOURCES, RawData, cifar_folder
 
 SPLITS = ("train", "val", "test", "all")
 SPEC_OPTIONS = ("label_noise", "noise_seed", "val_fraction", "samples", "seed", "data_root")
@@ -34,6 +34,7 @@ __all__ = [
     "subset_size_and_seed",
     "dataset_names",
     "check_data_spec",
+    "check_data_files",
     "as_batches",
     "as_tensors",
     "num_examples",
@@ -205,6 +206,21 @@ def check_data_spec(
     if spec.get("samples") is not None:
         _check_count("samples", spec["samples"], low=1)
     return shapes
+
+
+def check_data_files(spec: str | Mapping[str, Any], data_root: str | None = None) -> None:
+    """Check that a data set read from files finds them, without reading them: for
+    CIFAR-10/100 every python-pickle file under the root (a spec's ``data_root`` wins).
+    Generated and packaged data sets and factories need nothing.
+
+    Raises:
+        SharpscopeError: the folder or some of its files are missing, as in :func:`load_data`.
+
+    >>> check_data_files("mnist1d")
+    """
+    spec = normalize_spec(spec, "data set")
+    if spec.get("name") in CIFAR_LAYOUT:
+        cifar_folder(spec["name"], spec.get("data_root", data_root))
 
 
 def subset_size_and_seed(

@@ -140,7 +140,8 @@ CIFAR_STATS = {
 }
 
 
-def _cifar_folder(name: str, root: str | None) -> Path:
+def cifar_folder(name: str, root: str | None) -> Path:
+    """The folder under ``root`` that holds every file of CIFAR-10/100 (none is read)."""
     folder_name, train_files, test_files, _, _ = CIFAR_LAYOUT[name]
     expected = ", ".join(train_files + test_files)
     if root is None:
@@ -198,7 +199,7 @@ def load_cifar(name: str) -> Callable[[str | None], RawData]:
     """A loader of CIFAR-10 or CIFAR-100 from the python-pickle files under a root."""
 
     def loader(root: str | None) -> RawData:
-        folder = _cifar_folder(name, root)
+        folder = cifar_folder(name, root)
         _, train_files, test_files, label_key, num_classes = CIFAR_LAYOUT[name]
         x_train, y_train = _cifar_arrays(folder, train_files, label_key, num_classes)
         x_test, y_test = _cifar_arrays(folder, test_files, label_key, num_classes)

@@ -57,6 +57,7 @@ OPTIMIZER_LABELS = {
     "samon": "SAM-ON",
     "bsam": "bSAM",
 }
+_NAME_OF_LABEL = {label.lower(): name for name, label in OPTIMIZER_LABELS.items()}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 COLUMN_WIDTH = 3.35  # inches, one column of a two-column paper
 TEXT_WIDTH = 6.9  # inches, both columns
@@ -134,9 +135,10 @@ def optimizer_color(name: str, index: int = 0) -> str:
     key = str(name).lower()
     if key in OPTIMIZER_COLORS:
         return OPTIMIZER_COLORS[key]
-    head = key.split(" ")[0].split("-")[0]
-    if head in OPTIMIZER_COLORS:  # "bsam (BMA)", "sam-rho0.1"
-        return OPTIMIZER_COLORS[head]
+    word = key.split(" ")[0]
+    for head in (_NAME_OF_LABEL.get(word), word.split("-")[0]):  # "SAM-ON ρ=0.5", "sam-rho0.1"
+        if head in OPTIMIZER_COLORS:
+            return OPTIMIZER_COLORS[head]
     return PALETTE[index % (len(PALETTE) - 1)]
 
 

@@ -76,6 +76,8 @@ def plot_training_curves(
     Returns:
         The matplotlib Figure.
     """
+    from matplotlib.ticker import MaxNLocator
+
     own_figure = axes is None
     if own_figure:
         fig, axes = new_figure(columns, aspect=0.7, ncols=len(metrics))
@@ -86,8 +88,7 @@ def plot_training_curves(
     used: dict[str, int] = {}
     for index, (label, source) in enumerate(runs.items()):
         rows = eval_rows(_as_history(source))
-        name = str(label).split("-")[0]
-        color = optimizer_color(name, index)
+        color = optimizer_color(str(label), index)
         style = styles[used.get(color, 0) % len(styles)]  # same optimizer: vary the dashes
         used[color] = used.get(color, 0) + 1
         for ax, metric in zip(axes, metrics):
@@ -102,11 +103,12 @@ def plot_training_curves(
                 values,
                 color=color,
                 linestyle=style,
-                label=optimizer_label(name) if name == label else optimizer_label(str(label)),
+                label=optimizer_label(str(label)),
                 marker="o" if len(points) < 15 else None,
             )
     for ax, metric in zip(axes, metrics):
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no epoch 1.5
         ax.set_ylabel(_metric_label(metric))
     if own_figure and len(axes) > 1:
         figure_legend(fig, axes)  # above the panels: curves cross every corner of a panel

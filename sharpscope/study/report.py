@@ -525,7 +525,11 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
             if len(curves) > len(shown)
             else ""
         )
-        fig = plot_training_curves(shown, metrics=("test_acc", "train_loss"))
+        names = _setting_names(runs)
+        fig = plot_training_curves(
+            {names.get(label, label): path for label, path in shown.items()},
+            metrics=("test_acc", "train_loss"),
+        )
         keep(
             fig,
             "training_curves",
@@ -558,6 +562,27 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
     return lines
 
 
+def _setting_label(run) -> str:
+    seed = run.params.get("seed")
+    return run.run_id.replace(f"-s{seed}", "", 1) if seed is not None else run.run_id
+
+
+def _setting_names(runs) -> dict[str, str]:
+    """Setting label (``sam-rho0.05-lr0.1``) -> legend name (``SAM ρ=0.05 lr=0.1``)."""
+    from ..plotting.style import optimizer_label
+    from .sweep import format_value
+
+    names = {}
+    for run in runs:
+        words = [optimizer_label(run.params["optimizer"])]
+        for key in getattr(run, "swept", []):
+            value = run.params.get(key)
+            if key not in ("optimizer", "seed") and value is not None:
+                words.append(f"{'ρ' if key == 'rho' else key}={format_value(value)}")
+        names[_setting_label(run)] = " ".join(words)
+    return names
+
+
 def _one_run_per_setting(runs, histories: Mapping[str, Path]) -> dict[str, Path]:
     """Label (the run id without its seed) -> history of the lowest-seed run of each setting."""
     chosen: dict[str, tuple[Any, Path]] = {}
@@ -565,7 +590,7 @@ def _one_run_per_setting(runs, histories: Mapping[str, Path]) -> dict[str, Path]
         if run.run_id not in histories:
             continue
         seed = run.params.get("seed")
-        label = run.run_id.replace(f"-s{seed}", "", 1) if seed is not None else run.run_id
+        label = _setting_label(run)
         if label not in chosen or (seed is not None and seed < chosen[label][0]):
             chosen[label] = (seed, histories[run.run_id])
     return {label: path for label, (_, path) in chosen.items()}

@@ -715,6 +715,18 @@ def default_out(config: StudyConfig) -> Path:
     return Path("runs") / "studies" / config.name
 
 
+def _check_data_files(runs: list[RunSpec]) -> None:
+    """Refuse missing data files (CIFAR under ``data_root``) before any run starts."""
+    from ..data import check_data_files
+
+    checked: set[str] = set()
+    for run in runs:
+        key = json.dumps([run.train["dataset"], run.train.get("data_root")], default=str)
+        if key not in checked:
+            checked.add(key)
+            check_data_files(run.train["dataset"], run.train.get("data_root"))
+
+
 def run_study(
     config: StudyConfig | str | Path,
     out: str | Path | None = None,
@@ -751,6 +763,8 @@ def run_study(
     folder = Path(out) if out is not None else default_out(config)
     check_executor(executor, workers)
     check_study_dir(folder, config, runs)  # before the lock creates the folder
+    if executor != "slurm":  # a cluster's nodes may see the data elsewhere
+        _check_data_files([r for r in runs if not run_is_complete(folder, r, config)])
     folder.mkdir(parents=True, exist_ok=True)
     with study_lock(folder):  # and write nothing before holding it
         prepare_study_dir(folder, config, runs)

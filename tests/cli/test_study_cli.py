@@ -145,3 +145,24 @@ def test_out_that_is_a_file_is_refused_before_any_run(tmp_path):
     _one_line_error(result, f"{tmp_path / 'a-file'} is a file, not a folder")
     result = runner.invoke(app, ["figures", "--cache", str(tmp_path / "a-file")])
     _one_line_error(result, "--cache", "is a file; it must be a folder")
+
+
+def test_missing_cifar_files_are_refused_before_the_study_folder_is_written(tmp_path):
+    from cases import write_cifar
+
+    config = tmp_path / "cifar.toml"
+    config.write_text(
+        TINY.replace('{name = "mnist1d", samples = 192}', '{name = "cifar10", samples = 8}')
+    )
+    out = tmp_path / "study"
+    args = ["study", "run", str(config), "--out", str(out), "--no-report"]
+    result = runner.invoke(app, [*args, "--data-root", str(tmp_path / "nowhere")])
+    _one_line_error(result, "cifar10 files not found in", "nowhere", "data_batch_1")
+    assert not out.exists()
+
+    root = tmp_path / "data"
+    folder = write_cifar(root, "cifar10")
+    (folder / "test_batch").unlink()  # a partial copy names what it lacks
+    result = runner.invoke(app, [*args, "--data-root", str(root)])
+    _one_line_error(result, "lacks test_batch")
+    assert not out.exists()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from sharpscope.data import dataset_names, load_data
+from sharpscope.data import check_data_files, dataset_names, load_data
 from sharpscope.data.augment import random_crop_flip
 from sharpscope.data.batches import as_batches, as_tensors, num_examples
 from sharpscope.errors import SharpscopeError
@@ -331,6 +331,19 @@ def test_cifar_missing_files_name_folder_and_files(tmp_path):
         load_data("cifar10", data_root=str(tmp_path))
     with pytest.raises(SharpscopeError, match="--data-root"):
         load_data("cifar100")
+
+
+def test_check_data_files_finds_what_load_data_would_read(tmp_path):
+    """The check a study makes before writing its folder: the same folder rules as
+    load_data (a spec's data_root wins), without reading the files."""
+    write_cifar(tmp_path / "real", "cifar100")
+    check_data_files("cifar100", str(tmp_path / "real"))
+    check_data_files({"name": "cifar100", "data_root": str(tmp_path / "real")}, "missing")
+    with pytest.raises(SharpscopeError, match="cifar100 files not found in"):
+        check_data_files("cifar100", str(tmp_path))
+    with pytest.raises(SharpscopeError, match="--data-root"):
+        check_data_files({"name": "cifar10", "label_noise": 0.2})
+    check_data_files({"name": "digits"}, str(tmp_path / "missing"))  # no files needed
 
 
 def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):

@@ -287,3 +287,39 @@ def test_report_names_the_runs_whose_top_eigenvalues_did_not_converge(tmp_path):
     assert "1 run(s)" in warning and "`sgd-s1`" in warning and "max_steps" in warning
     correlations = json.loads((folder / "correlations.json").read_text())
     assert {c["measure"] for c in correlations} == {"weight_norm"}
+
+
+def test_training_curve_legend_names_each_setting_like_the_figures_do():
+    """The report's curves are one per setting: the legend reads 'SAM-ON ρ=0.5 lr=0.05',
+    not the run folder's name 'samon-rho0.5-lr0.05'."""
+    from sharpscope.study import expand_sweep, study_config_from_dict
+    from sharpscope.study.report import _setting_names
+
+    config = study_config_from_dict(
+        {
+            "train": {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp"}},
+            "sweep": {
+                "optimizer": ["sgd", "samon"],
+                "rho": [0.5, 1.0],
+                "lr": [0.05, 0.1],
+                "seed": [0, 1],
+            },
+        }
+    )
+    names = _setting_names(expand_sweep(config))
+    assert names["samon-rho0.5-lr0.05"] == "SAM-ON ρ=0.5 lr=0.05"
+    assert names["sgd-lr0.1"] == "SGD lr=0.1"
+    assert len(names) == 2 + 4  # SGD once per lr; seeds are one setting
+
+
+def test_training_curves_take_the_optimizer_colour_of_a_display_name_and_whole_epochs():
+    history = [{"kind": "eval", "epoch": e, "test_acc": 0.5, "train_loss": 1.0} for e in (1, 2)]
+    fig = plot_training_curves({"SAM-ON ρ=0.5": history, "samon-rho1": history, "SGD": history})
+    lines = fig.axes[0].lines
+    assert [line.get_color() for line in lines] == [optimizer_color("samon")] * 2 + [
+        optimizer_color("sgd")
+    ]
+    assert [line.get_label() for line in lines] == ["SAM-ON ρ=0.5", "samon-rho1", "SGD"]
+    fig.canvas.draw()
+    ticks = fig.axes[0].get_xticks()
+    assert len(ticks) and all(float(t).is_integer() for t in ticks)
