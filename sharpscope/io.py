@@ -136,7 +136,11 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, Any], source: str = 
 
 @dataclass
 class Checkpoint:
-    """A loaded checkpoint: the model with its weights, and what made it."""
+    """A loaded checkpoint: the model with its weights, and what made it.
+
+    ``model`` comes in eval mode (BatchNorm uses its running statistics, as the stored
+    ``metrics`` were measured); call ``.train()`` before training it further.
+    """
 
     path: Path
     model: nn.Module
@@ -253,7 +257,7 @@ def load_checkpoint(
     data_spec: str | Mapping[str, Any] | None = None,
     map_location: str | torch.device = "cpu",
 ) -> Checkpoint:
-    """Load a sharpscope checkpoint or a bare state_dict into a model.
+    """Load a sharpscope checkpoint or a bare state_dict into a model (in eval mode).
 
     Args:
         path: the ``.pt`` file.
@@ -316,7 +320,7 @@ def load_checkpoint(
     load_weights(model, state_dict, source=f"in {path.name}")
     return Checkpoint(
         path=path,
-        model=model,
+        model=model.eval(),  # evaluating it must not move its BatchNorm statistics
         spec=spec,
         data_spec=data,
         optimizer_spec=optimizer_spec,

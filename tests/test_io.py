@@ -313,3 +313,23 @@ def test_resume_needs_every_training_state_key(tmp_path, mlp_checkpoint, key):
     save_checkpoint(tmp_path / "partial.pt", {k: v for k, v in full.items() if k != key})
     with pytest.raises(SharpscopeError, match=f"has no {key}: it can be analysed but not resumed"):
         load_training_state(tmp_path / "partial.pt")
+
+
+def test_a_loaded_model_is_in_eval_mode_so_evaluating_it_keeps_its_batchnorm_statistics(
+    tmp_path,
+):
+    """What the stored metrics measured: running statistics, not the batch's; a model left
+    in train mode would give another accuracy and move its statistics on every call."""
+    torch.manual_seed(0)
+    spec = {"name": "cnn1d", "norm": "batch", "width": 4}
+    model = build_model(spec, (40,), 10)
+    path = save_checkpoint(tmp_path / "bn.pt", _payload(model, spec))
+    ckpt = load_checkpoint(path)
+    assert not any(module.training for module in ckpt.model.modules())
+    before = {k: v.clone() for k, v in ckpt.model.state_dict().items()}
+    x = torch.randn(16, 40)
+    with torch.no_grad():
+        first, second = ckpt.model(x), ckpt.model(x[:3])
+    torch.testing.assert_close(first[:3], second)  # no batch statistics
+    for key, value in ckpt.model.state_dict().items():
+        assert torch.equal(value, before[key]), key

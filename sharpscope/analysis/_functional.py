@@ -342,7 +342,7 @@ def evaluate_parameter_sets(
 
     Returns:
         ``(loss, accuracy)``, two float64 ``(K,)`` CPU tensors (accuracy NaN when not
-        ``classification``).
+        ``classification``, and where the loss is NaN).
     """
     total = sum(len(y) for _, y in batches)
     k = len(flat)
@@ -378,4 +378,6 @@ def evaluate_parameter_sets(
                         if classification:
                             correct[row] += float(num_correct(out, y))
     accuracy = correct / total if classification else torch.full_like(loss, float("nan"))
+    # NaN outputs have no prediction: argmax would count class 0 as a guess
+    accuracy[torch.isnan(loss)] = float("nan")
     return loss, accuracy

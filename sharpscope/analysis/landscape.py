@@ -792,7 +792,24 @@ def landscape(
         result = snapshot(bool(computed.all()))
     if path is not None and rank == 0:
         result.save(path)
+    if rank == 0:
+        _warn_non_finite(result)
     return result
+
+
+def _warn_non_finite(result: LandscapeResult) -> None:
+    """Say how many computed points have a non-finite loss, and the usual cause."""
+    diverged = int((result.computed.bool() & ~torch.isfinite(result.loss)).sum())
+    if diverged:
+        cause = (
+            " (BatchNorm running variances moved with the weights turn negative beyond the "
+            "end points: states=False / --no-states, or a smaller span)"
+            if result.states
+            else ""
+        )
+        warnings.warn(
+            f"{diverged} point(s) gave a non-finite loss{cause}", RuntimeWarning, stacklevel=3
+        )
 
 
 def default_point_chunk(

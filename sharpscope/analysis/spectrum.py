@@ -417,9 +417,15 @@ def _meta(op: HessianOperator, meta: RunMeta | None, seed: int, data: Any, **ext
     )
 
 
-def _check_backend(backend: str) -> None:
+def _check_backend(backend: str, which: str = "LA") -> None:
     if backend not in BACKENDS:
         raise SharpscopeError(f"unknown backend '{backend}'; choose one of {', '.join(BACKENDS)}")
+    if backend == "pyhessian" and which != "LA":
+        raise SharpscopeError(
+            f"the pyhessian backend takes only which LA, the default, not {which} (its power "
+            "iteration returns the eigenvalues of largest |λ|, as PyHessian does); use the "
+            "sharpscope backend for SA or LM"
+        )
 
 
 def check_spectrum_choices(
@@ -459,8 +465,7 @@ def _top_from_op(
     if backend == "pyhessian":
         from ..curvature.pyhessian_backend import pyhessian_top_k
 
-        if which != "LA":
-            raise SharpscopeError("the pyhessian backend finds the largest |λ| only; use which=LA")
+        _check_backend(backend, which)
         pairs, info = pyhessian_top_k(op, k, seed=seed)
         scale = float(pairs.eigenvalues.abs().max())
         pairs = dataclasses.replace(
@@ -590,10 +595,8 @@ def top_eigenvalues(
         SharpscopeError: bad options, k > P, no trainable parameters, non-finite loss or
             gradient, or data/model randomness caught by the pre-flight check.
     """
-    _check_backend(backend)
+    _check_backend(backend, which)
     check_spectrum_choices(which=which)
-    if backend == "pyhessian" and which != "LA":
-        raise SharpscopeError("the pyhessian backend finds the largest |λ| only; use which=LA")
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -877,10 +880,8 @@ def spectrum(
     Returns:
         :class:`Spectrum`; ``.to_json()`` has the interface.md keys.
     """
-    _check_backend(backend)
+    _check_backend(backend, which)
     check_spectrum_choices(which=which, trace_method=trace_method, kernel=kernel)
-    if backend == "pyhessian" and which != "LA":
-        raise SharpscopeError("the pyhessian backend finds the largest |λ| only; use which=LA")
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options

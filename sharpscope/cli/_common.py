@@ -16,9 +16,11 @@ import functools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -63,11 +65,27 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, Slurm's time limit, ``timeout``) raised as an interrupt, so that
+    a command stops as on Ctrl-C: partial results saved and named, one line."""
+
+
+def interrupt_exit_code(exc: BaseException) -> int:
+    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143)."""
+    return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
 def guarded(fn: F) -> F:
     """Run a command so that user errors end in one line and a non-zero exit."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        in_main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
         try:
             return fn(*args, **kwargs)
         except SharpscopeError as exc:
@@ -86,8 +104,11 @@ def guarded(fn: F) -> F:
             if DEBUG["enabled"] or not is_out_of_memory(exc):
                 raise
             fail(OUT_OF_MEMORY)
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+        except KeyboardInterrupt as exc:
+            fail("interrupted", code=interrupt_exit_code(exc))
+        finally:
+            if in_main:
+                signal.signal(signal.SIGTERM, previous)
 
     return wrapper  # type: ignore[return-value]
 
@@ -306,6 +327,11 @@ def load_analysis_inputs(
         raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
     if data_spec is None and data_options:
         spec = {**spec, **data_options}
+    if split == "test" and isinstance(spec, Mapping) and "factory" in spec:
+        raise SharpscopeError(
+            f"--split test needs a built-in data set: the data factory {spec['factory']} "
+            "gives one set (analysed as train); give test data as its own --data factory"
+        )
     chosen = pick_device(device)
     split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
@@ -421,7 +447,12 @@ BatchSizeOpt = Annotated[
         "--batch-size", help="Examples per batch the data is read in [default: all at once]."
     ),
 ]
-SplitOpt = Annotated[str, typer.Option("--split", help="train or test.")]
+SplitOpt = Annotated[
+    str,
+    typer.Option(
+        "--split", help="train or test (of a built-in data set; a --data factory gives one set)."
+    ),
+]
 DataRootOpt = Annotated[
     Optional[str], typer.Option("--data-root", help="Folder holding the CIFAR files.")
 ]

@@ -39,6 +39,7 @@ from ._common import (
     console,
     fail,
     guarded,
+    interrupt_exit_code,
     load_inputs_from_flags,
     parse_options,
     progress_bar,
@@ -76,14 +77,37 @@ def resolve_directions(
         files = [p for p in sorted(path.glob("*.pt")) if p.resolve() != own]
         if not files:
             raise SharpscopeError(f"--directions folder {path} holds no .pt checkpoints")
-        loaded = [load(p) for p in files]
+        loaded = _distinct_weights([load(p) for p in files])
         loaded.sort(key=lambda c: (c.epoch is None, c.epoch or 0, str(c.path)))
         console.print(f"PCA of a trajectory of {len(loaded)} checkpoints from {path}")
+        centre = inputs.checkpoint.model
+        if not any(_same_weights(c.model, centre) for c in loaded) and own.parent != path.resolve():
+            console.print(
+                f"note: {ckpt} is not among the checkpoints of {path}: the trajectory is "
+                "projected around a model outside it"
+            )
         return [c.model for c in loaded]
     raise SharpscopeError(
         f"--directions must be random, eigen, a checkpoint file or a folder of checkpoints; "
         f"'{directions}' is none of these"
     )
+
+
+def _same_weights(a: Any, b: Any) -> bool:
+    first, second = a.state_dict(), b.state_dict()
+    return first.keys() == second.keys() and all(
+        first[k].shape == second[k].shape and bool((first[k] == second[k]).all()) for k in first
+    )
+
+
+def _distinct_weights(checkpoints: list[Any]) -> list[Any]:
+    """Each set of weights once: ``last.pt`` repeats the last ``epoch_NNN.pt``, and a point
+    counted twice would weigh twice in the PCA."""
+    kept: list[Any] = []
+    for checkpoint in sorted(checkpoints, key=lambda c: str(c.path)):  # epoch_* before last
+        if not any(_same_weights(checkpoint.model, other.model) for other in kept):
+            kept.append(checkpoint)
+    return kept
 
 
 def interrupted_message(path: Path) -> str:
@@ -275,9 +299,9 @@ def register(app: typer.Typer) -> None:
                     meta=inputs.meta,
                     progress=bar.update,
                 )
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             if dist.is_main and path.is_file():
-                fail(interrupted_message(path), code=130)
+                fail(interrupted_message(path), code=interrupt_exit_code(exc))
             raise
         if not dist.is_main:
             return

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
@@ -218,6 +219,29 @@ def test_interpolation_endpoints_reproduce_both_models(vectorize):
         assert w.loss[0].item() == pytest.approx(
             nn.functional.cross_entropy(mixed.eval()(x), y).item(), rel=1e-9
         )
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_interpolated_batchnorm_variances_below_zero_give_nan_points_and_a_warning(vectorize):
+    """Beyond the end points (1 - α)·v_A + α·v_B can be negative: BatchNorm then returns NaN.
+    Such a point is computed, its loss NaN and its accuracy NaN too (not the argmax of NaN
+    logits), and the call says why; weights-only interpolation stays finite."""
+    a, b = bn_cnn(seed=0), bn_cnn(seed=1)
+    with torch.no_grad():
+        a[2].running_var.fill_(0.5)
+        b[2].running_var.fill_(2.0)  # at α = -0.5: 0.75 - 1.0 < 0
+    x, y = class_data(n=16, d=10)
+    alphas = [-0.5, 0.0, 1.0, 1.5]
+    with pytest.warns(RuntimeWarning, match=r"1 point\(s\) gave a non-finite loss.*BatchNorm"):
+        r = landscape(a, (x, y), 1, directions=b, x=alphas, vectorize=vectorize)
+    assert r.computed.tolist() == [1.0] * 4
+    assert torch.isnan(r.loss[0]) and torch.isnan(r.accuracy[0])
+    assert torch.isfinite(r.loss[1:]).all() and torch.isfinite(r.accuracy[1:]).all()
+    assert r.loss[1].item() == pytest.approx(_loss_of(a, x, y), rel=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        weights_only = landscape(a, (x, y), 1, directions=b, x=alphas, states=False)
+    assert torch.isfinite(weights_only.loss).all()
 
 
 def test_interpolation_2d_states_follow_alpha():

@@ -255,6 +255,14 @@ def test_pyhessian_pairs_are_flagged_by_their_residuals(mlp):
     [
         (lambda m, d: top_eigenvalues(m, d, k=10_000), "larger than the number of parameters"),
         (lambda m, d: top_eigenvalues(m, d, backend="torch"), "unknown backend"),
+        (
+            lambda m, d: top_eigenvalues(m, d, backend="pyhessian", which="SA"),
+            "pyhessian backend takes only which LA, the default, not SA",
+        ),
+        (
+            lambda m, d: spectrum(m, d, backend="pyhessian", which="LM"),
+            "sharpscope backend for SA or LM",
+        ),
         (lambda m, d: hessian_trace(m, d, method="exact"), "unknown trace method"),
         (lambda m, d: top_eigenvalues(m, d, which="XX"), "which"),
         (lambda m, d: top_eigenvalues(m, d, colour="red"), "unknown option"),

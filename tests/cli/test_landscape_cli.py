@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import re
+import time
 
 import pytest
 import torch
@@ -97,6 +98,26 @@ def test_landscape_interpolation_and_pca(ckpts, tmp_path):
     assert pca.exit_code == 0, pca.output
     saved = LandscapeResult.load(tmp_path / "p" / "landscape.npz")
     assert saved.direction_kind == "pca" and saved.trajectory.shape == (3, 2)
+    assert f"note: {ckpts['a']} is not among the checkpoints of {ckpts['run']}" in pca.output
+
+
+def test_pca_counts_each_set_of_weights_once(ckpts, tmp_path):
+    """A training folder holds last.pt beside the last epoch_NNN.pt (the same weights):
+    counted twice, that point would weigh twice in the PCA."""
+    import shutil
+
+    run = shutil.copytree(ckpts["run"], tmp_path / "run")
+    shutil.copy(run / "epoch_003.pt", run / "last.pt")
+    base = ["landscape", "--grid", "3", *COMMON, "--directions", str(run), "--no-plots"]
+    for centre, name in ((ckpts["a"], "outside"), (run / "last.pt", "inside")):
+        result = runner.invoke(
+            app, [base[0], str(centre), *base[1:], "--out", str(tmp_path / name)]
+        )
+        assert result.exit_code == 0, result.output
+        assert "PCA of a trajectory of 3 checkpoints" in result.output
+        assert ("note:" in result.output) == (name == "outside"), result.output
+        saved = LandscapeResult.load(tmp_path / name / "landscape.npz")
+        assert saved.trajectory.shape == (3, 2)
 
 
 @pytest.mark.parametrize(
@@ -166,6 +187,31 @@ def test_interrupted_run_says_how_to_resume(ckpts, tmp_path, monkeypatch):
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert f"s, {match[1]} loaded from the earlier run" in result.output
+
+
+def test_sigterm_stops_like_ctrl_c_with_exit_143(ckpts, tmp_path, monkeypatch):
+    """Slurm's time limit, ``timeout`` and ``kill`` send SIGTERM: the saved points are named
+    and the rerun resumes, as after Ctrl-C; the shell's code 128 + 15."""
+    import os
+    import signal
+
+    module = importlib.import_module("sharpscope.analysis.landscape")
+    real = module.landscape
+
+    def terminated_after_some_points(*args, **kwargs):
+        real(*args, **{**kwargs, "max_points": 3})
+        os.kill(os.getpid(), signal.SIGTERM)  # a real signal, to this process
+        time.sleep(5)  # the handler raises before this ends
+
+    before = signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "run"
+    args = ["landscape", str(ckpts["a"]), "--grid", "3", *COMMON, "--out", str(out)]
+    monkeypatch.setattr(module, "landscape", terminated_after_some_points)
+    result = runner.invoke(app, [*args, "--no-plots", "--no-progress"])
+    assert result.exit_code == 143 and "Traceback" not in result.output
+    (error,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert re.match(r"error: interrupted; \d/9 points are saved in .*: run the same", error)
+    assert signal.getsignal(signal.SIGTERM) == before  # the command's handler is removed
 
 
 def test_no_progress_hides_the_bar(ckpts, tmp_path):

@@ -135,6 +135,17 @@ def test_bare_state_dict_with_the_users_own_model_data_and_loss(tmp_path):
     assert data["meta"]["extra"]["loss"].endswith("mine.py:loss")
 
 
+def test_test_split_of_a_data_factory_is_refused_not_recorded_as_test(tmp_path):
+    """A factory gives one data set; '--split test' would analyse it and record 'test'."""
+    code = _users_code_and_weights(tmp_path, "mine.py", USER_CODE)
+    args = ["msharpness", str(tmp_path / "weights.pt"), "--model", f"{code}:model"]
+    args += ["--data", f"{code}:data", "--m", "8", "--split", "test"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith("error: --split test needs a built-in data set") and "mine.py" in line
+
+
 def test_thick_restart_flag_bounds_the_basis_and_is_recorded(checkpoint, tmp_path):
     out = tmp_path / "s.json"
     args = ["spectrum", str(checkpoint), *FAST, "--restart-size", "12", "--json", str(out)]
