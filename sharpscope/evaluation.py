@@ -13,8 +13,44 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .device_memory import is_out_of_memory
 from .distributed import group_rank_and_size
+from .errors import SharpscopeError, model_failure
 from .metrics import predictive_metrics
+
+#: Examples :func:`check_model_on_data` runs the model on (plus the largest class).
+CHECK_EXAMPLES = 8
+
+
+def check_model_on_data(
+    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable[..., Tensor]
+) -> Tensor | None:
+    """Run the model and the loss once on a few examples, in eval mode, without gradients
+    (each module's mode restored), so that a model that does not fit the data fails in
+    one line before training or an analysis starts: another input shape, or fewer
+    outputs than classes (the example of the largest class is among those run).
+
+    Returns:
+        The loss on those examples; None when they did not fit in memory (left to the
+        caller, which reads smaller batches).
+
+    Raises:
+        SharpscopeError: the model or the loss raised.
+    """
+    from .analysis._functional import analysis_mode
+
+    rows = torch.arange(min(CHECK_EXAMPLES, len(targets)), device=targets.device)
+    if len(targets) and not targets.is_floating_point() and targets.dim() == 1:
+        rows = torch.cat([rows, targets.argmax().reshape(1)])
+    try:
+        with analysis_mode(model), torch.no_grad():
+            return loss_fn(model(inputs[rows]), targets[rows])
+    except SharpscopeError:
+        raise
+    except Exception as exc:  # the user's model or loss does not run on this data
+        if is_out_of_memory(exc):
+            return None
+        raise model_failure(exc) from exc
 
 
 def _shard(num: int) -> slice:

@@ -278,7 +278,8 @@ def load_checkpoint(
         if model_spec is None and raw.get("model") is None:
             raise SharpscopeError(
                 f"{path} records no model spec (its 'model' entry is missing); say which "
-                "model the weights belong to with --model (a registry name or module:function)"
+                "model the weights belong to with --model (model_spec= in Python): a "
+                "registry name or module:function"
             )
         spec = normalize_spec(model_spec if model_spec is not None else raw["model"], "model")
         data = raw.get("data")
@@ -308,7 +309,7 @@ def load_checkpoint(
         if model_spec is None:
             raise SharpscopeError(
                 f"{path} is a bare state_dict: say which model it belongs to with --model "
-                "(a registry name or module:function)"
+                "(model_spec= in Python): a registry name or module:function"
             )
         spec = normalize_spec(model_spec, "model")
         data = normalize_spec(data_spec, "data set") if data_spec is not None else None

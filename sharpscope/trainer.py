@@ -37,7 +37,7 @@ from .data.augment import random_crop_flip
 from .determinism import deterministic_algorithms
 from .distributed import DistInfo, barrier, check_device_name, gather_to_main, init_from_env
 from .errors import SharpscopeError
-from .evaluation import evaluate
+from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 
@@ -311,21 +311,29 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         )
 
 
+def _warn_other_world_size(state: Mapping[str, Any], info: DistInfo, path: Path) -> None:
+    """Warn when a run resumes with another number of processes than wrote its checkpoint:
+    the per-rank batch changes (BatchNorm statistics, a per-rank perturbation, bSAM's
+    per-rank noise), so the resumed run is not the uninterrupted one."""
+    ranks = state.get("rank_states")
+    saved = state.get("world_size", len(ranks) if isinstance(ranks, list) else None)
+    if saved is None or int(saved) == info.world_size or not info.is_main:
+        return
+    warnings.warn(
+        f"{path} was written by {int(saved)} process(es), this run has {info.world_size}: "
+        "the per-rank batch (BatchNorm statistics, a per-rank perturbation or noise) "
+        "changes, so the resumed run is not bit-identical to an uninterrupted one",
+        stacklevel=2,
+    )
+
+
 def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo, path: Path) -> None:
-    """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``)."""
+    """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``);
+    with another process count every rank keeps rank 0's (see _warn_other_world_size)."""
     if not info.enabled or optimizer.rank_state() is None:
         return
-    if not isinstance(saved, list) or len(saved) != info.world_size:
-        if info.is_main:
-            had = f"{len(saved)} processes" if isinstance(saved, list) else "one process"
-            warnings.warn(
-                f"{path} was written by {had}, this run has {info.world_size}: every rank "
-                "starts from rank 0's per-rank optimizer state, so the resumed run is not "
-                "bit-identical to an uninterrupted one",
-                stacklevel=2,
-            )
-        return
-    optimizer.load_rank_state(saved[info.rank])
+    if isinstance(saved, list) and len(saved) == info.world_size:
+        optimizer.load_rank_state(saved[info.rank])
 
 
 def _differences(key: str, old: Any, new: Any) -> list[str]:
@@ -438,6 +446,7 @@ def _train(
         )
     loss_fn = get_loss(config.loss)
     model = build_model(config.model, train_split.input_shape, train_split.num_classes).to(device)
+    check_model_on_data(model, train_split.inputs, train_split.targets, loss_fn)
     if info.enabled:
         if config.sync_bn:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -469,6 +478,11 @@ def _train(
         if config.augment is not None
         else config.dataset.get("name") in AUGMENTED_BY_DEFAULT
     )
+    if augment and len(train_split.input_shape) != 3:
+        raise SharpscopeError(
+            "augment (random crop + flip) needs images of shape (C, H, W), but the data give "
+            f"inputs of shape {tuple(train_split.input_shape)}; drop --augment"
+        )
 
     start_epoch, step, history = 0, 0, []
     last_path = out / "last.pt" if out else None
@@ -485,6 +499,7 @@ def _train(
         if scaler is not None and state.get("scaler_state"):
             scaler.load_state_dict(state["scaler_state"])
         _set_rng_state(state["rng_state"], device)
+        _warn_other_world_size(state, info, last_path)
         _load_rank_state(optimizer, state.get("rank_states"), info, last_path)
         start_epoch, step = int(state["epoch"]), int(state["step"])
         history = _read_history(out / "metrics.jsonl", step)
@@ -532,6 +547,7 @@ def _train(
                     wrapped, loss_fn, inputs, targets, autocast_dtype=autocast_dtype, scaler=scaler
                 )
                 loss = optimizer.step(closure)
+                lr_used = float(scheduler.get_last_lr()[0])  # the row's lr: this epoch's last
                 scheduler.step()
                 step += 1
                 loss_value = float(loss) if loss is not None else float("nan")
@@ -566,7 +582,7 @@ def _train(
                 kind="eval",
                 epoch=epoch + 1,
                 step=step,
-                lr=float(scheduler.get_last_lr()[0]),
+                lr=lr_used,
                 train_loss_running=float(running / steps_per_epoch),
                 seconds=time.perf_counter() - started,
                 **optimizer_metrics(optimizer),
@@ -603,6 +619,7 @@ def _train(
                         metrics,
                         device,
                     )
+                    payload["world_size"] = info.world_size
                     if rank_states is not None:
                         payload["rank_states"] = rank_states
                     # rows first: a run killed in between resumes from the previous

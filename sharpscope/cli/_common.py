@@ -33,7 +33,7 @@ from torch import nn
 from ..data import DataSplit, load_data
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
-from ..errors import SharpscopeError, check_loss_value, model_failure
+from ..errors import SharpscopeError, check_loss_value
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta, atomic_write_bytes, to_jsonable
 
@@ -390,37 +390,16 @@ def recorded_data_spec(
     return recorded
 
 
-# Enough examples to run every layer and the loss; few enough to cost nothing.
-CHECK_EXAMPLES = 8
-
-
 def check_model_on_data(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> None:
-    """Run the model and the loss on the first few examples, in eval mode, without
-    gradients (the model's mode is restored).
+    """:func:`sharpscope.evaluation.check_model_on_data` on the first batch, for every
+    analysis command alike (``spectrum``'s operator checks the full data again), and a
+    NaN loss refused: it would make every analysis NaN."""
+    from ..evaluation import check_model_on_data as check_on_examples
 
-    Data that the model does not take (another input shape, targets the loss does not
-    accept) then fail before an analysis starts, in one line, for every analysis
-    command alike; ``spectrum``'s operator checks the full data again.
-
-    Raises:
-        SharpscopeError: the model or the loss raised; running out of memory is left to
-            the analyses, which read smaller batches.
-    """
-    if not batches:
-        return
-    from ..analysis._functional import analysis_mode
-
-    inputs, targets = batches[0]
-    try:
-        with analysis_mode(model), torch.no_grad():  # every module's own mode comes back
-            value = loss_fn(model(inputs[:CHECK_EXAMPLES]), targets[:CHECK_EXAMPLES])
-    except SharpscopeError:
-        raise
-    except Exception as exc:  # the user's model or loss does not run on this data
-        if is_out_of_memory(exc):
-            return
-        raise model_failure(exc) from exc
-    check_loss_value(value)  # a NaN loss would make every analysis NaN
+    if batches:
+        value = check_on_examples(model, *batches[0], loss_fn)
+        if value is not None:
+            check_loss_value(value)
 
 
 # The flags every analysis command shares; ``name: Alias = default`` in a signature.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -13,7 +14,9 @@ from ._common import (
     check_number,
     check_output_folder,
     console,
+    fail,
     guarded,
+    interrupt_exit_code,
     parse_options,
     spec_from_flag,
 )
@@ -113,7 +116,8 @@ def build_config(
             flags = ", ".join("--" + k.replace("_", "-") for k in ignored)
             raise SharpscopeError(
                 f"bsam has its own update (Adam-like moments, prior precision as weight decay): "
-                f"{flags} do not apply; use --prior-precision, --damping, --opt betas=..."
+                f"{flags} {'does' if len(ignored) == 1 else 'do'} not apply; use "
+                "--prior-precision, --damping, --opt betas=..."
             )
         if values["lr"] is not None:
             optimizer["lr"] = values["lr"]
@@ -416,9 +420,20 @@ def register(app: typer.Typer) -> None:
             )
 
         # epoch lines on stderr; the summary on stdout
-        summary = train(
-            cfg, resume=resume, before_training=warn_nothing_saved if cfg.out is None else None
-        )
+        try:
+            summary = train(
+                cfg, resume=resume, before_training=warn_nothing_saved if cfg.out is None else None
+            )
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept
+            last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
+            if last is None or not last.is_file() or os.environ.get("RANK", "0") != "0":
+                raise
+            epoch = load_training_state(last)["epoch"]
+            fail(
+                f"interrupted; {last} holds epoch {epoch}: run the same command with --resume "
+                "to continue",
+                code=interrupt_exit_code(exc),
+            )
         if not summary.is_main:  # under torchrun only rank 0 reports
             return
         metrics = summary.metrics

@@ -55,6 +55,7 @@ import warnings
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
+from numbers import Real
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -375,6 +376,11 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"params must be the model or an iterable of parameters or parameter groups: "
                 f"{first_line(exc) or type(exc).__name__}"
             ) from exc
+        for key in ("lr", "momentum", "weight_decay", "dampening"):
+            value = base_kwargs.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+                if not isinstance(value, Tensor):
+                    raise SharpscopeError(f"{key} must be a number, got {value!r}")
         try:
             self.base = base(self.param_groups, **base_kwargs)
         except (TypeError, ValueError) as exc:
@@ -454,9 +460,10 @@ class SharpnessAware(torch.optim.Optimizer):
         if ctx.model is None:
             if self.bn_policy == "first" and not self._warned_no_model:
                 warnings.warn(
-                    f"{type(self).__name__} does not know the model, so BatchNorm running "
-                    "statistics cannot be frozen in the second pass; pass model=... (or the "
-                    "module as params) or use sharpscope.optim.BatchClosure",
+                    f"{type(self).__name__} was not given the model: if it has BatchNorm, "
+                    "its running statistics also move in the second pass (bn_policy 'first' "
+                    "freezes them there); pass model=... (or the module as params) or use "
+                    "sharpscope.optim.BatchClosure",
                     stacklevel=4,
                 )
                 self._warned_no_model = True

@@ -449,7 +449,7 @@ def test_the_same_optimizer_as_the_config_keeps_the_configs_hyperparameters(tmp_
     ("args", "message"),
     [
         (["--momentum", "-0.5"], "--momentum must be a finite number >= 0, got -0.5"),
-        (["--optimizer", "bsam", "--base", "adam"], "--base do not apply"),
+        (["--optimizer", "bsam", "--base", "adam"], "--base does not apply"),
         (["--optimizer", "sam", "--base", "rmsprop"], "unknown base optimizer 'rmsprop'"),
     ],
     ids=["momentum", "bsam-base", "unknown-base"],

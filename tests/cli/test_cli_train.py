@@ -134,7 +134,7 @@ def test_train_from_toml_config(tmp_path):
         (["--model-opt", "width"], "--model-opt takes KEY=VALUE"),
         (["--resume"], "--resume needs"),
         (["--optimizer", "sgd", "--base", "adam"], "--base is the base optimizer of a SAM variant"),
-        (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum do not apply"),
+        (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum does not apply"),
         (["--warmup-epochs", "-1"], "warmup_epochs must be a number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
@@ -288,3 +288,28 @@ def test_samples_above_the_data_warn_once(tmp_path):
     [warning] = warnings
     assert warning.startswith("warning: samples 100000 is more than the ")
     assert warning.endswith("examples of the train split; using all " + warning.split()[-1])
+
+
+def test_sigterm_names_the_checkpoint_that_resumes_the_run(tmp_path):
+    """Slurm's time limit or ``kill``: one line saying which epoch last.pt holds and how to
+    go on, the shell's code for SIGTERM (143), and ``--resume`` then continues."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "sharpscope", "train", "--dataset", "mnist1d"]
+    args += ["--samples", "256", "--model", "mlp", "--model-opt", "width=8", "--epochs", "500"]
+    args += ["--schedule", "constant", "--no-progress", "--out", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "last.pt").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 143, stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: interrupted; {out / 'last.pt'} holds epoch "), stderr
+    assert last.endswith("run the same command with --resume to continue")
+    assert "Traceback" not in stderr

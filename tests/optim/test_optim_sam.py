@@ -322,7 +322,7 @@ def test_a_base_instance_instead_of_a_class_is_refused():
         (lambda m: SAM(torch.zeros(2), lr=0.1), "params must be the model or an iterable"),
         (lambda m: SAM(m, lr=0.1, m="x"), "m must be a positive integer"),
         (lambda m: SAM(m, lr=0.1, max_grad_norm="a"), "max_grad_norm must be > 0 or None"),
-        (lambda m: SAM(m, lr="fast"), "the base optimizer SGD rejected its options"),
+        (lambda m: SAM(m, lr=-1.0), "the base optimizer SGD rejected its options"),
     ],
 )
 def test_bad_constructor_arguments_are_one_line(make, match):
@@ -414,3 +414,19 @@ def test_m_sharpness_with_bf16_autocast_and_a_buffer_free_norm_layer(norm):
     )
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": "fast"}, "lr must be a number, got 'fast'"),
+        ({"lr": 0.1, "momentum": True}, "momentum must be a number, got True"),
+        ({"lr": 0.1, "weight_decay": [5e-4]}, r"weight_decay must be a number, got \[0.0005\]"),
+    ],
+)
+def test_base_options_that_are_not_numbers_are_named(options, message):
+    """A TOML typo (lr = "fast") named as such, not as torch's '<' between str and float."""
+    with pytest.raises(SharpscopeError, match=message):
+        SAM(mlp().parameters(), base=torch.optim.SGD, rho=0.05, **options)
+    opt = SAM(mlp().parameters(), base=torch.optim.SGD, rho=0.05, lr=torch.tensor(0.1))
+    assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1)  # torch allows a tensor lr
