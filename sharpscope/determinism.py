@@ -29,6 +29,12 @@ CUBLAS_WORKSPACE_CONFIG = ":4096:8"
 _NO_DETERMINISTIC = "does not have a deterministic implementation"
 
 
+def lacks_deterministic_kernel(exc: BaseException) -> bool:
+    """Whether ``exc`` is PyTorch refusing an operation under deterministic algorithms."""
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return isinstance(exc, RuntimeError) and _NO_DETERMINISTIC in text
+
+
 @contextmanager
 def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     """Run the block with deterministic algorithms only (no-op if not ``enabled``).
@@ -58,9 +64,9 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     try:
         yield
     except RuntimeError as exc:
-        message = str(exc).splitlines()[0] if str(exc) else ""
-        if _NO_DETERMINISTIC not in message:
+        if not lacks_deterministic_kernel(exc):
             raise
+        message = str(exc).splitlines()[0]
         operation = message.split(_NO_DETERMINISTIC)[0].strip() or "an operation"
         raise SharpscopeError(
             f"--deterministic: the model uses {operation}, which {_NO_DETERMINISTIC} on "

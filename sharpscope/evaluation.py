@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from .determinism import lacks_deterministic_kernel
 from .device_memory import is_out_of_memory
 from .distributed import group_rank_and_size
 from .errors import SharpscopeError, model_failure
@@ -50,6 +51,8 @@ def check_model_on_data(
     except Exception as exc:  # the user's model or loss does not run on this data
         if is_out_of_memory(exc):
             return None
+        if lacks_deterministic_kernel(exc):
+            raise  # runs, but not deterministically: deterministic_algorithms names it
         raise model_failure(exc) from exc
 
 
