@@ -107,8 +107,8 @@ def guarded(fn: F) -> F:
         except KeyboardInterrupt as exc:
             fail("interrupted", code=interrupt_exit_code(exc))
         finally:
-            if in_main:
-                signal.signal(signal.SIGTERM, previous)
+            if in_main:  # None: a handler installed outside Python, which we cannot restore
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     return wrapper  # type: ignore[return-value]
 

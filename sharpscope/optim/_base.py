@@ -376,11 +376,11 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"params must be the model or an iterable of parameters or parameter groups: "
                 f"{first_line(exc) or type(exc).__name__}"
             ) from exc
-        for key in ("lr", "momentum", "weight_decay", "dampening"):
+        for key in ("lr", "momentum", "weight_decay", "dampening"):  # a TOML typo, named
             value = base_kwargs.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-                if not isinstance(value, Tensor):
-                    raise SharpscopeError(f"{key} must be a number, got {value!r}")
+            number = isinstance(value, (Real, Tensor)) and not isinstance(value, bool)
+            if value is not None and not number:
+                raise SharpscopeError(f"{key} must be a number, got {value!r}")
         try:
             self.base = base(self.param_groups, **base_kwargs)
         except (TypeError, ValueError) as exc:
