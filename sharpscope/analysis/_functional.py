@@ -212,13 +212,32 @@ def normalize_logits(outputs: Tensor, eps: float = 1e-12) -> Tensor:
 
 
 def is_classification(targets: Tensor) -> bool:
-    """Integer class labels of shape ``(N,)``: 0-1 error and accuracy are defined."""
-    return targets.dim() == 1 and not targets.is_floating_point() and not targets.is_complex()
+    """Integer class labels of shape ``(N,)``, or their one-hot rows ``(N, C)`` (the usual
+    targets of MSE classification): 0-1 error and accuracy are defined.
+
+    >>> is_classification(torch.tensor([2, 0])), is_classification(torch.eye(3)[[2, 0]])
+    (True, True)
+    >>> is_classification(torch.tensor([[0.9, 0.1]]))  # soft labels: no class to score
+    False
+    """
+    if targets.is_complex():
+        return False
+    if targets.dim() == 1:
+        return not targets.is_floating_point()
+    if targets.dim() == 2 and targets.is_floating_point() and len(targets):
+        one_hot = ((targets == 0) | (targets == 1)).all() and (targets.sum(dim=1) == 1).all()
+        return bool(one_hot)
+    return False
+
+
+def class_labels(targets: Tensor) -> Tensor:
+    """The class of each example: the labels themselves, or the argmax of one-hot rows."""
+    return targets if targets.dim() == 1 else targets.argmax(dim=-1)
 
 
 def num_correct(outputs: Tensor, targets: Tensor) -> Tensor:
     """Number of examples whose argmax output equals the label (a 0-dim tensor)."""
-    return (outputs.argmax(dim=-1) == targets).sum()
+    return (outputs.argmax(dim=-1) == class_labels(targets)).sum()
 
 
 def chunk_slices(total: int, size: int) -> list[slice]:

@@ -64,6 +64,7 @@ from ._functional import (
     analysis_meta,
     analysis_mode,
     chunk_slices,
+    class_labels,
     flat_parameters,
     is_classification,
     loss_name,
@@ -445,7 +446,7 @@ def _scorer(loss_fn: LossFn, logit_normalize: bool, classification: bool) -> Sco
     def score(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if logit_normalize:
             out = normalize_logits(out)
-        wrong = (out.argmax(dim=-1) != y).sum() if classification else out.sum() * 0
+        wrong = (out.argmax(dim=-1) != class_labels(y)).sum() if classification else out.sum() * 0
         return loss_fn(out, y), wrong
 
     return score

@@ -674,3 +674,23 @@ def test_batchnorm_folding_changes_nothing_but_the_cost(vectorize):
     torch.testing.assert_close(folded.loss, plain.loss, rtol=1e-12, atol=0)
     torch.testing.assert_close(folded.accuracy, plain.accuracy)
     assert "forward" not in vars(net[1]) and "forward" not in vars(net[2])  # original intact
+
+
+def test_one_hot_targets_score_the_accuracy_integer_labels_do():
+    """MSE classification usually takes one-hot rows: the same losses (mse one-hot encodes
+    integer labels itself) and now the same accuracy and 0-1 error, not NaN."""
+    from sharpscope.analysis.msharpness import m_sharpness
+
+    model = mlp()
+    x, y = class_data(n=24)
+    one_hot = nn.functional.one_hot(y, 3).to(F64)
+    by_label = landscape(model, (x, y), 1, grid=5, loss="mse")
+    by_row = landscape(model, (x, one_hot), 1, grid=5, loss="mse")
+    torch.testing.assert_close(by_row.loss, by_label.loss)
+    torch.testing.assert_close(by_row.accuracy, by_label.accuracy)
+    assert torch.isfinite(by_row.accuracy).all()
+    sharp = [m_sharpness(model, (x, t), 6, 0.5, loss="mse") for t in (y, one_hot)]
+    assert sharp[1].error_increase == pytest.approx(sharp[0].error_increase)
+    assert sharp[1].sharpness == pytest.approx(sharp[0].sharpness, rel=1e-12)
+    soft = one_hot * 0.9 + 0.1 / 3  # soft labels: no class to score
+    assert torch.isnan(landscape(model, (x, soft), 1, grid=3, loss="mse").accuracy).all()
