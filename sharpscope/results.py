@@ -124,8 +124,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     A reader never sees a half-written file, and an interrupted write leaves the
     previous file in place. The file gets the permissions ``open()`` would give it (an
     existing file's own, else 0666 less the umask), not :func:`tempfile.mkstemp`'s 0600.
+    A symbolic link is written through, as ``open()`` would: its target gets the data.
     """
     path = Path(path)
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))
     if path.is_dir():
         raise SharpscopeError(f"{path} is a folder; give a file name to write to")
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -140,9 +143,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(handle.fileno())
         os.chmod(tmp, _mode_for(path))
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(path)  # disk full, a file-size limit: name the file asked for
         raise
 
 

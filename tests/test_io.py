@@ -333,3 +333,42 @@ def test_a_loaded_model_is_in_eval_mode_so_evaluating_it_keeps_its_batchnorm_sta
     torch.testing.assert_close(first[:3], second)  # no batch statistics
     for key, value in ckpt.model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_atomic_writes_go_through_a_symlink_to_its_target(tmp_path):
+    """``--json results.json`` where results.json links elsewhere: the target gets the data
+    (as ``open(path, "w")`` would), and the link stays a link."""
+    from sharpscope.results import atomic_write_bytes
+
+    target = tmp_path / "store" / "r.json"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    link = tmp_path / "r.json"
+    link.symlink_to(target)
+    atomic_write_bytes(link, b"new")
+    assert link.is_symlink() and target.read_bytes() == b"new"
+    assert sorted(p.name for p in target.parent.iterdir()) == ["r.json"]  # no temporary left
+
+
+def test_a_write_that_runs_out_of_space_names_the_file(tmp_path):
+    """A full disk or a file-size limit (here ``ulimit -f``, in a child process) names the
+    file asked for, not our temporary one."""
+    import subprocess
+    import sys
+
+    code = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))\n"
+        "from sharpscope.results import atomic_write_bytes\n"
+        "try:\n"
+        "    atomic_write_bytes(sys.argv[1], b'x' * 100_000)\n"
+        "except OSError as exc:\n"
+        "    print(exc.filename)\n"
+    )
+    target = tmp_path / "big.json"
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(target)], capture_output=True, text=True, timeout=120
+    )
+    assert done.stdout.strip() == str(target), done.stderr
+    assert list(tmp_path.iterdir()) == []  # the partial temporary file is gone

@@ -505,6 +505,17 @@ def print_error_and_exit(message: str) -> None:  # pragma: no cover - thin wrapp
     raise SystemExit(2)
 
 
+def echo(line: str) -> None:
+    """Print a result line on stdout; a reader that went away (``| head -1``) silences
+    the rest of stdout instead of stopping the command before it writes its files."""
+    try:
+        typer.echo(line)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+
+
 def progress_bar(total: int | None, unit: str, desc: str, enabled: bool = True) -> Any:
     """The live progress bar of the long analyses (tqdm on stderr; gone when done)."""
     from tqdm.auto import tqdm

@@ -37,6 +37,7 @@ from ._common import (
     check_output_file,
     check_output_folder,
     console,
+    echo,
     fail,
     guarded,
     interrupt_exit_code,
@@ -306,7 +307,7 @@ def register(app: typer.Typer) -> None:
         if not dist.is_main:
             return
         for line in summary_lines(result):
-            typer.echo(line)
+            echo(line)
         console.print(f"wrote {path}")
         if plots:
             from ..plotting.landscape import save_landscape_plots

@@ -33,6 +33,7 @@ from ._common import (
     check_number,
     check_output_file,
     console,
+    echo,
     guarded,
     load_inputs_from_flags,
     progress_bar,
@@ -185,7 +186,7 @@ def register(app: typer.Typer) -> None:
             )
         if not dist.is_main:
             return
-        typer.echo(summary_line(result))
+        echo(summary_line(result))
         if json_out is not None:
             result.save(json_out)
             console.print(f"wrote {json_out}")

@@ -34,6 +34,7 @@ from ._common import (
     check_number,
     check_output_file,
     console,
+    echo,
     guarded,
     load_inputs_from_flags,
     progress_bar,
@@ -371,7 +372,7 @@ def register(app: typer.Typer) -> None:
         if not dist.is_main:
             return
         for line in summary_lines(result):
-            typer.echo(line)
+            echo(line)
         if json_out is not None:
             result.save(json_out)
             console.print(f"wrote {json_out}")

@@ -14,6 +14,7 @@ from ._common import (
     check_number,
     check_output_folder,
     console,
+    echo,
     fail,
     guarded,
     interrupt_exit_code,
@@ -438,14 +439,14 @@ def register(app: typer.Typer) -> None:
             return
         metrics = summary.metrics
         if summary.start_epoch >= summary.epochs:
-            typer.echo(
+            echo(
                 f"nothing to do: {summary.out / 'last.pt'} is at epoch {summary.start_epoch} "
                 f"of {summary.epochs} already (give a larger --epochs to train on, where the "
                 "schedule allows)"
             )
             return
         epochs = f"{summary.epochs} epoch{'s' if summary.epochs != 1 else ''}"
-        typer.echo(
+        echo(
             f"{cfg.optimizer['name']} on {cfg.dataset.get('name', cfg.dataset.get('factory'))} "
             f"({cfg.model.get('name', cfg.model.get('factory'))}), {epochs}: "
             f"test accuracy {metrics.get('test_acc', float('nan')):.4f}, "

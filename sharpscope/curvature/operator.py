@@ -327,7 +327,7 @@ class HessianOperator:
         self.num_batches = len(all_batches)
         self.batch_sizes = [len(b[1]) for b in all_batches]
         lo, hi = self._shard(len(all_batches))
-        cast = requested is not None and requested != model_dtype
+        cast = True  # floating data follow the analysis dtype (as in landscape, m_sharpness)
         self._batches = [
             (self._to_device(x, cast), self._to_device(y, cast)) for x, y in all_batches[lo:hi]
         ]

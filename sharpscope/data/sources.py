@@ -70,8 +70,8 @@ def load_mnist1d(_root: str | None = None) -> RawData:
         np.savez(buffer, **arrays)
         try:
             atomic_write_bytes(path, buffer.getvalue())
-        except OSError:
-            pass  # read-only home: generate again next time
+        except (OSError, SharpscopeError):
+            pass  # read-only home or cache folder: generate again next time
     return RawData(
         torch.as_tensor(arrays["x"], dtype=torch.float32),
         torch.as_tensor(arrays["y"], dtype=torch.long),

@@ -92,6 +92,19 @@ def test_top5_matches_dense_eigvalsh(request, name, dtype, tol, bound):
     case.model.eval()
 
 
+def test_a_float64_model_takes_float32_data_as_the_other_analyses_do(mlp):
+    """analysis.md's "model cast to double" check: a float64 copy of the model with the
+    float32 data runs (the data follow the model's dtype) and matches the dense Hessian."""
+    model = copy.deepcopy(mlp.model).double()
+    result = top_eigenvalues(model, mlp.data, k=3, tol=1e-10)
+    exact = dense_hessian(
+        model, tuple(t.double() if t.is_floating_point() else t for t in mlp.data)
+    )
+    top = torch.linalg.eigvalsh(exact).flip(0)[:3]
+    torch.testing.assert_close(result.eigenvalues.double(), top, rtol=1e-8, atol=0)
+    assert result.meta.dtype == "float64"
+
+
 def test_most_negative_eigenvalues(mlp):
     result = top_eigenvalues(mlp.model, mlp.data, k=2, which="SA", dtype="float64", tol=1e-8)
     exact = mlp.eigenvalues[-2:]  # descending order: the less negative first

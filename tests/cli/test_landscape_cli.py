@@ -256,3 +256,19 @@ def test_span_help_says_where_an_even_grid_puts_its_points():
     """The help said "Axes [-span, span]"; --grid 4 gives -1, -0.5, 0, 0.5."""
     help_text = " ".join(runner.invoke(app, ["landscape", "--help"]).output.split())
     assert "an even --grid drops +span" in help_text and "-1, -0.5, 0, 0.5" in help_text
+
+
+def test_a_reader_that_closes_stdout_early_does_not_cost_the_plots(ckpts, tmp_path):
+    """``sharpscope landscape ... | head -1``: the summary's reader goes away, and the
+    command still writes its files and exits 0 (it printed 'error: Broken pipe' before)."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "piped"
+    args = [sys.executable, "-m", "sharpscope", "landscape", str(ckpts["a"]), "--dims", "1"]
+    args += ["--grid", "3", *COMMON, "--no-progress", "--out", str(out)]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # like `| head -0`
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr.decode()
+    assert {p.name for p in out.iterdir()} >= {"landscape.npz", "landscape_1d.pdf"}

@@ -510,3 +510,19 @@ def test_a_failing_data_factory_is_one_line_like_a_model_factory(tmp_path):
         SharpscopeError, match=r"^data factory '.*:dicts': batch 0 of the data is a dict"
     ):
         load_data(f"{file}:dicts")
+
+
+def test_a_cache_folder_that_takes_no_new_file_only_costs_a_regeneration(tmp_path, monkeypatch):
+    """A shared read-only cache (a cluster's project folder): the data are generated and
+    used, nothing is written, no error. (The refusal is injected: tests may run as root.)"""
+    import tempfile
+
+    from sharpscope.data.sources import load_mnist1d
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    raw = load_mnist1d()
+    assert raw.train_inputs.shape == (4000, 40) and list(tmp_path.iterdir()) == []
