@@ -172,6 +172,15 @@ def as_batches(
     """
     if batch_size is not None and batch_size < 1:
         raise SharpscopeError(f"batch size must be >= 1, got {batch_size}")
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(type(part).__module__ == "numpy" for part in data)
+    ):
+        raise SharpscopeError(
+            "the data are NumPy arrays; give tensors: (torch.as_tensor(inputs), "
+            "torch.as_tensor(targets))"
+        )
     if _is_pair_of_tensors(data) or (isinstance(data, Dataset) and hasattr(data, "__len__")):
         inputs, targets = as_tensors(data)
         if len(inputs) == 0:

@@ -526,3 +526,9 @@ def test_a_cache_folder_that_takes_no_new_file_only_costs_a_regeneration(tmp_pat
     monkeypatch.setattr(tempfile, "mkstemp", read_only)
     raw = load_mnist1d()
     assert raw.train_inputs.shape == (4000, 40) and list(tmp_path.iterdir()) == []
+
+
+def test_a_pair_of_numpy_arrays_is_told_how_to_become_tensors():
+    x, y = np.zeros((4, 2), dtype=np.float32), np.arange(4)
+    with pytest.raises(SharpscopeError, match=r"NumPy arrays; give tensors: \(torch.as_tensor"):
+        as_batches((x, y))
