@@ -146,7 +146,8 @@ def with_data(meta: RunMeta | None, data: Any) -> RunMeta | None:
     """``meta`` with a :class:`~sharpscope.data.DataSplit`'s spec and split recorded, when
     ``data`` is one and ``meta`` names no data."""
     if (meta is None or meta.data is None) and hasattr(data, "spec") and hasattr(data, "split"):
-        return dataclasses.replace(meta or RunMeta(), data={**data.spec, "split": data.split})
+        recorded = {**data.spec, "split": data.split, **getattr(data, "subset", {})}
+        return dataclasses.replace(meta or RunMeta(), data=recorded)
     return meta
 
 

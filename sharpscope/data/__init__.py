@@ -12,7 +12,7 @@ split ``"val"``), ``samples`` (first N after a seeded shuffle), ``data_root``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from ..errors import SharpscopeError, first_line
 from ..registry import normalize_spec, resolve_factory, unknown_name
-from .batches import as_batches, as_tensors, num_examples
+from .batches import as_batches, as_tensors, is_pair_of_tensors, num_examples
 from .noise import symmetric_label_noise
 from .sources import CIFAR_LAYOUT, SOURCES, RawData, cifar_folder
 
@@ -59,6 +59,7 @@ class DataSplit(TensorDataset):
         spec: dict[str, Any],
         split: str,
         clean_targets: Tensor | None = None,
+        subset: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__(inputs, targets)
         self.inputs = inputs
@@ -68,6 +69,8 @@ class DataSplit(TensorDataset):
         self.spec = dict(spec)
         self.split = split
         self.clean_targets = clean_targets
+        # the seeded subset load_data took ({"samples": N, "seed": S}; empty: all)
+        self.subset = dict(subset or {})
 
     @property
     def noisy_mask(self) -> Tensor | None:
@@ -89,6 +92,7 @@ class DataSplit(TensorDataset):
             spec=self.spec,
             split=self.split,
             clean_targets=None if self.clean_targets is None else self.clean_targets.to(device),
+            subset=self.subset,
         )
 
     def __repr__(self) -> str:
@@ -142,6 +146,16 @@ def _raw_from_factory(path: str) -> RawData:
         ) from exc
     try:
         inputs, targets = as_tensors(produced)
+        one_shot = isinstance(produced, Iterator)  # a generator cannot be read twice
+        if not (one_shot or is_pair_of_tensors(produced) or isinstance(produced, TensorDataset)):
+            # a Dataset or batches read per item: a second read must give the same data
+            # (random augmentation or shuffling would freeze one unseeded draw)
+            again_inputs, again_targets = as_tensors(produced)
+            if not (torch.equal(inputs, again_inputs) and torch.equal(targets, again_targets)):
+                raise SharpscopeError(
+                    "the data changed between two reads (shuffling or random augmentation); "
+                    "return fixed tensors, or a Dataset without random transforms"
+                )
     except SharpscopeError as exc:
         raise SharpscopeError(f"data factory '{path}': {exc}") from exc
     targets = targets.long() if not targets.is_floating_point() else targets
@@ -324,11 +338,13 @@ def load_data(
             clean = None if clean is None else clean[keep]
 
     n, shuffle_seed = subset_size_and_seed(spec, samples, seed)
+    subset: dict[str, int] = {}
     if n is not None:
         if n < len(targets):
             keep = _seeded_permutation(len(targets), shuffle_seed)[:n]
             inputs, targets = inputs[keep], targets[keep]
             clean = None if clean is None else clean[keep]
+            subset = {"samples": n, "seed": shuffle_seed}
     out = DataSplit(
         inputs.contiguous(),
         targets.contiguous(),
@@ -336,5 +352,6 @@ def load_data(
         spec=spec,
         split=split,
         clean_targets=clean,
+        subset=subset,
     )
     return out.to(device) if device is not None else out

@@ -24,7 +24,7 @@ Batch = tuple[Tensor, Tensor]
 FORMS = "(inputs, targets), a Dataset of (input, target) pairs or an iterable of (inputs, targets) batches"
 
 
-def _is_pair_of_tensors(data: Any) -> bool:
+def is_pair_of_tensors(data: Any) -> bool:
     """A pair ``(inputs, targets)`` of tensors with a batch dimension.
 
     Raises:
@@ -135,7 +135,7 @@ def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
     Raises:
         SharpscopeError: data of an unknown form, or batches that do not fit together.
     """
-    if _is_pair_of_tensors(data):
+    if is_pair_of_tensors(data):
         return data[0], data[1]
     if isinstance(data, Dataset) and hasattr(data, "__len__"):
         return dataset_tensors(data)
@@ -181,7 +181,7 @@ def as_batches(
             "the data are NumPy arrays; give tensors: (torch.as_tensor(inputs), "
             "torch.as_tensor(targets))"
         )
-    if _is_pair_of_tensors(data) or (isinstance(data, Dataset) and hasattr(data, "__len__")):
+    if is_pair_of_tensors(data) or (isinstance(data, Dataset) and hasattr(data, "__len__")):
         inputs, targets = as_tensors(data)
         if len(inputs) == 0:
             raise SharpscopeError("the data set is empty")

@@ -211,7 +211,7 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
             raise SharpscopeError(f"{name} takes no 'base' (it is not a wrapper)")
         _reject_unknown(name, given, defaults)
         out = {"name": name, **defaults, **given}
-        if "betas" in out:
+        if isinstance(out.get("betas"), list):  # TOML/JSON lists; a string stays one
             out["betas"] = tuple(out["betas"])
         return out
     variant = copy.deepcopy(_VARIANTS[name])
@@ -235,7 +235,7 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
             )
     _reject_unknown(name, given, {**variant, **base_defaults})
     base_full = {"name": base_name, **base_defaults, **top_base, **base_spec}
-    if "betas" in base_full:
+    if isinstance(base_full.get("betas"), list):
         base_full["betas"] = tuple(base_full["betas"])
     return {"name": name, **variant, **given, "base": base_full}
 

@@ -113,13 +113,20 @@ class SAMON(SharpnessAware):
                 "RMSNorm); use sam or asam for this model"
             )
         if sam_epochs is not None:
-            if len(tuple(sam_epochs)) != 2 or not 0 <= int(sam_epochs[0]) <= int(sam_epochs[1]):
+            try:  # a number, a string or a wrong length is refused below, not a traceback
+                if isinstance(sam_epochs, (str, bytes)):
+                    raise TypeError
+                start, end = (int(epoch) for epoch in sam_epochs)
+            except (TypeError, ValueError):
+                start, end = 1, 0
+            if not 0 <= start <= end:
                 raise SharpscopeError(
-                    f"sam_epochs must be (start, end) with 0 <= start <= end, got {sam_epochs!r}"
+                    f"sam_epochs must be (start, end) with 0 <= start <= end, got {sam_epochs!r} "
+                    "(on the command line: --opt 'sam_epochs=[0, 100]')"
                 )
             if not steps_per_epoch or int(steps_per_epoch) < 1:
                 raise SharpscopeError("sam_epochs needs steps_per_epoch (a positive integer)")
-            sam_epochs = (int(sam_epochs[0]), int(sam_epochs[1]))
+            sam_epochs = (start, end)
         kwargs.setdefault("model", model)
         super().__init__(model.parameters() if params is None else params, base, rho=rho, **kwargs)
         if fast_first_pass and self.model is not None and hasattr(self.model, "no_sync"):

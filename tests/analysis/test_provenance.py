@@ -11,8 +11,9 @@ from sharpscope.results import RunMeta
 def test_a_datasplit_is_recorded_in_the_metadata_unless_meta_names_data():
     torch.manual_seed(0)
     model = ss.build_model({"name": "mlp", "width": 8, "depth": 1}, (40,), 10)
-    data = ss.load_data("mnist1d", "test", samples=128)
-    recorded = {"name": "mnist1d", "split": "test"}
+    data = ss.load_data("mnist1d", "test", samples=128, seed=3)
+    # the seeded subset is part of the provenance: another seed is another subset
+    recorded = {"name": "mnist1d", "split": "test", "samples": 128, "seed": 3}
     assert ss.top_eigenvalues(model, data, k=2).meta.data == recorded
     assert ss.m_sharpness(model, data, m=64, rho=0.05).meta.data == recorded
     assert ss.epsilon_sharpness(model, data, epsilon=1e-3).meta.data == recorded
@@ -22,3 +23,13 @@ def test_a_datasplit_is_recorded_in_the_metadata_unless_meta_names_data():
     # plain tensors carry no spec: nothing is invented
     pair = (data.inputs, data.targets)
     assert ss.m_sharpness(model, pair, m=64, rho=0.05).meta.data is None
+
+
+def test_a_whole_datasplit_records_no_subset():
+    torch.manual_seed(0)
+    model = ss.build_model({"name": "mlp", "width": 8, "depth": 1}, (40,), 10)
+    data = ss.load_data("mnist1d", "test")
+    assert ss.m_sharpness(model, data, m=500, rho=0.05).meta.data == {
+        "name": "mnist1d",
+        "split": "test",
+    }

@@ -532,3 +532,32 @@ def test_a_pair_of_numpy_arrays_is_told_how_to_become_tensors():
     x, y = np.zeros((4, 2), dtype=np.float32), np.arange(4)
     with pytest.raises(SharpscopeError, match=r"NumPy arrays; give tensors: \(torch.as_tensor"):
         as_batches((x, y))
+
+
+def test_a_factory_dataset_that_changes_between_reads_is_refused(tmp_path):
+    # a CLI --data factory returning a Dataset with random augmentation would otherwise
+    # freeze one unseeded draw: the same command gave different results run to run
+    (tmp_path / "noisy.py").write_text(
+        "import torch\n"
+        "class Noisy(torch.utils.data.Dataset):\n"
+        "    def __len__(self):\n"
+        "        return 8\n"
+        "    def __getitem__(self, i):\n"
+        "        return torch.randn(4), i % 2\n"
+        "def noisy():\n"
+        "    return Noisy()\n"
+        "def fixed():\n"
+        "    return torch.utils.data.TensorDataset(torch.ones(8, 4), torch.arange(8) % 2)\n"
+    )
+    with pytest.raises(SharpscopeError, match="changed between two reads"):
+        load_data(f"{tmp_path / 'noisy.py'}:noisy")
+    assert len(load_data(f"{tmp_path / 'noisy.py'}:fixed")) == 8
+
+
+def test_a_factory_may_return_a_generator_of_batches(tmp_path):
+    (tmp_path / "gen.py").write_text(
+        "import torch\n"
+        "def batches():\n"
+        "    return ((torch.ones(4, 3), torch.zeros(4, dtype=torch.long)) for _ in range(2))\n"
+    )
+    assert len(load_data(f"{tmp_path / 'gen.py'}:batches")) == 8

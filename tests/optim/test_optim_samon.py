@@ -144,3 +144,10 @@ def test_sam_epochs_window_survives_a_state_dict_round_trip():
     resumed = make()
     resumed.load_state_dict(through_file(opt.state_dict()))
     assert _passes_per_step(resumed, model, batches[1:]) == [2]
+
+
+@pytest.mark.parametrize("bad", [1, "ab", "0,5", (0, 1, 2), (1, 0), ("a", "b")])
+def test_a_malformed_sam_epochs_is_one_clear_error(bad):
+    # `--opt sam_epochs=1` used to end in "TypeError: 'int' object is not iterable"
+    with pytest.raises(SharpscopeError, match="sam_epochs must be"):
+        SAMON(bn_net(), torch.optim.SGD, lr=0.1, sam_epochs=bad, steps_per_epoch=1)
