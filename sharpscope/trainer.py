@@ -287,24 +287,22 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         elif key in ("dataset", "model", "loss"):
             old = absolute_spec(old)  # recorded relative before paths were made absolute
         changed += _differences(key, old, new)
+    old_epochs = saved.get("epochs")
+    schedule = config.schedule
+    fixed = schedule.get("name") == "constant" or (
+        schedule.get("name") == "step" and "milestones" in schedule
+    )
+    if config.epochs != old_epochs and not fixed:  # named with the others, in one refusal
+        changed.append(
+            f"epochs {config.epochs} (checkpoint: {old_epochs}; its "
+            f"{schedule.get('name', 'cosine')} schedule depends on the total)"
+        )
     if changed:
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise SharpscopeError(
             f"cannot resume {path} with other settings: {'; '.join(changed[:4])}{more}; drop "
             "those options to continue the run as it was, or train into a new --out"
         )
-    old_epochs = saved.get("epochs")
-    if config.epochs != old_epochs:
-        schedule = config.schedule
-        fixed = schedule.get("name") == "constant" or (
-            schedule.get("name") == "step" and "milestones" in schedule
-        )
-        if not fixed:
-            raise SharpscopeError(
-                f"cannot resume {path} with epochs {config.epochs}: the run was started with "
-                f"epochs {old_epochs} and its {schedule.get('name', 'cosine')} schedule "
-                "depends on the total; resume with the same epochs"
-            )
     if config.epochs < epoch:
         raise SharpscopeError(
             f"cannot resume {path} with epochs {config.epochs}: it is already at epoch {epoch}"

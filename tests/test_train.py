@@ -138,7 +138,9 @@ def test_resume_refuses_other_settings_and_unresumable_checkpoints(tmp_path):
         ),
         ({"optimizer": {"name": "adam"}}, r'optimizer "adam" \(checkpoint: "sgd"\)'),
         ({"batch_size": 32, "seed": 1}, r"batch_size 32 .*; seed 1 \(checkpoint: 0\)"),
-        ({"epochs": 4}, "its cosine schedule depends on the total"),
+        ({"epochs": 4}, r"epochs 4 \(checkpoint: 2; its cosine schedule depends on the total\)"),
+        # every difference in one refusal, the schedule's epochs among them
+        ({"epochs": 4, "seed": 1}, r"seed 1 \(checkpoint: 0\); epochs 4 \(checkpoint: 2;"),
         (
             {"epochs": 1, "schedule": {"name": "constant"}},
             r'schedule "constant" \(checkpoint: "cosine"\)',

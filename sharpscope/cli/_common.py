@@ -456,7 +456,9 @@ DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
 SeedOpt = Annotated[
     int,
     typer.Option(
-        "--seed", help="Seed of the subset and of the random draws (probes, starts, directions)."
+        "--seed",
+        help="Seed of the subset and of the random draws (probes, starts, directions); "
+        "within a run's own --samples subset, of the draws only.",
     ),
 ]
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON.")]

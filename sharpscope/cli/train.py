@@ -54,15 +54,34 @@ OPTIMIZER_FLAGS = {
 }
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_config(path: Path) -> dict[str, Any]:
+    """TrainConfig keys from a TOML file, or from the ``config.json`` a run wrote."""
+    import json
+
     from ..errors import SharpscopeError
 
     try:
-        return tomllib.loads(path.read_text())
+        text = path.read_text()
     except FileNotFoundError as exc:
         raise SharpscopeError(f"config file not found: {path}") from exc
+    if path.suffix == ".json":
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SharpscopeError(f"{path} is not valid JSON: {exc}") from exc
+        if not isinstance(values, dict):
+            raise SharpscopeError(f"{path} must hold an object of TrainConfig keys")
+        return values
+    try:
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SharpscopeError(f"{path} is not valid TOML: {exc}") from exc
+    if isinstance(values.get("train"), dict) and "study" in values:
+        raise SharpscopeError(
+            f"{path} is a study config: run it with `sharpscope study run {path}` (train's "
+            "--config takes TrainConfig keys at the top level)"
+        )
+    return values
 
 
 def build_config(
@@ -74,7 +93,7 @@ def build_config(
     from ..optim.factory import BASE_NAMES
     from ..trainer import TrainConfig
 
-    base: dict[str, Any] = _read_toml(config_file) if config_file else dict(resumed or {})
+    base: dict[str, Any] = _read_config(config_file) if config_file else dict(resumed or {})
     base = {k.replace("-", "_"): v for k, v in base.items()}
     if resumed is not None and not config_file:
         base["progress"] = True  # --no-progress applies to this call only
@@ -254,7 +273,9 @@ def register(app: typer.Typer) -> None:
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
         config: Optional[Path] = typer.Option(
-            None, "--config", help="TOML file with TrainConfig keys."
+            None,
+            "--config",
+            help="TOML file with TrainConfig keys at the top level, or a run's OUT/config.json.",
         ),
         save_every: Optional[int] = typer.Option(
             None, "--save-every", help="Also keep OUT/epoch_NNN.pt every N epochs."
@@ -266,7 +287,10 @@ def register(app: typer.Typer) -> None:
             None, "--data-opt", help="Data option KEY=VALUE (repeatable)."
         ),
         opt: Optional[list[str]] = typer.Option(
-            None, "--opt", help="Any optimizer hyperparameter KEY=VALUE (repeatable)."
+            None,
+            "--opt",
+            help="Any optimizer hyperparameter KEY=VALUE (repeatable); a list as JSON: "
+            "--opt 'betas=[0.9, 0.999]'.",
         ),
         base: Optional[str] = typer.Option(
             None, "--base", help="Base optimizer of a SAM variant: sgd, adam, adamw."
@@ -427,8 +451,14 @@ def register(app: typer.Typer) -> None:
             )
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept
             last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
-            if last is None or not last.is_file() or os.environ.get("RANK", "0") != "0":
+            if last is None or os.environ.get("RANK", "0") != "0":
                 raise
+            if not last.is_file():
+                fail(
+                    "interrupted before the first epoch ended, so there is no checkpoint to "
+                    "resume: run the same command again without --resume",
+                    code=interrupt_exit_code(exc),
+                )
             epoch = load_training_state(last)["epoch"]
             fail(
                 f"interrupted; {last} holds epoch {epoch}: run the same command with --resume "

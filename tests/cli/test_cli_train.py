@@ -313,3 +313,47 @@ def test_sigterm_names_the_checkpoint_that_resumes_the_run(tmp_path):
     assert last.startswith(f"error: interrupted; {out / 'last.pt'} holds epoch "), stderr
     assert last.endswith("run the same command with --resume to continue")
     assert "Traceback" not in stderr
+
+
+def test_a_runs_config_json_trains_the_same_run_again_and_a_study_file_is_named(tmp_path):
+    """--config takes the OUT/config.json a run wrote (TOML is not JSON), and a study
+    config, whose keys sit under [train], is pointed to `study run` instead."""
+    first, second = tmp_path / "first", tmp_path / "second"
+    result = runner.invoke(app, ["train", *TINY, "--out", str(first)])
+    assert result.exit_code == 0, result.output
+    args = ["train", "--config", str(first / "config.json"), "--out", str(second)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    a, b = (torch.load(p / "last.pt", weights_only=True)["state_dict"] for p in (first, second))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    study = tmp_path / "study.toml"
+    study.write_text('[study]\nname = "s"\n[train]\nepochs = 1\n')
+    result = runner.invoke(app, ["train", "--config", str(study)])
+    assert result.exit_code == 2
+    (line,) = result.output.strip().splitlines()
+    assert line.startswith(f"error: {study} is a study config: run it with `sharpscope study run")
+
+
+def test_an_interrupt_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_path):
+    """Ctrl-C before any checkpoint: --resume would only say 'none found', so say so now."""
+    code = tmp_path / "stops.py"
+    code.write_text(
+        "import torch\n"
+        "class Stops(torch.nn.Linear):\n"
+        "    calls = 0\n"
+        "    def forward(self, x):\n"
+        "        Stops.calls += 1\n"
+        "        if Stops.calls == 3:  # the check before training, then training steps\n"
+        "            raise KeyboardInterrupt\n"
+        "        return super().forward(x.flatten(1))\n"
+        "def model():\n"
+        "    return Stops(40, 10)\n"
+    )
+    args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", f"{code}:model"]
+    result = runner.invoke(app, [*args, "--no-progress", "--out", str(tmp_path / "run")])
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        "error: interrupted before the first epoch ended, so there is no checkpoint to resume: "
+        "run the same command again without --resume"
+    )
