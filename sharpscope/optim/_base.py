@@ -217,7 +217,15 @@ class StepContext:
         self.device = opt._device()
 
     def call(self, chunk_index: int | None = None, num_chunks: int | None = None) -> Tensor:
-        """Run the closure once (one forward+backward pass) and return its loss."""
+        """Run the closure once (one forward+backward pass) and return its loss.
+
+        The gradients are cleared first, so a closure that forgets ``zero_grad()`` (the
+        davda54/sam style, where the closure only runs forward and backward) still hands
+        each pass its own gradient instead of silently accumulating onto the last one.
+        """
+        for group in self.opt.param_groups:
+            for p in group["params"]:
+                p.grad = None
         with torch.enable_grad():
             if chunk_index is None:
                 loss = self.closure()

@@ -430,3 +430,26 @@ def test_base_options_that_are_not_numbers_are_named(options, message):
         SAM(mlp().parameters(), base=torch.optim.SGD, rho=0.05, **options)
     opt = SAM(mlp().parameters(), base=torch.optim.SGD, rho=0.05, lr=torch.tensor(0.1))
     assert float(opt.param_groups[0]["lr"]) == pytest.approx(0.1)  # torch allows a tensor lr
+
+
+@pytest.mark.parametrize("variant", [SAM, ASAM, VaSSO])
+def test_a_closure_without_zero_grad_gives_the_same_steps(variant):
+    """The davda54/sam habit: the closure only runs forward and backward. Each pass must
+    still see its own gradient (they were summed onto the previous pass's, silently)."""
+    runs = []
+    for zeroes in (True, False):
+        model = mlp(dtype=torch.float64)
+        opt = variant(model.parameters(), base=torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        for x, y in mlp_batches(3, dtype=torch.float64):
+
+            def closure(x=x, y=y, zeroes=zeroes, opt=opt, model=model):
+                if zeroes:
+                    opt.zero_grad()
+                loss = CE(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        runs.append([p.detach().clone() for p in model.parameters()])
+    for with_zero, without in zip(*runs):
+        assert torch.equal(with_zero, without)
