@@ -105,6 +105,8 @@ def guarded(fn: F) -> F:
                 raise
             fail(OUT_OF_MEMORY)
         except KeyboardInterrupt as exc:
+            if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 says it, once
+                raise typer.Exit(interrupt_exit_code(exc)) from None
             fail("interrupted", code=interrupt_exit_code(exc))
         finally:
             if in_main:  # None: a handler installed outside Python, which we cannot restore

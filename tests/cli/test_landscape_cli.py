@@ -272,3 +272,17 @@ def test_a_reader_that_closes_stdout_early_does_not_cost_the_plots(ckpts, tmp_pa
     _, stderr = process.communicate(timeout=300)
     assert process.returncode == 0, stderr.decode()
     assert {p.name for p in out.iterdir()} >= {"landscape.npz", "landscape_1d.pdf"}
+
+
+def test_an_interrupt_is_reported_by_rank_0_only(ckpts, tmp_path, monkeypatch):
+    """Under torchrun every rank is interrupted: one line from rank 0, silence elsewhere."""
+    module = importlib.import_module("sharpscope.analysis.landscape")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "landscape", interrupted)
+    monkeypatch.setenv("RANK", "1")
+    args = ["landscape", str(ckpts["a"]), "--grid", "3", *COMMON, "--out", str(tmp_path / "r")]
+    result = runner.invoke(app, [*args, "--no-plots", "--no-progress"])
+    assert result.exit_code == 130 and "error" not in result.output, result.output
