@@ -508,3 +508,19 @@ def test_the_python_api_of_interface_md_is_importable_from_the_top_level():
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["ok", str(len(names))]
+
+
+def test_the_printed_table_says_what_ratio_means_and_whether_each_target_is_met(capsys):
+    from sharpscope.bench._common import BenchRow, print_rows
+
+    rows = [
+        BenchRow("c", "vmap", 1.0, "loop", 4.0, 0.25, extra={"target_speedup": 2.0,
+                                                              "meets_target": True}),
+        BenchRow("c", "sam", 2.5, "sgd", 1.0, 2.5, extra={"target_ratio": 2.2,
+                                                          "meets_target": False}),
+        BenchRow("c", "other", 1.0, "ref", 1.0, 1.0),
+    ]  # fmt: skip
+    print_rows(rows, title="t")
+    out = capsys.readouterr().out
+    assert "speedup ≥ 2: met" in out and "≤ 2.2: NOT met" in out
+    assert "ratio = seconds / ref seconds" in out

@@ -454,3 +454,15 @@ def test_overlaid_spectra_get_their_own_colours_and_legend_entries():
     assert labels == ["SGD", "top eigenvalues (SGD)", "SAM", "top eigenvalues (SAM)"]
     ax = plot_spectrum(density, label="SAM", color=optimizer_color("sam")).axes[0]
     assert {line.get_color() for line in ax.lines} == {optimizer_color("sam")}
+
+
+def test_surface_axes_keep_few_ticks_and_the_spectrum_legend_has_a_box():
+    """A 3-D surface foreshortens its axes: nine ticks ran into each other. The spectrum's
+    legend sits where the top eigenvalues are marked: an opaque box keeps the marks off it."""
+    ax = plot_landscape_surface(alpha_only()).axes[0]
+    ax.figure.canvas.draw()
+    for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+        ticks = axis.get_major_locator().tick_values(-1.0, 1.0)
+        assert len([t for t in ticks if -1.0 <= t <= 1.0]) <= 6  # the default drew 9
+    legend = plot_spectrum(log_density(), label="SAM").axes[0].get_legend()
+    assert legend.get_frame_on() and legend.get_frame().get_alpha() >= 0.9

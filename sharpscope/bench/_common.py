@@ -176,13 +176,45 @@ def write_rows(rows: list[BenchRow], path: str | Path) -> Path:
     return path
 
 
+def _target_text(extra: dict[str, Any]) -> str:
+    """The row's target and whether it is met, e.g. ``≤ 2.2: met`` or ``speedup ≥ 3: NOT met``.
+
+    >>> _target_text({"target_speedup": 3.0, "meets_target": False})
+    'speedup ≥ 3: NOT met'
+    >>> _target_text({})
+    ''
+    """
+    met = extra.get("meets_target")
+    if extra.get("target_speedup") is not None:
+        text = f"speedup ≥ {extra['target_speedup']:g}"
+    elif extra.get("target_ratio", extra.get("target")) is not None:
+        text = f"≤ {extra.get('target_ratio', extra.get('target')):g}"
+    else:
+        return ""
+    return text if met is None else f"{text}: {'met' if met else 'NOT met'}"
+
+
 def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:
     """Print rows as a rich table on stdout."""
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title)
-    for column in ("case", "variant", "seconds", "reference", "ref seconds", "ratio", "accuracy"):
+    table = Table(
+        title=title,
+        caption="ratio = seconds / ref seconds (below 1: faster than the reference); "
+        "target: the ratio it must stay under (≤) or the speedup 1/ratio it must reach (≥)",
+    )
+    columns = (
+        "case",
+        "variant",
+        "seconds",
+        "reference",
+        "ref seconds",
+        "ratio",
+        "target",
+        "accuracy",
+    )
+    for column in columns:
         table.add_column(column, justify="right" if column not in ("case", "variant") else "left")
     for r in rows:
         accuracy = "" if r.accuracy is None else f"{r.accuracy_measure}={r.accuracy:.3g}"
@@ -193,6 +225,7 @@ def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:
             r.reference,
             f"{r.reference_seconds:.4g}",
             f"{r.ratio:.3g}",
+            _target_text(r.extra),
             accuracy,
         )
     # never squeeze the table into 80 columns when the output is a file or a pipe

@@ -25,7 +25,11 @@ def register(app: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(
             None, "--json", help="Write the rows as a JSON list."
         ),
-        quick: bool = typer.Option(False, "--quick", help="Fewer repeats (for smoke tests)."),
+        quick: bool = typer.Option(
+            False,
+            "--quick",
+            help="Smaller cases and fewer repeats (a smoke test; ratios not comparable with full runs).",
+        ),
         device: str = typer.Option(
             "auto", "--device", help="auto (the CPU, and CUDA when present), cpu or cuda."
         ),

@@ -143,6 +143,11 @@ def plot_landscape_surface(result: Any, metric: str = "loss", ax: Any = None) ->
     fig = ax.figure
     grid_x, grid_y = np.meshgrid(x, y, indexing="ij")
     ax.plot_surface(grid_x, grid_y, np.ma.masked_invalid(values), cmap="viridis", linewidth=0)
+    # the default 9 ticks per axis run into each other along the foreshortened 3-D axes
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+        axis.set_major_locator(MaxNLocator(5))
     labels = _axis_labels(result)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])

@@ -97,7 +97,9 @@ def plot_spectrum(
     ax.set_xlabel("log(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
     ax.set_ylabel("density")
     ax.set_title(_caption(density, meta), fontsize=6)
-    ax.legend(loc="upper right")
+    # the top eigenvalues are always at the right: an opaque legend box keeps their
+    # dashed marks from running through its text
+    ax.legend(loc="upper right", frameon=True, framealpha=0.9, facecolor="white", edgecolor="none")
     return fig
 
 

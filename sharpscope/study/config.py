@@ -434,11 +434,13 @@ def _spectrum_keys() -> tuple[str, ...]:
 
     skip = {"model", "data", "loss", "meta", "return_eigenvectors", "device", "dtype"}
     params = inspect.signature(spectrum).parameters
+    # hvp_mode goes to the Hessian operator: "auto" times both modes on the machine as it
+    # is, so pinning it is what makes a rerun bit-identical on a busy machine
     return tuple(
         name
         for name, p in params.items()
         if name not in skip and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    )
+    ) + ("hvp_mode",)
 
 
 def _spectrum_default(name: str) -> Any:
@@ -451,6 +453,11 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     where = f"[analysis.{measure}]"
     if measure == "spectrum":
         _check_keys(where, options, _spectrum_keys())
+        if options.get("hvp_mode", "auto") not in ("auto", "forward", "reverse"):
+            raise _fail(
+                f"analysis.spectrum.hvp_mode must be auto, forward or reverse, "
+                f"got {options['hvp_mode']!r}"
+            )
         for key in ("k", "max_steps", "num_probes", "num_lanczos_steps", "trace_probes"):
             if options.get(key) is not None:
                 _positive_int(f"analysis.spectrum.{key}", options[key])

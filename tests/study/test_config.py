@@ -418,3 +418,26 @@ def test_unconverged_top_eigenvalues_are_counted_in_their_own_column():
     columns, _ = measure_spectrum(model, data, "cross_entropy", many, common)
     assert columns["spectrum_unconverged"] == 0
     assert not is_measure_column("spectrum_unconverged")
+
+
+def test_a_pinned_hvp_mode_reaches_the_spectrum_and_a_bad_one_is_refused():
+    """hvp_mode "auto" times both products on the machine as it is; pinned, a rerun on a
+    busy machine cannot pick the other one (results bit-identical)."""
+    from sharpscope.study.measures import measure_spectrum
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    data = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+    base = {"k": 2, "trace_probes": 6, "num_probes": 1, "num_lanczos_steps": 5, "max_steps": 20}
+    for mode in ("forward", "reverse"):
+        options = config(analysis={"spectrum": {**base, "hvp_mode": mode}}).analysis
+        _, payload = measure_spectrum(
+            model,
+            data,
+            "cross_entropy",
+            options.measures["spectrum"],
+            {"seed": 0, "batch_size": None},
+        )
+        assert payload["meta"]["extra"]["hvp_mode"] == mode
+    with pytest.raises(SharpscopeError, match="hvp_mode must be auto, forward or reverse"):
+        config(analysis={"spectrum": {"hvp_mode": "fast"}})
