@@ -103,6 +103,10 @@ and PATH.png, so give a path ending in .pdf, .png or no suffix, e.g. density.pdf
 
     if plot is None:
         return
+    if plot.is_dir():  # as --json: a folder is no file name (PATH.pdf would land beside it)
+        raise SharpscopeError(
+            f"--plot {plot} is a folder; give a file name, e.g. {plot / 'density.pdf'}"
+        )
     if plot.suffix[1:].isalpha() and plot.suffix not in FIGURE_SUFFIXES:
         raise SharpscopeError(
             f"--plot {plot}: the plot is written as PATH.pdf and PATH.png, so give a path "

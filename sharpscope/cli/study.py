@@ -78,12 +78,13 @@ def register(app: typer.Typer) -> None:
             "--workers",
             min=1,
             help="Local worker processes, 1 CPU thread or 1 GPU each "
-            "(default: one per GPU, else one per CPU core).",
+            "(default: one per GPU, else one per CPU core); --executor local only.",
         ),
         executor: str = typer.Option(
             "local",
             "--executor",
-            help="local, or slurm (submitit; parameters from the executor table of the config).",
+            help="local, or slurm (submitit; parameters from the executor table of the "
+            "config); submitit-local runs the submitit path on this machine, to try a config.",
         ),
         report: bool = typer.Option(
             True, "--report/--no-report", help="Write report.md after the runs."
@@ -104,6 +105,11 @@ def register(app: typer.Typer) -> None:
 
         if quick and config is not None:
             raise SharpscopeError("give either CONFIG.toml or --quick, not both")
+        if workers is not None and executor != "local":
+            raise SharpscopeError(
+                f"--workers applies to --executor local; with {executor} every run is its own "
+                "job (resources from the [executor] table of the config)"
+            )
         check_output_folder("--out", out, holds="the runs, results.csv and the report")
         if quick:
             study_config = load_builtin_config("quick")

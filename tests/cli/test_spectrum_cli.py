@@ -388,6 +388,16 @@ def test_plot_suffix_other_than_pdf_or_png_is_refused_and_the_help_says_both_are
     assert "PATH.pdf and PATH.png" in help_text
 
 
+def test_plot_into_an_existing_folder_is_refused_as_json_is(checkpoint, tmp_path):
+    """--plot plots/ wrote plots.pdf beside the folder; --json plots/ was already refused."""
+    folder = tmp_path / "plots"
+    folder.mkdir()
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--plot", str(folder)])
+    assert result.exit_code == 2
+    assert f"--plot {folder} is a folder; give a file name" in _one_error_line(result)
+    assert list(tmp_path.iterdir()) == [folder]
+
+
 @pytest.mark.parametrize("given", ["sam_rho0.05", "sam_rho0.05.pdf", "sam_rho0.05.png"])
 def test_plot_named_after_a_hyperparameter_keeps_its_whole_name(checkpoint, tmp_path, given):
     """--plot runs/sam_rho0.05 wrote runs/sam_rho0.pdf (Path.with_suffix), so a second run

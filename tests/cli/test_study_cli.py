@@ -166,3 +166,12 @@ def test_missing_cifar_files_are_refused_before_the_study_folder_is_written(tmp_
     result = runner.invoke(app, [*args, "--data-root", str(root)])
     _one_line_error(result, "lacks test_batch")
     assert not out.exists()
+
+
+def test_workers_with_a_cluster_executor_is_refused(tmp_path):
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    args = ["study", "run", str(config), "--out", str(tmp_path / "s"), "--workers", "2"]
+    result = runner.invoke(app, [*args, "--executor", "submitit-local"])
+    _one_line_error(result, "--workers applies to --executor local")
+    assert not (tmp_path / "s").exists()
