@@ -113,20 +113,9 @@ class SAMON(SharpnessAware):
                 "RMSNorm); use sam or asam for this model"
             )
         if sam_epochs is not None:
-            try:  # a number, a string or a wrong length is refused below, not a traceback
-                if isinstance(sam_epochs, (str, bytes)):
-                    raise TypeError
-                start, end = (int(epoch) for epoch in sam_epochs)
-            except (TypeError, ValueError):
-                start, end = 1, 0
-            if not 0 <= start <= end:
-                raise SharpscopeError(
-                    f"sam_epochs must be (start, end) with 0 <= start <= end, got {sam_epochs!r} "
-                    "(on the command line: --opt 'sam_epochs=[0, 100]')"
-                )
+            sam_epochs = _epoch_window(sam_epochs)
             if not steps_per_epoch or int(steps_per_epoch) < 1:
                 raise SharpscopeError("sam_epochs needs steps_per_epoch (a positive integer)")
-            sam_epochs = (start, end)
         kwargs.setdefault("model", model)
         super().__init__(model.parameters() if params is None else params, base, rho=rho, **kwargs)
         if fast_first_pass and self.model is not None and hasattr(self.model, "no_sync"):
@@ -207,3 +196,25 @@ class SAMON(SharpnessAware):
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self.num_steps = int(state.get("num_steps", 0))
+
+
+def _epoch_window(value: Any) -> tuple[int, int]:
+    """``sam_epochs`` as ``(start, end)`` with ``0 <= start <= end``; anything else (a
+    number, a string, another length) is one clear error, not a traceback.
+
+    >>> _epoch_window([0, 100])
+    (0, 100)
+    """
+    window = None
+    if not isinstance(value, (str, bytes)):
+        try:
+            start, end = (int(epoch) for epoch in value)
+            window = (start, end)
+        except (TypeError, ValueError):
+            pass
+    if window is None or not 0 <= window[0] <= window[1]:
+        raise SharpscopeError(
+            f"sam_epochs must be (start, end) with 0 <= start <= end, got {value!r} "
+            "(on the command line: --opt 'sam_epochs=[0, 100]')"
+        )
+    return window
