@@ -20,7 +20,7 @@ from contextlib import contextmanager
 
 import torch
 
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line
 
 __all__ = ["deterministic_algorithms"]
 
@@ -31,8 +31,7 @@ _NO_DETERMINISTIC = "does not have a deterministic implementation"
 
 def lacks_deterministic_kernel(exc: BaseException) -> bool:
     """Whether ``exc`` is PyTorch refusing an operation under deterministic algorithms."""
-    text = str(exc).splitlines()[0] if str(exc) else ""
-    return isinstance(exc, RuntimeError) and _NO_DETERMINISTIC in text
+    return isinstance(exc, RuntimeError) and _NO_DETERMINISTIC in first_line(exc)
 
 
 @contextmanager
@@ -66,8 +65,7 @@ def deterministic_algorithms(enabled: bool = True) -> Iterator[None]:
     except RuntimeError as exc:
         if not lacks_deterministic_kernel(exc):
             raise
-        message = str(exc).splitlines()[0]
-        operation = message.split(_NO_DETERMINISTIC)[0].strip() or "an operation"
+        operation = first_line(exc).split(_NO_DETERMINISTIC)[0].strip() or "an operation"
         raise SharpscopeError(
             f"--deterministic: the model uses {operation}, which {_NO_DETERMINISTIC} on "
             "this device; train without --deterministic or replace that operation"

@@ -102,6 +102,12 @@ def check_device_name(device: str | torch.device) -> tuple[str, int | None]:
     return kind, int(index_text) if sep and kind == "cuda" else None
 
 
+def launched_as_main() -> bool:
+    """Rank 0 of a torchrun launch, or a single process: known from ``RANK`` before (and
+    after) the process group exists, e.g. when an interrupt arrives during start-up."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def init_from_env(device: str | torch.device | None = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; else a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

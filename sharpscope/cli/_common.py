@@ -33,6 +33,7 @@ from torch import nn
 from ..data import DataSplit, load_data
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
+from ..distributed import launched_as_main
 from ..errors import SharpscopeError, check_loss_value
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta, atomic_write_bytes, to_jsonable
@@ -105,7 +106,7 @@ def guarded(fn: F) -> F:
                 raise
             fail(OUT_OF_MEMORY)
         except KeyboardInterrupt as exc:
-            if os.environ.get("RANK", "0") != "0":  # under torchrun rank 0 says it, once
+            if not launched_as_main():  # under torchrun rank 0 says it, once
                 raise typer.Exit(interrupt_exit_code(exc)) from None
             fail("interrupted", code=interrupt_exit_code(exc))
         finally:

@@ -61,10 +61,6 @@ TRACE_PROBES = {
     "hutchinson": "at least 2 (default 100)",
 }
 
-# --plot writes PATH.pdf and PATH.png; PATH may name either (plotting.style.save_figure).
-# Any other suffix of letters (.jpg, .svg, ...) is refused, since it reads as a file format;
-# a dot followed by anything else is part of the name (runs/sam_rho0.05 -> sam_rho0.05.pdf).
-
 
 def check_trace_probes(method: str, probes: int | None) -> None:
     """Refuse a ``--trace-probes`` count that ``method`` cannot use, before any work.
@@ -77,14 +73,17 @@ def check_trace_probes(method: str, probes: int | None) -> None:
     sharpscope.errors.SharpscopeError: --trace-probes 4 does not suit --trace-method hutchpp: \
 give a multiple of 3, at least 6 (Hutch++ splits them in three; default 99)
     """
+    from ..curvature.trace import check_trace_budget
+
     if probes is None:
         return
-    valid = probes >= 6 and probes % 3 == 0 if method == "hutchpp" else probes >= 2
-    if not valid:
+    try:
+        check_trace_budget(method, probes)
+    except SharpscopeError:  # the same rule, said in the flags' words
         raise SharpscopeError(
             f"--trace-probes {probes} does not suit --trace-method {method}: "
             f"give {TRACE_PROBES[method]}"
-        )
+        ) from None
 
 
 def check_plot_path(plot: Path | None) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import warnings
 from pathlib import Path
@@ -417,6 +416,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
+        from ..distributed import launched_as_main
         from ..io import load_training_state
         from ..trainer import train
 
@@ -451,7 +451,7 @@ def register(app: typer.Typer) -> None:
             )
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept
             last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
-            if last is None or os.environ.get("RANK", "0") != "0":
+            if last is None or not launched_as_main():
                 raise
             if not last.is_file():
                 fail(

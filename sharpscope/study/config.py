@@ -453,10 +453,12 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     where = f"[analysis.{measure}]"
     if measure == "spectrum":
         _check_keys(where, options, _spectrum_keys())
-        if options.get("hvp_mode", "auto") not in ("auto", "forward", "reverse"):
+        from ..curvature.operator import HVP_MODES
+
+        if options.get("hvp_mode", "auto") not in HVP_MODES:
             raise _fail(
-                f"analysis.spectrum.hvp_mode must be auto, forward or reverse, "
-                f"got {options['hvp_mode']!r}"
+                f"analysis.spectrum.hvp_mode must be {', '.join(HVP_MODES[:-1])} or "
+                f"{HVP_MODES[-1]}, got {options['hvp_mode']!r}"
             )
         for key in ("k", "max_steps", "num_probes", "num_lanczos_steps", "trace_probes"):
             if options.get(key) is not None:
