@@ -499,7 +499,8 @@ def pac_bayes_flatness(
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     if not is_classification(batches[0][1]):
         raise SharpscopeError(
-            "PAC-Bayes flatness measures an accuracy drop: it needs class labels (integers or one-hot rows)"
+            "PAC-Bayes flatness measures an accuracy drop: it needs class labels (integers "
+            "or one-hot rows)"
         )
     total = sum(len(y) for _, y in batches)
     layout = ParamLayout.of(model)

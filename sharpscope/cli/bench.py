@@ -28,7 +28,8 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(
             False,
             "--quick",
-            help="Smaller cases and fewer repeats (a smoke test; ratios not comparable with full runs).",
+            help="Smaller cases and fewer repeats (a smoke test; ratios not comparable with "
+            "full runs).",
         ),
         device: str = typer.Option(
             "auto", "--device", help="auto (the CPU, and CUDA when present), cpu or cuda."
