@@ -64,26 +64,6 @@ def _shard(num: int) -> slice:
 
 
 @torch.no_grad()
-def predict_probs(
-    model: nn.Module, inputs: Tensor, batch_size: int = 1000, autocast_dtype=None
-) -> Tensor:
-    """Softmax probabilities of ``model`` on ``inputs`` (eval mode, mode restored)."""
-    was_training = model.training
-    model.eval()
-    try:
-        chunks = []
-        for x in inputs.split(batch_size):
-            with torch.autocast(
-                x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                logits = model(x)
-            chunks.append(torch.softmax(logits.float(), dim=1))
-        return torch.cat(chunks)
-    finally:
-        model.train(was_training)
-
-
-@torch.no_grad()
 def evaluate(
     model: nn.Module,
     inputs: Tensor,
@@ -107,9 +87,9 @@ def evaluate(
     Returns:
         ``{"loss", "acc", "nll", "ece"}`` as floats.
     """
-    was_training = model.training
-    model.eval()
-    try:
+    from .analysis._functional import analysis_mode
+
+    with analysis_mode(model):
         part = _shard(len(targets))
         x_all, y_all = inputs[part], targets[part]
         loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
@@ -124,8 +104,6 @@ def evaluate(
                 probs_fn(x) if probs_fn is not None else torch.softmax(logits.float(), dim=1)
             )
         probs = torch.cat(probs_chunks) if probs_chunks else inputs.new_zeros((0, 1))
-    finally:
-        model.train(was_training)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         return _reduce_metrics(loss_sum, probs, y_all, len(targets))
     metrics = predictive_metrics(probs, y_all)

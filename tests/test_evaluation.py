@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sharpscope import evaluation
-from sharpscope.evaluation import evaluate, predict_probs
+from sharpscope.evaluation import evaluate
 
 
 def _classifier() -> nn.Module:
@@ -44,10 +44,16 @@ def test_evaluate_runs_in_eval_mode_and_restores_training_mode():
         expected = F.cross_entropy(model.eval()(x), y).item()
     model.train()
     assert out["loss"] == pytest.approx(expected, rel=1e-6)
-    probs = predict_probs(model, x, batch_size=3)
-    assert model.training
-    with torch.no_grad():
-        torch.testing.assert_close(probs, torch.softmax(model.eval()(x), dim=1))
+
+
+def test_evaluate_restores_each_modules_own_mode():
+    """A submodule the user froze with .eval() (a BatchNorm backbone) stays in eval mode."""
+    model = _classifier()
+    model.train()
+    model[1].eval()
+    before = [m.training for m in model.modules()]
+    evaluate(model, *_split(10), F.cross_entropy, batch_size=4)
+    assert [m.training for m in model.modules()] == before
 
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
