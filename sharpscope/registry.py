@@ -363,6 +363,19 @@ class ScalarLoss:
         return f"ScalarLoss({self.path!r})"
 
 
+def loss_name(loss: Any) -> str:
+    """A printable name for a loss spec (recorded in results).
+
+    >>> loss_name("mse"), loss_name({"name": "cross_entropy"})
+    ('mse', 'cross_entropy')
+    """
+    if isinstance(loss, str):
+        return loss
+    if isinstance(loss, Mapping):
+        return str(loss.get("name") or loss.get("factory"))
+    return getattr(loss, "__name__", type(loss).__name__)
+
+
 def get_loss(spec: str | Mapping[str, Any] | LossFn | None = "cross_entropy") -> LossFn:
     """The loss named by ``spec``: a built-in name, a factory path or a callable.
 

@@ -27,6 +27,8 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import SharpscopeError
+from ..registry import get_loss as resolve_loss  # noqa: F401 - re-exported
+from ..registry import loss_name  # noqa: F401 - re-exported
 from ..results import RunMeta
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -180,22 +182,6 @@ def analysis_meta(
         num_params=int(num_params),
         extra={**base.extra, **(extra or {})},
     )
-
-
-def resolve_loss(loss: Any) -> LossFn:
-    """A loss callable from a name ("cross_entropy", "mse"), a factory path or a callable."""
-    from ..registry import get_loss
-
-    return get_loss(loss)
-
-
-def loss_name(loss: Any) -> str:
-    """A printable name for the loss (recorded in results)."""
-    if isinstance(loss, str):
-        return loss
-    if isinstance(loss, Mapping):
-        return str(loss.get("name") or loss.get("factory"))
-    return getattr(loss, "__name__", type(loss).__name__)
 
 
 def normalize_logits(outputs: Tensor, eps: float = 1e-12) -> Tensor:

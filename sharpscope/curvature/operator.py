@@ -64,6 +64,8 @@ from torch.func import functional_call, grad, jvp, vmap
 from ..data.batches import as_batches, num_examples
 from ..device_memory import FittingRows, is_out_of_memory
 from ..errors import SharpscopeError, model_failure
+from ..registry import get_loss as resolve_loss
+from ..registry import loss_name
 from .fold import fold_batchnorm
 
 F64 = torch.float64
@@ -86,20 +88,6 @@ FOLD_RTOL = {torch.float64: (1e-10, 1e-8)}
 FOLD_RTOL_DEFAULT = (1e-4, 1e-2)
 
 LossSpec = str | Callable[[Tensor, Tensor], Tensor]
-
-
-def resolve_loss(loss: Any) -> Callable[[Tensor, Tensor], Tensor]:
-    """A loss callable from a name ("cross_entropy", "mse"), a factory path or a callable."""
-    from ..registry import get_loss
-
-    return get_loss(loss)
-
-
-def loss_name(loss: Any) -> str:
-    """A printable name of a loss spec."""
-    if isinstance(loss, str):
-        return loss
-    return getattr(loss, "__qualname__", None) or getattr(loss, "__name__", type(loss).__name__)
 
 
 def resolve_dtype(dtype: Any) -> torch.dtype | None:
@@ -339,7 +327,6 @@ class HessianOperator:
         self.hvp_count = 0.0
         self.progress = progress  # called with the number of products after each call
         self.grad_count = 0.0
-        self.seconds_in_products = 0.0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
         self._reuse_graph_allowed = bool(reuse_graph)
         self._reuse_graph = self._reuse_graph_allowed and len(self._batches) == 1
@@ -615,7 +602,6 @@ class HessianOperator:
         return self._fitting(lambda: self._products_once(V, single))
 
     def _products_once(self, V: Tensor, single: bool) -> Tensor:
-        start = time.perf_counter()
         s = V.shape[0]
         V = V.to(self.device)
         out = torch.zeros(s, self.dim, dtype=F64, device=self.device)
@@ -628,7 +614,6 @@ class HessianOperator:
         if self.weight_decay:
             out += self.weight_decay * V.to(F64)
         self.hvp_count += s
-        self.seconds_in_products += time.perf_counter() - start
         if self.progress is not None:
             self.progress(s)
         return out
@@ -909,10 +894,6 @@ class HessianOperator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-    def release(self) -> None:
-        """Drop the cached gradient graph (reverse mode, single batch)."""
-        self._graph = None
 
     def describe(self) -> dict[str, Any]:
         """What a result's metadata should record about this operator."""

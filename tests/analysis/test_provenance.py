@@ -33,3 +33,20 @@ def test_a_whole_datasplit_records_no_subset():
         "name": "mnist1d",
         "split": "test",
     }
+
+
+def test_every_analysis_records_a_loss_spec_under_the_same_name():
+    """A dict spec or a nested function is recorded by its name, by spectrum as by the others."""
+
+    def make_loss():
+        def my_ce(outputs, targets):
+            return torch.nn.functional.cross_entropy(outputs, targets)
+
+        return my_ce
+
+    torch.manual_seed(0)
+    model = ss.build_model({"name": "mlp", "width": 8, "depth": 1}, (40,), 10)
+    data = ss.load_data("mnist1d", "test", samples=64, seed=3)
+    for loss, name in (({"name": "cross_entropy"}, "cross_entropy"), (make_loss(), "my_ce")):
+        assert ss.top_eigenvalues(model, data, k=1, loss=loss).meta.extra["loss"] == name
+        assert ss.landscape(model, data, dims=1, grid=3, loss=loss).loss_name == name
