@@ -36,7 +36,7 @@ from ..device_memory import is_out_of_memory
 from ..distributed import launched_as_main
 from ..errors import SharpscopeError, check_loss_value
 from ..registry import LossFn, get_loss, is_factory_path
-from ..results import RunMeta, atomic_write_bytes, to_jsonable
+from ..results import RunMeta
 
 console = Console(stderr=True, soft_wrap=True)
 DEBUG = {"enabled": False}
@@ -267,13 +267,6 @@ def spec_from_flag(
     return spec
 
 
-def write_json(path: str | Path, obj: Any) -> Path:
-    """Atomically write ``obj`` (tensors and dataclasses allowed) as JSON."""
-    path = Path(path)
-    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
-    return path
-
-
 @dataclass
 class AnalysisInputs:
     """What an analysis command needs: the model, fixed batches, the loss and metadata."""
@@ -502,12 +495,6 @@ def load_inputs_from_flags(
         data_options=parse_options(data_opt, "--data-opt"),
         dtype=dtype,
     )
-
-
-def print_error_and_exit(message: str) -> None:  # pragma: no cover - thin wrapper
-    """For code outside commands: one line and exit 2."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
 
 
 def echo(line: str) -> None:

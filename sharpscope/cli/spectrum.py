@@ -40,19 +40,27 @@ from ._common import (
     progress_bar,
 )
 
-CHOICES = {
-    "backend": ("sharpscope", "pyhessian"),
-    "which": ("LA", "SA", "LM"),
-    "dtype": ("float32", "float64"),
-    "trace_method": ("hutchpp", "hutchinson"),
-    "kernel": ("ghorbani", "papyan", "log"),
-    "hvp_mode": ("auto", "forward", "reverse"),
-    "bn_mode": ("eval", "batch"),
-}
+
+def _choices() -> dict[str, tuple[str, ...]]:
+    """Each choice flag's values, as the library defines them (one list per rule)."""
+    from ..analysis.spectrum import BACKENDS, TRACE_METHODS
+    from ..curvature.lanczos import WHICH
+    from ..curvature.operator import BN_MODES, HVP_MODES
+    from ..curvature.slq import KERNELS
+
+    return {
+        "backend": BACKENDS,
+        "which": WHICH,
+        "dtype": ("float32", "float64"),
+        "trace_method": TRACE_METHODS,
+        "kernel": KERNELS,
+        "hvp_mode": HVP_MODES,
+        "bn_mode": BN_MODES,
+    }
 
 
 def _check_choice(flag: str, value: str) -> None:
-    check_choice(f"--{flag.replace('_', '-')}", value, CHOICES[flag])
+    check_choice(f"--{flag.replace('_', '-')}", value, _choices()[flag])
 
 
 # What each trace method accepts as --trace-probes (sharpscope.curvature.trace).

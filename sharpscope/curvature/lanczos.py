@@ -102,10 +102,6 @@ class LanczosRun:
         """m, the size of T."""
         return int(self.alpha.size)
 
-    def tridiagonal(self) -> np.ndarray:
-        """T as a dense ``(m, m)`` array."""
-        return np.diag(self.alpha) + np.diag(self.beta, 1) + np.diag(self.beta, -1)
-
     def ritz(self) -> tuple[np.ndarray, np.ndarray]:
         """Ritz values (ascending) and the eigenvectors ``S`` of T (columns)."""
         return tridiagonal_eigh(self.alpha, self.beta)

@@ -107,7 +107,7 @@ def dataset_names() -> list[str]:
     return sorted(SOURCES)
 
 
-def _check_fraction(name: str, value: Any, upper_open: bool = True) -> float:
+def _check_fraction(name: str, value: Any) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError) as exc:

@@ -23,13 +23,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from torch import nn
 
 from ..errors import SharpscopeError
 
-NormName = Literal["batch", "layer", "group", "none"]
 NORM_CHOICES: tuple[str, ...] = ("batch", "layer", "group", "none")
 
 #: Module types that count as normalization layers (what ``norm_layer`` can return).

@@ -247,7 +247,6 @@ class LETS(SharpnessAware):
         if kwargs.get("m") is not None:
             raise SharpscopeError("LETS does not support m-sharpness training; leave m unset")
         super().__init__(params, base, rho=rho, **kwargs)
-        self.inner_name = inner
         self.hypergrad = hypergrad
         self.per_group = bool(per_group)
         self.rho_lr = float(rho_lr)
