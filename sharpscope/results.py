@@ -229,6 +229,33 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+def read_metrics_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The rows of a ``metrics.jsonl`` (one JSON object per line).
+
+    A cut-off last line (a run killed while appending, or still writing) is dropped, as
+    ``train --resume`` does; any other line that is not JSON raises.
+
+    Raises:
+        SharpscopeError: a line before the last that is not JSON.
+    """
+    path = Path(path)
+    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    rows = []
+    for index, (number, line) in enumerate(lines, 1):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if index == len(lines):
+                break
+            raise SharpscopeError(f"{path}:{number} is not JSON ({exc.msg})") from exc
+    return rows
+
+
+def eval_rows(rows: list[dict[str, Any]] | Any) -> list[dict[str, Any]]:
+    """The per-epoch evaluation rows of a metrics log (``kind`` eval, or no ``kind``)."""
+    return [r for r in rows if r.get("kind", "eval") == "eval" and "epoch" in r]
+
+
 def to_numpy(value: Any) -> np.ndarray:
     """A tensor or array as a CPU numpy array."""
     if isinstance(value, torch.Tensor):

@@ -40,7 +40,7 @@ from .errors import SharpscopeError
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
-from .results import atomic_write_bytes
+from .results import atomic_write_bytes, read_metrics_rows
 
 log = logging.getLogger(__name__)  # one line per epoch when there is no progress bar
 SCHEDULES = ("cosine", "step", "constant")
@@ -254,18 +254,7 @@ def _read_history(path: Path, last_step: int) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl`` up to ``last_step``; a cut-off last line is dropped."""
     if not path.exists():
         return []
-    rows = []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    for number, line in enumerate(lines, 1):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            if number == len(lines):  # killed while appending rows past the checkpoint
-                break
-            raise SharpscopeError(f"{path}, line {number}, is not JSON; cannot resume") from exc
-        if row.get("step", 0) <= last_step:
-            rows.append(row)
-    return rows
+    return [row for row in read_metrics_rows(path) if row.get("step", 0) <= last_step]
 
 
 def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path: Path) -> None:

@@ -8,42 +8,30 @@ never touch a model.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..errors import SharpscopeError
+from ..results import eval_rows, read_metrics_rows
 from .style import figure_legend, new_figure, optimizer_color, optimizer_label
 
 History = Sequence[Mapping[str, Any]]
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Every JSON object of a ``metrics.jsonl`` (or of ``RUN/metrics.jsonl``).
+    """Every row of a ``metrics.jsonl`` (or of ``RUN/metrics.jsonl``); a cut-off last
+    line (a run killed or still writing) is dropped, as ``train --resume`` does.
 
     Raises:
-        SharpscopeError: missing file or a line that is not JSON.
+        SharpscopeError: missing file or a line before the last that is not JSON.
     """
     path = Path(path)
     if path.is_dir():
         path = path / "metrics.jsonl"
     if not path.is_file():
         raise SharpscopeError(f"metrics file not found: {path}")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise SharpscopeError(f"{path}:{number} is not JSON ({exc.msg})") from exc
-    return rows
-
-
-def eval_rows(history: History) -> list[Mapping[str, Any]]:
-    """The per-epoch evaluation rows (``kind`` eval, or rows without ``kind``)."""
-    return [r for r in history if r.get("kind", "eval") == "eval" and "epoch" in r]
+    return read_metrics_rows(path)
 
 
 def step_rows(history: History, key: str = "rho") -> list[Mapping[str, Any]]:

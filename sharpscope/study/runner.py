@@ -35,7 +35,7 @@ from typing import Any
 from .. import __version__
 from ..errors import SharpscopeError
 from ..registry import absolute_spec
-from ..results import atomic_write_bytes, to_jsonable
+from ..results import atomic_write_bytes, eval_rows, read_metrics_rows, to_jsonable
 from .config import StudyConfig, study_config_from_dict
 from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
 
@@ -566,20 +566,11 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
 
 # --------------------------------------------------------------------------- the table
 def _eval_rows(run_dir: Path) -> dict[int, dict[str, Any]]:
-    rows: dict[int, dict[str, Any]] = {}
+    """A run's evaluation rows by epoch (none yet: empty; a line being written: skipped)."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
-        return rows
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line being written by a run in progress
-            continue
-        if row.get("kind", "eval") == "eval" and "epoch" in row:
-            rows[int(row["epoch"])] = row
-    return rows
+        return {}
+    return {int(row["epoch"]): row for row in eval_rows(read_metrics_rows(path))}
 
 
 def _gaps(row: dict[str, Any]) -> None:

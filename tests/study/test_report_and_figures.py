@@ -262,9 +262,13 @@ def test_training_plots_read_metrics_jsonl(tmp_path):
 
     # the numbers behind f_lets_rho: the plotted series itself, not a path to it
     assert _step_history(run / "metrics.jsonl", "rho") == {"step": [1, 2], "rho": [0.05, 0.06]}
-    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    (tmp_path / "bad.jsonl").write_text('{not json\n{"epoch": 1}\n')
     with pytest.raises(SharpscopeError, match="bad.jsonl:1 is not JSON"):
         read_metrics(tmp_path / "bad.jsonl")
+    # a run killed while appending (train --resume accepts it): the cut-off row is dropped
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "te')
+    assert read_metrics(tmp_path / "cut") == [{"epoch": 1}]
     plt.close("all")
 
 
