@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -132,13 +133,27 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 def analysis_mode(model: nn.Module) -> Iterator[str]:
     """Put every module in eval mode, and restore each module's own mode afterwards.
 
-    Yields the mode the analysis records ("eval"). Buffers are never updated in eval
-    mode (analysis.md §0).
+    Yields the mode the analysis records: "eval", or "batch" (with a warning) when a
+    BatchNorm keeps no running statistics and so normalizes with each batch's even in
+    eval mode (the result then depends on the batches or subsets; analysis.md §0).
+    Buffers are never updated in eval mode.
     """
+    mode = "eval"
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
+            warnings.warn(
+                f"BatchNorm '{name}' keeps no running statistics (track_running_stats="
+                "False), so even in eval mode it normalizes with each batch's: the result "
+                "depends on the batches (or m-sharpness subsets); recorded as mode 'batch'",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            mode = "batch"
+            break
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        yield "eval"
+        yield mode
     finally:
         for module, training in modes:
             module.training = training

@@ -97,7 +97,13 @@ def kendall_tau(measure: Sequence[float], gap: Sequence[float]) -> float:
 
 
 def tau_b_grouped(
-    x: np.ndarray, y: np.ndarray, groups: np.ndarray, num_groups: int, chunk: int = 64
+    x: np.ndarray,
+    y: np.ndarray,
+    groups: np.ndarray,
+    num_groups: int,
+    chunk: int = 64,
+    *,
+    constant_is_zero: bool = False,
 ) -> np.ndarray:
     """τ-b within each group, for a batch of tables at once.
 
@@ -107,10 +113,13 @@ def tau_b_grouped(
             a model out (padding).
         num_groups: G.
         chunk: tables processed together (bounds the ``(chunk, n(n−1)/2)`` pair arrays).
+        constant_is_zero: a group whose measure or gap is constant, but which has a
+            pair differing in the other column, gets τ = 0 (Jiang et al.'s τ counts tied
+            pairs as 0) instead of NaN.
 
     Returns:
         ``(B, G)`` τ-b per table and group; NaN where a group has no pair untied in
-        both columns (fewer than two models, or a constant column).
+        both columns (fewer than two models, or a constant column), except as above.
     """
     x, y = np.atleast_2d(x), np.atleast_2d(y)
     groups = np.atleast_2d(groups)
@@ -139,8 +148,14 @@ def tau_b_grouped(
         untied_x = total(np.abs(sx))
         untied_y = total(np.abs(sy))
         denominator = np.sqrt(untied_x * untied_y)
+        undefined = np.nan
+        if constant_is_zero:
+            # some pair differs in one column (not only copies of one model, as a
+            # bootstrap resample can hold): no concordance, τ = 0
+            untied_either = total(((sx != 0) | (sy != 0)).astype(np.float64))
+            undefined = np.where(untied_either > 0, 0.0, np.nan)
         with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:stop] = np.where(denominator > 0, score / denominator, np.nan)
+            out[start:stop] = np.where(denominator > 0, score / denominator, undefined)
     return out
 
 
@@ -179,7 +194,7 @@ def _granulated_point(
     for axis in axes:
         others = [k for k in factors if k != axis and k not in coupled.get(axis, ())]
         codes, num = _group_codes(factors, others, x.size)
-        taus = tau_b_grouped(x[None], y[None], codes[None], num)[0]
+        taus = tau_b_grouped(x[None], y[None], codes[None], num, constant_is_zero=True)[0]
         valid = taus[np.isfinite(taus)]
         psi[axis] = float(valid.mean()) if valid.size else math.nan
         counts[axis] = int(valid.size)
@@ -309,7 +324,7 @@ def _bootstrap(
         others = [k for k in table if k != axis and k not in coupled.get(axis, ())]
         codes, num = _group_codes(table, others, x.size)
         groups = np.where(valid, codes[safe], -1)
-        taus = tau_b_grouped(xb, yb, groups, num)
+        taus = tau_b_grouped(xb, yb, groups, num, constant_is_zero=True)
         with np.errstate(invalid="ignore"):
             counts = np.isfinite(taus).sum(axis=1)
             sums = np.where(np.isfinite(taus), taus, 0.0).sum(axis=1)

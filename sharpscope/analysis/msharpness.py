@@ -686,7 +686,7 @@ def m_sharpness(
 
     Raises:
         SharpscopeError: m < 1 or larger than the data, ρ ≤ 0, steps < 1, an unknown norm,
-            restarts < 1, or η < 0.
+            restarts < 1 (or > 1 without ``random_start``), or η < 0.
 
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Linear(3, 1, bias=False)
@@ -709,6 +709,10 @@ def m_sharpness(
     check(rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho}")
     check(isinstance(steps, int) and steps >= 1, f"steps must be >= 1, got {steps}")
     check(restarts >= 1, f"restarts must be >= 1, got {restarts}")
+    check(
+        restarts == 1 or random_start,
+        f"restarts = {restarts} needs random_start: every ascent from ε = 0 is the same",
+    )
     check(eta >= 0, f"eta must be >= 0, got {eta}")
     check(chunk_size is None or chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     sub = split_subsets(model, data, m, loss, logit_normalize, fold_bn)

@@ -153,7 +153,9 @@ class Density(Result):
         trace, trace_stderr: P · mean_l Σ_k τ²θ (+ deflated eigenvalues) and its stderr.
         negative_mass: ∫_{t<0} φ from the quadrature.
         deflated: eigenvalues removed before SLQ (reported apart), or empty.
-        bulk_fraction: mass of the smoothed density, (P - deflated)/P.
+        deflated_converged: their Lanczos ``converged`` flags (analysis.md §2).
+        bulk_fraction: (P - deflated)/P, the share of the spectrum the density
+            describes (the smoothed density itself has unit mass).
         num_probes, num_lanczos_steps: n_v and m.
         hvp_count, seconds: cost.
         meta: provenance.
@@ -172,6 +174,7 @@ class Density(Result):
     trace_stderr: float | None = None
     negative_mass: float = 0.0
     deflated: Tensor | None = None
+    deflated_converged: list[bool] = field(default_factory=list)
     bulk_fraction: float = 1.0
     num_probes: int = 0
     num_lanczos_steps: int = 0
@@ -749,6 +752,7 @@ def _density_from_op(
     basis_device: Any,
 ) -> Density:
     locked = deflated = None
+    converged: list[bool] = []
     if isinstance(deflate, EigenPairs) or deflate:
         if isinstance(deflate, EigenPairs):
             pairs = deflate
@@ -756,10 +760,16 @@ def _density_from_op(
             if deflate >= op.dim:
                 raise SharpscopeError(f"deflate={deflate} must be < the number of parameters")
             pairs = lanczos_top_k(
-                op, int(deflate), seed=seed, return_eigenvectors=True, true_residuals=False
+                op,
+                int(deflate),
+                seed=seed,
+                max_steps=min(max(100, 2 * int(deflate) + 10), op.dim),
+                return_eigenvectors=True,
+                true_residuals=False,
             )
         assert pairs.eigenvectors is not None
         locked, deflated = pairs.eigenvectors, pairs.eigenvalues
+        converged = list(pairs.converged)
     quad = slq(
         op,
         num_probes,
@@ -769,7 +779,12 @@ def _density_from_op(
         basis_device=basis_device,
     )
     return Density.from_quadrature(
-        quad.nodes, quad.weights, dim=quad.dim, kernel=kernel, deflated=deflated
+        quad.nodes,
+        quad.weights,
+        dim=quad.dim,
+        kernel=kernel,
+        deflated=deflated,
+        deflated_converged=converged,
     )
 
 
@@ -940,6 +955,7 @@ def spectrum(
             pairs,
             eigenvalues=pairs.eigenvalues[:deflate],
             eigenvectors=pairs.eigenvectors[:deflate],
+            converged=pairs.converged[:deflate],
         )
     else:
         deflation = deflate

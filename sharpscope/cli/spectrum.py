@@ -176,6 +176,12 @@ def summary_lines(result) -> list[str]:
         lines.append(
             f"warning: eigenvalue(s) {bad} have residuals above tol {result.top.tol:g} ({advice})"
         )
+    deflated = result.density.deflated_converged
+    if not all(deflated):
+        lines.append(
+            f"warning: {sum(not c for c in deflated)} of the {len(deflated)} deflated "
+            "eigenvalues did not converge (the density is of the rest along inexact directions)"
+        )
     return lines
 
 

@@ -222,3 +222,11 @@ def test_correlate_reports_psi_intervals_and_seed_bootstrap():
     assert all(math.isfinite(v) for v in result.tau_interval_seeds)
     payload = result.to_dict()
     assert payload["measure"] == "lambda_max" and payload["kind"] == "correlation"
+
+
+def test_a_measure_constant_along_an_axis_scores_zero_on_it():
+    """Jiang et al.'s τ counts tied pairs as 0: a measure blind to lr has ψ_lr = 0, not NaN."""
+    lr, bs = (a.ravel() for a in np.meshgrid([1, 2, 3], [1, 2, 3], indexing="ij"))
+    g = granulated_kendall(bs.astype(float), lr + 10.0 * bs, {"lr": lr, "bs": bs})
+    assert g.psi == {"lr": 0.0, "bs": 1.0} and g.num_groups == {"lr": 3, "bs": 3}
+    assert g.overall == 0.5

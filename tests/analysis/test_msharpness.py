@@ -739,3 +739,21 @@ def test_two_processes_split_the_subsets_and_agree_with_one(tmp_path):
         torch.testing.assert_close(got["per_subset_error"], single.per_subset_error, rtol=0, atol=0)
         assert got["sharpness"] == single.sharpness
         assert got["passes"] == pytest.approx(single.num_gradient_passes, rel=1e-12)
+
+
+def test_restarts_without_a_random_start_are_refused():
+    net, (x, y) = nn.Linear(3, 2).double(), (torch.randn(8, 3, dtype=F64), torch.arange(8) % 2)
+    with pytest.raises(SharpscopeError, match="random_start"):
+        m_sharpness(net, (x, y), m=4, rho=0.1, steps=3, restarts=3)
+
+
+def test_batchnorm_without_running_statistics_is_recorded_as_batch_mode():
+    """Such a BatchNorm uses each subset's statistics even in eval mode (analysis.md §0, §5)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(5, 8), nn.BatchNorm1d(8, track_running_stats=False), nn.ReLU(), nn.Linear(8, 3)
+    ).double()
+    x, y = torch.randn(64, 5, dtype=F64), torch.randint(0, 3, (64,))
+    with pytest.warns(RuntimeWarning, match="running statistics"):
+        r = m_sharpness(net, (x, y), m=8, rho=0.1)
+    assert r.meta.mode == "batch"

@@ -324,3 +324,18 @@ def test_progress_hook_counts_every_hessian_vector_product():
     seen = []
     result = top_eigenvalues(model, (x, y), k=2, progress=seen.append)
     assert sum(seen) == result.hvp_count > 0
+
+
+def test_deflated_eigenvalues_carry_their_converged_flags():
+    """analysis.md §2: never silently unconverged, also for the pairs deflated before SLQ."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(20, 16), nn.Tanh(), nn.Linear(16, 10)).double()
+    x, y = torch.randn(200, 20, dtype=torch.float64), torch.randint(0, 10, (200,))
+    d = spectral_density(net, (x, y), num_probes=2, num_lanczos_steps=10, deflate=120)
+    assert len(d.deflated_converged) == 120 == len(d.deflated)
+    s = spectrum(net, (x, y), k=2, deflate=40, num_probes=2, num_lanczos_steps=10)
+    assert len(s.density.deflated_converged) == 40
+    exact = torch.linalg.eigvalsh(dense_hessian(net, (x, y))).flip(0)[:40]
+    wrong = ((s.density.deflated - exact).abs() > 1e-4 * exact.abs()).tolist()
+    assert not any(w and c for w, c in zip(wrong, s.density.deflated_converged))
+    assert Density.from_dict(s.density.to_dict()).deflated_converged == s.density.deflated_converged
