@@ -224,6 +224,14 @@ def lr_factor(schedule: Mapping[str, Any], step: int, steps_per_epoch: int, epoc
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def _optimizer_spec(config: TrainConfig) -> dict[str, Any]:
+    """``config.optimizer`` with bSAM's noise seeded by the run's seed unless it names one."""
+    spec = dict(config.optimizer)
+    if str(spec.get("name", "")).lower() == "bsam" and "seed" not in spec:
+        spec["seed"] = config.seed
+    return spec
+
+
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003) + epoch) * 7 + stream)
 
@@ -449,7 +457,7 @@ def _train(
         else None
     )
     optimizer = build_optimizer(
-        config.optimizer,
+        _optimizer_spec(config),
         wrapped,
         num_data=num_train,
         val_batches=val_batches,
@@ -684,7 +692,7 @@ def _checkpoint_payload(
         "model": dict(config.model),
         "data": dict(config.dataset),
         "loss": config.loss,
-        "optimizer": resolve_optimizer_spec(config.optimizer),
+        "optimizer": resolve_optimizer_spec(_optimizer_spec(config)),
         "config": config.to_dict(),
         "epoch": epoch,
         "step": step,

@@ -557,3 +557,24 @@ def test_each_rows_lr_is_the_one_its_epochs_steps_used(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     lrs = [row["lr"] for row in rows if row["kind"] == "eval"]
     assert lrs == pytest.approx([0.05, 0.05, 0.005, 0.0005])
+
+
+def test_the_run_seed_seeds_bsams_noise_unless_the_spec_names_one(tmp_path):
+    """Seeds 0 and 1 draw different posterior noise (the spec's own seed defaulted to 0 for
+    every run); a seed in the spec wins and is what the checkpoint records."""
+    bsam = {"name": "bsam", "lr": 0.5}
+    runs = {
+        name: train(_config(tmp_path / name, optimizer=spec, epochs=1, seed=seed))
+        for name, spec, seed in (
+            ("s0", bsam, 0),
+            ("s1", bsam, 1),
+            ("s1-pinned", {**bsam, "seed": 0}, 1),
+        )
+    }
+    specs = {name: load_checkpoint(tmp_path / name / "last.pt").optimizer_spec for name in runs}
+    assert [specs[name]["seed"] for name in ("s0", "s1", "s1-pinned")] == [0, 1, 0]
+    rng = {
+        name: torch.load(tmp_path / name / "last.pt", weights_only=True)["optimizer_state"]["rng"]
+        for name in runs
+    }
+    assert not torch.equal(rng["s0"], rng["s1"])

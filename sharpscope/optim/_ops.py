@@ -31,9 +31,14 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     """
     if not tensors:
         raise ValueError("global_norm of an empty list")
+    # float16 has no room for NORM_EPS (1e-12 rounds to 0, so g = 0 gave 0/0 = NaN) nor for
+    # rho / ||g|| once ||g|| < rho / 65504: the norm of float16 tensors is kept in float32
+    wide = torch.float32 if tensors[0].dtype == torch.float16 else None
     if _batched(tensors):
-        return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t) for t in tensors]))
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors)))
+        return torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(t, dtype=wide) for t in tensors])
+        )
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, dtype=wide)))
 
 
 def as_scalar(value: Tensor | float, like: Tensor) -> Tensor:

@@ -22,8 +22,9 @@ any other base ``lr`` (an approximation). ``H~ u`` by ``hypergrad``:
 
 * ``"diag"`` (default): ``H~ ~ diag(g~ * g~)``, free (the diagonal approximation of the
   method summary; which diagonal the paper uses is unverified);
-* ``"hvp"``: exact ``H~ u`` on the same batch by forward-over-reverse ``torch.func``
-  (about two more passes; needs a ``BatchClosure``);
+* ``"hvp"``: exact ``H~ u`` on the same batch (this rank's part under DDP) by
+  reverse-over-reverse ``torch.autograd.grad`` (about two more passes; needs a
+  ``BatchClosure``);
 * ``"fd"``: ``(grad L(w + eps + r u) - g~) / r`` with ``r = fd_step`` (one more pass);
 * ``"identity"``: ``H~ ~ I``, free.
 
@@ -260,6 +261,7 @@ class LETS(SharpnessAware):
         # rho and the hypergradient scalars in float64 (MPS has none): rho moves by
         # rho_lr * h, far below float32 resolution of rho for small rho_lr
         self._scalar_dtype = torch.float32 if device.type == "mps" else torch.float64
+        self._rho_start = float(self.rho)
         self._rho_t = torch.full(
             (len(self.param_groups),) if self.per_group else (),
             float(self.rho),
@@ -310,6 +312,15 @@ class LETS(SharpnessAware):
             self._rho_t.fill_(float(value))
         else:
             self.__dict__["_rho_init"] = float(value)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; with ``per_group`` it gets its own rho, starting at the initial one."""
+        super().add_param_group(param_group)
+        rho_t = self.__dict__.get("_rho_t")
+        if rho_t is not None and self.per_group:
+            start = torch.full((1,), self._rho_start, dtype=rho_t.dtype, device=rho_t.device)
+            self._rho_t = torch.cat([rho_t, start])
+            self.last_h = torch.zeros_like(self._rho_t)
 
     def rho_values(self) -> list[float]:
         """rho per parameter group (one value without ``per_group``)."""
@@ -457,7 +468,9 @@ class LETS(SharpnessAware):
         torch._foreach_add_([p for p, _ in pairs], [e * r for _, e in pairs])
         if self._step_rng is not None:
             rng_restore(self._step_rng, ctx.device)
-        with ctx.local_sync(), frozen_bn(ctx.model) if ctx.model is not None else nullcontext():
+        # reduced like pass 2 (never inside no_sync): g~ above is all-reduced under DDP, so a
+        # rank-local gradient here would put (local - global gradient) / r into H~u
+        with frozen_bn(ctx.model) if ctx.model is not None else nullcontext():
             ctx.call()
         out = {}
         for p, g in zip(params, perturbed_grads):

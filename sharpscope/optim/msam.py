@@ -50,7 +50,13 @@ from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ..errors import SharpscopeError
-from ._base import _module_stat_buffers, batchnorm_modules, rng_restore, rng_snapshot
+from ._base import (
+    _module_stat_buffers,
+    batchnorm_modules,
+    frozen_bn,
+    rng_restore,
+    rng_snapshot,
+)
 from .closure import unwrap_model
 
 if TYPE_CHECKING:
@@ -122,6 +128,29 @@ def _leading(tree: Any) -> int | None:
 
 def _expand(buffers: dict[str, Tensor], groups: int) -> dict[str, Tensor]:
     return {k: v.unsqueeze(0).expand(groups, *v.shape).clone() for k, v in buffers.items()}
+
+
+def _used_mask(
+    opt: SharpnessAware, module: torch.nn.Module, params: list[Tensor], batch: Any, ctx: StepContext
+) -> list[bool]:
+    """Which ``params`` the loss depends on (cached per model and parameter list).
+
+    One autograd pass on two examples, BN statistics and the RNG left untouched.
+    """
+    key = (id(module), tuple(id(p) for p in params))
+    cached = getattr(opt, "_msam_used", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    state = rng_snapshot(ctx.device)
+    try:
+        with frozen_bn(module), torch.enable_grad(), batch.autocast():
+            loss = batch.loss_fn(module(batch.inputs[:2]), batch.targets[:2])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+    finally:
+        rng_restore(state, ctx.device)
+    mask = [g is not None for g in grads]
+    opt._msam_used = (key, mask)
+    return mask
 
 
 def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
@@ -242,7 +271,11 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
                 t.view_as(g)
                 for t, g in zip(flat.split([g.numel() for g in mean_grads]), mean_grads)
             ]
-        for p, g in zip(train_params, mean_grads):
-            p.grad = g.to(p.dtype)
+        used = _used_mask(opt, module, train_params, batch, ctx)
+        for p, g, u in zip(train_params, mean_grads, used):
+            # torch.func gives unused parameters a zero gradient; leave their .grad None
+            # as the plain two-pass step does, so the base step (weight decay, momentum)
+            # skips them (optimizers.md section 0)
+            p.grad = g.to(p.dtype) if u else None
     opt._finish(ctx)
     return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)

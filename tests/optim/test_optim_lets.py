@@ -303,3 +303,26 @@ def test_bad_lets_input_gives_one_clear_error():
 
     with pytest.raises(SharpscopeError, match="BatchClosure"):
         opt.step(closure)
+
+
+def test_per_group_rho_for_a_group_added_later_starts_at_the_initial_rho():
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 2)
+    model = nn.Sequential(first, second)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    loss = nn.functional.mse_loss
+    opt = LETS(
+        first.parameters(),
+        torch.optim.SGD,
+        lr=0.1,
+        rho=0.07,
+        model=model,
+        per_group=True,
+        val_batches=(x, y),
+        loss_fn=loss,
+    )
+    opt.add_param_group({"params": second.parameters(), "lr": 0.01})
+    assert opt.rho_values() == pytest.approx([0.07, 0.07])
+    for _ in range(2):
+        opt.step(BatchClosure(model, loss, x, y))
+    assert len(opt.rho_values()) == 2

@@ -211,8 +211,8 @@ def test_m_sharpness_same_noise_reuses_each_groups_dropout_masks(monkeypatch, sa
     x, y = mlp_batches(1)[0]
     opt = SAM(model, torch.optim.SGD, rho=0.1, lr=0.1, m=4, same_noise=same_noise)
     opt.step(BatchClosure(model, CE, x, y))
-    assert len(model.masks) == 4  # 2 groups x 2 passes
-    first, second = model.masks[:2], model.masks[2:]
+    assert len(model.masks) == 5  # 2 groups x 2 passes, then the used-parameter check
+    first, second = model.masks[:2], model.masks[2:4]
     assert not torch.equal(first[0], first[1])  # each group draws its own mask
     assert [torch.equal(a, b) for a, b in zip(first, second)] == [same_noise] * 2
 
@@ -453,3 +453,42 @@ def test_a_closure_without_zero_grad_gives_the_same_steps(variant):
         runs.append([p.detach().clone() for p in model.parameters()])
     for with_zero, without in zip(*runs):
         assert torch.equal(with_zero, without)
+
+
+@pytest.mark.parametrize("cls", [SAM, ASAM])
+def test_float16_parameters_never_get_a_nan_perturbation(cls):
+    """optimizers.md section 0: eps = 0 when the gradient is 0 (1e-12 rounds to 0 in float16),
+    and a tiny gradient (||g|| < rho / 65504) still gives a finite eps."""
+    w = nn.Parameter(torch.ones(3, dtype=torch.float16))
+    opt = cls([w], torch.optim.SGD, lr=0.1, bn_policy="both")
+    assert opt.perturbation([w], [torch.zeros(3, dtype=torch.float16)])[0].tolist() == [0, 0, 0]
+    tiny = torch.tensor([1e-7, 0.0, 0.0], dtype=torch.float16)
+    eps = opt.perturbation([w], [tiny])[0]
+    assert torch.isfinite(eps).all() and float(eps[0]) > 0 and eps[1:].tolist() == [0, 0]
+
+
+def test_m_sharpness_leaves_parameters_without_a_gradient_alone():
+    """A layer the loss does not use keeps grad None under m (as in the plain step), so weight
+    decay and momentum do not move it: m = batch size equals plain SAM."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 2), nn.Linear(3, 2)
+
+        def forward(self, x):
+            return self.used(x)
+
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(8, 3, generator=generator), torch.randn(8, 2, generator=generator)
+    weights = {}
+    for m in (None, 4, 8):
+        torch.manual_seed(0)
+        net = Net()
+        opt = SAM(net, torch.optim.SGD, rho=0.05, m=m, lr=0.1, momentum=0.9, weight_decay=5e-4)
+        before = net.unused.weight.detach().clone()
+        for _ in range(2):
+            opt.step(BatchClosure(net, nn.functional.mse_loss, x, y))
+        assert torch.equal(net.unused.weight, before) and net.unused.weight.grad is None
+        weights[m] = net.used.weight.detach().clone()
+    torch.testing.assert_close(weights[8], weights[None], rtol=1e-6, atol=1e-7)
