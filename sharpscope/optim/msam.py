@@ -176,6 +176,12 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
     size = batch.batch_size
     group = min(opt.m, size)
     num_full, remainder = divmod(size, group)
+    if remainder == 1 and any(bn.training for bn in batchnorm_modules(module)):
+        raise SharpscopeError(
+            f"m-sharpness with m={opt.m} splits a batch of {size} into groups that leave one "
+            "example alone, and BatchNorm in train mode cannot normalize a single example; "
+            "choose m (or the batch size) so that the last group has at least 2"
+        )
 
     opt_ids = {id(p) for p in opt._all_params()}
     named = list(module.named_parameters())

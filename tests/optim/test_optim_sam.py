@@ -492,3 +492,14 @@ def test_m_sharpness_leaves_parameters_without_a_gradient_alone():
         assert torch.equal(net.unused.weight, before) and net.unused.weight.grad is None
         weights[m] = net.used.weight.detach().clone()
     torch.testing.assert_close(weights[8], weights[None], rtol=1e-6, atol=1e-7)
+
+
+def test_m_sharpness_refuses_a_last_group_of_one_example_under_batchnorm():
+    """Batch 7 with m = 3 leaves a group of one: one clear error, not torch's ValueError."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 2))
+    opt = SAM(net, torch.optim.SGD, rho=0.05, m=3, lr=0.1)
+    x, y = torch.randn(7, 3), torch.randint(0, 2, (7,))
+    with pytest.raises(SharpscopeError, match="one example alone"):
+        opt.step(BatchClosure(net, CE, x, y))
+    opt.step(BatchClosure(net, CE, x[:6], y[:6]))  # groups of 3 and 3: fine
