@@ -233,6 +233,11 @@ def _optimizer_spec(config: TrainConfig) -> dict[str, Any]:
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
+    """The seeded stream ``stream`` of ``epoch`` (data order, augmentation, noise).
+
+    Kept as it is, not moved to ``SeedSequence`` like the analyses' generators: every
+    saved run's data order depends on it, and resumes must stay bit-identical.
+    """
     return torch.Generator().manual_seed(((seed * 1_000_003) + epoch) * 7 + stream)
 
 
@@ -532,7 +537,7 @@ def _train(
             wrapped.train()
             order = torch.randperm(num_train, generator=_generator(config.seed, epoch, 1))
             augment_gen = _generator(config.seed, epoch, 2)
-            running = torch.zeros((), dtype=torch.float64, device=device)
+            running = 0.0  # the epoch's summed batch losses (host floats)
             step_rows = []  # written with the epoch's evaluation row
             for batch in range(steps_per_epoch):
                 idx = order[batch * config.batch_size : (batch + 1) * config.batch_size][lo:hi]
@@ -580,7 +585,7 @@ def _train(
                 epoch=epoch + 1,
                 step=step,
                 lr=lr_used,
-                train_loss_running=float(running / steps_per_epoch),
+                train_loss_running=running / steps_per_epoch,
                 seconds=time.perf_counter() - started,
                 **optimizer_metrics(optimizer),
             )

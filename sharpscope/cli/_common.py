@@ -302,7 +302,7 @@ def load_analysis_inputs(
     The model and data default to the checkpoint's specs; ``--model`` and ``--data``
     replace them (and are required for a bare state_dict). Options without a name
     (``--model-opt``/``--data-opt`` alone) override those keys of the checkpoint's
-    specs. The model is then run once on a few examples (:func:`check_model_on_data`),
+    specs. The model is then run once on a few examples (:func:`check_model_on_first_batch`),
     so that data the model does not take fail here, in one line.
     """
     from ..distributed import pick_device
@@ -353,7 +353,7 @@ def load_analysis_inputs(
         extra={"model": checkpoint.spec},
     )
     loss_fn = get_loss(loss_spec)
-    check_model_on_data(net, batches, loss_fn)
+    check_model_on_first_batch(net, batches, loss_fn)
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
 
 
@@ -386,14 +386,14 @@ def recorded_data_spec(
     return recorded
 
 
-def check_model_on_data(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> None:
+def check_model_on_first_batch(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> None:
     """:func:`sharpscope.evaluation.check_model_on_data` on the first batch, for every
     analysis command alike (``spectrum``'s operator checks the full data again), and a
     NaN loss refused: it would make every analysis NaN."""
-    from ..evaluation import check_model_on_data as check_on_examples
+    from ..evaluation import check_model_on_data
 
     if batches:
-        value = check_on_examples(model, *batches[0], loss_fn)
+        value = check_model_on_data(model, *batches[0], loss_fn)
         if value is not None:
             check_loss_value(value)
 

@@ -264,6 +264,8 @@ def _is_ddp(model: nn.Module) -> bool:
 
 
 def _check_rho(rho: float, name: str = "rho") -> float:
+    if isinstance(rho, bool):  # float(True) is 1.0
+        raise SharpscopeError(f"{name} must be a number >= 0, got {rho!r}")
     try:
         value = float(rho)
     except (TypeError, ValueError) as exc:

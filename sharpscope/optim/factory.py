@@ -327,7 +327,7 @@ def step_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str]:
 
 
 def optimizer_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str]:
-    """Per-step values worth logging: LETS ``rho, rho_k, lets_F, lets_h, hypergrad``;
+    """Values recorded in every evaluation row: LETS ``rho, rho_k, lets_F, lets_h, hypergrad``;
     other sharpness-aware optimizers ``rho``; plain optimizers nothing.
 
     ``hypergrad`` (LETS only) is the mode's name, a string. Reading the values

@@ -83,6 +83,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SharpscopeError
+from ..optim.factory import BASE_NAMES, OPTIMIZER_NAMES
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,9 +95,8 @@ STUDY_KEYS = ("name", "description", "keep_checkpoints", "reproduction")
 KEEP_CHECKPOINTS = ("all", "analysed")
 REPRODUCTIONS = ("a", "b", "c", "d", "e", "f")
 
-BASE_OPTIMIZERS = ("sgd", "adam", "adamw")
-TWO_PASS = ("sam", "asam", "vasso", "lets", "samon")
-OPTIMIZER_NAMES = (*BASE_OPTIMIZERS, *TWO_PASS, "bsam")
+BASE_OPTIMIZERS = BASE_NAMES
+TWO_PASS = tuple(n for n in OPTIMIZER_NAMES if n not in BASE_NAMES and n != "bsam")
 M_SUPPORTED = ("sam", "asam", "samon")
 BASE_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},

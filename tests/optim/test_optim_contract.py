@@ -162,3 +162,12 @@ def test_lets_with_a_plain_closure():
     run(opt_b, b, batches)
     assert params_equal(a, b)
     assert opt_a.rho_values() == opt_b.rho_values() != [0.05]
+
+
+def test_rho_refuses_a_bool():
+    """float(True) is 1.0: a bool given as rho is refused like any other non-number."""
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.optim import SAM
+
+    with pytest.raises(SharpscopeError, match="rho must be a number"):
+        SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, rho=True, lr=0.1)
