@@ -13,7 +13,6 @@ model can be rebuilt without loading the data.
 from __future__ import annotations
 
 import hashlib
-import io
 import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ from torch import nn
 
 from .errors import SharpscopeError, first_line
 from .registry import build_model, normalize_spec
-from .results import atomic_write_bytes
+from .results import atomic_write
 
 FORMAT = "sharpscope-checkpoint"
 VERSION = 1
@@ -36,11 +35,10 @@ PICKLE_MAGIC = b"\x80"
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
-    """Atomically write ``payload`` (tensors and plain values) to ``path``."""
-    buffer = io.BytesIO()
-    torch.save(dict(payload), buffer)
+    """Atomically write ``payload`` (tensors and plain values) to ``path`` (serialised
+    straight into the temporary file, so a large model is not held twice in memory)."""
     path = Path(path)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write(path, lambda handle: torch.save(dict(payload), handle))
     return path
 
 
