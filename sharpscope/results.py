@@ -124,6 +124,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     atomic_write(path, lambda handle: handle.write(data))
 
 
+def write_json(path: str | os.PathLike, obj: Any, indent: int = 2) -> None:
+    """Write ``obj`` (tensors, arrays and dataclasses allowed) as JSON, atomically."""
+    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=indent) + "\n").encode())
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it to ``path``.
 

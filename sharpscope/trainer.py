@@ -40,7 +40,7 @@ from .errors import SharpscopeError
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
-from .results import atomic_write_bytes, read_metrics_rows
+from .results import atomic_write_bytes, read_metrics_rows, write_json
 
 log = logging.getLogger(__name__)  # one line per epoch when there is no progress bar
 SCHEDULES = ("cosine", "step", "constant")
@@ -506,9 +506,7 @@ def _train(
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(
-            out / "config.json", (json.dumps(config.to_dict(), indent=2) + "\n").encode()
-        )
+        write_json(out / "config.json", config.to_dict())
         # on resume, drop rows logged after the checkpoint we resume from
         rows = "".join(json.dumps(r) + "\n" for r in history) if resume else ""
         atomic_write_bytes(out / "metrics.jsonl", rows.encode())

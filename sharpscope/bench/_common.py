@@ -8,7 +8,6 @@ slow moment of the machine hits both equally; the median of the repeats is used.
 from __future__ import annotations
 
 import gc
-import json
 import statistics
 import sys
 import time
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 
 from ..errors import SharpscopeError
-from ..results import atomic_write_bytes, to_jsonable
+from ..results import to_jsonable, write_json
 
 
 def bench_devices(device: str = "auto") -> list[str]:
@@ -172,7 +171,7 @@ class RowLog(list):
 def write_rows(rows: list[BenchRow], path: str | Path) -> Path:
     """Write rows as a JSON list (interface.md: ``bench ... --json``)."""
     path = Path(path)
-    atomic_write_bytes(path, (json.dumps([r.to_dict() for r in rows], indent=2) + "\n").encode())
+    write_json(path, [r.to_dict() for r in rows])
     return path
 
 

@@ -16,13 +16,12 @@ Plotting functions take results and return a Figure; they never touch a model.
 from __future__ import annotations
 
 import io
-import json
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..results import atomic_write_bytes, rows_to_csv_bytes, to_jsonable
+from ..results import atomic_write_bytes, rows_to_csv_bytes, write_json
 
 #: Okabe–Ito colour-blind-safe palette (black last, used for references).
 PALETTE = (
@@ -243,7 +242,6 @@ def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> 
             written.append(beside(base, ".csv"))
         else:
             payload = data.to_dict() if hasattr(data, "to_dict") else data
-            text = json.dumps(to_jsonable(payload), indent=1) + "\n"
-            atomic_write_bytes(beside(base, ".json"), text.encode())
+            write_json(beside(base, ".json"), payload, indent=1)
             written.append(beside(base, ".json"))
     return written

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SharpscopeError
-from ..results import atomic_write_bytes, rows_to_csv_bytes
+from ..results import atomic_write_bytes, rows_to_csv_bytes, write_json
 from .config import OPTIMIZER_COUPLED
 from .measures import is_measure_column
 from .runner import (
@@ -295,7 +295,6 @@ def write_report(
     Raises:
         SharpscopeError: not a study folder, or a folder from another format version.
     """
-    import json
 
     from ..plotting.style import save_figure
 
@@ -312,10 +311,7 @@ def write_report(
     )
     corr_rows = _correlation_rows(correlations)
     _write_csv(folder / "correlations.csv", corr_rows, CORRELATION_COLUMNS)
-    atomic_write_bytes(
-        folder / "correlations.json",
-        (json.dumps([c.to_dict() for c in correlations], indent=1) + "\n").encode(),
-    )
+    write_json(folder / "correlations.json", [c.to_dict() for c in correlations], indent=1)
 
     figure_lines: list[str] = []
     if figures:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharpscopeError
-from ..results import atomic_write_bytes, read_record, to_jsonable
+from ..results import atomic_write_bytes, read_record, write_json
 
 Log = Callable[[str], None]
 
@@ -651,6 +651,6 @@ def make_figures(
             **numbers,
         }
         log(f"({key}) {len(files)} files written")
-    atomic_write_bytes(summary_path, (json.dumps(to_jsonable(summary), indent=1) + "\n").encode())
+    write_json(summary_path, summary, indent=1)
     written.append(summary_path)
     return written

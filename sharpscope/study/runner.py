@@ -35,7 +35,7 @@ from typing import Any
 from .. import __version__
 from ..errors import SharpscopeError
 from ..registry import absolute_spec
-from ..results import atomic_write_bytes, eval_rows, read_metrics_rows, to_jsonable
+from ..results import atomic_write_bytes, eval_rows, read_metrics_rows, to_jsonable, write_json
 from .config import StudyConfig, study_config_from_dict
 from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
 
@@ -75,10 +75,6 @@ METRIC_COLUMNS = (
     "test_ece_bma",
 )
 LEADING = ("run_id", "status")
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(to_jsonable(obj), indent=2) + "\n").encode())
 
 
 def _read_json(path: Path) -> Any:
@@ -175,7 +171,7 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
     out = Path(out)
     check_study_dir(out, config, runs)
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(
+    write_json(
         out / "study.json",
         {
             "format": FORMAT,
@@ -201,7 +197,7 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
         path = out / "runs" / run.run_id / "run.json"
         wanted = to_jsonable(run.to_dict())
         if _read_json(path) != wanted:  # new, or only MACHINE_KEYS changed (checked above)
-            _write_json(path, wanted)
+            write_json(path, wanted)
     return out
 
 
@@ -412,7 +408,7 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
                 record["params"] = to_jsonable(_analysis_params(measure, config))
             record["checkpoint"] = str(checkpoint.path.name)
             record["epoch"] = epoch
-            _write_json(path, record)
+            write_json(path, record)
 
 
 def _landscape_record(model, data, loss, config: StudyConfig, path: Path) -> dict[str, Any]:
@@ -479,9 +475,9 @@ def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
             failure = _train_run(run, run_dir)
             if failure is not None:
                 failure["seconds"] = time.perf_counter() - started
-                _write_json(status_path, failure)
+                write_json(status_path, failure)
                 return failure
-            _write_json(status_path, {"state": "trained"})
+            write_json(status_path, {"state": "trained"})
             if config.keep_checkpoints == "analysed":
                 _prune_checkpoints(run, run_dir)
         _analyse_run(run, run_dir, config)
@@ -499,7 +495,7 @@ def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
             "seconds": time.perf_counter() - started,
         }
     if run_dir.exists():
-        _write_json(status_path, status)
+        write_json(status_path, status)
     return status
 
 
