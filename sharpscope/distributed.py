@@ -102,6 +102,11 @@ def check_device_name(device: str | torch.device) -> tuple[str, int | None]:
     return kind, int(index_text) if sep and kind == "cuda" else None
 
 
+def is_multi_process() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def launched_as_main() -> bool:
     """Rank 0 of a torchrun launch, or a single process: known from ``RANK`` before (and
     after) the process group exists, e.g. when an interrupt arrives during start-up."""
@@ -146,7 +151,7 @@ def leave_process_group(code: int = 0) -> None:
     loaded runs, with or without the barrier). Every file is written and closed by then;
     the standard streams and logs are flushed here. A single process returns.
     """
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multi_process():
         return
     shutdown(synchronize=True)
     logging.shutdown()
@@ -159,7 +164,7 @@ def gather_to_main(value: Any) -> list[Any] | None:
     """Every rank's ``value`` (plain objects, tensors moved to the CPU) on rank 0, in rank
     order; ``None`` on the other ranks. A collective: all ranks must call it."""
     value = _to_cpu(value)
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+    if not is_multi_process():
         return [value]
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(value, out, dst=0)
@@ -198,5 +203,5 @@ def group_rank_and_size(distributed: bool | None = None) -> tuple[int, int]:
 
 def barrier() -> None:
     """A barrier when distributed; nothing otherwise."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multi_process():
         dist.barrier()

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .determinism import lacks_deterministic_kernel
 from .device_memory import is_out_of_memory
-from .distributed import group_rank_and_size
+from .distributed import group_rank_and_size, is_multi_process
 from .errors import SharpscopeError, model_failure
 from .metrics import predictive_metrics
 
@@ -104,7 +104,7 @@ def evaluate(
                 probs_fn(x) if probs_fn is not None else torch.softmax(logits.float(), dim=1)
             )
         probs = torch.cat(probs_chunks) if probs_chunks else inputs.new_zeros((0, 1))
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_multi_process():
         return _reduce_metrics(loss_sum, probs, y_all, len(targets))
     metrics = predictive_metrics(probs, y_all)
     metrics["loss"] = float(loss_sum / len(targets))

@@ -63,6 +63,7 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from ..data.batches import as_batches, num_examples
 from ..device_memory import FittingRows, is_out_of_memory
+from ..distributed import group_rank_and_size
 from ..errors import SharpscopeError, model_failure
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
@@ -121,13 +122,6 @@ def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return device, (floats[0] if floats else torch.get_default_dtype())
 
 
-def _world() -> tuple[int, int]:
-    """(rank, world size), initialising the process group under torchrun."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def ensure_distributed(device: torch.device) -> tuple[int, int]:
     """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1.
 
@@ -138,7 +132,7 @@ def ensure_distributed(device: torch.device) -> tuple[int, int]:
             from ..distributed import init_from_env
 
             init_from_env(device)
-    return _world()
+    return group_rank_and_size()
 
 
 def effective_bn_mode(model: nn.Module, bn_mode: BNMode) -> BNMode:

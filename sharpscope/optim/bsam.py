@@ -50,6 +50,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..distributed import is_multi_process
 from ..errors import SharpscopeError
 from ._base import (
     PerturbationMode,
@@ -387,12 +388,7 @@ class BSAM(SharpnessAware):
         assert h_sum is not None and ge_sum is not None and total_loss is not None
         for p, g in zip(params, ge_sum):
             p.grad = g
-        if (
-            ctx.ddp is not None
-            and self.perturbation_mode == "local"
-            and dist.is_initialized()
-            and dist.get_world_size() > 1
-        ):
+        if ctx.ddp is not None and self.perturbation_mode == "local" and is_multi_process():
             flat = torch.cat([t.reshape(-1) for t in h_sum])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()

@@ -52,6 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..data.batches import as_batches, as_tensors
+from ..distributed import is_multi_process
 from ..errors import SharpscopeError, check_choice
 from ._base import (
     SharpnessAware,
@@ -394,7 +395,7 @@ class LETS(SharpnessAware):
                     h[k] = -gap * dot([diff[j] for j in sel], [vs[j] for j in sel]).to(gap)
         else:
             h = -gap * dot(diff, vs).to(gap)
-        if ctx.ddp is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        if ctx.ddp is not None and is_multi_process():
             dist.all_reduce(h)
             h /= dist.get_world_size()
         self.last_h = h

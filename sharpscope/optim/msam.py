@@ -49,6 +49,7 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vmap
 
+from ..distributed import is_multi_process
 from ..errors import SharpscopeError
 from ._base import (
     _module_stat_buffers,
@@ -269,7 +270,7 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
             else:
                 value = kept[0][name][0]
             target.copy_(value)
-        if ctx.ddp is not None and dist.is_initialized() and dist.get_world_size() > 1:
+        if ctx.ddp is not None and is_multi_process():
             flat = torch.cat([g.reshape(-1) for g in mean_grads])
             dist.all_reduce(flat)
             flat /= dist.get_world_size()
