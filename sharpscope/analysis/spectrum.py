@@ -89,15 +89,27 @@ class TopEigs(Result):
         """Number of eigenvalues."""
         return int(self.eigenvalues.numel())
 
+    def _largest(self, i: int) -> float | None:
+        """The (i+1)-th largest eigenvalue, or None when this result does not hold it.
+
+        PyHessian's power iteration returns the k of largest |λ| (sorted descending): of
+        those, only the non-negative ones are certainly the largest algebraic.
+        """
+        if self.which != "LA" or self.k <= i:
+            return None
+        value = float(self.eigenvalues[i])
+        return None if self.backend == "pyhessian" and value < 0 else value
+
     @property
     def lambda_max(self) -> float | None:
         """λ1 (None unless which="LA")."""
-        return float(self.eigenvalues[0]) if self.which == "LA" else None
+        return self._largest(0)
 
     @property
     def lambda_5(self) -> float | None:
-        """λ5 (None when k < 5 or which != "LA")."""
-        return float(self.eigenvalues[4]) if self.which == "LA" and self.k >= 5 else None
+        """λ5 (None when k < 5 or which != "LA"; with the pyhessian backend, None when
+        its fifth value is negative: then it need not be λ5)."""
+        return self._largest(4)
 
     @property
     def ratio(self) -> float | None:

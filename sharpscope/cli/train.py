@@ -250,13 +250,17 @@ def register(app: typer.Typer) -> None:
             None,
             "--dataset",
             "--data",
-            help="mnist1d, digits, cifar10, cifar100 or module:function.",
+            help="mnist1d, digits, cifar10, cifar100 or module:function [default: mnist1d].",
         ),
         model: Optional[str] = typer.Option(
-            None, "--model", help="mlp, cnn1d, cnn, resnet20/32/56, wrn, vit or module:function."
+            None,
+            "--model",
+            help="mlp, cnn1d, cnn, resnet20/32/56, wrn, vit or module:function [default: cnn1d].",
         ),
         optimizer: Optional[str] = typer.Option(
-            None, "--optimizer", help="sgd, adam, adamw, sam, asam, vasso, lets, samon, bsam."
+            None,
+            "--optimizer",
+            help="sgd, adam, adamw, sam, asam, vasso, lets, samon, bsam [default: sgd].",
         ),
         rho: Optional[float] = typer.Option(
             None, help="Perturbation radius (initial rho for LETS)."

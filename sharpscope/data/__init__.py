@@ -266,7 +266,7 @@ def subset_size_and_seed(
 
 def load_data(
     spec: str | Mapping[str, Any],
-    split: str = "train",
+    split: str | None = None,
     *,
     samples: int | None = None,
     seed: int = 0,
@@ -279,7 +279,8 @@ def load_data(
         spec: ``"mnist1d"``, ``{"name": "cifar10", "label_noise": 0.4}``, or a
             ``module:function`` factory path.
         split: ``train`` (minus the validation hold-out), ``val`` (the hold-out),
-            ``test``, or ``all`` (train and test together, no noise).
+            ``test``, or ``all`` (train and test together, no noise); default: the
+            spec's own ``split`` key (as an analysis' ``meta.data`` records it), else ``train``.
         samples: keep the first N examples after a shuffle seeded by ``seed``; within
             a spec's own ``samples`` (the subset a run trained on), see
             :func:`subset_size_and_seed`.
@@ -292,6 +293,8 @@ def load_data(
         SharpscopeError: unknown name, option or split, missing files, bad fractions.
     """
     spec = normalize_spec(spec, "data set")
+    recorded_split = spec.pop("split", None)  # meta.data records the split beside the options
+    split = split if split is not None else (recorded_split or "train")
     if split not in SPLITS:
         raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
     _check_option_names(spec)

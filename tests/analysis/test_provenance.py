@@ -50,3 +50,12 @@ def test_every_analysis_records_a_loss_spec_under_the_same_name():
     for loss, name in (({"name": "cross_entropy"}, "cross_entropy"), (make_loss(), "my_ce")):
         assert ss.top_eigenvalues(model, data, k=1, loss=loss).meta.extra["loss"] == name
         assert ss.landscape(model, data, dims=1, grid=3, loss=loss).loss_name == name
+
+
+def test_the_recorded_data_spec_reloads_the_same_examples():
+    """meta.data holds the split beside the options: load_data takes it back as it is."""
+    data = ss.load_data("mnist1d", "test", samples=128, seed=3)
+    model = ss.build_model({"name": "mlp", "width": 8, "depth": 1}, (40,), 10)
+    recorded = ss.m_sharpness(model, data, m=64, rho=0.05).meta.data
+    for again in (ss.load_data(recorded, recorded["split"]), ss.load_data(recorded)):
+        assert again.split == "test" and torch.equal(again.inputs, data.inputs)

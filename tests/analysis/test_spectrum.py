@@ -339,3 +339,15 @@ def test_deflated_eigenvalues_carry_their_converged_flags():
     wrong = ((s.density.deflated - exact).abs() > 1e-4 * exact.abs()).tolist()
     assert not any(w and c for w, c in zip(wrong, s.density.deflated_converged))
     assert Density.from_dict(s.density.to_dict()).deflated_converged == s.density.deflated_converged
+
+
+def test_pyhessian_top_values_are_largest_magnitude_so_a_negative_one_is_not_lambda_5():
+    """PyHessian returns the k of largest |λ|: a negative fifth value need not be λ5."""
+    from sharpscope.analysis.spectrum import TopEigs
+
+    values = torch.tensor([3.0, 2.0, 1.5, 1.0, -4.0], dtype=torch.float64)
+    kwargs = dict(residuals=torch.zeros(5, dtype=torch.float64), converged=[True] * 5)
+    ours = TopEigs(eigenvalues=values, backend="sharpscope", **kwargs)
+    theirs = TopEigs(eigenvalues=values, backend="pyhessian", **kwargs)
+    assert ours.lambda_5 == -4.0  # the LA backend's fifth is λ5 whatever its sign
+    assert theirs.lambda_max == 3.0 and theirs.lambda_5 is None and theirs.ratio is None
