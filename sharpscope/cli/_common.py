@@ -425,7 +425,9 @@ BatchSizeOpt = Annotated[
 SplitOpt = Annotated[
     str,
     typer.Option(
-        "--split", help="train or test (of a built-in data set; a --data factory gives one set)."
+        "--split",
+        help="train, test, val (a run's --val-fraction hold-out) or all (train and test) of "
+        "a built-in data set; a --data factory gives one set.",
     ),
 ]
 DataRootOpt = Annotated[
