@@ -273,7 +273,13 @@ def _pca_plan(
     _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
     check(
         len(singular) >= dims and float(singular[dims - 1]) > 0,
-        f"the trajectory spans fewer than {dims} dimensions; PCA needs more distinct checkpoints",
+        f"the trajectory spans fewer than {dims} dimensions; PCA needs more distinct checkpoints"
+        + (
+            " (1-D tensors, biases and norm weights, are left out with bias='ignore'; "
+            "bias='keep' takes them in)"
+            if bias == "ignore"
+            else ""
+        ),
     )
     variance = singular.pow(2)
     directions = vh[:dims]

@@ -303,6 +303,27 @@ def test_pca_recovers_a_planted_trajectory(grid):
     torch.testing.assert_close(again.x, r.x, rtol=1e-12, atol=1e-12)  # (SVD rounding)
 
 
+def test_pca_of_a_trajectory_that_moves_only_biases_names_the_bias_option():
+    """bias='ignore' (the default) leaves 1-D tensors out: the error says so and 'keep' works."""
+    net = mlp(seed=5)
+    layout = ParamLayout.of(net)
+    theta = flat_parameters(net, layout)
+    bias_only = 1.0 - layout.matrix_mask().double()
+    trajectory = []
+    for step in range(4):
+        moved = theta + bias_only * torch.randn(layout.size, dtype=F64) * (step + 1)
+        sd = dict(net.state_dict())
+        sd.update(layout.unflatten(moved))
+        trajectory.append(sd)
+    x, y = class_data()
+    with pytest.raises(SharpscopeError, match="bias='keep' takes them in"):
+        landscape(net, (x, y), 2, directions=trajectory, grid=3)
+    assert landscape(net, (x, y), 2, directions=trajectory, grid=3, bias="keep").loss.shape == (
+        3,
+        3,
+    )
+
+
 def test_pca_matches_sklearn_on_a_three_dimensional_trajectory():
     """Directions and explained-variance ratios equal sklearn's centered PCA (1e-8), on a
     trajectory with a large offset along its third, low-variance axis."""
