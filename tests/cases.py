@@ -211,4 +211,5 @@ samples = 64
 [analysis.m_sharpness]
 m = {m}
 rho = [0.05]
+steps = 1
 """

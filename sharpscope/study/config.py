@@ -56,9 +56,11 @@ noise; ``width``/``depth`` set model options; ``model`` lists whole model specs.
 :func:`sharpscope.analysis.spectrum.spectrum`: ``k``, ``tol``, ``max_steps``,
 ``trace_probes``, ``num_probes``, ``num_lanczos_steps``, ...), ``m_sharpness`` and
 ``adaptive_sharpness`` (``m``, ``rho`` lists, ``steps``, ``norm``; adaptive also
-``projection``, "exact" or "rescale", see :func:`~sharpscope.analysis.msharpness.m_sharpness`), ``average_sharpness``
+``projection``, "exact" or "rescale", see :func:`~sharpscope.analysis.msharpness.m_sharpness`;
+defaults as analysis.md section 5 gives them for studies: m 128, rho [0.05, 0.1] and
+[0.5, 1.0], 20 Auto-PGD steps), ``average_sharpness``
 (``rho``, ``adaptive``, ``adaptive_rho``, ``num_draws``, ``m``), ``keskar``
-(``epsilon``, ``iterations``, ``subspace_dim``), ``pac_bayes`` (``magnitude_aware``,
+(``epsilon``, default [1e-3, 5e-4], ``iterations``, ``subspace_dim``), ``pac_bayes`` (``magnitude_aware``,
 ``target_drop``, ``num_draws``, ...) and ``landscape`` (``dims``, ``grid``, ``span``,
 ``directions``, ``norm``, ``bias``, ``interpolate = [["sgd", "sam"]]`` for the line
 between the final solutions of two optimizers that share every other hyperparameter).
@@ -480,7 +482,9 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
         return options
     _check_keys(where, options, MEASURE_KEYS[measure])
     if measure in ("m_sharpness", "adaptive_sharpness"):
-        default_rho = [0.05] if measure == "m_sharpness" else [0.5]
+        # analysis.md section 5: the training radii of SAM / ASAM (never a single rho),
+        # 20 Auto-PGD steps in studies (the command line's default is SAM's one step)
+        default_rho = [0.05, 0.1] if measure == "m_sharpness" else [0.5, 1.0]
         options["m"] = [
             _positive_int(f"analysis.{measure}.m", v)
             for v in _as_list(f"analysis.{measure}.m", options.get("m", [128]))
@@ -489,7 +493,7 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
             _number(f"analysis.{measure}.rho", v, low=0.0)
             for v in _as_list(f"analysis.{measure}.rho", options.get("rho", default_rho))
         ]
-        options["steps"] = _positive_int(f"analysis.{measure}.steps", options.get("steps", 1))
+        options["steps"] = _positive_int(f"analysis.{measure}.steps", options.get("steps", 20))
         norm = options.get("norm", "l2")
         if norm not in ("l2", "linf"):
             raise _fail(f"unknown analysis.{measure}.norm '{norm}'; choose one of: l2, linf")
@@ -529,7 +533,7 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     elif measure == "keskar":
         options["epsilon"] = [
             _number("analysis.keskar.epsilon", v, low=0.0)
-            for v in _as_list("analysis.keskar.epsilon", options.get("epsilon", [1e-3]))
+            for v in _as_list("analysis.keskar.epsilon", options.get("epsilon", [1e-3, 5e-4]))
         ]
     elif measure == "landscape":
         dims = _as_list("analysis.landscape.dims", options.get("dims", [1]))

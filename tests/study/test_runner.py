@@ -47,7 +47,7 @@ ANALYSIS = {
         "num_probes": 1,
         "num_lanczos_steps": 15,
     },
-    "m_sharpness": {"m": [16, 64], "rho": [0.05]},
+    "m_sharpness": {"m": [16, 64], "rho": [0.05], "steps": 1},
 }
 
 
@@ -136,7 +136,7 @@ def test_rerun_skips_finished_runs_and_analyses(study, tmp_path):
         if path.name not in ("results.csv", "study.json", "study.lock", "config.toml"):
             assert path.stat().st_mtime_ns == mtime, path
     # a new m-sharpness setting recomputes only that analysis, without retraining
-    analysis = {**ANALYSIS, "m_sharpness": {"m": [32], "rho": [0.05]}}
+    analysis = {**ANALYSIS, "m_sharpness": {"m": [32], "rho": [0.05], "steps": 1}}
     summary = run_study(tiny_config(analysis=analysis), copy)
     assert len(summary.done) == 4
     last = copy / "runs" / "sgd-s0" / "last.pt"
@@ -326,7 +326,7 @@ def test_executors_give_the_same_results_as_in_process(study, tmp_path, executor
     out, _ = study
     config = tiny_config(
         sweep={"optimizer": ["sgd", "sam"], "seed": [0]},
-        analysis={"epochs": ["last"], "samples": 64, "m_sharpness": {"m": [32]}},
+        analysis={"epochs": ["last"], "samples": 64, "m_sharpness": {"m": [32], "steps": 1}},
     )
     kwargs = {"workers": 2} if executor == "local-pool" else {"executor": executor}
     if executor == "submitit-local":

@@ -51,9 +51,9 @@ def test_m_sharpness_options_reach_the_measurement():
     options = {"m": [128], "rho": [0.1], "norm": "linf", "seed": 5}
     options = config(analysis={"m_sharpness": options}).analysis.measures["m_sharpness"]
     columns, _ = measure_m_sharpness(model, data, "cross_entropy", options, {"seed": 0})
-    want = m_sharpness(model, data, m=32, rho=0.1, norm="linf", seed=5)
+    want = m_sharpness(model, data, m=32, rho=0.1, norm="linf", seed=5, steps=20)
     assert columns["msharp_m128_rho0.1"] == pytest.approx(want.sharpness, rel=1e-12)
-    other_norm = m_sharpness(model, data, m=32, rho=0.1, norm="l2", seed=5).sharpness
+    other_norm = m_sharpness(model, data, m=32, rho=0.1, norm="l2", seed=5, steps=20).sharpness
     assert columns["msharp_m128_rho0.1"] != pytest.approx(other_norm, rel=1e-3)
 
 
@@ -185,11 +185,17 @@ def test_analysis_defaults_and_options_are_kept():
             "adaptive_sharpness": {},
             "average_sharpness": {"rho": [0.1]},
             "pac_bayes": {},
+            "keskar": {},
         }
     ).analysis
     assert plan.samples is None and plan.seed == 4
-    assert plan.measures["m_sharpness"]["rho"] == [0.05]
-    assert plan.measures["adaptive_sharpness"]["rho"] == [0.5]  # ASAM's scale
+    # analysis.md section 5 for studies: SAM's and ASAM's training radii (never a single
+    # rho), 20 Auto-PGD steps, Keskar's two epsilons
+    assert plan.measures["m_sharpness"]["rho"] == [0.05, 0.1]
+    assert plan.measures["adaptive_sharpness"]["rho"] == [0.5, 1.0]  # ASAM's scale
+    assert plan.measures["m_sharpness"]["steps"] == plan.measures["adaptive_sharpness"]["steps"]
+    assert plan.measures["m_sharpness"]["steps"] == 20
+    assert plan.measures["keskar"]["epsilon"] == [1e-3, 5e-4]
     assert plan.measures["m_sharpness"]["m"] == [128]
     assert plan.measures["average_sharpness"]["adaptive_rho"] == [0.1]  # follows rho
     assert plan.measures["pac_bayes"]["magnitude_aware"] == [False, True]
@@ -215,7 +221,7 @@ def test_analysis_on_all_examples_survives_the_study_folder(tmp_path):
                 "device": "cpu",
             },
             "sweep": {"optimizer": ["sgd"]},
-            "analysis": {"samples": "all", "m_sharpness": {"m": [16]}},
+            "analysis": {"samples": "all", "m_sharpness": {"m": [16], "steps": 1}},
         }
     )
     assert run_study(tiny, tmp_path).done == ["sgd-s0"]
@@ -300,7 +306,7 @@ def hand_built_study(folder):
                 "split": "test",
                 "samples": 256,
                 "spectrum": {},
-                "m_sharpness": {"m": [16, 64], "rho": [0.1, 0.05]},
+                "m_sharpness": {"m": [16, 64], "rho": [0.1, 0.05], "steps": 1},
             },
         }
     )
