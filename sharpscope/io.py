@@ -242,8 +242,12 @@ def _shapes_from_data(data_spec: Mapping[str, Any] | None) -> tuple[tuple[int, .
             "a bare state_dict of a registry model needs --data to know the input shape and "
             "number of classes (or give --model as a module:function factory)"
         )
-    from .data import load_data
+    from .data import check_data_spec, load_data
 
+    # a built-in data set's shape is known without reading it (CIFAR needs no data_root)
+    known = check_data_spec(data_spec, check_files=False)
+    if known is not None:
+        return known
     split = load_data(data_spec, "test" if "name" in data_spec else "train")
     return split.input_shape, split.num_classes
 

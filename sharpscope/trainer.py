@@ -165,6 +165,8 @@ class TrainConfig:
             if not isinstance(getattr(self, name), str):
                 raise SharpscopeError(f"{name} must be a string, got {getattr(self, name)!r}")
         self.loss = absolute_factory(self.loss)
+        if self.data_root is not None:  # recorded absolute: a resume from elsewhere finds it
+            self.data_root = str(Path(self.data_root).expanduser().resolve())
         check_device_name(self.device)  # its form; whether it exists, when training starts
         if self.augment is not None and not isinstance(self.augment, bool):
             raise SharpscopeError(f"augment must be true, false or unset, got {self.augment!r}")

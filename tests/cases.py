@@ -124,7 +124,9 @@ CIFAR_FILES = {
 }
 
 
-def write_cifar(folder, name, n_train_per_file=6, n_test=5, seed=0, *, labels=None, pixels=None):
+def write_cifar(
+    folder, name, n_train_per_file=6, n_test=5, seed=0, *, labels=None, pixels=None, protocol=2
+):
     """Tiny CIFAR-10/100 files in the originals' python-2 pickle layout; the folder holding them.
 
     Random uint8 images and labels. ``labels``: one list per file, in file order, fixes the
@@ -152,7 +154,7 @@ def write_cifar(folder, name, n_train_per_file=6, n_test=5, seed=0, *, labels=No
             b"filenames": [f"img_{j}.png".encode() for j in range(n)],
         }
         with (sub / file).open("wb") as handle:
-            pickle.dump(batch, handle, protocol=2)  # the original files are python2 pickles
+            pickle.dump(batch, handle, protocol=protocol)  # the originals: python2 pickles
     return sub
 
 

@@ -372,3 +372,17 @@ def test_a_write_that_runs_out_of_space_names_the_file(tmp_path):
     )
     assert done.stdout.strip() == str(target), done.stderr
     assert list(tmp_path.iterdir()) == []  # the partial temporary file is gone
+
+
+def test_bare_state_dict_of_a_cifar_model_needs_no_data_files(tmp_path):
+    """The input shape and class count of a built-in data set are known without reading it:
+    a CIFAR state_dict loads without --data-root (it was asked for, and ignored if given)."""
+    torch.manual_seed(0)
+    spec = {"name": "cnn", "width": 4}
+    model = build_model(spec, (3, 32, 32), 100)
+    bare = tmp_path / "bare.pt"
+    torch.save(model.state_dict(), bare)
+    ckpt = load_checkpoint(bare, model_spec=spec, data_spec="cifar100")
+    assert ckpt.input_shape == (3, 32, 32) and ckpt.num_classes == 100
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, ckpt.model.state_dict()[key])

@@ -578,3 +578,11 @@ def test_the_run_seed_seeds_bsams_noise_unless_the_spec_names_one(tmp_path):
         for name in runs
     }
     assert not torch.equal(rng["s0"], rng["s1"])
+
+
+def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
+    """config.json and the checkpoint name the CIFAR folder so that --resume from another
+    working directory finds it."""
+    monkeypatch.chdir(tmp_path)
+    config = _config(tmp_path / "run", data_root="data")
+    assert config.data_root == str(tmp_path / "data")

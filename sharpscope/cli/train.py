@@ -167,6 +167,7 @@ def build_config(
         "loss",
         "augment",
         "deterministic",
+        "bsam_samples",
     ):
         if values[key] is not None:
             setattr(config, key, values[key])
@@ -414,6 +415,12 @@ def register(app: typer.Typer) -> None:
         ),
         data_aug_factor: Optional[float] = typer.Option(
             None, "--data-aug-factor", help="bSAM: N = num_data x this factor."
+        ),
+        bsam_samples: Optional[int] = typer.Option(
+            None,
+            "--bsam-samples",
+            help="bSAM: weight samples of the model average evaluated every epoch (each is "
+            "a pass over the test split) [default: 32].",
         ),
         no_progress: bool = typer.Option(
             False, "--no-progress", help="No progress bar: one line per epoch on stderr instead."

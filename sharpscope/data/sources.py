@@ -105,6 +105,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"),
         ("_codecs", "encode"),
+        # protocol 5 (pickle.HIGHEST_PROTOCOL) stores an array as bytes + dtype + shape
+        ("numpy.core.numeric", "_frombuffer"),
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):  # noqa: D102
@@ -178,7 +181,12 @@ def _cifar_arrays(
                 f"{path}: 'data' must be uint8 rows of 3072 values (3 x 32 x 32), got "
                 f"{data.dtype} of shape {data.shape}"
             )
-        label = np.asarray(batch[label_key], dtype=np.int64).reshape(-1)
+        label = np.asarray(batch[label_key]).reshape(-1)
+        if label.dtype.kind not in "iu" and len(label):
+            raise SharpscopeError(
+                f"{path}: '{label_key}' must be integers, got {label.dtype} values"
+            )
+        label = label.astype(np.int64)
         if len(label) != len(data):
             raise SharpscopeError(f"{path}: {len(data)} images but {len(label)} labels")
         if len(label) and (label.min() < 0 or label.max() >= num_classes):

@@ -357,3 +357,14 @@ def test_an_interrupt_in_the_first_epoch_says_there_is_nothing_to_resume(tmp_pat
         "error: interrupted before the first epoch ended, so there is no checkpoint to resume: "
         "run the same command again without --resume"
     )
+
+
+def test_bsam_samples_flag_sets_the_model_average(tmp_path):
+    """--bsam-samples reaches the run's settings (the model average's cost is one pass over
+    the test split per sample, every epoch)."""
+    args = ["train", *TINY, "--optimizer", "bsam", "--bsam-samples", "2", "--out", str(tmp_path)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "config.json").read_text())["bsam_samples"] == 2
+    bad = runner.invoke(app, [*args[:-2], "--bsam-samples", "0"])
+    assert bad.exit_code != 0 and "bsam_samples must be a positive integer" in bad.output

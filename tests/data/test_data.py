@@ -356,6 +356,8 @@ def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):
         "floats": ({b"data": np.zeros((4, 3072)), b"labels": [0] * 4}, "must be uint8"),
         "labels": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0] * 3}, "4 images but 3"),
         "range": ({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 2, 12]}, "0..9"),
+        "not-int": ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [0.5, 3.5]}, "integers"),
+        "strings": ({b"data": np.zeros((2, 3072), np.uint8), b"labels": ["1", "3"]}, "integers"),
     }
     for name, (batch, message) in cases.items():
         root = tmp_path / name
@@ -364,6 +366,14 @@ def test_cifar_partial_or_malformed_files_are_one_line(tmp_path):
             pickle.dump(batch, handle, protocol=2)
         with pytest.raises(SharpscopeError, match=message):
             load_data("cifar10", data_root=str(root))
+
+
+def test_cifar_files_pickled_with_the_newest_protocol_read_the_same(tmp_path):
+    """Protocol 5 (pickle.HIGHEST_PROTOCOL) stores arrays through numpy's _frombuffer."""
+    write_cifar(tmp_path / "p2", "cifar10")
+    write_cifar(tmp_path / "p5", "cifar10", protocol=5)
+    old, new = (load_data("cifar10", data_root=str(tmp_path / p)) for p in ("p2", "p5"))
+    assert torch.equal(old.inputs, new.inputs) and torch.equal(old.targets, new.targets)
 
 
 def test_cifar_pickle_with_code_is_refused(tmp_path):
