@@ -18,6 +18,7 @@ from .device_memory import is_out_of_memory
 from .distributed import group_rank_and_size, is_multi_process
 from .errors import SharpscopeError, model_failure
 from .metrics import predictive_metrics
+from .modes import eval_mode
 
 #: Examples :func:`check_model_on_data` runs the model on (plus the largest class).
 CHECK_EXAMPLES = 8
@@ -38,13 +39,11 @@ def check_model_on_data(
     Raises:
         SharpscopeError: the model or the loss raised.
     """
-    from .analysis._functional import analysis_mode
-
     rows = torch.arange(min(CHECK_EXAMPLES, len(targets)), device=targets.device)
     if len(targets) and not targets.is_floating_point() and targets.dim() == 1:
         rows = torch.cat([rows, targets.argmax().reshape(1)])
     try:
-        with analysis_mode(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             return loss_fn(model(inputs[rows]), targets[rows])
     except SharpscopeError:
         raise
@@ -87,9 +86,7 @@ def evaluate(
     Returns:
         ``{"loss", "acc", "nll", "ece"}`` as floats.
     """
-    from .analysis._functional import analysis_mode
-
-    with analysis_mode(model):
+    with eval_mode(model):
         part = _shard(len(targets))
         x_all, y_all = inputs[part], targets[part]
         loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)

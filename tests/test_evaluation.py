@@ -65,3 +65,26 @@ def test_rank_shards_cover_every_example_exactly_once(monkeypatch, world, num):
         monkeypatch.setattr(evaluation, "group_rank_and_size", lambda r=rank: (r, world))
         covered += list(range(num))[evaluation._shard(num)]
     assert covered == list(range(num))
+
+
+def test_evaluate_does_not_warn_about_batchnorm_without_running_statistics():
+    """Such a layer is the model's own choice in training; only the analyses, whose results
+    it changes, warn about it (and record mode 'batch')."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8, track_running_stats=False))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(model, *_split(10), F.cross_entropy, batch_size=4)
+
+
+def test_eval_mode_can_keep_batchnorm_in_train_mode_and_restores_every_module():
+    from sharpscope.modes import eval_mode
+
+    model = _classifier().train()
+    model[0].eval()
+    before = [m.training for m in model.modules()]
+    with eval_mode(model, batchnorm_train=True):
+        assert [m.training for m in model] == [False, True, False, False]
+    assert [m.training for m in model.modules()] == before

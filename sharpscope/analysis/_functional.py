@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import SharpscopeError
+from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss  # noqa: F401 - re-exported
 from ..registry import loss_name  # noqa: F401 - re-exported
 from ..results import RunMeta
@@ -138,25 +139,17 @@ def analysis_mode(model: nn.Module) -> Iterator[str]:
     eval mode (the result then depends on the batches or subsets; analysis.md §0).
     Buffers are never updated in eval mode.
     """
-    mode = "eval"
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
-            warnings.warn(
-                f"BatchNorm '{name}' keeps no running statistics (track_running_stats="
-                "False), so even in eval mode it normalizes with each batch's: the result "
-                "depends on the batches (or m-sharpness subsets); recorded as mode 'batch'",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            mode = "batch"
-            break
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield mode
-    finally:
-        for module, training in modes:
-            module.training = training
+    name = batchnorm_without_running_stats(model)
+    if name is not None:
+        warnings.warn(
+            f"BatchNorm '{name}' keeps no running statistics (track_running_stats="
+            "False), so even in eval mode it normalizes with each batch's: the result "
+            "depends on the batches (or m-sharpness subsets); recorded as mode 'batch'",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    with eval_mode(model):
+        yield "eval" if name is None else "batch"
 
 
 def with_data(meta: RunMeta | None, data: Any) -> RunMeta | None:

@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..modes import eval_mode
+
 __all__ = ["fold_batchnorm", "find_foldable_pairs"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -86,18 +88,14 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
             handles.append(module.register_forward_hook(after_layer))
         elif isinstance(module, _NORMS) and _tracks_stats(module):
             handles.append(module.register_forward_pre_hook(before_norm))
-    modes = [(m, m.training) for m in model.modules()]
     try:
-        model.eval()
-        with torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             model(example)
     except Exception:  # the pre-flight check reports a model that fails on the data
         return []
     finally:
         for handle in handles:
             handle.remove()
-        for module, mode in modes:
-            module.training = mode
         last.clear()
 
     modules = dict(model.named_modules())
@@ -147,15 +145,9 @@ def fold_batchnorm(
 
 
 def _same_outputs(model: nn.Module, folded: nn.Module, example: Tensor) -> bool:
-    modes = [(m, m.training) for m in model.modules()]
-    try:
-        model.eval()
-        folded.eval()
-        with torch.no_grad():
-            expected, found = model(example), folded(example)
-    finally:
-        for module, mode in modes:
-            module.training = mode
+    folded.eval()  # the analyses evaluate the copy in eval mode; the model is restored
+    with eval_mode(model), torch.no_grad():
+        expected, found = model(example), folded(example)
     if not (isinstance(expected, Tensor) and isinstance(found, Tensor)):
         return False
     scale = float(expected.abs().max()) if expected.numel() else 0.0

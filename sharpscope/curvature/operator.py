@@ -65,6 +65,7 @@ from ..data.batches import as_batches, num_examples
 from ..device_memory import FittingRows, is_out_of_memory
 from ..distributed import group_rank_and_size
 from ..errors import SharpscopeError, model_failure
+from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
 from .fold import fold_batchnorm
@@ -142,19 +143,17 @@ def effective_bn_mode(model: nn.Module, bn_mode: BNMode) -> BNMode:
     batch even in eval mode, so the model's Hessian depends on the batch partition: it is
     what ``bn_mode="batch"`` computes, and records.
     """
-    if bn_mode != "eval":
+    name = batchnorm_without_running_stats(model) if bn_mode == "eval" else None
+    if name is None:
         return bn_mode
-    for name, m in model.named_modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
-            warnings.warn(
-                f"BatchNorm '{name}' keeps no running statistics (track_running_stats="
-                "False), so even in eval mode it uses each batch's: analysing in "
-                "bn_mode='batch' (the Hessian depends on the batch partition; recorded)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return "batch"
-    return "eval"
+    warnings.warn(
+        f"BatchNorm '{name}' keeps no running statistics (track_running_stats="
+        "False), so even in eval mode it uses each batch's: analysing in "
+        "bn_mode='batch' (the Hessian depends on the batch partition; recorded)",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return "batch"
 
 
 class HessianOperator:
@@ -390,18 +389,8 @@ class HessianOperator:
     @contextmanager
     def _analysis_mode(self) -> Iterator[None]:
         """eval() (BatchNorm in train mode for bn_mode="batch"), restored afterwards."""
-        saved = [(m, m.training) for m in self.module.modules()]
-        for m, _ in saved:
-            m.training = False
-        if self.bn_mode == "batch":
-            for m, _ in saved:
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.training = True
-        try:
+        with eval_mode(self.module, batchnorm_train=self.bn_mode == "batch"):
             yield
-        finally:
-            for m, mode in saved:
-                m.training = mode
 
     def unflatten(self, v: Tensor) -> dict[str, Tensor]:
         """A flat vector (..., P) as a dict of parameter-shaped tensors (model dtype)."""
