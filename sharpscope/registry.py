@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
+import logging
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -209,8 +210,8 @@ def check_model_spec(
             MODELS[name](tuple(shapes[0]), int(shapes[1]), **options)
     except SharpscopeError:
         raise
-    except Exception:  # noqa: S110 - not an option problem; the real build will tell
-        pass
+    except Exception as exc:  # not an option problem; the real build will tell
+        logging.getLogger(__name__).debug("trial build of %s on meta failed: %r", name, exc)
 
 
 def check_loss_spec(spec: str | Mapping[str, Any], *, check_files: bool = True) -> None:

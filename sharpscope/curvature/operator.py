@@ -116,11 +116,14 @@ def resolve_device(device: Any, local_rank: int = 0) -> torch.device:
     return pick_device(device, local_rank)
 
 
-def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
+    """dtype of the first floating tensor and device of the first tensor (parameters,
+    then buffers): defined for any model (one without trainable parameters is refused
+    later, in one line), in the order of ``analysis._functional.model_dtype_device``."""
     tensors = list(model.parameters()) + list(model.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     floats = [t.dtype for t in tensors if t.is_floating_point()]
-    return device, (floats[0] if floats else torch.get_default_dtype())
+    return (floats[0] if floats else torch.get_default_dtype()), device
 
 
 def ensure_distributed(device: torch.device) -> tuple[int, int]:
@@ -242,7 +245,7 @@ class HessianOperator:
                 f"unknown bn_mode '{bn_mode}'; choose one of {', '.join(BN_MODES)}"
             )
         bn_mode = effective_bn_mode(model, bn_mode)
-        model_device, model_dtype = _model_device_dtype(model)
+        model_dtype, model_device = _model_dtype_device(model)
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         self.device = model_device if device is None else resolve_device(device, local_rank)
         requested = resolve_dtype(dtype)
