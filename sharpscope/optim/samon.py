@@ -40,8 +40,7 @@ NORM_LAYER_TYPES: tuple[type[nn.Module], ...] = tuple(
         nn.LayerNorm,
         nn.GroupNorm,
         _InstanceNorm,
-        getattr(nn, "RMSNorm", None),
-        getattr(nn, "LocalResponseNorm", None),
+        getattr(nn, "RMSNorm", None),  # torch >= 2.4
     )
     if t is not None
 )
