@@ -64,13 +64,14 @@ def _run_scenarios(rank: int) -> dict:
     return results
 
 
-def _worker(rank: int, port: int, out: str) -> None:
+def _worker(rank: int, port: int, out: str, scenarios=_run_scenarios) -> None:
+    """One gloo rank: ``scenarios(rank)``'s results saved to ``out.RANK``."""
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
-        torch.save(_run_scenarios(rank), f"{out}.{rank}")
+        torch.save(scenarios(rank), f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
@@ -156,38 +157,31 @@ def _least_squares(outputs, targets):
     return 0.5 * ((outputs - targets) ** 2).sum(1).mean()
 
 
-def _lets_fd_worker(rank: int, port: int, out: str) -> None:
+def _lets_fd_step(rank: int) -> dict:
     """One LETS step with hypergrad="fd" and local perturbation on a least-squares model."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
-        generator = torch.Generator().manual_seed(rank)
-        x = torch.randn(8, 3, generator=generator, dtype=torch.float64)
-        y = torch.randn(8, 2, generator=generator, dtype=torch.float64)
-        val = torch.Generator().manual_seed(9)
-        xv = torch.randn(8, 3, generator=val, dtype=torch.float64)
-        yv = torch.randn(8, 2, generator=val, dtype=torch.float64)
-        torch.manual_seed(1)
-        net = torch.nn.Linear(3, 2).double()
-        ddp = torch.nn.parallel.DistributedDataParallel(net)
-        opt = LETS(
-            ddp.parameters(),
-            torch.optim.SGD,
-            model=ddp,
-            lr=0.1,
-            rho=0.2,
-            rho_lr=0.0,
-            hypergrad="fd",
-            val_batches=(xv, yv),
-            loss_fn=_least_squares,
-        )
-        opt.step(BatchClosure(ddp, _least_squares, x, y))
-        v = [opt.state[p]["v"].detach().clone() for p in net.parameters()]
-        torch.save({"x": x, "u": [t.clone() for t in opt._u], "v": v}, f"{out}.{rank}")
-    finally:
-        dist.destroy_process_group()
+    generator = torch.Generator().manual_seed(rank)
+    x = torch.randn(8, 3, generator=generator, dtype=torch.float64)
+    y = torch.randn(8, 2, generator=generator, dtype=torch.float64)
+    val = torch.Generator().manual_seed(9)
+    xv = torch.randn(8, 3, generator=val, dtype=torch.float64)
+    yv = torch.randn(8, 2, generator=val, dtype=torch.float64)
+    torch.manual_seed(1)
+    net = torch.nn.Linear(3, 2).double()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    opt = LETS(
+        ddp.parameters(),
+        torch.optim.SGD,
+        model=ddp,
+        lr=0.1,
+        rho=0.2,
+        rho_lr=0.0,
+        hypergrad="fd",
+        val_batches=(xv, yv),
+        loss_fn=_least_squares,
+    )
+    opt.step(BatchClosure(ddp, _least_squares, x, y))
+    v = [opt.state[p]["v"].detach().clone() for p in net.parameters()]
+    return {"x": x, "u": [t.clone() for t in opt._u], "v": v}
 
 
 def test_lets_finite_difference_under_ddp_is_the_all_reduced_hessian_product(tmp_path):
@@ -195,7 +189,7 @@ def test_lets_finite_difference_under_ddp_is_the_all_reduced_hessian_product(tmp
     the mean over ranks of H_r u_r (a rank-local FD pass against the all-reduced g~ was off
     by the ranks' gradient difference / r, ~1e3 times |Hu|)."""
     out = str(tmp_path / "lets")
-    mp.spawn(_lets_fd_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), out, _lets_fd_step), nprocs=WORLD, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
 
     def hessian_product(x, u):  # of 0.5 mean ||W x + b - y||^2 along u = (dW, db)
