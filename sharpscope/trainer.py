@@ -521,15 +521,13 @@ def _train(
     metrics: dict[str, Any] = history[-1] if history else {}
     progress = None
     if config.progress and info.is_main and start_epoch < config.epochs:
-        from tqdm.auto import tqdm
+        from .progress import progress_bar
 
-        progress = tqdm(
-            total=config.epochs * steps_per_epoch,
+        progress = progress_bar(
+            config.epochs * steps_per_epoch,
+            "step",
+            f"train {config.optimizer.get('name')}",
             initial=start_epoch * steps_per_epoch,
-            desc=f"train {config.optimizer.get('name')}",
-            unit="step",
-            leave=False,
-            dynamic_ncols=True,
         )
     try:
         for epoch in range(start_epoch, config.epochs):

@@ -511,9 +511,7 @@ def echo(line: str) -> None:
 
 
 def progress_bar(total: int | None, unit: str, desc: str, enabled: bool = True) -> Any:
-    """The live progress bar of the long analyses (tqdm on stderr; gone when done)."""
-    from tqdm.auto import tqdm
+    """The live progress bar of the long analyses (:func:`sharpscope.progress.progress_bar`)."""
+    from ..progress import progress_bar as bar
 
-    return tqdm(
-        total=total, unit=unit, desc=desc, disable=not enabled, leave=False, dynamic_ncols=True
-    )
+    return bar(total, unit, desc, enabled=enabled)
