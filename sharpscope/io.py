@@ -38,7 +38,16 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     """Atomically write ``payload`` (tensors and plain values) to ``path`` (serialised
     straight into the temporary file, so a large model is not held twice in memory)."""
     path = Path(path)
-    atomic_write(path, lambda handle: torch.save(dict(payload), handle))
+
+    def write(handle) -> None:
+        try:
+            torch.save(dict(payload), handle)
+        except RuntimeError as exc:  # torch's writer hides the OSError (disk full) it met
+            if isinstance(exc.__context__, OSError):
+                raise exc.__context__ from None
+            raise
+
+    atomic_write(path, write)
     return path
 
 

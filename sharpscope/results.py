@@ -250,13 +250,14 @@ def read_metrics_rows(path: str | os.PathLike) -> list[dict[str, Any]]:
         SharpscopeError: a line before the last that is not JSON.
     """
     path = Path(path)
-    lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    text = path.read_text()
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     rows = []
     for index, (number, line) in enumerate(lines, 1):
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as exc:
-            if index == len(lines):
+            if index == len(lines) and not text.endswith("\n"):  # cut off while appending
                 break
             raise SharpscopeError(f"{path}:{number} is not JSON ({exc.msg})") from exc
     return rows

@@ -40,7 +40,7 @@ from .errors import SharpscopeError
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
-from .results import atomic_write_bytes, read_metrics_rows, write_json
+from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
 
 log = logging.getLogger(__name__)  # one line per epoch when there is no progress bar
 SCHEDULES = ("cosine", "step", "constant")
@@ -633,7 +633,7 @@ def _train(
     finally:
         if progress is not None:
             progress.close()
-    evaluations = [r for r in history if r.get("kind") != "step"]
+    evaluations = eval_rows(history)
     return TrainSummary(
         out, metrics, evaluations, config.epochs, step, model, info.is_main, start_epoch
     )

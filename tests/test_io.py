@@ -386,3 +386,28 @@ def test_bare_state_dict_of_a_cifar_model_needs_no_data_files(tmp_path):
     assert ckpt.input_shape == (3, 32, 32) and ckpt.num_classes == 100
     for key, value in model.state_dict().items():
         assert torch.equal(value, ckpt.model.state_dict()[key])
+
+
+def test_a_file_size_limit_while_a_checkpoint_is_written_names_the_file(tmp_path):
+    """torch.save wraps the OSError it meets (disk full, a file-size limit) in a RuntimeError:
+    the OSError, naming the checkpoint, is what comes out, and the old file stays whole."""
+    import subprocess
+    import sys
+
+    script = f"""
+import errno, resource, signal, torch
+from sharpscope.io import save_checkpoint
+path = {str(tmp_path / "last.pt")!r}
+save_checkpoint(path, {{"w": torch.zeros(10)}})
+before = open(path, "rb").read()
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+try:
+    save_checkpoint(path, {{"w": torch.zeros(100_000)}})
+except OSError as exc:
+    assert exc.errno == errno.EFBIG and exc.filename == path, (exc.errno, exc.filename)
+    assert open(path, "rb").read() == before
+    print("named")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "named", done.stderr[-1500:]

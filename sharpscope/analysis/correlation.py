@@ -91,8 +91,11 @@ def kendall_tau(measure: Sequence[float], gap: Sequence[float]) -> float:
         raise SharpscopeError(f"measure has {x.size} values but gap has {y.size}")
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
-    if x.size < 2 or np.all(x == x[0]) or np.all(y == y[0]):
+    if x.size < 2:
         return math.nan
+    constant_x, constant_y = bool(np.all(x == x[0])), bool(np.all(y == y[0]))
+    if constant_x or constant_y:  # as in the granulated ψ: tied pairs count 0 (Jiang et al.)
+        return math.nan if constant_x and constant_y else 0.0
     return float(stats.kendalltau(x, y, variant="b").statistic)
 
 
@@ -318,7 +321,7 @@ def _bootstrap(
     safe = np.where(valid, index, 0)
     xb, yb = x[safe], y[safe]
     overall_groups = np.where(valid, 0, -1)
-    tau_samples = tau_b_grouped(xb, yb, overall_groups, 1)[:, 0]
+    tau_samples = tau_b_grouped(xb, yb, overall_groups, 1, constant_is_zero=True)[:, 0]
     psi_samples = {}
     for axis in axes:
         others = [k for k in table if k != axis and k not in coupled.get(axis, ())]

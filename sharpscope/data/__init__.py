@@ -204,6 +204,9 @@ def check_data_spec(
     from ..registry import check_factory
 
     spec = normalize_spec(spec, "data set")
+    split = spec.pop("split", None)  # as an analysis' meta.data records it (load_data takes it)
+    if split is not None and split not in SPLITS:
+        raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
     _check_option_names(spec)
     if "factory" in spec:
         if check_files:

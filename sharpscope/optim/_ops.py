@@ -33,7 +33,8 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
         raise ValueError("global_norm of an empty list")
     # float16 has no room for NORM_EPS (1e-12 rounds to 0, so g = 0 gave 0/0 = NaN) nor for
     # rho / ||g|| once ||g|| < rho / 65504: the norm of float16 tensors is kept in float32
-    wide = torch.float32 if tensors[0].dtype == torch.float16 else None
+    half = any(t.dtype == torch.float16 for t in tensors)
+    wide = torch.float32 if half and all(t.dtype != torch.float64 for t in tensors) else None
     if _batched(tensors):
         return torch.linalg.vector_norm(
             torch.stack([torch.linalg.vector_norm(t, dtype=wide) for t in tensors])

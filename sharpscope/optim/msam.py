@@ -30,7 +30,13 @@ Dropout: ``vmap(randomness="different")`` draws independent masks per group; wit
 Mixed precision. ``vmap`` has no working batching rule for normalization layers under
 ``torch.autocast`` (torch 2.x fails with "expected scalar type BFloat16 but found
 Float"), so with ``autocast_dtype`` set and a normalization layer in the model the same
-per-group functions run one group after another (identical maths, not vectorized).
+per-group functions run one group after another (identical maths, not vectorized). So
+they do for a model ``vmap`` cannot follow (Python control flow on data, ``.item()``):
+the first step finds out, and that optimizer loops from then on.
+
+Parameters the loss does not use keep ``grad = None`` as in the plain step (the functional
+gradients are zeros): they are found by one autograd pass on two examples, plus any
+parameter that some group's gradient reaches (a branch those two did not take).
 
 Supported by SAM, ASAM and SAM-ON (their perturbation is a pure function of the weights
 and one gradient); the closure must be a :class:`~sharpscope.optim.closure.BatchClosure`
@@ -177,11 +183,11 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
     size = batch.batch_size
     group = min(opt.m, size)
     num_full, remainder = divmod(size, group)
-    if remainder == 1 and any(bn.training for bn in batchnorm_modules(module)):
+    if 1 in (group, remainder) and any(bn.training for bn in batchnorm_modules(module)):
         raise SharpscopeError(
             f"m-sharpness with m={opt.m} splits a batch of {size} into groups that leave one "
             "example alone, and BatchNorm in train mode cannot normalize a single example; "
-            "choose m (or the batch size) so that the last group has at least 2"
+            "choose m >= 2 (and m, or the batch size, so that the last group has at least 2)"
         )
 
     opt_ids = {id(p) for p in opt._all_params()}
@@ -232,28 +238,52 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
         )
 
     base = {n: p.detach() for n, p in train}
-    rng = rng_snapshot(ctx.device) if opt.same_noise else None
-    pass1 = []
-    with torch.enable_grad():
-        for groups, x, y, _ in chunks:
-            bufs = _expand(buffers, groups)
-            g, loss = _map_groups(grad_and_value(group_loss), (None, 0, 0, 0), vectorize)(
-                base, bufs, x, y
-            )
-            pass1.append((g, loss, bufs))
-    with torch.no_grad():
-        perturbed = []
-        for g, _, _ in pass1:
-            eps = _map_groups(perturb, (0,), vectorize)([g[n] for n in train_names])
-            perturbed.append({n: base[n].unsqueeze(0) + e for n, e in zip(train_names, eps)})
-    if rng is not None:
-        rng_restore(rng, ctx.device)
-    pass2 = []
-    with torch.enable_grad():
-        for (groups, x, y, _), params2, (_, _, bufs1) in zip(chunks, perturbed, pass1):
-            bufs = bufs1 if opt.bn_policy == "both" else _expand(buffers, groups)
-            g2 = _map_groups(grad(group_loss), (0, 0, 0, 0), vectorize)(params2, bufs, x, y)
-            pass2.append((g2, bufs))
+
+    def both_passes(vectorize: bool) -> tuple[list, list]:
+        """Pass 1 (gradients, losses, BN statistics per group) and pass 2 at each group's
+        w + eps; nothing outside is changed until both are done."""
+        rng = rng_snapshot(ctx.device) if opt.same_noise else None
+        pass1 = []
+        with torch.enable_grad():
+            for groups, x, y, _ in chunks:
+                bufs = _expand(buffers, groups)
+                g, loss = _map_groups(grad_and_value(group_loss), (None, 0, 0, 0), vectorize)(
+                    base, bufs, x, y
+                )
+                pass1.append((g, loss, bufs))
+        with torch.no_grad():
+            perturbed = []
+            for g, _, _ in pass1:
+                eps = _map_groups(perturb, (0,), vectorize)([g[n] for n in train_names])
+                perturbed.append({n: base[n].unsqueeze(0) + e for n, e in zip(train_names, eps)})
+        if rng is not None:
+            rng_restore(rng, ctx.device)
+        pass2 = []
+        with torch.enable_grad():
+            for (groups, x, y, _), params2, (_, _, bufs1) in zip(chunks, perturbed, pass1):
+                bufs = bufs1 if opt.bn_policy == "both" else _expand(buffers, groups)
+                g2 = _map_groups(grad(group_loss), (0, 0, 0, 0), vectorize)(params2, bufs, x, y)
+                pass2.append((g2, bufs))
+        return pass1, pass2
+
+    # vmap over the groups unless this optimizer met a model that vmap cannot follow
+    # (data-dependent control flow, .item()): then the same maths one group after another,
+    # from the same random state, on this step and every later one. _msam_vmap: None
+    # untried, True works, False cannot.
+    tried = getattr(opt, "_msam_vmap", None)
+    vectorize = vectorize and tried is not False
+    start = rng_snapshot(ctx.device) if vectorize and tried is None else None
+    try:
+        pass1, pass2 = both_passes(vectorize)
+    except RuntimeError as exc:
+        if start is None or "vmap" not in str(exc):
+            raise
+        opt._msam_vmap = False
+        rng_restore(start, ctx.device)
+        pass1, pass2 = both_passes(False)
+    else:
+        if vectorize:
+            opt._msam_vmap = True
     opt.gradient_passes += 2
 
     with torch.no_grad():
@@ -279,6 +309,14 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
                 for t, g in zip(flat.split([g.numel() for g in mean_grads]), mean_grads)
             ]
         used = _used_mask(opt, module, train_params, batch, ctx)
+        # the probe saw two examples of one batch: a data-dependent branch it missed still
+        # counts as used wherever some group gave it a gradient
+        unsure = [i for i, u in enumerate(used) if not u]
+        if unsure:
+            moved = torch.stack([mean_grads[i].ne(0).any() for i in unsure]).tolist()
+            used = list(used)
+            for i, m in zip(unsure, moved):
+                used[i] = m
         for p, g, u in zip(train_params, mean_grads, used):
             # torch.func gives unused parameters a zero gradient; leave their .grad None
             # as the plain two-pass step does, so the base step (weight decay, momentum)

@@ -108,7 +108,7 @@ def _m_sharpness_grid(
                 m=min(int(m), n),
                 rho=float(rho),
                 adaptive=adaptive,
-                steps=int(options.get("steps", 1)),
+                steps=int(options.get("steps", 20)),  # the study default (config.py)
                 norm=options.get("norm", "l2"),
                 projection=options.get("projection", "exact"),
                 loss=loss,

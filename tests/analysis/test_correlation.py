@@ -56,11 +56,14 @@ def test_grouped_tau_equals_scipy_per_group():
         assert got[g] == pytest.approx(stats.kendalltau(x[member], y[member]).statistic)
 
 
-def test_tau_is_plus_one_minus_one_and_nan_when_undefined():
+def test_tau_is_plus_one_minus_one_zero_for_a_constant_and_nan_when_undefined():
     g = np.array([0.3, 0.1, 0.5, 0.2, 0.9])
     assert kendall_tau(g, g) == pytest.approx(1.0)
     assert kendall_tau(-g, g) == pytest.approx(-1.0)
-    assert math.isnan(kendall_tau([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
+    # a constant measure: every pair tied, tau = mean of sign products = 0 (Jiang et al.;
+    # the granulated psi counts it the same way, so one axis gives Psi = tau)
+    assert kendall_tau([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]) == 0.0
+    assert math.isnan(kendall_tau([1.0, 1.0], [2.0, 2.0]))  # copies of one model
     assert math.isnan(kendall_tau([1.0], [2.0]))
     # NaN rows (failed runs) are dropped, not ranked
     assert kendall_tau([1, 2, math.nan, 3], [1, 2, 0, 3]) == pytest.approx(1.0)
@@ -230,3 +233,6 @@ def test_a_measure_constant_along_an_axis_scores_zero_on_it():
     g = granulated_kendall(bs.astype(float), lr + 10.0 * bs, {"lr": lr, "bs": bs})
     assert g.psi == {"lr": 0.0, "bs": 1.0} and g.num_groups == {"lr": 3, "bs": 3}
     assert g.overall == 0.5
+    # one axis and a constant measure: Psi = tau = 0
+    single = granulated_kendall(np.ones(9), lr + 0.0, {"lr": lr})
+    assert single.overall == single.tau == 0.0

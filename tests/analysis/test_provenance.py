@@ -59,3 +59,6 @@ def test_the_recorded_data_spec_reloads_the_same_examples():
     recorded = ss.m_sharpness(model, data, m=64, rho=0.05).meta.data
     for again in (ss.load_data(recorded, recorded["split"]), ss.load_data(recorded)):
         assert again.split == "test" and torch.equal(again.inputs, data.inputs)
+    from sharpscope.data import check_data_spec
+
+    assert check_data_spec(recorded) == ((40,), 10)  # the up-front check takes it too

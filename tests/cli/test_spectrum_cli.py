@@ -407,3 +407,21 @@ def test_plot_named_after_a_hyperparameter_keeps_its_whole_name(checkpoint, tmp_
     )
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sam_rho0.05.pdf", "sam_rho0.05.png"]
+
+
+def test_unconverged_deflated_eigenvalues_are_a_warning_line():
+    """analysis.md section 2 (never silently unconverged) for the pairs deflated before SLQ."""
+    import dataclasses
+
+    from sharpscope.analysis import spectrum
+    from sharpscope.cli.spectrum import summary_lines
+
+    torch.manual_seed(0)
+    model = build_model({"name": "mlp", "width": 8, "depth": 1}, (40,), 10)
+    data = load_data("mnist1d", "test", samples=64)
+    result = spectrum(model, data, k=2, deflate=2, num_probes=1, num_lanczos_steps=5)
+    assert len(result.density.deflated_converged) == 2
+    assert not any("deflated" in line for line in summary_lines(result))
+    density = dataclasses.replace(result.density, deflated_converged=[True, False])
+    lines = summary_lines(dataclasses.replace(result, density=density))
+    assert "warning: 1 of the 2 deflated eigenvalues did not converge" in "\n".join(lines)

@@ -467,6 +467,15 @@ def test_float16_parameters_never_get_a_nan_perturbation(cls):
     assert torch.isfinite(eps).all() and float(eps[0]) > 0 and eps[1:].tolist() == [0, 0]
 
 
+def test_a_float16_gradient_beside_float32_ones_has_a_finite_norm():
+    """The widening to float32 looks at every tensor, not only the first (a float16 norm
+    above 65504 was inf and the perturbation silently 0)."""
+    from sharpscope.optim._ops import global_norm
+
+    grads = [torch.ones(2), torch.full((4,), 60000.0, dtype=torch.float16)]
+    assert float(global_norm(grads)) == pytest.approx((2 + 4 * 60000.0**2) ** 0.5, rel=1e-3)
+
+
 def test_m_sharpness_leaves_parameters_without_a_gradient_alone():
     """A layer the loss does not use keeps grad None under m (as in the plain step), so weight
     decay and momentum do not move it: m = batch size equals plain SAM."""
@@ -503,3 +512,30 @@ def test_m_sharpness_refuses_a_last_group_of_one_example_under_batchnorm():
     with pytest.raises(SharpscopeError, match="one example alone"):
         opt.step(BatchClosure(net, CE, x, y))
     opt.step(BatchClosure(net, CE, x[:6], y[:6]))  # groups of 3 and 3: fine
+    single = SAM(net, torch.optim.SGD, rho=0.05, m=1, lr=0.1)  # every group is one example
+    with pytest.raises(SharpscopeError, match="one example alone"):
+        single.step(BatchClosure(net, CE, x[:6], y[:6]))
+
+
+def test_m_sharpness_trains_a_branch_the_first_examples_do_not_take():
+    """Which parameters the loss uses is probed on two examples once; a branch only other
+    examples take still gets its gradient (it never trained)."""
+
+    class Routed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.left, self.right = nn.Linear(2, 2), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.left(x) if bool(x[0, 0] > 0) else self.right(x)
+
+    torch.manual_seed(0)
+    net = Routed()
+    opt = SAM(net, torch.optim.SGD, rho=0.05, m=2, lr=0.1)
+    x = torch.tensor([[1.0, 0.5], [1.0, -0.5], [-1.0, 0.5], [-1.0, -0.5]])
+    y = torch.tensor([0, 1, 1, 0])
+    before = net.right.weight.detach().clone()
+    opt.step(BatchClosure(net, CE, x, y))  # the probe sees the first two: the left branch
+    assert not torch.equal(net.right.weight, before)
+    # vmap cannot follow the branch: the groups ran one after another, as the next step does
+    opt.step(BatchClosure(net, CE, x.flip(0), y.flip(0)))

@@ -269,6 +269,10 @@ def test_training_plots_read_metrics_jsonl(tmp_path):
     (tmp_path / "cut").mkdir()
     (tmp_path / "cut" / "metrics.jsonl").write_text('{"epoch": 1}\n{"epoch": 2, "te')
     assert read_metrics(tmp_path / "cut") == [{"epoch": 1}]
+    # a whole last line (it ends in a newline) that is not JSON is an error, not a cut
+    (tmp_path / "one.jsonl").write_text("{not json\n")
+    with pytest.raises(SharpscopeError, match="one.jsonl:1 is not JSON"):
+        read_metrics(tmp_path / "one.jsonl")
     plt.close("all")
 
 
