@@ -100,7 +100,13 @@ class ParamLayout:
     def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
         """Views of a ``(..., P)`` vector as the named tensors ``(..., *shape)``."""
         lead = flat.shape[:-1]
-        return {name: flat[..., sl].view(*lead, *shape) for name, shape, sl in self.slices()}
+        # torch.split, not one slice per tensor: a slice's backward writes a zero-filled
+        # (..., P) gradient per tensor, split's backward concatenates the pieces once.
+        parts = torch.split(flat, self.numels, dim=-1)
+        return {
+            name: part.view(*lead, *shape)
+            for name, shape, part in zip(self.names, self.shapes, parts)
+        }
 
     def matrix_mask(self, device: torch.device | None = None) -> Tensor:
         """Boolean ``(P,)``: True on the entries of tensors with two or more dimensions."""

@@ -43,10 +43,30 @@ DEBUG = {"enabled": False}
 F = TypeVar("F", bound=Callable[..., Any])
 
 
-OUT_OF_MEMORY = (
-    "out of memory; try a smaller --batch-size N (the analyses read all examples "
-    "as one batch unless given one), fewer --samples N, or --device cpu"
-)
+# What else bounds a command's memory, named in its out-of-memory line.
+MEMORY_FLAGS = {
+    "msharpness": "a smaller --chunk-size (subsets per vectorized call)",
+    "landscape": "a smaller --chunk-size (grid points per vectorized call)",
+    "spectrum": "--basis-device cpu (the Lanczos basis)",
+}
+
+
+def out_of_memory_line(exc: BaseException, command: str) -> str:
+    """The one line for a command that ran out of memory: the flags that bound its memory,
+    and ``--device cpu`` only when a GPU ran out."""
+    if command == "train":
+        hints = ["a smaller --batch-size N", "fewer --samples N"]
+    else:
+        hints = [
+            "a smaller --batch-size N (the analyses read all examples as one batch unless "
+            "given one)",
+            "fewer --samples N",
+        ]
+    if command in MEMORY_FLAGS:
+        hints.append(MEMORY_FLAGS[command])
+    if isinstance(exc, torch.OutOfMemoryError):
+        hints.append("--device cpu")
+    return f"out of memory; try {', '.join(hints[:-1])} or {hints[-1]}"
 
 
 def show_warning_in_one_line(
@@ -104,7 +124,7 @@ def guarded(fn: F) -> F:
         except RuntimeError as exc:
             if DEBUG["enabled"] or not is_out_of_memory(exc):
                 raise
-            fail(OUT_OF_MEMORY)
+            fail(out_of_memory_line(exc, fn.__name__.removesuffix("_command")))
         except KeyboardInterrupt as exc:
             if not launched_as_main():  # under torchrun rank 0 says it, once
                 raise typer.Exit(interrupt_exit_code(exc)) from None

@@ -356,6 +356,18 @@ def register(app: typer.Typer) -> None:
             + probes * lanczos_steps
         )
         bar = progress_bar(expected, "hvp", "spectrum", enabled=dist.is_main and not no_progress)
+        # Before the first product the pre-flight runs (two gradient passes, the HVP mode
+        # timing with --hvp-mode auto): say so, and start the rate and ETA after it.
+        bar.set_description_str("spectrum (pre-flight: gradient passes, HVP mode timing)")
+        first = [True]
+
+        def advance(n: int) -> None:
+            if first[0]:
+                first[0] = False
+                bar.set_description_str("spectrum", refresh=False)
+                bar.reset(total=bar.total)
+            bar.update(n)
+
         with bar:
             result = spectrum(
                 net,
@@ -381,7 +393,7 @@ def register(app: typer.Typer) -> None:
                 hvp_mode=hvp_mode,
                 bn_mode=bn_mode,
                 weight_decay=weight_decay,
-                progress=bar.update,
+                progress=advance,
             )
             # The total assumed every Lanczos step; converged early, it ends where it did.
             bar.total = bar.n

@@ -41,3 +41,18 @@ def test_output_checks_pass_new_paths_and_refuse_the_wrong_kind(tmp_path):
         check_output_folder("--out", tmp_path / "a-file", holds="the results")
     with pytest.raises(SharpscopeError, match="a-file is a file, not a folder"):
         check_output_folder("--out", tmp_path / "a-file" / "x" / "y", holds="the results")
+
+
+def test_the_out_of_memory_line_names_each_commands_own_memory_flags():
+    """--chunk-size for the vectorized analyses, --device cpu only when a GPU ran out."""
+    import torch
+
+    from sharpscope.cli._common import out_of_memory_line
+
+    cpu, gpu = RuntimeError("can't allocate memory"), torch.OutOfMemoryError("CUDA out of memory")
+    assert "--chunk-size (subsets" in out_of_memory_line(cpu, "msharpness")
+    assert "--chunk-size (grid points" in out_of_memory_line(cpu, "landscape")
+    assert "--device cpu" not in out_of_memory_line(cpu, "msharpness")
+    assert out_of_memory_line(gpu, "train") == (
+        "out of memory; try a smaller --batch-size N, fewer --samples N or --device cpu"
+    )

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from sharpscope.analysis import TopEigs, top_eigenvalues
 from sharpscope.cli import app
-from sharpscope.cli._common import OUT_OF_MEMORY
+from sharpscope.cli._common import out_of_memory_line
 from sharpscope.data import load_data
 from sharpscope.io import save_checkpoint
 from sharpscope.registry import build_model
@@ -248,7 +248,9 @@ def test_data_that_does_not_fit_in_device_memory_is_read_in_smaller_batches(tmp_
     # in batch-statistics mode the partition is fixed: a one-line error naming the way out
     result = runner.invoke(app, [*args, "--bn-mode", "batch"])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines()[-1] == f"error: {OUT_OF_MEMORY}"
+    last = result.output.strip().splitlines()[-1]
+    assert last == "error: " + out_of_memory_line(torch.OutOfMemoryError(), "spectrum")
+    assert "--batch-size" in last and "--basis-device cpu" in last
     assert "Traceback" not in result.output
     result = runner.invoke(app, [*args, "--bn-mode", "batch", "--batch-size", "16"])
     assert result.exit_code == 0, result.output
