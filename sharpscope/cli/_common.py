@@ -348,6 +348,8 @@ def load_analysis_inputs(
             f"--split test needs a built-in data set: the data factory {spec['factory']} "
             "gives one set (analysed as train); give test data as its own --data factory"
         )
+    if data_root is None:  # the CIFAR folder the run trained from, as its config recorded it
+        data_root = (checkpoint.raw.get("config") or {}).get("data_root")
     chosen = pick_device(device)
     split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)

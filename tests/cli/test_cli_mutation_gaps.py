@@ -672,3 +672,25 @@ def test_resume_shows_the_progress_bar_unless_this_call_hides_it(tmp_path):
         result = ok(runner.invoke(app, ["train", "--out", str(out), "--resume", *extra]))
         assert result.stdout.startswith("sgd on mnist1d (mlp), 2 epochs")
         assert ("step/s" in result.stderr) is not hidden, result.stderr
+
+
+def test_an_analysis_reads_the_cifar_folder_its_run_recorded(tmp_path, monkeypatch):
+    """A run's checkpoint records --data-root (absolute): the analyses take it from there,
+    from any working directory, unless --data-root names another folder."""
+    from cases import write_cifar
+
+    write_cifar(tmp_path / "cifar", "cifar10")
+    ckpt = write_checkpoint(
+        tmp_path / "c.pt",
+        MLP,
+        (3, 32, 32),
+        {"name": "cifar10"},
+        config={"data_root": str(tmp_path / "cifar")},
+    )
+    monkeypatch.chdir(tmp_path.parent)
+    out = tmp_path / "c.json"
+    cmd = ["msharpness", str(ckpt), "--m", "5", "--device", "cpu", "--no-progress"]
+    ok(runner.invoke(app, [*cmd, "--json", str(out)]))
+    assert json.loads(out.read_text())["meta"]["num_samples"] == 30
+    line = one_error_line(runner.invoke(app, [*cmd, "--data-root", str(tmp_path / "none")]))
+    assert "cifar10 files not found" in line
