@@ -81,8 +81,10 @@ def resolve_directions(
         loaded = _distinct_weights([load(p) for p in files])
         loaded.sort(key=lambda c: (c.epoch is None, c.epoch or 0, str(c.path)))
         console.print(f"PCA of a trajectory of {len(loaded)} checkpoints from {path}")
-        centre = inputs.checkpoint.model
-        if not any(_same_weights(c.model, centre) for c in loaded) and own.parent != path.resolve():
+        outside = _weights_key(inputs.checkpoint.model) not in {
+            _weights_key(c.model) for c in loaded
+        }
+        if outside and own.parent != path.resolve():
             console.print(
                 f"note: {ckpt} is not among the checkpoints of {path}: the trajectory is "
                 "projected around a model outside it"
@@ -94,19 +96,23 @@ def resolve_directions(
     )
 
 
-def _same_weights(a: Any, b: Any) -> bool:
-    first, second = a.state_dict(), b.state_dict()
-    return first.keys() == second.keys() and all(
-        first[k].shape == second[k].shape and bool((first[k] == second[k]).all()) for k in first
-    )
+def _weights_key(model: Any) -> tuple[tuple[str, ...], str]:
+    """A model's tensor names and a hash of their values (in float64, so a copy cast to
+    another dtype or device has the same key): equal keys, equal weights."""
+    from ..analysis._functional import fingerprint
+
+    state = model.state_dict()
+    return tuple(state), fingerprint(*(t.double() for t in state.values()))
 
 
 def _distinct_weights(checkpoints: list[Any]) -> list[Any]:
     """Each set of weights once: ``last.pt`` repeats the last ``epoch_NNN.pt``, and a point
     counted twice would weigh twice in the PCA."""
-    kept: list[Any] = []
+    kept, seen = [], set()
     for checkpoint in sorted(checkpoints, key=lambda c: str(c.path)):  # epoch_* before last
-        if not any(_same_weights(checkpoint.model, other.model) for other in kept):
+        key = _weights_key(checkpoint.model)
+        if key not in seen:
+            seen.add(key)
             kept.append(checkpoint)
     return kept
 
