@@ -107,6 +107,11 @@ def dataset_names() -> list[str]:
     return sorted(SOURCES)
 
 
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+
+
 def _check_fraction(name: str, value: Any) -> float:
     try:
         value = float(value)
@@ -205,8 +210,8 @@ def check_data_spec(
 
     spec = normalize_spec(spec, "data set")
     split = spec.pop("split", None)  # as an analysis' meta.data records it (load_data takes it)
-    if split is not None and split not in SPLITS:
-        raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    if split is not None:
+        _check_split(split)
     _check_option_names(spec)
     if "factory" in spec:
         if check_files:
@@ -298,8 +303,7 @@ def load_data(
     spec = normalize_spec(spec, "data set")
     recorded_split = spec.pop("split", None)  # meta.data records the split beside the options
     split = split if split is not None else (recorded_split or "train")
-    if split not in SPLITS:
-        raise SharpscopeError(f"unknown split '{split}'; choose one of: {', '.join(SPLITS)}")
+    _check_split(split)
     _check_option_names(spec)
     root = spec.get("data_root", data_root)
     if "factory" in spec:
