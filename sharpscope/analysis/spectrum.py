@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -280,13 +281,14 @@ class Spectrum(Result):
     ``density{grid, values}``, ``hvp_count``, ``seconds``, ``meta``) plus the parts in
     full (``top``, ``trace_detail``, ``density`` with nodes and weights). Eigenvectors are
     left out of the JSON (``P`` floats each); save them with ``spectrum.top.save("x.npz")``.
+    A part skipped (``spectrum(..., skip=...)``) is None here and null in the JSON.
     """
 
     kind: ClassVar[str] = "spectrum"
 
     top: TopEigs
-    trace_estimate: Trace
-    density: Density
+    trace_estimate: Trace | None = None
+    density: Density | None = None
     hvp_count: float = 0.0
     seconds: float = 0.0
     meta: RunMeta = field(default_factory=RunMeta)
@@ -312,43 +314,53 @@ class Spectrum(Result):
         return self.top.ratio
 
     @property
-    def trace(self) -> float:
-        """Estimated tr(H)."""
-        return self.trace_estimate.trace
+    def parts(self) -> tuple[str, ...]:
+        """The parts computed, of ("top", "trace", "density")."""
+        return ("top",) + tuple(
+            name
+            for name, part in (("trace", self.trace_estimate), ("density", self.density))
+            if part is not None
+        )
 
     @property
-    def stderr(self) -> float:
-        """Standard error of the trace."""
-        return self.trace_estimate.stderr
+    def trace(self) -> float | None:
+        """Estimated tr(H) (None when skipped)."""
+        return None if self.trace_estimate is None else self.trace_estimate.trace
+
+    @property
+    def stderr(self) -> float | None:
+        """Standard error of the trace (None when skipped)."""
+        return None if self.trace_estimate is None else self.trace_estimate.stderr
 
     trace_stderr = stderr
 
     @property
-    def grid(self) -> Tensor:
-        """Grid of the smoothed density."""
-        return self.density.grid
+    def grid(self) -> Tensor | None:
+        """Grid of the smoothed density (None when skipped)."""
+        return None if self.density is None else self.density.grid
 
     @property
-    def values(self) -> Tensor:
-        """Values of the smoothed density."""
-        return self.density.values
+    def values(self) -> Tensor | None:
+        """Values of the smoothed density (None when skipped)."""
+        return None if self.density is None else self.density.values
 
     def to_dict(self) -> dict[str, Any]:
-        """interface.md keys first, then the parts in full."""
+        """interface.md keys first, then the parts in full (a skipped part: null)."""
         from ..results import to_jsonable
 
         top = self.top.to_dict()
-        trace = self.trace_estimate.to_dict()
-        density = self.density.to_dict()
+        trace = None if self.trace_estimate is None else self.trace_estimate.to_dict()
+        density = None if self.density is None else self.density.to_dict()
         for part in (top, trace, density):
-            part.pop("meta", None)
+            if part is not None:
+                part.pop("meta", None)
         top.pop("eigenvectors", None)  # (k, P): saved apart, as NPZ (TopEigs.save)
         return {
             "eigenvalues": to_jsonable(self.eigenvalues),
             "lambda_max": _float_or_none(self.lambda_max),
             "lambda_5": _float_or_none(self.lambda_5),
             "ratio": _float_or_none(self.ratio),
-            "trace": float(self.trace),
+            "trace": None if self.trace is None else float(self.trace),
             "trace_stderr": _float_or_none(self.trace_stderr),
             "density": density,
             "hvp_count": float(self.hvp_count),
@@ -357,7 +369,8 @@ class Spectrum(Result):
             "residuals": top.get("residuals"),
             "converged": top.get("converged"),
             "which": self.top.which,
-            "trace_method": self.trace_estimate.method,
+            "parts": list(self.parts),
+            "trace_method": None if self.trace_estimate is None else self.trace_estimate.method,
             "top": top,
             "trace_detail": trace,
             "kind": self.kind,
@@ -370,11 +383,11 @@ class Spectrum(Result):
         meta = RunMeta(**meta) if isinstance(meta, dict) else (meta or RunMeta())
         top = data["top"]
         trace = data.get("trace_detail", data.get("trace_estimate"))
-        density = data["density"]
+        density = data.get("density")
         return cls(
             top=TopEigs.from_dict({**top, "meta": meta}),  # type: ignore[arg-type]
-            trace_estimate=Trace.from_dict({**trace, "meta": meta}),  # type: ignore[arg-type]
-            density=Density.from_dict({**density, "meta": meta}),  # type: ignore[arg-type]
+            trace_estimate=None if trace is None else Trace.from_dict({**trace, "meta": meta}),  # type: ignore[arg-type]
+            density=None if density is None else Density.from_dict({**density, "meta": meta}),  # type: ignore[arg-type]
             hvp_count=float(data.get("hvp_count", 0.0)),
             seconds=float(data.get("seconds", 0.0)),
             meta=meta,
@@ -457,6 +470,34 @@ def check_spectrum_choices(
     ):
         if value is not None and value not in choices:
             raise SharpscopeError(f"unknown {name} '{value}'; choose one of {', '.join(choices)}")
+
+
+SKIPPABLE = ("trace", "density")
+
+
+def check_skip(skip: Iterable[str], *, deflate: int = 0) -> frozenset[str]:
+    """The parts of :func:`spectrum` to skip, checked: of "trace" and "density" only.
+
+    >>> sorted(check_skip(["density", "trace"]))
+    ['density', 'trace']
+    >>> check_skip(["top"])
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: cannot skip 'top': choose from trace, density (the \
+top-k always runs)
+    """
+    if isinstance(skip, str):
+        skip = [skip]
+    skipped = frozenset(skip)
+    for part in sorted(skipped - set(SKIPPABLE)):
+        raise SharpscopeError(
+            f"cannot skip '{part}': choose from {', '.join(SKIPPABLE)} (the top-k always runs)"
+        )
+    if "density" in skipped and deflate:
+        raise SharpscopeError(
+            f"deflate {deflate} applies to the density, which is skipped: drop one of them"
+        )
+    return skipped
 
 
 def _top_from_op(
@@ -884,6 +925,7 @@ def spectrum(
     basis_device: Any = None,
     restart_size: int | None = None,
     backend: str = "sharpscope",
+    skip: Iterable[str] = (),
     meta: RunMeta | None = None,
     **operator_options: Any,
 ) -> Spectrum:
@@ -903,12 +945,17 @@ def spectrum(
         num_probes, num_lanczos_steps, kernel: as in :func:`spectral_density`.
         deflate: deflate the top-``deflate`` eigenpairs (reuses the top-k ones when
             ``deflate <= k`` and which="LA").
+        skip: parts not to compute, of "trace" and "density" (the top-k always runs). By
+            default the density costs the most: ``num_probes * num_lanczos_steps`` HVPs
+            (900) against the top-5's ~13 and Hutch++'s 99; ``skip=("trace", "density")``
+            gives λ1..λk alone. A skipped part is None in the result, null in its JSON.
 
     Returns:
         :class:`Spectrum`; ``.to_json()`` has the interface.md keys.
     """
     _check_backend(backend, which)
     check_spectrum_choices(which=which, trace_method=trace_method, kernel=kernel)
+    skipped = check_skip(skip, deflate=deflate)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -946,44 +993,48 @@ def spectrum(
         meta=meta,
     )
 
-    t0, h0 = time.perf_counter(), op.hvp_count
-    est = _trace_from_op(
-        op,
-        method=trace_method,
-        num_probes=trace_probes,
-        distribution="rademacher",
-        seed=seed + TRACE_SEED_OFFSET,
-        backend=backend,
-    )
-    counts["trace"] = op.hvp_count - h0 + (est.num_matvecs if backend == "pyhessian" else 0)
-    trace = _trace_result(
-        est, hvps=counts["trace"], seconds=time.perf_counter() - t0, backend=backend, meta=meta
-    )
-
-    t0, h0 = time.perf_counter(), op.hvp_count
-    if reuse:
-        assert pairs.eigenvectors is not None
-        deflation: int | EigenPairs = dataclasses.replace(
-            pairs,
-            eigenvalues=pairs.eigenvalues[:deflate],
-            eigenvectors=pairs.eigenvectors[:deflate],
-            converged=pairs.converged[:deflate],
+    trace = None
+    if "trace" not in skipped:
+        t0, h0 = time.perf_counter(), op.hvp_count
+        est = _trace_from_op(
+            op,
+            method=trace_method,
+            num_probes=trace_probes,
+            distribution="rademacher",
+            seed=seed + TRACE_SEED_OFFSET,
+            backend=backend,
         )
-    else:
-        deflation = deflate
-    density = _density_from_op(
-        op,
-        num_probes=num_probes,
-        num_lanczos_steps=num_lanczos_steps,
-        kernel=kernel,
-        deflate=deflation,
-        seed=seed + DENSITY_SEED_OFFSET,
-        basis_device=basis_device,
-    )
-    counts["density"] = op.hvp_count - h0
-    density = dataclasses.replace(
-        density, hvp_count=counts["density"], seconds=time.perf_counter() - t0, meta=meta
-    )
+        counts["trace"] = op.hvp_count - h0 + (est.num_matvecs if backend == "pyhessian" else 0)
+        trace = _trace_result(
+            est, hvps=counts["trace"], seconds=time.perf_counter() - t0, backend=backend, meta=meta
+        )
+
+    density = None
+    if "density" not in skipped:
+        t0, h0 = time.perf_counter(), op.hvp_count
+        if reuse:
+            assert pairs.eigenvectors is not None
+            deflation: int | EigenPairs = dataclasses.replace(
+                pairs,
+                eigenvalues=pairs.eigenvalues[:deflate],
+                eigenvectors=pairs.eigenvectors[:deflate],
+                converged=pairs.converged[:deflate],
+            )
+        else:
+            deflation = deflate
+        density = _density_from_op(
+            op,
+            num_probes=num_probes,
+            num_lanczos_steps=num_lanczos_steps,
+            kernel=kernel,
+            deflate=deflation,
+            seed=seed + DENSITY_SEED_OFFSET,
+            basis_device=basis_device,
+        )
+        counts["density"] = op.hvp_count - h0
+        density = dataclasses.replace(
+            density, hvp_count=counts["density"], seconds=time.perf_counter() - t0, meta=meta
+        )
     total = sum(counts.values())
     meta = dataclasses.replace(
         meta,

@@ -162,9 +162,14 @@ def summary_lines(result) -> list[str]:
             f"lambda_max, lambda_5, lambda_max/lambda_5: n/a with --which {which} "
             "(they are defined from the largest eigenvalues, --which LA)"
         )
-    lines.append(
-        f"trace: {result.trace:.6g} +- {_fmt(result.trace_stderr)} ({result.trace_estimate.method})"
-    )
+    if result.trace_estimate is not None:
+        lines.append(
+            f"trace: {result.trace:.6g} +- {_fmt(result.trace_stderr)} "
+            f"({result.trace_estimate.method})"
+        )
+    skipped = [part for part in ("trace", "density") if part not in result.parts]
+    if skipped:
+        lines.append(f"skipped: {', '.join(skipped)}")
     lines.append(f"hvp_count: {result.hvp_count:g} full passes ({result.seconds:.2f} s)")
     if not all(result.top.converged):
         bad = [i + 1 for i, c in enumerate(result.top.converged) if not c]
@@ -176,13 +181,37 @@ def summary_lines(result) -> list[str]:
         lines.append(
             f"warning: eigenvalue(s) {bad} have residuals above tol {result.top.tol:g} ({advice})"
         )
-    deflated = result.density.deflated_converged
+    deflated = () if result.density is None else result.density.deflated_converged
     if not all(deflated):
         lines.append(
             f"warning: {sum(not c for c in deflated)} of the {len(deflated)} deflated "
             "eigenvalues did not converge (the density is of the rest along inexact directions)"
         )
     return lines
+
+
+def parse_skip(
+    values: list[str] | None, *, deflate: int = 0, plot: Path | None = None
+) -> frozenset[str]:
+    """``--skip`` values (repeated or comma-separated) as a checked set of parts.
+
+    >>> sorted(parse_skip(["trace,density"]))
+    ['density', 'trace']
+    >>> parse_skip(["density"], plot=Path("d.pdf"))
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: --plot draws the density, which --skip density leaves out
+    """
+    from ..analysis.spectrum import check_skip
+
+    parts = [p.strip() for value in values or () for p in value.split(",") if p.strip()]
+    try:
+        skipped = check_skip(parts, deflate=deflate)
+    except SharpscopeError as exc:
+        raise SharpscopeError(f"--skip: {exc}".replace("deflate ", "--deflate ")) from None
+    if "density" in skipped and plot is not None:
+        raise SharpscopeError("--plot draws the density, which --skip density leaves out")
+    return skipped
 
 
 def register(app: typer.Typer) -> None:
@@ -269,6 +298,14 @@ def register(app: typer.Typer) -> None:
             "--restart-size",
             help="Thick-restart Lanczos with at most N basis vectors (2k+10 suggested).",
         ),
+        skip: Optional[list[str]] = typer.Option(
+            None,
+            "--skip",
+            metavar="<part>",
+            help="Skip trace and/or density (repeatable or comma-separated; the top-k "
+            "always runs): '--skip trace,density' gives λ1..λk in ~1/70 of the default's "
+            "Hessian-vector products. Skipped parts are null in --json.",
+        ),
         no_progress: NoProgressOpt = False,
     ) -> None:
         """Top-k Hessian eigenvalues, trace and spectral density of a checkpoint."""
@@ -299,9 +336,10 @@ def register(app: typer.Typer) -> None:
             }
         )
         check_number("--deflate", deflate, minimum=0, hint=" (0: no deflation)")
+        skipped = parse_skip(skip, deflate=deflate, plot=plot)
         check_number("--tol", tol, minimum=0, inclusive=False, hint=" (default 1e-05)")
         check_number("--weight-decay", weight_decay, minimum=0)
-        if backend == "sharpscope":  # PyHessian's trace has its own budget
+        if backend == "sharpscope" and "trace" not in skipped:  # PyHessian's: own budget
             check_trace_probes(trace_method, trace_probes)
         if max_steps is None:
             max_steps = default_max_steps(k)
@@ -352,8 +390,8 @@ def register(app: typer.Typer) -> None:
         # Progress in Hessian-vector products: top-k (≤ max_steps), trace, density.
         expected = (
             min(max_steps, inputs.meta.num_params or max_steps)
-            + (trace_probes or 99)
-            + probes * lanczos_steps
+            + (0 if "trace" in skipped else trace_probes or 99)
+            + (0 if "density" in skipped else probes * lanczos_steps)
         )
         bar = progress_bar(expected, "hvp", "spectrum", enabled=dist.is_main and not no_progress)
         # Before the first product the pre-flight runs (two gradient passes, the HVP mode
@@ -389,6 +427,7 @@ def register(app: typer.Typer) -> None:
                 basis_device=basis_device,
                 restart_size=restart_size,
                 backend=backend,
+                skip=skipped,
                 meta=inputs.meta,
                 hvp_mode=hvp_mode,
                 bn_mode=bn_mode,

@@ -23,6 +23,8 @@ def _parts(result: Any) -> tuple[Any, np.ndarray, Any]:
     density = getattr(result, "density", None)
     if density is not None and hasattr(density, "grid"):
         return density, np.asarray(result.eigenvalues, dtype=float), result.meta
+    if hasattr(result, "top") and hasattr(result, "density"):
+        raise SharpscopeError("this spectrum was computed without its density: nothing to plot")
     if hasattr(result, "grid") and hasattr(result, "values"):
         deflated = getattr(result, "deflated", None)
         top = np.asarray(deflated, dtype=float) if deflated is not None else np.zeros(0)

@@ -168,6 +168,29 @@ def test_spectrum_json_has_the_interface_keys(bn_cnn, tmp_path):
     assert isinstance(loaded.density, Density)
 
 
+def test_skipped_parts_cost_nothing_and_are_null_in_the_json(mlp, tmp_path):
+    """skip=("trace", "density"): the same top-k (same seed) for the top-k's products only."""
+    full = spectrum(mlp.model, mlp.data, k=3, num_probes=2, num_lanczos_steps=10, seed=4)
+    top_only = spectrum(mlp.model, mlp.data, k=3, seed=4, skip=("trace", "density"))
+    torch.testing.assert_close(top_only.eigenvalues, full.eigenvalues, rtol=0, atol=0)
+    assert top_only.hvp_count == top_only.top.hvp_count == full.top.hvp_count
+    assert top_only.parts == ("top",) and full.parts == ("top", "trace", "density")
+    assert top_only.trace is None and top_only.trace_stderr is None and top_only.grid is None
+    data = json.loads(top_only.to_json())
+    assert SPECTRUM_JSON_KEYS <= set(data)
+    assert data["trace"] is data["trace_stderr"] is data["density"] is None
+    assert data["parts"] == ["top"] and data["lambda_max"] == full.lambda_max
+    loaded = Spectrum.load(top_only.save(tmp_path / "top.json"))
+    assert loaded.trace_estimate is None and loaded.density is None
+    torch.testing.assert_close(loaded.eigenvalues, top_only.eigenvalues)
+    no_density = spectrum(mlp.model, mlp.data, k=3, seed=4, skip="density")
+    assert no_density.trace == full.trace and no_density.density is None
+    from sharpscope.plotting.spectrum import plot_spectrum
+
+    with pytest.raises(SharpscopeError, match="without its density"):
+        plot_spectrum(top_only)
+
+
 def test_spectrum_traces_agree_within_error_bars(mlp):
     result = spectrum(mlp.model, mlp.data, dtype="float64", num_probes=10, num_lanczos_steps=40)
     exact = float(torch.trace(mlp.H))
@@ -280,6 +303,8 @@ def test_pyhessian_pairs_are_flagged_by_their_residuals(mlp):
         (lambda m, d: top_eigenvalues(m, d, which="XX"), "which"),
         (lambda m, d: top_eigenvalues(m, d, colour="red"), "unknown option"),
         (lambda m, d: top_eigenvalues(m, None), "no data"),
+        (lambda m, d: spectrum(m, d, skip=("top",)), "cannot skip 'top'"),
+        (lambda m, d: spectrum(m, d, skip=("density",), deflate=2), "density, which is skipped"),
         (lambda m, d: top_eigenvalues(copy.deepcopy(m).requires_grad_(False), d), "trainable"),
     ],
 )

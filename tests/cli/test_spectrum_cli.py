@@ -165,9 +165,27 @@ def test_pyhessian_backend(checkpoint):
     assert "pyhessian-hutchinson" in result.stdout
 
 
+def test_skip_gives_the_top_k_alone_with_nulls_in_the_json(checkpoint, tmp_path):
+    out = tmp_path / "top.json"
+    args = ["spectrum", str(checkpoint), *FAST, "--skip", "trace,density", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "lambda_max:" in result.stdout and "skipped: trace, density" in result.stdout
+    assert "trace:" not in result.stdout
+    data = json.loads(out.read_text())
+    assert data["trace"] is None and data["density"] is None and data["parts"] == ["top"]
+    assert data["hvp_count"] == data["top"]["hvp_count"]
+    full = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--skip", "density"])
+    assert full.exit_code == 0, full.output
+    assert "trace:" in full.stdout and "skipped: density" in full.stdout
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
+        (["--skip", "top"], "--skip: cannot skip 'top': choose from trace, density"),
+        (["--skip", "density", "--deflate", "2"], "--deflate 2 applies to the density"),
+        (["--skip", "density", "--plot", "d.pdf"], "--plot draws the density"),
         (["--k", "100000"], "larger than the number of parameters"),
         (["--which", "BIG"], "--which must be one of"),
         (["--eigenvectors", "vectors.txt"], "must name a .npz file"),
