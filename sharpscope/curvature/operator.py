@@ -62,7 +62,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from ..data.batches import as_batches, num_examples
-from ..device_memory import FittingRows, is_out_of_memory
+from ..device_memory import (
+    CPU_MEMORY_SHARE,
+    HVP_MEMORY_FACTOR,
+    FittingRows,
+    available_memory_bytes,
+    is_out_of_memory,
+    saved_bytes_per_example,
+)
 from ..distributed import group_rank_and_size
 from ..errors import SharpscopeError, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
@@ -195,6 +202,12 @@ class HessianOperator:
             that runs out of device memory is redone in blocks half as large, down to
             single products, which then halve the batches (eval mode).
         distributed: None (auto-detect), True or False.
+        memory_budget: bytes the products may use on the CPU (default: half of the free
+            memory, shared by the processes of a ``torchrun`` on this machine). With
+            ``batch_size=None`` in eval mode, one batch estimated to need more
+            (:data:`~sharpscope.device_memory.HVP_MEMORY_FACTOR` times what its forward
+            pass saves) is read in equal smaller batches, with a warning: the same L, ∇L
+            and Hv, without the kernel ending the process for want of memory.
         progress: called with the number of products after each (block) product, e.g.
             a progress bar's ``update``; the analyses themselves print nothing.
 
@@ -232,6 +245,7 @@ class HessianOperator:
         fold_bn: bool = True,
         max_block_size: int | None = None,
         distributed: bool | None = None,
+        memory_budget: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -319,12 +333,15 @@ class HessianOperator:
         if fold_bn and check and bn_mode == "eval" and self._batches:
             self.module, pairs = fold_batchnorm(module, self._batches[0][0][:2])
             self.bn_folded = [norm for _, norm in pairs]
+        self._reuse_graph_allowed = bool(reuse_graph)
+        self.batches_split_for_memory = 0
+        if batch_size is None and self.device.type == "cpu" and bn_mode == "eval":
+            self._split_for_memory(memory_budget)
 
         self.hvp_count = 0.0
         self.progress = progress  # called with the number of products after each call
         self.grad_count = 0.0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
-        self._reuse_graph_allowed = bool(reuse_graph)
         self._reuse_graph = self._reuse_graph_allowed and len(self._batches) == 1
         self.batches_halved = 0
         self.grad_seconds = math.nan
@@ -658,6 +675,51 @@ class HessianOperator:
             if not self._halve_batches():
                 raise torch.OutOfMemoryError(message)
 
+    def _split_for_memory(self, budget: int | None) -> None:
+        """Split a single local CPU batch whose products would not fit in ``budget`` bytes.
+
+        The estimate is :data:`HVP_MEMORY_FACTOR` times the bytes one forward pass saves
+        for the backward, per example (:func:`saved_bytes_per_example`); a model that
+        fails on the data is left to the pre-flight check, which names the cause.
+        """
+        if len(self._batches) != 1 or len(self._batches[0][1]) < 8:
+            return
+        planned = "given as memory_budget"
+        if budget is None:
+            free = available_memory_bytes()
+            if free is None:
+                return
+            sharing = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+            budget = int(CPU_MEMORY_SHARE * free / sharing)
+            planned = f"half of the {free / 1e9:.3g} GB free" + (
+                f", shared by {sharing} processes" if sharing > 1 else ""
+            )
+        x, y = self._batches[0]
+        params = {n: p.detach().requires_grad_() for n, p in self._params.items()}
+        try:
+            with self._analysis_mode():
+                per_example = saved_bytes_per_example(
+                    lambda xs, ys: self._forward_loss(params, xs, ys), x, y
+                )
+        except Exception:  # noqa: BLE001 - the pre-flight check reports it
+            return
+        need = HVP_MEMORY_FACTOR * per_example * len(y)
+        if need <= budget:
+            return
+        size = max(1, int(budget // (HVP_MEMORY_FACTOR * per_example)))
+        parts = -(-len(y) // size)
+        self._batches = list(zip(x.tensor_split(parts), y.tensor_split(parts)))
+        self._weights = [len(t) / self.num_examples for _, t in self._batches]
+        self.batches_split_for_memory = parts
+        warnings.warn(
+            f"the {len(y)} examples as one batch would need about {need / 1e9:.2g} GB for "
+            f"Hessian-vector products, more than the {budget / 1e9:.2g} GB planned ({planned}); "
+            f"reading them in {parts} batches of at most "
+            f"{max(len(t) for _, t in self._batches)} (same results; --batch-size sets it)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
     def _halve_batches(self) -> bool:
         """Split every local batch in two; False when that cannot help or is not allowed."""
         if self.bn_mode == "batch" or all(len(y) <= 1 for _, y in self._batches):
@@ -893,6 +955,7 @@ class HessianOperator:
             "num_batches": self.num_batches,
             "max_batch_size": max(self.batch_sizes),
             "batches_halved": self.batches_halved,
+            "batches_split_for_memory": self.batches_split_for_memory,
             "max_block_size": self.max_block_size,
             "bn_mode": self.bn_mode,
             "loss": self.loss_name,

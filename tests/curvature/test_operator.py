@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -431,3 +432,40 @@ def test_batch_statistics_mode_keeps_its_batches_when_memory_runs_out(cnn_case):
         HessianOperator(small, cnn_case.data, dtype="float64", bn_mode="batch")
     op = HessianOperator(small, cnn_case.data, dtype="float64", bn_mode="batch", batch_size=16)
     assert op.batches_halved == 0
+
+
+def test_one_cpu_batch_too_large_for_the_memory_budget_is_read_in_equal_batches(case):
+    """N examples (60, 48) whose products would need ~2.9x the budget: 3 equal batches."""
+    from sharpscope.device_memory import HVP_MEMORY_FACTOR, saved_bytes_per_example
+
+    whole = HessianOperator(case.model, case.data, dtype="float64")
+    assert whole.batches_split_for_memory == 0 and len(whole._batches) == 1  # plenty free
+    params = {n: p.detach().requires_grad_() for n, p in whole._params.items()}
+    x, y = whole._batches[0]
+    with whole._analysis_mode():
+        per_example = saved_bytes_per_example(lambda a, b: whole._forward_loss(params, a, b), x, y)
+    assert per_example > 0
+    n = len(case.y)
+    budget = int(HVP_MEMORY_FACTOR * per_example * (n // 3 + 1))
+    expected = rf"{n} examples as one batch .* 3 batches of at most {n // 3} "
+    with pytest.warns(RuntimeWarning, match=expected):
+        op = HessianOperator(case.model, case.data, dtype="float64", memory_budget=budget)
+    assert [len(t) for _, t in op._batches] == [n // 3] * 3
+    assert op.describe()["batches_split_for_memory"] == 3
+    V = torch.randn(2, case.H.shape[0], generator=torch.Generator().manual_seed(8), dtype=F64)
+    assert rel(op.hvp_block(V), V @ case.H) <= 1e-10
+    given = HessianOperator(case.model, case.data, dtype="float64", batch_size=60)
+    assert given.batches_split_for_memory == 0  # a --batch-size the user chose is kept
+    batch_mode = HessianOperator(
+        case.model, case.data, dtype="float64", bn_mode="batch", memory_budget=budget
+    )
+    assert len(batch_mode._batches) == 1  # there the partition is part of the function
+
+
+def test_free_memory_is_read_from_the_kernel():
+    from sharpscope.device_memory import available_memory_bytes
+
+    free = available_memory_bytes()
+    assert free is None or 0 < free
+    if sys.platform.startswith("linux"):
+        assert free is not None and free > 2**20
