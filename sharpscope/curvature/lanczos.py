@@ -14,6 +14,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -465,9 +466,11 @@ def lanczos_top_k(
     op = as_operator(A, dim)
     _check_k(k, op.dim, max_steps)
 
+    last: list[bool | str] = [False]
+
     def stop(alpha: np.ndarray, beta: np.ndarray, b: float) -> bool | str:
         restarted = np.flatnonzero(beta == 0.0)  # a restart couples the blocks by 0
-        return top_k_verdict(
+        last[0] = top_k_verdict(
             *tridiagonal_eigh(alpha, beta),
             b,
             k,
@@ -476,6 +479,7 @@ def lanczos_top_k(
             block_start=int(restarted[-1]) + 1 if restarted.size else 0,
             block_eigh=lambda lo, hi: tridiagonal_eigh(alpha[lo:hi], beta[lo : hi - 1]),
         )
+        return last[0]
 
     run = lanczos(
         op,
@@ -488,11 +492,12 @@ def lanczos_top_k(
         return_basis=return_eigenvectors,
     )
     theta, S = run.ritz()
-    return ritz_pairs(
+    idx = select(theta, k, which)
+    pairs = ritz_pairs(
         op,
         theta,
         S,
-        select(theta, k, which),
+        idx,
         residual_norm=run.residual_norm,
         dropped=run.dropped,
         basis=run.basis,
@@ -503,6 +508,34 @@ def lanczos_top_k(
         num_steps=run.num_steps,
         restarts=run.restarts,
     )
+    if last[0] == RESTART and not run.exhausted and run.num_steps < op.dim:
+        restarted = np.flatnonzero(run.beta == 0.0)
+        lo = int(restarted[-1]) + 1 if restarted.size else 0
+        block, _ = tridiagonal_eigh(run.alpha[lo:], run.beta[lo:])
+        pairs = unfinished_copy_search(pairs, theta, idx, block, which, tol)
+    return pairs
+
+
+def unfinished_copy_search(
+    pairs: EigenPairs,
+    theta: np.ndarray,
+    idx: np.ndarray,
+    block: np.ndarray,
+    which: str,
+    tol: float,
+) -> EigenPairs:
+    """Flags for a run that m_max ended while it still looked for copies.
+
+    The last Krylov block was invariant and its most wanted value ``max(block)`` was
+    wanted more than the k-th (the verdict was RESTART): a further copy of it would
+    displace every wanted value below it, so those are not certainly among the k wanted
+    ones and are flagged unconverged, however small their residuals.
+    """
+    top = float(preference(block, which).max())
+    scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
+    wanted = preference(theta[idx], which)
+    flags = [c and bool(v >= top - tol * scale) for c, v in zip(pairs.converged, wanted)]
+    return dataclasses.replace(pairs, converged=flags)
 
 
 def ritz_pairs(

@@ -38,6 +38,7 @@ from .lanczos import (
     ritz_pairs,
     select,
     top_k_verdict,
+    unfinished_copy_search,
 )
 
 __all__ = ["thick_restart_lanczos_top_k", "default_restart_size"]
@@ -176,7 +177,7 @@ def thick_restart_lanczos_top_k(
             restarts += 1
 
     assert theta is not None and S is not None and idx is not None
-    return ritz_pairs(
+    pairs = ritz_pairs(
         op,
         theta,
         S,
@@ -191,3 +192,7 @@ def thick_restart_lanczos_top_k(
         num_steps=steps,
         restarts=restarts,
     )
+    if verdict == RESTART and steps >= max_steps and j < n:  # m_max ended a copy search
+        block = np.linalg.eigvalsh(T[block_start:j, block_start:j])
+        pairs = unfinished_copy_search(pairs, theta, idx, block, which, tol)
+    return pairs

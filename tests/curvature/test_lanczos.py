@@ -291,3 +291,20 @@ def test_most_negative_eigenvalues_of_a_network_hessian(mlp_case):
     assert exact[-1] < 0  # the fixture sits at a point with negative curvature
     result = lanczos_top_k(op, k=2, which="SA", tol=1e-8, max_steps=184)
     assert rel_err(result.eigenvalues, exact) <= 1e-8
+
+
+@pytest.mark.parametrize("restart_size", [None, 11])
+def test_a_step_budget_that_ends_a_copy_search_flags_the_values_a_copy_would_displace(
+    planted_matrix, restart_size
+):
+    """λ = 5 (x6), 1 (x6); at 8 steps only four copies of 5 are found: the fifth value (1) is
+    not certainly among the top 5 and must not be flagged converged."""
+    A = planted_matrix(torch.tensor([5.0] * 6 + [1.0] * 6, dtype=F64))
+    if restart_size is None:
+        pairs = lanczos_top_k(A, k=5, max_steps=8)
+    else:
+        pairs = thick_restart_lanczos_top_k(A, k=5, max_steps=8, restart_size=restart_size)
+    assert not all(pairs.converged)
+    for value, converged in zip(pairs.eigenvalues.tolist(), pairs.converged):
+        assert not converged or abs(value - 5.0) < 1e-8
+    assert lanczos_top_k(A, k=5).converged == [True] * 5
