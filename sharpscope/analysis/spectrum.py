@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..curvature.lanczos import EigenPairs, Which, lanczos_top_k
 from ..curvature.operator import HessianOperator
-from ..curvature.slq import Kernel, slq, smooth_density
+from ..curvature.slq import Kernel, negative_nodes, slq, smooth_density
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
 from ..errors import SharpscopeError
@@ -114,8 +114,12 @@ class TopEigs(Result):
 
     @property
     def ratio(self) -> float | None:
-        """λ1/λ5, the SAM paper's outlier measure (None without λ5 or when λ5 = 0)."""
-        if self.lambda_5 is None or self.lambda_5 == 0:
+        """λ1/λ5, the SAM paper's outlier measure (None without λ5, or when λ5 is 0 to
+        within its residual or the tolerance: its sign and size are then rounding)."""
+        if self.lambda_5 is None or self.lambda_max is None:
+            return None
+        floor = max(float(self.residuals[4]), self.tol * abs(self.lambda_max))
+        if abs(self.lambda_5) <= floor:
             return None
         return self.lambda_max / self.lambda_5  # type: ignore[operator]
 
@@ -260,7 +264,7 @@ class Density(Result):
             trace=float(per_probe.mean()) + extra,
             trace_stderr=stderr,
             negative_mass=(
-                float(np.mean(np.sum(np.where(nodes < 0, weights, 0.0), axis=1))) * dim
+                float(np.mean(np.sum(np.where(negative_nodes(nodes), weights, 0.0), axis=1))) * dim
                 + (0 if deflated is None else int((deflated < 0).sum()))
             )
             / total,

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import scipy.special
 import torch
 from torch import Tensor
 
@@ -73,7 +74,22 @@ class Quadrature:
     @property
     def negative_mass(self) -> float:
         r""":math:`\int_{t<0}\phi`, the quadrature mass on negative nodes."""
-        return float(np.mean(np.sum(np.where(self.nodes < 0, self.weights, 0.0), axis=1)))
+        return float(
+            np.mean(np.sum(np.where(negative_nodes(self.nodes), self.weights, 0.0), axis=1))
+        )
+
+
+#: Nodes within this fraction of the largest |node| of their probe count as zero, not
+#: negative: a zero eigenvalue's Ritz value is ±rounding (1e-14 in float64, 1e-7 relative
+#: in float32), and half of a rank-deficient spectrum's zeros would count as negative mass.
+NEGATIVE_RTOL = 1e-6
+
+
+def negative_nodes(nodes: np.ndarray) -> np.ndarray:
+    """Which nodes are negative beyond rounding (``< -NEGATIVE_RTOL · max|node|`` per probe)."""
+    nodes = np.atleast_2d(nodes)
+    scale = np.abs(nodes).max(axis=1, keepdims=True)
+    return nodes < -NEGATIVE_RTOL * scale
 
 
 def slq(
@@ -164,16 +180,32 @@ def slq(
     return Quadrature(pad_nodes, pad_weights, steps, matvecs, free)
 
 
-def _gaussian(t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, var: float) -> np.ndarray:
-    """Probe-averaged sum of weighted unit-mass Gaussians of variance ``var`` on ``t``."""
+def _gaussian(
+    t: np.ndarray, nodes: np.ndarray, weights: np.ndarray, var: float, cell: float = 0.0
+) -> np.ndarray:
+    """Probe-averaged sum of weighted unit-mass Gaussians of variance ``var`` on ``t``.
+
+    With ``cell`` > 0 each value is the Gaussians' mean over the grid cell
+    ``[t - cell/2, t + cell/2]`` (erf differences): the same as the point values when the
+    Gaussian is wide against the cell, but a node between two grid points keeps its mass
+    when it is not (a wide spectrum on 10,000 points gives σ < cell).
+    """
     out = np.zeros_like(t)
     flat_nodes, flat_weights = nodes.reshape(-1), weights.reshape(-1) / nodes.shape[0]
     keep = flat_weights > 0
     flat_nodes, flat_weights = flat_nodes[keep], flat_weights[keep]
     norm = 1.0 / math.sqrt(2 * math.pi * var)
+    scale = math.sqrt(2 * var)
     for start in range(0, len(flat_nodes), 64):  # bounded memory: 64 x grid at once
         diff = t[None, :] - flat_nodes[start : start + 64, None]
-        out += flat_weights[start : start + 64] @ np.exp(-(diff**2) / (2 * var))
+        if cell > 0:
+            mass = 0.5 * (
+                scipy.special.erf((diff + cell / 2) / scale)
+                - scipy.special.erf((diff - cell / 2) / scale)
+            )
+            out += flat_weights[start : start + 64] @ mass / cell / norm
+        else:
+            out += flat_weights[start : start + 64] @ np.exp(-(diff**2) / (2 * var))
     return out * norm
 
 
@@ -226,7 +258,7 @@ def smooth_density(
         hi = float(np.mean(nodes.max(axis=1))) + 0.01
         var = 1e-5 * max(1.0, hi - lo) if sigma is None else float(sigma) ** 2
         grid = np.linspace(lo, hi, 10_000 if num_points is None else int(num_points))
-        values = _gaussian(grid, nodes, weights, var)
+        values = _gaussian(grid, nodes, weights, var, cell=float(grid[1] - grid[0]))
         mass = float(np.sum(values) * (grid[1] - grid[0]))
         values = values / mass if mass > 0 else values
         return grid, values, {"kernel": kernel, "sigma": math.sqrt(var), "units": "eigenvalue"}
@@ -234,7 +266,9 @@ def smooth_density(
     points = nodes if not log else np.log(np.abs(nodes) + LOG_EPS)
     kappa = (1.04 if log else 3.0) if kappa is None else float(kappa)
     lo, hi = float(points.min()), float(points.max())
-    margin = 0.05 * max(hi - lo, 1e-12)
+    # a floor relative to the values too: with one distinct node (an identity-like or zero
+    # Hessian) an absolute 1e-12 puts the grid spacing below the values' rounding unit
+    margin = 0.05 * max(hi - lo, 1e-6 * max(abs(hi), abs(lo)), 1e-12)
     lo, hi = lo - margin, hi + margin
     center, half = (hi + lo) / 2, (hi - lo) / 2
     m = nodes.shape[1]

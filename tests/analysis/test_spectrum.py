@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 
@@ -241,6 +242,18 @@ def test_spectrum_deflates_the_requested_number_of_largest_eigenvalues(mlp, whic
         dtype="float64",
     )
     torch.testing.assert_close(result.density.deflated, mlp.eigenvalues[:2], rtol=1e-6, atol=0)
+
+
+def test_ratio_is_null_when_lambda_5_is_zero_to_within_its_residual():
+    """A rank-4 Hessian's λ5 is ±rounding: λ1/λ5 would be ±1e8...1e29 with a random sign."""
+    top = TopEigs(
+        eigenvalues=torch.tensor([4.0, 3.0, 2.0, 1.0, -2.5e-9], dtype=torch.float64),
+        residuals=torch.full((5,), 1e-7, dtype=torch.float64),
+        converged=[True] * 5,
+    )
+    assert top.lambda_5 == pytest.approx(-2.5e-9) and top.ratio is None
+    resolved = dataclasses.replace(top, eigenvalues=torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5]))
+    assert resolved.ratio == pytest.approx(8.0)
 
 
 def test_lambda_5_is_null_below_five(mlp):

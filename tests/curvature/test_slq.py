@@ -183,3 +183,32 @@ def test_lockstep_probes_use_the_operators_block_products(digits_mlp):
     alone = slq(op, num_probes=5, num_steps=12, seed=1, probe_block=1)
     assert calls[:12] == [5] * 12 and op.hvp_count == 120
     np.testing.assert_allclose(together.nodes, alone.nodes, rtol=1e-9, atol=1e-9)
+
+
+def test_rounding_zeros_of_a_rank_deficient_psd_matrix_are_not_negative_mass():
+    """2XᵀX/N with N = 20 < P = 100: PSD, 80 zero eigenvalues whose Ritz values are ±1e-14."""
+    from sharpscope.analysis.spectrum import Density
+
+    X = torch.randn(20, 100, generator=torch.Generator().manual_seed(0), dtype=F64)
+    quad = slq(2 * X.T @ X / 20, num_probes=4, num_steps=40)
+    assert (quad.nodes < 0).any()  # rounding puts some zero nodes below 0
+    assert quad.negative_mass == 0.0
+    assert Density.from_quadrature(quad.nodes, quad.weights, dim=quad.dim).negative_mass == 0.0
+
+
+@pytest.mark.parametrize("kernel", ["papyan", "log"])
+@pytest.mark.parametrize("value", [0.0, 1e-3, 3.0, 1000.0])
+def test_a_single_distinct_node_smooths_to_unit_mass(kernel, value):
+    """One distinct value (H = c·I, a one-parameter model): a finite density of mass 1."""
+    grid, values, _ = smooth_density(np.full((2, 3), value), np.full((2, 3), 1 / 3), kernel=kernel)
+    assert np.isfinite(values).all()
+    assert float(values.sum() * (grid[1] - grid[0])) == pytest.approx(1.0, abs=5e-3)
+
+
+def test_the_ghorbani_grid_keeps_a_node_that_falls_between_grid_points():
+    """Range 1e5 on 10,000 points: σ = 1 < the cell (10); each node keeps its 1/4."""
+    nodes = np.array([[0.0, 1e5 / 3, 2e5 / 3 + 3.7, 1e5]])
+    grid, values, _ = smooth_density(nodes, np.full((1, 4), 0.25))
+    dx = grid[1] - grid[0]
+    for node in nodes[0]:
+        assert float(values[np.abs(grid - node) < 1e4].sum() * dx) == pytest.approx(0.25, abs=1e-3)
