@@ -138,3 +138,12 @@ def test_network_trace_within_error_bars(case):
     est = hutchpp(op, 99, seed=0)
     assert abs(est.trace - exact) <= 4 * est.stderr + 1e-9 * abs(exact)
     assert op.hvp_count == 99
+
+
+def test_hutchinson_with_no_more_parameters_than_probes_is_exact(planted_matrix):
+    """P = 2: two Rademacher probes can agree (an estimate ± 0 that is wrong); the P unit
+    vectors give the exact trace for no more products."""
+    A = planted_matrix(torch.tensor([3.0, -1.0], dtype=F64))
+    est = hutchinson(A, 2)
+    assert est.trace == pytest.approx(2.0, abs=1e-12) and est.stderr == 0.0
+    assert est.num_matvecs == 2
