@@ -79,8 +79,25 @@ def dense_hessian(
             start += shape.numel()
         return loss_fn(functional_call(module, (params, consts), (x,)), y)
 
-    if bn_mode == "batch":
-        # torch.func.hessian (vmap over the primal) returns a non-symmetric, wrong matrix
-        # for batch-statistics BatchNorm (torch 2.x); the unvectorized autograd one is right.
-        return torch.autograd.functional.hessian(mean_loss, theta)
-    return torch.func.hessian(mean_loss)(theta)
+    if bn_mode == "eval":
+        try:
+            H = torch.func.hessian(mean_loss)(theta)
+        except NotImplementedError:  # an operation without a forward-mode derivative
+            H = None
+        if H is not None and _symmetric(H):
+            return H
+    # torch.func.hessian (vmapped forward over reverse) returns a non-symmetric, wrong
+    # matrix for batch-statistics BatchNorm and for nn.TransformerEncoderLayer (torch
+    # 2.x); the unvectorized reverse-over-reverse one is right there.
+    H = torch.autograd.functional.hessian(mean_loss, theta)
+    if not _symmetric(H):
+        raise SharpscopeError(
+            "PyTorch's second derivatives of this model are not symmetric (an operation "
+            "with a wrong double backward, e.g. torch.nn.utils.parametrizations.weight_norm)"
+        )
+    return H
+
+
+def _symmetric(H: Tensor) -> bool:
+    """Whether ``H`` equals its transpose to float64 rounding (1e-10 of its largest entry)."""
+    return bool((H - H.T).abs().max() <= 1e-10 * max(float(H.abs().max()), 1e-300))

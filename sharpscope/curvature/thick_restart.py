@@ -34,6 +34,7 @@ from .lanczos import (
     EigenPairs,
     Which,
     _check_k,
+    check_symmetric,
     preference,
     ritz_pairs,
     select,
@@ -114,6 +115,7 @@ def thick_restart_lanczos_top_k(
     steps = restarts = block_start = 0
     b = 0.0
     theta = S = idx = None
+    expected = None  # b of the step before, when V[j] = its w / b: then V[j-1]ᵀ A V[j] = b
     while True:
         V[j] = q.to(bdev, bdtype)
         v = V[j].to(op.device, F64)
@@ -121,6 +123,10 @@ def thick_restart_lanczos_top_k(
         steps += 1
         # the whole column V A v (two classical Gram-Schmidt passes, float64)
         h = basis_dot(V[: j + 1], w)
+        if expected is not None:
+            scale = max(float(np.abs(T[:j, :j]).max()), abs(float(h[j])), expected)
+            check_symmetric(float(h[j - 1]), expected, scale, (getattr(op, "dtype", F64), bdtype))
+        expected = None
         w = w - basis_combine_rows(V[: j + 1], h.unsqueeze(0), op.device)[0]
         h2 = basis_dot(V[: j + 1], w)
         w = w - basis_combine_rows(V[: j + 1], h2.unsqueeze(0), op.device)[0]
@@ -152,7 +158,7 @@ def thick_restart_lanczos_top_k(
             q, b = w / b_next, 0.0
             block_start = j  # T is block diagonal from here (the subspace was invariant)
         else:
-            q = w / b
+            q, expected = w / b, b
         if j == size:  # thick restart: keep the wanted Ritz vectors and q
             wanted = select(theta, keep, which)
             if block_start and b != 0.0:  # a later block: its leading Ritz vector stays too
@@ -175,6 +181,7 @@ def thick_restart_lanczos_top_k(
             # the next step's column V A q holds the coupling b * S[j - 1, wanted]
             j = kept
             restarts += 1
+            expected = None  # V[j - 1] is now a kept Ritz vector
 
     assert theta is not None and S is not None and idx is not None
     pairs = ritz_pairs(

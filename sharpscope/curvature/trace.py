@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..errors import SharpscopeError
 from ._linear import F64, LinearOperator, as_operator, random_vector
+from .lanczos import check_symmetric
 
 Distribution = Literal["rademacher", "gaussian"]
 
@@ -206,6 +207,7 @@ def hutchpp(
     AS = _blocked(op, S, block_size)
     Q = torch.linalg.qr(AS.T).Q.T.contiguous()  # (min(r, P), P), orthonormal rows
     AQ = _blocked(op, Q, block_size)
+    _check_sketches_symmetric(op, S, AS, Q, AQ)
     low_rank = float((Q * AQ).sum())
     G = _probes(op, gen, r, distribution)
     G = G - (G @ Q.T) @ Q
@@ -221,3 +223,15 @@ def hutchpp(
         method="hutchpp",
         low_rank_part=low_rank,
     )
+
+
+def _check_sketches_symmetric(op: Any, S: Tensor, AS: Tensor, Q: Tensor, AQ: Tensor) -> None:
+    """For symmetric A, (AQ) Sᵀ = Q (AS)ᵀ: Hutch++'s two sketches check it for free."""
+    left, right = AQ @ S.T, Q @ AS.T
+    worst = int(torch.argmax((left - right).abs()))
+    i, j = divmod(worst, right.shape[1])
+    norm = torch.linalg.vector_norm
+    # Cauchy-Schwarz bounds of both sides' entries: what their rounding scales with
+    scale = max(float(norm(AQ, dim=1).max() * norm(S, dim=1).max()), float(norm(AS, dim=1).max()))
+    dtypes = (getattr(op, "dtype", F64),)
+    check_symmetric(float(left[i, j]), float(right[i, j]), scale, dtypes)

@@ -15,8 +15,10 @@ from sharpscope.curvature import (
     HessianOperator,
     _linear,
     block_lanczos_top_k,
+    hutchpp,
     lanczos,
     lanczos_top_k,
+    slq,
 )
 from sharpscope.curvature.thick_restart import thick_restart_lanczos_top_k
 from sharpscope.errors import SharpscopeError
@@ -308,3 +310,62 @@ def test_a_step_budget_that_ends_a_copy_search_flags_the_values_a_copy_would_dis
     for value, converged in zip(pairs.eigenvalues.tolist(), pairs.converged):
         assert not converged or abs(value - 5.0) < 1e-8
     assert lanczos_top_k(A, k=5).converged == [True] * 5
+
+
+def _slightly_asymmetric(n=30, skew=0.05):
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(n, n, generator=gen, dtype=F64)
+    return A + A.T, A + A.T + skew * A  # symmetric, and 5% off symmetric
+
+
+@pytest.mark.parametrize(
+    "run",
+    [
+        lambda M: lanczos_top_k(M, k=3),
+        lambda M: thick_restart_lanczos_top_k(M, k=3, restart_size=8),
+        lambda M: slq(M, num_probes=2, num_steps=10),
+        lambda M: hutchpp(M, 9),
+    ],
+    ids=["lanczos", "thick-restart", "slq", "hutchpp"],
+)
+def test_a_non_symmetric_operator_is_refused_from_the_products_already_made(run):
+    """A wrong double backward makes 'Hessian' products non-symmetric; Lanczos (q_{j-1}ᵀAq_j
+    against β_{j-1}) and Hutch++ (its two sketches) check it without extra products."""
+    symmetric, skewed = _slightly_asymmetric()
+    run(symmetric)
+    with pytest.raises(SharpscopeError, match="not symmetric"):
+        run(skewed)
+
+
+def test_weight_norm_models_get_the_true_hessian_or_a_clear_error():
+    """PyTorch's double backward of weight_norm (torch 2.x) is not symmetric: sharpscope
+    then refuses, as its dense reference does; a PyTorch that fixes it must match it."""
+    from sharpscope.analysis.spectrum import hessian_trace
+    from sharpscope.curvature import dense_hessian
+
+    class WeightNormed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.utils.parametrizations.weight_norm(nn.Linear(4, 5))
+            self.b = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    torch.manual_seed(0)
+    model = WeightNormed().double()
+    data = (torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,)))
+    try:
+        H = dense_hessian(model, data)
+    except SharpscopeError as exc:
+        assert "not symmetric" in str(exc)
+        for analysis in (
+            lambda: top_eigenvalues(model, data, k=3),
+            lambda: hessian_trace(model, data),
+        ):
+            with pytest.raises(SharpscopeError, match="not symmetric"):
+                analysis()
+    else:
+        exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+        found = top_eigenvalues(model, data, k=3, tol=1e-10).eigenvalues
+        torch.testing.assert_close(found, exact, rtol=1e-8, atol=1e-12)
