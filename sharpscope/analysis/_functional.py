@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss  # noqa: F401 - re-exported
 from ..registry import loss_name  # noqa: F401 - re-exported
@@ -196,6 +196,41 @@ def analysis_meta(
         num_params=int(num_params),
         extra={**base.extra, **(extra or {})},
     )
+
+
+# what a model or loss that does not fit the data raises
+_MODEL_ERRORS = (
+    RuntimeError,
+    TypeError,
+    ValueError,
+    IndexError,
+    AttributeError,
+    AssertionError,
+    NotImplementedError,
+)
+
+
+@contextlib.contextmanager
+def model_errors(vectorized: bool) -> Iterator[None]:
+    """Turn the error of a model or loss that does not run on the data into one line.
+
+    Out-of-memory errors pass through (the callers split the work); under ``vmap`` an
+    operation without a batching rule (``nn.LSTM``, ``nn.GRU``, ...) names the way out.
+    """
+    from ..device_memory import is_out_of_memory
+
+    try:
+        yield
+    except SharpscopeError:
+        raise
+    except _MODEL_ERRORS as exc:
+        if is_out_of_memory(exc):
+            raise
+        if vectorized and "atching rule" in str(exc):
+            raise SharpscopeError(
+                f"torch.func.vmap cannot run this model ({first_line(exc)}); pass vectorize=False"
+            ) from exc
+        raise model_failure(exc) from exc
 
 
 def normalize_logits(outputs: Tensor, eps: float = 1e-12) -> Tensor:

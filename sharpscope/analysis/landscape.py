@@ -66,6 +66,7 @@ from ._functional import (
     is_classification,
     loss_name,
     model_dtype_device,
+    model_errors,
     resolve_loss,
     seeded_generator,
     with_data,
@@ -334,6 +335,20 @@ def _plan(
         check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")
         return _pca_plan(theta, directions, layout, dims, bias)
     other, other_buffers = _params_of(directions, layout, "the second model")
+    trainable = set(layout.names)
+    for name, p in model.named_parameters():
+        theirs = other_buffers.get(name)
+        if name in trainable or theirs is None or theirs.shape != p.shape:
+            continue
+        if not torch.equal(p.detach().cpu(), theirs.detach().cpu().to(p.dtype)):
+            warnings.warn(
+                f"the frozen parameter '{name}' (requires_grad=False) differs between the two "
+                "models; only trainable parameters are interpolated, so it keeps the first "
+                "model's value and the end point alpha = 1 is not the second model",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            break
     own_buffers = float_buffers(model)
     if states is None:
         states = bool(own_buffers)
@@ -760,9 +775,15 @@ def landscape(
                         ).to(dtype)[rows.to(device)]
                         for name, value in plan.buffer_direction.items()
                     }
-                    parts = fitting.run(
-                        functools.partial(evaluate_rows, flat, buffers, mine), 0, len(mine)
-                    )
+                    try:
+                        parts = fitting.run(
+                            functools.partial(evaluate_rows, flat, buffers, mine), 0, len(mine)
+                        )
+                    except Exception:
+                        if int(computed.sum()) > loaded:
+                            raise  # not the model: it ran on the points before
+                        with model_errors(bool(vectorize)):  # one line, if it is the model
+                            raise
                     values = torch.cat([result[0] for _, result in parts])
                     accs = torch.cat([result[1] for _, result in parts])
                 else:

@@ -52,10 +52,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..curvature.fold import fold_batchnorm
-from ..data.batches import as_tensors
+from ..data.batches import as_tensors, rereadable
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size
-from ..errors import check
+from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -69,6 +69,7 @@ from ._functional import (
     is_classification,
     loss_name,
     model_dtype_device,
+    model_errors,
     normalize_logits,
     resolve_loss,
     seeded_generator,
@@ -528,6 +529,14 @@ def split_subsets(
         SharpscopeError: m < 1 or larger than the data.
     """
     inputs, targets = as_tensors(data)
+    if rereadable(data):  # the subsets are cut in the data's order: it must be fixed
+        again_x, again_y = as_tensors(data)
+        if not (torch.equal(inputs, again_x) and torch.equal(targets, again_y)):
+            raise SharpscopeError(
+                "the data changed between two reads (shuffling or random augmentation); "
+                "m-sharpness cuts its subsets in the data's order: pass fixed tensors, or a "
+                "DataLoader with shuffle=False and no random transforms"
+            )
     n_total = len(targets)
     m = n_total if m is None else m
     check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
@@ -760,7 +769,9 @@ def m_sharpness(
 
         fitting = FittingRows("subsets")  # a chunk that does not fit is split
         for chunk in chunks:
-            for sl, result in fitting.run(maximize, chunk.start, chunk.stop):
+            with model_errors(vectorize):
+                done = list(fitting.run(maximize, chunk.start, chunk.stop))
+            for sl, result in done:
                 rows = sl.stop - sl.start
                 clean_loss[sl] = result.clean_loss.cpu()
                 clean_wrong[sl] = result.clean_wrong.cpu()

@@ -60,8 +60,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..data.batches import as_batches, num_examples
+from ..data.batches import as_batches, num_examples, rereadable
 from ..device_memory import (
     CPU_MEMORY_SHARE,
     HVP_MEMORY_FACTOR,
@@ -375,7 +376,7 @@ class HessianOperator:
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:
         batches = as_batches(data, batch_size)
-        if check and _rereadable(data):
+        if check and rereadable(data):
             again = as_batches(data, batch_size)
             if not _same_batches(batches, again):
                 raise SharpscopeError(
@@ -437,7 +438,11 @@ class HessianOperator:
         return self.flatten(list(self._params.values()))
 
     def _forward_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        out = functional_call(self.module, (params, self._consts), (x,))
+        # The fused attention kernels (flash / memory-efficient, nn.MultiheadAttention and
+        # F.scaled_dot_product_attention) have no double backward and no forward-mode
+        # derivative; the math kernel computes the same function with plain operations.
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = functional_call(self.module, (params, self._consts), (x,))
         return self.loss_fn(out, y)
 
     def _all_reduce(self, t: Tensor) -> Tensor:
@@ -1014,28 +1019,6 @@ def _live_graph(
     """Leaves, the gradients that depend on θ, and their indices."""
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     return leaves, [grads[i] for i in live], live  # type: ignore[misc]
-
-
-def _rereadable(data: Any) -> bool:
-    """Data whose second read could differ from the first (not plain tensors)."""
-    from torch.utils.data import TensorDataset
-
-    if (
-        isinstance(data, (tuple, list))
-        and len(data) == 2
-        and all(isinstance(t, Tensor) for t in data)
-    ):
-        return False
-    if isinstance(data, TensorDataset) or hasattr(data, "tensors"):
-        return False
-    if isinstance(data, (list, tuple)):
-        return False  # a list of fixed batches
-    if isinstance(data, torch.utils.data.Dataset):
-        return True
-    try:
-        return iter(data) is not data  # a DataLoader re-iterates; a generator does not
-    except TypeError:
-        return False
 
 
 def _same_batches(a: list, b: list) -> bool:

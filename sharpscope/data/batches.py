@@ -223,3 +223,24 @@ def as_batches(
 def num_examples(batches: Sequence[Batch]) -> int:
     """Total number of examples in a list of batches."""
     return sum(len(b[1]) for b in batches)
+
+
+def rereadable(data: Any) -> bool:
+    """Data whose second read could differ from the first (a shuffling DataLoader, a
+    Dataset with random transforms): not plain tensors or a list of fixed batches."""
+    if (
+        isinstance(data, (tuple, list))
+        and len(data) == 2
+        and all(isinstance(t, Tensor) for t in data)
+    ):
+        return False
+    if isinstance(data, TensorDataset) or hasattr(data, "tensors"):
+        return False
+    if isinstance(data, (list, tuple)):
+        return False  # a list of fixed batches
+    if isinstance(data, Dataset):
+        return True
+    try:
+        return iter(data) is not data  # a DataLoader re-iterates; a generator does not
+    except TypeError:
+        return False

@@ -241,7 +241,14 @@ class StepContext:
                 self.opt.gradient_passes += 1.0 / float(num_chunks or 1)
         if loss is None:
             raise SharpscopeError("the closure returned None; return the loss from the closure")
-        return loss.detach() if isinstance(loss, Tensor) else torch.as_tensor(loss)
+        if isinstance(loss, Tensor):
+            return loss.detach()
+        if isinstance(loss, Real) and not isinstance(loss, bool):
+            return torch.as_tensor(loss)
+        raise SharpscopeError(
+            f"the closure returned a {type(loss).__name__}; return the loss alone (keep "
+            "outputs such as logits in a variable outside the closure)"
+        )
 
     def local_sync(self) -> AbstractContextManager:
         """``model.no_sync()`` under DDP with ``perturbation="local"``, else a no-op."""

@@ -111,6 +111,12 @@ class SAMON(SharpnessAware):
                 "has none with affine parameters (BatchNorm/LayerNorm/GroupNorm/InstanceNorm/"
                 "RMSNorm); use sam or asam for this model"
             )
+        if not exclude_norm and not any(p.requires_grad for _, p in norm):
+            raise SharpscopeError(
+                "SAM-ON perturbs normalization layers but every one of them is frozen "
+                f"(requires_grad=False: {', '.join(n for n, _ in norm[:4])}"
+                f"{', ...' if len(norm) > 4 else ''}); unfreeze them or use sam or asam"
+            )
         if sam_epochs is not None:
             sam_epochs = _epoch_window(sam_epochs)
             if not steps_per_epoch or int(steps_per_epoch) < 1:
@@ -144,6 +150,11 @@ class SAMON(SharpnessAware):
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
         index = [i for i, p in enumerate(params) if id(p) in self._perturbed_ids]
+        if not index:
+            raise SharpscopeError(
+                "SAM-ON: no parameter it perturbs got a gradient in this step (normalization "
+                "layers frozen or not used by the forward pass)"
+            )
         sub_params = [params[i] for i in index]
         sub_grads = [grads[i] for i in index]
         mask = None

@@ -544,7 +544,8 @@ def test_interrupt_lost_the_points_since_the_last_write(tmp_path, vectorize, err
     torch.testing.assert_close(LandscapeResult.load(path).loss, full.loss, rtol=0, atol=0)
     # an interrupt before any point leaves no file
     early = tmp_path / "early.npz"
-    with pytest.raises(error):
+    # (an error on the very first point is the model's or loss's: one line, SharpscopeError)
+    with pytest.raises(error if error is KeyboardInterrupt else SharpscopeError):
         landscape(net, (x, y), 2, out=early, loss=InterruptAfter(0, early, error), **kw)
     assert not early.exists()
 
@@ -715,3 +716,47 @@ def test_one_hot_targets_score_the_accuracy_integer_labels_do():
     assert sharp[1].sharpness == pytest.approx(sharp[0].sharpness, rel=1e-12)
     soft = one_hot * 0.9 + 0.1 / 3  # soft labels: no class to score
     assert torch.isnan(landscape(model, (x, soft), 1, grid=3, loss="mse").accuracy).all()
+
+
+def test_vmap_over_a_recurrent_model_names_vectorize_false():
+    class Recurrent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.rnn, self.head = nn.GRU(2, 4, batch_first=True), nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0][:, -1])
+
+    torch.manual_seed(0)
+    model, data = Recurrent(), (torch.randn(8, 5, 2), torch.randint(0, 3, (8,)))
+    with pytest.raises(SharpscopeError, match="vmap cannot run this model.*vectorize=False"):
+        landscape(model, data, 1, grid=3, vectorize=True)
+    assert torch.isfinite(landscape(model, data, 1, grid=3, vectorize=False).loss).all()
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_labels_the_model_cannot_score_are_one_line(vectorize):
+    torch.manual_seed(0)
+    data = (torch.randn(8, 4), torch.full((8,), 6))
+    with pytest.raises(SharpscopeError, match="failed on the data") as info:
+        landscape(nn.Linear(4, 3), data, 1, grid=3, vectorize=vectorize)
+    assert "\n" not in str(info.value)
+
+
+def test_interpolation_warns_when_a_frozen_parameter_differs_between_the_models():
+    """Only trainable parameters are interpolated: alpha = 1 is then not the second model."""
+
+    def net(seed):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
+        model[0].requires_grad_(False)
+        return model
+
+    data = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with pytest.warns(RuntimeWarning, match=r"frozen parameter '0.weight'.*not the second model"):
+        landscape(net(0), data, 1, grid=3, directions=net(1))
+    same_frozen = net(1)
+    same_frozen[2].load_state_dict(net(2)[2].state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        landscape(net(1), data, 1, grid=3, directions=same_frozen)

@@ -757,3 +757,50 @@ def test_batchnorm_without_running_statistics_is_recorded_as_batch_mode():
     with pytest.warns(RuntimeWarning, match="running statistics"):
         r = m_sharpness(net, (x, y), m=8, rho=0.1)
     assert r.meta.mode == "batch"
+
+
+class _Recurrent(nn.Module):
+    """An LSTM classifier: torch.func.vmap has no batching rule for aten::lstm."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(2, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+def test_a_model_vmap_cannot_run_names_vectorize_false_and_the_loop_runs_it():
+    torch.manual_seed(0)
+    model, x, y = _Recurrent(), torch.randn(16, 5, 2), torch.randint(0, 3, (16,))
+    with pytest.raises(SharpscopeError, match="vmap cannot run this model.*vectorize=False"):
+        m_sharpness(model, (x, y), m=4, rho=0.05)
+    looped = m_sharpness(model, (x, y), m=4, rho=0.05, vectorize=False)
+    assert np.isfinite(looped.sharpness)
+
+
+@pytest.mark.parametrize(
+    "targets, message",
+    [(torch.full((16,), 6), "failed on the data"), (torch.rand(16), "failed on the data")],
+)
+def test_a_model_or_loss_that_does_not_fit_the_data_is_one_line(targets, message):
+    """Labels out of range / float labels: the same one line as the spectrum functions."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3))
+    with pytest.raises(SharpscopeError, match=message) as info:
+        m_sharpness(model, (torch.randn(16, 4), targets), m=4, rho=0.05)
+    assert "\n" not in str(info.value)
+
+
+def test_a_shuffling_loader_is_refused_as_the_subsets_follow_the_data_order():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    model = nn.Linear(4, 3)
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    with pytest.raises(SharpscopeError, match="changed between two reads"):
+        m_sharpness(model, shuffled, m=4, rho=0.05)
+    fixed = DataLoader(TensorDataset(x, y), batch_size=4)
+    expected = m_sharpness(model, (x, y), m=4, rho=0.05).sharpness
+    assert m_sharpness(model, fixed, m=4, rho=0.05).sharpness == pytest.approx(expected)

@@ -389,3 +389,42 @@ def test_pyhessian_top_values_are_largest_magnitude_so_a_negative_one_is_not_lam
     theirs = TopEigs(eigenvalues=values, backend="pyhessian", **kwargs)
     assert ours.lambda_5 == -4.0  # the LA backend's fifth is λ5 whatever its sign
     assert theirs.lambda_max == 3.0 and theirs.lambda_5 is None and theirs.ratio is None
+
+
+@pytest.mark.parametrize("mode", ["auto", "forward", "reverse"])
+def test_pytorch_attention_layers_get_their_exact_hessian(mode):
+    """nn.TransformerEncoderLayer's fused attention kernel has no double backward or
+    forward-mode derivative; the operator runs PyTorch's math kernel (the same function)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().double().eval()
+    x, y = torch.randn(12, 5, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def gradient(flat):  # first derivatives only: reverse mode, which every kernel has
+        torch.nn.utils.vector_to_parameters(flat, params)
+        loss = nn.functional.cross_entropy(model(x), y)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    h, columns = 1e-5, []
+    with sdpa_kernel([SDPBackend.MATH]):
+        for i in range(len(theta)):
+            step = torch.zeros_like(theta)
+            step[i] = h
+            columns.append((gradient(theta + step) - gradient(theta - step)) / (2 * h))
+    torch.nn.utils.vector_to_parameters(theta, params)
+    H = torch.stack(columns, 1)
+    exact = torch.linalg.eigvalsh((H + H.T) / 2).flip(0)[:2]  # central differences: 1e-10
+    found = top_eigenvalues(model, (x, y), k=2, tol=1e-10, hvp_mode=mode).eigenvalues
+    torch.testing.assert_close(found, exact, rtol=1e-7, atol=1e-9)

@@ -539,3 +539,20 @@ def test_m_sharpness_trains_a_branch_the_first_examples_do_not_take():
     assert not torch.equal(net.right.weight, before)
     # vmap cannot follow the branch: the groups ran one after another, as the next step does
     opt.step(BatchClosure(net, CE, x.flip(0), y.flip(0)))
+
+
+def test_a_closure_that_returns_loss_and_logits_is_one_line():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = SAM(model.parameters(), base=torch.optim.SGD, rho=0.05, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        out = model(x)
+        loss = nn.functional.cross_entropy(out, y)
+        loss.backward()
+        return loss, out
+
+    with pytest.raises(SharpscopeError, match="closure returned a tuple; return the loss alone"):
+        opt.step(closure)

@@ -151,3 +151,34 @@ def test_a_malformed_sam_epochs_is_one_clear_error(bad):
     # `--opt sam_epochs=1` used to end in "TypeError: 'int' object is not iterable"
     with pytest.raises(SharpscopeError, match="sam_epochs must be"):
         SAMON(bn_net(), torch.optim.SGD, lr=0.1, sam_epochs=bad, steps_per_epoch=1)
+
+
+def test_frozen_or_unused_norm_layers_are_one_line_errors():
+    """All norm parameters frozen: refused when built; a norm layer the forward never
+    uses: the step says no perturbed parameter got a gradient."""
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3))
+    frozen[1].requires_grad_(False)
+    with pytest.raises(SharpscopeError, match="every one of them is frozen"):
+        SAMON(frozen, base=torch.optim.SGD, rho=0.5, lr=0.1)
+
+    class Unused(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.ln, self.b = nn.Linear(4, 6), nn.LayerNorm(6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x)))
+
+    model = Unused()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    opt = SAMON(model, base=torch.optim.SGD, rho=0.5, lr=0.1)
+
+    def closure():
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(SharpscopeError, match="no parameter it perturbs got a gradient"):
+        opt.step(closure)
