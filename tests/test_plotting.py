@@ -466,3 +466,18 @@ def test_surface_axes_keep_few_ticks_and_the_spectrum_legend_has_a_box():
         assert len([t for t in ticks if -1.0 <= t <= 1.0]) <= 6  # the default drew 9
     legend = plot_spectrum(log_density(), label="SAM").axes[0].get_legend()
     assert legend.get_frame_on() and legend.get_frame().get_alpha() >= 0.9
+
+
+def test_plotting_leaves_the_callers_matplotlib_settings_as_they_were():
+    """The figures get sharpscope's theme; the user's own later figures keep theirs."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    data = (torch.randn(16, 3), torch.randint(0, 2, (16,)))
+    result = ss.landscape(torch.nn.Linear(3, 2), data, 1, grid=5)
+    with matplotlib.rc_context({"font.size": 14, "axes.grid": False, "savefig.bbox": None}):
+        before = dict(plt.rcParams)
+        result.plot()
+        after = dict(plt.rcParams)
+    assert not {k for k in before if before[k] != after[k]}
+    plt.close("all")

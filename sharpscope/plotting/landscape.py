@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import SharpscopeError
 from ..results import to_numpy
-from .style import PALETTE, new_figure, save_figure
+from .style import PALETTE, new_figure, save_figure, styled
 
 METRICS = ("loss", "accuracy")
 KINDS = ("auto", "curve", "contour", "surface")
@@ -63,6 +63,7 @@ def _axis_labels(result: Any) -> tuple[str, str]:
     return "α", "β"
 
 
+@styled
 def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
     """The 1-D curve f(α) (the accuracy on a second axis when ``metric="loss"``)."""
     if result.y is not None:
@@ -106,6 +107,7 @@ def contour_levels(values: np.ndarray, count: int = 12) -> np.ndarray:
     return np.linspace(lo, hi, count)
 
 
+@styled
 def plot_landscape_contour(
     result: Any, metric: str = "loss", ax: Any = None, levels: Any = None
 ) -> Any:
@@ -130,6 +132,7 @@ def plot_landscape_contour(
     return fig
 
 
+@styled
 def plot_landscape_surface(result: Any, metric: str = "loss", ax: Any = None) -> Any:
     """The 3-D surface of f(α, β)."""
     if result.y is None:
@@ -156,6 +159,7 @@ def plot_landscape_surface(result: Any, metric: str = "loss", ax: Any = None) ->
     return fig
 
 
+@styled
 def plot_landscape(
     result: Any, kind: str = "auto", metric: str = "loss", ax: Any = None, **options: Any
 ) -> Any:
@@ -171,6 +175,7 @@ def plot_landscape(
     return plot_landscape_surface(result, metric=metric, ax=ax)
 
 
+@styled
 def save_landscape_plots(result: Any, out_dir: str | Path, stem: str = "landscape") -> list[Path]:
     """Write the standard figures as PDF and PNG: ``stem_1d`` (1-D), or ``stem_contour``
     and ``stem_surface`` (2-D); returns the files written."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharpscopeError
-from .style import PALETTE, new_figure, save_figure
+from .style import PALETTE, new_figure, save_figure, styled
 
 FLOOR = 1e-7
 
@@ -46,6 +46,7 @@ def _caption(density: Any, meta: Any) -> str:
     return "; ".join(bits)
 
 
+@styled
 def plot_spectrum(
     result: Any, ax: Any = None, *, label: str | None = None, color: str | None = None
 ) -> Any:
@@ -105,6 +106,7 @@ def plot_spectrum(
     return fig
 
 
+@styled
 def save_spectrum_plot(result: Any, path: str | Path) -> list[Path]:
     """Plot ``result`` and write ``PATH.pdf`` and ``PATH.png``.
 

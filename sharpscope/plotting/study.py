@@ -14,7 +14,15 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharpscopeError
-from .style import MARKERS, PALETTE, figure_legend, new_figure, optimizer_color, optimizer_label
+from .style import (
+    MARKERS,
+    PALETTE,
+    figure_legend,
+    new_figure,
+    optimizer_color,
+    optimizer_label,
+    styled,
+)
 
 Rows = Sequence[Mapping[str, Any]]
 
@@ -122,6 +130,7 @@ def _color(label: Any, index: int) -> str:
     return optimizer_color(str(label), index)
 
 
+@styled
 def plot_measure_vs_gap(
     rows: Rows, measure: str, gap: str = "gen_gap", *, hue: str = "optimizer", ax: Any = None
 ):
@@ -158,6 +167,7 @@ def _spread(rows: Rows, column: str) -> float:
     return max(values) / max(min(values), 1e-300) if values else 1.0
 
 
+@styled
 def plot_measures_vs_gap(
     rows: Rows,
     measures: Sequence[str],
@@ -186,6 +196,7 @@ def plot_measures_vs_gap(
     return fig
 
 
+@styled
 def plot_correlations(correlations: Sequence[Any], *, ax: Any = None, columns: int = 2):
     """Kendall τ (with bootstrap interval) and granulated Ψ per measure, as a dot plot."""
     if ax is None:
@@ -244,6 +255,7 @@ def mean_and_spread(rows: Rows, x: str, y: str, hue: str = "optimizer") -> list[
     return out
 
 
+@styled
 def plot_metric_vs_axis(
     rows: Rows,
     x: str,
@@ -293,6 +305,7 @@ def plot_metric_vs_axis(
     return fig
 
 
+@styled
 def plot_tau_vs_m(points: Sequence[Mapping[str, Any]], *, ax: Any = None, columns: int = 1):
     """Kendall τ of m-sharpness with the gap against m (SAM paper Fig. 3, right).
 
@@ -331,6 +344,7 @@ def plot_tau_vs_m(points: Sequence[Mapping[str, Any]], *, ax: Any = None, column
     return fig
 
 
+@styled
 def plot_spectral_densities(
     curves: Mapping[str, Sequence[tuple[int, Mapping[str, Any]]]],
     *,
@@ -397,6 +411,7 @@ def _shade(color: str, amount: float) -> tuple[float, float, float]:
     return tuple(float(v) for v in white + (rgb - white) * amount)
 
 
+@styled
 def plot_variants(
     rows: Rows,
     metrics: Sequence[str] = ("test_acc", "lambda_max", "trace", "m_sharpness"),
@@ -433,6 +448,7 @@ def plot_variants(
     return fig
 
 
+@styled
 def plot_curves_1d(
     curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     *,
@@ -472,6 +488,7 @@ def plot_curves_1d(
     return fig
 
 
+@styled
 def plot_contours(
     surfaces: Mapping[str, tuple[Sequence[float], Sequence[float], Any]],
     *,

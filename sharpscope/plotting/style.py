@@ -154,16 +154,30 @@ def optimizer_label(name: str) -> str:
     return text
 
 
+def styled(function):
+    """Run a plotting function inside :func:`paper_style`: its figure gets the theme, the
+    caller's matplotlib settings are left as they were."""
+    import functools
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        with paper_style():
+            return function(*args, **kwargs)
+
+    return wrapper
+
+
 def new_figure(columns: int = 1, aspect: float = 0.75, nrows: int = 1, ncols: int = 1, **kwargs):
-    """A themed figure and its axes (``plt.subplots`` with a paper size)."""
+    """A themed figure and its axes (``plt.subplots`` with a paper size); call it from a
+    :func:`styled` function (or inside :func:`paper_style`) for the theme."""
     import matplotlib.pyplot as plt
 
-    apply_style()
     size = figure_size(columns, aspect, rows=nrows, ncols=ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=size, constrained_layout=True, **kwargs)
     return fig, axes
 
 
+@styled
 def figure_legend(fig: Any, axes: Any, max_columns: int = 7) -> None:
     """One legend for all panels, above them (outside every axes, so it hides no data).
 
@@ -182,6 +196,7 @@ def figure_legend(fig: Any, axes: Any, max_columns: int = 7) -> None:
         )
 
 
+@styled
 def add_caption(fig: Any, text: str) -> None:
     """A small grey line under the figure (saved with it: figures are saved with a tight box)."""
     if text:
@@ -212,6 +227,7 @@ def beside(base: Path, suffix: str) -> Path:
     return base.with_name(base.name + suffix)
 
 
+@styled
 def save_figure(fig: Any, path_without_suffix: str | Path, data: Any = None) -> list[Path]:
     """Write ``PATH.pdf`` (vector) and ``PATH.png`` (200 dpi), and the data beside them.
 

@@ -14,7 +14,7 @@ from typing import Any
 
 from ..errors import SharpscopeError
 from ..results import eval_rows, read_metrics_rows
-from .style import figure_legend, new_figure, optimizer_color, optimizer_label
+from .style import figure_legend, new_figure, optimizer_color, optimizer_label, styled
 
 History = Sequence[Mapping[str, Any]]
 
@@ -45,6 +45,7 @@ def _as_history(source: History | str | Path) -> list[Mapping[str, Any]]:
     return list(source)
 
 
+@styled
 def plot_training_curves(
     runs: Mapping[str, History | str | Path],
     *,
@@ -114,6 +115,7 @@ def _metric_label(metric: str) -> str:
     return metric.replace("_", " ")
 
 
+@styled
 def plot_learned_rho(
     runs: Mapping[str, History | str | Path],
     *,
