@@ -21,6 +21,7 @@ from PIL import Image  # noqa: E402
 from sharpscope.analysis.correlation import Correlation  # noqa: E402
 from sharpscope.analysis.landscape import LandscapeResult  # noqa: E402
 from sharpscope.analysis.spectrum import Density  # noqa: E402
+from sharpscope.errors import SharpscopeError  # noqa: E402
 from sharpscope.plotting import study as study_plots  # noqa: E402
 from sharpscope.plotting.landscape import (  # noqa: E402
     contour_levels,
@@ -428,7 +429,7 @@ def test_filled_contours_keep_beta_on_the_vertical_axis():
     alpha, beta = np.linspace(-1, 1, 5), np.linspace(-1, 1, 5)
     loss = np.exp(np.repeat(beta[None, :], 5, axis=0))  # low loss at low β
     ax = study_plots.plot_contours({"sam": (alpha, beta, loss)}).axes[0]
-    (filled,) = [c for c in ax.collections if hasattr(c, "levels")]
+    (filled,) = [c for c in ax.collections if getattr(c, "filled", False)]
     lowest = filled.get_paths()[0].vertices
     assert lowest[:, 1].max() < 0.0  # the lowest band lies at β < 0
 
@@ -481,3 +482,39 @@ def test_plotting_leaves_the_callers_matplotlib_settings_as_they_were():
         after = dict(plt.rcParams)
     assert not {k for k in before if before[k] != after[k]}
     plt.close("all")
+
+
+def test_a_1d_slice_with_diverged_points_keeps_its_grid_and_marks_them():
+    x = np.linspace(-1e30, 1e30, 5)
+    loss = np.array([np.nan, np.inf, 0.5, np.nan, np.nan])
+    ax = plot_landscape_1d(landscape(x, None, loss)).axes[0]
+    lo, hi = ax.get_xlim()
+    assert lo <= -1e30 and hi >= 1e30  # the whole grid, not the one finite point
+    marked = [line for line in ax.lines if line.get_label() == "non-finite"]
+    assert len(marked) == 1 and len(marked[0].get_xdata()) == 4
+    with pytest.raises(SharpscopeError, match="no computed finite loss"):
+        plot_landscape_1d(landscape(x, None, np.full(5, np.nan)))
+
+
+def test_a_flat_2d_landscape_says_so_instead_of_an_empty_contour():
+    ax = plot_landscape_contour(landscape(ALPHA, BETA, np.full((9, 5), 0.25))).axes[0]
+    assert any("flat: loss = 0.25" in text.get_text() for text in ax.texts)
+
+
+def test_a_density_without_finite_values_is_one_line():
+    density = log_density()
+    broken = Density(**{**density.__dict__, "values": torch.full_like(density.values, math.nan)})
+    with pytest.raises(SharpscopeError, match="no finite values"):
+        plot_spectrum(broken)
+
+
+def test_a_wide_legend_takes_fewer_columns_than_the_figure_is_wide():
+    from sharpscope.plotting.style import figure_legend, new_figure
+
+    fig, ax = new_figure(1)
+    for i in range(7):
+        ax.plot([0, 1], [i, i], label=f"a rather long setting name number {i}")
+    figure_legend(fig, [ax])
+    (legend,) = fig.legends
+    assert legend.get_window_extent(fig.canvas.get_renderer()).width <= fig.bbox.width
+    assert 1 <= legend._ncols < 7

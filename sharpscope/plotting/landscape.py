@@ -69,9 +69,24 @@ def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
     if result.y is not None:
         raise SharpscopeError("plot_landscape_1d needs a 1-D landscape; use a contour for 2-D")
     values = _values(result, metric)
+    if not np.isfinite(values).any():
+        raise SharpscopeError(f"the landscape has no computed finite {metric} values to plot")
     x = to_numpy(result.x)
     fig, ax = (ax.figure, ax) if ax is not None else new_figure(1)
     ax.plot(x, values, color=PALETTE[0], marker="o" if len(x) <= 25 else None, label=metric)
+    ax.set_xlim(x.min() - 0.02 * np.ptp(x), x.max() + 0.02 * np.ptp(x))  # the whole grid
+    diverged = np.isnan(values) & (to_numpy(result.computed) > 0) | np.isinf(values)
+    if diverged.any():  # computed, but not finite: say so instead of leaving a silent gap
+        ax.plot(
+            x[diverged],
+            np.full(diverged.sum(), 0.98),
+            transform=ax.get_xaxis_transform(),
+            color=PALETTE[1],
+            marker="x",
+            linestyle="none",
+            label="non-finite",
+        )
+        ax.legend(loc="upper center")
     ax.set_xlabel(_axis_labels(result)[0])
     ax.set_ylabel(metric)
     if metric == "loss" and not np.isnan(to_numpy(result.accuracy)).all():
@@ -118,6 +133,16 @@ def plot_landscape_contour(
     x, y = to_numpy(result.x), to_numpy(result.y)
     levels = contour_levels(values) if levels is None else levels
     fig, ax = (ax.figure, ax) if ax is not None else new_figure(1, aspect=0.9)
+    finite = values[np.isfinite(values)]
+    if np.ptp(finite) <= 1e-12 * max(1.0, abs(float(finite[0]))):  # no contour to draw
+        ax.text(
+            0.5,
+            0.6,
+            f"flat: {metric} = {finite[0]:.4g} at every computed point",
+            transform=ax.transAxes,
+            ha="center",
+            va="center",
+        )
     # loss[i, j] is at (x[i], y[j]); matplotlib wants Z[row = y, column = x]
     lines = ax.contour(x, y, np.ma.masked_invalid(values).T, levels=levels, cmap="viridis")
     ax.clabel(lines, inline=True, fontsize=5, fmt="%.3g")

@@ -72,9 +72,14 @@ def plot_spectrum(
         curves = sum(1 for line in ax.get_lines() if line.get_linestyle() == "-")
         color = PALETTE[curves % len(PALETTE)]
     grid = np.asarray(density.grid, dtype=float)
+    if not np.isfinite(np.asarray(density.values, dtype=float)).any():
+        raise SharpscopeError("the spectral density has no finite values to plot (a NaN loss?)")
     values = np.maximum(np.asarray(density.values, dtype=float), FLOOR)
     ax.semilogy(grid, values, color=color, label=label or "density")
-    ax.set_ylim(bottom=FLOOR)
+    # three decades of headroom above the highest curve: the legend (upper right) sits there
+    # instead of on the density
+    ceiling = max(ax.get_ylim()[1], float(np.nanmax(values)) * 1e3)
+    ax.set_ylim(FLOOR, ceiling)
     log_units = str(getattr(density, "units", "eigenvalue")).startswith("log")
     for i, value in enumerate(top):
         x = np.log(abs(value) + 1e-5) if log_units else value

@@ -378,7 +378,7 @@ def plot_spectral_densities(
             color = _shade(optimizer_color(label.split("-")[0], 0), shade)
             text = f"epoch {epoch}"
             if tops.get(epoch) is not None:
-                text += rf" ($\lambda_{{\max}}$ = {tops[epoch]:.2g})"
+                text += rf" ($\lambda_{{\max}}$ = {tops[epoch]:.2f})"
             ax.semilogy(grid, np.clip(values, 1e-6, None), color=color, label=text)
         ax.set_ylim(bottom=1e-5)
         ax.yaxis.set_minor_locator(_null_locator())
@@ -522,6 +522,16 @@ def plot_contours(
             cmap="viridis",
             norm=_log_norm(bounds),
         )
+        # a few labelled lines on top, so levels read off the panel without the colour bar
+        lines = ax.contour(
+            np.asarray(alpha),
+            np.asarray(beta),
+            np.clip(loss.T, bounds[0], bounds[-1]),
+            levels=bounds[2::4],
+            colors="white",
+            linewidths=0.5,
+        )
+        ax.clabel(lines, inline=True, fontsize=6, fmt="%.2g")
         ax.set_title(optimizer_label(label.split("-")[0]) if "-" not in label else label)
         ax.set_xlabel(r"$\alpha$")
         ax.set_aspect("equal")

@@ -187,13 +187,18 @@ def figure_legend(fig: Any, axes: Any, max_columns: int = 7) -> None:
     for ax in axes:
         for handle, label in zip(*ax.get_legend_handles_labels()):
             entries.setdefault(label, handle)
-    if entries:
-        fig.legend(
-            list(entries.values()),
-            list(entries),
-            loc="outside upper center",
-            ncol=min(len(entries), max_columns),
+    columns = min(len(entries), max_columns)
+    while columns:
+        legend = fig.legend(
+            list(entries.values()), list(entries), loc="outside upper center", ncol=columns
         )
+        # long labels: fewer columns rather than a legend wider than the figure (which
+        # would widen the saved figure beyond its paper column)
+        width = legend.get_window_extent(fig.canvas.get_renderer()).width
+        if columns == 1 or width <= fig.bbox.width:
+            break
+        legend.remove()
+        columns -= 1
 
 
 @styled

@@ -206,7 +206,7 @@ def figures_a(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         plot_spectral_densities(curves, lambda_max=lmax),
         out / "a_spectra",
         {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
-        measurement_caption(study_dir),
+        f"{measurement_caption(study_dir)}; seed {first_seed}; SLQ density, Papyan kernel",
     )
     table = []
     for (label, epoch), group in sorted(
