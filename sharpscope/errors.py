@@ -23,6 +23,21 @@ def check(condition: bool, message: str) -> None:
         raise SharpscopeError(message)
 
 
+def check_autograd(what: str) -> None:
+    """Refuse to run ``what``, which needs gradients, inside ``torch.inference_mode()``
+    (whose tensors never record a graph; ``torch.no_grad()`` is fine).
+
+    >>> check_autograd("Hessian-vector products")
+    """
+    import torch
+
+    if torch.is_inference_mode_enabled():
+        raise SharpscopeError(
+            f"called inside torch.inference_mode(): {what} need autograd; call it outside "
+            "(torch.no_grad() is fine)"
+        )
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
     """Raise :class:`SharpscopeError` unless ``value`` is one of ``choices``.
 

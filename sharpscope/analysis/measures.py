@@ -327,6 +327,12 @@ def epsilon_sharpness(
         basis = None
         bound = epsilon * (w.abs() + 1)
     else:
+        check(
+            subspace_dim <= layout.size,
+            f"subspace_dim {subspace_dim} is larger than the model's {layout.size} parameters: "
+            "the box on its coordinates would let the step leave the full-space box C_ε; "
+            "use subspace_dim=None (the full space)",
+        )
         basis = keskar_subspace(layout.size, subspace_dim, seed)
         coords = torch.linalg.lstsq(basis, w.unsqueeze(-1)).solution.squeeze(-1)  # A⁺w
         bound = epsilon * (coords.abs() + 1)

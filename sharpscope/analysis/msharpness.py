@@ -55,7 +55,7 @@ from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors, rereadable
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size
-from ..errors import SharpscopeError, check
+from ..errors import SharpscopeError, check, check_autograd
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -713,6 +713,7 @@ def m_sharpness(
     True
     """
     start = time.perf_counter()
+    check_autograd("the ascent's gradients")
     check(norm in NORMS, f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
     check(
         projection in PROJECTIONS,

@@ -946,7 +946,9 @@ def spectrum(
             seed, dtype, device, basis_device, restart_size, backend, meta,
             **operator_options: as in :func:`top_eigenvalues`.
         trace_method, trace_probes: as ``method``/``num_probes`` of :func:`hessian_trace`.
-        num_probes, num_lanczos_steps, kernel: as in :func:`spectral_density`.
+        num_probes, num_lanczos_steps, kernel: as in :func:`spectral_density`. Note: here
+            ``num_probes`` are the density's SLQ probes (each ``num_lanczos_steps``
+            products), not the trace's, which are ``trace_probes``.
         deflate: deflate the top-``deflate`` eigenpairs (reuses the top-k ones when
             ``deflate <= k`` and which="LA").
         skip: parts not to compute, of "trace" and "density" (the top-k always runs). By

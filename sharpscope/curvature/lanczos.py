@@ -437,7 +437,9 @@ def _converged(
     return bool(np.all(b * np.abs(S[-1, select(theta, k, which)]) <= threshold))
 
 
-def _check_k(k: int, n: int, max_steps: int) -> None:
+def _check_k(k: int, n: int, max_steps: int, tol: float = 1e-5) -> None:
+    if not tol > 0:  # also NaN: every residual test would be False, silently
+        raise SharpscopeError(f"tol must be a number > 0, got {tol}")
     if k < 1:
         raise SharpscopeError(f"k must be >= 1, got {k}")
     if k > n:
@@ -501,7 +503,7 @@ def lanczos_top_k(
     if which not in WHICH:
         raise SharpscopeError(f"unknown which='{which}'; choose one of {', '.join(WHICH)}")
     op = as_operator(A, dim)
-    _check_k(k, op.dim, max_steps)
+    _check_k(k, op.dim, max_steps, tol)
 
     last: list[bool | str] = [False]
 
@@ -681,7 +683,7 @@ def block_lanczos_top_k(
     """
     op = as_operator(A, dim)
     n = op.dim
-    _check_k(k, n, max_steps)
+    _check_k(k, n, max_steps, tol)
     b = int(block_size)
     if b < 1:
         raise SharpscopeError(f"block_size must be >= 1, got {block_size}")

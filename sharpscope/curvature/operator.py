@@ -72,7 +72,7 @@ from ..device_memory import (
     saved_bytes_per_example,
 )
 from ..distributed import group_rank_and_size
-from ..errors import SharpscopeError, model_failure
+from ..errors import SharpscopeError, check_autograd, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
@@ -251,6 +251,7 @@ class HessianOperator:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise SharpscopeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        check_autograd("Hessian-vector products")
         if hvp_mode not in HVP_MODES:
             raise SharpscopeError(
                 f"unknown hvp_mode '{hvp_mode}'; choose one of {', '.join(HVP_MODES)}"

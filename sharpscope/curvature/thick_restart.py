@@ -35,6 +35,7 @@ from .lanczos import (
     Which,
     _check_k,
     check_symmetric,
+    lanczos_top_k,
     preference,
     ritz_pairs,
     select,
@@ -93,9 +94,23 @@ def thick_restart_lanczos_top_k(
         raise SharpscopeError(f"unknown which='{which}'; choose one of {', '.join(WHICH)}")
     op = as_operator(A, dim)
     n = op.dim
-    _check_k(k, n, max_steps)
+    _check_k(k, n, max_steps, tol)
     keep = k if keep is None else int(keep)
     size = min(default_restart_size(k) if restart_size is None else int(restart_size), n)
+    if size == n:  # a basis of every dimension never restarts: plain Lanczos, exact
+        return lanczos_top_k(
+            op,
+            k,
+            which=which,
+            tol=tol,
+            max_steps=max_steps,
+            seed=seed,
+            return_eigenvectors=return_eigenvectors,
+            true_residuals=true_residuals,
+            basis_dtype=basis_dtype,
+            basis_device=basis_device,
+            start=start,
+        )
     if not k <= keep < size:
         raise SharpscopeError(
             f"thick restarts need k <= keep < restart_size, got k={k}, keep={keep}, "

@@ -393,6 +393,16 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"params must be the model or an iterable of parameters or parameter groups: "
                 f"{first_line(exc) or type(exc).__name__}"
             ) from exc
+        for group in self.param_groups:  # torch only warns; a perturbation would add twice
+            seen: set[int] = set()
+            for p in group["params"]:
+                if id(p) in seen:
+                    raise SharpscopeError(
+                        f"a parameter group lists the same tensor (shape {tuple(p.shape)}) "
+                        "twice, e.g. a tied weight given through both modules: it would be "
+                        "perturbed and counted twice; give model.parameters() (each tensor once)"
+                    )
+                seen.add(id(p))
         for key in ("lr", "momentum", "weight_decay", "dampening"):  # a TOML typo, named
             value = base_kwargs.get(key)
             number = isinstance(value, (Real, Tensor)) and not isinstance(value, bool)

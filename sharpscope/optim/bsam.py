@@ -228,7 +228,9 @@ class BSAM(SharpnessAware):
         return [self.base.init_state(p, group_of[id(p)]) for p in params]
 
     def posterior_std(self) -> list[Tensor]:
-        """``sigma = 1 / sqrt(N s)`` for each parameter (order of ``param_groups``)."""
+        """``sigma = 1 / sqrt(N s)`` for each parameter with a state (order of
+        ``param_groups``): frozen parameters (``requires_grad=False``) have none and are
+        left out, so pair it with ``[p for p in model.parameters() if p.requires_grad]``."""
         out = []
         for params, n in self._group_scalars():
             s = [st["s"] for st in self._states(params)]

@@ -274,3 +274,13 @@ def test_pac_bayes_needs_class_labels():
     model, x, y = linear_regression()
     with pytest.raises(SharpscopeError, match="class labels"):
         pac_bayes_flatness(model, (x, y), loss=half_mse)
+
+
+def test_a_keskar_subspace_larger_than_the_parameters_is_refused():
+    from sharpscope.analysis.measures import epsilon_sharpness
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)  # 6 parameters
+    data = (torch.randn(8, 2), torch.randint(0, 2, (8,)))
+    with pytest.raises(SharpscopeError, match="subspace_dim 100 is larger than the model's 6"):
+        epsilon_sharpness(model, data, 1e-3, subspace_dim=100)

@@ -428,3 +428,18 @@ def test_pytorch_attention_layers_get_their_exact_hessian(mode):
     exact = torch.linalg.eigvalsh((H + H.T) / 2).flip(0)[:2]  # central differences: 1e-10
     found = top_eigenvalues(model, (x, y), k=2, tol=1e-10, hvp_mode=mode).eigenvalues
     torch.testing.assert_close(found, exact, rtol=1e-7, atol=1e-9)
+
+
+def test_inside_inference_mode_the_analyses_say_so():
+    from sharpscope.analysis.msharpness import m_sharpness
+    from sharpscope.analysis.spectrum import top_eigenvalues
+
+    torch.manual_seed(0)
+    model, data = nn.Linear(4, 3), (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    with torch.inference_mode():
+        for run in (
+            lambda: top_eigenvalues(model, data, k=1),
+            lambda: m_sharpness(model, data, 4, 0.05),
+        ):
+            with pytest.raises(SharpscopeError, match="inside torch.inference_mode"):
+                run()

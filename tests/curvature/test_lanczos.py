@@ -369,3 +369,17 @@ def test_weight_norm_models_get_the_true_hessian_or_a_clear_error():
         exact = torch.linalg.eigvalsh(H).flip(0)[:3]
         found = top_eigenvalues(model, data, k=3, tol=1e-10).eigenvalues
         torch.testing.assert_close(found, exact, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("tol", [float("nan"), -1.0, 0.0])
+def test_a_tolerance_that_no_residual_can_meet_is_refused(tol):
+    with pytest.raises(SharpscopeError, match="tol must be a number > 0"):
+        lanczos_top_k(torch.eye(4, dtype=F64), k=2, tol=tol)
+
+
+def test_thick_restart_with_a_basis_of_every_dimension_runs_plain_lanczos():
+    """k = P = 12 with restart_size 14: no restart is ever needed (was an error quoting a
+    restart_size of 12 the user never gave)."""
+    A = torch.diag(torch.arange(1.0, 13.0, dtype=F64))
+    pairs = thick_restart_lanczos_top_k(A, k=12, restart_size=14)
+    torch.testing.assert_close(pairs.eigenvalues, torch.arange(12.0, 0.0, -1.0, dtype=F64))

@@ -556,3 +556,11 @@ def test_a_closure_that_returns_loss_and_logits_is_one_line():
 
     with pytest.raises(SharpscopeError, match="closure returned a tuple; return the loss alone"):
         opt.step(closure)
+
+
+def test_a_tensor_listed_twice_in_one_group_is_refused():
+    """A tied weight given through both modules would be perturbed twice (torch only warns)."""
+    emb, head = nn.Embedding(5, 3), nn.Linear(3, 5, bias=False)
+    head.weight = emb.weight
+    with pytest.raises(SharpscopeError, match="lists the same tensor .* twice"):
+        SAM(list(emb.parameters()) + list(head.parameters()), base=torch.optim.SGD, lr=0.1)
