@@ -298,6 +298,13 @@ def register(app: typer.Typer) -> None:
             "--restart-size",
             help="Thick-restart Lanczos with at most N basis vectors (2k+10 suggested).",
         ),
+        block_size: Optional[int] = typer.Option(
+            None,
+            "--block-size",
+            help="Block Lanczos with N start vectors: finds eigenvalues repeated up to N "
+            "times (a mean-MSE Hessian repeats each C times, for C outputs); --max-steps "
+            "then counts products.",
+        ),
         skip: Optional[list[str]] = typer.Option(
             None,
             "--skip",
@@ -337,6 +344,22 @@ def register(app: typer.Typer) -> None:
         )
         check_number("--deflate", deflate, minimum=0, hint=" (0: no deflation)")
         skipped = parse_skip(skip, deflate=deflate, plot=plot)
+        if block_size is not None:
+            from ..analysis.spectrum import check_block_options
+
+            check_number("--block-size", block_size, minimum=1)
+            try:
+                check_block_options(
+                    block_size, backend, restart_size, return_eigenvectors=eigenvectors is not None
+                )
+            except SharpscopeError as exc:
+                raise SharpscopeError(
+                    str(exc)
+                    .replace("block_size (block Lanczos)", "--block-size")
+                    .replace("take eigenvectors", "take --eigenvectors")
+                    .replace("take restart_size", "take --restart-size")
+                    .replace("take backend", "take --backend")
+                ) from None
         check_number("--tol", tol, minimum=0, inclusive=False, hint=" (default 1e-05)")
         check_number("--weight-decay", weight_decay, minimum=0)
         if backend == "sharpscope" and "trace" not in skipped:  # PyHessian's: own budget
@@ -426,6 +449,7 @@ def register(app: typer.Typer) -> None:
                 device=dist.device,
                 basis_device=basis_device,
                 restart_size=restart_size,
+                block_size=block_size,
                 backend=backend,
                 skip=skipped,
                 meta=inputs.meta,

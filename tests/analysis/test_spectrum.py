@@ -443,3 +443,23 @@ def test_inside_inference_mode_the_analyses_say_so():
         ):
             with pytest.raises(SharpscopeError, match="inside torch.inference_mode"):
                 run()
+
+
+def test_block_size_finds_the_multiplicity_single_vector_lanczos_misses():
+    """Mean MSE with C = 10 outputs: H = (2/(NC)) I_C ⊗ XᵀX repeats each value 10 times; with
+    30 features single-vector Lanczos converges first and shows each value once."""
+    torch.manual_seed(0)
+    d, outputs = 30, 10
+    model = nn.Linear(d, outputs).double()
+    x = torch.randn(200, d, dtype=torch.float64) * torch.linspace(0.2, 3, d, dtype=torch.float64)
+    y = torch.randn(200, outputs, dtype=torch.float64)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, (x, y), "mse")).flip(0)[:5]
+    torch.testing.assert_close(exact, exact[:1].expand(5))  # λ1 five times (ten, in fact)
+    found = top_eigenvalues(model, (x, y), 5, "mse", tol=1e-8, block_size=10, max_steps=200)
+    torch.testing.assert_close(found.eigenvalues, exact, rtol=1e-8, atol=0)
+    assert all(found.converged) and found.ratio == pytest.approx(1.0)
+    assert found.meta.extra["block_size"] == 10
+    with pytest.raises(SharpscopeError, match="does not take eigenvectors"):
+        top_eigenvalues(model, (x, y), 5, "mse", block_size=10, return_eigenvectors=True)
+    with pytest.raises(SharpscopeError, match="block_size must be an integer >= 1"):
+        top_eigenvalues(model, (x, y), 5, "mse", block_size=0)

@@ -165,6 +165,15 @@ def test_pyhessian_backend(checkpoint):
     assert "pyhessian-hutchinson" in result.stdout
 
 
+def test_block_size_runs_block_lanczos_and_is_recorded(checkpoint, tmp_path):
+    out = tmp_path / "block.json"
+    args = ["spectrum", str(checkpoint), *FAST, "--skip", "trace,density", "--json", str(out)]
+    result = runner.invoke(app, [*args, "--block-size", "2", "--max-steps", "80"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["extra"]["block_size"] == 2 and len(data["eigenvalues"]) == 5
+
+
 def test_skip_gives_the_top_k_alone_with_nulls_in_the_json(checkpoint, tmp_path):
     out = tmp_path / "top.json"
     args = ["spectrum", str(checkpoint), *FAST, "--skip", "trace,density", "--json", str(out)]
@@ -184,6 +193,8 @@ def test_skip_gives_the_top_k_alone_with_nulls_in_the_json(checkpoint, tmp_path)
     "extra, message",
     [
         (["--skip", "top"], "--skip: cannot skip 'top': choose from trace, density"),
+        (["--block-size", "2", "--eigenvectors", "e.npz"], "--block-size does not take --eig"),
+        (["--block-size", "2", "--restart-size", "20"], "--block-size does not take --restart"),
         (["--skip", "density", "--deflate", "2"], "--deflate 2 applies to the density"),
         (["--skip", "density", "--plot", "d.pdf"], "--plot draws the density"),
         (["--k", "100000"], "larger than the number of parameters"),
