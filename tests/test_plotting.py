@@ -518,3 +518,14 @@ def test_a_wide_legend_takes_fewer_columns_than_the_figure_is_wide():
     (legend,) = fig.legends
     assert legend.get_window_extent(fig.canvas.get_renderer()).width <= fig.bbox.width
     assert 1 <= legend._ncols < 7
+
+
+def test_a_narrow_density_has_no_axis_offset_and_no_minor_tick_comb():
+    """H ≈ 2·I: matplotlib would print an offset ("1e-6+6.93e-1") over the x label."""
+    nodes = np.full((2, 3), 2.0) + np.array([[0.0, 1e-7, 2e-7]])
+    density = Density.from_quadrature(nodes, np.full((2, 3), 1 / 3), dim=3, kernel="log")
+    fig = plot_spectrum(density)
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    assert ax.xaxis.get_offset_text().get_text() == ""
+    assert not ax.yaxis.get_minor_locator()()

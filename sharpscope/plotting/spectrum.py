@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib.ticker import NullLocator
 
 from ..errors import SharpscopeError
 from .style import PALETTE, new_figure, save_figure, styled
@@ -104,6 +105,9 @@ def plot_spectrum(
         )
     ax.set_xlabel("log(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
     ax.set_ylabel("density")
+    # a narrow spectrum (H ≈ c·I) would get an offset ("1e-6+6.93e-1") over the x label
+    ax.xaxis.get_major_formatter().set_useOffset(False)
+    ax.yaxis.set_minor_locator(NullLocator())  # a comb of minor ticks over 10 decades
     ax.set_title(_caption(density, meta), fontsize=6)
     # the top eigenvalues are always at the right: an opaque legend box keeps their
     # dashed marks from running through its text
