@@ -479,6 +479,24 @@ def figures_e(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- (f)
+def variants_caption(study_dir: Path) -> str:
+    """Figure (f)'s caption: data, mode, dtype, and the m and ρ of its m-sharpness axis.
+
+    e.g. ``"measured on mnist1d/train n=512; eval mode; float32; m-sharpness m=128, ρ=0.05"``.
+    """
+    from .report import measurement_caption
+    from .runner import load_study_config_from_dir
+
+    caption = measurement_caption(study_dir)
+    msharp = load_study_config_from_dir(study_dir).analysis.measures.get("m_sharpness", {})
+    shown = [
+        f"{name}={'/'.join(map(str, np.atleast_1d(msharp[key])))}"
+        for key, name in (("m", "m"), ("rho", "ρ"))
+        if key in msharp
+    ]
+    return caption + ("; m-sharpness " + ", ".join(shown) if shown else "")
+
+
 def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Variants side by side; calibration with bSAM's model average; LETS' ρ."""
     from ..plotting.study import plot_variants
@@ -490,6 +508,7 @@ def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         plot_variants(rows, metrics),
         out / "f_variants",
         [{k: r.get(k) for k in ("run_id", "optimizer", "seed", *metrics)} for r in rows],
+        variants_caption(study_dir),
     )
     calibration = []
     for row in rows:

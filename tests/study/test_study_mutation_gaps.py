@@ -535,8 +535,18 @@ def test_figures_f_model_average_and_lets_by_registry_name(tmp_path):
     """(f): the BMA calibration row holds the model average's accuracy, and a LETS run under
     another label (optimizer_name lets) gets its learned-ρ figure."""
     from sharpscope.study import reproductions
+    from sharpscope.study.runner import prepare_study_dir
 
     folder = tmp_path / "f"
+    config = study_config_from_dict(
+        {
+            "study": {"name": "f"},
+            "sweep": {"optimizer": ["sgd"], "seed": [0]},
+            "analysis": {"samples": 64, "m_sharpness": {"m": [128], "rho": [0.05]}},
+        }
+    )
+    prepare_study_dir(folder, config, expand_sweep(config))
+    assert reproductions.variants_caption(folder).endswith("; m-sharpness m=128, ρ=0.05")
     rows = [
         _row("sgd-s0", "sgd", 0, optimizer_name="sgd", test_acc=0.7, test_ece=0.1, test_nll=1.0),
         _row("bsam-s0", "bsam", 0, optimizer_name="bsam", test_acc=0.6, test_ece=0.2,
