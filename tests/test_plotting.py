@@ -529,3 +529,14 @@ def test_a_narrow_density_has_no_axis_offset_and_no_minor_tick_comb():
     ax = fig.axes[0]
     assert ax.xaxis.get_offset_text().get_text() == ""
     assert not ax.yaxis.get_minor_locator()()
+
+
+def test_linear_measure_axes_ask_for_at_most_five_ticks():
+    """Four-decimal labels (0.0150 0.0175 ...) ran together at the default tick density."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax = study_plots.plot_measure_vs_gap(
+        rows_for([0.015 + 0.0025 * i for i in range(8)]), "lambda_max"
+    ).axes[0]
+    locator = ax.xaxis.get_major_locator()
+    assert isinstance(locator, MaxNLocator) and locator._nbins == 5

@@ -155,6 +155,8 @@ def plot_measure_vs_gap(
     ax.set_ylabel(axis_label(gap))
     if _positive(points, measure) and _spread(points, measure) > 30:
         ax.set_xscale("log")
+    else:  # at most 5 ticks: long labels (0.0150 0.0175 ...) would run together
+        ax.xaxis.set_major_locator(_max_locator(5))
     return fig
 
 
