@@ -124,9 +124,15 @@ def paper_style() -> Iterator[None]:
     import seaborn as sns
 
     with mpl.rc_context():
-        sns.set_theme(style="ticks", palette=list(PALETTE), rc=RC)
-        mpl.rcParams.update(RC)
-        yield
+        try:
+            sns.set_theme(style="ticks", palette=list(PALETTE), rc=RC)
+            mpl.rcParams.update(RC)
+            yield
+        finally:
+            # a notebook's inline backend, loaded at the block's first figure, turns
+            # interactive mode on; rc_context would undo that and hide later figures
+            interactive = mpl.is_interactive()
+    mpl.interactive(interactive)
 
 
 def optimizer_color(name: str, index: int = 0) -> str:
