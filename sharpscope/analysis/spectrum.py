@@ -686,6 +686,8 @@ def top_eigenvalues(
     """
     _check_backend(backend, which)
     check_spectrum_choices(which=which)
+    if block_size is not None:  # before the operator's pre-flight passes
+        check_block_options(block_size, backend, restart_size, return_eigenvectors)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -993,6 +995,8 @@ def spectrum(
     _check_backend(backend, which)
     check_spectrum_choices(which=which, trace_method=trace_method, kernel=kernel)
     skipped = check_skip(skip, deflate=deflate)
+    if block_size is not None:  # before the operator's pre-flight passes
+        check_block_options(block_size, backend, restart_size, return_eigenvectors)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options

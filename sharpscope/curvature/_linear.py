@@ -38,6 +38,9 @@ class LinearOperator:
         matmat: ``(s, dim) -> (s, dim)``, row i being ``A V[i]``.
         dtype: dtype the vectors are stored in (basis and probes).
         device: where products are computed.
+        products_dtype: the precision A's products are computed in, where it differs
+            from ``dtype`` or is unknown (a callable: taken as float32), for the
+            symmetry check's tolerance.
     """
 
     dim: int
@@ -46,6 +49,7 @@ class LinearOperator:
     dtype: torch.dtype = F64
     device: torch.device = torch.device("cpu")
     num_matvecs: int = 0
+    products_dtype: torch.dtype | None = None
 
     def mv(self, v: Tensor) -> Tensor:
         """``A v`` in float64 on :attr:`device`; counted."""
@@ -71,7 +75,9 @@ def as_operator(A: Any, dim: int | None = None) -> LinearOperator:
         SharpscopeError: for a non-square matrix or a callable without ``dim``.
     """
     if isinstance(A, LinearOperator):
-        return LinearOperator(A.dim, A.matvec, A.matmat, A.dtype, A.device)
+        return LinearOperator(
+            A.dim, A.matvec, A.matmat, A.dtype, A.device, products_dtype=A.products_dtype
+        )
     if hasattr(A, "hvp") and hasattr(A, "hvp_block") and hasattr(A, "dim"):
         return LinearOperator(int(A.dim), A.hvp, A.hvp_block, A.dtype, A.device)
     if isinstance(A, np.ndarray):
@@ -97,6 +103,7 @@ def as_operator(A: Any, dim: int | None = None) -> LinearOperator:
             lambda V: torch.stack([fn(v) for v in V]) if len(V) else V.clone(),
             F64,
             torch.device("cpu"),
+            products_dtype=torch.float32,  # its precision is unknown: not held to float64's
         )
     raise SharpscopeError(f"cannot use {type(A).__name__} as a linear operator")
 

@@ -73,6 +73,11 @@ hvp_mode, or write that layer with plain tensor operations
         )
 
 
+def products_dtype(op: Any) -> torch.dtype:
+    """The precision ``op``'s products are computed in, for :func:`check_symmetric`."""
+    return getattr(op, "products_dtype", None) or getattr(op, "dtype", F64)
+
+
 def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Eigenvalues (ascending) and eigenvectors of the symmetric tridiagonal (alpha, beta).
 
@@ -248,7 +253,7 @@ class LanczosProcess:
         if self.m < 1:
             raise SharpscopeError(f"Lanczos needs at least one step, got num_steps={num_steps}")
         self.bdtype = basis_dtype if basis_dtype is not None else op.dtype
-        self.dtypes = (getattr(op, "dtype", F64), self.bdtype)
+        self.dtypes = (products_dtype(op), self.bdtype)
         self.bdev = torch.device(basis_device) if basis_device is not None else op.device
         self.Q = torch.empty((self.m, n), dtype=self.bdtype, device=self.bdev)
         self.restart, self.stop = restart, stop
@@ -506,9 +511,11 @@ def lanczos_top_k(
     _check_k(k, op.dim, max_steps, tol)
 
     last: list[bool | str] = [False]
+    searched: list[np.ndarray | None] = [None]  # the block whose copy set off the search
 
     def stop(alpha: np.ndarray, beta: np.ndarray, b: float) -> bool | str:
         restarted = np.flatnonzero(beta == 0.0)  # a restart couples the blocks by 0
+        lo = int(restarted[-1]) + 1 if restarted.size else 0
         last[0] = top_k_verdict(
             *tridiagonal_eigh(alpha, beta),
             b,
@@ -518,6 +525,8 @@ def lanczos_top_k(
             block_start=int(restarted[-1]) + 1 if restarted.size else 0,
             block_eigh=lambda lo, hi: tridiagonal_eigh(alpha[lo:hi], beta[lo : hi - 1]),
         )
+        if last[0] == RESTART:
+            searched[0] = tridiagonal_eigh(alpha[lo:], beta[lo:])[0]
         return last[0]
 
     run = lanczos(
@@ -547,11 +556,15 @@ def lanczos_top_k(
         num_steps=run.num_steps,
         restarts=run.restarts,
     )
-    if last[0] == RESTART and not run.exhausted and run.num_steps < op.dim:
-        restarted = np.flatnonzero(run.beta == 0.0)
-        lo = int(restarted[-1]) + 1 if restarted.size else 0
-        block, _ = tridiagonal_eigh(run.alpha[lo:], run.beta[lo:])
-        pairs = unfinished_copy_search(pairs, theta, idx, block, which, tol)
+    # max_steps ended the run during a search for copies: at the RESTART or in a later
+    # block that had not yet finished
+    if (
+        searched[0] is not None
+        and last[0] is not True
+        and not run.exhausted
+        and run.num_steps < op.dim
+    ):
+        pairs = unfinished_copy_search(pairs, theta, idx, searched[0], which, tol)
     return pairs
 
 

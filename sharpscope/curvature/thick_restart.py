@@ -37,6 +37,7 @@ from .lanczos import (
     check_symmetric,
     lanczos_top_k,
     preference,
+    products_dtype,
     ritz_pairs,
     select,
     top_k_verdict,
@@ -130,6 +131,7 @@ def thick_restart_lanczos_top_k(
     steps = restarts = block_start = 0
     b = 0.0
     theta = S = idx = None
+    searched = None  # eigenvalues of the block whose copy set off a search for more
     expected = None  # b of the step before, when V[j] = its w / b: then V[j-1]ᵀ A V[j] = b
     while True:
         V[j] = q.to(bdev, bdtype)
@@ -140,7 +142,7 @@ def thick_restart_lanczos_top_k(
         h = basis_dot(V[: j + 1], w)
         if expected is not None:
             scale = max(float(np.abs(T[:j, :j]).max()), abs(float(h[j])), expected)
-            check_symmetric(float(h[j - 1]), expected, scale, (getattr(op, "dtype", F64), bdtype))
+            check_symmetric(float(h[j - 1]), expected, scale, (products_dtype(op), bdtype))
         expected = None
         w = w - basis_combine_rows(V[: j + 1], h.unsqueeze(0), op.device)[0]
         h2 = basis_dot(V[: j + 1], w)
@@ -162,6 +164,8 @@ def thick_restart_lanczos_top_k(
             block_start=block_start,
             block_eigh=lambda lo, hi: np.linalg.eigh(T[lo:hi, lo:hi]),
         )
+        if verdict == RESTART:  # a copy search goes on from a fresh vector
+            searched = np.linalg.eigvalsh(T[block_start:j, block_start:j])
         if verdict is True or steps >= max_steps or j >= n:
             break
         if verdict == RESTART:  # the block is invariant: continue in a fresh direction
@@ -214,7 +218,7 @@ def thick_restart_lanczos_top_k(
         num_steps=steps,
         restarts=restarts,
     )
-    if verdict == RESTART and steps >= max_steps and j < n:  # m_max ended a copy search
-        block = np.linalg.eigvalsh(T[block_start:j, block_start:j])
-        pairs = unfinished_copy_search(pairs, theta, idx, block, which, tol)
+    if searched is not None and verdict is not True and steps >= max_steps and j < n:
+        # m_max ended a copy search (at the RESTART or in a later block)
+        pairs = unfinished_copy_search(pairs, theta, idx, searched, which, tol)
     return pairs

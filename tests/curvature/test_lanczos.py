@@ -383,3 +383,37 @@ def test_thick_restart_with_a_basis_of_every_dimension_runs_plain_lanczos():
     A = torch.diag(torch.arange(1.0, 13.0, dtype=F64))
     pairs = thick_restart_lanczos_top_k(A, k=12, restart_size=14)
     torch.testing.assert_close(pairs.eigenvalues, torch.arange(12.0, 0.0, -1.0, dtype=F64))
+
+
+@pytest.mark.parametrize("restart_size", [None, 14])
+def test_a_step_budget_that_ends_a_copy_search_inside_a_later_block_flags_it_too(
+    planted_matrix, restart_size
+):
+    """λ = 5 (x4), 0.5 (x15): every max_steps, the values flagged converged are the exact
+    top-5 ones, also when max_steps falls inside a block after a restart (not at its end)."""
+    exact = [5.0] * 4 + [0.5]
+    A = planted_matrix(torch.tensor([5.0] * 4 + [0.5] * 15, dtype=F64))
+    for max_steps in range(5, 13):
+        if restart_size is None:
+            pairs = lanczos_top_k(A, k=5, max_steps=max_steps)
+        else:
+            pairs = thick_restart_lanczos_top_k(
+                A, k=5, max_steps=max_steps, restart_size=restart_size
+            )
+        for value, want, converged in zip(pairs.eigenvalues.tolist(), exact, pairs.converged):
+            assert not converged or abs(value - want) < 1e-8, (max_steps, pairs)
+
+
+def test_a_symmetric_float32_matvec_callable_is_not_refused():
+    """A callable's vectors are float64 but its products may be float32 (a hand-written
+    HVP): the symmetry check must allow their rounding."""
+    gen = torch.Generator().manual_seed(0)
+    B = torch.randn(2000, 2000, generator=gen)
+    M = (B + B.T) / 2
+
+    def f(v):
+        return (M @ v.float()).double()
+
+    lanczos_top_k(f, 5, dim=2000, max_steps=60)
+    hutchpp(f, dim=2000, num_probes=30)
+    slq(f, dim=2000, num_probes=1, num_steps=30)
