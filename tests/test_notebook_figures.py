@@ -8,10 +8,11 @@ nbformat = pytest.importorskip("nbformat")
 nbclient = pytest.importorskip("nbclient")
 
 
-def test_each_plot_in_a_notebook_is_displayed():
+def test_each_plot_in_a_notebook_is_displayed(monkeypatch):
     """The inline backend loads at the first figure, inside the plotting style's context,
     and turns interactive mode on; restoring the settings must not turn it off again
     (every later figure was silently not shown)."""
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # a user's kernel: the inline backend
     setup = (
         "import torch, sharpscope as ss\n"
         "torch.manual_seed(0)\n"
