@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
+import inspect
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -227,10 +228,41 @@ def model_errors(vectorized: bool) -> Iterator[None]:
         if is_out_of_memory(exc):
             raise
         if vectorized and "atching rule" in str(exc):
-            raise SharpscopeError(
+            raise VmapUnsupportedError(
                 f"torch.func.vmap cannot run this model ({first_line(exc)}); pass vectorize=False"
             ) from exc
         raise model_failure(exc) from exc
+
+
+class VmapUnsupportedError(SharpscopeError):
+    """``torch.func.vmap`` has no batching rule for an operation of the model."""
+
+
+def vmap_or_loop(function: Callable[..., Any]) -> Callable[..., Any]:
+    """Let ``vectorize=None`` (not chosen by the caller) fall back to the loop, with a
+    warning, when ``vmap`` cannot run the model (``nn.LSTM``, ``nn.GRU``, ...); a
+    ``vectorize=True`` the caller chose still raises. The fallback computes the same
+    values: the loop is the reference the vectorized path is tested against."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        bound = signature.bind(*args, **kwargs)
+        if bound.arguments.get("vectorize") is not None:
+            return function(*args, **kwargs)
+        try:
+            return function(*args, **kwargs)
+        except VmapUnsupportedError as exc:
+            warnings.warn(
+                f"{str(exc).removesuffix('; pass vectorize=False')}: the loop instead "
+                "(the same values, slower; vectorize=False or --no-vectorize skips this attempt)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            bound.arguments["vectorize"] = False
+            return function(*bound.args, **bound.kwargs)
+
+    return wrapper
 
 
 def normalize_logits(outputs: Tensor, eps: float = 1e-12) -> Tensor:

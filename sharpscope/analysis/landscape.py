@@ -69,6 +69,7 @@ from ._functional import (
     model_errors,
     resolve_loss,
     seeded_generator,
+    vmap_or_loop,
     with_data,
 )
 
@@ -480,6 +481,7 @@ def _load_partial(path: Path, settings: dict) -> LandscapeResult | None:
     return previous
 
 
+@vmap_or_loop
 @ieee_float32()
 def landscape(
     model: nn.Module,
@@ -551,8 +553,8 @@ def landscape(
         max_points: compute about this many new points (rounded up to whole chunks),
             then return (``complete`` is then False; call again to continue).
         vectorize: evaluate several points per ``vmap(functional_call)``; False: a
-            Python loop over points (the reference). None (default): vmap on a GPU, the
-            loop on CPU, where the work per point is compute-bound and vmapped
+            Python loop over points (the reference). None (default): vmap on a GPU (the
+            loop, with a warning, for a model vmap cannot trace), the loop on CPU, where the work per point is compute-bound and vmapped
             convolutions become slower grouped ones: in ``sharpscope bench landscape``
             (cnn1d and mlp on MNIST-1D) vmap ran at 0.74-0.87x the loop's speed, and
             faster (1.3x, cnn1d) only with as few as 128 examples per point.

@@ -74,6 +74,7 @@ from ._functional import (
     resolve_loss,
     seeded_generator,
     tensors_swapped,
+    vmap_or_loop,
 )
 
 Norm = Literal["l2", "linf"]
@@ -623,6 +624,7 @@ def default_subset_chunk(
     return int(max(1, min(num_subsets, cap, 4096 // m, entries // max(1, num_params))))
 
 
+@vmap_or_loop
 @ieee_float32()
 def m_sharpness(
     model: nn.Module,
@@ -641,7 +643,7 @@ def m_sharpness(
     restarts: int = 1,
     projection: Projection = "exact",
     chunk_size: int | None = None,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
     fold_bn: bool = True,
     distributed: bool | None = None,
     meta: RunMeta | None = None,
@@ -682,8 +684,9 @@ def m_sharpness(
             and projection in the scaled coordinates δ/|w|, invariant for any number of
             steps, and reaches the maximum (≥ 99% in 20 steps on the same quadratics).
         chunk_size: subsets per vectorized call (default: :func:`default_subset_chunk`).
-        vectorize: False runs the same ascent in a Python loop over subsets (reference,
-            or for models that ``torch.func.vmap`` cannot trace).
+        vectorize: True: vmap over subsets; False: the same ascent in a Python loop over
+            subsets (the reference). None (default): vmap, or the loop with a warning for
+            a model ``torch.func.vmap`` cannot trace (``nn.LSTM``, ``nn.GRU``).
         fold_bn: evaluate a copy with eval-mode BatchNorm folded into the layer before
             it (same function, cheaper; the folded layers are in ``meta.extra``).
         distributed: split the subsets across the processes of an initialized
@@ -714,6 +717,7 @@ def m_sharpness(
     """
     start = time.perf_counter()
     check_autograd("the ascent's gradients")
+    vectorize = True if vectorize is None else bool(vectorize)  # None: vmap_or_loop's try
     check(norm in NORMS, f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
     check(
         projection in PROJECTIONS,

@@ -110,8 +110,11 @@ def register(app: typer.Typer) -> None:
         chunk_size: Optional[int] = typer.Option(
             None, "--chunk-size", help="Subsets per vectorized call [default: automatic]."
         ),
-        vectorize: bool = typer.Option(
-            True, "--vectorize/--no-vectorize", help="vmap over subsets, or a Python loop."
+        vectorize: Optional[bool] = typer.Option(
+            None,
+            "--vectorize/--no-vectorize",
+            help="vmap over subsets, or a Python loop [default: vmap, or the loop with a "
+            "warning for a model vmap cannot trace].",
         ),
         json_out: JsonOpt = None,
         no_progress: NoProgressOpt = False,

@@ -760,3 +760,25 @@ def test_interpolation_warns_when_a_frozen_parameter_differs_between_the_models(
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
         landscape(net(1), data, 1, grid=3, directions=same_frozen)
+
+
+def test_vmap_or_loop_retries_only_a_vectorize_the_caller_left_open():
+    """landscape's GPU default is vmap: a model vmap cannot trace then runs in the loop."""
+    from sharpscope.analysis._functional import VmapUnsupportedError, vmap_or_loop
+
+    calls = []
+
+    @vmap_or_loop
+    def evaluate(points, vectorize=None):
+        calls.append(vectorize)
+        if vectorize is not False:
+            raise VmapUnsupportedError(
+                "torch.func.vmap cannot run this model (x); pass vectorize=False"
+            )
+        return points
+
+    with pytest.warns(RuntimeWarning, match=r"cannot run this model \(x\): the loop instead"):
+        assert evaluate(3) == 3
+    assert calls == [None, False]
+    with pytest.raises(VmapUnsupportedError):
+        evaluate(3, vectorize=True)

@@ -770,13 +770,16 @@ class _Recurrent(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def test_a_model_vmap_cannot_run_names_vectorize_false_and_the_loop_runs_it():
+def test_a_model_vmap_cannot_run_falls_back_to_the_loop_unless_vmap_was_asked_for():
     torch.manual_seed(0)
     model, x, y = _Recurrent(), torch.randn(16, 5, 2), torch.randint(0, 3, (16,))
     with pytest.raises(SharpscopeError, match="vmap cannot run this model.*vectorize=False"):
-        m_sharpness(model, (x, y), m=4, rho=0.05)
+        m_sharpness(model, (x, y), m=4, rho=0.05, vectorize=True)
+    with pytest.warns(RuntimeWarning, match="vmap cannot run this model.*the loop instead"):
+        default = m_sharpness(model, (x, y), m=4, rho=0.05)
     looped = m_sharpness(model, (x, y), m=4, rho=0.05, vectorize=False)
-    assert np.isfinite(looped.sharpness)
+    assert np.isfinite(looped.sharpness) and default.sharpness == looped.sharpness
+    assert default.meta.extra["vectorized"] is False
 
 
 @pytest.mark.parametrize(
