@@ -42,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
@@ -343,6 +344,14 @@ def _ascend(
             # at a critical point (∇ = 0) no ascent direction exists: such rows start
             # from a random point of the boundary instead (steps = 1 stays SAM's ε̂ = 0)
             critical = g0.double().norm(dim=-1) == 0
+            if steps == 1 and bool(critical.any()):
+                warnings.warn(
+                    "a subset's loss gradient is exactly zero (a critical point): SAM's "
+                    "one-step perturbation, and so its sharpness, is 0 there; steps >= 2 "
+                    "searches the ball from a random start",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             if steps > 1 and bool(critical.any()):
                 start = torch.stack(
                     [

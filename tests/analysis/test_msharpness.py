@@ -807,3 +807,15 @@ def test_a_shuffling_loader_is_refused_as_the_subsets_follow_the_data_order():
     fixed = DataLoader(TensorDataset(x, y), batch_size=4)
     expected = m_sharpness(model, (x, y), m=4, rho=0.05).sharpness
     assert m_sharpness(model, fixed, m=4, rho=0.05).sharpness == pytest.approx(expected)
+
+
+def test_one_step_at_a_critical_point_warns_that_it_measures_nothing():
+    """g = 0 exactly: SAM's ε̂ = 0, so steps = 1 gives 0; steps >= 2 finds the maximum."""
+    model = nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    data = (torch.eye(2), torch.zeros(2, 1))  # MSE at its minimum: gradient exactly 0
+    with pytest.warns(RuntimeWarning, match="gradient is exactly zero"):
+        one = m_sharpness(model, data, m=2, rho=0.5, loss="mse")
+    assert one.sharpness == 0.0
+    assert m_sharpness(model, data, m=2, rho=0.5, loss="mse", steps=5).sharpness > 0
