@@ -356,16 +356,21 @@ def epsilon_sharpness(
         return -value, -g_y.cpu().numpy()
 
     with analysis_mode(model) as mode:
-        clean_loss, _ = loss_and_grad(np.zeros(len(bound)))
+        clean_loss, clean_grad = loss_and_grad(np.zeros(len(bound)))
         clean_loss = -clean_loss
         check(
             1 + clean_loss > 0,
             f"epsilon-sharpness divides by 1 + L(w) = {1 + clean_loss:.3g}; it needs L(w) > -1",
         )
         b = bound.numpy()
+        # at a critical point (∇L = 0) L-BFGS-B would not leave the start: a seeded
+        # random point of the box instead
+        start = np.zeros(len(b))
+        if not np.any(clean_grad):
+            start = np.random.default_rng(seed).uniform(-b, b)
         result = minimize(
             loss_and_grad,
-            np.zeros(len(b)),
+            start,
             jac=True,
             method="L-BFGS-B",
             bounds=np.stack([-b, b], axis=1),

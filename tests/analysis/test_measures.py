@@ -284,3 +284,17 @@ def test_a_keskar_subspace_larger_than_the_parameters_is_refused():
     data = (torch.randn(8, 2), torch.randint(0, 2, (8,)))
     with pytest.raises(SharpscopeError, match="subspace_dim 100 is larger than the model's 6"):
         epsilon_sharpness(model, data, 1e-3, subspace_dim=100)
+
+
+def test_keskar_at_a_critical_point_leaves_the_start_and_finds_the_box_maximum():
+    """L(δ) = (δ1² + δ2²)/2 at w = 0, where ∇L = 0: the box |δ| ≤ ε has its maximum ε² at
+    the corners; L-BFGS-B started at 0 never moved (sharpness 0)."""
+    from sharpscope.analysis.measures import epsilon_sharpness
+
+    model = torch.nn.Linear(2, 1, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    data = (torch.eye(2), torch.zeros(2, 1))
+    result = epsilon_sharpness(model, data, 1e-3, loss="mse")
+    assert result.max_loss == pytest.approx(1e-6, rel=1e-6)
+    assert result.sharpness == pytest.approx(100 * 1e-6, rel=1e-6)
