@@ -53,10 +53,10 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..curvature.fold import fold_batchnorm
-from ..data.batches import as_tensors, rereadable
+from ..data.batches import as_tensors, read_fixed, same_batches
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size
-from ..errors import SharpscopeError, check, check_autograd
+from ..errors import check, check_autograd
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -352,7 +352,7 @@ def _ascend(
                     RuntimeWarning,
                     stacklevel=2,
                 )
-            if steps > 1 and bool(critical.any()):
+            elif bool(critical.any()):
                 start = torch.stack(
                     [
                         pset.random_point(seeded_generator(*key, restart), size, like)
@@ -538,15 +538,12 @@ def split_subsets(
     Raises:
         SharpscopeError: m < 1 or larger than the data.
     """
-    inputs, targets = as_tensors(data)
-    if rereadable(data):  # the subsets are cut in the data's order: it must be fixed
-        again_x, again_y = as_tensors(data)
-        if not (torch.equal(inputs, again_x) and torch.equal(targets, again_y)):
-            raise SharpscopeError(
-                "the data changed between two reads (shuffling or random augmentation); "
-                "m-sharpness cuts its subsets in the data's order: pass fixed tensors, or a "
-                "DataLoader with shuffle=False and no random transforms"
-            )
+    inputs, targets = read_fixed(
+        data,
+        as_tensors,
+        lambda a, b: same_batches([a], [b]),
+        why=" and m-sharpness cuts its subsets in the data's order",
+    )
     n_total = len(targets)
     m = n_total if m is None else m
     check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")

@@ -62,7 +62,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..data.batches import as_batches, num_examples, rereadable
+from ..data.batches import as_batches, num_examples, read_fixed, same_batches
 from ..device_memory import (
     CPU_MEMORY_SHARE,
     HVP_MEMORY_FACTOR,
@@ -328,14 +328,12 @@ class HessianOperator:
         self.batch_sizes = [len(b[1]) for b in all_batches]
         lo, hi = self._shard(len(all_batches))
         cast = True  # floating data follow the analysis dtype (as in landscape, m_sharpness)
-        self._batches = [
-            (self._to_device(x, cast), self._to_device(y, cast)) for x, y in all_batches[lo:hi]
-        ]
-        self._weights = [len(y) / self.num_examples for _, y in self._batches]
+        self._use_batches(
+            [(self._to_device(x, cast), self._to_device(y, cast)) for x, y in all_batches[lo:hi]]
+        )
         if fold_bn and check and bn_mode == "eval" and self._batches:
             self.module, pairs = fold_batchnorm(module, self._batches[0][0][:2])
             self.bn_folded = [norm for _, norm in pairs]
-        self._reuse_graph_allowed = bool(reuse_graph)
         self.batches_split_for_memory = 0
         if batch_size is None and self.device.type == "cpu" and bn_mode == "eval":
             self._split_for_memory(memory_budget)
@@ -344,6 +342,7 @@ class HessianOperator:
         self.progress = progress  # called with the number of products after each call
         self.grad_count = 0.0
         self._graph: tuple[list[Tensor], list[Tensor], list[int]] | None = None
+        self._reuse_graph_allowed = bool(reuse_graph)
         self._reuse_graph = self._reuse_graph_allowed and len(self._batches) == 1
         self.batches_halved = 0
         self.grad_seconds = math.nan
@@ -376,15 +375,8 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:
-        batches = as_batches(data, batch_size)
-        if check and rereadable(data):
-            again = as_batches(data, batch_size)
-            if not _same_batches(batches, again):
-                raise SharpscopeError(
-                    "the data changed between two reads (shuffling or random augmentation); "
-                    "pass fixed tensors, or a DataLoader with shuffle=False and no random "
-                    "transforms"
-                )
+        read = functools.partial(as_batches, batch_size=batch_size)
+        batches = read_fixed(data, read, same_batches) if check else read(data)
         if self.world_size > 1 and batch_size is None and len(batches) == 1:
             x, y = batches[0]
             size = math.ceil(len(y) / self.world_size)
@@ -681,6 +673,11 @@ class HessianOperator:
             if not self._halve_batches():
                 raise torch.OutOfMemoryError(message)
 
+    def _use_batches(self, batches: list) -> None:
+        """Read the local data as ``batches`` from now on, each weighted n_b/N."""
+        self._batches = batches
+        self._weights = [len(y) / self.num_examples for _, y in batches]
+
     def _split_for_memory(self, budget: int | None) -> None:
         """Split a single local CPU batch whose products would not fit in ``budget`` bytes.
 
@@ -714,8 +711,7 @@ class HessianOperator:
             return
         size = max(1, int(budget // (HVP_MEMORY_FACTOR * per_example)))
         parts = -(-len(y) // size)
-        self._batches = list(zip(x.tensor_split(parts), y.tensor_split(parts)))
-        self._weights = [len(t) / self.num_examples for _, t in self._batches]
+        self._use_batches(list(zip(x.tensor_split(parts), y.tensor_split(parts))))
         self.batches_split_for_memory = parts
         warnings.warn(
             f"the {len(y)} examples as one batch would need about {need / 1e9:.2g} GB for "
@@ -737,8 +733,7 @@ class HessianOperator:
                 batches += list(zip(x.tensor_split(2), y.tensor_split(2)))
             else:
                 batches.append((x, y))
-        self._batches = batches
-        self._weights = [len(y) / self.num_examples for _, y in batches]
+        self._use_batches(batches)
         self._graph = None
         self._reuse_graph = self._reuse_graph_allowed and len(batches) == 1
         self.batches_halved += 1
@@ -1020,14 +1015,3 @@ def _live_graph(
     """Leaves, the gradients that depend on θ, and their indices."""
     live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
     return leaves, [grads[i] for i in live], live  # type: ignore[misc]
-
-
-def _same_batches(a: list, b: list) -> bool:
-    if len(a) != len(b):
-        return False
-    for (x1, y1), (x2, y2) in zip(a, b):
-        if x1.shape != x2.shape or y1.shape != y2.shape:
-            return False
-        if not (torch.equal(x1, x2) and torch.equal(y1, y2)):
-            return False
-    return True

@@ -9,8 +9,8 @@ batch (analysis.md section 0), optionally moved to a device once.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, TensorDataset
 from ..errors import SharpscopeError, first_line
 
 Batch = tuple[Tensor, Tensor]
+T = TypeVar("T")
 
 
 FORMS = "(inputs, targets), a Dataset of (input, target) pairs or an iterable of (inputs, targets) batches"
@@ -244,3 +245,31 @@ def rereadable(data: Any) -> bool:
         return iter(data) is not data  # a DataLoader re-iterates; a generator does not
     except TypeError:
         return False
+
+
+def same_batches(a: Sequence[Batch], b: Sequence[Batch]) -> bool:
+    """Whether two reads gave the same batches (shapes and values, in order)."""
+    if len(a) != len(b):
+        return False
+    for (x1, y1), (x2, y2) in zip(a, b):
+        if x1.shape != x2.shape or y1.shape != y2.shape:
+            return False
+        if not (torch.equal(x1, x2) and torch.equal(y1, y2)):
+            return False
+    return True
+
+
+def read_fixed(
+    data: Any, read: Callable[[Any], T], same: Callable[[T, T], bool], why: str = ""
+) -> T:
+    """``read(data)``, read a second time and compared (``same``) when the data could
+    change between reads (:func:`rereadable`): a shuffling loader or random augmentation
+    is refused, since the analysis would be of no fixed function. ``why`` adds the
+    caller's reason to the message."""
+    first = read(data)
+    if rereadable(data) and not same(first, read(data)):
+        raise SharpscopeError(
+            f"the data changed between two reads (shuffling or random augmentation){why}; "
+            "pass fixed tensors, or a DataLoader with shuffle=False and no random transforms"
+        )
+    return first
