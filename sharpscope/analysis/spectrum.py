@@ -538,8 +538,7 @@ def _top_from_op(
         raise SharpscopeError(
             f"k={k} is larger than the number of parameters ({op.dim}); use k <= {op.dim}"
         )
-    if block_size is not None:
-        check_block_options(block_size, backend, restart_size, return_eigenvectors)
+    if block_size is not None:  # its options checked by the callers, before the operator
         pairs = block_lanczos_top_k(
             op, k, block_size=block_size, which=which, tol=tol, max_steps=max_steps, seed=seed
         )

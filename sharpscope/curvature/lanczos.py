@@ -522,7 +522,7 @@ def lanczos_top_k(
             k,
             which,
             tol,
-            block_start=int(restarted[-1]) + 1 if restarted.size else 0,
+            block_start=lo,
             block_eigh=lambda lo, hi: tridiagonal_eigh(alpha[lo:hi], beta[lo : hi - 1]),
         )
         if last[0] == RESTART:

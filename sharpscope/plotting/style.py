@@ -121,12 +121,10 @@ def apply_style() -> None:
 def paper_style() -> Iterator[None]:
     """Use the theme inside a ``with`` block, restoring the previous settings after."""
     import matplotlib as mpl
-    import seaborn as sns
 
     with mpl.rc_context():
         try:
-            sns.set_theme(style="ticks", palette=list(PALETTE), rc=RC)
-            mpl.rcParams.update(RC)
+            apply_style()
             yield
         finally:
             # a notebook's inline backend, loaded at the block's first figure, turns
