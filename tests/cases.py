@@ -215,3 +215,15 @@ m = {m}
 rho = [0.05]
 steps = 1
 """
+
+
+class RecurrentClassifier(nn.Module):
+    """A 2-feature sequence classifier (3 classes) on an ``nn.LSTM`` or ``nn.GRU``:
+    ``torch.func.vmap`` has no batching rule for either."""
+
+    def __init__(self, cell: type[nn.Module] = nn.LSTM) -> None:
+        super().__init__()
+        self.rnn, self.head = cell(2, 4, batch_first=True), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])

@@ -21,7 +21,7 @@ from sharpscope.analysis.landscape import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import free_port, half_mse, linear_regression
+from cases import RecurrentClassifier, free_port, half_mse, linear_regression
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -719,16 +719,8 @@ def test_one_hot_targets_score_the_accuracy_integer_labels_do():
 
 
 def test_vmap_over_a_recurrent_model_names_vectorize_false():
-    class Recurrent(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.rnn, self.head = nn.GRU(2, 4, batch_first=True), nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][:, -1])
-
     torch.manual_seed(0)
-    model, data = Recurrent(), (torch.randn(8, 5, 2), torch.randint(0, 3, (8,)))
+    model, data = RecurrentClassifier(nn.GRU), (torch.randn(8, 5, 2), torch.randint(0, 3, (8,)))
     with pytest.raises(SharpscopeError, match="vmap cannot run this model.*vectorize=False"):
         landscape(model, data, 1, grid=3, vectorize=True)
     assert torch.isfinite(landscape(model, data, 1, grid=3, vectorize=False).loss).all()

@@ -22,7 +22,7 @@ from sharpscope.analysis.msharpness import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import free_port, half_mse, linear_regression
+from cases import RecurrentClassifier, free_port, half_mse, linear_regression
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -759,20 +759,9 @@ def test_batchnorm_without_running_statistics_is_recorded_as_batch_mode():
     assert r.meta.mode == "batch"
 
 
-class _Recurrent(nn.Module):
-    """An LSTM classifier: torch.func.vmap has no batching rule for aten::lstm."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.rnn, self.head = nn.LSTM(2, 4, batch_first=True), nn.Linear(4, 3)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][:, -1])
-
-
 def test_a_model_vmap_cannot_run_falls_back_to_the_loop_unless_vmap_was_asked_for():
     torch.manual_seed(0)
-    model, x, y = _Recurrent(), torch.randn(16, 5, 2), torch.randint(0, 3, (16,))
+    model, x, y = RecurrentClassifier(nn.LSTM), torch.randn(16, 5, 2), torch.randint(0, 3, (16,))
     with pytest.raises(SharpscopeError, match="vmap cannot run this model.*vectorize=False"):
         m_sharpness(model, (x, y), m=4, rho=0.05, vectorize=True)
     with pytest.warns(RuntimeWarning, match="vmap cannot run this model.*the loop instead"):
