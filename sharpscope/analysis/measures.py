@@ -365,12 +365,12 @@ def epsilon_sharpness(
         b = bound.numpy()
         # at a critical point (∇L = 0) L-BFGS-B would not leave the start: a seeded
         # random point of the box instead
-        start = np.zeros(len(b))
+        y0 = np.zeros(len(b))
         if not np.any(clean_grad):
-            start = np.random.default_rng(seed).uniform(-b, b)
+            y0 = np.random.default_rng(seed).uniform(-b, b)
         result = minimize(
             loss_and_grad,
-            start,
+            y0,
             jac=True,
             method="L-BFGS-B",
             bounds=np.stack([-b, b], axis=1),

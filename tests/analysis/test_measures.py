@@ -143,6 +143,8 @@ def test_epsilon_sharpness_linear_loss_is_the_box_vertex(batch_size):
     assert r.clean_loss == pytest.approx(clean, rel=1e-12)
     assert r.max_loss == pytest.approx(exact_max, rel=1e-10)
     assert r.sharpness == pytest.approx(100 * (exact_max - clean) / (1 + clean), rel=1e-8)
+    # regression: the optimizer's start point once shadowed the clock's, giving an array
+    assert isinstance(r.seconds, float) and 0 <= r.seconds < 60
 
 
 def test_epsilon_sharpness_separable_quadratic():
