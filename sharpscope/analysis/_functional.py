@@ -105,7 +105,7 @@ class ParamLayout:
         # (..., P) gradient per tensor, split's backward concatenates the pieces once.
         parts = torch.split(flat, self.numels, dim=-1)
         return {
-            name: part.view(*lead, *shape)
+            name: part.view((*lead, *shape))  # a tuple: a 0-dim tensor has no sizes to list
             for name, shape, part in zip(self.names, self.shapes, parts)
         }
 

@@ -774,3 +774,34 @@ def test_vmap_or_loop_retries_only_a_vectorize_the_caller_left_open():
     assert calls == [None, False]
     with pytest.raises(VmapUnsupportedError):
         evaluate(3, vectorize=True)
+
+
+class Tempered(nn.Module):
+    """A linear classifier with a learned scalar temperature (a 0-dim parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(5, 3)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.linear(x) / self.temperature
+
+
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_zero_dimensional_parameter_is_sliced_like_any_other(vectorize):
+    """Regression: unflattening a 0-dim parameter from a (P,) vector failed ("view()
+    received an invalid combination of arguments") and was reported as a model error."""
+    torch.manual_seed(0)
+    net = Tempered().to(F64)
+    x, y = class_data()
+    r = landscape(net, (x, y), 1, grid=5, bias="normalize", vectorize=vectorize)
+    layout = ParamLayout.of(net)
+    assert layout.shapes[layout.names.index("temperature")] == torch.Size([])
+    theta = flat_parameters(net, layout)
+    moved = copy.deepcopy(net)
+    with torch.no_grad():
+        for name, value in layout.unflatten(theta + r.x[-1] * r.directions[0].double()).items():
+            moved.get_parameter(name).copy_(value)
+        expected = nn.functional.cross_entropy(moved(x), y).item()
+    assert r.loss[-1].item() == pytest.approx(expected, rel=1e-12)
