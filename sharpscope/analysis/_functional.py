@@ -411,6 +411,7 @@ def evaluate_parameter_sets(
     classification: bool,
     buffers: Mapping[str, Tensor] | None = None,
     vectorize: bool = True,
+    before_forward: Callable[[int, int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean loss and accuracy over all batches for each of K parameter sets.
 
@@ -426,6 +427,8 @@ def evaluate_parameter_sets(
         vectorize: evaluate the K sets with one ``vmap(functional_call)`` per batch
             (False: a Python loop over the sets that points the model's parameters at
             each row in turn, see :func:`tensors_swapped`).
+        before_forward: loop only: called with ``(row, batch index)`` before each
+            forward pass (the landscape points its precomputed input layers there).
 
     Returns:
         ``(loss, accuracy)``, two float64 ``(K,)`` CPU tensors (accuracy NaN when not
@@ -436,6 +439,8 @@ def evaluate_parameter_sets(
     loss = torch.zeros(k, dtype=torch.float64)
     correct = torch.zeros(k, dtype=torch.float64)
     buffers = dict(buffers or {})
+    if vectorize and before_forward is not None:
+        raise ValueError("before_forward is for the loop (vectorize=False)")
     with torch.no_grad():
         if vectorize:
             stacked, shared = split_constant_columns(layout, flat)
@@ -459,7 +464,9 @@ def evaluate_parameter_sets(
                 for row in range(k):
                     load(layout.unflatten(flat[row]))
                     load({name: b[row] for name, b in buffers.items()})
-                    for x, y in batches:
+                    for index, (x, y) in enumerate(batches):
+                        if before_forward is not None:
+                            before_forward(row, index)
                         out = model(x)
                         loss[row] += float(loss_fn(out, y)) * (len(y) / total)
                         if classification:

@@ -8,7 +8,7 @@ difference between the two loss grids (they must agree to 1e-5). Target (issue 5
 the 2-D landscape at least 2x faster than the loop on CPU. The reference is the
 per-point loop over the model as given; both sharpscope paths (vmap, and its CPU default,
 the loop) evaluate a copy with BatchNorm folded into the convolutions
-(:func:`sharpscope.curvature.fold.fold_batchnorm`), which is reported as a second row.
+(:func:`sharpscope.curvature.fold.fold_batchnorm`); the loop row is the CPU default.
 
 The reference loop is the straightforward one of Li et al. (2018): point the model's
 weights at the grid point, evaluate, next point (no ``functional_call``, see
@@ -16,9 +16,12 @@ weights at the grid point, evaluate, next point (no ``functional_call``, see
 model's forward pass over the data and little else.
 
 Cases: the registry's ``cnn1d`` with BatchNorm on MNIST-1D (the target case) and, for
-contrast, the registry's ``mlp``; a 2-D filter-normalized random slice, 11 x 11 points
-over 1024 and over 128 training examples (5 x 5 over 256 and 64 with ``quick``),
-float32. CPU timings use one thread (recorded). With 1024 examples the work per point is
+contrast, the registry's ``mlp``, both on MNIST-1D, and an ``mlp`` (width 512) on
+CIFAR-shaped inputs (3 x 32 x 32, random values: the timing does not depend on them),
+whose 3072-wide first layer the CPU default precomputes once for the whole slice
+(:mod:`sharpscope.analysis.input_layer`; the MNIST-1D models' first layers are too
+cheap for that to pay); a 2-D filter-normalized random slice, 11 x 11 points over 1024
+and over 128 examples (5 x 5 over 256 and 64 with ``quick``), float32. CPU timings use one thread (recorded). With 1024 examples the work per point is
 large convolutions running near the core's peak FLOP rate, which batching cannot
 shorten, and on CPU PyTorch turns a vmapped convolution into a slower grouped one; vmap
 only pays where the per-point work is small (128 examples). That is why
@@ -48,11 +51,22 @@ from .msharpness import bench_data, bench_model
 TARGET_SPEEDUP = 2.0
 
 
-def _mlp(device: str) -> Any:
+def _mlp(device: str, input_shape: tuple[int, ...] = (40,), width: int = 256) -> Any:
     from ..registry import build_model
 
     torch.manual_seed(0)
-    return build_model({"name": "mlp"}, (40,), 10).to(device).eval()
+    return build_model({"name": "mlp", "width": width}, input_shape, 10).to(device).eval()
+
+
+IMAGE_SHAPE = (3, 32, 32)
+
+
+def _image_data(samples: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random CIFAR-shaped inputs and labels (seeded)."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, *IMAGE_SHAPE, generator=generator)
+    y = torch.randint(0, 10, (samples,), generator=generator)
+    return x.to(device), y.to(device)
 
 
 def run(
@@ -60,7 +74,8 @@ def run(
     devices: list[str] | None = None,
     on_rows: OnRows | None = None,
 ) -> list[BenchRow]:
-    """Rows: cnn1d-bn and mlp, vectorized against the loop, on each of ``devices``.
+    """Rows: cnn1d-bn, mlp and mlp-512, vectorized and the loop against the reference loop,
+    on each of ``devices``.
 
     ``devices``: where to run (default :func:`bench_devices` ``("auto")``);
     ``on_rows``: called with all rows so far after each new row.
@@ -72,12 +87,17 @@ def run(
     # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
     with torch_threads(1):
         for device, samples in itertools.product(devices, sizes):
-            data = bench_data(samples, torch.float32, device)
-            models = {
-                "cnn1d-bn": bench_model(torch.float32, device),
-                "mlp": _mlp(device),
+            mnist1d = bench_data(samples, torch.float32, device)
+            cases = {
+                "cnn1d-bn": (bench_model(torch.float32, device), mnist1d, "mnist1d"),
+                "mlp": (_mlp(device), mnist1d, "mnist1d"),
+                "mlp-512": (
+                    _mlp(device, IMAGE_SHAPE, width=512),
+                    _image_data(samples, device),
+                    "3x32x32 random",
+                ),
             }
-            for name, model in models.items():
+            for name, (model, data, data_name) in cases.items():
                 kwargs = {"grid": grid, "seed": 0}
                 variants = {
                     "vmap": {"vectorize": True},
@@ -96,7 +116,11 @@ def run(
                 reference = results["reference"].loss
                 for key, label in (
                     ("vmap", "vmap over grid points (BatchNorm folded)"),
-                    ("loop", "per-point loop, BatchNorm folded (the CPU default)"),
+                    (
+                        "loop",
+                        "per-point loop, BatchNorm folded, input layer precomputed where "
+                        "it pays (the CPU default)",
+                    ),
                 ):
                     diff = float(
                         (
@@ -108,7 +132,8 @@ def run(
                     targeted = name == "cnn1d-bn" and key == "vmap"
                     rows.append(
                         BenchRow(
-                            case=f"2-D landscape {grid}x{grid}, {name} mnist1d n={samples} {device}",
+                            case=f"2-D landscape {grid}x{grid}, {name} {data_name} n={samples} "
+                            f"{device}",
                             variant=label,
                             seconds=times[key],
                             reference="per-point loop over the model as given",
@@ -125,6 +150,7 @@ def run(
                                 else None,
                                 "default_path": "vmap" if device == "cuda" else "loop",
                                 "bn_folded": results[key].settings.get("bn_folded"),
+                                "input_layers": results[key].settings.get("input_layers"),
                                 # the loop takes points in blocks but evaluates one per call
                                 "points_per_call": results[key].meta.extra["chunk_size"]
                                 if results[key].meta.extra["vectorized"]

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from ..modes import eval_mode
 
-__all__ = ["fold_batchnorm", "find_foldable_pairs"]
+__all__ = ["batchnorm_affine", "find_foldable_pairs", "fold_batchnorm", "tensor_sharing_copy"]
 
 _LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -131,8 +131,7 @@ def fold_batchnorm(
     pairs = find_foldable_pairs(model, example)
     if not pairs:
         return model, []
-    shared = itertools.chain(model.parameters(), model.buffers())
-    folded = copy.deepcopy(model, memo={id(t): t for t in shared}).eval()
+    folded = tensor_sharing_copy(model).eval()
     modules = dict(folded.named_modules())
     for layer_name, norm_name in pairs:
         layer, norm = modules[layer_name], modules[norm_name]
@@ -142,6 +141,13 @@ def fold_batchnorm(
     if check and not _same_outputs(model, folded, example):
         return model, []
     return folded, pairs
+
+
+def tensor_sharing_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules that holds the very same parameter and buffer tensors,
+    so that a module's ``forward`` can be replaced in the copy without touching ``model``."""
+    shared = itertools.chain(model.parameters(), model.buffers())
+    return copy.deepcopy(model, memo={id(t): t for t in shared})
 
 
 def _same_outputs(model: nn.Module, folded: nn.Module, example: Tensor) -> bool:
@@ -158,14 +164,21 @@ def _tracks_stats(norm: nn.modules.batchnorm._BatchNorm) -> bool:
     return norm.track_running_stats and norm.running_mean is not None
 
 
-def _folded_forward(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
-    """``norm(layer(x))`` in eval mode as one layer with scaled weights and a new bias."""
+def batchnorm_affine(norm: nn.modules.batchnorm._BatchNorm) -> tuple[Tensor, Tensor]:
+    """``(s, t)`` of the eval-mode BatchNorm as the per-channel map z -> s * z + t, from
+    its current weight, bias and running statistics."""
     scale = torch.rsqrt(norm.running_var + norm.eps)
     if norm.weight is not None:
         scale = scale * norm.weight
     shift = -norm.running_mean * scale
     if norm.bias is not None:
         shift = shift + norm.bias
+    return scale, shift
+
+
+def _folded_forward(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm, x: Tensor) -> Tensor:
+    """``norm(layer(x))`` in eval mode as one layer with scaled weights and a new bias."""
+    scale, shift = batchnorm_affine(norm)
     if layer.bias is not None:
         shift = shift + layer.bias * scale
     weight = layer.weight * scale.reshape(-1, *([1] * (layer.weight.dim() - 1)))
