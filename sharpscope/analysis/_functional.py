@@ -401,10 +401,44 @@ def tensors_swapped(
             tensor.data = held[name]
 
 
+@dataclass(frozen=True)
+class AffineRows:
+    """Parameter rows θ₀ + c_i D (``coefficients`` ``(K, m)``, ``directions`` ``(m, P)``),
+    formed one row at a time and one tensor at a time, for the per-point loop.
+
+    A row costs one pass over θ₀ and D (``addmv`` per tensor) and no ``(K, P)`` block,
+    which for large models costs as much as the forward pass. Every row is formed the
+    same way whatever rows come with it, so a resumed or distributed run forms the very
+    same weights. ``skip``: tensors left out of :meth:`tensors` (they keep the values
+    they hold; the landscape leaves out the weights of a precomputed input layer).
+    """
+
+    layout: ParamLayout
+    origin: Tensor
+    directions: Tensor
+    coefficients: Tensor
+    skip: frozenset[str] = frozenset()
+
+    def __len__(self) -> int:
+        return len(self.coefficients)
+
+    def __getitem__(self, rows: slice) -> AffineRows:
+        return dataclasses.replace(self, coefficients=self.coefficients[rows])
+
+    def tensors(self, row: int) -> dict[str, Tensor]:
+        """The named tensors of row ``row``."""
+        c = self.coefficients[row]
+        return {
+            name: torch.addmv(self.origin[sl], self.directions[:, sl].T, c).view(shape)
+            for name, shape, sl in self.layout.slices()
+            if name not in self.skip
+        }
+
+
 def evaluate_parameter_sets(
     model: nn.Module,
     layout: ParamLayout,
-    flat: Tensor,
+    flat: Tensor | AffineRows,
     batches: Sequence[tuple[Tensor, Tensor]],
     loss_fn: LossFn,
     *,
@@ -418,7 +452,7 @@ def evaluate_parameter_sets(
     Args:
         model: the network (in the mode the caller chose; nothing is changed).
         layout: where each trainable tensor sits in a row of ``flat``.
-        flat: ``(K, P)`` parameter rows.
+        flat: ``(K, P)`` parameter rows, or (the loop only) :class:`AffineRows`.
         batches: the data, each batch weighted n_b/N.
         loss_fn: mean loss of a batch.
         classification: whether to count correct argmax predictions.
@@ -439,8 +473,8 @@ def evaluate_parameter_sets(
     loss = torch.zeros(k, dtype=torch.float64)
     correct = torch.zeros(k, dtype=torch.float64)
     buffers = dict(buffers or {})
-    if vectorize and before_forward is not None:
-        raise ValueError("before_forward is for the loop (vectorize=False)")
+    if vectorize and (before_forward is not None or isinstance(flat, AffineRows)):
+        raise ValueError("before_forward and AffineRows are for the loop (vectorize=False)")
     with torch.no_grad():
         if vectorize:
             stacked, shared = split_constant_columns(layout, flat)
@@ -462,7 +496,11 @@ def evaluate_parameter_sets(
         else:
             with tensors_swapped(model, [*layout.names, *buffers]) as load:
                 for row in range(k):
-                    load(layout.unflatten(flat[row]))
+                    load(
+                        flat.tensors(row)
+                        if isinstance(flat, AffineRows)
+                        else layout.unflatten(flat[row])
+                    )
                     load({name: b[row] for name, b in buffers.items()})
                     for index, (x, y) in enumerate(batches):
                         if before_forward is not None:

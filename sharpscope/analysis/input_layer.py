@@ -152,11 +152,15 @@ class PrecomputedInputLayers:
         model: the copy (it shares every parameter and buffer with the original).
         names: the precomputed layers.
         bytes: memory taken by the stored outputs.
+        unused: the trainable tensors of those layers that no other module holds: the
+            copy computes the same at any value of them, so a point need not form them
+            (checked with them left at θ₀).
     """
 
     model: nn.Module
     names: list[str]
     bytes: int
+    unused: frozenset[str] = frozenset()
     _basis: dict[str, list[Tensor]] = field(default_factory=dict, repr=False)
     _coefficients: list[float] = field(default_factory=list, repr=False)
     _batch: int = 0
@@ -225,11 +229,21 @@ class PrecomputedInputLayers:
                 f"the input layers' outputs would take {needed / 2**20:.0f} MiB "
                 f"(at most {max_bytes / 2**20:.0f} MiB)"
             )
-        self = cls(copy, names, needed)
+        trainable = set(layout.names)
+        holders: dict[int, int] = {}
+        for module in copy.modules():
+            for tensor in module._parameters.values():
+                holders[id(tensor)] = holders.get(id(tensor), 0) + 1
+        unused = frozenset(
+            f"{name}.{kind}"
+            for name in names
+            for kind in ("weight", "bias")
+            if f"{name}.{kind}" in trainable and holders[id(getattr(layers[name], kind))] == 1
+        )
+        self = cls(copy, names, needed, unused)
         self._coefficients = [0.0] * len(directions)
         centre = layout.unflatten(origin)
         steps = [layout.unflatten(d) for d in directions]
-        trainable = set(layout.names)
         self._basis = {n: [] for n in names}
         for x, _ in batches:
             with torch.no_grad():
@@ -295,11 +309,14 @@ class PrecomputedInputLayers:
         held = self._basis
         self._basis = {n: [b[:, : len(example)]] for n, b in basis.items()}
         try:
+            centre = layout.unflatten(origin)
             with torch.no_grad(), tensors_swapped(model, layout.names) as load:
                 for point in points:
                     load(layout.unflatten(origin + point.to(directions) @ directions))
+                    expected = model(example)
+                    load({name: centre[name] for name in self.unused})  # as the loop leaves them
                     self.select(point.tolist(), 0)
-                    expected, found = model(example), self.model(example)
+                    found = self.model(example)
                     if not (isinstance(expected, Tensor) and isinstance(found, Tensor)):
                         return False
                     scale = float(expected.abs().max()) if expected.numel() else 0.0

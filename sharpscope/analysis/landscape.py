@@ -58,6 +58,7 @@ from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
+    AffineRows,
     ParamLayout,
     analysis_meta,
     analysis_mode,
@@ -725,9 +726,10 @@ def landscape(
         # Work comes in fixed blocks of consecutive grid indices, so every point is
         # evaluated in the same company whether the run is fresh, resumed or split
         # across processes (identical values, not just close ones). A block's weights
-        # are always formed for all its rows together (a matmul over fewer rows rounds
-        # differently); the loop then evaluates only its unfinished points, vmap the
-        # whole block again.
+        # are always formed for all its rows together under vmap (a matmul over fewer
+        # rows rounds differently), which then evaluates the whole block again; the loop
+        # forms each point's weights alone (AffineRows) and evaluates only the
+        # unfinished points.
         blocks = [
             idx
             for idx in torch.arange(len(computed)).split(chunk_size)
@@ -822,8 +824,13 @@ def landscape(
                 mine = block[rows]
                 if len(mine):
                     coords = mesh[block].to(device, dtype)
-                    flat = (origin_dev + coords @ directions_dev)[rows.to(device)]
                     points = coords[rows.to(device)]
+                    flat: Tensor | AffineRows
+                    if vectorize:
+                        flat = (origin_dev + coords @ directions_dev)[rows.to(device)]
+                    else:  # one row at a time, without a (rows, P) block
+                        skip = precomputed.unused if precomputed is not None else frozenset()
+                        flat = AffineRows(layout, origin_dev, directions_dev, points, skip)
                     buffers = {
                         name: (
                             plan.buffer_origin[name]

@@ -219,3 +219,59 @@ def test_vectorized_path_refuses_the_request():
     x, y = data(8, (108,))
     with pytest.raises(SharpscopeError, match="per-point loop"):
         landscape(image_mlp(), (x, y), 1, grid=3, vectorize=True, precompute_input=True)
+
+
+class ReadsTheWeight(nn.Module):
+    """The parent reads the input layer's weight itself (a penalty-like output term)."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.head = nn.Linear(108, 9), nn.Linear(9, 3)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.first(x))) + self.first.weight.sum()
+
+
+class Tied(nn.Module):
+    """The input layer's weight is also held (tied) by a layer that reads hidden values."""
+
+    def __init__(self):
+        super().__init__()
+        self.first, self.again = nn.Linear(108, 9), nn.Linear(108, 9)
+        self.again.weight = self.first.weight
+        self.expand, self.head = nn.Linear(9, 108), nn.Linear(9, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.first(x))
+        return self.head(torch.tanh(self.again(self.expand(h))))
+
+
+def test_weights_of_a_precomputed_layer_are_left_unformed_only_when_nothing_else_reads_them():
+    x, y = data(20, (108,))
+    kw = {"grid": 5, "vectorize": False, "bias": "normalize"}
+    torch.manual_seed(0)
+    for net in (image_mlp(), Tied().to(F64), ReadsTheWeight().to(F64)):
+        fast = landscape(net, (x, y), 2, **kw)
+        every = landscape(net, (x, y), 2, precompute_input=False, **kw)
+        assert_same_grid(fast, every)
+    net = image_mlp().eval()
+    layout = ParamLayout.of(net)
+    theta = flat_parameters(net, layout)
+    directions = torch.randn(2, layout.size, dtype=F64)
+    points = torch.tensor([[1.0, -1.0]], dtype=F64)
+    built, _ = PrecomputedInputLayers.build(net, layout, theta, directions, [(x, y)])
+    assert built.unused == {"1.weight", "1.bias"}
+    tied = Tied().to(F64).eval()
+    layout = ParamLayout.of(tied)
+    theta = flat_parameters(tied, layout)
+    directions = torch.randn(2, layout.size, dtype=F64)
+    built, _ = PrecomputedInputLayers.build(tied, layout, theta, directions, [(x, y)])
+    assert built.names == ["first"] and built.unused == {"first.bias"}  # the weight is tied
+    reads = ReadsTheWeight().to(F64).eval()
+    layout = ParamLayout.of(reads)
+    theta = flat_parameters(reads, layout)
+    directions = torch.randn(2, layout.size, dtype=F64)
+    built, why = PrecomputedInputLayers.build(
+        reads, layout, theta, directions, [(x, y)], check_points=points
+    )
+    assert built is None and why == "the precomputed outputs did not reproduce the model's"

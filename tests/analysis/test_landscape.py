@@ -805,3 +805,37 @@ def test_a_zero_dimensional_parameter_is_sliced_like_any_other(vectorize):
             moved.get_parameter(name).copy_(value)
         expected = nn.functional.cross_entropy(moved(x), y).item()
     assert r.loss[-1].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_affine_rows_are_the_block_formula_one_row_at_a_time():
+    from sharpscope.analysis._functional import AffineRows, evaluate_parameter_sets
+
+    net = mlp()
+    layout = ParamLayout.of(net)
+    theta = flat_parameters(net, layout)
+    g = torch.Generator().manual_seed(0)
+    directions = torch.randn(2, layout.size, generator=g, dtype=F64)
+    coefficients = torch.randn(5, 2, generator=g, dtype=F64)
+    block = theta + coefficients @ directions
+    rows = AffineRows(layout, theta, directions, coefficients)
+    assert len(rows) == 5 and len(rows[1:4]) == 3
+    for i in range(5):
+        formed = rows.tensors(i)
+        assert list(formed) == list(layout.names)
+        torch.testing.assert_close(layout.flatten(formed), block[i], rtol=1e-14, atol=1e-14)
+    third = rows[2:3].tensors(0)
+    assert all(torch.equal(third[n], v) for n, v in rows.tensors(2).items())  # same alone
+    assert "0.weight" not in AffineRows(
+        layout, theta, directions, coefficients, frozenset({"0.weight"})
+    ).tensors(0)
+    x, y = class_data()
+    loss_fn = nn.functional.cross_entropy
+    lazy = evaluate_parameter_sets(
+        net, layout, rows, [(x, y)], loss_fn, classification=True, vectorize=False
+    )
+    eager = evaluate_parameter_sets(
+        net, layout, block, [(x, y)], loss_fn, classification=True, vectorize=False
+    )
+    torch.testing.assert_close(lazy, eager, rtol=1e-13, atol=0)
+    with pytest.raises(ValueError, match="for the loop"):
+        evaluate_parameter_sets(net, layout, rows, [(x, y)], loss_fn, classification=True)
