@@ -275,3 +275,26 @@ def test_weights_of_a_precomputed_layer_are_left_unformed_only_when_nothing_else
         reads, layout, theta, directions, [(x, y)], check_points=points
     )
     assert built is None and why == "the precomputed outputs did not reproduce the model's"
+
+
+class ReadsALittle(nn.Module):
+    """The parent reads the input layer's weight, with an effect far below float32 rounding
+    checks (acceptance report, session 15): caught because unread tensors are set to NaN."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.h = nn.Linear(128, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.h(torch.tanh(self.a(x))) + 1e-3 * self.a.weight[:3, 0]
+
+
+def test_a_weight_read_elsewhere_however_little_is_formed_at_every_point():
+    torch.manual_seed(0)
+    net = ReadsALittle().to(F64)
+    x, y = data(32, (128,))
+    kw = {"grid": 5, "vectorize": False}
+    fast = landscape(net, (x, y), 1, **kw)
+    every = landscape(net, (x, y), 1, precompute_input=False, **kw)
+    assert fast.settings["input_layers"] == []  # the check refused it
+    assert_same_grid(fast, every)
