@@ -61,6 +61,7 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
     """
     names = {module: name for name, module in model.named_modules()}
     calls: dict[str, int] = {}
+    channels: dict[str, int] = {}
     last: dict[str, Any] = {}
     candidates: dict[str, str] = {}
 
@@ -70,6 +71,9 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
         # a Linear layer's output channels are on axis 1 (BatchNorm's) only for (N, F)
         if isinstance(output, Tensor) and (output.dim() == 2 or not isinstance(module, nn.Linear)):
             last.update(name=name, output=output, version=output._version)
+            # from the output, not layer.weight: outside eval mode a parametrization
+            # (spectral_norm) would run a power-iteration step on the user's buffers
+            channels[name] = output.shape[1]
         else:
             last.clear()
 
@@ -101,9 +105,8 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
     modules = dict(model.named_modules())
     pairs = []
     for norm_name, layer_name in candidates.items():
-        layer, norm = modules[layer_name], modules[norm_name]
         if calls.get(layer_name) == 1 and calls.get(norm_name) == 1:
-            if layer.weight.shape[0] == norm.num_features:
+            if channels.get(layer_name) == modules[norm_name].num_features:
                 pairs.append((layer_name, norm_name))
     return pairs
 

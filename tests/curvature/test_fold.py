@@ -215,3 +215,22 @@ def test_a_sharp_float32_resnet_keeps_its_fold():
     exact = HessianOperator(model, (x, y), hvp_mode="reverse", dtype=F64, fold_bn=False)
     v = torch.randn(op.dim, dtype=F64, generator=generator)
     assert rel(op.hvp(v), exact.hvp(v)) < 1e-2
+
+
+def test_finding_pairs_leaves_a_spectral_norm_model_in_train_mode_untouched():
+    """Regression (acceptance report, session 15): reading ``layer.weight`` after the
+    probe had restored train mode ran a spectral_norm power-iteration step, writing the
+    user's ``_u``/``_v`` buffers and changing the function the Hessian was of."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3))
+    nn.utils.parametrizations.spectral_norm(net[0])
+    net = net.double().train()
+    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    assert find_foldable_pairs(net, x) == [("0", "1")]
+    ss.top_eigenvalues(net, (x, y), k=1)
+    ss.m_sharpness(net, (x, y), 8, 0.05)
+    after = net.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and net.training
