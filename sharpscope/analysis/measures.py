@@ -45,8 +45,10 @@ from ._functional import (
     is_classification,
     loss_name,
     model_dtype_device,
+    model_errors,
     resolve_loss,
     seeded_generator,
+    vmap_or_loop,
 )
 from .msharpness import split_subsets
 
@@ -87,6 +89,7 @@ class AverageSharpness(Result):
     meta: RunMeta
 
 
+@vmap_or_loop
 @ieee_float32()
 def average_sharpness(
     model: nn.Module,
@@ -101,7 +104,7 @@ def average_sharpness(
     eta: float = 0.0,
     logit_normalize: bool = False,
     chunk_size: int | None = None,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
     meta: RunMeta | None = None,
 ) -> AverageSharpness:
     """Average-case sharpness E_δ L(w+δ) − L(w) over subsets of m examples.
@@ -124,7 +127,8 @@ def average_sharpness(
         eta: η of the adaptive scale.
         logit_normalize: normalize the logits before the loss (as :func:`m_sharpness`).
         chunk_size: subsets per vectorized call (default: ≤ 4096 evaluated examples).
-        vectorize: False loops over subsets and draws (reference).
+        vectorize: False loops over subsets and draws (reference); None (default): vmap,
+            or the loop with a warning for a model vmap cannot trace.
         meta: provenance to extend.
 
     Returns:
@@ -142,6 +146,7 @@ def average_sharpness(
     True
     """
     start = time.perf_counter()
+    vectorize = True if vectorize is None else bool(vectorize)  # None: vmap_or_loop's try
     check(rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho}")
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
@@ -191,7 +196,9 @@ def average_sharpness(
             )
 
         fitting = FittingRows("subsets", chunk_size if vectorize else 1)  # split if too big
-        for sl, (l0, w0, l1, w1) in fitting.run(losses, 0, num_subsets):
+        with model_errors(vectorize):  # one line for a model or loss that does not fit
+            parts = fitting.run(losses, 0, num_subsets)
+        for sl, (l0, w0, l1, w1) in parts:
             clean[sl] = l0[:, 0]
             increases[sl] = l1 - l0
             err_increases[sl] = (w1 - w0) / m
@@ -356,7 +363,8 @@ def epsilon_sharpness(
         return -value, -g_y.cpu().numpy()
 
     with analysis_mode(model) as mode:
-        clean_loss, clean_grad = loss_and_grad(np.zeros(len(bound)))
+        with model_errors(False):  # one line for a model or loss that does not fit
+            clean_loss, clean_grad = loss_and_grad(np.zeros(len(bound)))
         clean_loss = -clean_loss
         check(
             1 + clean_loss > 0,
@@ -445,6 +453,7 @@ class PacBayesFlatness(Result):
     meta: RunMeta
 
 
+@vmap_or_loop
 @ieee_float32()
 def pac_bayes_flatness(
     model: nn.Module,
@@ -461,7 +470,7 @@ def pac_bayes_flatness(
     seed: int = 0,
     batch_size: int | None = None,
     chunk_size: int | None = None,
-    vectorize: bool = True,
+    vectorize: bool | None = None,
     meta: RunMeta | None = None,
 ) -> PacBayesFlatness:
     """PAC-Bayes flatness: 1/σ² for the largest σ with an accuracy drop of 0.1 ± 0.01.
@@ -488,7 +497,8 @@ def pac_bayes_flatness(
         seed: draws of step i come from a generator seeded with (seed, i).
         batch_size: examples per forward pass (None: all).
         chunk_size: draws per vectorized call (default: all).
-        vectorize: False loops over the draws (reference).
+        vectorize: False loops over the draws (reference); None (default): vmap, or the
+            loop with a warning for a model vmap cannot trace.
         meta: provenance to extend.
 
     Returns:
@@ -502,6 +512,7 @@ def pac_bayes_flatness(
     check(0 < target_drop < 1, f"target_drop must be in (0, 1), got {target_drop}")
     check(tolerance > 0, f"tolerance must be > 0, got {tolerance}")
     check(sigma_max > 0, f"sigma_max must be > 0, got {sigma_max}")
+    vectorize = True if vectorize is None else bool(vectorize)  # None: vmap_or_loop's try
     check(num_halvings >= 1, f"num_halvings must be >= 1, got {num_halvings}")
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     loss_fn = resolve_loss(loss)
@@ -533,7 +544,8 @@ def pac_bayes_flatness(
                 vectorize=vectorize,
             )[1]
 
-        return torch.cat([part for _, part in fitting.run(chunk, 0, len(flat))])
+        with model_errors(vectorize):  # one line for a model or loss that does not fit
+            return torch.cat([part for _, part in fitting.run(chunk, 0, len(flat))])
 
     search: list[tuple[float, float]] = []
     with analysis_mode(model) as mode:

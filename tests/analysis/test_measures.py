@@ -300,3 +300,43 @@ def test_keskar_at_a_critical_point_leaves_the_start_and_finds_the_box_maximum()
     result = epsilon_sharpness(model, data, 1e-3, loss="mse")
     assert result.max_loss == pytest.approx(1e-6, rel=1e-6)
     assert result.sharpness == pytest.approx(100 * 1e-6, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "measure",
+    [
+        lambda net, data: average_sharpness(net, data, rho=0.05, num_draws=2),
+        lambda net, data: epsilon_sharpness(net, data, 1e-3),
+        lambda net, data: pac_bayes_flatness(net, data, num_halvings=2, num_draws=2),
+    ],
+    ids=["average", "epsilon", "pac_bayes"],
+)
+@pytest.mark.parametrize(
+    "width, labels", [(5, 3), (4, 7)], ids=["wrong input width", "labels beyond the outputs"]
+)
+def test_a_model_or_loss_that_does_not_fit_the_data_is_one_line(measure, width, labels):
+    """Regression (acceptance report, session 15): these three raised raw tracebacks where
+    the spectrum functions and m-sharpness give one line."""
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4), torch.randint(0, labels, (16,))
+    with pytest.raises(SharpscopeError, match="failed on the data") as info:
+        measure(nn.Linear(width, 3), (x, y))
+    assert "\n" not in str(info.value)
+
+
+def test_average_sharpness_and_pac_bayes_fall_back_to_the_loop_for_a_recurrent_model():
+    from cases import RecurrentClassifier
+
+    torch.manual_seed(0)
+    model, x, y = RecurrentClassifier(nn.LSTM), torch.randn(16, 5, 2), torch.randint(0, 3, (16,))
+    for measure, kw, value in (
+        (average_sharpness, {"rho": 0.05, "num_draws": 2}, "sharpness"),
+        (pac_bayes_flatness, {"num_halvings": 2, "num_draws": 2}, "flatness"),
+    ):
+        with pytest.raises(SharpscopeError, match="vmap cannot run this model"):
+            measure(model, (x, y), vectorize=True, **kw)
+        with pytest.warns(RuntimeWarning, match="the loop instead"):
+            default = measure(model, (x, y), **kw)
+        looped = measure(model, (x, y), vectorize=False, **kw)
+        assert default.meta.extra["vectorized"] is False
+        assert getattr(default, value) == getattr(looped, value)  # the same computation
