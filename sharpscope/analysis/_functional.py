@@ -303,9 +303,24 @@ def class_labels(targets: Tensor) -> Tensor:
     return targets if targets.dim() == 1 else targets.argmax(dim=-1)
 
 
+def predicted_classes(outputs: Tensor) -> Tensor:
+    """The predicted class of each example: the argmax of its outputs, or, for a single
+    output per example (shape ``(N,)`` or ``(N, 1)``: a binary logit), 1 where it is > 0.
+
+    >>> predicted_classes(torch.tensor([[0.1, 2.0], [3.0, -1.0]])).tolist()
+    [1, 0]
+    >>> predicted_classes(torch.tensor([[-0.5], [0.7]])).tolist()
+    [0, 1]
+    """
+    if outputs.dim() == 1 or outputs.shape[-1] == 1:
+        return (outputs.reshape(len(outputs)) > 0).long()
+    return outputs.argmax(dim=-1)
+
+
 def num_correct(outputs: Tensor, targets: Tensor) -> Tensor:
-    """Number of examples whose argmax output equals the label (a 0-dim tensor)."""
-    return (outputs.argmax(dim=-1) == class_labels(targets)).sum()
+    """Number of examples whose predicted class (:func:`predicted_classes`) equals the
+    label (a 0-dim tensor)."""
+    return (predicted_classes(outputs) == class_labels(targets)).sum()
 
 
 def chunk_slices(total: int, size: int) -> list[slice]:

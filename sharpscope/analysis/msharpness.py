@@ -72,6 +72,7 @@ from ._functional import (
     model_dtype_device,
     model_errors,
     normalize_logits,
+    predicted_classes,
     resolve_loss,
     seeded_generator,
     tensors_swapped,
@@ -457,7 +458,9 @@ def _scorer(loss_fn: LossFn, logit_normalize: bool, classification: bool) -> Sco
     def score(out: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         if logit_normalize:
             out = normalize_logits(out)
-        wrong = (out.argmax(dim=-1) != class_labels(y)).sum() if classification else out.sum() * 0
+        wrong = (
+            (predicted_classes(out) != class_labels(y)).sum() if classification else out.sum() * 0
+        )
         return loss_fn(out, y), wrong
 
     return score

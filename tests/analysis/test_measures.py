@@ -340,3 +340,31 @@ def test_average_sharpness_and_pac_bayes_fall_back_to_the_loop_for_a_recurrent_m
         looped = measure(model, (x, y), vectorize=False, **kw)
         assert default.meta.extra["vectorized"] is False
         assert getattr(default, value) == getattr(looped, value)  # the same computation
+
+
+def test_a_single_logit_binary_classifier_is_scored_by_its_sign():
+    """Regression (acceptance report, session 15): the argmax of one output is always 0, so
+    accuracy was the share of label 0 and the 0-1 error increase always 0."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    x = torch.randn(16, 4, dtype=torch.float64)
+    w = torch.randn(4, dtype=torch.float64)
+    y = (x @ w > 0).long()
+    assert 0 < int(y.sum()) < 16
+    net = nn.Linear(4, 1).double()
+    with torch.no_grad():
+        net.weight.copy_(w)
+        net.bias.zero_()
+
+    def bce(out, t):
+        return nn.functional.binary_cross_entropy_with_logits(out.squeeze(-1), t.double())
+
+    land = ss.landscape(net, (x, y), dims=1, grid=3, loss=bce)
+    assert land.accuracy[1].item() == 1.0  # the model itself separates the data
+    sharp = ss.m_sharpness(net, (x, y), 8, 0.05, loss=bce)
+    assert sharp.clean_error == 0.0
+    flat = ss.pac_bayes_flatness(net, (x, y), loss=bce, num_halvings=3, num_draws=4)
+    assert flat.accuracy == 1.0
+    flipped = ss.m_sharpness(net, (x, 1 - y), 8, 0.05, loss=bce)
+    assert flipped.clean_error == 1.0
