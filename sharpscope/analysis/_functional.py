@@ -58,6 +58,12 @@ class ParamLayout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise SharpscopeError("the model has no trainable parameters to analyse")
+        lazy = [n for n, p in named if torch.nn.parameter.is_lazy(p)]
+        if lazy:
+            raise SharpscopeError(
+                f"the model's parameter {lazy[0]} is not initialized yet (a lazy module): "
+                "run the model once on an input before analysing it"
+            )
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
     @functools.cached_property
@@ -131,10 +137,16 @@ def float_buffers(model: nn.Module) -> dict[str, Tensor]:
 
 def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """dtype and device of the first trainable parameter."""
-    p = next((p for p in model.parameters() if p.requires_grad), None)
-    if p is None:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
         raise SharpscopeError("the model has no trainable parameters to analyse")
-    return p.dtype, p.device
+    dtypes = sorted({str(p.dtype).removeprefix("torch.") for p in params})
+    if len(dtypes) > 1:  # one flat vector of parameters has one dtype
+        raise SharpscopeError(
+            f"the model's trainable parameters have mixed dtypes ({', '.join(dtypes)}): "
+            "cast the model to one dtype (e.g. model.double()) to analyse it"
+        )
+    return params[0].dtype, params[0].device
 
 
 @contextlib.contextmanager

@@ -188,6 +188,8 @@ def normalize_direction(
     """
     out = torch.empty_like(direction)
     for _, shape, sl in layout.slices():
+        if sl.stop == sl.start:
+            continue  # a tensor with no entries (a zero-width layer)
         d, w = direction[sl].view(shape), theta[sl].view(shape)
         if len(shape) <= 1:
             if bias == "ignore":
@@ -220,7 +222,19 @@ def random_direction(
     Direction ``index`` of a given ``seed`` is the same on every device and in every run.
     """
     raw = torch.randn(layout.size, generator=seeded_generator(seed, index), dtype=torch.float64)
-    return normalize_direction(raw, theta.double().cpu(), layout, norm, bias)
+    direction = normalize_direction(raw, theta.double().cpu(), layout, norm, bias)
+    if not bool(direction.any()):
+        if bias == "ignore" and all(len(shape) <= 1 for shape in layout.shapes):
+            raise SharpscopeError(
+                "every trainable tensor has at most one dimension (biases, scales), and "
+                "bias='ignore' leaves those out, so the direction is zero: use "
+                "bias='normalize' (or 'keep')"
+            )
+        raise SharpscopeError(
+            f"the {norm}-normalized random direction is zero: the weights it is scaled to "
+            "are zero; use norm='none'"
+        )
+    return direction
 
 
 def _params_of(source: Any, layout: ParamLayout, what: str) -> tuple[Tensor, dict[str, Tensor]]:
@@ -941,8 +955,9 @@ def _result(
 ) -> LandscapeResult:
     dirs = plan.directions
     cosine = None
-    if len(dirs) == 2:
-        cosine = float(dirs[0] @ dirs[1] / (dirs[0].norm() * dirs[1].norm()).clamp_min(1e-300))
+    if len(dirs) == 2:  # NaN for a zero direction: it has no angle
+        norms = dirs[0].norm() * dirs[1].norm()
+        cosine = float(dirs[0] @ dirs[1] / norms) if norms > 0 else float("nan")
     return LandscapeResult(
         x=axes[0].clone(),
         y=axes[1].clone() if len(axes) == 2 else None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 
 import numpy as np
@@ -839,3 +840,70 @@ def test_affine_rows_are_the_block_formula_one_row_at_a_time():
     torch.testing.assert_close(lazy, eager, rtol=1e-13, atol=0)
     with pytest.raises(ValueError, match="for the loop"):
         evaluate_parameter_sets(net, layout, rows, [(x, y)], loss_fn, classification=True)
+
+
+def test_models_the_flat_vector_cannot_hold_are_one_line():
+    """Regressions (acceptance report, session 15): mixed parameter dtypes were reported
+    as a model failure, an uninitialized lazy module crashed."""
+    from sharpscope.analysis.msharpness import m_sharpness
+
+    x, y = class_data(n=16, d=4)
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 5), nn.Linear(5, 3).double()
+
+        def forward(self, x):
+            return self.b(torch.tanh(self.a(x.float())).double())
+
+    lazy = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))
+    for model, message in (
+        (Mixed(), r"mixed dtypes \(float32, float64\)"),
+        (lazy, "not initialized yet"),
+    ):
+        for run in (
+            lambda m: landscape(m, (x, y), 1, grid=3),
+            lambda m: m_sharpness(m, (x, y), 8, 0.05),
+        ):
+            with pytest.raises(SharpscopeError, match=message):
+                run(model)
+
+
+def test_a_landscape_of_biases_alone_asks_for_bias_normalize_and_zero_width_layers_pass():
+    torch.manual_seed(0)
+    net = mlp()
+    for name, p in net.named_parameters():
+        p.requires_grad_(name.endswith("bias"))  # BitFit: only the biases are trained
+    x, y = class_data()
+    with pytest.raises(SharpscopeError, match="bias='normalize'"):
+        landscape(net, (x, y), 2, grid=3)
+    r = landscape(net, (x, y), 2, grid=3, bias="normalize")
+    assert float(r.loss.max() - r.loss.min()) > 0 and math.isfinite(r.cosine)
+
+    class WithEmptyLayer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l, self.extra = nn.Linear(5, 3), nn.Linear(5, 0)
+
+        def forward(self, x):
+            return self.l(x) + self.extra(x).sum()
+
+    torch.manual_seed(0)
+    empty = WithEmptyLayer().to(F64)
+    r = landscape(empty, (x, y), 1, grid=3)
+    plain = nn.Linear(5, 3).to(F64)
+    plain.load_state_dict(empty.l.state_dict())
+    moved = copy.deepcopy(plain)
+    direction = ParamLayout.of(empty).unflatten(r.directions[0].double())
+    with torch.no_grad():
+        moved.weight += r.x[-1] * direction["l.weight"]
+        expected = nn.functional.cross_entropy(moved(x), y).item()
+    assert r.loss[-1].item() == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_zero_direction_has_no_cosine():
+    net = mlp()
+    x, y = class_data()
+    r = landscape(net, (x, y), 2, directions=copy.deepcopy(net), grid=3)
+    assert r.directions[0].abs().max() == 0 and math.isnan(r.cosine)
