@@ -295,6 +295,34 @@ def as_number(name: str, value: Any) -> float:
         raise SharpscopeError(f"{name} must be a number, got {value!r}") from None
 
 
+def two_betas(value: Any) -> tuple[float, float]:
+    """``betas`` as two floats in [0, 1) (Adam's and bSAM's moment decays), else one line.
+
+    >>> two_betas([0.9, 0.999])
+    (0.9, 0.999)
+    """
+    betas = None
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        try:
+            betas = (as_number("betas", value[0]), as_number("betas", value[1]))
+        except SharpscopeError:
+            betas = None
+    if betas is None or not all(0.0 <= b < 1.0 for b in betas):
+        raise SharpscopeError(f"betas must be two numbers in [0, 1), got {value!r}")
+    return betas
+
+
+#: torch bases whose ``betas`` are two decays in [0, 1); torch checks only the ones it
+#: indexes (``[0.9]`` was an IndexError, three values a failure at the first step)
+_TWO_BETA_BASES: tuple[type[torch.optim.Optimizer], ...] = (
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+)
+
+
 def _positive_or_none(name: str, value: Any) -> float | None:
     """``value`` as a float > 0, or None; one line otherwise."""
     if value is None:
@@ -408,9 +436,11 @@ class SharpnessAware(torch.optim.Optimizer):
             number = isinstance(value, (Real, Tensor)) and not isinstance(value, bool)
             if value is not None and not number:
                 raise SharpscopeError(f"{key} must be a number, got {value!r}")
+        if "betas" in base_kwargs and issubclass(base, _TWO_BETA_BASES):
+            two_betas(base_kwargs["betas"])
         try:
             self.base = base(self.param_groups, **base_kwargs)
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, IndexError, KeyError) as exc:  # e.g. betas[1] of (0.9,)
             raise SharpscopeError(
                 f"the base optimizer {base.__name__} rejected its options {sorted(base_kwargs)}: "
                 f"{first_line(exc) or type(exc).__name__}"

@@ -59,6 +59,7 @@ from ._base import (
     as_number,
     rng_restore,
     rng_snapshot,
+    two_betas,
 )
 
 __all__ = ["BSAM"]
@@ -186,11 +187,7 @@ class BSAM(SharpnessAware):
             raise SharpscopeError(f"splits must be a positive integer, got {splits!r}")
         if not as_number("s_init", s_init) > 0:
             raise SharpscopeError(f"s_init must be > 0, got {s_init!r}")
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise SharpscopeError(f"betas must be two numbers in [0, 1), got {betas!r}")
-        betas = tuple(as_number("betas", b) for b in betas)  # type: ignore[assignment]
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise SharpscopeError(f"betas must be two numbers in [0, 1), got {betas!r}")
+        betas = two_betas(betas)
         for name, value in (("prior_precision", prior_precision), ("damping", damping), ("lr", lr)):
             if not as_number(name, value) >= 0:
                 raise SharpscopeError(f"{name} must be >= 0, got {value!r}")

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import SharpscopeError
-from ._base import SharpnessAware, SinglePass
+from ._base import SharpnessAware, SinglePass, two_betas
 from .asam import ASAM
 from .bsam import BSAM
 from .lets import INNER_OPTIONS, LETS
@@ -211,8 +211,8 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
             raise SharpscopeError(f"{name} takes no 'base' (it is not a wrapper)")
         _reject_unknown(name, given, defaults)
         out = {"name": name, **defaults, **given}
-        if isinstance(out.get("betas"), list):  # TOML/JSON lists; a string stays one
-            out["betas"] = tuple(out["betas"])
+        if "betas" in out:  # a TOML/JSON list becomes a tuple; a bad value is one line now
+            out["betas"] = two_betas(out["betas"])
         return out
     variant = copy.deepcopy(_VARIANTS[name])
     base_spec = given.pop("base", None)
@@ -235,8 +235,8 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
             )
     _reject_unknown(name, given, {**variant, **base_defaults})
     base_full = {"name": base_name, **base_defaults, **top_base, **base_spec}
-    if isinstance(base_full.get("betas"), list):
-        base_full["betas"] = tuple(base_full["betas"])
+    if "betas" in base_full:
+        base_full["betas"] = two_betas(base_full["betas"])
     return {"name": name, **variant, **given, "base": base_full}
 
 

@@ -141,6 +141,12 @@ def test_train_from_toml_config(tmp_path):
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
         (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
         (["--optimizer", "sam", "--rho", "nan"], "--rho must be a number, got nan"),
+        # a raw IndexError from torch's Adam, and a failure at the first step (session 15 F1)
+        (["--optimizer", "adam", "--opt", "betas=[0.9]"], "betas must be two numbers in [0, 1)"),
+        (
+            ["--optimizer", "sam", "--base", "adam", "--opt", "betas=[0.9, 0.99, 0.5]"],
+            "betas must be two numbers in [0, 1), got [0.9, 0.99, 0.5]",
+        ),
     ],
 )
 def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):

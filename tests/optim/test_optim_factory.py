@@ -98,6 +98,27 @@ def test_bad_specs_give_one_clear_error(spec, match):
         build_optimizer(spec, mlp(), num_data=10)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "adam", "betas": [0.9]},  # torch: IndexError
+        {"name": "sam", "base": "adam", "betas": [0.9, 0.99, 0.5]},  # torch: at the first step
+        {"name": "adamw", "betas": 0.9},
+        {"name": "vasso", "base": {"name": "adamw", "betas": [0.9, 1.0]}},
+        {"name": "bsam", "betas": ["fast", 0.9]},
+    ],
+)
+def test_adam_betas_of_the_wrong_length_are_one_line_when_the_spec_is_resolved(spec):
+    """F1 (session 15): bad betas crashed in torch's constructor or first step."""
+    with pytest.raises(
+        SharpscopeError, match=r"^betas must be two numbers in \[0, 1\), got "
+    ) as info:
+        resolve_optimizer_spec(spec)
+    assert "\n" not in str(info.value)
+    with pytest.raises(SharpscopeError, match="betas must be two numbers"):
+        build_optimizer(spec, mlp(), num_data=10)
+
+
 def test_options_list_every_flag():
     sam = optimizer_options("sam")
     assert {

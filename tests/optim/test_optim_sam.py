@@ -331,6 +331,25 @@ def test_bad_constructor_arguments_are_one_line(make, match):
     assert "\n" not in str(info.value)
 
 
+def test_adam_betas_of_the_wrong_length_are_one_line_when_the_optimizer_is_built():
+    """F1 (session 15): three betas failed only at the first step, inside torch's Adam."""
+    for betas in ((0.9, 0.99, 0.5), (0.9,), 0.9, (0.9, 1.0)):
+        with pytest.raises(SharpscopeError, match=r"betas must be two numbers in \[0, 1\)"):
+            SAM(mlp(), torch.optim.Adam, lr=0.1, betas=betas)
+
+    class Lion(torch.optim.Optimizer):  # a base sharpscope does not know, indexing its betas
+        def __init__(self, params, lr=1e-4, betas=(0.9, 0.99)):
+            if not 0.0 <= betas[1] < 1.0:
+                raise ValueError(f"invalid beta2 {betas[1]}")
+            super().__init__(params, {"lr": lr, "betas": betas})
+
+    with pytest.raises(
+        SharpscopeError, match="the base optimizer Lion rejected its options"
+    ) as info:
+        SAM(mlp(), Lion, betas=(0.9,))  # torch-style check: IndexError
+    assert "\n" not in str(info.value)
+
+
 def test_a_closure_without_backward_is_one_clear_error():
     model = mlp()
     opt = SAM(model, lr=0.1)
