@@ -50,6 +50,8 @@ it does not move) and, where it mixes gradients differently, :meth:`combine`.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import warnings
 import weakref
@@ -323,6 +325,23 @@ _TWO_BETA_BASES: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+@functools.cache
+def _constructor_options(cls: type) -> frozenset[str]:
+    """Keyword-only options of ``cls`` and its bases' ``__init__`` (and ``from_model``)."""
+    names: set[str] = set()
+    for klass in cls.__mro__:
+        for attr in ("__init__", "from_model"):
+            fn = klass.__dict__.get(attr)
+            fn = fn.__func__ if isinstance(fn, (classmethod, staticmethod)) else fn
+            if callable(fn):
+                names.update(
+                    p.name
+                    for p in inspect.signature(fn).parameters.values()
+                    if p.kind is inspect.Parameter.KEYWORD_ONLY
+                )
+    return frozenset(names)
+
+
 def _positive_or_none(name: str, value: Any) -> float | None:
     """``value`` as a float > 0, or None; one line otherwise."""
     if value is None:
@@ -364,6 +383,9 @@ class SharpnessAware(torch.optim.Optimizer):
     default_perturbation: ClassVar[PerturbationMode] = "local"
     #: the spec name (``build_optimizer`` key).
     name: ClassVar[str] = "sam"
+    #: options given to the optimizer as a whole that are not constructor keywords
+    #: (LETS's ``inner_options``); a parameter group may not carry them either.
+    extra_options: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -446,6 +468,8 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"{first_line(exc) or type(exc).__name__}"
             ) from exc
         self.param_groups = self.base.param_groups
+        for group in self.param_groups:
+            self._check_group_options(group)
         self.defaults.update(self.base.defaults)
         self.base.register_step_post_hook(self._mark_base_stepped)
         self._base_stepped = False
@@ -464,8 +488,36 @@ class SharpnessAware(torch.optim.Optimizer):
         if base is None:
             super().add_param_group(param_group)
         else:
+            self._check_group_options(param_group)
             base.add_param_group(param_group)
             self.param_groups = base.param_groups
+
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        """Refuse a group key that is an option of this optimizer, not of its base.
+
+        The base reads its own keys (``lr``, ``weight_decay``, ...) per group; this
+        optimizer's options (``rho``, ``eta``, ...) hold for all groups, so such a key in a
+        group, e.g. davda54/sam's per-group ``rho`` or ``adaptive``, would be ignored.
+        """
+        own = _constructor_options(type(self)) | set(self.extra_options)
+        options = own | {"rho", "adaptive"}  # davda54/sam keeps both in every group
+        refused = sorted((set(group) & options) - set(self.base.defaults) - {"params"})
+        if not refused:
+            return
+        key = "rho" if "rho" in refused else refused[0]
+        cls = type(self).__name__
+        if key not in own:
+            raise SharpscopeError(
+                f"per-group {key} is not supported: {cls} has no {key} option (davda54/sam's "
+                "adaptive=True is sharpscope.optim.ASAM); remove it from the parameter group"
+            )
+        where = f"{cls}(inner_options=...)" if key in self.extra_options else cls
+        per_group = key == "rho" and self.name != "bsam"
+        hint = " (LETS(per_group=True) learns one rho per group)" if per_group else ""
+        raise SharpscopeError(
+            f"per-group {key} is not supported: {cls} uses one {key} for all parameter "
+            f"groups; remove it from the group and give it to {where}{hint}"
+        )
 
     def _mark_base_stepped(self, *_: Any) -> None:
         self._base_stepped = True
@@ -793,6 +845,9 @@ class SinglePass(SharpnessAware):
 
     def _skip_second_pass(self) -> bool:
         return True
+
+    def _check_group_options(self, group: dict[str, Any]) -> None:
+        pass  # the base optimizer alone, keys as torch takes them
 
     def _load_rho_state(self, value: Any) -> None:
         pass

@@ -193,6 +193,9 @@ class LETS(SharpnessAware):
 
     name: ClassVar[str] = "lets"
     supports_m: ClassVar[bool] = False
+    extra_options: ClassVar[tuple[str, ...]] = tuple(
+        sorted({key for options in INNER_OPTIONS.values() for key in options})
+    )
 
     def __init__(
         self,

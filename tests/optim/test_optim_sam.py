@@ -10,7 +10,16 @@ import torch
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.optim import ASAM, SAM, SAMON, BatchClosure, VaSSO, batchnorm_buffers
+from sharpscope.optim import (
+    ASAM,
+    BSAM,
+    LETS,
+    SAM,
+    SAMON,
+    BatchClosure,
+    VaSSO,
+    batchnorm_buffers,
+)
 
 from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, norm_mlp, params_equal
 
@@ -348,6 +357,57 @@ def test_adam_betas_of_the_wrong_length_are_one_line_when_the_optimizer_is_built
     ) as info:
         SAM(mlp(), Lion, betas=(0.9,))  # torch-style check: IndexError
     assert "\n" not in str(info.value)
+
+
+def _norm_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4), nn.Linear(4, 2))
+
+
+GROUP_VARIANTS = {
+    "sam": lambda groups, model: SAM(groups, torch.optim.SGD, lr=0.1, model=model),
+    "asam": lambda groups, model: ASAM(groups, torch.optim.SGD, lr=0.1, model=model),
+    "vasso": lambda groups, model: VaSSO(groups, torch.optim.SGD, lr=0.1, model=model),
+    "samon": lambda groups, model: SAMON(model, torch.optim.SGD, params=groups, lr=0.1),
+    "lets": lambda groups, model: LETS(
+        groups, torch.optim.SGD, lr=0.1, model=model, val_batches=mlp_batches(1)
+    ),
+    "bsam": lambda groups, model: BSAM(groups, num_data=8, model=model),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GROUP_VARIANTS))
+def test_a_per_group_rho_is_refused_not_ignored(name):
+    """F2 (session 15): davda54/sam reads group["rho"]; sharpscope perturbed every group with
+    the optimizer's rho and kept the key silently. Base options stay per group."""
+    make = GROUP_VARIANTS[name]
+    model = _norm_model()
+    first, rest = list(model[0].parameters()), list(model[1:].parameters())
+    for key, value in (("rho", 0.0), ("adaptive", True)):
+        with pytest.raises(SharpscopeError, match=f"per-group {key} is not supported") as info:
+            make([{"params": first, key: value}, {"params": rest}], model)
+        assert "\n" not in str(info.value)
+    opt = make([{"params": first, "lr": 0.2}, {"params": rest}], model)
+    assert [group["lr"] for group in opt.param_groups] == [0.2, 0.5 if name == "bsam" else 0.1]
+    extra = nn.Parameter(torch.zeros(2))
+    with pytest.raises(SharpscopeError, match="per-group rho is not supported"):
+        opt.add_param_group({"params": [extra], "rho": 0.5})
+    assert len(opt.param_groups) == len(opt.base.param_groups) == 2
+
+
+@pytest.mark.parametrize(
+    ("make", "key"),
+    [
+        (lambda g: ASAM(g, torch.optim.SGD, lr=0.1), "eta"),
+        (lambda g: VaSSO(g, torch.optim.SGD, lr=0.1), "theta"),
+        (lambda g: LETS(g, torch.optim.SGD, lr=0.1, val_batches=mlp_batches(1)), "theta"),
+        (lambda g: BSAM(g, num_data=8), "splits"),
+    ],
+)
+def test_a_per_group_variant_option_is_refused(make, key):
+    """F2: eta, theta, ... hold for the whole optimizer; in a group they were ignored."""
+    with pytest.raises(SharpscopeError, match=f"per-group {key} is not supported"):
+        make([{"params": mlp().parameters(), key: 0.5}])
 
 
 def test_a_closure_without_backward_is_one_clear_error():
