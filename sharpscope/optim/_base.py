@@ -541,6 +541,14 @@ class SharpnessAware(torch.optim.Optimizer):
                 )
         return params, [p.grad for p in params]
 
+    def _require_gradients(self, params: Sequence[Tensor]) -> None:
+        """One line when none of ``params`` got a gradient: the closure forgot ``backward()``."""
+        if not any(p.grad is not None for p in params):
+            raise SharpscopeError(
+                f"{self.name}: the closure left no gradients; it must call loss.backward() "
+                "(or use sharpscope.optim.BatchClosure)"
+            )
+
     def _backup(self, tensors: Sequence[Tensor]) -> list[Tensor]:
         """Copies of ``tensors`` in buffers reused from step to step."""
         out = []
@@ -738,11 +746,7 @@ class SharpnessAware(torch.optim.Optimizer):
         with self._first_pass_context(ctx):
             loss = ctx.call()
         params, grads = self._params_with_grads()
-        if not params:
-            raise SharpscopeError(
-                f"{self.name}: the closure left no gradients; it must call loss.backward() "
-                "(or use sharpscope.optim.BatchClosure)"
-            )
+        self._require_gradients(params)
         if not ctx.unscale_(grads):
             self._finish(ctx)  # the scaler sees the overflow, skips and backs off
             return loss

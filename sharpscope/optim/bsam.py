@@ -348,6 +348,7 @@ class BSAM(SharpnessAware):
                 rng = rng_snapshot(ctx.device) if self.same_noise else None
                 with ctx.local_sync():
                     loss = ctx.call(*chunk)
+                self._require_gradients(params)  # unused parameters alone are zero-filled
                 grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
                 if not ctx.unscale_(grads):
                     with torch.no_grad():

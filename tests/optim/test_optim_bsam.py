@@ -204,3 +204,41 @@ def test_sample_swaps_in_a_draw_and_restores_the_mean_exactly():
 def test_bad_bsam_input_gives_one_clear_error(kwargs, match):
     with pytest.raises(SharpscopeError, match=match):
         BSAM(mlp(), **kwargs)
+
+
+@pytest.mark.parametrize("splits", [1, 2])
+def test_a_closure_without_backward_is_one_clear_error(splits):
+    """F3 (session 15): bSAM zero-filled every missing gradient and stepped on the prior
+    alone; now the same line as the other two-pass variants. Weights are left as they were."""
+    model = mlp()
+    x, y = mlp_batches(1)[0]
+    opt = BSAM(model, num_data=8, splits=splits)
+    before = copy.deepcopy(model)
+
+    def closure(*chunk):
+        opt.zero_grad()
+        return CE(model(x), y)  # no backward()
+
+    with pytest.raises(SharpscopeError, match="bsam: the closure left no gradients"):
+        opt.step(closure)
+    assert params_equal(model, before)
+
+
+def test_a_parameter_the_loss_does_not_use_still_moves_under_the_prior():
+    """F3: zero-filling stays for parameters that are merely unused (the reference's rule)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(5, 3), nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    torch.manual_seed(0)
+    net = Net()
+    x, y = mlp_batches(1)[0]
+    opt = BSAM(net, num_data=8)
+    before = net.unused.weight.detach().clone()
+    opt.step(BatchClosure(net, CE, x, y))
+    assert not torch.equal(net.unused.weight, before)
