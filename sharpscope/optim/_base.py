@@ -217,6 +217,7 @@ class StepContext:
         )
         self.autocast = self.batch.autocast if self.batch is not None else nullcontext
         self.device = opt._device()
+        self._checked_arity: set[int] = set()
 
     def call(self, chunk_index: int | None = None, num_chunks: int | None = None) -> Tensor:
         """Run the closure once (one forward+backward pass) and return its loss.
@@ -230,16 +231,12 @@ class StepContext:
                 p.grad = None
         with torch.enable_grad():
             if chunk_index is None:
+                self._check_signature(())
                 loss = self.closure()
                 self.opt.gradient_passes += 1
             else:
-                try:
-                    loss = self.closure(chunk_index, num_chunks)
-                except TypeError as exc:
-                    raise SharpscopeError(
-                        f"splitting the batch needs a closure that accepts (chunk_index, "
-                        f"num_chunks), e.g. sharpscope.optim.BatchClosure: {exc}"
-                    ) from exc
+                self._check_signature((chunk_index, num_chunks))
+                loss = self.closure(chunk_index, num_chunks)
                 self.opt.gradient_passes += 1.0 / float(num_chunks or 1)
         if loss is None:
             raise SharpscopeError("the closure returned None; return the loss from the closure")
@@ -251,6 +248,29 @@ class StepContext:
             f"the closure returned a {type(loss).__name__}; return the loss alone (keep "
             "outputs such as logits in a variable outside the closure)"
         )
+
+    def _check_signature(self, args: tuple[Any, ...]) -> None:
+        """One line when the closure cannot take ``args``, before calling it: a TypeError
+        raised *inside* the closure (a bug in the model) must reach the user unchanged."""
+        if self.batch is not None or len(args) in self._checked_arity:
+            return
+        try:
+            signature = inspect.signature(self.closure)
+        except (TypeError, ValueError):  # no signature to read (a builtin): the call decides
+            return
+        try:
+            signature.bind(*args)
+        except TypeError as exc:
+            if args:
+                raise SharpscopeError(
+                    "splitting the batch needs a closure that accepts (chunk_index, "
+                    f"num_chunks), e.g. sharpscope.optim.BatchClosure: {exc}"
+                ) from None
+            raise SharpscopeError(
+                "the closure must take no arguments (or (chunk_index, num_chunks) with "
+                f"splits), e.g. sharpscope.optim.BatchClosure: {exc}"
+            ) from None
+        self._checked_arity.add(len(args))
 
     def local_sync(self) -> AbstractContextManager:
         """``model.no_sync()`` under DDP with ``perturbation="local"``, else a no-op."""

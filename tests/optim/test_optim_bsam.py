@@ -242,3 +242,44 @@ def test_a_parameter_the_loss_does_not_use_still_moves_under_the_prior():
     before = net.unused.weight.detach().clone()
     opt.step(BatchClosure(net, CE, x, y))
     assert not torch.equal(net.unused.weight, before)
+
+
+def test_a_type_error_inside_a_chunked_closure_is_the_users_own():
+    """F4 (session 15): a TypeError raised in the model under splits was reported as "needs a
+    closure that accepts (chunk_index, num_chunks)", although the closure was a BatchClosure."""
+
+    class Buggy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.lin(x) + len(5)  # the user's bug
+
+    net = Buggy()
+    x, y = mlp_batches(1)[0]
+    opt = BSAM(net, num_data=8, splits=2)
+    with pytest.raises(TypeError, match="has no len") as info:
+        opt.step(BatchClosure(net, CE, x, y))
+    assert not isinstance(info.value, SharpscopeError)
+
+    def plain(chunk_index, num_chunks):
+        opt.zero_grad()
+        loss = CE(net(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(TypeError, match="has no len") as info:
+        opt.step(plain)
+    assert not isinstance(info.value, SharpscopeError)
+    model = mlp()
+    opt = BSAM(model, num_data=8, splits=2)
+
+    def no_chunks():
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(SharpscopeError, match=r"accepts \(chunk_index, num_chunks\)"):
+        opt.step(no_chunks)  # a closure that really cannot take the chunk

@@ -21,7 +21,16 @@ from sharpscope.optim import (
     batchnorm_buffers,
 )
 
-from optim_helpers import CE, bn_batches, bn_net, mlp, mlp_batches, norm_mlp, params_equal
+from optim_helpers import (
+    CE,
+    bn_batches,
+    bn_net,
+    mlp,
+    mlp_batches,
+    norm_mlp,
+    params_equal,
+    plain_closure,
+)
 
 A = torch.tensor([[3.0, 1.0, 0.0], [1.0, 2.0, 0.5], [0.0, 0.5, 1.0]], dtype=torch.float64)
 
@@ -416,6 +425,18 @@ def test_a_closure_without_backward_is_one_clear_error():
     x, _ = mlp_batches(1)[0]
     with pytest.raises(SharpscopeError, match="the closure left no gradients"):
         opt.step(lambda: model(x).sum())
+
+
+def test_a_closure_that_needs_an_argument_is_one_clear_error():
+    """F4 (session 15): opt.step(lambda batch: ...) was torch's raw TypeError."""
+    model = mlp()
+    x, y = mlp_batches(1)[0]
+    for opt in (SAM(model, lr=0.1), SAM(model, lr=0.1, rho=0.0), BSAM(model, num_data=8)):
+        with pytest.raises(SharpscopeError, match="the closure must take no arguments") as info:
+            opt.step(lambda batch: CE(model(batch[0]), batch[1]))
+        assert "\n" not in str(info.value)
+        step = plain_closure(opt, model, x, y)
+        opt.step(lambda *args, step=step: step())  # *args binds: fine
 
 
 def test_step_without_closure_is_refused():
