@@ -345,6 +345,17 @@ _TWO_BETA_BASES: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+def state_count(name: str, value: Any) -> int:
+    """A step or batch counter read from a checkpoint, as an int >= 0, else one line."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError, RuntimeError):
+        count = -1
+    if isinstance(value, bool) or count < 0:
+        raise SharpscopeError(f"optimizer state {name} must be an integer >= 0, got {value!r}")
+    return count
+
+
 @functools.cache
 def _constructor_options(cls: type) -> frozenset[str]:
     """Keyword-only options of ``cls`` and its bases' ``__init__`` (and ``from_model``)."""
@@ -657,23 +668,35 @@ class SharpnessAware(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ state
 
+    # Each part has a check that raises and changes nothing, so that load_state_dict can
+    # refuse a state before it replaces any of the optimizer's own.
+
     def _variant_state(self) -> dict[str, Any]:
         return {}
 
-    def _load_variant_state(self, state: dict[str, Any]) -> None:
+    def _check_variant_state(self, state: dict[str, Any]) -> None:
         if state:
             raise SharpscopeError(
                 f"{type(self).__name__} has no variant state but the checkpoint has {sorted(state)}"
             )
 
+    def _load_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_variant_state(state)
+
     def _rho_state(self) -> Any:
         return self.rho
+
+    def _check_rho_state(self, value: Any) -> None:
+        _check_rho(value)
 
     def _load_rho_state(self, value: Any) -> None:
         self.rho = _check_rho(value)
 
     def _rng_state(self) -> Tensor | None:
         return None
+
+    def _check_rng_state(self, state: Tensor | None) -> None:
+        pass
 
     def _load_rng_state(self, state: Tensor | None) -> None:
         pass
@@ -697,18 +720,37 @@ class SharpnessAware(torch.optim.Optimizer):
             if p in self.state and key in self.state[p]
         }
 
+    def _check_per_param_state(self, key: str, values: Any) -> None:
+        count = len(self._all_params())
+        if not isinstance(values, dict):
+            raise SharpscopeError(
+                f"optimizer state {key!r} must map parameter indices to tensors, got "
+                f"{type(values).__name__}"
+            )
+        for i, value in values.items():
+            if not isinstance(value, Tensor):
+                raise SharpscopeError(
+                    f"optimizer state {key!r} of parameter {i} is a {type(value).__name__}, "
+                    "not a tensor"
+                )
+            try:
+                index = int(i)
+            except (TypeError, ValueError):
+                index = -1
+            if not 0 <= index < count:
+                raise SharpscopeError(
+                    f"optimizer state refers to parameter {i!r} but there are {count}; "
+                    "load it into the same model"
+                )
+
     def _load_per_param_state(self, key: str, values: dict[int, Tensor]) -> None:
+        self._check_per_param_state(key, values)  # before anything is dropped
         params = self._all_params()
         for p in params:
             if p in self.state:
                 self.state[p].pop(key, None)
         for i, value in values.items():
             i = int(i)
-            if not 0 <= i < len(params):
-                raise SharpscopeError(
-                    f"optimizer state refers to parameter {i} but there are {len(params)}; "
-                    "load it into the same model"
-                )
             self.state[params[i]][key] = value.detach().clone().to(params[i].device)
 
     def state_dict(self) -> dict[str, Any]:
@@ -721,25 +763,65 @@ class SharpnessAware(torch.optim.Optimizer):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a :meth:`state_dict` and share the base's (new) ``param_groups`` again."""
+        """Load a :meth:`state_dict` and share the base's (new) ``param_groups`` again.
+
+        Every part is checked before any is loaded: a state that does not fit raises one
+        line and leaves the optimizer as it was.
+        """
         missing = {"base", "variant", "rho", "rng"} - set(state_dict)
         if missing:
             raise SharpscopeError(
                 f"not a {type(self).__name__} state dict (missing {sorted(missing)}); it needs "
                 "the keys base, variant, rho, rng"
             )
-        try:
-            self.base.load_state_dict(state_dict["base"])
-        except ValueError as exc:  # torch: another number of groups or of parameters
+        if not isinstance(state_dict["variant"], dict):
             raise SharpscopeError(
-                f"cannot load this {type(self).__name__} state: "
-                f"{first_line(exc) or type(exc).__name__}; load it into an optimizer built "
-                "from the same spec and model"
-            ) from exc
+                f"not a {type(self).__name__} state dict: its variant part is a "
+                f"{type(state_dict['variant']).__name__}, not a dict"
+            )
+        self._check_variant_state(state_dict["variant"])
+        self._check_rho_state(state_dict["rho"])
+        self._check_rng_state(state_dict["rng"])
+        self._load_base_state(state_dict["base"])
         self.param_groups = self.base.param_groups
         self._load_variant_state(state_dict["variant"])
         self._load_rho_state(state_dict["rho"])
         self._load_rng_state(state_dict["rng"])
+
+    def _load_base_state(self, state: dict[str, Any]) -> None:
+        """``base.load_state_dict``, undone when it fails or leaves a group without an option.
+
+        torch rebinds ``base.state`` and ``base.param_groups`` to new objects only after its
+        own checks (Adam's KeyError for an SGD state comes later), so binding the old ones
+        again restores the base exactly.
+        """
+        base = self.base
+        previous = (base.state, base.param_groups)
+        try:
+            base.load_state_dict(state)
+        except (KeyError, ValueError) as exc:
+            base.state, base.param_groups = previous
+            if isinstance(exc, KeyError):  # Adam reading an SGD state's missing "step"
+                self._refuse_base_state([str(exc.args[0])], exc)
+            raise SharpscopeError(  # torch: another number of groups or of parameters
+                f"cannot load this {type(self).__name__} state: "
+                f"{first_line(exc) or type(exc).__name__}; load it into an optimizer built "
+                "from the same spec and model"
+            ) from exc
+        # an option the groups had that one lacks after torch filled its own defaults (an
+        # Adam state into SGD loads, and its first step fails on group["momentum"])
+        options = {k for k in base.defaults if all(k in g for g in previous[1])}
+        lacking = sorted({k for g in base.param_groups for k in options if k not in g})
+        if lacking:
+            base.state, base.param_groups = previous
+            self._refuse_base_state(lacking, None)
+
+    def _refuse_base_state(self, keys: list[str], cause: BaseException | None) -> None:
+        raise SharpscopeError(
+            f"cannot load this {type(self).__name__} state: it is the state of a different "
+            f"base optimizer than {type(self.base).__name__} (no {', '.join(map(repr, keys))}); "
+            "load it into an optimizer built from the same spec and model"
+        ) from cause
 
     # ------------------------------------------------------------------ the step
 
@@ -872,6 +954,9 @@ class SinglePass(SharpnessAware):
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
         pass  # the base optimizer alone, keys as torch takes them
+
+    def _check_rho_state(self, value: Any) -> None:
+        pass
 
     def _load_rho_state(self, value: Any) -> None:
         pass

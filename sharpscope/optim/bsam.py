@@ -412,9 +412,19 @@ class BSAM(SharpnessAware):
     def load_rank_state(self, state: dict[str, Any]) -> None:
         self._load_rng_state(state.get("rng"))
 
-    def _load_rng_state(self, state: Tensor | None) -> None:
+    def _check_rng_state(self, state: Tensor | None) -> None:
         if state is None:
             raise SharpscopeError(
                 "the checkpoint has no bSAM generator state; cannot resume exactly"
             )
+        expected = self.generator.get_state().numel()
+        if not isinstance(state, Tensor) or state.numel() != expected:
+            size = f"{state.numel()} bytes" if isinstance(state, Tensor) else type(state).__name__
+            raise SharpscopeError(
+                f"the checkpoint's bSAM generator state ({size}) does not fit this device's "
+                f"generator ({expected} bytes); load it on the same kind of device"
+            )
+
+    def _load_rng_state(self, state: Tensor | None) -> None:
+        self._check_rng_state(state)
         self.generator.set_state(state.to(torch.uint8).cpu())

@@ -61,6 +61,7 @@ from ._base import (
     frozen_bn,
     rng_restore,
     rng_snapshot,
+    state_count,
 )
 from ._ops import dot, products
 from .asam import ASAM
@@ -578,22 +579,42 @@ class LETS(SharpnessAware):
         if state.get("inner") is not None:
             self.inner.load_rank_state(state["inner"])
 
+    def _check_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_per_param_state("v", state.get("v", {}))
+        state_count("val_count", state.get("val_count", 0))
+        inner = state.get("inner", {})
+        if not isinstance(inner, dict):
+            raise SharpscopeError(f"LETS state inner must be a dict, got {type(inner).__name__}")
+        self.inner._check_variant_state(inner)
+
     def _load_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_variant_state(state)
         self._load_per_param_state("v", state.get("v", {}))
-        self._val.count = int(state.get("val_count", 0))
+        self._val.count = state_count("val_count", state.get("val_count", 0))
         self.inner._load_variant_state(state.get("inner", {}))
 
     def _rho_state(self) -> Tensor:
         return self._rho_t.clone()
 
-    def _load_rho_state(self, value: Any) -> None:
-        value = torch.as_tensor(value, dtype=self._rho_t.dtype)
-        if value.shape != self._rho_t.shape:
+    def _check_rho_state(self, value: Any) -> None:
+        self._rho_from_state(value)
+
+    def _rho_from_state(self, value: Any) -> Tensor:
+        try:
+            rho = torch.as_tensor(value, dtype=self._rho_t.dtype)
+        except (TypeError, ValueError, RuntimeError) as exc:
             raise SharpscopeError(
-                f"checkpoint rho has shape {tuple(value.shape)}, this LETS expects "
+                f"checkpoint rho must be a number or a tensor, got {value!r}"
+            ) from exc
+        if rho.shape != self._rho_t.shape:
+            raise SharpscopeError(
+                f"checkpoint rho has shape {tuple(rho.shape)}, this LETS expects "
                 f"{tuple(self._rho_t.shape)} (per_group must match)"
             )
-        self._rho_t.copy_(value)
+        return rho
+
+    def _load_rho_state(self, value: Any) -> None:
+        self._rho_t.copy_(self._rho_from_state(value))
 
     def metrics(self) -> dict[str, float | str]:
         """Per-step values to log: rho (and rho_k per group), F, h and the hypergrad mode."""

@@ -27,7 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
 from ..errors import SharpscopeError
-from ._base import SharpnessAware, StepContext
+from ._base import SharpnessAware, StepContext, state_count
 from .asam import Adaptive, adaptive_perturbation, check_adaptive
 from .closure import unwrap_model
 
@@ -204,8 +204,11 @@ class SAMON(SharpnessAware):
     def _variant_state(self) -> dict[str, Any]:
         return {"num_steps": self.num_steps} if self.sam_epochs is not None else {}
 
+    def _check_variant_state(self, state: dict[str, Any]) -> None:
+        state_count("num_steps", state.get("num_steps", 0))
+
     def _load_variant_state(self, state: dict[str, Any]) -> None:
-        self.num_steps = int(state.get("num_steps", 0))
+        self.num_steps = state_count("num_steps", state.get("num_steps", 0))
 
 
 def _epoch_window(value: Any) -> tuple[int, int]:

@@ -85,6 +85,9 @@ class VaSSO(SharpnessAware):
     def _variant_state(self) -> dict[str, Any]:
         return {"d": self._per_param_state("d")}
 
+    def _check_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_per_param_state("d", state.get("d", {}))
+
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self._load_per_param_state("d", state.get("d", {}))
 

@@ -662,3 +662,74 @@ def test_a_state_of_another_model_is_one_clear_error():
     target = build_optimizer({"name": "sam", "lr": 0.1}, large, num_data=8)
     with pytest.raises(SharpscopeError, match="cannot load this SAM state: .*same spec and model"):
         target.load_state_dict(saved)
+
+
+def _stepped(opt, model):
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 2), torch.randn(4, 1)
+    opt.step(BatchClosure(model, nn.functional.mse_loss, x, y))
+    return opt
+
+
+def _sgd(model, momentum=0.9):
+    return SAM(model, torch.optim.SGD, lr=0.1, momentum=momentum)
+
+
+def _adam(model):
+    return SAM(model, torch.optim.Adam, lr=0.1)
+
+
+def _bsam(model):
+    from sharpscope.optim import BSAM
+
+    return BSAM(model, num_data=4)
+
+
+#: target, source, entries replacing the source's state (None: the source takes no step), match
+STATE_MISMATCHES = {
+    # torch's KeyError 'step' (Adam reads the step count of each parameter's state)
+    "sgd-into-adam": (_adam, _sgd, {}, r"than Adam \(no 'step'\)"),
+    # no parameter state: torch loads it, the groups lack Adam's options
+    "fresh-sgd-into-adam": (_adam, lambda m: SAM(m, lr=0.1), None, r"than Adam \(no 'betas'"),
+    # loaded silently, then SGD's step failed on group["momentum"]
+    "adam-into-sgd": (lambda m: _sgd(m, 0.0), _adam, {}, r"than SGD \(no 'dampening', 'momentum'"),
+    # the message was clear, but the base had been replaced by SGD's groups already
+    "sam-into-bsam": (_bsam, _sgd, {}, "no bSAM generator state"),
+    # VaSSO's d was dropped before the bad index was found
+    "bad-vasso-d": (
+        lambda m: VaSSO(m, torch.optim.SGD, lr=0.1, theta=0.5),
+        _sgd,
+        {"variant": {"d": {0: torch.zeros(1, 2), 5: torch.zeros(1)}}},
+        "refers to parameter 5 but there are 2",
+    ),
+}
+
+
+def _same(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(map(_same, a, b))
+    return a == b
+
+
+@pytest.mark.parametrize("case", sorted(STATE_MISMATCHES))
+def test_a_state_of_another_base_is_one_line_and_leaves_the_optimizer_as_it_was(case):
+    """F5 (session 15): every part of a state is checked before any is loaded, and the
+    base's KeyError or missing options are one line."""
+    make_target, make_source, override, match = STATE_MISMATCHES[case]
+    model = nn.Linear(2, 1)
+    source = make_source(model)
+    if override is not None:
+        _stepped(source, model)
+    state = {**source.state_dict(), **(override or {})}
+    opt = _stepped(make_target(model), model)
+    groups, before = opt.param_groups, through_file(opt.state_dict())
+    with pytest.raises(SharpscopeError, match=match) as info:
+        opt.load_state_dict(state)
+    assert "\n" not in str(info.value)
+    assert opt.param_groups is groups and opt.base.param_groups is groups
+    assert _same(through_file(opt.state_dict()), before)
+    _stepped(opt, model)  # still usable
