@@ -319,8 +319,18 @@ class LETS(SharpnessAware):
             self.__dict__["_rho_init"] = float(value)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; with ``per_group`` it gets its own rho, starting at the initial one."""
+        """Add a group; with ``per_group`` it gets its own rho, starting at the initial one.
+
+        The inner variant learns of the new parameters too, so that its state for them
+        (VaSSO's ``d``) is saved in ``state_dict`` and a resume is exact.
+        """
         super().add_param_group(param_group)
+        inner = self.__dict__.get("inner")
+        if inner is not None:  # an ASAM built from the model may hold them already
+            known = {id(p) for p in inner._all_params()}
+            new = [p for p in self.param_groups[-1]["params"] if id(p) not in known]
+            if new:
+                inner.add_param_group({"params": new})
         rho_t = self.__dict__.get("_rho_t")
         if rho_t is not None and self.per_group:
             start = torch.full((1,), self._rho_start, dtype=rho_t.dtype, device=rho_t.device)

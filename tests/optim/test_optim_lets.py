@@ -326,3 +326,66 @@ def test_per_group_rho_for_a_group_added_later_starts_at_the_initial_rho():
     for _ in range(2):
         opt.step(BatchClosure(model, loss, x, y))
     assert len(opt.rho_values()) == 2
+
+
+def test_an_added_group_is_checkpointed_by_the_inner_variant():
+    """F6 (session 15): LETS.add_param_group did not tell the inner VaSSO, whose d for the new
+    parameters was left out of state_dict, so a resume differed by 1e-4."""
+    x, y = torch.randn(8, 3, dtype=DT), torch.randn(8, 1, dtype=DT)
+    val = [(torch.randn(4, 3, dtype=DT), torch.randn(4, 1, dtype=DT))]
+
+    def build():
+        torch.manual_seed(0)
+        model, extra = nn.Linear(3, 1, dtype=DT), nn.Parameter(torch.ones(3, dtype=DT))
+        opt = LETS(
+            model.parameters(),
+            torch.optim.SGD,
+            inner="vasso",
+            inner_options={"theta": 0.3},
+            rho=0.1,
+            rho_lr=0.0,
+            lr=0.1,
+            val_batches=val,
+            model=model,
+            loss_fn=nn.functional.mse_loss,
+        )
+        opt.add_param_group({"params": [extra]})
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.mse_loss(model(x * extra), y)
+            loss.backward()
+            return loss
+
+        return model, extra, opt, closure
+
+    model, extra, opt, closure = build()
+    for _ in range(2):
+        opt.step(closure)
+    saved = through_file([model.state_dict(), extra.detach().clone(), opt.state_dict()])
+    assert sorted(saved[2]["variant"]["inner"]["d"]) == [0, 1, 2]
+    for _ in range(2):
+        opt.step(closure)
+    model2, extra2, opt2, closure2 = build()
+    model2.load_state_dict(saved[0])
+    with torch.no_grad():
+        extra2.copy_(saved[1])
+    opt2.load_state_dict(saved[2])
+    for _ in range(2):
+        opt2.step(closure2)
+    assert params_equal(model, model2) and torch.equal(extra, extra2)
+
+
+def test_a_group_added_later_that_the_inner_asam_already_holds():
+    """F6: ASAM.from_model holds every parameter of the model; adding a group of them to LETS
+    must not add them to the inner variant twice (torch's ValueError)."""
+    torch.manual_seed(0)
+    first, second = nn.Linear(3, 3), nn.Linear(3, 2)
+    model = nn.Sequential(first, second)
+    x, y = torch.randn(8, 3), torch.randn(8, 2)
+    opt = LETS(
+        first.parameters(), torch.optim.SGD, inner="asam", lr=0.1, model=model, val_batches=(x, y)
+    )
+    opt.add_param_group({"params": second.parameters()})
+    opt.step(BatchClosure(model, nn.functional.mse_loss, x, y))
+    assert len(opt.inner._all_params()) == 4
