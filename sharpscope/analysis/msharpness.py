@@ -370,7 +370,7 @@ def _ascend(
             x1 = step if not random_start else pset.project(x0 + step)
             f1, _, w1 = oracle(x1, False)
             value_calls += 1
-            better = f1 > run_loss
+            better = _higher(f1, run_loss)
             run_loss = torch.where(better, f1, run_loss)
             run_wrong = torch.where(better, w1, run_wrong)
         else:
@@ -383,13 +383,20 @@ def _ascend(
                 assert clean_grad is not None
                 f1, _, w1 = oracle(pset.rho * pset.sam_direction(clean_grad), False)
                 value_calls += 1
-                better = f1 > run_loss
+                better = _higher(f1, run_loss)
                 run_loss = torch.where(better, f1, run_loss)
                 run_wrong = torch.where(better, w1, run_wrong)
-        better = run_loss > best_loss
+        better = _higher(run_loss, best_loss)
         best_loss = torch.where(better, run_loss, best_loss)
         best_wrong = torch.where(better, run_wrong, best_wrong)
     return _Ascent(clean_loss, clean_wrong, best_loss, best_wrong, grad_calls, value_calls)
+
+
+def _higher(new: Tensor, old: Tensor) -> Tensor:
+    """Where ``new`` replaces ``old`` in a maximization: it is larger, or NaN (a loss
+    undefined somewhere in the ball, e.g. an overflow, makes the maximum NaN, not the
+    largest finite value seen)."""
+    return (new > old) | torch.isnan(new)
 
 
 def _apgd(
@@ -423,7 +430,7 @@ def _apgd(
         value_calls += not need_grad
         increases += (f_new > f).double()
         f = f_new
-        better = f > best_f
+        better = _higher(f, best_f)
         best_f = torch.where(better, f, best_f)
         best_w = torch.where(better, w_new, best_w)
         if need_grad:
@@ -811,6 +818,15 @@ def m_sharpness(
             if progress is not None and other != rank:
                 progress(len(index))
     per_subset = best_loss - clean_loss
+    undefined = int((~torch.isfinite(per_subset)).sum())
+    if undefined:
+        warnings.warn(
+            f"{undefined} of {len(per_subset)} subsets have a loss that is not finite at "
+            "some point of the ball (an overflow at this rho?): their sharpness is "
+            f"{'NaN' if bool(per_subset.isnan().any()) else 'infinite'}",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan
     result_meta = analysis_meta(

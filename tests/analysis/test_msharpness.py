@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import numpy as np
 import pytest
@@ -808,3 +809,24 @@ def test_one_step_at_a_critical_point_warns_that_it_measures_nothing():
         one = m_sharpness(model, data, m=2, rho=0.5, loss="mse")
     assert one.sharpness == 0.0
     assert m_sharpness(model, data, m=2, rho=0.5, loss="mse", steps=5).sharpness > 0
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+@pytest.mark.parametrize("vectorize", [True, False])
+def test_a_loss_undefined_inside_the_ball_makes_the_sharpness_nan_with_a_warning(steps, vectorize):
+    """Regression (acceptance report, session 15): a NaN loss at the perturbed point lost
+    every comparison, so the clean point was kept and the subset reported sharpness 0."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.fill_(0.1)
+    x, y = torch.ones(8, 4, dtype=F64), torch.zeros(8, dtype=F64)
+
+    def root(out, t):  # defined while the mean output stays below 1, where ascent leads
+        return -torch.sqrt(1 - out.mean())
+
+    kw = {"loss": root, "steps": steps, "vectorize": vectorize}
+    assert math.isfinite(m_sharpness(net, (x, y), 4, 0.05, **kw).sharpness)
+    with pytest.warns(RuntimeWarning, match="2 of 2 subsets have a loss that is not finite"):
+        r = m_sharpness(net, (x, y), 4, 10.0, **kw)
+    assert math.isnan(r.sharpness) and r.per_subset.isnan().all()
