@@ -491,6 +491,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 raise SharpscopeError(f"{key} must be a number, got {value!r}")
         if "betas" in base_kwargs and issubclass(base, _TWO_BETA_BASES):
             two_betas(base_kwargs["betas"])
+        self._check_fits_dtype({"rho": self.rho, **base_kwargs})
         try:
             self.base = base(self.param_groups, **base_kwargs)
         except (TypeError, ValueError, IndexError, KeyError) as exc:  # e.g. betas[1] of (0.9,)
@@ -549,6 +550,22 @@ class SharpnessAware(torch.optim.Optimizer):
             f"per-group {key} is not supported: {cls} uses one {key} for all parameter "
             f"groups; remove it from the group and give it to {where}{hint}"
         )
+
+    def _check_fits_dtype(self, options: dict[str, Any]) -> None:
+        """One line for a number the parameters' dtype cannot hold (``rho=1e39`` with
+        float32 weights overflowed in the first step, a traceback from the CLI)."""
+        dtypes = {p.dtype for g in self.param_groups for p in g["params"] if p.is_floating_point()}
+        if not dtypes:
+            return
+        narrowest = min(dtypes, key=lambda d: torch.finfo(d).max)
+        limit = torch.finfo(narrowest).max
+        for key in ("rho", "lr", "momentum", "weight_decay", "dampening"):
+            value = options.get(key)
+            if isinstance(value, Real) and not isinstance(value, bool) and abs(value) > limit:
+                raise SharpscopeError(
+                    f"{key} = {value:g} is larger than the parameters' "
+                    f"{str(narrowest).removeprefix('torch.')} can hold ({limit:.3g})"
+                )
 
     def _mark_base_stepped(self, *_: Any) -> None:
         self._base_stepped = True

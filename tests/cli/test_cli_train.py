@@ -138,6 +138,12 @@ def test_train_from_toml_config(tmp_path):
         (["--warmup-epochs", "-1"], "warmup_epochs must be a number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (
+            ["--optimizer", "sam", "--rho", "1e39"],
+            "rho = 1e+39 is larger than the parameters' float32",
+        ),
+        (["--lr", "1e39"], "lr = 1e+39 is larger than the parameters' float32"),
+        (["--weight-decay", "1e39"], "weight_decay = 1e+39 is larger"),
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
         (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
         (["--optimizer", "sam", "--rho", "nan"], "--rho must be a number, got nan"),

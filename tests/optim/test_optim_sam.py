@@ -664,3 +664,12 @@ def test_a_tensor_listed_twice_in_one_group_is_refused():
     head.weight = emb.weight
     with pytest.raises(SharpscopeError, match="lists the same tensor .* twice"):
         SAM(list(emb.parameters()) + list(head.parameters()), base=torch.optim.SGD, lr=0.1)
+
+
+def test_a_number_the_parameters_dtype_cannot_hold_is_one_line():
+    """Regression (acceptance report, session 15): rho = 1e39 with float32 weights
+    overflowed in the first step (RuntimeError); float64 weights hold it."""
+    for options in ({"rho": 1e39}, {"lr": 1e39}, {"lr": 0.1, "weight_decay": -1e39}):
+        with pytest.raises(SharpscopeError, match="larger than the parameters' float32"):
+            SAM(nn.Linear(2, 1), torch.optim.SGD, **{"lr": 0.1, **options})
+    SAM(nn.Linear(2, 1).double(), torch.optim.SGD, rho=1e39, lr=0.1)
