@@ -432,7 +432,11 @@ DataOpt = Annotated[
 ]
 LossOpt = Annotated[
     Optional[str],
-    typer.Option("--loss", help="cross_entropy, mse or module:function [default: cross_entropy]."),
+    typer.Option(
+        "--loss",
+        help="cross_entropy, mse or module:function [default: the checkpoint's loss, else "
+        "cross_entropy].",
+    ),
 ]
 SamplesOpt = Annotated[
     Optional[int],
