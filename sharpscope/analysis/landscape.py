@@ -291,8 +291,9 @@ def _pca_plan(
         rows = rows * layout.matrix_mask().double()
     centered = rows - rows.mean(dim=0, keepdim=True)
     _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
+    # a component at rounding level (identical checkpoints differ by ~1e-15) is empty
     check(
-        len(singular) >= dims and float(singular[dims - 1]) > 0,
+        len(singular) >= dims and float(singular[dims - 1]) > 1e-8 * float(singular[0]),
         f"the trajectory spans fewer than {dims} dimensions; PCA needs more distinct checkpoints"
         + (
             " (1-D tensors, biases and norm weights, are left out with bias='ignore'; "
@@ -383,6 +384,13 @@ def _plan(
             plan.buffer_direction[name] = (
                 other_buffers[name].to(value.device).double() - value.double()
             )
+    moving = [d for d in plan.buffer_direction.values() if bool(d.any())]
+    check(
+        bool(plan.directions.any()) or bool(moving),
+        "the second model holds the same trainable weights"
+        + (" and statistics" if states else "")
+        + " as the first: the interpolation between them is a single point",
+    )
     if dims == 2:
         second = random_direction(theta, layout, seed=seed, index=1, norm=norm, bias=bias)
         plan.directions = torch.cat([plan.directions, second.unsqueeze(0)])

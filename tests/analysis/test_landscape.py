@@ -902,8 +902,24 @@ def test_a_landscape_of_biases_alone_asks_for_bias_normalize_and_zero_width_laye
     assert r.loss[-1].item() == pytest.approx(expected, rel=1e-12)
 
 
-def test_a_zero_direction_has_no_cosine():
-    net = mlp()
-    x, y = class_data()
-    r = landscape(net, (x, y), 2, directions=copy.deepcopy(net), grid=3)
+def test_degenerate_interpolation_and_pca_are_refused_and_a_zero_direction_has_no_cosine():
+    """Acceptance report, session 15: identical end points gave a constant 'landscape', a
+    trajectory on a line an empty second PCA axis, both without a word."""
+    net = bn_cnn()
+    x, y = class_data(n=16, d=10)
+    with pytest.raises(SharpscopeError, match="same trainable weights and statistics"):
+        landscape(net, (x, y), 1, directions=copy.deepcopy(net), grid=3)
+    step = copy.deepcopy(net)
+    with torch.no_grad():
+        for p in step.parameters():
+            p.add_(0.1)
+    line = [copy.deepcopy(step), copy.deepcopy(step), copy.deepcopy(net)]
+    with pytest.raises(SharpscopeError, match="spans fewer than 2 dimensions"):
+        landscape(net, (x, y), 2, directions=line, grid=3, bias="keep")
+    # only the running statistics differ: the weights' direction is zero, its cosine NaN
+    stats = copy.deepcopy(net)
+    with torch.no_grad():
+        stats[2].running_var.mul_(2.0)
+    r = landscape(net, (x, y), 2, directions=stats, grid=3)
     assert r.directions[0].abs().max() == 0 and math.isnan(r.cosine)
+    assert r.loss[0, 1] != r.loss[1, 1]  # the statistics move along the first axis
