@@ -52,7 +52,8 @@ def summary_line(result) -> str:
     return (
         f"{kind}m-sharpness (m={result.m}, rho={result.rho:g}, {result.norm}, {steps}): "
         f"{result.sharpness:.6g}{error} over {result.num_samples_used} examples "
-        f"in {result.num_subsets} subsets ({result.seconds:.2f} s)"
+        f"in {result.num_subsets} subset{'s' if result.num_subsets != 1 else ''} "
+        f"({result.seconds:.2f} s)"
     )
 
 

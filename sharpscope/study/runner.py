@@ -83,7 +83,13 @@ def _read_json(path: Path) -> Any:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
-        raise SharpscopeError(f"{path} is not valid JSON ({exc}); delete it to recompute") from exc
+        # a run's result files are recomputed when missing; study.json is the study itself
+        remedy = (
+            "restore it, or start the study again in a new folder"
+            if path.name == "study.json"
+            else "delete it to recompute"
+        )
+        raise SharpscopeError(f"{path} is not valid JSON ({exc}); {remedy}") from exc
 
 
 # --------------------------------------------------------------------------- the folder

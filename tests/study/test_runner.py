@@ -421,3 +421,13 @@ def test_a_run_recorded_with_relative_factory_paths_is_the_same_run(tmp_path, mo
     moved = {"train": {**new["train"], "loss": "/elsewhere/parts.py:loss"}}
     with pytest.raises(SharpscopeError, match=r"different configuration \(train: loss\)"):
         _check_same_run("sgd-s0", old, moved, tmp_path)
+
+
+def test_a_corrupt_json_file_names_the_right_remedy(tmp_path):
+    from sharpscope.study.runner import _read_json
+
+    for name, remedy in (("study.json", "start the study again"), ("run.json", "delete it")):
+        path = tmp_path / name
+        path.write_text("{not json")
+        with pytest.raises(SharpscopeError, match=remedy):
+            _read_json(path)
