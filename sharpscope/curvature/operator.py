@@ -117,6 +117,33 @@ def resolve_dtype(dtype: Any) -> torch.dtype | None:
     return names[str(dtype)]
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def check_not_half(dtype: torch.dtype) -> None:
+    """Refuse a half-precision evaluation dtype for Hessian-vector products.
+
+    float16/bfloat16 products are rounded at their machine epsilon (1e-3 / 8e-3), far
+    above what Lanczos's symmetry check and its Ritz residuals resolve, so the refusal
+    would blame the model; a float copy (``dtype="float32"``) is the remedy.
+
+    >>> check_not_half(torch.float32)
+    >>> check_not_half(torch.bfloat16)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: Hessian-vector products in bfloat16 are rounded at \
+8e-3, too coarse for Lanczos: pass dtype='float32' (or 'float64') to analyse a float copy \
+of the model
+    """
+    if dtype in HALF_DTYPES:
+        eps = f"{torch.finfo(dtype).eps:.0e}".replace("e-0", "e-")
+        raise SharpscopeError(
+            f"Hessian-vector products in {str(dtype).removeprefix('torch.')} are rounded at "
+            f"{eps}, too coarse for Lanczos: pass dtype='float32' (or 'float64') to analyse "
+            "a float copy of the model"
+        )
+
+
 def resolve_device(device: Any, local_rank: int = 0) -> torch.device:
     """``"auto"``: CUDA (this process's GPU) when present, else CPU; else as given."""
     from ..distributed import pick_device
@@ -181,6 +208,8 @@ class HessianOperator:
             or one per rank when distributed).
         device: "auto" (CUDA when present), a device, or None for the model's device.
         dtype: None (the model's), or float64 for the validation mode (a float64 copy).
+            A float16/bfloat16 model needs float32 or float64 here (half precision is
+            refused: its products are rounded far above what Lanczos resolves).
         hvp_mode: "auto" (time both once, keep the faster), "forward" or "reverse".
         bn_mode: "eval" (default: running statistics) or "batch" (opt-in: batch
             statistics, so H depends on the batch partition, which is recorded). A
@@ -225,7 +254,8 @@ class HessianOperator:
 
     Raises:
         SharpscopeError: no trainable parameters, empty data, a model or loss that fails
-            on the data, non-finite loss/gradient, or two passes that disagree.
+            on the data, non-finite loss/gradient, two passes that disagree, or a
+            float16/bfloat16 evaluation dtype (the model's or ``dtype``).
     """
 
     def __init__(
@@ -266,6 +296,7 @@ class HessianOperator:
         self.device = model_device if device is None else resolve_device(device, local_rank)
         requested = resolve_dtype(dtype)
         self.dtype = model_dtype if requested is None else requested
+        check_not_half(self.dtype)
         self.loss_fn = resolve_loss(loss)
         self.loss_name = loss_name(loss)
         self.bn_mode = bn_mode
