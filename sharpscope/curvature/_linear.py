@@ -41,6 +41,8 @@ class LinearOperator:
         products_dtype: the precision A's products are computed in, where it differs
             from ``dtype`` or is unknown (a callable: taken as float32), for the
             symmetry check's tolerance.
+        symmetry_advice: the remedy the symmetry check names when the products are not
+            symmetric (a HessianOperator's; None: the generic one).
     """
 
     dim: int
@@ -50,6 +52,7 @@ class LinearOperator:
     device: torch.device = torch.device("cpu")
     num_matvecs: int = 0
     products_dtype: torch.dtype | None = None
+    symmetry_advice: str | None = None
 
     def mv(self, v: Tensor) -> Tensor:
         """``A v`` in float64 on :attr:`device`; counted."""
@@ -76,10 +79,23 @@ def as_operator(A: Any, dim: int | None = None) -> LinearOperator:
     """
     if isinstance(A, LinearOperator):
         return LinearOperator(
-            A.dim, A.matvec, A.matmat, A.dtype, A.device, products_dtype=A.products_dtype
+            A.dim,
+            A.matvec,
+            A.matmat,
+            A.dtype,
+            A.device,
+            products_dtype=A.products_dtype,
+            symmetry_advice=A.symmetry_advice,
         )
     if hasattr(A, "hvp") and hasattr(A, "hvp_block") and hasattr(A, "dim"):
-        return LinearOperator(int(A.dim), A.hvp, A.hvp_block, A.dtype, A.device)
+        return LinearOperator(
+            int(A.dim),
+            A.hvp,
+            A.hvp_block,
+            A.dtype,
+            A.device,
+            symmetry_advice=getattr(A, "symmetry_advice", None),
+        )
     if isinstance(A, np.ndarray):
         A = torch.from_numpy(A)
     if isinstance(A, Tensor):

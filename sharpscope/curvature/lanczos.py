@@ -41,7 +41,11 @@ BREAKDOWN = 1e-10
 
 
 def check_symmetric(
-    coupling: float, beta: float, scale: float, dtypes: tuple[torch.dtype, ...]
+    coupling: float,
+    beta: float,
+    scale: float,
+    dtypes: tuple[torch.dtype, ...],
+    advice: str | None = None,
 ) -> None:
     """A free symmetry check: ``coupling`` = uᵀAv must equal ``beta`` = vᵀAu, to 1e-8 of
     ``scale`` (about |θ_1| ‖u‖ ‖v‖) in float64, 1e-4 otherwise. In Lanczos, uᵀAv =
@@ -52,6 +56,8 @@ def check_symmetric(
     forward-mode derivative) PyTorch gets wrong are not, and Lanczos would return
     "converged" values of a matrix that is not the Hessian
     (``torch.nn.utils.parametrizations.weight_norm``: λ1 14% low, trace 6x low).
+    ``advice`` is the remedy the error names (:func:`symmetry_advice`; by default the
+    other hvp_mode).
 
     >>> check_symmetric(2.0, 2.0 + 1e-12, 5.0, (torch.float64,))
     >>> check_symmetric(2.0, 2.1, 5.0, (torch.float32,))
@@ -68,14 +74,21 @@ hvp_mode, or write that layer with plain tensor operations
             f"the operator is not symmetric: uᵀHv = {coupling:.6g} but vᵀHu = {beta:.6g} "
             f"(scale {scale:.3g}); for a Hessian, an "
             "operation in the model has a wrong second derivative in PyTorch (e.g. "
-            "torch.nn.utils.parametrizations.weight_norm): try the other hvp_mode, or write "
-            "that layer with plain tensor operations"
+            "torch.nn.utils.parametrizations.weight_norm): "
+            + (advice or "try the other hvp_mode, or write that layer with plain tensor operations")
         )
 
 
 def products_dtype(op: Any) -> torch.dtype:
     """The precision ``op``'s products are computed in, for :func:`check_symmetric`."""
     return getattr(op, "products_dtype", None) or getattr(op, "dtype", F64)
+
+
+def symmetry_advice(op: Any) -> str | None:
+    """The remedy ``op`` offers for products that are not symmetric (a HessianOperator's
+    names the other hvp_mode only when it was not already tried and rejected), for
+    :func:`check_symmetric`; None: the generic one."""
+    return getattr(op, "symmetry_advice", None)
 
 
 def tridiagonal_eigh(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -254,6 +267,7 @@ class LanczosProcess:
             raise SharpscopeError(f"Lanczos needs at least one step, got num_steps={num_steps}")
         self.bdtype = basis_dtype if basis_dtype is not None else op.dtype
         self.dtypes = (products_dtype(op), self.bdtype)
+        self.advice = symmetry_advice(op)
         self.bdev = torch.device(basis_device) if basis_device is not None else op.device
         self.Q = torch.empty((self.m, n), dtype=self.bdtype, device=self.bdev)
         self.restart, self.stop = restart, stop
@@ -288,7 +302,7 @@ class LanczosProcess:
         if j > 0 and self.beta[-1] != 0.0:
             previous = self.Q[j - 1].to(self.device, F64)
             scale = max(abs(a), *np.abs(self.alpha), *self.beta)
-            check_symmetric(float(previous @ w), self.beta[-1], scale, self.dtypes)
+            check_symmetric(float(previous @ w), self.beta[-1], scale, self.dtypes, self.advice)
             w = w - self.beta[-1] * previous
         w = orthogonalize(w, self.Q[: j + 1], self.locked)
         b = float(torch.linalg.vector_norm(w))

@@ -21,7 +21,9 @@ detached parameters (the model's ``.grad`` is never touched):
   gradient graph is built once and reused by every product.
 
 ``hvp_mode="auto"`` times both once, briefly, on the first batch and keeps the faster;
-the choice and the timings are in :meth:`HessianOperator.describe`. The choice is
+the choice and the timings are in :meth:`HessianOperator.describe`. An explicitly
+chosen mode gets one trial product there instead, so that a missing derivative is a
+one-line error naming the mode. Auto mode's choice is
 remembered for the process, per model type, parameter and input shapes, dtype, device
 and loss, so later analyses of the same configuration do not time again
 (:func:`clear_mode_cache` forgets). The pre-flight check's second gradient pass keeps its
@@ -210,7 +212,9 @@ class HessianOperator:
         dtype: None (the model's), or float64 for the validation mode (a float64 copy).
             A float16/bfloat16 model needs float32 or float64 here (half precision is
             refused: its products are rounded far above what Lanczos resolves).
-        hvp_mode: "auto" (time both once, keep the faster), "forward" or "reverse".
+        hvp_mode: "auto" (time both once, keep the faster), "forward" or "reverse"
+            (tried once on the first batch: a model or loss lacking that derivative is
+            refused in one line here, not inside a Krylov method).
         bn_mode: "eval" (default: running statistics) or "batch" (opt-in: batch
             statistics, so H depends on the batch partition, which is recorded). A
             model with a BatchNorm that keeps no running statistics is analysed in
@@ -399,8 +403,8 @@ class HessianOperator:
                 key = self._mode_key()  # timed on the halved batches
             if key is not None:
                 _remember(key, (self.hvp_mode, dict(self.mode_timings), dict(self.mode_errors)))
-        else:
-            self.hvp_mode = hvp_mode
+        else:  # one untimed trial product: a missing derivative fails here, in one line
+            self.hvp_mode = self._choose_mode((hvp_mode,))
         if self.hvp_mode != "reverse":
             self._graph = None
 
@@ -887,42 +891,67 @@ class HessianOperator:
         return torch.stack([self.flatten(r) for r in results])
 
     # --------------------------------------------------------- mode choice
-    def _choose_mode(self) -> str:
-        """Time one product of each mode on the first batch; keep the faster.
+    def _choose_mode(self, modes: tuple[str, ...] = ("forward", "reverse")) -> str:
+        """Time one product of each of ``modes`` on the first batch; keep the faster.
 
-        Every rank takes part (timings are summed over ranks) so all ranks agree.
+        An explicitly requested mode (``modes`` of one) gets one untimed trial product
+        instead, so that a model or loss lacking its derivative fails here, in one line
+        naming the mode, rather than inside a Krylov method. Failures are recorded in
+        :attr:`mode_errors` either way. Every rank takes part (timings are summed over
+        ranks) so all ranks agree.
         """
-        timings, out_of_memory = self._time_modes()
-        # forward mode (usually the faster) or both ran out of memory: time on halved batches
-        while (
-            "forward" in out_of_memory
-            or ("reverse" in out_of_memory and "forward" in self.mode_errors)
-        ) and self._halve_batches():
+        timed = len(modes) > 1
+        timings, out_of_memory = self._time_modes(modes, timed)
+        # the first mode that did not fail otherwise ran out of memory: retry on halved batches
+        halve = self._first_usable_mode_out_of_memory
+        while halve(modes, out_of_memory) and self._halve_batches():
             self.mode_errors = {}
-            timings, out_of_memory = self._time_modes()
+            timings, out_of_memory = self._time_modes(modes, timed)
         if self.world_size > 1:
             t = timings.clone().nan_to_num(posinf=1e30).to(self.device)
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
             timings = t.cpu()
-        self.mode_timings = {
-            "forward": float(timings[0]),
-            "reverse": float(timings[1]),
-        }
+        if timed:
+            self.mode_timings = {
+                "forward": float(timings[0]),
+                "reverse": float(timings[1]),
+            }
         if not bool(torch.isfinite(timings).any()) or float(timings.min()) >= 1e30:
-            if "reverse" in out_of_memory and "forward" in self.mode_errors:
-                raise torch.OutOfMemoryError(self.mode_errors["reverse"])  # batches can't halve
+            last = modes[-1]
+            if last in out_of_memory and all(m in self.mode_errors for m in modes):
+                raise torch.OutOfMemoryError(self.mode_errors[last])  # batches can't halve
+            error = self.mode_errors.get(last, "failed on another rank")
+            if timed:
+                raise SharpscopeError(
+                    f"cannot compute Hessian-vector products for this model and loss: {error}"
+                )
             raise SharpscopeError(
-                "cannot compute Hessian-vector products for this model and loss: "
-                + self.mode_errors.get("reverse", "unknown error")
+                f"cannot compute Hessian-vector products in hvp_mode='{last}' for this model "
+                f"and loss: {error}"
             )
         chosen = "forward" if float(timings[0]) <= float(timings[1]) else "reverse"
         if chosen == "forward":
             self._graph = None  # built while timing reverse mode; not needed
         return chosen
 
-    def _time_modes(self) -> tuple[Tensor, set[str]]:
-        """Seconds of one product of each mode (forward, reverse) on the first batch, and
-        the modes that ran out of memory (each failure is in ``mode_errors``)."""
+    def _first_usable_mode_out_of_memory(
+        self, modes: tuple[str, ...], out_of_memory: set[str]
+    ) -> bool:
+        """Whether the first of ``modes`` that did not fail for another reason ran out of
+        memory (forward mode, usually the faster, or reverse where forward cannot run)."""
+        for mode in modes:
+            if mode in out_of_memory:
+                return True
+            if mode not in self.mode_errors:
+                return False
+        return False
+
+    def _time_modes(
+        self, modes: tuple[str, ...] = ("forward", "reverse"), timed: bool = True
+    ) -> tuple[Tensor, set[str]]:
+        """Seconds of one product of each of ``modes`` on the first batch, as (forward,
+        reverse), inf for a mode not run or failed, and the modes that ran out of memory
+        (each failure is in ``mode_errors``). Untimed: one product per mode, 0 seconds."""
         timings = torch.full((2,), math.inf, dtype=F64)
         out_of_memory: set[str] = set()
         if not self._batches:
@@ -930,15 +959,18 @@ class HessianOperator:
         x, y = self._batches[0]
         gen = torch.Generator().manual_seed(12345)
         v = torch.randn(1, self.dim, generator=gen, dtype=F64).to(self.device)
-        for i, mode in enumerate(("forward", "reverse")):
+        for mode in modes:
+            i = ("forward", "reverse").index(mode)
             try:
                 with self._analysis_mode():
                     self._batch_products(mode, 0, x, y, v, True)  # warm-up (builds caches)
                     self._sync()
-                    start = time.perf_counter()
-                    self._batch_products(mode, 0, x, y, v, True)
-                    self._sync()
-                    timings[i] = time.perf_counter() - start
+                    timings[i] = 0.0
+                    if timed:
+                        start = time.perf_counter()
+                        self._batch_products(mode, 0, x, y, v, True)
+                        self._sync()
+                        timings[i] = time.perf_counter() - start
             except Exception as exc:  # a module without forward-mode support, say
                 self.mode_errors[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if is_out_of_memory(exc):
@@ -974,6 +1006,19 @@ class HessianOperator:
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    @property
+    def symmetry_advice(self) -> str:
+        """The remedy :func:`~sharpscope.curvature.lanczos.check_symmetric` names when
+        the products are not symmetric: the other HVP mode, unless it was already tried
+        and rejected (:attr:`mode_errors`), when only rewriting the layer is left."""
+        other = "reverse" if self.hvp_mode == "forward" else "forward"
+        if other in self.mode_errors:
+            return (
+                f"hvp_mode='{other}' was tried and failed ({self.mode_errors[other]}), so "
+                "write that layer with plain tensor operations"
+            )
+        return f"try hvp_mode='{other}', or write that layer with plain tensor operations"
 
     def describe(self) -> dict[str, Any]:
         """What a result's metadata should record about this operator."""

@@ -40,6 +40,7 @@ from .lanczos import (
     products_dtype,
     ritz_pairs,
     select,
+    symmetry_advice,
     top_k_verdict,
     unfinished_copy_search,
 )
@@ -142,7 +143,13 @@ def thick_restart_lanczos_top_k(
         h = basis_dot(V[: j + 1], w)
         if expected is not None:
             scale = max(float(np.abs(T[:j, :j]).max()), abs(float(h[j])), expected)
-            check_symmetric(float(h[j - 1]), expected, scale, (products_dtype(op), bdtype))
+            check_symmetric(
+                float(h[j - 1]),
+                expected,
+                scale,
+                (products_dtype(op), bdtype),
+                symmetry_advice(op),
+            )
         expected = None
         w = w - basis_combine_rows(V[: j + 1], h.unsqueeze(0), op.device)[0]
         h2 = basis_dot(V[: j + 1], w)

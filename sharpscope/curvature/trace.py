@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..errors import SharpscopeError
 from ._linear import F64, LinearOperator, as_operator, random_vector
-from .lanczos import check_symmetric, products_dtype
+from .lanczos import check_symmetric, products_dtype, symmetry_advice
 
 Distribution = Literal["rademacher", "gaussian"]
 
@@ -234,4 +234,4 @@ def _check_sketches_symmetric(op: Any, S: Tensor, AS: Tensor, Q: Tensor, AQ: Ten
     # Cauchy-Schwarz bounds of both sides' entries: what their rounding scales with
     scale = max(float(norm(AQ, dim=1).max() * norm(S, dim=1).max()), float(norm(AS, dim=1).max()))
     dtypes = (products_dtype(op),)
-    check_symmetric(float(left[i, j]), float(right[i, j]), scale, dtypes)
+    check_symmetric(float(left[i, j]), float(right[i, j]), scale, dtypes, symmetry_advice(op))

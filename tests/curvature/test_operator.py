@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import sys
 
 import pytest
@@ -262,6 +263,105 @@ def test_auto_mode_falls_back_to_reverse_without_forward_ad(mlp_case):
     twin = nn.Sequential(model.a, nn.Tanh(), model.b)  # same function, plain tanh
     assert rel(op.hvp(v), dense_hessian(twin, mlp_case.data) @ v) <= 1e-10
     assert rel(op.hvp_block(v.repeat(3, 1))[2], op.hvp(v)) <= 1e-12
+
+
+class _FirstDerivativeOnly(torch.autograd.Function):
+    """grad * (1 - out²), whose own derivative is not implemented (as PyTorch's
+    '_embedding_bag_backward' is not)."""
+
+    @staticmethod
+    def forward(ctx, grad, out):
+        return grad * (1 - out * out)
+
+    @staticmethod
+    def backward(ctx, _):
+        raise NotImplementedError("the derivative of this backward is not implemented")
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (no reverse-over-reverse)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        out = torch.tanh(x)
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (out,) = ctx.saved_tensors
+        return _FirstDerivativeOnly.apply(grad, out)
+
+
+class _SkewedProduct(torch.autograd.Function):
+    """a * b whose backward gives 2a for b's gradient: the gradient field it defines is
+    not a gradient, so its reverse-over-reverse "Hessian" is not symmetric (as PyTorch's
+    weight_norm double backward is not); no forward-mode rule."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return a * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return grad * b, 2 * grad * a
+
+
+class _Through(nn.Module):
+    def __init__(self, function: type[torch.autograd.Function]) -> None:
+        super().__init__()
+        self.function = function
+        self.a, self.b = nn.Linear(10, 6), nn.Linear(6, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.function is _SkewedProduct:
+            return self.b(_SkewedProduct.apply(torch.tanh(h), torch.tanh(h.flip(-1))))
+        return self.b(self.function.apply(h))
+
+
+@pytest.mark.parametrize(
+    ("mode", "function", "cause"),
+    [
+        ("forward", _NoForwardAD, "RuntimeError: In order to use an autograd.Function"),
+        ("reverse", _NoDoubleBackward, "NotImplementedError: the derivative of this backward"),
+    ],
+)
+def test_an_explicit_hvp_mode_the_model_lacks_is_a_one_line_error_at_construction(
+    mlp_case, mode, function, cause
+):
+    """odd_models finding 6: an explicit hvp_mode skipped auto mode's trial, so a model
+    lacking that derivative failed inside Lanczos with PyTorch's multi-line traceback."""
+    from sharpscope.analysis import top_eigenvalues
+
+    torch.manual_seed(0)
+    model = _Through(function)
+    for run in (
+        lambda: HessianOperator(model, mlp_case.data, hvp_mode=mode),
+        lambda: top_eigenvalues(model, mlp_case.data, k=1, hvp_mode=mode),
+    ):
+        with pytest.raises(SharpscopeError, match=f"in hvp_mode='{mode}'") as info:
+            run()
+        assert cause in str(info.value) and "\n" not in str(info.value)
+
+
+def test_not_symmetric_error_names_the_other_mode_only_when_it_was_not_rejected(mlp_case):
+    """odd_models finding 6: in auto mode a weight_norm model (forward mode missing,
+    reverse mode not symmetric) was told to "try the other hvp_mode", already rejected."""
+    from sharpscope.analysis import hessian_trace, top_eigenvalues
+
+    torch.manual_seed(0)
+    model = _Through(_SkewedProduct)
+    for mode, advice in (
+        ("auto", "hvp_mode='forward' was tried and failed (RuntimeError: In order to use"),
+        ("reverse", "try hvp_mode='forward', or write that layer"),
+    ):
+        for analysis in (functools.partial(top_eigenvalues, k=2), hessian_trace):
+            with pytest.raises(SharpscopeError, match="not symmetric") as info:
+                analysis(model, mlp_case.data, dtype="float64", hvp_mode=mode)
+            assert advice in str(info.value) and "try the other" not in str(info.value)
 
 
 class _AlwaysDropout(nn.Module):
