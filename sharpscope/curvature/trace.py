@@ -30,7 +30,8 @@ class TraceEstimate:
 
     Attributes:
         trace: the estimate of tr(A).
-        stderr: standard error (sample std / sqrt(probes) of the Hutchinson term).
+        stderr: standard error (sample std / sqrt(probes) of the Hutchinson term; 0 for
+            the exact trace from the P unit vectors, taken when P <= the budget).
         num_matvecs: operator applications.
         num_probes: probes of the Hutchinson term.
         samples: the per-probe quadratic forms of the Hutchinson term.
@@ -94,7 +95,8 @@ def hutchinson(
     :math:`2\|A\|_F^2` for Gaussian ones; the reported standard error is the sample
     std / :math:`\sqrt s`. Default s = 100 (analysis.md §3). With ``adaptive`` the run
     stops once stderr <= ``rel_tol`` |t̂| after at least ``min_probes`` probes (never on
-    two agreeing running means, PyHessian's rule).
+    two agreeing running means, PyHessian's rule). When P <= s (and no diagonal is
+    asked for) the P unit vectors give the exact trace instead (stderr 0, P products).
 
     Args:
         A: symmetric operator (dense, HessianOperator, or callable with ``dim``).
@@ -115,20 +117,8 @@ def hutchinson(
     check_trace_budget("hutchinson", num_probes)
     op = as_operator(A, dim)
     if op.dim <= num_probes and not return_diagonal:
-        # the P unit vectors give the exact trace for no more products than the probes
         # (with P = 2 two Rademacher probes can agree: an estimate ± 0 that is wrong)
-        E = torch.eye(op.dim, dtype=F64, device=op.device)
-        AE = _blocked(op, E, block_size)
-        diag = torch.diagonal(AE).cpu().numpy().copy()
-        return TraceEstimate(
-            trace=float(diag.sum()),
-            stderr=0.0,
-            num_matvecs=op.dim,
-            num_probes=op.dim,
-            samples=diag * op.dim,
-            method="hutchinson",
-            frobenius_sq=float((AE * AE).sum()),
-        )
+        return _exact_trace(op, block_size, "hutchinson")
     gen = torch.Generator().manual_seed(int(seed))
     samples: list[float] = []
     norms_sq: list[float] = []
@@ -158,6 +148,33 @@ def hutchinson(
     )
 
 
+def _exact_trace(op: LinearOperator, block_size: int, method: str) -> TraceEstimate:
+    """tr(A) from the P unit vectors, for a budget of at least P products: exact, stderr 0.
+
+    ``samples`` are P·A_ii (their mean is the trace), ``frobenius_sq`` is ‖A‖_F²
+    (Hutchinson only, as its estimate is), and A E must be symmetric: the free check
+    that Hutch++'s sketches and Lanczos make, so the shortcut refuses what they refuse.
+    """
+    E = torch.eye(op.dim, dtype=F64, device=op.device)
+    AE = _blocked(op, E, block_size)
+    worst = int(torch.argmax((AE - AE.T).abs()))
+    i, j = divmod(worst, op.dim)
+    scale = float(torch.linalg.vector_norm(AE, dim=1).max())  # bounds every |A_ij|
+    check_symmetric(
+        float(AE[i, j]), float(AE[j, i]), scale, (products_dtype(op),), symmetry_advice(op)
+    )
+    diag = torch.diagonal(AE).cpu().numpy().copy()
+    return TraceEstimate(
+        trace=float(diag.sum()),
+        stderr=0.0,
+        num_matvecs=op.dim,
+        num_probes=op.dim,
+        samples=diag * op.dim,
+        method=method,
+        frobenius_sq=float((AE * AE).sum()) if method == "hutchinson" else float("nan"),
+    )
+
+
 def _blocked(op: LinearOperator, V: Tensor, block_size: int) -> Tensor:
     """``A`` applied to the rows of ``V`` in blocks."""
     return torch.cat(
@@ -182,6 +199,8 @@ def hutchpp(
     fresh probes. The error decays like 1/s instead of 1/√s when a few eigenvalues
     dominate, as they do for trained networks. The reported stderr is that of the
     second (Hutchinson) term. Default s = 99 (analysis.md §3). Stores 2s/3 vectors.
+    When P <= s the P unit vectors give the exact trace instead (stderr 0, P
+    products), as in :func:`hutchinson`.
 
     Args:
         A: symmetric operator (dense, HessianOperator, or callable with ``dim``).
@@ -201,6 +220,8 @@ def hutchpp(
     """
     check_trace_budget("hutchpp", num_probes)
     op = as_operator(A, dim)
+    if op.dim <= num_probes:
+        return _exact_trace(op, block_size, "hutchpp")
     r = num_probes // 3
     gen = torch.Generator().manual_seed(int(seed))
     S = _probes(op, gen, r, distribution)
