@@ -318,6 +318,15 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
     ``torch.func.vmap`` (the vectorized m-sharpness). Targets outside ``0..C-1`` are
     refused as ``F.one_hot`` refuses them: on the CPU, outside a ``torch.func``
     transform (where reading a value is not allowed; there they get all-zero rows).
+
+    Outputs and targets must then have the same shape: ``F.mse_loss`` would broadcast
+    an (N, 1) output against (N,) targets into the mean over all N² pairs, another
+    objective. That pair, the usual ``nn.Linear(d, 1)`` regression, is read as (N,)
+    against (N,); any other mismatch is refused (only shapes are read, so this holds
+    under ``torch.func`` transforms too).
+
+    >>> round(_mse(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 4.0])).item(), 6)
+    2.0
     """
     if targets.dtype in (torch.int64, torch.int32) and outputs.dim() == 2:
         num_classes = outputs.shape[1]
@@ -330,6 +339,20 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
                 )
         classes = torch.arange(num_classes, device=targets.device)
         targets = (targets.unsqueeze(-1) == classes).to(outputs.dtype)
+    if outputs.shape != targets.shape:
+        if (
+            targets.is_floating_point()
+            and targets.dim() == 1
+            and outputs.shape == (targets.shape[0], 1)
+        ):
+            outputs = outputs.squeeze(1)
+        else:
+            raise SharpscopeError(
+                f"mse: the outputs have shape {tuple(outputs.shape)} but the targets "
+                f"{tuple(targets.shape)}; give targets of the outputs' shape (integer class "
+                "labels are one-hot encoded, and an (N, 1) output with (N,) float targets "
+                "is read as (N,))"
+            )
     return F.mse_loss(outputs, targets.to(outputs.dtype))
 
 

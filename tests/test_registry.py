@@ -94,6 +94,51 @@ def test_mse_loss_refuses_targets_outside_the_classes():
         get_loss("mse")(torch.zeros(2, 3), torch.tensor([0, 3]))
 
 
+def test_mse_loss_reads_an_n_by_1_output_against_1d_float_targets_per_example():
+    """odd_models finding 11: nn.Linear(d, 1) with (N,) float targets was the mean over
+    all N² (output, target) pairs (PyTorch broadcasts, with a warning), not the MSE."""
+    import warnings
+
+    from sharpscope.curvature import HessianOperator
+
+    mse = get_loss("mse")
+    g = torch.Generator().manual_seed(0)
+    out, y = torch.randn(6, 1, generator=g), torch.randn(6, generator=g)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no broadcasting warning
+        assert torch.equal(mse(out, y), ((out[:, 0] - y) ** 2).mean())
+        vectorized = torch.func.vmap(mse)(out.view(2, 3, 1), y.view(2, 3))
+    torch.testing.assert_close(vectorized, ((out.view(2, 3) - y.view(2, 3)) ** 2).mean(1))
+    model = torch.nn.Linear(4, 1).double()
+    x = torch.randn(16, 4, generator=g, dtype=torch.float64)
+    t = torch.randn(16, generator=g, dtype=torch.float64)
+    with torch.no_grad():
+        expected = float(((model(x)[:, 0] - t) ** 2).mean())
+    assert HessianOperator(model, (x, t), "mse").loss() == pytest.approx(expected, rel=1e-14)
+
+
+@pytest.mark.parametrize(
+    ("outputs", "targets"),
+    [((6, 3), (6,)), ((6,), (6, 1)), ((6, 2), (6, 3)), ((6, 1), (3,))],
+    ids=["wide-output", "column-targets", "widths-differ", "lengths-differ"],
+)
+def test_mse_loss_refuses_every_other_shape_mismatch_in_one_line(outputs, targets):
+    with pytest.raises(SharpscopeError, match="give targets of the outputs' shape") as info:
+        get_loss("mse")(torch.zeros(outputs), torch.zeros(targets))
+    assert "\n" not in str(info.value)
+
+
+def test_mse_loss_keeps_one_hot_class_labels_on_an_n_by_1_output():
+    """Integer labels are still one-hot encoded to the output width, also width 1."""
+    mse = get_loss("mse")
+    out = torch.tensor([[0.5], [2.0]])
+    assert torch.equal(mse(out, torch.tensor([0, 0])), ((out - 1) ** 2).mean())
+    with pytest.raises(ValueError, match=r"target class 1 is outside 0\.\.0"):
+        mse(out, torch.tensor([0, 1]))
+    one_hot = torch.tensor([[0.0, 1.0], [1.0, 0.0]])  # float one-hot targets, as given
+    assert torch.equal(mse(torch.ones(2, 2), one_hot), torch.tensor(0.5))
+
+
 def test_vectorized_m_sharpness_with_the_mse_loss_equals_the_loop():
     from sharpscope import m_sharpness
 
