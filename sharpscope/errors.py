@@ -8,6 +8,7 @@ right. The CLI prints that line to stderr and exits non-zero, without a tracebac
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 
 class SharpscopeError(Exception):
@@ -36,6 +37,19 @@ def check_autograd(what: str) -> None:
             f"called inside torch.inference_mode(): {what} need autograd; call it outside "
             "(torch.no_grad() is fine)"
         )
+
+
+def check_initialized(model: Any) -> None:
+    """One line for a model with uninitialized lazy parameters (``nn.LazyLinear`` before
+    its first call): they have no shape to analyse yet."""
+    import torch
+
+    for name, p in model.named_parameters():
+        if torch.nn.parameter.is_lazy(p):
+            raise SharpscopeError(
+                f"the model's parameter {name} is not initialized yet (a lazy module): "
+                "run the model once on an input before analysing it"
+            )
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:

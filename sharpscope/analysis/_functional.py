@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import SharpscopeError, first_line, model_failure
+from ..errors import SharpscopeError, check_initialized, first_line, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss  # noqa: F401 - re-exported
 from ..registry import loss_name  # noqa: F401 - re-exported
@@ -58,12 +58,7 @@ class ParamLayout:
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not named:
             raise SharpscopeError("the model has no trainable parameters to analyse")
-        lazy = [n for n, p in named if torch.nn.parameter.is_lazy(p)]
-        if lazy:
-            raise SharpscopeError(
-                f"the model's parameter {lazy[0]} is not initialized yet (a lazy module): "
-                "run the model once on an input before analysing it"
-            )
+        check_initialized(model)
         return cls(tuple(n for n, _ in named), tuple(p.shape for _, p in named))
 
     @functools.cached_property

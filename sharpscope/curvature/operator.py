@@ -74,7 +74,7 @@ from ..device_memory import (
     saved_bytes_per_example,
 )
 from ..distributed import group_rank_and_size
-from ..errors import SharpscopeError, check_autograd, model_failure
+from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
@@ -157,6 +157,7 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """dtype of the first floating tensor and device of the first tensor (parameters,
     then buffers): defined for any model (one without trainable parameters is refused
     later, in one line), in the order of ``analysis._functional.model_dtype_device``."""
+    check_initialized(model)
     tensors = list(model.parameters()) + list(model.buffers())
     device = tensors[0].device if tensors else torch.device("cpu")
     floats = [t.dtype for t in tensors if t.is_floating_point()]

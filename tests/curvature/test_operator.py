@@ -623,3 +623,15 @@ def test_free_memory_is_read_from_the_kernel():
     assert free is None or 0 < free
     if sys.platform.startswith("linux"):
         assert free is not None and free > 2**20
+
+
+def test_an_uninitialized_lazy_module_is_one_line():
+    """Regression (acceptance report, session 15): a raw ValueError from inside torch."""
+    import sharpscope as ss
+
+    lazy = nn.Sequential(nn.LazyLinear(5), nn.Tanh(), nn.Linear(5, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with pytest.raises(SharpscopeError, match="not initialized yet"):
+        ss.top_eigenvalues(lazy, (x, y), k=1)
+    lazy(x)  # initialized by a first call: analysed as any model
+    assert ss.top_eigenvalues(lazy, (x, y), k=1).converged == [True]
