@@ -142,7 +142,13 @@ class SAMON(SharpnessAware):
             id(p) for p in all_params if (id(p) in norm_ids) != self.exclude_norm
         }
         if not self._perturbed_ids:
-            raise SharpscopeError("SAM-ON with exclude_norm=True found no parameter to perturb")
+            raise SharpscopeError(
+                "SAM-ON with exclude_norm=True found no parameter outside the normalization "
+                "layers to perturb"
+                if self.exclude_norm
+                else "SAM-ON found none of the model's normalization parameters among the "
+                "parameters it was given; give it the model's parameters (or params= with them)"
+            )
         names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
         self._bias_ids = {
             id(p) for p in all_params if names.get(id(p), "").rsplit(".", 1)[-1] == "bias"

@@ -47,6 +47,12 @@ def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
     assert all(r["reference"] == "per-point loop over the model as given" for r in rows)
     cnn = [r for r in rows if "cnn1d-bn" in r["case"]]
     assert cnn and all(r["extra"]["bn_folded"] for r in cnn)
+    # the reference evaluates every layer at every point; the CPU default precomputes the
+    # image MLP's 3072-wide first layer (and no MNIST-1D model's)
+    assert all(r["extra"]["reference_input_layers"] == [] for r in rows)
+    loops = {r["case"].split(",")[1].split()[0]: r for r in rows if r["variant"].startswith("per")}
+    assert loops["mlp-512"]["extra"]["input_layers"] == ["net.1"]
+    assert loops["cnn1d-bn"]["extra"]["input_layers"] == loops["mlp"]["extra"]["input_layers"] == []
 
 
 def test_bench_msharpness_values_agree_with_the_loop(tmp_path):

@@ -182,3 +182,15 @@ def test_frozen_or_unused_norm_layers_are_one_line_errors():
 
     with pytest.raises(SharpscopeError, match="no parameter it perturbs got a gradient"):
         opt.step(closure)
+
+
+def test_parameters_without_any_norm_layer_get_the_right_message():
+    """Acceptance report, session 15: the message named exclude_norm=True when it was off."""
+    net = bn_net()
+    outside = [
+        p
+        for n, p in net.named_parameters()
+        if id(p) not in {id(q) for _, q in normalization_parameters(net)}
+    ]
+    with pytest.raises(SharpscopeError, match="none of the model's normalization parameters"):
+        SAMON(net, torch.optim.SGD, params=outside, lr=0.1)
