@@ -35,16 +35,17 @@ COMMANDS = {
 }
 
 
-def usage_error_line(exc: UsageError) -> str:
+def usage_error_line(exc: UsageError, command: str = "sharpscope") -> str:
     """A usage error (bad option value, unknown option, missing argument) as one line,
     ``error: <what was wrong>; see '<command> -h'``, instead of click's four (usage,
-    hint, blank line, message).
+    hint, blank line, message). ``command``: the one to name when click's error carries
+    no context (an option given without its value).
 
     >>> usage_error_line(UsageError("No such option: --bogus"))
     "error: No such option: --bogus; see 'sharpscope -h'"
     """
     message = " ".join(exc.format_message().split()).rstrip(".")
-    command = exc.ctx.command_path if exc.ctx is not None else "sharpscope"
+    command = exc.ctx.command_path if exc.ctx is not None else command
     return f"error: {message}; see '{command} -h'"
 
 
@@ -52,6 +53,18 @@ class OneLineErrors(TyperGroup):
     """The root command: usage errors end in one line on stderr and exit code 2 (like
     every other error, interface.md), for every subcommand; ``-h``/``--help`` and the
     help shown when no command is given are click's own."""
+
+    def _command_named(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
+        """The (sub)command named on the command line, e.g. ``sharpscope study run``."""
+        argv = kwargs.get("args") or (args[0] if args else None) or sys.argv[1:]
+        path, command = ["sharpscope"], self
+        for word in (str(a) for a in argv if not str(a).startswith("-")):
+            commands = getattr(command, "commands", {})
+            if word not in commands:
+                break
+            path.append(word)
+            command = commands[word]
+        return " ".join(path)
 
     def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
         if not standalone_mode:
@@ -64,7 +77,7 @@ class OneLineErrors(TyperGroup):
             if type(exc).__name__ == "NoArgsIsHelpError":  # no arguments: the help text
                 exc.show()
             else:
-                typer.echo(usage_error_line(exc), err=True)
+                typer.echo(usage_error_line(exc, self._command_named(args, kwargs)), err=True)
             sys.exit(exc.exit_code)
         except ClickException as exc:
             typer.echo(f"error: {' '.join(exc.format_message().split())}", err=True)
