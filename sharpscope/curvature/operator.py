@@ -966,12 +966,13 @@ class HessianOperator:
                 with self._analysis_mode():
                     self._batch_products(mode, 0, x, y, v, True)  # warm-up (builds caches)
                     self._sync()
-                    timings[i] = 0.0
+                    elapsed = 0.0
                     if timed:
                         start = time.perf_counter()
                         self._batch_products(mode, 0, x, y, v, True)
                         self._sync()
-                        timings[i] = time.perf_counter() - start
+                        elapsed = time.perf_counter() - start
+                timings[i] = elapsed  # only once every product of the mode has succeeded
             except Exception as exc:  # a module without forward-mode support, say
                 self.mode_errors[mode] = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
                 if is_out_of_memory(exc):

@@ -635,3 +635,24 @@ def test_an_uninitialized_lazy_module_is_one_line():
         ss.top_eigenvalues(lazy, (x, y), k=1)
     lazy(x)  # initialized by a first call: analysed as any model
     assert ss.top_eigenvalues(lazy, (x, y), k=1).converged == [True]
+
+
+def test_a_mode_whose_timed_product_fails_is_not_chosen(mlp_case, monkeypatch):
+    """Review, session 15: the timing was set to 0 before the timed product, so a mode that
+    failed there (a second-call out-of-memory, say) won the comparison."""
+    calls = {"forward": 0}
+    products = HessianOperator._batch_products
+
+    def flaky(self, mode, *args, **kwargs):
+        if mode == "forward":
+            calls["forward"] += 1
+            if calls["forward"] == 2:  # the timed product, after a good warm-up
+                raise RuntimeError("transient failure")
+        return products(self, mode, *args, **kwargs)
+
+    from sharpscope.curvature import clear_mode_cache
+
+    clear_mode_cache()  # a choice cached by an earlier test would skip the timing
+    monkeypatch.setattr(HessianOperator, "_batch_products", flaky)
+    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", hvp_mode="auto")
+    assert op.hvp_mode == "reverse" and "forward" in op.describe()["hvp_mode_errors"]
