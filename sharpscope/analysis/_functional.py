@@ -423,6 +423,25 @@ def tensors_swapped(
             tensor.data = held[name]
 
 
+@functools.lru_cache(maxsize=64)
+def _runs_formed(
+    layout: ParamLayout, skip: frozenset[str]
+) -> tuple[tuple[slice, tuple[tuple[str, torch.Size, slice], ...]], ...]:
+    """Consecutive tensors of ``layout`` not in ``skip``: (their span of the flat vector,
+    each tensor's name, shape and slice within the span)."""
+    runs: list[tuple[slice, list[tuple[str, torch.Size, slice]]]] = []
+    for name, shape, sl in layout.slices():
+        if name in skip:
+            continue
+        if runs and runs[-1][0].stop == sl.start:
+            runs[-1] = (slice(runs[-1][0].start, sl.stop), runs[-1][1])
+        else:
+            runs.append((sl, []))
+        start = runs[-1][0].start
+        runs[-1][1].append((name, shape, slice(sl.start - start, sl.stop - start)))
+    return tuple((span, tuple(members)) for span, members in runs)
+
+
 @dataclass(frozen=True)
 class AffineRows:
     """Parameter rows θ₀ + c_i D (``coefficients`` ``(K, m)``, ``directions`` ``(m, P)``),
@@ -448,13 +467,13 @@ class AffineRows:
         return dataclasses.replace(self, coefficients=self.coefficients[rows])
 
     def tensors(self, row: int) -> dict[str, Tensor]:
-        """The named tensors of row ``row``."""
+        """The named tensors of row ``row`` (one ``addmv`` per run of tensors formed)."""
         c = self.coefficients[row]
-        return {
-            name: torch.addmv(self.origin[sl], self.directions[:, sl].T, c).view(shape)
-            for name, shape, sl in self.layout.slices()
-            if name not in self.skip
-        }
+        out = {}
+        for span, members in _runs_formed(self.layout, self.skip):
+            values = torch.addmv(self.origin[span], self.directions[:, span].T, c)
+            out.update({name: values[sl].view(shape) for name, shape, sl in members})
+        return out
 
 
 def evaluate_parameter_sets(
