@@ -286,14 +286,18 @@ def _pca_plan(
     rows = torch.stack(
         [_params_of(t, layout, f"trajectory checkpoint {i}")[0] for i, t in enumerate(trajectory)]
     )
+    # a component at the rounding level of the stored weights (about eps·‖θ_t‖ per
+    # checkpoint: a float32 trajectory on a line has s₂/s₁ ~ 1e-7) is empty
+    eps = torch.finfo(model_theta.dtype).eps if model_theta.is_floating_point() else 0.0
+    rounding = 10 * eps * math.sqrt(len(rows)) * float(rows.norm(dim=1).max())
     rows = rows - model_theta.double().cpu()
     if bias == "ignore":  # Li et al.'s "ignore biasbn": 1-D tensors take no part
         rows = rows * layout.matrix_mask().double()
     centered = rows - rows.mean(dim=0, keepdim=True)
     _, singular, vh = torch.linalg.svd(centered, full_matrices=False)
-    # a component at rounding level (identical checkpoints differ by ~1e-15) is empty
+    floor = max(1e-8 * float(singular[0]), rounding)
     check(
-        len(singular) >= dims and float(singular[dims - 1]) > 1e-8 * float(singular[0]),
+        len(singular) >= dims and float(singular[dims - 1]) > floor,
         f"the trajectory spans fewer than {dims} dimensions; PCA needs more distinct checkpoints"
         + (
             " (1-D tensors, biases and norm weights, are left out with bias='ignore'; "

@@ -916,6 +916,24 @@ def test_degenerate_interpolation_and_pca_are_refused_and_a_zero_direction_has_n
     line = [copy.deepcopy(step), copy.deepcopy(step), copy.deepcopy(net)]
     with pytest.raises(SharpscopeError, match="spans fewer than 2 dimensions"):
         landscape(net, (x, y), 2, directions=line, grid=3, bias="keep")
+    # float32 checkpoints on a line: their second component is float32 rounding (~1e-7)
+    torch.manual_seed(0)
+    net32 = nn.Sequential(nn.Linear(6, 16), nn.Tanh(), nn.Linear(16, 3))
+    step32 = {k: torch.randn_like(v) * 0.1 for k, v in net32.state_dict().items()}
+    line32 = []
+    for t in (0.0, 0.3, 0.55, 1.0):
+        point = copy.deepcopy(net32)
+        point.load_state_dict(
+            {
+                k: (v.double() + t * step32[k].double()).float()
+                for k, v in net32.state_dict().items()
+            }
+        )
+        line32.append(point)
+    x32, y32 = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with pytest.raises(SharpscopeError, match="spans fewer than 2 dimensions"):
+        landscape(line32[-1], (x32, y32), 2, directions=line32, grid=3, bias="normalize")
+    assert landscape(line32[-1], (x32, y32), 1, directions=line32, grid=3).complete
     # only the running statistics differ: the weights' direction is zero, its cosine NaN
     stats = copy.deepcopy(net)
     with torch.no_grad():
