@@ -200,6 +200,18 @@ def _world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+def _closure_arguments_error(args: tuple[Any, ...], exc: TypeError) -> SharpscopeError:
+    if args:
+        return SharpscopeError(
+            "splitting the batch needs a closure that accepts (chunk_index, num_chunks), "
+            f"e.g. sharpscope.optim.BatchClosure: {exc}"
+        )
+    return SharpscopeError(
+        "the closure must take no arguments (or (chunk_index, num_chunks) with splits), "
+        f"e.g. sharpscope.optim.BatchClosure: {exc}"
+    )
+
+
 class StepContext:
     """What one ``step(closure)`` knows: the closure, the model, the scaler, DDP."""
 
@@ -217,7 +229,6 @@ class StepContext:
         )
         self.autocast = self.batch.autocast if self.batch is not None else nullcontext
         self.device = opt._device()
-        self._checked_arity: set[int] = set()
 
     def call(self, chunk_index: int | None = None, num_chunks: int | None = None) -> Tensor:
         """Run the closure once (one forward+backward pass) and return its loss.
@@ -229,15 +240,17 @@ class StepContext:
         for group in self.opt.param_groups:
             for p in group["params"]:
                 p.grad = None
+        args = () if chunk_index is None else (chunk_index, num_chunks)
         with torch.enable_grad():
-            if chunk_index is None:
-                self._check_signature(())
-                loss = self.closure()
-                self.opt.gradient_passes += 1
-            else:
-                self._check_signature((chunk_index, num_chunks))
-                loss = self.closure(chunk_index, num_chunks)
-                self.opt.gradient_passes += 1.0 / float(num_chunks or 1)
+            try:
+                loss = self.closure(*args)
+            except TypeError as exc:
+                # raised by the call itself (no frame of the closure ran): the closure does
+                # not take these arguments; a TypeError from inside it is the user's own
+                if exc.__traceback__ is not None and exc.__traceback__.tb_next is None:
+                    raise _closure_arguments_error(args, exc) from None
+                raise
+        self.opt.gradient_passes += 1.0 / float(num_chunks or 1) if args else 1
         if loss is None:
             raise SharpscopeError("the closure returned None; return the loss from the closure")
         if isinstance(loss, Tensor):
@@ -248,29 +261,6 @@ class StepContext:
             f"the closure returned a {type(loss).__name__}; return the loss alone (keep "
             "outputs such as logits in a variable outside the closure)"
         )
-
-    def _check_signature(self, args: tuple[Any, ...]) -> None:
-        """One line when the closure cannot take ``args``, before calling it: a TypeError
-        raised *inside* the closure (a bug in the model) must reach the user unchanged."""
-        if self.batch is not None or len(args) in self._checked_arity:
-            return
-        try:
-            signature = inspect.signature(self.closure)
-        except (TypeError, ValueError):  # no signature to read (a builtin): the call decides
-            return
-        try:
-            signature.bind(*args)
-        except TypeError as exc:
-            if args:
-                raise SharpscopeError(
-                    "splitting the batch needs a closure that accepts (chunk_index, "
-                    f"num_chunks), e.g. sharpscope.optim.BatchClosure: {exc}"
-                ) from None
-            raise SharpscopeError(
-                "the closure must take no arguments (or (chunk_index, num_chunks) with "
-                f"splits), e.g. sharpscope.optim.BatchClosure: {exc}"
-            ) from None
-        self._checked_arity.add(len(args))
 
     def local_sync(self) -> AbstractContextManager:
         """``model.no_sync()`` under DDP with ``perturbation="local"``, else a no-op."""

@@ -673,3 +673,27 @@ def test_a_number_the_parameters_dtype_cannot_hold_is_one_line():
         with pytest.raises(SharpscopeError, match="larger than the parameters' float32"):
             SAM(nn.Linear(2, 1), torch.optim.SGD, **{"lr": 0.1, **options})
     SAM(nn.Linear(2, 1).double(), torch.optim.SGD, rho=1e39, lr=0.1)
+
+
+def test_a_decorated_closure_that_supplies_its_argument_steps():
+    """Review, session 15: a signature check followed functools.wraps to the inner
+    function and refused a closure that works; the call itself decides now."""
+    import functools
+
+    net = nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+
+    def supplies_batch(fn):
+        @functools.wraps(fn)
+        def wrapper():
+            return fn((x, y))
+
+        return wrapper
+
+    @supplies_batch
+    def closure(batch):
+        loss = nn.functional.cross_entropy(net(batch[0]), batch[1])
+        loss.backward()
+        return loss
+
+    SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=net).step(closure)
