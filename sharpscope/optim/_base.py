@@ -314,6 +314,8 @@ def two_betas(value: Any) -> tuple[float, float]:
     (0.9, 0.999)
     """
     betas = None
+    if hasattr(value, "tolist") and not isinstance(value, (tuple, list)):
+        value = value.tolist()  # a tensor or an ndarray, as torch's Adam takes them
     if isinstance(value, (tuple, list)) and len(value) == 2:
         try:
             betas = (as_number("betas", value[0]), as_number("betas", value[1]))
@@ -690,6 +692,17 @@ class SharpnessAware(torch.optim.Optimizer):
     def _load_variant_state(self, state: dict[str, Any]) -> None:
         self._check_variant_state(state)
 
+    def _check_variant_keys(self, state: dict[str, Any], allowed: tuple[str, ...]) -> None:
+        """Refuse a variant state with keys this optimizer does not keep: another
+        variant's state (a LETS state into VaSSO would drop VaSSO's ``d`` silently)."""
+        unknown = sorted(set(state) - set(allowed))
+        if unknown:
+            raise SharpscopeError(
+                f"{type(self).__name__} keeps no {', '.join(map(repr, unknown))} in its state: "
+                "the checkpoint holds another optimizer's; load it into an optimizer built "
+                "from the same spec and model"
+            )
+
     def _rho_state(self) -> Any:
         return self.rho
 
@@ -785,6 +798,18 @@ class SharpnessAware(torch.optim.Optimizer):
             raise SharpscopeError(
                 f"not a {type(self).__name__} state dict: its variant part is a "
                 f"{type(state_dict['variant']).__name__}, not a dict"
+            )
+        base = state_dict["base"]
+        well_formed = (
+            isinstance(base, dict)
+            and isinstance(base.get("state"), dict)
+            and isinstance(base.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in base["param_groups"])
+        )
+        if not well_formed:
+            raise SharpscopeError(
+                f"not a {type(self).__name__} state dict: its base part is not an optimizer "
+                "state (a dict with a 'state' dict and a 'param_groups' list)"
             )
         self._check_variant_state(state_dict["variant"])
         self._check_rho_state(state_dict["rho"])

@@ -590,6 +590,7 @@ class LETS(SharpnessAware):
             self.inner.load_rank_state(state["inner"])
 
     def _check_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_variant_keys(state, ("v", "val_count", "inner"))
         self._check_per_param_state("v", state.get("v", {}))
         state_count("val_count", state.get("val_count", 0))
         inner = state.get("inner", {})

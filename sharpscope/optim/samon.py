@@ -211,6 +211,7 @@ class SAMON(SharpnessAware):
         return {"num_steps": self.num_steps} if self.sam_epochs is not None else {}
 
     def _check_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_variant_keys(state, ("num_steps",))
         state_count("num_steps", state.get("num_steps", 0))
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:

@@ -86,6 +86,7 @@ class VaSSO(SharpnessAware):
         return {"d": self._per_param_state("d")}
 
     def _check_variant_state(self, state: dict[str, Any]) -> None:
+        self._check_variant_keys(state, ("d",))
         self._check_per_param_state("d", state.get("d", {}))
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:

@@ -697,3 +697,55 @@ def test_a_decorated_closure_that_supplies_its_argument_steps():
         return loss
 
     SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=net).step(closure)
+
+
+def test_adam_betas_as_a_tensor_or_an_array_are_accepted_as_torch_takes_them():
+    """Review, session 15: the new betas check refused them ('must be two numbers')."""
+    import numpy as np
+
+    for betas in (torch.tensor([0.9, 0.999]), np.array([0.9, 0.999])):
+        opt = SAM(nn.Linear(3, 2).parameters(), torch.optim.Adam, rho=0.05, betas=betas)
+        assert [float(b) for b in opt.param_groups[0]["betas"]] == pytest.approx([0.9, 0.999])
+
+
+@pytest.mark.parametrize(
+    "base",
+    [None, {}, {"state": {}, "param_groups": "x"}, {"state": [], "param_groups": [{}]}],
+    ids=["none", "empty", "groups not a list", "state not a dict"],
+)
+def test_a_malformed_base_state_is_one_line_and_changes_nothing(base):
+    """Review, session 15: AttributeError/TypeError tracebacks, or 'a different base
+    optimizer' for an empty part."""
+    opt = SAM(nn.Linear(3, 2).parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    state = opt.state_dict()
+    before = copy.deepcopy(state)
+    with pytest.raises(SharpscopeError, match="its base part is not an optimizer state"):
+        opt.load_state_dict({**state, "base": base})
+    assert str(opt.state_dict()) == str(before)
+
+
+def test_another_variants_state_is_refused_not_half_loaded():
+    """Review, session 15: VaSSO took a LETS state and dropped its own d silently."""
+    from sharpscope.optim import LETS, VaSSO
+
+    net = nn.Linear(3, 2)
+    x, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    closure = BatchClosure(net, nn.functional.cross_entropy, x, y)
+    vasso = VaSSO(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, model=net)
+    vasso.step(closure)
+    lets = LETS(
+        net.parameters(),
+        torch.optim.SGD,
+        rho=0.05,
+        lr=0.1,
+        model=net,
+        loss_fn=nn.functional.cross_entropy,
+        val_batches=[(x, y)],
+    )
+    lets.step(closure)
+    before = str(vasso.state_dict())
+    with pytest.raises(SharpscopeError, match="VaSSO keeps no 'inner', 'v', 'val_count'"):
+        vasso.load_state_dict(lets.state_dict())
+    assert str(vasso.state_dict()) == before
+    with pytest.raises(SharpscopeError, match="LETS keeps no 'd'"):
+        lets.load_state_dict(vasso.state_dict())
