@@ -496,7 +496,7 @@ def evaluate_parameter_sets(
         flat: ``(K, P)`` parameter rows, or (the loop only) :class:`AffineRows`.
         batches: the data, each batch weighted n_b/N.
         loss_fn: mean loss of a batch.
-        classification: whether to count correct argmax predictions.
+        classification: whether to count correct predictions (:func:`predicted_classes`).
         buffers: optional ``(K, ...)`` buffers, one per parameter set (BatchNorm running
             statistics moved along with the weights: landscape "states" mode).
         vectorize: evaluate the K sets with one ``vmap(functional_call)`` per batch

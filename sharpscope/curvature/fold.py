@@ -42,9 +42,17 @@ from torch import Tensor, nn
 
 from ..modes import eval_mode
 
-__all__ = ["batchnorm_affine", "find_foldable_pairs", "fold_batchnorm", "tensor_sharing_copy"]
+__all__ = [
+    "FOLDABLE_LAYERS",
+    "batchnorm_affine",
+    "find_foldable_pairs",
+    "fold_batchnorm",
+    "tensor_sharing_copy",
+]
 
-_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+#: the linear and convolution layers whose computation is known (affine in their weights)
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+_LAYERS = FOLDABLE_LAYERS
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # forward methods whose eval-mode computation the fold reproduces (a subclass that
 # overrides forward, e.g. a weight-standardized conv, is left alone)

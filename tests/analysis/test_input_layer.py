@@ -191,7 +191,7 @@ def test_outputs_too_large_are_not_stored():
     built, _ = PrecomputedInputLayers.build(
         net, layout, theta, directions, [(x, y)], max_bytes=8 * 9 * 3 * 8
     )
-    assert built is not None and built.bytes == 8 * 9 * 3 * 8
+    assert built is not None and built.basis_bytes == 8 * 9 * 3 * 8
 
 
 def test_folded_copy_keeps_its_other_folded_layers():
