@@ -96,7 +96,8 @@ def hutchinson(
     std / :math:`\sqrt s`. Default s = 100 (analysis.md §3). With ``adaptive`` the run
     stops once stderr <= ``rel_tol`` |t̂| after at least ``min_probes`` probes (never on
     two agreeing running means, PyHessian's rule). When P <= s (and no diagonal is
-    asked for) the P unit vectors give the exact trace instead (stderr 0, P products).
+    asked for) the P unit vectors give the exact trace instead (stderr 0, P products;
+    they also show whether A is symmetric, and a non-symmetric A is refused).
 
     Args:
         A: symmetric operator (dense, HessianOperator, or callable with ``dim``).
