@@ -17,7 +17,7 @@ from .determinism import lacks_deterministic_kernel
 from .device_memory import is_out_of_memory
 from .distributed import group_rank_and_size, is_multi_process
 from .errors import SharpscopeError, model_failure
-from .metrics import predictive_metrics
+from .metrics import class_probabilities, predictive_metrics
 from .modes import eval_mode
 
 #: Examples :func:`check_model_on_data` runs the model on (plus the largest class).
@@ -76,7 +76,7 @@ def evaluate(
     """Mean loss, accuracy, NLL and 15-bin ECE on ``(inputs, targets)``.
 
     Args:
-        model: the classifier; evaluated in eval mode.
+        model: the classifier (C logits, or one binary logit); evaluated in eval mode.
         inputs, targets: the split (targets are class indices).
         loss_fn: the training loss, averaged with weights n_b/N over batches.
         batch_size: evaluation batch size.
@@ -98,7 +98,7 @@ def evaluate(
                 logits = model(x)
             loss_sum += loss_fn(logits.float(), y).double() * len(y)
             probs_chunks.append(
-                probs_fn(x) if probs_fn is not None else torch.softmax(logits.float(), dim=1)
+                probs_fn(x) if probs_fn is not None else class_probabilities(logits.float())
             )
         probs = torch.cat(probs_chunks) if probs_chunks else inputs.new_zeros((0, 1))
     if is_multi_process():

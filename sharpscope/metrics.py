@@ -11,6 +11,19 @@ import torch
 from torch import Tensor
 
 
+def class_probabilities(logits: Tensor) -> Tensor:
+    """``(N, C)`` class probabilities: the softmax of the logits, or, for a single output
+    per example (a binary logit z), ``(1 − σ(z), σ(z))``.
+
+    >>> class_probabilities(torch.tensor([[0.0]])).tolist()
+    [[0.5, 0.5]]
+    """
+    if logits.dim() == 1 or logits.shape[-1] == 1:
+        p = torch.sigmoid(logits.reshape(len(logits)))
+        return torch.stack([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
 def expected_calibration_error(probs: Tensor, targets: Tensor, num_bins: int = 15) -> float:
     """Expected calibration error of class probabilities ``probs`` (N, C).
 

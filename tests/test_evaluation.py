@@ -88,3 +88,25 @@ def test_eval_mode_can_keep_batchnorm_in_train_mode_and_restores_every_module():
     with eval_mode(model, batchnorm_train=True):
         assert [m.training for m in model] == [False, True, False, False]
     assert [m.training for m in model.modules()] == before
+
+
+def test_a_single_logit_binary_classifier_is_evaluated_by_its_sigmoid():
+    """Review, session 15: softmax over one column is 1, and gathering label 1 from it was
+    an index error; the analyses already score a binary logit by its sign."""
+    torch.manual_seed(0)
+    x = torch.randn(32, 2, dtype=torch.float64)
+    y = (x[:, 0] > 0).long()
+    net = nn.Linear(2, 1).double()
+    with torch.no_grad():
+        net.weight.copy_(torch.tensor([[3.0, 0.0]]))
+        net.bias.zero_()
+
+    def bce(out, t):
+        return F.binary_cross_entropy_with_logits(out.squeeze(-1), t.to(out.dtype))
+
+    metrics = evaluate(net, x, y, bce, batch_size=10)
+    p = torch.sigmoid(3.0 * x[:, 0])
+    picked = torch.where(y == 1, p, 1 - p)
+    assert metrics["acc"] == 1.0
+    assert metrics["nll"] == pytest.approx(float(-picked.log().mean()), rel=1e-6)
+    assert metrics["loss"] == pytest.approx(metrics["nll"], rel=1e-6)  # BCE is that NLL
