@@ -170,6 +170,7 @@ class TrainConfig:
         check_device_name(self.device)  # its form; whether it exists, when training starts
         if self.augment is not None and not isinstance(self.augment, bool):
             raise SharpscopeError(f"augment must be true, false or unset, got {self.augment!r}")
+        _check_schedule(self.schedule)
         warmup = self.schedule.get("warmup_epochs", 0)
         if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
             raise SharpscopeError(f"warmup_epochs must be a number >= 0, got {warmup!r}")
@@ -184,6 +185,31 @@ class TrainConfig:
             raise SharpscopeError(
                 f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}"
             )
+
+
+SCHEDULE_KEYS = ("name", "warmup_epochs", "milestones", "gamma")
+
+
+def _check_schedule(schedule: Any) -> None:
+    """The schedule table: known keys, milestones a list of epochs, gamma a number > 0
+    (a typo such as ``gama`` was ignored, ``gamma = -1`` trained at a negative lr)."""
+    if not isinstance(schedule, Mapping):
+        raise SharpscopeError(f"schedule must be a table, got {schedule!r}")
+    unknown = sorted(set(schedule) - set(SCHEDULE_KEYS))
+    if unknown:
+        raise SharpscopeError(
+            f"unknown schedule key '{unknown[0]}'; the schedule takes {', '.join(SCHEDULE_KEYS)}"
+        )
+    milestones = schedule.get("milestones", [])
+    if not isinstance(milestones, (list, tuple)) or not all(
+        isinstance(m, int) and not isinstance(m, bool) and m >= 0 for m in milestones
+    ):
+        raise SharpscopeError(
+            f"schedule milestones must be a list of epochs (integers >= 0), got {milestones!r}"
+        )
+    gamma = schedule.get("gamma", 0.1)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+        raise SharpscopeError(f"schedule gamma must be a number > 0, got {gamma!r}")
 
 
 @dataclass
@@ -219,11 +245,28 @@ def lr_factor(schedule: Mapping[str, Any], step: int, steps_per_epoch: int, epoc
         return 1.0
     if name == "step":
         epoch = step // max(steps_per_epoch, 1)
-        milestones = schedule.get("milestones", [int(epochs * 0.5), int(epochs * 0.75)])
+        # default: after half and three quarters of the run (never before the first epoch
+        # ends, and once per epoch: 1 or 2 epochs would otherwise start decayed)
+        default = sorted({max(1, int(epochs * 0.5)), max(1, int(epochs * 0.75))})
+        milestones = schedule.get("milestones", default)
         gamma = float(schedule.get("gamma", 0.1))
         return gamma ** sum(epoch >= m for m in milestones)
     progress = (step - warmup_steps) / max(total - warmup_steps, 1)
     return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def _mean_over_ranks(value: float, device: torch.device, world_size: int) -> float:
+    """The mean of each process's ``value`` (their local batch losses: equal batch shares).
+
+    Every rank then decides alike whether training diverged (one rank alone stopping left
+    the others in a collective that ended in a gloo traceback), and the running loss is the
+    global batch's, as in one process.
+    """
+    import torch.distributed as dist
+
+    pooled = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(pooled)
+    return float(pooled) / world_size
 
 
 def _optimizer_spec(config: TrainConfig) -> dict[str, Any]:
@@ -452,6 +495,11 @@ def _train(
     check_model_on_data(model, train_split.inputs, train_split.targets, loss_fn)
     if info.enabled:
         if config.sync_bn:
+            if device.type != "cuda":  # PyTorch's SyncBatchNorm runs on GPU modules only
+                raise SharpscopeError(
+                    "sync_bn needs CUDA devices (SyncBatchNorm runs on GPU modules only); "
+                    "drop sync_bn to train on the CPU, where each process keeps its own statistics"
+                )
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
@@ -551,6 +599,8 @@ def _train(
                 scheduler.step()
                 step += 1
                 loss_value = float(loss) if loss is not None else float("nan")
+                if info.enabled:  # the mean over the ranks: all of them see a divergence
+                    loss_value = _mean_over_ranks(loss_value, device, info.world_size)
                 if not math.isfinite(loss_value):
                     kept = (
                         f"; last good checkpoint {last_path} kept"

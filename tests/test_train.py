@@ -287,6 +287,69 @@ def test_lr_schedules():
 
 
 @pytest.mark.parametrize(
+    "epochs, factors",
+    [(1, [1.0]), (2, [1.0, 0.1]), (3, [1.0, 0.1, 0.01]), (4, [1.0, 1.0, 0.1, 0.01])],
+)
+def test_default_step_milestones_never_decay_before_the_first_epoch_ends(epochs, factors):
+    """Acceptance report, session 15: int(epochs * 0.5) was 0 for one epoch, so a 1-epoch
+    run trained at 1% of its lr, and 2 epochs decayed twice at once."""
+    step = {"name": "step"}
+    assert [lr_factor(step, e * 10, 10, epochs) for e in range(epochs)] == pytest.approx(factors)
+
+
+@pytest.mark.parametrize(
+    "schedule, message",
+    [
+        ({"name": "step", "gama": 0.5}, "unknown schedule key 'gama'"),
+        ({"name": "cosine", "warmup": 1}, "unknown schedule key 'warmup'"),
+        ({"name": "step", "milestones": 3}, "milestones must be a list of epochs"),
+        ({"name": "step", "milestones": ["3"]}, "milestones must be a list of epochs"),
+        ({"name": "step", "gamma": -1.0}, "gamma must be a number > 0"),
+        ({"name": "step", "gamma": "x"}, "gamma must be a number > 0"),
+    ],
+)
+def test_a_schedule_table_is_checked_key_by_key(schedule, message):
+    """Acceptance report, session 15: typos were ignored, gamma = -1 trained at lr -0.1,
+    bad milestones ended in tracebacks."""
+    with pytest.raises(SharpscopeError, match=message):
+        TrainConfig(schedule=schedule).validate()
+
+
+def test_under_torchrun_a_divergence_and_sync_bn_on_the_cpu_are_one_line_on_every_rank(tmp_path):
+    """Acceptance report, session 15: the rank whose half batch stayed finite went on into
+    the next all-reduce and died with a gloo traceback; sync_bn on the CPU was torch's
+    traceback on every rank."""
+    args = ["train", "--dataset", "digits", "--samples", "256", "--model", "mlp"]
+    args += ["--model-opt", "width=16", "--batch-size", "32", "--epochs", "2", "--no-progress"]
+    args += ["--device", "cpu", "--schedule", "constant"]
+    diverged = _torchrun(*args, "--lr", "1e6", "--out", str(tmp_path / "div"))
+    # torchrun's own report of the failed children follows (a traceback of its launcher);
+    # none comes from the training processes
+    assert diverged.returncode != 0 and "Connection closed" not in diverged.stderr
+    assert "sharpscope/" not in diverged.stderr and "[rank" not in diverged.stderr
+    lines = [line for line in diverged.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 2 and lines[0] == lines[1]  # each rank, the same step
+    assert lines[0].startswith("error: training diverged")
+    config = tmp_path / "sync.toml"
+    config.write_text(
+        'sync_bn = true\ndataset = {name = "digits", samples = 128}\n'
+        'model = {name = "mlp", width = 8, norm = "batch"}\nbatch_size = 32\nepochs = 1\n'
+    )
+    synced = _torchrun(
+        "train",
+        "--config",
+        str(config),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(tmp_path / "sync"),
+    )
+    assert synced.returncode != 0 and "sharpscope/" not in synced.stderr
+    assert synced.stderr.count("error: sync_bn needs CUDA devices") == 2
+
+
+@pytest.mark.parametrize(
     "changes, message",
     [
         ({"schedule": "cosine"}, "schedule must be a table"),

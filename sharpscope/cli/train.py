@@ -90,6 +90,7 @@ def build_config(
     checkpoint, ``resumed``) with the flags the user gave (flags win)."""
     from ..errors import SharpscopeError
     from ..optim.factory import BASE_NAMES
+    from ..registry import normalize_spec
     from ..trainer import TrainConfig
 
     base: dict[str, Any] = _read_config(config_file) if config_file else dict(resumed or {})
@@ -141,7 +142,11 @@ def build_config(
         if values["lr"] is not None:
             optimizer["lr"] = values["lr"]
     else:
-        base_spec = dict(optimizer.get("base") or {"name": "sgd"})
+        # a name ("adam") or a table; a table without a name is over sgd, as `{}` is
+        base = optimizer.get("base") or "sgd"
+        if isinstance(base, dict) and "name" not in base:
+            base = {"name": "sgd", **base}
+        base_spec = normalize_spec(base, "base optimizer")
         if values["base"] is not None:
             base_spec["name"] = values["base"]
         if base_spec["name"] not in BASE_NAMES:

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,7 +114,17 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):  # noqa: D102
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
+        if (module, name) in (("__builtin__", "bytes"), ("builtins", "bytes")):
+            return _empty_bytes  # protocol 2 from Python 3 writes b"" as a call of bytes()
         raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a data file")
+
+
+def _empty_bytes(*args: Any) -> bytes:
+    """``bytes()`` as protocol 2 calls it for an empty value; any other call is refused (a
+    size argument would let a data file ask for any amount of memory)."""
+    if args:
+        raise pickle.UnpicklingError("refusing a call of bytes with arguments in a data file")
+    return b""
 
 
 def _read_pickle(path: Path) -> dict:

@@ -297,6 +297,10 @@ def build_optimizer(
         return SAMON(model, base_cls, steps_per_epoch=steps_per_epoch, **options, **base_spec)
     if name == "lets":
         inner = options["inner"]
+        if inner not in INNER_OPTIONS:
+            raise SharpscopeError(
+                f"unknown LETS inner variant {inner!r}; choose one of: {', '.join(INNER_OPTIONS)}"
+            )
         inner_options = {
             k: options.pop(k)
             for k in ("eta", "theta", "adaptive", "normalize_bias", "exclude_norm")

@@ -124,6 +124,26 @@ def test_train_from_toml_config(tmp_path):
 
 
 @pytest.mark.parametrize(
+    "base, expected",
+    [('"adam"', {"name": "adam"}), ("{lr = 0.01}", {"name": "sgd", "lr": 0.01})],
+    ids=["a name", "a table without a name"],
+)
+def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
+    """Acceptance report, session 15: both were tracebacks (ValueError, KeyError 'name')."""
+    config = tmp_path / "run.toml"
+    config.write_text(
+        'epochs = 1\nbatch_size = 64\ndevice = "cpu"\nprogress = false\n'
+        'dataset = {name = "mnist1d", samples = 128}\n'
+        'model = {name = "mlp", width = 8, depth = 1}\n'
+        f'optimizer = {{name = "sam", base = {base}}}\n'
+    )
+    result = runner.invoke(app, ["train", "--config", str(config), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "o" / "config.json").read_text())["optimizer"]["base"]
+    assert {k: saved[k] for k in expected} == expected
+
+
+@pytest.mark.parametrize(
     "args, message",
     [
         (["--optimizer", "sgdm"], "unknown optimizer 'sgdm'"),
@@ -138,6 +158,7 @@ def test_train_from_toml_config(tmp_path):
         (["--warmup-epochs", "-1"], "warmup_epochs must be a number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (["--optimizer", "lets", "--inner", "bsam"], "unknown LETS inner variant 'bsam'"),
         (
             ["--optimizer", "sam", "--rho", "1e39"],
             "rho = 1e+39 is larger than the parameters' float32",

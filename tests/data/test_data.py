@@ -571,3 +571,24 @@ def test_a_factory_may_return_a_generator_of_batches(tmp_path):
         "    return ((torch.ones(4, 3), torch.zeros(4, dtype=torch.long)) for _ in range(2))\n"
     )
     assert len(load_data(f"{tmp_path / 'gen.py'}:batches")) == 8
+
+
+def test_a_protocol_2_pickle_with_an_empty_bytes_value_reads_and_bytes_calls_stay_refused():
+    """Acceptance report, session 15: Python 3 writes b"" under protocol 2 as a call of
+    bytes(), refused as if it were code; a call with an argument (a size) still is."""
+    import io
+    import pickle
+
+    import numpy as np
+
+    from sharpscope.data.sources import _ArrayOnlyUnpickler
+
+    raw = pickle.dumps({b"data": np.zeros((0, 3072), np.uint8), b"batch_label": b""}, protocol=2)
+    assert _ArrayOnlyUnpickler(io.BytesIO(raw), encoding="bytes").load()[b"batch_label"] == b""
+
+    class Sized:
+        def __reduce__(self):
+            return (bytes, (10**12,))
+
+    with pytest.raises(pickle.UnpicklingError, match="bytes with arguments"):
+        _ArrayOnlyUnpickler(io.BytesIO(pickle.dumps(Sized(), protocol=2)), encoding="bytes").load()
