@@ -53,6 +53,57 @@ OPTIMIZER_FLAGS = {
 }
 
 
+def _flag_over_table(flag: str, value: str | None, table: dict[str, Any]) -> dict[str, Any]:
+    """The spec a ``--dataset``/``--model`` flag gives over the config's table: the table
+    itself (its options kept) when the flag names the same thing, else the flag's, with a
+    warning naming the options left behind."""
+    given = spec_from_flag(value, None)
+    if given is None or given == {k: table.get(k) for k in given}:
+        return dict(table)
+    dropped = sorted(set(table) - {"name", "factory"})
+    if dropped:
+        warnings.warn(
+            f"{flag} {value} replaces the config's {table.get('name') or table.get('factory')} "
+            f"and its options ({', '.join(dropped)})",
+            UserWarning,
+            stacklevel=2,
+        )
+    return given
+
+
+def _switch_optimizer(
+    previous: dict[str, Any], name: str, base_names: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    """The config's optimizer table with ``--optimizer NAME`` of another name: the base
+    optimizer's settings (a plain sgd/adam table, or a SAM variant's ``base``) carry over
+    to the new one (sweeping the variants over one shared config keeps its lr, momentum and
+    weight decay); the old optimizer's own options are left behind, with a warning."""
+    old = previous.get("name", "sgd")
+    if old in base_names:
+        settings = dict(previous)
+    else:
+        base = previous.get("base") or {"name": "sgd"}
+        settings = {"name": base} if isinstance(base, str) else {"name": "sgd", **base}
+    own = sorted(set(previous) - {"name", "base"}) if old not in base_names else []
+    switched: dict[str, Any] = {"name": name}
+    if name in base_names:
+        if settings["name"] == name:
+            switched.update(settings)
+        else:
+            own = sorted(set(previous) - {"name"})
+    elif name != "bsam":  # bSAM has its own update; a base does not apply
+        switched["base"] = settings
+    else:
+        own = sorted(set(previous) - {"name"})
+    if own:
+        warnings.warn(
+            f"--optimizer {name} replaces the config's {old} and its options ({', '.join(own)})",
+            UserWarning,
+            stacklevel=2,
+        )
+    return switched
+
+
 def _read_config(path: Path) -> dict[str, Any]:
     """TrainConfig keys from a TOML file, or from the ``config.json`` a run wrote."""
     import json
@@ -100,18 +151,21 @@ def build_config(
     config = TrainConfig.from_dict(base) if base else TrainConfig()
 
     if values["dataset"] is not None or values["data_opts"]:
-        dataset = spec_from_flag(values["dataset"], None) or dict(config.dataset)
+        dataset = _flag_over_table("--dataset", values["dataset"], config.dataset)
         config.dataset = {**dataset, **values["data_opts"]}
     for key in ("label_noise", "val_fraction", "samples"):
         if values[key] is not None:
             config.dataset = {**config.dataset, key: values[key]}
     if values["model"] is not None or values["model_opts"]:
-        model = spec_from_flag(values["model"], None) or dict(config.model)
+        model = _flag_over_table("--model", values["model"], config.model)
         config.model = {**model, **values["model_opts"]}
 
     optimizer = dict(config.optimizer)
     if values["optimizer"] is not None and values["optimizer"] != optimizer.get("name"):
-        optimizer = {"name": values["optimizer"]}
+        if "optimizer" in base:  # a table the user wrote: its base settings carry over
+            optimizer = _switch_optimizer(optimizer, values["optimizer"], BASE_NAMES)
+        else:  # the built-in default
+            optimizer = {"name": values["optimizer"]}
     name = optimizer.get("name", "sgd")
     base_keys = {
         "lr": values["lr"],
@@ -143,12 +197,13 @@ def build_config(
             optimizer["lr"] = values["lr"]
     else:
         # a name ("adam") or a table; a table without a name is over sgd, as `{}` is
-        base = optimizer.get("base") or "sgd"
-        if isinstance(base, dict) and "name" not in base:
-            base = {"name": "sgd", **base}
-        base_spec = normalize_spec(base, "base optimizer")
-        if values["base"] is not None:
-            base_spec["name"] = values["base"]
+        base_given = optimizer.get("base") or "sgd"
+        if isinstance(base_given, dict) and "name" not in base_given:
+            base_given = {"name": "sgd", **base_given}
+        base_spec = normalize_spec(base_given, "base optimizer")
+        if values["base"] is not None and values["base"] != base_spec["name"]:
+            # another base: the options of the config's (momentum for sgd, ...) stay behind
+            base_spec = _flag_over_table("--base", values["base"], base_spec)
         if base_spec["name"] not in BASE_NAMES:
             raise SharpscopeError(
                 f"unknown base optimizer '{base_spec['name']}'; choose one of: {', '.join(BASE_NAMES)}"

@@ -401,3 +401,41 @@ def test_bsam_samples_flag_sets_the_model_average(tmp_path):
     assert json.loads((tmp_path / "config.json").read_text())["bsam_samples"] == 2
     bad = runner.invoke(app, [*args[:-2], "--bsam-samples", "0"])
     assert bad.exit_code != 0 and "bsam_samples must be a positive integer" in bad.output
+
+
+def test_flags_over_a_config_keep_its_options_for_the_same_names_and_its_base_settings(tmp_path):
+    """Acceptance report, session 15: `--dataset digits --model mlp` over a TOML with the
+    same names dropped its samples and width, and `--optimizer sam` dropped the TOML's
+    SGD settings (lr, momentum, weight decay) for the defaults, silently."""
+    config = tmp_path / "shared.toml"
+    config.write_text(
+        'epochs = 1\nbatch_size = 32\ndevice = "cpu"\nprogress = false\n'
+        'dataset = {name = "digits", samples = 128}\n'
+        'model = {name = "mlp", width = 8, depth = 1}\n'
+        'optimizer = {name = "sgd", lr = 0.01, momentum = 0.5, weight_decay = 0.0}\n'
+    )
+    same = ["--dataset", "digits", "--model", "mlp", "--optimizer", "sam"]
+    result = runner.invoke(
+        app, ["train", "--config", str(config), *same, "--out", str(tmp_path / "a")]
+    )
+    assert result.exit_code == 0, result.output
+    saved = json.loads((tmp_path / "a" / "config.json").read_text())
+    assert saved["dataset"]["samples"] == 128 and saved["model"]["width"] == 8
+    base = saved["optimizer"]["base"]
+    assert (base["name"], base["lr"], base["momentum"], base["weight_decay"]) == (
+        "sgd",
+        0.01,
+        0.5,
+        0.0,
+    )
+    other = ["--model", "cnn", "--optimizer", "adam"]
+    result = runner.invoke(
+        app, ["train", "--config", str(config), *other, "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "warning: --model cnn replaces the config's mlp and its options (depth, width)" in (
+        result.output
+    )
+    assert "warning: --optimizer adam replaces the config's sgd and its options (lr, momentum" in (
+        result.output
+    )
