@@ -515,6 +515,11 @@ class SharpnessAware(torch.optim.Optimizer):
             self._check_group_options(param_group)
             base.add_param_group(param_group)
             self.param_groups = base.param_groups
+            self._params_added(list(base.param_groups[-1]["params"]))
+
+    def _params_added(self, params: list[Tensor]) -> None:
+        """Hook: ``params`` joined by :meth:`add_param_group` after construction (a
+        variant that sorts its parameters, such as ASAM's biases, sorts these too)."""
 
     def _check_group_options(self, group: dict[str, Any]) -> None:
         """Refuse a group key that is an option of this optimizer, not of its base.

@@ -159,11 +159,17 @@ class ASAM(SharpnessAware):
         """ASAM over all of ``model``'s parameters, scaling biases only with ``normalize_bias``."""
         kwargs.setdefault("model", model)
         opt = cls(model.parameters(), base, **kwargs)
-        params = opt._all_params()
-        opt._unscaled = {
-            id(p) for p, s in zip(params, weight_only_mask(model, params, normalize_bias)) if not s
-        }
+        opt._scaling_rule = (model, normalize_bias)
+        opt._params_added(opt._all_params())
         return opt
+
+    def _params_added(self, params: list[Tensor]) -> None:
+        """Parameters the official rule leaves unscaled (biases, BatchNorm shifts), also
+        for a group added later."""
+        rule = self.__dict__.get("_scaling_rule")
+        if rule is not None:
+            mask = weight_only_mask(rule[0], params, rule[1])
+            self._unscaled |= {id(p) for p, scaled in zip(params, mask) if not scaled}
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
         mask = [id(p) not in self._unscaled for p in params] if self._unscaled else None

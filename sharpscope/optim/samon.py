@@ -138,6 +138,7 @@ class SAMON(SharpnessAware):
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.num_steps = 0
         all_params = self._all_params()
+        self._norm_ids = norm_ids
         self._perturbed_ids = {
             id(p) for p in all_params if (id(p) in norm_ids) != self.exclude_norm
         }
@@ -149,9 +150,21 @@ class SAMON(SharpnessAware):
                 else "SAM-ON found none of the model's normalization parameters among the "
                 "parameters it was given; give it the model's parameters (or params= with them)"
             )
-        names = {id(p): n for n, p in unwrap_model(model).named_parameters()}
-        self._bias_ids = {
-            id(p) for p in all_params if names.get(id(p), "").rsplit(".", 1)[-1] == "bias"
+        self._bias_ids: set[int] = set()
+        self._params_added(all_params)
+
+    def _params_added(self, params: list[Tensor]) -> None:
+        """Sort parameters (also of a group added later) into perturbed or not, and biases."""
+        if "_norm_ids" not in self.__dict__:  # torch's constructor adding the first groups
+            return
+        # the model may have grown a normalization layer since (a group added later)
+        self._norm_ids |= {id(p) for _, p in normalization_parameters(self.model)}
+        self._perturbed_ids |= {
+            id(p) for p in params if (id(p) in self._norm_ids) != self.exclude_norm
+        }
+        names = {id(p): n for n, p in unwrap_model(self.model).named_parameters()}
+        self._bias_ids |= {
+            id(p) for p in params if names.get(id(p), "").rsplit(".", 1)[-1] == "bias"
         }
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:

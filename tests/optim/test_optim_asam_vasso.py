@@ -200,3 +200,16 @@ def test_vasso_d_is_checkpointed():
     opt.step(BatchClosure(model, CE, x, y))
     state = opt.state_dict()
     assert sorted(state["variant"]["d"]) == [0, 1, 2, 3]
+
+
+def test_asam_from_model_sorts_a_group_added_later_by_the_official_rule():
+    """A head added for fine-tuning: its bias stays unscaled (T = 1), its weight scaled, as
+    for the parameters given at construction (it was all scaled)."""
+    from sharpscope.optim import ASAM
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
+    opt = ASAM.from_model(model, torch.optim.SGD, rho=0.5, lr=0.1)
+    model.add_module("head", nn.Linear(4, 2))
+    opt.add_param_group({"params": list(model.head.parameters())})
+    assert id(model.head.bias) in opt._unscaled and id(model[0].bias) in opt._unscaled
+    assert id(model.head.weight) not in opt._unscaled

@@ -194,3 +194,16 @@ def test_parameters_without_any_norm_layer_get_the_right_message():
     ]
     with pytest.raises(SharpscopeError, match="none of the model's normalization parameters"):
         SAMON(net, torch.optim.SGD, params=outside, lr=0.1)
+
+
+def test_a_normalization_layer_added_later_is_perturbed():
+    """Its parameters joined by add_param_group were never perturbed (SAM-ON's set was
+    fixed at construction)."""
+    net = bn_net()
+    opt = SAMON(net, torch.optim.SGD, lr=0.1)
+    net.add_module("extra_norm", nn.LayerNorm(3))
+    opt.add_param_group({"params": list(net.extra_norm.parameters())})
+    assert id(net.extra_norm.weight) in opt._perturbed_ids
+    assert (
+        id(net.extra_norm.bias) in opt._perturbed_ids and id(net.extra_norm.bias) in opt._bias_ids
+    )
