@@ -72,6 +72,9 @@ def _worker(rank: int, port: int, out: str, scenarios=_run_scenarios) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     try:
         torch.save(scenarios(rank), f"{out}.{rank}")
+        # leave together: a rank tearing gloo down while its peer still sends was seen
+        # to abort once (SIGABRT, "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
