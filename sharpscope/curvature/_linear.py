@@ -12,6 +12,7 @@ chunks, so no float64 copy of the whole basis is ever made.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -77,16 +78,8 @@ def as_operator(A: Any, dim: int | None = None) -> LinearOperator:
     Raises:
         SharpscopeError: for a non-square matrix or a callable without ``dim``.
     """
-    if isinstance(A, LinearOperator):
-        return LinearOperator(
-            A.dim,
-            A.matvec,
-            A.matmat,
-            A.dtype,
-            A.device,
-            products_dtype=A.products_dtype,
-            symmetry_advice=A.symmetry_advice,
-        )
+    if isinstance(A, LinearOperator):  # a fresh count, every other field as it is
+        return dataclasses.replace(A, num_matvecs=0)
     if hasattr(A, "hvp") and hasattr(A, "hvp_block") and hasattr(A, "dim"):
         return LinearOperator(
             int(A.dim),

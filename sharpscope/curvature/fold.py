@@ -52,11 +52,10 @@ __all__ = [
 
 #: the linear and convolution layers whose computation is known (affine in their weights)
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
-_LAYERS = FOLDABLE_LAYERS
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 # forward methods whose eval-mode computation the fold reproduces (a subclass that
 # overrides forward, e.g. a weight-standardized conv, is left alone)
-_STOCK_FORWARDS = {cls.forward for cls in _LAYERS + _NORMS} | {
+_STOCK_FORWARDS = {cls.forward for cls in FOLDABLE_LAYERS + _NORMS} | {
     nn.modules.batchnorm._BatchNorm.forward
 }
 
@@ -96,7 +95,7 @@ def find_foldable_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, st
     for module in names:
         if type(module).forward not in _STOCK_FORWARDS:
             continue
-        if isinstance(module, _LAYERS):
+        if isinstance(module, FOLDABLE_LAYERS):
             handles.append(module.register_forward_hook(after_layer))
         elif isinstance(module, _NORMS) and _tracks_stats(module):
             handles.append(module.register_forward_pre_hook(before_norm))
