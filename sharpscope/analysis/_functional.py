@@ -445,10 +445,11 @@ def _runs_formed(
 @dataclass(frozen=True)
 class AffineRows:
     """Parameter rows θ₀ + c_i D (``coefficients`` ``(K, m)``, ``directions`` ``(m, P)``),
-    formed one row at a time and one tensor at a time, for the per-point loop.
+    formed one row at a time, for the per-point loop.
 
-    A row costs one pass over θ₀ and D (``addmv`` per tensor) and no ``(K, P)`` block,
-    which for large models costs as much as the forward pass. Every row is formed the
+    A row costs one pass over θ₀ and D (one ``addmv`` per run of consecutive tensors
+    formed) and no ``(K, P)`` block, which for large models costs as much as the forward
+    pass. Every row is formed the
     same way whatever rows come with it, so a resumed or distributed run forms the very
     same weights. ``skip``: tensors left out of :meth:`tensors` (they keep the values
     they hold; the landscape leaves out the weights of a precomputed input layer).

@@ -799,11 +799,11 @@ def landscape(
         fitting = FittingRows("grid points", most=1 if one_by_one else None)
 
         def evaluate_rows(
-            flat: Tensor, points: Tensor, buffers: dict[str, Tensor], mine: Tensor, rows: slice
+            flat: Tensor | AffineRows, buffers: dict[str, Tensor], mine: Tensor, rows: slice
         ) -> tuple[Tensor, Tensor]:
             before_forward = None
-            if precomputed is not None:
-                coefficients = points[rows].tolist()
+            if precomputed is not None:  # the loop: flat is AffineRows
+                coefficients = flat[rows].coefficients.tolist()
 
                 def before_forward(row: int, batch: int) -> None:
                     precomputed.select(coefficients[row], batch)
@@ -850,12 +850,12 @@ def landscape(
                 mine = block[rows]
                 if len(mine):
                     coords = mesh[block].to(device, dtype)
-                    points = coords[rows.to(device)]
                     flat: Tensor | AffineRows
                     if vectorize:
                         flat = (origin_dev + coords @ directions_dev)[rows.to(device)]
                     else:  # one row at a time, without a (rows, P) block
                         skip = precomputed.unused if precomputed is not None else frozenset()
+                        points = coords[rows.to(device)]
                         flat = AffineRows(layout, origin_dev, directions_dev, points, skip)
                     buffers = {
                         name: (
@@ -866,9 +866,7 @@ def landscape(
                     }
                     try:
                         parts = fitting.run(
-                            functools.partial(evaluate_rows, flat, points, buffers, mine),
-                            0,
-                            len(mine),
+                            functools.partial(evaluate_rows, flat, buffers, mine), 0, len(mine)
                         )
                     except Exception:
                         if int(computed.sum()) > loaded:
