@@ -128,7 +128,6 @@ class SAMON(SharpnessAware):
                 "fast_first_pass toggles requires_grad, which DistributedDataParallel does not "
                 "allow; leave fast_first_pass off under DDP"
             )
-        norm_ids = {id(p) for _, p in norm}
         self.adaptive = adaptive
         self.eta = float(eta)
         self.normalize_bias = bool(normalize_bias)
@@ -137,11 +136,10 @@ class SAMON(SharpnessAware):
         self.sam_epochs = sam_epochs
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.num_steps = 0
-        all_params = self._all_params()
-        self._norm_ids = norm_ids
-        self._perturbed_ids = {
-            id(p) for p in all_params if (id(p) in norm_ids) != self.exclude_norm
-        }
+        self._norm_ids: set[int] = set()
+        self._perturbed_ids: set[int] = set()
+        self._bias_ids: set[int] = set()
+        self._params_added(self._all_params())
         if not self._perturbed_ids:
             raise SharpscopeError(
                 "SAM-ON with exclude_norm=True found no parameter outside the normalization "
@@ -150,14 +148,13 @@ class SAMON(SharpnessAware):
                 else "SAM-ON found none of the model's normalization parameters among the "
                 "parameters it was given; give it the model's parameters (or params= with them)"
             )
-        self._bias_ids: set[int] = set()
-        self._params_added(all_params)
 
     def _params_added(self, params: list[Tensor]) -> None:
-        """Sort parameters (also of a group added later) into perturbed or not, and biases."""
+        """Sort parameters (those given, and a group added later) into perturbed or not,
+        and biases."""
         if "_norm_ids" not in self.__dict__:  # torch's constructor adding the first groups
             return
-        # the model may have grown a normalization layer since (a group added later)
+        # the model's normalization layers now (it may have grown one since construction)
         self._norm_ids |= {id(p) for _, p in normalization_parameters(self.model)}
         self._perturbed_ids |= {
             id(p) for p in params if (id(p) in self._norm_ids) != self.exclude_norm
