@@ -337,6 +337,11 @@ _TWO_BETA_BASES: tuple[type[torch.optim.Optimizer], ...] = (
 )
 
 
+#: the base optimizers' numeric options that sharpscope checks itself (a TOML typo such
+#: as a string is named; a value beyond the parameters' dtype is refused)
+_NUMBER_OPTIONS = ("lr", "momentum", "weight_decay", "dampening")
+
+
 def state_count(name: str, value: Any) -> int:
     """A step or batch counter read from a checkpoint, as an int >= 0, else one line."""
     try:
@@ -476,7 +481,7 @@ class SharpnessAware(torch.optim.Optimizer):
                         "perturbed and counted twice; give model.parameters() (each tensor once)"
                     )
                 seen.add(id(p))
-        for key in ("lr", "momentum", "weight_decay", "dampening"):  # a TOML typo, named
+        for key in _NUMBER_OPTIONS:  # a TOML typo, named
             value = base_kwargs.get(key)
             number = isinstance(value, (Real, Tensor)) and not isinstance(value, bool)
             if value is not None and not number:
@@ -556,7 +561,7 @@ class SharpnessAware(torch.optim.Optimizer):
             return
         narrowest = min(dtypes, key=lambda d: torch.finfo(d).max)
         limit = torch.finfo(narrowest).max
-        for key in ("rho", "lr", "momentum", "weight_decay", "dampening"):
+        for key in ("rho", *_NUMBER_OPTIONS):
             value = options.get(key)
             if isinstance(value, Real) and not isinstance(value, bool) and abs(value) > limit:
                 raise SharpscopeError(
@@ -695,7 +700,7 @@ class SharpnessAware(torch.optim.Optimizer):
             )
 
     def _load_variant_state(self, state: dict[str, Any]) -> None:
-        self._check_variant_state(state)
+        """Load a variant state :meth:`_check_variant_state` has accepted (nothing here)."""
 
     def _check_variant_keys(self, state: dict[str, Any], allowed: tuple[str, ...]) -> None:
         """Refuse a variant state with keys this optimizer does not keep: another

@@ -598,8 +598,7 @@ class LETS(SharpnessAware):
             raise SharpscopeError(f"LETS state inner must be a dict, got {type(inner).__name__}")
         self.inner._check_variant_state(inner)
 
-    def _load_variant_state(self, state: dict[str, Any]) -> None:
-        self._check_variant_state(state)
+    def _load_variant_state(self, state: dict[str, Any]) -> None:  # checked before
         self._load_per_param_state("v", state.get("v", {}))
         self._val.count = state_count("val_count", state.get("val_count", 0))
         self.inner._load_variant_state(state.get("inner", {}))
