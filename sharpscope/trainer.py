@@ -171,13 +171,6 @@ class TrainConfig:
         if self.augment is not None and not isinstance(self.augment, bool):
             raise SharpscopeError(f"augment must be true, false or unset, got {self.augment!r}")
         _check_schedule(self.schedule)
-        warmup = self.schedule.get("warmup_epochs", 0)
-        if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
-            raise SharpscopeError(f"warmup_epochs must be a number >= 0, got {warmup!r}")
-        if self.schedule.get("name", "cosine") not in SCHEDULES:
-            raise SharpscopeError(
-                f"unknown schedule '{self.schedule.get('name')}'; choose one of: {', '.join(SCHEDULES)}"
-            )
         for name in ("sync_bn", "progress", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise SharpscopeError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -190,15 +183,21 @@ class TrainConfig:
 SCHEDULE_KEYS = ("name", "warmup_epochs", "milestones", "gamma")
 
 
-def _check_schedule(schedule: Any) -> None:
-    """The schedule table: known keys, milestones a list of epochs, gamma a number > 0
-    (a typo such as ``gama`` was ignored, ``gamma = -1`` trained at a negative lr)."""
-    if not isinstance(schedule, Mapping):
-        raise SharpscopeError(f"schedule must be a table, got {schedule!r}")
+def _check_schedule(schedule: Mapping[str, Any]) -> None:
+    """The schedule table: known keys and name, warmup_epochs a number >= 0, milestones a
+    list of epochs, gamma a number > 0 (a typo such as ``gama`` was ignored, ``gamma = -1``
+    trained at a negative lr)."""
     unknown = sorted(set(schedule) - set(SCHEDULE_KEYS))
     if unknown:
         raise SharpscopeError(
             f"unknown schedule key '{unknown[0]}'; the schedule takes {', '.join(SCHEDULE_KEYS)}"
+        )
+    warmup = schedule.get("warmup_epochs", 0)
+    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
+        raise SharpscopeError(f"warmup_epochs must be a number >= 0, got {warmup!r}")
+    if schedule.get("name", "cosine") not in SCHEDULES:
+        raise SharpscopeError(
+            f"unknown schedule '{schedule.get('name')}'; choose one of: {', '.join(SCHEDULES)}"
         )
     milestones = schedule.get("milestones", [])
     if not isinstance(milestones, (list, tuple)) or not all(
