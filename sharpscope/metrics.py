@@ -11,6 +11,12 @@ import torch
 from torch import Tensor
 
 
+def is_binary_logit(outputs: Tensor) -> bool:
+    """Whether ``outputs`` hold one value per example (``(N,)`` or ``(N, 1)``): a binary
+    classifier's logit, class 1 where it is > 0."""
+    return outputs.dim() == 1 or outputs.shape[-1] == 1
+
+
 def class_probabilities(logits: Tensor) -> Tensor:
     """``(N, C)`` class probabilities: the softmax of the logits, or, for a single output
     per example (a binary logit z), ``(1 − σ(z), σ(z))``.
@@ -18,7 +24,7 @@ def class_probabilities(logits: Tensor) -> Tensor:
     >>> class_probabilities(torch.tensor([[0.0]])).tolist()
     [[0.5, 0.5]]
     """
-    if logits.dim() == 1 or logits.shape[-1] == 1:
+    if is_binary_logit(logits):
         p = torch.sigmoid(logits.reshape(len(logits)))
         return torch.stack([1 - p, p], dim=1)
     return torch.softmax(logits, dim=1)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from ..errors import SharpscopeError, check_initialized, first_line, model_failure
+from ..metrics import is_binary_logit
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss  # noqa: F401 - re-exported
 from ..registry import loss_name  # noqa: F401 - re-exported
@@ -319,7 +320,7 @@ def predicted_classes(outputs: Tensor) -> Tensor:
     >>> predicted_classes(torch.tensor([[-0.5], [0.7]])).tolist()
     [0, 1]
     """
-    if outputs.dim() == 1 or outputs.shape[-1] == 1:
+    if is_binary_logit(outputs):
         return (outputs.reshape(len(outputs)) > 0).long()
     return outputs.argmax(dim=-1)
 
