@@ -54,9 +54,9 @@ OPTIMIZER_FLAGS = {
 
 
 def _flag_over_table(flag: str, value: str | None, table: dict[str, Any]) -> dict[str, Any]:
-    """The spec a ``--dataset``/``--model`` flag gives over the config's table: the table
-    itself (its options kept) when the flag names the same thing, else the flag's, with a
-    warning naming the options left behind."""
+    """The spec a ``--dataset``/``--model``/``--base`` flag gives over the config's table:
+    the table itself (its options kept) when the flag names the same thing, else the
+    flag's, with a warning naming the options left behind."""
     given = spec_from_flag(value, None)
     if given is None or given == {k: table.get(k) for k in given}:
         return dict(table)
@@ -80,24 +80,21 @@ def _switch_optimizer(
     weight decay); the old optimizer's own options are left behind, with a warning."""
     old = previous.get("name", "sgd")
     if old in base_names:
-        settings = dict(previous)
+        settings, held = dict(previous), set(previous)  # the table is the settings
     else:
         base = previous.get("base") or {"name": "sgd"}
         settings = {"name": base} if isinstance(base, str) else {"name": "sgd", **base}
-    own = sorted(set(previous) - {"name", "base"}) if old not in base_names else []
-    switched: dict[str, Any] = {"name": name}
-    if name in base_names:
-        if settings["name"] == name:
-            switched.update(settings)
-        else:
-            own = sorted(set(previous) - {"name"})
-    elif name != "bsam":  # bSAM has its own update; a base does not apply
-        switched["base"] = settings
-    else:
-        own = sorted(set(previous) - {"name"})
-    if own:
+        held = {"base"}
+    if name in base_names and settings["name"] == name:
+        switched = settings
+    elif name not in base_names and name != "bsam":  # bSAM has its own update, no base
+        switched = {"name": name, "base": settings}
+    else:  # nothing carries over
+        switched, held = {"name": name}, set()
+    dropped = sorted(set(previous) - {"name"} - held)
+    if dropped:
         warnings.warn(
-            f"--optimizer {name} replaces the config's {old} and its options ({', '.join(own)})",
+            f"--optimizer {name} replaces the config's {old} and its options ({', '.join(dropped)})",
             UserWarning,
             stacklevel=2,
         )
