@@ -26,6 +26,25 @@ SPECTRUM_JSON_KEYS = {
 }
 
 
+def bn_conv1d(channels: int, length: int, *, dtype: torch.dtype = F64, seed: int = 0):
+    """A small Conv1d -> BatchNorm -> ReLU -> Linear(3) classifier of flat inputs of
+    ``channels * length`` values, its BatchNorm statistics and scale away from 1 and 0."""
+    torch.manual_seed(seed)
+    net = nn.Sequential(
+        nn.Unflatten(1, (channels, length)),
+        nn.Conv1d(channels, 4, 3, stride=2, padding=1),
+        nn.BatchNorm1d(4),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(4 * ((length + 1) // 2), 3),
+    ).to(dtype)
+    with torch.no_grad():
+        net[2].running_mean.uniform_(-0.5, 0.5)
+        net[2].running_var.uniform_(0.5, 2.0)
+        net[2].weight.uniform_(0.5, 1.5)
+    return net
+
+
 def half_mse(out, t):
     """ℓ = ½(f(x) − y)²: with a linear model the loss is exactly quadratic in w."""
     return 0.5 * (out.squeeze(-1) - t).pow(2).mean()

@@ -17,6 +17,8 @@ from sharpscope.analysis.landscape import LandscapeResult, landscape
 from sharpscope.curvature.fold import fold_batchnorm
 from sharpscope.errors import SharpscopeError
 
+from cases import bn_conv1d
+
 torch.set_num_threads(1)
 F64 = torch.float64
 
@@ -30,20 +32,7 @@ def image_mlp(seed=0):
 
 
 def bn_cnn(seed=0):
-    torch.manual_seed(seed)
-    net = nn.Sequential(
-        nn.Unflatten(1, (2, 6)),
-        nn.Conv1d(2, 4, 3, stride=2, padding=1),
-        nn.BatchNorm1d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(12, 3),
-    ).to(F64)
-    with torch.no_grad():
-        net[2].running_mean.uniform_(-0.5, 0.5)
-        net[2].running_var.uniform_(0.5, 2.0)
-        net[2].weight.uniform_(0.5, 1.5)
-    return net
+    return bn_conv1d(2, 6, seed=seed)
 
 
 def data(n, shape, seed=1):

@@ -23,7 +23,7 @@ from sharpscope.analysis.msharpness import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import RecurrentClassifier, free_port, half_mse, linear_regression
+from cases import RecurrentClassifier, bn_conv1d, free_port, half_mse, linear_regression
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -69,20 +69,7 @@ def classification_data(n=32, d=4, classes=3, seed=1, dtype=F64):
 
 
 def bn_cnn(dtype=F64):
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Unflatten(1, (1, 12)),
-        nn.Conv1d(1, 4, 3, stride=2, padding=1),
-        nn.BatchNorm1d(4),
-        nn.ReLU(),
-        nn.Flatten(),
-        nn.Linear(24, 3),
-    ).to(dtype)
-    with torch.no_grad():
-        net[2].running_mean.uniform_(-0.5, 0.5)
-        net[2].running_var.uniform_(0.5, 2.0)
-        net[2].weight.uniform_(0.5, 1.5)
-    return net
+    return bn_conv1d(1, 12, dtype=dtype)
 
 
 # --- closed forms on quadratics -------------------------------------------------------------

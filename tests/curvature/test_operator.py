@@ -278,14 +278,8 @@ class _FirstDerivativeOnly(torch.autograd.Function):
         raise NotImplementedError("the derivative of this backward is not implemented")
 
 
-class _NoDoubleBackward(torch.autograd.Function):
+class _NoDoubleBackward(_NoForwardAD):
     """tanh whose backward cannot be differentiated again (no reverse-over-reverse)."""
-
-    @staticmethod
-    def forward(ctx, x):
-        out = torch.tanh(x)
-        ctx.save_for_backward(out)
-        return out
 
     @staticmethod
     def backward(ctx, grad):
