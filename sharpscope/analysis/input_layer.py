@@ -14,7 +14,7 @@ itself. A BatchNorm folded into the layer (:mod:`sharpscope.curvature.fold`) is 
 to the combination with the point's own scale and shift, so BatchNorm parameters and
 running statistics that move along the slice are honoured. It pays where the layer's
 fan-in is large next to the K + 1 stored values read per output: an MLP on images
-(``sharpscope bench landscape``: 4.4-4.6x the plain loop on CPU), not a first convolution
+(``sharpscope bench landscape``: 4.4-4.9x the plain loop on CPU), not a first convolution
 with a handful of inputs per output (``cnn1d``, ResNet-20), which the default leaves alone.
 
 Which layers qualify is found, not assumed: a stock ``nn.Linear`` or ``nn.Conv1d/2d/3d``
@@ -52,7 +52,7 @@ CHECK_RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
 # and 3072 (MLPs on images) 1.4x and 1.8x faster; fan-in 40 (MNIST-1D MLP) no change;
 # fan-in 5 (cnn1d) and 27 (ResNet-20's first convolution) slower (0.9x). Hence at least
 # 32 per stored term. (With those weights left unformed, ``bench landscape``'s fan-in
-# 3072 MLP runs 4.6x the plain loop.)
+# 3072 MLP runs 4.4-4.9x the plain loop.)
 FAN_IN_PER_TERM = 32
 
 

@@ -601,7 +601,7 @@ def landscape(
             (:mod:`sharpscope.analysis.input_layer`; exact up to rounding, checked at θ*
             and the slice's extreme points; recorded in ``settings["input_layers"]``). Default:
             on for the loop when it pays, i.e. the layer's fan-in is at least 32 per
-            stored output (an MLP on images: 4.6x the plain loop; not cnn1d or
+            stored output (an MLP on images: 4.4-4.9x the plain loop; not cnn1d or
             ResNet-20, whose first convolutions are cheaper than the combination), and
             the stored outputs take at most 2 GiB. True: whenever a layer qualifies. The
             vectorized path does not use it.
