@@ -6,7 +6,10 @@ sub-folders import it as ``from cases import ...``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.distributed as dist
 from torch import nn
 
 F64 = torch.float64
@@ -120,6 +123,25 @@ def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert load_checkpoint(tmp_path / "cut" / "last.pt").epoch == 1
     return full, train(config_at(tmp_path / "cut"), resume=True)
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, port: int):
+    """A spawned test worker's gloo process group on 127.0.0.1:``port`` (one torch thread).
+
+    Its ranks meet at a barrier before the group is torn down: a rank destroying it while
+    its peer still sent was seen to abort (SIGABRT, "terminate called without an active
+    exception"). A rank that fails skips the barrier; ``mp.spawn`` then stops the others.
+    """
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    try:
+        yield
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def free_port() -> int:

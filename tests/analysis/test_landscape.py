@@ -9,7 +9,6 @@ import warnings
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -22,7 +21,7 @@ from sharpscope.analysis.landscape import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import RecurrentClassifier, free_port, half_mse, linear_regression
+from cases import RecurrentClassifier, free_port, gloo_group, half_mse, linear_regression
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -583,11 +582,7 @@ def test_a_half_done_block_resumes_bit_for_bit(tmp_path):
 
 
 def _worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_group(rank, world, port):
         net = bn_cnn()
         x, y = class_data(n=20, d=10)
         r = landscape(net, (x, y), 2, grid=5, chunk_size=3, out=f"{out_dir}/grid.npz", save_every=0)
@@ -595,8 +590,6 @@ def _worker(rank, world, port, out_dir):
             {"loss": r.loss, "acc": r.accuracy, "n": r.meta.extra["processes"]},
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_split_the_grid_and_agree_with_one(tmp_path):

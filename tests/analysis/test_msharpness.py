@@ -8,7 +8,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from scipy.optimize import brentq
 from torch import nn
@@ -23,7 +22,14 @@ from sharpscope.analysis.msharpness import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import RecurrentClassifier, bn_conv1d, free_port, half_mse, linear_regression
+from cases import (
+    RecurrentClassifier,
+    bn_conv1d,
+    free_port,
+    gloo_group,
+    half_mse,
+    linear_regression,
+)
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -692,11 +698,7 @@ SPLIT_OPTIONS = dict(m=4, rho=0.1, adaptive=True, steps=3, random_start=True, ch
 
 
 def _split_worker(rank, world, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
-    try:
+    with gloo_group(rank, world, port):
         x, y = classification_data(n=30, d=12, seed=4)
         seen = []
         result = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS, progress=seen.append)
@@ -711,8 +713,6 @@ def _split_worker(rank, world, port, out_dir):
             },
             f"{out_dir}/rank{rank}.pt",
         )
-    finally:
-        dist.destroy_process_group()
 
 
 def test_two_processes_split_the_subsets_and_agree_with_one(tmp_path):

@@ -13,7 +13,7 @@ from torch import nn
 from sharpscope.analysis import hessian_trace, spectral_density, top_eigenvalues
 from sharpscope.curvature import HessianOperator
 
-from cases import free_port
+from cases import free_port, gloo_group
 
 F64 = torch.float64
 
@@ -55,15 +55,10 @@ BATCH_SIZES = (None, 7)  # one batch split in halves; 9 batches sharded 5 + 4
 
 
 def _worker(rank: int, port: int, model, data, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=2)
-    try:
+    with gloo_group(rank, 2, port):
         results = [_analyses(model, data, b) for b in BATCH_SIZES]
         results.append(_analyses(RankZeroMemoryHolds10(model).eval(), data, None))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")

@@ -4,16 +4,14 @@ per-rank sub-batches: local perturbation is m-sharpness with m = per-rank batch.
 from __future__ import annotations
 
 import copy
-import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from sharpscope.optim import BSAM, LETS, SAM, BatchClosure, VaSSO
 
-from cases import free_port
+from cases import free_port, gloo_group
 from optim_helpers import CE, mlp, mlp_batches, through_file
 
 WORLD = 2
@@ -66,17 +64,8 @@ def _run_scenarios(rank: int) -> dict:
 
 def _worker(rank: int, port: int, out: str, scenarios=_run_scenarios) -> None:
     """One gloo rank: ``scenarios(rank)``'s results saved to ``out.RANK``."""
-    os.environ["MASTER_ADDR"] = "127.0.0.1"
-    os.environ["MASTER_PORT"] = str(port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
-    try:
+    with gloo_group(rank, WORLD, port):
         torch.save(scenarios(rank), f"{out}.{rank}")
-        # leave together: a rank tearing gloo down while its peer still sends was seen
-        # to abort once (SIGABRT, "terminate called without an active exception")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
