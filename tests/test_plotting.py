@@ -25,6 +25,8 @@ from sharpscope.errors import SharpscopeError  # noqa: E402
 from sharpscope.plotting import study as study_plots  # noqa: E402
 from sharpscope.plotting.landscape import (  # noqa: E402
     contour_levels,
+    label_positions,
+    level_format,
     plot_landscape_1d,
     plot_landscape_contour,
     plot_landscape_surface,
@@ -97,10 +99,19 @@ def test_contour_lines_sit_where_the_loss_has_their_level_and_are_labelled():
         if len(path.vertices):
             np.testing.assert_allclose(path.vertices[:, 0], level, atol=1e-9)  # x = α
             assert path.vertices[:, 1].min() == pytest.approx(BETA.min())
-    labels = [float(t.get_text()) for t in ax.texts]
-    assert labels and set(labels) <= {float(f"{v:.3g}") for v in levels}
+    # every other level from the second (the lowest is the minimum) is labelled, once, on
+    # its own line, within a quarter of the level spacing; not the line at the edge α = 1
+    # (a label there would be cut by the frame)
+    assert levels[-1] == 1.0
+    labelled = levels[1:-1:2]
+    labels = [(float(t.get_text()), t.get_position()) for t in ax.texts]
+    assert [text for text, _ in labels] == pytest.approx(labelled, abs=np.diff(levels)[0] / 4)
+    for (_, (x, _)), level in zip(labels, labelled):
+        assert x == pytest.approx(level, abs=1e-6)
     assert (ax.get_xlabel(), ax.get_ylabel()) == ("α", "β")
-    assert ax.get_title() == "random; norm=filter, bias=zero; digits/train n=64; eval mode, float32"
+    assert ax.get_title() == (
+        "train loss\nrandom; norm=filter, bias=zero; digits/train n=64\neval mode, float32"
+    )
     moved = landscape(ALPHA, BETA, result.loss, states=True)
     assert (
         plot_landscape_contour(moved)
@@ -135,11 +146,11 @@ def test_surface_spans_the_grid_on_the_right_axes_and_labels_the_metric():
     np.testing.assert_allclose(ax.xy_dataLim.intervalx, [-1.0, 1.0])  # α on x
     np.testing.assert_allclose(ax.xy_dataLim.intervaly, [-0.5, 0.5])  # β on y
     np.testing.assert_allclose(ax.zz_dataLim.intervalx, [-1.0, 1.0])
-    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_zlabel()) == ("α", "β", "loss")
+    assert (ax.get_xlabel(), ax.get_ylabel(), ax.get_zlabel()) == ("α", "β", "train loss")
     acc = np.full((len(ALPHA), len(BETA)), 0.5)
     with_accuracy = landscape(ALPHA, BETA, result.loss, accuracy=acc)
     assert plot_landscape_surface(with_accuracy, metric="accuracy").axes[0].get_zlabel() == (
-        "accuracy"
+        "train accuracy"
     )
 
 
@@ -153,7 +164,7 @@ def test_1d_curve_draws_the_loss_and_the_accuracy_on_a_twin_axis():
     np.testing.assert_allclose(curve.get_xdata(), x)
     np.testing.assert_allclose(curve.get_ydata(), loss)
     np.testing.assert_allclose(twin.lines[0].get_ydata(), acc)
-    assert twin.get_ylabel() == "accuracy" and main.get_ylabel() == "loss"
+    assert twin.get_ylabel() == "accuracy" and main.get_ylabel() == "train loss"
     assert main.get_xlabel() == "α (0: model A, 1: model B)"
     marks = sorted(line.get_xdata()[0] for line in main.lines[1:])
     assert marks == [0.0, 1.0]
@@ -229,7 +240,7 @@ def test_log_unit_density_marks_the_outliers_in_log_units():
     np.testing.assert_allclose(curve.get_ydata(), expected)
     marked = [line.get_xdata()[0] for line in ax.lines[1:]]
     np.testing.assert_allclose(marked, np.log(np.array([5.0, 2.0]) + 1e-5))
-    assert ax.get_xlabel() == "log(|eigenvalue| + 1e-5)"
+    assert ax.get_xlabel() == "ln(|eigenvalue| + 1e-5)"
     assert [t.get_text() for t in ax.texts] == ["λ1=5"]
     assert ax.get_yscale() == "log"
 
@@ -412,7 +423,7 @@ def test_spectral_densities_are_log_scale_in_epoch_order():
     ax = fig.axes[0]
     assert ax.get_yscale() == "log"
     assert [line.get_label() for line in ax.lines] == ["epoch 1", "epoch 5"]
-    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.1, 1.0, 1e-6])
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.1, 1.0, FLOOR])
     # the later epoch is drawn in the stronger shade
     first, last = (np.array(matplotlib.colors.to_rgb(line.get_color())) for line in ax.lines)
     assert np.abs(last - np.array(matplotlib.colors.to_rgb(PALETTE[0]))).max() < 1e-9
@@ -540,3 +551,111 @@ def test_linear_measure_axes_ask_for_at_most_five_ticks():
     ).axes[0]
     locator = ax.xaxis.get_major_locator()
     assert isinstance(locator, MaxNLocator) and locator._nbins == 5
+
+
+# ------------------------------------------------------------ session 16 figure review
+
+
+def rho_lr_rows():
+    """SAM over ρ and lr, three seeds; the lr effect (10 points) dwarfs the seed spread (1)."""
+    return [
+        {"optimizer": "sam", "rho": rho, "lr": lr, "seed": seed,
+         "test_acc": 0.7 - (0.1 if lr == 0.05 else 0.0) - 0.01 * seed}
+        for rho in (0.05, 0.2) for lr in (0.05, 0.1) for seed in (0, 1, 2)
+    ]  # fmt: skip
+
+
+def test_spread_over_seeds_pools_only_seeds_when_another_axis_varies():
+    summary = study_plots.mean_and_spread(rho_lr_rows(), "rho", "test_acc")
+    assert len(summary) == 4 and all(s["num_seeds"] == 3 for s in summary)
+    assert {s["lr"] for s in summary} == {0.05, 0.1}
+    for s in summary:  # errors 30/31/32 % or 40/41/42 %: sd 1 point, not the lr effect
+        assert s["test_error_pct_std"] == pytest.approx(1.0)
+        assert s["test_error_pct_mean"] == pytest.approx(41.0 if s["lr"] == 0.05 else 31.0)
+    ax = study_plots.plot_metric_vs_axis(rho_lr_rows(), "rho").axes[0]
+    labels = [c.get_label() for c in ax.containers]
+    assert labels == ["SAM (lr=0.05)", "SAM (lr=0.1)"]
+    assert ax.containers[0].lines[0].get_linestyle() != ax.containers[1].lines[0].get_linestyle()
+    bars = study_plots.plot_variants(rho_lr_rows(), ("test_acc",)).axes[0]
+    names = [t.get_text() for t in bars.get_xticklabels()]
+    assert len(names) == 4 and len(set(names)) == 4
+    np.testing.assert_allclose(sorted(p.get_height() for p in bars.patches), [31, 31, 41, 41])
+    assert study_plots.varying_settings(rho_lr_rows(), "optimizer", "lr") == ["rho"]
+
+
+def test_a_single_seed_draws_no_error_bars():
+    rows = [r for r in rho_lr_rows() if r["seed"] == 0 and r["lr"] == 0.1]
+    ax = study_plots.plot_metric_vs_axis(rows, "rho").axes[0]
+    assert ax.containers[0].lines[2] == ()  # no error-bar segments
+
+
+def test_every_run_of_one_optimizer_gets_its_own_line_style():
+    history = [{"epoch": e, "test_acc": 0.5} for e in range(1, 31)]
+    runs = {f"sam-{i}": history for i in range(6)}
+    fig, axes = plt.subplots(1, 2)  # an ndarray of axes, as plt.subplots returns it
+    plot_training_curves(runs, axes=axes)
+    styles = [(line.get_linestyle(), line.get_marker()) for line in axes[0].lines]
+    assert len(set(styles)) == 6
+    with pytest.raises(SharpscopeError, match="2 metrics need 2 axes"):
+        plot_training_curves(runs, axes=axes[:1])
+
+
+def test_landscape_figures_name_the_metric_and_an_incomplete_grid():
+    acc = np.full((len(ALPHA), len(BETA)), 0.5)
+    result = landscape(ALPHA, BETA, alpha_only().loss, accuracy=acc, settings={"loss": "mse"})
+    title = plot_landscape_contour(result, metric="accuracy").axes[0].get_title()
+    assert title.startswith("train accuracy\n")
+    assert plot_landscape_contour(result).axes[0].get_title().startswith("train loss (mse)\n")
+    result.computed[len(ALPHA) // 2 :] = 0
+    title = plot_landscape_contour(result).axes[0].get_title()
+    assert title.endswith(
+        f"partial: {len(ALPHA) // 2 * len(BETA)} of {result.loss.numel()} points computed"
+    )
+    _, flat_ax = plt.subplots()
+    with pytest.raises(SharpscopeError, match="3-D axis"):
+        plot_landscape_surface(result, ax=flat_ax)
+
+
+def test_a_long_data_name_wraps_the_title_within_one_column():
+    meta = RunMeta(data={"factory": "experiments/" + "x" * 90 + ".py:make", "split": "train"})
+    result = landscape(ALPHA, BETA, alpha_only().loss, meta=meta)
+    fig = plot_landscape_contour(result)
+    fig.canvas.draw()
+    width = fig.get_tightbbox(fig.canvas.get_renderer()).width
+    assert width <= 3.36, f"{width:.2f} in"
+
+
+def test_contour_labels_share_one_precise_format():
+    assert level_format(np.linspace(1.35, 2.1, 12)) == "%.2f"
+    assert level_format(np.array([0.0, 0.165, 0.33])) == "%.2f"  # "%.1f" would be off by 0.045
+    assert level_format(np.array([1e6, 2e6])) == "%.3g"
+
+
+def test_label_positions_keep_away_from_the_frame():
+    x = y = np.linspace(-1, 1, 21)
+    fig, ax = plt.subplots()
+    bowl = x[:, None] ** 2 + y[None, :] ** 2
+    lines = ax.contour(x, y, bowl.T, levels=[0.25, 1.0, 1.9])
+    positions = label_positions(lines, lines.levels, x, y)
+    assert len(positions) == 2  # the 1.9 line only crosses the corners
+    for px, py in positions:
+        assert min(1 - abs(px), 1 - abs(py)) > 0.12
+
+
+def test_empty_inputs_of_study_figures_are_one_line():
+    with pytest.raises(SharpscopeError, match="no finite values of not_a_column"):
+        study_plots.plot_measures_vs_gap(rows_for([1.0, 2.0]), ["not_a_column"])
+    with pytest.raises(SharpscopeError, match="no correlations"):
+        study_plots.plot_correlations([])
+
+
+def test_four_spectra_are_two_by_two_with_given_titles():
+    curve = {"grid": [0.0, 1.0, 2.0], "values": [0.1, 1.0, 0.0]}
+    labels = ("sgd", "sam", "asam", "vasso")
+    fig = study_plots.plot_spectral_densities(
+        {k: [(1, curve), (5, curve)] for k in labels}, titles={"sam": "SAM ρ=0.05"}
+    )
+    axes = fig.axes
+    assert axes[0].get_subplotspec().get_gridspec().get_geometry() == (2, 2)
+    assert axes[1].get_title() == "SAM ρ=0.05" and axes[2].get_title() == "ASAM"
+    assert [line.get_linestyle() for line in axes[0].lines] == ["--", "-"]  # last epoch solid

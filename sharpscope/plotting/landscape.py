@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import SharpscopeError
 from ..results import to_numpy
-from .style import PALETTE, new_figure, save_figure, styled
+from .style import PALETTE, new_figure, save_figure, styled, wrap_parts
 
 METRICS = ("loss", "accuracy")
 KINDS = ("auto", "curve", "contour", "surface")
@@ -38,6 +38,26 @@ def describe(result: Any) -> str:
     parts.append(f"{data_name}{'/' + split if split else ''} n={meta.num_samples}")
     parts.append(f"{meta.mode} mode{', BN stats moved' if result.states else ''}, {meta.dtype}")
     return "; ".join(parts)
+
+
+def metric_label(result: Any, metric: str) -> str:
+    """What a landscape figure plots: ``"train loss (cross_entropy)"``, ``"test accuracy"``."""
+    split = (result.meta.data or {}).get("split")
+    name = f"{split} {metric}" if split else metric
+    loss = result.settings.get("loss") if metric == "loss" else None
+    return f"{name} ({loss})" if isinstance(loss, str) else name
+
+
+def _title(result: Any, metric: str | None = None) -> str:
+    """The plotted quantity (if given), then :func:`describe` wrapped to the figure's width,
+    with the share of points computed when the slice is incomplete."""
+    lines = [wrap_parts(describe(result).split("; "))]
+    computed = to_numpy(result.computed)
+    if computed.size and not computed.all():
+        lines.append(f"partial: {int(computed.sum())} of {computed.size} points computed")
+    if metric is not None:
+        lines.insert(0, metric_label(result, metric))
+    return "\n".join(lines)
 
 
 def _values(result: Any, metric: str) -> np.ndarray:
@@ -88,7 +108,7 @@ def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
         )
         ax.legend(loc="upper center")
     ax.set_xlabel(_axis_labels(result)[0])
-    ax.set_ylabel(metric)
+    ax.set_ylabel(metric_label(result, metric))
     if metric == "loss" and not np.isnan(to_numpy(result.accuracy)).all():
         twin = ax.twinx()
         twin.plot(x, to_numpy(result.accuracy), color=PALETTE[1], linestyle="--", label="accuracy")
@@ -100,7 +120,7 @@ def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
             ax.annotate(
                 name, (at, 0.02), xycoords=("data", "axes fraction"), ha="left", va="bottom"
             )
-    ax.set_title(describe(result), fontsize=6)
+    ax.set_title(_title(result), fontsize=6)
     return fig
 
 
@@ -145,16 +165,81 @@ def plot_landscape_contour(
         )
     # loss[i, j] is at (x[i], y[j]); matplotlib wants Z[row = y, column = x]
     lines = ax.contour(x, y, np.ma.masked_invalid(values).T, levels=levels, cmap="viridis")
-    ax.clabel(lines, inline=True, fontsize=5, fmt="%.3g")
+    labelled = lines.levels[1::2]  # every other level (the lowest is the minimum: a point)
+    positions = label_positions(lines, labelled, x, y)
+    if positions:
+        ax.clabel(
+            lines,
+            labelled,
+            inline=True,
+            fontsize=5,
+            fmt=level_format(lines.levels),
+            colors="0.15",
+            manual=positions,
+        )
     ax.plot([0], [0], marker="*", color=PALETTE[1], markersize=6, linestyle="none")
+    if result.direction_kind == "interpolation":  # model A at the star, model B at α = 1
+        ax.plot([1], [0], marker="*", color=PALETTE[2], markersize=6, linestyle="none")
+        for at, name in ((0.0, "A"), (1.0, "B")):
+            ax.annotate(name, (at, 0.0), xytext=(3, 3), textcoords="offset points", fontsize=6)
     if result.trajectory is not None and to_numpy(result.trajectory).shape[1] >= 2:
         path = to_numpy(result.trajectory)
         ax.plot(path[:, 0], path[:, 1], color=PALETTE[7], marker=".", linewidth=0.8)
+        ax.plot(path[:1, 0], path[:1, 1], color=PALETTE[7], marker="o", markersize=4)
+        ax.annotate("start", path[0, :2], xytext=(3, 3), textcoords="offset points", fontsize=6)
     labels = _axis_labels(result)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
-    ax.set_title(describe(result), fontsize=6)
+    ax.set_title(_title(result, metric), fontsize=6)
     return fig
+
+
+def level_format(levels: np.ndarray) -> str:
+    """One number format for all contour labels, with as many decimals as their spacing needs.
+
+    Rounded to these decimals a label is within a quarter of the spacing of its level.
+
+    >>> level_format(np.array([1.42, 1.49, 1.56])), level_format(np.array([0.0, 20.0, 40.0]))
+    ('%.2f', '%.0f')
+    """
+    levels = np.asarray(levels, dtype=float)
+    step = float(np.min(np.diff(levels))) if len(levels) > 1 else 0.0
+    top = float(np.max(np.abs(levels))) if len(levels) else 0.0
+    if step <= 0 or top >= 1e5 or top < 1e-3:
+        return "%.3g"
+    return f"%.{max(0, int(np.ceil(-np.log10(step / 2))))}f"
+
+
+def label_positions(
+    lines: Any, levels: np.ndarray, x: np.ndarray, y: np.ndarray, margin: float = 0.06
+) -> list[tuple[float, float]]:
+    """Where to label each of ``levels``: the point of its line farthest from the axes' edges
+    (a label there is not cut by the frame), none for a line that only crosses a corner
+    (nearer than ``margin`` of the axes to an edge)."""
+    width, height = float(np.ptp(x)) or 1.0, float(np.ptp(y)) or 1.0
+    positions = []
+    for level, segments in zip(lines.levels, lines.allsegs):
+        if not np.isclose(level, levels).any():
+            continue
+        best = (margin, None)
+        for points in segments:
+            if len(points) == 0:
+                continue
+            px, py = points[:, 0], points[:, 1]
+            room = np.minimum.reduce(
+                [
+                    (px - x.min()) / width,
+                    (x.max() - px) / width,
+                    (py - y.min()) / height,
+                    (y.max() - py) / height,
+                ]
+            )
+            i = int(room.argmax())
+            if room[i] > best[0]:
+                best = (float(room[i]), (float(px[i]), float(py[i])))
+        if best[1] is not None:
+            positions.append(best[1])
+    return positions
 
 
 @styled
@@ -168,6 +253,10 @@ def plot_landscape_surface(result: Any, metric: str = "loss", ax: Any = None) ->
         fig, _ = new_figure(1, aspect=0.9)
         fig.clear()
         ax = fig.add_subplot(projection="3d")
+    elif not hasattr(ax, "plot_surface"):
+        raise SharpscopeError(
+            "a surface needs a 3-D axis: fig.add_subplot(projection='3d'), or no ax"
+        )
     fig = ax.figure
     grid_x, grid_y = np.meshgrid(x, y, indexing="ij")
     ax.plot_surface(grid_x, grid_y, np.ma.masked_invalid(values), cmap="viridis", linewidth=0)
@@ -179,8 +268,8 @@ def plot_landscape_surface(result: Any, metric: str = "loss", ax: Any = None) ->
     labels = _axis_labels(result)
     ax.set_xlabel(labels[0])
     ax.set_ylabel(labels[1])
-    ax.set_zlabel(metric)
-    ax.set_title(describe(result), fontsize=6)
+    ax.set_zlabel(metric_label(result, metric))
+    ax.set_title(_title(result), fontsize=6)
     return fig
 
 
@@ -220,6 +309,9 @@ def save_landscape_plots(result: Any, out_dir: str | Path, stem: str = "landscap
 __all__ = [
     "contour_levels",
     "describe",
+    "label_positions",
+    "level_format",
+    "metric_label",
     "plot_landscape",
     "plot_landscape_1d",
     "plot_landscape_contour",

@@ -14,7 +14,7 @@ import numpy as np
 from matplotlib.ticker import NullLocator
 
 from ..errors import SharpscopeError
-from .style import PALETTE, new_figure, save_figure, styled
+from .style import PALETTE, new_figure, save_figure, styled, wrap_parts
 
 FLOOR = 1e-7
 
@@ -44,7 +44,10 @@ def _caption(density: Any, meta: Any) -> str:
             bits.append(f"N={meta.num_samples}")
         bits.append(f"{meta.mode} mode, {meta.dtype}")
     bits.append(f"{density.kernel} kernel, σ={density.sigma:.2g}")
-    return "; ".join(bits)
+    deflated = getattr(density, "deflated", None)
+    if deflated is not None and len(deflated):
+        bits.append(f"bulk density, top {len(deflated)} deflated")
+    return wrap_parts(bits)
 
 
 @styled
@@ -103,7 +106,7 @@ def plot_spectrum(
             fontsize=6,
             color=color,
         )
-    ax.set_xlabel("log(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
+    ax.set_xlabel("ln(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
     ax.set_ylabel("density")
     # a narrow spectrum (H ≈ c·I) would get an offset ("1e-6+6.93e-1") over the x label
     ax.xaxis.get_major_formatter().set_useOffset(False)

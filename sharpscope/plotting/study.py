@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import SharpscopeError
 from .style import (
+    LINE_STYLES,
     MARKERS,
     PALETTE,
     figure_legend,
@@ -182,6 +183,11 @@ def plot_measures_vs_gap(
     """A grid of :func:`plot_measure_vs_gap` panels, titled with Kendall τ if given."""
     if not measures:
         raise SharpscopeError("no measure columns to plot")
+    missing = [m for m in measures if not _finite_rows(rows, m, gap)]
+    if missing:
+        raise SharpscopeError(
+            f"no finite values of {', '.join(missing)} (with {gap}) in these rows to plot"
+        )
     ncols = min(ncols, len(measures))
     nrows = math.ceil(len(measures) / ncols)
     fig, axes = new_figure(2, aspect=0.75, nrows=nrows, ncols=ncols, squeeze=False)
@@ -189,7 +195,7 @@ def plot_measures_vs_gap(
     for ax, measure in zip(flat, measures):
         plot_measure_vs_gap(rows, measure, gap, hue=hue, ax=ax)
         if taus and measure in taus and taus[measure] is not None:
-            ax.set_title(rf"Kendall $\tau$ = {taus[measure]:.2f}")
+            ax.set_title(rf"Kendall $\tau$ = {taus[measure]:.2f}".replace("-", "\N{MINUS SIGN}"))
         ax.set_ylabel("")
     fig.supylabel(axis_label(gap), fontsize=8)
     for ax in flat[len(measures) :]:
@@ -201,6 +207,8 @@ def plot_measures_vs_gap(
 @styled
 def plot_correlations(correlations: Sequence[Any], *, ax: Any = None, columns: int = 2):
     """Kendall τ (with bootstrap interval) and granulated Ψ per measure, as a dot plot."""
+    if not correlations:
+        raise SharpscopeError("no correlations to plot")
     if ax is None:
         width = 3.35 if columns == 1 else 6.9
         height = 0.9 + 0.24 * max(len(correlations), 1)  # inches: one row per measure
@@ -236,18 +244,94 @@ def _nan(value: Any) -> float:
     return math.nan if value is None else float(value)
 
 
+# results.csv hyperparameter columns that tell settings apart; seeds are pooled
+SETTING_COLUMNS = (
+    "optimizer",
+    "rho",
+    "m",
+    "lr",
+    "momentum",
+    "weight_decay",
+    "batch_size",
+    "epochs",
+    "label_noise",
+    "model",
+    "width",
+    "depth",
+)
+SETTING_NAMES = {"rho": "ρ", "weight_decay": "wd", "label_noise": "noise", "batch_size": "batch"}
+
+
+def varying_settings(rows: Rows, hue: str, x: str | None = None) -> list[str]:
+    """Hyperparameter columns, other than ``hue``, ``x`` and the seed, that take more than one
+    value among the rows of one ``hue`` label: pooling over them would mix settings.
+
+    >>> rows = [{"optimizer": "sam", "rho": r, "lr": 0.1, "seed": s} for r in (0.05, 0.1)
+    ...         for s in (0, 1)]
+    >>> varying_settings(rows, "optimizer", "lr"), varying_settings(rows, "optimizer", "rho")
+    (['rho'], [])
+    """
+    out = []
+    for column in SETTING_COLUMNS:
+        if column in (hue, x):
+            continue
+        for label in _labels_in_order(rows, hue):
+            values = {
+                str(r.get(column))
+                for r in rows
+                if r.get(hue) == label and r.get(column) is not None
+            }
+            if len(values) > 1:
+                out.append(column)
+                break
+    return out
+
+
+def setting_text(setting: Mapping[str, Any]) -> str:
+    """``{"rho": 0.05, "lr": 0.1}`` -> ``"ρ=0.05, lr=0.1"`` (settings that do not apply left out)."""
+    return ", ".join(
+        f"{SETTING_NAMES.get(k, k)}={v:g}"
+        if isinstance(v, float)
+        else f"{SETTING_NAMES.get(k, k)}={v}"
+        for k, v in setting.items()
+        if v is not None
+    )
+
+
+def _series(rows: Rows, hue: str, x: str | None) -> list[tuple[Any, dict[str, Any], list]]:
+    """``(hue label, setting, rows)`` per setting of the :func:`varying_settings` columns."""
+    columns = varying_settings(rows, hue, x)
+    out: dict[tuple, tuple[Any, dict[str, Any], list]] = {}
+    for r in rows:
+        setting = {c: r.get(c) for c in columns}
+        key = (str(r.get(hue)), *(str(v) for v in setting.values()))
+        out.setdefault(key, (r.get(hue), setting, []))[2].append(r)
+    return list(out.values())
+
+
+def _series_label(label: Any, setting: Mapping[str, Any], hue: str) -> str:
+    name = optimizer_label(label) if hue == "optimizer" else f"{hue}={label}"
+    detail = setting_text(setting)
+    return f"{name} ({detail})" if detail else name
+
+
 def mean_and_spread(rows: Rows, x: str, y: str, hue: str = "optimizer") -> list[dict[str, Any]]:
-    """Mean and sd over seeds of ``y`` (as plotted: error in %) at each (hue, x)."""
+    """Mean and sd over seeds of ``y`` (as plotted: error in %) at each (hue, x).
+
+    Only seeds are pooled: where another hyperparameter (say the learning rate in a sweep
+    over ρ) takes several values within one ``hue`` label, each of its settings is a
+    series of its own, named in the returned rows (:func:`varying_settings`).
+    """
     out = []
     name = display_name(y)
     points = _finite_rows(rows, y)
-    for label in _labels_in_order(points, hue):
-        group = [r for r in points if r.get(hue) == label]
+    for label, setting, group in _series(points, hue, x):
         for xv in _labels_in_order(group, x):
             values = [display_value(y, r[y]) for r in group if r.get(x) == xv]
             out.append(
                 {
                     hue: label,
+                    **setting,
                     x: xv,
                     f"{name}_mean": float(np.mean(values)),
                     f"{name}_std": float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
@@ -278,18 +362,29 @@ def plot_metric_vs_axis(
         fig, ax = new_figure(columns, aspect=0.75)
     else:
         fig = ax.figure
-    summary = mean_and_spread([r for r in rows if r.get(x) is not None], x, y, hue)
-    for index, label in enumerate(_labels_in_order(summary, hue)):
-        group = sorted((s for s in summary if s[hue] == label), key=lambda s: s[x])
+    kept = [r for r in rows if r.get(x) is not None]
+    summary = mean_and_spread(kept, x, y, hue)
+    columns = varying_settings(_finite_rows(kept, y), hue, x)
+    series: dict[tuple, list[dict[str, Any]]] = {}
+    for s in summary:
+        series.setdefault((str(s[hue]), *(str(s[c]) for c in columns)), []).append(s)
+    colors = {label: _color(label, i) for i, label in enumerate(_labels_in_order(summary, hue))}
+    drawn: dict[Any, int] = {}
+    for group in series.values():
+        group = sorted(group, key=lambda s: s[x])
+        label = group[0][hue]
+        k = drawn[label] = drawn.get(label, -1) + 1  # settings of one label: vary the style
         xs = [display_value(x, s[x]) if x in PERCENT else s[x] for s in group]
+        single = all(s["num_seeds"] == 1 for s in group)  # no spread to show
         ax.errorbar(
             xs,
             [s[f"{display_name(y)}_mean"] for s in group],
-            yerr=[s[f"{display_name(y)}_std"] for s in group],
-            color=_color(label, index),
-            marker=MARKERS[index % len(MARKERS)],
+            yerr=None if single else [s[f"{display_name(y)}_std"] for s in group],
+            color=colors[label],
+            marker=MARKERS[(list(colors).index(label) + k) % len(MARKERS)],
+            linestyle=LINE_STYLES[k % len(LINE_STYLES)],
             capsize=2,
-            label=optimizer_label(label) if hue == "optimizer" else f"{hue}={label}",
+            label=_series_label(label, {c: group[0][c] for c in columns}, hue),
         )
     for index, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(
@@ -352,22 +447,30 @@ def plot_spectral_densities(
     *,
     columns: int = 2,
     lambda_max: Mapping[str, Sequence[tuple[int, float]]] | None = None,
+    titles: Mapping[str, str] | None = None,
 ):
-    """Hessian eigenvalue densities per optimizer (one panel each), one line per epoch.
+    """Hessian eigenvalue densities per optimizer (one panel each, two per row), one line per
+    epoch (the last solid, earlier ones dashed and lighter).
 
     Args:
         curves: label -> [(epoch, density dict with ``grid`` and ``values``), ...].
         columns: figure width.
         lambda_max: label -> [(epoch, λmax)], written in the legend.
+        titles: label -> panel title (default: the optimizer's name).
 
     The y axis is logarithmic, as in the SAM paper's Figure 3 (left), so the bulk and
-    the outliers are visible at once.
+    the outliers are visible at once; values are floored at 1e-7 as in
+    :func:`sharpscope.plotting.spectrum.plot_spectrum` (analysis.md §4).
     """
+    from .spectrum import FLOOR
+
     labels = list(curves)
     if not labels:
         raise SharpscopeError("no spectral densities to plot")
+    ncols = min(len(labels), 2)
+    nrows = math.ceil(len(labels) / ncols)
     fig, axes = new_figure(
-        columns, aspect=0.8, ncols=len(labels), sharex=True, sharey=True, squeeze=False
+        columns, aspect=0.6, nrows=nrows, ncols=ncols, sharex=True, sharey=True, squeeze=False
     )
     axes = list(axes.ravel())
     for ax, label in zip(axes, labels):
@@ -381,13 +484,25 @@ def plot_spectral_densities(
             text = f"epoch {epoch}"
             if tops.get(epoch) is not None:
                 text += rf" ($\lambda_{{\max}}$ = {tops[epoch]:.2f})"
-            ax.semilogy(grid, np.clip(values, 1e-6, None), color=color, label=text)
-        ax.set_ylim(bottom=1e-5)
+            ax.semilogy(
+                grid,
+                np.clip(values, FLOOR, None),
+                color=color,
+                linestyle=LINE_STYLES[(len(entries) - 1 - index) % len(LINE_STYLES)],
+                label=text,
+            )
+        ax.set_ylim(bottom=FLOOR)
         ax.yaxis.set_minor_locator(_null_locator())
-        ax.set_title(optimizer_label(label.split("-")[0]) if "-" not in label else label)
+        default = optimizer_label(label.split("-")[0]) if "-" not in label else label
+        ax.set_title((titles or {}).get(label, default))
+        ax.legend(fontsize="xx-small", loc="upper right")
+    for ax in axes[len(labels) :]:
+        ax.set_visible(False)
+    for ax in axes[::ncols]:
+        ax.set_ylabel("density (log scale)")
+    for ax in axes[len(labels) - ncols : len(labels)]:
         ax.set_xlabel("eigenvalue")
-        ax.legend()
-    axes[0].set_ylabel("density (log scale)")
+        ax.xaxis.set_tick_params(labelbottom=True)
     return fig
 
 
@@ -421,30 +536,38 @@ def plot_variants(
     hue: str = "optimizer",
     columns: int = 2,
 ):
-    """Optimizers side by side: one bar panel per metric, mean ± sd over seeds."""
+    """Optimizers side by side: one bar panel per metric, mean ± sd over seeds.
+
+    Only seeds are pooled: each setting of another swept hyperparameter
+    (:func:`varying_settings`) is a bar of its own, named under it.
+    """
     metrics = [m for m in metrics if any(display_value(m, r.get(m)) is not None for r in rows)]
     if not metrics:
         raise SharpscopeError("none of the requested metrics is in the results")
     fig, axes = new_figure(columns, aspect=0.85, ncols=len(metrics), squeeze=False)
     axes = list(axes.ravel())
-    labels = _labels_in_order(rows, hue)
+    series = _series(rows, hue, None)
+    colors = {label: _color(label, i) for i, label in enumerate(_labels_in_order(rows, hue))}
+    names = [
+        _series_label(label, setting, hue).replace(" (", "\n(", 1) for label, setting, _ in series
+    ]
     for ax, metric in zip(axes, metrics):
         means, stds = [], []
-        for label in labels:
-            values = [display_value(metric, r.get(metric)) for r in rows if r.get(hue) == label]
+        for _, _, group in series:
+            values = [display_value(metric, r.get(metric)) for r in group]
             values = [v for v in values if v is not None]
             means.append(float(np.mean(values)) if values else math.nan)
             stds.append(float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
-        x = np.arange(len(labels))
+        x = np.arange(len(series))
         ax.bar(
             x,
             means,
             yerr=stds,
-            color=[_color(label, i) for i, label in enumerate(labels)],
+            color=[colors[label] for label, _, _ in series],
             capsize=2,
             width=0.7,
         )
-        ax.set_xticks(x, [optimizer_label(label) for label in labels], rotation=45, ha="right")
+        ax.set_xticks(x, names, rotation=45, ha="right")
         ax.set_ylabel(axis_label(metric))
         ax.grid(axis="x", visible=False)
     return fig

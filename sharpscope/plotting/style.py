@@ -58,6 +58,7 @@ OPTIMIZER_LABELS = {
 }
 _NAME_OF_LABEL = {label.lower(): name for name, label in OPTIMIZER_LABELS.items()}
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+LINE_STYLES = ("-", "--", ":", "-.")
 COLUMN_WIDTH = 3.35  # inches, one column of a two-column paper
 TEXT_WIDTH = 6.9  # inches, both columns
 RC = {
@@ -210,6 +211,32 @@ def add_caption(fig: Any, text: str) -> None:
     """A small grey line under the figure (saved with it: figures are saved with a tight box)."""
     if text:
         fig.text(0.5, 0.0, text, ha="center", va="top", fontsize="x-small", color="0.35", wrap=True)
+
+
+#: characters per line of a 6-pt title over a one-column figure
+TITLE_CHARACTERS = 56
+
+
+def wrap_parts(parts: list[str], width: int = TITLE_CHARACTERS) -> str:
+    """Join ``parts`` with "; " into lines of at most ``width`` characters (a part longer
+    than a line is broken): a long title would widen a one-column figure.
+
+    >>> print(wrap_parts(["random", "norm=filter", "mnist1d n=512"], width=20))
+    random; norm=filter
+    mnist1d n=512
+    """
+    import textwrap
+
+    lines, line = [], ""
+    for part in parts:
+        for piece in textwrap.wrap(part, width) or [""]:
+            if line and len(line) + 2 + len(piece) > width:
+                lines.append(line)
+                line = piece
+            else:
+                line = f"{line}; {piece}" if line else piece
+    lines.append(line)
+    return "\n".join(lines)
 
 
 #: the two files every figure is written as

@@ -12,9 +12,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..errors import SharpscopeError
 from ..results import eval_rows, read_metrics_rows
-from .style import figure_legend, new_figure, optimizer_color, optimizer_label, styled
+from .style import (
+    LINE_STYLES,
+    MARKERS,
+    figure_legend,
+    new_figure,
+    optimizer_color,
+    optimizer_label,
+    styled,
+)
 
 History = Sequence[Mapping[str, Any]]
 
@@ -70,16 +80,17 @@ def plot_training_curves(
     own_figure = axes is None
     if own_figure:
         fig, axes = new_figure(columns, aspect=0.7, ncols=len(metrics))
-    else:
-        fig = axes[0].figure if isinstance(axes, (list, tuple)) else axes.figure
-    axes = list(axes) if hasattr(axes, "__len__") else [axes]
-    styles = ("-", "--", ":", "-.")
+    axes = [ax for ax in np.ravel(np.asarray(axes, dtype=object)) if ax is not None]
+    if len(axes) < len(metrics):
+        raise SharpscopeError(f"{len(metrics)} metrics need {len(metrics)} axes; got {len(axes)}")
+    fig = axes[0].figure
+    colors = [optimizer_color(str(label), index) for index, label in enumerate(runs)]
     used: dict[str, int] = {}
-    for index, (label, source) in enumerate(runs.items()):
+    for (label, source), color in zip(runs.items(), colors):
         rows = eval_rows(_as_history(source))
-        color = optimizer_color(str(label), index)
-        style = styles[used.get(color, 0) % len(styles)]  # same optimizer: vary the dashes
-        used[color] = used.get(color, 0) + 1
+        # runs of one optimizer share its colour: each gets its own dashes, then markers too
+        k = used[color] = used.get(color, -1) + 1
+        many = colors.count(color) > len(LINE_STYLES)
         for ax, metric in zip(axes, metrics):
             points = [(r["epoch"], r[metric]) for r in rows if r.get(metric) is not None]
             if not points:
@@ -91,9 +102,12 @@ def plot_training_curves(
                 epochs,
                 values,
                 color=color,
-                linestyle=style,
+                linestyle=LINE_STYLES[k % len(LINE_STYLES)],
                 label=optimizer_label(str(label)),
-                marker="o" if len(points) < 15 else None,
+                marker=MARKERS[k // len(LINE_STYLES) % len(MARKERS)]
+                if many or len(points) < 15
+                else None,
+                markevery=max(1, len(points) // 10),
             )
     for ax, metric in zip(axes, metrics):
         ax.set_xlabel("epoch")
@@ -102,7 +116,9 @@ def plot_training_curves(
     if own_figure and len(axes) > 1:
         figure_legend(fig, axes)  # above the panels: curves cross every corner of a panel
     else:
-        axes[-1].legend()
+        drawn = [ax for ax in axes if ax.lines]
+        if drawn:
+            drawn[-1].legend()
     return fig
 
 
@@ -142,7 +158,6 @@ def plot_learned_rho(
     else:
         fig = ax.figure
     drawn = 0
-    styles = ("-", "--", ":", "-.")
     for index, (label, source) in enumerate(runs.items()):
         rows = step_rows(_as_history(source), key)
         if not rows:
@@ -152,7 +167,7 @@ def plot_learned_rho(
             [r["step"] for r in rows],
             [r[key] for r in rows],
             color=optimizer_color(name, index),
-            linestyle=styles[drawn % len(styles)],
+            linestyle=LINE_STYLES[drawn % len(LINE_STYLES)],
             label=optimizer_label(name) if name == label else label,
         )
         drawn += 1

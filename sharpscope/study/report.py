@@ -480,9 +480,11 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
     lines = []
     settings = measurement_caption(folder)
 
-    def keep(fig, name: str, caption: str, data: Any, measured: bool = True) -> None:
+    def keep(
+        fig, name: str, caption: str, data: Any, measured: bool = True, note: str = ""
+    ) -> None:
         if measured:
-            add_caption(fig, settings)
+            add_caption(fig, f"{settings}; {note}" if note else settings)
             caption = f"{caption} ({settings})"
         save_figure(fig, out / name, data=data)
         plt.close(fig)
@@ -546,14 +548,20 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
                 )
             except SharpscopeError:
                 pass
-    curves, lmax = _densities(folder, runs)
+    curves, lmax, chosen = _densities(folder, runs)
     if curves:
+        names = _setting_names(runs)
         keep(
-            plot_spectral_densities(curves, lambda_max=lmax),
+            plot_spectral_densities(
+                curves,
+                lambda_max=lmax,
+                titles={k: f"{names.get(v, v)}, seed {s}" for k, (v, s) in chosen.items()},
+            ),
             "spectra",
             "Hessian eigenvalue density (stochastic Lanczos quadrature, Papyan's kernel) of "
             "the first run of each optimizer, per analysed epoch; λ_max in the legend",
             {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
+            note="SLQ density, Papyan kernel",
         )
     return lines
 
@@ -592,18 +600,19 @@ def _one_run_per_setting(runs, histories: Mapping[str, Path]) -> dict[str, Path]
     return {label: path for label, (_, path) in chosen.items()}
 
 
-def _densities(folder: Path, runs) -> tuple[dict, dict]:
-    """Spectral densities of the first seed of each optimizer, per analysed epoch."""
+def _densities(folder: Path, runs) -> tuple[dict, dict, dict]:
+    """Spectral densities of the first run of each optimizer, per analysed epoch, its λmax,
+    and which run that is (label -> (setting label, seed))."""
     import json
 
     from .reproductions import smoothed_density
 
     curves: dict[str, list] = {}
     lmax: dict[str, list] = {}
-    seen: set[str] = set()
+    chosen: dict[str, tuple[str, Any]] = {}
     for run in runs:
         label = run.params["optimizer"]
-        if label in seen:
+        if label in chosen:
             continue
         entries, tops = [], []
         for epoch in run.analysis_epochs:
@@ -619,9 +628,9 @@ def _densities(folder: Path, runs) -> tuple[dict, dict]:
                 if result.get("lambda_max") is not None:
                     tops.append((epoch, result["lambda_max"]))
         if entries:
-            seen.add(label)
+            chosen[label] = (_setting_label(run), run.params.get("seed"))
             curves[label] = entries
             lmax[label] = tops
         if len(curves) >= 4:
             break
-    return curves, lmax
+    return curves, lmax, chosen

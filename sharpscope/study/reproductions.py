@@ -296,6 +296,7 @@ def figures_b(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             if reference
             else []
         ),
+        training_caption(study_dir, sam),
     )
     return written, {"test_error_vs_m": data, "sgd_test_error": reference}
 
@@ -465,6 +466,23 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     return written, summary
 
 
+def training_caption(study_dir: Path, rows: list[dict[str, Any]]) -> str:
+    """Caption of a figure of training results: the data and how many seeds each point pools.
+
+    e.g. ``"trained on mnist1d; test split; mean ± sd over 3 seeds"``.
+    """
+    from .runner import load_study_config_from_dir
+
+    try:
+        dataset = load_study_config_from_dir(study_dir).train.get("dataset", {"name": "mnist1d"})
+    except SharpscopeError:  # results.csv without its study.json: the data is not known
+        dataset = {"name": "the study's data"}
+    name = dataset.get("name", "data") if isinstance(dataset, dict) else str(dataset)
+    seeds = len({r.get("seed") for r in rows})
+    spread = "one seed (no error bars)" if seeds == 1 else f"mean ± sd over {seeds} seeds"
+    return f"trained on {name}; test split; {spread}"
+
+
 # --------------------------------------------------------------------------- (e)
 def figures_e(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Test error against label noise, one line per optimizer."""
@@ -473,7 +491,7 @@ def figures_e(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     rows = _done_last(_rows(study_dir))
     fig = plot_metric_vs_axis(rows, "label_noise", "test_acc", columns=1)
     data = mean_and_spread(rows, "label_noise", "test_acc")
-    written = _save(fig, out / "e_label_noise", data)
+    written = _save(fig, out / "e_label_noise", data, training_caption(study_dir, rows))
     failed = [r["run_id"] for r in _rows(study_dir) if r.get("status") == "failed"]
     return written, {"test_error_vs_noise": data, "failed_runs": failed}
 
@@ -535,6 +553,7 @@ def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         plot_variants(calibration, ("test_ece", "test_nll")),
         out / "f_calibration",
         calibration,
+        training_caption(study_dir, rows) + "; 15-bin ECE",
     )
     lets = {
         f"{r['optimizer']} (seed {r['seed']})": study_dir / "runs" / r["run_id"] / "metrics.jsonl"
@@ -547,6 +566,7 @@ def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
                 plot_learned_rho(lets),
                 out / "f_lets_rho",
                 {k: _step_history(v, "rho") for k, v in lets.items()},
+                training_caption(study_dir, rows).split("; ")[0],
             )
         except SharpscopeError:
             pass
