@@ -662,11 +662,20 @@ def write_results(study_dir: str | Path, runs: list[RunSpec] | None = None) -> P
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """``results.csv`` as dicts; numbers parsed, empty cells become None."""
+    """``results.csv`` (or a study folder's) as dicts; numbers parsed, empty cells None.
+
+    Raises:
+        SharpscopeError: no such file.
+    """
     import csv
 
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.csv"
+    if not path.is_file():
+        raise SharpscopeError(f"results file not found: {path}")
     out = []
-    with Path(path).open(newline="") as handle:
+    with path.open(newline="") as handle:
         for row in csv.DictReader(handle):
             parsed: dict[str, Any] = {}
             for key, value in row.items():

@@ -89,6 +89,13 @@ def test_study_trains_analyses_and_tabulates_every_run(study):
     assert {r["epoch"] for r in rows} == {1, 2}
 
 
+def test_results_are_read_from_the_study_folder_too(study, tmp_path):
+    out, _ = study
+    assert read_results(out) == read_results(out / "results.csv")
+    with pytest.raises(SharpscopeError, match="results file not found"):
+        read_results(tmp_path)
+
+
 def test_table_numbers_come_from_the_right_checkpoint_and_data(study):
     out, _ = study
     rows = {(r["run_id"], r["epoch"]): r for r in read_results(out / "results.csv")}
