@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import warnings
 from typing import Any
@@ -116,6 +117,9 @@ def _root(
     if not debug:  # "warning: ..." in one line, not the file, line and source of the warning
         warnings.showwarning = show_warning_in_one_line
     tune_cpu_allocator()  # keep freed CPU memory for reuse (SHARPSCOPE_MALLOC=default: off)
+    # the commands only write figure files: no window, whatever MPLBACKEND says (a backend
+    # that cannot load would fail after the work is done)
+    os.environ["MPLBACKEND"] = "Agg"
 
 
 def _not_built(name: str, help_text: str) -> None:

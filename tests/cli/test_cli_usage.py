@@ -68,3 +68,22 @@ def test_the_console_entry_point_prints_one_line_too():
     assert done.returncode == 2
     assert len(done.stderr.splitlines()) == 1, done.stderr
     assert done.stderr.startswith("error: Invalid value for '--k'")
+
+
+def test_a_broken_matplotlib_backend_setting_does_not_stop_a_command(tmp_path):
+    """The commands only write figure files: MPLBACKEND naming a missing module failed
+    after the results were written."""
+    import os
+
+    env = {**os.environ, "MPLBACKEND": "module://no_such_backend"}
+    args = ["train", "--dataset", "mnist1d", "--model", "mlp", "--epochs", "1",
+            "--samples", "64", "--batch-size", "32", "--out", str(tmp_path / "run")]  # fmt: skip
+    cli = [sys.executable, "-m", "sharpscope"]
+    assert subprocess.run([*cli, *args], env=env, capture_output=True).returncode == 0
+    done = subprocess.run(
+        [*cli, "landscape", str(tmp_path / "run" / "last.pt"), "--dims", "1", "--grid", "3",
+         "--samples", "32", "--out", str(tmp_path / "land")],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "land" / "landscape_1d.png").is_file()
