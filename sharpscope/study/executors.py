@@ -93,12 +93,13 @@ def _local_pool(study_dir: str, run_ids: list[str], workers: int, log: Log) -> d
     context = mp.get_context("spawn")
     counter = context.Value("i", 0)
     outcomes: dict[str, dict] = {}
-    with ProcessPoolExecutor(
+    pool = ProcessPoolExecutor(
         max_workers=workers,
         mp_context=context,
         initializer=_worker_init,
         initargs=(counter, visible_gpus()),
-    ) as pool:
+    )
+    try:
         futures = {pool.submit(run_job, study_dir, run_id): run_id for run_id in run_ids}
         for number, future in enumerate(as_completed(futures), start=1):
             run_id = futures[future]
@@ -107,7 +108,28 @@ def _local_pool(study_dir: str, run_ids: list[str], workers: int, log: Log) -> d
             except Exception as exc:  # a worker died (e.g. killed for memory)
                 outcomes[run_id] = {"state": "error", "error": f"{type(exc).__name__}: {exc}"}
             log(f"[{number}/{len(run_ids)}] {run_id}: {_describe(outcomes[run_id])}")
+    except BaseException:
+        # Ctrl-C or SIGTERM: stop now. Leaving the pool normally would first run every queued
+        # run (a worker takes a Ctrl-C in its run as that run's failure and goes on); the
+        # finished runs are on disk, and a rerun resumes the others from their checkpoints.
+        pool.shutdown(wait=False, cancel_futures=True)
+        _stop_workers()
+        raise
+    pool.shutdown(wait=True)
     return outcomes
+
+
+def _stop_workers(grace: float = 10.0) -> None:
+    """SIGTERM every child process (the pool's workers), then SIGKILL what is left."""
+    import multiprocessing as mp
+
+    children = mp.active_children()
+    for child in children:
+        child.terminate()
+    for child in children:
+        child.join(grace)
+        if child.is_alive():
+            child.kill()
 
 
 def _submitit(

@@ -175,3 +175,38 @@ def test_workers_with_a_cluster_executor_is_refused(tmp_path):
     result = runner.invoke(app, [*args, "--executor", "submitit-local"])
     _one_line_error(result, "--workers applies to --executor local")
     assert not (tmp_path / "s").exists()
+
+
+def test_ctrl_c_stops_a_study_with_several_workers_at_once(tmp_path):
+    """SIGINT to `study run --workers 2` waited for every queued run to finish first (a
+    worker takes the Ctrl-C in its run as that run's failure and goes on)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "long.toml"
+    config.write_text(
+        tiny_study_toml("long", m=[16]).replace("epochs = 1", "epochs = 3000")
+        .replace("seed = [0, 1]", "seed = [0, 1, 2, 3]")
+    )  # fmt: skip
+    out = tmp_path / "study"
+    args = [sys.executable, "-m", "sharpscope", "study", "run", str(config), "--out", str(out)]
+    process = subprocess.Popen(
+        [*args, "--workers", "2", "--no-report"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while not list(out.glob("runs/*/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # a worker is training
+    assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    _, stderr = process.communicate(timeout=120)
+    assert time.monotonic() - started < 30, stderr  # 8 runs of 3000 epochs take minutes
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    states = [json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json")]
+    assert states.count("done") < 8
