@@ -303,6 +303,16 @@ class Spectrum(Result):
         return self.top.eigenvalues
 
     @property
+    def residuals(self) -> Tensor:
+        """Their Ritz residuals (as in the JSON; :attr:`TopEigs.residuals`)."""
+        return self.top.residuals
+
+    @property
+    def converged(self) -> list[bool]:
+        """Per eigenvalue, residual <= tol · max |θ| (:attr:`TopEigs.converged`)."""
+        return self.top.converged
+
+    @property
     def lambda_max(self) -> float | None:
         """λ1."""
         return self.top.lambda_max
@@ -519,13 +529,27 @@ def check_block_options(
             raise SharpscopeError(f"block_size (block Lanczos) does not take {name}")
 
 
+#: Lanczos steps for the top k when ``max_steps`` is not given: 100 (ample for k = 5), and
+#: for many eigenvalues 2k + 10, the basis the thick restarts keep
+DEFAULT_MAX_STEPS = 100
+
+
+def default_max_steps(k: int) -> int:
+    """``max_steps`` when not given: ``max(100, 2k + 10)``.
+
+    >>> default_max_steps(5), default_max_steps(150)
+    (100, 310)
+    """
+    return max(DEFAULT_MAX_STEPS, 2 * k + 10)
+
+
 def _top_from_op(
     op: HessianOperator,
     k: int,
     *,
     which: Which,
     tol: float,
-    max_steps: int,
+    max_steps: int | None,
     seed: int,
     return_eigenvectors: bool,
     basis_device: Any,
@@ -538,6 +562,8 @@ def _top_from_op(
         raise SharpscopeError(
             f"k={k} is larger than the number of parameters ({op.dim}); use k <= {op.dim}"
         )
+    if max_steps is None:
+        max_steps = default_max_steps(k)
     if block_size is not None:  # its options checked by the callers, before the operator
         pairs = block_lanczos_top_k(
             op, k, block_size=block_size, which=which, tol=tol, max_steps=max_steps, seed=seed
@@ -620,7 +646,7 @@ def top_eigenvalues(
     *,
     which: Which = "LA",
     tol: float = 1e-5,
-    max_steps: int = 100,
+    max_steps: int | None = None,
     batch_size: int | None = None,
     seed: int = 0,
     dtype: Any = None,
@@ -652,7 +678,8 @@ def top_eigenvalues(
         loss: "cross_entropy", "mse", a factory path, or a callable (mean loss).
         which: "LA" largest algebraic (default), "SA" most negative, "LM" largest |λ|.
         tol: relative Ritz-residual tolerance (1e-5; 1e-8 in float64 validation).
-        max_steps: m_max, the most Lanczos steps (100, capped at P).
+        max_steps: m_max, the most Lanczos steps (default ``max(100, 2k + 10)``, as
+            :func:`default_max_steps`; capped at P).
         batch_size: examples per forward pass (None: all at once).
         seed: seed of the start vector.
         dtype: None (the model's) or "float64" (validation mode, on a float64 copy).
@@ -851,7 +878,7 @@ def _density_from_op(
                 op,
                 int(deflate),
                 seed=seed,
-                max_steps=min(max(100, 2 * int(deflate) + 10), op.dim),
+                max_steps=min(default_max_steps(int(deflate)), op.dim),
                 return_eigenvectors=True,
                 true_residuals=False,
             )
@@ -945,7 +972,7 @@ def spectrum(
     *,
     which: Which = "LA",
     tol: float = 1e-5,
-    max_steps: int = 100,
+    max_steps: int | None = None,
     trace_method: str = "hutchpp",
     trace_probes: int | None = None,
     num_probes: int = 10,

@@ -127,20 +127,6 @@ def _fmt(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.6g}"
 
 
-# Lanczos steps for the top k when --max-steps is not given: 100 (the library's default,
-# ample for k = 5), and for many eigenvalues 2k + 10, the basis the thick restarts keep.
-DEFAULT_MAX_STEPS = 100
-
-
-def default_max_steps(k: int) -> int:
-    """``--max-steps`` when not given: ``max(100, 2k + 10)``.
-
-    >>> default_max_steps(5), default_max_steps(150)
-    (100, 310)
-    """
-    return max(DEFAULT_MAX_STEPS, 2 * k + 10)
-
-
 def summary_lines(result) -> list[str]:
     """The lines ``sharpscope spectrum`` prints on stdout."""
     lines = []
@@ -364,6 +350,8 @@ def register(app: typer.Typer) -> None:
         check_number("--weight-decay", weight_decay, minimum=0)
         if backend == "sharpscope" and "trace" not in skipped:  # PyHessian's: own budget
             check_trace_probes(trace_method, trace_probes)
+        from ..analysis.spectrum import default_max_steps
+
         if max_steps is None:
             max_steps = default_max_steps(k)
         elif max_steps < k:

@@ -93,6 +93,23 @@ def test_top5_matches_dense_eigvalsh(request, name, dtype, tol, bound):
     case.model.eval()
 
 
+def test_more_than_100_eigenvalues_need_no_max_steps_from_python_either(mlp):
+    """The CLI's default max(100, 2k + 10) is the library's: k = 110 failed with
+    "max_steps=100 must be >= k" from Python while `spectrum --k 110` worked."""
+    result = top_eigenvalues(mlp.model, mlp.data, k=110, dtype="float64", tol=1e-8)
+    assert result.hvp_count == mlp.H.shape[0]  # 2k + 10 = 230 steps, capped at P = 123
+    exact = mlp.eigenvalues[:110]
+    assert float(((result.eigenvalues - exact).abs()).max()) <= 1e-8 * float(exact.abs().max())
+
+
+def test_a_spectrum_has_the_residuals_and_flags_its_json_has(mlp, tmp_path):
+    result = spectrum(mlp.model, mlp.data, k=3, skip=("trace", "density"))
+    assert result.residuals is result.top.residuals and result.converged == result.top.converged
+    saved = json.loads(result.save(tmp_path / "s.json").read_text())
+    assert saved["residuals"] == pytest.approx(result.residuals.tolist())
+    assert saved["converged"] == result.converged
+
+
 def test_a_float64_model_takes_float32_data_as_the_other_analyses_do(mlp):
     """analysis.md's "model cast to double" check: a float64 copy of the model with the
     float32 data runs (the data follow the model's dtype) and matches the dense Hessian."""
