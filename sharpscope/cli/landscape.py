@@ -188,7 +188,8 @@ def register(app: typer.Typer) -> None:
         states: Optional[bool] = typer.Option(
             None,
             "--states/--no-states",
-            help="Interpolate BN running statistics too [default: yes when the model has them].",
+            help="With --directions CKPT2 (interpolation) only: interpolate the BN running "
+            "statistics too [default: yes when the model has them].",
         ),
         model: ModelOpt = None,
         data: DataOpt = None,
@@ -246,6 +247,11 @@ def register(app: typer.Typer) -> None:
                 "--batch-size": batch_size,
             }
         )
+        if states and (directions in ("random", "eigen") or Path(directions).is_dir()):
+            raise SharpscopeError(
+                "--states moves BatchNorm statistics between two models: it is for "
+                "interpolation only (--directions CKPT2)"
+            )
         check_output_folder("--out", out, holds=f"{RESULT_FILE} and the plots")
         check_output_file("--out", out / RESULT_FILE, example=RESULT_FILE)
         dist = init_from_env(device)

@@ -126,6 +126,7 @@ def test_pca_counts_each_set_of_weights_once(ckpts, tmp_path):
         (["--grid", "2"], "--grid must be at least 3"),
         (["--directions", "nowhere.pt"], "--directions must be random, eigen"),
         (["--norm", "unit"], "--norm must be one of"),
+        (["--states"], "it is for interpolation only (--directions CKPT2)"),
     ],
 )
 def test_landscape_bad_input_is_one_line(ckpts, tmp_path, extra, message):
@@ -133,6 +134,7 @@ def test_landscape_bad_input_is_one_line(ckpts, tmp_path, extra, message):
     result = runner.invoke(app, args)
     assert result.exit_code == 2
     assert message in result.output and "Traceback" not in result.output
+    assert "landscape of" not in result.output  # refused before the data is loaded
 
 
 def test_landscape_refuses_checkpoints_of_another_architecture(ckpts, tmp_path):
