@@ -186,8 +186,8 @@ def _target_text(extra: dict[str, Any]) -> str:
     met = extra.get("meets_target")
     if extra.get("target_speedup") is not None:
         text = f"speedup ≥ {extra['target_speedup']:g}"
-    elif extra.get("target_ratio", extra.get("target")) is not None:
-        text = f"≤ {extra.get('target_ratio', extra.get('target')):g}"
+    elif extra.get("target_ratio") is not None:
+        text = f"≤ {extra['target_ratio']:g}"
     else:
         return ""
     return text if met is None else f"{text}: {'met' if met else 'NOT met'}"

@@ -375,7 +375,9 @@ def register(app: typer.Typer) -> None:
             None, "--label-noise", help="Fraction of training labels flipped (symmetric)."
         ),
         val_fraction: Optional[float] = typer.Option(
-            None, "--val-fraction", help="Hold-out fraction of the training split (LETS: 0.1)."
+            None,
+            "--val-fraction",
+            help="Hold-out fraction of the full training split, cut before --samples (LETS: 0.1).",
         ),
         samples: Optional[int] = typer.Option(
             None,
