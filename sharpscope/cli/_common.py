@@ -421,7 +421,9 @@ def check_model_on_first_batch(model: nn.Module, batches: list[Batch], loss_fn: 
 
 
 # The flags every analysis command shares; ``name: Alias = default`` in a signature.
-CkptArg = Annotated[Path, typer.Argument(help="Checkpoint (.pt) or bare state_dict file.")]
+CkptArg = Annotated[
+    Path, typer.Argument(metavar="CKPT", help="Checkpoint (.pt) or bare state_dict file.")
+]
 ModelOpt = Annotated[
     Optional[str],
     typer.Option("--model", help="Registry name or module:function (needed for a state_dict)."),

@@ -21,7 +21,9 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     @guarded
     def bench_command(
-        name: str = typer.Argument(..., help="optimizers, spectrum, msharpness or landscape."),
+        name: str = typer.Argument(
+            ..., metavar="NAME", help="optimizers, spectrum, msharpness or landscape."
+        ),
         json_out: Optional[Path] = typer.Option(
             None, "--json", help="Write the rows as a JSON list."
         ),

@@ -64,6 +64,7 @@ def register(app: typer.Typer) -> None:
     def run_command(
         config: Optional[Path] = typer.Argument(
             None,
+            metavar="CONFIG",
             help="Study config (TOML), or a built-in name such as a-spectra-quick "
             "(`sharpscope study list` shows them). Omit with --quick.",
         ),
@@ -152,7 +153,9 @@ def register(app: typer.Typer) -> None:
     @study.command("report")
     @guarded
     def report_command(
-        folder: Path = typer.Argument(..., help="A study folder made by `sharpscope study run`."),
+        folder: Path = typer.Argument(
+            ..., metavar="DIR", help="A study folder made by `sharpscope study run`."
+        ),
         resamples: int = typer.Option(
             1000, "--resamples", min=0, help="Bootstrap resamples for the intervals."
         ),
@@ -168,7 +171,9 @@ def register(app: typer.Typer) -> None:
     @study.command("status")
     @guarded
     def status_command(
-        folder: Path = typer.Argument(..., help="A study folder made by `sharpscope study run`."),
+        folder: Path = typer.Argument(
+            ..., metavar="DIR", help="A study folder made by `sharpscope study run`."
+        ),
     ) -> None:
         """Where every run of a study stands: done, training (epoch), failed, ..."""
         from collections import Counter

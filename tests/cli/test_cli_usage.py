@@ -18,7 +18,7 @@ runner = CliRunner()
     [
         (["spectrum", "ck.pt", "--k", "abc"], "Invalid value for '--k'", "sharpscope spectrum"),
         (["spectrum", "ck.pt", "--bogus"], "No such option: --bogus", "sharpscope spectrum"),
-        (["spectrum"], "Missing argument 'ckpt'", "sharpscope spectrum"),
+        (["spectrum"], "Missing argument 'CKPT'", "sharpscope spectrum"),
         # click gives no context for a missing value: the command line names the command
         (["spectrum", "ck.pt", "--k"], "'--k' requires an argument", "sharpscope spectrum"),
         (["study", "run", "--workers"], "requires an argument", "sharpscope study run"),
