@@ -191,12 +191,71 @@ def _positive_int(where: str, value: Any) -> int:
     return value
 
 
-def _number(where: str, value: Any, *, low: float = -math.inf, high: float = math.inf) -> float:
+def _number(
+    where: str,
+    value: Any,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    positive: bool = False,
+) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail(f"{where} must be a number, got {value!r}")
+    if positive and not value > 0:
+        raise _fail(f"{where} must be a number > 0, got {value!r}")
     if not (low <= value <= high) or not math.isfinite(value):
         raise _fail(f"{where} must be in [{low:g}, {high:g}], got {value!r}")
     return value
+
+
+def _seed(where: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _fail(f"{where} must be an integer >= 0, got {value!r}")
+    return value
+
+
+def _flag(where: str, value: Any) -> bool:
+    """A TOML boolean (``"false"`` as a string would read as true)."""
+    if not isinstance(value, bool):
+        raise _fail(f"{where} must be true or false, got {value!r}")
+    return value
+
+
+# numeric options of the measures, checked up front (the runs would fail only after
+# training): key -> "int" (>= 1), "int0" (>= 0) or "pos" (a number > 0)
+MEASURE_NUMBERS: dict[str, dict[str, str]] = {
+    "spectrum": {
+        "tol": "pos",
+        "deflate": "int0",
+        "batch_size": "int",
+        "block_size": "int",
+        "restart_size": "int",
+    },
+    "average_sharpness": {"num_draws": "int", "m": "int"},
+    "keskar": {"iterations": "int", "subspace_dim": "int"},
+    "pac_bayes": {
+        "target_drop": "pos",
+        "num_draws": "int",
+        "tolerance": "pos",
+        "num_halvings": "int",
+    },
+    "landscape": {"span": "pos"},
+}
+
+
+def _check_measure_numbers(measure: str, options: Mapping[str, Any]) -> None:
+    if options.get("seed") is not None:
+        _seed(f"analysis.{measure}.seed", options["seed"])
+    for key, kind in MEASURE_NUMBERS.get(measure, {}).items():
+        value, where = options.get(key), f"analysis.{measure}.{key}"
+        if value is None:
+            continue
+        if kind == "pos":
+            _number(where, value, positive=True)
+        elif kind == "int0":
+            _seed(where, value)
+        else:
+            _positive_int(where, value)
 
 
 @dataclass
@@ -416,7 +475,7 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
     if "batch_size" in values:
         plan.batch_size = _positive_int("analysis.batch_size", values["batch_size"])
     if "seed" in values:
-        plan.seed = int(values["seed"])
+        plan.seed = _seed("analysis.seed", values["seed"])
     if "device" in values:
         from ..distributed import check_device_name
 
@@ -428,6 +487,15 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
             if not isinstance(options, Mapping):
                 raise _fail(f"analysis.{measure} must be a table, got {options!r}")
             plan.measures[measure] = _validate_measure(measure, dict(options))
+    if plan.samples is not None:  # the measures would cut m to the subset, keeping its name
+        for measure in ("m_sharpness", "adaptive_sharpness", "average_sharpness"):
+            ms = plan.measures.get(measure, {}).get("m")
+            for m in ms if isinstance(ms, list) else [ms] if ms is not None else []:
+                if m > plan.samples:
+                    raise _fail(
+                        f"analysis.{measure}.m {m} is larger than the {plan.samples} examples "
+                        "of analysis.samples"
+                    )
     return plan
 
 
@@ -453,6 +521,7 @@ def _spectrum_default(name: str) -> Any:
 
 def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     where = f"[analysis.{measure}]"
+    _check_measure_numbers(measure, options)
     if measure == "spectrum":
         _check_keys(where, options, _spectrum_keys())
         from ..curvature.operator import HVP_MODES
@@ -465,6 +534,12 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
         for key in ("k", "max_steps", "num_probes", "num_lanczos_steps", "trace_probes"):
             if options.get(key) is not None:
                 _positive_int(f"analysis.spectrum.{key}", options[key])
+        k = options.get("k", _spectrum_default("k"))
+        if options.get("max_steps") is not None and options["max_steps"] < k:
+            raise _fail(
+                f"analysis.spectrum.max_steps {options['max_steps']} is fewer than k {k}: "
+                "Lanczos finds at most one eigenvalue per step"
+            )
         from ..analysis.spectrum import check_spectrum_choices
         from ..curvature.trace import check_trace_budget
 
@@ -490,7 +565,7 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
             for v in _as_list(f"analysis.{measure}.m", options.get("m", [128]))
         ]
         options["rho"] = [
-            _number(f"analysis.{measure}.rho", v, low=0.0)
+            _number(f"analysis.{measure}.rho", v, positive=True)
             for v in _as_list(f"analysis.{measure}.rho", options.get("rho", default_rho))
         ]
         options["steps"] = _positive_int(f"analysis.{measure}.steps", options.get("steps", 20))
@@ -507,17 +582,17 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
             )
     elif measure == "average_sharpness":
         options["rho"] = [
-            _number("analysis.average_sharpness.rho", v, low=0.0)
+            _number("analysis.average_sharpness.rho", v, positive=True)
             for v in _as_list("analysis.average_sharpness.rho", options.get("rho", [0.05]))
         ]
         options["adaptive"] = [
-            bool(v)
+            _flag("analysis.average_sharpness.adaptive", v)
             for v in _as_list(
                 "analysis.average_sharpness.adaptive", options.get("adaptive", [False])
             )
         ]
         options["adaptive_rho"] = [
-            _number("analysis.average_sharpness.adaptive_rho", v, low=0.0)
+            _number("analysis.average_sharpness.adaptive_rho", v, positive=True)
             for v in _as_list(
                 "analysis.average_sharpness.adaptive_rho",
                 options.get("adaptive_rho", options["rho"]),
@@ -525,14 +600,14 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
         ]
     elif measure == "pac_bayes":
         options["magnitude_aware"] = [
-            bool(v)
+            _flag("analysis.pac_bayes.magnitude_aware", v)
             for v in _as_list(
                 "analysis.pac_bayes.magnitude_aware", options.get("magnitude_aware", [False, True])
             )
         ]
     elif measure == "keskar":
         options["epsilon"] = [
-            _number("analysis.keskar.epsilon", v, low=0.0)
+            _number("analysis.keskar.epsilon", v, positive=True)
             for v in _as_list("analysis.keskar.epsilon", options.get("epsilon", [1e-3, 5e-4]))
         ]
     elif measure == "landscape":
@@ -548,6 +623,16 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
             raise _fail(
                 f"unknown analysis.landscape.directions '{directions}'; choose one of: random, eigen"
             )
+        from typing import get_args
+
+        from ..analysis.landscape import BiasMode, DirectionNorm
+
+        for key, kinds in (("norm", DirectionNorm), ("bias", BiasMode)):
+            if key in options and options[key] not in get_args(kinds):
+                raise _fail(
+                    f"unknown analysis.landscape.{key} '{options[key]}'; choose one of: "
+                    + ", ".join(get_args(kinds))
+                )
         pairs = options.get("interpolate", [])
         if pairs and not all(isinstance(p, list) and len(p) == 2 for p in pairs):
             raise _fail(

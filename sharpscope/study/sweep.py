@@ -280,9 +280,22 @@ def _check_optimizer_specs(runs: list[RunSpec]) -> None:
             continue
         seen.add(key)
         try:
-            resolve_optimizer_spec(copy.deepcopy(spec))
+            _build_on_a_toy_model(resolve_optimizer_spec(copy.deepcopy(spec)))
         except SharpscopeError as exc:
             raise SharpscopeError(f"optimizer '{run.params['optimizer']}': {exc}") from exc
+
+
+def _build_on_a_toy_model(spec: dict[str, Any]) -> None:
+    """Construct the optimizer once on a two-unit network: its own checks of every value
+    (``rho = "big"``, a negative lr) then fail here, not after the other runs have trained."""
+    import torch
+    from torch import nn
+
+    from ..optim.factory import build_optimizer
+
+    toy = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))  # SAM-ON finds a norm layer
+    pair = (torch.zeros(4, 2), torch.zeros(4, dtype=torch.long))
+    build_optimizer(spec, toy, num_data=4, val_batches=pair, steps_per_epoch=1)
 
 
 def resolve_epochs(epochs: list[int | str], total: int, label: str = "") -> list[int]:

@@ -180,6 +180,51 @@ def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, mes
     assert "\n" not in text
 
 
+@pytest.mark.parametrize(
+    ("analysis", "message"),
+    [
+        # each was a traceback, silently read the other way, or failed only after every
+        # run had trained
+        ({"seed": "abc"}, "analysis.seed must be an integer >= 0, got 'abc'"),
+        ({"seed": 1.5}, "analysis.seed must be an integer >= 0, got 1.5"),
+        (
+            {"average_sharpness": {"adaptive": "false"}},
+            "analysis.average_sharpness.adaptive must be true or false, got 'false'",
+        ),
+        (
+            {"pac_bayes": {"magnitude_aware": "no"}},
+            "analysis.pac_bayes.magnitude_aware must be true or false",
+        ),
+        (
+            {"samples": 128, "m_sharpness": {"m": [1024]}},
+            "analysis.m_sharpness.m 1024 is larger than the 128 examples of analysis.samples",
+        ),
+        ({"m_sharpness": {"rho": [0.0]}}, "analysis.m_sharpness.rho must be a number > 0"),
+        ({"m_sharpness": {"seed": "x"}}, "analysis.m_sharpness.seed must be an integer >= 0"),
+        ({"spectrum": {"tol": "x"}}, "analysis.spectrum.tol must be a number"),
+        ({"spectrum": {"k": 5, "max_steps": 2}}, "max_steps 2 is fewer than k 5"),
+        ({"pac_bayes": {"num_draws": 0}}, "analysis.pac_bayes.num_draws must be a positive"),
+        ({"keskar": {"iterations": -3}}, "analysis.keskar.iterations must be a positive"),
+        ({"keskar": {"epsilon": [0.0]}}, "analysis.keskar.epsilon must be a number > 0"),
+        ({"landscape": {"span": "x"}}, "analysis.landscape.span must be a number"),
+        ({"landscape": {"norm": "unit"}}, "unknown analysis.landscape.norm 'unit'; choose one"),
+    ],
+)
+def test_bad_analysis_values_are_refused_before_anything_trains(analysis, message):
+    with pytest.raises(SharpscopeError) as info:
+        config(analysis=analysis)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_optimizer_value_is_refused_before_the_other_runs_train():
+    """`sam = {rho = "big"}` let the SGD runs train, then failed every SAM run."""
+    with pytest.raises(SharpscopeError, match="optimizer 'sam': rho must be a number >= 0"):
+        study_config_from_dict(
+            {"train": {"epochs": 1}, "sweep": {"optimizer": ["sgd", "sam"]},
+             "optimizers": {"sam": {"rho": "big"}}}
+        )  # fmt: skip
+
+
 def test_bad_train_section_names_the_key():
     with pytest.raises(
         SharpscopeError, match="unknown key 'epoch' in \\[train\\]; valid keys: dataset"

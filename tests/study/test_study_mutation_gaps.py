@@ -542,7 +542,7 @@ def test_figures_f_model_average_and_lets_by_registry_name(tmp_path):
         {
             "study": {"name": "f"},
             "sweep": {"optimizer": ["sgd"], "seed": [0]},
-            "analysis": {"samples": 64, "m_sharpness": {"m": [128], "rho": [0.05]}},
+            "analysis": {"samples": 256, "m_sharpness": {"m": [128], "rho": [0.05]}},
         }
     )
     prepare_study_dir(folder, config, expand_sweep(config))
