@@ -575,10 +575,16 @@ def _eval_rows(run_dir: Path) -> dict[int, dict[str, Any]]:
     return {int(row["epoch"]): row for row in eval_rows(read_metrics_rows(path))}
 
 
+#: decimals of gen_gap: accuracies are counts over the split sizes, so two models with the
+#: same gap (0.90 − 0.60, 0.95 − 0.65) must not differ by rounding, which ranks them
+GAP_DECIMALS = 12
+
+
 def _gaps(row: dict[str, Any]) -> None:
-    """gen_gap = test error − train error = train_acc − test_acc; loss_gap likewise."""
+    """gen_gap = test error − train error = train_acc − test_acc (rounded to
+    :data:`GAP_DECIMALS`, so equal gaps tie); loss_gap = test loss − train loss."""
     if row.get("train_acc") is not None and row.get("test_acc") is not None:
-        row["gen_gap"] = float(row["train_acc"]) - float(row["test_acc"])
+        row["gen_gap"] = round(float(row["train_acc"]) - float(row["test_acc"]), GAP_DECIMALS)
     if row.get("train_loss") is not None and row.get("test_loss") is not None:
         row["loss_gap"] = float(row["test_loss"]) - float(row["train_loss"])
 

@@ -89,6 +89,20 @@ def test_study_trains_analyses_and_tabulates_every_run(study):
     assert {r["epoch"] for r in rows} == {1, 2}
 
 
+def test_equal_generalization_gaps_tie_instead_of_being_ranked_by_rounding():
+    """0.9 − 0.6 and 0.95 − 0.65 are one gap; as floats they differed and τ-b counted the
+    pair as ordered (τ = −1 instead of −0.82)."""
+    from sharpscope.analysis.correlation import kendall_tau
+    from sharpscope.study.runner import _gaps
+
+    rows = [{"train_acc": a, "test_acc": b} for a, b in ((0.9, 0.6), (0.95, 0.65), (0.8, 0.7))]
+    for row in rows:
+        _gaps(row)
+    gaps = [row["gen_gap"] for row in rows]
+    assert gaps[0] == gaps[1] == pytest.approx(0.3)
+    assert kendall_tau([1, 2, 3], gaps) == pytest.approx(-math.sqrt(2 / 3))
+
+
 def test_results_are_read_from_the_study_folder_too(study, tmp_path):
     out, _ = study
     assert read_results(out) == read_results(out / "results.csv")
