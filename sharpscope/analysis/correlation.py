@@ -81,7 +81,10 @@ def kendall_tau(measure: Sequence[float], gap: Sequence[float]) -> float:
         gap: g_i per model.
 
     Returns:
-        τ-b in [−1, 1]; NaN with fewer than two complete models or a constant column.
+        τ-b in [−1, 1]; NaN with fewer than two complete models or when both columns are
+        constant; 0 when only one is (every pair tied: no ordering predicted, counted as
+        Jiang et al. count tied pairs, and as the granulated ψ does, so that one axis gives
+        Ψ = τ).
 
     Raises:
         SharpscopeError: when the two sequences differ in length.

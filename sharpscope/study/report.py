@@ -240,10 +240,11 @@ def _correlation_markdown(correlations: Sequence[Any], gap: str) -> str:
         return "_Not enough finished runs with this gap._"
     axes = list(chosen[0].psi)
     ci = " [95% CI]" if any(_interval(c.tau_interval) for c in chosen) else ""
-    headers = ["measure", f"τ{ci}", *[f"ψ {a} (groups)" for a in axes], f"Ψ{ci}", "n"]
+    headers = ["measure", f"τ{ci}", "p", *[f"ψ {a} (groups)" for a in axes], f"Ψ{ci}", "n"]
     body = []
     for c in chosen:
-        cells = [f"`{c.measure}`", f"{_corr(c.tau)}{_interval(c.tau_interval)}"]
+        p_value = "–" if c.p_value is None or not math.isfinite(c.p_value) else f"{c.p_value:.2g}"
+        cells = [f"`{c.measure}`", f"{_corr(c.tau)}{_interval(c.tau_interval)}", p_value]
         for axis in axes:
             cells.append(f"{_corr(c.psi[axis])} ({c.num_groups[axis]})")
         cells.append(f"{_corr(c.overall)}{_interval(c.overall_interval)}")
@@ -359,7 +360,11 @@ def write_report(
             "",
             "Kendall τ-b over all models and granulated Kendall ψ per swept axis (Jiang et al. "
             "2020): τ within groups of models that differ only in that axis, averaged; Ψ is "
-            "the mean of the ψ. Positive: sharper goes with a larger gap.",
+            "the mean of the ψ. Positive: sharper goes with a larger gap; p: the two-sided "
+            "p-value of τ (scipy). Ties: tied pairs leave τ-b's denominator, and a measure (or "
+            "gap) constant over a group while the other varies scores τ = 0 there, as Jiang et "
+            "al. count tied pairs, so a measure blind to an axis gets ψ = 0 instead of being "
+            "dropped; coarse measures (the PAC-Bayes σ search) have many ties.",
             "",
             _correlation_markdown(correlations, gap),
             "",
@@ -504,10 +509,15 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
         )
         measures = [c.measure for c in gen][:9]
         taus = {c.measure: c.tau for c in gen}
+        shown = (
+            f" (the first {len(measures)} of {len(gen)} measures; all are in correlations.csv)"
+            if len(gen) > len(measures)
+            else ""
+        )
         keep(
             plot_measures_vs_gap(finals, measures, "gen_gap", taus=taus),
             "measures_vs_gap",
-            "Each measure against the generalization gap, one point per model",
+            f"Each measure against the generalization gap, one point per model{shown}",
             [{k: r.get(k) for k in ("run_id", "optimizer", "gen_gap", *measures)} for r in finals],
         )
     histories = {}

@@ -156,6 +156,11 @@ def test_report_correlates_the_last_checkpoint_of_each_run_once(tmp_path):
     (gen,) = [c for c in correlations if (c["measure"], c["target"]) == ("weight_norm", "gen_gap")]
     assert gen["num_models"] == 4
     assert gen["tau"] == pytest.approx(1.0)
+    # the report gives τ's p-value (scipy: 1/12 for 4 models in order) and the tie rule
+    report = (folder / "report.md").read_text()
+    row = next(line for line in report.splitlines() if line.startswith("| `weight_norm`"))
+    assert f"| {1 / 12:.2g} |" in row and "| p |" in report
+    assert "scores τ = 0 there" in report
 
 
 def test_figure_sizes_and_palette():
