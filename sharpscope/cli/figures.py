@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import check_output_folder, console, guarded
+from ._common import check_counts, check_output_folder, console, guarded
 
 
 def _log(message: str) -> None:
@@ -32,12 +32,14 @@ def register(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(
             None,
             "--workers",
-            min=1,
-            help="Local worker processes (default: one per GPU, else one per CPU core).",
+            help="Local worker processes, at least 1 (default: one per GPU, else one per CPU "
+            "core).",
         ),
     ) -> None:
         """Run the quick reproductions (cached) and write their figures, data beside each."""
         from ..study.executors import default_workers
+
+        check_counts({"--workers": workers})
         from ..study.reproductions import make_figures
 
         check_output_folder("--out", out, holds="the figures and their data")

@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from ._common import check_output_folder, console, guarded
+from ._common import check_counts, check_output_folder, console, guarded
 
 
 def _log(message: str) -> None:
@@ -77,8 +77,7 @@ def register(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(
             None,
             "--workers",
-            min=1,
-            help="Local worker processes, 1 CPU thread or 1 GPU each "
+            help="Local worker processes (at least 1), 1 CPU thread or 1 GPU each "
             "(default: one per GPU, else one per CPU core); --executor local only.",
         ),
         executor: str = typer.Option(
@@ -104,6 +103,7 @@ def register(app: typer.Typer) -> None:
         from ..study.report import write_report
         from ..study.runner import run_study
 
+        check_counts({"--workers": workers})
         if quick and config is not None:
             raise SharpscopeError("give either CONFIG.toml or --quick, not both")
         if workers is not None and executor != "local":
@@ -157,13 +157,14 @@ def register(app: typer.Typer) -> None:
             ..., metavar="DIR", help="A study folder made by `sharpscope study run`."
         ),
         resamples: int = typer.Option(
-            1000, "--resamples", min=0, help="Bootstrap resamples for the intervals."
+            1000, "--resamples", help="Bootstrap resamples for the intervals (0: none)."
         ),
         figures: bool = typer.Option(True, "--figures/--no-figures", help="Draw the figures."),
     ) -> None:
         """Kendall tau and granulated Kendall of every measure; DIR/report.md with figures."""
         from ..study.report import write_report
 
+        check_counts({"--resamples": resamples}, minimum=0)
         path = write_report(folder, resamples=resamples, figures=figures)
         print_correlations(folder)
         _log(f"report: {path}")

@@ -22,11 +22,6 @@ runner = CliRunner()
         # click gives no context for a missing value: the command line names the command
         (["spectrum", "ck.pt", "--k"], "'--k' requires an argument", "sharpscope spectrum"),
         (["study", "run", "--workers"], "requires an argument", "sharpscope study run"),
-        (
-            ["study", "run", "--workers", "0"],
-            "Invalid value for '--workers'",
-            "sharpscope study run",
-        ),
         (["nosuch"], "No such command 'nosuch'", "sharpscope"),
         (["--bogus"], "No such option: --bogus", "sharpscope"),
     ],
@@ -40,6 +35,25 @@ def test_usage_errors_are_one_line_with_exit_code_2(args, message, command):
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: ") and message in lines[0]
     assert lines[0].endswith(f"; see '{command} -h'")
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["study", "run", "--quick", "--workers", "0"], "--workers must be an integer >= 1, got 0"),
+        (["figures", "--workers", "0"], "--workers must be an integer >= 1, got 0"),
+        (
+            ["study", "report", ".", "--resamples", "-1"],
+            "--resamples must be an integer >= 0, got -1",
+        ),
+    ],
+)
+def test_counts_are_checked_in_the_words_of_the_other_options(args, message):
+    """--workers and --resamples used the framework's 'Input should be greater than or
+    equal to 1' and an <int range> metavar, unlike every other option."""
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.strip() == f"error: {message}"
 
 
 @pytest.mark.parametrize(
