@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import SharpscopeError
+from ..study.sweep import PARAM_COLUMNS
 from .style import (
     LINE_STYLES,
     MARKERS,
@@ -245,20 +246,7 @@ def _nan(value: Any) -> float:
 
 
 # results.csv hyperparameter columns that tell settings apart; seeds are pooled
-SETTING_COLUMNS = (
-    "optimizer",
-    "rho",
-    "m",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "label_noise",
-    "model",
-    "width",
-    "depth",
-)
+SETTING_COLUMNS = tuple(c for c in PARAM_COLUMNS if c not in ("optimizer_name", "base", "seed"))
 SETTING_NAMES = {"rho": "ρ", "weight_decay": "wd", "label_noise": "noise", "batch_size": "batch"}
 
 
