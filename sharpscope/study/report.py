@@ -337,7 +337,8 @@ def write_report(
         f"- runs: {len(runs)} ({len({r['run_id'] for r in finals})} finished, "
         f"{len({r['run_id'] for r in failed})} failed, {len(pending)} pending); swept: "
         f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
-        f"- measures on the {plan.split} split, {plan.samples or 'all'} examples, at epochs "
+        f"- measures on the {plan.split} split, "
+        f"{examples_used(plan.samples, _recorded_meta(folder))} examples, at epochs "
         f"{', '.join(str(e) for e in plan.epochs)}; correlations use each run's last analysed "
         f"checkpoint; "
         + (
@@ -406,6 +407,21 @@ def write_report(
     return path
 
 
+def examples_used(asked: int | None, meta: Mapping[str, Any] | None) -> int | str:
+    """The analysis subset's size as recorded (fewer than ``asked`` on a smaller data set),
+    else as asked ("all" when not cut).
+
+    >>> examples_used(1_000_000, {"num_samples": 4000}), examples_used(1024, None)
+    (4000, 1024)
+    >>> examples_used(None, {"num_samples": 4000}), examples_used(None, {})
+    (4000, 'all')
+    """
+    used = (meta or {}).get("num_samples")
+    if isinstance(used, int) and (asked is None or used < asked):
+        return used
+    return asked or "all"
+
+
 def measurement_caption(study_dir: str | Path) -> str:
     """One line for a figure of a study's measurements (analysis.md §8: figures state data,
     mode, dtype): dataset, split and size from the config, mode and dtype as recorded by
@@ -418,8 +434,8 @@ def measurement_caption(study_dir: str | Path) -> str:
     plan = config.analysis
     dataset = config.train.get("dataset", {"name": "mnist1d"})
     name = dataset.get("name", "data") if isinstance(dataset, Mapping) else str(dataset)
-    parts = [f"measured on {name}/{plan.split} n={plan.samples or 'all'}"]
     meta = _recorded_meta(folder)
+    parts = [f"measured on {name}/{plan.split} n={examples_used(plan.samples, meta)}"]
     if meta:
         parts += [f"{meta['mode']} mode", str(meta["dtype"])]
     return "; ".join(parts)
@@ -445,7 +461,9 @@ def _recorded_meta(folder: Path) -> dict[str, Any] | None:
                 return found
         return None
 
-    for path in sorted(folder.glob("runs/*/analysis/*/*")):
+    # the spectrum's first: it uses the whole subset (m-sharpness drops a remainder)
+    paths = sorted(folder.glob("runs/*/analysis/*/*"), key=lambda p: (p.stem != "spectrum", p))
+    for path in paths:
         if path.suffix not in (".json", ".npz"):
             continue
         try:
