@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Optional
 
@@ -284,6 +286,23 @@ def check_float_flags(values: dict[str, Any]) -> None:
             raise SharpscopeError(f"{flag} must be a number, got nan")
 
 
+@contextlib.contextmanager
+def flags_named(values: dict[str, Any]) -> Iterator[None]:
+    """An error about a setting the user gave as a flag names the flag: "epochs must be a
+    positive integer" -> "--epochs must be ...", as the other commands' errors do (a value
+    from --config keeps its key's name)."""
+    from ..errors import SharpscopeError
+
+    try:
+        yield
+    except SharpscopeError as exc:
+        key, _, rest = str(exc).partition(" ")
+        given = values.get(key)
+        if rest and given is not None and not isinstance(given, (bool, dict, Path)):
+            raise SharpscopeError(f"--{key.replace('_', '-')} {rest}") from exc
+        raise
+
+
 def _log_epochs() -> None:
     """Send the trainer's per-epoch lines (logger ``sharpscope.trainer``) to stderr."""
     import logging
@@ -501,7 +520,8 @@ def register(app: typer.Typer) -> None:
         if resume and config is None and out is not None and (out / "last.pt").exists():
             # continue the run as it was: its settings come from the checkpoint
             resumed = load_training_state(out / "last.pt")["config"]
-        cfg = build_config(values, config, resumed)
+        with flags_named(values):
+            cfg = build_config(values, config, resumed)
         if out is None and cfg.out is not None:  # the TOML config's own out
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
         if no_progress:  # a batch log still gets one line per epoch
@@ -516,9 +536,12 @@ def register(app: typer.Typer) -> None:
 
         # epoch lines on stderr; the summary on stdout
         try:
-            summary = train(
-                cfg, resume=resume, before_training=warn_nothing_saved if cfg.out is None else None
-            )
+            with flags_named(values):
+                summary = train(
+                    cfg,
+                    resume=resume,
+                    before_training=warn_nothing_saved if cfg.out is None else None,
+                )
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept
             last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
             if last is None or not launched_as_main():

@@ -155,7 +155,7 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
         (["--resume"], "--resume needs"),
         (["--optimizer", "sgd", "--base", "adam"], "--base is the base optimizer of a SAM variant"),
         (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum does not apply"),
-        (["--warmup-epochs", "-1"], "warmup_epochs must be a number >= 0"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
         (["--optimizer", "lets", "--inner", "bsam"], "unknown LETS inner variant 'bsam'"),
@@ -164,7 +164,7 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
             "rho = 1e+39 is larger than the parameters' float32",
         ),
         (["--lr", "1e39"], "lr = 1e+39 is larger than the parameters' float32"),
-        (["--weight-decay", "1e39"], "weight_decay = 1e+39 is larger"),
+        (["--weight-decay", "1e39"], "--weight-decay = 1e+39 is larger"),
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
         (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
         (["--optimizer", "sam", "--rho", "nan"], "--rho must be a number, got nan"),
@@ -400,7 +400,7 @@ def test_bsam_samples_flag_sets_the_model_average(tmp_path):
     assert result.exit_code == 0, result.output
     assert json.loads((tmp_path / "config.json").read_text())["bsam_samples"] == 2
     bad = runner.invoke(app, [*args[:-2], "--bsam-samples", "0"])
-    assert bad.exit_code != 0 and "bsam_samples must be a positive integer" in bad.output
+    assert bad.exit_code != 0 and "--bsam-samples must be a positive integer" in bad.output
 
 
 def test_flags_over_a_config_keep_its_options_for_the_same_names_and_its_base_settings(tmp_path):
@@ -439,3 +439,25 @@ def test_flags_over_a_config_keep_its_options_for_the_same_names_and_its_base_se
     assert "warning: --optimizer adam replaces the config's sgd and its options (lr, momentum" in (
         result.output
     )
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--epochs", "0"], "--epochs must be a positive integer, got 0"),
+        (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
+        (["--label-noise", "1.5"], "--label-noise must be in [0, 1), got 1.5"),
+        (["--optimizer", "sam", "--rho", "-0.1"], "--rho must be a finite number >= 0"),
+    ],
+)
+def test_errors_about_flags_name_the_flags(flags, message, tmp_path):
+    """They named the config key ("epochs must be ...") where every other command names
+    the flag; a value from --config keeps its key's name."""
+    result = runner.invoke(app, ["train", *TINY, *flags])
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith(f"error: {message}")
+    config = tmp_path / "c.toml"
+    config.write_text("epochs = 0\n")
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.output.strip().splitlines()[-1].startswith("error: epochs must be")
