@@ -278,6 +278,25 @@ def test_resume_with_an_endless_validation_iterator():
     assert opt2.rho_values() == opt.rho_values()
 
 
+def test_a_shuffling_validation_loader_is_refused_a_fixed_one_resumes_exactly():
+    """A DataLoader(shuffle=True) drew its order from the global generator when LETS first
+    listed it, so a resumed run validated on other batches (rho 0.050016 vs 0.050009)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y = (
+        torch.cat([b[0] for b in bn_batches(3, seed=5)]),
+        torch.cat([b[1] for b in bn_batches(3, seed=5)]),
+    )
+    shuffled = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=True)
+    model = bn_net()
+    opt = LETS(model, torch.optim.SGD, rho_lr=1.0, lr=0.1, val_batches=shuffled)
+    with pytest.raises(SharpscopeError, match="LETS' validation data .* shuffle=False"):
+        run(opt, model, bn_batches(1))
+    fixed = DataLoader(TensorDataset(x, y), batch_size=4, shuffle=False)
+    opt = LETS(model, torch.optim.SGD, rho_lr=1.0, lr=0.1, val_batches=fixed)
+    run(opt, model, bn_batches(1))  # a fixed loader is read twice and taken
+
+
 def test_bad_lets_input_gives_one_clear_error():
     model = bn_net()
     with pytest.raises(SharpscopeError, match="LETS needs validation data"):
