@@ -383,6 +383,12 @@ def _positive_or_none(name: str, value: Any) -> float | None:
     return number
 
 
+_NO_TWO_STEP = (
+    "sharpscope's optimizers have no first_step/second_step (davda54/sam): pass a closure "
+    "that runs forward and backward, opt.step(closure), which takes both passes"
+)
+
+
 class SharpnessAware(torch.optim.Optimizer):
     """Base class of the two-pass optimizers; see the module docstring for the step.
 
@@ -866,6 +872,19 @@ class SharpnessAware(torch.optim.Optimizer):
         ) from cause
 
     # ------------------------------------------------------------------ the step
+
+    @property
+    def base_optimizer(self) -> torch.optim.Optimizer:
+        """davda54/sam's name for :attr:`base` (code ported from it keeps working)."""
+        return self.base
+
+    def first_step(self, *args: Any, **kwargs: Any) -> None:
+        """Not offered: davda54/sam's two-step form. Raises a one-line pointer to ``step``."""
+        raise SharpscopeError(_NO_TWO_STEP)
+
+    def second_step(self, *args: Any, **kwargs: Any) -> None:
+        """Not offered: davda54/sam's two-step form. Raises a one-line pointer to ``step``."""
+        raise SharpscopeError(_NO_TWO_STEP)
 
     def step(self, closure: Callable[..., Any] | None = None) -> Tensor:  # type: ignore[override]
         """One optimisation step on the batch the closure evaluates; returns the pass-1 loss.

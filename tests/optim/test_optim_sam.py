@@ -749,3 +749,14 @@ def test_another_variants_state_is_refused_not_half_loaded():
     assert str(vasso.state_dict()) == before
     with pytest.raises(SharpscopeError, match="LETS keeps no 'd'"):
         lets.load_state_dict(vasso.state_dict())
+
+
+def test_code_ported_from_davda54_finds_base_optimizer_and_a_pointer_for_two_steps():
+    model = torch.nn.Linear(2, 2)
+    opt = SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.base_optimizer is opt.base
+    for name in ("first_step", "second_step"):
+        with pytest.raises(
+            SharpscopeError, match=r"no first_step/second_step .* opt.step\(closure\)"
+        ):
+            getattr(opt, name)(zero_grad=True)
