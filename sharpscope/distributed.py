@@ -67,7 +67,8 @@ def pick_device(device: str | torch.device | None = "auto", local_rank: int = 0)
         return torch.device("cpu")
     if not torch.cuda.is_available():
         raise SharpscopeError(
-            f"device '{device}' requested but no CUDA GPU is available; use --device cpu (or auto)"
+            f"device '{device}' requested but no CUDA GPU is available; use --device cpu (or "
+            'auto; Python: device="cpu")'
         )
     count = torch.cuda.device_count()
     if index is not None and index >= count:

@@ -478,8 +478,9 @@ def _train(
     out = Path(config.out) if config.out else None
     if out is not None and not resume and (out / "last.pt").exists():  # nothing is lost
         raise SharpscopeError(
-            f"{out} already holds a training run (last.pt); continue it with --resume, or "
-            "train into a new --out (or delete that folder)"
+            f"{out} already holds a training run (last.pt); continue it with --resume "
+            "(Python: train(..., resume=True)), or train into a new --out folder (or delete "
+            "that one)"
         )
     torch.manual_seed(config.seed)
     train_split, test_split, val_split = _prepare_data(config, info)

@@ -606,6 +606,13 @@ def test_landscape_figures_name_the_metric_and_an_incomplete_grid():
     title = plot_landscape_contour(result, metric="accuracy").axes[0].get_title()
     assert title.startswith("train accuracy\n")
     assert plot_landscape_contour(result).axes[0].get_title().startswith("train loss (mse)\n")
+    result.settings["loss"] = "cross_entropy"  # the built-in, in words
+    assert (
+        plot_landscape_contour(result)
+        .axes[0]
+        .get_title()
+        .startswith("train loss (cross-entropy)\n")
+    )
     result.computed[len(ALPHA) // 2 :] = 0
     title = plot_landscape_contour(result).axes[0].get_title()
     assert title.endswith(

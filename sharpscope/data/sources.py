@@ -160,7 +160,8 @@ def cifar_folder(name: str, root: str | None) -> Path:
     expected = ", ".join(train_files + test_files)
     if root is None:
         raise SharpscopeError(
-            f"{name} is read from a local folder: pass --data-root DIR holding {folder_name}/ "
+            f"{name} is read from a local folder: pass --data-root DIR (Python: data_root=) "
+            f"holding {folder_name}/ "
             f"({expected}); sharpscope never downloads data"
         )
     root_path = Path(root).expanduser()

@@ -45,7 +45,9 @@ def metric_label(result: Any, metric: str) -> str:
     split = (result.meta.data or {}).get("split")
     name = f"{split} {metric}" if split else metric
     loss = result.settings.get("loss") if metric == "loss" else None
-    return f"{name} ({loss})" if isinstance(loss, str) else name
+    if not isinstance(loss, str):
+        return name
+    return f"{name} ({'cross-entropy' if loss == 'cross_entropy' else loss})"
 
 
 def _title(result: Any, metric: str | None = None) -> str:
