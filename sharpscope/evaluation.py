@@ -98,7 +98,9 @@ def evaluate(
                 logits = model(x)
             loss_sum += loss_fn(logits.float(), y).double() * len(y)
             probs_chunks.append(
-                probs_fn(x) if probs_fn is not None else class_probabilities(logits.float())
+                # float64: a float32 softmax underflows to 0 for a logit gap over ~104, and the
+                # NLL would stop at the clamp instead of reaching the cross-entropy
+                probs_fn(x) if probs_fn is not None else class_probabilities(logits.double())
             )
         probs = torch.cat(probs_chunks) if probs_chunks else inputs.new_zeros((0, 1))
     if is_multi_process():
