@@ -35,4 +35,32 @@ def progress_bar(
         leave=False,
         dynamic_ncols=True,
         mininterval=0.1 if interactive() else LOG_INTERVAL_S,
+        # tqdm's monitor thread redraws a stalled bar every maxinterval (10 s) whatever the
+        # mininterval: in a log that tripled the frames
+        maxinterval=10.0 if interactive() else LOG_INTERVAL_S,
     )
+
+
+def resumable_updates(bar: Any) -> Any:
+    """An ``update`` for work that resumes: its first call (the units a resumed run already
+    has) moves the bar there without counting them in the rate and the time left; later
+    calls add as ``bar.update`` does.
+
+    >>> import io
+    >>> from tqdm import tqdm
+    >>> bar = tqdm(total=10, file=io.StringIO())
+    >>> update = resumable_updates(bar)
+    >>> update(4); update(1); bar.n, bar.initial
+    (5, 4)
+    """
+    first = [True]
+
+    def update(count: int) -> None:
+        if first[0]:
+            first[0] = False
+            bar.initial = bar.n = bar.last_print_n = bar.n + count
+            bar.refresh()
+        else:
+            bar.update(count)
+
+    return update

@@ -18,6 +18,8 @@ def test_a_log_gets_a_frame_every_thirty_seconds_a_terminal_ten_a_second(monkeyp
     monkeypatch.setattr(sys, "stderr", io.StringIO())
     with progress_bar(100, "step", "log") as bar:
         assert bar.mininterval == LOG_INTERVAL_S == 30.0
+        # tqdm's monitor redrew a stalled bar every 10 s (maxinterval) regardless
+        assert bar.maxinterval == LOG_INTERVAL_S
     monkeypatch.setattr(sys, "stderr", _Terminal())
     with progress_bar(100, "step", "terminal", initial=5) as bar:
         assert bar.mininterval == 0.1 and bar.n == 5

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import typer
 
 from ..errors import SharpscopeError, check_choice
+from ..progress import resumable_updates
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -310,7 +311,7 @@ def register(app: typer.Typer) -> None:
                     max_points=max_points,
                     vectorize=vectorize,
                     meta=inputs.meta,
-                    progress=bar.update,
+                    progress=resumable_updates(bar),
                 )
         except KeyboardInterrupt as exc:
             if dist.is_main and path.is_file():
