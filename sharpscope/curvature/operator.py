@@ -750,8 +750,8 @@ class HessianOperator:
         self._use_batches(list(zip(x.tensor_split(parts), y.tensor_split(parts))))
         self.batches_split_for_memory = parts
         warnings.warn(
-            f"the {len(y)} examples as one batch would need about {need / 1e9:.2g} GB for "
-            f"Hessian-vector products, more than the {budget / 1e9:.2g} GB planned ({planned}); "
+            f"the {len(y)} examples as one batch would need about {need / 1e9:.3g} GB for "
+            f"Hessian-vector products, more than the {budget / 1e9:.3g} GB planned ({planned}); "
             f"reading them in {parts} batches of at most "
             f"{max(len(t) for _, t in self._batches)} (same results; --batch-size sets it)",
             RuntimeWarning,
