@@ -656,7 +656,9 @@ def test_bad_input_without_out_is_one_line(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["train", *TINY, "--val-fraction", "1.5"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.stderr.strip().splitlines() == ["error: val_fraction must be in [0, 1), got 1.5"]
+    assert result.stderr.strip().splitlines() == [
+        "error: --val-fraction must be in [0, 1), got 1.5"
+    ]
 
 
 def test_resume_shows_the_progress_bar_unless_this_call_hides_it(tmp_path):
