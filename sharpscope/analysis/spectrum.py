@@ -1017,6 +1017,12 @@ def spectrum(
 
     Returns:
         :class:`Spectrum`; ``.to_json()`` has the interface.md keys.
+
+    Raises:
+        KeyboardInterrupt: as it came (Ctrl-C, or SIGTERM under the CLI); stopped in the
+            trace or the density it carries ``partial_result``, a :class:`Spectrum` of the
+            parts finished before (the rest None, ``meta.extra["interrupted_in"]`` naming
+            the part), which ``sharpscope spectrum --json`` writes.
     """
     _check_backend(backend, which)
     check_spectrum_choices(which=which, trace_method=trace_method, kernel=kernel)
@@ -1062,17 +1068,34 @@ def spectrum(
         meta=meta,
     )
 
+    def finished(trace: Trace | None, density: Density | None, stopped_in: str) -> Spectrum:
+        """What is done when an interrupt stops the part ``stopped_in``: its own and the
+        later parts are None (null in the JSON, as skipped parts are)."""
+        extra = {**meta.extra, "hvp_count_parts": dict(counts), "interrupted_in": stopped_in}
+        return Spectrum(
+            top=top,
+            trace_estimate=trace,
+            density=density,
+            hvp_count=float(op.hvp_count),
+            seconds=time.perf_counter() - start,
+            meta=dataclasses.replace(meta, extra=extra),
+        )
+
     trace = None
     if "trace" not in skipped:
         t0, h0 = time.perf_counter(), op.hvp_count
-        est = _trace_from_op(
-            op,
-            method=trace_method,
-            num_probes=trace_probes,
-            distribution="rademacher",
-            seed=seed + TRACE_SEED_OFFSET,
-            backend=backend,
-        )
+        try:
+            est = _trace_from_op(
+                op,
+                method=trace_method,
+                num_probes=trace_probes,
+                distribution="rademacher",
+                seed=seed + TRACE_SEED_OFFSET,
+                backend=backend,
+            )
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: hand over what is finished
+            exc.partial_result = finished(None, None, "trace")  # type: ignore[attr-defined]
+            raise
         counts["trace"] = op.hvp_count - h0 + (est.num_matvecs if backend == "pyhessian" else 0)
         trace = _trace_result(
             est, hvps=counts["trace"], seconds=time.perf_counter() - t0, backend=backend, meta=meta
@@ -1091,15 +1114,19 @@ def spectrum(
             )
         else:
             deflation = deflate
-        density = _density_from_op(
-            op,
-            num_probes=num_probes,
-            num_lanczos_steps=num_lanczos_steps,
-            kernel=kernel,
-            deflate=deflation,
-            seed=seed + DENSITY_SEED_OFFSET,
-            basis_device=basis_device,
-        )
+        try:
+            density = _density_from_op(
+                op,
+                num_probes=num_probes,
+                num_lanczos_steps=num_lanczos_steps,
+                kernel=kernel,
+                deflate=deflation,
+                seed=seed + DENSITY_SEED_OFFSET,
+                basis_device=basis_device,
+            )
+        except KeyboardInterrupt as exc:
+            exc.partial_result = finished(trace, None, "density")  # type: ignore[attr-defined]
+            raise
         counts["density"] = op.hvp_count - h0
         density = dataclasses.replace(
             density, hvp_count=counts["density"], seconds=time.perf_counter() - t0, meta=meta

@@ -35,7 +35,9 @@ from ._common import (
     check_output_file,
     console,
     echo,
+    fail,
     guarded,
+    interrupt_exit_code,
     load_inputs_from_flags,
     progress_bar,
 )
@@ -417,38 +419,50 @@ def register(app: typer.Typer) -> None:
                 bar.reset(total=bar.total)
             bar.update(n)
 
-        with bar:
-            result = spectrum(
-                net,
-                inputs.batches,
-                k,
-                loss_spec,
-                which=which,  # type: ignore[arg-type]
-                tol=tol,
-                max_steps=max_steps,
-                trace_method=trace_method,
-                trace_probes=trace_probes,
-                num_probes=probes,
-                num_lanczos_steps=lanczos_steps,
-                kernel=kernel,  # type: ignore[arg-type]
-                deflate=deflate,
-                return_eigenvectors=eigenvectors is not None,
-                seed=seed,
-                device=dist.device,
-                basis_device=basis_device,
-                restart_size=restart_size,
-                block_size=block_size,
-                backend=backend,
-                skip=skipped,
-                meta=inputs.meta,
-                hvp_mode=hvp_mode,
-                bn_mode=bn_mode,
-                weight_decay=weight_decay,
-                progress=advance,
+        try:
+            with bar:
+                result = spectrum(
+                    net,
+                    inputs.batches,
+                    k,
+                    loss_spec,
+                    which=which,  # type: ignore[arg-type]
+                    tol=tol,
+                    max_steps=max_steps,
+                    trace_method=trace_method,
+                    trace_probes=trace_probes,
+                    num_probes=probes,
+                    num_lanczos_steps=lanczos_steps,
+                    kernel=kernel,  # type: ignore[arg-type]
+                    deflate=deflate,
+                    return_eigenvectors=eigenvectors is not None,
+                    seed=seed,
+                    device=dist.device,
+                    basis_device=basis_device,
+                    restart_size=restart_size,
+                    block_size=block_size,
+                    backend=backend,
+                    skip=skipped,
+                    meta=inputs.meta,
+                    hvp_mode=hvp_mode,
+                    bn_mode=bn_mode,
+                    weight_decay=weight_decay,
+                    progress=advance,
+                )
+                # The total assumed every Lanczos step; converged early, it ends where it did.
+                bar.total = bar.n
+                bar.refresh()
+        except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished parts
+            partial = getattr(exc, "partial_result", None)
+            if partial is None or json_out is None or not dist.is_main:
+                raise
+            partial.save(json_out)
+            stopped = partial.meta.extra["interrupted_in"]
+            fail(
+                f"interrupted during the {stopped}; {json_out} holds the parts finished "
+                f"before it ({', '.join(partial.parts)}), the rest null",
+                code=interrupt_exit_code(exc),
             )
-            # The total assumed every Lanczos step; converged early, it ends where it did.
-            bar.total = bar.n
-            bar.refresh()
         if not dist.is_main:
             return
         for line in summary_lines(result):
