@@ -208,9 +208,9 @@ def _number(
     return value
 
 
-def _seed(where: str, value: Any) -> int:
+def _nonnegative_int(where: str, value: Any, what: str = "an integer") -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise _fail(f"{where} must be an integer >= 0, got {value!r}")
+        raise _fail(f"{where} must be {what} >= 0, got {value!r}")
     return value
 
 
@@ -221,8 +221,9 @@ def _flag(where: str, value: Any) -> bool:
     return value
 
 
-# numeric options of the measures, checked up front (the runs would fail only after
-# training): key -> "int" (>= 1), "int0" (>= 0) or "pos" (a number > 0)
+# numeric options of the measures besides the seed (every measure's, >= 0), checked up
+# front (the runs would fail only after training): key -> "int" (>= 1), "int0" (>= 0) or
+# "pos" (a number > 0)
 MEASURE_NUMBERS: dict[str, dict[str, str]] = {
     "spectrum": {
         "tol": "pos",
@@ -244,16 +245,14 @@ MEASURE_NUMBERS: dict[str, dict[str, str]] = {
 
 
 def _check_measure_numbers(measure: str, options: Mapping[str, Any]) -> None:
-    if options.get("seed") is not None:
-        _seed(f"analysis.{measure}.seed", options["seed"])
-    for key, kind in MEASURE_NUMBERS.get(measure, {}).items():
+    for key, kind in {"seed": "int0", **MEASURE_NUMBERS.get(measure, {})}.items():
         value, where = options.get(key), f"analysis.{measure}.{key}"
         if value is None:
             continue
         if kind == "pos":
             _number(where, value, positive=True)
         elif kind == "int0":
-            _seed(where, value)
+            _nonnegative_int(where, value)
         else:
             _positive_int(where, value)
 
@@ -411,9 +410,7 @@ def _validate_sweep(
 def _check_axis_value(where: str, axis: str, value: Any) -> Any:
     if axis in ("m", "seed", "batch_size", "epochs", "width", "depth"):
         if axis == "seed":
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise _fail(f"{where} values must be integers >= 0, got {value!r}")
-            return value
+            return _nonnegative_int(f"{where} values", value, "integers")
         return _positive_int(where, value)
     if axis == "label_noise":
         return _number(where, value, low=0.0, high=0.99)
@@ -475,7 +472,7 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
     if "batch_size" in values:
         plan.batch_size = _positive_int("analysis.batch_size", values["batch_size"])
     if "seed" in values:
-        plan.seed = _seed("analysis.seed", values["seed"])
+        plan.seed = _nonnegative_int("analysis.seed", values["seed"])
     if "device" in values:
         from ..distributed import check_device_name
 
