@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
 from ._common import check_counts, check_output_folder, console, guarded
+
+StudyDirArg = Annotated[
+    Path, typer.Argument(metavar="DIR", help="A study folder made by `sharpscope study run`.")
+]
 
 
 def _log(message: str) -> None:
@@ -153,9 +157,7 @@ def register(app: typer.Typer) -> None:
     @study.command("report")
     @guarded
     def report_command(
-        folder: Path = typer.Argument(
-            ..., metavar="DIR", help="A study folder made by `sharpscope study run`."
-        ),
+        folder: StudyDirArg,
         resamples: int = typer.Option(
             1000, "--resamples", help="Bootstrap resamples for the intervals (0: none)."
         ),
@@ -172,9 +174,7 @@ def register(app: typer.Typer) -> None:
     @study.command("status")
     @guarded
     def status_command(
-        folder: Path = typer.Argument(
-            ..., metavar="DIR", help="A study folder made by `sharpscope study run`."
-        ),
+        folder: StudyDirArg,
     ) -> None:
         """Where every run of a study stands: done, training (epoch), failed, ..."""
         from collections import Counter

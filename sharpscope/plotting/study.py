@@ -132,6 +132,11 @@ def _color(label: Any, index: int) -> str:
     return optimizer_color(str(label), index)
 
 
+def _hue_colors(rows: Rows, hue: str) -> dict[Any, str]:
+    """Each ``hue`` label's colour, the settings of one label sharing it."""
+    return {label: _color(label, i) for i, label in enumerate(_labels_in_order(rows, hue))}
+
+
 @styled
 def plot_measure_vs_gap(
     rows: Rows, measure: str, gap: str = "gen_gap", *, hue: str = "optimizer", ax: Any = None
@@ -356,7 +361,7 @@ def plot_metric_vs_axis(
     series: dict[tuple, list[dict[str, Any]]] = {}
     for s in summary:
         series.setdefault((str(s[hue]), *(str(s[c]) for c in columns)), []).append(s)
-    colors = {label: _color(label, i) for i, label in enumerate(_labels_in_order(summary, hue))}
+    colors = _hue_colors(summary, hue)
     drawn: dict[Any, int] = {}
     for group in series.values():
         group = sorted(group, key=lambda s: s[x])
@@ -535,7 +540,7 @@ def plot_variants(
     fig, axes = new_figure(columns, aspect=0.85, ncols=len(metrics), squeeze=False)
     axes = list(axes.ravel())
     series = _series(rows, hue, None)
-    colors = {label: _color(label, i) for i, label in enumerate(_labels_in_order(rows, hue))}
+    colors = _hue_colors(rows, hue)
     names = [
         _series_label(label, setting, hue).replace(" (", "\n(", 1) for label, setting, _ in series
     ]
