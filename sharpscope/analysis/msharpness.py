@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..curvature.fold import fold_batchnorm
-from ..data.batches import as_tensors, read_fixed, same_batches
+from ..data.batches import as_tensors, read_fixed, same_tensors
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size
 from ..errors import check, check_autograd
@@ -551,7 +551,7 @@ def split_subsets(
     inputs, targets = read_fixed(
         data,
         as_tensors,
-        lambda a, b: same_batches([a], [b]),
+        same_tensors,
         why=" and m-sharpness cuts its subsets in the data's order",
     )
     n_total = len(targets)

@@ -259,6 +259,11 @@ def same_batches(a: Sequence[Batch], b: Sequence[Batch]) -> bool:
     return True
 
 
+def same_tensors(a: Batch, b: Batch) -> bool:
+    """Whether two reads of a data set as one ``(inputs, targets)`` pair gave the same."""
+    return same_batches([a], [b])
+
+
 def read_fixed(
     data: Any, read: Callable[[Any], T], same: Callable[[T, T], bool], why: str = ""
 ) -> T:

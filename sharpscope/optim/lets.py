@@ -51,7 +51,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ..data.batches import as_batches, as_tensors, read_fixed, same_batches
+from ..data.batches import as_batches, as_tensors, read_fixed, same_batches, same_tensors
 from ..distributed import is_multi_process
 from ..errors import SharpscopeError, check_choice
 from ._base import (
@@ -94,11 +94,6 @@ class _NoStep(torch.optim.Optimizer):
         return None
 
 
-def same_batches_of_pair(a: tuple[Tensor, Tensor], b: tuple[Tensor, Tensor]) -> bool:
-    """Whether two reads of a data set gave the same (inputs, targets)."""
-    return same_batches([a], [b])
-
-
 class _ValidationStream:
     """Draws validation batches reproducibly.
 
@@ -133,7 +128,7 @@ class _ValidationStream:
             # batches than the run it continues: refused, as the analyses refuse them
             why = " of LETS' validation data (a resumed run would draw other batches)"
             if is_pair or isinstance(data, torch.utils.data.Dataset):
-                inputs, targets = read_fixed(data, as_tensors, same_batches_of_pair, why)
+                inputs, targets = read_fixed(data, as_tensors, same_tensors, why)
                 self._batches = as_batches(
                     (inputs, targets), batch_size=self._batch_size or default_batch_size
                 )
