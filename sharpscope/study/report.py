@@ -422,6 +422,12 @@ def examples_used(asked: int | None, meta: Mapping[str, Any] | None) -> int | st
     return asked or "all"
 
 
+def dataset_name(config: Any) -> str:
+    """The name (or factory) of a study config's training data set."""
+    dataset = config.train.get("dataset", {"name": "mnist1d"})
+    return dataset.get("name", "data") if isinstance(dataset, Mapping) else str(dataset)
+
+
 def measurement_caption(study_dir: str | Path) -> str:
     """One line for a figure of a study's measurements (analysis.md §8: figures state data,
     mode, dtype): dataset, split and size from the config, mode and dtype as recorded by
@@ -432,9 +438,8 @@ def measurement_caption(study_dir: str | Path) -> str:
     folder = Path(study_dir)
     config = load_study_config_from_dir(folder)
     plan = config.analysis
-    dataset = config.train.get("dataset", {"name": "mnist1d"})
-    name = dataset.get("name", "data") if isinstance(dataset, Mapping) else str(dataset)
     meta = _recorded_meta(folder)
+    name = dataset_name(config)
     parts = [f"measured on {name}/{plan.split} n={examples_used(plan.samples, meta)}"]
     if meta:
         parts += [f"{meta['mode']} mode", str(meta["dtype"])]

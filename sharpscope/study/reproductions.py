@@ -466,21 +466,25 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     return written, summary
 
 
+def trained_on(study_dir: Path) -> str:
+    """``"trained on mnist1d"``: the study's training data set."""
+    from .report import dataset_name
+    from .runner import load_study_config_from_dir
+
+    try:
+        return f"trained on {dataset_name(load_study_config_from_dir(study_dir))}"
+    except SharpscopeError:  # results.csv without its study.json: the data is not known
+        return "trained on the study's data"
+
+
 def training_caption(study_dir: Path, rows: list[dict[str, Any]]) -> str:
     """Caption of a figure of training results: the data and how many seeds each point pools.
 
     e.g. ``"trained on mnist1d; test split; mean ± sd over 3 seeds"``.
     """
-    from .runner import load_study_config_from_dir
-
-    try:
-        dataset = load_study_config_from_dir(study_dir).train.get("dataset", {"name": "mnist1d"})
-    except SharpscopeError:  # results.csv without its study.json: the data is not known
-        dataset = {"name": "the study's data"}
-    name = dataset.get("name", "data") if isinstance(dataset, dict) else str(dataset)
     seeds = len({r.get("seed") for r in rows})
     spread = "one seed (no error bars)" if seeds == 1 else f"mean ± sd over {seeds} seeds"
-    return f"trained on {name}; test split; {spread}"
+    return f"{trained_on(study_dir)}; test split; {spread}"
 
 
 # --------------------------------------------------------------------------- (e)
@@ -566,7 +570,7 @@ def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
                 plot_learned_rho(lets),
                 out / "f_lets_rho",
                 {k: _step_history(v, "rho") for k, v in lets.items()},
-                training_caption(study_dir, rows).split("; ")[0],
+                trained_on(study_dir),
             )
         except SharpscopeError:
             pass
