@@ -308,20 +308,17 @@ def _series_label(label: Any, setting: Mapping[str, Any], hue: str) -> str:
     return f"{name} ({detail})" if detail else name
 
 
-def mean_and_spread(rows: Rows, x: str, y: str, hue: str = "optimizer") -> list[dict[str, Any]]:
-    """Mean and sd over seeds of ``y`` (as plotted: error in %) at each (hue, x).
-
-    Only seeds are pooled: where another hyperparameter (say the learning rate in a sweep
-    over ρ) takes several values within one ``hue`` label, each of its settings is a
-    series of its own, named in the returned rows (:func:`varying_settings`).
-    """
+def _spread_series(
+    rows: Rows, x: str, y: str, hue: str
+) -> list[tuple[Any, dict[str, Any], list[dict[str, Any]]]]:
+    """``(hue label, setting, summary rows)`` per series of :func:`mean_and_spread`."""
     out = []
     name = display_name(y)
-    points = _finite_rows(rows, y)
-    for label, setting, group in _series(points, hue, x):
+    for label, setting, group in _series(_finite_rows(rows, y), hue, x):
+        summary = []
         for xv in _labels_in_order(group, x):
             values = [display_value(y, r[y]) for r in group if r.get(x) == xv]
-            out.append(
+            summary.append(
                 {
                     hue: label,
                     **setting,
@@ -331,7 +328,18 @@ def mean_and_spread(rows: Rows, x: str, y: str, hue: str = "optimizer") -> list[
                     "num_seeds": len(values),
                 }
             )
+        out.append((label, setting, summary))
     return out
+
+
+def mean_and_spread(rows: Rows, x: str, y: str, hue: str = "optimizer") -> list[dict[str, Any]]:
+    """Mean and sd over seeds of ``y`` (as plotted: error in %) at each (hue, x).
+
+    Only seeds are pooled: where another hyperparameter (say the learning rate in a sweep
+    over ρ) takes several values within one ``hue`` label, each of its settings is a
+    series of its own, named in the returned rows (:func:`varying_settings`).
+    """
+    return [s for _, _, summary in _spread_series(rows, x, y, hue) for s in summary]
 
 
 @styled
@@ -355,17 +363,11 @@ def plot_metric_vs_axis(
         fig, ax = new_figure(columns, aspect=0.75)
     else:
         fig = ax.figure
-    kept = [r for r in rows if r.get(x) is not None]
-    summary = mean_and_spread(kept, x, y, hue)
-    columns = varying_settings(_finite_rows(kept, y), hue, x)
-    series: dict[tuple, list[dict[str, Any]]] = {}
-    for s in summary:
-        series.setdefault((str(s[hue]), *(str(s[c]) for c in columns)), []).append(s)
-    colors = _hue_colors(summary, hue)
+    series = _spread_series([r for r in rows if r.get(x) is not None], x, y, hue)
+    colors = _hue_colors([summary[0] for _, _, summary in series], hue)
     drawn: dict[Any, int] = {}
-    for group in series.values():
-        group = sorted(group, key=lambda s: s[x])
-        label = group[0][hue]
+    for label, setting, summary in series:
+        group = sorted(summary, key=lambda s: s[x])
         k = drawn[label] = drawn.get(label, -1) + 1  # settings of one label: vary the style
         xs = [display_value(x, s[x]) if x in PERCENT else s[x] for s in group]
         single = all(s["num_seeds"] == 1 for s in group)  # no spread to show
@@ -377,7 +379,7 @@ def plot_metric_vs_axis(
             marker=MARKERS[(list(colors).index(label) + k) % len(MARKERS)],
             linestyle=LINE_STYLES[k % len(LINE_STYLES)],
             capsize=2,
-            label=_series_label(label, {c: group[0][c] for c in columns}, hue),
+            label=_series_label(label, setting, hue),
         )
     for index, (label, value) in enumerate((reference or {}).items()):
         ax.axhline(
