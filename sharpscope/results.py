@@ -218,7 +218,8 @@ class Result:
             if name == "meta" and isinstance(value, dict):
                 value = RunMeta(**value)
             elif "Tensor" in type_name and value is not None:
-                value = torch.as_tensor(np.asarray(value, dtype=np.float64))
+                array = np.asarray(value)  # a mask stays bool; numbers become float64
+                value = torch.as_tensor(array if array.dtype == bool else array.astype(np.float64))
             kwargs[name] = value
         return cls(**kwargs)
 

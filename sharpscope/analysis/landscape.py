@@ -94,8 +94,8 @@ class LandscapeResult(Result):
         loss: ``(n_x,)`` or ``(n_x, n_y)`` mean loss, ``loss[i, j]`` at ``(x[i], y[j])``;
             NaN where not yet computed.
         accuracy: the same for the accuracy (NaN without class labels).
-        computed: 1 where the point has been evaluated (a diverged point may have a
-            NaN loss and still be computed), else 0.
+        computed: bool mask, True where the point has been evaluated (a diverged point
+            may have a NaN loss and still be computed).
         directions: ``(dims, P)`` the directions, flattened over the trainable
             parameters in ``model.parameters()`` order.
         direction_kind: "random", "eigen", "interpolation" or "pca".
@@ -738,7 +738,7 @@ def landscape(
                 precomputed = precompute()  # the stored directions, as before
             loss_grid = previous.loss.double().reshape(-1).clone()
             acc_grid = previous.accuracy.double().reshape(-1).clone()
-            computed = previous.computed.reshape(-1) > 0.5
+            computed = previous.computed.reshape(-1) > 0.5  # earlier files held 0/1 floats
         else:
             loss_grid = torch.full(
                 (int(torch.tensor(shape).prod()),), float("nan"), dtype=torch.float64
@@ -973,7 +973,7 @@ def _result(
         y=axes[1].clone() if len(axes) == 2 else None,
         loss=loss_grid.reshape(shape).clone(),
         accuracy=acc_grid.reshape(shape).clone(),
-        computed=computed.reshape(shape).double(),
+        computed=computed.reshape(shape).clone(),
         directions=dirs.to(dtype).cpu(),
         direction_kind=plan.kind,
         norm=norm,

@@ -486,6 +486,28 @@ def test_resume_after_interruption_gives_the_same_grid(tmp_path, vectorize):
         landscape(net, (x, y), 2, out=path, **{**kw, "seed": 3})
 
 
+def test_computed_is_a_bool_mask_and_files_with_0_1_floats_still_resume(tmp_path):
+    """``computed`` was stored as 0/1 floats: ``np.load(f)["loss"][mask]`` failed on it."""
+    net = bn_cnn()
+    x, y = class_data(n=20, d=10)
+    kw = {"grid": 5, "chunk_size": 4, "vectorize": False, "seed": 2}
+    full = landscape(net, (x, y), 2, **kw)
+    assert full.computed.dtype == torch.bool
+    path = tmp_path / "run.npz"
+    partial = landscape(net, (x, y), 2, out=path, max_points=8, **kw)
+    assert partial.computed.dtype == torch.bool
+    with np.load(path) as archive:
+        mask = archive["computed"]
+        assert mask.dtype == bool and archive["loss"][mask].shape == (8,)
+        arrays = {key: archive[key] for key in archive.files}
+    assert LandscapeResult.load(path).computed.dtype == torch.bool
+    arrays["computed"] = mask.astype(np.float64)  # the file an earlier version wrote
+    np.savez(path, **arrays)
+    resumed = landscape(net, (x, y), 2, out=path, **kw)
+    assert resumed.meta.extra["points_loaded"] == 8 and resumed.complete
+    torch.testing.assert_close(resumed.loss, full.loss, rtol=0, atol=0)
+
+
 class InterruptAfter:
     """Cross-entropy that raises after ``calls`` calls, noting the points ``path`` holds at
     each call (the loop makes one call per point, vmap one per block)."""
