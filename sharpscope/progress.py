@@ -41,23 +41,26 @@ def progress_bar(
     )
 
 
-def resumable_updates(bar: Any) -> Any:
+def resumable_updates(bar: Any, resumed: str = "(resumed)") -> Any:
     """An ``update`` for work that resumes: its first call (the units a resumed run already
-    has) moves the bar there without counting them in the rate and the time left; later
-    calls add as ``bar.update`` does.
+    has) moves the bar there without counting them in the rate and the time left, and adds
+    ``resumed`` to the bar's description when there were any; later calls add as
+    ``bar.update`` does.
 
     >>> import io
     >>> from tqdm import tqdm
-    >>> bar = tqdm(total=10, file=io.StringIO())
+    >>> bar = tqdm(total=10, desc="grid", file=io.StringIO())
     >>> update = resumable_updates(bar)
-    >>> update(4); update(1); bar.n, bar.initial
-    (5, 4)
+    >>> update(4); update(1); bar.n, bar.initial, bar.desc
+    (5, 4, 'grid (resumed)')
     """
     first = [True]
 
     def update(count: int) -> None:
         if first[0]:
             first[0] = False
+            if count and not bar.disable:  # said only once the earlier file was accepted
+                bar.set_description_str(f"{bar.desc} {resumed}".strip(), refresh=False)
             bar.initial = bar.n = bar.last_print_n = bar.n + count
             bar.refresh()
         else:

@@ -282,11 +282,10 @@ def register(app: typer.Typer) -> None:
         )
         loss_spec = inputs.loss_spec
         path = out / RESULT_FILE
-        if dist.is_main:
-            resuming = " (resuming)" if path.exists() else ""
+        if dist.is_main:  # a resume is named on the bar once the earlier file is accepted
             console.print(
                 f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
-                f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}{resuming}"
+                f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
             )
         bar = progress_bar(
             grid**dims, "point", "landscape", enabled=dist.is_main and not no_progress

@@ -61,8 +61,13 @@ def test_landscape_2d_resumes_to_the_same_grid(ckpts, tmp_path):
     assert part.exit_code == 0 and "incomplete" in part.output
     loaded = int(LandscapeResult.load(tmp_path / "part" / "landscape.npz").computed.sum())
     assert 4 <= loaded < 9
+    # another seed is refused, and nothing said it was resuming (it said so before the check)
+    other = runner.invoke(app, [*base, "--out", str(tmp_path / "part"), "--seed", "1"])
+    assert other.exit_code != 0 and "different settings (data, seed)" in other.output
+    assert "(resuming)" not in other.output and "(resumed)" not in other.output
     rest = runner.invoke(app, [*base, "--out", str(tmp_path / "part"), "--no-plots"])
     assert rest.exit_code == 0, rest.output
+    assert "landscape (resumed)" in rest.output and "landscape (resumed)" not in fresh.output
     # counts of this call, not of the whole grid
     assert f"9/9 points: {9 - loaded} computed in " in rest.output
     assert f"s, {loaded} loaded from the earlier run" in rest.output
