@@ -25,6 +25,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import time
 import traceback
 from collections.abc import Callable, Iterator
@@ -627,6 +628,20 @@ def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> li
     return rows
 
 
+_NUMBER = re.compile(r"(\d+(?:\.\d+)?(?:e[-+]?\d+)?)")
+
+
+def natural_key(name: str) -> tuple[str | float, ...]:
+    """Sort key that orders the numbers in a column name by value (``m8`` before ``m64``).
+
+    >>> sorted(["msharp_m64_rho0.1", "msharp_m8_rho0.2", "msharp_m8_rho0.05", "lambda_max"],
+    ...        key=natural_key)
+    ['lambda_max', 'msharp_m8_rho0.05', 'msharp_m8_rho0.2', 'msharp_m64_rho0.1']
+    """
+    # split() alternates text and number, starting with text: like types meet in comparisons
+    return tuple(float(p) if i % 2 else p for i, p in enumerate(_NUMBER.split(name)))
+
+
 def _column_order(rows: list[dict[str, Any]]) -> list[str]:
     seen: dict[str, None] = {}
     for row in rows:
@@ -634,7 +649,10 @@ def _column_order(rows: list[dict[str, Any]]) -> list[str]:
             seen.setdefault(key, None)
     ordered = [*LEADING, *PARAM_COLUMNS, *CORE_COLUMNS]
     metrics = [c for c in METRIC_COLUMNS if c in seen]
-    rest = sorted(c for c in seen if c not in ordered and c not in metrics and c != "error")
+    rest = sorted(
+        (c for c in seen if c not in ordered and c not in metrics and c != "error"),
+        key=natural_key,
+    )
     tail = ["error"] if "error" in seen else []
     return [*ordered, *metrics, *rest, *tail]
 

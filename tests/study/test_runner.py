@@ -89,6 +89,22 @@ def test_study_trains_analyses_and_tabulates_every_run(study):
     assert {r["epoch"] for r in rows} == {1, 2}
 
 
+def test_measure_columns_are_ordered_by_the_numbers_in_their_names():
+    """String order put m = 128 before m = 16 and m = 8 last in results.csv and the report."""
+    from sharpscope.study.report import measure_columns
+    from sharpscope.study.runner import _column_order
+
+    names = ["msharp_m128_rho0.05", "msharp_m8_rho0.1", "msharp_m8_rho0.05", "msharp_m16_rho0.05"]
+    names += ["keskar_eps0.001", "keskar_eps1e-05", "pac_bayes", "avgsharp_rho0.2"]
+    row = dict.fromkeys(reversed(names), 1.0)
+    columns = _column_order([row])
+    expected = ["avgsharp_rho0.2", "keskar_eps1e-05", "keskar_eps0.001", "msharp_m8_rho0.05"]
+    expected += ["msharp_m8_rho0.1", "msharp_m16_rho0.05", "msharp_m128_rho0.05", "pac_bayes"]
+    assert [c for c in columns if c in names] == expected
+    ordered = [dict.fromkeys(columns, 1.0)] * 3  # rows as read back from results.csv
+    assert [c for c in measure_columns(ordered) if c in names] == expected
+
+
 def test_equal_generalization_gaps_tie_instead_of_being_ranked_by_rounding():
     """0.9 − 0.6 and 0.95 − 0.65 are one gap; as floats they differed and τ-b counted the
     pair as ordered (τ = −1 instead of −0.82)."""
