@@ -158,7 +158,10 @@ def summary_lines(result) -> list[str]:
     skipped = [part for part in ("trace", "density") if part not in result.parts]
     if skipped:
         lines.append(f"skipped: {', '.join(skipped)}")
-    lines.append(f"hvp_count: {result.hvp_count:g} full passes ({result.seconds:.2f} s)")
+    # the time is the whole call's: data on the device, the pre-flight and the HVP mode timing
+    lines.append(
+        f"hvp_count: {result.hvp_count:g} full passes; {result.seconds:.2f} s in all, setup included"
+    )
     if not all(result.top.converged):
         bad = [i + 1 for i, c in enumerate(result.top.converged) if not c]
         advice = (

@@ -59,6 +59,10 @@ def test_spectrum_prints_writes_json_plot_and_eigenvectors(checkpoint, tmp_path)
     for label in ("lambda_max:", "lambda_5:", "lambda_max/lambda_5:", "trace:", "+-", "hvp_count"):
         assert label in result.stdout
     data = json.loads(out.read_text())
+    # the seconds are the whole call's, not the products' (it read as if they were)
+    assert f"hvp_count: {data['hvp_count']:g} full passes; {data['seconds']:.2f} s in all, " in (
+        result.stdout
+    )
     assert SPECTRUM_JSON_KEYS <= set(data)
     assert data["meta"]["checkpoint"] == str(checkpoint)
     assert data["meta"]["data"]["name"] == "digits" and data["meta"]["num_samples"] == 64
