@@ -6,6 +6,7 @@ labels, scales) or the written files, never just "it runs"."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import matplotlib
@@ -466,6 +467,18 @@ def test_overlaid_spectra_get_their_own_colours_and_legend_entries():
     assert labels == ["SGD", "top eigenvalues (SGD)", "SAM", "top eigenvalues (SAM)"]
     ax = plot_spectrum(density, label="SAM", color=optimizer_color("sam")).axes[0]
     assert {line.get_color() for line in ax.lines} == {optimizer_color("sam")}
+
+
+def test_an_overlay_titles_only_what_its_spectra_share():
+    """The title was the last spectrum's caption alone, though the curves differed."""
+    narrow, wide = log_density(), dataclasses.replace(log_density(), sigma=0.5)
+    ax = plot_spectrum(narrow, label="SGD").axes[0]
+    alone = ax.get_title()
+    plot_spectrum(narrow, ax=ax, label="SGD again")
+    assert ax.get_title() == alone  # the same caption stays whole
+    plot_spectrum(wide, ax=ax, label="SAM")
+    assert "σ=" not in ax.get_title() and "σ=" in alone
+    assert "σ=0.5" in plot_spectrum(wide).axes[0].get_title()
 
 
 def test_surface_axes_keep_few_ticks_and_the_spectrum_legend_has_a_box():

@@ -33,7 +33,7 @@ def _parts(result: Any) -> tuple[Any, np.ndarray, Any]:
     raise SharpscopeError(f"cannot plot a {type(result).__name__}: pass a Spectrum or a Density")
 
 
-def _caption(density: Any, meta: Any) -> str:
+def _caption_parts(density: Any, meta: Any) -> list[str]:
     bits = []
     if meta is not None:
         data = (meta.data or {}) if hasattr(meta, "data") else {}
@@ -47,7 +47,16 @@ def _caption(density: Any, meta: Any) -> str:
     deflated = getattr(density, "deflated", None)
     if deflated is not None and len(deflated):
         bits.append(f"bulk density, top {len(deflated)} deflated")
-    return wrap_parts(bits)
+    return bits
+
+
+def _shared_caption(ax: Any, parts: list[str]) -> str:
+    """The title of ``ax``: the caption parts every spectrum drawn into it shares (an
+    overlay's differing parts, such as its sample count, are left to the legend)."""
+    drawn = getattr(ax, "_sharpscope_caption_parts", None)
+    shared = parts if drawn is None else [p for p in drawn if p in parts]
+    ax._sharpscope_caption_parts = shared
+    return wrap_parts(shared)
 
 
 @styled
@@ -111,7 +120,7 @@ def plot_spectrum(
     # a narrow spectrum (H ≈ c·I) would get an offset ("1e-6+6.93e-1") over the x label
     ax.xaxis.get_major_formatter().set_useOffset(False)
     ax.yaxis.set_minor_locator(NullLocator())  # a comb of minor ticks over 10 decades
-    ax.set_title(_caption(density, meta), fontsize=6)
+    ax.set_title(_shared_caption(ax, _caption_parts(density, meta)), fontsize=6)
     # the top eigenvalues are always at the right: an opaque legend box keeps their
     # dashed marks from running through its text
     ax.legend(loc="upper right", frameon=True, framealpha=0.9, facecolor="white", edgecolor="none")
