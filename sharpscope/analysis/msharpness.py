@@ -695,10 +695,12 @@ def m_sharpness(
             projection onto the ellipsoid. It is not invariant under rescaling ReLU
             layers beyond one step (a Euclidean projection depends on the
             parametrization), and it can stall below the maximum: its fixed points
-            satisfy ∇L ∝ T⁻³δ, not the optimality condition ∇L ∝ T⁻²δ (on quadratics,
-            96–99.7% of the ellipsoid maximum after 20 or 100 steps). "rescale": ascent
-            and projection in the scaled coordinates δ/|w|, invariant for any number of
-            steps, and reaches the maximum (≥ 99% in 20 steps on the same quadratics).
+            satisfy ∇L ∝ T⁻³δ, not the optimality condition ∇L ∝ T⁻²δ. On quadratics it
+            reached 99.7–99.99% of the ellipsoid maximum away from a minimum, but at a
+            minimum 91–98%, depending on the start (there the gradient is rounding noise),
+            and 100 steps found no more than 20. "rescale": ascent and projection in the
+            scaled coordinates δ/|w|, invariant for any number of steps, and reaches the
+            maximum (≥ 99% in 20 steps on the same quadratics).
         chunk_size: subsets per vectorized call (default: :func:`default_subset_chunk`).
         vectorize: True: vmap over subsets; False: the same ascent in a Python loop over
             subsets (the reference). None (default): vmap, or the loop with a warning for

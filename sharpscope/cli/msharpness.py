@@ -94,7 +94,8 @@ def register(app: typer.Typer) -> None:
             "--projection",
             help="Adaptive L2 with --steps >= 2: exact (Euclidean projection onto the "
             "ellipsoid, as Andriushchenko et al.; not rescaling-invariant, can stall below "
-            "the maximum) or rescale (ascent in the coordinates delta/|w|: invariant).",
+            "the maximum: 91-98% of it at the minimum of a quadratic) or rescale (ascent in "
+            "the coordinates delta/|w|: invariant, reaches the maximum).",
         ),
         model: ModelOpt = None,
         data: DataOpt = None,
