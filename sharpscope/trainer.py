@@ -35,7 +35,14 @@ from . import __version__
 from .data import DataSplit, load_data
 from .data.augment import random_crop_flip
 from .determinism import deterministic_algorithms
-from .distributed import DistInfo, barrier, check_device_name, gather_to_main, init_from_env
+from .distributed import (
+    DistInfo,
+    barrier,
+    check_device_name,
+    gather_to_main,
+    init_from_env,
+    reduce_each_gradient,
+)
 from .errors import SharpscopeError
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
@@ -504,6 +511,8 @@ def _train(
         wrapped: nn.Module = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+        if device.type == "cpu" or config.deterministic:  # a resume sums in the same order
+            wrapped.register_comm_hook(None, reduce_each_gradient)
     else:
         wrapped = model
     val_batches = (
