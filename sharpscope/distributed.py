@@ -9,9 +9,11 @@ needs none of it.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,6 +163,53 @@ def leave_process_group(code: int = 0) -> None:
     os._exit(code)
 
 
+class PeerLost(KeyboardInterrupt):
+    """Another process of this torchrun job stopped (killed, out of memory, its own error)
+    while this one waited for it in a collective. Raised in place of the backend's error,
+    as an interrupt, so that a command keeps and names its finished work as on Ctrl-C."""
+
+
+# what gloo and NCCL say when the other end of a collective went away
+_LOST_PEER_SIGNS = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "Broken pipe",
+    "Connection refused",
+    "gloo/transport",
+    "NCCL communicator was aborted",
+    "Timed out waiting",
+)
+
+
+def lost_peer(exc: BaseException) -> bool:
+    """Whether ``exc`` is the backend's error for a collective whose other processes are
+    gone (only with a process group of two or more)."""
+    if not isinstance(exc, RuntimeError) or not (dist.is_available() and dist.is_initialized()):
+        return False
+    if dist.get_world_size() < 2:
+        return False
+    backend_error = getattr(dist, "DistBackendError", ())
+    return isinstance(exc, backend_error) or any(s in str(exc) for s in _LOST_PEER_SIGNS)
+
+
+@contextlib.contextmanager
+def peers_checked() -> Iterator[None]:
+    """Turn the backend's error for a lost process into :class:`PeerLost`; wrap the code
+    that runs collectives."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if not lost_peer(exc):
+            raise
+        raise peer_lost(exc) from exc
+
+
+def peer_lost(exc: RuntimeError) -> PeerLost:
+    """The :class:`PeerLost` for a backend error that :func:`lost_peer` recognised."""
+    sign = next((s for s in _LOST_PEER_SIGNS if s in str(exc)), type(exc).__name__)
+    return PeerLost(f"another process of this torchrun job stopped ({dist.get_backend()}: {sign})")
+
+
 def reduce_each_gradient(state, bucket):
     """DDP communication hook: average each parameter's gradient over the ranks with an
     all-reduce of its own, instead of one all-reduce per bucket.
@@ -196,7 +245,8 @@ def gather_to_main(value: Any) -> list[Any] | None:
     if not is_multi_process():
         return [value]
     out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(value, out, dst=0)
+    with peers_checked():
+        dist.gather_object(value, out, dst=0)
     return out
 
 

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
 from ..device_memory import FittingRows
-from ..distributed import group_rank_and_size
+from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -880,7 +880,8 @@ def landscape(
                 parts = [(mine.tolist(), values.tolist(), accs.tolist())]
                 if world > 1:
                     gathered: list[Any] = [None] * world
-                    dist.all_gather_object(gathered, parts[0])
+                    with peers_checked():
+                        dist.all_gather_object(gathered, parts[0])
                     parts = gathered
                 for idx, vals, acc in parts:
                     index = torch.as_tensor(idx, dtype=torch.long)

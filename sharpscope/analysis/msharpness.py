@@ -55,7 +55,7 @@ from torch.func import functional_call, grad, vmap
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors, read_fixed, same_tensors
 from ..device_memory import FittingRows
-from ..distributed import group_rank_and_size
+from ..distributed import group_rank_and_size, peers_checked
 from ..errors import check, check_autograd
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -811,7 +811,8 @@ def m_sharpness(
         )
         part = (mine, [a[mine] for a in arrays], grad_passes, value_passes)
         parts: list[Any] = [None] * world
-        dist.all_gather_object(parts, part)
+        with peers_checked():
+            dist.all_gather_object(parts, part)
         grad_passes = value_passes = 0.0
         for other, (index, values, grads, evals) in enumerate(parts):
             for array, value in zip(arrays, values):

@@ -33,7 +33,7 @@ from torch import nn
 from ..data import DataSplit, load_data
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
-from ..distributed import launched_as_main
+from ..distributed import PeerLost, launched_as_main, lost_peer, peer_lost
 from ..errors import SharpscopeError, check_loss_value
 from ..registry import LossFn, get_loss, is_factory_path
 from ..results import RunMeta
@@ -92,8 +92,16 @@ class Terminated(KeyboardInterrupt):
 
 
 def interrupt_exit_code(exc: BaseException) -> int:
-    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143)."""
+    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143); 1 when
+    another torchrun process was lost (:class:`~sharpscope.distributed.PeerLost`)."""
+    if isinstance(exc, PeerLost):
+        return 1
     return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
+
+
+def stop_reason(exc: BaseException) -> str:
+    """How the line of a stopped command begins: "interrupted", or which process was lost."""
+    return str(exc) if isinstance(exc, PeerLost) else "interrupted"
 
 
 def _raise_terminated(signum: int, frame: Any) -> None:
@@ -122,10 +130,16 @@ def guarded(fn: F) -> F:
                 raise
             fail(os_error_line(exc))
         except RuntimeError as exc:
-            if DEBUG["enabled"] or not is_out_of_memory(exc):
+            if DEBUG["enabled"]:
+                raise
+            if lost_peer(exc):  # a collective outside the commands' checked blocks
+                fail(stop_reason(peer_lost(exc)), code=1)
+            if not is_out_of_memory(exc):
                 raise
             fail(out_of_memory_line(exc, fn.__name__.removesuffix("_command")))
         except KeyboardInterrupt as exc:
+            if isinstance(exc, PeerLost):  # every survivor says it: rank 0 may be the lost one
+                fail(stop_reason(exc), code=interrupt_exit_code(exc))
             if not launched_as_main():  # under torchrun rank 0 says it, once
                 raise typer.Exit(interrupt_exit_code(exc)) from None
             fail("interrupted", code=interrupt_exit_code(exc))

@@ -46,6 +46,7 @@ from ._common import (
     parse_options,
     progress_bar,
     spec_from_flag,
+    stop_reason,
 )
 
 RESULT_FILE = "landscape.npz"
@@ -118,9 +119,9 @@ def _distinct_weights(checkpoints: list[Any]) -> list[Any]:
     return kept
 
 
-def interrupted_message(path: Path) -> str:
-    """What to say when a run is interrupted after it wrote ``path``: how far it got and
-    that the same command resumes it."""
+def interrupted_message(path: Path, reason: str = "interrupted") -> str:
+    """What to say when a run is interrupted (``reason``) after it wrote ``path``: how far
+    it got and that the same command resumes it."""
     try:
         from ..analysis.landscape import LandscapeResult
 
@@ -128,7 +129,7 @@ def interrupted_message(path: Path) -> str:
         kept = f"{int(saved.sum())}/{saved.numel()} points are saved in {path}"
     except Exception:  # a file we cannot read says nothing about the run; still resumable
         kept = f"the points computed so far are saved in {path}"
-    return f"interrupted; {kept}: run the same command again to resume"
+    return f"{reason}; {kept}: run the same command again to resume"
 
 
 def summary_lines(result: Any) -> list[str]:
@@ -314,7 +315,7 @@ def register(app: typer.Typer) -> None:
                 )
         except KeyboardInterrupt as exc:
             if dist.is_main and path.is_file():
-                fail(interrupted_message(path), code=interrupt_exit_code(exc))
+                fail(interrupted_message(path, stop_reason(exc)), code=interrupt_exit_code(exc))
             raise
         if not dist.is_main:
             return

@@ -40,6 +40,7 @@ from ._common import (
     interrupt_exit_code,
     load_inputs_from_flags,
     progress_bar,
+    stop_reason,
 )
 
 
@@ -462,7 +463,7 @@ def register(app: typer.Typer) -> None:
             partial.save(json_out)
             stopped = partial.meta.extra["interrupted_in"]
             fail(
-                f"interrupted during the {stopped}; {json_out} holds the parts finished "
+                f"{stop_reason(exc)} during the {stopped}; {json_out} holds the parts finished "
                 f"before it ({', '.join(partial.parts)}), the rest null",
                 code=interrupt_exit_code(exc),
             )

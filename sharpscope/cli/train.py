@@ -21,6 +21,7 @@ from ._common import (
     interrupt_exit_code,
     parse_options,
     spec_from_flag,
+    stop_reason,
 )
 
 if sys.version_info >= (3, 11):
@@ -548,13 +549,14 @@ def register(app: typer.Typer) -> None:
                 raise
             if not last.is_file():
                 fail(
-                    "interrupted before the first epoch ended, so there is no checkpoint to "
-                    "resume: run the same command again without --resume",
+                    f"{stop_reason(exc)} before the first epoch ended, so there is no "
+                    "checkpoint to resume: run the same command again without --resume",
                     code=interrupt_exit_code(exc),
                 )
             epoch = load_training_state(last)["epoch"]
             fail(
-                f"interrupted; {last} holds epoch {epoch}: run the same command with --resume "
+                f"{stop_reason(exc)}; {last} holds epoch {epoch}: run the same command with "
+                "--resume "
                 "to continue",
                 code=interrupt_exit_code(exc),
             )

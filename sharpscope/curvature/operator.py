@@ -73,7 +73,7 @@ from ..device_memory import (
     is_out_of_memory,
     saved_bytes_per_example,
 )
-from ..distributed import group_rank_and_size
+from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..registry import get_loss as resolve_loss
@@ -476,7 +476,8 @@ class HessianOperator:
 
     def _all_reduce(self, t: Tensor) -> Tensor:
         if self.world_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            with peers_checked():
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
     # ------------------------------------------------------ loss / gradient
@@ -910,7 +911,7 @@ class HessianOperator:
             timings, out_of_memory = self._time_modes(modes, timed)
         if self.world_size > 1:
             t = timings.clone().nan_to_num(posinf=1e30).to(self.device)
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            self._all_reduce(t)
             timings = t.cpu()
         if timed:
             self.mode_timings = {

@@ -293,3 +293,42 @@ def test_an_interrupt_is_reported_by_rank_0_only(ckpts, tmp_path, monkeypatch):
     args = ["landscape", str(ckpts["a"]), "--grid", "3", *COMMON, "--out", str(tmp_path / "r")]
     result = runner.invoke(app, [*args, "--no-plots", "--no-progress"])
     assert result.exit_code == 130 and "error" not in result.output, result.output
+
+
+def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_path):
+    """Rank 1 dies mid-grid: rank 0 printed gloo's traceback; the points were saved but no
+    line said so. Now one line names them and the same command resumes."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "dying.py").write_text(
+        "import os, torch\n"
+        "def loss(calls=20):\n"
+        "    count = [0]\n"
+        "    def cross_entropy(out, target):\n"
+        "        count[0] += 1\n"
+        "        if os.environ.get('RANK') == '1' and count[0] > calls:\n"
+        "            os._exit(9)\n"
+        "        return torch.nn.functional.cross_entropy(out, target)\n"
+        "    return cross_entropy\n"
+    )
+    out = tmp_path / "l"
+    args = ["landscape", str(ckpts["a"]), "--grid", "9", *COMMON, "--out", str(out)]
+    args += ["--no-plots", "--no-progress", "--save-every", "0", "--chunk-size", "4"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "sharpscope", *args, "--loss", "dying.py:loss"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "[rank0]: Traceback" not in launched.stderr, launched.stderr
+    saved = int(LandscapeResult.load(out / "landscape.npz").computed.sum())
+    assert 0 < saved < 81
+    assert errors[0] == (
+        f"error: {errors[0][7:].split(')')[0]}); {saved}/81 points are saved in "
+        f"{out / 'landscape.npz'}: run the same command again to resume"
+    )
+    assert errors[0].startswith("error: another process of this torchrun job stopped (gloo: ")

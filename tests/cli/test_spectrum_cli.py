@@ -485,3 +485,53 @@ def test_unconverged_deflated_eigenvalues_are_a_warning_line():
     density = dataclasses.replace(result.density, deflated_converged=[True, False])
     lines = summary_lines(dataclasses.replace(result, density=density))
     assert "warning: 1 of the 2 deflated eigenvalues did not converge" in "\n".join(lines)
+
+
+LOSS_THAT_KILLS_RANK_1 = """
+import os
+import torch
+
+def loss(calls=45):
+    count = [0]
+
+    def cross_entropy(out, target):
+        count[0] += 1
+        if os.environ.get("RANK") == "1" and count[0] > calls:
+            os._exit(9)  # killed in the density (an out-of-memory kill, say)
+        return torch.nn.functional.cross_entropy(out, target)
+
+    return cross_entropy
+"""
+
+
+def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(checkpoint, tmp_path):
+    """Rank 1 dies in the density: rank 0 printed gloo's 40-line traceback and wrote no
+    JSON, though the top-k was done. It now says so in one line and keeps the top-k."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "dying.py").write_text(LOSS_THAT_KILLS_RANK_1)
+    out = tmp_path / "s.json"
+    args = [str(checkpoint), "--samples", "64", "--device", "cpu", "--skip", "trace"]
+    args += ["--k", "2", "--max-steps", "20", "--tol", "1e-14", "--probes", "1"]
+    args += ["--lanczos-steps", "60", "--loss", "dying.py:loss", "--json", str(out)]
+    args += ["--hvp-mode", "forward"]  # one loss call per product (reverse reuses a graph)
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "sharpscope", "spectrum", *args, "--no-progress"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, launched.stderr[-3000:]
+    assert errors[0].startswith("error: another process of this torchrun job stopped (gloo: ")
+    assert errors[0].endswith(
+        f"during the density; {out} holds the parts finished before it (top), the rest null"
+    )
+    assert "[rank0]: Traceback" not in launched.stderr
+    saved = json.loads(out.read_text())
+    assert saved["parts"] == ["top"] and saved["density"] is None
+    assert saved["meta"]["extra"]["interrupted_in"] == "density"
+    assert len(saved["top"]["eigenvalues"]) == 2
