@@ -73,8 +73,12 @@ def show_warning_in_one_line(
     message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any
 ) -> None:
     """``warnings.showwarning`` for the command line: ``warning: message`` on stderr
-    (on a line of its own above a progress bar)."""
+    (on a line of its own above a progress bar). Under torchrun rank 0 alone prints
+    them: every rank meets the same settings and data, and the same line came N times."""
     from tqdm import tqdm
+
+    if not launched_as_main():
+        return
 
     text = str(message).splitlines()[0] if str(message) else category.__name__
     tqdm.write(f"warning: {text}", file=sys.stderr)

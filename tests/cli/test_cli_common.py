@@ -56,3 +56,15 @@ def test_the_out_of_memory_line_names_each_commands_own_memory_flags():
     assert out_of_memory_line(gpu, "train") == (
         "out of memory; try a smaller --batch-size N, fewer --samples N or --device cpu"
     )
+
+
+def test_warnings_are_printed_by_rank_0_alone(monkeypatch, capsys):
+    """Under torchrun every rank printed the same warning line."""
+    from sharpscope.cli._common import show_warning_in_one_line
+
+    for rank, shown in (("1", False), ("0", True)):
+        monkeypatch.setenv("RANK", rank)
+        show_warning_in_one_line(
+            UserWarning("--optimizer sgd replaces the config's sam"), UserWarning
+        )
+        assert ("warning: --optimizer sgd replaces" in capsys.readouterr().err) is shown
