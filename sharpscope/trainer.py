@@ -480,8 +480,11 @@ def _train(
     if config.precision == "fp16" and device.type != "cuda":
         raise SharpscopeError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
     if config.batch_size % info.world_size:
+        lower = config.batch_size - config.batch_size % info.world_size
+        near = " or ".join(str(b) for b in (lower, lower + info.world_size) if b > 0)
         raise SharpscopeError(
-            f"batch size {config.batch_size} is not divisible by the {info.world_size} processes"
+            f"batch size {config.batch_size} is not divisible by the {info.world_size} "
+            f"processes; choose a multiple of {info.world_size}, such as {near}"
         )
     out = Path(config.out) if config.out else None
     if out is not None and not resume and (out / "last.pt").exists():  # nothing is lost

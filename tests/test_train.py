@@ -543,6 +543,22 @@ def _average_worker(rank, world, port):
                 torch.testing.assert_close(p.grad, total, rtol=1e-6, atol=1e-7)
 
 
+def test_a_batch_size_the_processes_do_not_divide_names_sizes_that_they_do(tmp_path):
+    mp.spawn(_batch_size_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+
+
+def _batch_size_worker(rank, world, port, folder):
+    os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets: train() joins the group
+    with gloo_group(rank, world, port):
+        for size, near in ((15, "14 or 16"), (1, "2")):
+            with pytest.raises(SharpscopeError) as caught:
+                train(_config(f"{folder}/{size}", batch_size=size))
+            assert str(caught.value) == (
+                f"batch size {size} is not divisible by the 2 processes; choose a multiple "
+                f"of 2, such as {near}"
+            )
+
+
 def _write_factories(folder):
     (folder / "fac").mkdir()
     (folder / "fac" / "parts.py").write_text(

@@ -132,7 +132,7 @@ def register(app: typer.Typer) -> None:
         check_number("--eta", eta, minimum=0)
         check_counts(
             {
-                "--m": m,
+                "--m/--subset-size": m,  # torchrun users can only type the second
                 "--steps": steps,
                 "--restarts": restarts,
                 "--chunk-size": chunk_size,

@@ -75,7 +75,8 @@ def test_msharpness_adaptive_linf_multistep(checkpoint, tmp_path):
     ("extra", "message"),
     [
         (["--m", "1000"], "m = 1000 is larger than the 64 examples"),
-        (["--m", "0"], "--m must be an integer >= 1, got 0"),
+        (["--m", "0"], "--m/--subset-size must be an integer >= 1, got 0"),
+        (["--subset-size", "0"], "--m/--subset-size must be an integer >= 1, got 0"),
         (["--rho", "0"], "--rho must be a finite number > 0, got 0"),
         (["--norm", "l3"], "--norm must be one of l2, linf"),
     ],
