@@ -111,9 +111,12 @@ def _read_config(path: Path) -> dict[str, Any]:
     from ..errors import SharpscopeError
 
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError as exc:
         raise SharpscopeError(f"config file not found: {path}") from exc
+    except UnicodeDecodeError as exc:
+        kind = "JSON" if path.suffix == ".json" else "TOML"
+        raise SharpscopeError(f"{path} is not a {kind} file (not UTF-8 text)") from exc
     if path.suffix == ".json":
         try:
             values = json.loads(text)

@@ -251,6 +251,16 @@ def test_config_with_unknown_key(tmp_path):
     assert result.exit_code == 2 and "unknown training config key 'epochz'" in result.output
 
 
+@pytest.mark.parametrize("suffix", [".toml", ".json"])
+def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path, suffix):
+    config = tmp_path / f"binary{suffix}"
+    config.write_bytes(b"\xff\xfe\x00garbage")
+    result = runner.invoke(app, ["train", "--config", str(config)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    kind = suffix[1:].upper()
+    assert result.output == f"error: {config} is not a {kind} file (not UTF-8 text)\n"
+
+
 def test_every_optimizer_flag_maps_to_a_real_optimizer_option():
     """A flag whose spec key no optimizer accepts would be refused at run time (bug: --form)."""
     from sharpscope.cli.train import OPTIMIZER_FLAGS
