@@ -52,6 +52,23 @@ def check_initialized(model: Any) -> None:
             )
 
 
+#: the largest seed taken: torch's generators hold 64 bits, and derived seeds add offsets
+MAX_SEED = 2**62
+
+
+def check_seed(name: str, value: object) -> int:
+    """Refuse a seed that is not an integer from 0 to :data:`MAX_SEED`.
+
+    >>> check_seed("--seed", 2**70)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: --seed must be an integer from 0 to 2^62, got 1180591620717411303424
+    """
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+        raise SharpscopeError(f"{name} must be an integer from 0 to 2^62, got {value!r}")
+    return value
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
     """Raise :class:`SharpscopeError` unless ``value`` is one of ``choices``.
 

@@ -44,7 +44,7 @@ from .distributed import (
     peers_checked,
     reduce_each_gradient,
 )
-from .errors import SharpscopeError
+from .errors import SharpscopeError, check_seed
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
@@ -161,10 +161,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SharpscopeError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("seed", "save_every"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise SharpscopeError(f"{name} must be an integer >= 0, got {value!r}")
+        check_seed("seed", self.seed)
+        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int):
+            raise SharpscopeError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+        if self.save_every < 0:
+            raise SharpscopeError(f"save_every must be an integer >= 0, got {self.save_every!r}")
         for name in ("out", "data_root"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
@@ -290,7 +291,8 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     Kept as it is, not moved to ``SeedSequence`` like the analyses' generators: every
     saved run's data order depends on it, and resumes must stay bit-identical.
     """
-    return torch.Generator().manual_seed(((seed * 1_000_003) + epoch) * 7 + stream)
+    # the modulus leaves every seed a run of an earlier version used as it was (< 2^63)
+    return torch.Generator().manual_seed((((seed * 1_000_003) + epoch) * 7 + stream) % 2**63)
 
 
 def _rng_state(device: torch.device) -> dict[str, Any]:

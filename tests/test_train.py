@@ -361,7 +361,9 @@ def test_under_torchrun_a_divergence_and_sync_bn_on_the_cpu_are_one_line_on_ever
         ),
         ({"save_every": "x"}, "save_every must be an integer >= 0"),
         ({"eval_batch_size": 0}, "eval_batch_size must be a positive integer"),
-        ({"seed": "x"}, "seed must be an integer >= 0"),
+        ({"seed": "x"}, "seed must be an integer from 0 to 2\\^62"),
+        ({"seed": 2**64}, "seed must be an integer from 0 to 2\\^62"),
+        ({"seed": -1}, "seed must be an integer from 0 to 2\\^62"),
         ({"out": 5}, "out must be a path"),
         ({"augment": "yes"}, "augment must be true, false or unset"),
         ({"epochs": 0}, "epochs must be a positive integer"),
@@ -541,6 +543,15 @@ def _average_worker(rank, world, port):
             nn.functional.cross_entropy(ddp(x[mine]), y[mine]).backward()
             for total, p in zip(mean, net.parameters()):
                 torch.testing.assert_close(p.grad, total, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "bsam"])
+def test_the_largest_seed_trains(tmp_path, optimizer):
+    """Seeds above 2^64 were a traceback in torch's generator; the trainer's per-epoch
+    streams multiply the seed, so 2^62 itself overflowed there."""
+    spec = {"name": optimizer, "lr": 0.05}
+    summary = train(_config(tmp_path, seed=2**62, epochs=1, optimizer=spec))
+    assert summary.metrics["train_loss"] > 0
 
 
 def test_a_batch_size_the_processes_do_not_divide_names_sizes_that_they_do(tmp_path):

@@ -16,7 +16,7 @@ from typing import Any, Optional
 
 import typer
 
-from ..errors import SharpscopeError, check_choice
+from ..errors import SharpscopeError, check_choice, check_seed
 from ..progress import resumable_updates
 from ._common import (
     BatchSizeOpt,
@@ -254,6 +254,7 @@ def register(app: typer.Typer) -> None:
                 "--states moves BatchNorm statistics between two models: it is for "
                 "interpolation only (--directions CKPT2)"
             )
+        check_seed("--seed", seed)
         check_output_folder("--out", out, holds=f"{RESULT_FILE} and the plots")
         check_output_file("--out", out / RESULT_FILE, example=RESULT_FILE)
         dist = init_from_env(device)

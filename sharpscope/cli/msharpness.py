@@ -12,7 +12,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import check_choice
+from ..errors import check_choice, check_seed
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -140,6 +140,7 @@ def register(app: typer.Typer) -> None:
                 "--batch-size": batch_size,
             }
         )
+        check_seed("--seed", seed)
         check_output_file("--json", json_out)
         dist = init_from_env(device)  # under torchrun the subsets are split over the ranks
         inputs = load_inputs_from_flags(

@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ..errors import SharpscopeError, check_choice
+from ..errors import SharpscopeError, check_choice, check_seed
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -371,6 +371,7 @@ def register(app: typer.Typer) -> None:
                 f"restarts keep the k wanted vectors and add new ones (2k + 10 = {2 * k + 10} "
                 "suggested)"
             )
+        check_seed("--seed", seed)
         check_output_file("--json", json_out)
         check_output_file("--eigenvectors", eigenvectors, example="eigenvectors.npz")
         check_plot_path(plot)

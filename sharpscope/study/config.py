@@ -84,7 +84,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_seed
 from ..optim.factory import BASE_NAMES, OPTIMIZER_NAMES
 
 if sys.version_info >= (3, 11):
@@ -221,7 +221,7 @@ def _flag(where: str, value: Any) -> bool:
     return value
 
 
-# numeric options of the measures besides the seed (every measure's, >= 0), checked up
+# numeric options of the measures besides the seed (every measure's, 0 to 2^62), checked up
 # front (the runs would fail only after training): key -> "int" (>= 1), "int0" (>= 0) or
 # "pos" (a number > 0)
 MEASURE_NUMBERS: dict[str, dict[str, str]] = {
@@ -245,12 +245,14 @@ MEASURE_NUMBERS: dict[str, dict[str, str]] = {
 
 
 def _check_measure_numbers(measure: str, options: Mapping[str, Any]) -> None:
-    for key, kind in {"seed": "int0", **MEASURE_NUMBERS.get(measure, {})}.items():
+    for key, kind in {"seed": "seed", **MEASURE_NUMBERS.get(measure, {})}.items():
         value, where = options.get(key), f"analysis.{measure}.{key}"
         if value is None:
             continue
         if kind == "pos":
             _number(where, value, positive=True)
+        elif kind == "seed":
+            check_seed(where, value)
         elif kind == "int0":
             _nonnegative_int(where, value)
         else:
@@ -410,7 +412,7 @@ def _validate_sweep(
 def _check_axis_value(where: str, axis: str, value: Any) -> Any:
     if axis in ("m", "seed", "batch_size", "epochs", "width", "depth"):
         if axis == "seed":
-            return _nonnegative_int(f"{where} values", value, "integers")
+            return check_seed(f"{where} values", value)
         return _positive_int(where, value)
     if axis == "label_noise":
         return _number(where, value, low=0.0, high=0.99)
@@ -472,7 +474,7 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
     if "batch_size" in values:
         plan.batch_size = _positive_int("analysis.batch_size", values["batch_size"])
     if "seed" in values:
-        plan.seed = _nonnegative_int("analysis.seed", values["seed"])
+        plan.seed = check_seed("analysis.seed", values["seed"])
     if "device" in values:
         from ..distributed import check_device_name
 

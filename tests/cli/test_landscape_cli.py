@@ -237,6 +237,11 @@ def test_no_progress_hides_the_bar(ckpts, tmp_path):
         (["--save-every", "-1"], "--save-every must be a finite number >= 0, got -1"),
         (["--span", "nan"], "--span must be a finite number > 0, got nan"),
         (["--max-points", "0"], "--max-points must be an integer >= 1, got 0"),
+        (
+            ["--seed", "99999999999999999999"],
+            "--seed must be an integer from 0 to 2^62, got 99999999999999999999",
+        ),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 2^62, got -1"),
         (["--chunk-size", "0"], "--chunk-size must be an integer >= 1, got 0"),
         (["--out", "{file}"], "--out {file} is a file; it must be a folder"),
         (["--out", "{file}/run"], "{file} is a file, not a folder"),

@@ -76,6 +76,7 @@ def test_msharpness_adaptive_linf_multistep(checkpoint, tmp_path):
     [
         (["--m", "1000"], "m = 1000 is larger than the 64 examples"),
         (["--m", "0"], "--m/--subset-size must be an integer >= 1, got 0"),
+        (["--seed", "-1"], "--seed must be an integer from 0 to 2^62, got -1"),
         (["--subset-size", "0"], "--m/--subset-size must be an integer >= 1, got 0"),
         (["--rho", "0"], "--rho must be a finite number > 0, got 0"),
         (["--norm", "l3"], "--norm must be one of l2, linf"),

@@ -375,6 +375,10 @@ def test_progress_bar_ends_at_its_count_and_no_progress_hides_it(checkpoint):
     ("extra", "message"),
     [
         (["--probes", "0"], "--probes must be an integer >= 1, got 0"),
+        (
+            ["--seed", "99999999999999999999"],
+            "--seed must be an integer from 0 to 2^62, got 99999999999999999999",
+        ),
         (["--lanczos-steps", "0"], "--lanczos-steps must be an integer >= 1, got 0"),
         (["--trace-probes", "4"], "--trace-probes 4 does not suit --trace-method hutchpp"),
         (["--trace-probes", "10"], "give a multiple of 3, at least 6"),

@@ -127,7 +127,8 @@ def test_analysis_epochs_that_are_not_multiples_of_the_first_are_all_saved():
             "unknown optimizer 'sgdd' in sweep.optimizer; choose one of: adam",
         ),
         ({"sweep": {"rho": [-1.0]}}, "sweep.rho must be in [0, inf], got -1.0"),
-        ({"sweep": {"seed": ["a"]}}, "sweep.seed values must be integers >= 0"),
+        ({"sweep": {"seed": ["a"]}}, "sweep.seed values must be an integer from 0 to 2^62"),
+        ({"sweep": {"seed": [2**63]}}, "sweep.seed values must be an integer from 0 to 2^62"),
         (
             {"sweep": {"optimizer": ["sgd"], "rho": {"sam": [0.1]}}},
             "names optimizer 'sam', which is not in sweep.optimizer",
@@ -185,8 +186,12 @@ def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, mes
     [
         # each was a traceback, silently read the other way, or failed only after every
         # run had trained
-        ({"seed": "abc"}, "analysis.seed must be an integer >= 0, got 'abc'"),
-        ({"seed": 1.5}, "analysis.seed must be an integer >= 0, got 1.5"),
+        ({"seed": "abc"}, "analysis.seed must be an integer from 0 to 2^62, got 'abc'"),
+        (
+            {"seed": 2**64},
+            "analysis.seed must be an integer from 0 to 2^62, got 18446744073709551616",
+        ),
+        ({"seed": 1.5}, "analysis.seed must be an integer from 0 to 2^62, got 1.5"),
         (
             {"average_sharpness": {"adaptive": "false"}},
             "analysis.average_sharpness.adaptive must be true or false, got 'false'",
@@ -200,7 +205,7 @@ def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, mes
             "analysis.m_sharpness.m 1024 is larger than the 128 examples of analysis.samples",
         ),
         ({"m_sharpness": {"rho": [0.0]}}, "analysis.m_sharpness.rho must be a number > 0"),
-        ({"m_sharpness": {"seed": "x"}}, "analysis.m_sharpness.seed must be an integer >= 0"),
+        ({"m_sharpness": {"seed": "x"}}, "analysis.m_sharpness.seed must be an integer from 0"),
         ({"spectrum": {"tol": "x"}}, "analysis.spectrum.tol must be a number"),
         ({"spectrum": {"k": 5, "max_steps": 2}}, "max_steps 2 is fewer than k 5"),
         ({"pac_bayes": {"num_draws": 0}}, "analysis.pac_bayes.num_draws must be a positive"),
