@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import signal
 import sys
 import warnings
 from typing import Any
@@ -142,4 +143,9 @@ for _name, _help in COMMANDS.items():
 
 def main() -> None:
     """Console entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code in (130, 143):  # stopped: the process ends, and a second Ctrl-C would
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # add an exit handler's traceback
+        raise

@@ -108,8 +108,16 @@ def stop_reason(exc: BaseException) -> str:
     return str(exc) if isinstance(exc, PeerLost) else "interrupted"
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _stop_once(signum: int, frame: Any) -> None:
+    """The first Ctrl-C or SIGTERM stops the command (KeyboardInterrupt, :class:`Terminated`);
+    later ones are ignored, so that a second Ctrl-C cannot cut short the saving of the
+    finished work and the line that says what was kept."""
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
+    raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 
 def guarded(fn: F) -> F:
@@ -118,7 +126,9 @@ def guarded(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         in_main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main else None
+        # a signal ignored from the start (a background job's SIGINT) stays ignored
+        watched = [n for n in STOP_SIGNALS if in_main and signal.getsignal(n) != signal.SIG_IGN]
+        previous = {n: signal.signal(n, _stop_once) for n in watched}
         try:
             return fn(*args, **kwargs)
         except SharpscopeError as exc:
@@ -148,8 +158,9 @@ def guarded(fn: F) -> F:
                 raise typer.Exit(interrupt_exit_code(exc)) from None
             fail("interrupted", code=interrupt_exit_code(exc))
         finally:
-            if in_main:  # None: a handler installed outside Python, which we cannot restore
-                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+            for number, handler in previous.items():
+                # None: a handler installed outside Python, which we cannot restore
+                signal.signal(number, signal.SIG_DFL if handler is None else handler)
 
     return wrapper  # type: ignore[return-value]
 

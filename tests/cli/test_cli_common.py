@@ -68,3 +68,44 @@ def test_warnings_are_printed_by_rank_0_alone(monkeypatch, capsys):
             UserWarning("--optimizer sgd replaces the config's sam"), UserWarning
         )
         assert ("warning: --optimizer sgd replaces" in capsys.readouterr().err) is shown
+
+
+def test_a_second_ctrl_c_does_not_cut_short_what_the_first_one_saves(capsys):
+    """A second Ctrl-C right after the first raised again inside the command's handler:
+    spectrum lost the finished parts it was writing and train the line naming last.pt."""
+    import signal
+    import time
+
+    import typer
+
+    from sharpscope.cli._common import guarded
+
+    saved = []
+
+    @guarded
+    def command():
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C, in the middle of the work
+            time.sleep(5)
+        except KeyboardInterrupt:
+            os.kill(os.getpid(), signal.SIGINT)  # the second, while the work is being saved
+            time.sleep(0.2)
+            saved.append("finished parts")
+            raise
+
+    before = {n: signal.getsignal(n) for n in (signal.SIGINT, signal.SIGTERM)}
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert {n: signal.getsignal(n) for n in before} == before  # in-process calls go on
+    assert stopped.value.exit_code == 130 and saved == ["finished parts"]
+    assert capsys.readouterr().err == "error: interrupted\n"
+
+
+def test_a_command_that_ends_normally_restores_the_signal_handlers():
+    import signal
+
+    from sharpscope.cli._common import guarded
+
+    before = signal.getsignal(signal.SIGINT)
+    assert guarded(lambda: 7)() == 7
+    assert signal.getsignal(signal.SIGINT) is before
