@@ -37,7 +37,9 @@ def _describe(status: dict[str, Any]) -> str:
 
 
 def _worker_init(counter: Any, gpus: list[str]) -> None:
-    """Pin a pool worker: one CPU thread, or the next GPU round robin."""
+    """Pin a pool worker: one CPU thread, or the next GPU round robin; and end it when the
+    study's process is gone."""
+    _exit_with_parent()
     with counter.get_lock():
         index = counter.value
         counter.value += 1
@@ -48,6 +50,24 @@ def _worker_init(counter: Any, gpus: list[str]) -> None:
 
         torch.set_num_threads(1)
         os.environ["OMP_NUM_THREADS"] = "1"
+
+
+def _exit_with_parent(every: float = 1.0) -> None:
+    """End this worker once its parent process is gone (killed with SIGKILL, or out of
+    memory): the pool's workers went on with the queued runs and then idled for good. A
+    daemon thread checks the parent's pid every ``every`` seconds; a run cut off this way
+    resumes from its checkpoint when the study is run again."""
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def visible_gpus() -> list[str]:

@@ -7,6 +7,7 @@ import json
 import math
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -403,6 +404,53 @@ def test_pool_workers_take_gpus_round_robin_and_one_cpu_thread(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+
+
+COORDINATOR = """
+import multiprocessing as mp
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+from sharpscope.study.executors import _worker_init
+
+if __name__ == "__main__":
+    context = mp.get_context("spawn")
+    pool = ProcessPoolExecutor(
+        1, mp_context=context, initializer=_worker_init, initargs=(context.Value("i", 0), [])
+    )
+    print(pool.submit(os.getpid).result(), flush=True)
+    pool.submit(time.sleep, 120)  # a long run, then nothing but waiting
+    time.sleep(120)
+"""
+
+
+def test_pool_workers_end_when_the_study_process_is_killed(tmp_path):
+    """After a SIGKILL of the study's process its workers went on with the queued runs and
+    then sat idle for good (re-parented to init)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "coordinator.py"
+    script.write_text(COORDINATOR)
+    coordinator = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    worker = int(coordinator.stdout.readline())
+    os.kill(coordinator.pid, signal.SIGKILL)
+    coordinator.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:  # gone, or a zombie left for a container's init that does not reap
+            if Path(f"/proc/{worker}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.2)
+    else:
+        os.kill(worker, signal.SIGKILL)
+        pytest.fail("the pool worker outlived its study process by 30 s")
 
 
 def test_reproduction_figures_from_a_study_folder(study, tmp_path):
