@@ -450,6 +450,17 @@ def _cycling_batches(split: DataSplit, batch_size: int, seed: int):
         epoch += 1
 
 
+def _mend_after_a_kill(out: Path, epoch: int, save_every: int) -> None:
+    """Before a resume: write ``epoch_NNN.pt`` of the checkpoint's own epoch if a kill cut
+    its write short (``last.pt`` is written first and holds the same state), and remove
+    the temporary files that killed writes left (``.last.pt.*.tmp``, one checkpoint each)."""
+    snapshot = out / f"epoch_{epoch:03d}.pt"
+    if save_every and epoch % save_every == 0 and not snapshot.exists():
+        atomic_write_bytes(snapshot, (out / "last.pt").read_bytes())
+    for leftover in out.glob(".*.pt.*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def train(
     config: TrainConfig,
     *,
@@ -575,6 +586,8 @@ def _train(
         # on resume, drop rows logged after the checkpoint we resume from
         rows = "".join(json.dumps(r) + "\n" for r in history) if resume else ""
         atomic_write_bytes(out / "metrics.jsonl", rows.encode())
+        if resume:
+            _mend_after_a_kill(out, start_epoch, config.save_every)
     if before_training is not None and info.is_main:
         before_training()
 

@@ -554,6 +554,32 @@ def test_the_largest_seed_trains(tmp_path, optimizer):
     assert summary.metrics["train_loss"] > 0
 
 
+def test_a_resume_writes_the_snapshot_a_kill_cut_short_and_removes_leftover_files(tmp_path):
+    """A SIGKILL after last.pt was written but during epoch_NNN.pt lost that snapshot for
+    good (the resumed run went on from the next epoch), and left temporary files behind."""
+    full = tmp_path / "full"
+    train(_config(full, save_every=1))
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    shutil.copy(full / "epoch_001.pt", cut / "last.pt")  # the state the kill left
+    shutil.copy(full / "config.json", cut / "config.json")
+    (cut / "metrics.jsonl").write_text((full / "metrics.jsonl").read_text().splitlines()[0] + "\n")
+    for leftover in (".epoch_001.pt.x1y2.tmp", ".last.pt.a9b8.tmp"):
+        (cut / leftover).write_bytes(b"half a checkpoint")
+    train(_config(cut, save_every=1), resume=True)
+    assert sorted(p.name for p in cut.iterdir()) == [
+        "config.json",
+        "epoch_001.pt",
+        "epoch_002.pt",
+        "last.pt",
+        "metrics.jsonl",
+    ]
+    assert (cut / "epoch_001.pt").read_bytes() == (full / "epoch_001.pt").read_bytes()
+    a = torch.load(full / "epoch_002.pt", weights_only=True)["state_dict"]
+    b = torch.load(cut / "epoch_002.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(value, b[key]) for key, value in a.items())
+
+
 def test_a_batch_size_the_processes_do_not_divide_names_sizes_that_they_do(tmp_path):
     mp.spawn(_batch_size_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
 
