@@ -491,7 +491,11 @@ def _peek(path: Path | None) -> LandscapeResult | None:
     return previous if previous.directions is not None else None
 
 
-def _load_partial(path: Path, settings: dict) -> LandscapeResult | None:
+def _load_partial(
+    path: Path, settings: dict, axes: list[Tensor], num_params: int
+) -> LandscapeResult | None:
+    """The partial result stored at ``path`` to resume from, if its settings and arrays
+    match this run (a hand-edited file with arrays of other sizes is refused)."""
     if not path.exists():
         return None
     try:
@@ -508,6 +512,29 @@ def _load_partial(path: Path, settings: dict) -> LandscapeResult | None:
             f"{path} holds a landscape with different settings ({', '.join(differing)}); "
             "delete it or choose another output to start a new one"
         )
+    shape = tuple(len(a) for a in axes)
+    expected = {
+        "loss": shape,
+        "accuracy": shape,
+        "computed": shape,
+        "directions": (len(axes), num_params),
+        "x": (shape[0],),
+        "y": (shape[1],) if len(shape) == 2 else None,
+    }
+    for name, wanted in expected.items():
+        array = getattr(previous, name)
+        found = None if array is None else tuple(array.shape)
+        if found != wanted:
+            raise SharpscopeError(
+                f"{path} holds a landscape whose {name} has shape {found}, not {wanted} as its "
+                "settings say (a damaged or edited file); delete it or choose another output"
+            )
+    for name, axis, stored in zip("xy", axes, (previous.x, previous.y)):
+        if not torch.equal(stored.double(), axis.double().cpu()):
+            raise SharpscopeError(
+                f"{path} holds a landscape whose {name} axis differs from the one its "
+                "settings say (a damaged or edited file); delete it or choose another output"
+            )
     return previous
 
 
@@ -730,7 +757,7 @@ def landscape(
 
         precomputed = precompute()
         settings["input_layers"] = precomputed.names if precomputed is not None else []
-        previous = _load_partial(path, settings) if path is not None else None
+        previous = _load_partial(path, settings, axes, layout.size) if path is not None else None
         if previous is not None:
             plan.directions = previous.directions.double()
             if not torch.equal(plan.directions.to(device, dtype), directions_dev):

@@ -508,6 +508,29 @@ def test_computed_is_a_bool_mask_and_files_with_0_1_floats_still_resume(tmp_path
     torch.testing.assert_close(resumed.loss, full.loss, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("damage", ["loss", "computed", "directions", "x", "x values"])
+def test_a_damaged_file_is_refused_on_resume(tmp_path, damage):
+    """A file whose arrays were cut was a reshape traceback (loss, computed) or, for the
+    directions and x, silently taken and written back."""
+    net = bn_cnn()
+    x, y = class_data(n=20, d=10)
+    kw = {"grid": 5, "vectorize": False, "seed": 2}
+    path = tmp_path / "run.npz"
+    landscape(net, (x, y), 2, out=path, max_points=8, **kw)
+    with np.load(path) as archive:
+        arrays = {key: archive[key] for key in archive.files}
+    name = damage.split()[0]
+    if damage == "x values":
+        arrays["x"] = arrays["x"] * 2
+    elif damage == "directions":
+        arrays["directions"] = arrays["directions"][:, :-1]
+    else:
+        arrays[name] = arrays[name][:3]
+    np.savez(path, **arrays)
+    with pytest.raises(SharpscopeError, match=f"whose {name} .*a damaged or edited file"):
+        landscape(net, (x, y), 2, out=path, **kw)
+
+
 class InterruptAfter:
     """Cross-entropy that raises after ``calls`` calls, noting the points ``path`` holds at
     each call (the loop makes one call per point, vmap one per block)."""
