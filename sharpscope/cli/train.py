@@ -301,10 +301,15 @@ def flags_named(values: dict[str, Any]) -> Iterator[None]:
         yield
     except SharpscopeError as exc:
         key, _, rest = str(exc).partition(" ")
-        given = values.get(key)
+        param, flag = RENAMED_FLAGS.get(key, (key, f"--{key.replace('_', '-')}"))
+        given = values.get(param)
         if rest and given is not None and not isinstance(given, (bool, dict, Path)):
-            raise SharpscopeError(f"--{key.replace('_', '-')} {rest}") from exc
+            raise SharpscopeError(f"{flag} {rest}") from exc
         raise
+
+
+# optimizer options whose flag has another name: option -> (parameter, flag)
+RENAMED_FLAGS = {"adaptive": ("adaptive_form", "--form")}
 
 
 def _log_epochs() -> None:

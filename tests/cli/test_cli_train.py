@@ -458,6 +458,7 @@ def test_flags_over_a_config_keep_its_options_for_the_same_names_and_its_base_se
         (["--batch-size", "0"], "--batch-size must be a positive integer, got 0"),
         (["--label-noise", "1.5"], "--label-noise must be in [0, 1), got 1.5"),
         (["--optimizer", "sam", "--rho", "-0.1"], "--rho must be a finite number >= 0"),
+        (["--optimizer", "asam", "--form", "bogus"], "--form must be one of elementwise"),
     ],
 )
 def test_errors_about_flags_name_the_flags(flags, message, tmp_path):
