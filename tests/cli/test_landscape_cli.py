@@ -245,7 +245,11 @@ def test_no_progress_hides_the_bar(ckpts, tmp_path):
         (["--chunk-size", "0"], "--chunk-size must be an integer >= 1, got 0"),
         (["--out", "{file}"], "--out {file} is a file; it must be a folder"),
         (["--out", "{file}/run"], "{file} is a file, not a folder"),
-        (["--out", "{folder}"], "--out {folder}/landscape.npz is a folder; give a file name"),
+        (
+            ["--out", "{folder}"],  # not "give a file name": the name is fixed
+            "--out {folder}: {folder}/landscape.npz is a folder, where the result file goes; "
+            "move it away or choose another --out",
+        ),
     ],
 )
 def test_bad_numbers_and_output_paths_fail_before_any_work(ckpts, tmp_path, extra, message):
