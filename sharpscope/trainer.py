@@ -170,6 +170,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
                 raise SharpscopeError(f"{name} must be a path, got {value!r}")
+            if isinstance(value, str) and not value.strip():  # it meant the working folder
+                raise SharpscopeError(f"{name} must be a folder path, got an empty one")
         for name in ("loss", "device"):
             if not isinstance(getattr(self, name), str):
                 raise SharpscopeError(f"{name} must be a string, got {getattr(self, name)!r}")

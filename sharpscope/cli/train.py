@@ -357,8 +357,8 @@ def register(app: typer.Typer) -> None:
         ),
         lr: Optional[float] = typer.Option(None, help="Learning rate of the (base) optimizer."),
         seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
-        out: Optional[Path] = typer.Option(
-            None, "--out", help="Output folder for checkpoints and metrics.jsonl."
+        out_text: Optional[str] = typer.Option(  # text: a Path would read "" as "."
+            None, "--out", metavar="<path>", help="Output folder for checkpoints and metrics.jsonl."
         ),
         resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt."),
         config: Optional[Path] = typer.Option(
@@ -515,9 +515,14 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
         from ..distributed import launched_as_main
+        from ..errors import SharpscopeError
         from ..io import load_training_state
         from ..trainer import train
 
+        if out_text is not None and not out_text.strip():  # it trained into the working folder
+            raise SharpscopeError("--out must be a folder path, got an empty one")
+        out = Path(out_text) if out_text is not None else None
+        del out_text
         values = dict(locals())
         check_float_flags(values)
         holds = "last.pt, the epoch checkpoints and metrics.jsonl"

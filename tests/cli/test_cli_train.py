@@ -261,6 +261,13 @@ def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path, suffix):
     assert result.output == f"error: {config} is not a {kind} file (not UTF-8 text)\n"
 
 
+def test_an_empty_out_is_refused_not_the_working_folder(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", *TINY, "--out", ""])
+    assert result.exit_code == 2 and not list(tmp_path.iterdir())
+    assert result.output == "error: --out must be a folder path, got an empty one\n"
+
+
 def test_every_optimizer_flag_maps_to_a_real_optimizer_option():
     """A flag whose spec key no optimizer accepts would be refused at run time (bug: --form)."""
     from sharpscope.cli.train import OPTIMIZER_FLAGS
