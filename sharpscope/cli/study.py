@@ -8,7 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from ._common import check_counts, check_output_folder, console, guarded
+from ..distributed import PeerLost
+from ._common import (
+    check_counts,
+    check_output_folder,
+    console,
+    fail,
+    guarded,
+    interrupt_exit_code,
+)
 
 StudyDirArg = Annotated[
     Path, typer.Argument(metavar="DIR", help="A study folder made by `sharpscope study run`.")
@@ -136,7 +144,16 @@ def register(app: typer.Typer) -> None:
             study_config.train["data_root"] = str(data_root)
         if workers is None:
             workers = default_workers() if executor == "local" else 1
-        summary = run_study(study_config, out, workers=workers, executor=executor, log=_log)
+        try:
+            summary = run_study(study_config, out, workers=workers, executor=executor, log=_log)
+        except KeyboardInterrupt as exc:  # the finished runs are on disk: say how to go on
+            if not isinstance(exc, PeerLost):
+                fail(
+                    f"interrupted; the runs finished so far are kept in {out}: run the same "
+                    "command again to resume the others",
+                    code=interrupt_exit_code(exc),
+                )
+            raise
         _log(
             f"{len(summary.done)} runs done, {len(summary.skipped)} skipped, "
             f"{len(summary.failed)} failed (diverged), {len(summary.errors)} errors "

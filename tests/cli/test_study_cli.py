@@ -208,5 +208,9 @@ def test_ctrl_c_stops_a_study_with_several_workers_at_once(tmp_path):
     assert time.monotonic() - started < 30, stderr  # 8 runs of 3000 epochs take minutes
     assert process.returncode == 130, stderr
     assert "Traceback" not in stderr
+    assert stderr.endswith(
+        f"error: interrupted; the runs finished so far are kept in {out}: run the same "
+        "command again to resume the others\n"
+    )
     states = [json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json")]
     assert states.count("done") < 8
