@@ -113,7 +113,7 @@ def register(app: typer.Typer) -> None:
         from ..study.config import builtin_config_names, load_builtin_config, load_study_config
         from ..study.executors import default_workers
         from ..study.report import write_report
-        from ..study.runner import run_study
+        from ..study.runner import default_out, run_study
 
         check_counts({"--workers": workers})
         if quick and config is not None:
@@ -142,6 +142,9 @@ def register(app: typer.Typer) -> None:
             study_config = load_study_config(config)
         if data_root is not None:
             study_config.train["data_root"] = str(data_root)
+        if out is None:  # the default folder is checked as a given one is
+            out = default_out(study_config)
+            check_output_folder("default --out", out, holds="the runs, results.csv and the report")
         if workers is None:
             workers = default_workers() if executor == "local" else 1
         try:

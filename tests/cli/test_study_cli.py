@@ -214,3 +214,15 @@ def test_ctrl_c_stops_a_study_with_several_workers_at_once(tmp_path):
     )
     states = [json.loads(p.read_text())["state"] for p in out.glob("runs/*/status.json")]
     assert states.count("done") < 8
+
+
+def test_the_default_study_folder_is_checked_before_any_work(tmp_path, monkeypatch):
+    """Without --out a folder that could not be made was a bare OS error ("Permission
+    denied: runs"); it is now checked and named as a given --out is."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").write_text("not a folder")
+    result = runner.invoke(app, ["study", "run", "--quick"])
+    assert result.exit_code == 2
+    assert result.output.startswith(
+        "error: default --out runs/studies/quick: runs is a file, not a folder"
+    ), result.output
