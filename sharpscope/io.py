@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pickle
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -84,7 +85,9 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
         what = "empty" if not head else "not a torch checkpoint (torch.save writes a zip file)"
         raise SharpscopeError(f"{path} is {what}; give a .pt file written by torch.save")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a plain pickle: the outcome below says what matters
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         first = first_line(exc)
         if "weights_only" in str(exc) or "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
