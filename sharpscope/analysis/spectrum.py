@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -40,6 +41,8 @@ BACKENDS = ("sharpscope", "pyhessian")
 TRACE_METHODS = ("hutchpp", "hutchinson")
 
 # Seeds of the three parts of spectrum(): top-k, trace and density draw independently.
+#: relative accuracy of float32 HVPs (analysis.md §2): a tighter tol is warned about
+FLOAT32_NOISE_FLOOR = 1e-6
 TRACE_SEED_OFFSET = 1
 DENSITY_SEED_OFFSET = 2
 
@@ -564,6 +567,15 @@ def _top_from_op(
         )
     if max_steps is None:
         max_steps = default_max_steps(k)
+    if op.dtype == torch.float32 and tol < FLOAT32_NOISE_FLOOR:
+        warnings.warn(
+            f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "
+            f"{FLOAT32_NOISE_FLOOR:g} relative): the converged flags then vouch for the Lanczos "
+            "recurrence, not for the eigenvalues to that accuracy; use dtype float64 "
+            "(--dtype float64) for a tighter tol",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     if block_size is not None:  # its options checked by the callers, before the operator
         pairs = block_lanczos_top_k(
             op, k, block_size=block_size, which=which, tol=tol, max_steps=max_steps, seed=seed
@@ -677,7 +689,8 @@ def top_eigenvalues(
         k: number of eigenvalues (5 gives λ1/λ5).
         loss: "cross_entropy", "mse", a factory path, or a callable (mean loss).
         which: "LA" largest algebraic (default), "SA" most negative, "LM" largest |λ|.
-        tol: relative Ritz-residual tolerance (1e-5; 1e-8 in float64 validation).
+        tol: relative Ritz-residual tolerance (1e-5; 1e-8 in float64 validation). Below
+            1e-6 in float32 a RuntimeWarning says the products are not that accurate.
         max_steps: m_max, the most Lanczos steps (default ``max(100, 2k + 10)``, as
             :func:`default_max_steps`; capped at P).
         batch_size: examples per forward pass (None: all at once).

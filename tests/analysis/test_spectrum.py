@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -91,6 +92,17 @@ def test_top5_matches_dense_eigvalsh(request, name, dtype, tol, bound):
     assert result.meta.extra["hvp_mode"] in ("forward", "reverse")
     assert result.meta.dtype == (dtype or "float32")
     case.model.eval()
+
+
+def test_a_float32_tol_below_the_noise_floor_is_warned_about(mlp):
+    """float32, tol 1e-10: λ1 was flagged converged (Ritz residual 6e-11) with a true
+    residual of 5e-7; the flag cannot vouch for more than the products' accuracy."""
+    with pytest.warns(RuntimeWarning, match="tol 1e-10 is below the noise floor of float32"):
+        top_eigenvalues(mlp.model, mlp.data, k=2, tol=1e-10, max_steps=12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # float64, or float32 at the default tol: silent
+        top_eigenvalues(mlp.model, mlp.data, k=2, tol=1e-10, max_steps=12, dtype="float64")
+        top_eigenvalues(mlp.model, mlp.data, k=2, max_steps=12)
 
 
 def test_more_than_100_eigenvalues_need_no_max_steps_from_python_either(mlp):
