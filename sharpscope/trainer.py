@@ -162,10 +162,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise SharpscopeError(f"{name} must be a positive integer, got {value!r}")
         check_seed("seed", self.seed)
-        if isinstance(self.save_every, bool) or not isinstance(self.save_every, int):
-            raise SharpscopeError(f"save_every must be an integer >= 0, got {self.save_every!r}")
-        if self.save_every < 0:
-            raise SharpscopeError(f"save_every must be an integer >= 0, got {self.save_every!r}")
+        every = self.save_every
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise SharpscopeError(f"save_every must be an integer >= 0, got {every!r}")
         for name in ("out", "data_root"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
@@ -293,7 +292,8 @@ def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     Kept as it is, not moved to ``SeedSequence`` like the analyses' generators: every
     saved run's data order depends on it, and resumes must stay bit-identical.
     """
-    # the modulus leaves every seed a run of an earlier version used as it was (< 2^63)
+    # modulo 2^63: the streams of seeds below about 2^41 stay as they were; larger ones
+    # overflowed torch's 64-bit seed
     return torch.Generator().manual_seed((((seed * 1_000_003) + epoch) * 7 + stream) % 2**63)
 
 
