@@ -40,9 +40,10 @@ from ._functional import analysis_meta
 BACKENDS = ("sharpscope", "pyhessian")
 TRACE_METHODS = ("hutchpp", "hutchinson")
 
-# Seeds of the three parts of spectrum(): top-k, trace and density draw independently.
 #: relative accuracy of float32 HVPs (analysis.md §2): a tighter tol is warned about
 FLOAT32_NOISE_FLOOR = 1e-6
+
+# Seeds of the three parts of spectrum(): top-k, trace and density draw independently.
 TRACE_SEED_OFFSET = 1
 DENSITY_SEED_OFFSET = 2
 

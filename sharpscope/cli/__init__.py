@@ -146,6 +146,8 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:
-        if exc.code in (130, 143):  # stopped: the process ends, and a second Ctrl-C would
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # add an exit handler's traceback
+        # stopped by a signal (exit 128 + its number): the process ends, and a second
+        # Ctrl-C would only add an exit handler's traceback
+        if exc.code in (128 + signal.SIGINT, 128 + signal.SIGTERM):
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise

@@ -147,7 +147,8 @@ def guarded(fn: F) -> F:
             if DEBUG["enabled"]:
                 raise
             if lost_peer(exc):  # a collective outside the commands' checked blocks
-                fail(stop_reason(peer_lost(exc)), code=1)
+                lost = peer_lost(exc)
+                fail(stop_reason(lost), code=interrupt_exit_code(lost))
             if not is_out_of_memory(exc):
                 raise
             fail(out_of_memory_line(exc, fn.__name__.removesuffix("_command")))

@@ -123,7 +123,8 @@ def register(app: typer.Typer) -> None:
                 f"--workers applies to --executor local; with {executor} every run is its own "
                 "job (resources from the [executor] table of the config)"
             )
-        check_output_folder("--out", out, holds="the runs, results.csv and the report")
+        holds = "the runs, results.csv and the report"
+        check_output_folder("--out", out, holds=holds)
         if quick:
             study_config = load_builtin_config("quick")
         elif config is None:
@@ -144,7 +145,7 @@ def register(app: typer.Typer) -> None:
             study_config.train["data_root"] = str(data_root)
         if out is None:  # the default folder is checked as a given one is
             out = default_out(study_config)
-            check_output_folder("default --out", out, holds="the runs, results.csv and the report")
+            check_output_folder("default --out", out, holds=holds)
         if workers is None:
             workers = default_workers() if executor == "local" else 1
         try:

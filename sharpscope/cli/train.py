@@ -569,8 +569,7 @@ def register(app: typer.Typer) -> None:
             epoch = load_training_state(last)["epoch"]
             fail(
                 f"{stop_reason(exc)}; {last} holds epoch {epoch}: run the same command with "
-                "--resume "
-                "to continue",
+                "--resume to continue",
                 code=interrupt_exit_code(exc),
             )
         if not summary.is_main:  # under torchrun only rank 0 reports
