@@ -268,3 +268,20 @@ class RecurrentClassifier(nn.Module):
 
     def forward(self, x):
         return self.head(self.rnn(x)[0][:, -1])
+
+
+def loss_that_kills_rank_1(after_calls: int) -> str:
+    """Source of a loss factory ``loss()`` whose cross-entropy ends rank 1 of a torchrun job
+    (``os._exit(9)``, as an out-of-memory kill would) once called ``after_calls`` times."""
+    return (
+        "import os\n"
+        "import torch\n\n\n"
+        f"def loss(calls={after_calls}):\n"
+        "    count = [0]\n\n"
+        "    def cross_entropy(out, target):\n"
+        "        count[0] += 1\n"
+        "        if os.environ.get('RANK') == '1' and count[0] > calls:\n"
+        "            os._exit(9)\n"
+        "        return torch.nn.functional.cross_entropy(out, target)\n\n"
+        "    return cross_entropy\n"
+    )

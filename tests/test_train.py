@@ -465,22 +465,33 @@ def _torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
 
 
+def _full_and_resumed_under_torchrun(tmp_path, args, processes=2):
+    """Checkpoints of a torchrun run straight through (``full``) and of the same run
+    restarted from its epoch-1 snapshot (``cut``); also the resumed call's output."""
+    full = _torchrun(
+        *args, "--save-every", "1", "--out", str(tmp_path / "full"), processes=processes
+    )
+    assert full.returncode == 0, full.stderr[-2000:]
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
+    resumed = _torchrun(
+        "train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress", processes=processes
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    return a, b, resumed
+
+
 @pytest.mark.parametrize("optimizer", ["bsam", "lets"])
 def test_torchrun_resume_is_bit_identical_with_per_rank_optimizer_state(tmp_path, optimizer):
     """bSAM's noise (seed + rank) and LETS' v differ per rank: each rank resumes its own."""
     args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", "mlp"]
     args += ["--model-opt", "width=16", "--model-opt", "depth=1", "--optimizer", optimizer]
     args += ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-progress"]
-    full = _torchrun(*args, "--save-every", "1", "--out", str(tmp_path / "full"))
-    assert full.returncode == 0, full.stderr[-2000:]
-    (tmp_path / "cut").mkdir()
-    shutil.copy(tmp_path / "full" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
-    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
-    resumed = _torchrun("train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b, resumed = _full_and_resumed_under_torchrun(tmp_path, args)
     assert "warning" not in resumed.stderr
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     assert len(a["rank_states"]) == 2
     for key, value in a["state_dict"].items():
         assert torch.equal(value, b["state_dict"][key]), key
@@ -503,18 +514,8 @@ def test_torchrun_resume_with_three_processes_is_bit_identical(tmp_path, optimiz
     args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", "mlp"]
     args += ["--model-opt", "width=16", "--model-opt", "depth=2", "--optimizer", optimizer]
     args += ["--epochs", "2", "--batch-size", "30", "--device", "cpu", "--no-progress"]
-    full = _torchrun(*args, "--save-every", "1", "--out", str(tmp_path / "full"), processes=3)
-    assert full.returncode == 0, full.stderr[-2000:]
-    (tmp_path / "cut").mkdir()
-    shutil.copy(tmp_path / "full" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
-    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
-    resumed = _torchrun(
-        "train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress", processes=3
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)["state_dict"]
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["state_dict"]
-    assert all(torch.equal(value, b[key]) for key, value in a.items())
+    a, b, _ = _full_and_resumed_under_torchrun(tmp_path, args, processes=3)
+    assert all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())
 
 
 def test_the_per_gradient_hook_averages_like_ddp():

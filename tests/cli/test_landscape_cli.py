@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 from sharpscope.analysis.landscape import LandscapeResult
 from sharpscope.cli import app
 
+from cases import loss_that_kills_rank_1
 from cases import write_checkpoint as write_spec_checkpoint
 
 runner = CliRunner()
@@ -311,17 +312,7 @@ def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_
     import subprocess
     import sys
 
-    (tmp_path / "dying.py").write_text(
-        "import os, torch\n"
-        "def loss(calls=20):\n"
-        "    count = [0]\n"
-        "    def cross_entropy(out, target):\n"
-        "        count[0] += 1\n"
-        "        if os.environ.get('RANK') == '1' and count[0] > calls:\n"
-        "            os._exit(9)\n"
-        "        return torch.nn.functional.cross_entropy(out, target)\n"
-        "    return cross_entropy\n"
-    )
+    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=20))
     out = tmp_path / "l"
     args = ["landscape", str(ckpts["a"]), "--grid", "9", *COMMON, "--out", str(out)]
     args += ["--no-plots", "--no-progress", "--save-every", "0", "--chunk-size", "4"]

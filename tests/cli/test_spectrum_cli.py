@@ -16,7 +16,7 @@ from sharpscope.data import load_data
 from sharpscope.io import save_checkpoint
 from sharpscope.registry import build_model
 
-from cases import SPECTRUM_JSON_KEYS
+from cases import SPECTRUM_JSON_KEYS, loss_that_kills_rank_1
 
 runner = CliRunner()
 SPEC = {"name": "mlp", "width": 8, "depth": 1}
@@ -491,23 +491,6 @@ def test_unconverged_deflated_eigenvalues_are_a_warning_line():
     assert "warning: 1 of the 2 deflated eigenvalues did not converge" in "\n".join(lines)
 
 
-LOSS_THAT_KILLS_RANK_1 = """
-import os
-import torch
-
-def loss(calls=45):
-    count = [0]
-
-    def cross_entropy(out, target):
-        count[0] += 1
-        if os.environ.get("RANK") == "1" and count[0] > calls:
-            os._exit(9)  # killed in the density (an out-of-memory kill, say)
-        return torch.nn.functional.cross_entropy(out, target)
-
-    return cross_entropy
-"""
-
-
 def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(checkpoint, tmp_path):
     """Rank 1 dies in the density: rank 0 printed gloo's 40-line traceback and wrote no
     JSON, though the top-k was done. It now says so in one line and keeps the top-k."""
@@ -515,7 +498,7 @@ def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(che
     import subprocess
     import sys
 
-    (tmp_path / "dying.py").write_text(LOSS_THAT_KILLS_RANK_1)
+    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=45))
     out = tmp_path / "s.json"
     args = [str(checkpoint), "--samples", "64", "--device", "cpu", "--skip", "trace"]
     args += ["--k", "2", "--max-steps", "20", "--tol", "1e-14", "--probes", "1"]
