@@ -7,6 +7,10 @@ sub-folders import it as ``from cases import ...``.
 from __future__ import annotations
 
 import contextlib
+import os
+import shutil
+import subprocess
+import sys
 
 import torch
 import torch.distributed as dist
@@ -126,8 +130,9 @@ def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def gloo_group(rank: int, world: int, port: int):
-    """A spawned test worker's gloo process group on 127.0.0.1:``port`` (one torch thread).
+def gloo_group(rank: int, world: int, port: int, backend: str = "gloo"):
+    """A spawned test worker's gloo process group on 127.0.0.1:``port`` (one torch thread;
+    ``backend="nccl"`` for CUDA tests).
 
     Its ranks meet at a barrier before the group is torn down: a rank destroying it while
     its peer still sent was seen to abort (SIGABRT, "terminate called without an active
@@ -135,7 +140,7 @@ def gloo_group(rank: int, world: int, port: int):
     """
     torch.set_num_threads(1)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
     try:
         yield
@@ -285,3 +290,30 @@ def loss_that_kills_rank_1(after_calls: int) -> str:
         "        return torch.nn.functional.cross_entropy(out, target)\n\n"
         "    return cross_entropy\n"
     )
+
+
+def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone ... -m sharpscope ARGS``, output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", str(processes), "-m", "sharpscope", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+
+def full_and_resumed_under_torchrun(tmp_path, args: list[str], processes: int = 2):
+    """Checkpoints of a torchrun run straight through (``full``) and of the same run
+    restarted from its epoch-1 snapshot (``cut``); also the resumed call's output."""
+    full = torchrun(
+        *args, "--save-every", "1", "--out", str(tmp_path / "full"), processes=processes
+    )
+    assert full.returncode == 0, full.stderr[-2000:]
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "full" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
+    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
+    resumed = torchrun(
+        "train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress", processes=processes
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
+    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
+    return a, b, resumed

@@ -24,7 +24,7 @@ from sharpscope.curvature import HessianOperator, dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
-from cases import fit_full_batch, full_and_resumed_runs
+from cases import fit_full_batch, free_port, full_and_resumed_runs, gloo_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -193,6 +193,33 @@ def test_deterministic_training_on_cuda_resumes_bit_identically(tmp_path, monkey
         assert states[0] is not None and states[0] == states[1]
     else:
         assert states == [None, None]
+
+
+def test_the_per_gradient_hook_runs_on_nccl():
+    """Training registers distributed.reduce_each_gradient with --deterministic on a GPU,
+    where DDP's backend is NCCL: its futures must chain there as on gloo (tested on CPU with
+    3 processes). One GPU allows one rank, whose average is its own gradient."""
+    torch.multiprocessing.spawn(_nccl_hook_worker, args=(free_port(),), nprocs=1, join=True)
+
+
+def _nccl_hook_worker(rank, port):
+    from sharpscope.distributed import reduce_each_gradient
+
+    torch.cuda.set_device(0)
+    with gloo_group(rank, 1, port, backend="nccl"):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).cuda()
+        x, y = torch.randn(20, 12).cuda(), torch.randint(0, 4, (20,)).cuda()
+        nn.functional.cross_entropy(net(x), y).backward()
+        plain = [p.grad.clone() for p in net.parameters()]
+        net.zero_grad(set_to_none=True)
+        ddp = nn.parallel.DistributedDataParallel(net, device_ids=[0])
+        ddp.register_comm_hook(None, reduce_each_gradient)
+        for _ in range(2):  # the first step and the one after DDP rebuilt its buckets
+            ddp.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(ddp(x), y).backward()
+            for p, g in zip(net.parameters(), plain):
+                torch.testing.assert_close(p.grad, g, rtol=0, atol=1e-7)
 
 
 def _cifar_sized_cnn(n: int, dtype: torch.dtype = torch.float32):

@@ -18,7 +18,14 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.io import load_checkpoint
 from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
-from cases import free_port, full_and_resumed_runs, gloo_group, write_cifar
+from cases import (
+    free_port,
+    full_and_resumed_runs,
+    full_and_resumed_under_torchrun,
+    gloo_group,
+    torchrun,
+    write_cifar,
+)
 
 
 def _config(tmp_path, **changes):
@@ -324,7 +331,7 @@ def test_under_torchrun_a_divergence_and_sync_bn_on_the_cpu_are_one_line_on_ever
     args = ["train", "--dataset", "digits", "--samples", "256", "--model", "mlp"]
     args += ["--model-opt", "width=16", "--batch-size", "32", "--epochs", "2", "--no-progress"]
     args += ["--device", "cpu", "--schedule", "constant"]
-    diverged = _torchrun(*args, "--lr", "1e6", "--out", str(tmp_path / "div"))
+    diverged = torchrun(*args, "--lr", "1e6", "--out", str(tmp_path / "div"))
     # torchrun's own report of the failed children follows (a traceback of its launcher);
     # none comes from the training processes
     assert diverged.returncode != 0 and "Connection closed" not in diverged.stderr
@@ -337,7 +344,7 @@ def test_under_torchrun_a_divergence_and_sync_bn_on_the_cpu_are_one_line_on_ever
         'sync_bn = true\ndataset = {name = "digits", samples = 128}\n'
         'model = {name = "mlp", width = 8, norm = "batch"}\nbatch_size = 32\nepochs = 1\n'
     )
-    synced = _torchrun(
+    synced = torchrun(
         "train",
         "--config",
         str(config),
@@ -458,39 +465,13 @@ def test_the_top_level_train_is_the_function_after_its_module_is_imported():
     assert not isinstance(ss.train, types.ModuleType) and ss.train is train
 
 
-def _torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-    command += ["--nproc_per_node", str(processes), "-m", "sharpscope", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-
-
-def _full_and_resumed_under_torchrun(tmp_path, args, processes=2):
-    """Checkpoints of a torchrun run straight through (``full``) and of the same run
-    restarted from its epoch-1 snapshot (``cut``); also the resumed call's output."""
-    full = _torchrun(
-        *args, "--save-every", "1", "--out", str(tmp_path / "full"), processes=processes
-    )
-    assert full.returncode == 0, full.stderr[-2000:]
-    (tmp_path / "cut").mkdir()
-    shutil.copy(tmp_path / "full" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
-    shutil.copy(tmp_path / "full" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
-    resumed = _torchrun(
-        "train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress", processes=processes
-    )
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
-    b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
-    return a, b, resumed
-
-
 @pytest.mark.parametrize("optimizer", ["bsam", "lets"])
 def test_torchrun_resume_is_bit_identical_with_per_rank_optimizer_state(tmp_path, optimizer):
     """bSAM's noise (seed + rank) and LETS' v differ per rank: each rank resumes its own."""
     args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", "mlp"]
     args += ["--model-opt", "width=16", "--model-opt", "depth=1", "--optimizer", optimizer]
     args += ["--epochs", "2", "--batch-size", "64", "--device", "cpu", "--no-progress"]
-    a, b, resumed = _full_and_resumed_under_torchrun(tmp_path, args)
+    a, b, resumed = full_and_resumed_under_torchrun(tmp_path, args)
     assert "warning" not in resumed.stderr
     assert len(a["rank_states"]) == 2
     for key, value in a["state_dict"].items():
@@ -514,7 +495,7 @@ def test_torchrun_resume_with_three_processes_is_bit_identical(tmp_path, optimiz
     args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", "mlp"]
     args += ["--model-opt", "width=16", "--model-opt", "depth=2", "--optimizer", optimizer]
     args += ["--epochs", "2", "--batch-size", "30", "--device", "cpu", "--no-progress"]
-    a, b, _ = _full_and_resumed_under_torchrun(tmp_path, args, processes=3)
+    a, b, _ = full_and_resumed_under_torchrun(tmp_path, args, processes=3)
     assert all(torch.equal(value, b["state_dict"][key]) for key, value in a["state_dict"].items())
 
 
