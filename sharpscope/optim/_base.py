@@ -326,6 +326,19 @@ def two_betas(value: Any) -> tuple[float, float]:
     return betas
 
 
+def check_momentum(value: Any) -> None:
+    """SGD's ``momentum`` in [0, 1), else one line: torch refuses only negative values,
+    and with 1 or more the steps grow without bound.
+
+    >>> check_momentum(0.9)
+    """
+    if isinstance(value, Real) and not isinstance(value, bool) and not 0 <= value < 1:
+        raise SharpscopeError(
+            "momentum must be in [0, 1) (the fraction of the last step kept; "
+            f"1 or more makes the steps grow without bound), got {value!r}"
+        )
+
+
 #: torch bases whose ``betas`` are two decays in [0, 1); torch checks only the ones it
 #: indexes (``[0.9]`` was an IndexError, three values a failure at the first step)
 _TWO_BETA_BASES: tuple[type[torch.optim.Optimizer], ...] = (
@@ -494,6 +507,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 raise SharpscopeError(f"{key} must be a number, got {value!r}")
         if "betas" in base_kwargs and issubclass(base, _TWO_BETA_BASES):
             two_betas(base_kwargs["betas"])
+        check_momentum(base_kwargs.get("momentum"))
         self._check_fits_dtype({"rho": self.rho, **base_kwargs})
         try:
             self.base = base(self.param_groups, **base_kwargs)

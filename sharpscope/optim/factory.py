@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..errors import SharpscopeError
-from ._base import SharpnessAware, SinglePass, two_betas
+from ._base import SharpnessAware, SinglePass, check_momentum, two_betas
 from .asam import ASAM
 from .bsam import BSAM
 from .lets import INNER_OPTIONS, LETS
@@ -213,6 +213,7 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
         out = {"name": name, **defaults, **given}
         if "betas" in out:  # a TOML/JSON list becomes a tuple; a bad value is one line now
             out["betas"] = two_betas(out["betas"])
+        check_momentum(out.get("momentum"))
         return out
     variant = copy.deepcopy(_VARIANTS[name])
     base_spec = given.pop("base", None)
@@ -237,6 +238,7 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
     base_full = {"name": base_name, **base_defaults, **top_base, **base_spec}
     if "betas" in base_full:
         base_full["betas"] = two_betas(base_full["betas"])
+    check_momentum(base_full.get("momentum"))
     return {"name": name, **variant, **given, "base": base_full}
 
 

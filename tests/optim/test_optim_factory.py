@@ -119,6 +119,28 @@ def test_adam_betas_of_the_wrong_length_are_one_line_when_the_spec_is_resolved(s
         build_optimizer(spec, mlp(), num_data=10)
 
 
+@pytest.mark.parametrize(
+    "spec",
+    [
+        {"name": "sgd", "momentum": 2.0},
+        {"name": "sam", "momentum": 1},
+        {"name": "vasso", "base": {"name": "sgd", "momentum": 1.5}},
+    ],
+)
+def test_momentum_of_one_or_more_is_one_line(spec):
+    """torch's SGD takes any momentum >= 0; with 1 or more the steps grow without bound."""
+    with pytest.raises(SharpscopeError, match=r"^momentum must be in \[0, 1\)"):
+        resolve_optimizer_spec(spec)
+    with pytest.raises(SharpscopeError, match=r"^momentum must be in \[0, 1\)"):
+        build_optimizer(spec, mlp(), num_data=10)
+
+
+def test_the_classes_refuse_momentum_of_one_or_more_too():
+    with pytest.raises(SharpscopeError, match=r"^momentum must be in \[0, 1\) .*got 1.0$"):
+        SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=1.0)
+    SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.99)
+
+
 def test_options_list_every_flag():
     sam = optimizer_options("sam")
     assert {
