@@ -368,6 +368,30 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         )
 
 
+def _warn_unusual_settings(config: TrainConfig, base_lrs: list[float], world_size: int) -> None:
+    """Warn about settings that train but hardly as meant: a zero learning rate, a warm-up
+    as long as the run, and m-sharpness groups no smaller than the batch."""
+    if all(lr == 0 for lr in base_lrs):
+        warnings.warn("lr is 0: the weights never change", stacklevel=3)
+    warmup = float(config.schedule.get("warmup_epochs", 0))
+    if warmup > 0 and warmup >= config.epochs:
+        warnings.warn(
+            f"warmup_epochs {warmup:g} is not shorter than the run ({config.epochs} epochs): "
+            "the learning rate rises for the whole run and its schedule after the warm-up "
+            "never starts",
+            stacklevel=3,
+        )
+    m = config.optimizer.get("m")
+    per_rank = config.batch_size // world_size
+    if isinstance(m, int) and m >= per_rank:
+        where = " per process" if world_size > 1 else ""
+        warnings.warn(
+            f"m {m} is not smaller than the batch of {per_rank} examples{where}: every step "
+            "perturbs with the whole batch's gradient, as without m",
+            stacklevel=3,
+        )
+
+
 def _warn_other_world_size(state: Mapping[str, Any], info: DistInfo, path: Path) -> None:
     """Warn when a run resumes with another number of processes than wrote its checkpoint:
     the per-rank batch changes (BatchNorm statistics, a per-rank perturbation, bSAM's
@@ -590,6 +614,8 @@ def _train(
         atomic_write_bytes(out / "metrics.jsonl", rows.encode())
         if resume:
             _mend_after_a_kill(out, start_epoch, config.save_every)
+    if info.is_main:
+        _warn_unusual_settings(config, scheduler.base_lrs, info.world_size)
     if before_training is not None and info.is_main:
         before_training()
 

@@ -736,3 +736,30 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     config = _config(tmp_path / "run", data_root="data")
     assert config.data_root == str(tmp_path / "data")
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"optimizer": {"name": "sgd", "lr": 0.0}}, "lr is 0: the weights never change"),
+        (
+            {"schedule": {"name": "cosine", "warmup_epochs": 2}},
+            r"warmup_epochs 2 is not shorter than the run \(2 epochs\)",
+        ),
+        (
+            {"optimizer": {"name": "sam", "m": 64}},
+            "m 64 is not smaller than the batch of 64 examples: every step perturbs with the whole",
+        ),
+    ],
+)
+def test_settings_that_train_but_hardly_as_meant_are_warned_about(tmp_path, changes, message):
+    with pytest.warns(UserWarning, match=message) as caught:
+        train(_config(tmp_path, epochs=2, **changes))
+    assert len(caught) == 1  # the other two checks stay silent
+
+
+def test_ordinary_settings_train_without_warnings(tmp_path):
+    changes = {"optimizer": {"name": "sam", "m": 32}, "schedule": {"warmup_epochs": 1}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(_config(tmp_path, **changes))
