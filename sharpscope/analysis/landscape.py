@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
-from ..device_memory import FittingRows
+from ..device_memory import FittingRows, available_memory_bytes
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
@@ -407,6 +407,30 @@ def _axis(values: Any, name: str) -> Tensor:
     return axis
 
 
+#: host bytes per grid point: its coordinates (float64), loss and accuracy grids (float64,
+#: and their copies written to landscape.npz) and the computed mask, rounded up
+BYTES_PER_GRID_POINT = 64
+
+
+def _check_grid_fits_memory(
+    dims: int, grid: int, x: Sequence[float] | Tensor | None, y: Sequence[float] | Tensor | None
+) -> None:
+    """One line when the grid's coordinates and results cannot fit the free host memory
+    (``grid=100000`` in 2-D is 1e10 points: it ran out of memory with advice about batches)."""
+    sizes = [len(x) if x is not None else grid]
+    if dims == 2:
+        sizes.append(len(y) if y is not None else grid)
+    points = math.prod(sizes)
+    free = available_memory_bytes()
+    need = points * BYTES_PER_GRID_POINT
+    check(
+        free is None or need <= free,
+        f"a {' x '.join(map(str, sizes))} grid is {points:.3g} points, whose coordinates and "
+        f"results need about {need / 2**30:.3g} GiB; {(free or 0) / 2**30:.3g} GiB "
+        "of memory is free: use a smaller grid",
+    )
+
+
 def _default_axes(plan: _Plan, dims: int, grid: int, span: float) -> list[Tensor]:
     if plan.kind == "pca":
         axes = []
@@ -658,6 +682,7 @@ def landscape(
     check(norm in NORMS, f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
     check(bias in BIAS_MODES, f"unknown bias mode '{bias}'; choose one of {', '.join(BIAS_MODES)}")
     check(max_points is None or max_points >= 1, f"max_points must be >= 1, got {max_points}")
+    _check_grid_fits_memory(dims, grid, x, y)
     check(
         not (vectorize and precompute_input),
         "precompute_input is for the per-point loop (vectorize=False)",

@@ -705,6 +705,8 @@ def test_loop_leaves_the_model_and_a_pending_graph_untouched_even_when_interrupt
         ({"bias": "drop"}, "unknown bias mode"),
         ({"directions": "pca"}, "unknown directions"),
         ({"directions": "random", "states": True}, "interpolation only"),
+        # 1e10 points: their coordinates alone ran out of memory, with advice about batches
+        ({"dims": 2, "grid": 100_000}, r"100000 x 100000 grid is 1e\+10 points.*smaller grid"),
     ],
 )
 def test_bad_input_raises_one_clear_error(kwargs, message):
