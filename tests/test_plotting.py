@@ -242,7 +242,7 @@ def test_log_unit_density_marks_the_outliers_in_log_units():
     marked = [line.get_xdata()[0] for line in ax.lines[1:]]
     np.testing.assert_allclose(marked, np.log(np.array([5.0, 2.0]) + 1e-5))
     assert ax.get_xlabel() == "ln(|eigenvalue| + 1e-5)"
-    assert [t.get_text() for t in ax.texts] == ["λ1=5"]
+    assert ax.get_legend_handles_labels()[1][1] == "top 2 eigenvalues, λ1 = 5"
     assert ax.get_yscale() == "log"
 
 
@@ -464,7 +464,8 @@ def test_overlaid_spectra_get_their_own_colours_and_legend_entries():
     assert [c.get_color() for c in curves] == [PALETTE[0], PALETTE[1]]
     assert [m.get_color() for m in marks] == [PALETTE[0]] * 2 + [PALETTE[1]] * 2
     labels = ax.get_legend_handles_labels()[1]
-    assert labels == ["SGD", "top eigenvalues (SGD)", "SAM", "top eigenvalues (SAM)"]
+    assert labels == ["SGD", "SGD: top 2, λ1 = 5", "SAM", "SAM: top 2, λ1 = 5"]
+    assert not ax.texts  # a λ1 label beside its mark ran into the other spectrum's marks
     ax = plot_spectrum(density, label="SAM", color=optimizer_color("sam")).axes[0]
     assert {line.get_color() for line in ax.lines} == {optimizer_color("sam")}
 
@@ -491,6 +492,20 @@ def test_surface_axes_keep_few_ticks_and_the_spectrum_legend_has_a_box():
         assert len([t for t in ticks if -1.0 <= t <= 1.0]) <= 6  # the default drew 9
     legend = plot_spectrum(log_density(), label="SAM").axes[0].get_legend()
     assert legend.get_frame_on() and legend.get_frame().get_alpha() >= 0.9
+
+
+@pytest.mark.parametrize("overlays", [1, 2, 3])
+def test_the_spectrum_legend_sits_above_every_curve_and_mark(overlays):
+    """The marks ran the full height of the axes, through the legend."""
+    ax = None
+    for i in range(overlays):
+        density = dataclasses.replace(log_density(), values=log_density().values * 10.0**i)
+        ax = plot_spectrum(density, ax=ax, label=f"run {i}").axes[0]
+    ax.figure.draw_without_rendering()
+    legend_bottom = ax.get_legend().get_window_extent().y0
+    for line in ax.get_lines():
+        points = ax.transData.transform(np.column_stack([line.get_xdata(), line.get_ydata()]))
+        assert points[:, 1].max() < legend_bottom, line.get_label()
 
 
 def test_plotting_leaves_the_callers_matplotlib_settings_as_they_were():

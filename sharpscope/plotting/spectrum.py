@@ -59,6 +59,17 @@ def _shared_caption(ax: Any, parts: list[str]) -> str:
     return wrap_parts(shared)
 
 
+def _raise_the_ceiling_above(ax: Any, legend: Any) -> None:
+    """Set the y axis' top (log scale) so that the legend, in the upper right, sits above
+    every curve and eigenvalue mark of ``ax``: free headroom sized to the legend's height."""
+    ax.figure.draw_without_rendering()  # the final layout: the axes' and legend's heights
+    legend_share = legend.get_window_extent().height / ax.get_window_extent().height
+    below = max(1.0 - legend_share - 0.05, 0.3)  # the share of the axes the data may use
+    highest = max(float(np.nanmax(line.get_ydata())) for line in ax.get_lines())
+    low = np.log10(FLOOR)
+    ax.set_ylim(FLOOR, 10 ** (low + (np.log10(max(highest, FLOOR * 10)) - low) / below))
+
+
 @styled
 def plot_spectrum(
     result: Any, ax: Any = None, *, label: str | None = None, color: str | None = None
@@ -89,41 +100,32 @@ def plot_spectrum(
         raise SharpscopeError("the spectral density has no finite values to plot (a NaN loss?)")
     values = np.maximum(np.asarray(density.values, dtype=float), FLOOR)
     ax.semilogy(grid, values, color=color, label=label or "density")
-    # three decades of headroom above the highest curve: the legend (upper right) sits there
-    # instead of on the density
-    ceiling = max(ax.get_ylim()[1], float(np.nanmax(values)) * 1e3)
-    ax.set_ylim(FLOOR, ceiling)
     log_units = str(getattr(density, "units", "eigenvalue")).startswith("log")
-    for i, value in enumerate(top):
-        x = np.log(abs(value) + 1e-5) if log_units else value
-        ax.axvline(
-            x,
-            color=color,
-            linestyle="--",
-            linewidth=0.7,
-            label=(f"top eigenvalues ({label})" if label else "top eigenvalues")
-            if i == 0
-            else None,
-        )
     if top.size:
-        ax.annotate(
-            f"λ1={top.max():.3g}",
-            xy=(np.log(abs(top.max()) + 1e-5) if log_units else top.max(), FLOOR),
-            xytext=(2, 12),
-            textcoords="offset points",
-            rotation=90,
-            fontsize=6,
-            color=color,
-        )
+        # marks from the floor to a decade above this curve's peak; λ1 goes in the legend
+        # (a label beside its mark ran into the other spectrum's marks, or off the axes)
+        mark_top = float(np.nanmax(values)) * 10
+        for i, value in enumerate(top):
+            x = np.log(abs(value) + 1e-5) if log_units else value
+            what = f"{label}: top {top.size}" if label else f"top {top.size} eigenvalues"
+            ax.plot(
+                [x, x],
+                [FLOOR, mark_top],
+                color=color,
+                linestyle="--",
+                linewidth=0.7,
+                label=f"{what}, λ1 = {top.max():.3g}" if i == 0 else None,
+            )
     ax.set_xlabel("ln(|eigenvalue| + 1e-5)" if log_units else "eigenvalue")
     ax.set_ylabel("density")
     # a narrow spectrum (H ≈ c·I) would get an offset ("1e-6+6.93e-1") over the x label
     ax.xaxis.get_major_formatter().set_useOffset(False)
     ax.yaxis.set_minor_locator(NullLocator())  # a comb of minor ticks over 10 decades
     ax.set_title(_shared_caption(ax, _caption_parts(density, meta)), fontsize=6)
-    # the top eigenvalues are always at the right: an opaque legend box keeps their
-    # dashed marks from running through its text
-    ax.legend(loc="upper right", frameon=True, framealpha=0.9, facecolor="white", edgecolor="none")
+    legend = ax.legend(
+        loc="upper right", frameon=True, framealpha=0.9, facecolor="white", edgecolor="none"
+    )
+    _raise_the_ceiling_above(ax, legend)
     return fig
 
 
