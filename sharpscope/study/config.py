@@ -63,7 +63,8 @@ defaults as analysis.md section 5 gives them for studies: m 128, rho [0.05, 0.1]
 (``epsilon``, default [1e-3, 5e-4], ``iterations``, ``subspace_dim``), ``pac_bayes`` (``magnitude_aware``,
 ``target_drop``, ``num_draws``, ...) and ``landscape`` (``dims``, ``grid``, ``span``,
 ``directions``, ``norm``, ``bias``, ``interpolate = [["sgd", "sam"]]`` for the line
-between the final solutions of two optimizers that share every other hyperparameter).
+between the final solutions of two optimizers that share every other hyperparameter: one
+file per pair, ``pairs/A__B__TAG.npz``, TAG the pair's swept values, e.g. ``rho0.1-lr0.05-s0``).
 The weight norm is always recorded.
 
 **Unknown keys or values** raise :class:`~sharpscope.errors.SharpscopeError` with one
@@ -689,6 +690,13 @@ def study_config_from_dict(
     optimizers = _validate_optimizers(values.get("optimizers", {}))
     sweep = _validate_sweep(values.get("sweep", {}), optimizers)
     analysis = _validate_analysis(values.get("analysis", {}))
+    for pair in (analysis.measures.get("landscape") or {}).get("interpolate", []):
+        for label in pair:
+            if label not in sweep["optimizer"]:
+                raise _fail(
+                    f"analysis.landscape.interpolate names optimizer '{label}', which is not in "
+                    f"sweep.optimizer ({', '.join(sweep['optimizer'])})"
+                )
     executor = _validate_executor(values.get("executor", {}))
     config = StudyConfig(
         name=str(study.get("name", name)),

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -443,9 +444,8 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         for path in pairs:
             record = read_record(path)
             a, b, tag = path.stem.split("__")
-            seed = tag[1:] if tag.startswith("s") else tag
             names = (optimizer_label(a), optimizer_label(b))
-            curves[f"{names[0]} → {names[1]} (seed {seed})"] = (
+            curves[f"{names[0]} → {names[1]} ({_pair_caption(tag)})"] = (
                 _axes_of(record)[0],
                 np.asarray(record["loss"], float).ravel(),
             )
@@ -464,6 +464,18 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     if not written:
         raise SharpscopeError(f"no landscape results in {study_dir}; was the study run?")
     return written, summary
+
+
+def _pair_caption(tag: str) -> str:
+    """A pair file's tag for a legend.
+
+    >>> _pair_caption("rho0.1-lr0.05-s0"), _pair_caption("s2")
+    ('rho0.1, lr0.05, seed 0', 'seed 2')
+    """
+    parts = tag.split("-")
+    if re.fullmatch(r"s\d+", parts[-1]):
+        parts[-1] = f"seed {parts[-1][1:]}"
+    return ", ".join(parts)
 
 
 def trained_on(study_dir: Path) -> str:

@@ -37,8 +37,8 @@ from .. import __version__
 from ..errors import SharpscopeError
 from ..registry import absolute_spec
 from ..results import atomic_write_bytes, eval_rows, read_metrics_rows, to_jsonable, write_json
-from .config import StudyConfig, study_config_from_dict
-from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, swept_axes
+from .config import AXIS_SHORT, StudyConfig, study_config_from_dict
+from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, format_value, sanitize_name, swept_axes
 
 FORMAT = "sharpscope-study"
 VERSION = 1
@@ -507,24 +507,43 @@ def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------- pairs
+#: hyperparameters that belong to one optimizer (its radius, its group size): a pair's two
+#: runs may differ in them; in every other one they agree, or one of them has none
+_OWN_AXES = ("optimizer", "optimizer_name", "base", "rho", "m")
+
+
 def _pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSpec, str]]:
-    """Runs of optimizers ``a`` and ``b`` that share every non-optimizer hyperparameter."""
-    shared = ("batch_size", "epochs", "label_noise", "seed", "model", "width", "depth")
+    """Every run of optimizer ``a`` with every run of ``b`` that shares its hyperparameters
+    (seed, lr, label noise, ...; SGD's missing ρ matches each of SAM's), and a tag that tells
+    the pairs apart: the swept values, e.g. ``"rho0.1-lr0.05-s0"`` (``"s0"`` when only the
+    seed is swept)."""
 
-    def key(run: RunSpec) -> tuple:
-        return tuple(json.dumps(run.params.get(k)) for k in shared)
+    def shared(x: RunSpec, y: RunSpec) -> bool:
+        return all(
+            x.params.get(k) is None or y.params.get(k) is None or x.params[k] == y.params[k]
+            for k in set(x.params) | set(y.params)
+            if k not in _OWN_AXES
+        )
 
-    firsts: dict[tuple, dict[str, RunSpec]] = {}
-    for run in runs:
-        label = run.params["optimizer"]
-        if label in (a, b):
-            firsts.setdefault(key(run), {}).setdefault(label, run)
-    out = []
-    for group in firsts.values():
-        if a in group and b in group:
-            tag = f"s{group[a].params['seed']}"
-            out.append((group[a], group[b], tag))
-    return out
+    def tag(x: RunSpec, y: RunSpec) -> str:
+        parts: list[str] = []
+        for key in x.swept:
+            if key in ("optimizer", "seed"):
+                continue
+            for value in (x.params.get(key), y.params.get(key)):
+                part = f"{AXIS_SHORT[key]}{format_value(value)}" if value is not None else None
+                if part is not None and part not in parts:
+                    parts.append(part)
+        return sanitize_name("-".join([*parts, f"s{x.params['seed']}"]))
+
+    labelled = [(r, r.params["optimizer"]) for r in runs]
+    return [
+        (x, y, tag(x, y))
+        for x, first in labelled
+        if first == a
+        for y, second in labelled
+        if second == b and shared(x, y)
+    ]
 
 
 def pair_path(study_dir: Path, a: str, b: str, tag: str) -> Path:

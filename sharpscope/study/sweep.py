@@ -176,7 +176,8 @@ def _model_label(spec: dict[str, Any]) -> str:
     return f"{name}_{digest}"
 
 
-def _sanitize(text: str) -> str:
+def sanitize_name(text: str) -> str:
+    """``text`` with anything but letters, digits and ._+- replaced: a file or folder name."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
 
 
@@ -352,7 +353,7 @@ def _assign_ids(runs: list[RunSpec], axes: Iterable[str]) -> None:
                 continue
             parts.append(f"{AXIS_SHORT[key]}{format_value(value)}")
         parts.append(f"s{run.params['seed']}")
-        run.run_id = _sanitize("-".join(parts))
+        run.run_id = sanitize_name("-".join(parts))
         run.swept = list(swept)
     seen: dict[str, int] = {}
     for run in runs:

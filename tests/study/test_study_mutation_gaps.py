@@ -152,6 +152,11 @@ def test_keskar_columns_are_measures():
             "analysis.landscape.interpolate must be a list of optimizer pairs",
         ),
         ({"study": {"reproduction": "z"}}, "unknown study.reproduction 'z'; choose one of: a"),
+        (  # was accepted, and no interpolation was computed or reported
+            {"analysis": {"landscape": {"interpolate": [["sgd", "adam"]]}}},
+            "analysis.landscape.interpolate names optimizer 'adam', which is not in "
+            "sweep.optimizer (sgd)",
+        ),
     ],
     ids=[
         "zero-int",
@@ -165,6 +170,7 @@ def test_keskar_columns_are_measures():
         "base-sam",
         "interpolate",
         "reproduction",
+        "interpolate-unknown",
     ],
 )
 def test_more_bad_configs_raise_one_line(sections, message):
@@ -659,6 +665,34 @@ def test_interpolation_pairs_share_the_seed_and_wait_for_both_runs(by_hand):
         path.write_bytes(b"")
     run_pairs(by_hand, with_pairs, runs, log=lambda message: None)
     assert not pair_path(by_hand, "sgd", "sam", "s3").exists()
+
+
+def test_interpolation_pairs_agree_in_every_swept_hyperparameter_and_have_their_own_files():
+    """With lr and label noise swept, all SGD -> SAM pairs were tagged by the seed alone:
+    one file was written and the others skipped as done; and only SGD's first lr was paired."""
+    from sharpscope.study.runner import _pair_runs
+
+    plan = config(
+        sweep={
+            "optimizer": ["sgd", "sam"],
+            "rho": {"sam": [0.05, 0.1]},
+            "lr": [0.05, 0.2],
+            "label_noise": [0.0, 0.2],
+            "seed": [0],
+        }
+    )
+    pairs = _pair_runs(expand_sweep(plan), "sgd", "sam")
+    assert len(pairs) == 8  # 2 lr x 2 noise, each with both radii
+    for a, b, _ in pairs:
+        assert (a.params["lr"], a.params["label_noise"]) == (
+            b.params["lr"],
+            b.params["label_noise"],
+        )
+    tags = [tag for _, _, tag in pairs]
+    assert len(set(tags)) == 8
+    assert "rho0.1-lr0.2-noise0.2-s0" in tags
+    plain = config(sweep={"optimizer": ["sgd", "sam"], "seed": [0, 1]})
+    assert [t for _, _, t in _pair_runs(expand_sweep(plain), "sgd", "sam")] == ["s0", "s1"]
 
 
 # --------------------------------------------------------------------------- shipped settings
