@@ -694,3 +694,23 @@ def test_four_spectra_are_two_by_two_with_given_titles():
     assert axes[0].get_subplotspec().get_gridspec().get_geometry() == (2, 2)
     assert axes[1].get_title() == "SAM ρ=0.05" and axes[2].get_title() == "ASAM"
     assert [line.get_linestyle() for line in axes[0].lines] == ["--", "-"]  # last epoch solid
+
+
+def test_study_contours_label_a_narrow_loss_range_with_enough_digits():
+    """Losses from 2.28 to 2.42 read "2.3" on four of the five colour-bar ticks."""
+    alpha = beta = np.linspace(-1, 1, 7)
+    loss = 2.28 + 0.14 * (alpha[:, None] ** 2 + beta[None, :] ** 2) / 2
+    fig = study_plots.plot_contours({"sgd": (alpha, beta, loss), "sam": (alpha, beta, loss)})
+    bar = fig.axes[-1]
+    labels = [t.get_text() for t in bar.get_yticklabels()]
+    assert len(labels) == 5 and len(set(labels)) == 5, labels
+    contour_labels = {t.get_text() for t in fig.axes[0].texts}  # a level may be labelled twice
+    assert len(contour_labels) >= 3, contour_labels  # they read 2.3 and 2.4
+
+
+def test_several_interpolations_of_one_optimizer_pair_get_their_own_colours():
+    """All SGD -> SAM curves were drawn in SGD's black."""
+    x = np.linspace(-0.5, 1.5, 5)
+    curves = {f"sgd → sam (seed {s})": (x, x**2 + s) for s in range(3)}
+    ax = study_plots.plot_curves_1d(curves).axes[0]
+    assert len({line.get_color() for line in ax.get_lines()[:3]}) == 3

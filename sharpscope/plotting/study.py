@@ -588,8 +588,12 @@ def plot_curves_1d(
         fig, ax = new_figure(columns, aspect=0.75)
     else:
         fig = ax.figure
+    colors = [_color(label.split("-")[0], i) for i, label in enumerate(curves)]
+    if len(set(colors)) < len(colors):  # several curves of one optimizer (interpolations)
+        colors = [PALETTE[i % len(PALETTE)] for i in range(len(colors))]
     for index, (label, (x, y)) in enumerate(curves.items()):
-        ax.plot(x, y, color=_color(label.split("-")[0], index), label=optimizer_label(label))
+        style = LINE_STYLES[index // len(PALETTE) % len(LINE_STYLES)]
+        ax.plot(x, y, color=colors[index], linestyle=style, label=optimizer_label(label))
     for name, position in (marks or {}).items():
         ax.axvline(position, color="0.5", linewidth=0.6, linestyle=":")
         ax.annotate(
@@ -651,7 +655,8 @@ def plot_contours(
             colors="white",
             linewidths=0.5,
         )
-        ax.clabel(lines, inline=True, fontsize=6, fmt="%.2g")
+        shown = bounds[2::4]
+        ax.clabel(lines, inline=True, fontsize=6, fmt=dict(zip(shown, distinct_labels(shown))))
         ax.set_title(optimizer_label(label.split("-")[0]) if "-" not in label else label)
         ax.set_xlabel(r"$\alpha$")
         ax.set_aspect("equal")
@@ -661,9 +666,25 @@ def plot_contours(
     if contour is not None:
         bar = fig.colorbar(contour, ax=axes, label="train loss (log scale)", shrink=0.9, pad=0.02)
         ticks = np.geomspace(bounds[0], bounds[-1], 5)
-        bar.set_ticks(ticks, labels=[f"{t:.2g}" for t in ticks])
+        bar.set_ticks(ticks, labels=distinct_labels(ticks))
         bar.minorticks_off()
     return fig
+
+
+def distinct_labels(values: Sequence[float]) -> list[str]:
+    """``values`` with the fewest significant digits (at least 2) that tell them apart: a
+    narrow loss range (2.28 to 2.42) read "2.3" on four of five colour-bar ticks.
+
+    >>> distinct_labels([2.28, 2.31, 2.35, 2.38, 2.42])
+    ['2.28', '2.31', '2.35', '2.38', '2.42']
+    >>> distinct_labels([0.1, 1.0, 10.0])
+    ['0.1', '1', '10']
+    """
+    for digits in range(2, 8):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 def _log_norm(bounds: np.ndarray):

@@ -596,6 +596,39 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
             {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
             note="SLQ density, Papyan kernel",
         )
+    lines += _landscape_figures(folder, out)
+    return lines
+
+
+LANDSCAPE_CAPTIONS = {
+    "d_landscape_1d": "Loss along one filter-normalized random direction through the final "
+    "solution of the first run of each optimizer (Li et al. 2018)",
+    "d_landscape_2d": "Loss on a plane of two filter-normalized random directions through the "
+    "final solution of the first run of each optimizer",
+    "d_interpolation": "Loss on the line between the final solutions of the configured "
+    "optimizer pairs (runs that agree in every other hyperparameter)",
+}
+
+
+def _landscape_figures(folder: Path, out: Path) -> list[str]:
+    """The figures of ``[analysis.landscape]`` (as reproduction (d) draws them), when the
+    study computed any: a custom study's landscapes were written but never shown."""
+    from .reproductions import figures_d
+
+    computed = any((folder / "runs").glob("*/analysis/*/landscape_*d.npz"))
+    if not computed and not any((folder / "pairs").glob("*.npz")):
+        return []
+    written, _ = figures_d(folder, out)
+    lines = []
+    for path in written:
+        if path.suffix == ".png":
+            caption = LANDSCAPE_CAPTIONS.get(path.stem, path.stem)
+            lines.append(f"![{caption}](figures/{path.name})")
+            lines.append("")
+            lines.append(
+                f"*{caption}* ([PDF](figures/{path.stem}.pdf), data: `figures/{path.stem}.*`)"
+            )
+            lines.append("")
     return lines
 
 

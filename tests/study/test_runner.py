@@ -516,3 +516,27 @@ def test_a_corrupt_json_file_names_the_right_remedy(tmp_path):
         path.write_text("{not json")
         with pytest.raises(SharpscopeError, match=remedy):
             _read_json(path)
+
+
+def test_a_custom_studys_landscapes_are_drawn_in_its_report(tmp_path):
+    """[analysis.landscape] in a study of one's own computed the slices and interpolations
+    but report.md and figures/ never showed them; with lr swept, each lr has its own pair."""
+    config = tiny_config(
+        sweep={"optimizer": ["sgd", "sam"], "lr": [0.05, 0.1], "seed": [0]},
+        analysis={
+            "epochs": ["last"],
+            "samples": 64,
+            "landscape": {"dims": [1, 2], "grid": 5, "interpolate": [["sgd", "sam"]]},
+        },
+    )
+    run_study(config, tmp_path)
+    assert sorted(p.name for p in (tmp_path / "pairs").iterdir()) == [
+        "sgd__sam__lr0.05-s0.npz",
+        "sgd__sam__lr0.1-s0.npz",
+    ]
+    report = write_report(tmp_path, resamples=0).read_text()
+    for name in ("d_landscape_1d", "d_landscape_2d", "d_interpolation"):
+        assert f"(figures/{name}.png)" in report, name
+        assert (tmp_path / "figures" / f"{name}.pdf").exists()
+    interpolation = json.loads((tmp_path / "figures" / "d_interpolation.json").read_text())
+    assert "SGD → SAM (lr0.1, seed 0)" in json.dumps(interpolation, ensure_ascii=False)
