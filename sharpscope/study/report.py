@@ -36,6 +36,7 @@ from .sweep import expand_sweep
 
 GAPS = ("gen_gap", "loss_gap")
 NOT_AXES = ("optimizer_name", "base", "seed")
+MAX_SPECTRA = 6  # panels of the spectra figure, two per row
 MAX_CURVES = 12  # training curves drawn in the report
 # correlations.csv columns before the per-axis psi_* and groups_* ones
 CORRELATION_COLUMNS = (
@@ -584,16 +585,22 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
     curves, lmax, chosen = _densities(folder, runs)
     if curves:
         names = _setting_names(runs)
+        shown = dict(list(curves.items())[:MAX_SPECTRA])
+        which = (
+            f"the first run of the first {len(shown)} of {len(curves)} optimizers"
+            if len(curves) > len(shown)
+            else "the first run of each optimizer"
+        )
         keep(
             plot_spectral_densities(
-                curves,
+                shown,
                 lambda_max=lmax,
                 titles={k: f"{names.get(v, v)}, seed {s}" for k, (v, s) in chosen.items()},
             ),
             "spectra",
             "Hessian eigenvalue density (stochastic Lanczos quadrature, Papyan's kernel) of "
-            "the first run of each optimizer, per analysed epoch; λ_max in the legend",
-            {k: [{"epoch": e, **d} for e, d in v] for k, v in curves.items()},
+            f"{which}, per analysed epoch; λ_max in the legend",
+            {k: [{"epoch": e, **d} for e, d in v] for k, v in shown.items()},
             note="SLQ density, Papyan kernel",
         )
     lines += _landscape_figures(folder, out)
@@ -697,6 +704,4 @@ def _densities(folder: Path, runs) -> tuple[dict, dict, dict]:
             chosen[label] = (_setting_label(run), run.params.get("seed"))
             curves[label] = entries
             lmax[label] = tops
-        if len(curves) >= 4:
-            break
     return curves, lmax, chosen

@@ -228,10 +228,32 @@ def _check_same_run(
             old = {k: absolute_spec(v) if k in FACTORY_KEYS else v for k, v in old.items()}
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+            if key == "train" and changed == ["save_every"]:
+                _check_saved_epochs(run_id, old, wanted, out, flag)
+                if _status(_run_dir(out, run_id)).get("state") == "done":
+                    continue  # trained, and every epoch now asked for was saved
             raise SharpscopeError(
                 f"run '{run_id}' in {out} was trained with a different configuration "
                 f"({key}: {', '.join(changed[:4])}); use a new {flag} or delete that run"
             )
+
+
+def _check_saved_epochs(run_id: str, old: dict, wanted: dict, out: Path, flag: str) -> None:
+    """One line when analysis.epochs now asks for epochs a run never saved (the study
+    derives ``save_every`` from them: the generic message blamed that key). Asking for
+    fewer epochs of a finished run is fine: it saved more than is needed now."""
+    saved = int(old.get("save_every") or 0)
+    last = int(wanted["train"].get("epochs", 0))
+    missing = [
+        e for e in wanted.get("analysis_epochs", []) if e < last and not (saved and e % saved == 0)
+    ]
+    if missing:
+        kept = f"every {saved} epochs" if saved else "its last epoch only"
+        raise SharpscopeError(
+            f"run '{run_id}' in {out} saved {kept}, so it has no checkpoint of epoch "
+            f"{', '.join(map(str, missing))} that analysis.epochs asks for; ask only for saved "
+            f"epochs, or use a new {flag}"
+        )
 
 
 def load_study_config_from_dir(out: str | Path) -> StudyConfig:

@@ -540,3 +540,26 @@ def test_a_custom_studys_landscapes_are_drawn_in_its_report(tmp_path):
         assert (tmp_path / "figures" / f"{name}.pdf").exists()
     interpolation = json.loads((tmp_path / "figures" / "d_interpolation.json").read_text())
     assert "SGD → SAM (lr0.1, seed 0)" in json.dumps(interpolation, ensure_ascii=False)
+
+
+def test_analysis_epochs_can_shrink_but_not_ask_for_epochs_a_run_never_saved(study, tmp_path):
+    """Changing analysis.epochs changes the save_every the study trains with: fewer epochs
+    were refused as "a different configuration (train: save_every)", and more epochs named
+    that key, which the user never set, instead of the epochs that are missing."""
+    import shutil
+
+    out, _ = study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    fewer = tiny_config(analysis={**ANALYSIS, "epochs": ["last"]})
+    summary = run_study(fewer, copy)  # every run is done and saved what is asked for
+    assert sorted(summary.skipped) == ["sam-s0", "sam-s1", "sgd-s0", "sgd-s1"]
+    assert not summary.done and not summary.failed and not summary.errors
+    late = tmp_path / "late"
+    run_study(tiny_config(analysis={**ANALYSIS, "epochs": ["last"]}), late)
+    with pytest.raises(
+        SharpscopeError,
+        match=r"run 'sgd-s0' in .* saved its last epoch only, so it has no checkpoint of epoch 1 "
+        r"that analysis.epochs asks for; ask only for saved epochs, or use a new --out",
+    ):
+        run_study(tiny_config(), late)

@@ -761,3 +761,22 @@ def test_shipped_quick_reproductions_have_the_documented_settings():
     assert sam == {0.05, 0.1, 0.2}
     assert sorted({r.params["lr"] for r in runs}) == [0.05, 0.1]
     assert sorted({r.params["seed"] for r in runs}) == [0, 1, 2]
+
+
+def test_the_report_spectra_figure_says_how_many_optimizers_it_shows(tmp_path):
+    """It stopped at 4 optimizers while its caption said "of each optimizer"."""
+    from sharpscope.study.report import MAX_SPECTRA, _densities
+
+    labels = ["sgd", "sam", "asam", "vasso", "samon", "adam", "adamw"]
+    runs = expand_sweep(config(sweep={"optimizer": labels, "seed": [0]}))
+    density = {"grid": [0.0, 1.0, 2.0], "values": [1.0, 0.1, 0.01]}
+    for run in runs:
+        folder = (
+            tmp_path / "runs" / run.run_id / "analysis" / f"epoch_{run.analysis_epochs[-1]:03d}"
+        )
+        folder.mkdir(parents=True)
+        result = {"density": density, "lambda_max": 2.0}
+        (folder / "spectrum.json").write_text(json.dumps({"result": result}))
+    curves, lmax, chosen = _densities(tmp_path, runs)
+    assert list(curves) == labels == list(chosen)  # every optimizer; the figure shows the first
+    assert MAX_SPECTRA < len(labels)  # 6 and says "the first 6 of 7 optimizers"
