@@ -19,7 +19,6 @@ import os
 import signal
 import sys
 import threading
-import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,7 @@ import typer
 from rich.console import Console
 from torch import nn
 
-from ..data import DataSplit, load_data
+from ..data import DataSplit, load_data, recorded_data_spec
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
 from ..distributed import PeerLost, launched_as_main, lost_peer, peer_lost
@@ -407,35 +406,6 @@ def load_analysis_inputs(
     loss_fn = get_loss(loss_spec)
     check_model_on_first_batch(net, batches, loss_fn)
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
-
-
-def recorded_data_spec(
-    spec: dict[str, Any], split: str, samples: int | None, seed: int, split_data: DataSplit
-) -> dict[str, Any]:
-    """The data spec to record in ``meta.data``: one that reloads the same examples
-    (``load_data(recorded, recorded["split"])``).
-
-    Its ``samples`` is ``--samples``, or else the spec's own (``None``: all), at most the
-    examples there are (``load_data`` caps it: the number used is recorded instead, with a
-    one-line warning), and with a subset its ``seed`` is the seed of that subset's shuffle.
-    """
-    from ..data import subset_size_and_seed
-
-    wanted = samples if samples is not None else spec.get("samples")
-    used = wanted
-    if wanted is not None and int(wanted) > len(split_data):
-        own = spec.get("samples")
-        if samples is not None and own is not None and int(samples) > int(own):
-            why = f"more than the data set's own samples={own} (the examples the run used)"
-        else:
-            why = f"more than the {len(split_data)} examples of the {split_data.split} split"
-        flag = "--samples" if samples is not None else "the data spec's samples"
-        warnings.warn(f"{flag} {wanted} is {why}; using all {len(split_data)}", stacklevel=2)
-        used = len(split_data)
-    recorded = {**spec, "split": split, "samples": used}
-    if used is not None:
-        recorded["seed"] = subset_size_and_seed(spec, samples, seed)[1]
-    return recorded
 
 
 def check_model_on_first_batch(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> None:

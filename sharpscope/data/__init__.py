@@ -12,6 +12,7 @@ split ``"val"``), ``samples`` (first N after a seeded shuffle), ``data_root``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -32,6 +33,7 @@ __all__ = [
     "DataSplit",
     "load_data",
     "subset_size_and_seed",
+    "recorded_data_spec",
     "dataset_names",
     "check_data_spec",
     "check_data_files",
@@ -270,6 +272,33 @@ def subset_size_and_seed(
     if samples is None:
         return own, own_seed
     return min(_check_count("samples", samples, low=1), own), own_seed
+
+
+def recorded_data_spec(
+    spec: dict[str, Any], split: str, samples: int | None, seed: int, split_data: DataSplit
+) -> dict[str, Any]:
+    """The data spec to record in ``meta.data``: one that reloads the same examples
+    (``load_data(recorded, recorded["split"])``).
+
+    Its ``samples`` is ``--samples``, or else the spec's own (``None``: all), at most the
+    examples there are (``load_data`` caps it: the number used is recorded instead, with a
+    one-line warning), and with a subset its ``seed`` is the seed of that subset's shuffle.
+    """
+    wanted = samples if samples is not None else spec.get("samples")
+    used = wanted
+    if wanted is not None and int(wanted) > len(split_data):
+        own = spec.get("samples")
+        if samples is not None and own is not None and int(samples) > int(own):
+            why = f"more than the data set's own samples={own} (the examples the run used)"
+        else:
+            why = f"more than the {len(split_data)} examples of the {split_data.split} split"
+        flag = "--samples" if samples is not None else "the data spec's samples"
+        warnings.warn(f"{flag} {wanted} is {why}; using all {len(split_data)}", stacklevel=2)
+        used = len(split_data)
+    recorded = {**spec, "split": split, "samples": used}
+    if used is not None:
+        recorded["seed"] = subset_size_and_seed(spec, samples, seed)[1]
+    return recorded
 
 
 def load_data(

@@ -333,8 +333,8 @@ def write_report(
         "## Setup",
         "",
         f"- data: `{_spec(train.get('dataset', {'name': 'mnist1d'}))}`; model: "
-        f"`{_spec(train.get('model', {'name': 'cnn1d'}))}`; epochs: {train.get('epochs', 10)}; "
-        f"batch size: {train.get('batch_size', 128)}",
+        f"`{_spec(train.get('model', {'name': 'cnn1d'}))}`; epochs: {_values(runs, 'epochs')}; "
+        f"batch size: {_values(runs, 'batch_size')}",
         f"- runs: {len(runs)} ({len({r['run_id'] for r in finals})} finished, "
         f"{len({r['run_id'] for r in failed})} failed, {len(pending)} pending); swept: "
         f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
@@ -348,7 +348,14 @@ def write_report(
             else "no bootstrap intervals (--resamples 0)"
         ),
         "- gen_gap = test error − train error (= train_acc − test_acc); loss_gap = test loss − "
-        "train loss",
+        "train loss"
+        + (
+            "; with label noise the train error and the measures use the noisy training "
+            "labels and the test error the clean test labels, so noise lowers train_acc and "
+            "can make gen_gap negative"
+            if any(r.params.get("label_noise") for r in runs)
+            else ""
+        ),
         "",
         "## Runs (last analysed checkpoint)",
         "",
@@ -380,9 +387,11 @@ def write_report(
     ]
     if unconverged:
         lines += [
-            f"**Warning:** {len(unconverged)} run(s) have top-k Hessian eigenvalues above the "
-            "Ritz-residual tolerance (column `spectrum_unconverged`), so their `lambda_5` and "
-            "`ratio` are not converged: raise `max_steps` (or `tol`) in `[analysis.spectrum]`: "
+            f"**Warning:** {len(unconverged)} run(s) have top-k Hessian eigenvalues whose Ritz "
+            "residual is above the tolerance (column `spectrum_unconverged` counts them; Lanczos "
+            "converges the largest first): their `lambda_5` and `ratio` are not converged, nor "
+            "is `lambda_max` where the count equals k. Raise `max_steps` (or `tol`) in "
+            "`[analysis.spectrum]`. Runs: "
             + ", ".join(f"`{r}`" for r in unconverged[:10])
             + (" ..." if len(unconverged) > 10 else ""),
             "",
@@ -480,6 +489,15 @@ def _recorded_meta(folder: Path) -> dict[str, Any] | None:
         if found:
             return found
     return None
+
+
+def _values(runs: Sequence[Any], key: str) -> str:
+    """A training setting of the runs for the Setup line: ``128``, or ``32, 128 (swept)``
+    (a swept batch size read as the default 128)."""
+    values = sorted({r.params[key] for r in runs if r.params.get(key) is not None})
+    if len(values) > 1:
+        return f"{', '.join(map(str, values))} (swept)"
+    return str(values[0]) if values else "–"
 
 
 def _spec(spec: Mapping[str, Any]) -> str:

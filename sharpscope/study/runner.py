@@ -379,18 +379,35 @@ def _train_run(run: RunSpec, run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _analysis_data(run: RunSpec, config: StudyConfig, device: Any) -> tuple[Any, Any]:
+def _analysis_split(run: RunSpec, config: StudyConfig) -> Any:
     from ..data import load_data
 
     plan = config.analysis
-    split = load_data(
+    return load_data(
         run.train["dataset"],
         plan.split,
         samples=plan.samples,
         seed=plan.seed,
         data_root=run.train.get("data_root"),
     )
+
+
+def _analysis_data(run: RunSpec, config: StudyConfig, device: Any) -> tuple[Any, Any]:
+    split = _analysis_split(run, config)
     return split.inputs.to(device), split.targets.to(device)
+
+
+def _fill_meta(value: Any, known: dict[str, Any]) -> None:
+    """Fill the provenance a measure function cannot know (it gets a model and tensors)
+    into every result ``meta`` inside ``value``: the checkpoint, its sha256 and the data."""
+    if isinstance(value, dict):
+        if "checkpoint_sha256" in value:
+            value.update({k: v for k, v in known.items() if value.get(k) is None})
+        for item in value.values():
+            _fill_meta(item, known)
+    elif isinstance(value, list):
+        for item in value:
+            _fill_meta(item, known)
 
 
 def _device(run: RunSpec, config: StudyConfig) -> Any:
@@ -408,8 +425,13 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
     pending = _pending_measures(run, run_dir, config)
     if not pending:
         return
+    from ..data import recorded_data_spec
+
     device = _device(run, config)
-    data = _analysis_data(run, config, device)
+    split = _analysis_split(run, config)
+    data = split.inputs.to(device), split.targets.to(device)
+    plan = config.analysis
+    recorded = recorded_data_spec(run.train["dataset"], plan.split, plan.samples, plan.seed, split)
     loss = run.train.get("loss", "cross_entropy")
     common = {"seed": config.analysis.seed, "batch_size": config.analysis.batch_size}
     total = int(run.params["epochs"])
@@ -437,6 +459,8 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
                 record["params"] = to_jsonable(_analysis_params(measure, config))
             record["checkpoint"] = str(checkpoint.path.name)
             record["epoch"] = epoch
+            provenance = {"checkpoint": str(checkpoint.path), "data": recorded}
+            _fill_meta(record, {**provenance, "checkpoint_sha256": checkpoint.sha256})
             write_json(path, record)
 
 

@@ -563,3 +563,22 @@ def test_analysis_epochs_can_shrink_but_not_ask_for_epochs_a_run_never_saved(stu
         r"that analysis.epochs asks for; ask only for saved epochs, or use a new --out",
     ):
         run_study(tiny_config(), late)
+
+
+def test_a_studys_analysis_files_name_their_checkpoint_and_data(study):
+    """meta.checkpoint, checkpoint_sha256 and data were null in a study's analysis JSON
+    (interface.md asks for them; the stand-alone commands fill them in)."""
+    from sharpscope.data import load_data
+    from sharpscope.io import load_checkpoint
+
+    out, _ = study
+    folder = out / "runs" / "sam-s1" / "analysis" / "epoch_002"
+    spectrum = json.loads((folder / "spectrum.json").read_text())["result"]["meta"]
+    assert spectrum["checkpoint"] == str(out / "runs" / "sam-s1" / "epoch_002.pt")
+    assert spectrum["checkpoint_sha256"] == load_checkpoint(spectrum["checkpoint"]).sha256
+    again = load_data(spectrum["data"], spectrum["data"]["split"])
+    analysed = load_data(DATA, "train", samples=ANALYSIS["samples"], seed=0)
+    assert torch.equal(again.inputs, analysed.inputs) and len(again) == spectrum["num_samples"]
+    sharp = json.loads((folder / "m_sharpness.json").read_text())["result"]
+    metas = [r["meta"] for r in sharp["results"]]
+    assert metas and all(m["checkpoint_sha256"] == spectrum["checkpoint_sha256"] for m in metas)

@@ -780,3 +780,12 @@ def test_the_report_spectra_figure_says_how_many_optimizers_it_shows(tmp_path):
     curves, lmax, chosen = _densities(tmp_path, runs)
     assert list(curves) == labels == list(chosen)  # every optimizer; the figure shows the first
     assert MAX_SPECTRA < len(labels)  # 6 and says "the first 6 of 7 optimizers"
+
+
+def test_the_report_setup_line_shows_swept_training_settings():
+    """A swept batch size read as the default: "batch size: 128"."""
+    from sharpscope.study.report import _values
+
+    runs = expand_sweep(config(sweep={"optimizer": ["sgd"], "batch_size": [32, 128], "seed": [0]}))
+    assert _values(runs, "batch_size") == "32, 128 (swept)"
+    assert _values(runs, "epochs") == "4"
