@@ -338,14 +338,14 @@ def _validate_optimizers(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]
             raise _fail(f"optimizers.{label} must be a table, got {spec!r}")
         spec = dict(spec)
         name = spec.get("name", "sgd" if label == "base" else label)
+        if label == "base" and name not in BASE_OPTIMIZERS:  # checked first: its own choices
+            raise _fail(
+                f"optimizers.base must be one of {', '.join(BASE_OPTIMIZERS)}, got '{name}'"
+            )
         if name not in OPTIMIZER_NAMES:
             raise _fail(
                 f"unknown optimizer '{name}' in optimizers.{label}; "
                 f"choose one of: {', '.join(OPTIMIZER_NAMES)}"
-            )
-        if label == "base" and name not in BASE_OPTIMIZERS:
-            raise _fail(
-                f"optimizers.base must be one of {', '.join(BASE_OPTIMIZERS)}, got '{name}'"
             )
         if "base" in spec:
             base = spec["base"]

@@ -310,8 +310,8 @@ def resolve_epochs(epochs: list[int | str], total: int, label: str = "") -> list
         value = total if epoch == "last" else int(epoch)
         if value > total:
             raise SharpscopeError(
-                f"analysis.epochs asks for epoch {value}, but run '{label}' trains only "
-                f"{total} epochs"
+                f"analysis.epochs asks for epoch {value}, but the '{label}' runs train only "
+                f"{total} epoch{'s' if total != 1 else ''}"
             )
         out.add(value)
     return sorted(out)

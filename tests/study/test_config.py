@@ -102,7 +102,9 @@ def test_analysis_epochs_set_save_every():
     assert runs[0].analysis_epochs == [2, 4]
     assert runs[0].train["save_every"] == 2
     assert resolve_epochs(["last"], 7) == [7]
-    with pytest.raises(SharpscopeError, match="asks for epoch 9, but run 'sgd' trains only 4"):
+    with pytest.raises(
+        SharpscopeError, match="asks for epoch 9, but the 'sgd' runs train only 4 epochs"
+    ):
         expand_sweep(config(analysis={"epochs": [9]}))
 
 

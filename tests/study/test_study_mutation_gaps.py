@@ -147,6 +147,8 @@ def test_keskar_columns_are_measures():
             "'base' is the base optimizer's settings, not a sweep.optimizer entry",
         ),
         ({"optimizers": {"base": {"name": "sam"}}}, "optimizers.base must be one of sgd"),
+        # an unknown name listed sam, asam, ... as choices, which base refuses next
+        ({"optimizers": {"base": {"name": "sgdd"}}}, "optimizers.base must be one of sgd, adam"),
         (
             {"analysis": {"landscape": {"interpolate": [["sgd"]]}}},
             "analysis.landscape.interpolate must be a list of optimizer pairs",
@@ -168,6 +170,7 @@ def test_keskar_columns_are_measures():
         "seed-table",
         "base-label",
         "base-sam",
+        "base-unknown",
         "interpolate",
         "reproduction",
         "interpolate-unknown",
