@@ -714,3 +714,19 @@ def test_several_interpolations_of_one_optimizer_pair_get_their_own_colours():
     curves = {f"sgd → sam (seed {s})": (x, x**2 + s) for s in range(3)}
     ax = study_plots.plot_curves_1d(curves).axes[0]
     assert len({line.get_color() for line in ax.get_lines()[:3]}) == 3
+
+
+def test_a_log_measure_axis_labels_plain_ticks_and_no_minor_ones():
+    """Over 1.5 decades the minor ticks were labelled too: "2×10^0 3×4×10^0 ..."."""
+    values = np.geomspace(1.7, 60, 12)
+    rows = [
+        {"optimizer": "sgd" if i % 2 else "sam", "trace": float(v), "gen_gap": 0.01 * i}
+        for i, v in enumerate(values)
+    ]
+    ax = study_plots.plot_measures_vs_gap(rows, ["trace"], "gen_gap").axes[0]
+    ax.figure.draw_without_rendering()
+    assert ax.get_xscale() == "log"
+    low, high = ax.get_xlim()
+    shown = [t.get_text() for t in ax.get_xticklabels() if low <= t.get_position()[0] <= high]
+    assert shown == ["2", "5", "10", "20", "50"]
+    assert not any(t.get_text() for t in ax.xaxis.get_minorticklabels())

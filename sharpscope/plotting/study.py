@@ -132,6 +132,12 @@ def _color(label: Any, index: int) -> str:
     return optimizer_color(str(label), index)
 
 
+def _hue_label(hue: str, label: Any) -> str:
+    """A legend entry: ``SAM`` for an optimizer, ``label noise 0.2`` for another axis
+    (it read ``label_noise=0.2``)."""
+    return optimizer_label(label) if hue == "optimizer" else f"{hue.replace('_', ' ')} {label}"
+
+
 def _hue_colors(rows: Rows, hue: str) -> dict[Any, str]:
     """Each ``hue`` label's colour, the settings of one label sharing it."""
     return {label: _color(label, i) for i, label in enumerate(_labels_in_order(rows, hue))}
@@ -155,13 +161,19 @@ def plot_measure_vs_gap(
             color=_color(label, index),
             marker=MARKERS[index % len(MARKERS)],
             s=14,
-            label=optimizer_label(label) if hue == "optimizer" else f"{hue}={label}",
+            label=_hue_label(hue, label),
             edgecolors="none",
         )
     ax.set_xlabel(axis_label(measure))
     ax.set_ylabel(axis_label(gap))
     if _positive(points, measure) and _spread(points, measure) > 30:
         ax.set_xscale("log")
+        # over 1.5-2 decades matplotlib labels minor ticks too ("2×10^0 3×4×10^0 ..."),
+        # which run together on a paper-sized panel: 1, 2, 5 per decade as plain numbers
+        # over up to three decades, the decades alone beyond
+        ax.xaxis.set_minor_formatter(_null_formatter())
+        if _spread(points, measure) < 1000:
+            _plain_log_ticks(ax.xaxis)
     else:  # at most 5 ticks: long labels (0.0150 0.0175 ...) would run together
         ax.xaxis.set_major_locator(_max_locator(5))
     return fig
@@ -303,7 +315,7 @@ def _series(rows: Rows, hue: str, x: str | None) -> list[tuple[Any, dict[str, An
 
 
 def _series_label(label: Any, setting: Mapping[str, Any], hue: str) -> str:
-    name = optimizer_label(label) if hue == "optimizer" else f"{hue}={label}"
+    name = _hue_label(hue, label)
     detail = setting_text(setting)
     return f"{name} ({detail})" if detail else name
 
@@ -505,6 +517,19 @@ def _max_locator(count: int):
     import matplotlib.ticker as mticker
 
     return mticker.MaxNLocator(count)
+
+
+def _plain_log_ticks(axis: Any) -> None:
+    import matplotlib.ticker as mticker
+
+    axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+
+
+def _null_formatter():
+    import matplotlib.ticker as mticker
+
+    return mticker.NullFormatter()
 
 
 def _null_locator():
