@@ -14,7 +14,7 @@ m_sharpness          ``msharp_m{m}_rho{ρ}`` (loss increase), ``msharp_err_m{m}_
 adaptive_sharpness   ``asharp_m{m}_rho{ρ}``, ``asharp_err_m{m}_rho{ρ}``;
                      ``adaptive_sharpness`` = the first (m, ρ)
 average_sharpness    ``avgsharp_rho{ρ}`` and ``avgsharp_ada_rho{ρ}`` (adaptive, over
-                     ``adaptive_rho``)
+                     ``adaptive_rho``), each with its Monte Carlo ``..._stderr``
 keskar               ``keskar_eps{ε}``
 pac_bayes            ``pac_bayes`` (1/σ²) and ``pac_bayes_mag`` (magnitude-aware)
 (always)             ``weight_norm`` (‖θ‖₂, the classic norm baseline)
@@ -164,6 +164,7 @@ def measure_average_sharpness(model, data, loss, options, common):
             )
             name = f"avgsharp_{'ada_' if adaptive else ''}rho{format_value(rho)}"
             columns[name] = _finite(result.sharpness)
+            columns[f"{name}_stderr"] = _finite(result.stderr)  # Monte Carlo, over the draws
             results.append({"rho": rho, "adaptive": adaptive, **_to_payload(result)})
     return columns, {"results": results}
 
@@ -249,7 +250,7 @@ def is_measure_column(name: str) -> bool:
     >>> is_measure_column("msharp_m16_rho0.05"), is_measure_column("test_acc")
     (True, False)
     """
-    if name == "trace_stderr" or name.startswith(("msharp_err_", "asharp_err_")):
+    if name.endswith("_stderr") or name.startswith(("msharp_err_", "asharp_err_")):
         return False
     return name.startswith(MEASURE_PREFIXES)
 

@@ -388,13 +388,23 @@ def test_average_sharpness_uses_adaptive_rho_for_the_adaptive_variant():
     options = {"adaptive": [False, True], "rho": [0.01], "adaptive_rho": [0.5], "num_draws": 4}
     options = config(analysis={"average_sharpness": options}).analysis.measures["average_sharpness"]
     columns, _ = measure_average_sharpness(model, data, "cross_entropy", options, {"seed": 0})
-    assert set(columns) == {"avgsharp_rho0.01", "avgsharp_ada_rho0.5"}
+    assert set(columns) == {
+        "avgsharp_rho0.01",
+        "avgsharp_rho0.01_stderr",
+        "avgsharp_ada_rho0.5",
+        "avgsharp_ada_rho0.5_stderr",
+    }
     for name, rho, adaptive in (
         ("avgsharp_rho0.01", 0.01, False),
         ("avgsharp_ada_rho0.5", 0.5, True),
     ):
         direct = average_sharpness(model, data, rho, adaptive=adaptive, num_draws=4, seed=0)
         assert columns[name] == pytest.approx(direct.sharpness, rel=1e-6), name
+        # the Monte Carlo error a reader needs to judge the column (it was only in the JSON)
+        assert columns[f"{name}_stderr"] == pytest.approx(direct.stderr, rel=1e-6), name
+    from sharpscope.study.measures import is_measure_column
+
+    assert not is_measure_column("avgsharp_rho0.01_stderr")  # not correlated as a measure
 
 
 def test_lambda_5_is_the_fifth_eigenvalue_when_more_are_computed():
