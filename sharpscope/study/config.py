@@ -435,9 +435,10 @@ def _validate_train(values: Mapping[str, Any]) -> dict[str, Any]:
 
     values = {k.replace("-", "_"): v for k, v in values.items()}
     names = [f.name for f in dataclasses.fields(TrainConfig)]
+    valid = [n for n in names if n not in ("out", "optimizer")]  # the study sets these
     for key in values:
         if key not in names:
-            raise _fail(f"unknown key '{key}' in [train]; valid keys: {', '.join(names)}")
+            raise _fail(f"unknown key '{key}' in [train]; valid keys: {', '.join(valid)}")
     if "out" in values:
         raise _fail("train.out is set by the study (DIR/runs/<run_id>); remove it from [train]")
     if "optimizer" in values:

@@ -183,6 +183,14 @@ def test_more_bad_configs_raise_one_line(sections, message):
     assert message in text and "\n" not in text, text
 
 
+def test_an_unknown_train_key_lists_only_keys_a_study_takes():
+    """The list named optimizer and out, which [train] then refuses with their own lines."""
+    with pytest.raises(SharpscopeError, match=r"unknown key 'epoch' in \[train\]") as info:
+        config(train={**TRAIN, "epoch": 1})
+    valid = str(info.value).split("valid keys: ")[1].split(", ")
+    assert "epochs" in valid and "optimizer" not in valid and "out" not in valid
+
+
 def test_analysis_defaults_and_options_are_kept():
     """The documented defaults of the measure tables, samples 0 meaning all examples, and
     the analysis seed."""
