@@ -572,8 +572,8 @@ def _top_from_op(
         warnings.warn(
             f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "
             f"{FLOAT32_NOISE_FLOOR:g} relative): the converged flags then vouch for the Lanczos "
-            "recurrence, not for the eigenvalues to that accuracy; use dtype float64 "
-            "(--dtype float64) for a tighter tol",
+            "recurrence, not for the eigenvalues to that accuracy; for a tighter tol analyse "
+            "a float64 model (model.double(); --dtype float64 on the command line)",
             RuntimeWarning,
             stacklevel=3,
         )
