@@ -16,7 +16,8 @@ adaptive_sharpness   ``asharp_m{m}_rho{ρ}``, ``asharp_err_m{m}_rho{ρ}``;
 average_sharpness    ``avgsharp_rho{ρ}`` and ``avgsharp_ada_rho{ρ}`` (adaptive, over
                      ``adaptive_rho``), each with its Monte Carlo ``..._stderr``
 keskar               ``keskar_eps{ε}``
-pac_bayes            ``pac_bayes`` (1/σ²) and ``pac_bayes_mag`` (magnitude-aware)
+pac_bayes            ``pac_bayes`` (1/σ²) and ``pac_bayes_mag`` (magnitude-aware);
+                     ``pac_bayes_unconverged`` (searches that never met the drop)
 (always)             ``weight_norm`` (‖θ‖₂, the classic norm baseline)
 ==================== ==========================================================
 """
@@ -195,7 +196,7 @@ def measure_pac_bayes(model, data, loss, options, common):
     """PAC-Bayes flatness 1/σ² (Jiang et al. 2020), plain and magnitude-aware."""
     from ..analysis.measures import pac_bayes_flatness
 
-    columns: dict[str, float | None] = {}
+    columns: dict[str, float | None] = {"pac_bayes_unconverged": 0.0}
     results = []
     extra = {
         k: options[k]
@@ -214,6 +215,9 @@ def measure_pac_bayes(model, data, loss, options, common):
         )
         name = "pac_bayes_mag" if magnitude_aware else "pac_bayes"
         columns[name] = _finite(result.flatness)
+        # a search that never met the accuracy drop (a model at chance: σ runs to sigma_max)
+        # gives a censored 1/σ²; counted so the report names the run
+        columns["pac_bayes_unconverged"] = columns["pac_bayes_unconverged"] + (not result.converged)
         results.append({"magnitude_aware": magnitude_aware, **_to_payload(result)})
     return columns, {"results": results}
 
@@ -250,7 +254,9 @@ def is_measure_column(name: str) -> bool:
     >>> is_measure_column("msharp_m16_rho0.05"), is_measure_column("test_acc")
     (True, False)
     """
-    if name.endswith("_stderr") or name.startswith(("msharp_err_", "asharp_err_")):
+    if name.endswith(("_stderr", "_unconverged")) or name.startswith(
+        ("msharp_err_", "asharp_err_")
+    ):
         return False
     return name.startswith(MEASURE_PREFIXES)
 

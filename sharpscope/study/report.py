@@ -380,22 +380,7 @@ def write_report(
         ]
     if figure_lines:
         lines += ["## Figures", "", *figure_lines, ""]
-    unconverged = [
-        r["run_id"]
-        for r in finals
-        if isinstance(r.get("spectrum_unconverged"), (int, float)) and r["spectrum_unconverged"] > 0
-    ]
-    if unconverged:
-        lines += [
-            f"**Warning:** {len(unconverged)} run(s) have top-k Hessian eigenvalues whose Ritz "
-            "residual is above the tolerance (column `spectrum_unconverged` counts them; Lanczos "
-            "converges the largest first): their `lambda_5` and `ratio` are not converged, nor "
-            "is `lambda_max` where the count equals k. Raise `max_steps` (or `tol`) in "
-            "`[analysis.spectrum]`. Runs: "
-            + ", ".join(f"`{r}`" for r in unconverged[:10])
-            + (" ..." if len(unconverged) > 10 else ""),
-            "",
-        ]
+    lines += unconverged_warnings(finals)
     if failed:
         lines += ["## Failed runs", ""]
         for row in {r["run_id"]: r for r in failed}.values():
@@ -489,6 +474,32 @@ def _recorded_meta(folder: Path) -> dict[str, Any] | None:
         if found:
             return found
     return None
+
+
+UNCONVERGED_WARNINGS = {
+    "spectrum_unconverged": "top-k Hessian eigenvalues whose Ritz residual is above the "
+    "tolerance (column `spectrum_unconverged` counts them; Lanczos converges the largest "
+    "first): their `lambda_5` and `ratio` are not converged, nor is `lambda_max` where the "
+    "count equals k. Raise `max_steps` (or `tol`) in `[analysis.spectrum]`",
+    "pac_bayes_unconverged": "a PAC-Bayes σ search that never met the target accuracy drop "
+    "(column `pac_bayes_unconverged`; a model near chance accuracy runs to `sigma_max`): "
+    "their `pac_bayes` / `pac_bayes_mag` are censored, not measured",
+}
+
+
+def unconverged_warnings(finals: Sequence[Mapping[str, Any]]) -> list[str]:
+    """report.md's warning lines: the runs whose spectrum or PAC-Bayes search did not
+    converge (counted in the ``*_unconverged`` columns)."""
+    lines = []
+    for column, what in UNCONVERGED_WARNINGS.items():
+        runs = [
+            r["run_id"] for r in finals if isinstance(r.get(column), (int, float)) and r[column] > 0
+        ]
+        if runs:
+            more = " ..." if len(runs) > 10 else ""
+            named = ", ".join(f"`{r}`" for r in runs[:10])
+            lines += [f"**Warning:** {len(runs)} run(s) have {what}. Runs: {named}{more}", ""]
+    return lines
 
 
 def _values(runs: Sequence[Any], key: str) -> str:

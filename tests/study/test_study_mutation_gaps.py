@@ -79,6 +79,27 @@ def test_pac_bayes_columns_name_the_right_variant():
     assert columns["pac_bayes"] != pytest.approx(default_drop, rel=1e-6)
 
 
+def test_a_pac_bayes_search_that_never_meets_the_drop_is_counted_and_reported():
+    """A model at chance accuracy loses none under any noise: σ ran to sigma_max and the
+    censored 1/σ² was correlated like any other value, with nothing to say so."""
+    from sharpscope.study.measures import is_measure_column, measure_pac_bayes
+    from sharpscope.study.report import unconverged_warnings
+
+    model, data = tiny_problem(n=48, fit=200)
+    plan = config(analysis={"pac_bayes": {"num_draws": 2, "num_halvings": 4}}).analysis
+    common = {"seed": 0, "batch_size": None}
+    columns, _ = measure_pac_bayes(model, data, "cross_entropy", plan.measures["pac_bayes"], common)
+    assert columns["pac_bayes_unconverged"] == 2  # seeded: 4 halvings miss the tolerance here
+    assert not is_measure_column("pac_bayes_unconverged")
+    finals = [
+        {"run_id": "sgd-s0", "pac_bayes_unconverged": 1.0, "spectrum_unconverged": 0.0},
+        {"run_id": "sam-s0", "pac_bayes_unconverged": 0.0, "spectrum_unconverged": 0.0},
+    ]
+    report = "\n".join(unconverged_warnings(finals))
+    assert report.startswith("**Warning:** 1 run(s) have a PAC-Bayes σ search that never met")
+    assert report.rstrip().endswith("Runs: `sgd-s0`") and "Ritz" not in report
+
+
 def test_keskar_and_average_sharpness_pass_their_options():
     """subspace_dim (Keskar) and m (average sharpness) reach the analysis functions."""
     from sharpscope.analysis.measures import average_sharpness, epsilon_sharpness
