@@ -632,7 +632,7 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
             {k: [{"epoch": e, **d} for e, d in v] for k, v in shown.items()},
             note="SLQ density, Papyan kernel",
         )
-    lines += _landscape_figures(folder, out)
+    lines += _landscape_figures(folder, out, load_study_config_from_dir(folder))
     return lines
 
 
@@ -646,15 +646,17 @@ LANDSCAPE_CAPTIONS = {
 }
 
 
-def _landscape_figures(folder: Path, out: Path) -> list[str]:
+def _landscape_figures(folder: Path, out: Path, config: Any) -> list[str]:
     """The figures of ``[analysis.landscape]`` (as reproduction (d) draws them), when the
-    study computed any: a custom study's landscapes were written but never shown."""
+    config has that table: a custom study's landscapes were written but never shown."""
     from .reproductions import figures_d
 
-    computed = any((folder / "runs").glob("*/analysis/*/landscape_*d.npz"))
-    if not computed and not any((folder / "pairs").glob("*.npz")):
-        return []
-    written, _ = figures_d(folder, out)
+    if not config.analysis.measures.get("landscape"):
+        return []  # files of a table removed from the config are not drawn
+    try:
+        written, _ = figures_d(folder, out)
+    except SharpscopeError:  # e.g. interrupted before its last epoch's landscapes
+        return ["_No landscape figures yet: the runs' last analysed epochs have none._", ""]
     lines = []
     for path in written:
         if path.suffix == ".png":

@@ -438,17 +438,21 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             {k: {"alpha": a, "beta": b, "loss": loss} for k, (a, b, loss) in two_d.items()},
             sliced,
         )
-    pairs = sorted((study_dir / "pairs").glob("*.npz")) if (study_dir / "pairs").exists() else []
+    pairs = [path for path in configured_pair_files(study_dir, runs) if path.exists()]
     if pairs:
         curves = {}
+        labels = set()
         for path in pairs:
             record = read_record(path)
             a, b, tag = path.stem.split("__")
             names = (optimizer_label(a), optimizer_label(b))
+            labels.add(names)
             curves[f"{names[0]} → {names[1]} ({_pair_caption(tag)})"] = (
                 _axes_of(record)[0],
                 np.asarray(record["loss"], float).ravel(),
             )
+        if len(labels) > 1:  # several optimizer pairs: A and B stand for each curve's own
+            names = ("A", "B")
         written += _save(
             plot_curves_1d(
                 curves,
@@ -466,13 +470,27 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     return written, summary
 
 
+def configured_pair_files(study_dir: Path, runs: list) -> list[Path]:
+    """The interpolation files the study's config defines, in its order (files of pairs it
+    no longer has, e.g. from an older sharpscope or an edited config, are left out)."""
+    from .runner import _pair_runs, load_study_config_from_dir, pair_path
+
+    config = load_study_config_from_dir(study_dir)
+    options = config.analysis.measures.get("landscape") or {}
+    return [
+        pair_path(study_dir, a, b, tag)
+        for a, b in options.get("interpolate") or []
+        for _, _, tag in _pair_runs(runs, a, b)
+    ]
+
+
 def _pair_caption(tag: str) -> str:
     """A pair file's tag for a legend.
 
-    >>> _pair_caption("rho0.1-lr0.05-s0"), _pair_caption("s2")
-    ('rho0.1, lr0.05, seed 0', 'seed 2')
+    >>> _pair_caption("rho0.1-lr0.05-s0"), _pair_caption("wd5e-05-s2")
+    ('rho0.1, lr0.05, seed 0', 'wd5e-05, seed 2')
     """
-    parts = tag.split("-")
+    parts = re.split(r"-(?=[A-Za-z])", tag)  # not inside a value such as 5e-05
     if re.fullmatch(r"s\d+", parts[-1]):
         parts[-1] = f"seed {parts[-1][1:]}"
     return ", ".join(parts)

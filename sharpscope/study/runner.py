@@ -36,7 +36,14 @@ from typing import Any
 from .. import __version__
 from ..errors import SharpscopeError
 from ..registry import absolute_spec
-from ..results import atomic_write_bytes, eval_rows, read_metrics_rows, to_jsonable, write_json
+from ..results import (
+    RunMeta,
+    atomic_write_bytes,
+    eval_rows,
+    read_metrics_rows,
+    to_jsonable,
+    write_json,
+)
 from .config import AXIS_SHORT, StudyConfig, study_config_from_dict
 from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, format_value, sanitize_name, swept_axes
 
@@ -203,8 +210,14 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
     for run in runs:
         path = out / "runs" / run.run_id / "run.json"
         wanted = to_jsonable(run.to_dict())
-        if _read_json(path) != wanted:  # new, or only MACHINE_KEYS changed (checked above)
-            write_json(path, wanted)
+        existing = _read_json(path)
+        if existing == wanted:
+            continue
+        trained = _status(path.parent).get("state") in ("done", "trained", "failed")
+        if existing is not None and trained and _only_save_every_differs(existing, wanted):
+            # new analysis epochs, but the save_every the run was trained with
+            wanted["train"]["save_every"] = existing["train"].get("save_every")
+        write_json(path, wanted)  # new, or only MACHINE_KEYS changed (checked above)
     return out
 
 
@@ -229,30 +242,49 @@ def _check_same_run(
         if old != new:
             changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if key == "train" and changed == ["save_every"]:
-                _check_saved_epochs(run_id, old, wanted, out, flag)
-                if _status(_run_dir(out, run_id)).get("state") == "done":
-                    continue  # trained, and every epoch now asked for was saved
+                _check_saved_epochs(run_id, wanted, out, flag)
+                continue  # every epoch asked for that the run has passed has its checkpoint
             raise SharpscopeError(
                 f"run '{run_id}' in {out} was trained with a different configuration "
                 f"({key}: {', '.join(changed[:4])}); use a new {flag} or delete that run"
             )
 
 
-def _check_saved_epochs(run_id: str, old: dict, wanted: dict, out: Path, flag: str) -> None:
-    """One line when analysis.epochs now asks for epochs a run never saved (the study
-    derives ``save_every`` from them: the generic message blamed that key). Asking for
-    fewer epochs of a finished run is fine: it saved more than is needed now."""
-    saved = int(old.get("save_every") or 0)
+def _only_save_every_differs(existing: dict, wanted: dict) -> bool:
+    """Whether two run.json records' training settings differ in ``save_every`` (which the
+    study derives from analysis.epochs) and machine settings alone."""
+    ignored = {"save_every", *MACHINE_KEYS}
+    old, new = (
+        {k: v for k, v in r.get("train", {}).items() if k not in ignored}
+        for r in (existing, wanted)
+    )
+    return old == new and existing.get("params") == wanted.get("params")
+
+
+def _check_saved_epochs(run_id: str, wanted: dict, out: Path, flag: str) -> None:
+    """One line when analysis.epochs now asks for an epoch a run has passed without saving
+    it (the study derives ``save_every`` from analysis.epochs, and the generic message
+    blamed that key). Fewer epochs are fine, and so are epochs a run has yet to train: it
+    saves them with the new ``save_every``."""
+    run_dir = _run_dir(out, run_id)
     last = int(wanted["train"].get("epochs", 0))
+    state = _status(run_dir).get("state")
+    trained = (
+        last if state in ("done", "trained", "failed") else max(_eval_rows(run_dir), default=0)
+    )
     missing = [
-        e for e in wanted.get("analysis_epochs", []) if e < last and not (saved and e % saved == 0)
+        e
+        for e in wanted.get("analysis_epochs", [])
+        if e < last
+        and e <= trained
+        and not (run_dir / f"epoch_{e:03d}.pt").exists()
+        and not (run_dir / "analysis" / f"epoch_{e:03d}").exists()
     ]
     if missing:
-        kept = f"every {saved} epochs" if saved else "its last epoch only"
         raise SharpscopeError(
-            f"run '{run_id}' in {out} saved {kept}, so it has no checkpoint of epoch "
-            f"{', '.join(map(str, missing))} that analysis.epochs asks for; ask only for saved "
-            f"epochs, or use a new {flag}"
+            f"run '{run_id}' in {out} has no checkpoint of epoch "
+            f"{', '.join(map(str, missing))} that analysis.epochs asks for (it was not saved, or "
+            f"was deleted); ask only for epochs it has, or use a new {flag}"
         )
 
 
@@ -392,11 +424,6 @@ def _analysis_split(run: RunSpec, config: StudyConfig) -> Any:
     )
 
 
-def _analysis_data(run: RunSpec, config: StudyConfig, device: Any) -> tuple[Any, Any]:
-    split = _analysis_split(run, config)
-    return split.inputs.to(device), split.targets.to(device)
-
-
 def _fill_meta(value: Any, known: dict[str, Any]) -> None:
     """Fill the provenance a measure function cannot know (it gets a model and tensors)
     into every result ``meta`` inside ``value``: the checkpoint, its sha256 and the data."""
@@ -451,7 +478,12 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
                     "params": {"basic": 1},
                 }
             elif measure == "landscape":
-                record = _landscape_record(model, data, loss, config, path)
+                provenance = RunMeta(
+                    checkpoint=str(checkpoint.path),
+                    checkpoint_sha256=checkpoint.sha256,
+                    data=recorded,
+                )
+                record = _landscape_record(model, data, loss, config, path, provenance)
                 record["params"] = to_jsonable(_analysis_params(measure, config))
             else:
                 options = config.analysis.measures[measure]
@@ -464,7 +496,9 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
             write_json(path, record)
 
 
-def _landscape_record(model, data, loss, config: StudyConfig, path: Path) -> dict[str, Any]:
+def _landscape_record(
+    model, data, loss, config: StudyConfig, path: Path, meta: Any = None
+) -> dict[str, Any]:
     """1-D/2-D slices around a checkpoint, saved as ``.npz`` beside the record."""
     from ..analysis.landscape import landscape
 
@@ -482,6 +516,7 @@ def _landscape_record(model, data, loss, config: StudyConfig, path: Path) -> dic
             loss=loss,
             seed=int(options.get("seed", config.analysis.seed)),
             batch_size=config.analysis.batch_size,
+            meta=meta,
             **kwargs,
         )
         target = path.with_name(f"landscape_{dims}d.npz")
@@ -554,26 +589,36 @@ def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
 
 # --------------------------------------------------------------------------- pairs
 #: hyperparameters that belong to one optimizer (its radius, its group size): a pair's two
-#: runs may differ in them; in every other one they agree, or one of them has none
+#: runs may differ in them whatever values they take
 _OWN_AXES = ("optimizer", "optimizer_name", "base", "rho", "m")
 
 
 def _pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSpec, str]]:
-    """Every run of optimizer ``a`` with every run of ``b`` that shares its hyperparameters
-    (seed, lr, label noise, ...; SGD's missing ρ matches each of SAM's), and a tag that tells
-    the pairs apart: the swept values, e.g. ``"rho0.1-lr0.05-s0"`` (``"s0"`` when only the
-    seed is swept)."""
+    """Every run of optimizer ``a`` with every run of ``b`` that agrees with it on the swept
+    hyperparameters the two optimizers share values of (seed, lr, label noise, ...): SGD's
+    missing ρ matches each of SAM's, and an lr that each optimizer sweeps over values of
+    its own (or keeps fixed: SGD 0.1 against Adam 1e-3) pairs every value with every value.
+    With ``a == b`` (SAM's radii against each other) each unordered pair comes once and no
+    run is paired with itself. The tag tells the pairs apart: the swept values, e.g.
+    ``"rho0.1-lr0.05-s0"`` (``"s0"`` when only the seed is swept)."""
+    firsts = [r for r in runs if r.params["optimizer"] == a]
+    seconds = [r for r in runs if r.params["optimizer"] == b]
+    swept = runs[0].swept if runs else []
+
+    def values(group: list[RunSpec], key: str) -> set[str]:
+        return {json.dumps(r.params.get(key)) for r in group if r.params.get(key) is not None}
+
+    matched = [k for k in swept if k not in _OWN_AXES and values(firsts, k) & values(seconds, k)]
 
     def shared(x: RunSpec, y: RunSpec) -> bool:
         return all(
             x.params.get(k) is None or y.params.get(k) is None or x.params[k] == y.params[k]
-            for k in set(x.params) | set(y.params)
-            if k not in _OWN_AXES
+            for k in matched
         )
 
     def tag(x: RunSpec, y: RunSpec) -> str:
         parts: list[str] = []
-        for key in x.swept:
+        for key in swept:
             if key in ("optimizer", "seed"):
                 continue
             for value in (x.params.get(key), y.params.get(key)):
@@ -582,13 +627,12 @@ def _pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSp
                     parts.append(part)
         return sanitize_name("-".join([*parts, f"s{x.params['seed']}"]))
 
-    labelled = [(r, r.params["optimizer"]) for r in runs]
+    order = {id(r): i for i, r in enumerate(runs)}
     return [
         (x, y, tag(x, y))
-        for x, first in labelled
-        if first == a
-        for y, second in labelled
-        if second == b and shared(x, y)
+        for x in firsts
+        for y in seconds
+        if x is not y and (a != b or order[id(x)] < order[id(y)]) and shared(x, y)
     ]
 
 
@@ -604,10 +648,16 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
     if not pairs:
         return
     from ..analysis.landscape import landscape
+    from ..data import recorded_data_spec
     from ..io import load_checkpoint
 
     for a, b in pairs:
-        for run_a, run_b, tag in _pair_runs(runs, a, b):
+        matched = _pair_runs(runs, a, b)
+        if not matched:
+            log(
+                f"interpolation {a} -> {b}: no two runs to pair (they differ in the seed or another swept value)"
+            )
+        for run_a, run_b, tag in matched:
             path = pair_path(study_dir, a, b, tag)
             if path.exists():
                 continue
@@ -615,17 +665,27 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
             if any(s != "done" for s in states):
                 continue
             device = _device(run_a, config)
-            data = _analysis_data(run_a, config, device)
-            first = load_checkpoint(_run_dir(study_dir, run_a.run_id) / "last.pt").model
-            second = load_checkpoint(_run_dir(study_dir, run_b.run_id) / "last.pt").model
+            split = _analysis_split(run_a, config)
+            start = load_checkpoint(_run_dir(study_dir, run_a.run_id) / "last.pt")
+            end = load_checkpoint(_run_dir(study_dir, run_b.run_id) / "last.pt")
+            plan = config.analysis
+            meta = RunMeta(  # the line starts at the first checkpoint; the second in extra
+                checkpoint=str(start.path),
+                checkpoint_sha256=start.sha256,
+                data=recorded_data_spec(
+                    run_a.train["dataset"], plan.split, plan.samples, plan.seed, split
+                ),
+                extra={"second_checkpoint": str(end.path), "second_sha256": end.sha256},
+            )
             kwargs = {k: options[k] for k in ("grid",) if k in options}
             kwargs["batch_size"] = config.analysis.batch_size
             result = landscape(
-                first.to(device).eval(),
-                data,
+                start.model.to(device).eval(),
+                (split.inputs.to(device), split.targets.to(device)),
                 dims=1,
-                directions=second.to(device).eval(),
+                directions=end.model.to(device).eval(),
                 loss=run_a.train.get("loss", "cross_entropy"),
+                meta=meta,
                 **kwargs,
             )
             result.save(path)

@@ -540,6 +540,25 @@ def test_a_custom_studys_landscapes_are_drawn_in_its_report(tmp_path):
         assert (tmp_path / "figures" / f"{name}.pdf").exists()
     interpolation = json.loads((tmp_path / "figures" / "d_interpolation.json").read_text())
     assert "SGD → SAM (lr0.1, seed 0)" in json.dumps(interpolation, ensure_ascii=False)
+    from sharpscope.results import read_record
+
+    for path in (
+        tmp_path / "runs" / "sam-lr0.1-s0" / "analysis" / "epoch_002" / "landscape_2d.npz",
+        tmp_path / "pairs" / "sgd__sam__lr0.1-s0.npz",
+    ):  # provenance, as the stand-alone command records it
+        meta = read_record(path)["meta"]
+        assert meta["checkpoint_sha256"] and meta["data"]["split"] == "train", path
+    # a pair file the config does not define (an older sharpscope named them by the seed)
+    # is not drawn beside the others
+    pairs = tmp_path / "pairs"
+    (pairs / "sgd__sam__s0.npz").write_bytes((pairs / "sgd__sam__lr0.05-s0.npz").read_bytes())
+    write_report(tmp_path, resamples=0)
+    interpolation = json.loads((tmp_path / "figures" / "d_interpolation.json").read_text())
+    assert len(json.dumps(interpolation, ensure_ascii=False).split("SGD → SAM")) == 3
+    # interrupted before the last epoch's landscapes: the report is still written
+    for path in [*tmp_path.glob("runs/*/analysis/*/landscape_*"), *pairs.iterdir()]:
+        path.unlink()
+    assert "No landscape figures yet" in write_report(tmp_path, resamples=0).read_text()
 
 
 def test_analysis_epochs_can_shrink_but_not_ask_for_epochs_a_run_never_saved(study, tmp_path):
@@ -555,14 +574,24 @@ def test_analysis_epochs_can_shrink_but_not_ask_for_epochs_a_run_never_saved(stu
     summary = run_study(fewer, copy)  # every run is done and saved what is asked for
     assert sorted(summary.skipped) == ["sam-s0", "sam-s1", "sgd-s0", "sgd-s1"]
     assert not summary.done and not summary.failed and not summary.errors
+    # run.json keeps the save_every the run was trained with, so going back is fine too
+    run = json.loads((copy / "runs" / "sgd-s0" / "run.json").read_text())
+    assert run["train"]["save_every"] == 1 and run["analysis_epochs"] == [2]
+    summary = run_study(tiny_config(), copy)
+    assert sorted(summary.skipped) == ["sam-s0", "sam-s1", "sgd-s0", "sgd-s1"]
     late = tmp_path / "late"
     run_study(tiny_config(analysis={**ANALYSIS, "epochs": ["last"]}), late)
     with pytest.raises(
         SharpscopeError,
-        match=r"run 'sgd-s0' in .* saved its last epoch only, so it has no checkpoint of epoch 1 "
-        r"that analysis.epochs asks for; ask only for saved epochs, or use a new --out",
+        match=r"run 'sgd-s0' in .* has no checkpoint of epoch 1 that analysis.epochs asks for "
+        r"\(it was not saved, or was deleted\); ask only for epochs it has, or use a new --out",
     ):
         run_study(tiny_config(), late)
+    # runs not trained yet simply train with the new save_every (the study was interrupted)
+    pending = tmp_path / "pending"
+    config = tiny_config(analysis={**ANALYSIS, "epochs": ["last"]})
+    prepare_study_dir(pending, config, expand_sweep(config))
+    prepare_study_dir(pending, tiny_config(), expand_sweep(tiny_config()))
 
 
 def test_a_studys_analysis_files_name_their_checkpoint_and_data(study):

@@ -725,6 +725,19 @@ def test_interpolation_pairs_agree_in_every_swept_hyperparameter_and_have_their_
     assert "rho0.1-lr0.2-noise0.2-s0" in tags
     plain = config(sweep={"optimizer": ["sgd", "sam"], "seed": [0, 1]})
     assert [t for _, _, t in _pair_runs(expand_sweep(plain), "sgd", "sam")] == ["s0", "s1"]
+    # optimizers whose own lr differ (SGD 0.1, Adam 1e-3: not swept) still pair, seed by seed
+    mixed = expand_sweep(config(sweep={"optimizer": ["sgd", "adam", "bsam"], "seed": [0, 1]}))
+    for other in ("adam", "bsam"):
+        found = [(x.run_id, y.run_id) for x, y, _ in _pair_runs(mixed, "sgd", other)]
+        assert found == [("sgd-s0", f"{other}-s0"), ("sgd-s1", f"{other}-s1")], other
+    # SAM's radii against each other: each unordered pair once, never a run with itself
+    radii = config(sweep={"optimizer": ["sam"], "rho": [0.05, 0.1, 0.2], "seed": [0]})
+    found = [(x.run_id, y.run_id) for x, y, _ in _pair_runs(expand_sweep(radii), "sam", "sam")]
+    assert found == [
+        ("sam-rho0.05-s0", "sam-rho0.1-s0"),
+        ("sam-rho0.05-s0", "sam-rho0.2-s0"),
+        ("sam-rho0.1-s0", "sam-rho0.2-s0"),
+    ]
 
 
 # --------------------------------------------------------------------------- shipped settings
