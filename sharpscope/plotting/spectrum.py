@@ -60,14 +60,24 @@ def _shared_caption(ax: Any, parts: list[str]) -> str:
 
 
 def _raise_the_ceiling_above(ax: Any, legend: Any) -> None:
-    """Set the y axis' top (log scale) so that the legend, in the upper right, sits above
-    every curve and eigenvalue mark of ``ax``: free headroom sized to the legend's height."""
-    ax.figure.draw_without_rendering()  # the final layout: the axes' and legend's heights
+    """Raise the y axis' top (log scale) so that the legend, in the upper right, sits above
+    every curve and eigenvalue mark of ``ax``: free headroom sized to the legend's height.
+    A top already higher (set by the caller, or by a panel sharing the y axis) is kept."""
+    root = ax.figure
+    while getattr(root, "figure", root) is not root:  # a subfigure's root figure draws
+        root = root.figure
+    root.draw_without_rendering()  # the final layout: the axes' and legend's heights
     legend_share = legend.get_window_extent().height / ax.get_window_extent().height
     below = max(1.0 - legend_share - 0.05, 0.3)  # the share of the axes the data may use
-    highest = max(float(np.nanmax(line.get_ydata())) for line in ax.get_lines())
+    highest = FLOOR * 10
+    for line in ax.get_lines():  # a user's legend proxy may be empty or all NaN
+        y = np.asarray(line.get_ydata(), dtype=float)
+        y = y[np.isfinite(y) & (y > 0)]
+        if y.size:
+            highest = max(highest, float(y.max()))
     low = np.log10(FLOOR)
-    ax.set_ylim(FLOOR, 10 ** (low + (np.log10(max(highest, FLOOR * 10)) - low) / below))
+    needed = 10 ** (low + (np.log10(highest) - low) / below)
+    ax.set_ylim(FLOOR, max(needed, ax.get_ylim()[1]))
 
 
 @styled

@@ -169,11 +169,11 @@ def plot_measure_vs_gap(
     if _positive(points, measure) and _spread(points, measure) > 30:
         ax.set_xscale("log")
         # over 1.5-2 decades matplotlib labels minor ticks too ("2×10^0 3×4×10^0 ..."),
-        # which run together on a paper-sized panel: 1, 2, 5 per decade as plain numbers
-        # over up to three decades, the decades alone beyond
+        # which run together on a paper-sized panel: up to two decades 1 and 3 per decade
+        # (at most five labels), the decades alone beyond
         ax.xaxis.set_minor_formatter(_null_formatter())
-        if _spread(points, measure) < 1000:
-            _plain_log_ticks(ax.xaxis)
+        if _spread(points, measure) <= 100:
+            _one_three_log_ticks(ax.xaxis)
     else:  # at most 5 ticks: long labels (0.0150 0.0175 ...) would run together
         ax.xaxis.set_major_locator(_max_locator(5))
     return fig
@@ -519,11 +519,26 @@ def _max_locator(count: int):
     return mticker.MaxNLocator(count)
 
 
-def _plain_log_ticks(axis: Any) -> None:
+def _one_three_log_ticks(axis: Any) -> None:
     import matplotlib.ticker as mticker
 
-    axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(mticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    axis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 3.0)))
+    axis.set_major_formatter(mticker.FuncFormatter(lambda value, _: short_number(value)))
+
+
+def short_number(value: float) -> str:
+    r"""A tick label: plain from 0.001 to 9999, else a power of ten.
+
+    >>> short_number(30.0), short_number(0.003), short_number(3e5), short_number(1e-4)
+    ('30', '0.003', '$3\\times10^{5}$', '$10^{-4}$')
+    """
+    if value == 0 or 1e-3 <= abs(value) < 1e4:
+        return f"{value:g}"
+    exponent = int(np.floor(np.log10(abs(value)) + 1e-9))
+    mantissa = value / 10.0**exponent
+    if abs(mantissa - 1) < 1e-9:
+        return f"$10^{{{exponent}}}$"
+    return f"${mantissa:g}\\times10^{{{exponent}}}$"
 
 
 def _null_formatter():
@@ -633,7 +648,10 @@ def plot_curves_1d(
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    ax.legend()
+    if len(curves) > 6:  # a legend of many pairs covered the curves: beside the axes
+        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="x-small")
+    else:
+        ax.legend()
     return fig
 
 
