@@ -376,17 +376,18 @@ def _warn_unusual_settings(config: TrainConfig, base_lrs: list[float], world_siz
     warmup = float(config.schedule.get("warmup_epochs", 0))
     if warmup > 0 and warmup >= config.epochs:
         warnings.warn(
-            f"warmup_epochs {warmup:g} is not shorter than the run ({config.epochs} epochs): "
+            f"warmup_epochs {warmup:g} is not shorter than the run ({config.epochs} "
+            f"epoch{'s' if config.epochs != 1 else ''}): "
             "the learning rate rises for the whole run and its schedule after the warm-up "
             "never starts",
             stacklevel=3,
         )
     m = config.optimizer.get("m")
     per_rank = config.batch_size // world_size
-    if isinstance(m, int) and m >= per_rank:
+    if isinstance(m, (int, float)) and not isinstance(m, bool) and m >= per_rank:  # 32.0 from JSON
         where = " per process" if world_size > 1 else ""
         warnings.warn(
-            f"m {m} is not smaller than the batch of {per_rank} examples{where}: every step "
+            f"m {m:g} is not smaller than the batch of {per_rank} examples{where}: every step "
             "perturbs with the whole batch's gradient, as without m",
             stacklevel=3,
         )

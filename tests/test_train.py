@@ -750,11 +750,16 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
             {"optimizer": {"name": "sam", "m": 64}},
             "m 64 is not smaller than the batch of 64 examples: every step perturbs with the whole",
         ),
+        ({"optimizer": {"name": "sam", "m": 128.0}}, "m 128 is not smaller"),  # JSON's 128.0
+        (
+            {"schedule": {"name": "cosine", "warmup_epochs": 1.5}, "epochs": 1},
+            r"warmup_epochs 1.5 is not shorter than the run \(1 epoch\)",
+        ),
     ],
 )
 def test_settings_that_train_but_hardly_as_meant_are_warned_about(tmp_path, changes, message):
     with pytest.warns(UserWarning, match=message) as caught:
-        train(_config(tmp_path, epochs=2, **changes))
+        train(_config(tmp_path, **{"epochs": 2, **changes}))
     assert len(caught) == 1  # the other two checks stay silent
 
 

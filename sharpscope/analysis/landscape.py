@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -413,13 +414,13 @@ BYTES_PER_GRID_POINT = 64
 
 
 def _check_grid_fits_memory(
-    dims: int, grid: int, x: Sequence[float] | Tensor | None, y: Sequence[float] | Tensor | None
+    dims: int, grid: int, x: Sequence[float] | Tensor | float | None, y: Any
 ) -> None:
     """One line when the grid's coordinates and results cannot fit the free host memory
     (``grid=100000`` in 2-D is 1e10 points: it ran out of memory with advice about batches)."""
-    sizes = [len(x) if x is not None else grid]
+    sizes = [int(np.size(x)) if x is not None else grid]  # x=0.5: one point
     if dims == 2:
-        sizes.append(len(y) if y is not None else grid)
+        sizes.append(int(np.size(y)) if y is not None else grid)
     points = math.prod(sizes)
     free = available_memory_bytes()
     need = points * BYTES_PER_GRID_POINT

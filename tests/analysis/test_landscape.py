@@ -981,3 +981,11 @@ def test_degenerate_interpolation_and_pca_are_refused_and_a_zero_direction_has_n
     r = landscape(net, (x, y), 2, directions=stats, grid=3)
     assert r.directions[0].abs().max() == 0 and math.isnan(r.cosine)
     assert r.loss[0, 1] != r.loss[1, 1]  # the statistics move along the first axis
+
+
+def test_a_single_x_value_is_one_point():
+    """x=0.5 evaluated one point; the grid's memory check made it a TypeError."""
+    net = mlp()
+    x, y = class_data()
+    result = landscape(net, (x, y), dims=1, x=0.5)
+    assert result.loss.shape == (1,) and bool(torch.isfinite(result.loss).all())
