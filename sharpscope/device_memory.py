@@ -12,6 +12,7 @@ also halves its batches, in eval mode, when a single product does not fit.)
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Callable
 from typing import TypeVar
@@ -92,15 +93,19 @@ CPU_MEMORY_SHARE = 0.5
 
 def available_memory_bytes() -> int | None:
     """Free memory the kernel could give this process now (``MemAvailable`` of
-    ``/proc/meminfo``, Linux); None where it cannot be read."""
+    ``/proc/meminfo``, Linux); elsewhere the machine's physical memory (an upper bound;
+    macOS), None where neither can be read."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
                     return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, OSError, ValueError):
         return None
-    return None
 
 
 def saved_bytes_per_example(

@@ -332,6 +332,8 @@ def check_momentum(value: Any) -> None:
 
     >>> check_momentum(0.9)
     """
+    if isinstance(value, Tensor) and value.numel() == 1:
+        value = float(value)
     if isinstance(value, Real) and not isinstance(value, bool) and not 0 <= value < 1:
         raise SharpscopeError(
             "momentum must be in [0, 1) (the fraction of the last step kept; "
@@ -519,6 +521,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self.param_groups = self.base.param_groups
         for group in self.param_groups:
             self._check_group_options(group)
+            check_momentum(group.get("momentum"))  # a group's own momentum too
         self.defaults.update(self.base.defaults)
         self.base.register_step_post_hook(self._mark_base_stepped)
         self._base_stepped = False

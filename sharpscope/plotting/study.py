@@ -646,6 +646,8 @@ def plot_curves_1d(
         )
     if logy:
         ax.set_yscale("log")
+    else:  # an offset ("+2.276") above the axis ran into the marks' labels
+        ax.yaxis.get_major_formatter().set_useOffset(False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if len(curves) > 6:  # a legend of many pairs covered the curves: beside the axes

@@ -650,3 +650,23 @@ def test_a_mode_whose_timed_product_fails_is_not_chosen(mlp_case, monkeypatch):
     monkeypatch.setattr(HessianOperator, "_batch_products", flaky)
     op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", hvp_mode="auto")
     assert op.hvp_mode == "reverse" and "forward" in op.describe()["hvp_mode_errors"]
+
+
+def test_free_memory_falls_back_to_the_physical_memory_without_proc_meminfo(monkeypatch):
+    """macOS has no /proc/meminfo: the memory checks were skipped there (a landscape grid
+    of 1e10 points then ran out of memory instead of being refused)."""
+    import builtins
+    import os
+
+    from sharpscope import device_memory
+
+    real_open = builtins.open
+
+    def no_meminfo(path, *args, **kwargs):
+        if str(path) == "/proc/meminfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_meminfo)
+    physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert device_memory.available_memory_bytes() == physical > 0

@@ -139,6 +139,10 @@ def test_the_classes_refuse_momentum_of_one_or_more_too():
     with pytest.raises(SharpscopeError, match=r"^momentum must be in \[0, 1\) .*got 1.0$"):
         SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=1.0)
     SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=0.99)
+    with pytest.raises(SharpscopeError, match=r"^momentum must be in \[0, 1\)"):  # a group's own
+        SAM([{"params": mlp().parameters(), "momentum": 1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(SharpscopeError, match=r"^momentum must be in \[0, 1\)"):
+        SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, momentum=torch.tensor(1.0))
 
 
 def test_options_list_every_flag():
