@@ -810,10 +810,14 @@ def test_shipped_quick_reproductions_have_the_documented_settings():
 
 def test_the_report_spectra_figure_says_how_many_optimizers_it_shows(tmp_path):
     """It stopped at 4 optimizers while its caption said "of each optimizer"."""
-    from sharpscope.study.report import MAX_SPECTRA, _densities
+    from sharpscope.plotting.style import save_figure
+    from sharpscope.study.report import MAX_SPECTRA, _report_figures
+    from sharpscope.study.runner import prepare_study_dir
 
     labels = ["sgd", "sam", "asam", "vasso", "samon", "adam", "adamw"]
-    runs = expand_sweep(config(sweep={"optimizer": labels, "seed": [0]}))
+    plan = config(sweep={"optimizer": labels, "seed": [0]})
+    runs = expand_sweep(plan)
+    prepare_study_dir(tmp_path, plan, runs)
     density = {"grid": [0.0, 1.0, 2.0], "values": [1.0, 0.1, 0.01]}
     for run in runs:
         folder = (
@@ -822,9 +826,11 @@ def test_the_report_spectra_figure_says_how_many_optimizers_it_shows(tmp_path):
         folder.mkdir(parents=True)
         result = {"density": density, "lambda_max": 2.0}
         (folder / "spectrum.json").write_text(json.dumps({"result": result}))
-    curves, lmax, chosen = _densities(tmp_path, runs)
-    assert list(curves) == labels == list(chosen)  # every optimizer; the figure shows the first
-    assert MAX_SPECTRA < len(labels)  # 6 and says "the first 6 of 7 optimizers"
+    lines = _report_figures(tmp_path, [], [], [], runs, save_figure, 0)
+    assert MAX_SPECTRA == 6
+    assert any("the first run of the first 6 of 7 optimizers" in line for line in lines)
+    shown = json.loads((tmp_path / "figures" / "spectra.json").read_text())
+    assert len(shown) == 6
 
 
 def test_the_report_setup_line_shows_swept_training_settings():
