@@ -44,8 +44,8 @@ from ..results import (
     to_jsonable,
     write_json,
 )
-from .config import AXIS_SHORT, StudyConfig, study_config_from_dict
-from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, format_value, sanitize_name, swept_axes
+from .config import StudyConfig, study_config_from_dict
+from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, id_parts, sanitize_name, swept_axes
 
 FORMAT = "sharpscope-study"
 VERSION = 1
@@ -617,15 +617,7 @@ def _pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSp
         )
 
     def tag(x: RunSpec, y: RunSpec) -> str:
-        parts: list[str] = []
-        for key in swept:
-            if key in ("optimizer", "seed"):
-                continue
-            for value in (x.params.get(key), y.params.get(key)):
-                part = f"{AXIS_SHORT[key]}{format_value(value)}" if value is not None else None
-                if part is not None and part not in parts:
-                    parts.append(part)
-        return sanitize_name("-".join([*parts, f"s{x.params['seed']}"]))
+        return sanitize_name("-".join([*id_parts(swept, x, y), f"s{x.params['seed']}"]))
 
     order = {id(r): i for i, r in enumerate(runs)}
     return [

@@ -341,18 +341,26 @@ def swept_axes(runs: list[RunSpec], axes: Iterable[str] | None = None) -> list[s
     return out
 
 
+def id_parts(swept: Iterable[str], *runs: RunSpec) -> list[str]:
+    """The ``<short><value>`` parts of a run id (``rho0.1``, ``lr0.05``): the swept values of
+    ``runs`` but the optimizer and the seed, in axis order, each once (two runs: the tag of
+    an interpolation between them)."""
+    parts: list[str] = []
+    for key in swept:
+        if key in ("optimizer", "seed"):
+            continue
+        for run in runs:
+            value = run.params.get(key)
+            part = f"{AXIS_SHORT[key]}{format_value(value)}" if value is not None else None
+            if part is not None and part not in parts:
+                parts.append(part)
+    return parts
+
+
 def _assign_ids(runs: list[RunSpec], axes: Iterable[str]) -> None:
     swept = swept_axes(runs, axes)
     for run in runs:
-        parts = [run.params["optimizer"]]
-        for key in swept:
-            if key in ("optimizer", "seed"):
-                continue
-            value = run.params.get(key)
-            if value is None:
-                continue
-            parts.append(f"{AXIS_SHORT[key]}{format_value(value)}")
-        parts.append(f"s{run.params['seed']}")
+        parts = [run.params["optimizer"], *id_parts(swept, run), f"s{run.params['seed']}"]
         run.run_id = sanitize_name("-".join(parts))
         run.swept = list(swept)
     seen: dict[str, int] = {}
