@@ -411,17 +411,31 @@ def _train_run(run: RunSpec, run_dir: Path) -> dict[str, Any] | None:
     return None
 
 
-def _analysis_split(run: RunSpec, config: StudyConfig) -> Any:
-    from ..data import load_data
+def _analysis_split(run: RunSpec, config: StudyConfig) -> tuple[Any, dict[str, Any]]:
+    """The examples a run's analyses use, and the data spec that reloads them (recorded in
+    the results' ``meta``, as the stand-alone commands record it)."""
+    from ..data import load_data, recorded_data_spec
 
     plan = config.analysis
-    return load_data(
-        run.train["dataset"],
+    dataset = run.train["dataset"]
+    split = load_data(
+        dataset,
         plan.split,
         samples=plan.samples,
         seed=plan.seed,
         data_root=run.train.get("data_root"),
     )
+    return split, recorded_data_spec(dataset, plan.split, plan.samples, plan.seed, split)
+
+
+def _provenance(checkpoint: Any, data_spec: dict[str, Any]) -> dict[str, Any]:
+    """What a result's ``meta`` records of its inputs: the checkpoint (path, sha256) and
+    the data."""
+    return {
+        "checkpoint": str(checkpoint.path),
+        "checkpoint_sha256": checkpoint.sha256,
+        "data": data_spec,
+    }
 
 
 def _fill_meta(value: Any, known: dict[str, Any]) -> None:
@@ -452,19 +466,16 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
     pending = _pending_measures(run, run_dir, config)
     if not pending:
         return
-    from ..data import recorded_data_spec
-
     device = _device(run, config)
-    split = _analysis_split(run, config)
+    split, data_spec = _analysis_split(run, config)
     data = split.inputs.to(device), split.targets.to(device)
-    plan = config.analysis
-    recorded = recorded_data_spec(run.train["dataset"], plan.split, plan.samples, plan.seed, split)
     loss = run.train.get("loss", "cross_entropy")
     common = {"seed": config.analysis.seed, "batch_size": config.analysis.batch_size}
     total = int(run.params["epochs"])
     for epoch in sorted({e for e, _ in pending}):
         checkpoint = load_checkpoint(_checkpoint_for(run_dir, epoch, total))
         model = checkpoint.model.to(device).eval()
+        provenance = _provenance(checkpoint, data_spec)
         for _, measure in [p for p in pending if p[0] == epoch]:
             path = _analysis_path(run_dir, epoch, measure)
             torch.manual_seed(config.analysis.seed)
@@ -478,12 +489,8 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
                     "params": {"basic": 1},
                 }
             elif measure == "landscape":
-                provenance = RunMeta(
-                    checkpoint=str(checkpoint.path),
-                    checkpoint_sha256=checkpoint.sha256,
-                    data=recorded,
-                )
-                record = _landscape_record(model, data, loss, config, path, provenance)
+                meta = RunMeta(**provenance)
+                record = _landscape_record(model, data, loss, config, path, meta)
                 record["params"] = to_jsonable(_analysis_params(measure, config))
             else:
                 options = config.analysis.measures[measure]
@@ -491,8 +498,7 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
                 record["params"] = to_jsonable(_analysis_params(measure, config))
             record["checkpoint"] = str(checkpoint.path.name)
             record["epoch"] = epoch
-            provenance = {"checkpoint": str(checkpoint.path), "data": recorded}
-            _fill_meta(record, {**provenance, "checkpoint_sha256": checkpoint.sha256})
+            _fill_meta(record, provenance)
             write_json(path, record)
 
 
@@ -640,7 +646,6 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
     if not pairs:
         return
     from ..analysis.landscape import landscape
-    from ..data import recorded_data_spec
     from ..io import load_checkpoint
 
     for a, b in pairs:
@@ -657,16 +662,11 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
             if any(s != "done" for s in states):
                 continue
             device = _device(run_a, config)
-            split = _analysis_split(run_a, config)
+            split, data_spec = _analysis_split(run_a, config)
             start = load_checkpoint(_run_dir(study_dir, run_a.run_id) / "last.pt")
             end = load_checkpoint(_run_dir(study_dir, run_b.run_id) / "last.pt")
-            plan = config.analysis
             meta = RunMeta(  # the line starts at the first checkpoint; the second in extra
-                checkpoint=str(start.path),
-                checkpoint_sha256=start.sha256,
-                data=recorded_data_spec(
-                    run_a.train["dataset"], plan.split, plan.samples, plan.seed, split
-                ),
+                **_provenance(start, data_spec),
                 extra={"second_checkpoint": str(end.path), "second_sha256": end.sha256},
             )
             kwargs = {k: options[k] for k in ("grid",) if k in options}
