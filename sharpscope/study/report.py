@@ -546,10 +546,7 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
             caption = f"{caption} ({settings})"
         save_figure(fig, out / name, data=data)
         plt.close(fig)
-        lines.append(f"![{caption}](figures/{name}.png)")
-        lines.append("")
-        lines.append(f"*{caption}* ([PDF](figures/{name}.pdf), data: `figures/{name}.*`)")
-        lines.append("")
+        lines.extend(_figure_lines(name, caption))
 
     gen = [c for c in correlations if c.target == "gen_gap"]
     if gen:
@@ -657,17 +654,23 @@ def _landscape_figures(folder: Path, out: Path, config: Any) -> list[str]:
         written, _ = figures_d(folder, out)
     except SharpscopeError:  # e.g. interrupted before its last epoch's landscapes
         return ["_No landscape figures yet: the runs' last analysed epochs have none._", ""]
-    lines = []
-    for path in written:
-        if path.suffix == ".png":
-            caption = LANDSCAPE_CAPTIONS.get(path.stem, path.stem)
-            lines.append(f"![{caption}](figures/{path.name})")
-            lines.append("")
-            lines.append(
-                f"*{caption}* ([PDF](figures/{path.stem}.pdf), data: `figures/{path.stem}.*`)"
-            )
-            lines.append("")
-    return lines
+    return [
+        line
+        for path in written
+        if path.suffix == ".png"
+        for line in _figure_lines(path.stem, LANDSCAPE_CAPTIONS.get(path.stem, path.stem))
+    ]
+
+
+def _figure_lines(name: str, caption: str) -> list[str]:
+    """report.md's lines for ``figures/NAME``: the PNG, and the caption with the PDF and the
+    data beside it."""
+    return [
+        f"![{caption}](figures/{name}.png)",
+        "",
+        f"*{caption}* ([PDF](figures/{name}.pdf), data: `figures/{name}.*`)",
+        "",
+    ]
 
 
 def _setting_label(run) -> str:

@@ -398,7 +398,8 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     from .runner import load_study_config_from_dir
     from .sweep import expand_sweep
 
-    runs = expand_sweep(load_study_config_from_dir(study_dir))
+    config = load_study_config_from_dir(study_dir)
+    runs = expand_sweep(config)
     one_d, two_d = {}, {}
     directions = ""  # how the random directions were made, for the captions
     for run in runs:
@@ -438,7 +439,7 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             {k: {"alpha": a, "beta": b, "loss": loss} for k, (a, b, loss) in two_d.items()},
             sliced,
         )
-    pairs = [path for path in configured_pair_files(study_dir, runs) if path.exists()]
+    pairs = [path for path in configured_pair_files(study_dir, config, runs) if path.exists()]
     if pairs:
         curves = {}
         labels = set()
@@ -470,12 +471,11 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     return written, summary
 
 
-def configured_pair_files(study_dir: Path, runs: list) -> list[Path]:
+def configured_pair_files(study_dir: Path, config: Any, runs: list) -> list[Path]:
     """The interpolation files the study's config defines, in its order (files of pairs it
     no longer has, e.g. from an older sharpscope or an edited config, are left out)."""
-    from .runner import _pair_runs, load_study_config_from_dir, pair_path
+    from .runner import _pair_runs, pair_path
 
-    config = load_study_config_from_dir(study_dir)
     options = config.analysis.measures.get("landscape") or {}
     return [
         pair_path(study_dir, a, b, tag)
