@@ -166,13 +166,14 @@ def plot_measure_vs_gap(
         )
     ax.set_xlabel(axis_label(measure))
     ax.set_ylabel(axis_label(gap))
-    if _positive(points, measure) and _spread(points, measure) > 30:
+    spread = _spread(points, measure) if _positive(points, measure) else 0.0
+    if spread > 30:
         ax.set_xscale("log")
         # over 1.5-2 decades matplotlib labels minor ticks too ("2×10^0 3×4×10^0 ..."),
         # which run together on a paper-sized panel: up to two decades 1 and 3 per decade
         # (at most five labels), the decades alone beyond
         ax.xaxis.set_minor_formatter(_null_formatter())
-        if _spread(points, measure) <= 100:
+        if spread <= 100:
             _one_three_log_ticks(ax.xaxis)
     else:  # at most 5 ticks: long labels (0.0150 0.0175 ...) would run together
         ax.xaxis.set_major_locator(_max_locator(5))

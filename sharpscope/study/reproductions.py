@@ -474,13 +474,13 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
 def configured_pair_files(study_dir: Path, config: Any, runs: list) -> list[Path]:
     """The interpolation files the study's config defines, in its order (files of pairs it
     no longer has, e.g. from an older sharpscope or an edited config, are left out)."""
-    from .runner import _pair_runs, pair_path
+    from .runner import pair_path, pair_runs
 
     options = config.analysis.measures.get("landscape") or {}
     return [
         pair_path(study_dir, a, b, tag)
         for a, b in options.get("interpolate") or []
-        for _, _, tag in _pair_runs(runs, a, b)
+        for _, _, tag in pair_runs(runs, a, b)
     ]
 
 

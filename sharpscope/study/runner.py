@@ -599,7 +599,7 @@ def run_job(study_dir: str, run_id: str) -> dict[str, Any]:
 _OWN_AXES = ("optimizer", "optimizer_name", "base", "rho", "m")
 
 
-def _pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSpec, str]]:
+def pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSpec, str]]:
     """Every run of optimizer ``a`` with every run of ``b`` that agrees with it on the swept
     hyperparameters the two optimizers share values of (seed, lr, label noise, ...): SGD's
     missing ρ matches each of SAM's, and an lr that each optimizer sweeps over values of
@@ -649,7 +649,7 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
     from ..io import load_checkpoint
 
     for a, b in pairs:
-        matched = _pair_runs(runs, a, b)
+        matched = pair_runs(runs, a, b)
         if not matched:
             log(
                 f"interpolation {a} -> {b}: no two runs to pair (they differ in the seed or another swept value)"

@@ -682,11 +682,11 @@ def test_failed_run_row_and_device_change_on_reuse(by_hand):
 def test_interpolation_pairs_share_the_seed_and_wait_for_both_runs(by_hand):
     """SGD and SAM are paired seed by seed; a pair with a run that is not done is skipped
     (it has no final weights)."""
-    from sharpscope.study.runner import _pair_runs, load_study_config_from_dir, pair_path, run_pairs
+    from sharpscope.study.runner import load_study_config_from_dir, pair_path, pair_runs, run_pairs
 
     config = load_study_config_from_dir(by_hand)
     runs = expand_sweep(config)
-    pairs = [(a.run_id, b.run_id, tag) for a, b, tag in _pair_runs(runs, "sgd", "sam")]
+    pairs = [(a.run_id, b.run_id, tag) for a, b, tag in pair_runs(runs, "sgd", "sam")]
     assert pairs == [(f"sgd-s{s}", f"sam-s{s}", f"s{s}") for s in SEEDS]
     values = config.to_dict()
     values["analysis"]["landscape"] = {"interpolate": [["sgd", "sam"]]}
@@ -702,7 +702,7 @@ def test_interpolation_pairs_share_the_seed_and_wait_for_both_runs(by_hand):
 def test_interpolation_pairs_agree_in_every_swept_hyperparameter_and_have_their_own_files():
     """With lr and label noise swept, all SGD -> SAM pairs were tagged by the seed alone:
     one file was written and the others skipped as done; and only SGD's first lr was paired."""
-    from sharpscope.study.runner import _pair_runs
+    from sharpscope.study.runner import pair_runs
 
     plan = config(
         sweep={
@@ -713,7 +713,7 @@ def test_interpolation_pairs_agree_in_every_swept_hyperparameter_and_have_their_
             "seed": [0],
         }
     )
-    pairs = _pair_runs(expand_sweep(plan), "sgd", "sam")
+    pairs = pair_runs(expand_sweep(plan), "sgd", "sam")
     assert len(pairs) == 8  # 2 lr x 2 noise, each with both radii
     for a, b, _ in pairs:
         assert (a.params["lr"], a.params["label_noise"]) == (
@@ -724,15 +724,15 @@ def test_interpolation_pairs_agree_in_every_swept_hyperparameter_and_have_their_
     assert len(set(tags)) == 8
     assert "rho0.1-lr0.2-noise0.2-s0" in tags
     plain = config(sweep={"optimizer": ["sgd", "sam"], "seed": [0, 1]})
-    assert [t for _, _, t in _pair_runs(expand_sweep(plain), "sgd", "sam")] == ["s0", "s1"]
+    assert [t for _, _, t in pair_runs(expand_sweep(plain), "sgd", "sam")] == ["s0", "s1"]
     # optimizers whose own lr differ (SGD 0.1, Adam 1e-3: not swept) still pair, seed by seed
     mixed = expand_sweep(config(sweep={"optimizer": ["sgd", "adam", "bsam"], "seed": [0, 1]}))
     for other in ("adam", "bsam"):
-        found = [(x.run_id, y.run_id) for x, y, _ in _pair_runs(mixed, "sgd", other)]
+        found = [(x.run_id, y.run_id) for x, y, _ in pair_runs(mixed, "sgd", other)]
         assert found == [("sgd-s0", f"{other}-s0"), ("sgd-s1", f"{other}-s1")], other
     # SAM's radii against each other: each unordered pair once, never a run with itself
     radii = config(sweep={"optimizer": ["sam"], "rho": [0.05, 0.1, 0.2], "seed": [0]})
-    found = [(x.run_id, y.run_id) for x, y, _ in _pair_runs(expand_sweep(radii), "sam", "sam")]
+    found = [(x.run_id, y.run_id) for x, y, _ in pair_runs(expand_sweep(radii), "sam", "sam")]
     assert found == [
         ("sam-rho0.05-s0", "sam-rho0.1-s0"),
         ("sam-rho0.05-s0", "sam-rho0.2-s0"),
