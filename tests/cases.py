@@ -130,9 +130,9 @@ def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def gloo_group(rank: int, world: int, port: int, backend: str = "gloo"):
-    """A spawned test worker's gloo process group on 127.0.0.1:``port`` (one torch thread;
-    ``backend="nccl"`` for CUDA tests).
+def spawned_group(rank: int, world: int, port: int, backend: str = "gloo"):
+    """A spawned test worker's process group on 127.0.0.1:``port`` (one torch thread):
+    gloo, or ``backend="nccl"`` for CUDA tests.
 
     Its ranks meet at a barrier before the group is torn down: a rank destroying it while
     its peer still sent was seen to abort (SIGABRT, "terminate called without an active

@@ -24,7 +24,7 @@ from sharpscope.curvature import HessianOperator, dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
-from cases import fit_full_batch, free_port, full_and_resumed_runs, gloo_group
+from cases import fit_full_batch, free_port, full_and_resumed_runs, spawned_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -206,7 +206,7 @@ def _nccl_hook_worker(rank, port):
     from sharpscope.distributed import reduce_each_gradient
 
     torch.cuda.set_device(0)
-    with gloo_group(rank, 1, port, backend="nccl"):
+    with spawned_group(rank, 1, port, backend="nccl"):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).cuda()
         x, y = torch.randn(20, 12).cuda(), torch.randint(0, 4, (20,)).cuda()

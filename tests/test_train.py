@@ -22,7 +22,7 @@ from cases import (
     free_port,
     full_and_resumed_runs,
     full_and_resumed_under_torchrun,
-    gloo_group,
+    spawned_group,
     torchrun,
     write_cifar,
 )
@@ -507,7 +507,7 @@ def test_the_per_gradient_hook_averages_like_ddp():
 def _average_worker(rank, world, port):
     from sharpscope.distributed import reduce_each_gradient
 
-    with gloo_group(rank, world, port):
+    with spawned_group(rank, world, port):
         torch.manual_seed(0)
         x, y = torch.randn(world * 5, 12), torch.randint(0, 4, (world * 5,))
         net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -568,7 +568,7 @@ def test_a_batch_size_the_processes_do_not_divide_names_sizes_that_they_do(tmp_p
 
 def _batch_size_worker(rank, world, port, folder):
     os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets: train() joins the group
-    with gloo_group(rank, world, port):
+    with spawned_group(rank, world, port):
         for size, near in ((15, "14 or 16"), (1, "2")):
             with pytest.raises(SharpscopeError) as caught:
                 train(_config(f"{folder}/{size}", batch_size=size))

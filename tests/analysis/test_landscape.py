@@ -21,7 +21,7 @@ from sharpscope.analysis.landscape import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import RecurrentClassifier, free_port, gloo_group, half_mse, linear_regression
+from cases import RecurrentClassifier, free_port, half_mse, linear_regression, spawned_group
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -627,7 +627,7 @@ def test_a_half_done_block_resumes_bit_for_bit(tmp_path):
 
 
 def _worker(rank, world, port, out_dir):
-    with gloo_group(rank, world, port):
+    with spawned_group(rank, world, port):
         net = bn_cnn()
         x, y = class_data(n=20, d=10)
         r = landscape(net, (x, y), 2, grid=5, chunk_size=3, out=f"{out_dir}/grid.npz", save_every=0)

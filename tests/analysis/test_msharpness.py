@@ -26,9 +26,9 @@ from cases import (
     RecurrentClassifier,
     bn_conv1d,
     free_port,
-    gloo_group,
     half_mse,
     linear_regression,
+    spawned_group,
 )
 
 torch.set_num_threads(1)
@@ -731,7 +731,7 @@ SPLIT_OPTIONS = dict(m=4, rho=0.1, adaptive=True, steps=3, random_start=True, ch
 
 
 def _split_worker(rank, world, port, out_dir):
-    with gloo_group(rank, world, port):
+    with spawned_group(rank, world, port):
         x, y = classification_data(n=30, d=12, seed=4)
         seen = []
         result = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS, progress=seen.append)

@@ -13,7 +13,7 @@ from torch import nn
 from sharpscope.analysis import hessian_trace, spectral_density, top_eigenvalues
 from sharpscope.curvature import HessianOperator
 
-from cases import free_port, gloo_group
+from cases import free_port, spawned_group
 
 F64 = torch.float64
 
@@ -55,7 +55,7 @@ BATCH_SIZES = (None, 7)  # one batch split in halves; 9 batches sharded 5 + 4
 
 
 def _worker(rank: int, port: int, model, data, out_dir: str) -> None:
-    with gloo_group(rank, 2, port):
+    with spawned_group(rank, 2, port):
         results = [_analyses(model, data, b) for b in BATCH_SIZES]
         results.append(_analyses(RankZeroMemoryHolds10(model).eval(), data, None))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))

@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from sharpscope.optim import BSAM, LETS, SAM, BatchClosure, VaSSO
 
-from cases import free_port, gloo_group
+from cases import free_port, spawned_group
 from optim_helpers import CE, mlp, mlp_batches, through_file
 
 WORLD = 2
@@ -64,7 +64,7 @@ def _run_scenarios(rank: int) -> dict:
 
 def _worker(rank: int, port: int, out: str, scenarios=_run_scenarios) -> None:
     """One gloo rank: ``scenarios(rank)``'s results saved to ``out.RANK``."""
-    with gloo_group(rank, WORLD, port):
+    with spawned_group(rank, WORLD, port):
         torch.save(scenarios(rank), f"{out}.{rank}")
 
 
