@@ -16,6 +16,7 @@ each of the W ranks sees ``batch_size / W`` of them).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -634,122 +635,115 @@ def _train(
             f"train {config.optimizer.get('name')}",
             initial=start_epoch * steps_per_epoch,
         )
-    try:
-        with peers_checked():  # a lost process stops the run as an interrupt does
-            for epoch in range(start_epoch, config.epochs):
-                started = time.perf_counter()
-                wrapped.train()
-                order = torch.randperm(num_train, generator=_generator(config.seed, epoch, 1))
-                augment_gen = _generator(config.seed, epoch, 2)
-                running = 0.0  # the epoch's summed batch losses (host floats)
-                step_rows = []  # written with the epoch's evaluation row
-                for batch in range(steps_per_epoch):
-                    idx = order[batch * config.batch_size : (batch + 1) * config.batch_size][lo:hi]
-                    idx = idx.to(device)
-                    inputs, targets = train_split.inputs[idx], train_split.targets[idx]
-                    if augment:
-                        inputs = random_crop_flip(inputs, augment_gen)
-                    closure = BatchClosure(
-                        wrapped,
-                        loss_fn,
-                        inputs,
-                        targets,
-                        autocast_dtype=autocast_dtype,
-                        scaler=scaler,
-                    )
-                    loss = optimizer.step(closure)
-                    lr_used = float(scheduler.get_last_lr()[0])  # the row's lr: this epoch's last
-                    scheduler.step()
-                    step += 1
-                    loss_value = float(loss) if loss is not None else float("nan")
-                    if info.enabled:  # the mean over the ranks: all of them see a divergence
-                        loss_value = _mean_over_ranks(loss_value, device, info.world_size)
-                    if not math.isfinite(loss_value):
-                        kept = (
-                            f"; last good checkpoint {last_path} kept"
-                            if last_path and last_path.exists()
-                            else ""
-                        )
-                        raise TrainingDiverged(
-                            f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step {step}"
-                            f"{kept}; lower the learning rate or rho"
-                        )
-                    running += loss_value
-                    logged = step_metrics(optimizer) if out and info.is_main else {}
-                    if logged:
-                        step_rows.append(
-                            {"kind": "step", "epoch": epoch + 1, "step": step, **logged}
-                        )
-                    if progress is not None:
-                        progress.update(1)
-                        progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
-
-                metrics = _evaluate_epoch(
-                    model,
-                    optimizer if is_bsam else None,
-                    train_split,
-                    test_split,
+    # a lost process stops the run as an interrupt does; the bar is closed however it ends
+    with peers_checked(), progress if progress is not None else contextlib.nullcontext():
+        for epoch in range(start_epoch, config.epochs):
+            started = time.perf_counter()
+            wrapped.train()
+            order = torch.randperm(num_train, generator=_generator(config.seed, epoch, 1))
+            augment_gen = _generator(config.seed, epoch, 2)
+            running = 0.0  # the epoch's summed batch losses (host floats)
+            step_rows = []  # written with the epoch's evaluation row
+            for batch in range(steps_per_epoch):
+                idx = order[batch * config.batch_size : (batch + 1) * config.batch_size][lo:hi]
+                idx = idx.to(device)
+                inputs, targets = train_split.inputs[idx], train_split.targets[idx]
+                if augment:
+                    inputs = random_crop_flip(inputs, augment_gen)
+                closure = BatchClosure(
+                    wrapped,
                     loss_fn,
-                    config,
-                    autocast_dtype,
+                    inputs,
+                    targets,
+                    autocast_dtype=autocast_dtype,
+                    scaler=scaler,
                 )
-                metrics.update(
-                    kind="eval",
-                    epoch=epoch + 1,
-                    step=step,
-                    lr=lr_used,
-                    train_loss_running=running / steps_per_epoch,
-                    seconds=time.perf_counter() - started,
-                    **optimizer_metrics(optimizer),
-                )
-                if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
-                    raise TrainingDiverged(
-                        f"training diverged: non-finite evaluation metrics at epoch {epoch + 1}; "
-                        "lower the learning rate or rho"
+                loss = optimizer.step(closure)
+                lr_used = float(scheduler.get_last_lr()[0])  # the row's lr: this epoch's last
+                scheduler.step()
+                step += 1
+                loss_value = float(loss) if loss is not None else float("nan")
+                if info.enabled:  # the mean over the ranks: all of them see a divergence
+                    loss_value = _mean_over_ranks(loss_value, device, info.world_size)
+                if not math.isfinite(loss_value):
+                    kept = (
+                        f"; last good checkpoint {last_path} kept"
+                        if last_path and last_path.exists()
+                        else ""
                     )
-                history.append(metrics)
-                line = (
-                    f"epoch {epoch + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
-                    f"acc {metrics['train_acc']:.4f}  test loss {metrics['test_loss']:.4f} "
-                    f"acc {metrics['test_acc']:.4f}"
-                )
+                    raise TrainingDiverged(
+                        f"training diverged: loss is {loss_value} at epoch {epoch + 1}, step {step}"
+                        f"{kept}; lower the learning rate or rho"
+                    )
+                running += loss_value
+                logged = step_metrics(optimizer) if out and info.is_main else {}
+                if logged:
+                    step_rows.append({"kind": "step", "epoch": epoch + 1, "step": step, **logged})
                 if progress is not None:
-                    progress.write(line, file=sys.stderr)  # progress, like the bar itself
-                elif info.is_main:
-                    log.info(line)  # shown by `train --no-progress` (batch logs); silent by default
-                if out is not None:
-                    # each rank's own optimizer state (bSAM noise, LETS/VaSSO per-rank tensors)
-                    local = optimizer.rank_state() if info.enabled else None
-                    rank_states = gather_to_main(local) if local is not None else None
-                    if info.is_main:
-                        payload = _checkpoint_payload(
-                            config,
-                            model,
-                            optimizer,
-                            scheduler,
-                            scaler,
-                            train_split,
-                            epoch + 1,
-                            step,
-                            metrics,
-                            device,
-                        )
-                        payload["world_size"] = info.world_size
-                        if rank_states is not None:
-                            payload["rank_states"] = rank_states
-                        # rows first: a run killed in between resumes from the previous
-                        # checkpoint and drops rows past it, so no evaluation row is ever lost
-                        with (out / "metrics.jsonl").open("a") as handle:
-                            handle.write(
-                                "".join(json.dumps(r) + "\n" for r in [*step_rows, metrics])
-                            )
-                        save_checkpoint(out / "last.pt", payload)
-                        if config.save_every and (epoch + 1) % config.save_every == 0:
-                            save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
-                    barrier()
-    finally:
-        if progress is not None:
-            progress.close()
+                    progress.update(1)
+                    progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+
+            metrics = _evaluate_epoch(
+                model,
+                optimizer if is_bsam else None,
+                train_split,
+                test_split,
+                loss_fn,
+                config,
+                autocast_dtype,
+            )
+            metrics.update(
+                kind="eval",
+                epoch=epoch + 1,
+                step=step,
+                lr=lr_used,
+                train_loss_running=running / steps_per_epoch,
+                seconds=time.perf_counter() - started,
+                **optimizer_metrics(optimizer),
+            )
+            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+                raise TrainingDiverged(
+                    f"training diverged: non-finite evaluation metrics at epoch {epoch + 1}; "
+                    "lower the learning rate or rho"
+                )
+            history.append(metrics)
+            line = (
+                f"epoch {epoch + 1}/{config.epochs}  train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_acc']:.4f}  test loss {metrics['test_loss']:.4f} "
+                f"acc {metrics['test_acc']:.4f}"
+            )
+            if progress is not None:
+                progress.write(line, file=sys.stderr)  # progress, like the bar itself
+            elif info.is_main:
+                log.info(line)  # shown by `train --no-progress` (batch logs); silent by default
+            if out is not None:
+                # each rank's own optimizer state (bSAM noise, LETS/VaSSO per-rank tensors)
+                local = optimizer.rank_state() if info.enabled else None
+                rank_states = gather_to_main(local) if local is not None else None
+                if info.is_main:
+                    payload = _checkpoint_payload(
+                        config,
+                        model,
+                        optimizer,
+                        scheduler,
+                        scaler,
+                        train_split,
+                        epoch + 1,
+                        step,
+                        metrics,
+                        device,
+                    )
+                    payload["world_size"] = info.world_size
+                    if rank_states is not None:
+                        payload["rank_states"] = rank_states
+                    # rows first: a run killed in between resumes from the previous
+                    # checkpoint and drops rows past it, so no evaluation row is ever lost
+                    with (out / "metrics.jsonl").open("a") as handle:
+                        handle.write("".join(json.dumps(r) + "\n" for r in [*step_rows, metrics]))
+                    save_checkpoint(out / "last.pt", payload)
+                    if config.save_every and (epoch + 1) % config.save_every == 0:
+                        save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
+                barrier()
     evaluations = eval_rows(history)
     return TrainSummary(
         out, metrics, evaluations, config.epochs, step, model, info.is_main, start_epoch
