@@ -208,15 +208,24 @@ def _check_writable_place(flag: str, path: Path) -> None:
         )
 
 
-def check_output_file(flag: str, path: Path | None, example: str = "result.json") -> None:
+def check_output_file(
+    flag: str, path: Path | None, example: str = "result.json", fixed_name: bool = False
+) -> None:
     """Refuse an output file that could not be written, before any work is done: an
     existing folder of that name, or a file where one of its folders should be.
+    ``fixed_name``: the command names the file inside the folder ``flag`` gives, so the
+    advice is to move the folder away, not to give a file name.
 
     >>> check_output_file("--json", None)  # not given: nothing to check
     """
     if path is None:
         return
     path = Path(path)
+    if path.is_dir() and fixed_name:
+        raise SharpscopeError(
+            f"{flag} {path.parent}: {path} is a folder, where the result file goes; "
+            f"move it away or choose another {flag}"
+        )
     if path.is_dir():
         raise SharpscopeError(f"{flag} {path} is a folder; give a file name, e.g. {path / example}")
     _check_writable_place(flag, path)

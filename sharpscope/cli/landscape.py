@@ -256,12 +256,7 @@ def register(app: typer.Typer) -> None:
             )
         check_seed("--seed", seed)
         check_output_folder("--out", out, holds=f"{RESULT_FILE} and the plots")
-        if (out / RESULT_FILE).is_dir():  # the name is fixed: "give a file name" cannot help
-            raise SharpscopeError(
-                f"--out {out}: {out / RESULT_FILE} is a folder, where the result file goes; "
-                "move it away or choose another --out"
-            )
-        check_output_file("--out", out / RESULT_FILE, example=RESULT_FILE)
+        check_output_file("--out", out / RESULT_FILE, fixed_name=True)
         dist = init_from_env(device)
         model_options = parse_options(model_opt, "--model-opt")
         data_options = parse_options(data_opt, "--data-opt")
