@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -92,20 +93,111 @@ CPU_MEMORY_SHARE = 0.5
 
 
 def available_memory_bytes() -> int | None:
-    """Free memory the kernel could give this process now (``MemAvailable`` of
-    ``/proc/meminfo``, Linux); elsewhere the machine's physical memory (an upper bound;
-    macOS), None where neither can be read."""
+    """Free memory the kernel could give this process now: ``MemAvailable`` of
+    ``/proc/meminfo`` (Linux), lowered to what the process's memory cgroup still allows
+    (:func:`cgroup_headroom_bytes`: a container's or a Slurm job's limit); elsewhere the
+    machine's physical memory (an upper bound; macOS), None where neither can be read."""
+    free = None
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    free = int(line.split()[1]) * 1024
+                    break
     except (OSError, ValueError, IndexError):
         pass
+    if free is None:
+        try:
+            free = int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+        except (AttributeError, OSError, ValueError):
+            return None
+    headroom = cgroup_headroom_bytes()
+    return free if headroom is None else min(free, headroom)
+
+
+# limits at or above this are "no limit" (cgroup v1 writes 2**63 rounded down to a page)
+_NO_LIMIT = 2**62
+
+
+def _read_number(path: Path) -> int | None:
+    """An integer file of the cgroup tree; None for "max" (v2: no limit) or when unreadable."""
     try:
-        return int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
-    except (AttributeError, OSError, ValueError):
+        text = path.read_text().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
         return None
+
+
+def _stat_value(path: Path, key: str) -> int:
+    """One ``key value`` line of a ``memory.stat`` file (0 when missing)."""
+    try:
+        for line in path.read_text().splitlines():
+            name, _, value = line.partition(" ")
+            if name == key:
+                return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _headroom(limit: int | None, usage: int | None, inactive_file: int) -> int | None:
+    if limit is None or limit >= _NO_LIMIT or usage is None:
+        return None
+    # the inactive page cache is reclaimed before the limit bites (the "working set"
+    # that container runtimes report is usage minus it)
+    return max(0, limit - max(0, usage - inactive_file))
+
+
+def cgroup_headroom_bytes(
+    proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup"
+) -> int | None:
+    """Bytes the memory cgroup of this process may still take: limit − (usage − inactive
+    page cache), the smallest over the cgroup and its ancestors; None without a limit.
+
+    ``MemAvailable`` counts the whole machine's free memory, but a process in a container,
+    a Kubernetes pod or a Slurm job (``ConstrainRAMSpace``) is killed at its cgroup's
+    limit. Reads cgroup v2 (``memory.max``, ``memory.current``, ``memory.stat``) and v1
+    (``memory.stat``'s ``hierarchical_memory_limit``, ``memory.usage_in_bytes``); where
+    the process's own cgroup folder is not visible (a container sees its cgroup as the
+    mount's root) the mount's root is read.
+    """
+    root = Path(root)
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        return None
+    found: list[int] = []
+    for line in lines:
+        _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
+        relative = path.strip().lstrip("/")
+        if controllers == "" and (root / "cgroup.controllers").exists():  # v2
+            own = root / relative
+            folders = [own, *own.parents] if own.is_dir() and relative else [root]
+            for folder in folders:
+                if folder != root and root not in folder.parents:
+                    break
+                room = _headroom(
+                    _read_number(folder / "memory.max"),
+                    _read_number(folder / "memory.current"),
+                    _stat_value(folder / "memory.stat", "inactive_file"),
+                )
+                if room is not None:
+                    found.append(room)
+        elif "memory" in controllers.split(","):  # v1
+            base = root / "memory"
+            folder = base / relative if (base / relative).is_dir() else base
+            stat = folder / "memory.stat"
+            limit = _stat_value(stat, "hierarchical_memory_limit") or _read_number(
+                folder / "memory.limit_in_bytes"
+            )
+            room = _headroom(
+                limit,
+                _read_number(folder / "memory.usage_in_bytes"),
+                _stat_value(stat, "total_inactive_file") or _stat_value(stat, "inactive_file"),
+            )
+            if room is not None:
+                found.append(room)
+    return min(found) if found else None
 
 
 def saved_bytes_per_example(

@@ -153,3 +153,88 @@ def test_pac_bayes_draws_that_do_not_fit_are_split(monkeypatch):
         split = pac_bayes_flatness(net, (x, y), **kwargs)
     assert calls[1:4] == [8, 4, 2] and max(calls[4:]) <= 2  # calls[0]: θ itself
     assert split.search == whole.search and split.sigma == whole.sigma
+
+
+# ------------------------------------------------------------- memory cgroup limits
+def write_tree(root, files: dict[str, str]) -> None:
+    for name, text in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+
+
+GIB = 2**30
+
+
+def test_cgroup_v2_headroom_is_the_tightest_limit_up_the_tree(tmp_path):
+    """A Slurm job or a container: the limit can sit on the job's cgroup or an ancestor."""
+    from sharpscope.device_memory import cgroup_headroom_bytes
+
+    root = tmp_path / "cgroup"
+    write_tree(
+        root,
+        {
+            "cgroup.controllers": "cpu memory pids\n",
+            "job/memory.max": f"{8 * GIB}\n",
+            "job/memory.current": f"{3 * GIB}\n",
+            "job/memory.stat": f"anon {2 * GIB}\nfile {GIB}\ninactive_file {GIB // 2}\n",
+            "job/step/memory.max": "max\n",
+            "job/step/memory.current": f"{3 * GIB}\n",
+        },
+    )
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("0::/job/step\n")
+    # 8 GiB limit, 3 GiB used of which 0.5 GiB is reclaimable page cache
+    assert cgroup_headroom_bytes(proc, root) == 8 * GIB - (3 * GIB - GIB // 2)
+    write_tree(root, {"job/step/memory.max": f"{4 * GIB}\n"})  # a tighter inner limit
+    assert cgroup_headroom_bytes(proc, root) == GIB
+    # a container sees its own cgroup as the mount's root
+    inside = tmp_path / "container"
+    write_tree(
+        inside,
+        {
+            "cgroup.controllers": "memory\n",
+            "memory.max": f"{2 * GIB}\n",
+            "memory.current": f"{GIB}\n",
+        },
+    )
+    proc.write_text("0::/kubepods/pod1/abc\n")
+    assert cgroup_headroom_bytes(proc, inside) == GIB
+    write_tree(inside, {"memory.max": "max\n"})
+    assert cgroup_headroom_bytes(proc, inside) is None
+
+
+def test_cgroup_v1_headroom_and_no_limit(tmp_path):
+    from sharpscope.device_memory import cgroup_headroom_bytes
+
+    root = tmp_path / "cgroup"
+    stat = f"cache {GIB}\ninactive_file 4096\nhierarchical_memory_limit {6 * GIB}\n"
+    write_tree(
+        root,
+        {
+            "memory/docker/abc/memory.limit_in_bytes": "9223372036854771712\n",
+            "memory/docker/abc/memory.usage_in_bytes": f"{2 * GIB}\n",
+            "memory/docker/abc/memory.stat": stat + f"total_inactive_file {GIB}\n",
+        },
+    )
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n")
+    # the hierarchical limit (set on an ancestor) counts, not the unlimited own one
+    assert cgroup_headroom_bytes(proc, root) == 6 * GIB - (2 * GIB - GIB)
+    unlimited = f"hierarchical_memory_limit {2**63 - 4096}\n"
+    write_tree(root, {"memory/docker/abc/memory.stat": unlimited})
+    assert cgroup_headroom_bytes(proc, root) is None
+    assert cgroup_headroom_bytes(tmp_path / "missing", root) is None
+
+
+def test_free_memory_is_lowered_to_the_cgroup_headroom(monkeypatch):
+    """MemAvailable is the whole machine's: a job limited to less is killed at its limit."""
+    from sharpscope import device_memory
+
+    monkeypatch.setattr(device_memory, "cgroup_headroom_bytes", lambda: None)
+    machine = device_memory.available_memory_bytes()
+    assert machine is not None and machine > 2**20
+    monkeypatch.setattr(device_memory, "cgroup_headroom_bytes", lambda: 12345)
+    assert device_memory.available_memory_bytes() == 12345
+    monkeypatch.setattr(device_memory, "cgroup_headroom_bytes", lambda: 2 * machine)
+    assert device_memory.available_memory_bytes() < 2 * machine  # the machine's own
