@@ -54,6 +54,7 @@ __all__ = [
     "GranulatedKendall",
     "bootstrap_indices",
     "correlate",
+    "distinct_seed_resamples",
     "granulated_kendall",
     "kendall_tau",
     "tau_b_grouped",
@@ -310,6 +311,16 @@ def _interval(samples: np.ndarray, level: float) -> tuple[float, float]:
     return (float(low), float(high))
 
 
+def distinct_seed_resamples(num_seeds: int) -> int:
+    """Distinct resamples of a bootstrap over ``num_seeds`` whole seeds: the multisets of
+    k draws from k, C(2k − 1, k).
+
+    >>> [distinct_seed_resamples(k) for k in (2, 3, 4, 5)]
+    [3, 10, 35, 126]
+    """
+    return math.comb(2 * num_seeds - 1, num_seeds) if num_seeds > 0 else 0
+
+
 def _bootstrap(
     x: np.ndarray,
     y: np.ndarray,
@@ -358,7 +369,10 @@ class Correlation(Result):
 
     ``*_interval`` fields are percentile bootstrap intervals at ``level``: over models
     (``tau_interval``, ``psi_interval``, ``overall_interval``) and, when seeds were
-    given, over seeds (``tau_interval_seeds``, ``overall_interval_seeds``).
+    given, over seeds (``tau_interval_seeds``, ``overall_interval_seeds``). The one over
+    seeds resamples whole seeds, so with ``num_seeds`` = k it has only C(2k − 1, k)
+    distinct resamples (:func:`distinct_seed_resamples`: 3 for 2 seeds, 10 for 3): with
+    few seeds its ends are a handful of values, not a 95% interval.
     """
 
     kind = "correlation"
@@ -375,6 +389,7 @@ class Correlation(Result):
     overall_interval: tuple[float, float]
     tau_interval_seeds: tuple[float, float] = (math.nan, math.nan)
     overall_interval_seeds: tuple[float, float] = (math.nan, math.nan)
+    num_seeds: int = 0
     resamples: int = DEFAULT_RESAMPLES
     level: float = DEFAULT_LEVEL
     meta: RunMeta = field(default_factory=RunMeta)
@@ -424,12 +439,14 @@ def correlate(
     nan2 = (math.nan, math.nan)
     tau_ci, psi_ci, overall_ci = nan2, {a: nan2 for a in axes}, nan2
     tau_seed_ci, overall_seed_ci = nan2, nan2
+    num_seeds = 0
     if resamples > 0 and x.size >= 3:
         index = bootstrap_indices(x.size, resamples, seed=seed)
         tau_ci, psi_ci, overall_ci = _bootstrap(x, y, table, axes, coupled, index, level)
         if seeds is not None:
             seed_labels = np.asarray(list(seeds), dtype=object)[keep]
             if len(set(seed_labels.tolist())) >= 2:
+                num_seeds = len(set(seed_labels.tolist()))
                 index = bootstrap_indices(x.size, resamples, seed=seed + 1, clusters=seed_labels)
                 tau_seed_ci, _, overall_seed_ci = _bootstrap(
                     x, y, table, axes, coupled, index, level
@@ -448,6 +465,7 @@ def correlate(
         overall_interval=overall_ci,
         tau_interval_seeds=tau_seed_ci,
         overall_interval_seeds=overall_seed_ci,
+        num_seeds=num_seeds,
         resamples=int(resamples),
         level=float(level),
     )

@@ -38,6 +38,8 @@ GAPS = ("gen_gap", "loss_gap")
 NOT_AXES = ("optimizer_name", "base", "seed")
 MAX_SPECTRA = 6  # panels of the spectra figure, two per row
 MAX_CURVES = 12  # training curves drawn in the report
+# fewer seeds than this: the bootstrap over seeds has under 126 distinct resamples (5 seeds)
+FEW_SEEDS = 5
 # correlations.csv columns before the per-axis psi_* and groups_* ones
 CORRELATION_COLUMNS = (
     "measure",
@@ -52,6 +54,7 @@ CORRELATION_COLUMNS = (
     "psi_high",
     "tau_low_seeds",
     "tau_high_seeds",
+    "num_seeds",
 )
 CAVEATS = """\
 - **Not reparametrization invariant.** Rescaling the layers of a ReLU network keeps the
@@ -225,6 +228,7 @@ def _correlation_rows(correlations: Sequence[Any]) -> list[dict[str, Any]]:
             "psi_high": c.overall_interval[1],
             "tau_low_seeds": c.tau_interval_seeds[0],
             "tau_high_seeds": c.tau_interval_seeds[1],
+            "num_seeds": c.num_seeds,
         }
         for axis, value in c.psi.items():
             row[f"psi_{axis}"] = value
@@ -233,6 +237,21 @@ def _correlation_rows(correlations: Sequence[Any]) -> list[dict[str, Any]]:
             row[f"psi_{axis}_high"] = c.psi_interval[axis][1]
         rows.append(row)
     return rows
+
+
+def _seed_interval_note(correlations: Sequence[Any]) -> str:
+    """A caveat on the interval over seeds when so few seeds give it few distinct values."""
+    from ..analysis.correlation import distinct_seed_resamples
+
+    seeds = max((c.num_seeds for c in correlations), default=0)
+    if not 2 <= seeds < FEW_SEEDS:
+        return ""
+    return (
+        f"; the interval over seeds in correlations.csv (`tau_low_seeds`, `tau_high_seeds`) "
+        f"resamples whole seeds: with {seeds} seeds it has only "
+        f"{distinct_seed_resamples(seeds)} distinct resamples, so its ends are a few of "
+        "those values, not a 95% interval"
+    )
 
 
 def _correlation_markdown(correlations: Sequence[Any], gap: str) -> str:
@@ -344,6 +363,7 @@ def write_report(
         f"checkpoint; "
         + (
             f"bootstrap: {resamples} resamples (95% percentile intervals)"
+            + _seed_interval_note(correlations)
             if resamples
             else "no bootstrap intervals (--resamples 0)"
         ),

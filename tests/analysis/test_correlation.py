@@ -12,6 +12,7 @@ from scipy import stats
 from sharpscope.analysis.correlation import (
     bootstrap_indices,
     correlate,
+    distinct_seed_resamples,
     granulated_kendall,
     kendall_tau,
     tau_b_grouped,
@@ -225,6 +226,29 @@ def test_correlate_reports_psi_intervals_and_seed_bootstrap():
     assert all(math.isfinite(v) for v in result.tau_interval_seeds)
     payload = result.to_dict()
     assert payload["measure"] == "lambda_max" and payload["kind"] == "correlation"
+
+
+def test_the_seed_interval_with_two_seeds_lies_among_its_three_resamples():
+    """Resampling whole seeds from 2 gives only 3 distinct sets ({0,0}, {0,1}, {1,1}), so
+    the interval's ends are among (or between) their τ values; ``num_seeds`` says so."""
+    factors = _grid({"lr": [0.1, 0.2, 0.4, 0.8], "seed": [0, 1]})
+    rng = np.random.default_rng(3)
+    gap = np.array(factors["lr"]) + rng.normal(scale=0.2, size=8)
+    measure = gap + rng.normal(scale=0.3, size=8)
+    result = correlate(measure, gap, factors, seeds=factors["seed"], resamples=300)
+    assert result.num_seeds == 2 and distinct_seed_resamples(2) == 3
+    seed = np.array(factors["seed"])
+    taus = [
+        stats.kendalltau(
+            np.concatenate([measure[seed == a], measure[seed == b]]),
+            np.concatenate([gap[seed == a], gap[seed == b]]),
+        ).statistic
+        for a, b in ((0, 0), (0, 1), (1, 1))
+    ]
+    low, high = result.tau_interval_seeds
+    assert min(taus) - 1e-12 <= low <= high <= max(taus) + 1e-12
+    assert correlate(measure, gap, factors, resamples=300).num_seeds == 0  # no seeds given
+    assert [distinct_seed_resamples(k) for k in (1, 4, 10)] == [1, 35, 92378]
 
 
 def test_a_measure_constant_along_an_axis_scores_zero_on_it():

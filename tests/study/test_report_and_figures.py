@@ -163,6 +163,19 @@ def test_report_correlates_the_last_checkpoint_of_each_run_once(tmp_path):
     assert "scores τ = 0 there" in report
 
 
+def test_the_report_warns_when_few_seeds_make_the_seed_interval_coarse():
+    from sharpscope.study.report import _correlation_rows, _seed_interval_note
+
+    rows = synthetic_rows()  # two seeds
+    correlations = correlation_table(rows, ["optimizer", "rho", "lr", "seed"], resamples=50)
+    assert {c.num_seeds for c in correlations} == {2}
+    assert {r["num_seeds"] for r in _correlation_rows(correlations)} == {2}
+    note = _seed_interval_note(correlations)
+    assert "with 2 seeds it has only 3 distinct resamples" in note
+    more = [{**r, "seed": r["seed"] + 2 * copy} for copy in range(3) for r in rows]  # 6 seeds
+    assert _seed_interval_note(correlation_table(more, ["optimizer", "lr"], resamples=20)) == ""
+
+
 def test_figure_sizes_and_palette():
     assert figure_size(1) == (COLUMN_WIDTH, pytest.approx(COLUMN_WIDTH * 0.75))
     assert figure_size(2, aspect=0.5, ncols=2)[0] == TEXT_WIDTH
