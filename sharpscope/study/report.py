@@ -8,7 +8,8 @@ run (analysis.md §7):
 * Kendall τ-b with its p-value and a bootstrap interval over models (and over seeds
   when there are several);
 * granulated Kendall ψ_k for every swept hyperparameter (seeds define groups and are
-  not an axis; ρ and m move with the optimizer), Ψ, and their bootstrap intervals.
+  not an axis; ρ, m and any axis that only some optimizers take move with the
+  optimizer), Ψ, and their bootstrap intervals.
 
 It writes ``DIR/correlations.csv`` (one row per measure and gap), ``DIR/correlations.json``
 (the full results), figures under ``DIR/figures/`` (PDF + PNG with the data beside) and
@@ -159,6 +160,22 @@ def study_axes(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> list[
     return axes
 
 
+def optimizer_coupled_axes(rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> list[str]:
+    """The axes that move with the optimizer in ψ_optimizer's groups: ρ and m, and any
+    other axis that some optimizers take and others lack (momentum swept for SGD, absent
+    for SAM, whose base optimizer holds it), so that its runs still meet in a group."""
+    coupled = [a for a in OPTIMIZER_COUPLED if a in axes]
+    for axis in axes:
+        if axis in coupled or axis in ("optimizer", "seed"):
+            continue
+        has = {(r.get("optimizer"), r.get(axis) is not None) for r in rows}
+        with_it = {name for name, present in has if present}
+        without = {name for name, present in has if not present}
+        if with_it and without and not with_it & without:
+            coupled.append(axis)
+    return coupled
+
+
 def correlation_table(
     rows: Sequence[Mapping[str, Any]],
     swept: Sequence[str],
@@ -178,7 +195,7 @@ def correlation_table(
         name: ["n/a" if r.get(name) is None else str(r.get(name)) for r in rows]
         for name in factor_names
     }
-    coupled = {"optimizer": [a for a in OPTIMIZER_COUPLED if a in factors]}
+    coupled = {"optimizer": optimizer_coupled_axes(rows, list(factors))}
     seeds = [r.get("seed") for r in rows]
     out = []
     for gap in gaps:

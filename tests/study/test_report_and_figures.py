@@ -176,6 +176,48 @@ def test_the_report_warns_when_few_seeds_make_the_seed_interval_coarse():
     assert _seed_interval_note(correlation_table(more, ["optimizer", "lr"], resamples=20)) == ""
 
 
+def test_an_axis_only_some_optimizers_take_moves_with_the_optimizer():
+    """Momentum swept for SGD, absent for SAM (its base optimizer holds it): ψ_optimizer had
+    no groups ("– (0)"), since no SAM run matched an SGD run's momentum."""
+    from sharpscope.study.report import optimizer_coupled_axes
+
+    rows = []
+    for (optimizer, momentum), lr, seed in itertools.product(
+        [("sgd", 0.0), ("sgd", 0.9), ("sam", None)], (0.01, 0.1), (0, 1)
+    ):
+        gap = lr + (0.1 + 0.05 * momentum if optimizer == "sgd" else 0.0) + 0.01 * seed
+        rows.append(
+            {
+                "run_id": f"{optimizer}-{momentum}-{lr}-{seed}",
+                "status": "done",
+                "optimizer": optimizer,
+                "rho": 0.05 if optimizer == "sam" else None,
+                "momentum": momentum,
+                "lr": lr,
+                "seed": seed,
+                "gen_gap": gap,
+                "loss_gap": gap,
+                "lambda_max": gap,
+            }
+        )
+    assert optimizer_coupled_axes(rows, ["optimizer", "rho", "momentum", "lr"]) == [
+        "rho",
+        "momentum",
+    ]
+    assert optimizer_coupled_axes(rows, ["optimizer", "lr"]) == []  # lr: every optimizer has it
+    (c,) = correlation_table(
+        rows,
+        ["optimizer", "rho", "momentum", "lr", "seed"],
+        measures=["lambda_max"],
+        gaps=["gen_gap"],
+        resamples=0,
+    )
+    # one group per (lr, seed), each with both SGD momenta and SAM; momentum's own groups
+    # are SGD's (lr, seed) settings
+    assert c.num_groups["optimizer"] == 4 and c.psi["optimizer"] == pytest.approx(1.0)
+    assert c.num_groups["momentum"] == 4
+
+
 def test_figure_sizes_and_palette():
     assert figure_size(1) == (COLUMN_WIDTH, pytest.approx(COLUMN_WIDTH * 0.75))
     assert figure_size(2, aspect=0.5, ncols=2)[0] == TEXT_WIDTH
