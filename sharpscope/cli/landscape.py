@@ -211,7 +211,8 @@ def register(app: typer.Typer) -> None:
         vectorize: Optional[bool] = typer.Option(
             None,
             "--vectorize/--no-vectorize",
-            help="vmap over grid points, or a loop [default: vmap on GPU, loop on CPU].",
+            help="vmap over grid points, or a loop [default: the loop on CPU; on a GPU vmap, "
+            "unless one point's forward pass already fills the GPU].",
         ),
         save_every: float = typer.Option(
             30.0,
