@@ -776,3 +776,40 @@ def test_plot_spectrum_draws_into_axes_the_user_made():
     ax.set_yscale("log")
     ax.set_ylim(1e-9, 1e6)  # a top the caller chose, higher than needed, is kept
     assert plot_spectrum(density, ax=ax).axes[0].get_ylim()[1] == 1e6
+
+
+def test_measures_vs_gap_marks_the_second_swept_axis():
+    """Review (session 18): the scatter encoded only the optimizer, so the two learning-rate
+    clusters of the quick study (which drive the gap) could not be told apart."""
+    rows = [
+        {"optimizer": optimizer, "rho": rho, "lr": lr, "seed": seed,
+         "gen_gap": 0.1 * lr + seed * 1e-3, "trace": 1.0 + lr + (rho or 0) + seed}
+        for optimizer, rho in (("sgd", None), ("sam", 0.05), ("sam", 0.1))
+        for lr in (0.05, 0.1)
+        for seed in (0, 1)
+    ]  # fmt: skip
+    assert study_plots.second_axis(rows) == "lr"  # lr varies for both optimizers, ρ for one
+    fig = study_plots.plot_measures_vs_gap(rows, ["trace"], "gen_gap")
+    ax = fig.axes[0]
+    drawn = [c for c in ax.collections if len(c.get_offsets())]
+    assert sum(len(c.get_offsets()) for c in drawn) == len(rows)
+    # one marker per lr, whatever the optimizer; one colour per optimizer, whatever the lr
+    gaps = np.concatenate([c.get_offsets()[:, 1] for c in drawn])
+    middle = (gaps.min() + gaps.max()) / 2  # the gap grows with lr: below it, lr 0.05
+    markers, colours = {}, {}
+    for collection in drawn:
+        (low,) = {bool(y < middle) for y in collection.get_offsets()[:, 1]}  # one lr each
+        shape = tuple(map(tuple, collection.get_paths()[0].vertices.round(6)))
+        markers.setdefault(low, set()).add(shape)
+        colours.setdefault(tuple(collection.get_facecolor()[0]), set()).add(low)
+    assert all(len(shapes) == 1 for shapes in markers.values())
+    assert markers[True] != markers[False]
+    assert len(colours) == 2 and all(lrs == {True, False} for lrs in colours.values())
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["SGD", "SAM", "lr 0.05", "lr 0.1"]
+    # style=None: the markers follow the optimizer, as before
+    plain = study_plots.plot_measures_vs_gap(rows, ["trace"], "gen_gap", style=None)
+    assert [t.get_text() for t in plain.legends[0].get_texts()] == ["SGD", "SAM"]
+    single = [{**r, "lr": 0.1} for r in rows if r["optimizer"] == "sgd"]
+    assert study_plots.second_axis(single) is None
+    plt.close("all")

@@ -145,24 +145,53 @@ def _hue_colors(rows: Rows, hue: str) -> dict[Any, str]:
 
 @styled
 def plot_measure_vs_gap(
-    rows: Rows, measure: str, gap: str = "gen_gap", *, hue: str = "optimizer", ax: Any = None
+    rows: Rows,
+    measure: str,
+    gap: str = "gen_gap",
+    *,
+    hue: str = "optimizer",
+    style: str | None = None,
+    ax: Any = None,
 ):
-    """Scatter of one measure against the gap, coloured by ``hue`` (one point per model)."""
+    """Scatter of one measure against the gap (one point per model), coloured by ``hue``;
+    with ``style`` (a second hyperparameter, e.g. ``"lr"``) its values get the markers,
+    and the legend has an entry per ``hue`` label and one per ``style`` value."""
     if ax is None:
         fig, ax = new_figure(1, aspect=0.8)
     else:
         fig = ax.figure
     points = _finite_rows(rows, measure, gap)
+    styles = (
+        _labels_in_order(sorted(points, key=lambda r: _order_key(r.get(style))), style)
+        if style
+        else []
+    )
     for index, label in enumerate(_labels_in_order(points, hue)):
         group = [r for r in points if r.get(hue) == label]
+        color = _color(label, index)
+        for value_index, value in enumerate(styles or [None]):
+            members = [r for r in group if not style or r.get(style) == value]
+            if not members:
+                continue
+            ax.scatter(
+                [display_value(measure, r[measure]) for r in members],
+                [display_value(gap, r[gap]) for r in members],
+                color=color,
+                marker=MARKERS[(value_index if style else index) % len(MARKERS)],
+                s=14,
+                label=None if style else _hue_label(hue, label),
+                edgecolors="none",
+            )
+        if style:  # the colour's entry, with a neutral marker
+            ax.scatter([], [], color=color, marker="o", s=14, label=_hue_label(hue, label))
+    for value_index, value in enumerate(styles):
         ax.scatter(
-            [display_value(measure, r[measure]) for r in group],
-            [display_value(gap, r[gap]) for r in group],
-            color=_color(label, index),
-            marker=MARKERS[index % len(MARKERS)],
+            [],
+            [],
+            color="0.45",
+            marker=MARKERS[value_index % len(MARKERS)],
             s=14,
-            label=_hue_label(hue, label),
-            edgecolors="none",
+            label=_hue_label(style, "n/a" if value is None else value),
         )
     ax.set_xlabel(axis_label(measure))
     ax.set_ylabel(axis_label(gap))
@@ -178,6 +207,40 @@ def plot_measure_vs_gap(
     else:  # at most 5 ticks: long labels (0.0150 0.0175 ...) would run together
         ax.xaxis.set_major_locator(_max_locator(5))
     return fig
+
+
+def _order_key(value: Any) -> tuple[int, float, str]:
+    """Numbers in numeric order, then text, then missing values."""
+    if value is None:
+        return (2, 0.0, "")
+    try:
+        return (0, float(value), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+
+
+def second_axis(rows: Rows, hue: str = "optimizer") -> str | None:
+    """The hyperparameter to mark in a measure-against-gap scatter beside ``hue``: of the
+    settings that vary within a ``hue`` label (:func:`varying_settings`), the one that
+    varies within the most labels (``lr`` over SAM's own ρ), with at most as many values
+    as there are markers; None when there is none.
+
+    >>> rows = [{"optimizer": o, "lr": lr, "rho": rho} for o, rho in (("sgd", None),
+    ...         ("sam", 0.05), ("sam", 0.1)) for lr in (0.05, 0.1)]
+    >>> second_axis(rows)
+    'lr'
+    """
+
+    def labels_varying(column: str) -> int:
+        return sum(
+            len({str(r.get(column)) for r in rows if r.get(hue) == label}) > 1
+            for label in _labels_in_order(rows, hue)
+        )
+
+    candidates = [
+        c for c in varying_settings(rows, hue) if len({str(r.get(c)) for r in rows}) <= len(MARKERS)
+    ]
+    return max(candidates, key=labels_varying) if candidates else None
 
 
 def _positive(rows: Rows, column: str) -> bool:
@@ -196,10 +259,12 @@ def plot_measures_vs_gap(
     gap: str = "gen_gap",
     *,
     hue: str = "optimizer",
+    style: str | None = "auto",
     taus: Mapping[str, float] | None = None,
     ncols: int = 3,
 ):
-    """A grid of :func:`plot_measure_vs_gap` panels, titled with Kendall τ if given."""
+    """A grid of :func:`plot_measure_vs_gap` panels, titled with Kendall τ if given;
+    ``style="auto"`` marks the hyperparameter :func:`second_axis` picks (None: none)."""
     if not measures:
         raise SharpscopeError("no measure columns to plot")
     missing = [m for m in measures if not _finite_rows(rows, m, gap)]
@@ -211,8 +276,10 @@ def plot_measures_vs_gap(
     nrows = math.ceil(len(measures) / ncols)
     fig, axes = new_figure(2, aspect=0.75, nrows=nrows, ncols=ncols, squeeze=False)
     flat = list(axes.ravel())
+    if style == "auto":
+        style = second_axis(rows, hue)
     for ax, measure in zip(flat, measures):
-        plot_measure_vs_gap(rows, measure, gap, hue=hue, ax=ax)
+        plot_measure_vs_gap(rows, measure, gap, hue=hue, style=style, ax=ax)
         if taus and measure in taus and taus[measure] is not None:
             ax.set_title(rf"Kendall $\tau$ = {taus[measure]:.2f}".replace("-", "\N{MINUS SIGN}"))
         ax.set_ylabel("")
