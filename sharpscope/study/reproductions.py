@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -439,16 +438,16 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             {k: {"alpha": a, "beta": b, "loss": loss} for k, (a, b, loss) in two_d.items()},
             sliced,
         )
-    pairs = [path for path in configured_pair_files(study_dir, config, runs) if path.exists()]
+    pairs = [pair for pair in configured_pairs(study_dir, config, runs) if pair[0].exists()]
     if pairs:
         curves = {}
         labels = set()
-        for path in pairs:
+        for path, run_a, run_b in pairs:
             record = read_record(path)
-            a, b, tag = path.stem.split("__")
+            a, b, _ = path.stem.split("__")
             names = (optimizer_label(a), optimizer_label(b))
             labels.add(names)
-            curves[f"{names[0]} → {names[1]} ({_pair_caption(tag)})"] = (
+            curves[pair_caption(run_a, run_b)] = (
                 _axes_of(record)[0],
                 np.asarray(record["loss"], float).ravel(),
             )
@@ -471,29 +470,37 @@ def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     return written, summary
 
 
-def configured_pair_files(study_dir: Path, config: Any, runs: list) -> list[Path]:
-    """The interpolation files the study's config defines, in its order (files of pairs it
-    no longer has, e.g. from an older sharpscope or an edited config, are left out)."""
+def configured_pairs(study_dir: Path, config: Any, runs: list) -> list[tuple[Path, Any, Any]]:
+    """``(file, run A, run B)`` of each interpolation the study's config defines, in its
+    order (files of pairs it no longer has, e.g. from an older sharpscope or an edited
+    config, are left out)."""
     from .runner import pair_path, pair_runs
 
     options = config.analysis.measures.get("landscape") or {}
     return [
-        pair_path(study_dir, a, b, tag)
+        (pair_path(study_dir, a, b, tag), run_a, run_b)
         for a, b in options.get("interpolate") or []
-        for _, _, tag in pair_runs(runs, a, b)
+        for run_a, run_b, tag in pair_runs(runs, a, b)
     ]
 
 
-def _pair_caption(tag: str) -> str:
-    """A pair file's tag for a legend.
+def pair_caption(run_a: Any, run_b: Any) -> str:
+    """A legend entry for the line from ``run_a`` to ``run_b``: the values each run has
+    alone beside its optimizer, the shared ones and the seed in brackets, e.g.
+    ``"SAM rho0.05 → ASAM rho0.5 (lr0.1, seed 0)"`` (the file's tag, ``rho0.05-rho0.5-lr0.1-s0``,
+    does not say whose ρ is whose)."""
+    from ..plotting.style import optimizer_label
+    from .sweep import id_parts
 
-    >>> _pair_caption("rho0.1-lr0.05-s0"), _pair_caption("wd5e-05-s2")
-    ('rho0.1, lr0.05, seed 0', 'wd5e-05, seed 2')
-    """
-    parts = re.split(r"-(?=[A-Za-z])", tag)  # not inside a value such as 5e-05
-    if re.fullmatch(r"s\d+", parts[-1]):
-        parts[-1] = f"seed {parts[-1][1:]}"
-    return ", ".join(parts)
+    swept = run_a.swept
+    own_a, own_b = id_parts(swept, run_a), id_parts(swept, run_b)
+    shared = [p for p in own_a if p in own_b]
+    sides = [
+        " ".join([optimizer_label(run.params["optimizer"]), *[p for p in own if p not in shared]])
+        for run, own in ((run_a, own_a), (run_b, own_b))
+    ]
+    seed = f"seed {run_a.params['seed']}"
+    return f"{sides[0]} → {sides[1]} ({', '.join([*shared, seed])})"
 
 
 def trained_on(study_dir: Path) -> str:

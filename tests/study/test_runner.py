@@ -518,6 +518,28 @@ def test_a_corrupt_json_file_names_the_right_remedy(tmp_path):
             _read_json(path)
 
 
+def test_an_interpolation_legend_says_whose_values_are_whose():
+    """Review (session 18): SAM against ASAM with both ρ swept read "rho0.05, rho0.5, seed
+    0", leaving the reader to guess which ρ was SAM's."""
+    from types import SimpleNamespace
+
+    from sharpscope.study.reproductions import pair_caption
+
+    swept = ["optimizer", "rho", "lr", "seed"]
+
+    def run(optimizer, rho, lr=0.1, seed=0):
+        params = {"optimizer": optimizer, "rho": rho, "lr": lr, "seed": seed}
+        return SimpleNamespace(params=params, swept=swept)
+
+    assert pair_caption(run("sam", 0.05), run("asam", 0.5)) == (
+        "SAM rho0.05 → ASAM rho0.5 (lr0.1, seed 0)"
+    )
+    assert pair_caption(run("sgd", None, 0.05), run("sam", 0.1, 0.05)) == (
+        "SGD → SAM rho0.1 (lr0.05, seed 0)"
+    )
+    assert pair_caption(run("sam", 0.1), run("sam", 0.1)) == "SAM → SAM (rho0.1, lr0.1, seed 0)"
+
+
 def test_a_custom_studys_landscapes_are_drawn_in_its_report(tmp_path):
     """[analysis.landscape] in a study of one's own computed the slices and interpolations
     but report.md and figures/ never showed them; with lr swept, each lr has its own pair."""
