@@ -197,6 +197,17 @@ def effective_bn_mode(model: nn.Module, bn_mode: BNMode) -> BNMode:
     return "batch"
 
 
+@functools.cache
+def _load_jvp_decompositions() -> None:
+    """Import torch's forward-mode decompositions, which ``jvp`` loads on first use, with
+    the warning their import raises silenced: that module calls ``torch.jit.script``, which
+    torch 2.14 deprecates with a FutureWarning (a hidden DeprecationWarning in 2.13) that
+    every ``sharpscope spectrum`` would print though it is torch's own, not the user's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.* is deprecated")
+        import torch._decomp.decompositions_for_jvp  # noqa: F401
+
+
 class HessianOperator:
     r"""Matrix-free Hessian of the mean loss of ``model`` over ``data``.
 
@@ -805,6 +816,7 @@ class HessianOperator:
         return self._reverse_products(index, x, y, V, single, graph, keep)
 
     def _forward_products(self, x: Tensor, y: Tensor, V: Tensor, single: bool) -> Tensor:
+        _load_jvp_decompositions()
         params = self._params
         grad_fn = grad(self._forward_loss)
 

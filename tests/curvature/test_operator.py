@@ -670,3 +670,30 @@ def test_free_memory_falls_back_to_the_physical_memory_without_proc_meminfo(monk
     monkeypatch.setattr(builtins, "open", no_meminfo)
     physical = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     assert device_memory.available_memory_bytes() == physical > 0
+
+
+def test_forward_mode_products_raise_no_warning_of_torchs_own():
+    """torch 2.14's FutureWarning "torch.jit.script is deprecated", raised when ``jvp`` first
+    loads its decompositions, was printed by every ``sharpscope spectrum`` (acceptance test
+    on torch 2.14.1); with warnings as errors the forward mode failed. A fresh process, so
+    that the decompositions are not loaded yet."""
+    import subprocess
+    import textwrap
+
+    script = textwrap.dedent(
+        """
+        import warnings, torch
+        from torch import nn
+        from sharpscope.curvature import HessianOperator
+        warnings.simplefilter("error")
+        model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+        x, y = torch.randn(8, 3, dtype=torch.float64), torch.randint(0, 2, (8,))
+        op = HessianOperator(model, (x, y), dtype="float64", hvp_mode="forward")
+        print(op.hvp(torch.ones(26, dtype=torch.float64)).shape[0])
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["26"] and "deprecated" not in done.stderr
