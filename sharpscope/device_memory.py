@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -95,7 +96,7 @@ CPU_MEMORY_SHARE = 0.5
 def available_memory_bytes() -> int | None:
     """Free memory the kernel could give this process now: ``MemAvailable`` of
     ``/proc/meminfo`` (Linux), lowered to what the process's memory cgroup still allows
-    (:func:`cgroup_headroom_bytes`: a container's or a Slurm job's limit); elsewhere the
+    (:func:`cgroup_memory`: a container's or a Slurm job's limit); elsewhere the
     machine's physical memory (an upper bound; macOS), None where neither can be read."""
     free = None
     try:
@@ -111,8 +112,26 @@ def available_memory_bytes() -> int | None:
             free = int(os.sysconf("SC_PHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
         except (AttributeError, OSError, ValueError):
             return None
-    headroom = cgroup_headroom_bytes()
-    return free if headroom is None else min(free, headroom)
+    cgroup = cgroup_memory()
+    return free if cgroup is None else min(free, cgroup.headroom)
+
+
+def free_memory_note(free: int | None) -> str:
+    """Words to put after a free-memory figure when the memory cgroup, not the machine, set
+    it: a researcher on Kubernetes or Slurm otherwise sees "0 GiB free" on an idle node."""
+    cgroup = cgroup_memory()
+    if free is None or cgroup is None or cgroup.headroom > free:
+        return ""
+    return f" under this process's memory cgroup limit of {cgroup.limit / 2**30:.3g} GiB"
+
+
+@dataclass(frozen=True)
+class CgroupMemory:
+    """The tightest memory cgroup level of this process: its limit, and the bytes still
+    free under it (limit − usage + the page cache the kernel reclaims before an OOM kill)."""
+
+    limit: int
+    headroom: int
 
 
 # limits at or above this are "no limit" (cgroup v1 writes 2**63 rounded down to a page)
@@ -128,76 +147,88 @@ def _read_number(path: Path) -> int | None:
         return None
 
 
-def _stat_value(path: Path, key: str) -> int:
-    """One ``key value`` line of a ``memory.stat`` file (0 when missing)."""
+def _stat(path: Path) -> dict[str, int]:
+    """The ``key value`` lines of a ``memory.stat`` file (empty when unreadable)."""
+    values: dict[str, int] = {}
     try:
         for line in path.read_text().splitlines():
             name, _, value = line.partition(" ")
-            if name == key:
-                return int(value)
+            values[name] = int(value)
     except (OSError, ValueError):
         pass
-    return 0
+    return values
 
 
-def _headroom(limit: int | None, usage: int | None, inactive_file: int) -> int | None:
+def _level(limit: int | None, usage: int | None, reclaimable: int) -> CgroupMemory | None:
     if limit is None or limit >= _NO_LIMIT or usage is None:
         return None
-    # the inactive page cache is reclaimed before the limit bites (the "working set"
-    # that container runtimes report is usage minus it)
-    return max(0, limit - max(0, usage - inactive_file))
+    return CgroupMemory(limit, max(0, limit - max(0, usage - reclaimable)))
 
 
-def cgroup_headroom_bytes(
+def _levels_up(own: Path, root: Path) -> list[Path]:
+    """``own`` and its parents up to ``root``; ``[root]`` when ``own`` is not a folder
+    inside it (a container sees its cgroup as the mount's root)."""
+    try:
+        own, root = own.resolve(), root.resolve()
+    except OSError:
+        return [root]
+    if not own.is_dir() or (own != root and root not in own.parents):
+        return [root]
+    levels = [own]
+    while levels[-1] != root:
+        levels.append(levels[-1].parent)
+    return levels
+
+
+def cgroup_memory(
     proc_cgroup: str | Path = "/proc/self/cgroup", root: str | Path = "/sys/fs/cgroup"
-) -> int | None:
-    """Bytes the memory cgroup of this process may still take: limit − (usage − inactive
-    page cache), the smallest over the cgroup and its ancestors; None without a limit.
+) -> CgroupMemory | None:
+    """The level of this process's memory cgroup (its own or an ancestor's) with the least
+    room under its limit; None without a limit.
 
     ``MemAvailable`` counts the whole machine's free memory, but a process in a container,
     a Kubernetes pod or a Slurm job (``ConstrainRAMSpace``) is killed at its cgroup's
-    limit. Reads cgroup v2 (``memory.max``, ``memory.current``, ``memory.stat``) and v1
-    (``memory.stat``'s ``hierarchical_memory_limit``, ``memory.usage_in_bytes``); where
-    the process's own cgroup folder is not visible (a container sees its cgroup as the
-    mount's root) the mount's root is read.
+    limit. At each level: limit − (usage − page cache), the page cache (less shared memory,
+    which cannot be dropped) being what the kernel reclaims before it kills. cgroup v2
+    reads ``memory.max``, ``memory.current`` and ``memory.stat``; v1 reads
+    ``memory.limit_in_bytes``, ``memory.usage_in_bytes`` and ``memory.stat`` (whose
+    ``hierarchical_memory_limit`` also holds the limits of ancestors outside the mount).
     """
     root = Path(root)
     try:
         lines = Path(proc_cgroup).read_text().splitlines()
     except OSError:
         return None
-    found: list[int] = []
+    found: list[CgroupMemory] = []
     for line in lines:
         _, controllers, path = (line.split(":", 2) + ["", ""])[:3]
         relative = path.strip().lstrip("/")
         if controllers == "" and (root / "cgroup.controllers").exists():  # v2
-            own = root / relative
-            folders = [own, *own.parents] if own.is_dir() and relative else [root]
-            for folder in folders:
-                if folder != root and root not in folder.parents:
-                    break
-                room = _headroom(
+            for folder in _levels_up(root / relative, root):
+                stat = _stat(folder / "memory.stat")
+                level = _level(
                     _read_number(folder / "memory.max"),
                     _read_number(folder / "memory.current"),
-                    _stat_value(folder / "memory.stat", "inactive_file"),
+                    stat.get("file", 0) - stat.get("shmem", 0),
                 )
-                if room is not None:
-                    found.append(room)
+                if level is not None:
+                    found.append(level)
         elif "memory" in controllers.split(","):  # v1
             base = root / "memory"
-            folder = base / relative if (base / relative).is_dir() else base
-            stat = folder / "memory.stat"
-            limit = _stat_value(stat, "hierarchical_memory_limit") or _read_number(
-                folder / "memory.limit_in_bytes"
-            )
-            room = _headroom(
-                limit,
-                _read_number(folder / "memory.usage_in_bytes"),
-                _stat_value(stat, "total_inactive_file") or _stat_value(stat, "inactive_file"),
-            )
-            if room is not None:
-                found.append(room)
-    return min(found) if found else None
+            for index, folder in enumerate(_levels_up(base / relative, base)):
+                stat = _stat(folder / "memory.stat")
+                usage = _read_number(folder / "memory.usage_in_bytes")
+                reclaimable = stat.get("total_cache", stat.get("cache", 0)) - stat.get(
+                    "total_shmem", stat.get("shmem", 0)
+                )
+                limits = [_read_number(folder / "memory.limit_in_bytes")]
+                if index == 0:  # limits of ancestors this process cannot see
+                    limits.append(stat.get("hierarchical_memory_limit"))
+                for limit in limits:
+                    level = _level(limit, usage, reclaimable)
+                    if level is not None:
+                        found.append(level)
+    return min(found, key=lambda level: level.headroom) if found else None
 
 
 def saved_bytes_per_example(

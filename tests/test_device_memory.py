@@ -166,9 +166,16 @@ def write_tree(root, files: dict[str, str]) -> None:
 GIB = 2**30
 
 
+def headroom(proc, root):
+    from sharpscope.device_memory import cgroup_memory
+
+    found = cgroup_memory(proc, root)
+    return None if found is None else found.headroom
+
+
 def test_cgroup_v2_headroom_is_the_tightest_limit_up_the_tree(tmp_path):
     """A Slurm job or a container: the limit can sit on the job's cgroup or an ancestor."""
-    from sharpscope.device_memory import cgroup_headroom_bytes
+    from sharpscope.device_memory import cgroup_memory
 
     root = tmp_path / "cgroup"
     write_tree(
@@ -177,17 +184,18 @@ def test_cgroup_v2_headroom_is_the_tightest_limit_up_the_tree(tmp_path):
             "cgroup.controllers": "cpu memory pids\n",
             "job/memory.max": f"{8 * GIB}\n",
             "job/memory.current": f"{3 * GIB}\n",
-            "job/memory.stat": f"anon {2 * GIB}\nfile {GIB}\ninactive_file {GIB // 2}\n",
+            "job/memory.stat": f"anon {2 * GIB}\nfile {GIB}\nshmem {GIB // 4}\n",
             "job/step/memory.max": "max\n",
             "job/step/memory.current": f"{3 * GIB}\n",
         },
     )
     proc = tmp_path / "proc_cgroup"
     proc.write_text("0::/job/step\n")
-    # 8 GiB limit, 3 GiB used of which 0.5 GiB is reclaimable page cache
-    assert cgroup_headroom_bytes(proc, root) == 8 * GIB - (3 * GIB - GIB // 2)
+    # 8 GiB limit, 3 GiB used, of which the page cache less shared memory can be dropped
+    assert headroom(proc, root) == 8 * GIB - (3 * GIB - (GIB - GIB // 4))
     write_tree(root, {"job/step/memory.max": f"{4 * GIB}\n"})  # a tighter inner limit
-    assert cgroup_headroom_bytes(proc, root) == GIB
+    assert headroom(proc, root) == GIB
+    assert cgroup_memory(proc, root).limit == 4 * GIB
     # a container sees its own cgroup as the mount's root
     inside = tmp_path / "container"
     write_tree(
@@ -199,42 +207,99 @@ def test_cgroup_v2_headroom_is_the_tightest_limit_up_the_tree(tmp_path):
         },
     )
     proc.write_text("0::/kubepods/pod1/abc\n")
-    assert cgroup_headroom_bytes(proc, inside) == GIB
+    assert headroom(proc, inside) == GIB
+    proc.write_text("0::/../../outside\n")  # never read above the mount
+    assert headroom(proc, inside) == GIB
     write_tree(inside, {"memory.max": "max\n"})
-    assert cgroup_headroom_bytes(proc, inside) is None
+    assert headroom(proc, inside) is None
 
 
-def test_cgroup_v1_headroom_and_no_limit(tmp_path):
-    from sharpscope.device_memory import cgroup_headroom_bytes
-
+def test_a_cgroup_full_of_page_cache_still_has_room(tmp_path):
+    """Review: with only the inactive cache counted as free, a job that had read its data
+    (active page cache up to the limit) got 0 bytes, and every landscape grid was refused."""
     root = tmp_path / "cgroup"
-    stat = f"cache {GIB}\ninactive_file 4096\nhierarchical_memory_limit {6 * GIB}\n"
     write_tree(
         root,
         {
-            "memory/docker/abc/memory.limit_in_bytes": "9223372036854771712\n",
-            "memory/docker/abc/memory.usage_in_bytes": f"{2 * GIB}\n",
-            "memory/docker/abc/memory.stat": stat + f"total_inactive_file {GIB}\n",
+            "cgroup.controllers": "memory\n",
+            "job/memory.max": f"{4 * GIB}\n",
+            "job/memory.current": f"{4 * GIB}\n",
+            "job/memory.stat": f"anon {GIB}\nfile {3 * GIB}\nactive_file {3 * GIB}\n"
+            "inactive_file 0\nshmem 0\n",
         },
     )
     proc = tmp_path / "proc_cgroup"
-    proc.write_text("12:pids:/docker/abc\n4:memory:/docker/abc\n0::/\n")
-    # the hierarchical limit (set on an ancestor) counts, not the unlimited own one
-    assert cgroup_headroom_bytes(proc, root) == 6 * GIB - (2 * GIB - GIB)
-    unlimited = f"hierarchical_memory_limit {2**63 - 4096}\n"
-    write_tree(root, {"memory/docker/abc/memory.stat": unlimited})
-    assert cgroup_headroom_bytes(proc, root) is None
-    assert cgroup_headroom_bytes(tmp_path / "missing", root) is None
+    proc.write_text("0::/job\n")
+    assert headroom(proc, root) == 3 * GIB
+
+
+def test_cgroup_v1_walks_up_to_the_limit_and_its_usage(tmp_path):
+    """Review: an ancestor's limit was set against this cgroup's own usage alone (a Slurm
+    step using 1 GiB of a job's 8, whose other steps use 6: 7 GiB free, not 1)."""
+    root = tmp_path / "cgroup"
+    unlimited = "9223372036854771712\n"
+    write_tree(
+        root,
+        {
+            "memory/slurm/job_1/memory.limit_in_bytes": f"{8 * GIB}\n",
+            "memory/slurm/job_1/memory.usage_in_bytes": f"{7 * GIB}\n",
+            "memory/slurm/job_1/memory.stat": "total_cache 0\n",
+            "memory/slurm/job_1/step_0/memory.limit_in_bytes": unlimited,
+            "memory/slurm/job_1/step_0/memory.usage_in_bytes": f"{GIB}\n",
+            "memory/slurm/job_1/step_0/memory.stat": f"hierarchical_memory_limit {8 * GIB}\n"
+            f"total_cache {GIB // 2}\ntotal_shmem 0\n",
+        },
+    )
+    proc = tmp_path / "proc_cgroup"
+    proc.write_text("12:pids:/slurm/job_1/step_0\n4:memory:/slurm/job_1/step_0\n0::/\n")
+    assert headroom(proc, root) == GIB
+    # inside a container only the own folder is visible: the ancestors' limit comes from
+    # hierarchical_memory_limit, set against the usage that can be seen
+    container = tmp_path / "container"
+    write_tree(
+        container,
+        {
+            "memory/memory.limit_in_bytes": unlimited,
+            "memory/memory.usage_in_bytes": f"{2 * GIB}\n",
+            "memory/memory.stat": f"hierarchical_memory_limit {6 * GIB}\ntotal_cache {GIB}\n",
+        },
+    )
+    proc.write_text("4:memory:/docker/abc\n")
+    assert headroom(proc, container) == 6 * GIB - (2 * GIB - GIB)
+    write_tree(container, {"memory/memory.stat": f"hierarchical_memory_limit {unlimited}"})
+    assert headroom(proc, container) is None
+    assert headroom(tmp_path / "missing", root) is None
 
 
 def test_free_memory_is_lowered_to_the_cgroup_headroom(monkeypatch):
-    """MemAvailable is the whole machine's: a job limited to less is killed at its limit."""
+    """MemAvailable is the whole machine's: a job limited to less is killed at its limit,
+    and the messages say that the cgroup set the figure."""
     from sharpscope import device_memory
+    from sharpscope.device_memory import CgroupMemory
 
-    monkeypatch.setattr(device_memory, "cgroup_headroom_bytes", lambda: None)
+    monkeypatch.setattr(device_memory, "cgroup_memory", lambda: None)
     machine = device_memory.available_memory_bytes()
     assert machine is not None and machine > 2**20
-    monkeypatch.setattr(device_memory, "cgroup_headroom_bytes", lambda: 12345)
+    assert device_memory.free_memory_note(machine) == ""
+    monkeypatch.setattr(device_memory, "cgroup_memory", lambda: CgroupMemory(4 * GIB, 12345))
     assert device_memory.available_memory_bytes() == 12345
-    monkeypatch.setattr(device_memory, "cgroup_headroom_bytes", lambda: 2 * machine)
+    assert device_memory.free_memory_note(12345) == (
+        " under this process's memory cgroup limit of 4 GiB"
+    )
+    roomy = CgroupMemory(4 * GIB, 2 * machine)
+    monkeypatch.setattr(device_memory, "cgroup_memory", lambda: roomy)
     assert device_memory.available_memory_bytes() < 2 * machine  # the machine's own
+
+
+def test_a_grid_refused_under_a_cgroup_limit_names_the_cgroup(monkeypatch):
+    from sharpscope import device_memory
+    from sharpscope.device_memory import CgroupMemory
+    from sharpscope.errors import SharpscopeError
+
+    monkeypatch.setattr(device_memory, "cgroup_memory", lambda: CgroupMemory(GIB, 1000))
+    model = nn.Linear(3, 2).double()
+    data = (torch.randn(8, 3, dtype=F64), torch.randint(0, 2, (8,)))
+    with pytest.raises(
+        SharpscopeError, match="free under this process's memory cgroup limit of 1 GiB"
+    ):
+        landscape(model, data, 2, grid=50)

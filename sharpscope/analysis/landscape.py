@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
-from ..device_memory import FittingRows, available_memory_bytes
+from ..device_memory import FittingRows, available_memory_bytes, free_memory_note
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check
 from ..precision import ieee_float32
@@ -428,7 +428,7 @@ def _check_grid_fits_memory(
         free is None or need <= free,
         f"a {' x '.join(map(str, sizes))} grid is {points:.3g} points, whose coordinates and "
         f"results need about {need / 2**30:.3g} GiB; {(free or 0) / 2**30:.3g} GiB "
-        "of memory is free: use a smaller grid",
+        f"of memory is free{free_memory_note(free)}: use a smaller grid",
     )
 
 

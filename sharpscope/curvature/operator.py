@@ -70,6 +70,7 @@ from ..device_memory import (
     HVP_MEMORY_FACTOR,
     FittingRows,
     available_memory_bytes,
+    free_memory_note,
     is_out_of_memory,
     saved_bytes_per_example,
 )
@@ -742,7 +743,7 @@ class HessianOperator:
                 return
             sharing = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             budget = int(CPU_MEMORY_SHARE * free / sharing)
-            planned = f"half of the {free / 1e9:.3g} GB free" + (
+            planned = f"half of the {free / 1e9:.3g} GB free{free_memory_note(free)}" + (
                 f", shared by {sharing} processes" if sharing > 1 else ""
             )
         x, y = self._batches[0]
