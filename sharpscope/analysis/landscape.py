@@ -56,6 +56,7 @@ from ..data.batches import as_batches
 from ..device_memory import FittingRows, available_memory_bytes, free_memory_note
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check
+from ..modes import eval_mode
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -648,9 +649,11 @@ def landscape(
         fold_bn: evaluate a copy with each BatchNorm folded into the convolution or
             linear layer before it (:func:`sharpscope.curvature.fold.fold_batchnorm`;
             the same function in eval mode, checked on the first 64 examples; recorded
-            in ``settings["bn_folded"]``). Default: fold, except for the loop on CUDA,
-            where folding each point's weights costs more kernel launches than it
-            saves (H200, ``bench landscape``: 0.66 vs 0.43 ms per point).
+            in ``settings["bn_folded"]``). Default: fold, except for a loop asked for on
+            CUDA (``vectorize=False``), where folding each point's weights costs more
+            kernel launches than it saves (H200, ``bench landscape``: 0.66 vs 0.43 ms per
+            point); the GPU loop that the default picks for large models folds, as vmap
+            does, so that its settings do not depend on the GPU.
         precompute_input: for the loop: compute the output of each layer that reads the
             data (the first linear or convolution layer) once per batch for θ* and each
             direction, and at every point only their linear combination
@@ -659,7 +662,8 @@ def landscape(
             on for the loop when it pays, i.e. the layer's fan-in is at least 32 per
             stored output (an MLP on images: 4.4-4.9x the plain loop; not cnn1d or
             ResNet-20, whose first convolutions are cheaper than the combination), and
-            the stored outputs take at most 2 GiB. True: whenever a layer qualifies. The
+            the stored outputs take at most 2 GiB (not for the GPU loop the default
+            picks, which keeps vmap's settings). True: whenever a layer qualifies. The
             vectorized path does not use it.
         distributed: split the points across the processes of an initialized
             ``torch.distributed`` group (default: whenever one is initialized); rank 0
@@ -753,16 +757,15 @@ def landscape(
             "num_samples": sum(len(t) for _, t in batches),
         }
         flops_per_call = None
+        defaulted = vectorize is None
         if vectorize is None:
-            vectorize = device.type == "cuda" and not precompute_input
-            if vectorize:
-                largest = max(len(t) for _, t in batches)
-                flops_per_call = forward_flops(model, batches[0][0][:4], per_example=True)
-                if flops_per_call is not None:
-                    flops_per_call *= largest
-                    vectorize = vmap_pays_on_gpu(flops_per_call, device)
+            vectorize, flops_per_call = default_vectorize(model, batches, device, precompute_input)
+        # a GPU loop chosen by the FLOP count keeps the settings vmap would have (BatchNorm
+        # folded, no precomputed input layer), so that a slice resumed on another GPU, which
+        # counts differently, is still the same slice
+        gpu_default = defaulted and device.type == "cuda"
         if fold_bn is None:
-            fold_bn = vectorize or device.type != "cuda"
+            fold_bn = vectorize or device.type != "cuda" or gpu_default
         evaluator, pairs = (
             fold_batchnorm(model, batches[0][0][:64], check=True) if fold_bn else (model, [])
         )
@@ -772,7 +775,8 @@ def landscape(
         origin_dev = plan.origin.to(device, dtype)
 
         def precompute() -> PrecomputedInputLayers | None:
-            if not (precompute_input or (precompute_input is None and not vectorize)):
+            default = precompute_input is None and not vectorize and not gpu_default
+            if not (precompute_input or default):
                 return None
             built, why_not = PrecomputedInputLayers.build(
                 evaluator,
@@ -1004,9 +1008,10 @@ VMAP_MAX_FLOPS_PER_SM = 0.5e9
 
 
 def forward_flops(model: nn.Module, x: Tensor, *, per_example: bool = False) -> float | None:
-    """FLOPs of ``model(x)``: its matrix products and convolutions, counted by
-    :class:`torch.utils.flop_counter.FlopCounterMode` (no gradients); divided by
-    ``len(x)`` with ``per_example``. None when the pass fails or counts nothing.
+    """FLOPs of ``model(x)`` in eval mode: its matrix products and convolutions, counted by
+    :class:`torch.utils.flop_counter.FlopCounterMode` (no gradients; the model's modes and
+    BatchNorm statistics are left as found); divided by ``len(x)`` with ``per_example``.
+    None when the pass fails or counts nothing.
 
     >>> forward_flops(nn.Linear(5, 3), torch.zeros(4, 5))  # 2 · 5 · 3 per example
     120.0
@@ -1014,14 +1019,33 @@ def forward_flops(model: nn.Module, x: Tensor, *, per_example: bool = False) -> 
     from torch.utils.flop_counter import FlopCounterMode
 
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(x)
-    except Exception:  # an unusual model: the caller keeps its default
+    except Exception:  # noqa: BLE001 - a model that cannot run on a few examples: no count
         return None
     total = float(counter.get_total_flops())
     if total <= 0:
         return None
     return total / len(x) if per_example else total
+
+
+def default_vectorize(
+    model: nn.Module,
+    batches: Sequence[tuple[Tensor, Tensor]],
+    device: torch.device,
+    precompute_input: bool | None = None,
+) -> tuple[bool, float | None]:
+    """:func:`landscape`'s default path and the forward FLOPs per call it went by: the loop
+    on CPU (and whenever ``precompute_input`` asks for the loop's precomputation); on a GPU
+    vmap, unless :func:`vmap_pays_on_gpu` says one point's pass over the largest batch
+    fills it (vmap too when the FLOPs cannot be counted)."""
+    if device.type != "cuda" or precompute_input:
+        return False, None
+    per_example = forward_flops(model, batches[0][0][:4], per_example=True)
+    if per_example is None:
+        return True, None
+    per_call = per_example * max(len(t) for _, t in batches)
+    return vmap_pays_on_gpu(per_call, device), per_call
 
 
 def vmap_pays_on_gpu(flops_per_call: float, device: torch.device | str) -> bool:
@@ -1129,6 +1153,7 @@ def landscape_slice_2d(model: nn.Module, data: Any, **options: Any) -> Landscape
 __all__ = [
     "LandscapeResult",
     "default_point_chunk",
+    "default_vectorize",
     "forward_flops",
     "landscape",
     "landscape_slice_1d",

@@ -22,17 +22,17 @@ CIFAR-shaped inputs (3 x 32 x 32, random values: the timing does not depend on t
 whose 3072-wide first layer the CPU default precomputes once for the whole slice
 (:mod:`sharpscope.analysis.input_layer`; the MNIST-1D models' first layers are too
 cheap for that to pay); a 2-D filter-normalized random slice, 11 x 11 points over 1024
-and over 128 examples (5 x 5 over 256 and 64 with ``quick``), float32. CPU timings use one thread
-(recorded). With 1024 examples the work per point is
-large convolutions running near the core's peak FLOP rate, which batching cannot
-shorten, and on CPU PyTorch turns a vmapped convolution into a slower grouped one; vmap
-only pays where the per-point work is small (128 examples). That is why
+and over 128 examples (5 x 5 over 256 and 64 with ``quick``), float32. CPU timings use
+one thread (recorded). With 1024 examples the work per point is large convolutions
+running near the core's peak FLOP rate, which batching cannot shorten, and on CPU
+PyTorch turns a vmapped convolution into a slower grouped one; vmap only pays where the
+per-point work is small (128 examples). That is why
 :func:`sharpscope.analysis.landscape.landscape` defaults to the loop on CPU and, on a
-GPU, to vmap unless one point fills it (``extra.default_path``). GPU rows are added when CUDA is available, with
-one more case there: the registry's ``resnet20`` on CIFAR-shaped random inputs, whose
-points with 1,024 examples each fill the GPU, so that vmap's grouped convolutions run
-slower than the loop (H200: 0.84x), and the GPU default is the loop
-(:func:`sharpscope.analysis.landscape.vmap_pays_on_gpu`; with 128 examples, vmap 1.59x).
+GPU, to vmap unless one point fills it (``extra.default_path``). GPU rows are added when
+CUDA is available, with one more case there: the registry's ``resnet20`` on CIFAR-shaped
+random inputs, whose points with 1,024 examples each fill the GPU, so that vmap's grouped
+convolutions run slower than the loop (H200: 0.84x), and the GPU default is the loop
+(:func:`sharpscope.analysis.landscape.default_vectorize`; with 128 examples, vmap 1.59x).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from ..analysis.landscape import forward_flops, landscape, vmap_pays_on_gpu
+from ..analysis.landscape import default_vectorize, landscape
 from ..registry import build_model
 from ._common import (
     BenchRow,
@@ -75,12 +75,9 @@ def _image_data(samples: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _default_path(model: Any, data: tuple[torch.Tensor, torch.Tensor], device: str) -> str:
-    """The path :func:`landscape` takes by default: the loop on CPU; on a GPU vmap while
-    one point's forward pass leaves the GPU idle."""
-    if device != "cuda":
-        return "loop"
-    flops = forward_flops(model, data[0][:4], per_example=True)
-    return "vmap" if flops is None or vmap_pays_on_gpu(flops * len(data[0]), device) else "loop"
+    """The path :func:`landscape` takes by default (:func:`default_vectorize`)."""
+    vectorize, _ = default_vectorize(model, [data], torch.device(device))
+    return "vmap" if vectorize else "loop"
 
 
 def run(
@@ -139,7 +136,8 @@ def run(
                     (
                         "loop",
                         "per-point loop, BatchNorm folded, input layer precomputed where "
-                        "it pays (the CPU default)",
+                        "it pays (the CPU default; on a GPU the default where one point "
+                        "fills it)",
                     ),
                 ):
                     diff = float(

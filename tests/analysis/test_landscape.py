@@ -1025,9 +1025,29 @@ def test_vmap_is_the_gpu_default_only_while_one_point_leaves_the_gpu_idle(monkey
     assert not vmap_pays_on_gpu(42e9, "cuda") and vmap_pays_on_gpu(5e9, "cuda")
 
 
-def test_the_cpu_default_counts_no_flops():
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
-    x, y = torch.randn(20, 4, dtype=torch.float64), torch.randint(0, 3, (20,))
-    result = landscape(model, (x, y), 1, grid=3)
-    assert result.meta.extra["vectorized"] is False
-    assert result.meta.extra["forward_flops_per_call"] is None
+def test_the_default_path_goes_by_the_flops_of_one_point(monkeypatch):
+    """The loop on CPU; on a GPU vmap until one point's pass over the largest batch fills
+    it (a GPU of 2 multiprocessors here, so that a small model fills it)."""
+    from types import SimpleNamespace
+
+    from sharpscope.analysis.landscape import default_vectorize, forward_flops
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 50), nn.BatchNorm1d(50), nn.Tanh(), nn.Linear(50, 3))
+    batches = [(torch.randn(64, 10), torch.randint(0, 3, (64,)))] * 2 + [
+        (torch.randn(8, 10), torch.randint(0, 3, (8,)))
+    ]
+    per_example = 2 * (10 * 50 + 50 * 3)
+    assert default_vectorize(model, batches, torch.device("cpu")) == (False, None)
+    props = SimpleNamespace(multi_processor_count=2)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    gpu = torch.device("cuda")
+    assert default_vectorize(model, batches, gpu) == (True, 64.0 * per_example)
+    huge = [(torch.randn(64, 10), torch.randint(0, 3, (2 * 10**7,)))]  # only len(y) counts
+    assert default_vectorize(model, huge, gpu) == (False, 2e7 * per_example)
+    assert default_vectorize(model, batches, gpu, precompute_input=True) == (False, None)
+    # counting leaves a model in train mode as it was, BatchNorm statistics included
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert forward_flops(model, batches[0][0]) == 64 * per_example
+    assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
