@@ -369,8 +369,9 @@ class Correlation(Result):
 
     ``*_interval`` fields are percentile bootstrap intervals at ``level``: over models
     (``tau_interval``, ``psi_interval``, ``overall_interval``) and, when seeds were
-    given, over seeds (``tau_interval_seeds``, ``overall_interval_seeds``). The one over
-    seeds resamples whole seeds, so with ``num_seeds`` = k it has only C(2k − 1, k)
+    given, over seeds (``tau_interval_seeds``, ``overall_interval_seeds``). ``num_seeds``:
+    the distinct seeds among the models (0 when none were given). The interval over seeds
+    resamples whole seeds, so with ``num_seeds`` = k it has only C(2k − 1, k)
     distinct resamples (:func:`distinct_seed_resamples`: 3 for 2 seeds, 10 for 3): with
     few seeds its ends are a handful of values, not a 95% interval.
     """
@@ -439,18 +440,14 @@ def correlate(
     nan2 = (math.nan, math.nan)
     tau_ci, psi_ci, overall_ci = nan2, {a: nan2 for a in axes}, nan2
     tau_seed_ci, overall_seed_ci = nan2, nan2
-    num_seeds = 0
+    seed_labels = np.asarray(list(seeds), dtype=object)[keep] if seeds is not None else None
+    num_seeds = len(set(seed_labels.tolist())) if seed_labels is not None else 0
     if resamples > 0 and x.size >= 3:
         index = bootstrap_indices(x.size, resamples, seed=seed)
         tau_ci, psi_ci, overall_ci = _bootstrap(x, y, table, axes, coupled, index, level)
-        if seeds is not None:
-            seed_labels = np.asarray(list(seeds), dtype=object)[keep]
-            if len(set(seed_labels.tolist())) >= 2:
-                num_seeds = len(set(seed_labels.tolist()))
-                index = bootstrap_indices(x.size, resamples, seed=seed + 1, clusters=seed_labels)
-                tau_seed_ci, _, overall_seed_ci = _bootstrap(
-                    x, y, table, axes, coupled, index, level
-                )
+        if seed_labels is not None and num_seeds >= 2:
+            index = bootstrap_indices(x.size, resamples, seed=seed + 1, clusters=seed_labels)
+            tau_seed_ci, _, overall_seed_ci = _bootstrap(x, y, table, axes, coupled, index, level)
     return Correlation(
         measure=measure_name,
         target=target_name,

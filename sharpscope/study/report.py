@@ -162,8 +162,10 @@ def study_axes(rows: Sequence[Mapping[str, Any]], swept: Sequence[str]) -> list[
 
 def optimizer_coupled_axes(rows: Sequence[Mapping[str, Any]], axes: Sequence[str]) -> list[str]:
     """The axes that move with the optimizer in ψ_optimizer's groups: ρ and m, and any
-    other axis that some optimizers take and others lack (momentum swept for SGD, absent
-    for SAM, whose base optimizer holds it), so that its runs still meet in a group."""
+    other axis that some optimizers take and others lack (momentum swept for SGD and SAM,
+    absent for bSAM), so that their runs still meet in a group. A group then holds each
+    optimizer at each of its settings of these axes, and its τ counts all their pairs
+    (SGD at two momenta against each other too), as it always did for SAM's radii."""
     coupled = [a for a in OPTIMIZER_COUPLED if a in axes]
     for axis in axes:
         if axis in coupled or axis in ("optimizer", "seed"):
@@ -260,7 +262,8 @@ def _seed_interval_note(correlations: Sequence[Any]) -> str:
     """A caveat on the interval over seeds when so few seeds give it few distinct values."""
     from ..analysis.correlation import distinct_seed_resamples
 
-    seeds = max((c.num_seeds for c in correlations), default=0)
+    # the fewest seeds any measure's interval rests on (NaN rows drop models, and seeds)
+    seeds = min((c.num_seeds for c in correlations if c.num_seeds >= 2), default=0)
     if not 2 <= seeds < FEW_SEEDS:
         return ""
     return (

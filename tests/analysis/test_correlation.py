@@ -248,6 +248,10 @@ def test_the_seed_interval_with_two_seeds_lies_among_its_three_resamples():
     low, high = result.tau_interval_seeds
     assert min(taus) - 1e-12 <= low <= high <= max(taus) + 1e-12
     assert correlate(measure, gap, factors, resamples=300).num_seeds == 0  # no seeds given
+    # counted without a bootstrap too, and among the models a measure keeps
+    assert correlate(measure, gap, factors, seeds=factors["seed"], resamples=0).num_seeds == 2
+    holes = np.where(seed == 1, np.nan, measure)
+    assert correlate(holes, gap, factors, seeds=factors["seed"], resamples=50).num_seeds == 1
     assert [distinct_seed_resamples(k) for k in (1, 4, 10)] == [1, 35, 92378]
 
 
