@@ -813,3 +813,19 @@ def test_measures_vs_gap_marks_the_second_swept_axis():
     single = [{**r, "lr": 0.1} for r in rows if r["optimizer"] == "sgd"]
     assert study_plots.second_axis(single) is None
     plt.close("all")
+
+
+def test_the_marked_axis_takes_values_as_a_results_csv_gives_them():
+    """Review: a NaN value (an empty cell) was dropped from the scatter, sums of floats
+    read "lr 0.30000000000000004", and 0.05 and "0.05" got two markers under one entry."""
+    rows = [
+        {"optimizer": "sam", "rho": rho, "gen_gap": 0.1 * i, "trace": 1.0 + i}
+        for i, rho in enumerate([0.1 + 0.2, "0.05", 0.05, float("nan"), None, 0.3, 0.05])
+    ]
+    fig = study_plots.plot_measures_vs_gap(rows, ["trace"], "gen_gap", style="rho")
+    drawn = [c for c in fig.axes[0].collections if len(c.get_offsets())]
+    assert sum(len(c.get_offsets()) for c in drawn) == len(rows)  # none dropped
+    assert len(drawn) == 3  # ρ 0.05, ρ 0.3, n/a
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend == ["SAM", "ρ 0.05", "ρ 0.3", "ρ n/a"]
+    plt.close(fig)

@@ -161,16 +161,13 @@ def plot_measure_vs_gap(
     else:
         fig = ax.figure
     points = _finite_rows(rows, measure, gap)
-    styles = (
-        _labels_in_order(sorted(points, key=lambda r: _order_key(r.get(style))), style)
-        if style
-        else []
-    )
+    ordered = sorted(points, key=lambda r: _order_key(_style_value(r, style)))
+    styles = list(dict.fromkeys(_style_value(r, style) for r in ordered)) if style else []
     for index, label in enumerate(_labels_in_order(points, hue)):
         group = [r for r in points if r.get(hue) == label]
         color = _color(label, index)
         for value_index, value in enumerate(styles or [None]):
-            members = [r for r in group if not style or r.get(style) == value]
+            members = [r for r in group if not style or _style_value(r, style) == value]
             if not members:
                 continue
             ax.scatter(
@@ -191,7 +188,7 @@ def plot_measure_vs_gap(
             color="0.45",
             marker=MARKERS[value_index % len(MARKERS)],
             s=14,
-            label=_hue_label(style, "n/a" if value is None else value),
+            label=f"{SETTING_NAMES.get(style, style.replace('_', ' '))} {value or 'n/a'}",
         )
     ax.set_xlabel(axis_label(measure))
     ax.set_ylabel(axis_label(gap))
@@ -207,6 +204,20 @@ def plot_measure_vs_gap(
     else:  # at most 5 ticks: long labels (0.0150 0.0175 ...) would run together
         ax.xaxis.set_major_locator(_max_locator(5))
     return fig
+
+
+def _style_value(row: Mapping[str, Any], style: str | None) -> str | None:
+    """A row's value of the marked axis as its legend shows it: numbers with ``:g`` (0.1,
+    not 0.30000000000000004, and one marker for 0.05 and "0.05"), None for a missing or NaN
+    value (an empty results.csv cell: the axis does not apply)."""
+    value = row.get(style) if style else None
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return str(value)
+    return None if math.isnan(number) else f"{number:g}"
 
 
 def _order_key(value: Any) -> tuple[int, float, str]:

@@ -499,7 +499,8 @@ def pair_caption(run_a: Any, run_b: Any) -> str:
         " ".join([optimizer_label(run.params["optimizer"]), *[p for p in own if p not in shared]])
         for run, own in ((run_a, own_a), (run_b, own_b))
     ]
-    seed = f"seed {run_a.params['seed']}"
+    seeds = (run_a.params["seed"], run_b.params["seed"])
+    seed = f"seed {seeds[0]}" if seeds[0] == seeds[1] else f"seeds {seeds[0]}, {seeds[1]}"
     return f"{sides[0]} → {sides[1]} ({', '.join([*shared, seed])})"
 
 
