@@ -1003,7 +1003,8 @@ def _warn_non_finite(result: LandscapeResult) -> None:
 # loop. Measured on an H200 (132 SMs; vmap/loop speed, 2-D grids, float32): 1.06-6.0x up to
 # 42 GFLOP per point (cnn1d, mlp, cnn, vit, ResNet-20 with 128-512 examples, ResNet-56
 # with 128), 0.72-0.92x from 84 GFLOP on (ResNet-20 with 1,024, ResNet-56 with 512,
-# WRN-16-4 with 128). Other GPUs are assumed to saturate in proportion to their SMs.
+# WRN-16-4 with 128). Other GPUs are assumed to saturate in proportion to their SMs, and
+# float64 like float32 (measured in float32 only).
 VMAP_MAX_FLOPS_PER_SM = 0.5e9
 
 
