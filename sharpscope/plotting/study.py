@@ -244,12 +244,14 @@ def second_axis(rows: Rows, hue: str = "optimizer") -> str | None:
 
     def labels_varying(column: str) -> int:
         return sum(
-            len({str(r.get(column)) for r in rows if r.get(hue) == label}) > 1
+            len({_style_value(r, column) for r in rows if r.get(hue) == label}) > 1
             for label in _labels_in_order(rows, hue)
         )
 
     candidates = [
-        c for c in varying_settings(rows, hue) if len({str(r.get(c)) for r in rows}) <= len(MARKERS)
+        c
+        for c in varying_settings(rows, hue)
+        if len({_style_value(r, c) for r in rows}) <= len(MARKERS)
     ]
     return max(candidates, key=labels_varying) if candidates else None
 
