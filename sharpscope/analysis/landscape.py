@@ -760,12 +760,11 @@ def landscape(
         defaulted = vectorize is None
         if vectorize is None:
             vectorize, flops_per_call = default_vectorize(model, batches, device, precompute_input)
-        # a GPU loop chosen by the FLOP count keeps the settings vmap would have (BatchNorm
-        # folded, no precomputed input layer), so that a slice resumed on another GPU, which
-        # counts differently, is still the same slice
-        gpu_default = defaulted and device.type == "cuda"
+        fold_default, precompute_default = _default_fold_and_precompute(
+            device.type, vectorize, defaulted, precompute_input
+        )
         if fold_bn is None:
-            fold_bn = vectorize or device.type != "cuda" or gpu_default
+            fold_bn = fold_default
         evaluator, pairs = (
             fold_batchnorm(model, batches[0][0][:64], check=True) if fold_bn else (model, [])
         )
@@ -775,8 +774,7 @@ def landscape(
         origin_dev = plan.origin.to(device, dtype)
 
         def precompute() -> PrecomputedInputLayers | None:
-            default = precompute_input is None and not vectorize and not gpu_default
-            if not (precompute_input or default):
+            if not (precompute_input or precompute_default):
                 return None
             built, why_not = PrecomputedInputLayers.build(
                 evaluator,
@@ -1047,6 +1045,32 @@ def default_vectorize(
         return True, None
     per_call = per_example * max(len(t) for _, t in batches)
     return vmap_pays_on_gpu(per_call, device), per_call
+
+
+def _default_fold_and_precompute(
+    device_type: str, vectorize: bool, defaulted: bool, precompute_input: bool | None
+) -> tuple[bool, bool]:
+    """The defaults of ``fold_bn`` and of precomputing the input layer (where it pays).
+
+    The loop on CPU folds and precomputes; vmap folds. A loop asked for on CUDA
+    (``vectorize=False``, or ``precompute_input=True``) does neither: folding each point's
+    weights costs more kernel launches than it saves. The GPU loop that the FLOP count
+    picks (:func:`default_vectorize`) keeps vmap's settings, so that a slice resumed on
+    another GPU, which may choose the other path, is still the same slice.
+
+    >>> _default_fold_and_precompute("cpu", False, True, None)
+    (True, True)
+    >>> _default_fold_and_precompute("cuda", False, True, None)  # the FLOP count's loop
+    (True, False)
+    >>> _default_fold_and_precompute("cuda", False, False, None)  # --no-vectorize
+    (False, True)
+    >>> _default_fold_and_precompute("cuda", False, True, True)  # precompute_input=True
+    (False, False)
+    """
+    chosen_by_flops = defaulted and device_type == "cuda" and not vectorize and not precompute_input
+    fold = vectorize or device_type != "cuda" or chosen_by_flops
+    precompute = precompute_input is None and not vectorize and not chosen_by_flops
+    return fold, precompute
 
 
 def vmap_pays_on_gpu(flops_per_call: float, device: torch.device | str) -> bool:

@@ -212,7 +212,8 @@ def register(app: typer.Typer) -> None:
             None,
             "--vectorize/--no-vectorize",
             help="vmap over grid points, or a loop [default: the loop on CPU; on a GPU vmap, "
-            "unless one point's forward pass already fills the GPU].",
+            "unless one point's forward pass already fills the GPU]. --no-vectorize on a GPU "
+            "leaves BatchNorm unfolded: resume a slice with the option it was started with.",
         ),
         save_every: float = typer.Option(
             30.0,
