@@ -113,16 +113,9 @@ def available_memory_bytes() -> int | None:
         except (AttributeError, OSError, ValueError):
             return None
     cgroup = cgroup_memory()
-    return free if cgroup is None else min(free, cgroup.headroom)
-
-
-def free_memory_note(free: int | None) -> str:
-    """Words to put after a free-memory figure when the memory cgroup, not the machine, set
-    it: a researcher on Kubernetes or Slurm otherwise sees "0 GiB free" on an idle node."""
-    cgroup = cgroup_memory()
-    if free is None or cgroup is None or cgroup.headroom > free:
-        return ""
-    return f" under this process's memory cgroup limit of {cgroup.limit / 2**30:.3g} GiB"
+    bound = cgroup if cgroup is not None and cgroup.headroom < free else None
+    _LAST_BOUND[0] = bound
+    return free if bound is None else bound.headroom
 
 
 @dataclass(frozen=True)
@@ -132,6 +125,22 @@ class CgroupMemory:
 
     limit: int
     headroom: int
+
+
+# the cgroup level that set the last figure of available_memory_bytes (None: the machine)
+_LAST_BOUND: list[CgroupMemory | None] = [None]
+
+
+def free_memory_note(free: int | None, unit: str = "GiB") -> str:
+    """Words to put after a free-memory figure from :func:`available_memory_bytes` when the
+    memory cgroup, not the machine, set it (the cgroup is not read again: the figure and
+    the note agree); a researcher on Kubernetes or Slurm otherwise sees "0 GiB free" on an
+    idle node. ``unit``: "GiB" or "GB", the caller's."""
+    bound = _LAST_BOUND[0]
+    if free is None or bound is None or bound.headroom != free:
+        return ""
+    limit = bound.limit / (2**30 if unit == "GiB" else 1e9)
+    return f" under this process's memory cgroup limit of {limit:.3g} {unit}"
 
 
 # limits at or above this are "no limit" (cgroup v1 writes 2**63 rounded down to a page)
@@ -148,14 +157,19 @@ def _read_number(path: Path) -> int | None:
 
 
 def _stat(path: Path) -> dict[str, int]:
-    """The ``key value`` lines of a ``memory.stat`` file (empty when unreadable)."""
-    values: dict[str, int] = {}
+    """The ``key value`` lines of a ``memory.stat`` file (empty when unreadable; a line that
+    is not a number is skipped)."""
     try:
-        for line in path.read_text().splitlines():
-            name, _, value = line.partition(" ")
+        lines = path.read_text().splitlines()
+    except OSError:
+        return {}
+    values: dict[str, int] = {}
+    for line in lines:
+        name, _, value = line.partition(" ")
+        try:
             values[name] = int(value)
-    except (OSError, ValueError):
-        pass
+        except ValueError:
+            continue
     return values
 
 

@@ -208,7 +208,13 @@ def test_cgroup_v2_headroom_is_the_tightest_limit_up_the_tree(tmp_path):
     )
     proc.write_text("0::/kubepods/pod1/abc\n")
     assert headroom(proc, inside) == GIB
-    proc.write_text("0::/../../outside\n")  # never read above the mount
+    # never read above the mount: not by "..", nor through a link that leads out of it
+    outside = {"memory.max": f"{GIB // 8}\n", "memory.current": "0\n"}
+    write_tree(tmp_path / "outside", outside)
+    proc.write_text("0::/../outside\n")
+    assert headroom(proc, inside) == GIB
+    (inside / "escape").symlink_to(tmp_path / "outside")
+    proc.write_text("0::/escape\n")
     assert headroom(proc, inside) == GIB
     write_tree(inside, {"memory.max": "max\n"})
     assert headroom(proc, inside) is None
@@ -266,6 +272,10 @@ def test_cgroup_v1_walks_up_to_the_limit_and_its_usage(tmp_path):
     )
     proc.write_text("4:memory:/docker/abc\n")
     assert headroom(proc, container) == 6 * GIB - (2 * GIB - GIB)
+    # shared memory (tmpfs) in the cache cannot be dropped; a line that is no number is skipped
+    shared = f"bad line\nhierarchical_memory_limit {6 * GIB}\ntotal_cache {GIB}\n"
+    write_tree(container, {"memory/memory.stat": shared + f"total_shmem {GIB // 4}\n"})
+    assert headroom(proc, container) == 6 * GIB - (2 * GIB - (GIB - GIB // 4))
     write_tree(container, {"memory/memory.stat": f"hierarchical_memory_limit {unlimited}"})
     assert headroom(proc, container) is None
     assert headroom(tmp_path / "missing", root) is None
@@ -286,6 +296,9 @@ def test_free_memory_is_lowered_to_the_cgroup_headroom(monkeypatch):
     assert device_memory.free_memory_note(12345) == (
         " under this process's memory cgroup limit of 4 GiB"
     )
+    assert device_memory.free_memory_note(12345, "GB") == (
+        " under this process's memory cgroup limit of 4.29 GB"
+    )
     roomy = CgroupMemory(4 * GIB, 2 * machine)
     monkeypatch.setattr(device_memory, "cgroup_memory", lambda: roomy)
     assert device_memory.available_memory_bytes() < 2 * machine  # the machine's own
@@ -303,3 +316,18 @@ def test_a_grid_refused_under_a_cgroup_limit_names_the_cgroup(monkeypatch):
         SharpscopeError, match="free under this process's memory cgroup limit of 1 GiB"
     ):
         landscape(model, data, 2, grid=50)
+
+
+def test_a_batch_split_under_a_cgroup_limit_names_the_cgroup(monkeypatch):
+    from sharpscope import device_memory
+    from sharpscope.curvature import HessianOperator
+    from sharpscope.device_memory import CgroupMemory
+
+    monkeypatch.setattr(device_memory, "cgroup_memory", lambda: CgroupMemory(2 * GIB, 1000))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3)).double()
+    data = (torch.randn(40, 4, dtype=F64), torch.randint(0, 3, (40,)))
+    with pytest.warns(
+        RuntimeWarning, match=r"GB free under this process's memory cgroup limit of 2.15 GB"
+    ):
+        HessianOperator(model, data, dtype="float64")

@@ -829,3 +829,10 @@ def test_the_marked_axis_takes_values_as_a_results_csv_gives_them():
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend == ["SAM", "ρ 0.05", "ρ 0.3", "ρ n/a"]
     plt.close(fig)
+    # the axis to mark is chosen on the same values: lr 0.1 + 0.2 and 0.3 are one value
+    noisy = [
+        {"optimizer": o, "lr": lr, "rho": rho}
+        for o, rho in (("sgd", None), ("sam", 0.05), ("sam", 0.1))
+        for lr in (0.1 + 0.2, 0.3)
+    ]
+    assert study_plots.second_axis(noisy) == "rho"

@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check
 from ..results import Result, RunMeta
 
 __all__ = [
@@ -440,7 +440,13 @@ def correlate(
     nan2 = (math.nan, math.nan)
     tau_ci, psi_ci, overall_ci = nan2, {a: nan2 for a in axes}, nan2
     tau_seed_ci, overall_seed_ci = nan2, nan2
-    seed_labels = np.asarray(list(seeds), dtype=object)[keep] if seeds is not None else None
+    if seeds is not None:
+        seeds = list(seeds)
+        check(
+            len(seeds) == len(keep),
+            f"seeds has {len(seeds)} entries for {len(keep)} models; give one seed per model",
+        )
+    seed_labels = np.asarray(seeds, dtype=object)[keep] if seeds is not None else None
     num_seeds = len(set(seed_labels.tolist())) if seed_labels is not None else 0
     if resamples > 0 and x.size >= 3:
         index = bootstrap_indices(x.size, resamples, seed=seed)

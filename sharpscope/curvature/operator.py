@@ -743,7 +743,7 @@ class HessianOperator:
                 return
             sharing = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             budget = int(CPU_MEMORY_SHARE * free / sharing)
-            planned = f"half of the {free / 1e9:.3g} GB free{free_memory_note(free)}" + (
+            planned = f"half of the {free / 1e9:.3g} GB free{free_memory_note(free, 'GB')}" + (
                 f", shared by {sharing} processes" if sharing > 1 else ""
             )
         x, y = self._batches[0]

@@ -623,7 +623,8 @@ def pair_runs(runs: list[RunSpec], a: str, b: str) -> list[tuple[RunSpec, RunSpe
         )
 
     def tag(x: RunSpec, y: RunSpec) -> str:
-        return sanitize_name("-".join([*id_parts(swept, x, y), f"s{x.params['seed']}"]))
+        seeds = dict.fromkeys(f"s{run.params['seed']}" for run in (x, y))  # both, if they differ
+        return sanitize_name("-".join([*id_parts(swept, x, y), *seeds]))
 
     order = {id(r): i for i, r in enumerate(runs)}
     return [

@@ -253,6 +253,8 @@ def test_the_seed_interval_with_two_seeds_lies_among_its_three_resamples():
     holes = np.where(seed == 1, np.nan, measure)
     assert correlate(holes, gap, factors, seeds=factors["seed"], resamples=50).num_seeds == 1
     assert [distinct_seed_resamples(k) for k in (1, 4, 10)] == [1, 35, 92378]
+    with pytest.raises(SharpscopeError, match="seeds has 3 entries for 8 models"):
+        correlate(measure, gap, factors, seeds=[0, 1, 2], resamples=0)
 
 
 def test_a_measure_constant_along_an_axis_scores_zero_on_it():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import itertools
 import json
 import math
@@ -173,7 +174,12 @@ def test_the_report_warns_when_few_seeds_make_the_seed_interval_coarse():
     note = _seed_interval_note(correlations)
     assert "with 2 seeds it has only 3 distinct resamples" in note
     more = [{**r, "seed": r["seed"] + 2 * copy} for copy in range(3) for r in rows]  # 6 seeds
-    assert _seed_interval_note(correlation_table(more, ["optimizer", "lr"], resamples=20)) == ""
+    many = correlation_table(more, ["optimizer", "lr"], resamples=20)
+    assert _seed_interval_note(many) == ""
+    # a measure whose missing values leave it 3 seeds sets the note, whatever the others have
+    assert "with 3 seeds it has only 10" in _seed_interval_note(
+        [*many, dataclasses.replace(many[0], num_seeds=3)]
+    )
 
 
 def test_an_axis_only_some_optimizers_take_moves_with_the_optimizer():

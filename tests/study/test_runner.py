@@ -538,10 +538,18 @@ def test_an_interpolation_legend_says_whose_values_are_whose():
         "SGD → SAM rho0.1 (lr0.05, seed 0)"
     )
     assert pair_caption(run("sam", 0.1), run("sam", 0.1)) == "SAM → SAM (rho0.1, lr0.1, seed 0)"
-    # optimizers that share no seed are paired across seeds: both are named
+    # optimizers that share no seed are paired across seeds: both are named, in the
+    # caption and in the file's tag (else two pairs wrote one file)
     assert pair_caption(run("sgd", None, seed=1), run("sam", 0.1, seed=2)) == (
         "SGD → SAM rho0.1 (lr0.1, seeds 1, 2)"
     )
+    from sharpscope.study.runner import pair_runs
+
+    runs = [run("sgd", None, seed=1), run("sam", 0.1, seed=3), run("sam", 0.1, seed=4)]
+    assert [tag for _, _, tag in pair_runs(runs, "sgd", "sam")] == [
+        "rho0.1-lr0.1-s1-s3",
+        "rho0.1-lr0.1-s1-s4",
+    ]
 
 
 def test_a_custom_studys_landscapes_are_drawn_in_its_report(tmp_path):
