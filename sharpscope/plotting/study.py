@@ -135,7 +135,9 @@ def _color(label: Any, index: int) -> str:
 def _hue_label(hue: str, label: Any) -> str:
     """A legend entry: ``SAM`` for an optimizer, ``label noise 0.2`` for another axis
     (it read ``label_noise=0.2``)."""
-    return optimizer_label(label) if hue == "optimizer" else f"{hue.replace('_', ' ')} {label}"
+    if hue == "optimizer":
+        return optimizer_label(label)
+    return f"{'ρ' if hue == 'rho' else hue.replace('_', ' ')} {label}"
 
 
 def _hue_colors(rows: Rows, hue: str) -> dict[Any, str]:
@@ -188,7 +190,7 @@ def plot_measure_vs_gap(
             color="0.45",
             marker=MARKERS[value_index % len(MARKERS)],
             s=14,
-            label=f"{SETTING_NAMES.get(style, style.replace('_', ' '))} {value or 'n/a'}",
+            label=_hue_label(style, value or "n/a"),
         )
     ax.set_xlabel(axis_label(measure))
     ax.set_ylabel(axis_label(gap))
