@@ -54,6 +54,8 @@ LOCK_NAME = "study.lock"  # held by a running `study run`
 FACTORY_KEYS = ("dataset", "model", "loss")
 # training keys that may differ when a study is resumed on another machine
 MACHINE_KEYS = ("data_root", "device", "progress")
+# run states after which training is over: a run.json then keeps the save_every it trained with
+_TRAINING_OVER = ("done", "trained", "failed")
 Log = Callable[[str], None]
 
 # Always present in results.csv, in this order after the hyperparameters.
@@ -213,7 +215,7 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
         existing = _read_json(path)
         if existing == wanted:
             continue
-        trained = _status(path.parent).get("state") in ("done", "trained", "failed")
+        trained = _status(path.parent).get("state") in _TRAINING_OVER
         if existing is not None and trained and _only_save_every_differs(existing, wanted):
             # new analysis epochs, but the save_every the run was trained with
             wanted["train"]["save_every"] = existing["train"].get("save_every")
@@ -269,9 +271,7 @@ def _check_saved_epochs(run_id: str, wanted: dict, out: Path, flag: str) -> None
     run_dir = _run_dir(out, run_id)
     last = int(wanted["train"].get("epochs", 0))
     state = _status(run_dir).get("state")
-    trained = (
-        last if state in ("done", "trained", "failed") else max(_eval_rows(run_dir), default=0)
-    )
+    trained = last if state in _TRAINING_OVER else max(_eval_rows(run_dir), default=0)
     missing = [
         e
         for e in wanted.get("analysis_epochs", [])
