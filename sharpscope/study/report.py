@@ -357,7 +357,7 @@ def write_report(
     figure_lines: list[str] = []
     if figures:
         figure_lines = _report_figures(
-            folder, rows, finals, correlations, runs, save_figure, resamples
+            folder, rows, finals, correlations, runs, save_figure, resamples, config
         )
 
     failed = [r for r in rows if r.get("status") in ("failed", "error")]
@@ -563,7 +563,9 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], header: Sequence[s
     atomic_write_bytes(path, data)
 
 
-def _report_figures(folder, rows, finals, correlations, runs, save_figure, resamples) -> list[str]:
+def _report_figures(
+    folder, rows, finals, correlations, runs, save_figure, resamples, config
+) -> list[str]:
     import matplotlib.pyplot as plt
 
     from ..plotting.study import (
@@ -669,7 +671,7 @@ def _report_figures(folder, rows, finals, correlations, runs, save_figure, resam
             {k: [{"epoch": e, **d} for e, d in v] for k, v in shown.items()},
             note="SLQ density, Papyan kernel",
         )
-    lines += _landscape_figures(folder, out, load_study_config_from_dir(folder))
+    lines += _landscape_figures(folder, out, config, runs)
     return lines
 
 
@@ -683,7 +685,7 @@ LANDSCAPE_CAPTIONS = {
 }
 
 
-def _landscape_figures(folder: Path, out: Path, config: Any) -> list[str]:
+def _landscape_figures(folder: Path, out: Path, config: Any, runs: list) -> list[str]:
     """The figures of ``[analysis.landscape]`` (as reproduction (d) draws them), when the
     config has that table: a custom study's landscapes were written but never shown."""
     from .reproductions import figures_d
@@ -691,7 +693,7 @@ def _landscape_figures(folder: Path, out: Path, config: Any) -> list[str]:
     if not config.analysis.measures.get("landscape"):
         return []  # files of a table removed from the config are not drawn
     try:
-        written, _ = figures_d(folder, out)
+        written, _ = figures_d(folder, out, config=config, runs=runs)
     except SharpscopeError:  # e.g. interrupted before its last epoch's landscapes
         return ["_No landscape figures yet: the runs' last analysed epochs have none._", ""]
     return [

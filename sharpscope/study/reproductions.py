@@ -389,16 +389,19 @@ def _axes_of(record: dict[str, Any]) -> list[np.ndarray]:
     raise SharpscopeError(f"no axes in the landscape file (keys: {', '.join(record)})")
 
 
-def figures_d(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
-    """1-D slices, 2-D contours (SGD and SAM side by side) and the interpolation."""
+def figures_d(
+    study_dir: Path, out: Path, *, config: Any = None, runs: list | None = None
+) -> tuple[list[Path], dict[str, Any]]:
+    """1-D slices, 2-D contours (SGD and SAM side by side) and the interpolation.
+    ``config``/``runs``: the study's, when the caller has read them already."""
     from ..plotting.study import plot_contours, plot_curves_1d
     from ..plotting.style import optimizer_label
     from .report import measurement_caption
     from .runner import load_study_config_from_dir
     from .sweep import expand_sweep
 
-    config = load_study_config_from_dir(study_dir)
-    runs = expand_sweep(config)
+    config = load_study_config_from_dir(study_dir) if config is None else config
+    runs = expand_sweep(config) if runs is None else runs
     one_d, two_d = {}, {}
     directions = ""  # how the random directions were made, for the captions
     for run in runs:
