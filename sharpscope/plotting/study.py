@@ -163,8 +163,7 @@ def plot_measure_vs_gap(
     else:
         fig = ax.figure
     points = _finite_rows(rows, measure, gap)
-    ordered = sorted(points, key=lambda r: _order_key(_style_value(r, style)))
-    styles = list(dict.fromkeys(_style_value(r, style) for r in ordered)) if style else []
+    styles = sorted({_style_value(r, style) for r in points}, key=_order_key) if style else []
     for index, label in enumerate(_labels_in_order(points, hue)):
         group = [r for r in points if r.get(hue) == label]
         color = _color(label, index)
