@@ -981,16 +981,37 @@ def landscape(
     return result
 
 
+def _largest_step(result: LandscapeResult) -> float:
+    """max |c_k · d_k[i]| over the grid's coordinates c and the directions' entries, in float64."""
+    axes = [result.x] if result.y is None else [result.x, result.y]
+    return max(
+        float(axis.double().abs().max()) * float(direction.double().abs().max())
+        for axis, direction in zip(axes, result.directions, strict=False)
+    )
+
+
 def _warn_non_finite(result: LandscapeResult) -> None:
-    """Say how many computed points have a non-finite loss, and the usual cause."""
+    """Say how many computed points have a non-finite loss, and the usual cause: weights that
+    overflow the dtype at the grid's ends (too large a span: a step beyond the square root of
+    the largest number, whose product with a like weight overflows), or interpolated BatchNorm
+    variances that turn negative."""
     diverged = int((result.computed.bool() & ~torch.isfinite(result.loss)).sum())
     if diverged:
-        cause = (
-            " (BatchNorm running variances moved with the weights turn negative beyond the "
-            "end points: states=False / --no-states, or a smaller span)"
-            if result.states
-            else ""
-        )
+        step = _largest_step(result)
+        largest = torch.finfo(result.directions.dtype).max
+        if step > math.sqrt(largest):  # the product of two such weights overflows
+            cause = (
+                f" (a weight moves by up to {step:.3g} at the grid's ends, and "
+                f"{str(result.directions.dtype).removeprefix('torch.')} overflows at "
+                f"{largest:.3g}: use a smaller span)"
+            )
+        elif result.states:
+            cause = (
+                " (BatchNorm running variances moved with the weights turn negative beyond the "
+                "end points: states=False / --no-states, or a smaller span)"
+            )
+        else:
+            cause = ""
         warnings.warn(
             f"{diverged} point(s) gave a non-finite loss{cause}", RuntimeWarning, stacklevel=3
         )

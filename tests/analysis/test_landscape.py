@@ -244,6 +244,26 @@ def test_interpolated_batchnorm_variances_below_zero_give_nan_points_and_a_warni
     assert torch.isfinite(weights_only.loss).all()
 
 
+@pytest.mark.parametrize("span", [1e30, 1e300])
+def test_overflowing_span_names_the_span_in_its_warning(span):
+    """Weights moved by 1e29 overflow float32 in the forward pass (1e300 in the weights
+    themselves): the warning says so, and a sane span warns about nothing."""
+    net = mlp().float()
+    x, y = class_data()
+    x = x.float()
+    with pytest.warns(
+        RuntimeWarning,
+        match=r"8 point\(s\) gave a non-finite loss \(a weight "
+        r"moves by up to .*e\+\d+ at the grid's ends, and float32 overflows at "
+        r"3.4e\+38: use a smaller span\)",
+    ):
+        r = landscape(net, (x, y), 2, grid=3, span=span, seed=0)
+    assert torch.isfinite(r.loss[1, 1]) and not torch.isfinite(r.loss).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.isfinite(landscape(net, (x, y), 2, grid=3, span=1.0, seed=0).loss).all()
+
+
 def test_interpolation_2d_states_follow_alpha():
     """2-D interpolation with states: at (α, β) = (1, 0) the model is B with B's BatchNorm
     statistics (the buffers move with α, not β)."""
