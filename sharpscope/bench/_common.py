@@ -78,9 +78,20 @@ def torch_threads(count: int) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
+#: Whether a row meets its target, and the target: a ratio to stay under or a speedup to reach.
+TARGET_KEYS = ("meets_target", "target_ratio", "target_speedup")
+
+
 @dataclass
 class BenchRow:
-    """One benchmark comparison: ``variant`` against ``reference`` on ``case``."""
+    """One benchmark comparison: ``variant`` against ``reference`` on ``case``.
+
+    ``extra`` always holds the target keys (:data:`TARGET_KEYS`), None in a row without a
+    target, so that a script can read ``row["extra"]["meets_target"]`` from every row.
+
+    >>> BenchRow("case", "ours", 1.0, "theirs", 2.0, 0.5).extra
+    {'meets_target': None, 'target_ratio': None, 'target_speedup': None}
+    """
 
     case: str
     variant: str
@@ -91,6 +102,9 @@ class BenchRow:
     accuracy_measure: str = ""
     accuracy: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.extra = {**dict.fromkeys(TARGET_KEYS), **self.extra}
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON dict of the row."""

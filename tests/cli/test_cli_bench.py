@@ -22,6 +22,11 @@ def bench(name: str, tmp_path) -> list[dict]:
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())
     assert rows and all(r["seconds"] > 0 and r["reference_seconds"] > 0 for r in rows)
+    # README: every row has the target keys, null where the row has no target
+    assert all(
+        {"meets_target", "target_ratio", "target_speedup"} <= r["extra"].keys() for r in rows
+    )
+    assert any(r["extra"]["meets_target"] is not None for r in rows)
     return rows
 
 
