@@ -163,6 +163,8 @@ def _raw_from_factory(path: str) -> RawData:
                     "the data changed between two reads (shuffling or random augmentation); "
                     "return fixed tensors, or a Dataset without random transforms"
                 )
+        if len(inputs) == 0:  # before the class count, which reads the largest label
+            raise SharpscopeError("the data set is empty")
     except SharpscopeError as exc:
         raise SharpscopeError(f"data factory '{path}': {exc}") from exc
     targets = targets.long() if not targets.is_floating_point() else targets

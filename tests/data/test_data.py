@@ -522,6 +522,16 @@ def test_a_failing_data_factory_is_one_line_like_a_model_factory(tmp_path):
         load_data(f"{file}:dicts")
 
 
+@pytest.mark.parametrize("targets", ["torch.zeros(0, dtype=torch.long)", "torch.zeros(0)"])
+def test_a_data_factory_of_empty_tensors_is_one_line(tmp_path, targets):
+    """Integer labels had their class count read (max of nothing) before the check."""
+    (tmp_path / "empty.py").write_text(
+        f"import torch\ndef empty():\n    return torch.zeros(0, 40), {targets}\n"
+    )
+    with pytest.raises(SharpscopeError, match=r"^data factory '.*:empty': the data set is empty$"):
+        load_data(f"{tmp_path / 'empty.py'}:empty")
+
+
 def test_a_cache_folder_that_takes_no_new_file_only_costs_a_regeneration(tmp_path, monkeypatch):
     """A shared read-only cache (a cluster's project folder): the data are generated and
     used, nothing is written, no error. (The refusal is injected: tests may run as root.)"""
