@@ -86,6 +86,10 @@ BIAS_MODES = ("ignore", "keep", "normalize")
 FILTER_EPS = 1e-10  # Li et al.'s guard in d·‖θ‖/(‖d‖ + ε)
 
 
+#: Fewest grid points per axis: a slice needs its centre and a point on each side.
+MIN_GRID = 3
+
+
 @dataclass(frozen=True)
 class LandscapeResult(Result):
     """A 1-D or 2-D loss-landscape slice.
@@ -684,8 +688,8 @@ def landscape(
     start = time.perf_counter()
     check(dims in (1, 2), f"dims must be 1 or 2, got {dims}")
     check(
-        isinstance(grid, int) and grid >= 3,
-        f"grid must be at least 3 points per axis, got {grid}",
+        isinstance(grid, int) and not isinstance(grid, bool) and grid >= MIN_GRID,
+        f"grid must be an integer of at least {MIN_GRID} points per axis, got {grid!r}",
     )
     check(span > 0, f"span must be > 0, got {span}")
     check(norm in NORMS, f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")

@@ -231,15 +231,15 @@ def register(app: typer.Typer) -> None:
         no_progress: NoProgressOpt = False,
     ) -> None:
         """Loss and accuracy on 1-D or 2-D slices around a checkpoint."""
-        from ..analysis.landscape import BIAS_MODES, NORMS, landscape
+        from ..analysis.landscape import BIAS_MODES, MIN_GRID, NORMS, landscape
         from ..distributed import init_from_env
 
         check_choice("--norm", norm, NORMS)
         check_choice("--bias", bias, BIAS_MODES)
         if dims not in (1, 2):
             raise SharpscopeError(f"--dims must be 1 or 2, got {dims}")
-        if grid < 3:
-            raise SharpscopeError(f"--grid must be at least 3 points per axis, got {grid}")
+        if grid < MIN_GRID:
+            raise SharpscopeError(f"--grid must be at least {MIN_GRID} points per axis, got {grid}")
         # Every number and the output folder are checked before the checkpoint is loaded.
         check_number("--span", span, minimum=0, inclusive=False)
         check_number("--save-every", save_every, minimum=0, hint=" (seconds; 0: after every block)")

@@ -618,7 +618,14 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
                 raise _fail(f"analysis.landscape.dims must be 1 or 2, got {d!r}")
         options["dims"] = dims
         if "grid" in options:
-            _positive_int("analysis.landscape.grid", options["grid"])
+            from ..analysis.landscape import MIN_GRID
+
+            grid = _positive_int("analysis.landscape.grid", options["grid"])
+            if grid < MIN_GRID:
+                raise _fail(
+                    f"analysis.landscape.grid must be at least {MIN_GRID} points per axis, "
+                    f"got {grid}"
+                )
         directions = options.get("directions", "random")
         if directions not in ("random", "eigen"):
             raise _fail(

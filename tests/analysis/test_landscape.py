@@ -719,6 +719,9 @@ def test_loop_leaves_the_model_and_a_pending_graph_untouched_even_when_interrupt
     ("kwargs", "message"),
     [
         ({"grid": 2}, "at least 3 points"),
+        # a string or a bool is the wrong type, not too few points
+        ({"grid": "5"}, r"grid must be an integer of at least 3 points per axis, got '5'"),
+        ({"grid": True}, r"got True"),
         ({"dims": 3}, "dims must be 1 or 2"),
         ({"span": 0.0}, "span must be > 0"),
         ({"norm": "unit"}, "unknown norm"),

@@ -214,6 +214,8 @@ def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, mes
         ({"keskar": {"iterations": -3}}, "analysis.keskar.iterations must be a positive"),
         ({"keskar": {"epsilon": [0.0]}}, "analysis.keskar.epsilon must be a number > 0"),
         ({"landscape": {"span": "x"}}, "analysis.landscape.span must be a number"),
+        # a slice needs 3 points per axis: refused before any training, not after each run
+        ({"landscape": {"grid": 2}}, "analysis.landscape.grid must be at least 3 points per axis"),
         ({"landscape": {"norm": "unit"}}, "unknown analysis.landscape.norm 'unit'; choose one"),
     ],
 )
