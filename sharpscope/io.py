@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .errors import SharpscopeError, first_line
-from .registry import build_model, normalize_spec
+from .registry import build_model, check_trusted_factory, normalize_spec
 from .results import atomic_write
 
 FORMAT = "sharpscope-checkpoint"
@@ -270,6 +270,7 @@ def load_checkpoint(
     model_spec: str | Mapping[str, Any] | None = None,
     data_spec: str | Mapping[str, Any] | None = None,
     map_location: str | torch.device = "cpu",
+    trust_factories: bool = False,
 ) -> Checkpoint:
     """Load a sharpscope checkpoint or a bare state_dict into a model (in eval mode).
 
@@ -279,9 +280,14 @@ def load_checkpoint(
         data_spec: for a bare state_dict of a registry model, to infer input shape
             and class count.
         map_location: where tensors are loaded.
+        trust_factories: build the model from a ``module:function`` factory that the
+            checkpoint names. Off by default: importing and calling it runs code, which a
+            checkpoint from someone else should not do on loading (pass ``model_spec``
+            to name the factory yourself instead).
 
     Raises:
-        SharpscopeError: unreadable or unsafe file, missing spec, wrong architecture.
+        SharpscopeError: unreadable or unsafe file, missing spec, wrong architecture, a
+            model factory named by the checkpoint without ``trust_factories``.
     """
     path = Path(path)
     raw = safe_load(path, map_location)
@@ -295,6 +301,8 @@ def load_checkpoint(
                 "model the weights belong to with --model (model_spec= in Python): a "
                 "registry name or module:function"
             )
+        if model_spec is None:
+            check_trusted_factory(raw["model"], "model", path, trust_factories)
         spec = normalize_spec(model_spec if model_spec is not None else raw["model"], "model")
         data = raw.get("data")
         data = normalize_spec(data_spec, "data set") if data_spec is not None else data

@@ -251,6 +251,41 @@ def normalize_spec(spec: str | Mapping[str, Any] | None, kind: str) -> dict[str,
     raise SharpscopeError(f"cannot read {kind} spec {spec!r}")
 
 
+def factory_of(spec: Any) -> str | None:
+    """The ``module:function`` / ``file.py:function`` a model, data or loss spec names, if any.
+
+    >>> factory_of("cnn1d"), factory_of("my.py:net"), factory_of({"factory": "m:f", "width": 2})
+    (None, 'my.py:net', 'm:f')
+    """
+    if isinstance(spec, str):
+        return spec if is_factory_path(spec) else None
+    if isinstance(spec, Mapping):
+        for key in ("factory", "name"):
+            if isinstance(spec.get(key), str) and is_factory_path(spec[key]):
+                return spec[key]
+    return None
+
+
+def check_trusted_factory(spec: Any, kind: str, source: Any, trusted: bool) -> None:
+    """Refuse to import a factory that a file (a checkpoint) names, unless ``trusted``.
+
+    A checkpoint is read with ``weights_only=True``, so reading it runs no code; but a
+    spec naming ``module:function`` would import and call it (``os:system`` or a file's
+    top-level code), so a file from someone else could still run code. The factories a
+    user names themselves (flags, configs) are theirs to run.
+
+    Raises:
+        SharpscopeError: ``spec`` names a factory and ``trusted`` is False.
+    """
+    factory = factory_of(spec)
+    if factory is not None and not trusted:
+        raise SharpscopeError(
+            f"{source} names the {kind} factory '{factory}', code that would run: pass "
+            f"--trust-factories if you trust the file (trust_factories=True in Python), "
+            f"or name the {kind} yourself with {FLAGS[kind]}"
+        )
+
+
 def unknown_name(kind: str, name: str, choices: list[str]) -> SharpscopeError:
     """The error for an unknown registry name, listing the valid ones."""
     return SharpscopeError(

@@ -199,6 +199,42 @@ def test_pickle_that_would_run_code_is_refused_and_code_does_not_run(tmp_path):
     assert not marker.exists()
 
 
+def test_a_model_factory_named_in_a_checkpoint_runs_only_when_trusted(tmp_path, mlp_checkpoint):
+    """weights_only=True reads no code, but a spec naming module:function would import and
+    call it on loading: someone else's checkpoint ran code. Now it must be trusted, or the
+    model named by the caller."""
+    path, model, spec = mlp_checkpoint
+    marker = tmp_path / "ran"
+    source = tmp_path / "theirs.py"
+    source.write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "from sharpscope.registry import build_model\n"
+        f"def net():\n    return build_model({spec!r}, (40,), 10)\n"
+    )
+    payload = torch.load(path, weights_only=True)
+    payload["model"] = {"factory": f"{source}:net"}
+    theirs = save_checkpoint(tmp_path / "theirs.pt", payload)
+    with pytest.raises(SharpscopeError) as info:
+        load_checkpoint(theirs)
+    assert str(info.value) == (
+        f"{theirs} names the model factory '{source}:net', code that would run: pass "
+        "--trust-factories if you trust the file (trust_factories=True in Python), or name "
+        "the model yourself with --model"
+    )
+    assert not marker.exists()
+    # a registry name in the 'name' key is no factory; a factory path there is one
+    payload["model"] = {"name": "os:getcwd"}
+    with pytest.raises(SharpscopeError, match="names the model factory 'os:getcwd'"):
+        load_checkpoint(save_checkpoint(tmp_path / "named.pt", payload))
+    # the caller's own spec, or trust, builds it
+    own = load_checkpoint(theirs, model_spec=spec)
+    assert all(torch.equal(a, b) for a, b in zip(own.model.parameters(), model.parameters()))
+    assert not marker.exists()
+    trusted = load_checkpoint(theirs, trust_factories=True)
+    assert marker.exists()
+    assert all(torch.equal(a, b) for a, b in zip(trusted.model.parameters(), model.parameters()))
+
+
 def test_truncated_file_gives_one_line(tmp_path, mlp_checkpoint):
     path, _, _ = mlp_checkpoint
     data = path.read_bytes()

@@ -619,7 +619,7 @@ def test_relative_factory_paths_are_recorded_absolute(tmp_path, monkeypatch):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
+    ckpt = load_checkpoint(tmp_path / "run" / "last.pt", trust_factories=True)  # our own run
     assert ckpt.spec == raw["model"] and isinstance(ckpt.model, torch.nn.Sequential)
     # a module-form factory is recorded as given
     assert TrainConfig.from_dict({"model": "pkg.mod:net"}).model == {"factory": "pkg.mod:net"}
@@ -652,7 +652,7 @@ def test_a_checkpoint_with_relative_factory_paths_resumes_and_names_the_flag(tmp
     torch.save(raw, last)
     monkeypatch.chdir(tmp_path / "run")
     with pytest.raises(SharpscopeError) as info:
-        load_checkpoint(last)
+        load_checkpoint(last, trust_factories=True)
     message = str(info.value)
     assert "model factory file not found" in message and "override it with --model" in message
     assert "relative to the folder it was trained in" in message and "\n" not in message

@@ -34,7 +34,7 @@ from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
 from ..distributed import PeerLost, launched_as_main, lost_peer, peer_lost
 from ..errors import SharpscopeError, check_loss_value
-from ..registry import LossFn, get_loss, is_factory_path
+from ..registry import LossFn, check_trusted_factory, get_loss, is_factory_path
 from ..results import RunMeta
 
 console = Console(stderr=True, soft_wrap=True)
@@ -354,11 +354,14 @@ def load_analysis_inputs(
     model_options: dict[str, Any] | None = None,
     data_options: dict[str, Any] | None = None,
     dtype: str = "float32",
+    trust_factories: bool = False,
 ) -> AnalysisInputs:
     """Load a checkpoint (or bare state_dict), its data and loss for an analysis.
 
-    The model and data default to the checkpoint's specs; ``--model`` and ``--data``
-    replace them (and are required for a bare state_dict). Options without a name
+    The model, data and loss default to the checkpoint's specs; ``--model``, ``--data``
+    and ``--loss`` replace them (the first two are required for a bare state_dict). A
+    ``module:function`` factory that the checkpoint names is imported only with
+    ``trust_factories`` (``--trust-factories``). Options without a name
     (``--model-opt``/``--data-opt`` alone) override those keys of the checkpoint's
     specs. The model is then run once on a few examples (:func:`check_model_on_first_batch`),
     so that data the model does not take fail here, in one line.
@@ -368,7 +371,9 @@ def load_analysis_inputs(
 
     model_spec = spec_from_flag(model, model_options)
     data_spec = spec_from_flag(data, data_options)
-    checkpoint = load_checkpoint(ckpt, model_spec=model_spec, data_spec=data_spec)
+    checkpoint = load_checkpoint(
+        ckpt, model_spec=model_spec, data_spec=data_spec, trust_factories=trust_factories
+    )
     if model_spec is None and model_options:
         # A bare state_dict was refused above (it needs --model), so this is a checkpoint
         # with its own spec: rebuild it with the options (wrong keys or weights that no
@@ -379,6 +384,10 @@ def load_analysis_inputs(
     spec = data_spec or checkpoint.data_spec
     if spec is None:
         raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
+    if data_spec is None:
+        check_trusted_factory(spec, "data set", ckpt, trust_factories)
+    if loss is None:
+        check_trusted_factory(checkpoint.raw.get("loss"), "loss", ckpt, trust_factories)
     if data_spec is None and data_options:
         spec = {**spec, **data_options}
     if split == "test" and isinstance(spec, Mapping) and "factory" in spec:
@@ -486,6 +495,15 @@ DataOptOpt = Annotated[
         "of the checkpoint's data spec.",
     ),
 ]
+TrustFactoriesOpt = Annotated[
+    bool,
+    typer.Option(
+        "--trust-factories",
+        help="Import and call the module:function factories that the checkpoint names "
+        "(its model, data or loss): code from the file's author. Off: such a checkpoint is "
+        "refused unless --model/--data/--loss name them.",
+    ),
+]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
 SeedOpt = Annotated[
@@ -517,6 +535,7 @@ def load_inputs_from_flags(
     model_opt: list[str] | None,
     data_opt: list[str] | None,
     dtype: str,
+    trust_factories: bool = False,
 ) -> AnalysisInputs:
     """:func:`load_analysis_inputs` from the raw flag values (``KEY=VALUE`` lists parsed)."""
     return load_analysis_inputs(
@@ -533,6 +552,7 @@ def load_inputs_from_flags(
         model_options=parse_options(model_opt, "--model-opt"),
         data_options=parse_options(data_opt, "--data-opt"),
         dtype=dtype,
+        trust_factories=trust_factories,
     )
 
 

@@ -33,6 +33,7 @@ from ._common import (
     SamplesOpt,
     SeedOpt,
     SplitOpt,
+    TrustFactoriesOpt,
     check_counts,
     check_number,
     check_output_file,
@@ -53,9 +54,15 @@ RESULT_FILE = "landscape.npz"
 
 
 def resolve_directions(
-    directions: str, ckpt: Path, inputs: Any, model_spec: dict | None, data_spec: dict | None
+    directions: str,
+    ckpt: Path,
+    inputs: Any,
+    model_spec: dict | None,
+    data_spec: dict | None,
+    trust_factories: bool = False,
 ) -> Any:
-    """``random``/``eigen`` as they are; a file -> its model; a folder -> its checkpoints."""
+    """``random``/``eigen`` as they are; a file -> its model; a folder -> its checkpoints
+    (a model factory one of them names is imported only with ``trust_factories``)."""
     from ..io import is_sharpscope_checkpoint, load_checkpoint, safe_load
 
     if directions in ("random", "eigen"):
@@ -66,7 +73,7 @@ def resolve_directions(
         # A sharpscope checkpoint is built from its own spec, so that a different
         # architecture is reported as such; a bare state_dict takes the main model's spec.
         if model_spec is None and is_sharpscope_checkpoint(safe_load(file)):
-            return load_checkpoint(file, data_spec=data_spec)
+            return load_checkpoint(file, data_spec=data_spec, trust_factories=trust_factories)
         return load_checkpoint(
             file,
             model_spec=model_spec or inputs.checkpoint.spec,
@@ -204,6 +211,7 @@ def register(app: typer.Typer) -> None:
         data_opt: DataOptOpt = None,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "float32",
+        trust_factories: TrustFactoriesOpt = False,
         seed: SeedOpt = 0,
         chunk_size: Optional[int] = typer.Option(
             None, "--chunk-size", help="Grid points per vectorized call [default: automatic]."
@@ -276,6 +284,7 @@ def register(app: typer.Typer) -> None:
             model_opt=model_opt,
             data_opt=data_opt,
             dtype=dtype,
+            trust_factories=trust_factories,
         )
         chosen = resolve_directions(
             directions,
@@ -283,6 +292,7 @@ def register(app: typer.Typer) -> None:
             inputs,
             spec_from_flag(model, model_options),
             spec_from_flag(data, data_options),
+            trust_factories,
         )
         loss_spec = inputs.loss_spec
         path = out / RESULT_FILE

@@ -29,6 +29,7 @@ from ._common import (
     SamplesOpt,
     SeedOpt,
     SplitOpt,
+    TrustFactoriesOpt,
     check_counts,
     check_number,
     check_output_file,
@@ -108,6 +109,7 @@ def register(app: typer.Typer) -> None:
         data_opt: DataOptOpt = None,
         device: DeviceOpt = "auto",
         dtype: DtypeOpt = "float32",
+        trust_factories: TrustFactoriesOpt = False,
         seed: SeedOpt = 0,
         chunk_size: Optional[int] = typer.Option(
             None, "--chunk-size", help="Subsets per vectorized call [default: automatic]."
@@ -157,6 +159,7 @@ def register(app: typer.Typer) -> None:
             model_opt=model_opt,
             data_opt=data_opt,
             dtype=dtype,
+            trust_factories=trust_factories,
         )
         loss_spec = inputs.loss_spec
         if dist.is_main:

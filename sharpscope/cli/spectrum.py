@@ -30,6 +30,7 @@ from ._common import (
     SamplesOpt,
     SeedOpt,
     SplitOpt,
+    TrustFactoriesOpt,
     check_counts,
     check_number,
     check_output_file,
@@ -243,6 +244,7 @@ def register(app: typer.Typer) -> None:
             "null with SA or LM.",
         ),
         dtype: DtypeOpt = "float32",
+        trust_factories: TrustFactoriesOpt = False,
         eigenvectors: Optional[Path] = typer.Option(
             None, "--eigenvectors", help="Save the top-k eigenvectors to OUT.npz."
         ),
@@ -392,6 +394,7 @@ def register(app: typer.Typer) -> None:
             model_opt=model_opt,
             data_opt=data_opt,
             dtype=dtype,
+            trust_factories=trust_factories,
         )
         num_params = inputs.meta.num_params
         if num_params is not None and deflate >= num_params:

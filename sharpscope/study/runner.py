@@ -473,7 +473,8 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
     common = {"seed": config.analysis.seed, "batch_size": config.analysis.batch_size}
     total = int(run.params["epochs"])
     for epoch in sorted({e for e, _ in pending}):
-        checkpoint = load_checkpoint(_checkpoint_for(run_dir, epoch, total))
+        # the study's own run: its factories are the ones the study's config names
+        checkpoint = load_checkpoint(_checkpoint_for(run_dir, epoch, total), trust_factories=True)
         model = checkpoint.model.to(device).eval()
         provenance = _provenance(checkpoint, data_spec)
         for _, measure in [p for p in pending if p[0] == epoch]:
@@ -664,8 +665,12 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
                 continue
             device = _device(run_a, config)
             split, data_spec = _analysis_split(run_a, config)
-            start = load_checkpoint(_run_dir(study_dir, run_a.run_id) / "last.pt")
-            end = load_checkpoint(_run_dir(study_dir, run_b.run_id) / "last.pt")
+            start = load_checkpoint(
+                _run_dir(study_dir, run_a.run_id) / "last.pt", trust_factories=True
+            )
+            end = load_checkpoint(
+                _run_dir(study_dir, run_b.run_id) / "last.pt", trust_factories=True
+            )
             meta = RunMeta(  # the line starts at the first checkpoint; the second in extra
                 **_provenance(start, data_spec),
                 extra={"second_checkpoint": str(end.path), "second_sha256": end.sha256},

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 
 import pytest
 import torch
@@ -137,6 +138,49 @@ def test_bare_state_dict_with_the_users_own_model_data_and_loss(tmp_path):
     assert data["lambda_5"] is None and len(data["eigenvalues"]) == 3
     assert data["meta"]["num_params"] == 6 * 5 + 5 + 5 * 3 + 3
     assert data["meta"]["extra"]["loss"].endswith("mine.py:loss")
+
+
+def test_factories_a_checkpoint_names_run_only_with_trust_factories(tmp_path):
+    """A checkpoint from someone else whose specs name module:function ran that code on
+    `sharpscope spectrum ckpt.pt`. Each of its model, data and loss factories is now
+    refused in one line (nothing imported) unless the user names it or trusts the file."""
+    marker = tmp_path / "imported"
+    code = _users_code_and_weights(
+        tmp_path, "theirs.py", f"open({str(marker)!r}, 'w').close()\n" + USER_CODE
+    )
+    marker.unlink()  # written by the helper's own exec
+    payload = {
+        "format": "sharpscope-checkpoint",
+        "version": 1,
+        "model": {"factory": f"{code}:model"},
+        "data": {"factory": f"{code}:data"},
+        "loss": f"{code}:loss",
+        "state_dict": torch.load(tmp_path / "weights.pt", weights_only=True),
+    }
+    ckpt = save_checkpoint(tmp_path / "theirs.pt", payload)
+    base = ["spectrum", str(ckpt), "--skip", "trace,density", "--k", "2", "--device", "cpu"]
+    named = ["--model", f"{code}:model", "--data", f"{code}:data"]
+    for extra, kind, flag in (
+        ([], "model", "--model"),
+        (named[:2], "data set", "--data"),
+        (named, "loss", "--loss"),
+    ):
+        result = runner.invoke(app, [*base, *extra])
+        assert result.exit_code == 2 and "Traceback" not in result.output
+        (line,) = result.output.strip().splitlines()[-1:]
+        assert line.startswith(f"error: {ckpt} names the {kind} factory '{code}:"), line
+        assert line.endswith(f"or name the {kind} yourself with {flag}"), line
+        # nothing imported before the first refusal (later, the --model the user named is)
+        assert marker.exists() == bool(extra)
+    result = runner.invoke(app, [*base, *named, "--loss", f"{code}:loss"])
+    assert result.exit_code == 0, result.output
+    marker.unlink()
+    # a fresh process (the file's module was imported above under the user's --model)
+    for key in [k for k, m in sys.modules.items() if getattr(m, "__file__", "") == str(code)]:
+        del sys.modules[key]
+    result = runner.invoke(app, [*base, "--trust-factories"])
+    assert result.exit_code == 0, result.output
+    assert marker.exists()
 
 
 def test_test_split_of_a_data_factory_is_refused_not_recorded_as_test(tmp_path):
