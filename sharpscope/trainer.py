@@ -24,7 +24,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,12 +42,14 @@ from .distributed import (
     check_device_name,
     gather_to_main,
     init_from_env,
+    launched_as_main,
     peers_checked,
     reduce_each_gradient,
 )
 from .errors import SharpscopeError, check_seed
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
+from .locking import exclusive_lock
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
 
@@ -506,8 +508,38 @@ def train(
             loss becomes non-finite (the last good checkpoint is kept).
     """
     config.validate()
-    with deterministic_algorithms(config.deterministic):
+    with deterministic_algorithms(config.deterministic), _out_locked(config.out):
         return _train(config, resume, before_training)
+
+
+@contextlib.contextmanager
+def _out_locked(out: str | Path | None) -> Iterator[None]:
+    """Hold a lock on the ``out`` folder for the whole run (on the main process), so that a
+    second ``train`` into the same folder is refused instead of mixing two runs' files
+    there; a folder made here for a run that stopped before writing anything is removed."""
+    group = torch.distributed.is_available() and torch.distributed.is_initialized()
+    main = torch.distributed.get_rank() == 0 if group else launched_as_main()
+    if out is None or not main:
+        yield
+        return
+    out = Path(out)
+    made = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SharpscopeError(
+            f"cannot create the output folder {out}: {exc.strerror or exc}"
+        ) from exc
+    try:
+        busy = (
+            f"another `sharpscope train` is writing into {out}; wait for it to finish or "
+            "train into another --out"
+        )
+        with exclusive_lock(out, busy):
+            yield
+    finally:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
 
 
 def _train(

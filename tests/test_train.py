@@ -44,6 +44,31 @@ def _config(tmp_path, **changes):
     return TrainConfig.from_dict(values)
 
 
+def test_a_second_train_into_a_folder_in_use_is_refused_and_the_lock_ends_with_the_run(tmp_path):
+    """Two `train` into one --out both ran: the second overwrote last.pt and mixed its rows
+    into the first's metrics.jsonl. The run holds a lock on the folder now."""
+    from sharpscope.locking import exclusive_lock, is_locked
+
+    out = tmp_path / "run"
+    out.mkdir()
+    with exclusive_lock(out, "held by the first run"):  # a `train` working in the folder
+        assert is_locked(out)
+        with pytest.raises(SharpscopeError) as info:
+            train(_config(out, epochs=1))
+        assert str(info.value) == (
+            f"another `sharpscope train` is writing into {out}; wait for it to finish or "
+            "train into another --out"
+        )
+    assert list(out.iterdir()) == [] and not is_locked(out)
+    train(_config(out, epochs=1))  # free again, and freed after the run
+    assert (out / "last.pt").exists() and not is_locked(out)
+    # a folder made for a run that stops on bad input is not left behind, empty
+    fresh = tmp_path / "new" / "run"
+    with pytest.raises(SharpscopeError):
+        train(_config(fresh, batch_size=10**6))
+    assert not fresh.exists()
+
+
 def test_train_writes_checkpoints_and_metrics(tmp_path):
     summary = train(_config(tmp_path, save_every=1))
     assert {p.name for p in tmp_path.iterdir()} >= {

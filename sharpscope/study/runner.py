@@ -35,6 +35,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SharpscopeError
+from ..locking import exclusive_lock, is_locked
 from ..registry import absolute_spec
 from ..results import (
     RunMeta,
@@ -953,47 +954,23 @@ def _run_locked(config, folder, runs, workers, executor, executor_options, log, 
 
 def study_running(folder: Path) -> bool:
     """Whether a ``study run`` holds ``DIR/study.lock`` now (False where locks do not exist)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX
-        return False
-    path = Path(folder) / LOCK_NAME
-    if not path.exists():
-        return False
-    with path.open("a+") as handle:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError:
-            return True
-        fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-        return False
+    return is_locked(Path(folder) / LOCK_NAME)
 
 
 @contextlib.contextmanager
 def study_lock(folder: Path) -> Iterator[None]:
-    """Hold ``DIR/study.lock`` so two ``study run`` never work on one folder at once.
+    """Hold ``DIR/study.lock`` so two ``study run`` never work on one folder at once; the
+    file holds the PID of the process that has it.
 
     Raises:
         SharpscopeError: another process holds the lock.
     """
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: no locking
+    busy = (
+        f"another `sharpscope study run` is working in {folder}; wait for it to finish "
+        "or use another --out"
+    )
+    with exclusive_lock(folder / LOCK_NAME, busy) as fd:
+        if fd >= 0:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
-        return
-    handle = (folder / LOCK_NAME).open("a+")
-    try:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise SharpscopeError(
-                f"another `sharpscope study run` is working in {folder}; wait for it to finish "
-                "or use another --out"
-            ) from exc
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"{os.getpid()}\n")
-        handle.flush()
-        yield
-    finally:
-        handle.close()

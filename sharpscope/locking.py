@@ -1,0 +1,67 @@
+"""Advisory locks on output folders, so that two commands never write into one at once.
+
+``flock`` locks belong to an open file: the kernel frees them when the holder exits, even
+when it is killed, so a stale lock never blocks a rerun. Where ``fcntl`` does not exist
+(not POSIX) nothing is locked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import SharpscopeError
+
+
+def _open(path: Path) -> int:
+    """A descriptor to lock: a folder itself, or a lock file (created if missing)."""
+    if path.is_dir():
+        return os.open(path, os.O_RDONLY)
+    return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: str | Path, busy: str) -> Iterator[int]:
+    """Hold an exclusive lock on ``path`` (a folder, or a lock file) while the block runs.
+
+    Yields the locked descriptor (a lock file's holder may write its PID there).
+
+    Raises:
+        SharpscopeError: ``busy``, when another process holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX: no locking
+        yield -1
+        return
+    fd = _open(Path(path))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise SharpscopeError(busy) from exc
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def is_locked(path: str | Path) -> bool:
+    """Whether another process holds :func:`exclusive_lock` on ``path`` now (False when
+    ``path`` does not exist, or where locks do not exist)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        return False
+    path = Path(path)
+    if not path.exists():
+        return False
+    fd = _open(path)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # closing frees a shared lock taken here
+    return False
