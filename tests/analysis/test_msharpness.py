@@ -158,6 +158,34 @@ def test_adaptive_exact_projection_lies_between_one_step_and_the_maximum():
         assert first - 1e-12 <= found <= best * (1 + 1e-9)
 
 
+def test_exact_projection_that_loses_to_the_one_step_point_says_so():
+    """On networks, Auto-PGD with the exact projection found nothing above SAM's ε̂ (a
+    candidate beside it) in every subset: 20 steps cost 20x and reported the one-step
+    value without a word. The warning counts those subsets; where the ascent wins (the
+    quadratic of the test above) nothing is said."""
+    import warnings
+
+    from sharpscope.bench.msharpness import bench_data, bench_model
+
+    model, (x, y) = bench_model(F64), bench_data(64, F64)  # cnn1d + BatchNorm, MNIST-1D
+    kw = {"m": 16, "rho": 0.5, "adaptive": True}
+    one = m_sharpness(model, (x, y), steps=1, **kw)
+    with pytest.warns(RuntimeWarning, match="exact ellipsoid projection") as caught:
+        many = m_sharpness(model, (x, y), steps=3, **kw)
+    same = int((many.per_subset == one.per_subset).sum())
+    assert same >= 2  # the ascent lost in at least half of the 4 subsets
+    (message,) = [str(w.message) for w in caught if "ellipsoid" in str(w.message)]
+    assert f"in {same} of 4 subsets" in message and "--projection rescale" in message
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m_sharpness(model, (x, y), steps=3, projection="rescale", **kw)  # no ε̂ candidate
+        # where the ascent beats the one-step point in most subsets
+        model, (x, y) = relu_mlp(), classification_data(n=32)
+        one = m_sharpness(model, (x, y), steps=1, m=8, rho=0.5, adaptive=True)
+        many = m_sharpness(model, (x, y), steps=5, m=8, rho=0.5, adaptive=True)
+        assert 2 * int((many.per_subset == one.per_subset).sum()) < 4
+
+
 def test_adaptive_exact_projection_stalls_at_a_minimum_as_documented():
     """The docstring said 96-99.7% of the ellipsoid maximum; at the least-squares point of
     this quadratic "exact" stops at 91% for 20 and 100 steps alike (a fixed point; 91-98%
