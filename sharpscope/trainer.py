@@ -480,6 +480,26 @@ def _cycling_batches(split: DataSplit, batch_size: int, seed: int):
         epoch += 1
 
 
+def _check_no_earlier_run(out: Path) -> None:
+    """Refuse to start a new run in a folder that holds an earlier one's checkpoints
+    (``last.pt`` or ``epoch_NNN.pt``): they would be overwritten, or left beside the new
+    run's (a PCA of the folder would then mix two runs). A run stopped before its first
+    checkpoint left only config.json and metrics.jsonl: the same command starts it again."""
+    if (out / "last.pt").exists():
+        raise SharpscopeError(
+            f"{out} already holds a training run (last.pt); continue it with --resume "
+            "(Python: train(..., resume=True)), or train into a new --out folder (or delete "
+            "that one)"
+        )
+    earlier = sorted(p.name for p in out.glob("epoch_*.pt"))
+    if earlier:
+        shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
+        raise SharpscopeError(
+            f"{out} holds checkpoints of an earlier run ({shown}); train into a new --out "
+            "folder, or delete them (to resume, copy the last one to last.pt and add --resume)"
+        )
+
+
 def _mend_after_a_kill(out: Path, epoch: int, save_every: int) -> None:
     """Before a resume: write ``epoch_NNN.pt`` of the checkpoint's own epoch if a kill cut
     its write short (``last.pt`` is written first and holds the same state), and remove
@@ -560,12 +580,8 @@ def _train(
             f"processes; choose a multiple of {info.world_size}, such as {near}"
         )
     out = Path(config.out) if config.out else None
-    if out is not None and not resume and (out / "last.pt").exists():  # nothing is lost
-        raise SharpscopeError(
-            f"{out} already holds a training run (last.pt); continue it with --resume "
-            "(Python: train(..., resume=True)), or train into a new --out folder (or delete "
-            "that one)"
-        )
+    if out is not None and not resume:  # nothing is lost
+        _check_no_earlier_run(out)
     torch.manual_seed(config.seed)
     train_split, test_split, val_split = _prepare_data(config, info)
     num_train = len(train_split)
@@ -625,8 +641,14 @@ def _train(
     last_path = out / "last.pt" if out else None
     if resume:
         if last_path is None or not last_path.exists():
+            snapshots = sorted(out.glob("epoch_*.pt")) if out is not None else []
+            hint = (
+                f" ({snapshots[-1].name} is there: copy it to last.pt to resume from it)"
+                if snapshots
+                else ""
+            )
             raise SharpscopeError(
-                f"--resume needs {last_path or 'OUT/last.pt'} from an earlier run; none found"
+                f"--resume needs {last_path or 'OUT/last.pt'} from an earlier run; none found{hint}"
             )
         state = load_training_state(last_path, map_location=device)
         check_resume(config, state["config"], int(state["epoch"]), last_path)

@@ -214,6 +214,21 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
     with pytest.raises(SharpscopeError, match="already holds a training run"):
         train(_config(tmp_path, epochs=1, optimizer={"name": "adam"}))
     assert (tmp_path / "last.pt").read_bytes() == before
+    # without last.pt, its epoch checkpoints still mark the folder as taken (they were
+    # overwritten, or left beside another model's), and --resume names the newest
+    (tmp_path / "last.pt").rename(tmp_path / "epoch_001.pt")
+    rows = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(SharpscopeError) as info:
+        train(_config(tmp_path, epochs=1, optimizer={"name": "adam"}))
+    assert str(info.value).startswith(
+        f"{tmp_path} holds checkpoints of an earlier run (epoch_001.pt); train into a new"
+    )
+    assert (tmp_path / "metrics.jsonl").read_bytes() == rows
+    with pytest.raises(SharpscopeError, match=r"none found \(epoch_001.pt is there: copy it"):
+        train(_config(tmp_path, epochs=2), resume=True)
+    # a run stopped before its first checkpoint is started again by the same command
+    (tmp_path / "epoch_001.pt").unlink()
+    train(_config(tmp_path, epochs=1))
 
 
 def test_metrics_have_step_rows_only_for_a_learned_rho(tmp_path):
