@@ -18,6 +18,7 @@ import math
 import os
 import signal
 import sys
+import tempfile
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -206,6 +207,16 @@ def _check_writable_place(flag: str, path: Path) -> None:
         raise SharpscopeError(
             f"{flag} {path}: no permission to write in {above}; choose another place"
         )
+    # permissions are not all: a read-only mount, /proc or a full quota refuse a new file
+    try:
+        fd, probe = tempfile.mkstemp(dir=above, prefix=".sharpscope-probe-")
+    except OSError as exc:
+        raise SharpscopeError(
+            f"{flag} {path}: cannot write in {above} ({exc.strerror or exc}); choose another "
+            "place"
+        ) from exc
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_output_file(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+from pathlib import Path
 
 import pytest
 
@@ -41,6 +42,20 @@ def test_output_checks_pass_new_paths_and_refuse_the_wrong_kind(tmp_path):
         check_output_folder("--out", tmp_path / "a-file", holds="the results")
     with pytest.raises(SharpscopeError, match="a-file is a file, not a folder"):
         check_output_folder("--out", tmp_path / "a-file" / "x" / "y", holds="the results")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+def test_a_place_where_no_file_can_be_made_is_refused_before_the_work(tmp_path):
+    """Permission bits said yes (root), yet /proc takes no new file: the result was thrown
+    away after the computation. A real probe file says so up front and leaves nothing."""
+    # (not root: the permission check refuses first)
+    refused = r"(cannot write in /proc \(|no permission to write in /proc)"
+    with pytest.raises(SharpscopeError, match=rf"^--json /proc/sharpscope-result.json: {refused}"):
+        check_output_file("--json", Path("/proc/sharpscope-result.json"))
+    with pytest.raises(SharpscopeError, match=rf"^--out /proc/run: {refused}"):
+        check_output_folder("--out", Path("/proc/run"), holds="the results")
+    check_output_file("--json", tmp_path / "s.json")
+    assert list(tmp_path.iterdir()) == []  # the probe is gone
 
 
 def test_the_out_of_memory_line_names_each_commands_own_memory_flags():
