@@ -290,7 +290,10 @@ def _pca_plan(
 ) -> _Plan:
     check(len(trajectory) >= dims, f"a PCA trajectory needs at least {dims} checkpoints")
     rows = torch.stack(
-        [_params_of(t, layout, f"trajectory checkpoint {i}")[0] for i, t in enumerate(trajectory)]
+        [
+            _params_of(t, layout, f"trajectory checkpoint {getattr(t, 'path', None) or i}")[0]
+            for i, t in enumerate(trajectory)
+        ]
     )
     # a component at the rounding level of the stored weights (about eps·‖θ_t‖ per
     # checkpoint: a float32 trajectory on a line has s₂/s₁ ~ 1e-7) is empty

@@ -212,8 +212,7 @@ def _check_writable_place(flag: str, path: Path) -> None:
         fd, probe = tempfile.mkstemp(dir=above, prefix=".sharpscope-probe-")
     except OSError as exc:
         raise SharpscopeError(
-            f"{flag} {path}: cannot write in {above} ({exc.strerror or exc}); choose another "
-            "place"
+            f"{flag} {path}: cannot write in {above} ({exc.strerror or exc}); choose another place"
         ) from exc
     os.close(fd)
     os.unlink(probe)

@@ -89,7 +89,8 @@ def resolve_directions(
             raise SharpscopeError(f"--directions folder {path} holds no .pt checkpoints")
         loaded = _distinct_weights([load(p) for p in files])
         loaded.sort(key=lambda c: (c.epoch is None, c.epoch or 0, str(c.path)))
-        console.print(f"PCA of a trajectory of {len(loaded)} checkpoints from {path}")
+        many = "checkpoint" if len(loaded) == 1 else "checkpoints"
+        console.print(f"PCA of a trajectory of {len(loaded)} {many} from {path}")
         outside = _weights_key(inputs.checkpoint.model) not in {
             _weights_key(c.model) for c in loaded
         }
@@ -98,7 +99,7 @@ def resolve_directions(
                 f"note: {ckpt} is not among the checkpoints of {path}: the trajectory is "
                 "projected around a model outside it"
             )
-        return [c.model for c in loaded]
+        return loaded  # Checkpoints: an error can name the file
     raise SharpscopeError(
         f"--directions must be random, eigen, a checkpoint file or a folder of checkpoints; "
         f"'{directions}' is none of these"

@@ -148,6 +148,19 @@ def test_landscape_refuses_checkpoints_of_another_architecture(ckpts, tmp_path):
     result = runner.invoke(app, [*args, "--directions", str(ckpts["wide"]), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "different architecture" in result.output and "Traceback" not in result.output
+    # in a trajectory folder, the error names the file ("checkpoint 0" did not)
+    import shutil
+
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for name in ("b", "wide"):
+        shutil.copy(ckpts[name], mixed / f"{name}.pt")
+    result = runner.invoke(app, [*args, "--directions", str(mixed), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 2, result.output
+    assert f"error: trajectory checkpoint {mixed / 'wide.pt'} has a different architecture" in (
+        result.output
+    )
+    assert "PCA of a trajectory of 2 checkpoints" in result.output
 
 
 def test_data_the_model_does_not_take_is_a_one_line_error(ckpts, tmp_path):
