@@ -329,6 +329,18 @@ def _read_history(path: Path, last_step: int) -> list[dict[str, Any]]:
     return [row for row in read_metrics_rows(path) if row.get("step", 0) <= last_step]
 
 
+def schedule_extends(schedule: Mapping[str, Any]) -> bool:
+    """Whether a run on this learning-rate schedule may resume with more epochs: its rate
+    at each step does not depend on the total (constant, or step decay at explicit
+    milestones; cosine decays to the total it was given).
+
+    >>> schedule_extends({"name": "constant"}), schedule_extends({"name": "cosine"})
+    (True, False)
+    """
+    name = schedule.get("name", "cosine")
+    return name == "constant" or (name == "step" and "milestones" in schedule)
+
+
 def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path: Path) -> None:
     """Refuse to resume with settings that differ from the checkpoint's.
 
@@ -351,10 +363,7 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         changed += _differences(key, old, new)
     old_epochs = saved.get("epochs")
     schedule = config.schedule
-    fixed = schedule.get("name") == "constant" or (
-        schedule.get("name") == "step" and "milestones" in schedule
-    )
-    if config.epochs != old_epochs and not fixed:  # named with the others, in one refusal
+    if config.epochs != old_epochs and not schedule_extends(schedule):  # one refusal for all
         changed.append(
             f"epochs {config.epochs} (checkpoint: {old_epochs}; its "
             f"{schedule.get('name', 'cosine')} schedule depends on the total)"

@@ -517,7 +517,7 @@ def register(app: typer.Typer) -> None:
         from ..distributed import launched_as_main
         from ..errors import SharpscopeError
         from ..io import load_training_state
-        from ..trainer import train
+        from ..trainer import schedule_extends, train
 
         if out_text is not None and not out_text.strip():  # it trained into the working folder
             raise SharpscopeError("--out must be a folder path, got an empty one")
@@ -576,10 +576,15 @@ def register(app: typer.Typer) -> None:
             return
         metrics = summary.metrics
         if summary.start_epoch >= summary.epochs:
+            more = (
+                "give a larger --epochs to train on"
+                if schedule_extends(cfg.schedule)
+                else f"its {cfg.schedule.get('name', 'cosine')} schedule ended with the run: "
+                "to train longer, start a new run with more --epochs"
+            )
             echo(
                 f"nothing to do: {summary.out / 'last.pt'} is at epoch {summary.start_epoch} "
-                f"of {summary.epochs} already (give a larger --epochs to train on, where the "
-                "schedule allows)"
+                f"of {summary.epochs} already ({more})"
             )
             return
         epochs = f"{summary.epochs} epoch{'s' if summary.epochs != 1 else ''}"

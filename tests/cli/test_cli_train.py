@@ -219,6 +219,12 @@ def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
     assert changed.exit_code == 2 and "optimizer.rho 0.5 (checkpoint: 0.1)" in changed.output
     done = runner.invoke(app, ["train", "--out", str(out), "--resume", "--no-progress"])
     assert done.exit_code == 0 and done.output.startswith("nothing to do:")
+    # the hint does not send the user to a refusal: cosine cannot grow, so it says so
+    assert "its cosine schedule ended with the run: to train longer, start a new run" in (
+        done.output
+    )
+    longer = runner.invoke(app, ["train", "--out", str(out), "--resume", "--epochs", "3"])
+    assert longer.exit_code == 2 and "schedule depends on the total" in longer.output
 
 
 def test_model_option_none_and_help_defaults(tmp_path):
