@@ -847,7 +847,16 @@ def m_sharpness(
                 progress(len(index))
     per_subset = best_loss - clean_loss
     undefined = int((~torch.isfinite(per_subset)).sum())
-    if undefined:
+    unclean = int((~torch.isfinite(clean_loss)).sum())
+    if unclean:  # then the data or the model are the cause, not ρ
+        warnings.warn(
+            f"{unclean} of {len(per_subset)} subsets have a loss that is not finite at the "
+            "model's own weights (ε = 0): check the data and the model for NaN or inf; "
+            "their sharpness is NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    elif undefined:
         warnings.warn(
             f"{undefined} of {len(per_subset)} subsets have a loss that is not finite at "
             "some point of the ball (an overflow at this rho?): their sharpness is "

@@ -875,6 +875,14 @@ def test_a_loss_undefined_inside_the_ball_makes_the_sharpness_nan_with_a_warning
 
     kw = {"loss": root, "steps": steps, "vectorize": vectorize}
     assert math.isfinite(m_sharpness(net, (x, y), 4, 0.05, **kw).sharpness)
-    with pytest.warns(RuntimeWarning, match="2 of 2 subsets have a loss that is not finite"):
+    with pytest.warns(
+        RuntimeWarning, match=r"2 of 2 subsets have a loss that is not finite at some point of "
+    ):
         r = m_sharpness(net, (x, y), 4, 10.0, **kw)
     assert math.isnan(r.sharpness) and r.per_subset.isnan().all()
+    # NaN data: the loss is NaN at ε = 0 already, and the warning says so instead of
+    # suggesting an overflow at this rho
+    with pytest.warns(RuntimeWarning, match=r"1 of 2 subsets .* at the model's own weights") as w:
+        r = m_sharpness(net, (torch.cat([x[:4], x[4:] * math.nan]), y), 4, 0.05, **kw)
+    assert not any("overflow" in str(item.message) for item in w)
+    assert r.per_subset[0].isfinite() and r.per_subset[1].isnan()
