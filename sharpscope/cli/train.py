@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import sys
 import warnings
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
+    os_error_line,
     parse_options,
     spec_from_flag,
     stop_reason,
@@ -28,6 +30,9 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
+
+# errno of a write that found no room: a full disk, a quota, a file size limit
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 # Optimizer hyperparameters exposed as flags: flag name -> spec key (optimizers.md).
 OPTIMIZER_FLAGS = {
@@ -571,6 +576,15 @@ def register(app: typer.Typer) -> None:
                 f"{stop_reason(exc)}; {last} holds epoch {epoch}: run the same command with "
                 "--resume to continue",
                 code=interrupt_exit_code(exc),
+            )
+        except OSError as exc:  # a full disk or quota: checkpoints are atomic, say what is kept
+            last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
+            if exc.errno not in NO_SPACE or last is None or not last.is_file():
+                raise
+            epoch = load_training_state(last)["epoch"]
+            fail(
+                f"{os_error_line(exc)}; {last} holds epoch {epoch}: free space, then run the "
+                "same command with --resume to continue"
             )
         if not summary.is_main:  # under torchrun only rank 0 reports
             return

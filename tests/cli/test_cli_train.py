@@ -76,6 +76,38 @@ def test_train_prints_accuracy_and_writes_checkpoint(tmp_path):
     assert raw["model"] == {"name": "mlp", "width": 16, "depth": 1}
 
 
+def test_a_full_disk_says_which_epoch_is_kept_and_how_to_go_on(tmp_path, monkeypatch):
+    """The checkpoint write of epoch 2 finds the disk full (injected: a full disk cannot be
+    made without root). last.pt still holds epoch 1 (written atomically), and the one
+    line says so, as an interrupt's does, instead of only "No space left on device"."""
+    import errno
+    import os
+
+    from sharpscope import trainer
+
+    written = []
+    real_save = trainer.save_checkpoint
+
+    def fills_up(path, payload):
+        if written:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        written.append(path)
+        return real_save(path, payload)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", fills_up)
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--samples", "128", "--epochs", "2", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: {os.strerror(errno.ENOSPC)}: {out / 'last.pt'}; {out / 'last.pt'} holds epoch "
+        "1: free space, then run the same command with --resume to continue"
+    )
+    monkeypatch.undo()
+    resumed = runner.invoke(app, [*args, "--no-progress", "--resume"])
+    assert resumed.exit_code == 0, resumed.output
+
+
 def test_train_sam_flags_reach_the_optimizer_spec(tmp_path):
     result = runner.invoke(
         app,
