@@ -8,6 +8,7 @@ right. The CLI prints that line to stderr and exits non-zero, without a tracebac
 from __future__ import annotations
 
 from collections.abc import Iterable
+from numbers import Integral, Real
 from typing import Any
 
 
@@ -67,6 +68,38 @@ def check_seed(name: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
         raise SharpscopeError(f"{name} must be an integer from 0 to 2^62, got {value!r}")
     return value
+
+
+def check_integers(**values: object) -> None:
+    """Refuse a count given as anything but an integer (``None``: not given, passes), in
+    one line that names the type, before it reaches a slice or a tensor size.
+
+    >>> check_integers(k=5, max_steps=None)
+    >>> check_integers(k=2.0)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: k must be an integer, got 2.0 (float)
+    """
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, Integral)):
+            raise SharpscopeError(
+                f"{name} must be an integer, got {value!r} ({type(value).__name__})"
+            )
+
+
+def check_numbers(**values: object) -> None:
+    """Refuse a quantity given as anything but a real number (a string, a bool, ...).
+
+    >>> check_numbers(rho="0.05")
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: rho must be a number, got '0.05' (str)
+    """
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise SharpscopeError(
+                f"{name} must be a number, got {value!r} ({type(value).__name__})"
+            )
 
 
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:

@@ -13,6 +13,7 @@ model can be rebuilt without loading the data.
 from __future__ import annotations
 
 import hashlib
+import os
 import pickle
 import warnings
 from collections.abc import Mapping
@@ -289,6 +290,10 @@ def load_checkpoint(
         SharpscopeError: unreadable or unsafe file, missing spec, wrong architecture, a
             model factory named by the checkpoint without ``trust_factories``.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise SharpscopeError(
+            f"load_checkpoint takes a file path, got {path!r} ({type(path).__name__})"
+        )
     path = Path(path)
     raw = safe_load(path, map_location)
     sha = file_sha256(path)

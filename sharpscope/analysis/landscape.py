@@ -43,6 +43,7 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Integral
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -55,7 +56,7 @@ from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_batches
 from ..device_memory import FittingRows, available_memory_bytes, free_memory_note
 from ..distributed import group_rank_and_size, peers_checked
-from ..errors import SharpscopeError, check
+from ..errors import SharpscopeError, check, check_integers, check_numbers, check_seed
 from ..modes import eval_mode
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -691,13 +692,17 @@ def landscape(
     start = time.perf_counter()
     check(dims in (1, 2), f"dims must be 1 or 2, got {dims}")
     check(
-        isinstance(grid, int) and not isinstance(grid, bool) and grid >= MIN_GRID,
+        isinstance(grid, Integral) and not isinstance(grid, bool) and grid >= MIN_GRID,
         f"grid must be an integer of at least {MIN_GRID} points per axis, got {grid!r}",
     )
+    check_numbers(span=span)
+    check_integers(chunk_size=chunk_size, max_points=max_points)
+    check_seed("seed", seed)
     check(span > 0, f"span must be > 0, got {span}")
     check(norm in NORMS, f"unknown norm '{norm}'; choose one of {', '.join(NORMS)}")
     check(bias in BIAS_MODES, f"unknown bias mode '{bias}'; choose one of {', '.join(BIAS_MODES)}")
     check(max_points is None or max_points >= 1, f"max_points must be >= 1, got {max_points}")
+    check(chunk_size is None or chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     _check_grid_fits_memory(dims, grid, x, y)
     check(
         not (vectorize and precompute_input),

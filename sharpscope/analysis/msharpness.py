@@ -56,7 +56,7 @@ from ..curvature.fold import fold_batchnorm
 from ..data.batches import as_tensors, read_fixed, same_tensors
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size, peers_checked
-from ..errors import check, check_autograd
+from ..errors import check, check_autograd, check_integers, check_numbers, check_seed
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -764,6 +764,10 @@ def m_sharpness(
         projection in PROJECTIONS,
         f"unknown projection '{projection}'; choose one of {', '.join(PROJECTIONS)}",
     )
+    check_integers(m=m, steps=steps, restarts=restarts, chunk_size=chunk_size)
+    check_numbers(rho=rho, eta=eta)
+    check_seed("seed", seed)
+    m, steps, restarts = int(m), int(steps), int(restarts)  # NumPy integers too
     check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
     check(rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho}")
     check(isinstance(steps, int) and steps >= 1, f"steps must be >= 1, got {steps}")

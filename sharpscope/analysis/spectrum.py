@@ -32,7 +32,7 @@ from ..curvature.operator import HessianOperator
 from ..curvature.slq import Kernel, negative_nodes, slq, smooth_density
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_integers, check_seed
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import analysis_meta
@@ -726,6 +726,8 @@ def top_eigenvalues(
     """
     _check_backend(backend, which)
     check_spectrum_choices(which=which)
+    check_integers(k=k, max_steps=max_steps, restart_size=restart_size, block_size=block_size)
+    check_seed("seed", seed)
     if block_size is not None:  # before the operator's pre-flight passes
         check_block_options(block_size, backend, restart_size, return_eigenvectors)
     start = time.perf_counter()
@@ -847,6 +849,8 @@ def hessian_trace(
     _check_backend(backend)
     if backend == "sharpscope":
         check_spectrum_choices(trace_method=method)
+    check_integers(num_probes=num_probes)
+    check_seed("seed", seed)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -955,6 +959,8 @@ def spectral_density(
         :class:`Density`.
     """
     check_spectrum_choices(kernel=kernel)
+    check_integers(num_probes=num_probes, num_lanczos_steps=num_lanczos_steps, deflate=deflate)
+    check_seed("seed", seed)
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
@@ -1040,6 +1046,17 @@ def spectrum(
     """
     _check_backend(backend, which)
     check_spectrum_choices(which=which, trace_method=trace_method, kernel=kernel)
+    check_integers(
+        k=k,
+        max_steps=max_steps,
+        trace_probes=trace_probes,
+        num_probes=num_probes,
+        num_lanczos_steps=num_lanczos_steps,
+        deflate=deflate,
+        restart_size=restart_size,
+        block_size=block_size,
+    )
+    check_seed("seed", seed)
     skipped = check_skip(skip, deflate=deflate)
     if block_size is not None:  # before the operator's pre-flight passes
         check_block_options(block_size, backend, restart_size, return_eigenvectors)
