@@ -361,7 +361,10 @@ def write_report(
         )
 
     failed = [r for r in rows if r.get("status") in ("failed", "error")]
-    pending = {r["run_id"] for r in rows if r.get("status") not in ("done", "failed", "error")}
+    trained = {r["run_id"] for r in rows if r.get("status") == "trained"}  # analyses to come
+    pending = {
+        r["run_id"] for r in rows if r.get("status") not in ("done", "failed", "error", "trained")
+    }
     train = config.train
     plan = config.analysis
     lines = [
@@ -375,7 +378,9 @@ def write_report(
         f"`{_spec(train.get('model', {'name': 'cnn1d'}))}`; epochs: {_values(runs, 'epochs')}; "
         f"batch size: {_values(runs, 'batch_size')}",
         f"- runs: {len(runs)} ({len({r['run_id'] for r in finals})} finished, "
-        f"{len({r['run_id'] for r in failed})} failed, {len(pending)} pending); swept: "
+        f"{len({r['run_id'] for r in failed})} failed, "
+        + (f"{len(trained)} trained but not yet analysed, " if trained else "")
+        + f"{len(pending)} pending); swept: "
         f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
         f"- measures on the {plan.split} split, "
         f"{examples_used(plan.samples, _recorded_meta(folder))} examples, at epochs "

@@ -438,6 +438,12 @@ def test_report_counts_and_lists_runs_that_raised(by_hand):
 
     text = write_report(by_hand, resamples=0, figures=False).read_text()
     assert "- runs: 8 (7 finished, 1 failed, 0 pending); swept: optimizer, seed" in text
+    # a run trained but stopped before its analyses is named so (`study status` says
+    # "analysing"), not counted as pending like a run not yet trained
+    (by_hand / "runs" / "sgd-s0" / "status.json").write_text('{"state": "trained"}')
+    again = write_report(by_hand, resamples=0, figures=False).read_text()
+    assert "(6 finished, 1 failed, 1 trained but not yet analysed, 0 pending)" in again
+    (by_hand / "runs" / "sgd-s0" / "status.json").write_text('{"state": "done"}')
     assert "## Failed runs" in text and "- `sam-s3` (error): boom here" in text
     # runs table: sgd-s2's gen_gap 0.40 is 40.0%, its test accuracy 55.0%
     assert "| sgd | 2 | 2 | 55.0% | 40.0% |" in text
