@@ -65,9 +65,9 @@ def check_seed(name: str, value: object) -> int:
     ...
     sharpscope.errors.SharpscopeError: --seed must be an integer from 0 to 2^62, got 1180591620717411303424
     """
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEED:
+    if isinstance(value, bool) or not isinstance(value, Integral) or not 0 <= value <= MAX_SEED:
         raise SharpscopeError(f"{name} must be an integer from 0 to 2^62, got {value!r}")
-    return value
+    return int(value)  # NumPy integers too
 
 
 def check_integers(**values: object) -> None:

@@ -314,6 +314,8 @@ def load_checkpoint(
         input_shape = tuple(raw["input_shape"]) if raw.get("input_shape") else None
         num_classes = raw.get("num_classes")
         if "factory" not in spec and (input_shape is None or num_classes is None):
+            if data_spec is None:  # the shapes would come from running the file's data factory
+                check_trusted_factory(data, "data set", path, trust_factories)
             input_shape, num_classes = _shapes_from_data(data)
         state_dict = raw.get("state_dict")
         if not isinstance(state_dict, Mapping):

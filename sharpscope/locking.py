@@ -2,17 +2,21 @@
 
 ``flock`` locks belong to an open file: the kernel frees them when the holder exits, even
 when it is killed, so a stale lock never blocks a rerun. Where ``fcntl`` does not exist
-(not POSIX) nothing is locked.
+(not POSIX), or the file system takes no ``flock``, nothing is locked.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import SharpscopeError
+
+#: errno of a lock that another process holds; any other error means no locking here
+HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 def _open(path: Path) -> int:
@@ -41,7 +45,10 @@ def exclusive_lock(path: str | Path, busy: str) -> Iterator[int]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as exc:
-            raise SharpscopeError(busy) from exc
+            if exc.errno in HELD:
+                raise SharpscopeError(busy) from exc
+            # a file system without flock (NFS on a folder opened read-only, Lustre
+            # without -o flock): nothing is locked there, as where fcntl is missing
         yield fd
     finally:
         os.close(fd)
@@ -60,8 +67,8 @@ def is_locked(path: str | Path) -> bool:
     fd = _open(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno in HELD
     finally:
         os.close(fd)  # closing frees a shared lock taken here
     return False

@@ -489,6 +489,12 @@ def _cycling_batches(split: DataSplit, batch_size: int, seed: int):
         epoch += 1
 
 
+def _epoch_files(out: Path) -> list[Path]:
+    """``out``'s ``epoch_NNN.pt`` checkpoints in epoch order (epoch_999 before epoch_1000)."""
+    files = [p for p in out.glob("epoch_*.pt") if p.stem[len("epoch_") :].isdigit()]
+    return sorted(files, key=lambda p: int(p.stem[len("epoch_") :]))
+
+
 def _check_no_earlier_run(out: Path) -> None:
     """Refuse to start a new run in a folder that holds an earlier one's checkpoints
     (``last.pt`` or ``epoch_NNN.pt``): they would be overwritten, or left beside the new
@@ -500,7 +506,7 @@ def _check_no_earlier_run(out: Path) -> None:
             "(Python: train(..., resume=True)), or train into a new --out folder (or delete "
             "that one)"
         )
-    earlier = sorted(p.name for p in out.glob("epoch_*.pt"))
+    earlier = [p.name for p in _epoch_files(out)]
     if earlier:
         shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
         raise SharpscopeError(
@@ -559,16 +565,16 @@ def _out_locked(out: str | Path | None) -> Iterator[None]:
         raise SharpscopeError(
             f"cannot create the output folder {out}: {exc.strerror or exc}"
         ) from exc
-    try:
-        busy = (
-            f"another `sharpscope train` is writing into {out}; wait for it to finish or "
-            "train into another --out"
-        )
-        with exclusive_lock(out, busy):
+    busy = (
+        f"another `sharpscope train` is writing into {out}; wait for it to finish or "
+        "train into another --out"
+    )
+    with exclusive_lock(out, busy):  # refused: the folder is the holder's, left alone
+        try:
             yield
-    finally:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        finally:
+            if made and out.is_dir() and not any(out.iterdir()):
+                out.rmdir()
 
 
 def _train(
@@ -650,7 +656,7 @@ def _train(
     last_path = out / "last.pt" if out else None
     if resume:
         if last_path is None or not last_path.exists():
-            snapshots = sorted(out.glob("epoch_*.pt")) if out is not None else []
+            snapshots = _epoch_files(out) if out is not None else []
             hint = (
                 f" ({snapshots[-1].name} is there: copy it to last.pt to resume from it)"
                 if snapshots

@@ -230,6 +230,15 @@ def test_a_model_factory_named_in_a_checkpoint_runs_only_when_trusted(tmp_path, 
     own = load_checkpoint(theirs, model_spec=spec)
     assert all(torch.equal(a, b) for a, b in zip(own.model.parameters(), model.parameters()))
     assert not marker.exists()
+    # a registry model without recorded shapes would read them off the file's data
+    # factory: that is code too (review: it ran before the refusal)
+    payload["model"] = spec
+    payload["data"] = {"factory": f"{source}:net"}
+    del payload["input_shape"], payload["num_classes"]
+    shapeless = save_checkpoint(tmp_path / "shapeless.pt", payload)
+    with pytest.raises(SharpscopeError, match="names the data set factory"):
+        load_checkpoint(shapeless)
+    assert not marker.exists()
     trusted = load_checkpoint(theirs, trust_factories=True)
     assert marker.exists()
     assert all(torch.equal(a, b) for a, b in zip(trusted.model.parameters(), model.parameters()))

@@ -226,6 +226,12 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
     assert (tmp_path / "metrics.jsonl").read_bytes() == rows
     with pytest.raises(SharpscopeError, match=r"none found \(epoch_001.pt is there: copy it"):
         train(_config(tmp_path, epochs=2), resume=True)
+    for name in ("epoch_999.pt", "epoch_1000.pt"):  # the newest by number, not by name
+        (tmp_path / name).write_bytes(b"")
+    with pytest.raises(SharpscopeError, match=r"none found \(epoch_1000.pt is there"):
+        train(_config(tmp_path, epochs=2), resume=True)
+    for name in ("epoch_999.pt", "epoch_1000.pt"):
+        (tmp_path / name).unlink()
     # a run stopped before its first checkpoint is started again by the same command
     (tmp_path / "epoch_001.pt").unlink()
     train(_config(tmp_path, epochs=1))

@@ -474,7 +474,7 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
     common = {"seed": config.analysis.seed, "batch_size": config.analysis.batch_size}
     total = int(run.params["epochs"])
     for epoch in sorted({e for e, _ in pending}):
-        # the study's own run: its factories are the ones the study's config names
+        # a run this study trained from its config: its factories are the user's own
         checkpoint = load_checkpoint(_checkpoint_for(run_dir, epoch, total), trust_factories=True)
         model = checkpoint.model.to(device).eval()
         provenance = _provenance(checkpoint, data_spec)

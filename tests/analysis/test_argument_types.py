@@ -56,5 +56,8 @@ def test_a_wrong_type_is_one_line_of_ours(case, call, message):
 def test_numpy_integers_and_floats_are_accepted(case):
     np = pytest.importorskip("numpy")
     model, data = case
-    result = ss.m_sharpness(model, data, m=np.int64(8), rho=np.float64(0.05))
+    result = ss.m_sharpness(model, data, m=np.int64(8), rho=np.float64(0.05), seed=np.int64(1))
     assert result.m == 8 and result.sharpness >= 0
+    assert ss.top_eigenvalues(model, data, k=np.int64(2), seed=np.int64(1)).eigenvalues.shape == (
+        2,
+    )
