@@ -104,8 +104,17 @@ def interrupt_exit_code(exc: BaseException) -> int:
 
 
 def stop_reason(exc: BaseException) -> str:
-    """How the line of a stopped command begins: "interrupted", or which process was lost."""
-    return str(exc) if isinstance(exc, PeerLost) else "interrupted"
+    """How the line of a stopped command begins: "interrupted", which process was lost, or,
+    for SIGTERM under torchrun, that the launcher stopped it (it stops every process when
+    one of them fails, often before the others notice the lost peer themselves)."""
+    if isinstance(exc, PeerLost):
+        return str(exc)
+    if isinstance(exc, Terminated) and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return (
+            "interrupted by SIGTERM (torchrun stops every process when one of them fails, "
+            "or the job was cancelled)"
+        )
+    return "interrupted"
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

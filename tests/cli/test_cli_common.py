@@ -124,3 +124,15 @@ def test_a_command_that_ends_normally_restores_the_signal_handlers():
     before = signal.getsignal(signal.SIGINT)
     assert guarded(lambda: 7)() == 7
     assert signal.getsignal(signal.SIGINT) is before
+
+
+def test_a_sigterm_under_torchrun_says_the_launcher_may_have_stopped_the_job(monkeypatch):
+    """When one rank fails, torchrun's agent sends SIGTERM to the others, often before they
+    notice the lost peer: "interrupted" alone hid why (a flaky test showed it)."""
+    from sharpscope.cli._common import Terminated, stop_reason
+
+    assert stop_reason(Terminated()) == "interrupted"
+    assert stop_reason(KeyboardInterrupt()) == "interrupted"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert stop_reason(Terminated()).startswith("interrupted by SIGTERM (torchrun stops every")
+    assert stop_reason(KeyboardInterrupt()) == "interrupted"  # Ctrl-C is the user's own

@@ -340,8 +340,15 @@ def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_
     assert len(errors) == 1 and "[rank0]: Traceback" not in launched.stderr, launched.stderr
     saved = int(LandscapeResult.load(out / "landscape.npz").computed.sum())
     assert 0 < saved < 81
-    assert errors[0] == (
-        f"error: {errors[0][7:].split(')')[0]}); {saved}/81 points are saved in "
-        f"{out / 'landscape.npz'}: run the same command again to resume"
+    assert errors[0].endswith(
+        f"); {saved}/81 points are saved in {out / 'landscape.npz'}: run the same command "
+        "again to resume"
     )
-    assert errors[0].startswith("error: another process of this torchrun job stopped (gloo: ")
+    # rank 0 notices the lost peer itself, or, on a loaded machine, torchrun's agent
+    # stops it first (SIGTERM): both say so
+    assert errors[0].startswith(
+        (
+            "error: another process of this torchrun job stopped (gloo: ",
+            "error: interrupted by SIGTERM (torchrun stops every process when one of them fails",
+        )
+    ), errors[0]
