@@ -557,7 +557,13 @@ def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(che
     assert launched.returncode != 0
     errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, launched.stderr[-3000:]
-    assert errors[0].startswith("error: another process of this torchrun job stopped (gloo: ")
+    # rank 0 notices the lost peer, or torchrun's agent stops it first (SIGTERM, under load)
+    assert errors[0].startswith(
+        (
+            "error: another process of this torchrun job stopped (gloo: ",
+            "error: interrupted by SIGTERM (torchrun stops every process when one of them fails",
+        )
+    ), errors[0]
     assert errors[0].endswith(
         f"during the density; {out} holds the parts finished before it (top), the rest null"
     )
