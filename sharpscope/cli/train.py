@@ -554,6 +554,7 @@ def register(app: typer.Typer) -> None:
             )
 
         # epoch lines on stderr; the summary on stdout
+        last = Path(cfg.out) / "last.pt" if cfg.out is not None else None  # said if stopped
         try:
             with flags_named(values):
                 summary = train(
@@ -562,7 +563,6 @@ def register(app: typer.Typer) -> None:
                     before_training=warn_nothing_saved if cfg.out is None else None,
                 )
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept
-            last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
             if last is None or not launched_as_main():
                 raise
             if not last.is_file():
@@ -578,7 +578,6 @@ def register(app: typer.Typer) -> None:
                 code=interrupt_exit_code(exc),
             )
         except OSError as exc:  # a full disk or quota: checkpoints are atomic, say what is kept
-            last = Path(cfg.out) / "last.pt" if cfg.out is not None else None
             if exc.errno not in NO_SPACE or last is None or not last.is_file():
                 raise
             epoch = load_training_state(last)["epoch"]
