@@ -130,18 +130,17 @@ def full_and_resumed_runs(config_at, tmp_path, monkeypatch):
 
 
 @contextlib.contextmanager
-def spawned_group(rank: int, world: int, port: int, backend: str = "gloo"):
-    """A spawned test worker's process group on 127.0.0.1:``port`` (one torch thread):
-    gloo, or ``backend="nccl"`` for CUDA tests.
+def spawned_group(rank: int, world: int, rendezvous: str, backend: str = "gloo"):
+    """A spawned test worker's process group met through ``rendezvous`` (a ``file://``
+    init method from :func:`rendezvous_file`; one torch thread): gloo, or
+    ``backend="nccl"`` for CUDA tests.
 
     Its ranks meet at a barrier before the group is torn down: a rank destroying it while
     its peer still sent was seen to abort (SIGABRT, "terminate called without an active
     exception"). A rank that fails skips the barrier; ``mp.spawn`` then stops the others.
     """
     torch.set_num_threads(1)
-    dist.init_process_group(
-        backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     try:
         yield
         dist.barrier()
@@ -149,13 +148,17 @@ def spawned_group(rank: int, world: int, port: int, backend: str = "gloo"):
         dist.destroy_process_group()
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1 for a gloo process group's rendezvous."""
-    import socket
+def rendezvous_file() -> str:
+    """A ``file://`` init method in a fresh temporary folder. A TCP port found free and
+    then closed can be taken by another test (pytest -n, torchrun --standalone) before the
+    group binds it, which failed a DDP test under load; a file cannot be taken."""
+    import atexit
+    import shutil
+    import tempfile
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    folder = tempfile.mkdtemp(prefix="sharpscope-group-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return f"file://{folder}/store"
 
 
 # name -> (folder, files in order (train..., test...), label key, number of classes)

@@ -24,7 +24,7 @@ from sharpscope.curvature import HessianOperator, dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
-from cases import fit_full_batch, free_port, full_and_resumed_runs, spawned_group
+from cases import fit_full_batch, full_and_resumed_runs, rendezvous_file, spawned_group
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -224,14 +224,14 @@ def test_the_per_gradient_hook_runs_on_nccl():
     """Training registers distributed.reduce_each_gradient with --deterministic on a GPU,
     where DDP's backend is NCCL: its futures must chain there as on gloo (tested on CPU with
     3 processes). One GPU allows one rank, whose average is its own gradient."""
-    torch.multiprocessing.spawn(_nccl_hook_worker, args=(free_port(),), nprocs=1, join=True)
+    torch.multiprocessing.spawn(_nccl_hook_worker, args=(rendezvous_file(),), nprocs=1, join=True)
 
 
-def _nccl_hook_worker(rank, port):
+def _nccl_hook_worker(rank, rendezvous):
     from sharpscope.distributed import reduce_each_gradient
 
     torch.cuda.set_device(0)
-    with spawned_group(rank, 1, port, backend="nccl"):
+    with spawned_group(rank, 1, rendezvous, backend="nccl"):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).cuda()
         x, y = torch.randn(20, 12).cuda(), torch.randint(0, 4, (20,)).cuda()

@@ -19,9 +19,9 @@ from sharpscope.io import load_checkpoint
 from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
 from cases import (
-    free_port,
     full_and_resumed_runs,
     full_and_resumed_under_torchrun,
+    rendezvous_file,
     spawned_group,
     torchrun,
     write_cifar,
@@ -547,13 +547,13 @@ def test_torchrun_resume_with_three_processes_is_bit_identical(tmp_path, optimiz
 
 def test_the_per_gradient_hook_averages_like_ddp():
     """reduce_each_gradient gives every rank the mean of the ranks' gradients."""
-    mp.spawn(_average_worker, args=(3, free_port()), nprocs=3, join=True)
+    mp.spawn(_average_worker, args=(3, rendezvous_file()), nprocs=3, join=True)
 
 
-def _average_worker(rank, world, port):
+def _average_worker(rank, world, rendezvous):
     from sharpscope.distributed import reduce_each_gradient
 
-    with spawned_group(rank, world, port):
+    with spawned_group(rank, world, rendezvous):
         torch.manual_seed(0)
         x, y = torch.randn(world * 5, 12), torch.randint(0, 4, (world * 5,))
         net = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4))
@@ -609,12 +609,12 @@ def test_a_resume_writes_the_snapshot_a_kill_cut_short_and_removes_leftover_file
 
 
 def test_a_batch_size_the_processes_do_not_divide_names_sizes_that_they_do(tmp_path):
-    mp.spawn(_batch_size_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_batch_size_worker, args=(2, rendezvous_file(), str(tmp_path)), nprocs=2, join=True)
 
 
-def _batch_size_worker(rank, world, port, folder):
+def _batch_size_worker(rank, world, rendezvous, folder):
     os.environ["WORLD_SIZE"] = str(world)  # what torchrun sets: train() joins the group
-    with spawned_group(rank, world, port):
+    with spawned_group(rank, world, rendezvous):
         for size, near in ((15, "14 or 16"), (1, "2")):
             with pytest.raises(SharpscopeError) as caught:
                 train(_config(f"{folder}/{size}", batch_size=size))

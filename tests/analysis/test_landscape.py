@@ -21,7 +21,7 @@ from sharpscope.analysis.landscape import (
 )
 from sharpscope.errors import SharpscopeError
 
-from cases import RecurrentClassifier, free_port, half_mse, linear_regression, spawned_group
+from cases import RecurrentClassifier, half_mse, linear_regression, rendezvous_file, spawned_group
 
 torch.set_num_threads(1)
 F64 = torch.float64
@@ -646,8 +646,8 @@ def test_a_half_done_block_resumes_bit_for_bit(tmp_path):
         assert torch.equal(resumed.loss, full.loss), k
 
 
-def _worker(rank, world, port, out_dir):
-    with spawned_group(rank, world, port):
+def _worker(rank, world, rendezvous, out_dir):
+    with spawned_group(rank, world, rendezvous):
         net = bn_cnn()
         x, y = class_data(n=20, d=10)
         r = landscape(net, (x, y), 2, grid=5, chunk_size=3, out=f"{out_dir}/grid.npz", save_every=0)
@@ -658,7 +658,7 @@ def _worker(rank, world, port, out_dir):
 
 
 def test_two_processes_split_the_grid_and_agree_with_one(tmp_path):
-    mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, rendezvous_file(), str(tmp_path)), nprocs=2, join=True)
     net = bn_cnn()
     x, y = class_data(n=20, d=10)
     single = landscape(net, (x, y), 2, grid=5)

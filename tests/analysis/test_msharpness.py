@@ -25,9 +25,9 @@ from sharpscope.errors import SharpscopeError
 from cases import (
     RecurrentClassifier,
     bn_conv1d,
-    free_port,
     half_mse,
     linear_regression,
+    rendezvous_file,
     spawned_group,
 )
 
@@ -758,8 +758,8 @@ def test_progress_hook_counts_every_subset():
 SPLIT_OPTIONS = dict(m=4, rho=0.1, adaptive=True, steps=3, random_start=True, chunk_size=2)
 
 
-def _split_worker(rank, world, port, out_dir):
-    with spawned_group(rank, world, port):
+def _split_worker(rank, world, rendezvous, out_dir):
+    with spawned_group(rank, world, rendezvous):
         x, y = classification_data(n=30, d=12, seed=4)
         seen = []
         result = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS, progress=seen.append)
@@ -777,7 +777,7 @@ def _split_worker(rank, world, port, out_dir):
 
 
 def test_two_processes_split_the_subsets_and_agree_with_one(tmp_path):
-    mp.spawn(_split_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_split_worker, args=(2, rendezvous_file(), str(tmp_path)), nprocs=2, join=True)
     x, y = classification_data(n=30, d=12, seed=4)
     single = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS)
     assert len(single.per_subset) == 7  # 4 chunks: ranks take 2 and 2, of 4 and 3 subsets

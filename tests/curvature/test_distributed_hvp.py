@@ -13,7 +13,7 @@ from torch import nn
 from sharpscope.analysis import hessian_trace, spectral_density, top_eigenvalues
 from sharpscope.curvature import HessianOperator
 
-from cases import free_port, spawned_group
+from cases import rendezvous_file, spawned_group
 
 F64 = torch.float64
 
@@ -54,8 +54,8 @@ class RankZeroMemoryHolds10(nn.Module):
 BATCH_SIZES = (None, 7)  # one batch split in halves; 9 batches sharded 5 + 4
 
 
-def _worker(rank: int, port: int, model, data, out_dir: str) -> None:
-    with spawned_group(rank, 2, port):
+def _worker(rank: int, rendezvous: str, model, data, out_dir: str) -> None:
+    with spawned_group(rank, 2, rendezvous):
         results = [_analyses(model, data, b) for b in BATCH_SIZES]
         results.append(_analyses(RankZeroMemoryHolds10(model).eval(), data, None))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
@@ -66,7 +66,10 @@ def two_ranks(mlp_case, tmp_path_factory):
     """Results of both ranks of one 2-process gloo run (spawned once: it is slow)."""
     out = tmp_path_factory.mktemp("dist")
     mp.spawn(
-        _worker, args=(free_port(), mlp_case.model, mlp_case.data, str(out)), nprocs=2, join=True
+        _worker,
+        args=(rendezvous_file(), mlp_case.model, mlp_case.data, str(out)),
+        nprocs=2,
+        join=True,
     )
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
 

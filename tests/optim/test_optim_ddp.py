@@ -11,7 +11,7 @@ import torch.multiprocessing as mp
 
 from sharpscope.optim import BSAM, LETS, SAM, BatchClosure, VaSSO
 
-from cases import free_port, spawned_group
+from cases import rendezvous_file, spawned_group
 from optim_helpers import CE, mlp, mlp_batches, through_file
 
 WORLD = 2
@@ -62,16 +62,16 @@ def _run_scenarios(rank: int) -> dict:
     return results
 
 
-def _worker(rank: int, port: int, out: str, scenarios=_run_scenarios) -> None:
+def _worker(rank: int, rendezvous: str, out: str, scenarios=_run_scenarios) -> None:
     """One gloo rank: ``scenarios(rank)``'s results saved to ``out.RANK``."""
-    with spawned_group(rank, WORLD, port):
+    with spawned_group(rank, WORLD, rendezvous):
         torch.save(scenarios(rank), f"{out}.{rank}")
 
 
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("ddp") / "result")
-    mp.spawn(_worker, args=(free_port(), out), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(rendezvous_file(), out), nprocs=WORLD, join=True)
     return [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
 
 
@@ -181,7 +181,7 @@ def test_lets_finite_difference_under_ddp_is_the_all_reduced_hessian_product(tmp
     the mean over ranks of H_r u_r (a rank-local FD pass against the all-reduced g~ was off
     by the ranks' gradient difference / r, ~1e3 times |Hu|)."""
     out = str(tmp_path / "lets")
-    mp.spawn(_worker, args=(free_port(), out, _lets_fd_step), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(rendezvous_file(), out, _lets_fd_step), nprocs=WORLD, join=True)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
 
     def hessian_product(x, u):  # of 0.5 mean ||W x + b - y||^2 along u = (dW, db)
