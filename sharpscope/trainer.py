@@ -382,7 +382,8 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
 
 def _warn_unusual_settings(config: TrainConfig, base_lrs: list[float], world_size: int) -> None:
     """Warn about settings that train but hardly as meant: a zero learning rate, a warm-up
-    as long as the run, and m-sharpness groups no smaller than the batch."""
+    as long as the run, step milestones at or past its end, and m-sharpness groups no
+    smaller than the batch."""
     if all(lr == 0 for lr in base_lrs):
         warnings.warn("lr is 0: the weights never change", stacklevel=3)
     warmup = float(config.schedule.get("warmup_epochs", 0))
@@ -394,6 +395,16 @@ def _warn_unusual_settings(config: TrainConfig, base_lrs: list[float], world_siz
             "never starts",
             stacklevel=3,
         )
+    if config.schedule.get("name") == "step":
+        late = sorted(m for m in config.schedule.get("milestones", []) if m >= config.epochs)
+        if late:
+            many = "s" if len(late) > 1 else ""
+            warnings.warn(
+                f"schedule milestone{many} {', '.join(map(str, late))} "
+                f"{'are' if many else 'is'} not before the end of the run ({config.epochs} "
+                f"epoch{'s' if config.epochs != 1 else ''}): the learning rate never decays there",
+                stacklevel=3,
+            )
     m = config.optimizer.get("m")
     per_rank = config.batch_size // world_size
     if isinstance(m, (int, float)) and not isinstance(m, bool) and m >= per_rank:  # 32.0 from JSON

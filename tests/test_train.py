@@ -801,6 +801,15 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
             {"schedule": {"name": "cosine", "warmup_epochs": 1.5}, "epochs": 1},
             r"warmup_epochs 1.5 is not shorter than the run \(1 epoch\)",
         ),
+        (
+            {"schedule": {"name": "step", "milestones": [5, 1, 2]}},
+            r"schedule milestones 2, 5 are not before the end of the run \(2 epochs\): the "
+            "learning rate never decays there",
+        ),
+        (
+            {"schedule": {"name": "step", "milestones": [1, 3]}, "epochs": 3},
+            r"schedule milestone 3 is not before the end of the run \(3 epochs\)",
+        ),
     ],
 )
 def test_settings_that_train_but_hardly_as_meant_are_warned_about(tmp_path, changes, message):
@@ -809,8 +818,15 @@ def test_settings_that_train_but_hardly_as_meant_are_warned_about(tmp_path, chan
     assert len(caught) == 1  # the other two checks stay silent
 
 
-def test_ordinary_settings_train_without_warnings(tmp_path):
-    changes = {"optimizer": {"name": "sam", "m": 32}, "schedule": {"warmup_epochs": 1}}
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"optimizer": {"name": "sam", "m": 32}, "schedule": {"warmup_epochs": 1}},
+        {"epochs": 2, "schedule": {"name": "step", "milestones": [1]}},  # decays in epoch 2
+        {"epochs": 2, "schedule": {"name": "step"}},  # the default milestones
+    ],
+)
+def test_ordinary_settings_train_without_warnings(tmp_path, changes):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(_config(tmp_path, **changes))

@@ -129,15 +129,19 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise SharpscopeError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(values, dict):
             raise SharpscopeError(f"{path} must hold an object of TrainConfig keys")
-        return values
-    try:
-        values = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise SharpscopeError(f"{path} is not valid TOML: {exc}") from exc
+    else:
+        try:
+            values = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SharpscopeError(f"{path} is not valid TOML: {exc}") from exc
     if isinstance(values.get("train"), dict) and "study" in values:
         raise SharpscopeError(
             f"{path} is a study config: run it with `sharpscope study run {path}` (train's "
             "--config takes TrainConfig keys at the top level)"
+        )
+    if not values:
+        warnings.warn(
+            f"{path} sets nothing: the run takes the defaults and its flags", stacklevel=2
         )
     return values
 

@@ -515,7 +515,7 @@ class SharpnessAware(torch.optim.Optimizer):
             self.base = base(self.param_groups, **base_kwargs)
         except (TypeError, ValueError, IndexError, KeyError) as exc:  # e.g. betas[1] of (0.9,)
             raise SharpscopeError(
-                f"the base optimizer {base.__name__} rejected its options {sorted(base_kwargs)}: "
+                f"the base optimizer {base.__name__} refused its options: "
                 f"{first_line(exc) or type(exc).__name__}"
             ) from exc
         self.param_groups = self.base.param_groups

@@ -289,6 +289,19 @@ def test_config_with_unknown_key(tmp_path):
     assert result.exit_code == 2 and "unknown training config key 'epochz'" in result.output
 
 
+@pytest.mark.parametrize(("suffix", "text"), [(".toml", "# nothing yet\n"), (".json", "{}")])
+def test_a_config_that_sets_nothing_is_named_and_the_flags_still_apply(tmp_path, suffix, text):
+    config = tmp_path / f"empty{suffix}"
+    config.write_text(text)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", "--config", str(config), *TINY, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    line = f"warning: {config} sets nothing: the run takes the defaults and its flags"
+    assert line in result.output.splitlines()
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["epochs"] == 1 and saved["model"]["name"] == "mlp"
+
+
 @pytest.mark.parametrize("suffix", [".toml", ".json"])
 def test_a_config_that_is_not_utf8_text_is_one_line(tmp_path, suffix):
     config = tmp_path / f"binary{suffix}"
