@@ -26,7 +26,7 @@ A study file has these sections (every key is optional unless marked)::
 
     [analysis]                     # what is measured on which checkpoints
     epochs = ["last"]              # epoch numbers and/or "last"
-    samples = 1024                 # analysis subset of the training split
+    samples = 1024                 # analysis subset of the training split, or "all"
     [analysis.spectrum]            # a measure runs when its table is present
     k = 5
     [analysis.m_sharpness]
@@ -463,12 +463,13 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
         if epoch != "last":
             _positive_int('analysis.epochs entries (integers or "last")', epoch)
     plan.epochs = list(dict.fromkeys(epochs))
-    if "samples" in values:
-        plan.samples = (
-            None
-            if values["samples"] in (0, "all")
-            else _positive_int("analysis.samples", values["samples"])
-        )
+    if "samples" in values:  # as the CLI's --samples: 0 is refused, not read as "all"
+        samples = values["samples"]
+        if samples != "all" and (
+            isinstance(samples, bool) or not isinstance(samples, int) or samples < 1
+        ):
+            raise _fail(f'analysis.samples must be a positive integer or "all", got {samples!r}')
+        plan.samples = None if samples == "all" else samples
     split = values.get("split", "train")
     if split not in SPLITS:
         raise _fail(f"unknown analysis.split '{split}'; choose one of: {', '.join(SPLITS)}")

@@ -189,6 +189,11 @@ def test_bad_configs_raise_one_line_naming_the_key_and_the_choices(sections, mes
         # each was a traceback, silently read the other way, or failed only after every
         # run had trained
         ({"seed": "abc"}, "analysis.seed must be an integer from 0 to 2^62, got 'abc'"),
+        ({"samples": 0}, 'analysis.samples must be a positive integer or "all", got 0'),
+        (
+            {"samples": "every"},
+            "analysis.samples must be a positive integer or \"all\", got 'every'",
+        ),
         (
             {"seed": 2**64},
             "analysis.seed must be an integer from 0 to 2^62, got 18446744073709551616",

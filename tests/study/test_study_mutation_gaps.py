@@ -213,11 +213,11 @@ def test_an_unknown_train_key_lists_only_keys_a_study_takes():
 
 
 def test_analysis_defaults_and_options_are_kept():
-    """The documented defaults of the measure tables, samples 0 meaning all examples, and
-    the analysis seed."""
+    """The documented defaults of the measure tables, samples "all" meaning all examples,
+    and the analysis seed."""
     plan = config(
         analysis={
-            "samples": 0,
+            "samples": "all",
             "seed": 4,
             "m_sharpness": {},
             "adaptive_sharpness": {},
