@@ -106,6 +106,40 @@ def resolve_directions(
     )
 
 
+#: options that shape no direction of a kind: (flag, default) and why
+_UNUSED_OPTIONS = {
+    "pca": (
+        [("--span", 1.0), ("--norm", "filter")],
+        "a PCA trajectory's axes cover its checkpoints and its components have unit norm",
+    ),
+    "eigen": (
+        [("--norm", "filter"), ("--bias", "ignore")],
+        "Hessian eigenvectors have unit norm over every trainable parameter",
+    ),
+    "interpolation": (
+        [("--norm", "filter"), ("--bias", "ignore")],
+        "the interpolation direction is the difference of the two models as it is",
+    ),
+}
+
+
+def unused_options_note(kind: str, given: dict[str, Any]) -> str | None:
+    """A note naming the flags given away from their defaults that ``kind``'s directions
+    ignore (a 2-D interpolation's second, random direction does use --norm and --bias).
+
+    >>> unused_options_note("pca", {"--span": 5.0, "--norm": "filter", "--bias": "keep"})
+    "note: --span does not apply here: a PCA trajectory's axes cover its checkpoints and its components have unit norm"
+    """
+    if kind not in _UNUSED_OPTIONS:
+        return None
+    flags, why = _UNUSED_OPTIONS[kind]
+    unused = [flag for flag, default in flags if given.get(flag, default) != default]
+    if not unused:
+        return None
+    verb = "does" if len(unused) == 1 else "do"
+    return f"note: {' and '.join(unused)} {verb} not apply here: {why}"
+
+
 def _weights_key(model: Any) -> tuple[tuple[str, ...], str]:
     """A model's tensor names and a hash of their values (in float64, so a copy cast to
     another dtype or device has the same key): equal keys, equal weights."""
@@ -295,6 +329,12 @@ def register(app: typer.Typer) -> None:
             spec_from_flag(data, data_options),
             trust_factories,
         )
+        kind = chosen if isinstance(chosen, str) else "pca" if isinstance(chosen, list) else None
+        if kind is None and dims == 1:
+            kind = "interpolation"  # in 2-D its second direction is random: all flags apply
+        note = unused_options_note(kind or "", {"--span": span, "--norm": norm, "--bias": bias})
+        if note and dist.is_main:
+            console.print(note)
         loss_spec = inputs.loss_spec
         path = out / RESULT_FILE
         if dist.is_main:  # a resume is named on the bar once the earlier file is accepted

@@ -127,6 +127,44 @@ def test_pca_counts_each_set_of_weights_once(ckpts, tmp_path):
 
 
 @pytest.mark.parametrize(
+    ("directions", "extra", "note"),
+    [
+        ("run", ["--span", "5"], "note: --span does not apply here: a PCA trajectory's axes"),
+        ("run", ["--bias", "keep"], None),  # leaves 1-D tensors in the PCA
+        ("run", ["--norm", "layer"], "note: --norm does not apply here: a PCA trajectory's"),
+        ("b", ["--norm", "layer", "--bias", "keep"], "note: --norm and --bias do not apply"),
+        ("eigen", ["--bias", "normalize"], "note: --bias does not apply here: Hessian eigen"),
+        ("b", ["--dims", "2", "--norm", "layer"], None),  # its second direction is random
+        ("random", ["--span", "2", "--norm", "layer", "--bias", "keep"], None),
+        ("run", [], None),
+    ],
+)
+def test_flags_that_shape_no_direction_of_the_kind_are_named(
+    ckpts, tmp_path, directions, extra, note
+):
+    """PCA, eigen and 1-D interpolation directions ignore some of --span/--norm/--bias
+    (adversarial L3: `--span 5` on a PCA ran without a word)."""
+    chosen = str(ckpts[directions]) if directions in ckpts else directions
+    args = ["landscape", str(ckpts["a"]), "--grid", "3", *COMMON, "--no-plots"]
+    args += ["--directions", chosen, *(["--dims", "1"] if "--dims" not in extra else [])]
+    result = runner.invoke(app, [*args, *extra, "--out", str(tmp_path / "with")])
+    assert result.exit_code == 0, result.output
+    notes = [line for line in result.output.splitlines() if " not apply here" in line]
+    if note is None:
+        assert notes == [], result.output
+    else:
+        assert len(notes) == 1 and notes[0].startswith(note), result.output
+    if note is not None:  # and they truly change nothing
+        plain = runner.invoke(app, [*args, "--out", str(tmp_path / "plain")])
+        assert plain.exit_code == 0, plain.output
+        ignored = LandscapeResult.load(tmp_path / "with" / "landscape.npz")
+        default = LandscapeResult.load(tmp_path / "plain" / "landscape.npz")
+        torch.testing.assert_close(ignored.x, default.x)
+        torch.testing.assert_close(ignored.directions, default.directions)
+        torch.testing.assert_close(ignored.loss, default.loss, equal_nan=True)
+
+
+@pytest.mark.parametrize(
     ("extra", "message"),
     [
         (["--grid", "2"], "--grid must be at least 3"),
