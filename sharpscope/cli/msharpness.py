@@ -168,7 +168,13 @@ def register(app: typer.Typer) -> None:
                 f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples "
                 f"({inputs.device}{processes})"
             )
-        subsets = sum(len(y) for _, y in inputs.batches) // m if m >= 1 else None
+        examples = sum(len(y) for _, y in inputs.batches)
+        subsets = examples // m if m >= 1 else None
+        if dist.is_main and subsets and examples % m:
+            console.print(
+                f"note: the last {examples % m} of the {examples} examples are left out: "
+                f"the {subsets} disjoint subsets of m = {m} take {subsets * m} (analysis.md §5)"
+            )
         bar = progress_bar(
             subsets, "subset", "m-sharpness", enabled=dist.is_main and not no_progress
         )

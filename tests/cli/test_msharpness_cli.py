@@ -285,3 +285,20 @@ def test_a_loss_that_is_not_finite_on_the_data_is_one_line(checkpoint, tmp_path)
     assert result.exit_code == 2, result.output
     assert "the loss on the data is not a finite scalar" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.parametrize(("m", "note"), [(20, True), (16, False)])
+def test_examples_left_over_by_m_are_named(checkpoint, tmp_path, m, note):
+    """n is rounded down to a multiple of m (analysis.md §5): --m 20 on 64 examples uses 60,
+    which the summary line showed but nothing pointed out (adversarial L8)."""
+    out = tmp_path / "ms.json"
+    args = ["msharpness", str(checkpoint), "--m", str(m), "--samples", "64"]
+    result = runner.invoke(app, [*args, "--device", "cpu", "--no-progress", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    line = (
+        "note: the last 4 of the 64 examples are left out: the 3 disjoint subsets of m = 20 "
+        "take 60 (analysis.md §5)"
+    )
+    assert (line in result.output.splitlines()) == note
+    assert ("note:" in result.output) == note
+    assert json.loads(out.read_text())["num_samples_used"] == (60 if note else 64)
