@@ -274,7 +274,8 @@ def register(app: typer.Typer) -> None:
         no_progress: NoProgressOpt = False,
     ) -> None:
         """Loss and accuracy on 1-D or 2-D slices around a checkpoint."""
-        from ..analysis.landscape import BIAS_MODES, MIN_GRID, NORMS, landscape
+        from ..analysis.directions import BIAS_MODES, NORMS
+        from ..analysis.landscape import MIN_GRID, landscape
         from ..distributed import init_from_env
 
         check_choice("--norm", norm, NORMS)

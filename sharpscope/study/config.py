@@ -634,7 +634,7 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
             )
         from typing import get_args
 
-        from ..analysis.landscape import BiasMode, DirectionNorm
+        from ..analysis.directions import BiasMode, DirectionNorm
 
         for key, kinds in (("norm", DirectionNorm), ("bias", BiasMode)):
             if key in options and options[key] not in get_args(kinds):

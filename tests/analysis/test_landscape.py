@@ -13,12 +13,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sharpscope.analysis._functional import ParamLayout, flat_parameters
-from sharpscope.analysis.landscape import (
-    LandscapeResult,
-    landscape,
-    normalize_direction,
-    random_direction,
-)
+from sharpscope.analysis.directions import normalize_direction, random_direction
+from sharpscope.analysis.landscape import LandscapeResult, landscape
 from sharpscope.errors import SharpscopeError
 
 from cases import RecurrentClassifier, half_mse, linear_regression, rendezvous_file, spawned_group
