@@ -139,6 +139,10 @@ def _params_of(source: Any, layout: ParamLayout, what: str) -> tuple[Tensor, dic
 
 @dataclass
 class DirectionPlan:
+    """The slice's origin θ and directions, in float64 on the CPU, and what goes with them:
+    BatchNorm statistics that move along an interpolation ("states"), the eigenvalues of
+    eigen directions, a PCA's explained-variance ratios and its checkpoints' coordinates."""
+
     kind: str
     origin: Tensor  # (P,) float64
     directions: Tensor  # (dims, P) float64
@@ -206,6 +210,8 @@ def plan_directions(
     seed: int,
     loss: Any,
 ) -> DirectionPlan:
+    """The plan for ``directions``: "random", "eigen", another model or state_dict
+    (interpolation) or a list of them (PCA); see :func:`sharpscope.analysis.landscape.landscape`."""
     theta64 = theta.double().cpu()
     if isinstance(directions, str) and directions == "random":
         check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")
