@@ -42,6 +42,7 @@ from .distributed import (
     check_device_name,
     gather_to_main,
     init_from_env,
+    is_multi_process,
     launched_as_main,
     peers_checked,
     reduce_each_gradient,
@@ -554,21 +555,46 @@ def train(
             loss becomes non-finite (the last good checkpoint is kept).
     """
     config.validate()
-    with deterministic_algorithms(config.deterministic), _out_locked(config.out):
+    with deterministic_algorithms(config.deterministic), _out_locked(config.out, config.device):
         return _train(config, resume, before_training)
 
 
 @contextlib.contextmanager
-def _out_locked(out: str | Path | None) -> Iterator[None]:
+def _out_locked(out: str | Path | None, device: str = "auto") -> Iterator[None]:
     """Hold a lock on the ``out`` folder for the whole run (on the main process), so that a
     second ``train`` into the same folder is refused instead of mixing two runs' files
-    there; a folder made here for a run that stopped before writing anything is removed."""
-    group = torch.distributed.is_available() and torch.distributed.is_initialized()
-    main = torch.distributed.get_rank() == 0 if group else launched_as_main()
-    if out is None or not main:
+    there; a folder made here for a run that stopped before writing anything is removed.
+
+    Under torchrun the processes form their group first and rank 0 shares the outcome, so
+    that a refusal stops every rank at once (the others had waited for rank 0 in the
+    group's start-up until torchrun killed them, 30 s later)."""
+    if out is None:
         yield
         return
+    init_from_env(device)  # forms torchrun's group; _train asks for the same
+    group = is_multi_process()  # torchrun's, or one the caller formed
+    main = torch.distributed.get_rank() == 0 if group else launched_as_main()
     out = Path(out)
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if main:
+            try:
+                _hold_out_folder(out, held)
+            except SharpscopeError as exc:
+                refusal = str(exc)
+        if group:
+            shared = [refusal]
+            with peers_checked():
+                torch.distributed.broadcast_object_list(shared, src=0)
+            refusal = shared[0]
+        if refusal is not None:
+            raise SharpscopeError(refusal)
+        yield
+
+
+def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
+    """Create ``out`` if needed and lock it until ``held`` closes, which then removes a
+    folder made here that is still empty (a refused run leaves the holder's folder alone)."""
     made = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -580,12 +606,13 @@ def _out_locked(out: str | Path | None) -> Iterator[None]:
         f"another `sharpscope train` is writing into {out}; wait for it to finish or "
         "train into another --out"
     )
-    with exclusive_lock(out, busy):  # refused: the folder is the holder's, left alone
-        try:
-            yield
-        finally:
-            if made and out.is_dir() and not any(out.iterdir()):
-                out.rmdir()
+    held.enter_context(exclusive_lock(out, busy))
+
+    def remove_if_empty() -> None:
+        if made and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+
+    held.callback(remove_if_empty)  # runs before the lock is released
 
 
 def _train(

@@ -69,6 +69,28 @@ def test_a_second_train_into_a_folder_in_use_is_refused_and_the_lock_ends_with_t
     assert not fresh.exists()
 
 
+def test_under_torchrun_a_folder_in_use_stops_every_rank_at_once(tmp_path):
+    """Acceptance report, session 21: only rank 0 took the lock, so on a refusal rank 1 waited
+    for it in the process group's start-up until torchrun killed it (SIGKILL, 30 s later).
+    Rank 0 now shares the outcome, and every rank stops with the same line."""
+    from sharpscope.locking import exclusive_lock
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["train", "--dataset", "digits", "--samples", "128", "--model", "mlp"]
+    args += ["--epochs", "1", "--no-progress", "--device", "cpu", "--out", str(out)]
+    with exclusive_lock(out, "held by the first run"):
+        refused = torchrun(*args)
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert refused.returncode != 0 and lines, refused.stderr[-2000:]
+    assert set(lines) == {
+        f"error: another `sharpscope train` is writing into {out}; wait for it to finish or "
+        "train into another --out"
+    }
+    assert "SIGKILL" not in refused.stderr and "forcefully exiting" not in refused.stderr
+    assert list(out.iterdir()) == []  # the holder's folder, left alone
+
+
 def test_train_writes_checkpoints_and_metrics(tmp_path):
     summary = train(_config(tmp_path, save_every=1))
     assert {p.name for p in tmp_path.iterdir()} >= {
