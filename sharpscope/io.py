@@ -177,6 +177,25 @@ def is_sharpscope_checkpoint(obj: Any) -> bool:
     return isinstance(obj, dict) and obj.get("format") == FORMAT
 
 
+def recorded_specs(path: str | Path) -> dict[str, Any]:
+    """The model, data set and loss specs a sharpscope checkpoint records (kind -> spec;
+    empty for a bare state_dict), read memory-mapped where the file allows it, so that a
+    check before :func:`load_checkpoint` does not read the weights twice.
+
+    Raises:
+        SharpscopeError: as :func:`safe_load`, for a file it cannot read.
+    """
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # noqa: BLE001 - a legacy file, or one safe_load reports in one line
+        raw = safe_load(path)
+    if not is_sharpscope_checkpoint(raw):
+        return {}
+    return {"model": raw.get("model"), "data set": raw.get("data"), "loss": raw.get("loss")}
+
+
 def _check_version(raw: Mapping[str, Any], path: Path) -> None:
     """One line for a version that is missing, not an integer, below 1 or newer than ours."""
     version = raw.get("version")

@@ -266,24 +266,64 @@ def factory_of(spec: Any) -> str | None:
     return None
 
 
-def check_trusted_factory(spec: Any, kind: str, source: Any, trusted: bool) -> None:
-    """Refuse to import a factory that a file (a checkpoint) names, unless ``trusted``.
+#: the Python arguments that name a model or data set instead of a checkpoint's own
+PYTHON_ARGS = {"model": "model_spec=", "data set": "data_spec="}
+
+
+def _listed(items: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
+def check_trusted_factories(
+    specs: Mapping[str, Any],
+    source: Any,
+    trusted: bool,
+    *,
+    flags: Mapping[str, str] = FLAGS,
+    python: bool = False,
+    what: str = "the file",
+) -> None:
+    """Refuse to import the factories that a file (a checkpoint) names, unless ``trusted``.
 
     A checkpoint is read with ``weights_only=True``, so reading it runs no code; but a
     spec naming ``module:function`` would import and call it (``os:system`` or a file's
     top-level code), so a file from someone else could still run code. The factories a
     user names themselves (flags, configs) are theirs to run.
 
+    Args:
+        specs: kind ("model", "data set", "loss") -> the file's spec that would be used.
+        source: the file, as the message names it.
+        flags: the flag that names each kind instead; ``python``: also say how in Python.
+
     Raises:
-        SharpscopeError: ``spec`` names a factory and ``trusted`` is False.
+        SharpscopeError: one line naming every factory in ``specs`` (not one at a time),
+            unless ``trusted``.
     """
-    factory = factory_of(spec)
-    if factory is not None and not trusted:
-        raise SharpscopeError(
-            f"{source} names the {kind} factory '{factory}', code that would run: pass "
-            f"--trust-factories if you trust the file (trust_factories=True in Python), "
-            f"or name the {kind} yourself with {FLAGS[kind]}"
-        )
+    if trusted:
+        return
+    found = {kind: factory_of(spec) for kind, spec in specs.items()}
+    found = {kind: factory for kind, factory in found.items() if factory is not None}
+    if not found:
+        return
+    named = _listed([f"the {kind} factory '{factory}'" for kind, factory in found.items()])
+    if len(found) == 1:
+        (kind,) = found
+        how = f"name the {kind} yourself with {flags[kind]}"
+        if python and kind in PYTHON_ARGS:
+            how += f" ({PYTHON_ARGS[kind]} in Python)"
+    else:
+        how = f"name them yourself with {_listed([flags[kind] for kind in found])}"
+    trust = " (trust_factories=True in Python)" if python else ""
+    raise SharpscopeError(
+        f"{source} names {named}, code that would run: pass --trust-factories if you "
+        f"trust {what}{trust}, or {how}"
+    )
+
+
+def check_trusted_factory(spec: Any, kind: str, source: Any, trusted: bool) -> None:
+    """:func:`check_trusted_factories` for one spec, as the Python API reports it."""
+    check_trusted_factories({kind: spec}, source, trusted, python=True)
 
 
 def unknown_name(kind: str, name: str, choices: list[str]) -> SharpscopeError:

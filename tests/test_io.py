@@ -219,7 +219,7 @@ def test_a_model_factory_named_in_a_checkpoint_runs_only_when_trusted(tmp_path, 
     assert str(info.value) == (
         f"{theirs} names the model factory '{source}:net', code that would run: pass "
         "--trust-factories if you trust the file (trust_factories=True in Python), or name "
-        "the model yourself with --model"
+        "the model yourself with --model (model_spec= in Python)"
     )
     assert not marker.exists()
     # a registry name in the 'name' key is no factory; a factory path there is one

@@ -35,7 +35,7 @@ from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
 from ..distributed import PeerLost, launched_as_main, lost_peer, peer_lost
 from ..errors import SharpscopeError, check_loss_value
-from ..registry import LossFn, check_trusted_factory, get_loss, is_factory_path
+from ..registry import LossFn, check_trusted_factories, get_loss, is_factory_path
 from ..results import RunMeta
 
 console = Console(stderr=True, soft_wrap=True)
@@ -386,10 +386,16 @@ def load_analysis_inputs(
     so that data the model does not take fail here, in one line.
     """
     from ..distributed import pick_device
-    from ..io import load_checkpoint
+    from ..io import load_checkpoint, recorded_specs
 
     model_spec = spec_from_flag(model, model_options)
     data_spec = spec_from_flag(data, data_options)
+    if not trust_factories:  # every factory the file names and the flags leave, in one line
+        given = {"model": model_spec, "data set": data_spec, "loss": loss}
+        recorded = recorded_specs(ckpt)
+        check_trusted_factories(
+            {kind: spec for kind, spec in recorded.items() if given[kind] is None}, ckpt, False
+        )
     checkpoint = load_checkpoint(
         ckpt, model_spec=model_spec, data_spec=data_spec, trust_factories=trust_factories
     )
@@ -403,10 +409,6 @@ def load_analysis_inputs(
     spec = data_spec or checkpoint.data_spec
     if spec is None:
         raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
-    if data_spec is None:
-        check_trusted_factory(spec, "data set", ckpt, trust_factories)
-    if loss is None:
-        check_trusted_factory(checkpoint.raw.get("loss"), "loss", ckpt, trust_factories)
     if data_spec is None and data_options:
         spec = {**spec, **data_options}
     if split == "test" and isinstance(spec, Mapping) and "factory" in spec:

@@ -160,18 +160,32 @@ def test_factories_a_checkpoint_names_run_only_with_trust_factories(tmp_path):
     ckpt = save_checkpoint(tmp_path / "theirs.pt", payload)
     base = ["spectrum", str(ckpt), "--skip", "trace,density", "--k", "2", "--device", "cpu"]
     named = ["--model", f"{code}:model", "--data", f"{code}:data"]
-    for extra, kind, flag in (
-        ([], "model", "--model"),
-        (named[:2], "data set", "--data"),
-        (named, "loss", "--loss"),
+    factory = {
+        kind: f"the {kind} factory '{code}:{name}'"
+        for kind, name in (("model", "model"), ("data set", "data"), ("loss", "loss"))
+    }
+    for extra, named_here, flags in (
+        (
+            [],
+            f"{factory['model']}, {factory['data set']} and {factory['loss']}",
+            "name them yourself with --model, --data and --loss",
+        ),
+        (
+            named[:2],
+            f"{factory['data set']} and {factory['loss']}",
+            "name them yourself with --data and --loss",
+        ),
+        (named, factory["loss"], "name the loss yourself with --loss"),
     ):
         result = runner.invoke(app, [*base, *extra])
         assert result.exit_code == 2 and "Traceback" not in result.output
         (line,) = result.output.strip().splitlines()[-1:]
-        assert line.startswith(f"error: {ckpt} names the {kind} factory '{code}:"), line
-        assert line.endswith(f"or name the {kind} yourself with {flag}"), line
-        # nothing imported before the first refusal (later, the --model the user named is)
-        assert marker.exists() == bool(extra)
+        # every factory left to the file in one line (they were refused one at a time)
+        assert line == (
+            f"error: {ckpt} names {named_here}, code that would run: pass --trust-factories "
+            f"if you trust the file, or {flags}"
+        ), line
+        assert not marker.exists()  # nothing imported before the refusal, not even --model's
     result = runner.invoke(app, [*base, *named, "--loss", f"{code}:loss"])
     assert result.exit_code == 0, result.output
     marker.unlink()
