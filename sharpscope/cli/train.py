@@ -146,6 +146,29 @@ def _read_config(path: Path) -> dict[str, Any]:
     return values
 
 
+#: the train flags that name a model, data set or loss instead of a checkpoint's own
+FACTORY_FLAGS = {"model": "--model", "data set": "--dataset", "loss": "--loss"}
+
+
+def _check_resumed_factories(resumed: dict[str, Any], values: dict[str, Any], path: Path) -> None:
+    """Refuse, in one line, the module:function factories that a checkpoint's own config
+    names and no flag replaces: resuming someone else's run folder would run their code."""
+    from ..registry import check_trusted_factories
+
+    recorded = {
+        "model": (values["model"], resumed.get("model")),
+        "data set": (values["dataset"], resumed.get("dataset")),
+        "loss": (values["loss"], resumed.get("loss")),
+    }
+    check_trusted_factories(
+        {kind: spec for kind, (flag, spec) in recorded.items() if flag is None},
+        path,
+        False,
+        flags=FACTORY_FLAGS,
+        what="the run folder",
+    )
+
+
 def build_config(
     values: dict[str, Any], config_file: Path | None, resumed: dict[str, Any] | None = None
 ) -> Any:  # returns TrainConfig
@@ -521,6 +544,14 @@ def register(app: typer.Typer) -> None:
         no_progress: bool = typer.Option(
             False, "--no-progress", help="No progress bar: one line per epoch on stderr instead."
         ),
+        trust_factories: bool = typer.Option(
+            False,
+            "--trust-factories",
+            help="With --resume and no --config: import and call the module:function "
+            "factories that OUT/last.pt names (model, data set, loss), code from the run "
+            "folder's author. Off: such a run is refused unless --model/--dataset/--loss "
+            "name them.",
+        ),
     ) -> None:
         """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
         from ..distributed import launched_as_main
@@ -543,6 +574,8 @@ def register(app: typer.Typer) -> None:
         if resume and config is None and out is not None and (out / "last.pt").exists():
             # continue the run as it was: its settings come from the checkpoint
             resumed = load_training_state(out / "last.pt")["config"]
+            if not trust_factories:  # the file's factories, as an analysis of it would check
+                _check_resumed_factories(resumed, values, out / "last.pt")
         with flags_named(values):
             cfg = build_config(values, config, resumed)
         if out is None and cfg.out is not None:  # the TOML config's own out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -530,3 +531,47 @@ def test_errors_about_flags_name_the_flags(flags, message, tmp_path):
     config.write_text("epochs = 0\n")
     result = runner.invoke(app, ["train", "--config", str(config)])
     assert result.output.strip().splitlines()[-1].startswith("error: epochs must be")
+
+
+def test_resuming_a_run_folder_runs_its_factories_only_when_trusted_or_named(tmp_path):
+    """Acceptance report, session 21: `train --out THEIRS --resume` imported and called the
+    factories that THEIRS/last.pt names, code from the folder's author, with no flag, while
+    the analysis commands refuse the same checkpoint. Now resume is gated alike."""
+    marker = tmp_path / "imported"
+    code = tmp_path / "theirs.py"
+    code.write_text(
+        f"open({str(marker)!r}, 'w').close()\n"
+        "import torch\n"
+        "def make():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(128, 20, generator=g), torch.randint(0, 4, (128,), generator=g)\n"
+    )
+    out = tmp_path / "run"
+    args = ["train", "--model", "mlp", "--model-opt", "width=8", "--batch-size", "64"]
+    args += ["--schedule", "constant", "--no-progress", "--device", "cpu", "--out", str(out)]
+    first = runner.invoke(app, [*args, "--dataset", f"{code}:make", "--epochs", "1"])
+    assert first.exit_code == 0, first.output
+
+    def forget_the_module() -> None:  # as in a fresh process
+        marker.unlink(missing_ok=True)
+        for key in [k for k, m in sys.modules.items() if getattr(m, "__file__", "") == str(code)]:
+            del sys.modules[key]
+
+    forget_the_module()
+    resume = ["train", "--out", str(out), "--resume", "--epochs", "2", "--no-progress"]
+    refused = runner.invoke(app, resume)
+    assert refused.exit_code == 2 and not marker.exists()
+    assert refused.output == (
+        f"error: {out / 'last.pt'} names the data set factory '{code}:make', code that would "
+        "run: pass --trust-factories if you trust the run folder, or name the data set "
+        "yourself with --dataset\n"
+    )
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 1  # untouched
+    trusted = runner.invoke(app, [*resume, "--trust-factories"])
+    assert trusted.exit_code == 0, trusted.output
+    assert marker.exists() and torch.load(out / "last.pt", weights_only=True)["epoch"] == 2
+    forget_the_module()
+    again = ["train", "--out", str(out), "--resume", "--epochs", "3", "--no-progress"]
+    named = runner.invoke(app, [*again, "--dataset", f"{code}:make"])
+    assert named.exit_code == 0, named.output
+    assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
