@@ -290,9 +290,14 @@ def _check_saved_epochs(run_id: str, wanted: dict, out: Path, flag: str) -> None
 
 
 def load_study_config_from_dir(out: str | Path) -> StudyConfig:
-    """The validated config stored in a study folder."""
+    """The validated config stored in a study folder (an edited one's error names its file)."""
     meta = read_study_dir(out)
-    return study_config_from_dict(meta["config"], name=meta.get("name", "study"), check_files=False)
+    try:
+        return study_config_from_dict(
+            meta["config"], name=meta.get("name", "study"), check_files=False
+        )
+    except SharpscopeError as exc:
+        raise SharpscopeError(f"{Path(out) / 'study.json'}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- one run

@@ -270,6 +270,17 @@ def test_study_folder_format_and_reuse_errors(study, tmp_path):
             run_study(tiny_config(), folder)
         with pytest.raises(SharpscopeError, match=words):
             write_report(folder)
+    # an edited study.json that no longer validates: its error names the file
+    edited = tmp_path / "edited"
+    shutil.copytree(out, edited)
+    meta = json.loads((edited / "study.json").read_text())
+    meta["config"]["analysis"]["samples"] = 0
+    (edited / "study.json").write_text(json.dumps(meta))
+    with pytest.raises(SharpscopeError) as info:
+        write_report(edited)
+    assert str(info.value) == (
+        f'{edited / "study.json"}: analysis.samples must be a positive integer or "all", got 0'
+    )
     other = tmp_path / "other"
     other.mkdir()
     (other / "notes.txt").write_text("x")
