@@ -169,6 +169,23 @@ def _check_resumed_factories(resumed: dict[str, Any], values: dict[str, Any], pa
     )
 
 
+def _check_not_a_study_folder(out: Path) -> None:
+    """Refuse a study's folder or one of its run folders: ``sharpscope study run`` trains
+    there, and a run of other settings would fail the study later (or sit beside study.json)."""
+    from ..errors import SharpscopeError
+
+    if (out / "study.json").is_file():
+        raise SharpscopeError(
+            f"{out} is a study folder (study.json): train into another --out "
+            f"(`sharpscope study run` trains the study's runs)"
+        )
+    if (out / "run.json").is_file():
+        raise SharpscopeError(
+            f"{out} is a run folder of a study (run.json): `sharpscope study run` on the study "
+            "folder trains and resumes it; train into another --out"
+        )
+
+
 def build_config(
     values: dict[str, Any], config_file: Path | None, resumed: dict[str, Any] | None = None
 ) -> Any:  # returns TrainConfig
@@ -580,6 +597,8 @@ def register(app: typer.Typer) -> None:
             cfg = build_config(values, config, resumed)
         if out is None and cfg.out is not None:  # the TOML config's own out
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
+        if cfg.out is not None:
+            _check_not_a_study_folder(Path(cfg.out))
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
 

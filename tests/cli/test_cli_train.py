@@ -575,3 +575,22 @@ def test_resuming_a_run_folder_runs_its_factories_only_when_trusted_or_named(tmp
     named = runner.invoke(app, [*again, "--dataset", f"{code}:make"])
     assert named.exit_code == 0, named.output
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+
+
+@pytest.mark.parametrize(
+    ("marker", "message"),
+    [
+        ("study.json", "is a study folder (study.json): train into another --out"),
+        ("run.json", "is a run folder of a study (run.json): `sharpscope study run` on the"),
+    ],
+)
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_studys_folders_are_refused(tmp_path, marker, message, resume):
+    """Acceptance report, session 21: `train --out STUDY/runs/<queued run>` trained another
+    model there (the study failed on it later), and `train --out STUDY` wrote beside study.json."""
+    out = tmp_path / "folder"
+    out.mkdir()
+    (out / marker).write_text("{}")
+    result = runner.invoke(app, ["train", *TINY, "--out", str(out), *(["--resume"] * resume)])
+    assert result.exit_code == 2 and result.output.startswith(f"error: {out} {message}")
+    assert sorted(p.name for p in out.iterdir()) == [marker]
