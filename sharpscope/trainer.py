@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -593,9 +594,10 @@ def _out_locked(out: str | Path | None, device: str = "auto") -> Iterator[None]:
 
 
 def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
-    """Create ``out`` if needed and lock it until ``held`` closes, which then removes a
-    folder made here that is still empty (a refused run leaves the holder's folder alone)."""
-    made = not out.exists()
+    """Create ``out`` if needed and lock it until ``held`` closes, which then removes the
+    folders made here (``out`` and the parents it needed) that are still empty (a refused
+    run leaves the holder's folder alone)."""
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -609,8 +611,10 @@ def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
     held.enter_context(exclusive_lock(out, busy))
 
     def remove_if_empty() -> None:
-        if made and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
+        for folder in made:  # the deepest first
+            if not folder.is_dir() or any(folder.iterdir()):
+                return
+            folder.rmdir()
 
     held.callback(remove_if_empty)  # runs before the lock is released
 

@@ -63,10 +63,15 @@ def test_a_second_train_into_a_folder_in_use_is_refused_and_the_lock_ends_with_t
     train(_config(out, epochs=1))  # free again, and freed after the run
     assert (out / "last.pt").exists() and not is_locked(out)
     # a folder made for a run that stops on bad input is not left behind, empty
-    fresh = tmp_path / "new" / "run"
+    fresh = tmp_path / "new" / "deeper" / "run"
     with pytest.raises(SharpscopeError):
         train(_config(fresh, batch_size=10**6))
-    assert not fresh.exists()
+    assert not (tmp_path / "new").exists()  # nor the parents made for it
+    kept = tmp_path / "mine"
+    (kept / "notes").mkdir(parents=True)
+    with pytest.raises(SharpscopeError):
+        train(_config(kept / "sub" / "run", batch_size=10**6))
+    assert sorted(p.name for p in kept.iterdir()) == ["notes"]  # the user's own, kept
 
 
 def test_under_torchrun_a_folder_in_use_stops_every_rank_at_once(tmp_path):
