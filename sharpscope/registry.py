@@ -245,7 +245,10 @@ def normalize_spec(spec: str | Mapping[str, Any] | None, kind: str) -> dict[str,
         out = dict(spec)
         if "name" not in out and "factory" not in out:
             raise SharpscopeError(f"{kind} spec needs a 'name' or a 'factory': {out}")
-        if "name" in out and is_factory_path(str(out["name"])):
+        for key in ("name", "factory"):
+            if key in out and not isinstance(out[key], str):
+                raise SharpscopeError(f"the {kind} spec's {key} must be a string, got {out[key]!r}")
+        if "name" in out and is_factory_path(out["name"]):
             out["factory"] = out.pop("name")
         return out
     raise SharpscopeError(f"cannot read {kind} spec {spec!r}")

@@ -524,7 +524,7 @@ def _check_no_earlier_run(out: Path) -> None:
         shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
         raise SharpscopeError(
             f"{out} holds checkpoints of an earlier run ({shown}); train into a new --out "
-            "folder, or delete them (to resume, copy the last one to last.pt and add --resume)"
+            f"folder, or delete them (to resume, copy {earlier[-1]} to last.pt and add --resume)"
         )
 
 

@@ -241,3 +241,21 @@ def test_a_module_factory_that_cannot_be_imported_mentions_pythonpath_and_the_fi
     message = str(info.value)
     assert "cannot import module 'no_such_pkg_xyz.models'" in message
     assert "PYTHONPATH" in message and "path/to/no_such_pkg_xyz/models.py:net" in message
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"factory": [":"]}, "the model spec's factory must be a string, got [':']"),
+        ({"name": ["x:y"]}, "the model spec's name must be a string, got ['x:y']"),
+        ({"name": 3}, "the model spec's name must be a string, got 3"),
+    ],
+)
+def test_a_spec_whose_name_or_factory_is_not_a_string_is_named_as_such(spec, message):
+    """Acceptance report, session 21: {"factory": [":"]} failed as "model factory '[':']'
+    failed: AttributeError: 'list' object has no attribute 'startswith'"."""
+    from sharpscope.registry import normalize_spec
+
+    with pytest.raises(SharpscopeError) as info:
+        normalize_spec(spec, "model")
+    assert str(info.value) == message

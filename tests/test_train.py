@@ -257,6 +257,9 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
         (tmp_path / name).write_bytes(b"")
     with pytest.raises(SharpscopeError, match=r"none found \(epoch_1000.pt is there"):
         train(_config(tmp_path, epochs=2), resume=True)
+    with pytest.raises(SharpscopeError) as info:  # a new run names it too, not "the last one"
+        train(_config(tmp_path, epochs=1))
+    assert str(info.value).endswith("(to resume, copy epoch_1000.pt to last.pt and add --resume)")
     for name in ("epoch_999.pt", "epoch_1000.pt"):
         (tmp_path / name).unlink()
     # a run stopped before its first checkpoint is started again by the same command
