@@ -48,7 +48,7 @@ from .distributed import (
     peers_checked,
     reduce_each_gradient,
 )
-from .errors import SharpscopeError, check_seed
+from .errors import SharpscopeError, check_seed, first_line
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .locking import exclusive_lock
@@ -572,22 +572,30 @@ def _out_locked(out: str | Path | None, device: str = "auto") -> Iterator[None]:
     if out is None:
         yield
         return
-    init_from_env(device)  # forms torchrun's group; _train asks for the same
+    info = init_from_env(device)  # forms torchrun's group; _train asks for the same
     group = is_multi_process()  # torchrun's, or one the caller formed
     main = torch.distributed.get_rank() == 0 if group else launched_as_main()
     out = Path(out)
     with contextlib.ExitStack() as held:
-        refusal = None
+        refusal, failure = None, None
         if main:
             try:
                 _hold_out_folder(out, held)
             except SharpscopeError as exc:
                 refusal = str(exc)
+            except Exception as exc:  # noqa: BLE001 - shared too, then raised as it was
+                failure = exc
+                refusal = f"rank 0 could not take {out}: {first_line(exc) or type(exc).__name__}"
         if group:
             shared = [refusal]
-            with peers_checked():
-                torch.distributed.broadcast_object_list(shared, src=0)
+            nccl = torch.distributed.get_backend() == "nccl"
+            with peers_checked():  # on the device the run uses (NCCL sends from a GPU)
+                torch.distributed.broadcast_object_list(
+                    shared, src=0, device=info.device if nccl else None
+                )
             refusal = shared[0]
+        if failure is not None:
+            raise failure
         if refusal is not None:
             raise SharpscopeError(refusal)
         yield
@@ -612,9 +620,10 @@ def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
 
     def remove_if_empty() -> None:
         for folder in made:  # the deepest first
-            if not folder.is_dir() or any(folder.iterdir()):
+            try:
+                folder.rmdir()  # only an empty one; a parent another run just used stays
+            except OSError:
                 return
-            folder.rmdir()
 
     held.callback(remove_if_empty)  # runs before the lock is released
 

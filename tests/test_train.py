@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -652,6 +653,51 @@ def _batch_size_worker(rank, world, rendezvous, folder):
                 f"batch size {size} is not divisible by the 2 processes; choose a multiple "
                 f"of 2, such as {near}"
             )
+
+
+def test_any_error_of_rank_0_at_the_lock_reaches_the_other_ranks(tmp_path):
+    """Review, session 21: rank 0 shared only a SharpscopeError; another error there (a
+    folder it may not open, EMFILE) left the other ranks in the broadcast until torchrun
+    killed them."""
+    mp.spawn(_lock_failure_worker, args=(2, rendezvous_file(), str(tmp_path)), nprocs=2)
+
+
+def _lock_failure_worker(rank, world, rendezvous, folder):
+    import contextlib
+
+    import sharpscope.trainer as trainer
+
+    @contextlib.contextmanager
+    def unopenable(path, busy):
+        raise PermissionError(13, "Permission denied", str(path))
+        yield
+
+    trainer.exclusive_lock = unopenable  # this spawned process's own module
+    os.environ["WORLD_SIZE"] = str(world)
+    with spawned_group(rank, world, rendezvous):
+        expected = PermissionError if rank == 0 else SharpscopeError
+        with pytest.raises(expected) as caught:
+            train(_config(f"{folder}/run", epochs=1))
+        if rank:
+            assert str(caught.value) == (
+                f"rank 0 could not take {folder}/run: [Errno 13] Permission denied: '{folder}/run'"
+            )
+
+
+def test_a_parent_another_run_just_used_is_kept_and_the_real_error_raised(tmp_path, monkeypatch):
+    """Review, session 21: between "is it empty?" and rmdir a sibling run could make its
+    folder in a parent made for this one: rmdir's OSError then replaced the one-line error."""
+    real = Path.rmdir
+
+    def racing(self):
+        if self.name == "sweep":
+            (self / "seed1").mkdir()
+        return real(self)
+
+    monkeypatch.setattr(Path, "rmdir", racing)
+    with pytest.raises(SharpscopeError, match="batch size 1000000 is larger"):
+        train(_config(tmp_path / "sweep" / "seed0", batch_size=10**6))
+    assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["seed1"]
 
 
 def _write_factories(folder):
