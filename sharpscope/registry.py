@@ -283,6 +283,7 @@ def check_trusted_factories(
     source: Any,
     trusted: bool,
     *,
+    given: Mapping[str, Any] | None = None,
     flags: Mapping[str, str] = FLAGS,
     python: bool = False,
     what: str = "the file",
@@ -295,8 +296,10 @@ def check_trusted_factories(
     user names themselves (flags, configs) are theirs to run.
 
     Args:
-        specs: kind ("model", "data set", "loss") -> the file's spec that would be used.
+        specs: kind ("model", "data set", "loss") -> the file's spec.
         source: the file, as the message names it.
+        given: kind -> what the user named instead (a flag's value; None: nothing), so
+            that the file's spec of that kind is not used and not checked.
         flags: the flag that names each kind instead; ``python``: also say how in Python.
 
     Raises:
@@ -305,7 +308,8 @@ def check_trusted_factories(
     """
     if trusted:
         return
-    found = {kind: factory_of(spec) for kind, spec in specs.items()}
+    given = given or {}
+    found = {kind: factory_of(spec) for kind, spec in specs.items() if given.get(kind) is None}
     found = {kind: factory for kind, factory in found.items() if factory is not None}
     if not found:
         return

@@ -398,7 +398,7 @@ def _warn_unusual_settings(config: TrainConfig, base_lrs: list[float], world_siz
             stacklevel=3,
         )
     if config.schedule.get("name") == "step":
-        late = sorted(m for m in config.schedule.get("milestones", []) if m >= config.epochs)
+        late = sorted({m for m in config.schedule.get("milestones", []) if m >= config.epochs})
         if late:
             many = "s" if len(late) > 1 else ""
             warnings.warn(

@@ -878,7 +878,7 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
             r"warmup_epochs 1.5 is not shorter than the run \(1 epoch\)",
         ),
         (
-            {"schedule": {"name": "step", "milestones": [5, 1, 2]}},
+            {"schedule": {"name": "step", "milestones": [5, 1, 2, 5]}},  # each named once
             r"schedule milestones 2, 5 are not before the end of the run \(2 epochs\): the "
             "learning rate never decays there",
         ),

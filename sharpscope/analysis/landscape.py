@@ -75,13 +75,15 @@ from ._functional import (
     vmap_or_loop,
     with_data,
 )
-from .directions import (
+from .directions import (  # normalize/random_direction: still importable from here
     BIAS_MODES,
     NORMS,
     BiasMode,
     DirectionNorm,
     DirectionPlan,
+    normalize_direction,
     plan_directions,
+    random_direction,
 )
 from .input_layer import PrecomputedInputLayers
 
@@ -970,5 +972,7 @@ __all__ = [
     "landscape",
     "landscape_slice_1d",
     "landscape_slice_2d",
+    "normalize_direction",
+    "random_direction",
     "vmap_pays_on_gpu",
 ]

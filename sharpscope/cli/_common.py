@@ -392,10 +392,7 @@ def load_analysis_inputs(
     data_spec = spec_from_flag(data, data_options)
     if not trust_factories:  # every factory the file names and the flags leave, in one line
         given = {"model": model_spec, "data set": data_spec, "loss": loss}
-        recorded = recorded_specs(ckpt)
-        check_trusted_factories(
-            {kind: spec for kind, spec in recorded.items() if given[kind] is None}, ckpt, False
-        )
+        check_trusted_factories(recorded_specs(ckpt), ckpt, False, given=given)
     checkpoint = load_checkpoint(
         ckpt, model_spec=model_spec, data_spec=data_spec, trust_factories=trust_factories
     )

@@ -224,10 +224,16 @@ def register(app: typer.Typer) -> None:
             help="random, eigen, CKPT2 (interpolation) or a folder of checkpoints (PCA).",
         ),
         norm: str = typer.Option(
-            "filter", "--norm", help="Direction normalization: filter, layer, element, none."
+            "filter",
+            "--norm",
+            help="Direction normalization: filter, layer, element, none (random directions, "
+            "and the second one of a 2-D interpolation).",
         ),
         bias: str = typer.Option(
-            "ignore", "--bias", help="Biases and BN parameters: ignore, keep, normalize."
+            "ignore",
+            "--bias",
+            help="Biases and BN parameters: ignore, keep, normalize (random directions and a "
+            "2-D interpolation's second one; ignore also leaves them out of a PCA).",
         ),
         states: Optional[bool] = typer.Option(
             None,

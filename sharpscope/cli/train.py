@@ -148,6 +148,8 @@ def _read_config(path: Path) -> dict[str, Any]:
 
 #: the train flags that name a model, data set or loss instead of a checkpoint's own
 FACTORY_FLAGS = {"model": "--model", "data set": "--dataset", "loss": "--loss"}
+#: where a training config (and this command's values) keeps each kind
+CONFIG_KEYS = {"model": "model", "data set": "dataset", "loss": "loss"}
 
 
 def _check_resumed_factories(resumed: dict[str, Any], values: dict[str, Any], path: Path) -> None:
@@ -155,17 +157,10 @@ def _check_resumed_factories(resumed: dict[str, Any], values: dict[str, Any], pa
     names and no flag replaces: resuming someone else's run folder would run their code."""
     from ..registry import check_trusted_factories
 
-    recorded = {
-        "model": (values["model"], resumed.get("model")),
-        "data set": (values["dataset"], resumed.get("dataset")),
-        "loss": (values["loss"], resumed.get("loss")),
-    }
+    recorded = {kind: resumed.get(key) for kind, key in CONFIG_KEYS.items()}
+    given = {kind: values[key] for kind, key in CONFIG_KEYS.items()}
     check_trusted_factories(
-        {kind: spec for kind, (flag, spec) in recorded.items() if flag is None},
-        path,
-        False,
-        flags=FACTORY_FLAGS,
-        what="the run folder",
+        recorded, path, False, given=given, flags=FACTORY_FLAGS, what="the run folder"
     )
 
 
@@ -584,6 +579,8 @@ def register(app: typer.Typer) -> None:
         check_float_flags(values)
         holds = "last.pt, the epoch checkpoints and metrics.jsonl"
         check_output_folder("--out", out, holds=holds)
+        if out is not None:  # before its last.pt is read
+            _check_not_a_study_folder(out)
         values["model_opts"] = parse_options(model_opt, "--model-opt")
         values["data_opts"] = parse_options(data_opt, "--data-opt")
         values["opt"] = parse_options(opt, "--opt")
@@ -597,7 +594,7 @@ def register(app: typer.Typer) -> None:
             cfg = build_config(values, config, resumed)
         if out is None and cfg.out is not None:  # the TOML config's own out
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
-        if cfg.out is not None:
+        if out is None and cfg.out is not None:
             _check_not_a_study_folder(Path(cfg.out))
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()

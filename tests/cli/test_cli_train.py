@@ -575,6 +575,10 @@ def test_resuming_a_run_folder_runs_its_factories_only_when_trusted_or_named(tmp
     named = runner.invoke(app, [*again, "--dataset", f"{code}:make"])
     assert named.exit_code == 0, named.output
     assert torch.load(out / "last.pt", weights_only=True)["epoch"] == 3
+    # a study's run folder is refused first, not after the user trusted its factories
+    (out / "run.json").write_text("{}")
+    study = runner.invoke(app, resume)
+    assert study.exit_code == 2 and "is a run folder of a study (run.json)" in study.output
 
 
 @pytest.mark.parametrize(
