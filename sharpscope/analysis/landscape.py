@@ -52,7 +52,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..curvature.fold import fold_batchnorm
-from ..data.batches import as_batches
+from ..data.batches import fixed_batches
 from ..device_memory import FittingRows, available_memory_bytes, free_memory_note
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check, check_integers, check_numbers, check_seed
@@ -466,7 +466,7 @@ def landscape(
     )
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
-    batches = as_batches(data, batch_size, device)
+    batches = fixed_batches(data, batch_size, device)
     batches = [(b.to(dtype) if b.is_floating_point() else b, t) for b, t in batches]
     classification = is_classification(batches[0][1])
     layout = ParamLayout.of(model)

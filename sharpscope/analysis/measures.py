@@ -31,9 +31,9 @@ from scipy.optimize import minimize
 from torch import Tensor, nn
 from torch.func import functional_call, vmap
 
-from ..data.batches import as_batches
+from ..data.batches import fixed_batches
 from ..device_memory import FittingRows
-from ..errors import SharpscopeError, check
+from ..errors import SharpscopeError, check, check_autograd
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -150,7 +150,7 @@ def average_sharpness(
     check(rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho}")
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
-    sub = split_subsets(model, data, m, loss, logit_normalize)
+    sub = split_subsets(model, data, m, loss, logit_normalize, measure="average sharpness")
     xs, ys, num_subsets, n, m = sub.xs, sub.ys, sub.num_subsets, sub.n, sub.n // sub.num_subsets
     classification, layout, theta = sub.classification, sub.layout, sub.theta
     subset_loss, dtype, device = sub.subset_loss, sub.dtype, sub.device
@@ -324,7 +324,7 @@ def epsilon_sharpness(
     )
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
-    batches = as_batches(data, batch_size, device)
+    batches = fixed_batches(data, batch_size, device)
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     total = sum(len(y) for _, y in batches)
     layout = ParamLayout.of(model)
@@ -362,7 +362,8 @@ def epsilon_sharpness(
         best["evals"] += 1
         return -value, -g_y.cpu().numpy()
 
-    with analysis_mode(model) as mode:
+    check_autograd("epsilon-sharpness's gradients")
+    with analysis_mode(model) as mode, torch.enable_grad():  # inside torch.no_grad() too
         with model_errors(False):  # one line for a model or loss that does not fit
             clean_loss, clean_grad = loss_and_grad(np.zeros(len(bound)))
         clean_loss = -clean_loss
@@ -517,7 +518,7 @@ def pac_bayes_flatness(
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
-    batches = as_batches(data, batch_size, device)
+    batches = fixed_batches(data, batch_size, device)
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     if not is_classification(batches[0][1]):
         raise SharpscopeError(

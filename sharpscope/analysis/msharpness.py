@@ -559,6 +559,7 @@ def split_subsets(
     loss: Any,
     logit_normalize: bool,
     fold_bn: bool = True,
+    measure: str = "m-sharpness",
 ) -> Subsets:
     """Cut ``data`` into subsets of ``m`` examples (``None``: one subset of all).
 
@@ -573,7 +574,7 @@ def split_subsets(
         data,
         as_tensors,
         same_tensors,
-        why=" and m-sharpness cuts its subsets in the data's order",
+        why=f" and {measure} cuts its subsets in the data's order",
     )
     n_total = len(targets)
     m = n_total if m is None else m

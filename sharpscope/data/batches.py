@@ -278,3 +278,8 @@ def read_fixed(
             "pass fixed tensors, or a DataLoader with shuffle=False and no random transforms"
         )
     return first
+
+
+def fixed_batches(data: Any, batch_size: int | None, device: Any, why: str = "") -> list[Batch]:
+    """:func:`as_batches`, refused by :func:`read_fixed` when a second read differs."""
+    return read_fixed(data, lambda d: as_batches(d, batch_size, device), same_batches, why)

@@ -368,3 +368,71 @@ def test_a_single_logit_binary_classifier_is_scored_by_its_sign():
     assert flat.accuracy == 1.0
     flipped = ss.m_sharpness(net, (x, 1 - y), 8, 0.05, loss=bce)
     assert flipped.clean_error == 1.0
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Inputs with fresh random noise at every read: random augmentation."""
+
+    def __init__(self):
+        generator = torch.Generator().manual_seed(0)
+        self.x = torch.randn(64, 6, generator=generator)
+        self.y = torch.randint(0, 3, (64,), generator=generator)
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return self.x[i] + 0.5 * torch.randn(6), self.y[i]
+
+
+@pytest.mark.parametrize(
+    ("measure", "why"),
+    [
+        ("landscape", ""),
+        ("epsilon_sharpness", ""),
+        ("pac_bayes_flatness", ""),
+        ("average_sharpness", " and average sharpness cuts its subsets"),
+        ("m_sharpness", " and m-sharpness cuts its subsets"),
+        ("top_eigenvalues", ""),
+    ],
+)
+def test_every_analysis_refuses_data_that_changes_between_reads(measure, why):
+    """Python API acceptance, session 21: landscape, epsilon_sharpness and pac_bayes_flatness
+    analysed a fresh random augmentation at every call (README: such data is refused);
+    average_sharpness's refusal named m-sharpness."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    options = {
+        "landscape": {"dims": 1, "grid": 3},
+        "epsilon_sharpness": {"iterations": 1},
+        "pac_bayes_flatness": {},
+        "average_sharpness": {"rho": 0.01},
+        "m_sharpness": {"m": 16, "rho": 0.05},
+        "top_eigenvalues": {"k": 1},
+    }[measure]
+    with pytest.raises(SharpscopeError) as info:
+        getattr(ss, measure)(model, _Augmented(), **options)
+    assert str(info.value).startswith(
+        f"the data changed between two reads (shuffling or random augmentation){why}"
+    )
+    fixed = torch.utils.data.TensorDataset(_Augmented().x, _Augmented().y)
+    getattr(ss, measure)(model, fixed, **options)  # the same data, read alike: accepted
+
+
+def test_epsilon_sharpness_runs_inside_no_grad_and_names_inference_mode():
+    """Python API acceptance, session 21: inside torch.no_grad() (a common notebook cell)
+    it failed with "the model or loss failed on the data", unlike the other analyses."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    data = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    plain = ss.epsilon_sharpness(model, data, iterations=2)
+    with torch.no_grad():
+        inside = ss.epsilon_sharpness(model, data, iterations=2)
+    assert inside.sharpness == plain.sharpness > 0
+    with torch.inference_mode(), pytest.raises(SharpscopeError) as info:
+        ss.epsilon_sharpness(model, data, iterations=2)
+    assert str(info.value).startswith("called inside torch.inference_mode(): epsilon-sharpness")
