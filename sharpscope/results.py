@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .errors import SharpscopeError
+from .errors import SharpscopeError, first_line
 
 
 @dataclass(frozen=True)
@@ -225,8 +225,46 @@ class Result:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Result:
-        """Load a result saved with :meth:`save`."""
-        return cls.from_dict(read_record(path))
+        """Load a result saved with :meth:`save`.
+
+        Raises:
+            SharpscopeError: a missing or unreadable file, or one holding another kind of
+                result (the error names the class that loads it).
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise SharpscopeError(f"result file not found: {path}")
+        try:
+            record = read_record(path)
+        except (OSError, ValueError, KeyError) as exc:  # not JSON, a damaged .npz, ...
+            raise SharpscopeError(
+                f"cannot read {path} as a saved result: {first_line(exc) or type(exc).__name__}"
+            ) from exc
+        kind = record.get("kind") if isinstance(record, dict) else None
+        if not isinstance(record, dict) or (kind is not None and kind != cls.kind):
+            owner = _result_classes().get(kind) if isinstance(kind, str) else None
+            how = f"; load it with {owner.__module__}.{owner.__name__}.load" if owner else ""
+            held = f"a result of kind '{kind}'" if isinstance(kind, str) else "no result"
+            raise SharpscopeError(f"{path} holds {held}, not '{cls.kind}'{how}")
+        try:
+            return cls.from_dict(record)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SharpscopeError(
+                f"cannot read {path} as a {cls.__name__}: {first_line(exc) or type(exc).__name__}"
+            ) from exc
+
+
+def _result_classes() -> dict[str, type[Result]]:
+    """kind -> the Result subclass that writes it (the analyses' modules imported)."""
+    from .analysis import correlation, landscape, measures, msharpness, spectrum  # noqa: F401
+
+    found: dict[str, type[Result]] = {}
+    pending = list(Result.__subclasses__())
+    while pending:
+        klass = pending.pop()
+        found.setdefault(klass.kind, klass)
+        pending.extend(klass.__subclasses__())
+    return found
 
 
 def read_record(path: str | os.PathLike) -> dict[str, Any]:

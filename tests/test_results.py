@@ -66,3 +66,36 @@ def test_an_interrupted_result_write_keeps_the_previous_file(tmp_path, monkeypat
         Toy(score=2.0).save(path)
     assert path.read_bytes() == before
     assert os.listdir(tmp_path) == ["toy.json"]
+
+
+def test_loading_a_missing_damaged_or_other_kind_of_file_is_one_line(tmp_path):
+    """Python API acceptance, session 21: Spectrum.load of an m-sharpness file raised
+    KeyError: 'top', MSharpness.load of a spectrum a TypeError with 21 missing arguments, a
+    missing file pathlib's FileNotFoundError; every file records its kind."""
+    from sharpscope.errors import SharpscopeError
+
+    with pytest.raises(SharpscopeError, match=r"^result file not found: .*nope\.json$"):
+        Toy.load(tmp_path / "nope.json")
+    other = tmp_path / "ms.json"
+    other.write_text(json.dumps({"kind": "msharpness", "sharpness": 0.1}))
+    with pytest.raises(SharpscopeError) as info:
+        Toy.load(other)
+    assert str(info.value) == (
+        f"{other} holds a result of kind 'msharpness', not 'toy'; load it with "
+        "sharpscope.analysis.msharpness.MSharpness.load"
+    )
+    toy = Toy().save(tmp_path / "toy.json")
+    from sharpscope.analysis.spectrum import Spectrum
+
+    with pytest.raises(
+        SharpscopeError, match=r"holds a result of kind 'toy', not 'spectrum'; load it"
+    ):
+        Spectrum.load(toy)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(SharpscopeError, match=r"cannot read .*broken\.json as a saved result"):
+        Toy.load(broken)
+    listed = tmp_path / "list.json"
+    listed.write_text("[1, 2]")
+    with pytest.raises(SharpscopeError, match=r"holds no result, not 'toy'$"):
+        Toy.load(listed)

@@ -291,8 +291,9 @@ def _load_partial(
     try:
         previous = LandscapeResult.load(path)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
+        why = "" if isinstance(exc, SharpscopeError) else f" ({type(exc).__name__})"
         raise SharpscopeError(
-            f"{path} exists but is not a landscape result ({type(exc).__name__}); "
+            f"{path} exists but is not a landscape result{why}; "
             "delete it or choose another output"
         ) from exc
     old = previous.settings or {}
