@@ -162,6 +162,30 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         raise
 
 
+def _short(value: Any, most: int = 6) -> str:
+    """A short text of a result's field for :meth:`Result.summary`.
+
+    >>> _short(torch.tensor([1.0, 2.5])), _short(torch.zeros(3, 40)), _short({"a": 1})
+    ('[1, 2.5]', '<tensor 3x40>', '{1 key}')
+    """
+    if isinstance(value, Result):
+        return value.summary()
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        shape = tuple(value.shape)
+        if len(shape) <= 1 and (not shape or shape[0] <= most):
+            return _short(np.asarray(to_numpy(value)).tolist(), most)
+        return f"<tensor {'x'.join(map(str, shape))}>"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        if len(value) > most:
+            return f"[{', '.join(_short(v) for v in value[:3])}, ... {len(value)} items]"
+        return f"[{', '.join(_short(v) for v in value)}]"
+    if isinstance(value, dict):
+        return f"{{{len(value)} key{'s' if len(value) != 1 else ''}}}"
+    return repr(value)
+
+
 @dataclass(frozen=True)
 class Result:
     """Base class of analysis results.
@@ -171,6 +195,32 @@ class Result:
     """
 
     kind: ClassVar[str] = "result"
+
+    def summary(self) -> str:
+        """One short line of the fields: a few values of small tensors and lists, the
+        shape of larger ones, the size of dicts; ``meta`` left out (``repr`` shows all).
+
+        ``print(result)``, Jupyter and IPython show a result with it, so that a cell
+        ending in a result does not print every direction, sample and timing.
+        """
+        parts = [
+            f"{f.name}={_short(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+            if f.name != "meta"
+        ]
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def _repr_pretty_(self, printer: Any, cycle: bool) -> None:
+        printer.text(self.summary())
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        # IPython takes a class's own __repr__ (which @dataclass writes) before an
+        # inherited _repr_pretty_: each subclass holds its own, found first
+        super().__init_subclass__(**kwargs)
+        cls._repr_pretty_ = Result._repr_pretty_  # type: ignore[method-assign]
+
+    def __str__(self) -> str:  # print(result); repr() keeps every value
+        return self.summary()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON dictionary of every field (tensors become lists)."""

@@ -99,3 +99,15 @@ def test_loading_a_missing_damaged_or_other_kind_of_file_is_one_line(tmp_path):
     listed.write_text("[1, 2]")
     with pytest.raises(SharpscopeError, match=r"holds no result, not 'toy'$"):
         Toy.load(listed)
+
+
+def test_a_result_prints_one_short_line_and_repr_keeps_everything():
+    """Python API acceptance, session 21: a 5-point landscape printed 15,000 characters in a
+    notebook cell (every direction entry, setting and hash)."""
+    from IPython.lib.pretty import pretty
+
+    big = Toy(values=torch.arange(1000.0))
+    line = "Toy(values=<tensor 1000>, score=0.5)"
+    assert big.summary() == str(big) == pretty(big) == line
+    assert Toy().summary() == "Toy(values=[1.5, -2, 3.25], score=0.5)"
+    assert "999." in repr(big) or "999" in repr(big)  # the dataclass repr, unchanged

@@ -293,8 +293,7 @@ def _load_partial(
     except Exception as exc:  # noqa: BLE001 - any unreadable file is reported the same way
         why = "" if isinstance(exc, SharpscopeError) else f" ({type(exc).__name__})"
         raise SharpscopeError(
-            f"{path} exists but is not a landscape result{why}; "
-            "delete it or choose another output"
+            f"{path} exists but is not a landscape result{why}; delete it or choose another output"
         ) from exc
     old = previous.settings or {}
     differing = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
