@@ -271,8 +271,9 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
 def _shapes_from_data(data_spec: Mapping[str, Any] | None) -> tuple[tuple[int, ...], int]:
     if data_spec is None:
         raise SharpscopeError(
-            "a bare state_dict of a registry model needs --data to know the input shape and "
-            "number of classes (or give --model as a module:function factory)"
+            "a bare state_dict of a registry model needs --data (data_spec= in Python) to know "
+            "the input shape and number of classes (or give the model as a module:function "
+            "factory)"
         )
     from .data import check_data_spec, load_data
 

@@ -836,3 +836,12 @@ def test_the_marked_axis_takes_values_as_a_results_csv_gives_them():
         for lr in (0.1 + 0.2, 0.3)
     ]
     assert study_plots.second_axis(noisy) == "rho"
+
+
+def test_plot_landscape_names_a_result_of_another_kind():
+    """Python API acceptance, session 21: a Spectrum gave "'Spectrum' object has no
+    attribute 'y'"."""
+    from sharpscope.plotting.landscape import plot_landscape
+
+    with pytest.raises(SharpscopeError, match="^cannot plot a dict: pass a LandscapeResult$"):
+        plot_landscape({"x": [0, 1]})

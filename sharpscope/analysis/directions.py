@@ -118,7 +118,8 @@ def _params_of(source: Any, layout: ParamLayout, what: str) -> tuple[Tensor, dic
         tensors = dict(source.get("state_dict", source))
     else:
         raise SharpscopeError(
-            f"{what} must be a model, a state_dict or a checkpoint, got {type(source).__name__}"
+            f"{what} must be a model, a state_dict or a loaded checkpoint "
+            f"(sharpscope.load_checkpoint(path)), got {type(source).__name__}"
         )
     for name, shape in zip(layout.names, layout.shapes):
         if name not in tensors:
@@ -231,9 +232,15 @@ def plan_directions(
         vectors = vectors / vectors.norm(dim=1, keepdim=True)
         return DirectionPlan("eigen", theta64, vectors, eigenvalues=eig.eigenvalues.double().cpu())
     if isinstance(directions, str):
+        file = (
+            " (a file path: pass sharpscope.load_checkpoint(path), or its .model)"
+            if directions.endswith(".pt") or "/" in directions
+            else ""
+        )
         raise SharpscopeError(
-            f"unknown directions '{directions}': use 'random', 'eigen', another model or "
-            "state_dict (interpolation) or a list of them (PCA of a trajectory)"
+            f"unknown directions '{directions}'{file}: use 'random', 'eigen', another model, "
+            "state_dict or loaded checkpoint (interpolation) or a list of them (PCA of a "
+            "trajectory)"
         )
     if isinstance(directions, (list, tuple)):
         check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")

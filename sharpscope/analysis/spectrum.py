@@ -58,7 +58,8 @@ class TopEigs(Result):
     """Top-k Hessian eigenvalues (analysis.md §2).
 
     Attributes:
-        eigenvalues: ``(k,)`` float64, descending (signs kept).
+        eigenvalues: ``(k,)`` float64, sorted algebraically, descending, for every
+            ``which`` (the k of largest magnitude for "LM", the smallest for "SA").
         residuals: Ritz residual estimates ``β_m |s_{m,i}|`` (true residuals for the
             pyhessian backend).
         converged: per pair, residual <= tol · max |θ|.
@@ -568,7 +569,7 @@ def _top_from_op(
         )
     if max_steps is None:
         max_steps = default_max_steps(k)
-    if op.dtype == torch.float32 and tol < FLOAT32_NOISE_FLOOR:
+    if op.dtype == torch.float32 and 0 < tol < FLOAT32_NOISE_FLOOR:  # a bad tol: one error
         warnings.warn(
             f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "
             f"{FLOAT32_NOISE_FLOOR:g} relative): the converged flags then vouch for the Lanczos "

@@ -345,6 +345,11 @@ class HessianOperator:
 
         selected: dict[str, Tensor] = {}
         consts: dict[str, Tensor] = {}
+        if param_filter is not None and not isinstance(param_filter, str):
+            raise SharpscopeError(
+                "param_filter is a regular expression on parameter names (e.g. "
+                f"'^fc\\.' or 'layer3'), got {type(param_filter).__name__}"
+            )
         pattern = re.compile(param_filter) if param_filter else None
         for name, p in module.named_parameters():
             if p.requires_grad and (pattern is None or pattern.search(name)):

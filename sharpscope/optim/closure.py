@@ -84,6 +84,17 @@ class BatchClosure:
         autocast_dtype: torch.dtype | None = None,
         scaler: Any = None,
     ) -> None:
+        if not isinstance(model, nn.Module) or not callable(loss_fn):
+            raise SharpscopeError(
+                "BatchClosure takes (model, loss_fn, inputs, targets), got "
+                f"({type(model).__name__}, {type(loss_fn).__name__}, ...)"
+            )
+        if not all(hasattr(t, "__len__") for t in (inputs, targets)):
+            raise SharpscopeError(
+                "BatchClosure's inputs and targets must be batches (tensors), got "
+                f"{type(inputs).__name__} and {type(targets).__name__}: the order is "
+                "(model, loss_fn, inputs, targets)"
+            )
         if len(inputs) != len(targets):
             raise SharpscopeError(
                 f"inputs and targets differ in length ({len(inputs)} vs {len(targets)}); "

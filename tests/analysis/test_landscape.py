@@ -722,7 +722,13 @@ def test_loop_leaves_the_model_and_a_pending_graph_untouched_even_when_interrupt
         ({"span": 0.0}, "span must be > 0"),
         ({"norm": "unit"}, "unknown norm"),
         ({"bias": "drop"}, "unknown bias mode"),
-        ({"directions": "pca"}, "unknown directions"),
+        ({"directions": "pca"}, r"unknown directions 'pca': use"),
+        # a path was taken for a keyword (Python API acceptance, session 21)
+        (
+            {"directions": "runs/b/last.pt"},
+            r"\(a file path: pass sharpscope.load_checkpoint\(path\), or its .model\)",
+        ),
+        ({"directions": ["a.pt", "b.pt"]}, r"got str$"),
         ({"directions": "random", "states": True}, "interpolation only"),
         # 1e10 points: their coordinates alone ran out of memory, with advice about batches
         ({"dims": 2, "grid": 100_000}, r"100000 x 100000 grid is 1e\+10 points.*smaller grid"),

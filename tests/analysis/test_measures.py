@@ -436,3 +436,30 @@ def test_epsilon_sharpness_runs_inside_no_grad_and_names_inference_mode():
     with torch.inference_mode(), pytest.raises(SharpscopeError) as info:
         ss.epsilon_sharpness(model, data, iterations=2)
     assert str(info.value).startswith("called inside torch.inference_mode(): epsilon-sharpness")
+
+
+class _TupleOut(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x), x  # logits and features, as many research models return
+
+
+@pytest.mark.parametrize("measure", ["top_eigenvalues", "m_sharpness", "landscape"])
+def test_a_model_returning_a_tuple_is_named_as_such(measure):
+    """Python API acceptance, session 21: the one line was torch's inner error only
+    ("argument 'input' must be Tensor, not tuple")."""
+    import sharpscope as ss
+
+    options = {"top_eigenvalues": {"k": 1}, "m_sharpness": {"m": 8, "rho": 0.05}}
+    options["landscape"] = {"dims": 1, "grid": 3}
+    data = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with pytest.raises(SharpscopeError) as info:
+        getattr(ss, measure)(_TupleOut(), data, **options[measure])
+    assert str(info.value).startswith("the model or loss failed on the data: ")
+    assert str(info.value).endswith(
+        "(the model returned a tuple? the analyses and the loss take one tensor of outputs: "
+        "wrap the model so that it returns the logits)"
+    )

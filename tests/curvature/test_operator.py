@@ -697,3 +697,18 @@ def test_forward_mode_products_raise_no_warning_of_torchs_own():
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["26"] and "deprecated" not in done.stderr
+
+
+def test_a_param_filter_that_is_not_a_regular_expression_is_one_line():
+    """Python API acceptance, session 21: a callable gave re's "first argument must be
+    string or compiled pattern"."""
+    from sharpscope.errors import SharpscopeError
+
+    model = nn.Linear(3, 2)
+    data = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    with pytest.raises(SharpscopeError) as info:
+        HessianOperator(model, data, param_filter=lambda name: "weight" in name)
+    assert str(info.value) == (
+        "param_filter is a regular expression on parameter names (e.g. '^fc\\.' or "
+        "'layer3'), got function"
+    )

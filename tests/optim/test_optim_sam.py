@@ -764,3 +764,18 @@ def test_code_ported_from_davda54_finds_base_optimizer_and_a_pointer_for_two_ste
             SharpscopeError, match=r"no first_step/second_step .* opt.step\(closure\)"
         ):
             getattr(opt, name)(zero_grad=True)
+
+
+def test_batch_closure_arguments_in_another_order_are_one_line():
+    """Python API acceptance, session 21: BatchClosure(model, X, Y, loss) failed inside at
+    len(loss) with "object of type 'function' has no len()"."""
+    model = mlp()
+    x, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    with pytest.raises(SharpscopeError) as info:
+        BatchClosure(model, x, y, torch.nn.functional.cross_entropy)
+    assert str(info.value) == (
+        "BatchClosure takes (model, loss_fn, inputs, targets), got "
+        f"({type(model).__name__}, Tensor, ...)"
+    )
+    with pytest.raises(SharpscopeError, match="the order is \\(model, loss_fn, inputs, targets"):
+        BatchClosure(model, torch.nn.functional.cross_entropy, 3, y)
