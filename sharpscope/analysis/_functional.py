@@ -145,6 +145,21 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     return params[0].dtype, params[0].device
 
 
+def warn_half_precision(dtype: torch.dtype, what: str) -> None:
+    """Warn that a float16/bfloat16 model gives ``what`` at half precision (the Hessian
+    analyses refuse such a model; these evaluate it as it is)."""
+    if dtype in (torch.float16, torch.bfloat16):
+        name = str(dtype).removeprefix("torch.")
+        eps = f"{torch.finfo(dtype).eps:.0e}".replace("e-0", "e-")
+        warnings.warn(
+            f"the model is {name}: {what} is computed at its resolution (about {eps} "
+            "relative, so smaller differences are rounding); a float32 copy "
+            "(copy.deepcopy(model).float()) gives more exact values",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
 @contextlib.contextmanager
 def analysis_mode(model: nn.Module) -> Iterator[str]:
     """Put every module in eval mode, and restore each module's own mode afterwards.

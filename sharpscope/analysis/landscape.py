@@ -73,6 +73,7 @@ from ._functional import (
     model_errors,
     resolve_loss,
     vmap_or_loop,
+    warn_half_precision,
     with_data,
 )
 from .directions import (  # normalize/random_direction: still importable from here
@@ -466,6 +467,7 @@ def landscape(
     )
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
+    warn_half_precision(dtype, "every grid point's loss")
     batches = fixed_batches(data, batch_size, device)
     batches = [(b.to(dtype) if b.is_floating_point() else b, t) for b, t in batches]
     classification = is_classification(batches[0][1])

@@ -49,6 +49,7 @@ from ._functional import (
     resolve_loss,
     seeded_generator,
     vmap_or_loop,
+    warn_half_precision,
 )
 from .msharpness import split_subsets
 
@@ -324,6 +325,7 @@ def epsilon_sharpness(
     )
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
+    warn_half_precision(dtype, "epsilon-sharpness")
     batches = fixed_batches(data, batch_size, device)
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     total = sum(len(y) for _, y in batches)
@@ -518,6 +520,7 @@ def pac_bayes_flatness(
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
+    warn_half_precision(dtype, "the PAC-Bayes flatness")
     batches = fixed_batches(data, batch_size, device)
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     if not is_classification(batches[0][1]):

@@ -77,6 +77,7 @@ from ._functional import (
     seeded_generator,
     tensors_swapped,
     vmap_or_loop,
+    warn_half_precision,
 )
 
 Norm = Literal["l2", "linf"]
@@ -585,6 +586,7 @@ def split_subsets(
     )
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
+    warn_half_precision(dtype, "the sharpness")
     num_subsets = n_total // m
     n = num_subsets * m
     if inputs.is_floating_point():
@@ -873,6 +875,9 @@ def m_sharpness(
     _warn_one_step_best(one_step_best, pset, steps)
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan
+    # NaN logits still have an argmax: a subset without a finite clean loss has no error
+    # increase either (it read 0.0 beside a NaN sharpness)
+    per_subset_error = torch.where(torch.isfinite(clean_loss), per_subset_error, nan)
     result_meta = analysis_meta(
         meta,
         data=data,

@@ -463,3 +463,17 @@ def test_a_model_returning_a_tuple_is_named_as_such(measure):
         "(the model returned a tuple? the analyses and the loss take one tensor of outputs: "
         "wrap the model so that it returns the logits)"
     )
+
+
+@pytest.mark.parametrize("measure", ["m_sharpness", "landscape", "epsilon_sharpness"])
+def test_a_half_precision_model_is_analysed_with_a_warning(measure):
+    """Python API acceptance, session 21: a float16 model ran m-sharpness and landscapes at
+    float16 resolution without a word, while the Hessian analyses refuse it."""
+    import sharpscope as ss
+
+    options = {"m_sharpness": {"m": 8, "rho": 0.05}, "landscape": {"dims": 1, "grid": 3}}
+    options["epsilon_sharpness"] = {"iterations": 1}
+    torch.manual_seed(0)
+    data = torch.randn(16, 6), torch.randint(0, 3, (16,))
+    with pytest.warns(RuntimeWarning, match=r"^the model is bfloat16: .* at its resolution"):
+        getattr(ss, measure)(nn.Linear(6, 3).bfloat16(), data, **options[measure])

@@ -886,3 +886,16 @@ def test_a_loss_undefined_inside_the_ball_makes_the_sharpness_nan_with_a_warning
         r = m_sharpness(net, (torch.cat([x[:4], x[4:] * math.nan]), y), 4, 0.05, **kw)
     assert not any("overflow" in str(item.message) for item in w)
     assert r.per_subset[0].isfinite() and r.per_subset[1].isnan()
+
+
+def test_a_subset_without_a_finite_clean_loss_has_no_error_increase_either():
+    """Python API acceptance, session 21: with NaN weights the sharpness was NaN (and said
+    so) but error_increase read 0.0: NaN logits still have an argmax."""
+    torch.manual_seed(0)
+    net = nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    x = torch.cat([x[:4], x[4:] * math.nan])  # the second subset's loss is NaN at ε = 0
+    with pytest.warns(RuntimeWarning, match="at the model's own weights"):
+        r = m_sharpness(net, (x, y), 4, 0.05)
+    assert r.per_subset_error[0].isfinite() and r.per_subset_error[1].isnan()
+    assert math.isnan(r.error_increase) and math.isnan(r.sharpness)
