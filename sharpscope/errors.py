@@ -118,19 +118,20 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
 def model_failure(exc: BaseException) -> SharpscopeError:
     """The one-line error for a model or loss that raised on the user's data.
 
-    A model that returns a tuple or dict (a Hugging Face output, logits with features)
-    is named as such: the analyses need one tensor of outputs.
+    A tuple or dict where a tensor was expected (a model returning logits with features,
+    an LSTM's (output, state) passed on by ``nn.Sequential``) is pointed out: the analyses
+    need one tensor of outputs.
 
     >>> str(model_failure(RuntimeError("shapes (2, 3) and (4,) do not match")))
     'the model or loss failed on the data: RuntimeError: shapes (2, 3) and (4,) do not match'
     """
     text = first_line(exc)
     hint = ""
-    for kind in ("tuple", "dict", "list"):
+    for kind in ("tuple", "dict"):
         if f"not {kind}" in text or f"'{kind}' object" in text:
             hint = (
-                f" (the model returned a {kind}? the analyses and the loss take one tensor "
-                "of outputs: wrap the model so that it returns the logits)"
+                f" (did the model, or a layer in it, return a {kind}? the analyses and the "
+                "loss take one tensor of outputs: wrap the model so that it returns the logits)"
             )
             break
     return SharpscopeError(

@@ -13,6 +13,7 @@ import json
 import os
 import stat
 import tempfile
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,8 +174,11 @@ def _short(value: Any, most: int = 6) -> str:
     if isinstance(value, (torch.Tensor, np.ndarray)):
         shape = tuple(value.shape)
         if len(shape) <= 1 and (not shape or shape[0] <= most):
-            return _short(np.asarray(to_numpy(value)).tolist(), most)
+            values = value.tolist()  # bfloat16 too, which NumPy has no type for
+            return _short(values, most)
         return f"<tensor {'x'.join(map(str, shape))}>"
+    if isinstance(value, np.generic):
+        value = value.item()
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, (list, tuple)):
@@ -217,7 +221,8 @@ class Result:
         # IPython takes a class's own __repr__ (which @dataclass writes) before an
         # inherited _repr_pretty_: each subclass holds its own, found first
         super().__init_subclass__(**kwargs)
-        cls._repr_pretty_ = Result._repr_pretty_  # type: ignore[method-assign]
+        if "_repr_pretty_" not in cls.__dict__:  # a subclass's own is kept
+            cls._repr_pretty_ = Result._repr_pretty_  # type: ignore[method-assign]
 
     def __str__(self) -> str:  # print(result); repr() keeps every value
         return self.summary()
@@ -283,12 +288,15 @@ class Result:
         """
         path = Path(path)
         if not path.is_file():
-            raise SharpscopeError(f"result file not found: {path}")
+            what = "is a folder, not a result file" if path.is_dir() else "not found"
+            raise SharpscopeError(f"result file {path} {what}")
         try:
             record = read_record(path)
-        except (OSError, ValueError, KeyError) as exc:  # not JSON, a damaged .npz, ...
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            # not JSON, a cut-off or foreign .npz (numpy's own text would suggest pickle)
+            why = "" if "pickle" in str(exc) else f": {first_line(exc) or type(exc).__name__}"
             raise SharpscopeError(
-                f"cannot read {path} as a saved result: {first_line(exc) or type(exc).__name__}"
+                f"cannot read {path} as a result saved by sharpscope{why}"
             ) from exc
         kind = record.get("kind") if isinstance(record, dict) else None
         if not isinstance(record, dict) or (kind is not None and kind != cls.kind):
@@ -300,7 +308,7 @@ class Result:
             return cls.from_dict(record)
         except (KeyError, TypeError, ValueError) as exc:
             raise SharpscopeError(
-                f"cannot read {path} as a {cls.__name__}: {first_line(exc) or type(exc).__name__}"
+                f"cannot read {path} as {cls.__name__}: {first_line(exc) or type(exc).__name__}"
             ) from exc
 
 

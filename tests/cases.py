@@ -7,6 +7,7 @@ sub-folders import it as ``from cases import ...``.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import shutil
 import subprocess
@@ -140,7 +141,14 @@ def spawned_group(rank: int, world: int, rendezvous: str, backend: str = "gloo")
     exception"). A rank that fails skips the barrier; ``mp.spawn`` then stops the others.
     """
     torch.set_num_threads(1)
-    dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
+    # a collective that one rank never joins fails after 2 minutes instead of hanging the suite
+    dist.init_process_group(
+        backend,
+        init_method=rendezvous,
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(seconds=120),
+    )
     try:
         yield
         dist.barrier()

@@ -74,8 +74,19 @@ def test_loading_a_missing_damaged_or_other_kind_of_file_is_one_line(tmp_path):
     missing file pathlib's FileNotFoundError; every file records its kind."""
     from sharpscope.errors import SharpscopeError
 
-    with pytest.raises(SharpscopeError, match=r"^result file not found: .*nope\.json$"):
+    with pytest.raises(SharpscopeError, match=r"^result file .*nope\.json not found$"):
         Toy.load(tmp_path / "nope.json")
+    with pytest.raises(SharpscopeError, match=r"is a folder, not a result file$"):
+        Toy.load(tmp_path)
+    cut = tmp_path / "cut.npz"  # a copy cut short (review, session 21: BadZipFile)
+    cut.write_bytes(Toy().save(tmp_path / "whole.npz").read_bytes()[:60])
+    with pytest.raises(SharpscopeError, match=r"cannot read .*cut\.npz as a result saved by"):
+        Toy.load(cut)
+    foreign = tmp_path / "foreign.npz"
+    foreign.write_bytes(b"not a zip at all, and numpy would suggest pickle.load")
+    with pytest.raises(SharpscopeError) as info:
+        Toy.load(foreign)
+    assert str(info.value) == f"cannot read {foreign} as a result saved by sharpscope"
     other = tmp_path / "ms.json"
     other.write_text(json.dumps({"kind": "msharpness", "sharpness": 0.1}))
     with pytest.raises(SharpscopeError) as info:
@@ -93,7 +104,7 @@ def test_loading_a_missing_damaged_or_other_kind_of_file_is_one_line(tmp_path):
         Spectrum.load(toy)
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
-    with pytest.raises(SharpscopeError, match=r"cannot read .*broken\.json as a saved result"):
+    with pytest.raises(SharpscopeError, match=r"cannot read .*broken\.json as a result saved by"):
         Toy.load(broken)
     listed = tmp_path / "list.json"
     listed.write_text("[1, 2]")
@@ -110,4 +121,15 @@ def test_a_result_prints_one_short_line_and_repr_keeps_everything():
     line = "Toy(values=<tensor 1000>, score=0.5)"
     assert big.summary() == str(big) == pretty(big) == line
     assert Toy().summary() == "Toy(values=[1.5, -2, 3.25], score=0.5)"
-    assert "999." in repr(big) or "999" in repr(big)  # the dataclass repr, unchanged
+    assert "999" in repr(big)  # the dataclass repr, unchanged
+    # bfloat16 values and NumPy scalars read as numbers; a subclass's own printer is kept
+    assert Toy(
+        values=torch.tensor([0.5], dtype=torch.bfloat16), score=np.float32(0.25)
+    ).summary() == ("Toy(values=[0.5], score=0.25)")
+
+    @dataclass(frozen=True)
+    class Own(Toy):
+        def _repr_pretty_(self, printer, cycle):
+            printer.text("mine")
+
+    assert pretty(Own()) == "mine"

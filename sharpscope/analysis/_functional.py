@@ -18,9 +18,11 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -156,8 +158,22 @@ def warn_half_precision(dtype: torch.dtype, what: str) -> None:
             "relative, so smaller differences are rounding); a float32 copy "
             "(copy.deepcopy(model).float()) gives more exact values",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=_caller_level(),
         )
+
+
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside sharpscope (and the standard library's
+    contextlib/functools wrappers) for a warning issued by this module's caller, so that it
+    names the user's line whatever the depth of the call."""
+    package = str(Path(__file__).resolve().parent.parent)
+    frame, level = sys._getframe(1), 1  # the function that calls warnings.warn
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not (file.startswith(package) or file.endswith(("contextlib.py", "functools.py"))):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager

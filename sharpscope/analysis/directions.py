@@ -234,7 +234,7 @@ def plan_directions(
     if isinstance(directions, str):
         file = (
             " (a file path: pass sharpscope.load_checkpoint(path), or its .model)"
-            if directions.endswith(".pt") or "/" in directions
+            if directions.endswith((".pt", ".pth", ".ckpt", ".bin")) or "/" in directions
             else ""
         )
         raise SharpscopeError(

@@ -468,7 +468,9 @@ def landscape(
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
     warn_half_precision(dtype, "every grid point's loss")
-    batches = fixed_batches(data, batch_size, device)
+    batches = fixed_batches(
+        data, batch_size, device, why=" and a landscape evaluates one fixed data set at every point"
+    )
     batches = [(b.to(dtype) if b.is_floating_point() else b, t) for b, t in batches]
     classification = is_classification(batches[0][1])
     layout = ParamLayout.of(model)

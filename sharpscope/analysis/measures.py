@@ -204,6 +204,8 @@ def average_sharpness(
             increases[sl] = l1 - l0
             err_increases[sl] = (w1 - w0) / m
     per_subset = increases.mean(dim=1)
+    # NaN logits still have an argmax: no error increase where the loss is not finite
+    err_increases = torch.where(torch.isfinite(increases), err_increases, float("nan"))
     if num_draws > 1:
         stderr = float(increases.var(dim=1).sum().sqrt() / (num_subsets * math.sqrt(num_draws)))
     else:
@@ -326,7 +328,9 @@ def epsilon_sharpness(
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
     warn_half_precision(dtype, "epsilon-sharpness")
-    batches = fixed_batches(data, batch_size, device)
+    batches = fixed_batches(
+        data, batch_size, device, why=" and epsilon-sharpness maximizes over one fixed data set"
+    )
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     total = sum(len(y) for _, y in batches)
     layout = ParamLayout.of(model)
@@ -521,7 +525,9 @@ def pac_bayes_flatness(
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
     warn_half_precision(dtype, "the PAC-Bayes flatness")
-    batches = fixed_batches(data, batch_size, device)
+    batches = fixed_batches(
+        data, batch_size, device, why=" and PAC-Bayes flatness compares one fixed data set"
+    )
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     if not is_classification(batches[0][1]):
         raise SharpscopeError(

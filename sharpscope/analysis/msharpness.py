@@ -875,9 +875,9 @@ def m_sharpness(
     _warn_one_step_best(one_step_best, pset, steps)
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan
-    # NaN logits still have an argmax: a subset without a finite clean loss has no error
-    # increase either (it read 0.0 beside a NaN sharpness)
-    per_subset_error = torch.where(torch.isfinite(clean_loss), per_subset_error, nan)
+    # NaN logits still have an argmax: a subset whose loss is not finite (at ε = 0 or at
+    # its worst point) has no error increase either (it read 0.0 beside a NaN sharpness)
+    per_subset_error = torch.where(torch.isfinite(per_subset), per_subset_error, nan)
     result_meta = analysis_meta(
         meta,
         data=data,
@@ -900,7 +900,11 @@ def m_sharpness(
         per_subset=per_subset,
         per_subset_error=per_subset_error,
         clean_loss=float(clean_loss.mean()),
-        clean_error=float(clean_wrong.sum() / n) if classification else float("nan"),
+        clean_error=(
+            float(clean_wrong.sum() / n)
+            if classification and bool(torch.isfinite(clean_loss).all())
+            else float("nan")
+        ),
         m=m,
         rho=float(rho),
         adaptive=bool(adaptive),

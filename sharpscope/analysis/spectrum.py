@@ -32,7 +32,7 @@ from ..curvature.operator import HessianOperator
 from ..curvature.slq import Kernel, negative_nodes, slq, smooth_density
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
-from ..errors import SharpscopeError, check_integers, check_seed
+from ..errors import SharpscopeError, check_integers, check_numbers, check_seed
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import analysis_meta
@@ -569,6 +569,7 @@ def _top_from_op(
         )
     if max_steps is None:
         max_steps = default_max_steps(k)
+    check_numbers(tol=tol)  # "1e-3" is one line, before any warning
     if op.dtype == torch.float32 and 0 < tol < FLOAT32_NOISE_FLOOR:  # a bad tol: one error
         warnings.warn(
             f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "

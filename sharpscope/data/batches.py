@@ -272,7 +272,15 @@ def read_fixed(
     is refused, since the analysis would be of no fixed function. ``why`` adds the
     caller's reason to the message."""
     first = read(data)
-    if rereadable(data) and not same(first, read(data)):
+    if not rereadable(data):
+        return first
+    try:
+        second = read(data)
+    except SharpscopeError as exc:  # an iterable that streams once ("produced no batches")
+        raise SharpscopeError(
+            f"the data can be read only once ({exc}){why}: pass tensors or a list of batches"
+        ) from exc
+    if not same(first, second):
         raise SharpscopeError(
             f"the data changed between two reads (shuffling or random augmentation){why}; "
             "pass fixed tensors, or a DataLoader with shuffle=False and no random transforms"
@@ -281,5 +289,7 @@ def read_fixed(
 
 
 def fixed_batches(data: Any, batch_size: int | None, device: Any, why: str = "") -> list[Batch]:
-    """:func:`as_batches`, refused by :func:`read_fixed` when a second read differs."""
-    return read_fixed(data, lambda d: as_batches(d, batch_size, device), same_batches, why)
+    """:func:`as_batches`, refused by :func:`read_fixed` when a second read differs; both
+    reads stay on the CPU (two copies of the data never sit on a GPU at once)."""
+    batches = read_fixed(data, lambda d: as_batches(d, batch_size), same_batches, why)
+    return [(x.to(device), y.to(device)) for x, y in batches]

@@ -728,7 +728,8 @@ def test_loop_leaves_the_model_and_a_pending_graph_untouched_even_when_interrupt
             {"directions": "runs/b/last.pt"},
             r"\(a file path: pass sharpscope.load_checkpoint\(path\), or its .model\)",
         ),
-        ({"directions": ["a.pt", "b.pt"]}, r"got str$"),
+        ({"directions": "model.pth"}, r"'model.pth' \(a file path: pass"),
+        ({"directions": ["a.pt", "b.pt"]}, r"or a loaded checkpoint \(sharpscope.load_checkpoint"),
         ({"directions": "random", "states": True}, "interpolation only"),
         # 1e10 points: their coordinates alone ran out of memory, with advice about batches
         ({"dims": 2, "grid": 100_000}, r"100000 x 100000 grid is 1e\+10 points.*smaller grid"),
@@ -1076,3 +1077,15 @@ def test_the_default_path_goes_by_the_flops_of_one_point(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     assert forward_flops(model, batches[0][0]) == 64 * per_example
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_the_direction_helpers_are_still_importable_from_landscape():
+    """Review, session 21: moving them to directions.py dropped them from landscape."""
+    import importlib
+
+    directions = importlib.import_module("sharpscope.analysis.directions")
+    module = importlib.import_module("sharpscope.analysis.landscape")  # not the function
+
+    assert module.normalize_direction is directions.normalize_direction
+    assert module.random_direction is directions.random_direction
+    assert {"normalize_direction", "random_direction"} <= set(module.__all__)

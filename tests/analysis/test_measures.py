@@ -388,9 +388,9 @@ class _Augmented(torch.utils.data.Dataset):
 @pytest.mark.parametrize(
     ("measure", "why"),
     [
-        ("landscape", ""),
-        ("epsilon_sharpness", ""),
-        ("pac_bayes_flatness", ""),
+        ("landscape", " and a landscape evaluates one fixed data set at every point"),
+        ("epsilon_sharpness", " and epsilon-sharpness maximizes over one fixed data set"),
+        ("pac_bayes_flatness", " and PAC-Bayes flatness compares one fixed data set"),
         ("average_sharpness", " and average sharpness cuts its subsets"),
         ("m_sharpness", " and m-sharpness cuts its subsets"),
         ("top_eigenvalues", ""),
@@ -460,12 +460,15 @@ def test_a_model_returning_a_tuple_is_named_as_such(measure):
         getattr(ss, measure)(_TupleOut(), data, **options[measure])
     assert str(info.value).startswith("the model or loss failed on the data: ")
     assert str(info.value).endswith(
-        "(the model returned a tuple? the analyses and the loss take one tensor of outputs: "
-        "wrap the model so that it returns the logits)"
+        "(did the model, or a layer in it, return a tuple? the analyses and the loss take one "
+        "tensor of outputs: wrap the model so that it returns the logits)"
     )
 
 
-@pytest.mark.parametrize("measure", ["m_sharpness", "landscape", "epsilon_sharpness"])
+@pytest.mark.parametrize(
+    "measure",
+    ["m_sharpness", "landscape", "epsilon_sharpness", "average_sharpness", "pac_bayes_flatness"],
+)
 def test_a_half_precision_model_is_analysed_with_a_warning(measure):
     """Python API acceptance, session 21: a float16 model ran m-sharpness and landscapes at
     float16 resolution without a word, while the Hessian analyses refuse it."""
@@ -473,7 +476,29 @@ def test_a_half_precision_model_is_analysed_with_a_warning(measure):
 
     options = {"m_sharpness": {"m": 8, "rho": 0.05}, "landscape": {"dims": 1, "grid": 3}}
     options["epsilon_sharpness"] = {"iterations": 1}
+    options["average_sharpness"] = {"rho": 0.01}
+    options["pac_bayes_flatness"] = {"num_draws": 2}
     torch.manual_seed(0)
     data = torch.randn(16, 6), torch.randint(0, 3, (16,))
-    with pytest.warns(RuntimeWarning, match=r"^the model is bfloat16: .* at its resolution"):
+    with pytest.warns(RuntimeWarning, match=r"^the model is bfloat16: .* at its resolution") as w:
         getattr(ss, measure)(nn.Linear(6, 3).bfloat16(), data, **options[measure])
+    (warning,) = [item for item in w if "bfloat16" in str(item.message)]
+    assert warning.filename == __file__  # the caller's line, not sharpscope's (review)
+
+
+def test_data_that_can_be_read_only_once_is_named_as_such():
+    """Review, session 21: an iterable that streams once got "the data iterable produced
+    no batches" at its second read."""
+    import sharpscope as ss
+
+    class Once:
+        def __init__(self):
+            self.batches = iter([(torch.randn(8, 6), torch.randint(0, 3, (8,)))])
+
+        def __iter__(self):
+            return self.batches  # a fresh iterator object, but the same stream
+
+    with pytest.raises(SharpscopeError) as info:
+        ss.landscape(nn.Linear(6, 3), Once(), dims=1, grid=3)
+    assert str(info.value).startswith("the data can be read only once (")
+    assert str(info.value).endswith(": pass tensors or a list of batches")

@@ -899,3 +899,8 @@ def test_a_subset_without_a_finite_clean_loss_has_no_error_increase_either():
         r = m_sharpness(net, (x, y), 4, 0.05)
     assert r.per_subset_error[0].isfinite() and r.per_subset_error[1].isnan()
     assert math.isnan(r.error_increase) and math.isnan(r.sharpness)
+    assert math.isnan(r.clean_error)  # from NaN logits too (review, session 21)
+    from sharpscope.analysis.measures import average_sharpness
+
+    avg = average_sharpness(net, (x, y), 0.05, m=4)  # the same mask there
+    assert math.isnan(avg.sharpness) and math.isnan(avg.error_increase)

@@ -106,6 +106,8 @@ def test_a_float32_tol_below_the_noise_floor_is_warned_about(mlp):
         # a tol that is no number > 0 is only an error, not first a warning (session 21)
         with pytest.raises(SharpscopeError, match="tol must be a number > 0, got -1"):
             top_eigenvalues(mlp.model, mlp.data, k=2, tol=-1, max_steps=12)
+        with pytest.raises(SharpscopeError, match=r"tol must be a number, got '1e-3' \(str\)"):
+            top_eigenvalues(mlp.model, mlp.data, k=2, tol="1e-3", max_steps=12)
 
 
 def test_more_than_100_eigenvalues_need_no_max_steps_from_python_either(mlp):
