@@ -33,3 +33,16 @@ def ieee_float32() -> Iterator[None]:
     finally:
         torch.backends.cudnn.allow_tf32 = cudnn
         torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+#: The half-precision dtypes, whose rounding (1e-3, 8e-3 relative) the analyses point out.
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def rounding(dtype: torch.dtype) -> str:
+    """A float dtype's machine epsilon as the messages write it.
+
+    >>> rounding(torch.float16), rounding(torch.bfloat16)
+    ('1e-3', '8e-3')
+    """
+    return f"{torch.finfo(dtype).eps:.0e}".replace("e-0", "e-")

@@ -33,6 +33,7 @@ from torch.func import functional_call
 from ..errors import SharpscopeError, check_initialized, first_line, model_failure
 from ..metrics import is_binary_logit
 from ..modes import batchnorm_without_running_stats, eval_mode
+from ..precision import HALF_DTYPES, rounding
 from ..registry import get_loss as resolve_loss  # noqa: F401 - re-exported
 from ..registry import loss_name  # noqa: F401 - re-exported
 from ..results import RunMeta
@@ -150,9 +151,9 @@ def model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 def warn_half_precision(dtype: torch.dtype, what: str) -> None:
     """Warn that a float16/bfloat16 model gives ``what`` at half precision (the Hessian
     analyses refuse such a model; these evaluate it as it is)."""
-    if dtype in (torch.float16, torch.bfloat16):
+    if dtype in HALF_DTYPES:
         name = str(dtype).removeprefix("torch.")
-        eps = f"{torch.finfo(dtype).eps:.0e}".replace("e-0", "e-")
+        eps = rounding(dtype)
         warnings.warn(
             f"the model is {name}: {what} is computed at its resolution (about {eps} "
             "relative, so smaller differences are rounding); a float32 copy "

@@ -12,6 +12,7 @@ from typing import Optional
 
 import typer
 
+from ..data.batches import num_examples
 from ..errors import check_choice, check_seed
 from ._common import (
     BatchSizeOpt,
@@ -168,7 +169,7 @@ def register(app: typer.Typer) -> None:
                 f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples "
                 f"({inputs.device}{processes})"
             )
-        examples = sum(len(y) for _, y in inputs.batches)
+        examples = num_examples(inputs.batches)
         subsets = examples // m if m >= 1 else None
         if dist.is_main and subsets and examples % m:
             console.print(

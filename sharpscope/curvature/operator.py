@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from ..data.batches import as_batches, num_examples, read_fixed, same_batches
+from ..data.batches import as_batches, fixed_batches, num_examples
 from ..device_memory import (
     CPU_MEMORY_SHARE,
     HVP_MEMORY_FACTOR,
@@ -77,6 +77,7 @@ from ..device_memory import (
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
+from ..precision import HALF_DTYPES, rounding
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
 from .fold import fold_batchnorm
@@ -120,9 +121,6 @@ def resolve_dtype(dtype: Any) -> torch.dtype | None:
     return names[str(dtype)]
 
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
-
 def check_not_half(dtype: torch.dtype) -> None:
     """Refuse a half-precision evaluation dtype for Hessian-vector products.
 
@@ -139,7 +137,7 @@ def check_not_half(dtype: torch.dtype) -> None:
 of the model
     """
     if dtype in HALF_DTYPES:
-        eps = f"{torch.finfo(dtype).eps:.0e}".replace("e-0", "e-")
+        eps = rounding(dtype)
         raise SharpscopeError(
             f"Hessian-vector products in {str(dtype).removeprefix('torch.')} are rounded at "
             f"{eps}, too coarse for Lanczos: pass dtype='float32' (or 'float64') to analyse "
@@ -428,8 +426,7 @@ class HessianOperator:
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:
-        read = functools.partial(as_batches, batch_size=batch_size)
-        batches = read_fixed(data, read, same_batches) if check else read(data)
+        batches = fixed_batches(data, batch_size, None) if check else as_batches(data, batch_size)
         if self.world_size > 1 and batch_size is None and len(batches) == 1:
             x, y = batches[0]
             size = math.ceil(len(y) / self.world_size)

@@ -290,6 +290,7 @@ def read_fixed(
 
 def fixed_batches(data: Any, batch_size: int | None, device: Any, why: str = "") -> list[Batch]:
     """:func:`as_batches`, refused by :func:`read_fixed` when a second read differs; both
-    reads stay on the CPU (two copies of the data never sit on a GPU at once)."""
+    reads stay on the CPU (two copies of the data never sit on a GPU at once), and the
+    batches then move to ``device`` (None: stay where they are)."""
     batches = read_fixed(data, lambda d: as_batches(d, batch_size), same_batches, why)
     return [(x.to(device), y.to(device)) for x, y in batches]
