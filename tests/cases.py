@@ -136,10 +136,15 @@ def spawned_group(rank: int, world: int, rendezvous: str, backend: str = "gloo")
     init method from :func:`rendezvous_file`; one torch thread): gloo, or
     ``backend="nccl"`` for CUDA tests.
 
-    Its ranks meet at a barrier before the group is torn down: a rank destroying it while
-    its peer still sent was seen to abort (SIGABRT, "terminate called without an active
-    exception"). A rank that fails skips the barrier; ``mp.spawn`` then stops the others.
+    A rank that finishes leaves as a torchrun rank of the CLI does
+    (:func:`sharpscope.distributed.leave_process_group`): the ranks meet at a barrier, the
+    group is destroyed and the process exits at once, without the interpreter's teardown, in
+    which a gloo rank was seen to abort after its work was saved (SIGABRT, "terminate called
+    without an active exception"; CI, under load, with or without the barrier). A rank that
+    fails skips the barrier and raises; ``mp.spawn`` then reports it and stops the others.
     """
+    from sharpscope.distributed import leave_process_group
+
     torch.set_num_threads(1)
     # a collective that one rank never joins fails after 2 minutes instead of hanging the suite
     dist.init_process_group(
@@ -151,9 +156,12 @@ def spawned_group(rank: int, world: int, rendezvous: str, backend: str = "gloo")
     )
     try:
         yield
-        dist.barrier()
-    finally:
+    except BaseException:
         dist.destroy_process_group()
+        raise
+    if world > 1:
+        leave_process_group(0)  # does not return
+    dist.destroy_process_group()
 
 
 def rendezvous_file() -> str:
