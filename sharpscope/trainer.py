@@ -604,7 +604,8 @@ def _out_locked(out: str | Path | None, device: str = "auto") -> Iterator[None]:
 def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
     """Create ``out`` if needed and lock it until ``held`` closes, which then removes the
     folders made here (``out`` and the parents it needed) that are still empty (a refused
-    run leaves the holder's folder alone)."""
+    run leaves the holder's folder alone; a lock that could not be tried removes them at
+    once)."""
     made = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -616,7 +617,6 @@ def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
         f"another `sharpscope train` is writing into {out}; wait for it to finish or "
         "train into another --out"
     )
-    held.enter_context(exclusive_lock(out, busy))
 
     def remove_if_empty() -> None:
         for folder in made:  # the deepest first
@@ -625,6 +625,13 @@ def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
             except OSError:
                 return
 
+    try:
+        held.enter_context(exclusive_lock(out, busy))
+    except SharpscopeError:
+        raise  # busy: the folder is the holder's
+    except BaseException:
+        remove_if_empty()  # the lock could not be tried (out of file descriptors, ...)
+        raise
     held.callback(remove_if_empty)  # runs before the lock is released
 
 

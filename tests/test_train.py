@@ -700,6 +700,25 @@ def test_a_parent_another_run_just_used_is_kept_and_the_real_error_raised(tmp_pa
     assert [p.name for p in (tmp_path / "sweep").iterdir()] == ["seed1"]
 
 
+def test_a_lock_that_cannot_be_tried_removes_the_folders_it_made(tmp_path, monkeypatch):
+    """Review 2, session 21: a lock failure other than "busy" (here out of file
+    descriptors) left the run folder and the parents made for it."""
+    import contextlib
+    import errno
+
+    import sharpscope.trainer as trainer
+
+    @contextlib.contextmanager
+    def no_descriptors(path, busy):
+        raise OSError(errno.EMFILE, "Too many open files")
+        yield
+
+    monkeypatch.setattr(trainer, "exclusive_lock", no_descriptors)
+    with pytest.raises(OSError, match="Too many open files"):
+        train(_config(tmp_path / "sweep" / "seed0", epochs=1))
+    assert list(tmp_path.iterdir()) == []
+
+
 def _write_factories(folder):
     (folder / "fac").mkdir()
     (folder / "fac" / "parts.py").write_text(
