@@ -137,8 +137,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     previous file in place. The file gets the permissions ``open()`` would give it (an
     existing file's own, else 0666 less the umask), not :func:`tempfile.mkstemp`'s 0600.
     A symbolic link is written through, as ``open()`` would: its target gets the data.
+    So is a device, a pipe or a socket (``/dev/null``, ``/dev/stdout``, a FIFO), not atomically:
+    a rename would replace it with a plain file.
     """
     path = Path(path)
+    if _is_special_file(path):
+        with open(path, "wb") as handle:
+            write(handle)
+        return
     if path.is_symlink():
         path = Path(os.path.realpath(path))
     if path.is_dir():
@@ -161,6 +167,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             exc.filename = str(path)  # disk full, a file-size limit: name the file asked for
         raise
+
+
+def _is_special_file(path: Path) -> bool:
+    """Whether ``path`` (its symbolic links followed) is neither a regular file nor a
+    folder: a character or block device, a FIFO or a socket."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, or a dangling link: a file is made
+        return False
+    return not (stat.S_ISREG(mode) or stat.S_ISDIR(mode))
 
 
 def _short(value: Any, most: int = 6) -> str:

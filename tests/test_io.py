@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import warnings
@@ -397,6 +398,45 @@ def test_atomic_writes_go_through_a_symlink_to_its_target(tmp_path):
     atomic_write_bytes(link, b"new")
     assert link.is_symlink() and target.read_bytes() == b"new"
     assert sorted(p.name for p in target.parent.iterdir()) == ["r.json"]  # no temporary left
+
+
+@pytest.mark.parametrize("through_link", [False, True])
+def test_a_pipe_is_written_through_not_renamed_over(tmp_path, through_link):
+    """Acceptance, session 22: ``--json`` naming a FIFO (or a device: ``/dev/null``) renamed
+    a temporary file over it, replacing it with a plain file. It gets the data, as
+    ``open(path, "w")`` would give it, and stays what it was."""
+    import stat
+    import threading
+
+    from sharpscope.results import write_json
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    path = fifo
+    if through_link:
+        path = tmp_path / "r.json"
+        path.symlink_to(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    write_json(path, {"lambda_max": 2.5})
+    reader.join(timeout=30)
+    assert received, "the pipe got nothing"
+    assert json.loads(received[0]) == {"lambda_max": 2.5}
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"pipe", path.name})
+
+
+def test_dev_stdout_gets_the_json():
+    """``--json /dev/stdout`` (a link to the process's pipe, which has no path to rename
+    to) prints the JSON."""
+    import subprocess
+    import sys
+
+    code = "from sharpscope.results import write_json; write_json('/dev/stdout', {'a': 1})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"a": 1}
 
 
 def test_a_write_that_runs_out_of_space_names_the_file(tmp_path):
