@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import hashlib
 import inspect
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -502,12 +503,25 @@ class AffineRows:
 
     def tensors(self, row: int) -> dict[str, Tensor]:
         """The named tensors of row ``row`` (one ``addmv`` per run of tensors formed)."""
-        c = self.coefficients[row]
-        out = {}
+        workspace = self.workspace()
+        self.form(row, workspace)
+        return workspace[1]
+
+    def workspace(self) -> tuple[list[Tensor], dict[str, Tensor]]:
+        """Buffers to form rows into (one per run of tensors formed) and each named
+        tensor's view of them: a model pointed at the views once computes with every row
+        that :meth:`form` then writes (no per-row rebinding)."""
+        buffers, views = [], {}
         for span, members in _runs_formed(self.layout, self.skip):
-            values = torch.addmv(self.origin[span], self.directions[:, span].T, c)
-            out.update({name: values[sl].view(shape) for name, shape, sl in members})
-        return out
+            buffers.append(self.origin.new_empty(span.stop - span.start))
+            views.update({name: buffers[-1][sl].view(shape) for name, shape, sl in members})
+        return buffers, views
+
+    def form(self, row: int, workspace: tuple[list[Tensor], dict[str, Tensor]]) -> None:
+        """Write row ``row`` into the buffers of :meth:`workspace`, in place."""
+        c = self.coefficients[row]
+        for (span, _), buffer in zip(_runs_formed(self.layout, self.skip), workspace[0]):
+            torch.addmv(self.origin[span], self.directions[:, span].T, c, out=buffer)
 
 
 def evaluate_parameter_sets(
@@ -521,6 +535,7 @@ def evaluate_parameter_sets(
     buffers: Mapping[str, Tensor] | None = None,
     vectorize: bool = True,
     before_forward: Callable[[int, int], None] | None = None,
+    on_row: Callable[[int, float, float], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mean loss and accuracy over all batches for each of K parameter sets.
 
@@ -538,6 +553,8 @@ def evaluate_parameter_sets(
             each row in turn, see :func:`tensors_swapped`).
         before_forward: loop only: called with ``(row, batch index)`` before each
             forward pass (the landscape points its precomputed input layers there).
+        on_row: loop only: called with ``(row, loss, accuracy)`` as each row is done
+            (the landscape records it at once, so that an interrupt keeps it).
 
     Returns:
         ``(loss, accuracy)``, two float64 ``(K,)`` CPU tensors (accuracy NaN when not
@@ -548,8 +565,10 @@ def evaluate_parameter_sets(
     loss = torch.zeros(k, dtype=torch.float64)
     correct = torch.zeros(k, dtype=torch.float64)
     buffers = dict(buffers or {})
-    if vectorize and (before_forward is not None or isinstance(flat, AffineRows)):
-        raise ValueError("before_forward and AffineRows are for the loop (vectorize=False)")
+    if vectorize and (
+        before_forward is not None or on_row is not None or isinstance(flat, AffineRows)
+    ):
+        raise ValueError("before_forward, on_row and AffineRows are for the loop (vectorize=False)")
     with torch.no_grad():
         if vectorize:
             stacked, shared = split_constant_columns(layout, flat)
@@ -569,14 +588,18 @@ def evaluate_parameter_sets(
                 loss += values.double().cpu() * (len(y) / total)
                 correct += hits.double().cpu()
         else:
-            with tensors_swapped(model, [*layout.names, *buffers]) as load:
+            names = [*layout.names, *buffers]
+            with tensors_swapped(model, names) as load:
+                if isinstance(flat, AffineRows):
+                    workspace = flat.workspace()
+                    load(workspace[1])  # once: each row is formed in place below
                 for row in range(k):
-                    load(
-                        flat.tensors(row)
-                        if isinstance(flat, AffineRows)
-                        else layout.unflatten(flat[row])
-                    )
-                    load({name: b[row] for name, b in buffers.items()})
+                    if isinstance(flat, AffineRows):
+                        flat.form(row, workspace)
+                    else:
+                        load(layout.unflatten(flat[row]))
+                    if buffers:
+                        load({name: b[row] for name, b in buffers.items()})
                     for index, (x, y) in enumerate(batches):
                         if before_forward is not None:
                             before_forward(row, index)
@@ -584,6 +607,10 @@ def evaluate_parameter_sets(
                         loss[row] += float(loss_fn(out, y)) * (len(y) / total)
                         if classification:
                             correct[row] += float(num_correct(out, y))
+                    if on_row is not None:
+                        value = float(loss[row])
+                        hits = float(correct[row]) / total if classification else math.nan
+                        on_row(row, value, math.nan if math.isnan(value) else hits)
     accuracy = correct / total if classification else torch.full_like(loss, float("nan"))
     # NaN outputs have no prediction: argmax would count class 0 as a guess
     accuracy[torch.isnan(loss)] = float("nan")

@@ -630,12 +630,11 @@ def landscape(
                 flops_per_call,
             )
 
-        # A block that does not fit is split. The loop on CPU goes one point per call,
-        # so that an interrupt keeps every finished point: a call costs ~0.1 ms, little
-        # next to a point on CPU; on a GPU it would be a quarter of one, and a block
-        # there takes milliseconds.
+        # A block that does not fit is split. The loop on CPU records each point as it
+        # is done, so that an interrupt keeps every finished point (on a GPU a block
+        # takes milliseconds, and recording a point would wait for it).
         one_by_one = not vectorize and device.type != "cuda"
-        fitting = FittingRows("grid points", most=1 if one_by_one else None)
+        fitting = FittingRows("grid points")
 
         def evaluate_rows(
             flat: Tensor | AffineRows, buffers: dict[str, Tensor], mine: Tensor, rows: slice
@@ -647,6 +646,14 @@ def landscape(
                 def before_forward(row: int, batch: int) -> None:
                     precomputed.select(coefficients[row], batch)
 
+            index = mine[rows]
+            on_row = None
+            if one_by_one:
+
+                def on_row(row: int, value: float, accuracy: float) -> None:
+                    at = int(index[row])
+                    loss_grid[at], acc_grid[at], computed[at] = value, accuracy, True
+
             values, accs = evaluate_parameter_sets(
                 evaluator if precomputed is None else precomputed.model,
                 layout,
@@ -657,8 +664,9 @@ def landscape(
                 buffers={name: value[rows] for name, value in buffers.items()},
                 vectorize=vectorize,
                 before_forward=before_forward,
+                on_row=on_row,
             )
-            index = mine[rows]  # recorded at once, for a snapshot on interrupt
+            # recorded at once, for a snapshot on interrupt
             loss_grid[index], acc_grid[index], computed[index] = values, accs, True
             return values, accs
 
