@@ -196,6 +196,8 @@ def _target_text(extra: dict[str, Any]) -> str:
     'speedup ≥ 3: NOT met'
     >>> _target_text({})
     ''
+    >>> _target_text({"target_ratio": 0.25, "meets_target": None, "quick": True})
+    '≤ 0.25: not judged (quick)'
     """
     met = extra.get("meets_target")
     if extra.get("target_speedup") is not None:
@@ -204,7 +206,24 @@ def _target_text(extra: dict[str, Any]) -> str:
         text = f"≤ {extra['target_ratio']:g}"
     else:
         return ""
+    if extra.get("quick"):
+        return f"{text}: not judged (quick)"
     return text if met is None else f"{text}: {'met' if met else 'NOT met'}"
+
+
+def mark_quick(rows: list[BenchRow], quick: bool) -> list[BenchRow]:
+    """Record in each row whether it comes from a ``--quick`` run (``extra.quick``); a
+    quick row's target is not judged (``meets_target`` None): its cases are too small.
+
+    >>> mark_quick([BenchRow("c", "v", 1.0, "r", 2.0, 0.5, extra={"meets_target": True})],
+    ...            True)[0].extra["meets_target"] is None
+    True
+    """
+    for row in rows:
+        row.extra["quick"] = quick
+        if quick:
+            row.extra["meets_target"] = None
+    return rows
 
 
 def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:

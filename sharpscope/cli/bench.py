@@ -38,7 +38,7 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Time sharpscope against its reference on the same model and data; print ratios."""
-        from ..bench._common import bench_devices, print_rows, write_rows
+        from ..bench._common import bench_devices, mark_quick, print_rows, write_rows
 
         if name not in BENCHMARKS:
             raise SharpscopeError(
@@ -53,10 +53,17 @@ def register(app: typer.Typer) -> None:
             f"running benchmark '{name}'{' (quick)' if quick else ''} on {', '.join(devices)} ..."
         )
         # --json is rewritten after each new row: a run stopped part-way keeps its rows
-        on_rows = None if json_out is None else lambda rows: write_rows(rows, json_out)
+        on_rows = (
+            None if json_out is None else lambda rows: write_rows(mark_quick(rows, quick), json_out)
+        )
         module = importlib.import_module(module_name)
-        rows = module.run(quick=quick, devices=devices, on_rows=on_rows)
-        print_rows(rows, title=f"sharpscope bench {name}")
+        rows = mark_quick(module.run(quick=quick, devices=devices, on_rows=on_rows), quick)
+        title = f"sharpscope bench {name}"
+        if quick:
+            title += (
+                " --quick (a smoke test: small cases, ratios not comparable, targets not judged)"
+            )
+        print_rows(rows, title=title)
         if json_out is not None:
             write_rows(rows, json_out)
             console.print(f"wrote {json_out}")

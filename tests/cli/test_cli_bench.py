@@ -26,7 +26,13 @@ def bench(name: str, tmp_path) -> list[dict]:
     assert all(
         {"meets_target", "target_ratio", "target_speedup"} <= r["extra"].keys() for r in rows
     )
-    assert any(r["extra"]["meets_target"] is not None for r in rows)
+    # a quick run is a smoke test: marked so, and no row's target is judged
+    assert all(r["extra"]["quick"] is True and r["extra"]["meets_target"] is None for r in rows)
+    assert any(
+        r["extra"]["target_ratio"] is not None or r["extra"]["target_speedup"] is not None
+        for r in rows
+    )
+    assert "not judged" in result.output and "--quick (a smoke test" in result.output
     return rows
 
 
@@ -49,12 +55,11 @@ def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
     # the flag is the accuracy column against 1e-5; ratio is variant time / reference time
     assert all(r["extra"]["values_agree_1e-5"] == (r["accuracy"] <= 1e-5) for r in rows)
     assert all(r["ratio"] == pytest.approx(r["seconds"] / r["reference_seconds"]) for r in rows)
-    assert all(r["reference"] == "per-point loop over the model as given" for r in rows)
+    assert all(r["reference"].startswith("per-point loop by hand") for r in rows)
     cnn = [r for r in rows if "cnn1d-bn" in r["case"]]
     assert cnn and all(r["extra"]["bn_folded"] for r in cnn)
-    # the reference evaluates every layer at every point; the CPU default precomputes the
-    # image MLP's 3072-wide first layer (and no MNIST-1D model's)
-    assert all(r["extra"]["reference_input_layers"] == [] for r in rows)
+    # the CPU default precomputes the image MLP's 3072-wide first layer (and no MNIST-1D
+    # model's)
     loops = {r["case"].split(",")[1].split()[0]: r for r in rows if r["variant"].startswith("per")}
     assert loops["mlp-512"]["extra"]["input_layers"] == ["net.1"]
     assert loops["cnn1d-bn"]["extra"]["input_layers"] == loops["mlp"]["extra"]["input_layers"] == []
@@ -168,15 +173,11 @@ def test_interleaved_median_is_the_median_of_each_callables_repeats(monkeypatch)
 
 def test_bench_msharpness_flags_disagreeing_values_and_reports_time_ratios(monkeypatch):
     """Injected answers 1+2e-5 vs 1 and times 1 s vs 4 s: agree flag False, ratio 0.25, speedup 4."""
-    import types
 
     from sharpscope.bench import msharpness
 
     def fake_pair(model, data, kwargs, device):
-        return {
-            "vmap": lambda: types.SimpleNamespace(sharpness=1.0 + 2e-5, num_subsets=4),
-            "loop": lambda: types.SimpleNamespace(sharpness=1.0, num_subsets=4),
-        }
+        return {"vmap": lambda: 1.0 + 2e-5, "loop": lambda: 1.0}
 
     monkeypatch.setattr(msharpness, "_pair", fake_pair)
     monkeypatch.setattr(
@@ -201,10 +202,16 @@ def test_bench_landscape_flags_disagreeing_values_and_reports_time_ratios(monkey
     def fake_landscape(model, data, dims, *, vectorize, fold_bn=True, **kwargs):
         loss = torch.full((5, 5), 2.0, dtype=torch.float64) * (1 + 2e-5 if vectorize else 1.0)
         meta = types.SimpleNamespace(extra={"chunk_size": 25, "vectorized": vectorize})
-        return types.SimpleNamespace(loss=loss, settings={"bn_folded": fold_bn}, meta=meta)
+        return types.SimpleNamespace(
+            loss=loss, settings={"bn_folded": fold_bn}, meta=meta, directions=None, x=None, y=None
+        )
+
+    def fake_li_loop(model, data, directions, axes):
+        return torch.full((5, 5), 2.0, dtype=torch.float64)
 
     times = {"vmap": 1.0, "loop": 2.0, "reference": 4.0}
     monkeypatch.setattr(bench_landscape, "landscape", fake_landscape)
+    monkeypatch.setattr(bench_landscape, "li_loop", fake_li_loop)
     monkeypatch.setattr(bench_landscape, "interleaved_median", lambda fns, repeats: times)
     monkeypatch.setattr(bench_landscape, "bench_data", lambda *args, **kwargs: None)
     rows = bench_landscape.run(quick=True, devices=["cpu"])
@@ -215,3 +222,24 @@ def test_bench_landscape_flags_disagreeing_values_and_reports_time_ratios(monkey
         assert r.extra["speedup"] == (4.0 if vmap else 2.0)
         assert r.accuracy == (pytest.approx(2e-5, rel=1e-6) if vmap else 0.0)
         assert r.extra["values_agree_1e-5"] is (not vmap)
+
+
+def test_the_hand_written_references_compute_what_sharpscope_computes():
+    """The benchmarks' references, written as a researcher would (Li et al.'s landscape
+    loop, SAM's one-step m-sharpness loop), agree with sharpscope in float64 on a small
+    BatchNorm network, and leave the weights as found."""
+    from sharpscope.analysis.landscape import landscape
+    from sharpscope.analysis.msharpness import m_sharpness
+    from sharpscope.bench import landscape as bench_landscape
+    from sharpscope.bench import msharpness
+
+    model = msharpness.bench_model(torch.float64)
+    x, y = msharpness.bench_data(64, torch.float64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    made = landscape(model, (x, y), 2, grid=4, seed=0)
+    grid = bench_landscape.li_loop(model, (x, y), made.directions, (made.x, made.y))
+    torch.testing.assert_close(grid, made.loss.double(), rtol=1e-12, atol=0)
+    for m in (1, 8):
+        hand = msharpness.sam_loop(model, (x, y), m, 0.05)
+        assert hand == pytest.approx(m_sharpness(model, (x, y), m=m, rho=0.05).sharpness, rel=1e-10)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
