@@ -473,6 +473,13 @@ def _prepare_data(
             stacklevel=2,
         )
     train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
+    if train.targets.is_floating_point() or train.targets.dim() != 1:
+        raise SharpscopeError(
+            f"training needs class labels (integer targets of shape (N,)); the data gives "
+            f"{str(train.targets.dtype).replace('torch.', '')} targets of shape "
+            f"{tuple(train.targets.shape)}. Regression is not trained here (its accuracy, NLL "
+            "and ECE are undefined); the analyses accept float targets"
+        )
     samples = dataset.get("samples")
     if samples is not None and int(samples) > len(train) and info.is_main:
         warnings.warn(

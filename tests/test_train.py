@@ -719,6 +719,33 @@ def test_a_lock_that_cannot_be_tried_removes_the_folders_it_made(tmp_path, monke
     assert list(tmp_path.iterdir()) == []
 
 
+def test_regression_targets_are_refused_in_one_line(tmp_path):
+    """Acceptance s22: float targets with --loss mse died in the accuracy's gather with a
+    traceback, leaving an empty metrics.jsonl."""
+    (tmp_path / "reg.py").write_text(
+        "import torch\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x = torch.randn(64, 8, generator=g)\n"
+        "    return x, x.sum(1)\n"
+        "def net():\n"
+        "    return torch.nn.Linear(8, 1)\n"
+    )
+    out = tmp_path / "run"
+    args = ["train", "--dataset", f"{tmp_path}/reg.py:data", "--model", f"{tmp_path}/reg.py:net"]
+    args += ["--loss", "mse", "--optimizer", "sgd", "--epochs", "1", "--out", str(out)]
+    done = subprocess.run(
+        [sys.executable, "-m", "sharpscope", *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (
+        "error: training needs class labels (integer targets of shape (N,)); the data gives "
+        "float32 targets of shape (64,). Regression is not trained here (its accuracy, NLL "
+        "and ECE are undefined); the analyses accept float targets"
+    )
+    assert "Traceback" not in done.stderr and not out.exists()
+
+
 def _write_factories(folder):
     (folder / "fac").mkdir()
     (folder / "fac" / "parts.py").write_text(
