@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import stat
 import tempfile
@@ -54,9 +55,9 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return to_jsonable(value.detach().cpu().numpy())
     if isinstance(value, np.ndarray):
-        return [to_jsonable(v) for v in value.tolist()] if value.ndim else value.item()
+        return [to_jsonable(v) for v in value.tolist()] if value.ndim else to_jsonable(value.item())
     if isinstance(value, np.generic):
-        return value.item()
+        return to_jsonable(value.item())  # a NumPy NaN or infinity is handled as a float's
     if isinstance(value, float) and not np.isfinite(value):
         return None if np.isnan(value) else (1e308 if value > 0 else -1e308)
     if isinstance(value, dict):
@@ -71,11 +72,11 @@ def to_jsonable(value: Any) -> Any:
 def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
     r"""Rows of dicts as CSV bytes: the union of keys as columns, in first-seen order.
 
-    Missing, ``None`` and non-finite values become empty cells; tensors and numpy
-    values become plain numbers.
+    Missing, ``None`` and NaN values become empty cells, infinities ``inf``/``-inf`` (as
+    pandas and ``float()`` read them); tensors and numpy values become plain numbers.
 
-    >>> rows_to_csv_bytes([{"a": 1, "b": float("nan")}, {"a": 2, "c": "x"}]).decode()
-    'a,b,c\n1,,\n2,,x\n'
+    >>> rows_to_csv_bytes([{"a": 1, "b": float("nan")}, {"a": 2, "c": "x", "b": -np.inf}]).decode()
+    'a,b,c\n1,,\n2,-inf,x\n'
     """
     import csv
     import io
@@ -90,9 +91,16 @@ def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
     for row in rows:
         cells = []
         for column in columns:
-            value = to_jsonable(row.get(column))
-            finite = not isinstance(value, float) or np.isfinite(value) and abs(value) < 1e308
-            cells.append("" if value is None or not finite else value)
+            value = row.get(column)
+            if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and np.size(value) == 1:
+                value = float(np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value))
+            if isinstance(value, float) and np.isinf(value):
+                cells.append("inf" if value > 0 else "-inf")
+                continue
+            value = to_jsonable(value)
+            cells.append(
+                "" if value is None or isinstance(value, float) and np.isnan(value) else value
+            )
         writer.writerow(cells)
     return buffer.getvalue().encode()
 
@@ -288,6 +296,8 @@ class Result:
             type_name = str(f.type)
             if name == "meta" and isinstance(value, dict):
                 value = RunMeta(**value)
+            elif value is None and type_name == "float":
+                value = math.nan  # JSON's null for a NaN scalar
             elif "Tensor" in type_name and value is not None:
                 array = np.asarray(value)  # a mask stays bool; numbers become float64
                 value = torch.as_tensor(array if array.dtype == bool else array.astype(np.float64))
@@ -341,14 +351,26 @@ def _result_classes() -> dict[str, type[Result]]:
     return found
 
 
+def json_float(text: str) -> float:
+    """A JSON number as :func:`to_jsonable` meant it: ±1e308 (how it writes ±∞, which JSON
+    has no token for) is ±∞ again.
+
+    >>> json_float("1e+308"), json_float("-1e308"), json_float("2.5")
+    (inf, -inf, 2.5)
+    """
+    value = float(text)
+    return math.copysign(math.inf, value) if abs(value) >= 1e308 else value
+
+
 def read_record(path: str | os.PathLike) -> dict[str, Any]:
     """The plain dict of a saved result: a ``.json`` file, or a ``.npz`` whose arrays
     stand beside the scalars stored in its ``__json__`` entry."""
     path = Path(path)
     if path.suffix != ".npz":
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_float=json_float)
     with np.load(path, allow_pickle=False) as archive:
-        data = json.loads(str(archive["__json__"])) if "__json__" in archive.files else {}
+        text = str(archive["__json__"]) if "__json__" in archive.files else "{}"
+        data = json.loads(text, parse_float=json_float)
         data.update({key: archive[key] for key in archive.files if key != "__json__"})
     return data
 

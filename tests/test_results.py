@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -49,8 +50,32 @@ def test_non_finite_values_become_json_safe():
         2.0,
     ]
     csv = rows_to_csv_bytes([{"a": float("inf"), "b": 1.0}, {"a": float("-inf"), "b": None}])
-    assert csv.decode() == "a,b\n,1.0\n,\n"
+    assert csv.decode() == "a,b\ninf,1.0\n-inf,\n"  # as pandas and float() read them
     json.loads(Toy(score=float("inf")).to_json())  # strict JSON, no Infinity token
+
+
+def _strict(text: str):
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_numpy_and_tensor_scalars_are_json_safe_too():
+    """Acceptance s22: a NumPy scalar, a 0-d array or a 0-d tensor that is NaN or infinite
+    went to the file as a bare NaN/Infinity token (only Python floats were checked)."""
+    values = [np.float64("nan"), np.float32("inf"), np.array(-np.inf), torch.tensor(float("nan"))]
+    assert _strict(json.dumps(to_jsonable(values))) == [None, 1e308, -1e308, None]
+
+
+@pytest.mark.parametrize("suffix", [".json", ".npz"])
+def test_infinity_and_nan_come_back_from_a_saved_result(tmp_path, suffix):
+    """±inf is written as ±1e308 (JSON has no token for it) and read back as ±inf; a NaN
+    scalar is written as null and read back as NaN, not None."""
+    path = Toy(score=float("inf")).save(tmp_path / f"inf{suffix}")
+    assert Toy.load(path).score == float("inf")
+    path = Toy(score=float("nan")).save(tmp_path / f"nan{suffix}")
+    assert math.isnan(Toy.load(path).score)
 
 
 def test_an_interrupted_result_write_keeps_the_previous_file(tmp_path, monkeypatch):

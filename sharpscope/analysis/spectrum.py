@@ -379,7 +379,7 @@ class Spectrum(Result):
             "lambda_max": _float_or_none(self.lambda_max),
             "lambda_5": _float_or_none(self.lambda_5),
             "ratio": _float_or_none(self.ratio),
-            "trace": None if self.trace is None else float(self.trace),
+            "trace": _float_or_none(self.trace),
             "trace_stderr": _float_or_none(self.trace_stderr),
             "density": density,
             "hvp_count": float(self.hvp_count),

@@ -41,6 +41,7 @@ from ..results import (
     RunMeta,
     atomic_write_bytes,
     eval_rows,
+    json_float,
     read_metrics_rows,
     to_jsonable,
     write_json,
@@ -90,7 +91,7 @@ LEADING = ("run_id", "status")
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(), parse_float=json_float)  # ±1e308: ±inf again
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
@@ -790,7 +791,9 @@ def _cell(value: Any) -> str:
     if value is None:
         return ""
     if isinstance(value, float):
-        return "" if not math.isfinite(value) else repr(value)
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"  # as float() and pandas read them
+        return "" if math.isnan(value) else repr(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

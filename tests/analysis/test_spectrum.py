@@ -203,6 +203,23 @@ def test_spectrum_json_has_the_interface_keys(bn_cnn, tmp_path):
     assert isinstance(loaded.density, Density)
 
 
+def test_a_nan_trace_is_null_in_strict_json(mlp):
+    """Acceptance s22: a NaN trace (an overflowing model) went to the file as a bare NaN
+    token, which strict JSON readers (JavaScript, jq's strict mode, Perl) refuse."""
+    import dataclasses
+
+    result = spectrum(mlp.model, mlp.data, k=3, num_probes=2, num_lanczos_steps=10, seed=4)
+    nan_trace = dataclasses.replace(
+        result, trace_estimate=dataclasses.replace(result.trace_estimate, trace=float("nan"))
+    )
+
+    def refuse(token):
+        raise ValueError(token)
+
+    data = json.loads(nan_trace.to_json(), parse_constant=refuse)
+    assert data["trace"] is None
+
+
 def test_skipped_parts_cost_nothing_and_are_null_in_the_json(mlp, tmp_path):
     """skip=("trace", "density"): the same top-k (same seed) for the top-k's products only."""
     full = spectrum(mlp.model, mlp.data, k=3, num_probes=2, num_lanczos_steps=10, seed=4)
