@@ -291,6 +291,21 @@ def _optimizer_spec(config: TrainConfig) -> dict[str, Any]:
     return spec
 
 
+def _written_config(config: TrainConfig) -> dict[str, Any]:
+    """``config`` as ``OUT/config.json`` holds it: the optimizer with every option resolved
+    (defaults filled in, a wrapper's base nested, as the checkpoint records it), so that a
+    script reads rho or the base momentum of any run; bSAM's noise seed stays unnamed
+    unless given, so that a rerun with ``--config`` and another ``--seed`` follows it."""
+    from .optim.factory import resolve_optimizer_spec
+
+    written = config.to_dict()
+    optimizer = resolve_optimizer_spec(dict(config.optimizer))
+    if optimizer["name"] == "bsam" and "seed" not in config.optimizer:
+        optimizer.pop("seed")
+    written["optimizer"] = optimizer
+    return written
+
+
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
     """The seeded stream ``stream`` of ``epoch`` (data order, augmentation, noise).
 
@@ -744,7 +759,7 @@ def _train(
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", config.to_dict())
+        write_json(out / "config.json", _written_config(config))
         # on resume, drop rows logged after the checkpoint we resume from
         rows = "".join(json.dumps(r) + "\n" for r in history) if resume else ""
         atomic_write_bytes(out / "metrics.jsonl", rows.encode())

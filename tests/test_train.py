@@ -746,6 +746,33 @@ def test_regression_targets_are_refused_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr and not out.exists()
 
 
+def test_config_json_holds_every_optimizer_setting(tmp_path):
+    """Acceptance s22: a SAM run's config.json left out rho and the base's momentum and
+    weight decay unless typed (an SGD run's held them). It now holds the resolved spec, as
+    the checkpoint does, and a rerun from it trains the same run."""
+    import json
+
+    from sharpscope.io import load_checkpoint
+
+    sam = {"name": "sam", "lr": 0.05}
+    first = tmp_path / "first"
+    train(_config(first, optimizer=sam, epochs=1))
+    written = json.loads((first / "config.json").read_text())
+    checkpoint = load_checkpoint(first / "last.pt")
+    assert written["optimizer"]["rho"] == 0.05
+    assert written["optimizer"]["base"]["momentum"] == 0.9
+    assert written["optimizer"] == json.loads(json.dumps(checkpoint.raw["optimizer"]))
+    again = TrainConfig(**{**written, "out": str(tmp_path / "again")})
+    train(again)
+    rerun = load_checkpoint(tmp_path / "again" / "last.pt")
+    for key, value in checkpoint.model.state_dict().items():
+        assert torch.equal(rerun.model.state_dict()[key], value), key
+    # bSAM's noise follows the run's seed unless the spec names one
+    train(_config(tmp_path / "bsam", optimizer={"name": "bsam"}, epochs=1))
+    bsam = json.loads((tmp_path / "bsam" / "config.json").read_text())["optimizer"]
+    assert "seed" not in bsam and bsam["prior_precision"] == 40.0
+
+
 def _write_factories(folder):
     (folder / "fac").mkdir()
     (folder / "fac" / "parts.py").write_text(
