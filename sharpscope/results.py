@@ -324,6 +324,8 @@ class Result:
             raise SharpscopeError(
                 f"cannot read {path} as a result saved by sharpscope{why}"
             ) from exc
+        if isinstance(record, dict) and {"measure", "columns", "epoch"} <= record.keys():
+            record = _study_record_result(path, record, cls.kind)
         kind = record.get("kind") if isinstance(record, dict) else None
         if not isinstance(record, dict) or (kind is not None and kind != cls.kind):
             owner = _result_classes().get(kind) if isinstance(kind, str) else None
@@ -336,6 +338,28 @@ class Result:
             raise SharpscopeError(
                 f"cannot read {path} as {cls.__name__}: {first_line(exc) or type(exc).__name__}"
             ) from exc
+
+
+def _study_record_result(path: Path, record: dict[str, Any], kind: str) -> dict[str, Any]:
+    """The result that a study's analysis record (``runs/<id>/analysis/epoch_NNN/*.json``:
+    measure, columns, result, ...) holds, when it holds one result of ``kind``.
+
+    Raises:
+        SharpscopeError: the record holds no such single result (it names what it holds).
+    """
+    inner = record.get("result")
+    if isinstance(inner, dict) and inner.get("kind") == kind:
+        return inner
+    several = inner.get("results") if isinstance(inner, dict) else None
+    held = (
+        f"'result' -> 'results' holds {len(several)} results, each for from_dict; "
+        if isinstance(several, list)
+        else ""
+    )
+    raise SharpscopeError(
+        f"{path} is a study's analysis record of '{record['measure']}', not one '{kind}' "
+        f"result: read its JSON ({held}'columns' holds what results.csv shows)"
+    )
 
 
 def _result_classes() -> dict[str, type[Result]]:

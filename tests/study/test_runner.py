@@ -656,3 +656,26 @@ def test_a_studys_analysis_files_name_their_checkpoint_and_data(study):
     sharp = json.loads((folder / "m_sharpness.json").read_text())["result"]
     metas = [r["meta"] for r in sharp["results"]]
     assert metas and all(m["checkpoint_sha256"] == spectrum["checkpoint_sha256"] for m in metas)
+
+
+def test_result_load_reads_a_studys_analysis_record(study):
+    """Acceptance s22: Spectrum.load of a study's spectrum.json failed with "'top'" (the
+    spectrum sits under 'result'); it loads now, and a record of several results (or of
+    none) says what it holds in one line."""
+    from sharpscope import Spectrum
+    from sharpscope.analysis.msharpness import MSharpness
+
+    out, _ = study
+    folder = out / "runs" / "sam-s1" / "analysis" / "epoch_002"
+    record = json.loads((folder / "spectrum.json").read_text())
+    loaded = Spectrum.load(folder / "spectrum.json")
+    assert loaded.lambda_max == pytest.approx(record["result"]["lambda_max"], rel=1e-12)
+    with pytest.raises(
+        SharpscopeError,
+        match=r"a study's analysis record of 'm_sharpness', not "
+        r"one 'msharpness' result: read its JSON \('result' -> 'results' holds \d+ "
+        r"results, each for from_dict; 'columns' holds what results.csv shows\)",
+    ):
+        MSharpness.load(folder / "m_sharpness.json")
+    parts = json.loads((folder / "m_sharpness.json").read_text())["result"]["results"]
+    assert MSharpness.from_dict(parts[0]).m == parts[0]["m"]
