@@ -10,7 +10,14 @@ from typing import Optional
 import typer
 
 from ..errors import SharpscopeError
-from ._common import check_output_file, console, guarded
+from ._common import (
+    check_output_file,
+    console,
+    fail,
+    guarded,
+    interrupt_exit_code,
+    stop_reason,
+)
 
 BENCHMARKS = ("optimizers", "spectrum", "msharpness", "landscape")
 
@@ -57,7 +64,22 @@ def register(app: typer.Typer) -> None:
             None if json_out is None else lambda rows: write_rows(mark_quick(rows, quick), json_out)
         )
         module = importlib.import_module(module_name)
-        rows = mark_quick(module.run(quick=quick, devices=devices, on_rows=on_rows), quick)
+        kept: list = []
+
+        def record(rows: list) -> None:
+            kept[:] = rows
+            if on_rows is not None:
+                on_rows(rows)
+
+        try:
+            rows = mark_quick(module.run(quick=quick, devices=devices, on_rows=record), quick)
+        except KeyboardInterrupt as exc:
+            if json_out is None or not kept:
+                raise
+            fail(
+                f"{stop_reason(exc)}; the {len(kept)} rows measured before are in {json_out}",
+                code=interrupt_exit_code(exc),
+            )
         title = f"sharpscope bench {name}"
         if quick:
             title += (

@@ -243,3 +243,23 @@ def test_the_hand_written_references_compute_what_sharpscope_computes():
         hand = msharpness.sam_loop(model, (x, y), m, 0.05)
         assert hand == pytest.approx(m_sharpness(model, (x, y), m=m, rho=0.05).sharpness, rel=1e-10)
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_an_interrupted_bench_says_which_rows_it_kept(tmp_path, monkeypatch):
+    """Acceptance s22: Ctrl-C said only "error: interrupted", though --json kept the rows
+    measured so far."""
+    from sharpscope.bench import _common, optimizers
+
+    def two_rows_then_ctrl_c(quick, devices, on_rows):
+        rows = [_common.BenchRow(f"case {i}", "v", 1.0, "r", 2.0, 0.5) for i in range(2)]
+        on_rows(rows)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(optimizers, "run", two_rows_then_ctrl_c)
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(app, ["bench", "optimizers", "--json", str(out)])
+    assert result.exit_code == 130
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: interrupted; the 2 rows measured before are in {out}"
+    )
+    assert [r["case"] for r in json.loads(out.read_text())] == ["case 0", "case 1"]
