@@ -630,9 +630,10 @@ def landscape(
                 flops_per_call,
             )
 
-        # A block that does not fit is split. The loop on CPU records each point as it
-        # is done, so that an interrupt keeps every finished point (on a GPU a block
-        # takes milliseconds, and recording a point would wait for it).
+        # A block that does not fit is split. The loop on CPU takes a block in one call
+        # and records each point as it is done, so that an interrupt keeps every finished
+        # point (on a GPU a block takes milliseconds, and recording a point would wait for
+        # it); running out of memory there is final, as one point is all it holds.
         one_by_one = not vectorize and device.type != "cuda"
         fitting = FittingRows("grid points")
 
@@ -712,9 +713,11 @@ def landscape(
                         for name, value in plan.buffer_direction.items()
                     }
                     try:
-                        parts = fitting.run(
-                            functools.partial(evaluate_rows, flat, buffers, mine), 0, len(mine)
-                        )
+                        compute = functools.partial(evaluate_rows, flat, buffers, mine)
+                        if one_by_one:  # one point at a time: fewer rows need no less memory
+                            parts = [(slice(0, len(mine)), compute(slice(0, len(mine))))]
+                        else:
+                            parts = fitting.run(compute, 0, len(mine))
                     except Exception:
                         if int(computed.sum()) > loaded:
                             raise  # not the model: it ran on the points before
