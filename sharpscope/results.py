@@ -12,7 +12,9 @@ import dataclasses
 import json
 import math
 import os
+import re
 import stat
+import sys
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -92,9 +94,11 @@ def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
         cells = []
         for column in columns:
             value = row.get(column)
-            if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and np.size(value) == 1:
-                value = float(np.asarray(value.cpu() if isinstance(value, torch.Tensor) else value))
-            if isinstance(value, float) and np.isinf(value):
+            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
+                value = value.item()
+            elif isinstance(value, np.generic):
+                value = value.item()
+            if isinstance(value, float) and math.isinf(value):
                 cells.append("inf" if value > 0 else "-inf")
                 continue
             value = to_jsonable(value)
@@ -145,10 +149,19 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     previous file in place. The file gets the permissions ``open()`` would give it (an
     existing file's own, else 0666 less the umask), not :func:`tempfile.mkstemp`'s 0600.
     A symbolic link is written through, as ``open()`` would: its target gets the data.
-    So is a device, a pipe or a socket (``/dev/null``, ``/dev/stdout``, a FIFO), not atomically:
-    a rename would replace it with a plain file.
+    So is a device, a pipe or a socket (``/dev/null``, a FIFO), not atomically: a rename
+    would replace it with a plain file. ``/dev/stdout``, ``/dev/stderr`` and ``/dev/fd/N``
+    go to this process's own descriptor, where it writes now (a log that stdout appends to
+    keeps its lines; reopening the path would truncate it).
     """
     path = Path(path)
+    descriptor = _own_descriptor(path)
+    if descriptor is not None:  # /dev/stdout: this process's stream, where it points now
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        with os.fdopen(os.dup(descriptor), "wb") as handle:
+            write(handle)
+        return
     if _is_special_file(path):
         with open(path, "wb") as handle:
             write(handle)
@@ -175,6 +188,22 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
         if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
             exc.filename = str(path)  # disk full, a file-size limit: name the file asked for
         raise
+
+
+def _own_descriptor(path: Path) -> int | None:
+    """The descriptor that ``path`` names in this process: 1 for ``/dev/stdout``, 2 for
+    ``/dev/stderr``, N for ``/dev/fd/N`` or ``/proc/self/fd/N``; else None.
+
+    >>> _own_descriptor(Path("/dev/stdout")), _own_descriptor(Path("/dev/fd/7"))
+    (1, 7)
+    >>> _own_descriptor(Path("out/result.json")) is None
+    True
+    """
+    text = str(path)
+    if text in ("/dev/stdout", "/dev/stderr"):
+        return 1 if text == "/dev/stdout" else 2
+    found = re.fullmatch(r"/(?:dev/fd|proc/self/fd)/(\d+)", text)
+    return int(found.group(1)) if found else None
 
 
 def _is_special_file(path: Path) -> bool:
@@ -356,6 +385,8 @@ def _study_record_result(path: Path, record: dict[str, Any], kind: str) -> dict[
         if isinstance(several, list)
         else ""
     )
+    if record["measure"] == "landscape":
+        held = "the slices are the landscape_*.npz files beside it, for LandscapeResult.load; "
     raise SharpscopeError(
         f"{path} is a study's analysis record of '{record['measure']}', not one '{kind}' "
         f"result: read its JSON ({held}'columns' holds what results.csv shows)"

@@ -291,19 +291,21 @@ def _optimizer_spec(config: TrainConfig) -> dict[str, Any]:
     return spec
 
 
+#: the key of ``OUT/config.json`` with the optimizer's every option (``--config`` skips it)
+RESOLVED_OPTIMIZER_KEY = "optimizer_resolved"
+
+
 def _written_config(config: TrainConfig) -> dict[str, Any]:
-    """``config`` as ``OUT/config.json`` holds it: the optimizer with every option resolved
-    (defaults filled in, a wrapper's base nested, as the checkpoint records it), so that a
-    script reads rho or the base momentum of any run; bSAM's noise seed stays unnamed
-    unless given, so that a rerun with ``--config`` and another ``--seed`` follows it."""
+    """``config`` as ``OUT/config.json`` holds it: the settings as given (``--config`` takes
+    them back, and ``--optimizer`` can switch them), and under ``optimizer_resolved`` the
+    optimizer with every default filled in and a wrapper's base nested, as the checkpoint
+    records it, so that a script reads rho or the base momentum of any run."""
     from .optim.factory import resolve_optimizer_spec
 
-    written = config.to_dict()
-    optimizer = resolve_optimizer_spec(dict(config.optimizer))
-    if optimizer["name"] == "bsam" and "seed" not in config.optimizer:
-        optimizer.pop("seed")
-    written["optimizer"] = optimizer
-    return written
+    return {
+        **config.to_dict(),
+        RESOLVED_OPTIMIZER_KEY: resolve_optimizer_spec(_optimizer_spec(config)),
+    }
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -489,11 +491,16 @@ def _prepare_data(
         )
     train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
     if train.targets.is_floating_point() or train.targets.dim() != 1:
+        why = (
+            "regression is not trained here (its accuracy, NLL and ECE are undefined); the "
+            "analyses accept float targets"
+            if train.targets.dim() == 1
+            else "pass one class index per example, not one-hot or soft labels"
+        )
         raise SharpscopeError(
             f"training needs class labels (integer targets of shape (N,)); the data gives "
             f"{str(train.targets.dtype).replace('torch.', '')} targets of shape "
-            f"{tuple(train.targets.shape)}. Regression is not trained here (its accuracy, NLL "
-            "and ECE are undefined); the analyses accept float targets"
+            f"{tuple(train.targets.shape)}: {why}"
         )
     samples = dataset.get("samples")
     if samples is not None and int(samples) > len(train) and info.is_main:

@@ -439,6 +439,27 @@ def test_dev_stdout_gets_the_json():
     assert json.loads(done.stdout) == {"a": 1}
 
 
+def test_dev_stdout_appended_to_a_log_keeps_the_log(tmp_path):
+    """Review, session 22: with stdout appended to a file (``>> run.log``), /dev/stdout leads
+    to that file, and the atomic rename replaced the whole log with the JSON (reopening it
+    would truncate it). The JSON goes to the process's own descriptor instead."""
+    import subprocess
+    import sys
+
+    log = tmp_path / "run.log"
+    log.write_text("earlier line\n")
+    code = (
+        "print('before', flush=True)\n"
+        "from sharpscope.results import write_json\n"
+        "write_json('/dev/stdout', {'a': 1}, indent=None)\n"
+        "print('after')\n"
+    )
+    with log.open("a") as handle:
+        done = subprocess.run([sys.executable, "-c", code], stdout=handle, text=True)
+    assert done.returncode == 0
+    assert log.read_text() == 'earlier line\nbefore\n{"a": 1}\nafter\n'
+
+
 def test_a_write_that_runs_out_of_space_names_the_file(tmp_path):
     """A full disk or a file-size limit (here ``ulimit -f``, in a child process) names the
     file asked for, not our temporary one."""

@@ -66,6 +66,9 @@ def test_numpy_and_tensor_scalars_are_json_safe_too():
     went to the file as a bare NaN/Infinity token (only Python floats were checked)."""
     values = [np.float64("nan"), np.float32("inf"), np.array(-np.inf), torch.tensor(float("nan"))]
     assert _strict(json.dumps(to_jsonable(values))) == [None, 1e308, -1e308, None]
+    row = {"t": torch.tensor(float("inf")), "n": np.int64(3), "b": np.bool_(True)}
+    row.update(s=np.str_("abc"), a=np.array([4]), z=np.float32("nan"), m=np.array(-np.inf))
+    assert rows_to_csv_bytes([row]).decode() == "t,n,b,s,a,z,m\ninf,3,True,abc,[4],,-inf\n"
 
 
 @pytest.mark.parametrize("suffix", [".json", ".npz"])

@@ -740,7 +740,7 @@ def test_regression_targets_are_refused_in_one_line(tmp_path):
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines()[-1] == (
         "error: training needs class labels (integer targets of shape (N,)); the data gives "
-        "float32 targets of shape (64,). Regression is not trained here (its accuracy, NLL "
+        "float32 targets of shape (64,): regression is not trained here (its accuracy, NLL "
         "and ECE are undefined); the analyses accept float targets"
     )
     assert "Traceback" not in done.stderr and not out.exists()
@@ -748,8 +748,9 @@ def test_regression_targets_are_refused_in_one_line(tmp_path):
 
 def test_config_json_holds_every_optimizer_setting(tmp_path):
     """Acceptance s22: a SAM run's config.json left out rho and the base's momentum and
-    weight decay unless typed (an SGD run's held them). It now holds the resolved spec, as
-    the checkpoint does, and a rerun from it trains the same run."""
+    weight decay unless typed (an SGD run's held them). It now also holds the resolved spec
+    (``optimizer_resolved``, as the checkpoint records it), and a rerun from it trains the
+    same run."""
     import json
 
     from sharpscope.io import load_checkpoint
@@ -759,18 +760,43 @@ def test_config_json_holds_every_optimizer_setting(tmp_path):
     train(_config(first, optimizer=sam, epochs=1))
     written = json.loads((first / "config.json").read_text())
     checkpoint = load_checkpoint(first / "last.pt")
-    assert written["optimizer"]["rho"] == 0.05
-    assert written["optimizer"]["base"]["momentum"] == 0.9
-    assert written["optimizer"] == json.loads(json.dumps(checkpoint.raw["optimizer"]))
+    resolved = written.pop("optimizer_resolved")
+    assert resolved["rho"] == 0.05 and resolved["base"]["momentum"] == 0.9
+    assert resolved == json.loads(json.dumps(checkpoint.raw["optimizer"]))
+    assert written["optimizer"] == sam  # as given: --config takes it back, --optimizer switches it
     again = TrainConfig(**{**written, "out": str(tmp_path / "again")})
     train(again)
     rerun = load_checkpoint(tmp_path / "again" / "last.pt")
     for key, value in checkpoint.model.state_dict().items():
         assert torch.equal(rerun.model.state_dict()[key], value), key
-    # bSAM's noise follows the run's seed unless the spec names one
-    train(_config(tmp_path / "bsam", optimizer={"name": "bsam"}, epochs=1))
-    bsam = json.loads((tmp_path / "bsam" / "config.json").read_text())["optimizer"]
-    assert "seed" not in bsam and bsam["prior_precision"] == 40.0
+    # bSAM's noise seed is the run's unless the spec names one: recorded, not fixed
+    train(_config(tmp_path / "bsam", optimizer={"name": "bsam"}, epochs=1, seed=3))
+    bsam = json.loads((tmp_path / "bsam" / "config.json").read_text())
+    assert bsam["optimizer"] == {"name": "bsam"} and bsam["optimizer_resolved"]["seed"] == 3
+
+
+def test_an_sgd_runs_config_json_switches_to_a_sam_variant(tmp_path):
+    """Review, session 22: with the resolved spec as config.json's optimizer, `--config
+    SGD_RUN/config.json --optimizer sam` failed ("unknown option(s) ['max_grad_norm'] for
+    base sgd"); the sweep workflow works again."""
+    import json
+
+    base = ["--dataset", "mnist1d", "--samples", "128", "--model", "mlp", "--epochs", "1"]
+    for args in (
+        [*base, "--optimizer", "sgd", "--out", str(tmp_path / "sgd")],
+        ["--config", str(tmp_path / "sgd" / "config.json"), "--optimizer", "sam"]
+        + ["--out", str(tmp_path / "sam")],
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "sharpscope", "train", *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stderr
+    switched = json.loads((tmp_path / "sam" / "config.json").read_text())
+    assert switched["optimizer_resolved"]["name"] == "sam"
+    assert switched["optimizer_resolved"]["base"]["lr"] == 0.1  # the sgd run's, kept
 
 
 def _write_factories(folder):

@@ -41,7 +41,6 @@ from ..results import (
     RunMeta,
     atomic_write_bytes,
     eval_rows,
-    json_float,
     read_metrics_rows,
     to_jsonable,
     write_json,
@@ -91,7 +90,7 @@ LEADING = ("run_id", "status")
 
 def _read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text(), parse_float=json_float)  # ±1e308: ±inf again
+        return json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
