@@ -176,8 +176,11 @@ def register(app: typer.Typer) -> None:
                 f"note: the last {examples % m} of the {examples} examples are left out: "
                 f"the {subsets} disjoint subsets of m = {m} take {subsets * m} (analysis.md §5)"
             )
-        bar = progress_bar(
-            subsets, "subset", "m-sharpness", enabled=dist.is_main and not no_progress
+        bar = progress_bar(  # none without a subset: m-sharpness then refuses m in one line
+            subsets,
+            "subset",
+            "m-sharpness",
+            enabled=dist.is_main and not no_progress and bool(subsets),
         )
         with bar:
             result = m_sharpness(

@@ -89,6 +89,7 @@ def test_msharpness_bad_input_is_one_line(checkpoint, extra, message):
     errors = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in result.output
+    assert "subset/s" not in result.output  # no progress bar for no subset (--m too large)
 
 
 def test_torchrun_splits_the_subsets_and_rank_zero_writes_the_same_result(checkpoint, tmp_path):
