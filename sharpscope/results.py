@@ -94,10 +94,8 @@ def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
         cells = []
         for column in columns:
             value = row.get(column)
-            if isinstance(value, (torch.Tensor, np.ndarray)) and value.ndim == 0:
-                value = value.item()
-            elif isinstance(value, np.generic):
-                value = value.item()
+            if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and value.ndim == 0:
+                value = value.item()  # a 0-d tensor or array, a NumPy scalar
             if isinstance(value, float) and math.isinf(value):
                 cells.append("inf" if value > 0 else "-inf")
                 continue
@@ -406,11 +404,11 @@ def _result_classes() -> dict[str, type[Result]]:
     return found
 
 
-def json_float(text: str) -> float:
+def _json_float(text: str) -> float:
     """A JSON number as :func:`to_jsonable` meant it: ±1e308 (how it writes ±∞, which JSON
     has no token for) is ±∞ again.
 
-    >>> json_float("1e+308"), json_float("-1e308"), json_float("2.5")
+    >>> _json_float("1e+308"), _json_float("-1e308"), _json_float("2.5")
     (inf, -inf, 2.5)
     """
     value = float(text)
@@ -422,10 +420,10 @@ def read_record(path: str | os.PathLike) -> dict[str, Any]:
     stand beside the scalars stored in its ``__json__`` entry."""
     path = Path(path)
     if path.suffix != ".npz":
-        return json.loads(path.read_text(), parse_float=json_float)
+        return json.loads(path.read_text(), parse_float=_json_float)
     with np.load(path, allow_pickle=False) as archive:
         text = str(archive["__json__"]) if "__json__" in archive.files else "{}"
-        data = json.loads(text, parse_float=json_float)
+        data = json.loads(text, parse_float=_json_float)
         data.update({key: archive[key] for key in archive.files if key != "__json__"})
     return data
 

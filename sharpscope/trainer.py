@@ -300,12 +300,14 @@ def _written_config(config: TrainConfig) -> dict[str, Any]:
     them back, and ``--optimizer`` can switch them), and under ``optimizer_resolved`` the
     optimizer with every default filled in and a wrapper's base nested, as the checkpoint
     records it, so that a script reads rho or the base momentum of any run."""
+    return {**config.to_dict(), RESOLVED_OPTIMIZER_KEY: _resolved_optimizer(config)}
+
+
+def _resolved_optimizer(config: TrainConfig) -> dict[str, Any]:
+    """The run's optimizer spec with every option (the checkpoint's and config.json's)."""
     from .optim.factory import resolve_optimizer_spec
 
-    return {
-        **config.to_dict(),
-        RESOLVED_OPTIMIZER_KEY: resolve_optimizer_spec(_optimizer_spec(config)),
-    }
+    return resolve_optimizer_spec(_optimizer_spec(config))
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
@@ -953,8 +955,6 @@ def _checkpoint_payload(
     metrics: Mapping[str, Any],
     device: torch.device,
 ) -> dict[str, Any]:
-    from .optim.factory import resolve_optimizer_spec
-
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -962,7 +962,7 @@ def _checkpoint_payload(
         "model": dict(config.model),
         "data": dict(config.dataset),
         "loss": config.loss,
-        "optimizer": resolve_optimizer_spec(_optimizer_spec(config)),
+        "optimizer": _resolved_optimizer(config),
         "config": config.to_dict(),
         "epoch": epoch,
         "step": step,

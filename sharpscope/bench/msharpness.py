@@ -93,10 +93,16 @@ def sam_loop(model: torch.nn.Module, data: Any, m: int, rho: float) -> float:
     return total / subsets
 
 
+def _by_hand(case: dict[str, Any]) -> bool:
+    """Whether ``case`` is SAM's one-step ascent, whose reference is :func:`sam_loop`
+    (an adaptive or multi-step case is compared with sharpscope's own loop)."""
+    return case.get("steps", 1) == 1 and not case.get("adaptive")
+
+
 def _pair(model: Any, data: Any, kwargs: dict, device: str) -> dict[str, Any]:
     """sharpscope's default path and the reference: the hand loop for SAM's one-step
     ascent, sharpscope's own per-subset loop for the adaptive Auto-PGD case."""
-    if kwargs.get("steps", 1) == 1 and not kwargs.get("adaptive"):
+    if _by_hand(kwargs):
         reference = lambda: sam_loop(model, data, kwargs["m"], kwargs["rho"])  # noqa: E731
     else:
         reference = lambda: m_sharpness(model, data, vectorize=False, **kwargs).sharpness  # noqa: E731
@@ -108,7 +114,7 @@ def _pair(model: Any, data: Any, kwargs: dict, device: str) -> dict[str, Any]:
 
 def reference_name(case: dict[str, Any]) -> str:
     """The reference of ``case``, as the row names it."""
-    if case.get("steps", 1) == 1 and not case.get("adaptive"):
+    if _by_hand(case):
         return "per-subset loop by hand (SAM's step, the model as given)"
     return "sharpscope's per-subset loop (same ascent, BatchNorm folded)"
 

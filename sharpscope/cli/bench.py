@@ -59,17 +59,14 @@ def register(app: typer.Typer) -> None:
         console.print(
             f"running benchmark '{name}'{' (quick)' if quick else ''} on {', '.join(devices)} ..."
         )
-        # --json is rewritten after each new row: a run stopped part-way keeps its rows
-        on_rows = (
-            None if json_out is None else lambda rows: write_rows(mark_quick(rows, quick), json_out)
-        )
         module = importlib.import_module(module_name)
         kept: list = []
 
         def record(rows: list) -> None:
-            kept[:] = rows
-            if on_rows is not None:
-                on_rows(rows)
+            # --json is rewritten after each new row: a run stopped part-way keeps its rows
+            kept[:] = mark_quick(rows, quick)
+            if json_out is not None:
+                write_rows(kept, json_out)
 
         try:
             rows = mark_quick(module.run(quick=quick, devices=devices, on_rows=record), quick)

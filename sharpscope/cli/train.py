@@ -597,7 +597,6 @@ def register(app: typer.Typer) -> None:
             cfg = build_config(values, config, resumed)
         if out is None and cfg.out is not None:  # the TOML config's own out
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
-        if out is None and cfg.out is not None:
             _check_not_a_study_folder(Path(cfg.out))
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
