@@ -173,7 +173,6 @@ def test_interleaved_median_is_the_median_of_each_callables_repeats(monkeypatch)
 
 def test_bench_msharpness_flags_disagreeing_values_and_reports_time_ratios(monkeypatch):
     """Injected answers 1+2e-5 vs 1 and times 1 s vs 4 s: agree flag False, ratio 0.25, speedup 4."""
-
     from sharpscope.bench import msharpness
 
     def fake_pair(model, data, kwargs, device):
