@@ -23,7 +23,8 @@ CIFAR-shaped inputs (3 x 32 x 32, random values: the timing does not depend on t
 whose 3072-wide first layer the CPU default precomputes once for the whole slice
 (:mod:`sharpscope.analysis.input_layer`; the MNIST-1D models' first layers are too
 cheap for that to pay); a 2-D filter-normalized random slice, 11 x 11 points over 1024
-and over 128 examples (5 x 5 over 256 and 64 with ``quick``), float32. CPU timings use
+and over 128 examples (5 x 5 over 256 and 64 with ``quick``), IEEE float32 for both
+(TF32 off, :mod:`sharpscope.precision`, as the analyses run). CPU timings use
 one thread (recorded). With 1024 examples the work per point is large convolutions
 running near the core's peak FLOP rate, which batching cannot shorten, and on CPU
 PyTorch turns a vmapped convolution into a slower grouped one; vmap only pays where the
@@ -44,6 +45,7 @@ from typing import Any
 import torch
 
 from ..analysis.landscape import default_vectorize, landscape
+from ..precision import ieee_float32
 from ..registry import build_model
 from ._common import (
     BenchRow,
@@ -129,7 +131,10 @@ def run(
     repeats = 2 if quick else 3
     rows = RowLog(on_rows)
     # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
-    with torch_threads(1):
+    # IEEE float32 for the references too, as the analyses run (on a GPU PyTorch's default
+    # runs convolutions in TF32, 1e-3 relative: a faster reference, and values off by far
+    # more than float32 rounding)
+    with torch_threads(1), ieee_float32():
         for device, samples in itertools.product(devices, sizes):
             mnist1d = bench_data(samples, torch.float32, device)
             cases = {

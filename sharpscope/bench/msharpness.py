@@ -13,7 +13,8 @@ compared with sharpscope's own per-subset loop (``vectorize=False``, the same as
 the same folded copy): that ratio is the effect of the vectorization alone.
 
 Model and data: the registry's ``cnn1d`` with BatchNorm on MNIST-1D (1024 training
-examples; 256 with ``quick``). Timings are in float32, the dtype of real use. The
+examples; 256 with ``quick``). Timings are in float32, the dtype of real use, and IEEE
+float32 for both (TF32 off, :mod:`sharpscope.precision`, as the analyses run). The
 values must agree to 1e-5 relative: ``accuracy`` is the float32 relative difference
 of the two sharpness values, which float32 rounding of L(w+ε) and L(w) (~1e-7 of a
 loss of ~2) can push to ~1e-5 when the sharpness is ~1e-2; so the same model and
@@ -30,6 +31,7 @@ from typing import Any
 import torch
 
 from ..analysis.msharpness import m_sharpness
+from ..precision import ieee_float32
 from ._common import (
     BenchRow,
     OnRows,
@@ -141,7 +143,10 @@ def run(
         cases.append({"m": 8, "steps": 5, "adaptive": True})
     rows = RowLog(on_rows)
     # one intra-op thread for every row (on CUDA the work is on the GPU anyway)
-    with torch_threads(1):
+    # IEEE float32 for the references too, as the analyses run (on a GPU PyTorch's default
+    # runs convolutions in TF32, 1e-3 relative: a faster reference, and values off by far
+    # more than float32 rounding)
+    with torch_threads(1), ieee_float32():
         for device in devices:
             # on a GPU the loop over 1,024 subsets is launch-bound and slow: 3 repeats
             reps = repeats if device == "cpu" else min(repeats, 3)

@@ -175,7 +175,10 @@ def test_bench_msharpness_flags_disagreeing_values_and_reports_time_ratios(monke
     """Injected answers 1+2e-5 vs 1 and times 1 s vs 4 s: agree flag False, ratio 0.25, speedup 4."""
     from sharpscope.bench import msharpness
 
+    tf32 = []
+
     def fake_pair(model, data, kwargs, device):
+        tf32.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
         return {"vmap": lambda: 1.0 + 2e-5, "loop": lambda: 1.0}
 
     monkeypatch.setattr(msharpness, "_pair", fake_pair)
@@ -190,6 +193,8 @@ def test_bench_msharpness_flags_disagreeing_values_and_reports_time_ratios(monke
         assert r.accuracy == pytest.approx(2e-5, rel=1e-6)
         assert r.extra["values_agree_1e-5"] is False
     assert [r.extra["meets_target"] for r in rows if "m=8 steps=1" in r.case] == [True]
+    # the hand loop is timed in IEEE float32 too (TF32 on made the GPU reference differ)
+    assert tf32 and not any(tf32) and torch.backends.cudnn.allow_tf32
 
 
 def test_bench_landscape_flags_disagreeing_values_and_reports_time_ratios(monkeypatch):
@@ -205,7 +210,10 @@ def test_bench_landscape_flags_disagreeing_values_and_reports_time_ratios(monkey
             loss=loss, settings={"bn_folded": fold_bn}, meta=meta, directions=None, x=None, y=None
         )
 
+    tf32 = []
+
     def fake_li_loop(model, data, directions, axes):
+        tf32.append(torch.backends.cudnn.allow_tf32 or torch.backends.cuda.matmul.allow_tf32)
         return torch.full((5, 5), 2.0, dtype=torch.float64)
 
     times = {"vmap": 1.0, "loop": 2.0, "reference": 4.0}
@@ -221,6 +229,9 @@ def test_bench_landscape_flags_disagreeing_values_and_reports_time_ratios(monkey
         assert r.extra["speedup"] == (4.0 if vmap else 2.0)
         assert r.accuracy == (pytest.approx(2e-5, rel=1e-6) if vmap else 0.0)
         assert r.extra["values_agree_1e-5"] is (not vmap)
+    # the hand loop runs in IEEE float32, as sharpscope does (on a GPU PyTorch's default
+    # TF32 convolutions made it faster and 1e-3 off)
+    assert tf32 and not any(tf32) and torch.backends.cudnn.allow_tf32
 
 
 def test_the_hand_written_references_compute_what_sharpscope_computes():
