@@ -16,7 +16,8 @@ from .lanczos import (
     lanczos_top_k,
     tridiagonal_eigh,
 )
-from .operator import HessianOperator, clear_mode_cache
+from .mode_cache import clear_mode_cache
+from .operator import HessianOperator
 from .power import power_iteration_top_k
 from .slq import Quadrature, slq, smooth_density
 from .trace import TraceEstimate, hutchinson, hutchpp

@@ -24,9 +24,9 @@ detached parameters (the model's ``.grad`` is never touched):
 the choice and the timings are in :meth:`HessianOperator.describe`. An explicitly
 chosen mode gets one trial product there instead, so that a missing derivative is a
 one-line error naming the mode. Auto mode's choice is
-remembered for the process, per model type, parameter and input shapes, dtype, device
-and loss, so later analyses of the same configuration do not time again
-(:func:`clear_mode_cache` forgets). The pre-flight check's second gradient pass keeps its
+remembered per model type, parameter and input shapes, dtype, device and loss, in the
+process and in a small file of the user's cache folder (:mod:`.mode_cache`), so later
+analyses of the same configuration, in this process or a later one, do not time again. The pre-flight check's second gradient pass keeps its
 graph, so with a single batch the reverse-mode products cost no extra graph build.
 
 In eval mode every BatchNorm that directly follows a convolution or linear layer is folded
@@ -49,12 +49,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
+import json
 import math
 import os
 import re
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any, Literal, TypeVar
 
@@ -80,7 +82,9 @@ from ..modes import batchnorm_without_running_stats, eval_mode
 from ..precision import HALF_DTYPES, rounding
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
+from . import mode_cache
 from .fold import fold_batchnorm
+from .mode_cache import device_name
 
 F64 = torch.float64
 HVPMode = Literal["auto", "forward", "reverse"]
@@ -314,6 +318,14 @@ class HessianOperator:
         check_not_half(self.dtype)
         self.loss_fn = resolve_loss(loss)
         self.loss_name = loss_name(loss)
+        # the loss as the disk cache of HVP modes names it (a callable has no stable name)
+        self._loss_text = (
+            loss
+            if isinstance(loss, str)
+            else json.dumps(loss, sort_keys=True, default=str)
+            if isinstance(loss, Mapping)
+            else None
+        )
         self.bn_mode = bn_mode
         self.weight_decay = float(weight_decay)
 
@@ -402,23 +414,19 @@ class HessianOperator:
         self.mode_errors: dict[str, str] = {}
         self.hvp_mode_requested = hvp_mode
         self.hvp_mode_cached = False
-        key = self._mode_key() if hvp_mode == "auto" and self.world_size == 1 else None
-        cached = _MODE_CACHE.get(key) if key is not None else None
+        remembered = hvp_mode == "auto" and self.world_size == 1  # ranks must agree
+        cached = self._remembered_mode() if remembered else None
         if check:
             self._preflight(keep_graph=(cached or (hvp_mode,))[0] in ("auto", "reverse"))
-        if self.bn_fold_rejected or self.batches_halved:  # the key named the model/batch
-            key = self._mode_key() if key is not None else None
-            cached = _MODE_CACHE.get(key) if key is not None else None
+        if remembered and (self.bn_fold_rejected or self.batches_halved):
+            cached = self._remembered_mode()  # the key named the model and batch changed
         if cached is not None:
             self.hvp_mode, self.mode_timings, self.mode_errors = cached[0], *cached[1:]
             self.hvp_mode_cached = True
         elif hvp_mode == "auto":
-            halved = self.batches_halved
             self.hvp_mode = self._choose_mode()
-            if key is not None and self.batches_halved != halved:
-                key = self._mode_key()  # timed on the halved batches
-            if key is not None:
-                _remember(key, (self.hvp_mode, dict(self.mode_timings), dict(self.mode_errors)))
+            if remembered:  # keyed by the batches it was timed on (halved, maybe)
+                self._remember_mode()
         else:  # one untimed trial product: a missing derivative fails here, in one line
             self.hvp_mode = self._choose_mode((hvp_mode,))
         if self.hvp_mode != "reverse":
@@ -1021,6 +1029,40 @@ class HessianOperator:
             return None
         return key
 
+    def _mode_description(self) -> dict[str, Any] | None:
+        """The configuration as the disk cache records it (:mod:`.mode_cache`): the
+        in-process key written as text, plus what the speed of each mode depends on
+        beyond it. None for a loss without a stable name (a callable)."""
+        if not self._batches or self._loss_text is None:
+            return None
+        x = self._batches[0][0]
+        return {
+            "torch": torch.__version__,
+            "device": device_name(self.device),
+            "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
+            "model": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
+            "architecture": hashlib.sha256(repr(self.module).encode()).hexdigest()[:16],
+            "params": [list(shape) for shape in self.param_shapes],
+            "buffers": [[name, list(b.shape)] for name, b in self._consts.items()],
+            "dtype": str(self.dtype),
+            "input": [list(x.shape), str(x.dtype)],
+            "loss": self._loss_text,
+            "bn_mode": self.bn_mode,
+            "reuse_graph": self._reuse_graph,
+            "bn_folded": list(self.bn_folded),
+        }
+
+    def _remembered_mode(self) -> mode_cache.Choice | None:
+        description = self._mode_description()
+        on_disk = mode_cache.disk_key(description) if description is not None else None
+        return mode_cache.lookup(self._mode_key(), on_disk)
+
+    def _remember_mode(self) -> None:
+        description = self._mode_description()
+        on_disk = mode_cache.disk_key(description) if description is not None else None
+        choice = (self.hvp_mode, dict(self.mode_timings), dict(self.mode_errors))
+        mode_cache.remember(self._mode_key(), on_disk, choice, description)
+
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -1063,23 +1105,6 @@ class HessianOperator:
             "bn_folded": list(self.bn_folded),
             "bn_fold_rejected": self.bn_fold_rejected,
         }
-
-
-# The HVP mode chosen per (model type, shapes, dtype, device, loss, ...): timed once per
-# process ("measure it once"); later operators on the same configuration reuse it.
-_MODE_CACHE: dict[tuple, tuple[str, dict[str, float], dict[str, str]]] = {}
-_MODE_CACHE_SIZE = 64
-
-
-def _remember(key: tuple, value: tuple[str, dict[str, float], dict[str, str]]) -> None:
-    if len(_MODE_CACHE) >= _MODE_CACHE_SIZE:
-        _MODE_CACHE.pop(next(iter(_MODE_CACHE)))
-    _MODE_CACHE[key] = value
-
-
-def clear_mode_cache() -> None:
-    """Forget the HVP modes timed so far (the next operator times them again)."""
-    _MODE_CACHE.clear()
 
 
 def _passes_agree(loss1: float, grad1: Tensor, loss2: float, grad2: Tensor) -> bool:

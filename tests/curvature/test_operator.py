@@ -644,11 +644,11 @@ def test_a_mode_whose_timed_product_fails_is_not_chosen(mlp_case, monkeypatch):
                 raise RuntimeError("transient failure")
         return products(self, mode, *args, **kwargs)
 
-    from sharpscope.curvature import clear_mode_cache
+    from sharpscope.bench.spectrum import first_run
 
-    clear_mode_cache()  # a choice cached by an earlier test would skip the timing
     monkeypatch.setattr(HessianOperator, "_batch_products", flaky)
-    op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", hvp_mode="auto")
+    with first_run():  # a choice remembered by an earlier test would skip the timing
+        op = HessianOperator(mlp_case.model, mlp_case.data, dtype="float64", hvp_mode="auto")
     assert op.hvp_mode == "reverse" and "forward" in op.describe()["hvp_mode_errors"]
 
 

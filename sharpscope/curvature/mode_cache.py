@@ -1,0 +1,172 @@
+"""The HVP mode chosen for a configuration, remembered so that it is timed once.
+
+``HessianOperator(hvp_mode="auto")`` times one product of each mode (forward-over-reverse
+and reverse-over-reverse, each after a warm-up) and keeps the faster: four products, about
+a quarter of a CPU top-5 on the benchmark's digits network, and 2-3 s for a ResNet-20 on an
+H200, where PyTorch's reverse-over-reverse product of a convolution is slow. Both modes
+compute the same products up to rounding; only the speed depends on the choice.
+
+The choice is remembered in the process (keyed by the model's class, the parameter,
+buffer and input shapes, dtype, device, loss, BatchNorm mode and folding) and on disk, in
+``$SHARPSCOPE_CACHE/hvp_modes.json`` (default ``~/.cache/sharpscope``), under the same
+description written as text plus the PyTorch version, the device's name and the CPU
+thread count. So a later ``sharpscope spectrum`` of a checkpoint of the same architecture
+on the same machine, a study's analysis of every run's checkpoints, or a notebook kernel
+restarted, does not time again. A loss given as a Python callable has no stable name, so
+its choices stay in the process. The file is a cache: one that cannot be read or written
+is ignored, and deleting it (or ``SHARPSCOPE_HVP_MODE_CACHE=0``) makes every process time
+afresh; an explicit ``hvp_mode`` never reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+#: What a choice records: the mode, the seconds each mode took, the modes that failed.
+Choice = tuple[str, dict[str, float], dict[str, str]]
+
+FILE_NAME = "hvp_modes.json"
+ENV_SWITCH = "SHARPSCOPE_HVP_MODE_CACHE"
+MEMORY_SIZE = 64  # choices kept in the process
+DISK_SIZE = 256  # choices kept in the file (the oldest go first)
+
+_memory: dict[tuple, Choice] = {}
+_disk_allowed = True
+
+
+def _disk_path() -> Path | None:
+    """The cache file, or None when the disk cache is switched off."""
+    if not _disk_allowed or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "no"):
+        return None
+    from ..data.sources import cache_dir
+
+    return cache_dir() / FILE_NAME
+
+
+def device_name(device: Any) -> str:
+    """The device as the file's key names it: the GPU's name, or the CPU's model.
+
+    >>> device_name("cpu").startswith("cpu")
+    True
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda {torch.cuda.get_device_name(device)}"
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            model = next(
+                (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
+                model,
+            )
+    except OSError:
+        pass  # not Linux: the platform's own name
+    return f"{device.type} {model} ({os.cpu_count()} cores)"
+
+
+def disk_key(description: dict[str, Any]) -> str:
+    """The file's key of a configuration: a hash of its description as sorted JSON.
+
+    >>> disk_key({"a": 1, "b": [2, 3]}) == disk_key({"b": [2, 3], "a": 1})
+    True
+    """
+    text = json.dumps(description, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        entries = json.loads(path.read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return {}  # missing, unreadable or damaged: a cache starts empty
+    return entries if isinstance(entries, dict) else {}
+
+
+def _valid(entry: Any) -> Choice | None:
+    """A stored choice, or None for an entry that is not one (an edited file)."""
+    try:
+        mode, seconds, errors = entry["mode"], entry["seconds"], entry["errors"]
+        if mode not in ("forward", "reverse"):
+            return None
+        return (
+            mode,
+            {str(k): float(v) for k, v in seconds.items()},
+            {str(k): str(v) for k, v in errors.items()},
+        )
+    except (TypeError, KeyError, AttributeError, ValueError):
+        return None
+
+
+def lookup(key: tuple | None, on_disk: str | None) -> Choice | None:
+    """The remembered choice for ``key`` (the process's) or ``on_disk`` (the file's)."""
+    if key is not None and key in _memory:
+        return _memory[key]
+    path = _disk_path() if on_disk is not None else None
+    if path is None:
+        return None
+    choice = _valid(_read(path).get(on_disk))
+    if choice is not None and key is not None:
+        _keep(key, choice)
+    return choice
+
+
+def remember(
+    key: tuple | None, on_disk: str | None, choice: Choice, description: dict | None = None
+) -> None:
+    """Keep ``choice`` in the process and, when ``on_disk`` is given, in the file."""
+    if key is not None:
+        _keep(key, choice)
+    path = _disk_path() if on_disk is not None else None
+    if path is None:
+        return
+    from ..results import atomic_write_bytes
+
+    entries = _read(path)
+    mode, seconds, errors = choice
+    entries.pop(on_disk, None)
+    entries[on_disk] = {
+        "mode": mode,
+        "seconds": seconds,
+        "errors": errors,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "configuration": description or {},
+    }
+    for stale in list(entries)[: max(0, len(entries) - DISK_SIZE)]:
+        del entries[stale]
+    try:
+        atomic_write_bytes(path, (json.dumps(entries, indent=1, default=str) + "\n").encode())
+    except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
+        pass
+
+
+def _keep(key: tuple, choice: Choice) -> None:
+    if len(_memory) >= MEMORY_SIZE:
+        _memory.pop(next(iter(_memory)))
+    _memory[key] = choice
+
+
+def clear_mode_cache() -> None:
+    """Forget the HVP modes timed in this process (the file stays; delete
+    ``$SHARPSCOPE_CACHE/hvp_modes.json`` to forget those too)."""
+    _memory.clear()
+
+
+@contextmanager
+def without_disk_cache() -> Iterator[None]:
+    """Neither read nor write the file inside the block (a benchmark's first-run timing)."""
+    global _disk_allowed
+    before, _disk_allowed = _disk_allowed, False
+    try:
+        yield
+    finally:
+        _disk_allowed = before

@@ -1,0 +1,154 @@
+"""The HVP mode chosen by timing is remembered on disk, so a later process skips the timing
+(sharpscope.curvature.mode_cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+from sharpscope.curvature import HessianOperator, clear_mode_cache
+from sharpscope.curvature.mode_cache import ENV_SWITCH, FILE_NAME
+
+
+def _case(samples: int = 16, dtype=torch.float64):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).to(dtype)
+    return model, (torch.randn(samples, 4, dtype=dtype), torch.randint(0, 3, (samples,)))
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """An empty cache folder, the disk cache on, nothing remembered in the process."""
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    clear_mode_cache()
+    yield tmp_path / FILE_NAME
+    clear_mode_cache()
+
+
+def _entries(path) -> dict:
+    return json.loads(path.read_text())
+
+
+def test_a_later_process_reuses_the_mode_an_earlier_one_timed(cache):
+    """Two real processes: the first times both modes and writes the file, the second
+    reads its choice and timings and times nothing."""
+    script = textwrap.dedent(
+        """
+        import json, torch
+        from torch import nn
+        from sharpscope.curvature import HessianOperator
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+        x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+        op = HessianOperator(model, (x, y))
+        print(json.dumps([op.hvp_mode, op.hvp_mode_cached, op.mode_timings]))
+        """
+    )
+    env = {**os.environ, "SHARPSCOPE_CACHE": str(cache.parent)}
+    runs = []
+    for _ in range(2):
+        done = subprocess.run(
+            [sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(json.loads(done.stdout.splitlines()[-1]))
+    (mode1, cached1, seconds1), (mode2, cached2, seconds2) = runs
+    assert (cached1, cached2) == (False, True)
+    assert mode2 == mode1 and seconds2 == seconds1 and set(seconds1) == {"forward", "reverse"}
+    (entry,) = _entries(cache).values()
+    assert entry["mode"] == mode1
+    configuration = entry["configuration"]
+    assert configuration["torch"] == torch.__version__
+    assert configuration["input"] == [[16, 4], "torch.float64"]
+    assert configuration["device"].startswith("cpu ")
+
+
+def test_the_remembered_choice_is_what_the_file_says(cache):
+    """In one process with its own memory cleared, the mode comes from the file (an edited
+    entry is followed; a damaged one is ignored and timed again)."""
+    model, data = _case()
+    first = HessianOperator(model, data)
+    assert not first.hvp_mode_cached
+    entries = _entries(cache)
+    (key,) = entries
+    other = "reverse" if first.hvp_mode == "forward" else "forward"
+    entries[key].update(mode=other, seconds={"forward": 7.0, "reverse": 8.0})
+    cache.write_text(json.dumps(entries))
+    clear_mode_cache()
+    read = HessianOperator(model, data)
+    assert read.hvp_mode_cached and read.hvp_mode == other
+    assert read.describe()["hvp_mode_seconds"] == {"forward": 7.0, "reverse": 8.0}
+
+    entries[key]["mode"] = "sideways"  # not a mode
+    cache.write_text(json.dumps(entries))
+    clear_mode_cache()
+    timed = HessianOperator(model, data)
+    assert not timed.hvp_mode_cached and timed.hvp_mode in ("forward", "reverse")
+    assert _entries(cache)[key]["mode"] == timed.hvp_mode  # rewritten
+
+
+def test_a_damaged_file_is_ignored_and_replaced(cache):
+    cache.write_text("{not json")
+    model, data = _case()
+    op = HessianOperator(model, data)
+    assert not op.hvp_mode_cached
+    assert len(_entries(cache)) == 1
+
+
+def test_another_configuration_is_timed_again(cache):
+    """Other input shapes or dtype: a new entry, not the first one's choice."""
+    model, data = _case()
+    HessianOperator(model, data)
+    clear_mode_cache()
+    assert not HessianOperator(model, _case(samples=32)[1]).hvp_mode_cached
+    clear_mode_cache()
+    model32, data32 = _case(dtype=torch.float32)
+    assert not HessianOperator(model32, data32).hvp_mode_cached
+    assert len(_entries(cache)) == 3
+
+
+def test_switched_off_the_file_is_neither_read_nor_written(cache, monkeypatch):
+    model, data = _case()
+    HessianOperator(model, data)
+    before = cache.read_text()
+    clear_mode_cache()
+    monkeypatch.setenv(ENV_SWITCH, "0")
+    assert not HessianOperator(model, data).hvp_mode_cached
+    clear_mode_cache()
+    assert not HessianOperator(model, _case(samples=32)[1]).hvp_mode_cached
+    assert cache.read_text() == before
+
+
+def test_a_callable_loss_and_an_explicit_mode_stay_off_the_disk(cache):
+    """A callable has no name that means the same in another process; an explicit mode
+    is not chosen by timing."""
+    model, data = _case()
+
+    def my_loss(out, y):
+        return nn.functional.cross_entropy(out, y)
+
+    op = HessianOperator(model, data, loss=my_loss)
+    assert not op.hvp_mode_cached and not cache.exists()
+    assert HessianOperator(model, data, loss=my_loss).hvp_mode_cached  # the process's
+    HessianOperator(model, data, hvp_mode="reverse")
+    assert not cache.exists()
+
+
+def test_an_unwritable_cache_folder_only_costs_the_timing(tmp_path, monkeypatch):
+    """A cache that cannot be written (its folder is a file) is no error."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(blocker))
+    clear_mode_cache()
+    model, data = _case()
+    op = HessianOperator(model, data)
+    assert not op.hvp_mode_cached and op.hvp_mode in ("forward", "reverse")
+    clear_mode_cache()
