@@ -71,11 +71,30 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
-    r"""Rows of dicts as CSV bytes: the union of keys as columns, in first-seen order.
+def csv_cell(value: Any) -> str:
+    """One CSV cell: ``None`` and NaN empty, infinities ``inf``/``-inf`` (as pandas and
+    ``float()`` read them), booleans ``true``/``false``, tensors and NumPy values as plain
+    numbers.
 
-    Missing, ``None`` and NaN values become empty cells, infinities ``inf``/``-inf`` (as
-    pandas and ``float()`` read them); tensors and numpy values become plain numbers.
+    >>> [csv_cell(v) for v in (None, float("nan"), -np.inf, True, np.float32(0.5), 3)]
+    ['', '', '-inf', 'true', '0.5', '3']
+    """
+    if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and value.ndim == 0:
+        value = value.item()  # a 0-d tensor or array, a NumPy scalar
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return "" if math.isnan(value) else repr(value)
+    return str(to_jsonable(value))
+
+
+def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any, columns: list[str] | None = None) -> bytes:
+    r"""Rows of dicts as CSV bytes, each value written by :func:`csv_cell`; the columns are
+    ``columns``, or the union of the rows' keys in first-seen order.
 
     >>> rows_to_csv_bytes([{"a": 1, "b": float("nan")}, {"a": 2, "c": "x", "b": -np.inf}]).decode()
     'a,b,c\n1,,\n2,-inf,x\n'
@@ -83,27 +102,17 @@ def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any) -> bytes:
     import csv
     import io
 
-    columns: dict[str, None] = {}
-    for row in rows:
-        for key in row:
-            columns.setdefault(key, None)
+    if columns is None:
+        seen: dict[str, None] = {}
+        for row in rows:
+            for key in row:
+                seen.setdefault(key, None)
+        columns = list(seen)
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(list(columns))
+    writer.writerow(columns)
     for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and value.ndim == 0:
-                value = value.item()  # a 0-d tensor or array, a NumPy scalar
-            if isinstance(value, float) and math.isinf(value):
-                cells.append("inf" if value > 0 else "-inf")
-                continue
-            value = to_jsonable(value)
-            cells.append(
-                "" if value is None or isinstance(value, float) and np.isnan(value) else value
-            )
-        writer.writerow(cells)
+        writer.writerow([csv_cell(row.get(column)) for column in columns])
     return buffer.getvalue().encode()
 
 

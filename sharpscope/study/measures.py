@@ -78,9 +78,7 @@ def measure_spectrum(
         "trace_stderr": _finite(result.trace_stderr),
         # Ritz values above the residual tolerance (0: every top-k eigenvalue converged);
         # the CLI warns about them, a study records them so the report can say so
-        "spectrum_unconverged": float(
-            sum(not c for c in (getattr(result.top, "converged", None) or []))
-        ),
+        "spectrum_unconverged": sum(not c for c in (getattr(result.top, "converged", None) or [])),
     }
     return columns, _to_payload(result)
 
@@ -196,7 +194,7 @@ def measure_pac_bayes(model, data, loss, options, common):
     """PAC-Bayes flatness 1/σ² (Jiang et al. 2020), plain and magnitude-aware."""
     from ..analysis.measures import pac_bayes_flatness
 
-    columns: dict[str, float | None] = {"pac_bayes_unconverged": 0.0}
+    columns: dict[str, float | int | None] = {"pac_bayes_unconverged": 0}
     results = []
     extra = {
         k: options[k]
@@ -217,7 +215,9 @@ def measure_pac_bayes(model, data, loss, options, common):
         columns[name] = _finite(result.flatness)
         # a search that never met the accuracy drop (a model at chance: σ runs to sigma_max)
         # gives a censored 1/σ²; counted so the report names the run
-        columns["pac_bayes_unconverged"] = columns["pac_bayes_unconverged"] + (not result.converged)
+        columns["pac_bayes_unconverged"] = int(columns["pac_bayes_unconverged"] or 0) + (
+            not result.converged
+        )
         results.append({"magnitude_aware": magnitude_aware, **_to_payload(result)})
     return columns, {"results": results}
 

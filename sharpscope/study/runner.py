@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import time
@@ -42,6 +41,7 @@ from ..results import (
     atomic_write_bytes,
     eval_rows,
     read_metrics_rows,
+    rows_to_csv_bytes,
     to_jsonable,
     write_json,
 )
@@ -738,7 +738,7 @@ def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> li
         evals = _eval_rows(run_dir)
         if state == "failed":
             row = dict(base)
-            row["epoch"] = max(evals) if evals else 0
+            row["epoch"] = max(evals) if evals else None  # diverged before an evaluation
             rows.append(row)
             continue
         for epoch in run.analysis_epochs:
@@ -786,33 +786,12 @@ def _column_order(rows: list[dict[str, Any]]) -> list[str]:
     return [*ordered, *metrics, *rest, *tail]
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, float):
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"  # as float() and pandas read them
-        return "" if math.isnan(value) else repr(value)
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
-
-
 def write_results(study_dir: str | Path, runs: list[RunSpec] | None = None) -> Path:
     """Collect every run into ``DIR/results.csv`` (atomically); return its path."""
-    import csv
-    import io
-
     folder = Path(study_dir)
     rows = collect_rows(folder, runs)
-    columns = _column_order(rows)
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_cell(row.get(c)) for c in columns])
     path = folder / "results.csv"
-    atomic_write_bytes(path, buffer.getvalue().encode())
+    atomic_write_bytes(path, rows_to_csv_bytes(rows, _column_order(rows)))
     return path
 
 

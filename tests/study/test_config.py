@@ -483,6 +483,7 @@ def test_unconverged_top_eigenvalues_are_counted_in_their_own_column():
     columns, payload = measure_spectrum(model, data, "cross_entropy", few, common)
     unconverged = sum(not c for c in payload["converged"])
     assert unconverged > 0 and columns["spectrum_unconverged"] == unconverged
+    assert type(columns["spectrum_unconverged"]) is int  # a count: "2" in results.csv, not "2.0"
     many = config(analysis={"spectrum": {**base, "max_steps": 80}}).analysis.measures["spectrum"]
     columns, _ = measure_spectrum(model, data, "cross_entropy", many, common)
     assert columns["spectrum_unconverged"] == 0

@@ -90,6 +90,7 @@ def test_a_pac_bayes_search_that_never_meets_the_drop_is_counted_and_reported():
     common = {"seed": 0, "batch_size": None}
     columns, _ = measure_pac_bayes(model, data, "cross_entropy", plan.measures["pac_bayes"], common)
     assert columns["pac_bayes_unconverged"] == 2  # seeded: 4 halvings miss the tolerance here
+    assert type(columns["pac_bayes_unconverged"]) is int  # a count, written "2" in results.csv
     assert not is_measure_column("pac_bayes_unconverged")
     finals = [
         {"run_id": "sgd-s0", "pac_bayes_unconverged": 1.0, "spectrum_unconverged": 0.0},
@@ -677,6 +678,10 @@ def test_failed_run_row_and_device_change_on_reuse(by_hand):
     (by_hand / "runs" / "sgd-s3" / "status.json").write_text('{"state": "failed", "error": "d"}')
     rows = [r for r in collect_rows(by_hand) if r["run_id"] == "sgd-s3"]
     assert [(r["status"], r["epoch"]) for r in rows] == [("failed", 2)]
+    # diverged before its first evaluation: no epoch (it was 0, which a filter on epoch took)
+    (by_hand / "runs" / "sgd-s3" / "metrics.jsonl").write_text("")
+    rows = [r for r in collect_rows(by_hand) if r["run_id"] == "sgd-s3"]
+    assert [(r["status"], r["epoch"]) for r in rows] == [("failed", None)]
     values = load_study_config_from_dir(by_hand).to_dict()
     values["train"]["device"] = "cpu"
     moved = study_config_from_dict(values)
