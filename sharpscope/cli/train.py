@@ -664,7 +664,10 @@ def register(app: typer.Typer) -> None:
             f"test loss {metrics.get('test_loss', float('nan')):.4f}"
         )
         if summary.out is not None:
+            out = summary.out
+            kept = sorted(out.glob("epoch_*.pt"))  # --save-every, this run's and earlier
+            also = f", and {len(kept)} epoch checkpoint(s) ({kept[-1].name}, ...)" if kept else ""
             console.print(
-                f"wrote {summary.out / 'last.pt'} and {summary.out / 'metrics.jsonl'}",
+                f"wrote {out / 'last.pt'}, {out / 'metrics.jsonl'} and {out / 'config.json'}{also}",
                 soft_wrap=True,
             )

@@ -467,7 +467,9 @@ def test_train_summary_names_the_test_accuracy_and_the_files_written(tmp_path):
     assert f"test accuracy {metrics['test_acc']:.4f}, " in result.stdout
     assert f"train accuracy {metrics['train_acc']:.4f}, " in result.stdout
     out = tmp_path / "run"
-    assert f"wrote {out / 'last.pt'} and {out / 'metrics.jsonl'}" in " ".join(result.stderr.split())
+    written = f"wrote {out / 'last.pt'}, {out / 'metrics.jsonl'} and {out / 'config.json'}"
+    assert written in " ".join(result.stderr.split()) and "epoch checkpoint" not in result.stderr
+    assert (out / "config.json").is_file()
 
 
 # ---------------------------------------------------------------- study, figures, bench
@@ -666,7 +668,8 @@ def test_resume_shows_the_progress_bar_unless_this_call_hides_it(tmp_path):
     shows the bar again (and takes a --no-progress of its own)."""
     out = tmp_path / "run"
     tiny = [*TINY[: TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("--batch-size") :]]
-    ok(runner.invoke(app, ["train", *tiny, "--save-every", "1", "--out", str(out)]))
+    first = ok(runner.invoke(app, ["train", *tiny, "--save-every", "1", "--out", str(out)]))
+    assert "and 2 epoch checkpoint(s) (epoch_002.pt, ...)" in " ".join(first.stderr.split())
     half = (out / "epoch_001.pt").read_bytes()
     for hidden in (False, True):
         (out / "last.pt").write_bytes(half)  # back to the end of epoch 1
