@@ -329,3 +329,27 @@ def test_a_landscape_block_that_does_not_fit_on_the_gpu_is_split():
             split = landscape(model, (x, y), 2, **options)
     assert split.complete
     np.testing.assert_allclose(np.asarray(split.loss), np.asarray(whole.loss), rtol=1e-10)
+
+
+def test_the_remembered_hvp_mode_names_the_gpu(bn_cnn, tmp_path, monkeypatch):
+    """The disk cache of HVP modes keys a CUDA operator by the GPU's name, and a later
+    operator on the same configuration (the process's memory cleared) reads its choice."""
+    import json
+
+    from sharpscope.curvature import clear_mode_cache
+    from sharpscope.curvature.mode_cache import ENV_SWITCH, FILE_NAME
+
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    model, x, y = _on_cuda(*bn_cnn)
+    clear_mode_cache()
+    first = HessianOperator(model, (x, y))
+    clear_mode_cache()
+    later = HessianOperator(model, (x, y))
+    clear_mode_cache()
+    assert not first.hvp_mode_cached and later.hvp_mode_cached
+    assert later.hvp_mode == first.hvp_mode
+    (entry,) = json.loads((tmp_path / FILE_NAME).read_text()).values()
+    assert entry["configuration"]["device"] == f"cuda {torch.cuda.get_device_name(0)}"
+    v = torch.randn(first.dim, dtype=F64, device="cuda")
+    torch.testing.assert_close(later.hvp(v), first.hvp(v), rtol=1e-10, atol=1e-12)
