@@ -9,13 +9,18 @@ compute the same products up to rounding; only the speed depends on the choice.
 The choice is remembered in the process (keyed by the model's class, the parameter,
 buffer and input shapes, dtype, device, loss, BatchNorm mode and folding) and on disk, in
 ``$SHARPSCOPE_CACHE/hvp_modes.json`` (default ``~/.cache/sharpscope``), under the same
-description written as text plus the PyTorch version, the device's name and the CPU
-thread count. So a later ``sharpscope spectrum`` of a checkpoint of the same architecture
+description written as text plus the sharpscope and PyTorch versions, the device's name
+and the CPU thread count (a model class is named by its module's file, which a
+``file.py:function`` factory keeps from process to process). So a later ``sharpscope spectrum`` of a checkpoint of the same architecture
 on the same machine, a study's analysis of every run's checkpoints, or a notebook kernel
 restarted, does not time again. A loss given as a Python callable has no stable name, so
-its choices stay in the process. The file is a cache: one that cannot be read or written
-is ignored, and deleting it (or ``SHARPSCOPE_HVP_MODE_CACHE=0``) makes every process time
-afresh; an explicit ``hvp_mode`` never reads it.
+its choices stay in the process. A remembered mode gets no trial product: the operator's
+first real product is its check, and if the mode fails there for this model (another model
+shared the key: a model file edited since, a notebook class redefined), both modes are
+timed again, with a warning, and the entry is replaced. The file is a cache: one that
+cannot be placed, read or written is ignored, and deleting it (or
+``SHARPSCOPE_HVP_MODE_CACHE=0``) makes every process time afresh; an explicit ``hvp_mode``
+never reads it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,12 +49,29 @@ _disk_allowed = True
 
 
 def _disk_path() -> Path | None:
-    """The cache file, or None when the disk cache is switched off."""
-    if not _disk_allowed or os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "off", "no"):
+    """The cache file, or None when the disk cache is switched off or has no folder."""
+    switch = os.environ.get(ENV_SWITCH, "1").strip().lower()
+    if not _disk_allowed or switch in ("0", "off", "no", "false"):
         return None
     from ..data.sources import cache_dir
 
-    return cache_dir() / FILE_NAME
+    try:
+        return cache_dir() / FILE_NAME
+    except RuntimeError:  # no home folder to put it in (HOME unset, no passwd entry)
+        return None
+
+
+def class_name(cls: type) -> str:
+    """A class as the file's key names it, the same in every process: its module's file
+    (a ``file.py:function`` factory's module gets a new name in each process) or its
+    module's name, and its qualified name.
+
+    >>> class_name(dict)
+    'builtins:dict'
+    """
+    module = sys.modules.get(cls.__module__)
+    where = getattr(module, "__file__", None) or cls.__module__
+    return f"{where}:{cls.__qualname__}"
 
 
 def device_name(device: Any) -> str:
@@ -86,9 +109,11 @@ def disk_key(description: dict[str, Any]) -> str:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
+        if not path.is_file():  # missing, or a FIFO or device that a read would wait on
+            return {}
         entries = json.loads(path.read_text())
-    except (OSError, ValueError, UnicodeDecodeError):
-        return {}  # missing, unreadable or damaged: a cache starts empty
+    except (OSError, ValueError, RecursionError):
+        return {}  # unreadable or damaged (too deeply nested, too): a cache starts empty
     return entries if isinstance(entries, dict) else {}
 
 
@@ -129,8 +154,10 @@ def remember(
     path = _disk_path() if on_disk is not None else None
     if path is None:
         return
-    from ..results import atomic_write_bytes
+    from ..results import atomic_write_bytes, to_jsonable
 
+    if path.exists() and not path.is_file():
+        return  # a FIFO or device: writing would wait for a reader
     entries = _read(path)
     mode, seconds, errors = choice
     entries.pop(on_disk, None)
@@ -144,7 +171,8 @@ def remember(
     for stale in list(entries)[: max(0, len(entries) - DISK_SIZE)]:
         del entries[stale]
     try:
-        atomic_write_bytes(path, (json.dumps(entries, indent=1, default=str) + "\n").encode())
+        text = json.dumps(to_jsonable(entries), indent=1, default=str, allow_nan=False)
+        atomic_write_bytes(path, (text + "\n").encode())
     except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
         pass
 

@@ -414,6 +414,7 @@ class HessianOperator:
         self.mode_errors: dict[str, str] = {}
         self.hvp_mode_requested = hvp_mode
         self.hvp_mode_cached = False
+        self._remembered_mode_unchecked = False
         remembered = hvp_mode == "auto" and self.world_size == 1  # ranks must agree
         cached = self._remembered_mode() if remembered else None
         if check:
@@ -423,6 +424,7 @@ class HessianOperator:
         if cached is not None:
             self.hvp_mode, self.mode_timings, self.mode_errors = cached[0], *cached[1:]
             self.hvp_mode_cached = True
+            self._remembered_mode_unchecked = True
         elif hvp_mode == "auto":
             self.hvp_mode = self._choose_mode()
             if remembered:  # keyed by the batches it was timed on (halved, maybe)
@@ -659,7 +661,34 @@ class HessianOperator:
     __matmul__ = hvp
 
     def _products(self, V: Tensor, single: bool) -> Tensor:
+        if self._remembered_mode_unchecked:
+            # a remembered mode ran no trial product here: the first real one is its check
+            self._remembered_mode_unchecked = False
+            try:
+                return self._fitting(lambda: self._products_once(V, single))
+            except Exception as exc:  # noqa: BLE001 - re-raised unless the mode was the cause
+                if isinstance(exc, SharpscopeError) or is_out_of_memory(exc):
+                    raise
+                self._choose_again(exc)
         return self._fitting(lambda: self._products_once(V, single))
+
+    def _choose_again(self, failure: Exception) -> None:
+        """Time both modes after the remembered one failed for this model (another
+        model shared its key: a file edited since, a notebook class redefined)."""
+        failed = self.hvp_mode
+        self.hvp_mode_cached = False
+        self.mode_timings, self.mode_errors = {}, {}
+        self.hvp_mode = self._choose_mode()
+        if self.hvp_mode != "reverse":
+            self._graph = None
+        self._remember_mode()
+        warnings.warn(
+            f"the HVP mode remembered for this configuration, '{failed}', failed for this "
+            f"model ({type(failure).__name__}: {str(failure).splitlines()[0][:200]}); both "
+            f"modes were timed again and '{self.hvp_mode}' chosen",
+            RuntimeWarning,
+            stacklevel=4,
+        )
 
     def _products_once(self, V: Tensor, single: bool) -> Tensor:
         s = V.shape[0]
@@ -1013,6 +1042,7 @@ class HessianOperator:
         try:
             key = (
                 type(self.module),
+                self._architecture(),
                 tuple(self.param_shapes),
                 tuple((n, tuple(b.shape)) for n, b in self._consts.items()),
                 str(self.dtype),
@@ -1035,13 +1065,16 @@ class HessianOperator:
         beyond it. None for a loss without a stable name (a callable)."""
         if not self._batches or self._loss_text is None:
             return None
+        from .. import __version__
+
         x = self._batches[0][0]
         return {
+            "sharpscope": __version__,
             "torch": torch.__version__,
             "device": device_name(self.device),
             "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
-            "model": f"{type(self.module).__module__}.{type(self.module).__qualname__}",
-            "architecture": hashlib.sha256(repr(self.module).encode()).hexdigest()[:16],
+            "model": mode_cache.class_name(type(self.module)),
+            "architecture": self._architecture(),
             "params": [list(shape) for shape in self.param_shapes],
             "buffers": [[name, list(b.shape)] for name, b in self._consts.items()],
             "dtype": str(self.dtype),
@@ -1051,6 +1084,10 @@ class HessianOperator:
             "reuse_graph": self._reuse_graph,
             "bn_folded": list(self.bn_folded),
         }
+
+    def _architecture(self) -> str:
+        """A hash of the module tree as ``repr`` prints it (layer types and sizes)."""
+        return hashlib.sha256(repr(self.module).encode()).hexdigest()[:16]
 
     def _remembered_mode(self) -> mode_cache.Choice | None:
         description = self._mode_description()

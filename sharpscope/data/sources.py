@@ -45,7 +45,8 @@ class RawData:
 
 def cache_dir() -> Path:
     """Where generated data sets are cached."""
-    return Path(os.environ.get("SHARPSCOPE_CACHE", Path.home() / ".cache" / "sharpscope"))
+    # an empty value is unset (Path("") would be the working folder)
+    return Path(os.environ.get("SHARPSCOPE_CACHE") or Path.home() / ".cache" / "sharpscope")
 
 
 def load_mnist1d(_root: str | None = None) -> RawData:

@@ -152,3 +152,126 @@ def test_an_unwritable_cache_folder_only_costs_the_timing(tmp_path, monkeypatch)
     op = HessianOperator(model, data)
     assert not op.hvp_mode_cached and op.hvp_mode in ("forward", "reverse")
     clear_mode_cache()
+
+
+class _NoForwardAD(torch.autograd.Function):
+    """tanh as an old-style autograd.Function: reverse mode (and its double backward)
+    works, forward-over-reverse through torch.func does not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * (1 - torch.tanh(x) ** 2)
+
+
+class _Tanh(nn.Module):
+    def forward(self, x):
+        return _NoForwardAD.apply(x)
+
+
+def _strict_json(path):
+    def refuse(token):
+        raise ValueError(f"not strict JSON: {token}")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_a_remembered_mode_that_fails_for_this_model_is_timed_again(cache):
+    """Review s23: a remembered mode ran no trial product, so a model sharing the key but
+    lacking that mode's derivative (a model file edited since, a notebook class redefined)
+    failed with PyTorch's traceback at the first product. Now that product is the check."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), _Tanh(), nn.Linear(6, 3)).double()
+    data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
+    first = HessianOperator(model, data)
+    assert first.hvp_mode == "reverse" and "forward" in first.mode_errors
+    entries = _strict_json(cache)  # the failed mode's infinite time is written strictly
+    (key,) = entries
+    entries[key].update(mode="forward", errors={})  # as if another model had recorded it
+    cache.write_text(json.dumps(entries))
+    clear_mode_cache()
+    stale = HessianOperator(model, data)
+    assert stale.hvp_mode_cached and stale.hvp_mode == "forward"
+    v = torch.randn(stale.dim, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="remembered for this configuration, 'forward'"):
+        product = stale.hvp(v)
+    torch.testing.assert_close(product, first.hvp(v), rtol=1e-12, atol=1e-12)
+    assert stale.hvp_mode == "reverse" and not stale.hvp_mode_cached
+    assert _strict_json(cache)[key]["mode"] == "reverse"  # the file is mended
+
+
+def test_a_remembered_mode_is_not_checked_twice(cache, monkeypatch):
+    """The check is the first real product; later products run as usual."""
+    model, data = _case()
+    HessianOperator(model, data)
+    clear_mode_cache()
+    op = HessianOperator(model, data)
+    assert op.hvp_mode_cached
+    calls = []
+    monkeypatch.setattr(op, "_choose_again", lambda exc: calls.append(exc))
+    v = torch.ones(op.dim, dtype=torch.float64)
+    op.hvp(v)
+    op.hvp_block(torch.stack([v, v]))
+    assert calls == [] and op.hvp_count == 3
+
+
+def test_a_cache_that_cannot_be_placed_or_read_is_no_error(cache, monkeypatch, tmp_path):
+    """Review s23: no home folder (HOME unset, no passwd entry) raised in every auto-mode
+    operator; a deeply nested file raised RecursionError; a FIFO in its place would hang."""
+    import pathlib
+    import threading
+
+    model, data = _case()
+    monkeypatch.setenv("SHARPSCOPE_CACHE", "")  # empty: unset, so the home folder is asked
+    monkeypatch.setattr(
+        pathlib.Path,
+        "home",
+        classmethod(lambda cls: (_ for _ in ()).throw(RuntimeError("no home"))),
+    )
+    assert not HessianOperator(model, data).hvp_mode_cached
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(cache.parent))
+    cache.write_text("[" * 100_000)
+    clear_mode_cache()
+    assert not HessianOperator(model, data).hvp_mode_cached
+    cache.unlink()
+    os.mkfifo(cache)
+    clear_mode_cache()
+    done = []
+    worker = threading.Thread(target=lambda: done.append(HessianOperator(model, data)), daemon=True)
+    worker.start()
+    worker.join(60)
+    assert done and not done[0].hvp_mode_cached
+
+
+def test_false_switches_the_disk_cache_off(cache, monkeypatch):
+    monkeypatch.setenv(ENV_SWITCH, "false")
+    model, data = _case()
+    HessianOperator(model, data)
+    assert not cache.exists()
+
+
+def test_a_factory_files_class_has_the_same_name_in_every_process(tmp_path):
+    """Review s23: a `file.py:function` model's module gets a new name in each process, so
+    its entries never matched again; the key names the file instead."""
+    import importlib.util
+
+    from sharpscope.curvature.mode_cache import class_name
+
+    source = tmp_path / "models.py"
+    source.write_text("import torch\nclass Net(torch.nn.Module):\n    pass\n")
+    names = set()
+    for module_name in ("sharpscope_factory_1234", "sharpscope_factory_5678"):
+        spec = importlib.util.spec_from_file_location(module_name, source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module
+        try:
+            spec.loader.exec_module(module)
+            names.add(class_name(module.Net))
+        finally:
+            del sys.modules[module_name]
+    assert names == {f"{source}:Net"}
