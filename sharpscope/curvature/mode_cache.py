@@ -126,7 +126,7 @@ def _valid(entry: Any) -> Choice | None:
         return (
             mode,
             {str(k): float(v) for k, v in seconds.items()},
-            {str(k): str(v) for k, v in errors.items()},
+            {str(k)[:20]: str(v)[:300] for k, v in errors.items()},  # as the operator keeps them
         )
     except (TypeError, KeyError, AttributeError, ValueError):
         return None
