@@ -14,10 +14,11 @@ and the CPU thread count (a model class is named by its module's file, which a
 ``file.py:function`` factory keeps from process to process). So a later ``sharpscope spectrum`` of a checkpoint of the same architecture
 on the same machine, a study's analysis of every run's checkpoints, or a notebook kernel
 restarted, does not time again. A loss given as a Python callable has no stable name, so
-its choices stay in the process. A remembered mode gets no trial product: the operator's
-first real product is its check, and if the mode fails there for this model (another model
-shared the key: a model file edited since, a notebook class redefined), both modes are
-timed again, with a warning, and the entry is replaced. The file is a cache: one that
+its choices stay in the process. A remembered mode gets one untimed trial product, as an
+explicit mode does; if it fails for this model (another model shared the key: a model file
+edited since, a notebook class redefined), both modes are timed again, with a warning, and
+the entry is replaced. A remembered choice reports the timings and failures recorded when
+it was made (``hvp_mode_cached`` says so). The file is a cache: one that
 cannot be placed, read or written is ignored, and deleting it (or
 ``SHARPSCOPE_HVP_MODE_CACHE=0``) makes every process time afresh; an explicit ``hvp_mode``
 never reads it.
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import platform
 import sys
@@ -125,7 +127,8 @@ def _valid(entry: Any) -> Choice | None:
             return None
         return (
             mode,
-            {str(k): float(v) for k, v in seconds.items()},
+            # a failed mode's infinite time is stored as 1e308 (strict JSON)
+            {str(k): math.inf if float(v) >= 1e308 else float(v) for k, v in seconds.items()},
             {str(k)[:20]: str(v)[:300] for k, v in errors.items()},  # as the operator keeps them
         )
     except (TypeError, KeyError, AttributeError, ValueError):

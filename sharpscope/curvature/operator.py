@@ -414,17 +414,15 @@ class HessianOperator:
         self.mode_errors: dict[str, str] = {}
         self.hvp_mode_requested = hvp_mode
         self.hvp_mode_cached = False
-        self._remembered_mode_unchecked = False
         remembered = hvp_mode == "auto" and self.world_size == 1  # ranks must agree
         cached = self._remembered_mode() if remembered else None
         if check:
             self._preflight(keep_graph=(cached or (hvp_mode,))[0] in ("auto", "reverse"))
         if remembered and (self.bn_fold_rejected or self.batches_halved):
             cached = self._remembered_mode()  # the key named the model and batch changed
-        if cached is not None:
+        if cached is not None and self._trial_passes(cached[0]):
             self.hvp_mode, self.mode_timings, self.mode_errors = cached[0], *cached[1:]
             self.hvp_mode_cached = True
-            self._remembered_mode_unchecked = True
         elif hvp_mode == "auto":
             self.hvp_mode = self._choose_mode()
             if remembered:  # keyed by the batches it was timed on (halved, maybe)
@@ -661,34 +659,7 @@ class HessianOperator:
     __matmul__ = hvp
 
     def _products(self, V: Tensor, single: bool) -> Tensor:
-        if self._remembered_mode_unchecked:
-            # a remembered mode ran no trial product here: the first real one is its check
-            self._remembered_mode_unchecked = False
-            try:
-                return self._fitting(lambda: self._products_once(V, single))
-            except Exception as exc:  # noqa: BLE001 - re-raised unless the mode was the cause
-                if isinstance(exc, SharpscopeError) or is_out_of_memory(exc):
-                    raise
-                self._choose_again(exc)
         return self._fitting(lambda: self._products_once(V, single))
-
-    def _choose_again(self, failure: Exception) -> None:
-        """Time both modes after the remembered one failed for this model (another
-        model shared its key: a file edited since, a notebook class redefined)."""
-        failed = self.hvp_mode
-        self.hvp_mode_cached = False
-        self.mode_timings, self.mode_errors = {}, {}
-        self.hvp_mode = self._choose_mode()
-        if self.hvp_mode != "reverse":
-            self._graph = None
-        self._remember_mode()
-        warnings.warn(
-            f"the HVP mode remembered for this configuration, '{failed}', failed for this "
-            f"model ({type(failure).__name__}: {str(failure).splitlines()[0][:200]}); both "
-            f"modes were timed again and '{self.hvp_mode}' chosen",
-            RuntimeWarning,
-            stacklevel=4,
-        )
 
     def _products_once(self, V: Tensor, single: bool) -> Tensor:
         s = V.shape[0]
@@ -987,6 +958,24 @@ class HessianOperator:
         if chosen == "forward":
             self._graph = None  # built while timing reverse mode; not needed
         return chosen
+
+    def _trial_passes(self, mode: str) -> bool:
+        """One untimed product in a remembered ``mode`` (as for an explicit mode), so that
+        a mode this model cannot run is not taken from another model that shared its key
+        (a model file edited since, a notebook class redefined); a failure is warned about,
+        and the caller times both modes again."""
+        self.mode_errors = {}
+        timings, _ = self._time_modes((mode,), timed=False)
+        if math.isfinite(float(timings[("forward", "reverse").index(mode)])):
+            return True
+        warnings.warn(
+            f"the HVP mode remembered for this configuration, '{mode}', failed for this "
+            f"model ({self.mode_errors.get(mode, 'no product')}); timing both modes again",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        self.mode_errors = {}
+        return False
 
     def _first_usable_mode_out_of_memory(
         self, modes: tuple[str, ...], out_of_memory: set[str]

@@ -184,7 +184,11 @@ def _strict_json(path):
 def test_a_remembered_mode_that_fails_for_this_model_is_timed_again(cache):
     """Review s23: a remembered mode ran no trial product, so a model sharing the key but
     lacking that mode's derivative (a model file edited since, a notebook class redefined)
-    failed with PyTorch's traceback at the first product. Now that product is the check."""
+    failed with PyTorch's traceback at the first product. Now it gets the trial product an
+    explicit mode gets, and a failure there times both modes again, before any result
+    records the operator's metadata (review2: spectrum() recorded a stale mode)."""
+    from sharpscope.analysis.spectrum import spectrum
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 6), _Tanh(), nn.Linear(6, 3)).double()
     data = (torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,)))
@@ -192,32 +196,51 @@ def test_a_remembered_mode_that_fails_for_this_model_is_timed_again(cache):
     assert first.hvp_mode == "reverse" and "forward" in first.mode_errors
     entries = _strict_json(cache)  # the failed mode's infinite time is written strictly
     (key,) = entries
+    assert HessianOperator(model, data).mode_timings["forward"] == float("inf")  # read back
     entries[key].update(mode="forward", errors={})  # as if another model had recorded it
     cache.write_text(json.dumps(entries))
     clear_mode_cache()
-    stale = HessianOperator(model, data)
-    assert stale.hvp_mode_cached and stale.hvp_mode == "forward"
-    v = torch.randn(stale.dim, dtype=torch.float64)
     with pytest.warns(RuntimeWarning, match="remembered for this configuration, 'forward'"):
-        product = stale.hvp(v)
-    torch.testing.assert_close(product, first.hvp(v), rtol=1e-12, atol=1e-12)
-    assert stale.hvp_mode == "reverse" and not stale.hvp_mode_cached
+        result = spectrum(model, data, k=2, num_probes=1, num_lanczos_steps=5, trace_probes=6)
+    extra = result.meta.extra
+    assert extra["hvp_mode"] == "reverse" and extra["hvp_mode_cached"] is False
+    assert "forward" in extra["hvp_mode_errors"]
     assert _strict_json(cache)[key]["mode"] == "reverse"  # the file is mended
-
-
-def test_a_remembered_mode_is_not_checked_twice(cache, monkeypatch):
-    """The check is the first real product; later products run as usual."""
-    model, data = _case()
-    HessianOperator(model, data)
+    v = torch.randn(first.dim, dtype=torch.float64)
     clear_mode_cache()
-    op = HessianOperator(model, data)
-    assert op.hvp_mode_cached
+    again = HessianOperator(model, data)
+    assert again.hvp_mode_cached and again.hvp_mode == "reverse"
+    torch.testing.assert_close(again.hvp(v), first.hvp(v), rtol=1e-12, atol=1e-12)
+
+
+def test_a_remembered_mode_costs_one_untimed_product(cache, monkeypatch):
+    """The trial is one product of the remembered mode, untimed; an error without a message
+    (a bare raise) is named by its type (review2: it raised IndexError in the warning)."""
+    model, data = _case()
+    chosen = HessianOperator(model, data).hvp_mode
+    clear_mode_cache()
     calls = []
-    monkeypatch.setattr(op, "_choose_again", lambda exc: calls.append(exc))
-    v = torch.ones(op.dim, dtype=torch.float64)
-    op.hvp(v)
-    op.hvp_block(torch.stack([v, v]))
-    assert calls == [] and op.hvp_count == 3
+    time_modes = HessianOperator._time_modes
+
+    def counted(self, modes=("forward", "reverse"), timed=True):
+        calls.append((modes, timed))
+        return time_modes(self, modes, timed)
+
+    monkeypatch.setattr(HessianOperator, "_time_modes", counted)
+    assert HessianOperator(model, data).hvp_mode_cached
+    assert calls == [((chosen,), False)]
+    clear_mode_cache()
+    products = HessianOperator._batch_products
+
+    def bare_failure(self, mode, *args, **kwargs):
+        if mode == chosen:
+            raise NotImplementedError
+        return products(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(HessianOperator, "_batch_products", bare_failure)
+    with pytest.warns(RuntimeWarning, match=f"'{chosen}', failed .*NotImplementedError"):
+        op = HessianOperator(model, data)
+    assert not op.hvp_mode_cached and op.hvp_mode != chosen
 
 
 def test_a_cache_that_cannot_be_placed_or_read_is_no_error(cache, monkeypatch, tmp_path):
