@@ -14,10 +14,11 @@ and the CPU thread count (a model class is named by its module's file, which a
 ``file.py:function`` factory keeps from process to process). So a later ``sharpscope spectrum`` of a checkpoint of the same architecture
 on the same machine, a study's analysis of every run's checkpoints, or a notebook kernel
 restarted, does not time again. A loss given as a Python callable has no stable name, so
-its choices stay in the process. A remembered mode gets one untimed trial product, as an
-explicit mode does; if it fails for this model (another model shared the key: a model file
-edited since, a notebook class redefined), both modes are timed again, with a warning, and
-the entry is replaced. A remembered choice reports the timings and failures recorded when
+its choices stay in the process. A mode read from the file gets one untimed trial product,
+as an explicit mode does; if it fails for this model (another model shared the key: a model
+file edited since, a notebook class redefined), both modes are timed again, with a warning,
+and the entry is replaced. In the process the key holds the class object itself, which a
+redefinition or a re-import replaces, so a choice remembered there gets no trial. A remembered choice reports the timings and failures recorded when
 it was made (``hvp_mode_cached`` says so). The file is a cache: one that
 cannot be placed, read or written is ignored, and deleting it (or
 ``SHARPSCOPE_HVP_MODE_CACHE=0``) makes every process time afresh; an explicit ``hvp_mode``
@@ -135,17 +136,20 @@ def _valid(entry: Any) -> Choice | None:
         return None
 
 
-def lookup(key: tuple | None, on_disk: str | None) -> Choice | None:
-    """The remembered choice for ``key`` (the process's) or ``on_disk`` (the file's)."""
+def lookup(key: tuple | None, on_disk: str | None) -> tuple[Choice, bool] | None:
+    """The remembered choice for ``key`` (the process's) or ``on_disk`` (the file's), and
+    whether it came from the file."""
     if key is not None and key in _memory:
-        return _memory[key]
+        return _memory[key], False
     path = _disk_path() if on_disk is not None else None
     if path is None:
         return None
     choice = _valid(_read(path).get(on_disk))
-    if choice is not None and key is not None:
+    if choice is None:
+        return None
+    if key is not None:
         _keep(key, choice)
-    return choice
+    return choice, True
 
 
 def remember(

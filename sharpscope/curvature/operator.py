@@ -417,11 +417,13 @@ class HessianOperator:
         remembered = hvp_mode == "auto" and self.world_size == 1  # ranks must agree
         cached = self._remembered_mode() if remembered else None
         if check:
-            self._preflight(keep_graph=(cached or (hvp_mode,))[0] in ("auto", "reverse"))
+            self._preflight(
+                keep_graph=(cached[0][0] if cached else hvp_mode) in ("auto", "reverse")
+            )
         if remembered and (self.bn_fold_rejected or self.batches_halved):
             cached = self._remembered_mode()  # the key named the model and batch changed
-        if cached is not None and self._trial_passes(cached[0]):
-            self.hvp_mode, self.mode_timings, self.mode_errors = cached[0], *cached[1:]
+        if cached is not None and (not cached[1] or self._trial_passes(cached[0][0])):
+            (self.hvp_mode, self.mode_timings, self.mode_errors), _ = cached
             self.hvp_mode_cached = True
         elif hvp_mode == "auto":
             self.hvp_mode = self._choose_mode()
@@ -960,10 +962,10 @@ class HessianOperator:
         return chosen
 
     def _trial_passes(self, mode: str) -> bool:
-        """One untimed product in a remembered ``mode`` (as for an explicit mode), so that
-        a mode this model cannot run is not taken from another model that shared its key
-        (a model file edited since, a notebook class redefined); a failure is warned about,
-        and the caller times both modes again."""
+        """One untimed product in a ``mode`` read from the disk cache (as for an explicit
+        mode), so that a mode this model cannot run is not taken from another model that
+        shared its key (a model file edited since); a failure is warned about, and the
+        caller times both modes again."""
         self.mode_errors = {}
         timings, _ = self._time_modes((mode,), timed=False)
         if math.isfinite(float(timings[("forward", "reverse").index(mode)])):
@@ -1078,7 +1080,9 @@ class HessianOperator:
         """A hash of the module tree as ``repr`` prints it (layer types and sizes)."""
         return hashlib.sha256(repr(self.module).encode()).hexdigest()[:16]
 
-    def _remembered_mode(self) -> mode_cache.Choice | None:
+    def _remembered_mode(self) -> tuple[mode_cache.Choice, bool] | None:
+        """The remembered choice, and whether it was read from the file (then it gets a
+        trial product: :meth:`_trial_passes`)."""
         description = self._mode_description()
         on_disk = mode_cache.disk_key(description) if description is not None else None
         return mode_cache.lookup(self._mode_key(), on_disk)

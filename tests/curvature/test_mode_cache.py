@@ -196,6 +196,7 @@ def test_a_remembered_mode_that_fails_for_this_model_is_timed_again(cache):
     assert first.hvp_mode == "reverse" and "forward" in first.mode_errors
     entries = _strict_json(cache)  # the failed mode's infinite time is written strictly
     (key,) = entries
+    clear_mode_cache()
     assert HessianOperator(model, data).mode_timings["forward"] == float("inf")  # read back
     entries[key].update(mode="forward", errors={})  # as if another model had recorded it
     cache.write_text(json.dumps(entries))
@@ -214,8 +215,9 @@ def test_a_remembered_mode_that_fails_for_this_model_is_timed_again(cache):
 
 
 def test_a_remembered_mode_costs_one_untimed_product(cache, monkeypatch):
-    """The trial is one product of the remembered mode, untimed; an error without a message
-    (a bare raise) is named by its type (review2: it raised IndexError in the warning)."""
+    """A mode read from the file gets one untimed trial product (one remembered in the
+    process, none); an error without a message (a bare raise) is named by its type
+    (review2: it raised IndexError in the warning)."""
     model, data = _case()
     chosen = HessianOperator(model, data).hvp_mode
     clear_mode_cache()
@@ -227,7 +229,9 @@ def test_a_remembered_mode_costs_one_untimed_product(cache, monkeypatch):
         return time_modes(self, modes, timed)
 
     monkeypatch.setattr(HessianOperator, "_time_modes", counted)
-    assert HessianOperator(model, data).hvp_mode_cached
+    assert HessianOperator(model, data).hvp_mode_cached  # read from the file
+    assert calls == [((chosen,), False)]
+    assert HessianOperator(model, data).hvp_mode_cached  # from the process's memory: no trial
     assert calls == [((chosen,), False)]
     clear_mode_cache()
     products = HessianOperator._batch_products
@@ -298,3 +302,23 @@ def test_a_factory_files_class_has_the_same_name_in_every_process(tmp_path):
         finally:
             del sys.modules[module_name]
     assert names == {f"{source}:Net"}
+
+
+def test_the_spectrum_benchmark_times_each_kind_of_run_as_it_is(cache, tmp_path):
+    """bench spectrum's timed calls: a first run times both modes (nothing remembered, the
+    file untouched); a later process reads a private file and never the user's."""
+    from sharpscope.bench.spectrum import first_run, later_process
+
+    model, data = _case()
+    with first_run():
+        assert not HessianOperator(model, data).hvp_mode_cached
+    assert not cache.exists()  # a first run's timing writes nothing to the user's file
+    assert HessianOperator(model, data).hvp_mode_cached  # later, in the process
+    private = tmp_path / "private"
+    private.mkdir()
+    with later_process(str(private)):
+        assert not HessianOperator(model, data).hvp_mode_cached  # the private file is empty
+    with later_process(str(private)):
+        assert HessianOperator(model, data).hvp_mode_cached  # read from it
+    assert (private / FILE_NAME).exists() and not cache.exists()
+    assert os.environ["SHARPSCOPE_CACHE"] == str(cache.parent)
