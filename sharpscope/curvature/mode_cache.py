@@ -27,9 +27,9 @@ never reads it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
 import os
 import platform
 import sys
@@ -88,16 +88,21 @@ def device_name(device: Any) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"cuda {torch.cuda.get_device_name(device)}"
+    return f"{device.type} {_cpu_model()} ({os.cpu_count()} cores)"
+
+
+@functools.cache
+def _cpu_model() -> str:
+    """The CPU's model name (read once per process: /proc/cpuinfo is long on big hosts)."""
     model = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as info:
-            model = next(
+            return next(
                 (line.split(":", 1)[1].strip() for line in info if line.startswith("model name")),
                 model,
             )
     except OSError:
-        pass  # not Linux: the platform's own name
-    return f"{device.type} {model} ({os.cpu_count()} cores)"
+        return model  # not Linux: the platform's own name
 
 
 def disk_key(description: dict[str, Any]) -> str:
@@ -111,10 +116,12 @@ def disk_key(description: dict[str, Any]) -> str:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    from ..results import read_record  # ±1e308, how the file holds ±inf, read back as ±inf
+
     try:
         if not path.is_file():  # missing, or a FIFO or device that a read would wait on
             return {}
-        entries = json.loads(path.read_text())
+        entries = read_record(path)
     except (OSError, ValueError, RecursionError):
         return {}  # unreadable or damaged (too deeply nested, too): a cache starts empty
     return entries if isinstance(entries, dict) else {}
@@ -128,8 +135,7 @@ def _valid(entry: Any) -> Choice | None:
             return None
         return (
             mode,
-            # a failed mode's infinite time is stored as 1e308 (strict JSON)
-            {str(k): math.inf if float(v) >= 1e308 else float(v) for k, v in seconds.items()},
+            {str(k): float(v) for k, v in seconds.items()},
             {str(k)[:20]: str(v)[:300] for k, v in errors.items()},  # as the operator keeps them
         )
     except (TypeError, KeyError, AttributeError, ValueError):
@@ -161,7 +167,7 @@ def remember(
     path = _disk_path() if on_disk is not None else None
     if path is None:
         return
-    from ..results import atomic_write_bytes, to_jsonable
+    from ..results import write_json
 
     if path.exists() and not path.is_file():
         return  # a FIFO or device: writing would wait for a reader
@@ -178,8 +184,7 @@ def remember(
     for stale in list(entries)[: max(0, len(entries) - DISK_SIZE)]:
         del entries[stale]
     try:
-        text = json.dumps(to_jsonable(entries), indent=1, default=str, allow_nan=False)
-        atomic_write_bytes(path, (text + "\n").encode())
+        write_json(path, entries, indent=1)  # strict JSON: a failed mode's inf as 1e308
     except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
         pass
 

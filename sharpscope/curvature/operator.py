@@ -1080,18 +1080,22 @@ class HessianOperator:
         """A hash of the module tree as ``repr`` prints it (layer types and sizes)."""
         return hashlib.sha256(repr(self.module).encode()).hexdigest()[:16]
 
+    def _mode_keys(self) -> tuple[tuple | None, str | None, dict[str, Any] | None]:
+        """The in-process key, the file's key and the description it hashes."""
+        description = self._mode_description()
+        on_disk = mode_cache.disk_key(description) if description is not None else None
+        return self._mode_key(), on_disk, description
+
     def _remembered_mode(self) -> tuple[mode_cache.Choice, bool] | None:
         """The remembered choice, and whether it was read from the file (then it gets a
         trial product: :meth:`_trial_passes`)."""
-        description = self._mode_description()
-        on_disk = mode_cache.disk_key(description) if description is not None else None
-        return mode_cache.lookup(self._mode_key(), on_disk)
+        key, on_disk, _ = self._mode_keys()
+        return mode_cache.lookup(key, on_disk)
 
     def _remember_mode(self) -> None:
-        description = self._mode_description()
-        on_disk = mode_cache.disk_key(description) if description is not None else None
+        key, on_disk, description = self._mode_keys()
         choice = (self.hvp_mode, dict(self.mode_timings), dict(self.mode_errors))
-        mode_cache.remember(self._mode_key(), on_disk, choice, description)
+        mode_cache.remember(key, on_disk, choice, description)
 
     def _sync(self) -> None:
         if self.device.type == "cuda":

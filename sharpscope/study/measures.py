@@ -195,6 +195,7 @@ def measure_pac_bayes(model, data, loss, options, common):
     from ..analysis.measures import pac_bayes_flatness
 
     columns: dict[str, float | int | None] = {"pac_bayes_unconverged": 0}
+    unconverged = 0
     results = []
     extra = {
         k: options[k]
@@ -215,10 +216,9 @@ def measure_pac_bayes(model, data, loss, options, common):
         columns[name] = _finite(result.flatness)
         # a search that never met the accuracy drop (a model at chance: σ runs to sigma_max)
         # gives a censored 1/σ²; counted so the report names the run
-        columns["pac_bayes_unconverged"] = int(columns["pac_bayes_unconverged"] or 0) + (
-            not result.converged
-        )
+        unconverged += not result.converged
         results.append({"magnitude_aware": magnitude_aware, **_to_payload(result)})
+    columns["pac_bayes_unconverged"] = unconverged
     return columns, {"results": results}
 
 
