@@ -210,7 +210,8 @@ def register(app: typer.Typer) -> None:
         for column in ("run", "state", "epoch", "error"):
             table.add_column(column, overflow="fold")
         for row in states:
-            epoch = f"{row['epoch']}/{row['epochs']}" if row["epochs"] else str(row["epoch"])
+            done = "-" if row["epoch"] is None else str(row["epoch"])
+            epoch = f"{done}/{row['epochs']}" if row["epochs"] else done
             table.add_row(row["run_id"], row["state"], epoch, row["error"])
         Console(width=None if sys.stdout.isatty() else 120).print(table)
         counts = Counter(row["state"] for row in states)

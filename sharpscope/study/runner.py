@@ -357,7 +357,8 @@ def run_states(study_dir: str | Path) -> list[dict[str, Any]]:
     One dict per run, in sweep order: ``run_id``, ``state`` (``done``, ``failed``
     (diverged), ``error`` (retried by the next ``study run``), ``analysing`` (trained,
     analyses missing), ``training`` or ``pending``), ``epoch`` (last evaluated) and
-    ``epochs``, and ``error`` (the first line of a failure).
+    ``epochs`` (``epoch`` is None before the first evaluation), and ``error`` (the first
+    line of a failure).
     """
     folder = Path(study_dir)
     config = load_study_config_from_dir(folder)
@@ -377,7 +378,7 @@ def run_states(study_dir: str | Path) -> list[dict[str, Any]]:
             {
                 "run_id": run.run_id,
                 "state": state,
-                "epoch": max(evaluated, default=0),
+                "epoch": max(evaluated, default=None),
                 "epochs": run.train.get("epochs"),
                 "error": status.get("error", ""),
             }

@@ -682,6 +682,19 @@ def test_failed_run_row_and_device_change_on_reuse(by_hand):
     (by_hand / "runs" / "sgd-s3" / "metrics.jsonl").write_text("")
     rows = [r for r in collect_rows(by_hand) if r["run_id"] == "sgd-s3"]
     assert [(r["status"], r["epoch"]) for r in rows] == [("failed", None)]
+    # `study status` says so too: no epoch, not "0/N" as if an epoch 0 had been evaluated
+    from sharpscope.study.runner import run_states
+
+    state = next(s for s in run_states(by_hand) if s["run_id"] == "sgd-s3")
+    assert (state["state"], state["epoch"]) == ("failed", None)
+    from typer.testing import CliRunner
+
+    from sharpscope.cli import app
+
+    shown = CliRunner().invoke(app, ["study", "status", str(by_hand)])
+    assert shown.exit_code == 0, shown.output
+    line = next(x for x in shown.output.splitlines() if "sgd-s3" in x)
+    assert f"-/{state['epochs']}" in line and f"0/{state['epochs']}" not in line, line
     values = load_study_config_from_dir(by_hand).to_dict()
     values["train"]["device"] = "cpu"
     moved = study_config_from_dict(values)
