@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -50,6 +51,39 @@ def exclusive_lock(path: str | Path, busy: str) -> Iterator[int]:
             # a file system without flock (NFS on a folder opened read-only, Lustre
             # without -o flock): nothing is locked there, as where fcntl is missing
         yield fd
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def brief_lock(path: str | Path, wait: float = 2.0) -> Iterator[bool]:
+    """Hold an exclusive lock on the lock file ``path`` for a short read-modify-write,
+    waiting up to ``wait`` seconds for another holder; yields whether it is held.
+
+    For a cache, where a lost update only costs time: a lock that cannot be had in time
+    (a holder stopped with Ctrl-Z) or at all (no ``fcntl``, no ``flock``, an unwritable
+    folder) lets the block run unlocked rather than wait or fail.
+    """
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except (ImportError, OSError):
+        yield False
+        return
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                held = True
+                break
+            except OSError as exc:
+                if exc.errno not in HELD or time.monotonic() >= deadline:
+                    held = False
+                    break
+                time.sleep(0.005)
+        yield held
     finally:
         os.close(fd)
 

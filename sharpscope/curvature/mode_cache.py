@@ -19,7 +19,8 @@ as an explicit mode does; if it fails for this model (another model shared the k
 file edited since, a notebook class redefined), both modes are timed again, with a warning,
 and the entry is replaced. In the process the key holds the class object itself, which a
 redefinition or a re-import replaces, so a choice remembered there gets no trial. A remembered choice reports the timings and failures recorded when
-it was made (``hvp_mode_cached`` says so). The file is a cache: one that
+it was made (``hvp_mode_cached`` says so). Processes that write at once take turns on
+``hvp_modes.json.lock`` beside it, so none drops another's entry. The file is a cache: one that
 cannot be placed, read or written is ignored, and deleting it (or
 ``SHARPSCOPE_HVP_MODE_CACHE=0``) makes every process time afresh; an explicit ``hvp_mode``
 never reads it.
@@ -38,6 +39,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from ..locking import brief_lock
 
 #: What a choice records: the mode, the seconds each mode took, the modes that failed.
 Choice = tuple[str, dict[str, float], dict[str, str]]
@@ -171,22 +174,30 @@ def remember(
 
     if path.exists() and not path.is_file():
         return  # a FIFO or device: writing would wait for a reader
-    entries = _read(path)
     mode, seconds, errors = choice
-    entries.pop(on_disk, None)
-    entries[on_disk] = {
+    entry = {
         "mode": mode,
         "seconds": seconds,
         "errors": errors,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "configuration": description or {},
     }
-    for stale in list(entries)[: max(0, len(entries) - DISK_SIZE)]:
-        del entries[stale]
+    # read, add, write under a lock, so that processes writing at once (a study's pool
+    # workers) do not drop each other's entries; the write itself is atomic (a rename)
     try:
-        write_json(path, entries, indent=1)  # strict JSON: a failed mode's inf as 1e308
-    except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
-        pass
+        path.parent.mkdir(parents=True, exist_ok=True)  # for the lock file
+    except OSError:
+        pass  # write_json will fail too, and quietly: the cache is only slower
+    with brief_lock(path.with_name(path.name + ".lock")):
+        entries = _read(path)
+        entries.pop(on_disk, None)
+        entries[on_disk] = entry
+        for stale in list(entries)[: max(0, len(entries) - DISK_SIZE)]:
+            del entries[stale]
+        try:
+            write_json(path, entries, indent=1)  # strict JSON: a failed mode's inf as 1e308
+        except Exception:  # noqa: BLE001 - a cache that cannot be written is only slower
+            pass
 
 
 def _keep(key: tuple, choice: Choice) -> None:

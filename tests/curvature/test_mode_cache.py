@@ -322,3 +322,55 @@ def test_the_spectrum_benchmark_times_each_kind_of_run_as_it_is(cache, tmp_path)
         assert HessianOperator(model, data).hvp_mode_cached  # read from it
     assert (private / FILE_NAME).exists() and not cache.exists()
     assert os.environ["SHARPSCOPE_CACHE"] == str(cache.parent)
+
+
+def test_processes_writing_at_once_keep_every_entry(cache):
+    """Pool workers that time their configurations at the same moment each add an entry;
+    before the lock, a read-modify-write could drop another process's entry."""
+    script = textwrap.dedent(
+        """
+        import sys
+        from sharpscope.curvature.mode_cache import remember
+        worker = sys.argv[1]
+        sys.stdin.readline()  # start together
+        for i in range(25):
+            remember(None, f"{worker}-{i}", ("forward", {"forward": 1.0}, {}))
+        """
+    )
+    env = {**os.environ, "SHARPSCOPE_CACHE": str(cache.parent)}
+    workers = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, str(w)], env=env, stdin=subprocess.PIPE, text=True
+        )
+        for w in range(4)
+    ]
+    for worker in workers:
+        worker.stdin.write("go\n")
+        worker.stdin.flush()
+    for worker in workers:
+        worker.stdin.close()
+        assert worker.wait(timeout=120) == 0
+    assert set(_entries(cache)) == {f"{w}-{i}" for w in range(4) for i in range(25)}
+
+
+def test_a_lock_that_cannot_be_had_lets_the_cache_write_unlocked(cache):
+    """The lock only guards a cache: a holder that never lets go (Ctrl-Z) or a lock file
+    that cannot be made costs the guard, never a wait or an error."""
+    import fcntl
+
+    from sharpscope.curvature.mode_cache import remember
+    from sharpscope.locking import brief_lock
+
+    lock = cache.with_name(cache.name + ".lock")
+    with open(lock, "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # another open file: flock conflicts in-process
+        with brief_lock(lock, wait=0.05) as held:
+            assert not held
+        remember(None, "while-held", ("reverse", {"reverse": 1.0}, {}))
+    assert _entries(cache)["while-held"]["mode"] == "reverse"
+    lock.unlink()
+    lock.mkdir()  # a folder where the lock file belongs: no lock, still written
+    remember(None, "no-lock-file", ("forward", {"forward": 1.0}, {}))
+    assert set(_entries(cache)) == {"while-held", "no-lock-file"}
+    with brief_lock(cache.with_name("lock-file"), wait=0) as held:
+        assert held
