@@ -266,3 +266,44 @@ def test_a_measure_constant_along_an_axis_scores_zero_on_it():
     # one axis and a constant measure: Psi = tau = 0
     single = granulated_kendall(np.ones(9), lr + 0.0, {"lr": lr})
     assert single.overall == single.tau == 0.0
+
+
+# -- mutation-testing gaps (session 24) ---------------------------------------------------
+
+
+def test_seed_bootstrap_with_unequal_seeds_is_scipy_on_each_resample():
+    """Seeds with unequal numbers of models (a failed run dropped): a resample's padding
+    rows are not models; the interval is the quantiles of scipy's τ over the resamples."""
+    rng = np.random.default_rng(0)
+    seeds = np.array([0] * 6 + [1] * 3 + [2] * 5)
+    x = rng.normal(size=14)
+    y = x + rng.normal(size=14)
+    r = correlate(x, y, {}, seeds=seeds, resamples=400, seed=0)
+    index = bootstrap_indices(14, 400, seed=1, clusters=seeds)
+    taus = [stats.kendalltau(x[i[i >= 0]], y[i[i >= 0]]).statistic for i in index]
+    expected = tuple(np.quantile(taus, [0.025, 0.975]))
+    np.testing.assert_allclose(r.tau_interval_seeds, expected, atol=1e-12, rtol=0)
+
+
+def test_psi_interval_groups_like_psi_with_coupled_axes():
+    """The ψ interval of a coupled axis (optimizer with ρ) is the quantiles of
+    granulated_kendall's ψ, with the same ``coupled``, over the model resamples."""
+    rows = [
+        (o, rho, lr)
+        for o, rho in (("sgd", 0.0), ("sam", 0.05), ("sam", 0.1))
+        for lr in (0.1, 0.2, 0.4)
+    ]
+    factors = {"opt": [r[0] for r in rows], "rho": [r[1] for r in rows], "lr": [r[2] for r in rows]}
+    rng = np.random.default_rng(2)
+    gap = rng.normal(size=len(rows))
+    measure = gap + rng.normal(scale=0.7, size=len(rows))
+    coupled = {"opt": ["rho"]}
+    r = correlate(measure, gap, factors, axes=["opt", "lr"], coupled=coupled, resamples=300)
+    psis = []
+    for i in bootstrap_indices(len(rows), 300, seed=0):
+        resampled = {k: np.asarray(v, dtype=object)[i] for k, v in factors.items()}
+        g = granulated_kendall(measure[i], gap[i], resampled, axes=["opt"], coupled=coupled)
+        psis.append(g.psi["opt"])
+    psis = np.array(psis)
+    expected = tuple(np.quantile(psis[np.isfinite(psis)], [0.025, 0.975]))
+    np.testing.assert_allclose(r.psi_interval["opt"], expected, atol=1e-12, rtol=0)

@@ -1089,3 +1089,42 @@ def test_the_direction_helpers_are_still_importable_from_landscape():
     assert module.normalize_direction is directions.normalize_direction
     assert module.random_direction is directions.random_direction
     assert {"normalize_direction", "random_direction"} <= set(module.__all__)
+
+
+# -- mutation-testing gaps (session 24) ---------------------------------------------------
+
+
+def _small_mlp(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 3)).to(F64)
+
+
+def _small_data():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(12, 5, generator=g, dtype=F64), torch.randint(0, 3, (12,), generator=g)
+
+
+def test_2d_interpolation_second_direction_is_filter_normalized_and_cosine_exact():
+    """The β direction of a 2-D interpolation is the seeded random direction normalized as
+    asked (each weight row has its weight row's norm, biases 0), and the cosine is
+    d0·d1/(‖d0‖‖d1‖) with ‖d0‖ ≠ ‖d1‖ (random directions alone have equal norms)."""
+    a, b = _small_mlp(0), _small_mlp(1)
+    r = landscape(a, _small_data(), 2, directions=b, grid=3)
+    layout = ParamLayout.of(a)
+    theta = flat_parameters(a, layout).double()
+    d0, d1 = r.directions.double()
+    torch.testing.assert_close(d0, flat_parameters(b, layout).double() - theta, rtol=0, atol=0)
+    for _, shape, sl in layout.slices():
+        dd, ww = d1[sl].view(shape), theta[sl].view(shape)
+        if len(shape) <= 1:
+            assert not dd.any()
+        else:
+            torch.testing.assert_close(dd.norm(dim=1), ww.norm(dim=1), rtol=1e-9, atol=0)
+    assert abs(float(d0.norm() / d1.norm()) - 1) > 0.05
+    assert r.cosine == pytest.approx(float(d0 @ d1 / (d0.norm() * d1.norm())), abs=1e-12)
+
+
+def test_cosine_of_unnormalized_random_directions():
+    r = landscape(_small_mlp(0), _small_data(), 2, grid=3, norm="none", bias="keep")
+    d0, d1 = r.directions.double()
+    assert r.cosine == pytest.approx(float(d0 @ d1 / (d0.norm() * d1.norm())), abs=1e-12)

@@ -502,3 +502,86 @@ def test_data_that_can_be_read_only_once_is_named_as_such():
         ss.landscape(nn.Linear(6, 3), Once(), dims=1, grid=3)
     assert str(info.value).startswith("the data can be read only once (")
     assert str(info.value).endswith(": pass tensors or a list of batches")
+
+
+# -- mutation-testing gaps (session 24) ---------------------------------------------------
+
+
+def test_keskar_subspace_entries_are_n_0_1_over_p():
+    """A's scale sets the subspace box |y| ≤ ε(|A⁺w| + 1): its entries are N(0, 1/p)."""
+    a = keskar_subspace(20000, 100, 0)
+    assert float(a.var()) * 100 == pytest.approx(1.0, abs=0.02)
+    assert float(a.mean()) == pytest.approx(0.0, abs=0.01)
+
+
+def test_pac_bayes_every_step_uses_its_documented_draws():
+    """Step i of the σ search draws ξ from seeded_generator(seed, i): each step's accuracy
+    drop, recomputed by hand, for a linear classifier."""
+    g = torch.Generator().manual_seed(0)
+    model = nn.Linear(5, 2, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(2, 5, generator=g, dtype=F64))
+    x = torch.randn(300, 5, generator=g, dtype=F64)
+    w = model.weight.detach()
+    y = ((x @ (w[1] - w[0]) + 0.5 * torch.randn(300, generator=g, dtype=F64)) > 0).long()
+    draws, seed = 6, 4
+    r = pac_bayes_flatness(
+        model, (x, y), num_draws=draws, seed=seed, tolerance=1e-9, num_halvings=6
+    )
+    acc = ((x @ w.T).argmax(1) == y).double().mean()
+    assert len(r.search) >= 3
+    for step, (sigma, drop) in enumerate(r.search):
+        xi = torch.randn(draws, *w.shape, generator=seeded_generator(seed, step), dtype=F64)
+        noisy_acc = ((x @ (w + sigma * xi).transpose(1, 2)).argmax(-1) == y).double().mean()
+        assert drop == pytest.approx(float(acc - noisy_acc), abs=1e-12), step
+
+
+def _linear_regression_case(n=12, d=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Linear(d, 1, bias=False).to(F64)
+    with torch.no_grad():
+        model.weight.copy_(torch.randn(1, d, generator=g, dtype=F64))
+    return model, torch.randn(n, d, generator=g, dtype=F64), torch.randn(n, generator=g, dtype=F64)
+
+
+def test_average_sharpness_subset_j_uses_draws_seeded_j():
+    """Subset j's value is the mean, over the draws from seeded_generator(seed, j), of the
+    exact quadratic increase gⱼᵀδ + ½δᵀHⱼδ (linear model, half MSE): independent subsets,
+    as the reported standard error assumes."""
+    model, x, y = _linear_regression_case()
+    m, draws, rho, seed = 4, 5, 0.3, 7
+    r = average_sharpness(model, (x, y), rho, m=m, num_draws=draws, loss=half_mse, seed=seed)
+    w = model.weight.detach()[0]
+    for j in range(3):
+        xj, yj = x[j * m : (j + 1) * m], y[j * m : (j + 1) * m]
+        g, h = xj.T @ (xj @ w - yj) / m, xj.T @ xj / m
+        d = rho * torch.randn(draws, 4, generator=seeded_generator(seed, j), dtype=F64)
+        exact = (d @ g + 0.5 * ((d @ h) * d).sum(-1)).mean()
+        assert float(r.per_subset[j]) == pytest.approx(float(exact), abs=1e-12), j
+
+
+def test_keskar_uses_exactly_the_given_lbfgsb_iterations():
+    """iterations=k is scipy's L-BFGS-B with maxiter=k on the same objective (a
+    non-separable quadratic, where one iteration does not reach the box maximum)."""
+    from scipy.optimize import minimize
+
+    model, x, y = _linear_regression_case(n=6, d=4, seed=3)
+    eps = 0.3
+    w = model.weight.detach()[0]
+
+    def negative_loss(z):
+        r = x @ (w + torch.as_tensor(z, dtype=F64)) - y
+        return -float(0.5 * (r**2).mean()), -(x.T @ r / len(y)).numpy()
+
+    b = (eps * (w.abs() + 1)).numpy()
+    for iterations in (1, 2):
+        ref = minimize(
+            negative_loss,
+            np.zeros(4),
+            jac=True,
+            method="L-BFGS-B",
+            bounds=np.stack([-b, b], 1),
+            options={"maxiter": iterations},
+        )
+        r = epsilon_sharpness(model, (x, y), eps, iterations=iterations, loss=half_mse)
+        assert r.num_function_evals == ref.nfev + 1, iterations  # + the clean evaluation

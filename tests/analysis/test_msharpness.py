@@ -904,3 +904,80 @@ def test_a_subset_without_a_finite_clean_loss_has_no_error_increase_either():
 
     avg = average_sharpness(net, (x, y), 0.05, m=4)  # the same mask there
     assert math.isnan(avg.sharpness) and math.isnan(avg.error_increase)
+
+
+# -- mutation-testing gaps (session 24): each test fails on the mutant it names ----------
+
+
+def test_one_step_from_a_random_start_stays_in_the_ball():
+    """steps=1 from a random start projects x0 + step: on a linear loss bᵀδ the maximum is
+    exactly ρ‖b‖₂ (L2) or ρ‖b‖₁ (L∞), and no queried point leaves the set. Unprojected,
+    the point reached up to 2ρ and a small MLP's sharpness came out 67% too high."""
+    rows, p, rho = 5, 4, 0.5
+    b = torch.randn(rows, p, generator=torch.Generator().manual_seed(0), dtype=F64)
+    queried = []
+
+    def oracle(d, need_grad):
+        queried.append(d.clone())
+        return (b * d).sum(-1), b if need_grad else None, torch.zeros(rows, dtype=F64)
+
+    for norm, bound in (("l2", rho * b.norm(dim=-1)), ("linf", rho * b.abs().sum(-1))):
+        queried.clear()
+        pset = PerturbationSet(norm, rho)
+        out = ascend(oracle, rows, p, pset, 1, random_start=True, restarts=3)
+        for d in queried:
+            assert (pset.constraint(d) <= rho * (1 + 1e-12)).all(), norm
+        assert (out.best_loss <= bound * (1 + 1e-12)).all(), norm
+
+
+def test_restarts_start_from_different_random_points():
+    """Each restart starts from its own random point (seeded by (seed, subset, restart));
+    the same start every time would make restarts cost k times as much for nothing."""
+    rows, p, rho = 2, 5, 0.5
+    queried = []
+
+    def oracle(d, need_grad):
+        queried.append(d.clone())
+        return (d * d).sum(-1), 2 * d if need_grad else None, torch.zeros(rows, dtype=F64)
+
+    ascend(oracle, rows, p, PerturbationSet("l2", rho), 1, random_start=True, restarts=3)
+    starts = queried[1::2]  # δ = 0, then (start, step) per restart
+    assert len(starts) == 3
+    assert not torch.equal(starts[0], starts[1]) and not torch.equal(starts[1], starts[2])
+
+
+def test_the_recorded_cost_is_in_full_passes_over_the_n_examples():
+    """steps=1 costs one gradient pass (at δ = 0) and one forward pass (at δ̂) over the n
+    examples, whatever m and the chunking; each further step one gradient pass more."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 3)).double()
+    x, y = torch.randn(32, 4, dtype=F64), torch.randint(0, 3, (32,))
+    for chunk in (None, 1, 3):
+        r = m_sharpness(net, (x, y), m=4, rho=0.1, chunk_size=chunk)
+        assert (r.num_gradient_passes, r.num_forward_passes) == (1.0, 1.0), chunk
+        r = m_sharpness(net, (x, y), m=4, rho=0.1, steps=4, chunk_size=chunk)
+        assert (r.num_gradient_passes, r.num_forward_passes) == (4.0, 1.0), chunk
+
+
+def test_auto_pgd_counts_only_strict_increases():
+    """Croce & Hein count f(x_{k+1}) > f(x_k); a loss with a flat top (capped) makes
+    consecutive iterates tie exactly, and a tie must not count as an increase."""
+    rows, p, rho = 3, 4, 0.8
+
+    def capped(value_grad, cap):
+        def capped_value_grad(delta):
+            f, g, wrong = value_grad(delta)
+            return torch.where(f >= cap, torch.full_like(f, cap), f), g, wrong
+
+        return capped_value_grad
+
+    for seed in range(4):
+        for norm in ("l2", "linf"):
+            value_grad = wavy_quadratics(rows, p, seed)
+            f0 = value_grad(torch.zeros(rows, p, dtype=F64))[0]
+            flat_top = capped(value_grad, float(f0.max()) + 0.3)
+            oracle, log = recording_oracle(flat_top)
+            ascend(oracle, rows, p, PerturbationSet(norm, rho), 20)
+            queried = torch.stack([d for d, _, _ in log[1:21]])
+            expected = reference_apgd(flat_top, rows, p, norm, rho)
+            torch.testing.assert_close(queried, expected, rtol=0, atol=1e-10)
