@@ -29,7 +29,13 @@ from torch import Tensor, nn
 
 from ..curvature.lanczos import EigenPairs, Which, block_lanczos_top_k, lanczos_top_k
 from ..curvature.operator import HessianOperator
-from ..curvature.slq import Kernel, negative_nodes, slq, smooth_density
+from ..curvature.slq import (
+    Kernel,
+    quadrature_negative_mass,
+    quadrature_trace,
+    slq,
+    smooth_density,
+)
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
 from ..errors import SharpscopeError, check_integers, check_numbers, check_seed
@@ -250,13 +256,8 @@ class Density(Result):
         nodes = np.atleast_2d(np.asarray(nodes, dtype=np.float64))
         weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
         grid, values, info = smooth_density(nodes, weights, kernel=kernel)
-        per_probe = dim * np.sum(weights * nodes, axis=1)
+        trace, stderr = quadrature_trace(nodes, weights, dim)
         extra = 0.0 if deflated is None else float(deflated.sum())
-        stderr = (
-            float(np.std(per_probe, ddof=1) / math.sqrt(len(per_probe)))
-            if len(per_probe) > 1
-            else None
-        )
         total = dim + (0 if deflated is None else int(deflated.numel()))
         return cls(
             grid=torch.from_numpy(grid),
@@ -266,10 +267,10 @@ class Density(Result):
             kernel=info["kernel"],
             sigma=float(info["sigma"]),
             units=info["units"],
-            trace=float(per_probe.mean()) + extra,
-            trace_stderr=stderr,
+            trace=trace + extra,
+            trace_stderr=stderr if math.isfinite(stderr) else None,  # None: one probe
             negative_mass=(
-                float(np.mean(np.sum(np.where(negative_nodes(nodes), weights, 0.0), axis=1))) * dim
+                quadrature_negative_mass(nodes, weights) * dim
                 + (0 if deflated is None else int((deflated < 0).sum()))
             )
             / total,

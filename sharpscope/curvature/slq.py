@@ -62,21 +62,32 @@ class Quadrature:
     @property
     def trace(self) -> float:
         r"""tr ≈ P · mean over probes of :math:`\sum_k \tau_k^2 \theta_k`."""
-        return float(self.dim * np.mean(np.sum(self.weights * self.nodes, axis=1)))
+        return quadrature_trace(self.nodes, self.weights, self.dim)[0]
 
     @property
     def trace_stderr(self) -> float:
         """Standard error of :attr:`trace` over probes (inf for one probe)."""
-        per_probe = self.dim * np.sum(self.weights * self.nodes, axis=1)
-        n = len(per_probe)
-        return float(np.std(per_probe, ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+        return quadrature_trace(self.nodes, self.weights, self.dim)[1]
 
     @property
     def negative_mass(self) -> float:
         r""":math:`\int_{t<0}\phi`, the quadrature mass on negative nodes."""
-        return float(
-            np.mean(np.sum(np.where(negative_nodes(self.nodes), self.weights, 0.0), axis=1))
-        )
+        return quadrature_negative_mass(self.nodes, self.weights)
+
+
+def quadrature_trace(nodes: np.ndarray, weights: np.ndarray, dim: int) -> tuple[float, float]:
+    r"""The trace :math:`P \cdot` mean over probes of :math:`\sum_k \tau_k^2 \theta_k`
+    and its standard error over the probes (std with ddof 1 over √n; inf for one probe)."""
+    per_probe = dim * np.sum(np.atleast_2d(weights) * np.atleast_2d(nodes), axis=1)
+    n = len(per_probe)
+    stderr = float(np.std(per_probe, ddof=1) / math.sqrt(n)) if n > 1 else math.inf
+    return float(per_probe.mean()), stderr
+
+
+def quadrature_negative_mass(nodes: np.ndarray, weights: np.ndarray) -> float:
+    """The quadrature's mass on negative nodes (beyond rounding: :func:`negative_nodes`)."""
+    weights = np.atleast_2d(weights)
+    return float(np.mean(np.sum(np.where(negative_nodes(nodes), weights, 0.0), axis=1)))
 
 
 #: Nodes within this fraction of the largest |node| of their probe count as zero, not
