@@ -417,3 +417,18 @@ def test_a_symmetric_float32_matvec_callable_is_not_refused():
     lanczos_top_k(f, 5, dim=2000, max_steps=60)
     hutchpp(f, dim=2000, num_probes=30)
     slq(f, dim=2000, num_probes=1, num_steps=30)
+
+
+def test_converged_flags_are_the_reported_residual_rule(planted_matrix):
+    """Mutation gap (session 24): a flag is set exactly when the reported residual is
+    within tol·|λ1|; over a sweep of step budgets some residuals fall between tol and
+    100·tol, where a looser rule would call unconverged values converged."""
+    eig = torch.cat([torch.linspace(10, 6, 5, dtype=F64), torch.linspace(0, 5, 195, dtype=F64)])
+    A = planted_matrix(eig, 3)
+    seen_band = False
+    for steps in range(5, 60):
+        pairs = lanczos_top_k(A, 5, tol=1e-6, max_steps=steps)
+        scale = float(pairs.eigenvalues[0])  # positive semi-definite: the top Ritz value
+        assert pairs.converged == [bool(r <= 1e-6 * scale) for r in pairs.residuals], steps
+        seen_band |= any(1e-6 * scale < float(r) <= 1e-4 * scale for r in pairs.residuals)
+    assert seen_band

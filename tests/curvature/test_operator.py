@@ -712,3 +712,24 @@ def test_a_param_filter_that_is_not_a_regular_expression_is_one_line():
         "param_filter is a regular expression on parameter names (e.g. '^fc\\.' or "
         "'layer3'), got function"
     )
+
+
+def test_preflight_refuses_a_gradient_that_differs_between_passes():
+    """The pre-flight compares the loss and the gradient of two passes (analysis.md §0):
+    here the loss is identical (the random term's value is 0) but the gradient is random.
+    The term is on one logit only: on every logit cross-entropy would not see it."""
+
+    class GradientNoise(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x):
+            w = self.lin.weight
+            zero = ((w - w.detach()) * torch.randn_like(w)).sum()
+            return self.lin(x) + zero * torch.tensor([1.0, 0.0, 0.0], dtype=x.dtype)
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,))
+    with pytest.raises(SharpscopeError, match="two passes"):
+        HessianOperator(GradientNoise().double(), (x, y), hvp_mode="reverse")

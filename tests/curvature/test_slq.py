@@ -212,3 +212,45 @@ def test_the_ghorbani_grid_keeps_a_node_that_falls_between_grid_points():
     dx = grid[1] - grid[0]
     for node in nodes[0]:
         assert float(values[np.abs(grid - node) < 1e4].sum() * dx) == pytest.approx(0.25, abs=1e-3)
+
+
+# -- mutation-testing gaps (session 24, notes_out/s24/mut_curv.md) ------------------------
+
+
+def test_log_kernel_puts_a_zero_eigenvalue_at_log_1e_minus_5():
+    """The log variant is in log(|λ| + 1e-5) (analysis.md §4): a zero eigenvalue peaks there."""
+    grid, values, info = smooth_density(
+        np.array([[0.0, 1.0]]), np.array([[0.5, 0.5]]), kernel="log", sigma=0.05
+    )
+    low = grid < np.log(0.5)
+    peak = grid[low][np.argmax(values[low])]
+    assert peak == pytest.approx(math.log(1e-5), abs=3 * info["sigma"] + (grid[1] - grid[0]))
+
+
+def test_an_exhausted_probe_does_not_widen_the_grid_with_its_padding():
+    """A probe whose Krylov space runs out early is padded with its last node (weight 0),
+    not with zeros, which would stretch the grid of a positive spectrum down to 0.
+    A = (2I − 11ᵀ/3) ⊕ diag(3, 4): a probe with equal signs on the first block misses the
+    eigenvalue 2, so the probes stop at two different lengths."""
+    A = torch.zeros(5, 5, dtype=F64)
+    A[:3, :3] = 2 * torch.eye(3, dtype=F64) - torch.ones(3, 3, dtype=F64) / 3
+    A[3, 3], A[4, 4] = 3.0, 4.0
+    q = slq(A, num_probes=8, num_steps=8)
+    assert len(set(q.num_steps)) == 2
+    grid, _, _ = smooth_density(q.nodes, q.weights)
+    assert grid[0] == pytest.approx(0.99, abs=1e-8) and grid[-1] == pytest.approx(4.01, abs=1e-8)
+    assert q.nodes.min() == pytest.approx(1.0, abs=1e-8)
+
+
+def test_trace_standard_error_is_the_sample_std_over_root_n():
+    """Per-probe traces 8 and 10: trace 9, standard error std(ddof=1)/√2 = 1, in the raw
+    quadrature and in the Density built from it."""
+    from sharpscope.analysis.spectrum import Density
+    from sharpscope.curvature.slq import Quadrature
+
+    nodes = np.array([[1.0, 3.0], [1.0, 3.0]])
+    weights = np.array([[0.5, 0.5], [0.25, 0.75]])
+    q = Quadrature(nodes=nodes, weights=weights, num_steps=[2, 2], num_matvecs=4, dim=4)
+    assert (q.trace, q.trace_stderr) == pytest.approx((9.0, 1.0))
+    d = Density.from_quadrature(nodes, weights, dim=4)
+    assert (d.trace, d.trace_stderr) == pytest.approx((9.0, 1.0))

@@ -169,3 +169,13 @@ def test_bad_restart_settings_raise_one_clear_error():
         thick_restart_lanczos_top_k(A, k=5, restart_size=5)
     with pytest.raises(SharpscopeError, match="k <= keep < restart_size"):
         thick_restart_lanczos_top_k(A, k=5, keep=3)
+
+
+def test_a_triple_top_eigenvalue_is_found_three_times_through_thick_restarts(planted_matrix):
+    """Mutation gap (session 24): the copy search keeps the leading Ritz vector of a later
+    Krylov block at a restart, ahead of the current block's; without either part this
+    run stopped with all three values flagged unconverged."""
+    A = planted_matrix(torch.arange(10, 0, -1, dtype=F64).repeat_interleave(3), 0)
+    pairs = thick_restart_lanczos_top_k(A, 3, restart_size=12, tol=1e-8, max_steps=400, seed=0)
+    assert pairs.eigenvalues.tolist() == pytest.approx([10.0] * 3, abs=1e-8)
+    assert all(pairs.converged)
