@@ -432,3 +432,16 @@ def test_converged_flags_are_the_reported_residual_rule(planted_matrix):
         assert pairs.converged == [bool(r <= 1e-6 * scale) for r in pairs.residuals], steps
         seen_band |= any(1e-6 * scale < float(r) <= 1e-4 * scale for r in pairs.residuals)
     assert seen_band
+
+
+@pytest.mark.parametrize("tiny, steps", [(1e-8, 2), (1e-12, 1)])
+def test_breakdown_is_beta_below_1e_10_of_theta_1(tiny, steps):
+    """analysis.md §2: the Krylov space counts as exhausted when β_j < 1e-10·|θ1|. From
+    e1 + tiny·e2 of diag(3, 2, 1, 0.5), β1 = tiny: 1e-8 goes on to the eigenvalue 2 (a
+    looser threshold would stop there), 1e-12 stops after one step."""
+    from sharpscope.curvature.lanczos import lanczos
+
+    A = torch.diag(torch.tensor([3.0, 2.0, 1.0, 0.5], dtype=F64))
+    run = lanczos(A, 4, start=torch.tensor([1.0, tiny, 0.0, 0.0], dtype=F64), restart=False)
+    assert run.exhausted and len(run.alpha) == steps
+    np.testing.assert_allclose(run.alpha, [3.0, 2.0][:steps], rtol=1e-12)
