@@ -187,8 +187,9 @@ def thick_restart_lanczos_top_k(
             q, expected = w / b, b
         if j == size:  # thick restart: keep the wanted Ritz vectors and q
             wanted = select(theta, keep, which)
-            if block_start and b != 0.0:  # a later block: its leading Ritz vector stays too
-                in_block = (S[block_start:j] ** 2).sum(axis=0) > 0.5
+            in_block = (S[block_start:j] ** 2).sum(axis=0) > 0.5 if block_start else None
+            if block_start and b != 0.0 and in_block.any():
+                # a later block: its leading Ritz vector stays too
                 lead = int(np.flatnonzero(in_block)[np.argmax(preference(theta[in_block], which))])
                 if lead not in wanted and len(wanted) + 1 < size:
                     wanted = np.append(wanted, lead)
