@@ -350,8 +350,8 @@ def predicted_classes(outputs: Tensor) -> Tensor:
 
     >>> predicted_classes(torch.tensor([[0.1, 2.0], [3.0, -1.0]])).tolist()
     [1, 0]
-    >>> predicted_classes(torch.tensor([[-0.5], [0.7]])).tolist()
-    [0, 1]
+    >>> predicted_classes(torch.tensor([[-0.5], [0.7], [0.0]])).tolist()  # 0.0: class 0
+    [0, 1, 0]
     """
     if is_binary_logit(outputs):
         return (outputs.reshape(len(outputs)) > 0).long()
