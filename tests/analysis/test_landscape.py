@@ -1128,3 +1128,87 @@ def test_cosine_of_unnormalized_random_directions():
     r = landscape(_small_mlp(0), _small_data(), 2, grid=3, norm="none", bias="keep")
     d0, d1 = r.directions.double()
     assert r.cosine == pytest.approx(float(d0 @ d1 / (d0.norm() * d1.norm())), abs=1e-12)
+
+
+# -- resume gaps found by mutation testing (session 24, notes_out/s24/mut_cli.md) -------------
+
+
+class _CountingLoss:
+    """Cross-entropy that counts its calls and raises KeyboardInterrupt after ``stop``."""
+
+    __name__ = "cross_entropy"
+
+    def __init__(self, stop=None):
+        self.calls, self.stop = 0, stop
+
+    def __call__(self, out, t):
+        if self.stop is not None and self.calls >= self.stop:
+            raise KeyboardInterrupt("simulated interruption")
+        self.calls += 1
+        return nn.functional.cross_entropy(out, t)
+
+
+_RESUME = {"grid": 5, "chunk_size": 4, "seed": 2, "save_every": 1e9}  # 25 points, 7 blocks
+
+
+def test_a_resumed_loop_evaluates_only_the_points_the_file_lacks(tmp_path):
+    """Mutant: the loop's rows `(~computed[block]).nonzero()` -> `torch.arange(len(block))`
+    (a resumed run re-evaluates the finished points of a half-done block). The loop makes
+    one loss call per point (one batch): 6 done before the interrupt, 19 after."""
+    net, (x, y) = bn_cnn(), class_data(n=20, d=10)
+    path = tmp_path / "run.npz"
+    first = _CountingLoss(stop=6)
+    with pytest.raises(KeyboardInterrupt):
+        landscape(net, (x, y), 2, out=path, loss=first, vectorize=False, **_RESUME)
+    assert int(LandscapeResult.load(path).computed.sum()) == 6
+    again = _CountingLoss()
+    resumed = landscape(net, (x, y), 2, out=path, loss=again, vectorize=False, **_RESUME)
+    assert resumed.complete and resumed.meta.extra["points_loaded"] == 6
+    assert again.calls == 25 - 6
+
+
+def test_a_resumed_vmap_run_evaluates_only_the_blocks_the_file_lacks(tmp_path):
+    """Mutant: drop the `if not bool(computed[idx].all())` filter of the blocks (a resumed
+    vmap run evaluates every finished block again). vmap makes one loss call per block of 4:
+    2 blocks before (--max-points 8), the 5 others after."""
+    net, (x, y) = bn_cnn(), class_data(n=20, d=10)
+    path = tmp_path / "run.npz"
+    first = _CountingLoss()
+    part = landscape(net, (x, y), 2, out=path, loss=first, vectorize=True, max_points=8, **_RESUME)
+    assert int(part.computed.sum()) == 8 and first.calls == 2
+    again = _CountingLoss()
+    resumed = landscape(net, (x, y), 2, out=path, loss=again, vectorize=True, **_RESUME)
+    assert resumed.complete and resumed.meta.extra["points_loaded"] == 8
+    assert again.calls == 5
+
+
+def test_resuming_around_other_weights_is_refused(tmp_path):
+    """Mutant: drop `"params": fingerprint(theta)` from the settings. The file holds points
+    around one model; a run around another model (another epoch's checkpoint, the same
+    --out) merged the two grids into one landscape without a word."""
+    (x, y), path = class_data(n=20, d=10), tmp_path / "run.npz"
+    landscape(bn_cnn(seed=0), (x, y), 2, out=path, max_points=8, vectorize=False, **_RESUME)
+    with pytest.raises(SharpscopeError, match=r"different settings \(params\)"):
+        landscape(bn_cnn(seed=1), (x, y), 2, out=path, vectorize=False, **_RESUME)
+
+
+def test_resuming_with_another_loss_is_refused(tmp_path):
+    """Mutant: drop `"loss": loss_name(loss)` from the settings. Points of cross-entropy and
+    of another loss merged into one grid."""
+    net, (x, y), path = bn_cnn(), class_data(n=20, d=10), tmp_path / "run.npz"
+    landscape(net, (x, y), 2, out=path, max_points=8, vectorize=False, **_RESUME)
+
+    def margin(out, t):
+        return nn.functional.multi_margin_loss(out, t)
+
+    with pytest.raises(SharpscopeError, match=r"different settings \(loss\)"):
+        landscape(net, (x, y), 2, out=path, loss=margin, vectorize=False, **_RESUME)
+
+
+def test_resuming_on_other_data_is_refused(tmp_path):
+    """The file's points are losses on one data set; other examples (another --samples,
+    another split) must not be merged into the same grid."""
+    net, path = bn_cnn(), tmp_path / "run.npz"
+    landscape(net, class_data(n=20, d=10), 2, out=path, max_points=8, vectorize=False, **_RESUME)
+    with pytest.raises(SharpscopeError, match=r"different settings \(data"):
+        landscape(net, class_data(n=20, d=10, seed=2), 2, out=path, vectorize=False, **_RESUME)

@@ -699,3 +699,176 @@ def test_an_analysis_reads_the_cifar_folder_its_run_recorded(tmp_path, monkeypat
     assert json.loads(out.read_text())["meta"]["num_samples"] == 30
     line = one_error_line(runner.invoke(app, [*cmd, "--data-root", str(tmp_path / "none")]))
     assert "cifar10 files not found" in line
+
+
+# -- gaps found by mutation testing (session 24, notes_out/s24/mut_cli.md) -------------------
+
+
+def test_loss_flag_wins_over_the_loss_the_checkpoint_records(tmp_path):
+    """Mutant (_common.load_analysis_inputs): `loss or checkpoint.raw.get("loss") or ...`
+    -> `checkpoint.raw.get("loss") or loss or ...`: --loss was silently ignored for a
+    checkpoint that records a loss (every checkpoint `train` writes)."""
+    ckpt = write_checkpoint(tmp_path / "mse.pt", CNN, (40,), {"name": "mnist1d"}, loss="mse")
+    saved = msharpness_json(ckpt, tmp_path, "--m", "16", "--rho", "0.1", "--loss", "cross_entropy")[
+        0
+    ]
+    assert saved["loss"] == "cross_entropy"
+    split = load_data("mnist1d", "train", samples=64, seed=0)
+    direct = m_sharpness(
+        load_checkpoint(ckpt).model, split.pair(), m=16, rho=0.1, loss="cross_entropy"
+    )
+    assert saved["sharpness"] == pytest.approx(direct.sharpness, rel=1e-5)
+
+
+def test_msharpness_projection_default_is_exact_as_the_api(tmp_path):
+    """Mutant (cli/msharpness.py): --projection default "exact" -> "rescale". Adaptive
+    multi-step m-sharpness without --projection must be the API's default (exact)."""
+    ckpt = write_checkpoint(tmp_path / "c.pt", CNN, (40,), {"name": "mnist1d"})
+    saved = msharpness_json(
+        ckpt, tmp_path, "--m", "16", "--rho", "0.5", "--adaptive", "--steps", "3"
+    )[0]
+    assert saved["projection"] == "exact"
+    split = load_data("mnist1d", "train", samples=64, seed=0)
+    direct = m_sharpness(
+        load_checkpoint(ckpt).model, split.pair(), m=16, rho=0.5, adaptive=True, steps=3
+    )
+    assert direct.projection == "exact"
+    assert saved["sharpness"] == pytest.approx(direct.sharpness, rel=1e-5)
+
+
+def test_no_states_with_random_directions_is_accepted(tmp_path):
+    """Mutant (cli/landscape.py): `if states and (...)` -> `if states is not None and (...)`:
+    --no-states (leave the BN statistics alone, what random directions do anyway) was
+    refused for random directions, so one script could not pass it to every landscape."""
+    ckpt = write_checkpoint(tmp_path / "c.pt", CNN, (40,), {"name": "mnist1d"})
+    args = ["landscape", str(ckpt), "--samples", "32", "--device", "cpu", "--no-progress"]
+    args += [
+        "--no-plots",
+        "--dims",
+        "1",
+        "--grid",
+        "3",
+        "--no-states",
+        "--out",
+        str(tmp_path / "l"),
+    ]
+    ok(runner.invoke(app, args))
+    saved = LandscapeResult.load(tmp_path / "l" / "landscape.npz")
+    assert saved.complete and saved.states is False
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "flags", "expected"),
+    [
+        (
+            "bsam",
+            [
+                "--damping",
+                "0.3",
+                "--prior-precision",
+                "2.5",
+                "--s-init",
+                "0.7",
+                "--splits",
+                "2",
+                "--data-aug-factor",
+                "1.5",
+            ],
+            {
+                "damping": 0.3,
+                "prior_precision": 2.5,
+                "s_init": 0.7,
+                "splits": 2,
+                "data_aug_factor": 1.5,
+            },
+        ),
+        (
+            "samon",
+            ["--include-norm", "--fast-first-pass"],
+            {"exclude_norm": False, "fast_first_pass": True},
+        ),
+        (
+            "lets",
+            [
+                "--rho-lr",
+                "0.3",
+                "--hypergrad",
+                "fd",
+                "--inner",
+                "asam",
+                "--rho-min",
+                "0.01",
+                "--rho-max",
+                "0.4",
+            ],
+            {"rho_lr": 0.3, "hypergrad": "fd", "inner": "asam", "rho_min": 0.01, "rho_max": 0.4},
+        ),
+        (
+            "sam",
+            [
+                "--perturbation",
+                "global",
+                "--fresh-noise",
+                "--max-grad-norm",
+                "2.0",
+                "--rho",
+                "0.07",
+            ],
+            {"perturbation": "global", "same_noise": False, "max_grad_norm": 2.0, "rho": 0.07},
+        ),
+        (
+            "asam",
+            ["--normalize-bias", "--eta", "0.02", "--form", "layerwise", "--m", "16"],
+            {"normalize_bias": True, "eta": 0.02, "adaptive": "layerwise", "m": 16},
+        ),
+        ("vasso", ["--theta", "0.5", "--bn-policy", "both"], {"theta": 0.5, "bn_policy": "both"}),
+    ],
+)
+def test_every_optimizer_flag_of_train_reaches_the_stored_spec(
+    tmp_path, optimizer, flags, expected
+):
+    """Deleting any entry of cli/train.py's OPTIMIZER_FLAGS made its flag accepted and
+    silently dropped; between them these real runs use all 22 flags."""
+    out = tmp_path / "run"
+    model = "cnn1d" if optimizer == "samon" else "mlp"  # SAM-ON needs normalization layers
+    args = [
+        "train",
+        "--dataset",
+        "mnist1d",
+        "--samples",
+        "64",
+        "--model",
+        model,
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--out",
+        str(out),
+    ]
+    result = runner.invoke(app, [*args, "--optimizer", optimizer, *flags])
+    assert result.exit_code == 0, result.output
+    stored = json.loads((out / "config.json").read_text())["optimizer"]
+    assert {k: stored.get(k) for k in expected} == expected
+
+
+def test_a_file_not_found_names_the_file_in_one_line(capsys):
+    """guarded's fallback for a FileNotFoundError no command foresaw (a user's data
+    factory opening a missing file) names the file."""
+    import errno
+
+    import typer
+
+    from sharpscope.cli._common import guarded
+
+    @guarded
+    def command():
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", "data/missing.npy")
+
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 2
+    assert capsys.readouterr().err == "error: file not found: data/missing.npy\n"
