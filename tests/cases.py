@@ -336,3 +336,43 @@ def full_and_resumed_under_torchrun(tmp_path, args: list[str], processes: int = 
     a = torch.load(tmp_path / "full" / "last.pt", weights_only=True)
     b = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)
     return a, b, resumed
+
+
+def train_config(folder, **changes):
+    """A small CPU training config (MNIST-1D, 512 examples, MLP of width 32, SGD, 2 epochs,
+    batch 64) writing to ``folder``; ``changes`` replace its fields (``out`` too)."""
+    from sharpscope.trainer import TrainConfig
+
+    values = dict(
+        dataset={"name": "mnist1d", "samples": 512},
+        model={"name": "mlp", "width": 32, "depth": 1},
+        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
+        epochs=2,
+        batch_size=64,
+        seed=0,
+        out=str(folder),
+        progress=False,
+        device="cpu",
+    )
+    values.update(changes)
+    return TrainConfig.from_dict(values)
+
+
+def step_loss_factory(folder, returns: str) -> str:
+    """A ``file.py:make`` loss factory spec: cross-entropy ``value`` that returns the Python
+    expression ``returns`` instead (of ``value`` and ``calls``, the training steps so far,
+    this one included)."""
+    path = folder / "step_loss.py"
+    path.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "calls = 0\n"
+        "def make():\n"
+        "    def loss(out, y):\n"
+        "        global calls\n"
+        "        if out.requires_grad:  # a training step\n"
+        "            calls += 1\n"
+        "        value = F.cross_entropy(out, y)\n"
+        f"        return {returns}\n"
+        "    return loss\n"
+    )
+    return f"{path}:make"

@@ -24,7 +24,13 @@ from sharpscope.curvature import HessianOperator, dense_hessian
 from sharpscope.optim import BatchClosure, build_optimizer
 from sharpscope.registry import build_model
 
-from cases import fit_full_batch, full_and_resumed_runs, rendezvous_file, spawned_group
+from cases import (
+    fit_full_batch,
+    full_and_resumed_runs,
+    rendezvous_file,
+    spawned_group,
+    train_config,
+)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 F64 = torch.float64
@@ -160,20 +166,13 @@ def test_stochastic_optimizers_step_on_cuda(bn_cnn, spec):
 
 
 def _cuda_training(out, **changes):
-    from sharpscope.trainer import TrainConfig
-
-    values = dict(
-        dataset={"name": "mnist1d", "samples": 512},
-        model={"name": "cnn1d", "norm": "batch"},
-        optimizer={"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
-        epochs=3,
-        batch_size=64,
-        seed=0,
-        out=str(out),
-        progress=False,
-        device="cuda",
-    )
-    return TrainConfig.from_dict({**values, **changes})
+    cuda = {
+        "model": {"name": "cnn1d", "norm": "batch"},
+        "optimizer": {"name": "sam", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}},
+        "epochs": 3,
+        "device": "cuda",
+    }
+    return train_config(out, **{**cuda, **changes})
 
 
 def test_training_on_cuda_resumes_exactly(tmp_path, monkeypatch):

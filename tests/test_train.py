@@ -24,25 +24,13 @@ from cases import (
     full_and_resumed_under_torchrun,
     rendezvous_file,
     spawned_group,
+    step_loss_factory,
     torchrun,
+    train_config,
     write_cifar,
 )
 
-
-def _config(tmp_path, **changes):
-    values = dict(
-        dataset={"name": "mnist1d", "samples": 512},
-        model={"name": "mlp", "width": 32, "depth": 1},
-        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4},
-        epochs=2,
-        batch_size=64,
-        seed=0,
-        out=str(tmp_path),
-        progress=False,
-        device="cpu",
-    )
-    values.update(changes)
-    return TrainConfig.from_dict(values)
+_config = train_config
 
 
 def test_a_second_train_into_a_folder_in_use_is_refused_and_the_lock_ends_with_the_run(tmp_path):
@@ -343,20 +331,9 @@ def test_resume_drops_a_cut_off_last_metrics_line(tmp_path):
 
 
 def test_divergence_stops_and_keeps_last_good_checkpoint(tmp_path):
-    loss_file = tmp_path / "nan_loss.py"
-    loss_file.write_text(
-        "import torch.nn.functional as F\n"
-        "calls = [0]\n"
-        "def make():\n"
-        "    def loss(out, y):\n"
-        "        if out.requires_grad:\n"
-        "            calls[0] += 1\n"
-        "        value = F.cross_entropy(out, y)\n"
-        "        return value * float('nan') if calls[0] > 10 else value\n"
-        "    return loss\n"
-    )
+    loss = step_loss_factory(tmp_path, "value * float('nan') if calls > 10 else value")
     with pytest.raises(TrainingDiverged, match="loss is nan at epoch 2.*last good checkpoint"):
-        train(_config(tmp_path / "run", epochs=3, loss=f"{loss_file}:make"))
+        train(_config(tmp_path / "run", epochs=3, loss=loss))
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt.epoch == 1
     assert all(

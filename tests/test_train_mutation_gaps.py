@@ -11,25 +11,21 @@ import torch
 
 from sharpscope.data import load_data
 from sharpscope.evaluation import evaluate
-from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, schedule_extends, train
+from sharpscope.trainer import TrainingDiverged, lr_factor, schedule_extends, train
+
+from cases import step_loss_factory, train_config
 
 N, BATCH = 256, 64
 
 
 def _config(out, **changes):
-    values = dict(
-        dataset={"name": "mnist1d", "samples": N},
-        model={"name": "mlp", "width": 16, "depth": 1},
-        optimizer={"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        epochs=1,
-        batch_size=BATCH,
-        seed=0,
-        out=str(out),
-        progress=False,
-        device="cpu",
-    )
-    values.update(changes)
-    return TrainConfig.from_dict(values)
+    small = {
+        "dataset": {"name": "mnist1d", "samples": N},
+        "model": {"name": "mlp", "width": 16, "depth": 1},
+        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
+        "epochs": 1,
+    }
+    return train_config(out, **{**small, **changes})
 
 
 def _rows(out):
@@ -155,20 +151,9 @@ def test_a_fractional_warmup_is_rounded_to_steps():
 
 # T19 -- an infinite loss stops the run at the step where it appears
 def test_an_infinite_loss_is_a_divergence_at_its_own_step(tmp_path):
-    loss_file = tmp_path / "inf_loss.py"
-    loss_file.write_text(
-        "import torch.nn.functional as F\n"
-        "calls = [0]\n"
-        "def make():\n"
-        "    def loss(out, y):\n"
-        "        if out.requires_grad:\n"
-        "            calls[0] += 1\n"
-        "        value = F.cross_entropy(out, y)\n"
-        "        return value * float('inf') if calls[0] == 2 else value\n"
-        "    return loss\n"
-    )
+    loss = step_loss_factory(tmp_path, "value * float('inf') if calls == 2 else value")
     with pytest.raises(TrainingDiverged, match="loss is inf at epoch 1, step 2"):
-        train(_config(tmp_path / "run", loss=f"{loss_file}:make"))
+        train(_config(tmp_path / "run", loss=loss))
 
 
 # T44 -- LETS without a val_fraction holds out 10% of the training split (optimizers.md)
