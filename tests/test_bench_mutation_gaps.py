@@ -29,7 +29,6 @@ def test_bench_optimizers_times_each_variants_own_step_and_reports_ratios(monkey
     """Each timed callable steps its own optimizer (SGD one closure call, the variants
     two); fixed times give exact ratios, and "met" is ratio <= target, equality included."""
     from sharpscope.bench import optimizers
-    from sharpscope.optim import BSAM
 
     counted = {"calls": 0}
 
@@ -57,12 +56,8 @@ def test_bench_optimizers_times_each_variants_own_step_and_reports_ratios(monkey
             closure_calls[name] = counted["calls"]
         return dict(times)
 
-    def predict(self, model, inputs, num_samples=4):  # probabilities summing to 0.999
-        return torch.full((len(inputs), 10), 0.0999)
-
     monkeypatch.setattr(optimizers, "BatchClosure", Counting)
     monkeypatch.setattr(optimizers, "interleaved_median", one_call_each)
-    monkeypatch.setattr(BSAM, "predict", predict)
     original = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -87,7 +82,9 @@ def test_bench_optimizers_times_each_variants_own_step_and_reports_ratios(monkey
         "lets": False,
     }
     (bsam,) = [r for r in rows if r.variant == "bsam"]
-    assert bsam.accuracy == pytest.approx(1e-3, rel=1e-3)  # |sum(p) - 1|, not sum(p) - 1
+    # the spec's update written out (tests/optim/test_optim_bench.py shows it can fail)
+    assert bsam.accuracy_measure == "max|w - w_spec| (weights, BN stats)"
+    assert bsam.accuracy < 1e-6
 
 
 def test_rho_zero_check_sees_a_variant_that_differs_from_sgd():
