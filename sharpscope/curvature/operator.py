@@ -1025,7 +1025,7 @@ class HessianOperator:
                 torch.cuda.empty_cache()
         return timings, out_of_memory
 
-    def _mode_key(self) -> tuple | None:
+    def _mode_key(self, architecture: str) -> tuple | None:
         """What the fastest HVP mode depends on: model, shapes, dtype, device, loss."""
         if not self._batches:
             return None
@@ -1033,7 +1033,7 @@ class HessianOperator:
         try:
             key = (
                 type(self.module),
-                self._architecture(),
+                architecture,
                 tuple(self.param_shapes),
                 tuple((n, tuple(b.shape)) for n, b in self._consts.items()),
                 str(self.dtype),
@@ -1050,7 +1050,7 @@ class HessianOperator:
             return None
         return key
 
-    def _mode_description(self) -> dict[str, Any] | None:
+    def _mode_description(self, architecture: str) -> dict[str, Any] | None:
         """The configuration as the disk cache records it (:mod:`.mode_cache`): the
         in-process key written as text, plus what the speed of each mode depends on
         beyond it. None for a loss without a stable name (a callable)."""
@@ -1065,7 +1065,7 @@ class HessianOperator:
             "device": device_name(self.device),
             "threads": torch.get_num_threads() if self.device.type == "cpu" else None,
             "model": mode_cache.class_name(type(self.module)),
-            "architecture": self._architecture(),
+            "architecture": architecture,
             "params": [list(shape) for shape in self.param_shapes],
             "buffers": [[name, list(b.shape)] for name, b in self._consts.items()],
             "dtype": str(self.dtype),
@@ -1082,9 +1082,10 @@ class HessianOperator:
 
     def _mode_keys(self) -> tuple[tuple | None, str | None, dict[str, Any] | None]:
         """The in-process key, the file's key and the description it hashes."""
-        description = self._mode_description()
+        architecture = self._architecture()  # repr of the whole module tree: hashed once
+        description = self._mode_description(architecture)
         on_disk = mode_cache.disk_key(description) if description is not None else None
-        return self._mode_key(), on_disk, description
+        return self._mode_key(architecture), on_disk, description
 
     def _remembered_mode(self) -> tuple[mode_cache.Choice, bool] | None:
         """The remembered choice, and whether it was read from the file (then it gets a
