@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batches import as_tensors
 from ..errors import SharpscopeError
@@ -77,7 +78,11 @@ def dense_hessian(
         for name, shape in zip(names, shapes):
             params[name] = flat[start : start + shape.numel()].reshape(shape)
             start += shape.numel()
-        return loss_fn(functional_call(module, (params, consts), (x,)), y)
+        # the fused attention kernels have no double backward (and no forward-mode
+        # derivative); the math kernel is the same function in plain operations
+        with sdpa_kernel([SDPBackend.MATH]):
+            out = functional_call(module, (params, consts), (x,))
+        return loss_fn(out, y)
 
     if bn_mode == "eval":
         try:

@@ -1,0 +1,69 @@
+"""Gap tests for mutants of sharpscope/curvature/dense.py that the suite let through
+(session 25, mut_spec). The reference is a central finite difference of the gradient
+(first derivatives only), independent of both of dense_hessian's paths."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sharpscope.curvature import dense_hessian
+
+F64 = torch.float64
+
+
+def finite_difference_hessian(model, x, y, h=1e-5):
+    params = list(model.parameters())
+    theta = torch.cat([p.detach().reshape(-1) for p in params])
+
+    def gradient(flat):
+        torch.nn.utils.vector_to_parameters(flat, params)
+        loss = nn.functional.cross_entropy(model(x), y)
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
+
+    columns = []
+    for i in range(len(theta)):
+        step = torch.zeros_like(theta)
+        step[i] = h
+        columns.append((gradient(theta + step) - gradient(theta - step)) / (2 * h))
+    torch.nn.utils.vector_to_parameters(theta, params)
+    H = torch.stack(columns, 1)
+    return (H + H.T) / 2
+
+
+# D3: torch.func.hessian's matrix returned without the symmetry check (it is wrong, and
+# not symmetric, for nn.TransformerEncoderLayer in eval mode under the math attention
+# kernel). Also: with PyTorch's default kernel choice the CPU's fused attention has no
+# double backward, which was a raw RuntimeError before dense_hessian chose the math kernel.
+def test_eval_mode_attention_gets_the_reverse_over_reverse_hessian():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    class Encoder(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, batch_first=True)
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.head(self.layer(x).mean(1))
+
+    torch.manual_seed(0)
+    model = Encoder().double().eval()
+    x, y = torch.randn(6, 5, 4, dtype=F64), torch.randint(0, 3, (6,))
+    H = dense_hessian(model, (x, y))  # PyTorch's default attention kernel choice
+    with sdpa_kernel([SDPBackend.MATH]):
+        exact = finite_difference_hessian(model, x, y)
+    assert torch.equal(H, H.T) or float((H - H.T).abs().max()) <= 1e-10 * float(H.abs().max())
+    torch.testing.assert_close(H, exact, rtol=0, atol=1e-7)
+
+
+# D5: frozen parameters (requires_grad=False) counted in the Hessian
+def test_frozen_parameters_are_left_out_of_the_hessian():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    x, y = torch.randn(10, 3, dtype=F64), torch.randint(0, 2, (10,))
+    full = dense_hessian(model, (x, y))
+    model[0].weight.requires_grad_(False)
+    H = dense_hessian(model, (x, y))
+    assert H.shape == (4 + 8 + 2, 4 + 8 + 2)
+    torch.testing.assert_close(H, full[12:, 12:], rtol=0, atol=1e-12)
