@@ -92,6 +92,8 @@ def evaluate(
         loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
         probs_chunks = []
         for x, y in zip(x_all.split(batch_size), y_all.split(batch_size)):
+            if not len(y):
+                continue  # an empty shard (a rank beyond the examples) splits into one empty chunk
             with torch.autocast(
                 x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
