@@ -89,11 +89,16 @@ def dense_hessian(
             H = torch.func.hessian(mean_loss)(theta)
         except NotImplementedError:  # an operation without a forward-mode derivative
             H = None
+        except RuntimeError as exc:  # an autograd.Function without setup_context
+            if "functorch" not in str(exc):
+                raise
+            H = None
         if H is not None and _symmetric(H):
             return H
     # torch.func.hessian (vmapped forward over reverse) returns a non-symmetric, wrong
     # matrix for batch-statistics BatchNorm and for nn.TransformerEncoderLayer (torch
-    # 2.x); the unvectorized reverse-over-reverse one is right there.
+    # 2.x), and refuses an old-style autograd.Function; the unvectorized
+    # reverse-over-reverse one is right there.
     H = torch.autograd.functional.hessian(mean_loss, theta)
     if not _symmetric(H):
         raise SharpscopeError(
