@@ -864,6 +864,45 @@ def _check_data_files(runs: list[RunSpec]) -> None:
             check_data_files(run.train["dataset"], run.train.get("data_root"))
 
 
+#: the measures whose ``m`` cuts the analysis data into subsets of m examples
+SUBSET_MEASURES = ("m_sharpness", "adaptive_sharpness", "average_sharpness")
+
+
+def _check_subset_sizes(runs: list[RunSpec], config: StudyConfig) -> None:
+    """Refuse an ``m`` larger than the analysis data before any run trains: the config
+    check knows only an integer ``analysis.samples``, not the split's own size (the 1,000
+    examples of MNIST-1D's test split under ``samples = "all"`` or 1024)."""
+    sizes = [
+        (measure, m)
+        for measure in SUBSET_MEASURES
+        for m in _as_list(config.analysis.measures.get(measure, {}).get("m"))
+    ]
+    if not sizes or not runs:
+        return
+    checked: set[str] = set()
+    for run in runs:
+        key = json.dumps([run.train["dataset"], run.train.get("data_root")], default=str)
+        if key in checked:
+            continue
+        checked.add(key)
+        examples = len(_analysis_split(run, config)[0].targets)
+        for measure, m in sizes:
+            if m > examples:
+                raise SharpscopeError(
+                    f"analysis.{measure}.m {m} is larger than the {examples} examples the "
+                    f"analyses use (the {config.analysis.split} split of "
+                    f"{_dataset_name(run.train['dataset'])}); choose m <= {examples}"
+                )
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else [] if value is None else [value]
+
+
+def _dataset_name(spec: Any) -> str:
+    return str(spec.get("name", spec)) if isinstance(spec, dict) else str(spec)
+
+
 def run_study(
     config: StudyConfig | str | Path,
     out: str | Path | None = None,
@@ -901,7 +940,9 @@ def run_study(
     check_executor(executor, workers)
     check_study_dir(folder, config, runs)  # before the lock creates the folder
     if executor != "slurm":  # a cluster's nodes may see the data elsewhere
-        _check_data_files([r for r in runs if not run_is_complete(folder, r, config)])
+        pending = [r for r in runs if not run_is_complete(folder, r, config)]
+        _check_data_files(pending)
+        _check_subset_sizes(pending, config)
     folder.mkdir(parents=True, exist_ok=True)
     with study_lock(folder):  # and write nothing before holding it
         prepare_study_dir(folder, config, runs)

@@ -168,6 +168,26 @@ def test_missing_cifar_files_are_refused_before_the_study_folder_is_written(tmp_
     assert not out.exists()
 
 
+def test_an_m_larger_than_the_analysis_split_is_refused_before_any_run_trains(tmp_path):
+    """With ``analysis.samples = "all"`` the config check cannot compare m with the data;
+    the runs trained and then each m-sharpness stopped (session-25 finding). The study
+    now reads the analysis split's size first: here the 192 examples of the subset."""
+    config = tmp_path / "big_m.toml"
+    config.write_text(
+        tiny_study_toml("big_m", m=[16, 193]).replace(
+            "samples = 64", 'samples = "all"\nsplit = "test"'
+        )
+    )
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", "run", str(config), "--out", str(out), "--no-report"])
+    _one_line_error(
+        result,
+        "analysis.m_sharpness.m 193 is larger than the 192 examples the analyses use "
+        "(the test split of mnist1d); choose m <= 192",
+    )
+    assert not out.exists()
+
+
 def test_workers_with_a_cluster_executor_is_refused(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)
