@@ -376,3 +376,28 @@ def step_loss_factory(folder, returns: str) -> str:
         "    return loss\n"
     )
     return f"{path}:make"
+
+
+class AttentionClassifier(nn.Module):
+    """nn.TransformerEncoderLayer (width 4, 2 heads) -> mean over the sequence -> 3 logits:
+    its fused attention kernels have no double backward and no forward-mode derivative."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, batch_first=True)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(self.layer(x).mean(1))
+
+
+class PreNormOutputReused(nn.Module):
+    """conv -> BN, but the raw conv output also feeds the head: folding would change f."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = nn.Conv1d(1, 3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)
+
+    def forward(self, x):
+        z = self.conv(x)
+        return self.head((self.norm(z) + z).mean(-1))

@@ -27,7 +27,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.registry import build_model
 from sharpscope.results import RunMeta
 
-from cases import SPECTRUM_JSON_KEYS, fit_full_batch
+from cases import SPECTRUM_JSON_KEYS, AttentionClassifier, fit_full_batch
 
 
 class Case:
@@ -448,17 +448,8 @@ def test_pytorch_attention_layers_get_their_exact_hessian(mode):
     forward-mode derivative; the operator runs PyTorch's math kernel (the same function)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, batch_first=True)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(self.layer(x).mean(1))
-
     torch.manual_seed(0)
-    model = Encoder().double().eval()
+    model = AttentionClassifier().double().eval()
     x, y = torch.randn(12, 5, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
     params = list(model.parameters())
     theta = torch.cat([p.detach().reshape(-1) for p in params])

@@ -74,3 +74,17 @@ def planted(eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(scope="session")
 def planted_matrix():
     return planted
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """The HVP-mode cache emptied: its file's path in a fresh folder, the disk cache on,
+    nothing remembered in the process."""
+    from sharpscope.curvature import clear_mode_cache
+    from sharpscope.curvature.mode_cache import ENV_SWITCH, FILE_NAME
+
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    monkeypatch.delenv(ENV_SWITCH, raising=False)
+    clear_mode_cache()
+    yield tmp_path / FILE_NAME
+    clear_mode_cache()

@@ -9,6 +9,8 @@ from torch import nn
 
 from sharpscope.curvature import dense_hessian
 
+from cases import AttentionClassifier
+
 F64 = torch.float64
 
 
@@ -38,17 +40,8 @@ def finite_difference_hessian(model, x, y, h=1e-5):
 def test_eval_mode_attention_gets_the_reverse_over_reverse_hessian():
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    class Encoder(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.layer = nn.TransformerEncoderLayer(4, 2, dim_feedforward=6, batch_first=True)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x):
-            return self.head(self.layer(x).mean(1))
-
     torch.manual_seed(0)
-    model = Encoder().double().eval()
+    model = AttentionClassifier().double().eval()
     x, y = torch.randn(6, 5, 4, dtype=F64), torch.randint(0, 3, (6,))
     H = dense_hessian(model, (x, y))  # PyTorch's default attention kernel choice
     with sdpa_kernel([SDPBackend.MATH]):

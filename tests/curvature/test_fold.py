@@ -10,6 +10,8 @@ from sharpscope.curvature import HessianOperator
 from sharpscope.curvature.fold import find_foldable_pairs, fold_batchnorm
 from sharpscope.registry import build_model
 
+from cases import PreNormOutputReused
+
 F64 = torch.float64
 
 
@@ -107,18 +109,6 @@ class InplaceBetween(nn.Module):
 
     def forward(self, x):
         return self.head(self.norm(self.act(self.conv(x))).mean(-1))
-
-
-class PreNormOutputReused(nn.Module):
-    """conv -> BN, but the raw conv output also feeds the head: folding would change f."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.norm, self.head = nn.Conv1d(1, 3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        z = self.conv(x)
-        return self.head((self.norm(z) + z).mean(-1))
 
 
 class SharedNorm(nn.Module):

@@ -10,17 +10,7 @@ from torch import nn
 
 from sharpscope.curvature.fold import find_foldable_pairs, fold_batchnorm
 
-
-class PreNormOutputReused(nn.Module):
-    """conv -> BN, and the raw conv output also feeds the head: folding changes f."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv, self.norm, self.head = nn.Conv1d(1, 3, 3), nn.BatchNorm1d(3), nn.Linear(3, 2)
-
-    def forward(self, x):
-        z = self.conv(x)
-        return self.head((self.norm(z) + z).mean(-1))
+from cases import PreNormOutputReused
 
 
 def reused(scale: float) -> nn.Module:

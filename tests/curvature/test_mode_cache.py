@@ -23,20 +23,6 @@ def _case(samples: int = 16, dtype=torch.float64):
     return model, (torch.randn(samples, 4, dtype=dtype), torch.randint(0, 3, (samples,)))
 
 
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty cache folder, the disk cache on, nothing remembered in the process."""
-    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
-    clear_mode_cache()
-    yield tmp_path / FILE_NAME
-    clear_mode_cache()
-
-
-def _entries(path) -> dict:
-    return json.loads(path.read_text())
-
-
 def test_a_later_process_reuses_the_mode_an_earlier_one_timed(cache):
     """Two real processes: the first times both modes and writes the file, the second
     reads its choice and timings and times nothing."""
@@ -63,7 +49,7 @@ def test_a_later_process_reuses_the_mode_an_earlier_one_timed(cache):
     (mode1, cached1, seconds1), (mode2, cached2, seconds2) = runs
     assert (cached1, cached2) == (False, True)
     assert mode2 == mode1 and seconds2 == seconds1 and set(seconds1) == {"forward", "reverse"}
-    (entry,) = _entries(cache).values()
+    (entry,) = json.loads(cache.read_text()).values()
     assert entry["mode"] == mode1
     configuration = entry["configuration"]
     assert configuration["torch"] == torch.__version__
@@ -77,7 +63,7 @@ def test_the_remembered_choice_is_what_the_file_says(cache):
     model, data = _case()
     first = HessianOperator(model, data)
     assert not first.hvp_mode_cached
-    entries = _entries(cache)
+    entries = json.loads(cache.read_text())
     (key,) = entries
     other = "reverse" if first.hvp_mode == "forward" else "forward"
     entries[key].update(mode=other, seconds={"forward": 7.0, "reverse": 8.0})
@@ -92,7 +78,7 @@ def test_the_remembered_choice_is_what_the_file_says(cache):
     clear_mode_cache()
     timed = HessianOperator(model, data)
     assert not timed.hvp_mode_cached and timed.hvp_mode in ("forward", "reverse")
-    assert _entries(cache)[key]["mode"] == timed.hvp_mode  # rewritten
+    assert json.loads(cache.read_text())[key]["mode"] == timed.hvp_mode  # rewritten
 
 
 def test_a_damaged_file_is_ignored_and_replaced(cache):
@@ -100,7 +86,7 @@ def test_a_damaged_file_is_ignored_and_replaced(cache):
     model, data = _case()
     op = HessianOperator(model, data)
     assert not op.hvp_mode_cached
-    assert len(_entries(cache)) == 1
+    assert len(json.loads(cache.read_text())) == 1
 
 
 def test_another_configuration_is_timed_again(cache):
@@ -112,7 +98,7 @@ def test_another_configuration_is_timed_again(cache):
     clear_mode_cache()
     model32, data32 = _case(dtype=torch.float32)
     assert not HessianOperator(model32, data32).hvp_mode_cached
-    assert len(_entries(cache)) == 3
+    assert len(json.loads(cache.read_text())) == 3
 
 
 def test_switched_off_the_file_is_neither_read_nor_written(cache, monkeypatch):
@@ -350,7 +336,7 @@ def test_processes_writing_at_once_keep_every_entry(cache):
     for worker in workers:
         worker.stdin.close()
         assert worker.wait(timeout=120) == 0
-    assert set(_entries(cache)) == {f"{w}-{i}" for w in range(4) for i in range(25)}
+    assert set(json.loads(cache.read_text())) == {f"{w}-{i}" for w in range(4) for i in range(25)}
 
 
 def test_a_lock_that_cannot_be_had_lets_the_cache_write_unlocked(cache):
@@ -367,10 +353,10 @@ def test_a_lock_that_cannot_be_had_lets_the_cache_write_unlocked(cache):
         with brief_lock(lock, wait=0.05) as held:
             assert not held
         remember(None, "while-held", ("reverse", {"reverse": 1.0}, {}))
-    assert _entries(cache)["while-held"]["mode"] == "reverse"
+    assert json.loads(cache.read_text())["while-held"]["mode"] == "reverse"
     lock.unlink()
     lock.mkdir()  # a folder where the lock file belongs: no lock, still written
     remember(None, "no-lock-file", ("forward", {"forward": 1.0}, {}))
-    assert set(_entries(cache)) == {"while-held", "no-lock-file"}
+    assert set(json.loads(cache.read_text())) == {"while-held", "no-lock-file"}
     with brief_lock(cache.with_name("lock-file"), wait=0) as held:
         assert held

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 from torch import nn
 
 from sharpscope.curvature import HessianOperator, clear_mode_cache, mode_cache
-from sharpscope.curvature.mode_cache import ENV_SWITCH, FILE_NAME
+from sharpscope.curvature.mode_cache import ENV_SWITCH
 
 
 def _data(samples: int = 16):
@@ -23,20 +22,6 @@ def _data(samples: int = 16):
 def _model(activation=nn.Tanh):
     torch.manual_seed(0)
     return nn.Sequential(nn.Linear(4, 6), activation(), nn.Linear(6, 3)).double()
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    """An empty cache folder, the disk cache on, nothing remembered in the process."""
-    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
-    monkeypatch.delenv(ENV_SWITCH, raising=False)
-    clear_mode_cache()
-    yield tmp_path / FILE_NAME
-    clear_mode_cache()
-
-
-def _entries(path) -> dict:
-    return json.loads(path.read_text())
 
 
 # K1 operator.py _mode_description: the "threads" field dropped (a choice timed with one
@@ -52,7 +37,9 @@ def test_another_cpu_thread_count_is_another_entry(cache):
         assert not HessianOperator(model, data).hvp_mode_cached
     finally:
         torch.set_num_threads(threads)
-    assert sorted(e["configuration"]["threads"] for e in _entries(cache).values()) == [1, 2]
+    assert sorted(
+        e["configuration"]["threads"] for e in json.loads(cache.read_text()).values()
+    ) == [1, 2]
 
 
 # K2 operator.py _mode_description: the "architecture" field dropped (two models of one
@@ -62,7 +49,7 @@ def test_another_architecture_with_the_same_shapes_is_another_entry(cache):
     HessianOperator(_model(nn.Tanh), data)
     clear_mode_cache()
     assert not HessianOperator(_model(nn.ReLU), data).hvp_mode_cached
-    assert len(_entries(cache)) == 2
+    assert len(json.loads(cache.read_text())) == 2
 
 
 # K3 operator.py _mode_description: the "loss" field dropped (mse read cross-entropy's choice)
@@ -71,7 +58,7 @@ def test_another_named_loss_is_another_entry(cache):
     HessianOperator(model, data, loss="cross_entropy")
     clear_mode_cache()
     assert not HessianOperator(model, data, loss="mse").hvp_mode_cached
-    losses = sorted(e["configuration"]["loss"] for e in _entries(cache).values())
+    losses = sorted(e["configuration"]["loss"] for e in json.loads(cache.read_text()).values())
     assert losses == ["cross_entropy", "mse"]
 
 
@@ -96,7 +83,7 @@ def test_a_full_file_drops_its_oldest_entries_and_a_rewrite_is_newest(cache, mon
     monkeypatch.setattr(mode_cache, "DISK_SIZE", 3)
     for key in ("a", "b", "c", "a", "d"):
         mode_cache.remember(None, key, ("forward", {"forward": 1.0}, {}))
-    assert list(_entries(cache)) == ["c", "a", "d"]
+    assert list(json.loads(cache.read_text())) == ["c", "a", "d"]
 
 
 # M9 mode_cache.py _keep: a full memory cleared instead of dropping its oldest choice
@@ -121,5 +108,5 @@ def test_another_batchnorm_mode_is_another_entry(cache):
     HessianOperator(model, data, bn_mode="eval", fold_bn=False)
     clear_mode_cache()
     assert not HessianOperator(model, data, bn_mode="batch", fold_bn=False).hvp_mode_cached
-    modes = sorted(e["configuration"]["bn_mode"] for e in _entries(cache).values())
+    modes = sorted(e["configuration"]["bn_mode"] for e in json.loads(cache.read_text()).values())
     assert modes == ["batch", "eval"]
