@@ -130,6 +130,8 @@ AXIS_SHORT = {
 OPTIMIZER_COUPLED = ("rho", "m")
 
 ANALYSIS_KEYS = ("epochs", "samples", "split", "batch_size", "seed", "device")
+#: the measures whose ``m`` cuts the analysis data into subsets of m examples
+SUBSET_MEASURES = ("m_sharpness", "adaptive_sharpness", "average_sharpness")
 MEASURES = (
     "spectrum",
     "m_sharpness",
@@ -275,6 +277,14 @@ class AnalysisPlan:
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (stored with every run, compared on resume)."""
         return dataclasses.asdict(self)
+
+    def subset_sizes(self) -> list[tuple[str, int]]:
+        """Every ``(measure, m)`` of the measures that cut the data into subsets of m."""
+        pairs = []
+        for measure in SUBSET_MEASURES:
+            ms = self.measures.get(measure, {}).get("m")
+            pairs += [(measure, m) for m in (ms if isinstance(ms, list) else [ms]) if m is not None]
+        return pairs
 
 
 @dataclass
@@ -490,14 +500,12 @@ def _validate_analysis(values: Mapping[str, Any]) -> AnalysisPlan:
                 raise _fail(f"analysis.{measure} must be a table, got {options!r}")
             plan.measures[measure] = _validate_measure(measure, dict(options))
     if plan.samples is not None:  # the measures would cut m to the subset, keeping its name
-        for measure in ("m_sharpness", "adaptive_sharpness", "average_sharpness"):
-            ms = plan.measures.get(measure, {}).get("m")
-            for m in ms if isinstance(ms, list) else [ms] if ms is not None else []:
-                if m > plan.samples:
-                    raise _fail(
-                        f"analysis.{measure}.m {m} is larger than the {plan.samples} examples "
-                        "of analysis.samples"
-                    )
+        for measure, m in plan.subset_sizes():
+            if m > plan.samples:
+                raise _fail(
+                    f"analysis.{measure}.m {m} is larger than the {plan.samples} examples "
+                    "of analysis.samples"
+                )
     return plan
 
 
@@ -775,3 +783,9 @@ def builtin_config_path(name: str) -> Path:
 def load_builtin_config(name: str) -> StudyConfig:
     """A shipped config by name."""
     return load_study_config(builtin_config_path(name))
+
+
+def dataset_name(config: StudyConfig) -> str:
+    """The name (or factory) of a study config's training data set."""
+    dataset = config.train.get("dataset", {"name": "mnist1d"})
+    return dataset.get("name", "data") if isinstance(dataset, Mapping) else str(dataset)

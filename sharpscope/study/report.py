@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import SharpscopeError
 from ..results import atomic_write_bytes, rows_to_csv_bytes, write_json
-from .config import OPTIMIZER_COUPLED
+from .config import OPTIMIZER_COUPLED, dataset_name
 from .measures import is_measure_column
 from .runner import (
     load_study_config_from_dir,
@@ -460,12 +460,6 @@ def examples_used(asked: int | None, meta: Mapping[str, Any] | None) -> int | st
     if isinstance(used, int) and (asked is None or used < asked):
         return used
     return asked or "all"
-
-
-def dataset_name(config: Any) -> str:
-    """The name (or factory) of a study config's training data set."""
-    dataset = config.train.get("dataset", {"name": "mnist1d"})
-    return dataset.get("name", "data") if isinstance(dataset, Mapping) else str(dataset)
 
 
 def measurement_caption(study_dir: str | Path) -> str:

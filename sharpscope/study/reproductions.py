@@ -509,7 +509,7 @@ def pair_caption(run_a: Any, run_b: Any) -> str:
 
 def trained_on(study_dir: Path) -> str:
     """``"trained on mnist1d"``: the study's training data set."""
-    from .report import dataset_name
+    from .config import dataset_name
     from .runner import load_study_config_from_dir
 
     try:

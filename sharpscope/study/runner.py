@@ -45,7 +45,7 @@ from ..results import (
     to_jsonable,
     write_json,
 )
-from .config import StudyConfig, study_config_from_dict
+from .config import StudyConfig, dataset_name, study_config_from_dict
 from .sweep import PARAM_COLUMNS, RunSpec, expand_sweep, id_parts, sanitize_name, swept_axes
 
 FORMAT = "sharpscope-study"
@@ -852,55 +852,31 @@ def default_out(config: StudyConfig) -> Path:
     return Path("runs") / "studies" / config.name
 
 
-def _check_data_files(runs: list[RunSpec]) -> None:
-    """Refuse missing data files (CIFAR under ``data_root``) before any run starts."""
+def _check_data(runs: list[RunSpec], config: StudyConfig) -> None:
+    """Before any run starts, for each data set of ``runs``: refuse missing data files
+    (CIFAR under ``data_root``), and an ``m`` larger than the analysis data (the config
+    check knows only an integer ``analysis.samples``, not the split's own size: the 1,000
+    examples of MNIST-1D's test split under ``samples = "all"`` or 1024)."""
     from ..data import check_data_files
 
-    checked: set[str] = set()
-    for run in runs:
-        key = json.dumps([run.train["dataset"], run.train.get("data_root")], default=str)
-        if key not in checked:
-            checked.add(key)
-            check_data_files(run.train["dataset"], run.train.get("data_root"))
-
-
-#: the measures whose ``m`` cuts the analysis data into subsets of m examples
-SUBSET_MEASURES = ("m_sharpness", "adaptive_sharpness", "average_sharpness")
-
-
-def _check_subset_sizes(runs: list[RunSpec], config: StudyConfig) -> None:
-    """Refuse an ``m`` larger than the analysis data before any run trains: the config
-    check knows only an integer ``analysis.samples``, not the split's own size (the 1,000
-    examples of MNIST-1D's test split under ``samples = "all"`` or 1024)."""
-    sizes = [
-        (measure, m)
-        for measure in SUBSET_MEASURES
-        for m in _as_list(config.analysis.measures.get(measure, {}).get("m"))
-    ]
-    if not sizes or not runs:
-        return
+    sizes = config.analysis.subset_sizes()
     checked: set[str] = set()
     for run in runs:
         key = json.dumps([run.train["dataset"], run.train.get("data_root")], default=str)
         if key in checked:
             continue
         checked.add(key)
+        check_data_files(run.train["dataset"], run.train.get("data_root"))
+        if not sizes:
+            continue
         examples = len(_analysis_split(run, config)[0].targets)
         for measure, m in sizes:
             if m > examples:
                 raise SharpscopeError(
                     f"analysis.{measure}.m {m} is larger than the {examples} examples the "
                     f"analyses use (the {config.analysis.split} split of "
-                    f"{_dataset_name(run.train['dataset'])}); choose m <= {examples}"
+                    f"{dataset_name(config)}); choose m <= {examples}"
                 )
-
-
-def _as_list(value: Any) -> list[Any]:
-    return value if isinstance(value, list) else [] if value is None else [value]
-
-
-def _dataset_name(spec: Any) -> str:
-    return str(spec.get("name", spec)) if isinstance(spec, dict) else str(spec)
 
 
 def run_study(
@@ -940,9 +916,7 @@ def run_study(
     check_executor(executor, workers)
     check_study_dir(folder, config, runs)  # before the lock creates the folder
     if executor != "slurm":  # a cluster's nodes may see the data elsewhere
-        pending = [r for r in runs if not run_is_complete(folder, r, config)]
-        _check_data_files(pending)
-        _check_subset_sizes(pending, config)
+        _check_data([r for r in runs if not run_is_complete(folder, r, config)], config)
     folder.mkdir(parents=True, exist_ok=True)
     with study_lock(folder):  # and write nothing before holding it
         prepare_study_dir(folder, config, runs)
