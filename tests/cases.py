@@ -401,3 +401,24 @@ class PreNormOutputReused(nn.Module):
     def forward(self, x):
         z = self.conv(x)
         return self.head((self.norm(z) + z).mean(-1))
+
+
+def product_function(a_factor: float = 1.0, b_factor: float = 1.0):
+    """``a * b`` as an old-style ``torch.autograd.Function`` (no ``setup_context``, so no
+    torch.func rule) whose backward scales a's gradient by ``a_factor`` and b's by
+    ``b_factor``: with factors other than 1 the gradient field it defines is not a gradient,
+    and its reverse-over-reverse "Hessian" is not symmetric (as PyTorch's weight_norm
+    double backward is not)."""
+
+    class Product(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return a * b
+
+        @staticmethod
+        def backward(ctx, grad):
+            a, b = ctx.saved_tensors
+            return a_factor * grad * b, b_factor * grad * a
+
+    return Product

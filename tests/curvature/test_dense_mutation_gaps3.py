@@ -9,7 +9,7 @@ from torch import nn
 
 from sharpscope.curvature import dense_hessian
 
-from cases import AttentionClassifier
+from cases import AttentionClassifier, product_function
 
 F64 = torch.float64
 
@@ -62,40 +62,24 @@ def test_frozen_parameters_are_left_out_of_the_hessian():
     torch.testing.assert_close(H, full[12:, 12:], rtol=0, atol=1e-12)
 
 
-class _Product(torch.autograd.Function):
-    """a·b as an old-style autograd.Function (no setup_context: torch.func refuses it)
-    whose backward gives a's gradient times (1 + SKEW): with SKEW = 1e-3 its double
-    backward has ∂²/∂a∂b = 1.001 and ∂²/∂b∂a = 1, a Hessian 0.1% from symmetric."""
-
-    SKEW = 0.0
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a * b
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return grad * b * (1 + _Product.SKEW), grad * a
-
-
 class _ProductModel(nn.Module):
-    def __init__(self) -> None:
+    """a·b·x through ``function`` (an old-style autograd.Function of a and b)."""
+
+    def __init__(self, function) -> None:
         super().__init__()
+        self.function = function
         self.a = nn.Parameter(torch.tensor([0.5], dtype=F64))
         self.b = nn.Parameter(torch.tensor([-0.3], dtype=F64))
 
     def forward(self, x):
-        return _Product.apply(self.a, self.b) * x
+        return self.function.apply(self.a, self.b) * x
 
 
 # an old-style autograd.Function gets the reverse-over-reverse Hessian (torch.func.hessian
 # raised a raw RuntimeError for it); mean MSE of a·b - 0: H = 2 [[b², 2ab], [2ab, a²]]
-def test_an_old_style_autograd_function_gets_the_exact_hessian(monkeypatch):
-    monkeypatch.setattr(_Product, "SKEW", 0.0)
+def test_an_old_style_autograd_function_gets_the_exact_hessian():
     x, y = torch.ones(4, 1, dtype=F64), torch.zeros(4, 1, dtype=F64)
-    H = dense_hessian(_ProductModel(), (x, y), "mse")
+    H = dense_hessian(_ProductModel(product_function()), (x, y), "mse")
     a, b = 0.5, -0.3
     exact = torch.tensor([[2 * b * b, 4 * a * b], [4 * a * b, 2 * a * a]], dtype=F64)
     torch.testing.assert_close(H, exact, rtol=1e-14, atol=1e-14)
@@ -103,12 +87,12 @@ def test_an_old_style_autograd_function_gets_the_exact_hessian(monkeypatch):
 
 # D4: the symmetry check loosened from 1e-10 to 1e-2 of the largest entry: a double
 # backward wrong by 0.1% must be refused in one line, not returned as the Hessian
-def test_a_slightly_wrong_double_backward_is_refused(monkeypatch):
+def test_a_slightly_wrong_double_backward_is_refused():
     import pytest
 
     from sharpscope.errors import SharpscopeError
 
-    monkeypatch.setattr(_Product, "SKEW", 1e-3)
+    skewed = product_function(a_factor=1 + 1e-3)  # ∂²/∂a∂b = 1.001, ∂²/∂b∂a = 1
     x, y = torch.ones(4, 1, dtype=F64), torch.zeros(4, 1, dtype=F64)
     with pytest.raises(SharpscopeError, match="second derivatives of this model are not symmetric"):
-        dense_hessian(_ProductModel(), (x, y), "mse")
+        dense_hessian(_ProductModel(skewed), (x, y), "mse")

@@ -15,6 +15,8 @@ from torch.utils.data import Dataset
 from sharpscope.curvature import HessianOperator, dense_hessian
 from sharpscope.errors import SharpscopeError
 
+from cases import product_function
+
 F64 = torch.float64
 
 
@@ -287,20 +289,8 @@ class _NoDoubleBackward(_NoForwardAD):
         return _FirstDerivativeOnly.apply(grad, out)
 
 
-class _SkewedProduct(torch.autograd.Function):
-    """a * b whose backward gives 2a for b's gradient: the gradient field it defines is
-    not a gradient, so its reverse-over-reverse "Hessian" is not symmetric (as PyTorch's
-    weight_norm double backward is not); no forward-mode rule."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return a * b
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return grad * b, 2 * grad * a
+#: a * b whose backward gives 2a for b's gradient: its "Hessian" is not symmetric
+_SkewedProduct = product_function(b_factor=2.0)
 
 
 class _Through(nn.Module):
