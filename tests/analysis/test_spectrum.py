@@ -27,7 +27,7 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.registry import build_model
 from sharpscope.results import RunMeta
 
-from cases import SPECTRUM_JSON_KEYS, AttentionClassifier, fit_full_batch
+from cases import SPECTRUM_JSON_KEYS, AttentionClassifier, finite_difference_hessian, fit_full_batch
 
 
 class Case:
@@ -451,23 +451,9 @@ def test_pytorch_attention_layers_get_their_exact_hessian(mode):
     torch.manual_seed(0)
     model = AttentionClassifier().double().eval()
     x, y = torch.randn(12, 5, 4, dtype=torch.float64), torch.randint(0, 3, (12,))
-    params = list(model.parameters())
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def gradient(flat):  # first derivatives only: reverse mode, which every kernel has
-        torch.nn.utils.vector_to_parameters(flat, params)
-        loss = nn.functional.cross_entropy(model(x), y)
-        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-
-    h, columns = 1e-5, []
     with sdpa_kernel([SDPBackend.MATH]):
-        for i in range(len(theta)):
-            step = torch.zeros_like(theta)
-            step[i] = h
-            columns.append((gradient(theta + step) - gradient(theta - step)) / (2 * h))
-    torch.nn.utils.vector_to_parameters(theta, params)
-    H = torch.stack(columns, 1)
-    exact = torch.linalg.eigvalsh((H + H.T) / 2).flip(0)[:2]  # central differences: 1e-10
+        H = finite_difference_hessian(model, x, y)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:2]  # central differences: 1e-10
     found = top_eigenvalues(model, (x, y), k=2, tol=1e-10, hvp_mode=mode).eigenvalues
     torch.testing.assert_close(found, exact, rtol=1e-7, atol=1e-9)
 

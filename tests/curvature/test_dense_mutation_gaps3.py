@@ -9,28 +9,9 @@ from torch import nn
 
 from sharpscope.curvature import dense_hessian
 
-from cases import AttentionClassifier, product_function
+from cases import AttentionClassifier, finite_difference_hessian, product_function
 
 F64 = torch.float64
-
-
-def finite_difference_hessian(model, x, y, h=1e-5):
-    params = list(model.parameters())
-    theta = torch.cat([p.detach().reshape(-1) for p in params])
-
-    def gradient(flat):
-        torch.nn.utils.vector_to_parameters(flat, params)
-        loss = nn.functional.cross_entropy(model(x), y)
-        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params)])
-
-    columns = []
-    for i in range(len(theta)):
-        step = torch.zeros_like(theta)
-        step[i] = h
-        columns.append((gradient(theta + step) - gradient(theta - step)) / (2 * h))
-    torch.nn.utils.vector_to_parameters(theta, params)
-    H = torch.stack(columns, 1)
-    return (H + H.T) / 2
 
 
 # D3: torch.func.hessian's matrix returned without the symmetry check (it is wrong, and
