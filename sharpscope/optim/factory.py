@@ -243,11 +243,27 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
 
 
 def _reject_unknown(what: str, given: dict[str, Any], valid: dict[str, Any]) -> None:
+    """One line naming the keys ``what`` does not take; a single key that another
+    optimizer takes is said to apply to those (``m does not apply to vasso (only to
+    asam, sam, samon)``: the CLI turns the leading key into its flag)."""
     unknown = sorted(set(given) - set(valid))
-    if unknown:
+    if not unknown:
+        return
+    valid_list = ", ".join(sorted(valid))
+    takers = sorted(n for n in OPTIMIZER_NAMES if unknown[0] in _own_options(n))
+    if len(unknown) == 1 and takers:
         raise SharpscopeError(
-            f"unknown option(s) {unknown} for {what}; valid: {', '.join(sorted(valid))}"
+            f"{unknown[0]} does not apply to {what} (only to {', '.join(takers)}); "
+            f"valid options of {what}: {valid_list}"
         )
+    raise SharpscopeError(f"unknown option(s) {unknown} for {what}; valid: {valid_list}")
+
+
+def _own_options(name: str) -> dict[str, Any]:
+    """The options ``name`` takes itself (a wrapper's, without its base's)."""
+    if name in _BASES:
+        return optimizer_options(name)
+    return _BSAM if name == "bsam" else _VARIANTS[name]
 
 
 def build_optimizer(

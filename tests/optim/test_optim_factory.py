@@ -80,9 +80,19 @@ def test_resolved_spec_is_nested_and_complete():
     [
         ({"name": "gsam"}, "unknown optimizer 'gsam'; valid names: sgd, adam"),
         ({"name": "sam", "rhoo": 0.1}, r"unknown option\(s\) \['rhoo'\] for sam; valid: .*rho"),
-        ({"name": "sgd", "rho": 0.1}, r"unknown option\(s\) \['rho'\] for sgd"),
+        (
+            {"name": "sgd", "rho": 0.1},
+            r"^rho does not apply to sgd \(only to asam, bsam, lets, sam, samon, vasso\); "
+            "valid options of sgd: dampening, lr, max_grad_norm, momentum, nesterov, "
+            "weight_decay$",
+        ),
+        ({"name": "vasso", "m": 16}, r"^m does not apply to vasso \(only to asam, sam, samon\)"),
+        ({"name": "vasso", "m": 4, "rhoo": 0.1}, r"unknown option\(s\) \['m', 'rhoo'\] for vasso"),
         ({"name": "sam", "base": {"name": "lion"}}, "unknown base optimizer 'lion'"),
-        ({"name": "sam", "base": {"name": "adam", "momentum": 0.9}}, "for base adam"),
+        (
+            {"name": "sam", "base": {"name": "adam", "momentum": 0.9}},
+            r"^momentum does not apply to base adam \(only to sgd\)",
+        ),
         ({"name": "sam", "lr": 0.1, "base": {"lr": 0.2}}, "given twice"),
         ({"name": "lets", "theta": 0.5}, "do not apply to LETS with inner='sam'"),
         ({"name": "bsam", "base": "sgd"}, "takes no 'base'"),
