@@ -485,13 +485,14 @@ def _prepare_data(
     if needs_val and not dataset.get("val_fraction"):
         dataset["val_fraction"] = 0.1
         config.dataset = dataset
-    if "factory" in dataset and info.is_main:
+    train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
+    if train.test_is_train and info.is_main:
         warnings.warn(
             f"data factory {dataset['factory']} gives one data set: it is also the test set, "
-            "so the test metrics are training metrics (gen_gap 0)",
+            "so the test metrics are training metrics (gen_gap 0); return "
+            '{"train": ..., "test": ...} for a test set of its own',
             stacklevel=2,
         )
-    train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
     if train.targets.is_floating_point() or train.targets.dim() != 1:
         why = (
             "regression is not trained here (its accuracy, NLL and ECE are undefined); the "

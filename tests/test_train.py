@@ -316,7 +316,23 @@ def test_a_data_factory_warns_that_it_is_also_the_test_set(tmp_path):
         "    return torch.randn(128, 40, generator=g), torch.randint(0, 10, (128,), generator=g)\n"
     )
     with pytest.warns(UserWarning, match="it is also the test set"):
-        train(_config(tmp_path / "run", epochs=1, dataset={"factory": f"{module}:data"}))
+        summary = train(_config(tmp_path / "run", epochs=1, dataset={"factory": f"{module}:data"}))
+    assert summary.metrics["test_loss"] == summary.metrics["train_loss"]
+
+
+def test_a_data_factory_with_a_test_set_of_its_own_is_evaluated_on_it(tmp_path):
+    module = tmp_path / "mydata.py"
+    module.write_text(
+        "import torch\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    pair = lambda n: (torch.randn(n, 40, generator=g), torch.randint(0, 10, (n,), generator=g))\n"
+        '    return {"train": pair(128), "test": pair(64)}\n'
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = train(_config(tmp_path / "run", epochs=1, dataset={"factory": f"{module}:data"}))
+    assert summary.metrics["test_loss"] != summary.metrics["train_loss"]
 
 
 def test_resume_drops_a_cut_off_last_metrics_line(tmp_path):

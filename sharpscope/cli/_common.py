@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -408,15 +408,16 @@ def load_analysis_inputs(
         raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
     if data_spec is None and data_options:
         spec = {**spec, **data_options}
-    if split == "test" and isinstance(spec, Mapping) and "factory" in spec:
-        raise SharpscopeError(
-            f"--split test needs a built-in data set: the data factory {spec['factory']} "
-            "gives one set (analysed as train); give test data as its own --data factory"
-        )
     if data_root is None:  # the CIFAR folder the run trained from, as its config recorded it
         data_root = (checkpoint.raw.get("config") or {}).get("data_root")
     chosen = pick_device(device)
     split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
+    if split == "test" and split_data.test_is_train:
+        raise SharpscopeError(
+            f"--split test needs a test set: the data factory {spec['factory']} gives one "
+            'set (analysed as train); return {"train": ..., "test": ...} from it, or give '
+            "the test data as its own --data factory"
+        )
     torch_dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype)
     if torch_dtype is None:
         raise SharpscopeError(f"unknown dtype '{dtype}'; choose float32 or float64")

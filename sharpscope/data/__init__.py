@@ -3,7 +3,9 @@
 Built-ins: ``mnist1d`` (generated locally, standard 4000/1000 split, cached),
 ``digits`` (scikit-learn, fixed seeded 1437/360 split), ``cifar10`` and ``cifar100``
 (read from ``data_root`` in the standard python-pickle layout, never downloaded).
-A ``module:function`` factory returning ``(inputs, targets)`` or a Dataset also works.
+A ``module:function`` factory returning ``(inputs, targets)`` or a Dataset also works
+(one set, which is then its own test set too), or ``{"train": ..., "test": ...}`` of two
+such sets.
 
 Options of every spec: ``label_noise`` (symmetric, fraction of training labels),
 ``noise_seed``, ``val_fraction`` (seeded hold-out of the training split, served as
@@ -62,6 +64,7 @@ class DataSplit(TensorDataset):
         split: str,
         clean_targets: Tensor | None = None,
         subset: Mapping[str, int] | None = None,
+        test_is_train: bool = False,
     ) -> None:
         super().__init__(inputs, targets)
         self.inputs = inputs
@@ -73,6 +76,8 @@ class DataSplit(TensorDataset):
         self.clean_targets = clean_targets
         # the seeded subset load_data took ({"samples": N, "seed": S}; empty: all)
         self.subset = dict(subset or {})
+        # a data factory's one set: its test split is its training data
+        self.test_is_train = test_is_train
 
     @property
     def noisy_mask(self) -> Tensor | None:
@@ -95,6 +100,7 @@ class DataSplit(TensorDataset):
             split=self.split,
             clean_targets=None if self.clean_targets is None else self.clean_targets.to(device),
             subset=self.subset,
+            test_is_train=self.test_is_train,
         )
 
     def __repr__(self) -> str:
@@ -142,6 +148,8 @@ def _seeded_permutation(n: int, seed: int) -> Tensor:
 
 
 def _raw_from_factory(path: str) -> RawData:
+    """The data a user's factory returns: one set (``(inputs, targets)``, a Dataset or
+    batches), which then serves as train, test and all, or ``{"train": set, "test": set}``."""
     factory = resolve_factory(path, "data set")
     try:
         produced = factory()
@@ -151,6 +159,48 @@ def _raw_from_factory(path: str) -> RawData:
         raise SharpscopeError(
             f"data factory '{path}' failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
+    try:
+        if isinstance(produced, Mapping):
+            if set(produced) != {"train", "test"}:
+                raise SharpscopeError(
+                    "a dict of data sets needs exactly the keys 'train' and 'test', got "
+                    f"{sorted(map(str, produced))}"
+                )
+            parts = {key: _factory_part(produced[key], f"'{key}': ") for key in produced}
+        else:
+            parts = {"train": _factory_part(produced, "")}
+    except SharpscopeError as exc:
+        raise SharpscopeError(f"data factory '{path}': {exc}") from exc
+    train_inputs, train_targets = parts["train"]
+    test_inputs, test_targets = parts.get("test", parts["train"])
+    if train_targets.is_floating_point() != test_targets.is_floating_point():
+        raise SharpscopeError(
+            f"data factory '{path}': the train and test targets must both be class "
+            "indices or both be floats"
+        )
+    if train_inputs.shape[1:] != test_inputs.shape[1:]:
+        raise SharpscopeError(
+            f"data factory '{path}': train inputs of shape {tuple(train_inputs.shape[1:])} "
+            f"and test inputs of shape {tuple(test_inputs.shape[1:])} per example differ"
+        )
+    num_classes = (
+        int(max(train_targets.max().item(), test_targets.max().item())) + 1
+        if not train_targets.is_floating_point()
+        else 1
+    )
+    return RawData(
+        train_inputs,
+        train_targets,
+        test_inputs,
+        test_targets,
+        num_classes,
+        test_is_train="test" not in parts,
+    )
+
+
+def _factory_part(produced: Any, where: str) -> tuple[Tensor, Tensor]:
+    """One set of a factory as ``(inputs, targets)``, integer targets as ``long``;
+    ``where`` names the part in errors."""
     try:
         inputs, targets = as_tensors(produced)
         one_shot = isinstance(produced, Iterator)  # a generator cannot be read twice
@@ -166,11 +216,8 @@ def _raw_from_factory(path: str) -> RawData:
         if len(inputs) == 0:  # before the class count, which reads the largest label
             raise SharpscopeError("the data set is empty")
     except SharpscopeError as exc:
-        raise SharpscopeError(f"data factory '{path}': {exc}") from exc
-    targets = targets.long() if not targets.is_floating_point() else targets
-    num_classes = int(targets.max().item()) + 1 if not targets.is_floating_point() else 1
-    # A user factory gives one data set: it serves as train, test and all.
-    return RawData(inputs, targets, inputs, targets, num_classes)
+        raise SharpscopeError(f"{where}{exc}") from exc
+    return inputs, targets.long() if not targets.is_floating_point() else targets
 
 
 # input shape and class count of the built-in data sets, known without reading them
@@ -353,6 +400,8 @@ def load_data(
     clean = None
     if split == "test":
         inputs, targets = raw.test_inputs, raw.test_targets
+    elif split == "all" and raw.test_is_train:  # one set, not twice
+        inputs, targets = raw.train_inputs, raw.train_targets
     elif split == "all":
         inputs = torch.cat([raw.train_inputs, raw.test_inputs])
         targets = torch.cat([raw.train_targets, raw.test_targets])
@@ -394,5 +443,6 @@ def load_data(
         split=split,
         clean_targets=clean,
         subset=subset,
+        test_is_train=raw.test_is_train,
     )
     return out.to(device) if device is not None else out

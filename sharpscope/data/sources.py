@@ -41,6 +41,8 @@ class RawData:
     test_inputs: Tensor
     test_targets: Tensor
     num_classes: int
+    # a factory's one data set serves as train and test (the test tensors are the train's)
+    test_is_train: bool = False
 
 
 def cache_dir() -> Path:

@@ -35,7 +35,7 @@ from typing import Any
 from .. import __version__
 from ..errors import SharpscopeError
 from ..locking import exclusive_lock, is_locked
-from ..registry import absolute_spec
+from ..registry import absolute_spec, factory_of
 from ..results import (
     RunMeta,
     atomic_write_bytes,
@@ -854,22 +854,33 @@ def default_out(config: StudyConfig) -> Path:
 
 def _check_data(runs: list[RunSpec], config: StudyConfig) -> None:
     """Before any run starts, for each data set of ``runs``: refuse missing data files
-    (CIFAR under ``data_root``), and an ``m`` larger than the analysis data (the config
-    check knows only an integer ``analysis.samples``, not the split's own size: the 1,000
-    examples of MNIST-1D's test split under ``samples = "all"`` or 1024)."""
+    (CIFAR under ``data_root``), a data factory's single set (its own test set: every
+    generalization gap 0, so no correlation is defined), and an ``m`` larger than the
+    analysis data (the config check knows only an integer ``analysis.samples``, not the
+    split's own size: the 1,000 examples of MNIST-1D's test split under ``samples =
+    "all"`` or 1024)."""
     from ..data import check_data_files
 
     sizes = config.analysis.subset_sizes()
     checked: set[str] = set()
     for run in runs:
-        key = json.dumps([run.train["dataset"], run.train.get("data_root")], default=str)
+        dataset = run.train["dataset"]
+        key = json.dumps([dataset, run.train.get("data_root")], default=str)
         if key in checked:
             continue
         checked.add(key)
-        check_data_files(run.train["dataset"], run.train.get("data_root"))
-        if not sizes:
+        check_data_files(dataset, run.train.get("data_root"))
+        factory = factory_of(dataset)
+        if not sizes and factory is None:
             continue
-        examples = len(_analysis_split(run, config)[0].targets)
+        split = _analysis_split(run, config)[0]
+        if split.test_is_train:
+            raise SharpscopeError(
+                f"data factory {factory} gives one data set, which would also be every "
+                "run's test set (generalization gap 0, so no correlation is defined); "
+                'return {"train": ..., "test": ...} from it'
+            )
+        examples = len(split.targets)
         for measure, m in sizes:
             if m > examples:
                 raise SharpscopeError(

@@ -205,7 +205,26 @@ def test_test_split_of_a_data_factory_is_refused_not_recorded_as_test(tmp_path):
     result = runner.invoke(app, args)
     assert result.exit_code == 2 and "Traceback" not in result.output
     (line,) = result.output.strip().splitlines()
-    assert line.startswith("error: --split test needs a built-in data set") and "mine.py" in line
+    assert line.startswith("error: --split test needs a test set: the data factory")
+    assert "mine.py" in line and '{"train": ..., "test": ...}' in line
+
+
+def test_test_split_of_a_factory_with_its_own_test_set_is_analysed(tmp_path):
+    """A factory returning {"train": ..., "test": ...} has a test split (session 26)."""
+    source = USER_CODE + (
+        "\n\ndef split():\n"
+        "    g = torch.Generator().manual_seed(2)\n"
+        '    return {"train": data(), "test": (torch.randn(24, 6, generator=g), '
+        "torch.randint(0, 3, (24,), generator=g))}\n"
+    )
+    code = _users_code_and_weights(tmp_path, "mine.py", source)
+    out = tmp_path / "m.json"
+    args = ["msharpness", str(tmp_path / "weights.pt"), "--model", f"{code}:model"]
+    args += ["--data", f"{code}:split", "--m", "8", "--split", "test", "--json", str(out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["meta"]["num_samples"] == 24 and data["meta"]["data"]["split"] == "test"
 
 
 def test_thick_restart_flag_bounds_the_basis_and_is_recorded(checkpoint, tmp_path):

@@ -188,6 +188,46 @@ def test_an_m_larger_than_the_analysis_split_is_refused_before_any_run_trains(tm
     assert not out.exists()
 
 
+FACTORY_DATA = """\
+import torch
+def one():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(96, 40, generator=g), torch.randint(0, 10, (96,), generator=g)
+def split():
+    g = torch.Generator().manual_seed(1)
+    return {"train": one(), "test": (torch.randn(48, 40, generator=g), torch.randint(0, 10, (48,), generator=g))}
+"""
+
+
+def test_a_study_on_a_factory_of_one_data_set_is_refused_and_one_with_a_test_set_runs(tmp_path):
+    """A factory's one set is also each run's test set: every generalization gap 0, so
+    no correlation is defined, found only in the report (session 26)."""
+    (tmp_path / "mydata.py").write_text(FACTORY_DATA)
+    for factory in ("one", "split"):
+        config = tmp_path / f"{factory}.toml"
+        config.write_text(
+            tiny_study_toml(factory, m=[16])
+            .replace('{name = "mnist1d", samples = 192}', f'"{tmp_path}/mydata.py:{factory}"')
+            .replace("seed = [0, 1]", "seed = [0]")
+            .replace("samples = 64", "samples = 32")
+        )
+    out = tmp_path / "study"
+    result = runner.invoke(app, ["study", "run", str(tmp_path / "one.toml"), "--out", str(out)])
+    _one_line_error(
+        result,
+        f"data factory {tmp_path}/mydata.py:one gives one data set, which would also be every "
+        "run's test set (generalization gap 0, so no correlation is defined); return "
+        '{"train": ..., "test": ...} from it',
+    )
+    assert not out.exists()
+    args = ["study", "run", str(tmp_path / "split.toml"), "--out", str(out), "--no-report"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(float(r["gen_gap"]) != 0 for r in rows)
+
+
 def test_workers_with_a_cluster_executor_is_refused(tmp_path):
     config = tmp_path / "tiny.toml"
     config.write_text(TINY)

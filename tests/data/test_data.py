@@ -602,3 +602,74 @@ def test_a_protocol_2_pickle_with_an_empty_bytes_value_reads_and_bytes_calls_sta
 
     with pytest.raises(pickle.UnpicklingError, match="bytes with arguments"):
         _ArrayOnlyUnpickler(io.BytesIO(pickle.dumps(Sized(), protocol=2)), encoding="bytes").load()
+
+
+SPLIT_FACTORY = """\
+import torch
+def split():
+    g = torch.Generator().manual_seed(0)
+    train = torch.randn(12, 5, generator=g), torch.arange(12) % 3
+    test = torch.utils.data.TensorDataset(torch.randn(4, 5, generator=g), torch.tensor([0, 1, 3, 1]))
+    return {"train": train, "test": test}
+def one():
+    return split()["train"]
+def extra():
+    return {**split(), "val": split()["train"]}
+def shapes():
+    return {"train": split()["train"], "test": (torch.zeros(2, 6), torch.zeros(2, dtype=torch.long))}
+def kinds():
+    return {"train": split()["train"], "test": (torch.zeros(2, 5), torch.zeros(2))}
+def empty_test():
+    return {"train": split()["train"], "test": (torch.zeros(0, 5), torch.zeros(0, dtype=torch.long))}
+"""
+
+
+def test_a_factory_may_return_its_own_train_and_test_sets(tmp_path):
+    """A factory's one set is its own test set (test metrics = training metrics);
+    ``{"train": ..., "test": ...}`` gives a real test split (session 26)."""
+    (tmp_path / "sets.py").write_text(SPLIT_FACTORY)
+    path = f"{tmp_path / 'sets.py'}:split"
+    namespace: dict = {}
+    exec(SPLIT_FACTORY, namespace)
+    (train_x, train_y), test = namespace["split"]().values()
+    train, test_split, both = (load_data(path, s) for s in ("train", "test", "all"))
+    assert torch.equal(train.inputs, train_x) and torch.equal(train.targets, train_y)
+    assert torch.equal(test_split.inputs, test.tensors[0])
+    assert test_split.targets.tolist() == [0, 1, 3, 1]
+    assert torch.equal(both.inputs, torch.cat([train_x, test.tensors[0]]))
+    # the class count reads both sets (the test set holds class 3, the train set 0..2)
+    assert train.num_classes == test_split.num_classes == 4
+    assert not (train.test_is_train or test_split.test_is_train or both.test_is_train)
+    # a --val-fraction hold-out comes from the training set only
+    val = load_data({"factory": path, "val_fraction": 0.25}, "val")
+    assert len(val) == 3 and all(any(torch.equal(v, t) for t in train_x) for v in val.inputs)
+
+
+def test_a_factory_of_one_set_is_its_own_test_set_and_all_holds_it_once(tmp_path):
+    (tmp_path / "sets.py").write_text(SPLIT_FACTORY)
+    path = f"{tmp_path / 'sets.py'}:one"
+    train, test, both = (load_data(path, s) for s in ("train", "test", "all"))
+    assert train.test_is_train and test.test_is_train and both.test_is_train
+    assert torch.equal(test.inputs, train.inputs)
+    # "all" was train + test: every example twice
+    assert torch.equal(both.inputs, train.inputs) and len(both) == 12
+    assert load_data(path).to("cpu").test_is_train
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "extra",
+            r"a dict of data sets needs exactly the keys 'train' and 'test', got "
+            r"\['test', 'train', 'val'\]$",
+        ),
+        ("shapes", r"train inputs of shape \(5,\) and test inputs of shape \(6,\) per example"),
+        ("kinds", "the train and test targets must both be class indices or both be floats$"),
+        ("empty_test", r"'test': the data set is empty$"),
+    ],
+)
+def test_a_bad_dict_of_data_sets_is_one_line(tmp_path, name, message):
+    (tmp_path / "sets.py").write_text(SPLIT_FACTORY)
+    with pytest.raises(SharpscopeError, match=rf"^data factory '.*:{name}': {message}"):
+        load_data(f"{tmp_path / 'sets.py'}:{name}")
