@@ -405,12 +405,12 @@ def landscape(
             Python loop over points (the reference). None (default): on a GPU, vmap
             (the loop, with a warning, for a model vmap cannot trace) unless one point's
             forward pass over a batch already fills the GPU (:func:`vmap_pays_on_gpu`;
-            ResNet-20 on 1,024 CIFAR images: vmap 0.84x the loop on an H200, cnn1d
-            6.0x; the FLOPs counted are in ``meta.extra["forward_flops_per_call"]``);
-            on CPU the loop, where the work per point is compute-bound and vmapped
-            convolutions become slower grouped ones: in ``sharpscope bench landscape``
-            (cnn1d and mlp on MNIST-1D) vmap ran at 0.74-0.87x the loop's speed, and
-            faster (1.3x, cnn1d) only with as few as 128 examples per point.
+            the FLOPs counted are in ``meta.extra["forward_flops_per_call"]``); on CPU
+            the loop, where the work per point is compute-bound and vmapped
+            convolutions become slower grouped ones. README's performance tables give
+            ``sharpscope bench landscape``'s figures for both (ResNet-20 on 1,024 CIFAR
+            images: vmap 0.91x the loop on an H200; cnn1d on MNIST-1D, CPU: vmap 0.76x
+            the loop, faster only with as few as 128 examples per point).
         fold_bn: evaluate a copy with each BatchNorm folded into the convolution or
             linear layer before it (:func:`sharpscope.curvature.fold.fold_batchnorm`;
             the same function in eval mode, checked on the first 64 examples; recorded
@@ -857,8 +857,9 @@ def _default_fold_and_precompute(
     """The defaults of ``fold_bn`` and of precomputing the input layer (where it pays).
 
     The loop on CPU folds and precomputes; vmap folds. A loop asked for on CUDA
-    (``vectorize=False``, or ``precompute_input=True``) does neither: folding each point's
-    weights costs more kernel launches than it saves. The GPU loop that the FLOP count
+    (``vectorize=False``) does not fold (folding each point's weights costs more kernel
+    launches than it saves) and precomputes where it pays, as on the CPU; an explicit
+    ``precompute_input`` wins over the second value. The GPU loop that the FLOP count
     picks (:func:`default_vectorize`) keeps vmap's settings, so that a slice resumed on
     another GPU, which may choose the other path, is still the same slice.
 

@@ -148,7 +148,7 @@ class Trace(Result):
         seconds: wall time.
         samples: per-probe quadratic forms of the Hutchinson term.
         low_rank_part: tr(QᵀHQ) of Hutch++ (0 otherwise).
-        frobenius_sq: estimate of tr(H²) (Hutchinson only; NaN otherwise).
+        frobenius_sq: estimate of tr(H²) (Hutchinson only; None otherwise).
         backend: "sharpscope" or "pyhessian".
         meta: provenance.
     """

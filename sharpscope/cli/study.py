@@ -89,8 +89,9 @@ def register(app: typer.Typer) -> None:
         workers: Optional[int] = typer.Option(
             None,
             "--workers",
-            help="Local worker processes (at least 1), 1 CPU thread or 1 GPU each "
-            "(default: one per GPU, else one per CPU core); --executor local only.",
+            help="Local worker processes (at least 1; default: one per GPU, else one per "
+            "CPU core); with 2 or more each gets 1 CPU thread or 1 GPU, 1 runs in this "
+            "process with all its threads; --executor local only.",
         ),
         executor: str = typer.Option(
             "local",

@@ -414,7 +414,9 @@ def register(app: typer.Typer) -> None:
             help="TOML file with TrainConfig keys at the top level, or a run's OUT/config.json.",
         ),
         save_every: Optional[int] = typer.Option(
-            None, "--save-every", help="Also keep OUT/epoch_NNN.pt every N epochs."
+            None,
+            "--save-every",
+            help="Also keep OUT/epoch_NNN.pt every N epochs [default: 0: never].",
         ),
         model_opt: Optional[list[str]] = typer.Option(
             None, "--model-opt", help="Model option KEY=VALUE (repeatable)."
@@ -489,7 +491,7 @@ def register(app: typer.Typer) -> None:
             None,
             "--m",
             "--subset-size",
-            help="SAM family: compute the perturbation per sub-batch of m examples "
+            help="SAM, ASAM, SAM-ON: compute the perturbation per sub-batch of m examples "
             "(--subset-size under torchrun, whose own parser takes --m).",
         ),
         adaptive_form: Optional[str] = typer.Option(
@@ -568,7 +570,8 @@ def register(app: typer.Typer) -> None:
             "name them.",
         ),
     ) -> None:
-        """Train a model; write OUT/last.pt, OUT/epoch_NNN.pt and OUT/metrics.jsonl."""
+        """Train a model; write OUT/last.pt, OUT/metrics.jsonl and OUT/config.json (and
+        OUT/epoch_NNN.pt with --save-every)."""
         from ..distributed import launched_as_main
         from ..errors import SharpscopeError
         from ..io import load_training_state
@@ -598,6 +601,8 @@ def register(app: typer.Typer) -> None:
         if out is None and cfg.out is not None:  # the TOML config's own out
             check_output_folder(f"out (from {config})", Path(cfg.out), holds=holds)
             _check_not_a_study_folder(Path(cfg.out))
+        if resume and cfg.out is None:  # before data and model are built
+            fail("--resume needs --out DIR, the folder of the run to continue")
         if no_progress:  # a batch log still gets one line per epoch
             _log_epochs()
 
@@ -666,7 +671,10 @@ def register(app: typer.Typer) -> None:
         if summary.out is not None:
             out = summary.out
             kept = sorted(out.glob("epoch_*.pt"))  # --save-every, this run's and earlier
-            also = f", and {len(kept)} epoch checkpoint(s) ({kept[-1].name}, ...)" if kept else ""
+            also = ""
+            if kept:
+                names = kept[0].name if len(kept) == 1 else f"{kept[0].name} … {kept[-1].name}"
+                also = f", and {len(kept)} epoch checkpoint{'s' if len(kept) > 1 else ''} ({names})"
             console.print(
                 f"wrote {out / 'last.pt'}, {out / 'metrics.jsonl'} and {out / 'config.json'}{also}",
                 soft_wrap=True,

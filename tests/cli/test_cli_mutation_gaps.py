@@ -669,7 +669,7 @@ def test_resume_shows_the_progress_bar_unless_this_call_hides_it(tmp_path):
     out = tmp_path / "run"
     tiny = [*TINY[: TINY.index("--epochs")], "--epochs", "2", *TINY[TINY.index("--batch-size") :]]
     first = ok(runner.invoke(app, ["train", *tiny, "--save-every", "1", "--out", str(out)]))
-    assert "and 2 epoch checkpoint(s) (epoch_002.pt, ...)" in " ".join(first.stderr.split())
+    assert "and 2 epoch checkpoints (epoch_001.pt … epoch_002.pt)" in " ".join(first.stderr.split())
     half = (out / "epoch_001.pt").read_bytes()
     for hidden in (False, True):
         (out / "last.pt").write_bytes(half)  # back to the end of epoch 1

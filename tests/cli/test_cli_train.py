@@ -188,6 +188,8 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
         (["--resume"], "--resume needs"),
         (["--optimizer", "sgd", "--base", "adam"], "--base is the base optimizer of a SAM variant"),
         (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum does not apply"),
+        # was "unknown option(s) ['m'] for vasso": the key, not the flag (session 26)
+        (["--optimizer", "vasso", "--m", "16"], "--m does not apply to vasso (only to asam, sam"),
         (["--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
@@ -217,6 +219,18 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and message in lines[0]
     assert "Traceback" not in result.output
+
+
+def test_resume_without_an_out_folder_asks_for_one(tmp_path, monkeypatch):
+    """It said "--resume needs OUT/last.pt from an earlier run; none found", after building
+    the data and the model, though no folder was named (session 26)."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", *TINY, "--resume"])
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: --resume needs --out DIR, the folder of the run to continue"
+    ]
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
