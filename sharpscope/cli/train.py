@@ -396,13 +396,19 @@ def register(app: typer.Typer) -> None:
             help="sgd, adam, adamw, sam, asam, vasso, lets, samon, bsam [default: sgd].",
         ),
         rho: Optional[float] = typer.Option(
-            None, help="Perturbation radius (initial rho for LETS)."
+            None,
+            help="Perturbation radius (initial rho for LETS) [default: 0.05 for sam, vasso, "
+            "lets; 0.5 for asam, samon; 0.01 for bsam].",
         ),
         epochs: Optional[int] = typer.Option(None, help="Training epochs [default: 10]."),
         batch_size: Optional[int] = typer.Option(
             None, "--batch-size", help="Global batch size [default: 128]."
         ),
-        lr: Optional[float] = typer.Option(None, help="Learning rate of the (base) optimizer."),
+        lr: Optional[float] = typer.Option(
+            None,
+            help="Learning rate of the (base) optimizer [default: 0.1 with sgd, 0.001 with "
+            "adam, adamw; 0.5 for bsam].",
+        ),
         seed: Optional[int] = typer.Option(None, help="Random seed [default: 0]."),
         out_text: Optional[str] = typer.Option(  # text: a Path would read "" as "."
             None, "--out", metavar="<path>", help="Output folder for checkpoints and metrics.jsonl."
@@ -437,7 +443,8 @@ def register(app: typer.Typer) -> None:
         weight_decay: Optional[float] = typer.Option(
             None,
             "--weight-decay",
-            help="Weight decay, in the base optimizer [default: 5e-4 for SGD].",
+            help="Weight decay, in the base optimizer [default: 0.0005 with sgd, 0.0 with adam, "
+            "0.01 with adamw].",
         ),
         nesterov: Optional[bool] = typer.Option(
             None, "--nesterov/--no-nesterov", help="Nesterov momentum."
@@ -483,7 +490,9 @@ def register(app: typer.Typer) -> None:
         data_root: Optional[str] = typer.Option(
             None, "--data-root", help="Folder holding the CIFAR python-pickle files."
         ),
-        eta: Optional[float] = typer.Option(None, help="ASAM/SAM-ON: eta of T = |w| + eta."),
+        eta: Optional[float] = typer.Option(
+            None, help="ASAM/SAM-ON: eta of T = |w| + eta [default: 0.01]."
+        ),
         theta: Optional[float] = typer.Option(
             None, help="VaSSO: weight of the new gradient in the EMA, in (0, 1]."
         ),
@@ -500,13 +509,17 @@ def register(app: typer.Typer) -> None:
             help="ASAM/SAM-ON adaptive form: elementwise, layerwise, linf (SAM-ON also none = plain SAM-ON).",
         ),
         normalize_bias: Optional[bool] = typer.Option(
-            None, "--normalize-bias/--no-normalize-bias", help="ASAM/SAM-ON: scale biases too."
+            None,
+            "--normalize-bias/--no-normalize-bias",
+            help="ASAM/SAM-ON: scale biases too [default: on for asam, off for samon].",
         ),
         bn_policy: Optional[str] = typer.Option(
             None, "--bn-policy", help="first (default) or both: passes that update BN statistics."
         ),
         perturbation: Optional[str] = typer.Option(
-            None, "--perturbation", help="DDP: local (per-rank) or global perturbation."
+            None,
+            "--perturbation",
+            help="DDP: local (per-rank) or global perturbation [default: local; global for vasso].",
         ),
         same_noise: Optional[bool] = typer.Option(
             None, "--same-noise/--fresh-noise", help="Same dropout masks in both passes."
@@ -571,7 +584,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Train a model; write OUT/last.pt, OUT/metrics.jsonl and OUT/config.json (and
-        OUT/epoch_NNN.pt with --save-every)."""
+        OUT/epoch_NNN.pt with --save-every). Unset hyperparameters take the optimizer's
+        defaults; config.json's optimizer_resolved holds every value used."""
         from ..distributed import launched_as_main
         from ..errors import SharpscopeError
         from ..io import load_training_state

@@ -612,3 +612,41 @@ def test_a_studys_folders_are_refused(tmp_path, marker, message, resume):
     result = runner.invoke(app, ["train", *TINY, "--out", str(out), *(["--resume"] * resume)])
     assert result.exit_code == 2 and result.output.startswith(f"error: {out} {message}")
     assert sorted(p.name for p in out.iterdir()) == [marker]
+
+
+def test_the_optimizer_dependent_defaults_in_the_help_are_the_factorys():
+    """--lr, --rho, --weight-decay, --eta, --normalize-bias and --perturbation showed no
+    default, or SGD's alone (session 26); the help now lists them per optimizer."""
+    from sharpscope.optim.factory import OPTIMIZER_NAMES, base_options, optimizer_options
+
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "2000"})
+    text = " ".join(result.output.split())
+
+    def help_of(flag: str) -> str:
+        start = text.index(f"{flag} <") if f"{flag} <" in text else text.index(f"{flag} /")
+        return text[start : text.index("]", start)]
+
+    def by_value(names, key, options=optimizer_options):
+        groups: dict = {}
+        for name in names:
+            if key in options(name):
+                groups.setdefault(options(name)[key], []).append(name)
+        return groups
+
+    rho = by_value(OPTIMIZER_NAMES, "rho")
+    for value, names in rho.items():
+        assert f"{value:g} for {', '.join(names)}" in help_of("--rho")
+    for flag, key in (("--lr", "lr"), ("--weight-decay", "weight_decay")):
+        for value, names in by_value(("sgd", "adam", "adamw"), key, base_options).items():
+            assert f"{value} with {', '.join(names)}" in help_of(flag), (flag, value)
+    assert f"{optimizer_options('bsam')['lr']} for bsam" in help_of("--lr")
+    assert (
+        optimizer_options("asam")["normalize_bias"]
+        and not optimizer_options("samon")["normalize_bias"]
+    )
+    assert "on for asam, off for samon" in help_of("--normalize-bias")
+    assert {optimizer_options(n)["eta"] for n in ("asam", "samon")} == {0.01}
+    assert "[default: 0.01" in help_of("--eta")
+    perturbation = by_value(OPTIMIZER_NAMES, "perturbation")
+    assert perturbation["global"] == ["vasso"] and set(perturbation) == {"local", "global"}
+    assert "[default: local; global for vasso" in help_of("--perturbation")
