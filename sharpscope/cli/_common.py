@@ -525,14 +525,20 @@ TrustFactoriesOpt = Annotated[
 ]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:1 ...")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32 or float64.")]
-SeedOpt = Annotated[
-    int,
-    typer.Option(
-        "--seed",
-        help="Seed of the subset and of the random draws (probes, starts, directions); "
-        "within a run's own --samples subset, of the draws only.",
-    ),
-]
+
+
+def seed_option(draws: str) -> Any:
+    """The ``--seed`` option of an analysis command whose random draws are ``draws``."""
+    return Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help=f"Seed of the --samples subset and of {draws}; within a run's own "
+            "--samples subset, of the draws only.",
+        ),
+    ]
+
+
 JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON.")]
 NoProgressOpt = Annotated[
     bool, typer.Option("--no-progress", help="Hide the progress bar (e.g. stderr to a file).")

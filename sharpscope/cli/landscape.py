@@ -31,7 +31,6 @@ from ._common import (
     ModelOptOpt,
     NoProgressOpt,
     SamplesOpt,
-    SeedOpt,
     SplitOpt,
     TrustFactoriesOpt,
     check_counts,
@@ -46,9 +45,12 @@ from ._common import (
     load_inputs_from_flags,
     parse_options,
     progress_bar,
+    seed_option,
     spec_from_flag,
     stop_reason,
 )
+
+SeedOpt = seed_option("the random directions and the eigen solver's start")
 
 RESULT_FILE = "landscape.npz"
 

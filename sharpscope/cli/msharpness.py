@@ -28,7 +28,6 @@ from ._common import (
     ModelOptOpt,
     NoProgressOpt,
     SamplesOpt,
-    SeedOpt,
     SplitOpt,
     TrustFactoriesOpt,
     check_counts,
@@ -39,7 +38,10 @@ from ._common import (
     guarded,
     load_inputs_from_flags,
     progress_bar,
+    seed_option,
 )
+
+SeedOpt = seed_option("the random starts (--random-start only)")
 
 
 def summary_line(result) -> str:

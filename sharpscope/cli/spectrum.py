@@ -28,7 +28,6 @@ from ._common import (
     ModelOptOpt,
     NoProgressOpt,
     SamplesOpt,
-    SeedOpt,
     SplitOpt,
     TrustFactoriesOpt,
     check_counts,
@@ -41,8 +40,11 @@ from ._common import (
     interrupt_exit_code,
     load_inputs_from_flags,
     progress_bar,
+    seed_option,
     stop_reason,
 )
+
+SeedOpt = seed_option("the start vectors and probes (trace: seed+1, density: seed+2)")
 
 
 def _choices() -> dict[str, tuple[str, ...]]:
