@@ -74,10 +74,12 @@ def to_jsonable(value: Any) -> Any:
 def csv_cell(value: Any) -> str:
     """One CSV cell: ``None`` and NaN empty, infinities ``inf``/``-inf`` (as pandas and
     ``float()`` read them), booleans ``true``/``false``, tensors and NumPy values as plain
-    numbers.
+    numbers, lists and dicts as JSON text (NaN inside them as ``null``).
 
     >>> [csv_cell(v) for v in (None, float("nan"), -np.inf, True, np.float32(0.5), 3)]
     ['', '', '-inf', 'true', '0.5', '3']
+    >>> csv_cell({"rho": [0.5, float("nan")], "ok": True})
+    '{"rho": [0.5, null], "ok": true}'
     """
     if isinstance(value, (torch.Tensor, np.ndarray, np.generic)) and value.ndim == 0:
         value = value.item()  # a 0-d tensor or array, a NumPy scalar
@@ -89,7 +91,8 @@ def csv_cell(value: Any) -> str:
         if math.isinf(value):
             return "inf" if value > 0 else "-inf"
         return "" if math.isnan(value) else repr(value)
-    return str(to_jsonable(value))
+    value = to_jsonable(value)
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
 
 
 def rows_to_csv_bytes(rows: list[dict[str, Any]] | Any, columns: list[str] | None = None) -> bytes:

@@ -162,3 +162,22 @@ def test_a_result_prints_one_short_line_and_repr_keeps_everything():
             printer.text("mine")
 
     assert pretty(Own()) == "mine"
+
+
+def test_nested_csv_cells_are_json_that_a_script_reads_back():
+    """A figure's data CSV wrote a Correlation's psi as a Python repr ("{'optimizer':
+    0.86}"), readable only with ast.literal_eval (session 26)."""
+    import csv
+    import io
+
+    row = {
+        "psi": {"optimizer": 0.5, "rho": float("nan")},
+        "interval": (torch.tensor(-0.25), np.float64(0.75)),
+        "flags": [True, None],
+        "name": "lambda_max",
+    }
+    (read,) = csv.DictReader(io.StringIO(rows_to_csv_bytes([row]).decode()))
+    assert json.loads(read["psi"]) == {"optimizer": 0.5, "rho": None}
+    assert json.loads(read["interval"]) == [-0.25, 0.75]
+    assert json.loads(read["flags"]) == [True, None]
+    assert read["name"] == "lambda_max"
