@@ -324,14 +324,21 @@ def subset_size_and_seed(
 
 
 def recorded_data_spec(
-    spec: dict[str, Any], split: str, samples: int | None, seed: int, split_data: DataSplit
+    spec: dict[str, Any],
+    split: str,
+    samples: int | None,
+    seed: int,
+    split_data: DataSplit,
+    *,
+    samples_name: str = "--samples",
 ) -> dict[str, Any]:
     """The data spec to record in ``meta.data``: one that reloads the same examples
     (``load_data(recorded, recorded["split"])``).
 
     Its ``samples`` is ``--samples``, or else the spec's own (``None``: all), at most the
     examples there are (``load_data`` caps it: the number used is recorded instead, with a
-    one-line warning), and with a subset its ``seed`` is the seed of that subset's shuffle.
+    one-line warning that calls ``samples`` by ``samples_name``), and with a subset its
+    ``seed`` is the seed of that subset's shuffle.
     """
     wanted = samples if samples is not None else spec.get("samples")
     used = wanted
@@ -341,7 +348,7 @@ def recorded_data_spec(
             why = f"more than the data set's own samples={own} (the examples the run used)"
         else:
             why = f"more than the {len(split_data)} examples of the {split_data.split} split"
-        flag = "--samples" if samples is not None else "the data spec's samples"
+        flag = samples_name if samples is not None else "the data spec's samples"
         warnings.warn(f"{flag} {wanted} is {why}; using all {len(split_data)}", stacklevel=2)
         used = len(split_data)
     recorded = {**spec, "split": split, "samples": used}

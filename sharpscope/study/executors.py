@@ -17,6 +17,7 @@ The unit of work is :func:`sharpscope.study.runner.run_job` ``(study_dir, run_id
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,9 +37,12 @@ def _describe(status: dict[str, Any]) -> str:
     return f"{state}: {status.get('error', '')}{timing}"
 
 
-def _worker_init(counter: Any, gpus: list[str]) -> None:
-    """Pin a pool worker: one CPU thread, or the next GPU round robin; and end it when the
-    study's process is gone."""
+def _worker_init(counter: Any, gpus: list[str], show_warning: Any = None) -> None:
+    """Pin a pool worker: one CPU thread, or the next GPU round robin; show warnings as
+    the study's process does (``show_warning``: its ``warnings.showwarning``, e.g. the
+    command line's one-line format); and end it when the study's process is gone."""
+    if show_warning is not None:
+        warnings.showwarning = show_warning
     _exit_with_parent()
     with counter.get_lock():
         index = counter.value
@@ -117,7 +121,7 @@ def _local_pool(study_dir: str, run_ids: list[str], workers: int, log: Log) -> d
         max_workers=workers,
         mp_context=context,
         initializer=_worker_init,
-        initargs=(counter, visible_gpus()),
+        initargs=(counter, visible_gpus(), warnings.showwarning),
     )
     try:
         futures = {pool.submit(run_job, study_dir, run_id): run_id for run_id in run_ids}

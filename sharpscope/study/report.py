@@ -25,9 +25,10 @@ from typing import Any
 
 from ..errors import SharpscopeError
 from ..results import atomic_write_bytes, rows_to_csv_bytes, write_json
-from .config import OPTIMIZER_COUPLED, dataset_name
+from .config import OPTIMIZER_COUPLED, StudyConfig, dataset_name
 from .measures import is_measure_column
 from .runner import (
+    current_record,
     load_study_config_from_dir,
     read_results,
     read_study_dir,
@@ -361,9 +362,12 @@ def write_report(
         )
 
     failed = [r for r in rows if r.get("status") in ("failed", "error")]
-    trained = {r["run_id"] for r in rows if r.get("status") == "trained"}  # analyses to come
+    # analyses to come: trained, or finished before an [analysis] change
+    trained = {r["run_id"] for r in rows if r.get("status") in ("trained", "analysing")}
     pending = {
-        r["run_id"] for r in rows if r.get("status") not in ("done", "failed", "error", "trained")
+        r["run_id"]
+        for r in rows
+        if r.get("status") not in ("done", "failed", "error", "trained", "analysing")
     }
     train = config.train
     plan = config.analysis
@@ -383,7 +387,7 @@ def write_report(
         + f"{len(pending)} pending); swept: "
         f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
         f"- measures on the {plan.split} split, "
-        f"{examples_used(plan.samples, _recorded_meta(folder))} examples, at epochs "
+        f"{examples_used(plan.samples, _recorded_meta(folder, config))} examples, at epochs "
         f"{', '.join(str(e) for e in plan.epochs)}; correlations use each run's last analysed "
         f"checkpoint; "
         + (
@@ -472,7 +476,7 @@ def measurement_caption(study_dir: str | Path) -> str:
     folder = Path(study_dir)
     config = load_study_config_from_dir(folder)
     plan = config.analysis
-    meta = _recorded_meta(folder)
+    meta = _recorded_meta(folder, config)
     name = dataset_name(config)
     parts = [f"measured on {name}/{plan.split} n={examples_used(plan.samples, meta)}"]
     if meta:
@@ -480,8 +484,9 @@ def measurement_caption(study_dir: str | Path) -> str:
     return "; ".join(parts)
 
 
-def _recorded_meta(folder: Path) -> dict[str, Any] | None:
-    """The first analysis ``meta`` (with mode and dtype) stored under ``runs/*/analysis``."""
+def _recorded_meta(folder: Path, config: StudyConfig) -> dict[str, Any] | None:
+    """The first analysis ``meta`` (with mode and dtype) stored under ``runs/*/analysis``
+    by the config's current settings (a file beside a current ``<measure>.json``)."""
     from ..results import read_record
 
     def find(value: Any, depth: int = 0) -> dict[str, Any] | None:
@@ -504,6 +509,8 @@ def _recorded_meta(folder: Path) -> dict[str, Any] | None:
     paths = sorted(folder.glob("runs/*/analysis/*/*"), key=lambda p: (p.stem != "spectrum", p))
     for path in paths:
         if path.suffix not in (".json", ".npz"):
+            continue
+        if current_record(path.with_suffix(".json"), config) is None:
             continue
         try:
             record = read_record(path)

@@ -88,19 +88,24 @@ METRIC_COLUMNS = (
 LEADING = ("run_id", "status")
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any] | None:
+    """A study file's JSON object; None if the file is missing. Every study file holds an
+    object: anything else (invalid JSON, a list, a number) is one line naming the file."""
+    # a run's result files are recomputed when missing; study.json is the study itself
+    remedy = (
+        "restore it, or start the study again in a new folder"
+        if path.name == "study.json"
+        else "delete it to recompute"
+    )
     try:
-        return json.loads(path.read_text())
+        value = json.loads(path.read_text())
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as exc:
-        # a run's result files are recomputed when missing; study.json is the study itself
-        remedy = (
-            "restore it, or start the study again in a new folder"
-            if path.name == "study.json"
-            else "delete it to recompute"
-        )
         raise SharpscopeError(f"{path} is not valid JSON ({exc}); {remedy}") from exc
+    if not isinstance(value, dict):
+        raise SharpscopeError(f"{path} holds {type(value).__name__} JSON, not an object; {remedy}")
+    return value
 
 
 # --------------------------------------------------------------------------- the folder
@@ -292,6 +297,11 @@ def _check_saved_epochs(run_id: str, wanted: dict, out: Path, flag: str) -> None
 def load_study_config_from_dir(out: str | Path) -> StudyConfig:
     """The validated config stored in a study folder (an edited one's error names its file)."""
     meta = read_study_dir(out)
+    if not isinstance(meta.get("config"), dict):
+        raise SharpscopeError(
+            f"{Path(out) / 'study.json'} holds no study config (its 'config' table is "
+            "missing); restore it, or start the study again in a new folder"
+        )
     try:
         return study_config_from_dict(
             meta["config"], name=meta.get("name", "study"), check_files=False
@@ -324,6 +334,20 @@ def _analysis_path(run_dir: Path, epoch: int, measure: str) -> Path:
     return run_dir / "analysis" / f"epoch_{epoch:03d}" / f"{measure}.json"
 
 
+def current_record(path: Path, config: StudyConfig) -> dict[str, Any] | None:
+    """The analysis record at ``path`` (``.../epoch_NNN/<measure>.json``) if it was made
+    with ``config``'s current settings for that measure; None if missing or stale (made
+    before an ``[analysis]`` change, and not yet redone)."""
+    measure = path.stem
+    if measure != "basic" and measure not in config.analysis.measures:
+        return None
+    record = _read_json(path)
+    if record is None:
+        return None
+    wanted = {"basic": 1} if measure == "basic" else to_jsonable(_analysis_params(measure, config))
+    return record if record.get("params") == wanted else None
+
+
 def _pending_measures(run: RunSpec, run_dir: Path, config: StudyConfig) -> list[tuple[int, str]]:
     pending = []
     measures = [m for m in config.analysis.measures if m != "landscape"] + ["basic"]
@@ -331,13 +355,7 @@ def _pending_measures(run: RunSpec, run_dir: Path, config: StudyConfig) -> list[
         measures.append("landscape")
     for epoch in run.analysis_epochs:
         for measure in measures:
-            record = _read_json(_analysis_path(run_dir, epoch, measure))
-            wanted = (
-                {"basic": 1}
-                if measure == "basic"
-                else to_jsonable(_analysis_params(measure, config))
-            )
-            if record is None or record.get("params") != wanted:
+            if current_record(_analysis_path(run_dir, epoch, measure), config) is None:
                 pending.append((epoch, measure))
     return pending
 
@@ -432,7 +450,10 @@ def _analysis_split(run: RunSpec, config: StudyConfig) -> tuple[Any, dict[str, A
         seed=plan.seed,
         data_root=run.train.get("data_root"),
     )
-    return split, recorded_data_spec(dataset, plan.split, plan.samples, plan.seed, split)
+    recorded = recorded_data_spec(
+        dataset, plan.split, plan.samples, plan.seed, split, samples_name="analysis.samples"
+    )
+    return split, recorded
 
 
 def _provenance(checkpoint: Any, data_spec: dict[str, Any]) -> dict[str, Any]:
@@ -721,7 +742,11 @@ def _gaps(row: dict[str, Any]) -> None:
 
 
 def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> list[dict[str, Any]]:
-    """One dict per run and analysed checkpoint (failed runs: one row, no measures)."""
+    """One dict per run and analysed checkpoint (failed runs: one row, no measures).
+
+    Only results made with the config's current ``[analysis]`` settings fill cells; a
+    finished run with results still to redo after a change is ``analysing``, as in
+    ``study status`` (its old results, of other settings, are left out)."""
     folder = Path(study_dir)
     config = load_study_config_from_dir(folder)
     if runs is None:
@@ -733,6 +758,8 @@ def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> li
         run_dir = _run_dir(folder, run.run_id)
         status = _status(run_dir)
         state = status.get("state", "pending")
+        if state == "done" and _pending_measures(run, run_dir, config):
+            state = "analysing"
         base = {"run_id": run.run_id, "status": state, **run.params}
         if state in ("failed", "error"):
             base["error"] = status.get("error", "")
@@ -752,7 +779,7 @@ def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> li
             _gaps(row)
             analysis_dir = run_dir / "analysis" / f"epoch_{epoch:03d}"
             for measure in measures:
-                record = _read_json(analysis_dir / f"{measure}.json") or {}
+                record = current_record(analysis_dir / f"{measure}.json", config) or {}
                 row.update(record.get("columns", {}))
             rows.append(row)
     return rows

@@ -286,3 +286,33 @@ def test_the_default_study_folder_is_checked_before_any_work(tmp_path, monkeypat
     assert result.output.startswith(
         "error: default --out runs/studies/quick: runs is a file, not a folder"
     ), result.output
+
+
+def test_worker_processes_warn_in_one_line_naming_the_study_setting(tmp_path):
+    """A study's analysis.samples above the data's was warned about as '--samples', a flag
+    no one gave, and pool workers printed Python's raw two-line format (session 26)."""
+    config = tmp_path / "many.toml"
+    config.write_text(
+        tiny_study_toml("many", m=[16])
+        .replace("samples = 64", "samples = 256")
+        .replace("seed = [0, 1]", "seed = [0]")
+    )
+    import subprocess
+    import sys
+
+    args = ["study", "run", str(config), "--out", str(tmp_path / "s"), "--workers", "2"]
+    # a real process: the workers write to its stderr, which CliRunner does not capture
+    result = subprocess.run(
+        [sys.executable, "-m", "sharpscope", *args, "--no-report"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    expected = (
+        "warning: analysis.samples 256 is more than the data set's own samples=192 (the "
+        "examples the run used); using all 192"
+    )
+    warned = [line for line in result.stderr.splitlines() if "256" in line]
+    assert warned and all(line == expected for line in warned), result.stderr
+    assert "UserWarning" not in result.stderr

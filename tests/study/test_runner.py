@@ -6,6 +6,7 @@ import csv
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -420,6 +421,7 @@ def test_pool_workers_take_gpus_round_robin_and_one_cpu_thread(monkeypatch):
 COORDINATOR = """
 import multiprocessing as mp
 import os
+import re
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -679,3 +681,75 @@ def test_result_load_reads_a_studys_analysis_record(study):
         MSharpness.load(folder / "m_sharpness.json")
     parts = json.loads((folder / "m_sharpness.json").read_text())["result"]["results"]
     assert MSharpness.from_dict(parts[0]).m == parts[0]["m"]
+
+
+def test_results_of_earlier_analysis_settings_are_left_out_until_redone(study, tmp_path):
+    """A rerun with a changed [analysis], stopped before every run was re-analysed: the
+    report counted every run as finished and mixed measures of both settings in its
+    correlations, and its setup line gave the stale results' subset size (session 26)."""
+    from sharpscope.study.runner import run_states
+
+    out, _ = study
+    copy = tmp_path / "changed"
+    shutil.copytree(out, copy)
+    config = tiny_config(analysis={**ANALYSIS, "samples": 192})
+    run_study(config, copy)
+    # sam-s0 as if the rerun had stopped before reaching it: its results of samples = 128
+    stale = copy / "runs" / "sam-s0" / "analysis"
+    shutil.rmtree(stale)
+    shutil.copytree(out / "runs" / "sam-s0" / "analysis", stale)
+    assert {s["run_id"]: s["state"] for s in run_states(copy)}["sam-s0"] == "analysing"
+    report = write_report(copy, resamples=0, figures=False).read_text()
+    rows = read_results(copy / "results.csv")
+    for row in rows:
+        fresh = row["run_id"] != "sam-s0"
+        assert row["status"] == ("done" if fresh else "analysing")
+        assert (row["lambda_max"] is not None) is fresh
+        assert (row["msharp_m16_rho0.05"] is not None) is fresh
+        assert row["test_acc"] is not None  # training metrics are not analyses
+    assert "runs: 4 (3 finished, 0 failed, 1 trained but not yet analysed, 0 pending)" in report
+    assert "192 examples" in report and "128 examples" not in report
+    # the next rerun redoes that run's analyses alone, and the report counts it again
+    summary = run_study(config, copy)
+    assert summary.done == ["sam-s0"] and len(summary.skipped) == 3
+    assert all(r["status"] == "done" for r in read_results(copy / "results.csv"))
+
+
+@pytest.mark.parametrize(
+    ("file", "content", "message"),
+    [
+        ("study.json", '"x"', r"study.json holds str JSON, not an object; restore it"),
+        ("study.json", "[]", r"study.json holds list JSON, not an object; restore it"),
+        (
+            "study.json",
+            '{"format": "sharpscope-study", "version": 1}',
+            r"study.json holds no study config \(its 'config' table is missing\); restore it",
+        ),
+        ("runs/sgd-s0/status.json", "5", r"status.json holds int JSON, not an object; delete it"),
+        ("runs/sgd-s0/run.json", "[]", r"run.json holds list JSON, not an object; delete it"),
+        (
+            "runs/sgd-s0/analysis/epoch_002/spectrum.json",
+            "null",
+            r"spectrum.json holds NoneType JSON, not an object; delete it to recompute",
+        ),
+    ],
+)
+def test_a_study_file_of_the_wrong_json_type_is_one_line(study, tmp_path, file, content, message):
+    """They were tracebacks (AttributeError, KeyError 'config') in study run, report and
+    status; invalid JSON already was one line (session 26)."""
+    from typer.testing import CliRunner
+
+    from sharpscope.cli import app
+
+    out, _ = study
+    copy = tmp_path / "broken"
+    shutil.copytree(out, copy)
+    (copy / file).write_text(content)
+    commands = [["report", str(copy)], ["status", str(copy)]]
+    if file.endswith("run.json"):  # read by study run alone
+        commands = [["run", str(copy / "config.toml"), "--out", str(copy), "--no-report"]]
+    for args in commands:
+        result = CliRunner().invoke(app, ["study", *args])
+        assert result.exit_code != 0 and "Traceback" not in result.output
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and re.search(message, line), line
