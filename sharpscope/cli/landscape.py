@@ -86,7 +86,9 @@ def resolve_directions(
         return load(path).model
     if path.is_dir():
         own = ckpt.resolve()
-        files = [p for p in sorted(path.glob("*.pt")) if p.resolve() != own]
+        # the analysed checkpoint stays: it is the trajectory's end (its row θ − θ is 0, as
+        # in Li et al.); a last.pt that repeats the last epoch_NNN.pt is counted once
+        files = sorted(path.glob("*.pt"))
         if not files:
             raise SharpscopeError(f"--directions folder {path} holds no .pt checkpoints")
         loaded = _distinct_weights([load(p) for p in files])

@@ -107,6 +107,30 @@ def test_landscape_interpolation_and_pca(ckpts, tmp_path):
     assert f"note: {ckpts['a']} is not among the checkpoints of {ckpts['run']}" in pca.output
 
 
+def test_pca_keeps_the_analysed_checkpoint_of_the_folder_as_the_trajectorys_end(ckpts, tmp_path):
+    """With --epochs not a multiple of --save-every, last.pt is a model of its own; the
+    folder's PCA left it out because it is the analysed file (a folder of epoch_002.pt,
+    epoch_004.pt and last.pt 'spans fewer than 2 dimensions'; session 26)."""
+    import shutil
+
+    run = shutil.copytree(ckpts["run"], tmp_path / "run")
+    write_checkpoint(run / "last.pt", seed=99, epoch=4)
+    base = ["landscape", str(run / "last.pt"), "--grid", "3", *COMMON, "--no-plots"]
+    result = runner.invoke(app, [*base, "--directions", str(run), "--out", str(tmp_path / "p")])
+    assert result.exit_code == 0, result.output
+    assert "PCA of a trajectory of 4 checkpoints" in result.output
+    trajectory = LandscapeResult.load(tmp_path / "p" / "landscape.npz").trajectory
+    assert trajectory.shape == (4, 2)
+    assert float(trajectory[-1].abs().max()) == 0.0  # the centre, last in epoch order
+    # two models: epoch_001.pt and the distinct last.pt span one dimension, enough for 1-D
+    for path in run.glob("epoch_00[23].pt"):
+        path.unlink()
+    args = [*base, "--dims", "1", "--directions", str(run), "--out", str(tmp_path / "q")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "PCA of a trajectory of 2 checkpoints" in result.output
+
+
 def test_pca_counts_each_set_of_weights_once(ckpts, tmp_path):
     """A training folder holds last.pt beside the last epoch_NNN.pt (the same weights):
     counted twice, that point would weigh twice in the PCA."""
