@@ -220,7 +220,9 @@ def register(app: typer.Typer) -> None:
             "--span",
             help="Axes [-span, span], with 0 among the points: an even --grid drops +span "
             "(span 1, grid 4: -1, -0.5, 0, 0.5). Interpolation: about [-span/2, 1+span/2], "
-            "with 0 and 1 among the points. PCA axes cover the trajectory instead.",
+            "with 0 and 1 among the points, in steps of 1/m (a small --grid can leave "
+            "one side short: span 2, grid 5: -2 .. 2). PCA axes cover the trajectory "
+            "instead.",
         ),
         directions: str = typer.Option(
             "random",
