@@ -102,6 +102,22 @@ def check_numbers(**values: object) -> None:
             )
 
 
+def check_bool(name: str, value: object) -> bool:
+    """Refuse a yes/no setting given as anything but ``True`` or ``False``: ``bool("no")``
+    is True, so a string would turn the option on.
+
+    >>> check_bool("same_noise", "false")
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: same_noise must be true or false, got 'false' (str)
+    """
+    if not isinstance(value, bool):
+        raise SharpscopeError(
+            f"{name} must be true or false, got {value!r} ({type(value).__name__})"
+        )
+    return value
+
+
 def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
     """Raise :class:`SharpscopeError` unless ``value`` is one of ``choices``.
 

@@ -65,7 +65,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from ..errors import SharpscopeError, check_choice, first_line
+from ..errors import SharpscopeError, check_bool, check_choice, first_line
 from ._ops import NORM_EPS, as_scalar, global_norm, scaled
 from .closure import BatchClosure, unwrap_model
 
@@ -326,6 +326,26 @@ def two_betas(value: Any) -> tuple[float, float]:
     return betas
 
 
+def check_rates(options: dict[str, Any]) -> None:
+    """The learning rate and weight decay among ``options`` are finite numbers >= 0, else
+    one line: NaN trained to a NaN loss, reported as a divergence ("lower the learning
+    rate"), when it came from a config file or ``--opt`` rather than ``--lr``.
+
+    >>> check_rates({"lr": float("nan")})
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: lr must be a finite number >= 0, got nan
+    """
+    for name in ("lr", "weight_decay"):
+        value = options.get(name)
+        if isinstance(value, Tensor) and value.numel() == 1:
+            value = float(value)
+        if isinstance(value, str):  # float() would read it, torch's optimizers would not
+            raise SharpscopeError(f"{name} must be a number, got {value!r} (str)")
+        if value is not None:
+            _check_rho(value, name)
+
+
 def check_momentum(value: Any) -> None:
     """SGD's ``momentum`` in [0, 1), else one line: torch refuses only negative values,
     and with 1 or more the steps grow without bound.
@@ -459,7 +479,7 @@ class SharpnessAware(torch.optim.Optimizer):
         self.rho = _check_rho(rho)
         check_choice("bn_policy", bn_policy, _BN_POLICIES)
         self.bn_policy = bn_policy
-        self.same_noise = bool(same_noise)
+        self.same_noise = check_bool("same_noise", same_noise)
         perturbation = self.default_perturbation if perturbation is None else perturbation
         check_choice("perturbation", perturbation, _PERTURBATION_MODES)
         self.perturbation_mode = perturbation

@@ -17,7 +17,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor, nn
 
-from ..errors import SharpscopeError, check_choice
+from ..errors import SharpscopeError, check_bool, check_choice
 from ._base import SharpnessAware, normalised
 from ._ops import NORM_EPS, abs_plus, as_scalar, global_norm, products, scaled, signs
 from .closure import unwrap_model
@@ -157,6 +157,7 @@ class ASAM(SharpnessAware):
         **kwargs: Any,
     ) -> ASAM:
         """ASAM over all of ``model``'s parameters, scaling biases only with ``normalize_bias``."""
+        check_bool("normalize_bias", normalize_bias)
         kwargs.setdefault("model", model)
         opt = cls(model.parameters(), base, **kwargs)
         opt._scaling_rule = (model, normalize_bias)

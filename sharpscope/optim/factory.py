@@ -40,8 +40,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import SharpscopeError
-from ._base import SharpnessAware, SinglePass, check_momentum, two_betas
+from ..errors import SharpscopeError, check_bool
+from ._base import SharpnessAware, SinglePass, check_momentum, check_rates, two_betas
 from .asam import ASAM
 from .bsam import BSAM
 from .lets import INNER_OPTIONS, LETS
@@ -214,6 +214,8 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
         if "betas" in out:  # a TOML/JSON list becomes a tuple; a bad value is one line now
             out["betas"] = two_betas(out["betas"])
         check_momentum(out.get("momentum"))
+        check_rates(out)
+        _check_yes_no(given, defaults)
         return out
     variant = copy.deepcopy(_VARIANTS[name])
     base_spec = given.pop("base", None)
@@ -239,7 +241,18 @@ def resolve_optimizer_spec(spec: dict[str, Any] | str) -> dict[str, Any]:
     if "betas" in base_full:
         base_full["betas"] = two_betas(base_full["betas"])
     check_momentum(base_full.get("momentum"))
+    check_rates(base_full)
+    _check_yes_no(base_full, base_defaults)
+    _check_yes_no(given, variant)
     return {"name": name, **variant, **given, "base": base_full}
+
+
+def _check_yes_no(given: dict[str, Any], defaults: dict[str, Any]) -> None:
+    """The options whose default is True or False must be given as true or false: a TOML
+    string "false" or ``--opt nesterov=no`` would be truthy and turn the option on."""
+    for key, default in defaults.items():
+        if isinstance(default, bool) and key in given:
+            check_bool(key, given[key])
 
 
 def _reject_unknown(what: str, given: dict[str, Any], valid: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from ..data.batches import as_batches, as_tensors, read_fixed, same_batches, same_tensors
 from ..distributed import is_multi_process
-from ..errors import SharpscopeError, check_choice
+from ..errors import SharpscopeError, check_bool, check_choice
 from ._base import (
     SharpnessAware,
     StepContext,
@@ -257,7 +257,7 @@ class LETS(SharpnessAware):
             raise SharpscopeError("LETS does not support m-sharpness training; leave m unset")
         super().__init__(params, base, rho=rho, **kwargs)
         self.hypergrad = hypergrad
-        self.per_group = bool(per_group)
+        self.per_group = check_bool("per_group", per_group)
         self.rho_lr = float(rho_lr)
         self.rho_min = rho_min
         self.rho_max = None if rho_max is None else float(rho_max)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_bool
 from ._base import SharpnessAware, StepContext, state_count
 from .asam import Adaptive, adaptive_perturbation, check_adaptive
 from .closure import unwrap_model
@@ -130,9 +130,9 @@ class SAMON(SharpnessAware):
             )
         self.adaptive = adaptive
         self.eta = float(eta)
-        self.normalize_bias = bool(normalize_bias)
-        self.exclude_norm = bool(exclude_norm)
-        self.fast_first_pass = bool(fast_first_pass)
+        self.normalize_bias = check_bool("normalize_bias", normalize_bias)
+        self.exclude_norm = check_bool("exclude_norm", exclude_norm)
+        self.fast_first_pass = check_bool("fast_first_pass", fast_first_pass)
         self.sam_epochs = sam_epochs
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
         self.num_steps = 0

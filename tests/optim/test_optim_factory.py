@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+import sharpscope as ss
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import (
     ASAM,
@@ -97,6 +98,17 @@ def test_resolved_spec_is_nested_and_complete():
         ({"name": "lets", "theta": 0.5}, "do not apply to LETS with inner='sam'"),
         ({"name": "bsam", "base": "sgd"}, "takes no 'base'"),
         ({"name": "sam", "rho": -1}, "rho must be"),
+        # yes/no options were bool(value): "no" and "false" turned them on (session 26)
+        ({"name": "samon", "exclude_norm": "no"}, r"^exclude_norm must be true or false, got 'no'"),
+        ({"name": "sam", "same_noise": "false"}, "^same_noise must be true or false"),
+        ({"name": "sgd", "nesterov": 1}, r"^nesterov must be true or false, got 1 \(int\)"),
+        ({"name": "sam", "base": {"name": "adam", "amsgrad": "x"}}, "^amsgrad must be true or"),
+        ({"name": "lets", "per_group": 0}, "^per_group must be true or false"),
+        # NaN from a config file or --opt trained to a "divergence" (session 26)
+        ({"name": "sam", "lr": float("nan")}, r"^lr must be a finite number >= 0, got nan$"),
+        ({"name": "adamw", "weight_decay": float("nan")}, "^weight_decay must be a finite"),
+        ({"name": "bsam", "lr": -1.0}, r"^lr must be a finite number >= 0, got -1.0$"),
+        ({"name": "sgd", "lr": "0.1"}, r"^lr must be a number, got '0.1' \(str\)$"),
         ({"name": "vasso", "theta": 0}, "theta must be in"),
         ({"name": "samon"}, "has none"),
         ({"name": "lets"}, "LETS needs validation data"),
@@ -209,3 +221,38 @@ def _closure(opt, model, x, y):
     loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
     return loss
+
+
+@pytest.mark.parametrize(
+    ("make", "name"),
+    [
+        (
+            lambda m: ss.optim.SAM(m.parameters(), torch.optim.SGD, lr=0.1, same_noise="no"),
+            "same_noise",
+        ),
+        (
+            lambda m: ss.optim.SAMON(m, torch.optim.SGD, lr=0.1, exclude_norm="false"),
+            "exclude_norm",
+        ),
+        (
+            lambda m: ss.optim.SAMON(m, torch.optim.SGD, lr=0.1, normalize_bias="yes"),
+            "normalize_bias",
+        ),
+        (
+            lambda m: ss.optim.SAMON(m, torch.optim.SGD, lr=0.1, fast_first_pass="no"),
+            "fast_first_pass",
+        ),
+        (
+            lambda m: ss.optim.ASAM.from_model(m, torch.optim.SGD, lr=0.1, normalize_bias="false"),
+            "normalize_bias",
+        ),
+    ],
+)
+def test_python_yes_no_options_refuse_strings(make, name):
+    model = torch.nn.Sequential(
+        torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+    )
+    with pytest.raises(
+        SharpscopeError, match=rf"^{name} must be true or false, got '\w+' \(str\)$"
+    ):
+        make(model)
