@@ -27,6 +27,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -335,6 +336,64 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
+def _resume_position(state: Mapping[str, Any], epochs: int, path: Path) -> tuple[int, int]:
+    """The epoch and optimizer step a checkpoint ends at, refused in one line unless they
+    are whole numbers >= 0 (a hand-edited epoch -1 trained an extra epoch "0")."""
+    values = []
+    for key in ("epoch", "step"):
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise SharpscopeError(
+                f"{path} cannot be resumed: its {key} is {value!r}, not a whole number >= 0"
+            )
+        values.append(value)
+    return values[0], values[1]
+
+
+def _restore(path: Path, key: str, load: Any, state: Mapping[str, Any]) -> None:
+    """``load(state[key])``, a failure in one line: a file that loads but whose ``key``
+    does not fit this run (another optimizer's state, a damaged RNG state)."""
+    try:
+        load(state[key])
+    except SharpscopeError:
+        raise
+    except Exception as exc:  # torch's own errors, of several types
+        raise SharpscopeError(
+            f"{path} cannot be resumed: its {key} does not fit this run ({type(exc).__name__}: "
+            f"{first_line(exc)}); resume from an epoch_NNN.pt copied to last.pt, or train "
+            "into a new --out"
+        ) from exc
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Per-parameter state tensors of the parameter's shape, numeric hyperparameters:
+    what a wrong one would break only at the first step, as a traceback."""
+    for group in optimizer.param_groups:
+        for key in ("lr", "weight_decay"):
+            value = group.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
+                raise SharpscopeError(
+                    f"{path} cannot be resumed: its optimizer_state holds {key} {value!r}, "
+                    "not a number"
+                )
+        for param in group["params"]:
+            for name, value in _param_state(optimizer, param):
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise SharpscopeError(
+                        f"{path} cannot be resumed: its optimizer_state holds {name} of shape "
+                        f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
+                    )
+
+
+def _param_state(optimizer: torch.optim.Optimizer, param: Tensor) -> list[tuple[str, Any]]:
+    """A parameter's state entries in an optimizer and, for a SAM variant, in its base."""
+    entries = list(optimizer.state.get(param, {}).items())
+    base = getattr(optimizer, "base", None)
+    if isinstance(base, torch.optim.Optimizer) and base is not optimizer:
+        entries += list(base.state.get(param, {}).items())
+    return entries
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
     return (
         model.module
@@ -486,13 +545,6 @@ def _prepare_data(
         dataset["val_fraction"] = 0.1
         config.dataset = dataset
     train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
-    if train.test_is_train and info.is_main:
-        warnings.warn(
-            f"data factory {dataset['factory']} gives one data set: it is also the test set, "
-            "so the test metrics are training metrics (gen_gap 0); return "
-            '{"train": ..., "test": ...} for a test set of its own',
-            stacklevel=2,
-        )
     if train.targets.is_floating_point() or train.targets.dim() != 1:
         why = (
             "regression is not trained here (its accuracy, NLL and ECE are undefined); the "
@@ -504,6 +556,14 @@ def _prepare_data(
             f"training needs class labels (integer targets of shape (N,)); the data gives "
             f"{str(train.targets.dtype).replace('torch.', '')} targets of shape "
             f"{tuple(train.targets.shape)}: {why}"
+        )
+    # after the checks: a factory that fails says so in one line, without this first
+    if train.test_is_train and info.is_main:
+        warnings.warn(
+            f"data factory {dataset['factory']} gives one data set: it is also the test set, "
+            "so the test metrics are training metrics (gen_gap 0); return "
+            '{"train": ..., "test": ...} for a test set of its own',
+            stacklevel=2,
         )
     samples = dataset.get("samples")
     if samples is not None and int(samples) > len(train) and info.is_main:
@@ -756,16 +816,17 @@ def _train(
                 f"--resume needs {last_path or 'OUT/last.pt'} from an earlier run; none found{hint}"
             )
         state = load_training_state(last_path, map_location=device)
-        check_resume(config, state["config"], int(state["epoch"]), last_path)
+        start_epoch, step = _resume_position(state, config.epochs, last_path)
+        check_resume(config, state["config"], start_epoch, last_path)
         load_weights(model, state["state_dict"], source=f"in {last_path}")
-        optimizer.load_state_dict(state["optimizer_state"])
-        scheduler.load_state_dict(state["scheduler_state"])
+        _restore(last_path, "optimizer_state", optimizer.load_state_dict, state)
+        _check_optimizer_state(optimizer, last_path)
+        _restore(last_path, "scheduler_state", scheduler.load_state_dict, state)
         if scaler is not None and state.get("scaler_state"):
-            scaler.load_state_dict(state["scaler_state"])
-        _set_rng_state(state["rng_state"], device)
+            _restore(last_path, "scaler_state", scaler.load_state_dict, state)
+        _restore(last_path, "rng_state", lambda s: _set_rng_state(s, device), state)
         _warn_other_world_size(state, info, last_path)
         _load_rank_state(optimizer, state.get("rank_states"), info, last_path)
-        start_epoch, step = int(state["epoch"]), int(state["step"])
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -998,3 +999,48 @@ def test_ordinary_settings_train_without_warnings(tmp_path, changes):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(_config(tmp_path, **changes))
+
+
+def _base_state(state):
+    """The base optimizer's state_dict in a checkpoint (SGD runs in the SinglePass wrapper)."""
+    return state["optimizer_state"]["base"]
+
+
+@pytest.mark.parametrize(
+    ("tamper", "message"),
+    [
+        (
+            lambda s: s["rng_state"].update(cpu=torch.zeros(7, dtype=torch.uint8)),
+            r"its rng_state does not fit this run \(RuntimeError: ",
+        ),
+        (
+            lambda s: s.update(scheduler_state=[1, 2]),
+            r"its scheduler_state does not fit this run \(\w+Error: ",
+        ),
+        (
+            lambda s: next(iter(_base_state(s)["state"].values())).update(
+                momentum_buffer=torch.zeros(3)
+            ),
+            r"its optimizer_state holds momentum_buffer of shape \(3,\) for a parameter of shape",
+        ),
+        (
+            lambda s: _base_state(s)["param_groups"][0].update(lr="0.1"),
+            r"its optimizer_state holds lr '0.1', not a number$",
+        ),
+        (lambda s: s.update(epoch=-1), r"its epoch is -1, not a whole number >= 0$"),
+        (lambda s: s.update(step=1.5), r"its step is 1.5, not a whole number >= 0$"),
+    ],
+    ids=["rng", "scheduler", "state shape", "lr", "epoch", "step"],
+)
+def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(tmp_path, tamper, message):
+    """Hand-edited or foreign last.pt files that load: tracebacks at resume or at the
+    first step, or (epoch -1) an extra epoch "0" trained (session 26)."""
+    train(_config(tmp_path, epochs=1))
+    last = tmp_path / "last.pt"
+    state = torch.load(last, weights_only=True)
+    tamper(state)
+    torch.save(state, last)
+    with pytest.raises(
+        SharpscopeError, match=rf"^{re.escape(str(last))} cannot be resumed: {message}"
+    ):
+        train(_config(tmp_path, epochs=1), resume=True)

@@ -650,3 +650,23 @@ def test_the_optimizer_dependent_defaults_in_the_help_are_the_factorys():
     perturbation = by_value(OPTIMIZER_NAMES, "perturbation")
     assert perturbation["global"] == ["vasso"] and set(perturbation) == {"local", "global"}
     assert "[default: local; global for vasso" in help_of("--perturbation")
+
+
+@pytest.mark.parametrize(
+    ("factory", "message"),
+    [
+        ("missing.py:data", "error: data set factory file not found:"),
+        ("floats.py:data", "error: training needs class labels (integer targets of shape (N,))"),
+    ],
+)
+def test_a_bad_data_factory_is_one_line_without_the_test_set_warning(tmp_path, factory, message):
+    """The 'it is also the test set' warning came first, before the factory was even
+    imported, so a bad factory gave two lines (session 26)."""
+    (tmp_path / "floats.py").write_text(
+        "import torch\ndef data():\n    return torch.randn(10, 40), torch.randn(10)\n"
+    )
+    args = [*TINY[2:], "--dataset", str(tmp_path / factory), "--out", str(tmp_path / "x")]
+    result = runner.invoke(app, ["train", *args])
+    assert result.exit_code == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(message), line
