@@ -177,7 +177,8 @@ def cifar_folder(name: str, root: str | None) -> Path:
             missing = [f for f in train_files + test_files if f not in present]
             raise SharpscopeError(f"{name} in {candidate} lacks {', '.join(missing)}")
     raise SharpscopeError(
-        f"{name} files not found in {root_path}: expected {folder_name}/ with {expected}"
+        f"{name} files not found in {root_path}: expected {folder_name}/ with {expected} "
+        "(--data-root DIR names the folder that holds it)"
     )
 
 

@@ -339,7 +339,10 @@ def test_check_data_files_finds_what_load_data_would_read(tmp_path):
     write_cifar(tmp_path / "real", "cifar100")
     check_data_files("cifar100", str(tmp_path / "real"))
     check_data_files({"name": "cifar100", "data_root": str(tmp_path / "real")}, "missing")
-    with pytest.raises(SharpscopeError, match="cifar100 files not found in"):
+    with pytest.raises(
+        SharpscopeError,
+        match=r"cifar100 files not found in .*\(--data-root DIR names the folder that holds it\)$",
+    ):
         check_data_files("cifar100", str(tmp_path))
     with pytest.raises(SharpscopeError, match="--data-root"):
         check_data_files({"name": "cifar10", "label_noise": 0.2})
