@@ -166,7 +166,17 @@ def register(app: typer.Typer) -> None:
         )
         _log(f"results: {summary.results}")
         if report:
-            path = write_report(summary.out)
+            try:
+                path = write_report(summary.out)
+            except KeyboardInterrupt as exc:  # every run is on disk; the report alone is not
+                if isinstance(exc, PeerLost):
+                    raise
+                fail(
+                    f"interrupted while writing the report; the runs are finished in "
+                    f"{summary.out}: `sharpscope study report {summary.out}` (or the same "
+                    "command) writes it",
+                    code=interrupt_exit_code(exc),
+                )
             print_correlations(Path(summary.out))
             _log(f"report: {path}")
         if summary.errors:

@@ -316,3 +316,23 @@ def test_worker_processes_warn_in_one_line_naming_the_study_setting(tmp_path):
     warned = [line for line in result.stderr.splitlines() if "256" in line]
     assert warned and all(line == expected for line in warned), result.stderr
     assert "UserWarning" not in result.stderr
+
+
+def test_an_interrupt_while_the_report_is_written_says_how_to_finish_it(tmp_path, monkeypatch):
+    """It said only 'error: interrupted' (session 26): the runs were all finished."""
+    import sharpscope.study.report as report_module
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.replace("seed = [0, 1]", "seed = [0]"))
+    monkeypatch.setattr(report_module, "write_report", interrupted)
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["study", "run", str(config), "--out", str(out)])
+    assert result.exit_code == 130, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: interrupted while writing the report; the runs are finished in {out}: "
+        f"`sharpscope study report {out}` (or the same command) writes it"
+    )
+    assert (out / "results.csv").is_file()
