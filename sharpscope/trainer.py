@@ -785,6 +785,13 @@ def _train(
         val_batches=val_batches,
         steps_per_epoch=steps_per_epoch,
     )
+    splits, per_rank = getattr(optimizer, "splits", 1), config.batch_size // info.world_size
+    if splits > per_rank:  # else refused at the first step, after config.json is written
+        raise SharpscopeError(
+            f"bsam splits {splits} is more than the {per_rank} examples of a batch"
+            + (" per process" if info.world_size > 1 else "")
+            + f"; use splits <= {per_rank} or a larger --batch-size"
+        )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(config.schedule, step, steps_per_epoch, config.epochs),

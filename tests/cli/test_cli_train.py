@@ -190,6 +190,11 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
         (["--optimizer", "bsam", "--momentum", "0.9"], "--momentum does not apply"),
         # was "unknown option(s) ['m'] for vasso": the key, not the flag (session 26)
         (["--optimizer", "vasso", "--m", "16"], "--m does not apply to vasso (only to asam, sam"),
+        # refused at the first step, after config.json was written (session 26)
+        (
+            ["--optimizer", "bsam", "--opt", "splits=100"],
+            "bsam splits 100 is more than the 64 examples of a batch; use splits <= 64",
+        ),
         (["--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
@@ -215,6 +220,7 @@ def test_bad_input_is_one_line_without_traceback(tmp_path, args, message):
     base = [a for a in TINY]
     result = runner.invoke(app, ["train", *base, *args, "--out", str(tmp_path / "x")])
     assert result.exit_code != 0
+    assert not (tmp_path / "x" / "config.json").exists()  # refused before anything is written
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1, result.output
     assert lines[0].startswith("error: ") and message in lines[0]
