@@ -159,19 +159,11 @@ def _stop_workers(grace: float = 10.0) -> None:
 def _submitit(
     study_dir: str, run_ids: list[str], executor: str, options: dict[str, Any], log: Log
 ) -> dict[str, dict]:
-    import submitit
 
     from .runner import run_job
 
-    cluster = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}[executor]
     folder = Path(study_dir) / "submitit"
-    try:
-        runner = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    except Exception as exc:
-        raise SharpscopeError(
-            f"cannot start the submitit '{cluster}' executor ({exc}); on a machine without "
-            "Slurm use --executor local"
-        ) from exc
+    runner, cluster = _auto_executor(folder, executor)
     parameters = {"timeout_min": 60, "name": f"sharpscope-{Path(study_dir).name}"}
     parameters.update(options)
     if cluster != "slurm":
@@ -191,6 +183,31 @@ def _submitit(
             outcomes[run_id] = {"state": "error", "error": f"submitit job failed: {first}"}
         log(f"[{number}/{len(run_ids)}] {run_id}: {_describe(outcomes[run_id])}")
     return outcomes
+
+
+def _auto_executor(folder: Path, executor: str) -> tuple[Any, str]:
+    """submitit's executor for ``executor`` writing to ``folder``, and its cluster name;
+    one line where the cluster is missing (no ``srun`` for slurm)."""
+    import submitit
+
+    cluster = {"slurm": "slurm", "submitit-local": "local", "submitit-debug": "debug"}[executor]
+    try:
+        return submitit.AutoExecutor(folder=folder, cluster=cluster), cluster
+    except Exception as exc:
+        raise SharpscopeError(
+            f"cannot start the submitit '{cluster}' executor ({exc}); on a machine without "
+            "Slurm use --executor local"
+        ) from exc
+
+
+def check_cluster(executor: str) -> None:
+    """Whether ``executor``'s cluster can take jobs here, asked before a study folder is
+    made (a failed start left an empty study behind)."""
+    import tempfile
+
+    if executor != "local":
+        with tempfile.TemporaryDirectory() as folder:
+            _auto_executor(Path(folder), executor)
 
 
 def check_executor(executor: str, workers: int) -> None:

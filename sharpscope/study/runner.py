@@ -943,7 +943,7 @@ def run_study(
         another error in ``errors`` (their message; they are retried next time).
     """
     from .config import load_study_config
-    from .executors import check_executor
+    from .executors import check_cluster, check_executor
 
     started = time.perf_counter()
     if not isinstance(config, StudyConfig):
@@ -953,6 +953,7 @@ def run_study(
     folder = Path(out) if out is not None else default_out(config)
     check_executor(executor, workers)
     check_study_dir(folder, config, runs)  # before the lock creates the folder
+    check_cluster(executor)
     if executor != "slurm":  # a cluster's nodes may see the data elsewhere
         _check_data([r for r in runs if not run_is_complete(folder, r, config)], config)
     folder.mkdir(parents=True, exist_ok=True)

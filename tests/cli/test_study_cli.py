@@ -336,3 +336,21 @@ def test_an_interrupt_while_the_report_is_written_says_how_to_finish_it(tmp_path
         f"`sharpscope study report {out}` (or the same command) writes it"
     )
     assert (out / "results.csv").is_file()
+
+
+def test_a_slurm_study_on_a_machine_without_slurm_leaves_no_folder(tmp_path):
+    """The failed start left study.json, config.toml and runs/ behind (session 26)."""
+    import shutil
+
+    import pytest
+
+    if shutil.which("srun"):
+        pytest.skip("this machine has Slurm")
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY)
+    out = tmp_path / "s"
+    result = runner.invoke(
+        app, ["study", "run", str(config), "--out", str(out), "--executor", "slurm"]
+    )
+    _one_line_error(result, "cannot start the submitit 'slurm' executor", "use --executor local")
+    assert not out.exists()
