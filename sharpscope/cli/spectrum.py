@@ -399,6 +399,11 @@ def register(app: typer.Typer) -> None:
             trust_factories=trust_factories,
         )
         num_params = inputs.meta.num_params
+        if num_params is not None and k > num_params:  # before the pre-flight's work
+            raise SharpscopeError(
+                f"k={k} is larger than the number of parameters ({num_params}); use k <= "
+                f"{num_params}"
+            )
         if num_params is not None and deflate >= num_params:
             raise SharpscopeError(
                 f"--deflate {deflate} must be fewer than the model's {num_params} parameters"

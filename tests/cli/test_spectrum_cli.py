@@ -605,3 +605,17 @@ def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(che
     assert saved["parts"] == ["top"] and saved["density"] is None
     assert saved["meta"]["extra"]["interrupted_in"] == "density"
     assert len(saved["top"]["eigenvalues"]) == 2
+
+
+def test_a_k_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoint):
+    """It was refused after the gradient passes and the HVP-mode timing, below a progress
+    bar of 0/(max_steps) products (session 26)."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--k", "100000"])
+    assert result.exit_code == 2
+    assert "pre-flight" not in result.output and "hvp" not in result.stderr
+    (line,) = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
+    assert re.fullmatch(
+        r"error: k=100000 is larger than the number of parameters \(\d+\); "
+        r"use k <= \d+",
+        line,
+    ), line
