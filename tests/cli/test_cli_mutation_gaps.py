@@ -313,10 +313,13 @@ def test_landscape_seed_draws_other_random_directions(cnn_ckpt, tmp_path):
     assert float(one.loss[1]) == pytest.approx(float(zero.loss[1]), rel=1e-6)  # same centre
 
 
-def test_pca_folder_leaves_out_the_centre_and_orders_the_trajectory_by_epoch(tmp_path):
+def test_pca_folder_keeps_the_centre_once_and_orders_the_trajectory_by_epoch(tmp_path):
     """The checkpoint analysed may sit in the folder of its trajectory (runs keep
-    last.pt beside epoch_NNN.pt): it is not a point of its own trajectory. The trajectory
-    is in epoch order, whatever the file names."""
+    last.pt beside epoch_NNN.pt): it is the trajectory's end, counted once (its row is 0),
+    whether or not an epoch file repeats it (session 26: a distinct last.pt was left out,
+    a repeated one kept). The trajectory is in epoch order, whatever the file names."""
+    import shutil
+
     ordered, shuffled = tmp_path / "ordered", tmp_path / "shuffled"
     ordered.mkdir()
     shuffled.mkdir()
@@ -327,12 +330,18 @@ def test_pca_folder_leaves_out_the_centre_and_orders_the_trajectory_by_epoch(tmp
                 folder / name, CNN, (40,), {"name": "mnist1d"}, seed=10 + epoch, epoch=epoch
             )
     centre = write_checkpoint(ordered / "last.pt", CNN, (40,), {"name": "mnist1d"}, epoch=4)
+    shutil.copy(centre, shuffled / "0.pt")  # first by name, last by epoch
     args = ["--dims", "1", "--grid", "3"]
     first, _ = landscape_run(centre, tmp_path / "p1", *args, "--directions", str(ordered))
     second, _ = landscape_run(centre, tmp_path / "p2", *args, "--directions", str(shuffled))
-    assert first.trajectory.shape == (3, 1)
+    assert first.trajectory.shape == (4, 1)
     torch.testing.assert_close(first.trajectory, second.trajectory)
     assert not torch.allclose(first.trajectory[0], first.trajectory[1])
+    assert float(first.trajectory[-1].abs().max()) == 0.0
+    # an epoch file that repeats last.pt: the same four points
+    shutil.copy(centre, ordered / "epoch_004.pt")
+    third, _ = landscape_run(centre, tmp_path / "p3", *args, "--directions", str(ordered))
+    torch.testing.assert_close(first.trajectory, third.trajectory)
 
 
 def test_landscape_summary_names_the_smallest_loss_and_where(cnn_ckpt, tmp_path):
