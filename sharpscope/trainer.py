@@ -336,7 +336,7 @@ def _set_rng_state(state: Mapping[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"].cpu(), device)
 
 
-def _resume_position(state: Mapping[str, Any], epochs: int, path: Path) -> tuple[int, int]:
+def _resume_position(state: Mapping[str, Any], path: Path) -> tuple[int, int]:
     """The epoch and optimizer step a checkpoint ends at, refused in one line unless they
     are whole numbers >= 0 (a hand-edited epoch -1 trained an extra epoch "0")."""
     values = []
@@ -823,7 +823,7 @@ def _train(
                 f"--resume needs {last_path or 'OUT/last.pt'} from an earlier run; none found{hint}"
             )
         state = load_training_state(last_path, map_location=device)
-        start_epoch, step = _resume_position(state, config.epochs, last_path)
+        start_epoch, step = _resume_position(state, last_path)
         check_resume(config, state["config"], start_epoch, last_path)
         load_weights(model, state["state_dict"], source=f"in {last_path}")
         _restore(last_path, "optimizer_state", optimizer.load_state_dict, state)

@@ -86,8 +86,8 @@ def resolve_directions(
         return load(path).model
     if path.is_dir():
         own = ckpt.resolve()
-        # the analysed checkpoint stays: it is the trajectory's end (its row θ − θ is 0, as
-        # in Li et al.); a last.pt that repeats the last epoch_NNN.pt is counted once
+        # the analysed checkpoint stays: it is the trajectory's end (its row θ − θ is 0),
+        # counted once whether or not an epoch_NNN.pt repeats it
         files = sorted(path.glob("*.pt"))
         if not files:
             raise SharpscopeError(f"--directions folder {path} holds no .pt checkpoints")

@@ -306,8 +306,8 @@ def register(app: typer.Typer) -> None:
             "--skip",
             metavar="<part>",
             help="Skip trace and/or density (repeatable or comma-separated; the top-k "
-            "always runs): '--skip trace,density' gives λ1..λk in "
-            "~1/20 to 1/70 of the default's Hessian-vector products. Skipped parts are null in --json.",
+            "always runs): '--skip trace,density' gives λ1..λk in ~1/20 to 1/70 of the "
+            "default's Hessian-vector products. Skipped parts are null in --json.",
         ),
         no_progress: NoProgressOpt = False,
     ) -> None:

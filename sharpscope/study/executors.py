@@ -159,7 +159,6 @@ def _stop_workers(grace: float = 10.0) -> None:
 def _submitit(
     study_dir: str, run_ids: list[str], executor: str, options: dict[str, Any], log: Log
 ) -> dict[str, dict]:
-
     from .runner import run_job
 
     folder = Path(study_dir) / "submitit"
