@@ -355,8 +355,8 @@ def _restore(path: Path, key: str, load: Any, state: Mapping[str, Any]) -> None:
     does not fit this run (another optimizer's state, a damaged RNG state)."""
     try:
         load(state[key])
-    except SharpscopeError:
-        raise
+    except SharpscopeError as exc:  # the optimizer's own checks: name the file
+        raise SharpscopeError(f"{path} cannot be resumed: {exc}") from exc
     except Exception as exc:  # torch's own errors, of several types
         raise SharpscopeError(
             f"{path} cannot be resumed: its {key} does not fit this run ({type(exc).__name__}: "

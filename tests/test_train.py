@@ -1027,15 +1027,20 @@ def _base_state(state):
             lambda s: _base_state(s)["param_groups"][0].update(lr="0.1"),
             r"its optimizer_state holds lr '0.1', not a number$",
         ),
+        (
+            lambda s: s["optimizer_state"]["variant"]["d"].update({0: torch.zeros(3)}),
+            r"optimizer state 'd' of parameter 0 has shape \(3,\), the parameter \(32, 40\)",
+        ),
         (lambda s: s.update(epoch=-1), r"its epoch is -1, not a whole number >= 0$"),
         (lambda s: s.update(step=1.5), r"its step is 1.5, not a whole number >= 0$"),
     ],
-    ids=["rng", "scheduler", "state shape", "lr", "epoch", "step"],
+    ids=["rng", "scheduler", "state shape", "lr", "vasso d", "epoch", "step"],
 )
 def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(tmp_path, tamper, message):
     """Hand-edited or foreign last.pt files that load: tracebacks at resume or at the
     first step, or (epoch -1) an extra epoch "0" trained (session 26)."""
-    train(_config(tmp_path, epochs=1))
+    optimizer = {"name": "vasso", "lr": 0.05}  # SGD's momentum in its base, d of its own
+    train(_config(tmp_path, epochs=1, optimizer=optimizer))
     last = tmp_path / "last.pt"
     state = torch.load(last, weights_only=True)
     tamper(state)
@@ -1043,4 +1048,4 @@ def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(tmp_path, ta
     with pytest.raises(
         SharpscopeError, match=rf"^{re.escape(str(last))} cannot be resumed: {message}"
     ):
-        train(_config(tmp_path, epochs=1), resume=True)
+        train(_config(tmp_path, epochs=1, optimizer=optimizer), resume=True)

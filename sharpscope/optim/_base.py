@@ -794,7 +794,8 @@ class SharpnessAware(torch.optim.Optimizer):
         }
 
     def _check_per_param_state(self, key: str, values: Any) -> None:
-        count = len(self._all_params())
+        params = self._all_params()
+        count = len(params)
         if not isinstance(values, dict):
             raise SharpscopeError(
                 f"optimizer state {key!r} must map parameter indices to tensors, got "
@@ -814,6 +815,11 @@ class SharpnessAware(torch.optim.Optimizer):
                 raise SharpscopeError(
                     f"optimizer state refers to parameter {i!r} but there are {count}; "
                     "load it into the same model"
+                )
+            if value.shape != params[index].shape:  # else a traceback at the next step
+                raise SharpscopeError(
+                    f"optimizer state {key!r} of parameter {i} has shape {tuple(value.shape)}, "
+                    f"the parameter {tuple(params[index].shape)}; load it into the same model"
                 )
 
     def _load_per_param_state(self, key: str, values: dict[int, Tensor]) -> None:
