@@ -179,13 +179,14 @@ def _caller_level() -> int:
 
 
 @contextlib.contextmanager
-def analysis_mode(model: nn.Module) -> Iterator[str]:
+def analysis_mode(model: nn.Module, probe: Tensor | None = None) -> Iterator[str]:
     """Put every module in eval mode, and restore each module's own mode afterwards.
 
     Yields the mode the analysis records: "eval", or "batch" (with a warning) when a
     BatchNorm keeps no running statistics and so normalizes with each batch's even in
     eval mode (the result then depends on the batches or subsets; analysis.md §0).
-    Buffers are never updated in eval mode.
+    Buffers are never updated in eval mode. With ``probe`` (some of the inputs) a model
+    that is random even in eval mode is refused (:func:`check_not_random`).
     """
     name = batchnorm_without_running_stats(model)
     if name is not None:
@@ -197,7 +198,35 @@ def analysis_mode(model: nn.Module) -> Iterator[str]:
             stacklevel=3,
         )
     with eval_mode(model):
+        if probe is not None:
+            check_not_random(model, probe)
         yield "eval" if name is None else "batch"
+
+
+def check_not_random(model: nn.Module, inputs: Tensor, examples: int = 32) -> None:
+    """Two forward passes over the first ``examples`` inputs must agree (rtol 1e-5): a
+    model random even in eval mode (``F.dropout(x, training=True)``, a noise layer) gave
+    another value at every call of the landscape, m-sharpness and the measures, without a
+    word, as the Hessian's pre-flight check already refuses. The global random state is
+    left as it was; a model that does not run is left to the analysis' own call to report."""
+    probe = inputs[:examples]
+    devices = [probe.device] if probe.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        try:
+            first, second = model(probe), model(probe)
+        except Exception:  # reported, in one line, where the analysis runs the model
+            return
+    if (
+        isinstance(first, Tensor)
+        and isinstance(second, Tensor)
+        and first.shape == second.shape
+        and not torch.allclose(first, second, rtol=1e-5, atol=1e-6, equal_nan=True)
+    ):
+        raise SharpscopeError(
+            "two forward passes over the same examples gave different outputs: the model "
+            "is random even in eval mode (F.dropout(..., training=True), a noise layer, "
+            "...); the analyses need a fixed function"
+        )
 
 
 def with_data(meta: RunMeta | None, data: Any) -> RunMeta | None:

@@ -478,7 +478,7 @@ def landscape(
     rank, world = group_rank_and_size(distributed)
     path = Path(out) if out is not None else None
 
-    with analysis_mode(model) as mode:
+    with analysis_mode(model, batches[0][0]) as mode:
         resumable = _peek(path)
         if isinstance(directions, str) and directions == "eigen" and resumable is not None:
             # resuming: reuse the stored eigenvectors instead of solving again

@@ -171,7 +171,7 @@ def average_sharpness(
         return draws.to(device, dtype)
 
     looped = contextlib.nullcontext() if vectorize else sub.looped()
-    with analysis_mode(model) as mode, torch.no_grad(), looped as at:
+    with analysis_mode(model, xs[0]) as mode, torch.no_grad(), looped as at:
 
         def losses(sl: slice) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             """Clean and perturbed loss and errors of the subsets in ``sl`` (CPU, float64)."""
@@ -369,7 +369,7 @@ def epsilon_sharpness(
         return -value, -g_y.cpu().numpy()
 
     check_autograd("epsilon-sharpness's gradients")
-    with analysis_mode(model) as mode, torch.enable_grad():  # inside torch.no_grad() too
+    with analysis_mode(model, batches[0][0]) as mode, torch.enable_grad():  # in no_grad too
         with model_errors(False):  # one line for a model or loss that does not fit
             clean_loss, clean_grad = loss_and_grad(np.zeros(len(bound)))
         clean_loss = -clean_loss
@@ -558,7 +558,7 @@ def pac_bayes_flatness(
             return torch.cat([part for _, part in fitting.run(chunk, 0, len(flat))])
 
     search: list[tuple[float, float]] = []
-    with analysis_mode(model) as mode:
+    with analysis_mode(model, batches[0][0]) as mode:
         accuracy = float(accuracies(theta.unsqueeze(0))[0])
         lo, hi = 0.0, float(sigma_max)
         sigma, drop, converged = hi, float("nan"), False

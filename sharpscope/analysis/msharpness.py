@@ -53,7 +53,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 from ..curvature.fold import fold_batchnorm
-from ..data.batches import as_tensors, read_fixed, same_tensors
+from ..data.batches import as_tensors, class_indices, read_fixed, same_tensors
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import check, check_autograd, check_integers, check_numbers, check_seed
@@ -577,6 +577,7 @@ def split_subsets(
         same_tensors,
         why=f" and {measure} cuts its subsets in the data's order",
     )
+    targets = class_indices(targets)
     n_total = len(targets)
     m = n_total if m is None else m
     check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
@@ -801,7 +802,7 @@ def m_sharpness(
     grad_passes = value_passes = 0.0
     chunks = list(chunk_slices(num_subsets, chunk_size))[rank::world]  # round robin
     looped = contextlib.nullcontext() if vectorize else sub.looped()
-    with analysis_mode(model) as mode, looped as at:
+    with analysis_mode(model, xs[0]) as mode, looped as at:
 
         def maximize(sl: slice) -> _Ascent:
             """The maximizations of the subsets in ``sl``, vectorized (or one subset)."""

@@ -288,9 +288,19 @@ def read_fixed(
     return first
 
 
+_NARROW_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32)
+
+
+def class_indices(targets: Tensor) -> Tensor:
+    """Integer targets as ``int64``, the type ``cross_entropy`` and ``gather`` index with
+    (uint8 labels ran in some analyses and failed inside others); others as they are."""
+    return targets.long() if targets.dtype in _NARROW_INTEGERS else targets
+
+
 def fixed_batches(data: Any, batch_size: int | None, device: Any, why: str = "") -> list[Batch]:
     """:func:`as_batches`, refused by :func:`read_fixed` when a second read differs; both
     reads stay on the CPU (two copies of the data never sit on a GPU at once), and the
-    batches then move to ``device`` (None: stay where they are)."""
+    batches then move to ``device`` (None: stay where they are), integer targets as
+    :func:`class_indices`."""
     batches = read_fixed(data, lambda d: as_batches(d, batch_size), same_batches, why)
-    return [(x.to(device), y.to(device)) for x, y in batches]
+    return [(x.to(device), class_indices(y).to(device)) for x, y in batches]

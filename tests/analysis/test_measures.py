@@ -585,3 +585,56 @@ def test_keskar_uses_exactly_the_given_lbfgsb_iterations():
         )
         r = epsilon_sharpness(model, (x, y), eps, iterations=iterations, loss=half_mse)
         assert r.num_function_evals == ref.nfev + 1, iterations  # + the clean evaluation
+
+
+def test_uint8_class_labels_give_the_int64_labels_results():
+    """m-sharpness, average-case sharpness and PAC-Bayes flatness failed inside gather()
+    on uint8 labels, which the spectrum and the landscape took (session 26)."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    x, y = torch.randn(64, 5), torch.randint(0, 3, (64,))
+    calls = [
+        (ss.m_sharpness, {"m": 16, "rho": 0.05}),
+        (ss.average_sharpness, {"m": 16, "rho": 0.05}),
+        (ss.pac_bayes_flatness, {}),
+    ]
+    for function, options in calls:
+        wide, narrow = (function(model, (x, t), **options).to_dict() for t in (y, y.byte()))
+        for part in (wide, narrow):
+            part.pop("meta"), part.pop("seconds", None)
+        assert wide == narrow, function.__name__
+
+
+class _RandomInEval(torch.nn.Module):
+    """Dropout forced on: random even in eval mode."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.linear(torch.nn.functional.dropout(x, 0.5, training=True))
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("m_sharpness", {"m": 16, "rho": 0.05}),
+        ("m_sharpness", {"m": 16, "rho": 0.05, "vectorize": False}),
+        ("average_sharpness", {"m": 16, "rho": 0.05}),
+        ("pac_bayes_flatness", {}),
+        ("epsilon_sharpness", {}),
+        ("landscape", {"dims": 1, "grid": 3}),
+    ],
+)
+def test_a_model_random_in_eval_mode_is_refused(name, options):
+    """The spectrum refused it; these gave another value at every call, without a word,
+    or a vmap error that did not name the cause (session 26)."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model, x, y = _RandomInEval(), torch.randn(64, 5), torch.randint(0, 3, (64,))
+    with pytest.raises(SharpscopeError, match="^two forward passes over the same examples"):
+        getattr(ss, name)(model, (x, y), **options)
