@@ -297,7 +297,9 @@ def model_errors(vectorized: bool) -> Iterator[None]:
     except _MODEL_ERRORS as exc:
         if is_out_of_memory(exc):
             raise
-        if vectorized and "atching rule" in str(exc):
+        # no batching rule (nn.LSTM, ...), or a forward writing to a buffer in place
+        unsupported = ("atching rule", "attempted to call in-place operation")
+        if vectorized and any(words in str(exc) for words in unsupported):
             raise VmapUnsupportedError(
                 f"torch.func.vmap cannot run this model ({first_line(exc)}); pass vectorize=False"
             ) from exc

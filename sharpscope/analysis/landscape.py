@@ -56,7 +56,7 @@ from ..data.batches import fixed_batches
 from ..device_memory import FittingRows, available_memory_bytes, free_memory_note
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check, check_integers, check_numbers, check_seed
-from ..modes import eval_mode
+from ..modes import eval_mode, keeps_model_buffers
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -331,6 +331,7 @@ def _load_partial(
 
 @vmap_or_loop
 @ieee_float32()
+@keeps_model_buffers
 def landscape(
     model: nn.Module,
     data: Any,

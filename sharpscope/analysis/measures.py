@@ -34,6 +34,7 @@ from torch.func import functional_call, vmap
 from ..data.batches import fixed_batches
 from ..device_memory import FittingRows
 from ..errors import SharpscopeError, check, check_autograd
+from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -92,6 +93,7 @@ class AverageSharpness(Result):
 
 @vmap_or_loop
 @ieee_float32()
+@keeps_model_buffers
 def average_sharpness(
     model: nn.Module,
     data: Any,
@@ -280,6 +282,7 @@ def keskar_subspace(num_params: int, dim: int, seed: int) -> Tensor:
 
 
 @ieee_float32()
+@keeps_model_buffers
 def epsilon_sharpness(
     model: nn.Module,
     data: Any,
@@ -462,6 +465,7 @@ class PacBayesFlatness(Result):
 
 @vmap_or_loop
 @ieee_float32()
+@keeps_model_buffers
 def pac_bayes_flatness(
     model: nn.Module,
     data: Any,

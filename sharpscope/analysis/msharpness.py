@@ -57,6 +57,7 @@ from ..data.batches import as_tensors, class_indices, read_fixed, same_tensors
 from ..device_memory import FittingRows
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import check, check_autograd, check_integers, check_numbers, check_seed
+from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import (
@@ -667,6 +668,7 @@ def default_subset_chunk(
 
 @vmap_or_loop
 @ieee_float32()
+@keeps_model_buffers
 def m_sharpness(
     model: nn.Module,
     data: Any,

@@ -39,6 +39,7 @@ from ..curvature.slq import (
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
 from ..errors import SharpscopeError, check_integers, check_numbers, check_seed
+from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
 from ._functional import analysis_meta
@@ -654,6 +655,7 @@ def _top_result(
 
 # -------------------------------------------------------------------------- analyses
 @ieee_float32()
+@keeps_model_buffers
 def top_eigenvalues(
     model: nn.Module | HessianOperator,
     data: Any = None,
@@ -818,6 +820,7 @@ def _trace_result(
 
 
 @ieee_float32()
+@keeps_model_buffers
 def hessian_trace(
     model: nn.Module | HessianOperator,
     data: Any = None,
@@ -925,6 +928,7 @@ def _density_from_op(
 
 
 @ieee_float32()
+@keeps_model_buffers
 def spectral_density(
     model: nn.Module | HessianOperator,
     data: Any = None,
@@ -987,6 +991,7 @@ def spectral_density(
 
 
 @ieee_float32()
+@keeps_model_buffers
 def spectrum(
     model: nn.Module | HessianOperator,
     data: Any = None,

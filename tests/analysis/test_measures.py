@@ -638,3 +638,52 @@ def test_a_model_random_in_eval_mode_is_refused(name, options):
     model, x, y = _RandomInEval(), torch.randn(64, 5), torch.randint(0, 3, (64,))
     with pytest.raises(SharpscopeError, match="^two forward passes over the same examples"):
         getattr(ss, name)(model, (x, y), **options)
+
+
+class _CountingCalls(torch.nn.Module):
+    """A forward that writes to its own buffer even in eval mode: in place, or by
+    assigning a new tensor."""
+
+    def __init__(self, in_place: bool) -> None:
+        super().__init__()
+        self.linear, self.in_place = torch.nn.Linear(4, 3), in_place
+        self.register_buffer("calls", torch.zeros(()))
+
+    def forward(self, x):
+        if self.in_place:
+            self.calls += 1
+        else:
+            self.calls = self.calls + 1
+        return self.linear(x)
+
+
+@pytest.mark.parametrize("in_place", [True, False], ids=["in place", "new tensor"])
+def test_the_analyses_leave_buffers_the_models_forward_writes_as_they_were(in_place):
+    """README: the analyses never touch a model's buffers. A call counter came back
+    advanced (spectrum +5, landscape +5, ...), and m-sharpness's default failed inside
+    torch.func instead of falling back to its loop (session 26)."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model, x, y = _CountingCalls(in_place), torch.randn(32, 4), torch.randint(0, 3, (32,))
+    buffer = model.calls
+    calls = [
+        (ss.top_eigenvalues, {"k": 1}),
+        (ss.spectrum, {"k": 1, "skip": ("trace", "density")}),
+        (ss.hessian_trace, {"num_probes": 6}),
+        (ss.landscape, {"dims": 1, "grid": 3}),
+        (ss.average_sharpness, {"m": 8, "rho": 0.05}),
+        (ss.epsilon_sharpness, {}),
+        (ss.pac_bayes_flatness, {}),
+        (ss.m_sharpness, {"m": 8, "rho": 0.05, "vectorize": False}),
+    ]
+    for function, options in calls:
+        function(model, (x, y), **options)
+        assert model.calls is buffer and float(buffer) == 0.0, function.__name__
+    loop = ss.m_sharpness(model, (x, y), m=8, rho=0.05, vectorize=False).sharpness
+    if in_place:  # torch.func refuses the in-place write: the loop, with a warning
+        with pytest.warns(RuntimeWarning, match="vmap cannot run this model.*the loop instead"):
+            default = ss.m_sharpness(model, (x, y), m=8, rho=0.05).sharpness
+    else:
+        default = ss.m_sharpness(model, (x, y), m=8, rho=0.05).sharpness
+    assert default == pytest.approx(loop, rel=1e-6) and float(buffer) == 0.0
