@@ -37,7 +37,7 @@ from ..curvature.slq import (
     smooth_density,
 )
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
-from ..curvature.trace import TraceEstimate, hutchinson, hutchpp
+from ..curvature.trace import TraceEstimate, check_trace_budget, hutchinson, hutchpp
 from ..errors import SharpscopeError, check_integers, check_numbers, check_seed
 from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
@@ -1068,6 +1068,8 @@ def spectrum(
     skipped = check_skip(skip, deflate=deflate)
     if block_size is not None:  # before the operator's pre-flight passes
         check_block_options(block_size, backend, restart_size, return_eigenvectors)
+    if "trace" not in skipped and backend != "pyhessian" and trace_probes is not None:
+        check_trace_budget(trace_method, trace_probes)  # not after the top-k's products
     start = time.perf_counter()
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options

@@ -491,3 +491,32 @@ def test_block_size_finds_the_multiplicity_single_vector_lanczos_misses():
         top_eigenvalues(model, (x, y), 5, "mse", block_size=10, return_eigenvectors=True)
     with pytest.raises(SharpscopeError, match="block_size must be an integer >= 1"):
         top_eigenvalues(model, (x, y), 5, "mse", block_size=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "probes", "message"),
+    [
+        ("hutchpp", 20, r"^Hutch\+\+ needs a multiple of 3 probes \(>= 6\), got 20$"),
+        ("hutchinson", 1, r"^Hutchinson needs at least 2 probes, got 1$"),
+    ],
+)
+def test_a_bad_trace_budget_is_refused_before_the_top_k_runs(method, probes, message):
+    """ss.spectrum refused it only after the top-k's products (the command line checked it
+    first already; session 26)."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
+    x, y = torch.randn(32, 4), torch.randint(0, 3, (32,))
+    seen = []
+    with pytest.raises(SharpscopeError, match=message):
+        ss.spectrum(
+            model,
+            (x, y),
+            k=2,
+            trace_method=method,
+            trace_probes=probes,
+            skip=("density",),
+            progress=seen.append,
+        )
+    assert seen == []  # no product was spent
