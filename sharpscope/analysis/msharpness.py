@@ -580,6 +580,7 @@ def split_subsets(
     )
     targets = class_indices(targets)
     n_total = len(targets)
+    check(n_total > 0, f"the data is empty: {measure} needs at least one example")
     m = n_total if m is None else m
     check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
     check(

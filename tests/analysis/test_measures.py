@@ -687,3 +687,15 @@ def test_the_analyses_leave_buffers_the_models_forward_writes_as_they_were(in_pl
     else:
         default = ss.m_sharpness(model, (x, y), m=8, rho=0.05).sharpness
     assert default == pytest.approx(loop, rel=1e-6) and float(buffer) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("name", "words"), [("m_sharpness", "m-sharpness"), ("average_sharpness", "average sharpness")]
+)
+def test_empty_data_is_named_as_such(name, words):
+    """It said 'm = 1 is larger than the 0 examples of the data; choose m <= 0' (session 26)."""
+    import sharpscope as ss
+
+    empty = (torch.zeros(0, 4), torch.zeros(0, dtype=torch.long))
+    with pytest.raises(SharpscopeError, match=f"^the data is empty: {words} needs at least one"):
+        getattr(ss, name)(torch.nn.Linear(4, 3), empty, m=1, rho=0.05)
