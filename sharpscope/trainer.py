@@ -27,7 +27,6 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from numbers import Real
 from pathlib import Path
 from typing import Any
 
@@ -363,35 +362,6 @@ def _restore(path: Path, key: str, load: Any, state: Mapping[str, Any]) -> None:
             f"{first_line(exc)}); resume from an epoch_NNN.pt copied to last.pt, or train "
             "into a new --out"
         ) from exc
-
-
-def _check_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Per-parameter state tensors of the parameter's shape, numeric hyperparameters:
-    what a wrong one would break only at the first step, as a traceback."""
-    for group in optimizer.param_groups:
-        for key in ("lr", "weight_decay"):
-            value = group.get(key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, Real)):
-                raise SharpscopeError(
-                    f"{path} cannot be resumed: its optimizer_state holds {key} {value!r}, "
-                    "not a number"
-                )
-        for param in group["params"]:
-            for name, value in _param_state(optimizer, param):
-                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
-                    raise SharpscopeError(
-                        f"{path} cannot be resumed: its optimizer_state holds {name} of shape "
-                        f"{tuple(value.shape)} for a parameter of shape {tuple(param.shape)}"
-                    )
-
-
-def _param_state(optimizer: torch.optim.Optimizer, param: Tensor) -> list[tuple[str, Any]]:
-    """A parameter's state entries in an optimizer and, for a SAM variant, in its base."""
-    entries = list(optimizer.state.get(param, {}).items())
-    base = getattr(optimizer, "base", None)
-    if isinstance(base, torch.optim.Optimizer) and base is not optimizer:
-        entries += list(base.state.get(param, {}).items())
-    return entries
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -827,7 +797,6 @@ def _train(
         check_resume(config, state["config"], start_epoch, last_path)
         load_weights(model, state["state_dict"], source=f"in {last_path}")
         _restore(last_path, "optimizer_state", optimizer.load_state_dict, state)
-        _check_optimizer_state(optimizer, last_path)
         _restore(last_path, "scheduler_state", scheduler.load_state_dict, state)
         if scaler is not None and state.get("scaler_state"):
             _restore(last_path, "scaler_state", scaler.load_state_dict, state)

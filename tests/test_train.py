@@ -1021,11 +1021,12 @@ def _base_state(state):
             lambda s: next(iter(_base_state(s)["state"].values())).update(
                 momentum_buffer=torch.zeros(3)
             ),
-            r"its optimizer_state holds momentum_buffer of shape \(3,\) for a parameter of shape",
+            r"cannot load this VaSSO state: its momentum_buffer has shape \(3,\), its parameter "
+            r"\(32, 40\); load it into an optimizer built from the same spec and model$",
         ),
         (
             lambda s: _base_state(s)["param_groups"][0].update(lr="0.1"),
-            r"its optimizer_state holds lr '0.1', not a number$",
+            r"cannot load this VaSSO state: lr must be a number, got '0.1' \(str\); load it",
         ),
         (
             lambda s: s["optimizer_state"]["variant"]["d"].update({0: torch.zeros(3)}),

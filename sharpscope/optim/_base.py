@@ -346,6 +346,20 @@ def check_rates(options: dict[str, Any]) -> None:
             _check_rho(value, name)
 
 
+def _check_loaded_base(base: torch.optim.Optimizer) -> None:
+    """A loaded base state's learning rates and weight decays are numbers >= 0
+    (:func:`check_rates`), and its per-parameter tensors have their parameter's shape."""
+    for group in base.param_groups:
+        check_rates(group)
+        for param in group["params"]:
+            for name, value in base.state.get(param, {}).items():
+                if isinstance(value, Tensor) and value.dim() > 0 and value.shape != param.shape:
+                    raise SharpscopeError(
+                        f"its {name} has shape {tuple(value.shape)}, its parameter "
+                        f"{tuple(param.shape)}"
+                    )
+
+
 def check_momentum(value: Any) -> None:
     """SGD's ``momentum`` in [0, 1), else one line: torch refuses only negative values,
     and with 1 or more the steps grow without bound.
@@ -906,6 +920,15 @@ class SharpnessAware(torch.optim.Optimizer):
         if lacking:
             base.state, base.param_groups = previous
             self._refuse_base_state(lacking, None)
+        # values a hand-edited or foreign state holds that would fail only at the next step
+        try:
+            _check_loaded_base(base)
+        except SharpscopeError as exc:
+            base.state, base.param_groups = previous
+            raise SharpscopeError(
+                f"cannot load this {type(self).__name__} state: {exc}; load it into an "
+                "optimizer built from the same spec and model"
+            ) from exc
 
     def _refuse_base_state(self, keys: list[str], cause: BaseException | None) -> None:
         raise SharpscopeError(

@@ -733,3 +733,36 @@ def test_a_state_of_another_base_is_one_line_and_leaves_the_optimizer_as_it_was(
     assert opt.param_groups is groups and opt.base.param_groups is groups
     assert _same(through_file(opt.state_dict()), before)
     _stepped(opt, model)  # still usable
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda s: s["state"][0].update(momentum_buffer=torch.zeros(3)),
+            r"its momentum_buffer has shape \(3,\), its parameter \(2, 2\)",
+        ),
+        (
+            lambda s: s["param_groups"][0].update(lr="0.1"),
+            r"lr must be a number, got '0.1' \(str\)",
+        ),
+    ],
+    ids=["state shape", "string lr"],
+)
+def test_a_base_state_that_would_fail_at_the_next_step_is_refused_and_undone(edit, message):
+    """A hand-edited state loaded and failed at the next step, as a traceback; it is now
+    refused in load_state_dict, with the optimizer left as it was (session 26)."""
+    import copy
+
+    model = nn.Linear(2, 2)
+    opt = _stepped(_sgd(model), model)
+    saved = copy.deepcopy(opt.state_dict())
+    edit(saved["base"])
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(SharpscopeError, match=rf"^cannot load this SAM state: {message}; load it"):
+        opt.load_state_dict(saved)
+    after = opt.state_dict()
+    assert after["base"]["param_groups"] == before["base"]["param_groups"]
+    assert torch.equal(
+        after["base"]["state"][0]["momentum_buffer"], before["base"]["state"][0]["momentum_buffer"]
+    )
