@@ -758,7 +758,14 @@ def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> li
         run_dir = _run_dir(folder, run.run_id)
         status = _status(run_dir)
         state = status.get("state", "pending")
-        if state == "done" and _pending_measures(run, run_dir, config):
+        # each result file read once: it fills the cells and tells what is still to redo
+        records = {
+            (epoch, measure): current_record(_analysis_path(run_dir, epoch, measure), config)
+            for epoch in run.analysis_epochs
+            for measure in measures
+            if state != "failed"
+        }
+        if state == "done" and None in records.values():  # as _pending_measures would say
             state = "analysing"
         base = {"run_id": run.run_id, "status": state, **run.params}
         if state in ("failed", "error"):
@@ -777,10 +784,8 @@ def collect_rows(study_dir: str | Path, runs: list[RunSpec] | None = None) -> li
                 if key in metrics:
                     row[key] = metrics[key]
             _gaps(row)
-            analysis_dir = run_dir / "analysis" / f"epoch_{epoch:03d}"
             for measure in measures:
-                record = current_record(analysis_dir / f"{measure}.json", config) or {}
-                row.update(record.get("columns", {}))
+                row.update((records[epoch, measure] or {}).get("columns", {}))
             rows.append(row)
     return rows
 
