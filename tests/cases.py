@@ -74,6 +74,14 @@ def linear_regression(n: int, d: int, seed: int = 0, *, noise: bool = True):
     return model, x, y
 
 
+def three_class_blobs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` examples of 8 features around three seeded centres (spread 2) and their labels
+    0..2 (generator seed 1; torch's global seed is left alone)."""
+    gen = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 3, (n,), generator=gen)
+    return torch.randn(3, 8, generator=gen)[y] * 2 + torch.randn(n, 8, generator=gen), y
+
+
 def fit_full_batch(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float):
     """A few seeded full-batch SGD steps, so a spectrum has trained-like outliers."""
     opt = torch.optim.SGD(model.parameters(), lr=lr)

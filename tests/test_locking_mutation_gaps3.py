@@ -19,15 +19,21 @@ def _hold(path, seconds: float, ready: threading.Event) -> None:
         time.sleep(seconds)
 
 
+def _held_by_another_thread(path, seconds: float) -> threading.Thread:
+    """A thread that holds ``path``'s lock for ``seconds``, started and holding it."""
+    ready = threading.Event()
+    holder = threading.Thread(target=_hold, args=(path, seconds, ready))
+    holder.start()
+    ready.wait(5)
+    return holder
+
+
 # L4 locking.py brief_lock: `if exc.errno not in HELD or time.monotonic() >= deadline`
 #    -> `if True` (never waits: gives up at the first refusal)
 # L5 locking.py brief_lock: default `wait: float = 2.0` -> `0.0`
 def test_brief_lock_waits_for_a_holder_that_lets_go_within_two_seconds(tmp_path):
     lock = tmp_path / "cache.lock"
-    ready = threading.Event()
-    holder = threading.Thread(target=_hold, args=(lock, 0.3, ready))
-    holder.start()
-    ready.wait(5)
+    holder = _held_by_another_thread(lock, 0.3)
     with brief_lock(lock) as held:  # the default wait: 2 s, the holder lets go after 0.3 s
         assert held is True  # (no timing bounds: a loaded machine delays either thread)
     holder.join()
@@ -35,10 +41,7 @@ def test_brief_lock_waits_for_a_holder_that_lets_go_within_two_seconds(tmp_path)
 
 def test_brief_lock_gives_up_after_its_wait_and_runs_unlocked(tmp_path):
     lock = tmp_path / "cache.lock"
-    ready = threading.Event()
-    holder = threading.Thread(target=_hold, args=(lock, 1.5, ready))
-    holder.start()
-    ready.wait(5)
+    holder = _held_by_another_thread(lock, 1.5)
     started = time.monotonic()
     with brief_lock(lock, wait=0.4) as held:
         waited = time.monotonic() - started

@@ -27,7 +27,13 @@ from sharpscope.errors import SharpscopeError
 from sharpscope.registry import build_model
 from sharpscope.results import RunMeta
 
-from cases import SPECTRUM_JSON_KEYS, AttentionClassifier, finite_difference_hessian, fit_full_batch
+from cases import (
+    SPECTRUM_JSON_KEYS,
+    AttentionClassifier,
+    finite_difference_hessian,
+    fit_full_batch,
+    three_class_blobs,
+)
 
 
 class Case:
@@ -40,9 +46,7 @@ class Case:
 @pytest.fixture(scope="module")
 def mlp():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    y = torch.randint(0, 3, (50,), generator=gen)
-    x = torch.randn(3, 8, generator=gen)[y] * 2 + torch.randn(50, 8, generator=gen)
+    x, y = three_class_blobs(50)
     model = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 3))
     return Case(fit_full_batch(model, x, y, 30, 0.1), x, y)
 

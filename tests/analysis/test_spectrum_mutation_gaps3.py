@@ -15,6 +15,8 @@ from torch import nn
 from sharpscope.analysis import TopEigs, hessian_trace, spectral_density, spectrum, top_eigenvalues
 from sharpscope.curvature import dense_hessian
 
+from cases import three_class_blobs
+
 F64 = torch.float64
 
 
@@ -30,9 +32,7 @@ def diagonal_regression(d: int = 20):
 @pytest.fixture(scope="module")
 def mlp():
     torch.manual_seed(0)
-    gen = torch.Generator().manual_seed(1)
-    y = torch.randint(0, 3, (40,), generator=gen)
-    x = torch.randn(3, 8, generator=gen)[y] * 2 + torch.randn(40, 8, generator=gen)
+    x, y = three_class_blobs(40)
     model = nn.Sequential(nn.Linear(8, 10), nn.Tanh(), nn.Linear(10, 3)).double()
     x = x.double()
     return model, (x, y)
