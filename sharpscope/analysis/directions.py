@@ -46,7 +46,8 @@ def normalize_direction(
         norm: "filter" (each slice along the first axis gets its weight slice's norm),
             "layer" (each tensor gets its tensor's norm), "element" (d ⊙ |θ|), "none".
         bias: tensors with ≤ 1 dimension: "ignore" (zero), "keep" (copy θ), "normalize"
-            (normalized like one filter).
+            (each tensor treated as one filter: under "filter"/"layer", d·‖θ‖/(‖d‖ + 1e-10)
+            over the whole tensor).
 
     Returns:
         The normalized ``(P,)`` direction.

@@ -12,7 +12,8 @@ Directions (built by :mod:`sharpscope.analysis.directions`):
   Other norms: per layer (tensor), per element (d ⊙ |θ|), none. Tensors with ≤ 1
   dimension (biases, BatchNorm scale and shift): "ignore" sets them to zero (the
   published setting), "keep" copies θ (the reference code's non-ignore behaviour),
-  "normalize" normalizes them like a single filter.
+  "normalize" treats each such tensor as one filter under the chosen norm (for
+  "filter" and "layer": d ← d·‖θ‖/(‖d‖ + 1e-10) over the whole tensor).
 * ``"eigen"``: the top Hessian eigenvectors from :func:`~sharpscope.analysis.spectrum.
   top_eigenvalues` (unit norm; the axes are then in parameter-norm units).
 * another model or ``state_dict``: linear interpolation (α-axis [−span/2, 1 + span/2],
@@ -384,7 +385,8 @@ def landscape(
         norm: "filter" (Li et al.), "layer", "element" or "none" (random directions, and
             the second direction of a 2-D interpolation).
         bias: tensors with ≤ 1 dimension: "ignore" (zero direction; for PCA: left out),
-            "keep" (direction = θ), "normalize".
+            "keep" (direction = θ), "normalize" (each such tensor treated as one
+            filter: under "filter"/"layer" it gets its whole weights' norm).
         states: move BatchNorm running statistics along the slice (interpolation only;
             default: on when the model has float buffers).
         x, y: explicit axis values (override ``grid``/``span``; used as given).
