@@ -9,6 +9,7 @@ those ratios and the accuracies. Everything else runs for real on small cases.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import subprocess
 import sys
@@ -87,15 +88,36 @@ def test_bench_optimizers_times_each_variants_own_step_and_reports_ratios(monkey
     assert bsam.accuracy < 1e-6
 
 
-def test_rho_zero_check_sees_a_variant_that_differs_from_sgd():
-    """The accuracy column can fail: a SAM whose base differs from SGD's lr moves apart."""
+@pytest.mark.parametrize("name", ["sam", "asam", "vasso", "samon", "lets"])
+def test_two_pass_check_sees_a_step_that_is_not_the_spec(name, monkeypatch):
+    """Session 27: the check ran at rho = 0, where the second pass is skipped, so a wrong
+    ascent went unseen. Now each variant's timed step is compared with the spec's step
+    written out; an ascent 10 times too long and of the wrong sign shows."""
     from sharpscope.bench import optimizers
 
     model, x, y, val, num_data = optimizers._case()
-    spec = optimizers._specs()["sam"]
-    assert optimizers._rho_zero_check("sam", spec, model, x, y, val, num_data) == 0.0
-    other = dict(spec, base=dict(optimizers._BASE, lr=0.1))
-    assert optimizers._rho_zero_check("sam", other, model, x, y, val, num_data) > 1e-4
+    spec = optimizers._specs()[name]
+    check = optimizers._two_pass_spec_check
+    assert check(name, spec, model, x, y, val, num_data) < 1e-6
+    opt = optimizers.build_optimizer(
+        dict(spec), copy.deepcopy(model), num_data=num_data, val_batches=val
+    )
+    variant = type(opt.inner if name == "lets" else opt)
+    original = variant.perturbation
+
+    def wrong(self, params, grads):
+        return [None if e is None else -10 * e for e in original(self, params, grads)]
+
+    monkeypatch.setattr(variant, "perturbation", wrong)
+    assert check(name, spec, model, x, y, val, num_data) > 1e-4
+
+
+def test_two_pass_check_sees_statistics_moved_in_the_second_pass():
+    from sharpscope.bench import optimizers
+
+    model, x, y, val, num_data = optimizers._case()
+    spec = dict(optimizers._specs()["sam"], bn_policy="both")
+    assert optimizers._two_pass_spec_check("sam", spec, model, x, y, val, num_data) > 1e-6
 
 
 def test_the_closure_counter_counts_chunks_as_fractions_of_a_pass():
@@ -202,6 +224,23 @@ def test_bench_spectrum_top5_rows_ratios_accuracies_and_met_flag(
     assert 0 < loose.accuracy < 1e-3
     assert loose.extra["meets_target"] is (pyhessian_error > 0)
     assert tight.extra["meets_target"] is None
+
+
+def test_bench_spectrum_row_without_dense_answer_shows_the_agreement_it_has(small_case):
+    """The GPU case has no dense Hessian: its row claims no accuracy of sharpscope's own,
+    and the printed accuracy cell gives the reference's difference to sharpscope's top-5."""
+    from sharpscope.bench._common import _accuracy_text
+    from sharpscope.bench.spectrum import _rel_error, _top5_rows
+
+    case, _ = small_case
+    (row,) = _top5_rows(case, repeats=1, dense=False)
+    assert row.accuracy is None and row.accuracy_measure == ""
+    difference = _rel_error(row.extra["reference_eigenvalues"], row.extra["sharpscope_eigenvalues"])
+    assert row.extra["reference_accuracy"] == pytest.approx(difference, rel=1e-12, abs=1e-15)
+    assert _accuracy_text(row) == (
+        "reference's max rel. difference to sharpscope's top-5="
+        f"{row.extra['reference_accuracy']:.3g}"
+    )
 
 
 @pytest.fixture(scope="module")

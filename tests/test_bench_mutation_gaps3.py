@@ -99,6 +99,7 @@ def _fake_landscape(monkeypatch, times: dict[str, float]) -> None:
     monkeypatch.setattr(bench_landscape, "build_model", lambda *a, **k: torch.nn.Identity())
     monkeypatch.setattr(bench_landscape, "_default_path", lambda model, data, device: "loop")
     monkeypatch.setattr(bench_landscape, "synced", lambda fn, device: fn)  # no CUDA here
+    monkeypatch.setattr(bench_landscape, "batchnorm_modules", lambda model: [])  # fake models
 
 
 # kills L1 (accuracy the mean, not the max, relative difference), L2 (target 3), L3 (the

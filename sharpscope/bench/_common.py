@@ -226,6 +226,23 @@ def mark_quick(rows: list[BenchRow], quick: bool) -> list[BenchRow]:
     return rows
 
 
+def _accuracy_text(row: BenchRow) -> str:
+    """The row's accuracy, and the reference's where the row records it.
+
+    >>> _accuracy_text(BenchRow("c", "v", 1.0, "r", 2.0, 0.5, "err", 1e-6,
+    ...     extra={"reference_accuracy": 5e-3, "reference_accuracy_measure": "ref err"}))
+    'err=1e-06; ref err=0.005'
+    >>> _accuracy_text(BenchRow("c", "v", 1.0, "r", 2.0, 0.5))
+    ''
+    """
+    parts = [] if row.accuracy is None else [f"{row.accuracy_measure}={row.accuracy:.3g}"]
+    reference = row.extra.get("reference_accuracy")
+    if reference is not None:
+        label = row.extra.get("reference_accuracy_measure", "reference")
+        parts.append(f"{label}={reference:.3g}")
+    return "; ".join(parts)
+
+
 def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:
     """Print rows as a rich table on stdout."""
     from rich.console import Console
@@ -249,7 +266,7 @@ def print_rows(rows: list[BenchRow], title: str = "benchmark") -> None:
     for column in columns:
         table.add_column(column, justify="right" if column not in ("case", "variant") else "left")
     for r in rows:
-        accuracy = "" if r.accuracy is None else f"{r.accuracy_measure}={r.accuracy:.3g}"
+        accuracy = _accuracy_text(r)
         table.add_row(
             r.case,
             r.variant,

@@ -33,8 +33,8 @@ per-point work is small (128 examples). That is why
 GPU, to vmap unless one point fills it (``extra.default_path``). GPU rows are added when
 CUDA is available, with one more case there: the registry's ``resnet20`` on CIFAR-shaped
 random inputs, whose points with 1,024 examples each fill the GPU, so that vmap's grouped
-convolutions run slower than the loop (H200: 0.84x), and the GPU default is the loop
-(:func:`sharpscope.analysis.landscape.default_vectorize`; with 128 examples, vmap 1.59x).
+convolutions run slower than the loop (H200, session 23: 0.91x), and the GPU default is the loop
+(:func:`sharpscope.analysis.landscape.default_vectorize`; with 128 examples, vmap 2.5x).
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from typing import Any
 import torch
 
 from ..analysis.landscape import default_vectorize, landscape
+from ..optim._base import batchnorm_modules
 from ..precision import ieee_float32
 from ..registry import build_model
 from ._common import (
@@ -174,11 +175,12 @@ def run(
                 reference = fns["reference"]()
                 # the target is on what a user gets: the device's default path
                 default_path = _default_path(model, data, device)
+                folded = "BatchNorm folded, " if batchnorm_modules(model) else ""
                 for key, label in (
-                    ("vmap", "vmap over grid points (BatchNorm folded)"),
+                    ("vmap", f"vmap over grid points ({folded.rstrip(', ') or 'no BatchNorm'})"),
                     (
                         "loop",
-                        "per-point loop, BatchNorm folded, input layer precomputed where "
+                        f"per-point loop, {folded}input layer precomputed where "
                         "it pays (the CPU default; on a GPU the default where one point "
                         "fills it)",
                     ),

@@ -48,7 +48,7 @@ from .operator import HessianOperator
 from .trace import TraceEstimate
 
 
-def _import_pyhessian() -> Any:
+def import_pyhessian() -> Any:
     try:
         # The package re-exports the class under the submodule's name; get the module.
         module = importlib.import_module("pyhessian.hessian")
@@ -81,7 +81,7 @@ def _check_supported(op: HessianOperator) -> None:
 @contextmanager
 def _session(op: HessianOperator, seed: int) -> Iterator[tuple[Any, _Counter]]:
     """A ``pyhessian.hessian`` on the operator's model and data; the model restored after."""
-    module = _import_pyhessian()
+    module = import_pyhessian()
     _check_supported(op)
     model = op.module
     modes = [(m, m.training) for m in model.modules()]

@@ -49,6 +49,21 @@ def test_bench_spectrum_is_exact_and_compares_with_pyhessian(tmp_path):
     assert "HVP reverse-over-reverse (graph reused), BatchNorm not folded" in variants
 
 
+def test_bench_spectrum_without_pyhessian_is_one_line_before_any_work(tmp_path, monkeypatch):
+    # PyHessian is an optional extra: a missing one is said at once, not after the training
+    # and sharpscope's own top-5 have run (a None entry makes the import raise ImportError)
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pyhessian", None)
+    monkeypatch.setitem(sys.modules, "pyhessian.hessian", None)
+    out = tmp_path / "rows.json"
+    result = CliRunner().invoke(app, ["bench", "spectrum", "--quick", "--json", str(out)])
+    assert result.exit_code == 2
+    assert "pip install pyhessian" in result.output and "Traceback" not in result.output
+    assert "top-5 against PyHessian" not in result.output  # no case was run
+    assert not out.exists()
+
+
 def test_bench_landscape_values_agree_with_the_reference_loop(tmp_path):
     rows = bench("landscape", tmp_path)
     assert all(r["extra"]["values_agree_1e-5"] for r in rows)
