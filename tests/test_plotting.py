@@ -482,6 +482,56 @@ def test_an_overlay_titles_only_what_its_spectra_share():
     assert "σ=0.5" in plot_spectrum(wide).axes[0].get_title()
 
 
+def spectrum_of(eigenvalues, which="LA", sigma=0.0072, num_samples=256):
+    """A Spectrum of ``log_density``'s curve (in eigenvalue units) with these marks."""
+    from sharpscope.analysis.spectrum import Spectrum, TopEigs
+
+    top = TopEigs(
+        eigenvalues=torch.tensor(eigenvalues, dtype=torch.float64),
+        residuals=torch.zeros(len(eigenvalues)),
+        converged=[True] * len(eigenvalues),
+        which=which,
+    )
+    density = dataclasses.replace(log_density(), units="eigenvalue", sigma=sigma, deflated=None)
+    meta = RunMeta(data={"name": "mnist1d", "split": "train"}, num_samples=num_samples)
+    return Spectrum(top=top, density=density, meta=meta)
+
+
+def test_b1_which_sa_and_lm_marks_are_named_as_chosen_with_their_extreme_value():
+    """Session 27, B1: `--which SA` was plotted as "top 5 eigenvalues, λ1 = -0.264" (the
+    least negative of the five); LM showed the largest algebraic value as λ1."""
+    sa = [-0.2645, -0.27, -0.28, -0.285, -0.2913]
+    ax = plot_spectrum(spectrum_of(sa, "SA")).axes[0]
+    assert ax.get_legend_handles_labels()[1][1] == "5 most negative eigenvalues, λmin = -0.291"
+    lm = [0.2, 0.1, -0.3]
+    ax = plot_spectrum(spectrum_of(lm, "LM"), label="SGD").axes[0]
+    assert ax.get_legend_handles_labels()[1][1] == "SGD: 3 largest |λ|, λ = -0.3"
+    ax = plot_spectrum(spectrum_of(lm, "LA")).axes[0]
+    assert ax.get_legend_handles_labels()[1][1] == "top 3 eigenvalues, λ1 = 0.2"
+
+
+def test_b2_an_overlay_keeps_data_and_kernel_in_the_title_and_legends_name_the_rest():
+    """Session 27, B2: σ and N differ between overlaid spectra, and the kernel name and the
+    data set went with them: the title read only "eval mode, float32"."""
+    sam = spectrum_of([3.0, 2.0], sigma=0.0072, num_samples=256)
+    sgd = spectrum_of([5.0, 4.0], sigma=0.011, num_samples=128)
+    ax = plot_spectrum(sam, label="SAM").axes[0]
+    assert ax.get_title().split("\n") == [
+        "mnist1d (train); N=256; eval mode; float32",
+        "ghorbani kernel; σ=0.0072",
+    ]
+    plot_spectrum(sgd, ax=ax, label="SGD")
+    assert ax.get_title() == "mnist1d (train); eval mode; float32; ghorbani kernel"
+    labels = ax.get_legend_handles_labels()[1]
+    assert labels == [
+        "SAM (N=256, σ=0.0072)",
+        "SAM: top 2, λ1 = 3",
+        "SGD (N=128, σ=0.011)",
+        "SGD: top 2, λ1 = 5",
+    ]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == labels
+
+
 def test_surface_axes_keep_few_ticks_and_the_spectrum_legend_has_a_box():
     """A 3-D surface foreshortens its axes: nine ticks ran into each other. The spectrum's
     legend sits where the top eigenvalues are marked: an opaque box keeps the marks off it."""
