@@ -122,6 +122,51 @@ def test_contour_lines_sit_where_the_loss_has_their_level_and_are_labelled():
     )
 
 
+def bowl_landscape(span=5.0):
+    """A minimum at the centre whose loss spans a decade and a half over the grid (1.66 to
+    50) and whose accuracy peaks there (0.38) and falls towards chance (0.06) at the edges."""
+    a = np.linspace(-span, span, 13)
+    bowl = a[:, None] ** 2 + 0.6 * a[None, :] ** 2
+    return landscape(a, a, 1.66 + 1.2 * bowl, accuracy=0.06 + 0.32 * np.exp(-bowl / 8))
+
+
+def test_b3_accuracy_contours_reach_the_peak_around_the_solution():
+    """Session 27, B3: the levels stopped at the 95th percentile, as for a loss, so the
+    basin around the star (accuracy above it) had no contour line."""
+    result = bowl_landscape()
+    accuracy = result.accuracy.numpy()
+    ax = plot_landscape_contour(result, metric="accuracy").axes[0]
+    (cs,) = [c for c in ax.collections if hasattr(c, "levels")]
+    assert cs.levels[-1] == pytest.approx(accuracy.max())
+    assert cs.levels[0] == pytest.approx(np.percentile(accuracy, 5))
+    inner = [level for level in cs.levels if level > np.percentile(accuracy, 95)]
+    assert len(inner) >= 2  # lines inside the basin, drawn around the centre
+    assert all(len(cs.allsegs[list(cs.levels).index(level)]) for level in inner[:-1])
+    with pytest.raises(SharpscopeError, match="unknown cut 'middle'"):
+        contour_levels(accuracy, cut="middle")
+
+
+def test_a_loss_spanning_decades_gets_log_levels_and_a_colour_bar():
+    """Session 27 (doubts): at span 5 the loss ran 1.66 to 99 on linear levels; the whole
+    basin lay inside the first labelled line. As the study's contours: log levels."""
+    result = bowl_landscape()
+    loss = result.loss.numpy()
+    fig = plot_landscape_contour(result)
+    ax, bar = fig.axes
+    (cs,) = [c for c in ax.collections if hasattr(c, "levels")]
+    np.testing.assert_allclose(cs.levels, np.geomspace(loss.min(), loss.max(), 12))
+    assert bar.get_ylabel() == "train loss, log scale"
+    assert bar.get_yscale() == "log"
+    ticks = [t.get_text() for t in bar.get_yticklabels()]
+    assert ticks[0] == "1.7" and ticks[-1] == "50" and len(set(ticks)) == len(ticks) == 5
+    # levels 2.3 and 4.2 circle the minimum: the basin has lines of its own now
+    assert [t.get_text() for t in ax.texts][:2] == ["2.3", "4.2"]
+    # within a decade (or with levels given) the levels stay linear, with no colour bar
+    assert len(plot_landscape_contour(alpha_only()).axes) == 1
+    fig = plot_landscape_contour(result, levels=[5.0, 10.0, 20.0])
+    assert len(fig.axes) == 1
+
+
 def test_pca_contour_labels_axes_with_explained_variance_and_draws_the_trajectory():
     path = torch.tensor([[0.5, -0.25], [0.25, -0.1], [0.0, 0.0]])
     result = alpha_only()

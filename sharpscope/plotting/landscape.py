@@ -126,34 +126,101 @@ def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
     return fig
 
 
-def contour_levels(values: np.ndarray, count: int = 12) -> np.ndarray:
-    """Evenly spaced levels from the minimum to the 95th percentile of the finite values.
-
-    Cutting at a percentile keeps the lines readable near the minimum when the loss
-    explodes at the edges of the grid.
+def contour_levels(values: np.ndarray, count: int = 12, *, cut: str = "high") -> np.ndarray:
+    """Evenly spaced levels over the finite values, cut at a percentile to keep the lines
+    readable where the values matter: ``cut="high"`` from the minimum to the 95th
+    percentile (a loss explodes at the edges of the grid), ``"low"`` from the 5th
+    percentile to the maximum (an accuracy falls to chance there; its basin is at the top).
 
     >>> contour_levels(np.array([[0.0, 1.0], [2.0, np.nan]]), count=3).tolist()
     [0.0, 0.95, 1.9]
+    >>> contour_levels(np.array([0.0, 1.0, 2.0]), count=3, cut="low").tolist()
+    [0.1, 1.05, 2.0]
     """
+    if cut not in ("high", "low"):
+        raise SharpscopeError(f"unknown cut '{cut}'; choose high or low")
     finite = values[np.isfinite(values)]
     if finite.size == 0:
         raise SharpscopeError("the landscape has no computed finite values to plot")
-    lo, hi = float(finite.min()), float(np.percentile(finite, 95))
+    if cut == "high":
+        lo, hi = float(finite.min()), float(np.percentile(finite, 95))
+    else:
+        lo, hi = float(np.percentile(finite, 5)), float(finite.max())
     if hi <= lo:
         hi = lo + 1e-6 if lo == 0 else lo + abs(lo) * 1e-3
     return np.linspace(lo, hi, count)
+
+
+def spans_decades(values: np.ndarray) -> bool:
+    """Whether the finite values are all positive and their max/min exceeds 10 (then
+    :func:`log_levels` show the basin and the walls both)."""
+    finite = values[np.isfinite(values)]
+    return bool(finite.size) and finite.min() > 0 and finite.max() / finite.min() > 10
+
+
+def log_levels(values: np.ndarray, count: int = 12) -> np.ndarray:
+    """Geometrically spaced levels from the smallest positive finite value (at least 1e-6)
+    to the largest.
+
+    >>> log_levels(np.array([1.0, np.nan, 100.0]), count=3).tolist()
+    [1.0, 10.0, 100.0]
+    """
+    finite = values[np.isfinite(values) & (values > 0)]
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (1e-3, 1.0)
+    return np.geomspace(max(low, 1e-6), max(high, low * 1.01), count)
+
+
+def log_norm(levels: np.ndarray) -> Any:
+    """The colour scale of :func:`log_levels`."""
+    import matplotlib.colors as mcolors
+
+    return mcolors.LogNorm(vmin=levels[0], vmax=levels[-1])
+
+
+def log_colorbar(fig: Any, mappable: Any, axes: Any, levels: np.ndarray, label: str) -> Any:
+    """A colour bar of log-spaced ``levels`` with five ticks that read apart."""
+    bar = fig.colorbar(mappable, ax=axes, label=label, shrink=0.9, pad=0.02)
+    ticks = np.geomspace(levels[0], levels[-1], 5)
+    bar.set_ticks(ticks, labels=distinct_labels(ticks))
+    bar.minorticks_off()
+    return bar
+
+
+def distinct_labels(values: Any) -> list[str]:
+    """``values`` with the fewest significant digits (at least 2) that tell them apart: a
+    narrow loss range (2.28 to 2.42) read "2.3" on four of five colour-bar ticks.
+
+    >>> distinct_labels([2.28, 2.31, 2.35, 2.38, 2.42])
+    ['2.28', '2.31', '2.35', '2.38', '2.42']
+    >>> distinct_labels([0.1, 1.0, 10.0])
+    ['0.1', '1', '10']
+    """
+    for digits in range(2, 8):
+        labels = [f"{v:.{digits}g}" for v in values]
+        if len(set(labels)) == len(labels):
+            return labels
+    return labels
 
 
 @styled
 def plot_landscape_contour(
     result: Any, metric: str = "loss", ax: Any = None, levels: Any = None
 ) -> Any:
-    """Contour lines of f(α, β) with labelled levels (the trajectory for PCA)."""
+    """Contour lines of f(α, β) with labelled levels (the trajectory for PCA).
+
+    A loss spanning more than a decade gets log-spaced levels and a colour bar (as the
+    study's :func:`~sharpscope.plotting.study.plot_contours`), others evenly spaced ones
+    (:func:`contour_levels`).
+    """
     if result.y is None:
         raise SharpscopeError("a contour needs a 2-D landscape; use the 1-D curve")
     values = _values(result, metric)
     x, y = to_numpy(result.x), to_numpy(result.y)
-    levels = contour_levels(values) if levels is None else levels
+    log = levels is None and metric == "loss" and spans_decades(values)
+    if log:
+        levels = log_levels(values)
+    elif levels is None:
+        levels = contour_levels(values, cut="low" if metric == "accuracy" else "high")
     fig, ax = (ax.figure, ax) if ax is not None else new_figure(1, aspect=0.9)
     finite = values[np.isfinite(values)]
     if np.ptp(finite) <= 1e-12 * max(1.0, abs(float(finite[0]))):  # no contour to draw
@@ -166,7 +233,14 @@ def plot_landscape_contour(
             va="center",
         )
     # loss[i, j] is at (x[i], y[j]); matplotlib wants Z[row = y, column = x]
-    lines = ax.contour(x, y, np.ma.masked_invalid(values).T, levels=levels, cmap="viridis")
+    lines = ax.contour(
+        x,
+        y,
+        np.ma.masked_invalid(values).T,
+        levels=levels,
+        cmap="viridis",
+        norm=log_norm(levels) if log else None,
+    )
     labelled = lines.levels[1::2]  # every other level (the lowest is the minimum: a point)
     positions = label_positions(lines, labelled, x, y)
     if positions:
@@ -175,10 +249,14 @@ def plot_landscape_contour(
             labelled,
             inline=True,
             fontsize=5,
-            fmt=level_format(lines.levels),
+            fmt=dict(zip(lines.levels, distinct_labels(lines.levels)))
+            if log
+            else level_format(lines.levels),
             colors="0.15",
             manual=positions,
         )
+    if log:
+        log_colorbar(fig, lines, ax, levels, f"{metric_label(result, metric)}, log scale")
     ax.plot([0], [0], marker="*", color=PALETTE[1], markersize=6, linestyle="none")
     if result.direction_kind == "interpolation":  # model A at the star, model B at α = 1
         ax.plot([1], [0], marker="*", color=PALETTE[2], markersize=6, linestyle="none")
@@ -315,12 +393,17 @@ def save_landscape_plots(result: Any, out_dir: str | Path, stem: str = "landscap
 __all__ = [
     "contour_levels",
     "describe",
+    "distinct_labels",
     "label_positions",
     "level_format",
+    "log_colorbar",
+    "log_levels",
+    "log_norm",
     "metric_label",
     "plot_landscape",
     "plot_landscape_1d",
     "plot_landscape_contour",
     "plot_landscape_surface",
     "save_landscape_plots",
+    "spans_decades",
 ]

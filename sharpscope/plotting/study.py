@@ -15,6 +15,7 @@ import numpy as np
 
 from ..errors import SharpscopeError
 from ..study.sweep import PARAM_COLUMNS
+from .landscape import distinct_labels, log_colorbar, log_levels, log_norm
 from .style import (
     LINE_STYLES,
     MARKERS,
@@ -757,10 +758,9 @@ def plot_contours(
         raise SharpscopeError("no surfaces to plot")
     fig, axes = new_figure(columns, aspect=0.9, ncols=len(labels), squeeze=False)
     axes = list(axes.ravel())
-    finite = np.concatenate([np.asarray(s[2], float).ravel() for s in surfaces.values()])
-    finite = finite[np.isfinite(finite) & (finite > 0)]
-    low, high = (float(finite.min()), float(finite.max())) if finite.size else (1e-3, 1.0)
-    bounds = np.geomspace(max(low, 1e-6), max(high, low * 1.01), levels)
+    bounds = log_levels(
+        np.concatenate([np.asarray(s[2], float).ravel() for s in surfaces.values()]), levels
+    )
     contour = None
     for ax, label in zip(axes, labels):
         alpha, beta, loss = surfaces[label]
@@ -771,7 +771,7 @@ def plot_contours(
             np.clip(loss.T, bounds[0], bounds[-1]),
             levels=bounds,
             cmap="viridis",
-            norm=_log_norm(bounds),
+            norm=log_norm(bounds),
         )
         # a few labelled lines on top, so levels read off the panel without the colour bar
         lines = ax.contour(
@@ -791,30 +791,5 @@ def plot_contours(
         ax.yaxis.set_major_locator(_max_locator(5))
     axes[0].set_ylabel(r"$\beta$")
     if contour is not None:
-        bar = fig.colorbar(contour, ax=axes, label="train loss (log scale)", shrink=0.9, pad=0.02)
-        ticks = np.geomspace(bounds[0], bounds[-1], 5)
-        bar.set_ticks(ticks, labels=distinct_labels(ticks))
-        bar.minorticks_off()
+        log_colorbar(fig, contour, axes, bounds, "train loss (log scale)")
     return fig
-
-
-def distinct_labels(values: Sequence[float]) -> list[str]:
-    """``values`` with the fewest significant digits (at least 2) that tell them apart: a
-    narrow loss range (2.28 to 2.42) read "2.3" on four of five colour-bar ticks.
-
-    >>> distinct_labels([2.28, 2.31, 2.35, 2.38, 2.42])
-    ['2.28', '2.31', '2.35', '2.38', '2.42']
-    >>> distinct_labels([0.1, 1.0, 10.0])
-    ['0.1', '1', '10']
-    """
-    for digits in range(2, 8):
-        labels = [f"{v:.{digits}g}" for v in values]
-        if len(set(labels)) == len(labels):
-            return labels
-    return labels
-
-
-def _log_norm(bounds: np.ndarray):
-    import matplotlib.colors as mcolors
-
-    return mcolors.LogNorm(vmin=bounds[0], vmax=bounds[-1])
