@@ -803,6 +803,29 @@ def test_study_contours_label_a_narrow_loss_range_with_enough_digits():
     assert len(contour_labels) >= 3, contour_labels  # they read 2.3 and 2.4
 
 
+def test_b4_study_contour_labels_are_not_cut_by_the_panel_frame():
+    """Session 27, B4: plot_contours let matplotlib place its labels, often on the frame
+    ("2.28" cut by the top edge, ".28" at the left)."""
+    beta = np.linspace(-1, 1, 7)
+    bowl = beta[:, None] ** 2 + beta[None, :] ** 2
+    fig = study_plots.plot_contours(
+        {
+            "sgd": (beta, beta, 2.2 + 0.13 * bowl),
+            "sam": (beta, beta, 2.25 + 0.1 * bowl + 0.05 * beta[:, None]),
+            "lets": (beta, beta, 2.25 + 0.1 * bowl),
+        }
+    )
+    fig.draw_without_rendering()
+    renderer = fig.canvas.get_renderer()
+    for ax in fig.axes[:3]:
+        assert ax.texts
+        panel = ax.get_window_extent()
+        for text in ax.texts:
+            box = text.get_window_extent(renderer)
+            inside = panel.x0 <= box.x0 and box.x1 <= panel.x1
+            assert inside and panel.y0 <= box.y0 and box.y1 <= panel.y1, text.get_text()
+
+
 def test_several_interpolations_of_one_optimizer_pair_get_their_own_colours():
     """All SGD -> SAM curves were drawn in SGD's black."""
     x = np.linspace(-0.5, 1.5, 5)

@@ -15,7 +15,7 @@ import numpy as np
 
 from ..errors import SharpscopeError
 from ..study.sweep import PARAM_COLUMNS
-from .landscape import distinct_labels, log_colorbar, log_levels, log_norm
+from .landscape import distinct_labels, label_positions, log_colorbar, log_levels, log_norm
 from .style import (
     LINE_STYLES,
     MARKERS,
@@ -783,7 +783,18 @@ def plot_contours(
             linewidths=0.5,
         )
         shown = bounds[2::4]
-        ax.clabel(lines, inline=True, fontsize=6, fmt=dict(zip(shown, distinct_labels(shown))))
+        # at the point of each line farthest from the frame: matplotlib's own choice was
+        # often on the panel's edge, where the frame cut the label
+        positions = label_positions(lines, shown, np.asarray(alpha), np.asarray(beta))
+        if positions:
+            ax.clabel(
+                lines,
+                shown,
+                inline=True,
+                fontsize=6,
+                fmt=dict(zip(shown, distinct_labels(shown))),
+                manual=positions,
+            )
         ax.set_title(optimizer_label(label.split("-")[0]) if "-" not in label else label)
         ax.set_xlabel(r"$\alpha$")
         ax.set_aspect("equal")
