@@ -486,7 +486,8 @@ def measurement_caption(study_dir: str | Path) -> str:
 
 def _recorded_meta(folder: Path, config: StudyConfig) -> dict[str, Any] | None:
     """The first analysis ``meta`` (with mode and dtype) stored under ``runs/*/analysis``
-    by the config's current settings (a file beside a current ``<measure>.json``)."""
+    by the config's current settings: in a current ``<measure>.json`` or in a file it
+    lists (a landscape's ``.npz`` slices)."""
     from ..results import read_record
 
     def find(value: Any, depth: int = 0) -> dict[str, Any] | None:
@@ -506,19 +507,21 @@ def _recorded_meta(folder: Path, config: StudyConfig) -> dict[str, Any] | None:
         return None
 
     # the spectrum's first: it uses the whole subset (m-sharpness drops a remainder)
-    paths = sorted(folder.glob("runs/*/analysis/*/*"), key=lambda p: (p.stem != "spectrum", p))
+    paths = sorted(folder.glob("runs/*/analysis/*/*.json"), key=lambda p: (p.stem != "spectrum", p))
     for path in paths:
-        if path.suffix not in (".json", ".npz"):
+        record = current_record(path, config)
+        if record is None:
             continue
-        if current_record(path.with_suffix(".json"), config) is None:
-            continue
-        try:
-            record = read_record(path)
-        except (OSError, ValueError):
-            continue
-        found = find(record)
-        if found:
-            return found
+        # a landscape's record lists its slices (``landscape_1d.npz``), whose meta is inside
+        result = record.get("result")
+        files = result.get("files") or {} if isinstance(result, Mapping) else {}
+        for source in (path, *(path.with_name(name) for name in files.values())):
+            try:
+                found = find(record if source == path else read_record(source))
+            except (OSError, ValueError):
+                continue
+            if found:
+                return found
     return None
 
 

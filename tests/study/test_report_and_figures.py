@@ -145,6 +145,44 @@ def _hand_written_study(folder, final_norms, first_norms, gaps):
             path.write_text(json.dumps(record))
 
 
+def test_b5_a_landscape_only_study_states_mode_and_dtype(tmp_path):
+    """Session 27, B5: the caption of a study whose only measure is the landscape lacked
+    mode and dtype: the meta is in the .npz slices its landscape.json lists, and only a
+    ``<stem>.json`` beside each file was looked for."""
+    import torch
+
+    from sharpscope.study import expand_sweep, study_config_from_dict
+    from sharpscope.study.report import measurement_caption
+    from sharpscope.study.runner import (
+        _analysis_params,
+        _landscape_record,
+        prepare_study_dir,
+    )
+
+    config = study_config_from_dict(
+        {
+            "study": {"name": "slices"},
+            "train": {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp"}, "epochs": 1},
+            "sweep": {"optimizer": ["sgd"], "seed": [0]},
+            "analysis": {"samples": 8, "landscape": {"dims": [1], "grid": 3}},
+        }
+    )
+    folder = tmp_path / "slices"
+    (run,) = expand_sweep(config)
+    prepare_study_dir(folder, config, [run])
+    path = folder / "runs" / run.run_id / "analysis" / "epoch_001" / "landscape.json"
+    path.parent.mkdir(parents=True)
+    torch.manual_seed(0)
+    data = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    record = _landscape_record(torch.nn.Linear(3, 2), data, "cross_entropy", config, path)
+    record["params"] = _analysis_params("landscape", config)
+    path.write_text(json.dumps(record))
+    assert measurement_caption(folder) == "measured on mnist1d/train n=8; eval mode; float32"
+    # a stale record (made with other settings) does not speak for the current ones
+    path.write_text(json.dumps({**record, "params": {"options": {}}}))
+    assert measurement_caption(folder) == "measured on mnist1d/train n=8"
+
+
 def test_report_correlates_the_last_checkpoint_of_each_run_once(tmp_path):
     """4 runs are 4 models, with τ = 1 of their final checkpoints (the epoch-1 rows, ordered
     the other way, entered the correlations too)."""
