@@ -323,6 +323,23 @@ def test_learned_rho_is_plotted_against_the_optimizer_step():
     assert ax.get_xlabel() == "optimizer step"
 
 
+def test_b6_a_rho_that_barely_moved_is_drawn_as_its_change_from_a_named_rho0():
+    """Session 27, B6: with useOffset=False a ρ that moved by 1e-10 got ticks like
+    "0.05000000006"; now the curve is ρ − 0.05, and the label says so."""
+    rows = [{"kind": "step", "step": s, "rho": 0.05 + d} for s, d in ((1, 0), (2, 4e-11))]
+    ax = plot_learned_rho({"LETS (seed 0)": rows}).axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.0, 4e-11], atol=1e-16)
+    assert ax.get_ylabel() == r"learned $\rho$ $-$ 0.05"
+    assert ax.get_legend_handles_labels()[1] == ["LETS (seed 0)"]
+    ax.figure.draw_without_rendering()
+    assert not any("0.0500" in t.get_text() for t in ax.get_yticklabels())
+    # a ρ that moved is drawn as it is
+    moved = [{"kind": "step", "step": 1, "rho": 0.05}, {"kind": "step", "step": 2, "rho": 0.06}]
+    ax = plot_learned_rho({"lets": moved}).axes[0]
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), [0.05, 0.06])
+    assert ax.get_ylabel() == r"learned $\rho$"
+
+
 # ------------------------------------------------------------------ study figures
 
 

@@ -139,7 +139,8 @@ def plot_learned_rho(
     columns: int = 1,
     ax: Any = None,
 ):
-    """LETS' learned ρ over optimizer steps (``"kind": "step"`` rows of ``metrics.jsonl``).
+    """LETS' learned ρ over optimizer steps (``"kind": "step"`` rows of ``metrics.jsonl``);
+    a ρ that moved by less than a millionth of itself is drawn as its change, ρ − ρ0.
 
     Args:
         runs: label -> history, ``metrics.jsonl`` path or run folder.
@@ -157,26 +158,35 @@ def plot_learned_rho(
         fig, ax = new_figure(columns, aspect=0.7)
     else:
         fig = ax.figure
-    drawn = 0
+    series = []
     for index, (label, source) in enumerate(runs.items()):
         rows = step_rows(_as_history(source), key)
-        if not rows:
-            continue
-        name = str(label).split("-")[0]
+        if rows:
+            values = np.array([r[key] for r in rows], dtype=float)
+            series.append((index, str(label), [r["step"] for r in rows], values))
+    if not series:
+        raise SharpscopeError(
+            f"no per-step '{key}' rows in these runs; LETS logs them to metrics.jsonl"
+        )
+    every = np.concatenate([values for *_, values in series])
+    every = every[np.isfinite(every)]
+    # ρ that barely moved read "0.05000000006" on every tick: plot its change from a
+    # round ρ0 (named in the label) instead
+    reference = 0.0
+    if every.size and np.ptp(every) < 1e-6 * np.abs(every).max():
+        reference = float(f"{every[0]:.6g}")
+    for drawn, (index, label, steps, values) in enumerate(series):
+        name = label.split("-")[0]
         ax.plot(
-            [r["step"] for r in rows],
-            [r[key] for r in rows],
+            steps,
+            values - reference,
             color=optimizer_color(name, index),
             linestyle=LINE_STYLES[drawn % len(LINE_STYLES)],
             label=optimizer_label(name) if name == label else label,
         )
-        drawn += 1
-    if not drawn:
-        raise SharpscopeError(
-            f"no per-step '{key}' rows in these runs; LETS logs them to metrics.jsonl"
-        )
     ax.ticklabel_format(axis="y", useOffset=False)
+    quantity = r"learned $\rho$" if key == "rho" else key
+    ax.set_ylabel(f"{quantity} $-$ {reference:g}" if reference else quantity)
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel(r"learned $\rho$" if key == "rho" else key)
     ax.legend()
     return fig

@@ -584,6 +584,7 @@ def _report_figures(
     )
     from ..plotting.style import add_caption
     from ..plotting.training import plot_learned_rho, plot_training_curves
+    from .reproductions import _eval_history, _step_history
 
     out = folder / "figures"
     lines = []
@@ -643,10 +644,14 @@ def _report_figures(
             fig,
             "training_curves",
             f"Test error and training loss per epoch, one run (the lowest seed) per setting{more}",
-            {k: str(v) for k, v in shown.items()},
+            {names.get(label, label): _eval_history(path) for label, path in shown.items()},
             measured=False,
         )
-        lets = {k: v for k, v in histories.items() if k.startswith("lets")}
+        lets = {
+            f"{names[_setting_label(run)]} (seed {run.params.get('seed')})": histories[run.run_id]
+            for run in runs
+            if run.run_id in histories and run.run_id.startswith("lets")
+        }
         if lets:
             try:
                 fig = plot_learned_rho(lets)
@@ -654,7 +659,7 @@ def _report_figures(
                     fig,
                     "lets_rho",
                     "LETS: the learned ρ over optimizer steps",
-                    {k: str(v) for k, v in lets.items()},
+                    {k: _step_history(v, "rho") for k, v in lets.items()},
                     measured=False,
                 )
             except SharpscopeError:

@@ -183,6 +183,46 @@ def test_b5_a_landscape_only_study_states_mode_and_dtype(tmp_path):
     assert measurement_caption(folder) == "measured on mnist1d/train n=8"
 
 
+def test_b6_report_training_data_files_hold_the_plotted_numbers_under_display_names(
+    tmp_path, monkeypatch
+):
+    """Session 27, B6: training_curves.json and lets_rho.json held paths relative to where
+    the command ran, not numbers, and lets_rho's legend showed run ids (lets-rho0.05-s0)."""
+    from sharpscope.study import expand_sweep, study_config_from_dict
+    from sharpscope.study.report import write_report
+    from sharpscope.study.runner import prepare_study_dir
+
+    config = study_config_from_dict(
+        {
+            "study": {"name": "lets"},
+            "train": {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp"}, "epochs": 1},
+            "sweep": {"optimizer": ["sgd", "lets"], "seed": [0, 1]},
+            "analysis": {"epochs": ["last"]},
+        }
+    )
+    monkeypatch.chdir(tmp_path)  # paths relative to here were what the files held
+    folder = tmp_path / "study"
+    runs = expand_sweep(config)
+    prepare_study_dir(folder, config, runs)
+    for index, run in enumerate(runs):
+        run_dir = folder / "runs" / run.run_id
+        (run_dir / "status.json").write_text('{"state": "done"}')
+        rows = [{"kind": "step", "epoch": 1, "step": s, "rho": 0.05 + s * 1e-11} for s in (1, 2)]
+        rows.append({"kind": "eval", "epoch": 1, "test_acc": 0.5 + index / 100, "train_loss": 1.0})
+        (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_report(folder, resamples=0)
+    curves = json.loads((folder / "figures" / "training_curves.json").read_text())
+    assert list(curves) == ["SGD", "LETS"]  # one run per setting, the lowest seed (lets-s0)
+    assert curves["LETS"] == [
+        {"epoch": 1, "train_loss": 1.0, "train_acc": None, "test_loss": None, "test_acc": 0.52}
+    ]
+    rho = json.loads((folder / "figures" / "lets_rho.json").read_text())
+    assert rho == {
+        f"LETS (seed {seed})": {"step": [1, 2], "rho": [0.05 + 1e-11, 0.05 + 2e-11]}
+        for seed in (0, 1)
+    }
+
+
 def test_report_correlates_the_last_checkpoint_of_each_run_once(tmp_path):
     """4 runs are 4 models, with τ = 1 of their final checkpoints (the epoch-1 rows, ordered
     the other way, entered the correlations too)."""

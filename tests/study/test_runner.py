@@ -335,10 +335,12 @@ def test_report_tables_and_figures(study):
         assert -1.0 <= float(row["tau"]) <= 1.0 or math.isnan(float(row["tau"] or "nan"))
     # one training curve per setting (its lowest seed), not the first runs in sweep order
     curves = json.loads((out / "figures" / "training_curves.json").read_text())
-    assert curves == {
-        "sgd": str(out / "runs" / "sgd-s0" / "metrics.jsonl"),
-        "sam": str(out / "runs" / "sam-s0" / "metrics.jsonl"),
-    }
+    assert list(curves) == ["SGD", "SAM"]  # the plotted numbers, under the legend's names
+    for name, run_id in (("SGD", "sgd-s0"), ("SAM", "sam-s0")):
+        logged = [json.loads(line) for line in (out / "runs" / run_id / "metrics.jsonl").open()]
+        evals = [r for r in logged if r.get("kind", "eval") == "eval"]
+        assert [r["epoch"] for r in curves[name]] == [1, 2]
+        assert [r["test_acc"] for r in curves[name]] == [r["test_acc"] for r in evals]
     assert "one run (the lowest seed) per setting" in text
     # measurement figures state data, mode and dtype (analysis.md §8)
     from sharpscope.study.report import measurement_caption
