@@ -210,7 +210,8 @@ def test_1d_curve_draws_the_loss_and_the_accuracy_on_a_twin_axis():
     np.testing.assert_allclose(curve.get_xdata(), x)
     np.testing.assert_allclose(curve.get_ydata(), loss)
     np.testing.assert_allclose(twin.lines[0].get_ydata(), acc)
-    assert twin.get_ylabel() == "accuracy" and main.get_ylabel() == "train loss"
+    # session 27: the right axis said "accuracy" beside "train loss": both name the split
+    assert twin.get_ylabel() == "train accuracy" and main.get_ylabel() == "train loss"
     assert main.get_xlabel() == "α (0: model A, 1: model B)"
     marks = sorted(line.get_xdata()[0] for line in main.lines[1:])
     assert marks == [0.0, 1.0]

@@ -114,7 +114,7 @@ def plot_landscape_1d(result: Any, metric: str = "loss", ax: Any = None) -> Any:
     if metric == "loss" and not np.isnan(to_numpy(result.accuracy)).all():
         twin = ax.twinx()
         twin.plot(x, to_numpy(result.accuracy), color=PALETTE[1], linestyle="--", label="accuracy")
-        twin.set_ylabel("accuracy", color=PALETTE[1])
+        twin.set_ylabel(metric_label(result, "accuracy"), color=PALETTE[1])
         twin.grid(False)
     if result.direction_kind == "interpolation":
         for at, name in ((0.0, "A"), (1.0, "B")):
