@@ -74,9 +74,18 @@ def plot_training_curves(
 
     Returns:
         The matplotlib Figure.
+
+    Raises:
+        SharpscopeError: a metric that no eval row of these runs has.
     """
     from matplotlib.ticker import MaxNLocator
 
+    histories = {label: eval_rows(_as_history(source)) for label, source in runs.items()}
+    logged = {k for rows in histories.values() for r in rows for k, v in r.items() if v is not None}
+    unknown = [m for m in metrics if m not in logged]
+    if logged and unknown:  # (no eval row at all yet: empty panels, not an error)
+        known = ", ".join(sorted(logged - {"kind", "epoch", "step"}))
+        raise SharpscopeError(f"unknown metric '{unknown[0]}'; the eval rows have {known}")
     own_figure = axes is None
     if own_figure:
         fig, axes = new_figure(columns, aspect=0.7, ncols=len(metrics))
@@ -86,8 +95,7 @@ def plot_training_curves(
     fig = axes[0].figure
     colors = [optimizer_color(str(label), index) for index, label in enumerate(runs)]
     used: dict[str, int] = {}
-    for (label, source), color in zip(runs.items(), colors):
-        rows = eval_rows(_as_history(source))
+    for (label, rows), color in zip(histories.items(), colors):
         # runs of one optimizer share its colour: each gets its own dashes, then markers too
         k = used[color] = used.get(color, -1) + 1
         many = colors.count(color) > len(LINE_STYLES)
