@@ -523,9 +523,17 @@ def training_caption(study_dir: Path, rows: list[dict[str, Any]]) -> str:
 
     e.g. ``"trained on mnist1d; test split; mean ± sd over 3 seeds"``.
     """
+    return f"{trained_on(study_dir)}; test split; {seed_spread(rows)}"
+
+
+def seed_spread(rows: list[dict[str, Any]]) -> str:
+    """What the error bars of a figure pooling ``rows`` over seeds are.
+
+    >>> seed_spread([{"seed": 0}, {"seed": 1}]), seed_spread([{"seed": 0}])
+    ('mean ± sd over 2 seeds', 'one seed (no error bars)')
+    """
     seeds = len({r.get("seed") for r in rows})
-    spread = "one seed (no error bars)" if seeds == 1 else f"mean ± sd over {seeds} seeds"
-    return f"{trained_on(study_dir)}; test split; {spread}"
+    return "one seed (no error bars)" if seeds == 1 else f"mean ± sd over {seeds} seeds"
 
 
 # --------------------------------------------------------------------------- (e)
@@ -542,15 +550,19 @@ def figures_e(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
 
 
 # --------------------------------------------------------------------------- (f)
-def variants_caption(study_dir: Path) -> str:
-    """Figure (f)'s caption: data, mode, dtype, and the m and ρ of its m-sharpness axis.
+def variants_caption(study_dir: Path, rows: list[dict[str, Any]] | None = None) -> str:
+    """Figure (f)'s caption: data, mode, dtype, the error bars (given the plotted ``rows``),
+    and the m and ρ of its m-sharpness axis.
 
-    e.g. ``"measured on mnist1d/train n=512; eval mode; float32; m-sharpness m=128, ρ=0.05"``.
+    e.g. ``"measured on mnist1d/train n=512; eval mode; float32; mean ± sd over 2 seeds;
+    m-sharpness m=128, ρ=0.05"``.
     """
     from .report import measurement_caption
     from .runner import load_study_config_from_dir
 
     caption = measurement_caption(study_dir)
+    if rows is not None:
+        caption += f"; {seed_spread(rows)}"
     msharp = load_study_config_from_dir(study_dir).analysis.measures.get("m_sharpness", {})
     shown = [
         f"{name}={'/'.join(map(str, np.atleast_1d(msharp[key])))}"
@@ -571,7 +583,7 @@ def figures_f(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
         plot_variants(rows, metrics),
         out / "f_variants",
         [{k: r.get(k) for k in ("run_id", "optimizer", "seed", *metrics)} for r in rows],
-        variants_caption(study_dir),
+        variants_caption(study_dir, rows),
     )
     calibration = []
     for row in rows:

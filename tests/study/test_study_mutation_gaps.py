@@ -576,7 +576,7 @@ def test_figures_e_names_the_failed_runs(tmp_path):
     assert numbers["failed_runs"] == ["sam-noise0.2-s0"]
 
 
-def test_figures_f_model_average_and_lets_by_registry_name(tmp_path):
+def test_figures_f_model_average_and_lets_by_registry_name(tmp_path, monkeypatch):
     """(f): the BMA calibration row holds the model average's accuracy, and a LETS run under
     another label (optimizer_name lets) gets its learned-ρ figure."""
     from sharpscope.study import reproductions
@@ -605,7 +605,20 @@ def test_figures_f_model_average_and_lets_by_registry_name(tmp_path):
     (folder / "runs" / "lets-adam-s0" / "metrics.jsonl").write_text(
         "".join(json.dumps(r) + "\n" for r in steps)
     )
+    captions = {}
+    save = reproductions._save
+
+    def keep_caption(fig, path, data, caption=""):
+        captions[path.name] = caption
+        return save(fig, path, data, caption)
+
+    monkeypatch.setattr(reproductions, "_save", keep_caption)
     files, numbers = reproductions.figures_f(folder, tmp_path / "figures")
+    # session 27: f_variants' bars are mean ± sd too, and it said so nowhere
+    assert "; one seed (no error bars); m-sharpness m=128" in captions["f_variants"]
+    assert captions["f_calibration"].endswith("; one seed (no error bars); 15-bin ECE")
+    two = [*rows, {**rows[0], "run_id": "sgd-s1", "seed": 1}]
+    assert "; mean ± sd over 2 seeds; " in reproductions.variants_caption(folder, two)
     bma = numbers["calibration"]["bsam (BMA)"]
     assert bma["test_acc"] == pytest.approx(0.9) and bma["test_ece"] == pytest.approx(0.05)
     assert "f_lets_rho" in {p.stem for p in files}
