@@ -27,6 +27,8 @@ from .style import (
 )
 
 History = Sequence[Mapping[str, Any]]
+#: what every eval row of ``train`` holds (a run may log more, e.g. ``test_ece``)
+EVAL_METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -76,16 +78,16 @@ def plot_training_curves(
         The matplotlib Figure.
 
     Raises:
-        SharpscopeError: a metric that no eval row of these runs has.
+        SharpscopeError: a metric that ``train`` does not log and no eval row has.
     """
     from matplotlib.ticker import MaxNLocator
 
     histories = {label: eval_rows(_as_history(source)) for label, source in runs.items()}
     logged = {k for rows in histories.values() for r in rows for k, v in r.items() if v is not None}
-    unknown = [m for m in metrics if m not in logged]
-    if logged and unknown:  # (no eval row at all yet: empty panels, not an error)
-        known = ", ".join(sorted(logged - {"kind", "epoch", "step"}))
-        raise SharpscopeError(f"unknown metric '{unknown[0]}'; the eval rows have {known}")
+    known = [*EVAL_METRICS, *sorted(logged - {"kind", "epoch", "step", *EVAL_METRICS})]
+    unknown = [m for m in metrics if m not in known]
+    if unknown:
+        raise SharpscopeError(f"unknown metric '{unknown[0]}'; choose from {', '.join(known)}")
     own_figure = axes is None
     if own_figure:
         fig, axes = new_figure(columns, aspect=0.7, ncols=len(metrics))
