@@ -302,9 +302,10 @@ class RecurrentClassifier(nn.Module):
         return self.head(self.rnn(x)[0][:, -1])
 
 
-def loss_that_kills_rank_1(after_calls: int) -> str:
-    """Source of a loss factory ``loss()`` whose cross-entropy ends rank 1 of a torchrun job
-    (``os._exit(9)``, as an out-of-memory kill would) once called ``after_calls`` times."""
+def loss_that_kills_rank_1(after_calls: int, rank: int = 1) -> str:
+    """Source of a loss factory ``loss()`` whose cross-entropy ends rank 1 (or ``rank``) of a
+    torchrun job (``os._exit(9)``, as an out-of-memory kill would) once called
+    ``after_calls`` times."""
     return (
         "import os\n"
         "import torch\n\n\n"
@@ -312,7 +313,7 @@ def loss_that_kills_rank_1(after_calls: int) -> str:
         "    count = [0]\n\n"
         "    def cross_entropy(out, target):\n"
         "        count[0] += 1\n"
-        "        if os.environ.get('RANK') == '1' and count[0] > calls:\n"
+        f"        if os.environ.get('RANK') == '{rank}' and count[0] > calls:\n"
         "            os._exit(9)\n"
         "        return torch.nn.functional.cross_entropy(out, target)\n\n"
         "    return cross_entropy\n"

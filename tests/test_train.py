@@ -17,12 +17,13 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sharpscope.errors import SharpscopeError
-from sharpscope.io import load_checkpoint
+from sharpscope.io import load_checkpoint, load_training_state
 from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
 from cases import (
     full_and_resumed_runs,
     full_and_resumed_under_torchrun,
+    loss_that_kills_rank_1,
     rendezvous_file,
     spawned_group,
     step_loss_factory,
@@ -84,6 +85,38 @@ def test_under_torchrun_a_folder_in_use_stops_every_rank_at_once(tmp_path):
     }
     assert "SIGKILL" not in refused.stderr and "forcefully exiting" not in refused.stderr
     assert list(out.iterdir()) == []  # the holder's folder, left alone
+
+
+def test_under_torchrun_losing_rank_0_the_survivor_names_the_epoch_kept(tmp_path):
+    """Session 27: only rank 0 said what last.pt holds, so when rank 0 itself died (an
+    out-of-memory kill) rank 1 printed a bare "another process stopped". Every survivor now
+    names the epoch. torchrun's agent checks every 30 s, so that rank 1 meets the lost peer
+    itself before the agent would stop it with SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    # rank 0 dies after 10 loss calls: in epoch 2 or 3, after last.pt was written
+    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=10, rank=0))
+    out = tmp_path / "run"
+    args = ["train", "--dataset", "digits", "--samples", "128", "--model", "mlp"]
+    args += ["--epochs", "4", "--batch-size", "32", "--no-progress", "--device", "cpu"]
+    args += ["--loss", "dying.py:loss", "--trust-factories", "--out", str(out)]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--monitor-interval", "30", "-m", "sharpscope", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, launched.stderr[-3000:]
+    epoch = load_training_state(out / "last.pt")["epoch"]
+    assert 1 <= epoch < 4
+    assert errors[0].startswith("error: another process of this torchrun job stopped"), errors
+    assert errors[0].endswith(
+        f"; {out / 'last.pt'} holds epoch {epoch}: run the same command with --resume to continue"
+    )
 
 
 def test_train_writes_checkpoints_and_metrics(tmp_path):

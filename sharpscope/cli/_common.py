@@ -117,6 +117,12 @@ def stop_reason(exc: BaseException) -> str:
     return "interrupted"
 
 
+def speaks_for_the_job(exc: BaseException, is_main: bool) -> bool:
+    """Whether this process says (and keeps) what a stopped command saved: rank 0 on an
+    interrupt; every survivor when another process was lost, as that may be rank 0."""
+    return is_main or isinstance(exc, PeerLost)
+
+
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
@@ -166,7 +172,7 @@ def guarded(fn: F) -> F:
                 fail(stop_reason(exc), code=interrupt_exit_code(exc))
             if not launched_as_main():  # under torchrun rank 0 says it, once
                 raise typer.Exit(interrupt_exit_code(exc)) from None
-            fail("interrupted", code=interrupt_exit_code(exc))
+            fail(stop_reason(exc), code=interrupt_exit_code(exc))
         finally:
             for number, handler in previous.items():
                 # None: a handler installed outside Python, which we cannot restore

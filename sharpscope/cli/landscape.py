@@ -46,6 +46,7 @@ from ._common import (
     parse_options,
     progress_bar,
     seed_option,
+    speaks_for_the_job,
     spec_from_flag,
     stop_reason,
 )
@@ -381,7 +382,7 @@ def register(app: typer.Typer) -> None:
                     progress=resumable_updates(bar),
                 )
         except KeyboardInterrupt as exc:
-            if dist.is_main and path.is_file():
+            if speaks_for_the_job(exc, dist.is_main) and path.is_file():
                 fail(interrupted_message(path, stop_reason(exc)), code=interrupt_exit_code(exc))
             raise
         if not dist.is_main:

@@ -41,6 +41,7 @@ from ._common import (
     load_inputs_from_flags,
     progress_bar,
     seed_option,
+    speaks_for_the_job,
     stop_reason,
 )
 
@@ -469,7 +470,9 @@ def register(app: typer.Typer) -> None:
                 bar.refresh()
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: keep the finished parts
             partial = getattr(exc, "partial_result", None)
-            if partial is None or json_out is None or not dist.is_main:
+            # rank 0 keeps them; when a process was lost (perhaps rank 0), every survivor
+            # does: each holds the same all-reduced parts, and the writes are atomic
+            if partial is None or json_out is None or not speaks_for_the_job(exc, dist.is_main):
                 raise
             partial.save(json_out)
             stopped = partial.meta.extra["interrupted_in"]

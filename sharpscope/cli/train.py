@@ -22,6 +22,7 @@ from ._common import (
     interrupt_exit_code,
     os_error_line,
     parse_options,
+    speaks_for_the_job,
     spec_from_flag,
     stop_reason,
 )
@@ -637,7 +638,7 @@ def register(app: typer.Typer) -> None:
                     before_training=warn_nothing_saved if cfg.out is None else None,
                 )
         except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM: say what is kept
-            if last is None or not launched_as_main():
+            if last is None or not speaks_for_the_job(exc, launched_as_main()):
                 raise
             if not last.is_file():
                 fail(

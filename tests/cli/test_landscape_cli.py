@@ -380,19 +380,23 @@ def test_an_interrupt_is_reported_by_rank_0_only(ckpts, tmp_path, monkeypatch):
     assert result.exit_code == 130 and "error" not in result.output, result.output
 
 
-def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_path):
+@pytest.mark.parametrize("lost", [1, 0])
+def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_path, lost):
     """Rank 1 dies mid-grid: rank 0 printed gloo's traceback; the points were saved but no
-    line said so. Now one line names them and the same command resumes."""
+    line said so. Now one line names them and the same command resumes. Session 27: when
+    rank 0 (the writer) is the lost one, rank 1 says it (torchrun's agent checks every 30 s
+    with rank 0 lost, so that rank 1 meets the lost peer before a SIGTERM)."""
     import os
     import subprocess
     import sys
 
-    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=20))
+    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=20, rank=lost))
     out = tmp_path / "l"
     args = ["landscape", str(ckpts["a"]), "--grid", "9", *COMMON, "--out", str(out)]
     args += ["--no-plots", "--no-progress", "--save-every", "0", "--chunk-size", "4"]
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         *(["--monitor-interval", "30"] if lost == 0 else []),
          "-m", "sharpscope", *args, "--loss", "dying.py:loss"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
         env=dict(os.environ, OMP_NUM_THREADS="1"),

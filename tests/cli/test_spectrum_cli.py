@@ -607,6 +607,39 @@ def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(che
     assert len(saved["top"]["eigenvalues"]) == 2
 
 
+def test_when_rank_0_is_lost_the_survivor_keeps_the_finished_parts(checkpoint, tmp_path):
+    """Session 27: only rank 0 wrote the finished parts, so losing rank 0 (the one an
+    out-of-memory killer may pick) lost them. Every survivor now keeps and names them.
+    torchrun's agent checks its processes every 30 s here, so that rank 1 meets the lost
+    peer itself before the agent would stop it with SIGTERM."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=45, rank=0))
+    out = tmp_path / "s.json"
+    args = [str(checkpoint), "--samples", "64", "--device", "cpu", "--skip", "trace"]
+    args += ["--k", "2", "--max-steps", "20", "--tol", "1e-14", "--probes", "1"]
+    args += ["--lanczos-steps", "60", "--loss", "dying.py:loss", "--json", str(out)]
+    args += ["--hvp-mode", "forward", "--no-progress"]
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "--monitor-interval", "30", "-m", "sharpscope", "spectrum", *args],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )  # fmt: skip
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, launched.stderr[-3000:]
+    assert errors[0].startswith("error: another process of this torchrun job stopped"), errors
+    assert errors[0].endswith(
+        f"during the density; {out} holds the parts finished before it (top), the rest null"
+    )
+    saved = json.loads(out.read_text())
+    assert saved["parts"] == ["top"] and saved["density"] is None
+    assert len(saved["top"]["eigenvalues"]) == 2
+
+
 def test_a_k_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoint):
     """It was refused after the gradient passes and the HVP-mode timing, below a progress
     bar of 0/(max_steps) products (session 26)."""
