@@ -136,3 +136,24 @@ def test_a_sigterm_under_torchrun_says_the_launcher_may_have_stopped_the_job(mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert stop_reason(Terminated()).startswith("interrupted by SIGTERM (torchrun stops every")
     assert stop_reason(KeyboardInterrupt()) == "interrupted"  # Ctrl-C is the user's own
+
+
+def test_every_command_names_a_sigterm_from_torchrun(monkeypatch, capsys):
+    """Session 27: msharpness (and any command without its own handler) said a bare
+    "interrupted" when torchrun stopped it, as if the user had pressed Ctrl-C."""
+    import typer
+
+    from sharpscope.cli._common import Terminated, guarded
+
+    @guarded
+    def command():
+        raise Terminated()
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(typer.Exit) as stopped:
+        command()
+    assert stopped.value.exit_code == 143
+    assert capsys.readouterr().err.startswith(
+        "error: interrupted by SIGTERM (torchrun stops every process when one of them fails"
+    )
