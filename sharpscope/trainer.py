@@ -477,18 +477,25 @@ def _warn_other_world_size(state: Mapping[str, Any], info: DistInfo, path: Path)
     warnings.warn(
         f"{path} was written by {int(saved)} process(es), this run has {info.world_size}: "
         "the per-rank batch (BatchNorm statistics, a per-rank perturbation or noise) "
-        "changes, so the resumed run is not bit-identical to an uninterrupted one",
+        "changes, so the resumed run is not bit-identical to an uninterrupted one (a new "
+        "process starts from rank 0's optimizer state, with bSAM noise of its own)",
         stacklevel=2,
     )
 
 
 def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo, path: Path) -> None:
-    """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``);
-    with another process count every rank keeps rank 0's (see _warn_other_world_size)."""
+    """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``).
+
+    With another process count, a rank that was saved still gets its own; a new one keeps
+    the state loaded from the checkpoint (rank 0's), except what must differ between
+    ranks, which it derives from it (``SharpnessAware.derive_rank_state``: bSAM's noise
+    stream; every rank drawing rank 0's noise would be one shared draw)."""
     if not info.enabled or optimizer.rank_state() is None:
         return
-    if isinstance(saved, list) and len(saved) == info.world_size:
+    if isinstance(saved, list) and info.rank < len(saved):
         optimizer.load_rank_state(saved[info.rank])
+    elif info.rank > 0:  # rank 0's own state is the one the checkpoint holds
+        optimizer.derive_rank_state(info.rank)
 
 
 def _differences(key: str, old: Any, new: Any) -> list[str]:

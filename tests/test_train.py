@@ -569,6 +569,27 @@ def test_the_top_level_train_is_the_function_after_its_module_is_imported():
     assert not isinstance(ss.train, types.ModuleType) and ss.train is train
 
 
+def test_a_bsam_run_resumed_with_more_processes_gives_each_its_own_noise(tmp_path):
+    """Session 27: resumed from one process under two, both ranks loaded rank 0's noise
+    generator and drew the same noise for the rest of the run (one shared draw instead of
+    independent per-rank chunks). A new rank now derives a stream of its own."""
+    args = ["train", "--dataset", "mnist1d", "--samples", "256", "--model", "mlp"]
+    args += ["--epochs", "2", "--batch-size", "32", "--optimizer", "bsam", "--no-progress"]
+    args += ["--device", "cpu", "--save-every", "1", "--out", str(tmp_path / "one")]
+    one = subprocess.run(
+        [sys.executable, "-m", "sharpscope", *args], capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 0, one.stderr[-2000:]
+    (tmp_path / "cut").mkdir()
+    shutil.copy(tmp_path / "one" / "epoch_001.pt", tmp_path / "cut" / "last.pt")
+    shutil.copy(tmp_path / "one" / "metrics.jsonl", tmp_path / "cut" / "metrics.jsonl")
+    resumed = torchrun("train", "--out", str(tmp_path / "cut"), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "with bSAM noise of its own" in resumed.stderr
+    ranks = torch.load(tmp_path / "cut" / "last.pt", weights_only=True)["rank_states"]
+    assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"])
+
+
 @pytest.mark.parametrize("optimizer", ["bsam", "lets"])
 def test_torchrun_resume_is_bit_identical_with_per_rank_optimizer_state(tmp_path, optimizer):
     """bSAM's noise (seed + rank) and LETS' v differ per rank: each rank resumes its own."""

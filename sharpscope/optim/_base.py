@@ -800,6 +800,10 @@ class SharpnessAware(torch.optim.Optimizer):
     def load_rank_state(self, state: dict[str, Any]) -> None:
         """Load this rank's part saved by :meth:`rank_state`."""
 
+    def derive_rank_state(self, rank: int) -> None:
+        """Make this rank's part its own when none was saved for it (a resume with more
+        processes): by default the loaded state (rank 0's) is kept as it is."""
+
     def _per_param_state(self, key: str) -> dict[int, Tensor]:
         return {
             i: self.state[p][key]

@@ -412,6 +412,14 @@ class BSAM(SharpnessAware):
     def load_rank_state(self, state: dict[str, Any]) -> None:
         self._load_rng_state(state.get("rng"))
 
+    def derive_rank_state(self, rank: int) -> None:
+        """A noise stream of this rank's own, seeded from the loaded (rank 0's) stream:
+        ``s + rank`` with ``s`` its next 62-bit draw, the same on every rank."""
+        loaded = torch.Generator(device=self.generator.device)
+        loaded.set_state(self.generator.get_state())
+        draw = torch.randint(2**62, (1,), generator=loaded, device=self.generator.device)
+        self.generator.manual_seed(int(draw) + rank)
+
     def _check_rng_state(self, state: Tensor | None) -> None:
         if state is None:
             raise SharpscopeError(

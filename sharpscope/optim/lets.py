@@ -592,6 +592,9 @@ class LETS(SharpnessAware):
         if state.get("inner") is not None:
             self.inner.load_rank_state(state["inner"])
 
+    def derive_rank_state(self, rank: int) -> None:
+        self.inner.derive_rank_state(rank)
+
     def _check_variant_state(self, state: dict[str, Any]) -> None:
         self._check_variant_keys(state, ("v", "val_count", "inner"))
         self._check_per_param_state("v", state.get("v", {}))
