@@ -117,6 +117,14 @@ def stop_reason(exc: BaseException) -> str:
     return "interrupted"
 
 
+def refuse_torchrun(command: str, because: str) -> None:
+    """One line for a command that is not run under torchrun (studies, figures,
+    benchmarks), where every rank would run it in full, into the same folder, each
+    refusing the others' lock or stalling in a collective."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise SharpscopeError(f"`sharpscope {command}` does not run under torchrun: {because}")
+
+
 def speaks_for_the_job(exc: BaseException, is_main: bool) -> bool:
     """Whether this process says (and keeps) what a stopped command saved: rank 0 on an
     interrupt; every survivor when another process was lost, as that may be rank 0."""

@@ -16,6 +16,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
+    refuse_torchrun,
     stop_reason,
 )
 
@@ -47,6 +48,7 @@ def register(app: typer.Typer) -> None:
         """Time sharpscope against its reference on the same model and data; print ratios."""
         from ..bench._common import bench_devices, mark_quick, print_rows, write_rows
 
+        refuse_torchrun("bench", "it times one process; start it as `sharpscope bench NAME`")
         if name not in BENCHMARKS:
             raise SharpscopeError(
                 f"unknown benchmark '{name}'; choose one of: {', '.join(BENCHMARKS)}"

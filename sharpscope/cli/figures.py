@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ._common import check_counts, check_output_folder, console, guarded
+from ._common import check_counts, check_output_folder, console, guarded, refuse_torchrun
 
 
 def _log(message: str) -> None:
@@ -39,6 +39,7 @@ def register(app: typer.Typer) -> None:
         """Run the quick reproductions (cached) and write their figures, data beside each."""
         from ..study.executors import default_workers
 
+        refuse_torchrun("figures", "it starts its own worker processes (--workers N)")
         check_counts({"--workers": workers})
         from ..study.reproductions import make_figures
 

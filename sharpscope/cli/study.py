@@ -16,6 +16,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
+    refuse_torchrun,
 )
 
 StudyDirArg = Annotated[
@@ -116,6 +117,10 @@ def register(app: typer.Typer) -> None:
         from ..study.report import write_report
         from ..study.runner import default_out, run_study
 
+        refuse_torchrun(
+            "study run",
+            "it starts its own worker processes (--workers N, or --executor slurm)",
+        )
         check_counts({"--workers": workers})
         if quick and config is not None:
             raise SharpscopeError("give either CONFIG.toml or --quick, not both")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
 from typer.testing import CliRunner
 
 from sharpscope.cli import app
 
-from cases import tiny_study_toml
+from cases import tiny_study_toml, torchrun
 
 runner = CliRunner()
 
@@ -354,3 +355,30 @@ def test_a_slurm_study_on_a_machine_without_slurm_leaves_no_folder(tmp_path):
     )
     _one_line_error(result, "cannot start the submitit 'slurm' executor", "use --executor local")
     assert not out.exists()
+
+
+def test_study_run_under_torchrun_is_one_line_not_a_stall(tmp_path):
+    """Session 27: under torchrun each rank ran the study; the second was refused by the
+    first's lock ("another study run is working in ..."), and the first then waited for it
+    in a collective until torchrun killed it 30 s later. Refused at once now."""
+    out = tmp_path / "st"
+    launched = torchrun("study", "run", "--quick", "--out", str(out))
+    assert launched.returncode != 0
+    lines = {line for line in launched.stderr.splitlines() if line.startswith("error:")}
+    assert lines == {
+        "error: `sharpscope study run` does not run under torchrun: it starts its own worker "
+        "processes (--workers N, or --executor slurm)"
+    }, launched.stderr[-2000:]
+    assert "forcefully exiting" not in launched.stderr and not out.exists()
+
+
+@pytest.mark.parametrize(
+    "args", [["figures", "--only", "quick"], ["bench", "optimizers", "--quick"]]
+)
+def test_figures_and_bench_are_refused_under_torchrun(args, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert result.output.startswith(f"error: `sharpscope {args[0]}` does not run under torchrun")
+    assert list(tmp_path.iterdir()) == []  # no figures/ or runs/ made
