@@ -808,7 +808,8 @@ def _train(
         if scaler is not None and state.get("scaler_state"):
             _restore(last_path, "scaler_state", scaler.load_state_dict, state)
         _restore(last_path, "rng_state", lambda s: _set_rng_state(s, device), state)
-        _warn_other_world_size(state, info, last_path)
+        if start_epoch < config.epochs:  # a finished run has nothing to do: no warning
+            _warn_other_world_size(state, info, last_path)
         _load_rank_state(optimizer, state.get("rank_states"), info, last_path)
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:

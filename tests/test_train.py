@@ -966,6 +966,13 @@ def test_resume_with_another_process_count_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(_config(resumed, epochs=2), resume=True)
+    # a finished run resumed with another count has nothing to do: no warning about it
+    finished = torch.load(resumed / "last.pt", weights_only=True)
+    finished["world_size"] = 2
+    torch.save(finished, resumed / "last.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert train(_config(resumed, epochs=2), resume=True).start_epoch == 2
 
 
 def test_each_rows_lr_is_the_one_its_epochs_steps_used(tmp_path):
