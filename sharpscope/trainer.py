@@ -41,6 +41,7 @@ from .distributed import (
     DistInfo,
     barrier,
     check_device_name,
+    check_same_data,
     gather_to_main,
     init_from_env,
     is_multi_process,
@@ -726,6 +727,9 @@ def _train(
         _check_no_earlier_run(out)
     torch.manual_seed(config.seed)
     train_split, test_split, val_split = _prepare_data(config, info)
+    for name, split in (("train", train_split), ("test", test_split), ("val", val_split)):
+        if split is not None:
+            check_same_data(split.inputs, split.targets, f"{name} data")
     num_train = len(train_split)
     steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch == 0:

@@ -77,3 +77,21 @@ def test_gather_to_main_in_one_process_detaches_nested_tensors():
     (out,) = gather_to_main({"w": weight * 2, "rest": [weight * 3, "label"]})
     assert not out["w"].requires_grad and torch.equal(out["w"], torch.full((3,), 2.0))
     assert not out["rest"][0].requires_grad and out["rest"][1] == "label"
+
+
+def test_the_data_summary_tells_other_data_and_another_order_apart():
+    from sharpscope.distributed import _close, data_summary
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5000, 3, 4, generator=gen), torch.randint(0, 10, (5000,), generator=gen)
+    same = data_summary(x, y)
+    assert same[0] == 5000 and _close(same, data_summary(x.clone(), y.clone()))
+    order = torch.randperm(5000, generator=gen)
+    assert not _close(same, data_summary(x[order], y[order]))  # the sums alone would agree
+    moved = x.clone()
+    moved[4500, 0, 0] += 1e-3  # one value in the second chunk of 4096
+    assert not _close(same, data_summary(moved, y))
+    labels = y.clone()
+    labels[0] = (labels[0] + 1) % 10
+    assert not _close(same, data_summary(x, labels))
+    assert _close(data_summary(x.to(torch.uint8), y), data_summary(x.to(torch.uint8), y))

@@ -119,6 +119,31 @@ def test_under_torchrun_losing_rank_0_the_survivor_names_the_epoch_kept(tmp_path
     )
 
 
+def test_under_torchrun_training_data_that_differ_between_processes_are_refused(tmp_path):
+    """Session 27: each rank trained on its share of its own data set when a factory gave
+    the processes different data (here: by rank). Every rank stops with the same line."""
+    (tmp_path / "fac.py").write_text(
+        "import os\nimport torch\n\n\n"
+        "def by_rank():\n"
+        "    g = torch.Generator().manual_seed(int(os.environ.get('RANK', '0')))\n"
+        "    return torch.randn(64, 40, generator=g), torch.randint(0, 10, (64,), generator=g)\n"
+    )
+    out = tmp_path / "run"
+    refused = torchrun(
+        "train", "--data", f"{tmp_path / 'fac.py'}:by_rank", "--trust-factories", "--model",
+        "mlp", "--epochs", "1", "--batch-size", "16", "--no-progress", "--device", "cpu",
+        "--out", str(out),
+    )  # fmt: skip
+    assert refused.returncode != 0
+    lines = {line for line in refused.stderr.splitlines() if line.startswith("error:")}
+    assert lines == {
+        "error: the train data differ between the torchrun processes (rank 1's are not rank "
+        "0's): every process must read the same data; a data factory that draws random data "
+        "must seed it (e.g. torch.Generator().manual_seed(0))"
+    }, refused.stderr[-2000:]
+    assert not (out / "last.pt").exists()
+
+
 def test_train_writes_checkpoints_and_metrics(tmp_path):
     summary = train(_config(tmp_path, save_every=1))
     assert {p.name for p in tmp_path.iterdir()} >= {

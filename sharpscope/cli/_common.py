@@ -33,7 +33,7 @@ from torch import nn
 from ..data import DataSplit, load_data, recorded_data_spec
 from ..data.batches import Batch, as_batches
 from ..device_memory import is_out_of_memory
-from ..distributed import PeerLost, launched_as_main, lost_peer, peer_lost
+from ..distributed import PeerLost, check_same_data, launched_as_main, lost_peer, peer_lost
 from ..errors import SharpscopeError, check_loss_value
 from ..registry import LossFn, check_trusted_factories, get_loss, is_factory_path
 from ..results import RunMeta
@@ -426,6 +426,7 @@ def load_analysis_inputs(
         data_root = (checkpoint.raw.get("config") or {}).get("data_root")
     chosen = pick_device(device)
     split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
+    check_same_data(split_data.inputs, split_data.targets, f"{split} data")
     if split == "test" and split_data.test_is_train:
         raise SharpscopeError(
             f"--split test needs a test set: the data factory {spec['factory']} gives one "

@@ -303,3 +303,31 @@ def test_examples_left_over_by_m_are_named(checkpoint, tmp_path, m, note):
     assert (line in result.output.splitlines()) == note
     assert ("note:" in result.output) == note
     assert json.loads(out.read_text())["num_samples_used"] == (60 if note else 64)
+
+
+def test_under_torchrun_data_that_differ_between_processes_are_refused(checkpoint, tmp_path):
+    """Session 27: a data factory drawing unseeded random data gave each process its own
+    data set, and the analysis reported a mixture of them, exit 0. Every rank now stops
+    with the same line (a seeded factory runs: the check does not refuse equal data)."""
+    from cases import torchrun
+
+    (tmp_path / "fac.py").write_text(
+        "import torch\n\n\n"
+        "def noisy():  # unseeded: every process draws its own\n"
+        "    return torch.randn(64, 40), torch.randint(0, 10, (64,))\n\n\n"
+        "def seeded():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(64, 40, generator=g), torch.randint(0, 10, (64,), generator=g)\n"
+    )
+    args = ["msharpness", str(checkpoint), "--subset-size", "16", "--device", "cpu"]
+    args += ["--trust-factories", "--no-progress"]
+    refused = torchrun(*args, "--data", f"{tmp_path / 'fac.py'}:noisy")
+    assert refused.returncode != 0
+    lines = {line for line in refused.stderr.splitlines() if line.startswith("error:")}
+    assert lines == {
+        "error: the train data differ between the torchrun processes (rank 1's are not rank "
+        "0's): every process must read the same data; a data factory that draws random data "
+        "must seed it (e.g. torch.Generator().manual_seed(0))"
+    }, refused.stderr[-2000:]
+    accepted = torchrun(*args, "--data", f"{tmp_path / 'fac.py'}:seeded")
+    assert accepted.returncode == 0, accepted.stderr[-2000:]
