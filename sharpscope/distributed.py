@@ -157,6 +157,20 @@ def leave_process_group(code: int = 0) -> None:
     if not is_multi_process():
         return
     shutdown(synchronize=True)
+    _exit_now(code)
+
+
+def abandon_process_group(code: int) -> None:
+    """Under torchrun, end this rank's process after a command failed or was stopped: exit
+    at once with ``code``, without a barrier (the other ranks may be gone) and without the
+    interpreter's teardown, in which gloo could abort ("terminate called without an active
+    exception" after sharpscope's line). The command's files are written and closed by
+    then (atomically); the streams and logs are flushed here. A single process returns."""
+    if is_multi_process():
+        _exit_now(code)
+
+
+def _exit_now(code: int) -> None:
     logging.shutdown()
     for stream in (sys.stdout, sys.stderr):
         stream.flush()

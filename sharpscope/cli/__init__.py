@@ -89,10 +89,11 @@ class OneLineErrors(TyperGroup):
             sys.exit(1)
         # Commands return None; an int is an exit code that an Exit carried.
         code = code if isinstance(code, int) else 0
-        if code == 0:  # under torchrun: leave together (on errors, as fast as possible)
-            from ..distributed import leave_process_group
+        from ..distributed import abandon_process_group, leave_process_group
 
+        if code == 0:  # under torchrun: leave together (on errors, as fast as possible)
             leave_process_group(code)
+        abandon_process_group(code)
         sys.exit(code)
 
 
