@@ -44,8 +44,10 @@ def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:
     def write(handle) -> None:
         try:
             torch.save(dict(payload), handle)
-        except RuntimeError as exc:  # torch's writer hides the OSError (disk full) it met
-            if isinstance(exc.__context__, OSError):
+        except RuntimeError as exc:
+            # torch's zip writer hides what stopped it: an OSError (disk full) or an
+            # interrupt (Ctrl-C, SIGTERM), which the command must see as such
+            if isinstance(exc.__context__, (OSError, KeyboardInterrupt)):
                 raise exc.__context__ from None
             raise
 

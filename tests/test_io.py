@@ -521,3 +521,39 @@ except OSError as exc:
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert done.returncode == 0 and done.stdout.strip() == "named", done.stderr[-1500:]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, "Terminated"])
+def test_an_interrupt_while_a_checkpoint_is_written_comes_out_as_itself(
+    tmp_path, monkeypatch, stop
+):
+    """Session 27: Ctrl-C or SIGTERM during torch.save came out as torch's RuntimeError
+    ("unexpected pos"), a traceback and exit 1 instead of the line naming last.pt and exit
+    130/143. The interrupt comes out now, and the old file stays whole."""
+    from sharpscope.cli._common import Terminated
+    from sharpscope.io import save_checkpoint
+
+    stop = Terminated if stop == "Terminated" else stop
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, {"w": torch.zeros(10)})
+    before = path.read_bytes()
+    real_save = torch.save
+
+    class Stopping:  # a file that is interrupted after the first kilobyte
+        def __init__(self, handle):
+            self.handle, self.written = handle, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 1000:
+                raise stop()
+            return self.handle.write(data)
+
+        def flush(self):
+            self.handle.flush()
+
+    monkeypatch.setattr(torch, "save", lambda obj, handle: real_save(obj, Stopping(handle)))
+    with pytest.raises(stop):
+        save_checkpoint(path, {"w": torch.zeros(100_000)})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
