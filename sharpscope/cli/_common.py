@@ -264,6 +264,25 @@ def check_output_file(
     _check_writable_place(flag, path)
 
 
+def check_not_the_checkpoint(flag: str, path: Path | None, ckpt: str | Path) -> None:
+    """Refuse an output file that is the checkpoint being analysed (a folder given as
+    the checkpoint stands for its ``last.pt``): writing there would replace the weights."""
+    if path is None:
+        return
+    source = Path(ckpt)
+    source = source / "last.pt" if source.is_dir() else source
+    same = (
+        os.path.samefile(source, path)
+        if source.exists() and Path(path).exists()
+        else source.resolve() == Path(path).resolve()
+    )
+    if same:
+        raise SharpscopeError(
+            f"{flag} {path} is the checkpoint being analysed; writing there would replace "
+            "it: choose another file"
+        )
+
+
 def check_output_folder(flag: str, path: Path | None, holds: str) -> None:
     """Refuse an output folder that could not be made or written, before any work is
     done: an existing file of that name, or a file where one of its parents should be.

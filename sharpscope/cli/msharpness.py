@@ -31,6 +31,7 @@ from ._common import (
     SplitOpt,
     TrustFactoriesOpt,
     check_counts,
+    check_not_the_checkpoint,
     check_number,
     check_output_file,
     console,
@@ -147,6 +148,7 @@ def register(app: typer.Typer) -> None:
         )
         check_seed("--seed", seed)
         check_output_file("--json", json_out)
+        check_not_the_checkpoint("--json", json_out, ckpt)
         dist = init_from_env(device)  # under torchrun the subsets are split over the ranks
         inputs = load_inputs_from_flags(
             ckpt,

@@ -31,6 +31,7 @@ from ._common import (
     SplitOpt,
     TrustFactoriesOpt,
     check_counts,
+    check_not_the_checkpoint,
     check_number,
     check_output_file,
     console,
@@ -378,6 +379,7 @@ def register(app: typer.Typer) -> None:
             )
         check_seed("--seed", seed)
         check_output_file("--json", json_out)
+        check_not_the_checkpoint("--json", json_out, ckpt)
         check_output_file("--eigenvectors", eigenvectors, example="eigenvectors.npz")
         check_plot_path(plot)
 

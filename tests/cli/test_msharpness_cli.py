@@ -331,3 +331,24 @@ def test_under_torchrun_data_that_differ_between_processes_are_refused(checkpoin
     }, refused.stderr[-2000:]
     accepted = torchrun(*args, "--data", f"{tmp_path / 'fac.py'}:seeded")
     assert accepted.returncode == 0, accepted.stderr[-2000:]
+
+
+@pytest.mark.parametrize("command", ["msharpness", "spectrum"])
+@pytest.mark.parametrize("as_folder", [False, True])
+def test_json_onto_the_analysed_checkpoint_is_refused(checkpoint, tmp_path, command, as_folder):
+    """Session 27: `--json c.pt` replaced the trained weights with the result, exit 0."""
+    import shutil
+
+    folder = tmp_path / "run"
+    folder.mkdir()
+    ckpt = folder / "last.pt"
+    shutil.copy(checkpoint, ckpt)
+    before = ckpt.read_bytes()
+    given = folder if as_folder else ckpt
+    result = runner.invoke(app, [command, str(given), "--samples", "64", "--json", str(ckpt)])
+    assert result.exit_code == 2
+    assert one_error_line(result) == (
+        f"error: --json {ckpt} is the checkpoint being analysed; writing there would replace "
+        "it: choose another file"
+    )
+    assert ckpt.read_bytes() == before
