@@ -209,8 +209,12 @@ def _check_schedule(schedule: Mapping[str, Any]) -> None:
             f"unknown schedule key '{unknown[0]}'; the schedule takes {', '.join(SCHEDULE_KEYS)}"
         )
     warmup = schedule.get("warmup_epochs", 0)
-    if isinstance(warmup, bool) or not isinstance(warmup, (int, float)) or not warmup >= 0:
-        raise SharpscopeError(f"warmup_epochs must be a number >= 0, got {warmup!r}")
+    if (
+        isinstance(warmup, bool)
+        or not isinstance(warmup, (int, float))
+        or not 0 <= warmup < float("inf")
+    ):
+        raise SharpscopeError(f"warmup_epochs must be a finite number >= 0, got {warmup!r}")
     if schedule.get("name", "cosine") not in SCHEDULES:
         raise SharpscopeError(
             f"unknown schedule '{schedule.get('name')}'; choose one of: {', '.join(SCHEDULES)}"

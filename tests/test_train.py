@@ -493,7 +493,11 @@ def test_under_torchrun_a_divergence_and_sync_bn_on_the_cpu_are_one_line_on_ever
         ({"schedule": "cosine"}, "schedule must be a table"),
         (
             {"schedule": {"name": "cosine", "warmup_epochs": -1}},
-            "warmup_epochs must be a number >= 0",
+            "warmup_epochs must be a finite number >= 0",
+        ),
+        (  # session 27: inf passed and ended in an OverflowError traceback
+            {"schedule": {"name": "cosine", "warmup_epochs": float("inf")}},
+            "warmup_epochs must be a finite number >= 0",
         ),
         ({"save_every": "x"}, "save_every must be an integer >= 0"),
         ({"eval_batch_size": 0}, "eval_batch_size must be a positive integer"),

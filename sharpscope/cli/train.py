@@ -323,8 +323,9 @@ FLOAT_FLAGS = (
 
 
 def check_float_flags(values: dict[str, Any]) -> None:
-    """Refuse NaN in any number flag, and a negative (or infinite) weight decay,
-    momentum or learning rate, in one line naming the flag."""
+    """Refuse NaN in any number flag, infinity in all but the limits (``--max-grad-norm``,
+    ``--rho-max``: no limit), and a negative weight decay, momentum or learning rate, in
+    one line naming the flag."""
     from ..errors import SharpscopeError
 
     for name in FLOAT_FLAGS:
@@ -336,6 +337,8 @@ def check_float_flags(values: dict[str, Any]) -> None:
             check_number(flag, value, minimum=NUMBER_MINIMUMS[name])
         elif value != value:
             raise SharpscopeError(f"{flag} must be a number, got nan")
+        elif name not in ("max_grad_norm", "rho_max") and abs(value) == float("inf"):
+            raise SharpscopeError(f"{flag} must be a finite number, got {value:g}")
 
 
 @contextlib.contextmanager

@@ -100,8 +100,8 @@ def check_adaptive(adaptive: str, eta: float, *, allow_none: bool) -> None:
     """Raise a clear error for an unknown form or a negative ``eta``."""
     forms = ADAPTIVE_FORMS if allow_none else ADAPTIVE_FORMS[1:]
     check_choice("adaptive", adaptive, forms)
-    if not float(eta) >= 0:
-        raise SharpscopeError(f"eta must be >= 0, got {eta!r}")
+    if not 0 <= float(eta) < float("inf"):
+        raise SharpscopeError(f"eta must be a finite number >= 0, got {eta!r}")
 
 
 def weight_only_mask(model: nn.Module, params: list[Tensor], normalize_bias: bool) -> list[bool]:

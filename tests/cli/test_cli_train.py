@@ -195,7 +195,7 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
             ["--optimizer", "bsam", "--opt", "splits=100"],
             "bsam splits 100 is more than the 64 examples of a batch; use splits <= 64",
         ),
-        (["--warmup-epochs", "-1"], "--warmup-epochs must be a number >= 0"),
+        (["--warmup-epochs", "-1"], "--warmup-epochs must be a finite number >= 0"),
         # these trained to a NaN loss and blamed the learning rate ("training diverged")
         (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
         (["--optimizer", "lets", "--inner", "bsam"], "unknown LETS inner variant 'bsam'"),
@@ -208,6 +208,12 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
         (["--lr", "nan"], "--lr must be a finite number >= 0, got nan"),
         (["--optimizer", "sam", "--rho", "nan"], "--rho must be a number, got nan"),
+        # inf trained to a NaN loss that blamed the learning rate, or (rho_lr) pinned rho
+        # at 0 and trained SGD with exit 0; warmup inf was a traceback (session 27)
+        (["--optimizer", "asam", "--eta", "inf"], "--eta must be a finite number, got inf"),
+        (["--optimizer", "bsam", "--damping", "inf"], "--damping must be a finite number"),
+        (["--optimizer", "lets", "--rho-lr", "inf"], "--rho-lr must be a finite number"),
+        (["--warmup-epochs", "inf"], "--warmup-epochs must be a finite number, got inf"),
         # a raw IndexError from torch's Adam, and a failure at the first step (session 15 F1)
         (["--optimizer", "adam", "--opt", "betas=[0.9]"], "betas must be two numbers in [0, 1)"),
         (

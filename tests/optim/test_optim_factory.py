@@ -108,6 +108,11 @@ def test_resolved_spec_is_nested_and_complete():
         ({"name": "sam", "lr": float("nan")}, r"^lr must be a finite number >= 0, got nan$"),
         ({"name": "adamw", "weight_decay": float("nan")}, "^weight_decay must be a finite"),
         ({"name": "bsam", "lr": -1.0}, r"^lr must be a finite number >= 0, got -1.0$"),
+        # inf diverged (blaming the learning rate) or, for rho_lr, trained SGD (session 27)
+        ({"name": "asam", "eta": float("inf")}, r"^eta must be a finite number >= 0, got inf$"),
+        ({"name": "bsam", "s_init": float("inf")}, r"^s_init must be a finite number > 0"),
+        ({"name": "bsam", "prior_precision": float("inf")}, "^prior_precision must be a finite"),
+        ({"name": "bsam", "damping": float("inf")}, "^damping must be a finite number >= 0"),
         ({"name": "sgd", "lr": "0.1"}, r"^lr must be a number, got '0.1' \(str\)$"),
         ({"name": "vasso", "theta": 0}, "theta must be in"),
         ({"name": "samon"}, "has none"),
