@@ -312,7 +312,7 @@ def test_asam_eta_default_and_validation():
         lambda: ASAM(mlp(), torch.optim.SGD, eta=-0.1, lr=0.1),
         lambda: SAMON(bn_net(), torch.optim.SGD, adaptive="elementwise", eta=-0.1, lr=0.1),
     ):
-        with pytest.raises(SharpscopeError, match="eta must be >= 0"):
+        with pytest.raises(SharpscopeError, match="eta must be a finite number >= 0"):
             make()
 
 
