@@ -573,7 +573,22 @@ def seed_option(draws: str) -> Any:
     ]
 
 
-JsonOpt = Annotated[Optional[Path], typer.Option("--json", help="Write the result JSON.")]
+def nonempty_path(text: str) -> Path:
+    """A path option's value; an empty one (an unset variable in ``--out "$DIR"``) is a
+    usage error: as a ``Path`` it would be ".", the working folder.
+
+    >>> nonempty_path("runs/a")
+    PosixPath('runs/a')
+    """
+    if not str(text).strip():
+        raise typer.BadParameter("a path is needed, got an empty one")
+    return Path(text)
+
+
+JsonOpt = Annotated[
+    Optional[Path],
+    typer.Option("--json", help="Write the result JSON.", parser=nonempty_path, metavar="<path>"),
+]
 NoProgressOpt = Annotated[
     bool, typer.Option("--no-progress", help="Hide the progress bar (e.g. stderr to a file).")
 ]

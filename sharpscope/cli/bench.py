@@ -16,6 +16,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
+    nonempty_path,
     refuse_torchrun,
     stop_reason,
 )
@@ -33,7 +34,11 @@ def register(app: typer.Typer) -> None:
             ..., metavar="NAME", help="optimizers, spectrum, msharpness or landscape."
         ),
         json_out: Optional[Path] = typer.Option(
-            None, "--json", help="Write the rows as a JSON list."
+            None,
+            "--json",
+            help="Write the rows as a JSON list.",
+            parser=nonempty_path,
+            metavar="<path>",
         ),
         quick: bool = typer.Option(
             False,

@@ -7,7 +7,14 @@ from typing import Optional
 
 import typer
 
-from ._common import check_counts, check_output_folder, console, guarded, refuse_torchrun
+from ._common import (
+    check_counts,
+    check_output_folder,
+    console,
+    guarded,
+    nonempty_path,
+    refuse_torchrun,
+)
 
 
 def _log(message: str) -> None:
@@ -20,11 +27,19 @@ def register(app: typer.Typer) -> None:
     @app.command("figures")
     @guarded
     def figures_command(
-        out: Path = typer.Option(Path("figures"), "--out", help="Where the figures go."),
+        out: Path = typer.Option(
+            Path("figures"),
+            "--out",
+            help="Where the figures go.",
+            parser=nonempty_path,
+            metavar="<path>",
+        ),
         cache: Path = typer.Option(
             Path("runs") / "studies",
             "--cache",
             help="Study folders of the quick reproductions (reused when present).",
+            parser=nonempty_path,
+            metavar="<path>",
         ),
         only: Optional[list[str]] = typer.Option(
             None, "--only", help="Reproductions to make (a-f, quick); repeatable (default: all)."

@@ -43,6 +43,7 @@ from ._common import (
     guarded,
     interrupt_exit_code,
     load_inputs_from_flags,
+    nonempty_path,
     parse_options,
     progress_bar,
     seed_option,
@@ -281,7 +282,11 @@ def register(app: typer.Typer) -> None:
             None, "--max-points", help="Stop after about N new points (resume later)."
         ),
         out: Path = typer.Option(
-            Path("landscape"), "--out", help="Output folder (landscape.npz and plots)."
+            Path("landscape"),
+            "--out",
+            help="Output folder (landscape.npz and plots).",
+            parser=nonempty_path,
+            metavar="<path>",
         ),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PDF and PNG plots."),
         no_progress: NoProgressOpt = False,

@@ -40,6 +40,7 @@ from ._common import (
     guarded,
     interrupt_exit_code,
     load_inputs_from_flags,
+    nonempty_path,
     progress_bar,
     seed_option,
     speaks_for_the_job,
@@ -236,6 +237,8 @@ def register(app: typer.Typer) -> None:
             "--plot",
             help="Write the density plot as PATH.pdf and PATH.png (PATH may end in .pdf or "
             ".png; either way both are written).",
+            parser=nonempty_path,
+            metavar="<path>",
         ),
         backend: str = typer.Option(
             "sharpscope", "--backend", help="sharpscope or pyhessian (top-k and trace)."
@@ -250,7 +253,11 @@ def register(app: typer.Typer) -> None:
         dtype: DtypeOpt = "float32",
         trust_factories: TrustFactoriesOpt = False,
         eigenvectors: Optional[Path] = typer.Option(
-            None, "--eigenvectors", help="Save the top-k eigenvectors to OUT.npz."
+            None,
+            "--eigenvectors",
+            help="Save the top-k eigenvectors to OUT.npz.",
+            parser=nonempty_path,
+            metavar="<path>",
         ),
         tol: float = typer.Option(
             1e-5, "--tol", help="Relative Ritz-residual tolerance (> 0) of the top-k."

@@ -16,6 +16,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
+    nonempty_path,
     refuse_torchrun,
 )
 
@@ -85,7 +86,11 @@ def register(app: typer.Typer) -> None:
             False, "--quick", help="The built-in quick study: SGD vs SAM variants on MNIST-1D."
         ),
         out: Optional[Path] = typer.Option(
-            None, "--out", help="Study folder (default: runs/studies/NAME); reused to resume."
+            None,
+            "--out",
+            help="Study folder (default: runs/studies/NAME); reused to resume.",
+            parser=nonempty_path,
+            metavar="<path>",
         ),
         workers: Optional[int] = typer.Option(
             None,

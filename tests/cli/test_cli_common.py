@@ -157,3 +157,34 @@ def test_every_command_names_a_sigterm_from_torchrun(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith(
         "error: interrupted by SIGTERM (torchrun stops every process when one of them fails"
     )
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["landscape", "x.pt", "--out", ""],
+        ["study", "run", "--quick", "--out", " "],
+        ["figures", "--out", ""],
+        ["figures", "--cache", ""],
+        ["spectrum", "x.pt", "--json", ""],
+        ["spectrum", "x.pt", "--plot", ""],
+        ["spectrum", "x.pt", "--eigenvectors", ""],
+        ["msharpness", "x.pt", "--json", ""],
+        ["bench", "optimizers", "--json", ""],
+    ],
+)
+def test_an_empty_output_path_is_a_usage_error_not_the_working_folder(args, tmp_path, monkeypatch):
+    """Session 27: `--out ""` (an unset variable in a script) was Path("."): a study, a
+    landscape or the figures were written into the working folder."""
+    from typer.testing import CliRunner
+
+    from sharpscope.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    flag = args[[i for i, a in enumerate(args) if not a.strip()][0] - 1]
+    assert f"error: Invalid value for '{flag}': a path is needed, got an empty one" in (
+        result.output
+    ), result.output
+    assert list(tmp_path.iterdir()) == []
