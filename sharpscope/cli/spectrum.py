@@ -385,6 +385,16 @@ def register(app: typer.Typer) -> None:
                 "suggested)"
             )
         check_seed("--seed", seed)
+        if basis_device is not None:  # checked as --device is, before the work
+            from ..distributed import pick_device
+
+            try:
+                pick_device(basis_device)
+            except SharpscopeError as exc:
+                message = str(exc).replace("--device", "--basis-device")
+                raise SharpscopeError(f"--basis-device: {message}") from None
+            if basis_device.strip().lower() == "auto":
+                basis_device = None  # the default: where the products are computed
         check_output_file("--json", json_out)
         check_not_the_checkpoint("--json", json_out, ckpt)
         check_output_file("--eigenvectors", eigenvectors, example="eigenvectors.npz")

@@ -652,3 +652,29 @@ def test_a_k_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoi
         r"use k <= \d+",
         line,
     ), line
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        ("bogus", "--basis-device: unknown device 'bogus'; choose one of"),
+        ("meta", "--basis-device: unknown device 'meta'"),
+        (" ", "--basis-device: unknown device ' '"),
+    ],
+)
+def test_a_bad_basis_device_is_one_line_before_the_work(checkpoint, device, message):
+    """Session 27: torch.device() raised a traceback after the checkpoint, the data and the
+    pre-flight; it is checked as --device is now."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--basis-device", device])
+    assert result.exit_code == 2
+    assert "pre-flight" not in result.output
+    (line,) = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
+    assert line.startswith(f"error: {message}"), line
+
+
+def test_basis_device_auto_is_the_default(checkpoint, tmp_path):
+    result = runner.invoke(
+        app, ["spectrum", str(checkpoint), *FAST, "--skip", "trace,density", "--basis-device",
+              "auto", "--json", str(tmp_path / "s.json")],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
