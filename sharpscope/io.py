@@ -224,6 +224,17 @@ def _check_version(raw: Mapping[str, Any], path: Path) -> None:
         )
 
 
+def _check_config(raw: Mapping[str, Any], path: Path) -> None:
+    """One line for a ``config`` entry that is not the table of training settings that
+    ``train`` records (the analyses read its data_root, a resume all of it)."""
+    config = raw.get("config")
+    if config is not None and not isinstance(config, Mapping):
+        raise SharpscopeError(
+            f"{path} has a config entry of type {type(config).__name__}, not the table of "
+            "training settings that sharpscope train records; the file was edited"
+        )
+
+
 def _check_format(raw: Any, path: Path) -> None:
     """One line for a dict that names a ``format`` other than a sharpscope checkpoint's."""
     if isinstance(raw, Mapping) and "format" in raw and raw["format"] != FORMAT:
@@ -262,6 +273,7 @@ def load_training_state(path: str | Path, map_location: str | torch.device = "cp
             "file); --resume needs the last.pt that `sharpscope train` wrote"
         )
     _check_version(raw, path)
+    _check_config(raw, path)
     missing = [key for key in TRAINING_STATE_KEYS if key not in raw]
     if missing:
         raise SharpscopeError(
@@ -322,6 +334,7 @@ def load_checkpoint(
     _check_format(raw, path)
     if is_sharpscope_checkpoint(raw):
         _check_version(raw, path)
+        _check_config(raw, path)
         if model_spec is None and raw.get("model") is None:
             raise SharpscopeError(
                 f"{path} records no model spec (its 'model' entry is missing); say which "

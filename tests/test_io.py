@@ -557,3 +557,23 @@ def test_an_interrupt_while_a_checkpoint_is_written_comes_out_as_itself(
         save_checkpoint(path, {"w": torch.zeros(100_000)})
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left
+
+
+@pytest.mark.parametrize("config", ["x", [1, 2], 3])
+def test_a_config_entry_that_is_not_a_table_is_one_line(tmp_path, config):
+    """Session 27: the analyses and train --resume ended in an AttributeError traceback
+    ('str' object has no attribute 'get')."""
+    from sharpscope.io import load_checkpoint, load_training_state, save_checkpoint
+    from sharpscope.registry import build_model
+
+    spec = {"name": "mlp", "width": 4, "depth": 1}
+    path = tmp_path / "last.pt"
+    save_checkpoint(
+        path,
+        {"format": "sharpscope-checkpoint", "version": 1, "model": spec, "input_shape": [40],
+         "num_classes": 10, "state_dict": build_model(spec, (40,), 10).state_dict(),
+         "config": config},
+    )  # fmt: skip
+    for load in (load_checkpoint, load_training_state):
+        with pytest.raises(SharpscopeError, match="has a config entry of type"):
+            load(path)
