@@ -599,12 +599,12 @@ def landscape(
         # unfinished points.
         blocks = [
             idx
-            for idx in torch.arange(len(computed)).split(chunk_size)
+            for idx in torch.arange(len(computed)).split(min(chunk_size, max(1, len(computed))))
             if not bool(computed[idx].all())
         ]
         if max_points is not None:
             counts = torch.tensor([int((~computed[b]).sum()) for b in blocks]).cumsum(0)
-            blocks = blocks[: int((counts < max_points).sum()) + 1]
+            blocks = blocks[: int((counts < min(max_points, len(computed))).sum()) + 1]
 
         def snapshot(complete: bool) -> LandscapeResult:
             return _result(

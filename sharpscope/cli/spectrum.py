@@ -424,6 +424,11 @@ def register(app: typer.Typer) -> None:
                 f"k={k} is larger than the number of parameters ({num_params}); use k <= "
                 f"{num_params}"
             )
+        if num_params is not None and block_size is not None and block_size > num_params:
+            raise SharpscopeError(
+                f"--block-size {block_size} is larger than the number of parameters "
+                f"({num_params}); use --block-size <= {num_params}"
+            )
         if num_params is not None and deflate >= num_params:
             raise SharpscopeError(
                 f"--deflate {deflate} must be fewer than the model's {num_params} parameters"

@@ -714,6 +714,10 @@ def block_lanczos_top_k(
     b = int(block_size)
     if b < 1:
         raise SharpscopeError(f"block_size must be >= 1, got {block_size}")
+    if b > n:
+        raise SharpscopeError(
+            f"block_size {b} is larger than the number of parameters ({n}); use block_size <= {n}"
+        )
     gen = torch.Generator().manual_seed(int(seed))
     num_blocks = max(1, min(max_steps, n) // b)
     blocks: list[Tensor] = [_orthonormal_rows(random_vector(n, gen, rows=b).to(op.device), gen=gen)]

@@ -186,7 +186,8 @@ def as_batches(
         inputs, targets = as_tensors(data)
         if len(inputs) == 0:
             raise SharpscopeError("the data set is empty")
-        size = len(inputs) if batch_size is None else batch_size
+        # a size above the data is one batch (split() cannot take sizes beyond int64)
+        size = len(inputs) if batch_size is None else min(batch_size, len(inputs))
         batches = list(zip(inputs.split(size), targets.split(size)))
     elif isinstance(data, Iterable) and not isinstance(data, (str, bytes, Tensor)):
         if getattr(data, "drop_last", False) is True:  # a DataLoader that loses examples

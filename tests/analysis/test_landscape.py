@@ -498,6 +498,14 @@ def test_resume_after_interruption_gives_the_same_grid(tmp_path, vectorize):
     assert int(step.computed.sum()) == 8 and not step.complete
     rest = landscape(net, (x, y), 2, out=tmp_path / "steps.npz", **kw)
     torch.testing.assert_close(rest.loss, full.loss, rtol=0, atol=0)
+    # sizes beyond int64 are the whole grid and the whole data (session 27: an
+    # OverflowError traceback from torch's split and comparison)
+    huge = 10**30
+    whole = landscape(
+        net, (x, y), 2, **{**kw, "chunk_size": huge}, max_points=huge, batch_size=huge
+    )
+    assert whole.complete
+    torch.testing.assert_close(whole.loss, full.loss, rtol=1e-6, atol=1e-7)
     with pytest.raises(SharpscopeError, match="different settings"):
         landscape(net, (x, y), 2, out=path, **{**kw, "seed": 3})
 

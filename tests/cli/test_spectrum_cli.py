@@ -678,3 +678,17 @@ def test_basis_device_auto_is_the_default(checkpoint, tmp_path):
               "auto", "--json", str(tmp_path / "s.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+
+
+def test_a_block_size_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoint):
+    """Session 27: it ended in an out-of-memory line that named --batch-size (or, for
+    1e30, a TypeError traceback), after the pre-flight."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--block-size", str(10**30)])
+    assert result.exit_code == 2
+    assert "pre-flight" not in result.output
+    (line,) = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
+    assert re.fullmatch(
+        rf"error: --block-size {10**30} is larger than the number of parameters \(\d+\); "
+        r"use --block-size <= \d+",
+        line,
+    ), line

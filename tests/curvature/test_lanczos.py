@@ -56,6 +56,15 @@ def test_negative_eigenvalues_with_which_sa_and_lm(planted_matrix):
     assert rel_err(lm.eigenvalues, torch.tensor([6.0, -7.0, -9.0], dtype=F64)) <= 1e-8
 
 
+def test_a_block_wider_than_the_operator_is_one_line(planted_matrix):
+    """Session 27: a block_size of 1e30 was a TypeError from torch.randn."""
+    A = planted_matrix(torch.arange(10, 0, -1, dtype=F64), seed=1)
+    with pytest.raises(SharpscopeError, match=r"block_size 11 is larger than the number of"):
+        block_lanczos_top_k(A, k=2, block_size=11)
+    with pytest.raises(SharpscopeError, match="larger than the number of parameters"):
+        block_lanczos_top_k(A, k=2, block_size=10**30)
+
+
 def test_repeated_eigenvalue_needs_the_block_variant(planted_matrix):
     eig = torch.cat([torch.tensor([10.0, 10.0, 8.0, 7.0, 6.0], dtype=F64), bulk(195, 0, 1, 5)])
     A = planted_matrix(eig, seed=6)
