@@ -320,12 +320,32 @@ def loss_that_kills_rank_1(after_calls: int, rank: int = 1) -> str:
     )
 
 
-def torchrun(*args: str, processes: int = 2) -> subprocess.CompletedProcess:
-    """``python -m torch.distributed.run --standalone ... -m sharpscope ARGS``, output captured."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+def torchrun(
+    *args: str, processes: int = 2, cwd=None, launcher: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess:
+    """``python -m torch.distributed.run --standalone ... -m sharpscope ARGS``, output
+    captured; ``launcher``: more options of torchrun's own (e.g. ``--monitor-interval``)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", *launcher]
     command += ["--nproc_per_node", str(processes), "-m", "sharpscope", *args]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=cwd)
+
+
+#: torchrun's agent checks its processes every 30 s: a rank meets a lost peer itself
+#: before the agent would stop it with SIGTERM
+SLOW_AGENT = ("--monitor-interval", "30")
+
+#: what every rank says when the processes read different data
+DIFFERENT_DATA = (
+    "error: the train data differ between the torchrun processes (rank 1's are not rank "
+    "0's): every process must read the same data; a data factory that draws random data "
+    "must seed it (e.g. torch.Generator().manual_seed(0))"
+)
+
+
+def error_lines(done: subprocess.CompletedProcess) -> list[str]:
+    """The ``error:`` lines a finished command printed on stderr."""
+    return [line for line in done.stderr.splitlines() if line.startswith("error:")]
 
 
 def full_and_resumed_under_torchrun(tmp_path, args: list[str], processes: int = 2):

@@ -21,6 +21,9 @@ from sharpscope.io import load_checkpoint, load_training_state
 from sharpscope.trainer import TrainConfig, TrainingDiverged, lr_factor, train
 
 from cases import (
+    DIFFERENT_DATA,
+    SLOW_AGENT,
+    error_lines,
     full_and_resumed_runs,
     full_and_resumed_under_torchrun,
     loss_that_kills_rank_1,
@@ -92,24 +95,15 @@ def test_under_torchrun_losing_rank_0_the_survivor_names_the_epoch_kept(tmp_path
     out-of-memory kill) rank 1 printed a bare "another process stopped". Every survivor now
     names the epoch. torchrun's agent checks every 30 s, so that rank 1 meets the lost peer
     itself before the agent would stop it with SIGTERM."""
-    import os
-    import subprocess
-    import sys
-
     # rank 0 dies after 10 loss calls: in epoch 2 or 3, after last.pt was written
     (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=10, rank=0))
     out = tmp_path / "run"
     args = ["train", "--dataset", "digits", "--samples", "128", "--model", "mlp"]
     args += ["--epochs", "4", "--batch-size", "32", "--no-progress", "--device", "cpu"]
     args += ["--loss", "dying.py:loss", "--trust-factories", "--out", str(out)]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--monitor-interval", "30", "-m", "sharpscope", *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    launched = torchrun(*args, cwd=tmp_path, launcher=SLOW_AGENT)
     assert launched.returncode != 0
-    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(launched)
     assert len(errors) == 1, launched.stderr[-3000:]
     epoch = load_training_state(out / "last.pt")["epoch"]
     assert 1 <= epoch < 4
@@ -135,12 +129,7 @@ def test_under_torchrun_training_data_that_differ_between_processes_are_refused(
         "--out", str(out),
     )  # fmt: skip
     assert refused.returncode != 0
-    lines = {line for line in refused.stderr.splitlines() if line.startswith("error:")}
-    assert lines == {
-        "error: the train data differ between the torchrun processes (rank 1's are not rank "
-        "0's): every process must read the same data; a data factory that draws random data "
-        "must seed it (e.g. torch.Generator().manual_seed(0))"
-    }, refused.stderr[-2000:]
+    assert set(error_lines(refused)) == {DIFFERENT_DATA}, refused.stderr[-2000:]
     assert not (out / "last.pt").exists()
 
 

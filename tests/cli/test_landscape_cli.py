@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from sharpscope.analysis.landscape import LandscapeResult
 from sharpscope.cli import app
 
-from cases import loss_that_kills_rank_1
+from cases import SLOW_AGENT, loss_that_kills_rank_1
 from cases import write_checkpoint as write_spec_checkpoint
 
 runner = CliRunner()
@@ -396,7 +396,7 @@ def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_
     args += ["--no-plots", "--no-progress", "--save-every", "0", "--chunk-size", "4"]
     launched = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         *(["--monitor-interval", "30"] if lost == 0 else []),
+         *(SLOW_AGENT if lost == 0 else ()),
          "-m", "sharpscope", *args, "--loss", "dying.py:loss"],
         capture_output=True, text=True, cwd=tmp_path, timeout=300,
         env=dict(os.environ, OMP_NUM_THREADS="1"),

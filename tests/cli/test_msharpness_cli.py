@@ -309,7 +309,7 @@ def test_under_torchrun_data_that_differ_between_processes_are_refused(checkpoin
     """Session 27: a data factory drawing unseeded random data gave each process its own
     data set, and the analysis reported a mixture of them, exit 0. Every rank now stops
     with the same line (a seeded factory runs: the check does not refuse equal data)."""
-    from cases import torchrun
+    from cases import DIFFERENT_DATA, error_lines, torchrun
 
     (tmp_path / "fac.py").write_text(
         "import torch\n\n\n"
@@ -323,12 +323,7 @@ def test_under_torchrun_data_that_differ_between_processes_are_refused(checkpoin
     args += ["--trust-factories", "--no-progress"]
     refused = torchrun(*args, "--data", f"{tmp_path / 'fac.py'}:noisy")
     assert refused.returncode != 0
-    lines = {line for line in refused.stderr.splitlines() if line.startswith("error:")}
-    assert lines == {
-        "error: the train data differ between the torchrun processes (rank 1's are not rank "
-        "0's): every process must read the same data; a data factory that draws random data "
-        "must seed it (e.g. torch.Generator().manual_seed(0))"
-    }, refused.stderr[-2000:]
+    assert set(error_lines(refused)) == {DIFFERENT_DATA}, refused.stderr[-2000:]
     accepted = torchrun(*args, "--data", f"{tmp_path / 'fac.py'}:seeded")
     assert accepted.returncode == 0, accepted.stderr[-2000:]
 

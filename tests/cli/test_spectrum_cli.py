@@ -17,7 +17,7 @@ from sharpscope.data import load_data
 from sharpscope.io import save_checkpoint
 from sharpscope.registry import build_model
 
-from cases import SPECTRUM_JSON_KEYS, loss_that_kills_rank_1
+from cases import SLOW_AGENT, SPECTRUM_JSON_KEYS, error_lines, loss_that_kills_rank_1, torchrun
 
 runner = CliRunner()
 SPEC = {"name": "mlp", "width": 8, "depth": 1}
@@ -568,35 +568,34 @@ def test_unconverged_deflated_eigenvalues_are_a_warning_line():
     assert "warning: 1 of the 2 deflated eigenvalues did not converge" in "\n".join(lines)
 
 
-def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(checkpoint, tmp_path):
+@pytest.mark.parametrize("lost", [1, 0])
+def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(
+    checkpoint, tmp_path, lost
+):
     """Rank 1 dies in the density: rank 0 printed gloo's 40-line traceback and wrote no
-    JSON, though the top-k was done. It now says so in one line and keeps the top-k."""
-    import os
-    import subprocess
-    import sys
-
-    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=45))
+    JSON, though the top-k was done. It now says so in one line and keeps the top-k.
+    Session 27: only rank 0 wrote the finished parts, so losing rank 0 (the one an
+    out-of-memory killer may pick) lost them; every survivor keeps and names them now."""
+    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=45, rank=lost))
     out = tmp_path / "s.json"
-    args = [str(checkpoint), "--samples", "64", "--device", "cpu", "--skip", "trace"]
+    args = ["spectrum", str(checkpoint), "--samples", "64", "--device", "cpu", "--skip", "trace"]
     args += ["--k", "2", "--max-steps", "20", "--tol", "1e-14", "--probes", "1"]
     args += ["--lanczos-steps", "60", "--loss", "dying.py:loss", "--json", str(out)]
     args += ["--hvp-mode", "forward"]  # one loss call per product (reverse reuses a graph)
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "sharpscope", "spectrum", *args, "--no-progress"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
+    launched = torchrun(
+        *args, "--no-progress", cwd=tmp_path, launcher=SLOW_AGENT if lost == 0 else ()
+    )
     assert launched.returncode != 0
-    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
+    errors = error_lines(launched)
     assert len(errors) == 1, launched.stderr[-3000:]
-    # rank 0 notices the lost peer, or torchrun's agent stops it first (SIGTERM, under load)
-    assert errors[0].startswith(
-        (
-            "error: another process of this torchrun job stopped (gloo: ",
+    # the survivor notices the lost peer, or torchrun's agent stops it first (SIGTERM, under
+    # load; not with rank 0 lost, where the agent waits)
+    said = ("error: another process of this torchrun job stopped (gloo: ",)
+    if lost == 1:
+        said += (
             "error: interrupted by SIGTERM (torchrun stops every process when one of them fails",
         )
-    ), errors[0]
+    assert errors[0].startswith(said), errors[0]
     assert errors[0].endswith(
         f"during the density; {out} holds the parts finished before it (top), the rest null"
     )
@@ -607,49 +606,24 @@ def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(che
     assert len(saved["top"]["eigenvalues"]) == 2
 
 
-def test_when_rank_0_is_lost_the_survivor_keeps_the_finished_parts(checkpoint, tmp_path):
-    """Session 27: only rank 0 wrote the finished parts, so losing rank 0 (the one an
-    out-of-memory killer may pick) lost them. Every survivor now keeps and names them.
-    torchrun's agent checks its processes every 30 s here, so that rank 1 meets the lost
-    peer itself before the agent would stop it with SIGTERM."""
-    import os
-    import subprocess
-    import sys
-
-    (tmp_path / "dying.py").write_text(loss_that_kills_rank_1(after_calls=45, rank=0))
-    out = tmp_path / "s.json"
-    args = [str(checkpoint), "--samples", "64", "--device", "cpu", "--skip", "trace"]
-    args += ["--k", "2", "--max-steps", "20", "--tol", "1e-14", "--probes", "1"]
-    args += ["--lanczos-steps", "60", "--loss", "dying.py:loss", "--json", str(out)]
-    args += ["--hvp-mode", "forward", "--no-progress"]
-    launched = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "--monitor-interval", "30", "-m", "sharpscope", "spectrum", *args],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-    )  # fmt: skip
-    assert launched.returncode != 0
-    errors = [line for line in launched.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1, launched.stderr[-3000:]
-    assert errors[0].startswith("error: another process of this torchrun job stopped"), errors
-    assert errors[0].endswith(
-        f"during the density; {out} holds the parts finished before it (top), the rest null"
-    )
-    saved = json.loads(out.read_text())
-    assert saved["parts"] == ["top"] and saved["density"] is None
-    assert len(saved["top"]["eigenvalues"]) == 2
-
-
-def test_a_k_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoint):
-    """It was refused after the gradient passes and the HVP-mode timing, below a progress
-    bar of 0/(max_steps) products (session 26)."""
-    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--k", "100000"])
+@pytest.mark.parametrize(
+    "flag, value, name",
+    [("--k", "100000", "k="), ("--block-size", str(10**30), "--block-size ")],
+)
+def test_a_size_above_the_parameter_count_is_refused_before_the_pre_flight(
+    checkpoint, flag, value, name
+):
+    """--k was refused after the gradient passes and the HVP-mode timing, below a progress
+    bar of 0/(max_steps) products (session 26); --block-size ended in an out-of-memory
+    line that named --batch-size (or, for 1e30, a TypeError traceback), after the
+    pre-flight (session 27)."""
+    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, flag, value])
     assert result.exit_code == 2
     assert "pre-flight" not in result.output and "hvp" not in result.stderr
     (line,) = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
     assert re.fullmatch(
-        r"error: k=100000 is larger than the number of parameters \(\d+\); "
-        r"use k <= \d+",
+        rf"error: {name}{value} is larger than the number of parameters \(\d+\); "
+        rf"use {name.strip().rstrip('=')} <= \d+",
         line,
     ), line
 
@@ -678,17 +652,3 @@ def test_basis_device_auto_is_the_default(checkpoint, tmp_path):
               "auto", "--json", str(tmp_path / "s.json")],
     )  # fmt: skip
     assert result.exit_code == 0, result.output
-
-
-def test_a_block_size_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoint):
-    """Session 27: it ended in an out-of-memory line that named --batch-size (or, for
-    1e30, a TypeError traceback), after the pre-flight."""
-    result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--block-size", str(10**30)])
-    assert result.exit_code == 2
-    assert "pre-flight" not in result.output
-    (line,) = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
-    assert re.fullmatch(
-        rf"error: --block-size {10**30} is larger than the number of parameters \(\d+\); "
-        r"use --block-size <= \d+",
-        line,
-    ), line
