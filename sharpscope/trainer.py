@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .data import DataSplit, load_data
+from .data import DataSplit, load_data, one_factory_call
 from .data.augment import random_crop_flip
 from .determinism import deterministic_algorithms
 from .distributed import (
@@ -526,6 +526,13 @@ def _prepare_data(
     if needs_val and not dataset.get("val_fraction"):
         dataset["val_fraction"] = 0.1
         config.dataset = dataset
+    with one_factory_call():  # a factory's splits come from one call of it
+        return _load_splits(config, dataset, needs_val, info)
+
+
+def _load_splits(
+    config: TrainConfig, dataset: dict[str, Any], needs_val: bool, info: DistInfo
+) -> tuple[DataSplit, DataSplit, DataSplit | None]:
     train = load_data(dataset, "train", data_root=config.data_root, device=info.device)
     if train.targets.is_floating_point() or train.targets.dim() != 1:
         why = (

@@ -133,6 +133,28 @@ def test_under_torchrun_training_data_that_differ_between_processes_are_refused(
     assert not (out / "last.pt").exists()
 
 
+def test_a_one_set_factory_without_a_seed_is_its_own_test_set(tmp_path):
+    """Session 27: the factory was called once per split, so the "test" metrics of an
+    unseeded one-set factory came from other data than the train metrics they are said
+    to equal (gen_gap 0)."""
+    (tmp_path / "single.py").write_text(
+        "import torch\n\n\n"
+        "def noisy():\n"
+        "    return torch.randn(64, 40), torch.randint(0, 10, (64,))\n"
+    )
+    config = _config(
+        tmp_path / "run", dataset={"factory": f"{tmp_path / 'single.py'}:noisy"}, epochs=1,
+        batch_size=16,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match="gives one data set"):
+        train(config)
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
+    (row,) = [r for r in rows if r["kind"] == "eval"]
+    assert row["test_loss"] == row["train_loss"] and row["test_acc"] == row["train_acc"]
+
+
 def test_train_writes_checkpoints_and_metrics(tmp_path):
     summary = train(_config(tmp_path, save_every=1))
     assert {p.name for p in tmp_path.iterdir()} >= {

@@ -14,6 +14,7 @@ split ``"val"``), ``samples`` (first N after a seeded shuffle), ``data_root``.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -34,6 +35,7 @@ SPEC_OPTIONS = ("label_noise", "noise_seed", "val_fraction", "samples", "seed", 
 __all__ = [
     "DataSplit",
     "load_data",
+    "one_factory_call",
     "subset_size_and_seed",
     "recorded_data_spec",
     "dataset_names",
@@ -145,6 +147,23 @@ def _check_count(name: str, value: Any, low: int = 0) -> int:
 
 def _seeded_permutation(n: int, seed: int) -> Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(int(seed)))
+
+
+#: the data each factory gave inside :func:`one_factory_call` (None outside it)
+_FACTORY_DATA: dict[str, RawData] | None = None
+
+
+@contextlib.contextmanager
+def one_factory_call() -> Iterator[None]:
+    """Within the block, a data factory is called once however many splits are loaded
+    from it: a factory that draws unseeded random data would give each split other data
+    (a one-set factory's "test" set, said to be its train set, would not be)."""
+    global _FACTORY_DATA
+    outer, _FACTORY_DATA = _FACTORY_DATA, {} if _FACTORY_DATA is None else _FACTORY_DATA
+    try:
+        yield
+    finally:
+        _FACTORY_DATA = outer
 
 
 def _raw_from_factory(path: str) -> RawData:
@@ -392,7 +411,13 @@ def load_data(
     _check_option_names(spec)
     root = spec.get("data_root", data_root)
     if "factory" in spec:
-        raw = _raw_from_factory(spec["factory"])
+        path = spec["factory"]
+        if _FACTORY_DATA is None:
+            raw = _raw_from_factory(path)
+        else:
+            if path not in _FACTORY_DATA:
+                _FACTORY_DATA[path] = _raw_from_factory(path)
+            raw = _FACTORY_DATA[path]
     else:
         name = spec["name"]
         if name not in SOURCES:

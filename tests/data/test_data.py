@@ -676,3 +676,25 @@ def test_a_bad_dict_of_data_sets_is_one_line(tmp_path, name, message):
     (tmp_path / "sets.py").write_text(SPLIT_FACTORY)
     with pytest.raises(SharpscopeError, match=rf"^data factory '.*:{name}': {message}"):
         load_data(f"{tmp_path / 'sets.py'}:{name}")
+
+
+def test_one_factory_call_serves_every_split_from_one_call(tmp_path):
+    """Session 27: train called a factory once per split, so an unseeded one-set factory
+    gave a "test" set other than the train set it is said to be."""
+    from sharpscope.data import one_factory_call
+
+    (tmp_path / "counted.py").write_text(
+        "import torch\n"
+        "calls = []\n"
+        "def data():\n"
+        "    calls.append(1)\n"
+        "    return torch.randn(16, 3), torch.randint(0, 2, (16,))\n"
+    )
+    factory = f"{tmp_path / 'counted.py'}:data"
+    with one_factory_call():
+        train, test = load_data(factory, "train"), load_data(factory, "test")
+        with one_factory_call():  # nested: the same call still serves
+            again = load_data(factory, "all")
+    assert torch.equal(train.inputs, test.inputs) and torch.equal(train.inputs, again.inputs)
+    outside = load_data(factory, "train")  # outside the block: a call of its own
+    assert not torch.equal(outside.inputs, train.inputs)
