@@ -175,14 +175,17 @@ def run(
                 reference = fns["reference"]()
                 # the target is on what a user gets: the device's default path
                 default_path = _default_path(model, data, device)
-                folded = "BatchNorm folded, " if batchnorm_modules(model) else ""
+                has_bn = bool(batchnorm_modules(model))
                 for key, label in (
-                    ("vmap", f"vmap over grid points ({folded.rstrip(', ') or 'no BatchNorm'})"),
+                    (
+                        "vmap",
+                        f"vmap over grid points ({'BatchNorm folded' if has_bn else 'no BatchNorm'})",
+                    ),
                     (
                         "loop",
-                        f"per-point loop, {folded}input layer precomputed where "
-                        "it pays (the CPU default; on a GPU the default where one point "
-                        "fills it)",
+                        f"per-point loop, {'BatchNorm folded, ' if has_bn else ''}input layer "
+                        "precomputed where it pays (the CPU default; on a GPU the default "
+                        "where one point fills it)",
                     ),
                 ):
                     diff = float(

@@ -163,8 +163,7 @@ def _two_pass_spec_check(name: str, spec: dict[str, Any], model, x, y, val, num_
                 p.copy_(wi)
                 p.grad = gi
         sgd.step()
-    mine, theirs = ref.state_dict(), test.state_dict()
-    return max(float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine)
+    return _state_difference(ref, test)
 
 
 def _bsam_spec_check(spec: dict[str, Any], model, x, y, num_data: int) -> float:
@@ -207,8 +206,13 @@ def _bsam_spec_check(spec: dict[str, Any], model, x, y, num_data: int) -> float:
                 gbar[i] = b1 * gbar[i] + (1 - b1) * (ge[i] + delta / n * m[i])
                 p.copy_(m[i] - lr * gbar[i] / s[i])
                 s[i] = b2 * s[i] + (1 - b2) * (torch.sqrt(s[i]) * g[i].abs() + delta / n + gamma)
-    mine, theirs = ref.state_dict(), test.state_dict()  # weights and BN statistics
-    return max(float((mine[k].double() - theirs[k].double()).abs().max()) for k in mine)
+    return _state_difference(ref, test)
+
+
+def _state_difference(mine: nn.Module, theirs: nn.Module) -> float:
+    """The largest difference between two models' weights and BatchNorm statistics."""
+    a, b = mine.state_dict(), theirs.state_dict()
+    return max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
 
 
 def run(
