@@ -91,9 +91,12 @@ class OneLineErrors(TyperGroup):
         code = code if isinstance(code, int) else 0
         from ..distributed import abandon_process_group, leave_process_group
 
-        if code == 0:  # under torchrun: leave together (on errors, as fast as possible)
+        # under torchrun leave together, or on errors as fast as possible (a single process
+        # returns from either)
+        if code == 0:
             leave_process_group(code)
-        abandon_process_group(code)
+        else:
+            abandon_process_group(code)
         sys.exit(code)
 
 
