@@ -307,6 +307,22 @@ def as_number(name: str, value: Any) -> float:
         raise SharpscopeError(f"{name} must be a number, got {value!r}") from None
 
 
+def finite_number(name: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` as a finite float >= 0 (> 0 with ``positive``), or one line naming the
+    option: an infinite one trained to a NaN loss blamed on the learning rate.
+
+    >>> finite_number("s_init", float("inf"), positive=True)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: s_init must be a finite number > 0, got inf
+    """
+    number = as_number(name, value)
+    if not (number > 0 if positive else number >= 0) or number == float("inf"):
+        bound = "> 0" if positive else ">= 0"
+        raise SharpscopeError(f"{name} must be a finite number {bound}, got {value!r}")
+    return number
+
+
 def two_betas(value: Any) -> tuple[float, float]:
     """``betas`` as two floats in [0, 1) (Adam's and bSAM's moment decays), else one line.
 

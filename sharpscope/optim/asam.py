@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import SharpscopeError, check_bool, check_choice
-from ._base import SharpnessAware, normalised
+from ._base import SharpnessAware, finite_number, normalised
 from ._ops import NORM_EPS, abs_plus, as_scalar, global_norm, products, scaled, signs
 from .closure import unwrap_model
 
@@ -100,8 +100,7 @@ def check_adaptive(adaptive: str, eta: float, *, allow_none: bool) -> None:
     """Raise a clear error for an unknown form or a negative ``eta``."""
     forms = ADAPTIVE_FORMS if allow_none else ADAPTIVE_FORMS[1:]
     check_choice("adaptive", adaptive, forms)
-    if not 0 <= float(eta) < float("inf"):
-        raise SharpscopeError(f"eta must be a finite number >= 0, got {eta!r}")
+    finite_number("eta", eta)
 
 
 def weight_only_mask(model: nn.Module, params: list[Tensor], normalize_bias: bool) -> list[bool]:

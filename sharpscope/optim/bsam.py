@@ -57,6 +57,7 @@ from ._base import (
     SharpnessAware,
     StepContext,
     as_number,
+    finite_number,
     rng_restore,
     rng_snapshot,
     two_betas,
@@ -181,18 +182,13 @@ class BSAM(SharpnessAware):
             raise SharpscopeError("bSAM is a standalone optimizer; it takes no base=")
         if num_data is None or not as_number("num_data", num_data) > 0:
             raise SharpscopeError(f"bSAM needs num_data > 0 (training set size), got {num_data!r}")
-        if not 0 < as_number("data_aug_factor", data_aug_factor) < float("inf"):
-            raise SharpscopeError(
-                f"data_aug_factor must be a finite number > 0, got {data_aug_factor!r}"
-            )
+        finite_number("data_aug_factor", data_aug_factor, positive=True)
         if isinstance(splits, bool) or as_number("splits", splits) != int(splits) or splits < 1:
             raise SharpscopeError(f"splits must be a positive integer, got {splits!r}")
-        if not 0 < as_number("s_init", s_init) < float("inf"):
-            raise SharpscopeError(f"s_init must be a finite number > 0, got {s_init!r}")
+        finite_number("s_init", s_init, positive=True)
         betas = two_betas(betas)
         for name, value in (("prior_precision", prior_precision), ("damping", damping), ("lr", lr)):
-            if not 0 <= as_number(name, value) < float("inf"):
-                raise SharpscopeError(f"{name} must be a finite number >= 0, got {value!r}")
+            finite_number(name, value)
         super().__init__(
             params,
             _BayesUpdate,

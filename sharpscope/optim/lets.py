@@ -58,6 +58,7 @@ from ._base import (
     SharpnessAware,
     StepContext,
     _check_rho,
+    finite_number,
     frozen_bn,
     rng_restore,
     rng_snapshot,
@@ -233,8 +234,7 @@ class LETS(SharpnessAware):
                 "per_group=True needs hypergrad='diag' or 'identity' (one HVP per group is not "
                 "implemented)"
             )
-        if not 0 <= float(rho_lr) < float("inf"):
-            raise SharpscopeError(f"rho_lr must be a finite number >= 0, got {rho_lr!r}")
+        finite_number("rho_lr", rho_lr)
         rho_min = _check_rho(rho_min, "rho_min")
         if rho_max is not None and not float(rho_max) >= rho_min:
             raise SharpscopeError(f"rho_max must be >= rho_min ({rho_min}), got {rho_max!r}")
@@ -244,8 +244,7 @@ class LETS(SharpnessAware):
                 f"the initial rho {initial} lies outside [rho_min, rho_max] = "
                 f"[{rho_min}, {rho_max}] (the clamp of optimizers.md §3)"
             )
-        if not 0 < float(fd_step) < float("inf"):
-            raise SharpscopeError(f"fd_step must be a finite number > 0, got {fd_step!r}")
+        finite_number("fd_step", fd_step, positive=True)
         options = dict(inner_options or {})
         unknown = set(options) - set(INNER_OPTIONS[inner])
         if unknown:
