@@ -585,10 +585,13 @@ def nonempty_path(text: str) -> Path:
     return Path(text)
 
 
-JsonOpt = Annotated[
-    Optional[Path],
-    typer.Option("--json", help="Write the result JSON.", parser=nonempty_path, metavar="<path>"),
-]
+def path_option(flag: str, help: str) -> Any:
+    """The typer option of an output path ``flag``, refused when empty
+    (:func:`nonempty_path`); its default goes on the parameter."""
+    return typer.Option(flag, help=help, parser=nonempty_path, metavar="<path>")
+
+
+JsonOpt = Annotated[Optional[Path], path_option("--json", "Write the result JSON.")]
 NoProgressOpt = Annotated[
     bool, typer.Option("--no-progress", help="Hide the progress bar (e.g. stderr to a file).")
 ]

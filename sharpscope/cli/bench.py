@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -16,7 +16,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
-    nonempty_path,
+    path_option,
     refuse_torchrun,
     stop_reason,
 )
@@ -33,13 +33,9 @@ def register(app: typer.Typer) -> None:
         name: str = typer.Argument(
             ..., metavar="NAME", help="optimizers, spectrum, msharpness or landscape."
         ),
-        json_out: Optional[Path] = typer.Option(
-            None,
-            "--json",
-            help="Write the rows as a JSON list.",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
+        json_out: Annotated[
+            Optional[Path], path_option("--json", "Write the rows as a JSON list.")
+        ] = None,
         quick: bool = typer.Option(
             False,
             "--quick",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -12,7 +12,7 @@ from ._common import (
     check_output_folder,
     console,
     guarded,
-    nonempty_path,
+    path_option,
     refuse_torchrun,
 )
 
@@ -27,20 +27,13 @@ def register(app: typer.Typer) -> None:
     @app.command("figures")
     @guarded
     def figures_command(
-        out: Path = typer.Option(
-            Path("figures"),
-            "--out",
-            help="Where the figures go.",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
-        cache: Path = typer.Option(
-            Path("runs") / "studies",
-            "--cache",
-            help="Study folders of the quick reproductions (reused when present).",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
+        out: Annotated[Path, path_option("--out", "Where the figures go.")] = Path("figures"),
+        cache: Annotated[
+            Path,
+            path_option(
+                "--cache", "Study folders of the quick reproductions (reused when present)."
+            ),
+        ] = Path("runs") / "studies",
         only: Optional[list[str]] = typer.Option(
             None, "--only", help="Reproductions to make (a-f, quick); repeatable (default: all)."
         ),

@@ -12,7 +12,7 @@ processes; rank 0 writes the files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -43,8 +43,8 @@ from ._common import (
     guarded,
     interrupt_exit_code,
     load_inputs_from_flags,
-    nonempty_path,
     parse_options,
+    path_option,
     progress_bar,
     seed_option,
     speaks_for_the_job,
@@ -281,13 +281,9 @@ def register(app: typer.Typer) -> None:
         max_points: Optional[int] = typer.Option(
             None, "--max-points", help="Stop after about N new points (resume later)."
         ),
-        out: Path = typer.Option(
-            Path("landscape"),
-            "--out",
-            help="Output folder (landscape.npz and plots).",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
+        out: Annotated[
+            Path, path_option("--out", "Output folder (landscape.npz and plots).")
+        ] = Path("landscape"),
         plots: bool = typer.Option(True, "--plots/--no-plots", help="Write PDF and PNG plots."),
         no_progress: NoProgressOpt = False,
     ) -> None:

@@ -9,7 +9,7 @@ all-reduced; only rank 0 prints and writes files.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -40,7 +40,7 @@ from ._common import (
     guarded,
     interrupt_exit_code,
     load_inputs_from_flags,
-    nonempty_path,
+    path_option,
     progress_bar,
     seed_option,
     speaks_for_the_job,
@@ -232,14 +232,14 @@ def register(app: typer.Typer) -> None:
         device: DeviceOpt = "auto",
         seed: SeedOpt = 0,
         json_out: JsonOpt = None,
-        plot: Optional[Path] = typer.Option(
-            None,
-            "--plot",
-            help="Write the density plot as PATH.pdf and PATH.png (PATH may end in .pdf or "
-            ".png; either way both are written).",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
+        plot: Annotated[
+            Optional[Path],
+            path_option(
+                "--plot",
+                "Write the density plot as PATH.pdf and PATH.png (PATH may end in .pdf or "
+                ".png; either way both are written).",
+            ),
+        ] = None,
         backend: str = typer.Option(
             "sharpscope", "--backend", help="sharpscope or pyhessian (top-k and trace)."
         ),
@@ -252,13 +252,9 @@ def register(app: typer.Typer) -> None:
         ),
         dtype: DtypeOpt = "float32",
         trust_factories: TrustFactoriesOpt = False,
-        eigenvectors: Optional[Path] = typer.Option(
-            None,
-            "--eigenvectors",
-            help="Save the top-k eigenvectors to OUT.npz.",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
+        eigenvectors: Annotated[
+            Optional[Path], path_option("--eigenvectors", "Save the top-k eigenvectors to OUT.npz.")
+        ] = None,
         tol: float = typer.Option(
             1e-5, "--tol", help="Relative Ritz-residual tolerance (> 0) of the top-k."
         ),

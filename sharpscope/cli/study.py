@@ -16,7 +16,7 @@ from ._common import (
     fail,
     guarded,
     interrupt_exit_code,
-    nonempty_path,
+    path_option,
     refuse_torchrun,
 )
 
@@ -85,13 +85,10 @@ def register(app: typer.Typer) -> None:
         quick: bool = typer.Option(
             False, "--quick", help="The built-in quick study: SGD vs SAM variants on MNIST-1D."
         ),
-        out: Optional[Path] = typer.Option(
-            None,
-            "--out",
-            help="Study folder (default: runs/studies/NAME); reused to resume.",
-            parser=nonempty_path,
-            metavar="<path>",
-        ),
+        out: Annotated[
+            Optional[Path],
+            path_option("--out", "Study folder (default: runs/studies/NAME); reused to resume."),
+        ] = None,
         workers: Optional[int] = typer.Option(
             None,
             "--workers",
