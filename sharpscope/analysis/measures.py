@@ -153,6 +153,9 @@ def average_sharpness(
     check(rho > 0 and math.isfinite(rho), f"rho must be > 0, got {rho}")
     check(num_draws >= 1, f"num_draws must be >= 1, got {num_draws}")
     check(eta >= 0, f"eta must be >= 0, got {eta}")
+    check(
+        eta == 0 or adaptive, f"eta = {eta} applies to adaptive sharpness only (the scale |w| + η)"
+    )
     sub = split_subsets(model, data, m, loss, logit_normalize, measure="average sharpness")
     xs, ys, num_subsets, n, m = sub.xs, sub.ys, sub.num_subsets, sub.n, sub.n // sub.num_subsets
     classification, layout, theta = sub.classification, sub.layout, sub.theta

@@ -784,6 +784,9 @@ def m_sharpness(
         f"restarts = {restarts} needs random_start: every ascent from ε = 0 is the same",
     )
     check(eta >= 0, f"eta must be >= 0, got {eta}")
+    check(
+        eta == 0 or adaptive, f"eta = {eta} applies to adaptive sharpness only (the scale |w| + η)"
+    )
     check(chunk_size is None or chunk_size >= 1, f"chunk_size must be >= 1, got {chunk_size}")
     sub = split_subsets(model, data, m, loss, logit_normalize, fold_bn)
     xs, ys, num_subsets, n, n_total = sub.xs, sub.ys, sub.num_subsets, sub.n, sub.n_total

@@ -13,7 +13,7 @@ from typing import Optional
 import typer
 
 from ..data.batches import num_examples
-from ..errors import check_choice, check_seed
+from ..errors import check, check_choice, check_seed
 from ._common import (
     BatchSizeOpt,
     CkptArg,
@@ -94,13 +94,13 @@ def register(app: typer.Typer) -> None:
             False, "--random-start", help="Start each ascent at a random boundary point."
         ),
         restarts: int = typer.Option(1, "--restarts", help="Ascents per subset (random start)."),
-        projection: str = typer.Option(
-            "exact",
+        projection: Optional[str] = typer.Option(
+            None,
             "--projection",
             help="Adaptive L2 with --steps >= 2: exact (Euclidean projection onto the "
             "ellipsoid, as Andriushchenko et al.; not rescaling-invariant, can stall below "
             "the maximum: 91-98% of it at the minimum of a quadratic) or rescale (ascent in "
-            "the coordinates delta/|w|: invariant, reaches the maximum).",
+            "the coordinates delta/|w|: invariant, reaches the maximum)  [default: exact].",
         ),
         model: ModelOpt = None,
         data: DataOpt = None,
@@ -132,10 +132,17 @@ def register(app: typer.Typer) -> None:
         from ..distributed import init_from_env
 
         check_choice("--norm", norm, NORMS)
-        check_choice("--projection", projection, PROJECTIONS)
+        if projection is not None:
+            check_choice("--projection", projection, PROJECTIONS)
+            check(
+                adaptive and norm == "l2",
+                "--projection applies to --adaptive --norm l2 only (the other balls have "
+                "one projection)",
+            )
         # Every number and the output path are checked before the checkpoint is loaded.
         check_number("--rho", rho, minimum=0, inclusive=False)
         check_number("--eta", eta, minimum=0)
+        check(eta == 0 or adaptive, "--eta applies to --adaptive only (the scale |w| + η)")
         check_counts(
             {
                 "--m/--subset-size": m,  # torchrun users can only type the second
@@ -201,7 +208,7 @@ def register(app: typer.Typer) -> None:
                 eta=eta,
                 random_start=random_start,
                 restarts=restarts,
-                projection=projection,  # type: ignore[arg-type]
+                projection=projection or "exact",  # type: ignore[arg-type]
                 chunk_size=chunk_size,
                 vectorize=vectorize,
                 meta=inputs.meta,

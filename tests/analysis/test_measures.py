@@ -111,6 +111,8 @@ def test_average_sharpness_bad_input():
         average_sharpness(model, (x, y), rho=0.0, loss=half_mse)
     with pytest.raises(SharpscopeError, match="larger than the 24 examples"):
         average_sharpness(model, (x, y), rho=0.1, m=25, loss=half_mse)
+    with pytest.raises(SharpscopeError, match="applies to adaptive sharpness only"):
+        average_sharpness(model, (x, y), rho=0.1, eta=0.5, loss=half_mse)  # η was ignored
 
 
 # --- Keskar ε-sharpness ---------------------------------------------------------------------

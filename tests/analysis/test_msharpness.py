@@ -724,6 +724,7 @@ def test_regression_targets_report_nan_error():
         ({"m": 4, "rho": 0.1, "steps": 0}, "steps must be >= 1"),
         ({"m": 4, "rho": 0.1, "norm": "l3"}, "unknown norm"),
         ({"m": 0, "rho": 0.1}, "m must be a positive integer"),
+        ({"m": 4, "rho": 0.1, "eta": 0.5}, "applies to adaptive sharpness only"),
     ],
 )
 def test_bad_input_raises_one_clear_error(kwargs, message):

@@ -202,6 +202,12 @@ def test_no_progress_hides_the_bar(checkpoint):
         (["--restarts", "0"], "--restarts must be an integer >= 1, got 0"),
         (["--chunk-size", "0"], "--chunk-size must be an integer >= 1, got 0"),
         (["--eta", "-1"], "--eta must be a finite number >= 0, got -1"),
+        (["--projection", "rescale"], "--projection applies to --adaptive --norm l2 only"),
+        (
+            ["--adaptive", "--norm", "linf", "--projection", "exact"],
+            "--projection applies to --adaptive --norm l2 only",
+        ),
+        (["--eta", "0.1"], "--eta applies to --adaptive only"),
         (["--json", "{folder}"], "--json {folder} is a folder; give a file name"),
         (["--json", "{file}/ms.json"], "{file} is a file, not a folder"),
     ],
