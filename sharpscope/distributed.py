@@ -264,23 +264,6 @@ def gather_to_main(value: Any) -> list[Any] | None:
     return out
 
 
-def data_summary(inputs: torch.Tensor, targets: torch.Tensor) -> list[float]:
-    """A few float64 sums that tell data sets apart: the size, the sums of the examples'
-    values and of their targets, each plain and weighted by the example's position (so
-    a reordering shows too). Summed in chunks of examples, without a float64 copy."""
-    n = len(inputs)
-    totals = torch.zeros(4, dtype=torch.float64)
-    for start in range(0, n, 4096):
-        rows = inputs[start : start + 4096].reshape(min(4096, n - start), -1)
-        labels = targets[start : start + 4096].reshape(len(rows), -1)
-        weight = torch.arange(start + 1, start + len(rows) + 1, dtype=torch.float64)
-        for i, part in enumerate((rows, labels)):
-            sums = part.sum(1, dtype=torch.float64).cpu()
-            totals[2 * i] += sums.sum()
-            totals[2 * i + 1] += (sums * weight).sum()
-    return [float(n), *totals.tolist()]
-
-
 def check_same_data(inputs: torch.Tensor, targets: torch.Tensor, what: str) -> None:
     """Refuse data that differ between the processes of a torchrun job: each rank takes
     its share of the examples, so different data would train on (or analyse) a mixture
@@ -288,11 +271,15 @@ def check_same_data(inputs: torch.Tensor, targets: torch.Tensor, what: str) -> N
     collective (all ranks call it); nothing in a single process."""
     if not is_multi_process():
         return
+    from .data.fingerprint import data_summary, same_summary
+
     mine = data_summary(inputs, targets)
     every: list[Any] = [None] * dist.get_world_size()
     with peers_checked():
         dist.all_gather_object(every, mine)
-    other = next((rank for rank, seen in enumerate(every) if not _close(seen, every[0])), None)
+    other = next(
+        (rank for rank, seen in enumerate(every) if not same_summary(seen, every[0])), None
+    )
     if other is not None:
         from .errors import SharpscopeError
 
@@ -301,18 +288,6 @@ def check_same_data(inputs: torch.Tensor, targets: torch.Tensor, what: str) -> N
             "0's): every process must read the same data; a data factory that draws random "
             "data must seed it (e.g. torch.Generator().manual_seed(0))"
         )
-
-
-def _close(a: list[float], b: list[float]) -> bool:
-    """Equal sums, to rounding (NaN equal to NaN: data with NaN in them are not "other").
-
-    >>> _close([1.0, float("nan")], [1.0 + 1e-12, float("nan")]), _close([1.0], [1.1])
-    (True, False)
-    """
-    return all(
-        x == y or (x != x and y != y) or abs(x - y) <= 1e-9 * max(abs(x), abs(y))
-        for x, y in zip(a, b)
-    )
 
 
 def _to_cpu(value: Any) -> Any:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from . import __version__
 from .data import DataSplit, load_data, one_factory_call
 from .data.augment import random_crop_flip
+from .data.fingerprint import warn_if_not_as_trained
 from .determinism import deterministic_algorithms
 from .distributed import (
     DistInfo,
@@ -823,8 +824,15 @@ def _train(
         if scaler is not None and state.get("scaler_state"):
             _restore(last_path, "scaler_state", scaler.load_state_dict, state)
         _restore(last_path, "rng_state", lambda s: _set_rng_state(s, device), state)
-        if start_epoch < config.epochs:  # a finished run has nothing to do: no warning
+        if start_epoch < config.epochs and info.is_main:  # a finished run has nothing to do
             _warn_other_world_size(state, info, last_path)
+            warn_if_not_as_trained(
+                train_split.source_summary,
+                state.get("data_summary"),
+                str(config.dataset.get("factory")),
+                str(last_path),
+                "the resumed run trains on the data read now, unlike the uninterrupted run",
+            )
         _load_rank_state(optimizer, state.get("rank_states"), info, last_path)
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:
@@ -1016,7 +1024,7 @@ def _checkpoint_payload(
     metrics: Mapping[str, Any],
     device: torch.device,
 ) -> dict[str, Any]:
-    return {
+    payload = {
         "format": FORMAT,
         "version": VERSION,
         "sharpscope_version": __version__,
@@ -1040,3 +1048,6 @@ def _checkpoint_payload(
         "scaler_state": scaler.state_dict() if scaler is not None else None,
         "rng_state": _rng_state(device),
     }
+    if train_split.source_summary is not None:  # a data factory's: an analysis compares
+        payload["data_summary"] = train_split.source_summary
+    return payload

@@ -32,6 +32,7 @@ from torch import nn
 
 from ..data import DataSplit, load_data, recorded_data_spec
 from ..data.batches import Batch, as_batches
+from ..data.fingerprint import reading_as_trained, warn_if_not_as_trained
 from ..device_memory import is_out_of_memory
 from ..distributed import PeerLost, check_same_data, launched_as_main, lost_peer, peer_lost
 from ..errors import SharpscopeError, check_loss_value
@@ -441,10 +442,22 @@ def load_analysis_inputs(
         raise SharpscopeError(f"{ckpt} records no data set: pass --data NAME or module:function")
     if data_spec is None and data_options:
         spec = {**spec, **data_options}
+    config = checkpoint.raw.get("config") or {}
     if data_root is None:  # the CIFAR folder the run trained from, as its config recorded it
-        data_root = (checkpoint.raw.get("config") or {}).get("data_root")
+        data_root = config.get("data_root")
     chosen = pick_device(device)
-    split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
+    as_trained = "factory" in spec and spec["factory"] == (checkpoint.data_spec or {}).get(
+        "factory"
+    )  # the run's own factory: read it as training did, and say if its data changed
+    with reading_as_trained(config.get("seed") if as_trained else None):
+        split_data = load_data(spec, split, samples=samples, seed=seed, data_root=data_root)
+    if as_trained and launched_as_main():
+        warn_if_not_as_trained(
+            split_data.source_summary,
+            checkpoint.raw.get("data_summary"),
+            spec["factory"],
+            str(ckpt),
+        )
     check_same_data(split_data.inputs, split_data.targets, f"{split} data")
     if split == "test" and split_data.test_is_train:
         raise SharpscopeError(

@@ -26,6 +26,7 @@ from torch.utils.data import TensorDataset
 from ..errors import SharpscopeError, first_line
 from ..registry import normalize_spec, resolve_factory, unknown_name
 from .batches import as_batches, as_tensors, is_pair_of_tensors, num_examples
+from .fingerprint import data_summary
 from .noise import symmetric_label_noise
 from .sources import CIFAR_LAYOUT, SOURCES, RawData, cifar_folder
 
@@ -67,6 +68,7 @@ class DataSplit(TensorDataset):
         clean_targets: Tensor | None = None,
         subset: Mapping[str, int] | None = None,
         test_is_train: bool = False,
+        source_summary: list[float] | None = None,
     ) -> None:
         super().__init__(inputs, targets)
         self.inputs = inputs
@@ -80,6 +82,8 @@ class DataSplit(TensorDataset):
         self.subset = dict(subset or {})
         # a data factory's one set: its test split is its training data
         self.test_is_train = test_is_train
+        # a data factory's: data_summary of all it returned (the checkpoint records it)
+        self.source_summary = source_summary
 
     @property
     def noisy_mask(self) -> Tensor | None:
@@ -103,6 +107,7 @@ class DataSplit(TensorDataset):
             clean_targets=None if self.clean_targets is None else self.clean_targets.to(device),
             subset=self.subset,
             test_is_train=self.test_is_train,
+            source_summary=self.source_summary,
         )
 
     def __repr__(self) -> str:
@@ -207,6 +212,9 @@ def _raw_from_factory(path: str) -> RawData:
         if not train_targets.is_floating_point()
         else 1
     )
+    summary = data_summary(train_inputs, train_targets)
+    if "test" in parts:
+        summary += data_summary(test_inputs, test_targets)
     return RawData(
         train_inputs,
         train_targets,
@@ -214,6 +222,7 @@ def _raw_from_factory(path: str) -> RawData:
         test_targets,
         num_classes,
         test_is_train="test" not in parts,
+        summary=summary,
     )
 
 
@@ -476,5 +485,6 @@ def load_data(
         clean_targets=clean,
         subset=subset,
         test_is_train=raw.test_is_train,
+        source_summary=raw.summary,
     )
     return out.to(device) if device is not None else out

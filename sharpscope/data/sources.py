@@ -43,6 +43,8 @@ class RawData:
     num_classes: int
     # a factory's one data set serves as train and test (the test tensors are the train's)
     test_is_train: bool = False
+    # a data factory's: data_summary of train (and test) as it returned them
+    summary: list[float] | None = None
 
 
 def cache_dir() -> Path:

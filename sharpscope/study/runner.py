@@ -440,20 +440,33 @@ def _analysis_split(run: RunSpec, config: StudyConfig) -> tuple[Any, dict[str, A
     """The examples a run's analyses use, and the data spec that reloads them (recorded in
     the results' ``meta``, as the stand-alone commands record it)."""
     from ..data import load_data, recorded_data_spec
+    from ..data.fingerprint import reading_as_trained
 
     plan = config.analysis
     dataset = run.train["dataset"]
-    split = load_data(
-        dataset,
-        plan.split,
-        samples=plan.samples,
-        seed=plan.seed,
-        data_root=run.train.get("data_root"),
-    )
+    # a factory is called as the run's training called it (torch seeded with its seed)
+    with reading_as_trained(run.train.get("seed", 0) if factory_of(dataset) else None):
+        split = load_data(
+            dataset,
+            plan.split,
+            samples=plan.samples,
+            seed=plan.seed,
+            data_root=run.train.get("data_root"),
+        )
     recorded = recorded_data_spec(
         dataset, plan.split, plan.samples, plan.seed, split, samples_name="analysis.samples"
     )
     return split, recorded
+
+
+def _warn_if_other_data(run: RunSpec, split: Any, checkpoint: Any) -> None:
+    """One warning when the run's data factory gave other data than it trained on."""
+    from ..data.fingerprint import warn_if_not_as_trained
+
+    factory = factory_of(run.train["dataset"])
+    if factory is not None:
+        trained = checkpoint.raw.get("data_summary")
+        warn_if_not_as_trained(split.source_summary, trained, factory, str(checkpoint.path))
 
 
 def _provenance(checkpoint: Any, data_spec: dict[str, Any]) -> dict[str, Any]:
@@ -500,9 +513,11 @@ def _analyse_run(run: RunSpec, run_dir: Path, config: StudyConfig) -> None:
     loss = run.train.get("loss", "cross_entropy")
     common = {"seed": config.analysis.seed, "batch_size": config.analysis.batch_size}
     total = int(run.params["epochs"])
-    for epoch in sorted({e for e, _ in pending}):
+    for i, epoch in enumerate(sorted({e for e, _ in pending})):
         # a run this study trained from its config: its factories are the user's own
         checkpoint = load_checkpoint(_checkpoint_for(run_dir, epoch, total), trust_factories=True)
+        if i == 0:
+            _warn_if_other_data(run, split, checkpoint)
         model = checkpoint.model.to(device).eval()
         provenance = _provenance(checkpoint, data_spec)
         for _, measure in [p for p in pending if p[0] == epoch]:
@@ -696,6 +711,7 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
             start = load_checkpoint(
                 _run_dir(study_dir, run_a.run_id) / "last.pt", trust_factories=True
             )
+            _warn_if_other_data(run_a, split, start)
             end = load_checkpoint(
                 _run_dir(study_dir, run_b.run_id) / "last.pt", trust_factories=True
             )
