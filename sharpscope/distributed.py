@@ -309,14 +309,22 @@ def current() -> DistInfo:
     return DistInfo()
 
 
-def group_rank_and_size(distributed: bool | None = None) -> tuple[int, int]:
+def group_rank_and_size(distributed: bool = False) -> tuple[int, int]:
     """(rank, world size) of the work split for an analysis.
 
-    ``distributed``: None takes part in an initialised group whenever there is one,
-    False stays a single process, True is the same as None.
+    ``distributed``: False (the default) stays a single process, even inside an
+    initialised group (an analysis called on rank 0 only must not wait for the others);
+    True splits the work over the initialised group, which every rank then joins.
     """
-    if distributed is False or not (dist.is_available() and dist.is_initialized()):
+    if not distributed:
         return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        from .errors import SharpscopeError
+
+        raise SharpscopeError(
+            "distributed=True needs an initialised torch.distributed process group; run "
+            "under torchrun and call torch.distributed.init_process_group first"
+        )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -55,9 +55,9 @@ def check_model_on_data(
         raise model_failure(exc) from exc
 
 
-def _shard(num: int) -> slice:
+def _shard(num: int, distributed: bool) -> slice:
     """This rank's contiguous share of ``num`` examples (all of them in one process)."""
-    rank, world = group_rank_and_size()
+    rank, world = group_rank_and_size(distributed)
     per = -(-num // world)
     return slice(min(rank * per, num), min((rank + 1) * per, num))
 
@@ -72,6 +72,7 @@ def evaluate(
     batch_size: int = 1000,
     autocast_dtype: torch.dtype | None = None,
     probs_fn: Callable[[Tensor], Tensor] | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Mean loss, accuracy, NLL and 15-bin ECE on ``(inputs, targets)``.
 
@@ -82,12 +83,15 @@ def evaluate(
         batch_size: evaluation batch size.
         autocast_dtype: optional autocast dtype (bf16 on GPU).
         probs_fn: replaces the model's softmax (bSAM's Bayesian model average).
+        distributed: each process of the initialised torch.distributed group evaluates
+            its share of the examples, and all of them return the metrics of the whole
+            split (every rank must call); False: this process evaluates all of them.
 
     Returns:
         ``{"loss", "acc", "nll", "ece"}`` as floats.
     """
     with eval_mode(model):
-        part = _shard(len(targets))
+        part = _shard(len(targets), distributed)
         x_all, y_all = inputs[part], targets[part]
         loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
         probs_chunks = []
@@ -105,7 +109,7 @@ def evaluate(
                 probs_fn(x) if probs_fn is not None else class_probabilities(logits.double())
             )
         probs = torch.cat(probs_chunks) if probs_chunks else inputs.new_zeros((0, 1))
-    if is_multi_process():
+    if distributed and is_multi_process():
         return _reduce_metrics(loss_sum, probs, y_all, len(targets))
     metrics = predictive_metrics(probs, y_all)
     metrics["loss"] = float(loss_sum / len(targets))

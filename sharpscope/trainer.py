@@ -987,7 +987,11 @@ def _evaluate_epoch(
     autocast_dtype: torch.dtype | None,
 ) -> dict[str, Any]:
     """Train and test metrics; clean-label train accuracy under noise; bSAM's model average."""
-    kwargs = {"batch_size": config.eval_batch_size, "autocast_dtype": autocast_dtype}
+    kwargs = {
+        "batch_size": config.eval_batch_size,
+        "autocast_dtype": autocast_dtype,
+        "distributed": is_multi_process(),  # every rank evaluates its share
+    }
     train_m = evaluate(model, train_split.inputs, train_split.targets, loss_fn, **kwargs)
     test_m = evaluate(model, test_split.inputs, test_split.targets, loss_fn, **kwargs)
     metrics: dict[str, Any] = {f"train_{k}": v for k, v in train_m.items()}

@@ -57,7 +57,8 @@ def test_device_names_are_checked_by_form_without_a_gpu(monkeypatch):
 
 
 def test_group_rank_and_size_stays_single_only_when_asked(monkeypatch):
-    """Inside a (faked) 2-rank group: False gives (0, 1); None and True give (rank 1, size 2)."""
+    """Inside a (faked) 2-rank group: False and the default give (0, 1), so an analysis
+    called on rank 0 alone does not wait for the others; True gives (rank 1, size 2)."""
     from sharpscope import distributed
 
     monkeypatch.setattr(distributed.dist, "is_available", lambda: True)
@@ -65,8 +66,11 @@ def test_group_rank_and_size_stays_single_only_when_asked(monkeypatch):
     monkeypatch.setattr(distributed.dist, "get_rank", lambda: 1)
     monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
     assert distributed.group_rank_and_size(False) == (0, 1)
-    assert distributed.group_rank_and_size(None) == (1, 2)
+    assert distributed.group_rank_and_size() == (0, 1)
     assert distributed.group_rank_and_size(True) == (1, 2)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    with pytest.raises(SharpscopeError, match="distributed=True needs an initialised"):
+        distributed.group_rank_and_size(True)
 
 
 def test_gather_to_main_in_one_process_detaches_nested_tensors():
@@ -79,19 +83,41 @@ def test_gather_to_main_in_one_process_detaches_nested_tensors():
     assert not out["rest"][0].requires_grad and out["rest"][1] == "label"
 
 
-def test_the_data_summary_tells_other_data_and_another_order_apart():
-    from sharpscope.distributed import _close, data_summary
+def _rank_zero_alone_worker(rank: int, rendezvous: str, out_dir: str) -> None:
+    """Rank 0 analyses and evaluates by itself, as a training script's "evaluate on rank
+    0" does, while rank 1 waits at the barrier; each call must finish in one process."""
+    import os
 
-    gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(5000, 3, 4, generator=gen), torch.randint(0, 10, (5000,), generator=gen)
-    same = data_summary(x, y)
-    assert same[0] == 5000 and _close(same, data_summary(x.clone(), y.clone()))
-    order = torch.randperm(5000, generator=gen)
-    assert not _close(same, data_summary(x[order], y[order]))  # the sums alone would agree
-    moved = x.clone()
-    moved[4500, 0, 0] += 1e-3  # one value in the second chunk of 4096
-    assert not _close(same, data_summary(moved, y))
-    labels = y.clone()
-    labels[0] = (labels[0] + 1) % 10
-    assert not _close(same, data_summary(x, labels))
-    assert _close(data_summary(x.to(torch.uint8), y), data_summary(x.to(torch.uint8), y))
+    import torch.distributed as dist
+    from torch import nn
+    from torch.nn import functional as F
+
+    from sharpscope import evaluate, landscape, m_sharpness, top_eigenvalues
+
+    from cases import spawned_group
+
+    with spawned_group(rank, 2, rendezvous):
+        if rank == 0:
+            torch.manual_seed(0)
+            net = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+            x, y = torch.randn(24, 4, dtype=torch.float64), torch.arange(24) % 3
+            done = {
+                "eigen": top_eigenvalues(net, (x, y), k=2).meta.extra["world_size"],
+                "msharp": m_sharpness(net, (x, y), m=8, rho=0.1).meta.extra["processes"],
+                "landscape": landscape(net, (x, y), 1, grid=3).meta.extra["processes"],
+                "evaluate": evaluate(net, x, y, F.cross_entropy)["acc"] >= 0,
+            }
+            torch.save(done, os.path.join(out_dir, "done.pt"))
+        dist.barrier()
+
+
+def test_an_analysis_on_rank_0_alone_does_not_wait_for_the_other_processes(tmp_path):
+    """Session 28: the Python API joined any initialised group by default, so an analysis
+    called on rank 0 alone waited forever for rank 1 (here: until the group's timeout)."""
+    import torch.multiprocessing as mp
+
+    from cases import rendezvous_file
+
+    mp.spawn(_rank_zero_alone_worker, args=(rendezvous_file(), str(tmp_path)), nprocs=2)
+    done = torch.load(tmp_path / "done.pt", weights_only=True)
+    assert done == {"eigen": 1, "msharp": 1, "landscape": 1, "evaluate": True}

@@ -62,8 +62,8 @@ def test_rank_shards_cover_every_example_exactly_once(monkeypatch, world, num):
     """The ranks' contiguous shards, in rank order, are exactly range(num): no gap, no overlap."""
     covered: list[int] = []
     for rank in range(world):
-        monkeypatch.setattr(evaluation, "group_rank_and_size", lambda r=rank: (r, world))
-        covered += list(range(num))[evaluation._shard(num)]
+        monkeypatch.setattr(evaluation, "group_rank_and_size", lambda _, r=rank: (r, world))
+        covered += list(range(num))[evaluation._shard(num, True)]
     assert covered == list(range(num))
 
 

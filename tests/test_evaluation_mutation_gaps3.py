@@ -31,21 +31,21 @@ def _evaluate_worker(rank, world, rendezvous):
         net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
         x = torch.randn(7, 4, dtype=torch.float64)
         y = torch.tensor([1, 2, 0, 2, 1, 1, 2])
-        assert evaluation._shard(7) == (slice(0, 4) if rank == 0 else slice(4, 7))
+        assert evaluation._shard(7, True) == (slice(0, 4) if rank == 0 else slice(4, 7))
         with torch.no_grad():
             logits = net(x)
         expected = predictive_metrics(class_probabilities(logits), y)
         # the training loss is taken on float32 logits (evaluate casts them), the metrics in float64
         expected["loss"] = F.cross_entropy(logits.float(), y).double().item()
-        got = evaluation.evaluate(net, x, y, F.cross_entropy, batch_size=3)
+        got = evaluation.evaluate(net, x, y, F.cross_entropy, batch_size=3, distributed=True)
         assert got.keys() == expected.keys()
         for key, value in expected.items():
             rel = 1e-6 if key == "loss" else 1e-12  # float32 batch losses, weighted n_b/N
             assert got[key] == pytest.approx(value, rel=rel, abs=1e-15), (rank, key)
         # one example on two ranks: rank 1's shard is empty. Its one empty chunk gave a NaN
         # loss that the all-reduce spread to every rank, and training stopped as diverged
-        one = evaluation.evaluate(net, x[:1], y[:1], F.cross_entropy)
-        assert evaluation._shard(1) == (slice(0, 1) if rank == 0 else slice(1, 1))
+        one = evaluation.evaluate(net, x[:1], y[:1], F.cross_entropy, distributed=True)
+        assert evaluation._shard(1, True) == (slice(0, 1) if rank == 0 else slice(1, 1))
         expected = predictive_metrics(class_probabilities(logits[:1]), y[:1])
         expected["loss"] = F.cross_entropy(logits[:1].float(), y[:1]).double().item()
         for key, value in expected.items():

@@ -211,6 +211,7 @@ def plan_directions(
     states: bool | None,
     seed: int,
     loss: Any,
+    distributed: bool = False,
 ) -> DirectionPlan:
     """The plan for ``directions``: "random", "eigen", another model or state_dict
     (interpolation) or a list of them (PCA); see :func:`sharpscope.analysis.landscape.landscape`."""
@@ -227,7 +228,13 @@ def plan_directions(
         from .spectrum import top_eigenvalues
 
         eig = top_eigenvalues(
-            model, batches, k=dims, loss=loss, seed=seed, return_eigenvectors=True
+            model,
+            batches,
+            k=dims,
+            loss=loss,
+            seed=seed,
+            return_eigenvectors=True,
+            distributed=distributed,
         )
         vectors = eig.eigenvectors.double().cpu()
         vectors = vectors / vectors.norm(dim=1, keepdim=True)

@@ -356,7 +356,7 @@ def landscape(
     vectorize: bool | None = None,
     fold_bn: bool | None = None,
     precompute_input: bool | None = None,
-    distributed: bool | None = None,
+    distributed: bool = False,
     meta: RunMeta | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> LandscapeResult:
@@ -433,9 +433,10 @@ def landscape(
             the stored outputs take at most 2 GiB (not for the GPU loop the default
             picks, which keeps vmap's settings). True: whenever a layer qualifies. The
             vectorized path does not use it.
-        distributed: split the points across the processes of an initialized
-            ``torch.distributed`` group (default: whenever one is initialized); rank 0
-            writes ``out``, every rank returns the full result.
+        distributed: True splits the points (and "eigen"'s products) across the
+            processes of an initialized ``torch.distributed`` group (every rank must
+            call); rank 0 writes ``out``, every rank returns the full result. False
+            (default): this process alone, even inside a group (e.g. on rank 0 only).
         meta: provenance to extend.
         progress: called with the number of grid points finished (first with the points
             a resumed run already has), e.g. a progress bar's ``update``.
@@ -504,6 +505,7 @@ def landscape(
                 states=states,
                 seed=seed,
                 loss=loss,
+                distributed=distributed,
             )
         axes = _default_axes(plan, dims, grid, span)
         if x is not None:

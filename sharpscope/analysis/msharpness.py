@@ -689,7 +689,7 @@ def m_sharpness(
     chunk_size: int | None = None,
     vectorize: bool | None = None,
     fold_bn: bool = True,
-    distributed: bool | None = None,
+    distributed: bool = False,
     meta: RunMeta | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> MSharpness:
@@ -737,10 +737,11 @@ def m_sharpness(
             a model ``torch.func.vmap`` cannot trace (``nn.LSTM``, ``nn.GRU``).
         fold_bn: evaluate a copy with eval-mode BatchNorm folded into the layer before
             it (same function, cheaper; the folded layers are in ``meta.extra``).
-        distributed: split the subsets across the processes of an initialized
-            ``torch.distributed`` group (default: whenever one is initialized; every
-            rank passes the same data and returns the full result, equal to one
-            process's, since each subset's random start is seeded by its index).
+        distributed: True splits the subsets across the processes of an initialized
+            ``torch.distributed`` group (every rank must call, with the same data, and
+            returns the full result, equal to one process's, since each subset's random
+            start is seeded by its index). False (default): this process alone, even
+            inside a group (e.g. on rank 0 only).
         meta: provenance to extend (the CLI passes the checkpoint and data spec).
         progress: called with the number of subsets finished after each chunk (e.g. a
             progress bar's ``update``).

@@ -1,8 +1,10 @@
 """Hessian spectrum of a trained model: top eigenvalues, trace and spectral density.
 
 analysis.md §0-4 and §9; names, keys and flags from interface.md. Every function is
-pure: it prints nothing, writes nothing, restores the model's modes and never
-updates a buffer. The model runs in ``eval()`` mode by default (BatchNorm on running
+pure: it prints nothing, writes no result, restores the model's modes and never
+updates a buffer (the one file it may touch is the cache of the faster HVP mode,
+``$SHARPSCOPE_CACHE/hvp_modes.json``, which ``SHARPSCOPE_HVP_MODE_CACHE=0`` turns
+off; see :mod:`sharpscope.curvature.mode_cache`). The model runs in ``eval()`` mode by default (BatchNorm on running
 statistics), so the Hessian is that of the mean loss over the data, independent of
 batching.
 

@@ -380,6 +380,7 @@ def register(app: typer.Typer) -> None:
                     max_points=max_points,
                     vectorize=vectorize,
                     meta=inputs.meta,
+                    distributed=dist.enabled,
                     progress=resumable_updates(bar),
                 )
         except KeyboardInterrupt as exc:

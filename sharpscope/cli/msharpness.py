@@ -212,6 +212,7 @@ def register(app: typer.Typer) -> None:
                 chunk_size=chunk_size,
                 vectorize=vectorize,
                 meta=inputs.meta,
+                distributed=dist.enabled,
                 progress=bar.update,
             )
         if not dist.is_main:

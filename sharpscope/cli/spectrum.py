@@ -483,6 +483,7 @@ def register(app: typer.Typer) -> None:
                     hvp_mode=hvp_mode,
                     bn_mode=bn_mode,
                     weight_decay=weight_decay,
+                    distributed=dist.enabled,  # under torchrun the ranks share the data
                     progress=advance,
                 )
                 # The total assumed every Lanczos step; converged early, it ends where it did.

@@ -168,16 +168,18 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
 
 
 def ensure_distributed(device: torch.device) -> tuple[int, int]:
-    """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1.
+    """Initialise torch.distributed from torchrun's environment when WORLD_SIZE > 1 and
+    no group exists yet (NCCL on CUDA, gloo on the CPU). Returns (rank, world size).
 
-    NCCL on CUDA, gloo on the CPU. Returns (rank, world size).
+    Raises:
+        SharpscopeError: there is no group, and torchrun's environment names none.
     """
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and dist.is_available():
         if not dist.is_initialized():
             from ..distributed import init_from_env
 
             init_from_env(device)
-    return group_rank_and_size()
+    return group_rank_and_size(True)
 
 
 def effective_bn_mode(model: nn.Module, bn_mode: BNMode) -> BNMode:
@@ -250,7 +252,10 @@ class HessianOperator:
             1 on the CPU, where vmapped blocks measured no faster per vector). A block
             that runs out of device memory is redone in blocks half as large, down to
             single products, which then halve the batches (eval mode).
-        distributed: None (auto-detect), True or False.
+        distributed: True shards the data over the processes of a torchrun job (every
+            rank must build the operator and take part in each product; the process
+            group is initialised from torchrun's environment if it is not yet). False
+            (default): this process alone, even inside an initialised group.
         memory_budget: bytes the products may use on the CPU (default: half of the free
             memory, shared by the processes of a ``torchrun`` on this machine). With
             ``batch_size=None`` in eval mode, one batch estimated to need more
@@ -294,7 +299,7 @@ class HessianOperator:
         reuse_graph: bool = True,
         fold_bn: bool = True,
         max_block_size: int | None = None,
-        distributed: bool | None = None,
+        distributed: bool = False,
         memory_budget: int | None = None,
         progress: Callable[[int], None] | None = None,
     ) -> None:
@@ -329,14 +334,10 @@ class HessianOperator:
         self.bn_mode = bn_mode
         self.weight_decay = float(weight_decay)
 
-        if distributed is None or distributed:
+        if distributed:
             self.rank, self.world_size = ensure_distributed(self.device)
         else:
             self.rank, self.world_size = 0, 1
-        if distributed and self.world_size == 1 and not dist.is_initialized():
-            raise SharpscopeError(
-                "distributed=True but torch.distributed is not initialised; run under torchrun"
-            )
 
         # The module actually run: the model itself, or a copy when something must change.
         needs_copy = self.device != model_device or self.dtype != model_dtype or bn_mode == "batch"

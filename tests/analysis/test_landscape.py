@@ -654,7 +654,16 @@ def _worker(rank, world, rendezvous, out_dir):
     with spawned_group(rank, world, rendezvous):
         net = bn_cnn()
         x, y = class_data(n=20, d=10)
-        r = landscape(net, (x, y), 2, grid=5, chunk_size=3, out=f"{out_dir}/grid.npz", save_every=0)
+        r = landscape(
+            net,
+            (x, y),
+            2,
+            grid=5,
+            chunk_size=3,
+            out=f"{out_dir}/grid.npz",
+            save_every=0,
+            distributed=True,
+        )
         torch.save(
             {"loss": r.loss, "acc": r.accuracy, "n": r.meta.extra["processes"]},
             f"{out_dir}/rank{rank}.pt",

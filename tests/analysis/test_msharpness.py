@@ -763,7 +763,9 @@ def _split_worker(rank, world, rendezvous, out_dir):
     with spawned_group(rank, world, rendezvous):
         x, y = classification_data(n=30, d=12, seed=4)
         seen = []
-        result = m_sharpness(bn_cnn(), (x, y), **SPLIT_OPTIONS, progress=seen.append)
+        result = m_sharpness(
+            bn_cnn(), (x, y), **SPLIT_OPTIONS, progress=seen.append, distributed=True
+        )
         torch.save(
             {
                 "per_subset": result.per_subset,

@@ -18,9 +18,9 @@ from cases import rendezvous_file, spawned_group
 F64 = torch.float64
 
 
-def _analyses(model, data, batch_size):
+def _analyses(model, data, batch_size, distributed=False):
     v = torch.linspace(-1, 1, sum(p.numel() for p in model.parameters()), dtype=F64)
-    op = HessianOperator(model, data, batch_size=batch_size)
+    op = HessianOperator(model, data, batch_size=batch_size, distributed=distributed)
     top = top_eigenvalues(op, k=5)
     trace = hessian_trace(op, num_probes=12)
     density = spectral_density(op, num_probes=2, num_lanczos_steps=12)
@@ -56,8 +56,8 @@ BATCH_SIZES = (None, 7)  # one batch split in halves; 9 batches sharded 5 + 4
 
 def _worker(rank: int, rendezvous: str, model, data, out_dir: str) -> None:
     with spawned_group(rank, 2, rendezvous):
-        results = [_analyses(model, data, b) for b in BATCH_SIZES]
-        results.append(_analyses(RankZeroMemoryHolds10(model).eval(), data, None))
+        results = [_analyses(model, data, b, distributed=True) for b in BATCH_SIZES]
+        results.append(_analyses(RankZeroMemoryHolds10(model).eval(), data, None, True))
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
 
 

@@ -60,14 +60,20 @@ def _trained(tmp_path, source, seed=7, epochs=1):
     return config, factory
 
 
-def test_the_summary_tells_other_data_and_another_order_apart():
-    x, y = torch.randn(10, 3), torch.arange(10) % 3
-    same = data_summary(x.clone(), y.clone())
-    assert same_summary(data_summary(x, y), same)
-    assert not same_summary(data_summary(x.flip(0), y.flip(0)), same)  # order
-    assert not same_summary(data_summary(x + 1e-3, y), same)
-    assert not same_summary(data_summary(x[:9], y[:9]), same)
-    assert not same_summary(same, same[:3])  # a shorter record is not the same
+def test_the_data_summary_tells_other_data_and_another_order_apart():
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5000, 3, 4, generator=gen), torch.randint(0, 10, (5000,), generator=gen)
+    same = data_summary(x, y)
+    assert same[0] == 5000 and same_summary(same, data_summary(x.clone(), y.clone()))
+    order = torch.randperm(5000, generator=gen)
+    assert not same_summary(same, data_summary(x[order], y[order]))  # the sums alone would agree
+    moved = x.clone()
+    moved[4500, 0, 0] += 1e-3  # one value in the second chunk of 4096
+    assert not same_summary(same, data_summary(moved, y))
+    labels = y.clone()
+    labels[0] = (labels[0] + 1) % 10
+    assert not same_summary(same, data_summary(x, labels))
+    assert same_summary(data_summary(x.to(torch.uint8), y), data_summary(x.to(torch.uint8), y))
 
 
 def test_reading_as_trained_gives_the_callers_random_state_back():
