@@ -173,8 +173,12 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
             write(handle)
         return
     if _is_special_file(path):
-        with open(path, "wb") as handle:
-            write(handle)
+        try:
+            with open(path, "wb") as handle:
+                write(handle)
+        except OSError as exc:  # /dev/full
+            _name_the_file(exc, path)
+            raise
         return
     if path.is_symlink():
         path = Path(os.path.realpath(path))
@@ -195,9 +199,16 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> N
     except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
-            exc.filename = str(path)  # disk full, a file-size limit: name the file asked for
+        if isinstance(exc, OSError):
+            _name_the_file(exc, path)
         raise
+
+
+def _name_the_file(exc: OSError, path: Path) -> None:
+    """Give a write's error (disk full, a file-size limit) the name of the file asked
+    for, which the error of a write() call lacks."""
+    if exc.errno is not None and exc.filename is None:
+        exc.filename = str(path)
 
 
 def _own_descriptor(path: Path) -> int | None:

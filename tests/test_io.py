@@ -427,6 +427,16 @@ def test_a_pipe_is_written_through_not_renamed_over(tmp_path, through_link):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted({"pipe", path.name})
 
 
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full")
+def test_a_full_device_is_named_in_the_error():
+    """Session 27's round: ``--json /dev/full`` said only "No space left on device"."""
+    from sharpscope.results import write_json
+
+    with pytest.raises(OSError) as info:
+        write_json("/dev/full", {"a": 1})
+    assert info.value.filename == "/dev/full" and "No space left" in str(info.value)
+
+
 def test_dev_stdout_gets_the_json():
     """``--json /dev/stdout`` (a link to the process's pipe, which has no path to rename
     to) prints the JSON."""
