@@ -80,6 +80,10 @@ def safe_load(path: str | Path, map_location: str | torch.device = "cpu") -> Any
             else " (sharpscope train --out DIR writes DIR/last.pt)"
         )
         raise SharpscopeError(f"{path} is a folder, not a checkpoint file{hint}")
+    if path.exists() and not path.is_file():  # /dev/null, a pipe
+        raise SharpscopeError(
+            f"{path} is not a regular file; give a .pt file written by torch.save"
+        )
     if not path.is_file():
         raise SharpscopeError(f"checkpoint not found: {path}")
     with path.open("rb") as handle:

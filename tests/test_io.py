@@ -258,6 +258,9 @@ def test_truncated_file_gives_one_line(tmp_path, mlp_checkpoint):
 def test_missing_file_and_newer_version(tmp_path, mlp_checkpoint):
     with pytest.raises(SharpscopeError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope.pt")
+    if os.path.exists("/dev/null"):  # it exists: "not found" was wrong (session 27's round)
+        with pytest.raises(SharpscopeError, match="/dev/null is not a regular file"):
+            load_checkpoint("/dev/null")
     path, model, spec = mlp_checkpoint
     save_checkpoint(tmp_path / "future.pt", _payload(model, spec) | {"version": 99})
     with pytest.raises(SharpscopeError, match="checkpoint version 99"):
