@@ -489,7 +489,7 @@ def _warn_other_world_size(state: Mapping[str, Any], info: DistInfo, path: Path)
     )
 
 
-def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo, path: Path) -> None:
+def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo) -> None:
     """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``).
 
     With another process count, a rank that was saved still gets its own; a new one keeps
@@ -833,7 +833,7 @@ def _train(
                 str(last_path),
                 "the resumed run trains on the data read now, unlike the uninterrupted run",
             )
-        _load_rank_state(optimizer, state.get("rank_states"), info, last_path)
+        _load_rank_state(optimizer, state.get("rank_states"), info)
         history = _read_history(out / "metrics.jsonl", step)
     if out and info.is_main:
         out.mkdir(parents=True, exist_ok=True)

@@ -827,7 +827,7 @@ class HessianOperator:
         """
         if mode == "forward":
             return self._forward_products(x, y, V, single)
-        return self._reverse_products(index, x, y, V, single, graph, keep)
+        return self._reverse_products(x, y, V, single, graph, keep)
 
     def _forward_products(self, x: Tensor, y: Tensor, V: Tensor, single: bool) -> Tensor:
         _load_jvp_decompositions()
@@ -854,7 +854,6 @@ class HessianOperator:
 
     def _reverse_products(
         self,
-        index: int,
         x: Tensor,
         y: Tensor,
         V: Tensor,

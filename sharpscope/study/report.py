@@ -358,7 +358,7 @@ def write_report(
     figure_lines: list[str] = []
     if figures:
         figure_lines = _report_figures(
-            folder, rows, finals, correlations, runs, save_figure, resamples, config
+            folder, finals, correlations, runs, save_figure, resamples, config
         )
 
     failed = [r for r in rows if r.get("status") in ("failed", "error")]
@@ -573,7 +573,7 @@ def _write_csv(path: Path, rows: Sequence[Mapping[str, Any]], header: Sequence[s
 
 
 def _report_figures(
-    folder, rows, finals, correlations, runs, save_figure, resamples, config
+    folder, finals, correlations, runs, save_figure, resamples, config
 ) -> list[str]:
     import matplotlib.pyplot as plt
 

@@ -863,7 +863,7 @@ def test_the_report_spectra_figure_says_how_many_optimizers_it_shows(tmp_path):
         folder.mkdir(parents=True)
         result = {"density": density, "lambda_max": 2.0}
         (folder / "spectrum.json").write_text(json.dumps({"result": result}))
-    lines = _report_figures(tmp_path, [], [], [], runs, save_figure, 0, plan)
+    lines = _report_figures(tmp_path, [], [], runs, save_figure, 0, plan)
     assert MAX_SPECTRA == 6
     assert any("the first run of the first 6 of 7 optimizers" in line for line in lines)
     shown = json.loads((tmp_path / "figures" / "spectra.json").read_text())
