@@ -10,7 +10,8 @@ with the generalization gap. Each is oriented so that *sharper is larger*.
   L(w+z) − L(w))/(1 + L(w)), C_ε = {|z_i| ≤ ε(|w_i| + 1)}, maximized by L-BFGS-B (10
   iterations), in full space or a random subspace.
 * :func:`pac_bayes_flatness`: Jiang et al. (2020, arXiv:1912.02178, Algorithm 1; as
-  re-implemented by Dziugaite et al., 2020): the largest σ whose Gaussian weight noise
+  re-implemented by Dziugaite et al., 2020, "In search of robust measures of
+  generalization", NeurIPS, arXiv:2010.11924): the largest σ whose Gaussian weight noise
   lowers the accuracy by 0.1 ± 0.01, reported as 1/σ²; magnitude-aware with per-weight
   variance σ²w_i² + ε².
 

@@ -1,6 +1,9 @@
 """Hessian spectrum of a trained model: top eigenvalues, trace and spectral density.
 
-analysis.md §0-4 and §9; names, keys and flags from interface.md. Every function is
+analysis.md §0-4 and §9; names, keys and flags from interface.md. The three quantities
+are PyHessian's (Yao, Gholami, Keutzer, Mahoney, 2020, arXiv:1912.07145); the density is
+stochastic Lanczos quadrature (SLQ: Ghorbani, Krishnan, Xiao, ICML 2019,
+arXiv:1901.10159). Every function is
 pure: it prints nothing, writes no result, restores the model's modes and never
 updates a buffer (the one file it may touch is the cache of the faster HVP mode,
 ``$SHARPSCOPE_CACHE/hvp_modes.json``, which ``SHARPSCOPE_HVP_MODE_CACHE=0`` turns

@@ -7,8 +7,9 @@ In eval mode a BatchNorm layer is a per-channel affine map
 
 so a convolution or linear layer :math:`z = W * x + b` followed directly by it equals one
 layer with :math:`W' = s \odot W` (scaled along the output channels) and
-:math:`b' = s \odot b + t`. :func:`fold_batchnorm` returns a copy of the model whose
-layers compute exactly that at every call, from the unchanged parameters W, b, γ, β
+:math:`b' = s \odot b + t = s \odot (b - \mu_{run}) + \beta`. :func:`fold_batchnorm`
+returns a copy of the model whose layers compute exactly that at every call, from the
+unchanged parameters W, b, γ, β
 (the folded BatchNorm passes its input through). The loss is the same function of the
 same named parameters, so its gradient and Hessian are unchanged, but a Hessian-vector
 product no longer differentiates twice through ``native_batch_norm`` on activation-sized

@@ -15,6 +15,9 @@ detached parameters (the model's ``.grad`` is never touched):
 
 * ``"forward"``: forward-over-reverse, a JVP of the gradient function
   (``torch.func.jvp(torch.func.grad(f))``); several vectors at once through ``vmap``.
+  This is Pearlmutter's R-operator, :math:`R_v\{\nabla_\theta L\} = Hv` (B. A.
+  Pearlmutter, 1994, "Fast exact multiplication by the Hessian", Neural Computation
+  6(1), 147-160).
 * ``"reverse"``: reverse-over-reverse, the gradient with its graph kept, then a second
   backward against v (plain autograd, so it works where forward mode does not);
   several vectors through ``is_grads_batched``. With a single (local) batch the

@@ -2,8 +2,8 @@ r"""Thick-restart Lanczos: top-k eigenpairs with a basis of bounded size (analys
 
 Plain Lanczos keeps every basis vector (m_max vectors of length P: 4.5 GB for a ResNet-18
 at m_max = 100). Thick restarting (Wu and Simon, 2000, "Thick-restart Lanczos method for
-large symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2)) caps the basis at
-``restart_size`` vectors: when it is full, the ``keep`` wanted Ritz vectors
+large symmetric eigenvalue problems", SIAM J. Matrix Anal. Appl. 22(2), 602-616) caps the
+basis at ``restart_size`` vectors: when it is full, the ``keep`` wanted Ritz vectors
 :math:`y_i = V^T s_i` and the last residual direction :math:`v_{m+1}` become the new
 basis, and the process continues from :math:`v_{m+1}`. The projected matrix is then no
 longer tridiagonal but "arrowhead plus tridiagonal",

@@ -1,4 +1,8 @@
-"""The two-pass step every sharpness-aware optimizer shares (optimizers.md section 0).
+"""The two-pass step every sharpness-aware optimizer shares (optimizers.md §0).
+
+It is the step of SAM (Foret, Kleiner, Mobahi, Neyshabur, "Sharpness-aware minimization
+for efficiently improving generalization", ICLR 2021, arXiv:2010.01412, Algorithm 1),
+with the ascent direction ``eps`` left to the variant.
 
 One call per batch, ``loss = opt.step(closure)``:
 
@@ -28,7 +32,7 @@ Shared options (every variant takes them as keywords):
   all-reduce ``g`` before ``eps`` is computed. Pass 2 is always all-reduced by DDP.
 * ``max_grad_norm``: global-norm clipping of ``g~`` after the all-reduce (clipping
   pass 1 is pointless for SAM: its direction is normalised).
-* ``m``: m-sharpness training (SAM paper, Section 5.1), see :mod:`sharpscope.optim.msam`.
+* ``m``: m-sharpness training (SAM paper, §4.1), see :mod:`sharpscope.optim.msam`.
 * ``model``: the network, needed to find BatchNorm layers and ``no_sync`` when the
   closure is a plain function (a :class:`~sharpscope.optim.closure.BatchClosure`
   carries it). Passing the module itself as ``params`` also works.

@@ -1,4 +1,4 @@
-"""m-sharpness training (SAM paper, Foret et al. 2021, Section 5.1), vectorized.
+"""m-sharpness training (SAM paper, Foret et al. 2021, arXiv:2010.01412, §4.1), vectorized.
 
 With ``m=`` set, a SAM-family step splits the batch of B examples into groups of m and
 perturbs each group with its *own* gradient::
