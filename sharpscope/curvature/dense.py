@@ -1,9 +1,14 @@
 """The exact dense Hessian of a small model, the reference every estimate is tested against.
 
 ``torch.func.hessian`` of the mean loss as a function of the flattened trainable
-parameters, in float64 on a copy of the model (analysis.md §1, Validation). This is
-an independent path from :class:`~sharpscope.curvature.HessianOperator` (no HVP, no
-batching): it forms the P x P matrix, so it is only for P up to a few thousand.
+parameters, in float64 on a copy of the model (analysis.md §1, Validation). The
+derivatives take another path than :class:`~sharpscope.curvature.HessianOperator`'s (no
+HVP, no batching, no BatchNorm folding, all of ``data`` as one batch), but the two share
+the loss lookup (``resolve_loss``, i.e. :func:`sharpscope.registry.get_loss`), the
+switch to ``bn_mode="batch"`` for a BatchNorm without running statistics
+(:func:`~sharpscope.curvature.operator.effective_bn_mode`) and the reading of ``data``
+(:mod:`sharpscope.data.batches`), so a bug there is not caught by comparing the two. It
+forms the P x P matrix, so it is only for P up to a few thousand.
 """
 
 from __future__ import annotations

@@ -97,7 +97,8 @@ def adaptive_perturbation(
 
 
 def check_adaptive(adaptive: str, eta: float, *, allow_none: bool) -> None:
-    """Raise a clear error for an unknown form or a negative ``eta``."""
+    """Raise a clear error for an unknown form, or an ``eta`` that is negative, non-finite
+    or not a number."""
     forms = ADAPTIVE_FORMS if allow_none else ADAPTIVE_FORMS[1:]
     check_choice("adaptive", adaptive, forms)
     finite_number("eta", eta)
