@@ -173,6 +173,8 @@ class ASAM(SharpnessAware):
             self._unscaled |= {id(p) for p, scaled in zip(params, mask) if not scaled}
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        """``eps = rho T^2 g / ||T g||``, ``T = diag(|w| + eta)`` (or the ``adaptive`` form; see
+        :func:`adaptive_perturbation`)."""
         mask = [id(p) not in self._unscaled for p in params] if self._unscaled else None
         return adaptive_perturbation(
             params, grads, self.rho, adaptive=self.adaptive, eta=self.eta, scaled_mask=mask

@@ -310,7 +310,7 @@ class BSAM(SharpnessAware):
     # ------------------------------------------------------------------ the step
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
-        # eps = rho g / s (preconditioned, not normalised)
+        """``eps = rho g / s``, preconditioned by the precision ``s``, not normalised."""
         s = [st["s"] for st in self._states(params)]
         eps = torch._foreach_div(grads, s)
         torch._foreach_mul_(eps, self.rho)

@@ -419,6 +419,8 @@ class LETS(SharpnessAware):
         self._rho_t.copy_(torch.clamp(new, min=self.rho_min, max=self.rho_max))
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        """``eps = rho u``, u the inner variant's direction at radius 1 (rho per group with
+        ``per_group``); u is kept for the hypergradient ``v_t``."""
         dtype = grads[0].dtype if grads else torch.float32
         if self.per_group:
             # u from the inner rule at radius 1, then eps = rho_group * u

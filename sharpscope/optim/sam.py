@@ -61,5 +61,5 @@ class SAM(SharpnessAware):
         super().__init__(params, base, rho=rho, **kwargs)
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
-        # eps = rho g / ||g||, zero when g = 0
+        """``eps = rho g / (||g|| + 1e-12)``, one global norm over all tensors (0 when g = 0)."""
         return normalised(grads, self.rho)

@@ -165,6 +165,9 @@ class SAMON(SharpnessAware):
         }
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        """``eps_i = rho T_i^2 g_i / ||T g||_N`` (or the ``adaptive`` form, see
+        :func:`~sharpscope.optim.asam.adaptive_perturbation`) for i in the normalization
+        parameters N, None for every other tensor."""
         index = [i for i, p in enumerate(params) if id(p) in self._perturbed_ids]
         if not index:
             raise SharpscopeError(
@@ -193,6 +196,8 @@ class SAMON(SharpnessAware):
         return not self.sam_epochs[0] <= epoch < self.sam_epochs[1]
 
     def step(self, closure: Any = None) -> Tensor:  # type: ignore[override]
+        """One two-pass step (:meth:`SharpnessAware.step`), counted in ``num_steps`` for
+        ``sam_epochs``."""
         loss = super().step(closure)
         self.num_steps += 1
         return loss

@@ -69,6 +69,8 @@ class VaSSO(SharpnessAware):
         self.theta = theta
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
+        """``d <- (1 - theta) d + theta g`` (``d = g`` at the first step), then
+        ``eps = rho d / ||d||``; d is kept in the state."""
         fresh = [p for p in params if "d" not in self.state[p]]
         if len(fresh) == len(params):
             d = [g.clone() for g in grads]
