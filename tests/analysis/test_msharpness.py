@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from scipy.optimize import brentq
 from torch import nn
 
+from sharpscope.analysis._functional import ParamLayout, flat_parameters
 from sharpscope.analysis.msharpness import (
     MSharpness,
     PerturbationSet,
@@ -21,6 +22,8 @@ from sharpscope.analysis.msharpness import (
     project_ellipsoid,
 )
 from sharpscope.errors import SharpscopeError
+from sharpscope.optim._ops import NORM_EPS
+from sharpscope.optim.asam import adaptive_perturbation
 
 from cases import (
     RecurrentClassifier,
@@ -588,6 +591,44 @@ def test_m_equals_n_is_the_full_set_sam_sharpness():
     err = (out.argmax(1) != y).double().mean() - (clean_out.argmax(1) != y).double().mean()
     assert r.error_increase == pytest.approx(err.item(), abs=1e-12)
     assert r.clean_loss == pytest.approx(loss.item(), rel=1e-12)
+
+
+@pytest.mark.parametrize(("norm", "form"), [("l2", "elementwise"), ("linf", "linf")])
+@pytest.mark.parametrize("eta", [0.0, 0.01])
+def test_adaptive_one_step_is_asams_own_perturbation(norm, form, eta):
+    """Review, session 28 (#8): the ascent direction of adaptive m-sharpness (flat rows,
+    ``PerturbationSet``) and ASAM's (a list of tensors, ``adaptive_perturbation``) are two
+    implementations; steps = 1 must be the optimizer's ε̂ on the same w and g (spec §5)."""
+    model = relu_mlp(seed=3)
+    x, y = classification_data(n=20)
+    rho = 0.3
+    params = list(model.parameters())
+    clean = nn.functional.cross_entropy(model(x), y)
+    grads = list(torch.autograd.grad(clean, params))
+    eps = adaptive_perturbation([p.detach() for p in params], grads, rho, adaptive=form, eta=eta)
+
+    layout = ParamLayout.of(model)
+    theta = flat_parameters(model, layout)
+    g = layout.flatten(dict(zip(layout.names, grads)))
+    pset = PerturbationSet(norm, rho, theta.abs() + eta)  # as m_sharpness builds it
+    if norm == "l2":  # the optimizer divides by ||T g|| + 1e-12 (a guard against 0)
+        tg_norm = ((theta.abs() + eta) * g).norm()
+        eps = [e * (tg_norm + NORM_EPS) / tg_norm for e in eps]
+    oracle, log = recording_oracle(lambda d: (torch.zeros(1, dtype=F64), g[None], torch.zeros(1)))
+    ascend(oracle, 1, layout.size, pset, steps=1)
+    step = log[-1][0][0]  # the one point _ascend evaluates after the clean one
+    torch.testing.assert_close(
+        step, layout.flatten(dict(zip(layout.names, eps))), rtol=0, atol=1e-12
+    )
+
+    # and end to end: with m = n, the sharpness is L(w + ε̂_ASAM) − L(w)
+    r = m_sharpness(model, (x, y), m=20, rho=rho, adaptive=True, eta=eta, norm=norm)
+    perturbed = copy.deepcopy(model)
+    with torch.no_grad():
+        for p, e in zip(perturbed.parameters(), eps):
+            p.add_(e)
+        expected = nn.functional.cross_entropy(perturbed(x), y) - clean
+    assert r.sharpness == pytest.approx(expected.item(), rel=0, abs=1e-12)
 
 
 def test_per_subset_error_increase_is_a_fraction_of_m():
