@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from ..columns import PARAM_COLUMNS
 from ..errors import SharpscopeError
-from ..study.sweep import PARAM_COLUMNS
 from .landscape import distinct_labels, label_positions, log_colorbar, log_levels, log_norm
 from .style import (
     LINE_STYLES,

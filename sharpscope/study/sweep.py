@@ -29,6 +29,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..columns import PARAM_COLUMNS  # also importable from here
 from ..errors import SharpscopeError
 from .config import (
     AXIS_SHORT,
@@ -52,23 +53,6 @@ RHO_DEFAULTS = {
     "bsam": 0.01,
 }
 BSAM_DEFAULTS = {"lr": 0.5, "rho": 0.01}
-PARAM_COLUMNS = (
-    "optimizer",
-    "optimizer_name",
-    "base",
-    "rho",
-    "m",
-    "lr",
-    "momentum",
-    "weight_decay",
-    "batch_size",
-    "epochs",
-    "label_noise",
-    "seed",
-    "model",
-    "width",
-    "depth",
-)
 
 
 @dataclass
