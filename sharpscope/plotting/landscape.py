@@ -358,9 +358,8 @@ def plot_landscape(
     result: Any, kind: str = "auto", metric: str = "loss", ax: Any = None, **options: Any
 ) -> Any:
     """Dispatch: "curve" (1-D), "contour" (2-D default) or "surface"."""
-    from ..analysis.landscape import LandscapeResult
-
-    if not isinstance(result, LandscapeResult):
+    # by its kind, not isinstance: plotting does not import the analysis that calls it
+    if getattr(result, "kind", None) != "landscape":
         raise SharpscopeError(f"cannot plot a {type(result).__name__}: pass a LandscapeResult")
     if kind not in KINDS:
         raise SharpscopeError(f"unknown plot kind '{kind}'; choose one of {', '.join(KINDS)}")
