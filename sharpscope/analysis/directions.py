@@ -19,7 +19,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -29,8 +29,8 @@ from ._functional import ParamLayout, float_buffers, seeded_generator
 
 DirectionNorm = Literal["filter", "layer", "element", "none"]
 BiasMode = Literal["ignore", "keep", "normalize"]
-NORMS = ("filter", "layer", "element", "none")
-BIAS_MODES = ("ignore", "keep", "normalize")
+NORMS = get_args(DirectionNorm)
+BIAS_MODES = get_args(BiasMode)
 FILTER_EPS = 1e-10  # Li et al.'s guard in d·‖θ‖/(‖d‖ + ε)
 
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 import scipy.special
@@ -34,7 +34,7 @@ from ._linear import F64, as_operator, random_vector
 from .lanczos import LanczosProcess
 
 Kernel = Literal["ghorbani", "papyan", "log"]
-KERNELS = ("ghorbani", "papyan", "log")
+KERNELS = get_args(Kernel)
 LOG_EPS = 1e-5
 #: basis entries (probes x steps x P) that SLQ's lockstep probes may hold at once
 PROBE_BASIS_BUDGET = 2**27

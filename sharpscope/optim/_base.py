@@ -62,7 +62,7 @@ import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from numbers import Real
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 import torch.distributed as dist
@@ -84,8 +84,8 @@ __all__ = [
 
 BNPolicy = Literal["first", "both"]
 PerturbationMode = Literal["local", "global"]
-_BN_POLICIES = ("first", "both")
-_PERTURBATION_MODES = ("local", "global")
+_BN_POLICIES = get_args(BNPolicy)
+_PERTURBATION_MODES = get_args(PerturbationMode)
 
 
 # --------------------------------------------------------------------------- BatchNorm

@@ -12,7 +12,7 @@ between these forms (davda54/sam #37). The SAM-ON repository adds a layerwise fo
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -25,7 +25,7 @@ from .closure import unwrap_model
 __all__ = ["ASAM", "Adaptive", "adaptive_perturbation"]
 
 Adaptive = Literal["none", "elementwise", "layerwise", "linf"]
-ADAPTIVE_FORMS: tuple[str, ...] = ("none", "elementwise", "layerwise", "linf")
+ADAPTIVE_FORMS: tuple[str, ...] = get_args(Adaptive)
 
 
 def _layer_scales(params: list[Tensor], eta: float) -> list[Tensor]:
