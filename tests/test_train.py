@@ -234,7 +234,7 @@ def test_the_checkpoint_holds_the_grad_scaler_state(tmp_path):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**5)
-    split = SimpleNamespace(input_shape=(2,), num_classes=2)
+    split = SimpleNamespace(input_shape=(2,), num_classes=2, source_summary=None)
     payload = _checkpoint_payload(
         _config(tmp_path), model, opt, scheduler, scaler, split, 1, 1, {}, torch.device("cpu")
     )
