@@ -41,7 +41,7 @@ A study file has these sections (every key is optional unless marked)::
 axis lists names (sgd, adam, adamw, sam, asam, vasso, lets, samon, bsam) or labels
 defined in ``[optimizers]``. Optimizer-specific axes apply only where they make sense:
 ``rho`` to the sharpness-aware optimizers and bSAM, ``m`` (m-sharpness training,
-SAM paper §5.1) to SAM, ASAM and SAM-ON, ``momentum`` and ``weight_decay`` to
+SAM paper §4.1) to SAM, ASAM and SAM-ON, ``momentum`` and ``weight_decay`` to
 optimizers with an SGD/Adam base. For an optimizer an axis does not apply to, the axis
 collapses to one run and the value is recorded as empty ("not applicable"): SGD is
 trained once per (seed, lr, ...), not once per ρ. An axis given as a table keyed by
