@@ -66,6 +66,42 @@ class LinearOperator:
         return self.matmat(rows.to(self.device)).to(F64)
 
 
+NON_FINITE_PRODUCT = (
+    "a Hessian-vector product is not finite (inf or NaN) although the loss and gradient are: "
+    "the model's second derivative is infinite or undefined at these weights (e.g. torch.sqrt, "
+    "x ** p with p < 2, or torch.cdist at 0); move the weights off that point or smooth the "
+    "operation (e.g. torch.sqrt(x + 1e-12))"
+)
+
+
+def check_finite_products(*values: Any) -> None:
+    """Refuse a non-finite product, seen through the scalars a kernel computes from it anyway.
+
+    A product's dot product with a start, probe or basis vector (Lanczos' α, a probe's
+    vᵀAv, Hutch++'s sketch) is finite exactly when the product is (a vector with no zero
+    entries, times inf or NaN anywhere, gives inf or NaN), so checking those scalars
+    costs nothing. Left unchecked, NaN reaches LAPACK (a numpy ``LinAlgError``) or a
+    trace estimate (NaN, silently).
+
+    >>> check_finite_products(1.0, np.array([2.0, 3.0]))
+    >>> check_finite_products(float("nan"))
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: a Hessian-vector product is not finite (inf or NaN) \
+although the loss and gradient are: the model's second derivative is infinite or undefined at \
+these weights (e.g. torch.sqrt, x ** p with p < 2, or torch.cdist at 0); move the weights off \
+that point or smooth the operation (e.g. torch.sqrt(x + 1e-12))
+    """
+    for value in values:
+        finite = (
+            bool(torch.isfinite(value).all())
+            if isinstance(value, Tensor)
+            else bool(np.all(np.isfinite(value)))
+        )
+        if not finite:
+            raise SharpscopeError(NON_FINITE_PRODUCT)
+
+
 def as_operator(A: Any, dim: int | None = None) -> LinearOperator:
     """Wrap ``A`` as a :class:`LinearOperator`.
 

@@ -29,6 +29,7 @@ from ._linear import (
     F64,
     as_operator,
     basis_combine_rows,
+    check_finite_products,
     orthogonalize,
     random_vector,
 )
@@ -298,6 +299,7 @@ class LanczosProcess:
         qj = self.vector()
         self.matvecs += 1
         a = float(qj @ w)
+        check_finite_products(a)  # before NaN reaches the symmetry check or LAPACK
         w = w - a * qj
         if j > 0 and self.beta[-1] != 0.0:
             previous = self.Q[j - 1].to(self.device, F64)
@@ -733,6 +735,7 @@ def block_lanczos_top_k(
         W = op.mm(V)
         matvecs += b
         Aj = V @ W.T
+        check_finite_products(Aj)
         Aj = 0.5 * (Aj + Aj.T)
         W = W - Aj @ V
         if j > 0:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..errors import SharpscopeError
-from ._linear import F64, as_operator, random_vector
+from ._linear import F64, as_operator, check_finite_products, random_vector
 from .lanczos import EigenPairs
 
 
@@ -80,6 +80,7 @@ def power_iteration_top_k(
             Av = op.mv(v)
             matvecs += 1
             new = float(v @ Av)
+            check_finite_products(new)
             res = float(torch.linalg.vector_norm(Av - new * v))
             v = _normalized(Av)
             if lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol:

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from ..errors import SharpscopeError
+from ._linear import check_finite_products
 from .lanczos import EigenPairs
 from .operator import HessianOperator
 from .trace import TraceEstimate
@@ -147,6 +148,7 @@ def pyhessian_top_k(
             [torch.cat([t.detach().reshape(-1) for t in vec]).to(torch.float64) for vec in vectors]
         )
     seconds = time.perf_counter() - start
+    check_finite_products(np.asarray(values, dtype=np.float64))
     order = np.argsort(-np.asarray(values), kind="stable")
     lam = torch.tensor(np.asarray(values, dtype=np.float64)[order])
     flat = flat[torch.from_numpy(order)].to(op.device)
@@ -180,6 +182,7 @@ def pyhessian_trace(
     """``hessian.trace()`` of PyHessian: Hutchinson with its own stopping rule."""
     with _session(op, seed) as (hess, counter):
         samples = np.asarray(hess.trace(maxIter=max_iter, tol=tol), dtype=np.float64)
+    check_finite_products(samples)
     n = len(samples)
     return TraceEstimate(
         trace=float(samples.mean()),

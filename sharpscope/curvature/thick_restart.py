@@ -27,7 +27,15 @@ import numpy as np
 import torch
 
 from ..errors import SharpscopeError
-from ._linear import F64, as_operator, basis_combine_rows, basis_dot, orthogonalize, random_vector
+from ._linear import (
+    F64,
+    as_operator,
+    basis_combine_rows,
+    basis_dot,
+    check_finite_products,
+    orthogonalize,
+    random_vector,
+)
 from .lanczos import (
     RESTART,
     WHICH,
@@ -141,6 +149,7 @@ def thick_restart_lanczos_top_k(
         steps += 1
         # the whole column V A v (two classical Gram-Schmidt passes, float64)
         h = basis_dot(V[: j + 1], w)
+        check_finite_products(h[j])  # vᵀAv: before NaN reaches the symmetry check or LAPACK
         if expected is not None:
             scale = max(float(np.abs(T[:j, :j]).max()), abs(float(h[j])), expected)
             check_symmetric(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ..errors import SharpscopeError
-from ._linear import F64, LinearOperator, as_operator, random_vector
+from ._linear import F64, LinearOperator, as_operator, check_finite_products, random_vector
 from .lanczos import check_symmetric, products_dtype, symmetry_advice
 
 Distribution = Literal["rademacher", "gaussian"]
@@ -128,7 +128,9 @@ def hutchinson(
         rows = min(block_size, num_probes - len(samples))
         V = _probes(op, gen, rows, distribution)
         AV = op.mm(V.to(op.dtype))
-        samples.extend((V * AV).sum(1).tolist())
+        quadratic = (V * AV).sum(1).tolist()
+        check_finite_products(quadratic)
+        samples.extend(quadratic)
         norms_sq.extend((AV * AV).sum(1).tolist())
         if diagonal is not None:
             diagonal += (V * AV).sum(0)
@@ -158,6 +160,7 @@ def _exact_trace(op: LinearOperator, block_size: int, method: str) -> TraceEstim
     """
     E = torch.eye(op.dim, dtype=F64, device=op.device)
     AE = _blocked(op, E, block_size)
+    check_finite_products(AE)  # before inf reads as an asymmetry
     worst = int(torch.argmax((AE - AE.T).abs()))
     i, j = divmod(worst, op.dim)
     scale = float(torch.linalg.vector_norm(AE, dim=1).max())  # bounds every |A_ij|
@@ -227,6 +230,7 @@ def hutchpp(
     gen = torch.Generator().manual_seed(int(seed))
     S = _probes(op, gen, r, distribution)
     AS = _blocked(op, S, block_size)
+    check_finite_products(AS)  # before QR (one pass over AS; the QR costs s/3 of them)
     Q = torch.linalg.qr(AS.T).Q.T.contiguous()  # (min(r, P), P), orthonormal rows
     AQ = _blocked(op, Q, block_size)
     _check_sketches_symmetric(op, S, AS, Q, AQ)
@@ -236,6 +240,7 @@ def hutchpp(
     AG = _blocked(op, G, block_size)
     AG = AG - (AG @ Q.T) @ Q  # (I-QQ^T) A (I-QQ^T) g
     samples = (G * AG).sum(1).cpu().numpy()
+    check_finite_products(low_rank, samples)
     return TraceEstimate(
         trace=low_rank + float(samples.mean()),
         stderr=_stderr(samples),

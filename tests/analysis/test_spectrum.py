@@ -18,6 +18,7 @@ from sharpscope.analysis import (
     Spectrum,
     TopEigs,
     hessian_trace,
+    landscape,
     spectral_density,
     spectrum,
     top_eigenvalues,
@@ -388,6 +389,63 @@ def test_non_finite_loss_names_the_cause(mlp):
     bad[0, 0] = float("inf")
     with pytest.raises(SharpscopeError, match="not finite"):
         top_eigenvalues(mlp.model, (bad, y))
+
+
+class SqrtNet(nn.Module):
+    """Finite loss and gradient, but sqrt''(0) = -inf: ReLU units that are exactly 0 give
+    Hessian-vector products with inf and NaN entries."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.b(torch.sqrt(torch.relu(self.a(x))))
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, d: top_eigenvalues(m, d, k=1),
+        lambda m, d: top_eigenvalues(m, d, k=1, hvp_mode="forward"),
+        lambda m, d: top_eigenvalues(m, d, k=1, hvp_mode="reverse"),
+        lambda m, d: top_eigenvalues(m, d, k=1, block_size=2),
+        lambda m, d: top_eigenvalues(m, d, k=1, restart_size=12),
+        lambda m, d: top_eigenvalues(m, d, k=1, backend="pyhessian"),
+        lambda m, d: hessian_trace(m, d),
+        lambda m, d: hessian_trace(m, d, method="hutchinson", num_probes=10),
+        lambda m, d: hessian_trace(m, d, backend="pyhessian"),
+        lambda m, d: spectral_density(m, d, num_probes=2, num_lanczos_steps=10),
+        lambda m, d: spectrum(m, d, k=1, skip=("density",)),
+        lambda m, d: landscape(m, d, dims=1, grid=3, directions="eigen"),
+    ],
+    ids=[
+        "top",
+        "top-forward",
+        "top-reverse",
+        "top-block",
+        "top-thick-restart",
+        "top-pyhessian",
+        "trace-hutchpp",
+        "trace-hutchinson",
+        "trace-pyhessian",
+        "density",
+        "spectrum",
+        "landscape-eigen",
+    ],
+)
+def test_b1_a_non_finite_hessian_vector_product_is_one_line_naming_the_cause(call):
+    """Stress B1 (session 28): NaN reached LAPACK (numpy LinAlgError traceback) or came
+    back as a trace of NaN, silently; the pre-flight only checked the loss and gradient."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    model = SqrtNet()
+    with torch.no_grad():
+        assert math.isfinite(float(nn.functional.cross_entropy(model(x), y)))
+    with pytest.raises(SharpscopeError, match="Hessian-vector product is not finite") as info:
+        call(model, (x, y))
+    assert "\n" not in str(info.value) and "second derivative" in str(info.value)
 
 
 def test_plot_has_a_log_axis_with_a_floor_and_marks_the_top_eigenvalues(mlp, tmp_path):

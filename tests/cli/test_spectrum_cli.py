@@ -338,6 +338,48 @@ def test_non_finite_checkpoint_names_the_cause(tmp_path):
     assert "not finite" in result.output and "Traceback" not in result.output
 
 
+SQRT_CODE = """
+import torch
+from torch import nn
+
+
+def model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 8), nn.ReLU(), Sqrt(), nn.Linear(8, 3))
+
+
+class Sqrt(nn.Module):
+    def forward(self, x):
+        return torch.sqrt(x)
+
+
+def data():
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(24, 6, generator=g), torch.randint(0, 3, (24,), generator=g)
+"""
+
+
+@pytest.mark.parametrize("command", ["spectrum", "landscape"])
+def test_b1_a_non_finite_hessian_vector_product_is_one_error_line(tmp_path, command):
+    """Stress B1 (session 28): sqrt at 0 (finite loss and gradient) printed two numpy
+    LinAlgError tracebacks and exited 1."""
+    code = _users_code_and_weights(tmp_path, "sqrtnet.py", SQRT_CODE)
+    extra = (
+        ["--skip", "trace,density", "--k", "1"]
+        if command == "spectrum"
+        else ["--directions", "eigen", "--dims", "1", "--grid", "3", "--out", str(tmp_path / "o")]
+    )
+    result = runner.invoke(
+        app,
+        [command, str(tmp_path / "weights.pt"), "--model", f"{code}:model"]
+        + ["--data", f"{code}:data", "--device", "cpu", *extra],
+    )
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Hessian-vector product is not finite" in lines[0]
+
+
 def test_help_lists_the_interface_flags():
     result = runner.invoke(app, ["spectrum", "--help"])
     assert result.exit_code == 0

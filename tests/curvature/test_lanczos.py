@@ -15,9 +15,11 @@ from sharpscope.curvature import (
     HessianOperator,
     _linear,
     block_lanczos_top_k,
+    hutchinson,
     hutchpp,
     lanczos,
     lanczos_top_k,
+    power_iteration_top_k,
     slq,
 )
 from sharpscope.curvature.thick_restart import thick_restart_lanczos_top_k
@@ -454,3 +456,41 @@ def test_breakdown_is_beta_below_1e_10_of_theta_1(tiny, steps):
     run = lanczos(A, 4, start=torch.tensor([1.0, tiny, 0.0, 0.0], dtype=F64), restart=False)
     assert run.exhausted and len(run.alpha) == steps
     np.testing.assert_allclose(run.alpha, [3.0, 2.0][:steps], rtol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+@pytest.mark.parametrize(
+    "kernel",
+    [
+        lambda A: lanczos_top_k(A, k=2),
+        lambda A: lanczos_top_k(A, k=2, which="SA"),
+        lambda A: block_lanczos_top_k(A, k=2, block_size=2),
+        lambda A: thick_restart_lanczos_top_k(A, k=2, restart_size=6),
+        lambda A: power_iteration_top_k(A, k=1),
+        lambda A: slq(A, num_probes=2, num_steps=8),
+        lambda A: hutchinson(A, 10),
+        lambda A: hutchinson(A, 40),  # P <= probes: the exact trace from unit vectors
+        lambda A: hutchpp(A, 9),
+        lambda A: hutchpp(A, 30),
+    ],
+    ids=[
+        "lanczos",
+        "lanczos-SA",
+        "block",
+        "thick-restart",
+        "power",
+        "slq",
+        "hutchinson",
+        "exact-trace",
+        "hutchpp",
+        "hutchpp-exact",
+    ],
+)
+def test_b1_every_kernel_refuses_a_non_finite_product(kernel, bad):
+    """Stress B1 (session 28): an inf or NaN product reached LAPACK (a LinAlgError
+    traceback), read as an asymmetry, or gave a NaN trace; now one line, from the scalars
+    the kernels compute anyway (Lanczos' α, a probe's vᵀAv)."""
+    A = torch.diag(torch.linspace(1.0, 3.0, 30, dtype=F64))
+    A[4, 4] = bad
+    with pytest.raises(SharpscopeError, match="Hessian-vector product is not finite"):
+        kernel(A)
