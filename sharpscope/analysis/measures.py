@@ -285,6 +285,30 @@ def keskar_subspace(num_params: int, dim: int, seed: int) -> Tensor:
     return torch.randn(num_params, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
 
 
+def leaves_the_start(grad: np.ndarray, bound: np.ndarray, loss: float, dtype: torch.dtype) -> bool:
+    """Whether L-BFGS-B started at z = 0 can see its first step.
+
+    Its first step goes to the Cauchy point clip(∇L, ±b) (the initial Hessian
+    approximation is I), a predicted gain of Σ|g_i|·min(|g_i|, b_i). At a critical point
+    that is 0, and close to one (a trained model: |∇L| ~ 1e-12) it is below the rounding
+    of L, so the line search sees no change and the run never leaves z = 0 (ε-sharpness
+    0 however curved the loss). Then, as at a critical point, a seeded random point of
+    the box is the start instead. The threshold is 100 units of rounding of L in the
+    model's dtype.
+
+    >>> b = np.full(3, 1e-3)
+    >>> leaves_the_start(np.full(3, 1e-4), b, 0.9, torch.float64)
+    True
+    >>> leaves_the_start(np.full(3, 1e-12), b, 0.9, torch.float64)
+    False
+    >>> leaves_the_start(np.zeros(3), b, 0.0, torch.float64)  # a critical point
+    False
+    """
+    g = np.abs(grad)
+    gain = float(g @ np.minimum(g, bound))
+    return gain > 100 * torch.finfo(dtype).eps * abs(loss)
+
+
 @ieee_float32()
 @keeps_model_buffers
 def epsilon_sharpness(
@@ -303,8 +327,10 @@ def epsilon_sharpness(
 
     φ_{w,f}(ε) = 100·(max_{z∈C_ε} L(w+z) − L(w))/(1 + L(w)), C_ε = {|z_i| ≤
     ε(|w_i| + 1)} (Keskar et al., 2017, §2.2.1, ε ∈ {1e-3, 5e-4}). The maximum is
-    approximated with scipy's L-BFGS-B (``iterations`` iterations, 10 in the paper)
-    started at z = 0, on the full-data loss (each batch weighted n_b/N) in the model's
+    approximated with scipy's L-BFGS-B (``iterations`` iterations, 10 in the paper;
+    no tolerance stops it earlier) started at z = 0 (at or near a critical point, where
+    its first step is lost in the rounding of L, from a seeded random point of the box:
+    :func:`leaves_the_start`), on the full-data loss (each batch weighted n_b/N) in the model's
     dtype with a float64 optimizer state. With ``subspace_dim = p`` the search is over
     z = Ay for the random A of :func:`keskar_subspace` and the box on y uses A⁺w.
 
@@ -315,7 +341,7 @@ def epsilon_sharpness(
         subspace_dim: None for the full space, or p ≥ 1 (the paper: 100).
         iterations: L-BFGS-B iterations (10).
         loss: loss name, factory path or callable (mean loss).
-        seed: seed of the random subspace.
+        seed: seed of the random subspace and of the random start (see above).
         batch_size: examples per forward pass (None: all).
         meta: provenance to extend.
 
@@ -385,10 +411,8 @@ def epsilon_sharpness(
             f"epsilon-sharpness divides by 1 + L(w) = {1 + clean_loss:.3g}; it needs L(w) > -1",
         )
         b = bound.numpy()
-        # at a critical point (∇L = 0) L-BFGS-B would not leave the start: a seeded
-        # random point of the box instead
         y0 = np.zeros(len(b))
-        if not np.any(clean_grad):
+        if not leaves_the_start(clean_grad, b, clean_loss, dtype):
             y0 = np.random.default_rng(seed).uniform(-b, b)
         result = minimize(
             loss_and_grad,
@@ -396,7 +420,9 @@ def epsilon_sharpness(
             jac=True,
             method="L-BFGS-B",
             bounds=np.stack([-b, b], axis=1),
-            options={"maxiter": int(iterations)},
+            # no tolerance stops it: `iterations` does (scipy's gtol=1e-5 ended the run
+            # before its first iteration once every |∂L/∂w_i| < 1e-5, near any minimum)
+            options={"maxiter": int(iterations), "gtol": 0.0, "ftol": 0.0},
         )
     max_loss = max(best["loss"], clean_loss)
     return EpsilonSharpness(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import numpy as np
@@ -183,6 +184,59 @@ def test_epsilon_sharpness_random_subspace_linear_loss():
     assert r.max_loss - r.clean_loss == pytest.approx(exact_gain, rel=1e-8)
     full = epsilon_sharpness(model, (x, torch.zeros(12)), eps, loss=mean_output)
     assert r.subspace_dim == p and 0 < r.sharpness < full.sharpness
+
+
+class QuadraticBowl(nn.Module):
+    """L(w) = L* + ½ (w − c)ᵀA(w − c), the same for every example."""
+
+    def __init__(self, A, c, w, floor):
+        super().__init__()
+        self.register_buffer("A", A)
+        self.register_buffer("c", c)
+        self.floor = floor
+        self.w = nn.Parameter(w.clone())
+
+    def forward(self, x):
+        r = self.w - self.c
+        return (self.floor + 0.5 * r @ self.A @ r).expand(len(x))
+
+
+def box_vertex_maximum(A, offset, box):
+    """max over the box |z_i| <= box_i of ½(offset + z)ᵀA(offset + z), A positive definite:
+    a convex function's maximum over a box is at a vertex, so enumerate the 2^P vertices."""
+    signs = torch.tensor(list(itertools.product([-1.0, 1.0], repeat=len(box))), dtype=F64)
+    r = offset + signs * box
+    return float((0.5 * ((r @ A) * r).sum(1)).max())
+
+
+@pytest.mark.parametrize("offset_scale", [1e-7, 1e-12])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_b3_epsilon_sharpness_at_a_minimum_is_the_box_vertex_maximum(offset_scale, seed):
+    """Stress B3 (session 28): near a minimum (every |∂L/∂w_i| < 1e-5) scipy's default
+    gtol ended L-BFGS-B before its first iteration, and ε-sharpness was exactly 0.
+
+    L = 0.9 + ½(w − c)ᵀA(w − c), A = uuᵀ + diag(a) with u > 0 (its only locally maximal
+    vertices are ±(b_1, ..., b_P)), at w = c + δ: |δ| ~ 1e-7 (∇L ~ 1e-6, which the fixed
+    tolerance now lets L-BFGS-B follow) and |δ| ~ 1e-12 (∇L below the rounding of L: a
+    seeded random start, as at a critical point). The maximum is the best vertex of the
+    box, enumerated exactly.
+    """
+    g = torch.Generator().manual_seed(seed)
+    d, eps, floor = 5, 1e-3, 0.9
+    u = torch.rand(d, generator=g, dtype=F64) + 0.5
+    A = torch.outer(u, u) + torch.diag(torch.rand(d, generator=g, dtype=F64) * 0.1 + 0.05)
+    c = torch.randn(d, generator=g, dtype=F64)
+    delta = offset_scale * torch.randn(d, generator=g, dtype=F64)
+    model = QuadraticBowl(A, c, c + delta, floor)
+    r = epsilon_sharpness(
+        model, (torch.zeros(4, 1, dtype=F64), torch.zeros(4)), eps, loss=mean_output, seed=seed
+    )
+    box = eps * ((c + delta).abs() + 1)
+    clean = floor + 0.5 * float(delta @ A @ delta)
+    exact = floor + box_vertex_maximum(A, delta, box)
+    assert r.clean_loss == pytest.approx(clean, rel=1e-14)
+    assert r.max_loss == pytest.approx(exact, rel=1e-12)
+    assert r.sharpness == pytest.approx(100 * (exact - clean) / (1 + clean), rel=1e-8)
 
 
 def test_epsilon_sharpness_bad_input():
@@ -563,8 +617,9 @@ def test_average_sharpness_subset_j_uses_draws_seeded_j():
 
 
 def test_keskar_uses_exactly_the_given_lbfgsb_iterations():
-    """iterations=k is scipy's L-BFGS-B with maxiter=k on the same objective (a
-    non-separable quadratic, where one iteration does not reach the box maximum)."""
+    """iterations=k is scipy's L-BFGS-B with maxiter=k (and no tolerance) on the same
+    objective (a non-separable quadratic, where one iteration does not reach the box
+    maximum)."""
     from scipy.optimize import minimize
 
     model, x, y = _linear_regression_case(n=6, d=4, seed=3)
@@ -583,7 +638,7 @@ def test_keskar_uses_exactly_the_given_lbfgsb_iterations():
             jac=True,
             method="L-BFGS-B",
             bounds=np.stack([-b, b], 1),
-            options={"maxiter": iterations},
+            options={"maxiter": iterations, "gtol": 0.0, "ftol": 0.0},  # only maxiter stops
         )
         r = epsilon_sharpness(model, (x, y), eps, iterations=iterations, loss=half_mse)
         assert r.num_function_evals == ref.nfev + 1, iterations  # + the clean evaluation
