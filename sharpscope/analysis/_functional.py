@@ -160,11 +160,11 @@ def warn_half_precision(dtype: torch.dtype, what: str) -> None:
             "relative, so smaller differences are rounding); a float32 copy "
             "(copy.deepcopy(model).float()) gives more exact values",
             RuntimeWarning,
-            stacklevel=_caller_level(),
+            stacklevel=caller_level(),
         )
 
 
-def _caller_level() -> int:
+def caller_level() -> int:
     """The ``stacklevel`` of the first frame outside sharpscope (and the standard library's
     contextlib/functools wrappers) for a warning issued by this module's caller, so that it
     names the user's line whatever the depth of the call."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -42,6 +43,7 @@ from ._functional import (
     ParamLayout,
     analysis_meta,
     analysis_mode,
+    caller_level,
     evaluate_parameter_sets,
     flat_parameters,
     is_classification,
@@ -397,7 +399,9 @@ def epsilon_sharpness(
             value += float(part.detach())
             grad_z += g.double()
         g_y = basis_dev.double().T @ grad_z if basis_dev is not None else grad_z
-        best["loss"] = max(best["loss"], value)
+        # a loss undefined somewhere in the box makes the maximum NaN (as in m_sharpness),
+        # not the largest finite value seen
+        best["loss"] = value if math.isnan(value) else max(best["loss"], value)
         best["evals"] += 1
         return -value, -g_y.cpu().numpy()
 
@@ -410,21 +414,42 @@ def epsilon_sharpness(
             1 + clean_loss > 0,
             f"epsilon-sharpness divides by 1 + L(w) = {1 + clean_loss:.3g}; it needs L(w) > -1",
         )
-        b = bound.numpy()
-        y0 = np.zeros(len(b))
-        if not leaves_the_start(clean_grad, b, clean_loss, dtype):
-            y0 = np.random.default_rng(seed).uniform(-b, b)
-        result = minimize(
-            loss_and_grad,
-            y0,
-            jac=True,
-            method="L-BFGS-B",
-            bounds=np.stack([-b, b], axis=1),
-            # no tolerance stops it: `iterations` does (scipy's gtol=1e-5 ended the run
-            # before its first iteration once every |∂L/∂w_i| < 1e-5, near any minimum)
-            options={"maxiter": int(iterations), "gtol": 0.0, "ftol": 0.0},
-        )
-    max_loss = max(best["loss"], clean_loss)
+        if not np.all(np.isfinite(clean_grad)):
+            # an inf input saturated by tanh, say: L-BFGS-B's search on a NaN gradient
+            # returned a number (0 or a random point's loss)
+            warnings.warn(
+                "epsilon-sharpness: the loss is finite but its gradient is not at the model's "
+                "own weights: check the data and the model for NaN or inf (an inf input can "
+                "leave the loss finite); the sharpness is NaN",
+                RuntimeWarning,
+                stacklevel=caller_level(),
+            )
+            best["loss"] = math.nan
+            message = "not run: the gradient at w is not finite"
+        else:
+            b = bound.numpy()
+            y0 = np.zeros(len(b))
+            if not leaves_the_start(clean_grad, b, clean_loss, dtype):
+                y0 = np.random.default_rng(seed).uniform(-b, b)
+            result = minimize(
+                loss_and_grad,
+                y0,
+                jac=True,
+                method="L-BFGS-B",
+                bounds=np.stack([-b, b], axis=1),
+                # no tolerance stops it: `iterations` does (scipy's gtol=1e-5 ended the run
+                # before its first iteration once every |∂L/∂w_i| < 1e-5, near any minimum)
+                options={"maxiter": int(iterations), "gtol": 0.0, "ftol": 0.0},
+            )
+            message = str(result.message)
+            if not math.isfinite(best["loss"]):
+                warnings.warn(
+                    "epsilon-sharpness: the loss is not finite at some point of the box (an "
+                    f"overflow at this epsilon?): the sharpness is {best['loss']}",
+                    RuntimeWarning,
+                    stacklevel=caller_level(),
+                )
+    max_loss = best["loss"] if math.isnan(best["loss"]) else max(best["loss"], clean_loss)
     return EpsilonSharpness(
         sharpness=100.0 * (max_loss - clean_loss) / (1.0 + clean_loss),
         max_loss=max_loss,
@@ -445,7 +470,7 @@ def epsilon_sharpness(
             device=device,
             mode=mode,
             num_params=layout.size,
-            extra={"optimizer_message": str(result.message)},
+            extra={"optimizer_message": message},
         ),
     )
 

@@ -65,6 +65,7 @@ from ._functional import (
     ParamLayout,
     analysis_meta,
     analysis_mode,
+    caller_level,
     chunk_slices,
     class_labels,
     flat_parameters,
@@ -316,6 +317,7 @@ class _Ascent:
     grad_calls: int
     value_calls: int
     one_step_best: Tensor  # 1.0 where SAM's ε̂, a candidate beside the ascent, beat it
+    bad_gradient: Tensor  # 1.0 where the gradient at the start of an ascent is not finite
 
 
 def _ascend(
@@ -336,6 +338,7 @@ def _ascend(
     grad_calls, value_calls = (0, 1) if random_start else (1, 0)
     best_loss, best_wrong = clean_loss.clone(), clean_wrong.clone()
     one_step_best = torch.zeros_like(clean_loss)
+    bad_gradient = torch.zeros_like(clean_loss)
     for restart in range(restarts):
         if random_start:
             x0 = torch.stack(
@@ -368,6 +371,10 @@ def _ascend(
                 f0, g0, w0 = oracle(x0, True)
                 grad_calls += 1
         assert g0 is not None
+        # an inf input saturated by tanh, say: a finite loss, a NaN ∇ and so a zero
+        # direction (_unit_rows), which read as sharpness 0
+        bad = ~torch.isfinite(g0).all(dim=-1)
+        bad_gradient = torch.maximum(bad_gradient, bad.to(bad_gradient.dtype))
         run_loss, run_wrong = f0.clone(), w0.clone()
         if steps == 1:
             step = pset.rho * pset.sam_direction(g0)
@@ -395,8 +402,61 @@ def _ascend(
         best_loss = torch.where(better, run_loss, best_loss)
         best_wrong = torch.where(better, run_wrong, best_wrong)
     return _Ascent(
-        clean_loss, clean_wrong, best_loss, best_wrong, grad_calls, value_calls, one_step_best
+        clean_loss,
+        clean_wrong,
+        best_loss,
+        best_wrong,
+        grad_calls,
+        value_calls,
+        one_step_best,
+        bad_gradient,
     )
+
+
+def warn_non_finite_subsets(
+    clean_loss: Tensor,
+    per_subset: Tensor,
+    gradless: Tensor | None,
+    perturbed: str,
+    start: str = "",
+) -> None:
+    """Say which subsets' sharpness is not finite, and why (m-sharpness and average-case
+    sharpness): a loss not finite at the model's own weights (the data or the model, not
+    ρ, are the cause), a finite loss whose gradient is not (``gradless``, at ``start``:
+    the ascent has no direction there, so their sharpness is NaN, not 0), or a loss not
+    finite at a perturbed point (``perturbed`` says where)."""
+    total = len(per_subset)
+    clean = torch.isfinite(clean_loss)
+    unclean = int((~clean).sum())
+    no_gradient = 0 if gradless is None else int(gradless.sum())
+    at_perturbed = ~torch.isfinite(per_subset) & clean
+    if gradless is not None:
+        at_perturbed &= ~gradless
+    undefined = int(at_perturbed.sum())
+    if unclean:
+        warnings.warn(
+            f"{unclean} of {total} subsets have a loss that is not finite at the model's "
+            "own weights (ε = 0): check the data and the model for NaN or inf; their "
+            "sharpness is NaN",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
+    if no_gradient:
+        warnings.warn(
+            f"{no_gradient} of {total} subsets have a finite loss but a gradient that is "
+            f"not finite {start}: check the data and the model for NaN or inf (an inf "
+            "input can leave the loss finite); their sharpness is NaN",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
+    if undefined:
+        warnings.warn(
+            f"{undefined} of {total} subsets have a loss that is not finite {perturbed}: "
+            "their sharpness is "
+            f"{'NaN' if bool(per_subset[at_perturbed].isnan().any()) else 'infinite'}",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
 
 
 def _warn_one_step_best(one_step_best: Tensor, pset: PerturbationSet, steps: int) -> None:
@@ -806,6 +866,7 @@ def m_sharpness(
     best_loss = torch.empty(num_subsets, dtype=torch.float64)
     best_wrong = torch.empty(num_subsets, dtype=torch.float64)
     one_step_best = torch.zeros(num_subsets, dtype=torch.float64)
+    bad_gradient = torch.zeros(num_subsets, dtype=torch.float64)
     grad_passes = value_passes = 0.0
     chunks = list(chunk_slices(num_subsets, chunk_size))[rank::world]  # round robin
     looped = contextlib.nullcontext() if vectorize else sub.looped()
@@ -840,12 +901,13 @@ def m_sharpness(
                 best_loss[sl] = result.best_loss.cpu()
                 best_wrong[sl] = result.best_wrong.cpu()
                 one_step_best[sl] = result.one_step_best.cpu()
+                bad_gradient[sl] = result.bad_gradient.cpu()
                 grad_passes += result.grad_calls * rows / num_subsets
                 value_passes += result.value_calls * rows / num_subsets
                 if progress is not None:
                     progress(rows)
     if world > 1:
-        arrays = (clean_loss, clean_wrong, best_loss, best_wrong, one_step_best)
+        arrays = (clean_loss, clean_wrong, best_loss, best_wrong, one_step_best, bad_gradient)
         mine = torch.tensor(
             [j for sl in chunks for j in range(sl.start, sl.stop)], dtype=torch.long
         )
@@ -861,25 +923,17 @@ def m_sharpness(
             if progress is not None and other != rank:
                 progress(len(index))
     per_subset = best_loss - clean_loss
-    undefined = int((~torch.isfinite(per_subset)).sum())
-    unclean = int((~torch.isfinite(clean_loss)).sum())
-    if unclean:  # then the data or the model are the cause, not ρ
-        warnings.warn(
-            f"{unclean} of {len(per_subset)} subsets have a loss that is not finite at the "
-            "model's own weights (ε = 0): check the data and the model for NaN or inf; "
-            "their sharpness is NaN",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        undefined -= unclean  # the others, finite at ε = 0, are said below
-    if undefined:
-        warnings.warn(
-            f"{undefined} of {len(per_subset)} subsets have a loss that is not finite at "
-            "some point of the ball (an overflow at this rho?): their sharpness is "
-            f"{'NaN' if bool(per_subset.isnan().any()) else 'infinite'}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    gradless = (bad_gradient > 0) & torch.isfinite(clean_loss)
+    per_subset[gradless] = float("nan")
+    warn_non_finite_subsets(
+        clean_loss,
+        per_subset,
+        gradless,
+        "at some point of the ball (an overflow at this rho?)",
+        "at the random start of the ascent"
+        if random_start
+        else "at the model's own weights (ε = 0)",
+    )
     _warn_one_step_best(one_step_best, pset, steps)
     nan = torch.full_like(per_subset, float("nan"))
     per_subset_error = (best_wrong - clean_wrong) / m if classification else nan

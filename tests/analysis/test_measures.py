@@ -239,6 +239,36 @@ def test_b3_epsilon_sharpness_at_a_minimum_is_the_box_vertex_maximum(offset_scal
     assert r.sharpness == pytest.approx(100 * (exact - clean) / (1 + clean), rel=1e-8)
 
 
+def test_b4_epsilon_sharpness_with_a_non_finite_gradient_is_nan_with_a_warning():
+    """Stress B4 (session 28): an inf input behind tanh (finite loss, NaN gradient) gave
+    0.0 after 42 evaluations on NaN gradients."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    x[3, 2] = float("inf")
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    with pytest.warns(RuntimeWarning, match="finite but its gradient is not") as w:
+        r = epsilon_sharpness(net, (x, y))
+    assert math.isnan(r.sharpness) and math.isnan(r.max_loss) and math.isfinite(r.clean_loss)
+    assert r.num_function_evals == 1 and w[0].filename == __file__
+
+
+def test_b4_epsilon_sharpness_with_a_loss_undefined_in_the_box_is_nan_with_a_warning():
+    """A NaN loss inside the box lost every comparison (max(best, nan) is best), so the
+    largest finite loss was reported; the maximum is NaN there, as in m_sharpness."""
+    net = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.fill_(0.1)
+    x, y = torch.ones(8, 4, dtype=F64), torch.zeros(8, dtype=F64)
+
+    def root(out, t):  # defined while the mean output stays below 1, where ascent leads
+        return -torch.sqrt(1 - out.mean())
+
+    assert math.isfinite(epsilon_sharpness(net, (x, y), 0.01, loss=root).sharpness)
+    with pytest.warns(RuntimeWarning, match="not finite at some point of the box"):
+        r = epsilon_sharpness(net, (x, y), 1.0, loss=root)
+    assert math.isnan(r.sharpness) and math.isnan(r.max_loss)
+
+
 def test_epsilon_sharpness_bad_input():
     model, x, y = linear_regression()
     with pytest.raises(SharpscopeError, match="epsilon must be > 0"):

@@ -932,6 +932,47 @@ def test_a_loss_undefined_inside_the_ball_makes_the_sharpness_nan_with_a_warning
     assert r.per_subset[0].isfinite() and r.per_subset[1].isnan()
 
 
+def _saturated_inf_input():
+    """An inf input behind tanh: every loss is finite, but subset 0's gradient is NaN."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    x[3, 2] = float("inf")
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    return net, (x, y)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {},
+        {"steps": 5},
+        {"vectorize": False},
+        {"norm": "linf"},
+        {"adaptive": True},
+        {"random_start": True, "steps": 2},
+    ],
+    ids=["sam", "apgd", "loop", "linf", "adaptive", "random-start"],
+)
+def test_b4_a_subset_with_a_non_finite_gradient_is_nan_with_a_warning(options):
+    """Stress B4 (session 28): a finite loss with a NaN gradient gave a zero ascent
+    direction, and the subset counted as sharpness 0, without a word."""
+    net, (x, y) = _saturated_inf_input()
+    with pytest.warns(RuntimeWarning, match=r"^1 of 3 subsets have a finite loss but a gradient"):
+        r = m_sharpness(net, (x, y), m=8, rho=0.1, **options)
+    assert r.per_subset[0].isnan() and r.per_subset[1:].isfinite().all()
+    assert r.per_subset_error[0].isnan() and math.isnan(r.sharpness)
+    # the other subsets are what they are with a finite input in subset 0
+    fine = m_sharpness(net, (torch.nan_to_num(x, posinf=0.0), y), m=8, rho=0.1, **options)
+    torch.testing.assert_close(r.per_subset[1:], fine.per_subset[1:], rtol=0, atol=0)
+
+
+def test_b4_the_non_finite_warnings_name_the_callers_line():
+    net, (x, y) = _saturated_inf_input()
+    with pytest.warns(RuntimeWarning, match="a gradient that is not finite") as w:
+        m_sharpness(net, (x, y), m=8, rho=0.1)
+    assert [item.filename for item in w] == [__file__]
+
+
 def test_a_subset_without_a_finite_clean_loss_has_no_error_increase_either():
     """Python API acceptance, session 21: with NaN weights the sharpness was NaN (and said
     so) but error_increase read 0.0: NaN logits still have an argmax."""
