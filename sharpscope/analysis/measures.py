@@ -55,7 +55,7 @@ from ._functional import (
     vmap_or_loop,
     warn_half_precision,
 )
-from .msharpness import split_subsets
+from .msharpness import split_subsets, warn_non_finite_subsets
 
 # --- average-case sharpness -------------------------------------------------------------
 
@@ -138,7 +138,8 @@ def average_sharpness(
         meta: provenance to extend.
 
     Returns:
-        :class:`AverageSharpness`.
+        :class:`AverageSharpness`; a subset whose loss is not finite (at w or at a draw)
+        has sharpness NaN, and a warning says which and why (as in :func:`m_sharpness`).
 
     Raises:
         SharpscopeError: ρ ≤ 0, m < 1 or larger than the data, num_draws < 1, η < 0.
@@ -212,6 +213,9 @@ def average_sharpness(
             increases[sl] = l1 - l0
             err_increases[sl] = (w1 - w0) / m
     per_subset = increases.mean(dim=1)
+    warn_non_finite_subsets(
+        clean, per_subset, None, "at some of its noise draws", unperturbed="δ = 0"
+    )
     # NaN logits still have an argmax: no error increase where the loss is not finite
     err_increases = torch.where(torch.isfinite(increases), err_increases, float("nan"))
     if num_draws > 1:
@@ -348,7 +352,8 @@ def epsilon_sharpness(
         meta: provenance to extend.
 
     Returns:
-        :class:`EpsilonSharpness`.
+        :class:`EpsilonSharpness`; its sharpness is NaN, with a warning, when the loss or
+        its gradient at w, or the loss somewhere in the box, is not finite.
 
     Raises:
         SharpscopeError: ε ≤ 0, iterations < 1, subspace_dim < 1, or 1 + L(w) ≤ 0.
@@ -411,10 +416,20 @@ def epsilon_sharpness(
             clean_loss, clean_grad = loss_and_grad(np.zeros(len(bound)))
         clean_loss = -clean_loss
         check(
-            1 + clean_loss > 0,
+            not math.isfinite(clean_loss) or 1 + clean_loss > 0,  # not finite: said below
             f"epsilon-sharpness divides by 1 + L(w) = {1 + clean_loss:.3g}; it needs L(w) > -1",
         )
-        if not np.all(np.isfinite(clean_grad)):
+        if not math.isfinite(clean_loss):  # NaN weights or data, as m_sharpness says
+            warnings.warn(
+                f"epsilon-sharpness: the loss is not finite at the model's own weights "
+                f"({clean_loss}): check the data and the model for NaN or inf; the sharpness "
+                "is NaN",
+                RuntimeWarning,
+                stacklevel=caller_level(),
+            )
+            best["loss"] = math.nan
+            message = "not run: the loss at w is not finite"
+        elif not np.all(np.isfinite(clean_grad)):
             # an inf input saturated by tanh, say: L-BFGS-B's search on a NaN gradient
             # returned a number (0 or a random point's loss)
             warnings.warn(
@@ -569,7 +584,8 @@ def pac_bayes_flatness(
 
     Returns:
         :class:`PacBayesFlatness` (``converged`` False when the tolerance was never met;
-        then σ is the last midpoint).
+        then σ is the last midpoint). A model whose loss at w is NaN has no accuracy to
+        drop: flatness and σ are NaN, with a warning, and no draw is spent.
 
     Raises:
         SharpscopeError: the targets are not class labels, or a setting is out of range.
@@ -621,6 +637,14 @@ def pac_bayes_flatness(
         accuracy = float(accuracies(theta.unsqueeze(0))[0])
         lo, hi = 0.0, float(sigma_max)
         sigma, drop, converged = hi, float("nan"), False
+        if math.isnan(accuracy):  # a NaN loss (NaN weights or data): no accuracy to drop
+            warnings.warn(
+                "PAC-Bayes flatness: the loss is not finite at the model's own weights "
+                "(nan): check the data and the model for NaN or inf; the flatness is NaN",
+                RuntimeWarning,
+                stacklevel=caller_level(),
+            )
+            sigma, num_halvings = math.nan, 0  # every drop would be NaN: σ halved 15 times
         for step in range(num_halvings):
             sigma = 0.5 * (lo + hi)
             xi = torch.randn(

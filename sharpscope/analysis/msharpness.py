@@ -419,6 +419,7 @@ def warn_non_finite_subsets(
     gradless: Tensor | None,
     perturbed: str,
     start: str = "",
+    unperturbed: str = "ε = 0",
 ) -> None:
     """Say which subsets' sharpness is not finite, and why (m-sharpness and average-case
     sharpness): a loss not finite at the model's own weights (the data or the model, not
@@ -436,8 +437,8 @@ def warn_non_finite_subsets(
     if unclean:
         warnings.warn(
             f"{unclean} of {total} subsets have a loss that is not finite at the model's "
-            "own weights (ε = 0): check the data and the model for NaN or inf; their "
-            "sharpness is NaN",
+            f"own weights ({unperturbed}): check the data and the model for NaN or inf; "
+            "their sharpness is NaN",
             RuntimeWarning,
             stacklevel=caller_level(),
         )

@@ -20,6 +20,7 @@ from sharpscope.analysis.measures import (
     keskar_subspace,
     pac_bayes_flatness,
 )
+from sharpscope.analysis.msharpness import m_sharpness
 from sharpscope.errors import SharpscopeError
 
 from cases import half_mse
@@ -273,6 +274,61 @@ def test_epsilon_sharpness_bad_input():
     model, x, y = linear_regression()
     with pytest.raises(SharpscopeError, match="epsilon must be > 0"):
         epsilon_sharpness(model, (x, y), 0.0, loss=half_mse)
+
+
+@pytest.mark.parametrize(
+    "measure, value",
+    [
+        (lambda net, data: average_sharpness(net, data, rho=0.1), "sharpness"),
+        (lambda net, data: epsilon_sharpness(net, data), "sharpness"),
+        (lambda net, data: pac_bayes_flatness(net, data), "flatness"),
+        (lambda net, data: m_sharpness(net, data, m=24, rho=0.1), "sharpness"),
+    ],
+    ids=["average", "epsilon", "pac_bayes", "m_sharpness"],
+)
+@pytest.mark.parametrize("where", ["weight", "input"])
+def test_b5_a_non_finite_clean_loss_is_nan_with_a_warning_in_every_measure(measure, value, where):
+    """Stress B5 (session 28): with a NaN weight, PAC-Bayes halved σ 15 times on NaN drops
+    and reported 1/σ² = 2.7e8 ("extremely sharp"), average sharpness gave NaN without a
+    word, and ε-sharpness said "needs L(w) > -1"; now each says what m_sharpness says."""
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    net = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+    with torch.no_grad():
+        if where == "weight":
+            net[0].weight[0, 0] = float("nan")
+        else:
+            x[3, 2] = float("nan")
+    with pytest.warns(RuntimeWarning, match="not finite at the model's own weights") as w:
+        result = measure(net, (x, y))
+    assert math.isnan(getattr(result, value))
+    assert all(item.filename == __file__ for item in w)
+
+
+def test_b5_pac_bayes_spends_no_draws_on_a_model_without_an_accuracy():
+    torch.manual_seed(0)
+    x, y = torch.randn(24, 6), torch.randint(0, 3, (24,))
+    net = nn.Linear(6, 3)
+    with torch.no_grad():
+        net.bias[0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="PAC-Bayes flatness: the loss"):
+        r = pac_bayes_flatness(net, (x, y))
+    assert r.search == [] and r.num_halvings_used == 0 and not r.converged
+    assert math.isnan(r.sigma) and math.isnan(r.accuracy) and math.isnan(r.accuracy_drop)
+
+
+def test_b5_average_sharpness_says_when_a_noise_draw_makes_the_loss_undefined():
+    net = nn.Linear(4, 1, bias=False).double()
+    with torch.no_grad():
+        net.weight.fill_(0.1)
+    x, y = torch.ones(8, 4, dtype=F64), torch.zeros(8, dtype=F64)
+
+    def root(out, t):  # defined while the mean output stays below 1
+        return -torch.sqrt(1 - out.mean())
+
+    with pytest.warns(RuntimeWarning, match=r"^1 of 1 subsets .* at some of its noise draws"):
+        r = average_sharpness(net, (x, y), rho=2.0, loss=root)
+    assert math.isnan(r.sharpness) and math.isfinite(r.clean_loss)
 
 
 # --- PAC-Bayes flatness ---------------------------------------------------------------------
