@@ -225,6 +225,11 @@ def plan_directions(
         return DirectionPlan("random", theta64, torch.stack(dirs))
     if isinstance(directions, str) and directions == "eigen":
         check(not states, "states mode moves BatchNorm statistics; it is for interpolation only")
+        check(
+            dims <= theta.numel(),
+            f"directions='eigen' with dims={dims} needs {dims} Hessian eigenvectors, but the "
+            f"model has {theta.numel()} trainable parameter(s): use dims=1 or random directions",
+        )
         from .spectrum import top_eigenvalues
 
         eig = top_eigenvalues(

@@ -32,7 +32,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ..curvature.lanczos import EigenPairs, Which, block_lanczos_top_k, lanczos_top_k
+from ..curvature.lanczos import (
+    EigenPairs,
+    Which,
+    block_lanczos_top_k,
+    check_tol,
+    lanczos_top_k,
+)
 from ..curvature.operator import HessianOperator
 from ..curvature.slq import (
     Kernel,
@@ -577,6 +583,7 @@ def _top_from_op(
     if max_steps is None:
         max_steps = default_max_steps(k)
     check_numbers(tol=tol)  # "1e-3" is one line, before any warning
+    check_tol(tol)  # the pyhessian backend too
     if op.dtype == torch.float32 and 0 < tol < FLOAT32_NOISE_FLOOR:  # a bad tol: one error
         warnings.warn(
             f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "
@@ -738,6 +745,8 @@ def top_eigenvalues(
     check_spectrum_choices(which=which)
     check_integers(k=k, max_steps=max_steps, restart_size=restart_size, block_size=block_size)
     check_seed("seed", seed)
+    check_numbers(tol=tol)
+    check_tol(tol)  # before the pre-flight passes
     if block_size is not None:  # before the operator's pre-flight passes
         check_block_options(block_size, backend, restart_size, return_eigenvectors)
     start = time.perf_counter()
@@ -1070,6 +1079,8 @@ def spectrum(
         block_size=block_size,
     )
     check_seed("seed", seed)
+    check_numbers(tol=tol)
+    check_tol(tol)  # before the pre-flight passes
     skipped = check_skip(skip, deflate=deflate)
     if block_size is not None:  # before the operator's pre-flight passes
         check_block_options(block_size, backend, restart_size, return_eigenvectors)

@@ -458,9 +458,26 @@ def _converged(
     return bool(np.all(b * np.abs(S[-1, select(theta, k, which)]) <= threshold))
 
 
-def _check_k(k: int, n: int, max_steps: int, tol: float = 1e-5) -> None:
+def check_tol(tol: float) -> None:
+    """Refuse a residual tolerance that is not in (0, 1).
+
+    >>> check_tol(float("inf"))
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: tol must be < 1 (Ritz residuals relative to the \
+largest |Ritz value|; default 1e-5), got inf
+    """
     if not tol > 0:  # also NaN: every residual test would be False, silently
         raise SharpscopeError(f"tol must be a number > 0, got {tol}")
+    if not tol < 1:  # tol=inf flagged the first Ritz value converged (5% of λ1)
+        raise SharpscopeError(
+            "tol must be < 1 (Ritz residuals relative to the largest |Ritz value|; default "
+            f"1e-5), got {tol}"
+        )
+
+
+def _check_k(k: int, n: int, max_steps: int, tol: float = 1e-5) -> None:
+    check_tol(tol)
     if k < 1:
         raise SharpscopeError(f"k must be >= 1, got {k}")
     if k > n:

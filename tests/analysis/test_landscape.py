@@ -91,6 +91,18 @@ def test_eigen_directions_give_half_lambda_alpha_squared():
     torch.testing.assert_close(r.loss, expected, rtol=1e-6, atol=1e-12)
 
 
+def test_b6_two_eigen_directions_of_a_one_parameter_model_name_dims():
+    """Stress B6 (session 28): the error said "k=2 is larger than the number of parameters
+    (1); use k <= 1", a k the user never gave."""
+    model = nn.Linear(1, 1, bias=False).double()
+    x, y = torch.randn(8, 1, dtype=F64), torch.randn(8, dtype=F64)
+    with pytest.raises(SharpscopeError, match=r"^directions='eigen' with dims=2 needs 2") as info:
+        landscape(model, (x, y), 2, grid=3, directions="eigen", loss=half_mse)
+    assert "k=" not in str(info.value) and "1 trainable parameter" in str(info.value)
+    one = landscape(model, (x, y), 1, grid=3, directions="eigen", loss=half_mse)
+    assert one.eigenvalues.shape == (1,)
+
+
 # --- directions -----------------------------------------------------------------------------
 
 

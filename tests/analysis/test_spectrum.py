@@ -448,6 +448,28 @@ def test_b1_a_non_finite_hessian_vector_product_is_one_line_naming_the_cause(cal
     assert "\n" not in str(info.value) and "second derivative" in str(info.value)
 
 
+@pytest.mark.parametrize("tol", [math.inf, 1.0, 2.0, math.nan, 0.0, -1.0])
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m, d, tol: top_eigenvalues(m, d, k=2, tol=tol),
+        lambda m, d, tol: top_eigenvalues(m, d, k=2, tol=tol, backend="pyhessian"),
+        lambda m, d, tol: top_eigenvalues(m, d, k=2, tol=tol, block_size=2),
+        lambda m, d, tol: top_eigenvalues(m, d, k=2, tol=tol, restart_size=8),
+        lambda m, d, tol: spectrum(m, d, k=2, tol=tol),
+    ],
+    ids=["lanczos", "pyhessian", "block", "thick-restart", "spectrum"],
+)
+def test_b6_a_tol_outside_0_1_is_one_line_before_any_product(mlp, call, tol):
+    """Stress B6 (session 28): tol=inf was taken; λ1 came back 0.032 (true 0.623) flagged
+    converged after two products."""
+    model = copy.deepcopy(mlp.model)
+    model.register_forward_hook(lambda *_: pytest.fail("a forward pass ran"))
+    with pytest.raises(SharpscopeError, match=r"^tol must be (a number > 0|< 1 )") as info:
+        call(model, mlp.data, tol)
+    assert "\n" not in str(info.value)
+
+
 def test_plot_has_a_log_axis_with_a_floor_and_marks_the_top_eigenvalues(mlp, tmp_path):
     import matplotlib
 
