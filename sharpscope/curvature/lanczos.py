@@ -39,6 +39,7 @@ WHICH = ("LA", "SA", "LM")
 
 # beta_j below this fraction of |theta_1| means the Krylov space is exhausted (spec §2).
 BREAKDOWN = 1e-10
+F64_EPS = float(np.finfo(np.float64).eps)
 
 
 def check_symmetric(
@@ -399,13 +400,15 @@ def top_k_verdict(
     *,
     block_start: int = 0,
     block_eigh: Callable[[int, int], tuple[np.ndarray, np.ndarray]] | None = None,
+    rounding: float = F64_EPS,
 ) -> bool | str:
     r"""The stop rule of the top-k runs: True (stop), False (go on) or :data:`RESTART`.
 
     ``theta, S``: eigenpairs of the projected matrix (j x j); ``b``: the newest residual
     norm; ``block_start``: the first row of the current Krylov block (0 before any
     restart; the projected matrix is block diagonal across restarts); ``block_eigh(lo,
-    hi)``: the eigenpairs of its diagonal block ``[lo, hi)``.
+    hi)``: the eigenpairs of its diagonal block ``[lo, hi)``; ``rounding``: the machine
+    epsilon of the products (:func:`products_rounding`).
 
     The k wanted Ritz residuals :math:`b |s_{j,i}|` must be :math:`\le` ``tol``
     :math:`\max|\theta|` (analysis.md §2). But one Krylov block holds one copy of each
@@ -421,6 +424,12 @@ def top_k_verdict(
       restarts to look for more copies (a block holds one copy of each eigenvalue);
       else it stops (an invariant block holds every distinct eigenvalue of the space
       it started in: a random start has a component in each eigenspace).
+    * the first block's Ritz values are distinct (T is unreduced), so when its k wanted
+      values have converged with two of them equal to rounding (:func:`_has_copies`),
+      rounding went on from an exhausted space that :math:`b` did not show (float32
+      products: :math:`b \approx` 1e-4 :math:`|\theta_1|` there, where float64 shows
+      1e-10) and the copies found are as many as chance gave: the run restarts to
+      search for copies as above. Distinct values never set this off, at no cost.
     """
     j = theta.size
     scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
@@ -432,7 +441,12 @@ def top_k_verdict(
     if j < k:
         return RESTART if invariant else False
     if not later:
-        return RESTART if invariant else _converged(theta, S, b, k, which, threshold)
+        if invariant:
+            return RESTART
+        if not _converged(theta, S, b, k, which, threshold):
+            return False
+        copies = _has_copies(theta[select(theta, k, which)], scale, tol, rounding)
+        return RESTART if copies else True
     wanted_by = preference(current, which)
     kth = float(preference(theta[select(theta, k, which)], which).min())
     adds = bool(np.any(wanted_by > kth + threshold))  # another copy of a wanted value
@@ -444,6 +458,28 @@ def top_k_verdict(
     if not _converged(theta, S, b, k, which, threshold):
         return False
     return RESTART if adds else True
+
+
+def _has_copies(values: np.ndarray, scale: float, tol: float, rounding: float) -> bool:
+    """Whether two converged Ritz values are copies of one eigenvalue: equal to within
+    2·scale·(tol² + 100·rounding), the error of a Ritz value whose residual is tol·scale
+    (about residual²/gap, the gap taken as scale) plus the products' rounding. Copies
+    that rounding found agree far closer (float32 products: 1e-8 of scale); distinct
+    eigenvalues (a bulk narrower than the tolerance) that close are as good as copies.
+
+    >>> eps32 = float(np.finfo(np.float32).eps)
+    >>> _has_copies(np.array([5.0, 5.0 + 1e-7, 2.0]), 5.0, 1e-5, eps32)
+    True
+    >>> _has_copies(np.array([5.0, 5.0 - 1e-3, 2.0]), 5.0, 1e-5, eps32)
+    False
+    """
+    window = 2 * scale * (tol * tol + 100 * rounding)
+    return bool(np.any(np.diff(np.sort(values)) <= window))
+
+
+def products_rounding(op: Any) -> float:
+    """The machine epsilon of ``op``'s products (:func:`products_dtype`)."""
+    return float(torch.finfo(products_dtype(op)).eps)
 
 
 def _converged(
@@ -545,6 +581,7 @@ def lanczos_top_k(
 
     last: list[bool | str] = [False]
     searched: list[np.ndarray | None] = [None]  # the block whose copy set off the search
+    rounding = products_rounding(op)
 
     def stop(alpha: np.ndarray, beta: np.ndarray, b: float) -> bool | str:
         restarted = np.flatnonzero(beta == 0.0)  # a restart couples the blocks by 0
@@ -557,6 +594,7 @@ def lanczos_top_k(
             tol,
             block_start=lo,
             block_eigh=lambda lo, hi: tridiagonal_eigh(alpha[lo:hi], beta[lo : hi - 1]),
+            rounding=rounding,
         )
         if last[0] == RESTART:
             searched[0] = tridiagonal_eigh(alpha[lo:], beta[lo:])[0]

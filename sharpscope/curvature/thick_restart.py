@@ -46,6 +46,7 @@ from .lanczos import (
     lanczos_top_k,
     preference,
     products_dtype,
+    products_rounding,
     ritz_pairs,
     select,
     symmetry_advice,
@@ -127,6 +128,7 @@ def thick_restart_lanczos_top_k(
             f"restart_size={size}"
         )
     gen = torch.Generator().manual_seed(int(seed))
+    rounding = products_rounding(op)
     bdtype = basis_dtype if basis_dtype is not None else op.dtype
     bdev = torch.device(basis_device) if basis_device is not None else op.device
     V = torch.empty((size, n), dtype=bdtype, device=bdev)
@@ -179,6 +181,7 @@ def thick_restart_lanczos_top_k(
             tol,
             block_start=block_start,
             block_eigh=lambda lo, hi: np.linalg.eigh(T[lo:hi, lo:hi]),
+            rounding=rounding,
         )
         if verdict == RESTART:  # a copy search goes on from a fresh vector
             searched = np.linalg.eigvalsh(T[block_start:j, block_start:j])

@@ -470,6 +470,22 @@ def test_b6_a_tol_outside_0_1_is_one_line_before_any_product(mlp, call, tol):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_b2_a_float32_model_gets_the_multiplicities_of_mean_mse(seed):
+    """Stress B2 (session 28): mean MSE with 5 examples, 30 features and 10 outputs (five
+    distinct values, each ten times): float32 reported 5.102 three times and 2.2198 twice,
+    all flagged converged (seeds 0 and 3), where float64 gives 5.102 five times."""
+    N, d, C = 5, 30, 10
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(N, d, generator=g) * torch.linspace(0.3, 2.0, d)
+    Y = torch.randn(N, C, generator=g)
+    torch.manual_seed(seed)
+    model = nn.Linear(d, C)
+    exact = torch.linalg.eigvalsh(dense_hessian(model, (X, Y), loss="mse"))  # float64
+    result = top_eigenvalues(model, (X, Y), k=5, loss="mse")
+    torch.testing.assert_close(result.eigenvalues, exact.flip(0)[:5], rtol=1e-5, atol=0)
+
+
 def test_plot_has_a_log_axis_with_a_floor_and_marks_the_top_eigenvalues(mlp, tmp_path):
     import matplotlib
 
