@@ -42,6 +42,37 @@ BREAKDOWN = 1e-10
 F64_EPS = float(np.finfo(np.float64).eps)
 
 
+def empty_basis(rows: int, n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """Room for ``rows`` Lanczos vectors of length ``n``, refused in one line where it
+    cannot fit: more bytes than the host has free (a basis in host memory; ``torch.empty``
+    would take them and the kernel end the process once they are written) or an
+    allocation that fails (an accelerator)."""
+    from ..device_memory import available_memory_bytes, free_memory_note, is_out_of_memory
+
+    need = rows * n * dtype.itemsize
+    advice = (
+        f"the Lanczos basis of {rows} vectors of {n} parameters needs {need / 2**30:.3g} GiB "
+        f"({str(dtype).replace('torch.', '')}, on {device})"
+    )
+    fix = (
+        "take fewer Lanczos steps (--max-steps / max_steps for the top eigenvalues, "
+        "--lanczos-steps / num_lanczos_steps for the density) or, for the top "
+        "eigenvalues, thick restarts (--restart-size / restart_size)"
+    )
+    free = available_memory_bytes() if device.type == "cpu" else None
+    if free is not None and need > free:
+        raise SharpscopeError(
+            f"{advice}, more than the {free / 2**30:.3g} GiB free{free_memory_note(free)}; {fix}"
+        )
+    try:
+        return torch.empty((rows, n), dtype=dtype, device=device)
+    except (RuntimeError, MemoryError) as exc:
+        if not is_out_of_memory(exc):
+            raise
+        where = "" if device.type == "cpu" else ", or keep it in host memory (--basis-device cpu)"
+        raise SharpscopeError(f"{advice}, which does not fit; {fix}{where}") from None
+
+
 def check_symmetric(
     coupling: float,
     beta: float,
@@ -271,7 +302,7 @@ class LanczosProcess:
         self.dtypes = (products_dtype(op), self.bdtype)
         self.advice = symmetry_advice(op)
         self.bdev = torch.device(basis_device) if basis_device is not None else op.device
-        self.Q = torch.empty((self.m, n), dtype=self.bdtype, device=self.bdev)
+        self.Q = empty_basis(self.m, n, self.bdtype, self.bdev)
         self.restart, self.stop = restart, stop
         q = random_vector(n, generator) if start is None else start.detach().to("cpu", F64)
         q = q.reshape(-1).to(op.device)

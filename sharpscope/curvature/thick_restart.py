@@ -43,6 +43,7 @@ from .lanczos import (
     Which,
     _check_k,
     check_symmetric,
+    empty_basis,
     lanczos_top_k,
     preference,
     products_dtype,
@@ -131,7 +132,7 @@ def thick_restart_lanczos_top_k(
     rounding = products_rounding(op)
     bdtype = basis_dtype if basis_dtype is not None else op.dtype
     bdev = torch.device(basis_device) if basis_device is not None else op.device
-    V = torch.empty((size, n), dtype=bdtype, device=bdev)
+    V = empty_basis(size, n, bdtype, bdev)
     T = np.zeros((size, size))
     dropped = np.zeros(size)  # residual norms left out of T by restarts, per row
 

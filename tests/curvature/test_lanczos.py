@@ -524,3 +524,17 @@ def test_b2_float32_products_never_flag_a_wrong_multiplicity_converged(method, N
     wrong = [i for i, (e, c) in enumerate(zip(error, result.converged)) if c and e > 1e-5]
     assert not wrong, (result.eigenvalues, exact, result.converged)
     assert result.restarts > 0  # the copy search ran
+
+
+def test_a_basis_larger_than_the_free_memory_is_one_line(monkeypatch, planted_matrix):
+    """A density with --lanczos-steps 1e8 allocated a P x P basis: an allocator traceback,
+    or, where the kernel promised the bytes, the process killed once they were written."""
+    from sharpscope import device_memory
+
+    A = planted_matrix(torch.linspace(1.0, 5.0, 40))
+    monkeypatch.setattr(device_memory, "available_memory_bytes", lambda: 40 * 20 * 8 - 1)
+    with pytest.raises(SharpscopeError, match=r"basis of 20 vectors of 40 parameters needs"):
+        lanczos(A, 20)
+    with pytest.raises(SharpscopeError, match="--restart-size"):
+        thick_restart_lanczos_top_k(A, 2, restart_size=20, max_steps=60)
+    assert len(lanczos(A, 19).alpha) == 19  # what fits is taken
