@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line
 from ..results import atomic_write_bytes
 
 
@@ -138,6 +138,14 @@ def _read_pickle(path: Path) -> dict:
             data = _ArrayOnlyUnpickler(handle, encoding="bytes").load()
     except (pickle.UnpicklingError, EOFError, ValueError) as exc:
         raise SharpscopeError(f"{path} is not a readable CIFAR pickle file: {exc}") from exc
+    except Exception as exc:
+        # A few changed bytes make the unpickler raise almost anything: an opcode applied
+        # to the wrong object (TypeError, AttributeError), a misspelt encoding name
+        # (LookupError), a huge length field (MemoryError, OverflowError), ... (bugs B2,
+        # session 28). Nothing it calls runs code: find_class still admits arrays only.
+        raise SharpscopeError(
+            f"{path} is not a readable CIFAR pickle file: {type(exc).__name__}: {first_line(exc)}"
+        ) from exc
     if not isinstance(data, dict):
         raise SharpscopeError(f"{path} does not hold a CIFAR batch dictionary")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in data.items()}

@@ -410,6 +410,36 @@ def test_cifar_pickle_naming_builtins_open_is_refused(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.parametrize(
+    "damage, raised",
+    [
+        ("latin1 -> latinX", "LookupError"),  # the encoding name of the array's bytes
+        (b"\x80\x02}K\x01a.", "AttributeError"),  # APPEND onto a dict
+        (b"\x80\x03C\x01a)R.", "TypeError"),  # REDUCE calling a bytes object
+        (b"\x80\x04\x95" + (2**62).to_bytes(8, "little") + b"}.", "MemoryError"),  # FRAME
+    ],
+    ids=["encoding", "append-to-dict", "call-bytes", "huge-frame"],
+)
+def test_b2_a_damaged_cifar_pickle_is_one_line_whatever_the_unpickler_raises(
+    tmp_path, damage, raised
+):
+    """Bug B2, session 28: only UnpicklingError, EOFError and ValueError became the one
+    line; a few changed bytes raise other errors, which ended in a traceback."""
+    sub = write_cifar(tmp_path, "cifar10")
+    path = sub / "data_batch_2"
+    if isinstance(damage, bytes):
+        path.write_bytes(damage)
+    else:
+        raw = path.read_bytes()
+        assert b"latin1" in raw
+        path.write_bytes(raw.replace(b"latin1", b"latinX", 1))
+    with pytest.raises(SharpscopeError) as caught:
+        load_data("cifar10", data_root=str(tmp_path))
+    message = str(caught.value)
+    assert message.startswith(f"{path} is not a readable CIFAR pickle file: {raised}")
+    assert "\n" not in message
+
+
 def test_random_crop_flip_matches_a_per_image_reference():
     images = torch.randn(6, 3, 8, 8)
     out = random_crop_flip(images, torch.Generator().manual_seed(5), padding=2)
