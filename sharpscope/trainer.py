@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .data import DataSplit, load_data, one_factory_call
+from .data import DataSplit, data_root_option, load_data, one_factory_call
 from .data.augment import random_crop_flip
 from .data.fingerprint import warn_if_not_as_trained
 from .determinism import deterministic_algorithms
@@ -172,6 +172,7 @@ class TrainConfig:
         every = self.save_every
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise SharpscopeError(f"save_every must be an integer >= 0, got {every!r}")
+        self._move_data_root_option()
         for name in ("out", "data_root"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
@@ -195,6 +196,28 @@ class TrainConfig:
             raise SharpscopeError(
                 f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}"
             )
+
+    def _move_data_root_option(self) -> None:
+        """The data option ``data_root`` (``--data-opt data_root=DIR``, a TOML dataset
+        table's key) is the setting ``data_root``: it moves there, to be recorded absolute
+        and read by the analyses unless their ``--data-root`` says otherwise, and to be a
+        machine setting that a resume or a study may change. It was kept in the data spec
+        as given (relative), where it beat every later ``--data-root`` (bug B3, session 28)."""
+        if "data_root" not in self.dataset:
+            return
+        self.dataset = dict(self.dataset)
+        given = data_root_option(self.dataset.pop("data_root"), "the data option data_root")
+        if given is None:
+            return
+        if self.data_root is not None and not (
+            isinstance(self.data_root, (str, Path))
+            and Path(self.data_root).expanduser().resolve() == Path(given).expanduser().resolve()
+        ):
+            raise SharpscopeError(
+                f"data_root is given twice, as {self.data_root} and as the data option "
+                f"data_root={given}; give it once (--data-root DIR)"
+            )
+        self.data_root = given
 
 
 SCHEDULE_KEYS = ("name", "warmup_epochs", "milestones", "gamma")
@@ -416,6 +439,8 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
             old, new = resolve_optimizer_spec(old), resolve_optimizer_spec(new)
         elif key in ("dataset", "model", "loss"):
             old = absolute_spec(old)  # recorded relative before paths were made absolute
+        if key == "dataset" and isinstance(old, Mapping):  # now the machine setting data_root
+            old = {k: v for k, v in old.items() if k != "data_root"}
         changed += _differences(key, old, new)
     old_epochs = saved.get("epochs")
     schedule = config.schedule

@@ -1054,6 +1054,37 @@ def test_a_relative_data_root_is_recorded_absolute(tmp_path, monkeypatch):
     assert config.data_root == str(tmp_path / "data")
 
 
+def test_b3_the_data_option_data_root_is_the_data_root_setting_recorded_absolute(
+    tmp_path, monkeypatch
+):
+    """Bug B3, session 28: --data-opt data_root=DIR (a TOML dataset table's data_root)
+    stayed in the data spec as given, relative, where it beat any later --data-root."""
+    monkeypatch.chdir(tmp_path)
+    cifar = {"name": "cifar10", "data_root": "data"}
+    config = _config(tmp_path / "run", dataset=cifar)
+    assert config.data_root == str(tmp_path / "data") and config.dataset == {"name": "cifar10"}
+    twice = _config(tmp_path / "run", dataset=cifar, data_root=str(tmp_path / "data"))
+    assert twice.data_root == str(tmp_path / "data")
+    with pytest.raises(SharpscopeError, match="^data_root is given twice, as other and as"):
+        _config(tmp_path / "run", dataset=cifar, data_root="other")
+    number = _config(tmp_path / "run", dataset={"name": "cifar10", "data_root": 2024})
+    assert number.data_root == str(tmp_path / "2024")  # --data-opt data_root=2024 parses as int
+    for bad in ("", [1]):
+        with pytest.raises(SharpscopeError, match="data option data_root must be a folder path"):
+            _config(tmp_path / "run", dataset={"name": "cifar10", "data_root": bad})
+
+
+def test_b3_a_checkpoint_whose_data_spec_holds_data_root_resumes_with_it_moved(tmp_path):
+    """A checkpoint of an older sharpscope records data_root in its data spec; resumed,
+    the setting moves to data_root and the spec is not said to differ."""
+    from sharpscope.trainer import check_resume
+
+    config = _config(tmp_path / "run", dataset={"name": "cifar10", "data_root": "data"})
+    saved = {**config.to_dict(), "dataset": {"name": "cifar10", "data_root": "data"}}
+    saved["data_root"] = None
+    check_resume(config, saved, 0, tmp_path / "run" / "last.pt")
+
+
 @pytest.mark.parametrize(
     ("changes", "message"),
     [

@@ -445,6 +445,10 @@ def load_analysis_inputs(
     config = checkpoint.raw.get("config") or {}
     if data_root is None:  # the CIFAR folder the run trained from, as its config recorded it
         data_root = config.get("data_root")
+    elif "data_root" in spec and "data_root" not in (data_options or {}):
+        # --data-root wins over the data_root that an older sharpscope recorded in the
+        # checkpoint's data spec (as given, often relative), which load_data prefers
+        spec = {k: v for k, v in spec.items() if k != "data_root"}
     chosen = pick_device(device)
     as_trained = "factory" in spec and spec["factory"] == (checkpoint.data_spec or {}).get(
         "factory"

@@ -204,6 +204,8 @@ def build_config(
     if values["dataset"] is not None or values["data_opts"]:
         dataset = _flag_over_table("--dataset", values["dataset"], config.dataset)
         config.dataset = {**dataset, **values["data_opts"]}
+        if "data_root" in values["data_opts"]:  # the flag wins over the config's (or resumed) one
+            config.data_root = None
     for key in ("label_noise", "val_fraction", "samples"):
         if values[key] is not None:
             config.dataset = {**config.dataset, key: values[key]}

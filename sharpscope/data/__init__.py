@@ -15,6 +15,7 @@ split ``"val"``), ``samples`` (first N after a seeded shuffle), ``data_root``.
 from __future__ import annotations
 
 import contextlib
+import os
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -148,6 +149,25 @@ def _check_count(name: str, value: Any, low: int = 0) -> int:
     if not number.is_integer() or number < low:
         raise SharpscopeError(f"{name} must be an integer >= {low}, got {value!r}")
     return int(number)
+
+
+def data_root_option(value: Any, name: str = "data_root") -> str | None:
+    """A folder given as ``data_root`` (``None``: not given) as a path string, else one
+    line: ``--data-opt data_root=2024`` parses as an integer, which is still a folder name.
+
+    >>> data_root_option(2024), data_root_option(None)
+    ('2024', None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, (str, os.PathLike)):
+        raise SharpscopeError(f"{name} must be a folder path, got {value!r}")
+    value = os.fspath(value)
+    if not isinstance(value, str) or not value.strip():  # "" meant the working folder
+        raise SharpscopeError(f"{name} must be a folder path, got {value!r}")
+    return value
 
 
 def _seeded_permutation(n: int, seed: int) -> Tensor:
@@ -304,6 +324,7 @@ def check_data_spec(
     _check_fraction("val_fraction", spec.get("val_fraction", 0.0))
     _check_count("noise_seed", spec.get("noise_seed", 0))
     _check_count("seed", spec.get("seed", 0))
+    data_root_option(spec.get("data_root"))
     if spec.get("samples") is not None:
         _check_count("samples", spec["samples"], low=1)
     return shapes
@@ -321,7 +342,7 @@ def check_data_files(spec: str | Mapping[str, Any], data_root: str | None = None
     """
     spec = normalize_spec(spec, "data set")
     if spec.get("name") in CIFAR_LAYOUT:
-        cifar_folder(spec["name"], spec.get("data_root", data_root))
+        cifar_folder(spec["name"], data_root_option(spec.get("data_root", data_root)))
 
 
 def subset_size_and_seed(
@@ -418,7 +439,7 @@ def load_data(
     split = split if split is not None else (recorded_split or "train")
     _check_split(split)
     _check_option_names(spec)
-    root = spec.get("data_root", data_root)
+    root = data_root_option(spec.get("data_root", data_root))
     if "factory" in spec:
         path = spec["factory"]
         if _FACTORY_DATA is None:

@@ -459,6 +459,8 @@ def _validate_train(values: Mapping[str, Any]) -> dict[str, Any]:
     config = TrainConfig.from_dict({**values, "progress": False})
     out = {k: v for k, v in values.items()}
     out["dataset"] = config.dataset
+    if isinstance(values.get("dataset"), Mapping) and "data_root" in values["dataset"]:
+        out["data_root"] = config.data_root  # the dataset table's data_root moved there
     out["model"] = config.model
     if "loss" in out:
         out["loss"] = config.loss

@@ -27,7 +27,7 @@ import os
 import re
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -244,7 +244,7 @@ def _check_same_run(
     for key in ("train", "params"):
         old, new = existing.get(key, {}), wanted.get(key, {})
         if key == "train":  # where the data live and which device: not the run's settings
-            old, new = ({k: v for k, v in d.items() if k not in MACHINE_KEYS} for d in (old, new))
+            old, new = (_settings(d, MACHINE_KEYS) for d in (old, new))
             # factory file paths recorded relative by an older sharpscope
             old = {k: absolute_spec(v) if k in FACTORY_KEYS else v for k, v in old.items()}
         if old != new:
@@ -261,12 +261,18 @@ def _check_same_run(
 def _only_save_every_differs(existing: dict, wanted: dict) -> bool:
     """Whether two run.json records' training settings differ in ``save_every`` (which the
     study derives from analysis.epochs) and machine settings alone."""
-    ignored = {"save_every", *MACHINE_KEYS}
-    old, new = (
-        {k: v for k, v in r.get("train", {}).items() if k not in ignored}
-        for r in (existing, wanted)
-    )
+    ignored = ("save_every", *MACHINE_KEYS)
+    old, new = (_settings(r.get("train", {}), ignored) for r in (existing, wanted))
     return old == new and existing.get("params") == wanted.get("params")
+
+
+def _settings(train: Mapping[str, Any], ignored: Iterable[str]) -> dict[str, Any]:
+    """A run's training settings less the ``ignored`` keys, and less the dataset's
+    ``data_root``, which an older sharpscope kept there (now the machine key data_root)."""
+    out = {k: v for k, v in train.items() if k not in ignored}
+    if isinstance(out.get("dataset"), Mapping):
+        out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "data_root"}
+    return out
 
 
 def _check_saved_epochs(run_id: str, wanted: dict, out: Path, flag: str) -> None:

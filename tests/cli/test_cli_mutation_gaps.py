@@ -8,6 +8,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -708,6 +709,47 @@ def test_an_analysis_reads_the_cifar_folder_its_run_recorded(tmp_path, monkeypat
     assert json.loads(out.read_text())["meta"]["num_samples"] == 30
     line = one_error_line(runner.invoke(app, [*cmd, "--data-root", str(tmp_path / "none")]))
     assert "cifar10 files not found" in line
+
+
+def test_b3_a_data_root_data_option_is_recorded_absolute_and_data_root_wins(tmp_path, monkeypatch):
+    """Bug B3, session 28: `train --data-opt data_root=cifar` recorded 'cifar' in the data
+    spec; an analysis from another folder then failed, and its --data-root was ignored
+    (the spec's data_root won). Now the run records the folder absolute, and --data-root
+    also wins over the relative data_root an older checkpoint's spec holds."""
+    from cases import write_cifar
+
+    write_cifar(tmp_path / "cifar", "cifar10")
+    monkeypatch.chdir(tmp_path)
+    run = ["train", "--dataset", "cifar10", "--data-opt", "data_root=cifar", "--model", "mlp"]
+    run += ["--model-opt", "width=8", "--model-opt", "depth=1", "--epochs", "1", "--out", "run"]
+    ok(runner.invoke(app, [*run, "--batch-size", "10", "--device", "cpu", "--no-progress"]))
+    raw = torch.load(tmp_path / "run" / "last.pt", weights_only=True)
+    assert raw["data"] == {"name": "cifar10"}
+    assert raw["config"]["data_root"] == str(tmp_path / "cifar")
+    twice = runner.invoke(app, [*run[:-1], "run2", "--data-root", "other", "--device", "cpu"])
+    assert "is given twice, as other and as the data option data_root=cifar" in (
+        one_error_line(twice)
+    )
+    # on --resume the data option replaces the folder the run recorded, as --data-root does
+    shutil.copytree(tmp_path / "cifar", tmp_path / "copy")
+    resume = ["train", "--out", "run", "--resume", "--data-opt", "data_root=copy", "--no-progress"]
+    assert "nothing to do" in ok(runner.invoke(app, resume)).output
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cmd = ["msharpness", str(tmp_path / "run" / "last.pt"), "--m", "5", "--device", "cpu"]
+    cmd += ["--no-progress", "--json", str(tmp_path / "m.json")]
+    ok(runner.invoke(app, cmd))
+    line = one_error_line(runner.invoke(app, [*cmd, "--data-root", str(tmp_path / "none")]))
+    assert f"cifar10 files not found in {tmp_path / 'none'}" in line
+    # an older checkpoint: the folder as given, in the data spec
+    old = write_checkpoint(
+        tmp_path / "old.pt", MLP, (3, 32, 32), {"name": "cifar10", "data_root": "cifar"}
+    )
+    cmd[1] = str(old)
+    assert "files not found in cifar" in one_error_line(runner.invoke(app, cmd))
+    ok(runner.invoke(app, [*cmd, "--data-root", str(tmp_path / "cifar")]))
+    assert json.loads((tmp_path / "m.json").read_text())["meta"]["num_samples"] == 30
 
 
 # -- gaps found by mutation testing (session 24, notes_out/s24/mut_cli.md) -------------------

@@ -511,3 +511,23 @@ def test_a_pinned_hvp_mode_reaches_the_spectrum_and_a_bad_one_is_refused():
         assert payload["meta"]["extra"]["hvp_mode"] == mode
     with pytest.raises(SharpscopeError, match="hvp_mode must be auto, forward or reverse"):
         config(analysis={"spectrum": {"hvp_mode": "fast"}})
+
+
+def test_b3_a_dataset_tables_data_root_becomes_the_machine_setting_data_root(tmp_path, monkeypatch):
+    """Bug B3, session 28: [train] dataset = {..., data_root = "c"} stayed in the data spec
+    as given (relative). It is now train.data_root, absolute, which a resumed study may
+    change; a run.json of an older sharpscope, with data_root in its dataset, still matches."""
+    from sharpscope.results import to_jsonable
+    from sharpscope.study.runner import _check_same_run
+
+    monkeypatch.chdir(tmp_path)
+    train = {**TRAIN, "dataset": {"name": "cifar10", "data_root": "c"}}
+    loaded = study_config_from_dict({"train": train}, check_files=False)
+    assert loaded.train["dataset"] == {"name": "cifar10"}
+    assert loaded.train["data_root"] == str(tmp_path / "c")
+    run = expand_sweep(loaded)[0]
+    wanted = to_jsonable(run.to_dict())
+    older = to_jsonable(run.to_dict())
+    older["train"]["dataset"] = {"name": "cifar10", "data_root": "c"}
+    del older["train"]["data_root"]
+    _check_same_run(run.run_id, older, wanted, tmp_path)
