@@ -12,13 +12,16 @@ both use :func:`resolve_factory` for user factories too.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import sys
-from collections.abc import Callable, Mapping
+import types
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +81,37 @@ def absolute_spec(spec: Any) -> Any:
     return spec
 
 
+@contextlib.contextmanager
+def calling_user_code(what: str, hint: str) -> Iterator[None]:
+    """Run a user's module or factory, named ``what``, so that a ``sys.exit`` there (an
+    argparse parser reading sharpscope's own arguments, a script's ``exit()``) is one line,
+    not argparse's usage line or a silent exit 0 (bug B4, session 28).
+
+    What the code writes to ``sys.stderr`` meanwhile is held back and written out after
+    it, unless it exits: then its last line is quoted in the error instead.
+
+    >>> with calling_user_code("data factory 'f.py:make'", "does it parse the command line?"):
+    ...     raise SystemExit(2)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: data factory 'f.py:make' called sys.exit(2); does it parse the command line?
+    """
+    held = io.StringIO()
+    stderr = sys.stderr
+    exited = False
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    except SystemExit as exc:
+        exited = True
+        lines = [line.strip() for line in held.getvalue().splitlines() if line.strip()]
+        printed = f" (it printed: {lines[-1][:200]})" if lines else ""
+        raise SharpscopeError(f"{what} called sys.exit({exc.code!r}); {hint}{printed}") from None
+    finally:
+        if not exited and held.getvalue():
+            stderr.write(held.getvalue())
+
+
 def resolve_factory(path: str, kind: str | None = None) -> Callable[..., Any]:
     """Import the callable named by ``module:function`` or ``path/to/file.py:function``.
 
@@ -95,22 +129,14 @@ def resolve_factory(path: str, kind: str | None = None) -> Callable[..., Any]:
     module_name, _, attr = path.rpartition(":")
     what = f"{kind} factory" if kind else "factory"
     flag = FLAGS.get(kind or "")
+    importing = calling_user_code(
+        f"importing '{module_name}' for {what} '{path}'",
+        "does the module parse the command line when imported? Put that under "
+        '`if __name__ == "__main__":`',
+    )
     try:
-        if _is_file_module(module_name):
-            file = Path(module_name).expanduser().resolve()
-            if not file.is_file():
-                raise SharpscopeError(_missing_file(what, module_name, file, kind, flag))
-            key = f"_sharpscope_user_{abs(hash(str(file)))}"
-            module = sys.modules.get(key)
-            if module is None:
-                spec = importlib.util.spec_from_file_location(key, file)
-                if spec is None or spec.loader is None:
-                    raise SharpscopeError(f"cannot import {file}")
-                module = importlib.util.module_from_spec(spec)
-                sys.modules[key] = module
-                spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
+        with importing:
+            module = _import_user_module(module_name, what, kind, flag)
     except SharpscopeError:
         raise
     except ImportError as exc:
@@ -131,6 +157,37 @@ def resolve_factory(path: str, kind: str | None = None) -> Callable[..., Any]:
     if factory is None or not callable(factory):
         raise SharpscopeError(f"'{module_name}' has no callable named '{attr}'")
     return factory
+
+
+def _import_user_module(
+    module_name: str, what: str, kind: str | None, flag: str | None
+) -> types.ModuleType:
+    if not _is_file_module(module_name):
+        return importlib.import_module(module_name)
+    file = Path(module_name).expanduser().resolve()
+    if not file.is_file():
+        raise SharpscopeError(_missing_file(what, module_name, file, kind, flag))
+    key = f"_sharpscope_user_{abs(hash(str(file)))}"
+    module = sys.modules.get(key)
+    if module is None:
+        spec = importlib.util.spec_from_file_location(key, file)
+        if spec is None or spec.loader is None:
+            raise SharpscopeError(f"cannot import {file}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:  # a module that failed half-way is not kept for the next call
+            sys.modules.pop(key, None)
+            raise
+    return module
+
+
+#: what a factory that calls sys.exit is asked
+EXIT_HINT = (
+    "a factory returns its value and does not exit: does it parse the command line "
+    "(argparse there reads sharpscope's own arguments)?"
+)
 
 
 def _missing_file(
@@ -363,7 +420,9 @@ def build_model(
     if "factory" in spec:
         options = {k: v for k, v in spec.items() if k != "factory"}
         try:
-            model = resolve_factory(spec["factory"], "model")(**options)
+            factory = resolve_factory(spec["factory"], "model")
+            with calling_user_code(f"model factory '{spec['factory']}'", EXIT_HINT):
+                model = factory(**options)
         except SharpscopeError:
             raise
         except Exception as exc:
@@ -500,7 +559,9 @@ def get_loss(spec: str | Mapping[str, Any] | LossFn | None = "cross_entropy") ->
         path = spec["factory"]
         options = {k: v for k, v in spec.items() if k != "factory"}
         try:
-            loss = resolve_factory(path, "loss")(**options)
+            factory = resolve_factory(path, "loss")
+            with calling_user_code(f"loss factory '{path}'", EXIT_HINT):
+                loss = factory(**options)
         except SharpscopeError:
             raise
         except Exception as exc:

@@ -259,3 +259,68 @@ def test_a_spec_whose_name_or_factory_is_not_a_string_is_named_as_such(spec, mes
     with pytest.raises(SharpscopeError) as info:
         normalize_spec(spec, "model")
     assert str(info.value) == message
+
+
+EXITING_FACTORIES = """\
+import argparse
+import sys
+
+import torch
+
+
+def parses_argv():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=8)
+    n = parser.parse_args().n
+    return torch.randn(n, 3), torch.zeros(n, dtype=torch.long)
+
+
+def exits_zero(**options):
+    sys.exit(0)
+
+
+def exits_three(**options):
+    raise SystemExit(3)
+
+
+def fine():
+    sys.stderr.write("a note from the factory\\n")
+    return torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+"""
+
+
+def test_b4_a_factory_that_calls_sys_exit_is_one_line_naming_it(tmp_path, monkeypatch, capsys):
+    """Bug B4, session 28: a factory (or its module, on import) that called sys.exit ended
+    sharpscope with that exit code: argparse's usage line reading sharpscope's arguments,
+    or a silent exit 0. Now one line names the factory; what it printed is quoted."""
+    from sharpscope.data import load_data
+
+    file = tmp_path / "exiting.py"
+    file.write_text(EXITING_FACTORIES)
+    monkeypatch.setattr("sys.argv", ["sharpscope", "train", "--dataset", f"{file}:parses_argv"])
+    with pytest.raises(SharpscopeError) as caught:
+        load_data(f"{file}:parses_argv")
+    assert str(caught.value).startswith(f"data factory '{file}:parses_argv' called sys.exit(2); ")
+    assert "(it printed: sharpscope: error: unrecognized arguments: train --dataset" in str(
+        caught.value
+    )
+    with pytest.raises(SharpscopeError, match=r"^data factory .*:exits_zero' called sys.exit\(0\)"):
+        load_data(f"{file}:exits_zero")
+    with pytest.raises(SharpscopeError, match=r"^model factory .* called sys.exit\(3\); a factory"):
+        build_model({"factory": f"{file}:exits_three"}, (3,), 2)
+    with pytest.raises(SharpscopeError, match=r"^loss factory .*:exits_zero' called sys.exit\(0\)"):
+        get_loss(f"{file}:exits_zero")
+    assert capsys.readouterr().err == ""  # argparse's usage lines were held back
+    assert len(load_data(f"{file}:fine")) == 4
+    assert capsys.readouterr().err == "a note from the factory\n"  # written out after it
+
+    module = tmp_path / "parses_on_import.py"
+    module.write_text("import argparse\nargparse.ArgumentParser().parse_args()\ndef f(): pass\n")
+    for _ in range(2):  # the module that exited half-way is not kept as imported
+        with pytest.raises(SharpscopeError) as caught:
+            resolve_factory(f"{module}:f", "data set")
+        assert str(caught.value).startswith(
+            f"importing '{module}' for data set factory '{module}:f' called sys.exit(2); does "
+            "the module parse the command line when imported?"
+        )
+    assert capsys.readouterr().err == ""

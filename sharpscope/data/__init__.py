@@ -25,7 +25,13 @@ from torch import Tensor
 from torch.utils.data import TensorDataset
 
 from ..errors import SharpscopeError, first_line
-from ..registry import normalize_spec, resolve_factory, unknown_name
+from ..registry import (
+    EXIT_HINT,
+    calling_user_code,
+    normalize_spec,
+    resolve_factory,
+    unknown_name,
+)
 from .batches import as_batches, as_tensors, is_pair_of_tensors, num_examples
 from .fingerprint import data_summary
 from .noise import symmetric_label_noise
@@ -196,7 +202,8 @@ def _raw_from_factory(path: str) -> RawData:
     batches), which then serves as train, test and all, or ``{"train": set, "test": set}``."""
     factory = resolve_factory(path, "data set")
     try:
-        produced = factory()
+        with calling_user_code(f"data factory '{path}'", EXIT_HINT):
+            produced = factory()
     except SharpscopeError:
         raise
     except Exception as exc:  # the user's factory raised

@@ -682,3 +682,29 @@ def test_a_bad_data_factory_is_one_line_without_the_test_set_warning(tmp_path, f
     assert result.exit_code == 2
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith(message), line
+
+
+def test_b4_a_data_factory_parsing_the_command_line_is_one_error_line(tmp_path):
+    """Bug B4, session 28: argparse in a data factory read sharpscope's arguments and
+    printed its own usage and 'sharpscope: error: unrecognized arguments' (exit 2), as if
+    sharpscope had refused them; now one line names the factory."""
+    import subprocess
+
+    (tmp_path / "ap.py").write_text(
+        "import argparse\nimport torch\n"
+        "def make():\n"
+        "    argparse.ArgumentParser().parse_args()\n"
+        "    return torch.randn(8, 3), torch.zeros(8, dtype=torch.long)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "sharpscope", "train", "--dataset", "ap.py:make", "--model", "mlp"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"error: data factory '{tmp_path / 'ap.py'}:make' called sys.exit(2); a factory returns"
+    )
+    assert len(done.stderr.splitlines()) == 1, done.stderr
