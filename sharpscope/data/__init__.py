@@ -18,13 +18,14 @@ import contextlib
 import os
 import warnings
 from collections.abc import Iterator, Mapping
+from numbers import Integral
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from ..errors import SharpscopeError, first_line
+from ..errors import MAX_SEED, SharpscopeError, first_line
 from ..registry import (
     EXIT_HINT,
     calling_user_code,
@@ -154,6 +155,30 @@ def _check_count(name: str, value: Any, low: int = 0) -> int:
         raise SharpscopeError(f"{name} must be an integer >= {low}, got {value!r}") from None
     if not number.is_integer() or number < low:
         raise SharpscopeError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(number)
+
+
+def _check_seed_option(name: str, value: Any) -> int:
+    """A data spec's ``seed`` or ``noise_seed`` as an integer from 0 to 2^62, the bound of
+    ``--seed`` (``"16"`` and ``16.0`` are fine), else one line: a larger one ended in a
+    traceback from torch's generator (bug B5, session 28).
+
+    >>> _check_seed_option("seed", "7"), _check_seed_option("seed", 2**62)
+    (7, 4611686018427387904)
+    """
+    number: Any = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            try:
+                number = float(value)
+            except ValueError:
+                number = None
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, Integral) or not 0 <= number <= MAX_SEED:
+        raise SharpscopeError(f"{name} must be an integer from 0 to 2^62, got {value!r}")
     return int(number)
 
 
@@ -329,8 +354,8 @@ def check_data_spec(
         shapes = SHAPES.get(spec["name"])
     _check_fraction("label_noise", spec.get("label_noise", 0.0))
     _check_fraction("val_fraction", spec.get("val_fraction", 0.0))
-    _check_count("noise_seed", spec.get("noise_seed", 0))
-    _check_count("seed", spec.get("seed", 0))
+    _check_seed_option("noise_seed", spec.get("noise_seed", 0))
+    _check_seed_option("seed", spec.get("seed", 0))
     data_root_option(spec.get("data_root"))
     if spec.get("samples") is not None:
         _check_count("samples", spec["samples"], low=1)
@@ -371,9 +396,9 @@ def subset_size_and_seed(
     own = spec.get("samples")
     if own is None:
         n = None if samples is None else _check_count("samples", samples, low=1)
-        return n, _check_count("seed", spec.get("seed", seed))
+        return n, _check_seed_option("seed", spec.get("seed", seed))
     own = _check_count("samples", own, low=1)
-    own_seed = _check_count("seed", spec.get("seed", 0))
+    own_seed = _check_seed_option("seed", spec.get("seed", 0))
     if samples is None:
         return own, own_seed
     return min(_check_count("samples", samples, low=1), own), own_seed
@@ -462,6 +487,7 @@ def load_data(
         raw = SOURCES[name](root)
 
     noise = _check_fraction("label_noise", spec.get("label_noise", 0.0))
+    noise_seed = _check_seed_option("noise_seed", spec.get("noise_seed", 0))
     val_fraction = _check_fraction("val_fraction", spec.get("val_fraction", 0.0))
     if split == "val" and val_fraction == 0.0:
         raise SharpscopeError("split 'val' needs a data option val_fraction > 0 (e.g. 0.1)")
@@ -478,12 +504,7 @@ def load_data(
         inputs, targets = raw.train_inputs, raw.train_targets
         if noise > 0:
             clean = targets
-            targets = symmetric_label_noise(
-                targets,
-                noise,
-                raw.num_classes,
-                seed=_check_count("noise_seed", spec.get("noise_seed", 0)),
-            )
+            targets = symmetric_label_noise(targets, noise, raw.num_classes, seed=noise_seed)
         if val_fraction > 0:
             order = _seeded_permutation(len(targets), 12345)
             num_val = max(1, round(val_fraction * len(targets)))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..errors import SharpscopeError
+
 NOISE_STREAM = 7_919  # offsets the noise seed from the other seeded draws of the data
 
 
@@ -22,7 +24,22 @@ def symmetric_label_noise(
     >>> noisy = symmetric_label_noise(y, 0.3, num_classes=4, seed=0)
     >>> int((noisy != y).sum())
     3
+
+    Raises:
+        SharpscopeError: the targets are not class indices of shape (N,), or there are
+            fewer than 2 classes to flip between.
     """
+    if targets.is_floating_point() or targets.is_complex() or targets.dim() != 1:
+        raise SharpscopeError(
+            "label noise needs class labels (integer targets of shape (N,)); the data give "
+            f"{str(targets.dtype).replace('torch.', '')} targets of shape {tuple(targets.shape)}"
+            + ("" if targets.dim() == 1 else " (one class index per example, not one-hot)")
+        )
+    if num_classes < 2:
+        raise SharpscopeError(
+            f"label noise needs at least 2 classes to flip between; the data hold {num_classes} "
+            f"(all labels {int(targets[0]) if len(targets) else 0})"
+        )
     # A stream of its own: seeded with ``seed`` alone, the choice of flipped examples was
     # the permutation ``samples`` takes its subset from (same seed 0), so the first N
     # examples were nearly all flipped ones.

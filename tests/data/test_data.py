@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pickle
+import re
 
 import numpy as np
 import pytest
 import torch
 
-from sharpscope.data import check_data_files, dataset_names, load_data
+from sharpscope.data import check_data_files, check_data_spec, dataset_names, load_data
 from sharpscope.data.augment import random_crop_flip
 from sharpscope.data.batches import as_batches, as_tensors, num_examples
 from sharpscope.errors import SharpscopeError
@@ -263,6 +264,58 @@ def test_bad_data_specs_give_one_line(spec, split, message):
     with pytest.raises(SharpscopeError) as info:
         load_data(spec, split)
     assert message in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"samples": 8, "seed": 10**23}, "seed must be an integer from 0 to 2^62, got 10"),
+        ({"samples": 8, "seed": 2**62 + 1}, "seed must be an integer from 0 to 2^62, got 46"),
+        ({"samples": 8, "seed": "1e30"}, "seed must be an integer from 0 to 2^62, got '1e30'"),
+        ({"label_noise": 0.1, "noise_seed": 2**64}, "noise_seed must be an integer from 0 to 2^62"),
+        ({"noise_seed": -1}, "noise_seed must be an integer from 0 to 2^62, got -1"),
+    ],
+)
+def test_b5_data_spec_seeds_are_bounded_as_the_seed_flag_is(options, message):
+    """Bug B5, session 28: a data option seed beyond 2^63 ended in a traceback from torch's
+    generator (`Overflow when unpacking long long`); noise_seed=-1 passed without noise."""
+    for check in (load_data, check_data_spec):
+        with pytest.raises(SharpscopeError) as info:
+            check({"name": "mnist1d", **options})
+        assert str(info.value).startswith(message), str(info.value)
+    subset = load_data({"name": "mnist1d", "samples": 8, "seed": "7"}).subset
+    assert subset == {"samples": 8, "seed": 7}
+
+
+LABEL_FACTORIES = """\
+import torch
+def floats():
+    return torch.randn(12, 3), torch.randn(12)
+def one_hot():
+    return torch.randn(12, 3), torch.nn.functional.one_hot(torch.arange(12) % 3, 3)
+def one_class():
+    return torch.randn(12, 3), torch.zeros(12, dtype=torch.long)
+def booleans():
+    return torch.randn(12, 3), torch.arange(12) % 2 == 0
+"""
+
+
+def test_b5_label_noise_on_data_without_two_classes_is_one_line(tmp_path):
+    """Bug B5, session 28: label noise on float, one-hot or one-class targets ended in a
+    traceback from torch.randint or a shape mismatch."""
+    file = tmp_path / "labels.py"
+    file.write_text(LABEL_FACTORIES)
+    cases = {
+        "floats": "the data give float32 targets of shape (12,)",
+        "one_hot": "int64 targets of shape (12, 3) (one class index per example, not one-hot)",
+        "one_class": "needs at least 2 classes to flip between; the data hold 1 (all labels 0)",
+    }
+    for name, message in cases.items():
+        with pytest.raises(SharpscopeError, match=re.escape(message)):
+            load_data({"factory": f"{file}:{name}", "label_noise": 0.5})
+        load_data({"factory": f"{file}:{name}", "label_noise": 0.5}, "test")  # no noise there
+    noisy = load_data({"factory": f"{file}:booleans", "label_noise": 0.5})
+    assert int(noisy.noisy_mask.sum()) == 6 and set(noisy.targets.tolist()) == {0, 1}
 
 
 @pytest.mark.parametrize("name, n_train, classes", [("cifar10", 30, 10), ("cifar100", 6, 100)])
