@@ -572,6 +572,12 @@ def _load_splits(
             f"{str(train.targets.dtype).replace('torch.', '')} targets of shape "
             f"{tuple(train.targets.shape)}: {why}"
         )
+    if train.num_classes < 2:  # one output: cross-entropy is 0 whatever the weights
+        raise SharpscopeError(
+            f"training needs at least 2 classes; the data hold a single class (every label is "
+            f"{train.num_classes - 1}), so the model would get one output, whose cross-entropy "
+            "is 0 whatever the weights: nothing would train"
+        )
     # after the checks: a factory that fails says so in one line, without this first
     if train.test_is_train and info.is_main:
         warnings.warn(

@@ -834,6 +834,27 @@ def test_regression_targets_are_refused_in_one_line(tmp_path):
     assert "Traceback" not in done.stderr and not out.exists()
 
 
+def test_b6_training_on_a_single_class_is_refused_in_one_line(tmp_path):
+    """Bug B6, session 28: labels all 0 built a one-output model whose cross-entropy is 0:
+    nothing trained, and the run reported loss 0 beside an 81% accuracy (the one output read
+    as a binary logit)."""
+    (tmp_path / "one.py").write_text(
+        "import torch\n"
+        "def data():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(32, 8, generator=g), torch.zeros(32, dtype=torch.long)\n"
+    )
+    spec = {"factory": f"{tmp_path}/one.py:data"}
+    with pytest.raises(SharpscopeError) as info:
+        train(_config(tmp_path / "run", dataset=spec, model={"name": "mlp"}, batch_size=8))
+    assert str(info.value) == (
+        "training needs at least 2 classes; the data hold a single class (every label is 0), "
+        "so the model would get one output, whose cross-entropy is 0 whatever the weights: "
+        "nothing would train"
+    )
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_config_json_holds_every_optimizer_setting(tmp_path):
     """Acceptance s22: a SAM run's config.json left out rho and the base's momentum and
     weight decay unless typed (an SGD run's held them). It now also holds the resolved spec
