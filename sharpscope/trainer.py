@@ -173,6 +173,7 @@ class TrainConfig:
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
             raise SharpscopeError(f"save_every must be an integer >= 0, got {every!r}")
         self._move_data_root_option()
+        self._check_split_option()
         for name in ("out", "data_root"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, (str, Path)):
@@ -196,6 +197,21 @@ class TrainConfig:
             raise SharpscopeError(
                 f"unknown precision '{self.precision}'; choose one of: {', '.join(PRECISIONS)}"
             )
+
+    def _check_split_option(self) -> None:
+        """``split`` is an analysis' choice (an analysis' ``meta.data`` records it): a run
+        trains on the train split whatever the data spec says. ``split=test`` was taken,
+        ignored and recorded, so ``load_data(checkpoint.data_spec)`` gave the test split
+        (bug B7, session 28); ``split=train``, which says what training does, is dropped."""
+        if "split" not in self.dataset:
+            return
+        split = self.dataset["split"]
+        if split != "train":
+            raise SharpscopeError(
+                f"split {split!r} is not a training data option: a run trains on the train "
+                "split (and evaluates on the test split); give a split to an analysis (--split)"
+            )
+        self.dataset = {k: v for k, v in self.dataset.items() if k != "split"}
 
     def _move_data_root_option(self) -> None:
         """The data option ``data_root`` (``--data-opt data_root=DIR``, a TOML dataset

@@ -855,6 +855,21 @@ def test_b6_training_on_a_single_class_is_refused_in_one_line(tmp_path):
     assert not (tmp_path / "run" / "last.pt").exists()
 
 
+def test_b7_split_is_no_training_data_option(tmp_path):
+    """Bug B7, session 28: --data-opt split=test was taken and ignored by train, but
+    recorded, so load_data(checkpoint.data_spec) gave the test split of a run trained on
+    the train split. split=train, what training does (an analysis' meta.data says it), is
+    dropped."""
+    with pytest.raises(SharpscopeError) as info:
+        _config(tmp_path / "run", dataset={"name": "mnist1d", "split": "test"})
+    assert str(info.value) == (
+        "split 'test' is not a training data option: a run trains on the train split (and "
+        "evaluates on the test split); give a split to an analysis (--split)"
+    )
+    config = _config(tmp_path / "run", dataset={"name": "mnist1d", "split": "train"})
+    assert config.dataset == {"name": "mnist1d"}
+
+
 def test_config_json_holds_every_optimizer_setting(tmp_path):
     """Acceptance s22: a SAM run's config.json left out rho and the base's momentum and
     weight decay unless typed (an SGD run's held them). It now also holds the resolved spec
