@@ -131,18 +131,28 @@ def check_choice(name: str, value: object, choices: Iterable[str]) -> None:
         raise SharpscopeError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
-def model_failure(exc: BaseException) -> SharpscopeError:
+def model_failure(exc: BaseException, inputs: Any = None) -> SharpscopeError:
     """The one-line error for a model or loss that raised on the user's data.
 
     A tuple or dict where a tensor was expected (a model returning logits with features,
     an LSTM's (output, state) passed on by ``nn.Sequential``) is pointed out: the analyses
     need one tensor of outputs.
 
+    Integer ``inputs`` (raw 8-bit images), on which a model of floating-point weights
+    fails with PyTorch's dtype message, are told how to convert them.
+
     >>> str(model_failure(RuntimeError("shapes (2, 3) and (4,) do not match")))
     'the model or loss failed on the data: RuntimeError: shapes (2, 3) and (4,) do not match'
     """
     text = first_line(exc)
     hint = ""
+    dtype = getattr(inputs, "dtype", None)
+    if dtype is not None and not (inputs.is_floating_point() or inputs.is_complex()):
+        name = str(dtype).replace("torch.", "")
+        hint = (
+            f" (the inputs are {name}: convert them to floating point in the data, e.g. "
+            "x.float() / 255 for 8-bit images)"
+        )
     for kind in ("tuple", "dict"):
         if f"not {kind}" in text or f"'{kind}' object" in text:
             hint = (

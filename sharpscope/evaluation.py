@@ -52,7 +52,7 @@ def check_model_on_data(
             return None
         if lacks_deterministic_kernel(exc):
             raise  # runs, but not deterministically: deterministic_algorithms names it
-        raise model_failure(exc) from exc
+        raise model_failure(exc, inputs) from exc
 
 
 def _shard(num: int, distributed: bool) -> slice:

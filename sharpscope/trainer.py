@@ -618,6 +618,20 @@ def _load_splits(
     return train, test, val
 
 
+def _in_model_dtype(split: DataSplit | None, model: nn.Module) -> DataSplit | None:
+    """``split`` with floating-point inputs in the model's floating-point dtype, as the
+    analyses read them: float64 data (``torch.from_numpy``'s) failed against float32
+    weights in ``train`` alone (bug B8, session 28). The fingerprint the checkpoint records
+    is of the data as the factory gave them."""
+    if split is None or not split.inputs.is_floating_point():
+        return split
+    dtypes = (t.dtype for t in itertools.chain(model.parameters(), model.buffers()))
+    dtype = next((d for d in dtypes if d.is_floating_point), None)
+    if dtype is None or dtype == split.inputs.dtype:
+        return split
+    return split.to(None, dtype=dtype)
+
+
 def _cycling_batches(split: DataSplit, batch_size: int, seed: int):
     """Endless seeded batches of a split (LETS' validation stream)."""
     epoch = 0
@@ -797,6 +811,9 @@ def _train(
         )
     loss_fn = get_loss(config.loss)
     model = build_model(config.model, train_split.input_shape, train_split.num_classes).to(device)
+    train_split, test_split, val_split = (
+        _in_model_dtype(split, model) for split in (train_split, test_split, val_split)
+    )
     check_model_on_data(model, train_split.inputs, train_split.targets, loss_fn)
     if info.enabled:
         if config.sync_bn:

@@ -125,3 +125,22 @@ def test_nll_equals_the_cross_entropy_of_a_badly_wrong_model():
     metrics = evaluate(Logits(), logits, targets, F.cross_entropy)
     assert metrics["nll"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-6)
     assert metrics["nll"] == pytest.approx(metrics["loss"], rel=1e-6)
+
+
+def test_b8_integer_inputs_a_model_cannot_take_are_told_how_to_convert():
+    """Bug B8, session 28: uint8 inputs (raw images) failed with PyTorch's dtype message
+    alone; integer inputs that a model takes (token indices) still run."""
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.evaluation import check_model_on_data
+
+    images = torch.randint(0, 256, (6, 4), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 0, 1, 0, 1])
+    with pytest.raises(SharpscopeError) as info:
+        check_model_on_data(nn.Linear(4, 2), images, labels, F.cross_entropy)
+    assert str(info.value).startswith("the model or loss failed on the data: RuntimeError: ")
+    assert str(info.value).endswith(
+        "(the inputs are uint8: convert them to floating point in the data, e.g. "
+        "x.float() / 255 for 8-bit images)"
+    )
+    tokens = nn.Sequential(nn.Embedding(256, 3), nn.Flatten(), nn.Linear(12, 2))
+    assert check_model_on_data(tokens, images.long(), labels, F.cross_entropy) is not None

@@ -870,6 +870,33 @@ def test_b7_split_is_no_training_data_option(tmp_path):
     assert config.dataset == {"name": "mnist1d"}
 
 
+def test_b8_float64_inputs_train_as_the_float32_ones(tmp_path):
+    """Bug B8, session 28: float64 inputs (torch.from_numpy's) failed in train against the
+    float32 weights ("mat1 and mat2 must have the same dtype"), while every analysis reads
+    them in the model's dtype. train now does so too: the same run as on float32 inputs."""
+    (tmp_path / "wide.py").write_text(
+        "import torch\n"
+        "def data(dtype=torch.float32):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)\n"
+        "    return {'train': (x[:24].to(dtype), y[:24]), 'test': (x[24:].to(dtype), y[24:])}\n"
+        "def data64():\n"
+        "    return data(torch.float64)\n"
+    )
+    runs = {
+        name: train(
+            _config(
+                tmp_path / name, dataset={"factory": f"{tmp_path}/wide.py:{name}"}, batch_size=8
+            )
+        )
+        for name in ("data", "data64")
+    }
+    narrow, wide = (runs[name].model.state_dict() for name in ("data", "data64"))
+    assert all(torch.equal(narrow[k], wide[k]) for k in narrow)
+    metrics = [{k: v for k, v in runs[n].metrics.items() if k != "seconds"} for n in runs]
+    assert metrics[0] == metrics[1]
+
+
 def test_config_json_holds_every_optimizer_setting(tmp_path):
     """Acceptance s22: a SAM run's config.json left out rho and the base's momentum and
     weight decay unless typed (an SGD run's held them). It now also holds the resolved spec

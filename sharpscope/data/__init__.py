@@ -104,10 +104,16 @@ class DataSplit(TensorDataset):
         """``(inputs, targets)``."""
         return self.inputs, self.targets
 
-    def to(self, device: torch.device | str) -> DataSplit:
-        """A copy living on ``device``."""
+    def to(
+        self, device: torch.device | str | None, *, dtype: torch.dtype | None = None
+    ) -> DataSplit:
+        """A copy living on ``device`` (None: where it is), with floating-point inputs in
+        ``dtype`` (None: as they are)."""
+        inputs = self.inputs.to(device)
+        if dtype is not None and inputs.is_floating_point():
+            inputs = inputs.to(dtype)
         return DataSplit(
-            self.inputs.to(device),
+            inputs,
             self.targets.to(device),
             num_classes=self.num_classes,
             spec=self.spec,

@@ -289,12 +289,13 @@ def read_fixed(
     return first
 
 
-_NARROW_INTEGERS = (torch.uint8, torch.int8, torch.int16, torch.int32)
+_NARROW_INTEGERS = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32)
 
 
 def class_indices(targets: Tensor) -> Tensor:
-    """Integer targets as ``int64``, the type ``cross_entropy`` and ``gather`` index with
-    (uint8 labels ran in some analyses and failed inside others); others as they are."""
+    """Integer and bool targets as ``int64``, the type ``cross_entropy`` and ``gather``
+    index with (uint8 labels ran in some analyses and failed inside others, and so did bool
+    labels, which ``train`` takes as classes 0 and 1); others as they are."""
     return targets.long() if targets.dtype in _NARROW_INTEGERS else targets
 
 

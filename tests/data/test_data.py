@@ -781,3 +781,26 @@ def test_one_factory_call_serves_every_split_from_one_call(tmp_path):
     assert torch.equal(train.inputs, test.inputs) and torch.equal(train.inputs, again.inputs)
     outside = load_data(factory, "train")  # outside the block: a call of its own
     assert not torch.equal(outside.inputs, train.inputs)
+
+
+def test_b8_bool_class_labels_give_the_int64_labels_results():
+    """Bug B8, session 28: bool labels, which train and m_sharpness take as classes 0 and
+    1, failed in top_eigenvalues, landscape, epsilon_sharpness and pac_bayes_flatness
+    ("expected target dtype to be Long or Byte, but got Bool")."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+    x, y = torch.randn(32, 5), torch.randint(0, 2, (32,))
+    calls = [
+        (ss.top_eigenvalues, {"k": 1}),
+        (ss.landscape, {"dims": 1, "grid": 3}),
+        (ss.epsilon_sharpness, {"iterations": 2}),
+        (ss.pac_bayes_flatness, {}),
+        (ss.m_sharpness, {"m": 8, "rho": 0.05}),
+    ]
+    for function, options in calls:
+        wide, narrow = (function(model, (x, t), **options).to_dict() for t in (y, y.bool()))
+        for part in (wide, narrow):
+            part.pop("meta"), part.pop("seconds", None)
+        assert repr(wide) == repr(narrow), function.__name__
