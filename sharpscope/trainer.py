@@ -618,6 +618,22 @@ def _load_splits(
     return train, test, val
 
 
+def _check_finite_inputs(split: DataSplit, name: str) -> None:
+    """Refuse NaN or infinite inputs when the data are loaded: the first step's loss was
+    NaN and the run was said to diverge, "lower the learning rate or rho" (bug B9,
+    session 28)."""
+    if not split.inputs.is_floating_point():
+        return
+    bad = int((~torch.isfinite(split.inputs)).sum())
+    if bad:
+        rows = int((~torch.isfinite(split.inputs.reshape(len(split), -1))).any(1).sum())
+        raise SharpscopeError(
+            f"the {name} data hold {bad} non-finite input value{'s' if bad > 1 else ''} (NaN "
+            f"or inf) in {rows} of {len(split)} examples: training on them gives a NaN loss, "
+            "not a model; clean or drop them in the data"
+        )
+
+
 def _in_model_dtype(split: DataSplit | None, model: nn.Module) -> DataSplit | None:
     """``split`` with floating-point inputs in the model's floating-point dtype, as the
     analyses read them: float64 data (``torch.from_numpy``'s) failed against float32
@@ -803,6 +819,7 @@ def _train(
     for name, split in (("train", train_split), ("test", test_split), ("val", val_split)):
         if split is not None:
             check_same_data(split.inputs, split.targets, f"{name} data")
+            _check_finite_inputs(split, name)
     num_train = len(train_split)
     steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch == 0:

@@ -897,6 +897,35 @@ def test_b8_float64_inputs_train_as_the_float32_ones(tmp_path):
     assert metrics[0] == metrics[1]
 
 
+def test_b9_non_finite_inputs_are_refused_when_loaded_not_called_divergence(tmp_path):
+    """Bug B9, session 28: a NaN in the inputs ended as "training diverged: loss is nan at
+    epoch 1, step 3; lower the learning rate or rho", advice that cannot help."""
+    (tmp_path / "holes.py").write_text(
+        "import torch\n"
+        "def data(where='train', value=float('nan')):\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g)\n"
+        "    x[3, 2] = x[3, 5] = x[20, 0] = value if where == 'train' else 0.0\n"
+        "    if where == 'test':\n"
+        "        x[30, 1] = value\n"
+        "    return {'train': (x[:24], y[:24]), 'test': (x[24:], y[24:])}\n"
+        "def in_test():\n"
+        "    return data('test', float('-inf'))\n"
+    )
+    messages = {
+        "data": "the train data hold 3 non-finite input values (NaN or inf) in 2 of 24 examples",
+        "in_test": "the test data hold 1 non-finite input value (NaN or inf) in 1 of 8 examples",
+    }
+    for name, message in messages.items():
+        spec = {"factory": f"{tmp_path}/holes.py:{name}"}
+        with pytest.raises(SharpscopeError) as info:
+            train(_config(tmp_path / name, dataset=spec, batch_size=8))
+        assert str(info.value) == (
+            f"{message}: training on them gives a NaN loss, not a model; clean or drop them in "
+            "the data"
+        )
+
+
 def test_config_json_holds_every_optimizer_setting(tmp_path):
     """Acceptance s22: a SAM run's config.json left out rho and the base's momentum and
     weight decay unless typed (an SGD run's held them). It now also holds the resolved spec
