@@ -804,3 +804,16 @@ def test_b8_bool_class_labels_give_the_int64_labels_results():
         for part in (wide, narrow):
             part.pop("meta"), part.pop("seconds", None)
         assert repr(wide) == repr(narrow), function.__name__
+
+
+def test_d2_label_noise_is_exact_on_the_full_split_and_a_subset_takes_its_labels():
+    """Doubt D2, session 28: noise.py said the realised rate "equals the requested one";
+    it does on the full training split, which is flipped before samples cuts it, so a
+    subset holds the full split's noisy labels and a rate near, not at, the requested one
+    (the docstring and README now say so)."""
+    full = load_data({"name": "mnist1d", "label_noise": 0.4})
+    subset = load_data({"name": "mnist1d", "label_noise": 0.4, "samples": 512})
+    assert int(full.noisy_mask.sum()) == 1600
+    keep = torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:512]
+    assert torch.equal(full.targets[keep], subset.targets)
+    assert int(subset.noisy_mask.sum()) == 195  # 38.1%, not 40%
