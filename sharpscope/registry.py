@@ -16,7 +16,6 @@ import contextlib
 import functools
 import importlib
 import importlib.util
-import io
 import logging
 import os
 import sys
@@ -84,11 +83,10 @@ def absolute_spec(spec: Any) -> Any:
 @contextlib.contextmanager
 def calling_user_code(what: str, hint: str) -> Iterator[None]:
     """Run a user's module or factory, named ``what``, so that a ``sys.exit`` there (an
-    argparse parser reading sharpscope's own arguments, a script's ``exit()``) is one line,
-    not argparse's usage line or a silent exit 0 (bug B4, session 28).
-
-    What the code writes to ``sys.stderr`` meanwhile is held back and written out after
-    it, unless it exits: then its last line is quoted in the error instead.
+    argparse parser reading sharpscope's own arguments, a script's ``exit()``) ends in a
+    line that names it, not in argparse's usage line alone or a silent exit 0 (bug B4,
+    session 28). What the code writes to ``sys.stderr`` (a data factory's progress) is
+    not held back: it shows as it comes, so a usage line stays above the error.
 
     >>> with calling_user_code("data factory 'f.py:make'", "does it parse the command line?"):
     ...     raise SystemExit(2)
@@ -96,20 +94,10 @@ def calling_user_code(what: str, hint: str) -> Iterator[None]:
     ...
     sharpscope.errors.SharpscopeError: data factory 'f.py:make' called sys.exit(2); does it parse the command line?
     """
-    held = io.StringIO()
-    stderr = sys.stderr
-    exited = False
     try:
-        with contextlib.redirect_stderr(held):
-            yield
+        yield
     except SystemExit as exc:
-        exited = True
-        lines = [line.strip() for line in held.getvalue().splitlines() if line.strip()]
-        printed = f" (it printed: {lines[-1][:200]})" if lines else ""
-        raise SharpscopeError(f"{what} called sys.exit({exc.code!r}); {hint}{printed}") from None
-    finally:
-        if not exited and held.getvalue():
-            stderr.write(held.getvalue())
+        raise SharpscopeError(f"{what} called sys.exit({exc.code!r}); {hint}") from None
 
 
 def resolve_factory(path: str, kind: str | None = None) -> Callable[..., Any]:
