@@ -283,11 +283,33 @@ def _peek(path: Path | None) -> LandscapeResult | None:
     return previous if previous.directions is not None else None
 
 
+#: what else may have given a stored landscape other directions than this run's, by kind
+_OTHER_DIRECTIONS = {
+    "interpolation": " (another second model: another --directions CKPT2?)",
+    "pca": " (another trajectory: another --directions FOLDER?)",
+}
+
+
+def _same_directions(stored: Tensor, planned: Tensor) -> bool:
+    """Whether the stored directions are this run's, ``planned``, to the rounding of the
+    dtype that ``planned`` comes cast to (the model's, in which a result stores them):
+    each within 4 eps (at least 1e-9) of its norm once both are in that dtype (the plan is
+    float64 arithmetic on the CPU, where another machine's LAPACK may move the last bits of
+    a PCA)."""
+    tolerance = max(4 * torch.finfo(planned.dtype).eps, 1e-9)
+    stored = stored.to(planned.dtype).double()
+    planned = planned.double()
+    gap = (stored - planned).norm(dim=1)
+    return bool((gap <= tolerance * planned.norm(dim=1)).all())
+
+
 def _load_partial(
-    path: Path, settings: dict, axes: list[Tensor], num_params: int
+    path: Path, settings: dict, axes: list[Tensor], num_params: int, directions: Tensor
 ) -> LandscapeResult | None:
-    """The partial result stored at ``path`` to resume from, if its settings and arrays
-    match this run (a hand-edited file with arrays of other sizes is refused)."""
+    """The partial result stored at ``path`` to resume from, if its settings, arrays and
+    directions match this run (a hand-edited file with arrays of other sizes is refused;
+    so are points along another second model or trajectory, which the settings do not
+    name)."""
     if not path.exists():
         return None
     try:
@@ -327,6 +349,12 @@ def _load_partial(
                 f"{path} holds a landscape whose {name} axis differs from the one its "
                 "settings say (a damaged or edited file); delete it or choose another output"
             )
+    if not _same_directions(previous.directions, directions):
+        hint = _OTHER_DIRECTIONS.get(str(settings.get("direction_kind")), "")
+        raise SharpscopeError(
+            f"{path} holds a landscape along other directions{hint}; delete it or choose "
+            "another output to start a new one"
+        )
     return previous
 
 
@@ -573,7 +601,11 @@ def landscape(
 
         precomputed = precompute()
         settings["input_layers"] = precomputed.names if precomputed is not None else []
-        previous = _load_partial(path, settings, axes, layout.size) if path is not None else None
+        previous = (
+            _load_partial(path, settings, axes, layout.size, plan.directions.to(dtype))
+            if path is not None
+            else None
+        )
         if previous is not None:
             plan.directions = previous.directions.double()
             if not torch.equal(plan.directions.to(device, dtype), directions_dev):

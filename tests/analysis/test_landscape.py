@@ -1241,3 +1241,42 @@ def test_resuming_on_other_data_is_refused(tmp_path):
     landscape(net, class_data(n=20, d=10), 2, out=path, max_points=8, vectorize=False, **_RESUME)
     with pytest.raises(SharpscopeError, match=r"different settings \(data"):
         landscape(net, class_data(n=20, d=10, seed=2), 2, out=path, vectorize=False, **_RESUME)
+
+
+# -- resume into a file of other directions (session 28, notes_out/s28/resume.md B1) ----------
+
+
+@pytest.mark.parametrize("dims", [1, 2])
+def test_resuming_an_interpolation_towards_another_model_is_refused(tmp_path, dims):
+    """B1: the settings named the direction kind, not the second model, so an interpolation
+    towards B, stopped, then run into the same file towards C resumed without a word: the
+    file held B's points, C's BatchNorm statistics moved the new ones, and it said it was
+    complete. The same second model (in float32, as checkpoints are) still resumes."""
+    a, b, c = (bn_cnn(seed=s).float() for s in (0, 1, 2))
+    x, y = class_data(n=20, d=10)
+    x = x.float()
+    kw = {"grid": 5, "chunk_size": 2, "vectorize": False, "save_every": 1e9}
+    path = tmp_path / "run.npz"
+    landscape(a, (x, y), dims, directions=b, out=path, max_points=2, **kw)
+    with pytest.raises(SharpscopeError, match=r"along other directions \(another second model"):
+        landscape(a, (x, y), dims, directions=c, out=path, **kw)
+    assert int(LandscapeResult.load(path).computed.sum()) == 2  # the file is left as it was
+    resumed = landscape(a, (x, y), dims, directions=copy.deepcopy(b), out=path, **kw)
+    full = landscape(a, (x, y), dims, directions=b, **kw)
+    assert resumed.complete and resumed.meta.extra["points_loaded"] == 2
+    torch.testing.assert_close(resumed.loss, full.loss, rtol=0, atol=0)
+
+
+def test_resuming_a_pca_of_another_trajectory_is_refused(tmp_path):
+    """B1: with the same axes (given here; a CLI run's come from the trajectory and mostly
+    differ too) a PCA of another trajectory resumed into the first one's file."""
+    net, (x, y), path = mlp(seed=5), class_data(), tmp_path / "run.npz"
+    t = torch.linspace(0, 1, 8, dtype=F64)
+    coefs = torch.stack([3 * (1 - t) ** 2 + 0.2, 2 * torch.sin(3 * t)], dim=1)
+    first, _ = planted_trajectory(net, coefs)
+    other, _ = planted_trajectory(net, coefs.flip(1))
+    kw = {"x": [-1.0, 0.0, 1.0], "y": [-1.0, 0.0, 1.0], "bias": "keep", "out": path}
+    landscape(net, (x, y), 2, directions=first, max_points=3, chunk_size=3, **kw)
+    with pytest.raises(SharpscopeError, match=r"along other directions \(another trajectory"):
+        landscape(net, (x, y), 2, directions=other, **kw)
+    assert landscape(net, (x, y), 2, directions=first, **kw).complete
