@@ -11,10 +11,13 @@ import contextlib
 import errno
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from .errors import SharpscopeError
+import torch
+
+from .distributed import init_from_env, is_multi_process, launched_as_main, peers_checked
+from .errors import SharpscopeError, first_line
 
 #: errno of a lock that another process holds; any other error means no locking here
 HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
@@ -53,6 +56,82 @@ def exclusive_lock(path: str | Path, busy: str) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def _still_named(fd: int, path: Path) -> bool:
+    """Whether the file open at ``fd`` is still the one ``path`` names (not removed or
+    replaced since it was opened)."""
+    try:
+        named = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+@contextlib.contextmanager
+def transient_lock(path: str | Path, busy: str) -> Iterator[None]:
+    """:func:`exclusive_lock` on the lock file ``path``, which is removed again when the
+    block ends (by its holder, before the lock is freed), so that no file stays behind.
+
+    A process that opened the file just before its holder removed it would lock a file
+    that no longer has a name, beside a third process that locks a new one: it notices
+    and tries again on the file ``path`` names.
+
+    Raises:
+        SharpscopeError: ``busy``, when another process holds the lock.
+    """
+    path = Path(path)
+    while True:
+        with exclusive_lock(path, busy) as fd:
+            if fd >= 0 and not _still_named(fd, path):
+                continue  # the holder removed it as this process opened it
+            try:
+                yield
+            finally:
+                path.unlink(missing_ok=True)
+            return
+
+
+@contextlib.contextmanager
+def locked_on_main(
+    out: Path, take: Callable[[Path, contextlib.ExitStack], None], device: str = "auto"
+) -> Iterator[None]:
+    """Run ``take(out, held)`` on the main process, which locks ``out`` (with
+    :func:`exclusive_lock`) until ``held`` closes when the block ends, raising
+    :class:`SharpscopeError` when another process holds it.
+
+    Under torchrun the processes form their group first and rank 0 shares the outcome, so
+    that a refusal stops every rank at once (the others had waited for rank 0 in the
+    group's start-up until torchrun killed them, 30 s later); any other error of rank 0's
+    is raised there as it was and named on the other ranks.
+    """
+    info = init_from_env(device)  # forms torchrun's group; the command asks for the same
+    group = is_multi_process()  # torchrun's, or one the caller formed
+    main = torch.distributed.get_rank() == 0 if group else launched_as_main()
+    with contextlib.ExitStack() as held:
+        refusal, failure = None, None
+        if main:
+            try:
+                take(out, held)
+            except SharpscopeError as exc:
+                refusal = str(exc)
+            except Exception as exc:  # noqa: BLE001 - shared too, then raised as it was
+                failure = exc
+                refusal = f"rank 0 could not take {out}: {first_line(exc) or type(exc).__name__}"
+        if group:
+            shared = [refusal]
+            nccl = torch.distributed.get_backend() == "nccl"
+            with peers_checked():  # on the device the run uses (NCCL sends from a GPU)
+                torch.distributed.broadcast_object_list(
+                    shared, src=0, device=info.device if nccl else None
+                )
+            refusal = shared[0]
+        if failure is not None:
+            raise failure
+        if refusal is not None:
+            raise SharpscopeError(refusal)
+        yield
 
 
 @contextlib.contextmanager

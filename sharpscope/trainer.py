@@ -25,7 +25,7 @@ import math
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +46,13 @@ from .distributed import (
     gather_to_main,
     init_from_env,
     is_multi_process,
-    launched_as_main,
     peers_checked,
     reduce_each_gradient,
 )
 from .errors import SharpscopeError, check_seed, first_line
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
-from .locking import exclusive_lock
+from .locking import exclusive_lock, locked_on_main
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
 
@@ -719,45 +718,16 @@ def train(
         return _train(config, resume, before_training)
 
 
-@contextlib.contextmanager
-def _out_locked(out: str | Path | None, device: str = "auto") -> Iterator[None]:
+def _out_locked(out: str | Path | None, device: str = "auto") -> contextlib.AbstractContextManager:
     """Hold a lock on the ``out`` folder for the whole run (on the main process), so that a
     second ``train`` into the same folder is refused instead of mixing two runs' files
     there; a folder made here for a run that stopped before writing anything is removed.
 
-    Under torchrun the processes form their group first and rank 0 shares the outcome, so
-    that a refusal stops every rank at once (the others had waited for rank 0 in the
-    group's start-up until torchrun killed them, 30 s later)."""
+    Under torchrun the processes form their group first and rank 0 shares the outcome
+    (:func:`~sharpscope.locking.locked_on_main`), so that a refusal stops every rank at once."""
     if out is None:
-        yield
-        return
-    info = init_from_env(device)  # forms torchrun's group; _train asks for the same
-    group = is_multi_process()  # torchrun's, or one the caller formed
-    main = torch.distributed.get_rank() == 0 if group else launched_as_main()
-    out = Path(out)
-    with contextlib.ExitStack() as held:
-        refusal, failure = None, None
-        if main:
-            try:
-                _hold_out_folder(out, held)
-            except SharpscopeError as exc:
-                refusal = str(exc)
-            except Exception as exc:  # noqa: BLE001 - shared too, then raised as it was
-                failure = exc
-                refusal = f"rank 0 could not take {out}: {first_line(exc) or type(exc).__name__}"
-        if group:
-            shared = [refusal]
-            nccl = torch.distributed.get_backend() == "nccl"
-            with peers_checked():  # on the device the run uses (NCCL sends from a GPU)
-                torch.distributed.broadcast_object_list(
-                    shared, src=0, device=info.device if nccl else None
-                )
-            refusal = shared[0]
-        if failure is not None:
-            raise failure
-        if refusal is not None:
-            raise SharpscopeError(refusal)
-        yield
+        return contextlib.nullcontext()
+    return locked_on_main(Path(out), _hold_out_folder, device)
 
 
 def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:

@@ -11,12 +11,15 @@ processes; rank 0 writes the files.
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import SharpscopeError, check_choice, check_seed
+from ..locking import locked_on_main, transient_lock
 from ..progress import resumable_updates
 from ._common import (
     BatchSizeOpt,
@@ -55,6 +58,8 @@ from ._common import (
 SeedOpt = seed_option("the random directions and the eigen solver's start")
 
 RESULT_FILE = "landscape.npz"
+#: held by a running ``landscape`` in its --out folder, and removed when it ends
+LOCK_FILE = "landscape.lock"
 
 
 def resolve_directions(
@@ -165,6 +170,36 @@ def _distinct_weights(checkpoints: list[Any]) -> list[Any]:
             seen.add(key)
             kept.append(checkpoint)
     return kept
+
+
+def hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
+    """Create ``out`` if needed and lock ``OUT/landscape.lock`` until ``held`` closes, so that
+    a second ``landscape`` into the folder is refused instead of writing its own points over
+    the first one's file (the last writer won; the other's result was lost). A lock file
+    (not the folder itself, which ``train`` locks) lets a landscape go into a run's folder
+    while it trains. The lock file, and the folders made here that are then empty (a run
+    that stopped before writing anything), are removed when ``held`` closes."""
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SharpscopeError(
+            f"cannot create the output folder {out}: {exc.strerror or exc}"
+        ) from exc
+
+    def remove_if_empty() -> None:
+        for folder in made:  # the deepest first
+            try:
+                folder.rmdir()  # only an empty one; a parent another run just used stays
+            except OSError:
+                return
+
+    held.callback(remove_if_empty)  # after the lock file is gone
+    busy = (
+        f"another `sharpscope landscape` is writing into {out}; wait for it to finish or "
+        "use another --out"
+    )
+    held.enter_context(transient_lock(out / LOCK_FILE, busy))
 
 
 def interrupted_message(path: Path, reason: str = "interrupted") -> str:
@@ -318,82 +353,86 @@ def register(app: typer.Typer) -> None:
         check_output_folder("--out", out, holds=f"{RESULT_FILE} and the plots")
         check_output_file("--out", out / RESULT_FILE, fixed_name=True)
         dist = init_from_env(device)
-        model_options = parse_options(model_opt, "--model-opt")
-        data_options = parse_options(data_opt, "--data-opt")
-        inputs = load_inputs_from_flags(
-            ckpt,
-            model=model,
-            data=data,
-            loss=loss,
-            split=split,
-            samples=samples,
-            batch_size=batch_size,
-            device=str(dist.device),
-            seed=seed,
-            data_root=data_root,
-            model_opt=model_opt,
-            data_opt=data_opt,
-            dtype=dtype,
-            trust_factories=trust_factories,
-        )
-        chosen = resolve_directions(
-            directions,
-            ckpt,
-            inputs,
-            spec_from_flag(model, model_options),
-            spec_from_flag(data, data_options),
-            trust_factories,
-        )
-        kind = chosen if isinstance(chosen, str) else "pca" if isinstance(chosen, list) else None
-        if kind is None and dims == 1:
-            kind = "interpolation"  # in 2-D its second direction is random: all flags apply
-        note = unused_options_note(kind or "", {"--span": span, "--norm": norm, "--bias": bias})
-        if note and dist.is_main:
-            console.print(note)
-        loss_spec = inputs.loss_spec
-        path = out / RESULT_FILE
-        if dist.is_main:  # a resume is named on the bar once the earlier file is accepted
-            console.print(
-                f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
-                f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
+        # held to the last plot; taken before the inputs load, so a second run stops at once
+        with locked_on_main(out, hold_out_folder, device):
+            model_options = parse_options(model_opt, "--model-opt")
+            data_options = parse_options(data_opt, "--data-opt")
+            inputs = load_inputs_from_flags(
+                ckpt,
+                model=model,
+                data=data,
+                loss=loss,
+                split=split,
+                samples=samples,
+                batch_size=batch_size,
+                device=str(dist.device),
+                seed=seed,
+                data_root=data_root,
+                model_opt=model_opt,
+                data_opt=data_opt,
+                dtype=dtype,
+                trust_factories=trust_factories,
             )
-        bar = progress_bar(
-            grid**dims, "point", "landscape", enabled=dist.is_main and not no_progress
-        )
-        try:
-            with bar:
-                result = landscape(
-                    inputs.model,
-                    inputs.batches,
-                    dims,
-                    grid=grid,
-                    span=span,
-                    directions=chosen,
-                    norm=norm,  # type: ignore[arg-type]
-                    bias=bias,  # type: ignore[arg-type]
-                    states=states,
-                    loss=loss_spec,
-                    seed=seed,
-                    chunk_size=chunk_size,
-                    out=path,
-                    save_every=save_every,
-                    max_points=max_points,
-                    vectorize=vectorize,
-                    meta=inputs.meta,
-                    distributed=dist.enabled,
-                    progress=resumable_updates(bar),
+            chosen = resolve_directions(
+                directions,
+                ckpt,
+                inputs,
+                spec_from_flag(model, model_options),
+                spec_from_flag(data, data_options),
+                trust_factories,
+            )
+            kind = (
+                chosen if isinstance(chosen, str) else "pca" if isinstance(chosen, list) else None
+            )
+            if kind is None and dims == 1:
+                kind = "interpolation"  # in 2-D its second direction is random: all flags apply
+            note = unused_options_note(kind or "", {"--span": span, "--norm": norm, "--bias": bias})
+            if note and dist.is_main:
+                console.print(note)
+            loss_spec = inputs.loss_spec
+            path = out / RESULT_FILE
+            if dist.is_main:  # a resume is named on the bar once the earlier file is accepted
+                console.print(
+                    f"landscape of {ckpt} on {inputs.meta.num_samples} examples, "
+                    f"{dist.world_size} process{'es' if dist.world_size > 1 else ''}"
                 )
-        except KeyboardInterrupt as exc:
-            if speaks_for_the_job(exc, dist.is_main) and path.is_file():
-                fail(interrupted_message(path, stop_reason(exc)), code=interrupt_exit_code(exc))
-            raise
-        if not dist.is_main:
-            return
-        for line in summary_lines(result):
-            echo(line)
-        console.print(f"wrote {path}")
-        if plots:
-            from ..plotting.landscape import save_landscape_plots
+            bar = progress_bar(
+                grid**dims, "point", "landscape", enabled=dist.is_main and not no_progress
+            )
+            try:
+                with bar:
+                    result = landscape(
+                        inputs.model,
+                        inputs.batches,
+                        dims,
+                        grid=grid,
+                        span=span,
+                        directions=chosen,
+                        norm=norm,  # type: ignore[arg-type]
+                        bias=bias,  # type: ignore[arg-type]
+                        states=states,
+                        loss=loss_spec,
+                        seed=seed,
+                        chunk_size=chunk_size,
+                        out=path,
+                        save_every=save_every,
+                        max_points=max_points,
+                        vectorize=vectorize,
+                        meta=inputs.meta,
+                        distributed=dist.enabled,
+                        progress=resumable_updates(bar),
+                    )
+            except KeyboardInterrupt as exc:
+                if speaks_for_the_job(exc, dist.is_main) and path.is_file():
+                    fail(interrupted_message(path, stop_reason(exc)), code=interrupt_exit_code(exc))
+                raise
+            if not dist.is_main:
+                return
+            for line in summary_lines(result):
+                echo(line)
+            console.print(f"wrote {path}")
+            if plots:
+                from ..plotting.landscape import save_landscape_plots
 
-            written = save_landscape_plots(result, out)
-            console.print(f"wrote {', '.join(str(p) for p in written)}")
+                written = save_landscape_plots(result, out)
+                console.print(f"wrote {', '.join(str(p) for p in written)}")

@@ -418,3 +418,58 @@ def test_a_lost_torchrun_process_is_one_line_that_says_what_is_saved(ckpts, tmp_
             "error: interrupted by SIGTERM (torchrun stops every process when one of them fails",
         )
     ), errors[0]
+
+
+# -- session 28 (notes_out/s28/resume.md) ---------------------------------------------------
+
+
+def test_a_second_landscape_into_a_folder_in_use_is_refused_and_no_lock_file_stays(ckpts, tmp_path):
+    """B2: two `landscape` into one --out both ran and both said they wrote landscape.npz;
+    the last writer's file replaced the other's, whose result was lost. A running landscape
+    holds OUT/landscape.lock now (removed when it ends), not the folder, which a `train`
+    into it holds: a landscape may go into a run's folder while it trains."""
+    from sharpscope.locking import exclusive_lock
+
+    out = tmp_path / "l"
+    out.mkdir()
+    args = ["landscape", str(ckpts["a"]), "--dims", "1", "--grid", "3", *COMMON, "--no-plots"]
+    with exclusive_lock(out / "landscape.lock", "held by the first run"):
+        refused = runner.invoke(app, [*args, "--out", str(out)])
+    assert refused.exit_code == 2, refused.output
+    errors = [line for line in refused.output.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: another `sharpscope landscape` is writing into {out}; wait for it to finish "
+        "or use another --out"
+    ]
+    assert "landscape of" not in refused.output  # refused before the inputs load
+    assert not (out / "landscape.npz").exists()
+    with exclusive_lock(out, "a `train` into the folder"):
+        done = runner.invoke(app, [*args, "--out", str(out)])
+    assert done.exit_code == 0, done.output
+    assert sorted(p.name for p in out.iterdir()) == ["landscape.npz"]  # the lock file is gone
+    # a folder made for a run that stops on bad input is not left behind, nor its parents
+    fresh = tmp_path / "new" / "deeper"
+    bad = runner.invoke(app, [*args, "--directions", str(ckpts["wide"]), "--out", str(fresh)])
+    assert bad.exit_code == 2 and "different architecture" in bad.output, bad.output
+    assert not (tmp_path / "new").exists()
+
+
+def test_under_torchrun_a_landscape_folder_in_use_stops_every_rank_at_once(ckpts, tmp_path):
+    """B2 under torchrun: rank 0 takes the lock and shares the outcome, so that rank 1 does
+    not wait for it in a collective until torchrun kills it."""
+    from sharpscope.locking import exclusive_lock
+
+    from cases import error_lines, torchrun
+
+    out = tmp_path / "l"
+    out.mkdir()
+    args = ["landscape", str(ckpts["a"]), "--dims", "1", "--grid", "3", *COMMON]
+    with exclusive_lock(out / "landscape.lock", "held by the first run"):
+        refused = torchrun(*args, "--no-plots", "--no-progress", "--out", str(out))
+    assert refused.returncode != 0
+    assert set(error_lines(refused)) == {
+        f"error: another `sharpscope landscape` is writing into {out}; wait for it to finish "
+        "or use another --out"
+    }, refused.stderr[-2000:]
+    assert "SIGKILL" not in refused.stderr and "forcefully exiting" not in refused.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["landscape.lock"]  # the holder's
