@@ -38,6 +38,7 @@ contain the model (0) and, for interpolation, the second model (1).
 from __future__ import annotations
 
 import functools
+import hashlib
 import math
 import time
 import warnings
@@ -303,13 +304,53 @@ def _same_directions(stored: Tensor, planned: Tensor) -> bool:
     return bool((gap <= tolerance * planned.norm(dim=1)).all())
 
 
+def _data_fingerprint(batches: Sequence[tuple[Tensor, Tensor]]) -> str:
+    """A short SHA-256 of the examples, the same whatever batches hold them (the batch size
+    is a setting of its own): the inputs' and the targets' dtype, shape of one example and
+    count, then their values in order.
+
+    >>> x, y = torch.arange(12.0).reshape(6, 2), torch.arange(6)
+    >>> _data_fingerprint([(x, y)]) == _data_fingerprint([(x[:4], y[:4]), (x[4:], y[4:])])
+    True
+    """
+    digest = hashlib.sha256()
+    for part in zip(*batches):  # the inputs, then the targets
+        first = part[0]
+        count = sum(len(t) for t in part)
+        digest.update(f"{first.dtype} {(count, *first.shape[1:])}".encode())
+        for t in part:
+            array = t.detach().cpu().contiguous()
+            array = array.float() if array.dtype == torch.bfloat16 else array
+            digest.update(array.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _batch_size(batches: Sequence[tuple[Tensor, Tensor]]) -> int | list[int]:
+    """Examples per batch: one number for batches of one size but a smaller last one (the
+    command line's, ``batch_size=``'s), else each batch's.
+
+    >>> _batch_size([(None, torch.zeros(4)), (None, torch.zeros(4)), (None, torch.zeros(1))])
+    4
+    """
+    sizes = [len(t) for _, t in batches]
+    if all(n == sizes[0] for n in sizes[:-1]) and sizes[-1] <= sizes[0]:
+        return sizes[0]
+    return sizes
+
+
 def _load_partial(
-    path: Path, settings: dict, axes: list[Tensor], num_params: int, directions: Tensor
+    path: Path,
+    settings: dict,
+    axes: list[Tensor],
+    num_params: int,
+    directions: Tensor,
+    batches: Sequence[tuple[Tensor, Tensor]] = (),
 ) -> LandscapeResult | None:
     """The partial result stored at ``path`` to resume from, if its settings, arrays and
     directions match this run (a hand-edited file with arrays of other sizes is refused;
     so are points along another second model or trajectory, which the settings do not
-    name)."""
+    name). A file from before the settings held ``batch_size`` fingerprinted the data batch
+    by batch: ``batches`` (this run's) are fingerprinted that way to compare with it."""
     if not path.exists():
         return None
     try:
@@ -319,8 +360,19 @@ def _load_partial(
         raise SharpscopeError(
             f"{path} exists but is not a landscape result{why}; delete it or choose another output"
         ) from exc
-    old = previous.settings or {}
+    old = dict(previous.settings or {})
+    if "batch_size" not in old and old.get("data") == fingerprint(
+        *(t for b in batches for t in b)
+    ):  # an earlier version's file of the same data in the same batches
+        old["data"], old["batch_size"] = settings.get("data"), settings.get("batch_size")
     differing = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    if differing == ["batch_size"] and isinstance(old["batch_size"], int):
+        raise SharpscopeError(
+            f"{path} holds a landscape computed in batches of {old['batch_size']} examples, "
+            f"not {settings['batch_size']} (another batch size rounds each mean loss "
+            f"differently): resume it with batch size {old['batch_size']}, or delete it or "
+            "choose another output to start a new one"
+        )
     if differing:
         raise SharpscopeError(
             f"{path} holds a landscape with different settings ({', '.join(differing)}); "
@@ -558,7 +610,8 @@ def landscape(
             "seed": seed,
             "loss": loss_name(loss),
             "params": fingerprint(theta),
-            "data": fingerprint(*(t for b in batches for t in b)),
+            "data": _data_fingerprint(batches),
+            "batch_size": _batch_size(batches),
             "num_samples": sum(len(t) for _, t in batches),
         }
         flops_per_call = None
@@ -602,7 +655,7 @@ def landscape(
         precomputed = precompute()
         settings["input_layers"] = precomputed.names if precomputed is not None else []
         previous = (
-            _load_partial(path, settings, axes, layout.size, plan.directions.to(dtype))
+            _load_partial(path, settings, axes, layout.size, plan.directions.to(dtype), batches)
             if path is not None
             else None
         )

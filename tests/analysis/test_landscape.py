@@ -1280,3 +1280,43 @@ def test_resuming_a_pca_of_another_trajectory_is_refused(tmp_path):
     with pytest.raises(SharpscopeError, match=r"along other directions \(another trajectory"):
         landscape(net, (x, y), 2, directions=other, **kw)
     assert landscape(net, (x, y), 2, directions=first, **kw).complete
+
+
+def test_resuming_with_another_batch_size_names_the_batch_size(tmp_path):
+    """B7: the data's fingerprint was taken batch by batch, so a resume with another batch
+    size was refused as "different settings (data)", though the examples were the same.
+    The batches round each mean loss differently, so it is still refused, naming the batch
+    size; one batch of all the examples is the same as no batch size."""
+    net, (x, y), path = bn_cnn(), class_data(n=20, d=10), tmp_path / "run.npz"
+    landscape(net, (x, y), 2, out=path, batch_size=8, max_points=8, **_RESUME)
+    with pytest.raises(SharpscopeError) as info:
+        landscape(net, (x, y), 2, out=path, batch_size=5, **_RESUME)
+    assert str(info.value) == (
+        f"{path} holds a landscape computed in batches of 8 examples, not 5 (another batch "
+        "size rounds each mean loss differently): resume it with batch size 8, or delete it "
+        "or choose another output to start a new one"
+    )
+    assert landscape(net, (x, y), 2, out=path, batch_size=8, **_RESUME).complete
+    whole = tmp_path / "whole.npz"
+    landscape(net, (x, y), 2, out=whole, max_points=8, **_RESUME)
+    assert landscape(net, (x, y), 2, out=whole, batch_size=20, **_RESUME).complete
+    with pytest.raises(SharpscopeError, match=r"different settings \(data\)"):  # still data
+        landscape(net, class_data(n=20, d=10, seed=2), 2, out=path, batch_size=8, **_RESUME)
+
+
+def test_a_file_from_before_the_batch_size_setting_still_resumes(tmp_path):
+    """B7: files of earlier versions fingerprinted the data batch by batch and held no
+    batch size; they resume in the same batches, and are refused in others, as before."""
+    import dataclasses
+
+    from sharpscope.analysis._functional import fingerprint
+
+    net, (x, y), path = bn_cnn(), class_data(n=20, d=10), tmp_path / "run.npz"
+    part = landscape(net, (x, y), 2, out=path, batch_size=8, max_points=8, **_RESUME)
+    settings = {k: v for k, v in part.settings.items() if k != "batch_size"}
+    settings["data"] = fingerprint(x[:8], y[:8], x[8:16], y[8:16], x[16:], y[16:])
+    dataclasses.replace(part, settings=settings).save(path)
+    with pytest.raises(SharpscopeError, match=r"different settings \(batch_size, data\)"):
+        landscape(net, (x, y), 2, out=path, batch_size=5, **_RESUME)
+    resumed = landscape(net, (x, y), 2, out=path, batch_size=8, **_RESUME)
+    assert resumed.complete and resumed.meta.extra["points_loaded"] == 8
