@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from . import __version__
-from .data import DataSplit, data_root_option, load_data, one_factory_call
+from .data import SPEC_DEFAULTS, DataSplit, data_root_option, load_data, one_factory_call
 from .data.augment import random_crop_flip
 from .data.fingerprint import warn_if_not_as_trained
 from .determinism import deterministic_algorithms
@@ -72,6 +72,9 @@ SAME_ON_RESUME = (
     "precision",
     "sync_bn",
 )
+#: what training takes for a schedule key left out (milestones: see lr_factor; a run with
+#: milestones of its own may grow, so they are never filled in)
+SCHEDULE_DEFAULTS = {"name": "cosine", "warmup_epochs": 0, "gamma": 0.1}
 PRECISIONS = ("fp32", "bf16", "fp16")
 AUGMENTED_BY_DEFAULT = ("cifar10", "cifar100")
 
@@ -444,19 +447,15 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
     Raises:
         SharpscopeError: one line naming the settings that differ.
     """
-    from .optim.factory import resolve_optimizer_spec
-
     now = config.to_dict()
     changed = []
     for key in SAME_ON_RESUME:
         old, new = saved.get(key), now.get(key)
-        if key == "optimizer":
-            old, new = resolve_optimizer_spec(old), resolve_optimizer_spec(new)
-        elif key in ("dataset", "model", "loss"):
+        if key in ("dataset", "model", "loss"):
             old = absolute_spec(old)  # recorded relative before paths were made absolute
         if key == "dataset" and isinstance(old, Mapping):  # now the machine setting data_root
             old = {k: v for k, v in old.items() if k != "data_root"}
-        changed += _differences(key, old, new)
+        changed += _differences(key, _as_trained(key, old, saved), _as_trained(key, new, now))
     old_epochs = saved.get("epochs")
     schedule = config.schedule
     if config.epochs != old_epochs and not schedule_extends(schedule):  # one refusal for all
@@ -544,19 +543,59 @@ def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo) -> None:
         optimizer.derive_rank_state(info.rank)
 
 
+def _as_trained(key: str, value: Any, settings: Mapping[str, Any]) -> Any:
+    """The setting ``key`` of ``settings`` with the defaults that training fills in, so that
+    an option restating its default (``--warmup-epochs 0``, ``--data-opt seed=0``,
+    ``--augment`` on CIFAR, ``--model-opt norm=batch`` on cnn1d) is not another setting:
+    the optimizer and a registered model resolved, the data set's options and the
+    schedule's keys filled in, ``augment`` None as the data set's default."""
+    from .models import resolved_model_spec
+    from .optim.factory import resolve_optimizer_spec
+
+    if key == "optimizer":
+        return resolve_optimizer_spec(value)
+    if key == "model" and isinstance(value, Mapping):
+        try:
+            return resolved_model_spec(value)
+        except SharpscopeError:  # an option of an older version, say: compared as it is
+            return value
+    if key == "dataset" and isinstance(value, Mapping):
+        return {**SPEC_DEFAULTS, **value}
+    if key == "schedule" and isinstance(value, Mapping):
+        return {**SCHEDULE_DEFAULTS, **value}
+    if key == "augment" and value is None:
+        dataset = settings.get("dataset")
+        name = dataset.get("name") if isinstance(dataset, Mapping) else dataset
+        return name in AUGMENTED_BY_DEFAULT
+    return value
+
+
+#: a key that one spec leaves out (its default), unlike one given as None: a model's
+#: ``norm=none`` is not its default norm
+_NOT_GIVEN = object()
+
+
+def _shown(value: Any) -> str:
+    """A setting's value as a refusal names it."""
+    return "the default" if value is _NOT_GIVEN else json.dumps(value, default=str)
+
+
 def _differences(key: str, old: Any, new: Any) -> list[str]:
-    """``"optimizer.rho 0.5 (checkpoint: 0.05)"`` for every leaf where two settings differ."""
+    """``"optimizer.rho 0.5 (checkpoint: 0.05)"`` for every leaf where two settings differ;
+    ``"model.width null (checkpoint: the default)"`` for a key that one of them leaves out."""
     if isinstance(old, Mapping) and isinstance(new, Mapping) and old.get("name") == new.get("name"):
         return [
             line
             for name in sorted(set(old) | set(new), key=str)
-            for line in _differences(f"{key}.{name}", old.get(name), new.get(name))
+            for line in _differences(
+                f"{key}.{name}", old.get(name, _NOT_GIVEN), new.get(name, _NOT_GIVEN)
+            )
         ]
-    if old == new:
+    if old is new or (old is not _NOT_GIVEN and new is not _NOT_GIVEN and old == new):
         return []
     if isinstance(old, Mapping) and isinstance(new, Mapping) and "name" in old and "name" in new:
         old, new = old["name"], new["name"]  # another optimizer, model, ...: the names say it
-    return [f"{key} {json.dumps(new, default=str)} (checkpoint: {json.dumps(old, default=str)})"]
+    return [f"{key} {_shown(new)} (checkpoint: {_shown(old)})"]
 
 
 def _prepare_data(

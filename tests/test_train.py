@@ -294,6 +294,68 @@ def test_resume_refuses_other_settings_and_unresumable_checkpoints(tmp_path):
             train(_config(tmp_path / name), resume=True)
 
 
+def test_a_resume_that_restates_defaults_is_not_refused_and_a_changed_norm_is_named(tmp_path):
+    """Session 28 (resume.md B5): only the optimizer was compared with its defaults filled
+    in, so `--warmup-epochs 0`, `--val-fraction 0`, `--data-opt noise_seed=0` or `seed=0`
+    restated on a resume were "other settings" (0 against null). And an explicit None was
+    the same as a missing key: `--model-opt norm=none` on a cnn1d (batch norm by default)
+    passed, then failed at the weight load with "weights do not fit"."""
+    out = tmp_path / "run"
+    model = {"name": "cnn1d", "width": 4, "depth": 2}
+    train(_config(out, epochs=1, model=model, schedule={"name": "constant"}))
+    restated = [
+        {"schedule": {"name": "constant", "warmup_epochs": 0, "gamma": 0.1}},
+        {
+            "dataset": {
+                "name": "mnist1d",
+                "samples": 512,
+                "label_noise": 0.0,
+                "noise_seed": 0,
+                "val_fraction": 0,
+                "seed": 0,
+            }
+        },
+        {"model": {**model, "norm": "batch"}},
+        {"augment": False},  # not CIFAR: off by default
+    ]
+    for changes in restated:
+        summary = train(
+            _config(
+                out, **{"epochs": 1, "model": model, "schedule": {"name": "constant"}, **changes}
+            ),
+            resume=True,
+        )
+        assert summary.start_epoch == summary.epochs == 1, changes
+    refused = [
+        ({"model": {**model, "norm": None}}, 'model.norm "none" (checkpoint: "batch")'),
+        ({"schedule": {"name": "constant", "warmup_epochs": 1}}, "schedule.warmup_epochs 1 (checkpoint: 0)"),
+        ({"dataset": {"name": "mnist1d", "samples": 512, "noise_seed": 1}}, "dataset.noise_seed 1 (checkpoint: 0)"),
+    ]  # fmt: skip
+    for changes, named in refused:
+        with pytest.raises(SharpscopeError) as info:
+            train(
+                _config(
+                    out,
+                    **{"epochs": 1, "model": model, "schedule": {"name": "constant"}, **changes},
+                ),
+                resume=True,
+            )
+        assert str(info.value) == (
+            f"cannot resume {out / 'last.pt'} with other settings: {named}; drop those options "
+            "to continue the run as it was, or train into a new --out"
+        )
+
+
+def test_a_key_left_out_is_not_a_key_given_as_none():
+    """B5: a model factory's option given as None is passed to it, unlike one left out."""
+    from sharpscope.trainer import _differences
+
+    old, new = {"factory": "m:f"}, {"factory": "m:f", "width": None}
+    assert _differences("model", old, new) == ["model.width null (checkpoint: the default)"]
+    assert _differences("model", new, old) == ["model.width the default (checkpoint: null)"]
+    assert _differences("model", new, dict(new)) == []
+
+
 def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
     train(_config(tmp_path, epochs=1))
     before = (tmp_path / "last.pt").read_bytes()

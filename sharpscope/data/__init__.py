@@ -40,6 +40,14 @@ from .sources import CIFAR_LAYOUT, SOURCES, RawData, cifar_folder
 
 SPLITS = ("train", "val", "test", "all")
 SPEC_OPTIONS = ("label_noise", "noise_seed", "val_fraction", "samples", "seed", "data_root")
+#: what :func:`load_data` takes for an option a spec leaves out (``data_root``: the caller's)
+SPEC_DEFAULTS = {
+    "label_noise": 0.0,
+    "noise_seed": 0,
+    "val_fraction": 0.0,
+    "samples": None,
+    "seed": 0,
+}
 
 __all__ = [
     "DataSplit",

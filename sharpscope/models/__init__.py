@@ -30,13 +30,18 @@ torch.Size([3, 10])
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from torch import nn
 
-from .cnn import cnn, cnn1d
+from . import mlp as _mlp
+from . import resnet as _resnet
+from . import vit as _vit
+from . import wrn as _wrn
+from .cnn import CNN1D_OPTIONS, CNN_OPTIONS, cnn, cnn1d
 from .mlp import mlp
-from .norm import NORM_TYPES, is_norm_layer, norm_layer
+from .norm import NORM_TYPES, Option, is_norm_layer, norm_layer, resolve_options
 from .resnet import resnet, resnet20, resnet32, resnet56
 from .vit import vit
 from .wrn import wrn
@@ -55,6 +60,36 @@ MODELS: dict[str, ModelFactory] = {
 }
 
 
+#: each registered model's options, with their defaults
+MODEL_OPTIONS: dict[str, dict[str, Option]] = {
+    "mlp": _mlp.OPTIONS,
+    "cnn1d": CNN1D_OPTIONS,
+    "cnn": CNN_OPTIONS,
+    "resnet20": _resnet.OPTIONS,
+    "resnet32": _resnet.OPTIONS,
+    "resnet56": _resnet.OPTIONS,
+    "wrn": _wrn.OPTIONS,
+    "vit": _vit.OPTIONS,
+}
+
+
+def resolved_model_spec(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A registered model's spec with every option checked and its default filled in, as
+    the model is built (``norm=None`` is ``"none"``); any other spec as it is.
+
+    Raises:
+        SharpscopeError: an unknown option or a bad value.
+
+    >>> resolved_model_spec({"name": "cnn1d", "norm": None})
+    {'name': 'cnn1d', 'width': 32, 'depth': 3, 'norm': 'none'}
+    """
+    name = spec.get("name")
+    if name not in MODEL_OPTIONS or "factory" in spec:
+        return dict(spec)
+    options = {k: v for k, v in spec.items() if k != "name"}
+    return {"name": name, **resolve_options(name, options, MODEL_OPTIONS[name])}
+
+
 def model_names() -> list[str]:
     """Registered model names, sorted."""
     return sorted(MODELS)
@@ -71,6 +106,7 @@ def num_parameters(model: nn.Module) -> int:
 
 __all__ = [
     "MODELS",
+    "MODEL_OPTIONS",
     "NORM_TYPES",
     "ModelFactory",
     "cnn",
@@ -84,6 +120,7 @@ __all__ = [
     "resnet20",
     "resnet32",
     "resnet56",
+    "resolved_model_spec",
     "vit",
     "wrn",
 ]

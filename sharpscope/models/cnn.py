@@ -10,6 +10,16 @@ from .norm import Option, check_input_shape, kaiming_init_, norm_layer, resolve_
 from .pool import GlobalAvgPool
 
 CONV_NORMS = ("batch", "layer", "none")
+CNN1D_OPTIONS = {
+    "width": Option(32, int, low=1),
+    "depth": Option(3, int, low=1),
+    "norm": Option("batch", str, CONV_NORMS),
+}
+CNN_OPTIONS = {
+    "width": Option(8, int, low=1),
+    "depth": Option(2, int, low=1),
+    "norm": Option("batch", str, CONV_NORMS),
+}
 
 
 class CNN1d(nn.Module):
@@ -69,15 +79,7 @@ def cnn1d(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> CNN
     10922
     """
     shape = check_input_shape("cnn1d", input_shape, num_classes, (1, 2), "(L,) or (C, L)")
-    opts = resolve_options(
-        "cnn1d",
-        options,
-        {
-            "width": Option(32, int, low=1),
-            "depth": Option(3, int, low=1),
-            "norm": Option("batch", str, CONV_NORMS),
-        },
-    )
+    opts = resolve_options("cnn1d", options, CNN1D_OPTIONS)
     in_channels = 1 if len(shape) == 1 else shape[0]
     return CNN1d(in_channels, num_classes, unsqueeze=len(shape) == 1, **opts)
 
@@ -145,13 +147,5 @@ def cnn(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> CNN:
     3010
     """
     shape = check_input_shape("cnn", input_shape, num_classes, (3,), "(C, H, W)")
-    opts = resolve_options(
-        "cnn",
-        options,
-        {
-            "width": Option(8, int, low=1),
-            "depth": Option(2, int, low=1),
-            "norm": Option("batch", str, CONV_NORMS),
-        },
-    )
+    opts = resolve_options("cnn", options, CNN_OPTIONS)
     return CNN(shape, num_classes, **opts)
