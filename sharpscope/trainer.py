@@ -528,6 +528,30 @@ def _warn_other_world_size(state: Mapping[str, Any], info: DistInfo, path: Path)
     )
 
 
+def _warn_other_model_average(
+    config: TrainConfig, saved: Mapping[str, Any], epoch: int, path: Path
+) -> None:
+    """Warn when a bSAM run resumes with another ``bsam_samples`` or ``eval_batch_size``:
+    both decide the weight samples of the model average (drawn per evaluation batch), so its
+    metrics (``test_*_bma``) from the next epoch on are not those of the uninterrupted run,
+    and nothing in the rows says so. Evaluation settings may change on a resume (they do
+    not touch training), as the process count may; such a change warns as that one does."""
+    if str(config.optimizer.get("name", "")).lower() != "bsam":
+        return
+    changed = [
+        f"{name} {getattr(config, name)} (checkpoint: {saved[name]})"
+        for name in ("bsam_samples", "eval_batch_size")
+        if saved.get(name) is not None and saved[name] != getattr(config, name)
+    ]
+    if changed:
+        warnings.warn(
+            f"{path} is resumed with {' and '.join(changed)}: the model-average metrics "
+            f"(test_*_bma) from epoch {epoch + 1} on are drawn from other weight samples than "
+            "the rows before, so metrics.jsonl mixes the two",
+            stacklevel=2,
+        )
+
+
 def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo) -> None:
     """Give each rank its own saved optimizer state (see ``SharpnessAware.rank_state``).
 
@@ -916,6 +940,7 @@ def _train(
         _restore(last_path, "rng_state", lambda s: _set_rng_state(s, device), state)
         if start_epoch < config.epochs and info.is_main:  # a finished run has nothing to do
             _warn_other_world_size(state, info, last_path)
+            _warn_other_model_average(config, state["config"], start_epoch, last_path)
             warn_if_not_as_trained(
                 train_split.source_summary,
                 state.get("data_summary"),

@@ -356,6 +356,39 @@ def test_a_key_left_out_is_not_a_key_given_as_none():
     assert _differences("model", new, dict(new)) == []
 
 
+def test_a_bsam_resume_with_another_sample_count_warns_that_the_model_average_changes(tmp_path):
+    """Session 28 (resume.md B6): `--bsam-samples` changed on a resume was taken silently,
+    and metrics.jsonl held rows averaged over 4 samples and rows over 8, none saying which.
+    Evaluation settings may change on a resume (they do not touch training, as the weights
+    showed bit for bit); this one changes recorded numbers, so it warns in one line."""
+    import warnings
+
+    def config(**changes):
+        values = {"optimizer": {"name": "bsam"}, "schedule": {"name": "constant"}}
+        return _config(tmp_path / "run", **{**values, "bsam_samples": 2, **changes})
+
+    train(config(epochs=1))
+    with pytest.warns(UserWarning) as caught:
+        train(config(epochs=2, bsam_samples=3), resume=True)
+    lines = [str(w.message) for w in caught if "model-average" in str(w.message)]
+    assert lines == [
+        f"{tmp_path / 'run' / 'last.pt'} is resumed with bsam_samples 3 (checkpoint: 2): the "
+        "model-average metrics (test_*_bma) from epoch 2 on are drawn from other weight "
+        "samples than the rows before, so metrics.jsonl mixes the two"
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same count: no warning
+        train(config(epochs=3, bsam_samples=3), resume=True)
+    # another optimizer takes no model average: nothing to say
+    train(_config(tmp_path / "sgd", epochs=1, schedule={"name": "constant"}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(
+            _config(tmp_path / "sgd", epochs=2, schedule={"name": "constant"}, bsam_samples=5),
+            resume=True,
+        )
+
+
 def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
     train(_config(tmp_path, epochs=1))
     before = (tmp_path / "last.pt").read_bytes()
