@@ -684,6 +684,30 @@ def _run_seconds(folder: Path) -> float:
     return total
 
 
+def _read_summary(path: Path) -> dict[str, Any]:
+    """The earlier ``summary.json`` that :func:`make_figures` updates (empty when there is
+    none), refused in one line when it is not a JSON object: a merge-conflict marker or a
+    hand edit in the tracked figures/summary.json ended in a traceback, or in a TypeError
+    once every study had run."""
+    if not path.exists():
+        return {}
+    advice = "delete it (it is written again) or choose another --out"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}, column {exc.colno}"
+        raise SharpscopeError(f"{path} is not valid JSON ({where}); {advice}") from exc
+    except UnicodeDecodeError as exc:
+        raise SharpscopeError(f"{path} is not valid JSON (not UTF-8 text); {advice}") from exc
+    if not isinstance(summary, dict):
+        kind = {list: "an array", str: "a string", bool: "a boolean"}.get(type(summary), "a number")
+        kind = "null" if summary is None else kind
+        raise SharpscopeError(
+            f"{path} holds {kind}, not the figures summary (an object of reproductions); {advice}"
+        )
+    return summary
+
+
 def make_figures(
     out: str | Path = "figures",
     *,
@@ -722,10 +746,10 @@ def make_figures(
         config = load_builtin_config(REPRODUCTIONS[key].quick)
         check_study_dir(Path(cache) / config.name, config, expand_sweep(config), flag="--cache")
     out = Path(out)
+    summary_path = out / "summary.json"
+    summary = _read_summary(summary_path)  # before any study runs: it is updated at the end
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    summary_path = out / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     for key in keys:
         reproduction = REPRODUCTIONS[key]
         config = load_builtin_config(reproduction.quick)

@@ -148,6 +148,39 @@ def test_out_that_is_a_file_is_refused_before_any_run(tmp_path):
     _one_line_error(result, "--cache", "is a file; it must be a folder")
 
 
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("{", "is not valid JSON (line 1, column 2)"),
+        ("<<<<<<< HEAD\n{}", "is not valid JSON (line 1, column 1)"),
+        ("[]", "holds an array, not the figures summary (an object of reproductions)"),
+        ("null", "holds null, not the figures summary (an object of reproductions)"),
+    ],
+)
+def test_a_figures_summary_that_is_not_an_object_is_one_line_before_any_study(
+    tmp_path, monkeypatch, text, why
+):
+    """Session 28 (resume.md B4): an unreadable figures/summary.json (a tracked file: a
+    merge-conflict marker, a hand edit) ended in a JSONDecodeError traceback, and one that
+    held a list in a TypeError once its study had run and its figures were drawn."""
+    import sharpscope.study.runner as runner_module
+
+    def no_study(*args, **kwargs):
+        raise AssertionError("a study ran")
+
+    monkeypatch.setattr(runner_module, "run_study", no_study)
+    figs = tmp_path / "figs"
+    figs.mkdir()
+    (figs / "summary.json").write_text(text)
+    args = ["figures", "--out", str(figs), "--cache", str(tmp_path / "c"), "--only", "quick"]
+    result = runner.invoke(app, args)
+    _one_line_error(
+        result,
+        f"error: {figs / 'summary.json'} {why}; delete it (it is written again) or choose "
+        "another --out",
+    )
+
+
 def test_missing_cifar_files_are_refused_before_the_study_folder_is_written(tmp_path):
     from cases import write_cifar
 
