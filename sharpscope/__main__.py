@@ -1,6 +1,6 @@
 """``python -m sharpscope`` (also ``torchrun ... -m sharpscope train ...``)."""
 
-from .cli import main
+from ._console import main
 
 if __name__ == "__main__":
     main()

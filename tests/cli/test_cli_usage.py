@@ -84,6 +84,53 @@ def test_the_console_entry_point_prints_one_line_too():
     assert done.stderr.startswith("error: Invalid value for '--k'")
 
 
+#: `python -m sharpscope --help` with a Ctrl-C that lands while the command line imports typer
+_CTRL_C_WHILE_IMPORTING = """
+import builtins, os, runpy, signal, sys
+real = builtins.__import__
+def ctrl_c_at_typer(name, *args, **kwargs):
+    if name == "typer":
+        os.kill(os.getpid(), signal.SIGINT)
+    return real(name, *args, **kwargs)
+builtins.__import__ = ctrl_c_at_typer
+sys.argv = ["sharpscope", "--help"]
+runpy.run_module("sharpscope", run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_a_ctrl_c_while_the_command_line_imports_is_one_line_and_exit_130(rank):
+    """Session 28 (resume.md B3): a Ctrl-C in the first seconds (typer, torch and the
+    commands importing: 4.6 s on a loaded machine) printed the imports' traceback and the
+    process died by SIGINT (exit -2). Under torchrun only rank 0 says it."""
+    import os
+
+    done = subprocess.run(
+        [sys.executable, "-c", _CTRL_C_WHILE_IMPORTING],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RANK": rank},
+    )
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert done.stderr == ("error: interrupted\n" if rank == "0" else "")
+    assert done.stdout == ""  # stopped before the help
+
+
+def test_the_start_up_handler_gives_the_previous_one_back(monkeypatch, capsys):
+    """Once the command line is imported, a Ctrl-C is the commands' to handle again."""
+    import signal
+
+    from sharpscope import _console
+
+    monkeypatch.setattr(sys, "argv", ["sharpscope", "--help"])
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as exit_code:
+        _console.main()
+    assert exit_code.value.code == 0 and "Usage: " in capsys.readouterr().out
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_a_broken_matplotlib_backend_setting_does_not_stop_a_command(tmp_path):
     """The commands only write figure files: MPLBACKEND naming a missing module failed
     after the results were written."""
