@@ -119,7 +119,8 @@ class LandscapeResult(Result):
         explained_variance_ratio: PCA ratios of the directions, else None.
         trajectory: ``(T, dims)`` PCA coordinates of the checkpoints, else None.
         complete: every point computed.
-        settings: what a resumed run must match (shapes, options, hashes of θ and data).
+        settings: what a resumed run must match (shapes, options, hashes of θ, of the
+            BatchNorm statistics and frozen parameters, and of the data).
         loss_name: the loss used.
         seconds: wall time (of this call; a resumed run adds its own).
         meta: provenance; ``meta.extra["points_evaluated"]`` counts the points
@@ -338,6 +339,10 @@ def _batch_size(batches: Sequence[tuple[Tensor, Tensor]]) -> int | list[int]:
     return sizes
 
 
+#: settings that files of earlier versions lack (batch_size: see _load_partial)
+_NEWER_SETTINGS = ("buffers", "buffer_directions")
+
+
 def _load_partial(
     path: Path,
     settings: dict,
@@ -348,9 +353,11 @@ def _load_partial(
 ) -> LandscapeResult | None:
     """The partial result stored at ``path`` to resume from, if its settings, arrays and
     directions match this run (a hand-edited file with arrays of other sizes is refused;
-    so are points along another second model or trajectory, which the settings do not
-    name). A file from before the settings held ``batch_size`` fingerprinted the data batch
-    by batch: ``batches`` (this run's) are fingerprinted that way to compare with it."""
+    so are points along another second model or trajectory, or towards other BatchNorm
+    statistics, which the other settings do not name). Settings that a file of an earlier
+    version lacks are not compared, and one from before the settings held ``batch_size``
+    fingerprinted the data batch by batch: ``batches`` (this run's) are fingerprinted that
+    way to compare with it."""
     if not path.exists():
         return None
     try:
@@ -361,11 +368,21 @@ def _load_partial(
             f"{path} exists but is not a landscape result{why}; delete it or choose another output"
         ) from exc
     old = dict(previous.settings or {})
+    for key in _NEWER_SETTINGS:
+        old.setdefault(key, settings.get(key))  # an earlier version's file: not compared
     if "batch_size" not in old and old.get("data") == fingerprint(
         *(t for b in batches for t in b)
     ):  # an earlier version's file of the same data in the same batches
         old["data"], old["batch_size"] = settings.get("data"), settings.get("batch_size")
-    differing = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
+    # the BatchNorm statistics' directions (states mode) are said with the directions below
+    other_states = old.pop("buffer_directions") != settings.get("buffer_directions")
+    differing = sorted(
+        k
+        for k in (set(old) | set(settings)) - {"buffer_directions"}
+        if old.get(k) != settings.get(k)
+    )
+    if "params" in differing and "buffers" in differing:
+        differing.remove("buffers")  # another model: its weights say it
     if differing == ["batch_size"] and isinstance(old["batch_size"], int):
         raise SharpscopeError(
             f"{path} holds a landscape computed in batches of {old['batch_size']} examples, "
@@ -401,7 +418,7 @@ def _load_partial(
                 f"{path} holds a landscape whose {name} axis differs from the one its "
                 "settings say (a damaged or edited file); delete it or choose another output"
             )
-    if not _same_directions(previous.directions, directions):
+    if other_states or not _same_directions(previous.directions, directions):
         hint = _OTHER_DIRECTIONS.get(str(settings.get("direction_kind")), "")
         raise SharpscopeError(
             f"{path} holds a landscape along other directions{hint}; delete it or choose "
@@ -599,6 +616,7 @@ def landscape(
             applied_norm = "unit"  # eigenvectors, principal components: not scaled like θ
         elif plan.kind == "interpolation" and dims == 1:
             applied_norm = "none"  # θ_B − θ_A as it is
+        trainable = set(layout.names)
         settings = {
             "dims": dims,
             "shape": list(shape),
@@ -610,6 +628,16 @@ def landscape(
             "seed": seed,
             "loss": loss_name(loss),
             "params": fingerprint(theta),
+            # what else moves the losses: BatchNorm statistics and frozen parameters, and
+            # in states mode the statistics' directions (checked with the directions)
+            "buffers": fingerprint(
+                *(
+                    t
+                    for n, t in model.state_dict().items()
+                    if n not in trainable and t.is_floating_point()
+                )
+            ),
+            "buffer_directions": fingerprint(*plan.buffer_direction.values()),
             "data": _data_fingerprint(batches),
             "batch_size": _batch_size(batches),
             "num_samples": sum(len(t) for _, t in batches),

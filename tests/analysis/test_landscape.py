@@ -1320,3 +1320,33 @@ def test_a_file_from_before_the_batch_size_setting_still_resumes(tmp_path):
         landscape(net, (x, y), 2, out=path, batch_size=5, **_RESUME)
     resumed = landscape(net, (x, y), 2, out=path, batch_size=8, **_RESUME)
     assert resumed.complete and resumed.meta.extra["points_loaded"] == 8
+
+
+def test_resuming_around_other_batchnorm_statistics_is_refused(tmp_path):
+    """B1's kin: the settings fingerprinted the trainable weights alone, so a model with
+    other BatchNorm running statistics (recalibrated, another checkpoint of the same
+    weights), or an interpolation towards a model with the same weights but other
+    statistics (states mode: said as other directions), resumed into the first one's file.
+    Files of earlier versions, without the fingerprints, still resume."""
+    import dataclasses
+
+    (x, y), path = class_data(n=20, d=10), tmp_path / "run.npz"
+    net = bn_cnn()
+    landscape(net, (x, y), 2, out=path, max_points=8, vectorize=False, **_RESUME)
+    recalibrated = copy.deepcopy(net)
+    recalibrated[2].running_var.mul_(2.0)
+    with pytest.raises(SharpscopeError, match=r"different settings \(buffers\)"):
+        landscape(recalibrated, (x, y), 2, out=path, vectorize=False, **_RESUME)
+    part = LandscapeResult.load(path)
+    older = {k: v for k, v in part.settings.items() if k != "buffers"}
+    dataclasses.replace(part, settings=older).save(path)
+    assert landscape(net, (x, y), 2, out=path, vectorize=False, **_RESUME).complete
+
+    other = bn_cnn(seed=1)
+    restats = copy.deepcopy(other)
+    restats[2].running_mean.add_(0.5)
+    kw = {"grid": 5, "chunk_size": 2, "vectorize": False, "save_every": 1e9}
+    towards = tmp_path / "towards.npz"
+    landscape(net, (x, y), 1, directions=other, out=towards, max_points=2, **kw)
+    with pytest.raises(SharpscopeError, match=r"along other directions \(another second model"):
+        landscape(net, (x, y), 1, directions=restats, out=towards, **kw)
