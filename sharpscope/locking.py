@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import itertools
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +22,27 @@ from .errors import SharpscopeError, first_line
 
 #: errno of a lock that another process holds; any other error means no locking here
 HELD = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+
+
+def make_folder(out: Path) -> Callable[[], None]:
+    """Create ``out`` and the parents it needs; return what removes those of them that are
+    still empty (the deepest first; a parent another run has used since stays)."""
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SharpscopeError(
+            f"cannot create the output folder {out}: {exc.strerror or exc}"
+        ) from exc
+
+    def remove_if_empty() -> None:
+        for folder in made:
+            try:
+                folder.rmdir()  # only an empty one
+            except OSError:
+                return
+
+    return remove_if_empty
 
 
 def _open(path: Path) -> int:

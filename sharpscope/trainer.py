@@ -52,7 +52,7 @@ from .distributed import (
 from .errors import SharpscopeError, check_seed, first_line
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
-from .locking import exclusive_lock, locked_on_main
+from .locking import exclusive_lock, locked_on_main, make_folder
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
 
@@ -798,25 +798,11 @@ def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
     folders made here (``out`` and the parents it needed) that are still empty (a refused
     run leaves the holder's folder alone; a lock that could not be tried removes them at
     once)."""
-    made = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SharpscopeError(
-            f"cannot create the output folder {out}: {exc.strerror or exc}"
-        ) from exc
+    remove_if_empty = make_folder(out)
     busy = (
         f"another `sharpscope train` is writing into {out}; wait for it to finish or "
         "train into another --out"
     )
-
-    def remove_if_empty() -> None:
-        for folder in made:  # the deepest first
-            try:
-                folder.rmdir()  # only an empty one; a parent another run just used stays
-            except OSError:
-                return
-
     try:
         held.enter_context(exclusive_lock(out, busy))
     except SharpscopeError:

@@ -12,14 +12,13 @@ processes; rank 0 writes the files.
 from __future__ import annotations
 
 import contextlib
-import itertools
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
 from ..errors import SharpscopeError, check_choice, check_seed
-from ..locking import locked_on_main, transient_lock
+from ..locking import locked_on_main, make_folder, transient_lock
 from ..progress import resumable_updates
 from ._common import (
     BatchSizeOpt,
@@ -179,22 +178,7 @@ def hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
     (not the folder itself, which ``train`` locks) lets a landscape go into a run's folder
     while it trains. The lock file, and the folders made here that are then empty (a run
     that stopped before writing anything), are removed when ``held`` closes."""
-    made = list(itertools.takewhile(lambda folder: not folder.exists(), (out, *out.parents)))
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise SharpscopeError(
-            f"cannot create the output folder {out}: {exc.strerror or exc}"
-        ) from exc
-
-    def remove_if_empty() -> None:
-        for folder in made:  # the deepest first
-            try:
-                folder.rmdir()  # only an empty one; a parent another run just used stays
-            except OSError:
-                return
-
-    held.callback(remove_if_empty)  # after the lock file is gone
+    held.callback(make_folder(out))  # removes them after the lock file is gone
     busy = (
         f"another `sharpscope landscape` is writing into {out}; wait for it to finish or "
         "use another --out"
