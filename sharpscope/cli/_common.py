@@ -138,9 +138,15 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def _stop_once(signum: int, frame: Any) -> None:
     """The first Ctrl-C or SIGTERM stops the command (KeyboardInterrupt, :class:`Terminated`);
     later ones are ignored, so that a second Ctrl-C cannot cut short the saving of the
-    finished work and the line that says what was kept."""
+    finished work and the line that says what was kept. So is the first one when it comes
+    while a lost torchrun process is being handled."""
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    handled = sys.exc_info()[1]
+    if isinstance(handled, PeerLost) or (isinstance(handled, RuntimeError) and lost_peer(handled)):
+        # already stopping for a lost process, and saving what is finished: torchrun's
+        # SIGTERM to the survivors must not cut that short (it did, under load)
+        return
     raise Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
 
 

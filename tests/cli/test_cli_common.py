@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -136,6 +137,27 @@ def test_a_sigterm_under_torchrun_says_the_launcher_may_have_stopped_the_job(mon
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert stop_reason(Terminated()).startswith("interrupted by SIGTERM (torchrun stops every")
     assert stop_reason(KeyboardInterrupt()) == "interrupted"  # Ctrl-C is the user's own
+
+
+def test_a_sigterm_while_a_lost_process_is_handled_does_not_cut_the_saving_short():
+    """CI, session 28: rank 1 died; rank 0 was saving the spectrum's finished parts for
+    the lost process when torchrun's SIGTERM arrived, and the Terminated raised there
+    replaced the line that names them with a bare "interrupted by SIGTERM"."""
+    from sharpscope.cli._common import STOP_SIGNALS, Terminated, _stop_once
+    from sharpscope.distributed import PeerLost
+
+    before = {n: signal.getsignal(n) for n in STOP_SIGNALS}
+    try:
+        try:
+            raise PeerLost("another process of this torchrun job stopped (gloo: ...)")
+        except PeerLost:
+            assert _stop_once(signal.SIGTERM, None) is None  # ignored: the saving goes on
+        assert all(signal.getsignal(n) == signal.SIG_IGN for n in STOP_SIGNALS)
+        with pytest.raises(Terminated):  # at any other moment it stops the command
+            _stop_once(signal.SIGTERM, None)
+    finally:
+        for number, handler in before.items():
+            signal.signal(number, handler)
 
 
 def test_every_command_names_a_sigterm_from_torchrun(monkeypatch, capsys):
