@@ -58,7 +58,9 @@ def load_mnist1d(_root: str | None = None) -> RawData:
     from mnist1d.data import get_dataset_args
 
     args = get_dataset_args()
-    key = hashlib.sha256(repr(sorted(vars(args).items())).encode()).hexdigest()[:12]
+    # the package's version too: another release may make other data from the same arguments
+    made_by = (_package_version("mnist1d"), sorted(vars(args).items()))
+    key = hashlib.sha256(repr(made_by).encode()).hexdigest()[:12]
     path = cache_dir() / f"mnist1d-{key}.npz"
     arrays = None
     if path.exists():
@@ -67,6 +69,8 @@ def load_mnist1d(_root: str | None = None) -> RawData:
                 arrays = {k: archive[k] for k in ("x", "y", "x_test", "y_test")}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
             arrays = None  # a damaged or truncated cache is rebuilt
+        if arrays is not None and not _mnist1d_shaped(arrays, args):
+            arrays = None  # a file of other arrays under the name (it trained on 10 examples)
     if arrays is None:
         from mnist1d.data import make_dataset
 
@@ -84,6 +88,39 @@ def load_mnist1d(_root: str | None = None) -> RawData:
         torch.as_tensor(arrays["x_test"], dtype=torch.float32),
         torch.as_tensor(arrays["y_test"], dtype=torch.long),
         10,
+    )
+
+
+def _package_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:  # imported from a source folder
+        return "unknown"
+
+
+def _mnist1d_shaped(arrays: dict[str, np.ndarray], args: Any) -> bool:
+    """Whether cached arrays have the form ``args`` (mnist1d's dataset arguments) makes:
+    ``num_samples`` examples split ``train_split`` : rest, inputs of ``final_seq_length``
+    numbers, one label each.
+
+    >>> from types import SimpleNamespace
+    >>> args = SimpleNamespace(num_samples=5000, train_split=0.8, final_seq_length=40)
+    >>> x, y = np.zeros((4000, 40)), np.zeros(4000)
+    >>> _mnist1d_shaped({"x": x, "y": y, "x_test": x[:1000], "y_test": y[:1000]}, args)
+    True
+    >>> _mnist1d_shaped({"x": x[:10], "y": y[:10], "x_test": x[:1000], "y_test": y[:1000]}, args)
+    False
+    """
+    x, y, xt, yt = (arrays[k] for k in ("x", "y", "x_test", "y_test"))
+    return (
+        x.shape[1:] == xt.shape[1:] == (args.final_seq_length,)
+        and y.shape == (len(x),)
+        and yt.shape == (len(xt),)
+        and len(x) + len(xt) == args.num_samples
+        and len(x) == int(args.num_samples * args.train_split)
+        and all(np.issubdtype(a.dtype, np.number) for a in (x, y, xt, yt))
     )
 
 

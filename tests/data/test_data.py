@@ -76,6 +76,26 @@ def test_a_damaged_or_truncated_mnist1d_cache_is_rebuilt(
     assert len(calls) == 2  # and read back next time
 
 
+def test_a_cache_of_other_arrays_under_the_name_is_rebuilt(
+    tmp_path, monkeypatch, mnist1d_reference
+):
+    """Session 28's data round: a well-formed archive of the wrong shapes (10 examples) was
+    read as MNIST-1D and trained on."""
+    import mnist1d.data
+
+    monkeypatch.setenv("SHARPSCOPE_CACHE", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(
+        mnist1d.data, "make_dataset", lambda args: calls.append(args) or mnist1d_reference
+    )
+    load_data("mnist1d")
+    (cached,) = tmp_path.glob("mnist1d-*.npz")
+    small = {k: mnist1d_reference[k][:10] for k in ("x", "y", "x_test", "y_test")}
+    np.savez(cached, **small)
+    again = load_data("mnist1d")
+    assert len(calls) == 2 and len(again) == 4000
+
+
 def test_digits_split_is_fixed_and_disjoint():
     train, test, everything = (load_data("digits", s) for s in ("train", "test", "all"))
     assert (len(train), len(test), len(everything)) == (1437, 360, 1797)
