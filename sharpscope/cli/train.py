@@ -208,6 +208,12 @@ def build_config(
             config.data_root = None
     for key in ("label_noise", "val_fraction", "samples"):
         if values[key] is not None:
+            given = values["data_opts"].get(key, values[key])
+            if given != values[key]:  # the flag silently won
+                flag = f"--{key.replace('_', '-')}"
+                raise SharpscopeError(
+                    f"{flag} {values[key]} and --data-opt {key}={given} disagree; give one"
+                )
             config.dataset = {**config.dataset, key: values[key]}
     if values["model"] is not None or values["model_opts"]:
         model = _flag_over_table("--model", values["model"], config.model)

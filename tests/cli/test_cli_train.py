@@ -203,6 +203,15 @@ def test_a_toml_base_optimizer_is_a_name_or_a_table(tmp_path, base, expected):
             ["--optimizer", "sam", "--rho", "1e39"],
             "rho = 1e+39 is larger than the parameters' float32",
         ),
+        # the flag silently won over the data option (session 28's data round)
+        (
+            ["--samples", "64", "--data-opt", "samples=32"],
+            "--samples 64 and --data-opt samples=32 disagree; give one",
+        ),
+        (
+            ["--label-noise", "0.2", "--data-opt", "label_noise=0.4"],
+            "--label-noise 0.2 and --data-opt label_noise=0.4 disagree",
+        ),
         (["--lr", "1e39"], "lr = 1e+39 is larger than the parameters' float32"),
         (["--weight-decay", "1e39"], "--weight-decay = 1e+39 is larger"),
         (["--weight-decay", "-0.1"], "--weight-decay must be a finite number >= 0"),
