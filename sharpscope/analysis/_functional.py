@@ -409,13 +409,17 @@ def fingerprint(*tensors: Tensor) -> str:
     """A short SHA-256 of tensors' values (to check that a resumed run is the same run)."""
     digest = hashlib.sha256()
     for t in tensors:
-        array = t.detach().cpu().contiguous()
-        if array.dtype == torch.bfloat16:
-            array = array.float()
+        array = hashable_values(t)
         digest.update(str(tuple(array.shape)).encode())
         digest.update(str(array.dtype).encode())
         digest.update(array.numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def hashable_values(t: Tensor) -> Tensor:
+    """``t``'s values as a contiguous CPU tensor NumPy can read (bfloat16 as float32)."""
+    array = t.detach().cpu().contiguous()
+    return array.float() if array.dtype == torch.bfloat16 else array
 
 
 def seeded_generator(*keys: int) -> torch.Generator:

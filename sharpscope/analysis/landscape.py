@@ -69,6 +69,7 @@ from ._functional import (
     evaluate_parameter_sets,
     fingerprint,
     flat_parameters,
+    hashable_values,
     is_classification,
     loss_name,
     model_dtype_device,
@@ -320,9 +321,7 @@ def _data_fingerprint(batches: Sequence[tuple[Tensor, Tensor]]) -> str:
         count = sum(len(t) for t in part)
         digest.update(f"{first.dtype} {(count, *first.shape[1:])}".encode())
         for t in part:
-            array = t.detach().cpu().contiguous()
-            array = array.float() if array.dtype == torch.bfloat16 else array
-            digest.update(array.numpy().tobytes())
+            digest.update(hashable_values(t).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 
