@@ -11,6 +11,7 @@ exit; training keeps PyTorch's defaults. On the CPU nothing changes.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -46,3 +47,14 @@ def rounding(dtype: torch.dtype) -> str:
     ('1e-3', '8e-3')
     """
     return f"{torch.finfo(dtype).eps:.0e}".replace("e-0", "e-")
+
+
+def float_dtype(module: torch.nn.Module) -> torch.dtype | None:
+    """The dtype of ``module``'s first floating-point tensor, parameters before buffers
+    (None: it has none), the dtype its inputs are read in.
+
+    >>> float_dtype(torch.nn.Linear(2, 1).double()), float_dtype(torch.nn.ReLU())
+    (torch.float64, None)
+    """
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    return next((t.dtype for t in tensors if t.is_floating_point()), None)

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import json
 import logging
 import math
@@ -53,6 +52,7 @@ from .errors import SharpscopeError, check_seed, first_line
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .locking import exclusive_lock, locked_on_main, make_folder
+from .precision import float_dtype
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
 
@@ -703,8 +703,7 @@ def _in_model_dtype(split: DataSplit | None, model: nn.Module) -> DataSplit | No
     is of the data as the factory gave them."""
     if split is None or not split.inputs.is_floating_point():
         return split
-    dtypes = (t.dtype for t in itertools.chain(model.parameters(), model.buffers()))
-    dtype = next((d for d in dtypes if d.is_floating_point), None)
+    dtype = float_dtype(model)
     if dtype is None or dtype == split.inputs.dtype:
         return split
     return split.to(None, dtype=dtype)

@@ -53,6 +53,7 @@ from __future__ import annotations
 import copy
 import functools
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -82,7 +83,7 @@ from ..device_memory import (
 from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
-from ..precision import HALF_DTYPES, rounding
+from ..precision import HALF_DTYPES, float_dtype, rounding
 from ..registry import get_loss as resolve_loss
 from ..registry import loss_name
 from . import mode_cache
@@ -164,10 +165,9 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     then buffers): defined for any model (one without trainable parameters is refused
     later, in one line), in the order of ``analysis._functional.model_dtype_device``."""
     check_initialized(model)
-    tensors = list(model.parameters()) + list(model.buffers())
-    device = tensors[0].device if tensors else torch.device("cpu")
-    floats = [t.dtype for t in tensors if t.is_floating_point()]
-    return (floats[0] if floats else torch.get_default_dtype()), device
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = first.device if first is not None else torch.device("cpu")
+    return float_dtype(model) or torch.get_default_dtype(), device
 
 
 def ensure_distributed(device: torch.device) -> tuple[int, int]:
