@@ -291,6 +291,17 @@ def keskar_subspace(num_params: int, dim: int, seed: int) -> Tensor:
     return torch.randn(num_params, dim, generator=generator, dtype=torch.float64) / math.sqrt(dim)
 
 
+def _warn_not_finite_at_w(measure: str, loss: float, result: str) -> None:
+    """Say that ``measure`` is NaN because the loss at the model's own weights is not
+    finite (NaN weights or data), as :func:`warn_non_finite_subsets` says it per subset."""
+    warnings.warn(
+        f"{measure}: the loss is not finite at the model's own weights ({loss}): check the "
+        f"data and the model for NaN or inf; {result} is NaN",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
+
+
 def leaves_the_start(grad: np.ndarray, bound: np.ndarray, loss: float, dtype: torch.dtype) -> bool:
     """Whether L-BFGS-B started at z = 0 can see its first step.
 
@@ -420,13 +431,7 @@ def epsilon_sharpness(
             f"epsilon-sharpness divides by 1 + L(w) = {1 + clean_loss:.3g}; it needs L(w) > -1",
         )
         if not math.isfinite(clean_loss):  # NaN weights or data, as m_sharpness says
-            warnings.warn(
-                f"epsilon-sharpness: the loss is not finite at the model's own weights "
-                f"({clean_loss}): check the data and the model for NaN or inf; the sharpness "
-                "is NaN",
-                RuntimeWarning,
-                stacklevel=caller_level(),
-            )
+            _warn_not_finite_at_w("epsilon-sharpness", clean_loss, "the sharpness")
             best["loss"] = math.nan
             message = "not run: the loss at w is not finite"
         elif not np.all(np.isfinite(clean_grad)):
@@ -638,12 +643,7 @@ def pac_bayes_flatness(
         lo, hi = 0.0, float(sigma_max)
         sigma, drop, converged = hi, float("nan"), False
         if math.isnan(accuracy):  # a NaN loss (NaN weights or data): no accuracy to drop
-            warnings.warn(
-                "PAC-Bayes flatness: the loss is not finite at the model's own weights "
-                "(nan): check the data and the model for NaN or inf; the flatness is NaN",
-                RuntimeWarning,
-                stacklevel=caller_level(),
-            )
+            _warn_not_finite_at_w("PAC-Bayes flatness", math.nan, "the flatness")
             sigma, num_halvings = math.nan, 0  # every drop would be NaN: σ halved 15 times
         for step in range(num_halvings):
             sigma = 0.5 * (lo + hi)
