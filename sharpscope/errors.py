@@ -7,8 +7,10 @@ right. The CLI prints that line to stderr and exits non-zero, without a tracebac
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from numbers import Integral, Real
+from pathlib import Path
 from typing import Any
 
 
@@ -217,3 +219,17 @@ def check_loss_value(value: object) -> None:
     problem = loss_value_problem(value)
     if problem is not None:
         raise SharpscopeError(f"the loss on the data is not a finite scalar: {problem}")
+
+
+def caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside sharpscope (and the standard library's
+    contextlib/functools wrappers) for a warning issued by this module's caller, so that it
+    names the user's line whatever the depth of the call."""
+    package = str(Path(__file__).resolve().parent)
+    frame, level = sys._getframe(1), 1  # the function that calls warnings.warn
+    while frame is not None:
+        file = frame.f_code.co_filename
+        if not (file.startswith(package) or file.endswith(("contextlib.py", "functools.py"))):
+            return level
+        frame, level = frame.f_back, level + 1
+    return level

@@ -19,11 +19,9 @@ import functools
 import hashlib
 import inspect
 import math
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from ..errors import SharpscopeError, check_initialized, first_line, model_failure
+from ..errors import SharpscopeError, caller_level, check_initialized, first_line, model_failure
 from ..metrics import is_binary_logit
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..precision import HALF_DTYPES, rounding
@@ -162,20 +160,6 @@ def warn_half_precision(dtype: torch.dtype, what: str) -> None:
             RuntimeWarning,
             stacklevel=caller_level(),
         )
-
-
-def caller_level() -> int:
-    """The ``stacklevel`` of the first frame outside sharpscope (and the standard library's
-    contextlib/functools wrappers) for a warning issued by this module's caller, so that it
-    names the user's line whatever the depth of the call."""
-    package = str(Path(__file__).resolve().parent.parent)
-    frame, level = sys._getframe(1), 1  # the function that calls warnings.warn
-    while frame is not None:
-        file = frame.f_code.co_filename
-        if not (file.startswith(package) or file.endswith(("contextlib.py", "functools.py"))):
-            return level
-        frame, level = frame.f_back, level + 1
-    return level
 
 
 @contextlib.contextmanager

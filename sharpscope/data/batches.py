@@ -9,6 +9,7 @@ batch (analysis.md section 0), optionally moved to a device once.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, TensorDataset
 
-from ..errors import SharpscopeError, first_line
+from ..errors import SharpscopeError, caller_level, first_line
 
 Batch = tuple[Tensor, Tensor]
 T = TypeVar("T")
@@ -136,10 +137,10 @@ def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
     Raises:
         SharpscopeError: data of an unknown form, or batches that do not fit together.
     """
-    if is_pair_of_tensors(data):
-        return data[0], data[1]
-    if isinstance(data, Dataset) and hasattr(data, "__len__"):
-        return dataset_tensors(data)
+    if is_pair_of_tensors(data) or (isinstance(data, Dataset) and hasattr(data, "__len__")):
+        inputs, targets = data if is_pair_of_tensors(data) else dataset_tensors(data)
+        _warn_if_ignored_labels([(inputs, targets)])
+        return inputs, targets
     batches = as_batches(data)
     try:
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
@@ -217,9 +218,32 @@ def as_batches(
             f"cannot use {type(data).__name__} as data: pass (inputs, targets), a Dataset "
             "or an iterable of (inputs, targets) batches"
         )
+    _warn_if_ignored_labels(batches)
     if device is not None:
         batches = [(x.to(device), y.to(device)) for x, y in batches]
     return batches
+
+
+def _warn_if_ignored_labels(batches: Sequence[Batch]) -> None:
+    """Warn about negative integer labels, such as ``cross_entropy``'s ``ignore_index=-100``.
+
+    Every analysis takes the loss as a per-example mean, L = Σ_b (n_b/N)·L_b over batches
+    (and subsets), as analysis.md section 0 defines it. A loss that skips some examples
+    averages over the others only, so its batches would need other weights and the
+    result would depend on the batch size. Dropping those examples keeps it exact.
+    """
+    ignored = sum(
+        int((y < 0).sum()) for _, y in batches if not (y.is_floating_point() or y.is_complex())
+    )
+    if ignored:
+        total = num_examples(batches)
+        warnings.warn(
+            f"{ignored} of {total} targets are negative labels (such as cross_entropy's "
+            "ignore_index -100); the analyses weight every example alike (n_b/N per batch), "
+            "so a loss that skips them gives values that depend on the batching; drop those "
+            "examples from the data",
+            stacklevel=caller_level(),
+        )
 
 
 def num_examples(batches: Sequence[Batch]) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -822,3 +823,32 @@ def test_d2_label_noise_is_exact_on_the_full_split_and_a_subset_takes_its_labels
     keep = torch.randperm(4000, generator=torch.Generator().manual_seed(0))[:512]
     assert torch.equal(full.targets[keep], subset.targets)
     assert int(subset.noisy_mask.sum()) == 195  # 38.1%, not 40%
+
+
+def test_ignored_labels_warn_because_batch_weights_would_be_wrong():
+    """cross_entropy skips targets of -100, so its mean is over the others only; the
+    analyses' n_b/N batch weights then make values depend on the batching (they do, below),
+    and the user is told to drop those examples."""
+    import torch.nn as nn
+
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    x, y = torch.randn(24, 4), torch.randint(0, 3, (24,))
+    y[:6] = -100
+    with pytest.warns(UserWarning, match=r"6 of 24 targets are negative labels") as caught:
+        whole = ss.landscape(model, (x, y), dims=1, grid=3).loss
+        batched = ss.landscape(model, (x, y), dims=1, grid=3, batch_size=7).loss
+    assert caught[0].filename == __file__  # it names the user's line
+    assert not np.allclose(whole, batched)  # the reason for the warning
+    with pytest.warns(UserWarning, match="negative labels"):
+        as_tensors((x, y))
+    with pytest.warns(UserWarning, match="2 of 12 targets"):
+        as_batches([(x[:6], y[4:10]), (x[6:12], y[12:18])])
+    clean = y.clamp(min=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        as_batches((x, clean), batch_size=7)
+        as_tensors((x, clean))
+        as_batches((x, torch.randn(24)))  # float regression targets may be negative
