@@ -328,6 +328,18 @@ def group_rank_and_size(distributed: bool = False) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def share(count: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``count`` items split over ``world`` ranks, as
+    even as possible (the first ``count % world`` ranks take one more).
+
+    >>> [share(5, r, 3) for r in range(3)]
+    [slice(0, 2, None), slice(2, 4, None), slice(4, 5, None)]
+    """
+    base, extra = divmod(count, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
 def barrier() -> None:
     """A barrier when distributed; nothing otherwise."""
     if is_multi_process():

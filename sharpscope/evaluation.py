@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from .determinism import lacks_deterministic_kernel
 from .device_memory import is_out_of_memory
-from .distributed import group_rank_and_size, is_multi_process
+from .distributed import group_rank_and_size, is_multi_process, share
 from .errors import SharpscopeError, model_failure
 from .metrics import class_probabilities, predictive_metrics
 from .modes import eval_mode
@@ -55,13 +55,6 @@ def check_model_on_data(
         raise model_failure(exc, inputs) from exc
 
 
-def _shard(num: int, distributed: bool) -> slice:
-    """This rank's contiguous share of ``num`` examples (all of them in one process)."""
-    rank, world = group_rank_and_size(distributed)
-    per = -(-num // world)
-    return slice(min(rank * per, num), min((rank + 1) * per, num))
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -91,7 +84,7 @@ def evaluate(
         ``{"loss", "acc", "nll", "ece"}`` as floats.
     """
     with eval_mode(model):
-        part = _shard(len(targets), distributed)
+        part = share(len(targets), *group_rank_and_size(distributed))
         x_all, y_all = inputs[part], targets[part]
         loss_sum = torch.zeros((), dtype=torch.float64, device=inputs.device)
         probs_chunks = []

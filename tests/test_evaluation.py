@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sharpscope import evaluation
+from sharpscope.distributed import share
 from sharpscope.evaluation import evaluate
 
 
@@ -58,13 +58,12 @@ def test_evaluate_restores_each_modules_own_mode():
 
 @pytest.mark.parametrize("world", [1, 2, 3, 4])
 @pytest.mark.parametrize("num", [0, 1, 5, 10, 11])
-def test_rank_shards_cover_every_example_exactly_once(monkeypatch, world, num):
-    """The ranks' contiguous shards, in rank order, are exactly range(num): no gap, no overlap."""
-    covered: list[int] = []
-    for rank in range(world):
-        monkeypatch.setattr(evaluation, "group_rank_and_size", lambda _, r=rank: (r, world))
-        covered += list(range(num))[evaluation._shard(num, True)]
-    assert covered == list(range(num))
+def test_rank_shares_cover_every_example_exactly_once_and_evenly(world, num):
+    """The ranks' contiguous shares, in rank order, are exactly range(num): no gap, no
+    overlap, and sizes that differ by at most one (evaluation and the Hessian operator)."""
+    shares = [list(range(num))[share(num, rank, world)] for rank in range(world)]
+    assert sum(shares, []) == list(range(num))
+    assert max(map(len, shares)) - min(map(len, shares)) <= 1
 
 
 def test_evaluate_does_not_warn_about_batchnorm_without_running_statistics():

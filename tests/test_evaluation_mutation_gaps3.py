@@ -24,6 +24,7 @@ def test_two_ranks_evaluate_the_whole_split_exactly_once():
 
 def _evaluate_worker(rank, world, rendezvous):
     from sharpscope import evaluation
+    from sharpscope.distributed import share
     from sharpscope.metrics import class_probabilities, predictive_metrics
 
     with spawned_group(rank, world, rendezvous):
@@ -31,7 +32,7 @@ def _evaluate_worker(rank, world, rendezvous):
         net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3)).double().eval()
         x = torch.randn(7, 4, dtype=torch.float64)
         y = torch.tensor([1, 2, 0, 2, 1, 1, 2])
-        assert evaluation._shard(7, True) == (slice(0, 4) if rank == 0 else slice(4, 7))
+        assert share(7, rank, 2) == (slice(0, 4) if rank == 0 else slice(4, 7))
         with torch.no_grad():
             logits = net(x)
         expected = predictive_metrics(class_probabilities(logits), y)
@@ -45,7 +46,7 @@ def _evaluate_worker(rank, world, rendezvous):
         # one example on two ranks: rank 1's shard is empty. Its one empty chunk gave a NaN
         # loss that the all-reduce spread to every rank, and training stopped as diverged
         one = evaluation.evaluate(net, x[:1], y[:1], F.cross_entropy, distributed=True)
-        assert evaluation._shard(1, True) == (slice(0, 1) if rank == 0 else slice(1, 1))
+        assert share(1, rank, 2) == (slice(0, 1) if rank == 0 else slice(1, 1))
         expected = predictive_metrics(class_probabilities(logits[:1]), y[:1])
         expected["loss"] = F.cross_entropy(logits[:1].float(), y[:1]).double().item()
         for key, value in expected.items():

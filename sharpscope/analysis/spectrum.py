@@ -49,7 +49,7 @@ from ..curvature.slq import (
 )
 from ..curvature.thick_restart import thick_restart_lanczos_top_k
 from ..curvature.trace import TraceEstimate, check_trace_budget, hutchinson, hutchpp
-from ..errors import SharpscopeError, check_integers, check_numbers, check_seed
+from ..errors import SharpscopeError, check_integers, check_seed
 from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
 from ..results import Result, RunMeta
@@ -582,8 +582,7 @@ def _top_from_op(
         )
     if max_steps is None:
         max_steps = default_max_steps(k)
-    check_numbers(tol=tol)  # "1e-3" is one line, before any warning
-    check_tol(tol)  # the pyhessian backend too
+    check_tol(tol)  # the pyhessian backend too; "1e-3" is one line, before any warning
     if op.dtype == torch.float32 and 0 < tol < FLOAT32_NOISE_FLOOR:  # a bad tol: one error
         warnings.warn(
             f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "
@@ -745,7 +744,6 @@ def top_eigenvalues(
     check_spectrum_choices(which=which)
     check_integers(k=k, max_steps=max_steps, restart_size=restart_size, block_size=block_size)
     check_seed("seed", seed)
-    check_numbers(tol=tol)
     check_tol(tol)  # before the pre-flight passes
     if block_size is not None:  # before the operator's pre-flight passes
         check_block_options(block_size, backend, restart_size, return_eigenvectors)
@@ -1079,7 +1077,6 @@ def spectrum(
         block_size=block_size,
     )
     check_seed("seed", seed)
-    check_numbers(tol=tol)
     check_tol(tol)  # before the pre-flight passes
     skipped = check_skip(skip, deflate=deflate)
     if block_size is not None:  # before the operator's pre-flight passes

@@ -24,7 +24,7 @@ import scipy.linalg
 import torch
 from torch import Tensor
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_numbers
 from ._linear import (
     F64,
     as_operator,
@@ -534,6 +534,7 @@ def check_tol(tol: float) -> None:
     sharpscope.errors.SharpscopeError: tol must be < 1 (Ritz residuals relative to the \
 largest |Ritz value|; default 1e-5), got inf
     """
+    check_numbers(tol=tol)  # "1e-3" is one line
     if not tol > 0:  # also NaN: every residual test would be False, silently
         raise SharpscopeError(f"tol must be a number > 0, got {tol}")
     if not tol < 1:  # tol=inf flagged the first Ritz value converged (5% of λ1)

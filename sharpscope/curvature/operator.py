@@ -80,7 +80,7 @@ from ..device_memory import (
     is_out_of_memory,
     saved_bytes_per_example,
 )
-from ..distributed import group_rank_and_size, peers_checked
+from ..distributed import group_rank_and_size, peers_checked, share
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..precision import HALF_DTYPES, float_dtype, rounding
@@ -393,10 +393,10 @@ class HessianOperator:
         self.num_examples = num_examples(all_batches)
         self.num_batches = len(all_batches)
         self.batch_sizes = [len(b[1]) for b in all_batches]
-        lo, hi = self._shard(len(all_batches))
+        mine = share(len(all_batches), self.rank, self.world_size)
         cast = True  # floating data follow the analysis dtype (as in landscape, m_sharpness)
         self._use_batches(
-            [(self._to_device(x, cast), self._to_device(y, cast)) for x, y in all_batches[lo:hi]]
+            [(self._to_device(x, cast), self._to_device(y, cast)) for x, y in all_batches[mine]]
         )
         if fold_bn and check and bn_mode == "eval" and self._batches:
             self.module, pairs = fold_batchnorm(module, self._batches[0][0][:2])
@@ -451,12 +451,6 @@ class HessianOperator:
                     f"a batch has {len(x)} inputs but {len(y)} targets; they must match"
                 )
         return batches
-
-    def _shard(self, count: int) -> tuple[int, int]:
-        """This rank's contiguous range of batches (as even as possible)."""
-        base, extra = divmod(count, self.world_size)
-        lo = self.rank * base + min(self.rank, extra)
-        return lo, lo + base + (1 if self.rank < extra else 0)
 
     def _to_device(self, t: Tensor, cast: bool) -> Tensor:
         if cast and t.is_floating_point():
