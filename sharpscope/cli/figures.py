@@ -11,9 +11,12 @@ from ._common import (
     check_counts,
     check_output_folder,
     console,
+    fail,
     guarded,
+    interrupt_exit_code,
     path_option,
     refuse_torchrun,
+    stop_reason,
 )
 
 
@@ -55,6 +58,13 @@ def register(app: typer.Typer) -> None:
         check_output_folder("--cache", cache, holds="the study folders of the reproductions")
         if workers is None:
             workers = default_workers()
-        written = make_figures(out, cache=cache, only=only, workers=workers, log=_log)
+        try:
+            written = make_figures(out, cache=cache, only=only, workers=workers, log=_log)
+        except KeyboardInterrupt as exc:  # the finished study runs are on disk: say so
+            fail(
+                f"{stop_reason(exc)}; the study runs finished so far are kept in {cache}: "
+                "run the same command again to go on from there",
+                code=interrupt_exit_code(exc),
+            )
         figures = {Path(p).stem for p in written if Path(p).suffix == ".pdf"}
         _log(f"{len(figures)} figures ({len(written)} files) written to {out}")

@@ -310,6 +310,36 @@ def test_ctrl_c_stops_a_study_with_several_workers_at_once(tmp_path):
     assert states.count("done") < 8
 
 
+def test_ctrl_c_during_figures_names_the_kept_study_runs(tmp_path):
+    """`sharpscope figures` said only "interrupted"; its study runs are kept in --cache and
+    a rerun goes on from them, which the line now says."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    cache, figures = tmp_path / "cache", tmp_path / "figs"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sharpscope", "figures", "--only", "quick"]
+        + ["--cache", str(cache), "--out", str(figures), "--workers", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    while not list(cache.glob("*/runs/*/last.pt")) and time.monotonic() < deadline:
+        time.sleep(0.1)  # the first run is training
+    assert process.poll() is None
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    assert stderr.endswith(
+        f"error: interrupted; the study runs finished so far are kept in {cache}: run the "
+        "same command again to go on from there\n"
+    )
+
+
 def test_the_default_study_folder_is_checked_before_any_work(tmp_path, monkeypatch):
     """Without --out a folder that could not be made was a bare OS error ("Permission
     denied: runs"); it is now checked and named as a given --out is."""
