@@ -586,6 +586,55 @@ class SharpnessAware(torch.optim.Optimizer):
         #: HVP passes); not saved in ``state_dict``. Used by the benchmark.
         self.gradient_passes = 0.0
 
+    # ------------------------------------------------------------------ copy and pickle
+
+    #: attributes a copy rebuilds empty (their factories): per-step buffers keyed by
+    #: ``id(tensor)``, which a copy's tensors do not share, and the BatchNorm cache, whose
+    #: weakref pickle refuses
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {
+        "_backups": dict,
+        "_bn": _BatchNormCache,
+        "_msam_used": type(None),
+    }
+    #: attributes holding sets of ``id(parameter)`` (ASAM's unscaled tensors, SAM-ON's
+    #: perturbed ones): a copy carries the tensors themselves and takes their new ids
+    _id_sets: ClassVar[tuple[str, ...]] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy(opt)``, ``pickle`` and ``torch.save(opt)`` keep: every
+        attribute (base, rho, model, the variant's own), so that the copy steps as this
+        optimizer does. torch's ``Optimizer.__getstate__`` keeps only ``defaults``,
+        ``state`` and ``param_groups``, which left a copy without ``base`` that failed at
+        its first step. Registered hooks are left out, as torch leaves them out.
+        """
+        state = {
+            key: value
+            for key, value in self.__dict__.items()
+            if key not in self._transient
+            and not (key.startswith("_optimizer_") and key.endswith("_hooks"))
+        }
+        if self._id_sets:
+            tensors = {id(p): p for p in self._all_params()}
+            if isinstance(self.model, nn.Module):
+                tensors.update((id(p), p) for p in unwrap_model(self.model).parameters())
+            for key in self._id_sets:
+                if key in state:
+                    state[key] = [tensors[i] for i in state[key] if i in tensors]
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        whole = "base" in state  # not torch's partial {"state", "param_groups"} update
+        if whole:
+            for key in self._id_sets:
+                if key in state:
+                    state[key] = {id(p) for p in state[key]}
+        super().__setstate__(state)
+        if whole:
+            for key, factory in self._transient.items():
+                self.__dict__[key] = factory()
+            self.base.register_step_post_hook(self._mark_base_stepped)
+
     # ------------------------------------------------------------------ plumbing
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:

@@ -130,6 +130,7 @@ class ASAM(SharpnessAware):
     """
 
     name: ClassVar[str] = "asam"
+    _id_sets: ClassVar[tuple[str, ...]] = ("_unscaled",)
 
     def __init__(
         self,

@@ -90,6 +90,10 @@ class _BayesUpdate(torch.optim.Optimizer):
         self.pending_h: dict[int, Tensor] | None = None
         super().__init__(params, defaults)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__.setdefault("pending_h", None)  # torch's __getstate__ leaves it out
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]

@@ -280,6 +280,21 @@ class LETS(SharpnessAware):
         self._hu: dict[int, Tensor] = {}
         self._sgd_first: dict[int, bool] = {}
 
+    _transient: ClassVar[dict[str, Callable[[], Any]]] = {
+        **SharpnessAware._transient,
+        "_hu": dict,
+        "_sgd_first": dict,
+    }
+
+    def __getstate__(self) -> dict[str, Any]:
+        if self._val._iterator is not None:  # a generator can be neither copied nor pickled
+            raise SharpscopeError(
+                "this LETS draws its validation batches from an iterator, which cannot be "
+                "copied or pickled; give val_batches as a list of batches or a pair of "
+                "tensors, or save opt.state_dict() instead of the optimizer"
+            )
+        return super().__getstate__()
+
     def _build_inner(self, inner: str, options: dict[str, Any]) -> SharpnessAware:
         common: dict[str, Any] = {"rho": 1.0, "bn_policy": "both"}
         if inner == "samon":

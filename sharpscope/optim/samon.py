@@ -81,6 +81,7 @@ class SAMON(SharpnessAware):
     """
 
     name: ClassVar[str] = "samon"
+    _id_sets: ClassVar[tuple[str, ...]] = ("_norm_ids", "_perturbed_ids", "_bias_ids")
 
     def __init__(
         self,
