@@ -44,9 +44,12 @@ Shared options (every variant takes them as keywords):
 
 The base optimizer is built on the wrapper's parameter groups and the wrapper then
 *shares* its ``param_groups`` list, so an LR scheduler attached to either moves the LR
-the base uses. ``state_dict()`` is ``{"base": base.state_dict(), "variant": <the
-variant's persistent tensors>, "rho": ..., "rng": <the optimizer's own generator state
-or None>}``; backups are transient and never saved.
+the base uses. ``state_dict()`` is ``{"optimizer": <the spec name of the optimizer that wrote it>,
+"base": base.state_dict(), "variant": <the variant's persistent tensors>, "rho": ...,
+"rng": <the optimizer's own generator state or None>}``; backups are transient and never
+saved. ``load_state_dict`` refuses another optimizer's state (states without
+``"optimizer"``, written by earlier versions, load as before);
+``load_base_state_dict`` takes the base part alone (SGD first, then SAM).
 
 A variant overrides :meth:`SharpnessAware.perturbation` (returning ``None`` for tensors
 it does not move) and, where it mixes gradients differently, :meth:`combine`.
@@ -919,9 +922,15 @@ class SharpnessAware(torch.optim.Optimizer):
             i = int(i)
             self.state[params[i]][key] = value.detach().clone().to(params[i].device)
 
+    def _state_name(self) -> str:
+        """The ``"optimizer"`` entry of :meth:`state_dict`: the spec name (``sam``, ...)."""
+        return self.name
+
     def state_dict(self) -> dict[str, Any]:
-        """``{"base", "variant", "rho", "rng"}``: everything exact resumption needs."""
+        """``{"optimizer", "base", "variant", "rho", "rng"}``: the spec name of the
+        optimizer that wrote it and everything exact resumption needs."""
         return {
+            "optimizer": self._state_name(),
             "base": self.base.state_dict(),
             "variant": self._variant_state(),
             "rho": self._rho_state(),
@@ -932,7 +941,11 @@ class SharpnessAware(torch.optim.Optimizer):
         """Load a :meth:`state_dict` and share the base's (new) ``param_groups`` again.
 
         Every part is checked before any is loaded: a state that does not fit raises one
-        line and leaves the optimizer as it was.
+        line and leaves the optimizer as it was. A state written by another optimizer
+        (its ``"optimizer"`` entry; states written before sharpscope kept one are taken
+        as they are) is refused: its rho and variant state would replace this one's. To
+        go on from another optimizer's state, e.g. SGD for the first epochs and SAM for
+        the last ones, load its base part alone with :meth:`load_base_state_dict`.
         """
         missing = {"base", "variant", "rho", "rng"} - set(state_dict)
         if missing:
@@ -940,23 +953,21 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"not a {type(self).__name__} state dict (missing {sorted(missing)}); it needs "
                 "the keys base, variant, rho, rng"
             )
+        owner, name = state_dict.get("optimizer"), self._state_name()
+        if owner is not None and owner != name:
+            raise SharpscopeError(
+                f"this is the state of a {owner} optimizer, not of a {name} one (its rho and "
+                f"variant state would replace this optimizer's); to go on from {owner} with "
+                f"{name}, load its base optimizer's part alone: opt.load_base_state_dict(state)"
+            )
         if not isinstance(state_dict["variant"], dict):
             raise SharpscopeError(
                 f"not a {type(self).__name__} state dict: its variant part is a "
                 f"{type(state_dict['variant']).__name__}, not a dict"
             )
-        base = state_dict["base"]
-        well_formed = (
-            isinstance(base, dict)
-            and isinstance(base.get("state"), dict)
-            and isinstance(base.get("param_groups"), list)
-            and all(isinstance(g, dict) for g in base["param_groups"])
+        self._check_base_part(
+            state_dict["base"], f"not a {type(self).__name__} state dict: its base part is"
         )
-        if not well_formed:
-            raise SharpscopeError(
-                f"not a {type(self).__name__} state dict: its base part is not an optimizer "
-                "state (a dict with a 'state' dict and a 'param_groups' list)"
-            )
         self._check_variant_state(state_dict["variant"])
         self._check_rho_state(state_dict["rho"])
         self._check_rng_state(state_dict["rng"])
@@ -965,6 +976,37 @@ class SharpnessAware(torch.optim.Optimizer):
         self._load_variant_state(state_dict["variant"])
         self._load_rho_state(state_dict["rho"])
         self._load_rng_state(state_dict["rng"])
+
+    def load_base_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load only the base optimizer's state (momentum buffers, Adam moments, learning
+        rates) and keep this optimizer's own rho and variant state.
+
+        For going on from another optimizer's state, e.g. plain SGD for the first epochs
+        and SAM for the last ones: ``state_dict`` is a sharpscope optimizer's
+        :meth:`state_dict` (its ``"base"`` part is loaded) or a torch optimizer's own
+        ``state_dict()`` (``torch.optim.SGD``'s, ...). The base must be of the same class.
+        Unlike ``opt.base.load_state_dict``, the base's ``param_groups`` stay shared with
+        this optimizer, so an LR scheduler attached to it still moves the LR the base uses.
+        """
+        base = state_dict.get("base") if isinstance(state_dict, dict) else None
+        if not isinstance(base, dict):
+            base = state_dict
+        self._check_base_part(base, f"cannot load this into {type(self).__name__}'s base: it is")
+        self._load_base_state(base)
+        self.param_groups = self.base.param_groups
+
+    def _check_base_part(self, base: Any, prefix: str) -> None:
+        well_formed = (
+            isinstance(base, dict)
+            and isinstance(base.get("state"), dict)
+            and isinstance(base.get("param_groups"), list)
+            and all(isinstance(g, dict) for g in base["param_groups"])
+        )
+        if not well_formed:
+            raise SharpscopeError(
+                f"{prefix} not an optimizer state (a dict with a 'state' dict and a "
+                "'param_groups' list)"
+            )
 
     def _load_base_state(self, state: dict[str, Any]) -> None:
         """``base.load_state_dict``, undone when it fails or leaves a group without an option.
@@ -1110,7 +1152,8 @@ class SinglePass(SharpnessAware):
 
     ``build_optimizer({"name": "sgd"|"adam"|"adamw", ...})`` returns this, so the trainer
     treats every optimizer alike: ``opt.step(closure)``, fp16 ``GradScaler`` handling,
-    ``max_grad_norm`` clipping and the ``{"base", "variant", "rho", "rng"}`` state layout.
+    ``max_grad_norm`` clipping and the ``{"optimizer", "base", "variant", "rho", "rng"}``
+    state layout.
     Its steps are exactly the base optimizer's.
 
     >>> w = nn.Parameter(torch.tensor([1.0]))
@@ -1126,6 +1169,10 @@ class SinglePass(SharpnessAware):
 
     supports_m: ClassVar[bool] = False
     name: ClassVar[str] = "sgd"
+
+    def _state_name(self) -> str:
+        """``sgd``, ``adam`` or ``adamw``: the base optimizer alone, named by its class."""
+        return type(self.base).__name__.lower()
 
     def __init__(
         self,

@@ -725,6 +725,9 @@ def test_a_state_of_another_base_is_one_line_and_leaves_the_optimizer_as_it_was(
     if override is not None:
         _stepped(source, model)
     state = {**source.state_dict(), **(override or {})}
+    # unnamed, as states were written before they named their optimizer: else a SAM state
+    # into bSAM or VaSSO stops at that name (test_optim_state_owner.py) before these checks
+    del state["optimizer"]
     opt = _stepped(make_target(model), model)
     groups, before = opt.param_groups, through_file(opt.state_dict())
     with pytest.raises(SharpscopeError, match=match) as info:
