@@ -928,14 +928,25 @@ class SharpnessAware(torch.optim.Optimizer):
 
     def state_dict(self) -> dict[str, Any]:
         """``{"optimizer", "base", "variant", "rho", "rng"}``: the spec name of the
-        optimizer that wrote it and everything exact resumption needs."""
-        return {
+        optimizer that wrote it and everything exact resumption needs.
+
+        Hooks registered with ``register_state_dict_pre_hook``/``_post_hook`` run as in
+        ``torch.optim.Optimizer.state_dict`` (a post hook may return a replacement).
+        """
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = {
             "optimizer": self._state_name(),
             "base": self.base.state_dict(),
             "variant": self._variant_state(),
             "rho": self._rho_state(),
             "rng": self._rng_state(),
         }
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            result = post_hook(self, state)
+            if result is not None:
+                state = result
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a :meth:`state_dict` and share the base's (new) ``param_groups`` again.
@@ -946,7 +957,20 @@ class SharpnessAware(torch.optim.Optimizer):
         as they are) is refused: its rho and variant state would replace this one's. To
         go on from another optimizer's state, e.g. SGD for the first epochs and SAM for
         the last ones, load its base part alone with :meth:`load_base_state_dict`.
+
+        Hooks registered with ``register_load_state_dict_pre_hook``/``_post_hook`` run as
+        in ``torch.optim.Optimizer.load_state_dict``: a pre hook gets a shallow copy (and
+        may return a replacement), a post hook runs once the state is loaded.
         """
+        if not isinstance(state_dict, dict):
+            raise SharpscopeError(
+                f"not a {type(self).__name__} state dict: a {type(state_dict).__name__}, not a dict"
+            )
+        state_dict = dict(state_dict)  # shallow copy, as torch's
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         missing = {"base", "variant", "rho", "rng"} - set(state_dict)
         if missing:
             raise SharpscopeError(
@@ -976,6 +1000,8 @@ class SharpnessAware(torch.optim.Optimizer):
         self._load_variant_state(state_dict["variant"])
         self._load_rho_state(state_dict["rho"])
         self._load_rng_state(state_dict["rng"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     def load_base_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load only the base optimizer's state (momentum buffers, Adam moments, learning
