@@ -261,7 +261,7 @@ class StepContext:
         if loss is None:
             raise SharpscopeError("the closure returned None; return the loss from the closure")
         if isinstance(loss, Tensor):
-            return loss.detach()
+            return scalar_loss(loss, "the closure").detach()
         if isinstance(loss, Real) and not isinstance(loss, bool):
             return torch.as_tensor(loss)
         raise SharpscopeError(
@@ -281,6 +281,23 @@ class StepContext:
             return True
         torch._foreach_mul_(list(grads), 1.0 / float(self.scaler.get_scale()))
         return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads)))).all())
+
+
+def scalar_loss(loss: Tensor, who: str) -> Tensor:
+    """``loss`` if it is one number (0-dim or one element), else one line: per-example
+    losses were returned as "the loss" by five optimizers and broke LETS' rho update.
+
+    >>> scalar_loss(torch.ones(4), "the closure")
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: the closure returned a tensor of shape (4,); return the loss as one number (e.g. loss.mean() of per-example losses)
+    """
+    if loss.numel() != 1:
+        raise SharpscopeError(
+            f"{who} returned a tensor of shape {tuple(loss.shape)}; return the loss as one "
+            "number (e.g. loss.mean() of per-example losses)"
+        )
+    return loss
 
 
 def _is_ddp(model: nn.Module) -> bool:

@@ -62,6 +62,7 @@ from ._base import (
     frozen_bn,
     rng_restore,
     rng_snapshot,
+    scalar_loss,
     state_count,
 )
 from ._ops import dot, products
@@ -393,6 +394,7 @@ class LETS(SharpnessAware):
             with self.bn_frozen(ctx), torch.enable_grad():
                 with ctx.autocast():
                     loss = loss_fn(module(x), y)
+                loss = scalar_loss(loss, "LETS' validation loss_fn")
                 grads = torch.autograd.grad(loss, params, allow_unused=True)
         finally:
             rng_restore(state, ctx.device)

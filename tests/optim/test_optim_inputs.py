@@ -1,0 +1,72 @@
+"""Bad inputs to the optimizers used in a researcher's own loop are one line, found where
+they are given (session 29's library audit: tracebacks at the first or second step)."""
+
+from __future__ import annotations
+
+import pytest
+
+from sharpscope.errors import SharpscopeError
+from sharpscope.optim import LETS, SAM
+
+from optim_helpers import ALL_SPECS, CE, bn_batches, bn_net, build, mlp, mlp_batches
+
+
+def _one_line(info) -> str:
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+@pytest.mark.parametrize("name", ["sam", "asam", "vasso", "samon", "lets-learning", "bsam"])
+def test_a_closure_returning_per_example_losses_is_one_line(name):
+    """SAM, ASAM, VaSSO, SAM-ON and bSAM returned the vector as "the loss"; LETS failed
+    at its second step inside the rho update."""
+    model = bn_net()
+    spec = {k: v for k, v in ALL_SPECS[name].items() if k != "splits"}  # a plain closure
+    opt = build(spec, model, val=bn_batches(2, seed=7))
+    x, y = bn_batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        losses = CE(model(x), y, reduction="none")
+        losses.mean().backward()
+        return losses
+
+    with pytest.raises(SharpscopeError) as info:
+        opt.step(closure)
+    assert _one_line(info).startswith("the closure returned a tensor of shape (12,); return")
+
+
+def test_a_loss_of_one_element_is_a_loss():
+    model = mlp()
+    opt = SAM(model, lr=0.1)
+    x, y = mlp_batches(1)[0]
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x), y).reshape(1)
+        loss.backward()
+        return loss
+
+    assert opt.step(closure).shape == (1,)
+
+
+def test_lets_names_a_validation_loss_fn_that_returns_per_example_losses():
+    model = mlp()
+    x, y = mlp_batches(1)[0]
+    opt = LETS(
+        model, lr=0.1, val_batches=[(x, y)], loss_fn=lambda out, t: CE(out, t, reduction="none")
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    with pytest.raises(SharpscopeError) as info:
+        opt.step(closure)
+    assert _one_line(info).startswith("LETS' validation loss_fn returned a tensor of shape (8,)")
