@@ -472,6 +472,27 @@ def _positive_or_none(name: str, value: Any) -> float | None:
     return number
 
 
+def _check_first_order(base: type[torch.optim.Optimizer]) -> None:
+    """One line for a base that cannot take the step the wrapper gives it: another
+    sharpness-aware optimizer (its step needs a closure; nest nothing, pick one variant)
+    or one whose ``step`` needs a closure of its own (LBFGS re-evaluates the loss)."""
+    if issubclass(base, SharpnessAware):
+        raise SharpscopeError(
+            f"base must be a plain torch optimizer such as torch.optim.SGD, not the "
+            f"sharpness-aware {base.__name__} (the wrapper takes the two passes itself)"
+        )
+    try:
+        closure = inspect.signature(base.step).parameters.get("closure")
+    except (TypeError, ValueError):  # no signature to read: let it try
+        return
+    if closure is not None and closure.default is inspect.Parameter.empty:
+        raise SharpscopeError(
+            f"base {base.__name__} needs a closure in its own step (it evaluates the loss "
+            "itself), which the sharpness-aware step cannot give it; use a first-order "
+            "optimizer such as torch.optim.SGD or Adam"
+        )
+
+
 _NO_TWO_STEP = (
     "sharpscope's optimizers have no first_step/second_step (davda54/sam): pass a closure "
     "that runs forward and backward, opt.step(closure), which takes both passes"
@@ -528,6 +549,10 @@ class SharpnessAware(torch.optim.Optimizer):
         if isinstance(params, nn.Module):
             model = params if model is None else model
             params = params.parameters()
+        if model is not None and not isinstance(model, nn.Module):  # else failed at step 1
+            raise SharpscopeError(
+                f"model must be the network (an nn.Module), got {type(model).__name__}"
+            )
         self.model = model
         self.scaler = scaler
         self.rho = _check_rho(rho)
@@ -559,6 +584,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"base must be a torch.optim.Optimizer class such as torch.optim.SGD (its options "
                 f"go to this optimizer as keywords), got {given}"
             )
+        _check_first_order(base)
         try:
             super().__init__(params, {})
         except (TypeError, ValueError) as exc:
@@ -596,6 +622,7 @@ class SharpnessAware(torch.optim.Optimizer):
         for group in self.param_groups:
             self._check_group_options(group)
             check_momentum(group.get("momentum"))  # a group's own momentum too
+            check_rates(group)  # torch takes a NaN lr or weight decay (NaN weights at step 1)
         self.defaults.update(self.base.defaults)
         self.base.register_step_post_hook(self._mark_base_stepped)
         self._base_stepped = False

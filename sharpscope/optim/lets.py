@@ -58,6 +58,7 @@ from ._base import (
     SharpnessAware,
     StepContext,
     _check_rho,
+    as_number,
     finite_number,
     frozen_bn,
     rng_restore,
@@ -237,8 +238,15 @@ class LETS(SharpnessAware):
             )
         finite_number("rho_lr", rho_lr)
         rho_min = _check_rho(rho_min, "rho_min")
-        if rho_max is not None and not float(rho_max) >= rho_min:
+        if rho_max is not None and not as_number("rho_max", rho_max) >= rho_min:
             raise SharpscopeError(f"rho_max must be >= rho_min ({rho_min}), got {rho_max!r}")
+        if val_batch_size is not None:  # 0 fell back to the training batch size silently
+            size = as_number("val_batch_size", val_batch_size)
+            if size != int(size) or size < 1:
+                raise SharpscopeError(
+                    f"val_batch_size must be a positive integer or None, got {val_batch_size!r}"
+                )
+            val_batch_size = int(size)
         initial = _check_rho(rho)
         if initial < rho_min or (rho_max is not None and initial > float(rho_max)):
             raise SharpscopeError(

@@ -4,6 +4,7 @@ they are given (session 29's library audit: tracebacks at the first or second st
 from __future__ import annotations
 
 import pytest
+import torch
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import LETS, SAM
@@ -70,3 +71,60 @@ def test_lets_names_a_validation_loss_fn_that_returns_per_example_losses():
     with pytest.raises(SharpscopeError) as info:
         opt.step(closure)
     assert _one_line(info).startswith("LETS' validation loss_fn returned a tensor of shape (8,)")
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def _lets(**kwargs):
+    model = mlp()
+    return LETS(model, lr=0.1, val_batches=mlp_batches(1)[0], loss_fn=CE, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda: _lets(rho_max="a"), "rho_max must be a number, got 'a'"),
+        (lambda: _lets(rho_max=float("nan")), "rho_max must be >= rho_min (0.0), got nan"),
+        (lambda: _lets(val_batch_size=0), "val_batch_size must be a positive integer or None"),
+        (lambda: _lets(val_batch_size=2.5), "val_batch_size must be a positive integer or None"),
+        (lambda: SAM(mlp(), base=torch.optim.LBFGS, lr=0.1), "base LBFGS needs a closure in"),
+        (lambda: SAM(mlp(), base=SAM, lr=0.1), "not the sharpness-aware SAM"),
+        (
+            lambda: SAM(mlp().parameters(), lr=0.1, model="x"),
+            "model must be the network (an nn.Module), got str",
+        ),
+        (lambda: SAM(mlp(), lr=float("nan")), "lr must be a finite number >= 0, got nan"),
+        (
+            lambda: SAM(mlp(), lr=0.1, weight_decay=float("nan")),
+            "weight_decay must be a finite number >= 0, got nan",
+        ),
+        (
+            lambda: SAM([{"params": mlp().parameters(), "lr": float("nan")}], lr=0.1),
+            "lr must be a finite number >= 0, got nan",
+        ),
+    ],
+    ids=[
+        "lets-rho_max-str",
+        "lets-rho_max-nan",
+        "lets-val_batch_size-0",
+        "lets-val_batch_size-2.5",
+        "lbfgs-base",
+        "sam-as-base",
+        "model-str",
+        "lr-nan",
+        "weight_decay-nan",
+        "group-lr-nan",
+    ],
+)
+def test_a_bad_argument_is_refused_at_construction_in_one_line(make, message):
+    with pytest.raises(SharpscopeError) as info:
+        make()
+    assert message in _one_line(info)
+
+
+def test_the_arguments_next_to_the_refused_ones_are_still_taken():
+    assert _lets(rho_max=float("inf"), val_batch_size=4.0)._val._batch_size == 4
+    for base in (torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad):
+        SAM(mlp(), base=base, lr=0.1)
+    SAM(mlp(), lr=torch.tensor(0.1))  # a tensor lr, as torch takes it
