@@ -54,6 +54,7 @@ from torch import Tensor, nn
 from ..data.batches import as_batches, as_tensors, read_fixed, same_batches, same_tensors
 from ..distributed import is_multi_process
 from ..errors import SharpscopeError, check_bool, check_choice
+from ..precision import float_dtype
 from ._base import (
     SharpnessAware,
     StepContext,
@@ -387,9 +388,12 @@ class LETS(SharpnessAware):
             )
         default_size = ctx.batch.batch_size if ctx.batch is not None else 128
         x, y = self._val.next(default_size)
-        x = x.to(ctx.device, non_blocking=True)
-        y = y.to(ctx.device, non_blocking=True)
         module = unwrap_model(model)
+        # floating inputs in the model's dtype, as the analyses and the trainer read data
+        # (float32 batches against a bfloat16 or float64 model failed inside the pass)
+        dtype = float_dtype(module) if x.is_floating_point() else None
+        x = x.to(ctx.device, dtype=dtype, non_blocking=True)
+        y = y.to(ctx.device, non_blocking=True)
         state = rng_snapshot(ctx.device)
         seed = (self._val.seed * 1_000_003 + self._val.count) % (2**63 - 1)
         torch.default_generator.manual_seed(seed)

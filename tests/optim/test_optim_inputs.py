@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.optim import LETS, SAM
@@ -128,3 +129,56 @@ def test_the_arguments_next_to_the_refused_ones_are_still_taken():
     for base in (torch.optim.SGD, torch.optim.Adam, torch.optim.RMSprop, torch.optim.Adagrad):
         SAM(mlp(), base=base, lr=0.1)
     SAM(mlp(), lr=torch.tensor(0.1))  # a tensor lr, as torch takes it
+
+
+# --------------------------------------------------------------------------- LETS data dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_lets_reads_floating_validation_data_in_the_models_dtype(dtype):
+    """float32 validation batches against a float64/bfloat16 model failed inside the
+    validation pass (the analyses and the trainer cast inputs to the model's dtype)."""
+    model = mlp(dtype=dtype)
+    (x, y), (xv, yv) = mlp_batches(2)  # float32
+    opt = LETS(model, lr=0.1, rho_lr=0.5, val_batches=[(xv, yv)], loss_fn=CE)
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x.to(dtype)), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        opt.step(closure)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    reference = LETS(
+        mlp(dtype=dtype), lr=0.1, rho_lr=0.5, val_batches=[(xv.to(dtype), yv)], loss_fn=CE
+    )
+    model_ref = reference.model
+    xd = x.to(dtype)
+
+    def closure_ref():
+        reference.zero_grad()
+        loss = CE(model_ref(xd), y)
+        loss.backward()
+        return loss
+
+    for _ in range(2):
+        reference.step(closure_ref)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), model_ref.parameters()))
+    assert reference.rho == opt.rho
+
+
+def test_lets_leaves_integer_validation_inputs_alone():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(12, 3))
+    x = torch.randint(0, 10, (6, 3))
+    y = torch.randint(0, 3, (6,))
+    opt = LETS(model, lr=0.1, val_batches=[(x, y)], loss_fn=CE)
+
+    def closure():
+        opt.zero_grad()
+        loss = CE(model(x), y)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
