@@ -1002,6 +1002,14 @@ class SharpnessAware(torch.optim.Optimizer):
         go on from another optimizer's state, e.g. SGD for the first epochs and SAM for
         the last ones, load its base part alone with :meth:`load_base_state_dict`.
 
+        What comes from the state and what from the constructor: rho (LETS' learned one
+        too), the variant's tensors (VaSSO's ``d``, ...) and the base's parameter groups
+        come from the state, so the group options do too, as in torch (``lr``, momentum,
+        bSAM's ``num_data``, ``prior_precision``, ``damping``); the variant's other
+        options (VaSSO's ``theta``, ASAM's ``eta``, LETS' ``rho_lr`` and ``hypergrad``,
+        ``bn_policy``, ``max_grad_norm``, ...) stay the constructor's. To change rho after
+        loading, set ``opt.rho``.
+
         Hooks registered with ``register_load_state_dict_pre_hook``/``_post_hook`` run as
         in ``torch.optim.Optimizer.load_state_dict``: a pre hook gets a shallow copy (and
         may return a replacement), a post hook runs once the state is loaded.
