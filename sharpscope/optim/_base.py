@@ -1032,7 +1032,7 @@ class SharpnessAware(torch.optim.Optimizer):
         owner, name = state_dict.get("optimizer"), self._state_name()
         if owner is not None and owner != name:
             raise SharpscopeError(
-                f"this is the state of a {owner} optimizer, not of a {name} one (its rho and "
+                f"this state was written by the {owner} optimizer, not by {name} (its rho and "
                 f"variant state would replace this optimizer's); to go on from {owner} with "
                 f"{name}, load its base optimizer's part alone: opt.load_base_state_dict(state)"
             )

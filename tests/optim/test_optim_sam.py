@@ -748,7 +748,7 @@ def test_another_variants_state_is_refused_not_half_loaded():
     )
     lets.step(closure)
     before = str(vasso.state_dict())
-    with pytest.raises(SharpscopeError, match="state of a lets optimizer, not of a vasso one"):
+    with pytest.raises(SharpscopeError, match="written by the lets optimizer, not by vasso"):
         vasso.load_state_dict(lets.state_dict())
     assert str(vasso.state_dict()) == before
 

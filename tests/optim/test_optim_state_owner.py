@@ -49,7 +49,7 @@ def test_a_sgd_state_is_refused_and_names_the_way_to_switch(name):
         opt.load_state_dict(state)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"this is the state of a sgd optimizer, not of a {name} one")
+    assert message.startswith(f"this state was written by the sgd optimizer, not by {name}")
     assert message.endswith("opt.load_base_state_dict(state)")
     assert opt.rho == 0.05
     assert str(opt.state_dict()) == before
@@ -59,10 +59,10 @@ def test_a_sam_state_does_not_give_asam_its_rho():
     model = bn_net()
     sam = build({**TWO_PASS["sam"], "rho": 0.05}, model)
     asam = build({**TWO_PASS["asam"], "rho": 0.5}, model)
-    with pytest.raises(SharpscopeError, match="state of a sam optimizer, not of a asam one"):
+    with pytest.raises(SharpscopeError, match="written by the sam optimizer, not by asam"):
         asam.load_state_dict(sam.state_dict())
     assert asam.rho == 0.5
-    with pytest.raises(SharpscopeError, match="state of a adam optimizer, not of a sgd one"):
+    with pytest.raises(SharpscopeError, match="written by the adam optimizer, not by sgd"):
         build(BASE_SGD, model).load_state_dict(build({"name": "adam"}, model).state_dict())
 
 
