@@ -487,7 +487,7 @@ def load_analysis_inputs(
     batches = as_batches((inputs, split_data.targets), batch_size, chosen)
     loss_spec = loss or checkpoint.raw.get("loss") or "cross_entropy"
     meta = RunMeta(
-        checkpoint=str(ckpt),
+        checkpoint=str(Path(ckpt).resolve()),  # absolute, as data_root: readable from anywhere
         checkpoint_sha256=checkpoint.sha256,
         data=recorded_data_spec(spec, split, samples, seed, split_data),
         num_samples=len(split_data),
