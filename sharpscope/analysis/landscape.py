@@ -37,6 +37,7 @@ contain the model (0) and, for interpolation, the second model (1).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import math
@@ -426,6 +427,40 @@ def _load_partial(
     return previous
 
 
+def _checkpoint_source(source: Any) -> dict[str, Any] | None:
+    """Path (absolute), epoch and sha256 of a loaded checkpoint; None for anything else
+    (a model or state_dict given as it is records nothing)."""
+    path, sha256 = getattr(source, "path", None), getattr(source, "sha256", None)
+    if not isinstance(path, (str, Path)) or not isinstance(sha256, str):
+        return None
+    return {
+        "path": str(Path(path).resolve()),
+        "epoch": getattr(source, "epoch", None),
+        "sha256": sha256,
+    }
+
+
+def _with_direction_sources(meta: RunMeta | None, directions: Any) -> RunMeta | None:
+    """``meta`` with the checkpoints that give the directions, so that the file says which
+    they were: an interpolation's second model as a study's pair files record it
+    (``second_checkpoint``, ``second_sha256``), a PCA's checkpoints in the order of the
+    ``trajectory`` rows (``trajectory_checkpoints``). Keys the caller set are kept."""
+    if isinstance(directions, (list, tuple)):
+        rows = [_checkpoint_source(c) for c in directions]
+        found = {"trajectory_checkpoints": rows} if any(rows) else {}
+    else:
+        one = _checkpoint_source(directions)
+        found = (
+            {}
+            if one is None
+            else {"second_checkpoint": one["path"], "second_sha256": one["sha256"]}
+        )
+    if not found:
+        return meta
+    base = meta or RunMeta()
+    return dataclasses.replace(base, extra={**found, **base.extra})
+
+
 @vmap_or_loop
 @ieee_float32()
 @keeps_model_buffers
@@ -533,7 +568,12 @@ def landscape(
             processes of an initialized ``torch.distributed`` group (every rank must
             call); rank 0 writes ``out``, every rank returns the full result. False
             (default): this process alone, even inside a group (e.g. on rank 0 only).
-        meta: provenance to extend.
+        meta: provenance to extend. Directions given as loaded checkpoints
+            (``sharpscope.load_checkpoint``) add what made them: an interpolation's
+            ``meta.extra["second_checkpoint"]`` (absolute path) and ``["second_sha256"]``,
+            a PCA's ``meta.extra["trajectory_checkpoints"]`` (``path``, ``epoch``,
+            ``sha256`` per checkpoint, in the order of ``trajectory``'s rows; null for a
+            model or state_dict given as it is).
         progress: called with the number of grid points finished (first with the points
             a resumed run already has), e.g. a progress bar's ``update``.
 
@@ -547,6 +587,7 @@ def landscape(
             a different run.
     """
     start = time.perf_counter()
+    meta = _with_direction_sources(meta, directions)
     check(dims in (1, 2), f"dims must be 1 or 2, got {dims}")
     check(
         isinstance(grid, Integral) and not isinstance(grid, bool) and grid >= MIN_GRID,

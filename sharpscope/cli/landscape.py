@@ -69,8 +69,9 @@ def resolve_directions(
     data_spec: dict | None,
     trust_factories: bool = False,
 ) -> Any:
-    """``random``/``eigen`` as they are; a file -> its model; a folder -> its checkpoints
-    (a model factory one of them names is imported only with ``trust_factories``)."""
+    """``random``/``eigen`` as they are; a file -> its checkpoint; a folder -> its checkpoints
+    (a model factory one of them names is imported only with ``trust_factories``). Loaded
+    checkpoints, not bare models: the landscape records their paths and hashes."""
     from ..io import is_sharpscope_checkpoint, load_checkpoint, safe_load
 
     if directions in ("random", "eigen"):
@@ -89,7 +90,7 @@ def resolve_directions(
         )
 
     if path.is_file():
-        return load(path).model
+        return load(path)
     if path.is_dir():
         own = ckpt.resolve()
         # the analysed checkpoint stays: it is the trajectory's end (its row θ − θ is 0),

@@ -53,3 +53,47 @@ def test_a_checkpoint_typed_relative_is_recorded_absolute(root, monkeypatch):
     meta = json.loads((root / "ms.json").read_text())["meta"]
     assert meta["checkpoint"] == str(root / "a.pt")
     assert meta["checkpoint_sha256"] == sha256(root / "a.pt")
+
+
+def test_an_interpolation_names_its_second_checkpoint(root, monkeypatch):
+    """The file named only the first checkpoint: nothing said which model alpha = 1 was.
+    Paths typed relative are recorded absolute, as data_root and a study's records are."""
+    monkeypatch.chdir(root)
+    args = ["landscape", "a.pt", "--dims", "1", "--grid", "3", "--directions", "b.pt"]
+    result = runner.invoke(app, [*args, "--out", "i", *COMMON])
+    assert result.exit_code == 0, result.output
+    meta = plain_meta(root / "i" / "landscape.npz")
+    assert meta["checkpoint"] == str(root / "a.pt")
+    assert meta["checkpoint_sha256"] == sha256(root / "a.pt")
+    assert meta["extra"]["second_checkpoint"] == str(root / "b.pt")
+    assert meta["extra"]["second_sha256"] == sha256(root / "b.pt")
+
+
+def test_a_pca_names_its_trajectory_checkpoints_in_the_order_of_its_rows(root, monkeypatch):
+    monkeypatch.chdir(root)
+    args = ["landscape", "a.pt", "--grid", "3", "--directions", "run", "--out", "p", *COMMON]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    path = root / "p" / "landscape.npz"
+    meta = plain_meta(path)
+    rows = meta["extra"]["trajectory_checkpoints"]
+    with np.load(path, allow_pickle=False) as archive:
+        assert len(rows) == len(archive["trajectory"]) == 3
+    files = [root / "run" / f"epoch_{e:03d}.pt" for e in (1, 2, 3)]
+    assert rows == [
+        {"path": str(f), "epoch": e, "sha256": sha256(f)} for e, f in zip((1, 2, 3), files)
+    ]
+    assert "second_checkpoint" not in meta["extra"]
+
+
+def test_the_api_records_loaded_checkpoints_and_nothing_for_bare_models(root):
+    import sharpscope as ss
+    from sharpscope.analysis.landscape import landscape
+
+    a, b = (ss.load_checkpoint(root / n) for n in ("a.pt", "b.pt"))
+    data = ss.load_data("mnist1d", samples=16)
+    meta = landscape(a.model, data, dims=1, grid=3, directions=b, states=False).meta
+    assert meta.extra["second_checkpoint"] == str(root / "b.pt")
+    assert meta.extra["second_sha256"] == b.sha256
+    bare = landscape(a.model, data, dims=1, grid=3, directions=b.model, states=False).meta
+    assert "second_checkpoint" not in bare.extra
