@@ -1005,7 +1005,7 @@ def _run_locked(config, folder, runs, workers, executor, executor_options, log, 
         options=options,
         log=log,
     )
-    run_pairs(folder, config, runs, log)
+    run_pairs(folder.resolve(), config, runs, log)  # absolute paths in its records
     results = write_results(folder, runs)
     summary = StudySummary(out=folder, results=results, num_runs=len(runs), skipped=skipped)
     for run_id, status in outcomes.items():
