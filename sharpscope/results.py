@@ -312,18 +312,17 @@ class Result:
         return json.dumps(self.to_dict(), indent=indent)
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Save to ``.json`` (default) or ``.npz`` (arrays stay binary)."""
+        """Save to ``.json`` (default) or ``.npz`` (arrays stay binary).
+
+        An ``.npz`` holds the JSON's keys: its arrays under their own names and the
+        rest as JSON text in ``__json__``. A class with a file layout of its own
+        (:meth:`to_dict` overridden, as :class:`~sharpscope.analysis.spectrum.Spectrum`
+        with interface.md's keys) keeps that layout: its top-level lists of numbers
+        (``eigenvalues``, ...) become arrays, everything else is in ``__json__`` under
+        the JSON's names."""
         path = Path(path)
         if path.suffix == ".npz":
-            arrays: dict[str, np.ndarray] = {}
-            scalars: dict[str, Any] = {}
-            for f in dataclasses.fields(self):
-                value = getattr(self, f.name)
-                if isinstance(value, (torch.Tensor, np.ndarray)):
-                    arrays[f.name] = np.asarray(to_numpy(value))
-                else:
-                    scalars[f.name] = to_jsonable(value)
-            scalars["kind"] = self.kind
+            arrays, scalars = self._npz_parts()
             arrays["__json__"] = np.array(json.dumps(scalars))
             import io
 
@@ -333,6 +332,27 @@ class Result:
         else:
             atomic_write_bytes(path, (self.to_json() + "\n").encode())
         return path
+
+    def _npz_parts(self) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The arrays and the JSON-able rest of an ``.npz`` save (:meth:`save`)."""
+        arrays: dict[str, np.ndarray] = {}
+        scalars: dict[str, Any] = {}
+        if type(self).to_dict is not Result.to_dict:  # the class's own layout, as its JSON
+            for key, value in self.to_dict().items():
+                array = _number_list_array(getattr(self, key, None), value)
+                if array is None:
+                    scalars[key] = value
+                else:
+                    arrays[key] = array
+            return arrays, scalars
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, (torch.Tensor, np.ndarray)):
+                arrays[f.name] = np.asarray(to_numpy(value))
+            else:
+                scalars[f.name] = to_jsonable(value)
+        scalars["kind"] = self.kind
+        return arrays, scalars
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Result:
@@ -388,6 +408,30 @@ class Result:
             raise SharpscopeError(
                 f"cannot read {path} as {cls.__name__}: {first_line(exc) or type(exc).__name__}"
             ) from exc
+
+
+def _number_list_array(original: Any, value: Any) -> np.ndarray | None:
+    """A JSON value that is a non-empty list of numbers (or of bools) as an array, else
+    None; the ``original`` tensor or array it came from when there is one (its dtype and
+    ±∞ kept; JSON's null is NaN and ±1e308 is ±∞ otherwise).
+
+    >>> _number_list_array(None, [1.0, None, 1e308]).tolist(), _number_list_array(None, [True])
+    ([1.0, nan, inf], array([ True]))
+    >>> _number_list_array(None, ["a"]) is None, _number_list_array(None, []) is None
+    (True, True)
+    """
+    if not isinstance(value, list) or not value:
+        return None
+    if isinstance(original, (torch.Tensor, np.ndarray)) and original.shape == (len(value),):
+        return np.asarray(to_numpy(original))
+    if all(isinstance(v, bool) for v in value):
+        return np.array(value, dtype=bool)
+    if all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)) for v in value):
+        return np.array(
+            [math.nan if v is None else _json_float(repr(float(v))) for v in value],
+            dtype=np.float64,
+        )
+    return None
 
 
 def _study_record_result(path: Path, record: dict[str, Any], kind: str) -> dict[str, Any]:
