@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -27,6 +27,37 @@ StudyDirArg = Annotated[
 
 def _log(message: str) -> None:
     console.print(message, highlight=False, markup=False)
+
+
+def study_folder_config(folder: Path, out: Path | None) -> tuple[Any, Path]:
+    """``study run DIR``: the config that the study folder DIR recorded (``study.json``,
+    as ``config.toml`` shows it), to resume the study in DIR.
+
+    Raises:
+        SharpscopeError: DIR is no study folder, or ``--out`` names another folder.
+    """
+    from ..errors import SharpscopeError
+    from ..study.config import study_config_from_dict
+    from ..study.runner import read_study_dir
+
+    meta = read_study_dir(folder)  # one line when DIR is not a study folder
+    if out is not None and out.resolve() != folder.resolve():
+        raise SharpscopeError(
+            f"study run {folder} resumes the study in {folder}, but --out names {out}; leave "
+            f"--out out, or run its config elsewhere: study run {folder / 'config.toml'} "
+            f"--out {out}"
+        )
+    if not isinstance(meta.get("config"), dict):
+        raise SharpscopeError(
+            f"{folder / 'study.json'} holds no study config (its 'config' table is missing); "
+            f"give the TOML file: study run CONFIG.toml --out {folder}"
+        )
+    try:
+        config = study_config_from_dict(meta["config"], name=meta.get("name", "study"))
+    except SharpscopeError as exc:
+        raise SharpscopeError(f"{folder / 'study.json'}: {exc}") from exc
+    config.source = meta.get("source")  # study.json keeps naming the file it came from
+    return config, folder
 
 
 def print_correlations(folder: Path) -> None:
@@ -79,8 +110,9 @@ def register(app: typer.Typer) -> None:
         config: Optional[Path] = typer.Argument(
             None,
             metavar="CONFIG",
-            help="Study config (TOML), or a built-in name such as a-spectra-quick "
-            "(`sharpscope study list` shows them). Omit with --quick.",
+            help="Study config (TOML), a built-in name such as a-spectra-quick "
+            "(`sharpscope study list` shows them), or a study folder to resume in place "
+            "(the config it recorded). Omit with --quick.",
         ),
         quick: bool = typer.Option(
             False, "--quick", help="The built-in quick study: SGD vs SAM variants on MNIST-1D."
@@ -140,6 +172,8 @@ def register(app: typer.Typer) -> None:
                 "missing CONFIG.toml; give a study config, a built-in name "
                 f"({', '.join(builtin_config_names())}) or --quick"
             )
+        elif config.is_dir():
+            study_config, out = study_folder_config(config, out)
         elif not config.exists() and str(config) in builtin_config_names():
             study_config = load_builtin_config(str(config))
         elif not config.exists():
