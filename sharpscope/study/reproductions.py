@@ -94,19 +94,22 @@ def figures_quick(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any
     """The quick study: correlations, measures against the gap, training curves."""
     from ..plotting.study import plot_correlations, plot_measures_vs_gap
     from ..plotting.training import plot_training_curves
-    from .report import correlation_table, measure_columns, measurement_caption
+    from .report import _correlation_rows, correlation_table, measure_columns, measurement_caption
     from .runner import read_study_dir
 
     rows = _done_last(_rows(study_dir))
     swept = read_study_dir(study_dir).get("swept", [])
     correlations = [c for c in correlation_table(rows, swept) if c.target == "gen_gap"]
     caption = measurement_caption(study_dir)
+    # the CSV and JSON of a study's correlations.csv/json: flat columns, and every field
     written = _save(
         plot_correlations(correlations),
         out / "quick_correlations",
-        [c.to_dict() for c in correlations],
+        _correlation_rows(correlations),
         caption,
     )
+    write_json(out / "quick_correlations.json", [c.to_dict() for c in correlations], indent=1)
+    written.append(out / "quick_correlations.json")
     measures = [m for m in measure_columns(rows) if not m.startswith(("lambda_5", "weight"))][:6]
     taus = {c.measure: c.tau for c in correlations}
     written += _save(
@@ -305,7 +308,7 @@ def figures_b(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
 def figures_c(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
     """Kendall τ of m-sharpness with the gap against m, and the scatter for two m."""
     from ..plotting.study import plot_measures_vs_gap, plot_tau_vs_m
-    from .report import correlation_table, measurement_caption
+    from .report import _correlation_rows, correlation_table, measurement_caption
     from .runner import read_study_dir
 
     rows = _done_last(_rows(study_dir))
@@ -331,7 +334,10 @@ def figures_c(study_dir: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
             }
         )
     caption = measurement_caption(study_dir)
-    written = _save(plot_tau_vs_m(points), out / "c_tau_vs_m", points, caption)
+    # the CSV: the columns of earlier files (psi is psi_overall), then the rest of a study's
+    # correlations.csv row under its names (gap, psi_overall, psi_<axis>, groups_<axis>, ...)
+    table = [{**p, **flat} for p, flat in zip(points, _correlation_rows(correlations))]
+    written = _save(plot_tau_vs_m(points), out / "c_tau_vs_m", table, caption)
     first_rho = min(p["rho"] for p in points)
     ends = [p for p in points if p["rho"] == first_rho]
     shown = [min(ends, key=lambda p: p["m"])["measure"], max(ends, key=lambda p: p["m"])["measure"]]

@@ -133,3 +133,40 @@ def test_figures_c_points_hold_psi(folder, tmp_path):
     for measure, pair in want.items():
         assert got[measure] == pytest.approx(pair)
     assert any(abs(t - psi) > 1e-6 for t, psi in want.values())  # Ψ and τ differ here
+
+
+# session 29: the figures' correlation tables have a study's correlations.csv columns
+def test_figure_correlation_csvs_have_the_study_correlations_columns(folder, tmp_path):
+    """figures/quick_correlations.csv held Correlation.to_dict() rows (target, overall,
+    JSON text in cells, a placeholder meta), and c_tau_vs_m.csv only psi, where a
+    study's correlations.csv (README) has gap, tau_low/tau_high, psi_overall, psi_<axis>
+    and groups_<axis>: a script written for one failed on the other."""
+    import csv
+
+    from sharpscope.study import reproductions
+    from sharpscope.study.report import write_report
+
+    write_report(folder, figures=False)
+    with (folder / "correlations.csv").open() as handle:
+        study = {r["measure"]: r for r in csv.DictReader(handle) if r["gap"] == "gen_gap"}
+    out = tmp_path / "figs"
+    reproductions.figures_quick(folder, out)
+    with (out / "quick_correlations.csv").open() as handle:
+        reader = csv.DictReader(handle)
+        quick = {r["measure"]: r for r in reader}
+        header = reader.fieldnames
+    assert header == list(next(iter(study.values())))
+    assert set(quick) == set(study)
+    for measure, row in quick.items():
+        for key in ("gap", "num_models", "tau", "psi_overall", "psi_optimizer", "groups_lr"):
+            assert row[key] == study[measure][key], (measure, key)
+    full = json.loads((out / "quick_correlations.json").read_text())
+    assert [c["measure"] for c in full] == list(quick) and full[0]["kind"] == "correlation"
+    reproductions.figures_c(folder, out)
+    with (out / "c_tau_vs_m.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["measure"] for r in rows} == {"msharp_m16_rho0.05", "msharp_m64_rho0.05"}
+    for row in rows:
+        assert row["psi"] == row["psi_overall"] == study[row["measure"]]["psi_overall"]
+        for key in ("gap", "psi_optimizer", "psi_lr", "groups_optimizer", "m", "rho"):
+            assert row[key] != "", key
