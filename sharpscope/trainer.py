@@ -351,10 +351,25 @@ def _written_config(config: TrainConfig) -> dict[str, Any]:
 
 
 def _resolved_optimizer(config: TrainConfig) -> dict[str, Any]:
-    """The run's optimizer spec with every option (the checkpoint's and config.json's)."""
+    """The run's optimizer spec with every option (the checkpoint's and config.json's),
+    in plain JSON shapes: tuples (Adam's ``betas``) as lists, so that the checkpoint's
+    ``optimizer`` and config.json's ``optimizer_resolved`` compare equal once loaded."""
     from .optim.factory import resolve_optimizer_spec
 
-    return resolve_optimizer_spec(_optimizer_spec(config))
+    return _json_shaped(resolve_optimizer_spec(_optimizer_spec(config)))
+
+
+def _json_shaped(value: Any) -> Any:
+    """``value`` with every tuple a list, as JSON reads it back.
+
+    >>> _json_shaped({"betas": (0.9, 0.999), "base": {"t": ((1, 2),)}})
+    {'betas': [0.9, 0.999], 'base': {'t': [[1, 2]]}}
+    """
+    if isinstance(value, Mapping):
+        return {k: _json_shaped(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_shaped(v) for v in value]
+    return value
 
 
 def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
