@@ -261,6 +261,11 @@ def check_output_file(
     if path is None:
         return
     path = Path(path)
+    if str(path) == "-":  # not stdout: the one-line summary goes there, and a file named '-'
+        raise SharpscopeError(
+            f"{flag} -: results are written to files, not to stdout (which holds the printed "
+            f"summary); give a file name, e.g. {example}"
+        )
     if path.is_dir() and fixed_name:
         raise SharpscopeError(
             f"{flag} {path.parent}: {path} is a folder, where the result file goes; "

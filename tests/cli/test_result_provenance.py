@@ -97,3 +97,22 @@ def test_the_api_records_loaded_checkpoints_and_nothing_for_bare_models(root):
     assert meta.extra["second_sha256"] == b.sha256
     bare = landscape(a.model, data, dims=1, grid=3, directions=b.model, states=False).meta
     assert "second_checkpoint" not in bare.extra
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["spectrum", "a.pt", "--skip", "trace,density", "--json", "-"],
+        ["msharpness", "a.pt", "--json", "-"],
+        ["bench", "optimizers", "--quick", "--json", "-"],
+    ],
+)
+def test_json_dash_is_refused_in_one_line_and_writes_no_file(args, root, monkeypatch):
+    """`--json -` wrote a file named '-' (and stdout, which a reader might have taken it
+    for, holds the printed summary)."""
+    monkeypatch.chdir(root)
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "results are written to files, not to stdout" in lines[0]
+    assert not (root / "-").exists()
