@@ -232,6 +232,10 @@ class Density(Result):
     ) -> Density:
         """The same quadrature smoothed again (another kernel, width or grid); no HVP.
 
+        Raises:
+            SharpscopeError: an unknown kernel, ``num_points`` < 2, ``sigma`` not finite
+                and > 0, or ``kappa`` not finite and > 1 (:func:`smooth_density`).
+
         >>> d = Density.from_quadrature(np.array([[0.0, 2.0]]), np.array([[0.5, 0.5]]), dim=2)
         >>> d.resmooth("papyan").kernel, len(d.resmooth(num_points=100).grid)
         ('papyan', 100)

@@ -29,7 +29,7 @@ import scipy.special
 import torch
 from torch import Tensor
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, check_integers, check_numbers
 from ._linear import F64, as_operator, random_vector
 from .lanczos import LanczosProcess
 
@@ -220,6 +220,35 @@ def _gaussian(
     return out * norm
 
 
+def check_smoothing(num_points: Any, sigma: Any, kappa: Any) -> None:
+    """Refuse, in one line, a grid of fewer than 2 points, a width σ that is not a finite
+    number > 0, or a κ that is not a finite number > 1 (``None``: the kernel's default).
+
+    >>> check_smoothing(None, None, 3.0)
+    >>> check_smoothing(1, None, None)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: num_points must be >= 2 (a grid needs a spacing), got 1
+    """
+    check_integers(num_points=num_points)
+    if num_points is not None and num_points < 2:
+        raise SharpscopeError(f"num_points must be >= 2 (a grid needs a spacing), got {num_points}")
+    if sigma is not None:
+        check_numbers(sigma=sigma)
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise SharpscopeError(
+                "sigma must be a finite number > 0 (the Gaussian's standard deviation), "
+                f"got {sigma}"
+            )
+    if kappa is not None:
+        check_numbers(kappa=kappa)
+        if not (math.isfinite(kappa) and kappa > 1):
+            raise SharpscopeError(
+                "kappa must be a finite number > 1 (Papyan's width 2/((m-1)·sqrt(8 ln κ)) "
+                f"needs ln κ > 0), got {kappa}"
+            )
+
+
 def smooth_density(
     nodes: np.ndarray,
     weights: np.ndarray,
@@ -256,6 +285,11 @@ def smooth_density(
     Returns:
         ``(grid, values, info)``; ``info`` records the kernel, σ and the grid's units.
 
+    Raises:
+        SharpscopeError: an unknown kernel, ``num_points`` < 2 (the grid spacing needs
+            two points), ``sigma`` not finite and > 0, or ``kappa`` not finite and > 1
+            (the width divides by :math:`\sqrt{8\ln\kappa}`).
+
     >>> g, v, _ = smooth_density(np.array([[0.0, 1.0]]), np.array([[0.5, 0.5]]))
     >>> round(float(np.sum(v) * (g[1] - g[0])), 10)
     1.0
@@ -264,6 +298,7 @@ def smooth_density(
     weights = np.atleast_2d(np.asarray(weights, dtype=np.float64))
     if kernel not in KERNELS:
         raise SharpscopeError(f"unknown kernel '{kernel}'; choose one of {', '.join(KERNELS)}")
+    check_smoothing(num_points, sigma, kappa)
     if kernel == "ghorbani":
         lo = float(np.mean(nodes.min(axis=1))) - 0.01
         hi = float(np.mean(nodes.max(axis=1))) + 0.01

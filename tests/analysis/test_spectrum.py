@@ -620,3 +620,19 @@ def test_a_bad_trace_budget_is_refused_before_the_top_k_runs(method, probes, mes
             progress=seen.append,
         )
     assert seen == []  # no product was spent
+
+
+def test_resmooth_refuses_bad_arguments_in_one_line():
+    density = Density.from_quadrature(np.array([[0.0, 2.0]]), np.array([[0.5, 0.5]]), dim=2)
+    for options in (
+        {"num_points": 1},
+        {"sigma": 0.0},
+        {"sigma": float("nan")},
+        {"sigma": -1.0},
+        {"kernel": "papyan", "kappa": 1.0},
+        {"kernel": "papyan", "kappa": 0.5},
+    ):
+        with pytest.raises(SharpscopeError) as info:
+            density.resmooth(**options)
+        assert "\n" not in str(info.value), options
+    assert density.resmooth(sigma=0.5).sigma == 0.5

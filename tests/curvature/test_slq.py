@@ -254,3 +254,37 @@ def test_trace_standard_error_is_the_sample_std_over_root_n():
     assert (q.trace, q.trace_stderr) == pytest.approx((9.0, 1.0))
     d = Density.from_quadrature(nodes, weights, dim=4)
     assert (d.trace, d.trace_stderr) == pytest.approx((9.0, 1.0))
+
+
+@pytest.mark.parametrize(
+    "options, words",
+    [
+        ({"num_points": 1}, "num_points must be >= 2"),
+        ({"num_points": 0}, "num_points must be >= 2"),
+        ({"num_points": 2.5}, "num_points must be an integer"),
+        ({"sigma": 0.0}, "sigma must be a finite number > 0"),
+        ({"sigma": -1.0}, "sigma must be a finite number > 0"),
+        ({"sigma": float("nan")}, "sigma must be a finite number > 0"),
+        ({"sigma": float("inf")}, "sigma must be a finite number > 0"),
+        ({"sigma": "0.1"}, "sigma must be a number"),
+        ({"kernel": "papyan", "kappa": 1.0}, "kappa must be a finite number > 1"),
+        ({"kernel": "papyan", "kappa": 0.5}, "kappa must be a finite number > 1"),
+        ({"kernel": "log", "kappa": float("nan")}, "kappa must be a finite number > 1"),
+    ],
+)
+def test_bad_smoothing_arguments_are_refused_in_one_line(options, words):
+    # they gave IndexError (num_points=1), ZeroDivisionError (sigma=0, kappa=1), "math
+    # domain error" (kappa<1) or, silently, an all-NaN density (sigma=nan) and a width of
+    # |sigma| (sigma=-1)
+    nodes, weights = np.array([[0.0, 2.0]]), np.array([[0.5, 0.5]])
+    with pytest.raises(SharpscopeError, match=words) as info:
+        smooth_density(nodes, weights, **options)
+    assert "\n" not in str(info.value)
+
+
+def test_a_two_point_grid_and_a_kappa_just_above_one_are_accepted():
+    nodes, weights = np.array([[0.0, 2.0]]), np.array([[0.5, 0.5]])
+    grid, values, _ = smooth_density(nodes, weights, num_points=2)
+    assert grid.shape == values.shape == (2,)
+    _, values, info = smooth_density(nodes, weights, kernel="papyan", kappa=1.0001)
+    assert np.isfinite(values).all() and info["kappa"] == 1.0001
