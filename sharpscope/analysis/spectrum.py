@@ -536,6 +536,24 @@ top-k always runs)
     return skipped
 
 
+def check_deflate(deflate: int, dim: int) -> None:
+    """Refuse a deflation that leaves SLQ no direction: ``0 <= deflate < P``.
+
+    >>> check_deflate(17, 17)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: deflate=17 must be < the number of parameters (17): \
+the density needs at least one direction left
+    """
+    if deflate < 0:
+        raise SharpscopeError(f"deflate must be >= 0 (0: no deflation), got {deflate}")
+    if deflate >= dim:
+        raise SharpscopeError(
+            f"deflate={deflate} must be < the number of parameters ({dim}): the density "
+            "needs at least one direction left"
+        )
+
+
 def check_block_options(
     block_size: int, backend: str, restart_size: int | None, return_eigenvectors: bool
 ) -> None:
@@ -912,8 +930,7 @@ def _density_from_op(
         if isinstance(deflate, EigenPairs):
             pairs = deflate
         else:
-            if deflate >= op.dim:
-                raise SharpscopeError(f"deflate={deflate} must be < the number of parameters")
+            check_deflate(deflate, op.dim)
             pairs = lanczos_top_k(
                 op,
                 int(deflate),
@@ -1091,6 +1108,8 @@ def spectrum(
     op = build_operator(
         model, data, loss, batch_size=batch_size, device=device, dtype=dtype, **operator_options
     )
+    if "density" not in skipped:  # before the top-k's products, not after them
+        check_deflate(deflate, op.dim)
     meta = _meta(op, meta, seed, data, backend=backend)
     counts: dict[str, float] = {}
 

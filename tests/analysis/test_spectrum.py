@@ -636,3 +636,26 @@ def test_resmooth_refuses_bad_arguments_in_one_line():
             density.resmooth(**options)
         assert "\n" not in str(info.value), options
     assert density.resmooth(sigma=0.5).sigma == 0.5
+
+
+def test_spectrum_refuses_deflating_every_direction_before_the_top_k():
+    # deflate=P with k=P reused the top-k's vectors: the top-k ran (P products), then SLQ
+    # failed with "Lanczos needs at least one step, got num_steps=10"
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 2))
+    data = (torch.randn(30, 2), torch.randint(0, 2, (30,)))
+    op = HessianOperator(model, data, hvp_mode="reverse")
+    assert op.dim == 17
+    before = op.hvp_count
+    for deflate in (17, 18):
+        with pytest.raises(
+            SharpscopeError, match=f"deflate={deflate} must be < the number of parameters \\(17\\)"
+        ):
+            spectrum(op, k=17, deflate=deflate, num_lanczos_steps=10)
+    with pytest.raises(SharpscopeError, match="deflate must be >= 0"):
+        spectrum(op, k=3, deflate=-1, num_lanczos_steps=10)
+    assert op.hvp_count == before  # refused before any product
+    with pytest.raises(SharpscopeError, match="deflate=17 must be < the number of parameters"):
+        spectral_density(op, deflate=17)
+    result = spectrum(op, k=17, deflate=16, num_probes=1, num_lanczos_steps=1)
+    assert result.density is not None and len(result.density.deflated) == 16
