@@ -38,6 +38,7 @@ from ..curvature.lanczos import (
     block_lanczos_top_k,
     check_tol,
     lanczos_top_k,
+    products_dtype,
 )
 from ..curvature.operator import HessianOperator
 from ..curvature.slq import (
@@ -468,7 +469,7 @@ def _meta(op: HessianOperator, meta: RunMeta | None, seed: int, data: Any, **ext
         data=data,
         num_samples=op.num_examples,
         seed=seed,
-        dtype=op.dtype,
+        dtype=products_dtype(op),  # a mixed-dtype model's least precise (mixed_dtypes)
         device=op.device,
         mode=op.bn_mode,
         num_params=op.dim,
@@ -605,7 +606,9 @@ def _top_from_op(
     if max_steps is None:
         max_steps = default_max_steps(k)
     check_tol(tol)  # the pyhessian backend too; "1e-3" is one line, before any warning
-    if op.dtype == torch.float32 and 0 < tol < FLOAT32_NOISE_FLOOR:  # a bad tol: one error
+    if (
+        products_dtype(op) == torch.float32 and 0 < tol < FLOAT32_NOISE_FLOOR
+    ):  # a bad tol: one error
         warnings.warn(
             f"tol {tol:g} is below the noise floor of float32 Hessian-vector products (about "
             f"{FLOAT32_NOISE_FLOOR:g} relative): the converged flags then vouch for the Lanczos "

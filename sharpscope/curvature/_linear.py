@@ -123,6 +123,7 @@ def as_operator(A: Any, dim: int | None = None) -> LinearOperator:
             A.hvp_block,
             A.dtype,
             A.device,
+            products_dtype=getattr(A, "products_dtype", None),  # a mixed-dtype model's
             symmetry_advice=getattr(A, "symmetry_advice", None),
         )
     if isinstance(A, np.ndarray):

@@ -96,16 +96,19 @@ def check_symmetric(
     >>> check_symmetric(2.0, 2.1, 5.0, (torch.float32,))
     Traceback (most recent call last):
     ...
-    sharpscope.errors.SharpscopeError: the operator is not symmetric: uᵀHv = 2 but vᵀHu = 2.1 \
-(scale 5); for a Hessian, an operation in the model has a wrong \
-second derivative in PyTorch (e.g. torch.nn.utils.parametrizations.weight_norm): try the other \
-hvp_mode, or write that layer with plain tensor operations
+    sharpscope.errors.SharpscopeError: the operator is not symmetric: uᵀHv = 2 but vᵀHu = 2.1, \
+a difference of 0.02 of the scale 5 (tolerance 1e-4 in float32); for a Hessian, an operation \
+in the model has a wrong second derivative in PyTorch (e.g. \
+torch.nn.utils.parametrizations.weight_norm): try the other hvp_mode, or write that layer with \
+plain tensor operations
     """
     rtol = 1e-8 if all(d == F64 for d in dtypes) else 1e-4
     if abs(coupling - beta) > rtol * scale:
+        rounded = next((d for d in dtypes if d != F64), F64)
         raise SharpscopeError(
-            f"the operator is not symmetric: uᵀHv = {coupling:.6g} but vᵀHu = {beta:.6g} "
-            f"(scale {scale:.3g}); for a Hessian, an "
+            f"the operator is not symmetric: uᵀHv = {coupling:.6g} but vᵀHu = {beta:.6g}, "
+            f"a difference of {abs(coupling - beta) / scale:.2g} of the scale {scale:.3g} "
+            f"(tolerance {f'{rtol:.0e}'.replace('e-0', 'e-')} in {str(rounded).removeprefix('torch.')}); for a Hessian, an "
             "operation in the model has a wrong second derivative in PyTorch (e.g. "
             "torch.nn.utils.parametrizations.weight_norm): "
             + (advice or "try the other hvp_mode, or write that layer with plain tensor operations")

@@ -160,6 +160,22 @@ def resolve_device(device: Any, local_rank: int = 0) -> torch.device:
     return pick_device(device, local_rank)
 
 
+def _floating_tensors(model: nn.Module) -> Iterator[Tensor]:
+    """The model's floating-point parameters and buffers."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return (t for t in tensors if t.is_floating_point())
+
+
+def least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype of the largest machine epsilon: the rounding of a computation
+    that mixes them.
+
+    >>> least_precise(torch.float64, torch.float32, torch.float64)
+    torch.float32
+    """
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)
+
+
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     """dtype of the first floating tensor and device of the first tensor (parameters,
     then buffers): defined for any model (one without trainable parameters is refused
@@ -231,7 +247,12 @@ class HessianOperator:
         device: "auto" (CUDA when present), a device, or None for the model's device.
         dtype: None (the model's), or float64 for the validation mode (a float64 copy).
             A float16/bfloat16 model needs float32 or float64 here (half precision is
-            refused: its products are rounded far above what Lanczos resolves).
+            refused: its products are rounded far above what Lanczos resolves). A given
+            dtype casts every floating parameter and buffer (a copy). With None a model
+            of mixed dtypes (a float64 head on a float32 body) runs as it is: its
+            products are rounded at its least precise dtype (:attr:`products_dtype`),
+            which sets Lanczos's symmetry tolerance, and floating data are read in the
+            dtype of its first floating tensor.
         hvp_mode: "auto" (time both once, keep the faster), "forward" or "reverse"
             (tried once on the first batch: a model or loss lacking that derivative is
             refused in one line here, not inside a Krylov method).
@@ -274,6 +295,12 @@ class HessianOperator:
         hvp_count: products so far, in full passes over the data.
         grad_count: gradient passes so far.
         param_names, param_shapes: the layout of θ (``model.parameters()`` order).
+        dtype: the analysis dtype (the requested one, else the model's first floating
+            tensor's), in which floating data are read.
+        products_dtype: the least precise floating dtype of ``dtype`` and the module's
+            tensors: the rounding of the products.
+        mixed_dtypes: the module's floating dtypes when it has several (recorded as
+            ``mixed_dtypes`` in :meth:`describe`), else empty.
         max_block_size: vectors per vmapped block product (smaller after a block that
             did not fit in device memory).
         batches_halved: how often the local batches were halved because a single
@@ -342,14 +369,29 @@ class HessianOperator:
         else:
             self.rank, self.world_size = 0, 1
 
-        # The module actually run: the model itself, or a copy when something must change.
-        needs_copy = self.device != model_device or self.dtype != model_dtype or bn_mode == "batch"
+        # The module actually run: the model itself, or a copy when something must change
+        # (a requested dtype casts every floating tensor: a float64 head on a float32 body
+        # whose first parameter is float64 is copied too).
+        floating = {t.dtype for t in _floating_tensors(model)}
+        recast = requested is not None and any(d != requested for d in floating)
+        needs_copy = self.device != model_device or recast or bn_mode == "batch"
         module = copy.deepcopy(model) if needs_copy else model
         if needs_copy:
             module = module.to(device=self.device, dtype=self.dtype)
         if bn_mode == "batch":
             torch.func.replace_all_batch_norm_modules_(module)  # stats never updated
         self.module = module
+        #: the least precise floating dtype among the data's and the module's tensors: the
+        #: rounding of the products (Lanczos's symmetry tolerance, the copy-search window)
+        module_dtypes = {t.dtype for t in _floating_tensors(module)}
+        self.products_dtype = least_precise(self.dtype, *module_dtypes)
+        check_not_half(self.products_dtype)  # a bfloat16 head on a float32 body too
+        #: the module's floating dtypes when they are several (recorded), else empty
+        self.mixed_dtypes = (
+            sorted(str(d).removeprefix("torch.") for d in module_dtypes)
+            if len(module_dtypes) > 1
+            else []
+        )
         # vmapped blocks pay off on accelerators; on the CPU they measured slower per vector
         # than one product at a time (bench spectrum) and multiply the memory.
         default_block = 16 if self.device.type == "cuda" else 1
@@ -541,7 +583,7 @@ class HessianOperator:
         default. Two gradient passes; not counted as HVPs.
         """
         if eps is None:
-            eps = 1e-5 if self.dtype == F64 else 1e-3
+            eps = 1e-5 if self.products_dtype == F64 else 1e-3
         step = self.unflatten(v.to(self.device, F64) * eps)
         plus = {n: p + step[n] for n, p in self._params.items()}
         minus = {n: p - step[n] for n, p in self._params.items()}
@@ -603,7 +645,7 @@ class HessianOperator:
             self.grad_seconds = time.perf_counter() - start
             loss2, grad2 = self.loss_and_gradient(keep_graph=keep_graph)
             if self.bn_folded and not _passes_agree(loss1, grad1, loss2, grad2):
-                if _fold_agrees(loss1, grad1, loss2, grad2, self.dtype):
+                if _fold_agrees(loss1, grad1, loss2, grad2, self.products_dtype):
                     loss1, grad1 = loss2, grad2  # rounding: the folded model, once more
                 else:
                     self.module, self.bn_folded, self.bn_fold_rejected = self._unfolded, [], True
@@ -1136,6 +1178,7 @@ class HessianOperator:
             "graph_reused": self._reuse_graph and self.hvp_mode == "reverse",
             "bn_folded": list(self.bn_folded),
             "bn_fold_rejected": self.bn_fold_rejected,
+            **({"mixed_dtypes": self.mixed_dtypes} if self.mixed_dtypes else {}),
         }
 
 

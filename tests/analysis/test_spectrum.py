@@ -659,3 +659,24 @@ def test_spectrum_refuses_deflating_every_direction_before_the_top_k():
         spectral_density(op, deflate=17)
     result = spectrum(op, k=17, deflate=16, num_probes=1, num_lanczos_steps=1)
     assert result.density is not None and len(result.density.deflated) == 16
+
+
+def test_a_mixed_dtype_model_records_its_least_precise_dtype():
+    class Mixed(nn.Module):  # float64 first layer, float32 head
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.c = nn.Linear(4, 6).double(), nn.Linear(6, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.tanh(self.a(x.to(self.a.weight.dtype)))
+            return self.c(h.to(self.c.weight.dtype))
+
+    torch.manual_seed(0)
+    model, data = Mixed(), (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    exact = torch.linalg.eigvalsh(dense_hessian(model, data)).flip(0)
+    result = top_eigenvalues(model, data, k=2)
+    torch.testing.assert_close(result.eigenvalues, exact[:2], rtol=1e-5, atol=0)
+    assert result.meta.dtype == "float32"
+    assert result.meta.extra["mixed_dtypes"] == ["float32", "float64"]
+    trace = hessian_trace(model, data)  # P = 51 <= 99 probes: the exact path
+    assert trace.trace == pytest.approx(float(exact.sum()), rel=1e-5)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from sharpscope.curvature import HessianOperator, dense_hessian
+from sharpscope.curvature import HessianOperator, dense_hessian, lanczos_top_k
 from sharpscope.errors import SharpscopeError
 
 from cases import product_function
@@ -723,3 +723,61 @@ def test_preflight_refuses_a_gradient_that_differs_between_passes():
     x, y = torch.randn(16, 4, dtype=F64), torch.randint(0, 3, (16,))
     with pytest.raises(SharpscopeError, match="two passes"):
         HessianOperator(GradientNoise().double(), (x, y), hvp_mode="reverse")
+
+
+class MixedNet(nn.Module):
+    """A float64 first layer and a float32 head; the forward follows the weights' dtypes."""
+
+    def __init__(self, head_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 6).double()
+        self.c = nn.Linear(6, 3).to(head_dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.a(x.to(self.a.weight.dtype)))
+        return self.c(h.to(self.c.weight.dtype))
+
+
+def mixed_case(head_dtype: torch.dtype = torch.float32):
+    torch.manual_seed(0)
+    model = MixedNet(head_dtype)
+    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    return model, data, dense_hessian(model, data)  # of a float64 copy
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_a_float64_first_float32_later_model_is_rounded_at_float32(mode):
+    # its first parameter is float64, so the operator took float64 for the whole model and
+    # held its float32 products to float64's symmetry tolerance (1e-8): every Hessian
+    # function refused it as "not symmetric", with two equal numbers in the message
+    model, data, H = mixed_case()
+    op = HessianOperator(model, data, hvp_mode=mode)
+    assert op.module is model  # as it is: no dtype was asked for
+    assert op.dtype == F64 and op.products_dtype == torch.float32
+    assert op.describe()["mixed_dtypes"] == ["float32", "float64"]
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert rel(op.hvp(v), H @ v) <= 1e-5
+    pairs = lanczos_top_k(op, k=3)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:3]
+    assert all(pairs.converged)
+    torch.testing.assert_close(pairs.eigenvalues, exact, rtol=1e-5, atol=0)
+
+
+def test_dtype_float64_casts_every_floating_tensor_of_a_mixed_model():
+    # with a float64 first parameter, dtype="float64" made no copy: the head stayed float32
+    model, data, H = mixed_case()
+    op = HessianOperator(model, data, dtype="float64")
+    assert op.module is not model
+    assert {p.dtype for p in op.module.parameters()} == {F64}
+    assert model.c.weight.dtype == torch.float32  # the user's model is left as it was
+    assert op.products_dtype == F64 and "mixed_dtypes" not in op.describe()
+    V = torch.randn(3, op.dim, generator=torch.Generator().manual_seed(2), dtype=F64)
+    assert rel(op.hvp_block(V), V @ H) <= 1e-12
+
+
+def test_a_half_precision_part_of_a_mixed_model_is_refused_in_one_line():
+    model, data, _ = mixed_case(torch.bfloat16)
+    with pytest.raises(SharpscopeError, match="products in bfloat16 .*dtype='float32'"):
+        HessianOperator(model, data)
+    op = HessianOperator(model, data, dtype="float32")  # the float copy it names
+    assert op.products_dtype == torch.float32
