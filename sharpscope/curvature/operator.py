@@ -306,10 +306,17 @@ class HessianOperator:
         batches_halved: how often the local batches were halved because a single
             product or gradient pass did not fit (eval mode only; same L, ∇L and Hv).
 
+    An operator is a snapshot of the weights it was built at: its pre-flight numbers,
+    HVP mode and (reverse mode) gradient graph belong to them, and without a copy it reads
+    the model's own parameters. Changed in place afterwards (an optimizer step,
+    ``load_state_dict``; seen by their version counters), the operator refuses every
+    further product, loss or gradient in one line; build a new one for the new weights.
+
     Raises:
         SharpscopeError: no trainable parameters, empty data, a model or loss that fails
-            on the data, non-finite loss/gradient, two passes that disagree, or a
-            float16/bfloat16 evaluation dtype (the model's or ``dtype``).
+            on the data, non-finite loss/gradient, two passes that disagree, a
+            float16/bfloat16 evaluation dtype (the model's or ``dtype``), or (later) a
+            product after the parameters changed.
     """
 
     def __init__(
@@ -407,11 +414,13 @@ class HessianOperator:
                 f"'^fc\\.' or 'layer3'), got {type(param_filter).__name__}"
             )
         pattern = re.compile(param_filter) if param_filter else None
+        frozen = 0
         for name, p in module.named_parameters():
             if p.requires_grad and (pattern is None or pattern.search(name)):
                 selected[name] = p.detach()
             else:
                 consts[name] = p.detach()
+                frozen += 1
         for name, b in module.named_buffers():
             consts[name] = b
         if not selected:
@@ -422,6 +431,9 @@ class HessianOperator:
             )
         self._params = selected
         self._consts = consts
+        # the parameters (trainable or not) whose in-place change would change H
+        self._watched = [*selected.values(), *list(consts.values())[:frozen]]
+        self._versions = None  # recorded once the operator is built
         self.param_names = list(selected)
         self.param_shapes = [tuple(p.shape) for p in selected.values()]
         self._numels = [p.numel() for p in selected.values()]
@@ -479,6 +491,8 @@ class HessianOperator:
             self.hvp_mode = self._choose_mode((hvp_mode,))
         if self.hvp_mode != "reverse":
             self._graph = None
+        # a snapshot: the parameters' version counters, checked before every pass
+        self._versions: list[int] | None = [t._version for t in self._watched]
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:
@@ -582,6 +596,7 @@ class HessianOperator:
         For tests only (analysis.md §1): ε ≈ 1e-5 in float64, 1e-3 in float32 by
         default. Two gradient passes; not counted as HVPs.
         """
+        self._check_unchanged()
         if eps is None:
             eps = 1e-5 if self.products_dtype == F64 else 1e-3
         step = self.unflatten(v.to(self.device, F64) * eps)
@@ -755,14 +770,32 @@ class HessianOperator:
             raise
 
     # ------------------------------------------------------- device memory
+    def _check_unchanged(self) -> None:
+        """Refuse to go on when the model's parameters were changed in place since the
+        operator was built (their version counters moved: an optimizer step,
+        ``load_state_dict``). The operator reads the parameters themselves, not a copy,
+        and holds state of the weights it was built at (the pre-flight numbers, the
+        mode choice, reverse mode's gradient graph): reverse mode failed with autograd's
+        raw in-place error, forward mode silently followed the new weights."""
+        if self._versions is None:
+            return
+        if any(t._version != v for t, v in zip(self._watched, self._versions)):
+            raise SharpscopeError(
+                "the model's parameters changed since this HessianOperator was built (an "
+                "optimizer step or load_state_dict, say): an operator is a snapshot of the "
+                "weights it was built at; build a new HessianOperator for the new weights"
+            )
+
     def _fitting(self, compute: Callable[[], _T]) -> _T:
         """``compute()``; when it runs out of device memory, halve the batches and rerun.
 
         In eval mode the batches are only a way to read D: L, ∇L and Hv are the same
         for any partition (weights n_b/N), so a batch that does not fit is split in two
         (down to one example); in batch-statistics mode the partition is part of the
-        function and running out of memory is final.
+        function and running out of memory is final. Refused when the parameters changed
+        since the operator was built (:meth:`_check_unchanged`).
         """
+        self._check_unchanged()
         while True:
             try:
                 return compute()

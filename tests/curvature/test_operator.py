@@ -781,3 +781,57 @@ def test_a_half_precision_part_of_a_mixed_model_is_refused_in_one_line():
         HessianOperator(model, data)
     op = HessianOperator(model, data, dtype="float32")  # the float copy it names
     assert op.products_dtype == torch.float32
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_an_operator_refuses_products_after_the_weights_changed(mode):
+    # reverse mode failed with autograd's raw "modified by an inplace operation" error;
+    # forward mode silently followed the new weights (while its pre-flight numbers and
+    # mode choice described the old ones): which one a user got depended on auto timing
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    op = HessianOperator(model, data, hvp_mode=mode)
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    first = op.hvp(v)
+    F.cross_entropy(model(data[0]), data[1]).backward()  # .grad only: not a change
+    model.zero_grad()
+    torch.testing.assert_close(op.hvp(v), first, rtol=0, atol=0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    F.cross_entropy(model(data[0]), data[1]).backward()
+    opt.step()
+    for call in (
+        lambda: op.hvp(v),
+        lambda: op.hvp_block(v.repeat(2, 1)),
+        op.loss,
+        op.loss_and_gradient,
+        lambda: op.finite_difference_hvp(v),
+    ):
+        with pytest.raises(SharpscopeError, match="changed since this HessianOperator was built"):
+            call()
+    fresh = HessianOperator(model, data, hvp_mode=mode)
+    assert not torch.equal(fresh.hvp(v), first)
+
+
+def test_a_frozen_parameter_changed_in_place_is_seen_too():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model[0].weight.requires_grad_(False)
+    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    op = HessianOperator(model, data, hvp_mode="forward")
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    with pytest.raises(SharpscopeError, match="changed since"):
+        op.hvp(torch.ones(op.dim, dtype=F64))
+
+
+def test_a_copied_model_is_a_snapshot_unaffected_by_later_training():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+    op = HessianOperator(model, data, dtype="float64")  # a float64 copy
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    first = op.hvp(v)
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    torch.testing.assert_close(op.hvp(v), first, rtol=1e-12, atol=0)
