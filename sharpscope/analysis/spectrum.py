@@ -750,8 +750,10 @@ def top_eigenvalues(
             (:func:`~sharpscope.curvature.block_lanczos_top_k`): it finds eigenvalues of
             multiplicity up to ``block_size`` with their multiplicity, which single-vector
             Lanczos misses beside a bulk (a mean-MSE Hessian I_C ⊗ XᵀX repeats each value C
-            times: ``block_size=C``). ``max_steps`` then counts products (blocks x size);
-            no eigenvectors, no restarts.
+            times: ``block_size=C``), and more where its block Krylov space runs out (it
+            goes on from fresh blocks, as single-vector Lanczos does). ``max_steps`` then
+            counts products (blocks x size; the last block takes what is left, so k
+            values come back); no eigenvectors, no thick restarts.
         backend: "sharpscope" (default) or "pyhessian" (its power iteration).
         meta: provenance to extend (the CLI passes the checkpoint and data spec).
         **operator_options: ``hvp_mode``, ``bn_mode``, ``weight_decay``,

@@ -783,23 +783,45 @@ def block_lanczos_top_k(
     With a block of ``b`` start vectors the Krylov space holds ``b`` directions of every
     eigenspace, so an eigenvalue of multiplicity up to ``b`` is found with its
     multiplicity. :math:`A V_j = V_{j-1} B_{j-1}^T + V_j A_j + V_{j+1} B_j`; the band
-    matrix T is solved densely; the residual of Ritz pair i is :math:`\|B_j S_{j,i}\|`.
-    Products go through the operator's block (vmapped) path. Meant for checks.
+    matrix T is solved densely. The residual block :math:`W_j` (:math:`A V_j` minus its
+    projection on the basis) gives Ritz pair i the residual :math:`\|W_j^T S_{j,i}\|`;
+    :math:`V_{j+1}` spans the directions of :math:`W_j` above 1e-10 :math:`|\theta_1|`
+    (its singular vectors; fresh random directions for the rest) and
+    :math:`B_j = V_{j+1} W_j^T`. Products go through the operator's block (vmapped) path.
+    Meant for checks.
+
+    The run never returns fewer than ``k`` values: the last block is as large as the
+    budget ``min(max_steps, P)`` leaves (its best-aligned directions of :math:`W_j`; the
+    part of :math:`W_j` left out, :math:`E`, is kept in the residuals as
+    :math:`\|E\|\,\|S_{j:,i}\|`, which bounds what it couples to the rows from block j
+    on). When the block Krylov space is invariant (:math:`\|W_j\| \le`
+    ``tol`` :math:`\max|\theta|`, or 1e-10 of it) it holds at most ``b`` copies of each
+    eigenvalue, so, as in :func:`top_k_verdict`, the run continues from a fresh block
+    coupled by 0 (the left-out :math:`\|W_j\|` kept as above) and stops only when a
+    fresh block's invariant space (or its converged most wanted value) adds no value
+    wanted more than the k-th; when the budget ends that search, the values a further
+    copy would displace are flagged unconverged (:func:`unfinished_copy_search`).
 
     Args:
         A: dense symmetric matrix, HessianOperator, or callable (with ``dim``).
         k: number of eigenpairs.
         block_size: vectors per block ``b``.
         which, tol, seed, dim: as in :func:`lanczos_top_k`.
-        max_steps: the most operator applications (blocks * b).
+        max_steps: the most operator applications (the first block is whole even when
+            ``b`` > ``max_steps``).
 
     Returns:
-        :class:`EigenPairs` (no eigenvectors).
+        :class:`EigenPairs` (no eigenvectors), k of them.
 
     >>> A = torch.diag(torch.tensor([5.0, 5.0, 3.0, 1.0, 0.5, 0.2], dtype=torch.float64))
     >>> block_lanczos_top_k(A, k=3, block_size=2).eigenvalues.round(decimals=8).tolist()
     [5.0, 5.0, 3.0]
+    >>> A = torch.diag(torch.arange(7.0, 0.0, -1.0, dtype=torch.float64))
+    >>> block_lanczos_top_k(A, k=7, block_size=2).eigenvalues.round(decimals=8).tolist()
+    [7.0, 6.0, 5.0, 4.0, 3.0, 2.0, 1.0]
     """
+    if which not in WHICH:
+        raise SharpscopeError(f"unknown which='{which}'; choose one of {', '.join(WHICH)}")
     op = as_operator(A, dim)
     n = op.dim
     _check_k(k, n, max_steps, tol)
@@ -811,63 +833,142 @@ def block_lanczos_top_k(
             f"block_size {b} is larger than the number of parameters ({n}); use block_size <= {n}"
         )
     gen = torch.Generator().manual_seed(int(seed))
-    num_blocks = max(1, min(max_steps, n) // b)
+    limit = max(min(int(max_steps), n), b)  # products; the first block is whole
     blocks: list[Tensor] = [_orthonormal_rows(random_vector(n, gen, rows=b).to(op.device), gen=gen)]
     diag: list[np.ndarray] = []
-    off: list[np.ndarray] = []
-    theta = np.zeros(0)
-    residuals = np.zeros(0)
-    idx = np.zeros(0, dtype=int)
-    scale = 1.0
-    matvecs = 0
-    for j in range(num_blocks):
-        V = blocks[j]
+    off: list[np.ndarray] = []  # off[j] = T[block j+1, block j]; zeros after a restart
+    drops: list[tuple[int, float]] = []  # (first row of a block, norm left out of T there)
+    seg_start = 0  # first row of the current Krylov segment (T is block diagonal across)
+    searched: np.ndarray | None = None  # the segment whose copies set off the search
+    verdict: bool | str = False
+    size = matvecs = 0
+    while True:
+        V = blocks[-1]
+        s = V.shape[0]
         W = op.mm(V)
-        matvecs += b
+        matvecs += s
         Aj = V @ W.T
         check_finite_products(Aj)
         Aj = 0.5 * (Aj + Aj.T)
         W = W - Aj @ V
-        if j > 0:
-            W = W - torch.from_numpy(off[-1]).to(W.device) @ blocks[j - 1]
+        if off:
+            W = W - torch.from_numpy(off[-1]).to(W.device) @ blocks[-2]
         basis = torch.cat(blocks)
         W = torch.stack([orthogonalize(w, basis) for w in W])
-        Qt, R = torch.linalg.qr(W.T)  # W^T = V_{j+1}^T B_j  ->  B_j = R
         diag.append(Aj.cpu().numpy())
-        size = (j + 1) * b
-        T = np.zeros((size, size))
-        for i, D in enumerate(diag):
-            T[i * b : (i + 1) * b, i * b : (i + 1) * b] = D
-        for i, B in enumerate(off):
-            T[(i + 1) * b : (i + 2) * b, i * b : (i + 1) * b] = B
-            T[i * b : (i + 1) * b, (i + 1) * b : (i + 2) * b] = B.T
+        size += s
+        T = _band_matrix(diag, off)
         theta, S = np.linalg.eigh(T)
-        Bj = R.cpu().numpy()
-        idx = select(theta, min(k, size), which)
-        residuals = np.linalg.norm(Bj @ S[-b:, idx], axis=0)
         scale = max(float(np.abs(theta).max()), np.finfo(float).tiny)
-        if size >= k and np.all(residuals <= tol * scale):
+        threshold = tol * scale
+        G = (W @ W.T).cpu().numpy()  # the residual block's Gram matrix
+        idx = select(theta, min(k, size), which)
+        residuals = _block_residuals(S, idx, G, drops)
+        U, sigma, _ = torch.linalg.svd(W.T, full_matrices=False)
+        sigma = sigma.cpu().numpy()
+        norm = float(sigma.max()) if sigma.size else 0.0
+        invariant = norm <= max(BREAKDOWN * scale, threshold)
+        segment, seg_S = np.linalg.eigh(T[seg_start:, seg_start:])
+        verdict = _block_verdict(
+            theta, idx, residuals, segment, seg_S, G, seg_start, k, which, threshold, invariant
+        )
+        if verdict is True or size >= n:
+            verdict = True  # the whole space: T is similar to A
             break
-        if size + b > min(max_steps, n):
+        if verdict == RESTART:
+            searched = segment
+        left = limit - size
+        if left <= 0:
             break
-        Vnext = Qt.T.contiguous()
-        rdiag = np.abs(np.diag(Bj))
-        deficient = np.flatnonzero(rdiag < BREAKDOWN * scale)
-        if deficient.size:  # exhausted directions: fresh ones, coupled by 0
-            Bj = Bj.copy()
-            keep = [i for i in range(b) if i not in set(deficient.tolist())]
-            for i in deficient:
-                fresh = random_vector(n, gen).to(W.device)
-                fresh = orthogonalize(fresh, basis, Vnext[keep])
-                Vnext[i] = fresh / torch.linalg.vector_norm(fresh)
-                keep.append(int(i))
-                Bj[i, :] = 0.0
-        off.append(Bj)
+        m = min(b, left)
+        if verdict == RESTART:
+            if norm > 0.0:
+                drops.append((size - s, norm))
+            fresh = random_vector(n, gen, rows=m).to(op.device)
+            off.append(np.zeros((m, s)))
+            blocks.append(_orthonormal_rows(fresh, basis, gen=gen))
+            seg_start = size
+            continue
+        kept = U[:, : min(m, int(np.sum(sigma > BREAKDOWN * scale)))].T
+        if kept.shape[0] < m:  # exhausted directions: fresh ones (coupled by ~0)
+            fresh = random_vector(n, gen, rows=m - kept.shape[0]).to(op.device)
+            kept = torch.cat([kept, _orthonormal_rows(fresh, basis, kept, gen=gen)])
+        Vnext = kept.contiguous()
+        B = Vnext @ W.T  # T[block j+1, block j] = V_{j+1} A V_j^T
+        left_out = float(torch.linalg.matrix_norm(W - B.T @ Vnext, ord=2))
+        if left_out > BREAKDOWN * scale:  # the budget cut the block short
+            drops.append((size - s, left_out))
+        off.append(B.cpu().numpy())
         blocks.append(Vnext)
-    return EigenPairs(
+    pairs = EigenPairs(
         eigenvalues=torch.from_numpy(theta[idx].copy()),
         residuals=torch.from_numpy(residuals),
         converged=[bool(r <= tol * scale) for r in residuals],
         num_matvecs=matvecs,
-        num_steps=len(diag) * b,
+        num_steps=size,
     )
+    if searched is not None and verdict is not True:  # the budget ended a search for copies
+        pairs = unfinished_copy_search(pairs, theta, idx, searched, which, tol)
+    return pairs
+
+
+def _band_matrix(diag: list[np.ndarray], off: list[np.ndarray]) -> np.ndarray:
+    """The symmetric block-tridiagonal T of diagonal blocks ``diag`` and sub-diagonal
+    blocks ``off`` (``off[j]`` couples block j+1 to block j), blocks of any sizes."""
+    starts = np.cumsum([0] + [len(D) for D in diag])
+    T = np.zeros((starts[-1], starts[-1]))
+    for i, D in enumerate(diag):
+        T[starts[i] : starts[i + 1], starts[i] : starts[i + 1]] = D
+    for i, B in enumerate(off[: len(diag) - 1]):
+        T[starts[i + 1] : starts[i + 2], starts[i] : starts[i + 1]] = B
+        T[starts[i] : starts[i + 1], starts[i + 1] : starts[i + 2]] = B.T
+    return T
+
+
+def _block_residuals(
+    S: np.ndarray, idx: np.ndarray, G: np.ndarray, drops: list[tuple[int, float]]
+) -> np.ndarray:
+    r"""Ritz residuals of block Lanczos: :math:`\|W^T S_{last,i}\| = \sqrt{s^T G s}` of
+    the last block's rows (G = W Wᵀ), plus :math:`\|E\|\,\|S_{r:,i}\|` for each residual
+    E left out of T at a block starting at row r (a restart or a cut-short block)."""
+    last = S[-len(G) :, idx]
+    residuals = np.sqrt(np.maximum(np.einsum("ri,rq,qi->i", last, G, last), 0.0))
+    for row, norm in drops:
+        residuals = residuals + norm * np.linalg.norm(S[row:, idx], axis=0)
+    return residuals
+
+
+def _block_verdict(
+    theta: np.ndarray,
+    idx: np.ndarray,
+    residuals: np.ndarray,
+    segment: np.ndarray,
+    seg_S: np.ndarray,
+    G: np.ndarray,
+    seg_start: int,
+    k: int,
+    which: str,
+    threshold: float,
+    invariant: bool,
+) -> bool | str:
+    """:func:`top_k_verdict` for block Lanczos: True (stop), False (go on) or
+    :data:`RESTART` (a fresh block, coupled by 0). ``segment``, ``seg_S``: the Ritz pairs
+    of the current segment (T's diagonal block from row ``seg_start``); ``G``: the Gram
+    matrix of the residual block."""
+    size = theta.size
+    if size < k:
+        return RESTART if invariant else False
+    converged = bool(np.all(residuals <= threshold))
+    if seg_start == 0:  # an invariant first segment proves nothing about further copies
+        return RESTART if invariant else converged
+    kth = float(preference(theta[idx], which).min())
+    wanted = preference(segment, which)
+    adds = bool(np.any(wanted > kth + threshold))  # another copy of a wanted value
+    if invariant:
+        return RESTART if adds else True
+    # the segment's most wanted Ritz value must have converged too (the earlier
+    # segments' values have no residual here)
+    last = seg_S[-len(G) :, int(np.argmax(wanted))]
+    if float(np.sqrt(max(last @ G @ last, 0.0))) > threshold or not converged:
+        return False
+    return RESTART if adds else True

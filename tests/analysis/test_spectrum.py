@@ -680,3 +680,14 @@ def test_a_mixed_dtype_model_records_its_least_precise_dtype():
     assert result.meta.extra["mixed_dtypes"] == ["float32", "float64"]
     trace = hessian_trace(model, data)  # P = 51 <= 99 probes: the exact path
     assert trace.trace == pytest.approx(float(exact.sum()), rel=1e-5)
+
+
+def test_top_eigenvalues_with_a_block_returns_k_values():
+    # block_size=2 with max_steps=5 ran two whole blocks and returned 4 values: TopEigs.k
+    # was 4 and lambda_5 None, silently
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data = (torch.randn(20, 3, dtype=torch.float64), torch.randint(0, 3, (20,)))
+    result = top_eigenvalues(model, data, k=5, block_size=2, max_steps=5)
+    assert result.k == 5 and len(result.converged) == 5 and result.lambda_5 is not None
+    assert result.hvp_count == 5

@@ -538,3 +538,81 @@ def test_a_basis_larger_than_the_free_memory_is_one_line(monkeypatch, planted_ma
     with pytest.raises(SharpscopeError, match="--restart-size"):
         thick_restart_lanczos_top_k(A, 2, restart_size=20, max_steps=60)
     assert len(lanczos(A, 19).alpha) == 19  # what fits is taken
+
+
+def _mlp_hessian() -> torch.Tensor:
+    """The dense float64 Hessian of a small MLP's cross-entropy (P = 38)."""
+    from sharpscope.curvature import dense_hessian
+
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 3)).double()
+    data = (torch.randn(20, 3, dtype=F64), torch.randint(0, 3, (20,)))
+    return dense_hessian(model, data)
+
+
+@pytest.mark.parametrize(("k", "block_size"), [(38, 3), (37, 3), (38, 5), (30, 7), (38, 4)])
+def test_block_lanczos_returns_k_values_when_the_blocks_do_not_fill_the_budget(k, block_size):
+    # only whole blocks ran (min(max_steps, P) // b of them), so k = P with b = 3 gave 36
+    # values, silently (TopEigs.k smaller than asked, lambda_5 and ratio null)
+    H = _mlp_hessian()
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    pairs = block_lanczos_top_k(H, k=k, block_size=block_size, tol=1e-8, max_steps=100)
+    assert len(pairs.eigenvalues) == len(pairs.converged) == len(pairs.residuals) == k
+    assert all(pairs.converged) and pairs.num_matvecs == 38  # the whole space: exact
+    torch.testing.assert_close(pairs.eigenvalues, exact[:k], rtol=0, atol=1e-12)
+
+
+def test_block_lanczos_takes_a_partial_last_block_from_max_steps():
+    A = torch.diag(torch.arange(7.0, 0.0, -1.0, dtype=F64))
+    pairs = block_lanczos_top_k(A, k=7, block_size=2)  # it gave 6 values: 6.99, 5.88, ...
+    torch.testing.assert_close(pairs.eigenvalues, torch.arange(7.0, 0.0, -1.0, dtype=F64))
+    assert all(pairs.converged) and pairs.num_matvecs == 7
+    H = _mlp_hessian()
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    cut = block_lanczos_top_k(H, k=5, block_size=2, max_steps=5)  # it gave 4 values
+    assert len(cut.eigenvalues) == 5 and cut.num_matvecs == 5
+    for value, residual, ok in zip(cut.eigenvalues, cut.residuals, cut.converged):
+        # every value is within its residual bound of a true eigenvalue
+        assert float((exact - value).abs().min()) <= float(residual) + 1e-12
+        assert not ok or abs(float(value) - float(exact[0])) <= 1e-5 * float(exact.abs().max())
+
+
+def _kron_hessian(copies: int = 10) -> torch.Tensor:
+    """Mean MSE of nn.Linear(2, C): (2/(NC)) I_C ⊗ [X 1]ᵀ[X 1], 3 values, each C times."""
+    torch.manual_seed(0)
+    x = torch.cat([torch.randn(40, 2, dtype=F64), torch.ones(40, 1, dtype=F64)], dim=1)
+    return torch.kron(torch.eye(copies, dtype=F64), 2 * x.T @ x / (40 * copies))
+
+
+@pytest.mark.parametrize("block_size", [1, 2, 3, 5, 10])
+def test_block_lanczos_finds_more_copies_than_its_block_when_its_space_runs_out(block_size):
+    # once the block Krylov space was invariant every residual was 0, so the convergence
+    # test stopped the run before the exhaustion branch: block_size=2 returned
+    # [λ1, λ1, λ2, λ2, λ3], all flagged converged, where λ1 is 10 times repeated
+    H = _kron_hessian()
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    pairs = block_lanczos_top_k(H, k=5, block_size=block_size, tol=1e-8, max_steps=300)
+    torch.testing.assert_close(pairs.eigenvalues, exact[:5], rtol=1e-10, atol=0)
+    assert all(pairs.converged)
+    sa = block_lanczos_top_k(H, k=12, block_size=block_size, which="SA", tol=1e-8, max_steps=300)
+    torch.testing.assert_close(sa.eigenvalues, exact.flip(0)[:12].flip(0), rtol=1e-10, atol=0)
+
+
+@pytest.mark.parametrize("block_size", [2, 3, 4])
+def test_block_lanczos_on_two_thirtyfold_values(planted_matrix, block_size):
+    A = planted_matrix(torch.cat([torch.full((30,), 2.0), torch.full((30,), -2.0)]), seed=4)
+    pairs = block_lanczos_top_k(A, k=5, block_size=block_size, tol=1e-8)  # gave -2 among them
+    torch.testing.assert_close(pairs.eigenvalues, torch.full((5,), 2.0, dtype=F64))
+    assert all(pairs.converged)
+
+
+def test_a_budget_that_ends_the_block_copy_search_flags_what_a_copy_would_displace():
+    # b = 2 from a space of 3 values, each 10 times: 3 blocks (6 products) reach an
+    # invariant space holding 2 copies of each; max_steps = 6 ends the run there
+    H = _kron_hessian()
+    exact = torch.linalg.eigvalsh(H).flip(0)
+    pairs = block_lanczos_top_k(H, k=5, block_size=2, tol=1e-8, max_steps=6)
+    assert pairs.num_matvecs == 6 and len(pairs.eigenvalues) == 5
+    top = abs(pairs.eigenvalues - exact[0]) <= 1e-10
+    assert top.tolist() == [True, True, False, False, False]
+    assert pairs.converged == top.tolist()  # only λ1's copies are certainly wanted
