@@ -20,7 +20,7 @@ import logging
 import os
 import sys
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -514,6 +514,87 @@ class ScalarLoss:
 
     def __repr__(self) -> str:
         return f"ScalarLoss({self.path!r})"
+
+
+#: examples the parameter-reading check runs the model on
+LOSS_CHECK_EXAMPLES = 8
+
+
+def check_loss_reads_outputs_only(
+    loss_fn: LossFn,
+    outputs: Tensor,
+    targets: Tensor,
+    parameters: Iterable[Tensor],
+    analysis: str,
+) -> None:
+    """Refuse, in one line, a loss whose value depends on the model's ``parameters``.
+
+    The analyses that differentiate or evaluate the loss at parameter values of their
+    own (the Hessian operator and dense Hessian, m-sharpness, epsilon-sharpness, PAC-Bayes
+    flatness) run the model through ``functional_call`` on those values
+    and then call ``loss_fn(outputs, targets)``: a term that reads ``model.parameters()``
+    inside the loss (an L2 regulariser (λ/2)·||θ||², a
+    temperature held on the model) sees the model's own tensors instead, so it would be
+    held fixed at the current weights: dropped from the Hessian and the gradient,
+    silently. The test: ``loss_fn(outputs.detach(), targets)`` has a gradient with respect
+    to one of ``parameters`` (a backward through the loss alone; a loss with learnable
+    state of its own, not the model's, passes). A loss that fails here is left to the
+    analysis's own checks, which name the cause.
+
+    >>> net = nn.Linear(2, 2)
+    >>> out, y = net(torch.ones(3, 2)), torch.tensor([0, 1, 0])
+    >>> check_loss_reads_outputs_only(F.cross_entropy, out, y, net.parameters(), "the Hessian")
+    >>> def regularised(o, t):
+    ...     return F.cross_entropy(o, t) + 0.1 * net.weight.square().sum()
+    >>> check_loss_reads_outputs_only(regularised, out, y, net.parameters(), "the Hessian")
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: the loss reads the model's parameters (a regulariser \
+over model.parameters(), say), which the Hessian does not follow: it runs the model on parameter \
+values of its own and then calls loss(outputs, targets), so that term would stay fixed at the \
+current weights; make the loss a function of the outputs and targets alone (an L2 term \
+(wd/2)·||θ||² is weight_decay= of the Hessian functions)
+    """
+    watched = [p for p in parameters if isinstance(p, Tensor) and p.requires_grad]
+    if not watched:
+        return
+    try:
+        with torch.enable_grad():
+            value = loss_fn(outputs.detach(), targets)
+            if not isinstance(value, Tensor) or not value.requires_grad:
+                return
+            grads = torch.autograd.grad(value.sum(), watched, allow_unused=True)
+    except Exception:  # noqa: BLE001 - the analysis's own checks name the failure
+        return
+    if any(g is not None for g in grads):
+        raise SharpscopeError(
+            "the loss reads the model's parameters (a regulariser over model.parameters(), "
+            f"say), which {analysis} does not follow: it runs the model on parameter values "
+            "of its own and then calls loss(outputs, targets), so that term would stay fixed "
+            "at the current weights; make the loss a function of the outputs and targets "
+            "alone (an L2 term (wd/2)·||θ||² is weight_decay= of the Hessian functions)"
+        )
+
+
+def check_model_loss(
+    loss_fn: LossFn, model: nn.Module, inputs: Tensor, targets: Tensor, analysis: str
+) -> None:
+    """:func:`check_loss_reads_outputs_only` on the outputs of ``model`` (in eval mode,
+    without gradients, modes restored) for the first :data:`LOSS_CHECK_EXAMPLES` of
+    ``inputs``; a model that fails here is left to the analysis's own checks."""
+    from .modes import eval_mode
+
+    if any(nn.parameter.is_lazy(p) for p in model.parameters()):
+        return  # a forward would initialize the user's lazy modules; refused elsewhere
+    try:
+        with torch.no_grad(), eval_mode(model):
+            outputs = model(inputs[:LOSS_CHECK_EXAMPLES])
+    except Exception:  # noqa: BLE001 - reported by the analysis, with its context
+        return
+    if isinstance(outputs, Tensor):
+        check_loss_reads_outputs_only(
+            loss_fn, outputs, targets[:LOSS_CHECK_EXAMPLES], model.parameters(), analysis
+        )
 
 
 def loss_name(loss: Any) -> str:

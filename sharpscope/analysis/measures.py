@@ -38,6 +38,7 @@ from ..device_memory import FittingRows
 from ..errors import SharpscopeError, check, check_autograd
 from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
+from ..registry import check_model_loss
 from ..results import Result, RunMeta
 from ._functional import (
     ParamLayout,
@@ -384,7 +385,8 @@ def epsilon_sharpness(
     )
     batches = [(x.to(dtype) if x.is_floating_point() else x, y) for x, y in batches]
     total = sum(len(y) for _, y in batches)
-    layout = ParamLayout.of(model)
+    layout = ParamLayout.of(model)  # refuses mixed dtypes and lazy modules first
+    check_model_loss(loss_fn, model, *batches[0], "epsilon-sharpness")
     theta = flat_parameters(model, layout)
     w = theta.double().cpu()
     if subspace_dim is None:
@@ -615,7 +617,8 @@ def pac_bayes_flatness(
             "or one-hot rows)"
         )
     total = sum(len(y) for _, y in batches)
-    layout = ParamLayout.of(model)
+    layout = ParamLayout.of(model)  # refuses mixed dtypes and lazy modules first
+    check_model_loss(loss_fn, model, *batches[0], "PAC-Bayes flatness")
     theta = flat_parameters(model, layout)
     w2 = theta.double().cpu().pow(2)
     chunk_size = chunk_size or num_draws

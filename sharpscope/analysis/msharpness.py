@@ -59,6 +59,7 @@ from ..distributed import group_rank_and_size, peers_checked
 from ..errors import check, check_autograd, check_integers, check_numbers, check_seed
 from ..modes import keeps_model_buffers
 from ..precision import ieee_float32
+from ..registry import check_model_loss
 from ..results import Result, RunMeta
 from ._functional import (
     LossFn,
@@ -658,7 +659,8 @@ def split_subsets(
     xs = inputs[:n].to(device).reshape(num_subsets, m, *inputs.shape[1:])
     ys = targets[:n].to(device).reshape(num_subsets, m, *targets.shape[1:])
     classification = is_classification(targets)
-    layout = ParamLayout.of(model)
+    layout = ParamLayout.of(model)  # refuses mixed dtypes and lazy modules first
+    check_model_loss(loss_fn, model, xs[0], ys[0], measure)  # one that reads the weights
     theta = flat_parameters(model, layout)
     evaluator, pairs = (
         fold_batchnorm(model, inputs[:64].to(device), check=True) if fold_bn else (model, [])

@@ -23,6 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batches import as_tensors
 from ..errors import SharpscopeError
+from ..registry import LOSS_CHECK_EXAMPLES, check_loss_reads_outputs_only
 from .operator import effective_bn_mode, resolve_loss
 
 F64 = torch.float64
@@ -77,6 +78,15 @@ def dense_hessian(
     x, y = as_tensors(data)
     x = x.to(F64) if x.is_floating_point() else x
     y = y.to(F64) if y.is_floating_point() else y
+    try:  # a loss reading the (user's) model's parameters is refused
+        with torch.no_grad():
+            out = module(x[:LOSS_CHECK_EXAMPLES])
+    except Exception:  # noqa: BLE001 - the Hessian's own call names the failure
+        out = None
+    if isinstance(out, Tensor):
+        check_loss_reads_outputs_only(
+            loss_fn, out, y[:LOSS_CHECK_EXAMPLES], model.parameters(), "the dense Hessian"
+        )
 
     def mean_loss(flat: Tensor) -> Tensor:
         params, start = {}, 0

@@ -84,8 +84,8 @@ from ..distributed import group_rank_and_size, peers_checked, share
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..precision import HALF_DTYPES, float_dtype, rounding
+from ..registry import LOSS_CHECK_EXAMPLES, check_loss_reads_outputs_only, loss_name
 from ..registry import get_loss as resolve_loss
-from ..registry import loss_name
 from . import mode_cache
 from .fold import fold_batchnorm
 from .mode_cache import device_name
@@ -241,7 +241,9 @@ class HessianOperator:
         data: a pair of tensors, a Dataset, or an iterable of ``(inputs, targets)``
             batches (fixed order, nothing dropped). Moved to the device once.
         loss: "cross_entropy" (default), "mse", a factory path, or a callable
-            ``loss(outputs, targets) -> mean``.
+            ``loss(outputs, targets) -> mean``, a function of those two alone: one that
+            reads the model's parameters (an L2 regulariser) is refused, since it would
+            be held fixed (``weight_decay`` adds (wd/2)·||θ||²).
         batch_size: split tensors/datasets into batches of this size (None: one batch,
             or one per rank when distributed).
         device: "auto" (CUDA when present), a device, or None for the model's device.
@@ -314,7 +316,8 @@ class HessianOperator:
 
     Raises:
         SharpscopeError: no trainable parameters, empty data, a model or loss that fails
-            on the data, non-finite loss/gradient, two passes that disagree, a
+            on the data, a loss that reads the model's parameters (a regulariser: use
+            ``weight_decay``), non-finite loss/gradient, two passes that disagree, a
             float16/bfloat16 evaluation dtype (the model's or ``dtype``), or (later) a
             product after the parameters changed.
     """
@@ -472,6 +475,7 @@ class HessianOperator:
         self.mode_errors: dict[str, str] = {}
         self.hvp_mode_requested = hvp_mode
         self.hvp_mode_cached = False
+        self._check_loss(model)  # before the pre-flight passes: a few examples' forward
         remembered = hvp_mode == "auto" and self.world_size == 1  # ranks must agree
         cached = self._remembered_mode() if remembered else None
         if check:
@@ -493,6 +497,26 @@ class HessianOperator:
             self._graph = None
         # a snapshot: the parameters' version counters, checked before every pass
         self._versions: list[int] | None = [t._version for t in self._watched]
+
+    def _check_loss(self, model: nn.Module) -> None:
+        """Refuse a loss that reads the model's parameters in θ
+        (:func:`~sharpscope.registry.check_loss_reads_outputs_only`): :meth:`_forward_loss`
+        calls it outside ``functional_call``, so such a term would be constant in H."""
+        if not self._batches:
+            return
+        x, y = self._batches[0]
+        try:
+            with self._analysis_mode(), torch.no_grad():
+                out = functional_call(
+                    self.module, (self._params, self._consts), (x[:LOSS_CHECK_EXAMPLES],)
+                )
+        except Exception:  # noqa: BLE001 - the pre-flight check names the failure
+            return
+        named = dict(model.named_parameters())  # the user's tensors, which the loss reads
+        theta = [named[name] for name in self.param_names if name in named]
+        check_loss_reads_outputs_only(
+            self.loss_fn, out, y[:LOSS_CHECK_EXAMPLES], theta, "the Hessian"
+        )
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:

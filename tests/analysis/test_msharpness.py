@@ -1067,3 +1067,25 @@ def test_auto_pgd_counts_only_strict_increases():
             queried = torch.stack([d for d, _, _ in log[1:21]])
             expected = reference_apgd(flat_top, rows, p, norm, rho)
             torch.testing.assert_close(queried, expected, rtol=0, atol=1e-10)
+
+
+def test_the_sharpness_measures_refuse_a_loss_that_reads_the_parameters():
+    # each runs the model on parameter values of its own and then calls the loss, so a
+    # regulariser over model.parameters() stayed fixed at the current weights, silently
+    from sharpscope.analysis import epsilon_sharpness, pac_bayes_flatness
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return nn.functional.cross_entropy(out, t) + 0.1 * model[0].weight.square().sum()
+
+    for name, call in [
+        ("m-sharpness", lambda: m_sharpness(model, data, m=8, rho=0.05, loss=loss)),
+        ("epsilon-sharpness", lambda: epsilon_sharpness(model, data, loss=loss)),
+        ("PAC-Bayes flatness", lambda: pac_bayes_flatness(model, data, loss=loss)),
+    ]:
+        with pytest.raises(SharpscopeError, match=f"which {name} does not follow") as info:
+            call()
+        assert "\n" not in str(info.value)

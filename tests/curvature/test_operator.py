@@ -835,3 +835,60 @@ def test_a_copied_model_is_a_snapshot_unaffected_by_later_training():
     with torch.no_grad():
         model[0].weight.add_(1.0)
     torch.testing.assert_close(op.hvp(v), first, rtol=1e-12, atol=0)
+
+
+def regularised_case(lam: float = 0.5):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    data = (torch.randn(30, 4), torch.randint(0, 3, (30,)))
+
+    def loss(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # CE + (λ/2)||θ||²
+        return F.cross_entropy(out, t) + 0.5 * lam * sum((p**2).sum() for p in model.parameters())
+
+    return model, data, loss
+
+
+@pytest.mark.parametrize("options", [{}, {"dtype": "float64"}, {"hvp_mode": "reverse"}])
+def test_a_loss_that_reads_the_models_parameters_is_refused_in_one_line(options):
+    # the regulariser was evaluated on the model's own tensors, outside functional_call,
+    # so it was a constant: the Hessian of CE alone came back, silently, in every mode
+    model, data, loss = regularised_case()
+    with pytest.raises(SharpscopeError, match="weight_decay=") as info:
+        HessianOperator(model, data, loss, **options)
+    assert "reads the model's parameters" in str(info.value)
+    assert "\n" not in str(info.value)
+    with pytest.raises(SharpscopeError, match="reads the model's parameters"):
+        dense_hessian(model, data, loss)
+
+
+def test_weight_decay_is_the_supported_regulariser_and_matches_the_dense_hessian():
+    lam = 0.5
+    model, data, _ = regularised_case(lam)
+    op = HessianOperator(model, data, dtype="float64", weight_decay=lam)
+    H = dense_hessian(model, data) + lam * torch.eye(op.dim, dtype=F64)
+    V = torch.randn(2, op.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    assert rel(op.hvp_block(V), V @ H) <= 1e-12
+
+
+def test_losses_that_read_no_parameter_of_theta_are_accepted():
+    model, data, _ = regularised_case()
+    temperature = nn.Parameter(torch.tensor(2.0))  # the loss's own learnable state
+
+    def tempered(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out / temperature, t)
+
+    HessianOperator(model, data, tempered)
+    # a parameter outside θ (frozen, or left out by param_filter) is a constant: right
+    model[0].weight.requires_grad_(False)
+
+    def reads_frozen(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, t) + model[0].weight.square().sum()
+
+    HessianOperator(model, data, reads_frozen)
+    model[0].weight.requires_grad_(True)
+
+    def reads_first_layer(out: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(out, t) + model[0].weight.square().sum()
+
+    op = HessianOperator(model, data, reads_first_layer, param_filter="^2\\.")
+    assert op.param_names == ["2.weight", "2.bias"]
