@@ -439,6 +439,20 @@ def _is_transformed(tensor: Tensor) -> bool:
     return bool(is_functorch_wrapped_tensor(tensor))
 
 
+def _in_forward_mode() -> bool:
+    """Whether a ``torch.func.jvp`` transform is active (forward-over-reverse products).
+
+    >>> _in_forward_mode()
+    False
+    """
+    try:
+        from torch._C._functorch import TransformType, get_interpreter_stack
+    except ImportError:  # pragma: no cover - an older or newer torch without it
+        return False
+    stack = get_interpreter_stack() or []
+    return any(level.key() == TransformType.Jvp for level in stack)
+
+
 def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
     """Mean squared error; integer targets are one-hot encoded to the output width.
 
@@ -453,6 +467,13 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
     objective. That pair, the usual ``nn.Linear(d, 1)`` regression, is read as (N,)
     against (N,); any other mismatch is refused (only shapes are read, so this holds
     under ``torch.func`` transforms too).
+
+    Under forward-mode differentiation (the Hessian's forward-over-reverse products,
+    ``jvp(grad(...))``) the same mean (1/n)·Σ_i (o_i − t_i)² is written as
+    ``((outputs - targets) ** 2).mean()``: ``F.mse_loss`` has no working forward-over-
+    reverse derivative in torch 2.13 ("ZeroTensors are immutable"), which left mse only
+    the slower reverse mode. Elsewhere ``F.mse_loss`` runs (autocast computes it in
+    float32); the two give the same value bit for bit on the CPU.
 
     >>> round(_mse(torch.tensor([[1.0], [2.0]]), torch.tensor([1.0, 4.0])).item(), 6)
     2.0
@@ -482,6 +503,8 @@ def _mse(outputs: Tensor, targets: Tensor) -> Tensor:
                 "labels are one-hot encoded, and an (N, 1) output with (N,) float targets "
                 "is read as (N,))"
             )
+    if _in_forward_mode():
+        return ((outputs - targets.to(outputs.dtype)) ** 2).mean()
     return F.mse_loss(outputs, targets.to(outputs.dtype))
 
 

@@ -892,3 +892,27 @@ def test_losses_that_read_no_parameter_of_theta_are_accepted():
 
     op = HessianOperator(model, data, reads_first_layer, param_filter="^2\\.")
     assert op.param_names == ["2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("integer_targets", [False, True])
+def test_the_built_in_mse_has_forward_over_reverse_products(cache, integer_targets):
+    # F.mse_loss has no forward-over-reverse derivative in torch 2.13 ("ZeroTensors are
+    # immutable"): hvp_mode="forward" was refused for loss="mse" and auto always fell
+    # back to reverse mode, recording the failure in hvp_mode_errors
+    from sharpscope.registry import get_loss
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    x = torch.randn(30, 3, dtype=F64)
+    t = torch.randint(0, 4, (30,)) if integer_targets else torch.randn(30, 4, dtype=F64)
+    H = dense_hessian(model, (x, t), "mse")
+    op = HessianOperator(model, (x, t), "mse", hvp_mode="forward")
+    V = torch.randn(2, op.dim, generator=torch.Generator().manual_seed(1), dtype=F64)
+    assert rel(op.hvp_block(V), V @ H) <= 1e-12
+    auto = HessianOperator(model, (x, t), "mse")
+    assert auto.mode_errors == {} and auto.loss_name == "mse"
+    out = model(x)
+    for dtype in (torch.float32, F64):  # outside a transform: F.mse_loss, unchanged
+        o, target = out.detach().to(dtype), (t if integer_targets else t.to(dtype))
+        expected = F.mse_loss(o, F.one_hot(t, 4).to(dtype) if integer_targets else target)
+        assert torch.equal(get_loss("mse")(o, target), expected)
