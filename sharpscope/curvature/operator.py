@@ -727,12 +727,14 @@ class HessianOperator:
 
     def hvp(self, v: Tensor) -> Tensor:
         """Hv (float64, on the device) for a flat vector v of length P; one full pass."""
+        _check_tensor(v, f"a vector of length {self.dim}")
         if v.shape != (self.dim,):
             raise SharpscopeError(f"expected a vector of length {self.dim}, got {tuple(v.shape)}")
         return self._products(v.reshape(1, -1), single=True)[0]
 
     def hvp_block(self, V: Tensor) -> Tensor:
         """H applied to every row of V ``(s, P)`` (float64); vmapped; s full passes."""
+        _check_tensor(V, f"an (s, {self.dim}) block")
         if V.dim() != 2 or V.shape[1] != self.dim:
             raise SharpscopeError(f"expected a (s, {self.dim}) block, got {tuple(V.shape)}")
         return self._products(V, single=False)
@@ -1237,6 +1239,22 @@ class HessianOperator:
             "bn_fold_rejected": self.bn_fold_rejected,
             **({"mixed_dtypes": self.mixed_dtypes} if self.mixed_dtypes else {}),
         }
+
+
+def _check_tensor(value: Any, expected: str) -> None:
+    """One line for a product asked of a non-tensor (a NumPy array, a list).
+
+    >>> _check_tensor([1.0], "a vector of length 1")
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: expected a torch.Tensor (a vector of length 1), got list; \
+convert with torch.as_tensor
+    """
+    if not isinstance(value, Tensor):
+        raise SharpscopeError(
+            f"expected a torch.Tensor ({expected}), got {type(value).__name__}; convert with "
+            "torch.as_tensor"
+        )
 
 
 def _passes_agree(loss1: float, grad1: Tensor, loss2: float, grad2: Tensor) -> bool:

@@ -123,6 +123,11 @@ def thick_restart_lanczos_top_k(
             basis_device=basis_device,
             start=start,
         )
+    if keep == k and size <= k:  # the default keep: name only what top_eigenvalues takes
+        raise SharpscopeError(
+            f"restart_size must be > k (thick restarts keep the k wanted Ritz vectors and "
+            f"add at least one), got k={k}, restart_size={size}"
+        )
     if not k <= keep < size:
         raise SharpscopeError(
             f"thick restarts need k <= keep < restart_size, got k={k}, keep={keep}, "

@@ -916,3 +916,13 @@ def test_the_built_in_mse_has_forward_over_reverse_products(cache, integer_targe
         o, target = out.detach().to(dtype), (t if integer_targets else t.to(dtype))
         expected = F.mse_loss(o, F.one_hot(t, 4).to(dtype) if integer_targets else target)
         assert torch.equal(get_loss("mse")(o, target), expected)
+
+
+def test_a_product_of_a_non_tensor_is_one_line(mlp_case):
+    import numpy as np
+
+    op = HessianOperator(mlp_case.model, mlp_case.data, hvp_mode="reverse")
+    with pytest.raises(SharpscopeError, match="expected a torch.Tensor .*got ndarray"):
+        op.hvp(np.zeros(op.dim))
+    with pytest.raises(SharpscopeError, match="expected a torch.Tensor .*got list"):
+        op.hvp_block([[0.0] * op.dim])

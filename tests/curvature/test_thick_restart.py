@@ -165,7 +165,7 @@ def test_hessian_top5_through_the_analysis_api(mlp_case):
 
 def test_bad_restart_settings_raise_one_clear_error():
     A = torch.eye(30, dtype=F64)
-    with pytest.raises(SharpscopeError, match="k <= keep < restart_size"):
+    with pytest.raises(SharpscopeError, match="restart_size must be > k"):
         thick_restart_lanczos_top_k(A, k=5, restart_size=5)
     with pytest.raises(SharpscopeError, match="k <= keep < restart_size"):
         thick_restart_lanczos_top_k(A, k=5, keep=3)
@@ -179,3 +179,14 @@ def test_a_triple_top_eigenvalue_is_found_three_times_through_thick_restarts(pla
     pairs = thick_restart_lanczos_top_k(A, 3, restart_size=12, tol=1e-8, max_steps=400, seed=0)
     assert pairs.eigenvalues.tolist() == pytest.approx([10.0] * 3, abs=1e-8)
     assert all(pairs.converged)
+
+
+def test_a_restart_size_not_above_k_names_only_restart_size(planted_matrix):
+    # the message named keep, which top_eigenvalues does not take
+    A = planted_matrix(torch.arange(30, 0, -1, dtype=torch.float64), seed=2)
+    for size in (5, 3):
+        with pytest.raises(SharpscopeError, match=r"^restart_size must be > k .*got k=5, ") as info:
+            thick_restart_lanczos_top_k(A, k=5, restart_size=size)
+        assert "keep=" not in str(info.value) and "keep <" not in str(info.value)
+    with pytest.raises(SharpscopeError, match="k <= keep < restart_size"):
+        thick_restart_lanczos_top_k(A, k=5, keep=7, restart_size=7)
