@@ -61,6 +61,7 @@ from ..distributed import group_rank_and_size, peers_checked
 from ..errors import SharpscopeError, check, check_integers, check_numbers, check_seed
 from ..modes import eval_mode, keeps_model_buffers
 from ..precision import ieee_float32
+from ..registry import check_model_loss
 from ..results import Result, RunMeta
 from ._functional import (
     AffineRows,
@@ -615,6 +616,7 @@ def landscape(
     batches = [(b.to(dtype) if b.is_floating_point() else b, t) for b, t in batches]
     classification = is_classification(batches[0][1])
     layout = ParamLayout.of(model)
+    check_model_loss(loss_fn, model, *batches[0], "the landscape")  # vmap, folded BN copies
     theta = flat_parameters(model, layout)
     rank, world = group_rank_and_size(distributed)
     path = Path(out) if out is not None else None

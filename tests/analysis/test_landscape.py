@@ -569,7 +569,8 @@ def test_a_damaged_file_is_refused_on_resume(tmp_path, damage):
 
 class InterruptAfter:
     """Cross-entropy that raises after ``calls`` calls, noting the points ``path`` holds at
-    each call (the loop makes one call per point, vmap one per block)."""
+    each call (the loop makes one call per point, vmap one per block; the loss check before
+    them, with gradients on, is not counted)."""
 
     __name__ = "cross_entropy"
 
@@ -577,7 +578,7 @@ class InterruptAfter:
         self.calls, self.path, self.error, self.held = calls, path, error, []
 
     def __call__(self, out, t):
-        if self.calls is not None:
+        if self.calls is not None and not torch.is_grad_enabled():  # a point, not the check
             self.held.append(
                 int(LandscapeResult.load(self.path).computed.sum()) if self.path.exists() else 0
             )
@@ -1171,6 +1172,8 @@ class _CountingLoss:
         self.calls, self.stop = 0, stop
 
     def __call__(self, out, t):
+        if torch.is_grad_enabled():  # the loss check before any point (check_model_loss)
+            return nn.functional.cross_entropy(out, t)
         if self.stop is not None and self.calls >= self.stop:
             raise KeyboardInterrupt("simulated interruption")
         self.calls += 1
@@ -1350,3 +1353,19 @@ def test_resuming_around_other_batchnorm_statistics_is_refused(tmp_path):
     landscape(net, (x, y), 1, directions=other, out=towards, max_points=2, **kw)
     with pytest.raises(SharpscopeError, match=r"along other directions \(another second model"):
         landscape(net, (x, y), 1, directions=restats, out=towards, **kw)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_a_loss_that_reads_the_weights_is_refused_as_by_the_other_analyses(vectorize):
+    """CE + (λ/2)||θ||² over model.parameters(): the loop, which sets the weights in place,
+    followed the term, while vmap and folded BatchNorm copies held it at the centre's
+    weights, so the same loss gave two landscapes; it is refused, as the Hessian does."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 3))
+    x, y = class_data(n=12, d=4)
+
+    def regularised(out, t):
+        return nn.functional.cross_entropy(out, t) + 0.1 * net[0].weight.square().sum()
+
+    with pytest.raises(SharpscopeError, match="the loss reads the model's parameters"):
+        landscape(net, (x, y), 1, grid=3, loss=regularised, vectorize=vectorize)
