@@ -400,7 +400,8 @@ def register(app: typer.Typer) -> None:
         model: Optional[str] = typer.Option(
             None,
             "--model",
-            help="mlp, cnn1d, cnn, resnet20/32/56, wrn, vit or module:function [default: cnn1d].",
+            help="mlp, cnn1d, cnn, resnet20/32/56, resnet (--model-opt depth=6n+2), wrn, vit or "
+            "module:function [default: cnn1d].",
         ),
         optimizer: Optional[str] = typer.Option(
             None,

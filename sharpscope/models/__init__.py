@@ -14,16 +14,17 @@ name       inputs                options (defaults)
 mlp        any (flattened)       width=256, depth=2, activation=relu, norm=none
 cnn1d      (L,) or (C, L)        width=32, depth=3, norm=batch
 cnn        (C, H, W)             width=8, depth=2, norm=batch
-resnet20   (C, H, W)             width=16, norm=batch, shortcut=B
-resnet32   (C, H, W)             as resnet20
-resnet56   (C, H, W)             as resnet20
+resnet     (C, H, W)             depth=20 (6n + 2), width=16, norm=batch, shortcut=B
+resnet20   (C, H, W)             as resnet, depth 20
+resnet32   (C, H, W)             as resnet, depth 32
+resnet56   (C, H, W)             as resnet, depth 56
 wrn        (C, H, W)             depth=16, width=4, dropout=0.0, norm=batch
 vit        (C, H, W), (C, L), (L,)  patch=4, dim=64, depth=4, heads=4, mlp_ratio=2, dropout=0
 ========== ===================== =============================================
 
 >>> import torch
 >>> model_names()
-['cnn', 'cnn1d', 'mlp', 'resnet20', 'resnet32', 'resnet56', 'vit', 'wrn']
+['cnn', 'cnn1d', 'mlp', 'resnet', 'resnet20', 'resnet32', 'resnet56', 'vit', 'wrn']
 >>> MODELS["cnn1d"]((40,), 10, norm="layer")(torch.zeros(3, 40)).shape
 torch.Size([3, 10])
 """
@@ -52,6 +53,7 @@ MODELS: dict[str, ModelFactory] = {
     "mlp": mlp,
     "cnn1d": cnn1d,
     "cnn": cnn,
+    "resnet": resnet,
     "resnet20": resnet20,
     "resnet32": resnet32,
     "resnet56": resnet56,
@@ -65,6 +67,7 @@ MODEL_OPTIONS: dict[str, dict[str, Option]] = {
     "mlp": _mlp.OPTIONS,
     "cnn1d": CNN1D_OPTIONS,
     "cnn": CNN_OPTIONS,
+    "resnet": _resnet.DEPTH_OPTIONS,
     "resnet20": _resnet.OPTIONS,
     "resnet32": _resnet.OPTIONS,
     "resnet56": _resnet.OPTIONS,

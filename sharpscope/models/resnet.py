@@ -122,15 +122,21 @@ class ResNet(nn.Module):
         return self.head(self.pool(self.blocks(x)))
 
 
+#: the options of the registered ``resnet``, whose depth is an option
+#: (6n + 2 with n >= 1 is checked by the factory, in a message that says so)
+DEPTH_OPTIONS = {"depth": Option(20, int), **OPTIONS}
+
+
 def resnet(
     input_shape: tuple[int, ...], num_classes: int, depth: int = 20, **options: Any
 ) -> ResNet:
-    """A CIFAR ResNet of depth ``6n + 2`` (20, 32, 44, 56, 110, ...).
+    """A CIFAR ResNet of depth ``6n + 2`` (20, 32, 44, 56, 110, ...): the registry's
+    ``resnet`` (``--model resnet --model-opt depth=44``).
 
     Args:
         input_shape: ``(C, H, W)``; any size (stride 2 twice, then global pooling).
         num_classes: output width.
-        depth: 6n + 2 layers with weights (n basic blocks per stage).
+        depth: 6n + 2 layers with weights (n basic blocks per stage), at least 8.
         **options: ``width`` (16: channels of the first stage; stages have width, 2·width,
             4·width, as in He et al.), ``norm`` ("batch" | "layer" | "group" | "none", see
             :mod:`sharpscope.models.norm`), ``shortcut`` ("A": parameter-free subsample and
@@ -145,40 +151,57 @@ def resnet(
         SharpscopeError: bad depth, unknown option, bad value or bad shape.
 
     ResNet-20 on CIFAR-10 has 0.27M parameters (He et al., Table 6): 269,722 with
-    option A, 272,474 with B.
+    option A, 272,474 with B; ResNet-110 1.7M.
 
     >>> sum(p.numel() for p in resnet((3, 32, 32), 10, 20, shortcut="A").parameters())
     269722
+    >>> sum(p.numel() for p in resnet((3, 32, 32), 10, depth="110", shortcut="A").parameters())
+    1727962
     """
-    name = f"resnet{depth}"
+    return _build("resnet", input_shape, num_classes, {"depth": depth, **options}, DEPTH_OPTIONS)
+
+
+def _build(
+    name: str,
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    options: dict[str, Any],
+    spec: dict[str, Option],
+    depth: int | None = None,
+) -> ResNet:
     shape = check_input_shape(name, input_shape, num_classes, (3,), "(C, H, W)")
-    if isinstance(depth, bool) or not isinstance(depth, int) or depth < 8 or (depth - 2) % 6:
+    opts = resolve_options(name, options, spec)
+    depth = opts.pop("depth", depth)
+    assert depth is not None
+    if depth < 8 or (depth - 2) % 6:
         raise SharpscopeError(
             f"model '{name}': ResNet depth must be 6n + 2 (20, 32, 44, 56, 110), got {depth!r}"
         )
-    opts = resolve_options(name, options, OPTIONS)
     return ResNet(shape[0], num_classes, depth, **opts)
 
 
-def _without_depth(name: str, options: dict[str, Any]) -> dict[str, Any]:
+def _fixed_depth(
+    name: str, depth: int, input_shape: tuple[int, ...], num_classes: int, options: dict[str, Any]
+) -> ResNet:
     if "depth" in options:
         raise SharpscopeError(
-            f"model '{name}' has its depth in its name; for another depth use "
-            f'{{name = "resnet", depth = ...}} (6n + 2) or resnet20/32/56'
+            f"model '{name}' has its depth in its name; for another depth use --model resnet "
+            f'--model-opt depth=N (TOML {{name = "resnet", depth = N}}), N = 6n + 2 '
+            "(20, 32, 44, 56, 110, ...)"
         )
-    return options
+    return _build(name, input_shape, num_classes, options, OPTIONS, depth)
 
 
 def resnet20(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ResNet:
     """ResNet-20 (n = 3); options as :func:`resnet`."""
-    return resnet(input_shape, num_classes, 20, **_without_depth("resnet20", options))
+    return _fixed_depth("resnet20", 20, input_shape, num_classes, options)
 
 
 def resnet32(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ResNet:
     """ResNet-32 (n = 5); options as :func:`resnet`."""
-    return resnet(input_shape, num_classes, 32, **_without_depth("resnet32", options))
+    return _fixed_depth("resnet32", 32, input_shape, num_classes, options)
 
 
 def resnet56(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ResNet:
     """ResNet-56 (n = 9); options as :func:`resnet`."""
-    return resnet(input_shape, num_classes, 56, **_without_depth("resnet56", options))
+    return _fixed_depth("resnet56", 56, input_shape, num_classes, options)

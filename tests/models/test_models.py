@@ -22,6 +22,7 @@ SUPPORTED = {
     "mlp": {MNIST1D, DIGITS, CIFAR},
     "cnn1d": {MNIST1D},
     "cnn": {DIGITS, CIFAR},
+    "resnet": {DIGITS, CIFAR},
     "resnet20": {DIGITS, CIFAR},
     "resnet32": {DIGITS, CIFAR},
     "resnet56": {DIGITS, CIFAR},
@@ -33,6 +34,7 @@ EXTRA_SHAPES = {
     "mlp": [(2, 3)],
     "cnn1d": [(2, 40), (3, 7)],
     "cnn": [(3, 10, 14), (2, 1, 1)],
+    "resnet": [(3, 10, 14)],
     "resnet20": [(3, 10, 14), (2, 1, 1)],
     "resnet32": [],
     "resnet56": [],
@@ -44,6 +46,7 @@ SMALL = {
     "mlp": ((40,), {"width": 16}),
     "cnn1d": ((40,), {"width": 8}),
     "cnn": ((1, 8, 8), {}),
+    "resnet": ((3, 8, 8), {"width": 2, "depth": 8}),
     "resnet20": ((3, 8, 8), {"width": 4}),
     "resnet32": ((3, 8, 8), {"width": 2}),
     "resnet56": ((3, 8, 8), {"width": 2}),
@@ -170,6 +173,7 @@ def test_unknown_option_names_valid_options(name):
     valid = {"mlp": ["width", "depth", "activation", "norm"], "cnn1d": ["width", "depth", "norm"]}
     valid["cnn"] = valid["cnn1d"]
     valid |= {f"resnet{d}": ["width", "norm", "shortcut"] for d in (20, 32, 56)}
+    valid["resnet"] = ["depth", *valid["resnet20"]]
     valid["wrn"] = ["depth", "width", "dropout", "norm"]
     valid["vit"] = ["patch", "dim", "depth", "heads", "mlp_ratio", "dropout"]
     for option in valid[name]:
@@ -399,3 +403,39 @@ def test_hessian_vector_product_matches_finite_differences(name):
 def test_a_fixed_depth_resnet_refuses_a_depth_option():
     with pytest.raises(SharpscopeError, match="has its depth in its name"):
         build_model({"name": "resnet20", "depth": 20}, (3, 32, 32), 10)
+
+
+def test_the_advice_for_another_resnet_depth_works():
+    # bug B1 (session 29): the refusal named a model `resnet` that was not registered
+    with pytest.raises(SharpscopeError) as info:
+        build_model({"name": "resnet56", "depth": 110}, CIFAR, 10)
+    assert "--model resnet --model-opt depth=N" in str(info.value)
+    assert '{name = "resnet", depth = N}' in str(info.value)
+    # He et al.'s ResNet-44 and -110 (0.66M and 1.7M, option A), from the command line's text
+    for depth, count in (("44", 658_586), (110, 1_727_962), (20.0, 269_722)):
+        model = build_model({"name": "resnet", "depth": depth, "shortcut": "a"}, CIFAR, 10)
+        assert num_parameters(model) == count
+    assert num_parameters(build_model("resnet", CIFAR, 10)) == num_parameters(
+        build_model("resnet20", CIFAR, 10)
+    )
+    for bad in (21, 2, "x", 20.5):
+        with pytest.raises(SharpscopeError, match="'resnet'.*depth"):
+            build_model({"name": "resnet", "depth": bad}, CIFAR, 10)
+
+
+def test_a_fixed_depth_resnet_lists_no_depth_option():
+    with pytest.raises(SharpscopeError) as info:
+        build_model({"name": "resnet20", "bogus": 1}, CIFAR, 10)
+    assert "depth" not in str(info.value)
+
+
+def test_resolved_resnet_spec_records_its_depth():
+    from sharpscope.models import resolved_model_spec
+
+    assert resolved_model_spec({"name": "resnet", "depth": "44"}) == {
+        "name": "resnet",
+        "depth": 44,
+        "width": 16,
+        "norm": "batch",
+        "shortcut": "B",
+    }
