@@ -42,9 +42,58 @@ def check_autograd(what: str) -> None:
         )
 
 
+def torchscript_problem(
+    model: Any, fix: str = "use the Python nn.Module it was made from"
+) -> str | None:
+    """What is wrong with analysing ``model`` when it is, or holds, a TorchScript module
+    (``torch.jit.script``/``trace``): ``torch.func`` (functional_call, vmap), and so the
+    Hessian, m-sharpness, the landscape and the measures, cannot run it. None otherwise.
+
+    >>> import torch
+    >>> torchscript_problem(torch.nn.Linear(2, 2)) is None
+    True
+    """
+    import torch
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.jit.ScriptModule):
+            what = f"the model's submodule '{name}' is" if name else "the model is"
+            return (
+                f"{what} a TorchScript module (torch.jit.script or trace), which torch.func "
+                "cannot run, so no analysis (Hessian, m-sharpness, landscape, measures) could "
+                f"read it: {fix}"
+            )
+    return None
+
+
+def meta_problem(model: Any) -> str | None:
+    """What is wrong with ``model`` when a parameter or buffer is on the ``meta`` device
+    (shapes without values: built under ``torch.device("meta")`` and never materialized).
+    None otherwise.
+
+    >>> import torch
+    >>> with torch.device("meta"):
+    ...     model = torch.nn.Linear(2, 2)
+    >>> meta_problem(model)[:61]
+    "the model's weight is on the meta device (a shape, no values)"
+    """
+    import itertools
+
+    for name, tensor in itertools.chain(model.named_parameters(), model.named_buffers()):
+        if tensor.is_meta:
+            return (
+                f"the model's {name} is on the meta device (a shape, no values): "
+                "materialize the model (model.to_empty(device=...) and initialize its "
+                "weights) before using it"
+            )
+    return None
+
+
 def check_initialized(model: Any) -> None:
-    """One line for a model with uninitialized lazy parameters (``nn.LazyLinear`` before
-    its first call): they have no shape to analyse yet."""
+    """One line for a model that has nothing to analyse yet or cannot be analysed: lazy
+    parameters (``nn.LazyLinear`` before its first call) have no shape yet, ``meta``
+    tensors no values (:func:`meta_problem`), and a TorchScript module cannot run under
+    ``torch.func`` (:func:`torchscript_problem`). Every analysis passes here."""
     import torch
 
     for name, p in model.named_parameters():
@@ -53,6 +102,9 @@ def check_initialized(model: Any) -> None:
                 f"the model's parameter {name} is not initialized yet (a lazy module): "
                 "run the model once on an input before analysing it"
             )
+    problem = meta_problem(model) or torchscript_problem(model)
+    if problem is not None:
+        raise SharpscopeError(problem)
 
 
 #: the largest seed taken: torch's generators hold 64 bits, and derived seeds add offsets

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .errors import SharpscopeError, first_line, loss_value_problem
+from .errors import SharpscopeError, first_line, loss_value_problem, meta_problem
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -422,6 +422,9 @@ def build_model(
                 f"model factory '{spec['factory']}' returned {type(model).__name__}, "
                 "not an nn.Module"
             )
+        problem = meta_problem(model)
+        if problem is not None and torch.get_default_device().type != "meta":
+            raise SharpscopeError(f"model factory '{spec['factory']}': {problem}")
         return model
     name = spec["name"]
     if name not in MODELS:

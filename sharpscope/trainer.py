@@ -48,7 +48,7 @@ from .distributed import (
     peers_checked,
     reduce_each_gradient,
 )
-from .errors import SharpscopeError, check_seed, first_line
+from .errors import SharpscopeError, check_seed, first_line, torchscript_problem
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .locking import exclusive_lock, locked_on_main, make_folder
@@ -827,6 +827,21 @@ def _hold_out_folder(out: Path, held: contextlib.ExitStack) -> None:
     held.callback(remove_if_empty)  # runs before the lock is released
 
 
+def _check_trainable(model: nn.Module) -> None:
+    """Refuse, before any file is written, a model that trains but could not be analysed
+    (TorchScript), or that has nothing to train (its first step failed in backward)."""
+    problem = torchscript_problem(model, "return the Python nn.Module (not scripted) to train")
+    if problem is not None:
+        raise SharpscopeError(problem)
+    if not any(p.requires_grad for p in model.parameters()):
+        which = (
+            "no trainable parameters (all requires_grad=False?)"
+            if any(True for _ in model.parameters())
+            else "no parameters at all"
+        )
+        raise SharpscopeError(f"the model has {which}: there is nothing to train")
+
+
 def _train(
     config: TrainConfig, resume: bool, before_training: Callable[[], None] | None
 ) -> TrainSummary:
@@ -860,7 +875,9 @@ def _train(
             f"batch size {config.batch_size} is larger than the {num_train} training examples"
         )
     loss_fn = get_loss(config.loss)
-    model = build_model(config.model, train_split.input_shape, train_split.num_classes).to(device)
+    model = build_model(config.model, train_split.input_shape, train_split.num_classes)
+    _check_trainable(model)
+    model = model.to(device)
     train_split, test_split, val_split = (
         _in_model_dtype(split, model) for split in (train_split, test_split, val_split)
     )

@@ -415,6 +415,11 @@ def register(app: typer.Typer) -> None:
             trust_factories=trust_factories,
         )
         num_params = inputs.meta.num_params
+        if num_params == 0:  # not "use k <= 0", which --k refuses
+            raise SharpscopeError(
+                "the model has no trainable parameters (all requires_grad=False?): there is "
+                "no Hessian to analyse"
+            )
         if num_params is not None and k > num_params:  # before the pre-flight's work
             raise SharpscopeError(
                 f"k={k} is larger than the number of parameters ({num_params}); use k <= "

@@ -1,0 +1,170 @@
+"""Models that train or analyse badly are refused in one line, before any file is written
+(session 29 models audit, bugs B2, B4, B5): a TorchScript model, a model with nothing to
+train, a factory model on the meta device."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import sharpscope as ss
+from sharpscope.cli import app
+from sharpscope.errors import SharpscopeError
+from sharpscope.registry import build_model
+from sharpscope.trainer import train
+
+from cases import train_config
+
+runner = CliRunner()
+
+FACTORIES = """
+import warnings
+import torch
+from torch import nn
+
+def plain():
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 10))
+
+def scripted():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated in newer torch
+        return torch.jit.script(plain())
+
+def frozen():
+    return plain().requires_grad_(False)
+
+def empty():
+    return nn.Flatten()
+
+def meta():
+    with torch.device("meta"):
+        return plain()
+
+def bn():
+    return nn.Sequential(nn.Linear(40, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
+
+def bn_conv():
+    return nn.Sequential(
+        nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.Flatten(),
+        nn.Linear(4 * 38, 10),
+    )
+"""
+
+
+@pytest.fixture
+def factories(tmp_path):
+    path = tmp_path / "fac.py"
+    path.write_text(FACTORIES)
+    return lambda name: {"factory": f"{path}:{name}"}
+
+
+def _refused(folder, message, **changes):
+    """``train`` refuses in one line matching ``message`` and leaves ``folder`` empty."""
+    with pytest.raises(SharpscopeError) as info:
+        train(train_config(folder, **changes))
+    text = str(info.value)
+    assert "\n" not in text
+    assert message in text, text
+    assert not folder.exists() or not any(folder.iterdir())
+    return text
+
+
+def _scripted(model):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.jit.script(model)
+
+
+# ------------------------------------------------------------------ B2: TorchScript
+
+
+def test_a_torchscript_model_is_refused_before_training(tmp_path, factories):
+    text = _refused(tmp_path / "o", "is a TorchScript module", model=factories("scripted"))
+    assert "return the Python nn.Module" in text
+
+
+@pytest.mark.parametrize("where", ["top", "submodule"])
+def test_every_analysis_refuses_a_torchscript_model_in_one_line(where):
+    torch.manual_seed(0)
+    linear = nn.Linear(4, 2)
+    model = _scripted(linear) if where == "top" else nn.Sequential(_scripted(linear))
+    data = (torch.randn(16, 4), torch.randint(0, 2, (16,)))
+    calls = [
+        lambda: ss.top_eigenvalues(model, data, k=1),
+        lambda: ss.hessian_trace(model, data),
+        lambda: ss.m_sharpness(model, data, m=4, rho=0.05),
+        lambda: ss.landscape(model, data, dims=1, grid=3),
+    ]
+    for call in calls:
+        with pytest.raises(SharpscopeError, match="TorchScript module") as info:
+            call()
+        assert "\n" not in str(info.value)
+        if where == "submodule":
+            assert "submodule '0'" in str(info.value)
+
+
+# ------------------------------------------------------------------ B4: nothing to train
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("frozen", "the model has no trainable parameters (all requires_grad=False?)"),
+        ("empty", "the model has no parameters at all"),
+    ],
+)
+@pytest.mark.parametrize("optimizer", ["sgd", "sam"])
+def test_a_model_with_nothing_to_train_is_refused_before_any_file(
+    tmp_path, factories, name, message, optimizer
+):
+    _refused(tmp_path / "o", message, model=factories(name), optimizer={"name": optimizer})
+
+
+def test_spectrum_of_a_frozen_model_does_not_suggest_k_0(tmp_path, factories):
+    train(train_config(tmp_path / "run", model=factories("plain"), epochs=1))
+    args = [
+        "spectrum",
+        str(tmp_path / "run" / "last.pt"),
+        "--model",
+        factories("frozen")["factory"],
+        "--samples",
+        "32",
+        "--k",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    (line,) = result.stderr.strip().splitlines()[-1:]
+    assert line.startswith("error: the model has no trainable parameters"), line
+    assert "k <=" not in result.stderr
+
+
+# ------------------------------------------------------------------ B5: meta device
+
+
+def test_a_factory_model_on_the_meta_device_is_one_line(tmp_path, factories):
+    text = _refused(tmp_path / "o", "on the meta device", model=factories("meta"))
+    assert "fac.py:meta" in text and "to_empty" in text
+    with pytest.raises(SharpscopeError, match="meta device"):
+        build_model(factories("meta"), (40,), 10)
+    with torch.device("meta"):  # asked for on purpose: a meta build stays possible
+        assert build_model(factories("plain"), (40,), 10)[1].weight.is_meta
+        assert build_model({"name": "resnet20"}, (3, 32, 32), 10).head.weight.is_meta
+
+
+def test_the_analyses_refuse_a_model_on_the_meta_device():
+    with torch.device("meta"):
+        model = nn.Linear(4, 2)
+    data = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    for call in (
+        lambda: ss.top_eigenvalues(model, data, k=1),
+        lambda: ss.m_sharpness(model, data, m=4, rho=0.05),
+    ):
+        with pytest.raises(SharpscopeError, match="on the meta device"):
+            call()
