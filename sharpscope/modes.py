@@ -79,3 +79,50 @@ def batchnorm_without_running_stats(model: nn.Module) -> str | None:
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.running_mean is None:
             return name
     return None
+
+
+def batchnorm_on_one_value(model: nn.Module, example: torch.Tensor) -> str | None:
+    """The name of the first BatchNorm in train mode that sees one value per channel when
+    ``model`` runs on one example (``example``, a batch of one): a BatchNorm over plain
+    features, or over conv maps of 1x1. In train mode PyTorch refuses to normalize that
+    ("Expected more than 1 value per channel when training"), so a training step whose
+    forward pass holds one example fails there. None when there is no such layer.
+
+    The model runs once, in eval mode (statistics are not updated) and without gradients;
+    a model that does not run on the example is left to the caller's own check.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    >>> batchnorm_on_one_value(net, torch.zeros(1, 3))
+    '1'
+    >>> conv = nn.Sequential(nn.Conv1d(1, 2, 3), nn.BatchNorm1d(2))
+    >>> batchnorm_on_one_value(conv, torch.zeros(1, 1, 5)) is None
+    True
+    """
+    found: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[1]:
+                if x[:1].numel() // x.shape[1] <= 1 and name not in found:
+                    found.append(name)
+
+        return record
+
+    training = [
+        (name, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.training
+    ]
+    if not training:
+        return None
+    handles = [module.register_forward_pre_hook(hook(name)) for name, module in training]
+    try:
+        with eval_mode(model), torch.no_grad():
+            model(example[:1])
+    except Exception:  # noqa: BLE001 - the model's own failure is reported elsewhere
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return found[0] if found else None

@@ -52,6 +52,7 @@ from .errors import SharpscopeError, check_seed, first_line, torchscript_problem
 from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .locking import exclusive_lock, locked_on_main, make_folder
+from .modes import batchnorm_on_one_value
 from .precision import float_dtype
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
@@ -842,6 +843,42 @@ def _check_trainable(model: nn.Module) -> None:
         raise SharpscopeError(f"the model has {which}: there is nothing to train")
 
 
+def _check_batchnorm_examples(
+    model: nn.Module, split: DataSplit, config: TrainConfig, info: DistInfo, splits: int
+) -> None:
+    """Refuse, before any file is written, a step whose forward pass holds one example when
+    a BatchNorm in train mode sees one value per channel (over plain features): PyTorch
+    fails there with a traceback. The examples per forward pass are the batch, per process
+    under torchrun (all processes with SyncBatchNorm), per bSAM split (m-sharpness's
+    ``m`` is checked by the optimizer itself)."""
+    per_rank = config.batch_size // info.world_size
+    per_pass = per_rank // splits
+    if info.enabled and config.sync_bn:
+        per_pass *= info.world_size
+    if per_pass > 1:
+        return
+    name = batchnorm_on_one_value(model, split.inputs[:1])
+    if name is None:
+        return
+    if splits > 1:
+        why = (
+            f"bsam splits {splits} cut a batch of {per_rank}"
+            + (" per process" if info.world_size > 1 else "")
+            + " into chunks as small as one example"
+        )
+        fix = f"use splits <= {per_rank // 2} or a larger --batch-size"
+    elif info.world_size > 1:
+        why = f"--batch-size {config.batch_size} leaves one example per process"
+        fix = f"use --batch-size {2 * info.world_size} or more"
+    else:
+        why = "--batch-size 1 runs the model on one example per step"
+        fix = "use --batch-size 2 or more"
+    raise SharpscopeError(
+        f"{why}, and BatchNorm '{name}' in train mode cannot normalize a single example "
+        f"(one value per channel); {fix}, or a model without BatchNorm"
+    )
+
+
 def _train(
     config: TrainConfig, resume: bool, before_training: Callable[[], None] | None
 ) -> TrainSummary:
@@ -916,6 +953,7 @@ def _train(
             + (" per process" if info.world_size > 1 else "")
             + f"; use splits <= {per_rank} or a larger --batch-size"
         )
+    _check_batchnorm_examples(model, train_split, config, info, splits)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(config.schedule, step, steps_per_epoch, config.epochs),

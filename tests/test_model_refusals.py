@@ -1,6 +1,6 @@
 """Models that train or analyse badly are refused in one line, before any file is written
-(session 29 models audit, bugs B2, B4, B5): a TorchScript model, a model with nothing to
-train, a factory model on the meta device."""
+(session 29 models audit, bugs B2-B5): a TorchScript model, a BatchNorm step of one
+example, a model with nothing to train, a factory model on the meta device."""
 
 from __future__ import annotations
 
@@ -105,6 +105,54 @@ def test_every_analysis_refuses_a_torchscript_model_in_one_line(where):
         assert "\n" not in str(info.value)
         if where == "submodule":
             assert "submodule '0'" in str(info.value)
+
+
+# ------------------------------------------------------------------ B3: BatchNorm on one example
+
+
+def test_a_batchnorm_step_of_one_example_is_refused_before_training(tmp_path, factories):
+    _refused(
+        tmp_path / "a",
+        "--batch-size 1 runs the model on one example per step, and BatchNorm '1'",
+        model=factories("bn"),
+        batch_size=1,
+    )
+    _refused(
+        tmp_path / "b",
+        "bsam splits 4 cut a batch of 4 into chunks as small as one example",
+        model=factories("bn"),
+        batch_size=4,
+        optimizer={"name": "bsam", "splits": 4},
+    )
+    _refused(
+        tmp_path / "c",
+        "use splits <= 2",
+        model={"name": "mlp", "width": 8, "depth": 1, "norm": "batch"},
+        batch_size=5,
+        optimizer={"name": "bsam", "splits": 3},  # chunks of 2, 2 and 1
+    )
+
+
+def test_batchnorm_over_more_than_one_value_trains_with_one_example(tmp_path, factories):
+    """A conv BatchNorm normalizes over the positions too: one example is enough."""
+    dataset = {"name": "mnist1d", "samples": 8}
+    train(
+        train_config(tmp_path, model=factories("bn_conv"), batch_size=1, epochs=1, dataset=dataset)
+    )
+    assert (tmp_path / "last.pt").exists()
+
+
+def test_batchnorm_on_one_value_names_the_layer_and_leaves_the_model_as_it_was():
+    from sharpscope.modes import batchnorm_on_one_value
+
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert batchnorm_on_one_value(model, torch.randn(5, 3)) == "1"
+    assert model.training and model[1].training
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model[1]._forward_pre_hooks
+    model[1].eval()  # a frozen BatchNorm uses its running statistics: nothing to refuse
+    assert batchnorm_on_one_value(model, torch.randn(5, 3)) is None
 
 
 # ------------------------------------------------------------------ B4: nothing to train
