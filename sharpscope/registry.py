@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .device_memory import is_out_of_memory
 from .errors import SharpscopeError, first_line, loss_value_problem, meta_problem
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -430,7 +431,43 @@ def build_model(
     if name not in MODELS:
         raise unknown_name("model", name, list(MODELS))
     options = {k: v for k, v in spec.items() if k != "name"}
-    return MODELS[name](tuple(input_shape), int(num_classes), **options)
+    try:
+        return MODELS[name](tuple(input_shape), int(num_classes), **options)
+    except SharpscopeError:
+        raise
+    except Exception as exc:  # an option too large to build (width=1e20), or to hold
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        built = f"building model '{name}'" + (f" with {given}" if given else "")
+        if is_out_of_memory(exc):
+            size = _parameter_count(MODELS[name], tuple(input_shape), int(num_classes), options)
+            raise SharpscopeError(
+                f"{built} ran out of memory{size}: the model itself does not fit; choose "
+                "smaller model options"
+            ) from exc
+        if "overflow" in str(exc).lower():
+            raise SharpscopeError(
+                f"{built} failed: a tensor size overflows a 64-bit integer; choose smaller "
+                "model options"
+            ) from exc
+        raise SharpscopeError(f"{built} failed: {type(exc).__name__}: {first_line(exc)}") from exc
+
+
+def _parameter_count(
+    factory: Callable[..., nn.Module],
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    options: Mapping[str, Any],
+) -> str:
+    """`` (N parameters, X GB in float32)`` for a model built on ``meta`` (no memory), or
+    nothing when that fails too."""
+    try:
+        with torch.device("meta"):
+            count = sum(
+                p.numel() for p in factory(input_shape, num_classes, **options).parameters()
+            )
+    except Exception:  # noqa: BLE001 - only a size for the message
+        return ""
+    return f" ({count:,} parameters, {count * 4 / 1e9:,.1f} GB in float32)"
 
 
 def _is_transformed(tensor: Tensor) -> bool:

@@ -37,6 +37,7 @@ from .data import SPEC_DEFAULTS, DataSplit, data_root_option, load_data, one_fac
 from .data.augment import random_crop_flip
 from .data.fingerprint import warn_if_not_as_trained
 from .determinism import deterministic_algorithms
+from .device_memory import is_out_of_memory
 from .distributed import (
     DistInfo,
     barrier,
@@ -843,6 +844,21 @@ def _check_trainable(model: nn.Module) -> None:
         raise SharpscopeError(f"the model has {which}: there is nothing to train")
 
 
+def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``; a model too large for the device is one line that says so
+    (the out-of-memory advice of a training step, a smaller batch, would not help)."""
+    try:
+        return model.to(device)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        count = sum(p.numel() for p in model.parameters())
+        raise SharpscopeError(
+            f"the model ({count:,} parameters) does not fit in the memory of {device}; "
+            "choose a smaller model"
+        ) from exc
+
+
 def _check_batchnorm_examples(
     model: nn.Module, split: DataSplit, config: TrainConfig, info: DistInfo, splits: int
 ) -> None:
@@ -914,7 +930,7 @@ def _train(
     loss_fn = get_loss(config.loss)
     model = build_model(config.model, train_split.input_shape, train_split.num_classes)
     _check_trainable(model)
-    model = model.to(device)
+    model = _to_device(model, device)
     train_split, test_split, val_split = (
         _in_model_dtype(split, model) for split in (train_split, test_split, val_split)
     )

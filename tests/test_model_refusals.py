@@ -1,6 +1,7 @@
 """Models that train or analyse badly are refused in one line, before any file is written
-(session 29 models audit, bugs B2-B5): a TorchScript model, a BatchNorm step of one
-example, a model with nothing to train, a factory model on the meta device."""
+(session 29 models audit, bugs B2-B6): a TorchScript model, a BatchNorm step of one
+example, a model with nothing to train, a factory model on the meta device, options too
+large to build."""
 
 from __future__ import annotations
 
@@ -39,6 +40,13 @@ def frozen():
 
 def empty():
     return nn.Flatten()
+
+class _TooLarge(nn.Sequential):
+    def to(self, *args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 4e+14 bytes")
+
+def too_large():
+    return _TooLarge(nn.Flatten(), nn.Linear(40, 10))
 
 def meta():
     with torch.device("meta"):
@@ -216,3 +224,46 @@ def test_the_analyses_refuse_a_model_on_the_meta_device():
     ):
         with pytest.raises(SharpscopeError, match="on the meta device"):
             call()
+
+
+# ------------------------------------------------------------------ B6: absurd sizes
+
+
+def test_an_option_too_large_to_build_is_one_line(tmp_path):
+    with pytest.raises(SharpscopeError) as info:
+        build_model({"name": "resnet20", "width": 1e20}, (3, 32, 32), 10)
+    text = str(info.value)
+    assert text.startswith("building model 'resnet20' with width=1e+20 failed")
+    assert "overflows a 64-bit integer" in text and "\n" not in text
+    _refused(
+        tmp_path / "o",
+        "building model 'mlp'",
+        model={"name": "mlp", "width": 2**62, "depth": 1},
+    )
+
+
+def test_a_model_that_does_not_fit_in_memory_says_so_not_batch_size(monkeypatch):
+    from sharpscope import models
+
+    def huge(input_shape, num_classes, **options):
+        if not torch.empty(0).is_meta:  # the real build runs out; the meta count does not
+            raise RuntimeError(
+                "[enforce fail at alloc_cpu.cpp:116] DefaultCPUAllocator: "
+                "can't allocate memory: you tried to allocate 4e+14 bytes"
+            )
+        return nn.Linear(1000, 1000)
+
+    monkeypatch.setitem(models.MODELS, "huge", huge)
+    with pytest.raises(SharpscopeError) as info:
+        build_model({"name": "huge", "width": 9}, (3,), 10)
+    text = str(info.value)
+    assert "building model 'huge' with width=9 ran out of memory" in text
+    assert "(1,001,000 parameters, 0.0 GB in float32)" in text
+    assert "batch-size" not in text
+
+
+def test_a_model_too_large_for_the_device_says_so_not_batch_size(tmp_path, factories):
+    text = _refused(
+        tmp_path / "o", "does not fit in the memory of cpu", model=factories("too_large")
+    )
+    assert "(410 parameters)" in text and "batch" not in text
