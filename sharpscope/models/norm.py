@@ -31,7 +31,8 @@ from ..errors import SharpscopeError
 
 NORM_CHOICES: tuple[str, ...] = ("batch", "layer", "group", "none")
 
-#: Module types that count as normalization layers (what ``norm_layer`` can return).
+#: The zoo's normalization types (what ``norm_layer`` can return). :func:`is_norm_layer`
+#: counts InstanceNorm and RMSNorm as well, as SAM-ON's set ``N`` does.
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.LayerNorm,
@@ -86,8 +87,19 @@ def norm_layer(kind: str, num_features: int, *, spatial_dims: int) -> nn.Module:
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """Whether ``module`` is one of the normalization types in :data:`NORM_TYPES`."""
-    return isinstance(module, NORM_TYPES)
+    """Whether ``module`` is a normalization layer as SAM-ON finds them (optimizers.md,
+    its set ``N``): BatchNorm (any, SyncBatchNorm too), LayerNorm, GroupNorm, InstanceNorm
+    and RMSNorm -- the types of :data:`NORM_TYPES` and more, so that a user's own model is
+    read as ``SAMON`` reads it.
+
+    >>> is_norm_layer(nn.GroupNorm(1, 4)), is_norm_layer(nn.InstanceNorm2d(4))
+    (True, True)
+    >>> is_norm_layer(nn.Linear(2, 2))
+    False
+    """
+    from ..optim.samon import NORM_LAYER_TYPES  # one list: the optimizer's
+
+    return isinstance(module, NORM_LAYER_TYPES)
 
 
 # --------------------------------------------------------------------------- options

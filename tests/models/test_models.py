@@ -439,3 +439,19 @@ def test_resolved_resnet_spec_records_its_depth():
         "norm": "batch",
         "shortcut": "B",
     }
+
+
+def test_is_norm_layer_counts_what_samon_counts():
+    """D8 (session 29): is_norm_layer left out InstanceNorm and RMSNorm, which SAM-ON's set
+    N (optimizers.md) includes; a user finding norm layers with it missed them."""
+    from sharpscope.models import is_norm_layer
+    from sharpscope.optim.samon import normalization_parameters
+
+    layers = [nn.InstanceNorm1d(3, affine=True), nn.LayerNorm(3), nn.BatchNorm1d(3)]
+    if hasattr(nn, "RMSNorm"):
+        layers.append(nn.RMSNorm(3))
+    assert all(is_norm_layer(layer) for layer in layers)
+    assert not is_norm_layer(nn.Linear(3, 3))
+    model = nn.Sequential(*layers)
+    found = {name.split(".")[0] for name, _ in normalization_parameters(model)}
+    assert found == {str(i) for i, m in enumerate(model) if is_norm_layer(m)}
