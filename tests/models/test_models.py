@@ -455,3 +455,15 @@ def test_is_norm_layer_counts_what_samon_counts():
     model = nn.Sequential(*layers)
     found = {name.split(".")[0] for name, _ in normalization_parameters(model)}
     assert found == {str(i) for i, m in enumerate(model) if is_norm_layer(m)}
+
+
+def test_readme_documents_the_resnet_shortcut_and_its_parameter_counts():
+    """D4 (session 29): the README listed only `norm` for the ResNets, so that the default
+    shortcut B, unlike He et al.'s CIFAR option A, went unnoticed (both round to 0.27M)."""
+    from pathlib import Path
+
+    readme = " ".join((Path(__file__).parents[2] / "README.md").read_text().split())
+    assert "`shortcut=A|B`" in readme and "`--model-opt shortcut=A`" in readme
+    for shortcut in ("A", "B"):
+        count = num_parameters(build("resnet20", CIFAR, shortcut=shortcut))
+        assert f"{count:,}" in readme
