@@ -267,3 +267,27 @@ def test_a_model_too_large_for_the_device_says_so_not_batch_size(tmp_path, facto
         tmp_path / "o", "does not fit in the memory of cpu", model=factories("too_large")
     )
     assert "(410 parameters)" in text and "batch" not in text
+
+
+# ------------------------------------------------------------------ D1: other data
+
+
+def test_an_analysis_on_data_with_more_classes_names_the_mismatch(tmp_path):
+    """D1 (session 29): PyTorch's 'Target 15 is out of bounds' did not say that the data
+    have more classes than the checkpoint's model was built for."""
+    train(train_config(tmp_path / "run", epochs=1))
+    (tmp_path / "more.py").write_text(
+        "import torch\n"
+        "def make():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    return torch.randn(64, 40, generator=g), torch.arange(64) % 20\n"
+    )
+    args = ["msharpness", str(tmp_path / "run" / "last.pt"), "--m", "8", "--device", "cpu"]
+    result = runner.invoke(app, [*args, "--data", f"{tmp_path / 'more.py'}:make"])
+    assert result.exit_code == 2, result.output
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert (
+        "built for inputs of shape (40,) and 10 classes, and the data give inputs of shape "
+        "(40,) and 20 classes" in line
+    ), line
+    assert line.startswith("error: the model or loss failed on the data: IndexError:")

@@ -503,8 +503,30 @@ def load_analysis_inputs(
         extra={"model": checkpoint.spec},
     )
     loss_fn = get_loss(loss_spec)
-    check_model_on_first_batch(net, batches, loss_fn)
+    try:
+        check_model_on_first_batch(net, batches, loss_fn)
+    except SharpscopeError as exc:
+        mismatch = _data_mismatch(checkpoint, split_data)
+        if mismatch is None:
+            raise
+        raise SharpscopeError(f"{exc}; {mismatch}") from exc
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
+
+
+def _data_mismatch(checkpoint: Any, data: DataSplit) -> str | None:
+    """What differs between the data a checkpoint's model was built for (its recorded input
+    shape and class count) and the data given, when the model failed on them: PyTorch's
+    own line ("Target 80 is out of bounds", "mat1 and mat2 shapes cannot be multiplied")
+    does not say it. None when they agree or nothing was recorded."""
+    built = (checkpoint.input_shape, checkpoint.num_classes)
+    given = (tuple(data.input_shape), data.num_classes)
+    if None in built or (tuple(built[0]), built[1]) == given:
+        return None
+    return (
+        f"the checkpoint's model was built for inputs of shape {tuple(built[0])} and "
+        f"{built[1]} classes, and the data give inputs of shape {given[0]} and {given[1]} "
+        "classes: analyse it on data like those it was trained on"
+    )
 
 
 def check_model_on_first_batch(model: nn.Module, batches: list[Batch], loss_fn: LossFn) -> None:
