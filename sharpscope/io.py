@@ -313,6 +313,9 @@ def load_checkpoint(
 ) -> Checkpoint:
     """Load a sharpscope checkpoint or a bare state_dict into a model (in eval mode).
 
+    torch's global random state is left as it was (the model's random initialisation,
+    which the weights replace, draws from a fork of it).
+
     Args:
         path: the ``.pt`` file.
         model_spec: required for a bare state_dict; overrides a checkpoint's spec.
@@ -385,7 +388,8 @@ def load_checkpoint(
         if "factory" not in spec:
             input_shape, num_classes = _shapes_from_data(data)
         metrics, optimizer_spec, epoch, step = {}, None, None, None
-    model = build_model(spec, input_shape or (), num_classes or 0)
+    with torch.random.fork_rng(devices=[]):  # the random init is overwritten: leave the
+        model = build_model(spec, input_shape or (), num_classes or 0)  # caller's RNG alone
     load_weights(model, state_dict, source=f"in {path.name}")
     return Checkpoint(
         path=path,

@@ -55,6 +55,19 @@ def test_round_trip_restores_weights_and_metadata(mlp_checkpoint):
     assert not ckpt.is_bare
 
 
+def test_loading_leaves_the_global_random_state_alone(mlp_checkpoint):
+    """The model's random initialisation, which the weights overwrite, drew from torch's
+    global generator, so `manual_seed(0); load_checkpoint(...); randn()` depended on the
+    architecture (s29 models D10)."""
+    path, model, _ = mlp_checkpoint
+    torch.manual_seed(123)
+    expected = torch.randn(3)
+    torch.manual_seed(123)
+    ckpt = load_checkpoint(path)
+    assert torch.equal(torch.randn(3), expected)
+    assert torch.equal(next(ckpt.model.parameters()), next(model.parameters()))
+
+
 def test_save_is_atomic_and_leaves_no_temporary_files(tmp_path, mlp_checkpoint, monkeypatch):
     path, model, spec = mlp_checkpoint
     before = path.read_bytes()
