@@ -900,6 +900,7 @@ def _train(
 ) -> TrainSummary:
     from .optim.closure import BatchClosure
     from .optim.factory import build_optimizer, optimizer_metrics, step_metrics
+    from .optim.msam import check_groups_for_batchnorm
 
     info = init_from_env(config.device)
     device = info.device
@@ -970,6 +971,8 @@ def _train(
             + f"; use splits <= {per_rank} or a larger --batch-size"
         )
     _check_batchnorm_examples(model, train_split, config, info, splits)
+    if getattr(optimizer, "m", None) is not None:  # else refused at the first step
+        check_groups_for_batchnorm(model, optimizer.m, min(per_rank, num_train // info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda step: lr_factor(config.schedule, step, steps_per_epoch, config.epochs),

@@ -139,6 +139,12 @@ def test_a_batchnorm_step_of_one_example_is_refused_before_training(tmp_path, fa
         batch_size=5,
         optimizer={"name": "bsam", "splits": 3},  # chunks of 2, 2 and 1
     )
+    _refused(  # m-sharpness groups of one: refused at the first step, after config.json
+        tmp_path / "d",
+        "m-sharpness with m=1 splits a batch of 64 into groups that leave one example alone",
+        model={"name": "mlp", "width": 8, "depth": 1, "norm": "batch"},
+        optimizer={"name": "sam", "rho": 0.05, "lr": 0.1, "m": 1},
+    )
 
 
 def test_batchnorm_over_more_than_one_value_trains_with_one_example(tmp_path, factories):

@@ -160,6 +160,20 @@ def _used_mask(
     return mask
 
 
+def check_groups_for_batchnorm(module: torch.nn.Module, m: int, size: int) -> None:
+    """Refuse m-sharpness groups of one example beside BatchNorm in train mode: a batch of
+    ``size`` is cut into groups of ``min(m, size)`` and a remainder, and BatchNorm cannot
+    normalize a single example. The trainer calls this before it writes any file."""
+    group = min(m, size)
+    remainder = size % group
+    if 1 in (group, remainder) and any(bn.training for bn in batchnorm_modules(module)):
+        raise SharpscopeError(
+            f"m-sharpness with m={m} splits a batch of {size} into groups that leave one "
+            "example alone, and BatchNorm in train mode cannot normalize a single example; "
+            "choose m >= 2 (and m, or the batch size, so that the last group has at least 2)"
+        )
+
+
 def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
     """One m-sharpness step of ``opt`` (see the module docstring); returns the batch loss.
 
@@ -181,14 +195,9 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
     module = unwrap_model(batch.model)
     inputs, targets = batch.inputs, batch.targets
     size = batch.batch_size
+    check_groups_for_batchnorm(module, opt.m, size)
     group = min(opt.m, size)
     num_full, remainder = divmod(size, group)
-    if 1 in (group, remainder) and any(bn.training for bn in batchnorm_modules(module)):
-        raise SharpscopeError(
-            f"m-sharpness with m={opt.m} splits a batch of {size} into groups that leave one "
-            "example alone, and BatchNorm in train mode cannot normalize a single example; "
-            "choose m >= 2 (and m, or the batch size, so that the last group has at least 2)"
-        )
 
     opt_ids = {id(p) for p in opt._all_params()}
     named = list(module.named_parameters())
