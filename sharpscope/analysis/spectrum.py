@@ -633,6 +633,8 @@ def _top_from_op(
             converged=[bool(r <= tol * scale) for r in pairs.residuals],
             eigenvectors=pairs.eigenvectors if return_eigenvectors else None,
         )
+        # which stays "LA" (what was asked), but power iteration finds the largest |λ|
+        info["eigenvalues_by"] = "largest magnitude (PyHessian power iteration), sorted by value"
         return pairs, info
     if restart_size is not None:
         pairs = thick_restart_lanczos_top_k(
