@@ -342,14 +342,24 @@ def _optimizer_spec(config: TrainConfig) -> dict[str, Any]:
 
 #: the key of ``OUT/config.json`` with the optimizer's every option (``--config`` skips it)
 RESOLVED_OPTIMIZER_KEY = "optimizer_resolved"
+#: the key of ``OUT/config.json`` with the model's every option (``--config`` skips it)
+RESOLVED_MODEL_KEY = "model_resolved"
 
 
 def _written_config(config: TrainConfig) -> dict[str, Any]:
     """``config`` as ``OUT/config.json`` holds it: the settings as given (``--config`` takes
     them back, and ``--optimizer`` can switch them), and under ``optimizer_resolved`` the
     optimizer with every default filled in and a wrapper's base nested, as the checkpoint
-    records it, so that a script reads rho or the base momentum of any run."""
-    return {**config.to_dict(), RESOLVED_OPTIMIZER_KEY: _resolved_optimizer(config)}
+    records it, so that a script reads rho or the base momentum of any run; under
+    ``model_resolved`` a registry model with every option (``norm``, ``shortcut``, ...) as
+    it was built, which a later default cannot change."""
+    from .models import resolved_model_spec
+
+    return {
+        **config.to_dict(),
+        RESOLVED_OPTIMIZER_KEY: _resolved_optimizer(config),
+        RESOLVED_MODEL_KEY: _json_shaped(resolved_model_spec(config.model)),
+    }
 
 
 def _resolved_optimizer(config: TrainConfig) -> dict[str, Any]:

@@ -1037,6 +1037,9 @@ def test_config_json_holds_every_optimizer_setting(tmp_path):
     checkpoint = load_checkpoint(first / "last.pt")
     resolved = written.pop("optimizer_resolved")
     assert resolved["rho"] == 0.05 and resolved["base"]["momentum"] == 0.9
+    # the model too, with every default as built (a later default cannot change the record)
+    model = written.pop("model_resolved")
+    assert model == {**written["model"], "activation": "relu", "norm": "none"}
     assert resolved == json.loads(json.dumps(checkpoint.raw["optimizer"]))
     assert written["optimizer"] == sam  # as given: --config takes it back, --optimizer switches it
     again = TrainConfig(**{**written, "out": str(tmp_path / "again")})

@@ -130,9 +130,10 @@ def _read_config(path: Path) -> dict[str, Any]:
             raise SharpscopeError(f"{path} is not valid JSON: {exc}") from exc
         if not isinstance(values, dict):
             raise SharpscopeError(f"{path} must hold an object of TrainConfig keys")
-        from ..trainer import RESOLVED_OPTIMIZER_KEY
+        from ..trainer import RESOLVED_MODEL_KEY, RESOLVED_OPTIMIZER_KEY
 
-        values.pop(RESOLVED_OPTIMIZER_KEY, None)  # a record of the run, not a setting
+        for record in (RESOLVED_OPTIMIZER_KEY, RESOLVED_MODEL_KEY):
+            values.pop(record, None)  # a record of the run, not a setting
     else:
         try:
             values = tomllib.loads(text)
