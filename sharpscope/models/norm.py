@@ -210,6 +210,15 @@ width=int >= 1 (default 8), norm=batch|none (default batch)
     return out
 
 
+#: the registry models that take inputs of each rank (per example), named when a model
+#: refuses a shape
+MODELS_FOR_RANK = {
+    1: ("cnn1d", "mlp"),
+    2: ("cnn1d", "mlp"),
+    3: ("cnn", "resnet", "resnet20", "resnet32", "resnet56", "wrn", "vit", "mlp"),
+}
+
+
 def check_input_shape(
     model: str, input_shape: Sequence[int], num_classes: int, ranks: Sequence[int], expected: str
 ) -> tuple[int, ...]:
@@ -228,6 +237,11 @@ def check_input_shape(
     if len(shape) not in ranks or any(s < 1 for s in shape):
         raise SharpscopeError(
             f"model '{model}' expects inputs of shape {expected} (per example), got {shape}"
+            + (
+                f"; the models for inputs like these are {', '.join(MODELS_FOR_RANK[len(shape)])}"
+                if len(shape) in MODELS_FOR_RANK
+                else ""
+            )
         )
     if isinstance(num_classes, bool) or int(num_classes) != num_classes or num_classes < 1:
         raise SharpscopeError(

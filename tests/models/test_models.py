@@ -9,7 +9,7 @@ from torch import nn
 
 from sharpscope.errors import SharpscopeError
 from sharpscope.models import MODELS, NORM_TYPES, model_names, num_parameters
-from sharpscope.models.norm import num_groups
+from sharpscope.models.norm import MODELS_FOR_RANK, num_groups
 from sharpscope.models.resnet import resnet
 from sharpscope.registry import build_model
 
@@ -467,3 +467,19 @@ def test_readme_documents_the_resnet_shortcut_and_its_parameter_counts():
     for shortcut in ("A", "B"):
         count = num_parameters(build("resnet20", CIFAR, shortcut=shortcut))
         assert f"{count:,}" in readme
+
+
+@pytest.mark.parametrize("rank", sorted(MODELS_FOR_RANK))
+def test_a_refused_shape_names_the_models_that_take_it(rank):
+    """`train --dataset digits` without --model (cnn1d, the default, on 8x8 images) said only
+    which shape cnn1d expects; it now names the models for such inputs, each of which builds."""
+    shape = {1: (40,), 2: (1, 40), 3: (3, 32, 32)}[rank]
+    for name in MODELS_FOR_RANK[rank]:
+        build_model({"name": name}, shape, 10)
+    assert set(model_names()) <= {n for names in MODELS_FOR_RANK.values() for n in names}
+    other = "cnn" if rank < 3 else "cnn1d"
+    with pytest.raises(SharpscopeError) as info:
+        build_model({"name": other}, shape, 10)
+    assert str(info.value).endswith(
+        f"the models for inputs like these are {', '.join(MODELS_FOR_RANK[rank])}"
+    )
