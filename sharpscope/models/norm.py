@@ -142,7 +142,7 @@ def _coerce(value: Any, option: Option) -> Any:
         if not isinstance(value, str):
             raise ValueError("expected a string")
         for choice in option.choices:
-            if value.lower() == choice.lower():
+            if value.strip().lower() == choice.lower():  # "norm= layer" from a shell
                 return choice
         raise ValueError("not a valid choice")
     if isinstance(value, bool):

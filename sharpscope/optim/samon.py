@@ -110,7 +110,8 @@ class SAMON(SharpnessAware):
             raise SharpscopeError(
                 f"SAM-ON perturbs normalization layers but {type(unwrap_model(model)).__name__} "
                 "has none with affine parameters (BatchNorm/LayerNorm/GroupNorm/InstanceNorm/"
-                "RMSNorm); use sam or asam for this model"
+                "RMSNorm); use sam or asam for this model, or give it normalization layers "
+                "(the registry's mlp, cnn and cnn1d take --model-opt norm=batch)"
             )
         if not exclude_norm and not any(p.requires_grad for _, p in norm):
             raise SharpscopeError(

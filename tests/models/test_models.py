@@ -483,3 +483,9 @@ def test_a_refused_shape_names_the_models_that_take_it(rank):
     assert str(info.value).endswith(
         f"the models for inputs like these are {', '.join(MODELS_FOR_RANK[rank])}"
     )
+
+
+def test_a_choice_given_with_spaces_from_a_shell_is_read():
+    """`--model-opt "norm= layer"` said "norm=' layer' is invalid (not a valid choice)"."""
+    model = build_model({"name": "mlp", "norm": " Layer "}, (8,), 3)
+    assert any(isinstance(m, nn.LayerNorm) for m in model.modules())

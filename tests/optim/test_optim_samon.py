@@ -76,8 +76,13 @@ def test_elementwise_form_scales_the_norm_weight_and_the_bias_only_if_asked(norm
 
 
 def test_samon_on_a_model_without_normalization_layers_is_one_clear_error():
-    with pytest.raises(SharpscopeError, match="has none"):
+    with pytest.raises(SharpscopeError, match="has none") as info:
         SAMON(mlp(), torch.optim.SGD, lr=0.1)
+    assert "--model-opt norm=batch" in str(info.value)  # how the registry's mlp gets some
+    # and that way works: the registry's mlp with norm=batch has norm layers to perturb
+    from sharpscope.registry import build_model
+
+    SAMON(build_model({"name": "mlp", "norm": "batch"}, (8,), 3), torch.optim.SGD, lr=0.1)
     with pytest.raises(SharpscopeError, match="needs the model"):
         SAMON(bn_net().parameters(), torch.optim.SGD, lr=0.1)
 
