@@ -161,6 +161,6 @@ def vit(input_shape: tuple[int, ...], num_classes: int, **options: Any) -> ViT:
     if any(s % opts["patch"] for s in spatial):
         raise SharpscopeError(
             f"model 'vit': input size {spatial} is not divisible by patch={opts['patch']}; "
-            f"choose a patch that divides {' and '.join(map(str, spatial))}"
+            f"choose a patch that divides {' and '.join(map(str, sorted(set(spatial))))}"
         )
     return ViT(shape, num_classes, **opts)

@@ -489,3 +489,11 @@ def test_a_choice_given_with_spaces_from_a_shell_is_read():
     """`--model-opt "norm= layer"` said "norm=' layer' is invalid (not a valid choice)"."""
     model = build_model({"name": "mlp", "norm": " Layer "}, (8,), 3)
     assert any(isinstance(m, nn.LayerNorm) for m in model.modules())
+
+
+def test_a_vit_patch_that_does_not_divide_the_image_names_each_size_once():
+    """It said "choose a patch that divides 32 and 32"."""
+    with pytest.raises(SharpscopeError, match=r"choose a patch that divides 32$"):
+        build_model({"name": "vit", "patch": 5}, (3, 32, 32), 10)
+    with pytest.raises(SharpscopeError, match=r"choose a patch that divides 24 and 32$"):
+        build_model({"name": "vit", "patch": 5}, (3, 32, 24), 10)
