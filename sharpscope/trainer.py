@@ -538,6 +538,25 @@ def _warn_unusual_settings(config: TrainConfig, base_lrs: list[float], world_siz
         )
 
 
+def _warn_half_weights(model: nn.Module) -> None:
+    """Warn when the model's own weights are float16/bfloat16 (a factory's ``.half()``): an
+    update smaller than the weight's rounding step (2^-11 relative in float16, 2^-8 in
+    bfloat16) is lost, so most small steps change nothing. Mixed precision keeps float32
+    weights and computes in half (``--precision fp16|bf16``)."""
+    half = sorted(
+        {str(p.dtype).removeprefix("torch.") for p in model.parameters()} & {"float16", "bfloat16"}
+    )
+    if half:
+        step = " and ".join({"float16": "5e-4", "bfloat16": "4e-3"}[d] for d in half)
+        warnings.warn(
+            f"the model's weights are {' and '.join(half)}: an update below their rounding "
+            f"step (about {step} relative) is lost, so small steps change nothing; build a "
+            "float32 model and train with --precision bf16 (or fp16 on a GPU): half-precision "
+            "compute, float32 weights",
+            stacklevel=3,
+        )
+
+
 def _warn_other_world_size(state: Mapping[str, Any], info: DistInfo, path: Path) -> None:
     """Warn when a run resumes with another number of processes than wrote its checkpoint:
     the per-rank batch changes (BatchNorm statistics, a per-rank perturbation, bSAM's
@@ -941,6 +960,7 @@ def _train(
     loss_fn = get_loss(config.loss)
     model = build_model(config.model, train_split.input_shape, train_split.num_classes)
     _check_trainable(model)
+    _warn_half_weights(model)
     model = _to_device(model, device)
     train_split, test_split, val_split = (
         _in_model_dtype(split, model) for split in (train_split, test_split, val_split)

@@ -52,6 +52,9 @@ def meta():
     with torch.device("meta"):
         return plain()
 
+def half():
+    return plain().half()
+
 def bn():
     return nn.Sequential(nn.Linear(40, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
 
@@ -297,3 +300,13 @@ def test_an_analysis_on_data_with_more_classes_names_the_mismatch(tmp_path):
         "(40,) and 20 classes" in line
     ), line
     assert line.startswith("error: the model or loss failed on the data: IndexError:")
+
+
+def test_a_model_with_half_precision_weights_warns_that_small_updates_are_lost(tmp_path, factories):
+    """A factory's .half() model trained silently while most of its weights never moved
+    (s29 models D5); mixed precision keeps float32 weights."""
+    with pytest.warns(UserWarning, match=r"weights are float16: an update below .* is lost"):
+        train(train_config(tmp_path / "h", model=factories("half"), epochs=1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(train_config(tmp_path / "f", model=factories("plain"), epochs=1))
