@@ -7,6 +7,7 @@ contiguous shard and the sums are all-reduced so every rank returns the same num
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -25,12 +26,18 @@ CHECK_EXAMPLES = 8
 
 
 def check_model_on_data(
-    model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn: Callable[..., Tensor]
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: Callable[..., Tensor],
+    num_classes: int | None = None,
 ) -> Tensor | None:
     """Run the model and the loss once on a few examples, in eval mode, without gradients
     (each module's mode restored), so that a model that does not fit the data fails in
     one line before training or an analysis starts: another input shape, or fewer
-    outputs than classes (the example of the largest class is among those run).
+    outputs than classes (the example of the largest class is among those run). More
+    outputs than the data's ``num_classes`` (when given) warn: they train, but the
+    accuracy's argmax ranges over classes that never occur.
 
     Returns:
         The loss on those examples; None when they did not fit in memory (left to the
@@ -44,7 +51,8 @@ def check_model_on_data(
         rows = torch.cat([rows, targets.argmax().reshape(1)])
     try:
         with eval_mode(model), torch.no_grad():
-            return loss_fn(model(inputs[rows]), targets[rows])
+            outputs = model(inputs[rows])
+            loss = loss_fn(outputs, targets[rows])
     except SharpscopeError:
         raise
     except Exception as exc:  # the user's model or loss does not run on this data
@@ -53,6 +61,15 @@ def check_model_on_data(
         if lacks_deterministic_kernel(exc):
             raise  # runs, but not deterministically: deterministic_algorithms names it
         raise model_failure(exc, inputs) from exc
+    width = outputs.shape[-1] if isinstance(outputs, Tensor) and outputs.dim() == 2 else None
+    if num_classes is not None and width is not None and width > num_classes > 1:
+        warnings.warn(
+            f"the model has {width} outputs but the data have {num_classes} classes: it "
+            f"trains, but the accuracy's argmax also ranges over the {width - num_classes} "
+            "outputs of classes that never occur; build it with as many outputs as classes",
+            stacklevel=3,
+        )
+    return loss
 
 
 @torch.no_grad()

@@ -965,7 +965,9 @@ def _train(
     train_split, test_split, val_split = (
         _in_model_dtype(split, model) for split in (train_split, test_split, val_split)
     )
-    check_model_on_data(model, train_split.inputs, train_split.targets, loss_fn)
+    check_model_on_data(
+        model, train_split.inputs, train_split.targets, loss_fn, train_split.num_classes
+    )
     if info.enabled:
         if config.sync_bn:
             if device.type != "cuda":  # PyTorch's SyncBatchNorm runs on GPU modules only

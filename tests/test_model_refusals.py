@@ -55,6 +55,9 @@ def meta():
 def half():
     return plain().half()
 
+def wide():
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 20))
+
 def bn():
     return nn.Sequential(nn.Linear(40, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
 
@@ -310,3 +313,9 @@ def test_a_model_with_half_precision_weights_warns_that_small_updates_are_lost(t
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         train(train_config(tmp_path / "f", model=factories("plain"), epochs=1))
+
+
+def test_a_model_with_more_outputs_than_classes_warns(tmp_path, factories):
+    """A 20-output model on MNIST-1D's 10 classes trained silently (s29 models D2)."""
+    with pytest.warns(UserWarning, match=r"the model has 20 outputs but the data have 10 classes"):
+        train(train_config(tmp_path / "w", model=factories("wide"), epochs=1))
