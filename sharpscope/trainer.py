@@ -696,6 +696,7 @@ def _load_splits(
             f"{str(train.targets.dtype).replace('torch.', '')} targets of shape "
             f"{tuple(train.targets.shape)}: {why}"
         )
+    _check_no_negative_labels(train, "train")
     if train.num_classes < 2:  # one output: cross-entropy is 0 whatever the weights
         raise SharpscopeError(
             f"training needs at least 2 classes; the data hold a single class (every label is "
@@ -723,7 +724,23 @@ def _load_splits(
         if needs_val
         else None
     )
+    for name, split in (("test", test), ("val", val)):
+        if split is not None and not split.targets.is_floating_point():
+            _check_no_negative_labels(split, name)
     return train, test, val
+
+
+def _check_no_negative_labels(split: DataSplit, name: str) -> None:
+    """Refuse class labels below 0 when the data are loaded. cross_entropy skips -100 (its
+    ignore_index), so such a run trained and then failed in its first evaluation, with a
+    traceback and the epoch lost; the analyses only warn (README)."""
+    negative = int((split.targets < 0).sum())
+    if negative:
+        raise SharpscopeError(
+            f"the {name} data hold {negative} negative label{'s' if negative > 1 else ''} "
+            f"(such as cross_entropy's ignore_index -100) among {len(split)} examples: "
+            "training needs a class index from 0 for every example; drop the unlabelled ones"
+        )
 
 
 def _check_finite_inputs(split: DataSplit, name: str) -> None:

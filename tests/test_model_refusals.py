@@ -319,3 +319,24 @@ def test_a_model_with_more_outputs_than_classes_warns(tmp_path, factories):
     """A 20-output model on MNIST-1D's 10 classes trained silently (s29 models D2)."""
     with pytest.warns(UserWarning, match=r"the model has 20 outputs but the data have 10 classes"):
         train(train_config(tmp_path / "w", model=factories("wide"), epochs=1))
+
+
+def test_negative_labels_are_refused_before_training_without_the_analyses_warning(tmp_path):
+    """cross_entropy skips -100 (ignore_index), so such data trained an epoch and then failed
+    in its first evaluation with a traceback, the epoch lost (s29 readme B1)."""
+    factory = tmp_path / "neg.py"
+    factory.write_text(
+        "import torch\n"
+        "def neg():\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    y = torch.randint(0, 3, (64,), generator=g)\n"
+        "    y[:3] = -100\n"
+        "    return torch.randn(64, 40, generator=g), y\n"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the analyses' batch-weight warning is not for train
+        _refused(
+            tmp_path / "n",
+            "the train data hold 3 negative labels (such as cross_entropy's ignore_index -100)",
+            dataset={"factory": f"{factory}:neg"},
+        )

@@ -296,12 +296,12 @@ def _factory_part(produced: Any, where: str) -> tuple[Tensor, Tensor]:
     """One set of a factory as ``(inputs, targets)``, integer targets as ``long``;
     ``where`` names the part in errors."""
     try:
-        inputs, targets = as_tensors(produced)
+        inputs, targets = as_tensors(produced, warn_negative=False)  # train refuses them
         one_shot = isinstance(produced, Iterator)  # a generator cannot be read twice
         if not (one_shot or is_pair_of_tensors(produced) or isinstance(produced, TensorDataset)):
             # a Dataset or batches read per item: a second read must give the same data
             # (random augmentation or shuffling would freeze one unseeded draw)
-            again_inputs, again_targets = as_tensors(produced)
+            again_inputs, again_targets = as_tensors(produced, warn_negative=False)
             if not (torch.equal(inputs, again_inputs) and torch.equal(targets, again_targets)):
                 raise SharpscopeError(
                     "the data changed between two reads (shuffling or random augmentation); "

@@ -131,17 +131,19 @@ def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor]:
     return stacked, stacked_targets
 
 
-def as_tensors(data: Any) -> tuple[Tensor, Tensor]:
-    """Inputs and targets of ``data`` as two tensors (concatenating batches).
+def as_tensors(data: Any, warn_negative: bool = True) -> tuple[Tensor, Tensor]:
+    """Inputs and targets of ``data`` as two tensors (concatenating batches);
+    ``warn_negative``: warn about negative labels (:func:`as_batches`).
 
     Raises:
         SharpscopeError: data of an unknown form, or batches that do not fit together.
     """
     if is_pair_of_tensors(data) or (isinstance(data, Dataset) and hasattr(data, "__len__")):
         inputs, targets = data if is_pair_of_tensors(data) else dataset_tensors(data)
-        _warn_if_ignored_labels([(inputs, targets)])
+        if warn_negative:
+            _warn_if_ignored_labels([(inputs, targets)])
         return inputs, targets
-    batches = as_batches(data)
+    batches = as_batches(data, warn_negative=warn_negative)
     try:
         return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     except RuntimeError as exc:
@@ -155,6 +157,7 @@ def as_batches(
     data: Any,
     batch_size: int | None = None,
     device: torch.device | str | None = None,
+    warn_negative: bool = True,
 ) -> list[Batch]:
     """Return ``data`` as a list of ``(inputs, targets)`` batches in a fixed order.
 
@@ -164,6 +167,9 @@ def as_batches(
             smaller; never dropped). ``None`` keeps a single batch. Ignored for an
             iterable of batches, whose batching is kept as given.
         device: move every batch there once.
+        warn_negative: warn about negative integer labels (cross_entropy's
+            ``ignore_index``), which the analyses' per-example batch weights do not skip;
+            off for a loader that refuses or passes them on (training refuses them).
 
     Raises:
         SharpscopeError: when the data is empty or of an unknown form.
@@ -218,7 +224,8 @@ def as_batches(
             f"cannot use {type(data).__name__} as data: pass (inputs, targets), a Dataset "
             "or an iterable of (inputs, targets) batches"
         )
-    _warn_if_ignored_labels(batches)
+    if warn_negative:
+        _warn_if_ignored_labels(batches)
     if device is not None:
         batches = [(x.to(device), y.to(device)) for x, y in batches]
     return batches
