@@ -92,9 +92,10 @@ def _still_named(fd: int, path: Path) -> bool:
 
 
 @contextlib.contextmanager
-def transient_lock(path: str | Path, busy: str) -> Iterator[None]:
+def transient_lock(path: str | Path, busy: str) -> Iterator[int]:
     """:func:`exclusive_lock` on the lock file ``path``, which is removed again when the
     block ends (by its holder, before the lock is freed), so that no file stays behind.
+    Yields the locked descriptor, as :func:`exclusive_lock` does.
 
     A process that opened the file just before its holder removed it would lock a file
     that no longer has a name, beside a third process that locks a new one: it notices
@@ -109,7 +110,7 @@ def transient_lock(path: str | Path, busy: str) -> Iterator[None]:
             if fd >= 0 and not _still_named(fd, path):
                 continue  # the holder removed it as this process opened it
             try:
-                yield
+                yield fd
             finally:
                 path.unlink(missing_ok=True)
             return

@@ -34,7 +34,7 @@ from typing import Any
 
 from .. import __version__
 from ..errors import SharpscopeError
-from ..locking import exclusive_lock, is_locked
+from ..locking import is_locked, transient_lock
 from ..registry import absolute_spec, factory_of
 from ..results import (
     RunMeta,
@@ -1028,7 +1028,7 @@ def study_running(folder: Path) -> bool:
 @contextlib.contextmanager
 def study_lock(folder: Path) -> Iterator[None]:
     """Hold ``DIR/study.lock`` so two ``study run`` never work on one folder at once; the
-    file holds the PID of the process that has it.
+    file holds the PID of the process that has it and is removed when the run ends.
 
     Raises:
         SharpscopeError: another process holds the lock.
@@ -1037,7 +1037,7 @@ def study_lock(folder: Path) -> Iterator[None]:
         f"another `sharpscope study run` is working in {folder}; wait for it to finish "
         "or use another --out"
     )
-    with exclusive_lock(folder / LOCK_NAME, busy) as fd:
+    with transient_lock(folder / LOCK_NAME, busy) as fd:
         if fd >= 0:
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)

@@ -755,3 +755,33 @@ def test_a_study_file_of_the_wrong_json_type_is_one_line(study, tmp_path, file, 
         assert result.exit_code != 0 and "Traceback" not in result.output
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: ") and re.search(message, line), line
+
+
+def test_the_study_lock_is_removed_when_the_run_ends(tmp_path):
+    """study.lock stayed in the folder after `study run` ended, as if a run were still
+    working there (s29 readme D2); a second holder is still refused while it is held."""
+    from sharpscope.errors import SharpscopeError
+    from sharpscope.study.runner import LOCK_NAME, study_lock, study_running
+
+    with study_lock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text().strip().isdigit()  # the holder's PID
+    assert not (tmp_path / LOCK_NAME).exists() and not study_running(tmp_path)
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; "
+         "from sharpscope.study.runner import study_lock\n"
+         f"with study_lock(Path({str(tmp_path)!r})):\n"
+         "    print('held', flush=True); time.sleep(30)"],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert study_running(tmp_path)
+        with pytest.raises(SharpscopeError, match="another `sharpscope study run` is working"):
+            with study_lock(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
