@@ -109,6 +109,21 @@ def random_direction(
     return direction
 
 
+def check_same_model(model: nn.Module, directions: Any) -> None:
+    """Refuse in one line, before any work, a second model (interpolation) or a trajectory
+    checkpoint (PCA) whose parameters are not ``model``'s (names and shapes); the landscape
+    reads them again where it builds its directions. Named directions pass.
+    """
+    if isinstance(directions, (str, Tensor)):
+        return
+    layout = ParamLayout.of(model)
+    if isinstance(directions, (list, tuple)):
+        for i, t in enumerate(directions):
+            _params_of(t, layout, f"trajectory checkpoint {getattr(t, 'path', None) or i}")
+    else:
+        _params_of(directions, layout, "the second model")
+
+
 def _params_of(source: Any, layout: ParamLayout, what: str) -> tuple[Tensor, dict[str, Tensor]]:
     """Flat trainable parameters and float buffers of a model, state_dict or checkpoint."""
     if hasattr(source, "model") and isinstance(source.model, nn.Module):

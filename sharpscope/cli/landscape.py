@@ -308,7 +308,7 @@ def register(app: typer.Typer) -> None:
         no_progress: NoProgressOpt = False,
     ) -> None:
         """Loss and accuracy on 1-D or 2-D slices around a checkpoint."""
-        from ..analysis.directions import BIAS_MODES, NORMS
+        from ..analysis.directions import BIAS_MODES, NORMS, check_same_model
         from ..analysis.landscape import MIN_GRID, landscape
         from ..distributed import init_from_env
 
@@ -366,6 +366,7 @@ def register(app: typer.Typer) -> None:
                 spec_from_flag(data, data_options),
                 trust_factories,
             )
+            check_same_model(inputs.model, chosen)  # before the bar and the first point
             kind = (
                 chosen if isinstance(chosen, str) else "pca" if isinstance(chosen, list) else None
             )

@@ -210,6 +210,8 @@ def test_landscape_refuses_checkpoints_of_another_architecture(ckpts, tmp_path):
     result = runner.invoke(app, [*args, "--directions", str(ckpts["wide"]), "--out", str(tmp_path)])
     assert result.exit_code == 2
     assert "different architecture" in result.output and "Traceback" not in result.output
+    # refused before the run's status line and its progress bar (it came after them)
+    assert "landscape of" not in result.output and "point/s" not in result.output
     # in a trajectory folder, the error names the file ("checkpoint 0" did not)
     import shutil
 
@@ -223,6 +225,7 @@ def test_landscape_refuses_checkpoints_of_another_architecture(ckpts, tmp_path):
         result.output
     )
     assert "PCA of a trajectory of 2 checkpoints" in result.output
+    assert "landscape of" not in result.output
 
 
 def test_data_the_model_does_not_take_is_a_one_line_error(ckpts, tmp_path):
