@@ -56,5 +56,20 @@ def float_dtype(module: torch.nn.Module) -> torch.dtype | None:
     >>> float_dtype(torch.nn.Linear(2, 1).double()), float_dtype(torch.nn.ReLU())
     (torch.float64, None)
     """
+    return next((t.dtype for t in floating_tensors(module)), None)
+
+
+def floating_tensors(module: torch.nn.Module) -> Iterator[torch.Tensor]:
+    """``module``'s floating-point tensors, parameters before buffers."""
     tensors = itertools.chain(module.parameters(), module.buffers())
-    return next((t.dtype for t in tensors if t.is_floating_point()), None)
+    return (t for t in tensors if t.is_floating_point())
+
+
+def least_precise(*dtypes: torch.dtype) -> torch.dtype:
+    """The floating dtype of the largest machine epsilon: the rounding of a computation
+    that mixes them.
+
+    >>> least_precise(torch.float64, torch.float32, torch.float64)
+    torch.float32
+    """
+    return max(dtypes, key=lambda d: torch.finfo(d).eps)

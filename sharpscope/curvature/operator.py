@@ -83,7 +83,7 @@ from ..device_memory import (
 from ..distributed import group_rank_and_size, peers_checked, share
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
-from ..precision import HALF_DTYPES, float_dtype, rounding
+from ..precision import HALF_DTYPES, float_dtype, floating_tensors, least_precise, rounding
 from ..registry import LOSS_CHECK_EXAMPLES, check_loss_reads_outputs_only, loss_name
 from ..registry import get_loss as resolve_loss
 from . import mode_cache
@@ -158,22 +158,6 @@ def resolve_device(device: Any, local_rank: int = 0) -> torch.device:
     from ..distributed import pick_device
 
     return pick_device(device, local_rank)
-
-
-def _floating_tensors(model: nn.Module) -> Iterator[Tensor]:
-    """The model's floating-point parameters and buffers."""
-    tensors = itertools.chain(model.parameters(), model.buffers())
-    return (t for t in tensors if t.is_floating_point())
-
-
-def least_precise(*dtypes: torch.dtype) -> torch.dtype:
-    """The floating dtype of the largest machine epsilon: the rounding of a computation
-    that mixes them.
-
-    >>> least_precise(torch.float64, torch.float32, torch.float64)
-    torch.float32
-    """
-    return max(dtypes, key=lambda d: torch.finfo(d).eps)
 
 
 def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
@@ -382,7 +366,7 @@ class HessianOperator:
         # The module actually run: the model itself, or a copy when something must change
         # (a requested dtype casts every floating tensor: a float64 head on a float32 body
         # whose first parameter is float64 is copied too).
-        floating = {t.dtype for t in _floating_tensors(model)}
+        floating = {t.dtype for t in floating_tensors(model)}
         recast = requested is not None and any(d != requested for d in floating)
         needs_copy = self.device != model_device or recast or bn_mode == "batch"
         module = copy.deepcopy(model) if needs_copy else model
@@ -393,7 +377,7 @@ class HessianOperator:
         self.module = module
         #: the least precise floating dtype among the data's and the module's tensors: the
         #: rounding of the products (Lanczos's symmetry tolerance, the copy-search window)
-        module_dtypes = {t.dtype for t in _floating_tensors(module)}
+        module_dtypes = {t.dtype for t in floating_tensors(module)}
         self.products_dtype = least_precise(self.dtype, *module_dtypes)
         check_not_half(self.products_dtype)  # a bfloat16 head on a float32 body too
         #: the module's floating dtypes when they are several (recorded), else empty
