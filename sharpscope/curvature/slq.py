@@ -233,19 +233,17 @@ def check_smoothing(num_points: Any, sigma: Any, kappa: Any) -> None:
     check_integers(num_points=num_points)
     if num_points is not None and num_points < 2:
         raise SharpscopeError(f"num_points must be >= 2 (a grid needs a spacing), got {num_points}")
-    if sigma is not None:
-        check_numbers(sigma=sigma)
-        if not (math.isfinite(sigma) and sigma > 0):
+    widths = (
+        ("sigma", sigma, 0, "the Gaussian's standard deviation"),
+        ("kappa", kappa, 1, "Papyan's width 2/((m-1)·sqrt(8 ln κ)) needs ln κ > 0"),
+    )
+    for name, value, low, meaning in widths:
+        if value is None:
+            continue
+        check_numbers(**{name: value})
+        if not (math.isfinite(value) and value > low):
             raise SharpscopeError(
-                "sigma must be a finite number > 0 (the Gaussian's standard deviation), "
-                f"got {sigma}"
-            )
-    if kappa is not None:
-        check_numbers(kappa=kappa)
-        if not (math.isfinite(kappa) and kappa > 1):
-            raise SharpscopeError(
-                "kappa must be a finite number > 1 (Papyan's width 2/((m-1)·sqrt(8 ln κ)) "
-                f"needs ln κ > 0), got {kappa}"
+                f"{name} must be a finite number > {low} ({meaning}), got {value}"
             )
 
 
