@@ -54,7 +54,7 @@ from .evaluation import check_model_on_data, evaluate
 from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
 from .locking import exclusive_lock, locked_on_main, make_folder
 from .modes import batchnorm_on_one_value
-from .precision import float_dtype
+from .precision import HALF_DTYPES, float_dtype
 from .registry import absolute_factory, absolute_spec, build_model, get_loss, normalize_spec
 from .results import atomic_write_bytes, eval_rows, read_metrics_rows, write_json
 
@@ -543,13 +543,12 @@ def _warn_half_weights(model: nn.Module) -> None:
     update smaller than the weight's rounding step (2^-11 relative in float16, 2^-8 in
     bfloat16) is lost, so most small steps change nothing. Mixed precision keeps float32
     weights and computes in half (``--precision fp16|bf16``)."""
-    half = sorted(
-        {str(p.dtype).removeprefix("torch.") for p in model.parameters()} & {"float16", "bfloat16"}
-    )
+    half = sorted({p.dtype for p in model.parameters()} & set(HALF_DTYPES), key=str)
     if half:
-        step = " and ".join({"float16": "5e-4", "bfloat16": "4e-3"}[d] for d in half)
+        step = " and ".join(f"{torch.finfo(d).eps / 2:.0e}".replace("e-0", "e-") for d in half)
+        names = " and ".join(str(d).removeprefix("torch.") for d in half)
         warnings.warn(
-            f"the model's weights are {' and '.join(half)}: an update below their rounding "
+            f"the model's weights are {names}: an update below their rounding "
             f"step (about {step} relative) is lost, so small steps change nothing; build a "
             "float32 model and train with --precision bf16 (or fp16 on a GPU): half-precision "
             "compute, float32 weights",
