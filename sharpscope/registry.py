@@ -17,9 +17,11 @@ import functools
 import importlib
 import importlib.util
 import logging
+import math
 import os
 import sys
 import types
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .device_memory import is_out_of_memory
-from .errors import SharpscopeError, first_line, loss_value_problem, meta_problem
+from .errors import (
+    SharpscopeError,
+    caller_level,
+    first_line,
+    loss_value_problem,
+    meta_problem,
+)
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -639,10 +647,76 @@ current weights; make the loss a function of the outputs and targets alone (an L
         )
 
 
+#: relative rounding allowed in the summed-loss test (float32 sums of a few terms)
+_SUM_TOLERANCE = 1e-4
+
+
+def warn_if_loss_sums(loss_fn: LossFn, outputs: Tensor, targets: Tensor, analysis: str) -> None:
+    """Warn, in one line, when ``loss_fn`` sums over the examples instead of averaging.
+
+    The analyses take the mean loss L(θ) = (1/N) Σᵢ ℓ(f_θ(xᵢ), yᵢ) (analysis.md,
+    *Objective*); a loss made with ``reduction="sum"`` scales every result by the batch
+    size, and with several batches the result depends on how the data is split. The test
+    splits ``outputs`` (no model pass) into halves A and B of n_A and n_B examples: a mean
+    satisfies ℓ(A∪B) = (n_A ℓ(A) + n_B ℓ(B)) / n, a sum ℓ(A∪B) = ℓ(A) + ℓ(B). It warns only
+    when the sum identity holds to rounding and the mean identity does not, so a loss that
+    is neither (contrastive, batch statistics) passes silently.
+
+    >>> out, y = torch.randn(8, 3), torch.arange(8) % 3
+    >>> warn_if_loss_sums(F.cross_entropy, out, y, "the Hessian")  # a mean: silent
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_if_loss_sums(nn.CrossEntropyLoss(reduction="sum"), out, y, "the Hessian")
+    >>> print(caught[0].message)  # doctest: +ELLIPSIS
+    the loss sums over the examples instead of averaging them (reduction='sum'?): ...
+    """
+    if not isinstance(outputs, Tensor) or not isinstance(targets, Tensor):
+        return  # a model returning a tuple, say: named by the analysis's own checks
+    n = outputs.shape[0] if outputs.dim() > 0 else 0
+    if n < 2 or targets.shape[:1] != (n,):
+        return
+    outputs = outputs.detach()
+    half = n // 2
+    try:
+        with torch.no_grad():
+            values = [
+                loss_fn(outputs[part], targets[part]).detach()
+                for part in (slice(None), slice(None, half), slice(half, None))
+            ]
+        whole, first, second = (float(v.double()) for v in values)
+    except Exception:  # noqa: BLE001 - not a scalar per call: the analysis's checks name it
+        return
+    scale = max(abs(whole), abs(first), abs(second))
+    if not math.isfinite(scale) or scale == 0:
+        return
+    mean = (half * first + (n - half) * second) / n
+    summed = first + second
+    if abs(whole - summed) <= _SUM_TOLERANCE * scale < abs(whole - mean):
+        warnings.warn(
+            "the loss sums over the examples instead of averaging them (reduction='sum'?): "
+            f"{analysis} takes the mean loss (1/N) Σ ℓ, so a summed loss scales it by the "
+            "batch size, and with several batches by how the data is split; use "
+            "reduction='mean'",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
+
+
+def check_loss_on_outputs(
+    loss_fn: LossFn, outputs: Tensor, targets: Tensor, parameters: Iterable[Tensor], analysis: str
+) -> None:
+    """The pre-flight checks of a loss on a few of the model's ``outputs``: it must not read
+    the model's ``parameters`` (:func:`check_loss_reads_outputs_only`) and should average
+    over the examples (:func:`warn_if_loss_sums`)."""
+    check_loss_reads_outputs_only(loss_fn, outputs, targets, parameters, analysis)
+    warn_if_loss_sums(loss_fn, outputs, targets, analysis)
+
+
 def check_model_loss(
     loss_fn: LossFn, model: nn.Module, inputs: Tensor, targets: Tensor, analysis: str
 ) -> None:
-    """:func:`check_loss_reads_outputs_only` on the outputs of ``model`` (in eval mode,
+    """:func:`check_loss_on_outputs` on the outputs of ``model`` (in eval mode,
     without gradients, modes restored) for the first :data:`LOSS_CHECK_EXAMPLES` of
     ``inputs``; a model that fails here is left to the analysis's own checks."""
     from .modes import eval_mode
@@ -655,7 +729,7 @@ def check_model_loss(
     except Exception:  # noqa: BLE001 - reported by the analysis, with its context
         return
     if isinstance(outputs, Tensor):
-        check_loss_reads_outputs_only(
+        check_loss_on_outputs(
             loss_fn, outputs, targets[:LOSS_CHECK_EXAMPLES], model.parameters(), analysis
         )
 

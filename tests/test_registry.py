@@ -320,3 +320,28 @@ def test_b4_a_factory_that_calls_sys_exit_is_one_line_naming_it(tmp_path, monkey
             f"importing '{module}' for data set factory '{module}:f' called sys.exit(2); does "
             "the module parse the command line when imported?"
         )
+
+
+@pytest.mark.parametrize(
+    "analysis, options",
+    [
+        ("m_sharpness", {"m": 8, "rho": 0.05}),
+        ("average_sharpness", {"rho": 0.01, "m": 8, "num_draws": 2}),
+        ("epsilon_sharpness", {"iterations": 2}),
+        ("pac_bayes_flatness", {"num_halvings": 2, "num_draws": 2}),
+        ("landscape", {"dims": 1, "grid": 3}),
+    ],
+)
+def test_every_analysis_warns_about_a_loss_that_sums_over_the_examples(analysis, options):
+    # analysis.md: every measure is of the mean loss; reduction="sum" scaled it by the
+    # batch size (and the sharpness by the subset size) without a word
+    from sharpscope import analysis as analyses
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    data = (torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    summed = torch.nn.CrossEntropyLoss(reduction="sum")
+    with pytest.warns(RuntimeWarning, match="sums over the examples") as caught:
+        getattr(analyses, analysis)(model, data, loss=summed, **options)
+    warned = [w for w in caught if "sums over the examples" in str(w.message)]
+    assert len(warned) == 1 and warned[0].filename == __file__

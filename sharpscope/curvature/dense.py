@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batches import as_tensors
 from ..errors import SharpscopeError
-from ..registry import LOSS_CHECK_EXAMPLES, check_loss_reads_outputs_only
+from ..registry import LOSS_CHECK_EXAMPLES, check_loss_on_outputs
 from .operator import effective_bn_mode, resolve_loss
 
 F64 = torch.float64
@@ -84,7 +84,7 @@ def dense_hessian(
     except Exception:  # noqa: BLE001 - the Hessian's own call names the failure
         out = None
     if isinstance(out, Tensor):
-        check_loss_reads_outputs_only(
+        check_loss_on_outputs(
             loss_fn, out, y[:LOSS_CHECK_EXAMPLES], model.parameters(), "the dense Hessian"
         )
 

@@ -84,7 +84,7 @@ from ..distributed import group_rank_and_size, peers_checked, share
 from ..errors import SharpscopeError, check_autograd, check_initialized, model_failure
 from ..modes import batchnorm_without_running_stats, eval_mode
 from ..precision import HALF_DTYPES, float_dtype, floating_tensors, least_precise, rounding
-from ..registry import LOSS_CHECK_EXAMPLES, check_loss_reads_outputs_only, loss_name
+from ..registry import LOSS_CHECK_EXAMPLES, check_loss_on_outputs, loss_name
 from ..registry import get_loss as resolve_loss
 from . import mode_cache
 from .fold import fold_batchnorm
@@ -483,9 +483,10 @@ class HessianOperator:
         self._versions: list[int] | None = [t._version for t in self._watched]
 
     def _check_loss(self, model: nn.Module) -> None:
-        """Refuse a loss that reads the model's parameters in θ
-        (:func:`~sharpscope.registry.check_loss_reads_outputs_only`): :meth:`_forward_loss`
-        calls it outside ``functional_call``, so such a term would be constant in H."""
+        """Refuse a loss that reads the model's parameters in θ (:meth:`_forward_loss`
+        calls it outside ``functional_call``, so such a term would be constant in H), and
+        warn about one that sums over the examples
+        (:func:`~sharpscope.registry.check_loss_on_outputs`)."""
         if not self._batches:
             return
         x, y = self._batches[0]
@@ -498,9 +499,7 @@ class HessianOperator:
             return
         named = dict(model.named_parameters())  # the user's tensors, which the loss reads
         theta = [named[name] for name in self.param_names if name in named]
-        check_loss_reads_outputs_only(
-            self.loss_fn, out, y[:LOSS_CHECK_EXAMPLES], theta, "the Hessian"
-        )
+        check_loss_on_outputs(self.loss_fn, out, y[:LOSS_CHECK_EXAMPLES], theta, "the Hessian")
 
     # ------------------------------------------------------------------ data
     def _read_data(self, data: Any, batch_size: int | None, check: bool) -> list:

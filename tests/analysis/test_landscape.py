@@ -16,6 +16,7 @@ from sharpscope.analysis._functional import ParamLayout, flat_parameters
 from sharpscope.analysis.directions import normalize_direction, random_direction
 from sharpscope.analysis.landscape import LandscapeResult, landscape
 from sharpscope.errors import SharpscopeError
+from sharpscope.registry import LOSS_CHECK_EXAMPLES
 
 from cases import RecurrentClassifier, half_mse, linear_regression, rendezvous_file, spawned_group
 
@@ -468,8 +469,14 @@ def test_norm_recorded_as_filter_for_unit_directions():
 # --- resuming, processes --------------------------------------------------------------------
 
 
+def is_loss_check(targets) -> bool:
+    """Whether a loss call is one of the loss checks before the points (check_model_loss,
+    on at most LOSS_CHECK_EXAMPLES examples) rather than a point (the tests' 20 examples)."""
+    return len(targets) <= LOSS_CHECK_EXAMPLES
+
+
 class FlakyLoss:
-    """Cross-entropy that raises after a number of calls (a run killed half-way)."""
+    """Cross-entropy that raises after a number of point calls (a run killed half-way)."""
 
     __name__ = "cross_entropy"
 
@@ -477,7 +484,7 @@ class FlakyLoss:
         self.calls_left = None
 
     def __call__(self, out, t):
-        if self.calls_left is not None:
+        if self.calls_left is not None and not is_loss_check(t):
             if self.calls_left == 0:
                 raise KeyboardInterrupt("simulated interruption")
             self.calls_left -= 1
@@ -569,8 +576,8 @@ def test_a_damaged_file_is_refused_on_resume(tmp_path, damage):
 
 class InterruptAfter:
     """Cross-entropy that raises after ``calls`` calls, noting the points ``path`` holds at
-    each call (the loop makes one call per point, vmap one per block; the loss check before
-    them, with gradients on, is not counted)."""
+    each call (the loop makes one call per point, vmap one per block; the loss checks before
+    them are not counted)."""
 
     __name__ = "cross_entropy"
 
@@ -578,7 +585,7 @@ class InterruptAfter:
         self.calls, self.path, self.error, self.held = calls, path, error, []
 
     def __call__(self, out, t):
-        if self.calls is not None and not torch.is_grad_enabled():  # a point, not the check
+        if self.calls is not None and not is_loss_check(t):
             self.held.append(
                 int(LandscapeResult.load(self.path).computed.sum()) if self.path.exists() else 0
             )
@@ -1172,7 +1179,7 @@ class _CountingLoss:
         self.calls, self.stop = 0, stop
 
     def __call__(self, out, t):
-        if torch.is_grad_enabled():  # the loss check before any point (check_model_loss)
+        if is_loss_check(t):
             return nn.functional.cross_entropy(out, t)
         if self.stop is not None and self.calls >= self.stop:
             raise KeyboardInterrupt("simulated interruption")

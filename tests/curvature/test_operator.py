@@ -894,6 +894,40 @@ def test_losses_that_read_no_parameter_of_theta_are_accepted():
     assert op.param_names == ["2.weight", "2.bias"]
 
 
+def test_a_summed_loss_is_warned_about_in_one_line_and_scales_the_hessian_by_n():
+    # analysis.md: L is the mean loss; reduction="sum" scales H by the batch size, and
+    # with several batches by how the data is split: nothing said so before
+    model, data, _ = regularised_case()
+    summed = nn.CrossEntropyLoss(reduction="sum")
+    with pytest.warns(RuntimeWarning, match="sums over the examples") as caught:
+        op = HessianOperator(model, data, summed, dtype="float64")
+    assert "\n" not in str(caught[0].message)
+    assert caught[0].filename == __file__  # names the user's line
+    mean = HessianOperator(model, data, dtype="float64")
+    v = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=F64)
+    torch.testing.assert_close(op.hvp(v), len(data[1]) * mean.hvp(v), rtol=1e-12, atol=0)
+    with pytest.warns(RuntimeWarning, match="the dense Hessian takes the mean loss"):
+        dense_hessian(model, data, summed)
+
+
+@pytest.mark.parametrize(
+    "loss",
+    [
+        "cross_entropy",
+        "mse",
+        nn.CrossEntropyLoss(label_smoothing=0.1),
+        # neither a sum nor a mean of per-example terms (a batch statistic)
+        lambda out, t: F.cross_entropy(out, t) + out.var(dim=0).sum(),
+        # a mean of tiny values
+        lambda out, t: 1e-30 * F.cross_entropy(out, t),
+    ],
+)
+def test_losses_that_are_not_a_sum_over_the_examples_are_not_warned_about(loss, recwarn):
+    model, data, _ = regularised_case()
+    HessianOperator(model, data, loss)
+    assert not [w for w in recwarn if "sums over the examples" in str(w.message)]
+
+
 @pytest.mark.parametrize("integer_targets", [False, True])
 def test_the_built_in_mse_has_forward_over_reverse_products(cache, integer_targets):
     # F.mse_loss has no forward-over-reverse derivative in torch 2.13 ("ZeroTensors are
