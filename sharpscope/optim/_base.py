@@ -555,7 +555,7 @@ class SharpnessAware(torch.optim.Optimizer):
             )
         self.model = model
         self.scaler = scaler
-        self.rho = _check_rho(rho)
+        self.rho = rho
         check_choice("bn_policy", bn_policy, _BN_POLICIES)
         self.bn_policy = bn_policy
         self.same_noise = check_bool("same_noise", same_noise)
@@ -893,7 +893,7 @@ class SharpnessAware(torch.optim.Optimizer):
         _check_rho(value)
 
     def _load_rho_state(self, value: Any) -> None:
-        self.rho = _check_rho(value)
+        self.rho = value
 
     def _rng_state(self) -> Tensor | None:
         return None
@@ -1131,6 +1131,22 @@ class SharpnessAware(torch.optim.Optimizer):
         ) from cause
 
     # ------------------------------------------------------------------ the step
+
+    @property
+    def rho(self) -> float:
+        """The perturbation radius ρ ≥ 0. Set it between steps (a ρ schedule, say) as a
+        number; a negative, infinite or non-numeric ρ is refused in one line, as the
+        constructor and ``load_state_dict`` refuse it (a negative ρ would ascend: anti-SAM)."""
+        return self.__dict__["_rho"]
+
+    @rho.setter
+    def rho(self, value: float) -> None:
+        self.__dict__["_rho"] = _check_rho(value)
+
+    def _set_radius_tensor(self, rho: Tensor) -> None:
+        """Set ρ to a tensor ≥ 0 unchecked: LETS hands its inner rule the learned radius
+        this way, with no host synchronisation in the step."""
+        self.__dict__["_rho"] = rho
 
     @property
     def base_optimizer(self) -> torch.optim.Optimizer:

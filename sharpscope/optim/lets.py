@@ -340,10 +340,11 @@ class LETS(SharpnessAware):
 
     @rho.setter
     def rho(self, value: float) -> None:
+        value = _check_rho(value)
         if "_rho_t" in self.__dict__:
-            self._rho_t.fill_(float(value))
+            self._rho_t.fill_(value)
         else:
-            self.__dict__["_rho_init"] = float(value)
+            self.__dict__["_rho_init"] = value
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; with ``per_group`` it gets its own rho, starting at the initial one.
@@ -465,7 +466,7 @@ class LETS(SharpnessAware):
         # (so rho can grow from 0) and eps is masked to 0. No host synchronisation.
         rho = self._rho_t.to(dtype)
         positive = rho > 0
-        self.inner.rho = torch.where(positive, rho, torch.ones_like(rho))
+        self.inner._set_radius_tensor(torch.where(positive, rho, torch.ones_like(rho)))
         raw = self.inner.perturbation(params, grads)
         index = [i for i, e in enumerate(raw) if e is not None]
         kept = [raw[i] for i in index]

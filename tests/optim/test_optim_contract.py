@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sharpscope.errors import SharpscopeError
 from sharpscope.optim import BatchClosure, batchnorm_buffers
 
 from optim_helpers import (
@@ -171,3 +172,26 @@ def test_rho_refuses_a_bool():
 
     with pytest.raises(SharpscopeError, match="rho must be a number"):
         SAM([torch.nn.Parameter(torch.ones(2))], torch.optim.SGD, rho=True, lr=0.1)
+
+
+@pytest.mark.parametrize("name", sorted(set(ALL_SPECS) - {"sgd"}))
+def test_rho_set_between_steps_is_checked_and_used(name):
+    # session 29 (optimlib): `opt.rho = -0.1` was accepted silently and gave an anti-SAM
+    # step, while the constructor and load_state_dict refuse it
+    model, batches = bn_net(), bn_batches(2)
+    opt = build(ALL_SPECS[name], model, val=_val())
+    before = opt.rho
+    for bad in (-0.1, float("inf"), float("nan"), "a", True):
+        with pytest.raises(SharpscopeError, match="rho must be a") as info:
+            opt.rho = bad
+        assert "\n" not in str(info.value)
+    assert opt.rho == before
+    # a radius set by attribute (a schedule) is the radius of the next step
+    reference_model = clone(model)
+    reference = build({**ALL_SPECS[name], "rho": 0.02}, reference_model, val=_val())
+    opt.rho = 0.02
+    torch.manual_seed(3)
+    run(opt, model, batches)
+    torch.manual_seed(3)
+    run(reference, reference_model, batches)
+    assert params_equal(model, reference_model)
