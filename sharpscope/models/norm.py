@@ -21,13 +21,14 @@ per-channel scale and shift (Wu & He, 2018, Sec. 3.1 call this the LN limit of G
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, caller_level
 
 NORM_CHOICES: tuple[str, ...] = ("batch", "layer", "group", "none")
 
@@ -247,7 +248,38 @@ def check_input_shape(
         raise SharpscopeError(
             f"model '{model}': num_classes must be a positive integer, got {num_classes!r}"
         )
+    if len(shape) == 3 and expected.startswith("(C, H, W)"):
+        warn_if_channels_last(model, shape)
     return shape
+
+
+#: channel counts of images stored channels-last: grey, RGB, RGBA
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+def warn_if_channels_last(model: str, shape: tuple[int, int, int]) -> None:
+    """Warn when a ``(C, H, W)`` model is built for a shape that reads as ``(H, W, C)``.
+
+    Images saved by NumPy or PIL are channels-last; ``(32, 32, 3)`` taken as ``(C, H, W)``
+    builds a network with 32 input channels over 32 × 3 pixels, which trains without
+    an error. The rule: a last axis of 1, 3 or 4 and a first axis that is not.
+
+    >>> import warnings
+    >>> with warnings.catch_warnings(record=True) as caught:
+    ...     warnings.simplefilter("always")
+    ...     warn_if_channels_last("resnet20", (32, 32, 3))
+    ...     warn_if_channels_last("resnet20", (3, 32, 32))
+    >>> [str(w.message)[:60] for w in caught]
+    ["model 'resnet20': inputs of shape (32, 32, 3) look channels-"]
+    """
+    if shape[2] in _IMAGE_CHANNELS and shape[0] not in _IMAGE_CHANNELS:
+        warnings.warn(
+            f"model '{model}': inputs of shape {shape} look channels-last (H, W, C); it "
+            f"takes (C, H, W) per example, so it was built for {shape[0]} channels of "
+            f"{shape[1]} x {shape[2]} pixels: convert the images with x.permute(0, 3, 1, 2)",
+            RuntimeWarning,
+            stacklevel=caller_level(),
+        )
 
 
 def kaiming_init_(module: nn.Module) -> None:

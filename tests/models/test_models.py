@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -497,3 +499,25 @@ def test_a_vit_patch_that_does_not_divide_the_image_names_each_size_once():
         build_model({"name": "vit", "patch": 5}, (3, 32, 32), 10)
     with pytest.raises(SharpscopeError, match=r"choose a patch that divides 24 and 32$"):
         build_model({"name": "vit", "patch": 5}, (3, 32, 24), 10)
+
+
+@pytest.mark.parametrize("name", MODELS_FOR_RANK[3])
+def test_channels_last_images_are_warned_about_once_in_one_line(name):
+    """Session 29 (models D7): a data factory's (N, 32, 32, 3) images built a network with
+    32 input channels over 32 x 3 pixels and trained without a word. The mlp flattens its
+    input, for which the order of the axes is only a permutation of its first layer."""
+    if name == "mlp":
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            build_model({"name": name}, (32, 32, 3), 10)
+        return
+    options = {"patch": 1} if name == "vit" else {}
+    with pytest.warns(RuntimeWarning, match=r"look channels-last") as caught:
+        build_model({"name": name, **options}, (32, 32, 3), 10)
+    (warning,) = [w for w in caught if "channels-last" in str(w.message)]
+    assert "x.permute(0, 3, 1, 2)" in str(warning.message)
+    assert "\n" not in str(warning.message) and warning.filename == __file__
+    for shape in ((3, 32, 32), (1, 28, 28), (4, 8, 8), (3, 4, 3)):  # channels first
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            build_model({"name": name, **options}, shape, 10)
