@@ -28,6 +28,7 @@ _EXPORTS = {
     "plot_variants": "study",
     "save_figure": "style",
     "paper_style": "style",
+    "optimizer_color": "style",
 }
 
 __all__ = sorted(_EXPORTS)
