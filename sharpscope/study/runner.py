@@ -152,7 +152,9 @@ def check_study_dir(
 
     A study folder holds one study: the same name, every run it lists still in the sweep
     (a sweep may grow, e.g. by more seeds, but not lose runs), and each run's training
-    settings unchanged. ``flag`` is the option named in the errors.
+    settings unchanged. ``flag`` is the option named in the errors, beside the words a
+    Python caller reads (``run_study``'s folder argument has no flag): "another output
+    folder (--out)".
 
     Raises:
         SharpscopeError: the folder holds something else, another format version,
@@ -162,26 +164,33 @@ def check_study_dir(
     if out.exists() and not (out / "study.json").exists():
         if not out.is_dir() or any(p.name != LOCK_NAME for p in out.iterdir()):
             raise SharpscopeError(
-                f"{out} exists and is not a sharpscope study folder; choose a new {flag}"
+                f"{out} exists and is not a sharpscope study folder; choose {_another(flag)}"
             )
     if (out / "study.json").exists():
         meta = read_study_dir(out)
         if meta.get("name") != config.name:
             raise SharpscopeError(
                 f"{out} holds the study '{meta.get('name')}', not '{config.name}'; "
-                f"choose a new {flag}"
+                f"choose {_another(flag)}"
             )
         dropped = sorted(set(meta.get("runs", [])) - {run.run_id for run in runs})
         if dropped:
             more = ", ..." if len(dropped) > 3 else ""
             raise SharpscopeError(
                 f"{out} holds {len(dropped)} run(s) that this config does not have "
-                f"({', '.join(dropped[:3])}{more}); choose a new {flag}"
+                f"({', '.join(dropped[:3])}{more}); choose {_another(flag)}"
             )
     for run in runs:
         existing = _read_json(out / "runs" / run.run_id / "run.json")
         if existing is not None:
             _check_same_run(run.run_id, existing, to_jsonable(run.to_dict()), out, flag)
+
+
+def _another(flag: str) -> str:
+    """The advice for another folder, in words that a ``run_study(config, folder)`` caller
+    reads as well as the command line's flag: "another output folder (--out)"."""
+    what = {"--out": "output folder", "--cache": "cache folder"}.get(flag, "folder")
+    return f"another {what} ({flag})"
 
 
 def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec]) -> Path:
@@ -254,7 +263,8 @@ def _check_same_run(
                 continue  # every epoch asked for that the run has passed has its checkpoint
             raise SharpscopeError(
                 f"run '{run_id}' in {out} was trained with a different configuration "
-                f"({key}: {', '.join(changed[:4])}); use a new {flag} or delete that run"
+                f"({key}: {', '.join(changed[:4])}); use {_another(flag)} or delete that run "
+                f"({_run_dir(out, run_id)})"
             )
 
 
@@ -296,7 +306,7 @@ def _check_saved_epochs(run_id: str, wanted: dict, out: Path, flag: str) -> None
         raise SharpscopeError(
             f"run '{run_id}' in {out} has no checkpoint of epoch "
             f"{', '.join(map(str, missing))} that analysis.epochs asks for (it was not saved, or "
-            f"was deleted); ask only for epochs it has, or use a new {flag}"
+            f"was deleted); ask only for epochs it has, or use {_another(flag)}"
         )
 
 
@@ -1035,7 +1045,7 @@ def study_lock(folder: Path) -> Iterator[None]:
     """
     busy = (
         f"another `sharpscope study run` is working in {folder}; wait for it to finish "
-        "or use another --out"
+        f"or use {_another('--out')}"
     )
     with transient_lock(folder / LOCK_NAME, busy) as fd:
         if fd >= 0:

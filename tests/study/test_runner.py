@@ -317,6 +317,23 @@ def test_study_folder_format_and_reuse_errors(study, tmp_path):
     assert not (tmp_path / "never").exists()
 
 
+def test_a_refused_folder_is_advised_in_words_a_python_caller_reads(study):
+    """Session 30 (notebooks D3): run_study(config, folder) said "use a new --out", a flag that
+    a Python caller, who gave the folder as an argument, has not got."""
+    out, _ = study
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    changed = tiny_config(train={**TRAIN, "epochs": 3})
+    with pytest.raises(SharpscopeError) as info:
+        run_study(changed, out)
+    assert str(info.value) == (
+        f"run 'sgd-s0' in {out} was trained with a different configuration (train: epochs); "
+        f"use another output folder (--out) or delete that run ({out / 'runs' / 'sgd-s0'})"
+    )
+    with pytest.raises(SharpscopeError, match=r"; choose another output folder \(--out\)$"):
+        run_study(tiny_config(study={"name": "other"}), out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
 def test_report_tables_and_figures(study):
     out, _ = study
     path = write_report(out, resamples=50)
@@ -633,7 +650,8 @@ def test_analysis_epochs_can_shrink_but_not_ask_for_epochs_a_run_never_saved(stu
     with pytest.raises(
         SharpscopeError,
         match=r"run 'sgd-s0' in .* has no checkpoint of epoch 1 that analysis.epochs asks for "
-        r"\(it was not saved, or was deleted\); ask only for epochs it has, or use a new --out",
+        r"\(it was not saved, or was deleted\); ask only for epochs it has, or use another "
+        r"output folder \(--out\)",
     ):
         run_study(tiny_config(), late)
     # runs not trained yet simply train with the new save_every (the study was interrupted)

@@ -657,7 +657,8 @@ def test_make_figures_checks_every_cache_folder_before_running(tmp_path):
     (tmp_path / "cache" / "quick").mkdir(parents=True)
     (tmp_path / "cache" / "quick" / "notes.txt").write_text("mine")
     with pytest.raises(
-        SharpscopeError, match="is not a sharpscope study folder; choose a new --cache"
+        SharpscopeError,
+        match=r"is not a sharpscope study folder; choose another cache folder \(--cache\)",
     ):
         reproductions.make_figures(tmp_path / "figs", cache=tmp_path / "cache", only=["quick"])
     assert not (tmp_path / "figs").exists()
