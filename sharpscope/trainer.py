@@ -434,7 +434,7 @@ def _restore(path: Path, key: str, load: Any, state: Mapping[str, Any]) -> None:
         raise SharpscopeError(
             f"{path} cannot be resumed: its {key} does not fit this run ({type(exc).__name__}: "
             f"{first_line(exc)}); resume from an epoch_NNN.pt copied to last.pt, or train "
-            "into a new --out"
+            "into another output folder (--out)"
         ) from exc
 
 
@@ -494,7 +494,7 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise SharpscopeError(
             f"cannot resume {path} with other settings: {'; '.join(changed[:4])}{more}; drop "
-            "those options to continue the run as it was, or train into a new --out"
+            "those options to continue the run as it was, or train into another output folder (--out)"
         )
     if config.epochs < epoch:
         raise SharpscopeError(
@@ -798,15 +798,15 @@ def _check_no_earlier_run(out: Path) -> None:
     if (out / "last.pt").exists():
         raise SharpscopeError(
             f"{out} already holds a training run (last.pt); continue it with --resume "
-            "(Python: train(..., resume=True)), or train into a new --out folder (or delete "
-            "that one)"
+            "(Python: train(..., resume=True)), or train into another output folder (--out; "
+            "or delete that one)"
         )
     earlier = [p.name for p in _epoch_files(out)]
     if earlier:
         shown = ", ".join(earlier[:3]) + (", ..." if len(earlier) > 3 else "")
         raise SharpscopeError(
-            f"{out} holds checkpoints of an earlier run ({shown}); train into a new --out "
-            f"folder, or delete them (to resume, copy {earlier[-1]} to last.pt and add --resume)"
+            f"{out} holds checkpoints of an earlier run ({shown}); train into another "
+            f"output folder (--out), or delete them (to resume, copy {earlier[-1]} to last.pt and add --resume)"
         )
 
 

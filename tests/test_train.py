@@ -342,7 +342,7 @@ def test_a_resume_that_restates_defaults_is_not_refused_and_a_changed_norm_is_na
             )
         assert str(info.value) == (
             f"cannot resume {out / 'last.pt'} with other settings: {named}; drop those options "
-            "to continue the run as it was, or train into a new --out"
+            "to continue the run as it was, or train into another output folder (--out)"
         )
 
 
@@ -402,7 +402,7 @@ def test_a_new_run_does_not_overwrite_an_earlier_one(tmp_path):
     with pytest.raises(SharpscopeError) as info:
         train(_config(tmp_path, epochs=1, optimizer={"name": "adam"}))
     assert str(info.value).startswith(
-        f"{tmp_path} holds checkpoints of an earlier run (epoch_001.pt); train into a new"
+        f"{tmp_path} holds checkpoints of an earlier run (epoch_001.pt); train into another output"
     )
     assert (tmp_path / "metrics.jsonl").read_bytes() == rows
     with pytest.raises(SharpscopeError, match=r"none found \(epoch_001.pt is there: copy it"):
