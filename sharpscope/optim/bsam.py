@@ -234,7 +234,8 @@ class BSAM(SharpnessAware):
         for params, n in self._group_scalars():
             s = [st["s"] for st in self._states(params)]
             if s:
-                out.extend(torch._foreach_rsqrt(torch._foreach_mul(s, n)))
+                # rsqrt_ per tensor: torch._foreach_rsqrt exists only from torch 2.6 on
+                out.extend(t.rsqrt_() for t in torch._foreach_mul(s, n))
         return out
 
     def _noise(self, params: list[Tensor], generator: torch.Generator | None) -> list[Tensor]:
