@@ -610,8 +610,11 @@ class Subsets:
                     loss, wrong = self.score(self.evaluator(x), y)
                 if not need_grad:
                     return loss, wrong, None
-                grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
-                return loss.detach(), wrong, torch.cat([g.reshape(-1) for g in grads])
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+                # an unused parameter's gradient is 0; not materialize_grads=True, whose zeros
+                # require grad in torch 2.4 to 2.7 at least (the projection's out= then fails)
+                flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, params)]
+                return loss.detach(), wrong, torch.cat([g.reshape(-1) for g in flat])
 
             yield at
 
