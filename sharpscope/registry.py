@@ -432,7 +432,9 @@ def build_model(
                 "not an nn.Module"
             )
         problem = meta_problem(model)
-        if problem is not None and torch.get_default_device().type != "meta":
+        # torch.empty, not torch.get_default_device(), which in torch 2.4 to 2.7 at least
+        # does not see a `with torch.device("meta"):` block around the call
+        if problem is not None and torch.empty(0).device.type != "meta":
             raise SharpscopeError(f"model factory '{spec['factory']}': {problem}")
         return model
     name = spec["name"]
