@@ -244,9 +244,11 @@ def plot_landscape_contour(
     labelled = lines.levels[1::2]  # every other level (the lowest is the minimum: a point)
     positions = label_positions(lines, labelled, x, y)
     if positions:
+        # every level, though only the labelled ones have a position: matplotlib 3.8 to 3.10
+        # label a subset of the levels with the text of another level, or fail (IndexError)
         ax.clabel(
             lines,
-            labelled,
+            lines.levels,
             inline=True,
             fontsize=5,
             fmt=dict(zip(lines.levels, distinct_labels(lines.levels)))
