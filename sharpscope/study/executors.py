@@ -17,6 +17,7 @@ The unit of work is :func:`sharpscope.study.runner.run_job` ``(study_dir, run_id
 from __future__ import annotations
 
 import os
+import signal
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +41,13 @@ def _describe(status: dict[str, Any]) -> str:
 def _worker_init(counter: Any, gpus: list[str], show_warning: Any = None) -> None:
     """Pin a pool worker: one CPU thread, or the next GPU round robin; show warnings as
     the study's process does (``show_warning``: its ``warnings.showwarning``, e.g. the
-    command line's one-line format); and end it when the study's process is gone."""
+    command line's one-line format); and end it when the study's process is gone.
+
+    A worker ignores SIGINT: a terminal's Ctrl-C goes to the whole process group, and a
+    worker waiting for its next run printed a KeyboardInterrupt traceback. The study's
+    process takes the Ctrl-C and stops the workers (SIGTERM, :func:`_stop_workers`); a
+    run cut off that way resumes from its checkpoint."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     if show_warning is not None:
         warnings.showwarning = show_warning
     _exit_with_parent()

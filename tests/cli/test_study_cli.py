@@ -445,3 +445,50 @@ def test_figures_and_bench_are_refused_under_torchrun(args, tmp_path, monkeypatc
     assert result.exit_code == 2
     assert result.output.startswith(f"error: `sharpscope {args[0]}` does not run under torchrun")
     assert list(tmp_path.iterdir()) == []  # no figures/ or runs/ made
+
+
+def test_ctrl_c_to_the_process_group_prints_no_traceback_from_an_idle_worker(tmp_path):
+    """A terminal's Ctrl-C goes to the whole process group. A pool worker that had finished
+    its runs and waited for the next one (in ``call_queue.get``) printed a KeyboardInterrupt
+    traceback (session 30 studycfg B1): the workers now ignore SIGINT, and the study's
+    process, which takes the Ctrl-C, stops them."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    config = tmp_path / "idle.toml"
+    config.write_text(
+        tiny_study_toml("idle", m=[16])
+        .replace('optimizer = ["sgd", "sam"]', 'optimizer = ["sgd"]')
+        .replace("seed = [0, 1]", "seed = [0]\nepochs = [1, 3000]")
+    )  # fmt: skip
+    out = tmp_path / "study"
+    args = [sys.executable, "-m", "sharpscope", "study", "run", str(config), "--out", str(out)]
+    process = subprocess.Popen(
+        [*args, "--workers", "2", "--no-report"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
+        # a pytest started as a background job (`&`) ignores SIGINT, and so would the study
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    short, long = out / "runs" / "sgd-ep1-s0", out / "runs" / "sgd-ep3000-s0"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (
+        (long / "last.pt").exists() and (short / "status.json").exists()
+        and json.loads((short / "status.json").read_text()).get("state") == "done"
+    ):  # fmt: skip
+        time.sleep(0.1)
+    assert process.poll() is None
+    time.sleep(1.0)  # the short run's worker is back waiting for work
+    os.killpg(process.pid, signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.endswith(
+        f"error: interrupted; the runs finished so far are kept in {out}: run the same "
+        "command again to resume the others\n"
+    )

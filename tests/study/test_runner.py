@@ -422,11 +422,17 @@ def test_pool_workers_take_gpus_round_robin_and_one_cpu_thread(monkeypatch):
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
     assert visible_gpus() == ["3", "5"]
+    import signal
+
     counter = multiprocessing.get_context("spawn").Value("i", 0)
     seen = []
-    for _ in range(3):
-        _worker_init(counter, ["3", "5"])
-        seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    handler = signal.getsignal(signal.SIGINT)  # _worker_init ignores SIGINT: restored below
+    try:
+        for _ in range(3):
+            _worker_init(counter, ["3", "5"])
+            seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+    finally:
+        signal.signal(signal.SIGINT, handler)
     assert seen == ["3", "5", "3"]
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # restored after the test
     threads = torch.get_num_threads()
@@ -435,6 +441,25 @@ def test_pool_workers_take_gpus_round_robin_and_one_cpu_thread(monkeypatch):
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)
+        signal.signal(signal.SIGINT, handler)
+
+
+def test_pool_workers_ignore_sigint():
+    """A terminal's Ctrl-C reaches every process of the group: a worker waiting for its next
+    run printed a KeyboardInterrupt traceback (session 30 studycfg B1). The workers ignore
+    SIGINT; the study's process takes it and stops them."""
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from sharpscope.study.executors import _worker_init
+
+    context = multiprocessing.get_context("spawn")
+    initargs = (context.Value("i", 0), [])
+    with ProcessPoolExecutor(
+        1, mp_context=context, initializer=_worker_init, initargs=initargs
+    ) as pool:
+        assert pool.submit(signal.getsignal, signal.SIGINT).result() == signal.SIG_IGN
 
 
 COORDINATOR = """
