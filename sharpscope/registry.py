@@ -258,14 +258,36 @@ def check_model_spec(
         raise unknown_name("model", name, list(MODELS))
     if shapes is None:
         return
+    meta_model(spec, shapes)
+
+
+def meta_model(
+    spec: str | Mapping[str, Any], shapes: tuple[tuple[int, ...], int] | None
+) -> nn.Module | None:
+    """A registry model built on the ``meta`` device (no memory, no data), for checks of
+    its size and layers before anything trains; None for a factory, unknown shapes, or a
+    build that fails for another reason than its options (the real build will tell).
+
+    Raises:
+        SharpscopeError: an unknown model name, option or value.
+    """
+    from .models import MODELS
+
+    spec = normalize_spec(spec, "model")
+    if "factory" in spec or shapes is None:
+        return None
+    name = spec["name"]
+    if name not in MODELS:
+        raise unknown_name("model", name, list(MODELS))
     options = {k: v for k, v in spec.items() if k != "name"}
     try:
         with torch.device("meta"):
-            MODELS[name](tuple(shapes[0]), int(shapes[1]), **options)
+            return MODELS[name](tuple(shapes[0]), int(shapes[1]), **options)
     except SharpscopeError:
         raise
     except Exception as exc:  # not an option problem; the real build will tell
         logging.getLogger(__name__).debug("trial build of %s on meta failed: %r", name, exc)
+        return None
 
 
 def check_loss_spec(spec: str | Mapping[str, Any], *, check_files: bool = True) -> None:

@@ -667,13 +667,25 @@ def _differences(key: str, old: Any, new: Any) -> list[str]:
     return [f"{key} {_shown(new)} (checkpoint: {_shown(old)})"]
 
 
+def training_data_spec(dataset: Mapping[str, Any], optimizer: Mapping[str, Any]) -> dict:
+    """The data spec a run trains on: LETS, which learns its radius on held-out data, gets
+    ``val_fraction = 0.1`` where the spec gives none (training then uses the other 90%).
+
+    >>> training_data_spec({"name": "digits"}, {"name": "lets"})
+    {'name': 'digits', 'val_fraction': 0.1}
+    """
+    dataset = dict(dataset)
+    if optimizer.get("name") == "lets" and not dataset.get("val_fraction"):
+        dataset["val_fraction"] = 0.1
+    return dataset
+
+
 def _prepare_data(
     config: TrainConfig, info: DistInfo
 ) -> tuple[DataSplit, DataSplit, DataSplit | None]:
-    dataset = dict(config.dataset)
     needs_val = config.optimizer.get("name") == "lets"
-    if needs_val and not dataset.get("val_fraction"):
-        dataset["val_fraction"] = 0.1
+    dataset = training_data_spec(config.dataset, config.optimizer)
+    if dataset != dict(config.dataset):
         config.dataset = dataset
     with one_factory_call():  # a factory's splits come from one call of it
         return _load_splits(config, dataset, needs_val, info)

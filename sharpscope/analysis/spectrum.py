@@ -494,11 +494,19 @@ def _check_backend(backend: str, which: str = "LA") -> None:
 
 
 def check_spectrum_choices(
-    *, which: str | None = None, trace_method: str | None = None, kernel: str | None = None
+    *,
+    which: str | None = None,
+    trace_method: str | None = None,
+    kernel: str | None = None,
+    backend: str | None = None,
 ) -> None:
-    """Refuse an unknown ``which``, trace method or density kernel before any product is spent."""
+    """Refuse an unknown ``which``, trace method, density kernel or backend (or the
+    pyhessian backend with a ``which`` it does not take) before any product is spent."""
     from ..curvature.lanczos import WHICH
     from ..curvature.slq import KERNELS
+
+    if backend is not None:
+        _check_backend(backend, which or "LA")
 
     for name, value, choices in (
         ("which", which, WHICH),

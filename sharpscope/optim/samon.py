@@ -56,6 +56,33 @@ def normalization_parameters(model: nn.Module) -> list[tuple[str, Tensor]]:
     return out
 
 
+def check_normalization_layers(
+    model: nn.Module, exclude_norm: bool = False
+) -> list[tuple[str, Tensor]]:
+    """The normalization layers' affine parameters SAM-ON perturbs; refuses a model with
+    none (or, unless ``exclude_norm``, with every one frozen). A study calls it on each
+    model built on the ``meta`` device, before anything trains.
+
+    Raises:
+        SharpscopeError: no normalization layer with affine parameters, or all frozen.
+    """
+    norm = normalization_parameters(model)
+    if not norm:
+        raise SharpscopeError(
+            f"SAM-ON perturbs normalization layers but {type(unwrap_model(model)).__name__} "
+            "has none with affine parameters (BatchNorm/LayerNorm/GroupNorm/InstanceNorm/"
+            "RMSNorm); use sam or asam for this model, or give it normalization layers "
+            "(the registry's mlp, cnn and cnn1d take --model-opt norm=batch)"
+        )
+    if not exclude_norm and not any(p.requires_grad for _, p in norm):
+        raise SharpscopeError(
+            "SAM-ON perturbs normalization layers but every one of them is frozen "
+            f"(requires_grad=False: {', '.join(n for n, _ in norm[:4])}"
+            f"{', ...' if len(norm) > 4 else ''}); unfreeze them or use sam or asam"
+        )
+    return norm
+
+
 class SAMON(SharpnessAware):
     """Sharpness-aware step that perturbs only the normalization layers' affine parameters.
 
@@ -105,20 +132,7 @@ class SAMON(SharpnessAware):
                 "SAMON(model, base=torch.optim.SGD, rho=0.5, lr=0.1)"
             )
         check_adaptive(adaptive, eta, allow_none=True)
-        norm = normalization_parameters(model)
-        if not norm:
-            raise SharpscopeError(
-                f"SAM-ON perturbs normalization layers but {type(unwrap_model(model)).__name__} "
-                "has none with affine parameters (BatchNorm/LayerNorm/GroupNorm/InstanceNorm/"
-                "RMSNorm); use sam or asam for this model, or give it normalization layers "
-                "(the registry's mlp, cnn and cnn1d take --model-opt norm=batch)"
-            )
-        if not exclude_norm and not any(p.requires_grad for _, p in norm):
-            raise SharpscopeError(
-                "SAM-ON perturbs normalization layers but every one of them is frozen "
-                f"(requires_grad=False: {', '.join(n for n, _ in norm[:4])}"
-                f"{', ...' if len(norm) > 4 else ''}); unfreeze them or use sam or asam"
-            )
+        check_normalization_layers(model, exclude_norm)
         if sam_epochs is not None:
             sam_epochs = _epoch_window(sam_epochs)
             if not steps_per_epoch or int(steps_per_epoch) < 1:

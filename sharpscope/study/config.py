@@ -552,20 +552,35 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
                 f"analysis.spectrum.max_steps {options['max_steps']} is fewer than k {k}: "
                 "Lanczos finds at most one eigenvalue per step"
             )
-        from ..analysis.spectrum import check_spectrum_choices
+        from ..analysis.spectrum import check_block_options, check_skip, check_spectrum_choices
         from ..curvature.trace import check_trace_budget
+        from ..distributed import check_device_name
 
-        try:
+        skip = options.get("skip", [])
+        if not isinstance(skip, (str, list)) or not all(isinstance(p, str) for p in skip):
+            raise _fail(f"analysis.spectrum.skip must be a list of trace, density; got {skip!r}")
+        backend = options.get("backend", _spectrum_default("backend"))
+        try:  # the checks spectrum() makes, before the runs train rather than after
             check_spectrum_choices(
                 which=options.get("which"),
                 trace_method=options.get("trace_method"),
                 kernel=options.get("kernel"),
+                backend=backend,
             )
-            if options.get("trace_probes") is not None:
+            skipped = check_skip(skip, deflate=options.get("deflate", 0))
+            if options.get("block_size") is not None:
+                restart = options.get("restart_size")
+                check_block_options(options["block_size"], backend, restart, False)
+            if options.get("trace_probes") is not None and "trace" not in skipped:
                 method = options.get("trace_method") or _spectrum_default("trace_method")
                 check_trace_budget(method, options["trace_probes"])
         except SharpscopeError as exc:
             raise _fail(f"[analysis.spectrum]: {exc}") from None
+        if options.get("basis_device") is not None:  # its form; that it exists: run_study
+            try:
+                check_device_name(options["basis_device"])
+            except SharpscopeError as exc:
+                raise _fail(f"analysis.spectrum.basis_device: {exc}") from None
         return options
     _check_keys(where, options, MEASURE_KEYS[measure])
     if measure in ("m_sharpness", "adaptive_sharpness"):
@@ -611,6 +626,9 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
             )
         ]
     elif measure == "pac_bayes":
+        drop = options.get("target_drop")  # > 0 checked above; pac_bayes() refuses >= 1
+        if drop is not None and not drop < 1:
+            raise _fail(f"analysis.pac_bayes.target_drop must be in (0, 1), got {drop!r}")
         options["magnitude_aware"] = [
             _flag("analysis.pac_bayes.magnitude_aware", v)
             for v in _as_list(
@@ -731,27 +749,86 @@ def study_config_from_dict(
     from .sweep import expand_sweep
 
     runs = expand_sweep(config)  # validates the combination (epochs, labels, m) up front
-    _check_run_specs(runs, check_files)
+    _check_run_specs(runs, check_files, analysis if check_files else None)
     return config
 
 
-def _check_run_specs(runs: list[Any], check_files: bool) -> None:
-    """Resolve the data set, model and loss of every distinct run (no data is read)."""
+def _check_run_specs(runs: list[Any], check_files: bool, plan: AnalysisPlan | None) -> None:
+    """Resolve the data set, model and loss of every distinct run (no data is read), and
+    with a ``plan`` (a config about to run, not a study folder read back for its report)
+    check each registry model, built on the ``meta`` device, against what the runs and
+    the analyses ask of it."""
     from ..data import check_data_spec
-    from ..registry import check_loss_spec, check_model_spec
+    from ..registry import check_loss_spec, check_model_spec, meta_model
 
-    seen: set[str] = set()
+    seen: dict[str, Any] = {}
     for run in runs:
         specs = [run.train["dataset"], run.train["model"], run.train.get("loss")]
         key = json.dumps(specs, sort_keys=True, default=str)
-        if key in seen:
-            continue
-        seen.add(key)
-        dataset, model, loss = specs
-        shapes = check_data_spec(dataset, check_files=check_files)
-        if loss is not None:
-            check_loss_spec(loss, check_files=check_files)
-        check_model_spec(model, shapes, check_files=check_files)
+        if key not in seen:
+            dataset, model, loss = specs
+            shapes = check_data_spec(dataset, check_files=check_files)
+            if loss is not None:
+                check_loss_spec(loss, check_files=check_files)
+            check_model_spec(model, shapes, check_files=check_files)
+            seen[key] = meta_model(model, shapes) if plan is not None else None
+            if seen[key] is not None:
+                _check_model_fits_analyses(seen[key], run, plan)
+        if seen[key] is not None:
+            _check_model_fits_run(seen[key], run)
+
+
+def _check_model_fits_analyses(model: Any, run: Any, plan: AnalysisPlan) -> None:
+    """The parameter counts the single-run commands check before their work (``--k``,
+    ``--block-size``, ``--deflate``, Keskar's subspace), for a model built on meta."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if n == 0:  # the trainer refuses it in one line
+        return
+    where = f"the model of run '{run.run_id}' ({run.params['model']})"
+    spectrum = plan.measures.get("spectrum")
+    if spectrum is not None:
+        k = spectrum.get("k", _spectrum_default("k"))
+        if k > n:
+            raise _fail(
+                f"analysis.spectrum.k {k} is larger than the number of parameters ({n}) of "
+                f"{where}; use k <= {n}"
+            )
+        block = spectrum.get("block_size")
+        if block is not None and block > n:
+            raise _fail(
+                f"analysis.spectrum.block_size {block} is larger than the number of "
+                f"parameters ({n}) of {where}; use block_size <= {n}"
+            )
+        deflate = spectrum.get("deflate", 0)
+        if deflate >= n:
+            raise _fail(
+                f"analysis.spectrum.deflate {deflate} must be fewer than the {n} parameters "
+                f"of {where}"
+            )
+    subspace = (plan.measures.get("keskar") or {}).get("subspace_dim")
+    if subspace is not None and subspace > n:
+        raise _fail(
+            f"analysis.keskar.subspace_dim {subspace} is larger than the {n} parameters of "
+            f"{where}; use a smaller one, or leave it out for the full space"
+        )
+
+
+def _check_model_fits_run(model: Any, run: Any) -> None:
+    """What the trainer checks of a model before its first step, here before any run
+    trains: SAM-ON needs normalization layers, and m-sharpness groups of one example
+    cannot go through BatchNorm (the batch size checked against the data in run_study)."""
+    from ..optim.msam import check_groups_for_batchnorm
+    from ..optim.samon import check_normalization_layers
+
+    spec = run.train["optimizer"]
+    try:
+        if spec.get("name") == "samon":
+            check_normalization_layers(model, bool(spec.get("exclude_norm", False)))
+        if spec.get("name") in M_SUPPORTED and spec.get("m") is not None:
+            check_groups_for_batchnorm(model, int(spec["m"]), int(run.params["batch_size"]))
+    except SharpscopeError as exc:  # a study's model table takes norm, not --model-opt
+        message = str(exc).replace("take --model-opt norm=batch", 'take norm = "batch"')
+        raise _fail(f"run '{run.run_id}': {message}") from None
 
 
 def load_study_config(path: str | Path) -> StudyConfig:

@@ -954,6 +954,51 @@ def _check_data(runs: list[RunSpec], config: StudyConfig) -> None:
                 )
 
 
+def _check_devices(runs: list[RunSpec], config: StudyConfig) -> None:
+    """Before any run starts on this machine: the devices the runs train and analyse on
+    exist here (``cuda`` without a GPU failed every run, the analyses after training)."""
+    from ..distributed import pick_device
+
+    wanted = {("train.device", str(r.train.get("device", "auto"))) for r in runs}
+    if runs and config.analysis.device is not None:
+        wanted.add(("analysis.device", config.analysis.device))
+    basis = (config.analysis.measures.get("spectrum") or {}).get("basis_device")
+    if runs and basis is not None:
+        wanted.add(("analysis.spectrum.basis_device", str(basis)))
+    for where, device in sorted(wanted):
+        try:
+            pick_device(device)
+        except SharpscopeError as exc:
+            reason = str(exc).split("; use --device")[0]  # the command line's advice
+            raise SharpscopeError(f"{where}: {reason}; set {where} to cpu or auto") from None
+
+
+def _check_batch_sizes(runs: list[RunSpec]) -> None:
+    """Before any run starts: no batch larger than the training examples of a built-in
+    data set (a data factory is not called for it: that would be the user's code, maybe
+    slow; its runs say so when they start). The trainer's check and message."""
+    from ..data import load_data
+    from ..trainer import training_data_spec
+
+    largest: dict[str, RunSpec] = {}
+    for run in runs:
+        dataset = training_data_spec(run.train["dataset"], run.train["optimizer"])
+        if factory_of(dataset) is not None:
+            continue
+        dataset = {k: v for k, v in dataset.items() if k not in ("label_noise", "noise_seed")}
+        key = json.dumps([dataset, run.train.get("data_root")], sort_keys=True, default=str)
+        if key not in largest or run.params["batch_size"] > largest[key].params["batch_size"]:
+            largest[key] = run
+    for run in largest.values():
+        dataset = training_data_spec(run.train["dataset"], run.train["optimizer"])
+        examples = len(load_data(dataset, "train", data_root=run.train.get("data_root")))
+        if run.params["batch_size"] > examples:
+            raise SharpscopeError(
+                f"run '{run.run_id}': batch size {run.params['batch_size']} is larger than "
+                f"the {examples} training examples"
+            )
+
+
 def run_study(
     config: StudyConfig | str | Path,
     out: str | Path | None = None,
@@ -991,8 +1036,11 @@ def run_study(
     check_executor(executor, workers)
     check_study_dir(folder, config, runs)  # before the lock creates the folder
     check_cluster(executor)
-    if executor != "slurm":  # a cluster's nodes may see the data elsewhere
-        _check_data([r for r in runs if not run_is_complete(folder, r, config)], config)
+    if executor != "slurm":  # a cluster's nodes may see the data (and GPUs) elsewhere
+        pending = [r for r in runs if not run_is_complete(folder, r, config)]
+        _check_devices(pending, config)
+        _check_data(pending, config)
+        _check_batch_sizes(pending)
     folder.mkdir(parents=True, exist_ok=True)
     with study_lock(folder):  # and write nothing before holding it
         prepare_study_dir(folder, config, runs)

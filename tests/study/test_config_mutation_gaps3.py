@@ -19,9 +19,9 @@ def config(**sections):
 # kills C02: SAM-ON dropped from the optimizers the m axis applies to (interface: m applies
 # to SAM, ASAM and SAM-ON; the axis would collapse to one run with m recorded empty)
 def test_the_m_axis_applies_to_sam_asam_and_samon_only():
-    runs = expand_sweep(
-        config(sweep={"optimizer": ["sgd", "sam", "asam", "samon", "vasso"], "m": [4, 8]})
-    )
+    train = {**TRAIN, "model": {"name": "mlp", "width": 16, "norm": "batch"}}  # for SAM-ON
+    sweep = {"optimizer": ["sgd", "sam", "asam", "samon", "vasso"], "m": [4, 8]}
+    runs = expand_sweep(study_config_from_dict({"train": train, "sweep": sweep}))
     got = sorted(
         (r.params["optimizer"], r.params["m"], r.train["optimizer"].get("m")) for r in runs
     )

@@ -450,7 +450,7 @@ def test_training_curve_legend_names_each_setting_like_the_figures_do():
 
     config = study_config_from_dict(
         {
-            "train": {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp"}},
+            "train": {"dataset": {"name": "mnist1d"}, "model": {"name": "mlp", "norm": "batch"}},
             "sweep": {
                 "optimizer": ["sgd", "samon"],
                 "rho": [0.5, 1.0],

@@ -853,7 +853,8 @@ def test_the_report_spectra_figure_says_how_many_optimizers_it_shows(tmp_path):
     from sharpscope.study.runner import prepare_study_dir
 
     labels = ["sgd", "sam", "asam", "vasso", "samon", "adam", "adamw"]
-    plan = config(sweep={"optimizer": labels, "seed": [0]})
+    train = {**TRAIN, "model": {"name": "mlp", "width": 16, "norm": "batch"}}  # for SAM-ON
+    plan = study_config_from_dict({"train": train, "sweep": {"optimizer": labels, "seed": [0]}})
     runs = expand_sweep(plan)
     prepare_study_dir(tmp_path, plan, runs)
     density = {"grid": [0.0, 1.0, 2.0], "values": [1.0, 0.1, 0.01]}
