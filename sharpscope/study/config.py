@@ -359,6 +359,10 @@ def _validate_optimizers(values: Mapping[str, Any]) -> dict[str, dict[str, Any]]
             )
         if "base" in spec:
             base = spec["base"]
+            if not isinstance(base, (str, Mapping)):
+                raise _fail(
+                    f"optimizers.{label}.base must be a table or an optimizer name, got {base!r}"
+                )
             base = {"name": base} if isinstance(base, str) else dict(base)
             if base.get("name", "sgd") not in BASE_OPTIMIZERS:
                 raise _fail(

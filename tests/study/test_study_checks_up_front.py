@@ -75,3 +75,10 @@ def test_cuda_without_a_gpu_is_refused_before_any_run_trains(tmp_path, monkeypat
     with pytest.raises(SharpscopeError, match="analysis.device: device 'cuda' requested but no"):
         run_study(study, tmp_path / "s")
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize("base", [5, ["adam"], 0.1])
+def test_an_optimizer_base_that_is_no_table_or_name_is_one_line(base):
+    """`sam = {base = 5}` was a TypeError traceback (session 30 studycfg B5)."""
+    with pytest.raises(SharpscopeError, match=r"optimizers.sam.base must be a table or an"):
+        config(optimizers={"sam": {"base": base}}, sweep={"optimizer": ["sam"]})
