@@ -647,7 +647,7 @@ def _validate_measure(measure: str, options: dict[str, Any]) -> dict[str, Any]:
     elif measure == "landscape":
         dims = _as_list("analysis.landscape.dims", options.get("dims", [1]))
         for d in dims:
-            if d not in (1, 2):
+            if isinstance(d, bool) or d not in (1, 2):  # true == 1
                 raise _fail(f"analysis.landscape.dims must be 1 or 2, got {d!r}")
         options["dims"] = dims
         if "grid" in options:

@@ -82,3 +82,10 @@ def test_an_optimizer_base_that_is_no_table_or_name_is_one_line(base):
     """`sam = {base = 5}` was a TypeError traceback (session 30 studycfg B5)."""
     with pytest.raises(SharpscopeError, match=r"optimizers.sam.base must be a table or an"):
         config(optimizers={"sam": {"base": base}}, sweep={"optimizer": ["sam"]})
+
+
+@pytest.mark.parametrize("dims", [[True], [False, 2]])
+def test_landscape_dims_refuse_booleans(dims):
+    """`dims = [true]` passed (True == 1) and wrote landscape_Trued.npz (studycfg B9)."""
+    with pytest.raises(SharpscopeError, match="analysis.landscape.dims must be 1 or 2"):
+        config(analysis={"landscape": {"dims": dims}})
