@@ -693,6 +693,24 @@ def _validate_executor(values: Mapping[str, Any]) -> dict[str, Any]:
     return dict(values)
 
 
+def _study_name(name: Any) -> str:
+    """The study's name, the folder of its default --out (``runs/studies/<name>``): one
+    path component. ``""`` wrote the study into ``runs/studies`` itself, ``"../../x"``
+    outside it."""
+    if (
+        not isinstance(name, str)
+        or not name.strip()
+        or name in (".", "..")
+        or any(c in name for c in "/\\")
+        or any(ord(c) < 32 for c in name)
+    ):
+        raise _fail(
+            "study.name must be a non-empty folder name (no '/' or '\\', not '.' or '..'), "
+            f"got {name!r}"
+        )
+    return name
+
+
 def study_config_from_dict(
     values: Mapping[str, Any], *, name: str = "study", check_files: bool = True
 ) -> StudyConfig:
@@ -739,9 +757,12 @@ def study_config_from_dict(
                     f"sweep.optimizer ({', '.join(sweep['optimizer'])})"
                 )
     executor = _validate_executor(values.get("executor", {}))
+    description = study.get("description", "")
+    if not isinstance(description, str):
+        raise _fail(f"study.description must be a string, got {description!r}")
     config = StudyConfig(
-        name=str(study.get("name", name)),
-        description=str(study.get("description", "")),
+        name=_study_name(study.get("name", name)),
+        description=description,
         keep_checkpoints=keep,
         reproduction=reproduction,
         train=train,

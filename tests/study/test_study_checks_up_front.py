@@ -89,3 +89,17 @@ def test_landscape_dims_refuse_booleans(dims):
     """`dims = [true]` passed (True == 1) and wrote landscape_Trued.npz (studycfg B9)."""
     with pytest.raises(SharpscopeError, match="analysis.landscape.dims must be 1 or 2"):
         config(analysis={"landscape": {"dims": dims}})
+
+
+@pytest.mark.parametrize("name", ["", "  ", "..", ".", "../../evil", "a/b", "a\\b", 5, "a\nb"])
+def test_the_study_name_must_be_one_folder_name(name):
+    """`name = ""` wrote the study into runs/studies itself, `"../../x"` outside it, and
+    `name = 5` was turned into a string (studycfg B3)."""
+    with pytest.raises(SharpscopeError, match="study.name must be a non-empty folder name"):
+        config(study={"name": name})
+
+
+def test_the_study_description_must_be_a_string():
+    with pytest.raises(SharpscopeError, match="study.description must be a string"):
+        config(study={"name": "x", "description": {"a": 1}})
+    assert config(study={"name": "my study-1.2", "description": "d"}).name == "my study-1.2"
