@@ -117,6 +117,39 @@ def _applies(axis: str, spec: dict[str, Any]) -> bool:
     return axis == "weight_decay"
 
 
+#: what each optimizer axis needs, for the message of :func:`check_axes_apply`
+_AXIS_TAKERS = {
+    "rho": ", ".join((*TWO_PASS, "bsam")),
+    "m": ", ".join(M_SUPPORTED),
+    "momentum": "sgd and the optimizers over an SGD base",
+    "weight_decay": "every optimizer but bsam",
+}
+
+
+def check_axes_apply(config: StudyConfig) -> None:
+    """Refuse an optimizer axis given as one list that applies to none of
+    ``sweep.optimizer``: it would collapse to one run per optimizer without a word (a
+    forgotten ``"sam"`` under a ρ sweep, an Adam base under a momentum sweep). An axis that
+    applies to some of them collapses for the others, as the module docstring says; a
+    per-optimizer table is checked by :func:`expand_sweep`.
+
+    Raises:
+        SharpscopeError: naming the axis, the optimizers and those it applies to.
+    """
+    labels = list(config.sweep["optimizer"])
+    specs = [optimizer_spec(label, config) for label in labels]
+    for axis, takers in _AXIS_TAKERS.items():
+        values = config.sweep.get(axis)
+        if values is None or isinstance(values, dict):
+            continue
+        if not any(_applies(axis, spec) for spec in specs):
+            raise SharpscopeError(
+                f"sweep.{axis} applies to none of sweep.optimizer ({', '.join(labels)}), so "
+                f"it would sweep nothing; {axis} applies to {takers}: add one of them, or "
+                f"remove sweep.{axis}"
+            )
+
+
 def _set_optimizer_axis(spec: dict[str, Any], axis: str, value: Any) -> None:
     if axis in ("rho", "m"):
         spec[axis] = value

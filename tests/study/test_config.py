@@ -531,3 +531,31 @@ def test_b3_a_dataset_tables_data_root_becomes_the_machine_setting_data_root(tmp
     older["train"]["dataset"] = {"name": "cifar10", "data_root": "c"}
     del older["train"]["data_root"]
     _check_same_run(run.run_id, older, wanted, tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("sweep", "message"),
+    [
+        (
+            {"optimizer": ["sgd"], "rho": [0.05, 0.1]},
+            "sweep.rho applies to none of sweep.optimizer (sgd), so it would sweep nothing; "
+            "rho applies to sam, asam, vasso, lets, samon, bsam: add one of them, or remove "
+            "sweep.rho",
+        ),
+        ({"optimizer": ["sgd", "vasso"], "m": [8, 16]}, "m applies to sam, asam, samon:"),
+        ({"optimizer": ["adam"], "momentum": [0.5, 0.9]}, "sweep.momentum applies to none"),
+        ({"optimizer": ["bsam"], "weight_decay": [0.0, 1e-4]}, "sweep.weight_decay applies"),
+    ],
+)
+def test_a_sweep_axis_that_applies_to_no_optimizer_is_refused(sweep, message):
+    """Session 30 (studycfg B6): rho swept with SGD alone (a forgotten "sam") or momentum
+    with Adam alone trained one run per optimizer, and study.json said "swept": []."""
+    with pytest.raises(SharpscopeError, match="applies to none") as info:
+        config(sweep=sweep)
+    assert message in str(info.value) and "\n" not in str(info.value)
+    # an axis that applies to one optimizer of the sweep collapses for the others, as before
+    mixed = {**sweep, "optimizer": [*sweep["optimizer"], "sam"]}
+    runs = expand_sweep(config(sweep=mixed))
+    assert {r.params["optimizer"] for r in runs} == set(mixed["optimizer"])
+    # a study folder written before this check is read back (report, status) as it was
+    assert expand_sweep(study_config_from_dict({"train": TRAIN, "sweep": sweep}, check_files=False))
