@@ -56,8 +56,45 @@ def study_folder_config(folder: Path, out: Path | None) -> tuple[Any, Path]:
         config = study_config_from_dict(meta["config"], name=meta.get("name", "study"))
     except SharpscopeError as exc:
         raise SharpscopeError(f"{folder / 'study.json'}: {exc}") from exc
+    check_config_file_unedited(folder, meta["config"])
     config.source = meta.get("source")  # study.json keeps naming the file it came from
     return config, folder
+
+
+def check_config_file_unedited(folder: Path, recorded: dict[str, Any]) -> None:
+    """Refuse ``study run DIR`` when ``DIR/config.toml`` no longer shows the config that
+    ``study.json`` recorded: the run resumes the recorded one and rewrites the file, so a
+    hand edit would be lost without a word. Applying the edit is ``study run
+    DIR/config.toml --out DIR`` (which refuses changed training settings of runs already
+    trained, and re-analyses for changed analysis settings).
+
+    Raises:
+        SharpscopeError: naming both files and both ways on.
+    """
+    from ..errors import SharpscopeError
+    from ..results import to_jsonable
+    from ..study.config import tomllib
+
+    path = folder / "config.toml"
+    if not path.is_file():
+        return
+    try:
+        import tomli_w
+
+        shown = tomllib.loads(tomli_w.dumps(to_jsonable(recorded)))
+    except (ImportError, TypeError, ValueError):  # not written for this config either
+        return
+    try:
+        edited = tomllib.loads(path.read_text()) != shown
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        edited = True
+    if edited:
+        raise SharpscopeError(
+            f"{path} differs from the config that {folder / 'study.json'} recorded, which "
+            f"'study run {folder}' resumes (and would write over the edit); undo the edit, "
+            f"or delete {path}, to resume as recorded, or apply it: study run {path} --out "
+            f"{folder}"
+        )
 
 
 def print_correlations(folder: Path) -> None:

@@ -51,3 +51,29 @@ def test_study_run_on_a_folder_that_is_no_study_is_one_line(tmp_path):
         runner.invoke(app, ["study", "run", str(tmp_path)]),
         "is not a sharpscope study folder (no study.json)",
     )
+
+
+def test_study_run_on_a_folder_whose_config_toml_was_edited_is_refused(tmp_path):
+    """Session 30 (studycfg B8): `study run DIR` resumed the config study.json recorded and
+    wrote DIR/config.toml over a hand edit of it, without a word."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(tiny_study_toml("edited-tiny", m=[16]))
+    out = tmp_path / "study"
+    args = ["study", "run", str(config), "--out", str(out), "--no-report", "--workers", "1"]
+    assert runner.invoke(app, args).exit_code == 0
+    shown = out / "config.toml"
+    original = shown.read_text()
+    edited = original.replace("[train]", "[train]\nlabel_smoothing = 0.1", 1)
+    assert edited != original
+    for text in (edited, "[broken"):
+        shown.write_text(text)
+        result = runner.invoke(app, ["study", "run", str(out), "--no-report"])
+        one_line_error(
+            result,
+            f"{shown} differs from the config that {out / 'study.json'} recorded",
+            f"study run {shown} --out {out}",
+        )
+        assert shown.read_text() == text  # the edit is kept
+    shown.write_text(original + "\n# a comment and blank lines change nothing\n")
+    again = runner.invoke(app, ["study", "run", str(out), "--no-report"])
+    assert again.exit_code == 0 and "4 of 4 runs already complete" in again.output, again.output
