@@ -933,6 +933,10 @@ def _largest_step(result: LandscapeResult) -> float:
     )
 
 
+#: the advice for interpolated BatchNorm variances that turn negative (a study words its own)
+STATES_ADVICE = "states=False / --no-states, or a smaller span"
+
+
 def _warn_non_finite(result: LandscapeResult) -> None:
     """Say how many computed points have a non-finite loss, and the usual cause: weights that
     overflow the dtype at the grid's ends (too large a span: a step beyond the square root of
@@ -951,7 +955,7 @@ def _warn_non_finite(result: LandscapeResult) -> None:
         elif result.states:
             cause = (
                 " (BatchNorm running variances moved with the weights turn negative beyond the "
-                "end points: states=False / --no-states, or a smaller span)"
+                f"end points: {STATES_ADVICE})"
             )
         else:
             cause = ""

@@ -27,6 +27,7 @@ import os
 import re
 import time
 import traceback
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -700,6 +701,26 @@ def pair_path(study_dir: Path, a: str, b: str, tag: str) -> Path:
     return study_dir / "pairs" / f"{a}__{b}__{tag}.npz"
 
 
+@contextlib.contextmanager
+def _study_advice(first: Path, second: Path) -> Iterator[None]:
+    """Re-issue the interpolation's warnings with advice a study can follow: it takes no
+    ``states`` option and interpolates BatchNorm statistics too, so a pair is redone
+    without them by the landscape command (:data:`~sharpscope.analysis.landscape.STATES_ADVICE`
+    names ``states=False`` and a span, which a study config cannot set)."""
+    from ..analysis.landscape import STATES_ADVICE
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    for warning in caught:
+        text = str(warning.message).replace(
+            STATES_ADVICE,
+            "a study interpolates them too; 'sharpscope landscape "
+            f"{first} --directions {second} --no-states' redoes this pair without them",
+        )
+        warnings.warn(text, warning.category, stacklevel=3)
+
+
 def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Log) -> None:
     """Interpolations L((1−α)θ_a + αθ_b) between final solutions, as configured."""
     options = config.analysis.measures.get("landscape") or {}
@@ -737,15 +758,16 @@ def run_pairs(study_dir: Path, config: StudyConfig, runs: list[RunSpec], log: Lo
             )
             kwargs = {k: options[k] for k in ("grid",) if k in options}
             kwargs["batch_size"] = config.analysis.batch_size
-            result = landscape(
-                start.model.to(device).eval(),
-                (split.inputs.to(device), split.targets.to(device)),
-                dims=1,
-                directions=end.model.to(device).eval(),
-                loss=run_a.train.get("loss", "cross_entropy"),
-                meta=meta,
-                **kwargs,
-            )
+            with _study_advice(start.path, end.path):
+                result = landscape(
+                    start.model.to(device).eval(),
+                    (split.inputs.to(device), split.targets.to(device)),
+                    dims=1,
+                    directions=end.model.to(device).eval(),
+                    loss=run_a.train.get("loss", "cross_entropy"),
+                    meta=meta,
+                    **kwargs,
+                )
             result.save(path)
             log(f"interpolation {a} -> {b} ({tag}) written to {path}")
 

@@ -828,3 +828,26 @@ def test_the_study_lock_is_removed_when_the_run_ends(tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_interpolations_warning_in_a_study_gives_advice_a_study_can_follow(tmp_path):
+    """Session 30 (studycfg B10): a study's interpolation warned 'states=False / --no-states,
+    or a smaller span', which [analysis.landscape] cannot set; other warnings pass as they are."""
+    import warnings
+
+    from sharpscope.analysis.landscape import STATES_ADVICE
+    from sharpscope.study.runner import _study_advice
+
+    a, b = tmp_path / "a.pt", tmp_path / "b.pt"
+    with pytest.warns((RuntimeWarning, UserWarning)) as caught:
+        with _study_advice(a, b):
+            text = f"3 point(s) gave a non-finite loss (...: {STATES_ADVICE})"
+            warnings.warn(text, RuntimeWarning, stacklevel=1)
+            warnings.warn("another warning", UserWarning, stacklevel=1)
+    first, second = (str(w.message) for w in caught)
+    assert STATES_ADVICE not in first
+    assert first.endswith(
+        f"a study interpolates them too; 'sharpscope landscape {a} --directions {b} "
+        "--no-states' redoes this pair without them)"
+    )
+    assert second == "another warning" and caught[1].category is UserWarning
