@@ -379,7 +379,7 @@ def write_report(
         "## Setup",
         "",
         f"- data: `{_spec(train.get('dataset', {'name': 'mnist1d'}))}`; model: "
-        f"`{_spec(train.get('model', {'name': 'cnn1d'}))}`; epochs: {_values(runs, 'epochs')}; "
+        f"{_models(runs, train.get('model', {'name': 'cnn1d'}))}; epochs: {_values(runs, 'epochs')}; "
         f"batch size: {_values(runs, 'batch_size')}",
         f"- runs: {len(runs)} ({len({r['run_id'] for r in finals})} finished, "
         f"{len({r['run_id'] for r in failed})} failed, "
@@ -558,6 +558,14 @@ def _values(runs: Sequence[Any], key: str) -> str:
     if len(values) > 1:
         return f"{', '.join(map(str, values))} (swept)"
     return str(values[0]) if values else "–"
+
+
+def _models(runs: Sequence[Any], default: Mapping[str, Any]) -> str:
+    """The runs' models for the Setup line: `` `mlp(width=32)` ``, or each one and
+    "(swept)" where ``sweep.model``, ``width`` or ``depth`` replaced ``[train] model``."""
+    specs = sorted({_spec(r.train.get("model", default)) for r in runs}) or [_spec(default)]
+    shown = ", ".join(f"`{spec}`" for spec in specs)
+    return f"{shown} (swept)" if len(specs) > 1 else shown
 
 
 def _spec(spec: Mapping[str, Any]) -> str:

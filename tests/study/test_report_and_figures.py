@@ -476,3 +476,17 @@ def test_training_curves_take_the_optimizer_colour_of_a_display_name_and_whole_e
     fig.canvas.draw()
     ticks = fig.axes[0].get_xticks()
     assert len(ticks) and all(float(t).is_integer() for t in ticks)
+
+
+def test_the_setup_line_names_the_models_the_runs_were_built_with():
+    """Session 30 (studycfg B7): with sweep.width (or sweep.model) the Setup line named
+    [train] model, which no run was built with."""
+    from sharpscope.study import expand_sweep, study_config_from_dict
+    from sharpscope.study.report import _models
+
+    train = {"dataset": {"name": "digits"}, "model": {"name": "mlp", "width": 32}, "epochs": 1}
+    one = expand_sweep(study_config_from_dict({"train": train, "sweep": {"optimizer": ["sgd"]}}))
+    assert _models(one, train["model"]) == "`mlp(width=32)`"
+    swept = {"optimizer": ["sgd"], "width": [8, 16]}
+    runs = expand_sweep(study_config_from_dict({"train": train, "sweep": swept}))
+    assert _models(runs, train["model"]) == "`mlp(width=16)`, `mlp(width=8)` (swept)"
