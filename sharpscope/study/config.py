@@ -771,10 +771,11 @@ def study_config_from_dict(
         analysis=analysis,
         executor=executor,
     )
-    from .sweep import check_axes_apply, expand_sweep
+    from .sweep import check_axes_apply, expand_sweep, warn_if_lets_holds_out_alone
 
     if check_files:  # a config about to run; a study folder read back keeps its runs
         check_axes_apply(config)
+        warn_if_lets_holds_out_alone(config)
     runs = expand_sweep(config)  # validates the combination (epochs, labels, m) up front
     _check_run_specs(runs, check_files, analysis if check_files else None)
     return config

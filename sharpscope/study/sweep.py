@@ -25,12 +25,13 @@ import itertools
 import json
 import math
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..columns import PARAM_COLUMNS  # also importable from here
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, caller_level
 from .config import (
     AXIS_SHORT,
     BASE_DEFAULTS,
@@ -148,6 +149,28 @@ def check_axes_apply(config: StudyConfig) -> None:
                 f"it would sweep nothing; {axis} applies to {takers}: add one of them, or "
                 f"remove sweep.{axis}"
             )
+
+
+def warn_if_lets_holds_out_alone(config: StudyConfig) -> None:
+    """Warn when LETS shares a study with other optimizers and ``[train] dataset`` sets no
+    ``val_fraction``: the trainer then holds out 10% of the training set for LETS alone (its
+    radius is learned there), so LETS trains on other examples than its neighbours, and the
+    analyses, which read the training split, include examples LETS never trained on."""
+    names = {optimizer_spec(label, config)["name"] for label in config.sweep["optimizer"]}
+    dataset = config.train.get("dataset")
+    if "lets" not in names or len(names) < 2:
+        return
+    if isinstance(dataset, dict) and dataset.get("val_fraction"):
+        return
+    others = ", ".join(sorted(names - {"lets"}))
+    warnings.warn(
+        f"sweep.optimizer puts lets beside {others}: LETS holds out 10% of the training set "
+        "to learn its radius (val_fraction = 0.1), so it trains on other examples than they "
+        "do; set val_fraction = 0.1 in [train] dataset to hold out the same examples in "
+        "every run",
+        RuntimeWarning,
+        stacklevel=caller_level(),
+    )
 
 
 def _set_optimizer_axis(spec: dict[str, Any], axis: str, value: Any) -> None:

@@ -559,3 +559,15 @@ def test_a_sweep_axis_that_applies_to_no_optimizer_is_refused(sweep, message):
     assert {r.params["optimizer"] for r in runs} == set(mixed["optimizer"])
     # a study folder written before this check is read back (report, status) as it was
     assert expand_sweep(study_config_from_dict({"train": TRAIN, "sweep": sweep}, check_files=False))
+
+
+def test_lets_beside_other_optimizers_without_a_shared_hold_out_is_warned_about(recwarn):
+    """Session 30 (studycfg D1): the trainer held out 10% for LETS alone, so LETS trained on
+    other examples than SGD beside it, and nobody was told."""
+    with pytest.warns(RuntimeWarning, match="lets beside sam, sgd: LETS holds out 10%"):
+        config(sweep={"optimizer": ["sgd", "sam", "lets"]})
+    recwarn.clear()
+    shared = {**TRAIN, "dataset": {**TRAIN["dataset"], "val_fraction": 0.1}}
+    study_config_from_dict({"train": shared, "sweep": {"optimizer": ["sgd", "lets"]}})
+    config(sweep={"optimizer": ["lets"]})
+    assert not [w for w in recwarn if "holds out" in str(w.message)]
