@@ -649,22 +649,38 @@ def _shown(value: Any) -> str:
     return "the default" if value is _NOT_GIVEN else json.dumps(value, default=str)
 
 
-def _differences(key: str, old: Any, new: Any) -> list[str]:
+def differing_settings(
+    prefix: str, old: Mapping[str, Any], new: Mapping[str, Any], was: str
+) -> list[str]:
+    """``"train.optimizer.rho 0.1 (trained: 0.05)"`` for every leaf where two settings
+    tables differ (a study's refusal of a changed run; ``train --resume`` names them so
+    too), ``was`` naming where the old values come from."""
+    return [
+        line
+        for key in sorted(set(old) | set(new), key=str)
+        for line in _differences(
+            f"{prefix}.{key}", old.get(key, _NOT_GIVEN), new.get(key, _NOT_GIVEN), was
+        )
+    ]
+
+
+def _differences(key: str, old: Any, new: Any, was: str = "checkpoint") -> list[str]:
     """``"optimizer.rho 0.5 (checkpoint: 0.05)"`` for every leaf where two settings differ;
-    ``"model.width null (checkpoint: the default)"`` for a key that one of them leaves out."""
+    ``"model.width null (checkpoint: the default)"`` for a key that one of them leaves out
+    (``was`` names where the old value comes from)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping) and old.get("name") == new.get("name"):
         return [
             line
             for name in sorted(set(old) | set(new), key=str)
             for line in _differences(
-                f"{key}.{name}", old.get(name, _NOT_GIVEN), new.get(name, _NOT_GIVEN)
+                f"{key}.{name}", old.get(name, _NOT_GIVEN), new.get(name, _NOT_GIVEN), was
             )
         ]
     if old is new or (old is not _NOT_GIVEN and new is not _NOT_GIVEN and old == new):
         return []
     if isinstance(old, Mapping) and isinstance(new, Mapping) and "name" in old and "name" in new:
         old, new = old["name"], new["name"]  # another optimizer, model, ...: the names say it
-    return [f"{key} {_shown(new)} (checkpoint: {_shown(old)})"]
+    return [f"{key} {_shown(new)} ({was}: {_shown(old)})"]
 
 
 def training_data_spec(dataset: Mapping[str, Any], optimizer: Mapping[str, Any]) -> dict:

@@ -262,9 +262,13 @@ def _check_same_run(
             if key == "train" and changed == ["save_every"]:
                 _check_saved_epochs(run_id, wanted, out, flag)
                 continue  # every epoch asked for that the run has passed has its checkpoint
+            from ..trainer import differing_settings
+
+            lines = differing_settings(key, old, new, "trained") or [f"{key}.{k}" for k in changed]
+            more = f" and {len(lines) - 4} more" if len(lines) > 4 else ""
             raise SharpscopeError(
-                f"run '{run_id}' in {out} was trained with a different configuration "
-                f"({key}: {', '.join(changed[:4])}); use {_another(flag)} or delete that run "
+                f"run '{run_id}' in {out} was trained with a different configuration: "
+                f"{'; '.join(lines[:4])}{more}; use {_another(flag)} or delete that run "
                 f"({_run_dir(out, run_id)})"
             )
 

@@ -326,7 +326,8 @@ def test_a_refused_folder_is_advised_in_words_a_python_caller_reads(study):
     with pytest.raises(SharpscopeError) as info:
         run_study(changed, out)
     assert str(info.value) == (
-        f"run 'sgd-s0' in {out} was trained with a different configuration (train: epochs); "
+        f"run 'sgd-s0' in {out} was trained with a different configuration: train.epochs 3 "
+        "(trained: 2); "
         f"use another output folder (--out) or delete that run ({out / 'runs' / 'sgd-s0'})"
     )
     with pytest.raises(SharpscopeError, match=r"; choose another output folder \(--out\)$"):
@@ -561,7 +562,10 @@ def test_a_run_recorded_with_relative_factory_paths_is_the_same_run(tmp_path, mo
     }
     _check_same_run("sgd-s0", old, new, tmp_path)
     moved = {"train": {**new["train"], "loss": "/elsewhere/parts.py:loss"}}
-    with pytest.raises(SharpscopeError, match=r"different configuration \(train: loss\)"):
+    with pytest.raises(
+        SharpscopeError,
+        match=r"different configuration: train.loss \"/elsewhere/parts.py:loss\" \(trained: ",
+    ):
         _check_same_run("sgd-s0", old, moved, tmp_path)
 
 
@@ -851,3 +855,20 @@ def test_an_interpolations_warning_in_a_study_gives_advice_a_study_can_follow(tm
         "--no-states' redoes this pair without them)"
     )
     assert second == "another warning" and caught[1].category is UserWarning
+
+
+def test_a_refused_run_names_each_setting_that_differs_to_the_leaf(tmp_path):
+    """Session 30 (studycfg B2, its message): a refused resume named only the top-level key,
+    'train: optimizer', for nesterov added to an SGD base; now each leaf, as train --resume."""
+    from sharpscope.study.runner import _check_same_run
+
+    sgd = {"name": "sgd", "lr": 0.1}
+    old = {"train": {"optimizer": {"name": "sam", "rho": 0.05, "base": sgd}, "epochs": 2}}
+    new = {"train": {"optimizer": {"name": "sam", "rho": 0.1, "base": {**sgd, "nesterov": True}}}}
+    new["train"]["epochs"] = 2
+    with pytest.raises(SharpscopeError) as info:
+        _check_same_run("sam-s0", old, new, tmp_path)
+    assert (
+        "different configuration: train.optimizer.base.nesterov true (trained: the default); "
+        "train.optimizer.rho 0.1 (trained: 0.05); use another output folder (--out)"
+    ) in str(info.value)
