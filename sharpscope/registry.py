@@ -238,10 +238,15 @@ def check_model_spec(
     shapes: tuple[tuple[int, ...], int] | None = None,
     *,
     check_files: bool = True,
-) -> None:
+) -> nn.Module | None:
     """Check a model spec without building it for real: a registry name (and, when the
     data's ``(input_shape, num_classes)`` are known, its options, by building it on the
     ``meta`` device, which allocates nothing), or that a factory can be found.
+
+    Returns:
+        The model built on ``meta``, for checks of its size and layers before anything
+        trains; None for a factory, unknown shapes, or a build that failed for another
+        reason than its options (the real build will tell).
 
     Raises:
         SharpscopeError: an unknown name, option or value, or a factory not found.
@@ -252,33 +257,12 @@ def check_model_spec(
     if "factory" in spec:
         if check_files:
             check_factory(spec["factory"], "model")
-        return
-    name = spec["name"]
-    if name not in MODELS:
-        raise unknown_name("model", name, list(MODELS))
-    if shapes is None:
-        return
-    meta_model(spec, shapes)
-
-
-def meta_model(
-    spec: str | Mapping[str, Any], shapes: tuple[tuple[int, ...], int] | None
-) -> nn.Module | None:
-    """A registry model built on the ``meta`` device (no memory, no data), for checks of
-    its size and layers before anything trains; None for a factory, unknown shapes, or a
-    build that fails for another reason than its options (the real build will tell).
-
-    Raises:
-        SharpscopeError: an unknown model name, option or value.
-    """
-    from .models import MODELS
-
-    spec = normalize_spec(spec, "model")
-    if "factory" in spec or shapes is None:
         return None
     name = spec["name"]
     if name not in MODELS:
         raise unknown_name("model", name, list(MODELS))
+    if shapes is None:
+        return None
     options = {k: v for k, v in spec.items() if k != "name"}
     try:
         with torch.device("meta"):

@@ -787,7 +787,7 @@ def _check_run_specs(runs: list[Any], check_files: bool, plan: AnalysisPlan | No
     check each registry model, built on the ``meta`` device, against what the runs and
     the analyses ask of it."""
     from ..data import check_data_spec
-    from ..registry import check_loss_spec, check_model_spec, meta_model
+    from ..registry import check_loss_spec, check_model_spec
 
     seen: dict[str, Any] = {}
     for run in runs:
@@ -798,8 +798,8 @@ def _check_run_specs(runs: list[Any], check_files: bool, plan: AnalysisPlan | No
             shapes = check_data_spec(dataset, check_files=check_files)
             if loss is not None:
                 check_loss_spec(loss, check_files=check_files)
-            check_model_spec(model, shapes, check_files=check_files)
-            seen[key] = meta_model(model, shapes) if plan is not None else None
+            built = check_model_spec(model, shapes, check_files=check_files)
+            seen[key] = built if plan is not None else None
             if seen[key] is not None:
                 _check_model_fits_analyses(seen[key], run, plan)
         if seen[key] is not None:
@@ -809,7 +809,9 @@ def _check_run_specs(runs: list[Any], check_files: bool, plan: AnalysisPlan | No
 def _check_model_fits_analyses(model: Any, run: Any, plan: AnalysisPlan) -> None:
     """The parameter counts the single-run commands check before their work (``--k``,
     ``--block-size``, ``--deflate``, Keskar's subspace), for a model built on meta."""
-    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from ..models import num_parameters
+
+    n = num_parameters(model)
     if n == 0:  # the trainer refuses it in one line
         return
     where = f"the model of run '{run.run_id}' ({run.params['model']})"
