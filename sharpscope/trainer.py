@@ -482,7 +482,7 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
             old = absolute_spec(old)  # recorded relative before paths were made absolute
         if key == "dataset" and isinstance(old, Mapping):  # now the machine setting data_root
             old = {k: v for k, v in old.items() if k != "data_root"}
-        changed += _differences(key, _as_trained(key, old, saved), _as_trained(key, new, now))
+        changed += differing_settings(key, _as_trained(key, old, saved), _as_trained(key, new, now))
     old_epochs = saved.get("epochs")
     schedule = config.schedule
     if config.epochs != old_epochs and not schedule_extends(schedule):  # one refusal for all
@@ -649,30 +649,16 @@ def _shown(value: Any) -> str:
     return "the default" if value is _NOT_GIVEN else json.dumps(value, default=str)
 
 
-def differing_settings(
-    prefix: str, old: Mapping[str, Any], new: Mapping[str, Any], was: str
-) -> list[str]:
-    """``"train.optimizer.rho 0.1 (trained: 0.05)"`` for every leaf where two settings
-    tables differ (a study's refusal of a changed run; ``train --resume`` names them so
-    too), ``was`` naming where the old values come from."""
-    return [
-        line
-        for key in sorted(set(old) | set(new), key=str)
-        for line in _differences(
-            f"{prefix}.{key}", old.get(key, _NOT_GIVEN), new.get(key, _NOT_GIVEN), was
-        )
-    ]
-
-
-def _differences(key: str, old: Any, new: Any, was: str = "checkpoint") -> list[str]:
+def differing_settings(key: str, old: Any, new: Any, was: str = "checkpoint") -> list[str]:
     """``"optimizer.rho 0.5 (checkpoint: 0.05)"`` for every leaf where two settings differ;
     ``"model.width null (checkpoint: the default)"`` for a key that one of them leaves out
-    (``was`` names where the old value comes from)."""
+    (``was`` names where the old value comes from: ``train --resume`` and a study's
+    refusal of a changed run name them so)."""
     if isinstance(old, Mapping) and isinstance(new, Mapping) and old.get("name") == new.get("name"):
         return [
             line
             for name in sorted(set(old) | set(new), key=str)
-            for line in _differences(
+            for line in differing_settings(
                 f"{key}.{name}", old.get(name, _NOT_GIVEN), new.get(name, _NOT_GIVEN), was
             )
         ]
@@ -681,6 +667,10 @@ def _differences(key: str, old: Any, new: Any, was: str = "checkpoint") -> list[
     if isinstance(old, Mapping) and isinstance(new, Mapping) and "name" in old and "name" in new:
         old, new = old["name"], new["name"]  # another optimizer, model, ...: the names say it
     return [f"{key} {_shown(new)} ({was}: {_shown(old)})"]
+
+
+#: the share of the training set LETS holds out for its radius where the data spec sets none
+LETS_VAL_FRACTION = 0.1
 
 
 def training_data_spec(dataset: Mapping[str, Any], optimizer: Mapping[str, Any]) -> dict:
@@ -692,7 +682,7 @@ def training_data_spec(dataset: Mapping[str, Any], optimizer: Mapping[str, Any])
     """
     dataset = dict(dataset)
     if optimizer.get("name") == "lets" and not dataset.get("val_fraction"):
-        dataset["val_fraction"] = 0.1
+        dataset["val_fraction"] = LETS_VAL_FRACTION
     return dataset
 
 

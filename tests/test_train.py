@@ -348,12 +348,12 @@ def test_a_resume_that_restates_defaults_is_not_refused_and_a_changed_norm_is_na
 
 def test_a_key_left_out_is_not_a_key_given_as_none():
     """B5: a model factory's option given as None is passed to it, unlike one left out."""
-    from sharpscope.trainer import _differences
+    from sharpscope.trainer import differing_settings
 
     old, new = {"factory": "m:f"}, {"factory": "m:f", "width": None}
-    assert _differences("model", old, new) == ["model.width null (checkpoint: the default)"]
-    assert _differences("model", new, old) == ["model.width the default (checkpoint: null)"]
-    assert _differences("model", new, dict(new)) == []
+    assert differing_settings("model", old, new) == ["model.width null (checkpoint: the default)"]
+    assert differing_settings("model", new, old) == ["model.width the default (checkpoint: null)"]
+    assert differing_settings("model", new, dict(new)) == []
 
 
 def test_a_bsam_resume_with_another_sample_count_warns_that_the_model_average_changes(tmp_path):

@@ -264,7 +264,7 @@ def _check_same_run(
                 continue  # every epoch asked for that the run has passed has its checkpoint
             from ..trainer import differing_settings
 
-            lines = differing_settings(key, old, new, "trained") or [f"{key}.{k}" for k in changed]
+            lines = differing_settings(key, old, new, "trained")
             more = f" and {len(lines) - 4} more" if len(lines) > 4 else ""
             raise SharpscopeError(
                 f"run '{run_id}' in {out} was trained with a different configuration: "

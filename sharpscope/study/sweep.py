@@ -162,12 +162,14 @@ def warn_if_lets_holds_out_alone(config: StudyConfig) -> None:
         return
     if isinstance(dataset, dict) and dataset.get("val_fraction"):
         return
+    from ..trainer import LETS_VAL_FRACTION as share
+
     others = ", ".join(sorted(names - {"lets"}))
     warnings.warn(
-        f"sweep.optimizer puts lets beside {others}: LETS holds out 10% of the training set "
-        "to learn its radius (val_fraction = 0.1), so it trains on other examples than they "
-        "do; set val_fraction = 0.1 in [train] dataset to hold out the same examples in "
-        "every run",
+        f"sweep.optimizer puts lets beside {others}: LETS holds out {share:.0%} of the "
+        f"training set to learn its radius (val_fraction = {share}), so it trains on other "
+        f"examples than they do; set val_fraction = {share} in [train] dataset to hold out "
+        "the same examples in every run",
         RuntimeWarning,
         stacklevel=caller_level(),
     )
