@@ -72,16 +72,14 @@ def check_config_file_unedited(folder: Path, recorded: dict[str, Any]) -> None:
         SharpscopeError: naming both files and both ways on.
     """
     from ..errors import SharpscopeError
-    from ..results import to_jsonable
     from ..study.config import tomllib
+    from ..study.runner import config_toml_text
 
     path = folder / "config.toml"
     if not path.is_file():
         return
     try:
-        import tomli_w
-
-        shown = tomllib.loads(tomli_w.dumps(to_jsonable(recorded)))
+        shown = tomllib.loads(config_toml_text(recorded))
     except (ImportError, TypeError, ValueError):  # not written for this config either
         return
     try:

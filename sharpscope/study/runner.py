@@ -194,6 +194,14 @@ def _another(flag: str) -> str:
     return f"another {what} ({flag})"
 
 
+def config_toml_text(recorded: Mapping[str, Any]) -> str:
+    """``DIR/config.toml``: the config that ``study.json`` records, as TOML for people
+    (``study run DIR`` refuses the folder when the file no longer reads as this)."""
+    import tomli_w
+
+    return tomli_w.dumps(to_jsonable(recorded))
+
+
 def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec]) -> Path:
     """Create (or reopen) a study folder and write ``study.json`` and every ``run.json``.
 
@@ -218,11 +226,7 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
         },
     )
     try:
-        import tomli_w
-
-        atomic_write_bytes(
-            out / "config.toml", tomli_w.dumps(to_jsonable(config.to_dict())).encode()
-        )
+        atomic_write_bytes(out / "config.toml", config_toml_text(config.to_dict()).encode())
     except (ImportError, TypeError):  # pragma: no cover - config.toml is for people only
         pass
     for run in runs:
