@@ -24,7 +24,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -560,6 +560,39 @@ the density needs at least one direction left
         raise SharpscopeError(
             f"deflate={deflate} must be < the number of parameters ({dim}): the density "
             "needs at least one direction left"
+        )
+
+
+def check_sizes_fit(
+    num_params: int,
+    *,
+    k: int,
+    block_size: int | None = None,
+    deflate: int = 0,
+    option: Callable[[str], str] = str,
+    where: str = "",
+) -> None:
+    """Refuse, in one line and before any gradient pass, a spectrum that asks more
+    directions of the model than it has parameters P: ``k <= P``, ``block_size <= P``
+    and ``deflate < P``. ``option`` names an option as the caller's user wrote it
+    (``--block-size``, ``analysis.spectrum.block_size``); ``where`` names the model.
+
+    >>> check_sizes_fit(610, k=5, deflate=610, option=lambda name: "--" + name)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: --deflate 610 must be fewer than the number of \
+parameters (610)
+    """
+    for name, value in (("k", k), ("block_size", block_size)):
+        if value is not None and value > num_params:
+            raise SharpscopeError(
+                f"{option(name)} {value} is larger than the number of parameters "
+                f"({num_params}){where}; use {option(name)} <= {num_params}"
+            )
+    if deflate >= num_params:
+        raise SharpscopeError(
+            f"{option('deflate')} {deflate} must be fewer than the number of parameters "
+            f"({num_params}){where}"
         )
 
 

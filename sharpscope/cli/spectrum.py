@@ -317,7 +317,7 @@ def register(app: typer.Typer) -> None:
         no_progress: NoProgressOpt = False,
     ) -> None:
         """Top-k Hessian eigenvalues, trace and spectral density of a checkpoint."""
-        from ..analysis.spectrum import spectrum
+        from ..analysis.spectrum import check_sizes_fit, spectrum
         from ..distributed import init_from_env
 
         for flag, value in (
@@ -420,19 +420,13 @@ def register(app: typer.Typer) -> None:
                 "the model has no trainable parameters (all requires_grad=False?): there is "
                 "no Hessian to analyse"
             )
-        if num_params is not None and k > num_params:  # before the pre-flight's work
-            raise SharpscopeError(
-                f"k={k} is larger than the number of parameters ({num_params}); use k <= "
-                f"{num_params}"
-            )
-        if num_params is not None and block_size is not None and block_size > num_params:
-            raise SharpscopeError(
-                f"--block-size {block_size} is larger than the number of parameters "
-                f"({num_params}); use --block-size <= {num_params}"
-            )
-        if num_params is not None and deflate >= num_params:
-            raise SharpscopeError(
-                f"--deflate {deflate} must be fewer than the model's {num_params} parameters"
+        if num_params is not None:  # before the pre-flight's work
+            check_sizes_fit(
+                num_params,
+                k=k,
+                block_size=block_size,
+                deflate=deflate,
+                option=lambda name: "--" + name.replace("_", "-"),
             )
         net = inputs.model.to(dist.device)
         loss_spec = inputs.loss_spec

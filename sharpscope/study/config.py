@@ -809,6 +809,7 @@ def _check_run_specs(runs: list[Any], check_files: bool, plan: AnalysisPlan | No
 def _check_model_fits_analyses(model: Any, run: Any, plan: AnalysisPlan) -> None:
     """The parameter counts the single-run commands check before their work (``--k``,
     ``--block-size``, ``--deflate``, Keskar's subspace), for a model built on meta."""
+    from ..analysis.spectrum import check_sizes_fit
     from ..models import num_parameters
 
     n = num_parameters(model)
@@ -817,24 +818,14 @@ def _check_model_fits_analyses(model: Any, run: Any, plan: AnalysisPlan) -> None
     where = f"the model of run '{run.run_id}' ({run.params['model']})"
     spectrum = plan.measures.get("spectrum")
     if spectrum is not None:
-        k = spectrum.get("k", _spectrum_default("k"))
-        if k > n:
-            raise _fail(
-                f"analysis.spectrum.k {k} is larger than the number of parameters ({n}) of "
-                f"{where}; use k <= {n}"
-            )
-        block = spectrum.get("block_size")
-        if block is not None and block > n:
-            raise _fail(
-                f"analysis.spectrum.block_size {block} is larger than the number of "
-                f"parameters ({n}) of {where}; use block_size <= {n}"
-            )
-        deflate = spectrum.get("deflate", 0)
-        if deflate >= n:
-            raise _fail(
-                f"analysis.spectrum.deflate {deflate} must be fewer than the {n} parameters "
-                f"of {where}"
-            )
+        check_sizes_fit(
+            n,
+            k=spectrum.get("k", _spectrum_default("k")),
+            block_size=spectrum.get("block_size"),
+            deflate=spectrum.get("deflate", 0),
+            option=lambda name: f"analysis.spectrum.{name}",
+            where=f" of {where}",
+        )
     subspace = (plan.measures.get("keskar") or {}).get("subspace_dim")
     if subspace is not None and subspace > n:
         raise _fail(

@@ -553,7 +553,7 @@ def test_deflate_of_every_parameter_fails_before_the_top_k(checkpoint):
     result = runner.invoke(app, ["spectrum", str(checkpoint), *FAST, "--deflate", "100000"])
     assert result.exit_code == 2
     line = _one_error_line(result)
-    assert "--deflate 100000 must be fewer than the model's 610 parameters" in line
+    assert "--deflate 100000 must be fewer than the number of parameters (610)" in line
     assert "hvp" not in result.stderr
 
 
@@ -648,13 +648,8 @@ def test_a_lost_torchrun_process_is_one_line_and_the_finished_parts_are_kept(
     assert len(saved["top"]["eigenvalues"]) == 2
 
 
-@pytest.mark.parametrize(
-    "flag, value, name",
-    [("--k", "100000", "k="), ("--block-size", str(10**30), "--block-size ")],
-)
-def test_a_size_above_the_parameter_count_is_refused_before_the_pre_flight(
-    checkpoint, flag, value, name
-):
+@pytest.mark.parametrize("flag, value", [("--k", "100000"), ("--block-size", str(10**30))])
+def test_a_size_above_the_parameter_count_is_refused_before_the_pre_flight(checkpoint, flag, value):
     """--k was refused after the gradient passes and the HVP-mode timing, below a progress
     bar of 0/(max_steps) products (session 26); --block-size ended in an out-of-memory
     line that named --batch-size (or, for 1e30, a TypeError traceback), after the
@@ -664,8 +659,8 @@ def test_a_size_above_the_parameter_count_is_refused_before_the_pre_flight(
     assert "pre-flight" not in result.output and "hvp" not in result.stderr
     (line,) = [ln for ln in result.stderr.strip().splitlines() if ln.startswith("error")]
     assert re.fullmatch(
-        rf"error: {name}{value} is larger than the number of parameters \(\d+\); "
-        rf"use {name.strip().rstrip('=')} <= \d+",
+        rf"error: {flag} {value} is larger than the number of parameters \(\d+\); "
+        rf"use {flag} <= \d+",
         line,
     ), line
 

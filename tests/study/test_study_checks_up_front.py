@@ -34,6 +34,12 @@ def config(train=None, **sections):
         ("spectrum", {"basis_device": 3}, "basis_device: unknown device '3'"),
         ("spectrum", {"k": 100000}, "k 100000 is larger than the number of parameters (610)"),
         ("spectrum", {"block_size": 5000}, "block_size 5000 is larger than the number of"),
+        (
+            "spectrum",
+            {"deflate": 610},
+            "analysis.spectrum.deflate 610 must be fewer than the number of parameters (610) "
+            "of the model of run",
+        ),
         ("keskar", {"subspace_dim": 100000}, "subspace_dim 100000 is larger than the 610"),
     ],
 )
