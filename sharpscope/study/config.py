@@ -693,6 +693,34 @@ def _validate_executor(values: Mapping[str, Any]) -> dict[str, Any]:
     return dict(values)
 
 
+def _check_executor_types(executor: Mapping[str, Any]) -> None:
+    """Type-check submitit's named parameters (a wrong one failed only when the executor
+    started, after the study folder was written); ``slurm_*``/``local_*`` go as they are."""
+    for key, value in executor.items():
+        where = f"executor.{key}"
+        if key == "mem_gb":
+            _number(where, value, positive=True)
+        elif key == "gpus_per_node":
+            _nonnegative_int(where, value)
+        elif key == "name" and not isinstance(value, str):
+            raise _fail(f"{where} must be a string, got {value!r}")
+        elif key == "stderr_to_stdout":
+            _flag(where, value)
+        elif key in ("timeout_min", "cpus_per_task", "nodes", "tasks_per_node"):
+            _positive_int(where, value)
+
+
+def _check_measure_values_distinct(plan: AnalysisPlan) -> None:
+    """Refuse a measure option that lists a value twice (``m = [32, 32]``): it was
+    computed twice and gave one column, as the sweep refuses an axis value twice."""
+    for measure, options in plan.measures.items():
+        for key, values in (options or {}).items():
+            if isinstance(values, list) and key != "skip":
+                seen = [json.dumps(v) for v in values]
+                if len(set(seen)) != len(seen):
+                    raise _fail(f"analysis.{measure}.{key} lists a value twice: {values}")
+
+
 def _study_name(name: Any) -> str:
     """The study's name, the folder of its default --out (``runs/studies/<name>``): one
     path component. ``""`` wrote the study into ``runs/studies`` itself, ``"../../x"``
@@ -774,6 +802,8 @@ def study_config_from_dict(
     from .sweep import check_axes_apply, expand_sweep, warn_if_lets_holds_out_alone
 
     if check_files:  # a config about to run; a study folder read back keeps its runs
+        _check_measure_values_distinct(analysis)
+        _check_executor_types(executor)
         check_axes_apply(config)
         warn_if_lets_holds_out_alone(config)
     runs = expand_sweep(config)  # validates the combination (epochs, labels, m) up front

@@ -109,3 +109,69 @@ def test_the_study_description_must_be_a_string():
     with pytest.raises(SharpscopeError, match="study.description must be a string"):
         config(study={"name": "x", "description": {"a": 1}})
     assert config(study={"name": "my study-1.2", "description": "d"}).name == "my study-1.2"
+
+
+@pytest.mark.parametrize(
+    "measure, options, words",
+    [
+        ("m_sharpness", {"m": [32, 32]}, "analysis.m_sharpness.m lists a value twice: [32, 32]"),
+        ("m_sharpness", {"rho": [0.05, 0.05]}, "analysis.m_sharpness.rho lists a value twice"),
+        ("keskar", {"epsilon": [1e-3, 0.001]}, "analysis.keskar.epsilon lists a value twice"),
+        ("pac_bayes", {"magnitude_aware": [True, True]}, "magnitude_aware lists a value twice"),
+        ("landscape", {"dims": [1, 1]}, "analysis.landscape.dims lists a value twice"),
+        (
+            "landscape",
+            {"interpolate": [["sgd", "sam"], ["sgd", "sam"]]},
+            "analysis.landscape.interpolate lists a value twice",
+        ),
+    ],
+)
+def test_a_measure_value_listed_twice_is_refused(measure, options, words):
+    """studycfg D8 (session 30): `m = [32, 32]` computed the measure twice and gave one
+    column, where the sweep refuses an axis value given twice."""
+    with pytest.raises(SharpscopeError) as info:
+        config(sweep={"optimizer": ["sgd", "sam"]}, analysis={measure: options})
+    assert words in str(info.value)
+
+
+def test_a_study_folder_with_a_measure_value_twice_is_still_read_back():
+    values = {"train": TRAIN, "analysis": {"m_sharpness": {"m": [32, 32]}}}
+    plan = study_config_from_dict(values, check_files=False).analysis
+    assert plan.measures["m_sharpness"]["m"] == [32, 32]
+
+
+@pytest.mark.parametrize(
+    "key, value, words",
+    [
+        ("timeout_min", "x", "executor.timeout_min must be a positive integer, got 'x'"),
+        ("timeout_min", 0, "executor.timeout_min must be a positive integer, got 0"),
+        ("cpus_per_task", 1.5, "executor.cpus_per_task must be a positive integer"),
+        ("nodes", True, "executor.nodes must be a positive integer, got True"),
+        ("gpus_per_node", -1, "executor.gpus_per_node must be an integer >= 0, got -1"),
+        ("mem_gb", "16G", "executor.mem_gb must be a number, got '16G'"),
+        ("name", 3, "executor.name must be a string, got 3"),
+        ("stderr_to_stdout", "yes", "executor.stderr_to_stdout must be true or false"),
+    ],
+)
+def test_executor_values_of_the_wrong_type_are_refused_up_front(key, value, words):
+    """studycfg D9 (session 30): `timeout_min = "x"` passed validation and failed only
+    when submitit started, after the study folder was written."""
+    with pytest.raises(SharpscopeError) as info:
+        config(executor={key: value})
+    assert words in str(info.value)
+
+
+def test_executor_values_of_the_right_type_pass():
+    config(
+        executor={
+            "timeout_min": 60,
+            "gpus_per_node": 0,
+            "cpus_per_task": 4,
+            "mem_gb": 7.5,
+            "nodes": 1,
+            "tasks_per_node": 1,
+            "name": "sweep",
+            "stderr_to_stdout": True,
+            "slurm_partition": "gpu",
+        }
+    )
