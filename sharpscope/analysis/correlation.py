@@ -373,7 +373,8 @@ class Correlation(Result):
     the distinct seeds among the models (0 when none were given). The interval over seeds
     resamples whole seeds, so with ``num_seeds`` = k it has only C(2k − 1, k)
     distinct resamples (:func:`distinct_seed_resamples`: 3 for 2 seeds, 10 for 3): with
-    few seeds its ends are a handful of values, not a 95% interval.
+    few seeds its ends are a handful of values, not a 95% interval. ``meta.seed`` is the
+    bootstrap's seed; a study's report adds what was measured (data, examples, mode, dtype).
     """
 
     kind = "correlation"
@@ -471,4 +472,5 @@ def correlate(
         num_seeds=num_seeds,
         resamples=int(resamples),
         level=float(level),
+        meta=RunMeta(seed=seed, dtype="float64"),
     )

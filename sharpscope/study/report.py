@@ -351,6 +351,8 @@ def write_report(
     correlations = (
         correlation_table(finals, swept, resamples=resamples, seed=seed) if len(finals) >= 3 else []
     )
+    measured = _recorded_meta(folder, config)
+    correlations = [_with_measurement_meta(c, measured, config.name) for c in correlations]
     corr_rows = _correlation_rows(correlations)
     _write_csv(folder / "correlations.csv", corr_rows, CORRELATION_COLUMNS)
     write_json(folder / "correlations.json", [c.to_dict() for c in correlations], indent=1)
@@ -387,7 +389,7 @@ def write_report(
         + f"{len(pending)} pending); swept: "
         f"{', '.join(a for a in swept if a not in ('optimizer_name', 'base')) or 'nothing'}",
         f"- measures on the {plan.split} split, "
-        f"{examples_used(plan.samples, _recorded_meta(folder, config))} examples, at epochs "
+        f"{examples_used(plan.samples, measured)} examples, at epochs "
         f"{', '.join(str(e) for e in plan.epochs)}; correlations use each run's last analysed "
         f"checkpoint; "
         + (
@@ -449,6 +451,24 @@ def write_report(
     path = folder / "report.md"
     atomic_write_bytes(path, "\n".join(lines).encode())
     return path
+
+
+def _with_measurement_meta(
+    correlation: Any, measured: Mapping[str, Any] | None, study: str
+) -> Any:
+    """A correlation whose ``meta`` says what was measured (data, examples, mode, dtype,
+    device as an analysis of the study recorded them) beside its bootstrap seed."""
+    import dataclasses
+
+    if not measured:
+        return correlation
+    keys = ("data", "num_samples", "dtype", "device", "mode")
+    meta = dataclasses.replace(
+        correlation.meta,
+        **{k: measured[k] for k in keys if measured.get(k) is not None},
+        extra={**correlation.meta.extra, "study": study},
+    )
+    return dataclasses.replace(correlation, meta=meta)
 
 
 def examples_used(asked: int | None, meta: Mapping[str, Any] | None) -> int | str:

@@ -490,3 +490,34 @@ def test_the_setup_line_names_the_models_the_runs_were_built_with():
     swept = {"optimizer": ["sgd"], "width": [8, 16]}
     runs = expand_sweep(study_config_from_dict({"train": train, "sweep": swept}))
     assert _models(runs, train["model"]) == "`mlp(width=16)`, `mlp(width=8)` (swept)"
+
+
+def test_correlations_json_says_what_was_measured_and_the_bootstrap_seed(tmp_path):
+    """studycfg D10 (session 30): every correlation's meta had data, num_samples and seed
+    null, though the analysis subset and the bootstrap seed are known."""
+    from sharpscope.study.report import write_report
+
+    folder = tmp_path / "by-hand"
+    _hand_written_study(folder, [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [0.1, 0.2, 0.3, 0.4])
+    data = {"name": "mnist1d", "split": "train", "samples": 1024, "seed": 0}
+    measured = {"data": data, "num_samples": 1000, "dtype": "float32", "mode": "eval"}
+    for path in folder.glob("runs/*/analysis/*/basic.json"):
+        record = json.loads(path.read_text())
+        path.write_text(json.dumps({**record, "meta": {**measured, "device": "cpu"}}))
+    write_report(folder, resamples=10, figures=False, seed=7)
+    (gen,) = [
+        c
+        for c in json.loads((folder / "correlations.json").read_text())
+        if (c["measure"], c["target"]) == ("weight_norm", "gen_gap")
+    ]
+    meta = gen["meta"]
+    assert meta["data"] == data and meta["num_samples"] == 1000
+    assert (meta["seed"], meta["mode"], meta["dtype"]) == (7, "eval", "float32")
+    assert meta["extra"] == {"study": "by-hand"}
+
+
+def test_correlate_records_its_bootstrap_seed():
+    from sharpscope.analysis.correlation import correlate
+
+    result = correlate([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], resamples=5, seed=11)
+    assert (result.meta.seed, result.meta.dtype) == (11, "float64")
