@@ -19,6 +19,7 @@ It writes ``DIR/correlations.csv`` (one row per measure and gap), ``DIR/correlat
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -362,6 +363,13 @@ def write_report(
         figure_lines = _report_figures(
             folder, finals, correlations, runs, save_figure, resamples, config
         )
+    elif any((folder / "figures").glob("*.p*")):
+        stale = (
+            "figures/ holds the figures of an earlier report, not redrawn by this one "
+            "(--no-figures): their numbers may differ from correlations.csv"
+        )
+        warnings.warn(stale, UserWarning, stacklevel=2)
+        figure_lines = [f"Not drawn: {stale}."]
 
     failed = [r for r in rows if r.get("status") in ("failed", "error")]
     # analyses to come: trained, or finished before an [analysis] change
@@ -453,9 +461,7 @@ def write_report(
     return path
 
 
-def _with_measurement_meta(
-    correlation: Any, measured: Mapping[str, Any] | None, study: str
-) -> Any:
+def _with_measurement_meta(correlation: Any, measured: Mapping[str, Any] | None, study: str) -> Any:
     """A correlation whose ``meta`` says what was measured (data, examples, mode, dtype,
     device as an analysis of the study recorded them) beside its bootstrap seed."""
     import dataclasses

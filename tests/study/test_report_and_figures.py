@@ -521,3 +521,23 @@ def test_correlate_records_its_bootstrap_seed():
 
     result = correlate([1.0, 2.0, 3.0], [1.0, 3.0, 2.0], resamples=5, seed=11)
     assert (result.meta.seed, result.meta.dtype) == (11, "float64")
+
+
+def test_a_report_without_figures_says_the_figures_left_are_an_earlier_reports(tmp_path):
+    """studycfg D7 (session 30): `study report --no-figures` left figures/*.png of an
+    earlier report in place without a word, their numbers possibly not the new ones."""
+    import warnings
+
+    from sharpscope.study.report import write_report
+
+    folder = tmp_path / "by-hand"
+    _hand_written_study(folder, [1.0, 2.0, 3.0, 4.0], [4.0, 3.0, 2.0, 1.0], [0.1, 0.2, 0.3, 0.4])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no figures yet: nothing to say
+        write_report(folder, resamples=0, figures=False)
+    assert "Not drawn" not in (folder / "report.md").read_text()
+    (folder / "figures").mkdir()
+    (folder / "figures" / "a_tau_bars.png").write_bytes(b"")
+    with pytest.warns(UserWarning, match="figures/ holds the figures of an earlier report"):
+        write_report(folder, resamples=0, figures=False)
+    assert "Not drawn: figures/ holds" in (folder / "report.md").read_text()
