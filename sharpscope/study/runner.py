@@ -177,14 +177,42 @@ def check_study_dir(
         dropped = sorted(set(meta.get("runs", [])) - {run.run_id for run in runs})
         if dropped:
             more = ", ..." if len(dropped) > 3 else ""
+            renamed = _renamed_run(dropped, [run.run_id for run in runs])
+            why = (
+                f"; this config names its runs differently ({renamed[0]} is now {renamed[1]}): "
+                "an axis that gains a second value enters every run's id"
+                if renamed
+                else ""
+            )
             raise SharpscopeError(
                 f"{out} holds {len(dropped)} run(s) that this config does not have "
-                f"({', '.join(dropped[:3])}{more}); choose {_another(flag)}"
+                f"({', '.join(dropped[:3])}{more}){why}; choose {_another(flag)}"
             )
     for run in runs:
         existing = _read_json(out / "runs" / run.run_id / "run.json")
         if existing is not None:
             _check_same_run(run.run_id, existing, to_jsonable(run.to_dict()), out, flag)
+
+
+def _renamed_run(dropped: list[str], ids: list[str]) -> tuple[str, str] | None:
+    """A folder's run that a new config names with more id parts (``sgd-s0`` as
+    ``sgd-lr0.1-s0``, when lr gains a value), as ``(old, new)``, or None.
+
+    >>> _renamed_run(["sgd-s0"], ["sgd-lr0.1-s0", "sgd-lr0.2-s0"])
+    ('sgd-s0', 'sgd-lr0.1-s0')
+    >>> _renamed_run(["sam-s0"], ["sgd-s0"]) is None
+    True
+    """
+
+    def contains(new: list[str], old: list[str]) -> bool:
+        parts = iter(new)
+        return all(part in parts for part in old)  # old's parts in order, others between
+
+    for old in dropped:
+        for new in ids:
+            if contains(new.split("-"), old.split("-")):
+                return old, new
+    return None
 
 
 def _another(flag: str) -> str:

@@ -872,3 +872,23 @@ def test_a_refused_run_names_each_setting_that_differs_to_the_leaf(tmp_path):
         "different configuration: train.optimizer.base.nesterov true (trained: the default); "
         "train.optimizer.rho 0.1 (trained: 0.05); use another output folder (--out)"
     ) in str(info.value)
+
+
+def test_a_folder_refused_for_renamed_runs_says_they_were_renamed(tmp_path):
+    """studycfg D3 (session 30): adding a second lr value renames every run (sgd-s0 becomes
+    sgd-lr0.1-s0), and the refusal said the folder "holds runs that this config does not
+    have", though the config has them under new names."""
+    from sharpscope.study.runner import check_study_dir, prepare_study_dir
+
+    out = tmp_path / "st"
+    first = tiny_config()
+    prepare_study_dir(out, first, expand_sweep(first))
+    grown = tiny_config(sweep={"optimizer": ["sgd", "sam"], "seed": [0, 1], "lr": [0.1, 0.2]})
+    with pytest.raises(SharpscopeError) as info:
+        check_study_dir(out, grown, expand_sweep(grown))
+    assert "holds 4 run(s) that this config does not have" in str(info.value)
+    assert "names its runs differently (sam-s0 is now sam-lr0.1-s0)" in str(info.value)
+    fewer = tiny_config(sweep={"optimizer": ["sgd"], "seed": [0, 1]})
+    with pytest.raises(SharpscopeError) as info:
+        check_study_dir(out, fewer, expand_sweep(fewer))
+    assert "differently" not in str(info.value)  # runs left out, not renamed
