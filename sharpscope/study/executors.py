@@ -16,6 +16,7 @@ The unit of work is :func:`sharpscope.study.runner.run_job` ``(study_dir, run_id
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import warnings
@@ -178,7 +179,9 @@ def _submitit(
         runner.update_parameters(**parameters)
     except Exception as exc:
         raise SharpscopeError(f"bad [executor] parameters for submitit: {exc}") from exc
-    jobs = runner.map_array(run_job, [study_dir] * len(run_ids), run_ids)
+    threads = _job_threads(cluster, len(run_ids), parameters)
+    job = functools.partial(_run_job_with_threads, threads=threads) if threads else run_job
+    jobs = runner.map_array(job, [study_dir] * len(run_ids), run_ids)
     log(f"submitted {len(jobs)} {cluster} jobs (logs in {folder})")
     outcomes: dict[str, dict] = {}
     for number, (run_id, job) in enumerate(zip(run_ids, jobs), start=1):
@@ -189,6 +192,29 @@ def _submitit(
             outcomes[run_id] = {"state": "error", "error": f"submitit job failed: {first}"}
         log(f"[{number}/{len(run_ids)}] {run_id}: {_describe(outcomes[run_id])}")
     return outcomes
+
+
+def _job_threads(cluster: str, num_jobs: int, parameters: dict[str, Any]) -> int | None:
+    """CPU threads for each submitit job, or None for torch's default. submitit's
+    LocalExecutor starts every job at once, and each took all of the machine's threads
+    (6 runs took 10x as long as one after the other): they share the cores out. A Slurm
+    job takes its ``cpus_per_task`` when the config gives it."""
+    if cluster == "local":
+        return max(1, (os.cpu_count() or 1) // num_jobs)
+    if cluster == "slurm" and isinstance(parameters.get("cpus_per_task"), int):
+        return parameters["cpus_per_task"]
+    return None  # submitit-debug runs in this process: its threads are the caller's
+
+
+def _run_job_with_threads(study_dir: str, run_id: str, threads: int) -> dict[str, Any]:
+    """:func:`~sharpscope.study.runner.run_job` in a job process limited to ``threads``."""
+    import torch
+
+    from .runner import run_job
+
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+    return run_job(study_dir, run_id)
 
 
 def _auto_executor(folder: Path, executor: str) -> tuple[Any, str]:

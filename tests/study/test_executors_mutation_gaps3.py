@@ -157,6 +157,7 @@ class _FakeAutoExecutor:
         self.parameters = parameters
 
     def map_array(self, fn, dirs, run_ids):
+        self.fn = fn
         return [_FakeJob(run_id) for run_id in run_ids]
 
 
@@ -205,3 +206,20 @@ def test_zero_workers_are_refused():
     with pytest.raises(SharpscopeError, match="--workers must be a positive integer, got 0"):
         executors.check_executor("local", 0)
     executors.check_executor("local", 1)
+
+
+def test_submitit_jobs_share_out_the_cores_on_this_machine(fake_submitit, tmp_path, monkeypatch):
+    """studycfg D5 (session 30): submitit's LocalExecutor starts every job at once and each
+    took all of the machine's threads: 6 runs took ~10x as long as one after the other. A
+    Slurm job takes its cpus_per_task; the in-process debug executor keeps the caller's."""
+    monkeypatch.setattr(executors.os, "cpu_count", lambda: 8)
+    executors.execute(str(tmp_path), ["a", "b", "c"], executor="submitit-local")
+    executors.execute(str(tmp_path), ["a"] * 16, executor="submitit-local")
+    executors.execute(str(tmp_path), ["a"], executor="slurm", options={"cpus_per_task": 4})
+    executors.execute(str(tmp_path), ["a"], executor="slurm")
+    executors.execute(str(tmp_path), ["a"], executor="submitit-debug")
+    local3, local16, slurm4, slurm, debug = fake_submitit
+    assert local3.fn.keywords == {"threads": 2} and local16.fn.keywords == {"threads": 1}
+    assert local3.fn.func is executors._run_job_with_threads
+    assert slurm4.fn.keywords == {"threads": 4}
+    assert slurm.fn is runner.run_job and debug.fn is runner.run_job
