@@ -996,3 +996,23 @@ def test_plot_landscape_names_a_result_of_another_kind():
 
     with pytest.raises(SharpscopeError, match="^cannot plot a dict: pass a LandscapeResult$"):
         plot_landscape({"x": [0, 1]})
+
+
+def test_many_interpolations_keep_the_axes_wide_with_the_legend_under_them():
+    """studycfg D6 (session 30): with 8 pairs the legend stood beside the axes and squeezed
+    them to about a quarter of the figure's width."""
+    x = np.linspace(-0.5, 1.5, 5)
+    curves = {
+        f"SGD lr={lr} s{s} → SAM ρ=0.05 lr={lr} s{s}": (x, x**2 + s)
+        for lr in (0.05, 0.1)
+        for s in range(4)
+    }
+    fig = study_plots.plot_curves_1d(curves)
+    fig.draw_without_rendering()
+    ax = fig.axes[0]
+    panel, figure = ax.get_window_extent(), fig.bbox
+    legend = ax.get_legend().get_window_extent()
+    assert panel.width > 0.7 * figure.width
+    assert legend.y1 < panel.y0 and legend.x1 <= figure.x1 + 1 and legend.x0 >= figure.x0 - 1
+    few = study_plots.plot_curves_1d(dict(list(curves.items())[:3]))
+    assert few.get_size_inches()[1] < fig.get_size_inches()[1]  # taller only for the rows

@@ -707,8 +707,12 @@ def plot_curves_1d(
     ``marks`` draws labelled vertical lines (e.g. ``{"SGD": 0, "SAM": 1}`` on an
     interpolation).
     """
+    many = len(curves) > 6  # a legend of many pairs covered the curves: it goes under them
+    legend_columns = 2 if max(map(len, curves), default=0) <= 28 else 1
     if ax is None:
-        fig, ax = new_figure(columns, aspect=0.75)
+        # taller by the legend's rows (about 0.1 inch each), the axes kept their size
+        rows = -(-len(curves) // legend_columns) if many else 0
+        fig, ax = new_figure(columns, aspect=0.75 + (0.1 * rows + 0.3) / 3.35 * bool(rows))
     else:
         fig = ax.figure
     colors = [_color(label.split("-")[0], i) for i, label in enumerate(curves)]
@@ -733,8 +737,13 @@ def plot_curves_1d(
         ax.yaxis.get_major_formatter().set_useOffset(False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if len(curves) > 6:  # a legend of many pairs covered the curves: beside the axes
-        ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize="x-small")
+    if many:  # beside the axes, it squeezed them to a quarter of the figure's width
+        ax.legend(
+            loc="upper center",
+            bbox_to_anchor=(0.5, -0.2),
+            ncol=legend_columns,
+            fontsize="x-small",
+        )
     else:
         ax.legend()
     return fig
