@@ -922,6 +922,19 @@ def _to_device(model: nn.Module, device: torch.device) -> nn.Module:
         ) from exc
 
 
+def _refuse_sparse_embeddings(model: nn.Module) -> None:
+    """Refuse ``nn.Embedding(sparse=True)`` in one line before the first step: weight decay,
+    momentum, Adam and the sharpness-aware perturbations all add dense tensors to the
+    gradient, and PyTorch failed there with "add(sparse, dense) is not supported"."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+            raise SharpscopeError(
+                f"the model's {type(module).__name__} '{name}' has sparse=True: training "
+                "adds dense tensors to its gradient (weight decay, momentum, Adam, the "
+                "sharpness-aware perturbation); build it with sparse=False"
+            )
+
+
 def _check_batchnorm_examples(
     model: nn.Module, split: DataSplit, config: TrainConfig, info: DistInfo, splits: int
 ) -> None:
@@ -1002,6 +1015,7 @@ def _train(
     check_model_on_data(
         model, train_split.inputs, train_split.targets, loss_fn, train_split.num_classes
     )
+    _refuse_sparse_embeddings(model)
     if info.enabled:
         if config.sync_bn:
             if device.type != "cuda":  # PyTorch's SyncBatchNorm runs on GPU modules only

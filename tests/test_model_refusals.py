@@ -61,6 +61,18 @@ def wide():
 def bn():
     return nn.Sequential(nn.Linear(40, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 10))
 
+class _Sparse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 2, sparse=True)
+        self.head = nn.Linear(80, 10)
+
+    def forward(self, x):
+        return self.head(self.emb((x.clamp(0, 1) * 15).long()).flatten(1))
+
+def sparse():
+    return _Sparse()
+
 def bn_conv():
     return nn.Sequential(
         nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.Flatten(),
@@ -340,3 +352,16 @@ def test_negative_labels_are_refused_before_training_without_the_analyses_warnin
             "the train data hold 3 negative labels (such as cross_entropy's ignore_index -100)",
             dataset={"factory": f"{factory}:neg"},
         )
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "sam"])
+def test_a_sparse_embedding_is_refused_before_training(tmp_path, factories, optimizer):
+    """models D11 (session 29): nn.Embedding(sparse=True) with SGD's momentum and weight
+    decay ended in PyTorch's traceback "add(sparse, dense) is not supported" at the first
+    step (Adam: "does not support sparse gradients")."""
+    _refused(
+        tmp_path / "o",
+        "the model's Embedding 'emb' has sparse=True",
+        model=factories("sparse"),
+        optimizer={"name": optimizer},
+    )
