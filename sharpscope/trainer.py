@@ -482,7 +482,7 @@ def check_resume(config: TrainConfig, saved: Mapping[str, Any], epoch: int, path
             old = absolute_spec(old)  # recorded relative before paths were made absolute
         if key == "dataset" and isinstance(old, Mapping):  # now the machine setting data_root
             old = {k: v for k, v in old.items() if k != "data_root"}
-        changed += differing_settings(key, _as_trained(key, old, saved), _as_trained(key, new, now))
+        changed += differing_settings(key, as_trained(key, old, saved), as_trained(key, new, now))
     old_epochs = saved.get("epochs")
     schedule = config.schedule
     if config.epochs != old_epochs and not schedule_extends(schedule):  # one refusal for all
@@ -612,12 +612,13 @@ def _load_rank_state(optimizer: Any, saved: Any, info: DistInfo) -> None:
         optimizer.derive_rank_state(info.rank)
 
 
-def _as_trained(key: str, value: Any, settings: Mapping[str, Any]) -> Any:
+def as_trained(key: str, value: Any, settings: Mapping[str, Any]) -> Any:
     """The setting ``key`` of ``settings`` with the defaults that training fills in, so that
     an option restating its default (``--warmup-epochs 0``, ``--data-opt seed=0``,
     ``--augment`` on CIFAR, ``--model-opt norm=batch`` on cnn1d) is not another setting:
     the optimizer and a registered model resolved, the data set's options and the
-    schedule's keys filled in, ``augment`` None as the data set's default."""
+    schedule's keys filled in, ``augment`` None as the data set's default (``train
+    --resume`` and a resumed study compare settings so)."""
     from .models import resolved_model_spec
     from .optim.factory import resolve_optimizer_spec
 

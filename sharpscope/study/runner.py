@@ -22,6 +22,7 @@ on; a run that raised another error is recorded as ``error`` and retried next ti
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import os
 import re
@@ -56,6 +57,12 @@ LOCK_NAME = "study.lock"  # held by a running `study run`
 FACTORY_KEYS = ("dataset", "model", "loss")
 # training keys that may differ when a study is resumed on another machine
 MACHINE_KEYS = ("data_root", "device", "progress")
+# training keys that only evaluate a run (train --resume lets them change too): another
+# value keeps a study's trained runs
+EVALUATION_KEYS = ("eval_batch_size", "bsam_samples")
+# run.json params that record a training setting (the optimizer's rho, m, lr, momentum and
+# weight decay, the model's label, width and depth): compared through that setting, resolved
+_SETTING_PARAMS = ("rho", "m", "lr", "momentum", "weight_decay", "model", "width", "depth")
 # run states after which training is over: a run.json then keeps the save_every it trained with
 _TRAINING_OVER = ("done", "trained", "failed")
 Log = Callable[[str], None]
@@ -265,9 +272,14 @@ def prepare_study_dir(out: str | Path, config: StudyConfig, runs: list[RunSpec])
             continue
         trained = _status(path.parent).get("state") in _TRAINING_OVER
         if existing is not None and trained and _only_save_every_differs(existing, wanted):
-            # new analysis epochs, but the save_every the run was trained with
-            wanted["train"]["save_every"] = existing["train"].get("save_every")
-        write_json(path, wanted)  # new, or only MACHINE_KEYS changed (checked above)
+            # new analysis epochs or a restated default: the record keeps the save_every
+            # and the evaluation settings the run was trained with
+            for key in ("save_every", *EVALUATION_KEYS):
+                if key in existing.get("train", {}):
+                    wanted["train"][key] = existing["train"][key]
+                else:
+                    wanted["train"].pop(key, None)
+        write_json(path, wanted)  # new, or the same training settings (checked above)
     return out
 
 
@@ -283,40 +295,81 @@ def _builtin_name(source: str | None) -> str | None:
 def _check_same_run(
     run_id: str, existing: dict, wanted: dict, out: Path, flag: str = "--out"
 ) -> None:
-    for key in ("train", "params"):
-        old, new = existing.get(key, {}), wanted.get(key, {})
-        if key == "train":  # where the data live and which device: not the run's settings
-            old, new = (_settings(d, MACHINE_KEYS) for d in (old, new))
-            # factory file paths recorded relative by an older sharpscope
-            old = {k: absolute_spec(v) if k in FACTORY_KEYS else v for k, v in old.items()}
-        if old != new:
-            changed = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
-            if key == "train" and changed == ["save_every"]:
-                _check_saved_epochs(run_id, wanted, out, flag)
-                continue  # every epoch asked for that the run has passed has its checkpoint
-            from ..trainer import differing_settings
-
-            lines = differing_settings(key, old, new, "trained")
-            more = f" and {len(lines) - 4} more" if len(lines) > 4 else ""
-            raise SharpscopeError(
-                f"run '{run_id}' in {out} was trained with a different configuration: "
-                f"{'; '.join(lines[:4])}{more}; use {_another(flag)} or delete that run "
-                f"({_run_dir(out, run_id)})"
-            )
+    lines = _differences(existing, wanted)
+    if not lines:
+        return
+    if not _differences(existing, wanted, ignored=("save_every",)):
+        _check_saved_epochs(run_id, wanted, out, flag)
+        return  # every epoch asked for that the run has passed has its checkpoint
+    more = f" and {len(lines) - 4} more" if len(lines) > 4 else ""
+    raise SharpscopeError(
+        f"run '{run_id}' in {out} was trained with a different configuration: "
+        f"{'; '.join(lines[:4])}{more}; use {_another(flag)} or delete that run "
+        f"({_run_dir(out, run_id)})"
+    )
 
 
 def _only_save_every_differs(existing: dict, wanted: dict) -> bool:
-    """Whether two run.json records' training settings differ in ``save_every`` (which the
-    study derives from analysis.epochs) and machine settings alone."""
-    ignored = ("save_every", *MACHINE_KEYS)
-    old, new = (_settings(r.get("train", {}), ignored) for r in (existing, wanted))
-    return old == new and existing.get("params") == wanted.get("params")
+    """Whether two run.json records train alike but for ``save_every`` (which the study
+    derives from analysis.epochs), compared as :func:`_check_same_run` compares them."""
+    return not _differences(existing, wanted, ignored=("save_every",))
 
 
-def _settings(train: Mapping[str, Any], ignored: Iterable[str]) -> dict[str, Any]:
-    """A run's training settings less the ``ignored`` keys, and less the dataset's
-    ``data_root``, which an older sharpscope kept there (now the machine key data_root)."""
-    out = {k: v for k, v in train.items() if k not in ignored}
+def _differences(existing: Mapping, wanted: Mapping, ignored: Iterable[str] = ()) -> list[str]:
+    """``"train.optimizer.lr 0.2 (trained: 0.1)"`` for each setting in which the run.json
+    record ``wanted`` differs from the ``existing`` one, leaf by leaf as ``train --resume``
+    names them (:func:`~sharpscope.trainer.differing_settings`).
+
+    The training settings are compared as training resolves them (:func:`_trained_settings`),
+    less :data:`MACHINE_KEYS`, :data:`EVALUATION_KEYS` and ``ignored``; then, when they
+    agree, the ``params`` that are not read off them (:data:`_SETTING_PARAMS` are: a
+    restated default changes their record, not the run)."""
+    from ..trainer import differing_settings
+
+    skip = {*MACHINE_KEYS, *EVALUATION_KEYS, *ignored}
+    old, new = (
+        {k: v for k, v in _trained_settings(r.get("train", {})).items() if k not in skip}
+        for r in (existing, wanted)
+    )
+    lines = differing_settings("train", old, new, "trained")
+    if lines:
+        return lines
+    old, new = (
+        {k: v for k, v in r.get("params", {}).items() if k not in _SETTING_PARAMS}
+        for r in (existing, wanted)
+    )
+    return differing_settings("params", old, new, "trained")
+
+
+def _trained_settings(train: Mapping[str, Any]) -> dict[str, Any]:
+    """A run.json's training settings as training reads them: every default of
+    :class:`~sharpscope.trainer.TrainConfig` filled in and each spec resolved
+    (:func:`~sharpscope.trainer.as_trained`), so that a setting restating its default
+    (``nesterov = false``, ``schedule = {name = "cosine"}``, ``activation = "relu"``) is
+    the same setting. Factory paths that an older sharpscope recorded relative are made
+    absolute; a record that no longer validates (an older version's) is compared as given."""
+    from ..trainer import TrainConfig, as_trained
+
+    settings = {
+        k: absolute_spec(v) if k in FACTORY_KEYS else v for k, v in copy.deepcopy(train).items()
+    }
+    try:
+        settings = TrainConfig.from_dict(settings).to_dict()
+    except (SharpscopeError, TypeError, ValueError):
+        settings = _without_data_root_option(settings)
+    out = {}
+    for key, value in settings.items():
+        try:
+            out[key] = as_trained(key, value, settings)
+        except SharpscopeError:  # an option an older version took: compared as it is
+            out[key] = value
+    return out
+
+
+def _without_data_root_option(train: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's training settings less the dataset's ``data_root``, which an older sharpscope
+    kept there (now the machine key data_root)."""
+    out = dict(train)
     if isinstance(out.get("dataset"), Mapping):
         out["dataset"] = {k: v for k, v in out["dataset"].items() if k != "data_root"}
     return out

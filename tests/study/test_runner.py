@@ -869,7 +869,7 @@ def test_a_refused_run_names_each_setting_that_differs_to_the_leaf(tmp_path):
     with pytest.raises(SharpscopeError) as info:
         _check_same_run("sam-s0", old, new, tmp_path)
     assert (
-        "different configuration: train.optimizer.base.nesterov true (trained: the default); "
+        "different configuration: train.optimizer.base.nesterov true (trained: false); "
         "train.optimizer.rho 0.1 (trained: 0.05); use another output folder (--out)"
     ) in str(info.value)
 
@@ -892,3 +892,42 @@ def test_a_folder_refused_for_renamed_runs_says_they_were_renamed(tmp_path):
     with pytest.raises(SharpscopeError) as info:
         check_study_dir(out, fewer, expand_sweep(fewer))
     assert "differently" not in str(info.value)  # runs left out, not renamed
+
+
+def test_a_resumed_study_accepts_restated_defaults_and_evaluation_settings(study, tmp_path):
+    """Session 30 (studycfg B2): a config that restated a default the runs had trained with
+    (nesterov = false, the cosine schedule, activation = "relu") or changed only how runs
+    are evaluated (eval_batch_size, bsam_samples) was refused as "trained with a different
+    configuration"; the study now compares the settings as training resolves them, as
+    train --resume does. A restated default must not cost a trained run its save_every."""
+    out, _ = study
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    sgd = {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4}
+    train = {
+        **TRAIN,
+        "model": {**TRAIN["model"], "activation": "relu"},
+        "schedule": {"name": "cosine"},
+        "eval_batch_size": 500,
+        "bsam_samples": 8,
+    }
+    restated = tiny_config(
+        train=train,
+        optimizers={"base": {**sgd, "nesterov": False}},
+        analysis={**ANALYSIS, "epochs": ["last"]},  # a new save_every as well
+    )
+    summary = run_study(restated, copy)
+    assert sorted(summary.skipped) == ["sam-s0", "sam-s1", "sgd-s0", "sgd-s1"]
+    assert not summary.done and not summary.errors
+    run = json.loads((copy / "runs" / "sgd-s0" / "run.json").read_text())
+    assert run["train"]["save_every"] == 1  # as trained, so epoch 1 may be asked for again
+    assert "eval_batch_size" not in run["train"] and "bsam_samples" not in run["train"]
+    assert sorted(run_study(tiny_config(), copy).skipped) == sorted(summary.skipped)
+    # a setting that does change the runs is still refused, and named to the leaf
+    with pytest.raises(SharpscopeError) as info:
+        run_study(tiny_config(optimizers={"base": {**sgd, "lr": 0.2}}), copy)
+    assert "different configuration: train.optimizer.lr 0.2 (trained: 0.1); use" in str(info.value)
+    with pytest.raises(SharpscopeError, match=r"train.model.activation \"tanh\" \(trained: "):
+        run_study(
+            tiny_config(train={**TRAIN, "model": {**TRAIN["model"], "activation": "tanh"}}), copy
+        )
