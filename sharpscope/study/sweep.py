@@ -218,6 +218,23 @@ def _model_label(spec: dict[str, Any]) -> str:
     return f"{name}_{digest}"
 
 
+def _width_and_depth(spec: dict[str, Any]) -> dict[str, Any]:
+    """The width and depth a model is built with: a registered model's defaults where its
+    spec leaves them out (a swept ``{name = "mlp"}`` is 256 wide and 2 deep: it does not
+    inherit ``[train] model``'s), ``None`` where the model has no such option.
+
+    >>> _width_and_depth({"name": "mlp", "depth": 1}), _width_and_depth({"name": "resnet20"})
+    ({'width': 256, 'depth': 1}, {'width': 16, 'depth': None})
+    """
+    from ..models import resolved_model_spec
+
+    try:
+        resolved = resolved_model_spec(spec)
+    except SharpscopeError:  # checked, with its message, where the config is validated
+        resolved = spec
+    return {"width": resolved.get("width"), "depth": resolved.get("depth")}
+
+
 def sanitize_name(text: str) -> str:
     """``text`` with anything but letters, digits and ._+- replaced: a file or folder name."""
     return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"
@@ -297,8 +314,7 @@ def expand_sweep(config: StudyConfig) -> list[RunSpec]:
                 "label_noise": float(dataset.get("label_noise", 0.0)),
                 "seed": int(train["seed"]),
                 "model": _model_label(model),
-                "width": model.get("width"),
-                "depth": model.get("depth"),
+                **_width_and_depth(model),
             }
             analysis_epochs = resolve_epochs(config.analysis.epochs, epochs, label)
             requested = [e for e in analysis_epochs if e < epochs]

@@ -931,3 +931,39 @@ def test_a_resumed_study_accepts_restated_defaults_and_evaluation_settings(study
         run_study(
             tiny_config(train={**TRAIN, "model": {**TRAIN["model"], "activation": "tanh"}}), copy
         )
+
+
+def test_results_give_the_width_and_depth_a_swept_model_spec_is_built_with(tmp_path):
+    """Session 30 (studycfg B7): a swept model spec that leaves width or depth out
+    ({name = "mlp", depth = 1}) left results.csv's cells empty, though the model is built
+    with the mlp's default width (256); they come from the resolved spec now. A folder that
+    an older version wrote, with those params empty in run.json, is read and resumed."""
+    from sharpscope.study.runner import load_study_config_from_dir
+
+    models = [{"name": "mlp", "depth": 1}, {"name": "cnn", "width": 2}]
+    config = tiny_config(
+        train={**TRAIN, "dataset": {"name": "digits"}, "epochs": 1, "batch_size": 256},
+        sweep={"optimizer": ["sgd"], "model": models},
+        analysis={"samples": 64},
+    )
+    out = tmp_path / "models"
+    run_study(config, out)
+
+    def cells():
+        rows = read_results(out / "results.csv")
+        return {r["model"].split("_")[0]: (r["width"], r["depth"]) for r in rows}
+
+    assert cells() == {"mlp": (256, 1), "cnn": (2, 2)}
+    run_ids = sorted(p.name for p in (out / "runs").iterdir())
+    for path in (out / "runs").glob("*/run.json"):
+        record = json.loads(path.read_text())
+        given = record["train"]["model"]
+        for key in ("width", "depth"):  # as an older version recorded them
+            record["params"][key] = given.get(key)
+        path.write_text(json.dumps(record))
+    for again in (config, load_study_config_from_dir(out)):
+        assert sorted(run_study(again, out).skipped) == run_ids
+    assert cells() == {"mlp": (256, 1), "cnn": (2, 2)}
+    for path in (out / "runs").glob("*/run.json"):
+        params = json.loads(path.read_text())["params"]
+        assert params["width"] is not None and params["depth"] is not None
