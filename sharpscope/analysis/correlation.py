@@ -12,13 +12,16 @@ g_i (test error − train error, or test loss − train loss):
   goes with a larger gap, so measures must be oriented "sharper is larger".
 * **Granulated Kendall** (Jiang et al., "Fantastic Generalization Measures and Where to
   Find Them", ICLR 2020, arXiv:1912.02178, eq. 4). For each hyperparameter axis k,
-  group the models by the values of all *other* axes; in every group with ≥ 2 models
-  (they differ only in axis k) compute τ; ψ_k is the mean over groups and
+  group the models by the values of all *other* axes; in every group whose models take
+  at least two values of axis k (they differ only in axis k) compute τ; ψ_k is the mean
+  over groups and
   Ψ = (1/K) Σ_k ψ_k. ψ_k isolates the effect of changing one hyperparameter: a measure
   that only tracks, say, the learning rate scores high on ψ_lr and not elsewhere.
   ``coupled`` lets an axis carry other axes with it: in a study the optimizer axis
   moves ρ and m too (SGD has no ρ), so comparing SGD with SAM at ρ = 0.05 groups by
-  everything except optimizer, ρ and m.
+  everything except optimizer, ρ and m. A group left with one value of the axis (SGD
+  diverged, SAM at two radii remains) holds no comparison of that axis and is skipped:
+  its τ would score the coupled ρ instead.
 * **Uncertainty.** Percentile bootstrap over models (resample rows with replacement,
   1,000 resamples by default) and, when seeds are given, over seeds (resample whole
   seeds: every model trained with a drawn seed enters together).
@@ -177,6 +180,27 @@ def _group_codes(
     return np.array([unique[label] for label in labels], dtype=np.int64), len(unique)
 
 
+def _groups_varying(groups: np.ndarray, levels: np.ndarray, num_groups: int) -> np.ndarray:
+    """Whether each group holds at least two values of the axis, for a batch of tables.
+
+    Args:
+        groups: ``(B, n)`` group of each model (−1: padding), as :func:`tau_b_grouped`.
+        levels: ``(B, n)`` integer code of each model's value of the axis.
+        num_groups: G.
+
+    Returns:
+        ``(B, G)`` booleans; False for a group with one value of the axis (or no model).
+    """
+    groups, levels = np.atleast_2d(groups), np.atleast_2d(levels)
+    rows = groups.shape[0]
+    bucket = np.where(groups >= 0, groups, num_groups) + (num_groups + 1) * np.arange(rows)[:, None]
+    low = np.full(rows * (num_groups + 1), np.iinfo(np.int64).max)
+    high = np.full(rows * (num_groups + 1), -1, dtype=np.int64)
+    np.minimum.at(low, bucket.ravel(), levels.ravel())
+    np.maximum.at(high, bucket.ravel(), levels.ravel())
+    return (high > low).reshape(rows, num_groups + 1)[:, :num_groups]
+
+
 @dataclass(frozen=True)
 class GranulatedKendall(Result):
     """ψ_k per axis, the number of groups behind each, Ψ and the overall τ."""
@@ -202,6 +226,8 @@ def _granulated_point(
         others = [k for k in factors if k != axis and k not in coupled.get(axis, ())]
         codes, num = _group_codes(factors, others, x.size)
         taus = tau_b_grouped(x[None], y[None], codes[None], num, constant_is_zero=True)[0]
+        levels, _ = _group_codes(factors, [axis], x.size)
+        taus[~_groups_varying(codes[None], levels[None], num)[0]] = np.nan
         valid = taus[np.isfinite(taus)]
         psi[axis] = float(valid.mean()) if valid.size else math.nan
         counts[axis] = int(valid.size)
@@ -248,8 +274,9 @@ def granulated_kendall(
 
     Returns:
         :class:`GranulatedKendall` with ``psi[k]`` (NaN when no group has two comparable
-        models), ``num_groups[k]`` (groups with a defined τ), ``overall`` Ψ (mean of the
-        defined ψ_k) and the ungrouped τ.
+        models), ``num_groups[k]`` (groups with a defined τ: two models or more, at two
+        values of axis k or more), ``overall`` Ψ (mean of the defined ψ_k) and the
+        ungrouped τ.
     """
     x, y, table, _ = _prepare(measure, gap, factors)
     axes = list(axes) if axes is not None else list(table)
@@ -342,6 +369,8 @@ def _bootstrap(
         codes, num = _group_codes(table, others, x.size)
         groups = np.where(valid, codes[safe], -1)
         taus = tau_b_grouped(xb, yb, groups, num, constant_is_zero=True)
+        levels, _ = _group_codes(table, [axis], x.size)
+        taus[~_groups_varying(groups, levels[safe], num)] = np.nan  # as in the point estimate
         with np.errstate(invalid="ignore"):
             counts = np.isfinite(taus).sum(axis=1)
             sums = np.where(np.isfinite(taus), taus, 0.0).sum(axis=1)

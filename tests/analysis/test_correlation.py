@@ -307,3 +307,88 @@ def test_psi_interval_groups_like_psi_with_coupled_axes():
     psis = np.array(psis)
     expected = tuple(np.quantile(psis[np.isfinite(psis)], [0.025, 0.975]))
     np.testing.assert_allclose(r.psi_interval["opt"], expected, atol=1e-12, rtol=0)
+
+
+def test_psi_skips_a_group_left_with_one_value_of_its_axis():
+    """Session 30 (studycfg D2): SGD diverged at lr 80 and its row was dropped, so the group
+    (lr 80) held only SAM at ρ 0.05 and 0.1; with ρ coupled to the optimizer it counted as
+    one of ψ_optimizer's groups and scored the ρ effect there. A group with one value of
+    the axis holds no models that differ in it (analysis.md §7) and is skipped, in ψ and in
+    its bootstrap alike; ψ_ρ keeps that group."""
+    nan = math.nan
+    factors = {
+        "optimizer": ["sgd", "sam", "sam"] * 2,
+        "rho": ["n/a", 0.05, 0.1] * 2,
+        "lr": [0.05] * 3 + [80] * 3,
+    }
+    gap = [3.0, 2.0, 1.0, nan, 2.0, 1.0]
+    measure = [30.0, 20.0, 10.0, nan, 10.0, 20.0]  # at lr 80 ρ ranks against the gap
+    coupled = {"optimizer": ["rho"]}
+    result = granulated_kendall(measure, gap, factors, axes=["optimizer", "rho"], coupled=coupled)
+    assert result.psi == {"optimizer": 1.0, "rho": 0.0}
+    assert result.num_groups == {"optimizer": 1, "rho": 2}
+    # one optimizer left everywhere: no group, ψ undefined (not the ρ effect)
+    sam = [i for i in range(6) if factors["optimizer"][i] == "sam"]
+    only_sam = {k: [v[i] for i in sam] for k, v in factors.items()}
+    alone = granulated_kendall(
+        [measure[i] for i in sam],
+        [gap[i] for i in sam],
+        only_sam,
+        axes=["optimizer"],
+        coupled=coupled,
+    )
+    assert alone.num_groups == {"optimizer": 0} and math.isnan(alone.psi["optimizer"])
+    # the bootstrap skips such groups in each resample as the point estimate does
+    keep = [i for i in range(6) if math.isfinite(gap[i])]
+    x, y = np.array(measure)[keep], np.array(gap)[keep]
+    table = {k: np.asarray(v, dtype=object)[keep] for k, v in factors.items()}
+    r = correlate(x, y, table, axes=["optimizer"], coupled=coupled, resamples=300)
+    psis = []
+    for i in bootstrap_indices(len(keep), 300, seed=0):
+        resampled = {k: v[i] for k, v in table.items()}
+        psis.append(granulated_kendall(x[i], y[i], resampled, coupled=coupled).psi["optimizer"])
+    psis = np.array(psis)
+    expected = tuple(np.quantile(psis[np.isfinite(psis)], [0.025, 0.975]))
+    np.testing.assert_allclose(r.psi_interval["optimizer"], expected, atol=1e-12, rtol=0)
+
+
+def test_the_flatness_notebooks_psi_lr_by_hand_skips_groups_with_one_learning_rate():
+    """Session 30 (studycfg D2): the notebook's ψ_lr by hand divided by zero for a group
+    with one learning rate (a run diverged, or lr left the sweep); it skips such a group,
+    as the library does, and gives the library's ψ_lr and number of groups."""
+    import json
+    from pathlib import Path
+
+    import sharpscope as ss
+    from sharpscope.study.report import correlation_table
+
+    path = Path(__file__).parents[2] / "analysis_notebooks" / "flatness_vs_generalization.ipynb"
+    cells = json.loads(path.read_text())["cells"]
+    (code,) = ["".join(c["source"]) for c in cells if "psi_lr = " in "".join(c["source"])]
+
+    def setting(r):  # as the notebook's
+        return "SGD" if r["optimizer"] == "sgd" else f"SAM ρ={r['rho']}"
+
+    settings = [("sgd", None), ("sam", 0.05), ("sam", 0.2)]
+    rows = [
+        {
+            "optimizer": o,
+            "rho": rho,
+            "lr": lr,
+            "seed": 0,
+            "gen_gap": 0.1 * i + lr,
+            "lambda_max": 5.0 - i + (lr if i == 1 else -lr),
+        }
+        for i, (o, rho) in enumerate(settings)
+        for lr in (0.05, 0.2)
+    ][1:]  # SGD at lr 0.05 diverged: its group has one learning rate
+    names = {"ss": ss, "setting": setting, "rows": rows}
+    exec(code, names)
+    (library,) = correlation_table(
+        rows, ["optimizer", "rho", "lr"], measures=["lambda_max"], gaps=["gen_gap"], resamples=0
+    )
+    assert names["taus"] == [1.0, -1.0] and names["psi_lr"] == library.psi["lr"] == 0.0
+    assert library.num_groups["lr"] == 2
+    names["rows"] = [r for r in rows if r["lr"] == 0.2]  # lr not swept
+    exec(code, names)
+    assert names["taus"] == [] and math.isnan(names["psi_lr"])
