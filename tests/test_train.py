@@ -115,12 +115,15 @@ def test_under_torchrun_losing_rank_0_the_survivor_names_the_epoch_kept(tmp_path
 
 def test_under_torchrun_training_data_that_differ_between_processes_are_refused(tmp_path):
     """Session 27: each rank trained on its share of its own data set when a factory gave
-    the processes different data (here: by rank). Every rank stops with the same line."""
+    the processes different data. Every rank stops with the same line. Session 31 (dist
+    B1): data that differ only within examples (a flip drawn from numpy's unseeded
+    generator, here by rank) kept every example's sum and passed the check's sums."""
     (tmp_path / "fac.py").write_text(
         "import os\nimport torch\n\n\n"
         "def by_rank():\n"
-        "    g = torch.Generator().manual_seed(int(os.environ.get('RANK', '0')))\n"
-        "    return torch.randn(64, 40, generator=g), torch.randint(0, 10, (64,), generator=g)\n"
+        "    g = torch.Generator().manual_seed(0)\n"
+        "    x, y = torch.randn(64, 40, generator=g), torch.randint(0, 10, (64,), generator=g)\n"
+        "    return (x.flip(-1) if os.environ.get('RANK') == '1' else x), y\n"
     )
     out = tmp_path / "run"
     refused = torchrun(

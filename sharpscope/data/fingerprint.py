@@ -1,16 +1,14 @@
 """Whether two reads of a data set gave the same examples.
 
-A data set is told apart by a few float64 sums (:func:`data_summary`), cheap enough to
-take on every read. They serve twice:
-
-* under torchrun every process must read the same data
-  (:func:`sharpscope.distributed.check_same_data`);
-* an analysis of a trained run reads a user's data factory again, and should see the
-  data the run trained on. A checkpoint records the summary of its factory's data
-  (``data_summary``), and :func:`reading_as_trained` repeats the random state in which
-  training called the factory, so a factory that draws from torch's global generator
-  without a seed of its own gives the same data again; any other change is said in one
-  warning (:func:`warn_if_not_as_trained`).
+* Under torchrun every process must read bit-identical data: their :func:`data_digest`
+  (a hash of the bytes) must agree (:func:`sharpscope.distributed.check_same_data`).
+* An analysis of a trained run reads a user's data factory again, and should see the
+  data the run trained on. A checkpoint records a few float64 sums of its factory's data
+  (:func:`data_summary`, compared to rounding: another machine may sum in another
+  order), and :func:`reading_as_trained` repeats the random state in which training
+  called the factory, so a factory that draws from torch's global generator without a
+  seed of its own gives the same data again; any other change is said in one warning
+  (:func:`warn_if_not_as_trained`).
 """
 
 from __future__ import annotations
@@ -22,7 +20,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["data_summary", "same_summary", "reading_as_trained", "warn_if_not_as_trained"]
+__all__ = [
+    "data_digest",
+    "data_summary",
+    "same_summary",
+    "reading_as_trained",
+    "warn_if_not_as_trained",
+]
 
 
 def data_summary(inputs: Tensor, targets: Tensor) -> list[float]:
@@ -40,6 +44,23 @@ def data_summary(inputs: Tensor, targets: Tensor) -> list[float]:
             totals[2 * i] += sums.sum()
             totals[2 * i + 1] += (sums * weight).sum()
     return [float(n), *totals.tolist()]
+
+
+def data_digest(inputs: Tensor, targets: Tensor) -> str:
+    """A BLAKE2 digest of the examples' and targets' bytes (and dtypes and shapes): equal
+    only for bit-identical data. Processes of one torchrun job read their data the same
+    way, so they compare this; the sums of :func:`data_summary` miss a change that keeps
+    each example's total (a flip, a roll, a channel shuffle drawn from numpy's unseeded
+    generator). Hashed in chunks of examples, without a copy of the whole set."""
+    import hashlib
+
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in (inputs, targets):
+        digest.update(f"{tensor.dtype} {tuple(tensor.shape)};".encode())
+        for start in range(0, len(tensor), 4096):
+            chunk = tensor[start : start + 4096].detach().cpu().contiguous()
+            digest.update(chunk.reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def same_summary(a: Sequence[float], b: Sequence[float]) -> bool:

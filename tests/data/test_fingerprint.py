@@ -11,7 +11,12 @@ import torch
 
 from sharpscope.cli._common import load_analysis_inputs
 from sharpscope.data import load_data
-from sharpscope.data.fingerprint import data_summary, reading_as_trained, same_summary
+from sharpscope.data.fingerprint import (
+    data_digest,
+    data_summary,
+    reading_as_trained,
+    same_summary,
+)
 from sharpscope.study.config import study_config_from_dict
 from sharpscope.study.runner import _analysis_split
 from sharpscope.study.sweep import RunSpec
@@ -74,6 +79,23 @@ def test_the_data_summary_tells_other_data_and_another_order_apart():
     labels[0] = (labels[0] + 1) % 10
     assert not same_summary(same, data_summary(x, labels))
     assert same_summary(data_summary(x.to(torch.uint8), y), data_summary(x.to(torch.uint8), y))
+
+
+def test_the_data_digest_tells_apart_data_whose_sums_agree():
+    """Session 31 (dist B1): a flip or a roll within examples keeps every sum of
+    data_summary; the digest that torchrun's processes compare tells them apart."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(5000, 3, 4, generator=gen), torch.randint(0, 10, (5000,), generator=gen)
+    flipped = x.clone()
+    flipped[4500:] = flipped[4500:].flip(-1)  # in the second chunk of 4096
+    assert same_summary(data_summary(x, y), data_summary(flipped, y))
+    digest = data_digest(x, y)
+    assert digest == data_digest(x.clone(), y.clone())
+    assert digest == data_digest(x.transpose(1, 2).contiguous().transpose(1, 2), y)  # strides
+    for other in (flipped, x.roll(1, -1), x.double(), x.reshape(5000, 12)):
+        assert data_digest(other, y) != digest
+    assert data_digest(x, y.flip(0)) != digest
+    assert data_digest(x.bfloat16(), y) == data_digest(x.bfloat16(), y)  # no numpy dtype
 
 
 def test_reading_as_trained_gives_the_callers_random_state_back():
