@@ -936,8 +936,34 @@ def _refuse_sparse_embeddings(model: nn.Module) -> None:
             )
 
 
+def _resume_with(batch_size: int, per_process: int = 1) -> str:
+    """The advice for a resume under torchrun that cannot split the run's batch: its batch
+    size and bSAM splits are the checkpoint's, so only the process count can change: to
+    one that divides the batch and leaves each process ``per_process`` examples.
+
+    >>> _resume_with(32), _resume_with(12, 4), _resume_with(720)
+    ('resume with 1, 2, 4, 8, 16 or 32 processes', 'resume with 1, 2 or 3 processes', \
+'resume with 1, 2, 3, 4, 5, 6 or 8 processes (or another divisor of 720)')
+    """
+    counts = [
+        n
+        for n in range(1, batch_size + 1)
+        if batch_size % n == 0 and batch_size // n >= per_process
+    ]
+    if len(counts) < 2:
+        return "resume with one process"
+    shown = [str(n) for n in counts[:7]]
+    more = f" (or another divisor of {batch_size})" if len(counts) > 7 else ""
+    return f"resume with {', '.join(shown[:-1])} or {shown[-1]} processes{more}"
+
+
 def _check_batchnorm_examples(
-    model: nn.Module, split: DataSplit, config: TrainConfig, info: DistInfo, splits: int
+    model: nn.Module,
+    split: DataSplit,
+    config: TrainConfig,
+    info: DistInfo,
+    splits: int,
+    resume: bool = False,
 ) -> None:
     """Refuse, before any file is written, a step whose forward pass holds one example when
     a BatchNorm in train mode sees one value per channel (over plain features): PyTorch
@@ -963,6 +989,8 @@ def _check_batchnorm_examples(
     elif info.world_size > 1:
         why = f"--batch-size {config.batch_size} leaves one example per process"
         fix = f"use --batch-size {2 * info.world_size} or more"
+    if resume and info.world_size > 1:  # the run's batch and splits are the checkpoint's
+        fix = _resume_with(config.batch_size, 2 * splits)
     else:
         why = "--batch-size 1 runs the model on one example per step"
         fix = "use --batch-size 2 or more"
@@ -986,9 +1014,14 @@ def _train(
     if config.batch_size % info.world_size:
         lower = config.batch_size - config.batch_size % info.world_size
         near = " or ".join(str(b) for b in (lower, lower + info.world_size) if b > 0)
+        fix = (
+            _resume_with(config.batch_size)
+            if resume
+            else f"choose a multiple of {info.world_size}, such as {near}"
+        )
         raise SharpscopeError(
             f"batch size {config.batch_size} is not divisible by the {info.world_size} "
-            f"processes; choose a multiple of {info.world_size}, such as {near}"
+            f"processes; {fix}"
         )
     out = Path(config.out) if config.out else None
     if out is not None and not resume:  # nothing is lost
@@ -1046,12 +1079,17 @@ def _train(
     )
     splits, per_rank = getattr(optimizer, "splits", 1), config.batch_size // info.world_size
     if splits > per_rank:  # else refused at the first step, after config.json is written
+        fix = (
+            _resume_with(config.batch_size, splits)
+            if resume
+            else f"use splits <= {per_rank} or a larger --batch-size"
+        )
         raise SharpscopeError(
             f"bsam splits {splits} is more than the {per_rank} examples of a batch"
             + (" per process" if info.world_size > 1 else "")
-            + f"; use splits <= {per_rank} or a larger --batch-size"
+            + f"; {fix}"
         )
-    _check_batchnorm_examples(model, train_split, config, info, splits)
+    _check_batchnorm_examples(model, train_split, config, info, splits, resume)
     if getattr(optimizer, "m", None) is not None:  # else refused at the first step
         check_groups_for_batchnorm(model, optimizer.m, min(per_rank, num_train // info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

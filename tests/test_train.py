@@ -1375,3 +1375,35 @@ def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(tmp_path, ta
         SharpscopeError, match=rf"^{re.escape(str(last))} cannot be resumed: {message}"
     ):
         train(_config(tmp_path, epochs=1, optimizer=optimizer), resume=True)
+
+
+@pytest.mark.parametrize(
+    "batch, options, error",
+    [
+        ("6", [], "batch size 6 is not divisible by the 4 processes; resume with 1, 2, 3 or 6"),
+        (
+            "4",
+            ["--optimizer", "bsam", "--splits", "2"],
+            "bsam splits 2 is more than the 1 examples of a batch per process; resume with 1 or 2",
+        ),
+    ],
+)
+def test_a_resume_under_torchrun_that_cannot_split_the_batch_names_process_counts(
+    tmp_path, batch, options, error
+):
+    """dist B2 (session 31): a run of batch 6 resumed with 4 processes was told to choose
+    a batch size that is a multiple of 4 (bSAM's splits: "a larger --batch-size"), which
+    the resume then refused as another setting; only the process count can change."""
+    out = tmp_path / "run"
+    args = ["--dataset", "digits", "--samples", "64", "--model", "mlp", "--batch-size", batch]
+    args += ["--no-progress", "--device", "cpu", "--out", str(out), *options]
+    trained = subprocess.run(
+        [sys.executable, "-m", "sharpscope", "train", *args, "--epochs", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    refused = torchrun("train", "--out", str(out), "--resume", "--epochs", "2", processes=4)
+    assert refused.returncode != 0
+    assert set(error_lines(refused)) == {f"error: {error} processes"}, refused.stderr[-2000:]
