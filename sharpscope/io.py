@@ -12,11 +12,14 @@ model can be rebuilt without loading the data.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pickle
+import signal
+import threading
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +37,32 @@ VERSION = 1
 # _use_new_zipfile_serialization=False) a pickle stream of protocol >= 2
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_MAGIC = b"\x80"
+
+
+@contextlib.contextmanager
+def stop_signals_held() -> Iterator[None]:
+    """Hold Ctrl-C and SIGTERM while the block runs (the end of an epoch: its metrics rows
+    and checkpoints being written), then deliver the first one that came. A stop in the
+    middle cancelled the atomic write, and the finished epoch was lost (with a line that
+    said "before the first epoch ended" after epoch 1 was shown). Signals run their
+    handlers in the main thread only; elsewhere, and for an ignored signal, nothing
+    changes. The block must not wait on other processes (it would not stop)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    held = {}
+    for number in (signal.SIGINT, signal.SIGTERM):
+        handler = signal.getsignal(number)
+        if handler not in (signal.SIG_IGN, None):  # None: set outside Python, kept
+            held[number] = signal.signal(number, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        for number, handler in held.items():
+            signal.signal(number, handler)
+    if received:
+        signal.raise_signal(received[0])
 
 
 def save_checkpoint(path: str | Path, payload: Mapping[str, Any]) -> Path:

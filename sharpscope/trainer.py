@@ -51,7 +51,14 @@ from .distributed import (
 )
 from .errors import SharpscopeError, check_seed, first_line, torchscript_problem
 from .evaluation import check_model_on_data, evaluate
-from .io import FORMAT, VERSION, load_training_state, load_weights, save_checkpoint
+from .io import (
+    FORMAT,
+    VERSION,
+    load_training_state,
+    load_weights,
+    save_checkpoint,
+    stop_signals_held,
+)
 from .locking import exclusive_lock, locked_on_main, make_folder
 from .modes import batchnorm_on_one_value
 from .precision import HALF_DTYPES, float_dtype
@@ -1272,12 +1279,15 @@ def _train(
                     if rank_states is not None:
                         payload["rank_states"] = rank_states
                     # rows first: a run killed in between resumes from the previous
-                    # checkpoint and drops rows past it, so no evaluation row is ever lost
-                    with (out / "metrics.jsonl").open("a") as handle:
-                        handle.write("".join(json.dumps(r) + "\n" for r in [*step_rows, metrics]))
-                    save_checkpoint(out / "last.pt", payload)
-                    if config.save_every and (epoch + 1) % config.save_every == 0:
-                        save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
+                    # checkpoint and drops rows past it, so no evaluation row is ever lost;
+                    # a Ctrl-C or SIGTERM meanwhile stops the run once the epoch is saved
+                    with stop_signals_held():
+                        with (out / "metrics.jsonl").open("a") as handle:
+                            rows = [*step_rows, metrics]
+                            handle.write("".join(json.dumps(r) + "\n" for r in rows))
+                        save_checkpoint(out / "last.pt", payload)
+                        if config.save_every and (epoch + 1) % config.save_every == 0:
+                            save_checkpoint(out / f"epoch_{epoch + 1:03d}.pt", payload)
                 barrier()
     evaluations = eval_rows(history)
     return TrainSummary(

@@ -718,3 +718,31 @@ def test_b4_a_data_factory_parsing_the_command_line_is_one_error_line(tmp_path):
         f"error: data factory '{tmp_path / 'ap.py'}:make' called sys.exit(2); a factory returns"
     )
     assert "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stop_while_an_epoch_is_saved_keeps_that_epoch(tmp_path, monkeypatch, signum):
+    """dist B3 (session 31): a Ctrl-C or SIGTERM during the end-of-epoch save cancelled the
+    atomic write, so the finished epoch was lost, and after epoch 1 the line said
+    "before the first epoch ended". The signal now stops the run once the epoch is saved."""
+    import os
+    import signal
+
+    import sharpscope.trainer as trainer
+
+    save = trainer.save_checkpoint
+
+    def interrupted_save(path, payload):
+        os.kill(os.getpid(), getattr(signal, signum))  # arrives in the middle of the write
+        return save(path, payload)
+
+    monkeypatch.setattr(trainer, "save_checkpoint", interrupted_save)
+    out = tmp_path / "run"
+    result = runner.invoke(app, ["train", *TINY, "--epochs", "3", "--out", str(out)])
+    assert result.exit_code == (130 if signum == "SIGINT" else 143), result.output
+    assert result.output.strip().splitlines()[-1] == (
+        f"error: interrupted; {out / 'last.pt'} holds epoch 1: run the same command with "
+        "--resume to continue"
+    )
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines if '"eval"' in line] == [1]
