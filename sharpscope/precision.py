@@ -13,27 +13,81 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 
 import torch
 
 
 @contextmanager
 def ieee_float32() -> Iterator[None]:
-    """Run the block (or, as a decorator, the function) with TF32 off; restore on exit.
+    """Run the block (or, as a decorator, the function) in IEEE float32, restoring the
+    caller's settings on exit: no TensorFloat-32 or bfloat16 matrix products and
+    convolutions (on the GPU, and oneDNN's on the CPU after
+    ``torch.set_float32_matmul_precision("medium")``), and no ``torch.autocast`` of the
+    caller's (whose cache of half-precision weights also made every point of a landscape
+    the centre's). A setting is only written where it is not IEEE already, through the
+    API the caller used (PyTorch refuses to read its legacy TF32 switches once the newer
+    ``fp32_precision`` ones are set, and the reverse).
 
     >>> with ieee_float32():
-    ...     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    (False, False)
+    ...     torch.backends.cudnn.allow_tf32, torch.get_float32_matmul_precision()
+    (False, 'highest')
     """
-    cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with ExitStack() as stack:
+        for device in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+        _tf32_off(stack)
         yield
-    finally:
-        torch.backends.cudnn.allow_tf32 = cudnn
-        torch.backends.cuda.matmul.allow_tf32 = matmul
+
+
+def _tf32_off(stack: ExitStack) -> None:
+    backends = torch.backends
+    switches = _precision_switches()
+    try:
+        matmul = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the caller set the newer per-backend switches: the loop below
+        matmul = "highest"
+    onednn = getattr(getattr(backends.mkldnn, "matmul", None), "fp32_precision", "none")
+    if matmul != "highest" and (not switches or onednn != "none"):
+        # torch.set_float32_matmul_precision's: cuBLAS' TF32, and oneDNN's bf16 ("medium")
+        # or TF32 ("high") on the CPU; before torch 2.9 also the legacy switch below
+        torch.set_float32_matmul_precision("highest")
+        stack.callback(torch.set_float32_matmul_precision, matmul)
+    else:
+        try:  # the legacy switch of cuBLAS' TF32 alone
+            cublas = backends.cuda.matmul.allow_tf32
+        except RuntimeError:
+            cublas = False
+        if cublas:
+            backends.cuda.matmul.allow_tf32 = False
+            stack.callback(setattr, backends.cuda.matmul, "allow_tf32", True)
+    try:  # cuDNN's convolutions (TF32 by default)
+        convolutions = backends.cudnn.allow_tf32
+    except RuntimeError:
+        convolutions = False
+    if convolutions:
+        backends.cudnn.allow_tf32 = False
+        stack.callback(setattr, backends.cudnn, "allow_tf32", True)
+    for leaf in _precision_switches():  # the newer API's, where the caller set it (torch >= 2.9)
+        setting = leaf.fp32_precision
+        if setting not in ("none", "ieee"):
+            leaf.fp32_precision = "ieee"
+            stack.callback(setattr, leaf, "fp32_precision", setting)
+
+
+def _precision_switches() -> list:
+    """The per-backend ``fp32_precision`` switches of PyTorch 2.9 and later (none before)."""
+    backends = torch.backends
+    parents = (backends.cuda, backends.cudnn, backends.mkldnn)
+    names = {backends.cuda: ("matmul",), backends.cudnn: ("conv", "rnn")}
+    leaves = []
+    for parent in parents:
+        for name in names.get(parent, ("matmul", "conv", "rnn")):
+            leaf = getattr(parent, name, None)
+            if leaf is not None and hasattr(leaf, "fp32_precision"):
+                leaves.append(leaf)
+    return leaves
 
 
 #: The half-precision dtypes, whose rounding (1e-3, 8e-3 relative) the analyses point out.
