@@ -247,6 +247,9 @@ class StepContext:
         for group in self.opt.param_groups:
             for p in group["params"]:
                 p.grad = None
+        # a step called inside the caller's torch.autocast: the region keeps one cast copy
+        # of each weight, and pass 2 ran at the unperturbed weights' (SAM became SGD)
+        torch.clear_autocast_cache()
         args = () if chunk_index is None else (chunk_index, num_chunks)
         with torch.enable_grad():
             try:
@@ -1229,6 +1232,7 @@ class SharpnessAware(torch.optim.Optimizer):
         if self._base_stepped:
             with torch.no_grad():
                 self._after_base_step(ctx)
+        torch.clear_autocast_cache()  # the caller's region: its next pass sees the new weights
 
 
 def normalised(tensors: list[Tensor], rho: Tensor | float) -> list[Tensor]:
