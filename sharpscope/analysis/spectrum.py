@@ -459,8 +459,32 @@ def build_operator(
         )
     except TypeError as exc:
         if "unexpected keyword" in str(exc):
-            raise SharpscopeError(f"unknown option: {exc}") from exc
+            raise SharpscopeError(_unknown_option(exc)) from exc
         raise
+
+
+def _unknown_option(exc: TypeError) -> str:
+    """``unknown option 'probes'; did you mean 'num_probes'?`` for an option that neither
+    the spectrum functions nor :class:`HessianOperator` take.
+
+    >>> _unknown_option(TypeError("__init__() got an unexpected keyword argument 'probes'"))
+    "unknown option 'probes'; did you mean 'num_probes'?"
+    """
+    import difflib
+    import inspect
+    import re
+
+    found = re.search(r"unexpected keyword argument '(\w+)'", str(exc))
+    if found is None:
+        return f"unknown option: {exc}"
+    name = found.group(1)
+    known = {
+        p
+        for function in (HessianOperator.__init__, top_eigenvalues, hessian_trace, spectrum)
+        for p in inspect.signature(function).parameters
+    } - {"self", "operator_options"}
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f"unknown option '{name}'" + (f"; did you mean '{close[0]}'?" if close else "")
 
 
 def _meta(op: HessianOperator, meta: RunMeta | None, seed: int, data: Any, **extra: Any) -> RunMeta:

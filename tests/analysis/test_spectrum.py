@@ -691,3 +691,28 @@ def test_top_eigenvalues_with_a_block_returns_k_values():
     result = top_eigenvalues(model, data, k=5, block_size=2, max_steps=5)
     assert result.k == 5 and len(result.converged) == 5 and result.lambda_5 is not None
     assert result.hvp_count == 5
+
+
+@pytest.mark.parametrize(
+    "function, options, message",
+    [
+        ("hessian_trace", {"probes": 3}, "unknown option 'probes'; did you mean 'num_probes'?"),
+        (
+            "spectral_density",
+            {"lanczos_steps": 3},
+            "unknown option 'lanczos_steps'; did you mean 'num_lanczos_steps'?",
+        ),
+        ("top_eigenvalues", {"tolerance": 1e-3}, "unknown option 'tolerance'"),
+    ],
+)
+def test_an_unknown_option_names_the_option_meant(function, options, message):
+    """precision doubt 7 (session 31): `hessian_trace(probes=30)` said "unknown option:
+    HessianOperator.__init__() got an unexpected keyword argument 'probes'", naming a class
+    the caller never called, and not the option it has (the command line's --probes)."""
+    import sharpscope as ss
+
+    torch.manual_seed(0)
+    data = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with pytest.raises(SharpscopeError) as info:
+        getattr(ss, function)(nn.Linear(4, 2), data, **options)
+    assert str(info.value) == message
