@@ -20,7 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Optional, TypeVar
@@ -500,7 +500,7 @@ def load_analysis_inputs(
         dtype=dtype,
         device=str(chosen),
         num_params=sum(p.numel() for p in net.parameters() if p.requires_grad),
-        extra={"model": checkpoint.spec},
+        extra={"model": checkpoint.spec, **trained_precision(checkpoint, dtype)},
     )
     loss_fn = get_loss(loss_spec)
     try:
@@ -511,6 +511,28 @@ def load_analysis_inputs(
             raise
         raise SharpscopeError(f"{exc}; {mismatch}") from exc
     return AnalysisInputs(net, batches, loss_fn, meta, checkpoint, split_data, chosen, loss_spec)
+
+
+def trained_precision(checkpoint: Any, dtype: str) -> dict[str, Any]:
+    """What a result's meta says of how the analysed weights were made, where it is not
+    the analysis' float32/float64: the run's ``--precision`` (bf16, fp16) and the dtypes
+    the file stores its weights in (a bare state_dict saved in bfloat16 is analysed as
+    an exact float copy of its rounded weights)."""
+    out: dict[str, Any] = {}
+    precision = (checkpoint.raw.get("config") or {}).get("precision")
+    if precision not in (None, "fp32"):
+        out["trained_precision"] = precision
+    weights = checkpoint.raw.get("state_dict", checkpoint.raw)
+    stored = sorted(
+        {
+            str(t.dtype).removeprefix("torch.")
+            for t in (weights.values() if isinstance(weights, Mapping) else ())
+            if isinstance(t, torch.Tensor) and t.is_floating_point()
+        }
+    )
+    if stored and stored != [dtype]:
+        out["stored_dtypes"] = stored
+    return out
 
 
 def _data_mismatch(checkpoint: Any, data: DataSplit) -> str | None:

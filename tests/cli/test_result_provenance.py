@@ -116,3 +116,41 @@ def test_json_dash_is_refused_in_one_line_and_writes_no_file(args, root, monkeyp
     lines = [line for line in result.output.strip().splitlines() if line.strip()]
     assert len(lines) == 1 and "results are written to files, not to stdout" in lines[0]
     assert not (root / "-").exists()
+
+
+def test_meta_says_how_the_analysed_weights_were_made(root, monkeypatch):
+    """precision doubt 4 (session 31): a bf16-trained run's analyses said nothing of it,
+    and a bare state_dict saved in bfloat16 was analysed as its float32 copy silently
+    (its eigenvalues are those of the rounded weights: 7.289 against 7.320)."""
+    import torch
+
+    monkeypatch.chdir(root)
+    trained = runner.invoke(
+        app,
+        ["train", "--dataset", "digits", "--samples", "64", "--batch-size", "32", "--model", "mlp"]
+        + [
+            "--epochs",
+            "1",
+            "--precision",
+            "bf16",
+            "--out",
+            "bf",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert trained.exit_code == 0, trained.output
+    state = torch.load(root / "bf" / "last.pt", weights_only=True)["state_dict"]
+    torch.save({k: v.bfloat16() for k, v in state.items()}, root / "bare.pt")
+    for path, flags, extra in (
+        ("bf/last.pt", [], {"trained_precision": "bf16"}),
+        ("bare.pt", ["--model", "mlp", "--data", "digits"], {"stored_dtypes": ["bfloat16"]}),
+        ("a.pt", [], {}),
+    ):
+        args = ["msharpness", path, *flags, "--m", "16", "--json", "ms.json", *COMMON[:2]]
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        meta = json.loads((root / "ms.json").read_text())["meta"]["extra"]
+        got = {k: meta[k] for k in ("trained_precision", "stored_dtypes") if k in meta}
+        assert got == extra, path
