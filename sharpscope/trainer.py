@@ -996,11 +996,11 @@ def _check_batchnorm_examples(
     elif info.world_size > 1:
         why = f"--batch-size {config.batch_size} leaves one example per process"
         fix = f"use --batch-size {2 * info.world_size} or more"
-    if resume and info.world_size > 1:  # the run's batch and splits are the checkpoint's
-        fix = _resume_with(config.batch_size, 2 * splits)
     else:
         why = "--batch-size 1 runs the model on one example per step"
         fix = "use --batch-size 2 or more"
+    if resume and info.world_size > 1:  # the run's batch and splits are the checkpoint's
+        fix = _resume_with(config.batch_size, 2 * splits)
     raise SharpscopeError(
         f"{why}, and BatchNorm '{name}' in train mode cannot normalize a single example "
         f"(one value per channel); {fix}, or a model without BatchNorm"

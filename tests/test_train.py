@@ -1380,11 +1380,23 @@ def test_a_checkpoint_whose_parts_do_not_fit_is_refused_in_one_line(tmp_path, ta
 @pytest.mark.parametrize(
     "batch, options, error",
     [
-        ("6", [], "batch size 6 is not divisible by the 4 processes; resume with 1, 2, 3 or 6"),
+        (
+            "6",
+            [],
+            "batch size 6 is not divisible by the 4 processes; resume with 1, 2, 3 or 6 processes",
+        ),
         (
             "4",
             ["--optimizer", "bsam", "--splits", "2"],
-            "bsam splits 2 is more than the 1 examples of a batch per process; resume with 1 or 2",
+            "bsam splits 2 is more than the 1 examples of a batch per process; resume with 1 or 2 "
+            "processes",
+        ),
+        (
+            "4",
+            ["--model-opt", "norm=batch"],
+            "--batch-size 4 leaves one example per process, and BatchNorm 'net.2' in train mode "
+            "cannot normalize a single example (one value per channel); resume with 1 or 2 "
+            "processes, or a model without BatchNorm",
         ),
     ],
 )
@@ -1406,4 +1418,4 @@ def test_a_resume_under_torchrun_that_cannot_split_the_batch_names_process_count
     assert trained.returncode == 0, trained.stderr[-2000:]
     refused = torchrun("train", "--out", str(out), "--resume", "--epochs", "2", processes=4)
     assert refused.returncode != 0
-    assert set(error_lines(refused)) == {f"error: {error} processes"}, refused.stderr[-2000:]
+    assert set(error_lines(refused)) == {f"error: {error}"}, refused.stderr[-2000:]
