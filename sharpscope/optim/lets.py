@@ -37,6 +37,11 @@ and ``autograd.grad`` (training ``.grad`` untouched). Validation batches come fr
 ``val_batches`` in a seeded order that is reshuffled every cycle. Under DDP, ``h`` is
 averaged over ranks so rho stays identical.
 
+Overflow: the fd pass's backward is scaled by an fp16 ``GradScaler`` like pass 2's, and
+an inf/NaN there skips the step as one in pass 2 does (optimizers.md §0). A non-finite
+``h`` (from the validation pass, which is not scaled, or from ``v``) is dropped: that
+step keeps rho.
+
 ``F`` and ``rho`` of every step are available through
 :func:`sharpscope.optim.optimizer_metrics` (the trainer logs them to metrics.jsonl).
 """
@@ -86,6 +91,11 @@ INNER_OPTIONS: dict[str, dict[str, Any]] = {
     "vasso": {"theta": 0.9},
     "samon": {"adaptive": "none", "eta": 0.01, "normalize_bias": False, "exclude_norm": False},
 }
+
+
+def _all_finite(tensors: list[Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite (one host synchronisation)."""
+    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
 
 class _NoStep(torch.optim.Optimizer):
@@ -444,8 +454,11 @@ class LETS(SharpnessAware):
         if ctx.ddp is not None and is_multi_process():
             dist.all_reduce(h)
             h /= dist.get_world_size()
-        self.last_h = h
-        new = self._rho_t - self.rho_lr * h.to(self._rho_t)
+        # an inf/NaN from the validation pass (no scaler watches it) or in v is dropped:
+        # h = 0 and rho stays; a NaN rho masked eps to 0 for good (LETS became its base
+        # optimizer). Decided on the device, with no host synchronisation.
+        self.last_h = torch.where(torch.isfinite(h), h, torch.zeros_like(h))
+        new = self._rho_t - self.rho_lr * self.last_h.to(self._rho_t)
         self._rho_t.copy_(torch.clamp(new, min=self.rho_min, max=self.rho_max))
 
     def perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor | None]:
@@ -521,6 +534,13 @@ class LETS(SharpnessAware):
         # rank-local gradient here would put (local - global gradient) / r into H~u
         with frozen_bn(ctx.model) if ctx.model is not None else nullcontext():
             ctx.call()
+        if ctx.scaler is not None and not _all_finite(
+            [p.grad for p in params if p.grad is not None]
+        ):
+            # this pass's backward is scaled, like pass 2's: an overflow here is one of the
+            # step (optimizers.md §0). Its gradients stay in .grad, so the scaler skips the
+            # base step and backs off; w is restored as after any pass 2, and no v is kept.
+            return {}
         out = {}
         for p, g in zip(params, perturbed_grads):
             if g is not None and p.grad is not None:

@@ -408,3 +408,64 @@ def test_a_group_added_later_that_the_inner_asam_already_holds():
     opt.add_param_group({"params": second.parameters()})
     opt.step(BatchClosure(model, nn.functional.mse_loss, x, y))
     assert len(opt.inner._all_params()) == 4
+
+
+def _lets_with_one_bad_pass(hypergrad, bad_call, scaler):
+    """Four LETS steps on an MLP; in step 2 the ``bad_call``-th loss evaluation is inf (an
+    fp16 overflow, simulated): call 1 is pass 1, 2 the validation pass, 3 pass 2, 4 the fd
+    pass. Returns the optimizer and, after each step, the weights, rho and the tensors with v."""
+    from optim_helpers import mlp, mlp_batches
+
+    model = mlp()
+    opt = LETS(
+        model,
+        torch.optim.SGD,
+        lr=0.1,
+        momentum=0.9,
+        rho=0.05,
+        rho_lr=0.5,
+        hypergrad=hypergrad,
+        val_batches=mlp_batches(2, seed=9),
+    )
+    calls = {"step": 0, "count": 0}
+
+    def loss_fn(out, target):
+        calls["count"] += 1
+        loss = CE(out, target)
+        bad = calls["step"] == 2 and calls["count"] == bad_call
+        return loss * float("inf") if bad else loss
+
+    after = []
+    for step, (x, y) in enumerate(mlp_batches(4)):
+        calls.update(step=step, count=0)
+        opt.step(BatchClosure(model, loss_fn, x, y, scaler=scaler))
+        weights = [p.detach().clone() for p in model.parameters()]
+        after.append((weights, opt.rho, [p for p in model.parameters() if "v" in opt.state[p]]))
+    return opt, after
+
+
+def test_an_overflow_in_the_fd_pass_skips_the_step_and_backs_off():
+    """B3 (session 31): the fd pass's scaled backward is one of the step's (optimizers.md §0);
+    its inf went unseen, v turned NaN and so did rho for good (eps masked to 0: plain SGD)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    _, after = _lets_with_one_bad_pass("fd", 4, scaler)
+    assert scaler.get_scale() == 2.0**7
+    assert all(torch.equal(a, b) for a, b in zip(after[1][0], after[2][0]))  # w restored
+    assert after[1][2] and after[2][2] == []  # no v from the skipped step
+    assert after[3][1] == after[2][1] != after[1][1]  # so step 3 leaves rho where step 2 put it
+    assert all(0 < rho < 1 for _, rho, _ in after)
+
+
+@pytest.mark.parametrize("fp16", [True, False])
+def test_an_inf_in_the_validation_pass_keeps_rho_and_drops_the_hypergradient(fp16):
+    """B3 (session 31): an inf validation loss (that pass is not scaled) made rho NaN for good.
+    Now that step's h is dropped and rho kept; pass 1 and pass 2 were finite, so the step is
+    taken and the scaler does not back off."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8) if fp16 else None
+    opt, after = _lets_with_one_bad_pass("diag", 2, scaler)
+    assert after[1][1] != 0.05 and after[2][1] == after[1][1]  # rho moved, then kept
+    assert not all(torch.equal(a, b) for a, b in zip(after[1][0], after[2][0]))  # step taken
+    assert after[3][1] != after[2][1] and all(0 < rho < 1 for _, rho, _ in after)
+    assert all(torch.isfinite(p).all() for p in after[3][0])
+    if fp16:
+        assert scaler.get_scale() == 2.0**8
