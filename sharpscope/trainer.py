@@ -1007,6 +1007,19 @@ def _check_batchnorm_examples(
     )
 
 
+def _check_precision(config: TrainConfig, device: torch.device) -> None:
+    """Refuse, before any file is written, a precision that ``device`` or the optimizer's
+    options cannot train in (one line each; an m-sharpness run in fp16 was refused only at
+    its first step, after config.json and metrics.jsonl were written)."""
+    if config.precision == "fp16" and device.type != "cuda":
+        raise SharpscopeError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if config.precision == "fp16" and config.optimizer.get("m") is not None:
+        raise SharpscopeError(
+            "--m cannot be combined with --precision fp16 (m-sharpness training has no fp16 "
+            "GradScaler); use --precision bf16 or fp32"
+        )
+
+
 def _train(
     config: TrainConfig, resume: bool, before_training: Callable[[], None] | None
 ) -> TrainSummary:
@@ -1016,8 +1029,7 @@ def _train(
 
     info = init_from_env(config.device)
     device = info.device
-    if config.precision == "fp16" and device.type != "cuda":
-        raise SharpscopeError("precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    _check_precision(config, device)
     if config.batch_size % info.world_size:
         lower = config.batch_size - config.batch_size % info.world_size
         near = " or ".join(str(b) for b in (lower, lower + info.world_size) if b > 0)

@@ -1419,3 +1419,45 @@ def test_a_resume_under_torchrun_that_cannot_split_the_batch_names_process_count
     refused = torchrun("train", "--out", str(out), "--resume", "--epochs", "2", processes=4)
     assert refused.returncode != 0
     assert set(error_lines(refused)) == {f"error: {error}"}, refused.stderr[-2000:]
+
+
+def test_m_sharpness_in_fp16_is_refused_before_any_file_is_written(tmp_path, monkeypatch):
+    """B6 (session 31): --m with --precision fp16 was refused at the first step, after
+    config.json and metrics.jsonl were written, in Python words (autocast_dtype=...).
+
+    fp16 trains on CUDA only, so on a CPU-only machine the pre-flight check is run as on a
+    GPU: the trainer's own _check_precision, handed a CUDA device."""
+    import sharpscope.trainer as trainer
+
+    sam = {"name": "sam", "rho": 0.05, "m": 8, "base": {"name": "sgd", "lr": 0.05}}
+    message = (
+        "--m cannot be combined with --precision fp16 (m-sharpness training has no fp16 "
+        "GradScaler); use --precision bf16 or fp32"
+    )
+    with pytest.raises(SharpscopeError) as info:
+        trainer._check_precision(
+            _config(tmp_path, optimizer=sam, precision="fp16"), torch.device("cuda")
+        )
+    assert str(info.value) == message
+    for precision in ("bf16", "fp32"):  # and only fp16 is refused
+        trainer._check_precision(
+            _config(tmp_path, optimizer=sam, precision=precision), torch.device("cuda")
+        )
+    as_on_a_gpu = trainer._check_precision
+    monkeypatch.setattr(
+        trainer,
+        "_check_precision",
+        lambda config, device: as_on_a_gpu(config, torch.device("cuda")),
+    )
+    out = tmp_path / "run"
+    with pytest.raises(SharpscopeError, match=re.escape(message)):
+        train(_config(out, optimizer=sam, precision="fp16"))
+    assert not out.exists()
+
+
+def test_fp16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(SharpscopeError) as info:
+        train(_config(out, precision="fp16"))
+    assert str(info.value) == "--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU"
+    assert not out.exists()
