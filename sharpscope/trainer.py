@@ -1255,10 +1255,11 @@ def _train(
                 seconds=time.perf_counter() - started,
                 **optimizer_metrics(optimizer),
             )
-            if not all(math.isfinite(v) for v in metrics.values() if isinstance(v, float)):
+            bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
+            if bad:
                 raise TrainingDiverged(
-                    f"training diverged: non-finite evaluation metrics at epoch {epoch + 1}; "
-                    "lower the learning rate or rho"
+                    f"training diverged: non-finite evaluation metrics at epoch {epoch + 1}: "
+                    f"{', '.join(bad)}; lower the learning rate or rho"
                 )
             history.append(metrics)
             line = (

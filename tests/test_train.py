@@ -1461,3 +1461,48 @@ def test_fp16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
         train(_config(out, precision="fp16"))
     assert str(info.value) == "--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU"
     assert not out.exists()
+
+
+def test_an_fp16_lets_run_whose_first_epoch_the_scaler_skipped_has_not_diverged(
+    tmp_path, monkeypatch
+):
+    """B4 (session 31): LETS' F is unmeasured while every step overflows (the GradScaler's
+    warm-up); train stopped with "training diverged ... lower the learning rate or rho".
+
+    fp16 trains on CUDA only; here it runs on the CPU (torch's CPU fp16 autocast and
+    GradScaler), with a loss scale so large that every step overflows."""
+    import sharpscope.trainer as trainer
+
+    cpu_scaler = torch.amp.GradScaler
+    monkeypatch.setattr(trainer, "_check_precision", lambda config, device: None)
+    monkeypatch.setattr(
+        torch.amp, "GradScaler", lambda device: cpu_scaler("cpu", init_scale=2.0**100)
+    )
+    lets = {"name": "lets", "rho": 0.05, "base": {"name": "sgd", "lr": 0.05}}
+    out = tmp_path / "run"
+    summary = train(
+        _config(
+            out,
+            optimizer=lets,
+            precision="fp16",
+            epochs=2,
+            dataset={"name": "mnist1d", "samples": 256},
+        )
+    )
+    rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["lets_F"] for r in rows if r["kind"] == "eval"] == [None, None]
+    assert summary.metrics["rho"] == 0.05  # nothing learned while every step was skipped
+    assert "lets_F" not in load_checkpoint(out / "last.pt").metrics  # its numbers only
+
+
+def test_a_divergence_names_the_non_finite_metrics(tmp_path):
+    """B4 (session 31): "non-finite evaluation metrics" did not say which."""
+    loss = step_loss_factory(
+        tmp_path, "value + torch.sqrt((out * 0).sum()) if calls == 8 else value"
+    )
+    with pytest.raises(TrainingDiverged) as info:
+        train(_config(tmp_path / "run", epochs=2, loss=loss))
+    assert re.search(
+        r"non-finite evaluation metrics at epoch \d: train_nll, train_ece, train_loss, ",
+        str(info.value),
+    )

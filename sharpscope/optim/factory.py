@@ -355,17 +355,18 @@ def build_optimizer(
     return _CLASSES[name](model.parameters(), base_cls, model=model, **options, **base_spec)
 
 
-def step_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str]:
+def step_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str | None]:
     """Values that change every step and are logged per step: LETS' (its learned ρ, F, h);
     nothing for the others, whose ρ is fixed (it is in every evaluation row)."""
     return opt.metrics() if isinstance(opt, LETS) else {}
 
 
-def optimizer_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str]:
+def optimizer_metrics(opt: torch.optim.Optimizer) -> dict[str, float | str | None]:
     """Values recorded in every evaluation row: LETS ``rho, rho_k, lets_F, lets_h, hypergrad``;
     other sharpness-aware optimizers ``rho``; plain optimizers nothing.
 
-    ``hypergrad`` (LETS only) is the mode's name, a string. Reading the values
+    ``hypergrad`` (LETS only) is the mode's name, a string; ``lets_F`` is ``None`` until
+    a finite F has been measured (see :meth:`LETS.metrics`). Reading the values
     synchronises with the device once.
     """
     if isinstance(opt, LETS):

@@ -48,6 +48,7 @@ step keeps rho.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 from typing import Any, ClassVar, Literal
@@ -683,13 +684,20 @@ class LETS(SharpnessAware):
     def _load_rho_state(self, value: Any) -> None:
         self._rho_t.copy_(self._rho_from_state(value))
 
-    def metrics(self) -> dict[str, float | str]:
-        """Per-step values to log: rho (and rho_k per group), F, h and the hypergrad mode."""
-        out: dict[str, float | str] = {"rho": self.rho}
+    def metrics(self) -> dict[str, float | str | None]:
+        """Per-step values to log: rho (and rho_k per group), F, h and the hypergrad mode.
+
+        ``lets_F`` is ``None`` while no finite F has been measured: before the first step
+        that gets past pass 1 (with an fp16 ``GradScaler``, every step the scaler skipped
+        so far) and after a validation pass that overflowed.
+        """
+        out: dict[str, float | str | None] = {"rho": self.rho}
         if self.per_group:
             for k, v in enumerate(self.rho_values()):
                 out[f"rho_{k}"] = v
-        out["lets_F"] = float(self.last_F)
+        # a NaN read as a divergence in train (the scaler's back-off is not one) and is no JSON
+        F = float(self.last_F)
+        out["lets_F"] = F if math.isfinite(F) else None
         out["lets_h"] = float(self.last_h.mean())
         out["hypergrad"] = self.hypergrad
         return out

@@ -469,3 +469,24 @@ def test_an_inf_in_the_validation_pass_keeps_rho_and_drops_the_hypergradient(fp1
     assert all(torch.isfinite(p).all() for p in after[3][0])
     if fp16:
         assert scaler.get_scale() == 2.0**8
+
+
+def test_lets_f_is_none_until_a_step_measures_it():
+    """B4 (session 31): F started as NaN and stayed so while the GradScaler skipped every
+    step; train read that NaN as a divergence (and NaN is no JSON value)."""
+    import json
+
+    from optim_helpers import mlp, mlp_batches
+
+    model = mlp()
+    opt = LETS(model, torch.optim.SGD, lr=0.1, val_batches=mlp_batches(2, seed=9))
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**8)
+    x, y = mlp_batches(1)[0]
+    overflow = BatchClosure(model, lambda out, t: CE(out, t) * float("inf"), x, y, scaler=scaler)
+    opt.step(overflow)
+    assert scaler.get_scale() == 2.0**7  # skipped in pass 1, as the scaler's warm-up does
+    metrics = optimizer_metrics(opt)
+    assert metrics["lets_F"] is None
+    json.dumps(metrics, allow_nan=False)
+    opt.step(BatchClosure(model, CE, x, y, scaler=scaler))
+    assert optimizer_metrics(opt)["lets_F"] > 0
