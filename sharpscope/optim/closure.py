@@ -39,6 +39,11 @@ from ..errors import SharpscopeError
 
 __all__ = ["BatchClosure", "unwrap_model"]
 
+#: the dtypes ``torch.autocast`` computes in for training; ``None`` is full precision
+AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
+#: what the closure and the optimizers call on a ``GradScaler``
+SCALER_METHODS = ("scale", "unscale_", "step", "update", "get_scale", "is_enabled")
+
 
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else itself)."""
@@ -61,6 +66,10 @@ class BatchClosure:
         autocast_dtype: run forward and loss under ``torch.autocast`` with this dtype
             (``torch.bfloat16`` or ``torch.float16``); ``None`` for full precision.
         scaler: an fp16 ``torch.amp.GradScaler``; the backward pass is then scaled.
+
+    Raises:
+        SharpscopeError: for arguments in another order, inputs and targets of different
+            lengths, another ``autocast_dtype`` or a ``scaler`` that is no ``GradScaler``.
 
     Calling ``closure()`` uses the whole batch; ``closure(j, M)`` uses chunk ``j`` of
     ``torch.tensor_split(batch, M)`` (equal chunks when ``M`` divides the batch size).
@@ -99,6 +108,17 @@ class BatchClosure:
             raise SharpscopeError(
                 f"inputs and targets differ in length ({len(inputs)} vs {len(targets)}); "
                 "pass one target per example"
+            )
+        if autocast_dtype not in AUTOCAST_DTYPES:  # else a raw error, or no autocast, later
+            raise SharpscopeError(
+                "autocast_dtype must be torch.bfloat16, torch.float16 or None, got "
+                f"{autocast_dtype!r}"
+            )
+        lacking = [name for name in SCALER_METHODS if not callable(getattr(scaler, name, None))]
+        if scaler is not None and lacking:
+            raise SharpscopeError(
+                "scaler must be a torch.amp.GradScaler or None, got a "
+                f"{type(scaler).__name__} (no {', '.join(lacking)})"
             )
         self.model = model
         self.loss_fn = loss_fn

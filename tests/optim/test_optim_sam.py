@@ -786,3 +786,30 @@ def test_batch_closure_arguments_in_another_order_are_one_line():
     )
     with pytest.raises(SharpscopeError, match="the order is \\(model, loss_fn, inputs, targets"):
         BatchClosure(model, torch.nn.functional.cross_entropy, 3, y)
+
+
+@pytest.mark.parametrize("dtype", ["bf16", torch.float64, torch.int8, torch.float8_e4m3fn])
+def test_batch_closure_refuses_another_autocast_dtype_in_one_line(dtype):
+    """Doubt 5 (session 31): "bf16" failed at the first step with torch's raw TypeError, and
+    float64 or int8 were taken, then torch warned and ran without autocast."""
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with pytest.raises(SharpscopeError) as info:
+        BatchClosure(mlp(), CE, x, y, autocast_dtype=dtype)
+    assert str(info.value) == (
+        f"autocast_dtype must be torch.bfloat16, torch.float16 or None, got {dtype!r}"
+    )
+    for fine in (None, torch.bfloat16, torch.float16):
+        assert BatchClosure(mlp(), CE, x, y, autocast_dtype=fine).autocast_dtype == fine
+
+
+def test_batch_closure_refuses_a_scaler_that_is_no_grad_scaler_in_one_line():
+    """Doubt 5 (session 31): scaler="yes" failed with an AttributeError."""
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    with pytest.raises(SharpscopeError) as info:
+        BatchClosure(mlp(), CE, x, y, scaler="yes")
+    assert str(info.value) == (
+        "scaler must be a torch.amp.GradScaler or None, got a str (no scale, unscale_, step, "
+        "update, get_scale, is_enabled)"
+    )
+    scaler = torch.amp.GradScaler("cpu")
+    assert BatchClosure(mlp(), CE, x, y, scaler=scaler).scaler is scaler
