@@ -1007,12 +1007,26 @@ def _check_batchnorm_examples(
     )
 
 
+def _bf16_supported(device: torch.device) -> bool:
+    """Whether CUDA ``device`` runs bfloat16 autocast (emulated counts, as for torch.autocast)."""
+    if device.index is None:  # the current device
+        return torch.cuda.is_bf16_supported()
+    with torch.cuda.device(device.index):
+        return torch.cuda.is_bf16_supported()
+
+
 def _check_precision(config: TrainConfig, device: torch.device) -> None:
     """Refuse, before any file is written, a precision that ``device`` or the optimizer's
     options cannot train in (one line each; an m-sharpness run in fp16 was refused only at
     its first step, after config.json and metrics.jsonl were written)."""
     if config.precision == "fp16" and device.type != "cuda":
         raise SharpscopeError("--precision fp16 needs a CUDA GPU; use bf16 or fp32 on the CPU")
+    if config.precision == "bf16" and device.type == "cuda" and not _bf16_supported(device):
+        # else torch.autocast refused it inside the first step, after config.json was written
+        raise SharpscopeError(
+            f"--precision bf16 needs a GPU with bfloat16 support, which "
+            f"{torch.cuda.get_device_name(device)} lacks; use --precision fp16 or fp32"
+        )
     if config.precision == "fp16" and config.optimizer.get("m") is not None:
         raise SharpscopeError(
             "--m cannot be combined with --precision fp16 (m-sharpness training has no fp16 "

@@ -1439,6 +1439,7 @@ def test_m_sharpness_in_fp16_is_refused_before_any_file_is_written(tmp_path, mon
             _config(tmp_path, optimizer=sam, precision="fp16"), torch.device("cuda")
         )
     assert str(info.value) == message
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)  # a GPU that has it
     for precision in ("bf16", "fp32"):  # and only fp16 is refused
         trainer._check_precision(
             _config(tmp_path, optimizer=sam, precision=precision), torch.device("cuda")
@@ -1506,3 +1507,34 @@ def test_a_divergence_names_the_non_finite_metrics(tmp_path):
         r"non-finite evaluation metrics at epoch \d: train_nll, train_ece, train_loss, ",
         str(info.value),
     )
+
+
+def test_bf16_on_a_gpu_without_bfloat16_is_refused_before_any_file_is_written(
+    tmp_path, monkeypatch
+):
+    """Doubt 9 (session 31): torch.autocast refused it inside the first step, a traceback
+    after config.json was written. On a CPU-only machine the trainer's own _check_precision
+    is handed a CUDA device, and torch.cuda answers as for an old GPU."""
+    import sharpscope.trainer as trainer
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla P100")
+    message = (
+        "--precision bf16 needs a GPU with bfloat16 support, which Tesla P100 lacks; use "
+        "--precision fp16 or fp32"
+    )
+    with pytest.raises(SharpscopeError) as info:
+        trainer._check_precision(_config(tmp_path, precision="bf16"), torch.device("cuda"))
+    assert str(info.value) == message
+    trainer._check_precision(_config(tmp_path, precision="fp16"), torch.device("cuda"))
+    trainer._check_precision(_config(tmp_path, precision="bf16"), torch.device("cpu"))
+    as_on_a_gpu = trainer._check_precision
+    monkeypatch.setattr(
+        trainer,
+        "_check_precision",
+        lambda config, device: as_on_a_gpu(config, torch.device("cuda")),
+    )
+    out = tmp_path / "run"
+    with pytest.raises(SharpscopeError, match=re.escape(message)):
+        train(_config(out, precision="bf16"))
+    assert not out.exists()

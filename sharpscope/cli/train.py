@@ -493,7 +493,9 @@ def register(app: typer.Typer) -> None:
             None, "--device", help="auto, cpu, cuda [default: auto]."
         ),
         precision: Optional[str] = typer.Option(
-            None, "--precision", help="fp32, bf16 or fp16 [default: fp32]."
+            None,
+            "--precision",
+            help="fp32, bf16 or fp16 (fp16 needs a CUDA GPU) [default: fp32].",
         ),
         deterministic: Optional[bool] = typer.Option(
             None,

@@ -746,3 +746,9 @@ def test_a_stop_while_an_epoch_is_saved_keeps_that_epoch(tmp_path, monkeypatch, 
     )
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["epoch"] for line in lines if '"eval"' in line] == [1]
+
+
+def test_the_precision_help_says_that_fp16_needs_a_cuda_gpu():
+    """Doubt 1 (session 31): --precision listed fp16 without saying it trains on CUDA only."""
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "2000"})
+    assert "fp32, bf16 or fp16 (fp16 needs a CUDA GPU)" in " ".join(result.output.split())
