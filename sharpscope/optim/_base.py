@@ -74,7 +74,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import SharpscopeError, check_bool, check_choice, first_line
 from ._ops import NORM_EPS, as_scalar, global_norm, scaled
-from .closure import BatchClosure, unwrap_model
+from .closure import BatchClosure, check_scaler, unwrap_model
 
 __all__ = [
     "SharpnessAware",
@@ -557,6 +557,7 @@ class SharpnessAware(torch.optim.Optimizer):
                 f"model must be the network (an nn.Module), got {type(model).__name__}"
             )
         self.model = model
+        check_scaler(scaler)
         self.scaler = scaler
         self.rho = rho
         check_choice("bn_policy", bn_policy, _BN_POLICIES)

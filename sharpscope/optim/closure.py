@@ -45,6 +45,17 @@ AUTOCAST_DTYPES = (None, torch.bfloat16, torch.float16)
 SCALER_METHODS = ("scale", "unscale_", "step", "update", "get_scale", "is_enabled")
 
 
+def check_scaler(scaler: Any) -> None:
+    """Refuse, in one line, a ``scaler`` that is neither None nor a GradScaler (it failed
+    at the first step with an AttributeError)."""
+    lacking = [name for name in SCALER_METHODS if not callable(getattr(scaler, name, None))]
+    if scaler is not None and lacking:
+        raise SharpscopeError(
+            "scaler must be a torch.amp.GradScaler or None, got a "
+            f"{type(scaler).__name__} (no {', '.join(lacking)})"
+        )
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The module inside a ``DistributedDataParallel``/``DataParallel`` wrapper (else itself)."""
     inner = getattr(model, "module", None)
@@ -114,12 +125,7 @@ class BatchClosure:
                 "autocast_dtype must be torch.bfloat16, torch.float16 or None, got "
                 f"{autocast_dtype!r}"
             )
-        lacking = [name for name in SCALER_METHODS if not callable(getattr(scaler, name, None))]
-        if scaler is not None and lacking:
-            raise SharpscopeError(
-                "scaler must be a torch.amp.GradScaler or None, got a "
-                f"{type(scaler).__name__} (no {', '.join(lacking)})"
-            )
+        check_scaler(scaler)
         self.model = model
         self.loss_fn = loss_fn
         self.inputs = inputs

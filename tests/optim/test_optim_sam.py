@@ -813,3 +813,7 @@ def test_batch_closure_refuses_a_scaler_that_is_no_grad_scaler_in_one_line():
     )
     scaler = torch.amp.GradScaler("cpu")
     assert BatchClosure(mlp(), CE, x, y, scaler=scaler).scaler is scaler
+    # the optimizer's own scaler= (for plain closures) too: it failed at the first step
+    with pytest.raises(SharpscopeError, match="scaler must be a torch.amp.GradScaler or None"):
+        SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, scaler="yes")
+    assert SAM(mlp().parameters(), torch.optim.SGD, lr=0.1, scaler=scaler).scaler is scaler
