@@ -279,11 +279,25 @@ class StepContext:
         return nullcontext()
 
     def unscale_(self, grads: Sequence[Tensor]) -> bool:
-        """Divide scaled pass-1 gradients by the loss scale; ``False`` on inf/NaN."""
+        """Divide scaled pass-1 gradients by the loss scale; ``False`` on inf/NaN.
+
+        Under DDP with ``perturbation="local"`` pass 1's gradients are each rank's own, so
+        the ranks agree first (one all-reduce): a rank that overflowed alone skipped pass 2
+        while the others ran its all-reduce, which then met the next step's. On a rank
+        whose own gradients were finite they are made NaN, so that its scaler also skips
+        the base step and backs off, and every rank keeps the same weights and scale."""
         if self.scaler is None or not grads:
             return True
-        torch._foreach_mul_(list(grads), 1.0 / float(self.scaler.get_scale()))
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(list(grads)))).all())
+        grads = list(grads)
+        torch._foreach_mul_(grads, 1.0 / float(self.scaler.get_scale()))
+        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        if self.ddp is not None and self.opt.perturbation_mode == "local" and _world_size() > 1:
+            agreed = finite.to(torch.float32)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+            if not bool(agreed) and bool(finite):
+                torch._foreach_mul_(grads, math.nan)
+            return bool(agreed)
+        return bool(finite)
 
 
 def scalar_loss(loss: Tensor, who: str) -> Tensor:

@@ -193,3 +193,45 @@ def test_lets_finite_difference_under_ddp_is_the_all_reduced_hessian_product(tmp
     for rank in ranks:
         for got, want in zip(rank["v"], mean):  # v = lr * H~u for plain SGD
             torch.testing.assert_close(got / 0.1, want, rtol=1e-6, atol=1e-9)
+
+
+def _overflow_on_one_rank(rank: int) -> dict:
+    """SAM, local perturbation, an fp16-style GradScaler: rank 1's pass 1 of step 2 gives
+    an inf loss, rank 0's does not."""
+    torch.manual_seed(0)
+    net = mlp()
+    ddp = torch.nn.parallel.DistributedDataParallel(net)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.1, lr=0.1, model=ddp, scaler=scaler)
+    lo, hi = rank * PER_RANK, (rank + 1) * PER_RANK
+    calls = []
+    for step, (x, y) in enumerate(mlp_batches(STEPS, size=WORLD * PER_RANK)):
+
+        def closure(x=x, y=y, step=step):
+            calls.append(step)
+            loss = CE(ddp(x[lo:hi]), y[lo:hi])
+            if rank == 1 and step == 1 and calls.count(step) == 1:
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            return loss
+
+        opt.step(closure)
+    return {
+        "params": [p.detach().clone() for p in net.parameters()],
+        "scale": scaler.get_scale(),
+        "passes": len(calls),
+    }
+
+
+def test_a_pass_one_overflow_on_one_rank_is_skipped_by_every_rank(tmp_path):
+    """ampfix (session 31): with perturbation="local" each rank decided a pass-1 overflow
+    on its own gradients: the rank that overflowed skipped pass 2, whose all-reduce the
+    other rank ran, so it met that rank's next pass-2 all-reduce (wrong gradients) or
+    waited for ever. The ranks now agree: both skip that step and back off."""
+    out = str(tmp_path / "overflow")
+    mp.spawn(_worker, args=(rendezvous_file(), out, _overflow_on_one_rank), nprocs=WORLD, join=True)
+    ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(WORLD)]
+    for a, b in zip(ranks[0]["params"], ranks[1]["params"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert [r["scale"] for r in ranks] == [512.0, 512.0]  # one back-off, on both
+    assert [r["passes"] for r in ranks] == [5, 5]  # 2 + 1 (skipped) + 2
