@@ -619,6 +619,22 @@ class Subsets:
             yield at
 
 
+def check_subset_size(m: Any, n_total: int) -> None:
+    """Refuse, in one line, a subset size that is not a positive integer or exceeds the data.
+
+    >>> check_subset_size(100000, 1437)
+    Traceback (most recent call last):
+    ...
+    sharpscope.errors.SharpscopeError: m = 100000 is larger than the 1437 examples of the \
+data; choose m <= 1437
+    """
+    check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
+    check(
+        m <= n_total,
+        f"m = {m} is larger than the {n_total} examples of the data; choose m <= {n_total}",
+    )
+
+
 def split_subsets(
     model: nn.Module,
     data: Any,
@@ -647,11 +663,7 @@ def split_subsets(
     n_total = len(targets)
     check(n_total > 0, f"the data is empty: {measure} needs at least one example")
     m = n_total if m is None else m
-    check(isinstance(m, int) and m >= 1, f"m must be a positive integer, got {m}")
-    check(
-        m <= n_total,
-        f"m = {m} is larger than the {n_total} examples of the data; choose m <= {n_total}",
-    )
+    check_subset_size(m, n_total)
     loss_fn = resolve_loss(loss)
     dtype, device = model_dtype_device(model)
     warn_half_precision(dtype, "the sharpness")

@@ -128,7 +128,7 @@ def register(app: typer.Typer) -> None:
         no_progress: NoProgressOpt = False,
     ) -> None:
         """m-sharpness: mean over subsets of m examples of the worst loss increase within ρ."""
-        from ..analysis.msharpness import NORMS, PROJECTIONS, m_sharpness
+        from ..analysis.msharpness import NORMS, PROJECTIONS, check_subset_size, m_sharpness
         from ..distributed import init_from_env
 
         check_choice("--norm", norm, NORMS)
@@ -174,13 +174,15 @@ def register(app: typer.Typer) -> None:
             trust_factories=trust_factories,
         )
         loss_spec = inputs.loss_spec
+        examples = num_examples(inputs.batches)
+        if examples:  # else m-sharpness says the data is empty
+            check_subset_size(m, examples)  # one line, before the status line
         if dist.is_main:
             processes = f", {dist.world_size} processes" if dist.enabled else ""
             console.print(
                 f"m-sharpness of {ckpt} on {inputs.meta.num_samples} examples "
                 f"({inputs.device}{processes})"
             )
-        examples = num_examples(inputs.batches)
         subsets = examples // m if m >= 1 else None
         if dist.is_main and subsets and examples % m:
             console.print(

@@ -90,6 +90,7 @@ def test_msharpness_bad_input_is_one_line(checkpoint, extra, message):
     assert len(errors) == 1 and message in errors[0]
     assert "Traceback" not in result.output
     assert "subset/s" not in result.output  # no progress bar for no subset (--m too large)
+    assert "m-sharpness of" not in result.output  # one line: no status line before it (dist)
 
 
 def test_torchrun_splits_the_subsets_and_rank_zero_writes_the_same_result(checkpoint, tmp_path):
