@@ -1269,6 +1269,8 @@ def _train(
                 seconds=time.perf_counter() - started,
                 **optimizer_metrics(optimizer),
             )
+            if scaler is not None:  # fp16: a run whose steps the scaler skips shows it here
+                metrics["amp_scale"] = float(scaler.get_scale())
             bad = [k for k, v in metrics.items() if isinstance(v, float) and not math.isfinite(v)]
             if bad:
                 raise TrainingDiverged(

@@ -1492,6 +1492,9 @@ def test_an_fp16_lets_run_whose_first_epoch_the_scaler_skipped_has_not_diverged(
     )
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["lets_F"] for r in rows if r["kind"] == "eval"] == [None, None]
+    # precision doubt 3: every step skipped, each halving the scale, and the rows say so
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["amp_scale"] for r in evals] == [2.0 ** (100 - r["step"]) for r in evals]
     assert summary.metrics["rho"] == 0.05  # nothing learned while every step was skipped
     assert "lets_F" not in load_checkpoint(out / "last.pt").metrics  # its numbers only
 
