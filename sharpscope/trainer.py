@@ -1123,6 +1123,11 @@ def _train(
             + f"; {fix}"
         )
     _check_batchnorm_examples(model, train_split, config, info, splits, resume)
+    if getattr(optimizer, "hypergrad", None) == "hvp":  # else a traceback at the first step
+        from .optim.lets import check_second_derivatives
+
+        few = train_split.inputs[:2].to(device), train_split.targets[:2].to(device)
+        check_second_derivatives(model, *few, loss_fn)
     if getattr(optimizer, "m", None) is not None:  # else refused at the first step
         check_groups_for_batchnorm(model, optimizer.m, min(per_rank, num_train // info.world_size))
     scheduler = torch.optim.lr_scheduler.LambdaLR(

@@ -73,6 +73,9 @@ class _Sparse(nn.Module):
 def sparse():
     return _Sparse()
 
+def hardsigmoid():
+    return nn.Sequential(nn.Flatten(), nn.Linear(40, 8), nn.Hardsigmoid(), nn.Linear(8, 10))
+
 def bn_conv():
     return nn.Sequential(
         nn.Unflatten(1, (1, 40)), nn.Conv1d(1, 4, 3), nn.BatchNorm1d(4), nn.Flatten(),
@@ -365,3 +368,30 @@ def test_a_sparse_embedding_is_refused_before_training(tmp_path, factories, opti
         model=factories("sparse"),
         optimizer={"name": optimizer},
     )
+
+
+def test_lets_hvp_on_a_model_without_second_derivatives_is_refused_before_training(
+    tmp_path, factories
+):
+    """tvmodels B1 (session 31): `--hypergrad hvp` on a model with nn.Hardsigmoid (every
+    torchvision MobileNetV3) ended at the first step in PyTorch's traceback "derivative
+    for aten::hardsigmoid_backward is not implemented", after config.json was written."""
+    lets = {"name": "lets", "hypergrad": "hvp", "base": {"name": "sgd", "lr": 0.05}}
+    text = _refused(
+        tmp_path / "o",
+        "LETS hypergrad='hvp' needs the model's second derivatives",
+        model=factories("hardsigmoid"),
+        optimizer=lets,
+    )
+    assert "hardsigmoid_backward" in text and "use hypergrad='diag' or 'fd'" in text
+    # the same line from a researcher's own loop, at the step
+    from sharpscope.optim import LETS, BatchClosure
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Hardsigmoid(), nn.Linear(8, 3))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = LETS(model.parameters(), torch.optim.SGD, lr=0.1, hypergrad="hvp", val_batches=(x, y))
+    loss = nn.functional.cross_entropy
+    with pytest.raises(SharpscopeError, match="needs the model's second derivatives"):
+        for _ in range(2):  # the first step has no previous step to differentiate
+            opt.step(BatchClosure(model, loss, x, y))

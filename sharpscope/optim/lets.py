@@ -59,7 +59,7 @@ from torch import Tensor, nn
 
 from ..data.batches import as_batches, as_tensors, read_fixed, same_batches, same_tensors
 from ..distributed import is_multi_process
-from ..errors import SharpscopeError, check_bool, check_choice
+from ..errors import SharpscopeError, check_bool, check_choice, first_line
 from ..precision import float_dtype
 from ._base import (
     SharpnessAware,
@@ -97,6 +97,40 @@ INNER_OPTIONS: dict[str, dict[str, Any]] = {
 def _all_finite(tensors: list[Tensor]) -> bool:
     """Whether every entry of ``tensors`` is finite (one host synchronisation)."""
     return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+
+
+def no_second_derivative(exc: BaseException) -> str:
+    """The line for a model that PyTorch cannot differentiate twice (``nn.Hardsigmoid``, in
+    every torchvision MobileNetV3: "derivative for aten::hardsigmoid_backward is not
+    implemented")."""
+    return (
+        f"LETS hypergrad='hvp' needs the model's second derivatives, which PyTorch does not "
+        f"have for one of its operations ({first_line(exc)}); use hypergrad='diag' or 'fd'"
+    )
+
+
+def check_second_derivatives(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn) -> None:
+    """One Hessian-vector product on a few examples, BatchNorm statistics untouched: refuses
+    in one line, before training, a model whose second derivatives PyTorch lacks."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with frozen_bn(model), torch.enable_grad():
+        grads = torch.autograd.grad(
+            loss_fn(model(inputs), targets), params, create_graph=True, allow_unused=True
+        )
+        used = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
+        if not used:  # an affine loss: no curvature, nothing PyTorch could lack
+            return
+        try:
+            torch.autograd.grad(
+                [g for _, g in used],
+                [p for p, _ in used],
+                grad_outputs=[torch.ones_like(g) for _, g in used],
+                allow_unused=True,
+            )
+        except RuntimeError as exc:
+            if "not implemented" not in str(exc):
+                raise
+            raise SharpscopeError(no_second_derivative(exc)) from exc
 
 
 class _NoStep(torch.optim.Optimizer):
@@ -570,12 +604,17 @@ class LETS(SharpnessAware):
                 loss = batch.loss_fn(module(batch.inputs), batch.targets)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            hvps = torch.autograd.grad(
-                [grads[i] for i in used],
-                [params[i] for i in used],
-                grad_outputs=[tangents[i] for i in used],
-                allow_unused=True,
-            )
+            try:
+                hvps = torch.autograd.grad(
+                    [grads[i] for i in used],
+                    [params[i] for i in used],
+                    grad_outputs=[tangents[i] for i in used],
+                    allow_unused=True,
+                )
+            except RuntimeError as exc:
+                if "not implemented" not in str(exc):
+                    raise
+                raise SharpscopeError(no_second_derivative(exc)) from exc
         self.gradient_passes += 2
         return {
             id(params[i]): (h if h is not None else torch.zeros_like(params[i])).detach()
