@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batches import as_tensors
 from ..errors import SharpscopeError
 from ..registry import LOSS_CHECK_EXAMPLES, check_loss_on_outputs
 from .operator import effective_bn_mode, resolve_loss
+from .twice import twice_differentiable
 
 F64 = torch.float64
 
@@ -93,9 +93,9 @@ def dense_hessian(
         for name, shape in zip(names, shapes):
             params[name] = flat[start : start + shape.numel()].reshape(shape)
             start += shape.numel()
-        # the fused attention kernels have no double backward (and no forward-mode
-        # derivative); the math kernel is the same function in plain operations
-        with sdpa_kernel([SDPBackend.MATH]):
+        # fused attention and hardsigmoid have no double backward: the same functions in
+        # plain operations (twice.py)
+        with twice_differentiable():
             out = functional_call(module, (params, consts), (x,))
         return loss_fn(out, y)
 

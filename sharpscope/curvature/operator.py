@@ -68,7 +68,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batches import as_batches, fixed_batches, num_examples
 from ..device_memory import (
@@ -89,6 +88,7 @@ from ..registry import get_loss as resolve_loss
 from . import mode_cache
 from .fold import fold_batchnorm
 from .mode_cache import device_name
+from .twice import twice_differentiable
 
 F64 = torch.float64
 HVPMode = Literal["auto", "forward", "reverse"]
@@ -552,10 +552,9 @@ class HessianOperator:
         return self.flatten(list(self._params.values()))
 
     def _forward_loss(self, params: dict[str, Tensor], x: Tensor, y: Tensor) -> Tensor:
-        # The fused attention kernels (flash / memory-efficient, nn.MultiheadAttention and
-        # F.scaled_dot_product_attention) have no double backward and no forward-mode
-        # derivative; the math kernel computes the same function with plain operations.
-        with sdpa_kernel([SDPBackend.MATH]):
+        # fused attention and hardsigmoid have no double backward: the same functions in
+        # plain operations (twice.py)
+        with twice_differentiable():
             out = functional_call(self.module, (params, self._consts), (x,))
         return self.loss_fn(out, y)
 

@@ -57,6 +57,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..curvature.twice import twice_differentiable
 from ..data.batches import as_batches, as_tensors, read_fixed, same_batches, same_tensors
 from ..distributed import is_multi_process
 from ..errors import SharpscopeError, check_bool, check_choice, first_line
@@ -100,9 +101,9 @@ def _all_finite(tensors: list[Tensor]) -> bool:
 
 
 def no_second_derivative(exc: BaseException) -> str:
-    """The line for a model that PyTorch cannot differentiate twice (``nn.Hardsigmoid``, in
-    every torchvision MobileNetV3: "derivative for aten::hardsigmoid_backward is not
-    implemented")."""
+    """The line for a model that PyTorch cannot differentiate twice, even in the forms of
+    :mod:`sharpscope.curvature.twice` (``torch.cdist``: "the derivative for
+    '_cdist_backward' is not implemented")."""
     return (
         f"LETS hypergrad='hvp' needs the model's second derivatives, which PyTorch does not "
         f"have for one of its operations ({first_line(exc)}); use hypergrad='diag' or 'fd'"
@@ -114,9 +115,9 @@ def check_second_derivatives(model: nn.Module, inputs: Tensor, targets: Tensor, 
     in one line, before training, a model whose second derivatives PyTorch lacks."""
     params = [p for p in model.parameters() if p.requires_grad]
     with frozen_bn(model), torch.enable_grad():
-        grads = torch.autograd.grad(
-            loss_fn(model(inputs), targets), params, create_graph=True, allow_unused=True
-        )
+        with twice_differentiable():
+            loss = loss_fn(model(inputs), targets)
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
         if not used:  # an affine loss: no curvature, nothing PyTorch could lack
             return
@@ -600,7 +601,7 @@ class LETS(SharpnessAware):
             rng_restore(self._step_rng, ctx.device)
         # reverse-over-reverse HVP at w + eps, BN statistics untouched
         with frozen_bn(module), torch.enable_grad():
-            with batch.autocast():
+            with batch.autocast(), twice_differentiable():
                 loss = batch.loss_fn(module(batch.inputs), batch.targets)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
