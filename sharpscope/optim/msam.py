@@ -47,6 +47,7 @@ autocast is).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -56,7 +57,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, grad_and_value, vmap
 
 from ..distributed import is_multi_process
-from ..errors import SharpscopeError
+from ..errors import SharpscopeError, first_line
 from ._base import (
     _module_stat_buffers,
     batchnorm_modules,
@@ -288,6 +289,13 @@ def m_sharpness_step(opt: SharpnessAware, ctx: StepContext) -> Tensor:
         if start is None or "vmap" not in str(exc):
             raise
         opt._msam_vmap = False
+        warnings.warn(
+            f"m-sharpness training: torch.func.vmap cannot follow this model "
+            f"({first_line(exc)}); its groups of m examples run one after another from now "
+            "on (the same steps, more slowly)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
         rng_restore(start, ctx.device)
         pass1, pass2 = both_passes(False)
     else:
