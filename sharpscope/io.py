@@ -202,6 +202,13 @@ class Checkpoint:
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
 
     @property
+    def data_root(self) -> str | None:
+        """The CIFAR folder the run trained from, as its config recorded it (a data spec
+        holds no machine's paths): ``ss.load_data(ckpt.data_spec, "train",
+        data_root=ckpt.data_root)`` reads the run's own data, as the analysis commands do."""
+        return (self.raw.get("config") or {}).get("data_root")
+
+    @property
     def is_bare(self) -> bool:
         """Whether the file was a bare state_dict rather than a sharpscope checkpoint."""
         return self.raw.get("format") != FORMAT

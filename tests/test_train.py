@@ -1541,3 +1541,27 @@ def test_bf16_on_a_gpu_without_bfloat16_is_refused_before_any_file_is_written(
     with pytest.raises(SharpscopeError, match=re.escape(message)):
         train(_config(out, precision="bf16"))
     assert not out.exists()
+
+
+def test_a_cifar_run_reads_its_own_data_back_from_python(tmp_path):
+    """tvmodels doubt 3 (session 31): README's `ss.load_data(ckpt.data_spec, "train")` failed
+    for a CIFAR run: the folder is a machine setting, kept in the run's config, not in its
+    data spec. Checkpoint.data_root gives it back."""
+    import sharpscope as ss
+
+    write_cifar(tmp_path / "data", "cifar10")  # 30 training images
+    cifar = {"name": "cifar10", "data_root": str(tmp_path / "data")}
+    run = tmp_path / "run"
+    train(_config(run, dataset=cifar, model={"name": "cnn", "width": 4}, epochs=1, batch_size=10))
+    ckpt = ss.load_checkpoint(run / "last.pt")
+    assert "data_root" not in ckpt.data_spec and ckpt.data_root == str(tmp_path / "data")
+    data = ss.load_data(ckpt.data_spec, "train", data_root=ckpt.data_root)
+    direct = ss.load_data(cifar, "train")
+    assert torch.equal(data.inputs, direct.inputs) and torch.equal(data.targets, direct.targets)
+    assert ss.load_checkpoint(_digits_run(tmp_path)).data_root is None
+
+
+def _digits_run(tmp_path):
+    out = tmp_path / "digits"
+    train(_config(out, dataset={"name": "digits", "samples": 64}, epochs=1, batch_size=32))
+    return out / "last.pt"
