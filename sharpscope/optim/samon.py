@@ -68,10 +68,24 @@ def check_normalization_layers(
     """
     norm = normalization_parameters(model)
     if not norm:
+        # a norm layer whose scale and shift are buffers (torchvision's FrozenBatchNorm2d)
+        fixed = sorted(
+            {
+                type(m).__name__
+                for m in unwrap_model(model).modules()
+                if "Norm" in type(m).__name__ and not any(True for _ in m.parameters())
+            }
+        )
+        held = (
+            f" (its {', '.join(fixed)} has no parameters: affine=False, or a scale and shift "
+            "kept as buffers)"
+            if fixed
+            else ""
+        )
         raise SharpscopeError(
             f"SAM-ON perturbs normalization layers but {type(unwrap_model(model)).__name__} "
             "has none with affine parameters (BatchNorm/LayerNorm/GroupNorm/InstanceNorm/"
-            "RMSNorm); use sam or asam for this model, or give it normalization layers "
+            f"RMSNorm){held}; use sam or asam for this model, or give it normalization layers "
             "(the registry's mlp, cnn and cnn1d take --model-opt norm=batch)"
         )
     if not exclude_norm and not any(p.requires_grad for _, p in norm):

@@ -87,6 +87,32 @@ def test_samon_on_a_model_without_normalization_layers_is_one_clear_error():
         SAMON(bn_net().parameters(), torch.optim.SGD, lr=0.1)
 
 
+def test_samon_names_norm_layers_that_have_no_parameters():
+    """tvmodels doubt 4 (session 31): a network of torchvision's FrozenBatchNorm2d (scale
+    and shift as buffers) was told it has no normalization layers."""
+
+    class FrozenBatchNorm2d(nn.Module):  # torchvision's layout, without torchvision
+        def __init__(self, n):
+            super().__init__()
+            self.register_buffer("weight", torch.ones(n))
+            self.register_buffer("bias", torch.zeros(n))
+
+        def forward(self, x):
+            return x * self.weight[:, None, None] + self.bias[:, None, None]
+
+    frozen = nn.Sequential(
+        nn.Conv2d(3, 4, 3), FrozenBatchNorm2d(4), nn.BatchNorm2d(4, affine=False)
+    )
+    with pytest.raises(SharpscopeError) as info:
+        SAMON(frozen, torch.optim.SGD, lr=0.1)
+    assert "(its BatchNorm2d, FrozenBatchNorm2d has no parameters: affine=False, or a" in str(
+        info.value
+    )
+    with pytest.raises(SharpscopeError) as info:
+        SAMON(mlp(), torch.optim.SGD, lr=0.1)
+    assert "no parameters" not in str(info.value)
+
+
 def test_normalization_layers_are_found_by_type_not_name():
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 8))
     model.add_module("odd", nn.GroupNorm(2, 8))
