@@ -1444,16 +1444,9 @@ def test_m_sharpness_in_fp16_is_refused_before_any_file_is_written(tmp_path, mon
         trainer._check_precision(
             _config(tmp_path, optimizer=sam, precision=precision), torch.device("cuda")
         )
-    as_on_a_gpu = trainer._check_precision
-    monkeypatch.setattr(
-        trainer,
-        "_check_precision",
-        lambda config, device: as_on_a_gpu(config, torch.device("cuda")),
+    _refused_as_on_a_gpu(
+        monkeypatch, _config(tmp_path / "run", optimizer=sam, precision="fp16"), message
     )
-    out = tmp_path / "run"
-    with pytest.raises(SharpscopeError, match=re.escape(message)):
-        train(_config(out, optimizer=sam, precision="fp16"))
-    assert not out.exists()
 
 
 def test_fp16_on_the_cpu_is_refused_before_any_file_is_written(tmp_path):
@@ -1531,16 +1524,7 @@ def test_bf16_on_a_gpu_without_bfloat16_is_refused_before_any_file_is_written(
     assert str(info.value) == message
     trainer._check_precision(_config(tmp_path, precision="fp16"), torch.device("cuda"))
     trainer._check_precision(_config(tmp_path, precision="bf16"), torch.device("cpu"))
-    as_on_a_gpu = trainer._check_precision
-    monkeypatch.setattr(
-        trainer,
-        "_check_precision",
-        lambda config, device: as_on_a_gpu(config, torch.device("cuda")),
-    )
-    out = tmp_path / "run"
-    with pytest.raises(SharpscopeError, match=re.escape(message)):
-        train(_config(out, precision="bf16"))
-    assert not out.exists()
+    _refused_as_on_a_gpu(monkeypatch, _config(tmp_path / "run", precision="bf16"), message)
 
 
 def test_a_cifar_run_reads_its_own_data_back_from_python(tmp_path):
@@ -1565,3 +1549,19 @@ def _digits_run(tmp_path):
     out = tmp_path / "digits"
     train(_config(out, dataset={"name": "digits", "samples": 64}, epochs=1, batch_size=32))
     return out / "last.pt"
+
+
+def _refused_as_on_a_gpu(monkeypatch, config, message):
+    """``train(config)`` refused with ``message`` by the precision checks as on a CUDA
+    device (this machine has none), before its output folder exists."""
+    import sharpscope.trainer as trainer
+
+    as_on_a_gpu = trainer._check_precision
+    monkeypatch.setattr(
+        trainer,
+        "_check_precision",
+        lambda config, device: as_on_a_gpu(config, torch.device("cuda")),
+    )
+    with pytest.raises(SharpscopeError, match=re.escape(message)):
+        train(config)
+    assert not Path(config.out).exists()
