@@ -275,8 +275,6 @@ def test_ctrl_c_stops_a_study_with_several_workers_at_once(tmp_path):
     """SIGINT to `study run --workers 2` waited for every queued run to finish first (a
     worker takes the Ctrl-C in its run as that run's failure and goes on)."""
     import signal
-    import subprocess
-    import sys
     import time
 
     config = tmp_path / "long.toml"
@@ -285,13 +283,7 @@ def test_ctrl_c_stops_a_study_with_several_workers_at_once(tmp_path):
         .replace("seed = [0, 1]", "seed = [0, 1, 2, 3]")
     )  # fmt: skip
     out = tmp_path / "study"
-    args = [sys.executable, "-m", "sharpscope", "study", "run", str(config), "--out", str(out)]
-    process = subprocess.Popen(
-        [*args, "--workers", "2", "--no-report"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = _study_with_two_workers(config, out)
     deadline = time.monotonic() + 120
     while not list(out.glob("runs/*/last.pt")) and time.monotonic() < deadline:
         time.sleep(0.1)  # a worker is training
@@ -454,8 +446,6 @@ def test_ctrl_c_to_the_process_group_prints_no_traceback_from_an_idle_worker(tmp
     process, which takes the Ctrl-C, stops them."""
     import os
     import signal
-    import subprocess
-    import sys
     import time
 
     config = tmp_path / "idle.toml"
@@ -465,12 +455,9 @@ def test_ctrl_c_to_the_process_group_prints_no_traceback_from_an_idle_worker(tmp
         .replace("seed = [0, 1]", "seed = [0]\nepochs = [1, 3000]")
     )  # fmt: skip
     out = tmp_path / "study"
-    args = [sys.executable, "-m", "sharpscope", "study", "run", str(config), "--out", str(out)]
-    process = subprocess.Popen(
-        [*args, "--workers", "2", "--no-report"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = _study_with_two_workers(
+        config,
+        out,
         start_new_session=True,  # its own process group, as a terminal's foreground job
         # a pytest started as a background job (`&`) ignores SIGINT, and so would the study
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
@@ -491,4 +478,20 @@ def test_ctrl_c_to_the_process_group_prints_no_traceback_from_an_idle_worker(tmp
     assert stderr.endswith(
         f"error: interrupted; the runs finished so far are kept in {out}: run the same "
         "command again to resume the others\n"
+    )
+
+
+def _study_with_two_workers(config, out, **popen_options):
+    """``sharpscope study run CONFIG --out OUT --workers 2 --no-report`` started in the
+    background, its output captured."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "sharpscope", "study", "run", str(config), "--out", str(out)]
+    return subprocess.Popen(
+        [*args, "--workers", "2", "--no-report"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen_options,
     )
