@@ -69,25 +69,29 @@ def _tf32_off(stack: ExitStack) -> None:
     if convolutions:
         backends.cudnn.allow_tf32 = False
         stack.callback(setattr, backends.cudnn, "allow_tf32", True)
-    for leaf in _precision_switches():  # the newer API's, where the caller set it (torch >= 2.9)
+    for leaf in switches:  # the newer API's, where the caller set it (torch >= 2.9)
         setting = leaf.fp32_precision
         if setting not in ("none", "ieee"):
             leaf.fp32_precision = "ieee"
             stack.callback(setattr, leaf, "fp32_precision", setting)
 
 
+#: the backends' per-operation ``fp32_precision`` switches (torch >= 2.9)
+_SWITCHES = (
+    ("cuda", ("matmul",)),
+    ("cudnn", ("conv", "rnn")),
+    ("mkldnn", ("matmul", "conv", "rnn")),
+)
+
+
 def _precision_switches() -> list:
     """The per-backend ``fp32_precision`` switches of PyTorch 2.9 and later (none before)."""
-    backends = torch.backends
-    parents = (backends.cuda, backends.cudnn, backends.mkldnn)
-    names = {backends.cuda: ("matmul",), backends.cudnn: ("conv", "rnn")}
-    leaves = []
-    for parent in parents:
-        for name in names.get(parent, ("matmul", "conv", "rnn")):
-            leaf = getattr(parent, name, None)
-            if leaf is not None and hasattr(leaf, "fp32_precision"):
-                leaves.append(leaf)
-    return leaves
+    leaves = (
+        getattr(getattr(torch.backends, parent), name, None)
+        for parent, names in _SWITCHES
+        for name in names
+    )
+    return [leaf for leaf in leaves if hasattr(leaf, "fp32_precision")]
 
 
 #: The half-precision dtypes, whose rounding (1e-3, 8e-3 relative) the analyses point out.
