@@ -73,7 +73,7 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..errors import SharpscopeError, check_bool, check_choice, first_line
-from ._ops import NORM_EPS, as_scalar, global_norm, scaled
+from ._ops import NORM_EPS, all_finite, as_scalar, global_norm, scaled
 from .closure import BatchClosure, check_scaler, unwrap_model
 
 __all__ = [
@@ -290,7 +290,7 @@ class StepContext:
             return True
         grads = list(grads)
         torch._foreach_mul_(grads, 1.0 / float(self.scaler.get_scale()))
-        finite = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        finite = all_finite(grads)
         if self.ddp is not None and self.opt.perturbation_mode == "local" and _world_size() > 1:
             agreed = finite.to(torch.float32)
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN)

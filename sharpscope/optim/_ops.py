@@ -42,6 +42,16 @@ def global_norm(tensors: Sequence[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(tensors, dtype=wide)))
 
 
+def all_finite(tensors: Sequence[Tensor]) -> Tensor:
+    """Whether every entry of ``tensors`` is finite, as a 0-dim bool tensor (no host
+    synchronisation until it is read; an inf/NaN anywhere makes its tensor's norm so).
+
+    >>> bool(all_finite([torch.tensor([1.0]), torch.tensor([float("inf")])]))
+    False
+    """
+    return torch.isfinite(torch.stack(torch._foreach_norm(list(tensors)))).all()
+
+
 def as_scalar(value: Tensor | float, like: Tensor) -> Tensor:
     """``value`` as a 0-dim tensor of ``like``'s dtype and device.
 

@@ -74,7 +74,7 @@ from ._base import (
     scalar_loss,
     state_count,
 )
-from ._ops import dot, products
+from ._ops import all_finite, dot, products
 from .asam import ASAM
 from .closure import unwrap_model
 from .sam import SAM
@@ -95,19 +95,23 @@ INNER_OPTIONS: dict[str, dict[str, Any]] = {
 }
 
 
-def _all_finite(tensors: list[Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite (one host synchronisation)."""
-    return not tensors or bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
-
-
-def no_second_derivative(exc: BaseException) -> str:
-    """The line for a model that PyTorch cannot differentiate twice, even in the forms of
+def _hessian_products(
+    grads: list[Tensor], params: list[Tensor], tangents: list[Tensor]
+) -> tuple[Tensor | None, ...]:
+    """``H v`` from ``grads`` computed with their graph (reverse over reverse); one line for
+    a model that PyTorch cannot differentiate twice, even in the forms of
     :mod:`sharpscope.curvature.twice` (``torch.cdist``: "the derivative for
     '_cdist_backward' is not implemented")."""
-    return (
-        f"LETS hypergrad='hvp' needs the model's second derivatives, which PyTorch does not "
-        f"have for one of its operations ({first_line(exc)}); use hypergrad='diag' or 'fd'"
-    )
+    try:
+        return torch.autograd.grad(grads, params, grad_outputs=tangents, allow_unused=True)
+    except RuntimeError as exc:
+        if "not implemented" not in str(exc):
+            raise
+        raise SharpscopeError(
+            "LETS hypergrad='hvp' needs the model's second derivatives, which PyTorch does "
+            f"not have for one of its operations ({first_line(exc)}); use hypergrad='diag' "
+            "or 'fd'"
+        ) from exc
 
 
 def check_second_derivatives(model: nn.Module, inputs: Tensor, targets: Tensor, loss_fn) -> None:
@@ -119,19 +123,9 @@ def check_second_derivatives(model: nn.Module, inputs: Tensor, targets: Tensor, 
             loss = loss_fn(model(inputs), targets)
         grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
         used = [(p, g) for p, g in zip(params, grads) if g is not None and g.requires_grad]
-        if not used:  # an affine loss: no curvature, nothing PyTorch could lack
-            return
-        try:
-            torch.autograd.grad(
-                [g for _, g in used],
-                [p for p, _ in used],
-                grad_outputs=[torch.ones_like(g) for _, g in used],
-                allow_unused=True,
-            )
-        except RuntimeError as exc:
-            if "not implemented" not in str(exc):
-                raise
-            raise SharpscopeError(no_second_derivative(exc)) from exc
+        if used:  # else an affine loss: no curvature, nothing PyTorch could lack
+            grads = [g for _, g in used]
+            _hessian_products(grads, [p for p, _ in used], [torch.ones_like(g) for g in grads])
 
 
 class _NoStep(torch.optim.Optimizer):
@@ -570,9 +564,8 @@ class LETS(SharpnessAware):
         # rank-local gradient here would put (local - global gradient) / r into H~u
         with frozen_bn(ctx.model) if ctx.model is not None else nullcontext():
             ctx.call()
-        if ctx.scaler is not None and not _all_finite(
-            [p.grad for p in params if p.grad is not None]
-        ):
+        fd_grads = [p.grad for p in params if p.grad is not None]
+        if ctx.scaler is not None and fd_grads and not bool(all_finite(fd_grads)):
             # this pass's backward is scaled, like pass 2's: an overflow here is one of the
             # step (optimizers.md §0). Its gradients stay in .grad, so the scaler skips the
             # base step and backs off; w is restored as after any pass 2, and no v is kept.
@@ -605,17 +598,9 @@ class LETS(SharpnessAware):
                 loss = batch.loss_fn(module(batch.inputs), batch.targets)
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
             used = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
-            try:
-                hvps = torch.autograd.grad(
-                    [grads[i] for i in used],
-                    [params[i] for i in used],
-                    grad_outputs=[tangents[i] for i in used],
-                    allow_unused=True,
-                )
-            except RuntimeError as exc:
-                if "not implemented" not in str(exc):
-                    raise
-                raise SharpscopeError(no_second_derivative(exc)) from exc
+            hvps = _hessian_products(
+                [grads[i] for i in used], [params[i] for i in used], [tangents[i] for i in used]
+            )
         self.gradient_passes += 2
         return {
             id(params[i]): (h if h is not None else torch.zeros_like(params[i])).detach()
